@@ -22,6 +22,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
 
@@ -78,6 +80,370 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
     return torch.where(row_ok, y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 # -----------------------------------------------------------------------------
+# the Triton path: FlashAttention-2 (Dao, 2023) with key lengths and bottom-right causal masking
+#
+# Notation in the kernels: a query row i sees key column j when j < klen (klen = min(k_lens[b], Tk))
+# and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale = sm_scale*log2(e),
+# so exp becomes exp2 and the saved log-sum-exp (lse) is in base 2 too. Each loop over blocks is split
+# into an unmasked part (blocks every row of the tile fully sees) and a masked part (blocks on the
+# causal diagonal or across klen); blocks nobody sees (past klen, above the diagonal) are never visited.
+# A row that sees no key gets output 0 and lse = +inf, so exp2(s - lse) = 0 for it in the backward.
+
+LOG2E = 1.4426950408889634
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_d,
+               klen, diag, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < klen, other=0.0)
+        else:
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        qk = tl.dot(q, kT) * qk_scale
+        if MASKED:
+            ok = cols[None, :] < klen
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet: no inf - inf
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KLENS,
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                H, Tq, Tk, qk_scale, q_bucket, k_bucket,
+                HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    klen = Tk
+    if HAS_KLENS:
+        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    diag = Tk - Tq
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=offs_m[:, None] < Tq, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # keys [0, full) are seen by every row of this tile, keys [0, hi) by at least one
+    if CAUSAL:
+        hi = tl.minimum(klen, start_m + BLOCK_M + diag)
+        full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
+    else:
+        hi = klen
+        full = klen
+    full = (full // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_d,
+                               klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_d,
+                               klen, diag, qk_scale, True, CAUSAL, BLOCK_N)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
+                    H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the softmax-gradient term of every row
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < Tq
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, lo, hi,
+                    offs_n, offs_d, Tq, klen, diag, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m < Tq  # rows past Tq load as zeros: with dO = 0 and delta = 0 they add nothing
+        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+        qkT = tl.dot(k, qT)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASKED:
+            ok = (offs_n[:, None] < klen) & rows[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :] + diag)
+            pT = tl.where(ok, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+    return dk, dv
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KLENS,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
+                     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                     H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
+                     HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    klen = Tk
+    if HAS_KLENS:
+        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    diag = Tk - Tq
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n[:, None] < klen
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=cols, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=cols, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_db + off_h * stride_dh
+    lse_base = LSE + off_bh.to(tl.int64) * Tq
+    delta_base = DELTA + off_bh.to(tl.int64) * Tq
+    # query rows [lo, Tq) see some key of this block; rows >= mid see all of it (up to klen)
+    if CAUSAL:
+        lo = tl.maximum(start_n - diag, 0)
+        mid = tl.maximum(start_n + BLOCK_N - 1 - diag, lo)
+        mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    # a block wholly past klen is seen by nobody: q_end = 0 makes every loop empty (dk = dv = 0)
+    q_end = Tq * tl.minimum(tl.maximum(klen - start_n, 0), 1)
+    # a block wholly inside klen needs no mask past the diagonal; one that crosses klen does
+    inside = tl.minimum(tl.maximum(klen - start_n - BLOCK_N + 1, 0), 1)
+    split = mid + inside * (q_end - mid)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
+                             lo, tl.minimum(mid, q_end), offs_n, offs_d, Tq, klen, diag, qk_scale, True, CAUSAL, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
+                             mid, split, offs_n, offs_d, Tq, klen, diag, qk_scale, False, CAUSAL, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
+                             split, q_end, offs_n, offs_d, Tq, klen, diag, qk_scale, True, CAUSAL, BLOCK_M)
+    dk = dk * sm_scale
+    out = offs_n[:, None] < Tk
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=out)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out)
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_d,
+                  klen, diag, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
+            vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
+        else:
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
+            vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
+        qk = tl.dot(q, kT)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            ok = cols[None, :] < klen
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+    return dq
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
+                   stride_dqb, stride_dqh, stride_dqt,
+                   H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
+                   HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    klen = Tk
+    if HAS_KLENS:
+        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    diag = Tk - Tq
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < Tq  # rows past Tq: q = dO = 0, lse = delta = 0, so their ds is 0 and nothing is stored
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * Tq + offs_m, mask=rows, other=0.0)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * Tq + offs_m, mask=rows, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(klen, start_m + BLOCK_M + diag)
+        full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
+    else:
+        hi = klen
+        full = klen
+    full = (full // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_d,
+                       klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_d,
+                       klen, diag, qk_scale, True, CAUSAL, BLOCK_N)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rows[:, None])
+
+# Triton's interpreter runs kernels on CPU tensors (how the tests check them without a GPU); it is
+# chosen when TRITON_INTERPRET=1 is set before this module is imported.
+INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+# Launch configurations. Without a GPU measurement at hand these are chosen by reasoning for an
+# H100 (the shapes FlashAttention-2 and Triton's tutorial settle on): forward and dq tiles of
+# 128 queries x 64 keys, dk/dv tiles of 128 keys x 32 queries (keys stay in registers while the
+# queries stream through), 4 warps for D <= 64 and 8 for D = 128, a 3-stage load pipeline.
+# On a GPU the autotuner times these against a few alternatives per (D, causal, k_lens, length bucket);
+# FUSED_ATTENTION_AUTOTUNE=0 skips the timing and uses these fixed ones.
+def _fixed_config(kernel, head_dim):
+    if INTERPRETED:  # small tiles so that short test sequences still cross several blocks
+        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32), dq=dict(BLOCK_M=32, BLOCK_N=16),
+                    dkdv=dict(BLOCK_M=16, BLOCK_N=32))[kernel]
+    warps = 4 if head_dim <= 64 else 8
+    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
+                dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
+                dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=warps, num_stages=3))[kernel]
+
+AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1" and not INTERPRETED
+if AUTOTUNE:
+    _key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"]
+    _fwd_tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+                                  for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                                                     (64, 64, 4, 4), (128, 32, 4, 4)]], key=_key)(_fwd_kernel)
+    _dq_tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+                                 for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4),
+                                                    (64, 64, 4, 3)]], key=_key)(_bwd_dq_kernel)
+    _dkdv_tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+                                   for m, n, w, s in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
+                                                      (64, 64, 4, 3), (32, 64, 4, 4)]], key=_key)(_bwd_dkdv_kernel)
+
+def _launch(kernel, name, grid_rows, BH, head_dim, args, kwargs):
+    """Launch with the tuned or the fixed configuration; grid_rows(meta) gives the first grid dimension."""
+    if AUTOTUNE:
+        tuned = dict(fwd=_fwd_tuned, dq=_dq_tuned, dkdv=_dkdv_tuned)[name]
+        tuned[lambda meta: (grid_rows(meta), BH)](*args, **kwargs)
+    else:
+        cfg = _fixed_config(name, head_dim)
+        kernel[(grid_rows(cfg), BH)](*args, **kwargs, **cfg)
+
+def _bucket(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+def _flash_forward(q, k, v, causal, k_lens, sm_scale):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    _launch(_fwd_kernel, "fwd", lambda meta: triton.cdiv(Tq, meta["BLOCK_M"]), B * H, D,
+            (q, k, v, o, lse, k_lens if k_lens is not None else lse,
+             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+             H, Tq, Tk, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)),
+            dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D))
+    return o, lse
+
+def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Tq, HEAD_DIM=D, BLOCK_M=pre_block)
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
+    klens_arg = k_lens if k_lens is not None else lse
+    common = dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D)
+    strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                     v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    _launch(_bwd_dkdv_kernel, "dkdv", lambda meta: triton.cdiv(Tk, meta["BLOCK_N"]), B * H, D,
+            (q, k, v, do, dk, dv, lse, delta, klens_arg, *strides_qkvdo,
+             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+             H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), common)
+    _launch(_bwd_dq_kernel, "dq", lambda meta: triton.cdiv(Tq, meta["BLOCK_M"]), B * H, D,
+            (q, k, v, do, dq, lse, delta, klens_arg, *strides_qkvdo,
+             dq.stride(0), dq.stride(1), dq.stride(2),
+             H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), common)
+    return dq, dk, dv
+
+class _FlashAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, k_lens, sm_scale):
+        o, lse = _flash_forward(q, k, v, causal, k_lens, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, k_lens)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, k_lens = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale)
+        return dq, dk, dv, None, None, None
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
+    B, H, Tq, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"fused_attention: the triton kernel supports head dims {HEAD_DIMS}, got D={D} "
+                         f"(use backend='torch' / FUSED_ATTENTION=torch for other sizes)")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
+    if q.dtype not in dtypes:
+        raise ValueError(f"fused_attention: the triton kernel takes {dtypes} here, got {q.dtype} "
+                         f"(use backend='torch' / FUSED_ATTENTION=torch for other dtypes)")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); to run it on "
+                         f"the CPU set TRITON_INTERPRET=1 before fused_attention is imported")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if k_lens is not None:
+        k_lens = k_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _FlashAttention.apply(q, k, v, causal, k_lens, float(sm_scale))
+
+# -----------------------------------------------------------------------------
 # the entry point
 
 def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None):
@@ -88,6 +454,12 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
         raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton or torch, got {backend!r}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend to (or nobody asking): zeros
+        return q * 0.0
+    if backend == "auto":
+        # the kernel where it pays: CUDA, half precision, a supported head dim; PyTorch otherwise
+        use_triton = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
+        backend = "triton" if use_triton else "torch"
     if backend == "triton":
-        raise NotImplementedError("fused_attention: the triton backend is not in this version yet")
+        return attention_triton(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale)
     return attention_torch(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale)
