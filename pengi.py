@@ -1,0 +1,867 @@
+"""
+Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text generation.
+
+    audio  -> HTSAT-style encoder -> projection -> L2 norm -> mapper m1 -> k prefix vectors  \
+    prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }-> frozen GPT-2 -> answer
+                                                          [audio prefix k][text prefix k][answer tokens]
+
+Trainable: the audio encoder and the two mappers. The language model (GPT-2 layout and names) and the
+text encoder are frozen. The loss is on the answer tokens only. Decoding is length-normalised beam search
+with a KV cache (beam 5 as in the paper; beam 1 is greedy).
+
+Close-ended tasks are scored two ways: the generated text must equal the label, and (beyond the paper) the
+candidate labels are ranked by the LM's likelihood of each. The audio embedding (`embed_audio`) feeds a linear
+probe, as in the paper's representation study.
+
+Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic head,
+mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by a cyclic roll
+along time only, without Swin's mask: the input is repeat-padded, so wrapping joins the end to the start as
+the next repetition would); a text encoder made from the LM's own embeddings and first layers (a causal
+tower pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text tower.
+"""
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from fused_attention import attention
+
+
+@dataclass
+class PengiConfig:
+    # data (filled by load_data from meta.json)
+    n_mels: int = 64
+    vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
+    eot_token: int = -1        # ends every answer
+    max_frames: int = 256      # audio input in mel frames (75/s): longer clips cropped, shorter repeat-padded
+    # audio encoder: HTSAT-style (Swin over the time-frequency patch grid)
+    patch_size: int = 4        # square patches of the (n_mels, frames) spectrogram
+    enc_dim: int = 32          # stage-1 width, doubled by each patch merging
+    enc_depths: str = "2,2,2"  # blocks per stage; a patch merging between stages
+    enc_heads: str = "2,4,8"   # heads per stage
+    window: int = 8            # window side in patches (clamped to the grid)
+    # shared embedding space of the two encoders (1024 in the paper)
+    d_embed: int = 128
+    # text encoder for the prompt: frozen
+    text_n_layer: int = 2
+    text_init: str = "llm"     # "llm": the LM's wte, wpe and first text_n_layer blocks; "embeddings": wte, wpe only; "random"
+    text_trainable: bool = False
+    # mappers m1 (audio) and m2 (text), ClipCap style
+    prefix_len: int = 8        # k per modality (40 in the paper)
+    map_n_layer: int = 2
+    map_n_head: int = 4
+    # language model, GPT-2 layout, frozen (dims are overwritten by llm_init's checkpoint)
+    llm_init: str = ""         # HF GPT-2 dir/file or a salmonn stage-llm ckpt.pt; "" = random LM (teaches little)
+    llm_n_layer: int = 4
+    llm_n_head: int = 4
+    llm_n_embd: int = 128
+    llm_block_size: int = 256
+    dropout: float = 0.1       # in the audio encoder, projections and mappers (the LM has none)
+    # tasks: a comma list of caption, metadata, class, qa, music
+    tasks: str = "caption,metadata,class,qa,music"
+    max_prompt_tokens: int = 32
+    max_answer_tokens: int = 40
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transformer pieces, GPT-2 names (the LM, the text encoder and the mappers all use this block)
+
+class SelfAttention(nn.Module):
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        assert n_embd % n_head == 0, f"n_embd {n_embd} must be a multiple of n_head {n_head}"
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, causal, past=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past is not None:  # KV cache: causal attention is aligned bottom-right, so new queries see all the past
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        y = attention(q, k, v, causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu
+
+
+class Block(nn.Module):
+
+    def __init__(self, n_embd, n_head, dropout=0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, causal=True, past=None):
+        a, present = self.attn(self.ln_1(x), causal, past)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.ln_2(x)))
+        return x, present
+
+
+class GPT2(nn.Module):
+    """The frozen causal LM: GPT-2 layout and Hugging Face names, lm_head tied to wte, no dropout."""
+
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, x, past=None):
+        """x: input embeddings (B, T, C) without positions; past: the cache from a previous call or None.
+        Returns the final hidden states (B, T, C) and the new cache."""
+        t0 = 0 if past is None else past[0][0].size(2)
+        T = x.size(1)
+        if t0 + T > self.block_size:
+            raise ValueError(f"sequence of {t0 + T} positions exceeds the LM's block_size {self.block_size}")
+        x = x + self.wpe(torch.arange(t0, t0 + T, device=x.device))
+        presents = []
+        for i, block in enumerate(self.h):
+            x, p = block(x, causal=True, past=None if past is None else past[i])
+            presents.append(p)
+        return self.ln_f(x), presents
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading the LM: a Hugging Face GPT-2 (dir or file) or our own salmonn stage-llm ckpt.pt
+
+def load_llm_weights(path):
+    """Returns (state_dict in nn.Linear layout with names wte.weight, h.0.attn.c_attn.weight, ..., dims dict)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"llm_init: {path} does not exist")
+    if path.endswith(".pt"):  # our own text-pretraining checkpoint (salmonn.py, stage="llm")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+            raise ValueError(f"llm_init: {path} is not a train.py checkpoint (needs 'model' and 'model_args')")
+        args = ckpt["model_args"]
+        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size", "vocab_size") if k not in args]
+        if missing:
+            raise ValueError(f"llm_init: {path} model_args lacks {missing}: not a salmonn stage-llm checkpoint")
+        sd = {k[len("llm."):]: v for k, v in ckpt["model"].items() if k.startswith("llm.")}
+        if not sd:
+            raise ValueError(f"llm_init: {path} has no 'llm.*' weights")
+        dims = dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"], n_embd=args["llm_n_embd"],
+                    block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
+        return sd, dims
+    # Hugging Face GPT-2: a directory, or a weights file with config.json beside it
+    if os.path.isdir(path):
+        folder = path
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"llm_init: {folder} holds neither model.safetensors nor pytorch_model.bin")
+    folder = os.path.dirname(path)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"llm_init: {cfg_path} (GPT-2 config with n_layer, n_head, n_embd, n_positions, vocab_size) is missing")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"llm_init: reading {path} needs the safetensors package") from e
+        raw = load_file(path)
+    elif path.endswith(".bin"):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"llm_init: {path}: expected a directory, model.safetensors, pytorch_model.bin or a ckpt.pt")
+    sd = {}
+    for k, v in raw.items():
+        k = k[len("transformer."):] if k.startswith("transformer.") else k
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k.startswith("lm_head"):
+            continue  # causal-mask buffers, and the head tied to wte
+        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+            v = v.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
+        sd[k] = v
+    dims = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"])
+    return sd, dims
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Audio encoder: HTSAT-style, scaled down
+
+class WindowBlock(nn.Module):
+    """Swin block: attention inside non-overlapping windows of the (freq, time) patch grid, MLP."""
+
+    def __init__(self, dim, n_head, window, shift, dropout):
+        super().__init__()
+        self.n_head, self.window, self.shift = n_head, window, shift
+        self.ln_1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):  # x: (B, Fg, Tg, C)
+        B, Fg, Tg, C = x.shape
+        wf, wt = self.window
+        h = self.ln_1(x)
+        if self.shift:  # shifted windows: roll half a window along time (see the module docstring)
+            h = torch.roll(h, shifts=-(wt // 2), dims=2)
+        h = h.view(B, Fg // wf, wf, Tg // wt, wt, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, wf * wt, C)
+        q, k, v = self.qkv(h).split(C, dim=2)
+        q, k, v = (t.view(t.size(0), -1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        h = attention(q, k, v).transpose(1, 2).reshape(-1, wf * wt, C)
+        h = h.view(B, Fg // wf, Tg // wt, wf, wt, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Fg, Tg, C)
+        if self.shift:
+            h = torch.roll(h, shifts=wt // 2, dims=2)
+        x = x + self.drop(self.proj(h))
+        x = x + self.drop(self.mlp(self.ln_2(x)))
+        return x
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbouring patches -> one, width doubled (Swin)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):  # (B, Fg, Tg, C) -> (B, Fg/2, Tg/2, 2C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+def stage_windows(config):
+    """Grid and window sizes of every stage; raises a clear error when they do not tile."""
+    depths = [int(d) for d in config.enc_depths.split(",")]
+    heads = [int(h) for h in config.enc_heads.split(",")]
+    if len(depths) != len(heads):
+        raise ValueError(f"enc_depths {config.enc_depths!r} and enc_heads {config.enc_heads!r} differ in length")
+    p = config.patch_size
+    if config.n_mels % p or config.max_frames % p:
+        raise ValueError(f"n_mels {config.n_mels} and max_frames {config.max_frames} must be multiples of patch_size {p}")
+    Fg, Tg = config.n_mels // p, config.max_frames // p
+    out = []
+    for s in range(len(depths)):
+        wf, wt = min(config.window, Fg), min(config.window, Tg)
+        if Fg % wf or Tg % wt or (s < len(depths) - 1 and (Fg % 2 or Tg % 2)):
+            raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} does not tile into {wf}x{wt} windows (or halve); "
+                             f"pick max_frames a multiple of patch_size*window*2^(stages-1)")
+        out.append((depths[s], heads[s], (wf, wt), (Fg, Tg)))
+        Fg, Tg = Fg // 2, Tg // 2
+    return out
+
+
+class Projection(nn.Module):
+    """The paper's projection: Linear, GELU, Linear, dropout, residual, LayerNorm."""
+
+    def __init__(self, d_in, d_out, dropout):
+        super().__init__()
+        self.linear1 = nn.Linear(d_in, d_out, bias=False)
+        self.linear2 = nn.Linear(d_out, d_out, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(d_out)
+
+    def forward(self, x):
+        e1 = self.linear1(x)
+        e2 = self.drop(self.linear2(F.gelu(e1)))
+        return self.ln(e1 + e2)
+
+
+class AudioEncoder(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        stages = stage_windows(config)
+        C, p = config.enc_dim, config.patch_size
+        self.patch_embed = nn.Conv2d(1, C, kernel_size=p, stride=p)
+        self.patch_norm = nn.LayerNorm(C)
+        Fg, Tg = stages[0][3]
+        self.pos_emb = nn.Parameter(torch.zeros(1, Fg, Tg, C))
+        self.stages = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for s, (depth, n_head, window, _) in enumerate(stages):
+            self.stages.append(nn.ModuleList([WindowBlock(C, n_head, window, shift=(i % 2 == 1), dropout=config.dropout)
+                                              for i in range(depth)]))
+            if s < len(stages) - 1:
+                self.merges.append(PatchMerging(C))
+                C *= 2
+        self.ln_f = nn.LayerNorm(C)
+        self.out_dim = C
+
+    def forward(self, mel):  # (B, T, n_mels) -> (B, out_dim)
+        x = self.patch_embed(mel.transpose(1, 2).unsqueeze(1))  # (B, C, F/p, T/p): frequency rows, time columns
+        x = self.patch_norm(x.permute(0, 2, 3, 1)) + self.pos_emb
+        for s, blocks in enumerate(self.stages):
+            for block in blocks:
+                x = block(x)
+            if s < len(self.merges):
+                x = self.merges[s](x)
+        return self.ln_f(x).mean(dim=(1, 2))  # pooled over the grid
+
+
+class TextEncoder(nn.Module):
+    """Causal transformer over the prompt, pooled at its last token, then the projection (frozen by default)."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.llm_n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wpe = nn.Embedding(config.llm_block_size, C)
+        self.h = nn.ModuleList([Block(C, config.llm_n_head) for _ in range(config.text_n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.proj = Projection(C, config.d_embed, config.dropout)
+
+    def forward(self, prompt, prompt_lens):
+        T = prompt.size(1)
+        x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))
+        for block in self.h:
+            x, _ = block(x, causal=True)  # causal, so the padding after each prompt changes nothing
+        x = self.ln_f(x)[torch.arange(x.size(0), device=x.device), prompt_lens - 1]
+        return self.proj(x)
+
+
+class Mapper(nn.Module):
+    """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k learned
+    constants, through a few bidirectional layers; the outputs at the constants' positions are the prefix."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.k, d = config.prefix_len, config.llm_n_embd
+        self.linear = nn.Linear(config.d_embed, self.k * d)
+        self.prefix_const = nn.Parameter(torch.randn(self.k, d))
+        self.h = nn.ModuleList([Block(d, config.map_n_head, config.dropout) for _ in range(config.map_n_layer)])
+
+    def forward(self, e):  # (B, d_embed) -> (B, k, d_lm)
+        x = self.linear(e).view(e.size(0), self.k, -1)
+        x = torch.cat([x, self.prefix_const.expand(e.size(0), -1, -1)], dim=1)
+        for block in self.h:
+            x, _ = block(x, causal=False)
+        return x[:, self.k:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+class Pengi(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        llm_sd = None
+        if config.llm_init:
+            llm_sd, dims = load_llm_weights(config.llm_init)
+            if config.vocab_size and dims["vocab_size"] < config.vocab_size:
+                raise ValueError(f"llm_init: {config.llm_init} has vocab {dims['vocab_size']} < the tokenizer's {config.vocab_size}")
+            config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
+            config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
+        else:
+            warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
+                          "pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
+        if config.vocab_size <= 0:
+            raise ValueError("pengi: vocab_size is not set (load_data sets it from meta.json, or give llm_init)")
+        if config.text_init == "llm" and config.text_n_layer > config.llm_n_layer:
+            raise ValueError(f"text_n_layer {config.text_n_layer} > llm_n_layer {config.llm_n_layer}: text_init='llm' copies the LM's first layers")
+        if config.text_init not in ("llm", "embeddings", "random"):
+            raise ValueError(f"text_init must be 'llm', 'embeddings' or 'random', not {config.text_init!r}")
+        self.config = config
+        self.k = config.prefix_len
+
+        self.audio_encoder = AudioEncoder(config)
+        self.audio_proj = Projection(self.audio_encoder.out_dim, config.d_embed, config.dropout)
+        self.text_encoder = TextEncoder(config)
+        self.m1 = Mapper(config)
+        self.m2 = Mapper(config)
+        self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd, config.llm_block_size)
+        self.apply(self._init_weights)
+        for m in (self.m1, self.m2):
+            nn.init.normal_(m.prefix_const, std=0.02)
+        nn.init.normal_(self.audio_encoder.pos_emb, std=0.02)
+
+        if llm_sd is not None:
+            own = self.llm.state_dict()
+            missing = [k for k in own if k not in llm_sd and k != "lm_head.weight"]
+            if missing:
+                raise ValueError(f"llm_init: {config.llm_init} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
+            for k in own:
+                if k != "lm_head.weight" and llm_sd[k].shape != own[k].shape:
+                    raise ValueError(f"llm_init: {k} has shape {tuple(llm_sd[k].shape)}, expected {tuple(own[k].shape)}")
+            self.llm.load_state_dict({k: v for k, v in llm_sd.items() if k in own}, strict=False)
+        if config.text_init in ("llm", "embeddings"):  # the text tower starts from the LM (a pretrained one if llm_init)
+            t = self.text_encoder
+            t.wte.weight.data.copy_(self.llm.wte.weight.data)
+            t.wpe.weight.data.copy_(self.llm.wpe.weight.data)
+            if config.text_init == "llm":
+                for i in range(config.text_n_layer):
+                    t.h[i].load_state_dict(self.llm.h[i].state_dict())
+                t.ln_f.load_state_dict(self.llm.ln_f.state_dict())
+
+        for p in self.llm.parameters():
+            p.requires_grad = False
+        for p in self.text_encoder.parameters():
+            p.requires_grad = config.text_trainable
+        n = sum(p.numel() for p in self.parameters())
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (audio encoder + mappers"
+              f"{' + text encoder' if config.text_trainable else ''})")
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.llm.eval()  # frozen parts stay in eval mode (no dropout in them anyway)
+        if not self.config.text_trainable:
+            self.text_encoder.eval()
+        return self
+
+    def embed_audio(self, mel):
+        """(B, T, n_mels) -> (B, d_embed), L2-normalised: the representation the linear probe reads."""
+        return F.normalize(self.audio_proj(self.audio_encoder(mel)), dim=-1)
+
+    def embed_text(self, prompt, prompt_lens):
+        return F.normalize(self.text_encoder(prompt, prompt_lens), dim=-1)
+
+    def prefix(self, mel, prompt, prompt_lens):
+        """[audio prefix k][text prefix k]: (B, 2k, d_lm)."""
+        return torch.cat([self.m1(self.embed_audio(mel)), self.m2(self.embed_text(prompt, prompt_lens))], dim=1)
+
+    def forward(self, mel, prompt, prompt_lens, answer, targets=None):
+        """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the positions that
+        predict the answer: the last text-prefix position and every answer position, (B, La + 1, V), and
+        targets (B, La + 1) are the answer tokens then eot, -1 where padded. Loss on the answer only."""
+        x = torch.cat([self.prefix(mel, prompt, prompt_lens), self.llm.wte(answer)], dim=1)
+        h, _ = self.llm(x)
+        logits = self.llm.lm_head(h[:, 2 * self.k - 1:])
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- decoding -------------------------------------------------------------------------------------
+
+    def _step(self, tokens, past):
+        h, past = self.llm(self.llm.wte(tokens), past)
+        return F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1), past
+
+    @torch.no_grad()
+    def greedy(self, prefix, max_new_tokens):
+        """Batched greedy decoding from prefixes (B, 2k, d). Returns lists of token ids without the eot."""
+        eot = self.config.eot_token
+        h, past = self.llm(prefix)
+        logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
+        B = prefix.size(0)
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            nxt = logp.argmax(dim=-1)
+            for b in range(B):
+                if not done[b] and nxt[b].item() != eot:
+                    out[b].append(nxt[b].item())
+            done |= nxt.cpu() == eot
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logp, past = self._step(nxt[:, None], past)
+        return out
+
+    @torch.no_grad()
+    def beam_search(self, prefix, beam=5, max_new_tokens=30, length_penalty=1.0):
+        """Length-normalised beam search for one prefix (1, 2k, d), as ClipCap and Pengi decode: candidates are
+        ranked by sum log p / length**length_penalty; a beam that has emitted eot stays in the race with its
+        score frozen; stops when every beam has ended. Beam 1 is greedy. Returns token ids without the eot."""
+        eot = self.config.eot_token
+        h, past = self.llm(prefix)
+        logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)  # (n_beams, V)
+        V = logp.size(-1)
+        seqs = [[]]
+        scores = torch.zeros(1)
+        lengths = torch.zeros(1)
+        ended = torch.zeros(1, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            logp = logp.cpu()
+            logp[ended] = -math.inf
+            logp[ended, eot] = 0.0  # an ended beam has one continuation: itself, unchanged
+            cand = scores[:, None] + logp
+            new_len = lengths + (~ended).float()
+            norm = (cand / new_len[:, None] ** length_penalty).view(-1)
+            n_keep = min(beam, int(torch.isfinite(norm).sum()))
+            top = norm.topk(n_keep).indices
+            bi, ti = top // V, top % V
+            seqs = [seqs[b] if ended[b] else seqs[b] + [t] for b, t in zip(bi.tolist(), ti.tolist())]
+            scores, lengths = cand.view(-1)[top], new_len[bi]
+            ended = ended[bi] | (ti == eot)
+            if ended.all() or step == max_new_tokens - 1:
+                break
+            bi_dev = bi.to(prefix.device)
+            past = [(k.index_select(0, bi_dev), v.index_select(0, bi_dev)) for k, v in past]
+            logp, past = self._step(ti.to(prefix.device)[:, None], past)
+        best = (scores / lengths ** length_penalty).argmax().item()
+        return [t for t in seqs[best] if t != eot]
+
+    @torch.no_grad()
+    def generate(self, mel, prompt, prompt_lens, beam=5, max_new_tokens=30, length_penalty=1.0):
+        prefix = self.prefix(mel, prompt, prompt_lens)
+        if beam == 1:
+            return self.greedy(prefix, max_new_tokens)
+        return [self.beam_search(prefix[b:b + 1], beam, max_new_tokens, length_penalty) for b in range(prefix.size(0))]
+
+    @torch.no_grad()
+    def rank_candidates(self, mel, prompt, prompt_lens, candidates):
+        """log p(candidate tokens, eot | prefix) for every clip and candidate: (B, n_cand). The prefix runs once
+        per clip; the candidates continue from its KV cache in one batch."""
+        eot = self.config.eot_token
+        prefix = self.prefix(mel, prompt, prompt_lens)
+        B, N = prefix.size(0), len(candidates)
+        h, past = self.llm(prefix)
+        first = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)  # predicts each candidate's first token
+        L = max(len(c) for c in candidates)
+        cand = torch.full((N, L), eot, dtype=torch.long)
+        tgt = torch.full((N, L), -1, dtype=torch.long)  # what each candidate position predicts: next token or eot
+        for j, c in enumerate(candidates):
+            cand[j, :len(c)] = torch.tensor(c)
+            tgt[j, :len(c)] = torch.tensor(c[1:] + [eot])
+        cand, tgt = cand.to(prefix.device), tgt.to(prefix.device)
+        past = [(k.repeat_interleave(N, 0), v.repeat_interleave(N, 0)) for k, v in past]
+        h, _ = self.llm(self.llm.wte(cand.repeat(B, 1)), past)
+        logp = F.log_softmax(self.llm.lm_head(h).float(), dim=-1).view(B, N, L, -1)
+        lp = logp.gather(-1, tgt.clamp(min=0)[None, :, :, None].expand(B, -1, -1, 1)).squeeze(-1)
+        lp = (lp * (tgt >= 0)).sum(-1)
+        return lp + first[:, cand[:, 0]]
+
+
+Config = PengiConfig
+Model = Pengi
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: tasks from the prepared clips through the paper's templates
+
+PROMPTS = {  # task -> the prompt; music has one prompt per label key
+    "caption": "generate audio caption",
+    "metadata": "generate metadata",
+    "class": "this is a sound of",
+    "instrument": "this music note is produced by",
+    "pitch": "this music note pitch is",
+    "chord": "this music chord is",
+}
+# "question: {q}" for audio QA
+
+
+def metadata_text(clip):
+    """Our metadata string: the clip's kind, its labels and, where there is one, its transcript."""
+    parts = [f"kind: {clip['kind']}"] + [f"{k}: {v}" for k, v in sorted(clip["labels"].items())]
+    if clip.get("transcript"):
+        parts.append(f"text: {clip['transcript']}")
+    return "; ".join(parts)
+
+
+def clip_tasks(clip, tasks):
+    """All (task, prompt, answer) examples of one clip."""
+    out = []
+    if "caption" in tasks and clip.get("caption"):
+        out.append(("caption", PROMPTS["caption"], clip["caption"]))
+    if "metadata" in tasks:
+        out.append(("metadata", PROMPTS["metadata"], metadata_text(clip)))
+    if "class" in tasks and "class" in clip["labels"]:
+        out.append(("class", PROMPTS["class"], clip["labels"]["class"]))
+    if "qa" in tasks:
+        out += [("qa", "question: " + qa["q"], qa["a"]) for qa in clip.get("qa", [])]
+    if "music" in tasks:
+        out += [(key, PROMPTS[key], clip["labels"][key]) for key in ("instrument", "pitch", "chord") if key in clip["labels"]]
+    return out
+
+
+def load_data(data_dir, config, tok):
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: run prepare.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config.n_mels = meta["n_mels"]
+    config.vocab_size = meta["tokenizer"]["vocab_size"]
+    config.eot_token = meta["tokenizer"]["eot_token"]
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
+    if unknown:
+        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, qa, music")
+    enc = lambda s: tok.encode(s)
+    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames}
+    for split in ("train", "val"):
+        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+        with open(os.path.join(data_dir, f"{split}_clips.jsonl")) as f:
+            clips = [json.loads(line) for line in f if line.strip()]
+        if not clips:
+            raise ValueError(f"{data_dir}/{split}_clips.jsonl holds no clips")
+        by_task = {}  # task -> [(clip index, prompt ids, answer ids)]
+        for i, clip in enumerate(clips):
+            for task, prompt, answer in clip_tasks(clip, tasks):
+                by_task.setdefault(task, []).append((i, enc(prompt)[:config.max_prompt_tokens],
+                                                     enc(answer)[:config.max_answer_tokens]))
+        data[split] = {"mel": mel, "clips": clips, "by_task": by_task}
+    # candidate labels for the close-ended tasks, from the training split
+    data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"] if key in c["labels"]})
+                          for key in ("class", "instrument", "pitch", "chord")}
+    return data
+
+
+def clip_mel(mel, clip, max_frames, rng=None):
+    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or repeat-padded."""
+    x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
+    return fit_frames(x, max_frames, rng)
+
+
+def fit_frames(x, max_frames, rng=None):
+    if len(x) == 0:
+        raise ValueError("empty audio clip")
+    if len(x) > max_frames:
+        s = int(rng.integers(0, len(x) - max_frames + 1)) if rng is not None else 0
+        return x[s:s + max_frames]
+    reps = -(-max_frames // len(x))
+    return np.concatenate([x] * reps)[:max_frames]  # repeat-pad, as HTSAT/CLAP do with short clips
+
+
+def collate(mels, prompts, answers, eot):
+    """Tensors for model(**batch): answers given as input tokens; targets = answer then eot, -1 beyond."""
+    B = len(prompts)
+    Lp, La = max(len(p) for p in prompts), max(len(a) for a in answers)
+    prompt = torch.full((B, Lp), eot, dtype=torch.long)
+    answer = torch.full((B, La), eot, dtype=torch.long)
+    targets = torch.full((B, La + 1), -1, dtype=torch.long)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        prompt[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        answer[b, :len(a)] = torch.tensor(a, dtype=torch.long)
+        targets[b, :len(a) + 1] = torch.tensor(a + [eot], dtype=torch.long)
+    return {"mel": torch.from_numpy(np.stack(mels)), "prompt": prompt,
+            "prompt_lens": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+            "answer": answer, "targets": targets}
+
+
+def get_batch(data, split, batch_size, rng):
+    """The multi-task mix: each example picks a task uniformly among those of the split, then an example of it."""
+    d = data[split]
+    tasks = sorted(d["by_task"])
+    mels, prompts, answers = [], [], []
+    for _ in range(batch_size):
+        ex = d["by_task"][tasks[rng.integers(len(tasks))]]
+        i, p, a = ex[rng.integers(len(ex))]
+        mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"], rng if split == "train" else None))
+        prompts.append(p)
+        answers.append(a)
+    return collate(mels, prompts, answers, data["meta"]["tokenizer"]["eot_token"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: captioning BLEU-4, audio QA accuracy, close-ended accuracy both ways, linear probe
+
+def normalize_text(s):
+    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single spaces."""
+    return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
+
+
+def bleu4(hypotheses, references):
+    """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the corpus,
+    their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis words, r: the
+    closest reference length per hypothesis). hypotheses: list of str; references: list of lists of str.
+    No smoothing: a corpus without a single matching 4-gram scores 0."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses but {len(references)} reference lists")
+    matched, total = [0] * 4, [0] * 4
+    c_len = r_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        h = normalize_text(hyp).split()
+        rs = [normalize_text(r).split() for r in refs]
+        c_len += len(h)
+        r_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        for n in range(1, 5):
+            h_ngrams = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            max_ref = Counter()
+            for r in rs:
+                for g, c in Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1)).items():
+                    max_ref[g] = max(max_ref[g], c)
+            matched[n - 1] += sum(min(c, max_ref[g]) for g, c in h_ngrams.items())
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if c_len == 0 or min(matched) == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
+    bp = 1.0 if c_len >= r_len else math.exp(1 - r_len / c_len)
+    return bp * math.exp(log_p)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def clip_embeddings(model, d, idx, max_frames, batch_size=32):
+    out = []
+    for s in range(0, len(idx), batch_size):
+        mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames) for i in idx[s:s + batch_size]])
+        out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.config.d_embed)
+
+
+def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS. Returns predict(x)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    W = torch.zeros(x.size(1), n_class, requires_grad=True)
+    b = torch.zeros(n_class, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ W + b, y) + weight_decay * (W ** 2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda xq: (((xq - mu) / sd) @ W.detach() + b.detach()).argmax(-1)
+
+
+def linear_probe(model, data, split="val", key="class", max_clips=2000):
+    """The paper's representation study: a linear classifier on frozen audio embeddings of the training clips,
+    accuracy on `split`. Labels unseen in training count as wrong."""
+    classes = data["candidates"].get(key) or []
+    if len(classes) < 2:
+        return None
+    cls = {c: j for j, c in enumerate(classes)}
+    tr = [i for i, c in enumerate(data["train"]["clips"]) if c["labels"].get(key) in cls][:max_clips]
+    ev = [i for i, c in enumerate(data[split]["clips"]) if key in c["labels"]][:max_clips]
+    if not tr or not ev:
+        return None
+    x_tr = clip_embeddings(model, data["train"], tr, data["max_frames"])
+    y_tr = torch.tensor([cls[data["train"]["clips"][i]["labels"][key]] for i in tr])
+    x_ev = clip_embeddings(model, data[split], ev, data["max_frames"])
+    y_ev = torch.tensor([cls.get(data[split]["clips"][i]["labels"][key], -1) for i in ev])
+    predict = fit_logistic(x_tr, y_tr, len(classes))
+    return (predict(x_ev) == y_ev).float().mean().item()
+
+
+EVAL_OPTS = dict(max_clips=100, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16, probe=True, probe_clips=2000)
+
+
+@torch.no_grad()
+def evaluate(model, data, tok, split="val", **opts):
+    """Paper-style metrics on `split` (the first max_clips clips of each task):
+    caption_bleu4; qa_acc (exact match after normalisation); for class and the music labels, {key}_acc_gen
+    (generated text equals the label) and {key}_acc_rank (the label has the highest LM likelihood among the
+    training split's labels); {key}_chance = 1/number of candidates; probe_acc (linear probe on labels.class).
+    opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips."""
+    unknown = set(opts) - set(EVAL_OPTS)
+    if unknown:
+        raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: {sorted(EVAL_OPTS)}")
+    o = {**EVAL_OPTS, **opts}
+    max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
+    gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]), length_penalty=float(o["length_penalty"]))
+    d, dev = data[split], _device(model)
+    eot = model.config.eot_token
+
+    def run(examples):  # [(clip index, prompt text, answer text)] -> generated texts
+        out = []
+        for s in range(0, len(examples), bs):
+            chunk = examples[s:s + bs]
+            mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"]) for i, _, _ in chunk]
+            batch = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk], [[]] * len(chunk), eot)
+            ids = model.generate(batch["mel"].to(dev), batch["prompt"].to(dev), batch["prompt_lens"].to(dev), **gen)
+            out += [tok.decode(t).strip() for t in ids]
+        return out
+
+    metrics = {}
+    tasks = data["tasks"]
+    if "caption" in tasks:
+        ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"]) if c.get("caption")][:max_clips]
+        if ex:
+            metrics["caption_bleu4"] = bleu4(run(ex), [[a] for _, _, a in ex])
+    if "qa" in tasks:
+        ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"]) for qa in c.get("qa", [])][:max_clips]
+        if ex:
+            hyp = run(ex)
+            metrics["qa_acc"] = float(np.mean([normalize_text(h) == normalize_text(a) for h, (_, _, a) in zip(hyp, ex)]))
+    keys = (["class"] if "class" in tasks else []) + (["instrument", "pitch", "chord"] if "music" in tasks else [])
+    for key in keys:
+        cands = data["candidates"].get(key) or []
+        ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"]) if key in c["labels"]][:max_clips]
+        if len(cands) < 2 or not ex:
+            continue
+        hyp = run(ex)
+        metrics[f"{key}_acc_gen"] = float(np.mean([normalize_text(h) == normalize_text(a) for h, (_, _, a) in zip(hyp, ex)]))
+        cand_ids = [tok.encode(c)[:model.config.max_answer_tokens] for c in cands]
+        right = []
+        for s in range(0, len(ex), bs):
+            chunk = ex[s:s + bs]
+            mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"]) for i, _, _ in chunk]
+            batch = collate(mels, [tok.encode(PROMPTS[key])] * len(chunk), [[]] * len(chunk), eot)
+            lp = model.rank_candidates(batch["mel"].to(dev), batch["prompt"].to(dev), batch["prompt_lens"].to(dev), cand_ids)
+            right += [cands[j] == a for j, (_, _, a) in zip(lp.argmax(-1).tolist(), chunk)]
+        metrics[f"{key}_acc_rank"] = float(np.mean(right))
+        metrics[f"{key}_chance"] = 1.0 / len(cands)
+    if o["probe"]:
+        acc = linear_probe(model, data, split, "class", int(o["probe_clips"]))
+        if acc is not None:
+            metrics["probe_acc"] = acc
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling: sample.py --audio=FILE.wav --prompt="..."
+
+SAMPLE_OPTS = dict(beam=5, max_new_tokens=30, length_penalty=1.0, candidates="")
+
+
+@torch.no_grad()
+def sample(model, tok, audio, prompt, tools, **opts):
+    """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 as in the paper,
+    1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c": also rank these labels by likelihood)."""
+    unknown = set(opts) - set(SAMPLE_OPTS)
+    if unknown:
+        raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: {sorted(SAMPLE_OPTS)}")
+    o = {**SAMPLE_OPTS, **opts}
+    cfg, dev = model.config, _device(model)
+    prompt = prompt or PROMPTS["caption"]
+    mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
+    mel = torch.from_numpy(fit_frames(mel, cfg.max_frames))[None].to(dev)
+    p = tok.encode(prompt)[:cfg.max_prompt_tokens]
+    if not p:
+        raise ValueError("pengi.sample: the prompt is empty")
+    prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
+    ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]), max_new_tokens=int(o["max_new_tokens"]),
+                         length_penalty=float(o["length_penalty"]))[0]
+    out = {"text": tok.decode(ids).strip()}
+    if o["candidates"]:
+        cands = [c.strip() for c in str(o["candidates"]).split("|") if c.strip()]
+        lp = model.rank_candidates(mel, prompt_t, lens, [tok.encode(c) for c in cands])[0]
+        order = lp.argsort(descending=True).tolist()
+        out["ranked"] = [(cands[j], round(lp[j].item(), 3)) for j in order]
+        out["text"] += "\nranked: " + ", ".join(f"{c} ({s})" for c, s in out["ranked"])
+    return out
