@@ -1,0 +1,968 @@
+"""
+SALMONN (Tang et al., 2023, arXiv 2310.13289): a language model given general hearing.
+
+One file holds the whole model:
+- a Whisper-style speech encoder (conv stem with stride 2, sinusoidal positions, non-causal transformer),
+- a BEATs-style audio encoder (patches over the mel spectrogram, transformer, patches pooled per time step
+  so that its stream is time-aligned with the speech stream: the official code pairs BEATs patch i with
+  Whisper frame i, which is not the same instant),
+- a LayerNorm per stream, the two streams concatenated per frame,
+- the window-level Q-Former (non-overlapping windows of encoder frames, a few trainable queries per window
+  that cross-attend to their window only) and a linear projection to the LLM width,
+- an LLM in GPT-2 layout (Hugging Face names), frozen, adapted with LoRA on its query and value projections.
+The audio tokens replace <SpeechHere> in the paper's prompt
+    USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT: {answer}<eot>
+and the loss is on the answer tokens only.
+
+Stages (config field `stage`; same model, different data):
+  "llm"        text-only pretraining of the small GPT-2-layout LLM on the corpus text: the small setting's
+               stand-in for Vicuna (LoRA on a random frozen LLM would teach nothing). Only the LLM exists.
+  "pretrain"   stage 1: transcription and captioning
+  "instruct"   stage 2: all tasks (transcription, captioning, QA, music description, classification)
+  "activation" stage 3: long story-like answers, to undo the task over-fitting of stage 2
+Also here: the batch construction from prepared data, beam search / greedy / sampling with a KV cache,
+the evaluation metrics (WER, BLEU-4, accuracy; our own implementations), and loaders for GPT-2 checkpoints
+(Hugging Face safetensors / pytorch_model.bin, or our own stage-"llm" ckpt.pt) and OpenAI Whisper checkpoints.
+"""
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fused_attention import attention
+
+# -----------------------------------------------------------------------------
+# config
+
+STAGES = ("llm", "pretrain", "instruct", "activation")
+STAGE_TASKS = {
+    "pretrain": ("transcription", "captioning"),
+    "instruct": ("transcription", "captioning", "qa", "music", "classification"),
+    "activation": ("story",),
+}
+ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "story")
+
+@dataclass
+class SALMONNConfig:
+    stage: str = "pretrain"        # "llm" | "pretrain" | "instruct" | "activation" (see the top of the file)
+    tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the stage's)
+    # from the data (load_data fills these)
+    vocab_size: int = 50257
+    n_mels: int = 64
+    frame_rate: float = 75.0       # mel frames per second
+    max_audio_frames: int = 2250   # 30 s at 75 frames/s; longer clips are cut (the paper's Whisper limit)
+    # speech encoder (Whisper-style); its output runs at frame_rate / 2
+    speech_n_layer: int = 2
+    speech_n_head: int = 4
+    speech_n_embd: int = 128
+    speech_n_mels: int = 0         # 0: the data's n_mels; 80 when loaded from Whisper (mel bins interpolated)
+    whisper_init: str = ""         # optional OpenAI Whisper checkpoint (tiny/base .pt) for the speech encoder
+    # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x beats_patch_f mel bins
+    beats_n_layer: int = 2
+    beats_n_head: int = 4
+    beats_n_embd: int = 128
+    beats_patch_f: int = 16
+    # window-level Q-Former
+    qformer_n_layer: int = 2
+    qformer_n_head: int = 4
+    qformer_n_embd: int = 128
+    window_frames: int = 12        # encoder frames per window: 12 / 37.5 fps = 0.32 s (paper: 17 at 50 fps)
+    window_queries: int = 1        # trainable queries per window
+    # LLM (GPT-2 layout)
+    llm_n_layer: int = 4
+    llm_n_head: int = 4
+    llm_n_embd: int = 256
+    llm_block_size: int = 256
+    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace the llm_* above
+    llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
+    # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    dropout: float = 0.0           # encoders and Q-Former
+
+Config = SALMONNConfig
+
+def n_audio_tokens(frames, config):
+    """How many LLM input positions a clip of `frames` mel frames becomes (one per query per window)."""
+    frames = min(frames, config.max_audio_frames)
+    t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
+    return -(-t2 // config.window_frames) * config.window_queries
+
+# -----------------------------------------------------------------------------
+# encoders and Q-Former: one attention module (Whisper's names) for self- and cross-attention
+
+def sinusoids(length, channels, max_timescale=10000):
+    """Whisper's sinusoidal position table: [sin | cos] halves."""
+    assert channels % 2 == 0
+    inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2, dtype=torch.float32))
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+class MultiHeadAttention(nn.Module):
+    """Non-causal attention; kv_dim != n_embd for cross-attention. key has no bias, as in Whisper."""
+
+    def __init__(self, n_embd, n_head, kv_dim=None):
+        super().__init__()
+        assert n_embd % n_head == 0
+        kv_dim = kv_dim or n_embd
+        self.n_head = n_head
+        self.query = nn.Linear(n_embd, n_embd)
+        self.key = nn.Linear(kv_dim, n_embd, bias=False)
+        self.value = nn.Linear(kv_dim, n_embd)
+        self.out = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, kv=None, k_lens=None):
+        kv = x if kv is None else kv
+        B, Tq, C = x.shape
+        Tk, H = kv.size(1), self.n_head
+        q = self.query(x).view(B, Tq, H, C // H).transpose(1, 2)
+        k = self.key(kv).view(B, Tk, H, C // H).transpose(1, 2)
+        v = self.value(kv).view(B, Tk, H, C // H).transpose(1, 2)
+        y = attention(q, k, v, k_lens=k_lens)
+        return self.out(y.transpose(1, 2).reshape(B, Tq, C))
+
+class EncoderBlock(nn.Module):
+    """Whisper's ResidualAttentionBlock (pre-LN), same parameter names."""
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_embd, n_head)
+        self.attn_ln = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp_ln = nn.LayerNorm(n_embd)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, k_lens=None):
+        x = x + self.drop(self.attn(self.attn_ln(x), k_lens=k_lens))
+        return x + self.drop(self.mlp(self.mlp_ln(x)))
+
+def mask_frames(x, lens):
+    """Zero the frames of x (B, T, C) at positions >= lens, so padding never leaks into valid frames."""
+    keep = torch.arange(x.size(1), device=x.device)[None, :] < lens[:, None]
+    return x * keep[..., None].to(x.dtype)
+
+class SpeechEncoder(nn.Module):
+    """Whisper's AudioEncoder: conv (k3) + GELU, conv (k3, stride 2) + GELU, + sinusoids, blocks, ln_post."""
+
+    def __init__(self, n_mels, n_embd, n_head, n_layer, dropout):
+        super().__init__()
+        self.n_mels = n_mels
+        self.conv1 = nn.Conv1d(n_mels, n_embd, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_embd, n_embd, kernel_size=3, stride=2, padding=1)
+        self.blocks = nn.ModuleList([EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.ln_post = nn.LayerNorm(n_embd)
+
+    def forward(self, mel, lens):
+        # mel (B, T, M) with frames >= lens padding; returns (B, ceil(T/2), C) and its lengths
+        if mel.size(-1) != self.n_mels:  # Whisper weights want 80 bins: interpolate the data's bins (approximation)
+            B, T, M = mel.shape
+            mel = F.interpolate(mel.reshape(B * T, 1, M), size=self.n_mels, mode="linear", align_corners=True)
+            mel = mel.view(B, T, self.n_mels)
+        x = mask_frames(mel, lens).transpose(1, 2)
+        x = F.gelu(self.conv1(x)).transpose(1, 2)
+        x = mask_frames(x, lens).transpose(1, 2)  # as if each clip were alone (conv2 pads with zeros)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        lens2 = (lens + 1) // 2
+        x = x + sinusoids(x.size(1), x.size(2)).to(x.device, x.dtype)
+        for block in self.blocks:
+            x = block(x, k_lens=lens2)
+        return self.ln_post(x), lens2
+
+class AudioEncoder(nn.Module):
+    """BEATs-style: patch embedding over (2 frames x patch_f bins) of the mel, a transformer over all patches,
+    then the patches of one time step are averaged, giving one vector per speech-encoder frame."""
+
+    def __init__(self, n_mels, n_embd, n_head, n_layer, patch_f, dropout):
+        super().__init__()
+        if n_mels % patch_f:
+            raise ValueError(f"beats_patch_f={patch_f} must divide n_mels={n_mels}")
+        self.n_bands = n_mels // patch_f
+        self.patch_embed = nn.Conv2d(1, n_embd, kernel_size=(2, patch_f), stride=(2, patch_f))
+        self.band_emb = nn.Parameter(torch.zeros(self.n_bands, n_embd))  # which frequency band a patch is
+        self.ln_pre = nn.LayerNorm(n_embd)
+        self.blocks = nn.ModuleList([EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.ln_post = nn.LayerNorm(n_embd)
+
+    def forward(self, mel, lens):
+        B, T, M = mel.shape
+        mel = mask_frames(mel, lens)
+        if T % 2:
+            mel = F.pad(mel, (0, 0, 0, 1))
+        x = self.patch_embed(mel.unsqueeze(1)).permute(0, 2, 3, 1)  # (B, T2, bands, C)
+        T2, C = x.size(1), x.size(3)
+        x = x + sinusoids(T2, C).to(x.device, x.dtype)[:, None, :] + self.band_emb
+        x = self.ln_pre(x.reshape(B, T2 * self.n_bands, C))  # time-major: a clip's valid patches are a prefix
+        lens2 = (lens + 1) // 2
+        for block in self.blocks:
+            x = block(x, k_lens=lens2 * self.n_bands)
+        return self.ln_post(x).view(B, T2, self.n_bands, C).mean(2)
+
+class QFormerLayer(nn.Module):
+    """Self-attention over a window's queries, cross-attention to that window's frames, MLP (pre-LN)."""
+
+    def __init__(self, n_embd, n_head, enc_dim, dropout):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.self_attn = MultiHeadAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.cross_attn = MultiHeadAttention(n_embd, n_head, kv_dim=enc_dim)
+        self.ln_3 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, q, frames, k_lens):
+        q = q + self.drop(self.self_attn(self.ln_1(q)))
+        q = q + self.drop(self.cross_attn(self.ln_2(q), frames, k_lens=k_lens))
+        return q + self.drop(self.mlp(self.ln_3(q)))
+
+class WindowQFormer(nn.Module):
+    """Cuts the frame sequence into non-overlapping windows; each window's queries see only that window.
+    Output: (B, n_windows * n_queries, C) in time order, and which outputs come from real (non-padding) frames."""
+
+    def __init__(self, config, enc_dim):
+        super().__init__()
+        C = config.qformer_n_embd
+        self.window = config.window_frames
+        self.query = nn.Parameter(torch.randn(config.window_queries, C) * 0.02)
+        self.layers = nn.ModuleList([QFormerLayer(C, config.qformer_n_head, enc_dim, config.dropout)
+                                     for _ in range(config.qformer_n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+
+    def forward(self, x, lens):
+        B, T, D = x.shape
+        W, nq = self.window, self.query.size(0)
+        nW = -(-T // W)
+        x = F.pad(x, (0, 0, 0, nW * W - T)).view(B * nW, W, D)  # windows become batch rows
+        starts = torch.arange(nW, device=x.device) * W
+        k_lens = (lens[:, None] - starts[None, :]).clamp(0, W).reshape(-1)  # valid frames in each window
+        q = self.query.expand(B * nW, nq, -1)
+        for layer in self.layers:
+            q = layer(q, x, k_lens)
+        q = self.ln_f(q).reshape(B, nW * nq, -1)
+        valid = (k_lens > 0).view(B, nW, 1).expand(B, nW, nq).reshape(B, nW * nq)
+        return q, valid
+
+# -----------------------------------------------------------------------------
+# the LLM: GPT-2 layout and names; LoRA on the q and v parts of the fused c_attn
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, lora_rank):
+        super().__init__()
+        C = config.llm_n_embd
+        assert C % config.llm_n_head == 0
+        self.n_head = config.llm_n_head
+        self.c_attn = nn.Linear(C, 3 * C)
+        self.c_proj = nn.Linear(C, C)
+        self.resid_dropout = nn.Dropout(config.llm_dropout)
+        self.lora_rank = lora_rank
+        self.lora_scale = config.lora_alpha / lora_rank if lora_rank else 0.0
+        self.merged = False
+        if lora_rank:
+            # A random (as in LoRA / peft), B zero: the adapted model starts equal to the base model
+            self.lora_q_A = nn.Parameter(torch.empty(lora_rank, C))
+            self.lora_q_B = nn.Parameter(torch.zeros(C, lora_rank))
+            self.lora_v_A = nn.Parameter(torch.empty(lora_rank, C))
+            self.lora_v_B = nn.Parameter(torch.zeros(C, lora_rank))
+            nn.init.kaiming_uniform_(self.lora_q_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_v_A, a=math.sqrt(5))
+            self.lora_drop = nn.Dropout(config.lora_dropout)
+
+    def lora_delta(self):
+        """The change LoRA makes to c_attn.weight (3C, C): rows of q and v only."""
+        C = self.c_proj.weight.size(0)
+        z = torch.zeros(C, C, device=self.lora_q_A.device, dtype=self.lora_q_A.dtype)
+        dq, dv = self.lora_q_B @ self.lora_q_A, self.lora_v_B @ self.lora_v_A
+        return self.lora_scale * torch.cat([dq, z, dv], dim=0)
+
+    def forward(self, x, past=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        if self.lora_rank and not self.merged:
+            h = self.lora_drop(x)
+            q = q + self.lora_scale * (h @ self.lora_q_A.t() @ self.lora_q_B.t())
+            v = v + self.lora_scale * (h @ self.lora_v_A.t() @ self.lora_v_B.t())
+        H = self.n_head
+        q = q.view(B, T, H, C // H).transpose(1, 2)
+        k = k.view(B, T, H, C // H).transpose(1, 2)
+        v = v.view(B, T, H, C // H).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = attention(q, k, v, causal=True)  # bottom-right aligned: new queries see the cache and themselves
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.llm_n_embd
+        self.c_fc = nn.Linear(C, 4 * C)
+        self.c_proj = nn.Linear(4 * C, C)
+        self.dropout = nn.Dropout(config.llm_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu
+
+class Block(nn.Module):
+
+    def __init__(self, config, lora_rank):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.llm_n_embd)
+        self.attn = CausalSelfAttention(config, lora_rank)
+        self.ln_2 = nn.LayerNorm(config.llm_n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past=None):
+        a, present = self.attn(self.ln_1(x), past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
+
+class GPT2(nn.Module):
+    """GPT-2 with Hugging Face's names (wte, wpe, h.{i}..., ln_f), nn.Linear layout, lm_head tied to wte."""
+
+    def __init__(self, config, lora_rank):
+        super().__init__()
+        self.block_size = config.llm_block_size
+        self.wte = nn.Embedding(config.vocab_size, config.llm_n_embd)
+        self.wpe = nn.Embedding(config.llm_block_size, config.llm_n_embd)
+        self.drop = nn.Dropout(config.llm_dropout)
+        self.h = nn.ModuleList([Block(config, lora_rank) for _ in range(config.llm_n_layer)])
+        self.ln_f = nn.LayerNorm(config.llm_n_embd)
+        self.lm_head = nn.Linear(config.llm_n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, x, past=None):
+        """x: input embeddings (B, T, C); past: per-layer (k, v) cache. Returns final hidden states, new cache."""
+        t0 = 0 if past is None else past[0][0].size(2)
+        if t0 + x.size(1) > self.block_size:
+            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds llm_block_size={self.block_size}")
+        pos = torch.arange(t0, t0 + x.size(1), device=x.device)
+        x = self.drop(x + self.wpe(pos))
+        presents = []
+        for i, block in enumerate(self.h):
+            x, present = block(x, None if past is None else past[i])
+            presents.append(present)
+        return self.ln_f(x), presents
+
+# -----------------------------------------------------------------------------
+# checkpoint loading: GPT-2 (Hugging Face or ours) and OpenAI Whisper
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+def read_safetensors(path):
+    """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra dependency)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        a, b = info["data_offsets"]
+        t = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]], offset=a, count=(b - a) //
+                             torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()) if b > a \
+            else torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+def load_llm_state(path):
+    """Load a GPT-2-format LLM from `path`: (a) a Hugging Face GPT-2 directory or file (model.safetensors or
+    pytorch_model.bin, optional config.json, keys possibly prefixed "transformer.", Conv1D weights stored
+    (in, out)), or (b) our stage-"llm" ckpt.pt (keys "llm.<name>"). Returns (state dict in our names and
+    nn.Linear layout, without lm_head, which is tied; sizes dict with n_layer, n_head, n_embd, block_size, vocab_size)."""
+    if os.path.isdir(path):
+        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt") if os.path.exists(os.path.join(path, n))]
+        if not names:
+            raise FileNotFoundError(f"llm_init={path}: directory holds no model.safetensors, pytorch_model.bin or ckpt.pt")
+        file = os.path.join(path, names[0])
+    elif os.path.isfile(path):
+        file = path
+    else:
+        raise FileNotFoundError(f"llm_init={path}: no such file or directory")
+    if file.endswith(".safetensors"):
+        raw = read_safetensors(file)
+    else:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    if "model" in raw and "model_args" in raw:  # (b) our train.py checkpoint
+        args = raw["model_args"]
+        if args.get("stage") != "llm":
+            print(f"llm_init={path}: a salmonn checkpoint of stage {args.get('stage')!r}; taking its LLM base weights")
+        sd = {}
+        for k, v in raw["model"].items():
+            k = k.removeprefix("_orig_mod.")
+            if k.startswith("llm.") and ".lora_" not in k and not k.startswith("llm.lm_head."):
+                sd[k[4:]] = v
+        sizes = dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"], n_embd=args["llm_n_embd"],
+                     block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
+        return sd, sizes
+    # (a) Hugging Face GPT-2
+    sd = {}
+    for k, v in raw.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k == "lm_head.weight":
+            continue  # causal-mask buffers; lm_head is tied to wte
+        sd[k] = v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
+    cfg_file = os.path.join(os.path.dirname(file), "config.json")
+    hf = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+    n_embd = sd["wte.weight"].size(1)
+    sizes = dict(n_layer=hf.get("n_layer", len({k.split(".")[1] for k in sd if k.startswith("h.")})),
+                 n_head=hf.get("n_head", n_embd // 64),  # GPT-2's 64-dim heads when config.json is absent
+                 n_embd=hf.get("n_embd", n_embd), block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
+                 vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
+    return sd, sizes
+
+def load_whisper_encoder_state(path):
+    """An OpenAI Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt / base.pt):
+    returns (encoder state dict in SpeechEncoder's names, dims). Whisper's front end is an 80-bin log-mel of
+    16 kHz audio at 100 frames/s; our data's mel differs (bins interpolated, frame rate 75/s), so treat the
+    loaded encoder as an initialisation to fine-tune, not as Whisper itself."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"whisper_init={path}: no such file")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if "dims" not in ck or "model_state_dict" not in ck:
+        raise ValueError(f"whisper_init={path}: not an OpenAI Whisper checkpoint (needs 'dims' and 'model_state_dict')")
+    sd = {k[len("encoder."):]: v for k, v in ck["model_state_dict"].items() if k.startswith("encoder.")}
+    sd.pop("positional_embedding", None)  # the same sinusoids, recomputed for any length
+    return sd, ck["dims"]
+
+# -----------------------------------------------------------------------------
+# the model
+
+class SALMONN(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.stage not in STAGES:
+            raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
+        self.config = config
+        llm_state = None
+        if config.llm_init:
+            llm_state, sizes = load_llm_state(config.llm_init)
+            if sizes["vocab_size"] != config.vocab_size:
+                raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the data's "
+                                 f"tokenizer vocab_size {config.vocab_size}")
+            config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
+            config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
+        text_only = config.stage == "llm"
+        lora_rank = 0 if text_only else config.lora_rank
+        self.llm = GPT2(config, lora_rank)
+        self.apply(self._init_weights)
+        for name, p in self.llm.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.llm_n_layer))
+        if llm_state is not None:
+            self.load_llm(llm_state, config.llm_init)
+        if not text_only:
+            for name, p in self.llm.named_parameters():
+                p.requires_grad = ".lora_" in name  # the LLM is frozen; LoRA trains
+            whisper_state = None
+            if config.whisper_init:
+                whisper_state, dims = load_whisper_encoder_state(config.whisper_init)
+                config.speech_n_layer, config.speech_n_head = dims["n_audio_layer"], dims["n_audio_head"]
+                config.speech_n_embd, config.speech_n_mels = dims["n_audio_state"], dims["n_mels"]
+            speech_mels = config.speech_n_mels or config.n_mels
+            self.speech = SpeechEncoder(speech_mels, config.speech_n_embd, config.speech_n_head,
+                                        config.speech_n_layer, config.dropout)
+            self.beats = AudioEncoder(config.n_mels, config.beats_n_embd, config.beats_n_head,
+                                      config.beats_n_layer, config.beats_patch_f, config.dropout)
+            self.ln_speech = nn.LayerNorm(config.speech_n_embd)
+            self.ln_audio = nn.LayerNorm(config.beats_n_embd)
+            enc_dim = config.speech_n_embd + config.beats_n_embd
+            self.qformer = WindowQFormer(config, enc_dim)
+            self.proj = nn.Linear(config.qformer_n_embd, config.llm_n_embd)
+            for m in (self.speech, self.beats, self.proj):
+                m.apply(self._init_weights)
+            for block in self.qformer.layers:
+                block.apply(self._init_weights)
+            if whisper_state is not None:
+                missing, unexpected = self.speech.load_state_dict(whisper_state, strict=False)
+                if missing or unexpected:
+                    raise ValueError(f"whisper_init={config.whisper_init}: missing {missing}, unexpected {unexpected}")
+        print(f"salmonn ({config.stage}): {self.get_num_params() / 1e6:.2f}M parameters, "
+              f"{sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def load_llm(self, state, source):
+        """Copy GPT-2-format base weights (our names, nn.Linear layout) into the LLM; every key and shape must match."""
+        own = {k: v for k, v in self.llm.state_dict().items() if ".lora_" not in k and k != "lm_head.weight"}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"llm_init={source}: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())  # lm_head is tied: counted once
+
+    # LoRA scale and merging
+    @property
+    def lora_scale(self):
+        return self.llm.h[0].attn.lora_scale if len(self.llm.h) else 0.0
+
+    @lora_scale.setter
+    def lora_scale(self, scale):
+        merged = self.lora_merged
+        if merged:
+            self.unmerge_lora()
+        for block in self.llm.h:
+            block.attn.lora_scale = float(scale)
+        if merged:
+            self.merge_lora()
+
+    @property
+    def lora_merged(self):
+        return any(block.attn.merged for block in self.llm.h)
+
+    @torch.no_grad()
+    def merge_lora(self):
+        """Fold the LoRA update into c_attn.weight (faster inference; same outputs up to rounding)."""
+        for block in self.llm.h:
+            a = block.attn
+            if a.lora_rank and not a.merged:
+                a.c_attn.weight += a.lora_delta()
+                a.merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self):
+        for block in self.llm.h:
+            a = block.attn
+            if a.lora_rank and a.merged:
+                a.c_attn.weight -= a.lora_delta()
+                a.merged = False
+
+    # audio -> LLM input embeddings
+    def encode_audio(self, mel, mel_lens):
+        """mel (B, T, n_mels), lens (B,) -> audio tokens (B, N, llm_n_embd) and their validity (B, N)."""
+        if mel.size(1) > self.config.max_audio_frames:
+            mel = mel[:, :self.config.max_audio_frames]
+        mel_lens = mel_lens.clamp(max=self.config.max_audio_frames)
+        s, lens2 = self.speech(mel, mel_lens)
+        a = self.beats(mel, mel_lens)
+        x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)  # per frame: speech | audio events
+        q, valid = self.qformer(x, lens2)
+        return self.proj(q), valid
+
+    def embed(self, idx, mel=None, mel_lens=None, audio_mask=None):
+        """Token embeddings with the audio tokens written, in time order, where audio_mask is True."""
+        x = self.llm.wte(idx)
+        if self.config.stage == "llm":
+            return x
+        audio, valid = self.encode_audio(mel, mel_lens)
+        if not torch.equal(audio_mask.sum(1), valid.sum(1)):
+            raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per row, "
+                             f"the clips give {valid.sum(1).tolist()} audio tokens")
+        return x.masked_scatter(audio_mask.unsqueeze(-1), audio[valid].to(x.dtype))
+
+    def forward(self, idx, targets=None, mel=None, mel_lens=None, audio_mask=None):
+        x = self.embed(idx, mel, mel_lens, audio_mask)
+        h, _ = self.llm(x)
+        if targets is None:
+            return self.llm.lm_head(h[:, [-1]]), None
+        logits = self.llm.lm_head(h)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # decoding with a KV cache
+    @torch.no_grad()
+    def generate(self, x, max_new_tokens=200, eot=None, beam=4, temperature=0.0, top_k=0, generator=None):
+        """x: prompt embeddings (1, T, C). Greedy (beam=1, temperature=0), sampling (beam=1, temperature>0,
+        optional top_k) or beam search (beam>1, by total log-probability). Returns the new token ids
+        (without the end token)."""
+        max_new_tokens = min(max_new_tokens, self.llm.block_size - x.size(1))
+        if max_new_tokens <= 0:
+            return []
+        h, past = self.llm(x)
+        logits = self.llm.lm_head(h[:, -1])
+
+        def step(tokens, past):
+            h, past = self.llm(self.llm.wte(tokens[:, None]), past)
+            return self.llm.lm_head(h[:, -1]).float().log_softmax(-1), past
+
+        if beam > 1:
+            reorder = lambda past, i: [(k[i], v[i]) for k, v in past]
+            return beam_search(step, logits.float().log_softmax(-1), past, reorder, beam, max_new_tokens, eot)
+        out = []
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                tok = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)[0, 0]
+            else:
+                tok = logits[0].argmax()
+            if eot is not None and tok.item() == eot:
+                break
+            out.append(tok.item())
+            if len(out) == max_new_tokens:
+                break
+            logits, past = step(tok.view(1), past)
+        return out
+
+def beam_search(step, logp, state, reorder, beam, max_new_tokens, eot):
+    """Beam search by total log-probability (no length normalisation). step(tokens (n,), state) ->
+    (log-probs (n, V), state); reorder(state, index) keeps the rows of the surviving beams; logp (1, V):
+    the first step's log-probs. A hypothesis ends at eot or at max_new_tokens; returns the best, without eot."""
+    V = logp.size(-1)
+    scores = torch.zeros(1, device=logp.device)
+    seqs = [[]]
+    best = (-float("inf"), [])  # best finished hypothesis
+    for t in range(max_new_tokens):
+        cand = (scores[:, None] + logp).view(-1)
+        top = cand.topk(min(2 * beam, cand.numel()))
+        keep_scores, keep_seqs, src = [], [], []
+        for s, i in zip(top.values.tolist(), top.indices.tolist()):
+            b, tok = divmod(i, V)
+            if tok == eot:
+                if s > best[0]:
+                    best = (s, seqs[b])
+            elif t == max_new_tokens - 1:  # out of length: finished too
+                if s > best[0]:
+                    best = (s, seqs[b] + [tok])
+            elif len(keep_seqs) < beam:
+                keep_scores.append(s)
+                keep_seqs.append(seqs[b] + [tok])
+                src.append(b)
+        # log-probs only fall: once the best finished beats every live beam nothing can overtake it
+        if not keep_seqs or best[0] >= max(keep_scores):
+            break
+        index = torch.tensor(src, device=logp.device)
+        scores = torch.tensor(keep_scores, device=logp.device)
+        seqs = keep_seqs
+        state = reorder(state, index)
+        logp, state = step(torch.tensor([s[-1] for s in seqs], device=logp.device), state)
+    return best[1]
+
+Model = SALMONN
+
+# -----------------------------------------------------------------------------
+# data: prompts, tasks and batches
+
+PROMPT_PREFIX = "USER: <Speech>"
+PROMPT_SUFFIX = "</Speech> {instruction}\nASSISTANT:"
+
+# paraphrased instructions per task (QA uses the question itself)
+INSTRUCTIONS = {
+    "transcription": ["Transcribe the audio.", "Recognize the speech and give me the transcription.",
+                      "Write down what is said in this recording.", "What is the message in this audio? Write it out."],
+    "captioning": ["Describe the audio in one sentence.", "Please write a short caption for this audio.",
+                   "What can you hear? Answer briefly.", "Generate an audio caption."],
+    "music": ["Describe this music.", "What is being played in this music clip?",
+              "Listen to the music and describe it.", "Describe the instrument and notes you hear."],
+    "classification": ["What kind of sound is this?", "Classify the sound in this audio.",
+                       "Which sound class does this audio belong to?", "Name the type of sound you hear."],
+    "story": ["Tell me a story about this audio.", "Describe the audio in detail.",
+              "Write a detailed story based on what you hear.", "Listen carefully and describe everything in detail."],
+}
+
+def task_entries(clip):
+    """(task, instruction or None, answer) pairs this clip offers; None: pick a paraphrase at random."""
+    out = []
+    if clip.get("transcript"):
+        out.append(("transcription", None, clip["transcript"]))
+    if clip.get("caption"):
+        out.append(("captioning", None, clip["caption"]))
+        if clip.get("kind") == "music":
+            out.append(("music", None, clip["caption"]))
+    for qa in clip.get("qa") or []:
+        out.append(("qa", qa["q"], qa["a"]))
+    if (clip.get("labels") or {}).get("class"):
+        out.append(("classification", None, clip["labels"]["class"]))
+    if clip.get("description"):
+        out.append(("story", None, clip["description"]))
+    return out
+
+def stage_tasks(config):
+    if config.tasks:
+        tasks = tuple(t.strip() for t in config.tasks.split(",") if t.strip())
+        bad = [t for t in tasks if t not in ALL_TASKS]
+        if bad:
+            raise ValueError(f"tasks={config.tasks!r}: unknown {bad}; known: {ALL_TASKS}")
+        return tasks
+    return STAGE_TASKS[config.stage]
+
+def encode_text(tok, text):
+    return tok.encode(text, allowed_special=set())
+
+def build_prompt(tok, instruction, n_audio):
+    """Token ids of the prompt with 0 at the audio positions, and the audio mask."""
+    pre = encode_text(tok, PROMPT_PREFIX)
+    post = encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction))
+    ids = pre + [0] * n_audio + post
+    mask = [False] * len(pre) + [True] * n_audio + [False] * len(post)
+    return ids, mask
+
+class SALMONNData:
+    """Memmapped mel arrays and clips of both splits, with the task entries (or, for stage "llm", a text stream)."""
+
+    def __init__(self, data_dir, config, tok):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path}: not found (run prepare.py first)")
+        self.meta = json.load(open(meta_path))
+        self.tok, self.config = tok, config
+        self.n_mels = self.meta["n_mels"]
+        self.tasks = stage_tasks(config) if config.stage != "llm" else ()
+        self.splits = {}
+        for split in ("train", "val"):
+            clips_path = os.path.join(data_dir, f"{split}_clips.jsonl")
+            if not os.path.exists(clips_path):
+                raise FileNotFoundError(f"{clips_path}: not found")
+            clips = [json.loads(line) for line in open(clips_path) if line.strip()]
+            mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, self.n_mels)
+            entries = {t: [] for t in ALL_TASKS}
+            for ci, clip in enumerate(clips):
+                for task, instruction, answer in task_entries(clip):
+                    entries[task].append((ci, instruction, answer))
+            self.splits[split] = dict(clips=clips, mel=mel, entries=entries)
+            if config.stage == "llm":
+                self.splits[split]["stream"] = self.text_stream(clips, split)
+        if config.stage != "llm" and not any(self.splits["train"]["entries"][t] for t in self.tasks):
+            raise ValueError(f"{data_dir}: no training clips for the tasks {self.tasks}")
+        self.prompt_cache = {}
+
+    def text_stream(self, clips, split):
+        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt template
+        with the answers (audio left out), each document ended by eot, in a fixed shuffled order."""
+        rng = np.random.default_rng(0 if split == "train" else 1)
+        docs = []
+        for clip in clips:
+            for field in ("caption", "description", "transcript"):
+                if clip.get(field):
+                    docs.append(clip[field])
+            for qa in clip.get("qa") or []:
+                docs.append(f"Q: {qa['q']} A: {qa['a']}")
+            for task, instruction, answer in task_entries(clip):
+                instruction = instruction or INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
+                docs.append(f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)} {answer}")
+        order = rng.permutation(len(docs))
+        ids = []
+        for i in order:
+            ids.extend(encode_text(self.tok, docs[i]))
+            ids.append(self.tok.eot_token)
+        return np.array(ids, dtype=np.int64)
+
+    def prompt(self, instruction, n_audio):
+        key = (instruction, n_audio)
+        if key not in self.prompt_cache:
+            self.prompt_cache[key] = build_prompt(self.tok, instruction, n_audio)
+        return self.prompt_cache[key]
+
+    def clip_mel(self, split, ci):
+        clip = self.splits[split]["clips"][ci]
+        n = min(clip["frames"], self.config.max_audio_frames)
+        return torch.from_numpy(self.splits[split]["mel"][clip["offset"]:clip["offset"] + n].astype(np.float32))
+
+def load_data(data_dir, config, tok):
+    meta = json.load(open(os.path.join(data_dir, "meta.json"))) if os.path.exists(os.path.join(data_dir, "meta.json")) else None
+    if meta is None:
+        raise FileNotFoundError(f"{data_dir}/meta.json: not found (run prepare.py first)")
+    config.vocab_size = meta["tokenizer"]["vocab_size"]
+    config.n_mels = meta["n_mels"]
+    config.frame_rate = float(meta["frame_rate"])
+    return SALMONNData(data_dir, config, tok)
+
+def get_batch(data, split, batch_size, rng):
+    config, S = data.config, data.splits[split]
+    if config.stage == "llm":
+        stream, T = S["stream"], config.llm_block_size
+        if len(stream) <= T + 1:
+            raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than llm_block_size+1={T + 1}")
+        ix = rng.integers(0, len(stream) - T - 1, size=batch_size)
+        x = torch.from_numpy(np.stack([stream[i:i + T] for i in ix]))
+        y = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix]))
+        return {"idx": x, "targets": y}
+    tasks = [t for t in data.tasks if S["entries"][t]]
+    if not tasks:
+        raise ValueError(f"{split} split has no clips for the tasks {data.tasks}")
+    rows, mels = [], []
+    for _ in range(batch_size):
+        task = tasks[rng.integers(len(tasks))]  # tasks balanced, then a clip of that task
+        ci, instruction, answer = S["entries"][task][rng.integers(len(S["entries"][task]))]
+        if instruction is None:
+            instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
+        mel = data.clip_mel(split, ci)
+        ids, mask = data.prompt(instruction, n_audio_tokens(mel.size(0), config))
+        ans = encode_text(data.tok, " " + answer) + [data.tok.eot_token]
+        seq = (ids + ans)[:config.llm_block_size + 1]
+        if len(seq) <= len(ids):
+            raise ValueError(f"prompt of {len(ids)} positions leaves no room for an answer in "
+                             f"llm_block_size={config.llm_block_size}: lower max_audio_frames or raise the block size")
+        rows.append((seq, mask, len(ids)))
+        mels.append(mel)
+    T = max(len(seq) for seq, _, _ in rows) - 1
+    idx = torch.zeros(batch_size, T, dtype=torch.long)
+    targets = torch.full((batch_size, T), -1, dtype=torch.long)
+    audio_mask = torch.zeros(batch_size, T, dtype=torch.bool)
+    for b, (seq, mask, n_prompt) in enumerate(rows):
+        s = torch.tensor(seq)
+        idx[b, :len(seq) - 1] = s[:-1]
+        targets[b, n_prompt - 1:len(seq) - 1] = s[n_prompt:]  # the answer (and its eot) only
+        audio_mask[b, :len(mask)] = torch.tensor(mask)
+    Tm = max(m.size(0) for m in mels)
+    mel = torch.zeros(batch_size, Tm, data.n_mels)
+    for b, m in enumerate(mels):
+        mel[b, :m.size(0)] = m
+    mel_lens = torch.tensor([m.size(0) for m in mels])
+    return {"idx": idx, "targets": targets, "mel": mel, "mel_lens": mel_lens, "audio_mask": audio_mask}
+
+# -----------------------------------------------------------------------------
+# sampling and evaluation
+
+SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None, "seed": None}
+
+def sample(model, tok, audio, prompt, tools=None, **opts):
+    """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction).
+    Options: beam (4; 1 = greedy or sampling), temperature (0 = greedy; > 0 samples, needs beam=1), top_k,
+    max_new_tokens (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities), seed."""
+    unknown = sorted(set(opts) - set(SAMPLE_OPTS))
+    if unknown:
+        raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
+    o = {**SAMPLE_OPTS, **{k: v for k, v in opts.items() if v is not None}}
+    beam, temperature = int(o["beam"]), float(o["temperature"])
+    if beam < 1:
+        raise ValueError(f"beam={beam}: must be >= 1")
+    if temperature > 0 and beam > 1:
+        raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} given)")
+    instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
+    device = next(model.parameters()).device
+    if model.config.stage == "llm":  # text only: continue the prompt template
+        ids = encode_text(tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)}")
+        x = model.llm.wte(torch.tensor([ids], device=device))
+    else:
+        mel = audio["mel"].float()
+        ids, mask = build_prompt(tok, instruction, n_audio_tokens(mel.size(0), model.config))
+        x = model.embed(torch.tensor([ids], device=device), mel[None, :model.config.max_audio_frames].to(device),
+                        torch.tensor([min(mel.size(0), model.config.max_audio_frames)], device=device),
+                        torch.tensor([mask], device=device))
+    generator = None
+    if o["seed"] is not None:
+        generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
+    old_scale = model.lora_scale
+    if o["lora_scale"] is not None:
+        model.lora_scale = float(o["lora_scale"])
+    try:
+        out = model.generate(x, int(o["max_new_tokens"]), tok.eot_token, beam, temperature, int(o["top_k"]), generator)
+    finally:
+        model.lora_scale = old_scale
+    return {"text": tok.decode(out).strip()}
+
+def normalize(text):
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+def edit_distance(ref, hyp):
+    """Levenshtein distance between two word lists (substitutions, deletions, insertions cost 1)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+def word_error_rate(refs, hyps):
+    """Corpus WER: total word edits / total reference words (after lower-casing and dropping punctuation)."""
+    edits = sum(edit_distance(normalize(r), normalize(h)) for r, h in zip(refs, hyps))
+    return edits / max(1, sum(len(normalize(r)) for r in refs))
+
+def bleu4(refs, hyps):
+    """Corpus BLEU-4 (Papineni et al.), one reference per hypothesis, clipped n-gram precisions for n=1..4,
+    geometric mean, brevity penalty exp(1 - r/c) when c < r; no smoothing (0 if some precision is 0)."""
+    match, total = [0] * 4, [0] * 4
+    r_len = c_len = 0
+    for ref, hyp in zip(refs, hyps):
+        r, h = normalize(ref), normalize(hyp)
+        r_len, c_len = r_len + len(r), c_len + len(h)
+        for n in range(1, 5):
+            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+            total[n - 1] += max(0, len(h) - n + 1)
+    if c_len == 0 or min(match) == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
+    bp = 1.0 if c_len >= r_len else math.exp(1 - r_len / c_len)
+    return bp * math.exp(log_p)
+
+def accuracy(refs, hyps):
+    """Exact match after lower-casing and dropping punctuation."""
+    return sum(normalize(r) == normalize(h) for r, h in zip(refs, hyps)) / max(1, len(refs))
+
+EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 50, "temperature": 0.0, "top_k": 0, "seed": None}
+
+def evaluate(model, data, tok, split="val", **opts):
+    """Paper-style metrics on the first max_clips entries of each task of the split (instruction: each task's
+    first paraphrase): wer (transcription), bleu4 (captioning), music_bleu4, qa_acc, cls_acc, story_bleu4 and
+    story_words (mean length of the story answers, the sign of activation). Stage "llm": text perplexity."""
+    unknown = sorted(set(opts) - set(EVAL_OPTS))
+    if unknown:
+        raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
+    o = {**EVAL_OPTS, **{k: v for k, v in opts.items() if v is not None}}
+    S = data.splits[split]
+    device = next(model.parameters()).device
+    if model.config.stage == "llm":
+        stream, T = S["stream"], model.config.llm_block_size
+        losses = []
+        for i in range(0, max(1, len(stream) - T - 1), T)[:o["max_clips"]]:
+            x = torch.from_numpy(stream[i:i + T][None]).to(device)
+            y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
+            losses.append(model(x, y)[1].item())
+        return {"text_ppl": float(math.exp(np.mean(losses)))}
+    sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed")}
+    results = {}
+    for task in ALL_TASKS:
+        entries = S["entries"][task][:o["max_clips"]]
+        if not entries:
+            continue
+        refs, hyps = [], []
+        for ci, instruction, answer in entries:
+            clip = S["clips"][ci]
+            audio = {"mel": data.clip_mel(split, ci)}
+            hyps.append(sample(model, tok, audio, instruction or INSTRUCTIONS[task][0], None, **sample_opts)["text"])
+            refs.append(answer)
+        if task == "transcription":
+            results["wer"] = word_error_rate(refs, hyps)
+        elif task == "captioning":
+            results["bleu4"] = bleu4(refs, hyps)
+        elif task == "music":
+            results["music_bleu4"] = bleu4(refs, hyps)
+        elif task == "qa":
+            results["qa_acc"] = accuracy(refs, hyps)
+        elif task == "classification":
+            results["cls_acc"] = accuracy(refs, hyps)
+        elif task == "story":
+            results["story_bleu4"] = bleu4(refs, hyps)
+            results["story_words"] = float(np.mean([len(normalize(h)) for h in hyps]))
+    return results

@@ -1,0 +1,438 @@
+"""SALMONN: shapes, Q-Former windows, frozen LLM + LoRA, loss masking, checkpoint loading, decoding, metrics,
+and a CPU-sized model that learns to transcribe Morse/DTMF clips."""
+
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import salmonn
+from salmonn import SALMONN, SALMONNConfig, n_audio_tokens
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+def tiny_config(**kw):
+    cfg = dict(vocab_size=61, n_mels=64, speech_n_layer=1, speech_n_head=2, speech_n_embd=32, beats_n_layer=1,
+               beats_n_head=2, beats_n_embd=16, qformer_n_layer=2, qformer_n_head=2, qformer_n_embd=24,
+               window_frames=4, window_queries=2, llm_n_layer=2, llm_n_head=2, llm_n_embd=32, llm_block_size=64,
+               lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    cfg.update(kw)
+    return SALMONNConfig(**cfg)
+
+def random_batch(cfg, lens=(37, 20), T=40, seed=0):
+    """Token ids with each clip's audio slots after 3 prompt tokens, answer targets on the last 5 positions."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    mel = torch.randn(B, max(lens), cfg.n_mels, generator=g)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    audio_mask = torch.zeros(B, T, dtype=torch.bool)
+    targets = torch.full((B, T), -1)
+    for b, n in enumerate(lens):
+        audio_mask[b, 3:3 + n_audio_tokens(n, cfg)] = True
+        targets[b, -5:] = torch.randint(0, cfg.vocab_size, (5,), generator=g)
+    return dict(idx=idx, targets=targets, mel=mel, mel_lens=torch.tensor(lens), audio_mask=audio_mask)
+
+class ByteTokenizer:
+    """A stand-in for the tiktoken encoding: bytes are tokens, 256 is the end token."""
+    eot_token, n_vocab = 256, 257
+
+    def encode(self, text, allowed_special=()):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+# -----------------------------------------------------------------------------
+# shapes and the Q-Former
+
+def test_shapes_through_every_part():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    m = SALMONN(cfg)
+    batch = random_batch(cfg)
+    mel, lens = batch["mel"], batch["mel_lens"]
+    s, lens2 = m.speech(mel, lens)
+    assert s.shape == (2, 19, 32) and lens2.tolist() == [19, 10]  # stride 2: ceil(T / 2)
+    a = m.beats(mel, lens)
+    assert a.shape == (2, 19, 16)  # patches pooled per time step: aligned with the speech stream
+    q, valid = m.qformer(torch.cat([m.ln_speech(s), m.ln_audio(a)], -1), lens2)
+    assert q.shape == (2, 5 * 2, 24)  # ceil(19 / 4) windows x 2 queries
+    assert valid.sum(1).tolist() == [n_audio_tokens(37, cfg), n_audio_tokens(20, cfg)] == [10, 6]
+    audio, valid2 = m.encode_audio(mel, lens)
+    assert audio.shape == (2, 10, 32) and torch.equal(valid, valid2)
+    logits, loss = m(**batch)
+    assert logits.shape == (2, 40, 61) and loss.ndim == 0 and torch.isfinite(loss)
+    assert abs(loss.item() - math.log(61)) < 0.5  # near uniform at init
+    logits, loss = m(batch["idx"], None, mel, lens, batch["audio_mask"])
+    assert logits.shape == (2, 1, 61) and loss is None
+    # padding changes nothing: the short clip alone gives the same audio tokens
+    alone, _ = m.encode_audio(mel[1:, :20], lens[1:])
+    assert torch.allclose(alone[0], audio[1, :6], atol=1e-5)
+
+def test_qformer_windows_in_time_order_and_local():
+    torch.manual_seed(0)
+    cfg = tiny_config(window_frames=4, window_queries=2)
+    qf = salmonn.WindowQFormer(cfg, enc_dim=20).eval()
+    T = 14  # windows [0,4) [4,8) [8,12) [12,14)
+    x = torch.randn(1, T, 20)
+    base, valid = qf(x, torch.tensor([T]))
+    assert base.shape == (1, 8, 24) and valid.all()
+    for w in range(4):
+        x2 = x.clone()
+        x2[0, 4 * w:min(4 * w + 4, T)] += torch.randn(min(4, T - 4 * w), 20)
+        out, _ = qf(x2, torch.tensor([T]))
+        changed = (out - base).abs().amax(-1)[0] > 1e-6
+        assert changed.tolist() == [i // 2 == w for i in range(8)], w  # only window w's two queries, at slots 2w, 2w+1
+    # frames past the clip's length are never seen; fully padded windows are marked invalid
+    x3 = x.clone()
+    x3[0, 6:] = 100.0
+    out, valid = qf(x3, torch.tensor([6]))
+    ref, _ = qf(x[:, :6], torch.tensor([6]))
+    assert valid.tolist() == [[True] * 4 + [False] * 4]
+    assert torch.allclose(out[:, :4], ref, atol=1e-6)
+
+# -----------------------------------------------------------------------------
+# frozen LLM, LoRA
+
+def test_only_adapter_and_encoder_params_change():
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config(lora_dropout=0.1, dropout=0.1))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("speech.", "beats.", "ln_speech.", "ln_audio.", "qformer.", "proj.")) or ".lora_" in n
+               for n in trainable)
+    assert {n for n in trainable if n.startswith("llm.")} == {f"llm.h.{i}.attn.lora_{w}_{ab}" for i in range(2)
+                                                              for w in "qv" for ab in "AB"}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    # train.py's optimizer: AdamW over requires_grad params, decay on dim >= 2
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
+    m.train()
+    for _ in range(2):
+        _, loss = m(**random_batch(m.config))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in m.named_parameters():
+        if n.startswith("llm.") and ".lora_" not in n:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+            assert p.grad is None
+    for prefix in ("speech.", "beats.", "qformer.", "proj.", "llm.h.0.attn.lora_q_B", "llm.h.1.attn.lora_v_B"):
+        assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith(prefix)), prefix
+
+def test_merged_lora_equals_unmerged_and_scale():
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config()).eval()
+    for block in m.llm.h:  # B starts at zero; give LoRA something to do
+        torch.nn.init.normal_(block.attn.lora_q_B, std=0.5)
+        torch.nn.init.normal_(block.attn.lora_v_B, std=0.5)
+    batch = random_batch(m.config)
+    w0 = m.llm.h[0].attn.c_attn.weight.clone()
+    with torch.no_grad():
+        ref, _ = m(**batch)
+        m.merge_lora()
+        assert m.lora_merged and not torch.equal(m.llm.h[0].attn.c_attn.weight, w0)
+        merged, _ = m(**batch)
+        assert torch.allclose(merged, ref, atol=1e-5)
+        m.lora_scale = 1.0  # changing the scale while merged re-merges with the new scale
+        merged_1, _ = m(**batch)
+        m.unmerge_lora()
+        unmerged_1, _ = m(**batch)
+        assert torch.allclose(merged_1, unmerged_1, atol=1e-5) and not torch.allclose(unmerged_1, ref, atol=1e-3)
+        assert torch.allclose(m.llm.h[0].attn.c_attn.weight, w0, atol=1e-6)
+        m.lora_scale = 0.0  # no LoRA at all: the base model
+        base, _ = m(**batch)
+        for block in m.llm.h:
+            block.attn.lora_rank = 0
+        plain, _ = m(**batch)
+        assert torch.allclose(base, plain, atol=1e-6)
+
+# -----------------------------------------------------------------------------
+# data: loss on the answer only
+
+def write_tiny_data(path, clips, n_mels=64, seed=0):
+    """A hand-made prepared-data directory (meta.json, mel, clips) in the data contract's format."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    meta = {"sample_rate": 24000, "frame_rate": 75, "hop_length": 320, "n_mels": n_mels, "n_q": 8,
+            "tokenizer": {"name": "bytes", "vocab_size": 257, "eot_token": 256}}
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    for split in ("train", "val"):
+        off, rows = 0, []
+        for c in clips:
+            rows.append({**c, "offset": off})
+            off += c["frames"]
+        rng.standard_normal((off, n_mels)).astype(np.float16).tofile(os.path.join(path, f"{split}_mel.bin"))
+        with open(os.path.join(path, f"{split}_clips.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+CLIPS = [
+    {"id": "a", "frames": 30, "kind": "morse", "transcript": "sos", "caption": "morse code spelling sos.",
+     "description": "A tone taps out sos.", "labels": {"class": "morse code"}, "qa": [{"q": "what word?", "a": "sos"}]},
+    {"id": "b", "frames": 55, "kind": "music", "transcript": None, "caption": "a piano plays c4.",
+     "description": None, "labels": {"class": "piano"}, "qa": []},
+]
+
+def test_no_loss_on_prompt_or_audio(tmp_path):
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path, CLIPS)
+    cfg = tiny_config(stage="instruct", llm_block_size=160)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    assert cfg.vocab_size == 257
+    batch = salmonn.get_batch(data, "train", 16, np.random.default_rng(0))
+    seen = set()
+    for b in range(16):
+        idx, tg, am = batch["idx"][b], batch["targets"][b], batch["audio_mask"][b]
+        n = n_audio_tokens(int(batch["mel_lens"][b]), cfg)
+        assert am.sum() == n and batch["mel_lens"][b] in (30, 55)
+        assert (tg[am] == -1).all()
+        first = int((tg != -1).nonzero()[0])  # the target of position `first` is the answer's first token
+        prompt = tok.decode(idx[:first + 1][~am[:first + 1]].tolist())
+        assert prompt.startswith("USER: <Speech></Speech> ") and prompt.endswith("\nASSISTANT:")
+        assert (tg[:first] == -1).all() and not am[first:].any()
+        answer = tg[tg != -1].tolist()
+        assert answer[-1] == tok.eot_token and answer[0] == ord(" ")
+        seen.add(tok.decode(answer[:-1]).strip())
+        assert torch.equal(idx[first + 1:first + len(answer)], tg[first:first + len(answer) - 1])
+    m = SALMONN(cfg)
+    _, loss = m(**batch)
+    logits, _ = m(**batch)
+    ref = F.cross_entropy(logits[batch["targets"] != -1], batch["targets"][batch["targets"] != -1])
+    assert torch.allclose(loss, ref)
+    assert seen <= {"sos", "morse code spelling sos.", "a piano plays c4.", "morse code", "piano"}
+    assert len(seen) >= 3
+
+# -----------------------------------------------------------------------------
+# checkpoint loading
+
+def hf_gpt2_state(n_layer=2, n_embd=32, n_pos=64, vocab=61, prefix="", seed=0):
+    """Random weights with Hugging Face GPT-2's names and Conv1D (in, out) layout, plus its mask buffers."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1
+    sd = {"wte.weight": r(vocab, n_embd), "wpe.weight": r(n_pos, n_embd), "ln_f.weight": 1 + r(n_embd), "ln_f.bias": r(n_embd)}
+    for i in range(n_layer):
+        h = f"h.{i}."
+        sd.update({h + "ln_1.weight": 1 + r(n_embd), h + "ln_1.bias": r(n_embd), h + "ln_2.weight": 1 + r(n_embd),
+                   h + "ln_2.bias": r(n_embd), h + "attn.c_attn.weight": r(n_embd, 3 * n_embd),
+                   h + "attn.c_attn.bias": r(3 * n_embd), h + "attn.c_proj.weight": r(n_embd, n_embd),
+                   h + "attn.c_proj.bias": r(n_embd), h + "mlp.c_fc.weight": r(n_embd, 4 * n_embd),
+                   h + "mlp.c_fc.bias": r(4 * n_embd), h + "mlp.c_proj.weight": r(4 * n_embd, n_embd),
+                   h + "mlp.c_proj.bias": r(n_embd), h + "attn.bias": torch.tril(torch.ones(1, 1, n_pos, n_pos)),
+                   h + "attn.masked_bias": torch.tensor(-1e4)})
+    return {prefix + k: v for k, v in sd.items()}
+
+def gpt2_reference(sd, ids, n_head):
+    """GPT-2 forward written directly on the HF weights (Conv1D: x @ W + b): the independent reference."""
+    x = sd["wte.weight"][ids] + sd["wpe.weight"][: ids.size(1)]
+    T, C = ids.size(1), x.size(-1)
+    ln = lambda x, p: F.layer_norm(x, (C,), sd[p + ".weight"], sd[p + ".bias"])
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    i = 0
+    while f"h.{i}.ln_1.weight" in sd:
+        h = f"h.{i}."
+        q, k, v = (ln(x, h + "ln_1") @ sd[h + "attn.c_attn.weight"] + sd[h + "attn.c_attn.bias"]).split(C, -1)
+        heads = lambda t: t.view(1, T, n_head, C // n_head).transpose(1, 2)
+        att = (heads(q) @ heads(k).transpose(-1, -2)) / math.sqrt(C // n_head)
+        y = att.masked_fill(~mask, -float("inf")).softmax(-1) @ heads(v)
+        x = x + y.transpose(1, 2).reshape(1, T, C) @ sd[h + "attn.c_proj.weight"] + sd[h + "attn.c_proj.bias"]
+        m = F.gelu(ln(x, h + "ln_2") @ sd[h + "mlp.c_fc.weight"] + sd[h + "mlp.c_fc.bias"], approximate="tanh")
+        x = x + m @ sd[h + "mlp.c_proj.weight"] + sd[h + "mlp.c_proj.bias"]
+        i += 1
+    return ln(x, "ln_f") @ sd["wte.weight"].t()
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_gpt2_checkpoint_loading(tmp_path, fmt):
+    from safetensors.torch import save_file
+    sd = hf_gpt2_state()
+    json.dump({"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64, "vocab_size": 61},
+              open(tmp_path / "config.json", "w"))
+    if fmt == "safetensors":  # as GPT2Model saves it: no prefix
+        save_file({k: v.contiguous() for k, v in sd.items() if not k.endswith(".attn.bias")}, str(tmp_path / "model.safetensors"))
+    else:  # as GPT2LMHeadModel saves it: "transformer." prefix, lm_head tied
+        full = {"transformer." + k: v for k, v in sd.items()}
+        full["lm_head.weight"] = sd["wte.weight"]
+        torch.save(full, tmp_path / "pytorch_model.bin")
+    # sizes in the config differ on purpose: the checkpoint's replace them
+    cfg = tiny_config(llm_init=str(tmp_path), llm_n_layer=1, llm_n_head=2, llm_n_embd=16, llm_block_size=8)
+    m = SALMONN(cfg).eval()
+    assert (cfg.llm_n_layer, cfg.llm_n_head, cfg.llm_n_embd, cfg.llm_block_size) == (2, 4, 32, 64)
+    ours = m.llm.state_dict()
+    mapped = 0
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        want = v.t() if k.endswith(salmonn.CONV1D_SUFFIXES) else v
+        assert ours[k].shape == want.shape and torch.equal(ours[k], want), k
+        mapped += 1
+    assert mapped == len([k for k in ours if ".lora_" not in k and k != "lm_head.weight"])
+    ids = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():
+        h, _ = m.llm(m.llm.wte(ids))
+        assert torch.allclose(m.llm.lm_head(h), gpt2_reference(sd, ids, n_head=4), atol=1e-5)
+    # a vocabulary that does not match the data's tokenizer is refused with a clear error
+    with pytest.raises(ValueError, match="vocab_size"):
+        SALMONN(tiny_config(llm_init=str(tmp_path), vocab_size=100))
+
+def test_llm_checkpoint_from_text_pretraining(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="llm", llm_dropout=0.1)
+    lm = SALMONN(cfg)
+    assert all(p.requires_grad for p in lm.parameters()) and set(dict(lm.named_children())) == {"llm"}
+    from dataclasses import asdict
+    ck = {"model": lm.state_dict(), "model_name": "salmonn", "model_args": asdict(cfg), "iter_num": 1, "best_val_loss": 1.0}
+    torch.save(ck, tmp_path / "ckpt.pt")
+    m = SALMONN(tiny_config(llm_init=str(tmp_path / "ckpt.pt"), llm_n_embd=16))
+    for k, v in lm.llm.state_dict().items():
+        assert torch.equal(m.llm.state_dict()[k], v), k
+    assert not any(p.requires_grad for n, p in m.llm.named_parameters() if ".lora_" not in n)
+
+def test_whisper_checkpoint_loading(tmp_path):
+    """A checkpoint in OpenAI Whisper's format ("dims", "model_state_dict" with encoder.* names)."""
+    torch.manual_seed(0)
+    dims = {"n_mels": 80, "n_audio_ctx": 50, "n_audio_state": 32, "n_audio_head": 4, "n_audio_layer": 2,
+            "n_vocab": 100, "n_text_ctx": 16, "n_text_state": 32, "n_text_head": 4, "n_text_layer": 1}
+    C = 32
+    sd = {"encoder.conv1.weight": torch.randn(C, 80, 3) * 0.1, "encoder.conv1.bias": torch.randn(C) * 0.1,
+          "encoder.conv2.weight": torch.randn(C, C, 3) * 0.1, "encoder.conv2.bias": torch.randn(C) * 0.1,
+          "encoder.positional_embedding": salmonn.sinusoids(50, C), "encoder.ln_post.weight": torch.rand(C) + 0.5,
+          "encoder.ln_post.bias": torch.randn(C) * 0.1, "decoder.token_embedding.weight": torch.randn(100, C)}
+    for i in range(2):
+        b = f"encoder.blocks.{i}."
+        for n in ("query", "key", "value", "out"):
+            sd[b + f"attn.{n}.weight"] = torch.randn(C, C) * 0.1
+            if n != "key":
+                sd[b + f"attn.{n}.bias"] = torch.randn(C) * 0.1
+        sd.update({b + "attn_ln.weight": torch.rand(C) + 0.5, b + "attn_ln.bias": torch.randn(C) * 0.1,
+                   b + "mlp.0.weight": torch.randn(4 * C, C) * 0.1, b + "mlp.0.bias": torch.randn(4 * C) * 0.1,
+                   b + "mlp.2.weight": torch.randn(C, 4 * C) * 0.1, b + "mlp.2.bias": torch.randn(C) * 0.1,
+                   b + "mlp_ln.weight": torch.rand(C) + 0.5, b + "mlp_ln.bias": torch.randn(C) * 0.1})
+    torch.save({"dims": dims, "model_state_dict": sd}, tmp_path / "tiny.pt")
+    m = SALMONN(tiny_config(whisper_init=str(tmp_path / "tiny.pt"))).eval()
+    assert m.speech.conv1.weight.shape == (32, 80, 3) and len(m.speech.blocks) == 2
+    ours = m.speech.state_dict()
+    assert set(ours) == {k[len("encoder."):] for k in sd if k.startswith("encoder.")} - {"positional_embedding"}
+    for k, v in ours.items():
+        assert torch.equal(v, sd["encoder." + k]), k
+    # Whisper's encoder written out on its own weights (80-bin input, 20 frames -> 10)
+    mel = torch.randn(1, 20, 80)
+    w = lambda k: sd["encoder." + k]
+    x = F.gelu(F.conv1d(mel.transpose(1, 2), w("conv1.weight"), w("conv1.bias"), padding=1))
+    x = F.gelu(F.conv1d(x, w("conv2.weight"), w("conv2.bias"), stride=2, padding=1)).transpose(1, 2)
+    x = x + w("positional_embedding")[:10]
+    for i in range(2):
+        b = f"blocks.{i}."
+        h = F.layer_norm(x, (C,), w(b + "attn_ln.weight"), w(b + "attn_ln.bias"))
+        q = (h @ w(b + "attn.query.weight").t() + w(b + "attn.query.bias")).view(1, 10, 4, 8).transpose(1, 2)
+        k = (h @ w(b + "attn.key.weight").t()).view(1, 10, 4, 8).transpose(1, 2)
+        v = (h @ w(b + "attn.value.weight").t() + w(b + "attn.value.bias")).view(1, 10, 4, 8).transpose(1, 2)
+        y = ((q * 8 ** -0.25) @ (k * 8 ** -0.25).transpose(-1, -2)).softmax(-1) @ v
+        x = x + y.transpose(1, 2).reshape(1, 10, C) @ w(b + "attn.out.weight").t() + w(b + "attn.out.bias")
+        h = F.layer_norm(x, (C,), w(b + "mlp_ln.weight"), w(b + "mlp_ln.bias"))
+        x = x + F.gelu(h @ w(b + "mlp.0.weight").t() + w(b + "mlp.0.bias")) @ w(b + "mlp.2.weight").t() + w(b + "mlp.2.bias")
+    ref = F.layer_norm(x, (C,), w("ln_post.weight"), w("ln_post.bias"))
+    with torch.no_grad():
+        out, _ = m.speech(mel, torch.tensor([20]))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+# -----------------------------------------------------------------------------
+# decoding
+
+def test_beam_search_finds_the_best_sequence_on_a_hand_built_model():
+    # a Markov model over {0: end, 1: A, 2: B}: greedy takes A (0.6) then must end (total 0.6 * 0.4 = 0.24
+    # at best); B (0.4) then end (0.9) = 0.36 is the most probable sequence
+    P0 = torch.tensor([0.0, 0.6, 0.4])
+    P = {1: torch.tensor([0.4, 0.3, 0.3]), 2: torch.tensor([0.9, 0.05, 0.05])}
+    step = lambda toks, state: (torch.stack([P[int(t)] for t in toks]).log(), state)
+    reorder = lambda state, i: state
+    greedy = salmonn.beam_search(step, P0.log()[None], None, reorder, beam=1, max_new_tokens=5, eot=0)
+    assert greedy == [1]
+    assert salmonn.beam_search(step, P0.log()[None], None, reorder, beam=2, max_new_tokens=5, eot=0) == [2]
+
+def all_logprobs(m, x, vocab, eot, max_new):
+    """Log-probability of every possible answer (ending at eot or at max_new tokens), from one full forward
+    pass over all vocab ** max_new continuations (no cache)."""
+    seqs = torch.tensor(list(itertools.product(range(vocab), repeat=max_new)))
+    h, _ = m.llm(torch.cat([x.expand(len(seqs), -1, -1), m.llm.wte(seqs[:, :-1])], 1))
+    lp = m.llm.lm_head(h[:, x.size(1) - 1:]).log_softmax(-1).gather(2, seqs[..., None])[..., 0].cumsum(1)
+    best = {}
+    for seq, cum in zip(seqs.tolist(), lp.tolist()):
+        n = seq.index(eot) + 1 if eot in seq else max_new
+        best[tuple(seq[:n - 1] if seq[n - 1] == eot else seq[:n])] = cum[n - 1]
+    return best
+
+def test_beam_search_with_kv_cache_is_exact_and_beam_1_is_greedy():
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=4)
+    m = SALMONN(cfg).eval()
+    with torch.no_grad():  # a peaky output distribution so that sequences differ clearly
+        m.llm.wte.weight.mul_(40)
+        batch = random_batch(cfg, lens=(37,), T=15)
+        x = m.embed(batch["idx"], batch["mel"], batch["mel_lens"], batch["audio_mask"])
+        scores = all_logprobs(m, x, vocab=4, eot=0, max_new=3)
+        best = max(scores, key=scores.get)
+        # beam 9 >= 3^2 prefixes keeps every hypothesis: exact
+        assert tuple(m.generate(x, 3, eot=0, beam=9)) == best
+        assert scores[tuple(m.generate(x, 3, eot=0, beam=2))] <= scores[best]
+        # greedy by hand, with full forward passes
+        seq = []
+        for _ in range(3):
+            h, _ = m.llm(torch.cat([x, m.llm.wte(torch.tensor([seq], dtype=torch.long))], 1) if seq else x)
+            t = int(m.llm.lm_head(h[:, -1]).argmax())
+            if t == 0:
+                break
+            seq.append(t)
+        assert m.generate(x, 3, eot=0, beam=1) == seq
+        # beam_search itself with beam 1 is greedy too
+        h, past = m.llm(x)
+        step = lambda toks, past: (lambda hp: (m.llm.lm_head(hp[0][:, -1]).log_softmax(-1), hp[1]))(m.llm(m.llm.wte(toks[:, None]), past))
+        reorder = lambda past, i: [(k[i], v[i]) for k, v in past]
+        assert salmonn.beam_search(step, m.llm.lm_head(h[:, -1]).log_softmax(-1), past, reorder, 1, 3, 0) == seq
+
+def test_sample_options():
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
+    audio = {"mel": torch.randn(50, 64), "codes": torch.zeros(50, 8, dtype=torch.long)}
+    with torch.no_grad():
+        greedy = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, max_new_tokens=8)["text"]
+        a = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5, seed=3, max_new_tokens=8)
+        b = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5, seed=3, max_new_tokens=8)
+        assert a == b and isinstance(greedy, str)
+        salmonn.sample(m, tok, audio, None, None, max_new_tokens=4, lora_scale=2.0)
+    assert m.lora_scale == 2.0 and not m.lora_merged  # 8 / 4: restored after sampling
+    with pytest.raises(ValueError, match="unknown options"):
+        salmonn.sample(m, tok, audio, None, None, beams=2)
+    with pytest.raises(ValueError, match="beam=1"):
+        salmonn.sample(m, tok, audio, None, None, temperature=0.7)
+
+# -----------------------------------------------------------------------------
+# metrics, hand-worked
+
+def test_word_error_rate():
+    assert salmonn.edit_distance("a b c d".split(), "a x c".split()) == 2  # one substitution, one deletion
+    assert salmonn.word_error_rate(["a b c d"], ["a x c"]) == 0.5
+    assert salmonn.word_error_rate(["a b"], ["a b c d"]) == 1.0  # two insertions over two words
+    assert salmonn.word_error_rate(["Hello, World!"], ["hello world"]) == 0.0  # case and punctuation ignored
+    # corpus WER pools edits and words: (2 + 0) / (4 + 2)
+    assert salmonn.word_error_rate(["a b c d", "e f"], ["a x c", "e f"]) == pytest.approx(2 / 6)
+    assert salmonn.edit_distance([], ["x", "y"]) == 2 and salmonn.edit_distance(["x"], []) == 1
+
+def test_bleu4():
+    assert salmonn.bleu4(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    # p1..p4 = 4/5, 3/4, 2/3, 1/2, same length: (0.2) ** (1/4)
+    assert salmonn.bleu4(["a b c d f"], ["a b c d e"]) == pytest.approx(0.2 ** 0.25)
+    # all precisions 1, hypothesis 4 words against 6: brevity penalty exp(1 - 6/4)
+    assert salmonn.bleu4(["a b c d e f"], ["a b c d"]) == pytest.approx(math.exp(-0.5))
+    # clipping: "the" counts at most twice; no 4-gram matches -> 0 (no smoothing)
+    assert salmonn.bleu4(["the cat is on the mat"], ["the cat sat on the mat"]) == 0.0
+    # corpus level: counts pooled over sentences. p1 = 9/10, p2 = 6/8, p3 = 3/6, p4 = 2/4
+    got = salmonn.bleu4(["a b c d e", "v w x y z"], ["a b c d e", "v w q y z"])
+    assert got == pytest.approx((9 / 10 * 6 / 8 * 3 / 6 * 2 / 4) ** 0.25)
+
+def test_accuracy():
+    assert salmonn.accuracy(["Piano", "two", "siren"], ["piano.", "three", "a siren"]) == pytest.approx(1 / 3)
