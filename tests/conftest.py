@@ -1,0 +1,28 @@
+"""Shared test set-up: the repo root on sys.path, and a small prepared corpus (`synth_dir`) for every test file."""
+import os
+import sys
+import hashlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# A small built-in corpus: ~160 clips of up to 2 s (~4 minutes of audio), codec fitted on a sample.
+SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=4096", "--kmeans_iters=8", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(request, tmp_path_factory):
+    """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl, tokenizer, codec).
+    Built once and kept in pytest's cache dir, keyed by prepare.py's content, so the test files share it;
+    NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
+    import prepare
+    if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1":
+        out = tmp_path_factory.mktemp("synth")
+    else:
+        key = hashlib.md5((ROOT / "prepare.py").read_bytes() + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
+        out = Path(request.config.cache.mkdir(f"synth-{key}"))
+    prepare.main(SYNTH_ARGS + [f"--out_dir={out}"])  # returns at once if already complete there
+    return str(out)
