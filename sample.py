@@ -1,0 +1,182 @@
+"""
+Sample from a trained model of this repository, whatever its model file.
+
+    python sample.py --out_dir=out/whisper-gpt-quick --clip=3 --max_new_tokens=150 --temperature=0.9 --top_k=50
+    python sample.py --out_dir=out/whisper-gpt-quick --audio=my.wav --out=continuation.wav
+    python sample.py --out_dir=out/salmonn --clip=0 --prompt="Describe the audio."
+
+The settings below belong to sample.py; every other --key=value is passed untouched to the model
+file's sample() (temperature, top_k, max_new_tokens, beam, lora_scale, ...), which rejects keys it
+does not know. A result {"codes": ...} is decoded with the data's EnCodec and written as a wav;
+a result {"text": ...} is printed.
+"""
+
+import ast
+import importlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+out_dir = "out"      # where train.py wrote ckpt.pt
+ckpt = ""            # checkpoint path; default out_dir/ckpt.pt
+data_dir = ""        # default: the data_dir the checkpoint was trained on
+clip = 0             # input: clip number in {split}_clips.jsonl (when audio is not given)
+split = "val"
+audio = ""           # input: an audio file instead (wav, flac, ...; resampled to 24 kHz)
+prompt = ""          # text prompt (for the text-output models)
+out = ""             # output wav for audio results; default out_dir/sample.wav
+seed = 1337
+device = "auto"      # auto | cpu | cuda | ...
+dtype = "auto"       # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
+# -----------------------------------------------------------------------------
+
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+
+def fail(msg):
+    print(f"sample.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+def parse_args(argv):
+    """--key=value: sample.py's own settings (type-checked) and the model's options (passed through)."""
+    settings, opts = dict(SETTINGS), {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            fail(f"{arg}: expected --key=value")
+        key, raw = arg[2:].split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        if key in settings:
+            expected = type(settings[key])
+            if expected is str:
+                value = raw
+            elif expected is float and type(value) is int:
+                value = float(value)
+            elif type(value) is not expected:
+                fail(f"--{key}={raw}: {key} must be {expected.__name__}")
+            settings[key] = value
+        else:
+            opts[key] = value
+    return settings, opts
+
+class Tools:
+    """What a model's sample() may use from the data pipeline: the data's codec and mel function.
+    The codec loads on first use."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        self._codec = None
+        self.load_seconds = 0.0  # kept out of the tokens/s figure
+
+    def codec(self):
+        if self._codec is None:
+            import prepare
+            t0 = time.time()
+            self._codec = prepare.load_codec(self.data_dir)
+            self.load_seconds += time.time() - t0
+        return self._codec
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
+        (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
+        codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
+        return self.codec().decode([(codes, None)])[0, 0].float()
+
+    def mel(self, wav):
+        """wav (n,) at 24 kHz -> log-mel (ceil(n / hop), n_mels), as stored in {split}_mel.bin."""
+        import prepare
+        return prepare.log_mel(wav)
+
+def read_clip(data_dir, split, index):
+    """Codes and mel of clip `index` of a split, from the prepared arrays."""
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    path = os.path.join(data_dir, f"{split}_clips.jsonl")
+    if not os.path.isfile(path):
+        fail(f"--split={split}: {path} not found")
+    with open(path) as f:
+        clips = [json.loads(line) for line in f if line.strip()]
+    if not 0 <= index < len(clips):
+        fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
+    c = clips[index]
+    codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
+    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+    s, n = c["offset"], c["frames"]
+    return {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)),
+            "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}, c
+
+def write_wav(path, wav, sample_rate):
+    import soundfile as sf
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV", subtype="PCM_16")
+    os.replace(tmp, path)  # atomic
+
+if __name__ == "__main__":
+    S, opts = parse_args(sys.argv[1:])
+    globals().update(S)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype={dtype}: expected auto, float32, bfloat16 or float16")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch.manual_seed(seed)
+
+    # the model, rebuilt from the checkpoint with the model file named in it
+    ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / --ckpt)")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    M = importlib.import_module(checkpoint["model_name"])
+    model = M.Model(M.Config(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    model.eval().to(device)
+    data_dir = data_dir or checkpoint["config"]["data_dir"]
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        fail(f"data_dir {data_dir}: no meta.json (the data the model was trained on; set --data_dir)")
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data {data_dir}")
+    del checkpoint
+
+    import prepare
+    tok = prepare.load_tokenizer(data_dir)
+    tools = Tools(data_dir)
+    if audio:
+        if not os.path.isfile(audio):
+            fail(f"--audio={audio}: file not found")
+        wav = prepare.load_audio(audio)
+        codes, mel = prepare.features(wav, tools.codec())
+        inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
+        print(f"input: {audio}, {len(wav) / meta['sample_rate']:.2f} s")
+    else:
+        inp, info = read_clip(data_dir, split, clip)
+        print(f"input: {split} clip {clip} ({info['id']}, {info['kind']}, {info['duration']:.2f} s)"
+              + (f": {info['caption']}" if info.get("caption") else ""))
+
+    ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else torch.no_grad()
+    t0 = time.time()
+    with torch.no_grad(), ctx:
+        result = M.sample(model, tok, inp, prompt or None, tools, **opts)
+    dt = time.time() - t0 - tools.load_seconds
+    if "codes" in result:
+        codes = result["codes"]
+        n = codes.shape[0]
+        print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: {n / dt:.1f} tokens/s")
+        wav = tools.decode(codes)
+        path = out or os.path.join(out_dir, "sample.wav")
+        write_wav(path, wav.numpy(), meta["sample_rate"])
+        print(f"wrote {path} ({len(wav) / meta['sample_rate']:.2f} s, {codes.shape[1]} codebook(s) decoded)")
+    else:
+        print(result["text"])
+        print(f"({dt:.2f} s)")

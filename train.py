@@ -1,0 +1,394 @@
+"""
+Training script for every model of this repository (whisper_gpt, salmonn, pengi), nanoGPT style.
+
+    python train.py config/whisper_gpt_quick.py --max_iters=100 --batch_size=8
+    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py   # DDP, one process per GPU
+
+Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
+training setting below or a field of the model's Config dataclass; anything else is an error.
+train.py knows nothing about the models beyond the small interface every model file implements:
+Config, Model, load_data, get_batch (see README, "The model interface").
+"""
+
+import ast
+import difflib
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# default settings
+# I/O
+out_dir = "out"
+model = "whisper_gpt"         # the model file: whisper_gpt | salmonn | pengi
+data_dir = "data/synth"       # what prepare.py wrote
+init_from = "scratch"         # scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt (its weights, fresh optimizer)
+eval_interval = 200
+log_interval = 10
+eval_iters = 20               # batches per split for the train/val loss estimate
+eval_only = False             # evaluate once and exit
+always_save_checkpoint = True # False: save only when the val loss improves
+# logging
+wandb_log = False
+wandb_project = "nano-audio-llm"
+wandb_run_name = "run"
+# data
+batch_size = 16               # per process and micro-step
+gradient_accumulation_steps = 1  # in total, over all processes
+# AdamW
+learning_rate = 1e-3
+max_iters = 2000
+weight_decay = 0.1            # on parameters with dim >= 2 only
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0               # 0 = off
+# learning rate: linear warmup, then cosine down to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 0            # 0 = max_iters
+min_lr = 1e-4
+# system
+device = "auto"               # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"                # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
+compile = False               # torch.compile the model
+backend = "auto"              # DDP backend: auto = nccl on CUDA, gloo on CPU
+ddp_find_unused_parameters = False
+seed = 1337
+peak_flops = 0.0              # per GPU, for MFU; 0 = known GPUs (A100, H100, H200) at bf16
+# -----------------------------------------------------------------------------
+
+TRAIN_KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
+
+def fail(msg):
+    print(f"train.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+def check_type(key, value, expected, where):
+    """value for a setting of type expected; int is accepted for float."""
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        fail(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+def parse_cli_value(key, raw, expected):
+    where = f"--{key}={raw}"
+    if expected is bool:
+        if raw.lower() in ("true", "1"):
+            return True
+        if raw.lower() in ("false", "0"):
+            return False
+        fail(f"{where}: {key} must be True or False")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if expected is str and not isinstance(value, str):
+        value = raw  # --wandb_run_name=123 is the string "123"
+    if expected in (int, float) and isinstance(value, str):
+        fail(f"{where}: {key} must be {expected.__name__}, got {raw!r}")
+    return check_type(key, value, expected, where)
+
+def load_settings(argv):
+    """defaults <- config files <- --key=value. Returns (settings dict, model module, model keys)."""
+    settings, sources = dict(TRAIN_KEYS), {}
+    overrides = []
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                fail(f"{arg}: expected --key=value")
+            key, raw = arg[2:].split("=", 1)
+            overrides.append((key, raw))
+        else:
+            if not os.path.isfile(arg):
+                fail(f"config file {arg} not found")
+            ns = {}
+            try:
+                exec(open(arg).read(), {}, ns)  # (the name compile is a setting here)
+            except Exception as e:
+                fail(f"config file {arg} does not run: {type(e).__name__}: {e}")
+            for key, value in ns.items():
+                if key.startswith("_") or type(value).__name__ == "module":
+                    continue
+                if type(value) not in (int, float, bool, str):
+                    fail(f"{arg}: {key} = {value!r}: settings must be int, float, bool or str")
+                settings[key], sources[key] = value, arg
+    for key, raw in overrides:
+        if key == "model":
+            settings["model"], sources["model"] = raw, f"--model={raw}"
+    # the model file defines which model keys exist
+    name = settings["model"]
+    if not isinstance(name, str) or not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")):
+        fail(f"model = {name!r} ({sources.get('model', 'default')}): no such model file; expected whisper_gpt, salmonn or pengi")
+    module = importlib.import_module(name)
+    model_types = {}
+    for f in fields(module.Config):
+        t = PLAIN.get(f.type, f.type) if isinstance(f.type, str) else f.type
+        model_types[f.name] = t if t in (int, float, bool, str) else type(f.default)
+    types = {k: type(v) for k, v in TRAIN_KEYS.items()}
+    types.update(model_types)
+
+    def unknown(key, where):
+        close = difflib.get_close_matches(key, list(types), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        fail(f"{where}: unknown setting {key!r}: not a train.py setting nor a field of {name}.Config{hint}")
+
+    for key, value in list(settings.items()):
+        if key not in types:
+            unknown(key, sources.get(key, "default"))
+        settings[key] = check_type(key, value, types[key], sources.get(key, "default"))
+    for key, raw in overrides:
+        if key not in types:
+            unknown(key, f"--{key}={raw}")
+        settings[key] = parse_cli_value(key, raw, types[key])
+    return settings, module, set(model_types)
+
+if __name__ == "__main__":
+    S, M, model_keys = load_settings(sys.argv[1:])
+    globals().update({k: v for k, v in S.items() if k in TRAIN_KEYS})
+
+    # -------------------------------------------------------------------------
+    # processes and devices
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        from torch.distributed import init_process_group, destroy_process_group, all_reduce, ReduceOp
+        if backend == "auto":
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+        init_process_group(backend=backend)
+        ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        ddp_world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{ddp_local_rank}"
+            torch.cuda.set_device(device)
+        else:  # share the cores instead of every process using all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ddp_world_size))))
+        if gradient_accumulation_steps % ddp_world_size:
+            fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the number of processes ({ddp_world_size})")
+        gradient_accumulation_steps //= ddp_world_size
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+    master = ddp_rank == 0
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+    tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
+    if master:
+        print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {tokens_per_iter} sequences per iteration")
+
+    # -------------------------------------------------------------------------
+    # randomness: every iteration draws its batches and dropout masks from seeds derived from
+    # (seed, iteration, micro-batch), so a resumed run sees exactly what an uninterrupted one would,
+    # and N processes with accumulation k/N see the same micro-batches as 1 process with k.
+    def data_rng(tag, a, b):
+        return np.random.default_rng([seed, tag, a, b])
+
+    def seed_torch(it):
+        torch.manual_seed(int(np.random.SeedSequence([seed, 2, it, ddp_rank]).generate_state(1)[0]))
+
+    # -------------------------------------------------------------------------
+    # data, model, optimizer
+    import prepare  # the tokenizer (text models need it; whisper_gpt ignores it)
+    tok = prepare.load_tokenizer(data_dir)
+    checkpoint = None
+    if init_from == "resume":
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        if not os.path.isfile(ckpt_path):
+            fail(f"init_from=resume: {ckpt_path} not found")
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if checkpoint["model_name"] != model:
+            fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not {model}")
+        config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
+    else:
+        config = M.Config(**{k: S[k] for k in model_keys if k in S})
+    data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels, ...)
+    torch.manual_seed(seed)
+    raw_model = M.Model(config)
+    iter_num, best_val_loss = 0, 1e9
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    elif init_from != "scratch":
+        if not os.path.isfile(init_from):
+            fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt (file not found)")
+        init = torch.load(init_from, map_location=device, weights_only=True)
+        missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
+        if unexpected:
+            fail(f"init_from={init_from}: the checkpoint has weights this model lacks: {unexpected[:5]}...")
+        if master:
+            print(f"initialised from {init_from} ({init.get('model_name')}, iter {init.get('iter_num')}); "
+                  f"{len(missing)} tensors not in it keep their fresh init")
+        del init
+    raw_model.to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(beta1, beta2), **({"fused": True} if device_type == "cuda" else {}))
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint and dtype == "float16":
+            scaler.load_state_dict(checkpoint["scaler"])
+    checkpoint = None
+    if master:
+        print(f"{model}: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+              f"({sum(p.numel() for p in decay) / 1e6:.2f}M with weight decay)")
+    train_model = torch.compile(raw_model) if compile else raw_model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
+                          find_unused_parameters=ddp_find_unused_parameters)
+
+    def to_device(batch):
+        if device_type == "cuda":
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+        out = {}
+        train_model.eval()
+        for i, split in enumerate(("train", "val")):
+            rng = data_rng(1, i, ddp_rank)
+            losses = []
+            for _ in range(eval_iters):
+                with ctx:
+                    _, loss = train_model(**to_device(M.get_batch(data, split, batch_size, rng)))
+                losses.append(loss.item())
+            out[split] = float(np.mean(losses))
+        train_model.train()
+        return out
+
+    decay_end = lr_decay_iters or max_iters
+
+    def get_lr(it):
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        if it >= decay_end:
+            return min_lr
+        ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+    def save_checkpoint():
+        ckpt = {"model": raw_model.state_dict(), "model_name": model, "model_args": asdict(config),
+                "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+                "config": dict(S)}
+        if dtype == "float16":
+            ckpt["scaler"] = scaler.state_dict()
+        path = os.path.join(out_dir, "ckpt.pt")
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written ckpt.pt
+        print(f"saved {path} (iter {iter_num})")
+
+    def log(record):
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_log:
+            wandb.log(record)
+
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=S)
+
+    # MFU: ~6 flops per trainable parameter per token (forward + backward), ~4 per frozen one
+    # (forward + backward through the activations); attention's own flops are left out; tokens are
+    # the target tokens (targets != -1)
+    flops_per_token = 6 * n_trainable + 4 * (n_params - n_trainable)
+    peak = 0.0
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak_flops or next((f for k, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), 0.0)
+
+    def fmt_time(s):
+        s = int(s)
+        return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+    # -------------------------------------------------------------------------
+    # training loop
+    start_iter, t_start = iter_num, time.time()
+    t_log, tokens_log, iters_log = time.time(), 0, 0
+    while True:
+        lr = get_lr(iter_num) if decay_lr else learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if master and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > start_iter and (improved or always_save_checkpoint) and not eval_only:
+                save_checkpoint()
+        if eval_only or iter_num >= max_iters:
+            break
+
+        seed_torch(iter_num)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(gradient_accumulation_steps):
+            if ddp:  # sync gradients only on the last micro-step
+                train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            rng = data_rng(0, iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
+            batch = to_device(M.get_batch(data, "train", batch_size, rng))
+            tokens_log += int((batch["targets"] != -1).sum())
+            with ctx:
+                _, loss = train_model(**batch)
+                loss = loss / gradient_accumulation_steps
+            loss_sum += loss.detach().float()
+            scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:
+            all_reduce(loss_sum, op=ReduceOp.SUM)  # gloo has no AVG
+            loss_sum /= ddp_world_size
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            if master:
+                print(f"train.py: loss is {lossf} at iter {iter_num}: stopping (no checkpoint written). "
+                      f"Try a lower learning_rate, grad_clip, or dtype=float32/bfloat16.", file=sys.stderr)
+            if ddp:
+                destroy_process_group()
+            sys.exit(1)
+        iter_num += 1
+        iters_log += 1
+        if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+            now = time.time()
+            dt = (now - t_log) / iters_log
+            tok_s = tokens_log * ddp_world_size / (now - t_log)
+            eta = (max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
+            mfu = f" | mfu {100 * flops_per_token * tok_s / (peak * ddp_world_size):.1f}%" if peak else ""
+            print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+                  f"{tok_s / 1e3:.1f}k tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
+            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000, "tok_per_s": tok_s})
+            t_log, tokens_log, iters_log = now, 0, 0
+
+    if master:
+        print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss {best_val_loss:.4f}")
+    if ddp:
+        destroy_process_group()

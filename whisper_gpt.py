@@ -1,0 +1,374 @@
+"""
+Whisper-GPT (Verma, 2024, arXiv 2412.11449): a generative model of audio that predicts the next
+coarse EnCodec token (codebook 0 of the 24 kHz codec, 75 tokens/s) from a hybrid input. At step t:
+- the coarse token of step t is embedded, and
+- the mel-spectrogram frame of the same instant goes through a few lightweight causal decoder blocks
+  (the Whisper encoder replaced by a small decoder stack) to a small vector (32-d);
+the two are concatenated (early fusion) and the main causal decoder predicts the token of step t+1.
+With use_mel=False the spectrogram path is gone and this is the token-only GPT baseline (GPT-S/GPT-L
+of the paper). The paper gives no depth/width/context: the numbers in the configs are ours.
+
+The file also holds the batch construction from the prepared arrays (load_data, get_batch), the
+paper's metrics (evaluate) and audio continuation with a KV cache (generate, sample): the interface
+that train.py and sample.py use for every model file.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from fused_attention import attention
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class WhisperGPTConfig:
+    block_size: int = 256    # context in frames, 3.4 s at 75 frames/s (ours)
+    vocab_size: int = 1024   # size of codebook 0 (load_data sets it from meta.json)
+    n_layer: int = 4         # main decoder (ours)
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = False       # biases in Linear and LayerNorm layers
+    use_mel: bool = True     # False: token-only GPT baseline
+    n_mels: int = 64         # load_data sets it from meta.json
+    mel_n_layer: int = 2     # lightweight causal decoder blocks on the mel frames (ours)
+    mel_n_head: int = 4
+    mel_n_embd: int = 128
+    mel_dim: int = 32        # the per-step spectrogram vector concatenated with the token embedding
+    # step t sees mel frame t - mel_lag. prepare.py centres mel frame i on the middle of block i, so
+    # its window reaches half a block into block i+1: the audio of the token step i must predict
+    # (and audio a generator does not have yet). Lag 1 is the smallest lag without that leak;
+    # load_data warns when mel_lag is below what meta.json implies. 0 = the leaky alignment.
+    mel_lag: int = 1
+
+# -----------------------------------------------------------------------------
+# the transformer blocks (the same block serves the mel decoder and the main decoder)
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, n_embd, n_head, dropout, bias):
+        super().__init__()
+        assert n_embd % n_head == 0, f"n_embd {n_embd} must be divisible by n_head {n_head}"
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:  # KV cache: keys/values of the earlier steps of this window
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # causal with Tq < Tk is aligned bottom-right: the new queries see all cached keys
+        y = attention(q, k, v, causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+class MLP(nn.Module):
+
+    def __init__(self, n_embd, dropout, bias):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+class Block(nn.Module):
+
+    def __init__(self, n_embd, n_head, dropout, bias):
+        super().__init__()
+        self.ln_1 = LayerNorm(n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.ln_2 = LayerNorm(n_embd, bias)
+        self.mlp = MLP(n_embd, dropout, bias)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+# -----------------------------------------------------------------------------
+# the model
+
+class WhisperGPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        if c.use_mel and not 0 < c.mel_dim < c.n_embd:
+            raise ValueError(f"whisper_gpt: mel_dim ({c.mel_dim}) must be between 1 and n_embd - 1 ({c.n_embd - 1})")
+        if c.use_mel and not 0 <= c.mel_lag < c.block_size:
+            raise ValueError(f"whisper_gpt: mel_lag ({c.mel_lag}) must be between 0 and block_size - 1")
+        if c.use_mel:
+            # mel path: frame -> lightweight causal decoder -> mel_dim vector per step
+            self.mel_in = nn.Linear(c.n_mels, c.mel_n_embd, bias=c.bias)
+            self.mel_wpe = nn.Embedding(c.block_size, c.mel_n_embd)
+            self.mel_h = nn.ModuleList([Block(c.mel_n_embd, c.mel_n_head, c.dropout, c.bias) for _ in range(c.mel_n_layer)])
+            self.mel_ln_f = LayerNorm(c.mel_n_embd, c.bias)
+            self.mel_out = nn.Linear(c.mel_n_embd, c.mel_dim, bias=c.bias)
+        # early fusion: [token embedding (n_embd - mel_dim) | mel vector (mel_dim)] = n_embd
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd - (c.mel_dim if c.use_mel else 0))
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer)])
+        self.ln_f = LayerNorm(c.n_embd, c.bias)
+        # not tied to wte: in the hybrid the token embedding is narrower than the residual stream
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
+            if name.endswith("c_proj.weight"):
+                n = c.mel_n_layer if name.startswith("mel_") else c.n_layer
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def shift_mels(self, mels):
+        """(B, T, n_mels) frames aligned with the codes -> what each step sees: frame t - mel_lag,
+        zeros before the window start."""
+        lag = self.config.mel_lag
+        if lag == 0:
+            return mels
+        return F.pad(mels, (0, 0, lag, 0))[:, :mels.size(1)]
+
+    def decode(self, codes, mel_in=None, caches=None, pos0=0):
+        """The network proper. codes (B, T) coarse tokens, mel_in (B, T, n_mels) the frames the steps
+        see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0: position of
+        codes[:, 0] in the window. Returns logits (B, T, vocab_size)."""
+        c = self.config
+        B, T = codes.shape
+        if pos0 + T > c.block_size:
+            raise ValueError(f"whisper_gpt: sequence of {pos0 + T} frames is longer than block_size {c.block_size}")
+        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=codes.device)
+        x = self.wte(codes)
+        if c.use_mel:
+            m = self.mel_in(mel_in.to(self.mel_in.weight.dtype)) + self.mel_wpe(pos)
+            for i, block in enumerate(self.mel_h):
+                m = block(m, None if caches is None else caches[i])
+            m = self.mel_out(self.mel_ln_f(m))
+            x = torch.cat([x, m.to(x.dtype)], dim=-1)
+        x = self.drop(x + self.wpe(pos))
+        k0 = c.mel_n_layer if c.use_mel else 0
+        for i, block in enumerate(self.h):
+            x = block(x, None if caches is None else caches[k0 + i])
+        return self.lm_head(self.ln_f(x))
+
+    def new_caches(self):
+        return [{} for _ in range((self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer)]
+
+    def forward(self, codes, mels=None, targets=None):
+        """codes (B, T) coarse tokens, mels (B, T, n_mels) mel frames aligned with the codes (hybrid
+        only), targets (B, T) next tokens, -1 = ignore. Returns (logits, loss)."""
+        if self.config.use_mel:
+            if mels is None:
+                raise ValueError("whisper_gpt: this is the hybrid model (use_mel=True); forward needs mels")
+            mels = self.shift_mels(mels)
+        logits = self.decode(codes, mels)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None, mel_fn=None, generator=None):
+        """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.
+        Hybrid: mels (B, T0, n_mels) are the prompt's frames, and mel_fn(codes (B, T), j) -> (B, n_mels)
+        gives mel frame j of the generated audio; it is called once per new token, when frame j is
+        complete (codes up to j + mel_lag exist). temperature 0 = greedy.
+        Context longer than block_size: the window restarts on its last block_size // 2 frames.
+        Returns (B, T0 + max_new_tokens)."""
+        c = self.config
+        lag = c.mel_lag
+        if c.use_mel and (mels is None or mel_fn is None):
+            raise ValueError("whisper_gpt.generate: the hybrid model needs the prompt's mels and a mel_fn")
+        seq = codes
+        frames = list(mels.unbind(1)) if c.use_mel else []  # known mel frames, (B, n_mels) each
+
+        def mel_inputs(t0, t1):  # what steps t0..t1-1 see in a window starting at `start`
+            z = torch.zeros_like(frames[0])
+            return torch.stack([frames[t - lag] if t - lag >= start else z for t in range(t0, t1)], dim=1)
+
+        start = max(0, seq.size(1) - c.block_size)
+        caches = self.new_caches()
+        logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None, caches)[:, -1]
+        for i in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            seq = torch.cat([seq, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            t = seq.size(1) - 1  # step that takes the new token as input
+            if c.use_mel and t - lag >= len(frames):  # the frame this step sees is a generated one
+                assert t - lag == len(frames)
+                frames.append(mel_fn(seq, t - lag))
+            if t - start >= c.block_size:  # window full: restart it on the recent half
+                start = t + 1 - c.block_size // 2
+                caches = self.new_caches()
+                logits = self.decode(seq[:, start:], mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
+            else:
+                logits = self.decode(nxt, mel_inputs(t, t + 1) if c.use_mel else None, caches, pos0=t - start)[:, -1]
+        return seq
+
+# the names train.py and sample.py use
+Config = WhisperGPTConfig
+Model = WhisperGPT
+
+# -----------------------------------------------------------------------------
+# data: random windows of the concatenated clips (nanoGPT style)
+
+def leak_free_lag(meta):
+    """Smallest lag such that mel frame t - lag uses no audio after the end of step t's block.
+    prepare.py centres mel frame i on the middle of its block (sample hop*i + hop/2), so its window
+    reaches n_fft/2 - hop/2 samples into the next block (meta.json mel.lookahead_samples if given)."""
+    hop, n_fft = meta["hop_length"], meta["n_fft"]
+    lookahead = meta.get("mel", {}).get("lookahead_samples", n_fft // 2 - hop // 2)
+    return max(0, math.ceil(lookahead / hop))
+
+def load_data(data_dir, config, tok=None):
+    """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set data_dir)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config.vocab_size = meta["codebook_size"]
+    config.n_mels = meta["n_mels"]
+    if config.use_mel and config.mel_lag < leak_free_lag(meta):
+        print(f"whisper_gpt: warning: mel_lag={config.mel_lag} but the mel frames of {data_dir} see "
+              f"{leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it predicts")
+    data = {"meta": meta, "block_size": config.block_size, "use_mel": config.use_mel}
+    for split in ("train", "val"):
+        codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
+        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+        if len(codes) != len(mel):
+            raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames but {split}_mel.bin has {len(mel)}")
+        if len(codes) < config.block_size + 1:
+            raise ValueError(f"whisper_gpt: {data_dir} split {split} has {len(codes)} frames, fewer than "
+                             f"block_size + 1 = {config.block_size + 1}: lower block_size or prepare more data")
+        data[split] = {"codes": codes, "mel": mel}
+    return data
+
+def _windows(data, split, starts):
+    T = data["block_size"]
+    codes, mel = data[split]["codes"], data[split]["mel"]
+    x = np.stack([codes[i:i + T + 1, 0] for i in starts]).astype(np.int64)
+    batch = {"codes": torch.from_numpy(x[:, :-1]), "targets": torch.from_numpy(x[:, 1:])}
+    if data["use_mel"]:
+        batch["mels"] = torch.from_numpy(np.stack([mel[i:i + T] for i in starts]).astype(np.float32))
+    return batch
+
+def get_batch(data, split, batch_size, rng):
+    """batch_size random windows of block_size frames: codes (B, T), mels (B, T, n_mels) (hybrid),
+    targets (B, T) = codes shifted by one."""
+    n = len(data[split]["codes"])
+    return _windows(data, split, rng.integers(0, n - data["block_size"], size=batch_size))
+
+# -----------------------------------------------------------------------------
+# evaluation as in the paper: next coarse token on the validation set
+
+@torch.no_grad()
+def evaluate(model, data, tok=None, split="val", batch_size=16, max_windows=0):
+    """NLL (nats/token), accuracy and perplexity of the next coarse token over the split cut into
+    consecutive windows of block_size + 1 frames (the first frame of a window is context only).
+    max_windows > 0 evaluates only the first max_windows windows."""
+    device = next(model.parameters()).device
+    T = data["block_size"]
+    starts = list(range(0, len(data[split]["codes"]) - T, T))
+    if max_windows:
+        starts = starts[:max_windows]
+    nll, correct, count = 0.0, 0, 0
+    for b in range(0, len(starts), batch_size):
+        batch = {k: v.to(device) for k, v in _windows(data, split, starts[b:b + batch_size]).items()}
+        logits, _ = model(**batch)
+        logits = logits.float()
+        y = batch["targets"]
+        nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+    nll /= count
+    return {"nll": nll, "accuracy": correct / count, "ppl": math.exp(nll), "tokens": count}
+
+# -----------------------------------------------------------------------------
+# sampling: continue an audio prompt
+
+SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_frames": 0, "mel_context": 16, "seed": -1}
+
+@torch.no_grad()
+def sample(model, tok, audio, prompt, tools, **opts):
+    """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (frames at 75/s).
+    Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames of
+    the clip used as prompt; 0 = as many as fit in the context), mel_context (frames decoded to get one
+    new mel frame), seed (-1 = torch's current RNG).
+    Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes and decoded with the
+    first quantizer alone (EnCodec at 1.5 kbps, the other residual codebooks left out, not zero-filled)."""
+    unknown = set(opts) - set(SAMPLE_OPTS)
+    if unknown:
+        raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: {sorted(SAMPLE_OPTS)}")
+    o = {**SAMPLE_OPTS, **opts}
+    if prompt:
+        raise ValueError("whisper_gpt.sample: Whisper-GPT continues audio and takes no text prompt")
+    c = model.config
+    device = next(model.parameters()).device
+    n = o["prompt_frames"] or c.block_size - 1
+    codes = audio["codes"][-n:, :1].T.to(device).long()  # (1, T0): codebook 0
+    mels = audio["mel"][-n:][None].to(device).float() if c.use_mel else None
+    generator = None
+    if o["seed"] >= 0:
+        generator = torch.Generator(device=device).manual_seed(o["seed"])
+    lag = c.mel_lag
+    W = max(int(o["mel_context"]), lag + 1)
+
+    def mel_fn(seq, j):
+        # mel frame j of the generated audio: decode only the last W frames (codebook 0, first quantizer),
+        # ending with frame j + lag, the newest; frame j's window ends inside that audio. The earlier
+        # frames of the chunk give the codec decoder and the mel window their left context.
+        end = j + lag + 1
+        s = max(0, end - W)
+        wav = tools.decode(seq[0, s:end, None].cpu())
+        m = torch.as_tensor(np.asarray(tools.mel(wav)), dtype=torch.float32)  # frame k <-> frame s + k
+        return m[j - s][None].to(device)
+
+    out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None,
+                         mel_fn if c.use_mel else None, generator)
+    return {"codes": out[0, codes.size(1):, None].cpu()}
