@@ -194,13 +194,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-        qkT = tl.dot(k, qT)
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        sT = tl.dot(k, qT) * qk_scale - lse[None, :]
         if MASKED:
             ok = (offs_n[:, None] < klen) & rows[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + diag)
-            pT = tl.where(ok, pT, 0.0)
+            sT = tl.where(ok, sT, float("-inf"))
+        pT = tl.math.exp2(sT)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
@@ -272,13 +272,13 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, l
         else:
             kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
             vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
-        qk = tl.dot(q, kT)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        s = tl.dot(q, kT) * qk_scale - lse[:, None]
         if MASKED:
             ok = cols[None, :] < klen
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(ok, p, 0.0)
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.math.exp2(s)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
