@@ -201,8 +201,8 @@ if __name__ == "__main__":
     def data_rng(tag, a, b):
         return np.random.default_rng([seed, tag, a, b])
 
-    def seed_torch(it):
-        torch.manual_seed(int(np.random.SeedSequence([seed, 2, it, ddp_rank]).generate_state(1)[0]))
+    def seed_torch(it, micro):
+        torch.manual_seed(int(np.random.SeedSequence([seed, 2, it, micro]).generate_state(1)[0]))
 
     # -------------------------------------------------------------------------
     # data, model, optimizer
@@ -345,12 +345,13 @@ if __name__ == "__main__":
         if eval_only or iter_num >= max_iters:
             break
 
-        seed_torch(iter_num)
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(gradient_accumulation_steps):
             if ddp:  # sync gradients only on the last micro-step
                 train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            rng = data_rng(0, iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
+            micro = ddp_rank * gradient_accumulation_steps + micro_step  # index over all processes
+            rng = data_rng(0, iter_num, micro)
+            seed_torch(iter_num, micro)
             batch = to_device(M.get_batch(data, "train", batch_size, rng))
             tokens_log += int((batch["targets"] != -1).sum())
             with ctx:

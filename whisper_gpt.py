@@ -323,7 +323,7 @@ def evaluate(model, data, tok=None, split="val", batch_size=16, max_windows=0):
         logits, _ = model(**batch)
         logits = logits.float()
         y = batch["targets"]
-        nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+        nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
     nll /= count

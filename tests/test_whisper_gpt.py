@@ -12,6 +12,14 @@ import whisper_gpt as W
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and several threads thrash on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def tiny(**kw):
     args = dict(block_size=24, vocab_size=50, n_layer=2, n_head=2, n_embd=32, n_mels=8,
                 mel_n_layer=1, mel_n_head=2, mel_n_embd=16, mel_dim=8)
@@ -222,3 +230,19 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert math.isclose(m["ppl"], math.exp(m["nll"]), rel_tol=1e-9)
     assert 0 <= m["accuracy"] <= 1
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
+
+def test_windowed_decode_gives_the_full_decode_mel(synth_dir):
+    """The hybrid's incremental mel (decode the last mel_context frames of codebook 0, take the mel
+    frame whose window ends inside them) matches the mel of the whole decoded clip, with the data's codec."""
+    import sample as S
+    tools = S.Tools(synth_dir)
+    inp, _ = S.read_clip(synth_dir, "val", 0)
+    codes = inp["codes"][:60, :1]
+    full = torch.as_tensor(tools.mel(tools.decode(codes)))
+    assert full.shape == (60, 64)
+    lag, context = 1, W.SAMPLE_OPTS["mel_context"]
+    for j in (30, 45, 57):
+        end = j + lag + 1  # codes up to frame j + lag exist when step j + lag needs mel frame j
+        s = end - context
+        m = torch.as_tensor(tools.mel(tools.decode(codes[s:end])))[j - s]
+        assert (m - full[j]).abs().max() < 1e-3, (j, (m - full[j]).abs().max())

@@ -1,0 +1,153 @@
+"""train.py and sample.py: settings checks, exact resume, 2-process DDP (gloo), NaN stop, init_from,
+and sample.py's wav output. Tiny Whisper-GPT models on the test corpus."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402  (its training runs only as a script)
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_head=2", "--mel_n_embd=16",
+        "--mel_dim=8", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--eval_interval=4",
+        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2", "--min_lr=1e-3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is fastest, and fair on a shared box
+
+def run(args, check=True, cmd=None):
+    p = subprocess.run((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+def losses(out_dir):
+    """{iter: training loss} and {iter: val loss} from log.jsonl."""
+    recs = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
+    return {r["iter"]: r["loss"] for r in recs if "loss" in r}, {r["iter"]: r["val_loss"] for r in recs if "val_loss" in r}
+
+# -----------------------------------------------------------------------------
+# settings
+
+def settings_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.load_settings(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+def test_settings_merge_and_types(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("model = 'whisper_gpt'\nn_layer = 3\nlearning_rate = 1\nout_dir = 'out/x'\n")
+    S, module, model_keys = train.load_settings([str(cfg), "--n_layer=5", "--dropout=0.2", "--use_mel=False",
+                                                 "--wandb_run_name=123", "--out_dir=out/y"])
+    assert module.__name__ == "whisper_gpt" and "mel_dim" in model_keys and "batch_size" not in model_keys
+    assert S["n_layer"] == 5 and S["dropout"] == 0.2 and S["use_mel"] is False
+    assert S["learning_rate"] == 1.0 and type(S["learning_rate"]) is float  # int accepted for a float
+    assert S["wandb_run_name"] == "123" and S["out_dir"] == "out/y"
+
+def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
+    err = settings_error(capsys, ["--n_layr=2"])
+    assert "unknown setting 'n_layr'" in err and "n_layer" in err
+    err = settings_error(capsys, ["--n_layer=abc"])
+    assert "--n_layer=abc" in err and "must be int" in err
+    err = settings_error(capsys, ["--n_layer=2.5"])
+    assert "must be int" in err
+    err = settings_error(capsys, ["--use_mel=maybe"])
+    assert "use_mel must be True or False" in err
+    err = settings_error(capsys, ["--learning_rate"])
+    assert "expected --key=value" in err
+    err = settings_error(capsys, ["--model=whisper"])
+    assert "no such model file" in err
+    err = settings_error(capsys, [str(tmp_path / "missing.py")])
+    assert "not found" in err
+    cfg = tmp_path / "bad.py"
+    cfg.write_text("batch_sise = 8\n")
+    err = settings_error(capsys, [str(cfg)])
+    assert str(cfg) in err and "unknown setting 'batch_sise'" in err and "batch_size" in err
+    cfg.write_text("dropout = '0.1'\n")
+    assert "dropout must be float" in settings_error(capsys, [str(cfg)])
+    cfg.write_text("n_layer = [1, 2]\n")
+    assert "must be int, float, bool or str" in settings_error(capsys, [str(cfg)])
+    # and as a script: a non-zero exit with the message, before any work
+    p = run(["config/whisper_gpt_quick.py", "--block_sise=8"], check=False)
+    assert p.returncode == 2 and "unknown setting 'block_sise'" in p.stderr and "block_size" in p.stderr
+
+# -----------------------------------------------------------------------------
+# training runs
+
+@pytest.fixture(scope="module")
+def full_run(synth_dir, tmp_path_factory):
+    """8 iterations in one go, with dropout and gradient accumulation 2 (the reference run)."""
+    out = str(tmp_path_factory.mktemp("full"))
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=8",
+         "--gradient_accumulation_steps=2", "--dropout=0.1"])
+    return out
+
+def test_loss_falls_and_checkpoint_is_complete(full_run):
+    import torch
+    train_l, val_l = losses(full_run)
+    assert sorted(train_l) == list(range(1, 9)) and sorted(val_l) == [0, 4, 8]
+    assert val_l[8] < val_l[0] - 0.3, val_l
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)  # plain types only
+    assert ck["model_name"] == "whisper_gpt" and ck["iter_num"] == 8
+    assert abs(ck["best_val_loss"] - val_l[8]) < 1e-6
+    assert ck["model_args"]["n_layer"] == 1 and ck["model_args"]["vocab_size"] == 1024
+    assert ck["config"]["gradient_accumulation_steps"] == 2 and "state" in ck["optimizer"]
+    assert not any(f.endswith(".tmp") for f in os.listdir(full_run))
+
+def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
+    out = str(tmp_path)
+    common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+              "--gradient_accumulation_steps=2", "--dropout=0.1"]
+    run(common + ["--max_iters=4"])  # stops after 4 iterations (checkpoint at 4)
+    run(common + ["--max_iters=8", "--init_from=resume"])
+    full, _ = losses(full_run)
+    resumed, val = losses(out)
+    assert sorted(resumed) == list(range(1, 9))
+    for it in range(1, 9):
+        assert resumed[it] == full[it], (it, resumed[it], full[it])  # bit for bit on CPU
+    assert val[8] == losses(full_run)[1][8]
+
+def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
+    """torchrun, 2 CPU processes (gloo), accumulation 2 in total = 1 per process: the same micro-batches
+    and dropout masks as the single-process run with accumulation 2, so the same losses."""
+    out = str(tmp_path)
+    run(["--standalone", "--nproc_per_node=2", "train.py", "config/whisper_gpt_quick.py", f"--data_dir={synth_dir}",
+         f"--out_dir={out}", *TINY, "--max_iters=8", "--gradient_accumulation_steps=2", "--dropout=0.1"],
+        cmd=[sys.executable, "-m", "torch.distributed.run"])
+    ddp, val = losses(out)
+    single, _ = losses(full_run)
+    assert sorted(ddp) == list(range(1, 9))
+    for it in range(1, 9):
+        assert abs(ddp[it] - single[it]) < 1e-4, (it, ddp[it], single[it])
+    assert val[8] < val[0] - 0.3
+    assert os.path.isfile(os.path.join(out, "ckpt.pt"))
+
+def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
+    out = str(tmp_path)
+    # the weights of another run, a fresh optimizer and iteration count
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=2",
+         f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
+    _, val = losses(out)
+    assert abs(val[0] - losses(full_run)[1][8]) < 1e-6  # same weights, same eval batches
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=50",
+             "--learning_rate=1e30", "--grad_clip=0", "--decay_lr=False", "--eval_interval=1000"], check=False)
+    assert p.returncode == 1 and "stopping (no checkpoint written)" in p.stderr, p.stderr[-2000:]
+    assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
+
+@pytest.mark.parametrize("n", [30])
+def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n):
+    wav = str(tmp_path / "x.wav")
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--clip=1",
+                        f"--max_new_tokens={n}", "--temperature=0.8", "--top_k=20", f"--out={wav}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    x, sr = sf.read(wav)
+    assert sr == 24000 and x.shape == (n * 320,)  # 30 frames at 75 frames/s
+    assert "tokens/s" in p.stdout
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--beam=3"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "unknown option" in p.stderr
