@@ -66,6 +66,9 @@ class PengiConfig:
     llm_n_embd: int = 128
     llm_block_size: int = 256
     dropout: float = 0.1       # in the audio encoder, projections and mappers (the LM has none)
+    # ours: a CLAP-style contrastive term (see Pengi.forward); 0 = the paper's objective alone
+    clap_weight: float = 0.0
+    clap_temp: float = 0.07
     # tasks: a comma list of caption, metadata, class, qa, music
     tasks: str = "caption,metadata,class,qa,music"
     max_prompt_tokens: int = 32
@@ -399,9 +402,11 @@ class Pengi(nn.Module):
         self.m1 = Mapper(config)
         self.m2 = Mapper(config)
         self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd, config.llm_block_size)
-        self.apply(self._init_weights)
-        for m in (self.m1, self.m2):
-            nn.init.normal_(m.prefix_const, std=0.02)
+        # GPT-2's init (0.02) for the LM and the text tower (llm_init overwrites them). The trained parts keep
+        # PyTorch's fan-in scaled default: at small widths 0.02 is far below 1/sqrt(fan_in), so the audio
+        # signal fades through the mapper and the encoder learns nothing but a constant.
+        for module in (self.text_encoder, self.llm):
+            module.apply(self._init_weights)
         nn.init.normal_(self.audio_encoder.pos_emb, std=0.02)
 
         if llm_sd is not None:
@@ -461,13 +466,30 @@ class Pengi(nn.Module):
         """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the positions that
         predict the answer: the last text-prefix position and every answer position, (B, La + 1, V), and
         targets (B, La + 1) are the answer tokens then eot, -1 where padded. Loss on the answer only."""
-        x = torch.cat([self.prefix(mel, prompt, prompt_lens), self.llm.wte(answer)], dim=1)
+        audio = self.embed_audio(mel)
+        x = torch.cat([self.m1(audio), self.m2(self.embed_text(prompt, prompt_lens)), self.llm.wte(answer)], dim=1)
         h, _ = self.llm(x)
         logits = self.llm.lm_head(h[:, 2 * self.k - 1:])
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.training and self.config.clap_weight > 0:
+                loss = loss + self.config.clap_weight * self.clap_loss(audio, answer, targets)
         return logits, loss
+
+    def clap_loss(self, audio, answer, targets):
+        """Ours, training only: Pengi's HTSAT starts from CLAP's contrastive pretraining, which we do not have.
+        Without it, a scratch encoder trained only through the frozen LM collapses to a constant embedding
+        (the answer prior is learnt first, and an input-independent embedding serves it best). This term is
+        CLAP's symmetric InfoNCE between each clip's audio embedding and the frozen text encoder's embedding
+        of its answer; clips in the batch with the same answer count as positives of each other."""
+        lens = ((targets != -1).sum(1) - 1).clamp(min=1)  # answer tokens without the eot (an empty answer: its pad)
+        with torch.no_grad():
+            text = self.embed_text(answer, lens)
+            same = (targets[:, None, :] == targets[None, :, :]).all(-1).float()
+            same = same / same.sum(1, keepdim=True)
+        sim = audio @ text.t() / self.config.clap_temp
+        return -0.5 * ((same * F.log_softmax(sim, 1)).sum(1).mean() + (same * F.log_softmax(sim.t(), 1)).sum(1).mean())
 
     # --- decoding -------------------------------------------------------------------------------------
 
