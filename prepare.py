@@ -147,14 +147,14 @@ def load_audio(path, sr=SAMPLE_RATE):
 # log-mel spectrogram, framed exactly like the codec (see MEL_CENTER above)
 
 def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE, fmin=F_MIN, fmax=F_MAX):
-    """Triangular filters on the HTK mel scale, area-normalised (Slaney style), (n_mels, n_fft//2 + 1)."""
+    """Triangular filters on the HTK mel scale with peak 1 (no area norm, so a pure tone reads about the same at
+    any frequency), (n_mels, n_fft//2 + 1)."""
     hz2mel = lambda f: 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
     mel2hz = lambda m: 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
     edges = mel2hz(np.linspace(hz2mel(fmin), hz2mel(fmax), n_mels + 2))
     freqs = np.arange(n_fft // 2 + 1) * sr / n_fft
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     fb = np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
-    fb *= (2.0 / (hi - lo))                           # equal area: a flat spectrum gives a flat mel
     return fb.astype(np.float32)
 
 _mel_cache = {}
@@ -162,7 +162,7 @@ _mel_cache = {}
 def log_mel(wav):
     """Log-mel spectrogram: (n,) or (B, n) audio at 24 kHz -> (frames, 64) or (B, frames, 64), frames = ceil(n/320).
     Accepts numpy or torch; returns the same kind (float32). Values: (log10(mel power) + 4) / 4, power of a
-    Hann-windowed frame normalised so a full-scale sine is ~0 dB (-> ~1); silence sits at -1 (floor -80 dB)."""
+    Hann-windowed frame scaled so a full-scale sine is ~0 dB (-> ~1); silence sits at -1 (floor -80 dB)."""
     is_np = not torch.is_tensor(wav)
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32)) if is_np else wav.float()
     squeeze = x.dim() == 1
@@ -216,24 +216,58 @@ def offline_codec(seed=1234):
     return model.eval()
 
 def kmeans(x, k, iters, gen):
-    """Plain Lloyd's k-means on rows of x (N, D) with seeded init; empty clusters are re-seeded from the data."""
-    means = x[torch.randperm(len(x), generator=gen)[:k]].clone()
-    if len(means) < k:
-        means = x[torch.randint(len(x), (k,), generator=gen)].clone()
+    """Lloyd's k-means on the distinct rows of x (N, D), weighted by how often each occurs. Identical frames
+    (digital silence, steady tones) would otherwise seed identical centroids, and exact ties make codes flip on
+    rounding noise. Seeded init; an empty cluster restarts at the point worst served by its centroid.
+    Returns (means (k, D), counts (k,)); with fewer distinct points than k, the spare centroids sit far away."""
+    pts, inv = torch.unique(x, dim=0, return_inverse=True)
+    w = torch.bincount(inv, minlength=len(pts)).float()
+    n = len(pts)
+    if n <= k:
+        far = pts.abs().max() * 1e3 + 1e3          # spare codes no frame will ever choose
+        means = torch.cat([pts, far + torch.arange(k - n, dtype=x.dtype)[:, None].expand(-1, x.shape[1])])
+        return means, torch.cat([w, torch.zeros(k - n)])
+    means = pts[torch.randperm(n, generator=gen)[:k]].clone()
     for _ in range(iters):
-        assign = assign_nearest(x, means)
-        counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(means).index_add_(0, assign, x)
-        empty = counts == 0
-        means = torch.where(empty[:, None], x[torch.randint(len(x), (k,), generator=gen)], sums / counts.clamp_min(1)[:, None])
-    return means, torch.bincount(assign_nearest(x, means), minlength=k)
+        assign, dist = assign_nearest(pts, means, return_dist=True)
+        counts = torch.zeros(k).index_add_(0, assign, w)
+        sums = torch.zeros_like(means).index_add_(0, assign, pts * w[:, None])
+        means = sums / counts.clamp_min(1e-9)[:, None]
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):                               # restart empty clusters at the worst-served points
+            means[empty] = pts[torch.topk(dist * w, len(empty)).indices]
+    assign = assign_nearest(pts, means)
+    return means, torch.zeros(k).index_add_(0, assign, w)
 
-def assign_nearest(x, means, chunk=8192):
-    out = []
+def assign_nearest(x, means, chunk=8192, return_dist=False):
+    idx, dst = [], []
     m2 = (means ** 2).sum(1)
     for s in range(0, len(x), chunk):
-        out.append((m2[None] - 2 * x[s:s + chunk] @ means.T).argmin(1))
-    return torch.cat(out)
+        d = m2[None] - 2 * x[s:s + chunk] @ means.T
+        v, i = d.min(1)
+        idx.append(i)
+        dst.append(v + (x[s:s + chunk] ** 2).sum(1))
+    return (torch.cat(idx), torch.cat(dst)) if return_dist else torch.cat(idx)
+
+@torch.no_grad()
+def calibrate(model, emb):
+    """Offline codec only: a random encoder's outputs sit in a tiny cloud far from zero (spread ~1e-2 around a
+    common offset), where float rounding alone flips nearest-codeword choices. Fold a per-channel standardisation
+    into the encoder's last conv, and its inverse into the decoder's first conv (a constant offset survives the
+    reflect padding, so the pair is exact). Returns the standardised emb."""
+    mu, sd = emb.mean(0), emb.std(0).clamp_min(1e-8)
+    enc = model.encoder.model[-1].conv.conv
+    w = torch._weight_norm(enc.weight_v, enc.weight_g, 0) / sd[:, None, None]
+    enc.weight_v.data.copy_(w)
+    enc.weight_g.data.copy_(w.norm(dim=(1, 2), keepdim=True))
+    enc.bias.data.copy_((enc.bias - mu) / sd)
+    dec = model.decoder.model[0].conv.conv
+    w = torch._weight_norm(dec.weight_v, dec.weight_g, 0)
+    dec.bias.data.add_((w * mu[None, :, None]).sum((1, 2)))
+    w = w * sd[None, :, None]
+    dec.weight_v.data.copy_(w)
+    dec.weight_g.data.copy_(w.norm(dim=(1, 2), keepdim=True))
+    return (emb - mu) / sd
 
 def fit_codebooks(model, emb, iters=12, seed=0):
     """Fit the first N_Q residual codebooks by k-means on encoder outputs emb (N, 128), as EnCodec's quantizer
@@ -245,7 +279,7 @@ def fit_codebooks(model, emb, iters=12, seed=0):
         means, counts = kmeans(residual, cb.codebook_size, iters, gen)
         cb.embed.data.copy_(means)
         cb.embed_avg.data.copy_(means)
-        cb.cluster_size.data.copy_(counts.float())
+        cb.cluster_size.data.copy_(counts)
         cb.inited.data.fill_(1.0)
         residual = residual - means[assign_nearest(residual, means)]
     return model
@@ -272,10 +306,12 @@ def load_codec(data_dir):
 
 @torch.no_grad()
 def encode_emb(model, wavs):
-    """Batch of 1-D float arrays -> list of encoder outputs (frames, 128). EnCodec is causal, so zero padding
-    at the end of the shorter clips does not change their frames."""
+    """Batch of 1-D float arrays -> list of encoder outputs (frames, 128), frames = ceil(n / 320). EnCodec is
+    causal, so the zeros after a shorter clip do not change its frames."""
     lens = [len(w) for w in wavs]
-    x = torch.zeros(len(wavs), 1, max(lens))
+    # every clip is zero padded to whole frames: then no conv pads its end by reflection, and a clip's codes are
+    # the same alone or in a batch
+    x = torch.zeros(len(wavs), 1, n_frames(max(lens)) * HOP)
     for i, w in enumerate(wavs):
         x[i, 0, :len(w)] = torch.as_tensor(w)
     emb = model.encoder(x).transpose(1, 2)            # (B, T, 128)
@@ -451,7 +487,8 @@ def tone(instrument, hz, dur, rng, sr=SAMPLE_RATE):
     if instrument == "plucked string":               # Karplus-Strong: a noise burst through a damped, averaging delay loop
         p = max(2, int(round(sr / hz - 0.5)))        # the two-tap average adds half a sample of delay
         y = np.zeros(n + p + 1)
-        y[:p + 1] = rng.uniform(-1, 1, p + 1)
+        burst = np.convolve(rng.uniform(-1, 1, p + 5), [0.25, 0.5, 0.25], "valid")[:p + 1]   # a softer pluck
+        y[:p + 1] = burst - burst.mean()
         i = p + 1
         while i < len(y):                            # y[i] needs y[i-p] and y[i-p+1]: blocks of p-1 samples are independent
             j = min(len(y), i + p - 1)
@@ -987,7 +1024,7 @@ def main(argv=None):
             info = {k: v for k, v in info.items() if k in ("id", "source", "kind", "transcript", "caption", "description", "labels", "qa")}
             info["duration"] = round(len(w) / SAMPLE_RATE, 4)
             chunk_infos.append(info)
-            chunk_embs.append(e.half().numpy())
+            chunk_embs.append(e.numpy())               # float32: codes must not depend on storage rounding
             chunk_mels.append(m.astype(np.float16))
             audio_seconds += len(w) / SAMPLE_RATE
         pbar.update(len(batch))
@@ -1054,11 +1091,12 @@ def main(argv=None):
     infos = [infos[i] for i in order]; embs = [embs[i] for i in order]; mels = [mels[i] for i in order]
 
     # --- the offline codec: fit its codebooks on a sample of encoder outputs
+    allemb = torch.from_numpy(np.concatenate(embs)).float()
     if not codec_info["pretrained"]:
         t0 = time.time()
-        allemb = np.concatenate(embs)
+        allemb = calibrate(codec, allemb)
         pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
-        fit_codebooks(codec, torch.from_numpy(allemb[np.sort(pick)]).float(), iters=args.kmeans_iters)
+        fit_codebooks(codec, allemb[torch.from_numpy(np.sort(pick))], iters=args.kmeans_iters)
         tmp = out / "codec.pt.tmp"
         torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q}, tmp)
         os.replace(tmp, out / "codec.pt")
@@ -1066,7 +1104,6 @@ def main(argv=None):
 
     # --- pass 2: quantize (cheap), tokenize, write the splits
     # quantizing is frame by frame, so all clips go through at once in big slices
-    allemb = torch.from_numpy(np.concatenate(embs)).float()
     allcodes = torch.cat([quantize(codec, allemb[s:s + 16384]) for s in range(0, len(allemb), 16384)]).numpy().astype(np.uint16)
     bounds = np.cumsum([0] + [len(e) for e in embs])
     codes = [allcodes[bounds[i]:bounds[i + 1]] for i in range(len(embs))]
@@ -1121,7 +1158,7 @@ def main(argv=None):
     wall = time.time() - t_start
     meta = {
         "sample_rate": SAMPLE_RATE, "frame_rate": FRAME_RATE, "hop_length": HOP, "n_fft": N_FFT, "n_mels": N_MELS,
-        "mel": {"fmin": F_MIN, "fmax": F_MAX, "scale": "htk", "norm": "slaney (equal area)", "window": "hann (periodic)",
+        "mel": {"fmin": F_MIN, "fmax": F_MAX, "scale": "htk", "norm": "none (triangles of peak 1)", "window": "hann (periodic)",
                 "center_sample": f"frame i is centred on sample {HOP}*i + {MEL_CENTER}; it sees {MEL_LOOKAHEAD} samples past its block",
                 "log": f"(log10(max(mel_power, {LOG_FLOOR})) + 4) / 4, power scaled so a full-scale sine's bin is ~1 (0 dB -> 1, floor -> -1)"},
         "n_q": N_Q, "codebook_size": CODEBOOK_SIZE, "codec": codec_info, "tokenizer": tok_info, "splits": splits,

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # A small built-in corpus: ~160 clips of up to 2 s (~4 minutes of audio), codec fitted on a sample.
-SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=4096", "--kmeans_iters=8", "--quiet"]
+SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kmeans_iters=6", "--quiet"]
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def synth_dir(request, tmp_path_factory):
     Built once and kept in pytest's cache dir, keyed by prepare.py's content, so the test files share it;
     NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
     import prepare
-    if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1":
+    if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1" or getattr(request.config, "cache", None) is None:
         out = tmp_path_factory.mktemp("synth")
     else:
         key = hashlib.md5((ROOT / "prepare.py").read_bytes() + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
