@@ -7,14 +7,16 @@ Benchmark fused_attention.attention against PyTorch's scaled_dot_product_attenti
 
 For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k tokens
 and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and forward+backward of:
-  ours    fused_attention's Triton kernels (k_lens for padded batches)
+  ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed with
+          both ways of getting dq (FUSED_ATTENTION_BWD=split: a dq kernel of its own; =atomic: atomic adds
+          from the dk/dv kernel), and the ratios use the faster of the two
   flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a padding
           mask, so on mixed-length batches it computes the whole padded problem (and a different answer)
   masked  SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of backend
 "uniform" rows have every sequence at full length; "mixed" rows draw lengths uniformly in [T/4, T].
 TFLOP/s count the useful work only (pairs of real positions; padding and the masked causal half excluded),
-the same count for all three, so the ratios are ratios of speed. The ratio columns are ours/flash and
-ours/masked (> 1: ours is faster).
+the same count for all three, so the ratios are ratios of speed (> 1: ours is faster). "max err" is the
+largest difference between ours and masked SDPA in the forward output.
 """
 
 import argparse
@@ -101,14 +103,15 @@ def bench_row(D, T, causal, mixed):
         err = ((ours(q, k, v) - masked(q, k, v)).float().abs() * valid_q).max().item()
     fl = useful_flops(H, D, T, lens, causal)
     row = dict(D=D, T=T, B=B, H=H, causal=causal, mixed=mixed, err=err)
-    for name, fn in (("ours", ours), ("flash", flash), ("masked", masked)):
-        for backward in (False, True):
-            try:
-                ms = timeit(fn, backward, q, k, v, do)
-                row[(name, backward)] = fl * (3.5 if backward else 1.0) / (ms * 1e-3) / 1e12  # bwd = 2.5x fwd
-            except torch.cuda.OutOfMemoryError:
-                row[(name, backward)] = float("nan")
-                torch.cuda.empty_cache()
+    for name, fn, backward in (("ours", ours, False), ("flash", flash, False), ("masked", masked, False),
+                               ("split", ours, True), ("atomic", ours, True), ("flash", flash, True), ("masked", masked, True)):
+        fused_attention.BWD = name if name in ("split", "atomic") else "split"
+        try:
+            ms = timeit(fn, backward, q, k, v, do)
+            row[(name, backward)] = fl * (3.5 if backward else 1.0) / (ms * 1e-3) / 1e12  # bwd = 2.5x fwd
+        except torch.cuda.OutOfMemoryError:
+            row[(name, backward)] = float("nan")
+            torch.cuda.empty_cache()
     del mask, q, k, v, do
     torch.cuda.empty_cache()
     return row
@@ -117,7 +120,7 @@ gpu = torch.cuda.get_device_name()
 header = (f"GPU: {gpu}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
           f"B*T = {args.tokens}, H*D = {args.width}, autotune {'on' if args.autotune else 'off (fixed tiles)'}")
 cols = ["D", "causal", "batch", "T", "B", "fwd ours", "fwd flash", "fwd masked", "ours/flash", "ours/masked",
-        "f+b ours", "f+b flash", "f+b masked", "ours/flash", "ours/masked", "max err"]
+        "f+b ours split", "f+b ours atomic", "f+b flash", "f+b masked", "best/flash", "best/masked", "max err"]
 lines = [header, "", "TFLOP/s (useful work); ratios > 1 mean ours is faster", "",
          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 print("\n".join(lines), flush=True)
@@ -128,14 +131,25 @@ for i, (D, causal, mixed, T) in enumerate(configs):
     r = bench_row(D, T, causal, mixed)
     f = lambda x: f"{x:.0f}"
     cells = [D, "yes" if causal else "no", "mixed" if mixed else "uniform", T, r["B"]]
-    for bwd in (False, True):
-        o, fl, m = r[("ours", bwd)], r[("flash", bwd)], r[("masked", bwd)]
-        cells += [f(o), f(fl), f(m), f"{o / fl:.2f}", f"{o / m:.2f}"]
+    o, fl, m = r[("ours", False)], r[("flash", False)], r[("masked", False)]
+    cells += [f(o), f(fl), f(m), f"{o / fl:.2f}", f"{o / m:.2f}"]
+    sp, at, fl, m = r[("split", True)], r[("atomic", True)], r[("flash", True)], r[("masked", True)]
+    best = max((x for x in (sp, at) if x == x), default=float("nan"))  # skip an OOM (nan)
+    cells += [f(sp), f(at), f(fl), f(m), f"{best / fl:.2f}", f"{best / m:.2f}"]
     cells.append(f"{r['err']:.1e}")
     line = "| " + " | ".join(str(c) for c in cells) + " |"
     lines.append(line)
     eta = (time.time() - t0) / (i + 1) * (len(configs) - i - 1)
     print(line, f"  [{i + 1}/{len(configs)}, eta {eta:.0f}s]", flush=True)
+
+if fused_attention.AUTOTUNE:  # which tiles the autotuner picked, per (D, causal, k_lens, Tq bucket, Tk bucket)
+    picks = ["", "autotuner picks (BLOCK_M, BLOCK_N, warps, stages):", ""]
+    for name, tuned in (("fwd", fused_attention._fwd_tuned), ("dq", fused_attention._dq_tuned),
+                        ("dkdv", fused_attention._dkdv_tuned), ("dkdv_atomic", fused_attention._dkdv_atomic_tuned)):
+        for key, cfg in tuned.cache.items():
+            picks.append(f"- {name} {key[:5]}: {cfg.kwargs['BLOCK_M']}, {cfg.kwargs['BLOCK_N']}, {cfg.num_warps}, {cfg.num_stages}")
+    print("\n".join(picks))
+    lines += picks
 
 if args.out:
     tmp = args.out + ".tmp"

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
+BWD = os.environ.get("FUSED_ATTENTION_BWD", "split")  # how the triton backward gets dq: "split" or "atomic"
 
 # -----------------------------------------------------------------------------
 # checks shared by both paths
@@ -183,9 +184,10 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
     tl.store(DELTA + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, lo, hi,
-                    offs_n, offs_d, Tq, klen, diag, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt, lo, hi,
+                    offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -205,15 +207,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+        if ATOMIC_DQ:  # this key block's share of dq, added into an fp32 buffer (FlashAttention-2's way)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * sm_scale
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None], sem="relaxed")
     return dk, dv
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KLENS,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
                      stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                      H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
-                     HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
@@ -234,6 +239,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KLENS,
     do_base = DO + off_b * stride_db + off_h * stride_dh
     lse_base = LSE + off_bh.to(tl.int64) * Tq
     delta_base = DELTA + off_bh.to(tl.int64) * Tq
+    dq_base = DQ + off_bh.to(tl.int64) * Tq * HEAD_DIM  # fp32, contiguous; used with ATOMIC_DQ only
     # query rows [lo, Tq) see some key of this block; rows >= mid see all of it (up to klen)
     if CAUSAL:
         lo = tl.maximum(start_n - diag, 0)
@@ -247,12 +253,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KLENS,
     # a block wholly inside klen needs no mask past the diagonal; one that crosses klen does
     inside = tl.minimum(tl.maximum(klen - start_n - BLOCK_N + 1, 0), 1)
     split = mid + inside * (q_end - mid)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
-                             lo, tl.minimum(mid, q_end), offs_n, offs_d, Tq, klen, diag, qk_scale, True, CAUSAL, BLOCK_M)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
-                             mid, split, offs_n, offs_d, Tq, klen, diag, qk_scale, False, CAUSAL, BLOCK_M)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
-                             split, q_end, offs_n, offs_d, Tq, klen, diag, qk_scale, True, CAUSAL, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
+                             lo, tl.minimum(mid, q_end), offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True, CAUSAL,
+                             ATOMIC_DQ, HEAD_DIM, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
+                             mid, split, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, False, CAUSAL,
+                             ATOMIC_DQ, HEAD_DIM, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
+                             split, q_end, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True, CAUSAL,
+                             ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk = dk * sm_scale
     out = offs_n[:, None] < Tk
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -329,38 +338,54 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
 # chosen when TRITON_INTERPRET=1 is set before this module is imported.
 INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
-# Launch configurations. Without a GPU measurement at hand these are chosen by reasoning for an
-# H100 (the shapes FlashAttention-2 and Triton's tutorial settle on): forward and dq tiles of
-# 128 queries x 64 keys, dk/dv tiles of 128 keys x 32 queries (keys stay in registers while the
-# queries stream through), 4 warps for D <= 64 and 8 for D = 128, a 3-stage load pipeline.
-# On a GPU the autotuner times these against a few alternatives per (D, causal, k_lens, length bucket);
-# FUSED_ATTENTION_AUTOTUNE=0 skips the timing and uses these fixed ones.
+# Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head
+# dim (D <= 64 shares the D = 64 row). No GPU was at hand to time them, so the first entry of each list,
+# the fixed default, is the largest tile that ptxas (CUDA 13, sm_90a, bf16, causal + k_lens variant)
+# compiles without register spills; the others are what the autotuner also times on a GPU, once per
+# (D, causal, k_lens, dtype, power-of-two bucket of Tq and Tk). FUSED_ATTENTION_AUTOTUNE=0: defaults only.
+TILES = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
+    ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    ("dq", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (128, 32, 8, 3)],
+    ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 128): [(32, 64, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3)],
+    ("dkdv_atomic", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+    ("dkdv_atomic", 128): [(16, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)],
+}
+# under the interpreter: small tiles, so that short test sequences still cross several blocks
+INTERPRETER_TILES = dict(fwd=(32, 32), dq=(32, 16), dkdv=(16, 32), dkdv_atomic=(16, 32))
+
+def _tiles(kernel, head_dim):
+    return TILES[(kernel, 64 if head_dim <= 64 else 128)]
+
 def _fixed_config(kernel, head_dim):
-    if INTERPRETED:  # small tiles so that short test sequences still cross several blocks
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32), dq=dict(BLOCK_M=32, BLOCK_N=16),
-                    dkdv=dict(BLOCK_M=16, BLOCK_N=32))[kernel]
-    warps = 4 if head_dim <= 64 else 8
-    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
-                dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
-                dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=warps, num_stages=3))[kernel]
+    if INTERPRETED:
+        m, n = INTERPRETER_TILES[kernel]
+        return dict(BLOCK_M=m, BLOCK_N=n)
+    m, n, w, s = _tiles(kernel, head_dim)[0]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+def _autotuned(kernel, name, reset_to_zero=None):
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+               for m, n, w, s in sorted(set(TILES[(name, 64)] + TILES[(name, 128)]))]
+    def prune(configs, named_args, **kwargs):  # only the tiles listed for this head dim
+        keep = _tiles(name, kwargs["HEAD_DIM"])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"],
+                           prune_configs_by=dict(early_config_prune=prune), reset_to_zero=reset_to_zero)(kernel)
 
 AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1" and not INTERPRETED
 if AUTOTUNE:
-    _key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"]
-    _fwd_tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-                                  for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                                                     (64, 64, 4, 4), (128, 32, 4, 4)]], key=_key)(_fwd_kernel)
-    _dq_tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-                                 for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4),
-                                                    (64, 64, 4, 3)]], key=_key)(_bwd_dq_kernel)
-    _dkdv_tuned = triton.autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-                                   for m, n, w, s in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
-                                                      (64, 64, 4, 3), (32, 64, 4, 4)]], key=_key)(_bwd_dkdv_kernel)
+    _fwd_tuned = _autotuned(_fwd_kernel, "fwd")
+    _dq_tuned = _autotuned(_bwd_dq_kernel, "dq")
+    _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv")
+    _dkdv_atomic_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv_atomic", reset_to_zero=["DQ"])  # timing runs add into DQ
 
 def _launch(kernel, name, grid_rows, BH, head_dim, args, kwargs):
     """Launch with the tuned or the fixed configuration; grid_rows(meta) gives the first grid dimension."""
     if AUTOTUNE:
-        tuned = dict(fwd=_fwd_tuned, dq=_dq_tuned, dkdv=_dkdv_tuned)[name]
+        tuned = dict(fwd=_fwd_tuned, dq=_dq_tuned, dkdv=_dkdv_tuned, dkdv_atomic=_dkdv_atomic_tuned)[name]
         tuned[lambda meta: (grid_rows(meta), BH)](*args, **kwargs)
     else:
         cfg = _fixed_config(name, head_dim)
@@ -392,17 +417,23 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale):
     _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_M=pre_block)
-    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
     klens_arg = k_lens if k_lens is not None else lse
     common = dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D)
     strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _launch(_bwd_dkdv_kernel, "dkdv", lambda meta: triton.cdiv(Tk, meta["BLOCK_N"]), B * H, D,
-            (q, k, v, do, dk, dv, lse, delta, klens_arg, *strides_qkvdo,
+    atomic = BWD == "atomic"
+    # "split": dq by its own kernel (recomputes QK^T and dO V^T: 7 matmuls in all, no atomics);
+    # "atomic": the dk/dv kernel also adds each block's dq into an fp32 buffer (5 matmuls, atomics)
+    dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device) if atomic else lse
+    _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv", lambda meta: triton.cdiv(Tk, meta["BLOCK_N"]), B * H, D,
+            (q, k, v, do, dk, dv, dq_acc, lse, delta, klens_arg, *strides_qkvdo,
              dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-             H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), common)
+             H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), dict(common, ATOMIC_DQ=atomic))
+    if atomic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     _launch(_bwd_dq_kernel, "dq", lambda meta: triton.cdiv(Tq, meta["BLOCK_M"]), B * H, D,
             (q, k, v, do, dq, lse, delta, klens_arg, *strides_qkvdo,
              dq.stride(0), dq.stride(1), dq.stride(2),
@@ -438,6 +469,8 @@ def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); to run it on "
                          f"the CPU set TRITON_INTERPRET=1 before fused_attention is imported")
+    if BWD not in ("split", "atomic"):
+        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be split or atomic, got {BWD!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if k_lens is not None:
         k_lens = k_lens.to(device=q.device, dtype=torch.int32).contiguous()

@@ -38,6 +38,16 @@ CASES += [
     ("float16", 128, 17, 33, True, "pad", "bhtd"),
 ]
 
+# the backward's other way of getting dq (atomic adds from the dk/dv kernel), on a subset
+ATOMIC_CASES = [
+    ("float32", 32, 100, 17, True, "pad", "bhtd"),
+    ("float32", 32, 1, 100, False, "pad", "bhtd"),
+    ("float32", 32, 129, 129, False, None, "bhtd"),
+    ("float32", 16, 33, 70, True, "pad", "bhtd"),
+    ("float16", 64, 129, 129, True, "pad", "bhtd"),
+    ("float16", 32, 100, 17, True, None, "bthd"),
+]
+
 def case_id(case):
     dtype, D, Tq, Tk, causal, k_lens, layout = case
     return f"{dtype}-D{D}-q{Tq}-k{Tk}-{'causal' if causal else 'full'}-{k_lens or 'nolens'}-{layout}"
@@ -114,6 +124,10 @@ def interpreter_results():
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_triton_interpreter(case, interpreter_results):
     check(case, interpreter_results[case_id(case)])
+
+@pytest.mark.parametrize("case", ATOMIC_CASES, ids=case_id)
+def test_triton_interpreter_atomic_dq(case, interpreter_results):
+    check(case, interpreter_results["atomic-" + case_id(case)])
 
 # -----------------------------------------------------------------------------
 # the PyTorch path, in this process
@@ -196,9 +210,12 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     import fused_attention
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
     results = {}
-    for case in CASES:
-        try:
-            results[case_id(case)] = errors(case, "triton")
-        except Exception as e:  # report it against its own case
-            results[case_id(case)] = {"error": f"{type(e).__name__}: {e}"}
+    for bwd, cases in (("split", CASES), ("atomic", ATOMIC_CASES)):
+        fused_attention.BWD = bwd
+        for case in cases:
+            name = case_id(case) if bwd == "split" else "atomic-" + case_id(case)
+            try:
+                results[name] = errors(case, "triton")
+            except Exception as e:  # report it against its own case
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(results))
