@@ -5,16 +5,22 @@ Fused attention shared by all three models.
     y = attention(q, k, v, causal=False, k_lens=None, sm_scale=None)
 
 q is (B, H, Tq, D), k and v are (B, H, Tk, D). k_lens (optional, integer, shape (B,)) gives the
-number of valid keys per batch element: keys at positions >= k_lens[b] are ignored. With causal=True
-the mask is aligned bottom-right, query i sees keys j <= i + Tk - Tq (what a KV cache needs). A query
-that sees no key at all returns zeros and passes zero gradient.
+number of valid keys per batch element: keys at positions >= k_lens[b] are ignored (values are
+clamped to [0, Tk]). With causal=True the mask is aligned bottom-right: query i sees keys
+j <= i + Tk - Tq (what a KV cache needs). sm_scale defaults to 1/sqrt(D). A query that sees no key
+at all returns zeros and passes zero gradient.
 
 Two implementations of the same function:
-- "triton": our FlashAttention-2 style kernels (forward + backward), for CUDA tensors (or CPU tensors
-  under Triton's interpreter, TRITON_INTERPRET=1, which is how the tests check it without a GPU).
-- "torch": PyTorch's scaled_dot_product_attention with a boolean mask; runs anywhere, any dtype.
-Which one runs: the `backend` keyword, else the module setting BACKEND, which defaults to the
-environment variable FUSED_ATTENTION=auto|triton|torch. "auto" = triton for CUDA tensors, torch otherwise.
+- "triton": our FlashAttention-2 style kernels (forward + backward) for CUDA tensors in fp16/bf16,
+  head dim 16, 32, 64 or 128 (or CPU tensors under Triton's interpreter, TRITON_INTERPRET=1 set
+  before this module is imported: how the tests check the kernels without a GPU).
+- "torch": PyTorch's scaled_dot_product_attention with the equivalent boolean mask; any device,
+  dtype and head dim.
+Which one runs: the `backend` keyword, else the module setting BACKEND, which comes from the
+environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton where it applies,
+i.e. CUDA + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
+cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
+timing a few per shape, FUSED_ATTENTION_BWD=atomic gets dq by atomic adds (see _flash_backward).
 """
 
 import math

@@ -174,16 +174,19 @@ def test_bad_input_is_rejected_clearly():
 # -----------------------------------------------------------------------------
 # the compiled kernels on a GPU, against SDPA (skipped without CUDA)
 
-GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1000), (1000, 1000), (1037, 2100), (256, 77))
+GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1000), (1037, 1037), (1037, 2100), (256, 77))
              for causal in (False, True) for lens in (False, True)]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bwd", ["split", "atomic"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("D,Tq,Tk,causal,lens", GPU_CASES)
-def test_gpu_kernel_vs_sdpa(dtype, D, Tq, Tk, causal, lens):
+def test_gpu_kernel_vs_sdpa(dtype, bwd, D, Tq, Tk, causal, lens, monkeypatch):
     import fused_attention
     if fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
+    monkeypatch.setattr(fused_attention, "AUTOTUNE", False)  # the default tiles: one compile per variant
+    monkeypatch.setattr(fused_attention, "BWD", bwd)
     case = (dtype, D, Tq, Tk, causal, "pad" if lens else None, "bthd")
     q, k, v, do, k_lens = make_inputs(case, device="cuda", B=4, H=4)
     if k_lens is not None:
