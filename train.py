@@ -255,8 +255,8 @@ if __name__ == "__main__":
     if master:
         print(f"{model}: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable "
               f"({sum(p.numel() for p in decay) / 1e6:.2f}M with weight decay)")
-    train_model = torch.compile(raw_model) if compile else raw_model
-    if ddp:
+    train_model = eval_model = torch.compile(raw_model) if compile else raw_model
+    if ddp:  # (evaluation, on the master only, uses the unwrapped model: no collectives there)
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
                           find_unused_parameters=ddp_find_unused_parameters)
@@ -270,16 +270,16 @@ if __name__ == "__main__":
     def estimate_loss():
         """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
         out = {}
-        train_model.eval()
+        eval_model.eval()
         for i, split in enumerate(("train", "val")):
-            rng = data_rng(1, i, ddp_rank)
+            rng = data_rng(1, i, 0)
             losses = []
             for _ in range(eval_iters):
                 with ctx:
-                    _, loss = train_model(**to_device(M.get_batch(data, split, batch_size, rng)))
+                    _, loss = eval_model(**to_device(M.get_batch(data, split, batch_size, rng)))
                 losses.append(loss.item())
             out[split] = float(np.mean(losses))
-        train_model.train()
+        eval_model.train()
         return out
 
     decay_end = lr_decay_iters or max_iters
