@@ -172,6 +172,35 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(x, x, x, backend="triton")
 
 # -----------------------------------------------------------------------------
+# the kernels through Triton's real compiler (to H100 machine code; no GPU needed): catches what the
+# interpreter lets through (types across loops and branches, constexpr use, shared memory limits)
+
+def test_kernels_compile_for_h100():
+    import fused_attention as fa
+    if fa.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import triton
+    except ImportError as e:
+        pytest.skip(f"this triton cannot compile ahead of time: {e}")
+    pointers = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    pointers.update(LSE="*fp32", DELTA="*fp32", KLENS="*i32")
+    for name, kernel in (("fwd", fa._fwd_kernel), ("dq", fa._bwd_dq_kernel), ("dkdv_atomic", fa._bwd_dkdv_kernel)):
+        m, n, warps, stages = fa._tiles(name, 64)[0]
+        constexprs = dict(HAS_KLENS=True, CAUSAL=True, HEAD_DIM=64, BLOCK_M=m, BLOCK_N=n)
+        if name == "dkdv_atomic":  # covers the split variant too: ATOMIC_DQ only adds code
+            constexprs["ATOMIC_DQ"] = True
+            pointers["DQ"] = "*fp32"
+        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "fp32" if "scale" in a else "i32")
+                     for a in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
+        assert "wgmma" in compiled.asm["ptx"], f"{name}: no Hopper tensor-core instructions"
+        assert compiled.metadata.shared <= 228 * 1024, f"{name}: {compiled.metadata.shared} bytes of shared memory"
+
+# -----------------------------------------------------------------------------
 # the compiled kernels on a GPU, against SDPA (skipped without CUDA)
 
 GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1000), (1037, 1037), (1037, 2100), (256, 77))
