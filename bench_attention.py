@@ -44,11 +44,11 @@ if not torch.cuda.is_available():
     sys.exit("bench_attention.py: no CUDA GPU found; this benchmark times GPU kernels and measured nothing. "
              "Run it on a machine with an NVIDIA GPU.")
 
-os.environ["FUSED_ATTENTION_AUTOTUNE"] = str(args.autotune)  # read when fused_attention is imported
 import triton
 from triton.testing import do_bench
 import fused_attention
 from fused_attention import attention
+fused_attention.AUTOTUNE = bool(args.autotune)
 
 seqlens = [1024, 4096] if args.quick else [int(s) for s in args.seqlens.split(",")]
 dims = [64] if args.quick else [int(s) for s in args.dims.split(",")]
@@ -142,7 +142,7 @@ for i, (D, causal, mixed, T) in enumerate(configs):
     eta = (time.time() - t0) / (i + 1) * (len(configs) - i - 1)
     print(line, f"  [{i + 1}/{len(configs)}, eta {eta:.0f}s]", flush=True)
 
-if fused_attention.AUTOTUNE:  # which tiles the autotuner picked, per (D, causal, k_lens, Tq bucket, Tk bucket)
+if args.autotune:  # which tiles the autotuner picked, per (D, causal, k_lens, Tq bucket, Tk bucket)
     picks = ["", "autotuner picks (BLOCK_M, BLOCK_N, warps, stages):", ""]
     for name, tuned in (("fwd", fused_attention._fwd_tuned), ("dq", fused_attention._dq_tuned),
                         ("dkdv", fused_attention._dkdv_tuned), ("dkdv_atomic", fused_attention._dkdv_atomic_tuned)):

@@ -381,8 +381,8 @@ def _autotuned(kernel, name, reset_to_zero=None):
     return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"],
                            prune_configs_by=dict(early_config_prune=prune), reset_to_zero=reset_to_zero)(kernel)
 
-AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1" and not INTERPRETED
-if AUTOTUNE:
+AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1"
+if not INTERPRETED:  # the interpreter takes one configuration only
     _fwd_tuned = _autotuned(_fwd_kernel, "fwd")
     _dq_tuned = _autotuned(_bwd_dq_kernel, "dq")
     _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv")
@@ -390,7 +390,7 @@ if AUTOTUNE:
 
 def _launch(kernel, name, grid_rows, BH, head_dim, args, kwargs):
     """Launch with the tuned or the fixed configuration; grid_rows(meta) gives the first grid dimension."""
-    if AUTOTUNE:
+    if AUTOTUNE and not INTERPRETED:
         tuned = dict(fwd=_fwd_tuned, dq=_dq_tuned, dkdv=_dkdv_tuned, dkdv_atomic=_dkdv_atomic_tuned)[name]
         tuned[lambda meta: (grid_rows(meta), BH)](*args, **kwargs)
     else:
