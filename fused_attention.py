@@ -136,8 +136,9 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
                 H, Tq, Tk, qk_scale, q_bucket, k_bucket,
                 HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(Tq, BLOCK_M)
+    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    off_bh = tl.program_id(0) // n_blocks
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     klen = Tk
@@ -177,8 +178,9 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
                     H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the softmax-gradient term of every row
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(Tq, BLOCK_M)
+    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    off_bh = tl.program_id(0) // n_blocks
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -226,8 +228,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
                      H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                      HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(Tk, BLOCK_N)
+    start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
+    off_bh = tl.program_id(0) // n_blocks
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     klen = Tk
@@ -307,8 +310,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
                    H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                    HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(Tq, BLOCK_M)
+    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    off_bh = tl.program_id(0) // n_blocks
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     klen = Tk
@@ -388,14 +392,17 @@ if not INTERPRETED:  # the interpreter takes one configuration only
     _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv")
     _dkdv_atomic_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv_atomic", reset_to_zero=["DQ"])  # timing runs add into DQ
 
+# The grid is one-dimensional, (row blocks x B*H) programs with the row block varying fastest, so that
+# the programs running at the same time share one head's K and V in L2 (a second grid dimension for
+# B*H would be capped at 65535, which batches of many short windows reach).
 def _launch(kernel, name, grid_rows, BH, head_dim, args, kwargs):
-    """Launch with the tuned or the fixed configuration; grid_rows(meta) gives the first grid dimension."""
+    """Launch with the tuned or the fixed configuration; grid_rows(meta) is the number of row blocks."""
     if AUTOTUNE and not INTERPRETED:
         tuned = dict(fwd=_fwd_tuned, dq=_dq_tuned, dkdv=_dkdv_tuned, dkdv_atomic=_dkdv_atomic_tuned)[name]
-        tuned[lambda meta: (grid_rows(meta), BH)](*args, **kwargs)
+        tuned[lambda meta: (grid_rows(meta) * BH,)](*args, **kwargs)
     else:
         cfg = _fixed_config(name, head_dim)
-        kernel[(grid_rows(cfg), BH)](*args, **kwargs, **cfg)
+        kernel[(grid_rows(cfg) * BH,)](*args, **kwargs, **cfg)
 
 def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
@@ -420,7 +427,7 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale):
         do = do.contiguous()
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = 64
-    _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
+    _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_M=pre_block)
     dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
