@@ -405,6 +405,8 @@ def _launch(kernel, name, grid_rows, BH, head_dim, args, kwargs):
         kernel[(grid_rows(cfg) * BH,)](*args, **kwargs, **cfg)
 
 def _bucket(n):
+    # q_bucket / k_bucket: kernel arguments only the autotuner reads (its key), so that it re-times when a
+    # length crosses a power of two, not at every new length (a KV cache grows by one key per step)
     return triton.next_power_of_2(max(int(n), 1))
 
 def _flash_forward(q, k, v, causal, k_lens, sm_scale):
