@@ -137,7 +137,10 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
                 HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_blocks = tl.cdiv(Tq, BLOCK_M)
-    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    block = tl.program_id(0) % n_blocks
+    if CAUSAL:  # the last query blocks see the most keys: start them first, for a shorter tail
+        block = n_blocks - 1 - block
+    start_m = block * BLOCK_M
     off_bh = tl.program_id(0) // n_blocks
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -311,7 +314,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
                    HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_blocks = tl.cdiv(Tq, BLOCK_M)
-    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    block = tl.program_id(0) % n_blocks
+    if CAUSAL:  # the last query blocks see the most keys: start them first, for a shorter tail
+        block = n_blocks - 1 - block
+    start_m = block * BLOCK_M
     off_bh = tl.program_id(0) // n_blocks
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
