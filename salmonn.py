@@ -81,7 +81,8 @@ class SALMONNConfig:
     llm_n_head: int = 4
     llm_n_embd: int = 256
     llm_block_size: int = 256
-    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace the llm_* above
+    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt. Its sizes replace the llm_* above;
+                                   # the model then clears this field (the weights live on in our checkpoints)
     llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
     lora_rank: int = 8
@@ -464,6 +465,8 @@ class SALMONN(nn.Module):
                                  f"tokenizer vocab_size {config.vocab_size}")
             config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
             config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
+            print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} wide)")
+            config.llm_init = ""  # consumed: the sizes are in the config now and the weights go into our checkpoints
         text_only = config.stage == "llm"
         lora_rank = 0 if text_only else config.lora_rank
         self.llm = GPT2(config, lora_rank)
@@ -481,6 +484,8 @@ class SALMONN(nn.Module):
                 whisper_state, dims = load_whisper_encoder_state(config.whisper_init)
                 config.speech_n_layer, config.speech_n_head = dims["n_audio_layer"], dims["n_audio_head"]
                 config.speech_n_embd, config.speech_n_mels = dims["n_audio_state"], dims["n_mels"]
+                print(f"whisper_init: loaded the speech encoder of {config.whisper_init}")
+                config.whisper_init = ""  # consumed, like llm_init
             speech_mels = config.speech_n_mels or config.n_mels
             self.speech = SpeechEncoder(speech_mels, config.speech_n_embd, config.speech_n_head,
                                         config.speech_n_layer, config.dropout)
@@ -503,7 +508,9 @@ class SALMONN(nn.Module):
               f"{sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
 
     def _init_weights(self, m):
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        # convolutions keep PyTorch's default init (as Whisper and BEATs do): with std 0.02 their output
+        # would be ~10x smaller than the sinusoidal positions added to it, and the audio content drowns
+        if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -948,7 +955,6 @@ def evaluate(model, data, tok, split="val", **opts):
             continue
         refs, hyps = [], []
         for ci, instruction, answer in entries:
-            clip = S["clips"][ci]
             audio = {"mel": data.clip_mel(split, ci)}
             hyps.append(sample(model, tok, audio, instruction or INSTRUCTIONS[task][0], None, **sample_opts)["text"])
             refs.append(answer)

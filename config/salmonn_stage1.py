@@ -1,0 +1,45 @@
+# SALMONN stage 1, pre-training: transcription and captioning only. Encoders, Q-Former, projection and LoRA
+# train; the LLM from config/salmonn_llm.py is loaded (llm_init) and frozen.
+# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM and
+# pretrained encoders. Our encoders and Q-Former start from random weights and the whole model is tiny, so the
+# peak lr is ours: 1e-3 here, lower in later stages. Sizes are ours too (CPU scale).
+# python train.py config/salmonn_stage1.py   ->  out/salmonn-stage1/ckpt.pt
+model = "salmonn"
+stage = "pretrain"
+out_dir = "out/salmonn-stage1"
+data_dir = "data/synth"
+init_from = "scratch"
+llm_init = "out/salmonn-llm/ckpt.pt"
+# model (every stage uses the same sizes)
+speech_n_layer = 2
+speech_n_head = 4
+speech_n_embd = 128
+beats_n_layer = 2
+beats_n_head = 4
+beats_n_embd = 128
+beats_patch_f = 16
+qformer_n_layer = 2
+qformer_n_head = 4
+qformer_n_embd = 128
+window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s)
+window_queries = 1
+llm_n_layer = 4        # must match config/salmonn_llm.py
+llm_n_head = 4
+llm_n_embd = 128
+llm_block_size = 160
+lora_rank = 8          # paper: rank 8, alpha 32 (scale 4.0), dropout 0.1
+lora_alpha = 32.0
+lora_dropout = 0.1
+dropout = 0.1
+# optimiser
+batch_size = 16
+max_iters = 600
+warmup_iters = 100
+learning_rate = 1e-3
+min_lr = 1e-4
+beta1 = 0.9
+beta2 = 0.999
+weight_decay = 0.05
+eval_interval = 200
+eval_iters = 10
+log_interval = 25

@@ -1,0 +1,44 @@
+# SALMONN stage 2, instruction tuning: all tasks (transcription, captioning, QA, music description,
+# classification), starting from the stage-1 checkpoint. Same model; LLM frozen, LoRA + encoders train.
+# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM and
+# pretrained encoders. Our encoders and Q-Former start from random weights and the whole model is tiny, so the
+# peak lr is ours: 5e-4 here (stage 1: 1e-3). Sizes are ours too (CPU scale).
+# python train.py config/salmonn_stage2.py   ->  out/salmonn-stage2/ckpt.pt
+model = "salmonn"
+stage = "instruct"
+out_dir = "out/salmonn-stage2"
+data_dir = "data/synth"
+init_from = "out/salmonn-stage1/ckpt.pt"
+# model (every stage uses the same sizes)
+speech_n_layer = 2
+speech_n_head = 4
+speech_n_embd = 128
+beats_n_layer = 2
+beats_n_head = 4
+beats_n_embd = 128
+beats_patch_f = 16
+qformer_n_layer = 2
+qformer_n_head = 4
+qformer_n_embd = 128
+window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s)
+window_queries = 1
+llm_n_layer = 4        # must match config/salmonn_llm.py
+llm_n_head = 4
+llm_n_embd = 128
+llm_block_size = 160
+lora_rank = 8          # paper: rank 8, alpha 32 (scale 4.0), dropout 0.1
+lora_alpha = 32.0
+lora_dropout = 0.1
+dropout = 0.1
+# optimiser
+batch_size = 16
+max_iters = 600
+warmup_iters = 100
+learning_rate = 5e-4
+min_lr = 5e-5
+beta1 = 0.9
+beta2 = 0.999
+weight_decay = 0.05
+eval_interval = 200
+eval_iters = 10
+log_interval = 25
