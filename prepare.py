@@ -249,25 +249,34 @@ def assign_nearest(x, means, chunk=8192, return_dist=False):
         dst.append(v + (x[s:s + chunk] ** 2).sum(1))
     return (torch.cat(idx), torch.cat(dst)) if return_dist else torch.cat(idx)
 
+class Standardize(torch.nn.Module):
+    """Per-channel (x - mean) / std on the encoder output (B, 128, T): the offline codec's calibration."""
+    def __init__(self, dim=128):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x):
+        return (x - self.mean[:, None]) / self.std[:, None]
+
 @torch.no_grad()
 def calibrate(model, emb):
     """Offline codec only: a random encoder's outputs sit in a tiny cloud far from zero (spread ~1e-2 around a
-    common offset), where float rounding alone flips nearest-codeword choices. Fold a per-channel standardisation
-    into the encoder's last conv, and its inverse into the decoder's first conv (a constant offset survives the
-    reflect padding, so the pair is exact). Returns the standardised emb."""
-    mu, sd = emb.mean(0), emb.std(0).clamp_min(1e-8)
-    enc = model.encoder.model[-1].conv.conv
-    w = torch._weight_norm(enc.weight_v, enc.weight_g, 0) / sd[:, None, None]
-    enc.weight_v.data.copy_(w)
-    enc.weight_g.data.copy_(w.norm(dim=(1, 2), keepdim=True))
-    enc.bias.data.copy_((enc.bias - mu) / sd)
+    common offset), where float rounding alone flips nearest-codeword choices. Append a per-channel
+    standardisation to the encoder, and fold its inverse into the decoder's first conv (a constant offset survives
+    the reflect padding, so that is exact). emb (N, 128): outputs of the uncalibrated encoder; returns them
+    standardised by the very same op, so stored codes equal what the calibrated encoder gives."""
+    std = Standardize(emb.shape[1])
+    std.mean.copy_(emb.mean(0))
+    std.std.copy_(emb.std(0).clamp_min(1e-8))
+    model.encoder.model.append(std)
     dec = model.decoder.model[0].conv.conv
     w = torch._weight_norm(dec.weight_v, dec.weight_g, 0)
-    dec.bias.data.add_((w * mu[None, :, None]).sum((1, 2)))
-    w = w * sd[None, :, None]
+    dec.bias.data.add_((w * std.mean[None, :, None]).sum((1, 2)))
+    w = w * std.std[None, :, None]
     dec.weight_v.data.copy_(w)
     dec.weight_g.data.copy_(w.norm(dim=(1, 2), keepdim=True))
-    return (emb - mu) / sd
+    return std(emb.T[None])[0].T
 
 def fit_codebooks(model, emb, iters=12, seed=0):
     """Fit the first N_Q residual codebooks by k-means on encoder outputs emb (N, 128), as EnCodec's quantizer
@@ -299,6 +308,7 @@ def load_codec(data_dir):
     if not ckpt.get("fitted"):
         raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were never fitted")
     model = offline_codec()
+    model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers.")) for k in missing):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match the EnCodec 24 kHz architecture")
@@ -634,7 +644,8 @@ def make_events(rng, max_dur):
         parts.pop(); seq.pop()                       # keep every event whole inside the clip
     total = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
     gap = max(0.08, gap - max(0.0, total - max_dur) / max(1, len(seq) - 1))
-    dur = min(max_dur, sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3)
+    dur = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
+    dur = min(max_dur, max(dur, float(rng.uniform(1.0, 1.8))))   # a lone click still gets a second of room
     wav = (rng.normal(0, 1, int(dur * SAMPLE_RATE)) * 0.002).astype(np.float32)   # faint background hiss
     t, onsets = 0.1 + float(rng.uniform(0, 0.05)), []
     for p in parts:
@@ -768,6 +779,9 @@ def synth_clip(seed, i, max_dur):
             break
     wav, info = fn(rng, max_dur)
     wav = np.clip(wav, -1, 1).astype(np.float32)
+    short = int(min(1.0, max_dur) * SAMPLE_RATE) - len(wav)
+    if short > 0:                                    # at least a second (a short morse word): trailing silence
+        wav = np.concatenate([wav, np.zeros(short, np.float32)])
     info["id"] = f"synth-{i:06d}"
     info["source"] = f"synth:{kind}"
     return wav, info
@@ -967,13 +981,14 @@ def main(argv=None):
     else:
         codec = offline_codec()
         codec_info = {"name": "encodec_24khz-offline", "pretrained": False, "weights": "codec.pt", "bandwidth": BANDWIDTH,
-                      "note": "EnCodec architecture, seeded random weights, codebooks fitted by k-means on this corpus"}
+                      "note": "EnCodec architecture, seeded random weights, encoder output standardised, "
+                              "codebooks fitted by k-means on this corpus; the decoder is untrained"}
         print("codec: OFFLINE EnCodec (no pretrained weights found): random seeded encoder/decoder, "
               f"{N_Q} residual codebooks fitted by k-means on this corpus, saved to {out / 'codec.pt'}")
 
     # --- the clips: a generator of (wav, info) in a fixed order
     if args.dataset == "synth":
-        n_total = args.clips
+        n_total = args.clips + (args.espeak_clips if args.espeak and shutil.which("espeak-ng") else 0)
         def clips():
             for i in range(args.clips):
                 if f"synth-{i:06d}" not in done_ids:
@@ -983,6 +998,8 @@ def main(argv=None):
                     print("--espeak: espeak-ng is not installed, skipping the spoken sentences")
                     return
                 for j, s in enumerate(espeak_sentences(np.random.default_rng(args.seed), args.espeak_clips)):
+                    if f"speech-{j:06d}" in done_ids:
+                        continue
                     try:
                         yield espeak_clip(s, j)
                     except Exception as e:
@@ -1005,9 +1022,11 @@ def main(argv=None):
     # --- pass 1: audio -> encoder outputs + mel, in batches (the slow part), with partial results saved in
     # chunks so an interrupted run resumes where it stopped
     work = out / f".work-{args_hash}"
+    if args.force:
+        shutil.rmtree(work, ignore_errors=True)
     work.mkdir(exist_ok=True)
     infos, embs, mels = [], [], []
-    audio_seconds = 0.0
+    audio_seconds = resumed_seconds = 0.0
     pbar = tqdm(total=n_total, unit="clip", disable=args.quiet, desc="encode", smoothing=0.1)
     batch, chunk_id, chunk_infos, chunk_embs, chunk_mels = [], 0, [], [], []
     budget = int(args.batch_seconds * SAMPLE_RATE)
@@ -1028,7 +1047,8 @@ def main(argv=None):
             chunk_mels.append(m.astype(np.float16))
             audio_seconds += len(w) / SAMPLE_RATE
         pbar.update(len(batch))
-        pbar.set_postfix(audio_s=f"{audio_seconds:.0f}", x_realtime=f"{audio_seconds / max(1e-9, time.time() - t_start):.1f}")
+        pbar.set_postfix(audio_s=f"{audio_seconds:.0f}",
+                         x_realtime=f"{(audio_seconds - resumed_seconds) / max(1e-9, time.time() - t_start):.1f}")
         batch.clear()
 
     def save_chunk():
@@ -1044,7 +1064,6 @@ def main(argv=None):
         chunk_id += 1
 
     CHUNK = 128
-    it = clips()
     done_chunks = sorted(work.glob("chunk*[0-9].npz"))
     for path in done_chunks:                          # resume: reload finished chunks
         z = np.load(path)
@@ -1062,8 +1081,9 @@ def main(argv=None):
     else:
         done_ids = set()
     pbar.update(len(infos))
+    resumed_seconds = audio_seconds
     pending = []
-    for wav, info in it:
+    for wav, info in clips():
         if info["id"] in done_ids:
             continue
         pending.append((wav, info))
@@ -1175,7 +1195,9 @@ def main(argv=None):
           f"codes use {len(np.unique(cs[:, 0]))} of {CODEBOOK_SIZE} values in codebook 0")
     if problems:
         print(f"skipped {sum(problems.values())} inputs: " + ", ".join(f"{n} x {p}" for p, n in problems.most_common()))
-    print(f"done: {audio_seconds:.1f} s of audio in {wall:.1f} s wall = {audio_seconds / wall:.2f} audio-seconds per second")
+    done_now = audio_seconds - resumed_seconds
+    print(f"done: {done_now:.1f} s of audio processed in {wall:.1f} s wall = {done_now / wall:.2f} audio-seconds per second"
+          + (f" ({resumed_seconds:.1f} s more resumed from an earlier run)" if resumed_seconds else ""))
     return out
 
 if __name__ == "__main__":
