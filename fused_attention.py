@@ -357,10 +357,10 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head
 # dim (D <= 64 shares the D = 64 row). No GPU was at hand to time them, so the first entry of each list,
 # the fixed default, is the largest tile that ptxas (CUDA 13, sm_90a, bf16, causal + k_lens variant)
-# compiles without register spills (dq at D = 128: 4 bytes); the others are what the autotuner also times on a GPU, once per
+# compiles without register spills (forward and dq at D = 128: 4-8 bytes); the others are what the autotuner also times on a GPU, once per
 # (D, causal, k_lens, dtype, power-of-two bucket of Tq and Tk). FUSED_ATTENTION_AUTOTUNE=0: defaults only.
 TILES = {
-    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
     ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
     ("dq", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (128, 32, 8, 3)],
