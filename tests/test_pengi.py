@@ -244,6 +244,29 @@ def test_fit_logistic_separates():
     assert (predict(x[100:]) == y[100:]).float().mean() == 1.0
 
 
+def test_task_mix_from_templates(synth_dir):
+    """Every task of the synth corpus comes through the paper's templates, in one mix."""
+    import prepare
+    tok = prepare.load_tokenizer(synth_dir)
+    cfg = pengi.PengiConfig(max_frames=64)
+    data = pengi.load_data(synth_dir, cfg, tok)
+    prompts = {t: {tok.decode(p) for _, p, _ in ex} for t, ex in data["train"]["by_task"].items()}
+    assert {"caption", "metadata", "class", "qa", "instrument"} <= set(prompts) and ({"pitch", "chord"} & set(prompts))
+    for task in ("caption", "metadata", "class", "instrument"):
+        assert prompts[task] == {pengi.PROMPTS[task]}
+    assert all(p.startswith("question: ") for p in prompts["qa"])
+    clip = next(c for c in data["train"]["clips"] if "class" in c["labels"])
+    assert ("class", "this is a sound of", clip["labels"]["class"]) in pengi.clip_tasks(clip, data["tasks"])
+    b = pengi.get_batch(data, "train", 64, np.random.default_rng(0))
+    assert b["mel"].shape == (64, 64, cfg.n_mels) and b["mel"].dtype == torch.float32
+    n = (b["targets"] != -1).sum(1)
+    assert (b["targets"][torch.arange(64), n - 1] == cfg.eot_token).all()
+    seen = {tok.decode(b["prompt"][i, :b["prompt_lens"][i]].tolist()) for i in range(64)}
+    assert len({p for p in seen if not p.startswith("question: ")}) >= 4  # several tasks in one batch
+    with pytest.raises(ValueError, match="unknown"):
+        pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class,emotion"), tok)
+
+
 def write_random_llm(path, vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, std=0.3, seed=0):
     """A random LM in the salmonn stage-llm ckpt.pt format, with weights large enough to give peaked logits
     (GPT-2's 0.02 init gives near-uniform ones, which no prefix can steer)."""

@@ -1,0 +1,39 @@
+# Pengi at the paper's sizes, for a GPU: GPT-2 base (12 x 768, frozen), k = 40 prefix vectors per modality
+# (80 prefix positions), 1024-d shared embedding, beam 5 at evaluation (python eval.py out/pengi-paper --beam=5).
+# llm_init: a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin), e.g. one
+# saved by `transformers` as gpt2/. Its vocab is GPT-2's: prepare the data where tiktoken's gpt2 files exist.
+# The HTSAT sizes follow HTSAT-tiny (96 wide, depths 2,2,6,2, window 8, patch 4) over 768 mel frames (10.2 s
+# at 75 frames/s). The text encoder is GPT-2's own first 12 layers (CLIP's text tower in the paper) and the
+# mappers ClipCap's 8-layer transformer. The optimiser settings and clap_weight are ours.
+model = "pengi"
+out_dir = "out/pengi-paper"
+data_dir = "data/synth"
+llm_init = "gpt2"
+tasks = "caption,metadata,class,qa,music"
+max_frames = 768
+patch_size = 4
+enc_dim = 96
+enc_depths = "2,2,6,2"
+enc_heads = "4,8,16,32"
+window = 8
+d_embed = 1024
+text_n_layer = 12
+text_init = "llm"
+prefix_len = 40
+map_n_layer = 8
+map_n_head = 8
+dropout = 0.1
+clap_weight = 1.0        # ours: the paper's HTSAT came CLAP-pretrained; ours starts from scratch (0 = paper objective only)
+max_answer_tokens = 64
+batch_size = 64
+max_iters = 20000
+warmup_iters = 1000
+learning_rate = 1e-4
+min_lr = 1e-5
+weight_decay = 0.05
+beta2 = 0.99
+eval_interval = 1000
+eval_iters = 20
+log_interval = 50
+device = "cuda"
+dtype = "bfloat16"

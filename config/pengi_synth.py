@@ -1,0 +1,34 @@
+# Pengi at CPU size on data/synth: every task (caption, metadata, class, QA, music) as text generation.
+# The frozen LM is the small GPT-2-layout LLM pretrained on the corpus text by config/salmonn_llm.py
+# (GPT-2 base is the paper's; it is not reachable offline). Sizes, prefix length and budget are ours.
+# python train.py config/salmonn_llm.py && python train.py config/pengi_synth.py && python eval.py out/pengi-synth
+model = "pengi"
+out_dir = "out/pengi-synth"
+data_dir = "data/synth"
+llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields
+tasks = "caption,metadata,class,qa,music"
+# audio encoder: 2 Swin stages over 4x4 patches of 192 mel frames (2.6 s) x 64 bins
+max_frames = 192
+patch_size = 4
+enc_dim = 32
+enc_depths = "2,2"
+enc_heads = "2,4"
+window = 8
+d_embed = 64             # paper: 1024
+text_n_layer = 2         # the LM's first 2 layers, frozen
+text_init = "llm"
+prefix_len = 8           # paper: 40 per modality
+map_n_layer = 2          # ClipCap: 8
+map_n_head = 4
+dropout = 0.1
+clap_weight = 1.0        # ours: stands in for the CLAP pretraining of the paper's HTSAT (0 = paper objective only)
+# optimiser (ours)
+batch_size = 16
+max_iters = 1500
+warmup_iters = 100
+learning_rate = 2e-3
+min_lr = 2e-4
+weight_decay = 0.05
+eval_interval = 250
+eval_iters = 10
+log_interval = 25
