@@ -146,6 +146,10 @@ class WhisperGPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 n = c.mel_n_layer if name.startswith("mel_") else c.n_layer
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n))
+        if c.use_mel:
+            # the mel vector comes out of a LayerNorm (unit scale per dim): start it at the token
+            # embedding's scale (0.02 per dim), so neither half of the fused input drowns the other
+            torch.nn.init.normal_(self.mel_out.weight, mean=0.0, std=0.02 / math.sqrt(c.mel_n_embd))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
