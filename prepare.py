@@ -335,8 +335,10 @@ def quantize(model, emb):
 
 def features(wav, codec):
     """features(wav, codec) -> (codes, mel): wav a 1-D float array/tensor at 24 kHz (n samples), codec from
-    load_codec(). codes: int64 np array (frames, 8) of EnCodec codes at 6 kbps (column 0 the coarse stream);
+    load_codec() (or a prepared data dir, whose codec is then loaded). codes: int64 np array (frames, 8) of EnCodec codes at 6 kbps (column 0 the coarse stream);
     mel: float32 np array (frames, 64) from log_mel(); frames = ceil(n / 320) for both, frame i aligned."""
+    if isinstance(codec, (str, Path)):
+        codec = load_codec(codec)
     wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
     emb = encode_emb(codec, [wav])[0]
     return quantize(codec, emb).numpy(), log_mel(wav)
@@ -578,8 +580,6 @@ def make_music(rng, max_dur):
             steps = steps[:k]
             up = bool(rng.integers(2))
             notes = [root + s for s in (steps if up else steps[::-1])]
-            if not up:
-                notes = [n for n in notes]
             shape = f"a {'rising' if up else 'falling'} {NOTE_NAMES[root % 12]} {quality} {pattern}"
         note_dur = float(min(rng.uniform(0.25, 0.5), (max_dur - 0.2) / len(notes)))
         dur = note_dur * len(notes) + 0.2
@@ -663,7 +663,6 @@ def make_events(rng, max_dur):
     if len(groups) == 1:
         e, c = groups[0]
         caption = f"{said[0]}." if e != "siren" else "a siren wails up and down."
-        caption = caption[0].upper() + caption[1:] if False else caption
         qa = [{"q": f"how many {EVENT_PLURAL[e]} are there?", "a": NUMBER_WORDS[c]},
               {"q": "what sound is this?", "a": e}]
         story = (f"In a quiet room, {EVENT_TEXT[e]} is heard" +
@@ -905,11 +904,6 @@ def atomic_write_text(path, text):
         f.write(text)
     os.replace(tmp, path)
 
-def atomic_write_array(path, arr):
-    tmp = f"{path}.tmp{os.getpid()}"
-    arr.tofile(tmp)
-    os.replace(tmp, path)
-
 def is_val(clip_id, val_percent):
     """Deterministic split: a clip goes to val by a hash of its id (stable when the corpus grows)."""
     return int(hashlib.md5(clip_id.encode()).hexdigest()[:8], 16) % 1000 < val_percent * 10
@@ -952,6 +946,8 @@ def main(argv=None):
     if args.src and not Path(args.src).is_dir():
         sys.exit(f"--src={args.src}: not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
+        stale.unlink()
     # a re-run with the same arguments skips finished work
     key_args = {k: v for k, v in vars(args).items() if k not in ("force", "quiet", "strict")}
     args_hash = hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
@@ -1110,6 +1106,13 @@ def main(argv=None):
     order = sorted(range(len(infos)), key=lambda i: infos[i]["id"])
     infos = [infos[i] for i in order]; embs = [embs[i] for i in order]; mels = [mels[i] for i in order]
 
+    # every output file is first written next to its final name, then all are renamed at the end, so a run that
+    # fails leaves the previous output as it was
+    staged = []
+    def stage(fname):
+        staged.append(fname)
+        return out / f"{fname}.tmp{os.getpid()}"
+
     # --- the offline codec: fit its codebooks on a sample of encoder outputs
     allemb = torch.from_numpy(np.concatenate(embs)).float()
     if not codec_info["pretrained"]:
@@ -1117,9 +1120,7 @@ def main(argv=None):
         allemb = calibrate(codec, allemb)
         pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
         fit_codebooks(codec, allemb[torch.from_numpy(np.sort(pick))], iters=args.kmeans_iters)
-        tmp = out / "codec.pt.tmp"
-        torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q}, tmp)
-        os.replace(tmp, out / "codec.pt")
+        torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q}, stage("codec.pt"))
         print(f"offline codec: fitted {N_Q} codebooks x {CODEBOOK_SIZE} on {len(pick)} frames in {time.time() - t0:.1f}s")
 
     # --- pass 2: quantize (cheap), tokenize, write the splits
@@ -1143,7 +1144,7 @@ def main(argv=None):
         t0 = time.time()
         ranks = train_bpe(texts, args.vocab_size)
         tok_name = f"{name}-bpe{len(ranks)}"
-        save_ranks(ranks, out / "tokenizer.tiktoken")
+        save_ranks(ranks, stage("tokenizer.tiktoken"))
         tok = make_encoding(tok_name, ranks)
         tok_info = {"name": tok_name, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token,
                     "special_tokens": {EOT: tok.eot_token}, "file": "tokenizer.tiktoken",
@@ -1151,11 +1152,14 @@ def main(argv=None):
         print(f"tokenizer: OFFLINE byte-level BPE, {tok.n_vocab} tokens, trained in {time.time() - t0:.1f}s "
               f"(GPT-2's files are not in the tiktoken cache)")
 
+    in_val = [is_val(info["id"], args.val_percent) for info in infos]
+    if args.val_percent > 0 and len(infos) >= 2 and not any(in_val):
+        in_val[-1] = True                             # a tiny dataset still gets a val clip (empty files cannot be mmapped)
+    if all(in_val):
+        in_val[0] = False
     splits = {}
     for split in ("train", "val"):
-        idx = [i for i, info in enumerate(infos) if is_val(info["id"], args.val_percent) == (split == "val")]
-        if not idx and split == "train":
-            idx = list(range(len(infos)))
+        idx = [i for i in range(len(infos)) if in_val[i] == (split == "val")]
         offset, lines = 0, []
         for i in idx:
             info = dict(infos[i])
@@ -1170,9 +1174,9 @@ def main(argv=None):
             offset += len(codes[i])
         c = np.concatenate([codes[i] for i in idx]) if idx else np.zeros((0, N_Q), np.uint16)
         m = np.concatenate([mels[i] for i in idx]) if idx else np.zeros((0, N_MELS), np.float16)
-        atomic_write_array(out / f"{split}_codes.bin", np.ascontiguousarray(c, dtype=np.uint16))
-        atomic_write_array(out / f"{split}_mel.bin", np.ascontiguousarray(m, dtype=np.float16))
-        atomic_write_text(out / f"{split}_clips.jsonl", "".join(l + "\n" for l in lines))
+        np.ascontiguousarray(c, dtype=np.uint16).tofile(stage(f"{split}_codes.bin"))
+        np.ascontiguousarray(m, dtype=np.float16).tofile(stage(f"{split}_mel.bin"))
+        stage(f"{split}_clips.jsonl").write_text("".join(l + "\n" for l in lines))
         splits[split] = {"clips": len(idx), "frames": int(offset)}
 
     wall = time.time() - t_start
@@ -1185,7 +1189,11 @@ def main(argv=None):
         "dataset": args.dataset, "audio_seconds": round(audio_seconds, 2),
         "skipped": dict(problems), "args": vars(args), "args_hash": args_hash,
     }
-    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    stage("meta.json").write_text(json.dumps(meta, indent=2))
+    if meta_path.exists():
+        meta_path.unlink()                            # no meta.json = incomplete, while the files are swapped
+    for fname in staged:                              # meta.json last
+        os.replace(out / f"{fname}.tmp{os.getpid()}", out / fname)
     shutil.rmtree(work, ignore_errors=True)
     for old in out.glob(".work-*"):
         shutil.rmtree(old, ignore_errors=True)

@@ -396,7 +396,7 @@ BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length", "sile
        "missing.wav": "named in the manifest but the file is missing"}
 
 
-def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, capsys):
+def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     write_folder(src)
     P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
@@ -424,6 +424,14 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
         P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--strict", "--force"] + FAST)
     assert "--strict" in str(e.value) and any(n in str(e.value) for n in BAD)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+    # a rebuild that fails half way (here: while training the tokenizer) leaves the old output complete
+    def crash(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(P, "train_bpe", crash)
+    with pytest.raises(RuntimeError):
+        P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0", "--force"] + FAST)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and ".tmp" not in p.name}
     assert after == before
 
 
