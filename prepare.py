@@ -311,7 +311,8 @@ def load_codec(data_dir):
     model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers.")) for k in missing):
-        raise ValueError(f"{Path(data_dir) / c['weights']}: does not match the EnCodec 24 kHz architecture")
+        raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this prepare.py's offline codec "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): re-run prepare.py --force")
     return model.eval()
 
 @torch.no_grad()
@@ -792,7 +793,9 @@ def espeak_clip(text, i, voice="en"):
         subprocess.run(["espeak-ng", "-v", voice, "-w", out, text], check=True, capture_output=True, timeout=60)
         wav = load_audio(out)
     return wav, dict(id=f"speech-{i:06d}", source="espeak-ng", kind="speech", transcript=text.lower(),
-                     caption=f"a synthetic voice says: {text.lower()}", description=None,
+                     caption=f"a synthetic voice says: {text.lower()}",
+                     description=(f"A flat, robotic computer voice reads out one short sentence, slowly and clearly: "
+                                  f"\"{text.lower()}\". There is no music and no other sound."),
                      labels={"class": "speech", "voice": voice}, qa=[{"q": "what does the voice say?", "a": text.lower()}])
 
 def espeak_sentences(rng, k):

@@ -1,6 +1,8 @@
 """Shared test set-up: the repo root on sys.path, and a small prepared corpus (`synth_dir`) for every test file."""
 import os
 import sys
+import time
+import shutil
 import hashlib
 from pathlib import Path
 
@@ -24,5 +26,8 @@ def synth_dir(request, tmp_path_factory):
     else:
         key = hashlib.md5((ROOT / "prepare.py").read_bytes() + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
         out = Path(request.config.cache.mkdir(f"synth-{key}"))
+        for old in out.parent.glob("synth-*"):        # corpora of earlier prepare.py versions (written over an hour ago)
+            if old != out and time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
     prepare.main(SYNTH_ARGS + [f"--out_dir={out}"])  # returns at once if already complete there
     return str(out)

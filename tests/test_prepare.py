@@ -3,6 +3,7 @@ matching audio), the written arrays, bad input handling, the offline codec and t
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -487,3 +488,18 @@ def test_espeak_option_without_espeak_says_so(tmp_path, capsys, monkeypatch):
     assert "espeak-ng is not installed" in capsys.readouterr().out
     assert json.loads((tmp_path / "meta.json").read_text())["splits"]["train"]["clips"] + \
         json.loads((tmp_path / "meta.json").read_text())["splits"]["val"]["clips"] == 2
+
+
+def test_espeak_clip_with_a_stand_in_program(tmp_path, monkeypatch):
+    """The --espeak path end to end up to the clip, with a tiny script in place of espeak-ng."""
+    fake = tmp_path / "espeak-ng"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import sys, numpy as np, soundfile as sf\n"
+                    "a = sys.argv[1:]; out = a[a.index('-w') + 1]; n = int(0.05 * len(a[-1]) * 22050)\n"
+                    "sf.write(out, 0.3 * np.sin(2 * np.pi * 180 * np.arange(n) / 22050), 22050)\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    text = P.espeak_sentences(np.random.default_rng(0), 1)[0]
+    wav, info = P.espeak_clip(text, 3)
+    assert info["id"] == "speech-000003" and info["kind"] == "speech" and info["transcript"] == text
+    assert abs(len(wav) - int(0.05 * len(text) * 22050) * SR / 22050) <= 1   # read back and resampled to 24 kHz
