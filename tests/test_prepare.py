@@ -503,3 +503,12 @@ def test_espeak_clip_with_a_stand_in_program(tmp_path, monkeypatch):
     wav, info = P.espeak_clip(text, 3)
     assert info["id"] == "speech-000003" and info["kind"] == "speech" and info["transcript"] == text
     assert abs(len(wav) - int(0.05 * len(text) * 22050) * SR / 22050) <= 1   # read back and resampled to 24 kHz
+
+
+def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="encodec_24khz-d7cc33bc.th"):
+        P.find_codec_weights(tmp_path)                  # --codec_dir without the weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert P.find_codec_weights(None) is None           # no hub cache either -> the offline codec
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    assert not P.gpt2_files_cached()                    # -> the offline BPE, without touching the network
