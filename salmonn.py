@@ -603,10 +603,11 @@ class SALMONN(nn.Module):
 
     # decoding with a KV cache
     @torch.no_grad()
-    def generate(self, x, max_new_tokens=200, eot=None, beam=4, temperature=0.0, top_k=0, generator=None):
+    def generate(self, x, max_new_tokens=200, eot=None, beam=4, temperature=0.0, top_k=0, generator=None,
+                 length_penalty=0.0):
         """x: prompt embeddings (1, T, C). Greedy (beam=1, temperature=0), sampling (beam=1, temperature>0,
-        optional top_k) or beam search (beam>1, by total log-probability). Returns the new token ids
-        (without the end token)."""
+        optional top_k) or beam search (beam>1; see beam_search for length_penalty). Returns the new token
+        ids (without the end token)."""
         max_new_tokens = min(max_new_tokens, self.llm.block_size - x.size(1))
         if max_new_tokens <= 0:
             return []
@@ -619,7 +620,7 @@ class SALMONN(nn.Module):
 
         if beam > 1:
             reorder = lambda past, i: [(k[i], v[i]) for k, v in past]
-            return beam_search(step, logits.float().log_softmax(-1), past, reorder, beam, max_new_tokens, eot)
+            return beam_search(step, logits.float().log_softmax(-1), past, reorder, beam, max_new_tokens, eot, length_penalty)
         out = []
         for _ in range(max_new_tokens):
             if temperature > 0:
@@ -638,14 +639,17 @@ class SALMONN(nn.Module):
             logits, past = step(tok.view(1), past)
         return out
 
-def beam_search(step, logp, state, reorder, beam, max_new_tokens, eot):
-    """Beam search by total log-probability (no length normalisation). step(tokens (n,), state) ->
-    (log-probs (n, V), state); reorder(state, index) keeps the rows of the surviving beams; logp (1, V):
-    the first step's log-probs. A hypothesis ends at eot or at max_new_tokens; returns the best, without eot."""
+def beam_search(step, logp, state, reorder, beam, max_new_tokens, eot, length_penalty=0.0):
+    """Beam search. step(tokens (n,), state) -> (log-probs (n, V), state); reorder(state, index) keeps the rows
+    of the surviving beams; logp (1, V): the first step's log-probs. A hypothesis ends at eot (not counted in
+    its length) or at max_new_tokens. Finished hypotheses are ranked by total log-prob / length ** length_penalty
+    (0: plain log-probability; 1.0: Hugging Face generate's default, which SALMONN decodes with).
+    Returns the best hypothesis, without eot."""
     V = logp.size(-1)
+    norm = lambda s, n: s / max(1, n) ** length_penalty
     scores = torch.zeros(1, device=logp.device)
     seqs = [[]]
-    best = (-float("inf"), [])  # best finished hypothesis
+    best = (-float("inf"), [])  # best finished hypothesis (normalised score, tokens)
     for t in range(max_new_tokens):
         cand = (scores[:, None] + logp).view(-1)
         top = cand.topk(min(2 * beam, cand.numel()))
@@ -653,17 +657,18 @@ def beam_search(step, logp, state, reorder, beam, max_new_tokens, eot):
         for s, i in zip(top.values.tolist(), top.indices.tolist()):
             b, tok = divmod(i, V)
             if tok == eot:
-                if s > best[0]:
-                    best = (s, seqs[b])
+                if norm(s, t) > best[0]:
+                    best = (norm(s, t), seqs[b])
             elif t == max_new_tokens - 1:  # out of length: finished too
-                if s > best[0]:
-                    best = (s, seqs[b] + [tok])
+                if norm(s, t + 1) > best[0]:
+                    best = (norm(s, t + 1), seqs[b] + [tok])
             elif len(keep_seqs) < beam:
                 keep_scores.append(s)
                 keep_seqs.append(seqs[b] + [tok])
                 src.append(b)
-        # log-probs only fall: once the best finished beats every live beam nothing can overtake it
-        if not keep_seqs or best[0] >= max(keep_scores):
+        # log-probs only fall, so a live beam of score s can at best reach s / max_new_tokens ** length_penalty
+        # (s < 0): once the best finished beats that for every live beam, nothing can overtake it
+        if not keep_seqs or best[0] >= norm(max(keep_scores), max_new_tokens):
             break
         index = torch.tensor(src, device=logp.device)
         scores = torch.tensor(keep_scores, device=logp.device)
@@ -848,11 +853,13 @@ def get_batch(data, split, batch_size, rng):
 # -----------------------------------------------------------------------------
 # sampling and evaluation
 
-SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None, "seed": None}
+SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None, "seed": None,
+               "length_penalty": 0.0}
 
 def sample(model, tok, audio, prompt, tools=None, **opts):
     """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction).
-    Options: beam (4; 1 = greedy or sampling), temperature (0 = greedy; > 0 samples, needs beam=1), top_k,
+    Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by log-prob /
+    length, Hugging Face generate's default, which makes our small models loop until max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k,
     max_new_tokens (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities), seed."""
     unknown = sorted(set(opts) - set(SAMPLE_OPTS))
     if unknown:
@@ -881,7 +888,8 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if o["lora_scale"] is not None:
         model.lora_scale = float(o["lora_scale"])
     try:
-        out = model.generate(x, int(o["max_new_tokens"]), tok.eot_token, beam, temperature, int(o["top_k"]), generator)
+        out = model.generate(x, int(o["max_new_tokens"]), tok.eot_token, beam, temperature, int(o["top_k"]), generator,
+                             float(o["length_penalty"]))
     finally:
         model.lora_scale = old_scale
     return {"text": tok.decode(out).strip()}
@@ -927,7 +935,8 @@ def accuracy(refs, hyps):
     """Exact match after lower-casing and dropping punctuation."""
     return sum(normalize(r) == normalize(h) for r, h in zip(refs, hyps)) / max(1, len(refs))
 
-EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 50, "temperature": 0.0, "top_k": 0, "seed": None}
+EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 50, "temperature": 0.0, "top_k": 0,
+             "seed": None, "length_penalty": 0.0}
 
 def evaluate(model, data, tok, split="val", **opts):
     """Paper-style metrics on the first max_clips entries of each task of the split (instruction: each task's
@@ -947,7 +956,7 @@ def evaluate(model, data, tok, split="val", **opts):
             y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
             losses.append(model(x, y)[1].item())
         return {"text_ppl": float(math.exp(np.mean(losses)))}
-    sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed")}
+    sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed", "length_penalty")}
     results = {}
     for task in ALL_TASKS:
         entries = S["entries"][task][:o["max_clips"]]
