@@ -563,6 +563,8 @@ class Pengi(nn.Module):
         """log p(candidate tokens, eot | prefix) for every clip and candidate: (B, n_cand). The prefix runs once
         per clip; the candidates continue from its KV cache in one batch."""
         eot = self.config.eot_token
+        if not candidates or any(len(c) == 0 for c in candidates):
+            raise ValueError("rank_candidates: every candidate needs at least one token")
         prefix = self.prefix(mel, prompt, prompt_lens)
         B, N = prefix.size(0), len(candidates)
         h, past = self.llm(prefix)
