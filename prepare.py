@@ -932,7 +932,7 @@ def get_args(argv=None):
     p.add_argument("--kmeans_frames", type=int, default=16384, help="offline codec: encoder frames used to fit the codebooks")
     p.add_argument("--kmeans_iters", type=int, default=12, help="offline codec: k-means iterations per codebook")
     p.add_argument("--vocab_size", type=int, default=4096, help="offline BPE: largest vocab (the bytes + merges)")
-    p.add_argument("--batch_seconds", type=float, default=48.0, help="audio seconds per EnCodec batch")
+    p.add_argument("--batch_seconds", type=float, default=16.0, help="audio seconds per EnCodec batch")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -944,8 +944,8 @@ def keep_freed_memory():
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)                     # M_MMAP_THRESHOLD: no mmap for blocks under 1 GiB
-        libc.mallopt(-1, 1 << 30)                     # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+        libc.mallopt(-3, 64 << 20)                    # M_MMAP_THRESHOLD: no mmap for blocks under 64 MiB
+        libc.mallopt(-1, 64 << 20)                    # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap
     except (OSError, AttributeError):
         pass
 
