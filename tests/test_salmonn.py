@@ -376,8 +376,11 @@ def test_beam_search_with_kv_cache_is_exact_and_beam_1_is_greedy():
         scores = all_logprobs(m, x, vocab=4, eot=0, max_new=3)
         best = max(scores, key=scores.get)
         # beam 9 >= 3^2 prefixes keeps every hypothesis: exact
-        assert tuple(m.generate(x, 3, eot=0, beam=9)) == best
-        assert scores[tuple(m.generate(x, 3, eot=0, beam=2))] <= scores[best]
+        assert tuple(m.generate(x, 3, eot=0, beam=9, length_penalty=0.0)) == best
+        assert scores[tuple(m.generate(x, 3, eot=0, beam=2, length_penalty=0.0))] <= scores[best]
+        # ranked by log-prob / length (Hugging Face's length_penalty=1.0)
+        per_token = {s: lp / max(1, len(s)) for s, lp in scores.items()}  # eot not counted
+        assert tuple(m.generate(x, 3, eot=0, beam=9, length_penalty=1.0)) == max(per_token, key=per_token.get)
         # greedy by hand, with full forward passes
         seq = []
         for _ in range(3):
