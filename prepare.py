@@ -921,7 +921,7 @@ def get_args(argv=None):
     p.add_argument("--src", default=None, help="input directory for librispeech / folder")
     p.add_argument("--name", default=None, help="output name: data/NAME/ (default: the dataset name)")
     p.add_argument("--out_dir", default=None, help="output directory (overrides data/NAME)")
-    p.add_argument("--clips", type=int, default=1000, help="synth: number of clips")
+    p.add_argument("--clips", type=int, default=2000, help="synth: number of clips")
     p.add_argument("--max_seconds", type=float, default=3.0, help="synth: longest clip in seconds")
     p.add_argument("--seed", type=int, default=1337, help="synth: corpus seed")
     p.add_argument("--espeak", action="store_true", help="synth: add spoken sentences made with espeak-ng (if installed)")

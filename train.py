@@ -162,7 +162,7 @@ if __name__ == "__main__":
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if ddp:
-        from torch.distributed import init_process_group, destroy_process_group, all_reduce, ReduceOp
+        from torch.distributed import init_process_group, destroy_process_group, all_reduce, barrier, ReduceOp
         if backend == "auto":
             backend = "nccl" if device.startswith("cuda") else "gloo"
         init_process_group(backend=backend)
@@ -392,4 +392,5 @@ if __name__ == "__main__":
     if master:
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss {best_val_loss:.4f}")
     if ddp:
+        barrier()  # the master may still be evaluating or saving: tear down together (gloo aborts otherwise)
         destroy_process_group()
