@@ -130,23 +130,27 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
     return acc, l_i, m_i
 
 @triton.jit
+def _query_tile(KLENS, H, Tq, Tk, HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Which (batch, head, query block) this program owns, and how many keys its batch row has."""
+    n_blocks = tl.cdiv(Tq, BLOCK_M)
+    block = tl.program_id(0) % n_blocks
+    if CAUSAL:  # the last query blocks see the most keys: start them first, for a shorter tail
+        block = n_blocks - 1 - block
+    off_bh = tl.program_id(0) // n_blocks
+    off_b = (off_bh // H).to(tl.int64)
+    klen = Tk
+    if HAS_KLENS:
+        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    return block * BLOCK_M, off_bh, off_b, (off_bh % H).to(tl.int64), klen
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KLENS,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                 H, Tq, Tk, qk_scale, q_bucket, k_bucket,
                 HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    n_blocks = tl.cdiv(Tq, BLOCK_M)
-    block = tl.program_id(0) % n_blocks
-    if CAUSAL:  # the last query blocks see the most keys: start them first, for a shorter tail
-        block = n_blocks - 1 - block
-    start_m = block * BLOCK_M
-    off_bh = tl.program_id(0) // n_blocks
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    klen = Tk
-    if HAS_KLENS:
-        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    start_m, off_bh, off_b, off_h, klen = _query_tile(KLENS, H, Tq, Tk, HAS_KLENS, CAUSAL, BLOCK_M)
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -313,17 +317,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
                    H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                    HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    n_blocks = tl.cdiv(Tq, BLOCK_M)
-    block = tl.program_id(0) % n_blocks
-    if CAUSAL:  # the last query blocks see the most keys: start them first, for a shorter tail
-        block = n_blocks - 1 - block
-    start_m = block * BLOCK_M
-    off_bh = tl.program_id(0) // n_blocks
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    klen = Tk
-    if HAS_KLENS:
-        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    start_m, off_bh, off_b, off_h, klen = _query_tile(KLENS, H, Tq, Tk, HAS_KLENS, CAUSAL, BLOCK_M)
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
