@@ -20,7 +20,9 @@ Which one runs: the `backend` keyword, else the module setting BACKEND, which co
 environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton where it applies,
 i.e. CUDA + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
 cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
-timing a few per shape, FUSED_ATTENTION_BWD=atomic gets dq by atomic adds (see _flash_backward).
+timing a few per shape, FUSED_ATTENTION_BWD=split gets dq from a kernel of its own instead of atomic adds
+(deterministic; see _flash_backward), FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
+Design notes and the compiled kernels' resource use: docs/fused_attention.md.
 """
 
 import math
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
-BWD = os.environ.get("FUSED_ATTENTION_BWD", "split")  # how the triton backward gets dq: "split" or "atomic"
+BWD = os.environ.get("FUSED_ATTENTION_BWD", "atomic")  # how the triton backward gets dq: "atomic" or "split"
 
 # -----------------------------------------------------------------------------
 # checks shared by both paths
@@ -52,6 +54,9 @@ def _check(q, k, v, k_lens):
     if not (q.device == k.device == v.device):
         raise ValueError(f"fused_attention.attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k_lens is not None:
+        if isinstance(k_lens, torch.Tensor) and k_lens.dtype == torch.bool:  # True/False would pass as 1/0
+            raise ValueError("fused_attention.attention: k_lens holds key counts per batch element (integers), "
+                             "got a boolean tensor; for a mask (B, Tk) pass mask.sum(-1) if its valid keys come first")
         if not isinstance(k_lens, torch.Tensor) or k_lens.shape != (B,) or k_lens.is_floating_point() or k_lens.is_complex():
             raise ValueError(f"fused_attention.attention: k_lens must be an integer tensor of shape ({B},), "
                              f"got {getattr(k_lens, 'dtype', type(k_lens))} {tuple(getattr(k_lens, 'shape', ()))}")
@@ -90,38 +95,72 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
 # the Triton path: FlashAttention-2 (Dao, 2023) with key lengths and bottom-right causal masking
 #
 # Notation in the kernels: a query row i sees key column j when j < klen (klen = min(k_lens[b], Tk))
-# and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale = sm_scale*log2(e),
-# so exp becomes exp2 and the saved log-sum-exp (lse) is in base 2 too. Each loop over blocks is split
-# into an unmasked part (blocks every row of the tile fully sees) and a masked part (blocks on the
-# causal diagonal or across klen); blocks nobody sees (past klen, above the diagonal) are never visited.
-# A row that sees no key gets output 0 and lse = +inf, so exp2(s - lse) = 0 for it in the backward.
+# and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale = sm_scale*log2(e)
+# (> 0, see attention_triton), so exp becomes exp2 and the saved log-sum-exp (lse) is in base 2 too.
+# Each loop over blocks is split into an unmasked part (blocks every row of the tile fully sees) and a
+# masked part (blocks on the causal diagonal or across klen); blocks nobody sees (past klen, above the
+# diagonal) are never visited. A row that sees no key gets output 0 and lse = +inf, so exp2(s - lse) = 0
+# for it in the backward.
 
 LOG2E = 1.4426950408889634
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_d,
+def _klen(KLENS, off_b, Tk, HAS_KLENS: tl.constexpr):
+    klen = Tk
+    if HAS_KLENS:
+        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    return klen
+
+@triton.jit
+def _row_block(n_blocks, H, REVERSE: tl.constexpr):
+    """Which (block, batch*head) this program owns: the block varies fastest, so that the programs running
+    at the same time share one head's K and V in L2."""
+    block = tl.program_id(0) % n_blocks
+    if REVERSE:  # causal: the last query blocks see the most keys; start them first, for a shorter tail
+        block = n_blocks - 1 - block
+    off_bh = tl.program_id(0) // n_blocks
+    return block, off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
+
+@triton.jit
+def _key_range(start_m, klen, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [0, full) are seen by every row of the query tile at start_m (full: a multiple of BLOCK_N),
+    keys [0, hi) by at least one."""
+    if CAUSAL:
+        hi = tl.minimum(klen, start_m + BLOCK_M + diag)
+        full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
+    else:
+        hi = klen
+        full = klen
+    return (full // BLOCK_N) * BLOCK_N, hi
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, offs_m, offs_d,
                klen, diag, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr):
+    # k_src, v_src: tensor descriptors of this (batch, head)'s keys (TMA), else pointers to its first key
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < klen, other=0.0)
+        if TMA:  # the copy engine fills the tile (in shared memory), zeros past klen
+            kT = tl.trans(k_src.load([start_n, 0]))
+            v = v_src.load([start_n, 0])
+        elif MASKED:
+            kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
+            v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < klen, other=0.0)
         else:
-            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
-        qk = tl.dot(q, kT) * qk_scale
+            kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :])
+        qk = tl.dot(q, kT)  # raw scores: the max is taken on them, the scale goes into the exponent's FMA
         if MASKED:
             ok = cols[None, :] < klen
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
             qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet: no inf - inf
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -130,67 +169,83 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
     return acc, l_i, m_i
 
 @triton.jit
-def _query_tile(KLENS, H, Tq, Tk, HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Which (batch, head, query block) this program owns, and how many keys its batch row has."""
-    n_blocks = tl.cdiv(Tq, BLOCK_M)
-    block = tl.program_id(0) % n_blocks
-    if CAUSAL:  # the last query blocks see the most keys: start them first, for a shorter tail
-        block = n_blocks - 1 - block
-    off_bh = tl.program_id(0) // n_blocks
-    off_b = (off_bh // H).to(tl.int64)
-    klen = Tk
-    if HAS_KLENS:
-        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
-    return block * BLOCK_M, off_bh, off_b, (off_bh % H).to(tl.int64), klen
-
-@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KLENS,
-                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                H, Tq, Tk, qk_scale, q_bucket, k_bucket,
-                HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh, off_b, off_h, klen = _query_tile(KLENS, H, Tq, Tk, HAS_KLENS, CAUSAL, BLOCK_M)
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                stride_os, stride_ob, stride_oh, stride_ot, stride_ls,
+                H, Tq, Tk, qk_scale, keys_per_split, q_bucket, k_bucket,
+                HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
+    klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
+    start_m = block * BLOCK_M
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=offs_m[:, None] < Tq, other=0.0)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_src = K + off_b * stride_kb + off_h * stride_kh
+    v_src = V + off_b * stride_vb + off_h * stride_vh
+    if TMA:  # descriptors of the first klen keys: no address math or load masks in the loops
+        k_src = tl.make_tensor_descriptor(k_src, shape=[tl.maximum(klen, 1), HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[tl.maximum(klen, 1), HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # keys [0, full) are seen by every row of this tile, keys [0, hi) by at least one
-    if CAUSAL:
-        hi = tl.minimum(klen, start_m + BLOCK_M + diag)
-        full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
-    else:
-        hi = klen
-        full = klen
-    full = (full // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_d,
-                               klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_d,
-                               klen, diag, qk_scale, True, CAUSAL, BLOCK_N)
+    full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = 0
+    if SPLIT:  # flash-decoding: this program takes keys [lo, lo + keys_per_split) only (a multiple of BLOCK_N)
+        lo = tl.program_id(1) * keys_per_split
+        hi = tl.minimum(hi, lo + keys_per_split)
+        full = tl.minimum(tl.maximum(full, lo), hi)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, full, offs_m, offs_d,
+                               klen, diag, qk_scale, False, CAUSAL, TMA, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi, offs_m, offs_d,
+                               klen, diag, qk_scale, True, CAUSAL, TMA, BLOCK_N)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
-    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    # a split that saw nothing weighs nothing in the merge (lse = -inf); a row that saw nothing: lse = +inf
+    lse = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(l_safe))
+    split = tl.program_id(1).to(tl.int64)  # 0 without SPLIT
+    tl.store(LSE + split * stride_ls + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+    tl.store(O + split * stride_os + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
+
+@triton.jit
+def _merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, stride_ot, H, Tq, n_splits, stride_ls,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # flash-decoding's second step: out = sum_s 2^(lse_s - lse) out_s with lse = log2 sum_s 2^lse_s, over the
+    # splits' partial outputs OP (n_splits, B*H, Tq, D) and lse LP (n_splits, B*H, Tq), both fp32
+    block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, False)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < Tq
+    part = off_bh.to(tl.int64) * Tq + offs_m
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(n_splits):
+        m = tl.maximum(m, tl.load(LP + s * stride_ls + part, mask=rows, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)  # rows that no split saw
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for s in range(n_splits):
+        w = tl.math.exp2(tl.load(LP + s * stride_ls + part, mask=rows, other=float("-inf")) - m_use)
+        o = tl.load(OP + (s * stride_ls + part[:, None]) * HEAD_DIM + offs_d[None, :], mask=rows[:, None], other=0.0)
+        l += w
+        acc += w[:, None] * o
+    empty = l == 0.0
+    l_safe = tl.where(empty, 1.0, l)
+    tl.store(LSE + part, tl.where(empty, float("inf"), m_use + tl.math.log2(l_safe)), mask=rows)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
 
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
                     H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the softmax-gradient term of every row
-    n_blocks = tl.cdiv(Tq, BLOCK_M)
-    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
-    off_bh = tl.program_id(0) // n_blocks
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, False)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < Tq
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=rows, other=0.0)
@@ -203,27 +258,29 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                     offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes
+    # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes.
+    # With ATOMIC_DQ these are FlashAttention-2's 5 matmuls, exp once per score: S^T = K Q^T, dV += P^T dO,
+    # dP^T = V dO^T, dK += dS^T Q, dQ = dS K (added into an fp32 buffer); without it, the first four.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m < Tq  # rows past Tq load as zeros: with dO = 0 and delta = 0 they add nothing
+        rows = offs_m < Tq  # rows past Tq load as zeros: p = 1 there, but with dO = 0 and delta = 0 they add nothing
         qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
         sT = tl.dot(k, qT) * qk_scale - lse[None, :]
         if MASKED:
-            ok = (offs_n[:, None] < klen) & rows[None, :]
+            ok = offs_n[:, None] < klen
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + diag)
             sT = tl.where(ok, sT, float("-inf"))
         pT = tl.math.exp2(sT)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
-        if ATOMIC_DQ:  # this key block's share of dq, added into an fp32 buffer (FlashAttention-2's way)
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * sm_scale
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk = tl.dot(dsT, tl.trans(qT), dk)
+        if ATOMIC_DQ:  # this key block's share of dq
+            dq = tl.dot(tl.trans(dsT), k) * sm_scale
             tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None], sem="relaxed")
     return dk, dv
 
@@ -235,14 +292,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
                      H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                      HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    n_blocks = tl.cdiv(Tk, BLOCK_N)
-    start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
-    off_bh = tl.program_id(0) // n_blocks
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    klen = Tk
-    if HAS_KLENS:
-        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
+    block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tk, BLOCK_N), H, False)
+    klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
+    start_n = block * BLOCK_N
     diag = Tk - Tq
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -264,19 +316,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
     else:
         lo = 0
         mid = 0
-    # a block wholly past klen is seen by nobody: q_end = 0 makes every loop empty (dk = dv = 0)
-    q_end = Tq * tl.minimum(tl.maximum(klen - start_n, 0), 1)
-    # a block wholly inside klen needs no mask past the diagonal; one that crosses klen does
-    inside = tl.minimum(tl.maximum(klen - start_n - BLOCK_N + 1, 0), 1)
-    split = mid + inside * (q_end - mid)
+    # a block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0); a block
+    # that crosses klen needs the mask on every row block, one wholly inside klen only up to mid
+    q_end = tl.where(klen > start_n, Tq, 0)
+    mid = tl.where(klen >= start_n + BLOCK_N, tl.minimum(mid, q_end), q_end)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
-                             lo, tl.minimum(mid, q_end), offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True, CAUSAL,
+                             lo, mid, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True, CAUSAL,
                              ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
-                             mid, split, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, False, CAUSAL,
-                             ATOMIC_DQ, HEAD_DIM, BLOCK_M)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
-                             split, q_end, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True, CAUSAL,
+                             mid, q_end, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, False, CAUSAL,
                              ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk = dk * sm_scale
     out = offs_n[:, None] < Tk
@@ -317,7 +365,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
                    H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                    HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh, off_b, off_h, klen = _query_tile(KLENS, H, Tq, Tk, HAS_KLENS, CAUSAL, BLOCK_M)
+    # the "split" backward's dq: recomputes S = Q K^T and dP = dO V^T per query block (no atomics)
+    block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
+    klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
+    start_m = block * BLOCK_M
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -329,13 +380,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(klen, start_m + BLOCK_M + diag)
-        full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
-    else:
-        hi = klen
-        full = klen
-    full = (full // BLOCK_N) * BLOCK_N
+    full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_d,
                        klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_d,
@@ -348,23 +393,31 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
 # chosen when TRITON_INTERPRET=1 is set before this module is imported.
 INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
-# Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head
-# dim (D <= 64 shares the D = 64 row). No GPU was at hand to time them, so the first entry of each list,
-# the fixed default, is the largest tile that ptxas (CUDA 13, sm_90a, bf16, causal + k_lens variant)
-# compiles without register spills (forward and dq at D = 128: 4-8 bytes); the others are what the autotuner also times on a GPU, once per
-# (D, causal, k_lens, dtype, power-of-two bucket of Tq and Tk). FUSED_ATTENTION_AUTOTUNE=0: defaults only.
+# Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim
+# (D <= 64 shares the D = 64 row). No GPU was at hand to time them: the first entry of each list, the fixed
+# default, was chosen from what ptxas reports for the H100 build the JIT makes (sm_90a, bf16, 16-byte
+# aligned tensors; `python bench_attention.py --ptxas`, table and reasons in docs/fused_attention.md):
+# no register spills, shared memory within the limit, wide wgmma. The others are what the autotuner also
+# times on a GPU, once per (D, causal, k_lens, dtype, power-of-two bucket of Tq and Tk).
+# FUSED_ATTENTION_AUTOTUNE=0: defaults only. "decode" is the forward for Tq <= DECODE_MAX_Q.
 TILES = {
-    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
-    ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-    ("dq", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (128, 32, 8, 3)],
-    ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-    ("dkdv", 128): [(32, 64, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3)],
-    ("dkdv_atomic", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
-    ("dkdv_atomic", 128): [(16, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)],
+    ("fwd", 64): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 128): [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2)],
+    ("decode", 64): [(16, 128, 4, 3), (16, 64, 4, 3)],
+    ("decode", 128): [(16, 128, 4, 2), (16, 64, 4, 3)],
+    ("dkdv_atomic", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv_atomic", 128): [(64, 128, 8, 1), (32, 128, 8, 2)],
+    ("dkdv", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", 128): [(64, 64, 8, 3), (64, 64, 8, 2), (64, 128, 8, 1)],
+    ("dq", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
 }
 # under the interpreter: small tiles, so that short test sequences still cross several blocks
-INTERPRETER_TILES = dict(fwd=(32, 32), dq=(32, 16), dkdv=(16, 32), dkdv_atomic=(16, 32))
+INTERPRETER_TILES = dict(fwd=(32, 32), decode=(16, 32), dq=(32, 16), dkdv=(16, 32), dkdv_atomic=(16, 32))
+DECODE_MAX_Q = 16  # forwards with at most this many queries use the "decode" tiles and split their keys
+SPLIT_KEYS = 32 if INTERPRETED else 256  # flash-decoding: each split takes a multiple of this many keys
+assert INTERPRETED or all(SPLIT_KEYS % n == 0 for (name, _), tiles in TILES.items() if name == "decode" for _, n, _, _ in tiles)
+MERGE_BLOCK, PRE_BLOCK = 16, 64  # query rows per program of the merge and of the backward's preprocessing
 
 def _tiles(kernel, head_dim):
     return TILES[(kernel, 64 if head_dim <= 64 else 128)]
@@ -376,80 +429,129 @@ def _fixed_config(kernel, head_dim):
     m, n, w, s = _tiles(kernel, head_dim)[0]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
-def _autotuned(kernel, name, reset_to_zero=None):
+KERNELS = dict(fwd=_fwd_kernel, decode=_fwd_kernel, dkdv_atomic=_bwd_dkdv_kernel, dkdv=_bwd_dkdv_kernel,
+               dq=_bwd_dq_kernel)
+
+def _autotuned(name):
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
                for m, n, w, s in sorted(set(TILES[(name, 64)] + TILES[(name, 128)]))]
     def prune(configs, named_args, **kwargs):  # only the tiles listed for this head dim
         keep = _tiles(name, kwargs["HEAD_DIM"])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"],
-                           prune_configs_by=dict(early_config_prune=prune), reset_to_zero=reset_to_zero)(kernel)
+    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"] + (["SPLIT", "TMA"] if name in ("fwd", "decode") else [])
+    return triton.autotune(configs, key=key, prune_configs_by=dict(early_config_prune=prune),
+                           reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)(KERNELS[name])  # timing runs add into DQ
 
 AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1"
-if not INTERPRETED:  # the interpreter takes one configuration only
-    _fwd_tuned = _autotuned(_fwd_kernel, "fwd")
-    _dq_tuned = _autotuned(_bwd_dq_kernel, "dq")
-    _dkdv_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv")
-    _dkdv_atomic_tuned = _autotuned(_bwd_dkdv_kernel, "dkdv_atomic", reset_to_zero=["DQ"])  # timing runs add into DQ
+TMA = os.environ.get("FUSED_ATTENTION_TMA", "1") == "1"  # 0: the forward loads K/V by pointers everywhere
+TUNED = {} if INTERPRETED else {name: _autotuned(name) for name in KERNELS}  # the interpreter takes one config only
 
-# The grid is one-dimensional, (row blocks x B*H) programs with the row block varying fastest, so that
-# the programs running at the same time share one head's K and V in L2 (a second grid dimension for
-# B*H would be capped at 65535, which batches of many short windows reach).
-def _launch(kernel, name, grid_rows, BH, head_dim, args, kwargs):
-    """Launch with the tuned or the fixed configuration; grid_rows(meta) is the number of row blocks."""
-    if AUTOTUNE and not INTERPRETED:
-        tuned = dict(fwd=_fwd_tuned, dq=_dq_tuned, dkdv=_dkdv_tuned, dkdv_atomic=_dkdv_atomic_tuned)[name]
-        tuned[lambda meta: (grid_rows(meta) * BH,)](*args, **kwargs)
+_recorded = None  # a list while bench_attention.py records launches for the ahead-of-time build (see there)
+
+def _launch(kernel, name, grid, args, kwargs):
+    """Launch on grid(meta) (a tuple) with the tuned or the fixed tiles of TILES[name]; name None: kwargs
+    carry the configuration."""
+    if _recorded is not None:
+        _recorded.append((kernel, name, args, kwargs))
+    elif name is None:
+        kernel[grid(kwargs)](*args, **kwargs)
+    elif AUTOTUNE and not INTERPRETED:
+        TUNED[name][grid](*args, **kwargs)
     else:
-        cfg = _fixed_config(name, head_dim)
-        kernel[(grid_rows(cfg) * BH,)](*args, **kwargs, **cfg)
+        cfg = _fixed_config(name, kwargs["HEAD_DIM"])
+        kernel[grid(cfg)](*args, **kwargs, **cfg)
 
 def _bucket(n):
     # q_bucket / k_bucket: kernel arguments only the autotuner reads (its key), so that it re-times when a
     # length crosses a power of two, not at every new length (a KV cache grows by one key per step)
     return triton.next_power_of_2(max(int(n), 1))
 
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 SXM's: what the interpreter and the ahead-of-time build assume
+
+def _use_tma(*tensors):
+    """Whether the forward reads K and V through tensor descriptors (Hopper's copy engine, TMA): on sm_90 or
+    newer (the interpreter and the ahead-of-time build count as such), for 16-byte aligned bases and strides."""
+    t = tensors[0]
+    if not TMA or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
+        return False
+    if t.is_cuda:  # descriptors made on the device need scratch memory from an allocator
+        from triton.runtime import _allocation
+        if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return all(x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
+
+def _key_splits(programs, Tk, device, unit):
+    """Flash-decoding: into how many ranges of keys to cut each query block's keys (and how many keys per
+    range, a multiple of unit), so that a grid of few programs (a decoding step: Tq = 1, B*H programs)
+    still fills the GPU: about two programs per SM."""
+    n = min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(Tk, unit))
+    if n <= 1:
+        return 1, Tk
+    per = triton.cdiv(triton.cdiv(Tk, n), unit) * unit
+    return triton.cdiv(Tk, per), per
+
+# The grids are one-dimensional over (row blocks x B*H), the row block varying fastest (see _row_block;
+# a second grid dimension for B*H would be capped at 65535, which batches of many short windows reach);
+# the forward's key splits, when there are any, are the second dimension.
 def _flash_forward(q, k, v, causal, k_lens, sm_scale):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    name = "decode" if Tq <= DECODE_MAX_Q else "fwd"
+    rows = lambda meta: triton.cdiv(Tq, meta["BLOCK_M"])
+    splits, per = 1, Tk
+    if name == "decode":
+        cfg = _fixed_config(name, D)
+        # the split length must be a multiple of BLOCK_N: of the fixed one, or (autotuning) of any in TILES
+        unit = max(SPLIT_KEYS, cfg["BLOCK_N"])
+        splits, per = _key_splits(rows(cfg) * B * H, Tk, q.device, unit)
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    _launch(_fwd_kernel, "fwd", lambda meta: triton.cdiv(Tq, meta["BLOCK_M"]), B * H, D,
-            (q, k, v, o, lse, k_lens if k_lens is not None else lse,
+    # with key splits the kernel writes fp32 partial results, one slice per split, that _merge_kernel combines
+    o_k = o if splits == 1 else torch.empty((splits, B, H, Tq, D), dtype=torch.float32, device=q.device)
+    lse_k = lse if splits == 1 else torch.empty((splits, B, H, Tq), dtype=torch.float32, device=q.device)
+    o_strides = (0, *o.stride()[:3]) if splits == 1 else o_k.stride()[:4]
+    _launch(_fwd_kernel, name, lambda meta: (rows(meta) * B * H, splits),
+            (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-             H, Tq, Tk, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)),
-            dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D))
+             v.stride(0), v.stride(1), v.stride(2), *o_strides, B * H * Tq,
+             H, Tq, Tk, sm_scale * LOG2E, per, _bucket(Tq), _bucket(Tk)),
+            dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, SPLIT=splits > 1, TMA=_use_tma(k, v), HEAD_DIM=D))
+    if splits > 1:
+        _launch(_merge_kernel, None, lambda meta: (rows(meta) * B * H,),
+                (o_k, lse_k, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits, B * H * Tq),
+                dict(HEAD_DIM=D, BLOCK_M=MERGE_BLOCK))
     return o, lse
 
-def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale):
+def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    pre_block = 64
-    _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Tq, HEAD_DIM=D, BLOCK_M=pre_block)
+    _launch(_bwd_preprocess, None, lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,),
+            (o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Tq),
+            dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK))
     dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
     klens_arg = k_lens if k_lens is not None else lse
     common = dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D)
     strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    atomic = BWD == "atomic"
-    # "split": dq by its own kernel (recomputes QK^T and dO V^T: 7 matmuls in all, no atomics);
-    # "atomic": the dk/dv kernel also adds each block's dq into an fp32 buffer (5 matmuls, atomics)
+    atomic = bwd == "atomic"
+    # "atomic": the dk/dv kernel also adds each block's dq into an fp32 buffer (5 matmuls, exp once per score);
+    # "split": dq by its own kernel (recomputes QK^T and dO V^T: 7 matmuls in all; no atomics, deterministic)
     dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device) if atomic else lse
-    _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv", lambda meta: triton.cdiv(Tk, meta["BLOCK_N"]), B * H, D,
+    _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv", lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * H,),
             (q, k, v, do, dk, dv, dq_acc, lse, delta, klens_arg, *strides_qkvdo,
              dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
              H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), dict(common, ATOMIC_DQ=atomic))
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
-    _launch(_bwd_dq_kernel, "dq", lambda meta: triton.cdiv(Tq, meta["BLOCK_M"]), B * H, D,
+    _launch(_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,),
             (q, k, v, do, dq, lse, delta, klens_arg, *strides_qkvdo,
              dq.stride(0), dq.stride(1), dq.stride(2),
              H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), common)
@@ -467,7 +569,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, k_lens = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale)
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale, BWD)
         return dq, dk, dv, None, None, None
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -484,12 +586,15 @@ def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); to run it on "
                          f"the CPU set TRITON_INTERPRET=1 before fused_attention is imported")
-    if BWD not in ("split", "atomic"):
-        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be split or atomic, got {BWD!r}")
+    if BWD not in ("atomic", "split"):
+        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be atomic or split, got {BWD!r}")
+    sm_scale = float(sm_scale)
+    if sm_scale <= 0:  # the kernels take the row max on raw scores, which needs a positive scale
+        q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (q * 0.0, 1.0)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if k_lens is not None:
         k_lens = k_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    return _FlashAttention.apply(q, k, v, causal, k_lens, float(sm_scale))
+    return _FlashAttention.apply(q, k, v, causal, k_lens, sm_scale)
 
 # -----------------------------------------------------------------------------
 # the entry point
@@ -502,8 +607,10 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
         raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton or torch, got {backend!r}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend to (or nobody asking): zeros
-        return q * 0.0
+    if q.numel() == 0 or k.shape[2] == 0:
+        # nothing to attend to (or nobody asking): zeros that stay zero whatever q holds (q * 0 would turn an
+        # inf into NaN), joined to the graph so that q, k and v get (zero) gradients
+        return torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0.0) + k.sum() + v.sum()
     if backend == "auto":
         # the kernel where it pays: CUDA, half precision, a supported head dim; PyTorch otherwise
         use_triton = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS

@@ -38,7 +38,8 @@ from fused_attention import attention
 
 @dataclass
 class PengiConfig:
-    # data (filled by load_data from meta.json)
+    tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
+    # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
     vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
     eot_token: int = -1        # ends every answer
@@ -381,7 +382,8 @@ class Pengi(nn.Module):
         if config.llm_init:
             llm_sd, dims = load_llm_weights(config.llm_init)
             if config.vocab_size and dims["vocab_size"] < config.vocab_size:
-                raise ValueError(f"llm_init: {config.llm_init} has vocab {dims['vocab_size']} < the tokenizer's {config.vocab_size}")
+                raise ValueError(f"llm_init: {config.llm_init} has vocab {dims['vocab_size']} < the {config.vocab_size} "
+                                 f"of tokenizer={config.tokenizer!r}")
             config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
             config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
         else:
@@ -633,14 +635,13 @@ def load_data(data_dir, config, tok):
     with open(meta_path) as f:
         meta = json.load(f)
     config.n_mels = meta["n_mels"]
-    config.vocab_size = meta["tokenizer"]["vocab_size"]
-    config.eot_token = meta["tokenizer"]["eot_token"]
+    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token  # the data is text: the config's tokenizer sets these
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
     if unknown:
         raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, qa, music")
     enc = lambda s: tok.encode(s)
-    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames}
+    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames, "eot_token": tok.eot_token}
     for split in ("train", "val"):
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
         with open(os.path.join(data_dir, f"{split}_clips.jsonl")) as f:
@@ -702,7 +703,7 @@ def get_batch(data, split, batch_size, rng):
         mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"], rng if split == "train" else None))
         prompts.append(p)
         answers.append(a)
-    return collate(mels, prompts, answers, data["meta"]["tokenizer"]["eot_token"])
+    return collate(mels, prompts, answers, data["eot_token"])
 
 
 # ---------------------------------------------------------------------------------------------------------

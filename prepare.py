@@ -1,6 +1,6 @@
 """
 Prepare audio + text data for the three models: 24 kHz audio -> EnCodec codes and an aligned log-mel
-spectrogram (one mel frame per codec frame), plus captions / transcripts / labels / QA as text and tokens.
+spectrogram (one mel frame per codec frame), plus captions / transcripts / labels / QA as text.
 
     python prepare.py                                   # built-in offline corpus -> data/synth/
     python prepare.py --clips=3000                      # a bigger one
@@ -8,10 +8,10 @@ spectrogram (one mel frame per codec frame), plus captions / transcripts / label
     python prepare.py --dataset=folder --src=my_wavs --name=mine     # optional manifest.csv / manifest.jsonl
 
 Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
-{split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the tokenizer file and, for the
+{split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE (tokenizer.tiktoken) and, for the
 offline codec, codec.pt. Read with np.memmap(path, dtype, mode="r").reshape(-1, n_q or n_mels).
 
-Other scripts use: load_tokenizer(data_dir), load_codec(data_dir), load_audio(path), resample(wav, sr_in, sr_out),
+Other scripts use: load_tokenizer(data_dir, "corpus" | "gpt2"), load_codec(data_dir), load_audio(path), resample(wav, sr_in, sr_out),
 log_mel(wav), features(wav, codec).
 """
 import os
@@ -27,8 +27,8 @@ import base64
 import shutil
 import hashlib
 import argparse
+import ctypes
 import warnings
-import subprocess
 from pathlib import Path
 from collections import Counter, defaultdict
 
@@ -66,7 +66,7 @@ LOG_FLOOR = 1e-8        # -80 dB
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au"}
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
 EOT = "<|endoftext|>"
-# GPT-2's pre-tokenisation pattern (the same string tiktoken uses for "gpt2")
+# GPT-2's pre-tokenisation pattern (its original release's; tiktoken's "gpt2" writes it in an equivalent, faster form)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 def n_frames(n_samples):
@@ -188,7 +188,7 @@ def log_mel(wav):
     return out.numpy() if is_np else out
 
 # -----------------------------------------------------------------------------
-# the codec: pretrained EnCodec 24 kHz when its weights are here, else an offline one fitted on the corpus
+# the codec: pretrained EnCodec 24 kHz whenever its weights can be had, else an offline one trained on the corpus
 
 def find_codec_weights(codec_dir=None):
     """Directory holding encodec_24khz-d7cc33bc.th: --codec_dir, else the torch hub cache, else None."""
@@ -203,9 +203,42 @@ def find_codec_weights(codec_dir=None):
 
 def pretrained_codec(weights_dir):
     warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
-    model = EncodecModel.encodec_model_24khz(pretrained=True, repository=Path(weights_dir))
+    model = EncodecModel.encodec_model_24khz(pretrained=True, repository=Path(weights_dir))   # checks the file's hash
     model.set_target_bandwidth(BANDWIDTH)
     return model.eval()
+
+def download_codec():
+    """EnCodec 24 kHz through encodec's own loader: torch.hub downloads (and hash-checks) it into the hub cache."""
+    warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
+    model = EncodecModel.encodec_model_24khz(pretrained=True)
+    model.set_target_bandwidth(BANDWIDTH)
+    return model.eval()
+
+def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
+    """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub cache, else a download
+    (skipped when offline); (None, None) when none can be had: the caller then trains the offline codec. Each
+    failure is one line naming the file or the cause (with strict, an error)."""
+    def failed(msg):
+        if strict:
+            sys.exit(f"error: {msg} (--strict)")
+        print(f"codec: {msg}")
+    weights_dir = find_codec_weights(codec_dir)
+    if weights_dir:
+        try:
+            return pretrained_codec(weights_dir), weights_dir / CODEC_FILE
+        except Exception as e:                       # a truncated or corrupt file: wrong hash, unreadable
+            failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: {str(e).strip()[:120]}); "
+                   "delete it to download it again")
+            return None, None
+    if offline:
+        return None, None
+    t0 = time.time()
+    try:
+        return download_codec(), Path(torch.hub.get_dir()) / "checkpoints" / CODEC_FILE
+    except Exception as e:
+        failed(f"downloading EnCodec's weights failed after {time.time() - t0:.1f}s "
+               f"({type(e).__name__}: {str(e).strip()[:120]})")
+        return None, None
 
 def offline_codec(seed=1234):
     """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all zeros)."""
@@ -261,11 +294,12 @@ class Standardize(torch.nn.Module):
 
 @torch.no_grad()
 def calibrate(model, emb):
-    """Offline codec only: a random encoder's outputs sit in a tiny cloud far from zero (spread ~1e-2 around a
-    common offset), where float rounding alone flips nearest-codeword choices. Append a per-channel
-    standardisation to the encoder, and fold its inverse into the decoder's first conv (a constant offset survives
-    the reflect padding, so that is exact). emb (N, 128): outputs of the uncalibrated encoder; returns them
-    standardised by the very same op, so stored codes equal what the calibrated encoder gives."""
+    """Standardise the encoder's output per channel on this corpus, for k-means: an untrained encoder's outputs sit
+    in a tiny cloud far from zero (spread ~1e-3 around an offset of ~3e-2), where float rounding alone flips
+    nearest-codeword choices. A Standardize is appended to the encoder and its inverse folded into the decoder's
+    first conv (a constant offset survives the reflect padding, so that is exact). emb (N, 128): outputs of the
+    encoder as it was; returns them standardised by the very same op, so stored codes equal what the calibrated
+    encoder gives."""
     std = Standardize(emb.shape[1])
     std.mean.copy_(emb.mean(0))
     std.std.copy_(emb.std(0).clamp_min(1e-8))
@@ -298,6 +332,147 @@ def codec_state(model):
     drop = tuple(f"quantizer.vq.layers.{i}." for i in range(N_Q, len(model.quantizer.vq.layers)))
     return {k: v for k, v in model.state_dict().items() if not k.startswith(drop) and not k.endswith("embed_avg")}
 
+# --- the offline codec's training: EnCodec's reconstruction objective on the corpus's own audio
+
+_stft_mel = {}
+
+def multiscale_mel_loss(x, y):
+    """EnCodec's frequency-domain loss over STFT windows of 2^6 .. 2^11 samples (EnCodec: 2^5 .. 2^11), hop a quarter
+    window, mel filters (64, fewer for the short windows), magnitudes scaled so a full-scale sine reads ~1: L1 on
+    the mel magnitudes plus L1 on their logs (EnCodec: L1 + L2 on magnitudes; the log term makes the quiet parts
+    count, and much of this audio is quiet). x, y: (B, n)."""
+    loss = 0.0
+    for i in range(6, 12):
+        n = 2 ** i
+        if n not in _stft_mel:
+            _stft_mel[n] = (torch.hann_window(n), torch.from_numpy(mel_filterbank(min(N_MELS, n // 8), n)))
+        win, fb = _stft_mel[n]
+        mags = [fb @ torch.stft(z, n, n // 4, window=win, return_complex=True).abs() * (4.0 / n) for z in (x, y)]
+        loss = loss + (mags[0] - mags[1]).abs().mean() + \
+            (torch.log(mags[0] + 1e-3) - torch.log(mags[1] + 1e-3)).abs().mean()
+    return loss / 6
+
+def codec_loss(x, y):
+    """EnCodec's reconstruction loss, weights as in the paper: 0.1 x time-domain L1 + 1 x multi-scale mel."""
+    return 0.1 * (x - y).abs().mean() + multiscale_mel_loss(x, y)
+
+def random_crops(wavs, n, batch, rng):
+    """batch crops of n samples (whole frames) from random clips, zero padded at a clip's end, with some sound in
+    them where the clips have any (silence teaches little). Returns (batch, n) float32 and the crops' first frames."""
+    xs, where, tries = [], [], 0
+    while len(xs) < batch:
+        i = int(rng.integers(len(wavs)))
+        w = wavs[i]
+        f = int(rng.integers(0, max(1, n_frames(len(w)) - n // HOP + 1)))
+        x = np.zeros(n, np.float32)
+        seg = w[f * HOP:f * HOP + n]
+        x[:len(seg)] = seg
+        tries += 1
+        if np.abs(x).max() > 0.02 or tries > 20 * batch:
+            xs.append(x); where.append((i, f))
+    return torch.from_numpy(np.stack(xs)), where
+
+@torch.no_grad()
+def unit_variance_init(net, x, last_std=1.0):
+    """Layer-sequential unit-variance init (LSUV, Mishkin & Matas 2016) of a SEANet encoder or decoder: with
+    PyTorch's default init every conv shrinks its input's variance ~3x, so after EnCodec's ~20 convs a random
+    network's output no longer depends on its input (the untrained decoder plays one fixed buzz whatever it is
+    given) and gradients vanish. Zero the biases, then in forward order rescale each conv's weight-norm gain so
+    that its output on x has unit std (the last one: last_std). The architecture is untouched."""
+    convs = [m for m in net.modules() if hasattr(m, "weight_g")]
+    for m in convs:
+        m.bias.zero_()
+    for i, m in enumerate(convs):
+        seen = []
+        hook = m.register_forward_hook(lambda mod, inp, out: seen.append(out.std()))
+        net(x)
+        hook.remove()
+        m.weight_g.mul_((last_std if i == len(convs) - 1 else 1.0) / seen[0].clamp_min(1e-12))
+    return net
+
+def train_codec(model, wavs, steps, batch=4, crop_seconds=0.4, lr=1e-3, ckpt=None, quiet=False):
+    """Train the offline codec's encoder and decoder as an autoencoder on 24 kHz clips (EnCodec's reconstruction
+    loss; its codebooks are fitted afterwards by k-means, see fit_codebooks). Resumable: every 25 steps the model,
+    the optimiser and the step go to ckpt (written to a temporary file, then renamed)."""
+    opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))   # a short warmup
+    step = 0
+    if not isinstance(model.encoder.model[-1], Standardize):
+        model.encoder.model.append(Standardize())
+    if ckpt and Path(ckpt).exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        step = state["step"]
+    else:                                             # a fresh start: signal must get through both halves
+        x, _ = random_crops(wavs, int(0.4 * SAMPLE_RATE) // HOP * HOP, 8, np.random.default_rng(3))
+        unit_variance_init(model.encoder, x[:, None])
+        with torch.no_grad():                         # the encoder's output standardised: unit scale for the decoder
+            e = torch.cat(encode_emb(model, wavs[:64]))
+        model.encoder.model[-1].mean.copy_(e.mean(0))
+        model.encoder.model[-1].std.copy_(e.std(0).clamp_min(1e-8))
+        unit_variance_init(model.decoder, model.encoder(x[:, None]), last_std=float(x.std()))
+    rng = np.random.default_rng([step, 7])           # the crops of a resumed run are new, but seeded
+    n = int(crop_seconds * SAMPLE_RATE) // HOP * HOP
+    model.train()
+    pbar = tqdm(total=steps, initial=step, unit="step", desc="train codec", disable=quiet)
+    while step < steps:
+        x, _ = random_crops(wavs, n, batch, rng)
+        y = model.decoder(model.encoder(x[:, None]))[:, 0, :n]
+        loss = codec_loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+        step += 1
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        if ckpt and (step % 25 == 0 or step == steps):
+            tmp = Path(f"{ckpt}.tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
+            os.replace(tmp, ckpt)
+    pbar.close()
+    return model.eval()
+
+def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=3e-4, quiet=False):
+    """After the codebooks are fitted, the decoder alone learns from what it will be given: quantized encoder
+    outputs. Each crop keeps the first 1, 2, 4 or all 8 codebooks (EnCodec samples its bandwidth per batch the same
+    way), so decoding codebook 0 alone, as Whisper-GPT's samples are, gives audio too. wavs and embs
+    (standardised encoder outputs, (frames, 128)) are paired clip by clip."""
+    levels = [1, 2, 4, N_Q]
+    with torch.no_grad():
+        codes = [quantize(model, e).T[:, None] for e in embs]                  # (n_q, 1, frames)
+        qs = [[model.quantizer.decode(c[:k])[0] for k in levels] for c in codes]   # (128, frames) per level
+    opt = torch.optim.Adam(model.decoder.parameters(), lr, betas=(0.5, 0.9))
+    rng = np.random.default_rng(11)
+    frames = int(crop_seconds * FRAME_RATE)
+    model.train()
+    for _ in tqdm(range(steps), unit="step", desc="tune decoder", disable=quiet):
+        x, where = random_crops(wavs, frames * HOP, batch, rng)
+        z = torch.zeros(batch, qs[0][0].shape[0], frames)
+        for b, (i, f) in enumerate(where):
+            q = qs[i][int(rng.integers(len(levels)))][:, f:f + frames]
+            z[b, :, :q.shape[-1]] = q
+        y = model.decoder(z)[:, 0, :x.shape[-1]]
+        loss = codec_loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), 1.0)
+        opt.step()
+    return model.eval()
+
+@torch.no_grad()
+def reconstruct(model, wavs, quantized=True):
+    """decode(encode(x)) for each 1-D clip in wavs, through the codes at 6 kbps (or, quantized=False, straight from
+    the encoder's output), each trimmed to its input's length. Batched: EnCodec is causal, so zeros after a
+    shorter clip change nothing in it."""
+    embs = encode_emb(model, wavs)
+    T = max(len(e) for e in embs)
+    z = torch.zeros(len(wavs), embs[0].shape[1], T)
+    for i, e in enumerate(embs):
+        z[i, :, :len(e)] = model.quantizer.decode(quantize(model, e).T[:, None])[0] if quantized else e.T
+    y = model.decoder(z)[:, 0]
+    return [y[i, :len(w)].numpy() for i, w in enumerate(wavs)]
+
 def load_codec(data_dir):
     """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one saved there)."""
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
@@ -308,7 +483,9 @@ def load_codec(data_dir):
     if not ckpt.get("fitted"):
         raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were never fitted")
     model = offline_codec()
-    model.encoder.model.append(Standardize())
+    n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
+    for _ in range(n_std):                           # one before training, one for k-means (see calibrate)
+        model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers.")) for k in missing):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this prepare.py's offline codec "
@@ -344,16 +521,210 @@ def features(wav, codec):
     emb = encode_emb(codec, [wav])[0]
     return quantize(codec, emb).numpy(), log_mel(wav)
 
+
+# --- reading the corpus's labels back from audio: the offline codec's report, and the tests, use these
+
+def envelope_runs(x, win=0.005, rel=0.3):
+    """On/off runs of a signal's RMS envelope: a list of (on, start, end) in samples."""
+    w = max(1, int(win * SAMPLE_RATE))
+    env = np.sqrt(np.convolve(np.asarray(x, np.float64) ** 2, np.ones(w) / w, "same"))
+    on = env > rel * env.max()
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(on.astype(int))) + 1, [len(on)]])
+    return [(bool(on[a]), int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+def read_morse(x):
+    """The word a morse clip spells (dots and dashes from the envelope; '?' for a symbol that is no letter)."""
+    runs = [(on, (b - a) / SAMPLE_RATE) for on, a, b in envelope_runs(x, win=0.002)]
+    while runs and not runs[0][0]:
+        runs.pop(0)
+    while runs and not runs[-1][0]:
+        runs.pop()
+    if not runs:
+        return ""
+    unit = min(d for on, d in runs if on)
+    letters = {v: k for k, v in MORSE.items()}
+    word, sym = "", ""
+    for on, d in runs:
+        if on:
+            sym += "." if d < 2 * unit else "-"
+        elif d > 2 * unit:                            # a gap between letters
+            word, sym = word + letters.get(sym, "?"), ""
+    return word + letters.get(sym, "?")
+
+def goertzel_power(x, hz):
+    t = np.arange(len(x)) / SAMPLE_RATE
+    return np.abs(np.sum(x * np.exp(-2j * np.pi * hz * t))) ** 2
+
+def read_dtmf(x):
+    """The keys a DTMF clip dials: the strongest low and high tone of each burst."""
+    lows, highs = sorted(set(DTMF_LOW.values())), sorted(set(DTMF_HIGH.values()))
+    keys = {(DTMF_LOW[k], DTMF_HIGH[k]): k for k in DTMF_KEYS}
+    digits = ""
+    for on, a, b in envelope_runs(x):
+        if on:
+            seg = np.asarray(x[a:b], np.float64)
+            digits += keys[(max(lows, key=lambda f: goertzel_power(seg, f)), max(highs, key=lambda f: goertzel_power(seg, f)))]
+    return digits
+
+def read_pitch(x, fmin=60.0, fmax=1200.0, threshold=0.15):
+    """Fundamental frequency in Hz by YIN (de Cheveigne & Kawahara 2002): the first dip of the cumulative-mean-
+    normalised difference function, refined by parabolic interpolation."""
+    x = np.asarray(x, np.float64)
+    taus = np.arange(1, int(SAMPLE_RATE / fmin))
+    n = len(x) - taus[-1]
+    d = np.array([np.sum((x[:n] - x[t:t + n]) ** 2) for t in taus])
+    dn = d * taus / np.maximum(np.cumsum(d), 1e-12)
+    lo = int(SAMPLE_RATE / fmax)
+    cand = np.flatnonzero(dn[lo:] < threshold)
+    i = lo + (cand[0] if len(cand) else int(np.argmin(dn[lo:])))
+    while i + 1 < len(dn) and dn[i + 1] < dn[i]:
+        i += 1
+    a, b, c = dn[i - 1], dn[i], dn[i + 1]
+    return SAMPLE_RATE / (taus[i] + 0.5 * (a - c) / (a - 2 * b + c))
+
+def read_note(x):
+    """The note name (e.g. 'A4') nearest to a clip's pitch, read just after its attack."""
+    f = read_pitch(x[2000:SAMPLE_RATE // 2])
+    return midi_name(int(round(69 + 12 * np.log2(max(f, 1.0) / 440))))
+
+def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0):
+    """Held-out clips for the codec's report, drawn with seeds the corpus never uses: single notes of the
+    harmonic instruments (sine, square, sawtooth, plucked string), morse words, DTMF digits, and clips of every kind."""
+    probes, i = {"note": [], "morse": [], "dtmf": [], "any": []}, 0
+    want = {"note": n_notes, "morse": n_morse, "dtmf": n_dtmf}
+    while any(len(probes[k]) < n for k, n in want.items()):
+        rng = np.random.default_rng([seed, 1 << 30, i])
+        i += 1
+        kind = ["note", "morse", "dtmf"][i % 3]
+        if len(probes[kind]) >= want[kind]:
+            continue
+        wav, info = {"note": make_music, "morse": make_morse, "dtmf": make_dtmf}[kind](rng, max_dur)
+        if kind == "note" and (info["labels"]["form"] != "note" or info["labels"]["instrument"] == "bell"):
+            continue
+        probes[kind].append((wav, info))
+    probes["any"] = [synth_clip(seed + 1, j, max_dur, speech=speech) for j, speech in
+                     zip(range(n_any), [True, False] * n_any)]                  # seed + 1: not the corpus's clips
+    return probes
+
+def codec_report(model, probes, untrained=None):
+    """How well decode(encode(x)) keeps what the corpus's labels say: the fraction of notes whose pitch reads as the
+    labelled note (within a semitone), of morse words and DTMF digit strings read back exactly, and the log-mel L1
+    between input and reconstruction, also for the untrained decoder when given (fed the unquantized encoder output)."""
+    rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
+    mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - log_mel(w)).mean() for y, (w, _) in zip(ys, probes["any"])]))
+    r = {"notes": float(np.mean([read_note(y) == info["labels"]["pitch"] for y, (_, info) in zip(rec["note"], probes["note"])])),
+         "morse": float(np.mean([read_morse(y) == info["transcript"] for y, (_, info) in zip(rec["morse"], probes["morse"])])),
+         "dtmf": float(np.mean([read_dtmf(y) == info["labels"]["digits"] for y, (_, info) in zip(rec["dtmf"], probes["dtmf"])])),
+         "mel_l1": mel_l1(rec["any"])}
+    if untrained is not None:
+        r["mel_l1_untrained"] = mel_l1(reconstruct(untrained, [w for w, _ in probes["any"]], quantized=False))
+    r["clips"] = {k: len(v) for k, v in probes.items()}
+    return r
+
+def plot_mels(path, panels, title=None, boundary=None):
+    """A PNG of log-mels (frames, n_mels) stacked one above the other: panels is a list of (name, mel). boundary,
+    in seconds, draws a line (where a prompt ends and the continuation starts). Written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.9 * len(panels) + 0.4), squeeze=False)
+    for ax, (name, mel) in zip(axes[:, 0], panels):
+        mel = np.asarray(mel, np.float32)
+        ax.imshow(mel.T, origin="lower", aspect="auto", vmin=-1, vmax=1, cmap="magma",
+                  extent=[0, len(mel) / FRAME_RATE, 0, mel.shape[1]])
+        ax.set_ylabel("mel bin")
+        ax.set_title(name, fontsize=9, loc="left")
+        if boundary is not None:
+            ax.axvline(boundary, color="cyan", lw=1.5, ls="--")
+    axes[-1, 0].set_xlabel("seconds")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
+    tmp = Path(f"{path}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
 # -----------------------------------------------------------------------------
-# tokenizer: GPT-2's BPE when its files are cached locally, else a small byte-level BPE trained on the corpus text
+# tokenizers. The prepared data is text; each model's config names the tokenizer it reads that text with:
+#   "corpus": a small byte-level BPE trained on the corpus text by prepare.py and stored with the data. CPU-sized
+#             LLMs want it: GPT-2's 50k-row LM head would be ~8x the rest of a 4 x 128 model.
+#   "gpt2":   GPT-2's BPE, for GPT-2-compatible LLMs, from tiktoken or, offline, from openai-whisper's copy.
+
+TOKENIZERS = ("corpus", "gpt2")
+CORPUS_BPE_FILE = "tokenizer.tiktoken"
+# GPT-2's two files as tiktoken downloads and caches them (tiktoken_ext/openai_public.py), with their sha256
+GPT2_FILES = {"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+              "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+              "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+# sha256 of GPT-2's ranks in tiktoken's own format: openai-whisper's whisper/assets/gpt2.tiktoken (byte for
+# byte tiktoken's r50k_base.tiktoken)
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_EOT = 50256
+
+def tiktoken_cache_dir():
+    """Where tiktoken caches its downloads (its own rule; "" turns caching off)."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return os.environ["TIKTOKEN_CACHE_DIR"]
+    if "DATA_GYM_CACHE_DIR" in os.environ:
+        return os.environ["DATA_GYM_CACHE_DIR"]
+    return os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
 
 def gpt2_files_cached():
-    """tiktoken would download the GPT-2 files unless both are in its cache; check without touching the network."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-        os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
-    urls = ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-            "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"]
-    return all(os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest())) for u in urls)
+    """True when both of GPT-2's files are in tiktoken's cache and intact, so that tiktoken.get_encoding("gpt2")
+    reads them without the network. Checked here without the network; a corrupt file gets one line naming it."""
+    cache, ok = tiktoken_cache_dir(), True
+    for url, sha256 in GPT2_FILES.items():
+        path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) if cache else ""
+        if not path or not os.path.exists(path):
+            ok = False
+        elif hashlib.sha256(Path(path).read_bytes()).hexdigest() != sha256:
+            print(f"tokenizer: {path} (tiktoken's cached {url.rsplit('/', 1)[1]}) is corrupt (sha256 mismatch): skipped")
+            ok = False
+    return ok
+
+def whisper_gpt2_file():
+    """The GPT-2 ranks file the openai-whisper package ships, or None. Found without importing whisper (which
+    imports torch and numba): pip install --no-deps openai-whisper is enough."""
+    import importlib.util
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or not spec.submodule_search_locations:  # not installed, or an unrelated module "whisper"
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "gpt2.tiktoken"
+    return path if path.is_file() else None
+
+def load_gpt2(offline=False):
+    """GPT-2's BPE as a tiktoken.Encoding (50257 tokens, <|endoftext|> = 50256) from the first source that has it:
+    tiktoken's cache, tiktoken's download (skipped when offline), the ranks file openai-whisper ships. Says in one
+    line which source it used, and in one line why an earlier source failed."""
+    import tiktoken
+    if gpt2_files_cached():
+        tok = tiktoken.get_encoding("gpt2")
+        print("tokenizer: GPT-2's BPE (tiktoken's cache)")
+        return tok
+    if not offline:
+        try:
+            tok = tiktoken.get_encoding("gpt2")
+            print(f"tokenizer: GPT-2's BPE (downloaded by tiktoken into {tiktoken_cache_dir() or 'memory'})")
+            return tok
+        except Exception as e:  # here: no name resolution, within a second or two
+            why = "no name resolution" if "resolve" in str(e) else str(e).splitlines()[0][:120] if str(e) else ""
+            print(f"tokenizer: tiktoken could not download GPT-2's BPE ({type(e).__name__}"
+                  f"{': ' + why if why else ''}); trying openai-whisper's copy")
+    path = whisper_gpt2_file()
+    if path is None:
+        problem = "openai-whisper, which ships a copy, is not installed (pip install --no-deps openai-whisper)"
+    elif hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_RANKS_SHA256:
+        problem = f"openai-whisper's copy {path} is corrupt (sha256 mismatch)"
+        print(f"tokenizer: {problem}: skipped")
+    else:
+        tok = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=load_ranks(path),
+                                special_tokens={EOT: GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
+        print(f"tokenizer: GPT-2's BPE (offline: openai-whisper's copy, {path})")
+        return tok
+    raise RuntimeError(f"GPT-2's BPE: not in tiktoken's cache ({tiktoken_cache_dir() or 'caching off'}), "
+                       f"{'no download (offline)' if offline else 'the download failed'}, and {problem}")
 
 def train_bpe(texts, vocab_size, min_count=2):
     """Byte-level BPE (GPT-2 style: merges never cross the regex pre-token boundaries). Returns mergeable ranks
@@ -401,29 +772,61 @@ def train_bpe(texts, vocab_size, min_count=2):
         where.pop((a, b), None)
     return ranks
 
+def ranks_text(ranks):
+    """Mergeable ranks in tiktoken's file format: one "base64(token) rank" line per token."""
+    return "".join(f"{base64.b64encode(tok).decode()} {r}\n" for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+def parse_ranks(text, where):
+    """The inverse of ranks_text; where names the source in the error for a corrupt one."""
+    ranks = {}
+    try:
+        for line in text.splitlines():
+            if line:
+                tok, r = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(r)
+    except ValueError:  # (binascii.Error is a ValueError)
+        raise ValueError(f"{where}: corrupt BPE ranks (line {line[:40]!r} is not 'base64 rank')") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+        raise ValueError(f"{where}: corrupt BPE ranks (expected ranks 0..n-1 over at least the 256 bytes)")
+    return ranks
+
 def save_ranks(ranks, path):
-    lines = [f"{base64.b64encode(tok).decode()} {r}" for tok, r in sorted(ranks.items(), key=lambda kv: kv[1])]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, ranks_text(ranks))
 
 def load_ranks(path):
-    ranks = {}
-    for line in Path(path).read_text().splitlines():
-        if line:
-            tok, r = line.split()
-            ranks[base64.b64decode(tok)] = int(r)
-    return ranks
+    return parse_ranks(Path(path).read_text(), path)
 
 def make_encoding(name, ranks):
     import tiktoken
     return tiktoken.Encoding(name=name, pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
-def load_tokenizer(data_dir):
-    """The tiktoken.Encoding the data in data_dir was tokenised with (GPT-2's, or the offline BPE stored there)."""
-    import tiktoken
-    t = json.loads((Path(data_dir) / "meta.json").read_text())["tokenizer"]
-    if t["name"] == "gpt2":
-        return tiktoken.get_encoding("gpt2")
-    return make_encoding(t["name"], load_ranks(Path(data_dir) / t["file"]))
+def load_tokenizer(data_dir, name="corpus", offline=False):
+    """The tiktoken.Encoding a model's config names: "corpus", the BPE prepare.py trained on data_dir's text and
+    stored there, or "gpt2", GPT-2's (load_gpt2; offline skips its download). Either reads the same data_dir."""
+    if name == "gpt2":
+        return load_gpt2(offline)
+    if name != "corpus":
+        raise ValueError(f"tokenizer={name!r}: unknown tokenizer; expected one of {', '.join(TOKENIZERS)}")
+    path = Path(data_dir) / CORPUS_BPE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the corpus BPE is missing (prepare.py writes it with the data)")
+    return make_encoding("corpus", load_ranks(path))
+
+def tokenizer_record(tok):
+    """What a checkpoint keeps of its tokenizer: the name and, for a corpus BPE, its ranks, so that the checkpoint
+    decodes without the data dir it was trained on (GPT-2's BPE is known by its name)."""
+    rec = {"name": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token}
+    if tok.name != "gpt2":  # a corpus BPE: ranks 0..eot-1, eot last
+        rec["ranks"] = ranks_text({tok.decode_single_token_bytes(i): i for i in range(tok.eot_token)})
+    return rec
+
+def tokenizer_from_record(rec, where="checkpoint", offline=False):
+    """The tiktoken.Encoding of a tokenizer_record (where: names its source in errors)."""
+    if rec.get("name") == "gpt2":
+        return load_gpt2(offline)
+    if "ranks" not in rec:
+        raise ValueError(f"{where}: tokenizer record {rec.get('name')!r} has no ranks")
+    return make_encoding(rec["name"], parse_ranks(rec["ranks"], f"{where} (its tokenizer)"))
 
 # Template and instruction text the models put around the data: trained into the offline BPE so prompts
 # tokenize compactly.
@@ -498,7 +901,7 @@ def tone(instrument, hz, dur, rng, sr=SAMPLE_RATE):
     n = int(dur * sr)
     t = np.arange(n) / sr
     if instrument == "plucked string":               # Karplus-Strong: a noise burst through a damped, averaging delay loop
-        p = max(2, int(round(sr / hz - 0.5)))        # the two-tap average adds half a sample of delay
+        p = max(2, int(round(sr / hz + 0.5)))        # averaging y[i-p] and y[i-p+1] delays by p - 1/2 samples
         y = np.zeros(n + p + 1)
         burst = np.convolve(rng.uniform(-1, 1, p + 5), [0.25, 0.5, 0.25], "valid")[:p + 1]   # a softer pluck
         y[:p + 1] = burst - burst.mean()
@@ -766,14 +1169,192 @@ def make_mixture(rng, max_dur):
     return wav, dict(kind="mixture", caption=caption, description=description, labels=labels, qa=qa, transcript=None,
                      onsets=e["onsets"], sequence=e["sequence"], notes=m["notes"])
 
-KIND_MIX = [("music", 0.32, make_music), ("events", 0.24, make_events), ("morse", 0.14, make_morse),
-            ("dtmf", 0.14, make_dtmf), ("mixture", 0.16, make_mixture)]
+# --- speech: libespeak-ng and its voice data ship in the espeakng-loader pip package (no system package);
+# we drive the C library through ctypes
 
-def synth_clip(seed, i, max_dur):
-    """Clip i of the built-in corpus; depends only on (seed, i), so a bigger --clips keeps the smaller corpus."""
+ESPEAK_SR = 22050                                    # what libespeak-ng synthesises at
+
+class SpeechUnavailable(RuntimeError):
+    """libespeak-ng cannot be loaded or used; the message names the cause."""
+
+def espeak_open():
+    """A freshly loaded, initialised libespeak-ng. Fresh for every sentence on purpose: the library keeps state
+    between utterances (its pitch-flutter phase, filter memories), so a shared instance would make a clip's audio
+    depend on the clips spoken before it. Loading it costs about a millisecond."""
+    try:
+        import espeakng_loader
+        lib_path, data_path = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+    except (ImportError, RuntimeError) as e:
+        raise SpeechUnavailable(f"espeakng-loader: {e} (pip install espeakng-loader)") from None
+    try:
+        lib = ctypes.CDLL(lib_path)
+    except OSError as e:
+        raise SpeechUnavailable(f"cannot load libespeak-ng: {e}") from None
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    sr = lib.espeak_Initialize(2, 0, data_path.encode(), 0)   # 2: AUDIO_OUTPUT_SYNCHRONOUS, samples go to a callback
+    if sr != ESPEAK_SR:
+        espeak_close(lib)
+        raise SpeechUnavailable(f"espeak_Initialize failed with the voice data in {data_path} (returned {sr})")
+    return lib
+
+def espeak_close(lib):
+    import _ctypes
+    lib.espeak_Terminate()
+    (_ctypes.FreeLibrary if os.name == "nt" else _ctypes.dlclose)(lib._handle)   # unload: the next open starts clean
+
+def speech_problem():
+    """None if speech can be synthesised here, else the cause in one line."""
+    try:
+        espeak_close(espeak_open())
+    except SpeechUnavailable as e:
+        return str(e)
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+def speak(text, voice, rate=175, pitch=50):
+    """text spoken by an espeak-ng voice ("en-us+Andy": language + variant) at rate words/min and pitch 0-99,
+    as float32 at 24 kHz."""
+    chunks = []
+    @_SynthCallback
+    def collect(wav, n, events):                     # int16 samples, a block at a time
+        if n > 0:
+            chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
+        return 0                                     # 0: go on
+    lib = espeak_open()
+    try:
+        lib.espeak_SetSynthCallback(collect)
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise SpeechUnavailable(f"espeak-ng has no voice {voice!r}")
+        lib.espeak_SetParameter(1, int(rate), 0)     # espeakRATE
+        lib.espeak_SetParameter(3, int(pitch), 0)    # espeakPITCH
+        b = text.encode()
+        lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 0, None, None)   # from character 0 (POS_CHARACTER), plain text
+        lib.espeak_Synchronize()
+    finally:
+        espeak_close(lib)
+    wav = np.concatenate(chunks).astype(np.float32) / 32768 if chunks else np.zeros(0, np.float32)
+    return resample(wav, ESPEAK_SR)
+
+# Speakers: a voice (espeak-ng language + variant, whose files are in espeakng-loader's data) at a fixed rate
+# (words/min) and pitch (0-99); each has a fixed sex, from its variant.
+SPEAKERS = {
+    "andy": ("en-us+Andy", "male", 160, 45), "storm": ("en-us+Storm", "male", 145, 45),
+    "lee": ("en-us+Lee", "male", 175, 55), "m1": ("en-gb-x-rp+m1", "male", 170, 40),
+    "m3": ("en+m3", "male", 185, 50), "m6": ("en-029+m6", "male", 165, 50), "m7": ("en-us+m7", "male", 195, 45),
+    "f2": ("en-us+f2", "female", 160, 55), "f3": ("en+f3", "female", 175, 60),
+    "f4": ("en-gb-x-rp+f4", "female", 165, 50), "annie": ("en-us+Annie", "female", 185, 50),
+    "alicia": ("en-us+Alicia", "female", 150, 45), "belinda": ("en+belinda", "female", 170, 50),
+    "steph": ("en-us+steph", "female", 190, 55),
+}
+
+# The sentence grammar: commands, counts, colours, objects, places, people, days, directions, phone numbers.
+# A few hundred words in many combinations, so a model has to hear the words to transcribe or answer.
+COLOURS = "red blue green yellow black white orange purple pink brown grey gold silver".split()
+OBJECTS = ("box cup ball book chair table lamp key phone pen bag hat shoe coat bottle plate spoon fork clock window "
+           "door bike car bus boat kite drum bell card letter map ring sock shirt cake apple egg basket bucket blanket "
+           "pillow candle mirror brush ladder rope hammer umbrella wallet ticket camera radio glass bowl jar towel "
+           "helmet glove sweater button pencil guitar violin tent bench fence flower tray shovel kettle").split()
+PLACES_IN = ("kitchen garden office bedroom bathroom hall garage basement attic classroom library museum shop bakery "
+             "hotel restaurant cinema theatre church hospital village city forest park playground studio").split()
+PLACES_AT = "station airport beach bank harbour farm market stadium bridge tower corner gate school".split()
+PEOPLE = ("anna ben clara david emma frank grace henry isabel jack kate leo maria nick olivia peter rosa sam tom lucy "
+          "paul sarah james laura mark").split() + [
+          "the doctor", "the teacher", "the driver", "the baker", "the captain", "the farmer", "the nurse",
+          "my mother", "my father", "my sister", "my brother", "our neighbour"]
+VERBS = ("bring find open close move clean paint wash hide take drop carry push pull check fix sell buy").split() + [
+         "pick up", "give me", "show me", "look at", "put down"]
+ACTIVITIES = "waiting sleeping reading cooking working singing dancing playing studying painting eating resting".split()
+DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+DIRECTIONS = "left right forward back".split()
+TEENS = "eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+def number_words(n):
+    """0..99 in words: 42 -> "forty two"."""
+    if n <= 10:
+        return NUMBER_WORDS[n]
+    if n < 20:
+        return TEENS[n - 11]
+    return TENS[n // 10 - 2] + ("" if n % 10 == 0 else " " + NUMBER_WORDS[n % 10])
+
+def plural(noun):
+    return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
+
+# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence gets a question
+TEMPLATES = [
+    ("command", "{verb} the {colour} {object}"), ("command", "put the {colour} {object} {at}"),
+    ("command", "{verb} {number} {colour} {objects}"), ("command", "move the {object} {steps} steps {direction}"),
+    ("command", "call {digits}"), ("command", "meet {person} at {hour} o'clock on {day}"),
+    ("statement", "{person} is {activity} {at}"), ("statement", "{person} has {number} {objects}"),
+    ("statement", "the {object} {at} is {colour}"), ("statement", "there are {number} {objects} {at}"),
+    ("question", "where is the {colour} {object}"), ("question", "who is {activity} {at}"),
+]
+SHORT_TEMPLATES = [("statement", "{colour} {object}"), ("command", "turn {direction}"), ("statement", "{number}")]
+SAYS = {"objects": "object", "at": "place", "steps": "number", "hour": "number", "digits": "number"}  # pattern slot -> what it names
+SLOT_TEXT = {  # what a mentioned slot gives: its question, and its words in the description
+    "colour": ("what colour is mentioned?", "the colour {}"), "object": ("what object is mentioned?", "the {}"),
+    "place": ("what place is mentioned?", "the {}"), "person": ("who is mentioned?", "{}"),
+    "number": ("what number is said?", "the number {}"), "day": ("what day is mentioned?", "{}"),
+    "direction": ("which direction is said?", "the direction {}"),
+}
+
+def sentence(rng, short=False):
+    """A sentence of the grammar: (text, form, {slot: value} for what it mentions). short: two words at most."""
+    pick = lambda xs: xs[rng.integers(len(xs))]
+    form, pattern = pick(SHORT_TEMPLATES if short else TEMPLATES)
+    v = dict(colour=pick(COLOURS), object=pick(OBJECTS), verb=pick(VERBS), person=pick(PEOPLE), activity=pick(ACTIVITIES),
+             place=pick(PLACES_IN + PLACES_AT), day=pick(DAYS), direction=pick(DIRECTIONS),
+             number=number_words(int(rng.integers(2, 21) if rng.random() < 0.7 else rng.integers(21, 100))),
+             steps=number_words(int(rng.integers(2, 11))), hour=number_words(int(rng.integers(1, 13))),
+             digits=" ".join(NUMBER_WORDS[d] for d in rng.integers(0, 10, size=int(rng.integers(3, 7)))))
+    v["objects"] = plural(v["object"])
+    v["at"] = f"{'in' if v['place'] in PLACES_IN else 'at'} the {v['place']}"
+    mentioned = {SAYS.get(s, s): {"objects": v["object"], "at": v["place"]}.get(s, v[s])
+                 for s in re.findall(r"{(\w+)}", pattern) if s not in ("verb", "activity")}
+    return pattern.format(**v), form, mentioned
+
+def make_speech(rng, max_dur):
+    """A sentence of the grammar spoken by one of the SPEAKERS, with silence around it."""
+    name = list(SPEAKERS)[rng.integers(len(SPEAKERS))]
+    voice, sex, rate, pitch = SPEAKERS[name]
+    lead, tail, gain = float(rng.uniform(0.05, 0.25)), float(rng.uniform(0.1, 0.25)), float(rng.uniform(0.3, 0.7))
+    best = None
+    for attempt in range(12):                        # re-draw until it fits (cheap: ~5 ms a sentence); then two words
+        text, form, mentioned = sentence(rng, short=attempt >= 8)
+        speech = speak(text + ("?" if form == "question" else "."), voice, rate, pitch)   # "?": a question's intonation
+        if best is None or len(speech) < len(best[0]):
+            best = (speech, text, form, mentioned)
+        if len(speech) / SAMPLE_RATE + lead + tail <= max_dur:
+            break
+    speech, text, form, mentioned = best
+    wav = np.zeros(int((lead + tail) * SAMPLE_RATE) + len(speech), np.float32)
+    place(wav, speech / (np.abs(speech).max() + 1e-9) * gain, int(lead * SAMPLE_RATE))
+    wav = wav[:int(max_dur * SAMPLE_RATE)]           # cuts only when max_dur is shorter than a spoken word
+    who = "a man" if sex == "male" else "a woman"
+    says = "asks" if form == "question" else "says"
+    caption = f"{who} {says}: {text}{'?' if form == 'question' else '.'}"
+    speed = "slowly" if rate < 155 else "quickly" if rate >= 185 else "at an even pace"
+    description = (f"{who.capitalize()}'s synthetic voice {says} one short {form} {speed}, with no other sound: "
+                   f"\"{text}\". It mentions {fmt_list([SLOT_TEXT[s][1].format(x) for s, x in mentioned.items()])}.")
+    qa = [{"q": "what does the speaker say?", "a": text}, {"q": "is the speaker a man or a woman?", "a": who},
+          {"q": "is it a command, a question or a statement?", "a": form}]
+    qa += [{"q": SLOT_TEXT[s][0], "a": x} for s, x in mentioned.items()]
+    return wav, dict(kind="speech", caption=caption, description=description, transcript=text, qa=qa,
+                     labels={"class": "speech", "speaker": name, "gender": sex}, voice=voice, mentioned=mentioned)
+
+KIND_MIX = [("music", 0.24, make_music), ("events", 0.18, make_events), ("morse", 0.105, make_morse),
+            ("dtmf", 0.105, make_dtmf), ("mixture", 0.12, make_mixture), ("speech", 0.25, make_speech)]
+
+def synth_clip(seed, i, max_dur, speech=True):
+    """Clip i of the built-in corpus; depends only on (seed, i), so a bigger --clips keeps the smaller corpus.
+    speech=False (no libespeak-ng): the other kinds, in the same proportions to each other."""
     rng = np.random.default_rng([seed, i])
-    r, acc = rng.random(), 0.0
-    for kind, p, fn in KIND_MIX:
+    mix = [m for m in KIND_MIX if speech or m[0] != "speech"]
+    r, acc = rng.random() * sum(p for _, p, _ in mix), 0.0
+    for kind, p, fn in mix:
         acc += p
         if r < acc:
             break
@@ -785,24 +1366,6 @@ def synth_clip(seed, i, max_dur):
     info["id"] = f"synth-{i:06d}"
     info["source"] = f"synth:{kind}"
     return wav, info
-
-def espeak_clip(text, i, voice="en"):
-    """A sentence spoken by espeak-ng (if installed), as a speech clip."""
-    with __import__("tempfile").TemporaryDirectory() as d:
-        out = os.path.join(d, "s.wav")
-        subprocess.run(["espeak-ng", "-v", voice, "-w", out, text], check=True, capture_output=True, timeout=60)
-        wav = load_audio(out)
-    return wav, dict(id=f"speech-{i:06d}", source="espeak-ng", kind="speech", transcript=text.lower(),
-                     caption=f"a synthetic voice says: {text.lower()}",
-                     description=(f"A flat, robotic computer voice reads out one short sentence, slowly and clearly: "
-                                  f"\"{text.lower()}\". There is no music and no other sound."),
-                     labels={"class": "speech", "voice": voice}, qa=[{"q": "what does the voice say?", "a": text.lower()}])
-
-def espeak_sentences(rng, k):
-    subj = ["the cat", "a red bird", "my brother", "the old ship", "a small dog", "the teacher", "the train", "our team"]
-    verb = ["sees", "likes", "finds", "follows", "paints", "calls", "hears", "builds"]
-    obj = ["the moon", "a green tree", "the river", "two boats", "the music", "a blue house", "the stars", "a song"]
-    return [f"{subj[rng.integers(8)]} {verb[rng.integers(8)]} {obj[rng.integers(8)]}" for _ in range(k)]
 
 # -----------------------------------------------------------------------------
 # real datasets: listing items (path + text fields) with every problem reported, not raised
@@ -924,14 +1487,18 @@ def get_args(argv=None):
     p.add_argument("--clips", type=int, default=2000, help="synth: number of clips")
     p.add_argument("--max_seconds", type=float, default=3.0, help="synth: longest clip in seconds")
     p.add_argument("--seed", type=int, default=1337, help="synth: corpus seed")
-    p.add_argument("--espeak", action="store_true", help="synth: add spoken sentences made with espeak-ng (if installed)")
-    p.add_argument("--espeak_clips", type=int, default=200, help="how many espeak-ng sentences")
+    p.add_argument("--no_speech", action="store_true", help="synth: leave out the spoken sentences (a quarter of the corpus)")
     p.add_argument("--val_percent", type=float, default=10.0, help="percent of clips in the val split")
     p.add_argument("--codec_dir", default=None, help=f"directory with the pretrained {CODEC_FILE} (else hub cache, else offline)")
-    p.add_argument("--offline_codec", action="store_true", help="use the offline fitted codec even if pretrained weights exist")
+    p.add_argument("--offline", action="store_true", help="no download attempts (EnCodec's weights): local files or the offline codec")
+    p.add_argument("--offline_codec", action="store_true", help="train the offline codec even if pretrained weights exist")
+    p.add_argument("--codec_steps", type=int, default=400, help="offline codec: training steps (batches of 4 x 0.4 s)")
+    p.add_argument("--codec_clips", type=int, default=400, help="offline codec: train-split clips it learns from")
+    p.add_argument("--codec_tune_steps", type=int, default=150, help="offline codec: decoder steps on the fitted codes")
+    p.add_argument("--codec_report", type=int, default=1, help="offline codec on synth: measure it on held-out clips (0: skip)")
     p.add_argument("--kmeans_frames", type=int, default=16384, help="offline codec: encoder frames used to fit the codebooks")
     p.add_argument("--kmeans_iters", type=int, default=12, help="offline codec: k-means iterations per codebook")
-    p.add_argument("--vocab_size", type=int, default=4096, help="offline BPE: largest vocab (the bytes + merges)")
+    p.add_argument("--vocab_size", type=int, default=4096, help="corpus BPE: largest vocab (the bytes + merges)")
     p.add_argument("--batch_seconds", type=float, default=16.0, help="audio seconds per EnCodec batch")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
@@ -953,7 +1520,8 @@ def main(argv=None):
     args = get_args(argv)
     t_start = time.time()
     keep_freed_memory()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not os.environ.get("OMP_NUM_THREADS"):         # side-by-side jobs set 1: oversubscribed threads crawl
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     name = args.name or args.dataset
     out = Path(args.out_dir or os.path.join("data", name))
     if args.dataset != "synth" and not args.src:
@@ -963,6 +1531,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
         stale.unlink()
+    if args.dataset == "synth" and not args.no_speech and (problem := speech_problem()):
+        if args.strict:
+            sys.exit(f"error: speech: {problem} (--strict)")
+        print(f"speech: {problem}; building the corpus without speech")
+        args.no_speech = True                         # part of the arguments' hash: a later run with speech rebuilds
     # a re-run with the same arguments skips finished work
     key_args = {k: v for k, v in vars(args).items() if k not in ("force", "quiet", "strict")}
     args_hash = hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
@@ -982,39 +1555,29 @@ def main(argv=None):
         problems[problem.split(" (")[0].split(":")[0]] += 1
         tqdm.write(f"skipping {what}: {problem}")
 
-    # --- the codec
-    weights_dir = None if args.offline_codec else find_codec_weights(args.codec_dir)
-    if weights_dir:
-        codec = pretrained_codec(weights_dir)
-        codec_info = {"name": "encodec_24khz", "pretrained": True, "weights": str((weights_dir / CODEC_FILE).resolve()),
-                      "bandwidth": BANDWIDTH}
-        print(f"codec: pretrained EnCodec 24 kHz from {weights_dir / CODEC_FILE}")
+    # --- the codec: pretrained EnCodec whenever it can be had, else one trained here (after the clips are defined)
+    codec, weights = (None, None) if args.offline_codec else \
+        get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
+    if codec is not None:
+        codec_info = {"name": "encodec_24khz", "pretrained": True, "weights": str(weights.resolve()), "bandwidth": BANDWIDTH}
+        print(f"codec: pretrained EnCodec 24 kHz from {weights}")
     else:
         codec = offline_codec()
         codec_info = {"name": "encodec_24khz-offline", "pretrained": False, "weights": "codec.pt", "bandwidth": BANDWIDTH,
-                      "note": "EnCodec architecture, seeded random weights, encoder output standardised, "
-                              "codebooks fitted by k-means on this corpus; the decoder is untrained"}
-        print("codec: OFFLINE EnCodec (no pretrained weights found): random seeded encoder/decoder, "
-              f"{N_Q} residual codebooks fitted by k-means on this corpus, saved to {out / 'codec.pt'}")
+                      "note": "OFFLINE codec: EnCodec 24 kHz architecture trained here on this corpus's audio with "
+                              "EnCodec's reconstruction loss (no adversary); codebooks fitted by k-means; not the "
+                              "pretrained EnCodec, whose codes these are not"}
+        print(f"codec: OFFLINE EnCodec (pretrained weights not found{'' if args.offline or args.offline_codec else ' and not downloadable'}): "
+              f"training EnCodec's architecture on this corpus ({args.codec_steps} steps), then fitting {N_Q} "
+              f"residual codebooks; saved to {out / 'codec.pt'}")
 
     # --- the clips: a generator of (wav, info) in a fixed order
     if args.dataset == "synth":
-        n_total = args.clips + (args.espeak_clips if args.espeak and shutil.which("espeak-ng") else 0)
+        n_total = args.clips
         def clips():
             for i in range(args.clips):
                 if f"synth-{i:06d}" not in done_ids:
-                    yield synth_clip(args.seed, i, args.max_seconds)
-            if args.espeak:
-                if shutil.which("espeak-ng") is None:
-                    print("--espeak: espeak-ng is not installed, skipping the spoken sentences")
-                    return
-                for j, s in enumerate(espeak_sentences(np.random.default_rng(args.seed), args.espeak_clips)):
-                    if f"speech-{j:06d}" in done_ids:
-                        continue
-                    try:
-                        yield espeak_clip(s, j)
-                    except Exception as e:
-                        report(f"espeak-ng '{s}'", f"synthesis failed ({e})")
+                    yield synth_clip(args.seed, i, args.max_seconds, speech=not args.no_speech)
     else:
         items = librispeech_items(args.src, report) if args.dataset == "librispeech" else folder_items(args.src, report)
         n_total = len(items)
@@ -1030,12 +1593,26 @@ def main(argv=None):
                 info = {k: v for k, v in it.items() if k != "path"}
                 yield wav, info
 
-    # --- pass 1: audio -> encoder outputs + mel, in batches (the slow part), with partial results saved in
-    # chunks so an interrupted run resumes where it stopped
     work = out / f".work-{args_hash}"
     if args.force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(exist_ok=True)
+
+    # --- the offline codec learns to reconstruct the train split's first clips (resumable, see train_codec)
+    codec_wavs = {}
+    if not codec_info["pretrained"]:
+        done_ids = set()
+        for wav, info in clips():
+            if not is_val(info["id"], args.val_percent):
+                codec_wavs[info["id"]] = wav
+            if len(codec_wavs) >= args.codec_clips:
+                break
+        t0 = time.time()
+        train_codec(codec, list(codec_wavs.values()), args.codec_steps, ckpt=work / "codec_train.pt", quiet=args.quiet)
+        print(f"offline codec: trained {args.codec_steps} steps on {len(codec_wavs)} clips in {time.time() - t0:.0f}s")
+
+    # --- pass 1: audio -> encoder outputs + mel, in batches (the slow part), with partial results saved in
+    # chunks so an interrupted run resumes where it stopped
     infos, embs, mels = [], [], []
     audio_seconds = resumed_seconds = 0.0
     pbar = tqdm(total=n_total, unit="clip", disable=args.quiet, desc="encode", smoothing=0.1)
@@ -1128,15 +1705,35 @@ def main(argv=None):
         staged.append(fname)
         return out / f"{fname}.tmp{os.getpid()}"
 
-    # --- the offline codec: fit its codebooks on a sample of encoder outputs
+    # --- the offline codec: fit its codebooks on a sample of encoder outputs, tune the decoder to them, report
     allemb = torch.from_numpy(np.concatenate(embs)).float()
     if not codec_info["pretrained"]:
         t0 = time.time()
         allemb = calibrate(codec, allemb)
         pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
         fit_codebooks(codec, allemb[torch.from_numpy(np.sort(pick))], iters=args.kmeans_iters)
-        torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q}, stage("codec.pt"))
         print(f"offline codec: fitted {N_Q} codebooks x {CODEBOOK_SIZE} on {len(pick)} frames in {time.time() - t0:.1f}s")
+        bounds = np.cumsum([0] + [len(e) for e in embs])
+        row = {info["id"]: i for i, info in enumerate(infos)}
+        ids = [i for i in codec_wavs if i in row]
+        tune_decoder(codec, [codec_wavs[i] for i in ids], [allemb[bounds[row[i]]:bounds[row[i] + 1]] for i in ids],
+                     args.codec_tune_steps, quiet=args.quiet)
+        torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q}, stage("codec.pt"))
+        if args.dataset == "synth" and args.codec_report:
+            probes = codec_probes(args.seed)
+            report_ = codec_report(codec, probes, untrained=offline_codec())
+            codec_info["report"] = report_
+            print(f"offline codec on held-out clips, decode(encode(x)) at {BANDWIDTH:g} kbps: notes at the labelled pitch "
+                  f"{report_['notes']:.0%} of {len(probes['note'])}, morse words read back {report_['morse']:.0%} of "
+                  f"{len(probes['morse'])}, DTMF digits {report_['dtmf']:.0%} of {len(probes['dtmf'])}; log-mel L1 "
+                  f"{report_['mel_l1']:.3f} (untrained decoder {report_['mel_l1_untrained']:.3f}, "
+                  f"{report_['mel_l1_untrained'] / report_['mel_l1']:.1f}x higher)")
+            panels = []
+            for kind, (w, info) in [("note", probes["note"][0]), ("morse", probes["morse"][0]),
+                                    ("dtmf", probes["dtmf"][0])] + [("any", c) for c in probes["any"][:2]]:
+                panels += [(f"input: {info['caption']}", log_mel(w)), ("reconstruction", log_mel(reconstruct(codec, [w])[0]))]
+            plot_mels(stage("codec.png"), panels, title="offline codec: log-mel of held-out input vs decode(encode(x))")
+        print(f"offline codec: done in {time.time() - t0:.0f}s")
 
     # --- pass 2: quantize (cheap), tokenize, write the splits
     # quantizing is frame by frame, so all clips go through at once in big slices
@@ -1149,23 +1746,17 @@ def main(argv=None):
         texts += [info.get(k) or "" for k in ("transcript", "caption", "description")]
         texts += [q["q"] + " " + q["a"] for q in info.get("qa", [])]
         texts += [" ".join(f"{k} {v}" for k, v in info["labels"].items())]
-    if gpt2_files_cached():
-        import tiktoken
-        tok = tiktoken.get_encoding("gpt2")
-        tok_info = {"name": "gpt2", "vocab_size": tok.n_vocab, "eot_token": tok.eot_token,
-                    "special_tokens": {EOT: tok.eot_token}, "file": None}
-        print("tokenizer: GPT-2 (tiktoken, from its local cache)")
-    else:
-        t0 = time.time()
-        ranks = train_bpe(texts, args.vocab_size)
-        tok_name = f"{name}-bpe{len(ranks)}"
-        save_ranks(ranks, stage("tokenizer.tiktoken"))
-        tok = make_encoding(tok_name, ranks)
-        tok_info = {"name": tok_name, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token,
-                    "special_tokens": {EOT: tok.eot_token}, "file": "tokenizer.tiktoken",
-                    "note": "offline byte-level BPE trained on this corpus's text (GPT-2 files not available)"}
-        print(f"tokenizer: OFFLINE byte-level BPE, {tok.n_vocab} tokens, trained in {time.time() - t0:.1f}s "
-              f"(GPT-2's files are not in the tiktoken cache)")
+    # the text is stored as text; the corpus BPE is stored beside it for the configs that name tokenizer="corpus"
+    # (those naming "gpt2" read the same text with GPT-2's BPE, loaded when the model loads the data)
+    t0 = time.time()
+    ranks = train_bpe(texts, args.vocab_size)
+    save_ranks(ranks, stage(CORPUS_BPE_FILE))
+    tok_info = {"name": "corpus", "file": CORPUS_BPE_FILE, "vocab_size": len(ranks) + 1, "eot_token": len(ranks),
+                "special_tokens": {EOT: len(ranks)},
+                "note": "the corpus BPE available with this data (byte-level, trained on its text), for configs with "
+                        "tokenizer='corpus'; the clips' text is stored as text, so tokenizer='gpt2' reads it too"}
+    print(f"tokenizer: corpus BPE of {len(ranks) + 1} tokens trained in {time.time() - t0:.1f}s -> {CORPUS_BPE_FILE} "
+          f"(configs with tokenizer='gpt2' use GPT-2's BPE instead)")
 
     in_val = [is_val(info["id"], args.val_percent) for info in infos]
     if args.val_percent > 0 and len(infos) >= 2 and not any(in_val):
@@ -1181,10 +1772,7 @@ def main(argv=None):
             rec = {"id": info["id"], "offset": offset, "frames": len(codes[i]), "source": info["source"],
                    "kind": info["kind"], "duration": info["duration"], "transcript": info.get("transcript"),
                    "caption": info.get("caption"), "description": info.get("description"),
-                   "labels": info["labels"], "qa": info.get("qa", []), "tokens": {}}
-            for k in ("transcript", "caption"):
-                if rec[k]:
-                    rec["tokens"][k] = tok.encode_ordinary(rec[k])
+                   "labels": info["labels"], "qa": info.get("qa", [])}
             lines.append(json.dumps(rec))
             offset += len(codes[i])
         c = np.concatenate([codes[i] for i in idx]) if idx else np.zeros((0, N_Q), np.uint16)

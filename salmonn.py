@@ -54,7 +54,8 @@ ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "st
 class SALMONNConfig:
     stage: str = "pretrain"        # "llm" | "pretrain" | "instruct" | "activation" (see the top of the file)
     tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the stage's)
-    # from the data (load_data fills these)
+    tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
+    # from the tokenizer and the data (load_data fills these)
     vocab_size: int = 50257
     n_mels: int = 64
     frame_rate: float = 75.0       # mel frames per second
@@ -461,8 +462,8 @@ class SALMONN(nn.Module):
         if config.llm_init:
             llm_state, sizes = load_llm_state(config.llm_init)
             if sizes["vocab_size"] != config.vocab_size:
-                raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the data's "
-                                 f"tokenizer vocab_size {config.vocab_size}")
+                raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the vocab_size "
+                                 f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
             config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
             config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
             print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} wide)")
@@ -801,7 +802,7 @@ def load_data(data_dir, config, tok):
     meta = json.load(open(os.path.join(data_dir, "meta.json"))) if os.path.exists(os.path.join(data_dir, "meta.json")) else None
     if meta is None:
         raise FileNotFoundError(f"{data_dir}/meta.json: not found (run prepare.py first)")
-    config.vocab_size = meta["tokenizer"]["vocab_size"]
+    config.vocab_size = tok.n_vocab  # the text is stored as text: the config's tokenizer (tok) sets the vocab
     config.n_mels = meta["n_mels"]
     config.frame_rate = float(meta["frame_rate"])
     return SALMONNData(data_dir, config, tok)

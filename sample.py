@@ -138,7 +138,8 @@ if __name__ == "__main__":
         fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / --ckpt)")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     M = importlib.import_module(checkpoint["model_name"])
-    model = M.Model(M.Config(**checkpoint["model_args"]))
+    config = M.Config(**checkpoint["model_args"])
+    model = M.Model(config)
     model.load_state_dict(checkpoint["model"])
     model.eval().to(device)
     data_dir = data_dir or checkpoint["config"]["data_dir"]
@@ -147,10 +148,19 @@ if __name__ == "__main__":
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data {data_dir}")
-    del checkpoint
 
+    # the tokenizer the model was trained with: the checkpoint records it (a corpus BPE with its ranks); an older
+    # checkpoint gets the one its config names, from the data dir. Models without text (whisper_gpt) have none.
     import prepare
-    tok = prepare.load_tokenizer(data_dir)
+    tok = None
+    try:
+        if checkpoint.get("tokenizer"):
+            tok = prepare.tokenizer_from_record(checkpoint["tokenizer"], ckpt_path)
+        elif hasattr(config, "tokenizer"):
+            tok = prepare.load_tokenizer(data_dir, config.tokenizer)
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(f"tokenizer: {e}")
+    del checkpoint
     tools = Tools(data_dir)
     if audio:
         if not os.path.isfile(audio):
@@ -173,10 +183,19 @@ if __name__ == "__main__":
         codes = result["codes"]
         n = codes.shape[0]
         print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: {n / dt:.1f} tokens/s")
+        prompt_codes = result.get("prompt_codes")
+        if prompt_codes is not None:                  # the prompt too, decoded the same way: one can hear the seam
+            codes = torch.cat([prompt_codes, codes])
         wav = tools.decode(codes)
         path = out or os.path.join(out_dir, "sample.wav")
         write_wav(path, wav.numpy(), meta["sample_rate"])
-        print(f"wrote {path} ({len(wav) / meta['sample_rate']:.2f} s, {codes.shape[1]} codebook(s) decoded)")
+        seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
+        png = os.path.splitext(path)[0] + ".png"
+        prepare.plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
+                                 f"{codes.shape[1]} codebook(s) decoded)", prepare.log_mel(wav.numpy()))], boundary=seam)
+        print(f"wrote {path} ({len(wav) / meta['sample_rate']:.2f} s" +
+              (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s continuation" if seam else "") +
+              f", {codes.shape[1]} codebook(s) decoded) and its log-mel spectrogram {png}")
     else:
         print(result["text"])
         print(f"({dt:.2f} s)")

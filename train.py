@@ -7,7 +7,8 @@ Training script for every model of this repository (whisper_gpt, salmonn, pengi)
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
 train.py knows nothing about the models beyond the small interface every model file implements:
-Config, Model, load_data, get_batch (see README, "The model interface").
+Config, Model, load_data, get_batch (see README, "The model interface"). A text model's Config names its
+tokenizer (tokenizer = "corpus" or "gpt2"); every checkpoint records the tokenizer it was trained with.
 """
 
 import ast
@@ -152,6 +153,33 @@ def load_settings(argv):
         settings[key] = parse_cli_value(key, raw, types[key])
     return settings, module, set(model_types)
 
+def load_tokenizer(config, checkpoint, init):
+    """The tokenizer of a text model: its config names one (tokenizer = "corpus", the BPE stored with the data, or
+    "gpt2"); models without text (whisper_gpt) have none. A model that starts from a checkpoint (resume, init_from,
+    an llm_init ckpt.pt) keeps the tokenizer recorded there, since its embeddings are in those tokens: the prepared
+    data is text, so any tokenizer reads it."""
+    import prepare
+    name = getattr(config, "tokenizer", None)
+    if name is None:
+        return None
+    starts = [(os.path.join(out_dir, "ckpt.pt"), checkpoint), (init_from, init)]
+    llm_init = getattr(config, "llm_init", "")
+    if llm_init.endswith(".pt") and os.path.isfile(llm_init):
+        starts.append((llm_init, torch.load(llm_init, map_location="cpu", weights_only=True, mmap=True)))
+    for path, ck in starts:
+        if isinstance(ck, dict) and ck.get("tokenizer"):
+            if ck["tokenizer"]["name"] != name:
+                fail(f"{path} was trained with tokenizer {ck['tokenizer']['name']!r}, but tokenizer={name!r}")
+            tok = prepare.tokenizer_from_record(ck["tokenizer"], path)
+            print(f"tokenizer: {name}, {tok.n_vocab} tokens, as recorded in {path}")
+            return tok
+    try:
+        tok = prepare.load_tokenizer(data_dir, name)
+    except (ValueError, OSError, RuntimeError) as e:  # an unknown name, a missing or corrupt file: the message names it
+        fail(str(e))
+    print(f"tokenizer: {name}, {tok.n_vocab} tokens" + (f", from {data_dir}" if name == "corpus" else ""))
+    return tok
+
 if __name__ == "__main__":
     S, M, model_keys = load_settings(sys.argv[1:])
     globals().update({k: v for k, v in S.items() if k in TRAIN_KEYS})
@@ -206,9 +234,7 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # data, model, optimizer
-    import prepare  # the tokenizer (text models need it; whisper_gpt ignores it)
-    tok = prepare.load_tokenizer(data_dir)
-    checkpoint = None
+    checkpoint = init = None
     if init_from == "resume":
         ckpt_path = os.path.join(out_dir, "ckpt.pt")
         if not os.path.isfile(ckpt_path):
@@ -219,6 +245,13 @@ if __name__ == "__main__":
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
     else:
         config = M.Config(**{k: S[k] for k in model_keys if k in S})
+        if init_from != "scratch":
+            if not os.path.isfile(init_from):
+                fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt (file not found)")
+            init = torch.load(init_from, map_location=device, weights_only=True)
+    import prepare  # the tokenizers: text models name one in their config; whisper_gpt has none
+    tok = load_tokenizer(config, checkpoint, init)
+    tok_record = None if tok is None else prepare.tokenizer_record(tok)  # saved with every checkpoint
     data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels, ...)
     torch.manual_seed(seed)
     raw_model = M.Model(config)
@@ -226,10 +259,7 @@ if __name__ == "__main__":
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    elif init_from != "scratch":
-        if not os.path.isfile(init_from):
-            fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt (file not found)")
-        init = torch.load(init_from, map_location=device, weights_only=True)
+    elif init is not None:
         missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
         if unexpected:
             fail(f"init_from={init_from}: the checkpoint has weights this model lacks: {unexpected[:5]}...")
@@ -296,6 +326,8 @@ if __name__ == "__main__":
         ckpt = {"model": raw_model.state_dict(), "model_name": model, "model_args": asdict(config),
                 "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
                 "config": dict(S)}
+        if tok_record is not None:
+            ckpt["tokenizer"] = tok_record
         if dtype == "float16":
             ckpt["scaler"] = scaler.state_dict()
         path = os.path.join(out_dir, "ckpt.pt")

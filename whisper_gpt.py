@@ -344,8 +344,9 @@ def sample(model, tok, audio, prompt, tools, **opts):
     Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames of
     the clip used as prompt; 0 = as many as fit in the context), mel_context (frames decoded to get one
     new mel frame), seed (-1 = torch's current RNG).
-    Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes and decoded with the
-    first quantizer alone (EnCodec at 1.5 kbps, the other residual codebooks left out, not zero-filled)."""
+    Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the prompt's as
+    "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 1.5 kbps, the other residual
+    codebooks left out, not zero-filled)."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
         raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: {sorted(SAMPLE_OPTS)}")
@@ -375,4 +376,4 @@ def sample(model, tok, audio, prompt, tools, **opts):
 
     out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None,
                          mel_fn if c.use_mel else None, generator)
-    return {"codes": out[0, codes.size(1):, None].cpu()}
+    return {"codes": out[0, codes.size(1):, None].cpu(), "prompt_codes": out[0, :codes.size(1), None].cpu()}

@@ -1,7 +1,8 @@
 # Pengi at the paper's sizes, for a GPU: GPT-2 base (12 x 768, frozen), k = 40 prefix vectors per modality
 # (80 prefix positions), 1024-d shared embedding, beam 5 at evaluation (python eval.py out/pengi-paper --beam=5).
 # llm_init: a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin), e.g. one
-# saved by `transformers` as gpt2/. Its vocab is GPT-2's: prepare the data where tiktoken's gpt2 files exist.
+# saved by `transformers` as gpt2/. Its vocab is GPT-2's, so it reads the data with GPT-2's BPE (tokenizer = "gpt2":
+# tiktoken's, or offline the copy openai-whisper ships); the same prepared data serves the CPU configs' corpus BPE.
 # The HTSAT sizes follow HTSAT-tiny (96 wide, depths 2,2,6,2, window 8, patch 4) over 768 mel frames (10.2 s
 # at 75 frames/s). The text encoder is GPT-2's own first 12 layers (CLIP's text tower in the paper) and the
 # mappers ClipCap's 8-layer transformer. The optimiser settings and clap_weight are ours.
@@ -9,6 +10,7 @@ model = "pengi"
 out_dir = "out/pengi-paper"
 data_dir = "data/synth"
 llm_init = "gpt2"
+tokenizer = "gpt2"
 tasks = "caption,metadata,class,qa,music"
 max_frames = 768
 patch_size = 4

@@ -5,7 +5,8 @@
 model = "pengi"
 out_dir = "out/pengi-synth"
 data_dir = "data/synth"
-llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields
+llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its tokenizer (recorded in it) is used
+tokenizer = "corpus"     # the small BPE stored with the data, as the LM above was trained with
 tasks = "caption,metadata,class,qa,music"
 # audio encoder: 2 Swin stages over 4x4 patches of 192 mel frames (2.6 s) x 64 bins
 max_frames = 192

@@ -7,6 +7,7 @@ model = "salmonn"
 stage = "llm"
 out_dir = "out/salmonn-llm"
 data_dir = "data/synth"
+tokenizer = "corpus"   # the small BPE stored with the data: GPT-2's 50k-row head would dwarf this LLM; later stages keep it
 llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 128

@@ -8,6 +8,7 @@ model = "salmonn"
 stage = "pretrain"
 out_dir = "out/salmonn-stage1"
 data_dir = "data/synth"
+tokenizer = "corpus"   # as config/salmonn_llm.py (the checkpoint it starts from records it)
 init_from = "scratch"
 llm_init = "out/salmonn-llm/ckpt.pt"
 # model (every stage uses the same sizes)

@@ -8,6 +8,7 @@ model = "salmonn"
 stage = "instruct"
 out_dir = "out/salmonn-stage2"
 data_dir = "data/synth"
+tokenizer = "corpus"   # as config/salmonn_llm.py (the checkpoint it starts from records it)
 init_from = "out/salmonn-stage1/ckpt.pt"
 # model (every stage uses the same sizes)
 speech_n_layer = 2

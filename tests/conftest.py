@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # A small built-in corpus: ~160 clips of up to 2 s (~4 minutes of audio), codec fitted on a sample.
-SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kmeans_iters=6", "--quiet"]
+SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kmeans_iters=6", "--quiet", "--offline",
+              "--codec_steps=12", "--codec_clips=32", "--codec_tune_steps=6", "--codec_report=0"]
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,24 @@
 """
 Tests of fused_attention.attention against plain softmax attention computed in float64.
 
-- the Triton kernels (forward and dq/dk/dv) under Triton's interpreter on the CPU, fp32 and fp16:
-  the interpreter is chosen when the kernels are defined (at import), so that part runs in a
-  subprocess (this file with --worker) with TRITON_INTERPRET=1, whatever else this process imported;
+- the Triton kernels (forward with and without tensor descriptors, flash-decoding split + merge, and dq/dk/dv
+  with both backwards) under Triton's interpreter on the CPU, fp32 and fp16, with the interpreter's small tiles
+  and with every TILES entry:
+  the interpreter is chosen when the kernels are defined (at import), so that part runs in a subprocess
+  (this file with --worker) with TRITON_INTERPRET=1, whatever else this process imported;
 - the PyTorch path on the same cases, in this process;
+- the kernels built for an H100 (sm_90a) ahead of time, as the JIT would build them for aligned tensors (no
+  GPU needed): no register spills, shared memory within the limit, wgmma. By default what an H100 runs by
+  default (forward, decoding, atomic backward, their default tiles) at D = 64 and 128 in the heaviest variant
+  (causal + k_lens), ~25 s the first time; FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES
+  entry x causal/k_lens variant (300 builds, ~20 min the first time). Triton caches builds on disk, so
+  later runs take seconds;
 - on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped otherwise).
+
+bf16 is never checked numerically on the CPU: Triton's interpreter computes bf16 tl.dot wrongly, so a bf16
+case there would fail for the interpreter's sake. What can be checked without a GPU is checked instead:
+the bf16 build uses the bf16 tensor-core instructions, and it comes from the same source as the fp16
+build (their Triton IR differs in the element type only).
 """
 
 import json
@@ -22,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 # (dtype, D, Tq, Tk, causal, k_lens, layout): k_lens "pad" gives batch lengths [Tk, 0, ~Tk/3]
 # (full, empty, padded); layout "bthd" makes q, k, v strided views of a (B, T, H, D) tensor.
+# Tq <= 16 takes the decoding path: with Tk > 32 its keys are split over programs and merged.
 CASES = []
 for causal in (False, True):
     for Tq, Tk in ((17, 17), (1, 100), (100, 17), (129, 129)):
@@ -32,14 +46,16 @@ CASES += [
     ("float32", 64, 100, 100, True, None, "bthd"),
     ("float32", 64, 1, 1, False, None, "bhtd"),
     ("float32", 128, 17, 129, False, "pad", "bthd"),
+    ("float32", 64, 9, 200, True, "pad", "bthd"),  # decoding several queries: the diagonal inside the splits
     ("float16", 64, 129, 129, True, "pad", "bhtd"),
     ("float16", 64, 1, 100, False, "pad", "bhtd"),
     ("float16", 32, 100, 17, True, None, "bthd"),
     ("float16", 128, 17, 33, True, "pad", "bhtd"),
 ]
 
-# the backward's other way of getting dq (atomic adds from the dk/dv kernel), on a subset
-ATOMIC_CASES = [
+# the other code paths, on a subset: the "split" backward (dq from a kernel of its own) and the forward
+# without tensor descriptors (pointer loads: unaligned inputs, GPUs before Hopper)
+OTHER_PATH_CASES = [
     ("float32", 32, 100, 17, True, "pad", "bhtd"),
     ("float32", 32, 1, 100, False, "pad", "bhtd"),
     ("float32", 32, 129, 129, False, None, "bhtd"),
@@ -47,6 +63,12 @@ ATOMIC_CASES = [
     ("float16", 64, 129, 129, True, "pad", "bhtd"),
     ("float16", 32, 100, 17, True, None, "bthd"),
 ]
+
+# every TILES entry (the GPU's tiles) under the interpreter: entry i of each kernel's list at once, on
+# lengths that cross several 128-blocks and leave ragged ends (one head, to save time); Tq = 1 for the
+# decoding tiles, whose keys are then split over programs too
+TILE_CASES = [("float32", D, Tq, Tk, True, "pad", "bthd") for D in (64, 128) for Tq, Tk in ((270, 260), (1, 700))]
+TILE_INDICES = (0, 1, 2, 3)  # entry i of each list (its last where the list is shorter)
 
 def case_id(case):
     dtype, D, Tq, Tk, causal, k_lens, layout = case
@@ -81,14 +103,14 @@ def reference(q, k, v, causal, k_lens, sm_scale):
     p = e / e.sum(-1, keepdim=True).clamp_min(1e-300)
     return p @ v
 
-def errors(case, backend):
+def errors(case, backend, sm_scale=None, H=2):
     """Max abs error of out, dq, dk, dv against the float64 reference, each divided by max(1, max |ref|)."""
     import fused_attention
     dtype, D, Tq, Tk, causal, k_lens, layout = case
-    q, k, v, do, lens = make_inputs(case)
-    out = fused_attention.attention(q, k, v, causal=causal, k_lens=lens, backend=backend)
+    q, k, v, do, lens = make_inputs(case, H=H)
+    out = fused_attention.attention(q, k, v, causal=causal, k_lens=lens, sm_scale=sm_scale, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), do)
-    ref = reference(q, k, v, causal, lens, 1.0 / math.sqrt(D))
+    ref = reference(q, k, v, causal, lens, 1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
     result = {}
     for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
@@ -117,7 +139,7 @@ def check(case, result):
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, FUSED_ATTENTION="triton")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -125,9 +147,19 @@ def interpreter_results():
 def test_triton_interpreter(case, interpreter_results):
     check(case, interpreter_results[case_id(case)])
 
-@pytest.mark.parametrize("case", ATOMIC_CASES, ids=case_id)
-def test_triton_interpreter_atomic_dq(case, interpreter_results):
-    check(case, interpreter_results["atomic-" + case_id(case)])
+@pytest.mark.parametrize("case", OTHER_PATH_CASES, ids=case_id)
+def test_triton_interpreter_split_backward_pointer_forward(case, interpreter_results):
+    check(case, interpreter_results["other-" + case_id(case)])
+
+@pytest.mark.parametrize("bwd", ["atomic", "split"])
+@pytest.mark.parametrize("index", TILE_INDICES)
+@pytest.mark.parametrize("case", TILE_CASES, ids=case_id)
+def test_triton_interpreter_gpu_tiles(case, index, bwd, interpreter_results):
+    check(case, interpreter_results[f"tiles{index}-{bwd}-" + case_id(case)])
+
+def test_triton_interpreter_negative_scale(interpreter_results):
+    # the kernels take the row max on raw scores: a negative scale must still give the softmax of s * scale
+    check(CASES[-1], interpreter_results["scale-" + case_id(CASES[-1])])
 
 # -----------------------------------------------------------------------------
 # the PyTorch path, in this process
@@ -154,6 +186,19 @@ def test_sm_scale_and_kv_cache_alignment():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, reference(q, k, v, False, None, 0.3).float())
 
+def test_no_keys_gives_zeros_and_zero_gradients():
+    import fused_attention
+    q = torch.randn(2, 2, 5, 16)
+    q[0, 0, 0, 0] = float("inf")  # q * 0 would make this NaN
+    q.requires_grad_()
+    k = torch.randn(2, 2, 0, 16, requires_grad=True)
+    v = torch.randn(2, 2, 0, 16, requires_grad=True)
+    for backend in ("torch", "triton", "auto"):  # answered before any backend runs
+        out = fused_attention.attention(q, k, v, causal=True, backend=backend)
+        assert out.shape == q.shape and out.dtype == q.dtype and torch.equal(out, torch.zeros_like(out))
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn(2, 2, 5, 16))
+        assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
+
 def test_bad_input_is_rejected_clearly():
     import fused_attention
     q = torch.randn(2, 2, 5, 16)
@@ -165,6 +210,8 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(q, q, q, k_lens=torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="k_lens"):
         fused_attention.attention(q, q, q, k_lens=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="boolean"):  # would otherwise pass as lengths 1 and 0
+        fused_attention.attention(q, q, q, k_lens=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="backend"):
         fused_attention.attention(q, q, q, backend="cudnn")
     x = torch.randn(1, 1, 4, 48)
@@ -172,42 +219,69 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(x, x, x, backend="triton")
 
 # -----------------------------------------------------------------------------
-# the kernels through Triton's real compiler (to H100 machine code; no GPU needed): catches what the
-# interpreter lets through (types across loops and branches, constexpr use, shared memory limits)
+# the kernels built for an H100 ahead of time, as the JIT builds them (no GPU needed; bench_attention.py
+# --ptxas prints the same builds as a table): catches what the interpreter lets through (types across
+# loops and branches, constexpr use) and what only the compiled kernel shows (spills, shared memory)
 
-def test_kernels_compile_for_h100():
-    import fused_attention as fa
-    if fa.INTERPRETED:
+def _aot():
+    import fused_attention
+    if fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        import triton
+        import bench_attention
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401 (the JIT's binder)
     except ImportError as e:
-        pytest.skip(f"this triton cannot compile ahead of time: {e}")
-    pointers = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    pointers.update(LSE="*fp32", DELTA="*fp32", KLENS="*i32")
-    for name, kernel in (("fwd", fa._fwd_kernel), ("dq", fa._bwd_dq_kernel), ("dkdv_atomic", fa._bwd_dkdv_kernel)):
-        m, n, warps, stages = fa._tiles(name, 64)[0]
-        constexprs = dict(HAS_KLENS=True, CAUSAL=True, HEAD_DIM=64, BLOCK_M=m, BLOCK_N=n)
-        if name == "dkdv_atomic":  # covers the split variant too: ATOMIC_DQ only adds code
-            constexprs["ATOMIC_DQ"] = True
-            pointers["DQ"] = "*fp32"
-        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "fp32" if "scale" in a else "i32")
-                     for a in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
-        assert "wgmma" in compiled.asm["ptx"], f"{name}: no Hopper tensor-core instructions"
-        assert compiled.metadata.shared <= 228 * 1024, f"{name}: {compiled.metadata.shared} bytes of shared memory"
+        pytest.skip(f"this triton cannot build ahead of time: {e}")
+    return bench_attention
+
+def _build_cases():
+    import bench_attention
+    if os.environ.get("FUSED_ATTENTION_PTXAS") == "all":
+        return bench_attention.ptxas_cases()
+    # what an H100 runs by default (forward, decoding, atomic backward: default tiles) in the heaviest variant
+    # (causal + k_lens), and the fixed kernels; the split backward and pointer forward with FUSED_ATTENTION_PTXAS=all
+    return [c for c in bench_attention.ptxas_cases((64, 128), tiles="default")
+            if c[4] is None or (c[2] and c[3] and c[0] in ("fwd", "decode", "dkdv_atomic"))]
+
+def _build_id(case):
+    name, D, causal, k_lens, tile = case
+    return f"{name}-D{D}-{'causal' if causal else 'full'}-{'lens' if k_lens else 'nolens'}-" + ("x".join(map(str, tile)) if tile else "fixed")
+
+@pytest.mark.parametrize("case", _build_cases(), ids=_build_id)
+def test_h100_build(case):
+    ba = _aot()
+    import fused_attention
+    name, D, causal, k_lens, tile = case
+    r = ba.ptxas_report(name, D, causal, k_lens, tile)
+    assert r["spill"] == 0, f"{r['spill']} bytes of register spills ({r['regs']} registers)"
+    assert r["smem"] <= ba.SM90_SHARED_LIMIT, f"{r['smem']} bytes of shared memory"
+    if name in ("fwd", "decode"):
+        assert r["tma"], "the forward's K/V loads do not use the copy engine (cp.async.bulk.tensor)"
+    if tile is not None and tile[3] >= 2:
+        assert r["cp_async"] or r["tma"], "loads are not pipelined (no cp.async / TMA)"
+    default = tile is not None and tile == fused_attention._tiles(name.split("-")[0], D)[0]
+    if default and name != "decode" and D >= 64:
+        # the default tiles: Hopper's tensor-core instructions for every matmul, none narrower than n32
+        assert r["wgmma"] and not r["mma_sync"], (r["wgmma"], r["mma_sync"])
+        assert min(int(shape.split("n")[1].split("k")[0]) for shape, _ in r["wgmma"]) >= 32, r["wgmma"]
+
+def test_bf16_and_fp16_builds_share_one_source():
+    ba = _aot()
+    bf16 = ba.ptxas_report("fwd", 64, True, True, None, "bfloat16")
+    fp16 = ba.ptxas_report("fwd", 64, True, True, None, "float16")
+    assert {t for _, t in bf16["wgmma"]} == {"bf16"} and {t for _, t in fp16["wgmma"]} == {"f16"}
+    # one kernel source: the Triton IR of the two builds differs in the element type and nothing else
+    strip = lambda ir: [line for line in ir.replace("bf16", "f16").splitlines() if not line.startswith("#loc")]
+    assert strip(bf16["ttir"]) == strip(fp16["ttir"])
 
 # -----------------------------------------------------------------------------
 # the compiled kernels on a GPU, against SDPA (skipped without CUDA)
 
-GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1000), (1037, 1037), (1037, 2100), (256, 77))
+GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1000), (5, 3000), (1037, 1037), (1037, 2100), (256, 77))
              for causal in (False, True) for lens in (False, True)]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("bwd", ["split", "atomic"])
+@pytest.mark.parametrize("bwd", ["atomic", "split"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("D,Tq,Tk,causal,lens", GPU_CASES)
 def test_gpu_kernel_vs_sdpa(dtype, bwd, D, Tq, Tk, causal, lens, monkeypatch):
@@ -241,13 +315,24 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     # run by interpreter_results: every case through the Triton kernels, results as one JSON line
     import fused_attention
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
-    results = {}
-    for bwd, cases in (("split", CASES), ("atomic", ATOMIC_CASES)):
-        fused_attention.BWD = bwd
+    # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
+    small_tiles = dict(fused_attention.INTERPRETER_TILES)
+    runs = [("", "atomic", True, CASES, small_tiles, None, 2), ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
+            ("scale-", "atomic", True, CASES[-1:], small_tiles, -0.2, 2)]
+    for i in TILE_INDICES:
+        for D, cases in ((64, TILE_CASES[:2]), (128, TILE_CASES[2:])):
+            tiles = {name: fused_attention._tiles(name, D)[min(i, len(fused_attention._tiles(name, D)) - 1)][:2]
+                     for name in small_tiles}
+            runs += [(f"tiles{i}-{bwd}-", bwd, True, cases, tiles, None, 1) for bwd in ("atomic", "split")]
+    results, done = {}, {}
+    for prefix, bwd, tma, cases, tiles, sm_scale, H in runs:
+        fused_attention.BWD, fused_attention.TMA, fused_attention.INTERPRETER_TILES = bwd, tma, tiles
         for case in cases:
-            name = case_id(case) if bwd == "split" else "atomic-" + case_id(case)
-            try:
-                results[name] = errors(case, "triton")
-            except Exception as e:  # report it against its own case
-                results[name] = {"error": f"{type(e).__name__}: {e}"}
+            key = (bwd, tma, case, tuple(sorted(tiles.items())), sm_scale, H)
+            if key not in done:  # a shorter TILES list repeats its last entry: run each set of tiles once
+                try:
+                    done[key] = errors(case, "triton", sm_scale, H)
+                except Exception as e:  # report it against its own case
+                    done[key] = {"error": f"{type(e).__name__}: {e}"}
+            results[prefix + case_id(case)] = done[key]
     print(json.dumps(results))

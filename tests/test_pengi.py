@@ -247,7 +247,7 @@ def test_fit_logistic_separates():
 def test_task_mix_from_templates(synth_dir):
     """Every task of the synth corpus comes through the paper's templates, in one mix."""
     import prepare
-    tok = prepare.load_tokenizer(synth_dir)
+    tok = prepare.load_tokenizer(synth_dir, "corpus")
     cfg = pengi.PengiConfig(max_frames=64)
     data = pengi.load_data(synth_dir, cfg, tok)
     prompts = {t: {tok.decode(p) for _, p, _ in ex} for t, ex in data["train"]["by_task"].items()}
@@ -265,6 +265,29 @@ def test_task_mix_from_templates(synth_dir):
     assert len({p for p in seen if not p.startswith("question: ")}) >= 4  # several tasks in one batch
     with pytest.raises(ValueError, match="unknown"):
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class,emotion"), tok)
+
+
+@pytest.mark.parametrize("name", ["corpus", "gpt2"])
+def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
+    """The prepared data is text: with tokenizer="gpt2" (GPT-2 base's vocabulary) or "corpus" (the small CPU LM's),
+    every prompt and answer of the task mix decodes back to the stored text; vocab and eot come from the tokenizer."""
+    import prepare
+    tok = prepare.load_tokenizer(synth_dir, name, offline=True)
+    cfg = tiny_config(n_mels=64, tokenizer=name, vocab_size=0, eot_token=-1, llm_block_size=512,
+                      max_prompt_tokens=1000, max_answer_tokens=1000)
+    data = pengi.load_data(synth_dir, cfg, tok)
+    assert (cfg.vocab_size, cfg.eot_token) == (tok.n_vocab, tok.eot_token)
+    clips, n = data["train"]["clips"], 0
+    for task, examples in data["train"]["by_task"].items():
+        for i, p, a in examples:
+            assert (task, tok.decode(p), tok.decode(a)) in pengi.clip_tasks(clips[i], data["tasks"])
+            n += 1
+    assert n >= len(clips)
+    b = pengi.get_batch(data, "train", 4, np.random.default_rng(0))
+    assert (b["targets"] == tok.eot_token).sum() == 4
+    torch.manual_seed(0)
+    logits, loss = pengi.Pengi(cfg)(**b)
+    assert logits.size(-1) == tok.n_vocab and torch.isfinite(loss)
 
 
 def write_random_llm(path, vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, std=0.3, seed=0):
@@ -285,7 +308,7 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     labels by likelihood and the linear probe both score well above chance. The LM is random (no pretrained
     one exists in the tests) but not degenerate; the CLAP-style term keeps the scratch encoder from collapsing."""
     import prepare
-    tok = prepare.load_tokenizer(synth_dir)
+    tok = prepare.load_tokenizer(synth_dir, "corpus")
     write_random_llm(tmp_path / "llm.pt", tok.n_vocab)
     cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1", enc_heads="2,2", window=8,
                             d_embed=32, prefix_len=4, map_n_layer=1, map_n_head=2, text_n_layer=1,

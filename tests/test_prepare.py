@@ -3,6 +3,7 @@ matching audio), the written arrays, bad input handling, the offline codec and t
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def test_features_match_stored_corpus(synth_dir, codec):
     codes = np.memmap(Path(synth_dir, "train_codes.bin"), np.uint16, mode="r").reshape(-1, meta["n_q"])
     mel = np.memmap(Path(synth_dir, "train_mel.bin"), np.float16, mode="r").reshape(-1, meta["n_mels"])
     for c in clips[:4]:
-        wav, info = P.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"])
+        wav, info = P.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
+                                 speech=not meta["args"]["no_speech"])
         assert info["caption"] == c["caption"]
         k, m = P.features(wav, codec)
         assert k.shape == (c["frames"], 8) and m.shape == (c["frames"], 64)
@@ -289,18 +291,21 @@ def test_single_note_pitch_matches_label():
 def test_corpus_covers_the_kinds_and_text_depends_on_audio(synth_dir):
     clips = [json.loads(l) for s in ("train", "val") for l in Path(synth_dir, f"{s}_clips.jsonl").read_text().splitlines()]
     kinds = {c["kind"] for c in clips}
-    assert kinds == {"music", "events", "morse", "dtmf", "mixture"}
+    assert kinds == {"music", "events", "morse", "dtmf", "mixture", "speech"}
+    assert 0.15 < sum(c["kind"] == "speech" for c in clips) / len(clips) < 0.35      # about a quarter
     assert len({c["caption"] for c in clips}) > 0.8 * len(clips)
     classes = {c["labels"]["class"] for c in clips}
-    assert {"morse code", "dtmf tones", "plucked string", "beep"} <= classes
+    assert {"morse code", "dtmf tones", "plucked string", "beep", "speech"} <= classes
     for c in clips:
         assert c["caption"] and c["description"] and len(c["description"]) > len(c["caption"])
         assert c["qa"] and all(q["q"] and q["a"] for q in c["qa"])
-        assert (c["transcript"] is not None) == (c["kind"] in ("morse", "dtmf"))
+        assert (c["transcript"] is not None) == (c["kind"] in ("morse", "dtmf", "speech"))
         if c["kind"] in ("music", "mixture"):
             assert "instrument" in c["labels"] and ("pitch" in c["labels"] or "chord" in c["labels"])
         if c["kind"] in ("events", "mixture"):
             assert "event" in c["labels"] and "count" in c["labels"]
+        if c["kind"] == "speech":
+            assert c["labels"]["gender"] == P.SPEAKERS[c["labels"]["speaker"]][1]
 
 
 # ----------------------------------------------------------------------------- written files
@@ -310,7 +315,9 @@ def test_memmaps_jsonl_and_meta_round_trip(synth_dir):
     assert meta["sample_rate"] == 24000 and meta["frame_rate"] == 75 and meta["hop_length"] == 320
     assert meta["n_q"] == 8 and meta["n_mels"] == 64 and meta["codebook_size"] == 1024
     assert meta["codec"]["pretrained"] is False and Path(synth_dir, meta["codec"]["weights"]).is_file()
-    tok = P.load_tokenizer(synth_dir)
+    # meta.json describes the corpus BPE stored with the data; the clips hold text, not tokens
+    tok = P.load_tokenizer(synth_dir, "corpus")
+    assert meta["tokenizer"]["name"] == "corpus" and Path(synth_dir, meta["tokenizer"]["file"]).is_file()
     assert tok.n_vocab == meta["tokenizer"]["vocab_size"] and tok.eot_token == meta["tokenizer"]["eot_token"]
     for split in ("train", "val"):
         codes = np.memmap(Path(synth_dir, f"{split}_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
@@ -323,9 +330,10 @@ def test_memmaps_jsonl_and_meta_round_trip(synth_dir):
         for c in clips:
             assert c["offset"] == offset and c["frames"] == math.ceil(round(c["duration"] * SR) / 320)
             offset += c["frames"]
+            assert "tokens" not in c
             for k in ("caption", "transcript"):
                 if c[k]:
-                    assert tok.decode(c["tokens"][k]) == c[k]
+                    assert tok.decode(tok.encode_ordinary(c[k])) == c[k]
     assert 0.05 < meta["splits"]["val"]["clips"] / (meta["splits"]["train"]["clips"] + meta["splits"]["val"]["clips"]) < 0.2
 
 
@@ -345,6 +353,107 @@ def test_train_bpe_learns_frequent_words():
     assert len(ranks) > 256 and b" cat" in ranks and b"the" in ranks
     enc = P.make_encoding("t", ranks)
     assert len(enc.encode("the cat sat on the mat")) == 6
+
+
+# GPT-2's token ids as published (the GPT-2 vocabulary; "!" is rank 0, <|endoftext|> the last id)
+GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0], "Hello, world!": [15496, 11, 995, 0],
+            "The quick brown fox jumps over the lazy dog.": [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]}
+
+
+def assert_is_gpt2(tok):
+    assert tok.n_vocab == 50257 and tok.eot_token == 50256 and tok.name == "gpt2"
+    for text, ids in GPT2_IDS.items():
+        assert tok.encode(text) == ids, text
+    assert tok.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert tok.encode_ordinary("<|endoftext|>") != [50256]  # as plain text it is just characters
+    odd = "Ünïcødé ✓ 12345 tabs\tand\nnew lines"
+    assert tok.decode(tok.encode(odd)) == odd
+
+
+@pytest.fixture
+def no_tiktoken_cache(tmp_path, monkeypatch):
+    """An empty tiktoken cache; tiktoken's download fails the test if tried."""
+    import tiktoken
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    def no_download(name):
+        raise AssertionError(f"tiktoken.get_encoding({name!r}) called")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_download)
+    return tmp_path / "tiktoken-cache"
+
+
+def test_gpt2_bpe_offline_from_openai_whisper(no_tiktoken_cache, capsys, monkeypatch):
+    """Offline, without tiktoken's files: the ranks openai-whisper ships give GPT-2's encoding, without importing
+    whisper (pip install --no-deps openai-whisper is enough)."""
+    monkeypatch.delitem(sys.modules, "whisper", raising=False)
+    tok = P.load_tokenizer("no/such/dir", "gpt2", offline=True)   # the data dir plays no part for gpt2
+    assert "whisper" not in sys.modules
+    assert_is_gpt2(tok)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "openai-whisper" in out[0] and "gpt2.tiktoken" in out[0]
+
+
+def test_gpt2_bpe_download_failure_falls_back_in_one_line(no_tiktoken_cache, capsys, monkeypatch):
+    import tiktoken
+    def fail(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max retries exceeded\n"
+                              "(Caused by NameResolutionError: Failed to resolve 'openaipublic.blob.core.windows.net')")
+    monkeypatch.setattr(tiktoken, "get_encoding", fail)
+    assert_is_gpt2(P.load_gpt2())
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and "could not download" in out[0] and "no name resolution" in out[0]
+    assert "openai-whisper" in out[1]
+
+
+def test_gpt2_bpe_from_tiktoken_cache_and_corrupt_files(no_tiktoken_cache, capsys, monkeypatch):
+    import hashlib
+    import tiktoken
+    cache = no_tiktoken_cache
+    cache.mkdir()
+    paths = [cache / hashlib.sha1(url.encode()).hexdigest() for url in P.GPT2_FILES]
+    for p in paths:
+        p.write_text("not GPT-2's file")
+    # corrupt cached files: one line each, naming it, then the next source (offline: openai-whisper's copy)
+    assert_is_gpt2(P.load_gpt2(offline=True))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 3 and all(str(p) in l and "corrupt" in l for p, l in zip(paths, out))
+    assert "openai-whisper" in out[2]
+    # intact cached files (here: files whose sha256 we declare) go to tiktoken, which reads its cache
+    monkeypatch.setattr(P, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest() for u, p in zip(P.GPT2_FILES, paths)})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: ("tiktoken's", name))
+    assert P.load_gpt2(offline=True) == ("tiktoken's", "gpt2")
+    assert "tiktoken's cache" in capsys.readouterr().out
+
+
+def test_gpt2_bpe_missing_or_corrupt_whisper_copy_is_a_clear_error(no_tiktoken_cache, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_text("IQ== 0\n")
+    monkeypatch.setattr(P, "whisper_gpt2_file", lambda: bad)
+    with pytest.raises(RuntimeError, match="corrupt") as e:
+        P.load_gpt2(offline=True)
+    assert str(bad) in str(e.value) and "offline" in str(e.value)
+    assert str(bad) in capsys.readouterr().out
+    monkeypatch.setattr(P, "whisper_gpt2_file", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps openai-whisper"):
+        P.load_gpt2(offline=True)
+
+
+def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
+    with pytest.raises(ValueError, match="tokenizer='gpt-2'.*corpus, gpt2"):
+        P.load_tokenizer(synth_dir, "gpt-2")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.tiktoken")):
+        P.load_tokenizer(tmp_path, "corpus")
+    (tmp_path / "tokenizer.tiktoken").write_text("IQ== 0\nnot base64! 1\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.tiktoken'}.*corrupt"):
+        P.load_tokenizer(tmp_path, "corpus")
+    # a checkpoint's record of the corpus BPE holds its ranks: it rebuilds the same encoding without the data dir
+    tok = P.load_tokenizer(synth_dir, "corpus")
+    rec = P.tokenizer_record(tok)
+    assert rec["ranks"] == Path(synth_dir, "tokenizer.tiktoken").read_text()
+    again = P.tokenizer_from_record(rec)
+    text = "USER: <Speech><SpeechHere></Speech> Transcribe the audio.\nASSISTANT: sos<|endoftext|>"
+    assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    assert (again.n_vocab, again.eot_token, again.name) == (tok.n_vocab, tok.eot_token, "corpus")
+    assert "ranks" not in P.tokenizer_record(P.load_gpt2(offline=True))   # GPT-2's is known by its name
 
 
 # ----------------------------------------------------------------------------- the offline codec
@@ -369,7 +478,8 @@ def test_offline_codec_codes_vary_and_depend_on_audio(synth_dir, codec):
 
 # ----------------------------------------------------------------------------- real data and bad input
 
-FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2"]
+FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2", "--codec_clips=4",
+        "--codec_tune_steps=1", "--codec_report=0"]
 
 
 def write_folder(d):
@@ -452,8 +562,9 @@ def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
     clips = [json.loads(l) for l in (out / "train_clips.jsonl").read_text().splitlines()]
     assert [c["transcript"] for c in clips] == ["go do you hear", "what is it"]
     assert all(c["kind"] == "speech" and c["labels"]["speaker"] == "84" for c in clips)
-    tok = P.load_tokenizer(out)
-    assert tok.decode(clips[0]["tokens"]["transcript"]) == "go do you hear"
+    assert "tokens" not in clips[0]
+    tok = P.load_tokenizer(out, "corpus")
+    assert tok.decode(tok.encode(clips[0]["transcript"])) == "go do you hear"
 
 
 def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch):
@@ -482,27 +593,97 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     assert np.array_equal(k, stored)
 
 
-def test_espeak_option_without_espeak_says_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(P.shutil, "which", lambda name: None)
-    P.main(["--clips=2", "--max_seconds=1", f"--out_dir={tmp_path}", "--espeak"] + FAST)
-    assert "espeak-ng is not installed" in capsys.readouterr().out
-    assert json.loads((tmp_path / "meta.json").read_text())["splits"]["train"]["clips"] + \
-        json.loads((tmp_path / "meta.json").read_text())["splits"]["val"]["clips"] == 2
+# ----------------------------------------------------------------------------- speech (libespeak-ng from espeakng-loader)
+
+def f0(x, sr=SR):
+    """Median pitch (Hz) of the voiced 40 ms frames of x, by autocorrelation."""
+    hz = []
+    for s in range(0, len(x) - 960, 480):
+        w = x[s:s + 960].astype(np.float64)
+        if w.std() < 0.05 * np.abs(x).max():
+            continue
+        ac = np.correlate(w, w, "full")[len(w) - 1:]
+        k = sr // 400 + int(np.argmax(ac[sr // 400:sr // 60]))
+        if ac[k] > 0.4 * ac[0]:
+            hz.append(sr / k)
+    return float(np.median(hz)) if hz else 0.0
 
 
-def test_espeak_clip_with_a_stand_in_program(tmp_path, monkeypatch):
-    """The --espeak path end to end up to the clip, with a tiny script in place of espeak-ng."""
-    fake = tmp_path / "espeak-ng"
-    fake.write_text(f"#!{sys.executable}\n"
-                    "import sys, numpy as np, soundfile as sf\n"
-                    "a = sys.argv[1:]; out = a[a.index('-w') + 1]; n = int(0.05 * len(a[-1]) * 22050)\n"
-                    "sf.write(out, 0.3 * np.sin(2 * np.pi * 180 * np.arange(n) / 22050), 22050)\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    text = P.espeak_sentences(np.random.default_rng(0), 1)[0]
-    wav, info = P.espeak_clip(text, 3)
-    assert info["id"] == "speech-000003" and info["kind"] == "speech" and info["transcript"] == text
-    assert abs(len(wav) - int(0.05 * len(text) * 22050) * SR / 22050) <= 1   # read back and resampled to 24 kHz
+def test_speech_voice_and_sentence_change_the_audio():
+    text = "put the green bottle in the kitchen."
+    man, woman = P.speak(text, "en-us+Andy"), P.speak(text, "en+f3")
+    for w in (man, woman):
+        assert w.dtype == np.float32 and np.sqrt(np.mean(w ** 2)) > 0.03 and np.abs(w).max() < 1.0   # not silent
+        assert 1.0 < len(w) / SR < 3.0
+    assert f0(man) < 150 < f0(woman)                     # the same words in two voices: a man's and a woman's pitch
+    short = P.speak("stop.", "en-us+Andy")
+    assert 0.2 < len(short) / SR and len(short) < 0.5 * len(man)   # a longer sentence gives longer audio
+    # the same call gives the same samples whatever was spoken before (the library is reloaded for each sentence)
+    assert np.array_equal(P.speak(text, "en-us+Andy"), man)
+
+
+def test_every_speaker_exists_and_its_pitch_matches_its_sex():
+    import espeakng_loader
+    variants = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+    assert len(set(P.SPEAKERS.values())) == len(P.SPEAKERS) >= 8
+    for name, (voice, sex, rate, pitch) in P.SPEAKERS.items():
+        assert (variants / voice.split("+")[1]).is_file(), voice   # espeak-ng falls back silently on an unknown variant
+        hz = f0(P.speak("hello there, how are you?", voice, rate, pitch))
+        assert (hz < 150 if sex == "male" else hz > 150), (name, hz)
+    assert {s for _, s, _, _ in P.SPEAKERS.values()} == {"male", "female"}
+
+
+def test_speech_grammar_is_varied():
+    rng = np.random.default_rng(0)
+    texts = [P.sentence(rng)[0] for _ in range(300)]
+    assert len(set(texts)) > 290
+    words = {w for t in texts for w in t.split()}
+    assert len(words) > 200                               # a few hundred words, not a handful of fixed sentences
+    assert {"red", "kitchen", "forty", "call", "where", "monday"} <= words
+
+
+def test_speech_clip_text_matches_what_is_spoken():
+    seen = set()
+    for wav, info in synth_of_kind("speech", 6, 2.0):
+        t, labels = info["transcript"], info["labels"]
+        voice, sex, rate, pitch = P.SPEAKERS[labels["speaker"]]
+        who = "a man" if sex == "male" else "a woman"
+        assert info["kind"] == "speech" and labels == {"class": "speech", "speaker": labels["speaker"], "gender": sex}
+        assert info["caption"].startswith(who + " ") and t in info["caption"] and t in info["description"]
+        qa = {q["q"]: q["a"] for q in info["qa"]}
+        assert qa["what does the speaker say?"] == t and qa["is the speaker a man or a woman?"] == who
+        for q, a in qa.items():
+            if q.startswith(("what colour", "what object", "what place", "who", "what number", "what day", "which")):
+                assert re.search(rf"\b{a}", t), (q, a, t)  # each answer is in the sentence
+                seen.add(q)
+        # the audio is that sentence in that voice: the clip holds speak()'s samples, scaled, after a silence
+        question = qa["is it a command, a question or a statement?"] == "question"
+        ref = P.speak(t + ("?" if question else "."), voice, rate, pitch)
+        assert len(ref) < len(wav) <= 2.0 * SR
+        start = np.flatnonzero(wav)[0] - np.flatnonzero(ref)[0]
+        seg = wav[start:start + len(ref)]
+        np.testing.assert_allclose(seg / np.abs(seg).max(), ref / np.abs(ref).max(), atol=1e-4)
+    assert len(seen) >= 3
+
+
+def test_speech_library_that_will_not_load_is_reported(tmp_path, capsys, monkeypatch):
+    import espeakng_loader
+    missing = tmp_path / "libespeak-ng.so"
+    monkeypatch.setattr(espeakng_loader, "get_library_path", lambda: str(missing))
+    assert str(missing) in P.speech_problem()
+    with pytest.raises(P.SpeechUnavailable, match=re.escape(str(missing))):
+        P.speak("hello.", "en-us+Andy")
+    with pytest.raises(SystemExit, match=re.escape(str(missing))) as e:
+        P.main(["--clips=4", f"--out_dir={tmp_path / 'a'}", "--strict"] + FAST)
+    assert "--strict" in str(e.value) and not (tmp_path / "a" / "meta.json").exists()
+    capsys.readouterr()
+    P.main(["--clips=4", "--max_seconds=2", f"--out_dir={tmp_path / 'b'}"] + FAST)   # clips 0, 1 and 3 would be speech
+    out = capsys.readouterr().out
+    assert out.count(str(missing)) == 1 and "building the corpus without speech" in out   # one clear line
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["args"]["no_speech"] is True
+    clips = [json.loads(l) for s in ("train", "val") for l in (tmp_path / "b" / f"{s}_clips.jsonl").read_text().splitlines()]
+    assert len(clips) == 4 and not any(c["kind"] == "speech" for c in clips)
 
 
 def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):

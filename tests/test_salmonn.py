@@ -156,11 +156,11 @@ def test_merged_lora_equals_unmerged_and_scale():
 # data: loss on the answer only
 
 def write_tiny_data(path, clips, n_mels=64, seed=0):
-    """A hand-made prepared-data directory (meta.json, mel, clips) in the data contract's format."""
+    """A hand-made prepared-data directory (meta.json, mel, clips) in the data contract's format. The clips' text is
+    text: the tokenizer is the model's (here ByteTokenizer), not the data's."""
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
-    meta = {"sample_rate": 24000, "frame_rate": 75, "hop_length": 320, "n_mels": n_mels, "n_q": 8,
-            "tokenizer": {"name": "bytes", "vocab_size": 257, "eot_token": 256}}
+    meta = {"sample_rate": 24000, "frame_rate": 75, "hop_length": 320, "n_mels": n_mels, "n_q": 8}
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
     for split in ("train", "val"):
         off, rows = 0, []
@@ -183,7 +183,7 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
     write_tiny_data(tmp_path, CLIPS)
     cfg = tiny_config(stage="instruct", llm_block_size=160)
     data = salmonn.load_data(str(tmp_path), cfg, tok)
-    assert cfg.vocab_size == 257
+    assert cfg.vocab_size == 257  # the tokenizer's
     batch = salmonn.get_batch(data, "train", 16, np.random.default_rng(0))
     seen = set()
     for b in range(16):
@@ -206,6 +206,35 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
     assert torch.allclose(loss, ref)
     assert seen <= {"sos", "morse code spelling sos.", "a piano plays c4.", "morse code", "piano"}
     assert len(seen) >= 3
+
+@pytest.mark.parametrize("name", ["corpus", "gpt2"])
+def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
+    """The prepared data is text: the small CPU LLM (corpus BPE) and a GPT-2-vocabulary LLM read the same data dir,
+    each with the tokenizer its config names. Prompts and answers decode back to the stored text, and the model's
+    vocabulary is the tokenizer's."""
+    import prepare
+    tok = prepare.load_tokenizer(synth_dir, name, offline=True)
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    assert tok.n_vocab == (50257 if name == "gpt2" else meta["tokenizer"]["vocab_size"])
+    cfg = tiny_config(stage="instruct", tokenizer=name, vocab_size=0, llm_block_size=256, max_audio_frames=150)
+    data = salmonn.load_data(synth_dir, cfg, tok)
+    assert cfg.vocab_size == tok.n_vocab
+    clips = [json.loads(l) for l in open(os.path.join(synth_dir, "train_clips.jsonl"))]
+    stored = {" " + answer for c in clips for task, _, answer in salmonn.task_entries(c) if task in data.tasks}
+    batch = salmonn.get_batch(data, "train", 8, np.random.default_rng(0))
+    answers = set()
+    for b in range(8):
+        tg, am = batch["targets"][b], batch["audio_mask"][b]
+        answer = tg[tg != -1].tolist()
+        assert answer[-1] == tok.eot_token
+        answers.add(tok.decode(answer[:-1]))
+        first = int((tg != -1).nonzero()[0])
+        prompt = tok.decode(batch["idx"][b, :first + 1][~am[:first + 1]].tolist())
+        assert prompt.startswith("USER: <Speech></Speech> ") and prompt.endswith("\nASSISTANT:")
+    assert answers <= stored and len(answers) >= 3
+    torch.manual_seed(0)
+    logits, loss = SALMONN(cfg)(**batch)
+    assert logits.size(-1) == tok.n_vocab and torch.isfinite(loss)
 
 # -----------------------------------------------------------------------------
 # checkpoint loading
@@ -450,7 +479,7 @@ def test_learns_to_transcribe_morse_and_dtmf(synth_dir, tmp_path):
     the best constant answer's (any training transcript or word)."""
     import prepare
     from dataclasses import asdict
-    tok = prepare.load_tokenizer(synth_dir)
+    tok = prepare.load_tokenizer(synth_dir, "corpus")
     sizes = dict(speech_n_layer=1, speech_n_head=2, speech_n_embd=64, beats_n_layer=1, beats_n_head=2,
                  beats_n_embd=32, qformer_n_layer=1, qformer_n_head=2, qformer_n_embd=64, window_frames=6,
                  llm_n_layer=2, llm_n_head=2, llm_n_embd=64, llm_block_size=96, lora_rank=8, lora_alpha=32.0,
@@ -458,6 +487,9 @@ def test_learns_to_transcribe_morse_and_dtmf(synth_dir, tmp_path):
 
     def train(cfg, iters, lr):
         data = salmonn.load_data(synth_dir, cfg, tok)
+        S = data.splits["train"]                      # Morse/DTMF transcripts only (the budget below is sized for
+        S["entries"]["transcription"] = [e for e in S["entries"]["transcription"]   # them), not the corpus's speech
+                                         if S["clips"][e[0]]["kind"] in ("morse", "dtmf")]
         torch.manual_seed(0)
         m = SALMONN(cfg)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

@@ -1,5 +1,6 @@
 """train.py and sample.py: settings checks, exact resume, 2-process DDP (gloo), NaN stop, init_from,
-and sample.py's wav output. Tiny Whisper-GPT models on the test corpus."""
+and sample.py's wav output. Tiny Whisper-GPT models on the test corpus; a tiny text model's checkpoint and
+its tokenizer."""
 
 import json
 import os
@@ -146,8 +147,47 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     x, sr = sf.read(wav)
-    assert sr == 24000 and x.shape == (n * 320,)  # 30 frames at 75 frames/s
-    assert "tokens/s" in p.stdout
+    prompt = len(x) - n * 320                     # the wav is the prompt, then the n frames generated after it
+    assert sr == 24000 and prompt > 0 and prompt % 320 == 0
+    assert f"{prompt / 24000:.2f} s prompt + {n * 320 / 24000:.2f} s continuation" in p.stdout
+    assert "tokens/s" in p.stdout and (tmp_path / "x.png").stat().st_size > 1000   # its spectrogram next to it
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--beam=3"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "unknown option" in p.stderr
+
+# -----------------------------------------------------------------------------
+# text models: the checkpoint keeps its tokenizer
+
+TEXT_TINY = ["--model=salmonn", "--stage=llm", "--llm_n_layer=1", "--llm_n_head=2", "--llm_n_embd=32",
+             "--llm_block_size=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2", "--log_interval=1",
+             "--warmup_iters=1", "--max_iters=2"]
+
+def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
+    """A text model's checkpoint records the tokenizer its config names (tokenizer="corpus": with the BPE's ranks).
+    A run that starts from it, eval.py and sample.py use that tokenizer, even after the data dir's corpus BPE
+    changed (re-prepared data): a model never sees ids of another vocabulary."""
+    import shutil
+    import torch
+    import prepare
+    data, out, out2 = tmp_path / "data", tmp_path / "llm", tmp_path / "llm2"
+    shutil.copytree(synth_dir, data)
+    run([f"--data_dir={data}", f"--out_dir={out}", *TEXT_TINY])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["model_args"]["tokenizer"] == "corpus" and ck["tokenizer"]["name"] == "corpus"
+    assert ck["tokenizer"]["ranks"] == (data / "tokenizer.tiktoken").read_text()
+    assert ck["model_args"]["vocab_size"] == ck["tokenizer"]["vocab_size"]
+    prepare.save_ranks(prepare.train_bpe(["another corpus, another vocabulary"] * 3, 300), data / "tokenizer.tiktoken")
+    p = subprocess.run([sys.executable, "eval.py", str(out), f"--data_dir={data}", "--max_clips=2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "text_ppl" in p.stdout, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}", "--beam=1",
+                        "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
+    assert torch.load(out2 / "ckpt.pt", weights_only=True)["tokenizer"] == ck["tokenizer"]
+    # a config naming another tokenizer than the checkpoint it starts from is refused, naming both
+    p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}",
+             "--tokenizer=gpt2"], check=False)
+    assert p.returncode == 2 and "tokenizer 'corpus'" in p.stderr and "tokenizer='gpt2'" in p.stderr
+    p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, "--tokenizer=bpe"], check=False)
+    assert p.returncode == 2 and "tokenizer='bpe'" in p.stderr and "corpus, gpt2" in p.stderr

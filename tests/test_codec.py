@@ -1,0 +1,121 @@
+"""prepare.py's codec: the pretrained EnCodec found, downloaded or refused (all without a network), and the offline
+codec that is trained on the corpus: it learns to reconstruct, resumes, and reads back what the labels say."""
+import numpy as np
+import pytest
+import torch
+
+import prepare as P
+
+SR = P.SAMPLE_RATE
+
+
+def fake_encodec_checkpoint(path):
+    """A checkpoint file in EnCodec 24 kHz's own format, from a seeded random model (the real one is a download)."""
+    model = P.offline_codec(seed=7)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_download_goes_through_encodecs_loader_into_the_hub_cache(hub, monkeypatch):
+    calls = []
+    def download(url, dst, hash_prefix=None, progress=True):   # torch.hub's downloader, without the network
+        calls.append((url, hash_prefix))
+        fake_encodec_checkpoint(dst)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    model, weights = P.get_pretrained_codec()
+    assert calls and calls[0][0].endswith(P.CODEC_FILE) and calls[0][1] == "d7cc33bc"   # EnCodec's URL and hash check
+    assert weights == hub / P.CODEC_FILE and weights.is_file()
+    assert same_weights(model, fake_model_from(weights))
+    # the next run finds it in the cache (the checksum check is EnCodec's; our fake file needs it patched)
+    monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded twice"))
+    again, where = P.get_pretrained_codec()
+    assert where == weights and same_weights(again, model)
+
+
+def fake_model_from(path):
+    model = P.offline_codec(seed=0)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
+    def no_network(*a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    assert P.get_pretrained_codec() == (None, None)
+    out = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("Downloading: ")]   # torch.hub's own line
+    assert len(out) == 1 and "downloading EnCodec's weights failed" in out[0] and "name resolution" in out[0]
+    with pytest.raises(SystemExit, match="--strict"):
+        P.get_pretrained_codec(strict=True)
+
+
+def test_offline_never_tries_to_download(hub, monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    assert P.get_pretrained_codec(offline=True) == (None, None)
+    assert capsys.readouterr().out == ""
+
+
+def test_codec_dir_and_corrupt_files(tmp_path, hub, monkeypatch, capsys):
+    monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
+    d = tmp_path / "weights"
+    d.mkdir()
+    want = fake_encodec_checkpoint(d / P.CODEC_FILE)
+    model, where = P.get_pretrained_codec(codec_dir=d, offline=True)
+    assert where == d / P.CODEC_FILE and same_weights(model, want)
+    with pytest.raises(FileNotFoundError, match=P.CODEC_FILE):
+        P.get_pretrained_codec(codec_dir=tmp_path, offline=True)           # --codec_dir without the file
+    (d / P.CODEC_FILE).write_bytes(b"not a checkpoint")
+    assert P.get_pretrained_codec(codec_dir=d, offline=True) == (None, None)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and str(d / P.CODEC_FILE) in out[0] and "unusable" in out[0]
+
+
+def test_a_truncated_download_in_the_cache_fails_the_real_checksum(hub, capsys):
+    hub.mkdir(parents=True)
+    (hub / P.CODEC_FILE).write_bytes(b"\0" * 100)
+    assert P.get_pretrained_codec(offline=True) == (None, None)
+    assert "unusable" in capsys.readouterr().out
+
+
+def test_readers_read_the_corpus_labels_from_clean_audio():
+    rng = lambda i: np.random.default_rng([5, i])
+    notes = [P.make_music(rng(i), 3.0) for i in range(60)]
+    notes = [(w, info) for w, info in notes if info["labels"]["form"] == "note" and info["labels"]["instrument"] != "bell"]
+    assert len(notes) >= 5 and all(P.read_note(w) == info["labels"]["pitch"] for w, info in notes)
+    assert all(P.read_morse(w) == info["transcript"] for w, info in (P.make_morse(rng(i), 3.0) for i in range(10)))
+    assert all(P.read_dtmf(w) == info["labels"]["digits"] for w, info in (P.make_dtmf(rng(i), 3.0) for i in range(10)))
+    # a tone a semitone up reads as the next note
+    w = P.tone("sine", P.midi_hz(61), 1.0, None)
+    assert P.read_note(w) == "C#4" and P.read_note(P.tone("sine", P.midi_hz(60), 1.0, None)) == "C4"
+
+
+def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    wavs = [P.tone("sawtooth", P.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5 for i in range(3)]
+    model = P.offline_codec()
+    err = lambda m: np.mean([np.abs(P.log_mel(y) - P.log_mel(w)).mean()
+                             for y, w in zip(P.reconstruct(m, wavs, quantized=False), wavs)])
+    before = err(model)
+    ckpt = tmp_path / "codec_train.pt"
+    P.train_codec(model, wavs, 20, ckpt=ckpt, quiet=True)
+    assert torch.load(ckpt, weights_only=True)["step"] == 20
+    after = err(model)
+    assert after < 0.6 * before, (before, after)
+    # a second call with a larger budget continues from the checkpoint
+    resumed = P.offline_codec()
+    P.train_codec(resumed, wavs, 21, ckpt=ckpt, quiet=True)
+    assert torch.load(ckpt, weights_only=True)["step"] == 21
+    assert not same_weights(resumed, model)                  # it trained on from step 20, not from scratch...
+    assert err(resumed) < 0.7 * before                       # ...and kept what it had learned
