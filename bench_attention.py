@@ -10,8 +10,9 @@ without a GPU, show what the compiler makes of every kernel for an H100.
 For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k tokens
 and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and forward+backward of:
   ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed with
-          both ways of getting dq (FUSED_ATTENTION_BWD=atomic, the default: atomic adds from the dk/dv
-          kernel; =split: a dq kernel of its own), and the ratios use the faster of the two
+          both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv kernel; =split:
+          a dq kernel of its own; the default, auto, takes atomic for D <= 64 and split at D = 128), and
+          the ratios use the faster of the two
   flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a padding
           mask, so on mixed-length batches it computes the whole padded problem (and a different answer)
   masked  SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of backend
@@ -138,7 +139,7 @@ def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
 
 def ptxas_table(cases, dtype="bfloat16", progress=True):
     cols = ["kernel", "D", "causal", "k_lens", "tile (M x N, warps, stages)", "regs", "spill B", "smem KiB",
-            "wgmma", "mma.sync", "TMA", "build s"]
+            "wgmma", "mma.sync", "TMA"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if progress:
         print("\n".join(lines), flush=True)
@@ -149,7 +150,7 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
         flag = lambda b: "yes" if b else "no"
         cells = [name, D, "-" if tile is None else flag(causal), "-" if tile is None else flag(k_lens), tile_s,
                  r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]), shapes(r["mma_sync"]),
-                 flag(r["tma"]), f"{r['seconds']:.1f}"]
+                 flag(r["tma"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if progress:
             print(lines[-1], flush=True)

@@ -20,8 +20,9 @@ Which one runs: the `backend` keyword, else the module setting BACKEND, which co
 environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton where it applies,
 i.e. CUDA + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
 cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
-timing a few per shape, FUSED_ATTENTION_BWD=split gets dq from a kernel of its own instead of atomic adds
-(deterministic; see _flash_backward), FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
+timing a few per shape, FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq (default auto:
+atomic adds for D <= 64, a kernel of its own at D = 128; see _backward_mode), FUSED_ATTENTION_TMA=0 keeps
+the forward off tensor descriptors.
 Design notes and the compiled kernels' resource use: docs/fused_attention.md.
 """
 
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
-BWD = os.environ.get("FUSED_ATTENTION_BWD", "atomic")  # how the triton backward gets dq: "atomic" or "split"
+BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")  # how the triton backward gets dq: "auto", "atomic" or "split"
 
 # -----------------------------------------------------------------------------
 # checks shared by both paths
@@ -406,9 +407,9 @@ TILES = {
     ("decode", 64): [(16, 128, 4, 3), (16, 64, 4, 3)],
     ("decode", 128): [(16, 128, 4, 2), (16, 64, 4, 3)],
     ("dkdv_atomic", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    ("dkdv_atomic", 128): [(64, 128, 8, 1), (32, 128, 8, 2)],
+    ("dkdv_atomic", 128): [(32, 128, 8, 2), (32, 128, 8, 3)],  # not the default backward at D = 128 (see BWD)
     ("dkdv", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    ("dkdv", 128): [(64, 64, 8, 3), (64, 64, 8, 2), (64, 128, 8, 1)],
+    ("dkdv", 128): [(64, 64, 8, 3), (64, 64, 8, 2)],
     ("dq", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
     ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
 }
@@ -557,6 +558,13 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
              H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), common)
     return dq, dk, dv
 
+def _backward_mode(head_dim):
+    """BWD, with "auto" resolved: FlashAttention-2's backward (atomic dq: 5 matmuls, exp once per score) where
+    it builds for the H100 in tiles of 64 queries x 128 keys without register spills, D <= 64; at D = 128 it
+    needs more than 255 registers per thread in any tile of 64 queries or more (docs/fused_attention.md),
+    so there the split backward, whose two kernels fit in wide tiles."""
+    return BWD if BWD != "auto" else ("atomic" if head_dim <= 64 else "split")
+
 class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
@@ -569,7 +577,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, k_lens = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale, BWD)
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale, _backward_mode(q.shape[-1]))
         return dq, dk, dv, None, None, None
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -586,8 +594,8 @@ def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); to run it on "
                          f"the CPU set TRITON_INTERPRET=1 before fused_attention is imported")
-    if BWD not in ("atomic", "split"):
-        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be atomic or split, got {BWD!r}")
+    if BWD not in ("auto", "atomic", "split"):
+        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be auto, atomic or split, got {BWD!r}")
     sm_scale = float(sm_scale)
     if sm_scale <= 0:  # the kernels take the row max on raw scores, which needs a positive scale
         q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (q * 0.0, 1.0)

@@ -957,7 +957,7 @@ def make_music(rng, max_dur):
     elif form == "chord":
         quality = list(CHORDS)[rng.integers(len(CHORDS))]
         notes = [root + i for i in CHORDS[quality]]
-        dur = float(rng.uniform(1.2, max_dur))
+        dur = float(rng.uniform(min(1.2, max_dur), max_dur))
         wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
         for m in notes:
             place(wav, tone(inst, midi_hz(m), dur - 0.1, rng) / len(notes) * 1.5, int(0.05 * SAMPLE_RATE))

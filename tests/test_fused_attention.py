@@ -9,8 +9,8 @@ Tests of fused_attention.attention against plain softmax attention computed in f
 - the PyTorch path on the same cases, in this process;
 - the kernels built for an H100 (sm_90a) ahead of time, as the JIT would build them for aligned tensors (no
   GPU needed): no register spills, shared memory within the limit, wgmma. By default what an H100 runs by
-  default (forward, decoding, atomic backward, their default tiles) at D = 64 and 128 in the heaviest variant
-  (causal + k_lens), ~25 s the first time; FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES
+  default (forward, decoding, the default backward, their default tiles) at D = 64 and 128 in the heaviest
+  variant (causal + k_lens), ~30 s the first time; FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES
   entry x causal/k_lens variant (300 builds, ~20 min the first time). Triton caches builds on disk, so
   later runs take seconds;
 - on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped otherwise).
@@ -238,10 +238,15 @@ def _build_cases():
     import bench_attention
     if os.environ.get("FUSED_ATTENTION_PTXAS") == "all":
         return bench_attention.ptxas_cases()
-    # what an H100 runs by default (forward, decoding, atomic backward: default tiles) in the heaviest variant
-    # (causal + k_lens), and the fixed kernels; the split backward and pointer forward with FUSED_ATTENTION_PTXAS=all
+    # what an H100 runs by default (forward, decoding, the default backward; default tiles) in the heaviest
+    # variant (causal + k_lens), and the fixed kernels
     return [c for c in bench_attention.ptxas_cases((64, 128), tiles="default")
-            if c[4] is None or (c[2] and c[3] and c[0] in ("fwd", "decode", "dkdv_atomic"))]
+            if c[4] is None or (c[2] and c[3] and c[0] in ("fwd", "decode") + _default_backward(c[1]))]
+
+def _default_backward(D):
+    """The kernels of the backward that runs by default at head dim D."""
+    import fused_attention
+    return ("dkdv_atomic",) if fused_attention._backward_mode(D) == "atomic" else ("dkdv", "dq")
 
 def _build_id(case):
     name, D, causal, k_lens, tile = case
@@ -259,8 +264,8 @@ def test_h100_build(case):
         assert r["tma"], "the forward's K/V loads do not use the copy engine (cp.async.bulk.tensor)"
     if tile is not None and tile[3] >= 2:
         assert r["cp_async"] or r["tma"], "loads are not pipelined (no cp.async / TMA)"
-    default = tile is not None and tile == fused_attention._tiles(name.split("-")[0], D)[0]
-    if default and name != "decode" and D >= 64:
+    default_path = ("fwd", "fwd-pointers") + _default_backward(D)
+    if name in default_path and tile == fused_attention._tiles(name.split("-")[0], D)[0] and D >= 64:
         # the default tiles: Hopper's tensor-core instructions for every matmul, none narrower than n32
         assert r["wgmma"] and not r["mma_sync"], (r["wgmma"], r["mma_sync"])
         assert min(int(shape.split("n")[1].split("k")[0]) for shape, _ in r["wgmma"]) >= 32, r["wgmma"]
@@ -281,15 +286,16 @@ GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1
              for causal in (False, True) for lens in (False, True)]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("bwd", ["atomic", "split"])
+@pytest.mark.parametrize("bwd,tma", [("atomic", True), ("split", True), ("split", False)])  # False: pointer loads
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("D,Tq,Tk,causal,lens", GPU_CASES)
-def test_gpu_kernel_vs_sdpa(dtype, bwd, D, Tq, Tk, causal, lens, monkeypatch):
+def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatch):
     import fused_attention
     if fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     monkeypatch.setattr(fused_attention, "AUTOTUNE", False)  # the default tiles: one compile per variant
     monkeypatch.setattr(fused_attention, "BWD", bwd)
+    monkeypatch.setattr(fused_attention, "TMA", tma)
     case = (dtype, D, Tq, Tk, causal, "pad" if lens else None, "bthd")
     q, k, v, do, k_lens = make_inputs(case, device="cuda", B=4, H=4)
     if k_lens is not None:
@@ -317,8 +323,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
     # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
     small_tiles = dict(fused_attention.INTERPRETER_TILES)
-    runs = [("", "atomic", True, CASES, small_tiles, None, 2), ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
-            ("scale-", "atomic", True, CASES[-1:], small_tiles, -0.2, 2)]
+    runs = [("", "auto", True, CASES, small_tiles, None, 2), ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
+            ("scale-", "auto", True, CASES[-1:], small_tiles, -0.2, 2)]
     for i in TILE_INDICES:
         for D, cases in ((64, TILE_CASES[:2]), (128, TILE_CASES[2:])):
             tiles = {name: fused_attention._tiles(name, D)[min(i, len(fused_attention._tiles(name, D)) - 1)][:2]
