@@ -26,6 +26,7 @@ import types
 import base64
 import shutil
 import hashlib
+import itertools
 import argparse
 import ctypes
 import warnings
@@ -390,12 +391,14 @@ def unit_variance_init(net, x, last_std=1.0):
         m.weight_g.mul_((last_std if i == len(convs) - 1 else 1.0) / seen[0].clamp_min(1e-12))
     return net
 
-def train_codec(model, wavs, steps, batch=4, crop_seconds=0.4, lr=1e-3, ckpt=None, quiet=False):
+def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=None, quiet=False):
     """Train the offline codec's encoder and decoder as an autoencoder on 24 kHz clips (EnCodec's reconstruction
     loss; its codebooks are fitted afterwards by k-means, see fit_codebooks). Resumable: every 25 steps the model,
     the optimiser and the step go to ckpt (written to a temporary file, then renamed)."""
     opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr, betas=(0.5, 0.9))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))   # a short warmup
+    # a short warmup, then cosine down to a tenth: the few steps a CPU budget allows end on a settled model
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / 20, 0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps)))))
     step = 0
     if not isinstance(model.encoder.model[-1], Standardize):
         model.encoder.model.append(Standardize())
@@ -1225,7 +1228,8 @@ def speak(text, voice, rate=175, pitch=50):
         return 0                                     # 0: go on
     lib = espeak_open()
     try:
-        lib.espeak_SetSynthCallback(collect)
+        ctypes.CDLL(None).srand(0)                   # the voices' noise comes from libc's rand(), which other
+        lib.espeak_SetSynthCallback(collect)         # libraries in this process may have drawn from
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise SpeechUnavailable(f"espeak-ng has no voice {voice!r}")
         lib.espeak_SetParameter(1, int(rate), 0)     # espeakRATE
@@ -1492,7 +1496,7 @@ def get_args(argv=None):
     p.add_argument("--codec_dir", default=None, help=f"directory with the pretrained {CODEC_FILE} (else hub cache, else offline)")
     p.add_argument("--offline", action="store_true", help="no download attempts (EnCodec's weights): local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true", help="train the offline codec even if pretrained weights exist")
-    p.add_argument("--codec_steps", type=int, default=400, help="offline codec: training steps (batches of 4 x 0.4 s)")
+    p.add_argument("--codec_steps", type=int, default=450, help="offline codec: training steps (batches of 4 x 0.3 s)")
     p.add_argument("--codec_clips", type=int, default=400, help="offline codec: train-split clips it learns from")
     p.add_argument("--codec_tune_steps", type=int, default=150, help="offline codec: decoder steps on the fitted codes")
     p.add_argument("--codec_report", type=int, default=1, help="offline codec on synth: measure it on held-out clips (0: skip)")
@@ -1549,7 +1553,10 @@ def main(argv=None):
 
     # --- problems with the input: one line each, counted, summarised at the end
     problems = Counter()
+    muted = []                                        # set while the offline codec reads clips ahead of pass 1
     def report(what, problem):
+        if muted:
+            return
         if args.strict:
             sys.exit(f"error: {what}: {problem} (--strict)")
         problems[problem.split(" (")[0].split(":")[0]] += 1
@@ -1602,11 +1609,15 @@ def main(argv=None):
     codec_wavs = {}
     if not codec_info["pretrained"]:
         done_ids = set()
+        muted.append(True)                            # pass 1 reports each bad input, once
         for wav, info in clips():
             if not is_val(info["id"], args.val_percent):
                 codec_wavs[info["id"]] = wav
             if len(codec_wavs) >= args.codec_clips:
                 break
+        if not codec_wavs:                            # a dataset all in val: learn from what there is
+            codec_wavs = {info["id"]: wav for wav, info in itertools.islice(clips(), args.codec_clips)}
+        muted.clear()
         t0 = time.time()
         train_codec(codec, list(codec_wavs.values()), args.codec_steps, ckpt=work / "codec_train.pt", quiet=args.quiet)
         print(f"offline codec: trained {args.codec_steps} steps on {len(codec_wavs)} clips in {time.time() - t0:.0f}s")
