@@ -62,13 +62,8 @@ def main(argv):
         M = importlib.import_module(ck["model_name"])
         config = M.Config(**ck["model_args"])
         ddir = data_dir or ck["config"]["data_dir"]
-        # the tokenizer the checkpoint records (older checkpoints: the one its config names, from the data dir)
-        tok = None  # models without text (whisper_gpt) have none
         try:
-            if ck.get("tokenizer"):
-                tok = prepare.tokenizer_from_record(ck["tokenizer"], path)
-            elif hasattr(config, "tokenizer"):
-                tok = prepare.load_tokenizer(ddir, config.tokenizer)
+            tok = prepare.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
         except (ValueError, OSError, RuntimeError) as e:
             fail(f"{path}: tokenizer: {e}")
         data = M.load_data(ddir, config, tok)

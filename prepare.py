@@ -831,6 +831,14 @@ def tokenizer_from_record(rec, where="checkpoint", offline=False):
         raise ValueError(f"{where}: tokenizer record {rec.get('name')!r} has no ranks")
     return make_encoding(rec["name"], parse_ranks(rec["ranks"], f"{where} (its tokenizer)"))
 
+def checkpoint_tokenizer(checkpoint, config, data_dir, where="checkpoint"):
+    """The tokenizer a checkpoint's model was trained with: the one it records (a corpus BPE travels with its
+    ranks); an older checkpoint gets the one its config names, from data_dir. None for models without text."""
+    if checkpoint.get("tokenizer"):
+        return tokenizer_from_record(checkpoint["tokenizer"], where)
+    name = getattr(config, "tokenizer", None)
+    return load_tokenizer(data_dir, name) if name else None
+
 # Template and instruction text the models put around the data: trained into the offline BPE so prompts
 # tokenize compactly.
 PROMPT_TEXT = [

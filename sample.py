@@ -149,15 +149,9 @@ if __name__ == "__main__":
         meta = json.load(f)
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data {data_dir}")
 
-    # the tokenizer the model was trained with: the checkpoint records it (a corpus BPE with its ranks); an older
-    # checkpoint gets the one its config names, from the data dir. Models without text (whisper_gpt) have none.
     import prepare
-    tok = None
     try:
-        if checkpoint.get("tokenizer"):
-            tok = prepare.tokenizer_from_record(checkpoint["tokenizer"], ckpt_path)
-        elif hasattr(config, "tokenizer"):
-            tok = prepare.load_tokenizer(data_dir, config.tokenizer)
+        tok = prepare.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"tokenizer: {e}")
     del checkpoint
