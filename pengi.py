@@ -5,18 +5,19 @@ Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text genera
     prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }-> frozen GPT-2 -> answer
                                                           [audio prefix k][text prefix k][answer tokens]
 
-Trainable: the audio encoder and the two mappers. The language model (GPT-2 layout and names) and the
-text encoder are frozen. The loss is on the answer tokens only. Decoding is length-normalised beam search
+Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's text_projection and
+the projection after it) and the two mappers. The language model (GPT-2 layout and names) and the text tower
+are frozen. The loss is on the answer tokens only, averaged per example (ours). Decoding is length-normalised beam search
 with a KV cache (beam 5 as in the paper; beam 1 is greedy).
 
-Close-ended tasks are scored two ways: the generated text must equal the label, and (beyond the paper) the
-candidate labels are ranked by the LM's likelihood of each. The audio embedding (`embed_audio`) feeds a linear
+Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the paper) the
+candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the label prior (PMI). The audio embedding (`embed_audio`) feeds a linear
 probe, as in the paper's representation study.
 
 Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic head,
 mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by a cyclic roll
 along time only, without Swin's mask: the input is repeat-padded, so wrapping joins the end to the start as
-the next repetition would); a text encoder made from the LM's own embeddings and first layers (a causal
+the next repetition would); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a text encoder made from the LM's own embeddings and first layers (a causal
 tower pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text tower.
 """
 
@@ -39,6 +40,7 @@ from fused_attention import attention
 @dataclass
 class PengiConfig:
     tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
+    stage: str = "pengi"       # "clap": contrastive pretraining of the two encoders (as Pengi's HTSAT comes from CLAP); "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
     vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
@@ -215,6 +217,54 @@ def load_llm_weights(path):
     return sd, dims
 
 
+def set_llm_dims(config):
+    """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before the model is
+    built). A missing file is skipped here: a checkpoint's config already holds the sizes and its weights hold
+    the LM; init_pretrained, which training calls, says that the file is missing."""
+    if not config.llm_init or not os.path.exists(config.llm_init):
+        return
+    if config.llm_init.endswith(".pt"):
+        args = torch.load(config.llm_init, map_location="cpu", weights_only=True, mmap=True).get("model_args", {})
+        dims = dict(n_layer=args.get("llm_n_layer"), n_head=args.get("llm_n_head"), n_embd=args.get("llm_n_embd"),
+                    block_size=args.get("llm_block_size"), vocab_size=args.get("vocab_size"))
+    else:
+        folder = config.llm_init if os.path.isdir(config.llm_init) else os.path.dirname(config.llm_init)
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"llm_init: {cfg_path} (GPT-2 config with n_layer, n_head, n_embd, n_positions, vocab_size) is missing")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        dims = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                    block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"])
+    if None in dims.values():
+        raise ValueError(f"llm_init: {config.llm_init} does not give the LM's sizes {sorted(dims)}: not a salmonn stage-llm checkpoint")
+    if config.vocab_size and dims["vocab_size"] < config.vocab_size:
+        raise ValueError(f"llm_init: {config.llm_init} has vocab {dims['vocab_size']} < the {config.vocab_size} "
+                         f"of tokenizer={config.tokenizer!r}")
+    config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
+    config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
+
+
+def init_pretrained(model):
+    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this; it is not needed
+    to load a checkpoint, which holds the LM). The text tower and the prefix scale then follow the LM."""
+    config = model.config
+    if not config.llm_init:
+        return
+    sd, dims = load_llm_weights(config.llm_init)
+    own = model.llm.state_dict()
+    missing = [k for k in own if k not in sd and k != "lm_head.weight"]
+    if missing:
+        raise ValueError(f"llm_init: {config.llm_init} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
+    for k in own:
+        if k != "lm_head.weight" and sd[k].shape != own[k].shape:
+            raise ValueError(f"llm_init: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
+                             f"(build the config with load_data or set_llm_dims first)")
+    model.llm.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    model.lm_changed()
+    print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Audio encoder: HTSAT-style, scaled down
 
@@ -332,7 +382,8 @@ class AudioEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Causal transformer over the prompt, pooled at its last token, then the projection (frozen by default)."""
+    """Causal transformer over the prompt, pooled at its last token (frozen), then CLIP's text_projection
+    (a bias-free linear layer, trainable as in the official Pengi code, which freezes only the tower)."""
 
     def __init__(self, config):
         super().__init__()
@@ -341,20 +392,26 @@ class TextEncoder(nn.Module):
         self.wpe = nn.Embedding(config.llm_block_size, C)
         self.h = nn.ModuleList([Block(C, config.llm_n_head) for _ in range(config.text_n_layer)])
         self.ln_f = nn.LayerNorm(C)
-        self.proj = Projection(C, config.d_embed, config.dropout)
+        self.text_projection = nn.Linear(C, C, bias=False)
 
     def forward(self, prompt, prompt_lens):
         T = prompt.size(1)
+        if T > self.wpe.num_embeddings:
+            raise ValueError(f"prompt of {T} tokens exceeds the text tower's context of {self.wpe.num_embeddings}")
         x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))
         for block in self.h:
             x, _ = block(x, causal=True)  # causal, so the padding after each prompt changes nothing
         x = self.ln_f(x)[torch.arange(x.size(0), device=x.device), prompt_lens - 1]
-        return self.proj(x)
+        return self.text_projection(x)
 
 
 class Mapper(nn.Module):
     """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k learned
-    constants, through a few bidirectional layers; the outputs at the constants' positions are the prefix."""
+    constants, through a few bidirectional layers; the outputs at the constants' positions are the prefix.
+    Ours: each output goes through a LayerNorm and a learnable scale that starts at the RMS of the LM's token
+    embeddings (Pengi.reset_prefix_scale), so the prefix reaches the frozen LM at the size of a word. Without
+    it the outputs are ~20x (at init) to ~100x (trained) larger than token embeddings, the frozen blocks add
+    too little to them to matter, and the first answer token cannot depend on the audio (measured)."""
 
     def __init__(self, config):
         super().__init__()
@@ -362,45 +419,45 @@ class Mapper(nn.Module):
         self.linear = nn.Linear(config.d_embed, self.k * d)
         self.prefix_const = nn.Parameter(torch.randn(self.k, d))
         self.h = nn.ModuleList([Block(d, config.map_n_head, config.dropout) for _ in range(config.map_n_layer)])
+        self.ln_out = nn.LayerNorm(d)
+        self.scale = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, e):  # (B, d_embed) -> (B, k, d_lm)
         x = self.linear(e).view(e.size(0), self.k, -1)
         x = torch.cat([x, self.prefix_const.expand(e.size(0), -1, -1)], dim=1)
         for block in self.h:
             x, _ = block(x, causal=False)
-        return x[:, self.k:]
+        return self.scale * self.ln_out(x[:, self.k:])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
 class Pengi(nn.Module):
+    """Builds the model from the config alone (no file I/O): a pretrained LM named by llm_init is loaded by
+    init_pretrained(model), which train.py calls on a fresh model; checkpoints then hold the LM's weights
+    like any others, so they load without the llm_init file."""
 
     def __init__(self, config):
         super().__init__()
-        llm_sd = None
-        if config.llm_init:
-            llm_sd, dims = load_llm_weights(config.llm_init)
-            if config.vocab_size and dims["vocab_size"] < config.vocab_size:
-                raise ValueError(f"llm_init: {config.llm_init} has vocab {dims['vocab_size']} < the {config.vocab_size} "
-                                 f"of tokenizer={config.tokenizer!r}")
-            config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
-            config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
-        else:
+        if not config.llm_init:
             warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
                           "pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
         if config.vocab_size <= 0:
-            raise ValueError("pengi: vocab_size is not set (load_data sets it from meta.json, or give llm_init)")
+            raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer and llm_init)")
         if config.text_init == "llm" and config.text_n_layer > config.llm_n_layer:
             raise ValueError(f"text_n_layer {config.text_n_layer} > llm_n_layer {config.llm_n_layer}: text_init='llm' copies the LM's first layers")
         if config.text_init not in ("llm", "embeddings", "random"):
             raise ValueError(f"text_init must be 'llm', 'embeddings' or 'random', not {config.text_init!r}")
+        if config.stage not in ("clap", "pengi"):
+            raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
         self.config = config
         self.k = config.prefix_len
 
         self.audio_encoder = AudioEncoder(config)
         self.audio_proj = Projection(self.audio_encoder.out_dim, config.d_embed, config.dropout)
         self.text_encoder = TextEncoder(config)
+        self.text_proj = Projection(config.llm_n_embd, config.d_embed, config.dropout)
         self.m1 = Mapper(config)
         self.m2 = Mapper(config)
         self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd, config.llm_block_size)
@@ -410,33 +467,46 @@ class Pengi(nn.Module):
         for module in (self.text_encoder, self.llm):
             module.apply(self._init_weights)
         nn.init.normal_(self.audio_encoder.pos_emb, std=0.02)
-
-        if llm_sd is not None:
-            own = self.llm.state_dict()
-            missing = [k for k in own if k not in llm_sd and k != "lm_head.weight"]
-            if missing:
-                raise ValueError(f"llm_init: {config.llm_init} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
-            for k in own:
-                if k != "lm_head.weight" and llm_sd[k].shape != own[k].shape:
-                    raise ValueError(f"llm_init: {k} has shape {tuple(llm_sd[k].shape)}, expected {tuple(own[k].shape)}")
-            self.llm.load_state_dict({k: v for k, v in llm_sd.items() if k in own}, strict=False)
-        if config.text_init in ("llm", "embeddings"):  # the text tower starts from the LM (a pretrained one if llm_init)
-            t = self.text_encoder
-            t.wte.weight.data.copy_(self.llm.wte.weight.data)
-            t.wpe.weight.data.copy_(self.llm.wpe.weight.data)
-            if config.text_init == "llm":
-                for i in range(config.text_n_layer):
-                    t.h[i].load_state_dict(self.llm.h[i].state_dict())
-                t.ln_f.load_state_dict(self.llm.ln_f.state_dict())
+        nn.init.normal_(self.text_encoder.text_projection.weight, std=config.llm_n_embd ** -0.5)  # CLIP's init
+        self.lm_changed()
 
         for p in self.llm.parameters():
             p.requires_grad = False
-        for p in self.text_encoder.parameters():
-            p.requires_grad = config.text_trainable
+        for n, p in self.text_encoder.named_parameters():  # the tower is frozen, its text_projection trains
+            p.requires_grad = config.text_trainable or n.startswith("text_projection.")
+        if config.stage == "clap":  # CLAP trains both encoders and nothing else
+            for p in self.text_encoder.parameters():
+                p.requires_grad = True
+            for p in list(self.m1.parameters()) + list(self.m2.parameters()):
+                p.requires_grad = False
         n = sum(p.numel() for p in self.parameters())
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (audio encoder + mappers"
-              f"{' + text encoder' if config.text_trainable else ''})")
+        print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (audio encoder, text projections, mappers"
+              f"{', text tower' if config.text_trainable else ''})")
+
+    @torch.no_grad()
+    def lm_changed(self):
+        """After the LM's weights are set: the text tower starts from them (text_init) and the prefix scale
+        from their token-embedding RMS."""
+        if self.config.text_init in ("llm", "embeddings"):  # the text tower starts from the LM (a pretrained one if llm_init)
+            t = self.text_encoder
+            t.wte.weight.copy_(self.llm.wte.weight)
+            t.wpe.weight.copy_(self.llm.wpe.weight)
+            if self.config.text_init == "llm":
+                for i in range(self.config.text_n_layer):
+                    t.h[i].load_state_dict(self.llm.h[i].state_dict())
+                t.ln_f.load_state_dict(self.llm.ln_f.state_dict())
+        self.reset_prefix_scale()
+
+    @torch.no_grad()
+    def reset_prefix_scale(self):
+        rms = self.llm.wte.weight.float().pow(2).mean().sqrt()
+        self.m1.scale.fill_(rms)
+        self.m2.scale.fill_(rms)
+
+    def prefix_norm_ratio(self, prefix):
+        """Mean norm of prefix vectors / mean norm of the LM's token embeddings (1 = the LM's own scale)."""
+        return (prefix.float().norm(dim=-1).mean() / self.llm.wte.weight.float().norm(dim=-1).mean()).item()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -449,7 +519,7 @@ class Pengi(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         self.llm.eval()  # frozen parts stay in eval mode (no dropout in them anyway)
-        if not self.config.text_trainable:
+        if not (self.config.text_trainable or self.config.stage == "clap"):
             self.text_encoder.eval()
         return self
 
@@ -458,7 +528,7 @@ class Pengi(nn.Module):
         return F.normalize(self.audio_proj(self.audio_encoder(mel)), dim=-1)
 
     def embed_text(self, prompt, prompt_lens):
-        return F.normalize(self.text_encoder(prompt, prompt_lens), dim=-1)
+        return F.normalize(self.text_proj(self.text_encoder(prompt, prompt_lens)), dim=-1)
 
     def prefix(self, mel, prompt, prompt_lens):
         """[audio prefix k][text prefix k]: (B, 2k, d_lm)."""
@@ -467,27 +537,37 @@ class Pengi(nn.Module):
     def forward(self, mel, prompt, prompt_lens, answer, targets=None):
         """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the positions that
         predict the answer: the last text-prefix position and every answer position, (B, La + 1, V), and
-        targets (B, La + 1) are the answer tokens then eot, -1 where padded. Loss on the answer only."""
+        targets (B, La + 1) are the answer tokens then eot, -1 where padded. Loss on the answer only.
+        Ours: the loss is the mean over examples of each example's mean token NLL. A mean over all tokens
+        would give the 1-3-token labels of the close-ended tasks ~2% of the weight next to captions and
+        metadata in the multi-task mix (per-example averaging took the mix's class accuracy 0.12 -> 0.29)."""
         audio = self.embed_audio(mel)
+        if self.config.stage == "clap":  # contrastive only: (audio, answer text) pairs, no LM
+            return None, self.clap_loss(audio, answer, targets, text_grad=True)
         x = torch.cat([self.m1(audio), self.m2(self.embed_text(prompt, prompt_lens)), self.llm.wte(answer)], dim=1)
         h, _ = self.llm(x)
         logits = self.llm.lm_head(h[:, 2 * self.k - 1:])
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                  reduction="none").view(targets.shape)
+            mask = (targets != -1).float()
+            loss = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
             if self.training and self.config.clap_weight > 0:
                 loss = loss + self.config.clap_weight * self.clap_loss(audio, answer, targets)
         return logits, loss
 
-    def clap_loss(self, audio, answer, targets):
-        """Ours, training only: Pengi's HTSAT starts from CLAP's contrastive pretraining, which we do not have.
-        Without it, a scratch encoder trained only through the frozen LM collapses to a constant embedding
-        (the answer prior is learnt first, and an input-independent embedding serves it best). This term is
-        CLAP's symmetric InfoNCE between each clip's audio embedding and the frozen text encoder's embedding
-        of its answer; clips in the batch with the same answer count as positives of each other."""
+    def clap_loss(self, audio, answer, targets, text_grad=False):
+        """CLAP's symmetric InfoNCE between each clip's audio embedding and the text encoder's embedding of its
+        answer; clips in the batch with the same answer count as positives of each other. stage="clap" trains
+        both encoders with it alone (Pengi's HTSAT comes from CLAP). In stage "pengi", clap_weight > 0 adds it
+        (ours, training only, text side fixed): without a CLAP start, a scratch encoder trained only through the
+        frozen LM collapses to a constant embedding (the answer prior is learnt first, and an input-independent
+        embedding serves it best)."""
         lens = ((targets != -1).sum(1) - 1).clamp(min=1)  # answer tokens without the eot (an empty answer: its pad)
-        with torch.no_grad():
+        with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
             text = self.embed_text(answer, lens)
+        with torch.no_grad():
             same = (targets[:, None, :] == targets[None, :, :]).all(-1).float()
             same = same / same.sum(1, keepdim=True)
         sim = audio @ text.t() / self.config.clap_temp
@@ -565,7 +645,9 @@ class Pengi(nn.Module):
         """log p(candidate tokens, eot | prefix) for every clip and candidate: (B, n_cand). The prefix runs once
         per clip; the candidates continue from its KV cache in one batch."""
         eot = self.config.eot_token
-        if not candidates or any(len(c) == 0 for c in candidates):
+        if not candidates:
+            raise ValueError("rank_candidates: the candidate list is empty")
+        if any(len(c) == 0 for c in candidates):
             raise ValueError("rank_candidates: every candidate needs at least one token")
         prefix = self.prefix(mel, prompt, prompt_lens)
         B, N = prefix.size(0), len(candidates)
@@ -636,11 +718,12 @@ def load_data(data_dir, config, tok):
         meta = json.load(f)
     config.n_mels = meta["n_mels"]
     config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token  # the data is text: the config's tokenizer sets these
+    set_llm_dims(config)
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
     if unknown:
         raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, qa, music")
-    enc = lambda s: tok.encode(s)
+    enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no leading space
     data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames, "eot_token": tok.eot_token}
     for split in ("train", "val"):
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
@@ -652,12 +735,19 @@ def load_data(data_dir, config, tok):
         for i, clip in enumerate(clips):
             for task, prompt, answer in clip_tasks(clip, tasks):
                 by_task.setdefault(task, []).append((i, enc(prompt)[:config.max_prompt_tokens],
-                                                     enc(answer)[:config.max_answer_tokens]))
+                                                     answer_ids(tok, answer)[:config.max_answer_tokens]))
         data[split] = {"mel": mel, "clips": clips, "by_task": by_task}
     # candidate labels for the close-ended tasks, from the training split
     data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"] if key in c["labels"]})
                           for key in ("class", "instrument", "pitch", "chord")}
     return data
+
+
+def answer_ids(tok, text):
+    """An answer as the LM saw words in running text during pre-training: with a leading space (GPT-2's BPE and
+    the corpus BPE have different tokens for "dog" and " dog"; the corpus LM saw "ASSISTANT: dog"). The eot
+    that ends it is added by collate."""
+    return tok.encode(" " + text.strip())
 
 
 def clip_mel(mel, clip, max_frames, rng=None):
@@ -793,64 +883,101 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     return (predict(x_ev) == y_ev).float().mean().item()
 
 
-EVAL_OPTS = dict(max_clips=100, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16, probe=True, probe_clips=2000)
+def pmi_scores(logp, logp_prior):
+    """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt), where the prior
+    p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over reference clips.
+    logp: (B, N); logp_prior: (M, N) for M reference clips. Removes the LM's preference for some labels that
+    holds whatever the audio (ours, beyond the paper)."""
+    return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
+
+
+EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16, probe=True, probe_clips=2000,
+                 prior_clips=64, tasks="")
 
 
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
-    """Paper-style metrics on `split` (the first max_clips clips of each task):
-    caption_bleu4; qa_acc (exact match after normalisation); for class and the music labels, {key}_acc_gen
-    (generated text equals the label) and {key}_acc_rank (the label has the highest LM likelihood among the
-    training split's labels); {key}_chance = 1/number of candidates; probe_acc (linear probe on labels.class).
-    opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips."""
+    """Paper-style metrics on `split` (the first max_clips examples of each task), in eval mode (the model's
+    mode is restored after): caption_bleu4; qa_acc (exact match after normalisation); for class and the music
+    labels: {key}_acc_gen (the generated text equals the label), {key}_acc_rank (the label has the highest LM
+    likelihood among the training split's labels), {key}_acc_pmi (the same, calibrated by the label prior over
+    prior_clips training clips: pmi_scores), {key}_chance = 1/number of candidates; probe_acc (linear probe on
+    labels.class); prefix_norm_ratio_audio/_text (prefix vector norm / token embedding norm, 1 = the LM's scale).
+    opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips,
+    prior_clips, tasks (a comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: {sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **opts}
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, data, tok, split, o)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, data, tok, split, o):
+    if model.config.stage == "clap":  # the encoders alone: the representation study
+        acc = linear_probe(model, data, split, "class", int(o["probe_clips"])) if o["probe"] else None
+        return {} if acc is None else {"probe_acc": acc}
     max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
     gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]), length_penalty=float(o["length_penalty"]))
     d, dev = data[split], _device(model)
     eot = model.config.eot_token
+    tasks = data["tasks"]
+    known = [t for t in ("caption", "qa", "class") if t in tasks] + (["instrument", "pitch", "chord"] if "music" in tasks else [])
+    wanted = [t.strip() for t in str(o["tasks"]).split(",") if t.strip()] or known
+    bad = [t for t in wanted if t not in ("caption", "qa", "class", "instrument", "pitch", "chord")]
+    if bad:
+        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, instrument, pitch, chord")
+    wanted = [t for t in wanted if t in known]  # those the data was loaded with
 
-    def run(examples):  # [(clip index, prompt text, answer text)] -> generated texts
-        out = []
+    def batches(dd, examples):  # [(clip index, prompt text, answer text)] -> model inputs per chunk of bs
         for s in range(0, len(examples), bs):
             chunk = examples[s:s + bs]
-            mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"]) for i, _, _ in chunk]
-            batch = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk], [[]] * len(chunk), eot)
-            ids = model.generate(batch["mel"].to(dev), batch["prompt"].to(dev), batch["prompt_lens"].to(dev), **gen)
-            out += [tok.decode(t).strip() for t in ids]
+            mels = [clip_mel(dd["mel"], dd["clips"][i], data["max_frames"]) for i, _, _ in chunk]
+            b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk], [[]] * len(chunk), eot)
+            yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
+
+    def run(examples):  # -> generated texts
+        out = []
+        for _, mel, prompt, lens in batches(d, examples):
+            out += [tok.decode(t).strip() for t in model.generate(mel, prompt, lens, **gen)]
         return out
 
+    def same(h, a):
+        return normalize_text(h) == normalize_text(a)
+
     metrics = {}
-    tasks = data["tasks"]
-    if "caption" in tasks:
+    if "caption" in wanted:
         ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"]) if c.get("caption")][:max_clips]
         if ex:
             metrics["caption_bleu4"] = bleu4(run(ex), [[a] for _, _, a in ex])
-    if "qa" in tasks:
+    if "qa" in wanted:
         ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"]) for qa in c.get("qa", [])][:max_clips]
         if ex:
-            hyp = run(ex)
-            metrics["qa_acc"] = float(np.mean([normalize_text(h) == normalize_text(a) for h, (_, _, a) in zip(hyp, ex)]))
-    keys = (["class"] if "class" in tasks else []) + (["instrument", "pitch", "chord"] if "music" in tasks else [])
-    for key in keys:
+            metrics["qa_acc"] = float(np.mean([same(h, a) for h, (_, _, a) in zip(run(ex), ex)]))
+    for key in [k for k in wanted if k not in ("caption", "qa")]:
         cands = data["candidates"].get(key) or []
         ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"]) if key in c["labels"]][:max_clips]
         if len(cands) < 2 or not ex:
             continue
-        hyp = run(ex)
-        metrics[f"{key}_acc_gen"] = float(np.mean([normalize_text(h) == normalize_text(a) for h, (_, _, a) in zip(hyp, ex)]))
-        cand_ids = [tok.encode(c)[:model.config.max_answer_tokens] for c in cands]
-        right = []
-        for s in range(0, len(ex), bs):
-            chunk = ex[s:s + bs]
-            mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"]) for i, _, _ in chunk]
-            batch = collate(mels, [tok.encode(PROMPTS[key])] * len(chunk), [[]] * len(chunk), eot)
-            lp = model.rank_candidates(batch["mel"].to(dev), batch["prompt"].to(dev), batch["prompt_lens"].to(dev), cand_ids)
-            right += [cands[j] == a for j, (_, _, a) in zip(lp.argmax(-1).tolist(), chunk)]
-        metrics[f"{key}_acc_rank"] = float(np.mean(right))
+        metrics[f"{key}_acc_gen"] = float(np.mean([same(h, a) for h, (_, _, a) in zip(run(ex), ex)]))
+        cand_ids = [answer_ids(tok, c)[:model.config.max_answer_tokens] for c in cands]
+        score = lambda dd, exs: torch.cat([model.rank_candidates(mel, p, lens, cand_ids).cpu() for _, mel, p, lens in batches(dd, exs)])
+        lp = score(d, ex)
+        ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"]) if key in c["labels"]][:int(o["prior_clips"])]
+        pmi = pmi_scores(lp, score(data["train"], ref))
+        labels = [a for _, _, a in ex]
+        metrics[f"{key}_acc_rank"] = float(np.mean([cands[j] == a for j, a in zip(lp.argmax(-1).tolist(), labels)]))
+        metrics[f"{key}_acc_pmi"] = float(np.mean([cands[j] == a for j, a in zip(pmi.argmax(-1).tolist(), labels)]))
         metrics[f"{key}_chance"] = 1.0 / len(cands)
+    ex = [(i, PROMPTS["caption"], "") for i in range(min(len(d["clips"]), bs))]
+    _, mel, prompt, lens = next(batches(d, ex))
+    pre = model.prefix(mel, prompt, lens)
+    metrics["prefix_norm_ratio_audio"] = model.prefix_norm_ratio(pre[:, :model.k])
+    metrics["prefix_norm_ratio_text"] = model.prefix_norm_ratio(pre[:, model.k:])
     if o["probe"]:
         acc = linear_probe(model, data, split, "class", int(o["probe_clips"]))
         if acc is not None:
@@ -876,16 +1003,21 @@ def sample(model, tok, audio, prompt, tools, **opts):
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
     mel = torch.from_numpy(fit_frames(mel, cfg.max_frames))[None].to(dev)
-    p = tok.encode(prompt)[:cfg.max_prompt_tokens]
+    p = tok.encode(prompt)
     if not p:
         raise ValueError("pengi.sample: the prompt is empty")
+    if len(p) > cfg.max_prompt_tokens:
+        raise ValueError(f"pengi.sample: the prompt has {len(p)} tokens, more than the text tower's context of "
+                         f"max_prompt_tokens={cfg.max_prompt_tokens}")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
     ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]), max_new_tokens=int(o["max_new_tokens"]),
                          length_penalty=float(o["length_penalty"]))[0]
     out = {"text": tok.decode(ids).strip()}
     if o["candidates"]:
         cands = [c.strip() for c in str(o["candidates"]).split("|") if c.strip()]
-        lp = model.rank_candidates(mel, prompt_t, lens, [tok.encode(c) for c in cands])[0]
+        if not cands:
+            raise ValueError("pengi.sample: candidates names no label (give 'a|b|c')")
+        lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]
         order = lp.argsort(descending=True).tolist()
         out["ranked"] = [(cands[j], round(lp[j].item(), 3)) for j in order]
         out["text"] += "\nranked: " + ", ".join(f"{c} ({s})" for c, s in out["ranked"])

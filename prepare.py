@@ -7,12 +7,15 @@ spectrogram (one mel frame per codec frame), plus captions / transcripts / label
     python prepare.py --dataset=librispeech --src=LibriSpeech/dev-clean --name=libri
     python prepare.py --dataset=folder --src=my_wavs --name=mine     # optional manifest.csv / manifest.jsonl
 
+The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or a download), else an offline one
+with its architecture, trained here on the corpus (--offline skips the download; see train_codec).
+
 Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE (tokenizer.tiktoken) and, for the
-offline codec, codec.pt. Read with np.memmap(path, dtype, mode="r").reshape(-1, n_q or n_mels).
+offline codec, codec.pt and codec.png. Read with np.memmap(path, dtype, mode="r").reshape(-1, n_q or n_mels).
 
-Other scripts use: load_tokenizer(data_dir, "corpus" | "gpt2"), load_codec(data_dir), load_audio(path), resample(wav, sr_in, sr_out),
-log_mel(wav), features(wav, codec).
+Other scripts use: load_tokenizer(data_dir, "corpus" | "gpt2"), load_codec(data_dir), load_audio(path),
+resample(wav, sr_in, sr_out), log_mel(wav), features(wav, codec), plot_mels(path, panels).
 """
 import os
 import sys

@@ -1,11 +1,13 @@
 # Pengi at the paper's sizes, for a GPU: GPT-2 base (12 x 768, frozen), k = 40 prefix vectors per modality
 # (80 prefix positions), 1024-d shared embedding, beam 5 at evaluation (python eval.py out/pengi-paper --beam=5).
-# llm_init: a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin), e.g. one
-# saved by `transformers` as gpt2/. Its vocab is GPT-2's, so it reads the data with GPT-2's BPE (tokenizer = "gpt2":
-# tiktoken's, or offline the copy openai-whisper ships); the same prepared data serves the CPU configs' corpus BPE.
+# The LM is Hugging Face's GPT-2 base: llm_init is a GPT-2 directory (config.json + model.safetensors or
+# pytorch_model.bin), here ./gpt2 as `transformers` saves it (GPT2LMHeadModel.from_pretrained("gpt2").save_pretrained("gpt2")).
+# The tokenizer is GPT-2's BPE (tokenizer = "gpt2": tiktoken's, or offline the copy openai-whisper ships), the
+# vocabulary that LM was trained with; the same prepared data serves the CPU configs' corpus BPE.
 # The HTSAT sizes follow HTSAT-tiny (96 wide, depths 2,2,6,2, window 8, patch 4) over 768 mel frames (10.2 s
-# at 75 frames/s). The text encoder is GPT-2's own first 12 layers (CLIP's text tower in the paper) and the
-# mappers ClipCap's 8-layer transformer. The optimiser settings and clap_weight are ours.
+# at 75 frames/s). The text encoder is GPT-2's own first 12 layers (CLIP's text tower in the paper); as in the
+# official code its text projection and the projection after it train. The mappers have 4 layers each (the
+# official config's 8 layers split over the two). The optimiser settings and clap_weight are ours.
 model = "pengi"
 out_dir = "out/pengi-paper"
 data_dir = "data/synth"
@@ -22,7 +24,7 @@ d_embed = 1024
 text_n_layer = 12
 text_init = "llm"
 prefix_len = 40
-map_n_layer = 8
+map_n_layer = 4          # per mapper: 8 in all, as the official config
 map_n_head = 8
 dropout = 0.1
 clap_weight = 1.0        # ours: the paper's HTSAT came CLAP-pretrained; ours starts from scratch (0 = paper objective only)

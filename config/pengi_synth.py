@@ -3,6 +3,7 @@
 # (GPT-2 base is the paper's; it is not reachable offline). Sizes, prefix length and budget are ours.
 # python train.py config/salmonn_llm.py && python train.py config/pengi_synth.py && python eval.py out/pengi-synth
 model = "pengi"
+stage = "pengi"
 out_dir = "out/pengi-synth"
 data_dir = "data/synth"
 llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its tokenizer (recorded in it) is used
