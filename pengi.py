@@ -5,20 +5,22 @@ Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text genera
     prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }-> frozen GPT-2 -> answer
                                                           [audio prefix k][text prefix k][answer tokens]
 
-Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's text_projection and
-the projection after it) and the two mappers. The language model (GPT-2 layout and names) and the text tower
-are frozen. The loss is on the answer tokens only, averaged per example (ours). Decoding is length-normalised beam search
-with a KV cache (beam 5 as in the paper; beam 1 is greedy).
+Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's text_projection
+and the projection after it) and the two mappers. The language model (GPT-2 layout and names) and the text
+tower are frozen. A `clap` stage can pretrain the two encoders contrastively first, as Pengi's HTSAT comes
+from CLAP. The loss is on the answer tokens only, averaged per example (ours). Decoding is length-normalised
+beam search with a KV cache (beam 5 as in the paper; beam 1 is greedy).
 
 Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the paper) the
-candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the label prior (PMI). The audio embedding (`embed_audio`) feeds a linear
-probe, as in the paper's representation study.
+candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the label prior (PMI). The
+audio embedding (`embed_audio`) feeds a linear probe, as in the paper's representation study.
 
 Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic head,
 mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by a cyclic roll
 along time only, without Swin's mask: the input is repeat-padded, so wrapping joins the end to the start as
-the next repetition would); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a text encoder made from the LM's own embeddings and first layers (a causal
-tower pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text tower.
+the next repetition would); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a text
+encoder made from the LM's own embeddings and first layers (a causal tower pooled at the last token, as
+CLIP's text tower pools at its end token) instead of CLIP's text tower.
 """
 
 import json
@@ -40,7 +42,7 @@ from fused_attention import attention
 @dataclass
 class PengiConfig:
     tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
-    stage: str = "pengi"       # "clap": contrastive pretraining of the two encoders (as Pengi's HTSAT comes from CLAP); "pengi"
+    stage: str = "pengi"       # "clap": contrastive pretraining of both encoders (Pengi's HTSAT comes from CLAP); "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
     vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
