@@ -598,7 +598,10 @@ def test_speech_clip_text_matches_what_is_spoken():
         question = qa["is it a command, a question or a statement?"] == "question"
         ref = P.speak(t + ("?" if question else "."), voice, rate, pitch)
         assert len(ref) < len(wav) <= 2.0 * SR
-        start = np.flatnonzero(wav)[0] - np.flatnonzero(ref)[0]
+        # align at -60 dB, not at the first nonzero sample: after other tests in the same process the faintest
+        # leading samples came out zero in one of the two (seen in the full suite), shifting the comparison
+        onset = lambda x: np.flatnonzero(np.abs(x) > 1e-3 * np.abs(x).max())[0]
+        start = onset(wav) - onset(ref)
         seg = wav[start:start + len(ref)]
         np.testing.assert_allclose(seg / np.abs(seg).max(), ref / np.abs(ref).max(), atol=1e-4)
     assert len(seen) >= 3
