@@ -394,11 +394,19 @@ def unit_variance_init(net, x, last_std=1.0):
         m.weight_g.mul_((last_std if i == len(convs) - 1 else 1.0) / seen[0].clamp_min(1e-12))
     return net
 
+def codec_step(opt, params, loss):
+    """One optimiser step of the codec's training, gradient norm clipped at 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
 def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=None, quiet=False):
     """Train the offline codec's encoder and decoder as an autoencoder on 24 kHz clips (EnCodec's reconstruction
     loss; its codebooks are fitted afterwards by k-means, see fit_codebooks). Resumable: every 25 steps the model,
     the optimiser and the step go to ckpt (written to a temporary file, then renamed)."""
-    opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr, betas=(0.5, 0.9))
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     # a short warmup, then cosine down to a tenth: the few steps a CPU budget allows end on a settled model
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / 20, 0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps)))))
@@ -425,10 +433,8 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
         x, _ = random_crops(wavs, n, batch, rng)
         y = model.decoder(model.encoder(x[:, None]))[:, 0, :n]
         loss = codec_loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step()
+        codec_step(opt, params, loss)
+        sched.step()
         step += 1
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
@@ -459,11 +465,7 @@ def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=3e-4, q
             q = qs[i][int(rng.integers(len(levels)))][:, f:f + frames]
             z[b, :, :q.shape[-1]] = q
         y = model.decoder(z)[:, 0, :x.shape[-1]]
-        loss = codec_loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), 1.0)
-        opt.step()
+        codec_step(opt, list(model.decoder.parameters()), codec_loss(x, y))
     return model.eval()
 
 @torch.no_grad()
@@ -615,7 +617,8 @@ def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0)
 def codec_report(model, probes, untrained=None):
     """How well decode(encode(x)) keeps what the corpus's labels say: the fraction of notes whose pitch reads as the
     labelled note (within a semitone), of morse words and DTMF digit strings read back exactly, and the log-mel L1
-    between input and reconstruction, also for the untrained decoder when given (fed the unquantized encoder output)."""
+    between input and reconstruction, also for the untrained decoder when given (fed the unquantized encoder output).
+    Returns the figures and the reconstructions ({kind: [audio]}, in the order of probes)."""
     rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
     mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - log_mel(w)).mean() for y, (w, _) in zip(ys, probes["any"])]))
     r = {"notes": float(np.mean([read_note(y) == info["labels"]["pitch"] for y, (_, info) in zip(rec["note"], probes["note"])])),
@@ -625,7 +628,7 @@ def codec_report(model, probes, untrained=None):
     if untrained is not None:
         r["mel_l1_untrained"] = mel_l1(reconstruct(untrained, [w for w, _ in probes["any"]], quantized=False))
     r["clips"] = {k: len(v) for k, v in probes.items()}
-    return r
+    return r, rec
 
 def plot_mels(path, panels, title=None, boundary=None):
     """A PNG of log-mels (frames, n_mels) stacked one above the other: panels is a list of (name, mel). boundary,
@@ -1729,13 +1732,13 @@ def main(argv=None):
 
     # --- the offline codec: fit its codebooks on a sample of encoder outputs, tune the decoder to them, report
     allemb = torch.from_numpy(np.concatenate(embs)).float()
+    bounds = np.cumsum([0] + [len(e) for e in embs])  # clip i is allemb[bounds[i]:bounds[i + 1]]
     if not codec_info["pretrained"]:
         t0 = time.time()
         allemb = calibrate(codec, allemb)
         pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
         fit_codebooks(codec, allemb[torch.from_numpy(np.sort(pick))], iters=args.kmeans_iters)
         print(f"offline codec: fitted {N_Q} codebooks x {CODEBOOK_SIZE} on {len(pick)} frames in {time.time() - t0:.1f}s")
-        bounds = np.cumsum([0] + [len(e) for e in embs])
         row = {info["id"]: i for i, info in enumerate(infos)}
         ids = [i for i in codec_wavs if i in row]
         tune_decoder(codec, [codec_wavs[i] for i in ids], [allemb[bounds[row[i]]:bounds[row[i] + 1]] for i in ids],
@@ -1743,7 +1746,7 @@ def main(argv=None):
         torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q}, stage("codec.pt"))
         if args.dataset == "synth" and args.codec_report:
             probes = codec_probes(args.seed)
-            report_ = codec_report(codec, probes, untrained=offline_codec())
+            report_, rec = codec_report(codec, probes, untrained=offline_codec())
             codec_info["report"] = report_
             print(f"offline codec on held-out clips, decode(encode(x)) at {BANDWIDTH:g} kbps: notes at the labelled pitch "
                   f"{report_['notes']:.0%} of {len(probes['note'])}, morse words read back {report_['morse']:.0%} of "
@@ -1751,16 +1754,15 @@ def main(argv=None):
                   f"{report_['mel_l1']:.3f} (untrained decoder {report_['mel_l1_untrained']:.3f}, "
                   f"{report_['mel_l1_untrained'] / report_['mel_l1']:.1f}x higher)")
             panels = []
-            for kind, (w, info) in [("note", probes["note"][0]), ("morse", probes["morse"][0]),
-                                    ("dtmf", probes["dtmf"][0])] + [("any", c) for c in probes["any"][:2]]:
-                panels += [(f"input: {info['caption']}", log_mel(w)), ("reconstruction", log_mel(reconstruct(codec, [w])[0]))]
+            for kind, j in [("note", 0), ("morse", 0), ("dtmf", 0), ("any", 0), ("any", 1)]:
+                w, info = probes[kind][j]
+                panels += [(f"input: {info['caption']}", log_mel(w)), ("reconstruction", log_mel(rec[kind][j]))]
             plot_mels(stage("codec.png"), panels, title="offline codec: log-mel of held-out input vs decode(encode(x))")
         print(f"offline codec: done in {time.time() - t0:.0f}s")
 
     # --- pass 2: quantize (cheap), tokenize, write the splits
     # quantizing is frame by frame, so all clips go through at once in big slices
     allcodes = torch.cat([quantize(codec, allemb[s:s + 16384]) for s in range(0, len(allemb), 16384)]).numpy().astype(np.uint16)
-    bounds = np.cumsum([0] + [len(e) for e in embs])
     codes = [allcodes[bounds[i]:bounds[i + 1]] for i in range(len(embs))]
 
     texts = list(PROMPT_TEXT)
