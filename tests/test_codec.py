@@ -101,7 +101,7 @@ def test_readers_read_the_corpus_labels_from_clean_audio():
     assert P.read_note(w) == "C#4" and P.read_note(P.tone("sine", P.midi_hz(60), 1.0, None)) == "C4"
 
 
-def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path):
+def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     torch.manual_seed(0)
     wavs = [P.tone("sawtooth", P.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5 for i in range(3)]
     model = P.offline_codec()
@@ -113,9 +113,17 @@ def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 20
     after = err(model)
     assert after < 0.6 * before, (before, after)
-    # a second call with a larger budget continues from the checkpoint
+    # a call with the same budget only loads the checkpoint (no step retaken: no loss computed), one with a budget
+    # of 21 takes one step from it
+    steps_taken = []
+    loss = P.codec_loss
+    monkeypatch.setattr(P, "codec_loss", lambda x, y: steps_taken.append(1) or loss(x, y))
+    again = P.offline_codec()
+    P.train_codec(again, wavs, 20, ckpt=ckpt, quiet=True)
+    assert same_weights(again, model) and steps_taken == []
     resumed = P.offline_codec()
     P.train_codec(resumed, wavs, 21, ckpt=ckpt, quiet=True)
+    assert steps_taken == [1]
     assert torch.load(ckpt, weights_only=True)["step"] == 21
     assert not same_weights(resumed, model)                  # it trained on from step 20, not from scratch...
     assert err(resumed) < 0.7 * before                       # ...and kept what it had learned
