@@ -247,9 +247,10 @@ def set_llm_dims(config):
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
 
-def init_pretrained(model):
+def init_pretrained(model, tok=None):
     """Loads the LM named by config.llm_init into a freshly built model (train.py calls this; it is not needed
-    to load a checkpoint, which holds the LM). The text tower and the prefix scale then follow the LM."""
+    to load a checkpoint, which holds the LM). The text tower and the prefix scale then follow the LM.
+    tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with it)."""
     config = model.config
     if not config.llm_init:
         return

@@ -3,28 +3,39 @@ SALMONN (Tang et al., 2023, arXiv 2310.13289): a language model given general he
 
 One file holds the whole model:
 - a Whisper-style speech encoder (conv stem with stride 2, sinusoidal positions, non-causal transformer),
-- a BEATs-style audio encoder (patches over the mel spectrogram, transformer, patches pooled per time step
-  so that its stream is time-aligned with the speech stream: the official code pairs BEATs patch i with
-  Whisper frame i, which is not the same instant),
+- a BEATs-style audio encoder (patches over the mel spectrogram, transformer, the patches of one time step
+  averaged, so that its stream is time-aligned with the speech stream; the official code pairs Whisper frame i
+  with BEATs time patch i // 8, which is the same instant, but keeps one of the 8 frequency bands of each
+  patch column, losing the other 7),
 - a LayerNorm per stream, the two streams concatenated per frame,
 - the window-level Q-Former (non-overlapping windows of encoder frames, a few trainable queries per window
   that cross-attend to their window only) and a linear projection to the LLM width,
 - an LLM in GPT-2 layout (Hugging Face names), frozen, adapted with LoRA on its query and value projections.
 The audio tokens replace <SpeechHere> in the paper's prompt
     USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT: {answer}<eot>
-and the loss is on the answer tokens only.
+and the loss is on the answer tokens only, averaged per example.
 
-Stages (config field `stage`; same model, different data):
-  "llm"        text-only pretraining of the small GPT-2-layout LLM on the corpus text: the small setting's
-               stand-in for Vicuna (LoRA on a random frozen LLM would teach nothing). Only the LLM exists.
+As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the Q-Former,
+its projection and LoRA train. At CPU size each pretrained part gets a stand-in trained here (config field
+`stage`, one config each):
+  "whisper"    the speech encoder trained as Whisper is: a text decoder predicts the transcript from the
+               encoder's output (next-token cross-entropy), with a CTC head on the encoder alongside
+  "beats"      the audio encoder trained to tag the clips' labels (multi-label), as the BEATs checkpoint
+               SALMONN uses was fine-tuned on AudioSet tagging
+  "llm"        text-only pretraining of the small GPT-2-layout LLM, the stand-in for Vicuna: the corpus text
+               plus generic documents that need reading and copying from context (spans between tags
+               repeated, reversed, de-duplicated, numbers spelled out), the ability SALMONN borrows from Vicuna
+and then the paper's three stages:
   "pretrain"   stage 1: transcription and captioning
-  "instruct"   stage 2: all tasks (transcription, captioning, QA, music description, classification)
+  "instruct"   stage 2: all tasks (transcription, captioning, QA, music description, classification, speaker)
   "activation" stage 3: long story-like answers, to undo the task over-fitting of stage 2
 Also here: the batch construction from prepared data, beam search / greedy / sampling with a KV cache,
-the evaluation metrics (WER, BLEU-4, accuracy; our own implementations), and loaders for GPT-2 checkpoints
-(Hugging Face safetensors / pytorch_model.bin, or our own stage-"llm" ckpt.pt) and OpenAI Whisper checkpoints.
+the evaluation metrics (WER, BLEU-4, accuracy, tagging mAP; our own implementations), and loaders for GPT-2
+checkpoints (Hugging Face safetensors / pytorch_model.bin, or our own stage-"llm" ckpt.pt), OpenAI Whisper
+checkpoints and our own stage-"whisper" / "beats" ckpt.pt.
 """
 
+import itertools
 import json
 import math
 import os
@@ -42,17 +53,18 @@ from fused_attention import attention
 # -----------------------------------------------------------------------------
 # config
 
-STAGES = ("llm", "pretrain", "instruct", "activation")
+STAGES = ("whisper", "beats", "llm", "pretrain", "instruct", "activation")
+ENCODER_STAGES = ("whisper", "beats")  # the pretrained parts' stand-ins
 STAGE_TASKS = {
     "pretrain": ("transcription", "captioning"),
-    "instruct": ("transcription", "captioning", "qa", "music", "classification"),
+    "instruct": ("transcription", "captioning", "qa", "music", "classification", "speaker"),
     "activation": ("story",),
 }
-ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "story")
+ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "speaker", "story")
 
 @dataclass
 class SALMONNConfig:
-    stage: str = "pretrain"        # "llm" | "pretrain" | "instruct" | "activation" (see the top of the file)
+    stage: str = "pretrain"        # "whisper" | "beats" | "llm" | "pretrain" | "instruct" | "activation" (see the top)
     tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the stage's)
     tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
     # from the tokenizer and the data (load_data fills these)
@@ -65,12 +77,18 @@ class SALMONNConfig:
     speech_n_head: int = 4
     speech_n_embd: int = 128
     speech_n_mels: int = 0         # 0: the data's n_mels; 80 when loaded from Whisper (mel bins interpolated)
-    whisper_init: str = ""         # optional OpenAI Whisper checkpoint (tiny/base .pt) for the speech encoder
+    whisper_init: str = ""         # the speech encoder's weights: our stage-"whisper" ckpt.pt or an OpenAI Whisper .pt
+    whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same width and heads)
+    whisper_text_ctx: int = 64     # stage "whisper": longest transcript in tokens (+ start and end)
+    ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's cross-entropy
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x beats_patch_f mel bins
     beats_n_layer: int = 2
     beats_n_head: int = 4
     beats_n_embd: int = 128
     beats_patch_f: int = 16
+    beats_init: str = ""           # the audio encoder's weights: our stage-"beats" ckpt.pt
+    tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it from the train labels)
+    freeze_encoders: bool = True   # stages 1-3: the encoders stay as pretrained (the paper); False fine-tunes them
     # window-level Q-Former
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
@@ -82,8 +100,9 @@ class SALMONNConfig:
     llm_n_head: int = 4
     llm_n_embd: int = 256
     llm_block_size: int = 256
-    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt. Its sizes replace the llm_* above;
-                                   # the model then clears this field (the weights live on in our checkpoints)
+    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace the llm_* above
+                                   # (load_data), init_pretrained loads it, our checkpoints then hold the weights
+    llm_probe_min: float = 0.8     # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
     llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
     lora_rank: int = 8
@@ -123,14 +142,14 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(kv_dim, n_embd)
         self.out = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, kv=None, k_lens=None):
+    def forward(self, x, kv=None, k_lens=None, causal=False):
         kv = x if kv is None else kv
         B, Tq, C = x.shape
         Tk, H = kv.size(1), self.n_head
         q = self.query(x).view(B, Tq, H, C // H).transpose(1, 2)
         k = self.key(kv).view(B, Tk, H, C // H).transpose(1, 2)
         v = self.value(kv).view(B, Tk, H, C // H).transpose(1, 2)
-        y = attention(q, k, v, k_lens=k_lens)
+        y = attention(q, k, v, causal=causal, k_lens=k_lens)
         return self.out(y.transpose(1, 2).reshape(B, Tq, C))
 
 class EncoderBlock(nn.Module):
@@ -179,6 +198,41 @@ class SpeechEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, k_lens=lens2)
         return self.ln_post(x), lens2
+
+class DecoderBlock(nn.Module):
+    """Whisper's decoder block: causal self-attention, cross-attention to the audio, MLP (pre-LN, Whisper's names)."""
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_embd, n_head)
+        self.attn_ln = nn.LayerNorm(n_embd)
+        self.cross_attn = MultiHeadAttention(n_embd, n_head)
+        self.cross_attn_ln = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp_ln = nn.LayerNorm(n_embd)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, audio, audio_lens):
+        x = x + self.drop(self.attn(self.attn_ln(x), causal=True))
+        x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), audio, k_lens=audio_lens))
+        return x + self.drop(self.mlp(self.mlp_ln(x)))
+
+class TextDecoder(nn.Module):
+    """Whisper's TextDecoder: token embedding + learned positions, blocks, ln; logits against the token embedding.
+    Only stage "whisper" has it: it is how the speech encoder learns what is said."""
+
+    def __init__(self, vocab_size, n_ctx, n_embd, n_head, n_layer, dropout):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, n_embd)
+        self.positional_embedding = nn.Parameter(torch.zeros(n_ctx, n_embd))
+        self.blocks = nn.ModuleList([DecoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.ln = nn.LayerNorm(n_embd)
+
+    def forward(self, tokens, audio, audio_lens):
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.size(1)]
+        for block in self.blocks:
+            x = block(x, audio, audio_lens)
+        return self.ln(x) @ self.token_embedding.weight.t()
 
 class AudioEncoder(nn.Module):
     """BEATs-style: patch embedding over (2 frames x patch_f bins) of the mel, a transformer over all patches,
@@ -426,30 +480,75 @@ def load_llm_state(path):
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
     cfg_file = os.path.join(os.path.dirname(file), "config.json")
-    hf = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
-    n_embd = sd["wte.weight"].size(1)
-    sizes = dict(n_layer=hf.get("n_layer", len({k.split(".")[1] for k in sd if k.startswith("h.")})),
-                 n_head=hf.get("n_head", n_embd // 64),  # GPT-2's 64-dim heads when config.json is absent
-                 n_embd=hf.get("n_embd", n_embd), block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
+    if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
+        raise ValueError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs its config.json "
+                         f"(n_head cannot be read from the weights)")
+    hf = json.load(open(cfg_file))
+    sizes = dict(n_layer=hf.get("n_layer", len({k.split(".")[1] for k in sd if k.startswith("h.")})), n_head=hf["n_head"],
+                 n_embd=hf.get("n_embd", sd["wte.weight"].size(1)), block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
                  vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
     return sd, sizes
 
 def load_whisper_encoder_state(path):
-    """An OpenAI Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt / base.pt):
-    returns (encoder state dict in SpeechEncoder's names, dims). Whisper's front end is an 80-bin log-mel of
-    16 kHz audio at 100 frames/s; our data's mel differs (bins interpolated, frame rate 75/s), so treat the
-    loaded encoder as an initialisation to fine-tune, not as Whisper itself."""
+    """The speech encoder's weights from (a) our stage-"whisper" ckpt.pt (keys "speech.<name>") or (b) an OpenAI
+    Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt / base.pt). Returns (state dict
+    in SpeechEncoder's names, sizes dict with n_layer, n_head, n_embd, n_mels). An OpenAI encoder wants Whisper's
+    own features (80 bins of 16 kHz audio at 100 frames/s); fed our 64-bin mel it gets bins interpolated, an
+    approximation to fine-tune from rather than Whisper itself."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"whisper_init={path}: no such file")
     ck = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" in ck and "model_args" in ck:  # (a) ours
+        args = ck["model_args"]
+        sd = {k[len("speech."):]: v for k, v in ck["model"].items() if k.startswith("speech.")}
+        if not sd:
+            raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} without a speech encoder")
+        return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"], n_embd=args["speech_n_embd"],
+                        n_mels=args["speech_n_mels"] or args["n_mels"])
     if "dims" not in ck or "model_state_dict" not in ck:
-        raise ValueError(f"whisper_init={path}: not an OpenAI Whisper checkpoint (needs 'dims' and 'model_state_dict')")
+        raise ValueError(f"whisper_init={path}: neither our stage-'whisper' ckpt.pt nor an OpenAI Whisper checkpoint "
+                         f"('dims' and 'model_state_dict')")
     sd = {k[len("encoder."):]: v for k, v in ck["model_state_dict"].items() if k.startswith("encoder.")}
     sd.pop("positional_embedding", None)  # the same sinusoids, recomputed for any length
-    return sd, ck["dims"]
+    d = ck["dims"]
+    return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"], n_embd=d["n_audio_state"], n_mels=d["n_mels"])
+
+def load_beats_state(path):
+    """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in AudioEncoder's names, sizes)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"beats_init={path}: no such file")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" not in ck or "model_args" not in ck:
+        raise ValueError(f"beats_init={path}: not a train.py checkpoint (needs 'model' and 'model_args')")
+    args = ck["model_args"]
+    sd = {k[len("beats."):]: v for k, v in ck["model"].items() if k.startswith("beats.")}
+    if not sd:
+        raise ValueError(f"beats_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} without an audio encoder")
+    return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"], n_embd=args["beats_n_embd"],
+                    patch_f=args["beats_patch_f"])
+
+def set_pretrained_dims(config):
+    """load_data's step for the *_init files: their sizes replace the config's (before the model is built).
+    A missing file is skipped here: a checkpoint's config already holds the sizes and its weights hold the
+    parts; init_pretrained, which training calls, says that the file is missing."""
+    if config.llm_init and os.path.exists(config.llm_init) and config.stage not in ENCODER_STAGES:
+        _, sizes = load_llm_state(config.llm_init)
+        if sizes["vocab_size"] != config.vocab_size:
+            raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the vocab_size "
+                             f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
+        config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
+        config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
+    if config.whisper_init and os.path.exists(config.whisper_init) and config.stage not in ("beats", "llm"):
+        _, sizes = load_whisper_encoder_state(config.whisper_init)
+        config.speech_n_layer, config.speech_n_head, config.speech_n_embd = sizes["n_layer"], sizes["n_head"], sizes["n_embd"]
+        config.speech_n_mels = sizes["n_mels"] if sizes["n_mels"] != config.n_mels else 0
+    if config.beats_init and os.path.exists(config.beats_init) and config.stage not in ("whisper", "llm"):
+        _, sizes = load_beats_state(config.beats_init)
+        config.beats_n_layer, config.beats_n_head = sizes["n_layer"], sizes["n_head"]
+        config.beats_n_embd, config.beats_patch_f = sizes["n_embd"], sizes["patch_f"]
 
 # -----------------------------------------------------------------------------
-# the model
+# the model: which parts exist depends on the stage
 
 class SALMONN(nn.Module):
 
@@ -458,54 +557,44 @@ class SALMONN(nn.Module):
         if config.stage not in STAGES:
             raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
         self.config = config
-        llm_state = None
-        if config.llm_init:
-            llm_state, sizes = load_llm_state(config.llm_init)
-            if sizes["vocab_size"] != config.vocab_size:
-                raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the vocab_size "
-                                 f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
-            config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
-            config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
-            print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} wide)")
-            config.llm_init = ""  # consumed: the sizes are in the config now and the weights go into our checkpoints
-        text_only = config.stage == "llm"
-        lora_rank = 0 if text_only else config.lora_rank
-        self.llm = GPT2(config, lora_rank)
-        self.apply(self._init_weights)
-        for name, p in self.llm.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.llm_n_layer))
-        if llm_state is not None:
-            self.load_llm(llm_state, config.llm_init)
-        if not text_only:
-            for name, p in self.llm.named_parameters():
-                p.requires_grad = ".lora_" in name  # the LLM is frozen; LoRA trains
-            whisper_state = None
-            if config.whisper_init:
-                whisper_state, dims = load_whisper_encoder_state(config.whisper_init)
-                config.speech_n_layer, config.speech_n_head = dims["n_audio_layer"], dims["n_audio_head"]
-                config.speech_n_embd, config.speech_n_mels = dims["n_audio_state"], dims["n_mels"]
-                print(f"whisper_init: loaded the speech encoder of {config.whisper_init}")
-                config.whisper_init = ""  # consumed, like llm_init
-            speech_mels = config.speech_n_mels or config.n_mels
+        stage = config.stage
+        speech_mels = config.speech_n_mels or config.n_mels
+        if stage in ("whisper", "pretrain", "instruct", "activation"):
             self.speech = SpeechEncoder(speech_mels, config.speech_n_embd, config.speech_n_head,
                                         config.speech_n_layer, config.dropout)
+        if stage in ("beats", "pretrain", "instruct", "activation"):
             self.beats = AudioEncoder(config.n_mels, config.beats_n_embd, config.beats_n_head,
                                       config.beats_n_layer, config.beats_patch_f, config.dropout)
+        if stage == "whisper":
+            self.decoder = TextDecoder(config.vocab_size, config.whisper_text_ctx, config.speech_n_embd,
+                                       config.speech_n_head, config.whisper_dec_n_layer, config.dropout)
+            self.ctc_head = nn.Linear(config.speech_n_embd, config.vocab_size + 1)  # + the CTC blank, last
+        if stage == "beats":
+            n_tags = len(config.tags.split("|")) if config.tags else 0
+            if not n_tags:
+                raise ValueError("stage beats: config.tags is empty (load_data fills it from the train labels)")
+            self.tag_head = nn.Linear(config.beats_n_embd, n_tags)
+        if stage not in ENCODER_STAGES:
+            self.llm = GPT2(config, 0 if stage == "llm" else config.lora_rank)
+        if stage not in ENCODER_STAGES + ("llm",):
             self.ln_speech = nn.LayerNorm(config.speech_n_embd)
             self.ln_audio = nn.LayerNorm(config.beats_n_embd)
-            enc_dim = config.speech_n_embd + config.beats_n_embd
-            self.qformer = WindowQFormer(config, enc_dim)
+            self.qformer = WindowQFormer(config, config.speech_n_embd + config.beats_n_embd)
             self.proj = nn.Linear(config.qformer_n_embd, config.llm_n_embd)
-            for m in (self.speech, self.beats, self.proj):
-                m.apply(self._init_weights)
-            for block in self.qformer.layers:
-                block.apply(self._init_weights)
-            if whisper_state is not None:
-                missing, unexpected = self.speech.load_state_dict(whisper_state, strict=False)
-                if missing or unexpected:
-                    raise ValueError(f"whisper_init={config.whisper_init}: missing {missing}, unexpected {unexpected}")
-        print(f"salmonn ({config.stage}): {self.get_num_params() / 1e6:.2f}M parameters, "
+        self.apply(self._init_weights)
+        if hasattr(self, "llm"):
+            for name, p in self.llm.named_parameters():  # GPT-2's scaled init of the residual projections
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.llm_n_layer))
+        if hasattr(self, "decoder"):
+            nn.init.normal_(self.decoder.positional_embedding, std=0.01)
+        if stage not in ENCODER_STAGES + ("llm",):
+            for name, p in self.llm.named_parameters():
+                p.requires_grad = ".lora_" in name  # the LLM is frozen; LoRA trains
+            if config.freeze_encoders:  # the paper: Whisper and BEATs stay as pretrained
+                for p in itertools.chain(self.speech.parameters(), self.beats.parameters()):
+                    p.requires_grad = False
+        print(f"salmonn ({stage}): {self.get_num_params() / 1e6:.2f}M parameters, "
               f"{sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
 
     def _init_weights(self, m):
@@ -517,6 +606,13 @@ class SALMONN(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.config.freeze_encoders and self.config.stage not in ENCODER_STAGES + ("llm",):
+            self.speech.eval()  # frozen encoders run as they were pretrained: no dropout
+            self.beats.eval()
+        return self
 
     def load_llm(self, state, source):
         """Copy GPT-2-format base weights (our names, nn.Linear layout) into the LLM; every key and shape must match."""
@@ -576,8 +672,9 @@ class SALMONN(nn.Module):
         if mel.size(1) > self.config.max_audio_frames:
             mel = mel[:, :self.config.max_audio_frames]
         mel_lens = mel_lens.clamp(max=self.config.max_audio_frames)
-        s, lens2 = self.speech(mel, mel_lens)
-        a = self.beats(mel, mel_lens)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
+            s, lens2 = self.speech(mel, mel_lens)
+            a = self.beats(mel, mel_lens)
         x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)  # per frame: speech | audio events
         q, valid = self.qformer(x, lens2)
         return self.proj(q), valid
@@ -593,14 +690,43 @@ class SALMONN(nn.Module):
                              f"the clips give {valid.sum(1).tolist()} audio tokens")
         return x.masked_scatter(audio_mask.unsqueeze(-1), audio[valid].to(x.dtype))
 
-    def forward(self, idx, targets=None, mel=None, mel_lens=None, audio_mask=None):
+    def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None, ctc_targets=None, tags=None):
+        stage = self.config.stage
+        if stage == "whisper":  # the decoder reads the transcript so far and the audio; CTC reads the audio alone
+            audio, lens2 = self.speech(mel, mel_lens)
+            logits = self.decoder(idx, audio, lens2)
+            if targets is None:
+                return logits[:, [-1]], None
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.config.ctc_weight and ctc_targets is not None:
+                logp = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
+                ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), lens2, (ctc_targets >= 0).sum(1),
+                                 blank=self.config.vocab_size, zero_infinity=True)
+                loss = (1 - self.config.ctc_weight) * loss + self.config.ctc_weight * ctc
+            return logits, loss
+        if stage == "beats":  # tags from the time-averaged encoder output
+            logits = self.tag_logits(mel, mel_lens)
+            loss = None if tags is None else F.binary_cross_entropy_with_logits(logits, tags.float())
+            return logits, loss
         x = self.embed(idx, mel, mel_lens, audio_mask)
         h, _ = self.llm(x)
         if targets is None:
             return self.llm.lm_head(h[:, [-1]]), None
         logits = self.llm.lm_head(h)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        token_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                     reduction="none").view(targets.shape)
+        if stage == "llm":
+            return logits, token_loss.sum() / (targets >= 0).sum().clamp(min=1)
+        # per example first: a one-word label weighs as much as a sentence (tasks share batches)
+        n = (targets >= 0).sum(1)
+        per_example = token_loss.sum(1) / n.clamp(min=1)
+        return logits, per_example[n > 0].mean()
+
+    def tag_logits(self, mel, mel_lens):
+        a = self.beats(mel, mel_lens)
+        lens2 = (mel_lens + 1) // 2
+        pooled = mask_frames(a, lens2).sum(1) / lens2[:, None].clamp(min=1)
+        return self.tag_head(pooled)
 
     # decoding with a KV cache
     @torch.no_grad()
@@ -639,6 +765,44 @@ class SALMONN(nn.Module):
                 break
             logits, past = step(tok.view(1), past)
         return out
+
+def init_pretrained(model, tok=None):
+    """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built model (train.py
+    calls this; a checkpoint already holds them, so it loads without these files). An LLM that audio training
+    starts from must first pass the copy probe (config.llm_probe_min), and the audio tokens' scale is set to
+    the LLM's token embeddings'."""
+    config = model.config
+    if config.whisper_init and hasattr(model, "speech"):
+        sd, _ = load_whisper_encoder_state(config.whisper_init)
+        missing, unexpected = model.speech.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"whisper_init={config.whisper_init}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        print(f"whisper_init: loaded the speech encoder of {config.whisper_init}")
+    if config.beats_init and hasattr(model, "beats"):
+        sd, _ = load_beats_state(config.beats_init)
+        missing, unexpected = model.beats.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"beats_init={config.beats_init}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        print(f"beats_init: loaded the audio encoder of {config.beats_init}")
+    if config.llm_init and hasattr(model, "llm"):
+        state, sizes = load_llm_state(config.llm_init)
+        model.load_llm(state, config.llm_init)
+        print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} wide)")
+        if tok is not None and config.stage != "llm" and config.llm_probe_min > 0:
+            acc = copy_probe(model, tok)
+            print(f"copy probe: the LLM repeats {acc:.0%} of {PROBE_SPANS} unseen word spans between <Speech> tags")
+            if acc < config.llm_probe_min:
+                raise ValueError(f"llm_init={config.llm_init}: the LLM copies {acc:.0%} of the probe's spans, below "
+                                 f"llm_probe_min={config.llm_probe_min}: it cannot read its input (train it longer "
+                                 f"with config/salmonn_llm.py, or set llm_probe_min=0)")
+    if hasattr(model, "proj"):
+        # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that the audio tokens
+        # start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
+        with torch.no_grad():
+            tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
+            nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
+        print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
+              f"(position embeddings: {model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
 
 def beam_search(step, logp, state, reorder, beam, max_new_tokens, eot, length_penalty=0.0):
     """Beam search. step(tokens (n,), state) -> (log-probs (n, V), state); reorder(state, index) keeps the rows
@@ -696,26 +860,46 @@ INSTRUCTIONS = {
               "Listen to the music and describe it.", "Describe the instrument and notes you hear."],
     "classification": ["What kind of sound is this?", "Classify the sound in this audio.",
                        "Which sound class does this audio belong to?", "Name the type of sound you hear."],
+    "speaker": ["Who is speaking?", "Which speaker is this?", "Name the speaker.", "Whose voice is this?"],
     "story": ["Tell me a story about this audio.", "Describe the audio in detail.",
               "Write a detailed story based on what you hear.", "Listen carefully and describe everything in detail."],
 }
+
+def transcript(clip):
+    """The transcription target. Morse words are spelled out letter by letter ("k i t e"): the audio carries
+    letters, and a word is one of ~100 BPE tokens seen a few times each, while 26 letters are seen hundreds of
+    times; WER on Morse is then a letter error rate."""
+    text = clip.get("transcript")
+    if text and clip.get("kind") == "morse":
+        return " ".join(text.replace(" ", ""))
+    return text
 
 def task_entries(clip):
     """(task, instruction or None, answer) pairs this clip offers; None: pick a paraphrase at random."""
     out = []
     if clip.get("transcript"):
-        out.append(("transcription", None, clip["transcript"]))
+        out.append(("transcription", None, transcript(clip)))
     if clip.get("caption"):
         out.append(("captioning", None, clip["caption"]))
         if clip.get("kind") == "music":
             out.append(("music", None, clip["caption"]))
     for qa in clip.get("qa") or []:
         out.append(("qa", qa["q"], qa["a"]))
-    if (clip.get("labels") or {}).get("class"):
-        out.append(("classification", None, clip["labels"]["class"]))
+    labels = clip.get("labels") or {}
+    if labels.get("class"):
+        out.append(("classification", None, labels["class"]))
+    if labels.get("speaker") and clip.get("kind") == "speech":
+        out.append(("speaker", None, labels["speaker"]))
     if clip.get("description"):
         out.append(("story", None, clip["description"]))
     return out
+
+# stage "beats": label keys whose values are tags (free text such as a Morse word or DTMF digits is not a tag)
+TAG_KEYS = ("class", "instrument", "event", "gender", "speaker", "form", "pitch", "chord", "count")
+MIN_TAG_CLIPS = 3  # rarer tags are left out
+
+def clip_tags(clip):
+    return [f"{k}={v}" for k, v in (clip.get("labels") or {}).items() if k in TAG_KEYS]
 
 def stage_tasks(config):
     if config.tasks:
@@ -724,7 +908,9 @@ def stage_tasks(config):
         if bad:
             raise ValueError(f"tasks={config.tasks!r}: unknown {bad}; known: {ALL_TASKS}")
         return tasks
-    return STAGE_TASKS[config.stage]
+    if config.stage == "whisper":
+        return ("transcription",)
+    return STAGE_TASKS.get(config.stage, ())
 
 def encode_text(tok, text):
     return tok.encode(text, allowed_special=set())
@@ -737,8 +923,73 @@ def build_prompt(tok, instruction, n_audio):
     mask = [False] * len(pre) + [True] * n_audio + [False] * len(post)
     return ids, mask
 
+# Stage "llm": generic reading-and-copying documents in the prompt's layout, text where the audio goes. Vicuna
+# brings this ability to SALMONN; a small LLM trained on the corpus text alone never needs to copy, and the
+# audio tokens then cannot reach its answers.
+COPY_INSTRUCTIONS = {
+    "repeat": ["Repeat the words between the tags.", "Say exactly what is written between the tags."],
+    "reverse": ["Say the words between the tags in reverse order."],
+    "once": ["Say each word between the tags once, in order."] + INSTRUCTIONS["transcription"],
+    "spell": ["Spell out the digits between the tags in words."],
+}
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+PROBE_SPANS = 50
+
+def vocab_words(tok):
+    """Whole words the tokenizer has as single tokens (" kite"): a word pool that is not the corpus's sentences."""
+    words = []
+    for i in range(min(tok.n_vocab, 60000)):
+        try:
+            w = tok.decode([i])
+        except Exception:
+            continue
+        if re.fullmatch(r" [a-z]{3,12}", w):
+            words.append(w[1:])
+    return words
+
+def copy_document(tok, rng, words):
+    """One document: (prompt ids with the span where the audio would be, answer ids)."""
+    kind = ("repeat", "reverse", "once", "spell")[rng.choice(4, p=[0.4, 0.15, 0.3, 0.15])]
+    n = int(rng.integers(2, 9))
+    if kind == "spell":
+        digits = [int(d) for d in rng.integers(0, 10, size=n)]
+        shown, answer = [str(d) for d in digits], [DIGIT_WORDS[d] for d in digits]
+    else:
+        span = []
+        while len(span) < n:
+            w = words[rng.integers(len(words))]
+            if not span or w != span[-1]:
+                span.append(w)
+        answer = span[::-1] if kind == "reverse" else span
+        # "once": each word shown one to three times, as a stretch of audio tokens spans one word
+        shown = [w for w in span for _ in range(int(rng.integers(1, 4)))] if kind == "once" else span
+    instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
+    ids = (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(shown))
+           + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
+    return ids, encode_text(tok, " " + " ".join(answer))
+
+@torch.no_grad()
+def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
+    """Text-only probe: the fraction of n unseen spans of 3-6 words that the LLM repeats exactly (greedy) when
+    asked to repeat the words between the <Speech> tags."""
+    rng = np.random.default_rng(seed)
+    words = vocab_words(tok)
+    device = next(model.llm.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for _ in range(n):
+        span = [words[i] for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
+        ids = (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(span))
+               + encode_text(tok, PROMPT_SUFFIX.format(instruction=COPY_INSTRUCTIONS["repeat"][0])))
+        out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24, tok.eot_token, beam=1)
+        hits += normalize(tok.decode(out)) == span
+    model.train(was_training)
+    return hits / n
+
 class SALMONNData:
-    """Memmapped mel arrays and clips of both splits, with the task entries (or, for stage "llm", a text stream)."""
+    """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text stream;
+    stage "beats": each clip's tags)."""
 
     def __init__(self, data_dir, config, tok):
         meta_path = os.path.join(data_dir, "meta.json")
@@ -747,7 +998,7 @@ class SALMONNData:
         self.meta = json.load(open(meta_path))
         self.tok, self.config = tok, config
         self.n_mels = self.meta["n_mels"]
-        self.tasks = stage_tasks(config) if config.stage != "llm" else ()
+        self.tasks = stage_tasks(config) if config.stage not in ("llm", "beats") else ()
         self.splits = {}
         for split in ("train", "val"):
             clips_path = os.path.join(data_dir, f"{split}_clips.jsonl")
@@ -760,30 +1011,42 @@ class SALMONNData:
                 for task, instruction, answer in task_entries(clip):
                     entries[task].append((ci, instruction, answer))
             self.splits[split] = dict(clips=clips, mel=mel, entries=entries)
-            if config.stage == "llm":
-                self.splits[split]["stream"] = self.text_stream(clips, split)
-        if config.stage != "llm" and not any(self.splits["train"]["entries"][t] for t in self.tasks):
+        if config.stage == "beats":
+            if not config.tags:  # the train split's tags, fixed in the config (and so in every checkpoint)
+                counts = Counter(t for c in self.splits["train"]["clips"] for t in clip_tags(c))
+                config.tags = "|".join(sorted(t for t, n in counts.items() if n >= MIN_TAG_CLIPS))
+            if not config.tags:
+                raise ValueError(f"{data_dir}: no labels with {MIN_TAG_CLIPS}+ train clips to tag ({TAG_KEYS})")
+            self.tag_index = {t: i for i, t in enumerate(config.tags.split("|"))}
+        if config.stage == "llm":
+            words = vocab_words(tok)
+            corpus_words = sorted({w for c in self.splits["train"]["clips"] for w in normalize(c.get("transcript") or "")})
+            for split in ("train", "val"):
+                self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split, words + corpus_words)
+        elif config.stage != "beats" and not any(self.splits["train"]["entries"][t] for t in self.tasks):
             raise ValueError(f"{data_dir}: no training clips for the tasks {self.tasks}")
         self.prompt_cache = {}
 
-    def text_stream(self, clips, split):
-        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt template
-        with the answers (audio left out), each document ended by eot, in a fixed shuffled order."""
+    def text_stream(self, clips, split, words):
+        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA), the prompt template with the
+        answers (audio left out), and as many copying documents, each ended by eot, in a fixed shuffled order."""
         rng = np.random.default_rng(0 if split == "train" else 1)
         docs = []
         for clip in clips:
             for field in ("caption", "description", "transcript"):
                 if clip.get(field):
-                    docs.append(clip[field])
+                    docs.append(encode_text(self.tok, clip[field]))
             for qa in clip.get("qa") or []:
-                docs.append(f"Q: {qa['q']} A: {qa['a']}")
+                docs.append(encode_text(self.tok, f"Q: {qa['q']} A: {qa['a']}"))
             for task, instruction, answer in task_entries(clip):
                 instruction = instruction or INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
-                docs.append(f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)} {answer}")
-        order = rng.permutation(len(docs))
+                docs.append(encode_text(self.tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)} {answer}"))
+        for _ in range(len(docs)):
+            prompt, answer = copy_document(self.tok, rng, words)
+            docs.append(prompt + answer)
         ids = []
-        for i in order:
-            ids.extend(encode_text(self.tok, docs[i]))
+        for i in rng.permutation(len(docs)):
+            ids.extend(docs[i])
             ids.append(self.tok.eot_token)
         return np.array(ids, dtype=np.int64)
 
@@ -805,7 +1068,14 @@ def load_data(data_dir, config, tok):
     config.vocab_size = tok.n_vocab  # the text is stored as text: the config's tokenizer (tok) sets the vocab
     config.n_mels = meta["n_mels"]
     config.frame_rate = float(meta["frame_rate"])
+    set_pretrained_dims(config)
     return SALMONNData(data_dir, config, tok)
+
+def pad_mels(mels, n_mels):
+    mel = torch.zeros(len(mels), max(m.size(0) for m in mels), n_mels)
+    for b, m in enumerate(mels):
+        mel[b, :m.size(0)] = m
+    return mel, torch.tensor([m.size(0) for m in mels])
 
 def get_batch(data, split, batch_size, rng):
     config, S = data.config, data.splits[split]
@@ -817,6 +1087,29 @@ def get_batch(data, split, batch_size, rng):
         x = torch.from_numpy(np.stack([stream[i:i + T] for i in ix]))
         y = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix]))
         return {"idx": x, "targets": y}
+    if config.stage == "beats":
+        cis = rng.integers(len(S["clips"]), size=batch_size)
+        tags = torch.zeros(batch_size, len(data.tag_index))
+        for b, ci in enumerate(cis):
+            for t in clip_tags(S["clips"][ci]):
+                if t in data.tag_index:
+                    tags[b, data.tag_index[t]] = 1.0
+        mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci in cis], data.n_mels)
+        return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
+    if config.stage == "whisper":  # decoder: eot (as start) + transcript -> transcript + eot; CTC: the transcript
+        entries = S["entries"]["transcription"]
+        picks = [entries[i] for i in rng.integers(len(entries), size=batch_size)]
+        texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1] for _, _, answer in picks]
+        T = max(len(t) for t in texts) + 1
+        idx = torch.zeros(batch_size, T, dtype=torch.long)
+        targets = torch.full((batch_size, T), -1, dtype=torch.long)
+        ctc = torch.full((batch_size, T - 1), -1, dtype=torch.long)
+        for b, t in enumerate(texts):
+            idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
+            targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
+            ctc[b, :len(t)] = torch.tensor(t)
+        mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci, _, _ in picks], data.n_mels)
+        return {"idx": idx, "targets": targets, "ctc_targets": ctc, "mel": mel, "mel_lens": mel_lens}
     tasks = [t for t in data.tasks if S["entries"][t]]
     if not tasks:
         raise ValueError(f"{split} split has no clips for the tasks {data.tasks}")
@@ -844,11 +1137,7 @@ def get_batch(data, split, batch_size, rng):
         idx[b, :len(seq) - 1] = s[:-1]
         targets[b, n_prompt - 1:len(seq) - 1] = s[n_prompt:]  # the answer (and its eot) only
         audio_mask[b, :len(mask)] = torch.tensor(mask)
-    Tm = max(m.size(0) for m in mels)
-    mel = torch.zeros(batch_size, Tm, data.n_mels)
-    for b, m in enumerate(mels):
-        mel[b, :m.size(0)] = m
-    mel_lens = torch.tensor([m.size(0) for m in mels])
+    mel, mel_lens = pad_mels(mels, data.n_mels)
     return {"idx": idx, "targets": targets, "mel": mel, "mel_lens": mel_lens, "audio_mask": audio_mask}
 
 # -----------------------------------------------------------------------------
@@ -936,48 +1225,128 @@ def accuracy(refs, hyps):
     """Exact match after lower-casing and dropping punctuation."""
     return sum(normalize(r) == normalize(h) for r, h in zip(refs, hyps)) / max(1, len(refs))
 
-EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 50, "temperature": 0.0, "top_k": 0,
+def best_constant_wer(refs, candidates):
+    """The WER of the best single answer given to every clip, over the candidates (e.g. every training answer
+    and word): what a model that ignores the audio can reach."""
+    refs = [normalize(r) for r in refs]
+    total = max(1, sum(len(r) for r in refs))
+    return min(sum(edit_distance(r, normalize(c)) for r in refs) / total for c in set(candidates))
+
+def average_precision(scores, labels):
+    """AP of one tag: the mean over its positives of the precision at each positive's rank."""
+    order = np.argsort(-scores, kind="stable")
+    hits = labels[order]
+    if hits.sum() == 0:
+        return None
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+@torch.no_grad()
+def whisper_transcribe(model, tok, mels, batch_size=32):
+    """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path, repeats
+    merged, blanks dropped), for a list of mels."""
+    device = next(model.parameters()).device
+    dec_out, ctc_out = [], []
+    for i in range(0, len(mels), batch_size):
+        mel, lens = pad_mels(mels[i:i + batch_size], mels[0].size(1))
+        audio, lens2 = model.speech(mel.to(device), lens.to(device))
+        B = mel.size(0)
+        seq = torch.full((B, 1), tok.eot_token, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(model.config.whisper_text_ctx - 1):
+            nxt = model.decoder(seq, audio, lens2)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, tok.eot_token), nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            done |= nxt == tok.eot_token
+            if done.all():
+                break
+        for row in seq[:, 1:].tolist():
+            dec_out.append(tok.decode(row[:row.index(tok.eot_token)] if tok.eot_token in row else row).strip())
+        best = model.ctc_head(audio).argmax(-1)
+        for b in range(B):
+            path = best[b, :lens2[b]].tolist()
+            ids = [t for j, t in enumerate(path) if t != model.config.vocab_size and (j == 0 or t != path[j - 1])]
+            ctc_out.append(tok.decode(ids).strip())
+    return dec_out, ctc_out
+
+EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 0, "temperature": 0.0, "top_k": 0,
              "seed": None, "length_penalty": 0.0}
 
 def evaluate(model, data, tok, split="val", **opts):
-    """Paper-style metrics on the first max_clips entries of each task of the split (instruction: each task's
-    first paraphrase): wer (transcription), bleu4 (captioning), music_bleu4, qa_acc, cls_acc, story_bleu4 and
-    story_words (mean length of the story answers, the sign of activation). Stage "llm": text perplexity."""
+    """Paper-style metrics on the split (max_clips > 0: the first max_clips entries of each task; each task's
+    first instruction paraphrase). Transcription: WER per kind (speech, morse, dtmf) next to the best constant
+    answer's (from the training answers); bleu4 (captioning), music_bleu4, qa_acc (gender_acc: the speaker's
+    sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean length of the story answers, the sign of
+    activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity and the copy
+    probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **{k: v for k, v in opts.items() if v is not None}}
-    S = data.splits[split]
+    S, train = data.splits[split], data.splits["train"]
+    limit = lambda xs: xs[:o["max_clips"]] if o["max_clips"] else xs
     device = next(model.parameters()).device
-    if model.config.stage == "llm":
+    stage = model.config.stage
+    if stage == "llm":
         stream, T = S["stream"], model.config.llm_block_size
         losses = []
-        for i in range(0, max(1, len(stream) - T - 1), T)[:o["max_clips"]]:
+        for i in limit(range(0, max(1, len(stream) - T - 1), T)):
             x = torch.from_numpy(stream[i:i + T][None]).to(device)
             y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
             losses.append(model(x, y)[1].item())
-        return {"text_ppl": float(math.exp(np.mean(losses)))}
-    sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed", "length_penalty")}
+        return {"text_ppl": float(math.exp(np.mean(losses))), "copy_acc": copy_probe(model, tok)}
+    if stage == "beats":
+        clips = limit(list(range(len(S["clips"]))))
+        logits = torch.cat([model.tag_logits(*pad_mels([data.clip_mel(split, ci) for ci in clips[i:i + 32]], data.n_mels))
+                            for i in range(0, len(clips), 32)]).float().cpu().numpy()
+        labels = np.zeros_like(logits)
+        for r, ci in enumerate(clips):
+            for t in clip_tags(S["clips"][ci]):
+                if t in data.tag_index:
+                    labels[r, data.tag_index[t]] = 1
+        aps = [ap for j in range(labels.shape[1]) if (ap := average_precision(logits[:, j], labels[:, j])) is not None]
+        cls = [j for t, j in data.tag_index.items() if t.startswith("class=")]
+        has_cls = labels[:, cls].sum(1) > 0
+        cls_acc = float((labels[np.arange(len(clips)), np.array(cls)[logits[:, cls].argmax(1)]][has_cls]).mean())
+        return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
     results = {}
     for task in ALL_TASKS:
-        entries = S["entries"][task][:o["max_clips"]]
-        if not entries:
+        entries = limit(S["entries"][task])
+        if not entries or (stage == "whisper" and task != "transcription"):
             continue
-        refs, hyps = [], []
-        for ci, instruction, answer in entries:
-            audio = {"mel": data.clip_mel(split, ci)}
-            hyps.append(sample(model, tok, audio, instruction or INSTRUCTIONS[task][0], None, **sample_opts)["text"])
-            refs.append(answer)
+        refs = [answer for _, _, answer in entries]
+        kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
+        if stage == "whisper":
+            hyps, ctc_hyps = whisper_transcribe(model, tok, [data.clip_mel(split, ci) for ci, _, _ in entries])
+        else:
+            sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed", "length_penalty")}
+            hyps = [sample(model, tok, {"mel": data.clip_mel(split, ci)}, instruction or INSTRUCTIONS[task][0], None,
+                           **sample_opts)["text"] for ci, instruction, _ in entries]
+        results[f"n_{task}"] = len(entries)
         if task == "transcription":
             results["wer"] = word_error_rate(refs, hyps)
+            for kind in sorted(set(kinds)):
+                r = [x for x, k in zip(refs, kinds) if k == kind]
+                h = [x for x, k in zip(hyps, kinds) if k == kind]
+                cands = [a for ci, _, a in train["entries"]["transcription"] if train["clips"][ci].get("kind") == kind]
+                cands = cands[:300] + [w for a in cands for w in normalize(a)]
+                results[f"wer_{kind}"] = word_error_rate(r, h)
+                results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
+                if stage == "whisper":
+                    results[f"ctc_wer_{kind}"] = word_error_rate(r, [x for x, k in zip(ctc_hyps, kinds) if k == kind])
         elif task == "captioning":
             results["bleu4"] = bleu4(refs, hyps)
         elif task == "music":
             results["music_bleu4"] = bleu4(refs, hyps)
         elif task == "qa":
             results["qa_acc"] = accuracy(refs, hyps)
+            gender = [i for i, (_, q, _) in enumerate(entries) if q.startswith("is the speaker a man")]
+            if gender:
+                results["gender_acc"] = accuracy([refs[i] for i in gender], [hyps[i] for i in gender])
         elif task == "classification":
             results["cls_acc"] = accuracy(refs, hyps)
+        elif task == "speaker":
+            results["speaker_acc"] = accuracy(refs, hyps)
         elif task == "story":
             results["story_bleu4"] = bleu4(refs, hyps)
             results["story_words"] = float(np.mean([len(normalize(h)) for h in hyps]))

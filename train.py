@@ -255,7 +255,8 @@ if __name__ == "__main__":
     data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels, ...)
     torch.manual_seed(seed)
     raw_model = M.Model(config)
-    if checkpoint is None and hasattr(M, "init_pretrained"): M.init_pretrained(raw_model)  # pretrained parts named in the config (pengi.py)
+    if checkpoint is None and hasattr(M, "init_pretrained"):  # pretrained parts named in the config (*_init)
+        M.init_pretrained(raw_model, tok)
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])

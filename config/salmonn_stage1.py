@@ -1,8 +1,8 @@
-# SALMONN stage 1, pre-training: transcription and captioning only. Encoders, Q-Former, projection and LoRA
-# train; the LLM from config/salmonn_llm.py is loaded (llm_init) and frozen.
-# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM and
-# pretrained encoders. Our encoders and Q-Former start from random weights and the whole model is tiny, so the
-# peak lr is ours: 1e-3 here, lower in later stages. Sizes are ours too (CPU scale).
+# SALMONN stage 1, pre-training: transcription and captioning only. As in the paper only the Q-Former, its
+# projection and LoRA train; the encoders (config/salmonn_whisper.py, config/salmonn_beats.py) and the LLM
+# (config/salmonn_llm.py) are loaded (*_init) and frozen.
+# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM.
+# Our Q-Former starts from random weights and the whole model is tiny, so the peak lr is ours: 1e-3 here, lower in later stages. Sizes are ours too (CPU scale).
 # python train.py config/salmonn_stage1.py   ->  out/salmonn-stage1/ckpt.pt
 model = "salmonn"
 stage = "pretrain"
@@ -11,18 +11,21 @@ data_dir = "data/synth"
 tokenizer = "corpus"   # as config/salmonn_llm.py (the checkpoint it starts from records it)
 init_from = "scratch"
 llm_init = "out/salmonn-llm/ckpt.pt"
+whisper_init = "out/salmonn-whisper/ckpt.pt"
+beats_init = "out/salmonn-beats/ckpt.pt"
 # model (every stage uses the same sizes)
-speech_n_layer = 2
+speech_n_layer = 4      # must match config/salmonn_whisper.py
 speech_n_head = 4
 speech_n_embd = 128
-beats_n_layer = 2
+beats_n_layer = 2       # must match config/salmonn_beats.py
 beats_n_head = 4
 beats_n_embd = 128
 beats_patch_f = 16
 qformer_n_layer = 2
 qformer_n_head = 4
 qformer_n_embd = 128
-window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s)
+window_frames = 6      # 0.16 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s): a word
+                       # then spans a few audio tokens, as the LLM's copying documents show it
 window_queries = 1
 llm_n_layer = 4        # must match config/salmonn_llm.py
 llm_n_head = 4
@@ -31,7 +34,7 @@ llm_block_size = 160
 lora_rank = 8          # paper: rank 8, alpha 32 (scale 4.0), dropout 0.1
 lora_alpha = 32.0
 lora_dropout = 0.1
-dropout = 0.1
+dropout = 0.1          # the Q-Former's (the frozen encoders run without)
 # optimiser
 batch_size = 16
 max_iters = 600

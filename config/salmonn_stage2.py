@@ -1,8 +1,7 @@
 # SALMONN stage 2, instruction tuning: all tasks (transcription, captioning, QA, music description,
-# classification), starting from the stage-1 checkpoint. Same model; LLM frozen, LoRA + encoders train.
-# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM and
-# pretrained encoders. Our encoders and Q-Former start from random weights and the whole model is tiny, so the
-# peak lr is ours: 5e-4 here (stage 1: 1e-3). Sizes are ours too (CPU scale).
+# classification), starting from the stage-1 checkpoint. Same model; encoders and LLM frozen, Q-Former + LoRA train.
+# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM.
+# Our Q-Former starts from random weights and the whole model is tiny, so the peak lr is ours: 5e-4 here (stage 1: 1e-3). Sizes are ours too (CPU scale).
 # python train.py config/salmonn_stage2.py   ->  out/salmonn-stage2/ckpt.pt
 model = "salmonn"
 stage = "instruct"
@@ -11,17 +10,18 @@ data_dir = "data/synth"
 tokenizer = "corpus"   # as config/salmonn_llm.py (the checkpoint it starts from records it)
 init_from = "out/salmonn-stage1/ckpt.pt"
 # model (every stage uses the same sizes)
-speech_n_layer = 2
+speech_n_layer = 4      # must match config/salmonn_whisper.py
 speech_n_head = 4
 speech_n_embd = 128
-beats_n_layer = 2
+beats_n_layer = 2       # must match config/salmonn_beats.py
 beats_n_head = 4
 beats_n_embd = 128
 beats_patch_f = 16
 qformer_n_layer = 2
 qformer_n_head = 4
 qformer_n_embd = 128
-window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s)
+window_frames = 6      # 0.16 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s): a word
+                       # then spans a few audio tokens, as the LLM's copying documents show it
 window_queries = 1
 llm_n_layer = 4        # must match config/salmonn_llm.py
 llm_n_head = 4
@@ -30,7 +30,7 @@ llm_block_size = 160
 lora_rank = 8          # paper: rank 8, alpha 32 (scale 4.0), dropout 0.1
 lora_alpha = 32.0
 lora_dropout = 0.1
-dropout = 0.1
+dropout = 0.1          # the Q-Former's (the frozen encoders run without)
 # optimiser
 batch_size = 16
 max_iters = 600

@@ -37,6 +37,13 @@ def random_batch(cfg, lens=(37, 20), T=40, seed=0):
         targets[b, -5:] = torch.randint(0, cfg.vocab_size, (5,), generator=g)
     return dict(idx=idx, targets=targets, mel=mel, mel_lens=torch.tensor(lens), audio_mask=audio_mask)
 
+def build(cfg, tok=None):
+    """As train.py builds a fresh model: the *_init files' sizes into the config, the model, then their weights."""
+    salmonn.set_pretrained_dims(cfg)
+    m = SALMONN(cfg)
+    salmonn.init_pretrained(m, tok)
+    return m
+
 class ByteTokenizer:
     """A stand-in for the tiktoken encoding: bytes are tokens, 256 is the end token."""
     eot_token, n_vocab = 256, 257
@@ -99,30 +106,34 @@ def test_qformer_windows_in_time_order_and_local():
 # -----------------------------------------------------------------------------
 # frozen LLM, LoRA
 
-def test_only_adapter_and_encoder_params_change():
+@pytest.mark.parametrize("freeze_encoders", [True, False])
+def test_only_qformer_projection_and_lora_train(freeze_encoders):
+    """Stage-1 steps (train.py's optimizer: AdamW over the requires_grad parameters) leave the LLM's base weights
+    and, as in the paper, the encoders bit-identical; LoRA sits on q and v only. freeze_encoders=False trains them."""
     torch.manual_seed(0)
-    m = SALMONN(tiny_config(lora_dropout=0.1, dropout=0.1))
+    m = SALMONN(tiny_config(lora_dropout=0.1, dropout=0.1, freeze_encoders=freeze_encoders))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("speech.", "beats.", "ln_speech.", "ln_audio.", "qformer.", "proj.")) or ".lora_" in n
-               for n in trainable)
+    adapter = ("ln_speech.", "ln_audio.", "qformer.", "proj.") + (() if freeze_encoders else ("speech.", "beats."))
+    assert all(n.startswith(adapter) or ".lora_" in n for n in trainable)
     assert {n for n in trainable if n.startswith("llm.")} == {f"llm.h.{i}.attn.lora_{w}_{ab}" for i in range(2)
                                                               for w in "qv" for ab in "AB"}
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    # train.py's optimizer: AdamW over requires_grad params, decay on dim >= 2
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
     m.train()
+    assert m.speech.training != freeze_encoders and m.beats.training != freeze_encoders  # frozen: no dropout
     for _ in range(2):
         _, loss = m(**random_batch(m.config))
         opt.zero_grad()
         loss.backward()
         opt.step()
+    frozen = ("llm.",) + (("speech.", "beats.") if freeze_encoders else ())
     for n, p in m.named_parameters():
-        if n.startswith("llm.") and ".lora_" not in n:
+        if n.startswith(frozen) and ".lora_" not in n:
             assert torch.equal(p, before[n]), f"frozen {n} changed"
             assert p.grad is None
-    for prefix in ("speech.", "beats.", "qformer.", "proj.", "llm.h.0.attn.lora_q_B", "llm.h.1.attn.lora_v_B"):
+    for prefix in adapter + ("llm.h.0.attn.lora_q_B", "llm.h.1.attn.lora_v_B"):
         assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith(prefix)), prefix
 
 def test_merged_lora_equals_unmerged_and_scale():
@@ -288,7 +299,7 @@ def test_gpt2_checkpoint_loading(tmp_path, fmt):
         torch.save(full, tmp_path / "pytorch_model.bin")
     # sizes in the config differ on purpose: the checkpoint's replace them
     cfg = tiny_config(llm_init=str(tmp_path), llm_n_layer=1, llm_n_head=2, llm_n_embd=16, llm_block_size=8)
-    m = SALMONN(cfg).eval()
+    m = build(cfg).eval()
     assert (cfg.llm_n_layer, cfg.llm_n_head, cfg.llm_n_embd, cfg.llm_block_size) == (2, 4, 32, 64)
     ours = m.llm.state_dict()
     mapped = 0
@@ -305,7 +316,11 @@ def test_gpt2_checkpoint_loading(tmp_path, fmt):
         assert torch.allclose(m.llm.lm_head(h), gpt2_reference(sd, ids, n_head=4), atol=1e-5)
     # a vocabulary that does not match the data's tokenizer is refused with a clear error
     with pytest.raises(ValueError, match="vocab_size"):
-        SALMONN(tiny_config(llm_init=str(tmp_path), vocab_size=100))
+        build(tiny_config(llm_init=str(tmp_path), vocab_size=100))
+    # without config.json the number of heads cannot be read from the weights: a clear error, no guess
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="config.json"):
+        build(tiny_config(llm_init=str(tmp_path)))
 
 def test_llm_checkpoint_from_text_pretraining(tmp_path):
     torch.manual_seed(0)
@@ -315,7 +330,7 @@ def test_llm_checkpoint_from_text_pretraining(tmp_path):
     from dataclasses import asdict
     ck = {"model": lm.state_dict(), "model_name": "salmonn", "model_args": asdict(cfg), "iter_num": 1, "best_val_loss": 1.0}
     torch.save(ck, tmp_path / "ckpt.pt")
-    m = SALMONN(tiny_config(llm_init=str(tmp_path / "ckpt.pt"), llm_n_embd=16))
+    m = build(tiny_config(llm_init=str(tmp_path / "ckpt.pt"), llm_n_embd=16))
     for k, v in lm.llm.state_dict().items():
         assert torch.equal(m.llm.state_dict()[k], v), k
     assert not any(p.requires_grad for n, p in m.llm.named_parameters() if ".lora_" not in n)
@@ -341,7 +356,7 @@ def test_whisper_checkpoint_loading(tmp_path):
                    b + "mlp.2.weight": torch.randn(C, 4 * C) * 0.1, b + "mlp.2.bias": torch.randn(C) * 0.1,
                    b + "mlp_ln.weight": torch.rand(C) + 0.5, b + "mlp_ln.bias": torch.randn(C) * 0.1})
     torch.save({"dims": dims, "model_state_dict": sd}, tmp_path / "tiny.pt")
-    m = SALMONN(tiny_config(whisper_init=str(tmp_path / "tiny.pt"))).eval()
+    m = build(tiny_config(whisper_init=str(tmp_path / "tiny.pt"))).eval()
     assert m.speech.conv1.weight.shape == (32, 80, 3) and len(m.speech.blocks) == 2
     ours = m.speech.state_dict()
     assert set(ours) == {k[len("encoder."):] for k in sd if k.startswith("encoder.")} - {"positional_embedding"}
@@ -469,6 +484,125 @@ def test_bleu4():
 def test_accuracy():
     assert salmonn.accuracy(["Piano", "two", "siren"], ["piano.", "three", "a siren"]) == pytest.approx(1 / 3)
 
+
+# -----------------------------------------------------------------------------
+# the pretrained parts' stand-ins: stage "whisper" (encoder-decoder + CTC), stage "beats" (tagging), and the
+# LLM's copying documents
+
+def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="whisper", whisper_dec_n_layer=1, whisper_text_ctx=12, ctc_weight=0.5)
+    m = SALMONN(cfg)
+    assert set(dict(m.named_children())) == {"speech", "decoder", "ctc_head"}
+    lens = torch.tensor([40, 26])
+    mel = torch.randn(2, 40, cfg.n_mels)
+    idx = torch.tensor([[60, 5, 6, 7, 0], [60, 8, 0, 0, 0]])
+    targets = torch.tensor([[5, 6, 7, 60, -1], [8, 60, -1, -1, -1]])
+    ctc = torch.tensor([[5, 6, 7, -1], [8, -1, -1, -1]])
+    logits, loss = m(idx=idx, targets=targets, ctc_targets=ctc, mel=mel, mel_lens=lens)
+    assert logits.shape == (2, 5, cfg.vocab_size)
+    # the loss is the weighted sum of the decoder's cross-entropy and CTC, computed independently here
+    audio, lens2 = m.speech(mel, lens)
+    ce = F.cross_entropy(m.decoder(idx, audio, lens2).reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-1)
+    logp = m.ctc_head(audio).log_softmax(-1).transpose(0, 1)
+    ctc_ref = F.ctc_loss(logp, torch.tensor([5, 6, 7, 8]), lens2, torch.tensor([3, 1]), blank=cfg.vocab_size)
+    assert torch.allclose(loss, 0.5 * ce + 0.5 * ctc_ref, atol=1e-5)
+    # the decoder is causal: changing a later token leaves earlier logits alone
+    idx2 = idx.clone()
+    idx2[0, 3] = 9
+    with torch.no_grad():
+        a, b = m.decoder(idx, audio, lens2), m.decoder(idx2, audio, lens2)
+    assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6) and not torch.allclose(a[0, 3], b[0, 3])
+    loss.backward()
+    assert m.speech.conv1.weight.grad.abs().sum() > 0  # the encoder learns through both heads
+    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(), [mel[0, :40], mel[1, :26]])
+    assert len(dec) == len(ctc_text) == 2 and all(isinstance(t, str) for t in dec + ctc_text)
+
+class ByteTokenizerEot60(ByteTokenizer):
+    """For the tiny configs' 61-token vocab: bytes folded into 0..59, 60 ends."""
+    eot_token, n_vocab = 60, 61
+
+    def encode(self, text, allowed_special=()):
+        return [b % 60 for b in text.encode()]
+
+def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
+    """Our stage-"whisper" and stage-"beats" checkpoints load into stage 1 (sizes from the files), frozen, and the
+    stage-1 checkpoint is self-contained: it loads, samples and evaluates after the earlier files are gone."""
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    w = SALMONN(tiny_config(stage="whisper", speech_n_layer=2, speech_n_embd=16))
+    b = SALMONN(tiny_config(stage="beats", beats_n_embd=8, tags="class=a|class=b"))
+    for name, mod in (("w.pt", w), ("b.pt", b)):
+        torch.save({"model": mod.state_dict(), "model_name": "salmonn", "model_args": asdict(mod.config)}, tmp_path / name)
+    cfg = tiny_config(whisper_init=str(tmp_path / "w.pt"), beats_init=str(tmp_path / "b.pt"))
+    m = build(cfg)
+    assert (cfg.speech_n_layer, cfg.speech_n_embd, cfg.beats_n_embd) == (2, 16, 8)
+    for k, v in w.speech.state_dict().items():
+        assert torch.equal(m.speech.state_dict()[k], v), k
+    for k, v in b.beats.state_dict().items():
+        assert torch.equal(m.beats.state_dict()[k], v), k
+    assert not any(p.requires_grad for p in itertools.chain(m.speech.parameters(), m.beats.parameters()))
+    torch.save({"model": m.state_dict(), "model_args": asdict(m.config)}, tmp_path / "stage1.pt")
+    os.remove(tmp_path / "w.pt")
+    os.remove(tmp_path / "b.pt")
+    ck = torch.load(tmp_path / "stage1.pt", weights_only=True)
+    cfg2 = SALMONNConfig(**ck["model_args"])
+    salmonn.set_pretrained_dims(cfg2)  # the files are gone: the checkpoint's sizes stand
+    m2 = SALMONN(cfg2)
+    m2.load_state_dict(ck["model"])
+    m2.eval()
+    batch = random_batch(cfg2)
+    with torch.no_grad():
+        assert torch.equal(m2(**batch)[1], m.eval()(**batch)[1])
+    out = salmonn.sample(m2, ByteTokenizerEot60(), {"mel": torch.randn(30, cfg2.n_mels)}, "Transcribe.", None,
+                         beam=1, max_new_tokens=4)
+    assert isinstance(out["text"], str)
+    with pytest.raises(FileNotFoundError, match="whisper_init"):  # training from the config names the missing file
+        salmonn.init_pretrained(SALMONN(cfg2))
+
+def test_beats_stage_tags_and_average_precision():
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="beats", tags="class=a|class=b|pitch=C4")
+    m = SALMONN(cfg)
+    assert set(dict(m.named_children())) == {"beats", "tag_head"}
+    mel, lens = torch.randn(2, 40, cfg.n_mels), torch.tensor([40, 24])
+    tags = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    logits, loss = m(mel=mel, mel_lens=lens, tags=tags)
+    assert logits.shape == (2, 3)
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, tags))
+    # padding never reaches a clip's tags: clip 1 alone gives the same logits
+    with torch.no_grad():
+        alone, _ = m(mel=mel[1:, :24], mel_lens=lens[1:])
+    assert torch.allclose(alone, logits[1:], atol=1e-5)
+    # AP: positives ranked 1 and 3 -> (1/1 + 2/3) / 2
+    assert salmonn.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    assert salmonn.average_precision(np.array([0.5, 0.4]), np.array([0, 0])) is None
+
+def test_copy_documents_and_morse_spelling():
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    words = ["red", "kite", "seven", "lamp"]
+    seen = set()
+    for _ in range(200):
+        prompt, answer = salmonn.copy_document(tok, rng, words)
+        text = tok.decode(prompt)
+        assert text.startswith(salmonn.PROMPT_PREFIX) and text.endswith("ASSISTANT:")
+        span = text[len(salmonn.PROMPT_PREFIX):text.index("</Speech>")].split()
+        instruction = text[text.index("</Speech>") + len("</Speech> "):text.index("\n")]
+        kind = next(k for k, v in salmonn.COPY_INSTRUCTIONS.items() if instruction in v)
+        ans = tok.decode(answer).split()
+        if kind == "repeat":
+            assert ans == span
+        elif kind == "reverse":
+            assert ans == span[::-1]
+        elif kind == "once":  # repeats merged
+            assert ans == [w for i, w in enumerate(span) if i == 0 or w != span[i - 1]]
+        else:
+            assert ans == [salmonn.DIGIT_WORDS[int(d)] for d in span]
+        seen.add(kind)
+    assert seen == set(salmonn.COPY_INSTRUCTIONS)
+    assert salmonn.transcript({"kind": "morse", "transcript": "kite"}) == "k i t e"
+    assert salmonn.transcript({"kind": "speech", "transcript": "turn left"}) == "turn left"
 
 # -----------------------------------------------------------------------------
 # learning: a CPU-sized SALMONN learns to transcribe the Morse/DTMF clips

@@ -1,0 +1,27 @@
+# SALMONN's speech encoder, pretrained as Whisper is: a text decoder predicts each transcript (speech, Morse
+# spelled letter by letter, DTMF digits) from the encoder's output, with a CTC head on the encoder alongside.
+# Stages 1-3 load the encoder (whisper_init) and keep it frozen, as the paper keeps Whisper frozen.
+# Sizes and optimiser are ours (CPU scale); Whisper itself is trained on 680k hours.
+# python train.py config/salmonn_whisper.py   ->  out/salmonn-whisper/ckpt.pt
+model = "salmonn"
+stage = "whisper"
+out_dir = "out/salmonn-whisper"
+data_dir = "data/synth"
+tokenizer = "corpus"
+speech_n_layer = 4
+speech_n_head = 4
+speech_n_embd = 128
+whisper_dec_n_layer = 2
+ctc_weight = 0.3
+dropout = 0.1
+batch_size = 16
+max_iters = 1200
+warmup_iters = 100
+learning_rate = 1e-3
+min_lr = 1e-4
+beta1 = 0.9
+beta2 = 0.98
+weight_decay = 0.05
+eval_interval = 400
+eval_iters = 10
+log_interval = 50
