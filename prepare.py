@@ -13,9 +13,11 @@ with its architecture, trained here on the corpus (--offline skips the download;
 Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE (tokenizer.tiktoken) and, for the
 offline codec, codec.pt and codec.png. Read with np.memmap(path, dtype, mode="r").reshape(-1, n_q or n_mels).
+With --whisper_mel, also {split}_wmel.bin (float16 [frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s,
+see whisper_log_mel), each clip's at its "woffset" / "wframes" in {split}_clips.jsonl.
 
 Other scripts use: load_tokenizer(data_dir, "corpus" | "gpt2"), load_codec(data_dir), load_audio(path),
-resample(wav, sr_in, sr_out), log_mel(wav), features(wav, codec), plot_mels(path, panels).
+resample(wav, sr_in, sr_out), log_mel(wav), whisper_log_mel(wav), features(wav, codec), plot_mels(path, panels).
 """
 import os
 import sys
@@ -190,6 +192,43 @@ def log_mel(wav):
     if squeeze:
         out = out[0]
     return out.numpy() if is_np else out
+
+# OpenAI Whisper's own input features (optional --whisper_mel stream), so a real Whisper encoder sees what it was
+# trained on: aligned with the clip, not with the codec frames (frame i is centred on 16 kHz sample 160*i, at i/100 s)
+WHISPER_SR, WHISPER_N_FFT, WHISPER_HOP, WHISPER_N_MELS = 16000, 400, 160, 80
+WHISPER_FRAME_RATE = WHISPER_SR // WHISPER_HOP     # 100 frames/s
+
+def whisper_mel_filters():
+    """The 80-bin Slaney filters openai-whisper ships (whisper/assets/mel_filters.npz, key "mel_80"), (80, 201).
+    Found without importing whisper (its __init__ imports numba): pip install --no-deps openai-whisper is enough."""
+    if "wfb" not in _mel_cache:
+        import importlib.util
+        spec = importlib.util.find_spec("whisper")
+        if spec is None or not spec.submodule_search_locations:   # not installed, or an unrelated module "whisper"
+            raise FileNotFoundError("whisper mel: openai-whisper is not installed, so its whisper/assets/mel_filters.npz "
+                                    "cannot be found (pip install --no-deps openai-whisper)")
+        path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "mel_filters.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"whisper mel: {path} not found (pip install --no-deps openai-whisper)")
+        with np.load(path, allow_pickle=False) as f:
+            _mel_cache["wfb"] = torch.from_numpy(f[f"mel_{WHISPER_N_MELS}"].astype(np.float32))
+    return _mel_cache["wfb"]
+
+def whisper_log_mel(wav, sr=SAMPLE_RATE):
+    """Whisper's log-mel (as whisper.audio.log_mel_spectrogram) of a 1-D clip at sr (24 kHz by default; resampled
+    to 16 kHz here) -> (frames, 80) float32, frames = n16k // 160 (about 100 per second). One difference: Whisper
+    takes the max for its 8-decade floor over its whole (30 s, zero padded) input; here it is over the clip itself."""
+    x = np.asarray(wav, dtype=np.float32)
+    if sr != WHISPER_SR:
+        x = resample(x, sr, WHISPER_SR)
+    x = torch.from_numpy(x)
+    win = torch.hann_window(WHISPER_N_FFT)            # periodic, as Whisper's
+    stft = torch.stft(x, WHISPER_N_FFT, WHISPER_HOP, window=win, center=True, pad_mode="reflect", return_complex=True)
+    power = stft[..., :-1].abs() ** 2                 # Whisper drops the last frame
+    mel = whisper_mel_filters() @ power               # (80, frames)
+    out = torch.clamp(mel, min=1e-10).log10()
+    out = torch.maximum(out, out.max() - 8.0)
+    return ((out + 4.0) / 4.0).T.contiguous().numpy()
 
 # -----------------------------------------------------------------------------
 # the codec: pretrained EnCodec 24 kHz whenever its weights can be had, else an offline one trained on the corpus
@@ -1517,6 +1556,8 @@ def get_args(argv=None):
     p.add_argument("--kmeans_frames", type=int, default=16384, help="offline codec: encoder frames used to fit the codebooks")
     p.add_argument("--kmeans_iters", type=int, default=12, help="offline codec: k-means iterations per codebook")
     p.add_argument("--vocab_size", type=int, default=4096, help="corpus BPE: largest vocab (the bytes + merges)")
+    p.add_argument("--whisper_mel", action="store_true",
+                   help="also store OpenAI Whisper's input features ({split}_wmel.bin: 80 bins, 16 kHz, 100 frames/s)")
     p.add_argument("--batch_seconds", type=float, default=16.0, help="audio seconds per EnCodec batch")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
@@ -1556,6 +1597,8 @@ def main(argv=None):
         args.no_speech = True                         # part of the arguments' hash: a later run with speech rebuilds
     # a re-run with the same arguments skips finished work
     key_args = {k: v for k, v in vars(args).items() if k not in ("force", "quiet", "strict")}
+    if not args.whisper_mel:                          # off: the hash of outputs made before the option existed
+        del key_args["whisper_mel"]
     args_hash = hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
     meta_path = out / "meta.json"
     if meta_path.exists() and not args.force:
@@ -1564,6 +1607,11 @@ def main(argv=None):
             print(f"{out} is already prepared with these arguments (use --force to rebuild)")
             return out
         print(f"{out} holds data prepared with other arguments: rebuilding (the old files stay until the new ones are complete)")
+    if args.whisper_mel:
+        try:                                          # fail now, not after the codec has trained
+            whisper_mel_filters()
+        except FileNotFoundError as e:
+            sys.exit(f"error: --whisper_mel: {e}")
 
     # --- problems with the input: one line each, counted, summarised at the end
     problems = Counter()
@@ -1638,10 +1686,10 @@ def main(argv=None):
 
     # --- pass 1: audio -> encoder outputs + mel, in batches (the slow part), with partial results saved in
     # chunks so an interrupted run resumes where it stopped
-    infos, embs, mels = [], [], []
+    infos, embs, mels, wmels = [], [], [], []         # wmels: Whisper's features, with --whisper_mel only
     audio_seconds = resumed_seconds = 0.0
     pbar = tqdm(total=n_total, unit="clip", disable=args.quiet, desc="encode", smoothing=0.1)
-    batch, chunk_id, chunk_infos, chunk_embs, chunk_mels = [], 0, [], [], []
+    batch, chunk_id, chunk_infos, chunk_embs, chunk_mels, chunk_wmels = [], 0, [], [], [], []
     budget = int(args.batch_seconds * SAMPLE_RATE)
 
     def flush_batch():
@@ -1658,6 +1706,8 @@ def main(argv=None):
             chunk_infos.append(info)
             chunk_embs.append(e.numpy())               # float32: codes must not depend on storage rounding
             chunk_mels.append(m.astype(np.float16))
+            if args.whisper_mel:
+                chunk_wmels.append(whisper_log_mel(w).astype(np.float16))
             audio_seconds += len(w) / SAMPLE_RATE
         pbar.update(len(batch))
         pbar.set_postfix(audio_s=f"{audio_seconds:.0f}",
@@ -1669,11 +1719,14 @@ def main(argv=None):
         path = work / f"chunk{chunk_id:05d}.npz"
         tmp = work / f"chunk{chunk_id:05d}.tmp.npz"
         lens = np.array([len(e) for e in chunk_embs], np.int64)
+        extra = {}
+        if args.whisper_mel:                          # its own frame counts (100/s, not 75/s)
+            extra = dict(wmel=np.concatenate(chunk_wmels), wlens=np.array([len(w) for w in chunk_wmels], np.int64))
         np.savez(tmp, emb=np.concatenate(chunk_embs), mel=np.concatenate(chunk_mels), lens=lens,
-                 infos=np.array(json.dumps(chunk_infos)))
+                 infos=np.array(json.dumps(chunk_infos)), **extra)
         os.replace(tmp, path)
-        infos.extend(chunk_infos); embs.extend(chunk_embs); mels.extend(chunk_mels)
-        chunk_infos.clear(); chunk_embs.clear(); chunk_mels.clear()
+        infos.extend(chunk_infos); embs.extend(chunk_embs); mels.extend(chunk_mels); wmels.extend(chunk_wmels)
+        chunk_infos.clear(); chunk_embs.clear(); chunk_mels.clear(); chunk_wmels.clear()
         chunk_id += 1
 
     CHUNK = 128
@@ -1682,10 +1735,14 @@ def main(argv=None):
         z = np.load(path)
         ci = json.loads(str(z["infos"]))
         offs = np.concatenate([[0], np.cumsum(z["lens"])])
+        # the work dir is named by the arguments' hash, which holds --whisper_mel: its chunks have wmel when asked
+        woffs = np.concatenate([[0], np.cumsum(z["wlens"])]) if args.whisper_mel else None
         for j, info in enumerate(ci):
             infos.append(info)
             embs.append(z["emb"][offs[j]:offs[j + 1]])
             mels.append(z["mel"][offs[j]:offs[j + 1]])
+            if args.whisper_mel:
+                wmels.append(z["wmel"][woffs[j]:woffs[j + 1]])
             audio_seconds += info["duration"]
         chunk_id += 1
     if done_chunks:
@@ -1722,6 +1779,8 @@ def main(argv=None):
     # restore the corpus order (chunks are sorted by length inside)
     order = sorted(range(len(infos)), key=lambda i: infos[i]["id"])
     infos = [infos[i] for i in order]; embs = [embs[i] for i in order]; mels = [mels[i] for i in order]
+    if args.whisper_mel:
+        wmels = [wmels[i] for i in order]
 
     # every output file is first written next to its final name, then all are renamed at the end, so a run that
     # fails leaves the previous output as it was
@@ -1790,19 +1849,25 @@ def main(argv=None):
     splits = {}
     for split in ("train", "val"):
         idx = [i for i in range(len(infos)) if in_val[i] == (split == "val")]
-        offset, lines = 0, []
+        offset, woffset, lines = 0, 0, []
         for i in idx:
             info = dict(infos[i])
             rec = {"id": info["id"], "offset": offset, "frames": len(codes[i]), "source": info["source"],
                    "kind": info["kind"], "duration": info["duration"], "transcript": info.get("transcript"),
                    "caption": info.get("caption"), "description": info.get("description"),
                    "labels": info["labels"], "qa": info.get("qa", [])}
+            if args.whisper_mel:
+                rec["woffset"], rec["wframes"] = woffset, len(wmels[i])
+                woffset += len(wmels[i])
             lines.append(json.dumps(rec))
             offset += len(codes[i])
         c = np.concatenate([codes[i] for i in idx]) if idx else np.zeros((0, N_Q), np.uint16)
         m = np.concatenate([mels[i] for i in idx]) if idx else np.zeros((0, N_MELS), np.float16)
         np.ascontiguousarray(c, dtype=np.uint16).tofile(stage(f"{split}_codes.bin"))
         np.ascontiguousarray(m, dtype=np.float16).tofile(stage(f"{split}_mel.bin"))
+        if args.whisper_mel:
+            wm = np.concatenate([wmels[i] for i in idx]) if idx else np.zeros((0, WHISPER_N_MELS), np.float16)
+            np.ascontiguousarray(wm, dtype=np.float16).tofile(stage(f"{split}_wmel.bin"))
         stage(f"{split}_clips.jsonl").write_text("".join(l + "\n" for l in lines))
         splits[split] = {"clips": len(idx), "frames": int(offset)}
 
@@ -1816,11 +1881,19 @@ def main(argv=None):
         "dataset": args.dataset, "audio_seconds": round(audio_seconds, 2),
         "skipped": dict(problems), "args": vars(args), "args_hash": args_hash,
     }
+    if args.whisper_mel:
+        meta["whisper_mel"] = {"n_mels": WHISPER_N_MELS, "frame_rate": WHISPER_FRAME_RATE, "sample_rate": WHISPER_SR,
+                               "file": "{split}_wmel.bin (float16 [frames, 80]); clip at woffset, wframes",
+                               "log": "as whisper.audio.log_mel_spectrogram, but the 8-decade floor is below the "
+                                      "clip's own max (Whisper: its 30 s padded input's)"}
     stage("meta.json").write_text(json.dumps(meta, indent=2))
     if meta_path.exists():
         meta_path.unlink()                            # no meta.json = incomplete, while the files are swapped
     for fname in staged:                              # meta.json last
         os.replace(out / f"{fname}.tmp{os.getpid()}", out / fname)
+    if not args.whisper_mel:                          # an earlier run's, no longer described by the clips
+        for split in ("train", "val"):
+            (out / f"{split}_wmel.bin").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     for old in out.glob(".work-*"):
         shutil.rmtree(old, ignore_errors=True)
