@@ -72,11 +72,15 @@ class SALMONNConfig:
     n_mels: int = 64
     frame_rate: float = 75.0       # mel frames per second
     max_audio_frames: int = 2250   # 30 s at 75 frames/s; longer clips are cut (the paper's Whisper limit)
+    # what the speech encoder reads: "mel", the data's log-mel; "whisper", Whisper's own features (80 Slaney bins
+    # of 16 kHz audio at 100 frames/s, prepare.py --whisper_mel), which an OpenAI Whisper checkpoint needs
+    speech_features: str = "mel"
+    speech_frame_rate: float = 75.0  # frames/s of that input (load_data fills it)
     # speech encoder (Whisper-style); its output runs at frame_rate / 2
     speech_n_layer: int = 2
     speech_n_head: int = 4
     speech_n_embd: int = 128
-    speech_n_mels: int = 0         # 0: the data's n_mels; 80 when loaded from Whisper (mel bins interpolated)
+    speech_n_mels: int = 0         # 0: the data's n_mels; 80 with speech_features="whisper"
     whisper_init: str = ""         # the speech encoder's weights: our stage-"whisper" ckpt.pt or an OpenAI Whisper .pt
     whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same width and heads)
     whisper_text_ctx: int = 64     # stage "whisper": longest transcript in tokens (+ start and end)
@@ -112,9 +116,13 @@ class SALMONNConfig:
 
 Config = SALMONNConfig
 
+def max_speech_frames(config):
+    """max_audio_frames (in the data's mel frames) in the speech encoder's input frames."""
+    return round(config.max_audio_frames * config.speech_frame_rate / config.frame_rate)
+
 def n_audio_tokens(frames, config):
-    """How many LLM input positions a clip of `frames` mel frames becomes (one per query per window)."""
-    frames = min(frames, config.max_audio_frames)
+    """How many LLM input positions a clip of `frames` speech-input frames becomes (one per query per window)."""
+    frames = min(frames, max_speech_frames(config))
     t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
     return -(-t2 // config.window_frames) * config.window_queries
 
@@ -185,10 +193,9 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, mel, lens):
         # mel (B, T, M) with frames >= lens padding; returns (B, ceil(T/2), C) and its lengths
-        if mel.size(-1) != self.n_mels:  # Whisper weights want 80 bins: interpolate the data's bins (approximation)
-            B, T, M = mel.shape
-            mel = F.interpolate(mel.reshape(B * T, 1, M), size=self.n_mels, mode="linear", align_corners=True)
-            mel = mel.view(B, T, self.n_mels)
+        if mel.size(-1) != self.n_mels:
+            raise ValueError(f"the speech encoder reads {self.n_mels} mel bins, got {mel.size(-1)} (an OpenAI Whisper "
+                             f"encoder needs speech_features='whisper', from prepare.py --whisper_mel)")
         x = mask_frames(mel, lens).transpose(1, 2)
         x = F.gelu(self.conv1(x)).transpose(1, 2)
         x = mask_frames(x, lens).transpose(1, 2)  # as if each clip were alone (conv2 pads with zeros)
@@ -492,9 +499,8 @@ def load_llm_state(path):
 def load_whisper_encoder_state(path):
     """The speech encoder's weights from (a) our stage-"whisper" ckpt.pt (keys "speech.<name>") or (b) an OpenAI
     Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt / base.pt). Returns (state dict
-    in SpeechEncoder's names, sizes dict with n_layer, n_head, n_embd, n_mels). An OpenAI encoder wants Whisper's
-    own features (80 bins of 16 kHz audio at 100 frames/s); fed our 64-bin mel it gets bins interpolated, an
-    approximation to fine-tune from rather than Whisper itself."""
+    in SpeechEncoder's names, sizes dict with n_layer, n_head, n_embd, n_mels, features). An OpenAI encoder
+    reads Whisper's own features (80 bins of 16 kHz audio at 100 frames/s): speech_features="whisper"."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"whisper_init={path}: no such file")
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -504,14 +510,15 @@ def load_whisper_encoder_state(path):
         if not sd:
             raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} without a speech encoder")
         return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"], n_embd=args["speech_n_embd"],
-                        n_mels=args["speech_n_mels"] or args["n_mels"])
+                        n_mels=args["speech_n_mels"], features=args.get("speech_features", "mel"))
     if "dims" not in ck or "model_state_dict" not in ck:
         raise ValueError(f"whisper_init={path}: neither our stage-'whisper' ckpt.pt nor an OpenAI Whisper checkpoint "
                          f"('dims' and 'model_state_dict')")
     sd = {k[len("encoder."):]: v for k, v in ck["model_state_dict"].items() if k.startswith("encoder.")}
     sd.pop("positional_embedding", None)  # the same sinusoids, recomputed for any length
     d = ck["dims"]
-    return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"], n_embd=d["n_audio_state"], n_mels=d["n_mels"])
+    return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"], n_embd=d["n_audio_state"], n_mels=d["n_mels"],
+                    features="whisper")
 
 def load_beats_state(path):
     """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in AudioEncoder's names, sizes)."""
@@ -541,7 +548,7 @@ def set_pretrained_dims(config):
     if config.whisper_init and os.path.exists(config.whisper_init) and config.stage not in ("beats", "llm"):
         _, sizes = load_whisper_encoder_state(config.whisper_init)
         config.speech_n_layer, config.speech_n_head, config.speech_n_embd = sizes["n_layer"], sizes["n_head"], sizes["n_embd"]
-        config.speech_n_mels = sizes["n_mels"] if sizes["n_mels"] != config.n_mels else 0
+        config.speech_n_mels, config.speech_features = sizes["n_mels"], sizes["features"]
     if config.beats_init and os.path.exists(config.beats_init) and config.stage not in ("whisper", "llm"):
         _, sizes = load_beats_state(config.beats_init)
         config.beats_n_layer, config.beats_n_head = sizes["n_layer"], sizes["n_head"]
@@ -667,33 +674,45 @@ class SALMONN(nn.Module):
                 a.merged = False
 
     # audio -> LLM input embeddings
-    def encode_audio(self, mel, mel_lens):
-        """mel (B, T, n_mels), lens (B,) -> audio tokens (B, N, llm_n_embd) and their validity (B, N)."""
-        if mel.size(1) > self.config.max_audio_frames:
-            mel = mel[:, :self.config.max_audio_frames]
-        mel_lens = mel_lens.clamp(max=self.config.max_audio_frames)
+    def speech_encode(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """The speech encoder on its input (the mel, or Whisper's features), cut at max_audio_frames' length."""
+        if self.config.speech_features == "whisper":
+            if wmel is None:
+                raise ValueError("speech_features='whisper': the batch needs Whisper's features (prepare.py --whisper_mel)")
+            mel, mel_lens = wmel, wmel_lens
+        n = max_speech_frames(self.config)
+        return self.speech(mel[:, :n], mel_lens.clamp(max=n))
+
+    def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B, N, llm_n_embd)
+        and their validity (B, N)."""
+        mel, mel_lens = mel[:, :self.config.max_audio_frames], mel_lens.clamp(max=self.config.max_audio_frames)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
-            s, lens2 = self.speech(mel, mel_lens)
+            s, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             a = self.beats(mel, mel_lens)
+        if self.config.speech_frame_rate != self.config.frame_rate:  # e.g. 50 vs 37.5 frames/s: each speech frame
+            at = (torch.arange(s.size(1), device=s.device) * self.config.frame_rate / self.config.speech_frame_rate)
+            a = a[:, at.long().clamp(max=a.size(1) - 1)]  # takes the audio-event frame that covers its instant
         x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)  # per frame: speech | audio events
         q, valid = self.qformer(x, lens2)
         return self.proj(q), valid
 
-    def embed(self, idx, mel=None, mel_lens=None, audio_mask=None):
+    def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None):
         """Token embeddings with the audio tokens written, in time order, where audio_mask is True."""
         x = self.llm.wte(idx)
         if self.config.stage == "llm":
             return x
-        audio, valid = self.encode_audio(mel, mel_lens)
+        audio, valid = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per row, "
                              f"the clips give {valid.sum(1).tolist()} audio tokens")
         return x.masked_scatter(audio_mask.unsqueeze(-1), audio[valid].to(x.dtype))
 
-    def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None, ctc_targets=None, tags=None):
+    def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None, ctc_targets=None, tags=None,
+                wmel=None, wmel_lens=None):
         stage = self.config.stage
         if stage == "whisper":  # the decoder reads the transcript so far and the audio; CTC reads the audio alone
-            audio, lens2 = self.speech(mel, mel_lens)
+            audio, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             logits = self.decoder(idx, audio, lens2)
             if targets is None:
                 return logits[:, [-1]], None
@@ -708,7 +727,7 @@ class SALMONN(nn.Module):
             logits = self.tag_logits(mel, mel_lens)
             loss = None if tags is None else F.binary_cross_entropy_with_logits(logits, tags.float())
             return logits, loss
-        x = self.embed(idx, mel, mel_lens, audio_mask)
+        x = self.embed(idx, mel, mel_lens, audio_mask, wmel, wmel_lens)
         h, _ = self.llm(x)
         if targets is None:
             return self.llm.lm_head(h[:, [-1]]), None
@@ -1006,11 +1025,15 @@ class SALMONNData:
                 raise FileNotFoundError(f"{clips_path}: not found")
             clips = [json.loads(line) for line in open(clips_path) if line.strip()]
             mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, self.n_mels)
+            wmel = None
+            if "whisper_mel" in self.meta:  # Whisper's own features, next to the mel (prepare.py --whisper_mel)
+                wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r")
+                wmel = wmel.reshape(-1, self.meta["whisper_mel"]["n_mels"])
             entries = {t: [] for t in ALL_TASKS}
             for ci, clip in enumerate(clips):
                 for task, instruction, answer in task_entries(clip):
                     entries[task].append((ci, instruction, answer))
-            self.splits[split] = dict(clips=clips, mel=mel, entries=entries)
+            self.splits[split] = dict(clips=clips, mel=mel, wmel=wmel, entries=entries)
         if config.stage == "beats":
             if not config.tags:  # the train split's tags, fixed in the config (and so in every checkpoint)
                 counts = Counter(t for c in self.splits["train"]["clips"] for t in clip_tags(c))
@@ -1061,6 +1084,15 @@ class SALMONNData:
         n = min(clip["frames"], self.config.max_audio_frames)
         return torch.from_numpy(self.splits[split]["mel"][clip["offset"]:clip["offset"] + n].astype(np.float32))
 
+    def clip_audio(self, split, ci):
+        """What the encoders read of a clip: {"mel"} and, with speech_features="whisper", {"wmel"}."""
+        audio = {"mel": self.clip_mel(split, ci)}
+        if self.config.speech_features == "whisper":
+            clip, wmel = self.splits[split]["clips"][ci], self.splits[split]["wmel"]
+            n = min(clip["wframes"], max_speech_frames(self.config))
+            audio["wmel"] = torch.from_numpy(wmel[clip["woffset"]:clip["woffset"] + n].astype(np.float32))
+        return audio
+
 def load_data(data_dir, config, tok):
     meta = json.load(open(os.path.join(data_dir, "meta.json"))) if os.path.exists(os.path.join(data_dir, "meta.json")) else None
     if meta is None:
@@ -1069,6 +1101,15 @@ def load_data(data_dir, config, tok):
     config.n_mels = meta["n_mels"]
     config.frame_rate = float(meta["frame_rate"])
     set_pretrained_dims(config)
+    if config.speech_features == "whisper":
+        if "whisper_mel" not in meta:
+            raise ValueError(f"{data_dir}: speech_features='whisper' (an OpenAI Whisper encoder) needs Whisper's own "
+                             f"features: prepare the data with prepare.py --whisper_mel")
+        config.speech_frame_rate = float(meta["whisper_mel"]["frame_rate"])
+    elif config.speech_features == "mel":
+        config.speech_frame_rate = config.frame_rate
+    else:
+        raise ValueError(f"speech_features={config.speech_features!r}: must be 'mel' or 'whisper'")
     return SALMONNData(data_dir, config, tok)
 
 def pad_mels(mels, n_mels):
@@ -1076,6 +1117,18 @@ def pad_mels(mels, n_mels):
     for b, m in enumerate(mels):
         mel[b, :m.size(0)] = m
     return mel, torch.tensor([m.size(0) for m in mels])
+
+def collate(audios):
+    """A list of clip_audio dicts -> the batch's mel, mel_lens (and wmel, wmel_lens), zero-padded."""
+    batch = {}
+    for key in ("mel", "wmel"):
+        if key in audios[0]:
+            batch[key], batch[key + "_lens"] = pad_mels([a[key] for a in audios], audios[0][key].size(1))
+    return batch
+
+def speech_frames(audio, config):
+    """How many frames of a clip the speech encoder reads."""
+    return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
 
 def get_batch(data, split, batch_size, rng):
     config, S = data.config, data.splits[split]
@@ -1108,26 +1161,25 @@ def get_batch(data, split, batch_size, rng):
             idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
             targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
             ctc[b, :len(t)] = torch.tensor(t)
-        mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci, _, _ in picks], data.n_mels)
-        return {"idx": idx, "targets": targets, "ctc_targets": ctc, "mel": mel, "mel_lens": mel_lens}
+        return {"idx": idx, "targets": targets, "ctc_targets": ctc, **collate([data.clip_audio(split, ci) for ci, _, _ in picks])}
     tasks = [t for t in data.tasks if S["entries"][t]]
     if not tasks:
         raise ValueError(f"{split} split has no clips for the tasks {data.tasks}")
-    rows, mels = [], []
+    rows, audios = [], []
     for _ in range(batch_size):
         task = tasks[rng.integers(len(tasks))]  # tasks balanced, then a clip of that task
         ci, instruction, answer = S["entries"][task][rng.integers(len(S["entries"][task]))]
         if instruction is None:
             instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
-        mel = data.clip_mel(split, ci)
-        ids, mask = data.prompt(instruction, n_audio_tokens(mel.size(0), config))
+        audio = data.clip_audio(split, ci)
+        ids, mask = data.prompt(instruction, n_audio_tokens(speech_frames(audio, config), config))
         ans = encode_text(data.tok, " " + answer) + [data.tok.eot_token]
         seq = (ids + ans)[:config.llm_block_size + 1]
         if len(seq) <= len(ids):
             raise ValueError(f"prompt of {len(ids)} positions leaves no room for an answer in "
                              f"llm_block_size={config.llm_block_size}: lower max_audio_frames or raise the block size")
         rows.append((seq, mask, len(ids)))
-        mels.append(mel)
+        audios.append(audio)
     T = max(len(seq) for seq, _, _ in rows) - 1
     idx = torch.zeros(batch_size, T, dtype=torch.long)
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
@@ -1137,8 +1189,7 @@ def get_batch(data, split, batch_size, rng):
         idx[b, :len(seq) - 1] = s[:-1]
         targets[b, n_prompt - 1:len(seq) - 1] = s[n_prompt:]  # the answer (and its eot) only
         audio_mask[b, :len(mask)] = torch.tensor(mask)
-    mel, mel_lens = pad_mels(mels, data.n_mels)
-    return {"idx": idx, "targets": targets, "mel": mel, "mel_lens": mel_lens, "audio_mask": audio_mask}
+    return {"idx": idx, "targets": targets, "audio_mask": audio_mask, **collate(audios)}
 
 # -----------------------------------------------------------------------------
 # sampling and evaluation
@@ -1166,11 +1217,11 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         ids = encode_text(tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)}")
         x = model.llm.wte(torch.tensor([ids], device=device))
     else:
-        mel = audio["mel"].float()
-        ids, mask = build_prompt(tok, instruction, n_audio_tokens(mel.size(0), model.config))
-        x = model.embed(torch.tensor([ids], device=device), mel[None, :model.config.max_audio_frames].to(device),
-                        torch.tensor([min(mel.size(0), model.config.max_audio_frames)], device=device),
-                        torch.tensor([mask], device=device))
+        if model.config.speech_features == "whisper" and "wmel" not in audio:
+            raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features (prepare.whisper_log_mel)")
+        ids, mask = build_prompt(tok, instruction, n_audio_tokens(speech_frames(audio, model.config), model.config))
+        batch = {k: v.to(device) for k, v in collate([{k: v.float() for k, v in audio.items() if k in ("mel", "wmel")}]).items()}
+        x = model.embed(torch.tensor([ids], device=device), audio_mask=torch.tensor([mask], device=device), **batch)
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
@@ -1242,15 +1293,15 @@ def average_precision(scores, labels):
     return float((precision * hits).sum() / hits.sum())
 
 @torch.no_grad()
-def whisper_transcribe(model, tok, mels, batch_size=32):
+def whisper_transcribe(model, tok, audios, batch_size=32):
     """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path, repeats
-    merged, blanks dropped), for a list of mels."""
+    merged, blanks dropped), for a list of clip_audio dicts."""
     device = next(model.parameters()).device
     dec_out, ctc_out = [], []
-    for i in range(0, len(mels), batch_size):
-        mel, lens = pad_mels(mels[i:i + batch_size], mels[0].size(1))
-        audio, lens2 = model.speech(mel.to(device), lens.to(device))
-        B = mel.size(0)
+    for i in range(0, len(audios), batch_size):
+        batch = {k: v.to(device) for k, v in collate(audios[i:i + batch_size]).items()}
+        audio, lens2 = model.speech_encode(**batch)
+        B = audio.size(0)
         seq = torch.full((B, 1), tok.eot_token, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(model.config.whisper_text_ctx - 1):
@@ -1317,10 +1368,10 @@ def evaluate(model, data, tok, split="val", **opts):
         refs = [answer for _, _, answer in entries]
         kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
         if stage == "whisper":
-            hyps, ctc_hyps = whisper_transcribe(model, tok, [data.clip_mel(split, ci) for ci, _, _ in entries])
+            hyps, ctc_hyps = whisper_transcribe(model, tok, [data.clip_audio(split, ci) for ci, _, _ in entries])
         else:
             sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed", "length_penalty")}
-            hyps = [sample(model, tok, {"mel": data.clip_mel(split, ci)}, instruction or INSTRUCTIONS[task][0], None,
+            hyps = [sample(model, tok, data.clip_audio(split, ci), instruction or INSTRUCTIONS[task][0], None,
                            **sample_opts)["text"] for ci, instruction, _ in entries]
         results[f"n_{task}"] = len(entries)
         if task == "transcription":

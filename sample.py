@@ -109,8 +109,11 @@ def read_clip(data_dir, split, index):
     codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
     mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
     s, n = c["offset"], c["frames"]
-    return {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)),
-            "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}, c
+    clip = {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)), "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
+    if "whisper_mel" in meta:  # Whisper's own features (prepare.py --whisper_mel), for an OpenAI Whisper encoder
+        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])
+        clip["wmel"] = torch.from_numpy(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32))
+    return clip, c
 
 def write_wav(path, wav, sample_rate):
     import soundfile as sf
@@ -162,6 +165,8 @@ if __name__ == "__main__":
         wav = prepare.load_audio(audio)
         codes, mel = prepare.features(wav, tools.codec())
         inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
+        if getattr(config, "speech_features", "mel") == "whisper":
+            inp["wmel"] = torch.from_numpy(prepare.whisper_log_mel(wav))
         print(f"input: {audio}, {len(wav) / meta['sample_rate']:.2f} s")
     else:
         inp, info = read_clip(data_dir, split, clip)

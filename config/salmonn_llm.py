@@ -1,6 +1,8 @@
 # SALMONN, stage "llm": text-only pretraining of the small GPT-2-layout LLM on the corpus text (captions,
-# descriptions, transcripts, QA and the prompt template with its answers). This LLM is the CPU-sized stand-in
-# for Vicuna (LoRA on a random frozen LLM teaches nothing); stage 1 loads it (llm_init) and freezes it.
+# descriptions, transcripts, QA and the prompt template with its answers) and as many generic copying
+# documents (word spans between the <Speech> tags repeated, reversed, de-duplicated; digits spelled out).
+# This LLM is the CPU-sized stand-in for Vicuna, whose ability to read its input SALMONN relies on; stage 1
+# loads it (llm_init), checks that it passes the copy probe, and freezes it.
 # The LLM settings below must match config/salmonn_stage*.py. Sizes and optimiser are ours (not the paper's).
 # python train.py config/salmonn_llm.py   ->  out/salmonn-llm/ckpt.pt
 model = "salmonn"
@@ -14,13 +16,13 @@ llm_n_embd = 128
 llm_block_size = 160
 llm_dropout = 0.1
 batch_size = 16
-max_iters = 600
+max_iters = 1200
 warmup_iters = 100
 learning_rate = 1e-3
 min_lr = 1e-4
 beta1 = 0.9
 beta2 = 0.99
 weight_decay = 0.1
-eval_interval = 200
+eval_interval = 400
 eval_iters = 10
 log_interval = 25

@@ -515,7 +515,7 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6) and not torch.allclose(a[0, 3], b[0, 3])
     loss.backward()
     assert m.speech.conv1.weight.grad.abs().sum() > 0  # the encoder learns through both heads
-    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(), [mel[0, :40], mel[1, :26]])
+    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(), [{"mel": mel[0, :40]}, {"mel": mel[1, :26]}])
     assert len(dec) == len(ctc_text) == 2 and all(isinstance(t, str) for t in dec + ctc_text)
 
 class ByteTokenizerEot60(ByteTokenizer):
@@ -559,6 +559,27 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     assert isinstance(out["text"], str)
     with pytest.raises(FileNotFoundError, match="whisper_init"):  # training from the config names the missing file
         salmonn.init_pretrained(SALMONN(cfg2))
+
+def test_whisper_features_drive_the_speech_encoder_and_windows():
+    """speech_features="whisper": the speech encoder reads the 100 frames/s Whisper stream, the windows count its
+    frames (50/s after the stem), and each speech frame is paired with the audio-event frame covering its instant."""
+    torch.manual_seed(0)
+    cfg = tiny_config(speech_features="whisper", speech_n_mels=80, speech_frame_rate=100.0, frame_rate=75.0)
+    m = SALMONN(cfg).eval()
+    mel = torch.randn(1, 75, cfg.n_mels)      # 1 s of the data's mel
+    wmel = torch.randn(1, 100, 80)            # the same second of Whisper's features
+    n = n_audio_tokens(100, cfg)
+    assert n == 50 // 4 * 2 + 2               # ceil(50 / window 4) windows x 2 queries
+    tokens, valid = m.encode_audio(mel, torch.tensor([75]), wmel, torch.tensor([100]))
+    assert tokens.shape[1] == n and valid.all()
+    s, _ = m.speech(wmel, torch.tensor([100]))
+    a = m.beats(mel, torch.tensor([75]))
+    at = (torch.arange(50) * 0.75).long()     # speech frame i at i / 50 s lies in audio-event frame floor(i * 37.5 / 50)
+    x = torch.cat([m.ln_speech(s), m.ln_audio(a[:, at])], -1)
+    q, _ = m.qformer(x, torch.tensor([50]))
+    assert torch.allclose(tokens, m.proj(q), atol=1e-6)
+    with pytest.raises(ValueError, match="whisper"):
+        m.encode_audio(mel, torch.tensor([75]))
 
 def test_beats_stage_tags_and_average_precision():
     torch.manual_seed(0)
