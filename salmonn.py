@@ -85,6 +85,7 @@ class SALMONNConfig:
     whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same width and heads)
     whisper_text_ctx: int = 64     # stage "whisper": longest transcript in tokens (+ start and end)
     ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's cross-entropy
+    spec_augment: int = 2          # stage "whisper": frequency and time masks per training clip (SpecAugment; 0: none)
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x beats_patch_f mel bins
     beats_n_layer: int = 2
     beats_n_head: int = 4
@@ -108,6 +109,7 @@ class SALMONNConfig:
                                    # (load_data), init_pretrained loads it, our checkpoints then hold the weights
     llm_probe_min: float = 0.8     # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
     llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
+    copy_rows: float = 0.5         # stage "llm": share of each batch's rows that are copying conversations
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
     lora_rank: int = 8
     lora_alpha: float = 32.0
@@ -734,9 +736,8 @@ class SALMONN(nn.Module):
         logits = self.llm.lm_head(h)
         token_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                      reduction="none").view(targets.shape)
-        if stage == "llm":
-            return logits, token_loss.sum() / (targets >= 0).sum().clamp(min=1)
-        # per example first: a one-word label weighs as much as a sentence (tasks share batches)
+        # per example first: a one-word label weighs as much as a sentence (tasks share batches), a copying
+        # conversation's answers as much as a row of text
         n = (targets >= 0).sum(1)
         per_example = token_loss.sum(1) / n.clamp(min=1)
         return logits, per_example[n > 0].mean()
@@ -1042,17 +1043,17 @@ class SALMONNData:
                 raise ValueError(f"{data_dir}: no labels with {MIN_TAG_CLIPS}+ train clips to tag ({TAG_KEYS})")
             self.tag_index = {t: i for i, t in enumerate(config.tags.split("|"))}
         if config.stage == "llm":
-            words = vocab_words(tok)
             corpus_words = sorted({w for c in self.splits["train"]["clips"] for w in normalize(c.get("transcript") or "")})
+            self.copy_words = vocab_words(tok) + corpus_words
             for split in ("train", "val"):
-                self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split, words + corpus_words)
+                self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
         elif config.stage != "beats" and not any(self.splits["train"]["entries"][t] for t in self.tasks):
             raise ValueError(f"{data_dir}: no training clips for the tasks {self.tasks}")
         self.prompt_cache = {}
 
-    def text_stream(self, clips, split, words):
-        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA), the prompt template with the
-        answers (audio left out), and as many copying documents, each ended by eot, in a fixed shuffled order."""
+    def text_stream(self, clips, split):
+        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt template with the
+        answers (audio left out), each document ended by eot, in a fixed shuffled order."""
         rng = np.random.default_rng(0 if split == "train" else 1)
         docs = []
         for clip in clips:
@@ -1064,9 +1065,6 @@ class SALMONNData:
             for task, instruction, answer in task_entries(clip):
                 instruction = instruction or INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
                 docs.append(encode_text(self.tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)} {answer}"))
-        for _ in range(len(docs)):
-            prompt, answer = copy_document(self.tok, rng, words)
-            docs.append(prompt + answer)
         ids = []
         for i in rng.permutation(len(docs)):
             ids.extend(docs[i])
@@ -1126,19 +1124,49 @@ def collate(audios):
             batch[key], batch[key + "_lens"] = pad_mels([a[key] for a in audios], audios[0][key].size(1))
     return batch
 
+def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
+    """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and n_masks stretches of
+    up to max_frames frames (~70 ms, less than a Morse dot and dash apart) set to each clip's mean. The small
+    speech encoder, trained on a few hundred sentences, then learns the words rather than the clips."""
+    for b in range(mel.size(0)):
+        n = int(lens[b])
+        fill = mel[b, :n].mean()
+        for _ in range(n_masks):
+            w = int(rng.integers(0, max_bins + 1))
+            f0 = int(rng.integers(0, mel.size(2) - w + 1))
+            mel[b, :n, f0:f0 + w] = fill
+            w = int(rng.integers(0, min(max_frames, n) + 1))
+            t0 = int(rng.integers(0, n - w + 1))
+            mel[b, t0:t0 + w] = fill
+    return mel
+
 def speech_frames(audio, config):
     """How many frames of a clip the speech encoder reads."""
     return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
 
 def get_batch(data, split, batch_size, rng):
     config, S = data.config, data.splits[split]
-    if config.stage == "llm":
+    if config.stage == "llm":  # rows of corpus text, and rows of copying conversations (loss on the answers)
         stream, T = S["stream"], config.llm_block_size
         if len(stream) <= T + 1:
             raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than llm_block_size+1={T + 1}")
-        ix = rng.integers(0, len(stream) - T - 1, size=batch_size)
-        x = torch.from_numpy(np.stack([stream[i:i + T] for i in ix]))
-        y = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix]))
+        n_copy = round(config.copy_rows * batch_size)
+        ix = rng.integers(0, len(stream) - T - 1, size=batch_size - n_copy)
+        x = torch.zeros(batch_size, T, dtype=torch.long)
+        y = torch.full((batch_size, T), -1, dtype=torch.long)
+        x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T] for i in ix])) if len(ix) else x[:0]
+        y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix])) if len(ix) else y[:0]
+        for b in range(len(ix), batch_size):
+            seq, is_target = [], []
+            while True:  # as many whole conversations as fit
+                prompt, answer = copy_document(data.tok, rng, data.copy_words)
+                if seq and len(seq) + len(prompt) + len(answer) + 1 > T + 1:
+                    break
+                seq += prompt + answer + [data.tok.eot_token]
+                is_target += [False] * len(prompt) + [True] * (len(answer) + 1)
+            seq, is_target = seq[:T + 1], is_target[:T + 1]
+            x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
+            y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t, m in zip(seq[1:], is_target[1:])])
         return {"idx": x, "targets": y}
     if config.stage == "beats":
         cis = rng.integers(len(S["clips"]), size=batch_size)
@@ -1161,7 +1189,11 @@ def get_batch(data, split, batch_size, rng):
             idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
             targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
             ctc[b, :len(t)] = torch.tensor(t)
-        return {"idx": idx, "targets": targets, "ctc_targets": ctc, **collate([data.clip_audio(split, ci) for ci, _, _ in picks])}
+        batch = collate([data.clip_audio(split, ci) for ci, _, _ in picks])
+        if split == "train" and config.spec_augment:
+            key = "wmel" if config.speech_features == "whisper" else "mel"
+            spec_augment(batch[key], batch[key + "_lens"], config.spec_augment, rng)
+        return {"idx": idx, "targets": targets, "ctc_targets": ctc, **batch}
     tasks = [t for t in data.tasks if S["entries"][t]]
     if not tasks:
         raise ValueError(f"{split} split has no clips for the tasks {data.tasks}")

@@ -387,7 +387,8 @@ if __name__ == "__main__":
             rng = data_rng(0, iter_num, micro)
             seed_torch(iter_num, micro)
             batch = to_device(M.get_batch(data, "train", batch_size, rng))
-            tokens_log += int((batch["targets"] != -1).sum())
+            # tokens: the target tokens; a tagging batch (salmonn's "beats" stage) counts its clips
+            tokens_log += int((batch["targets"] != -1).sum()) if "targets" in batch else batch_size
             with ctx:
                 _, loss = train_model(**batch)
                 loss = loss / gradient_accumulation_steps
