@@ -989,11 +989,11 @@ def copy_document(tok, rng, words):
     return ids, encode_text(tok, " " + " ".join(answer))
 
 @torch.no_grad()
-def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
-    """Text-only probe: the fraction of n unseen spans of 3-6 words that the LLM repeats exactly (greedy) when
-    asked to repeat the words between the <Speech> tags."""
+def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
+    """Text-only probe: the fraction of n unseen spans of 3-6 words (from words, default the tokenizer's whole
+    words) that the LLM repeats exactly (greedy) when asked to repeat the words between the <Speech> tags."""
     rng = np.random.default_rng(seed)
-    words = vocab_words(tok)
+    words = words or vocab_words(tok)
     device = next(model.llm.parameters()).device
     was_training = model.training
     model.eval()
@@ -1047,8 +1047,6 @@ class SALMONNData:
             self.copy_words = vocab_words(tok) + corpus_words
             for split in ("train", "val"):
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
-        elif config.stage != "beats" and not any(self.splits["train"]["entries"][t] for t in self.tasks):
-            raise ValueError(f"{data_dir}: no training clips for the tasks {self.tasks}")
         self.prompt_cache = {}
 
     def text_stream(self, clips, split):
@@ -1169,6 +1167,8 @@ def get_batch(data, split, batch_size, rng):
             y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t, m in zip(seq[1:], is_target[1:])])
         return {"idx": x, "targets": y}
     if config.stage == "beats":
+        if not S["clips"]:
+            raise ValueError(f"{split} split has no clips")
         cis = rng.integers(len(S["clips"]), size=batch_size)
         tags = torch.zeros(batch_size, len(data.tag_index))
         for b, ci in enumerate(cis):
@@ -1179,6 +1179,8 @@ def get_batch(data, split, batch_size, rng):
         return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
     if config.stage == "whisper":  # decoder: eot (as start) + transcript -> transcript + eot; CTC: the transcript
         entries = S["entries"]["transcription"]
+        if not entries:
+            raise ValueError(f"{split} split has no clips with a transcript")
         picks = [entries[i] for i in rng.integers(len(entries), size=batch_size)]
         texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1] for _, _, answer in picks]
         T = max(len(t) for t in texts) + 1
@@ -1393,6 +1395,12 @@ def evaluate(model, data, tok, split="val", **opts):
         cls_acc = float((labels[np.arange(len(clips)), np.array(cls)[logits[:, cls].argmax(1)]][has_cls]).mean())
         return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
     results = {}
+    if stage not in ENCODER_STAGES:  # the audio tokens' scale next to what the LLM was trained on (per element)
+        rms = lambda t: float(t.float().pow(2).mean().sqrt())
+        clips = [data.clip_audio(split, ci) for ci in range(min(32, len(S["clips"])))]
+        batch = {k: v.to(device) for k, v in collate(clips).items()}
+        tokens, valid = model.encode_audio(**batch)
+        results.update(audio_rms=rms(tokens[valid]), token_rms=rms(model.llm.wte.weight), pos_rms=rms(model.llm.wpe.weight))
     for task in ALL_TASKS:
         entries = limit(S["entries"][task])
         if not entries or (stage == "whisper" and task != "transcription"):
@@ -1411,8 +1419,9 @@ def evaluate(model, data, tok, split="val", **opts):
             for kind in sorted(set(kinds)):
                 r = [x for x, k in zip(refs, kinds) if k == kind]
                 h = [x for x, k in zip(hyps, kinds) if k == kind]
+                # candidates: training answers of this kind, these answers themselves, and all their words
                 cands = [a for ci, _, a in train["entries"]["transcription"] if train["clips"][ci].get("kind") == kind]
-                cands = cands[:300] + [w for a in cands for w in normalize(a)]
+                cands = cands[:200] + r[:200] + [w for a in cands + r for w in normalize(a)]
                 results[f"wer_{kind}"] = word_error_rate(r, h)
                 results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
                 if stage == "whisper":
