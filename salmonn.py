@@ -108,6 +108,7 @@ class SALMONNConfig:
     llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace the llm_* above
                                    # (load_data), init_pretrained loads it, our checkpoints then hold the weights
     llm_probe_min: float = 0.8     # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
+    audio_norm: bool = True        # audio tokens rescaled to the token embeddings' RMS (else they grow ~6x larger)
     llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
     copy_rows: float = 0.5         # stage "llm": share of each batch's rows that are copying conversations
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
@@ -590,6 +591,7 @@ class SALMONN(nn.Module):
             self.ln_audio = nn.LayerNorm(config.beats_n_embd)
             self.qformer = WindowQFormer(config, config.speech_n_embd + config.beats_n_embd)
             self.proj = nn.Linear(config.qformer_n_embd, config.llm_n_embd)
+            self.register_buffer("audio_scale", torch.tensor(1.0))  # the LLM's token RMS (init_pretrained sets it)
         self.apply(self._init_weights)
         if hasattr(self, "llm"):
             for name, p in self.llm.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -697,7 +699,10 @@ class SALMONN(nn.Module):
             a = a[:, at.long().clamp(max=a.size(1) - 1)]  # takes the audio-event frame that covers its instant
         x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)  # per frame: speech | audio events
         q, valid = self.qformer(x, lens2)
-        return self.proj(q), valid
+        audio = self.proj(q)
+        if self.config.audio_norm:
+            audio = audio * (self.audio_scale / audio.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt())
+        return audio, valid
 
     def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None):
         """Token embeddings with the audio tokens written, in time order, where audio_mask is True."""
@@ -821,6 +826,7 @@ def init_pretrained(model, tok=None):
         with torch.no_grad():
             tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
             nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
+            model.audio_scale.fill_(tok_rms)
         print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
               f"(position embeddings: {model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
 
@@ -949,7 +955,7 @@ def build_prompt(tok, instruction, n_audio):
 COPY_INSTRUCTIONS = {
     "repeat": ["Repeat the words between the tags.", "Say exactly what is written between the tags."],
     "reverse": ["Say the words between the tags in reverse order."],
-    "once": ["Say each word between the tags once, in order."] + INSTRUCTIONS["transcription"],
+    "once": ["Say each word between the tags once, in order, without the dashes."] + INSTRUCTIONS["transcription"],
     "spell": ["Spell out the digits between the tags in words."],
 }
 DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
@@ -981,8 +987,13 @@ def copy_document(tok, rng, words):
             if not span or w != span[-1]:
                 span.append(w)
         answer = span[::-1] if kind == "reverse" else span
-        # "once": each word shown one to three times, as a stretch of audio tokens spans one word
-        shown = [w for w in span for _ in range(int(rng.integers(1, 4)))] if kind == "once" else span
+        # "once": each word shown one to three times, as a stretch of audio tokens spans one word, with dashes
+        # (to skip) around them, as audio tokens of silence
+        shown = span
+        if kind == "once":
+            shown = ["-"] * int(rng.integers(0, 3))
+            for w in span:
+                shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
     ids = (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(shown))
            + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
