@@ -5,7 +5,8 @@ Compare trained checkpoints on the paper-style metrics of their model files, in 
     python eval.py out/whisper-gpt-quick/ckpt.pt --split=train --max_windows=50
 
 Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val), --data_dir (default:
-each checkpoint's own), --device, --json=FILE (also write the results). Every other --key=value goes to
+each checkpoint's own), --device, --json=FILE (also write the results), --mean (add the mean and the standard
+deviation over the runs, e.g. one recipe's seeds). Every other --key=value goes to
 the model file's evaluate() (e.g. --batch_size=32). The metrics are whatever evaluate() returns;
 for Whisper-GPT: next coarse-token NLL (nats/token), accuracy and perplexity.
 """
@@ -23,17 +24,21 @@ split = "val"
 data_dir = ""
 device = "auto"
 json_out = ""
+mean = False
 
 def fail(msg):
     print(f"eval.py: {msg}", file=sys.stderr)
     sys.exit(2)
 
 def main(argv):
-    global split, data_dir, device, json_out
+    global split, data_dir, device, json_out, mean
     paths, opts = [], {}
     for arg in argv:
         if not arg.startswith("--"):
             paths.append(os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg)
+            continue
+        if arg == "--mean":
+            mean = True
             continue
         if "=" not in arg:
             fail(f"{arg}: expected --key=value")
@@ -96,6 +101,12 @@ def main(argv):
     print("|---|---|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['iters']} | " + " | ".join(fmt(k, r.get(k)) for k in keys) + " |")
+    if mean and len(rows) > 1:
+        import statistics
+        for name, f in (("mean", statistics.mean), ("std", statistics.stdev)):
+            vals = [[r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in keys]
+            print(f"| {name} ({len(rows)} runs) | | | " + " | ".join(fmt(k, float(f(v))) if len(v) > 1 else "-"
+                                                             for k, v in zip(keys, vals)) + " |")
     if json_out:
         tmp = json_out + ".tmp"
         with open(tmp, "w") as f:

@@ -1434,6 +1434,7 @@ def evaluate(model, data, tok, split="val", **opts):
                 cands = [a for ci, _, a in train["entries"]["transcription"] if train["clips"][ci].get("kind") == kind]
                 cands = cands[:200] + r[:200] + [w for a in cands + r for w in normalize(a)]
                 results[f"wer_{kind}"] = word_error_rate(r, h)
+                results[f"n_{kind}"] = len(r)
                 results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
                 if stage == "whisper":
                     results[f"ctc_wer_{kind}"] = word_error_rate(r, [x for x, k in zip(ctc_hyps, kinds) if k == kind])
