@@ -797,18 +797,14 @@ def init_pretrained(model, tok=None):
     starts from must first pass the copy probe (config.llm_probe_min), and the audio tokens' scale is set to
     the LLM's token embeddings'."""
     config = model.config
-    if config.whisper_init and hasattr(model, "speech"):
-        sd, _ = load_whisper_encoder_state(config.whisper_init)
-        missing, unexpected = model.speech.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"whisper_init={config.whisper_init}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        print(f"whisper_init: loaded the speech encoder of {config.whisper_init}")
-    if config.beats_init and hasattr(model, "beats"):
-        sd, _ = load_beats_state(config.beats_init)
-        missing, unexpected = model.beats.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"beats_init={config.beats_init}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        print(f"beats_init: loaded the audio encoder of {config.beats_init}")
+    for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state), ("beats_init", "beats", load_beats_state)):
+        path = getattr(config, field)
+        if path and hasattr(model, part):
+            sd, _ = load(path)
+            missing, unexpected = getattr(model, part).load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            print(f"{field}: loaded the {part} encoder of {path}")
     if config.llm_init and hasattr(model, "llm"):
         state, sizes = load_llm_state(config.llm_init)
         model.load_llm(state, config.llm_init)
@@ -995,9 +991,12 @@ def copy_document(tok, rng, words):
             for w in span:
                 shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
-    ids = (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(shown))
-           + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
-    return ids, encode_text(tok, " " + " ".join(answer))
+    return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
+
+def span_prompt(tok, words, instruction):
+    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt does)."""
+    return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
+            + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
 
 @torch.no_grad()
 def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
@@ -1011,8 +1010,7 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
     hits = 0
     for _ in range(n):
         span = [words[i] for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
-        ids = (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(span))
-               + encode_text(tok, PROMPT_SUFFIX.format(instruction=COPY_INSTRUCTIONS["repeat"][0])))
+        ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
         out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24, tok.eot_token, beam=1)
         hits += normalize(tok.decode(out)) == span
     model.train(was_training)
