@@ -5,7 +5,8 @@ Compare trained checkpoints on the paper-style metrics of their model files, in 
     python eval.py out/whisper-gpt-quick/ckpt.pt --split=train --max_windows=50
 
 Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val), --data_dir (default:
-each checkpoint's own), --device, --json=FILE (also write the results), --mean (add the mean and the standard
+each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g. --kinds=music; default:
+each checkpoint's own subset), --device, --json=FILE (also write the results), --mean (add the mean and the standard
 deviation over the runs, e.g. one recipe's seeds). Every other --key=value goes to
 the model file's evaluate() (e.g. --batch_size=32). The metrics are whatever evaluate() returns;
 for Whisper-GPT: next coarse-token NLL (nats/token), accuracy and perplexity.
@@ -22,6 +23,7 @@ import torch
 
 split = "val"
 data_dir = ""
+kinds = None
 device = "auto"
 json_out = ""
 mean = False
@@ -31,7 +33,7 @@ def fail(msg):
     sys.exit(2)
 
 def main(argv):
-    global split, data_dir, device, json_out, mean
+    global split, data_dir, kinds, device, json_out, mean
     paths, opts = [], {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -43,7 +45,7 @@ def main(argv):
         if "=" not in arg:
             fail(f"{arg}: expected --key=value")
         key, raw = arg[2:].split("=", 1)
-        if key in ("split", "data_dir", "device"):
+        if key in ("split", "data_dir", "device", "kinds"):
             globals()[key] = raw
         elif key == "json":
             json_out = raw
@@ -66,12 +68,19 @@ def main(argv):
         ck = torch.load(path, map_location="cpu", weights_only=True)
         M = importlib.import_module(ck["model_name"])
         config = M.Config(**ck["model_args"])
+        if kinds is not None:
+            if not hasattr(config, "kinds"):
+                fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no clip-kind subsets")
+            config.kinds = kinds
         ddir = data_dir or ck["config"]["data_dir"]
         try:
             tok = prepare.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
         except (ValueError, OSError, RuntimeError) as e:
             fail(f"{path}: tokenizer: {e}")
-        data = M.load_data(ddir, config, tok)
+        try:
+            data = M.load_data(ddir, config, tok)
+        except (ValueError, OSError) as e:
+            fail(f"{path}: data: {e}")
         model = M.Model(config)
         model.load_state_dict(ck["model"])
         model.eval().to(device)
@@ -80,12 +89,13 @@ def main(argv):
             metrics = M.evaluate(model, data, tok, split, **opts)
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         rows.append({"run": name, "model": ck["model_name"], "params": model.get_num_params() if hasattr(model, "get_num_params")
-                     else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"], "data": ddir, **metrics})
+                     else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"], "data": ddir,
+                     **({"kinds": config.kinds or "all"} if hasattr(config, "kinds") else {}), **metrics})
         print(f"{name}: evaluated on {ddir} {split} in {time.time() - t0:.1f} s", file=sys.stderr)
         del model, ck
 
-    keys = [k for k in rows[0] if k not in ("run", "model", "params", "iters", "data")]
-    for r in rows[1:]:
+    keys = []
+    for r in rows:
         keys += [k for k in r if k not in keys and k not in ("run", "model", "params", "iters", "data")]
 
     def fmt(k, v):

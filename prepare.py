@@ -50,6 +50,7 @@ try:
 except Exception:
     sys.modules["torchaudio"] = types.ModuleType("torchaudio")
 from encodec import EncodecModel  # noqa: E402
+from encodec.modules.conv import pad1d as encodec_pad1d  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the data contract's fixed numbers
@@ -538,6 +539,102 @@ def load_codec(data_dir):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this prepare.py's offline codec "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): re-run prepare.py --force")
     return model.eval()
+
+class StreamingDecoder:
+    """Decodes codes a few frames at a time with EnCodec's decoder and returns the same audio as decoding the whole
+    sequence at once (up to float rounding): the decoder is causal, so each layer only needs its own state: the last
+    (k - 1) * dilation inputs of a conv, the overlap tail of a transposed conv, the LSTM's (h, c). Whisper-GPT's
+    hybrid uses it to get the mel of each frame it generates at the cost of one frame of decoding.
+    The first call should carry at least 7 frames (the prompt): the first conv pads its start by reflection."""
+
+    def __init__(self, codec):
+        from encodec.modules.conv import SConv1d, SConvTranspose1d
+        from encodec.modules.lstm import SLSTM
+        from encodec.modules.seanet import SEANetResnetBlock
+        self.codec, self.state, self.weights = codec, {}, {}
+        self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose, SLSTM: self._lstm,
+                      SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
+
+    @torch.no_grad()
+    def __call__(self, codes):
+        """codes (T, k): the next T frames of the first k codebooks -> their audio, (T * 320,) float32."""
+        z = self.codec.quantizer.decode(torch.as_tensor(codes).long().T[:, None])   # (1, 128, T)
+        return self._run(self.codec.decoder.model, z)[0, 0].float()
+
+    def _run(self, module, x):
+        step = self.kinds.get(type(module))
+        if step:
+            return step(module, x)
+        if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):                  # no state in time
+            return module(x)
+        raise TypeError(f"StreamingDecoder: no streaming rule for {type(module).__name__} in the codec's decoder")
+
+    def _sequential(self, module, x):
+        for m in module:
+            x = self._run(m, x)
+        return x
+
+    def _resnet_block(self, module, x):
+        return self._run(module.shortcut, x) + self._run(module.block, x)
+
+    def _weight(self, conv):
+        """A conv's weight, computed once: EnCodec's weight norm (g * v / |v|, norm over all but dim 0) would
+        otherwise be recomputed at every call, which costs more than a frame's convolution."""
+        if conv not in self.weights:
+            w = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True) if hasattr(conv, "weight_g") else conv.weight
+            self.weights[conv] = w.detach()
+        return self.weights[conv]
+
+    def _conv(self, module, x):
+        conv = module.conv.conv
+        assert conv.stride[0] == 1 and isinstance(module.conv.norm, torch.nn.Identity), "stride 1, weight norm"
+        pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        if pad:
+            prev = self.state.get(module)
+            x = encodec_pad1d(x, (pad, 0), module.pad_mode) if prev is None else torch.cat([prev, x], -1)
+            self.state[module] = x[..., -pad:]
+        return torch.nn.functional.conv1d(x, self._weight(conv), conv.bias, dilation=conv.dilation)
+
+    def _conv_transpose(self, module, x):
+        convtr = module.convtr.convtr
+        assert isinstance(module.convtr.norm, torch.nn.Identity), "weight norm"
+        k, stride = convtr.kernel_size[0], convtr.stride[0]
+        if k == 2 * stride:                              # EnCodec's upsampling: one matmul and two shifted adds, much
+            B, _, n = x.shape                            # faster than the generic kernel on a frame or two
+            w = self._weight(convtr)                     # (C_in, C_out, k)
+            cols = (x.transpose(1, 2) @ w.flatten(1)).view(B, n, -1, k).permute(0, 2, 1, 3)   # (B, C_out, n, k)
+            y = x.new_zeros(B, cols.shape[1], (n + 1) * stride)
+            y[..., :n * stride] += cols[..., :stride].flatten(2)
+            y[..., stride:] += cols[..., stride:].flatten(2)
+        else:
+            y = torch.nn.functional.conv_transpose1d(x, self._weight(convtr), None, stride=stride)
+        prev = self.state.get(module)                    # y: (.., n * stride + k - stride); its tail overlaps what follows
+        if prev is not None:
+            y[..., :k - stride] += prev
+        n = x.shape[-1] * stride
+        self.state[module] = y[..., n:]
+        y = y[..., :n]
+        return y if convtr.bias is None else y + convtr.bias[:, None]
+
+    def _lstm(self, module, x):
+        x = x.permute(2, 0, 1)                           # (T, B, C)
+        state = self.state.get(module)
+        if state is None or len(x) > 8:
+            y, self.state[module] = module.lstm(x, state)
+        else:                                            # a few steps: the cell by hand, ~10x faster than the fused
+            lstm, (h, c), y = module.lstm, state, x      # kernel's per-call cost for one step
+            for layer in range(lstm.num_layers):
+                w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+                b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+                hl, cl, out = h[layer], c[layer], []
+                for xt in y:
+                    i, f, g, o = (xt @ w_ih.T + hl @ w_hh.T + b).chunk(4, -1)
+                    cl = torch.sigmoid(f) * cl + torch.sigmoid(i) * torch.tanh(g)
+                    hl = torch.sigmoid(o) * torch.tanh(cl)
+                    out.append(hl)
+                y, h, c = torch.stack(out), torch.cat([h[:layer], hl[None], h[layer + 1:]]), torch.cat([c[:layer], cl[None], c[layer + 1:]])
+            self.state[module] = (h, c)
+        return (y + x if module.skip else y).permute(1, 2, 0)
 
 @torch.no_grad()
 def encode_emb(model, wavs):

@@ -89,6 +89,12 @@ class Tools:
         codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
         return self.codec().decode([(codes, None)])[0, 0].float()
 
+    def decoder_stream(self):
+        """A decoder that takes codes a frame or a few at a time and keeps its state between calls: the same audio
+        as decode() of the whole sequence, at the cost of the new frames only."""
+        import prepare
+        return prepare.StreamingDecoder(self.codec())
+
     def mel(self, wav):
         """wav (n,) at 24 kHz -> log-mel (ceil(n / hop), n_mels), as stored in {split}_mel.bin."""
         import prepare

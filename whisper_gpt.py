@@ -48,6 +48,9 @@ class WhisperGPTConfig:
     # (and audio a generator does not have yet). Lag 1 is the smallest lag without that leak;
     # load_data warns when mel_lag is below what meta.json implies. 0 = the leaky alignment.
     mel_lag: int = 1
+    # data: the clip kinds to train and evaluate on, comma-separated (e.g. "speech" or "music", the two data
+    # kinds of the paper's Table 1); "" = every clip. Kept in the checkpoint, so eval.py uses the same subset.
+    kinds: str = ""
 
 # -----------------------------------------------------------------------------
 # the transformer blocks (the same block serves the mel decoder and the main decoder)
@@ -270,7 +273,9 @@ def leak_free_lag(meta):
     return max(0, math.ceil(lookahead / hop))
 
 def load_data(data_dir, config, tok=None):
-    """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json."""
+    """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json. With config.kinds, only
+    the clips of those kinds (their frames, in clip order, copied into memory: codes, mels and alignment as
+    prepared, so one codec serves every subset)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set data_dir)")
@@ -282,16 +287,34 @@ def load_data(data_dir, config, tok=None):
         print(f"whisper_gpt: warning: mel_lag={config.mel_lag} but the mel frames of {data_dir} see "
               f"{leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it predicts")
     data = {"meta": meta, "block_size": config.block_size, "use_mel": config.use_mel}
+    kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
     for split in ("train", "val"):
         codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
         if len(codes) != len(mel):
             raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames but {split}_mel.bin has {len(mel)}")
+        if kinds:
+            codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
         if len(codes) < config.block_size + 1:
-            raise ValueError(f"whisper_gpt: {data_dir} split {split} has {len(codes)} frames, fewer than "
-                             f"block_size + 1 = {config.block_size + 1}: lower block_size or prepare more data")
+            raise ValueError(f"whisper_gpt: {data_dir} split {split}{' kinds ' + config.kinds if kinds else ''} has "
+                             f"{len(codes)} frames, fewer than block_size + 1 = {config.block_size + 1}: "
+                             f"lower block_size or prepare more data")
         data[split] = {"codes": codes, "mel": mel}
     return data
+
+def select_kinds(data_dir, split, kinds, codes, mel):
+    """The frames of the clips of a split whose kind is in kinds, concatenated in clip order."""
+    path = os.path.join(data_dir, f"{split}_clips.jsonl")
+    with open(path) as f:
+        clips = [json.loads(line) for line in f if line.strip()]
+    present = sorted({c["kind"] for c in clips})
+    unknown = [k for k in kinds if k not in present]
+    if unknown:
+        raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind {', '.join(unknown)} "
+                         f"(its kinds: {', '.join(present)})")
+    keep = [c for c in clips if c["kind"] in kinds]
+    return (np.concatenate([codes[c["offset"]:c["offset"] + c["frames"]] for c in keep]),
+            np.concatenate([mel[c["offset"]:c["offset"] + c["frames"]] for c in keep]))
 
 def _windows(data, split, starts):
     T = data["block_size"]
@@ -336,14 +359,30 @@ def evaluate(model, data, tok=None, split="val", batch_size=16, max_windows=0):
 # -----------------------------------------------------------------------------
 # sampling: continue an audio prompt
 
-SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_frames": 0, "mel_context": 16, "seed": -1}
+def incremental_mel(tools, lag):
+    """mel_fn for generate: mel frame j of the generated audio, computed when frames up to j + lag exist. The
+    codec decodes each frame once, as it comes (tools.decoder_stream keeps the decoder's state, so the audio equals
+    that of decoding the whole sequence), and the mel is taken on the last few frames' audio: frame j's window
+    (samples 320 j - 160 .. 320 j + 480) lies inside frames j - 1 .. j + 1."""
+    stream, frames = tools.decoder_stream(), []      # frames: the decoded audio of each code, (320,) each
+
+    def mel_fn(seq, j):
+        end = j + lag + 1
+        if len(frames) < end:
+            wav = stream(seq[0, len(frames):end, None].cpu())
+            frames.extend(wav.view(end - len(frames), -1))
+        s = max(0, j - 2)
+        m = torch.as_tensor(np.asarray(tools.mel(torch.cat(frames[s:end]))), dtype=torch.float32)
+        return m[j - s][None].to(seq.device)
+    return mel_fn
+
+SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_frames": 0, "seed": -1}
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
     """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (frames at 75/s).
     Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames of
-    the clip used as prompt; 0 = as many as fit in the context), mel_context (frames decoded to get one
-    new mel frame), seed (-1 = torch's current RNG).
+    the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG).
     Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the prompt's as
     "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 1.5 kbps, the other residual
     codebooks left out, not zero-filled)."""
@@ -361,19 +400,6 @@ def sample(model, tok, audio, prompt, tools, **opts):
     generator = None
     if o["seed"] >= 0:
         generator = torch.Generator(device=device).manual_seed(o["seed"])
-    lag = c.mel_lag
-    W = max(int(o["mel_context"]), lag + 1)
-
-    def mel_fn(seq, j):
-        # mel frame j of the generated audio: decode only the last W frames (codebook 0, first quantizer),
-        # ending with frame j + lag, the newest; frame j's window ends inside that audio. The earlier
-        # frames of the chunk give the codec decoder and the mel window their left context.
-        end = j + lag + 1
-        s = max(0, end - W)
-        wav = tools.decode(seq[0, s:end, None].cpu())
-        m = torch.as_tensor(np.asarray(tools.mel(wav)), dtype=torch.float32)  # frame k <-> frame s + k
-        return m[j - s][None].to(device)
-
-    out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None,
-                         mel_fn if c.use_mel else None, generator)
+    mel_fn = incremental_mel(tools, c.mel_lag) if c.use_mel else None
+    out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None, mel_fn, generator)
     return {"codes": out[0, codes.size(1):, None].cpu(), "prompt_codes": out[0, :codes.size(1), None].cpu()}

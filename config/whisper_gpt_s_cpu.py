@@ -1,6 +1,6 @@
 # Whisper-GPT Table 1 at CPU size: GPT-S, CPU-sized: token-only, 2 layers x 96 (0.43M parameters; the paper's GPT-S is 3.7M).
 # All sizes, context and budget are ours. The three CPU configs share data and budget:
-# 300 iterations x 12 windows x 128 frames (461k tokens). Run all three and compare (README):
+# 900 iterations x 12 windows x 128 frames (1.4M tokens). Run all three and compare (README):
 # for m in s l hybrid; do python train.py config/whisper_gpt_${m}_cpu.py; done && python eval.py out/whisper-gpt-{s,l,hybrid}-cpu
 model = "whisper_gpt"
 out_dir = "out/whisper-gpt-s-cpu"
@@ -12,7 +12,7 @@ n_head = 4
 n_embd = 96
 dropout = 0.1
 batch_size = 12
-max_iters = 300
+max_iters = 900
 warmup_iters = 30
 learning_rate = 2e-3
 min_lr = 2e-4

@@ -1,8 +1,12 @@
 """Whisper-GPT: causality, sizes, learning, KV cache, data windows, metrics, sampling."""
 
+import dataclasses
+import json
 import math
 import os
 import runpy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,20 +162,26 @@ class FakeTools:
     def mel(self, wav):
         return wav.view(-1, 320).mean(1, keepdim=True).repeat(1, 8).numpy()
 
+    def decoder_stream(self):
+        return self.decode   # frame-local: decoding a frame at a time is decoding the whole
+
 @pytest.mark.parametrize("use_mel", [False, True])
 def test_sample_interface(use_mel):
     model = tiny(use_mel=use_mel, block_size=32)
     codes = torch.randint(0, 50, (40, 8))
     audio = {"codes": codes, "mel": torch.randn(40, 8)}
     tools = FakeTools()
-    out = W.sample(model, None, audio, None, tools, max_new_tokens=20, temperature=0.8, top_k=10, mel_context=6, seed=0)
+    out = W.sample(model, None, audio, None, tools, max_new_tokens=20, temperature=0.8, top_k=10, seed=0)
     assert out["codes"].shape == (20, 1) and out["codes"].dtype == torch.long
-    again = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, temperature=0.8, top_k=10, mel_context=6, seed=0)
+    again = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, temperature=0.8, top_k=10, seed=0)
     assert torch.equal(out["codes"], again["codes"])
     if use_mel:
-        # the mel of generated audio comes from decoding only a short recent window per new frame
-        assert len(tools.decoded) == 20 - 1 - model.config.mel_lag
-        assert all(shape == (6, 1) for shape in tools.decoded)
+        # the codec decodes each frame once: the prompt (31 frames of a block of 32) and the first 1 + lag
+        # generated frames in the first call (the first frame whose mel is needed, and lag frames after it), then
+        # one new frame per call
+        lag = model.config.mel_lag
+        assert len(tools.decoded) == 20 - 1 - lag
+        assert tools.decoded[0] == (31 + 1 + lag, 1) and all(shape == (1, 1) for shape in tools.decoded[1:])
     else:
         assert tools.decoded == []
     with pytest.raises(ValueError, match="unknown option"):
@@ -180,8 +190,8 @@ def test_sample_interface(use_mel):
         W.sample(model, None, audio, "hello", tools)
 
 def test_incremental_mel_matches_full_decode():
-    """sample()'s mel of the newest frame (decode a short window) equals the mel of the whole
-    decoded sequence, for a decoder/mel with limited context (here: exact)."""
+    """sample()'s mel of the newest frame equals the mel of the whole decoded sequence (a frame-local fake codec
+    here; the real codec's streaming decode is checked on the prepared corpus below)."""
     model = tiny(use_mel=True, mel_lag=1)
     tools = FakeTools()
     seen = []
@@ -197,7 +207,7 @@ def test_incremental_mel_matches_full_decode():
 
     model.generate = spy
     W.sample(model, None, {"codes": torch.randint(0, 50, (10, 8)), "mel": torch.randn(10, 8)}, None, tools,
-             max_new_tokens=12, mel_context=4, seed=0)
+             max_new_tokens=12, seed=0)
     assert len(seen) == 10 and all(seen)
 
 # -----------------------------------------------------------------------------
@@ -231,19 +241,109 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert 0 <= m["accuracy"] <= 1
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
 
-def test_windowed_decode_gives_the_full_decode_mel(synth_dir):
-    """The hybrid's incremental mel (decode the last mel_context frames of codebook 0, take the mel
-    frame whose window ends inside them) matches the mel of the whole decoded clip, with the data's codec."""
+def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir):
+    """The codec decoding a frame or a few at a time (its layers' state kept) gives the audio of decoding the clip
+    at once, for codebook 0 alone and for all eight; and the hybrid's mel of each generated frame equals the mel of
+    the whole decoded clip."""
+    import prepare
     import sample as S
     tools = S.Tools(synth_dir)
     inp, _ = S.read_clip(synth_dir, "val", 0)
+    for k in (1, 8):
+        codes = inp["codes"][:60, :k]
+        full = tools.decode(codes)
+        stream = prepare.StreamingDecoder(tools.codec())
+        pieces, at = [stream(codes[:10])], 10
+        while at < 60:                               # one frame, then two, then three, ...
+            step = 1 + len(pieces) % 3
+            pieces.append(stream(codes[at:at + step]))
+            at += step
+        parts = torch.cat(pieces)
+        assert parts.shape == full.shape == (60 * 320,)
+        assert (parts - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
     codes = inp["codes"][:60, :1]
-    full = torch.as_tensor(tools.mel(tools.decode(codes)))
-    assert full.shape == (60, 64)
-    lag, context = 1, W.SAMPLE_OPTS["mel_context"]
-    for j in (30, 45, 57):
-        end = j + lag + 1  # codes up to frame j + lag exist when step j + lag needs mel frame j
-        s = end - context
-        m = torch.as_tensor(tools.mel(tools.decode(codes[s:end])))[j - s]
-        # not exact: the codec decoder's LSTM carries state from before the window (0.02 = 0.3 dB of log-mel)
-        assert (m - full[j]).abs().max() < 0.02, (j, (m - full[j]).abs().max())
+    full_mel = torch.as_tensor(tools.mel(tools.decode(codes)))
+    mel_fn = W.incremental_mel(tools, lag=1)
+    for j in range(20, 58):   # as generate calls it: once per frame, when frames up to j + 1 exist
+        m = mel_fn(codes[:j + 2, 0][None], j)
+        assert (m[0] - full_mel[j]).abs().max() < 1e-4, j
+
+def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
+    """kinds="speech" (Table 1's speech row; the test corpus has no music clip in val, so events stand in) gives the speech clips' frames, codes and mels together, in clip
+    order; two kinds give their union; an unknown kind is a clear error that lists the kinds there are."""
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    for split in ("train", "val"):
+        clips = [json.loads(line) for line in open(os.path.join(synth_dir, f"{split}_clips.jsonl"))]
+        codes = np.fromfile(os.path.join(synth_dir, f"{split}_codes.bin"), dtype=np.uint16).reshape(-1, meta["n_q"])
+        mel = np.fromfile(os.path.join(synth_dir, f"{split}_mel.bin"), dtype=np.float16).reshape(-1, meta["n_mels"])
+        for kinds in ("speech", "events", "speech,events"):
+            cfg = W.Config(block_size=16, use_mel=True, kinds=kinds)
+            sub = W.load_data(synth_dir, cfg, None)[split]
+            keep = [c for c in clips if c["kind"] in kinds.split(",")]
+            assert keep, f"the test corpus has no {kinds} clip in {split}"
+            assert len(sub["codes"]) == sum(c["frames"] for c in keep) == len(sub["mel"])
+            at = 0
+            for c in keep:
+                assert np.array_equal(sub["codes"][at:at + c["frames"]], codes[c["offset"]:c["offset"] + c["frames"]])
+                assert np.array_equal(sub["mel"][at:at + c["frames"]], mel[c["offset"]:c["offset"] + c["frames"]])
+                at += c["frames"]
+    speech = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech"), None)["train"]["codes"]
+    events = W.load_data(synth_dir, W.Config(block_size=16, kinds="events"), None)["train"]["codes"]
+    both = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,events"), None)["train"]["codes"]
+    assert len(both) == len(speech) + len(events)
+    with pytest.raises(ValueError, match="no clip of kind podcast.*its kinds: .*speech"):
+        W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,podcast"), None)
+
+def test_eval_on_a_named_subset(synth_dir, tmp_path):
+    """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token count is that
+    subset's, and an unknown kind is a clear error."""
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, kinds="speech")
+    W.load_data(synth_dir, cfg, None)
+    model = W.Model(cfg)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_name": "whisper_gpt", "model_args": dataclasses.asdict(cfg),
+                "iter_num": 0, "config": {"data_dir": synth_dir}}, ckpt)
+    js = tmp_path / "m.json"
+    for kinds in ("", "events"):
+        args = [sys.executable, "eval.py", str(ckpt), f"--json={js}"] + ([f"--kinds={kinds}"] if kinds else [])
+        res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        row = json.load(open(js))[0]
+        assert row["kinds"] == (kinds or "speech")
+        sub = W.load_data(synth_dir, W.Config(block_size=16, kinds=kinds or "speech"), None)["val"]["codes"]
+        assert row["tokens"] == (len(sub) - 1) // 16 * 16
+    res = subprocess.run([sys.executable, "eval.py", str(ckpt), "--kinds=podcast"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "podcast" in res.stderr and str(ckpt) in res.stderr
+
+def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
+    """whisper_gpt_table.py on the test corpus, a tiny budget: every (model, kind, seed) run is trained on its
+    subset to max_iters; the table has one mean +- std row per kind and model with the paper's rows, the
+    claims are checked seed by seed from the runs' own metrics; a second call trains nothing."""
+    out = tmp_path / "table.md"
+    args = [sys.executable, "whisper_gpt_table.py", "--models=s,hybrid", "--kinds=speech,events", "--seeds=1,2", f"--data_dir={synth_dir}",
+            f"--out_root={tmp_path / 'runs'}", f"--out={out}", "--continuations=2", "--prompt_frames=20",
+            "--new_frames=6", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--batch_size=2",
+            "--block_size=16", "--log_interval=1"]
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "0 of 8 runs already finished, 8 to train" in res.stdout
+    results = json.load(open(tmp_path / "runs" / "results.json"))
+    assert len(results) == 8
+    for name, r in results.items():
+        ck = torch.load(tmp_path / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=True)
+        kind = name.split("-")[1]
+        assert ck["iter_num"] == 3 and ck["model_args"]["kinds"] == kind and ck["model_args"]["use_mel"] == name.startswith("hybrid")
+        assert math.isclose(r["ppl"], math.exp(r["nll"]), rel_tol=1e-9)
+    text = out.read_text()
+    for kind in ("speech", "events"):
+        for model in ("GPT-S", "Hybrid"):
+            nll = [results[f"{'s' if model == 'GPT-S' else 'hybrid'}-{kind}-s{s}"]["nll"] for s in (1, 2)]
+            assert f"| ours, {kind} | {model} CPU |" in text
+            assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in text
+        d = [results[f"hybrid-{kind}-s{s}"]["nll"] - results[f"s-{kind}-s{s}"]["nll"] for s in (1, 2)]
+        assert f"- {kind}: the hybrid beats GPT-S of its size? NLL hybrid - GPT-S = {np.mean(d):+.3f}" in text
+        assert (tmp_path / "runs" / "continuations" / f"{kind}.png").stat().st_size > 0
+    assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
+    assert "another clip's true second" in text and "Hybrid, sampled" in text
+    again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout

@@ -1,0 +1,204 @@
+"""
+Speed and memory of Whisper-GPT's three paper-sized models (config/whisper_gpt_{s,hybrid,l}.py), on whatever
+device this runs on (a CPU by default).
+
+    python bench_whisper_gpt.py                      # both parts, a few minutes on a 2-core CPU
+    python bench_whisper_gpt.py --part=generate --new_tokens=750 --out=bench.md
+
+Training: tokens/s of forward + backward + AdamW step (a few timed iterations after a warm-up one, random
+tokens and mels: speed does not depend on the data) and the peak resident memory of the process, each model
+in a process of its own so that the peaks do not mix.
+Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip, sampled with
+top-k 50, timed
+  - with the KV cache (model.generate, as sample.py does), and
+  - by full recomputation: every step runs the whole current window again (the same windows and restarts),
+for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec decodes the new frame of
+codebook 0, keeping its state, and one log-mel frame is computed) is included and also reported on its own.
+Goals (issue tracker): KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-only.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+part = "all"            # all | train | generate
+iters = 3               # timed training iterations (after one warm-up)
+batch_size = 8          # training windows per iteration (the paper-sized configs use 64 on a GPU)
+new_tokens = 750
+data_dir = "data/synth"  # the codec and a prompt for generation
+device = "cpu"
+out = ""                # also write the markdown here
+# -----------------------------------------------------------------------------
+
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str)}
+MODELS = (("s", "GPT-S"), ("hybrid", "Hybrid"), ("l", "GPT-L"))
+
+def fail(msg):
+    print(f"bench_whisper_gpt.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+def model_config(name):
+    """The Config of config/whisper_gpt_{name}.py (its model fields; the rest are train.py's)."""
+    import whisper_gpt as W
+    values = {}
+    path = f"config/whisper_gpt_{name}.py"
+    exec(open(path).read(), {}, values)
+    fields = W.Config.__dataclass_fields__
+    return W.Config(**{k: v for k, v in values.items() if k in fields})
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+# -----------------------------------------------------------------------------
+# training speed, one model per process
+
+def train_one(name):
+    import whisper_gpt as W
+    base = peak_rss_mb()
+    torch.manual_seed(0)
+    config = model_config(name)
+    model = W.Model(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, T = batch_size, config.block_size
+    codes = torch.randint(0, config.vocab_size, (B, T), device=device)
+    mels = torch.randn(B, T, config.n_mels, device=device) if config.use_mel else None
+    times = []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        _, loss = model(codes, mels, targets=codes)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    return {"params": model.get_num_params(), "tokens_per_s": B * T / dt, "s_per_iter": dt,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_model_mb": base}
+
+def train_table():
+    lines = [f"Training (batch {batch_size} x {model_config('s').block_size} frames, median of {iters} iterations "
+             f"after a warm-up one; peak resident memory of the process, and what it was before the model was built)", "",
+             "| model | params | tokens/s | s/iteration | peak memory | before the model |", "|---|---|---|---|---|---|"]
+    for name, label in MODELS:
+        args = [sys.executable, __file__, f"--_train={name}"] + [f"--{k}={globals()[k]}" for k in ("iters", "batch_size", "device")]
+        res = subprocess.run(args, capture_output=True, text=True)
+        if res.returncode:
+            fail(f"training benchmark of {label} failed:\n{res.stderr}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | {r['s_per_iter']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} MB | {r['rss_before_model_mb']:.0f} MB |")
+        print(lines[-1], flush=True)
+    return lines
+
+# -----------------------------------------------------------------------------
+# generation speed: KV cache vs full recomputation, hybrid vs token-only
+
+@torch.no_grad()
+def generate_recompute(model, codes, mels, n, mel_fn, generator):
+    """model.generate without a cache: each new token runs the whole current window (the same restarts)."""
+    c = model.config
+    seq, frames = codes, (list(mels.unbind(1)) if c.use_mel else [])
+    start = max(0, seq.size(1) - c.block_size)
+    for i in range(n):
+        t = seq.size(1)
+        if c.use_mel and t - 1 - c.mel_lag >= len(frames):
+            frames.append(mel_fn(seq, t - 1 - c.mel_lag))
+        if t - start > c.block_size:
+            start = t - c.block_size // 2
+        z = torch.zeros_like(frames[0]) if c.use_mel else None
+        mel_in = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z for s in range(start, t)], 1)
+                  if c.use_mel else None)
+        logits = model.decode(seq[:, start:], mel_in)[:, -1].float()
+        v, _ = torch.topk(logits, 50)
+        logits[logits < v[:, [-1]]] = -float("inf")
+        seq = torch.cat([seq, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)], 1)
+    return seq
+
+def generate_table():
+    import sample as S
+    import whisper_gpt as W
+    tools = S.Tools(data_dir)
+    clip, _ = S.read_clip(data_dir, "val", 0)
+    tools.codec()
+    rows, times = [], {}
+    for name, label in MODELS[:2]:
+        torch.manual_seed(0)
+        config = model_config(name)
+        model = W.Model(config).eval().to(device)
+        codes = clip["codes"][:75, :1].T.to(device)
+        mels = clip["mel"][:75][None].to(device) if config.use_mel else None
+        mel_seconds = [0.0]
+
+        def timed(mel_fn):
+            def wrapped(seq, j):
+                t0 = time.perf_counter()
+                m = mel_fn(seq, j)
+                mel_seconds[0] += time.perf_counter() - t0
+                return m
+            return wrapped
+
+        for way in ("KV cache", "recompute"):
+            mel_seconds[0] = 0.0
+            mel_fn = timed(W.incremental_mel(tools, config.mel_lag)) if config.use_mel else None
+            g = torch.Generator(device=device).manual_seed(0)
+            t0 = time.perf_counter()
+            if way == "KV cache":
+                out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g)
+            else:
+                out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
+            dt = time.perf_counter() - t0
+            assert out.shape[1] == codes.shape[1] + new_tokens
+            times[(name, way)] = dt
+            rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.1f} | "
+                        + (f"{mel_seconds[0]:.1f} s ({100 * mel_seconds[0] / dt:.0f}%)" if config.use_mel else "-") + " |")
+            print(rows[-1], flush=True)
+    lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s prompt, block_size "
+             f"{model_config('s').block_size}, top-k 50)", "",
+             "| model | how | tokens/s | seconds | of which the per-step mel |", "|---|---|---|---|---|", *rows, ""]
+    for name, label in MODELS[:2]:
+        lines.append(f"- {label}: KV cache {times[(name, 'recompute')] / times[(name, 'KV cache')]:.1f}x faster than recomputation (goal >= 10x)")
+    lines.append(f"- hybrid / token-only decode time, KV cache, per-step mel included: "
+                 f"{times[('hybrid', 'KV cache')] / times[('s', 'KV cache')]:.2f}x (goal <= 2x)")
+    return lines
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    argv, train_name = [], None
+    for arg in sys.argv[1:]:
+        if arg.startswith("--_train="):
+            train_name = arg.split("=", 1)[1]
+        else:
+            argv.append(arg)
+    for arg in argv:
+        key, _, raw = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in SETTINGS:
+            fail(f"{arg}: expected --key=value with key among {', '.join(SETTINGS)}")
+        try:
+            globals()[key] = type(SETTINGS[key])(raw)
+        except ValueError:
+            fail(f"{arg}: {key} must be {type(SETTINGS[key]).__name__}")
+    if part not in ("all", "train", "generate"):
+        fail(f"--part={part}: expected all, train or generate")
+    if train_name:
+        print(json.dumps(train_one(train_name)))
+        sys.exit(0)
+    lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", ""]
+    if part in ("all", "train"):
+        lines += train_table() + [""]
+    if part in ("all", "generate"):
+        lines += generate_table()
+    print("\n".join(lines))
+    if out:
+        with open(out + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(out + ".tmp", out)

@@ -1,0 +1,258 @@
+"""
+Whisper-GPT's Table 1 at CPU size: GPT-S, the hybrid of the same size and GPT-L (~10x) trained on the speech
+clips and on the music clips of the built-in corpus, several seeds each, then one markdown table of the
+next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to the paper's rows, the two
+claims checked seed by seed, and continuations of held-out clips by GPT-S and the hybrid (wavs, pictures and
+their distance to the true continuation).
+
+    python whisper_gpt_table.py                          # the sweep (resumes; finished runs are skipped) + table
+    python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
+
+Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir, out_root,
+out (the markdown file), continuations (held-out clips per kind; 0 = none), prompt_frames, new_frames. Every
+other --key=value goes to train.py for every run (e.g. --max_iters=900).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+models = "s,hybrid,l"          # config/whisper_gpt_{name}_cpu.py
+kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
+seeds = "1337,1,2"
+jobs = 2
+data_dir = "data/synth"
+out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
+out = "docs/whisper_gpt_table1.md"
+continuations = 24             # held-out clips per kind continued by GPT-S and the hybrid (first seed)
+prompt_frames = 75             # 1 s of prompt ...
+new_frames = 75                # ... then 1 s of continuation, compared with the clip's true next second
+# -----------------------------------------------------------------------------
+
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str)}
+NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L"}
+PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
+    ("LibriSpeech", "GPT-S", "3.7M", 2.02, 34.18, 7.54), ("LibriSpeech", "GPT-L", "40M", 1.94, 34.82, 6.96),
+    ("LibriSpeech", "Hybrid", "4M", 1.93, 35.05, 6.96), ("music", "GPT-S", "3.7M", 2.78, 34.96, 16.12),
+    ("music", "GPT-L", "40M", 2.77, 35.72, 15.96), ("music", "Hybrid", "4M", 2.52, 38.47, 12.43)]
+
+def fail(msg):
+    print(f"whisper_gpt_table.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+def parse_args(argv):
+    settings, train_args = dict(SETTINGS), []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            fail(f"{arg}: expected --key=value")
+        key, raw = arg[2:].split("=", 1)
+        if key not in settings:
+            train_args.append(arg)
+        elif type(settings[key]) is int:
+            try:
+                settings[key] = int(raw)
+            except ValueError:
+                fail(f"{arg}: {key} must be an integer")
+        else:
+            settings[key] = raw
+    for m in settings["models"].split(","):
+        if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
+            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, l)")
+    return settings, train_args
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+# -----------------------------------------------------------------------------
+# the sweep: one train.py process per (model, kind, seed), `jobs` at a time, each on one thread
+
+def run_dir(model, kind, seed):
+    return os.path.join(out_root, f"{model}-{kind}-s{seed}")
+
+def finished(path):
+    """(iter_num, max_iters) of a run's checkpoint, or None."""
+    ckpt = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(ckpt):
+        return None
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    return ck["iter_num"], ck["config"]["max_iters"]
+
+def sweep(runs, train_args):
+    todo = []
+    for model, kind, seed in runs:
+        d = run_dir(model, kind, seed)
+        state = finished(d)
+        if state and state[0] >= state[1]:
+            continue
+        cmd = [sys.executable, "train.py", f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}", f"--data_dir={data_dir}",
+               f"--kinds={kind}", f"--seed={seed}", "--always_save_checkpoint=True", *train_args]
+        if state:
+            cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped
+        todo.append((d, cmd))
+    todo.sort(key=lambda item: not os.path.basename(item[0]).startswith("l-"))  # the big model first: the sweep ends sooner
+    print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to train, {jobs} at a time")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running, done, t0 = [], 0, time.time()
+    while todo or running:
+        while todo and len(running) < jobs:
+            d, cmd = todo.pop(0)
+            os.makedirs(d, exist_ok=True)
+            log = open(os.path.join(d, "train.log"), "a")
+            running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()))
+            print(f"  start {d}")
+        time.sleep(2)
+        for item in list(running):
+            d, proc, log, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if proc.returncode:
+                fail(f"{d}: train.py exited with {proc.returncode}; see {d}/train.log")
+            with open(os.path.join(d, "wall.json"), "w") as f:
+                json.dump({"seconds": time.time() - start}, f)
+            done += 1
+            left = len(todo) + len(running)
+            eta = (time.time() - t0) / done * left  # runs finish at about this rate, jobs at a time
+            print(f"  done  {d} in {fmt_time(time.time() - start)} ({done} done, {left} left, ETA ~{fmt_time(eta)})")
+
+# -----------------------------------------------------------------------------
+# the table
+
+def evaluate_run(d):
+    import whisper_gpt as W
+    ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+    config = W.Config(**ck["model_args"])
+    data = W.load_data(ck["config"]["data_dir"], config)
+    model = W.Model(config)
+    model.load_state_dict(ck["model"])
+    m = W.evaluate(model.eval(), data, None, "val")
+    wall = json.load(open(os.path.join(d, "wall.json")))["seconds"] if os.path.isfile(os.path.join(d, "wall.json")) else None
+    return {**m, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
+
+def mean_std(values):
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+def table(results, model_list, kind_list, seed_list, train_args):
+    lines = ["| data | model | params | NLL (nats/token) | accuracy | PPL | runs |", "|---|---|---|---|---|---|---|"]
+    for kind, model, params, nll, acc, ppl in PAPER:
+        lines.append(f"| paper, {kind} | {model} | {params} | {nll:.2f} | {acc:.2f}% | {ppl:.2f} | |")
+    for kind in kind_list:
+        for model in model_list:
+            rs = [results[(model, kind, s)] for s in seed_list]
+            (n, dn), (a, da), (p, dp) = (mean_std([r[k] for r in rs]) for k in ("nll", "accuracy", "ppl"))
+            walls = [r["wall"] for r in rs if r["wall"]]
+            lines.append(f"| ours, {kind} | {NAMES[model]} CPU | {rs[0]['params'] / 1e6:.2f}M | {n:.3f} +- {dn:.3f} | "
+                         f"{100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- {dp:.2f} | {len(rs)} seeds, {rs[0]['iters']} it."
+                         + (f", {fmt_time(np.mean(walls))} each" if walls else "") + " |")
+    lines.append("")
+    # the paper's two claims, paired by seed (same data order and init seed for both models)
+    for kind in kind_list:
+        for other, claim in (("s", "beats GPT-S of its size"), ("l", "matches GPT-L (~10x larger)")):
+            if "hybrid" not in model_list or other not in model_list:
+                continue
+            d = [results[("hybrid", kind, s)]["nll"] - results[(other, kind, s)]["nll"] for s in seed_list]
+            m, sd = mean_std(d)
+            wins = sum(x < 0 for x in d)
+            lines.append(f"- {kind}: the hybrid {claim}? NLL hybrid - {NAMES[other]} = {m:+.3f} +- {sd:.3f} "
+                         f"(lower in {wins} of {len(d)} seeds)")
+    lines.append("")
+    lines.append(f"(val clips of each kind from {data_dir}; train.py settings: config/whisper_gpt_{{model}}_cpu.py "
+                 f"--kinds={{kind}} --seed={{seed}} {' '.join(train_args)})")
+    return lines
+
+# -----------------------------------------------------------------------------
+# continuations: prompt = the first second of a held-out clip, then one second generated, compared with the
+# clip's true next second. Both are decoded the same way (codebook 0 alone) so the codec's own error cancels.
+
+def continuation_rows(model_list, kind_list, seed):
+    import prepare
+    import sample as S
+    import whisper_gpt as W
+    tools = S.Tools(data_dir)
+    clips = [json.loads(line) for line in open(os.path.join(data_dir, "val_clips.jsonl")) if line.strip()]
+    lines, need = [], prompt_frames + new_frames
+    lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | clips |", "|---|---|---|---|---|"]
+    pictures = []
+    for kind in kind_list:
+        idx = [i for i, c in enumerate(clips) if c["kind"] == kind and c["frames"] >= need][:continuations]
+        if not idx:
+            continue
+        truth = {i: S.read_clip(data_dir, "val", i)[0]["codes"][:need, :1] for i in idx}
+        mels = {i: prepare.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
+        def distance(i, gen_mel):
+            true = mels[i][prompt_frames:need]
+            gen = gen_mel[prompt_frames:need]
+            return float(np.abs(gen - true).mean()), float(np.abs(gen.mean(0) - true.mean(0)).mean())
+        scores = {}
+        # references: the prompt's own last frames repeated (a frozen sound) and another clip's true second
+        scores["repeat the prompt's last second"] = [distance(i, np.concatenate([mels[i][:prompt_frames], mels[i][:prompt_frames][-new_frames:]])) for i in idx]
+        scores["another clip's true second"] = [distance(i, mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]
+        panels = [("true: prompt | continuation", mels[idx[0]])]
+        for model in [m for m in ("s", "hybrid") if m in model_list]:
+            d = run_dir(model, kind, seed)
+            ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+            net = W.Model(W.Config(**ck["model_args"]))
+            net.load_state_dict(ck["model"])
+            net.eval()
+            rows = []
+            for k, i in enumerate(idx):
+                inp, _ = S.read_clip(data_dir, "val", i)
+                prompt = {"codes": inp["codes"][:prompt_frames], "mel": inp["mel"][:prompt_frames]}
+                res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames, temperature=1.0, top_k=50, seed=k)
+                codes = torch.cat([res["prompt_codes"], res["codes"]])
+                wav = tools.decode(codes).numpy()
+                gen_mel = prepare.log_mel(wav)
+                rows.append(distance(i, gen_mel))
+                if k == 0:
+                    panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
+                    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{NAMES[model]}.wav"), wav, 24000)
+            scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
+        for name, rows in scores.items():
+            (a, da), (b, db) = mean_std([r[0] for r in rows]), mean_std([r[1] for r in rows])
+            lines.append(f"| {kind} | {name} | {a:.3f} +- {da:.3f} | {b:.3f} +- {db:.3f} | {len(rows)} |")
+        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), tools.decode(truth[idx[0]]).numpy(), 24000)
+        png = os.path.join(out_root, "continuations", f"{kind}.png")
+        prepare.plot_mels(png, panels, title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), codebook 0 decoded",
+                          boundary=prompt_frames / 75)
+        pictures.append(png)
+    lines.append("")
+    lines.append(f"(+- is the spread over clips; {prompt_frames} prompt frames, {new_frames} generated, "
+                 f"pictures and wavs in {out_root}/continuations)")
+    return lines, pictures
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    S, train_args = parse_args(sys.argv[1:])
+    globals().update(S)
+    model_list, kind_list = models.split(","), kinds.split(",")
+    seed_list = [int(s) for s in seeds.split(",")]
+    runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
+    t0 = time.time()
+    sweep(runs, train_args)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    results = {r: evaluate_run(run_dir(*r)) for r in runs}
+    with open(os.path.join(out_root, "results.json"), "w") as f:
+        json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
+    lines = [f"# Whisper-GPT, Table 1 at CPU size", "", f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
+    lines += table(results, model_list, kind_list, seed_list, train_args)
+    if continuations:
+        cont, pictures = continuation_rows(model_list, kind_list, seed_list[0])
+        lines += ["", "## Continuations of held-out clips", ""] + cont
+    lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device cpu with {os.cpu_count()} cores, "
+              f"{jobs} runs side by side with one thread each; this call took {fmt_time(time.time() - t0)})"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(out + ".tmp", out)
+    print("\n".join(lines))
+    print(f"wrote {out}")
