@@ -441,10 +441,11 @@ def codec_step(opt, params, loss):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
 
-def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=None, quiet=False):
+def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=None, quiet=False, save_every=25):
     """Train the offline codec's encoder and decoder as an autoencoder on 24 kHz clips (EnCodec's reconstruction
-    loss; its codebooks are fitted afterwards by k-means, see fit_codebooks). Resumable: every 25 steps the model,
-    the optimiser and the step go to ckpt (written to a temporary file, then renamed)."""
+    loss; its codebooks are fitted afterwards by k-means, see fit_codebooks). Resumable: every save_every steps the
+    model, the optimiser and the step go to ckpt (written to a temporary file, then renamed), and each step's crops
+    are drawn from a seed of its own, so a resumed run ends with the weights of an uninterrupted one."""
     params = list(model.encoder.parameters()) + list(model.decoder.parameters())
     opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     # a short warmup, then cosine down to a tenth: the few steps a CPU budget allows end on a settled model
@@ -465,12 +466,11 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
         model.encoder.model[-1].mean.copy_(e.mean(0))
         model.encoder.model[-1].std.copy_(e.std(0).clamp_min(1e-8))
         unit_variance_init(model.decoder, model.encoder(x[:, None]), last_std=float(x.std()))
-    rng = np.random.default_rng([step, 7])           # the crops of a resumed run are new, but seeded
     n = int(crop_seconds * SAMPLE_RATE) // HOP * HOP
     model.train()
     pbar = tqdm(total=steps, initial=step, unit="step", desc="train codec", disable=quiet)
     while step < steps:
-        x, _ = random_crops(wavs, n, batch, rng)
+        x, _ = random_crops(wavs, n, batch, np.random.default_rng([step, 7]))
         y = model.decoder(model.encoder(x[:, None]))[:, 0, :n]
         loss = codec_loss(x, y)
         codec_step(opt, params, loss)
@@ -478,7 +478,7 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
         step += 1
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
-        if ckpt and (step % 25 == 0 or step == steps):
+        if ckpt and (step % save_every == 0 or step == steps):
             tmp = Path(f"{ckpt}.tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
             os.replace(tmp, ckpt)

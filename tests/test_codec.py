@@ -127,3 +127,30 @@ def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     assert torch.load(ckpt, weights_only=True)["step"] == 21
     assert not same_weights(resumed, model)                  # it trained on from step 20, not from scratch...
     assert err(resumed) < 0.7 * before                       # ...and kept what it had learned
+
+
+def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    """An interruption mid-training (here at the 5th of 6 steps, after the checkpoint of step 4) and a re-run give
+    exactly the weights of an uninterrupted run: the optimiser and schedule are restored and each step's crops
+    come from a seed of its own."""
+    wavs = [P.tone("square", P.midi_hz(60 + 4 * i), 0.8, np.random.default_rng(i)) * 0.5 for i in range(2)]
+    torch.manual_seed(0)
+    straight = P.offline_codec()
+    P.train_codec(straight, wavs, 6, ckpt=tmp_path / "a.pt", quiet=True, save_every=2)
+    calls, loss = [], P.codec_loss
+
+    def dies_at_step_5(x, y):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return loss(x, y)
+
+    monkeypatch.setattr(P, "codec_loss", dies_at_step_5)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_codec(P.offline_codec(), wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(P, "codec_loss", loss)
+    resumed = P.offline_codec()                               # a fresh process would build a fresh model
+    P.train_codec(resumed, wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
+    assert same_weights(resumed, straight)
