@@ -180,7 +180,8 @@ def continuation_rows(model_list, kind_list, seed):
     tools = S.Tools(data_dir)
     clips = [json.loads(line) for line in open(os.path.join(data_dir, "val_clips.jsonl")) if line.strip()]
     lines, need = [], prompt_frames + new_frames
-    lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | clips |", "|---|---|---|---|---|"]
+    lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | level modulation | clips |",
+              "|---|---|---|---|---|---|"]
     pictures = []
     for kind in kind_list:
         idx = [i for i, c in enumerate(clips) if c["kind"] == kind and c["frames"] >= need][:continuations]
@@ -188,14 +189,20 @@ def continuation_rows(model_list, kind_list, seed):
             continue
         truth = {i: S.read_clip(data_dir, "val", i)[0]["codes"][:need, :1] for i in idx}
         mels = {i: prepare.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
-        def distance(i, gen_mel):
-            true = mels[i][prompt_frames:need]
-            gen = gen_mel[prompt_frames:need]
-            return float(np.abs(gen - true).mean()), float(np.abs(gen.mean(0) - true.mean(0)).mean())
-        scores = {}
-        # references: the prompt's own last frames repeated (a frozen sound) and another clip's true second
-        scores["repeat the prompt's last second"] = [distance(i, np.concatenate([mels[i][:prompt_frames], mels[i][:prompt_frames][-new_frames:]])) for i in idx]
-        scores["another clip's true second"] = [distance(i, mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]
+
+        def scores_of(i, mel):
+            """distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
+            spectrum (timbre, pitch, loudness whatever the timing), and its level modulation: the standard
+            deviation over time of each frame's mean log-mel (syllables and notes move it; a frozen sound does not)"""
+            true, gen = mels[i][prompt_frames:need], mel[prompt_frames:need]
+            return (float(np.abs(gen - true).mean()), float(np.abs(gen.mean(0) - true.mean(0)).mean()),
+                    float(gen.mean(1).std()))
+        scores = {"the true continuation": [scores_of(i, mels[i]) for i in idx],
+                  # references: the prompt's last frames repeated (a frozen sound), and another clip's true second
+                  "repeat the prompt's end": [scores_of(i, np.concatenate(
+                      [mels[i][:prompt_frames], np.resize(mels[i][prompt_frames - min(prompt_frames, new_frames):prompt_frames],
+                                                          (new_frames, mels[i].shape[1]))])) for i in idx],
+                  "another clip's true continuation": [scores_of(i, mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]}
         panels = [("true: prompt | continuation", mels[idx[0]])]
         for model in [m for m in ("s", "hybrid") if m in model_list]:
             d = run_dir(model, kind, seed)
@@ -211,22 +218,24 @@ def continuation_rows(model_list, kind_list, seed):
                 codes = torch.cat([res["prompt_codes"], res["codes"]])
                 wav = tools.decode(codes).numpy()
                 gen_mel = prepare.log_mel(wav)
-                rows.append(distance(i, gen_mel))
+                rows.append(scores_of(i, gen_mel))
                 if k == 0:
                     panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
                     S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{NAMES[model]}.wav"), wav, 24000)
             scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
         for name, rows in scores.items():
-            (a, da), (b, db) = mean_std([r[0] for r in rows]), mean_std([r[1] for r in rows])
-            lines.append(f"| {kind} | {name} | {a:.3f} +- {da:.3f} | {b:.3f} +- {db:.3f} | {len(rows)} |")
+            cells = [mean_std([r[c] for r in rows]) for c in range(3)]
+            lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells) + f" | {len(rows)} |")
         S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), tools.decode(truth[idx[0]]).numpy(), 24000)
         png = os.path.join(out_root, "continuations", f"{kind}.png")
         prepare.plot_mels(png, panels, title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), codebook 0 decoded",
                           boundary=prompt_frames / 75)
         pictures.append(png)
     lines.append("")
-    lines.append(f"(+- is the spread over clips; {prompt_frames} prompt frames, {new_frames} generated, "
-                 f"pictures and wavs in {out_root}/continuations)")
+    lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of each clip as prompt, "
+                 f"{new_frames} frames generated and compared with the clip's next {new_frames}; every continuation, the "
+                 f"true one included, decoded from codebook 0 alone by the data's codec; pictures and wavs in "
+                 f"{out_root}/continuations)")
     return lines, pictures
 
 # -----------------------------------------------------------------------------

@@ -344,6 +344,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         assert f"- {kind}: the hybrid beats GPT-S of its size? NLL hybrid - GPT-S = {np.mean(d):+.3f}" in text
         assert (tmp_path / "runs" / "continuations" / f"{kind}.png").stat().st_size > 0
     assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
-    assert "another clip's true second" in text and "Hybrid, sampled" in text
+    assert "another clip's true continuation" in text and "| speech | Hybrid, sampled" in text
+    assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
