@@ -27,6 +27,8 @@ import time
 import numpy as np
 import torch
 
+import configurator
+
 # -----------------------------------------------------------------------------
 part = "all"            # all | train | generate
 iters = 3               # timed training iterations (after one warm-up)
@@ -35,14 +37,13 @@ new_tokens = 750
 data_dir = "data/synth"  # the codec and a prompt for generation
 device = "cpu"
 out = ""                # also write the markdown here
+child = ""              # (internal) the model a child process measures the training speed of
 # -----------------------------------------------------------------------------
 
-SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str)}
 MODELS = (("s", "GPT-S"), ("hybrid", "Hybrid"), ("l", "GPT-L"))
 
 def fail(msg):
-    print(f"bench_whisper_gpt.py: {msg}", file=sys.stderr)
-    sys.exit(2)
+    configurator.fail("bench_whisper_gpt.py", msg)
 
 def model_config(name):
     """The Config of config/whisper_gpt_{name}.py (its model fields; the rest are train.py's)."""
@@ -89,7 +90,7 @@ def train_table():
              f"after a warm-up one; peak resident memory of the process, and what it was before the model was built)", "",
              "| model | params | tokens/s | s/iteration | peak memory | before the model |", "|---|---|---|---|---|---|"]
     for name, label in MODELS:
-        args = [sys.executable, __file__, f"--_train={name}"] + [f"--{k}={globals()[k]}" for k in ("iters", "batch_size", "device")]
+        args = [sys.executable, __file__, f"--child={name}"] + [f"--{k}={globals()[k]}" for k in ("iters", "batch_size", "device")]
         res = subprocess.run(args, capture_output=True, text=True)
         if res.returncode:
             fail(f"training benchmark of {label} failed:\n{res.stderr}")
@@ -173,24 +174,12 @@ def generate_table():
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    argv, train_name = [], None
-    for arg in sys.argv[1:]:
-        if arg.startswith("--_train="):
-            train_name = arg.split("=", 1)[1]
-        else:
-            argv.append(arg)
-    for arg in argv:
-        key, _, raw = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in SETTINGS:
-            fail(f"{arg}: expected --key=value with key among {', '.join(SETTINGS)}")
-        try:
-            globals()[key] = type(SETTINGS[key])(raw)
-        except ValueError:
-            fail(f"{arg}: {key} must be {type(SETTINGS[key]).__name__}")
+    S, _, _ = configurator.parse("bench_whisper_gpt.py", sys.argv[1:], globals())
+    globals().update(S)
     if part not in ("all", "train", "generate"):
         fail(f"--part={part}: expected all, train or generate")
-    if train_name:
-        print(json.dumps(train_one(train_name)))
+    if child:
+        print(json.dumps(train_one(child)))
         sys.exit(0)
     lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", ""]
     if part in ("all", "train"):

@@ -5,55 +5,41 @@ Compare trained checkpoints on the paper-style metrics of their model files, in 
     python eval.py out/whisper-gpt-quick/ckpt.pt --split=train --max_windows=50
 
 Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val), --data_dir (default:
-each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g. --kinds=music; default:
-each checkpoint's own subset), --device, --json=FILE (also write the results), --mean (add the mean and the standard
-deviation over the runs, e.g. one recipe's seeds). Every other --key=value goes to
-the model file's evaluate() (e.g. --batch_size=32). The metrics are whatever evaluate() returns;
+each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g. --kinds=music, or
+--kinds=all; default: each checkpoint's own subset), --device, --json=FILE (also write the results), --mean (add
+the mean and the standard deviation over the runs, e.g. one recipe's seeds). Every other --key=value goes to
+the model file's evaluate() (e.g. --batch_size=32), read as a Python literal where it is one. The metrics are whatever evaluate() returns;
 for Whisper-GPT: next coarse-token NLL (nats/token), accuracy and perplexity.
 """
 
-import ast
 import importlib
-import json
+import json as jsonlib
 import os
 import sys
 import time
 
 import torch
 
+import configurator
+
+# -----------------------------------------------------------------------------
 split = "val"
-data_dir = ""
-kinds = None
+data_dir = ""        # default: each checkpoint's own
+kinds = ""           # Whisper-GPT's clip kinds (e.g. music, or all); default: each checkpoint's own
 device = "auto"
-json_out = ""
-mean = False
+json = ""            # also write the results to this file
+mean = False         # add the mean and standard deviation over the runs
+# -----------------------------------------------------------------------------
 
 def fail(msg):
-    print(f"eval.py: {msg}", file=sys.stderr)
-    sys.exit(2)
+    configurator.fail("eval.py", msg)
 
 def main(argv):
-    global split, data_dir, kinds, device, json_out, mean
-    paths, opts = [], {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            paths.append(os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg)
-            continue
-        if arg == "--mean":
-            mean = True
-            continue
-        if "=" not in arg:
-            fail(f"{arg}: expected --key=value")
-        key, raw = arg[2:].split("=", 1)
-        if key in ("split", "data_dir", "device", "kinds"):
-            globals()[key] = raw
-        elif key == "json":
-            json_out = raw
-        else:
-            try:
-                opts[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                opts[key] = raw
+    global split, data_dir, kinds, device, json, mean
+    settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True, positional=True)
+    globals().update(settings)
+    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
+    paths = [os.path.join(a, "ckpt.pt") if os.path.isdir(a) else a for a in args]
     if not paths:
         fail("give one or more checkpoints (ckpt.pt files or out_dirs)")
     for p in paths:
@@ -67,11 +53,15 @@ def main(argv):
     for path in paths:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         M = importlib.import_module(ck["model_name"])
+        unknown = set(opts) - set(M.EVAL_OPTS)
+        if unknown:
+            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a setting of eval.py nor an "
+                 f"option of {M.__name__}.evaluate ({', '.join(sorted(M.EVAL_OPTS))})")
         config = M.Config(**ck["model_args"])
-        if kinds is not None:
+        if kinds:
             if not hasattr(config, "kinds"):
                 fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no clip-kind subsets")
-            config.kinds = kinds
+            config.kinds = "" if kinds == "all" else kinds
         ddir = data_dir or ck["config"]["data_dir"]
         try:
             tok = prepare.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
@@ -117,11 +107,10 @@ def main(argv):
             vals = [[r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in keys]
             print(f"| {name} ({len(rows)} runs) | | | " + " | ".join(fmt(k, float(f(v))) if len(v) > 1 else "-"
                                                              for k, v in zip(keys, vals)) + " |")
-    if json_out:
-        tmp = json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, json_out)
+    if json:
+        with open(json + ".tmp", "w") as f:
+            jsonlib.dump(rows, f, indent=2)
+        os.replace(json + ".tmp", json)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

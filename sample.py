@@ -11,7 +11,6 @@ does not know. A result {"codes": ...} is decoded with the data's EnCodec and wr
 a result {"text": ...} is printed.
 """
 
-import ast
 import importlib
 import json
 import os
@@ -20,6 +19,8 @@ import time
 
 import numpy as np
 import torch
+
+import configurator
 
 # -----------------------------------------------------------------------------
 out_dir = "out"      # where train.py wrote ckpt.pt
@@ -35,35 +36,8 @@ device = "auto"      # auto | cpu | cuda | ...
 dtype = "auto"       # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
 # -----------------------------------------------------------------------------
 
-SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
-
 def fail(msg):
-    print(f"sample.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-def parse_args(argv):
-    """--key=value: sample.py's own settings (type-checked) and the model's options (passed through)."""
-    settings, opts = dict(SETTINGS), {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            fail(f"{arg}: expected --key=value")
-        key, raw = arg[2:].split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        if key in settings:
-            expected = type(settings[key])
-            if expected is str:
-                value = raw
-            elif expected is float and type(value) is int:
-                value = float(value)
-            elif type(value) is not expected:
-                fail(f"--{key}={raw}: {key} must be {expected.__name__}")
-            settings[key] = value
-        else:
-            opts[key] = value
-    return settings, opts
+    configurator.fail("sample.py", msg)
 
 class Tools:
     """What a model's sample() may use from the data pipeline: the data's codec and mel function.
@@ -129,8 +103,9 @@ def write_wav(path, wav, sample_rate):
     os.replace(tmp, path)  # atomic
 
 if __name__ == "__main__":
-    S, opts = parse_args(sys.argv[1:])
+    S, unknown, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
+    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}  # the model's sample() checks them
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
@@ -182,6 +157,10 @@ if __name__ == "__main__":
     ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else torch.no_grad()
     t0 = time.time()
     with torch.no_grad(), ctx:
+        unknown = set(opts) - set(getattr(M, "SAMPLE_OPTS", opts))
+        if unknown:
+            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a setting of sample.py nor an "
+                 f"option of {M.__name__}.sample ({', '.join(sorted(M.SAMPLE_OPTS))})")
         result = M.sample(model, tok, inp, prompt or None, tools, **opts)
     dt = time.time() - t0 - tools.load_seconds
     if "codes" in result:

@@ -11,8 +11,6 @@ Config, Model, load_data, get_batch (see README, "The model interface"). A text 
 tokenizer (tokenizer = "corpus" or "gpt2"); every checkpoint records the tokenizer it was trained with.
 """
 
-import ast
-import difflib
 import importlib
 import json
 import math
@@ -24,6 +22,8 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
+
+import configurator
 
 # -----------------------------------------------------------------------------
 # default settings
@@ -66,70 +66,25 @@ seed = 1337
 peak_flops = 0.0              # per GPU, for MFU; 0 = known GPUs (A100, H100, H200) at bf16
 # -----------------------------------------------------------------------------
 
-TRAIN_KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+TRAIN_KEYS = configurator.defaults(globals())
 PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
 
 def fail(msg):
-    print(f"train.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-def check_type(key, value, expected, where):
-    """value for a setting of type expected; int is accepted for float."""
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        fail(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-def parse_cli_value(key, raw, expected):
-    where = f"--{key}={raw}"
-    if expected is bool:
-        if raw.lower() in ("true", "1"):
-            return True
-        if raw.lower() in ("false", "0"):
-            return False
-        fail(f"{where}: {key} must be True or False")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    if expected is str and not isinstance(value, str):
-        value = raw  # --wandb_run_name=123 is the string "123"
-    if expected in (int, float) and isinstance(value, str):
-        fail(f"{where}: {key} must be {expected.__name__}, got {raw!r}")
-    return check_type(key, value, expected, where)
+    configurator.fail("train.py", msg)
 
 def load_settings(argv):
-    """defaults <- config files <- --key=value. Returns (settings dict, model module, model keys)."""
-    settings, sources = dict(TRAIN_KEYS), {}
-    overrides = []
-    for arg in argv:
-        if arg.startswith("--"):
-            if "=" not in arg:
-                fail(f"{arg}: expected --key=value")
-            key, raw = arg[2:].split("=", 1)
-            overrides.append((key, raw))
-        else:
-            if not os.path.isfile(arg):
-                fail(f"config file {arg} not found")
-            ns = {}
-            try:
-                exec(open(arg).read(), {}, ns)  # (the name compile is a setting here)
-            except Exception as e:
-                fail(f"config file {arg} does not run: {type(e).__name__}: {e}")
-            for key, value in ns.items():
-                if key.startswith("_") or type(value).__name__ == "module":
-                    continue
-                if type(value) not in (int, float, bool, str):
-                    fail(f"{arg}: {key} = {value!r}: settings must be int, float, bool or str")
-                settings[key], sources[key] = value, arg
-    for key, raw in overrides:
+    """defaults <- config files <- --key=value, in the order given. Returns (settings dict, model module, model keys)."""
+    try:
+        entries, _ = configurator.gather(argv, config_files=True)
+    except configurator.SettingsError as e:
+        fail(e)
+    # the model file (the last model = ... given) defines which model keys exist
+    name, where = TRAIN_KEYS["model"], "default"
+    for key, value, raw, source in entries:
         if key == "model":
-            settings["model"], sources["model"] = raw, f"--model={raw}"
-    # the model file defines which model keys exist
-    name = settings["model"]
+            name, where = (raw if raw is not None else value), source
     if not isinstance(name, str) or not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")):
-        fail(f"model = {name!r} ({sources.get('model', 'default')}): no such model file; expected whisper_gpt, salmonn or pengi")
+        fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or pengi")
     module = importlib.import_module(name)
     model_types = {}
     for f in fields(module.Config):
@@ -137,21 +92,11 @@ def load_settings(argv):
         model_types[f.name] = t if t in (int, float, bool, str) else type(f.default)
     types = {k: type(v) for k, v in TRAIN_KEYS.items()}
     types.update(model_types)
-
-    def unknown(key, where):
-        close = difflib.get_close_matches(key, list(types), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        fail(f"{where}: unknown setting {key!r}: not a train.py setting nor a field of {name}.Config{hint}")
-
-    for key, value in list(settings.items()):
-        if key not in types:
-            unknown(key, sources.get(key, "default"))
-        settings[key] = check_type(key, value, types[key], sources.get(key, "default"))
-    for key, raw in overrides:
-        if key not in types:
-            unknown(key, f"--{key}={raw}")
-        settings[key] = parse_cli_value(key, raw, types[key])
-    return settings, module, set(model_types)
+    try:
+        settings, _ = configurator.resolve(entries, types, what=f"a train.py setting nor a field of {name}.Config")
+    except configurator.SettingsError as e:
+        fail(e)
+    return {**TRAIN_KEYS, **settings}, module, set(model_types)
 
 def load_tokenizer(config, checkpoint, init):
     """The tokenizer of a text model: its config names one (tokenizer = "corpus", the BPE stored with the data, or

@@ -334,6 +334,8 @@ def get_batch(data, split, batch_size, rng):
 # -----------------------------------------------------------------------------
 # evaluation as in the paper: next coarse token on the validation set
 
+EVAL_OPTS = {"batch_size": 16, "max_windows": 0}
+
 @torch.no_grad()
 def evaluate(model, data, tok=None, split="val", batch_size=16, max_windows=0):
     """NLL (nats/token), accuracy and perplexity of the next coarse token over the split cut into

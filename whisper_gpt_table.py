@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+import configurator
+
 # -----------------------------------------------------------------------------
 models = "s,hybrid,l"          # config/whisper_gpt_{name}_cpu.py
 kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
@@ -36,7 +38,6 @@ prompt_frames = 75             # 1 s of prompt ...
 new_frames = 75                # ... then 1 s of continuation, compared with the clip's true next second
 # -----------------------------------------------------------------------------
 
-SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str)}
 NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L"}
 PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
     ("LibriSpeech", "GPT-S", "3.7M", 2.02, 34.18, 7.54), ("LibriSpeech", "GPT-L", "40M", 1.94, 34.82, 6.96),
@@ -44,28 +45,7 @@ PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
     ("music", "GPT-L", "40M", 2.77, 35.72, 15.96), ("music", "Hybrid", "4M", 2.52, 38.47, 12.43)]
 
 def fail(msg):
-    print(f"whisper_gpt_table.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-def parse_args(argv):
-    settings, train_args = dict(SETTINGS), []
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            fail(f"{arg}: expected --key=value")
-        key, raw = arg[2:].split("=", 1)
-        if key not in settings:
-            train_args.append(arg)
-        elif type(settings[key]) is int:
-            try:
-                settings[key] = int(raw)
-            except ValueError:
-                fail(f"{arg}: {key} must be an integer")
-        else:
-            settings[key] = raw
-    for m in settings["models"].split(","):
-        if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
-            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, l)")
-    return settings, train_args
+    configurator.fail("whisper_gpt_table.py", msg)
 
 def fmt_time(s):
     s = int(s)
@@ -100,7 +80,7 @@ def sweep(runs, train_args):
     todo.sort(key=lambda item: not os.path.basename(item[0]).startswith("l-"))  # the big model first: the sweep ends sooner
     print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to train, {jobs} at a time")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running, done, t0 = [], 0, time.time()
+    running, done, took = [], 0, {m: [] for m in NAMES}
     while todo or running:
         while todo and len(running) < jobs:
             d, cmd = todo.pop(0)
@@ -121,7 +101,10 @@ def sweep(runs, train_args):
                 json.dump({"seconds": time.time() - start}, f)
             done += 1
             left = len(todo) + len(running)
-            eta = (time.time() - t0) / done * left  # runs finish at about this rate, jobs at a time
+            took[os.path.basename(d).split("-")[0]].append(time.time() - start)
+            guess = np.mean(sum(took.values(), []))   # a model not finished yet: the mean of those that are
+            eta = sum(np.mean(took[m]) if took[m] else guess for m in [os.path.basename(x).split("-")[0]
+                      for x, *_ in running] + [os.path.basename(x).split("-")[0] for x, _ in todo]) / jobs
             print(f"  done  {d} in {fmt_time(time.time() - start)} ({done} done, {left} left, ETA ~{fmt_time(eta)})")
 
 # -----------------------------------------------------------------------------
@@ -241,8 +224,14 @@ def continuation_rows(model_list, kind_list, seed):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    S, train_args = parse_args(sys.argv[1:])
+    S, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
+    train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
+    import train
+    for m in models.split(","):
+        if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
+            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, l)")
+        train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])  # a bad train.py setting stops here
     model_list, kind_list = models.split(","), kinds.split(",")
     seed_list = [int(s) for s in seeds.split(",")]
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]

@@ -1,0 +1,126 @@
+"""
+The one settings parser of train.py, sample.py, eval.py and the Whisper-GPT table and benchmark scripts:
+nanoGPT's configurator, with types.
+
+A script's settings are its module-level int / float / bool / str globals (its defaults). Config files (Python
+files of assignments, where a script takes them) and then --key=value override them, in the order given. Every
+value must have its default's type (an int is accepted for a float; --flag alone means --flag=True for a bool);
+an unknown key is an error that names where it came from and suggests the closest known keys, unless the script
+passes unknown keys on (sample.py and eval.py give them to the model file's sample() / evaluate(), which check
+them; whisper_gpt_table.py gives them to train.py).
+
+    entries, positional = gather(argv, config_files=True)   # what was given, in order
+    settings, unknown = resolve(entries, types)             # typed values; unknown keys with their raw text
+"""
+
+import ast
+import difflib
+import os
+import sys
+
+TYPES = (int, float, bool, str)
+
+class SettingsError(ValueError):
+    pass
+
+def defaults(namespace):
+    """The settings of a script: its module-level globals of a plain type, not starting with _."""
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in TYPES}
+
+def fail(script, error):
+    print(f"{script}: {error}", file=sys.stderr)
+    sys.exit(2)
+
+def literal(raw):
+    """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string itself."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+def read_config_file(path):
+    """{key: value} of the plain-typed assignments in a config file."""
+    if not os.path.isfile(path):
+        raise SettingsError(f"config file {path} not found")
+    ns = {}
+    try:
+        exec(open(path).read(), {}, ns)
+    except Exception as e:
+        raise SettingsError(f"config file {path} does not run: {type(e).__name__}: {e}")
+    out = {}
+    for key, value in ns.items():
+        if key.startswith("_") or type(value).__name__ == "module":
+            continue
+        if type(value) not in TYPES:
+            raise SettingsError(f"{path}: {key} = {value!r}: settings must be int, float, bool or str")
+        out[key] = value
+    return out
+
+def gather(argv, config_files=False, positional=False):
+    """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for a config
+    file's value, which is already typed). A bare argument is a config file (config_files) or is returned as
+    positional (positional); otherwise it is an error."""
+    entries, rest = [], []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if not key:
+                raise SettingsError(f"{arg}: expected --key=value")
+            entries.append((key, None, raw if eq else None, arg))
+        elif config_files:
+            entries += [(k, v, None, arg) for k, v in read_config_file(arg).items()]
+        elif positional:
+            rest.append(arg)
+        else:
+            raise SettingsError(f"{arg}: expected --key=value")
+    return entries, rest
+
+def typed(key, value, raw, expected, where):
+    """The value of a setting of type expected: from the --key=value text raw, or a config file's value."""
+    if raw is None and value is None:                # --flag alone
+        if expected is bool:
+            return True
+        raise SettingsError(f"{where}: expected --key=value")
+    if raw is not None:
+        if expected is bool:
+            if raw.lower() in ("true", "1"):
+                return True
+            if raw.lower() in ("false", "0"):
+                return False
+            raise SettingsError(f"{where}: {key} must be True or False")
+        if expected is str:
+            return raw                               # --run_name=123 is the string "123"
+        value = literal(raw)
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise SettingsError(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+def unknown_key(key, where, types, what):
+    close = difflib.get_close_matches(key, list(types), n=3)
+    return SettingsError(f"{where}: unknown setting {key!r}: not {what}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+def resolve(entries, types, pass_unknown=False, what="a setting of this script"):
+    """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are an error, or
+    with pass_unknown are returned as {key: raw text} (a config file's value as its repr)."""
+    settings, unknown = {}, {}
+    for key, value, raw, where in entries:
+        if key in types:
+            settings[key] = typed(key, value, raw, types[key], where)
+        elif pass_unknown:
+            unknown[key] = raw if raw is not None else ("True" if value is None else repr(value))
+        else:
+            raise unknown_key(key, where, types, what)
+    return settings, unknown
+
+def parse(script, argv, namespace, pass_unknown=False, positional=False):
+    """The whole job for a script without config files: defaults from namespace, overridden by argv. Returns
+    (settings, unknown {key: raw}, positional args); a bad argument ends the script with the message."""
+    types = {k: type(v) for k, v in defaults(namespace).items()}
+    try:
+        entries, rest = gather(argv, positional=positional)
+        settings, unknown = resolve(entries, types, pass_unknown, what=f"a setting of {script}")
+    except SettingsError as e:
+        fail(script, e)
+    return {**defaults(namespace), **settings}, unknown, rest
