@@ -21,6 +21,7 @@ import time
 import torch
 
 import configurator
+from train import load_checkpoint
 
 # -----------------------------------------------------------------------------
 split = "val"
@@ -51,7 +52,10 @@ def main(argv):
     import prepare
     rows = []
     for path in paths:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ck = load_checkpoint(path)
+        except ValueError as e:
+            fail(e)
         M = importlib.import_module(ck["model_name"])
         unknown = set(opts) - set(M.EVAL_OPTS)
         if unknown:

@@ -120,7 +120,11 @@ if __name__ == "__main__":
     ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / --ckpt)")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    from train import load_checkpoint
+    try:
+        checkpoint = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        fail(e)
     M = importlib.import_module(checkpoint["model_name"])
     config = M.Config(**checkpoint["model_args"])
     model = M.Model(config)
@@ -143,7 +147,10 @@ if __name__ == "__main__":
     if audio:
         if not os.path.isfile(audio):
             fail(f"--audio={audio}: file not found")
-        wav = prepare.load_audio(audio)
+        try:
+            wav = prepare.load_audio(audio)
+        except prepare.BadAudio as e:
+            fail(e)
         codes, mel = prepare.features(wav, tools.codec())
         inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
         if getattr(config, "speech_features", "mel") == "whisper":

@@ -72,6 +72,23 @@ PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
 def fail(msg):
     configurator.fail("train.py", msg)
 
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or corrupt (a
+    crash never leaves one: save_checkpoint writes a temporary file and renames it), or not a train.py checkpoint."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{path}: cannot be read as a checkpoint, it is truncated or corrupt ({type(e).__name__}: {first})") from None
+    missing = [k for k in ("model", "model_name", "model_args", "iter_num", "config") if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path}: not a checkpoint of train.py (it has no {', '.join(missing)})")
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{ck['model_name']}.py")):
+        raise ValueError(f"{path}: holds a {ck['model_name']!r} model, which has no model file here")
+    return ck
+
 def load_settings(argv):
     """defaults <- config files <- --key=value, in the order given. Returns (settings dict, model module, model keys)."""
     try:
@@ -182,9 +199,10 @@ if __name__ == "__main__":
     checkpoint = init = None
     if init_from == "resume":
         ckpt_path = os.path.join(out_dir, "ckpt.pt")
-        if not os.path.isfile(ckpt_path):
-            fail(f"init_from=resume: {ckpt_path} not found")
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            checkpoint = load_checkpoint(ckpt_path, device)
+        except ValueError as e:
+            fail(f"init_from=resume: {e}")
         if checkpoint["model_name"] != model:
             fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not {model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
@@ -193,7 +211,12 @@ if __name__ == "__main__":
         if init_from != "scratch":
             if not os.path.isfile(init_from):
                 fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt (file not found)")
-            init = torch.load(init_from, map_location=device, weights_only=True)
+            try:
+                init = load_checkpoint(init_from, device)
+            except ValueError as e:
+                fail(f"init_from: {e}")
+            if init["model_name"] != model:
+                fail(f"init_from={init_from}: holds a {init['model_name']} model, not {model}")
     import prepare  # the tokenizers: text models name one in their config; whisper_gpt has none
     tok = load_tokenizer(config, checkpoint, init)
     tok_record = None if tok is None else prepare.tokenizer_record(tok)  # saved with every checkpoint
