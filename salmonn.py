@@ -1012,7 +1012,7 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
         span = [words[i] for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
         ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
         out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24, tok.eot_token, beam=1)
-        hits += normalize(tok.decode(out)) == span
+        hits += text_words(tok.decode(out)) == span
     model.train(was_training)
     return hits / n
 
@@ -1052,7 +1052,7 @@ class SALMONNData:
                 raise ValueError(f"{data_dir}: no labels with {MIN_TAG_CLIPS}+ train clips to tag ({TAG_KEYS})")
             self.tag_index = {t: i for i, t in enumerate(config.tags.split("|"))}
         if config.stage == "llm":
-            corpus_words = sorted({w for c in self.splits["train"]["clips"] for w in normalize(c.get("transcript") or "")})
+            corpus_words = sorted({w for c in self.splits["train"]["clips"] for w in text_words(c.get("transcript") or "")})
             self.copy_words = vocab_words(tok) + corpus_words
             for split in ("train", "val"):
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
@@ -1278,8 +1278,14 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         model.lora_scale = old_scale
     return {"text": tok.decode(out).strip()}
 
-def normalize(text):
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+# Copied from pengi.normalize_text
+def normalize_text(s):
+    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single spaces."""
+    return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
+
+def text_words(text):
+    """The words WER, accuracy and the copy probe compare: normalize_text, split."""
+    return normalize_text(text).split()
 
 def edit_distance(ref, hyp):
     """Levenshtein distance between two word lists (substitutions, deletions, insertions cost 1)."""
@@ -1293,38 +1299,48 @@ def edit_distance(ref, hyp):
 
 def word_error_rate(refs, hyps):
     """Corpus WER: total word edits / total reference words (after lower-casing and dropping punctuation)."""
-    edits = sum(edit_distance(normalize(r), normalize(h)) for r, h in zip(refs, hyps))
-    return edits / max(1, sum(len(normalize(r)) for r in refs))
+    edits = sum(edit_distance(text_words(r), text_words(h)) for r, h in zip(refs, hyps))
+    return edits / max(1, sum(len(text_words(r)) for r in refs))
 
-def bleu4(refs, hyps):
-    """Corpus BLEU-4 (Papineni et al.), one reference per hypothesis, clipped n-gram precisions for n=1..4,
-    geometric mean, brevity penalty exp(1 - r/c) when c < r; no smoothing (0 if some precision is 0)."""
-    match, total = [0] * 4, [0] * 4
-    r_len = c_len = 0
-    for ref, hyp in zip(refs, hyps):
-        r, h = normalize(ref), normalize(hyp)
-        r_len, c_len = r_len + len(r), c_len + len(h)
+# Copied from pengi.bleu4
+def bleu4(hypotheses, references):
+    """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the corpus,
+    their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis words, r: the
+    closest reference length per hypothesis). hypotheses: list of str; references: list of lists of str.
+    No smoothing: a corpus without a single matching 4-gram scores 0."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses but {len(references)} reference lists")
+    matched, total = [0] * 4, [0] * 4
+    c_len = r_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        h = normalize_text(hyp).split()
+        rs = [normalize_text(r).split() for r in refs]
+        c_len += len(h)
+        r_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
         for n in range(1, 5):
-            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-            total[n - 1] += max(0, len(h) - n + 1)
-    if c_len == 0 or min(match) == 0:
+            h_ngrams = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            max_ref = Counter()
+            for r in rs:
+                for g, c in Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1)).items():
+                    max_ref[g] = max(max_ref[g], c)
+            matched[n - 1] += sum(min(c, max_ref[g]) for g, c in h_ngrams.items())
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if c_len == 0 or min(matched) == 0:
         return 0.0
-    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
+    log_p = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
     bp = 1.0 if c_len >= r_len else math.exp(1 - r_len / c_len)
     return bp * math.exp(log_p)
 
 def accuracy(refs, hyps):
     """Exact match after lower-casing and dropping punctuation."""
-    return sum(normalize(r) == normalize(h) for r, h in zip(refs, hyps)) / max(1, len(refs))
+    return sum(text_words(r) == text_words(h) for r, h in zip(refs, hyps)) / max(1, len(refs))
 
 def best_constant_wer(refs, candidates):
     """The WER of the best single answer given to every clip, over the candidates (e.g. every training answer
     and word): what a model that ignores the audio can reach."""
-    refs = [normalize(r) for r in refs]
+    refs = [text_words(r) for r in refs]
     total = max(1, sum(len(r) for r in refs))
-    return min(sum(edit_distance(r, normalize(c)) for r in refs) / total for c in set(candidates))
+    return min(sum(edit_distance(r, text_words(c)) for r in refs) / total for c in set(candidates))
 
 def average_precision(scores, labels):
     """AP of one tag: the mean over its positives of the precision at each positive's rank."""
@@ -1430,16 +1446,16 @@ def evaluate(model, data, tok, split="val", **opts):
                 h = [x for x, k in zip(hyps, kinds) if k == kind]
                 # candidates: training answers of this kind, these answers themselves, and all their words
                 cands = [a for ci, _, a in train["entries"]["transcription"] if train["clips"][ci].get("kind") == kind]
-                cands = cands[:200] + r[:200] + [w for a in cands + r for w in normalize(a)]
+                cands = cands[:200] + r[:200] + [w for a in cands + r for w in text_words(a)]
                 results[f"wer_{kind}"] = word_error_rate(r, h)
                 results[f"n_{kind}"] = len(r)
                 results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
                 if stage == "whisper":
                     results[f"ctc_wer_{kind}"] = word_error_rate(r, [x for x, k in zip(ctc_hyps, kinds) if k == kind])
         elif task == "captioning":
-            results["bleu4"] = bleu4(refs, hyps)
+            results["bleu4"] = bleu4(hyps, [[r] for r in refs])
         elif task == "music":
-            results["music_bleu4"] = bleu4(refs, hyps)
+            results["music_bleu4"] = bleu4(hyps, [[r] for r in refs])
         elif task == "qa":
             results["qa_acc"] = accuracy(refs, hyps)
             gender = [i for i, (_, q, _) in enumerate(entries) if q.startswith("is the speaker a man")]
@@ -1450,6 +1466,6 @@ def evaluate(model, data, tok, split="val", **opts):
         elif task == "speaker":
             results["speaker_acc"] = accuracy(refs, hyps)
         elif task == "story":
-            results["story_bleu4"] = bleu4(refs, hyps)
-            results["story_words"] = float(np.mean([len(normalize(h)) for h in hyps]))
+            results["story_bleu4"] = bleu4(hyps, [[r] for r in refs])
+            results["story_words"] = float(np.mean([len(text_words(h)) for h in hyps]))
     return results

@@ -473,15 +473,17 @@ def test_word_error_rate():
     assert salmonn.edit_distance([], ["x", "y"]) == 2 and salmonn.edit_distance(["x"], []) == 1
 
 def test_bleu4():
-    assert salmonn.bleu4(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    """salmonn.bleu4 is pengi.bleu4 (a marked copy, tests/test_copies.py): hypotheses first, a list of references each."""
+    bleu = lambda refs, hyps: salmonn.bleu4(hyps, [[r] for r in refs])
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
     # p1..p4 = 4/5, 3/4, 2/3, 1/2, same length: (0.2) ** (1/4)
-    assert salmonn.bleu4(["a b c d f"], ["a b c d e"]) == pytest.approx(0.2 ** 0.25)
+    assert bleu(["a b c d f"], ["a b c d e"]) == pytest.approx(0.2 ** 0.25)
     # all precisions 1, hypothesis 4 words against 6: brevity penalty exp(1 - 6/4)
-    assert salmonn.bleu4(["a b c d e f"], ["a b c d"]) == pytest.approx(math.exp(-0.5))
+    assert bleu(["a b c d e f"], ["a b c d"]) == pytest.approx(math.exp(-0.5))
     # clipping: "the" counts at most twice; no 4-gram matches -> 0 (no smoothing)
-    assert salmonn.bleu4(["the cat is on the mat"], ["the cat sat on the mat"]) == 0.0
+    assert bleu(["the cat is on the mat"], ["the cat sat on the mat"]) == 0.0
     # corpus level: counts pooled over sentences. p1 = 9/10, p2 = 6/8, p3 = 3/6, p4 = 2/4
-    got = salmonn.bleu4(["a b c d e", "v w x y z"], ["a b c d e", "v w q y z"])
+    got = bleu(["a b c d e", "v w x y z"], ["a b c d e", "v w q y z"])
     assert got == pytest.approx((9 / 10 * 6 / 8 * 3 / 6 * 2 / 4) ** 0.25)
 
 def test_accuracy():
