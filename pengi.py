@@ -38,7 +38,6 @@ from torch.nn import functional as F
 
 from fused_attention import attention
 
-
 @dataclass
 class PengiConfig:
     tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
@@ -79,8 +78,7 @@ class PengiConfig:
     max_prompt_tokens: int = 32
     max_answer_tokens: int = 40
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Transformer pieces, GPT-2 names (the LM, the text encoder and the mappers all use this block)
 
 class SelfAttention(nn.Module):
@@ -103,7 +101,6 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), (k, v)
 
-
 class MLP(nn.Module):
 
     def __init__(self, n_embd):
@@ -113,7 +110,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu
-
 
 class Block(nn.Module):
 
@@ -130,7 +126,6 @@ class Block(nn.Module):
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln_2(x)))
         return x, present
-
 
 class GPT2(nn.Module):
     """The frozen causal LM: GPT-2 layout and Hugging Face names, lm_head tied to wte, no dropout."""
@@ -159,8 +154,7 @@ class GPT2(nn.Module):
             presents.append(p)
         return self.ln_f(x), presents
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Loading the LM: a Hugging Face GPT-2 (dir or file) or our own salmonn stage-llm ckpt.pt
 
 def load_llm_weights(path):
@@ -218,7 +212,6 @@ def load_llm_weights(path):
                 block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"])
     return sd, dims
 
-
 def set_llm_dims(config):
     """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before the model is
     built). A missing file is skipped here: a checkpoint's config already holds the sizes and its weights hold
@@ -246,7 +239,6 @@ def set_llm_dims(config):
     config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
-
 def init_pretrained(model, tok=None):
     """Loads the LM named by config.llm_init into a freshly built model (train.py calls this; it is not needed
     to load a checkpoint, which holds the LM). The text tower and the prefix scale then follow the LM.
@@ -267,8 +259,7 @@ def init_pretrained(model, tok=None):
     model.lm_changed()
     print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Audio encoder: HTSAT-style, scaled down
 
 class WindowBlock(nn.Module):
@@ -301,7 +292,6 @@ class WindowBlock(nn.Module):
         x = x + self.drop(self.mlp(self.ln_2(x)))
         return x
 
-
 class PatchMerging(nn.Module):
     """2x2 neighbouring patches -> one, width doubled (Swin)."""
 
@@ -313,7 +303,6 @@ class PatchMerging(nn.Module):
     def forward(self, x):  # (B, Fg, Tg, C) -> (B, Fg/2, Tg/2, 2C)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
-
 
 def stage_windows(config):
     """Grid and window sizes of every stage; raises a clear error when they do not tile."""
@@ -335,7 +324,6 @@ def stage_windows(config):
         Fg, Tg = Fg // 2, Tg // 2
     return out
 
-
 class Projection(nn.Module):
     """The paper's projection: Linear, GELU, Linear, dropout, residual, LayerNorm."""
 
@@ -350,7 +338,6 @@ class Projection(nn.Module):
         e1 = self.linear1(x)
         e2 = self.drop(self.linear2(F.gelu(e1)))
         return self.ln(e1 + e2)
-
 
 class AudioEncoder(nn.Module):
 
@@ -383,7 +370,6 @@ class AudioEncoder(nn.Module):
                 x = self.merges[s](x)
         return self.ln_f(x).mean(dim=(1, 2))  # pooled over the grid
 
-
 class TextEncoder(nn.Module):
     """Causal transformer over the prompt, pooled at its last token (frozen), then CLIP's text_projection
     (a bias-free linear layer, trainable as in the official Pengi code, which freezes only the tower)."""
@@ -406,7 +392,6 @@ class TextEncoder(nn.Module):
             x, _ = block(x, causal=True)  # causal, so the padding after each prompt changes nothing
         x = self.ln_f(x)[torch.arange(x.size(0), device=x.device), prompt_lens - 1]
         return self.text_projection(x)
-
 
 class Mapper(nn.Module):
     """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k learned
@@ -432,8 +417,7 @@ class Mapper(nn.Module):
             x, _ = block(x, causal=False)
         return self.scale * self.ln_out(x[:, self.k:])
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # The model
 
 class Pengi(nn.Module):
@@ -670,12 +654,10 @@ class Pengi(nn.Module):
         lp = (lp * (tgt >= 0)).sum(-1)
         return lp + first[:, cand[:, 0]]
 
-
 Config = PengiConfig
 Model = Pengi
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Data: tasks from the prepared clips through the paper's templates
 
 PROMPTS = {  # task -> the prompt; music has one prompt per label key
@@ -688,14 +670,12 @@ PROMPTS = {  # task -> the prompt; music has one prompt per label key
 }
 # "question: {q}" for audio QA
 
-
 def metadata_text(clip):
     """Our metadata string: the clip's kind, its labels and, where there is one, its transcript."""
     parts = [f"kind: {clip['kind']}"] + [f"{k}: {v}" for k, v in sorted(clip["labels"].items())]
     if clip.get("transcript"):
         parts.append(f"text: {clip['transcript']}")
     return "; ".join(parts)
-
 
 def clip_tasks(clip, tasks):
     """All (task, prompt, answer) examples of one clip."""
@@ -711,7 +691,6 @@ def clip_tasks(clip, tasks):
     if "music" in tasks:
         out += [(key, PROMPTS[key], clip["labels"][key]) for key in ("instrument", "pitch", "chord") if key in clip["labels"]]
     return out
-
 
 def load_data(data_dir, config, tok):
     meta_path = os.path.join(data_dir, "meta.json")
@@ -745,19 +724,16 @@ def load_data(data_dir, config, tok):
                           for key in ("class", "instrument", "pitch", "chord")}
     return data
 
-
 def answer_ids(tok, text):
     """An answer as the LM saw words in running text during pre-training: with a leading space (GPT-2's BPE and
     the corpus BPE have different tokens for "dog" and " dog"; the corpus LM saw "ASSISTANT: dog"). The eot
     that ends it is added by collate."""
     return tok.encode(" " + text.strip())
 
-
 def clip_mel(mel, clip, max_frames, rng=None):
     """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or repeat-padded."""
     x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
     return fit_frames(x, max_frames, rng)
-
 
 def fit_frames(x, max_frames, rng=None):
     if len(x) == 0:
@@ -767,7 +743,6 @@ def fit_frames(x, max_frames, rng=None):
         return x[s:s + max_frames]
     reps = -(-max_frames // len(x))
     return np.concatenate([x] * reps)[:max_frames]  # repeat-pad, as HTSAT/CLAP do with short clips
-
 
 def collate(mels, prompts, answers, eot):
     """Tensors for model(**batch): answers given as input tokens; targets = answer then eot, -1 beyond."""
@@ -784,7 +759,6 @@ def collate(mels, prompts, answers, eot):
             "prompt_lens": torch.tensor([len(p) for p in prompts], dtype=torch.long),
             "answer": answer, "targets": targets}
 
-
 def get_batch(data, split, batch_size, rng):
     """The multi-task mix: each example picks a task uniformly among those of the split, then an example of it."""
     d = data[split]
@@ -798,14 +772,12 @@ def get_batch(data, split, batch_size, rng):
         answers.append(a)
     return collate(mels, prompts, answers, data["eot_token"])
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Evaluation: captioning BLEU-4, audio QA accuracy, close-ended accuracy both ways, linear probe
 
 def normalize_text(s):
     """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single spaces."""
     return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
-
 
 def bleu4(hypotheses, references):
     """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the corpus,
@@ -835,10 +807,8 @@ def bleu4(hypotheses, references):
     bp = 1.0 if c_len >= r_len else math.exp(1 - r_len / c_len)
     return bp * math.exp(log_p)
 
-
 def _device(model):
     return next(model.parameters()).device
-
 
 @torch.no_grad()
 def clip_embeddings(model, d, idx, max_frames, batch_size=32):
@@ -847,7 +817,6 @@ def clip_embeddings(model, d, idx, max_frames, batch_size=32):
         mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames) for i in idx[s:s + batch_size]])
         out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.d_embed)
-
 
 def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
     """Multinomial logistic regression on standardised features, full-batch L-BFGS. Returns predict(x)."""
@@ -865,7 +834,6 @@ def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
     with torch.enable_grad():
         opt.step(closure)
     return lambda xq: (((xq - mu) / sd) @ W.detach() + b.detach()).argmax(-1)
-
 
 def linear_probe(model, data, split="val", key="class", max_clips=2000):
     """The paper's representation study: a linear classifier on frozen audio embeddings of the training clips,
@@ -885,7 +853,6 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     predict = fit_logistic(x_tr, y_tr, len(classes))
     return (predict(x_ev) == y_ev).float().mean().item()
 
-
 def pmi_scores(logp, logp_prior):
     """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt), where the prior
     p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over reference clips.
@@ -893,10 +860,8 @@ def pmi_scores(logp, logp_prior):
     holds whatever the audio (ours, beyond the paper)."""
     return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
 
-
 EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16, probe=True, probe_clips=2000,
                  prior_clips=64, tasks="")
-
 
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
@@ -918,7 +883,6 @@ def evaluate(model, data, tok, split="val", **opts):
         return _evaluate(model, data, tok, split, o)
     finally:
         model.train(was_training)
-
 
 def _evaluate(model, data, tok, split, o):
     if model.config.stage == "clap":  # the encoders alone: the representation study
@@ -987,12 +951,10 @@ def _evaluate(model, data, tok, split, o):
             metrics["probe_acc"] = acc
     return metrics
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Sampling: sample.py --audio=FILE.wav --prompt="..."
 
 SAMPLE_OPTS = dict(beam=5, max_new_tokens=30, length_penalty=1.0, candidates="")
-
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):

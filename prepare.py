@@ -665,7 +665,6 @@ def features(wav, codec):
     emb = encode_emb(codec, [wav])[0]
     return quantize(codec, emb).numpy(), log_mel(wav)
 
-
 # --- reading the corpus's labels back from audio: the offline codec's report, and the tests, use these
 
 def envelope_runs(x, win=0.005, rel=0.3):

@@ -146,7 +146,7 @@ if __name__ == "__main__":
     S, M, model_keys = load_settings(sys.argv[1:])
     globals().update({k: v for k, v in S.items() if k in TRAIN_KEYS})
 
-    # -------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------
     # processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1
     if device == "auto":
@@ -184,7 +184,7 @@ if __name__ == "__main__":
     if master:
         print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {tokens_per_iter} sequences per iteration")
 
-    # -------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------
     # randomness: every iteration draws its batches and dropout masks from seeds derived from
     # (seed, iteration, micro-batch), so a resumed run sees exactly what an uninterrupted one would,
     # and N processes with accumulation k/N see the same micro-batches as 1 process with k.
@@ -194,7 +194,7 @@ if __name__ == "__main__":
     def seed_torch(it, micro):
         torch.manual_seed(int(np.random.SeedSequence([seed, 2, it, micro]).generate_state(1)[0]))
 
-    # -------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------
     # data, model, optimizer
     checkpoint = init = None
     if init_from == "resume":
@@ -328,7 +328,7 @@ if __name__ == "__main__":
         s = int(s)
         return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-    # -------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------
     # training loop
     start_iter, t_start = iter_num, time.time()
     t_log, tokens_log, iters_log = time.time(), 0, 0
