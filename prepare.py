@@ -14,7 +14,8 @@ Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frame
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE (tokenizer.tiktoken) and, for the
 offline codec, codec.pt and codec.png. Read with np.memmap(path, dtype, mode="r").reshape(-1, n_q or n_mels).
 With --whisper_mel, also {split}_wmel.bin (float16 [frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s,
-see whisper_log_mel), each clip's at its "woffset" / "wframes" in {split}_clips.jsonl.
+see whisper_log_mel), each clip's at its "woffset" / "wframes" in {split}_clips.jsonl. With --codebook0_mel (also on
+a finished directory: made from its codes), {split}_mel_c0.bin: the log-mel of codebook 0 decoded alone.
 
 Other scripts use: load_tokenizer(data_dir, "corpus" | "gpt2"), load_codec(data_dir), load_audio(path),
 resample(wav, sr_in, sr_out), log_mel(wav), whisper_log_mel(wav), features(wav, codec), plot_mels(path, panels).
@@ -539,6 +540,31 @@ def load_codec(data_dir):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this prepare.py's offline codec "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): re-run prepare.py --force")
     return model.eval()
+
+def codebook0_mels(data_dir, quiet=False):
+    """{split}_mel_c0.bin (float16 [frames, n_mels], aligned with the codes): the log-mel of each clip's codebook 0
+    decoded alone by the data's codec. That is what Whisper-GPT's hybrid computes from its own output while it
+    generates (only codebook 0 is generated), so a hybrid trained on it (mel_source="codebook0") is trained on what
+    it will see. Made from the stored codes; a split whose file exists is skipped."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    codec = None
+    for split in ("train", "val"):
+        path = data_dir / f"{split}_mel_c0.bin"
+        if path.exists():
+            continue
+        codec = codec or load_codec(data_dir)
+        clips = [json.loads(line) for line in open(data_dir / f"{split}_clips.jsonl") if line.strip()]
+        codes = np.memmap(data_dir / f"{split}_codes.bin", dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
+        mel = np.zeros((len(codes), meta["n_mels"]), np.float16)
+        for c in tqdm(clips, unit="clip", desc=f"codebook-0 mel, {split}", disable=quiet):
+            z = torch.from_numpy(codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)).T[None]   # (1, 1, T)
+            with torch.no_grad():
+                wav = codec.decode([(z, None)])[0, 0].numpy()
+            mel[c["offset"]:c["offset"] + c["frames"]] = log_mel(wav)[:c["frames"]]
+        tmp = Path(f"{path}.tmp{os.getpid()}")
+        mel.tofile(tmp)
+        os.replace(tmp, path)
 
 class StreamingDecoder:
     """Decodes codes a few frames at a time with EnCodec's decoder and returns the same audio as decoding the whole
@@ -1654,6 +1680,8 @@ def get_args(argv=None):
     p.add_argument("--vocab_size", type=int, default=4096, help="corpus BPE: largest vocab (the bytes + merges)")
     p.add_argument("--whisper_mel", action="store_true",
                    help="also store OpenAI Whisper's input features ({split}_wmel.bin: 80 bins, 16 kHz, 100 frames/s)")
+    p.add_argument("--codebook0_mel", action="store_true",
+                   help="also store {split}_mel_c0.bin, the log-mel of codebook 0 decoded alone (Whisper-GPT's mel_source=codebook0)")
     p.add_argument("--batch_seconds", type=float, default=16.0, help="audio seconds per EnCodec batch")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
@@ -1692,7 +1720,7 @@ def main(argv=None):
         print(f"speech: {problem}; building the corpus without speech")
         args.no_speech = True                         # part of the arguments' hash: a later run with speech rebuilds
     # a re-run with the same arguments skips finished work
-    key_args = {k: v for k, v in vars(args).items() if k not in ("force", "quiet", "strict")}
+    key_args = {k: v for k, v in vars(args).items() if k not in ("force", "quiet", "strict", "codebook0_mel")}
     if not args.whisper_mel:                          # off: the hash of outputs made before the option existed
         del key_args["whisper_mel"]
     args_hash = hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
@@ -1701,6 +1729,8 @@ def main(argv=None):
         meta = json.loads(meta_path.read_text())
         if meta.get("args_hash") == args_hash:
             print(f"{out} is already prepared with these arguments (use --force to rebuild)")
+            if args.codebook0_mel:                    # made from the stored codes: no rebuild needed
+                codebook0_mels(out, args.quiet)
             return out
         print(f"{out} holds data prepared with other arguments: rebuilding (the old files stay until the new ones are complete)")
     if args.whisper_mel:
@@ -1987,9 +2017,12 @@ def main(argv=None):
         meta_path.unlink()                            # no meta.json = incomplete, while the files are swapped
     for fname in staged:                              # meta.json last
         os.replace(out / f"{fname}.tmp{os.getpid()}", out / fname)
-    if not args.whisper_mel:                          # an earlier run's, no longer described by the clips
-        for split in ("train", "val"):
+    for split in ("train", "val"):                    # an earlier run's, no longer matching the codes
+        (out / f"{split}_mel_c0.bin").unlink(missing_ok=True)
+        if not args.whisper_mel:
             (out / f"{split}_wmel.bin").unlink(missing_ok=True)
+    if args.codebook0_mel:
+        codebook0_mels(out, args.quiet)
     shutil.rmtree(work, ignore_errors=True)
     for old in out.glob(".work-*"):
         shutil.rmtree(old, ignore_errors=True)

@@ -51,6 +51,10 @@ class WhisperGPTConfig:
     # data: the clip kinds to train and evaluate on, comma-separated (e.g. "speech" or "music", the two data
     # kinds of the paper's Table 1); "" = every clip. Kept in the checkpoint, so eval.py uses the same subset.
     kinds: str = ""
+    # the mels the hybrid trains on: "audio", the clip's own (the paper; its Table 1), or "codebook0", the mel of the
+    # clip's codebook 0 decoded alone (prepare.py --codebook0_mel): what it computes from its own output while it
+    # generates, since only codebook 0 is generated (ours)
+    mel_source: str = "audio"
 
 # -----------------------------------------------------------------------------
 # the transformer blocks (the same block serves the mel decoder and the main decoder)
@@ -290,7 +294,13 @@ def load_data(data_dir, config, tok=None):
     kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
     for split in ("train", "val"):
         codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
-        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+        if config.mel_source not in ("audio", "codebook0"):
+            raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or codebook0")
+        mel_path = os.path.join(data_dir, f"{split}_mel.bin" if config.mel_source == "audio" else f"{split}_mel_c0.bin")
+        if not os.path.exists(mel_path):
+            raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} not found: run "
+                                    f"python prepare.py --codebook0_mel with {data_dir}'s arguments")
+        mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
         if len(codes) != len(mel):
             raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames but {split}_mel.bin has {len(mel)}")
         if kinds:

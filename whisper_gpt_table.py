@@ -26,19 +26,19 @@ import torch
 import configurator
 
 # -----------------------------------------------------------------------------
-models = "s,hybrid,l"          # config/whisper_gpt_{name}_cpu.py
+models = "s,hybrid,l,hybrid_c0"  # config/whisper_gpt_{name}_cpu.py
 kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
 seeds = "1337,1,2"
 jobs = 2
 data_dir = "data/synth"
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
 out = "docs/whisper_gpt_table1.md"
-continuations = 24             # held-out clips per kind continued by GPT-S and the hybrid (first seed)
-prompt_frames = 75             # 1 s of prompt ...
-new_frames = 75                # ... then 1 s of continuation, compared with the clip's true next second
+continuations = 48             # held-out clips per kind continued by GPT-S and the hybrids (first seed)
+prompt_frames = 60             # 0.8 s of prompt ...
+new_frames = 60                # ... then 0.8 s of continuation, compared with the clip's true next 0.8 s
 # -----------------------------------------------------------------------------
 
-NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L"}
+NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L", "hybrid_c0": "Hybrid on codebook-0 mels"}
 PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
     ("LibriSpeech", "GPT-S", "3.7M", 2.02, 34.18, 7.54), ("LibriSpeech", "GPT-L", "40M", 1.94, 34.82, 6.96),
     ("LibriSpeech", "Hybrid", "4M", 1.93, 35.05, 6.96), ("music", "GPT-S", "3.7M", 2.78, 34.96, 16.12),
@@ -110,10 +110,13 @@ def sweep(runs, train_args):
 # -----------------------------------------------------------------------------
 # the table
 
-def evaluate_run(d):
+def evaluate_run(d, mel_source=None):
+    """Table 1's metrics of a run on its kind's val clips; mel_source="codebook0" gives the hybrid, instead of the
+    mels of the real audio, the mels of its codebook 0 decoded alone: what it sees of its own output while generating."""
     import whisper_gpt as W
     ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
     config = W.Config(**ck["model_args"])
+    config.mel_source = mel_source or config.mel_source
     data = W.load_data(ck["config"]["data_dir"], config)
     model = W.Model(config)
     model.load_state_dict(ck["model"])
@@ -136,16 +139,22 @@ def table(results, model_list, kind_list, seed_list, train_args):
             lines.append(f"| ours, {kind} | {NAMES[model]} CPU | {rs[0]['params'] / 1e6:.2f}M | {n:.3f} +- {dn:.3f} | "
                          f"{100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- {dp:.2f} | {len(rs)} seeds, {rs[0]['iters']} it."
                          + (f", {fmt_time(np.mean(walls))} each" if walls else "") + " |")
+            if model == "hybrid" and "as_generating" in rs[0]:
+                (n, dn), (a, da), (p, dp) = (mean_std([r["as_generating"][k] for r in rs]) for k in ("nll", "accuracy", "ppl"))
+                lines.append(f"| ours, {kind} | Hybrid CPU, given the mels of its codebook 0 (as when generating) | | "
+                             f"{n:.3f} +- {dn:.3f} | {100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- {dp:.2f} | the same runs |")
     lines.append("")
     # the paper's two claims, paired by seed (same data order and init seed for both models)
     for kind in kind_list:
-        for other, claim in (("s", "beats GPT-S of its size"), ("l", "matches GPT-L (~10x larger)")):
-            if "hybrid" not in model_list or other not in model_list:
+        for hybrid, other, claim in (("hybrid", "s", "the hybrid beats GPT-S of its size"),
+                                     ("hybrid", "l", "the hybrid matches GPT-L (~10x larger)"),
+                                     ("hybrid_c0", "s", "the hybrid trained on codebook-0 mels beats GPT-S")):
+            if hybrid not in model_list or other not in model_list:
                 continue
-            d = [results[("hybrid", kind, s)]["nll"] - results[(other, kind, s)]["nll"] for s in seed_list]
+            d = [results[(hybrid, kind, s)]["nll"] - results[(other, kind, s)]["nll"] for s in seed_list]
             m, sd = mean_std(d)
             wins = sum(x < 0 for x in d)
-            lines.append(f"- {kind}: the hybrid {claim}? NLL hybrid - {NAMES[other]} = {m:+.3f} +- {sd:.3f} "
+            lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = {m:+.3f} +- {sd:.3f} "
                          f"(lower in {wins} of {len(d)} seeds)")
     lines.append("")
     lines.append(f"(val clips of each kind from {data_dir}; train.py settings: config/whisper_gpt_{{model}}_cpu.py "
@@ -187,7 +196,7 @@ def continuation_rows(model_list, kind_list, seed):
                                                           (new_frames, mels[i].shape[1]))])) for i in idx],
                   "another clip's true continuation": [scores_of(i, mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]}
         panels = [("true: prompt | continuation", mels[idx[0]])]
-        for model in [m for m in ("s", "hybrid") if m in model_list]:
+        for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
             d = run_dir(model, kind, seed)
             ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
             net = W.Model(W.Config(**ck["model_args"]))
@@ -204,7 +213,7 @@ def continuation_rows(model_list, kind_list, seed):
                 rows.append(scores_of(i, gen_mel))
                 if k == 0:
                     panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
-                    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{NAMES[model]}.wav"), wav, 24000)
+                    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav, 24000)
             scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
         for name, rows in scores.items():
             cells = [mean_std([r[c] for r in rows]) for c in range(3)]
@@ -236,9 +245,15 @@ if __name__ == "__main__":
     seed_list = [int(s) for s in seeds.split(",")]
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
     t0 = time.time()
+    if {"hybrid", "hybrid_c0"} & set(model_list):   # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
+        import prepare
+        prepare.codebook0_mels(data_dir)
     sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     results = {r: evaluate_run(run_dir(*r)) for r in runs}
+    for r in runs:
+        if r[0] == "hybrid":
+            results[r]["as_generating"] = evaluate_run(run_dir(*r), mel_source="codebook0")
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
     lines = [f"# Whisper-GPT, Table 1 at CPU size", "", f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]

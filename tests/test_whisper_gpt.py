@@ -341,10 +341,34 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
             assert f"| ours, {kind} | {model} CPU |" in text
             assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in text
         d = [results[f"hybrid-{kind}-s{s}"]["nll"] - results[f"s-{kind}-s{s}"]["nll"] for s in (1, 2)]
-        assert f"- {kind}: the hybrid beats GPT-S of its size? NLL hybrid - GPT-S = {np.mean(d):+.3f}" in text
+        assert f"- {kind}: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = {np.mean(d):+.3f}" in text
         assert (tmp_path / "runs" / "continuations" / f"{kind}.png").stat().st_size > 0
     assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
     assert "another clip's true continuation" in text and "| speech | Hybrid, sampled" in text
+    # the hybrids are also scored on the mels of their own codebook 0, which prepare.codebook0_mels made
+    assert "| ours, events | Hybrid CPU, given the mels of its codebook 0 (as when generating) |" in text
+    assert os.path.exists(os.path.join(synth_dir, "val_mel_c0.bin"))
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
+
+def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
+    """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0 decoded alone: what
+    the hybrid computes from its own output while generating; mel_source="codebook0" trains and evaluates on it."""
+    import prepare
+    import sample as S
+    prepare.codebook0_mels(synth_dir, quiet=True)     # made once per corpus (the table test may have made it)
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    tools = S.Tools(synth_dir)
+    mel_c0 = np.fromfile(os.path.join(synth_dir, "val_mel_c0.bin"), dtype=np.float16).reshape(-1, meta["n_mels"])
+    assert len(mel_c0) == meta["splits"]["val"]["frames"]
+    for i in (0, 3):
+        inp, clip = S.read_clip(synth_dir, "val", i)
+        want = tools.mel(tools.decode(inp["codes"][:, :1]).numpy())
+        got = mel_c0[clip["offset"]:clip["offset"] + clip["frames"]].astype(np.float32)
+        assert np.abs(got - want).max() < 2e-3                      # float16 storage
+        assert np.abs(got - inp["mel"].numpy()).mean() > 0.02      # and not the mel of the real audio
+    data = W.load_data(synth_dir, W.Config(block_size=16, mel_source="codebook0"), None)
+    assert np.array_equal(data["val"]["mel"], mel_c0)
+    with pytest.raises(ValueError, match="mel_source='wav'"):
+        W.load_data(synth_dir, W.Config(block_size=16, mel_source="wav"), None)
