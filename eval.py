@@ -21,6 +21,7 @@ import time
 import torch
 
 import configurator
+import tokenizer as tokenizers
 from train import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -49,7 +50,6 @@ def main(argv):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    import prepare
     rows = []
     for path in paths:
         try:
@@ -68,7 +68,7 @@ def main(argv):
             config.kinds = "" if kinds == "all" else kinds
         ddir = data_dir or ck["config"]["data_dir"]
         try:
-            tok = prepare.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
+            tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
         except (ValueError, OSError, RuntimeError) as e:
             fail(f"{path}: tokenizer: {e}")
         try:

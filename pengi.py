@@ -40,7 +40,7 @@ from fused_attention import attention
 
 @dataclass
 class PengiConfig:
-    tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
+    tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
     stage: str = "pengi"       # "clap": contrastive pretraining of both encoders (Pengi's HTSAT comes from CLAP); "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64

@@ -66,7 +66,7 @@ ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "sp
 class SALMONNConfig:
     stage: str = "pretrain"        # "whisper" | "beats" | "llm" | "pretrain" | "instruct" | "activation" (see the top)
     tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the stage's)
-    tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (prepare.load_tokenizer)
+    tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
     # from the tokenizer and the data (load_data fills these)
     vocab_size: int = 50257
     n_mels: int = 64

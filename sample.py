@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import configurator
+import tokenizer as tokenizers
 
 # -----------------------------------------------------------------------------
 out_dir = "out"      # where train.py wrote ckpt.pt
@@ -139,7 +140,7 @@ if __name__ == "__main__":
 
     import prepare
     try:
-        tok = prepare.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)   # None for whisper_gpt
+        tok = tokenizers.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"tokenizer: {e}")
     del checkpoint

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import configurator
+import tokenizer as tokenizers  # text models name one in their config; whisper_gpt has none
 
 # -----------------------------------------------------------------------------
 # default settings
@@ -120,7 +121,6 @@ def load_tokenizer(config, checkpoint, init):
     "gpt2"); models without text (whisper_gpt) have none. A model that starts from a checkpoint (resume, init_from,
     an llm_init ckpt.pt) keeps the tokenizer recorded there, since its embeddings are in those tokens: the prepared
     data is text, so any tokenizer reads it."""
-    import prepare
     name = getattr(config, "tokenizer", None)
     if name is None:
         return None
@@ -132,11 +132,11 @@ def load_tokenizer(config, checkpoint, init):
         if isinstance(ck, dict) and ck.get("tokenizer"):
             if ck["tokenizer"]["name"] != name:
                 fail(f"{path} was trained with tokenizer {ck['tokenizer']['name']!r}, but tokenizer={name!r}")
-            tok = prepare.tokenizer_from_record(ck["tokenizer"], path)
+            tok = tokenizers.tokenizer_from_record(ck["tokenizer"], path)
             print(f"tokenizer: {name}, {tok.n_vocab} tokens, as recorded in {path}")
             return tok
     try:
-        tok = prepare.load_tokenizer(data_dir, name)
+        tok = tokenizers.load_tokenizer(data_dir, name)
     except (ValueError, OSError, RuntimeError) as e:  # an unknown name, a missing or corrupt file: the message names it
         fail(str(e))
     print(f"tokenizer: {name}, {tok.n_vocab} tokens" + (f", from {data_dir}" if name == "corpus" else ""))
@@ -217,9 +217,8 @@ if __name__ == "__main__":
                 fail(f"init_from: {e}")
             if init["model_name"] != model:
                 fail(f"init_from={init_from}: holds a {init['model_name']} model, not {model}")
-    import prepare  # the tokenizers: text models name one in their config; whisper_gpt has none
     tok = load_tokenizer(config, checkpoint, init)
-    tok_record = None if tok is None else prepare.tokenizer_record(tok)  # saved with every checkpoint
+    tok_record = None if tok is None else tokenizers.tokenizer_record(tok)  # saved with every checkpoint
     data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels, ...)
     torch.manual_seed(seed)
     raw_model = M.Model(config)

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 import prepare as P
+import tokenizer as T
 
 SR = 24000
 
@@ -287,7 +288,7 @@ def test_offline_tokenizer_round_trips_and_is_compact(synth_dir):
 def test_train_bpe_learns_frequent_words():
     ranks = P.train_bpe(["the cat sat on the mat"] * 10 + ["the dog"], 400)
     assert len(ranks) > 256 and b" cat" in ranks and b"the" in ranks
-    enc = P.make_encoding("t", ranks)
+    enc = T.make_encoding("t", ranks)
     assert len(enc.encode("the cat sat on the mat")) == 6
 
 
@@ -334,7 +335,7 @@ def test_gpt2_bpe_download_failure_falls_back_in_one_line(no_tiktoken_cache, cap
         raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max retries exceeded\n"
                               "(Caused by NameResolutionError: Failed to resolve 'openaipublic.blob.core.windows.net')")
     monkeypatch.setattr(tiktoken, "get_encoding", fail)
-    assert_is_gpt2(P.load_gpt2())
+    assert_is_gpt2(T.load_gpt2())
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and "could not download" in out[0] and "no name resolution" in out[0]
     assert "openai-whisper" in out[1]
@@ -345,32 +346,32 @@ def test_gpt2_bpe_from_tiktoken_cache_and_corrupt_files(no_tiktoken_cache, capsy
     import tiktoken
     cache = no_tiktoken_cache
     cache.mkdir()
-    paths = [cache / hashlib.sha1(url.encode()).hexdigest() for url in P.GPT2_FILES]
+    paths = [cache / hashlib.sha1(url.encode()).hexdigest() for url in T.GPT2_FILES]
     for p in paths:
         p.write_text("not GPT-2's file")
     # corrupt cached files: one line each, naming it, then the next source (offline: openai-whisper's copy)
-    assert_is_gpt2(P.load_gpt2(offline=True))
+    assert_is_gpt2(T.load_gpt2(offline=True))
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 3 and all(str(p) in l and "corrupt" in l for p, l in zip(paths, out))
     assert "openai-whisper" in out[2]
     # intact cached files (here: files whose sha256 we declare) go to tiktoken, which reads its cache
-    monkeypatch.setattr(P, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest() for u, p in zip(P.GPT2_FILES, paths)})
+    monkeypatch.setattr(T, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest() for u, p in zip(T.GPT2_FILES, paths)})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: ("tiktoken's", name))
-    assert P.load_gpt2(offline=True) == ("tiktoken's", "gpt2")
+    assert T.load_gpt2(offline=True) == ("tiktoken's", "gpt2")
     assert "tiktoken's cache" in capsys.readouterr().out
 
 
 def test_gpt2_bpe_missing_or_corrupt_whisper_copy_is_a_clear_error(no_tiktoken_cache, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "gpt2.tiktoken"
     bad.write_text("IQ== 0\n")
-    monkeypatch.setattr(P, "whisper_gpt2_file", lambda: bad)
+    monkeypatch.setattr(T, "whisper_gpt2_file", lambda: bad)
     with pytest.raises(RuntimeError, match="corrupt") as e:
-        P.load_gpt2(offline=True)
+        T.load_gpt2(offline=True)
     assert str(bad) in str(e.value) and "offline" in str(e.value)
     assert str(bad) in capsys.readouterr().out
-    monkeypatch.setattr(P, "whisper_gpt2_file", lambda: None)
+    monkeypatch.setattr(T, "whisper_gpt2_file", lambda: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps openai-whisper"):
-        P.load_gpt2(offline=True)
+        T.load_gpt2(offline=True)
 
 
 def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
@@ -383,13 +384,13 @@ def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
         P.load_tokenizer(tmp_path, "corpus")
     # a checkpoint's record of the corpus BPE holds its ranks: it rebuilds the same encoding without the data dir
     tok = P.load_tokenizer(synth_dir, "corpus")
-    rec = P.tokenizer_record(tok)
+    rec = T.tokenizer_record(tok)
     assert rec["ranks"] == Path(synth_dir, "tokenizer.tiktoken").read_text()
-    again = P.tokenizer_from_record(rec)
+    again = T.tokenizer_from_record(rec)
     text = "USER: <Speech><SpeechHere></Speech> Transcribe the audio.\nASSISTANT: sos<|endoftext|>"
     assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     assert (again.n_vocab, again.eot_token, again.name) == (tok.n_vocab, tok.eot_token, "corpus")
-    assert "ranks" not in P.tokenizer_record(P.load_gpt2(offline=True))   # GPT-2's is known by its name
+    assert "ranks" not in T.tokenizer_record(T.load_gpt2(offline=True))   # GPT-2's is known by its name
 
 
 # ----------------------------------------------------------------------------- the offline codec
@@ -633,4 +634,4 @@ def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert P.find_codec_weights(None) is None           # no hub cache either -> the offline codec
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    assert not P.gpt2_files_cached()                    # -> the offline BPE, without touching the network
+    assert not T.gpt2_files_cached()                    # -> the offline BPE, without touching the network
