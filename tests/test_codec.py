@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import prepare as P
+import synth as Y
 
 SR = P.SAMPLE_RATE
 
@@ -91,19 +92,19 @@ def test_a_truncated_download_in_the_cache_fails_the_real_checksum(hub, capsys):
 
 def test_readers_read_the_corpus_labels_from_clean_audio():
     rng = lambda i: np.random.default_rng([5, i])
-    notes = [P.make_music(rng(i), 3.0) for i in range(60)]
+    notes = [Y.make_music(rng(i), 3.0) for i in range(60)]
     notes = [(w, info) for w, info in notes if info["labels"]["form"] == "note" and info["labels"]["instrument"] != "bell"]
     assert len(notes) >= 5 and all(P.read_note(w) == info["labels"]["pitch"] for w, info in notes)
-    assert all(P.read_morse(w) == info["transcript"] for w, info in (P.make_morse(rng(i), 3.0) for i in range(10)))
-    assert all(P.read_dtmf(w) == info["labels"]["digits"] for w, info in (P.make_dtmf(rng(i), 3.0) for i in range(10)))
+    assert all(P.read_morse(w) == info["transcript"] for w, info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
+    assert all(P.read_dtmf(w) == info["labels"]["digits"] for w, info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
     # a tone a semitone up reads as the next note
-    w = P.tone("sine", P.midi_hz(61), 1.0, None)
-    assert P.read_note(w) == "C#4" and P.read_note(P.tone("sine", P.midi_hz(60), 1.0, None)) == "C4"
+    w = Y.tone("sine", Y.midi_hz(61), 1.0, None)
+    assert P.read_note(w) == "C#4" and P.read_note(Y.tone("sine", Y.midi_hz(60), 1.0, None)) == "C4"
 
 
 def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    wavs = [P.tone("sawtooth", P.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5 for i in range(3)]
+    wavs = [Y.tone("sawtooth", Y.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5 for i in range(3)]
     model = P.offline_codec()
     err = lambda m: np.mean([np.abs(P.log_mel(y) - P.log_mel(w)).mean()
                              for y, w in zip(P.reconstruct(m, wavs, quantized=False), wavs)])
@@ -133,7 +134,7 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
     """An interruption mid-training (here at the 5th of 6 steps, after the checkpoint of step 4) and a re-run give
     exactly the weights of an uninterrupted run: the optimiser and schedule are restored and each step's crops
     come from a seed of its own."""
-    wavs = [P.tone("square", P.midi_hz(60 + 4 * i), 0.8, np.random.default_rng(i)) * 0.5 for i in range(2)]
+    wavs = [Y.tone("square", Y.midi_hz(60 + 4 * i), 0.8, np.random.default_rng(i)) * 0.5 for i in range(2)]
     torch.manual_seed(0)
     straight = P.offline_codec()
     P.train_codec(straight, wavs, 6, ckpt=tmp_path / "a.pt", quiet=True, save_every=2)

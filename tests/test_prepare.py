@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 import prepare as P
+import synth as Y
 import tokenizer as T
 
 SR = 24000
@@ -64,7 +65,7 @@ def test_features_match_stored_corpus(synth_dir, codec):
     codes = np.memmap(Path(synth_dir, "train_codes.bin"), np.uint16, mode="r").reshape(-1, meta["n_q"])
     mel = np.memmap(Path(synth_dir, "train_mel.bin"), np.float16, mode="r").reshape(-1, meta["n_mels"])
     for c in clips[:4]:
-        wav, info = P.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
+        wav, info = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
                                  speech=not meta["args"]["no_speech"])
         assert info["caption"] == c["caption"]
         k, m = P.features(wav, codec)
@@ -163,16 +164,16 @@ def test_resampler_removes_what_cannot_be_represented():
 
 def test_synth_is_deterministic():
     for i in range(12):
-        w1, a = P.synth_clip(7, i, 3.0)
-        w2, b = P.synth_clip(7, i, 3.0)
+        w1, a = Y.synth_clip(7, i, 3.0)
+        w2, b = Y.synth_clip(7, i, 3.0)
         assert np.array_equal(w1, w2) and a["caption"] == b["caption"]
         assert w1.dtype == np.float32 and np.abs(w1).max() <= 1.0 and len(w1) <= 3.0 * SR + 1
-    other = [P.synth_clip(8, i, 3.0)[1]["caption"] for i in range(12)]
-    assert other != [P.synth_clip(7, i, 3.0)[1]["caption"] for i in range(12)]
+    other = [Y.synth_clip(8, i, 3.0)[1]["caption"] for i in range(12)]
+    assert other != [Y.synth_clip(7, i, 3.0)[1]["caption"] for i in range(12)]
 
 
 def synth_of_kind(kind, n, max_dur=3.0):
-    fn = dict((k, f) for k, _, f in P.KIND_MIX)[kind]
+    fn = dict((k, f) for k, _, f in Y.KIND_MIX)[kind]
     return [fn(np.random.default_rng([99, i]), max_dur) for i in range(n)]
 
 
@@ -199,8 +200,8 @@ def test_event_counts_and_order_match_onsets():
         assert n == len(info["sequence"]) == len(info["onsets"]), info["caption"]
         assert all(abs(s - o) < 0.01 * SR for s, o in zip(starts, info["onsets"]))
         if "order" not in info["labels"]:
-            assert P.NUMBER_WORDS[n] in info["caption"] or info["labels"]["event"] == "siren"
-            assert info["qa"][0]["a"] == P.NUMBER_WORDS[n]
+            assert Y.NUMBER_WORDS[n] in info["caption"] or info["labels"]["event"] == "siren"
+            assert info["qa"][0]["a"] == Y.NUMBER_WORDS[n]
         checked += 1
     assert checked == 60
 
@@ -209,7 +210,7 @@ def test_dtmf_digits_decode_back_from_the_audio():
     for wav, info in synth_of_kind("dtmf", 15):
         digits = P.read_dtmf(wav)                     # Goertzel power at the 4 + 3 keypad frequencies, per burst
         assert digits == info["labels"]["digits"]
-        assert info["transcript"] == " ".join(P.DTMF_WORDS[d] for d in digits)
+        assert info["transcript"] == " ".join(Y.DTMF_WORDS[d] for d in digits)
 
 
 def test_single_note_pitch_matches_label():
@@ -220,7 +221,7 @@ def test_single_note_pitch_matches_label():
         f = P.read_pitch(wav[2000: SR // 2])          # YIN, independent of how the note was made
         midi = 69 + 12 * np.log2(f / 440)
         assert abs(midi - round(midi)) < 0.25, (info["labels"], f)   # in tune (the plucked string included)
-        assert P.midi_name(int(round(midi))) == info["labels"]["pitch"], (info["labels"], f)
+        assert Y.midi_name(int(round(midi))) == info["labels"]["pitch"], (info["labels"], f)
         seen += 1
     assert seen >= 5
 
@@ -242,7 +243,7 @@ def test_corpus_covers_the_kinds_and_text_depends_on_audio(synth_dir):
         if c["kind"] in ("events", "mixture"):
             assert "event" in c["labels"] and "count" in c["labels"]
         if c["kind"] == "speech":
-            assert c["labels"]["gender"] == P.SPEAKERS[c["labels"]["speaker"]][1]
+            assert c["labels"]["gender"] == Y.SPEAKERS[c["labels"]["speaker"]][1]
 
 
 # ----------------------------------------------------------------------------- written files
@@ -550,31 +551,31 @@ def f0(x, sr=SR):
 
 def test_speech_voice_and_sentence_change_the_audio():
     text = "put the green bottle in the kitchen."
-    man, woman = P.speak(text, "en-us+Andy"), P.speak(text, "en+f3")
+    man, woman = Y.speak(text, "en-us+Andy"), Y.speak(text, "en+f3")
     for w in (man, woman):
         assert w.dtype == np.float32 and np.sqrt(np.mean(w ** 2)) > 0.03 and np.abs(w).max() < 1.0   # not silent
         assert 1.0 < len(w) / SR < 3.0
     assert f0(man) < 150 < f0(woman)                     # the same words in two voices: a man's and a woman's pitch
-    short = P.speak("stop.", "en-us+Andy")
+    short = Y.speak("stop.", "en-us+Andy")
     assert 0.2 < len(short) / SR and len(short) < 0.5 * len(man)   # a longer sentence gives longer audio
     # the same call gives the same samples whatever was spoken before (the library is reloaded for each sentence)
-    assert np.array_equal(P.speak(text, "en-us+Andy"), man)
+    assert np.array_equal(Y.speak(text, "en-us+Andy"), man)
 
 
 def test_every_speaker_exists_and_its_pitch_matches_its_sex():
     import espeakng_loader
     variants = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
-    assert len(set(P.SPEAKERS.values())) == len(P.SPEAKERS) >= 8
-    for name, (voice, sex, rate, pitch) in P.SPEAKERS.items():
+    assert len(set(Y.SPEAKERS.values())) == len(Y.SPEAKERS) >= 8
+    for name, (voice, sex, rate, pitch) in Y.SPEAKERS.items():
         assert (variants / voice.split("+")[1]).is_file(), voice   # espeak-ng falls back silently on an unknown variant
-        hz = f0(P.speak("hello there, how are you?", voice, rate, pitch))
+        hz = f0(Y.speak("hello there, how are you?", voice, rate, pitch))
         assert (hz < 150 if sex == "male" else hz > 150), (name, hz)
-    assert {s for _, s, _, _ in P.SPEAKERS.values()} == {"male", "female"}
+    assert {s for _, s, _, _ in Y.SPEAKERS.values()} == {"male", "female"}
 
 
 def test_speech_grammar_is_varied():
     rng = np.random.default_rng(0)
-    texts = [P.sentence(rng)[0] for _ in range(300)]
+    texts = [Y.sentence(rng)[0] for _ in range(300)]
     assert len(set(texts)) > 290
     words = {w for t in texts for w in t.split()}
     assert len(words) > 200                               # a few hundred words, not a handful of fixed sentences
@@ -585,7 +586,7 @@ def test_speech_clip_text_matches_what_is_spoken():
     seen = set()
     for wav, info in synth_of_kind("speech", 6, 2.0):
         t, labels = info["transcript"], info["labels"]
-        voice, sex, rate, pitch = P.SPEAKERS[labels["speaker"]]
+        voice, sex, rate, pitch = Y.SPEAKERS[labels["speaker"]]
         who = "a man" if sex == "male" else "a woman"
         assert info["kind"] == "speech" and labels == {"class": "speech", "speaker": labels["speaker"], "gender": sex}
         assert info["caption"].startswith(who + " ") and t in info["caption"] and t in info["description"]
@@ -597,7 +598,7 @@ def test_speech_clip_text_matches_what_is_spoken():
                 seen.add(q)
         # the audio is that sentence in that voice: the clip holds speak()'s samples, scaled, after a silence
         question = qa["is it a command, a question or a statement?"] == "question"
-        ref = P.speak(t + ("?" if question else "."), voice, rate, pitch)
+        ref = Y.speak(t + ("?" if question else "."), voice, rate, pitch)
         assert len(ref) < len(wav) <= 2.0 * SR
         # align at -60 dB, not at the first nonzero sample: after other tests in the same process the faintest
         # leading samples came out zero in one of the two (seen in the full suite), shifting the comparison
@@ -612,9 +613,9 @@ def test_speech_library_that_will_not_load_is_reported(tmp_path, capsys, monkeyp
     import espeakng_loader
     missing = tmp_path / "libespeak-ng.so"
     monkeypatch.setattr(espeakng_loader, "get_library_path", lambda: str(missing))
-    assert str(missing) in P.speech_problem()
-    with pytest.raises(P.SpeechUnavailable, match=re.escape(str(missing))):
-        P.speak("hello.", "en-us+Andy")
+    assert str(missing) in Y.speech_problem()
+    with pytest.raises(Y.SpeechUnavailable, match=re.escape(str(missing))):
+        Y.speak("hello.", "en-us+Andy")
     with pytest.raises(SystemExit, match=re.escape(str(missing))) as e:
         P.main(["--clips=4", f"--out_dir={tmp_path / 'a'}", "--strict"] + FAST)
     assert "--strict" in str(e.value) and not (tmp_path / "a" / "meta.json").exists()
@@ -635,3 +636,10 @@ def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
     assert P.find_codec_weights(None) is None           # no hub cache either -> the offline codec
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     assert not T.gpt2_files_cached()                    # -> the offline BPE, without touching the network
+
+
+def test_the_corpus_generator_writes_at_the_data_contract_rate():
+    """synth.py keeps its own copy of the sample rate (prepare.py imports it, so it cannot import prepare.py's)."""
+    assert Y.SAMPLE_RATE == P.SAMPLE_RATE
+    wav, info = Y.synth_clip(1337, 0, 1.0)
+    assert len(wav) <= Y.SAMPLE_RATE * 1.0 + 1 and info["kind"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import prepare as P
+import synth as Y
 
 FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2", "--codec_clips=4",
         "--codec_tune_steps=1", "--codec_report=0"]
@@ -114,7 +115,7 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     assert n_clips == 8
     # one clip regenerated from its id: the stored features are whisper_log_mel of its audio
     c = clips[0]
-    wav, _ = P.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
+    wav, _ = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
                           speech=not meta["args"]["no_speech"])
     want = P.whisper_log_mel(wav)
     assert want.shape == (c["wframes"], 80)
