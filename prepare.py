@@ -23,14 +23,12 @@ tokenizer.py (prepare.py trains the corpus BPE with it).
 """
 import os
 import sys
-import io
 import re
 import csv
 import json
 import math
 import time
 import types
-import base64
 import shutil
 import hashlib
 import itertools
@@ -38,7 +36,7 @@ import argparse
 import ctypes
 import warnings
 from pathlib import Path
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import torch
@@ -53,8 +51,8 @@ except Exception:
     sys.modules["torchaudio"] = types.ModuleType("torchaudio")
 from encodec import EncodecModel  # noqa: E402
 from encodec.modules.conv import pad1d as encodec_pad1d  # noqa: E402
-from tokenizer import CORPUS_BPE_FILE, PROMPT_TEXT, load_tokenizer, save_ranks, train_bpe, EOT  # noqa: E402  (also the names other scripts read from prepare)
-from synth import (DTMF_HIGH, DTMF_KEYS, DTMF_LOW, MORSE, envelope, make_dtmf, make_morse, make_music, midi_name, speech_problem, synth_clip, tone)  # noqa: E402
+from tokenizer import CORPUS_BPE_FILE, PROMPT_TEXT, save_ranks, train_bpe, EOT  # noqa: E402
+from synth import DTMF_HIGH, DTMF_KEYS, DTMF_LOW, MORSE, make_dtmf, make_morse, make_music, midi_name, speech_problem, synth_clip  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the data contract's fixed numbers

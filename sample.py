@@ -165,7 +165,7 @@ if __name__ == "__main__":
     ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else torch.no_grad()
     t0 = time.time()
     with torch.no_grad(), ctx:
-        unknown = set(opts) - set(getattr(M, "SAMPLE_OPTS", opts))
+        unknown = set(opts) - set(M.SAMPLE_OPTS)
         if unknown:
             fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a setting of sample.py nor an "
                  f"option of {M.__name__}.sample ({', '.join(sorted(M.SAMPLE_OPTS))})")

@@ -8,7 +8,6 @@ chords, melodies), sound events, Morse words, DTMF digits, and mixtures.
 import ctypes
 import os
 import re
-import time
 
 import numpy as np
 

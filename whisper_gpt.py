@@ -292,17 +292,18 @@ def load_data(data_dir, config, tok=None):
               f"{leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it predicts")
     data = {"meta": meta, "block_size": config.block_size, "use_mel": config.use_mel}
     kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
+    mel_file = {"audio": "{}_mel.bin", "codebook0": "{}_mel_c0.bin"}.get(config.mel_source)
+    if mel_file is None:
+        raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or codebook0")
     for split in ("train", "val"):
         codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
-        if config.mel_source not in ("audio", "codebook0"):
-            raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or codebook0")
-        mel_path = os.path.join(data_dir, f"{split}_mel.bin" if config.mel_source == "audio" else f"{split}_mel_c0.bin")
+        mel_path = os.path.join(data_dir, mel_file.format(split))
         if not os.path.exists(mel_path):
             raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} not found: run "
                                     f"python prepare.py --codebook0_mel with {data_dir}'s arguments")
         mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
         if len(codes) != len(mel):
-            raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames but {split}_mel.bin has {len(mel)}")
+            raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames but {mel_path} has {len(mel)}")
         if kinds:
             codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
         if len(codes) < config.block_size + 1:
@@ -347,10 +348,14 @@ def get_batch(data, split, batch_size, rng):
 EVAL_OPTS = {"batch_size": 16, "max_windows": 0}
 
 @torch.no_grad()
-def evaluate(model, data, tok=None, split="val", batch_size=16, max_windows=0):
+def evaluate(model, data, tok=None, split="val", **opts):
     """NLL (nats/token), accuracy and perplexity of the next coarse token over the split cut into
     consecutive windows of block_size + 1 frames (the first frame of a window is context only).
-    max_windows > 0 evaluates only the first max_windows windows."""
+    Options (EVAL_OPTS): batch_size, max_windows (> 0: only the first max_windows windows)."""
+    unknown = set(opts) - set(EVAL_OPTS)
+    if unknown:
+        raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: {sorted(EVAL_OPTS)}")
+    batch_size, max_windows = ({**EVAL_OPTS, **opts}[k] for k in ("batch_size", "max_windows"))
     device = next(model.parameters()).device
     T = data["block_size"]
     starts = list(range(0, len(data[split]["codes"]) - T, T))

@@ -14,7 +14,6 @@ other --key=value goes to train.py for every run (e.g. --max_iters=900).
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -57,6 +56,9 @@ def fmt_time(s):
 def run_dir(model, kind, seed):
     return os.path.join(out_root, f"{model}-{kind}-s{seed}")
 
+def model_of(path):
+    return os.path.basename(path).split("-")[0]
+
 def finished(path):
     """(iter_num, max_iters) of a run's checkpoint, or None."""
     ckpt = os.path.join(path, "ckpt.pt")
@@ -77,7 +79,7 @@ def sweep(runs, train_args):
         if state:
             cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped
         todo.append((d, cmd))
-    todo.sort(key=lambda item: not os.path.basename(item[0]).startswith("l-"))  # the big model first: the sweep ends sooner
+    todo.sort(key=lambda item: model_of(item[0]) != "l")  # the big model first: the sweep ends sooner
     print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to train, {jobs} at a time")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running, done, took = [], 0, {m: [] for m in NAMES}
@@ -100,29 +102,31 @@ def sweep(runs, train_args):
             with open(os.path.join(d, "wall.json"), "w") as f:
                 json.dump({"seconds": time.time() - start}, f)
             done += 1
-            left = len(todo) + len(running)
-            took[os.path.basename(d).split("-")[0]].append(time.time() - start)
+            left = [d for d, *_ in running] + [d for d, _ in todo]
+            took[model_of(d)].append(time.time() - start)
             guess = np.mean(sum(took.values(), []))   # a model not finished yet: the mean of those that are
-            eta = sum(np.mean(took[m]) if took[m] else guess for m in [os.path.basename(x).split("-")[0]
-                      for x, *_ in running] + [os.path.basename(x).split("-")[0] for x, _ in todo]) / jobs
-            print(f"  done  {d} in {fmt_time(time.time() - start)} ({done} done, {left} left, ETA ~{fmt_time(eta)})")
+            eta = sum(np.mean(took[model_of(x)]) if took[model_of(x)] else guess for x in left) / jobs
+            print(f"  done  {d} in {fmt_time(time.time() - start)} ({done} done, {len(left)} left, ETA ~{fmt_time(eta)})")
 
 # -----------------------------------------------------------------------------
 # the table
 
-def evaluate_run(d, mel_source=None):
-    """Table 1's metrics of a run on its kind's val clips; mel_source="codebook0" gives the hybrid, instead of the
-    mels of the real audio, the mels of its codebook 0 decoded alone: what it sees of its own output while generating."""
+def evaluate_run(d):
+    """Table 1's metrics of a run on its kind's val clips. A hybrid trained on the real audio's mels is scored a
+    second time ("as_generating") on the mels of its codebook 0 decoded alone: what it sees of its own output
+    while generating."""
     import whisper_gpt as W
     ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
     config = W.Config(**ck["model_args"])
-    config.mel_source = mel_source or config.mel_source
-    data = W.load_data(ck["config"]["data_dir"], config)
     model = W.Model(config)
     model.load_state_dict(ck["model"])
-    m = W.evaluate(model.eval(), data, None, "val")
+    model.eval()
+    result = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config), None, "val")
+    if config.use_mel and config.mel_source == "audio":
+        config.mel_source = "codebook0"
+        result["as_generating"] = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config), None, "val")
     wall = json.load(open(os.path.join(d, "wall.json")))["seconds"] if os.path.isfile(os.path.join(d, "wall.json")) else None
-    return {**m, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
+    return {**result, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
 
 def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -174,12 +178,12 @@ def continuation_rows(model_list, kind_list, seed):
     lines, need = [], prompt_frames + new_frames
     lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | level modulation | clips |",
               "|---|---|---|---|---|---|"]
-    pictures = []
     for kind in kind_list:
         idx = [i for i, c in enumerate(clips) if c["kind"] == kind and c["frames"] >= need][:continuations]
         if not idx:
             continue
-        truth = {i: S.read_clip(data_dir, "val", i)[0]["codes"][:need, :1] for i in idx}
+        inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
+        truth = {i: inputs[i]["codes"][:need, :1] for i in idx}
         mels = {i: prepare.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
 
         def scores_of(i, mel):
@@ -204,8 +208,7 @@ def continuation_rows(model_list, kind_list, seed):
             net.eval()
             rows = []
             for k, i in enumerate(idx):
-                inp, _ = S.read_clip(data_dir, "val", i)
-                prompt = {"codes": inp["codes"][:prompt_frames], "mel": inp["mel"][:prompt_frames]}
+                prompt = {"codes": inputs[i]["codes"][:prompt_frames], "mel": inputs[i]["mel"][:prompt_frames]}
                 res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames, temperature=1.0, top_k=50, seed=k)
                 codes = torch.cat([res["prompt_codes"], res["codes"]])
                 wav = tools.decode(codes).numpy()
@@ -222,13 +225,12 @@ def continuation_rows(model_list, kind_list, seed):
         png = os.path.join(out_root, "continuations", f"{kind}.png")
         prepare.plot_mels(png, panels, title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), codebook 0 decoded",
                           boundary=prompt_frames / 75)
-        pictures.append(png)
     lines.append("")
     lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of each clip as prompt, "
                  f"{new_frames} frames generated and compared with the clip's next {new_frames}; every continuation, the "
                  f"true one included, decoded from codebook 0 alone by the data's codec; pictures and wavs in "
                  f"{out_root}/continuations)")
-    return lines, pictures
+    return lines
 
 # -----------------------------------------------------------------------------
 
@@ -251,15 +253,12 @@ if __name__ == "__main__":
     sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     results = {r: evaluate_run(run_dir(*r)) for r in runs}
-    for r in runs:
-        if r[0] == "hybrid":
-            results[r]["as_generating"] = evaluate_run(run_dir(*r), mel_source="codebook0")
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
     lines = [f"# Whisper-GPT, Table 1 at CPU size", "", f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
     lines += table(results, model_list, kind_list, seed_list, train_args)
     if continuations:
-        cont, pictures = continuation_rows(model_list, kind_list, seed_list[0])
+        cont = continuation_rows(model_list, kind_list, seed_list[0])
         lines += ["", "## Continuations of held-out clips", ""] + cont
     lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device cpu with {os.cpu_count()} cores, "
               f"{jobs} runs side by side with one thread each; this call took {fmt_time(time.time() - t0)})"]

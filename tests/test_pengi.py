@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import pengi
+import tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:pengi. llm_init is empty")
 
@@ -360,8 +361,7 @@ def test_fit_logistic_separates():
 
 def test_task_mix_from_templates(synth_dir):
     """Every task of the synth corpus comes through the paper's templates, in one mix."""
-    import prepare
-    tok = prepare.load_tokenizer(synth_dir, "corpus")
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     cfg = pengi.PengiConfig(max_frames=64)
     data = pengi.load_data(synth_dir, cfg, tok)
     prompts = {t: {tok.decode(p) for _, p, _ in ex} for t, ex in data["train"]["by_task"].items()}
@@ -385,8 +385,7 @@ def test_task_mix_from_templates(synth_dir):
 def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
     """The prepared data is text: with tokenizer="gpt2" (GPT-2 base's vocabulary) or "corpus" (the small CPU LM's),
     every prompt and answer of the task mix decodes back to the stored text; vocab and eot come from the tokenizer."""
-    import prepare
-    tok = prepare.load_tokenizer(synth_dir, name, offline=True)
+    tok = tokenizer.load_tokenizer(synth_dir, name, offline=True)
     cfg = tiny_config(n_mels=64, tokenizer=name, vocab_size=0, eot_token=-1, llm_block_size=512,
                       max_prompt_tokens=1000, max_answer_tokens=1000)
     data = pengi.load_data(synth_dir, cfg, tok)
@@ -447,8 +446,7 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     """A CPU-sized Pengi learns "this is a sound of" on the synth fixture with a text-pretrained small LM (the case
     that failed while the prefixes were ~20-100x the LM's token scale): on held-out clips the generated label,
     likelihood ranking (raw and PMI) and the linear probe all score well above chance."""
-    import prepare
-    tok = prepare.load_tokenizer(synth_dir, "corpus")
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1", enc_heads="2,2", window=8,
                             d_embed=32, prefix_len=4, map_n_layer=1, map_n_head=2, text_n_layer=1,
                             llm_init=str(tmp_path / "llm.pt"), dropout=0.0, clap_weight=1.0)

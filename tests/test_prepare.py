@@ -254,7 +254,7 @@ def test_memmaps_jsonl_and_meta_round_trip(synth_dir):
     assert meta["n_q"] == 8 and meta["n_mels"] == 64 and meta["codebook_size"] == 1024
     assert meta["codec"]["pretrained"] is False and Path(synth_dir, meta["codec"]["weights"]).is_file()
     # meta.json describes the corpus BPE stored with the data; the clips hold text, not tokens
-    tok = P.load_tokenizer(synth_dir, "corpus")
+    tok = T.load_tokenizer(synth_dir, "corpus")
     assert meta["tokenizer"]["name"] == "corpus" and Path(synth_dir, meta["tokenizer"]["file"]).is_file()
     assert tok.n_vocab == meta["tokenizer"]["vocab_size"] and tok.eot_token == meta["tokenizer"]["eot_token"]
     for split in ("train", "val"):
@@ -276,7 +276,7 @@ def test_memmaps_jsonl_and_meta_round_trip(synth_dir):
 
 
 def test_offline_tokenizer_round_trips_and_is_compact(synth_dir):
-    tok = P.load_tokenizer(synth_dir)
+    tok = T.load_tokenizer(synth_dir)
     text = "USER: <Speech><SpeechHere></Speech> Describe the audio.\nASSISTANT: a plucked string plays a C major chord."
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) < len(text) / 2.5
@@ -323,7 +323,7 @@ def test_gpt2_bpe_offline_from_openai_whisper(no_tiktoken_cache, capsys, monkeyp
     """Offline, without tiktoken's files: the ranks openai-whisper ships give GPT-2's encoding, without importing
     whisper (pip install --no-deps openai-whisper is enough)."""
     monkeypatch.delitem(sys.modules, "whisper", raising=False)
-    tok = P.load_tokenizer("no/such/dir", "gpt2", offline=True)   # the data dir plays no part for gpt2
+    tok = T.load_tokenizer("no/such/dir", "gpt2", offline=True)   # the data dir plays no part for gpt2
     assert "whisper" not in sys.modules
     assert_is_gpt2(tok)
     out = capsys.readouterr().out.strip().splitlines()
@@ -377,14 +377,14 @@ def test_gpt2_bpe_missing_or_corrupt_whisper_copy_is_a_clear_error(no_tiktoken_c
 
 def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
     with pytest.raises(ValueError, match="tokenizer='gpt-2'.*corpus, gpt2"):
-        P.load_tokenizer(synth_dir, "gpt-2")
+        T.load_tokenizer(synth_dir, "gpt-2")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.tiktoken")):
-        P.load_tokenizer(tmp_path, "corpus")
+        T.load_tokenizer(tmp_path, "corpus")
     (tmp_path / "tokenizer.tiktoken").write_text("IQ== 0\nnot base64! 1\n")
     with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.tiktoken'}.*corrupt"):
-        P.load_tokenizer(tmp_path, "corpus")
+        T.load_tokenizer(tmp_path, "corpus")
     # a checkpoint's record of the corpus BPE holds its ranks: it rebuilds the same encoding without the data dir
-    tok = P.load_tokenizer(synth_dir, "corpus")
+    tok = T.load_tokenizer(synth_dir, "corpus")
     rec = T.tokenizer_record(tok)
     assert rec["ranks"] == Path(synth_dir, "tokenizer.tiktoken").read_text()
     again = T.tokenizer_from_record(rec)
@@ -503,7 +503,7 @@ def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
     assert [c["transcript"] for c in clips] == ["go do you hear", "what is it"]
     assert all(c["kind"] == "speech" and c["labels"]["speaker"] == "84" for c in clips)
     assert "tokens" not in clips[0]
-    tok = P.load_tokenizer(out, "corpus")
+    tok = T.load_tokenizer(out, "corpus")
     assert tok.decode(tok.encode(clips[0]["transcript"])) == "go do you hear"
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import salmonn
+import tokenizer
 from salmonn import SALMONN, SALMONNConfig, n_audio_tokens
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -226,8 +227,7 @@ def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
     """The prepared data is text: the small CPU LLM (corpus BPE) and a GPT-2-vocabulary LLM read the same data dir,
     each with the tokenizer its config names. Prompts and answers decode back to the stored text, and the model's
     vocabulary is the tokenizer's."""
-    import prepare
-    tok = prepare.load_tokenizer(synth_dir, name, offline=True)
+    tok = tokenizer.load_tokenizer(synth_dir, name, offline=True)
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     assert tok.n_vocab == (50257 if name == "gpt2" else meta["tokenizer"]["vocab_size"])
     cfg = tiny_config(stage="instruct", tokenizer=name, vocab_size=0, llm_block_size=256, max_audio_frames=150)
@@ -608,8 +608,7 @@ def test_beats_stage_tags_and_average_precision():
 def test_copy_probe_scores_copying(synth_dir):
     """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span (a stand-in
     whose generate reads the prompt's token ids back from their embeddings and returns the span)."""
-    import prepare
-    tok = prepare.load_tokenizer(synth_dir, "corpus")
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     torch.manual_seed(0)
     m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96))
     assert salmonn.copy_probe(m, tok, n=10) == 0.0
@@ -660,9 +659,8 @@ def test_pipeline_stages_in_miniature(synth_dir, tmp_path):
     refused, and the encoder stays the stage-"whisper" one. Held-out WER is not asserted here: at a size and
     budget the suite affords (500 iterations of a 2 x 64 encoder) the encoder does not yet hear held-out DTMF
     (CTC still all blank, WER 1.0); the configs' runs and their held-out figures are in docs/salmonn.md."""
-    import prepare
     from dataclasses import asdict
-    tok = prepare.load_tokenizer(synth_dir, "corpus")
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     sizes = dict(speech_n_layer=2, speech_n_head=2, speech_n_embd=64, beats_n_layer=1, beats_n_head=2,
                  beats_n_embd=32, qformer_n_layer=1, qformer_n_head=2, qformer_n_embd=64, window_frames=6,
                  llm_n_layer=2, llm_n_head=2, llm_n_embd=64, llm_block_size=96, lora_rank=8, lora_alpha=32.0,

@@ -13,6 +13,7 @@ import soundfile as sf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (its training runs only as a script)
+import tokenizer
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_head=2", "--mel_n_embd=16",
         "--mel_dim=8", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--eval_interval=4",
@@ -168,7 +169,6 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     changed (re-prepared data): a model never sees ids of another vocabulary."""
     import shutil
     import torch
-    import prepare
     data, out, out2 = tmp_path / "data", tmp_path / "llm", tmp_path / "llm2"
     shutil.copytree(synth_dir, data)
     run([f"--data_dir={data}", f"--out_dir={out}", *TEXT_TINY])
@@ -176,7 +176,7 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     assert ck["model_args"]["tokenizer"] == "corpus" and ck["tokenizer"]["name"] == "corpus"
     assert ck["tokenizer"]["ranks"] == (data / "tokenizer.tiktoken").read_text()
     assert ck["model_args"]["vocab_size"] == ck["tokenizer"]["vocab_size"]
-    prepare.save_ranks(prepare.train_bpe(["another corpus, another vocabulary"] * 3, 300), data / "tokenizer.tiktoken")
+    tokenizer.save_ranks(tokenizer.train_bpe(["another corpus, another vocabulary"] * 3, 300), data / "tokenizer.tiktoken")
     p = subprocess.run([sys.executable, "eval.py", str(out), f"--data_dir={data}", "--max_clips=2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "text_ppl" in p.stdout, p.stderr[-2000:]
