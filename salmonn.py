@@ -319,30 +319,32 @@ class WindowQFormer(nn.Module):
         return q, valid
 
 # -----------------------------------------------------------------------------
-# the LLM: GPT-2 layout and names; LoRA on the q and v parts of the fused c_attn
+# the LLM: GPT-2 layout and Hugging Face names. pengi.py holds the same code (marked copies): LoRA on the
+# q and v parts of the fused c_attn is SALMONN's; Pengi's LM has lora_rank=0 and stays frozen as a whole.
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
+    """GPT-2's attention: one fused c_attn for q, k, v. causal=False serves bidirectional stacks (Pengi's
+    mapper); past is a (k, v) pair of (B, n_head, T_past, head_size), the KV cache."""
 
-    def __init__(self, config, lora_rank):
+    def __init__(self, n_embd, n_head, dropout=0.0, lora_rank=0, lora_alpha=32.0, lora_dropout=0.0):
         super().__init__()
-        C = config.llm_n_embd
-        assert C % config.llm_n_head == 0
-        self.n_head = config.llm_n_head
-        self.c_attn = nn.Linear(C, 3 * C)
-        self.c_proj = nn.Linear(C, C)
-        self.resid_dropout = nn.Dropout(config.llm_dropout)
+        assert n_embd % n_head == 0, f"n_embd {n_embd} must be a multiple of n_head {n_head}"
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.resid_dropout = nn.Dropout(dropout)
         self.lora_rank = lora_rank
-        self.lora_scale = config.lora_alpha / lora_rank if lora_rank else 0.0
+        self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
         self.merged = False
         if lora_rank:
             # A random (as in LoRA / peft), B zero: the adapted model starts equal to the base model
-            self.lora_q_A = nn.Parameter(torch.empty(lora_rank, C))
-            self.lora_q_B = nn.Parameter(torch.zeros(C, lora_rank))
-            self.lora_v_A = nn.Parameter(torch.empty(lora_rank, C))
-            self.lora_v_B = nn.Parameter(torch.zeros(C, lora_rank))
+            self.lora_q_A = nn.Parameter(torch.empty(lora_rank, n_embd))
+            self.lora_q_B = nn.Parameter(torch.zeros(n_embd, lora_rank))
+            self.lora_v_A = nn.Parameter(torch.empty(lora_rank, n_embd))
+            self.lora_v_B = nn.Parameter(torch.zeros(n_embd, lora_rank))
             nn.init.kaiming_uniform_(self.lora_q_A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.lora_v_A, a=math.sqrt(5))
-            self.lora_drop = nn.Dropout(config.lora_dropout)
+            self.lora_drop = nn.Dropout(lora_dropout)
 
     def lora_delta(self):
         """The change LoRA makes to c_attn.weight (3C, C): rows of q and v only."""
@@ -351,86 +353,123 @@ class CausalSelfAttention(nn.Module):
         dq, dv = self.lora_q_B @ self.lora_q_A, self.lora_v_B @ self.lora_v_A
         return self.lora_scale * torch.cat([dq, z, dv], dim=0)
 
-    def forward(self, x, past=None):
+    def forward(self, x, causal=True, past=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         if self.lora_rank and not self.merged:
             h = self.lora_drop(x)
             q = q + self.lora_scale * (h @ self.lora_q_A.t() @ self.lora_q_B.t())
             v = v + self.lora_scale * (h @ self.lora_v_A.t() @ self.lora_v_B.t())
-        H = self.n_head
-        q = q.view(B, T, H, C // H).transpose(1, 2)
-        k = k.view(B, T, H, C // H).transpose(1, 2)
-        v = v.view(B, T, H, C // H).transpose(1, 2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = attention(q, k, v, causal=True)  # bottom-right aligned: new queries see the cache and themselves
+        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and themselves
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 class MLP(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, n_embd, dropout=0.0):
         super().__init__()
-        C = config.llm_n_embd
-        self.c_fc = nn.Linear(C, 4 * C)
-        self.c_proj = nn.Linear(4 * C, C)
-        self.dropout = nn.Dropout(config.llm_dropout)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu
 
 class Block(nn.Module):
 
-    def __init__(self, config, lora_rank):
+    def __init__(self, n_embd, n_head, dropout=0.0, lora_rank=0, lora_alpha=32.0, lora_dropout=0.0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.llm_n_embd)
-        self.attn = CausalSelfAttention(config, lora_rank)
-        self.ln_2 = nn.LayerNorm(config.llm_n_embd)
-        self.mlp = MLP(config)
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head, dropout, lora_rank, lora_alpha, lora_dropout)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd, dropout)
 
-    def forward(self, x, past=None):
-        a, present = self.attn(self.ln_1(x), past)
+    def forward(self, x, causal=True, past=None):
+        a, present = self.attn(self.ln_1(x), causal, past)
         x = x + a
         return x + self.mlp(self.ln_2(x)), present
 
 class GPT2(nn.Module):
     """GPT-2 with Hugging Face's names (wte, wpe, h.{i}..., ln_f), nn.Linear layout, lm_head tied to wte."""
 
-    def __init__(self, config, lora_rank):
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, lora_rank=0,
+                 lora_alpha=32.0, lora_dropout=0.0):
         super().__init__()
-        self.block_size = config.llm_block_size
-        self.wte = nn.Embedding(config.vocab_size, config.llm_n_embd)
-        self.wpe = nn.Embedding(config.llm_block_size, config.llm_n_embd)
-        self.drop = nn.Dropout(config.llm_dropout)
-        self.h = nn.ModuleList([Block(config, lora_rank) for _ in range(config.llm_n_layer)])
-        self.ln_f = nn.LayerNorm(config.llm_n_embd)
-        self.lm_head = nn.Linear(config.llm_n_embd, config.vocab_size, bias=False)
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList([Block(n_embd, n_head, dropout, lora_rank, lora_alpha, lora_dropout)
+                                for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
 
     def forward(self, x, past=None):
-        """x: input embeddings (B, T, C); past: per-layer (k, v) cache. Returns final hidden states, new cache."""
+        """x: input embeddings (B, T, C) without positions; past: the KV cache, one (k, v) per layer, from a
+        previous call. Returns the final hidden states (B, T, C) and the new cache."""
         t0 = 0 if past is None else past[0][0].size(2)
         if t0 + x.size(1) > self.block_size:
-            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds llm_block_size={self.block_size}")
-        pos = torch.arange(t0, t0 + x.size(1), device=x.device)
-        x = self.drop(x + self.wpe(pos))
+            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds the LM's block_size {self.block_size}")
+        x = self.drop(x + self.wpe(torch.arange(t0, t0 + x.size(1), device=x.device)))
         presents = []
         for i, block in enumerate(self.h):
-            x, present = block(x, None if past is None else past[i])
+            x, present = block(x, causal=True, past=None if past is None else past[i])
             presents.append(present)
         return self.ln_f(x), presents
+
+def reorder_cache(past, index):
+    """The KV cache rows of the beams that survive (index: a tensor of row numbers)."""
+    return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
+
+def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
+    """Beam search. step(tokens (n,), past) -> (log-probs (n, V), past); logp (1, V): the first step's
+    log-probs; past: GPT2's KV cache after the prompt. A hypothesis ends at eot (not counted in its length)
+    or at max_new_tokens. Finished hypotheses are ranked by total log-prob / length ** length_penalty
+    (0: plain log-probability; 1.0: Hugging Face generate's default). Returns the best, without eot."""
+    V = logp.size(-1)
+    norm = lambda s, n: s / max(1, n) ** length_penalty
+    scores = torch.zeros(1, device=logp.device)
+    seqs = [[]]
+    best = (-float("inf"), [])  # best finished hypothesis (normalised score, tokens)
+    for t in range(max_new_tokens):
+        cand = (scores[:, None] + logp).view(-1)
+        top = cand.topk(min(2 * beam, cand.numel()))
+        keep_scores, keep_seqs, src = [], [], []
+        for s, i in zip(top.values.tolist(), top.indices.tolist()):
+            b, tok = divmod(i, V)
+            if tok == eot:
+                if norm(s, t) > best[0]:
+                    best = (norm(s, t), seqs[b])
+            elif t == max_new_tokens - 1:  # out of length: finished too
+                if norm(s, t + 1) > best[0]:
+                    best = (norm(s, t + 1), seqs[b] + [tok])
+            elif len(keep_seqs) < beam:
+                keep_scores.append(s)
+                keep_seqs.append(seqs[b] + [tok])
+                src.append(b)
+        # log-probs only fall, so a live beam of score s can at best reach s / max_new_tokens ** length_penalty
+        # (s < 0): once the best finished beats that for every live beam, nothing can overtake it
+        if not keep_seqs or best[0] >= norm(max(keep_scores), max_new_tokens):
+            break
+        scores = torch.tensor(keep_scores, device=logp.device)
+        seqs = keep_seqs
+        past = reorder_cache(past, torch.tensor(src, device=logp.device))
+        logp, past = step(torch.tensor([s[-1] for s in seqs], device=logp.device), past)
+    return best[1]
 
 # -----------------------------------------------------------------------------
 # checkpoint loading: GPT-2 (Hugging Face or ours) and OpenAI Whisper
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
 def read_safetensors(path):
     """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
     data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra dependency)."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -439,65 +478,66 @@ def read_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
+        if info["dtype"] not in dtypes:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = dtypes[info["dtype"]]
         a, b = info["data_offsets"]
-        t = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]], offset=a, count=(b - a) //
-                             torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()) if b > a \
-            else torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        count = (b - a) // torch.empty(0, dtype=dtype).element_size()
+        t = torch.frombuffer(data, dtype=dtype, offset=a, count=count) if b > a else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"]).clone()
     return out
 
-CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-
 def load_llm_state(path):
-    """Load a GPT-2-format LLM from `path`: (a) a Hugging Face GPT-2 directory or file (model.safetensors or
-    pytorch_model.bin, optional config.json, keys possibly prefixed "transformer.", Conv1D weights stored
-    (in, out)), or (b) our stage-"llm" ckpt.pt (keys "llm.<name>"). Returns (state dict in our names and
-    nn.Linear layout, without lm_head, which is tied; sizes dict with n_layer, n_head, n_embd, block_size, vocab_size)."""
+    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file (model.safetensors or
+    pytorch_model.bin, config.json beside it, keys possibly prefixed "transformer.", Conv1D weights stored
+    (in, out)), or (b) a train.py ckpt.pt that holds an LLM (keys "llm.<name>": salmonn's stage "llm" and
+    later, or pengi). Returns (state dict in our names and nn.Linear layout, without LoRA and without lm_head,
+    which is tied; sizes dict with n_layer, n_head, n_embd, block_size, vocab_size)."""
     if os.path.isdir(path):
         names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt") if os.path.exists(os.path.join(path, n))]
         if not names:
-            raise FileNotFoundError(f"llm_init={path}: directory holds no model.safetensors, pytorch_model.bin or ckpt.pt")
+            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, pytorch_model.bin "
+                                    f"or ckpt.pt")
         file = os.path.join(path, names[0])
     elif os.path.isfile(path):
         file = path
     else:
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
-    if file.endswith(".safetensors"):
-        raw = read_safetensors(file)
-    else:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    if "model" in raw and "model_args" in raw:  # (b) our train.py checkpoint
+    raw = read_safetensors(file) if file.endswith(".safetensors") else \
+        torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:  # (b) a train.py checkpoint
         args = raw["model_args"]
-        if args.get("stage") != "llm":
-            print(f"llm_init={path}: a salmonn checkpoint of stage {args.get('stage')!r}; taking its LLM base weights")
-        sd = {}
-        for k, v in raw["model"].items():
-            k = k.removeprefix("_orig_mod.")
-            if k.startswith("llm.") and ".lora_" not in k and not k.startswith("llm.lm_head."):
-                sd[k[4:]] = v
-        sizes = dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"], n_embd=args["llm_n_embd"],
-                     block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
-        return sd, sizes
+        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size", "vocab_size") if k not in args]
+        sd = {k.removeprefix("_orig_mod.")[4:]: v for k, v in raw["model"].items()
+              if k.removeprefix("_orig_mod.").startswith("llm.")}
+        sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
+        if missing or not sd:
+            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args lacks {missing} "
+                             f"or no 'llm.*' weights)")
+        if args.get("stage") not in (None, "llm"):
+            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's base weights")
+        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"], n_embd=args["llm_n_embd"],
+                        block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
     # (a) Hugging Face GPT-2
     sd = {}
     for k, v in raw.items():
         k = k.removeprefix("transformer.")
-        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k == "lm_head.weight":
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers; lm_head is tied to wte
-        sd[k] = v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v
+        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"))
+        sd[k] = v.t().contiguous() if conv1d else v  # Conv1D stores (in, out); nn.Linear wants (out, in)
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
     cfg_file = os.path.join(os.path.dirname(file), "config.json")
     if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
-        raise ValueError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs its config.json "
-                         f"(n_head cannot be read from the weights)")
-    hf = json.load(open(cfg_file))
-    sizes = dict(n_layer=hf.get("n_layer", len({k.split(".")[1] for k in sd if k.startswith("h.")})), n_head=hf["n_head"],
-                 n_embd=hf.get("n_embd", sd["wte.weight"].size(1)), block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
-                 vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
-    return sd, sizes
+        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs its config.json "
+                                f"(n_head cannot be read from the weights)")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"], n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
+                    block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
+                    vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
 
 def load_whisper_encoder_state(path):
     """The speech encoder's weights from (a) our stage-"whisper" ckpt.pt (keys "speech.<name>") or (b) an OpenAI
@@ -585,7 +625,9 @@ class SALMONN(nn.Module):
                 raise ValueError("stage beats: config.tags is empty (load_data fills it from the train labels)")
             self.tag_head = nn.Linear(config.beats_n_embd, n_tags)
         if stage not in ENCODER_STAGES:
-            self.llm = GPT2(config, 0 if stage == "llm" else config.lora_rank)
+            self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd,
+                            config.llm_block_size, config.llm_dropout, 0 if stage == "llm" else config.lora_rank,
+                            config.lora_alpha, config.lora_dropout)
         if stage not in ENCODER_STAGES + ("llm",):
             self.ln_speech = nn.LayerNorm(config.speech_n_embd)
             self.ln_audio = nn.LayerNorm(config.beats_n_embd)
@@ -771,8 +813,7 @@ class SALMONN(nn.Module):
             return self.llm.lm_head(h[:, -1]).float().log_softmax(-1), past
 
         if beam > 1:
-            reorder = lambda past, i: [(k[i], v[i]) for k, v in past]
-            return beam_search(step, logits.float().log_softmax(-1), past, reorder, beam, max_new_tokens, eot, length_penalty)
+            return beam_search(step, logits.float().log_softmax(-1), past, beam, max_new_tokens, eot, length_penalty)
         out = []
         for _ in range(max_new_tokens):
             if temperature > 0:
@@ -825,44 +866,6 @@ def init_pretrained(model, tok=None):
             model.audio_scale.fill_(tok_rms)
         print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
               f"(position embeddings: {model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
-
-def beam_search(step, logp, state, reorder, beam, max_new_tokens, eot, length_penalty=0.0):
-    """Beam search. step(tokens (n,), state) -> (log-probs (n, V), state); reorder(state, index) keeps the rows
-    of the surviving beams; logp (1, V): the first step's log-probs. A hypothesis ends at eot (not counted in
-    its length) or at max_new_tokens. Finished hypotheses are ranked by total log-prob / length ** length_penalty
-    (0: plain log-probability; 1.0: Hugging Face generate's default, which SALMONN decodes with).
-    Returns the best hypothesis, without eot."""
-    V = logp.size(-1)
-    norm = lambda s, n: s / max(1, n) ** length_penalty
-    scores = torch.zeros(1, device=logp.device)
-    seqs = [[]]
-    best = (-float("inf"), [])  # best finished hypothesis (normalised score, tokens)
-    for t in range(max_new_tokens):
-        cand = (scores[:, None] + logp).view(-1)
-        top = cand.topk(min(2 * beam, cand.numel()))
-        keep_scores, keep_seqs, src = [], [], []
-        for s, i in zip(top.values.tolist(), top.indices.tolist()):
-            b, tok = divmod(i, V)
-            if tok == eot:
-                if norm(s, t) > best[0]:
-                    best = (norm(s, t), seqs[b])
-            elif t == max_new_tokens - 1:  # out of length: finished too
-                if norm(s, t + 1) > best[0]:
-                    best = (norm(s, t + 1), seqs[b] + [tok])
-            elif len(keep_seqs) < beam:
-                keep_scores.append(s)
-                keep_seqs.append(seqs[b] + [tok])
-                src.append(b)
-        # log-probs only fall, so a live beam of score s can at best reach s / max_new_tokens ** length_penalty
-        # (s < 0): once the best finished beats that for every live beam, nothing can overtake it
-        if not keep_seqs or best[0] >= norm(max(keep_scores), max_new_tokens):
-            break
-        index = torch.tensor(src, device=logp.device)
-        scores = torch.tensor(keep_scores, device=logp.device)
-        seqs = keep_seqs
-        state = reorder(state, index)
-        logp, state = step(torch.tensor([s[-1] for s in seqs], device=logp.device), state)
-    return best[1]
 
 Model = SALMONN
 

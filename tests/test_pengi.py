@@ -151,7 +151,11 @@ def test_beam_search_against_greedy_and_brute_force():
     b = tiny_batch(m.config)
     pre = m.prefix(b["mel"], b["prompt"], b["prompt_lens"])
     greedy = m.greedy(pre, 8)
-    assert [m.beam_search(pre[i:i + 1], beam=1, max_new_tokens=8) for i in range(3)] == greedy
+    assert m.generate(b["mel"], b["prompt"], b["prompt_lens"], beam=1, max_new_tokens=8) == greedy
+    for i in range(3):  # beam_search itself with beam 1 is greedy too
+        h, past = m.llm(pre[i:i + 1])
+        logp = F.log_softmax(m.llm.lm_head(h[:, -1]), -1)
+        assert pengi.clipcap_beam_search(m.next_logp, logp, past, 1, 8, m.config.eot_token, 1.0) == greedy[i]
     # a tiny model with 6 tokens (eot = 5) and peaked distributions: a beam as wide as the whole search
     # space must return the brute-force best; greedy misses it on some of these
     greedy_missed = 0
@@ -163,9 +167,11 @@ def test_beam_search_against_greedy_and_brute_force():
         for i in range(3):
             pre = prefixes[i:i + 1]
             scored = brute_force_scores(m, pre, 3)
-            for alpha in (1.0, 0.0):
+            h, past = m.llm(pre)
+            logp = F.log_softmax(m.llm.lm_head(h[:, -1]), -1)
+            for alpha in (1.0, 0.0):  # ranked by log p / length ** alpha, the eot counted in the length
                 best = max(scored, key=lambda t: t[1] / t[2] ** alpha)[0]
-                assert m.beam_search(pre, beam=256, max_new_tokens=3, length_penalty=alpha) == best
+                assert pengi.clipcap_beam_search(m.next_logp, logp, past, 256, 3, 5, alpha) == best
                 greedy_missed += m.greedy(pre, 3)[0] != best
     assert greedy_missed > 0
 
