@@ -1264,7 +1264,7 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         x = model.llm.wte(torch.tensor([ids], device=device))
     else:
         if model.config.speech_features == "whisper" and "wmel" not in audio:
-            raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features (prepare.whisper_log_mel)")
+            raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features (audio.whisper_log_mel)")
         ids, mask = build_prompt(tok, instruction, n_audio_tokens(speech_frames(audio, model.config), model.config))
         batch = {k: v.to(device) for k, v in collate([{k: v.float() for k, v in audio.items() if k in ("mel", "wmel")}]).items()}
         x = model.embed(torch.tensor([ids], device=device), audio_mask=torch.tensor([mask], device=device), **batch)

@@ -51,9 +51,9 @@ class Tools:
 
     def codec(self):
         if self._codec is None:
-            import prepare
+            from audio import load_codec
             t0 = time.time()
-            self._codec = prepare.load_codec(self.data_dir)
+            self._codec = load_codec(self.data_dir)
             self.load_seconds += time.time() - t0
         return self._codec
 
@@ -67,13 +67,13 @@ class Tools:
     def decoder_stream(self):
         """A decoder that takes codes a frame or a few at a time and keeps its state between calls: the same audio
         as decode() of the whole sequence, at the cost of the new frames only."""
-        import prepare
-        return prepare.StreamingDecoder(self.codec())
+        from audio import StreamingDecoder
+        return StreamingDecoder(self.codec())
 
     def mel(self, wav):
         """wav (n,) at 24 kHz -> log-mel (ceil(n / hop), n_mels), as stored in {split}_mel.bin."""
-        import prepare
-        return prepare.log_mel(wav)
+        from audio import log_mel
+        return log_mel(wav)
 
 def read_clip(data_dir, split, index):
     """Codes and mel of clip `index` of a split, from the prepared arrays."""
@@ -138,7 +138,8 @@ if __name__ == "__main__":
         meta = json.load(f)
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data {data_dir}")
 
-    import prepare
+    # the data contract's functions by name: here `audio` is the --audio setting
+    from audio import BadAudio, features, load_audio, log_mel, plot_mels, whisper_log_mel
     try:
         tok = tokenizers.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:
@@ -149,13 +150,13 @@ if __name__ == "__main__":
         if not os.path.isfile(audio):
             fail(f"--audio={audio}: file not found")
         try:
-            wav = prepare.load_audio(audio)
-        except prepare.BadAudio as e:
+            wav = load_audio(audio)
+        except BadAudio as e:
             fail(e)
-        codes, mel = prepare.features(wav, tools.codec())
+        codes, mel = features(wav, tools.codec())
         inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
         if getattr(config, "speech_features", "mel") == "whisper":
-            inp["wmel"] = torch.from_numpy(prepare.whisper_log_mel(wav))
+            inp["wmel"] = torch.from_numpy(whisper_log_mel(wav))
         print(f"input: {audio}, {len(wav) / meta['sample_rate']:.2f} s")
     else:
         inp, info = read_clip(data_dir, split, clip)
@@ -183,8 +184,8 @@ if __name__ == "__main__":
         write_wav(path, wav.numpy(), meta["sample_rate"])
         seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
         png = os.path.splitext(path)[0] + ".png"
-        prepare.plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
-                                 f"{codes.shape[1]} codebook(s) decoded)", prepare.log_mel(wav.numpy()))], boundary=seam)
+        plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
+                         f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))], boundary=seam)
         print(f"wrote {path} ({len(wav) / meta['sample_rate']:.2f} s" +
               (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s continuation" if seam else "") +
               f", {codes.shape[1]} codebook(s) decoded) and its log-mel spectrogram {png}")

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-SAMPLE_RATE = 24000     # the data contract's rate (prepare.SAMPLE_RATE, checked by tests/test_prepare.py)
+SAMPLE_RATE = 24000     # the data contract's rate (audio.SAMPLE_RATE, checked by tests/test_prepare.py)
 
 NOTE_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -401,7 +401,7 @@ def speak(text, voice, rate=175, pitch=50):
     finally:
         espeak_close(lib)
     wav = np.concatenate(chunks).astype(np.float32) / 32768 if chunks else np.zeros(0, np.float32)
-    from prepare import resample                     # prepare.py imports this file: import at use
+    from audio import resample                       # audio.py imports torch; the rest of this file is numpy only
     return resample(wav, ESPEAK_SR)
 
 # Speakers: a voice (espeak-ng language + variant, whose files are in espeakng-loader's data) at a fixed rate

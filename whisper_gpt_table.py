@@ -170,7 +170,7 @@ def table(results, model_list, kind_list, seed_list, train_args):
 # clip's true next second. Both are decoded the same way (codebook 0 alone) so the codec's own error cancels.
 
 def continuation_rows(model_list, kind_list, seed):
-    import prepare
+    import audio
     import sample as S
     import whisper_gpt as W
     tools = S.Tools(data_dir)
@@ -184,7 +184,7 @@ def continuation_rows(model_list, kind_list, seed):
             continue
         inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
         truth = {i: inputs[i]["codes"][:need, :1] for i in idx}
-        mels = {i: prepare.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
+        mels = {i: audio.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
 
         def scores_of(i, mel):
             """distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
@@ -212,7 +212,7 @@ def continuation_rows(model_list, kind_list, seed):
                 res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames, temperature=1.0, top_k=50, seed=k)
                 codes = torch.cat([res["prompt_codes"], res["codes"]])
                 wav = tools.decode(codes).numpy()
-                gen_mel = prepare.log_mel(wav)
+                gen_mel = audio.log_mel(wav)
                 rows.append(scores_of(i, gen_mel))
                 if k == 0:
                     panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
@@ -223,8 +223,8 @@ def continuation_rows(model_list, kind_list, seed):
             lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells) + f" | {len(rows)} |")
         S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), tools.decode(truth[idx[0]]).numpy(), 24000)
         png = os.path.join(out_root, "continuations", f"{kind}.png")
-        prepare.plot_mels(png, panels, title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), codebook 0 decoded",
-                          boundary=prompt_frames / 75)
+        audio.plot_mels(png, panels, title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), codebook 0 decoded",
+                        boundary=prompt_frames / 75)
     lines.append("")
     lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of each clip as prompt, "
                  f"{new_frames} frames generated and compared with the clip's next {new_frames}; every continuation, the "

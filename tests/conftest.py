@@ -19,15 +19,16 @@ SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kme
 @pytest.fixture(scope="session")
 def synth_dir(request, tmp_path_factory):
     """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl, tokenizer, codec).
-    Built once and kept in pytest's cache dir, keyed by prepare.py's content, so the test files share it;
-    NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
+    Built once and kept in pytest's cache dir, keyed by the code that makes it (prepare.py, audio.py, codec.py), so
+    the test files share it; NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
     import prepare
     if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1" or getattr(request.config, "cache", None) is None:
         out = tmp_path_factory.mktemp("synth")
     else:
-        key = hashlib.md5((ROOT / "prepare.py").read_bytes() + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
+        code = b"".join((ROOT / f).read_bytes() for f in ("prepare.py", "audio.py", "codec.py"))
+        key = hashlib.md5(code + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
         out = Path(request.config.cache.mkdir(f"synth-{key}"))
-        for old in out.parent.glob("synth-*"):        # corpora of earlier prepare.py versions (written over an hour ago)
+        for old in out.parent.glob("synth-*"):        # corpora of earlier versions (written over an hour ago)
             if old != out and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)
     prepare.main(SYNTH_ARGS + [f"--out_dir={out}"])  # returns at once if already complete there

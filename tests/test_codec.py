@@ -1,18 +1,19 @@
-"""prepare.py's codec: the pretrained EnCodec found, downloaded or refused (all without a network), and the offline
-codec that is trained on the corpus: it learns to reconstruct, resumes, and reads back what the labels say."""
+"""The codec: the pretrained EnCodec found, downloaded or refused (all without a network; audio.py), and the offline
+codec that is trained on the corpus (codec.py): it learns to reconstruct, resumes, and reads back what the labels say."""
 import numpy as np
 import pytest
 import torch
 
-import prepare as P
+import audio as A
+import codec as C
 import synth as Y
 
-SR = P.SAMPLE_RATE
+SR = A.SAMPLE_RATE
 
 
 def fake_encodec_checkpoint(path):
     """A checkpoint file in EnCodec 24 kHz's own format, from a seeded random model (the real one is a download)."""
-    model = P.offline_codec(seed=7)
+    model = A.offline_codec(seed=7)
     torch.save(model.state_dict(), path)
     return model
 
@@ -34,19 +35,19 @@ def test_download_goes_through_encodecs_loader_into_the_hub_cache(hub, monkeypat
         calls.append((url, hash_prefix))
         fake_encodec_checkpoint(dst)
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    model, weights = P.get_pretrained_codec()
-    assert calls and calls[0][0].endswith(P.CODEC_FILE) and calls[0][1] == "d7cc33bc"   # EnCodec's URL and hash check
-    assert weights == hub / P.CODEC_FILE and weights.is_file()
+    model, weights = A.get_pretrained_codec()
+    assert calls and calls[0][0].endswith(A.CODEC_FILE) and calls[0][1] == "d7cc33bc"   # EnCodec's URL and hash check
+    assert weights == hub / A.CODEC_FILE and weights.is_file()
     assert same_weights(model, fake_model_from(weights))
     # the next run finds it in the cache (the checksum check is EnCodec's; our fake file needs it patched)
     monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded twice"))
-    again, where = P.get_pretrained_codec()
+    again, where = A.get_pretrained_codec()
     assert where == weights and same_weights(again, model)
 
 
 def fake_model_from(path):
-    model = P.offline_codec(seed=0)
+    model = A.offline_codec(seed=0)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model
 
@@ -55,16 +56,16 @@ def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
     def no_network(*a, **k):
         raise OSError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    assert P.get_pretrained_codec() == (None, None)
+    assert A.get_pretrained_codec() == (None, None)
     out = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("Downloading: ")]   # torch.hub's own line
     assert len(out) == 1 and "downloading EnCodec's weights failed" in out[0] and "name resolution" in out[0]
     with pytest.raises(SystemExit, match="--strict"):
-        P.get_pretrained_codec(strict=True)
+        A.get_pretrained_codec(strict=True)
 
 
 def test_offline_never_tries_to_download(hub, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
-    assert P.get_pretrained_codec(offline=True) == (None, None)
+    assert A.get_pretrained_codec(offline=True) == (None, None)
     assert capsys.readouterr().out == ""
 
 
@@ -72,21 +73,21 @@ def test_codec_dir_and_corrupt_files(tmp_path, hub, monkeypatch, capsys):
     monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
     d = tmp_path / "weights"
     d.mkdir()
-    want = fake_encodec_checkpoint(d / P.CODEC_FILE)
-    model, where = P.get_pretrained_codec(codec_dir=d, offline=True)
-    assert where == d / P.CODEC_FILE and same_weights(model, want)
-    with pytest.raises(FileNotFoundError, match=P.CODEC_FILE):
-        P.get_pretrained_codec(codec_dir=tmp_path, offline=True)           # --codec_dir without the file
-    (d / P.CODEC_FILE).write_bytes(b"not a checkpoint")
-    assert P.get_pretrained_codec(codec_dir=d, offline=True) == (None, None)
+    want = fake_encodec_checkpoint(d / A.CODEC_FILE)
+    model, where = A.get_pretrained_codec(codec_dir=d, offline=True)
+    assert where == d / A.CODEC_FILE and same_weights(model, want)
+    with pytest.raises(FileNotFoundError, match=A.CODEC_FILE):
+        A.get_pretrained_codec(codec_dir=tmp_path, offline=True)           # --codec_dir without the file
+    (d / A.CODEC_FILE).write_bytes(b"not a checkpoint")
+    assert A.get_pretrained_codec(codec_dir=d, offline=True) == (None, None)
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and str(d / P.CODEC_FILE) in out[0] and "unusable" in out[0]
+    assert len(out) == 1 and str(d / A.CODEC_FILE) in out[0] and "unusable" in out[0]
 
 
 def test_a_truncated_download_in_the_cache_fails_the_real_checksum(hub, capsys):
     hub.mkdir(parents=True)
-    (hub / P.CODEC_FILE).write_bytes(b"\0" * 100)
-    assert P.get_pretrained_codec(offline=True) == (None, None)
+    (hub / A.CODEC_FILE).write_bytes(b"\0" * 100)
+    assert A.get_pretrained_codec(offline=True) == (None, None)
     assert "unusable" in capsys.readouterr().out
 
 
@@ -94,36 +95,36 @@ def test_readers_read_the_corpus_labels_from_clean_audio():
     rng = lambda i: np.random.default_rng([5, i])
     notes = [Y.make_music(rng(i), 3.0) for i in range(60)]
     notes = [(w, info) for w, info in notes if info["labels"]["form"] == "note" and info["labels"]["instrument"] != "bell"]
-    assert len(notes) >= 5 and all(P.read_note(w) == info["labels"]["pitch"] for w, info in notes)
-    assert all(P.read_morse(w) == info["transcript"] for w, info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
-    assert all(P.read_dtmf(w) == info["labels"]["digits"] for w, info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
+    assert len(notes) >= 5 and all(C.read_note(w) == info["labels"]["pitch"] for w, info in notes)
+    assert all(C.read_morse(w) == info["transcript"] for w, info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
+    assert all(C.read_dtmf(w) == info["labels"]["digits"] for w, info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
     # a tone a semitone up reads as the next note
     w = Y.tone("sine", Y.midi_hz(61), 1.0, None)
-    assert P.read_note(w) == "C#4" and P.read_note(Y.tone("sine", Y.midi_hz(60), 1.0, None)) == "C4"
+    assert C.read_note(w) == "C#4" and C.read_note(Y.tone("sine", Y.midi_hz(60), 1.0, None)) == "C4"
 
 
 def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     torch.manual_seed(0)
     wavs = [Y.tone("sawtooth", Y.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5 for i in range(3)]
-    model = P.offline_codec()
-    err = lambda m: np.mean([np.abs(P.log_mel(y) - P.log_mel(w)).mean()
-                             for y, w in zip(P.reconstruct(m, wavs, quantized=False), wavs)])
+    model = A.offline_codec()
+    err = lambda m: np.mean([np.abs(A.log_mel(y) - A.log_mel(w)).mean()
+                             for y, w in zip(C.reconstruct(m, wavs, quantized=False), wavs)])
     before = err(model)
     ckpt = tmp_path / "codec_train.pt"
-    P.train_codec(model, wavs, 20, ckpt=ckpt, quiet=True)
+    C.train_codec(model, wavs, 20, ckpt=ckpt, quiet=True)
     assert torch.load(ckpt, weights_only=True)["step"] == 20
     after = err(model)
     assert after < 0.6 * before, (before, after)
     # a call with the same budget only loads the checkpoint (no step retaken: no loss computed), one with a budget
     # of 21 takes one step from it
     steps_taken = []
-    loss = P.codec_loss
-    monkeypatch.setattr(P, "codec_loss", lambda x, y: steps_taken.append(1) or loss(x, y))
-    again = P.offline_codec()
-    P.train_codec(again, wavs, 20, ckpt=ckpt, quiet=True)
+    loss = C.codec_loss
+    monkeypatch.setattr(C, "codec_loss", lambda x, y: steps_taken.append(1) or loss(x, y))
+    again = A.offline_codec()
+    C.train_codec(again, wavs, 20, ckpt=ckpt, quiet=True)
     assert same_weights(again, model) and steps_taken == []
-    resumed = P.offline_codec()
-    P.train_codec(resumed, wavs, 21, ckpt=ckpt, quiet=True)
+    resumed = A.offline_codec()
+    C.train_codec(resumed, wavs, 21, ckpt=ckpt, quiet=True)
     assert steps_taken == [1]
     assert torch.load(ckpt, weights_only=True)["step"] == 21
     assert not same_weights(resumed, model)                  # it trained on from step 20, not from scratch...
@@ -136,9 +137,9 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
     come from a seed of its own."""
     wavs = [Y.tone("square", Y.midi_hz(60 + 4 * i), 0.8, np.random.default_rng(i)) * 0.5 for i in range(2)]
     torch.manual_seed(0)
-    straight = P.offline_codec()
-    P.train_codec(straight, wavs, 6, ckpt=tmp_path / "a.pt", quiet=True, save_every=2)
-    calls, loss = [], P.codec_loss
+    straight = A.offline_codec()
+    C.train_codec(straight, wavs, 6, ckpt=tmp_path / "a.pt", quiet=True, save_every=2)
+    calls, loss = [], C.codec_loss
 
     def dies_at_step_5(x, y):
         calls.append(1)
@@ -146,12 +147,12 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
             raise KeyboardInterrupt
         return loss(x, y)
 
-    monkeypatch.setattr(P, "codec_loss", dies_at_step_5)
+    monkeypatch.setattr(C, "codec_loss", dies_at_step_5)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        P.train_codec(P.offline_codec(), wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
+        C.train_codec(A.offline_codec(), wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(P, "codec_loss", loss)
-    resumed = P.offline_codec()                               # a fresh process would build a fresh model
-    P.train_codec(resumed, wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
+    monkeypatch.setattr(C, "codec_loss", loss)
+    resumed = A.offline_codec()                               # a fresh process would build a fresh model
+    C.train_codec(resumed, wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
     assert same_weights(resumed, straight)

@@ -1,5 +1,6 @@
-"""prepare.py: frame alignment, the mel against a direct DFT, the resampler, the corpus (deterministic, text
-matching audio), the written arrays, bad input handling, the offline codec and tokenizer."""
+"""prepare.py and the data contract it writes (audio.py): frame alignment, the mel against a direct DFT, the
+resampler, the corpus (deterministic, text matching audio), the written arrays, bad input handling, the offline codec
+and tokenizer."""
 import json
 import math
 import re
@@ -11,6 +12,8 @@ import pytest
 import soundfile as sf
 import torch
 
+import audio as A
+import codec as C
 import prepare as P
 import synth as Y
 import tokenizer as T
@@ -25,21 +28,21 @@ def sine(hz, seconds, sr=SR, amp=0.5):
 # ----------------------------------------------------------------------------- alignment
 
 def test_codec_and_mel_frame_counts_agree_for_many_lengths():
-    codec = P.offline_codec()
+    codec = A.offline_codec()
     for n in [1, 100, 319, 320, 321, 639, 640, 641, 1000, 4799, 4800, 4801, 9601]:
         x = torch.randn(1, 1, n) * 0.1
         with torch.no_grad():
             t_codec = codec.encoder(x).shape[-1]
-        t_mel = P.log_mel(x[0, 0].numpy()).shape[0]
-        assert t_codec == t_mel == math.ceil(n / 320) == P.n_frames(n), n
+        t_mel = A.log_mel(x[0, 0].numpy()).shape[0]
+        assert t_codec == t_mel == math.ceil(n / 320) == A.n_frames(n), n
 
 
 def test_mel_frame_i_is_centred_on_codec_block_i():
-    codec = P.offline_codec()
+    codec = A.offline_codec()
     for j in [0, 3, 8, 17]:
         x = np.zeros(320 * 24, np.float32)
         x[320 * j + 160] = 1.0                       # an impulse in the middle of block j
-        energy = P.log_mel(x).mean(axis=1)
+        energy = A.log_mel(x).mean(axis=1)
         assert int(np.argmax(energy)) == j
         assert energy[j - 1 if j else j + 1] < energy[j] - 0.2 or j == 0
         # and the causal codec first reacts at the same frame: frames < j are untouched (EnCodec pads the start of
@@ -55,7 +58,7 @@ def test_mel_frame_i_is_centred_on_codec_block_i():
 
 @pytest.fixture(scope="module")
 def codec(synth_dir):
-    return P.load_codec(synth_dir)
+    return A.load_codec(synth_dir)
 
 
 def test_features_match_stored_corpus(synth_dir, codec):
@@ -68,7 +71,7 @@ def test_features_match_stored_corpus(synth_dir, codec):
         wav, info = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
                                  speech=not meta["args"]["no_speech"])
         assert info["caption"] == c["caption"]
-        k, m = P.features(wav, codec)
+        k, m = A.features(wav, codec)
         assert k.shape == (c["frames"], 8) and m.shape == (c["frames"], 64)
         stored = codes[c["offset"]:c["offset"] + c["frames"]]
         assert (k[:, 0] == stored[:, 0]).mean() > 0.98    # the coarse stream: the same alone or in a batch
@@ -109,22 +112,22 @@ def reference_log_mel(x):
 def test_log_mel_matches_direct_dft_and_filterbank():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=3000) * 0.1 + sine(440, 3000 / SR)).astype(np.float32)
-    np.testing.assert_allclose(P.log_mel(x), reference_log_mel(x), atol=1e-4)
+    np.testing.assert_allclose(A.log_mel(x), reference_log_mel(x), atol=1e-4)
     # torch in, torch out; batches work
-    t = P.log_mel(torch.from_numpy(np.stack([x, x[::-1].copy()])))
+    t = A.log_mel(torch.from_numpy(np.stack([x, x[::-1].copy()])))
     assert torch.is_tensor(t) and t.shape == (2, 10, 64)
-    np.testing.assert_allclose(t[0].numpy(), P.log_mel(x), atol=1e-5)
+    np.testing.assert_allclose(t[0].numpy(), A.log_mel(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("hz", [200.0, 1000.0, 3000.0, 8000.0])
 def test_pure_tone_lands_in_its_mel_bin(hz):
-    m = P.log_mel(sine(hz, 0.5, amp=1.0))
+    m = A.log_mel(sine(hz, 0.5, amp=1.0))
     mel = lambda f: 2595 * np.log10(1 + f / 700)
     centres = 700 * (10 ** (np.linspace(0, mel(12000.0), 66)[1:-1] / 2595) - 1)
     peak = np.argmax(m[10:-10].mean(0))
     assert abs(peak - np.argmin(np.abs(centres - hz))) <= 1
     assert 0.7 < m[10:-10].max() < 1.2               # full-scale sine ~0 dB -> ~1
-    assert P.log_mel(np.zeros(3200, np.float32)).max() == -1.0
+    assert A.log_mel(np.zeros(3200, np.float32)).max() == -1.0
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -141,7 +144,7 @@ def peak_freq(x, sr):
 def test_resampler_keeps_frequency_amplitude_and_length(sr_in):
     for hz in [440.0, 3150.0]:
         x = sine(hz, 0.7, sr=sr_in, amp=0.5)
-        y = P.resample(x, sr_in, SR)
+        y = A.resample(x, sr_in, SR)
         assert len(y) == math.ceil(len(x) * SR / sr_in)
         mid = y[len(y) // 4: 3 * len(y) // 4]
         assert abs(peak_freq(mid, SR) - hz) < 0.5
@@ -151,12 +154,12 @@ def test_resampler_keeps_frequency_amplitude_and_length(sr_in):
         ref = 0.5 * np.sin(2 * np.pi * hz * t)
         sl = slice(len(y) // 4, 3 * len(y) // 4)
         assert np.abs(y[sl] - ref[sl]).max() < 0.01
-    assert np.array_equal(P.resample(x, sr_in, sr_in), x)
+    assert np.array_equal(A.resample(x, sr_in, sr_in), x)
 
 
 def test_resampler_removes_what_cannot_be_represented():
     x = sine(15000.0, 0.5, sr=48000)                   # above the new Nyquist (12 kHz): must not alias to 9 kHz
-    y = P.resample(x, 48000, SR)
+    y = A.resample(x, 48000, SR)
     assert np.abs(y[2000:-2000]).max() < 0.5 * 10 ** (-40 / 20)
 
 
@@ -181,7 +184,7 @@ def test_morse_transcript_decodes_back_from_the_audio():
     clips = synth_of_kind("morse", 25)
     assert len({info["transcript"] for _, info in clips}) > 10
     for wav, info in clips:
-        assert P.read_morse(wav) == info["transcript"] == info["labels"]["word"]
+        assert C.read_morse(wav) == info["transcript"] == info["labels"]["word"]
 
 
 def count_onsets(x, min_gap=0.04):
@@ -208,7 +211,7 @@ def test_event_counts_and_order_match_onsets():
 
 def test_dtmf_digits_decode_back_from_the_audio():
     for wav, info in synth_of_kind("dtmf", 15):
-        digits = P.read_dtmf(wav)                     # Goertzel power at the 4 + 3 keypad frequencies, per burst
+        digits = C.read_dtmf(wav)                     # Goertzel power at the 4 + 3 keypad frequencies, per burst
         assert digits == info["labels"]["digits"]
         assert info["transcript"] == " ".join(Y.DTMF_WORDS[d] for d in digits)
 
@@ -218,7 +221,7 @@ def test_single_note_pitch_matches_label():
     for wav, info in synth_of_kind("music", 80):
         if info["labels"]["form"] != "note" or info["labels"]["instrument"] == "bell":
             continue
-        f = P.read_pitch(wav[2000: SR // 2])          # YIN, independent of how the note was made
+        f = C.read_pitch(wav[2000: SR // 2])          # YIN, independent of how the note was made
         midi = 69 + 12 * np.log2(f / 440)
         assert abs(midi - round(midi)) < 0.25, (info["labels"], f)   # in tune (the plucked string included)
         assert Y.midi_name(int(round(midi))) == info["labels"]["pitch"], (info["labels"], f)
@@ -287,7 +290,7 @@ def test_offline_tokenizer_round_trips_and_is_compact(synth_dir):
 
 
 def test_train_bpe_learns_frequent_words():
-    ranks = P.train_bpe(["the cat sat on the mat"] * 10 + ["the dog"], 400)
+    ranks = T.train_bpe(["the cat sat on the mat"] * 10 + ["the dog"], 400)
     assert len(ranks) > 256 and b" cat" in ranks and b"the" in ranks
     enc = T.make_encoding("t", ranks)
     assert len(enc.encode("the cat sat on the mat")) == 6
@@ -397,15 +400,15 @@ def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
 # ----------------------------------------------------------------------------- the offline codec
 
 def test_offline_codec_codes_vary_and_depend_on_audio(synth_dir, codec):
-    low, _ = P.features(sine(220, 1.0), codec)
-    high, _ = P.features(sine(1760, 1.0), codec)
-    noise, _ = P.features(np.random.default_rng(0).normal(0, 0.2, SR).astype(np.float32), codec)
-    again, _ = P.features(sine(220, 1.0), codec)
+    low, _ = A.features(sine(220, 1.0), codec)
+    high, _ = A.features(sine(1760, 1.0), codec)
+    noise, _ = A.features(np.random.default_rng(0).normal(0, 0.2, SR).astype(np.float32), codec)
+    again, _ = A.features(sine(220, 1.0), codec)
     assert np.array_equal(low, again)
     mid = slice(10, -5)
     assert (low[mid, 0] != high[mid, 0]).mean() > 0.9 and (low[mid, 0] != noise[mid, 0]).mean() > 0.9
     t = np.arange(SR) / SR
-    sweep, _ = P.features((0.5 * np.sin(2 * np.pi * (100 * t + 2000 * t ** 2))).astype(np.float32), codec)
+    sweep, _ = A.features((0.5 * np.sin(2 * np.pi * (100 * t + 2000 * t ** 2))).astype(np.float32), codec)
     assert len(np.unique(sweep[:, 0])) > 20          # a changing signal (100 Hz -> 4.1 kHz) gives changing codes
     codes = np.memmap(Path(synth_dir, "train_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
     for q in range(6):
@@ -528,7 +531,7 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     assert [c["id"] for c in clips] == ["tone0.wav", "tone1.wav", "tone2.wav"]
     assert not list(out.glob(".work-*"))
     codes = np.memmap(out / "train_codes.bin", np.uint16, mode="r").reshape(-1, 8)
-    k, _ = P.features(P.load_audio(src / "tone1.wav"), P.load_codec(out))
+    k, _ = A.features(A.load_audio(src / "tone1.wav"), A.load_codec(out))
     stored = codes[clips[1]["offset"]:clips[1]["offset"] + clips[1]["frames"]]
     assert np.array_equal(k, stored)
 
@@ -631,15 +634,15 @@ def test_speech_library_that_will_not_load_is_reported(tmp_path, capsys, monkeyp
 
 def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="encodec_24khz-d7cc33bc.th"):
-        P.find_codec_weights(tmp_path)                  # --codec_dir without the weights
+        A.find_codec_weights(tmp_path)                  # --codec_dir without the weights
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert P.find_codec_weights(None) is None           # no hub cache either -> the offline codec
+    assert A.find_codec_weights(None) is None           # no hub cache either -> the offline codec
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     assert not T.gpt2_files_cached()                    # -> the offline BPE, without touching the network
 
 
 def test_the_corpus_generator_writes_at_the_data_contract_rate():
-    """synth.py keeps its own copy of the sample rate (prepare.py imports it, so it cannot import prepare.py's)."""
-    assert Y.SAMPLE_RATE == P.SAMPLE_RATE
+    """synth.py keeps its own copy of the sample rate (it is numpy only; audio.py imports torch)."""
+    assert Y.SAMPLE_RATE == A.SAMPLE_RATE
     wav, info = Y.synth_clip(1337, 0, 1.0)
     assert len(wav) <= Y.SAMPLE_RATE * 1.0 + 1 and info["kind"]

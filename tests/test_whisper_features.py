@@ -1,4 +1,4 @@
-"""prepare.py's OpenAI Whisper input features (--whisper_mel): against openai-whisper's own log-mel, stored
+"""audio.py's OpenAI Whisper input features (prepare.py --whisper_mel): against openai-whisper's own log-mel, stored
 time-aligned with each clip (and resumed from chunks), and a Whisper checkpoint's encoder loaded into salmonn.py's
 SpeechEncoder giving Whisper's outputs on the same features."""
 import json
@@ -7,12 +7,12 @@ import types
 import importlib.machinery
 import importlib.util
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import audio as A
 import prepare as P
 import synth as Y
 
@@ -42,8 +42,8 @@ def whisper():
 
 
 def test_whisper_audio_constants_match_ours(whisper):
-    assert whisper.audio.N_FFT == P.WHISPER_N_FFT and whisper.audio.HOP_LENGTH == P.WHISPER_HOP
-    assert whisper.audio.SAMPLE_RATE == P.WHISPER_SR
+    assert whisper.audio.N_FFT == A.WHISPER_N_FFT and whisper.audio.HOP_LENGTH == A.WHISPER_HOP
+    assert whisper.audio.SAMPLE_RATE == A.WHISPER_SR
 
 
 def test_whisper_log_mel_matches_openai_whisper(whisper):
@@ -53,28 +53,28 @@ def test_whisper_log_mel_matches_openai_whisper(whisper):
     x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 2500 * t * (1 + t / 4))
          + 0.05 * rng.normal(size=n)).astype(np.float32)
     x[: 16000 // 2] *= 0.01                           # a quiet start, so the 8-decade floor matters somewhere
-    ours = P.whisper_log_mel(x, sr=16000)
+    ours = A.whisper_log_mel(x, sr=16000)
     ref = whisper.audio.log_mel_spectrogram(torch.from_numpy(x)).numpy().T   # the same un-padded input
     assert ours.dtype == np.float32 and ours.shape == ref.shape == (n // 160, 80)
     assert np.abs(ours - ref).max() < 1e-4
-    # 24 kHz in (the default): resampled to 16 kHz by prepare.resample, then the same
-    x24 = P.resample(x, 16000, 24000)
-    m24 = P.whisper_log_mel(x24)
-    np.testing.assert_array_equal(m24, P.whisper_log_mel(P.resample(x24, 24000, 16000), sr=16000))
+    # 24 kHz in (the default): resampled to 16 kHz by audio.resample, then the same
+    x24 = A.resample(x, 16000, 24000)
+    m24 = A.whisper_log_mel(x24)
+    np.testing.assert_array_equal(m24, A.whisper_log_mel(A.resample(x24, 24000, 16000), sr=16000))
     assert abs(len(m24) - len(x24) / 24000 * 100) <= 1
     assert np.abs(m24 - ref).mean() < 0.05            # resampling twice changes little
 
 
 def test_missing_filters_are_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delitem(P._mel_cache, "wfb", raising=False)
+    monkeypatch.delitem(A._mel_cache, "wfb", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps openai-whisper"):
-        P.whisper_log_mel(np.zeros(24000, np.float32))
+        A.whisper_log_mel(np.zeros(24000, np.float32))
     spec = importlib.machinery.ModuleSpec("whisper", None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
     with pytest.raises(FileNotFoundError) as e:
-        P.whisper_log_mel(np.zeros(24000, np.float32))
+        A.whisper_log_mel(np.zeros(24000, np.float32))
     assert str(tmp_path / "assets" / "mel_filters.npz") in str(e.value) and "pip install --no-deps" in str(e.value)
 
 
@@ -117,7 +117,7 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     c = clips[0]
     wav, _ = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
                           speech=not meta["args"]["no_speech"])
-    want = P.whisper_log_mel(wav)
+    want = A.whisper_log_mel(wav)
     assert want.shape == (c["wframes"], 80)
     np.testing.assert_allclose(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32), want, atol=2e-3)
 

@@ -245,14 +245,14 @@ def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir):
     """The codec decoding a frame or a few at a time (its layers' state kept) gives the audio of decoding the clip
     at once, for codebook 0 alone and for all eight; and the hybrid's mel of each generated frame equals the mel of
     the whole decoded clip."""
-    import prepare
+    import audio
     import sample as S
     tools = S.Tools(synth_dir)
     inp, _ = S.read_clip(synth_dir, "val", 0)
     for k in (1, 8):
         codes = inp["codes"][:60, :k]
         full = tools.decode(codes)
-        stream = prepare.StreamingDecoder(tools.codec())
+        stream = audio.StreamingDecoder(tools.codec())
         pieces, at = [stream(codes[:10])], 10
         while at < 60:                               # one frame, then two, then three, ...
             step = 1 + len(pieces) % 3

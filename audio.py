@@ -1,0 +1,451 @@
+"""
+The data contract, as openai/whisper's audio.py is Whisper's: the fixed numbers (24 kHz, 75 frames
+per second, 8 codebooks, 64 mel bins), audio I/O and our resampler, the log-mel framed like the
+codec (and Whisper's own log-mel), and the EnCodec 24 kHz codec at run time: found, downloaded or
+loaded with the data, encoding, and decoding as a stream.
+
+prepare.py makes the data with these; sample.py, whisper_gpt_table.py and the tests use them:
+load_codec(data_dir), load_audio(path), resample(wav, sr_in, sr_out), log_mel(wav),
+whisper_log_mel(wav), features(wav, codec), StreamingDecoder(codec), plot_mels(path, panels).
+Fitting the offline codec on a corpus is codec.py's.
+"""
+import os
+import re
+import sys
+import json
+import math
+import time
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import soundfile as sf
+
+# encodec imports torchaudio at module level but only uses it for file helpers we never call; the registry's
+# torchaudio wheels do not load against the CPU torch, so stand in an empty module when the import fails.
+try:
+    import torchaudio  # noqa: F401
+except Exception:
+    sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+from encodec import EncodecModel  # noqa: E402
+from encodec.modules.conv import pad1d as encodec_pad1d  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# the data contract's fixed numbers
+
+SAMPLE_RATE = 24000
+HOP = 320               # EnCodec 24 kHz stride: 75 frames/s
+FRAME_RATE = SAMPLE_RATE // HOP
+N_Q = 8                 # codebooks at 6 kbps
+BANDWIDTH = 6.0
+CODEBOOK_SIZE = 1024
+N_MELS = 64
+N_FFT = 640             # 26.7 ms Hann window (37.5 Hz bins: the lowest mel filters still cover whole bins)
+F_MIN, F_MAX = 0.0, SAMPLE_RATE / 2
+# EnCodec is causal: codec frame i is computed from samples < 320*(i+1), and its own 13.3 ms are
+# samples [320*i, 320*(i+1)). Mel frame i is centred on the middle of that block, sample 320*i + 160,
+# so its window spans [320*i + 160 - N_FFT/2, 320*i + 160 + N_FFT/2) (zero padded at the edges).
+MEL_CENTER = HOP // 2
+MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160 = half a frame)
+LOG_FLOOR = 1e-8        # -80 dB
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au"}
+CODEC_FILE = "encodec_24khz-d7cc33bc.th"
+
+def n_frames(n_samples):
+    """Frames EnCodec gives for n samples (and so the mel too)."""
+    return -(-n_samples // HOP)
+
+# -----------------------------------------------------------------------------
+# audio I/O and resampling (our own: torchaudio is not usable with the CPU torch)
+
+_kernels = {}
+
+def _resample_kernels(up, down, zeros=24, beta=8.0):
+    """Polyphase windowed-sinc filters: one row per output phase p = (n * down) % up."""
+    key = (up, down)
+    if key not in _kernels:
+        cutoff = 0.97 * min(1.0, up / down)          # of the input Nyquist; a little margin for the transition band
+        half = int(math.ceil(zeros / cutoff))        # taps each side, in input samples
+        taps = np.arange(-half, half + 2)            # input offsets relative to floor(t)
+        phase = np.arange(up)[:, None] / up           # fractional position of the output between input samples
+        x = taps[None, :] - phase                    # distance in input samples
+        w = np.kaiser(2 * half + 3, beta)            # a smooth window over |x| <= half + 1
+        w = np.interp(x, np.linspace(-half - 1, half + 1, 2 * half + 3), w)
+        k = cutoff * np.sinc(cutoff * x) * w
+        k /= k.sum(axis=1, keepdims=True)            # unit DC gain per phase
+        _kernels[key] = (taps, k.astype(np.float32))
+    return _kernels[key]
+
+def resample(wav, sr_in, sr_out=SAMPLE_RATE):
+    """Band-limited resampling of a 1-D float array by a rational factor (polyphase windowed sinc, Kaiser window).
+    Output length is ceil(len * sr_out / sr_in); output sample n sits at input time n * sr_in / sr_out."""
+    wav = np.asarray(wav, dtype=np.float32)
+    sr_in, sr_out = int(sr_in), int(sr_out)
+    if sr_in == sr_out:
+        return wav.copy()
+    g = math.gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g
+    taps, k = _resample_kernels(up, down)
+    n_out = -(-len(wav) * up // down)
+    pad = taps.max() + 1
+    x = np.concatenate([np.zeros(pad, np.float32), wav, np.zeros(pad + 1, np.float32)])
+    out = np.empty(n_out, np.float32)
+    for s in range(0, n_out, 16384):                 # in chunks: the gather is (chunk, taps)
+        n = np.arange(s, min(n_out, s + 16384))
+        base = (n * down) // up
+        ph = (n * down) % up
+        out[s:s + len(n)] = np.einsum("nt,nt->n", x[base[:, None] + taps[None, :] + pad], k[ph])
+    return out
+
+class BadAudio(ValueError):
+    pass
+
+def check_audio(wav, name="audio"):
+    """Raise BadAudio with a clear reason if a 24 kHz clip cannot be used."""
+    if wav.size == 0:
+        raise BadAudio(f"{name}: zero-length audio (0 samples)")
+    if not np.all(np.isfinite(wav)):
+        raise BadAudio(f"{name}: contains NaN or infinite samples")
+    if wav.size < HOP:
+        raise BadAudio(f"{name}: shorter than one frame ({wav.size} samples < {HOP} at {SAMPLE_RATE} Hz)")
+    if np.abs(wav).max() < 1e-4:
+        raise BadAudio(f"{name}: all silent (peak {np.abs(wav).max():.1e})")
+
+def load_audio(path, sr=SAMPLE_RATE):
+    """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to sr.
+    Returns float32 np array. Raises BadAudio (a ValueError) naming the file and the problem."""
+    path = str(path)
+    try:
+        data, file_sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise BadAudio(f"{path}: unreadable or corrupt audio ({type(e).__name__}: {str(e).strip()[:120]})")
+    wav = data.mean(axis=1)
+    if wav.size and np.all(np.isfinite(wav)):
+        wav = resample(wav, file_sr, sr)
+    check_audio(wav, path)
+    return wav
+
+# -----------------------------------------------------------------------------
+# log-mel spectrogram, framed exactly like the codec (see MEL_CENTER above)
+
+def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE, fmin=F_MIN, fmax=F_MAX):
+    """Triangular filters on the HTK mel scale with peak 1 (no area norm, so a pure tone reads about the same at
+    any frequency), (n_mels, n_fft//2 + 1)."""
+    hz2mel = lambda f: 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+    mel2hz = lambda m: 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
+    edges = mel2hz(np.linspace(hz2mel(fmin), hz2mel(fmax), n_mels + 2))
+    freqs = np.arange(n_fft // 2 + 1) * sr / n_fft
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    fb = np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
+    return fb.astype(np.float32)
+
+_mel_cache = {}
+
+def log_mel(wav):
+    """Log-mel spectrogram: (n,) or (B, n) audio at 24 kHz -> (frames, 64) or (B, frames, 64), frames = ceil(n/320).
+    Accepts numpy or torch; returns the same kind (float32). Values: (log10(mel power) + 4) / 4, power of a
+    Hann-windowed frame scaled so a full-scale sine is ~0 dB (-> ~1); silence sits at -1 (floor -80 dB)."""
+    is_np = not torch.is_tensor(wav)
+    x = torch.as_tensor(np.asarray(wav, dtype=np.float32)) if is_np else wav.float()
+    squeeze = x.dim() == 1
+    if squeeze:
+        x = x[None]
+    if "fb" not in _mel_cache:
+        _mel_cache["fb"] = torch.from_numpy(mel_filterbank())
+        _mel_cache["win"] = torch.hann_window(N_FFT, periodic=True)
+    fb, win = _mel_cache["fb"].to(x.device), _mel_cache["win"].to(x.device)
+    n = x.shape[-1]
+    T = n_frames(n)
+    left = N_FFT // 2 - MEL_CENTER                   # frame 0 starts at sample 160 - N_FFT/2
+    right = (T - 1) * HOP + N_FFT - left - n
+    x = torch.nn.functional.pad(x, (left, max(0, right)))
+    frames = x.unfold(-1, N_FFT, HOP)[:, :T]          # (B, T, N_FFT)
+    spec = torch.fft.rfft(frames * win, dim=-1)
+    power = spec.real ** 2 + spec.imag ** 2
+    power = power * (4.0 / win.sum() ** 2)           # amplitude-1 sine -> peak bin power ~1
+    mel = power @ fb.T                                # (B, T, n_mels)
+    out = (torch.log10(mel.clamp_min(LOG_FLOOR)) + 4.0) / 4.0
+    if squeeze:
+        out = out[0]
+    return out.numpy() if is_np else out
+
+def plot_mels(path, panels, title=None, boundary=None):
+    """A PNG of log-mels (frames, n_mels) stacked one above the other: panels is a list of (name, mel). boundary,
+    in seconds, draws a line (where a prompt ends and the continuation starts). Written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.9 * len(panels) + 0.4), squeeze=False)
+    for ax, (name, mel) in zip(axes[:, 0], panels):
+        mel = np.asarray(mel, np.float32)
+        ax.imshow(mel.T, origin="lower", aspect="auto", vmin=-1, vmax=1, cmap="magma",
+                  extent=[0, len(mel) / FRAME_RATE, 0, mel.shape[1]])
+        ax.set_ylabel("mel bin")
+        ax.set_title(name, fontsize=9, loc="left")
+        if boundary is not None:
+            ax.axvline(boundary, color="cyan", lw=1.5, ls="--")
+    axes[-1, 0].set_xlabel("seconds")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
+    tmp = Path(f"{path}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+# OpenAI Whisper's own input features (optional --whisper_mel stream), so a real Whisper encoder sees what it was
+# trained on: aligned with the clip, not with the codec frames (frame i is centred on 16 kHz sample 160*i, at i/100 s)
+WHISPER_SR, WHISPER_N_FFT, WHISPER_HOP, WHISPER_N_MELS = 16000, 400, 160, 80
+WHISPER_FRAME_RATE = WHISPER_SR // WHISPER_HOP     # 100 frames/s
+
+def whisper_mel_filters():
+    """The 80-bin Slaney filters openai-whisper ships (whisper/assets/mel_filters.npz, key "mel_80"), (80, 201).
+    Found without importing whisper (its __init__ imports numba): pip install --no-deps openai-whisper is enough."""
+    if "wfb" not in _mel_cache:
+        import importlib.util
+        spec = importlib.util.find_spec("whisper")
+        if spec is None or not spec.submodule_search_locations:   # not installed, or an unrelated module "whisper"
+            raise FileNotFoundError("whisper mel: openai-whisper is not installed, so its whisper/assets/mel_filters.npz "
+                                    "cannot be found (pip install --no-deps openai-whisper)")
+        path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "mel_filters.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"whisper mel: {path} not found (pip install --no-deps openai-whisper)")
+        with np.load(path, allow_pickle=False) as f:
+            _mel_cache["wfb"] = torch.from_numpy(f[f"mel_{WHISPER_N_MELS}"].astype(np.float32))
+    return _mel_cache["wfb"]
+
+def whisper_log_mel(wav, sr=SAMPLE_RATE):
+    """Whisper's log-mel (as whisper.audio.log_mel_spectrogram) of a 1-D clip at sr (24 kHz by default; resampled
+    to 16 kHz here) -> (frames, 80) float32, frames = n16k // 160 (about 100 per second). One difference: Whisper
+    takes the max for its 8-decade floor over its whole (30 s, zero padded) input; here it is over the clip itself."""
+    x = np.asarray(wav, dtype=np.float32)
+    if sr != WHISPER_SR:
+        x = resample(x, sr, WHISPER_SR)
+    x = torch.from_numpy(x)
+    win = torch.hann_window(WHISPER_N_FFT)            # periodic, as Whisper's
+    stft = torch.stft(x, WHISPER_N_FFT, WHISPER_HOP, window=win, center=True, pad_mode="reflect", return_complex=True)
+    power = stft[..., :-1].abs() ** 2                 # Whisper drops the last frame
+    mel = whisper_mel_filters() @ power               # (80, frames)
+    out = torch.clamp(mel, min=1e-10).log10()
+    out = torch.maximum(out, out.max() - 8.0)
+    return ((out + 4.0) / 4.0).T.contiguous().numpy()
+
+# -----------------------------------------------------------------------------
+# the codec: pretrained EnCodec 24 kHz whenever its weights can be had, else the offline one stored
+# with the data (its architecture is here; codec.py fits it on the corpus)
+
+def find_codec_weights(codec_dir=None):
+    """Directory holding encodec_24khz-d7cc33bc.th: --codec_dir, else the torch hub cache, else None."""
+    cands = [Path(codec_dir)] if codec_dir else []
+    cands.append(Path(torch.hub.get_dir()) / "checkpoints")
+    for d in cands:
+        if (d / CODEC_FILE).is_file():
+            return d
+    if codec_dir:
+        raise FileNotFoundError(f"--codec_dir={codec_dir}: no {CODEC_FILE} there")
+    return None
+
+def pretrained_codec(weights_dir):
+    warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
+    model = EncodecModel.encodec_model_24khz(pretrained=True, repository=Path(weights_dir))   # checks the file's hash
+    model.set_target_bandwidth(BANDWIDTH)
+    return model.eval()
+
+def download_codec():
+    """EnCodec 24 kHz through encodec's own loader: torch.hub downloads (and hash-checks) it into the hub cache."""
+    warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
+    model = EncodecModel.encodec_model_24khz(pretrained=True)
+    model.set_target_bandwidth(BANDWIDTH)
+    return model.eval()
+
+def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
+    """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub cache, else a download
+    (skipped when offline); (None, None) when none can be had: the caller then trains the offline codec. Each
+    failure is one line naming the file or the cause (with strict, an error)."""
+    def failed(msg):
+        if strict:
+            sys.exit(f"error: {msg} (--strict)")
+        print(f"codec: {msg}")
+    weights_dir = find_codec_weights(codec_dir)
+    if weights_dir:
+        try:
+            return pretrained_codec(weights_dir), weights_dir / CODEC_FILE
+        except Exception as e:                       # a truncated or corrupt file: wrong hash, unreadable
+            failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: {str(e).strip()[:120]}); "
+                   "delete it to download it again")
+            return None, None
+    if offline:
+        return None, None
+    t0 = time.time()
+    try:
+        return download_codec(), Path(torch.hub.get_dir()) / "checkpoints" / CODEC_FILE
+    except Exception as e:
+        failed(f"downloading EnCodec's weights failed after {time.time() - t0:.1f}s "
+               f"({type(e).__name__}: {str(e).strip()[:120]})")
+        return None, None
+
+def offline_codec(seed=1234):
+    """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all zeros)."""
+    torch.manual_seed(seed)
+    warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
+    model = EncodecModel.encodec_model_24khz(pretrained=False)
+    model.set_target_bandwidth(BANDWIDTH)
+    return model.eval()
+
+class Standardize(torch.nn.Module):
+    """Per-channel (x - mean) / std on the encoder output (B, 128, T): the offline codec's calibration."""
+    def __init__(self, dim=128):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x):
+        return (x - self.mean[:, None]) / self.std[:, None]
+
+def load_codec(data_dir):
+    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one saved there)."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    c = meta["codec"]
+    if c["pretrained"]:
+        return pretrained_codec(Path(c["weights"]).parent)
+    ckpt = torch.load(Path(data_dir) / c["weights"], map_location="cpu", weights_only=True)
+    if not ckpt.get("fitted"):
+        raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were never fitted")
+    model = offline_codec()
+    n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
+    for _ in range(n_std):                           # one before training, one for k-means (see calibrate)
+        model.encoder.model.append(Standardize())
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers.")) for k in missing):
+        raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this audio.py's offline "
+                         f"codec (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): "
+                         "re-run prepare.py --force")
+    return model.eval()
+
+@torch.no_grad()
+def encode_emb(model, wavs):
+    """Batch of 1-D float arrays -> list of encoder outputs (frames, 128), frames = ceil(n / 320). EnCodec is
+    causal, so the zeros after a shorter clip do not change its frames."""
+    lens = [len(w) for w in wavs]
+    # every clip is zero padded to whole frames: then no conv pads its end by reflection, and a clip's codes are
+    # the same alone or in a batch
+    x = torch.zeros(len(wavs), 1, n_frames(max(lens)) * HOP)
+    for i, w in enumerate(wavs):
+        x[i, 0, :len(w)] = torch.as_tensor(w)
+    emb = model.encoder(x).transpose(1, 2)            # (B, T, 128)
+    return [emb[i, :n_frames(n)] for i, n in enumerate(lens)]
+
+@torch.no_grad()
+def quantize(model, emb):
+    """Encoder outputs (T, 128) -> codes (T, N_Q) int64."""
+    codes = model.quantizer.encode(emb.T[None], model.frame_rate, BANDWIDTH)   # (n_q, 1, T)
+    return codes[:, 0].T.long()
+
+def features(wav, codec):
+    """features(wav, codec) -> (codes, mel): wav a 1-D float array/tensor at 24 kHz (n samples), codec from
+    load_codec() (or a prepared data dir, whose codec is then loaded). codes: int64 np array (frames, 8) of EnCodec codes at 6 kbps (column 0 the coarse stream);
+    mel: float32 np array (frames, 64) from log_mel(); frames = ceil(n / 320) for both, frame i aligned."""
+    if isinstance(codec, (str, Path)):
+        codec = load_codec(codec)
+    wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
+    emb = encode_emb(codec, [wav])[0]
+    return quantize(codec, emb).numpy(), log_mel(wav)
+
+class StreamingDecoder:
+    """Decodes codes a few frames at a time with EnCodec's decoder and returns the same audio as decoding the whole
+    sequence at once (up to float rounding): the decoder is causal, so each layer only needs its own state: the last
+    (k - 1) * dilation inputs of a conv, the overlap tail of a transposed conv, the LSTM's (h, c). Whisper-GPT's
+    hybrid uses it to get the mel of each frame it generates at the cost of one frame of decoding.
+    The first call should carry at least 7 frames (the prompt): the first conv pads its start by reflection."""
+
+    def __init__(self, codec):
+        from encodec.modules.conv import SConv1d, SConvTranspose1d
+        from encodec.modules.lstm import SLSTM
+        from encodec.modules.seanet import SEANetResnetBlock
+        self.codec, self.state, self.weights = codec, {}, {}
+        self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose, SLSTM: self._lstm,
+                      SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
+
+    @torch.no_grad()
+    def __call__(self, codes):
+        """codes (T, k): the next T frames of the first k codebooks -> their audio, (T * 320,) float32."""
+        z = self.codec.quantizer.decode(torch.as_tensor(codes).long().T[:, None])   # (1, 128, T)
+        return self._run(self.codec.decoder.model, z)[0, 0].float()
+
+    def _run(self, module, x):
+        step = self.kinds.get(type(module))
+        if step:
+            return step(module, x)
+        if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):                  # no state in time
+            return module(x)
+        raise TypeError(f"StreamingDecoder: no streaming rule for {type(module).__name__} in the codec's decoder")
+
+    def _sequential(self, module, x):
+        for m in module:
+            x = self._run(m, x)
+        return x
+
+    def _resnet_block(self, module, x):
+        return self._run(module.shortcut, x) + self._run(module.block, x)
+
+    def _weight(self, conv):
+        """A conv's weight, computed once: EnCodec's weight norm (g * v / |v|, norm over all but dim 0) would
+        otherwise be recomputed at every call, which costs more than a frame's convolution."""
+        if conv not in self.weights:
+            w = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True) if hasattr(conv, "weight_g") else conv.weight
+            self.weights[conv] = w.detach()
+        return self.weights[conv]
+
+    def _conv(self, module, x):
+        conv = module.conv.conv
+        assert conv.stride[0] == 1 and isinstance(module.conv.norm, torch.nn.Identity), "stride 1, weight norm"
+        pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        if pad:
+            prev = self.state.get(module)
+            x = encodec_pad1d(x, (pad, 0), module.pad_mode) if prev is None else torch.cat([prev, x], -1)
+            self.state[module] = x[..., -pad:]
+        return torch.nn.functional.conv1d(x, self._weight(conv), conv.bias, dilation=conv.dilation)
+
+    def _conv_transpose(self, module, x):
+        convtr = module.convtr.convtr
+        assert isinstance(module.convtr.norm, torch.nn.Identity), "weight norm"
+        k, stride = convtr.kernel_size[0], convtr.stride[0]
+        if k == 2 * stride:                              # EnCodec's upsampling: one matmul and two shifted adds, much
+            B, _, n = x.shape                            # faster than the generic kernel on a frame or two
+            w = self._weight(convtr)                     # (C_in, C_out, k)
+            cols = (x.transpose(1, 2) @ w.flatten(1)).view(B, n, -1, k).permute(0, 2, 1, 3)   # (B, C_out, n, k)
+            y = x.new_zeros(B, cols.shape[1], (n + 1) * stride)
+            y[..., :n * stride] += cols[..., :stride].flatten(2)
+            y[..., stride:] += cols[..., stride:].flatten(2)
+        else:
+            y = torch.nn.functional.conv_transpose1d(x, self._weight(convtr), None, stride=stride)
+        prev = self.state.get(module)                    # y: (.., n * stride + k - stride); its tail overlaps what follows
+        if prev is not None:
+            y[..., :k - stride] += prev
+        n = x.shape[-1] * stride
+        self.state[module] = y[..., n:]
+        y = y[..., :n]
+        return y if convtr.bias is None else y + convtr.bias[:, None]
+
+    def _lstm(self, module, x):
+        x = x.permute(2, 0, 1)                           # (T, B, C)
+        state = self.state.get(module)
+        if state is None or len(x) > 8:
+            y, self.state[module] = module.lstm(x, state)
+        else:                                            # a few steps: the cell by hand, ~10x faster than the fused
+            lstm, (h, c), y = module.lstm, state, x      # kernel's per-call cost for one step
+            for layer in range(lstm.num_layers):
+                w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+                b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+                hl, cl, out = h[layer], c[layer], []
+                for xt in y:
+                    i, f, g, o = (xt @ w_ih.T + hl @ w_hh.T + b).chunk(4, -1)
+                    cl = torch.sigmoid(f) * cl + torch.sigmoid(i) * torch.tanh(g)
+                    hl = torch.sigmoid(o) * torch.tanh(cl)
+                    out.append(hl)
+                y, h, c = torch.stack(out), torch.cat([h[:layer], hl[None], h[layer + 1:]]), torch.cat([c[:layer], cl[None], c[layer + 1:]])
+            self.state[module] = (h, c)
+        return (y + x if module.skip else y).permute(1, 2, 0)
+
