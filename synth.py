@@ -355,6 +355,9 @@ def espeak_open():
     except OSError as e:
         raise SpeechUnavailable(f"cannot load libespeak-ng: {e}") from None
     lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    if not hasattr(lib, "espeak_ng_SetRandSeed"):                # espeak-ng >= 1.52: without it, breathy voices vary
+        raise SpeechUnavailable(f"{lib_path}: too old, no espeak_ng_SetRandSeed (pip install -U espeakng-loader)")
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
     lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                  ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
@@ -389,8 +392,10 @@ def speak(text, voice, rate=175, pitch=50):
         return 0                                     # 0: go on
     lib = espeak_open()
     try:
-        ctypes.CDLL(None).srand(0)                   # the voices' noise comes from libc's rand(), which other
-        lib.espeak_SetSynthCallback(collect)         # libraries in this process may have drawn from
+        ctypes.CDLL(None).srand(0)                   # some voices' noise comes from libc's rand(), which other
+        lib.espeak_SetSynthCallback(collect)         # libraries in this process may have drawn from, and the
+        lib.espeak_ng_SetRandSeed(0)                 # breathy ones' (f2, f3, f5, Alicia) from espeak's own
+                                                     # generator, seeded from the clock by default
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise SpeechUnavailable(f"espeak-ng has no voice {voice!r}")
         lib.espeak_SetParameter(1, int(rate), 0)     # espeakRATE

@@ -19,13 +19,14 @@ SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kme
 @pytest.fixture(scope="session")
 def synth_dir(request, tmp_path_factory):
     """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl, tokenizer, codec).
-    Built once and kept in pytest's cache dir, keyed by the code that makes it (prepare.py, audio.py, codec.py), so
-    the test files share it; NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
+    Built once and kept in pytest's cache dir, keyed by the code that makes it (prepare.py, audio.py, codec.py,
+    synth.py, tokenizer.py), so the test files share it; NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
     import prepare
     if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1" or getattr(request.config, "cache", None) is None:
         out = tmp_path_factory.mktemp("synth")
     else:
-        code = b"".join((ROOT / f).read_bytes() for f in ("prepare.py", "audio.py", "codec.py"))
+        code = b"".join((ROOT / f).read_bytes() for f in ("prepare.py", "audio.py", "codec.py", "synth.py",
+                                                                  "tokenizer.py"))
         key = hashlib.md5(code + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
         out = Path(request.config.cache.mkdir(f"synth-{key}"))
         for old in out.parent.glob("synth-*"):        # corpora of earlier versions (written over an hour ago)

@@ -565,6 +565,22 @@ def test_speech_voice_and_sentence_change_the_audio():
     assert np.array_equal(Y.speak(text, "en-us+Andy"), man)
 
 
+def test_every_speaker_gives_the_same_samples_in_a_new_process():
+    """Two processes speak the same sentence in every voice: identical samples. The breathy voices (f2, f3,
+    Alicia) draw noise from espeak's own generator, which is seeded from the clock unless synth.speak seeds it;
+    a resumed prepare.py would then write other audio than an uninterrupted one."""
+    import hashlib
+    import subprocess
+    code = ("import hashlib, synth; print(' '.join(hashlib.md5(synth.speak('check eighty grey tables', v, r, p)"
+            ".tobytes()).hexdigest() for v, _, r, p in synth.SPEAKERS.values()))")
+    root = Path(__file__).resolve().parent.parent
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    here = " ".join(hashlib.md5(Y.speak("check eighty grey tables", v, r, p).tobytes()).hexdigest()
+                    for v, _, r, p in Y.SPEAKERS.values())
+    assert runs[0].split() == runs[1].split() == here.split()
+
+
 def test_every_speaker_exists_and_its_pitch_matches_its_sex():
     import espeakng_loader
     variants = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
