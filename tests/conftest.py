@@ -25,8 +25,8 @@ def synth_dir(request, tmp_path_factory):
     if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1" or getattr(request.config, "cache", None) is None:
         out = tmp_path_factory.mktemp("synth")
     else:
-        code = b"".join((ROOT / f).read_bytes() for f in ("prepare.py", "audio.py", "codec.py", "synth.py",
-                                                                  "tokenizer.py"))
+        files = ("prepare.py", "audio.py", "codec.py", "synth.py", "tokenizer.py")
+        code = b"".join((ROOT / f).read_bytes() for f in files)
         key = hashlib.md5(code + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
         out = Path(request.config.cache.mkdir(f"synth-{key}"))
         for old in out.parent.glob("synth-*"):        # corpora of earlier versions (written over an hour ago)
