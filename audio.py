@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import soundfile as sf
 
-# encodec imports torchaudio at module level but only uses it for file helpers we never call; the registry's
-# torchaudio wheels do not load against the CPU torch, so stand in an empty module when the import fails.
+# encodec imports torchaudio at module level but only uses it for file helpers we never call; the
+# registry's torchaudio wheels do not load against the CPU torch, so stand in an empty module when
+# the import fails.
 try:
     import torchaudio  # noqa: F401
 except Exception:
@@ -42,13 +43,16 @@ N_Q = 8                 # codebooks at 6 kbps
 BANDWIDTH = 6.0
 CODEBOOK_SIZE = 1024
 N_MELS = 64
-N_FFT = 640             # 26.7 ms Hann window (37.5 Hz bins: the lowest mel filters still cover whole bins)
+N_FFT = 640             # 26.7 ms Hann window (37.5 Hz bins: the lowest mel filters still cover
+                        # whole bins)
 F_MIN, F_MAX = 0.0, SAMPLE_RATE / 2
 # EnCodec is causal: codec frame i is computed from samples < 320*(i+1), and its own 13.3 ms are
-# samples [320*i, 320*(i+1)). Mel frame i is centred on the middle of that block, sample 320*i + 160,
-# so its window spans [320*i + 160 - N_FFT/2, 320*i + 160 + N_FFT/2) (zero padded at the edges).
+# samples [320*i, 320*(i+1)). Mel frame i is centred on the middle of that block, sample 320*i +
+# 160, so its window spans [320*i + 160 - N_FFT/2, 320*i + 160 + N_FFT/2) (zero padded at the
+# edges).
 MEL_CENTER = HOP // 2
-MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160 = half a frame)
+MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160 = half a
+                                          # frame)
 LOG_FLOOR = 1e-8        # -80 dB
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au"}
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
@@ -66,10 +70,12 @@ def _resample_kernels(up, down, zeros=24, beta=8.0):
     """Polyphase windowed-sinc filters: one row per output phase p = (n * down) % up."""
     key = (up, down)
     if key not in _kernels:
-        cutoff = 0.97 * min(1.0, up / down)          # of the input Nyquist; a little margin for the transition band
+        # of the input Nyquist; a little margin for the transition band
+        cutoff = 0.97 * min(1.0, up / down)
         half = int(math.ceil(zeros / cutoff))        # taps each side, in input samples
         taps = np.arange(-half, half + 2)            # input offsets relative to floor(t)
-        phase = np.arange(up)[:, None] / up           # fractional position of the output between input samples
+        # fractional position of the output between input samples
+        phase = np.arange(up)[:, None] / up
         x = taps[None, :] - phase                    # distance in input samples
         w = np.kaiser(2 * half + 3, beta)            # a smooth window over |x| <= half + 1
         w = np.interp(x, np.linspace(-half - 1, half + 1, 2 * half + 3), w)
@@ -79,8 +85,9 @@ def _resample_kernels(up, down, zeros=24, beta=8.0):
     return _kernels[key]
 
 def resample(wav, sr_in, sr_out=SAMPLE_RATE):
-    """Band-limited resampling of a 1-D float array by a rational factor (polyphase windowed sinc, Kaiser window).
-    Output length is ceil(len * sr_out / sr_in); output sample n sits at input time n * sr_in / sr_out."""
+    """Band-limited resampling of a 1-D float array by a rational factor (polyphase windowed sinc,
+    Kaiser window). Output length is ceil(len * sr_out / sr_in); output sample n sits at input time
+    n * sr_in / sr_out."""
     wav = np.asarray(wav, dtype=np.float32)
     sr_in, sr_out = int(sr_in), int(sr_out)
     if sr_in == sr_out:
@@ -109,7 +116,8 @@ def check_audio(wav, name="audio"):
     if not np.all(np.isfinite(wav)):
         raise BadAudio(f"{name}: contains NaN or infinite samples")
     if wav.size < HOP:
-        raise BadAudio(f"{name}: shorter than one frame ({wav.size} samples < {HOP} at {SAMPLE_RATE} Hz)")
+        raise BadAudio(f"{name}: shorter than one frame ({wav.size} samples < {HOP} at "
+                       f"{SAMPLE_RATE} Hz)")
     if np.abs(wav).max() < 1e-4:
         raise BadAudio(f"{name}: all silent (peak {np.abs(wav).max():.1e})")
 
@@ -120,7 +128,8 @@ def load_audio(path, sr=SAMPLE_RATE):
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        raise BadAudio(f"{path}: unreadable or corrupt audio ({type(e).__name__}: {str(e).strip()[:120]})")
+        raise BadAudio(f"{path}: unreadable or corrupt audio ({type(e).__name__}: "
+                       f"{str(e).strip()[:120]})")
     wav = data.mean(axis=1)
     if wav.size and np.all(np.isfinite(wav)):
         wav = resample(wav, file_sr, sr)
@@ -131,8 +140,8 @@ def load_audio(path, sr=SAMPLE_RATE):
 # log-mel spectrogram, framed exactly like the codec (see MEL_CENTER above)
 
 def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE, fmin=F_MIN, fmax=F_MAX):
-    """Triangular filters on the HTK mel scale with peak 1 (no area norm, so a pure tone reads about the same at
-    any frequency), (n_mels, n_fft//2 + 1)."""
+    """Triangular filters on the HTK mel scale with peak 1 (no area norm, so a pure tone reads about
+    the same at any frequency), (n_mels, n_fft//2 + 1)."""
     hz2mel = lambda f: 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
     mel2hz = lambda m: 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
     edges = mel2hz(np.linspace(hz2mel(fmin), hz2mel(fmax), n_mels + 2))
@@ -144,9 +153,10 @@ def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE, fmin=F_MIN, fmax=
 _mel_cache = {}
 
 def log_mel(wav):
-    """Log-mel spectrogram: (n,) or (B, n) audio at 24 kHz -> (frames, 64) or (B, frames, 64), frames = ceil(n/320).
-    Accepts numpy or torch; returns the same kind (float32). Values: (log10(mel power) + 4) / 4, power of a
-    Hann-windowed frame scaled so a full-scale sine is ~0 dB (-> ~1); silence sits at -1 (floor -80 dB)."""
+    """Log-mel spectrogram: (n,) or (B, n) audio at 24 kHz -> (frames, 64) or (B, frames, 64),
+    frames = ceil(n/320). Accepts numpy or torch; returns the same kind (float32). Values:
+    (log10(mel power) + 4) / 4, power of a Hann-windowed frame scaled so a full-scale sine is ~0 dB
+    (-> ~1); silence sits at -1 (floor -80 dB)."""
     is_np = not torch.is_tensor(wav)
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32)) if is_np else wav.float()
     squeeze = x.dim() == 1
@@ -172,8 +182,9 @@ def log_mel(wav):
     return out.numpy() if is_np else out
 
 def plot_mels(path, panels, title=None, boundary=None):
-    """A PNG of log-mels (frames, n_mels) stacked one above the other: panels is a list of (name, mel). boundary,
-    in seconds, draws a line (where a prompt ends and the continuation starts). Written atomically."""
+    """A PNG of log-mels (frames, n_mels) stacked one above the other: panels is a list of (name,
+    mel). boundary, in seconds, draws a line (where a prompt ends and the continuation starts).
+    Written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,37 +206,44 @@ def plot_mels(path, panels, title=None, boundary=None):
     plt.close(fig)
     os.replace(tmp, path)
 
-# OpenAI Whisper's own input features (optional --whisper_mel stream), so a real Whisper encoder sees what it was
-# trained on: aligned with the clip, not with the codec frames (frame i is centred on 16 kHz sample 160*i, at i/100 s)
+# OpenAI Whisper's own input features (optional --whisper_mel stream), so a real Whisper encoder
+# sees what it was trained on: aligned with the clip, not with the codec frames (frame i is centred
+# on 16 kHz sample 160*i, at i/100 s)
 WHISPER_SR, WHISPER_N_FFT, WHISPER_HOP, WHISPER_N_MELS = 16000, 400, 160, 80
 WHISPER_FRAME_RATE = WHISPER_SR // WHISPER_HOP     # 100 frames/s
 
 def whisper_mel_filters():
-    """The 80-bin Slaney filters openai-whisper ships (whisper/assets/mel_filters.npz, key "mel_80"), (80, 201).
-    Found without importing whisper (its __init__ imports numba): pip install --no-deps openai-whisper is enough."""
+    """The 80-bin Slaney filters openai-whisper ships (whisper/assets/mel_filters.npz, key
+    "mel_80"), (80, 201). Found without importing whisper (its __init__ imports numba): pip install
+    --no-deps openai-whisper is enough."""
     if "wfb" not in _mel_cache:
         import importlib.util
         spec = importlib.util.find_spec("whisper")
-        if spec is None or not spec.submodule_search_locations:   # not installed, or an unrelated module "whisper"
-            raise FileNotFoundError("whisper mel: openai-whisper is not installed, so its whisper/assets/mel_filters.npz "
-                                    "cannot be found (pip install --no-deps openai-whisper)")
+        # not installed, or an unrelated module "whisper"
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("whisper mel: openai-whisper is not installed, so its "
+                                    "whisper/assets/mel_filters.npz cannot be found (pip install "
+                                    "--no-deps openai-whisper)")
         path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "mel_filters.npz"
         if not path.is_file():
-            raise FileNotFoundError(f"whisper mel: {path} not found (pip install --no-deps openai-whisper)")
+            raise FileNotFoundError(f"whisper mel: {path} not found (pip install --no-deps "
+                                    f"openai-whisper)")
         with np.load(path, allow_pickle=False) as f:
             _mel_cache["wfb"] = torch.from_numpy(f[f"mel_{WHISPER_N_MELS}"].astype(np.float32))
     return _mel_cache["wfb"]
 
 def whisper_log_mel(wav, sr=SAMPLE_RATE):
-    """Whisper's log-mel (as whisper.audio.log_mel_spectrogram) of a 1-D clip at sr (24 kHz by default; resampled
-    to 16 kHz here) -> (frames, 80) float32, frames = n16k // 160 (about 100 per second). One difference: Whisper
-    takes the max for its 8-decade floor over its whole (30 s, zero padded) input; here it is over the clip itself."""
+    """Whisper's log-mel (as whisper.audio.log_mel_spectrogram) of a 1-D clip at sr (24 kHz by
+    default; resampled to 16 kHz here) -> (frames, 80) float32, frames = n16k // 160 (about 100 per
+    second). One difference: Whisper takes the max for its 8-decade floor over its whole (30 s, zero
+    padded) input; here it is over the clip itself."""
     x = np.asarray(wav, dtype=np.float32)
     if sr != WHISPER_SR:
         x = resample(x, sr, WHISPER_SR)
     x = torch.from_numpy(x)
     win = torch.hann_window(WHISPER_N_FFT)            # periodic, as Whisper's
-    stft = torch.stft(x, WHISPER_N_FFT, WHISPER_HOP, window=win, center=True, pad_mode="reflect", return_complex=True)
+    stft = torch.stft(x, WHISPER_N_FFT, WHISPER_HOP, window=win, center=True, pad_mode="reflect",
+                      return_complex=True)
     power = stft[..., :-1].abs() ** 2                 # Whisper drops the last frame
     mel = whisper_mel_filters() @ power               # (80, frames)
     out = torch.clamp(mel, min=1e-10).log10()
@@ -237,7 +255,8 @@ def whisper_log_mel(wav, sr=SAMPLE_RATE):
 # with the data (its architecture is here; codec.py fits it on the corpus)
 
 def find_codec_weights(codec_dir=None):
-    """Directory holding encodec_24khz-d7cc33bc.th: --codec_dir, else the torch hub cache, else None."""
+    """Directory holding encodec_24khz-d7cc33bc.th: --codec_dir, else the torch hub cache, else
+    None."""
     cands = [Path(codec_dir)] if codec_dir else []
     cands.append(Path(torch.hub.get_dir()) / "checkpoints")
     for d in cands:
@@ -249,21 +268,24 @@ def find_codec_weights(codec_dir=None):
 
 def pretrained_codec(weights_dir):
     warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
-    model = EncodecModel.encodec_model_24khz(pretrained=True, repository=Path(weights_dir))   # checks the file's hash
+    # checks the file's hash
+    model = EncodecModel.encodec_model_24khz(pretrained=True, repository=Path(weights_dir))
     model.set_target_bandwidth(BANDWIDTH)
     return model.eval()
 
 def download_codec():
-    """EnCodec 24 kHz through encodec's own loader: torch.hub downloads (and hash-checks) it into the hub cache."""
+    """EnCodec 24 kHz through encodec's own loader: torch.hub downloads (and hash-checks) it into
+    the hub cache."""
     warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
     model = EncodecModel.encodec_model_24khz(pretrained=True)
     model.set_target_bandwidth(BANDWIDTH)
     return model.eval()
 
 def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
-    """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub cache, else a download
-    (skipped when offline); (None, None) when none can be had: the caller then trains the offline codec. Each
-    failure is one line naming the file or the cause (with strict, an error)."""
+    """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub
+    cache, else a download (skipped when offline); (None, None) when none can be had: the caller
+    then trains the offline codec. Each failure is one line naming the file or the cause (with
+    strict, an error)."""
     def failed(msg):
         if strict:
             sys.exit(f"error: {msg} (--strict)")
@@ -272,8 +294,10 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     if weights_dir:
         try:
             return pretrained_codec(weights_dir), weights_dir / CODEC_FILE
-        except Exception as e:                       # a truncated or corrupt file: wrong hash, unreadable
-            failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: {str(e).strip()[:120]}); "
+        except Exception as e:                       # a truncated or corrupt file: wrong hash,
+                                                     # unreadable
+            failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
+                   f"{str(e).strip()[:120]}); "
                    "delete it to download it again")
             return None, None
     if offline:
@@ -287,7 +311,8 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
         return None, None
 
 def offline_codec(seed=1234):
-    """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all zeros)."""
+    """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all
+    zeros)."""
     torch.manual_seed(seed)
     warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
     model = EncodecModel.encodec_model_24khz(pretrained=False)
@@ -295,7 +320,8 @@ def offline_codec(seed=1234):
     return model.eval()
 
 class Standardize(torch.nn.Module):
-    """Per-channel (x - mean) / std on the encoder output (B, 128, T): the offline codec's calibration."""
+    """Per-channel (x - mean) / std on the encoder output (B, 128, T): the offline codec's
+    calibration."""
     def __init__(self, dim=128):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -305,32 +331,37 @@ class Standardize(torch.nn.Module):
         return (x - self.mean[:, None]) / self.std[:, None]
 
 def load_codec(data_dir):
-    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one saved there)."""
+    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
+    saved there)."""
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     c = meta["codec"]
     if c["pretrained"]:
         return pretrained_codec(Path(c["weights"]).parent)
     ckpt = torch.load(Path(data_dir) / c["weights"], map_location="cpu", weights_only=True)
     if not ckpt.get("fitted"):
-        raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were never fitted")
+        raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were "
+                         f"never fitted")
     model = offline_codec()
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
-    for _ in range(n_std):                           # one before training, one for k-means (see calibrate)
+    # one before training, one for k-means (see calibrate)
+    for _ in range(n_std):
         model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers.")) for k in missing):
+    if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers."))
+                         for k in missing):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this audio.py's offline "
-                         f"codec (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): "
+                         f"codec (missing {sorted(missing)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]}): "
                          "re-run prepare.py --force")
     return model.eval()
 
 @torch.no_grad()
 def encode_emb(model, wavs):
-    """Batch of 1-D float arrays -> list of encoder outputs (frames, 128), frames = ceil(n / 320). EnCodec is
-    causal, so the zeros after a shorter clip do not change its frames."""
+    """Batch of 1-D float arrays -> list of encoder outputs (frames, 128), frames = ceil(n / 320).
+    EnCodec is causal, so the zeros after a shorter clip do not change its frames."""
     lens = [len(w) for w in wavs]
-    # every clip is zero padded to whole frames: then no conv pads its end by reflection, and a clip's codes are
-    # the same alone or in a batch
+    # every clip is zero padded to whole frames: then no conv pads its end by reflection, and a
+    # clip's codes are the same alone or in a batch
     x = torch.zeros(len(wavs), 1, n_frames(max(lens)) * HOP)
     for i, w in enumerate(wavs):
         x[i, 0, :len(w)] = torch.as_tensor(w)
@@ -344,9 +375,10 @@ def quantize(model, emb):
     return codes[:, 0].T.long()
 
 def features(wav, codec):
-    """features(wav, codec) -> (codes, mel): wav a 1-D float array/tensor at 24 kHz (n samples), codec from
-    load_codec() (or a prepared data dir, whose codec is then loaded). codes: int64 np array (frames, 8) of EnCodec codes at 6 kbps (column 0 the coarse stream);
-    mel: float32 np array (frames, 64) from log_mel(); frames = ceil(n / 320) for both, frame i aligned."""
+    """features(wav, codec) -> (codes, mel): wav a 1-D float array/tensor at 24 kHz (n samples),
+    codec from load_codec() (or a prepared data dir, whose codec is then loaded). codes: int64 np
+    array (frames, 8) of EnCodec codes at 6 kbps (column 0 the coarse stream); mel: float32 np array
+    (frames, 64) from log_mel(); frames = ceil(n / 320) for both, frame i aligned."""
     if isinstance(codec, (str, Path)):
         codec = load_codec(codec)
     wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
@@ -354,23 +386,26 @@ def features(wav, codec):
     return quantize(codec, emb).numpy(), log_mel(wav)
 
 class StreamingDecoder:
-    """Decodes codes a few frames at a time with EnCodec's decoder and returns the same audio as decoding the whole
-    sequence at once (up to float rounding): the decoder is causal, so each layer only needs its own state: the last
-    (k - 1) * dilation inputs of a conv, the overlap tail of a transposed conv, the LSTM's (h, c). Whisper-GPT's
-    hybrid uses it to get the mel of each frame it generates at the cost of one frame of decoding.
-    The first call should carry at least 7 frames (the prompt): the first conv pads its start by reflection."""
+    """Decodes codes a few frames at a time with EnCodec's decoder and returns the same audio as
+    decoding the whole sequence at once (up to float rounding): the decoder is causal, so each layer
+    only needs its own state: the last (k - 1) * dilation inputs of a conv, the overlap tail of a
+    transposed conv, the LSTM's (h, c). Whisper-GPT's hybrid uses it to get the mel of each frame it
+    generates at the cost of one frame of decoding. The first call should carry at least 7 frames
+    (the prompt): the first conv pads its start by reflection."""
 
     def __init__(self, codec):
         from encodec.modules.conv import SConv1d, SConvTranspose1d
         from encodec.modules.lstm import SLSTM
         from encodec.modules.seanet import SEANetResnetBlock
         self.codec, self.state, self.weights = codec, {}, {}
-        self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose, SLSTM: self._lstm,
+        self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose,
+                      SLSTM: self._lstm,
                       SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
 
     @torch.no_grad()
     def __call__(self, codes):
-        """codes (T, k): the next T frames of the first k codebooks -> their audio, (T * 320,) float32."""
+        """codes (T, k): the next T frames of the first k codebooks -> their audio, (T * 320,)
+        float32."""
         z = self.codec.quantizer.decode(torch.as_tensor(codes).long().T[:, None])   # (1, 128, T)
         return self._run(self.codec.decoder.model, z)[0, 0].float()
 
@@ -378,9 +413,11 @@ class StreamingDecoder:
         step = self.kinds.get(type(module))
         if step:
             return step(module, x)
-        if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):                  # no state in time
+        # no state in time
+        if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):
             return module(x)
-        raise TypeError(f"StreamingDecoder: no streaming rule for {type(module).__name__} in the codec's decoder")
+        raise TypeError(f"StreamingDecoder: no streaming rule for {type(module).__name__} in the "
+                        f"codec's decoder")
 
     def _sequential(self, module, x):
         for m in module:
@@ -391,8 +428,9 @@ class StreamingDecoder:
         return self._run(module.shortcut, x) + self._run(module.block, x)
 
     def _weight(self, conv):
-        """A conv's weight, computed once: EnCodec's weight norm (g * v / |v|, norm over all but dim 0) would
-        otherwise be recomputed at every call, which costs more than a frame's convolution."""
+        """A conv's weight, computed once: EnCodec's weight norm (g * v / |v|, norm over all but dim
+        0) would otherwise be recomputed at every call, which costs more than a frame's
+        convolution."""
         if conv not in self.weights:
             w = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True) if hasattr(conv, "weight_g") else conv.weight
             self.weights[conv] = w.detach()
@@ -400,11 +438,13 @@ class StreamingDecoder:
 
     def _conv(self, module, x):
         conv = module.conv.conv
-        assert conv.stride[0] == 1 and isinstance(module.conv.norm, torch.nn.Identity), "stride 1, weight norm"
+        assert conv.stride[0] == 1 and isinstance(module.conv.norm,
+                                                  torch.nn.Identity), "stride 1, weight norm"
         pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
         if pad:
             prev = self.state.get(module)
-            x = encodec_pad1d(x, (pad, 0), module.pad_mode) if prev is None else torch.cat([prev, x], -1)
+            x = encodec_pad1d(x, (pad, 0),
+                              module.pad_mode) if prev is None else torch.cat([prev, x], -1)
             self.state[module] = x[..., -pad:]
         return torch.nn.functional.conv1d(x, self._weight(conv), conv.bias, dilation=conv.dilation)
 
@@ -412,16 +452,20 @@ class StreamingDecoder:
         convtr = module.convtr.convtr
         assert isinstance(module.convtr.norm, torch.nn.Identity), "weight norm"
         k, stride = convtr.kernel_size[0], convtr.stride[0]
-        if k == 2 * stride:                              # EnCodec's upsampling: one matmul and two shifted adds, much
-            B, _, n = x.shape                            # faster than the generic kernel on a frame or two
+        # EnCodec's upsampling: one matmul and two shifted adds, much
+        if k == 2 * stride:
+            # faster than the generic kernel on a frame or two
+            B, _, n = x.shape
             w = self._weight(convtr)                     # (C_in, C_out, k)
-            cols = (x.transpose(1, 2) @ w.flatten(1)).view(B, n, -1, k).permute(0, 2, 1, 3)   # (B, C_out, n, k)
+            # (B, C_out, n, k)
+            cols = (x.transpose(1, 2) @ w.flatten(1)).view(B, n, -1, k).permute(0, 2, 1, 3)
             y = x.new_zeros(B, cols.shape[1], (n + 1) * stride)
             y[..., :n * stride] += cols[..., :stride].flatten(2)
             y[..., stride:] += cols[..., stride:].flatten(2)
         else:
             y = torch.nn.functional.conv_transpose1d(x, self._weight(convtr), None, stride=stride)
-        prev = self.state.get(module)                    # y: (.., n * stride + k - stride); its tail overlaps what follows
+        # y: (.., n * stride + k - stride); its tail overlaps what follows
+        prev = self.state.get(module)
         if prev is not None:
             y[..., :k - stride] += prev
         n = x.shape[-1] * stride
@@ -434,10 +478,12 @@ class StreamingDecoder:
         state = self.state.get(module)
         if state is None or len(x) > 8:
             y, self.state[module] = module.lstm(x, state)
-        else:                                            # a few steps: the cell by hand, ~10x faster than the fused
+        else:                                            # a few steps: the cell by hand, ~10x
+                                                         # faster than the fused
             lstm, (h, c), y = module.lstm, state, x      # kernel's per-call cost for one step
             for layer in range(lstm.num_layers):
-                w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+                w_ih, w_hh = getattr(lstm,
+                                     f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
                 b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
                 hl, cl, out = h[layer], c[layer], []
                 for xt in y:

@@ -1,32 +1,38 @@
 """
-Benchmark fused_attention.attention against PyTorch's scaled_dot_product_attention on a CUDA GPU; and,
-without a GPU, show what the compiler makes of every kernel for an H100.
+Benchmark fused_attention.attention against PyTorch's scaled_dot_product_attention on a CUDA GPU;
+and, without a GPU, show what the compiler makes of every kernel for an H100.
 
     python bench_attention.py                  # the full table (takes a few minutes on an H100)
     python bench_attention.py --quick          # a few rows, to check that everything runs
     python bench_attention.py --out=bench.md   # also write the table as markdown
     python bench_attention.py --ptxas          # no GPU needed: registers, spills, shared memory, MMA shapes
 
-For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k tokens
-and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and forward+backward of:
+For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k
+tokens
+and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and forward+backward
+of:
   ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed with
           both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv kernel; =split:
           a dq kernel of its own; the default, auto, takes atomic for D <= 64 and split at D = 128), and
           the ratios use the faster of the two
   flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a padding
           mask, so on mixed-length batches it computes the whole padded problem (and a different answer)
-  masked  SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of backend
+  masked SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of
+  backend
 "uniform" rows have every sequence at full length; "mixed" rows draw lengths uniformly in [T/4, T].
-TFLOP/s count the useful work only (pairs of real positions; padding and the masked causal half excluded),
-the same count for all three, so the ratios are ratios of speed (> 1: ours is faster). "max err" is the
-largest difference between ours and masked SDPA in the forward output. The goals (docs/fused_attention.md):
-forward+backward >= 1.0x flash for T >= 1k, D = 64 and 128, causal and not; >= 1.5x masked on mixed rows.
+TFLOP/s count the useful work only (pairs of real positions; padding and the masked causal half
+excluded), the same count for all three, so the ratios are ratios of speed (> 1: ours is faster).
+"max err" is the
+largest difference between ours and masked SDPA in the forward output. The goals
+(docs/fused_attention.md): forward+backward >= 1.0x flash for T >= 1k, D = 64 and 128, causal and
+not; >= 1.5x masked on mixed rows.
 
---ptxas compiles every kernel x head dim x TILES entry x causal/k_lens variant for sm_90a through Triton's
-own compiler and ptxas, with the JIT's specialisation for 16-byte-aligned tensors and lengths that are
-multiples of 16 (what a launch on an H100 with such shapes builds), and prints registers per thread, spill
-(stack) bytes, shared memory and the MMA instructions used. tests/test_fused_attention.py checks the same
-builds (no spills, shared memory within the limit, wgmma).
+--ptxas compiles every kernel x head dim x TILES entry x causal/k_lens variant for sm_90a through
+Triton's own compiler and ptxas, with the JIT's specialisation for 16-byte-aligned tensors and
+lengths that are multiples of 16 (what a launch on an H100 with such shapes builds), and prints
+registers per thread, spill (stack) bytes, shared memory and the MMA instructions used.
+tests/test_fused_attention.py checks the same builds (no spills, shared memory within the limit,
+wgmma).
 """
 
 import argparse
@@ -46,13 +52,14 @@ import torch.nn.functional as F
 
 SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one program may use on an H100
 VARIANTS = [(causal, k_lens) for causal in (False, True) for k_lens in (False, True)]
-# the TILES names; "fwd-pointers" is the forward without tensor descriptors (unaligned inputs, pre-Hopper)
+# the TILES names; "fwd-pointers" is the forward without tensor descriptors (unaligned inputs,
+# pre-Hopper)
 TUNED_KERNELS = ("fwd", "fwd-pointers", "decode", "dkdv_atomic", "dkdv", "dq")
 FIXED_KERNELS = ("merge", "preprocess")  # one configuration each, no causal / k_lens variants
 
 def ptxas_cases(dims=(16, 32, 64, 128), tiles="all"):
-    """(kernel, D, causal, k_lens, tile) of every build: each TILES entry ("default": the first only) in
-    each variant; one build of the merge and preprocessing kernels (tile None)."""
+    """(kernel, D, causal, k_lens, tile) of every build: each TILES entry ("default": the first
+    only) in each variant; one build of the merge and preprocessing kernels (tile None)."""
     import fused_attention as fa
     cases = []
     for D in dims:
@@ -64,10 +71,10 @@ def ptxas_cases(dims=(16, 32, 64, 128), tiles="all"):
 
 @functools.lru_cache(maxsize=None)
 def recorded_launches(D, dtype, causal, k_lens):
-    """{kernel name: (kernel, args, kwargs)}: the launches that fused_attention makes for one forward and
-    backward (both dq modes, B=2, H=4, T=1024) and one decoding step (Tq=1 over 4096 keys), recorded
-    instead of run, on meta tensors: their data_ptr() is 0, aligned like the caching allocator's, and
-    they count as an H100's (132 SMs, tensor descriptors)."""
+    """{kernel name: (kernel, args, kwargs)}: the launches that fused_attention makes for one
+    forward and backward (both dq modes, B=2, H=4, T=1024) and one decoding step (Tq=1 over 4096
+    keys), recorded instead of run, on meta tensors: their data_ptr() is 0, aligned like the caching
+    allocator's, and they count as an H100's (132 SMs, tensor descriptors)."""
     import fused_attention as fa
     B, H, T = 2, 4, 1024
     meta = lambda *shape: torch.empty(*shape, dtype=getattr(torch, dtype), device="meta")
@@ -79,7 +86,8 @@ def recorded_launches(D, dtype, causal, k_lens):
         o, lse = fa._flash_forward(q, k, v, causal, lens, 0.125)
         for bwd in ("atomic", "split"):
             fa._flash_backward(torch.empty_like(q), q, k, v, o, lse, causal, lens, 0.125, bwd)
-        fa._flash_forward(meta(B, H, 1, D), meta(B, H, 4 * T, D), meta(B, H, 4 * T, D), causal, lens, 0.125)
+        fa._flash_forward(meta(B, H, 1, D), meta(B, H, 4 * T, D), meta(B, H, 4 * T, D), causal,
+                          lens, 0.125)
         fa.TMA = False
         fa._flash_forward(q, k, v, causal, lens, 0.125)
     finally:
@@ -88,13 +96,15 @@ def recorded_launches(D, dtype, causal, k_lens):
     launches = {}
     for kernel, name, args, kwargs in recorded:
         name = name or names[kernel.fn.__name__]
-        launches.setdefault(name + ("-pointers" if name == "fwd" and not kwargs["TMA"] else ""), (kernel, args, kwargs))
+        launches.setdefault(name + ("-pointers" if name == "fwd" and not kwargs["TMA"] else ""),
+                            (kernel, args, kwargs))
     return launches
 
 def compile_for_h100(kernel, args, kwargs):
-    """What kernel[grid](*args, **kwargs) would compile on an H100, built here: the JIT's own binder gives
-    the argument types and its specialisation (pointers 16-byte aligned, integers divisible by 16, ints
-    equal to 1 as constants), then triton.compile runs for the sm_90 target (Triton and ptxas, no driver)."""
+    """What kernel[grid](*args, **kwargs) would compile on an H100, built here: the JIT's own binder
+    gives the argument types and its specialisation (pointers 16-byte aligned, integers divisible by
+    16, ints equal to 1 as constants), then triton.compile runs for the sm_90 target (Triton and
+    ptxas, no driver)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -104,12 +114,13 @@ def compile_for_h100(kernel, args, kwargs):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
 
 @functools.lru_cache(maxsize=None)
 def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
-    """Resource use of one build, read from its cubin (cuobjdump) and PTX. Triton caches the builds on disk
-    (TRITON_CACHE_DIR, default ~/.triton/cache), so a second run only reads them back."""
+    """Resource use of one build, read from its cubin (cuobjdump) and PTX. Triton caches the builds
+    on disk (TRITON_CACHE_DIR, default ~/.triton/cache), so a second run only reads them back."""
     import triton
     import fused_attention as fa
     kernel, args, kwargs = recorded_launches(D, dtype, causal, k_lens)[name]
@@ -138,8 +149,8 @@ def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
         ttir=compiled.asm["ttir"], ptx=ptx)
 
 def ptxas_table(cases, dtype="bfloat16", progress=True):
-    cols = ["kernel", "D", "causal", "k_lens", "tile (M x N, warps, stages)", "regs", "spill B", "smem KiB",
-            "wgmma", "mma.sync", "TMA"]
+    cols = ["kernel", "D", "causal", "k_lens", "tile (M x N, warps, stages)", "regs", "spill B",
+            "smem KiB", "wgmma", "mma.sync", "TMA"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if progress:
         print("\n".join(lines), flush=True)
@@ -148,9 +159,10 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
         shapes = lambda xs: " ".join(sorted({shape for shape, _ in xs})) or "-"
         tile_s = "-" if tile is None else f"{tile[0]} x {tile[1]}, {tile[2]}, {tile[3]}"
         flag = lambda b: "yes" if b else "no"
-        cells = [name, D, "-" if tile is None else flag(causal), "-" if tile is None else flag(k_lens), tile_s,
-                 r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]), shapes(r["mma_sync"]),
-                 flag(r["tma"])]
+        cells = [name, D, "-" if tile is None else flag(causal),
+                 "-" if tile is None else flag(k_lens), tile_s,
+                 r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]),
+                 shapes(r["mma_sync"]), flag(r["tma"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if progress:
             print(lines[-1], flush=True)
@@ -192,13 +204,15 @@ def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
     else:
         lens = torch.full((B,), T)
     k_lens = lens.to(device)
-    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
     do = torch.randn(B, H, T, D, device=device, dtype=dtype)
     # the boolean mask SDPA needs for the same problem (True = attend)
     mask = (torch.arange(T, device=device)[None, :] < k_lens[:, None])[:, None, None, :]
     if causal:
         mask = mask & torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    ours = lambda q, k, v: attention(q, k, v, causal=causal, k_lens=k_lens if mixed else None, backend="triton")
+    ours = lambda q, k, v: attention(q, k, v, causal=causal, k_lens=k_lens if mixed else None,
+                                     backend="triton")
     def flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -210,12 +224,15 @@ def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
         err = ((ours(q, k, v) - masked(q, k, v)).float().abs() * valid_q).max().item()
     fl = useful_flops(H, D, T, lens, causal)
     row = dict(D=D, T=T, B=B, H=H, causal=causal, mixed=mixed, err=err)
-    for name, fn, backward in (("ours", ours, False), ("flash", flash, False), ("masked", masked, False),
-                               ("atomic", ours, True), ("split", ours, True), ("flash", flash, True), ("masked", masked, True)):
+    for name, fn, backward in (("ours", ours, False), ("flash", flash, False),
+                               ("masked", masked, False),
+                               ("atomic", ours, True), ("split", ours, True),
+                               ("flash", flash, True), ("masked", masked, True)):
         fused_attention.BWD = name if name in ("split", "atomic") else "atomic"
         try:
             ms = timeit(fn, backward, q, k, v, do)
-            row[(name, backward)] = fl * (3.5 if backward else 1.0) / (ms * 1e-3) / 1e12  # bwd = 2.5x fwd
+            # bwd = 2.5x fwd
+            row[(name, backward)] = fl * (3.5 if backward else 1.0) / (ms * 1e-3) / 1e12
         except torch.cuda.OutOfMemoryError:
             row[(name, backward)] = float("nan")
             torch.cuda.empty_cache()
@@ -225,8 +242,9 @@ def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
 
 def benchmark(args):
     if not torch.cuda.is_available():
-        sys.exit("bench_attention.py: no CUDA GPU found; this benchmark times GPU kernels and measured nothing. "
-                 "Run it on a machine with an NVIDIA GPU (or use --ptxas, which needs none).")
+        sys.exit("bench_attention.py: no CUDA GPU found; this benchmark times GPU kernels and "
+                 "measured nothing. Run it on a machine with an NVIDIA GPU (or use --ptxas, which "
+                 "needs none).")
     import triton
     import fused_attention
     fused_attention.AUTOTUNE = bool(args.autotune)
@@ -236,13 +254,17 @@ def benchmark(args):
     rng = torch.Generator().manual_seed(args.seed)
     gpu = torch.cuda.get_device_name()
     header = (f"GPU: {gpu}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
-              f"B*T = {args.tokens}, H*D = {args.width}, autotune {'on' if args.autotune else 'off (fixed tiles)'}")
-    cols = ["D", "causal", "batch", "T", "B", "fwd ours", "fwd flash", "fwd masked", "ours/flash", "ours/masked",
-            "f+b ours atomic", "f+b ours split", "f+b flash", "f+b masked", "best/flash", "best/masked", "max err"]
+              f"B*T = {args.tokens}, H*D = {args.width}, autotune "
+              f"{'on' if args.autotune else 'off (fixed tiles)'}")
+    cols = ["D", "causal", "batch", "T", "B", "fwd ours", "fwd flash", "fwd masked", "ours/flash",
+            "ours/masked",
+            "f+b ours atomic", "f+b ours split", "f+b flash", "f+b masked", "best/flash",
+            "best/masked", "max err"]
     lines = [header, "", "TFLOP/s (useful work); ratios > 1 mean ours is faster", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(lines), flush=True)
-    configs = [(D, causal, mixed, T) for D in dims for causal in (False, True) for mixed in (False, True) for T in seqlens
+    configs = [(D, causal, mixed, T) for D in dims for causal in (False, True)
+               for mixed in (False, True) for T in seqlens
                if not (mixed and args.tokens // T < 2)]  # a mixed batch needs two sequences at least
     t0 = time.time()
     for i, (D, causal, mixed, T) in enumerate(configs):
@@ -251,41 +273,51 @@ def benchmark(args):
         cells = [D, "yes" if causal else "no", "mixed" if mixed else "uniform", T, r["B"]]
         o, fl, m = r[("ours", False)], r[("flash", False)], r[("masked", False)]
         cells += [f(o), f(fl), f(m), f"{o / fl:.2f}", f"{o / m:.2f}"]
-        at, sp, fl, m = r[("atomic", True)], r[("split", True)], r[("flash", True)], r[("masked", True)]
+        at, sp, fl, m = r[("atomic", True)], r[("split",
+                                                True)], r[("flash", True)], r[("masked", True)]
         best = max((x for x in (at, sp) if x == x), default=float("nan"))  # skip an OOM (nan)
         cells += [f(at), f(sp), f(fl), f(m), f"{best / fl:.2f}", f"{best / m:.2f}"]
         cells.append(f"{r['err']:.1e}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         eta = (time.time() - t0) / (i + 1) * (len(configs) - i - 1)
         print(lines[-1], f"  [{i + 1}/{len(configs)}, eta {eta:.0f}s]", flush=True)
-    if args.autotune:  # which tiles the autotuner picked, per (D, causal, k_lens, Tq bucket, Tk bucket)
+    if args.autotune:  # which tiles the autotuner picked, per (D, causal, k_lens, Tq bucket, Tk
+                       # bucket)
         picks = ["", "autotuner picks (BLOCK_M, BLOCK_N, warps, stages):", ""]
         for name, tuned in fused_attention.TUNED.items():
             for key, cfg in tuned.cache.items():
-                picks.append(f"- {name} {key[:5]}: {cfg.kwargs['BLOCK_M']}, {cfg.kwargs['BLOCK_N']}, {cfg.num_warps}, {cfg.num_stages}")
+                picks.append(f"- {name} {key[:5]}: {cfg.kwargs['BLOCK_M']}, "
+                             f"{cfg.kwargs['BLOCK_N']}, {cfg.num_warps}, {cfg.num_stages}")
         print("\n".join(picks))
         lines += picks
     return lines
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384", help="comma-separated T values")
-    parser.add_argument("--dims", default=None, help="comma-separated head dims (default 64,128; --ptxas: 16,32,64,128)")
-    parser.add_argument("--tokens", type=int, default=16384, help="B*T per row (B = tokens // T, at least 1)")
+    parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384",
+                        help="comma-separated T values")
+    parser.add_argument("--dims", default=None,
+                        help="comma-separated head dims (default 64,128; --ptxas: 16,32,64,128)")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="B*T per row (B = tokens // T, at least 1)")
     parser.add_argument("--width", type=int, default=2048, help="H*D per row")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--autotune", type=int, default=1, help="1: let Triton's autotuner pick tiles; 0: fixed tiles")
+    parser.add_argument("--autotune", type=int, default=1,
+                        help="1: let Triton's autotuner pick tiles; 0: fixed tiles")
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4096 and D = 64 only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
-    parser.add_argument("--ptxas", action="store_true", help="no GPU: build every kernel for an H100, print its resource use")
-    parser.add_argument("--tiles", default="all", choices=["all", "default"], help="--ptxas: every TILES entry or the defaults")
+    parser.add_argument("--ptxas", action="store_true",
+                        help="no GPU: build every kernel for an H100, print its resource use")
+    parser.add_argument("--tiles", default="all", choices=["all", "default"],
+                        help="--ptxas: every TILES entry or the defaults")
     args = parser.parse_args()
     if args.ptxas:
         import triton
         dims = [int(s) for s in (args.dims or "16,32,64,128").split(",")]
-        lines = [f"sm_90a builds (H100), {args.dtype}, triton {triton.__version__}, torch {torch.__version__}, "
-                 f"aligned tensors, lengths multiples of 16; no GPU involved", ""]
+        lines = [f"sm_90a builds (H100), {args.dtype}, triton {triton.__version__}, torch "
+                 f"{torch.__version__}, aligned tensors, lengths multiples of 16; no GPU involved",
+                 ""]
         print("\n".join(lines), flush=True)
         lines += ptxas_table(ptxas_cases(dims, args.tiles), args.dtype)
     else:

@@ -1,20 +1,22 @@
 """
-Speed and memory of Whisper-GPT's three paper-sized models (config/whisper_gpt_{s,hybrid,l}.py), on whatever
-device this runs on (a CPU by default).
+Speed and memory of Whisper-GPT's three paper-sized models (config/whisper_gpt_{s,hybrid,l}.py), on
+whatever device this runs on (a CPU by default).
 
     python bench_whisper_gpt.py                      # both parts, a few minutes on a 2-core CPU
     python bench_whisper_gpt.py --part=generate --new_tokens=750 --out=bench.md
 
-Training: tokens/s of forward + backward + AdamW step (a few timed iterations after a warm-up one, random
-tokens and mels: speed does not depend on the data) and the peak resident memory of the process, each model
-in a process of its own so that the peaks do not mix.
-Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip, sampled with
-top-k 50, timed
+Training: tokens/s of forward + backward + AdamW step (a few timed iterations after a warm-up one,
+random tokens and mels: speed does not depend on the data) and the peak resident memory of the
+process, each model in a process of its own so that the peaks do not mix.
+Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip,
+sampled with top-k 50, timed
   - with the KV cache (model.generate, as sample.py does), and
-  - by full recomputation: every step runs the whole current window again (the same windows and restarts),
-for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec decodes the new frame of
-codebook 0, keeping its state, and one log-mel frame is computed) is included and also reported on its own.
-Goals (issue tracker): KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-only.
+  - by full recomputation: every step runs the whole current window again (the same windows and
+    restarts),
+for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec decodes the new
+frame of codebook 0, keeping its state, and one log-mel frame is computed) is included and also
+reported on its own. Goals (issue tracker): KV cache >= 10x recomputation at 750 tokens; hybrid
+decode <= 2x token-only.
 """
 
 import json
@@ -86,17 +88,20 @@ def train_one(name):
             "peak_rss_mb": peak_rss_mb(), "rss_before_model_mb": base}
 
 def train_table():
-    lines = [f"Training (batch {batch_size} x {model_config('s').block_size} frames, median of {iters} iterations "
-             f"after a warm-up one; peak resident memory of the process, and what it was before the model was built)", "",
-             "| model | params | tokens/s | s/iteration | peak memory | before the model |", "|---|---|---|---|---|---|"]
+    lines = [f"Training (batch {batch_size} x {model_config('s').block_size} frames, median of "
+             f"{iters} iterations after a warm-up one; peak resident memory of the process, and "
+             f"what it was before the model was built)", "",
+             "| model | params | tokens/s | s/iteration | peak memory | before the model |",
+             "|---|---|---|---|---|---|"]
     for name, label in MODELS:
         args = [sys.executable, __file__, f"--child={name}"] + [f"--{k}={globals()[k]}" for k in ("iters", "batch_size", "device")]
         res = subprocess.run(args, capture_output=True, text=True)
         if res.returncode:
             fail(f"training benchmark of {label} failed:\n{res.stderr}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | {r['s_per_iter']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} MB | {r['rss_before_model_mb']:.0f} MB |")
+        lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
+                     f"{r['s_per_iter']:.2f} | {r['peak_rss_mb']:.0f} MB | "
+                     f"{r['rss_before_model_mb']:.0f} MB |")
         print(lines[-1], flush=True)
     return lines
 
@@ -105,7 +110,8 @@ def train_table():
 
 @torch.no_grad()
 def generate_recompute(model, codes, mels, n, mel_fn, generator):
-    """model.generate without a cache: each new token runs the whole current window (the same restarts)."""
+    """model.generate without a cache: each new token runs the whole current window (the same
+    restarts)."""
     c = model.config
     seq, frames = codes, (list(mels.unbind(1)) if c.use_mel else [])
     start = max(0, seq.size(1) - c.block_size)
@@ -116,12 +122,14 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
         if t - start > c.block_size:
             start = t - c.block_size // 2
         z = torch.zeros_like(frames[0]) if c.use_mel else None
-        mel_in = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z for s in range(start, t)], 1)
+        mel_in = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z
+                               for s in range(start, t)], 1)
                   if c.use_mel else None)
         logits = model.decode(seq[:, start:], mel_in)[:, -1].float()
         v, _ = torch.topk(logits, 50)
         logits[logits < v[:, [-1]]] = -float("inf")
-        seq = torch.cat([seq, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)], 1)
+        seq = torch.cat([seq, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)],
+                        1)
     return seq
 
 def generate_table():
@@ -162,11 +170,14 @@ def generate_table():
             rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.1f} | "
                         + (f"{mel_seconds[0]:.1f} s ({100 * mel_seconds[0] / dt:.0f}%)" if config.use_mel else "-") + " |")
             print(rows[-1], flush=True)
-    lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s prompt, block_size "
-             f"{model_config('s').block_size}, top-k 50)", "",
-             "| model | how | tokens/s | seconds | of which the per-step mel |", "|---|---|---|---|---|", *rows, ""]
+    lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s "
+             f"prompt, block_size {model_config('s').block_size}, top-k 50)", "",
+             "| model | how | tokens/s | seconds | of which the per-step mel |",
+             "|---|---|---|---|---|", *rows, ""]
     for name, label in MODELS[:2]:
-        lines.append(f"- {label}: KV cache {times[(name, 'recompute')] / times[(name, 'KV cache')]:.1f}x faster than recomputation (goal >= 10x)")
+        lines.append(f"- {label}: KV cache "
+                     f"{times[(name, 'recompute')] / times[(name, 'KV cache')]:.1f}x faster than "
+                     f"recomputation (goal >= 10x)")
     lines.append(f"- hybrid / token-only decode time, KV cache, per-step mel included: "
                  f"{times[('hybrid', 'KV cache')] / times[('s', 'KV cache')]:.2f}x (goal <= 2x)")
     return lines
@@ -181,7 +192,8 @@ if __name__ == "__main__":
     if child:
         print(json.dumps(train_one(child)))
         sys.exit(0)
-    lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", ""]
+    lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+             f"{os.cpu_count()} cores", ""]
     if part in ("all", "train"):
         lines += train_table() + [""]
     if part in ("all", "generate"):

@@ -1,13 +1,14 @@
 """
-The one settings parser of train.py, sample.py, eval.py and the Whisper-GPT table and benchmark scripts:
-nanoGPT's configurator, with types.
+The one settings parser of train.py, sample.py, eval.py and the Whisper-GPT table and benchmark
+scripts: nanoGPT's configurator, with types.
 
-A script's settings are its module-level int / float / bool / str globals (its defaults). Config files (Python
-files of assignments, where a script takes them) and then --key=value override them, in the order given. Every
-value must have its default's type (an int is accepted for a float; --flag alone means --flag=True for a bool);
-an unknown key is an error that names where it came from and suggests the closest known keys, unless the script
-passes unknown keys on (sample.py and eval.py give them to the model file's sample() / evaluate(), which check
-them; whisper_gpt_table.py gives them to train.py).
+A script's settings are its module-level int / float / bool / str globals (its defaults). Config
+files (Python files of assignments, where a script takes them) and then --key=value override them,
+in the order given. Every value must have its default's type (an int is accepted for a float; --flag
+alone means --flag=True for a bool); an unknown key is an error that names where it came from and
+suggests the closest known keys, unless the script passes unknown keys on (sample.py and eval.py
+give them to the model file's sample() / evaluate(), which check them; whisper_gpt_table.py gives
+them to train.py).
 
     entries, positional = gather(argv, config_files=True)   # what was given, in order
     settings, unknown = resolve(entries, types)             # typed values; unknown keys with their raw text
@@ -32,7 +33,8 @@ def fail(script, error):
     sys.exit(2)
 
 def literal(raw):
-    """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string itself."""
+    """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string
+    itself."""
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -52,14 +54,15 @@ def read_config_file(path):
         if key.startswith("_") or type(value).__name__ == "module":
             continue
         if type(value) not in TYPES:
-            raise SettingsError(f"{path}: {key} = {value!r}: settings must be int, float, bool or str")
+            raise SettingsError(f"{path}: {key} = {value!r}: settings must be int, float, bool or "
+                                f"str")
         out[key] = value
     return out
 
 def gather(argv, config_files=False, positional=False):
-    """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for a config
-    file's value, which is already typed). A bare argument is a config file (config_files) or is returned as
-    positional (positional); otherwise it is an error."""
+    """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for
+    a config file's value, which is already typed). A bare argument is a config file (config_files)
+    or is returned as positional (positional); otherwise it is an error."""
     entries, rest = [], []
     for arg in argv:
         if arg.startswith("--"):
@@ -76,7 +79,8 @@ def gather(argv, config_files=False, positional=False):
     return entries, rest
 
 def typed(key, value, raw, expected, where):
-    """The value of a setting of type expected: from the --key=value text raw, or a config file's value."""
+    """The value of a setting of type expected: from the --key=value text raw, or a config file's
+    value."""
     if raw is None and value is None:                # --flag alone
         if expected is bool:
             return True
@@ -94,16 +98,19 @@ def typed(key, value, raw, expected, where):
     if expected is float and type(value) is int:
         return float(value)
     if type(value) is not expected:
-        raise SettingsError(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+        raise SettingsError(f"{where}: {key} must be {expected.__name__}, got "
+                            f"{type(value).__name__} {value!r}")
     return value
 
 def unknown_key(key, where, types, what):
     close = difflib.get_close_matches(key, list(types), n=3)
-    return SettingsError(f"{where}: unknown setting {key!r}: not {what}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return SettingsError(f"{where}: unknown setting {key!r}: not {what}" + (f"; did you mean "
+                                                                            f"{', '.join(close)}?" if close else ""))
 
 def resolve(entries, types, pass_unknown=False, what="a setting of this script"):
-    """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are an error, or
-    with pass_unknown are returned as {key: raw text} (a config file's value as its repr)."""
+    """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are
+    an error, or with pass_unknown are returned as {key: raw text} (a config file's value as its
+    repr)."""
     settings, unknown = {}, {}
     for key, value, raw, where in entries:
         if key in types:
@@ -115,8 +122,9 @@ def resolve(entries, types, pass_unknown=False, what="a setting of this script")
     return settings, unknown
 
 def parse(script, argv, namespace, pass_unknown=False, positional=False):
-    """The whole job for a script without config files: defaults from namespace, overridden by argv. Returns
-    (settings, unknown {key: raw}, positional args); a bad argument ends the script with the message."""
+    """The whole job for a script without config files: defaults from namespace, overridden by argv.
+    Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the
+    message."""
     types = {k: type(v) for k, v in defaults(namespace).items()}
     try:
         entries, rest = gather(argv, positional=positional)

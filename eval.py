@@ -4,12 +4,13 @@ Compare trained checkpoints on the paper-style metrics of their model files, in 
     python eval.py out/whisper-gpt-s-cpu out/whisper-gpt-l-cpu out/whisper-gpt-hybrid-cpu
     python eval.py out/whisper-gpt-quick/ckpt.pt --split=train --max_windows=50
 
-Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val), --data_dir (default:
-each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g. --kinds=music, or
---kinds=all; default: each checkpoint's own subset), --device, --json=FILE (also write the results), --mean (add
-the mean and the standard deviation over the runs, e.g. one recipe's seeds). Every other --key=value goes to
-the model file's evaluate() (e.g. --batch_size=32), read as a Python literal where it is one. The metrics are whatever evaluate() returns;
-for Whisper-GPT: next coarse-token NLL (nats/token), accuracy and perplexity.
+Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val), --data_dir
+(default: each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g.
+--kinds=music, or --kinds=all; default: each checkpoint's own subset), --device, --json=FILE (also
+write the results), --mean (add the mean and the standard deviation over the runs, e.g. one recipe's
+seeds). Every other --key=value goes to the model file's evaluate() (e.g. --batch_size=32), read as
+a Python literal where it is one. The metrics are whatever evaluate() returns; for Whisper-GPT: next
+coarse-token NLL (nats/token), accuracy and perplexity.
 """
 
 import importlib
@@ -38,7 +39,8 @@ def fail(msg):
 
 def main(argv):
     global split, data_dir, kinds, device, json, mean
-    settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True, positional=True)
+    settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
+                                                 positional=True)
     globals().update(settings)
     opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
     paths = [os.path.join(a, "ckpt.pt") if os.path.isdir(a) else a for a in args]
@@ -59,12 +61,14 @@ def main(argv):
         M = importlib.import_module(ck["model_name"])
         unknown = set(opts) - set(M.EVAL_OPTS)
         if unknown:
-            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a setting of eval.py nor an "
-                 f"option of {M.__name__}.evaluate ({', '.join(sorted(M.EVAL_OPTS))})")
+            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
+                 f"setting of eval.py nor an option of {M.__name__}.evaluate "
+                 f"({', '.join(sorted(M.EVAL_OPTS))})")
         config = M.Config(**ck["model_args"])
         if kinds:
             if not hasattr(config, "kinds"):
-                fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no clip-kind subsets")
+                fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
+                     f"clip-kind subsets")
             config.kinds = "" if kinds == "all" else kinds
         ddir = data_dir or ck["config"]["data_dir"]
         try:
@@ -82,15 +86,19 @@ def main(argv):
         with torch.no_grad():
             metrics = M.evaluate(model, data, tok, split, **opts)
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        rows.append({"run": name, "model": ck["model_name"], "params": model.get_num_params() if hasattr(model, "get_num_params")
-                     else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"], "data": ddir,
-                     **({"kinds": config.kinds or "all"} if hasattr(config, "kinds") else {}), **metrics})
+        rows.append({"run": name, "model": ck["model_name"],
+                     "params": model.get_num_params() if hasattr(model, "get_num_params")
+                     else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"],
+                     "data": ddir,
+                     **({"kinds": config.kinds or "all"} if hasattr(config, "kinds") else {}),
+                     **metrics})
         print(f"{name}: evaluated on {ddir} {split} in {time.time() - t0:.1f} s", file=sys.stderr)
         del model, ck
 
     keys = []
     for r in rows:
-        keys += [k for k in r if k not in keys and k not in ("run", "model", "params", "iters", "data")]
+        keys += [k for k in r if k not in keys
+                 and k not in ("run", "model", "params", "iters", "data")]
 
     def fmt(k, v):
         if v is None:

@@ -20,9 +20,9 @@ Which one runs: the `backend` keyword, else the module setting BACKEND, which co
 environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton where it applies,
 i.e. CUDA + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
 cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
-timing a few per shape, FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq (default auto:
-atomic adds for D <= 64, a kernel of its own at D = 128; see _backward_mode), FUSED_ATTENTION_TMA=0 keeps
-the forward off tensor descriptors.
+timing a few per shape, FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq (default
+auto: atomic adds for D <= 64, a kernel of its own at D = 128; see _backward_mode),
+FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
 Design notes and the compiled kernels' resource use: docs/fused_attention.md.
 """
 
@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
-BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")  # how the triton backward gets dq: "auto", "atomic" or "split"
+# how the triton backward gets dq: "auto", "atomic" or "split"
+BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")
 
 # -----------------------------------------------------------------------------
 # checks shared by both paths
@@ -43,24 +44,31 @@ BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")  # how the triton backward g
 def _check(q, k, v, k_lens):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"fused_attention.attention: {name} must be a 4-d tensor (B, H, T, D), "
-                             f"got {getattr(t, 'shape', type(t))}")
+            raise ValueError(f"fused_attention.attention: {name} must be a 4-d tensor (B, H, T, "
+                             f"D), got {getattr(t, 'shape', type(t))}")
     B, H, Tq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"fused_attention.attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"fused_attention.attention: k and v must have the same shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"fused_attention.attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
+        raise ValueError(f"fused_attention.attention: q {tuple(q.shape)} and k {tuple(k.shape)} "
+                         f"must agree in B, H and D")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"fused_attention.attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"fused_attention.attention: q, k, v must share one dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"fused_attention.attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"fused_attention.attention: q, k, v must be on one device, got "
+                         f"{q.device}, {k.device}, {v.device}")
     if k_lens is not None:
-        if isinstance(k_lens, torch.Tensor) and k_lens.dtype == torch.bool:  # True/False would pass as 1/0
-            raise ValueError("fused_attention.attention: k_lens holds key counts per batch element (integers), "
-                             "got a boolean tensor; for a mask (B, Tk) pass mask.sum(-1) if its valid keys come first")
+        # True/False would pass as 1/0
+        if isinstance(k_lens, torch.Tensor) and k_lens.dtype == torch.bool:
+            raise ValueError("fused_attention.attention: k_lens holds key counts per batch element "
+                             "(integers), got a boolean tensor; for a mask (B, Tk) pass "
+                             "mask.sum(-1) if its valid keys come first")
         if not isinstance(k_lens, torch.Tensor) or k_lens.shape != (B,) or k_lens.is_floating_point() or k_lens.is_complex():
-            raise ValueError(f"fused_attention.attention: k_lens must be an integer tensor of shape ({B},), "
-                             f"got {getattr(k_lens, 'dtype', type(k_lens))} {tuple(getattr(k_lens, 'shape', ()))}")
+            raise ValueError(f"fused_attention.attention: k_lens must be an integer tensor of "
+                             f"shape ({B},), got {getattr(k_lens, 'dtype', type(k_lens))} "
+                             f"{tuple(getattr(k_lens, 'shape', ()))}")
 
 # -----------------------------------------------------------------------------
 # the PyTorch path
@@ -96,12 +104,12 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
 # the Triton path: FlashAttention-2 (Dao, 2023) with key lengths and bottom-right causal masking
 #
 # Notation in the kernels: a query row i sees key column j when j < klen (klen = min(k_lens[b], Tk))
-# and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale = sm_scale*log2(e)
-# (> 0, see attention_triton), so exp becomes exp2 and the saved log-sum-exp (lse) is in base 2 too.
-# Each loop over blocks is split into an unmasked part (blocks every row of the tile fully sees) and a
-# masked part (blocks on the causal diagonal or across klen); blocks nobody sees (past klen, above the
-# diagonal) are never visited. A row that sees no key gets output 0 and lse = +inf, so exp2(s - lse) = 0
-# for it in the backward.
+# and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale =
+# sm_scale*log2(e) (> 0, see attention_triton), so exp becomes exp2 and the saved log-sum-exp (lse)
+# is in base 2 too. Each loop over blocks is split into an unmasked part (blocks every row of the
+# tile fully sees) and a masked part (blocks on the causal diagonal or across klen); blocks nobody
+# sees (past klen, above the diagonal) are never visited. A row that sees no key gets output 0 and
+# lse = +inf, so exp2(s - lse) = 0 for it in the backward.
 
 LOG2E = 1.4426950408889634
 
@@ -114,18 +122,20 @@ def _klen(KLENS, off_b, Tk, HAS_KLENS: tl.constexpr):
 
 @triton.jit
 def _row_block(n_blocks, H, REVERSE: tl.constexpr):
-    """Which (block, batch*head) this program owns: the block varies fastest, so that the programs running
-    at the same time share one head's K and V in L2."""
+    """Which (block, batch*head) this program owns: the block varies fastest, so that the programs
+    running at the same time share one head's K and V in L2."""
     block = tl.program_id(0) % n_blocks
-    if REVERSE:  # causal: the last query blocks see the most keys; start them first, for a shorter tail
+    if REVERSE:  # causal: the last query blocks see the most keys; start them first, for a shorter
+                 # tail
         block = n_blocks - 1 - block
     off_bh = tl.program_id(0) // n_blocks
     return block, off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
 
 @triton.jit
-def _key_range(start_m, klen, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [0, full) are seen by every row of the query tile at start_m (full: a multiple of BLOCK_N),
-    keys [0, hi) by at least one."""
+def _key_range(start_m, klen, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys [0, full) are seen by every row of the query tile at start_m (full: a multiple of
+    BLOCK_N), keys [0, hi) by at least one."""
     if CAUSAL:
         hi = tl.minimum(klen, start_m + BLOCK_M + diag)
         full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
@@ -137,27 +147,33 @@ def _key_range(start_m, klen, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, offs_m, offs_d,
                klen, diag, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr):
-    # k_src, v_src: tensor descriptors of this (batch, head)'s keys (TMA), else pointers to its first key
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # k_src, v_src: tensor descriptors of this (batch, head)'s keys (TMA), else pointers to its
+    # first key
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         if TMA:  # the copy engine fills the tile (in shared memory), zeros past klen
             kT = tl.trans(k_src.load([start_n, 0]))
             v = v_src.load([start_n, 0])
         elif MASKED:
-            kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
-            v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < klen, other=0.0)
+            kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None],
+                         mask=cols[None, :] < klen, other=0.0)
+            v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :],
+                        mask=cols[:, None] < klen, other=0.0)
         else:
             kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None])
             v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :])
-        qk = tl.dot(q, kT)  # raw scores: the max is taken on them, the scale goes into the exponent's FMA
+        qk = tl.dot(q, kT)  # raw scores: the max is taken on them, the scale goes into the
+                            # exponent's FMA
         if MASKED:
             ok = cols[None, :] < klen
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet: no inf - inf
+            # a row with nothing seen yet: no inf - inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
@@ -171,10 +187,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, off
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KLENS,
-                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                stride_os, stride_ob, stride_oh, stride_ot, stride_ls,
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
+                stride_vh, stride_vt, stride_os, stride_ob, stride_oh, stride_ot, stride_ls,
                 H, Tq, Tk, qk_scale, keys_per_split, q_bucket, k_bucket,
-                HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
+                HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                TMA: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
     klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
@@ -187,27 +204,29 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
     k_src = K + off_b * stride_kb + off_h * stride_kh
     v_src = V + off_b * stride_vb + off_h * stride_vh
     if TMA:  # descriptors of the first klen keys: no address math or load masks in the loops
-        k_src = tl.make_tensor_descriptor(k_src, shape=[tl.maximum(klen, 1), HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_src, shape=[tl.maximum(klen, 1), HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
+        k_src = tl.make_tensor_descriptor(k_src, shape=[tl.maximum(klen, 1), HEAD_DIM],
+                                          strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[tl.maximum(klen, 1), HEAD_DIM],
+                                          strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
     lo = 0
-    if SPLIT:  # flash-decoding: this program takes keys [lo, lo + keys_per_split) only (a multiple of BLOCK_N)
+    if SPLIT:  # flash-decoding: this program takes keys [lo, lo + keys_per_split) only (a multiple
+               # of BLOCK_N)
         lo = tl.program_id(1) * keys_per_split
         hi = tl.minimum(hi, lo + keys_per_split)
         full = tl.minimum(tl.maximum(full, lo), hi)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, full, offs_m, offs_d,
-                               klen, diag, qk_scale, False, CAUSAL, TMA, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi, offs_m, offs_d,
-                               klen, diag, qk_scale, True, CAUSAL, TMA, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, full,
+                               offs_m, offs_d, klen, diag, qk_scale, False, CAUSAL, TMA, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi,
+                               offs_m, offs_d, klen, diag, qk_scale, True, CAUSAL, TMA, BLOCK_N)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    # a split that saw nothing weighs nothing in the merge (lse = -inf); a row that saw nothing: lse = +inf
+    # a split that saw nothing weighs nothing in the merge (lse = -inf); a row that saw nothing: lse
+    # = +inf
     lse = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(l_safe))
     split = tl.program_id(1).to(tl.int64)  # 0 without SPLIT
     tl.store(LSE + split * stride_ls + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
@@ -217,8 +236,9 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
 @triton.jit
 def _merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, stride_ot, H, Tq, n_splits, stride_ls,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    # flash-decoding's second step: out = sum_s 2^(lse_s - lse) out_s with lse = log2 sum_s 2^lse_s, over the
-    # splits' partial outputs OP (n_splits, B*H, Tq, D) and lse LP (n_splits, B*H, Tq), both fp32
+    # flash-decoding's second step: out = sum_s 2^(lse_s - lse) out_s with lse = log2 sum_s 2^lse_s,
+    # over the splits' partial outputs OP (n_splits, B*H, Tq, D) and lse LP (n_splits, B*H, Tq),
+    # both fp32
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, False)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -232,7 +252,8 @@ def _merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, stride_ot, H, Tq, n_spli
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for s in range(n_splits):
         w = tl.math.exp2(tl.load(LP + s * stride_ls + part, mask=rows, other=float("-inf")) - m_use)
-        o = tl.load(OP + (s * stride_ls + part[:, None]) * HEAD_DIM + offs_d[None, :], mask=rows[:, None], other=0.0)
+        o = tl.load(OP + (s * stride_ls + part[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=rows[:, None], other=0.0)
         l += w
         acc += w[:, None] * o
     empty = l == 0.0
@@ -255,18 +276,22 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
     tl.store(DELTA + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt, lo, hi,
-                    offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                    stride_dt, lo, hi, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes.
-    # With ATOMIC_DQ these are FlashAttention-2's 5 matmuls, exp once per score: S^T = K Q^T, dV += P^T dO,
-    # dP^T = V dO^T, dK += dS^T Q, dQ = dS K (added into an fp32 buffer); without it, the first four.
+    # With ATOMIC_DQ these are FlashAttention-2's 5 matmuls, exp once per score: S^T = K Q^T, dV +=
+    # P^T dO, dP^T = V dO^T, dK += dS^T Q, dQ = dS K (added into an fp32 buffer); without it, the
+    # first four.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m < Tq  # rows past Tq load as zeros: p = 1 there, but with dO = 0 and delta = 0 they add nothing
-        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
+        rows = offs_m < Tq  # rows past Tq load as zeros: p = 1 there, but with dO = 0 and delta = 0
+                            # they add nothing
+        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :],
+                     other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None],
+                     other=0.0)
         lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
         sT = tl.dot(k, qT) * qk_scale - lse[None, :]
@@ -282,7 +307,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dk = tl.dot(dsT, tl.trans(qT), dk)
         if ATOMIC_DQ:  # this key block's share of dq
             dq = tl.dot(tl.trans(dsT), k) * sm_scale
-            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None], sem="relaxed")
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                          mask=rows[:, None], sem="relaxed")
     return dk, dv
 
 @triton.jit
@@ -291,8 +317,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
                      stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
                      stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                      H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
-                     HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tk, BLOCK_N), H, False)
     klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
     start_n = block * BLOCK_N
@@ -317,16 +343,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
     else:
         lo = 0
         mid = 0
-    # a block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0); a block
-    # that crosses klen needs the mask on every row block, one wholly inside klen only up to mid
+    # a block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0); a
+    # block that crosses klen needs the mask on every row block, one wholly inside klen only up to
+    # mid
     q_end = tl.where(klen > start_n, Tq, 0)
     mid = tl.where(klen >= start_n + BLOCK_N, tl.minimum(mid, q_end), q_end)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
-                             lo, mid, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True, CAUSAL,
-                             ATOMIC_DQ, HEAD_DIM, BLOCK_M)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dt,
-                             mid, q_end, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, False, CAUSAL,
-                             ATOMIC_DQ, HEAD_DIM, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                             stride_qt, stride_dt,
+                             lo, mid, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True,
+                             CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                             stride_qt, stride_dt,
+                             mid, q_end, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, False,
+                             CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk = dk * sm_scale
     out = offs_n[:, None] < Tk
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -335,14 +364,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
              dv.to(DV.dtype.element_ty), mask=out)
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_d,
-                  klen, diag, qk_scale,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m,
+                  offs_d, klen, diag, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
-            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
-            vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=cols[None, :] < klen, other=0.0)
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+                         mask=cols[None, :] < klen, other=0.0)
+            vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None],
+                         mask=cols[None, :] < klen, other=0.0)
         else:
             kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
             vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
@@ -373,7 +404,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m < Tq  # rows past Tq: q = dO = 0, lse = delta = 0, so their ds is 0 and nothing is stored
+    rows = offs_m < Tq  # rows past Tq: q = dO = 0, lse = delta = 0, so their ds is 0 and nothing is
+                        # stored
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
     do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + off_bh.to(tl.int64) * Tq + offs_m, mask=rows, other=0.0)
@@ -382,10 +414,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
     v_base = V + off_b * stride_vb + off_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_d,
-                       klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_d,
-                       klen, diag, qk_scale, True, CAUSAL, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m,
+                       offs_d, klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
+                       offs_m, offs_d, klen, diag, qk_scale, True, CAUSAL, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rows[:, None])
@@ -394,13 +426,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
 # chosen when TRITON_INTERPRET=1 is set before this module is imported.
 INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
-# Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim
-# (D <= 64 shares the D = 64 row). No GPU was at hand to time them: the first entry of each list, the fixed
-# default, was chosen from what ptxas reports for the H100 build the JIT makes (sm_90a, bf16, 16-byte
-# aligned tensors; `python bench_attention.py --ptxas`, table and reasons in docs/fused_attention.md):
-# no register spills, shared memory within the limit, wide wgmma. The others are what the autotuner also
-# times on a GPU, once per (D, causal, k_lens, dtype, power-of-two bucket of Tq and Tk).
-# FUSED_ATTENTION_AUTOTUNE=0: defaults only. "decode" is the forward for Tq <= DECODE_MAX_Q.
+# Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head
+# dim (D <= 64 shares the D = 64 row). No GPU was at hand to time them: the first entry of each
+# list, the fixed default, was chosen from what ptxas reports for the H100 build the JIT makes
+# (sm_90a, bf16, 16-byte aligned tensors; `python bench_attention.py --ptxas`, table and reasons in
+# docs/fused_attention.md): no register spills, shared memory within the limit, wide wgmma. The
+# others are what the autotuner also times on a GPU, once per (D, causal, k_lens, dtype,
+# power-of-two bucket of Tq and Tk). FUSED_ATTENTION_AUTOTUNE=0: defaults only. "decode" is the
+# forward for Tq <= DECODE_MAX_Q.
 TILES = {
     ("fwd", 64): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
     ("fwd", 128): [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2)],
@@ -414,11 +447,16 @@ TILES = {
     ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
 }
 # under the interpreter: small tiles, so that short test sequences still cross several blocks
-INTERPRETER_TILES = dict(fwd=(32, 32), decode=(16, 32), dq=(32, 16), dkdv=(16, 32), dkdv_atomic=(16, 32))
-DECODE_MAX_Q = 16  # forwards with at most this many queries use the "decode" tiles and split their keys
-SPLIT_KEYS = 32 if INTERPRETED else 256  # flash-decoding: each split takes a multiple of this many keys
-assert INTERPRETED or all(SPLIT_KEYS % n == 0 for (name, _), tiles in TILES.items() if name == "decode" for _, n, _, _ in tiles)
-MERGE_BLOCK, PRE_BLOCK = 16, 64  # query rows per program of the merge and of the backward's preprocessing
+INTERPRETER_TILES = dict(fwd=(32, 32), decode=(16, 32), dq=(32, 16), dkdv=(16, 32),
+                         dkdv_atomic=(16, 32))
+DECODE_MAX_Q = 16  # forwards with at most this many queries use the "decode" tiles and split their
+                   # keys
+SPLIT_KEYS = 32 if INTERPRETED else 256  # flash-decoding: each split takes a multiple of this many
+                                         # keys
+assert INTERPRETED or all(SPLIT_KEYS % n == 0 for (name, _), tiles in TILES.items()
+                          if name == "decode" for _, n, _, _ in tiles)
+MERGE_BLOCK, PRE_BLOCK = 16, 64  # query rows per program of the merge and of the backward's
+                                 # preprocessing
 
 def _tiles(kernel, head_dim):
     return TILES[(kernel, 64 if head_dim <= 64 else 128)]
@@ -430,28 +468,33 @@ def _fixed_config(kernel, head_dim):
     m, n, w, s = _tiles(kernel, head_dim)[0]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
-KERNELS = dict(fwd=_fwd_kernel, decode=_fwd_kernel, dkdv_atomic=_bwd_dkdv_kernel, dkdv=_bwd_dkdv_kernel,
-               dq=_bwd_dq_kernel)
+KERNELS = dict(fwd=_fwd_kernel, decode=_fwd_kernel, dkdv_atomic=_bwd_dkdv_kernel,
+               dkdv=_bwd_dkdv_kernel, dq=_bwd_dq_kernel)
 
 def _autotuned(name):
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
                for m, n, w, s in sorted(set(TILES[(name, 64)] + TILES[(name, 128)]))]
     def prune(configs, named_args, **kwargs):  # only the tiles listed for this head dim
         keep = _tiles(name, kwargs["HEAD_DIM"])
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"] + (["SPLIT", "TMA"] if name in ("fwd", "decode") else [])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) in keep]
+    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket",
+           "k_bucket"] + (["SPLIT", "TMA"] if name in ("fwd", "decode") else [])
     return triton.autotune(configs, key=key, prune_configs_by=dict(early_config_prune=prune),
                            reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)(KERNELS[name])  # timing runs add into DQ
 
 AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1"
-TMA = os.environ.get("FUSED_ATTENTION_TMA", "1") == "1"  # 0: the forward loads K/V by pointers everywhere
-TUNED = {} if INTERPRETED else {name: _autotuned(name) for name in KERNELS}  # the interpreter takes one config only
+# 0: the forward loads K/V by pointers everywhere
+TMA = os.environ.get("FUSED_ATTENTION_TMA", "1") == "1"
+# the interpreter takes one config only
+TUNED = {} if INTERPRETED else {name: _autotuned(name) for name in KERNELS}
 
-_recorded = None  # a list while bench_attention.py records launches for the ahead-of-time build (see there)
+_recorded = None  # a list while bench_attention.py records launches for the ahead-of-time build
+                  # (see there)
 
 def _launch(kernel, name, grid, args, kwargs):
-    """Launch on grid(meta) (a tuple) with the tuned or the fixed tiles of TILES[name]; name None: kwargs
-    carry the configuration."""
+    """Launch on grid(meta) (a tuple) with the tuned or the fixed tiles of TILES[name]; name None:
+    kwargs carry the configuration."""
     if _recorded is not None:
         _recorded.append((kernel, name, args, kwargs))
     elif name is None:
@@ -463,8 +506,9 @@ def _launch(kernel, name, grid, args, kwargs):
         kernel[grid(cfg)](*args, **kwargs, **cfg)
 
 def _bucket(n):
-    # q_bucket / k_bucket: kernel arguments only the autotuner reads (its key), so that it re-times when a
-    # length crosses a power of two, not at every new length (a KV cache grows by one key per step)
+    # q_bucket / k_bucket: kernel arguments only the autotuner reads (its key), so that it re-times
+    # when a length crosses a power of two, not at every new length (a KV cache grows by one key per
+    # step)
     return triton.next_power_of_2(max(int(n), 1))
 
 def _sm_count(device):
@@ -473,30 +517,33 @@ def _sm_count(device):
     return 132  # an H100 SXM's: what the interpreter and the ahead-of-time build assume
 
 def _use_tma(*tensors):
-    """Whether the forward reads K and V through tensor descriptors (Hopper's copy engine, TMA): on sm_90 or
-    newer (the interpreter and the ahead-of-time build count as such), for 16-byte aligned bases and strides."""
+    """Whether the forward reads K and V through tensor descriptors (Hopper's copy engine, TMA): on
+    sm_90 or newer (the interpreter and the ahead-of-time build count as such), for 16-byte aligned
+    bases and strides."""
     t = tensors[0]
     if not TMA or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
         return False
     if t.is_cuda:  # descriptors made on the device need scratch memory from an allocator
         from triton.runtime import _allocation
         if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    return all(x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
+            triton.set_allocator(lambda size, alignment,
+                                 stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return all(x.data_ptr() % 16 == 0
+               and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
 def _key_splits(programs, Tk, device, unit):
-    """Flash-decoding: into how many ranges of keys to cut each query block's keys (and how many keys per
-    range, a multiple of unit), so that a grid of few programs (a decoding step: Tq = 1, B*H programs)
-    still fills the GPU: about two programs per SM."""
+    """Flash-decoding: into how many ranges of keys to cut each query block's keys (and how many
+    keys per range, a multiple of unit), so that a grid of few programs (a decoding step: Tq = 1,
+    B*H programs) still fills the GPU: about two programs per SM."""
     n = min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(Tk, unit))
     if n <= 1:
         return 1, Tk
     per = triton.cdiv(triton.cdiv(Tk, n), unit) * unit
     return triton.cdiv(Tk, per), per
 
-# The grids are one-dimensional over (row blocks x B*H), the row block varying fastest (see _row_block;
-# a second grid dimension for B*H would be capped at 65535, which batches of many short windows reach);
-# the forward's key splits, when there are any, are the second dimension.
+# The grids are one-dimensional over (row blocks x B*H), the row block varying fastest (see
+# _row_block; a second grid dimension for B*H would be capped at 65535, which batches of many short
+# windows reach); the forward's key splits, when there are any, are the second dimension.
 def _flash_forward(q, k, v, causal, k_lens, sm_scale):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -505,24 +552,30 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale):
     splits, per = 1, Tk
     if name == "decode":
         cfg = _fixed_config(name, D)
-        # the split length must be a multiple of BLOCK_N: of the fixed one, or (autotuning) of any in TILES
+        # the split length must be a multiple of BLOCK_N: of the fixed one, or (autotuning) of any
+        # in TILES
         unit = max(SPLIT_KEYS, cfg["BLOCK_N"])
         splits, per = _key_splits(rows(cfg) * B * H, Tk, q.device, unit)
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    # with key splits the kernel writes fp32 partial results, one slice per split, that _merge_kernel combines
-    o_k = o if splits == 1 else torch.empty((splits, B, H, Tq, D), dtype=torch.float32, device=q.device)
-    lse_k = lse if splits == 1 else torch.empty((splits, B, H, Tq), dtype=torch.float32, device=q.device)
+    # with key splits the kernel writes fp32 partial results, one slice per split, that
+    # _merge_kernel combines
+    o_k = o if splits == 1 else torch.empty((splits, B, H, Tq, D), dtype=torch.float32,
+                                            device=q.device)
+    lse_k = lse if splits == 1 else torch.empty((splits, B, H, Tq), dtype=torch.float32,
+                                                device=q.device)
     o_strides = (0, *o.stride()[:3]) if splits == 1 else o_k.stride()[:4]
     _launch(_fwd_kernel, name, lambda meta: (rows(meta) * B * H, splits),
             (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), *o_strides, B * H * Tq,
              H, Tq, Tk, sm_scale * LOG2E, per, _bucket(Tq), _bucket(Tk)),
-            dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, SPLIT=splits > 1, TMA=_use_tma(k, v), HEAD_DIM=D))
+            dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, SPLIT=splits > 1, TMA=_use_tma(k, v),
+                 HEAD_DIM=D))
     if splits > 1:
         _launch(_merge_kernel, None, lambda meta: (rows(meta) * B * H,),
-                (o_k, lse_k, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits, B * H * Tq),
+                (o_k, lse_k, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
+                 B * H * Tq),
                 dict(HEAD_DIM=D, BLOCK_M=MERGE_BLOCK))
     return o, lse
 
@@ -533,22 +586,27 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
         do = do.contiguous()
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     _launch(_bwd_preprocess, None, lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,),
-            (o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Tq),
+            (o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+             do.stride(2), H, Tq),
             dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK))
     dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
     klens_arg = k_lens if k_lens is not None else lse
     common = dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D)
     strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                     v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+                     v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
+                     do.stride(2))
     atomic = bwd == "atomic"
-    # "atomic": the dk/dv kernel also adds each block's dq into an fp32 buffer (5 matmuls, exp once per score);
-    # "split": dq by its own kernel (recomputes QK^T and dO V^T: 7 matmuls in all; no atomics, deterministic)
+    # "atomic": the dk/dv kernel also adds each block's dq into an fp32 buffer (5 matmuls, exp once
+    # per score); "split": dq by its own kernel (recomputes QK^T and dO V^T: 7 matmuls in all; no
+    # atomics, deterministic)
     dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device) if atomic else lse
-    _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv", lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * H,),
+    _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv",
+            lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * H,),
             (q, k, v, do, dk, dv, dq_acc, lse, delta, klens_arg, *strides_qkvdo,
              dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-             H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), dict(common, ATOMIC_DQ=atomic))
+             H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)),
+             dict(common, ATOMIC_DQ=atomic))
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -559,10 +617,10 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
     return dq, dk, dv
 
 def _backward_mode(head_dim):
-    """BWD, with "auto" resolved: FlashAttention-2's backward (atomic dq: 5 matmuls, exp once per score) where
-    it builds for the H100 in tiles of 64 queries x 128 keys without register spills, D <= 64; at D = 128 it
-    needs more than 255 registers per thread in any tile of 64 queries or more (docs/fused_attention.md),
-    so there the split backward, whose two kernels fit in wide tiles."""
+    """BWD, with "auto" resolved: FlashAttention-2's backward (atomic dq: 5 matmuls, exp once per
+    score) where it builds for the H100 in tiles of 64 queries x 128 keys without register spills, D
+    <= 64; at D = 128 it needs more than 255 registers per thread in any tile of 64 queries or more
+    (docs/fused_attention.md), so there the split backward, whose two kernels fit in wide tiles."""
     return BWD if BWD != "auto" else ("atomic" if head_dim <= 64 else "split")
 
 class _FlashAttention(torch.autograd.Function):
@@ -577,7 +635,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, k_lens = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale, _backward_mode(q.shape[-1]))
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale,
+                                     _backward_mode(q.shape[-1]))
         return dq, dk, dv, None, None, None
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -585,17 +644,20 @@ HEAD_DIMS = (16, 32, 64, 128)
 def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
     B, H, Tq, D = q.shape
     if D not in HEAD_DIMS:
-        raise ValueError(f"fused_attention: the triton kernel supports head dims {HEAD_DIMS}, got D={D} "
-                         f"(use backend='torch' / FUSED_ATTENTION=torch for other sizes)")
-    dtypes = (torch.float16, torch.bfloat16, torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
+        raise ValueError(f"fused_attention: the triton kernel supports head dims {HEAD_DIMS}, got "
+                         f"D={D} (use backend='torch' / FUSED_ATTENTION=torch for other sizes)")
+    dtypes = (torch.float16, torch.bfloat16,
+              torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
     if q.dtype not in dtypes:
         raise ValueError(f"fused_attention: the triton kernel takes {dtypes} here, got {q.dtype} "
                          f"(use backend='torch' / FUSED_ATTENTION=torch for other dtypes)")
     if q.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); to run it on "
-                         f"the CPU set TRITON_INTERPRET=1 before fused_attention is imported")
+        raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); "
+                         f"to run it on the CPU set TRITON_INTERPRET=1 before fused_attention is "
+                         f"imported")
     if BWD not in ("auto", "atomic", "split"):
-        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be auto, atomic or split, got {BWD!r}")
+        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be "
+                         f"auto, atomic or split, got {BWD!r}")
     sm_scale = float(sm_scale)
     if sm_scale <= 0:  # the kernels take the row max on raw scores, which needs a positive scale
         q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (q * 0.0, 1.0)
@@ -608,20 +670,24 @@ def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
 # the entry point
 
 def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None):
-    """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module docstring."""
+    """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module
+    docstring."""
     _check(q, k, v, k_lens)
     backend = backend or BACKEND
     if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton or torch, got {backend!r}")
+        raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "
+                         f"or torch, got {backend!r}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if q.numel() == 0 or k.shape[2] == 0:
-        # nothing to attend to (or nobody asking): zeros that stay zero whatever q holds (q * 0 would turn an
-        # inf into NaN), joined to the graph so that q, k and v get (zero) gradients
-        return torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0.0) + k.sum() + v.sum()
+        # nothing to attend to (or nobody asking): zeros that stay zero whatever q holds (q * 0
+        # would turn an inf into NaN), joined to the graph so that q, k and v get (zero) gradients
+        return torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q,
+                           0.0) + k.sum() + v.sum()
     if backend == "auto":
         # the kernel where it pays: CUDA, half precision, a supported head dim; PyTorch otherwise
-        use_triton = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
+        use_triton = q.is_cuda and q.dtype in (torch.float16,
+                                               torch.bfloat16) and q.shape[-1] in HEAD_DIMS
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
         return attention_triton(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale)

@@ -5,22 +5,25 @@ Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text genera
     prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }-> frozen GPT-2 -> answer
                                                           [audio prefix k][text prefix k][answer tokens]
 
-Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's text_projection
-and the projection after it) and the two mappers. The language model (GPT-2 layout and names) and the text
-tower are frozen. A `clap` stage can pretrain the two encoders contrastively first, as Pengi's HTSAT comes
-from CLAP. The loss is on the answer tokens only, averaged per example (ours). Decoding is length-normalised
-beam search with a KV cache (beam 5 as in the paper; beam 1 is greedy).
+Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's
+text_projection and the projection after it) and the two mappers. The language model (GPT-2 layout
+and names) and the text tower are frozen. A `clap` stage can pretrain the two encoders contrastively
+first, as Pengi's HTSAT comes from CLAP. The loss is on the answer tokens only, averaged per example
+(ours). Decoding is length-normalised beam search with a KV cache (beam 5 as in the paper; beam 1 is
+greedy).
 
-Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the paper) the
-candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the label prior (PMI). The
-audio embedding (`embed_audio`) feeds a linear probe, as in the paper's representation study.
+Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the
+paper) the candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the
+label prior (PMI). The audio embedding (`embed_audio`) feeds a linear probe, as in the paper's
+representation study.
 
-Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic head,
-mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by a cyclic roll
-along time only, without Swin's mask: the input is repeat-padded, so wrapping joins the end to the start as
-the next repetition would); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a text
-encoder made from the LM's own embeddings and first layers (a causal tower pooled at the last token, as
-CLIP's text tower pools at its end token) instead of CLIP's text tower.
+Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic
+head, mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by
+a cyclic roll along time only, without Swin's mask: the input is repeat-padded, so wrapping joins
+the end to the start as the next repetition would); mapper outputs LayerNorm-ed and scaled to the
+LM's token embeddings; a text encoder made from the LM's own embeddings and first layers (a causal
+tower pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text
+tower.
 """
 
 import json
@@ -40,13 +43,16 @@ from fused_attention import attention
 
 @dataclass
 class PengiConfig:
-    tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
-    stage: str = "pengi"       # "clap": contrastive pretraining of both encoders (Pengi's HTSAT comes from CLAP); "pengi"
+    tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's
+                               # (tokenizer.load_tokenizer)
+    stage: str = "pengi"       # "clap": contrastive pretraining of both encoders (Pengi's HTSAT
+                               # comes from CLAP); "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
     vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
     eot_token: int = -1        # ends every answer
-    max_frames: int = 256      # audio input in mel frames (75/s): longer clips cropped, shorter repeat-padded
+    max_frames: int = 256      # audio input in mel frames (75/s): longer clips cropped, shorter
+                               # repeat-padded
     # audio encoder: HTSAT-style (Swin over the time-frequency patch grid)
     patch_size: int = 4        # square patches of the (n_mels, frames) spectrogram
     enc_dim: int = 32          # stage-1 width, doubled by each patch merging
@@ -57,14 +63,16 @@ class PengiConfig:
     d_embed: int = 128
     # text encoder for the prompt: frozen
     text_n_layer: int = 2
-    text_init: str = "llm"     # "llm": the LM's wte, wpe and first text_n_layer blocks; "embeddings": wte, wpe only; "random"
+    text_init: str = "llm"     # "llm": the LM's wte, wpe and first text_n_layer blocks;
+                               # "embeddings": wte, wpe only; "random"
     text_trainable: bool = False
     # mappers m1 (audio) and m2 (text), ClipCap style
     prefix_len: int = 8        # k per modality (40 in the paper)
     map_n_layer: int = 2
     map_n_head: int = 4
     # language model, GPT-2 layout, frozen (dims are overwritten by llm_init's checkpoint)
-    llm_init: str = ""         # HF GPT-2 dir/file or a salmonn stage-llm ckpt.pt; "" = random LM (teaches little)
+    llm_init: str = ""         # HF GPT-2 dir/file or a salmonn stage-llm ckpt.pt; "" = random LM
+                               # (teaches little)
     llm_n_layer: int = 4
     llm_n_head: int = 4
     llm_n_embd: int = 128
@@ -79,14 +87,15 @@ class PengiConfig:
     max_answer_tokens: int = 40
 
 # -----------------------------------------------------------------------------
-# Transformer pieces: GPT-2 layout and Hugging Face names (the LM, the text tower and the mappers use this
-# block), with GPT-2's KV cache. Copies of salmonn.py's, kept identical (tests/test_copies.py); LoRA is
-# SALMONN's: here lora_rank is 0 and the LM stays frozen as a whole. Then ClipCap's beam search (Pengi's).
+# Transformer pieces: GPT-2 layout and Hugging Face names (the LM, the text tower and the mappers
+# use this block), with GPT-2's KV cache. Copies of salmonn.py's, kept identical
+# (tests/test_copies.py); LoRA is SALMONN's: here lora_rank is 0 and the LM stays frozen as a whole.
+# Then ClipCap's beam search (Pengi's).
 
 # Copied from salmonn.SelfAttention
 class SelfAttention(nn.Module):
-    """GPT-2's attention: one fused c_attn for q, k, v. causal=False serves bidirectional stacks (Pengi's
-    mapper); past is a (k, v) pair of (B, n_head, T_past, head_size), the KV cache."""
+    """GPT-2's attention: one fused c_attn for q, k, v. causal=False serves bidirectional stacks
+    (Pengi's mapper); past is a (k, v) pair of (B, n_head, T_past, head_size), the KV cache."""
 
     def __init__(self, n_embd, n_head, dropout=0.0, lora_rank=0, lora_alpha=32.0, lora_dropout=0.0):
         super().__init__()
@@ -125,7 +134,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and themselves
+        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and
+                                               # themselves
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
@@ -158,7 +168,8 @@ class Block(nn.Module):
 
 # Copied from salmonn.GPT2
 class GPT2(nn.Module):
-    """GPT-2 with Hugging Face's names (wte, wpe, h.{i}..., ln_f), nn.Linear layout, lm_head tied to wte."""
+    """GPT-2 with Hugging Face's names (wte, wpe, h.{i}..., ln_f), nn.Linear layout, lm_head tied to
+    wte."""
 
     def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, lora_rank=0,
                  lora_alpha=32.0, lora_dropout=0.0):
@@ -174,11 +185,12 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.wte.weight
 
     def forward(self, x, past=None):
-        """x: input embeddings (B, T, C) without positions; past: the KV cache, one (k, v) per layer, from a
-        previous call. Returns the final hidden states (B, T, C) and the new cache."""
+        """x: input embeddings (B, T, C) without positions; past: the KV cache, one (k, v) per
+        layer, from a previous call. Returns the final hidden states (B, T, C) and the new cache."""
         t0 = 0 if past is None else past[0][0].size(2)
         if t0 + x.size(1) > self.block_size:
-            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds the LM's block_size {self.block_size}")
+            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds the LM's block_size "
+                             f"{self.block_size}")
         x = self.drop(x + self.wpe(torch.arange(t0, t0 + x.size(1), device=x.device)))
         presents = []
         for i, block in enumerate(self.h):
@@ -192,12 +204,13 @@ def reorder_cache(past, index):
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
 def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
-    """Beam search as ClipCap and Pengi's code decode, with GPT2's KV cache: step(tokens (n,), past) ->
-    (log-probs (n, V), past); logp (1, V): the first step's log-probs. Unlike salmonn.py's beam_search
-    (Hugging Face's, which ranks live beams by total log-prob), live beams are ranked at every step by
-    total log-prob / length ** length_penalty (the length counts the eot); a beam that has emitted eot stays
-    in the race with its score frozen; the search stops when every beam has ended. On our captions this
-    gives BLEU-4 0.246 where beam_search gives 0.163 (3 seeds). Returns the best, without eot."""
+    """Beam search as ClipCap and Pengi's code decode, with GPT2's KV cache: step(tokens (n,), past)
+    -> (log-probs (n, V), past); logp (1, V): the first step's log-probs. Unlike salmonn.py's
+    beam_search (Hugging Face's, which ranks live beams by total log-prob), live beams are ranked at
+    every step by total log-prob / length ** length_penalty (the length counts the eot); a beam that
+    has emitted eot stays in the race with its score frozen; the search stops when every beam has
+    ended. On our captions this gives BLEU-4 0.246 where beam_search gives 0.163 (3 seeds). Returns
+    the best, without eot."""
     V = logp.size(-1)
     seqs = [[]]
     scores, lengths = torch.zeros(1), torch.zeros(1)
@@ -223,15 +236,18 @@ def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_pena
     return [t for t in seqs[best] if t != eot]
 
 # -----------------------------------------------------------------------------
-# Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (copies of salmonn.py's)
+# Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (copies of
+# salmonn.py's)
 
 # Copied from salmonn.read_safetensors
 def read_safetensors(path):
     """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra dependency)."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra
+    dependency)."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -245,22 +261,25 @@ def read_safetensors(path):
         dtype = dtypes[info["dtype"]]
         a, b = info["data_offsets"]
         count = (b - a) // torch.empty(0, dtype=dtype).element_size()
-        t = torch.frombuffer(data, dtype=dtype, offset=a, count=count) if b > a else torch.empty(0, dtype=dtype)
+        t = torch.frombuffer(data, dtype=dtype, offset=a,
+                             count=count) if b > a else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"]).clone()
     return out
 
 # Copied from salmonn.load_llm_state
 def load_llm_state(path):
-    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file (model.safetensors or
-    pytorch_model.bin, config.json beside it, keys possibly prefixed "transformer.", Conv1D weights stored
-    (in, out)), or (b) a train.py ckpt.pt that holds an LLM (keys "llm.<name>": salmonn's stage "llm" and
-    later, or pengi). Returns (state dict in our names and nn.Linear layout, without LoRA and without lm_head,
-    which is tied; sizes dict with n_layer, n_head, n_embd, block_size, vocab_size)."""
+    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
+    (model.safetensors or pytorch_model.bin, config.json beside it, keys possibly prefixed
+    "transformer.", Conv1D weights stored (in, out)), or (b) a train.py ckpt.pt that holds an LLM
+    (keys "llm.<name>": salmonn's stage "llm" and later, or pengi). Returns (state dict in our names
+    and nn.Linear layout, without LoRA and without lm_head, which is tied; sizes dict with n_layer,
+    n_head, n_embd, block_size, vocab_size)."""
     if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt") if os.path.exists(os.path.join(path, n))]
+        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt")
+                 if os.path.exists(os.path.join(path, n))]
         if not names:
-            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, pytorch_model.bin "
-                                    f"or ckpt.pt")
+            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, "
+                                    f"pytorch_model.bin or ckpt.pt")
         file = os.path.join(path, names[0])
     elif os.path.isfile(path):
         file = path
@@ -268,18 +287,22 @@ def load_llm_state(path):
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
         torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:  # (b) a train.py checkpoint
+    # (b) a train.py checkpoint
+    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
         args = raw["model_args"]
-        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size", "vocab_size") if k not in args]
+        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size",
+                               "vocab_size") if k not in args]
         sd = {k.removeprefix("_orig_mod.")[4:]: v for k, v in raw["model"].items()
               if k.removeprefix("_orig_mod.").startswith("llm.")}
         sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
         if missing or not sd:
-            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args lacks {missing} "
-                             f"or no 'llm.*' weights)")
+            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args "
+                             f"lacks {missing} or no 'llm.*' weights)")
         if args.get("stage") not in (None, "llm"):
-            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's base weights")
-        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"], n_embd=args["llm_n_embd"],
+            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's "
+                  f"base weights")
+        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"],
+                        n_embd=args["llm_n_embd"],
                         block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
     # (a) Hugging Face GPT-2
     sd = {}
@@ -287,38 +310,42 @@ def load_llm_state(path):
         k = k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers; lm_head is tied to wte
-        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"))
-        sd[k] = v.t().contiguous() if conv1d else v  # Conv1D stores (in, out); nn.Linear wants (out, in)
+        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                             ".mlp.c_proj.weight"))
+        # Conv1D stores (in, out); nn.Linear wants (out, in)
+        sd[k] = v.t().contiguous() if conv1d else v
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
     cfg_file = os.path.join(os.path.dirname(file), "config.json")
     if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
-        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs its config.json "
-                                f"(n_head cannot be read from the weights)")
+        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs "
+                                f"its config.json (n_head cannot be read from the weights)")
     with open(cfg_file) as f:
         hf = json.load(f)
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"], n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
+    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"],
+                    n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
                     block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
                     vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
 
 def set_llm_dims(config):
-    """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before the model is
-    built). A missing file is skipped here: a checkpoint's config already holds the sizes and its weights hold
-    the LM; init_pretrained, which training calls, says that the file is missing."""
+    """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before
+    the model is built). A missing file is skipped here: a checkpoint's config already holds the
+    sizes and its weights hold the LM; init_pretrained, which training calls, says that the file is
+    missing."""
     if not config.llm_init or not os.path.exists(config.llm_init):
         return
     _, dims = load_llm_state(config.llm_init)
     if config.vocab_size and dims["vocab_size"] < config.vocab_size:
-        raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} < the {config.vocab_size} "
-                         f"of tokenizer={config.tokenizer!r}")
+        raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} < the "
+                         f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
     config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
 def init_pretrained(model, tok=None):
-    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this; it is not needed
-    to load a checkpoint, which holds the LM). The text tower and the prefix scale then follow the LM.
-    tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with it)."""
+    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this; it is
+    not needed to load a checkpoint, which holds the LM). The text tower and the prefix scale then
+    follow the LM. tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with it)."""
     config = model.config
     if not config.llm_init:
         return
@@ -326,11 +353,13 @@ def init_pretrained(model, tok=None):
     own = model.llm.state_dict()
     missing = [k for k in own if k not in sd and k != "lm_head.weight"]
     if missing:
-        raise ValueError(f"llm_init: {config.llm_init} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        raise ValueError(f"llm_init: {config.llm_init} lacks "
+                         f"{missing[:4]}{'...' if len(missing) > 4 else ''}")
     for k in own:
         if k != "lm_head.weight" and sd[k].shape != own[k].shape:
-            raise ValueError(f"llm_init: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
-                             f"(build the config with load_data or set_llm_dims first)")
+            raise ValueError(f"llm_init: {k} has shape {tuple(sd[k].shape)}, expected "
+                             f"{tuple(own[k].shape)} (build the config with load_data or "
+                             f"set_llm_dims first)")
     model.llm.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     model.lm_changed()
     print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
@@ -357,9 +386,11 @@ class WindowBlock(nn.Module):
         h = self.ln_1(x)
         if self.shift:  # shifted windows: roll half a window along time (see the module docstring)
             h = torch.roll(h, shifts=-(wt // 2), dims=2)
-        h = h.view(B, Fg // wf, wf, Tg // wt, wt, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, wf * wt, C)
+        h = h.view(B, Fg // wf, wf, Tg // wt, wt,
+                   C).permute(0, 1, 3, 2, 4, 5).reshape(-1, wf * wt, C)
         q, k, v = self.qkv(h).split(C, dim=2)
-        q, k, v = (t.view(t.size(0), -1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(t.size(0), -1, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))
         h = attention(q, k, v).transpose(1, 2).reshape(-1, wf * wt, C)
         h = h.view(B, Fg // wf, Tg // wt, wf, wt, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Fg, Tg, C)
         if self.shift:
@@ -377,7 +408,8 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x):  # (B, Fg, Tg, C) -> (B, Fg/2, Tg/2, 2C)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      dim=-1)
         return self.reduction(self.norm(x))
 
 def stage_windows(config):
@@ -385,17 +417,20 @@ def stage_windows(config):
     depths = [int(d) for d in config.enc_depths.split(",")]
     heads = [int(h) for h in config.enc_heads.split(",")]
     if len(depths) != len(heads):
-        raise ValueError(f"enc_depths {config.enc_depths!r} and enc_heads {config.enc_heads!r} differ in length")
+        raise ValueError(f"enc_depths {config.enc_depths!r} and enc_heads {config.enc_heads!r} "
+                         f"differ in length")
     p = config.patch_size
     if config.n_mels % p or config.max_frames % p:
-        raise ValueError(f"n_mels {config.n_mels} and max_frames {config.max_frames} must be multiples of patch_size {p}")
+        raise ValueError(f"n_mels {config.n_mels} and max_frames {config.max_frames} must be "
+                         f"multiples of patch_size {p}")
     Fg, Tg = config.n_mels // p, config.max_frames // p
     out = []
     for s in range(len(depths)):
         wf, wt = min(config.window, Fg), min(config.window, Tg)
         if Fg % wf or Tg % wt or (s < len(depths) - 1 and (Fg % 2 or Tg % 2)):
-            raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} does not tile into {wf}x{wt} windows (or halve); "
-                             f"pick max_frames a multiple of patch_size*window*2^(stages-1)")
+            raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} does not tile into {wf}x{wt} "
+                             f"windows (or halve); pick max_frames a multiple of "
+                             f"patch_size*window*2^(stages-1)")
         out.append((depths[s], heads[s], (wf, wt), (Fg, Tg)))
         Fg, Tg = Fg // 2, Tg // 2
     return out
@@ -428,7 +463,8 @@ class AudioEncoder(nn.Module):
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
         for s, (depth, n_head, window, _) in enumerate(stages):
-            self.stages.append(nn.ModuleList([WindowBlock(C, n_head, window, shift=(i % 2 == 1), dropout=config.dropout)
+            self.stages.append(nn.ModuleList([WindowBlock(C, n_head, window, shift=(i % 2 == 1),
+                                                          dropout=config.dropout)
                                               for i in range(depth)]))
             if s < len(stages) - 1:
                 self.merges.append(PatchMerging(C))
@@ -437,7 +473,8 @@ class AudioEncoder(nn.Module):
         self.out_dim = C
 
     def forward(self, mel):  # (B, T, n_mels) -> (B, out_dim)
-        x = self.patch_embed(mel.transpose(1, 2).unsqueeze(1))  # (B, C, F/p, T/p): frequency rows, time columns
+        # (B, C, F/p, T/p): frequency rows, time columns
+        x = self.patch_embed(mel.transpose(1, 2).unsqueeze(1))
         x = self.patch_norm(x.permute(0, 2, 3, 1)) + self.pos_emb
         for s, blocks in enumerate(self.stages):
             for block in blocks:
@@ -447,8 +484,9 @@ class AudioEncoder(nn.Module):
         return self.ln_f(x).mean(dim=(1, 2))  # pooled over the grid
 
 class TextEncoder(nn.Module):
-    """Causal transformer over the prompt, pooled at its last token (frozen), then CLIP's text_projection
-    (a bias-free linear layer, trainable as in the official Pengi code, which freezes only the tower)."""
+    """Causal transformer over the prompt, pooled at its last token (frozen), then CLIP's
+    text_projection (a bias-free linear layer, trainable as in the official Pengi code, which
+    freezes only the tower)."""
 
     def __init__(self, config):
         super().__init__()
@@ -462,7 +500,8 @@ class TextEncoder(nn.Module):
     def forward(self, prompt, prompt_lens):
         T = prompt.size(1)
         if T > self.wpe.num_embeddings:
-            raise ValueError(f"prompt of {T} tokens exceeds the text tower's context of {self.wpe.num_embeddings}")
+            raise ValueError(f"prompt of {T} tokens exceeds the text tower's context of "
+                             f"{self.wpe.num_embeddings}")
         x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))
         for block in self.h:
             x, _ = block(x, causal=True)  # causal, so the padding after each prompt changes nothing
@@ -470,19 +509,21 @@ class TextEncoder(nn.Module):
         return self.text_projection(x)
 
 class Mapper(nn.Module):
-    """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k learned
-    constants, through a few bidirectional layers; the outputs at the constants' positions are the prefix.
-    Ours: each output goes through a LayerNorm and a learnable scale that starts at the RMS of the LM's token
-    embeddings (Pengi.reset_prefix_scale), so the prefix reaches the frozen LM at the size of a word. Without
-    it the outputs are ~20x (at init) to ~100x (trained) larger than token embeddings, the frozen blocks add
-    too little to them to matter, and the first answer token cannot depend on the audio (measured)."""
+    """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k
+    learned constants, through a few bidirectional layers; the outputs at the constants' positions
+    are the prefix. Ours: each output goes through a LayerNorm and a learnable scale that starts at
+    the RMS of the LM's token embeddings (Pengi.reset_prefix_scale), so the prefix reaches the
+    frozen LM at the size of a word. Without it the outputs are ~20x (at init) to ~100x (trained)
+    larger than token embeddings, the frozen blocks add too little to them to matter, and the first
+    answer token cannot depend on the audio (measured)."""
 
     def __init__(self, config):
         super().__init__()
         self.k, d = config.prefix_len, config.llm_n_embd
         self.linear = nn.Linear(config.d_embed, self.k * d)
         self.prefix_const = nn.Parameter(torch.randn(self.k, d))
-        self.h = nn.ModuleList([Block(d, config.map_n_head, config.dropout) for _ in range(config.map_n_layer)])
+        self.h = nn.ModuleList([Block(d, config.map_n_head, config.dropout)
+                                for _ in range(config.map_n_layer)])
         self.ln_out = nn.LayerNorm(d)
         self.scale = nn.Parameter(torch.tensor(1.0))
 
@@ -497,21 +538,24 @@ class Mapper(nn.Module):
 # The model
 
 class Pengi(nn.Module):
-    """Builds the model from the config alone (no file I/O): a pretrained LM named by llm_init is loaded by
-    init_pretrained(model), which train.py calls on a fresh model; checkpoints then hold the LM's weights
-    like any others, so they load without the llm_init file."""
+    """Builds the model from the config alone (no file I/O): a pretrained LM named by llm_init is
+    loaded by init_pretrained(model), which train.py calls on a fresh model; checkpoints then hold
+    the LM's weights like any others, so they load without the llm_init file."""
 
     def __init__(self, config):
         super().__init__()
         if not config.llm_init:
-            warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
-                          "pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
+            warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches "
+                          "little; pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
         if config.vocab_size <= 0:
-            raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer and llm_init)")
+            raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer "
+                             "and llm_init)")
         if config.text_init == "llm" and config.text_n_layer > config.llm_n_layer:
-            raise ValueError(f"text_n_layer {config.text_n_layer} > llm_n_layer {config.llm_n_layer}: text_init='llm' copies the LM's first layers")
+            raise ValueError(f"text_n_layer {config.text_n_layer} > llm_n_layer "
+                             f"{config.llm_n_layer}: text_init='llm' copies the LM's first layers")
         if config.text_init not in ("llm", "embeddings", "random"):
-            raise ValueError(f"text_init must be 'llm', 'embeddings' or 'random', not {config.text_init!r}")
+            raise ValueError(f"text_init must be 'llm', 'embeddings' or 'random', not "
+                             f"{config.text_init!r}")
         if config.stage not in ("clap", "pengi"):
             raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
         self.config = config
@@ -523,19 +567,23 @@ class Pengi(nn.Module):
         self.text_proj = Projection(config.llm_n_embd, config.d_embed, config.dropout)
         self.m1 = Mapper(config)
         self.m2 = Mapper(config)
-        self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd, config.llm_block_size)
-        # GPT-2's init (0.02) for the LM and the text tower (llm_init overwrites them). The trained parts keep
-        # PyTorch's fan-in scaled default: at small widths 0.02 is far below 1/sqrt(fan_in), so the audio
-        # signal fades through the mapper and the encoder learns nothing but a constant.
+        self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd,
+                        config.llm_block_size)
+        # GPT-2's init (0.02) for the LM and the text tower (llm_init overwrites them). The trained
+        # parts keep PyTorch's fan-in scaled default: at small widths 0.02 is far below
+        # 1/sqrt(fan_in), so the audio signal fades through the mapper and the encoder learns
+        # nothing but a constant.
         for module in (self.text_encoder, self.llm):
             module.apply(self._init_weights)
         nn.init.normal_(self.audio_encoder.pos_emb, std=0.02)
-        nn.init.normal_(self.text_encoder.text_projection.weight, std=config.llm_n_embd ** -0.5)  # CLIP's init
+        # CLIP's init
+        nn.init.normal_(self.text_encoder.text_projection.weight, std=config.llm_n_embd ** -0.5)
         self.lm_changed()
 
         for p in self.llm.parameters():
             p.requires_grad = False
-        for n, p in self.text_encoder.named_parameters():  # the tower is frozen, its text_projection trains
+        # the tower is frozen, its text_projection trains
+        for n, p in self.text_encoder.named_parameters():
             p.requires_grad = config.text_trainable or n.startswith("text_projection.")
         if config.stage == "clap":  # CLAP trains both encoders and nothing else
             for p in self.text_encoder.parameters():
@@ -544,14 +592,15 @@ class Pengi(nn.Module):
                 p.requires_grad = False
         n = sum(p.numel() for p in self.parameters())
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (audio encoder, text projections, mappers"
-              f"{', text tower' if config.text_trainable else ''})")
+        print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (audio encoder, "
+              f"text projections, mappers{', text tower' if config.text_trainable else ''})")
 
     @torch.no_grad()
     def lm_changed(self):
-        """After the LM's weights are set: the text tower starts from them (text_init) and the prefix scale
-        from their token-embedding RMS."""
-        if self.config.text_init in ("llm", "embeddings"):  # the text tower starts from the LM (a pretrained one if llm_init)
+        """After the LM's weights are set: the text tower starts from them (text_init) and the
+        prefix scale from their token-embedding RMS."""
+        # the text tower starts from the LM (a pretrained one if llm_init)
+        if self.config.text_init in ("llm", "embeddings"):
             t = self.text_encoder
             t.wte.weight.copy_(self.llm.wte.weight)
             t.wpe.weight.copy_(self.llm.wpe.weight)
@@ -568,7 +617,8 @@ class Pengi(nn.Module):
         self.m2.scale.fill_(rms)
 
     def prefix_norm_ratio(self, prefix):
-        """Mean norm of prefix vectors / mean norm of the LM's token embeddings (1 = the LM's own scale)."""
+        """Mean norm of prefix vectors / mean norm of the LM's token embeddings (1 = the LM's own
+        scale)."""
         return (prefix.float().norm(dim=-1).mean() / self.llm.wte.weight.float().norm(dim=-1).mean()).item()
 
     def _init_weights(self, module):
@@ -587,7 +637,8 @@ class Pengi(nn.Module):
         return self
 
     def embed_audio(self, mel):
-        """(B, T, n_mels) -> (B, d_embed), L2-normalised: the representation the linear probe reads."""
+        """(B, T, n_mels) -> (B, d_embed), L2-normalised: the representation the linear probe
+        reads."""
         return F.normalize(self.audio_proj(self.audio_encoder(mel)), dim=-1)
 
     def embed_text(self, prompt, prompt_lens):
@@ -595,25 +646,28 @@ class Pengi(nn.Module):
 
     def prefix(self, mel, prompt, prompt_lens):
         """[audio prefix k][text prefix k]: (B, 2k, d_lm)."""
-        return torch.cat([self.m1(self.embed_audio(mel)), self.m2(self.embed_text(prompt, prompt_lens))], dim=1)
+        return torch.cat([self.m1(self.embed_audio(mel)),
+                          self.m2(self.embed_text(prompt, prompt_lens))], dim=1)
 
     def forward(self, mel, prompt, prompt_lens, answer, targets=None):
-        """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the positions that
-        predict the answer: the last text-prefix position and every answer position, (B, La + 1, V), and
-        targets (B, La + 1) are the answer tokens then eot, -1 where padded. Loss on the answer only.
-        Ours: the loss is the mean over examples of each example's mean token NLL. A mean over all tokens
-        would give the 1-3-token labels of the close-ended tasks ~2% of the weight next to captions and
-        metadata in the multi-task mix (per-example averaging took the mix's class accuracy 0.12 -> 0.29)."""
+        """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the
+        positions that predict the answer: the last text-prefix position and every answer position,
+        (B, La + 1, V), and targets (B, La + 1) are the answer tokens then eot, -1 where padded.
+        Loss on the answer only. Ours: the loss is the mean over examples of each example's mean
+        token NLL. A mean over all tokens would give the 1-3-token labels of the close-ended tasks
+        ~2% of the weight next to captions and metadata in the multi-task mix (per-example averaging
+        took the mix's class accuracy 0.12 -> 0.29)."""
         audio = self.embed_audio(mel)
         if self.config.stage == "clap":  # contrastive only: (audio, answer text) pairs, no LM
             return None, self.clap_loss(audio, answer, targets, text_grad=True)
-        x = torch.cat([self.m1(audio), self.m2(self.embed_text(prompt, prompt_lens)), self.llm.wte(answer)], dim=1)
+        x = torch.cat([self.m1(audio), self.m2(self.embed_text(prompt, prompt_lens)),
+                       self.llm.wte(answer)], dim=1)
         h, _ = self.llm(x)
         logits = self.llm.lm_head(h[:, 2 * self.k - 1:])
         loss = None
         if targets is not None:
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                  reduction="none").view(targets.shape)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                  ignore_index=-1, reduction="none").view(targets.shape)
             mask = (targets != -1).float()
             loss = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
             if self.training and self.config.clap_weight > 0:
@@ -621,13 +675,15 @@ class Pengi(nn.Module):
         return logits, loss
 
     def clap_loss(self, audio, answer, targets, text_grad=False):
-        """CLAP's symmetric InfoNCE between each clip's audio embedding and the text encoder's embedding of its
-        answer; clips in the batch with the same answer count as positives of each other. stage="clap" trains
-        both encoders with it alone (Pengi's HTSAT comes from CLAP). In stage "pengi", clap_weight > 0 adds it
-        (ours, training only, text side fixed): without a CLAP start, a scratch encoder trained only through the
-        frozen LM collapses to a constant embedding (the answer prior is learnt first, and an input-independent
-        embedding serves it best)."""
-        lens = ((targets != -1).sum(1) - 1).clamp(min=1)  # answer tokens without the eot (an empty answer: its pad)
+        """CLAP's symmetric InfoNCE between each clip's audio embedding and the text encoder's
+        embedding of its answer; clips in the batch with the same answer count as positives of each
+        other. stage="clap" trains both encoders with it alone (Pengi's HTSAT comes from CLAP). In
+        stage "pengi", clap_weight > 0 adds it (ours, training only, text side fixed): without a
+        CLAP start, a scratch encoder trained only through the frozen LM collapses to a constant
+        embedding (the answer prior is learnt first, and an input-independent embedding serves it
+        best)."""
+        # answer tokens without the eot (an empty answer: its pad)
+        lens = ((targets != -1).sum(1) - 1).clamp(min=1)
         with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
             text = self.embed_text(answer, lens)
         with torch.no_grad():
@@ -639,13 +695,15 @@ class Pengi(nn.Module):
     # --- decoding -------------------------------------------------------------------------------------
 
     def next_logp(self, tokens, past):
-        """One decoding step: tokens (n,) after the cache -> log-probs of the next token (n, V), new cache."""
+        """One decoding step: tokens (n,) after the cache -> log-probs of the next token (n, V), new
+        cache."""
         h, past = self.llm(self.llm.wte(tokens[:, None]), past)
         return F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1), past
 
     @torch.no_grad()
     def greedy(self, prefix, max_new_tokens):
-        """Batched greedy decoding from prefixes (B, 2k, d). Returns lists of token ids without the eot."""
+        """Batched greedy decoding from prefixes (B, 2k, d). Returns lists of token ids without the
+        eot."""
         eot = self.config.eot_token
         h, past = self.llm(prefix)
         logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
@@ -679,8 +737,8 @@ class Pengi(nn.Module):
 
     @torch.no_grad()
     def rank_candidates(self, mel, prompt, prompt_lens, candidates):
-        """log p(candidate tokens, eot | prefix) for every clip and candidate: (B, n_cand). The prefix runs once
-        per clip; the candidates continue from its KV cache in one batch."""
+        """log p(candidate tokens, eot | prefix) for every clip and candidate: (B, n_cand). The
+        prefix runs once per clip; the candidates continue from its KV cache in one batch."""
         eot = self.config.eot_token
         if not candidates:
             raise ValueError("rank_candidates: the candidate list is empty")
@@ -689,10 +747,12 @@ class Pengi(nn.Module):
         prefix = self.prefix(mel, prompt, prompt_lens)
         B, N = prefix.size(0), len(candidates)
         h, past = self.llm(prefix)
-        first = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)  # predicts each candidate's first token
+        # predicts each candidate's first token
+        first = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
         L = max(len(c) for c in candidates)
         cand = torch.full((N, L), eot, dtype=torch.long)
-        tgt = torch.full((N, L), -1, dtype=torch.long)  # what each candidate position predicts: next token or eot
+        # what each candidate position predicts: next token or eot
+        tgt = torch.full((N, L), -1, dtype=torch.long)
         for j, c in enumerate(candidates):
             cand[j, :len(c)] = torch.tensor(c)
             tgt[j, :len(c)] = torch.tensor(c[1:] + [eot])
@@ -739,7 +799,8 @@ def clip_tasks(clip, tasks):
     if "qa" in tasks:
         out += [("qa", "question: " + qa["q"], qa["a"]) for qa in clip.get("qa", [])]
     if "music" in tasks:
-        out += [(key, PROMPTS[key], clip["labels"][key]) for key in ("instrument", "pitch", "chord") if key in clip["labels"]]
+        out += [(key, PROMPTS[key], clip["labels"][key]) for key in ("instrument", "pitch", "chord")
+                if key in clip["labels"]]
     return out
 
 def load_data(data_dir, config, tok):
@@ -749,16 +810,21 @@ def load_data(data_dir, config, tok):
     with open(meta_path) as f:
         meta = json.load(f)
     config.n_mels = meta["n_mels"]
-    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token  # the data is text: the config's tokenizer sets these
+    # the data is text: the config's tokenizer sets these
+    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
     set_llm_dims(config)
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
     if unknown:
-        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, qa, music")
-    enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no leading space
-    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames, "eot_token": tok.eot_token}
+        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, "
+                         f"qa, music")
+    enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no
+                                   # leading space
+    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames,
+            "eot_token": tok.eot_token}
     for split in ("train", "val"):
-        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
+                        mode="r").reshape(-1, meta["n_mels"])
         with open(os.path.join(data_dir, f"{split}_clips.jsonl")) as f:
             clips = [json.loads(line) for line in f if line.strip()]
         if not clips:
@@ -770,18 +836,20 @@ def load_data(data_dir, config, tok):
                                                      answer_ids(tok, answer)[:config.max_answer_tokens]))
         data[split] = {"mel": mel, "clips": clips, "by_task": by_task}
     # candidate labels for the close-ended tasks, from the training split
-    data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"] if key in c["labels"]})
+    data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]
+                                       if key in c["labels"]})
                           for key in ("class", "instrument", "pitch", "chord")}
     return data
 
 def answer_ids(tok, text):
-    """An answer as the LM saw words in running text during pre-training: with a leading space (GPT-2's BPE and
-    the corpus BPE have different tokens for "dog" and " dog"; the corpus LM saw "ASSISTANT: dog"). The eot
-    that ends it is added by collate."""
+    """An answer as the LM saw words in running text during pre-training: with a leading space
+    (GPT-2's BPE and the corpus BPE have different tokens for "dog" and " dog"; the corpus LM saw
+    "ASSISTANT: dog"). The eot that ends it is added by collate."""
     return tok.encode(" " + text.strip())
 
 def clip_mel(mel, clip, max_frames, rng=None):
-    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or repeat-padded."""
+    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or
+    repeat-padded."""
     x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
     return fit_frames(x, max_frames, rng)
 
@@ -795,7 +863,8 @@ def fit_frames(x, max_frames, rng=None):
     return np.concatenate([x] * reps)[:max_frames]  # repeat-pad, as HTSAT/CLAP do with short clips
 
 def collate(mels, prompts, answers, eot):
-    """Tensors for model(**batch): answers given as input tokens; targets = answer then eot, -1 beyond."""
+    """Tensors for model(**batch): answers given as input tokens; targets = answer then eot, -1
+    beyond."""
     B = len(prompts)
     Lp, La = max(len(p) for p in prompts), max(len(a) for a in answers)
     prompt = torch.full((B, Lp), eot, dtype=torch.long)
@@ -810,14 +879,16 @@ def collate(mels, prompts, answers, eot):
             "answer": answer, "targets": targets}
 
 def get_batch(data, split, batch_size, rng):
-    """The multi-task mix: each example picks a task uniformly among those of the split, then an example of it."""
+    """The multi-task mix: each example picks a task uniformly among those of the split, then an
+    example of it."""
     d = data[split]
     tasks = sorted(d["by_task"])
     mels, prompts, answers = [], [], []
     for _ in range(batch_size):
         ex = d["by_task"][tasks[rng.integers(len(tasks))]]
         i, p, a = ex[rng.integers(len(ex))]
-        mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"], rng if split == "train" else None))
+        mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"],
+                             rng if split == "train" else None))
         prompts.append(p)
         answers.append(a)
     return collate(mels, prompts, answers, data["eot_token"])
@@ -826,16 +897,18 @@ def get_batch(data, split, batch_size, rng):
 # Evaluation: captioning BLEU-4, audio QA accuracy, close-ended accuracy both ways, linear probe
 
 def normalize_text(s):
-    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single spaces."""
+    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
+    spaces."""
     return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
 
 def bleu4(hypotheses, references):
-    """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the corpus,
-    their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis words, r: the
-    closest reference length per hypothesis). hypotheses: list of str; references: list of lists of str.
-    No smoothing: a corpus without a single matching 4-gram scores 0."""
+    """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the
+    corpus, their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis
+    words, r: the closest reference length per hypothesis). hypotheses: list of str; references:
+    list of lists of str. No smoothing: a corpus without a single matching 4-gram scores 0."""
     if len(hypotheses) != len(references):
-        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses but {len(references)} reference lists")
+        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses but {len(references)} reference "
+                         f"lists")
     matched, total = [0] * 4, [0] * 4
     c_len = r_len = 0
     for hyp, refs in zip(hypotheses, references):
@@ -864,12 +937,14 @@ def _device(model):
 def clip_embeddings(model, d, idx, max_frames, batch_size=32):
     out = []
     for s in range(0, len(idx), batch_size):
-        mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames) for i in idx[s:s + batch_size]])
+        mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames)
+                        for i in idx[s:s + batch_size]])
         out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.d_embed)
 
 def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
-    """Multinomial logistic regression on standardised features, full-batch L-BFGS. Returns predict(x)."""
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS. Returns
+    predict(x)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     z = (x - mu) / sd
     W = torch.zeros(x.size(1), n_class, requires_grad=True)
@@ -886,13 +961,14 @@ def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
     return lambda xq: (((xq - mu) / sd) @ W.detach() + b.detach()).argmax(-1)
 
 def linear_probe(model, data, split="val", key="class", max_clips=2000):
-    """The paper's representation study: a linear classifier on frozen audio embeddings of the training clips,
-    accuracy on `split`. Labels unseen in training count as wrong."""
+    """The paper's representation study: a linear classifier on frozen audio embeddings of the
+    training clips, accuracy on `split`. Labels unseen in training count as wrong."""
     classes = data["candidates"].get(key) or []
     if len(classes) < 2:
         return None
     cls = {c: j for j, c in enumerate(classes)}
-    tr = [i for i, c in enumerate(data["train"]["clips"]) if c["labels"].get(key) in cls][:max_clips]
+    tr = [i for i, c in enumerate(data["train"]["clips"])
+          if c["labels"].get(key) in cls][:max_clips]
     ev = [i for i, c in enumerate(data[split]["clips"]) if key in c["labels"]][:max_clips]
     if not tr or not ev:
         return None
@@ -904,28 +980,30 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     return (predict(x_ev) == y_ev).float().mean().item()
 
 def pmi_scores(logp, logp_prior):
-    """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt), where the prior
-    p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over reference clips.
-    logp: (B, N); logp_prior: (M, N) for M reference clips. Removes the LM's preference for some labels that
-    holds whatever the audio (ours, beyond the paper)."""
+    """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt),
+    where the prior p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over
+    reference clips. logp: (B, N); logp_prior: (M, N) for M reference clips. Removes the LM's
+    preference for some labels that holds whatever the audio (ours, beyond the paper)."""
     return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
 
-EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16, probe=True, probe_clips=2000,
-                 prior_clips=64, tasks="")
+EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16,
+                 probe=True, probe_clips=2000, prior_clips=64, tasks="")
 
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
-    """Paper-style metrics on `split` (the first max_clips examples of each task), in eval mode (the model's
-    mode is restored after): caption_bleu4; qa_acc (exact match after normalisation); for class and the music
-    labels: {key}_acc_gen (the generated text equals the label), {key}_acc_rank (the label has the highest LM
-    likelihood among the training split's labels), {key}_acc_pmi (the same, calibrated by the label prior over
-    prior_clips training clips: pmi_scores), {key}_chance = 1/number of candidates; probe_acc (linear probe on
-    labels.class); prefix_norm_ratio_audio/_text (prefix vector norm / token embedding norm, 1 = the LM's scale).
-    opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips,
-    prior_clips, tasks (a comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's)."""
+    """Paper-style metrics on `split` (the first max_clips examples of each task), in eval mode (the
+    model's mode is restored after): caption_bleu4; qa_acc (exact match after normalisation); for
+    class and the music labels: {key}_acc_gen (the generated text equals the label), {key}_acc_rank
+    (the label has the highest LM likelihood among the training split's labels), {key}_acc_pmi (the
+    same, calibrated by the label prior over prior_clips training clips: pmi_scores), {key}_chance =
+    1/number of candidates; probe_acc (linear probe on labels.class); prefix_norm_ratio_audio/_text
+    (prefix vector norm / token embedding norm, 1 = the LM's scale). opts: max_clips, beam (1 =
+    greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips, prior_clips, tasks (a
+    comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
-        raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: {sorted(EVAL_OPTS)}")
+        raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
+                         f"{sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **opts}
     was_training = model.training
     model.eval()
@@ -936,25 +1014,31 @@ def evaluate(model, data, tok, split="val", **opts):
 
 def _evaluate(model, data, tok, split, o):
     if model.config.stage == "clap":  # the encoders alone: the representation study
-        acc = linear_probe(model, data, split, "class", int(o["probe_clips"])) if o["probe"] else None
+        acc = linear_probe(model, data, split, "class",
+                           int(o["probe_clips"])) if o["probe"] else None
         return {} if acc is None else {"probe_acc": acc}
     max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
-    gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]), length_penalty=float(o["length_penalty"]))
+    gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]),
+               length_penalty=float(o["length_penalty"]))
     d, dev = data[split], _device(model)
     eot = model.config.eot_token
     tasks = data["tasks"]
-    known = [t for t in ("caption", "qa", "class") if t in tasks] + (["instrument", "pitch", "chord"] if "music" in tasks else [])
+    known = [t for t in ("caption", "qa", "class")
+             if t in tasks] + (["instrument", "pitch", "chord"] if "music" in tasks else [])
     wanted = [t.strip() for t in str(o["tasks"]).split(",") if t.strip()] or known
     bad = [t for t in wanted if t not in ("caption", "qa", "class", "instrument", "pitch", "chord")]
     if bad:
-        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, instrument, pitch, chord")
+        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, "
+                         f"instrument, pitch, chord")
     wanted = [t for t in wanted if t in known]  # those the data was loaded with
 
-    def batches(dd, examples):  # [(clip index, prompt text, answer text)] -> model inputs per chunk of bs
+    def batches(dd, examples):  # [(clip index, prompt text, answer text)] -> model inputs per chunk
+                                # of bs
         for s in range(0, len(examples), bs):
             chunk = examples[s:s + bs]
             mels = [clip_mel(dd["mel"], dd["clips"][i], data["max_frames"]) for i, _, _ in chunk]
-            b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk], [[]] * len(chunk), eot)
+            b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk],
+                        [[]] * len(chunk), eot)
             yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
 
     def run(examples):  # -> generated texts
@@ -968,27 +1052,35 @@ def _evaluate(model, data, tok, split, o):
 
     metrics = {}
     if "caption" in wanted:
-        ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"]) if c.get("caption")][:max_clips]
+        ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"])
+              if c.get("caption")][:max_clips]
         if ex:
             metrics["caption_bleu4"] = bleu4(run(ex), [[a] for _, _, a in ex])
     if "qa" in wanted:
-        ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"]) for qa in c.get("qa", [])][:max_clips]
+        ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"])
+              for qa in c.get("qa", [])][:max_clips]
         if ex:
             metrics["qa_acc"] = float(np.mean([same(h, a) for h, (_, _, a) in zip(run(ex), ex)]))
     for key in [k for k in wanted if k not in ("caption", "qa")]:
         cands = data["candidates"].get(key) or []
-        ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"]) if key in c["labels"]][:max_clips]
+        ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"])
+              if key in c["labels"]][:max_clips]
         if len(cands) < 2 or not ex:
             continue
-        metrics[f"{key}_acc_gen"] = float(np.mean([same(h, a) for h, (_, _, a) in zip(run(ex), ex)]))
+        metrics[f"{key}_acc_gen"] = float(np.mean([same(h, a) for h,
+                                                   (_, _, a) in zip(run(ex), ex)]))
         cand_ids = [answer_ids(tok, c)[:model.config.max_answer_tokens] for c in cands]
-        score = lambda dd, exs: torch.cat([model.rank_candidates(mel, p, lens, cand_ids).cpu() for _, mel, p, lens in batches(dd, exs)])
+        score = lambda dd, exs: torch.cat([model.rank_candidates(mel, p, lens, cand_ids).cpu()
+                                           for _, mel, p, lens in batches(dd, exs)])
         lp = score(d, ex)
-        ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"]) if key in c["labels"]][:int(o["prior_clips"])]
+        ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"])
+               if key in c["labels"]][:int(o["prior_clips"])]
         pmi = pmi_scores(lp, score(data["train"], ref))
         labels = [a for _, _, a in ex]
-        metrics[f"{key}_acc_rank"] = float(np.mean([cands[j] == a for j, a in zip(lp.argmax(-1).tolist(), labels)]))
-        metrics[f"{key}_acc_pmi"] = float(np.mean([cands[j] == a for j, a in zip(pmi.argmax(-1).tolist(), labels)]))
+        metrics[f"{key}_acc_rank"] = float(np.mean([cands[j] == a for j,
+                                                    a in zip(lp.argmax(-1).tolist(), labels)]))
+        metrics[f"{key}_acc_pmi"] = float(np.mean([cands[j] == a for j,
+                                                   a in zip(pmi.argmax(-1).tolist(), labels)]))
         metrics[f"{key}_chance"] = 1.0 / len(cands)
     ex = [(i, PROMPTS["caption"], "") for i in range(min(len(d["clips"]), bs))]
     _, mel, prompt, lens = next(batches(d, ex))
@@ -1008,11 +1100,13 @@ SAMPLE_OPTS = dict(beam=5, max_new_tokens=30, length_penalty=1.0, candidates="")
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
-    """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 as in the paper,
-    1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c": also rank these labels by likelihood)."""
+    """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 as in
+    the paper, 1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c": also rank these
+    labels by likelihood)."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
-        raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: {sorted(SAMPLE_OPTS)}")
+        raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: "
+                         f"{sorted(SAMPLE_OPTS)}")
     o = {**SAMPLE_OPTS, **opts}
     cfg, dev = model.config, _device(model)
     prompt = prompt or PROMPTS["caption"]
@@ -1022,10 +1116,11 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if not p:
         raise ValueError("pengi.sample: the prompt is empty")
     if len(p) > cfg.max_prompt_tokens:
-        raise ValueError(f"pengi.sample: the prompt has {len(p)} tokens, more than the text tower's context of "
-                         f"max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise ValueError(f"pengi.sample: the prompt has {len(p)} tokens, more than the text "
+                         f"tower's context of max_prompt_tokens={cfg.max_prompt_tokens}")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
-    ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]), max_new_tokens=int(o["max_new_tokens"]),
+    ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]),
+                         max_new_tokens=int(o["max_new_tokens"]),
                          length_penalty=float(o["length_penalty"]))[0]
     out = {"text": tok.decode(ids).strip()}
     if o["candidates"]:

@@ -7,15 +7,17 @@ spectrogram (one mel frame per codec frame), plus captions / transcripts / label
     python prepare.py --dataset=librispeech --src=LibriSpeech/dev-clean --name=libri
     python prepare.py --dataset=folder --src=my_wavs --name=mine     # optional manifest.csv / manifest.jsonl
 
-The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or a download), else an offline one
-with its architecture, trained here on the corpus (--offline skips the download; see codec.py).
+The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or a download), else
+an offline one with its architecture, trained here on the corpus (--offline skips the download; see
+codec.py).
 
 Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
-{split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE (tokenizer.tiktoken) and, for the
-offline codec, codec.pt and codec.png. Read with np.memmap(path, dtype, mode="r").reshape(-1, n_q or n_mels).
-With --whisper_mel, also {split}_wmel.bin (float16 [frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s,
-see whisper_log_mel), each clip's at its "woffset" / "wframes" in {split}_clips.jsonl. With --codebook0_mel (also on
-a finished directory: made from its codes), {split}_mel_c0.bin: the log-mel of codebook 0 decoded alone.
+{split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE
+(tokenizer.tiktoken) and, for the offline codec, codec.pt and codec.png. Read with np.memmap(path,
+dtype, mode="r").reshape(-1, n_q or n_mels). With --whisper_mel, also {split}_wmel.bin (float16
+[frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s, see whisper_log_mel), each clip's
+at its "woffset" / "wframes" in {split}_clips.jsonl. With --codebook0_mel (also on a finished
+directory: made from its codes), {split}_mel_c0.bin: the log-mel of codebook 0 decoded alone.
 
 The rest is elsewhere: the data contract and the codec at run time in audio.py, fitting the offline
 codec in codec.py, the built-in corpus in synth.py, the corpus BPE in tokenizer.py.
@@ -82,8 +84,10 @@ def librispeech_items(src, report):
                 continue
             spk, chap = (uid.split("-") + ["", ""])[:2]
             t = text.strip().lower()
-            items.append(dict(path=str(audio), id=uid, source=f"librispeech:{uid}", kind="speech", transcript=t,
-                              caption=None, description=None, labels={"class": "speech", "speaker": spk, "chapter": chap},
+            items.append(dict(path=str(audio), id=uid, source=f"librispeech:{uid}", kind="speech",
+                              transcript=t,
+                              caption=None, description=None,
+                              labels={"class": "speech", "speaker": spk, "chapter": chap},
                               qa=[{"q": "what does the speaker say?", "a": t}]))
     for f in sorted(Path(src).rglob("*")):
         if f.is_file() and f.suffix.lower() in AUDIO_EXTS and f.resolve() not in seen:
@@ -93,7 +97,8 @@ def librispeech_items(src, report):
     return items
 
 def read_manifest(src, report):
-    """manifest.jsonl or manifest.csv rows -> {relative path: row dict} (rows for the same file are merged)."""
+    """manifest.jsonl or manifest.csv rows -> {relative path: row dict} (rows for the same file are
+    merged)."""
     rows = []
     mj, mc = Path(src) / "manifest.jsonl", Path(src) / "manifest.csv"
     if mj.exists():
@@ -151,9 +156,10 @@ def folder_items(src, report):
         qa = list(r.get("qa", []))
         if r.get("label"):
             qa.append({"q": "what sound is this?", "a": r["label"]})
-        items.append(dict(path=str(f), id=rel, source=f"folder:{rel}", kind="file" if not r.get("transcript") else "speech",
-                          transcript=r.get("transcript"), caption=r.get("caption"), description=r.get("description"),
-                          labels={"class": label}, qa=qa))
+        items.append(dict(path=str(f), id=rel, source=f"folder:{rel}",
+                          kind="file" if not r.get("transcript") else "speech",
+                          transcript=r.get("transcript"), caption=r.get("caption"),
+                          description=r.get("description"), labels={"class": label}, qa=qa))
     return items
 
 # -----------------------------------------------------------------------------
@@ -166,7 +172,8 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 def is_val(clip_id, val_percent):
-    """Deterministic split: a clip goes to val by a hash of its id (stable when the corpus grows)."""
+    """Deterministic split: a clip goes to val by a hash of its id (stable when the corpus
+    grows)."""
     return int(hashlib.md5(clip_id.encode()).hexdigest()[:8], 16) % 1000 < val_percent * 10
 
 class Staging:
@@ -187,10 +194,11 @@ class Staging:
             os.replace(tmp, path)
 
 def codebook0_mels(data_dir, quiet=False):
-    """{split}_mel_c0.bin (float16 [frames, n_mels], aligned with the codes): the log-mel of each clip's codebook 0
-    decoded alone by the data's codec. That is what Whisper-GPT's hybrid computes from its own output while it
-    generates (only codebook 0 is generated), so a hybrid trained on it (mel_source="codebook0") is trained on what
-    it will see. Made from the stored codes; a split whose file exists is skipped."""
+    """{split}_mel_c0.bin (float16 [frames, n_mels], aligned with the codes): the log-mel of each
+    clip's codebook 0 decoded alone by the data's codec. That is what Whisper-GPT's hybrid computes
+    from its own output while it generates (only codebook 0 is generated), so a hybrid trained on it
+    (mel_source="codebook0") is trained on what it will see. Made from the stored codes; a split
+    whose file exists is skipped."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
     codec = None
@@ -199,11 +207,14 @@ def codebook0_mels(data_dir, quiet=False):
         if path.exists():
             continue
         codec = codec or load_codec(data_dir)
-        clips = [json.loads(line) for line in open(data_dir / f"{split}_clips.jsonl") if line.strip()]
-        codes = np.memmap(data_dir / f"{split}_codes.bin", dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
+        clips = [json.loads(line) for line in open(data_dir / f"{split}_clips.jsonl")
+                 if line.strip()]
+        codes = np.memmap(data_dir / f"{split}_codes.bin", dtype=np.uint16,
+                          mode="r").reshape(-1, meta["n_q"])
         mel = np.zeros((len(codes), meta["n_mels"]), np.float16)
         for c in tqdm(clips, unit="clip", desc=f"codebook-0 mel, {split}", disable=quiet):
-            z = torch.from_numpy(codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)).T[None]   # (1, 1, T)
+            # (1, 1, T)
+            z = torch.from_numpy(codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)).T[None]
             with torch.no_grad():
                 wav = codec.decode([(z, None)])[0, 0].numpy()
             mel[c["offset"]:c["offset"] + c["frames"]] = log_mel(wav)[:c["frames"]]
@@ -230,13 +241,16 @@ def check_args(args):
         if args.strict:
             sys.exit(f"error: speech: {problem} (--strict)")
         print(f"speech: {problem}; building the corpus without speech")
-        args.no_speech = True                         # part of the arguments' hash: a later run with speech rebuilds
+        # part of the arguments' hash: a later run with speech rebuilds
+        args.no_speech = True
     return out
 
 def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
-    key_args = {k: v for k, v in vars(args).items() if k not in ("force", "quiet", "strict", "codebook0_mel")}
-    if not args.whisper_mel:                          # off: the hash of outputs made before the option existed
+    key_args = {k: v for k, v in vars(args).items()
+                if k not in ("force", "quiet", "strict", "codebook0_mel")}
+    # off: the hash of outputs made before the option existed
+    if not args.whisper_mel:
         del key_args["whisper_mel"]
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -248,7 +262,8 @@ def already_prepared(out, args, args_hash):
         meta = json.loads(meta_path.read_text())
         if meta.get("args_hash") == args_hash:
             print(f"{out} is already prepared with these arguments (use --force to rebuild)")
-            if args.codebook0_mel:                    # made from the stored codes: no rebuild needed
+            # made from the stored codes: no rebuild needed
+            if args.codebook0_mel:
                 codebook0_mels(out, args.quiet)
             return True
         print(f"{out} holds data prepared with other arguments: rebuilding (the old files stay "
@@ -354,7 +369,8 @@ def load_chunks(work, whisper_mel):
     for path in paths:
         z = np.load(path)
         emb, mel, offs = z["emb"], z["mel"], np.concatenate([[0], np.cumsum(z["lens"])])
-        # the work dir is named by the arguments' hash, which holds --whisper_mel: its chunks have wmel when asked
+        # the work dir is named by the arguments' hash, which holds --whisper_mel: its chunks have
+        # wmel when asked
         if whisper_mel:
             wmel, woffs = z["wmel"], np.concatenate([[0], np.cumsum(z["wlens"])])
         for j, info in enumerate(json.loads(str(z["infos"]))):
@@ -489,12 +505,13 @@ def write_tokenizer(infos, vocab_size, stage):
     t0 = time.time()
     ranks = train_bpe(texts, vocab_size)
     save_ranks(ranks, stage(CORPUS_BPE_FILE))
-    tok_info = {"name": "corpus", "file": CORPUS_BPE_FILE, "vocab_size": len(ranks) + 1, "eot_token": len(ranks),
-                "special_tokens": {EOT: len(ranks)},
-                "note": "the corpus BPE available with this data (byte-level, trained on its text), for configs with "
-                        "tokenizer='corpus'; the clips' text is stored as text, so tokenizer='gpt2' reads it too"}
-    print(f"tokenizer: corpus BPE of {len(ranks) + 1} tokens trained in {time.time() - t0:.1f}s -> {CORPUS_BPE_FILE} "
-          f"(configs with tokenizer='gpt2' use GPT-2's BPE instead)")
+    tok_info = {"name": "corpus", "file": CORPUS_BPE_FILE, "vocab_size": len(ranks) + 1,
+                "eot_token": len(ranks), "special_tokens": {EOT: len(ranks)},
+                "note": "the corpus BPE available with this data (byte-level, trained on its "
+                        "text), for configs with tokenizer='corpus'; the clips' text is stored as "
+                        "text, so tokenizer='gpt2' reads it too"}
+    print(f"tokenizer: corpus BPE of {len(ranks) + 1} tokens trained in {time.time() - t0:.1f}s -> "
+          f"{CORPUS_BPE_FILE} (configs with tokenizer='gpt2' use GPT-2's BPE instead)")
     return tok_info
 
 def write_splits(infos, codes, mels, wmels, args, stage):
@@ -503,7 +520,8 @@ def write_splits(infos, codes, mels, wmels, args, stage):
     Returns each split's clip and frame counts."""
     in_val = [is_val(info["id"], args.val_percent) for info in infos]
     if args.val_percent > 0 and len(infos) >= 2 and not any(in_val):
-        in_val[-1] = True                             # a tiny dataset still gets a val clip (empty files cannot be mmapped)
+        # a tiny dataset still gets a val clip (empty files cannot be mmapped)
+        in_val[-1] = True
     if all(in_val):
         in_val[0] = False
     splits = {}
@@ -512,8 +530,10 @@ def write_splits(infos, codes, mels, wmels, args, stage):
         offset, woffset, lines = 0, 0, []
         for i in idx:
             info = dict(infos[i])
-            rec = {"id": info["id"], "offset": offset, "frames": len(codes[i]), "source": info["source"],
-                   "kind": info["kind"], "duration": info["duration"], "transcript": info.get("transcript"),
+            rec = {"id": info["id"], "offset": offset, "frames": len(codes[i]),
+                   "source": info["source"],
+                   "kind": info["kind"], "duration": info["duration"],
+                   "transcript": info.get("transcript"),
                    "caption": info.get("caption"), "description": info.get("description"),
                    "labels": info["labels"], "qa": info.get("qa", [])}
             if args.whisper_mel:
@@ -536,29 +556,34 @@ def write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, pro
     """meta.json, staged: the data contract's numbers, the codec, the tokenizer, the splits, the
     arguments."""
     meta = {
-        "sample_rate": SAMPLE_RATE, "frame_rate": FRAME_RATE, "hop_length": HOP, "n_fft": N_FFT, "n_mels": N_MELS,
+        "sample_rate": SAMPLE_RATE, "frame_rate": FRAME_RATE, "hop_length": HOP, "n_fft": N_FFT,
+        "n_mels": N_MELS,
         "mel": {"fmin": F_MIN, "fmax": F_MAX, "scale": "htk", "norm": "none (triangles of peak 1)",
                 "window": "hann (periodic)",
                 "center_sample": f"frame i is centred on sample {HOP}*i + {MEL_CENTER}; it sees "
                                  f"{MEL_LOOKAHEAD} samples past its block",
                 "log": f"(log10(max(mel_power, {LOG_FLOOR})) + 4) / 4, power scaled so a "
                        "full-scale sine's bin is ~1 (0 dB -> 1, floor -> -1)"},
-        "n_q": N_Q, "codebook_size": CODEBOOK_SIZE, "codec": codec_info, "tokenizer": tok_info, "splits": splits,
-        "dataset": args.dataset, "audio_seconds": round(audio_seconds, 2),
+        "n_q": N_Q, "codebook_size": CODEBOOK_SIZE, "codec": codec_info, "tokenizer": tok_info,
+        "splits": splits, "dataset": args.dataset, "audio_seconds": round(audio_seconds, 2),
         "skipped": dict(problems), "args": vars(args), "args_hash": args_hash,
     }
     if args.whisper_mel:
-        meta["whisper_mel"] = {"n_mels": WHISPER_N_MELS, "frame_rate": WHISPER_FRAME_RATE, "sample_rate": WHISPER_SR,
-                               "file": "{split}_wmel.bin (float16 [frames, 80]); clip at woffset, wframes",
-                               "log": "as whisper.audio.log_mel_spectrogram, but the 8-decade floor is below the "
-                                      "clip's own max (Whisper: its 30 s padded input's)"}
+        meta["whisper_mel"] = {"n_mels": WHISPER_N_MELS, "frame_rate": WHISPER_FRAME_RATE,
+                               "sample_rate": WHISPER_SR,
+                               "file": "{split}_wmel.bin (float16 [frames, 80]); clip at woffset, "
+                                       "wframes",
+                               "log": "as whisper.audio.log_mel_spectrogram, but the 8-decade "
+                                      "floor is below the clip's own max (Whisper: its 30 s padded "
+                                      "input's)"}
     stage("meta.json").write_text(json.dumps(meta, indent=2))
 
 def finish(out, work, args, stage):
     """The staged files renamed into place (meta.json last), an earlier run's files that no longer
     match removed, --codebook0_mel's files made, and the work directories removed."""
     stage.commit()
-    for split in ("train", "val"):                    # an earlier run's, no longer matching the codes
+    # an earlier run's, no longer matching the codes
+    for split in ("train", "val"):
         (out / f"{split}_mel_c0.bin").unlink(missing_ok=True)
         if not args.whisper_mel:
             (out / f"{split}_wmel.bin").unlink(missing_ok=True)
@@ -571,8 +596,8 @@ def finish(out, work, args, stage):
 def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, wall):
     """What was written, what was skipped, and how fast."""
     cs = np.concatenate(codes)
-    print(f"wrote {out}: train {splits['train']['clips']} clips / {splits['train']['frames']} frames, "
-          f"val {splits['val']['clips']} clips / {splits['val']['frames']} frames; "
+    print(f"wrote {out}: train {splits['train']['clips']} clips / {splits['train']['frames']} "
+          f"frames, val {splits['val']['clips']} clips / {splits['val']['frames']} frames; "
           f"codes use {len(np.unique(cs[:, 0]))} of {CODEBOOK_SIZE} values in codebook 0")
     if problems:
         print(f"skipped {sum(problems.values())} inputs: " + ", ".join(f"{n} x {p}" for p, n in problems.most_common()))
@@ -585,45 +610,67 @@ def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, 
 # main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Prepare aligned EnCodec codes + log-mel + text for the audio LLMs.")
+    p = argparse.ArgumentParser(description="Prepare aligned EnCodec codes + log-mel + text for "
+                                "the audio LLMs.")
     p.add_argument("--dataset", default="synth", choices=["synth", "librispeech", "folder"],
-                   help="synth: the built-in corpus; librispeech: FLAC + .trans.txt; folder: any audio (+ manifest)")
+                   help="synth: the built-in corpus; librispeech: FLAC + .trans.txt; folder: any "
+                        "audio (+ manifest)")
     p.add_argument("--src", default=None, help="input directory for librispeech / folder")
-    p.add_argument("--name", default=None, help="output name: data/NAME/ (default: the dataset name)")
+    p.add_argument("--name", default=None,
+                   help="output name: data/NAME/ (default: the dataset name)")
     p.add_argument("--out_dir", default=None, help="output directory (overrides data/NAME)")
     p.add_argument("--clips", type=int, default=2000, help="synth: number of clips")
     p.add_argument("--max_seconds", type=float, default=3.0, help="synth: longest clip in seconds")
     p.add_argument("--seed", type=int, default=1337, help="synth: corpus seed")
-    p.add_argument("--no_speech", action="store_true", help="synth: leave out the spoken sentences (a quarter of the corpus)")
-    p.add_argument("--val_percent", type=float, default=10.0, help="percent of clips in the val split")
-    p.add_argument("--codec_dir", default=None, help=f"directory with the pretrained {CODEC_FILE} (else hub cache, else offline)")
-    p.add_argument("--offline", action="store_true", help="no download attempts (EnCodec's weights): local files or the offline codec")
-    p.add_argument("--offline_codec", action="store_true", help="train the offline codec even if pretrained weights exist")
-    p.add_argument("--codec_steps", type=int, default=450, help="offline codec: training steps (batches of 4 x 0.3 s)")
-    p.add_argument("--codec_clips", type=int, default=400, help="offline codec: train-split clips it learns from")
-    p.add_argument("--codec_tune_steps", type=int, default=150, help="offline codec: decoder steps on the fitted codes")
-    p.add_argument("--codec_report", type=int, default=1, help="offline codec on synth: measure it on held-out clips (0: skip)")
-    p.add_argument("--kmeans_frames", type=int, default=16384, help="offline codec: encoder frames used to fit the codebooks")
-    p.add_argument("--kmeans_iters", type=int, default=12, help="offline codec: k-means iterations per codebook")
-    p.add_argument("--vocab_size", type=int, default=4096, help="corpus BPE: largest vocab (the bytes + merges)")
+    p.add_argument("--no_speech", action="store_true",
+                   help="synth: leave out the spoken sentences (a quarter of the corpus)")
+    p.add_argument("--val_percent", type=float, default=10.0,
+                   help="percent of clips in the val split")
+    p.add_argument("--codec_dir", default=None, help=f"directory with the pretrained {CODEC_FILE} "
+                   f"(else hub cache, else offline)")
+    p.add_argument("--offline", action="store_true", help="no download attempts (EnCodec's "
+                   "weights): local files or the offline codec")
+    p.add_argument("--offline_codec", action="store_true",
+                   help="train the offline codec even if pretrained weights exist")
+    p.add_argument("--codec_steps", type=int, default=450,
+                   help="offline codec: training steps (batches of 4 x 0.3 s)")
+    p.add_argument("--codec_clips", type=int, default=400,
+                   help="offline codec: train-split clips it learns from")
+    p.add_argument("--codec_tune_steps", type=int, default=150,
+                   help="offline codec: decoder steps on the fitted codes")
+    p.add_argument("--codec_report", type=int, default=1,
+                   help="offline codec on synth: measure it on held-out clips (0: skip)")
+    p.add_argument("--kmeans_frames", type=int, default=16384,
+                   help="offline codec: encoder frames used to fit the codebooks")
+    p.add_argument("--kmeans_iters", type=int, default=12,
+                   help="offline codec: k-means iterations per codebook")
+    p.add_argument("--vocab_size", type=int, default=4096,
+                   help="corpus BPE: largest vocab (the bytes + merges)")
     p.add_argument("--whisper_mel", action="store_true",
-                   help="also store OpenAI Whisper's input features ({split}_wmel.bin: 80 bins, 16 kHz, 100 frames/s)")
+                   help="also store OpenAI Whisper's input features ({split}_wmel.bin: 80 bins, 16 "
+                        "kHz, 100 frames/s)")
     p.add_argument("--codebook0_mel", action="store_true",
-                   help="also store {split}_mel_c0.bin, the log-mel of codebook 0 decoded alone (Whisper-GPT's mel_source=codebook0)")
-    p.add_argument("--batch_seconds", type=float, default=16.0, help="audio seconds per EnCodec batch")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+                   help="also store {split}_mel_c0.bin, the log-mel of codebook 0 decoded alone "
+                        "(Whisper-GPT's mel_source=codebook0)")
+    p.add_argument("--batch_seconds", type=float, default=16.0,
+                   help="audio seconds per EnCodec batch")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad input instead of skipping it")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 def keep_freed_memory():
-    """glibc returns every large freed block to the OS, so each conv's fresh buffer costs page faults: EnCodec
-    then spends half its CPU time in the kernel. Keep freed memory in the heap instead (Linux/glibc only)."""
+    """glibc returns every large freed block to the OS, so each conv's fresh buffer costs page
+    faults: EnCodec then spends half its CPU time in the kernel. Keep freed memory in the heap
+    instead (Linux/glibc only)."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)                    # M_MMAP_THRESHOLD: no mmap for blocks under 64 MiB
-        libc.mallopt(-1, 64 << 20)                    # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap
+        # M_MMAP_THRESHOLD: no mmap for blocks under 64 MiB
+        libc.mallopt(-3, 64 << 20)
+        # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap
+        libc.mallopt(-1, 64 << 20)
     except (OSError, AttributeError):
         pass
 
@@ -631,7 +678,8 @@ def main(argv=None):
     args = get_args(argv)
     t_start = time.time()
     keep_freed_memory()
-    if not os.environ.get("OMP_NUM_THREADS"):         # side-by-side jobs set 1: oversubscribed threads crawl
+    # side-by-side jobs set 1: oversubscribed threads crawl
+    if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = check_args(args)
     args_hash = hash_args(args)

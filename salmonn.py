@@ -2,21 +2,24 @@
 SALMONN (Tang et al., 2023, arXiv 2310.13289): a language model given general hearing.
 
 One file holds the whole model:
-- a Whisper-style speech encoder (conv stem with stride 2, sinusoidal positions, non-causal transformer),
-- a BEATs-style audio encoder (patches over the mel spectrogram, transformer, the patches of one time step
-  averaged, so that its stream is time-aligned with the speech stream; the official code pairs Whisper frame i
-  with BEATs time patch i // 8, which is the same instant, but keeps one of the 8 frequency bands of each
-  patch column, losing the other 7),
+- a Whisper-style speech encoder (conv stem with stride 2, sinusoidal positions, non-causal
+  transformer),
+- a BEATs-style audio encoder (patches over the mel spectrogram, transformer, the patches of one
+  time step averaged, so that its stream is time-aligned with the speech stream; the official code
+  pairs Whisper frame i with BEATs time patch i // 8, which is the same instant, but keeps one of
+  the 8 frequency bands of each patch column, losing the other 7),
 - a LayerNorm per stream, the two streams concatenated per frame,
-- the window-level Q-Former (non-overlapping windows of encoder frames, a few trainable queries per window
-  that cross-attend to their window only) and a linear projection to the LLM width,
-- an LLM in GPT-2 layout (Hugging Face names), frozen, adapted with LoRA on its query and value projections.
+- the window-level Q-Former (non-overlapping windows of encoder frames, a few trainable queries per
+  window that cross-attend to their window only) and a linear projection to the LLM width,
+- an LLM in GPT-2 layout (Hugging Face names), frozen, adapted with LoRA on its query and value
+  projections.
 The audio tokens replace <SpeechHere> in the paper's prompt
     USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT: {answer}<eot>
 and the loss is on the answer tokens only, averaged per example.
 
-As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the Q-Former,
-its projection and LoRA train. At CPU size each pretrained part gets a stand-in trained here (config field
+As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the
+Q-Former, its projection and LoRA train. At CPU size each pretrained part gets a stand-in trained
+here (config field
 `stage`, one config each):
   "whisper"    the speech encoder trained as Whisper is: a text decoder predicts the transcript from the
                encoder's output (next-token cross-entropy), with a CTC head on the encoder alongside
@@ -29,10 +32,10 @@ and then the paper's three stages:
   "pretrain"   stage 1: transcription and captioning
   "instruct"   stage 2: all tasks (transcription, captioning, QA, music description, classification, speaker)
   "activation" stage 3: long story-like answers, to undo the task over-fitting of stage 2
-Also here: the batch construction from prepared data, beam search / greedy / sampling with a KV cache,
-the evaluation metrics (WER, BLEU-4, accuracy, tagging mAP; our own implementations), and loaders for GPT-2
-checkpoints (Hugging Face safetensors / pytorch_model.bin, or our own stage-"llm" ckpt.pt), OpenAI Whisper
-checkpoints and our own stage-"whisper" / "beats" ckpt.pt.
+Also here: the batch construction from prepared data, beam search / greedy / sampling with a KV
+cache, the evaluation metrics (WER, BLEU-4, accuracy, tagging mAP; our own implementations), and
+loaders for GPT-2 checkpoints (Hugging Face safetensors / pytorch_model.bin, or our own stage-"llm"
+ckpt.pt), OpenAI Whisper checkpoints and our own stage-"whisper" / "beats" ckpt.pt.
 """
 
 import itertools
@@ -64,16 +67,21 @@ ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "sp
 
 @dataclass
 class SALMONNConfig:
-    stage: str = "pretrain"        # "whisper" | "beats" | "llm" | "pretrain" | "instruct" | "activation" (see the top)
-    tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the stage's)
-    tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
+    stage: str = "pretrain"        # "whisper" | "beats" | "llm" | "pretrain" | "instruct" |
+                                   # "activation" (see the top)
+    tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the
+                                   # stage's)
+    tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's
+                                   # (tokenizer.load_tokenizer)
     # from the tokenizer and the data (load_data fills these)
     vocab_size: int = 50257
     n_mels: int = 64
     frame_rate: float = 75.0       # mel frames per second
-    max_audio_frames: int = 2250   # 30 s at 75 frames/s; longer clips are cut (the paper's Whisper limit)
-    # what the speech encoder reads: "mel", the data's log-mel; "whisper", Whisper's own features (80 Slaney bins
-    # of 16 kHz audio at 100 frames/s, prepare.py --whisper_mel), which an OpenAI Whisper checkpoint needs
+    max_audio_frames: int = 2250   # 30 s at 75 frames/s; longer clips are cut (the paper's Whisper
+                                   # limit)
+    # what the speech encoder reads: "mel", the data's log-mel; "whisper", Whisper's own features
+    # (80 Slaney bins of 16 kHz audio at 100 frames/s, prepare.py --whisper_mel), which an OpenAI
+    # Whisper checkpoint needs
     speech_features: str = "mel"
     speech_frame_rate: float = 75.0  # frames/s of that input (load_data fills it)
     # speech encoder (Whisper-style); its output runs at frame_rate / 2
@@ -81,36 +89,48 @@ class SALMONNConfig:
     speech_n_head: int = 4
     speech_n_embd: int = 128
     speech_n_mels: int = 0         # 0: the data's n_mels; 80 with speech_features="whisper"
-    whisper_init: str = ""         # the speech encoder's weights: our stage-"whisper" ckpt.pt or an OpenAI Whisper .pt
-    whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same width and heads)
+    whisper_init: str = ""         # the speech encoder's weights: our stage-"whisper" ckpt.pt or an
+                                   # OpenAI Whisper .pt
+    whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same
+                                   # width and heads)
     whisper_text_ctx: int = 64     # stage "whisper": longest transcript in tokens (+ start and end)
-    ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's cross-entropy
-    spec_augment: int = 2          # stage "whisper": frequency and time masks per training clip (SpecAugment; 0: none)
-    # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x beats_patch_f mel bins
+    ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's
+                                   # cross-entropy
+    spec_augment: int = 2          # stage "whisper": frequency and time masks per training clip
+                                   # (SpecAugment; 0: none)
+    # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x
+    # beats_patch_f mel bins
     beats_n_layer: int = 2
     beats_n_head: int = 4
     beats_n_embd: int = 128
     beats_patch_f: int = 16
     beats_init: str = ""           # the audio encoder's weights: our stage-"beats" ckpt.pt
-    tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it from the train labels)
-    freeze_encoders: bool = True   # stages 1-3: the encoders stay as pretrained (the paper); False fine-tunes them
+    tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it
+                                   # from the train labels)
+    freeze_encoders: bool = True   # stages 1-3: the encoders stay as pretrained (the paper); False
+                                   # fine-tunes them
     # window-level Q-Former
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
     qformer_n_embd: int = 128
-    window_frames: int = 12        # encoder frames per window: 12 / 37.5 fps = 0.32 s (paper: 17 at 50 fps)
+    window_frames: int = 12        # encoder frames per window: 12 / 37.5 fps = 0.32 s (paper: 17 at
+                                   # 50 fps)
     window_queries: int = 1        # trainable queries per window
     # LLM (GPT-2 layout)
     llm_n_layer: int = 4
     llm_n_head: int = 4
     llm_n_embd: int = 256
     llm_block_size: int = 256
-    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace the llm_* above
-                                   # (load_data), init_pretrained loads it, our checkpoints then hold the weights
-    llm_probe_min: float = 0.8     # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
-    audio_norm: bool = True        # audio tokens rescaled to the token embeddings' RMS (else they grow ~6x larger)
+    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace
+                                   # the llm_* above (load_data), init_pretrained loads it, our
+                                   # checkpoints then hold the weights
+    llm_probe_min: float = 0.8     # stage 1 refuses an LLM that copies fewer of the probe's spans
+                                   # (0: no check)
+    audio_norm: bool = True        # audio tokens rescaled to the token embeddings' RMS (else they
+                                   # grow ~6x larger)
     llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
-    copy_rows: float = 0.5         # stage "llm": share of each batch's rows that are copying conversations
+    copy_rows: float = 0.5         # stage "llm": share of each batch's rows that are copying
+                                   # conversations
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
     lora_rank: int = 8
     lora_alpha: float = 32.0
@@ -124,7 +144,8 @@ def max_speech_frames(config):
     return round(config.max_audio_frames * config.speech_frame_rate / config.frame_rate)
 
 def n_audio_tokens(frames, config):
-    """How many LLM input positions a clip of `frames` speech-input frames becomes (one per query per window)."""
+    """How many LLM input positions a clip of `frames` speech-input frames becomes (one per query
+    per window)."""
     frames = min(frames, max_speech_frames(config))
     t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
     return -(-t2 // config.window_frames) * config.window_queries
@@ -141,7 +162,8 @@ def sinusoids(length, channels, max_timescale=10000):
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 class MultiHeadAttention(nn.Module):
-    """Non-causal attention; kv_dim != n_embd for cross-attention. key has no bias, as in Whisper."""
+    """Non-causal attention; kv_dim != n_embd for cross-attention. key has no bias, as in
+    Whisper."""
 
     def __init__(self, n_embd, n_head, kv_dim=None):
         super().__init__()
@@ -170,7 +192,8 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(n_embd, n_head)
         self.attn_ln = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
         self.mlp_ln = nn.LayerNorm(n_embd)
         self.drop = nn.Dropout(dropout)
 
@@ -179,12 +202,14 @@ class EncoderBlock(nn.Module):
         return x + self.drop(self.mlp(self.mlp_ln(x)))
 
 def mask_frames(x, lens):
-    """Zero the frames of x (B, T, C) at positions >= lens, so padding never leaks into valid frames."""
+    """Zero the frames of x (B, T, C) at positions >= lens, so padding never leaks into valid
+    frames."""
     keep = torch.arange(x.size(1), device=x.device)[None, :] < lens[:, None]
     return x * keep[..., None].to(x.dtype)
 
 class SpeechEncoder(nn.Module):
-    """Whisper's AudioEncoder: conv (k3) + GELU, conv (k3, stride 2) + GELU, + sinusoids, blocks, ln_post."""
+    """Whisper's AudioEncoder: conv (k3) + GELU, conv (k3, stride 2) + GELU, + sinusoids, blocks,
+    ln_post."""
 
     def __init__(self, n_mels, n_embd, n_head, n_layer, dropout):
         super().__init__()
@@ -197,11 +222,13 @@ class SpeechEncoder(nn.Module):
     def forward(self, mel, lens):
         # mel (B, T, M) with frames >= lens padding; returns (B, ceil(T/2), C) and its lengths
         if mel.size(-1) != self.n_mels:
-            raise ValueError(f"the speech encoder reads {self.n_mels} mel bins, got {mel.size(-1)} (an OpenAI Whisper "
-                             f"encoder needs speech_features='whisper', from prepare.py --whisper_mel)")
+            raise ValueError(f"the speech encoder reads {self.n_mels} mel bins, got {mel.size(-1)} "
+                             f"(an OpenAI Whisper encoder needs speech_features='whisper', from "
+                             f"prepare.py --whisper_mel)")
         x = mask_frames(mel, lens).transpose(1, 2)
         x = F.gelu(self.conv1(x)).transpose(1, 2)
-        x = mask_frames(x, lens).transpose(1, 2)  # as if each clip were alone (conv2 pads with zeros)
+        x = mask_frames(x, lens).transpose(1, 2)  # as if each clip were alone (conv2 pads with
+                                                  # zeros)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         lens2 = (lens + 1) // 2
         x = x + sinusoids(x.size(1), x.size(2)).to(x.device, x.dtype)
@@ -210,7 +237,8 @@ class SpeechEncoder(nn.Module):
         return self.ln_post(x), lens2
 
 class DecoderBlock(nn.Module):
-    """Whisper's decoder block: causal self-attention, cross-attention to the audio, MLP (pre-LN, Whisper's names)."""
+    """Whisper's decoder block: causal self-attention, cross-attention to the audio, MLP (pre-LN,
+    Whisper's names)."""
 
     def __init__(self, n_embd, n_head, dropout):
         super().__init__()
@@ -218,7 +246,8 @@ class DecoderBlock(nn.Module):
         self.attn_ln = nn.LayerNorm(n_embd)
         self.cross_attn = MultiHeadAttention(n_embd, n_head)
         self.cross_attn_ln = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
         self.mlp_ln = nn.LayerNorm(n_embd)
         self.drop = nn.Dropout(dropout)
 
@@ -228,8 +257,9 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.mlp(self.mlp_ln(x)))
 
 class TextDecoder(nn.Module):
-    """Whisper's TextDecoder: token embedding + learned positions, blocks, ln; logits against the token embedding.
-    Only stage "whisper" has it: it is how the speech encoder learns what is said."""
+    """Whisper's TextDecoder: token embedding + learned positions, blocks, ln; logits against the
+    token embedding. Only stage "whisper" has it: it is how the speech encoder learns what is
+    said."""
 
     def __init__(self, vocab_size, n_ctx, n_embd, n_head, n_layer, dropout):
         super().__init__()
@@ -245,8 +275,9 @@ class TextDecoder(nn.Module):
         return self.ln(x) @ self.token_embedding.weight.t()
 
 class AudioEncoder(nn.Module):
-    """BEATs-style: patch embedding over (2 frames x patch_f bins) of the mel, a transformer over all patches,
-    then the patches of one time step are averaged, giving one vector per speech-encoder frame."""
+    """BEATs-style: patch embedding over (2 frames x patch_f bins) of the mel, a transformer over
+    all patches, then the patches of one time step are averaged, giving one vector per
+    speech-encoder frame."""
 
     def __init__(self, n_mels, n_embd, n_head, n_layer, patch_f, dropout):
         super().__init__()
@@ -254,7 +285,8 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"beats_patch_f={patch_f} must divide n_mels={n_mels}")
         self.n_bands = n_mels // patch_f
         self.patch_embed = nn.Conv2d(1, n_embd, kernel_size=(2, patch_f), stride=(2, patch_f))
-        self.band_emb = nn.Parameter(torch.zeros(self.n_bands, n_embd))  # which frequency band a patch is
+        # which frequency band a patch is
+        self.band_emb = nn.Parameter(torch.zeros(self.n_bands, n_embd))
         self.ln_pre = nn.LayerNorm(n_embd)
         self.blocks = nn.ModuleList([EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
         self.ln_post = nn.LayerNorm(n_embd)
@@ -267,14 +299,16 @@ class AudioEncoder(nn.Module):
         x = self.patch_embed(mel.unsqueeze(1)).permute(0, 2, 3, 1)  # (B, T2, bands, C)
         T2, C = x.size(1), x.size(3)
         x = x + sinusoids(T2, C).to(x.device, x.dtype)[:, None, :] + self.band_emb
-        x = self.ln_pre(x.reshape(B, T2 * self.n_bands, C))  # time-major: a clip's valid patches are a prefix
+        # time-major: a clip's valid patches are a prefix
+        x = self.ln_pre(x.reshape(B, T2 * self.n_bands, C))
         lens2 = (lens + 1) // 2
         for block in self.blocks:
             x = block(x, k_lens=lens2 * self.n_bands)
         return self.ln_post(x).view(B, T2, self.n_bands, C).mean(2)
 
 class QFormerLayer(nn.Module):
-    """Self-attention over a window's queries, cross-attention to that window's frames, MLP (pre-LN)."""
+    """Self-attention over a window's queries, cross-attention to that window's frames, MLP
+    (pre-LN)."""
 
     def __init__(self, n_embd, n_head, enc_dim, dropout):
         super().__init__()
@@ -283,7 +317,8 @@ class QFormerLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd)
         self.cross_attn = MultiHeadAttention(n_embd, n_head, kv_dim=enc_dim)
         self.ln_3 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, q, frames, k_lens):
@@ -292,8 +327,9 @@ class QFormerLayer(nn.Module):
         return q + self.drop(self.mlp(self.ln_3(q)))
 
 class WindowQFormer(nn.Module):
-    """Cuts the frame sequence into non-overlapping windows; each window's queries see only that window.
-    Output: (B, n_windows * n_queries, C) in time order, and which outputs come from real (non-padding) frames."""
+    """Cuts the frame sequence into non-overlapping windows; each window's queries see only that
+    window. Output: (B, n_windows * n_queries, C) in time order, and which outputs come from real
+    (non-padding) frames."""
 
     def __init__(self, config, enc_dim):
         super().__init__()
@@ -310,7 +346,8 @@ class WindowQFormer(nn.Module):
         nW = -(-T // W)
         x = F.pad(x, (0, 0, 0, nW * W - T)).view(B * nW, W, D)  # windows become batch rows
         starts = torch.arange(nW, device=x.device) * W
-        k_lens = (lens[:, None] - starts[None, :]).clamp(0, W).reshape(-1)  # valid frames in each window
+        # valid frames in each window
+        k_lens = (lens[:, None] - starts[None, :]).clamp(0, W).reshape(-1)
         q = self.query.expand(B * nW, nq, -1)
         for layer in self.layers:
             q = layer(q, x, k_lens)
@@ -319,12 +356,13 @@ class WindowQFormer(nn.Module):
         return q, valid
 
 # -----------------------------------------------------------------------------
-# the LLM: GPT-2 layout and Hugging Face names. pengi.py holds the same code (marked copies): LoRA on the
-# q and v parts of the fused c_attn is SALMONN's; Pengi's LM has lora_rank=0 and stays frozen as a whole.
+# the LLM: GPT-2 layout and Hugging Face names. pengi.py holds the same code (marked copies): LoRA
+# on the q and v parts of the fused c_attn is SALMONN's; Pengi's LM has lora_rank=0 and stays frozen
+# as a whole.
 
 class SelfAttention(nn.Module):
-    """GPT-2's attention: one fused c_attn for q, k, v. causal=False serves bidirectional stacks (Pengi's
-    mapper); past is a (k, v) pair of (B, n_head, T_past, head_size), the KV cache."""
+    """GPT-2's attention: one fused c_attn for q, k, v. causal=False serves bidirectional stacks
+    (Pengi's mapper); past is a (k, v) pair of (B, n_head, T_past, head_size), the KV cache."""
 
     def __init__(self, n_embd, n_head, dropout=0.0, lora_rank=0, lora_alpha=32.0, lora_dropout=0.0):
         super().__init__()
@@ -363,7 +401,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and themselves
+        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and
+                                               # themselves
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
@@ -393,7 +432,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), present
 
 class GPT2(nn.Module):
-    """GPT-2 with Hugging Face's names (wte, wpe, h.{i}..., ln_f), nn.Linear layout, lm_head tied to wte."""
+    """GPT-2 with Hugging Face's names (wte, wpe, h.{i}..., ln_f), nn.Linear layout, lm_head tied to
+    wte."""
 
     def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, lora_rank=0,
                  lora_alpha=32.0, lora_dropout=0.0):
@@ -409,11 +449,12 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.wte.weight
 
     def forward(self, x, past=None):
-        """x: input embeddings (B, T, C) without positions; past: the KV cache, one (k, v) per layer, from a
-        previous call. Returns the final hidden states (B, T, C) and the new cache."""
+        """x: input embeddings (B, T, C) without positions; past: the KV cache, one (k, v) per
+        layer, from a previous call. Returns the final hidden states (B, T, C) and the new cache."""
         t0 = 0 if past is None else past[0][0].size(2)
         if t0 + x.size(1) > self.block_size:
-            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds the LM's block_size {self.block_size}")
+            raise ValueError(f"sequence of {t0 + x.size(1)} positions exceeds the LM's block_size "
+                             f"{self.block_size}")
         x = self.drop(x + self.wpe(torch.arange(t0, t0 + x.size(1), device=x.device)))
         presents = []
         for i, block in enumerate(self.h):
@@ -426,10 +467,11 @@ def reorder_cache(past, index):
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
 def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
-    """Beam search. step(tokens (n,), past) -> (log-probs (n, V), past); logp (1, V): the first step's
-    log-probs; past: GPT2's KV cache after the prompt. A hypothesis ends at eot (not counted in its length)
-    or at max_new_tokens. Finished hypotheses are ranked by total log-prob / length ** length_penalty
-    (0: plain log-probability; 1.0: Hugging Face generate's default). Returns the best, without eot."""
+    """Beam search. step(tokens (n,), past) -> (log-probs (n, V), past); logp (1, V): the first
+    step's log-probs; past: GPT2's KV cache after the prompt. A hypothesis ends at eot (not counted
+    in its length) or at max_new_tokens. Finished hypotheses are ranked by total log-prob / length
+    ** length_penalty (0: plain log-probability; 1.0: Hugging Face generate's default). Returns the
+    best, without eot."""
     V = logp.size(-1)
     norm = lambda s, n: s / max(1, n) ** length_penalty
     scores = torch.zeros(1, device=logp.device)
@@ -451,8 +493,9 @@ def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
                 keep_scores.append(s)
                 keep_seqs.append(seqs[b] + [tok])
                 src.append(b)
-        # log-probs only fall, so a live beam of score s can at best reach s / max_new_tokens ** length_penalty
-        # (s < 0): once the best finished beats that for every live beam, nothing can overtake it
+        # log-probs only fall, so a live beam of score s can at best reach s / max_new_tokens **
+        # length_penalty (s < 0): once the best finished beats that for every live beam, nothing can
+        # overtake it
         if not keep_seqs or best[0] >= norm(max(keep_scores), max_new_tokens):
             break
         scores = torch.tensor(keep_scores, device=logp.device)
@@ -466,10 +509,12 @@ def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
 
 def read_safetensors(path):
     """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra dependency)."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra
+    dependency)."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -483,21 +528,24 @@ def read_safetensors(path):
         dtype = dtypes[info["dtype"]]
         a, b = info["data_offsets"]
         count = (b - a) // torch.empty(0, dtype=dtype).element_size()
-        t = torch.frombuffer(data, dtype=dtype, offset=a, count=count) if b > a else torch.empty(0, dtype=dtype)
+        t = torch.frombuffer(data, dtype=dtype, offset=a,
+                             count=count) if b > a else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"]).clone()
     return out
 
 def load_llm_state(path):
-    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file (model.safetensors or
-    pytorch_model.bin, config.json beside it, keys possibly prefixed "transformer.", Conv1D weights stored
-    (in, out)), or (b) a train.py ckpt.pt that holds an LLM (keys "llm.<name>": salmonn's stage "llm" and
-    later, or pengi). Returns (state dict in our names and nn.Linear layout, without LoRA and without lm_head,
-    which is tied; sizes dict with n_layer, n_head, n_embd, block_size, vocab_size)."""
+    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
+    (model.safetensors or pytorch_model.bin, config.json beside it, keys possibly prefixed
+    "transformer.", Conv1D weights stored (in, out)), or (b) a train.py ckpt.pt that holds an LLM
+    (keys "llm.<name>": salmonn's stage "llm" and later, or pengi). Returns (state dict in our names
+    and nn.Linear layout, without LoRA and without lm_head, which is tied; sizes dict with n_layer,
+    n_head, n_embd, block_size, vocab_size)."""
     if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt") if os.path.exists(os.path.join(path, n))]
+        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt")
+                 if os.path.exists(os.path.join(path, n))]
         if not names:
-            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, pytorch_model.bin "
-                                    f"or ckpt.pt")
+            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, "
+                                    f"pytorch_model.bin or ckpt.pt")
         file = os.path.join(path, names[0])
     elif os.path.isfile(path):
         file = path
@@ -505,18 +553,22 @@ def load_llm_state(path):
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
         torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:  # (b) a train.py checkpoint
+    # (b) a train.py checkpoint
+    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
         args = raw["model_args"]
-        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size", "vocab_size") if k not in args]
+        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size",
+                               "vocab_size") if k not in args]
         sd = {k.removeprefix("_orig_mod.")[4:]: v for k, v in raw["model"].items()
               if k.removeprefix("_orig_mod.").startswith("llm.")}
         sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
         if missing or not sd:
-            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args lacks {missing} "
-                             f"or no 'llm.*' weights)")
+            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args "
+                             f"lacks {missing} or no 'llm.*' weights)")
         if args.get("stage") not in (None, "llm"):
-            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's base weights")
-        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"], n_embd=args["llm_n_embd"],
+            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's "
+                  f"base weights")
+        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"],
+                        n_embd=args["llm_n_embd"],
                         block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
     # (a) Hugging Face GPT-2
     sd = {}
@@ -524,26 +576,30 @@ def load_llm_state(path):
         k = k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers; lm_head is tied to wte
-        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"))
-        sd[k] = v.t().contiguous() if conv1d else v  # Conv1D stores (in, out); nn.Linear wants (out, in)
+        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                             ".mlp.c_proj.weight"))
+        # Conv1D stores (in, out); nn.Linear wants (out, in)
+        sd[k] = v.t().contiguous() if conv1d else v
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
     cfg_file = os.path.join(os.path.dirname(file), "config.json")
     if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
-        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs its config.json "
-                                f"(n_head cannot be read from the weights)")
+        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs "
+                                f"its config.json (n_head cannot be read from the weights)")
     with open(cfg_file) as f:
         hf = json.load(f)
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"], n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
+    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"],
+                    n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
                     block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
                     vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
 
 def load_whisper_encoder_state(path):
-    """The speech encoder's weights from (a) our stage-"whisper" ckpt.pt (keys "speech.<name>") or (b) an OpenAI
-    Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt / base.pt). Returns (state dict
-    in SpeechEncoder's names, sizes dict with n_layer, n_head, n_embd, n_mels, features). An OpenAI encoder
-    reads Whisper's own features (80 bins of 16 kHz audio at 100 frames/s): speech_features="whisper"."""
+    """The speech encoder's weights from (a) our stage-"whisper" ckpt.pt (keys "speech.<name>") or
+    (b) an OpenAI Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt /
+    base.pt). Returns (state dict in SpeechEncoder's names, sizes dict with n_layer, n_head, n_embd,
+    n_mels, features). An OpenAI encoder reads Whisper's own features (80 bins of 16 kHz audio at
+    100 frames/s): speech_features="whisper"."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"whisper_init={path}: no such file")
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -551,41 +607,47 @@ def load_whisper_encoder_state(path):
         args = ck["model_args"]
         sd = {k[len("speech."):]: v for k, v in ck["model"].items() if k.startswith("speech.")}
         if not sd:
-            raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} without a speech encoder")
-        return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"], n_embd=args["speech_n_embd"],
+            raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage "
+                             f"{args.get('stage')!r} without a speech encoder")
+        return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"],
+                        n_embd=args["speech_n_embd"],
                         n_mels=args["speech_n_mels"], features=args.get("speech_features", "mel"))
     if "dims" not in ck or "model_state_dict" not in ck:
-        raise ValueError(f"whisper_init={path}: neither our stage-'whisper' ckpt.pt nor an OpenAI Whisper checkpoint "
-                         f"('dims' and 'model_state_dict')")
-    sd = {k[len("encoder."):]: v for k, v in ck["model_state_dict"].items() if k.startswith("encoder.")}
+        raise ValueError(f"whisper_init={path}: neither our stage-'whisper' ckpt.pt nor an OpenAI "
+                         f"Whisper checkpoint ('dims' and 'model_state_dict')")
+    sd = {k[len("encoder."):]: v for k, v in ck["model_state_dict"].items()
+          if k.startswith("encoder.")}
     sd.pop("positional_embedding", None)  # the same sinusoids, recomputed for any length
     d = ck["dims"]
-    return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"], n_embd=d["n_audio_state"], n_mels=d["n_mels"],
-                    features="whisper")
+    return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"], n_embd=d["n_audio_state"],
+                    n_mels=d["n_mels"], features="whisper")
 
 def load_beats_state(path):
-    """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in AudioEncoder's names, sizes)."""
+    """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in AudioEncoder's
+    names, sizes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"beats_init={path}: no such file")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if "model" not in ck or "model_args" not in ck:
-        raise ValueError(f"beats_init={path}: not a train.py checkpoint (needs 'model' and 'model_args')")
+        raise ValueError(f"beats_init={path}: not a train.py checkpoint (needs 'model' and "
+                         f"'model_args')")
     args = ck["model_args"]
     sd = {k[len("beats."):]: v for k, v in ck["model"].items() if k.startswith("beats.")}
     if not sd:
-        raise ValueError(f"beats_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} without an audio encoder")
-    return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"], n_embd=args["beats_n_embd"],
-                    patch_f=args["beats_patch_f"])
+        raise ValueError(f"beats_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} "
+                         f"without an audio encoder")
+    return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"],
+                    n_embd=args["beats_n_embd"], patch_f=args["beats_patch_f"])
 
 def set_pretrained_dims(config):
-    """load_data's step for the *_init files: their sizes replace the config's (before the model is built).
-    A missing file is skipped here: a checkpoint's config already holds the sizes and its weights hold the
-    parts; init_pretrained, which training calls, says that the file is missing."""
+    """load_data's step for the *_init files: their sizes replace the config's (before the model is
+    built). A missing file is skipped here: a checkpoint's config already holds the sizes and its
+    weights hold the parts; init_pretrained, which training calls, says that the file is missing."""
     if config.llm_init and os.path.exists(config.llm_init) and config.stage not in ENCODER_STAGES:
         _, sizes = load_llm_state(config.llm_init)
         if sizes["vocab_size"] != config.vocab_size:
-            raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the vocab_size "
-                             f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
+            raise ValueError(f"llm_init={config.llm_init}: vocab_size {sizes['vocab_size']} != the "
+                             f"vocab_size {config.vocab_size} of tokenizer={config.tokenizer!r}")
         config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
         config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
     if config.whisper_init and os.path.exists(config.whisper_init) and config.stage not in ("beats", "llm"):
@@ -616,27 +678,35 @@ class SALMONN(nn.Module):
             self.beats = AudioEncoder(config.n_mels, config.beats_n_embd, config.beats_n_head,
                                       config.beats_n_layer, config.beats_patch_f, config.dropout)
         if stage == "whisper":
-            self.decoder = TextDecoder(config.vocab_size, config.whisper_text_ctx, config.speech_n_embd,
-                                       config.speech_n_head, config.whisper_dec_n_layer, config.dropout)
-            self.ctc_head = nn.Linear(config.speech_n_embd, config.vocab_size + 1)  # + the CTC blank, last
+            self.decoder = TextDecoder(config.vocab_size, config.whisper_text_ctx,
+                                       config.speech_n_embd,
+                                       config.speech_n_head, config.whisper_dec_n_layer,
+                                       config.dropout)
+            # + the CTC blank, last
+            self.ctc_head = nn.Linear(config.speech_n_embd, config.vocab_size + 1)
         if stage == "beats":
             n_tags = len(config.tags.split("|")) if config.tags else 0
             if not n_tags:
-                raise ValueError("stage beats: config.tags is empty (load_data fills it from the train labels)")
+                raise ValueError("stage beats: config.tags is empty (load_data fills it from the "
+                                 "train labels)")
             self.tag_head = nn.Linear(config.beats_n_embd, n_tags)
         if stage not in ENCODER_STAGES:
-            self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd,
-                            config.llm_block_size, config.llm_dropout, 0 if stage == "llm" else config.lora_rank,
+            self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head,
+                            config.llm_n_embd,
+                            config.llm_block_size, config.llm_dropout,
+                            0 if stage == "llm" else config.lora_rank,
                             config.lora_alpha, config.lora_dropout)
         if stage not in ENCODER_STAGES + ("llm",):
             self.ln_speech = nn.LayerNorm(config.speech_n_embd)
             self.ln_audio = nn.LayerNorm(config.beats_n_embd)
             self.qformer = WindowQFormer(config, config.speech_n_embd + config.beats_n_embd)
             self.proj = nn.Linear(config.qformer_n_embd, config.llm_n_embd)
-            self.register_buffer("audio_scale", torch.tensor(1.0))  # the LLM's token RMS (init_pretrained sets it)
+            # the LLM's token RMS (init_pretrained sets it)
+            self.register_buffer("audio_scale", torch.tensor(1.0))
         self.apply(self._init_weights)
         if hasattr(self, "llm"):
-            for name, p in self.llm.named_parameters():  # GPT-2's scaled init of the residual projections
+            # GPT-2's scaled init of the residual projections
+            for name, p in self.llm.named_parameters():
                 if name.endswith("c_proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.llm_n_layer))
         if hasattr(self, "decoder"):
@@ -651,8 +721,9 @@ class SALMONN(nn.Module):
               f"{sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
 
     def _init_weights(self, m):
-        # convolutions keep PyTorch's default init (as Whisper and BEATs do): with std 0.02 their output
-        # would be ~10x smaller than the sinusoidal positions added to it, and the audio content drowns
+        # convolutions keep PyTorch's default init (as Whisper and BEATs do): with std 0.02 their
+        # output would be ~10x smaller than the sinusoidal positions added to it, and the audio
+        # content drowns
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if m.bias is not None:
@@ -668,14 +739,17 @@ class SALMONN(nn.Module):
         return self
 
     def load_llm(self, state, source):
-        """Copy GPT-2-format base weights (our names, nn.Linear layout) into the LLM; every key and shape must match."""
-        own = {k: v for k, v in self.llm.state_dict().items() if ".lora_" not in k and k != "lm_head.weight"}
+        """Copy GPT-2-format base weights (our names, nn.Linear layout) into the LLM; every key and
+        shape must match."""
+        own = {k: v for k, v in self.llm.state_dict().items() if ".lora_" not in k
+               and k != "lm_head.weight"}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
         if missing or unexpected or shapes:
-            raise ValueError(f"llm_init={source}: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
+            raise ValueError(f"llm_init={source}: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}, shape mismatch {shapes[:5]}")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k])
@@ -704,7 +778,8 @@ class SALMONN(nn.Module):
 
     @torch.no_grad()
     def merge_lora(self):
-        """Fold the LoRA update into c_attn.weight (faster inference; same outputs up to rounding)."""
+        """Fold the LoRA update into c_attn.weight (faster inference; same outputs up to
+        rounding)."""
         for block in self.llm.h:
             a = block.attn
             if a.lora_rank and not a.merged:
@@ -721,25 +796,30 @@ class SALMONN(nn.Module):
 
     # audio -> LLM input embeddings
     def speech_encode(self, mel, mel_lens, wmel=None, wmel_lens=None):
-        """The speech encoder on its input (the mel, or Whisper's features), cut at max_audio_frames' length."""
+        """The speech encoder on its input (the mel, or Whisper's features), cut at
+        max_audio_frames' length."""
         if self.config.speech_features == "whisper":
             if wmel is None:
-                raise ValueError("speech_features='whisper': the batch needs Whisper's features (prepare.py --whisper_mel)")
+                raise ValueError("speech_features='whisper': the batch needs Whisper's features "
+                                 "(prepare.py --whisper_mel)")
             mel, mel_lens = wmel, wmel_lens
         n = max_speech_frames(self.config)
         return self.speech(mel[:, :n], mel_lens.clamp(max=n))
 
     def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
-        """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B, N, llm_n_embd)
-        and their validity (B, N)."""
+        """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B,
+        N, llm_n_embd) and their validity (B, N)."""
         mel, mel_lens = mel[:, :self.config.max_audio_frames], mel_lens.clamp(max=self.config.max_audio_frames)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
             s, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             a = self.beats(mel, mel_lens)
-        if self.config.speech_frame_rate != self.config.frame_rate:  # e.g. 50 vs 37.5 frames/s: each speech frame
+        # e.g. 50 vs 37.5 frames/s: each speech frame
+        if self.config.speech_frame_rate != self.config.frame_rate:
             at = (torch.arange(s.size(1), device=s.device) * self.config.frame_rate / self.config.speech_frame_rate)
-            a = a[:, at.long().clamp(max=a.size(1) - 1)]  # takes the audio-event frame that covers its instant
-        x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)  # per frame: speech | audio events
+            # takes the audio-event frame that covers its instant
+            a = a[:, at.long().clamp(max=a.size(1) - 1)]
+        # per frame: speech | audio events
+        x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)
         q, valid = self.qformer(x, lens2)
         audio = self.proj(q)
         if self.config.audio_norm:
@@ -747,25 +827,28 @@ class SALMONN(nn.Module):
         return audio, valid
 
     def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None):
-        """Token embeddings with the audio tokens written, in time order, where audio_mask is True."""
+        """Token embeddings with the audio tokens written, in time order, where audio_mask is
+        True."""
         x = self.llm.wte(idx)
         if self.config.stage == "llm":
             return x
         audio, valid = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
-            raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per row, "
-                             f"the clips give {valid.sum(1).tolist()} audio tokens")
+            raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
+                             f"row, the clips give {valid.sum(1).tolist()} audio tokens")
         return x.masked_scatter(audio_mask.unsqueeze(-1), audio[valid].to(x.dtype))
 
-    def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None, ctc_targets=None, tags=None,
-                wmel=None, wmel_lens=None):
+    def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None,
+                ctc_targets=None, tags=None, wmel=None, wmel_lens=None):
         stage = self.config.stage
-        if stage == "whisper":  # the decoder reads the transcript so far and the audio; CTC reads the audio alone
+        if stage == "whisper":  # the decoder reads the transcript so far and the audio; CTC reads
+                                # the audio alone
             audio, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             logits = self.decoder(idx, audio, lens2)
             if targets is None:
                 return logits[:, [-1]], None
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
             if self.config.ctc_weight and ctc_targets is not None:
                 logp = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
                 ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), lens2, (ctc_targets >= 0).sum(1),
@@ -781,10 +864,10 @@ class SALMONN(nn.Module):
         if targets is None:
             return self.llm.lm_head(h[:, [-1]]), None
         logits = self.llm.lm_head(h)
-        token_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                     reduction="none").view(targets.shape)
-        # per example first: a one-word label weighs as much as a sentence (tasks share batches), a copying
-        # conversation's answers as much as a row of text
+        token_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                     ignore_index=-1, reduction="none").view(targets.shape)
+        # per example first: a one-word label weighs as much as a sentence (tasks share batches), a
+        # copying conversation's answers as much as a row of text
         n = (targets >= 0).sum(1)
         per_example = token_loss.sum(1) / n.clamp(min=1)
         return logits, per_example[n > 0].mean()
@@ -797,11 +880,11 @@ class SALMONN(nn.Module):
 
     # decoding with a KV cache
     @torch.no_grad()
-    def generate(self, x, max_new_tokens=200, eot=None, beam=4, temperature=0.0, top_k=0, generator=None,
-                 length_penalty=0.0):
-        """x: prompt embeddings (1, T, C). Greedy (beam=1, temperature=0), sampling (beam=1, temperature>0,
-        optional top_k) or beam search (beam>1; see beam_search for length_penalty). Returns the new token
-        ids (without the end token)."""
+    def generate(self, x, max_new_tokens=200, eot=None, beam=4, temperature=0.0, top_k=0,
+                 generator=None, length_penalty=0.0):
+        """x: prompt embeddings (1, T, C). Greedy (beam=1, temperature=0), sampling (beam=1,
+        temperature>0, optional top_k) or beam search (beam>1; see beam_search for length_penalty).
+        Returns the new token ids (without the end token)."""
         max_new_tokens = min(max_new_tokens, self.llm.block_size - x.size(1))
         if max_new_tokens <= 0:
             return []
@@ -813,7 +896,8 @@ class SALMONN(nn.Module):
             return self.llm.lm_head(h[:, -1]).float().log_softmax(-1), past
 
         if beam > 1:
-            return beam_search(step, logits.float().log_softmax(-1), past, beam, max_new_tokens, eot, length_penalty)
+            return beam_search(step, logits.float().log_softmax(-1), past, beam, max_new_tokens,
+                               eot, length_penalty)
         out = []
         for _ in range(max_new_tokens):
             if temperature > 0:
@@ -821,7 +905,8 @@ class SALMONN(nn.Module):
                 if top_k:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
-                tok = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)[0, 0]
+                tok = torch.multinomial(F.softmax(logits.float(), dim=-1), 1,
+                                        generator=generator)[0, 0]
             else:
                 tok = logits[0].argmax()
             if eot is not None and tok.item() == eot:
@@ -833,39 +918,45 @@ class SALMONN(nn.Module):
         return out
 
 def init_pretrained(model, tok=None):
-    """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built model (train.py
-    calls this; a checkpoint already holds them, so it loads without these files). An LLM that audio training
-    starts from must first pass the copy probe (config.llm_probe_min), and the audio tokens' scale is set to
-    the LLM's token embeddings'."""
+    """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built
+    model (train.py calls this; a checkpoint already holds them, so it loads without these files).
+    An LLM that audio training starts from must first pass the copy probe (config.llm_probe_min),
+    and the audio tokens' scale is set to the LLM's token embeddings'."""
     config = model.config
-    for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state), ("beats_init", "beats", load_beats_state)):
+    for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
+                              ("beats_init", "beats", load_beats_state)):
         path = getattr(config, field)
         if path and hasattr(model, part):
             sd, _ = load(path)
             missing, unexpected = getattr(model, part).load_state_dict(sd, strict=False)
             if missing or unexpected:
-                raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")
             print(f"{field}: loaded the {part} encoder of {path}")
     if config.llm_init and hasattr(model, "llm"):
         state, sizes = load_llm_state(config.llm_init)
         model.load_llm(state, config.llm_init)
-        print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} wide)")
+        print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} "
+              f"wide)")
         if tok is not None and config.stage != "llm" and config.llm_probe_min > 0:
             acc = copy_probe(model, tok)
-            print(f"copy probe: the LLM repeats {acc:.0%} of {PROBE_SPANS} unseen word spans between <Speech> tags")
+            print(f"copy probe: the LLM repeats {acc:.0%} of {PROBE_SPANS} unseen word spans "
+                  f"between <Speech> tags")
             if acc < config.llm_probe_min:
-                raise ValueError(f"llm_init={config.llm_init}: the LLM copies {acc:.0%} of the probe's spans, below "
-                                 f"llm_probe_min={config.llm_probe_min}: it cannot read its input (train it longer "
-                                 f"with config/salmonn_llm.py, or set llm_probe_min=0)")
+                raise ValueError(f"llm_init={config.llm_init}: the LLM copies {acc:.0%} of the "
+                                 f"probe's spans, below llm_probe_min={config.llm_probe_min}: it "
+                                 f"cannot read its input (train it longer with "
+                                 f"config/salmonn_llm.py, or set llm_probe_min=0)")
     if hasattr(model, "proj"):
-        # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that the audio tokens
-        # start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
+        # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that
+        # the audio tokens start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
         with torch.no_grad():
             tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
             nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
             model.audio_scale.fill_(tok_rms)
         print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
-              f"(position embeddings: {model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
+              f"(position embeddings: "
+              f"{model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
 
 Model = SALMONN
 
@@ -877,30 +968,38 @@ PROMPT_SUFFIX = "</Speech> {instruction}\nASSISTANT:"
 
 # paraphrased instructions per task (QA uses the question itself)
 INSTRUCTIONS = {
-    "transcription": ["Transcribe the audio.", "Recognize the speech and give me the transcription.",
-                      "Write down what is said in this recording.", "What is the message in this audio? Write it out."],
-    "captioning": ["Describe the audio in one sentence.", "Please write a short caption for this audio.",
+    "transcription": ["Transcribe the audio.",
+                      "Recognize the speech and give me the transcription.",
+                      "Write down what is said in this recording.",
+                      "What is the message in this audio? Write it out."],
+    "captioning": ["Describe the audio in one sentence.",
+                   "Please write a short caption for this audio.",
                    "What can you hear? Answer briefly.", "Generate an audio caption."],
     "music": ["Describe this music.", "What is being played in this music clip?",
-              "Listen to the music and describe it.", "Describe the instrument and notes you hear."],
+              "Listen to the music and describe it.",
+              "Describe the instrument and notes you hear."],
     "classification": ["What kind of sound is this?", "Classify the sound in this audio.",
-                       "Which sound class does this audio belong to?", "Name the type of sound you hear."],
-    "speaker": ["Who is speaking?", "Which speaker is this?", "Name the speaker.", "Whose voice is this?"],
+                       "Which sound class does this audio belong to?",
+                       "Name the type of sound you hear."],
+    "speaker": ["Who is speaking?", "Which speaker is this?", "Name the speaker.",
+                "Whose voice is this?"],
     "story": ["Tell me a story about this audio.", "Describe the audio in detail.",
-              "Write a detailed story based on what you hear.", "Listen carefully and describe everything in detail."],
+              "Write a detailed story based on what you hear.",
+              "Listen carefully and describe everything in detail."],
 }
 
 def transcript(clip):
-    """The transcription target. Morse words are spelled out letter by letter ("k i t e"): the audio carries
-    letters, and a word is one of ~100 BPE tokens seen a few times each, while 26 letters are seen hundreds of
-    times; WER on Morse is then a letter error rate."""
+    """The transcription target. Morse words are spelled out letter by letter ("k i t e"): the audio
+    carries letters, and a word is one of ~100 BPE tokens seen a few times each, while 26 letters
+    are seen hundreds of times; WER on Morse is then a letter error rate."""
     text = clip.get("transcript")
     if text and clip.get("kind") == "morse":
         return " ".join(text.replace(" ", ""))
     return text
 
 def task_entries(clip):
-    """(task, instruction or None, answer) pairs this clip offers; None: pick a paraphrase at random."""
+    """(task, instruction or None, answer) pairs this clip offers; None: pick a paraphrase at
+    random."""
     out = []
     if clip.get("transcript"):
         out.append(("transcription", None, transcript(clip)))
@@ -919,7 +1018,8 @@ def task_entries(clip):
         out.append(("story", None, clip["description"]))
     return out
 
-# stage "beats": label keys whose values are tags (free text such as a Morse word or DTMF digits is not a tag)
+# stage "beats": label keys whose values are tags (free text such as a Morse word or DTMF digits is
+# not a tag)
 TAG_KEYS = ("class", "instrument", "event", "gender", "speaker", "form", "pitch", "chord", "count")
 MIN_TAG_CLIPS = 3  # rarer tags are left out
 
@@ -948,11 +1048,12 @@ def build_prompt(tok, instruction, n_audio):
     mask = [False] * len(pre) + [True] * n_audio + [False] * len(post)
     return ids, mask
 
-# Stage "llm": generic reading-and-copying documents in the prompt's layout, text where the audio goes. Vicuna
-# brings this ability to SALMONN; a small LLM trained on the corpus text alone never needs to copy, and the
-# audio tokens then cannot reach its answers.
+# Stage "llm": generic reading-and-copying documents in the prompt's layout, text where the audio
+# goes. Vicuna brings this ability to SALMONN; a small LLM trained on the corpus text alone never
+# needs to copy, and the audio tokens then cannot reach its answers.
 COPY_INSTRUCTIONS = {
-    "repeat": ["Repeat the words between the tags.", "Say exactly what is written between the tags."],
+    "repeat": ["Repeat the words between the tags.",
+               "Say exactly what is written between the tags."],
     "reverse": ["Say the words between the tags in reverse order."],
     "once": ["Say each word between the tags once, in order, without the dashes."] + INSTRUCTIONS["transcription"],
     "spell": ["Spell out the digits between the tags in words."],
@@ -961,7 +1062,8 @@ DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 PROBE_SPANS = 50
 
 def vocab_words(tok):
-    """Whole words the tokenizer has as single tokens (" kite"): a word pool that is not the corpus's sentences."""
+    """Whole words the tokenizer has as single tokens (" kite"): a word pool that is not the
+    corpus's sentences."""
     words = []
     for i in range(min(tok.n_vocab, 60000)):
         try:
@@ -986,8 +1088,8 @@ def copy_document(tok, rng, words):
             if not span or w != span[-1]:
                 span.append(w)
         answer = span[::-1] if kind == "reverse" else span
-        # "once": each word shown one to three times, as a stretch of audio tokens spans one word, with dashes
-        # (to skip) around them, as audio tokens of silence
+        # "once": each word shown one to three times, as a stretch of audio tokens spans one word,
+        # with dashes (to skip) around them, as audio tokens of silence
         shown = span
         if kind == "once":
             shown = ["-"] * int(rng.integers(0, 3))
@@ -997,14 +1099,16 @@ def copy_document(tok, rng, words):
     return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
 
 def span_prompt(tok, words, instruction):
-    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt does)."""
+    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt
+    does)."""
     return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
             + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
 
 @torch.no_grad()
 def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
-    """Text-only probe: the fraction of n unseen spans of 3-6 words (from words, default the tokenizer's whole
-    words) that the LLM repeats exactly (greedy) when asked to repeat the words between the <Speech> tags."""
+    """Text-only probe: the fraction of n unseen spans of 3-6 words (from words, default the
+    tokenizer's whole words) that the LLM repeats exactly (greedy) when asked to repeat the words
+    between the <Speech> tags."""
     rng = np.random.default_rng(seed)
     words = words or vocab_words(tok)
     device = next(model.llm.parameters()).device
@@ -1012,16 +1116,18 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
     model.eval()
     hits = 0
     for _ in range(n):
-        span = [words[i] for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
+        span = [words[i]
+                for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
         ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
-        out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24, tok.eot_token, beam=1)
+        out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24, tok.eot_token,
+                             beam=1)
         hits += text_words(tok.decode(out)) == span
     model.train(was_training)
     return hits / n
 
 class SALMONNData:
-    """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text stream;
-    stage "beats": each clip's tags)."""
+    """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text
+    stream; stage "beats": each clip's tags)."""
 
     def __init__(self, data_dir, config, tok):
         meta_path = os.path.join(data_dir, "meta.json")
@@ -1037,10 +1143,13 @@ class SALMONNData:
             if not os.path.exists(clips_path):
                 raise FileNotFoundError(f"{clips_path}: not found")
             clips = [json.loads(line) for line in open(clips_path) if line.strip()]
-            mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, self.n_mels)
+            mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
+                            mode="r").reshape(-1, self.n_mels)
             wmel = None
-            if "whisper_mel" in self.meta:  # Whisper's own features, next to the mel (prepare.py --whisper_mel)
-                wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r")
+            if "whisper_mel" in self.meta:  # Whisper's own features, next to the mel (prepare.py
+                                            # --whisper_mel)
+                wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
+                                 mode="r")
                 wmel = wmel.reshape(-1, self.meta["whisper_mel"]["n_mels"])
             entries = {t: [] for t in ALL_TASKS}
             for ci, clip in enumerate(clips):
@@ -1048,22 +1157,26 @@ class SALMONNData:
                     entries[task].append((ci, instruction, answer))
             self.splits[split] = dict(clips=clips, mel=mel, wmel=wmel, entries=entries)
         if config.stage == "beats":
-            if not config.tags:  # the train split's tags, fixed in the config (and so in every checkpoint)
+            if not config.tags:  # the train split's tags, fixed in the config (and so in every
+                                 # checkpoint)
                 counts = Counter(t for c in self.splits["train"]["clips"] for t in clip_tags(c))
                 config.tags = "|".join(sorted(t for t, n in counts.items() if n >= MIN_TAG_CLIPS))
             if not config.tags:
-                raise ValueError(f"{data_dir}: no labels with {MIN_TAG_CLIPS}+ train clips to tag ({TAG_KEYS})")
+                raise ValueError(f"{data_dir}: no labels with {MIN_TAG_CLIPS}+ train clips to tag "
+                                 f"({TAG_KEYS})")
             self.tag_index = {t: i for i, t in enumerate(config.tags.split("|"))}
         if config.stage == "llm":
-            corpus_words = sorted({w for c in self.splits["train"]["clips"] for w in text_words(c.get("transcript") or "")})
+            corpus_words = sorted({w for c in self.splits["train"]["clips"]
+                                   for w in text_words(c.get("transcript") or "")})
             self.copy_words = vocab_words(tok) + corpus_words
             for split in ("train", "val"):
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
         self.prompt_cache = {}
 
     def text_stream(self, clips, split):
-        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt template with the
-        answers (audio left out), each document ended by eot, in a fixed shuffled order."""
+        """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt
+        template with the answers (audio left out), each document ended by eot, in a fixed shuffled
+        order."""
         rng = np.random.default_rng(0 if split == "train" else 1)
         docs = []
         for clip in clips:
@@ -1093,7 +1206,8 @@ class SALMONNData:
         return torch.from_numpy(self.splits[split]["mel"][clip["offset"]:clip["offset"] + n].astype(np.float32))
 
     def clip_audio(self, split, ci):
-        """What the encoders read of a clip: {"mel"} and, with speech_features="whisper", {"wmel"}."""
+        """What the encoders read of a clip: {"mel"} and, with speech_features="whisper",
+        {"wmel"}."""
         audio = {"mel": self.clip_mel(split, ci)}
         if self.config.speech_features == "whisper":
             clip, wmel = self.splits[split]["clips"][ci], self.splits[split]["wmel"]
@@ -1105,14 +1219,16 @@ def load_data(data_dir, config, tok):
     meta = json.load(open(os.path.join(data_dir, "meta.json"))) if os.path.exists(os.path.join(data_dir, "meta.json")) else None
     if meta is None:
         raise FileNotFoundError(f"{data_dir}/meta.json: not found (run prepare.py first)")
-    config.vocab_size = tok.n_vocab  # the text is stored as text: the config's tokenizer (tok) sets the vocab
+    config.vocab_size = tok.n_vocab  # the text is stored as text: the config's tokenizer (tok) sets
+                                     # the vocab
     config.n_mels = meta["n_mels"]
     config.frame_rate = float(meta["frame_rate"])
     set_pretrained_dims(config)
     if config.speech_features == "whisper":
         if "whisper_mel" not in meta:
-            raise ValueError(f"{data_dir}: speech_features='whisper' (an OpenAI Whisper encoder) needs Whisper's own "
-                             f"features: prepare the data with prepare.py --whisper_mel")
+            raise ValueError(f"{data_dir}: speech_features='whisper' (an OpenAI Whisper encoder) "
+                             f"needs Whisper's own features: prepare the data with prepare.py "
+                             f"--whisper_mel")
         config.speech_frame_rate = float(meta["whisper_mel"]["frame_rate"])
     elif config.speech_features == "mel":
         config.speech_frame_rate = config.frame_rate
@@ -1127,17 +1243,20 @@ def pad_mels(mels, n_mels):
     return mel, torch.tensor([m.size(0) for m in mels])
 
 def collate(audios):
-    """A list of clip_audio dicts -> the batch's mel, mel_lens (and wmel, wmel_lens), zero-padded."""
+    """A list of clip_audio dicts -> the batch's mel, mel_lens (and wmel, wmel_lens),
+    zero-padded."""
     batch = {}
     for key in ("mel", "wmel"):
         if key in audios[0]:
-            batch[key], batch[key + "_lens"] = pad_mels([a[key] for a in audios], audios[0][key].size(1))
+            batch[key], batch[key + "_lens"] = pad_mels([a[key] for a in audios],
+                                                        audios[0][key].size(1))
     return batch
 
 def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
-    """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and n_masks stretches of
-    up to max_frames frames (~70 ms, less than a Morse dot and dash apart) set to each clip's mean. The small
-    speech encoder, trained on a few hundred sentences, then learns the words rather than the clips."""
+    """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and
+    n_masks stretches of up to max_frames frames (~70 ms, less than a Morse dot and dash apart) set
+    to each clip's mean. The small speech encoder, trained on a few hundred sentences, then learns
+    the words rather than the clips."""
     for b in range(mel.size(0)):
         n = int(lens[b])
         fill = mel[b, :n].mean()
@@ -1156,16 +1275,20 @@ def speech_frames(audio, config):
 
 def get_batch(data, split, batch_size, rng):
     config, S = data.config, data.splits[split]
-    if config.stage == "llm":  # rows of corpus text, and rows of copying conversations (loss on the answers)
+    if config.stage == "llm":  # rows of corpus text, and rows of copying conversations (loss on the
+                               # answers)
         stream, T = S["stream"], config.llm_block_size
         if len(stream) <= T + 1:
-            raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than llm_block_size+1={T + 1}")
+            raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than "
+                             f"llm_block_size+1={T + 1}")
         n_copy = round(config.copy_rows * batch_size)
         ix = rng.integers(0, len(stream) - T - 1, size=batch_size - n_copy)
         x = torch.zeros(batch_size, T, dtype=torch.long)
         y = torch.full((batch_size, T), -1, dtype=torch.long)
-        x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T] for i in ix])) if len(ix) else x[:0]
-        y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix])) if len(ix) else y[:0]
+        x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T]
+                                                 for i in ix])) if len(ix) else x[:0]
+        y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T]
+                                                 for i in ix])) if len(ix) else y[:0]
         for b in range(len(ix), batch_size):
             seq, is_target = [], []
             while True:  # as many whole conversations as fit
@@ -1176,7 +1299,8 @@ def get_batch(data, split, batch_size, rng):
                 is_target += [False] * len(prompt) + [True] * (len(answer) + 1)
             seq, is_target = seq[:T + 1], is_target[:T + 1]
             x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
-            y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t, m in zip(seq[1:], is_target[1:])])
+            y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t,
+                                                m in zip(seq[1:], is_target[1:])])
         return {"idx": x, "targets": y}
     if config.stage == "beats":
         if not S["clips"]:
@@ -1189,12 +1313,14 @@ def get_batch(data, split, batch_size, rng):
                     tags[b, data.tag_index[t]] = 1.0
         mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci in cis], data.n_mels)
         return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
-    if config.stage == "whisper":  # decoder: eot (as start) + transcript -> transcript + eot; CTC: the transcript
+    if config.stage == "whisper":  # decoder: eot (as start) + transcript -> transcript + eot; CTC:
+                                   # the transcript
         entries = S["entries"]["transcription"]
         if not entries:
             raise ValueError(f"{split} split has no clips with a transcript")
         picks = [entries[i] for i in rng.integers(len(entries), size=batch_size)]
-        texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1] for _, _, answer in picks]
+        texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1] for _, _,
+                 answer in picks]
         T = max(len(t) for t in texts) + 1
         idx = torch.zeros(batch_size, T, dtype=torch.long)
         targets = torch.full((batch_size, T), -1, dtype=torch.long)
@@ -1223,7 +1349,8 @@ def get_batch(data, split, batch_size, rng):
         seq = (ids + ans)[:config.llm_block_size + 1]
         if len(seq) <= len(ids):
             raise ValueError(f"prompt of {len(ids)} positions leaves no room for an answer in "
-                             f"llm_block_size={config.llm_block_size}: lower max_audio_frames or raise the block size")
+                             f"llm_block_size={config.llm_block_size}: lower max_audio_frames or "
+                             f"raise the block size")
         rows.append((seq, mask, len(ids)))
         audios.append(audio)
     T = max(len(seq) for seq, _, _ in rows) - 1
@@ -1240,14 +1367,16 @@ def get_batch(data, split, batch_size, rng):
 # -----------------------------------------------------------------------------
 # sampling and evaluation
 
-SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None, "seed": None,
-               "length_penalty": 0.0}
+SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
+               "seed": None, "length_penalty": 0.0}
 
 def sample(model, tok, audio, prompt, tools=None, **opts):
     """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction).
-    Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by log-prob /
-    length, Hugging Face generate's default, which makes our small models loop until max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k,
-    max_new_tokens (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities), seed."""
+    Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by
+    log-prob / length, Hugging Face generate's default, which makes our small models loop until
+    max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k, max_new_tokens
+    (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities),
+    seed."""
     unknown = sorted(set(opts) - set(SAMPLE_OPTS))
     if unknown:
         raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
@@ -1256,7 +1385,8 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if beam < 1:
         raise ValueError(f"beam={beam}: must be >= 1")
     if temperature > 0 and beam > 1:
-        raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} given)")
+        raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
+                         f"given)")
     instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
     device = next(model.parameters()).device
     if model.config.stage == "llm":  # text only: continue the prompt template
@@ -1264,10 +1394,14 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         x = model.llm.wte(torch.tensor([ids], device=device))
     else:
         if model.config.speech_features == "whisper" and "wmel" not in audio:
-            raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features (audio.whisper_log_mel)")
-        ids, mask = build_prompt(tok, instruction, n_audio_tokens(speech_frames(audio, model.config), model.config))
-        batch = {k: v.to(device) for k, v in collate([{k: v.float() for k, v in audio.items() if k in ("mel", "wmel")}]).items()}
-        x = model.embed(torch.tensor([ids], device=device), audio_mask=torch.tensor([mask], device=device), **batch)
+            raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features "
+                             "(audio.whisper_log_mel)")
+        ids, mask = build_prompt(tok, instruction,
+                                 n_audio_tokens(speech_frames(audio, model.config), model.config))
+        batch = {k: v.to(device) for k, v in collate([{k: v.float() for k, v in audio.items()
+                                                       if k in ("mel", "wmel")}]).items()}
+        x = model.embed(torch.tensor([ids], device=device),
+                        audio_mask=torch.tensor([mask], device=device), **batch)
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
@@ -1275,15 +1409,16 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if o["lora_scale"] is not None:
         model.lora_scale = float(o["lora_scale"])
     try:
-        out = model.generate(x, int(o["max_new_tokens"]), tok.eot_token, beam, temperature, int(o["top_k"]), generator,
-                             float(o["length_penalty"]))
+        out = model.generate(x, int(o["max_new_tokens"]), tok.eot_token, beam, temperature,
+                             int(o["top_k"]), generator, float(o["length_penalty"]))
     finally:
         model.lora_scale = old_scale
     return {"text": tok.decode(out).strip()}
 
 # Copied from pengi.normalize_text
 def normalize_text(s):
-    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single spaces."""
+    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
+    spaces."""
     return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
 
 def text_words(text):
@@ -1301,18 +1436,20 @@ def edit_distance(ref, hyp):
     return prev[-1]
 
 def word_error_rate(refs, hyps):
-    """Corpus WER: total word edits / total reference words (after lower-casing and dropping punctuation)."""
+    """Corpus WER: total word edits / total reference words (after lower-casing and dropping
+    punctuation)."""
     edits = sum(edit_distance(text_words(r), text_words(h)) for r, h in zip(refs, hyps))
     return edits / max(1, sum(len(text_words(r)) for r in refs))
 
 # Copied from pengi.bleu4
 def bleu4(hypotheses, references):
-    """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the corpus,
-    their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis words, r: the
-    closest reference length per hypothesis). hypotheses: list of str; references: list of lists of str.
-    No smoothing: a corpus without a single matching 4-gram scores 0."""
+    """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the
+    corpus, their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis
+    words, r: the closest reference length per hypothesis). hypotheses: list of str; references:
+    list of lists of str. No smoothing: a corpus without a single matching 4-gram scores 0."""
     if len(hypotheses) != len(references):
-        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses but {len(references)} reference lists")
+        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses but {len(references)} reference "
+                         f"lists")
     matched, total = [0] * 4, [0] * 4
     c_len = r_len = 0
     for hyp, refs in zip(hypotheses, references):
@@ -1339,8 +1476,8 @@ def accuracy(refs, hyps):
     return sum(text_words(r) == text_words(h) for r, h in zip(refs, hyps)) / max(1, len(refs))
 
 def best_constant_wer(refs, candidates):
-    """The WER of the best single answer given to every clip, over the candidates (e.g. every training answer
-    and word): what a model that ignores the audio can reach."""
+    """The WER of the best single answer given to every clip, over the candidates (e.g. every
+    training answer and word): what a model that ignores the audio can reach."""
     refs = [text_words(r) for r in refs]
     total = max(1, sum(len(r) for r in refs))
     return min(sum(edit_distance(r, text_words(c)) for r in refs) / total for c in set(candidates))
@@ -1356,8 +1493,8 @@ def average_precision(scores, labels):
 
 @torch.no_grad()
 def whisper_transcribe(model, tok, audios, batch_size=32):
-    """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path, repeats
-    merged, blanks dropped), for a list of clip_audio dicts."""
+    """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path,
+    repeats merged, blanks dropped), for a list of clip_audio dicts."""
     device = next(model.parameters()).device
     dec_out, ctc_out = [], []
     for i in range(0, len(audios), batch_size):
@@ -1378,20 +1515,22 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
         best = model.ctc_head(audio).argmax(-1)
         for b in range(B):
             path = best[b, :lens2[b]].tolist()
-            ids = [t for j, t in enumerate(path) if t != model.config.vocab_size and (j == 0 or t != path[j - 1])]
+            ids = [t for j, t in enumerate(path) if t != model.config.vocab_size
+                   and (j == 0 or t != path[j - 1])]
             ctc_out.append(tok.decode(ids).strip())
     return dec_out, ctc_out
 
-EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 0, "temperature": 0.0, "top_k": 0,
-             "seed": None, "length_penalty": 0.0}
+EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 0,
+             "temperature": 0.0, "top_k": 0, "seed": None, "length_penalty": 0.0}
 
 def evaluate(model, data, tok, split="val", **opts):
-    """Paper-style metrics on the split (max_clips > 0: the first max_clips entries of each task; each task's
-    first instruction paraphrase). Transcription: WER per kind (speech, morse, dtmf) next to the best constant
-    answer's (from the training answers); bleu4 (captioning), music_bleu4, qa_acc (gender_acc: the speaker's
-    sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean length of the story answers, the sign of
-    activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity and the copy
-    probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and class accuracy."""
+    """Paper-style metrics on the split (max_clips > 0: the first max_clips entries of each task;
+    each task's first instruction paraphrase). Transcription: WER per kind (speech, morse, dtmf)
+    next to the best constant answer's (from the training answers); bleu4 (captioning), music_bleu4,
+    qa_acc (gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean
+    length of the story answers, the sign of activation); n_<task>: how many examples each figure
+    rests on. Stage "llm": text perplexity and the copy probe; "whisper": WER per kind from the
+    decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
@@ -1410,25 +1549,29 @@ def evaluate(model, data, tok, split="val", **opts):
         return {"text_ppl": float(math.exp(np.mean(losses))), "copy_acc": copy_probe(model, tok)}
     if stage == "beats":
         clips = limit(list(range(len(S["clips"]))))
-        logits = torch.cat([model.tag_logits(*pad_mels([data.clip_mel(split, ci) for ci in clips[i:i + 32]], data.n_mels))
+        logits = torch.cat([model.tag_logits(*pad_mels([data.clip_mel(split, ci)
+                                                        for ci in clips[i:i + 32]], data.n_mels))
                             for i in range(0, len(clips), 32)]).float().cpu().numpy()
         labels = np.zeros_like(logits)
         for r, ci in enumerate(clips):
             for t in clip_tags(S["clips"][ci]):
                 if t in data.tag_index:
                     labels[r, data.tag_index[t]] = 1
-        aps = [ap for j in range(labels.shape[1]) if (ap := average_precision(logits[:, j], labels[:, j])) is not None]
+        aps = [ap for j in range(labels.shape[1])
+               if (ap := average_precision(logits[:, j], labels[:, j])) is not None]
         cls = [j for t, j in data.tag_index.items() if t.startswith("class=")]
         has_cls = labels[:, cls].sum(1) > 0
         cls_acc = float((labels[np.arange(len(clips)), np.array(cls)[logits[:, cls].argmax(1)]][has_cls]).mean())
         return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
     results = {}
-    if stage not in ENCODER_STAGES:  # the audio tokens' scale next to what the LLM was trained on (per element)
+    if stage not in ENCODER_STAGES:  # the audio tokens' scale next to what the LLM was trained on
+                                     # (per element)
         rms = lambda t: float(t.float().pow(2).mean().sqrt())
         clips = [data.clip_audio(split, ci) for ci in range(min(32, len(S["clips"])))]
         batch = {k: v.to(device) for k, v in collate(clips).items()}
         tokens, valid = model.encode_audio(**batch)
-        results.update(audio_rms=rms(tokens[valid]), token_rms=rms(model.llm.wte.weight), pos_rms=rms(model.llm.wpe.weight))
+        results.update(audio_rms=rms(tokens[valid]), token_rms=rms(model.llm.wte.weight),
+                       pos_rms=rms(model.llm.wpe.weight))
     for task in ALL_TASKS:
         entries = limit(S["entries"][task])
         if not entries or (stage == "whisper" and task != "transcription"):
@@ -1438,8 +1581,10 @@ def evaluate(model, data, tok, split="val", **opts):
         if stage == "whisper":
             hyps, ctc_hyps = whisper_transcribe(model, tok, [data.clip_audio(split, ci) for ci, _, _ in entries])
         else:
-            sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature", "top_k", "seed", "length_penalty")}
-            hyps = [sample(model, tok, data.clip_audio(split, ci), instruction or INSTRUCTIONS[task][0], None,
+            sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature",
+                                             "top_k", "seed", "length_penalty")}
+            hyps = [sample(model, tok, data.clip_audio(split, ci), instruction
+                           or INSTRUCTIONS[task][0], None,
                            **sample_opts)["text"] for ci, instruction, _ in entries]
         results[f"n_{task}"] = len(entries)
         if task == "transcription":
@@ -1447,8 +1592,10 @@ def evaluate(model, data, tok, split="val", **opts):
             for kind in sorted(set(kinds)):
                 r = [x for x, k in zip(refs, kinds) if k == kind]
                 h = [x for x, k in zip(hyps, kinds) if k == kind]
-                # candidates: training answers of this kind, these answers themselves, and all their words
-                cands = [a for ci, _, a in train["entries"]["transcription"] if train["clips"][ci].get("kind") == kind]
+                # candidates: training answers of this kind, these answers themselves, and all their
+                # words
+                cands = [a for ci, _, a in train["entries"]["transcription"]
+                         if train["clips"][ci].get("kind") == kind]
                 cands = cands[:200] + r[:200] + [w for a in cands + r for w in text_words(a)]
                 results[f"wer_{kind}"] = word_error_rate(r, h)
                 results[f"n_{kind}"] = len(r)
@@ -1461,9 +1608,11 @@ def evaluate(model, data, tok, split="val", **opts):
             results["music_bleu4"] = bleu4(hyps, [[r] for r in refs])
         elif task == "qa":
             results["qa_acc"] = accuracy(refs, hyps)
-            gender = [i for i, (_, q, _) in enumerate(entries) if q.startswith("is the speaker a man")]
+            gender = [i for i, (_, q, _) in enumerate(entries)
+                      if q.startswith("is the speaker a man")]
             if gender:
-                results["gender_acc"] = accuracy([refs[i] for i in gender], [hyps[i] for i in gender])
+                results["gender_acc"] = accuracy([refs[i] for i in gender],
+                                                 [hyps[i] for i in gender])
         elif task == "classification":
             results["cls_acc"] = accuracy(refs, hyps)
         elif task == "speaker":

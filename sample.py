@@ -65,8 +65,8 @@ class Tools:
         return self.codec().decode([(codes, None)])[0, 0].float()
 
     def decoder_stream(self):
-        """A decoder that takes codes a frame or a few at a time and keeps its state between calls: the same audio
-        as decode() of the whole sequence, at the cost of the new frames only."""
+        """A decoder that takes codes a frame or a few at a time and keeps its state between calls:
+        the same audio as decode() of the whole sequence, at the cost of the new frames only."""
         from audio import StreamingDecoder
         return StreamingDecoder(self.codec())
 
@@ -87,12 +87,17 @@ def read_clip(data_dir, split, index):
     if not 0 <= index < len(clips):
         fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
     c = clips[index]
-    codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
-    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+    codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
+                      mode="r").reshape(-1, meta["n_q"])
+    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
+                    mode="r").reshape(-1, meta["n_mels"])
     s, n = c["offset"], c["frames"]
-    clip = {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)), "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
-    if "whisper_mel" in meta:  # Whisper's own features (prepare.py --whisper_mel), for an OpenAI Whisper encoder
-        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])
+    clip = {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)),
+            "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
+    if "whisper_mel" in meta:  # Whisper's own features (prepare.py --whisper_mel), for an OpenAI
+                               # Whisper encoder
+        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
+                         mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])
         clip["wmel"] = torch.from_numpy(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32))
     return clip, c
 
@@ -100,13 +105,15 @@ def write_wav(path, wav, sample_rate):
     import soundfile as sf
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV", subtype="PCM_16")
+    sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV",
+             subtype="PCM_16")
     os.replace(tmp, path)  # atomic
 
 if __name__ == "__main__":
     S, unknown, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
-    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}  # the model's sample() checks them
+    # the model's sample() checks them
+    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
@@ -114,13 +121,15 @@ if __name__ == "__main__":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={dtype}: expected auto, float32, bfloat16 or float16")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}[dtype]
     torch.manual_seed(seed)
 
     # the model, rebuilt from the checkpoint with the model file named in it
     ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
-        fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / --ckpt)")
+        fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / "
+             f"--ckpt)")
     from train import load_checkpoint
     try:
         checkpoint = load_checkpoint(ckpt_path)
@@ -133,15 +142,18 @@ if __name__ == "__main__":
     model.eval().to(device)
     data_dir = data_dir or checkpoint["config"]["data_dir"]
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-        fail(f"data_dir {data_dir}: no meta.json (the data the model was trained on; set --data_dir)")
+        fail(f"data_dir {data_dir}: no meta.json (the data the model was trained on; set "
+             f"--data_dir)")
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
-    print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data {data_dir}")
+    print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data "
+          f"{data_dir}")
 
     # the data contract's functions by name: here `audio` is the --audio setting
     from audio import BadAudio, features, load_audio, log_mel, plot_mels, whisper_log_mel
     try:
-        tok = tokenizers.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)   # None for whisper_gpt
+        # None for whisper_gpt
+        tok = tokenizers.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"tokenizer: {e}")
     del checkpoint
@@ -163,21 +175,25 @@ if __name__ == "__main__":
         print(f"input: {split} clip {clip} ({info['id']}, {info['kind']}, {info['duration']:.2f} s)"
               + (f": {info['caption']}" if info.get("caption") else ""))
 
-    ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else torch.no_grad()
+    ctx = torch.autocast(device_type=device_type,
+                         dtype=ptdtype) if dtype != "float32" else torch.no_grad()
     t0 = time.time()
     with torch.no_grad(), ctx:
         unknown = set(opts) - set(M.SAMPLE_OPTS)
         if unknown:
-            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a setting of sample.py nor an "
-                 f"option of {M.__name__}.sample ({', '.join(sorted(M.SAMPLE_OPTS))})")
+            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
+                 f"setting of sample.py nor an option of {M.__name__}.sample "
+                 f"({', '.join(sorted(M.SAMPLE_OPTS))})")
         result = M.sample(model, tok, inp, prompt or None, tools, **opts)
     dt = time.time() - t0 - tools.load_seconds
     if "codes" in result:
         codes = result["codes"]
         n = codes.shape[0]
-        print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: {n / dt:.1f} tokens/s")
+        print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: "
+              f"{n / dt:.1f} tokens/s")
         prompt_codes = result.get("prompt_codes")
-        if prompt_codes is not None:                  # the prompt too, decoded the same way: one can hear the seam
+        # the prompt too, decoded the same way: one can hear the seam
+        if prompt_codes is not None:
             codes = torch.cat([prompt_codes, codes])
         wav = tools.decode(codes)
         path = out or os.path.join(out_dir, "sample.wav")
@@ -185,9 +201,11 @@ if __name__ == "__main__":
         seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
         png = os.path.splitext(path)[0] + ".png"
         plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
-                         f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))], boundary=seam)
+                         f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))],
+                         boundary=seam)
         print(f"wrote {path} ({len(wav) / meta['sample_rate']:.2f} s" +
-              (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s continuation" if seam else "") +
+              (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s "
+               f"continuation" if seam else "") +
               f", {codes.shape[1]} codebook(s) decoded) and its log-mel spectrogram {png}")
     else:
         print(result["text"])

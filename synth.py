@@ -1,8 +1,9 @@
 """
-The built-in corpus (prepare.py --dataset=synth, the default): pure numpy signals, and speech from libespeak-ng,
-whose text is determined by the audio. Every clip gets a caption, labels, question-answer pairs and, for speech,
-a transcript: synth_clip(seed, i, max_seconds) -> (wav at 24 kHz, info). Kinds: speech (a quarter), music (notes,
-chords, melodies), sound events, Morse words, DTMF digits, and mixtures.
+The built-in corpus (prepare.py --dataset=synth, the default): pure numpy signals, and speech from
+libespeak-ng, whose text is determined by the audio. Every clip gets a caption, labels,
+question-answer pairs and, for speech, a transcript: synth_clip(seed, i, max_seconds) -> (wav at 24
+kHz, info). Kinds: speech (a quarter), music (notes, chords, melodies), sound events, Morse words,
+DTMF digits, and mixtures.
 """
 
 import ctypes
@@ -11,22 +12,27 @@ import re
 
 import numpy as np
 
-SAMPLE_RATE = 24000     # the data contract's rate (audio.SAMPLE_RATE, checked by tests/test_prepare.py)
+SAMPLE_RATE = 24000     # the data contract's rate (audio.SAMPLE_RATE, checked by
+                        # tests/test_prepare.py)
 
 NOTE_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten"]
 INSTRUMENTS = ["sine", "square", "sawtooth", "plucked string", "bell"]
 INSTRUMENT_TEXT = {  # caption noun, adjectives for the story
     "sine": ("a sine tone", "pure, soft and smooth"),
     "square": ("a square wave", "hollow, buzzy and electronic"),
     "sawtooth": ("a sawtooth synth", "bright, brassy and harsh"),
-    "plucked string": ("a plucked string", "twangy, like a guitar or a harp, each note fading quickly"),
+    "plucked string": ("a plucked string",
+                       "twangy, like a guitar or a harp, each note fading quickly"),
     "bell": ("a bell", "metallic and ringing, with a long shimmering decay"),
 }
 CHORDS = {"major": [0, 4, 7], "minor": [0, 3, 7], "diminished": [0, 3, 6], "augmented": [0, 4, 8]}
-INTERVALS = {3: "minor third", 4: "major third", 5: "perfect fourth", 7: "perfect fifth", 12: "octave"}
+INTERVALS = {3: "minor third", 4: "major third", 5: "perfect fourth", 7: "perfect fifth",
+             12: "octave"}
 EVENTS = ["beep", "chirp", "noise burst", "click", "siren"]
-EVENT_PLURAL = {"beep": "beeps", "chirp": "chirps", "noise burst": "noise bursts", "click": "clicks", "siren": "sirens"}
+EVENT_PLURAL = {"beep": "beeps", "chirp": "chirps", "noise burst": "noise bursts",
+                "click": "clicks", "siren": "sirens"}
 EVENT_TEXT = {
     "beep": "a short electronic beep",
     "chirp": "a rising chirp that sweeps up in pitch",
@@ -34,16 +40,21 @@ EVENT_TEXT = {
     "click": "a sharp click",
     "siren": "a wailing siren",
 }
-MORSE = {"a": ".-", "b": "-...", "c": "-.-.", "d": "-..", "e": ".", "f": "..-.", "g": "--.", "h": "....", "i": "..",
-         "j": ".---", "k": "-.-", "l": ".-..", "m": "--", "n": "-.", "o": "---", "p": ".--.", "q": "--.-", "r": ".-.",
-         "s": "...", "t": "-", "u": "..-", "v": "...-", "w": ".--", "x": "-..-", "y": "-.--", "z": "--.."}
-WORDS = ("sos ok hi yes no go on in up at it is to we me be do so cat dog sun red sea sky run one two ten top "
-         "hat map car bus fox owl cow pig egg ice tea jam box key toy bed cup pen ink art arm leg eye ear "
-         "cake fish bird tree rain snow wind fire star moon ship boat road home door book milk rice corn lamp "
-         "song note bell drum harp time life love hope play stop help call send echo code data wave tone beat "
-         "radio music hello night light water earth green house train ocean river").split()
+MORSE = {"a": ".-", "b": "-...", "c": "-.-.", "d": "-..", "e": ".", "f": "..-.", "g": "--.",
+         "h": "....", "i": "..",
+         "j": ".---", "k": "-.-", "l": ".-..", "m": "--", "n": "-.", "o": "---", "p": ".--.",
+         "q": "--.-", "r": ".-.",
+         "s": "...", "t": "-", "u": "..-", "v": "...-", "w": ".--", "x": "-..-", "y": "-.--",
+         "z": "--.."}
+WORDS = ("sos ok hi yes no go on in up at it is to we me be do so cat dog sun red sea sky run one "
+         "two ten top hat map car bus fox owl cow pig egg ice tea jam box key toy bed cup pen ink "
+         "art arm leg eye ear cake fish bird tree rain snow wind fire star moon ship boat road "
+         "home door book milk rice corn lamp song note bell drum harp time life love hope play "
+         "stop help call send echo code data wave tone beat radio music hello night light water "
+         "earth green house train ocean river").split()
 DTMF_KEYS = "123456789*0#"
-DTMF_LOW = {k: f for keys, f in [("123", 697), ("456", 770), ("789", 852), ("*0#", 941)] for k in keys}
+DTMF_LOW = {k: f for keys, f in [("123", 697), ("456", 770), ("789", 852), ("*0#", 941)]
+            for k in keys}
 DTMF_HIGH = {k: f for keys, f in [("147*", 1209), ("2580", 1336), ("369#", 1477)] for k in keys}
 DTMF_WORDS = {**{str(i): NUMBER_WORDS[i] for i in range(10)}, "*": "star", "#": "pound"}
 
@@ -64,13 +75,17 @@ def tone(instrument, hz, dur, rng, sr=SAMPLE_RATE):
     """One note of an instrument, band-limited (additive harmonics below Nyquist), peak ~1."""
     n = int(dur * sr)
     t = np.arange(n) / sr
-    if instrument == "plucked string":               # Karplus-Strong: a noise burst through a damped, averaging delay loop
-        p = max(2, int(round(sr / hz + 0.5)))        # averaging y[i-p] and y[i-p+1] delays by p - 1/2 samples
+    # Karplus-Strong: a noise burst through a damped, averaging delay loop
+    if instrument == "plucked string":
+        # averaging y[i-p] and y[i-p+1] delays by p - 1/2 samples
+        p = max(2, int(round(sr / hz + 0.5)))
         y = np.zeros(n + p + 1)
-        burst = np.convolve(rng.uniform(-1, 1, p + 5), [0.25, 0.5, 0.25], "valid")[:p + 1]   # a softer pluck
+        # a softer pluck
+        burst = np.convolve(rng.uniform(-1, 1, p + 5), [0.25, 0.5, 0.25], "valid")[:p + 1]
         y[:p + 1] = burst - burst.mean()
         i = p + 1
-        while i < len(y):                            # y[i] needs y[i-p] and y[i-p+1]: blocks of p-1 samples are independent
+        # y[i] needs y[i-p] and y[i-p+1]: blocks of p-1 samples are independent
+        while i < len(y):
             j = min(len(y), i + p - 1)
             y[i:j] = 0.996 * 0.5 * (y[i - p:j - p] + y[i - p + 1:j - p + 1])
             i = j
@@ -116,7 +131,8 @@ def make_music(rng, max_dur):
         labels["pitch"] = name
         caption = f"{noun} plays the note {name}."
         story = f"A single note, {name}, is played on {noun}, held for about {dur:.0f} second{'s' if round(dur) != 1 else ''}."
-        qa += [{"q": "what note is played?", "a": name}, {"q": "how many notes are played?", "a": "one"}]
+        qa += [{"q": "what note is played?", "a": name},
+               {"q": "how many notes are played?", "a": "one"}]
         notes = [root]
     elif form == "chord":
         quality = list(CHORDS)[rng.integers(len(CHORDS))]
@@ -124,14 +140,17 @@ def make_music(rng, max_dur):
         dur = float(rng.uniform(min(1.2, max_dur), max_dur))
         wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
         for m in notes:
-            place(wav, tone(inst, midi_hz(m), dur - 0.1, rng) / len(notes) * 1.5, int(0.05 * SAMPLE_RATE))
+            place(wav, tone(inst, midi_hz(m), dur - 0.1, rng) / len(notes) * 1.5,
+                  int(0.05 * SAMPLE_RATE))
         chord = f"{NOTE_NAMES[root % 12]} {quality}"
         labels["chord"] = chord
         labels["pitch"] = midi_name(root)
         caption = f"{noun} plays a {chord} chord."
-        story = (f"Three notes sound together on {noun}: {fmt_list([midi_name(m) for m in notes])}, "
-                 f"a {chord} chord{' that sounds bright and happy' if quality == 'major' else ' that sounds dark and sad' if quality == 'minor' else ' that sounds tense and unresolved'}.")
-        qa += [{"q": "what chord is played?", "a": chord}, {"q": "is the chord major or minor?", "a": quality},
+        story = (f"Three notes sound together on {noun}: "
+                 f"{fmt_list([midi_name(m) for m in notes])}, a {chord} "
+                 f"chord{' that sounds bright and happy' if quality == 'major' else ' that sounds dark and sad' if quality == 'minor' else ' that sounds tense and unresolved'}.")
+        qa += [{"q": "what chord is played?", "a": chord},
+               {"q": "is the chord major or minor?", "a": quality},
                {"q": "how many notes sound together?", "a": "three"}]
     else:
         if form == "interval":
@@ -153,15 +172,18 @@ def make_music(rng, max_dur):
         dur = note_dur * len(notes) + 0.2
         wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
         for j, m in enumerate(notes):
-            place(wav, tone(inst, midi_hz(m), note_dur * 1.1, rng), int((0.05 + j * note_dur) * SAMPLE_RATE))
+            place(wav, tone(inst, midi_hz(m), note_dur * 1.1, rng),
+                  int((0.05 + j * note_dur) * SAMPLE_RATE))
         direction = "rising" if notes[-1] > notes[0] else "falling"
         labels["pitch"] = midi_name(notes[0])
         labels["melody"] = shape[2:]
         caption = f"{noun} plays {shape}."
         story = (f"{noun.capitalize()} plays {NUMBER_WORDS[len(notes)]} notes one after another, "
-                 f"{fmt_list([midi_name(m) for m in notes])}, {direction} from {midi_name(notes[0])} to {midi_name(notes[-1])}.")
+                 f"{fmt_list([midi_name(m) for m in notes])}, {direction} from "
+                 f"{midi_name(notes[0])} to {midi_name(notes[-1])}.")
         qa += [{"q": "how many notes are played?", "a": NUMBER_WORDS[len(notes)]},
-               {"q": "does the melody go up or down?", "a": "up" if direction == "rising" else "down"},
+               {"q": "does the melody go up or down?",
+                "a": "up" if direction == "rising" else "down"},
                {"q": "what is the first note?", "a": midi_name(notes[0])}]
     labels["form"] = form
     register = "low" if np.mean(notes) < 55 else "high" if np.mean(notes) > 67 else "middle"
@@ -169,8 +191,8 @@ def make_music(rng, max_dur):
                    f"and nothing else can be heard, so it feels like a quiet music lesson.")
     gain = float(rng.uniform(0.3, 0.7))
     wav = wav / (np.abs(wav).max() + 1e-9) * gain
-    return wav, dict(kind="music", caption=caption, description=description, labels=labels, qa=qa, transcript=None,
-                     notes=notes)
+    return wav, dict(kind="music", caption=caption, description=description, labels=labels, qa=qa,
+                     transcript=None, notes=notes)
 
 def event_sound(event, rng, sr=SAMPLE_RATE):
     if event == "beep":
@@ -196,7 +218,8 @@ def event_sound(event, rng, sr=SAMPLE_RATE):
     return (np.sin(2 * np.pi * np.cumsum(freq) / sr) * 0.7).astype(np.float32) * envelope(n, 0.02, 0.05)
 
 def make_events(rng, max_dur):
-    """A count of one event, or two different events in order. Onsets are recorded (tests check them)."""
+    """A count of one event, or two different events in order. Onsets are recorded (tests check
+    them)."""
     ev = EVENTS[rng.integers(len(EVENTS))]
     seq = []
     if rng.random() < 0.6 or ev == "siren":
@@ -213,8 +236,10 @@ def make_events(rng, max_dur):
     total = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
     gap = max(0.08, gap - max(0.0, total - max_dur) / max(1, len(seq) - 1))
     dur = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
-    dur = min(max_dur, max(dur, float(rng.uniform(1.0, 1.8))))   # a lone click still gets a second of room
-    wav = (rng.normal(0, 1, int(dur * SAMPLE_RATE)) * 0.002).astype(np.float32)   # faint background hiss
+    # a lone click still gets a second of room
+    dur = min(max_dur, max(dur, float(rng.uniform(1.0, 1.8))))
+    # faint background hiss
+    wav = (rng.normal(0, 1, int(dur * SAMPLE_RATE)) * 0.002).astype(np.float32)
     t, onsets = 0.1 + float(rng.uniform(0, 0.05)), []
     for p in parts:
         onsets.append(int(t * SAMPLE_RATE))
@@ -239,17 +264,21 @@ def make_events(rng, max_dur):
         labels["order"] = " then ".join(e for e, _ in groups)
         labels["count_2"] = str(groups[1][1])
         caption = f"{said[0]} followed by {said[1]}."
-        qa = [{"q": "which sound comes first?", "a": groups[0][0]}, {"q": "which sound comes last?", "a": groups[1][0]},
-              {"q": f"how many {EVENT_PLURAL[groups[1][0]]} are there?", "a": NUMBER_WORDS[groups[1][1]]}]
-        story = (f"First comes {EVENT_TEXT[groups[0][0]]}" + (f", {NUMBER_WORDS[groups[0][1]]} times" if groups[0][1] > 1 else "") +
+        qa = [{"q": "which sound comes first?", "a": groups[0][0]},
+              {"q": "which sound comes last?", "a": groups[1][0]},
+              {"q": f"how many {EVENT_PLURAL[groups[1][0]]} are there?",
+               "a": NUMBER_WORDS[groups[1][1]]}]
+        story = (f"First comes {EVENT_TEXT[groups[0][0]]}" + (f", {NUMBER_WORDS[groups[0][1]]} "
+                                                              f"times" if groups[0][1] > 1 else "") +
                  f". After a short pause it changes to {EVENT_TEXT[groups[1][0]]}" +
                  (f", heard {NUMBER_WORDS[groups[1][1]]} times" if groups[1][1] > 1 else "") + ".")
     description = f"{story} Between the sounds there is only a faint hiss, like an empty room with a machine signalling."
-    return wav, dict(kind="events", caption=caption, description=description, labels=labels, qa=qa, transcript=None,
-                     onsets=onsets, sequence=seq)
+    return wav, dict(kind="events", caption=caption, description=description, labels=labels, qa=qa,
+                     transcript=None, onsets=onsets, sequence=seq)
 
 def morse_envelope(word, unit):
-    """On/off sample mask for a word: dot 1 unit, dash 3, gap 1 inside a letter, 3 between letters."""
+    """On/off sample mask for a word: dot 1 unit, dash 3, gap 1 inside a letter, 3 between
+    letters."""
     on = []
     for li, ch in enumerate(word):
         if li:
@@ -262,7 +291,8 @@ def morse_envelope(word, unit):
 
 def make_morse(rng, max_dur):
     unit = float(rng.uniform(0.045, 0.07))
-    fits = [w for w in WORDS if len(morse_envelope(w, unit)) / SAMPLE_RATE + 0.3 <= max_dur] or ["e"]
+    fits = [w for w in WORDS
+            if len(morse_envelope(w, unit)) / SAMPLE_RATE + 0.3 <= max_dur] or ["e"]
     word = fits[rng.integers(len(fits))]
     hz = float(rng.choice([500, 600, 700, 800]))
     env = morse_envelope(word, unit)
@@ -272,10 +302,12 @@ def make_morse(rng, max_dur):
     wav[lead:lead + len(env)] = np.sin(2 * np.pi * hz * np.arange(len(env)) / SAMPLE_RATE) * smooth * float(rng.uniform(0.4, 0.7))
     wpm = round(1.2 / unit)
     caption = f"morse code spelling the word {word}."
-    description = (f"A steady {int(hz)} hertz tone taps out morse code at about {wpm} words per minute. "
-                   f"The dots and dashes spell {fmt_list(list(word))}, the word {word}, like a radio operator signalling.")
+    description = (f"A steady {int(hz)} hertz tone taps out morse code at about {wpm} words per "
+                   f"minute. The dots and dashes spell {fmt_list(list(word))}, the word {word}, "
+                   f"like a radio operator signalling.")
     qa = [{"q": "what word is spelled in morse code?", "a": word},
-          {"q": "how many letters are sent?", "a": NUMBER_WORDS[len(word)] if len(word) <= 10 else str(len(word))},
+          {"q": "how many letters are sent?",
+           "a": NUMBER_WORDS[len(word)] if len(word) <= 10 else str(len(word))},
           {"q": "what is the first letter?", "a": word[0]}]
     return wav, dict(kind="morse", caption=caption, description=description, transcript=word,
                      labels={"class": "morse code", "word": word}, qa=qa, unit=unit)
@@ -295,9 +327,10 @@ def make_dtmf(rng, max_dur):
         place(wav, x.astype(np.float32), int((0.15 + j * (tone_dur + gap)) * SAMPLE_RATE))
     spoken = " ".join(DTMF_WORDS[d] for d in digits)
     caption = f"telephone keypad tones dialing {spoken}."
-    description = (f"Someone dials a phone: {NUMBER_WORDS[k]} keypad tones, each a chord of two pitches. "
-                   f"The keys pressed are {spoken}, in a quick, even rhythm.")
-    qa = [{"q": "what number is dialed?", "a": spoken}, {"q": "how many keys are pressed?", "a": NUMBER_WORDS[k]}]
+    description = (f"Someone dials a phone: {NUMBER_WORDS[k]} keypad tones, each a chord of two "
+                   f"pitches. The keys pressed are {spoken}, in a quick, even rhythm.")
+    qa = [{"q": "what number is dialed?", "a": spoken},
+          {"q": "how many keys are pressed?", "a": NUMBER_WORDS[k]}]
     return wav, dict(kind="dtmf", caption=caption, description=description, transcript=spoken,
                      labels={"class": "dtmf tones", "digits": digits}, qa=qa)
 
@@ -323,15 +356,16 @@ def make_mixture(rng, max_dur):
         if key in e["labels"]:
             labels[key] = e["labels"][key]
     qa = [{"q": "what instrument plays in the background?", "a": noun[2:]},
-          {"q": f"how many {EVENT_PLURAL[ev_name]} are heard over the music?", "a": NUMBER_WORDS[count]},
+          {"q": f"how many {EVENT_PLURAL[ev_name]} are heard over the music?",
+           "a": NUMBER_WORDS[count]},
           {"q": "what sound interrupts the music?", "a": ev_name}]
     qa += [q for q in m["qa"][1:2]]
     description = (f"Music and other sounds overlap. {m['description'].split(' The sound is ')[0]} "
                    f"Over the music, {e['description'].split(' Between the sounds')[0][0].lower()}"
-                   f"{e['description'].split(' Between the sounds')[0][1:]} The two do not belong together, as if "
-                   f"an alarm went off during a music lesson.")
-    return wav, dict(kind="mixture", caption=caption, description=description, labels=labels, qa=qa, transcript=None,
-                     onsets=e["onsets"], sequence=e["sequence"], notes=m["notes"])
+                   f"{e['description'].split(' Between the sounds')[0][1:]} The two do not belong "
+                   f"together, as if an alarm went off during a music lesson.")
+    return wav, dict(kind="mixture", caption=caption, description=description, labels=labels, qa=qa,
+                     transcript=None, onsets=e["onsets"], sequence=e["sequence"], notes=m["notes"])
 
 # --- speech: libespeak-ng and its voice data ship in the espeakng-loader pip package (no system package);
 # we drive the C library through ctypes
@@ -342,9 +376,10 @@ class SpeechUnavailable(RuntimeError):
     """libespeak-ng cannot be loaded or used; the message names the cause."""
 
 def espeak_open():
-    """A freshly loaded, initialised libespeak-ng. Fresh for every sentence on purpose: the library keeps state
-    between utterances (its pitch-flutter phase, filter memories), so a shared instance would make a clip's audio
-    depend on the clips spoken before it. Loading it costs about a millisecond."""
+    """A freshly loaded, initialised libespeak-ng. Fresh for every sentence on purpose: the library
+    keeps state between utterances (its pitch-flutter phase, filter memories), so a shared instance
+    would make a clip's audio depend on the clips spoken before it. Loading it costs about a
+    millisecond."""
     try:
         import espeakng_loader
         lib_path, data_path = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
@@ -355,16 +390,20 @@ def espeak_open():
     except OSError as e:
         raise SpeechUnavailable(f"cannot load libespeak-ng: {e}") from None
     lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    if not hasattr(lib, "espeak_ng_SetRandSeed"):                # espeak-ng >= 1.52: without it, breathy voices vary
-        raise SpeechUnavailable(f"{lib_path}: too old, no espeak_ng_SetRandSeed (pip install -U espeakng-loader)")
+    # espeak-ng >= 1.52: without it, breathy voices vary
+    if not hasattr(lib, "espeak_ng_SetRandSeed"):
+        raise SpeechUnavailable(f"{lib_path}: too old, no espeak_ng_SetRandSeed (pip install -U "
+                                f"espeakng-loader)")
     lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-    sr = lib.espeak_Initialize(2, 0, data_path.encode(), 0)   # 2: AUDIO_OUTPUT_SYNCHRONOUS, samples go to a callback
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                 ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    # 2: AUDIO_OUTPUT_SYNCHRONOUS, samples go to a callback
+    sr = lib.espeak_Initialize(2, 0, data_path.encode(), 0)
     if sr != ESPEAK_SR:
         espeak_close(lib)
-        raise SpeechUnavailable(f"espeak_Initialize failed with the voice data in {data_path} (returned {sr})")
+        raise SpeechUnavailable(f"espeak_Initialize failed with the voice data in {data_path} "
+                                f"(returned {sr})")
     return lib
 
 def espeak_close(lib):
@@ -379,11 +418,12 @@ def speech_problem():
     except SpeechUnavailable as e:
         return str(e)
 
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                  ctypes.c_void_p)
 
 def speak(text, voice, rate=175, pitch=50):
-    """text spoken by an espeak-ng voice ("en-us+Andy": language + variant) at rate words/min and pitch 0-99,
-    as float32 at 24 kHz."""
+    """text spoken by an espeak-ng voice ("en-us+Andy": language + variant) at rate words/min and
+    pitch 0-99, as float32 at 24 kHz."""
     chunks = []
     @_SynthCallback
     def collect(wav, n, events):                     # int16 samples, a block at a time
@@ -392,50 +432,60 @@ def speak(text, voice, rate=175, pitch=50):
         return 0                                     # 0: go on
     lib = espeak_open()
     try:
-        ctypes.CDLL(None).srand(0)                   # some voices' noise comes from libc's rand(), which other
-        lib.espeak_SetSynthCallback(collect)         # libraries in this process may have drawn from, and the
-        lib.espeak_ng_SetRandSeed(0)                 # breathy ones' (f2, f3, f5, Alicia) from espeak's own
+        # some voices' noise comes from libc's rand(), which other
+        ctypes.CDLL(None).srand(0)
+        # libraries in this process may have drawn from, and the
+        lib.espeak_SetSynthCallback(collect)
+        # breathy ones' (f2, f3, f5, Alicia) from espeak's own
+        lib.espeak_ng_SetRandSeed(0)
                                                      # generator, seeded from the clock by default
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise SpeechUnavailable(f"espeak-ng has no voice {voice!r}")
         lib.espeak_SetParameter(1, int(rate), 0)     # espeakRATE
         lib.espeak_SetParameter(3, int(pitch), 0)    # espeakPITCH
         b = text.encode()
-        lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 0, None, None)   # from character 0 (POS_CHARACTER), plain text
+        # from character 0 (POS_CHARACTER), plain text
+        lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 0, None, None)
         lib.espeak_Synchronize()
     finally:
         espeak_close(lib)
     wav = np.concatenate(chunks).astype(np.float32) / 32768 if chunks else np.zeros(0, np.float32)
-    from audio import resample                       # audio.py imports torch; the rest of this file is numpy only
+    # audio.py imports torch; the rest of this file is numpy only
+    from audio import resample
     return resample(wav, ESPEAK_SR)
 
-# Speakers: a voice (espeak-ng language + variant, whose files are in espeakng-loader's data) at a fixed rate
-# (words/min) and pitch (0-99); each has a fixed sex, from its variant.
+# Speakers: a voice (espeak-ng language + variant, whose files are in espeakng-loader's data) at a
+# fixed rate (words/min) and pitch (0-99); each has a fixed sex, from its variant.
 SPEAKERS = {
     "andy": ("en-us+Andy", "male", 160, 45), "storm": ("en-us+Storm", "male", 145, 45),
     "lee": ("en-us+Lee", "male", 175, 55), "m1": ("en-gb-x-rp+m1", "male", 170, 40),
-    "m3": ("en+m3", "male", 185, 50), "m6": ("en-029+m6", "male", 165, 50), "m7": ("en-us+m7", "male", 195, 45),
+    "m3": ("en+m3", "male", 185, 50), "m6": ("en-029+m6", "male", 165, 50),
+    "m7": ("en-us+m7", "male", 195, 45),
     "f2": ("en-us+f2", "female", 160, 55), "f3": ("en+f3", "female", 175, 60),
     "f4": ("en-gb-x-rp+f4", "female", 165, 50), "annie": ("en-us+Annie", "female", 185, 50),
     "alicia": ("en-us+Alicia", "female", 150, 45), "belinda": ("en+belinda", "female", 170, 50),
     "steph": ("en-us+steph", "female", 190, 55),
 }
 
-# The sentence grammar: commands, counts, colours, objects, places, people, days, directions, phone numbers.
-# A few hundred words in many combinations, so a model has to hear the words to transcribe or answer.
+# The sentence grammar: commands, counts, colours, objects, places, people, days, directions, phone
+# numbers. A few hundred words in many combinations, so a model has to hear the words to transcribe
+# or answer.
 COLOURS = "red blue green yellow black white orange purple pink brown grey gold silver".split()
-OBJECTS = ("box cup ball book chair table lamp key phone pen bag hat shoe coat bottle plate spoon fork clock window "
-           "door bike car bus boat kite drum bell card letter map ring sock shirt cake apple egg basket bucket blanket "
-           "pillow candle mirror brush ladder rope hammer umbrella wallet ticket camera radio glass bowl jar towel "
-           "helmet glove sweater button pencil guitar violin tent bench fence flower tray shovel kettle").split()
-PLACES_IN = ("kitchen garden office bedroom bathroom hall garage basement attic classroom library museum shop bakery "
-             "hotel restaurant cinema theatre church hospital village city forest park playground studio").split()
+OBJECTS = ("box cup ball book chair table lamp key phone pen bag hat shoe coat bottle plate spoon "
+           "fork clock window door bike car bus boat kite drum bell card letter map ring sock "
+           "shirt cake apple egg basket bucket blanket pillow candle mirror brush ladder rope "
+           "hammer umbrella wallet ticket camera radio glass bowl jar towel helmet glove sweater "
+           "button pencil guitar violin tent bench fence flower tray shovel kettle").split()
+PLACES_IN = ("kitchen garden office bedroom bathroom hall garage basement attic classroom library "
+             "museum shop bakery hotel restaurant cinema theatre church hospital village city "
+             "forest park playground studio").split()
 PLACES_AT = "station airport beach bank harbour farm market stadium bridge tower corner gate school".split()
-PEOPLE = ("anna ben clara david emma frank grace henry isabel jack kate leo maria nick olivia peter rosa sam tom lucy "
-          "paul sarah james laura mark").split() + [
-          "the doctor", "the teacher", "the driver", "the baker", "the captain", "the farmer", "the nurse",
-          "my mother", "my father", "my sister", "my brother", "our neighbour"]
-VERBS = ("bring find open close move clean paint wash hide take drop carry push pull check fix sell buy").split() + [
+PEOPLE = ("anna ben clara david emma frank grace henry isabel jack kate leo maria nick olivia "
+          "peter rosa sam tom lucy paul sarah james laura mark").split() + [
+          "the doctor", "the teacher", "the driver", "the baker", "the captain", "the farmer",
+          "the nurse", "my mother", "my father", "my sister", "my brother", "our neighbour"]
+VERBS = ("bring find open close move clean paint wash hide take drop carry push pull check fix "
+         "sell buy").split() + [
          "pick up", "give me", "show me", "look at", "put down"]
 ACTIVITIES = "waiting sleeping reading cooking working singing dancing playing studying painting eating resting".split()
 DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
@@ -454,33 +504,43 @@ def number_words(n):
 def plural(noun):
     return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
 
-# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence gets a question
+# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence gets a
+# question
 TEMPLATES = [
     ("command", "{verb} the {colour} {object}"), ("command", "put the {colour} {object} {at}"),
-    ("command", "{verb} {number} {colour} {objects}"), ("command", "move the {object} {steps} steps {direction}"),
+    ("command", "{verb} {number} {colour} {objects}"),
+    ("command", "move the {object} {steps} steps {direction}"),
     ("command", "call {digits}"), ("command", "meet {person} at {hour} o'clock on {day}"),
     ("statement", "{person} is {activity} {at}"), ("statement", "{person} has {number} {objects}"),
-    ("statement", "the {object} {at} is {colour}"), ("statement", "there are {number} {objects} {at}"),
+    ("statement", "the {object} {at} is {colour}"),
+    ("statement", "there are {number} {objects} {at}"),
     ("question", "where is the {colour} {object}"), ("question", "who is {activity} {at}"),
 ]
-SHORT_TEMPLATES = [("statement", "{colour} {object}"), ("command", "turn {direction}"), ("statement", "{number}")]
-SAYS = {"objects": "object", "at": "place", "steps": "number", "hour": "number", "digits": "number"}  # pattern slot -> what it names
+SHORT_TEMPLATES = [("statement", "{colour} {object}"), ("command", "turn {direction}"),
+                   ("statement", "{number}")]
+# pattern slot -> what it names
+SAYS = {"objects": "object", "at": "place", "steps": "number", "hour": "number", "digits": "number"}
 SLOT_TEXT = {  # what a mentioned slot gives: its question, and its words in the description
-    "colour": ("what colour is mentioned?", "the colour {}"), "object": ("what object is mentioned?", "the {}"),
+    "colour": ("what colour is mentioned?", "the colour {}"),
+    "object": ("what object is mentioned?", "the {}"),
     "place": ("what place is mentioned?", "the {}"), "person": ("who is mentioned?", "{}"),
     "number": ("what number is said?", "the number {}"), "day": ("what day is mentioned?", "{}"),
     "direction": ("which direction is said?", "the direction {}"),
 }
 
 def sentence(rng, short=False):
-    """A sentence of the grammar: (text, form, {slot: value} for what it mentions). short: two words at most."""
+    """A sentence of the grammar: (text, form, {slot: value} for what it mentions). short: two words
+    at most."""
     pick = lambda xs: xs[rng.integers(len(xs))]
     form, pattern = pick(SHORT_TEMPLATES if short else TEMPLATES)
-    v = dict(colour=pick(COLOURS), object=pick(OBJECTS), verb=pick(VERBS), person=pick(PEOPLE), activity=pick(ACTIVITIES),
+    v = dict(colour=pick(COLOURS), object=pick(OBJECTS), verb=pick(VERBS), person=pick(PEOPLE),
+             activity=pick(ACTIVITIES),
              place=pick(PLACES_IN + PLACES_AT), day=pick(DAYS), direction=pick(DIRECTIONS),
              number=number_words(int(rng.integers(2, 21) if rng.random() < 0.7 else rng.integers(21, 100))),
-             steps=number_words(int(rng.integers(2, 11))), hour=number_words(int(rng.integers(1, 13))),
-             digits=" ".join(NUMBER_WORDS[d] for d in rng.integers(0, 10, size=int(rng.integers(3, 7)))))
+             steps=number_words(int(rng.integers(2, 11))),
+             hour=number_words(int(rng.integers(1, 13))),
+             digits=" ".join(NUMBER_WORDS[d]
+                             for d in rng.integers(0, 10, size=int(rng.integers(3, 7)))))
     v["objects"] = plural(v["object"])
     v["at"] = f"{'in' if v['place'] in PLACES_IN else 'at'} the {v['place']}"
     mentioned = {SAYS.get(s, s): {"objects": v["object"], "at": v["place"]}.get(s, v[s])
@@ -493,9 +553,11 @@ def make_speech(rng, max_dur):
     voice, sex, rate, pitch = SPEAKERS[name]
     lead, tail, gain = float(rng.uniform(0.05, 0.25)), float(rng.uniform(0.1, 0.25)), float(rng.uniform(0.3, 0.7))
     best = None
-    for attempt in range(12):                        # re-draw until it fits (cheap: ~5 ms a sentence); then two words
+    # re-draw until it fits (cheap: ~5 ms a sentence); then two words
+    for attempt in range(12):
         text, form, mentioned = sentence(rng, short=attempt >= 8)
-        speech = speak(text + ("?" if form == "question" else "."), voice, rate, pitch)   # "?": a question's intonation
+        # "?": a question's intonation
+        speech = speak(text + ("?" if form == "question" else "."), voice, rate, pitch)
         if best is None or len(speech) < len(best[0]):
             best = (speech, text, form, mentioned)
         if len(speech) / SAMPLE_RATE + lead + tail <= max_dur:
@@ -503,25 +565,33 @@ def make_speech(rng, max_dur):
     speech, text, form, mentioned = best
     wav = np.zeros(int((lead + tail) * SAMPLE_RATE) + len(speech), np.float32)
     place(wav, speech / (np.abs(speech).max() + 1e-9) * gain, int(lead * SAMPLE_RATE))
-    wav = wav[:int(max_dur * SAMPLE_RATE)]           # cuts only when max_dur is shorter than a spoken word
+    # cuts only when max_dur is shorter than a spoken word
+    wav = wav[:int(max_dur * SAMPLE_RATE)]
     who = "a man" if sex == "male" else "a woman"
     says = "asks" if form == "question" else "says"
     caption = f"{who} {says}: {text}{'?' if form == 'question' else '.'}"
     speed = "slowly" if rate < 155 else "quickly" if rate >= 185 else "at an even pace"
-    description = (f"{who.capitalize()}'s synthetic voice {says} one short {form} {speed}, with no other sound: "
-                   f"\"{text}\". It mentions {fmt_list([SLOT_TEXT[s][1].format(x) for s, x in mentioned.items()])}.")
-    qa = [{"q": "what does the speaker say?", "a": text}, {"q": "is the speaker a man or a woman?", "a": who},
+    description = (f"{who.capitalize()}'s synthetic voice {says} one short {form} {speed}, with no "
+                   f"other sound: \"{text}\". It mentions "
+                   f"{fmt_list([SLOT_TEXT[s][1].format(x) for s, x in mentioned.items()])}.")
+    qa = [{"q": "what does the speaker say?", "a": text},
+          {"q": "is the speaker a man or a woman?", "a": who},
           {"q": "is it a command, a question or a statement?", "a": form}]
     qa += [{"q": SLOT_TEXT[s][0], "a": x} for s, x in mentioned.items()]
-    return wav, dict(kind="speech", caption=caption, description=description, transcript=text, qa=qa,
-                     labels={"class": "speech", "speaker": name, "gender": sex}, voice=voice, mentioned=mentioned)
+    return wav, dict(kind="speech", caption=caption, description=description, transcript=text,
+                     qa=qa,
+                     labels={"class": "speech", "speaker": name, "gender": sex}, voice=voice,
+                     mentioned=mentioned)
 
-KIND_MIX = [("music", 0.24, make_music), ("events", 0.18, make_events), ("morse", 0.105, make_morse),
-            ("dtmf", 0.105, make_dtmf), ("mixture", 0.12, make_mixture), ("speech", 0.25, make_speech)]
+KIND_MIX = [("music", 0.24, make_music), ("events", 0.18, make_events),
+            ("morse", 0.105, make_morse),
+            ("dtmf", 0.105, make_dtmf), ("mixture", 0.12, make_mixture),
+            ("speech", 0.25, make_speech)]
 
 def synth_clip(seed, i, max_dur, speech=True):
-    """Clip i of the built-in corpus; depends only on (seed, i), so a bigger --clips keeps the smaller corpus.
-    speech=False (no libespeak-ng): the other kinds, in the same proportions to each other."""
+    """Clip i of the built-in corpus; depends only on (seed, i), so a bigger --clips keeps the
+    smaller corpus. speech=False (no libespeak-ng): the other kinds, in the same proportions to each
+    other."""
     rng = np.random.default_rng([seed, i])
     mix = [m for m in KIND_MIX if speech or m[0] != "speech"]
     r, acc = rng.random() * sum(p for _, p, _ in mix), 0.0
@@ -532,7 +602,8 @@ def synth_clip(seed, i, max_dur, speech=True):
     wav, info = fn(rng, max_dur)
     wav = np.clip(wav, -1, 1).astype(np.float32)
     short = int(min(1.0, max_dur) * SAMPLE_RATE) - len(wav)
-    if short > 0:                                    # at least a second (a short morse word): trailing silence
+    # at least a second (a short morse word): trailing silence
+    if short > 0:
         wav = np.concatenate([wav, np.zeros(short, np.float32)])
     info["id"] = f"synth-{i:06d}"
     info["source"] = f"synth:{kind}"

@@ -1,8 +1,10 @@
 """
-The tokenizers of the prepared text. The data is stored as text; each model's config names the tokenizer it
-reads that text with, and this file loads it (train.py, sample.py and eval.py import it; prepare.py also trains
+The tokenizers of the prepared text. The data is stored as text; each model's config names the
+tokenizer it reads that text with, and this file loads it (train.py, sample.py and eval.py import
+it; prepare.py also trains
 the corpus BPE with it):
-  "corpus": a small byte-level BPE trained on the corpus text by prepare.py and stored with the data. CPU-sized
+  "corpus": a small byte-level BPE trained on the corpus text by prepare.py and stored with the
+  data. CPU-sized
             LLMs want it: GPT-2's 50k-row LM head would be ~8x the rest of a 4 x 128 model.
   "gpt2":   GPT-2's BPE, for GPT-2-compatible LLMs, from tiktoken (its cache or a download) or, offline, from the
             copy of its ranks that openai-whisper ships.
@@ -15,18 +17,20 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 EOT = "<|endoftext|>"
-# GPT-2's pre-tokenisation pattern (its original release's; tiktoken's "gpt2" writes it in an equivalent, faster form)
+# GPT-2's pre-tokenisation pattern (its original release's; tiktoken's "gpt2" writes it in an
+# equivalent, faster form)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 TOKENIZERS = ("corpus", "gpt2")
 CORPUS_BPE_FILE = "tokenizer.tiktoken"
-# GPT-2's two files as tiktoken downloads and caches them (tiktoken_ext/openai_public.py), with their sha256
+# GPT-2's two files as tiktoken downloads and caches them (tiktoken_ext/openai_public.py), with
+# their sha256
 GPT2_FILES = {"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
               "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
               "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
               "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
-# sha256 of GPT-2's ranks in tiktoken's own format: openai-whisper's whisper/assets/gpt2.tiktoken (byte for
-# byte tiktoken's r50k_base.tiktoken)
+# sha256 of GPT-2's ranks in tiktoken's own format: openai-whisper's whisper/assets/gpt2.tiktoken
+# (byte for byte tiktoken's r50k_base.tiktoken)
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT = 50256
 
@@ -39,32 +43,36 @@ def tiktoken_cache_dir():
     return os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
 
 def gpt2_files_cached():
-    """True when both of GPT-2's files are in tiktoken's cache and intact, so that tiktoken.get_encoding("gpt2")
-    reads them without the network. Checked here without the network; a corrupt file gets one line naming it."""
+    """True when both of GPT-2's files are in tiktoken's cache and intact, so that
+    tiktoken.get_encoding("gpt2") reads them without the network. Checked here without the network;
+    a corrupt file gets one line naming it."""
     cache, ok = tiktoken_cache_dir(), True
     for url, sha256 in GPT2_FILES.items():
         path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) if cache else ""
         if not path or not os.path.exists(path):
             ok = False
         elif hashlib.sha256(Path(path).read_bytes()).hexdigest() != sha256:
-            print(f"tokenizer: {path} (tiktoken's cached {url.rsplit('/', 1)[1]}) is corrupt (sha256 mismatch): skipped")
+            print(f"tokenizer: {path} (tiktoken's cached {url.rsplit('/', 1)[1]}) is corrupt "
+                  f"(sha256 mismatch): skipped")
             ok = False
     return ok
 
 def whisper_gpt2_file():
-    """The GPT-2 ranks file the openai-whisper package ships, or None. Found without importing whisper (which
-    imports torch and numba): pip install --no-deps openai-whisper is enough."""
+    """The GPT-2 ranks file the openai-whisper package ships, or None. Found without importing
+    whisper (which imports torch and numba): pip install --no-deps openai-whisper is enough."""
     import importlib.util
     spec = importlib.util.find_spec("whisper")
-    if spec is None or not spec.submodule_search_locations:  # not installed, or an unrelated module "whisper"
+    # not installed, or an unrelated module "whisper"
+    if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "gpt2.tiktoken"
     return path if path.is_file() else None
 
 def load_gpt2(offline=False):
-    """GPT-2's BPE as a tiktoken.Encoding (50257 tokens, <|endoftext|> = 50256) from the first source that has it:
-    tiktoken's cache, tiktoken's download (skipped when offline), the ranks file openai-whisper ships. Says in one
-    line which source it used, and in one line why an earlier source failed."""
+    """GPT-2's BPE as a tiktoken.Encoding (50257 tokens, <|endoftext|> = 50256) from the first
+    source that has it: tiktoken's cache, tiktoken's download (skipped when offline), the ranks file
+    openai-whisper ships. Says in one line which source it used, and in one line why an earlier
+    source failed."""
     import tiktoken
     if gpt2_files_cached():
         tok = tiktoken.get_encoding("gpt2")
@@ -73,7 +81,8 @@ def load_gpt2(offline=False):
     if not offline:
         try:
             tok = tiktoken.get_encoding("gpt2")
-            print(f"tokenizer: GPT-2's BPE (downloaded by tiktoken into {tiktoken_cache_dir() or 'memory'})")
+            print(f"tokenizer: GPT-2's BPE (downloaded by tiktoken into "
+                  f"{tiktoken_cache_dir() or 'memory'})")
             return tok
         except Exception as e:  # here: no name resolution, within a second or two
             why = "no name resolution" if "resolve" in str(e) else str(e).splitlines()[0][:120] if str(e) else ""
@@ -90,12 +99,15 @@ def load_gpt2(offline=False):
                                 special_tokens={EOT: GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
         print(f"tokenizer: GPT-2's BPE (offline: openai-whisper's copy, {path})")
         return tok
-    raise RuntimeError(f"GPT-2's BPE: not in tiktoken's cache ({tiktoken_cache_dir() or 'caching off'}), "
-                       f"{'no download (offline)' if offline else 'the download failed'}, and {problem}")
+    raise RuntimeError(f"GPT-2's BPE: not in tiktoken's cache "
+                       f"({tiktoken_cache_dir() or 'caching off'}), "
+                       f"{'no download (offline)' if offline else 'the download failed'}, and "
+                       f"{problem}")
 
 def train_bpe(texts, vocab_size, min_count=2):
-    """Byte-level BPE (GPT-2 style: merges never cross the regex pre-token boundaries). Returns mergeable ranks
-    {bytes: rank}: the 256 bytes first, then the merges in the order learned. Incremental pair counts."""
+    """Byte-level BPE (GPT-2 style: merges never cross the regex pre-token boundaries). Returns
+    mergeable ranks {bytes: rank}: the 256 bytes first, then the merges in the order learned.
+    Incremental pair counts."""
     import regex
     pat = regex.compile(GPT2_PAT)
     words = Counter()
@@ -141,7 +153,8 @@ def train_bpe(texts, vocab_size, min_count=2):
 
 def ranks_text(ranks):
     """Mergeable ranks in tiktoken's file format: one "base64(token) rank" line per token."""
-    return "".join(f"{base64.b64encode(tok).decode()} {r}\n" for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return "".join(f"{base64.b64encode(tok).decode()} {r}\n" for tok,
+                   r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
 def parse_ranks(text, where):
     """The inverse of ranks_text; where names the source in the error for a corrupt one."""
@@ -154,7 +167,8 @@ def parse_ranks(text, where):
     except ValueError:  # (binascii.Error is a ValueError)
         raise ValueError(f"{where}: corrupt BPE ranks (line {line[:40]!r} is not 'base64 rank')") from None
     if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
-        raise ValueError(f"{where}: corrupt BPE ranks (expected ranks 0..n-1 over at least the 256 bytes)")
+        raise ValueError(f"{where}: corrupt BPE ranks (expected ranks 0..n-1 over at least the 256 "
+                         f"bytes)")
     return ranks
 
 def save_ranks(ranks, path):
@@ -168,26 +182,32 @@ def load_ranks(path):
 
 def make_encoding(name, ranks):
     import tiktoken
-    return tiktoken.Encoding(name=name, pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
 
 def load_tokenizer(data_dir, name="corpus", offline=False):
-    """The tiktoken.Encoding a model's config names: "corpus", the BPE prepare.py trained on data_dir's text and
-    stored there, or "gpt2", GPT-2's (load_gpt2; offline skips its download). Either reads the same data_dir."""
+    """The tiktoken.Encoding a model's config names: "corpus", the BPE prepare.py trained on
+    data_dir's text and stored there, or "gpt2", GPT-2's (load_gpt2; offline skips its download).
+    Either reads the same data_dir."""
     if name == "gpt2":
         return load_gpt2(offline)
     if name != "corpus":
-        raise ValueError(f"tokenizer={name!r}: unknown tokenizer; expected one of {', '.join(TOKENIZERS)}")
+        raise ValueError(f"tokenizer={name!r}: unknown tokenizer; expected one of "
+                         f"{', '.join(TOKENIZERS)}")
     path = Path(data_dir) / CORPUS_BPE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the corpus BPE is missing (prepare.py writes it with the data)")
+        raise FileNotFoundError(f"{path}: the corpus BPE is missing (prepare.py writes it with the "
+                                f"data)")
     return make_encoding("corpus", load_ranks(path))
 
 def tokenizer_record(tok):
-    """What a checkpoint keeps of its tokenizer: the name and, for a corpus BPE, its ranks, so that the checkpoint
-    decodes without the data dir it was trained on (GPT-2's BPE is known by its name)."""
+    """What a checkpoint keeps of its tokenizer: the name and, for a corpus BPE, its ranks, so that
+    the checkpoint decodes without the data dir it was trained on (GPT-2's BPE is known by its
+    name)."""
     rec = {"name": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token}
     if tok.name != "gpt2":  # a corpus BPE: ranks 0..eot-1, eot last
-        rec["ranks"] = ranks_text({tok.decode_single_token_bytes(i): i for i in range(tok.eot_token)})
+        rec["ranks"] = ranks_text({tok.decode_single_token_bytes(i): i
+                                   for i in range(tok.eot_token)})
     return rec
 
 def tokenizer_from_record(rec, where="checkpoint", offline=False):
@@ -199,27 +219,31 @@ def tokenizer_from_record(rec, where="checkpoint", offline=False):
     return make_encoding(rec["name"], parse_ranks(rec["ranks"], f"{where} (its tokenizer)"))
 
 def checkpoint_tokenizer(checkpoint, config, data_dir, where="checkpoint"):
-    """The tokenizer a checkpoint's model was trained with: the one it records (a corpus BPE travels with its
-    ranks); an older checkpoint gets the one its config names, from data_dir. None for models without text."""
+    """The tokenizer a checkpoint's model was trained with: the one it records (a corpus BPE travels
+    with its ranks); an older checkpoint gets the one its config names, from data_dir. None for
+    models without text."""
     if checkpoint.get("tokenizer"):
         return tokenizer_from_record(checkpoint["tokenizer"], where)
     name = getattr(config, "tokenizer", None)
     return load_tokenizer(data_dir, name) if name else None
 
-# Template and instruction text the models put around the data: trained into the offline BPE so prompts
-# tokenize compactly.
+# Template and instruction text the models put around the data: trained into the offline BPE so
+# prompts tokenize compactly.
 PROMPT_TEXT = [
     "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT: {}</s>",
-    "USER: <Speech><SpeechHere></Speech> Recognize the speech and give me the transcription.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Recognize the speech and give me the "
+    "transcription.\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> Transcribe the audio.\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> Write down what you hear.\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> Please describe the audio.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Describe the audio in detail and tell a story about it.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Describe the audio in detail and tell a story about "
+    "it.\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> Write a caption for the audio.\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> What sound is this?\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> What instrument is playing?\nASSISTANT:",
     "USER: <Speech><SpeechHere></Speech> Answer the question about the audio:\nASSISTANT:",
     "generate audio caption", "generate metadata", "this is a sound of", "this acoustic scene is",
     "this emotion is", "question: ", "this music genre is", "this instrument is", "this pitch is",
-    "the instrument playing is", "transcribe", "transcription", "caption", "description", "answer", "question",
+    "the instrument playing is", "transcribe", "transcription", "caption", "description", "answer",
+    "question",
 ]

@@ -7,8 +7,9 @@ Training script for every model of this repository (whisper_gpt, salmonn, pengi)
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
 train.py knows nothing about the models beyond the small interface every model file implements:
-Config, Model, load_data, get_batch (see README, "The model interface"). A text model's Config names its
-tokenizer (tokenizer = "corpus" or "gpt2"); every checkpoint records the tokenizer it was trained with.
+Config, Model, load_data, get_batch (see README, "The model interface"). A text model's Config names
+its tokenizer (tokenizer = "corpus" or "gpt2"); every checkpoint records the tokenizer it was
+trained with.
 """
 
 import importlib
@@ -32,7 +33,8 @@ import tokenizer as tokenizers  # text models name one in their config; whisper_
 out_dir = "out"
 model = "whisper_gpt"         # the model file: whisper_gpt | salmonn | pengi
 data_dir = "data/synth"       # what prepare.py wrote
-init_from = "scratch"         # scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt (its weights, fresh optimizer)
+init_from = "scratch"         # scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt (its weights,
+                              # fresh optimizer)
 eval_interval = 200
 log_interval = 10
 eval_iters = 20               # batches per split for the train/val loss estimate
@@ -74,24 +76,29 @@ def fail(msg):
     configurator.fail("train.py", msg)
 
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or corrupt (a
-    crash never leaves one: save_checkpoint writes a temporary file and renames it), or not a train.py checkpoint."""
+    """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or
+    corrupt (a crash never leaves one: save_checkpoint writes a temporary file and renames it), or
+    not a train.py checkpoint."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: checkpoint not found")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"{path}: cannot be read as a checkpoint, it is truncated or corrupt ({type(e).__name__}: {first})") from None
-    missing = [k for k in ("model", "model_name", "model_args", "iter_num", "config") if not isinstance(ck, dict) or k not in ck]
+        raise ValueError(f"{path}: cannot be read as a checkpoint, it is truncated or corrupt "
+                         f"({type(e).__name__}: {first})") from None
+    missing = [k for k in ("model", "model_name", "model_args", "iter_num", "config")
+               if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of train.py (it has no {', '.join(missing)})")
-    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{ck['model_name']}.py")):
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       f"{ck['model_name']}.py")):
         raise ValueError(f"{path}: holds a {ck['model_name']!r} model, which has no model file here")
     return ck
 
 def load_settings(argv):
-    """defaults <- config files <- --key=value, in the order given. Returns (settings dict, model module, model keys)."""
+    """defaults <- config files <- --key=value, in the order given. Returns (settings dict, model
+    module, model keys)."""
     try:
         entries, _ = configurator.gather(argv, config_files=True)
     except configurator.SettingsError as e:
@@ -102,7 +109,8 @@ def load_settings(argv):
         if key == "model":
             name, where = (raw if raw is not None else value), source
     if not isinstance(name, str) or not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")):
-        fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or pengi")
+        fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or "
+             f"pengi")
     module = importlib.import_module(name)
     model_types = {}
     for f in fields(module.Config):
@@ -111,33 +119,37 @@ def load_settings(argv):
     types = {k: type(v) for k, v in TRAIN_KEYS.items()}
     types.update(model_types)
     try:
-        settings, _ = configurator.resolve(entries, types, what=f"a train.py setting nor a field of {name}.Config")
+        settings, _ = configurator.resolve(entries, types,
+                                           what=f"a train.py setting nor a field of {name}.Config")
     except configurator.SettingsError as e:
         fail(e)
     return {**TRAIN_KEYS, **settings}, module, set(model_types)
 
 def load_tokenizer(config, checkpoint, init):
-    """The tokenizer of a text model: its config names one (tokenizer = "corpus", the BPE stored with the data, or
-    "gpt2"); models without text (whisper_gpt) have none. A model that starts from a checkpoint (resume, init_from,
-    an llm_init ckpt.pt) keeps the tokenizer recorded there, since its embeddings are in those tokens: the prepared
-    data is text, so any tokenizer reads it."""
+    """The tokenizer of a text model: its config names one (tokenizer = "corpus", the BPE stored
+    with the data, or "gpt2"); models without text (whisper_gpt) have none. A model that starts from
+    a checkpoint (resume, init_from, an llm_init ckpt.pt) keeps the tokenizer recorded there, since
+    its embeddings are in those tokens: the prepared data is text, so any tokenizer reads it."""
     name = getattr(config, "tokenizer", None)
     if name is None:
         return None
     starts = [(os.path.join(out_dir, "ckpt.pt"), checkpoint), (init_from, init)]
     llm_init = getattr(config, "llm_init", "")
     if llm_init.endswith(".pt") and os.path.isfile(llm_init):
-        starts.append((llm_init, torch.load(llm_init, map_location="cpu", weights_only=True, mmap=True)))
+        starts.append((llm_init,
+                       torch.load(llm_init, map_location="cpu", weights_only=True, mmap=True)))
     for path, ck in starts:
         if isinstance(ck, dict) and ck.get("tokenizer"):
             if ck["tokenizer"]["name"] != name:
-                fail(f"{path} was trained with tokenizer {ck['tokenizer']['name']!r}, but tokenizer={name!r}")
+                fail(f"{path} was trained with tokenizer {ck['tokenizer']['name']!r}, but "
+                     f"tokenizer={name!r}")
             tok = tokenizers.tokenizer_from_record(ck["tokenizer"], path)
             print(f"tokenizer: {name}, {tok.n_vocab} tokens, as recorded in {path}")
             return tok
     try:
         tok = tokenizers.load_tokenizer(data_dir, name)
-    except (ValueError, OSError, RuntimeError) as e:  # an unknown name, a missing or corrupt file: the message names it
+    except (ValueError, OSError, RuntimeError) as e:  # an unknown name, a missing or corrupt file:
+                                                      # the message names it
         fail(str(e))
     print(f"tokenizer: {name}, {tok.n_vocab} tokens" + (f", from {data_dir}" if name == "corpus" else ""))
     return tok
@@ -164,7 +176,8 @@ if __name__ == "__main__":
         else:  # share the cores instead of every process using all of them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ddp_world_size))))
         if gradient_accumulation_steps % ddp_world_size:
-            fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the number of processes ({ddp_world_size})")
+            fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple "
+                 f"of the number of processes ({ddp_world_size})")
         gradient_accumulation_steps //= ddp_world_size
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
@@ -174,7 +187,8 @@ if __name__ == "__main__":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}[dtype]
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -182,7 +196,8 @@ if __name__ == "__main__":
         os.makedirs(out_dir, exist_ok=True)
     tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
-        print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {tokens_per_iter} sequences per iteration")
+        print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {tokens_per_iter} "
+              f"sequences per iteration")
 
     # -----------------------------------------------------------------------------
     # randomness: every iteration draws its batches and dropout masks from seeds derived from
@@ -204,13 +219,15 @@ if __name__ == "__main__":
         except ValueError as e:
             fail(f"init_from=resume: {e}")
         if checkpoint["model_name"] != model:
-            fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not {model}")
+            fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not "
+                 f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
     else:
         config = M.Config(**{k: S[k] for k in model_keys if k in S})
         if init_from != "scratch":
             if not os.path.isfile(init_from):
-                fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt (file not found)")
+                fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt "
+                     f"(file not found)")
             try:
                 init = load_checkpoint(init_from, device)
             except ValueError as e:
@@ -218,11 +235,14 @@ if __name__ == "__main__":
             if init["model_name"] != model:
                 fail(f"init_from={init_from}: holds a {init['model_name']} model, not {model}")
     tok = load_tokenizer(config, checkpoint, init)
-    tok_record = None if tok is None else tokenizers.tokenizer_record(tok)  # saved with every checkpoint
-    data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels, ...)
+    # saved with every checkpoint
+    tok_record = None if tok is None else tokenizers.tokenizer_record(tok)
+    data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels,
+                                               # ...)
     torch.manual_seed(seed)
     raw_model = M.Model(config)
-    if checkpoint is None and hasattr(M, "init_pretrained"):  # pretrained parts named in the config (*_init)
+    # pretrained parts named in the config (*_init)
+    if checkpoint is None and hasattr(M, "init_pretrained"):
         M.init_pretrained(raw_model, tok)
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
@@ -231,10 +251,11 @@ if __name__ == "__main__":
     elif init is not None:
         missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
         if unexpected:
-            fail(f"init_from={init_from}: the checkpoint has weights this model lacks: {unexpected[:5]}...")
+            fail(f"init_from={init_from}: the checkpoint has weights this model lacks: "
+                 f"{unexpected[:5]}...")
         if master:
-            print(f"initialised from {init_from} ({init.get('model_name')}, iter {init.get('iter_num')}); "
-                  f"{len(missing)} tensors not in it keep their fresh init")
+            print(f"initialised from {init_from} ({init.get('model_name')}, iter "
+                  f"{init.get('iter_num')}); {len(missing)} tensors not in it keep their fresh init")
         del init
     raw_model.to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -244,7 +265,8 @@ if __name__ == "__main__":
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(beta1, beta2), **({"fused": True} if device_type == "cuda" else {}))
+                                  lr=learning_rate, betas=(beta1, beta2),
+                                  **({"fused": True} if device_type == "cuda" else {}))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -257,7 +279,8 @@ if __name__ == "__main__":
     train_model = eval_model = torch.compile(raw_model) if compile else raw_model
     if ddp:  # (evaluation, on the master only, uses the unwrapped model: no collectives there)
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
+        train_model = DDP(train_model,
+                          device_ids=[ddp_local_rank] if device_type == "cuda" else None,
                           find_unused_parameters=ddp_find_unused_parameters)
 
     def to_device(batch):
@@ -293,8 +316,8 @@ if __name__ == "__main__":
 
     def save_checkpoint():
         ckpt = {"model": raw_model.state_dict(), "model_name": model, "model_args": asdict(config),
-                "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                "config": dict(S)}
+                "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                "best_val_loss": best_val_loss, "config": dict(S)}
         if tok_record is not None:
             ckpt["tokenizer"] = tok_record
         if dtype == "float16":
@@ -321,7 +344,8 @@ if __name__ == "__main__":
     peak = 0.0
     if device_type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = peak_flops or next((f for k, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), 0.0)
+        peak = peak_flops or next((f for k, f in (("H100", 989e12), ("H200", 989e12),
+                                                  ("A100", 312e12)) if k in name), 0.0)
 
     def fmt_time(s):
         s = int(s)
@@ -373,8 +397,9 @@ if __name__ == "__main__":
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
             if master:
-                print(f"train.py: loss is {lossf} at iter {iter_num}: stopping (no checkpoint written). "
-                      f"Try a lower learning_rate, grad_clip, or dtype=float32/bfloat16.", file=sys.stderr)
+                print(f"train.py: loss is {lossf} at iter {iter_num}: stopping (no checkpoint "
+                      f"written). Try a lower learning_rate, grad_clip, or dtype=float32/bfloat16.",
+                      file=sys.stderr)
             if ddp:
                 destroy_process_group()
             sys.exit(1)
@@ -386,13 +411,16 @@ if __name__ == "__main__":
             tok_s = tokens_log * ddp_world_size / (now - t_log)
             eta = (max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
             mfu = f" | mfu {100 * flops_per_token * tok_s / (peak * ddp_world_size):.1f}%" if peak else ""
-            print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
-                  f"{tok_s / 1e3:.1f}k tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
-            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000, "tok_per_s": tok_s})
+            print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} "
+                  f"ms/iter | {tok_s / 1e3:.1f}k tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
+            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
+                 "tok_per_s": tok_s})
             t_log, tokens_log, iters_log = now, 0, 0
 
     if master:
-        print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss {best_val_loss:.4f}")
+        print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss "
+              f"{best_val_loss:.4f}")
     if ddp:
-        barrier()  # the master may still be evaluating or saving: tear down together (gloo aborts otherwise)
+        barrier()  # the master may still be evaluating or saving: tear down together (gloo aborts
+                   # otherwise)
         destroy_process_group()

@@ -48,12 +48,13 @@ class WhisperGPTConfig:
     # (and audio a generator does not have yet). Lag 1 is the smallest lag without that leak;
     # load_data warns when mel_lag is below what meta.json implies. 0 = the leaky alignment.
     mel_lag: int = 1
-    # data: the clip kinds to train and evaluate on, comma-separated (e.g. "speech" or "music", the two data
-    # kinds of the paper's Table 1); "" = every clip. Kept in the checkpoint, so eval.py uses the same subset.
+    # data: the clip kinds to train and evaluate on, comma-separated (e.g. "speech" or "music", the
+    # two data kinds of the paper's Table 1); "" = every clip. Kept in the checkpoint, so eval.py
+    # uses the same subset.
     kinds: str = ""
-    # the mels the hybrid trains on: "audio", the clip's own (the paper; its Table 1), or "codebook0", the mel of the
-    # clip's codebook 0 decoded alone (prepare.py --codebook0_mel): what it computes from its own output while it
-    # generates, since only codebook 0 is generated (ours)
+    # the mels the hybrid trains on: "audio", the clip's own (the paper; its Table 1), or
+    # "codebook0", the mel of the clip's codebook 0 decoded alone (prepare.py --codebook0_mel): what
+    # it computes from its own output while it generates, since only codebook 0 is generated (ours)
     mel_source: str = "audio"
 
 # -----------------------------------------------------------------------------
@@ -130,21 +131,25 @@ class WhisperGPT(nn.Module):
         super().__init__()
         self.config = c = config
         if c.use_mel and not 0 < c.mel_dim < c.n_embd:
-            raise ValueError(f"whisper_gpt: mel_dim ({c.mel_dim}) must be between 1 and n_embd - 1 ({c.n_embd - 1})")
+            raise ValueError(f"whisper_gpt: mel_dim ({c.mel_dim}) must be between 1 and n_embd - 1 "
+                             f"({c.n_embd - 1})")
         if c.use_mel and not 0 <= c.mel_lag < c.block_size:
-            raise ValueError(f"whisper_gpt: mel_lag ({c.mel_lag}) must be between 0 and block_size - 1")
+            raise ValueError(f"whisper_gpt: mel_lag ({c.mel_lag}) must be between 0 and block_size "
+                             f"- 1")
         if c.use_mel:
             # mel path: frame -> lightweight causal decoder -> mel_dim vector per step
             self.mel_in = nn.Linear(c.n_mels, c.mel_n_embd, bias=c.bias)
             self.mel_wpe = nn.Embedding(c.block_size, c.mel_n_embd)
-            self.mel_h = nn.ModuleList([Block(c.mel_n_embd, c.mel_n_head, c.dropout, c.bias) for _ in range(c.mel_n_layer)])
+            self.mel_h = nn.ModuleList([Block(c.mel_n_embd, c.mel_n_head, c.dropout, c.bias)
+                                        for _ in range(c.mel_n_layer)])
             self.mel_ln_f = LayerNorm(c.mel_n_embd, c.bias)
             self.mel_out = nn.Linear(c.mel_n_embd, c.mel_dim, bias=c.bias)
         # early fusion: [token embedding (n_embd - mel_dim) | mel vector (mel_dim)] = n_embd
         self.wte = nn.Embedding(c.vocab_size, c.n_embd - (c.mel_dim if c.use_mel else 0))
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.h = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer)])
+        self.h = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, c.bias)
+                                for _ in range(c.n_layer)])
         self.ln_f = LayerNorm(c.n_embd, c.bias)
         # not tied to wte: in the hybrid the token embedding is narrower than the residual stream
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -178,13 +183,14 @@ class WhisperGPT(nn.Module):
         return F.pad(mels, (0, 0, lag, 0))[:, :mels.size(1)]
 
     def decode(self, codes, mel_in=None, caches=None, pos0=0):
-        """The network proper. codes (B, T) coarse tokens, mel_in (B, T, n_mels) the frames the steps
-        see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0: position of
-        codes[:, 0] in the window. Returns logits (B, T, vocab_size)."""
+        """The network proper. codes (B, T) coarse tokens, mel_in (B, T, n_mels) the frames the
+        steps see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0:
+        position of codes[:, 0] in the window. Returns logits (B, T, vocab_size)."""
         c = self.config
         B, T = codes.shape
         if pos0 + T > c.block_size:
-            raise ValueError(f"whisper_gpt: sequence of {pos0 + T} frames is longer than block_size {c.block_size}")
+            raise ValueError(f"whisper_gpt: sequence of {pos0 + T} frames is longer than "
+                             f"block_size {c.block_size}")
         pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=codes.device)
         x = self.wte(codes)
         if c.use_mel:
@@ -207,36 +213,42 @@ class WhisperGPT(nn.Module):
         only), targets (B, T) next tokens, -1 = ignore. Returns (logits, loss)."""
         if self.config.use_mel:
             if mels is None:
-                raise ValueError("whisper_gpt: this is the hybrid model (use_mel=True); forward needs mels")
+                raise ValueError("whisper_gpt: this is the hybrid model (use_mel=True); forward "
+                                 "needs mels")
             mels = self.shift_mels(mels)
         logits = self.decode(codes, mels)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None, mel_fn=None, generator=None):
+    def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None,
+                 mel_fn=None, generator=None):
         """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.
-        Hybrid: mels (B, T0, n_mels) are the prompt's frames, and mel_fn(codes (B, T), j) -> (B, n_mels)
-        gives mel frame j of the generated audio; it is called once per new token, when frame j is
-        complete (codes up to j + mel_lag exist). temperature 0 = greedy.
+        Hybrid: mels (B, T0, n_mels) are the prompt's frames, and mel_fn(codes (B, T), j) -> (B,
+        n_mels) gives mel frame j of the generated audio; it is called once per new token, when
+        frame j is complete (codes up to j + mel_lag exist). temperature 0 = greedy.
         Context longer than block_size: the window restarts on its last block_size // 2 frames.
         Returns (B, T0 + max_new_tokens)."""
         c = self.config
         lag = c.mel_lag
         if c.use_mel and (mels is None or mel_fn is None):
-            raise ValueError("whisper_gpt.generate: the hybrid model needs the prompt's mels and a mel_fn")
+            raise ValueError("whisper_gpt.generate: the hybrid model needs the prompt's mels and a "
+                             "mel_fn")
         seq = codes
         frames = list(mels.unbind(1)) if c.use_mel else []  # known mel frames, (B, n_mels) each
 
         def mel_inputs(t0, t1):  # what steps t0..t1-1 see in a window starting at `start`
             z = torch.zeros_like(frames[0])
-            return torch.stack([frames[t - lag] if t - lag >= start else z for t in range(t0, t1)], dim=1)
+            return torch.stack([frames[t - lag] if t - lag >= start else z for t in range(t0, t1)],
+                               dim=1)
 
         start = max(0, seq.size(1) - c.block_size)
         caches = self.new_caches()
-        logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None, caches)[:, -1]
+        logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
+                             caches)[:, -1]
         for i in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
@@ -256,9 +268,11 @@ class WhisperGPT(nn.Module):
             if t - start >= c.block_size:  # window full: restart it on the recent half
                 start = t + 1 - c.block_size // 2
                 caches = self.new_caches()
-                logits = self.decode(seq[:, start:], mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
+                logits = self.decode(seq[:, start:],
+                                     mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
             else:
-                logits = self.decode(nxt, mel_inputs(t, t + 1) if c.use_mel else None, caches, pos0=t - start)[:, -1]
+                logits = self.decode(nxt, mel_inputs(t, t + 1) if c.use_mel else None, caches,
+                                     pos0=t - start)[:, -1]
         return seq
 
 # the names train.py and sample.py use
@@ -271,45 +285,53 @@ Model = WhisperGPT
 def leak_free_lag(meta):
     """Smallest lag such that mel frame t - lag uses no audio after the end of step t's block.
     prepare.py centres mel frame i on the middle of its block (sample hop*i + hop/2), so its window
-    reaches n_fft/2 - hop/2 samples into the next block (meta.json mel.lookahead_samples if given)."""
+    reaches n_fft/2 - hop/2 samples into the next block (meta.json mel.lookahead_samples if
+    given)."""
     hop, n_fft = meta["hop_length"], meta["n_fft"]
     lookahead = meta.get("mel", {}).get("lookahead_samples", n_fft // 2 - hop // 2)
     return max(0, math.ceil(lookahead / hop))
 
 def load_data(data_dir, config, tok=None):
-    """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json. With config.kinds, only
-    the clips of those kinds (their frames, in clip order, copied into memory: codes, mels and alignment as
-    prepared, so one codec serves every subset)."""
+    """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json. With
+    config.kinds, only the clips of those kinds (their frames, in clip order, copied into memory:
+    codes, mels and alignment as prepared, so one codec serves every subset)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set data_dir)")
+        raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set "
+                                f"data_dir)")
     with open(meta_path) as f:
         meta = json.load(f)
     config.vocab_size = meta["codebook_size"]
     config.n_mels = meta["n_mels"]
     if config.use_mel and config.mel_lag < leak_free_lag(meta):
-        print(f"whisper_gpt: warning: mel_lag={config.mel_lag} but the mel frames of {data_dir} see "
-              f"{leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it predicts")
+        print(f"whisper_gpt: warning: mel_lag={config.mel_lag} but the mel frames of {data_dir} "
+              f"see {leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it "
+              f"predicts")
     data = {"meta": meta, "block_size": config.block_size, "use_mel": config.use_mel}
     kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
     mel_file = {"audio": "{}_mel.bin", "codebook0": "{}_mel_c0.bin"}.get(config.mel_source)
     if mel_file is None:
-        raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or codebook0")
+        raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or "
+                         f"codebook0")
     for split in ("train", "val"):
-        codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
+        codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
+                          mode="r").reshape(-1, meta["n_q"])
         mel_path = os.path.join(data_dir, mel_file.format(split))
         if not os.path.exists(mel_path):
-            raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} not found: run "
-                                    f"python prepare.py --codebook0_mel with {data_dir}'s arguments")
+            raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} not "
+                                    f"found: run python prepare.py --codebook0_mel with "
+                                    f"{data_dir}'s arguments")
         mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
         if len(codes) != len(mel):
-            raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames but {mel_path} has {len(mel)}")
+            raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames "
+                             f"but {mel_path} has {len(mel)}")
         if kinds:
             codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
         if len(codes) < config.block_size + 1:
-            raise ValueError(f"whisper_gpt: {data_dir} split {split}{' kinds ' + config.kinds if kinds else ''} has "
-                             f"{len(codes)} frames, fewer than block_size + 1 = {config.block_size + 1}: "
-                             f"lower block_size or prepare more data")
+            raise ValueError(f"whisper_gpt: {data_dir} split "
+                             f"{split}{' kinds ' + config.kinds if kinds else ''} has {len(codes)} "
+                             f"frames, fewer than block_size + 1 = {config.block_size + 1}: lower "
+                             f"block_size or prepare more data")
         data[split] = {"codes": codes, "mel": mel}
     return data
 
@@ -321,8 +343,8 @@ def select_kinds(data_dir, split, kinds, codes, mel):
     present = sorted({c["kind"] for c in clips})
     unknown = [k for k in kinds if k not in present]
     if unknown:
-        raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind {', '.join(unknown)} "
-                         f"(its kinds: {', '.join(present)})")
+        raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind "
+                         f"{', '.join(unknown)} (its kinds: {', '.join(present)})")
     keep = [c for c in clips if c["kind"] in kinds]
     return (np.concatenate([codes[c["offset"]:c["offset"] + c["frames"]] for c in keep]),
             np.concatenate([mel[c["offset"]:c["offset"] + c["frames"]] for c in keep]))
@@ -333,7 +355,8 @@ def _windows(data, split, starts):
     x = np.stack([codes[i:i + T + 1, 0] for i in starts]).astype(np.int64)
     batch = {"codes": torch.from_numpy(x[:, :-1]), "targets": torch.from_numpy(x[:, 1:])}
     if data["use_mel"]:
-        batch["mels"] = torch.from_numpy(np.stack([mel[i:i + T] for i in starts]).astype(np.float32))
+        batch["mels"] = torch.from_numpy(np.stack([mel[i:i + T]
+                                                   for i in starts]).astype(np.float32))
     return batch
 
 def get_batch(data, split, batch_size, rng):
@@ -354,7 +377,8 @@ def evaluate(model, data, tok=None, split="val", **opts):
     Options (EVAL_OPTS): batch_size, max_windows (> 0: only the first max_windows windows)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
-        raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: {sorted(EVAL_OPTS)}")
+        raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: "
+                         f"{sorted(EVAL_OPTS)}")
     batch_size, max_windows = ({**EVAL_OPTS, **opts}[k] for k in ("batch_size", "max_windows"))
     device = next(model.parameters()).device
     T = data["block_size"]
@@ -363,11 +387,13 @@ def evaluate(model, data, tok=None, split="val", **opts):
         starts = starts[:max_windows]
     nll, correct, count = 0.0, 0, 0
     for b in range(0, len(starts), batch_size):
-        batch = {k: v.to(device) for k, v in _windows(data, split, starts[b:b + batch_size]).items()}
+        batch = {k: v.to(device) for k,
+                 v in _windows(data, split, starts[b:b + batch_size]).items()}
         logits, _ = model(**batch)
         logits = logits.float()
         y = batch["targets"]
-        nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
+                               reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
     nll /= count
@@ -377,11 +403,13 @@ def evaluate(model, data, tok=None, split="val", **opts):
 # sampling: continue an audio prompt
 
 def incremental_mel(tools, lag):
-    """mel_fn for generate: mel frame j of the generated audio, computed when frames up to j + lag exist. The
-    codec decodes each frame once, as it comes (tools.decoder_stream keeps the decoder's state, so the audio equals
-    that of decoding the whole sequence), and the mel is taken on the last few frames' audio: frame j's window
-    (samples 320 j - 160 .. 320 j + 480) lies inside frames j - 1 .. j + 1."""
-    stream, frames = tools.decoder_stream(), []      # frames: the decoded audio of each code, (320,) each
+    """mel_fn for generate: mel frame j of the generated audio, computed when frames up to j + lag
+    exist. The codec decodes each frame once, as it comes (tools.decoder_stream keeps the decoder's
+    state, so the audio equals that of decoding the whole sequence), and the mel is taken on the
+    last few frames' audio: frame j's window (samples 320 j - 160 .. 320 j + 480) lies inside frames
+    j - 1 .. j + 1."""
+    # frames: the decoded audio of each code, (320,) each
+    stream, frames = tools.decoder_stream(), []
 
     def mel_fn(seq, j):
         end = j + lag + 1
@@ -393,19 +421,21 @@ def incremental_mel(tools, lag):
         return m[j - s][None].to(seq.device)
     return mel_fn
 
-SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_frames": 0, "seed": -1}
+SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_frames": 0,
+               "seed": -1}
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
     """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (frames at 75/s).
-    Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames of
-    the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG).
-    Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the prompt's as
-    "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 1.5 kbps, the other residual
-    codebooks left out, not zero-filled)."""
+    Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames
+    of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG).
+    Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the
+    prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 1.5
+    kbps, the other residual codebooks left out, not zero-filled)."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
-        raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: {sorted(SAMPLE_OPTS)}")
+        raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: "
+                         f"{sorted(SAMPLE_OPTS)}")
     o = {**SAMPLE_OPTS, **opts}
     if prompt:
         raise ValueError("whisper_gpt.sample: Whisper-GPT continues audio and takes no text prompt")
@@ -418,5 +448,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if o["seed"] >= 0:
         generator = torch.Generator(device=device).manual_seed(o["seed"])
     mel_fn = incremental_mel(tools, c.mel_lag) if c.use_mel else None
-    out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None, mel_fn, generator)
-    return {"codes": out[0, codes.size(1):, None].cpu(), "prompt_codes": out[0, :codes.size(1), None].cpu()}
+    out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None,
+                         mel_fn, generator)
+    return {"codes": out[0, codes.size(1):, None].cpu(),
+            "prompt_codes": out[0, :codes.size(1), None].cpu()}

@@ -1,16 +1,16 @@
 """
-Whisper-GPT's Table 1 at CPU size: GPT-S, the hybrid of the same size and GPT-L (~10x) trained on the speech
-clips and on the music clips of the built-in corpus, several seeds each, then one markdown table of the
-next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to the paper's rows, the two
-claims checked seed by seed, and continuations of held-out clips by GPT-S and the hybrid (wavs, pictures and
-their distance to the true continuation).
+Whisper-GPT's Table 1 at CPU size: GPT-S, the hybrid of the same size and GPT-L (~10x) trained on
+the speech clips and on the music clips of the built-in corpus, several seeds each, then one
+markdown table of the next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to
+the paper's rows, the two claims checked seed by seed, and continuations of held-out clips by GPT-S
+and the hybrid (wavs, pictures and their distance to the true continuation).
 
     python whisper_gpt_table.py                          # the sweep (resumes; finished runs are skipped) + table
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
 
-Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir, out_root,
-out (the markdown file), continuations (held-out clips per kind; 0 = none), prompt_frames, new_frames. Every
-other --key=value goes to train.py for every run (e.g. --max_iters=900).
+Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir,
+out_root, out (the markdown file), continuations (held-out clips per kind; 0 = none), prompt_frames,
+new_frames. Every other --key=value goes to train.py for every run (e.g. --max_iters=900).
 """
 
 import json
@@ -32,15 +32,19 @@ jobs = 2
 data_dir = "data/synth"
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
 out = "docs/whisper_gpt_table1.md"
-continuations = 48             # held-out clips per kind continued by GPT-S and the hybrids (first seed)
+continuations = 48             # held-out clips per kind continued by GPT-S and the hybrids (first
+                               # seed)
 prompt_frames = 60             # 0.8 s of prompt ...
-new_frames = 60                # ... then 0.8 s of continuation, compared with the clip's true next 0.8 s
+new_frames = 60                # ... then 0.8 s of continuation, compared with the clip's true next
+                               # 0.8 s
 # -----------------------------------------------------------------------------
 
 NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L", "hybrid_c0": "Hybrid on codebook-0 mels"}
 PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
-    ("LibriSpeech", "GPT-S", "3.7M", 2.02, 34.18, 7.54), ("LibriSpeech", "GPT-L", "40M", 1.94, 34.82, 6.96),
-    ("LibriSpeech", "Hybrid", "4M", 1.93, 35.05, 6.96), ("music", "GPT-S", "3.7M", 2.78, 34.96, 16.12),
+    ("LibriSpeech", "GPT-S", "3.7M", 2.02, 34.18, 7.54),
+    ("LibriSpeech", "GPT-L", "40M", 1.94, 34.82, 6.96),
+    ("LibriSpeech", "Hybrid", "4M", 1.93, 35.05, 6.96),
+    ("music", "GPT-S", "3.7M", 2.78, 34.96, 16.12),
     ("music", "GPT-L", "40M", 2.77, 35.72, 15.96), ("music", "Hybrid", "4M", 2.52, 38.47, 12.43)]
 
 def fail(msg):
@@ -74,13 +78,16 @@ def sweep(runs, train_args):
         state = finished(d)
         if state and state[0] >= state[1]:
             continue
-        cmd = [sys.executable, "train.py", f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}", f"--data_dir={data_dir}",
+        cmd = [sys.executable, "train.py", f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}",
+               f"--data_dir={data_dir}",
                f"--kinds={kind}", f"--seed={seed}", "--always_save_checkpoint=True", *train_args]
         if state:
             cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped
         todo.append((d, cmd))
-    todo.sort(key=lambda item: model_of(item[0]) != "l")  # the big model first: the sweep ends sooner
-    print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to train, {jobs} at a time")
+    # the big model first: the sweep ends sooner
+    todo.sort(key=lambda item: model_of(item[0]) != "l")
+    print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to "
+          f"train, {jobs} at a time")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running, done, took = [], 0, {m: [] for m in NAMES}
     while todo or running:
@@ -88,7 +95,8 @@ def sweep(runs, train_args):
             d, cmd = todo.pop(0)
             os.makedirs(d, exist_ok=True)
             log = open(os.path.join(d, "train.log"), "a")
-            running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()))
+            running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                            log, time.time()))
             print(f"  start {d}")
         time.sleep(2)
         for item in list(running):
@@ -104,17 +112,20 @@ def sweep(runs, train_args):
             done += 1
             left = [d for d, *_ in running] + [d for d, _ in todo]
             took[model_of(d)].append(time.time() - start)
-            guess = np.mean(sum(took.values(), []))   # a model not finished yet: the mean of those that are
-            eta = sum(np.mean(took[model_of(x)]) if took[model_of(x)] else guess for x in left) / jobs
-            print(f"  done  {d} in {fmt_time(time.time() - start)} ({done} done, {len(left)} left, ETA ~{fmt_time(eta)})")
+            # a model not finished yet: the mean of those that are
+            guess = np.mean(sum(took.values(), []))
+            eta = sum(np.mean(took[model_of(x)]) if took[model_of(x)] else guess
+                      for x in left) / jobs
+            print(f"  done  {d} in {fmt_time(time.time() - start)} ({done} done, {len(left)} left, "
+                  f"ETA ~{fmt_time(eta)})")
 
 # -----------------------------------------------------------------------------
 # the table
 
 def evaluate_run(d):
-    """Table 1's metrics of a run on its kind's val clips. A hybrid trained on the real audio's mels is scored a
-    second time ("as_generating") on the mels of its codebook 0 decoded alone: what it sees of its own output
-    while generating."""
+    """Table 1's metrics of a run on its kind's val clips. A hybrid trained on the real audio's mels
+    is scored a second time ("as_generating") on the mels of its codebook 0 decoded alone: what it
+    sees of its own output while generating."""
     import whisper_gpt as W
     ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
     config = W.Config(**ck["model_args"])
@@ -124,7 +135,8 @@ def evaluate_run(d):
     result = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config), None, "val")
     if config.use_mel and config.mel_source == "audio":
         config.mel_source = "codebook0"
-        result["as_generating"] = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config), None, "val")
+        result["as_generating"] = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config),
+                                             None, "val")
     wall = json.load(open(os.path.join(d, "wall.json")))["seconds"] if os.path.isfile(os.path.join(d, "wall.json")) else None
     return {**result, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
 
@@ -132,54 +144,67 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 def table(results, model_list, kind_list, seed_list, train_args):
-    lines = ["| data | model | params | NLL (nats/token) | accuracy | PPL | runs |", "|---|---|---|---|---|---|---|"]
+    lines = ["| data | model | params | NLL (nats/token) | accuracy | PPL | runs |",
+             "|---|---|---|---|---|---|---|"]
     for kind, model, params, nll, acc, ppl in PAPER:
-        lines.append(f"| paper, {kind} | {model} | {params} | {nll:.2f} | {acc:.2f}% | {ppl:.2f} | |")
+        lines.append(f"| paper, {kind} | {model} | {params} | {nll:.2f} | {acc:.2f}% | {ppl:.2f} | "
+                     f"|")
     for kind in kind_list:
         for model in model_list:
             rs = [results[(model, kind, s)] for s in seed_list]
-            (n, dn), (a, da), (p, dp) = (mean_std([r[k] for r in rs]) for k in ("nll", "accuracy", "ppl"))
+            (n, dn), (a, da), (p, dp) = (mean_std([r[k] for r in rs])
+                                         for k in ("nll", "accuracy", "ppl"))
             walls = [r["wall"] for r in rs if r["wall"]]
-            lines.append(f"| ours, {kind} | {NAMES[model]} CPU | {rs[0]['params'] / 1e6:.2f}M | {n:.3f} +- {dn:.3f} | "
-                         f"{100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- {dp:.2f} | {len(rs)} seeds, {rs[0]['iters']} it."
+            lines.append(f"| ours, {kind} | {NAMES[model]} CPU | {rs[0]['params'] / 1e6:.2f}M | "
+                         f"{n:.3f} +- {dn:.3f} | {100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- "
+                         f"{dp:.2f} | {len(rs)} seeds, {rs[0]['iters']} it."
                          + (f", {fmt_time(np.mean(walls))} each" if walls else "") + " |")
             if model == "hybrid" and "as_generating" in rs[0]:
-                (n, dn), (a, da), (p, dp) = (mean_std([r["as_generating"][k] for r in rs]) for k in ("nll", "accuracy", "ppl"))
-                lines.append(f"| ours, {kind} | Hybrid CPU, given the mels of its codebook 0 (as when generating) | | "
-                             f"{n:.3f} +- {dn:.3f} | {100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- {dp:.2f} | the same runs |")
+                (n, dn), (a, da), (p, dp) = (mean_std([r["as_generating"][k] for r in rs])
+                                             for k in ("nll", "accuracy", "ppl"))
+                lines.append(f"| ours, {kind} | Hybrid CPU, given the mels of its codebook 0 (as "
+                             f"when generating) | | {n:.3f} +- {dn:.3f} | {100 * a:.2f} +- "
+                             f"{100 * da:.2f}% | {p:.2f} +- {dp:.2f} | the same runs |")
     lines.append("")
     # the paper's two claims, paired by seed (same data order and init seed for both models)
     for kind in kind_list:
         for hybrid, other, claim in (("hybrid", "s", "the hybrid beats GPT-S of its size"),
                                      ("hybrid", "l", "the hybrid matches GPT-L (~10x larger)"),
-                                     ("hybrid_c0", "s", "the hybrid trained on codebook-0 mels beats GPT-S")):
+                                     ("hybrid_c0", "s",
+                                      "the hybrid trained on codebook-0 mels beats GPT-S")):
             if hybrid not in model_list or other not in model_list:
                 continue
-            d = [results[(hybrid, kind, s)]["nll"] - results[(other, kind, s)]["nll"] for s in seed_list]
+            d = [results[(hybrid, kind, s)]["nll"] - results[(other, kind, s)]["nll"]
+                 for s in seed_list]
             m, sd = mean_std(d)
             wins = sum(x < 0 for x in d)
-            lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = {m:+.3f} +- {sd:.3f} "
-                         f"(lower in {wins} of {len(d)} seeds)")
+            lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = {m:+.3f} +- "
+                         f"{sd:.3f} (lower in {wins} of {len(d)} seeds)")
     lines.append("")
-    lines.append(f"(val clips of each kind from {data_dir}; train.py settings: config/whisper_gpt_{{model}}_cpu.py "
-                 f"--kinds={{kind}} --seed={{seed}} {' '.join(train_args)})")
+    lines.append(f"(val clips of each kind from {data_dir}; train.py settings: "
+                 f"config/whisper_gpt_{{model}}_cpu.py --kinds={{kind}} --seed={{seed}} "
+                 f"{' '.join(train_args)})")
     return lines
 
 # -----------------------------------------------------------------------------
-# continuations: prompt = the first second of a held-out clip, then one second generated, compared with the
-# clip's true next second. Both are decoded the same way (codebook 0 alone) so the codec's own error cancels.
+# continuations: prompt = the first second of a held-out clip, then one second generated, compared
+# with the clip's true next second. Both are decoded the same way (codebook 0 alone) so the codec's
+# own error cancels.
 
 def continuation_rows(model_list, kind_list, seed):
     import audio
     import sample as S
     import whisper_gpt as W
     tools = S.Tools(data_dir)
-    clips = [json.loads(line) for line in open(os.path.join(data_dir, "val_clips.jsonl")) if line.strip()]
+    clips = [json.loads(line) for line in open(os.path.join(data_dir, "val_clips.jsonl"))
+             if line.strip()]
     lines, need = [], prompt_frames + new_frames
-    lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | level modulation | clips |",
+    lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | "
+              "level modulation | clips |",
               "|---|---|---|---|---|---|"]
     for kind in kind_list:
-        idx = [i for i, c in enumerate(clips) if c["kind"] == kind and c["frames"] >= need][:continuations]
+        idx = [i for i, c in enumerate(clips) if c["kind"] == kind
+               and c["frames"] >= need][:continuations]
         if not idx:
             continue
         inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
@@ -187,18 +212,23 @@ def continuation_rows(model_list, kind_list, seed):
         mels = {i: audio.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
 
         def scores_of(i, mel):
-            """distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
-            spectrum (timbre, pitch, loudness whatever the timing), and its level modulation: the standard
-            deviation over time of each frame's mean log-mel (syllables and notes move it; a frozen sound does not)"""
+            """distance of a continuation's log-mel to the true one, frame by frame and as a
+            time-averaged spectrum (timbre, pitch, loudness whatever the timing), and its level
+            modulation: the standard deviation over time of each frame's mean log-mel (syllables and
+            notes move it; a frozen sound does not)"""
             true, gen = mels[i][prompt_frames:need], mel[prompt_frames:need]
-            return (float(np.abs(gen - true).mean()), float(np.abs(gen.mean(0) - true.mean(0)).mean()),
-                    float(gen.mean(1).std()))
+            return (float(np.abs(gen - true).mean()),
+                    float(np.abs(gen.mean(0) - true.mean(0)).mean()), float(gen.mean(1).std()))
         scores = {"the true continuation": [scores_of(i, mels[i]) for i in idx],
-                  # references: the prompt's last frames repeated (a frozen sound), and another clip's true second
+                  # references: the prompt's last frames repeated (a frozen sound), and another
+                  # clip's true second
                   "repeat the prompt's end": [scores_of(i, np.concatenate(
-                      [mels[i][:prompt_frames], np.resize(mels[i][prompt_frames - min(prompt_frames, new_frames):prompt_frames],
-                                                          (new_frames, mels[i].shape[1]))])) for i in idx],
-                  "another clip's true continuation": [scores_of(i, mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]}
+                      [mels[i][:prompt_frames],
+                       np.resize(mels[i][prompt_frames - min(prompt_frames, new_frames):prompt_frames],
+                                                          (new_frames, mels[i].shape[1]))]))
+                                                          for i in idx],
+                  "another clip's true continuation": [scores_of(i, mels[idx[(k + 1) % len(idx)]])
+                                                       for k, i in enumerate(idx)]}
         panels = [("true: prompt | continuation", mels[idx[0]])]
         for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
             d = run_dir(model, kind, seed)
@@ -208,46 +238,58 @@ def continuation_rows(model_list, kind_list, seed):
             net.eval()
             rows = []
             for k, i in enumerate(idx):
-                prompt = {"codes": inputs[i]["codes"][:prompt_frames], "mel": inputs[i]["mel"][:prompt_frames]}
-                res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames, temperature=1.0, top_k=50, seed=k)
+                prompt = {"codes": inputs[i]["codes"][:prompt_frames],
+                          "mel": inputs[i]["mel"][:prompt_frames]}
+                res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames,
+                               temperature=1.0, top_k=50, seed=k)
                 codes = torch.cat([res["prompt_codes"], res["codes"]])
                 wav = tools.decode(codes).numpy()
                 gen_mel = audio.log_mel(wav)
                 rows.append(scores_of(i, gen_mel))
                 if k == 0:
-                    panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
-                    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav, 24000)
+                    panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation",
+                                   gen_mel))
+                    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav,
+                                24000)
             scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
         for name, rows in scores.items():
             cells = [mean_std([r[c] for r in rows]) for c in range(3)]
             lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells) + f" | {len(rows)} |")
-        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), tools.decode(truth[idx[0]]).numpy(), 24000)
+        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"),
+                    tools.decode(truth[idx[0]]).numpy(), 24000)
         png = os.path.join(out_root, "continuations", f"{kind}.png")
-        audio.plot_mels(png, panels, title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), codebook 0 decoded",
+        audio.plot_mels(png, panels,
+                        title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), "
+                              f"codebook 0 decoded",
                         boundary=prompt_frames / 75)
     lines.append("")
-    lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of each clip as prompt, "
-                 f"{new_frames} frames generated and compared with the clip's next {new_frames}; every continuation, the "
-                 f"true one included, decoded from codebook 0 alone by the data's codec; pictures and wavs in "
+    lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of "
+                 f"each clip as prompt, {new_frames} frames generated and compared with the clip's "
+                 f"next {new_frames}; every continuation, the true one included, decoded from "
+                 f"codebook 0 alone by the data's codec; pictures and wavs in "
                  f"{out_root}/continuations)")
     return lines
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    S, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(), pass_unknown=True)
+    S, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(),
+                                       pass_unknown=True)
     globals().update(S)
     train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
     import train
     for m in models.split(","):
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
-            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, l)")
-        train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])  # a bad train.py setting stops here
+            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
+                 f"l)")
+        # a bad train.py setting stops here
+        train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])
     model_list, kind_list = models.split(","), kinds.split(",")
     seed_list = [int(s) for s in seeds.split(",")]
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
     t0 = time.time()
-    if {"hybrid", "hybrid_c0"} & set(model_list):   # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
+    # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
+    if {"hybrid", "hybrid_c0"} & set(model_list):
         import prepare
         prepare.codebook0_mels(data_dir)
     sweep(runs, train_args)
@@ -255,13 +297,15 @@ if __name__ == "__main__":
     results = {r: evaluate_run(run_dir(*r)) for r in runs}
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
-    lines = [f"# Whisper-GPT, Table 1 at CPU size", "", f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
+    lines = [f"# Whisper-GPT, Table 1 at CPU size", "",
+             f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
     lines += table(results, model_list, kind_list, seed_list, train_args)
     if continuations:
         cont = continuation_rows(model_list, kind_list, seed_list[0])
         lines += ["", "## Continuations of held-out clips", ""] + cont
-    lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device cpu with {os.cpu_count()} cores, "
-              f"{jobs} runs side by side with one thread each; this call took {fmt_time(time.time() - t0)})"]
+    lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device cpu with "
+              f"{os.cpu_count()} cores, {jobs} runs side by side with one thread each; this call "
+              f"took {fmt_time(time.time() - t0)})"]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")

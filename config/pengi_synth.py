@@ -1,12 +1,14 @@
-# Pengi at CPU size on data/synth: every task (caption, metadata, class, QA, music) as text generation.
-# The frozen LM is the small GPT-2-layout LLM pretrained on the corpus text by config/salmonn_llm.py
-# (GPT-2 base is the paper's; it is not reachable offline). Sizes, prefix length and budget are ours.
+# Pengi at CPU size on data/synth: every task (caption, metadata, class, QA, music) as text
+# generation. The frozen LM is the small GPT-2-layout LLM pretrained on the corpus text by
+# config/salmonn_llm.py (GPT-2 base is the paper's; it is not reachable offline). Sizes, prefix
+# length and budget are ours.
 # python train.py config/salmonn_llm.py && python train.py config/pengi_synth.py && python eval.py out/pengi-synth
 model = "pengi"
 stage = "pengi"
 out_dir = "out/pengi-synth"
 data_dir = "data/synth"
-llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its tokenizer (recorded in it) is used
+llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its tokenizer (recorded
+                                       # in it) is used
 tokenizer = "corpus"     # the small BPE stored with the data, as the LM above was trained with
 tasks = "caption,metadata,class,qa,music"
 # audio encoder: 2 Swin stages over 4x4 patches of 192 mel frames (2.6 s) x 64 bins
@@ -23,7 +25,8 @@ prefix_len = 8           # paper: 40 per modality
 map_n_layer = 2          # ClipCap: 8
 map_n_head = 4
 dropout = 0.1
-clap_weight = 1.0        # ours: stands in for the CLAP pretraining of the paper's HTSAT (0 = paper objective only)
+clap_weight = 1.0        # ours: stands in for the CLAP pretraining of the paper's HTSAT (0 = paper
+                         # objective only)
 # optimiser (ours)
 batch_size = 16
 max_iters = 1500

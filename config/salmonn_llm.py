@@ -1,17 +1,19 @@
-# SALMONN, stage "llm": text-only pretraining of the small GPT-2-layout LLM on the corpus text (captions,
-# descriptions, transcripts, QA and the prompt template with its answers) and, in half of each batch's rows,
-# generic copying conversations with the loss on the answers (word spans between the <Speech> tags repeated,
-# reversed, de-duplicated; digits spelled out). Copying emerges late: the probe reads 0% at 600 iterations,
-# 20% at 1000 and 67% at 1400 (lr 2e-3).
-# This LLM is the CPU-sized stand-in for Vicuna, whose ability to read its input SALMONN relies on; stage 1
-# loads it (llm_init), checks that it passes the copy probe, and freezes it.
-# The LLM settings below must match config/salmonn_stage*.py. Sizes and optimiser are ours (not the paper's).
+# SALMONN, stage "llm": text-only pretraining of the small GPT-2-layout LLM on the corpus text
+# (captions, descriptions, transcripts, QA and the prompt template with its answers) and, in half of
+# each batch's rows, generic copying conversations with the loss on the answers (word spans between
+# the <Speech> tags repeated, reversed, de-duplicated; digits spelled out). Copying emerges late:
+# the probe reads 0% at 600 iterations, 20% at 1000 and 67% at 1400 (lr 2e-3).
+# This LLM is the CPU-sized stand-in for Vicuna, whose ability to read its input SALMONN relies on;
+# stage 1 loads it (llm_init), checks that it passes the copy probe, and freezes it.
+# The LLM settings below must match config/salmonn_stage*.py. Sizes and optimiser are ours (not the
+# paper's).
 # python train.py config/salmonn_llm.py   ->  out/salmonn-llm/ckpt.pt
 model = "salmonn"
 stage = "llm"
 out_dir = "out/salmonn-llm"
 data_dir = "data/synth"
-tokenizer = "corpus"   # the small BPE stored with the data: GPT-2's 50k-row head would dwarf this LLM; later stages keep it
+tokenizer = "corpus"   # the small BPE stored with the data: GPT-2's 50k-row head would dwarf this
+                       # LLM; later stages keep it
 llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 128

@@ -1,9 +1,9 @@
-# SALMONN stage 1, pre-training: transcription and captioning only. As in the paper only the Q-Former, its
-# projection and LoRA train; the encoders (config/salmonn_whisper.py, config/salmonn_beats.py) and the LLM
-# (config/salmonn_llm.py) are loaded (*_init) and frozen.
-# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B LLM.
-# Our Q-Former starts from random weights and the whole model is tiny, so the peak lr is ours: 1e-3 here,
-# lower in later stages. Sizes are ours too (CPU scale).
+# SALMONN stage 1, pre-training: transcription and captioning only. As in the paper only the
+# Q-Former, its projection and LoRA train; the encoders (config/salmonn_whisper.py,
+# config/salmonn_beats.py) and the LLM (config/salmonn_llm.py) are loaded (*_init) and frozen.
+# Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5 for a 13B
+# LLM. Our Q-Former starts from random weights and the whole model is tiny, so the peak lr is ours:
+# 1e-3 here, lower in later stages. Sizes are ours too (CPU scale).
 # python train.py config/salmonn_stage1.py   ->  out/salmonn-stage1/ckpt.pt
 model = "salmonn"
 stage = "pretrain"

@@ -1,7 +1,8 @@
-# SALMONN's speech encoder, pretrained as Whisper is: a text decoder predicts each transcript (speech, Morse
-# spelled letter by letter, DTMF digits) from the encoder's output, with a CTC head on the encoder alongside.
-# Stages 1-3 load the encoder (whisper_init) and keep it frozen, as the paper keeps Whisper frozen.
-# Sizes and optimiser are ours (CPU scale); Whisper itself is trained on 680k hours.
+# SALMONN's speech encoder, pretrained as Whisper is: a text decoder predicts each transcript
+# (speech, Morse spelled letter by letter, DTMF digits) from the encoder's output, with a CTC head
+# on the encoder alongside. Stages 1-3 load the encoder (whisper_init) and keep it frozen, as the
+# paper keeps Whisper frozen. Sizes and optimiser are ours (CPU scale); Whisper itself is trained on
+# 680k hours.
 # python train.py config/salmonn_whisper.py   ->  out/salmonn-whisper/ckpt.pt
 model = "salmonn"
 stage = "whisper"

@@ -1,12 +1,14 @@
-# Whisper-GPT hybrid (the paper's model): GPT-S's decoder fed [token embedding (224) | mel vector (32)]
-# per step; the 64-bin mel frames pass through 2 lightweight causal decoder blocks (128 wide) to the
-# 32-d vector. ~4.1M parameters (paper: 4M; secondary sources: 4.1M). Depth/width/context are ours.
+# Whisper-GPT hybrid (the paper's model): GPT-S's decoder fed [token embedding (224) | mel vector
+# (32)] per step; the 64-bin mel frames pass through 2 lightweight causal decoder blocks (128 wide)
+# to the 32-d vector. ~4.1M parameters (paper: 4M; secondary sources: 4.1M). Depth/width/context are
+# ours.
 # python train.py config/whisper_gpt_hybrid.py [--data_dir=data/<your prepared data>]
 model = "whisper_gpt"
 out_dir = "out/whisper-gpt-hybrid"
 data_dir = "data/synth"
 use_mel = True
-mel_lag = 1  # step t sees mel frame t-1: frame t's window reaches into the next block (see whisper_gpt.py)
+mel_lag = 1  # step t sees mel frame t-1: frame t's window reaches into the next block (see
+             # whisper_gpt.py)
 block_size = 256
 n_layer = 4
 n_head = 4

@@ -1,7 +1,8 @@
-# Whisper-GPT at CPU size: the hybrid of whisper_gpt_hybrid_cpu.py, trained on the mels it will see while generating:
-# the log-mel of each clip's codebook 0 decoded alone (needs python prepare.py --codebook0_mel). Ours, not the paper's:
-# the paper's hybrid (and Table 1) reads the mel of the real audio, which holds what the seven finer codebooks add;
-# a generator has only its own codebook 0. Same size and budget as the other CPU configs.
+# Whisper-GPT at CPU size: the hybrid of whisper_gpt_hybrid_cpu.py, trained on the mels it will see
+# while generating: the log-mel of each clip's codebook 0 decoded alone (needs python prepare.py
+# --codebook0_mel). Ours, not the paper's: the paper's hybrid (and Table 1) reads the mel of the
+# real audio, which holds what the seven finer codebooks add; a generator has only its own codebook
+# 0. Same size and budget as the other CPU configs.
 model = "whisper_gpt"
 out_dir = "out/whisper-gpt-hybrid-c0-cpu"
 data_dir = "data/synth"

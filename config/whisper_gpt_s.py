@@ -1,5 +1,6 @@
 # Whisper-GPT paper's GPT-S baseline: token-only GPT on coarse EnCodec tokens, ~3.7M parameters.
-# For one GPU. The paper gives no depth/width/context: 4 layers x 256 wide, 256 frames (3.4 s) are ours.
+# For one GPU. The paper gives no depth/width/context: 4 layers x 256 wide, 256 frames (3.4 s) are
+# ours.
 # python train.py config/whisper_gpt_s.py [--data_dir=data/<your prepared data>]
 model = "whisper_gpt"
 out_dir = "out/whisper-gpt-s"

@@ -1,4 +1,5 @@
-"""Shared test set-up: the repo root on sys.path, and a small prepared corpus (`synth_dir`) for every test file."""
+"""Shared test set-up: the repo root on sys.path, and a small prepared corpus (`synth_dir`) for
+every test file."""
 import os
 import sys
 import time
@@ -12,15 +13,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # A small built-in corpus: ~160 clips of up to 2 s (~4 minutes of audio), codec fitted on a sample.
-SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kmeans_iters=6", "--quiet", "--offline",
+SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kmeans_iters=6",
+              "--quiet", "--offline",
               "--codec_steps=12", "--codec_clips=32", "--codec_tune_steps=6", "--codec_report=0"]
 
 
 @pytest.fixture(scope="session")
 def synth_dir(request, tmp_path_factory):
-    """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl, tokenizer, codec).
-    Built once and kept in pytest's cache dir, keyed by the code that makes it (prepare.py, audio.py, codec.py,
-    synth.py, tokenizer.py), so the test files share it; NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
+    """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl,
+    tokenizer, codec). Built once and kept in pytest's cache dir, keyed by the code that makes it
+    (prepare.py, audio.py, codec.py, synth.py, tokenizer.py), so the test files share it;
+    NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
     import prepare
     if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1" or getattr(request.config, "cache", None) is None:
         out = tmp_path_factory.mktemp("synth")
@@ -29,7 +32,8 @@ def synth_dir(request, tmp_path_factory):
         code = b"".join((ROOT / f).read_bytes() for f in files)
         key = hashlib.md5(code + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
         out = Path(request.config.cache.mkdir(f"synth-{key}"))
-        for old in out.parent.glob("synth-*"):        # corpora of earlier versions (written over an hour ago)
+        # corpora of earlier versions (written over an hour ago)
+        for old in out.parent.glob("synth-*"):
             if old != out and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)
     prepare.main(SYNTH_ARGS + [f"--out_dir={out}"])  # returns at once if already complete there

@@ -1,5 +1,6 @@
-"""The codec: the pretrained EnCodec found, downloaded or refused (all without a network; audio.py), and the offline
-codec that is trained on the corpus (codec.py): it learns to reconstruct, resumes, and reads back what the labels say."""
+"""The codec: the pretrained EnCodec found, downloaded or refused (all without a network; audio.py),
+and the offline codec that is trained on the corpus (codec.py): it learns to reconstruct, resumes,
+and reads back what the labels say."""
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,8 @@ SR = A.SAMPLE_RATE
 
 
 def fake_encodec_checkpoint(path):
-    """A checkpoint file in EnCodec 24 kHz's own format, from a seeded random model (the real one is a download)."""
+    """A checkpoint file in EnCodec 24 kHz's own format, from a seeded random model (the real one is
+    a download)."""
     model = A.offline_codec(seed=7)
     torch.save(model.state_dict(), path)
     return model
@@ -31,17 +33,21 @@ def same_weights(a, b):
 
 def test_download_goes_through_encodecs_loader_into_the_hub_cache(hub, monkeypatch):
     calls = []
-    def download(url, dst, hash_prefix=None, progress=True):   # torch.hub's downloader, without the network
+    # torch.hub's downloader, without the network
+    def download(url, dst, hash_prefix=None, progress=True):
         calls.append((url, hash_prefix))
         fake_encodec_checkpoint(dst)
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     model, weights = A.get_pretrained_codec()
-    assert calls and calls[0][0].endswith(A.CODEC_FILE) and calls[0][1] == "d7cc33bc"   # EnCodec's URL and hash check
+    # EnCodec's URL and hash check
+    assert calls and calls[0][0].endswith(A.CODEC_FILE) and calls[0][1] == "d7cc33bc"
     assert weights == hub / A.CODEC_FILE and weights.is_file()
     assert same_weights(model, fake_model_from(weights))
-    # the next run finds it in the cache (the checksum check is EnCodec's; our fake file needs it patched)
+    # the next run finds it in the cache (the checksum check is EnCodec's; our fake file needs it
+    # patched)
     monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded twice"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a,
+                        **k: pytest.fail("downloaded twice"))
     again, where = A.get_pretrained_codec()
     assert where == weights and same_weights(again, model)
 
@@ -57,14 +63,16 @@ def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
         raise OSError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     assert A.get_pretrained_codec() == (None, None)
-    out = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("Downloading: ")]   # torch.hub's own line
+    # torch.hub's own line
+    out = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("Downloading: ")]
     assert len(out) == 1 and "downloading EnCodec's weights failed" in out[0] and "name resolution" in out[0]
     with pytest.raises(SystemExit, match="--strict"):
         A.get_pretrained_codec(strict=True)
 
 
 def test_offline_never_tries_to_download(hub, monkeypatch, capsys):
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a,
+                        **k: pytest.fail("tried to download"))
     assert A.get_pretrained_codec(offline=True) == (None, None)
     assert capsys.readouterr().out == ""
 
@@ -77,7 +85,8 @@ def test_codec_dir_and_corrupt_files(tmp_path, hub, monkeypatch, capsys):
     model, where = A.get_pretrained_codec(codec_dir=d, offline=True)
     assert where == d / A.CODEC_FILE and same_weights(model, want)
     with pytest.raises(FileNotFoundError, match=A.CODEC_FILE):
-        A.get_pretrained_codec(codec_dir=tmp_path, offline=True)           # --codec_dir without the file
+        # --codec_dir without the file
+        A.get_pretrained_codec(codec_dir=tmp_path, offline=True)
     (d / A.CODEC_FILE).write_bytes(b"not a checkpoint")
     assert A.get_pretrained_codec(codec_dir=d, offline=True) == (None, None)
     out = capsys.readouterr().out.strip().splitlines()
@@ -94,10 +103,13 @@ def test_a_truncated_download_in_the_cache_fails_the_real_checksum(hub, capsys):
 def test_readers_read_the_corpus_labels_from_clean_audio():
     rng = lambda i: np.random.default_rng([5, i])
     notes = [Y.make_music(rng(i), 3.0) for i in range(60)]
-    notes = [(w, info) for w, info in notes if info["labels"]["form"] == "note" and info["labels"]["instrument"] != "bell"]
+    notes = [(w, info) for w, info in notes if info["labels"]["form"] == "note"
+             and info["labels"]["instrument"] != "bell"]
     assert len(notes) >= 5 and all(C.read_note(w) == info["labels"]["pitch"] for w, info in notes)
-    assert all(C.read_morse(w) == info["transcript"] for w, info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
-    assert all(C.read_dtmf(w) == info["labels"]["digits"] for w, info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
+    assert all(C.read_morse(w) == info["transcript"] for w,
+               info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
+    assert all(C.read_dtmf(w) == info["labels"]["digits"] for w,
+               info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
     # a tone a semitone up reads as the next note
     w = Y.tone("sine", Y.midi_hz(61), 1.0, None)
     assert C.read_note(w) == "C#4" and C.read_note(Y.tone("sine", Y.midi_hz(60), 1.0, None)) == "C4"
@@ -105,7 +117,8 @@ def test_readers_read_the_corpus_labels_from_clean_audio():
 
 def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    wavs = [Y.tone("sawtooth", Y.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5 for i in range(3)]
+    wavs = [Y.tone("sawtooth", Y.midi_hz(57 + 5 * i), 1.0, np.random.default_rng(i)) * 0.5
+            for i in range(3)]
     model = A.offline_codec()
     err = lambda m: np.mean([np.abs(A.log_mel(y) - A.log_mel(w)).mean()
                              for y, w in zip(C.reconstruct(m, wavs, quantized=False), wavs)])
@@ -115,8 +128,8 @@ def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     assert torch.load(ckpt, weights_only=True)["step"] == 20
     after = err(model)
     assert after < 0.6 * before, (before, after)
-    # a call with the same budget only loads the checkpoint (no step retaken: no loss computed), one with a budget
-    # of 21 takes one step from it
+    # a call with the same budget only loads the checkpoint (no step retaken: no loss computed), one
+    # with a budget of 21 takes one step from it
     steps_taken = []
     loss = C.codec_loss
     monkeypatch.setattr(C, "codec_loss", lambda x, y: steps_taken.append(1) or loss(x, y))
@@ -127,15 +140,17 @@ def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     C.train_codec(resumed, wavs, 21, ckpt=ckpt, quiet=True)
     assert steps_taken == [1]
     assert torch.load(ckpt, weights_only=True)["step"] == 21
-    assert not same_weights(resumed, model)                  # it trained on from step 20, not from scratch...
+    # it trained on from step 20, not from scratch...
+    assert not same_weights(resumed, model)
     assert err(resumed) < 0.7 * before                       # ...and kept what it had learned
 
 
 def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    """An interruption mid-training (here at the 5th of 6 steps, after the checkpoint of step 4) and a re-run give
-    exactly the weights of an uninterrupted run: the optimiser and schedule are restored and each step's crops
-    come from a seed of its own."""
-    wavs = [Y.tone("square", Y.midi_hz(60 + 4 * i), 0.8, np.random.default_rng(i)) * 0.5 for i in range(2)]
+    """An interruption mid-training (here at the 5th of 6 steps, after the checkpoint of step 4) and
+    a re-run give exactly the weights of an uninterrupted run: the optimiser and schedule are
+    restored and each step's crops come from a seed of its own."""
+    wavs = [Y.tone("square", Y.midi_hz(60 + 4 * i), 0.8, np.random.default_rng(i)) * 0.5
+            for i in range(2)]
     torch.manual_seed(0)
     straight = A.offline_codec()
     C.train_codec(straight, wavs, 6, ckpt=tmp_path / "a.pt", quiet=True, save_every=2)
@@ -153,6 +168,7 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
         C.train_codec(A.offline_codec(), wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(C, "codec_loss", loss)
-    resumed = A.offline_codec()                               # a fresh process would build a fresh model
+    # a fresh process would build a fresh model
+    resumed = A.offline_codec()
     C.train_codec(resumed, wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
     assert same_weights(resumed, straight)

@@ -1,5 +1,6 @@
 """Code repeated across model files on purpose (each model file holds its whole model) is marked
-`# Copied from <file>.<name>` above the copy; this test fails when a marked copy differs from its source."""
+`# Copied from <file>.<name>` above the copy; this test fails when a marked copy differs from its
+source."""
 
 import ast
 import os
@@ -9,10 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"^# Copied from (\w+)\.(\w+)\s*$")
 
 def definitions(filename):
-    """{name: source text} of the top-level functions and classes of a file, and the file's lines."""
+    """{name: source text} of the top-level functions and classes of a file, and the file's
+    lines."""
     src = open(os.path.join(ROOT, filename)).read()
     tree = ast.parse(src)
-    defs = {n.name: ast.get_source_segment(src, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defs = {n.name: ast.get_source_segment(src, n) for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     starts = {n.lineno: n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     return defs, starts, src.splitlines()
 
@@ -29,7 +32,8 @@ def marked_copies():
 
 def test_marked_copies_equal_their_source():
     copies = marked_copies()
-    assert len(copies) >= 2                              # the metrics shared by salmonn.py and pengi.py at least
+    # the metrics shared by salmonn.py and pengi.py at least
+    assert len(copies) >= 2
     for filename, name, source_file, source_name in copies:
         assert name == source_name, f"{filename}: {name} is marked as a copy of {source_file}.{source_name}"
         copy = definitions(filename)[0][name]
@@ -40,7 +44,8 @@ def test_marked_copies_equal_their_source():
 def test_a_drifted_copy_is_caught(tmp_path, monkeypatch):
     """The check itself: of two marked copies, the one that differs by one character fails it."""
     (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n\ndef g(x):\n    return x * 2\n")
-    (tmp_path / "b.py").write_text("# Copied from a.f\ndef f(x):\n    return x + 1\n\n# Copied from a.g\ndef g(x):\n    return x * 3\n")
+    (tmp_path / "b.py").write_text("# Copied from a.f\ndef f(x):\n    return x + 1\n\n# Copied "
+                                   "from a.g\ndef g(x):\n    return x * 3\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
     try:
         test_marked_copies_equal_their_source()

@@ -1,5 +1,6 @@
-"""Faults: train.py and prepare.py killed with SIGKILL at random moments and run again end exactly where an
-uninterrupted run does; bad checkpoints and bad audio give one clear line that names the file."""
+"""Faults: train.py and prepare.py killed with SIGKILL at random moments and run again end exactly
+where an uninterrupted run does; bad checkpoints and bad audio give one clear line that names the
+file."""
 
 import json
 import os
@@ -14,8 +15,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1",
-        "--mel_n_head=2", "--mel_n_embd=16", "--mel_dim=8", "--batch_size=4", "--max_iters=24", "--eval_interval=2",
+TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "--n_embd=32",
+        "--mel_n_layer=1",
+        "--mel_n_head=2", "--mel_n_embd=16", "--mel_dim=8", "--batch_size=4", "--max_iters=24",
+        "--eval_interval=2",
         "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3"]
 
 def train(out_dir, data_dir, *extra):
@@ -25,11 +28,13 @@ def log_losses(out_dir):
     return [(r["iter"], r["loss"]) for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
 
 def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(synth_dir, tmp_path):
-    """Each kill lands at a random moment of a random iteration (checkpoint saves included: one every 2
-    iterations). After every kill ckpt.pt is a complete checkpoint of an iteration already reached, and every
-    loss logged by the resumed runs, re-done iterations included, equals the uninterrupted run's at that iteration."""
+    """Each kill lands at a random moment of a random iteration (checkpoint saves included: one
+    every 2 iterations). After every kill ckpt.pt is a complete checkpoint of an iteration already
+    reached, and every loss logged by the resumed runs, re-done iterations included, equals the
+    uninterrupted run's at that iteration."""
     ref = tmp_path / "ref"
-    p = subprocess.run(train(ref, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(train(ref, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr
     expected = dict(log_losses(ref))
     assert sorted(expected) == list(range(1, 25))
@@ -39,10 +44,12 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
     kills = 0
     while kills < 10:
         resume = (out / "ckpt.pt").exists()
-        proc = subprocess.Popen(train(out, synth_dir, *(["--init_from=resume"] if resume else [])), cwd=ROOT, env=ENV,
+        proc = subprocess.Popen(train(out, synth_dir, *(["--init_from=resume"] if resume else [])),
+                                cwd=ROOT, env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         start = load_checkpoint(out / "ckpt.pt")["iter_num"] if resume else 0
-        target = start + int(rng.integers(0, 3))     # kill once this iteration has begun, after a random delay
+        # kill once this iteration has begun, after a random delay
+        target = start + int(rng.integers(0, 3))
         reached = start
         for line in proc.stdout:
             if line.startswith(("iter ", "step ")):
@@ -55,10 +62,12 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
             kills += 1
         proc.wait()
         proc.stdout.close()
-        if (out / "ckpt.pt").exists():                # complete, and one of the saves (every 2 iterations)
+        # complete, and one of the saves (every 2 iterations)
+        if (out / "ckpt.pt").exists():
             saved = load_checkpoint(out / "ckpt.pt")["iter_num"]
             assert saved % 2 == 0 and start <= saved <= 24
-    p = subprocess.run(train(out, synth_dir, "--init_from=resume"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(train(out, synth_dir, "--init_from=resume"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     got = log_losses(out)
     assert {it for it, _ in got} == set(expected)
@@ -70,17 +79,21 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
 
 def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     good = tmp_path / "good"
-    p = subprocess.run(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     data = (good / "ckpt.pt").read_bytes()
-    cases = {"truncated": data[:len(data) // 2], "corrupt": data[:2000] + bytes(5000) + data[7000:], "empty": b""}
+    cases = {"truncated": data[:len(data) // 2], "corrupt": data[:2000] + bytes(5000) + data[7000:],
+             "empty": b""}
     for name, blob in cases.items():
         d = tmp_path / name
         d.mkdir()
         (d / "ckpt.pt").write_bytes(blob)
-        scripts = [[sys.executable, "eval.py", str(d)]]             # the three scripts read checkpoints the same way
+        # the three scripts read checkpoints the same way
+        scripts = [[sys.executable, "eval.py", str(d)]]
         if name == "truncated":
-            scripts += [train(d, synth_dir, "--init_from=resume"), [sys.executable, "sample.py", f"--out_dir={d}"]]
+            scripts += [train(d, synth_dir, "--init_from=resume"),
+                        [sys.executable, "sample.py", f"--out_dir={d}"]]
         for cmd in scripts:
             p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
             assert p.returncode == 2 and str(d / "ckpt.pt") in p.stderr and "truncated or corrupt" in p.stderr, (cmd, p.stderr)
@@ -89,12 +102,15 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     torch.save({"weights": torch.zeros(3)}, other / "ckpt.pt")
-    p = subprocess.run([sys.executable, "eval.py", str(other)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "eval.py", str(other)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "not a checkpoint of train.py" in p.stderr
-    # a checkpoint of another model: resuming or initialising a salmonn run from it is refused by name
+    # a checkpoint of another model: resuming or initialising a salmonn run from it is refused by
+    # name
     for start in ("--init_from=resume", f"--init_from={good / 'ckpt.pt'}"):
         out = good if start.endswith("resume") else tmp_path / "s"
-        p = subprocess.run([sys.executable, "train.py", "config/salmonn_stage1.py", f"--out_dir={out}", start, f"--data_dir={synth_dir}"],
+        p = subprocess.run([sys.executable, "train.py", "config/salmonn_stage1.py",
+                            f"--out_dir={out}", start, f"--data_dir={synth_dir}"],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "holds a whisper_gpt model, not salmonn" in p.stderr, p.stderr
     # sample.py: audio that is corrupt, empty or missing, and a clip index past the end
@@ -104,16 +120,18 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
                        (f"--audio={tmp_path / 'empty.wav'}", "unreadable or corrupt audio"),
                        (f"--audio={tmp_path / 'none.wav'}", "file not found"),
                        ("--clip=100000", "--clip=100000")):
-        p = subprocess.run([sys.executable, "sample.py", f"--out_dir={good}", arg], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run([sys.executable, "sample.py", f"--out_dir={good}", arg], cwd=ROOT,
+                           env=ENV, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (arg, p.stderr)
 
-PREPARE = ["--clips=24", "--max_seconds=1.0", "--offline", "--codec_steps=8", "--codec_clips=8", "--codec_tune_steps=4",
+PREPARE = ["--clips=24", "--max_seconds=1.0", "--offline", "--codec_steps=8", "--codec_clips=8",
+           "--codec_tune_steps=4",
            "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2", "--quiet"]
 
 def test_prepare_killed_at_five_random_moments_then_rerun_writes_the_same_bytes(tmp_path):
-    """prepare.py killed with SIGKILL at 5 random moments of its run (corpus, codec training, encoding, k-means,
-    writing), then run again to the end: every output file is byte-identical to an uninterrupted run's."""
+    """prepare.py killed with SIGKILL at 5 random moments of its run (corpus, codec training,
+    encoding, k-means, writing), then run again to the end: every output file is byte-identical to
+    an uninterrupted run's."""
     out = tmp_path / "data"
     cmd = [sys.executable, "prepare.py", *PREPARE, f"--out_dir={out}"]
     t0 = time.time()
@@ -124,7 +142,8 @@ def test_prepare_killed_at_five_random_moments_then_rerun_writes_the_same_bytes(
     shutil.move(out, ref)
     rng = np.random.default_rng(1)
     for moment in sorted(rng.uniform(0.15, 0.95, size=5)):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         time.sleep(moment * wall)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -1,24 +1,27 @@
 """
 Tests of fused_attention.attention against plain softmax attention computed in float64.
 
-- the Triton kernels (forward with and without tensor descriptors, flash-decoding split + merge, and dq/dk/dv
-  with both backwards) under Triton's interpreter on the CPU, fp32 and fp16, with the interpreter's small tiles
+- the Triton kernels (forward with and without tensor descriptors, flash-decoding split + merge, and
+  dq/dk/dv with both backwards) under Triton's interpreter on the CPU, fp32 and fp16, with the
+  interpreter's small tiles
   and with every TILES entry:
-  the interpreter is chosen when the kernels are defined (at import), so that part runs in a subprocess
-  (this file with --worker) with TRITON_INTERPRET=1, whatever else this process imported;
+  the interpreter is chosen when the kernels are defined (at import), so that part runs in a
+  subprocess (this file with --worker) with TRITON_INTERPRET=1, whatever else this process imported;
 - the PyTorch path on the same cases, in this process;
-- the kernels built for an H100 (sm_90a) ahead of time, as the JIT would build them for aligned tensors (no
-  GPU needed): no register spills, shared memory within the limit, wgmma. By default what an H100 runs by
-  default (forward, decoding, the default backward, their default tiles) at D = 64 and 128 in the heaviest
-  variant (causal + k_lens), ~30 s the first time; FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES
-  entry x causal/k_lens variant (300 builds, ~20 min the first time). Triton caches builds on disk, so
-  later runs take seconds;
-- on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped otherwise).
+- the kernels built for an H100 (sm_90a) ahead of time, as the JIT would build them for aligned
+  tensors (no GPU needed): no register spills, shared memory within the limit, wgmma. By default
+  what an H100 runs by default (forward, decoding, the default backward, their default tiles) at D =
+  64 and 128 in the heaviest variant (causal + k_lens), ~30 s the first time;
+  FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES entry x causal/k_lens variant
+  (300 builds, ~20 min the first time). Triton caches builds on disk, so later runs take seconds;
+- on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped
+  otherwise).
 
-bf16 is never checked numerically on the CPU: Triton's interpreter computes bf16 tl.dot wrongly, so a bf16
-case there would fail for the interpreter's sake. What can be checked without a GPU is checked instead:
-the bf16 build uses the bf16 tensor-core instructions, and it comes from the same source as the fp16
-build (their Triton IR differs in the element type only).
+bf16 is never checked numerically on the CPU: Triton's interpreter computes bf16 tl.dot wrongly, so
+a bf16
+case there would fail for the interpreter's sake. What can be checked without a GPU is checked
+instead: the bf16 build uses the bf16 tensor-core instructions, and it comes from the same source as
+the fp16 build (their Triton IR differs in the element type only).
 """
 
 import json
@@ -53,8 +56,8 @@ CASES += [
     ("float16", 128, 17, 33, True, "pad", "bhtd"),
 ]
 
-# the other code paths, on a subset: the "split" backward (dq from a kernel of its own) and the forward
-# without tensor descriptors (pointer loads: unaligned inputs, GPUs before Hopper)
+# the other code paths, on a subset: the "split" backward (dq from a kernel of its own) and the
+# forward without tensor descriptors (pointer loads: unaligned inputs, GPUs before Hopper)
 OTHER_PATH_CASES = [
     ("float32", 32, 100, 17, True, "pad", "bhtd"),
     ("float32", 32, 1, 100, False, "pad", "bhtd"),
@@ -64,10 +67,11 @@ OTHER_PATH_CASES = [
     ("float16", 32, 100, 17, True, None, "bthd"),
 ]
 
-# every TILES entry (the GPU's tiles) under the interpreter: entry i of each kernel's list at once, on
-# lengths that cross several 128-blocks and leave ragged ends (one head, to save time); Tq = 1 for the
-# decoding tiles, whose keys are then split over programs too
-TILE_CASES = [("float32", D, Tq, Tk, True, "pad", "bthd") for D in (64, 128) for Tq, Tk in ((270, 260), (1, 700))]
+# every TILES entry (the GPU's tiles) under the interpreter: entry i of each kernel's list at once,
+# on lengths that cross several 128-blocks and leave ragged ends (one head, to save time); Tq = 1
+# for the decoding tiles, whose keys are then split over programs too
+TILE_CASES = [("float32", D, Tq, Tk, True, "pad", "bthd") for D in (64, 128) for Tq,
+              Tk in ((270, 260), (1, 700))]
 TILE_INDICES = (0, 1, 2, 3)  # entry i of each list (its last where the list is shorter)
 
 def case_id(case):
@@ -104,11 +108,13 @@ def reference(q, k, v, causal, k_lens, sm_scale):
     return p @ v
 
 def errors(case, backend, sm_scale=None, H=2):
-    """Max abs error of out, dq, dk, dv against the float64 reference, each divided by max(1, max |ref|)."""
+    """Max abs error of out, dq, dk, dv against the float64 reference, each divided by max(1, max
+    |ref|)."""
     import fused_attention
     dtype, D, Tq, Tk, causal, k_lens, layout = case
     q, k, v, do, lens = make_inputs(case, H=H)
-    out = fused_attention.attention(q, k, v, causal=causal, k_lens=lens, sm_scale=sm_scale, backend=backend)
+    out = fused_attention.attention(q, k, v, causal=causal, k_lens=lens, sm_scale=sm_scale,
+                                    backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref = reference(q, k, v, causal, lens, 1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
@@ -138,8 +144,8 @@ def check(case, result):
 @pytest.fixture(scope="module")
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, FUSED_ATTENTION="triton")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -158,7 +164,8 @@ def test_triton_interpreter_gpu_tiles(case, index, bwd, interpreter_results):
     check(case, interpreter_results[f"tiles{index}-{bwd}-" + case_id(case)])
 
 def test_triton_interpreter_negative_scale(interpreter_results):
-    # the kernels take the row max on raw scores: a negative scale must still give the softmax of s * scale
+    # the kernels take the row max on raw scores: a negative scale must still give the softmax of s
+    # * scale
     check(CASES[-1], interpreter_results["scale-" + case_id(CASES[-1])])
 
 # -----------------------------------------------------------------------------
@@ -170,7 +177,8 @@ def test_torch_path(case):
 
 def test_auto_uses_torch_on_cpu_and_matches():
     import fused_attention
-    case = ("float32", 48, 20, 31, True, "pad", "bhtd")  # D = 48: not a kernel size, fine on the torch path
+    # D = 48: not a kernel size, fine on the torch path
+    case = ("float32", 48, 20, 31, True, "pad", "bhtd")
     q, k, v, do, lens = make_inputs(case)
     a = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="auto")
     b = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="torch")
@@ -219,9 +227,11 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(x, x, x, backend="triton")
 
 # -----------------------------------------------------------------------------
-# the kernels built for an H100 ahead of time, as the JIT builds them (no GPU needed; bench_attention.py
-# --ptxas prints the same builds as a table): catches what the interpreter lets through (types across
-# loops and branches, constexpr use) and what only the compiled kernel shows (spills, shared memory)
+# the kernels built for an H100 ahead of time, as the JIT builds them (no GPU needed;
+# bench_attention.py
+# --ptxas prints the same builds as a table): catches what the interpreter lets through (types
+# across loops and branches, constexpr use) and what only the compiled kernel shows (spills, shared
+# memory)
 
 def _aot():
     import fused_attention
@@ -229,7 +239,8 @@ def _aot():
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     try:
         import bench_attention
-        from triton.runtime.jit import create_function_from_signature  # noqa: F401 (the JIT's binder)
+        # noqa: F401 (the JIT's binder)
+        from triton.runtime.jit import create_function_from_signature
     except ImportError as e:
         pytest.skip(f"this triton cannot build ahead of time: {e}")
     return bench_attention
@@ -238,10 +249,11 @@ def _build_cases():
     import bench_attention
     if os.environ.get("FUSED_ATTENTION_PTXAS") == "all":
         return bench_attention.ptxas_cases()
-    # what an H100 runs by default (forward, decoding, the default backward; default tiles) in the heaviest
-    # variant (causal + k_lens), and the fixed kernels
+    # what an H100 runs by default (forward, decoding, the default backward; default tiles) in the
+    # heaviest variant (causal + k_lens), and the fixed kernels
     return [c for c in bench_attention.ptxas_cases((64, 128), tiles="default")
-            if c[4] is None or (c[2] and c[3] and c[0] in ("fwd", "decode") + _default_backward(c[1]))]
+            if c[4] is None or (c[2] and c[3]
+                                and c[0] in ("fwd", "decode") + _default_backward(c[1]))]
 
 def _default_backward(D):
     """The kernels of the backward that runs by default at head dim D."""
@@ -266,34 +278,41 @@ def test_h100_build(case):
         assert r["cp_async"] or r["tma"], "loads are not pipelined (no cp.async / TMA)"
     default_path = ("fwd", "fwd-pointers") + _default_backward(D)
     if name in default_path and tile == fused_attention._tiles(name.split("-")[0], D)[0] and D >= 64:
-        # the default tiles: Hopper's tensor-core instructions for every matmul, none narrower than n32
+        # the default tiles: Hopper's tensor-core instructions for every matmul, none narrower than
+        # n32
         assert r["wgmma"] and not r["mma_sync"], (r["wgmma"], r["mma_sync"])
-        assert min(int(shape.split("n")[1].split("k")[0]) for shape, _ in r["wgmma"]) >= 32, r["wgmma"]
+        assert min(int(shape.split("n")[1].split("k")[0]) for shape,
+                   _ in r["wgmma"]) >= 32, r["wgmma"]
 
 def test_bf16_and_fp16_builds_share_one_source():
     ba = _aot()
     bf16 = ba.ptxas_report("fwd", 64, True, True, None, "bfloat16")
     fp16 = ba.ptxas_report("fwd", 64, True, True, None, "float16")
     assert {t for _, t in bf16["wgmma"]} == {"bf16"} and {t for _, t in fp16["wgmma"]} == {"f16"}
-    # one kernel source: the Triton IR of the two builds differs in the element type and nothing else
-    strip = lambda ir: [line for line in ir.replace("bf16", "f16").splitlines() if not line.startswith("#loc")]
+    # one kernel source: the Triton IR of the two builds differs in the element type and nothing
+    # else
+    strip = lambda ir: [line for line in ir.replace("bf16", "f16").splitlines()
+                        if not line.startswith("#loc")]
     assert strip(bf16["ttir"]) == strip(fp16["ttir"])
 
 # -----------------------------------------------------------------------------
 # the compiled kernels on a GPU, against SDPA (skipped without CUDA)
 
-GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128) for (Tq, Tk) in ((1, 1000), (5, 3000), (1037, 1037), (1037, 2100), (256, 77))
+GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128)
+             for (Tq, Tk) in ((1, 1000), (5, 3000), (1037, 1037), (1037, 2100), (256, 77))
              for causal in (False, True) for lens in (False, True)]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("bwd,tma", [("atomic", True), ("split", True), ("split", False)])  # False: pointer loads
+# False: pointer loads
+@pytest.mark.parametrize("bwd,tma", [("atomic", True), ("split", True), ("split", False)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("D,Tq,Tk,causal,lens", GPU_CASES)
 def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatch):
     import fused_attention
     if fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
-    monkeypatch.setattr(fused_attention, "AUTOTUNE", False)  # the default tiles: one compile per variant
+    # the default tiles: one compile per variant
+    monkeypatch.setattr(fused_attention, "AUTOTUNE", False)
     monkeypatch.setattr(fused_attention, "BWD", bwd)
     monkeypatch.setattr(fused_attention, "TMA", tma)
     case = (dtype, D, Tq, Tk, causal, "pad" if lens else None, "bthd")
@@ -310,7 +329,8 @@ def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatc
     sdpa = fused_attention.attention(q, k, v, causal=causal, k_lens=k_lens, backend="torch")
     sdpa_grads = torch.autograd.grad(sdpa, (q, k, v), do)
     floor = {"bfloat16": 1e-2, "float16": 2e-3}[dtype]
-    for name, o, s, r in zip(("out", "dq", "dk", "dv"), (ours, *ours_grads), (sdpa, *sdpa_grads), (ref, *ref_grads)):
+    for name, o, s, r in zip(("out", "dq", "dk", "dv"), (ours, *ours_grads), (sdpa, *sdpa_grads),
+                             (ref, *ref_grads)):
         err_ours = (o.float() - r).abs().max().item()
         err_sdpa = (s.float() - r).abs().max().item()
         assert err_ours <= 2 * err_sdpa + floor * max(1.0, r.abs().max().item()), (name, err_ours, err_sdpa)
@@ -323,19 +343,22 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
     # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
     small_tiles = dict(fused_attention.INTERPRETER_TILES)
-    runs = [("", "auto", True, CASES, small_tiles, None, 2), ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
+    runs = [("", "auto", True, CASES, small_tiles, None, 2),
+            ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
             ("scale-", "auto", True, CASES[-1:], small_tiles, -0.2, 2)]
     for i in TILE_INDICES:
         for D, cases in ((64, TILE_CASES[:2]), (128, TILE_CASES[2:])):
             tiles = {name: fused_attention._tiles(name, D)[min(i, len(fused_attention._tiles(name, D)) - 1)][:2]
                      for name in small_tiles}
-            runs += [(f"tiles{i}-{bwd}-", bwd, True, cases, tiles, None, 1) for bwd in ("atomic", "split")]
+            runs += [(f"tiles{i}-{bwd}-", bwd, True, cases, tiles, None, 1)
+                     for bwd in ("atomic", "split")]
     results, done = {}, {}
     for prefix, bwd, tma, cases, tiles, sm_scale, H in runs:
         fused_attention.BWD, fused_attention.TMA, fused_attention.INTERPRETER_TILES = bwd, tma, tiles
         for case in cases:
             key = (bwd, tma, case, tuple(sorted(tiles.items())), sm_scale, H)
-            if key not in done:  # a shorter TILES list repeats its last entry: run each set of tiles once
+            if key not in done:  # a shorter TILES list repeats its last entry: run each set of
+                                 # tiles once
                 try:
                     done[key] = errors(case, "triton", sm_scale, H)
                 except Exception as e:  # report it against its own case

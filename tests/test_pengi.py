@@ -1,5 +1,5 @@
-"""Pengi: prefix layout, frozen parts, loss masking, beam search, candidate ranking, LLM loaders, BLEU-4,
-linear probe, and a CPU-sized model that learns a close-ended task of the synth corpus."""
+"""Pengi: prefix layout, frozen parts, loss masking, beam search, candidate ranking, LLM loaders,
+BLEU-4, linear probe, and a CPU-sized model that learns a close-ended task of the synth corpus."""
 
 import itertools
 import json
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:pengi. llm_init is empty")
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """These models are tiny: one thread avoids the cost of syncing threads (large on a busy machine)."""
+    """These models are tiny: one thread avoids the cost of syncing threads (large on a busy
+    machine)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -27,8 +28,10 @@ def one_thread():
 
 
 def tiny_config(**kw):
-    cfg = dict(n_mels=16, vocab_size=50, eot_token=49, max_frames=32, patch_size=4, enc_dim=8, enc_depths="2,2",
-               enc_heads="2,2", window=4, d_embed=16, text_n_layer=1, prefix_len=3, map_n_layer=1, map_n_head=2,
+    cfg = dict(n_mels=16, vocab_size=50, eot_token=49, max_frames=32, patch_size=4, enc_dim=8,
+               enc_depths="2,2",
+               enc_heads="2,2", window=4, d_embed=16, text_n_layer=1, prefix_len=3, map_n_layer=1,
+               map_n_head=2,
                llm_n_layer=2, llm_n_head=2, llm_n_embd=16, llm_block_size=64, dropout=0.0)
     cfg.update(kw)
     return pengi.PengiConfig(**cfg)
@@ -58,17 +61,20 @@ def test_prefix_length_and_order():
     assert torch.equal(pre[:, :k], pre_other_prompt[:, :k]) and not torch.allclose(pre[:, k:], pre_other_prompt[:, k:])
     pre_other_audio = m.prefix(b["mel"].flip(0), b["prompt"], b["prompt_lens"])
     assert torch.equal(pre[:, k:], pre_other_audio[:, k:]) and not torch.allclose(pre[:, :k], pre_other_audio[:, :k])
-    # the LM sees [audio prefix][text prefix][answer]; logits are those of the last prefix position onwards
+    # the LM sees [audio prefix][text prefix][answer]; logits are those of the last prefix position
+    # onwards
     logits, _ = m(**b)
     La = b["answer"].size(1)
     assert logits.shape == (3, La + 1, cfg.vocab_size)
-    x = torch.cat([m.m1(m.embed_audio(b["mel"])), m.m2(m.embed_text(b["prompt"], b["prompt_lens"])), m.llm.wte(b["answer"])], 1)
+    x = torch.cat([m.m1(m.embed_audio(b["mel"])), m.m2(m.embed_text(b["prompt"], b["prompt_lens"])),
+                   m.llm.wte(b["answer"])], 1)
     h, _ = m.llm(x)
     assert x.size(1) == 2 * k + La
     torch.testing.assert_close(logits, m.llm.lm_head(h)[:, 2 * k - 1:])
     # the text encoder pools at the last real prompt token: padding after it changes nothing
     p2 = torch.cat([b["prompt"], torch.randint(0, 40, (3, 4))], 1)
-    torch.testing.assert_close(m.embed_text(p2, b["prompt_lens"]), m.embed_text(b["prompt"], b["prompt_lens"]))
+    torch.testing.assert_close(m.embed_text(p2, b["prompt_lens"]),
+                               m.embed_text(b["prompt"], b["prompt_lens"]))
     # embeddings are L2-normalised
     torch.testing.assert_close(m.embed_audio(b["mel"]).norm(dim=-1), torch.ones(3))
 
@@ -76,17 +82,21 @@ def test_prefix_length_and_order():
 def test_frozen_parts_bit_identical_after_steps():
     m = tiny_model(dropout=0.1).train()
     frozen = {n: p.detach().clone() for n, p in m.named_parameters()
-              if n.startswith(("llm.", "text_encoder.")) and not n.startswith("text_encoder.text_projection.")}
+              if n.startswith(("llm.", "text_encoder."))
+              and not n.startswith("text_encoder.text_projection.")}
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    # as in the official code: the text tower is frozen, CLIP's text_projection and the projection after it train
-    assert trainable and all(n.startswith(("audio_encoder.", "audio_proj.", "m1.", "m2.", "text_proj.",
+    # as in the official code: the text tower is frozen, CLIP's text_projection and the projection
+    # after it train
+    assert trainable and all(n.startswith(("audio_encoder.", "audio_proj.", "m1.", "m2.",
+                                           "text_proj.",
                                            "text_encoder.text_projection.")) for n in trainable)
     assert "text_encoder.text_projection.weight" in trainable and "text_proj.linear1.weight" in trainable
     assert not any(p.requires_grad for n, p in m.named_parameters() if n in frozen)
     before = {n: p.detach().clone() for n, p in m.named_parameters() if n in trainable}
     params = [p for p in m.parameters() if p.requires_grad]  # as train.py builds its AdamW
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=1e-2)
     b = tiny_batch(m.config)
     for _ in range(3):
         _, loss = m(**b)
@@ -97,8 +107,10 @@ def test_frozen_parts_bit_identical_after_steps():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     changed = [n for n in trainable if not torch.equal(dict(m.named_parameters())[n], before[n])]
-    assert any(n.startswith("audio_encoder.") for n in changed) and any(n.startswith("m1.") for n in changed)
-    assert any(n.startswith("m2.") for n in changed) and "text_encoder.text_projection.weight" in changed
+    assert any(n.startswith("audio_encoder.")
+               for n in changed) and any(n.startswith("m1.") for n in changed)
+    assert any(n.startswith("m2.")
+               for n in changed) and "text_encoder.text_projection.weight" in changed
 
 
 def test_loss_on_answer_tokens_only():
@@ -110,14 +122,16 @@ def test_loss_on_answer_tokens_only():
     for i, n in enumerate((3, 6, 1)):
         assert b["targets"][i, :n].tolist() == b["answer"][i, :n].tolist()
         assert b["targets"][i, n].item() == cfg.eot_token and (b["targets"][i, n + 1:] == -1).all()
-    # manual loss over the answer positions of the full sequence: each example's mean NLL, then their mean
+    # manual loss over the answer positions of the full sequence: each example's mean NLL, then
+    # their mean
     x = torch.cat([m.prefix(b["mel"], b["prompt"], b["prompt_lens"]), m.llm.wte(b["answer"])], 1)
     h, _ = m.llm(x)
     full = F.log_softmax(m.llm.lm_head(h), -1)  # position t predicts token t+1
     per_example, count = [], 0
     for i, n in enumerate((3, 6, 1)):
         seq = b["answer"][i, :n].tolist() + [cfg.eot_token]
-        per_example.append(-sum(full[i, 2 * k - 1 + j, tok].item() for j, tok in enumerate(seq)) / len(seq))
+        per_example.append(-sum(full[i, 2 * k - 1 + j, tok].item() for j,
+                                tok in enumerate(seq)) / len(seq))
         count += len(seq)
     assert count == int((b["targets"] != -1).sum())
     assert math.isclose(loss.item(), sum(per_example) / 3, rel_tol=1e-5)
@@ -130,17 +144,20 @@ def test_loss_on_answer_tokens_only():
 
 
 def brute_force_scores(m, prefix, max_new):
-    """Every sequence (ended by eot within max_new tokens, or max_new tokens long) with its total log p, from
-    full forward passes without a cache."""
+    """Every sequence (ended by eot within max_new tokens, or max_new tokens long) with its total
+    log p, from full forward passes without a cache."""
     eot, V = m.config.eot_token, m.config.vocab_size
     out = []
     for L in range(1, max_new + 1):
-        seqs = [s for s in itertools.product(range(V), repeat=L) if eot not in s[:-1] and (L == max_new or s[-1] == eot)]
-        x = torch.cat([prefix.expand(len(seqs), -1, -1), m.llm.wte(torch.tensor([s[:-1] for s in seqs], dtype=torch.long))], 1)
+        seqs = [s for s in itertools.product(range(V), repeat=L) if eot not in s[:-1]
+                and (L == max_new or s[-1] == eot)]
+        x = torch.cat([prefix.expand(len(seqs), -1, -1),
+                       m.llm.wte(torch.tensor([s[:-1] for s in seqs], dtype=torch.long))], 1)
         h, _ = m.llm(x)
         logp = F.log_softmax(m.llm.lm_head(h[:, -L:]), -1)
         for i, s in enumerate(seqs):
-            out.append(([t for t in s if t != eot], sum(logp[i, j, t].item() for j, t in enumerate(s)), L))
+            out.append(([t for t in s if t != eot],
+                        sum(logp[i, j, t].item() for j, t in enumerate(s)), L))
     return out
 
 
@@ -155,9 +172,10 @@ def test_beam_search_against_greedy_and_brute_force():
     for i in range(3):  # beam_search itself with beam 1 is greedy too
         h, past = m.llm(pre[i:i + 1])
         logp = F.log_softmax(m.llm.lm_head(h[:, -1]), -1)
-        assert pengi.clipcap_beam_search(m.next_logp, logp, past, 1, 8, m.config.eot_token, 1.0) == greedy[i]
-    # a tiny model with 6 tokens (eot = 5) and peaked distributions: a beam as wide as the whole search
-    # space must return the brute-force best; greedy misses it on some of these
+        assert pengi.clipcap_beam_search(m.next_logp, logp, past, 1, 8, m.config.eot_token,
+                                         1.0) == greedy[i]
+    # a tiny model with 6 tokens (eot = 5) and peaked distributions: a beam as wide as the whole
+    # search space must return the brute-force best; greedy misses it on some of these
     greedy_missed = 0
     for seed in range(6):
         m = tiny_model(seed, vocab_size=6, eot_token=5)
@@ -169,7 +187,8 @@ def test_beam_search_against_greedy_and_brute_force():
             scored = brute_force_scores(m, pre, 3)
             h, past = m.llm(pre)
             logp = F.log_softmax(m.llm.lm_head(h[:, -1]), -1)
-            for alpha in (1.0, 0.0):  # ranked by log p / length ** alpha, the eot counted in the length
+            for alpha in (1.0, 0.0):  # ranked by log p / length ** alpha, the eot counted in the
+                                      # length
                 best = max(scored, key=lambda t: t[1] / t[2] ** alpha)[0]
                 assert pengi.clipcap_beam_search(m.next_logp, logp, past, 256, 3, 5, alpha) == best
                 greedy_missed += m.greedy(pre, 3)[0] != best
@@ -187,13 +206,15 @@ def test_candidate_ranking_equals_brute_force():
         for j, c in enumerate(cands):
             one = pengi.collate([b["mel"][i].numpy()], [b["prompt"][i, :b["prompt_lens"][i]].tolist()], [c], m.config.eot_token)
             _, loss = m(**one)  # mean NLL over c + eot
-            assert math.isclose(lp[i, j].item(), -loss.item() * (len(c) + 1), rel_tol=1e-4, abs_tol=1e-4)
+            assert math.isclose(lp[i, j].item(), -loss.item() * (len(c) + 1), rel_tol=1e-4,
+                                abs_tol=1e-4)
 
 
 @torch.no_grad()
 def test_prefix_at_the_lms_scale(tmp_path):
-    """Every prefix vector has the norm of a typical token embedding at init, whatever the LM's scale, the
-    audio or the prompt (the mapper output's LayerNorm and a scale set from the LM's embeddings)."""
+    """Every prefix vector has the norm of a typical token embedding at init, whatever the LM's
+    scale, the audio or the prompt (the mapper output's LayerNorm and a scale set from the LM's
+    embeddings)."""
     b = tiny_batch(tiny_config())
     for std in (0.02, 0.3, 3.0):
         write_random_llm(tmp_path / "llm.pt", 50, n_embd=16, std=std)
@@ -206,13 +227,15 @@ def test_prefix_at_the_lms_scale(tmp_path):
         for mel in (b["mel"], 100 * b["mel"]):
             pre = m.prefix(mel, b["prompt"], b["prompt_lens"])
             tok_rms = m.llm.wte.weight.pow(2).mean().sqrt()
-            torch.testing.assert_close(pre.pow(2).mean(-1).sqrt(), tok_rms.expand(pre.shape[:2]), rtol=1e-3, atol=1e-6)
+            torch.testing.assert_close(pre.pow(2).mean(-1).sqrt(), tok_rms.expand(pre.shape[:2]),
+                                       rtol=1e-3, atol=1e-6)
             assert 0.8 < m.prefix_norm_ratio(pre) < 1.25
 
 
 def test_checkpoint_self_contained(tmp_path):
-    """A checkpoint as train.py writes it (state_dict + asdict(config)) loads, generates and ranks the same
-    after the llm_init file is deleted: the constructor reads no file and the LM's weights are in the state."""
+    """A checkpoint as train.py writes it (state_dict + asdict(config)) loads, generates and ranks
+    the same after the llm_init file is deleted: the constructor reads no file and the LM's weights
+    are in the state."""
     from dataclasses import asdict
     write_random_llm(tmp_path / "llm.pt", 50, n_embd=16, std=0.3)
     cfg = tiny_config(llm_init=str(tmp_path / "llm.pt"), llm_n_embd=8)
@@ -232,14 +255,18 @@ def test_checkpoint_self_contained(tmp_path):
     m2.eval()
     b = tiny_batch(c2)
     args = (b["mel"], b["prompt"], b["prompt_lens"])
-    assert m2.generate(*args, beam=3, max_new_tokens=5) == m.generate(*args, beam=3, max_new_tokens=5)
-    torch.testing.assert_close(m2.rank_candidates(*args, [[1], [2, 3]]), m.rank_candidates(*args, [[1], [2, 3]]))
-    assert not torch.equal(m2.llm.wte.weight, pengi.Pengi(c2).llm.wte.weight)  # the weights came from the checkpoint
+    assert m2.generate(*args, beam=3,
+                       max_new_tokens=5) == m.generate(*args, beam=3, max_new_tokens=5)
+    torch.testing.assert_close(m2.rank_candidates(*args, [[1], [2, 3]]),
+                               m.rank_candidates(*args, [[1], [2, 3]]))
+    # the weights came from the checkpoint
+    assert not torch.equal(m2.llm.wte.weight, pengi.Pengi(c2).llm.wte.weight)
 
 
 @torch.no_grad()
 def test_pmi_against_brute_force():
-    """PMI ranking: log p(c | clip) - log mean_{clips'} p(c | clip'), each log p from full forward passes."""
+    """PMI ranking: log p(c | clip) - log mean_{clips'} p(c | clip'), each log p from full forward
+    passes."""
     m = tiny_model()
     b = tiny_batch(m.config)
     ref = tiny_batch(m.config, seed=5)
@@ -253,16 +280,19 @@ def test_pmi_against_brute_force():
                 out[i, j] = -m(**one)[1] * (len(c) + 1)
         return out
     lp, lp_ref = brute(b), brute(ref)
-    prior = [math.log(sum(math.exp(lp_ref[r, j].item()) for r in range(3)) / 3) for j in range(len(cands))]
-    expected = torch.tensor([[lp[i, j].item() - prior[j] for j in range(len(cands))] for i in range(3)])
+    prior = [math.log(sum(math.exp(lp_ref[r, j].item()) for r in range(3)) / 3)
+             for j in range(len(cands))]
+    expected = torch.tensor([[lp[i, j].item() - prior[j] for j in range(len(cands))]
+                             for i in range(3)])
     got = pengi.pmi_scores(m.rank_candidates(b["mel"], b["prompt"], b["prompt_lens"], cands),
                            m.rank_candidates(ref["mel"], ref["prompt"], ref["prompt_lens"], cands))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_clap_stage_trains_the_encoders_only():
-    """stage="clap": the contrastive loss alone moves the audio encoder and the whole text tower, and nothing of the
-    mappers or the LM; a Pengi model then takes its weights (train.py's init_from) with the text tower frozen."""
+    """stage="clap": the contrastive loss alone moves the audio encoder and the whole text tower,
+    and nothing of the mappers or the LM; a Pengi model then takes its weights (train.py's
+    init_from) with the text tower frozen."""
     m = tiny_model(stage="clap").train()
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert "text_encoder.h.0.attn.c_attn.weight" in trainable and "audio_encoder.patch_embed.weight" in trainable
@@ -279,11 +309,14 @@ def test_clap_stage_trains_the_encoders_only():
         losses.append(loss.item())
     assert logits is None and losses[-1] < losses[0]
     after = dict(m.named_parameters())
-    assert not torch.equal(after["text_encoder.h.0.attn.c_attn.weight"], before["text_encoder.h.0.attn.c_attn.weight"])
-    assert all(torch.equal(after[n], before[n]) for n in before if n.startswith(("m1.", "m2.", "llm.")))
+    assert not torch.equal(after["text_encoder.h.0.attn.c_attn.weight"],
+                           before["text_encoder.h.0.attn.c_attn.weight"])
+    assert all(torch.equal(after[n], before[n]) for n in before
+               if n.startswith(("m1.", "m2.", "llm.")))
     p = tiny_model(seed=1)
     p.load_state_dict(m.state_dict())
-    assert not any(q.requires_grad for n, q in p.named_parameters() if n.startswith("text_encoder.h."))
+    assert not any(q.requires_grad for n, q in p.named_parameters()
+                   if n.startswith("text_encoder.h."))
     torch.testing.assert_close(p.eval().embed_audio(b["mel"]), m.eval().embed_audio(b["mel"]))
 
 
@@ -298,7 +331,8 @@ def test_bad_inputs_named():
 
 
 def test_llm_loaders(tmp_path):
-    """HF GPT-2 (safetensors with the transformer. prefix, pytorch_model.bin without) and our stage-llm ckpt.pt."""
+    """HF GPT-2 (safetensors with the transformer. prefix, pytorch_model.bin without) and our
+    stage-llm ckpt.pt."""
     from safetensors.torch import save_file
     torch.manual_seed(1)
     src = pengi.GPT2(50, 2, 2, 16, 64)
@@ -307,7 +341,8 @@ def test_llm_loaders(tmp_path):
     sd = {k: v.clone() for k, v in src.state_dict().items() if k != "lm_head.weight"}
     hf = {}
     for k, v in sd.items():
-        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                       "mlp.c_proj.weight")):
             v = v.t().contiguous()  # HF Conv1D layout
         hf[k] = v
     for i in range(2):
@@ -315,12 +350,14 @@ def test_llm_loaders(tmp_path):
     cfg = {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 64, "vocab_size": 50}
     (tmp_path / "st").mkdir()
     (tmp_path / "bin").mkdir()
-    save_file({"transformer." + k: v for k, v in hf.items()}, str(tmp_path / "st" / "model.safetensors"))
+    save_file({"transformer." + k: v for k, v in hf.items()},
+              str(tmp_path / "st" / "model.safetensors"))
     torch.save(hf, tmp_path / "bin" / "pytorch_model.bin")
     for d in ("st", "bin"):
         (tmp_path / d / "config.json").write_text(json.dumps(cfg))
     ckpt = {"model": {"llm." + k: v for k, v in sd.items()} | {"q_former.x": torch.zeros(1)},
-            "model_args": {"llm_n_layer": 2, "llm_n_head": 2, "llm_n_embd": 16, "llm_block_size": 64, "vocab_size": 50, "stage": "llm"}}
+            "model_args": {"llm_n_layer": 2, "llm_n_head": 2, "llm_n_embd": 16,
+                           "llm_block_size": 64, "vocab_size": 50, "stage": "llm"}}
     torch.save(ckpt, tmp_path / "ckpt.pt")
     x = torch.randn(2, 5, 16)
     ref, _ = src(x)
@@ -336,22 +373,26 @@ def test_llm_loaders(tmp_path):
         # text_init="llm": the text tower starts as the LM's embeddings and first layer
         assert torch.equal(m.text_encoder.wte.weight, sd["wte.weight"])
         assert torch.equal(m.text_encoder.h[0].attn.c_attn.weight, sd["h.0.attn.c_attn.weight"])
-    m = pengi.Pengi(tiny_config(llm_init=str(tmp_path / "missing.pt")))  # the constructor reads no file
+    # the constructor reads no file
+    m = pengi.Pengi(tiny_config(llm_init=str(tmp_path / "missing.pt")))
     with pytest.raises(FileNotFoundError, match="llm_init"):
         pengi.init_pretrained(m)
 
 
 def test_bleu4_hand_worked():
     # identical: 1
-    assert pengi.bleu4(["the cat sat on the mat"], [["The cat sat on the mat."]]) == pytest.approx(1.0)
-    # one substitution in 6 words: p1 5/6, p2 3/5, p3 2/4, p4 1/3, no brevity penalty -> (1/12)^(1/4)
+    assert pengi.bleu4(["the cat sat on the mat"],
+                       [["The cat sat on the mat."]]) == pytest.approx(1.0)
+    # one substitution in 6 words: p1 5/6, p2 3/5, p3 2/4, p4 1/3, no brevity penalty ->
+    # (1/12)^(1/4)
     assert pengi.bleu4(["a b c d x f"], [["a b c d e f"]]) == pytest.approx((1 / 12) ** 0.25)
     # a perfect prefix of 4 words against 6: all precisions 1, brevity penalty exp(1 - 6/4)
     assert pengi.bleu4(["a b c d"], [["a b c d e f"]]) == pytest.approx(math.exp(-0.5))
     # clipping: "the" counts at most twice; no matching bigram -> 0
     assert pengi.bleu4(["the the the the"], [["the cat the mat"]]) == 0.0
-    # corpus level: n-gram counts are pooled over hypotheses before the ratio; closest reference length
-    # hyp1 = ref1 (5 words), hyp2 "a b c d x" vs "a b c d e" -> p1 9/10, p2 7/8, p3 5/6, p4 3/4
+    # corpus level: n-gram counts are pooled over hypotheses before the ratio; closest reference
+    # length hyp1 = ref1 (5 words), hyp2 "a b c d x" vs "a b c d e" -> p1 9/10, p2 7/8, p3 5/6, p4
+    # 3/4
     got = pengi.bleu4(["p q r s t", "a b c d x"], [["p q r s t"], ["a b c d e", "z"]])
     assert got == pytest.approx((9 / 10 * 7 / 8 * 5 / 6 * 3 / 4) ** 0.25)
 
@@ -371,26 +412,30 @@ def test_task_mix_from_templates(synth_dir):
     cfg = pengi.PengiConfig(max_frames=64)
     data = pengi.load_data(synth_dir, cfg, tok)
     prompts = {t: {tok.decode(p) for _, p, _ in ex} for t, ex in data["train"]["by_task"].items()}
-    assert {"caption", "metadata", "class", "qa", "instrument"} <= set(prompts) and ({"pitch", "chord"} & set(prompts))
+    assert {"caption", "metadata", "class", "qa",
+            "instrument"} <= set(prompts) and ({"pitch", "chord"} & set(prompts))
     for task in ("caption", "metadata", "class", "instrument"):
         assert prompts[task] == {pengi.PROMPTS[task]}
     assert all(p.startswith("question: ") for p in prompts["qa"])
     clip = next(c for c in data["train"]["clips"] if "class" in c["labels"])
-    assert ("class", "this is a sound of", clip["labels"]["class"]) in pengi.clip_tasks(clip, data["tasks"])
+    assert ("class", "this is a sound of",
+            clip["labels"]["class"]) in pengi.clip_tasks(clip, data["tasks"])
     b = pengi.get_batch(data, "train", 64, np.random.default_rng(0))
     assert b["mel"].shape == (64, 64, cfg.n_mels) and b["mel"].dtype == torch.float32
     n = (b["targets"] != -1).sum(1)
     assert (b["targets"][torch.arange(64), n - 1] == cfg.eot_token).all()
     seen = {tok.decode(b["prompt"][i, :b["prompt_lens"][i]].tolist()) for i in range(64)}
-    assert len({p for p in seen if not p.startswith("question: ")}) >= 4  # several tasks in one batch
+    # several tasks in one batch
+    assert len({p for p in seen if not p.startswith("question: ")}) >= 4
     with pytest.raises(ValueError, match="unknown"):
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class,emotion"), tok)
 
 
 @pytest.mark.parametrize("name", ["corpus", "gpt2"])
 def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
-    """The prepared data is text: with tokenizer="gpt2" (GPT-2 base's vocabulary) or "corpus" (the small CPU LM's),
-    every prompt and answer of the task mix decodes back to the stored text; vocab and eot come from the tokenizer."""
+    """The prepared data is text: with tokenizer="gpt2" (GPT-2 base's vocabulary) or "corpus" (the
+    small CPU LM's), every prompt and answer of the task mix decodes back to the stored text; vocab
+    and eot come from the tokenizer."""
     tok = tokenizer.load_tokenizer(synth_dir, name, offline=True)
     cfg = tiny_config(n_mels=64, tokenizer=name, vocab_size=0, eot_token=-1, llm_block_size=512,
                       max_prompt_tokens=1000, max_answer_tokens=1000)
@@ -409,9 +454,10 @@ def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
     assert logits.size(-1) == tok.n_vocab and torch.isfinite(loss)
 
 
-def write_random_llm(path, vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, std=0.3, seed=0):
-    """A random LM in the salmonn stage-llm ckpt.pt format, with weights large enough to give peaked logits
-    (GPT-2's 0.02 init gives near-uniform ones, which no prefix can steer)."""
+def write_random_llm(path, vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, std=0.3,
+                     seed=0):
+    """A random LM in the salmonn stage-llm ckpt.pt format, with weights large enough to give peaked
+    logits (GPT-2's 0.02 init gives near-uniform ones, which no prefix can steer)."""
     torch.manual_seed(seed)
     lm = pengi.GPT2(vocab_size, n_layer, n_head, n_embd, block_size)
     for n, p in lm.named_parameters():
@@ -419,12 +465,14 @@ def write_random_llm(path, vocab_size, n_layer=2, n_head=2, n_embd=32, block_siz
             p.data.normal_(0, std)
     torch.save({"model": {"llm." + k: v for k, v in lm.state_dict().items()},
                 "model_args": {"llm_n_layer": n_layer, "llm_n_head": n_head, "llm_n_embd": n_embd,
-                               "llm_block_size": block_size, "vocab_size": vocab_size, "stage": "llm"}}, path)
+                               "llm_block_size": block_size, "vocab_size": vocab_size,
+                               "stage": "llm"}}, path)
 
 
-def pretrain_small_llm(path, data, tok, steps=150, n_layer=2, n_head=2, n_embd=32, block_size=64, seed=0):
-    """A small LM text-pretrained on the fixture's training text (every prompt followed by its answer, as
-    salmonn's stage "llm" does), saved in the salmonn stage-llm ckpt.pt format."""
+def pretrain_small_llm(path, data, tok, steps=150, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                       seed=0):
+    """A small LM text-pretrained on the fixture's training text (every prompt followed by its
+    answer, as salmonn's stage "llm" does), saved in the salmonn stage-llm ckpt.pt format."""
     torch.manual_seed(seed)
     lm = pengi.GPT2(tok.n_vocab, n_layer, n_head, n_embd, block_size)
     for mod in lm.modules():
@@ -444,16 +492,19 @@ def pretrain_small_llm(path, data, tok, steps=150, n_layer=2, n_head=2, n_embd=3
         opt.step()
     torch.save({"model": {"llm." + k: v for k, v in lm.state_dict().items()},
                 "model_args": {"llm_n_layer": n_layer, "llm_n_head": n_head, "llm_n_embd": n_embd,
-                               "llm_block_size": block_size, "vocab_size": tok.n_vocab, "stage": "llm"}}, path)
+                               "llm_block_size": block_size, "vocab_size": tok.n_vocab,
+                               "stage": "llm"}}, path)
     return loss.item()
 
 
 def test_learns_close_ended_task(synth_dir, tmp_path):
-    """A CPU-sized Pengi learns "this is a sound of" on the synth fixture with a text-pretrained small LM (the case
-    that failed while the prefixes were ~20-100x the LM's token scale): on held-out clips the generated label,
-    likelihood ranking (raw and PMI) and the linear probe all score well above chance."""
+    """A CPU-sized Pengi learns "this is a sound of" on the synth fixture with a text-pretrained
+    small LM (the case that failed while the prefixes were ~20-100x the LM's token scale): on
+    held-out clips the generated label, likelihood ranking (raw and PMI) and the linear probe all
+    score well above chance."""
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
-    cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1", enc_heads="2,2", window=8,
+    cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1",
+                            enc_heads="2,2", window=8,
                             d_embed=32, prefix_len=4, map_n_layer=1, map_n_head=2, text_n_layer=1,
                             llm_init=str(tmp_path / "llm.pt"), dropout=0.0, clap_weight=1.0)
     data = pengi.load_data(synth_dir, cfg, tok)  # (llm.pt does not exist yet: the sizes come below)
@@ -463,7 +514,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     torch.manual_seed(0)
     m = pengi.Pengi(cfg)
     pengi.init_pretrained(m)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3,
+                            weight_decay=0.0)
     rng = np.random.default_rng(0)
     m.train()
     for step in range(150):
@@ -482,8 +534,10 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     assert 0.5 < metrics["prefix_norm_ratio_audio"] < 2, metrics
     m.eval()
     clip = data["val"]["clips"][0]
-    out = pengi.sample(m, tok, {"mel": torch.from_numpy(pengi.clip_mel(data["val"]["mel"], clip, 128)),
-                                "codes": torch.zeros(1, 1, dtype=torch.long)}, "this is a sound of", None,
+    out = pengi.sample(m, tok,
+                       {"mel": torch.from_numpy(pengi.clip_mel(data["val"]["mel"], clip, 128)),
+                                "codes": torch.zeros(1, 1, dtype=torch.long)}, "this is a sound of",
+                                None,
                        beam=3, max_new_tokens=6, candidates="|".join(data["candidates"]["class"]))
     assert isinstance(out["text"], str) and len(out["ranked"]) == len(data["candidates"]["class"])
     with pytest.raises(ValueError, match="unknown option"):

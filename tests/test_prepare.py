@@ -1,6 +1,6 @@
-"""prepare.py and the data contract it writes (audio.py): frame alignment, the mel against a direct DFT, the
-resampler, the corpus (deterministic, text matching audio), the written arrays, bad input handling, the offline codec
-and tokenizer."""
+"""prepare.py and the data contract it writes (audio.py): frame alignment, the mel against a direct
+DFT, the resampler, the corpus (deterministic, text matching audio), the written arrays, bad input
+handling, the offline codec and tokenizer."""
 import json
 import math
 import re
@@ -45,8 +45,9 @@ def test_mel_frame_i_is_centred_on_codec_block_i():
         energy = A.log_mel(x).mean(axis=1)
         assert int(np.argmax(energy)) == j
         assert energy[j - 1 if j else j + 1] < energy[j] - 0.2 or j == 0
-        # and the causal codec first reacts at the same frame: frames < j are untouched (EnCodec pads the start of
-        # each conv by reflection, so frame 0 alone also hears the first few frames: check past that edge)
+        # and the causal codec first reacts at the same frame: frames < j are untouched (EnCodec
+        # pads the start of each conv by reflection, so frame 0 alone also hears the first few
+        # frames: check past that edge)
         if j < 8:
             continue
         with torch.no_grad():
@@ -62,27 +63,34 @@ def codec(synth_dir):
 
 
 def test_features_match_stored_corpus(synth_dir, codec):
-    """Regenerate clips from their ids, run features() with the saved codec: same codes and mel as the files."""
+    """Regenerate clips from their ids, run features() with the saved codec: same codes and mel as
+    the files."""
     meta = json.loads(Path(synth_dir, "meta.json").read_text())
     clips = [json.loads(l) for l in Path(synth_dir, "train_clips.jsonl").read_text().splitlines()]
-    codes = np.memmap(Path(synth_dir, "train_codes.bin"), np.uint16, mode="r").reshape(-1, meta["n_q"])
-    mel = np.memmap(Path(synth_dir, "train_mel.bin"), np.float16, mode="r").reshape(-1, meta["n_mels"])
+    codes = np.memmap(Path(synth_dir, "train_codes.bin"), np.uint16,
+                      mode="r").reshape(-1, meta["n_q"])
+    mel = np.memmap(Path(synth_dir, "train_mel.bin"), np.float16,
+                    mode="r").reshape(-1, meta["n_mels"])
     for c in clips[:4]:
-        wav, info = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
-                                 speech=not meta["args"]["no_speech"])
+        wav, info = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]),
+                                 meta["args"]["max_seconds"], speech=not meta["args"]["no_speech"])
         assert info["caption"] == c["caption"]
         k, m = A.features(wav, codec)
         assert k.shape == (c["frames"], 8) and m.shape == (c["frames"], 64)
         stored = codes[c["offset"]:c["offset"] + c["frames"]]
-        assert (k[:, 0] == stored[:, 0]).mean() > 0.98    # the coarse stream: the same alone or in a batch
-        assert (k == stored).mean() > 0.95               # deep residual codebooks may flip a rare near-tie
-        np.testing.assert_allclose(m, mel[c["offset"]:c["offset"] + c["frames"]].astype(np.float32), atol=2e-3)
+        # the coarse stream: the same alone or in a batch
+        assert (k[:, 0] == stored[:, 0]).mean() > 0.98
+        # deep residual codebooks may flip a rare near-tie
+        assert (k == stored).mean() > 0.95
+        np.testing.assert_allclose(m, mel[c["offset"]:c["offset"] + c["frames"]].astype(np.float32),
+                                   atol=2e-3)
 
 
 # ----------------------------------------------------------------------------- mel
 
 def reference_log_mel(x):
-    """Written out independently: explicit DFT matrix, Hann by formula, HTK mel triangles of peak 1."""
+    """Written out independently: explicit DFT matrix, Hann by formula, HTK mel triangles of peak
+    1."""
     n_fft, hop, n_mels = 640, 320, 64
     T = math.ceil(len(x) / hop)
     win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
@@ -158,7 +166,8 @@ def test_resampler_keeps_frequency_amplitude_and_length(sr_in):
 
 
 def test_resampler_removes_what_cannot_be_represented():
-    x = sine(15000.0, 0.5, sr=48000)                   # above the new Nyquist (12 kHz): must not alias to 9 kHz
+    # above the new Nyquist (12 kHz): must not alias to 9 kHz
+    x = sine(15000.0, 0.5, sr=48000)
     y = A.resample(x, 48000, SR)
     assert np.abs(y[2000:-2000]).max() < 0.5 * 10 ** (-40 / 20)
 
@@ -211,7 +220,8 @@ def test_event_counts_and_order_match_onsets():
 
 def test_dtmf_digits_decode_back_from_the_audio():
     for wav, info in synth_of_kind("dtmf", 15):
-        digits = C.read_dtmf(wav)                     # Goertzel power at the 4 + 3 keypad frequencies, per burst
+        # Goertzel power at the 4 + 3 keypad frequencies, per burst
+        digits = C.read_dtmf(wav)
         assert digits == info["labels"]["digits"]
         assert info["transcript"] == " ".join(Y.DTMF_WORDS[d] for d in digits)
 
@@ -223,17 +233,20 @@ def test_single_note_pitch_matches_label():
             continue
         f = C.read_pitch(wav[2000: SR // 2])          # YIN, independent of how the note was made
         midi = 69 + 12 * np.log2(f / 440)
-        assert abs(midi - round(midi)) < 0.25, (info["labels"], f)   # in tune (the plucked string included)
+        # in tune (the plucked string included)
+        assert abs(midi - round(midi)) < 0.25, (info["labels"], f)
         assert Y.midi_name(int(round(midi))) == info["labels"]["pitch"], (info["labels"], f)
         seen += 1
     assert seen >= 5
 
 
 def test_corpus_covers_the_kinds_and_text_depends_on_audio(synth_dir):
-    clips = [json.loads(l) for s in ("train", "val") for l in Path(synth_dir, f"{s}_clips.jsonl").read_text().splitlines()]
+    clips = [json.loads(l) for s in ("train", "val")
+             for l in Path(synth_dir, f"{s}_clips.jsonl").read_text().splitlines()]
     kinds = {c["kind"] for c in clips}
     assert kinds == {"music", "events", "morse", "dtmf", "mixture", "speech"}
-    assert 0.15 < sum(c["kind"] == "speech" for c in clips) / len(clips) < 0.35      # about a quarter
+    # about a quarter
+    assert 0.15 < sum(c["kind"] == "speech" for c in clips) / len(clips) < 0.35
     assert len({c["caption"] for c in clips}) > 0.8 * len(clips)
     classes = {c["labels"]["class"] for c in clips}
     assert {"morse code", "dtmf tones", "plucked string", "beep", "speech"} <= classes
@@ -242,7 +255,8 @@ def test_corpus_covers_the_kinds_and_text_depends_on_audio(synth_dir):
         assert c["qa"] and all(q["q"] and q["a"] for q in c["qa"])
         assert (c["transcript"] is not None) == (c["kind"] in ("morse", "dtmf", "speech"))
         if c["kind"] in ("music", "mixture"):
-            assert "instrument" in c["labels"] and ("pitch" in c["labels"] or "chord" in c["labels"])
+            assert "instrument" in c["labels"] and ("pitch" in c["labels"]
+                                                    or "chord" in c["labels"])
         if c["kind"] in ("events", "mixture"):
             assert "event" in c["labels"] and "count" in c["labels"]
         if c["kind"] == "speech":
@@ -255,15 +269,18 @@ def test_memmaps_jsonl_and_meta_round_trip(synth_dir):
     meta = json.loads(Path(synth_dir, "meta.json").read_text())
     assert meta["sample_rate"] == 24000 and meta["frame_rate"] == 75 and meta["hop_length"] == 320
     assert meta["n_q"] == 8 and meta["n_mels"] == 64 and meta["codebook_size"] == 1024
-    assert meta["codec"]["pretrained"] is False and Path(synth_dir, meta["codec"]["weights"]).is_file()
+    assert meta["codec"]["pretrained"] is False and Path(synth_dir,
+                                                         meta["codec"]["weights"]).is_file()
     # meta.json describes the corpus BPE stored with the data; the clips hold text, not tokens
     tok = T.load_tokenizer(synth_dir, "corpus")
-    assert meta["tokenizer"]["name"] == "corpus" and Path(synth_dir, meta["tokenizer"]["file"]).is_file()
+    assert meta["tokenizer"]["name"] == "corpus" and Path(synth_dir,
+                                                          meta["tokenizer"]["file"]).is_file()
     assert tok.n_vocab == meta["tokenizer"]["vocab_size"] and tok.eot_token == meta["tokenizer"]["eot_token"]
     for split in ("train", "val"):
         codes = np.memmap(Path(synth_dir, f"{split}_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
         mel = np.memmap(Path(synth_dir, f"{split}_mel.bin"), np.float16, mode="r").reshape(-1, 64)
-        clips = [json.loads(l) for l in Path(synth_dir, f"{split}_clips.jsonl").read_text().splitlines()]
+        clips = [json.loads(l)
+                 for l in Path(synth_dir, f"{split}_clips.jsonl").read_text().splitlines()]
         assert len(clips) == meta["splits"][split]["clips"] > 0
         assert len(codes) == len(mel) == meta["splits"][split]["frames"] == sum(c["frames"] for c in clips)
         assert codes.max() < 1024 and np.isfinite(mel).all() and -1.01 <= mel.min() and mel.max() < 2
@@ -297,7 +314,8 @@ def test_train_bpe_learns_frequent_words():
 
 
 # GPT-2's token ids as published (the GPT-2 vocabulary; "!" is rank 0, <|endoftext|> the last id)
-GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0], "Hello, world!": [15496, 11, 995, 0],
+GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0],
+            "Hello, world!": [15496, 11, 995, 0],
             "The quick brown fox jumps over the lazy dog.": [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]}
 
 
@@ -323,10 +341,11 @@ def no_tiktoken_cache(tmp_path, monkeypatch):
 
 
 def test_gpt2_bpe_offline_from_openai_whisper(no_tiktoken_cache, capsys, monkeypatch):
-    """Offline, without tiktoken's files: the ranks openai-whisper ships give GPT-2's encoding, without importing
-    whisper (pip install --no-deps openai-whisper is enough)."""
+    """Offline, without tiktoken's files: the ranks openai-whisper ships give GPT-2's encoding,
+    without importing whisper (pip install --no-deps openai-whisper is enough)."""
     monkeypatch.delitem(sys.modules, "whisper", raising=False)
-    tok = T.load_tokenizer("no/such/dir", "gpt2", offline=True)   # the data dir plays no part for gpt2
+    # the data dir plays no part for gpt2
+    tok = T.load_tokenizer("no/such/dir", "gpt2", offline=True)
     assert "whisper" not in sys.modules
     assert_is_gpt2(tok)
     out = capsys.readouterr().out.strip().splitlines()
@@ -336,8 +355,9 @@ def test_gpt2_bpe_offline_from_openai_whisper(no_tiktoken_cache, capsys, monkeyp
 def test_gpt2_bpe_download_failure_falls_back_in_one_line(no_tiktoken_cache, capsys, monkeypatch):
     import tiktoken
     def fail(name):
-        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max retries exceeded\n"
-                              "(Caused by NameResolutionError: Failed to resolve 'openaipublic.blob.core.windows.net')")
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max "
+                              "retries exceeded\n(Caused by NameResolutionError: Failed to resolve "
+                              "'openaipublic.blob.core.windows.net')")
     monkeypatch.setattr(tiktoken, "get_encoding", fail)
     assert_is_gpt2(T.load_gpt2())
     out = capsys.readouterr().out.strip().splitlines()
@@ -353,13 +373,16 @@ def test_gpt2_bpe_from_tiktoken_cache_and_corrupt_files(no_tiktoken_cache, capsy
     paths = [cache / hashlib.sha1(url.encode()).hexdigest() for url in T.GPT2_FILES]
     for p in paths:
         p.write_text("not GPT-2's file")
-    # corrupt cached files: one line each, naming it, then the next source (offline: openai-whisper's copy)
+    # corrupt cached files: one line each, naming it, then the next source (offline:
+    # openai-whisper's copy)
     assert_is_gpt2(T.load_gpt2(offline=True))
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 3 and all(str(p) in l and "corrupt" in l for p, l in zip(paths, out))
     assert "openai-whisper" in out[2]
-    # intact cached files (here: files whose sha256 we declare) go to tiktoken, which reads its cache
-    monkeypatch.setattr(T, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest() for u, p in zip(T.GPT2_FILES, paths)})
+    # intact cached files (here: files whose sha256 we declare) go to tiktoken, which reads its
+    # cache
+    monkeypatch.setattr(T, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest() for u,
+                                          p in zip(T.GPT2_FILES, paths)})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: ("tiktoken's", name))
     assert T.load_gpt2(offline=True) == ("tiktoken's", "gpt2")
     assert "tiktoken's cache" in capsys.readouterr().out
@@ -386,7 +409,8 @@ def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
     (tmp_path / "tokenizer.tiktoken").write_text("IQ== 0\nnot base64! 1\n")
     with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.tiktoken'}.*corrupt"):
         T.load_tokenizer(tmp_path, "corpus")
-    # a checkpoint's record of the corpus BPE holds its ranks: it rebuilds the same encoding without the data dir
+    # a checkpoint's record of the corpus BPE holds its ranks: it rebuilds the same encoding without
+    # the data dir
     tok = T.load_tokenizer(synth_dir, "corpus")
     rec = T.tokenizer_record(tok)
     assert rec["ranks"] == Path(synth_dir, "tokenizer.tiktoken").read_text()
@@ -394,7 +418,8 @@ def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
     text = "USER: <Speech><SpeechHere></Speech> Transcribe the audio.\nASSISTANT: sos<|endoftext|>"
     assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     assert (again.n_vocab, again.eot_token, again.name) == (tok.n_vocab, tok.eot_token, "corpus")
-    assert "ranks" not in T.tokenizer_record(T.load_gpt2(offline=True))   # GPT-2's is known by its name
+    # GPT-2's is known by its name
+    assert "ranks" not in T.tokenizer_record(T.load_gpt2(offline=True))
 
 
 # ----------------------------------------------------------------------------- the offline codec
@@ -408,27 +433,33 @@ def test_offline_codec_codes_vary_and_depend_on_audio(synth_dir, codec):
     mid = slice(10, -5)
     assert (low[mid, 0] != high[mid, 0]).mean() > 0.9 and (low[mid, 0] != noise[mid, 0]).mean() > 0.9
     t = np.arange(SR) / SR
-    sweep, _ = A.features((0.5 * np.sin(2 * np.pi * (100 * t + 2000 * t ** 2))).astype(np.float32), codec)
-    assert len(np.unique(sweep[:, 0])) > 20          # a changing signal (100 Hz -> 4.1 kHz) gives changing codes
+    sweep, _ = A.features((0.5 * np.sin(2 * np.pi * (100 * t + 2000 * t ** 2))).astype(np.float32),
+                          codec)
+    # a changing signal (100 Hz -> 4.1 kHz) gives changing codes
+    assert len(np.unique(sweep[:, 0])) > 20
     codes = np.memmap(Path(synth_dir, "train_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
     for q in range(6):
-        assert len(np.unique(codes[:, q])) > 300     # the codebooks are fitted and used (the deepest ones fit a
-                                                     # residual that this small corpus's sample leaves near zero)
-    with torch.no_grad():                            # the saved codec decodes (sample.py relies on it)
+        # the codebooks are fitted and used (the deepest ones fit a
+        assert len(np.unique(codes[:, q])) > 300
+                                                     # residual that this small corpus's sample
+                                                     # leaves near zero)
+    # the saved codec decodes (sample.py relies on it)
+    with torch.no_grad():
         wav = codec.decoder(codec.quantizer.decode(torch.from_numpy(low[:15]).T[:, None]))
     assert wav.shape[-1] == 320 * 15 and torch.isfinite(wav).all()
 
 
 # ----------------------------------------------------------------------------- real data and bad input
 
-FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2", "--codec_clips=4",
-        "--codec_tune_steps=1", "--codec_report=0"]
+FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2",
+        "--codec_clips=4", "--codec_tune_steps=1", "--codec_report=0"]
 
 
 def write_folder(d):
     d.mkdir()
     sf.write(d / "good1.wav", sine(440, 0.5, sr=16000), 16000)
-    sf.write(d / "good2.flac", np.stack([sine(660, 0.6, sr=44100), sine(660, 0.6, sr=44100)], 1), 44100)
+    sf.write(d / "good2.flac", np.stack([sine(660, 0.6, sr=44100), sine(660, 0.6, sr=44100)], 1),
+             44100)
     (d / "sub").mkdir()
     sf.write(d / "sub" / "good3.wav", sine(880, 0.4), SR)
     (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 4)
@@ -445,7 +476,8 @@ def write_folder(d):
                                     "missing.wav,gone,tone,,\n")
 
 
-BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length", "silent.wav": "all silent",
+BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length",
+       "silent.wav": "all silent",
        "nan.wav": "NaN", "short.wav": "shorter than one frame", "notes.txt": "not an audio file",
        "missing.wav": "named in the manifest but the file is missing"}
 
@@ -465,7 +497,8 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     assert by["good1.wav"]["caption"] == "a tone at 440 hertz" and by["good1.wav"]["labels"]["class"] == "tone"
     assert {"q": "what pitch?", "a": "A4"} in by["good1.wav"]["qa"]
     assert by["sub/good3.wav"]["labels"]["class"] == "sub"
-    assert abs(by["good2.flac"]["duration"] - 0.6) < 1e-3   # 44.1 kHz stereo -> 24 kHz mono, same length in time
+    # 44.1 kHz stereo -> 24 kHz mono, same length in time
+    assert abs(by["good2.flac"]["duration"] - 0.6) < 1e-3
     meta = json.loads((out / "meta.json").read_text())
     assert sum(meta["skipped"].values()) == 7
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -475,16 +508,19 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     assert "already prepared" in capsys.readouterr().out
     # --strict stops at the first bad input, naming it, and what was written stays intact
     with pytest.raises(SystemExit) as e:
-        P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--strict", "--force"] + FAST)
+        P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--strict",
+                "--force"] + FAST)
     assert "--strict" in str(e.value) and any(n in str(e.value) for n in BAD)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before
-    # a rebuild that fails half way (here: while training the tokenizer) leaves the old output complete
+    # a rebuild that fails half way (here: while training the tokenizer) leaves the old output
+    # complete
     def crash(*a, **k):
         raise RuntimeError("disk full")
     monkeypatch.setattr(P, "train_bpe", crash)
     with pytest.raises(RuntimeError):
-        P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0", "--force"] + FAST)
+        P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0",
+                "--force"] + FAST)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and ".tmp" not in p.name}
     assert after == before
 
@@ -495,10 +531,11 @@ def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
     sf.write(src / "84-121123-0000.flac", sine(300, 0.5, sr=16000), 16000)
     sf.write(src / "84-121123-0001.flac", sine(500, 0.4, sr=16000), 16000)
     sf.write(src / "84-121123-0002.flac", sine(700, 0.4, sr=16000), 16000)   # no transcript line
-    (src / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n84-121123-0001 WHAT IS IT\n"
-                                             "84-121123-0009 THIS ONE HAS NO AUDIO\n")
+    (src / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n84-121123-0001 WHAT "
+                                             "IS IT\n84-121123-0009 THIS ONE HAS NO AUDIO\n")
     out = tmp_path / "out"
-    P.main(["--dataset=librispeech", f"--src={tmp_path / 'LibriSpeech'}", f"--out_dir={out}", "--val_percent=0"] + FAST)
+    P.main(["--dataset=librispeech", f"--src={tmp_path / 'LibriSpeech'}", f"--out_dir={out}",
+            "--val_percent=0"] + FAST)
     log = capsys.readouterr().out
     assert any("84-121123-0002.flac" in l and "missing transcript" in l for l in log.splitlines())
     assert any("84-121123-0009.flac" in l and "missing" in l for l in log.splitlines())
@@ -514,13 +551,16 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     rng = np.random.default_rng(0)
-    for k, hz in enumerate([300, 500, 700]):             # noisy, so no two frames are near-identical codewords
-        sf.write(src / f"tone{k}.wav", sine(hz, 0.5) + rng.normal(0, 0.05, SR // 2).astype(np.float32), SR)
+    # noisy, so no two frames are near-identical codewords
+    for k, hz in enumerate([300, 500, 700]):
+        sf.write(src / f"tone{k}.wav",
+                 sine(hz, 0.5) + rng.normal(0, 0.05, SR // 2).astype(np.float32), SR)
     args = ["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST
 
     def crash(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(P, "fit_codebooks", crash)   # stop after the audio is encoded, before anything is written
+    # stop after the audio is encoded, before anything is written
+    monkeypatch.setattr(P, "fit_codebooks", crash)
     with pytest.raises(KeyboardInterrupt):
         P.main(args)
     assert not (out / "meta.json").exists() and list(out.glob(".work-*/chunk*.npz"))
@@ -556,25 +596,31 @@ def test_speech_voice_and_sentence_change_the_audio():
     text = "put the green bottle in the kitchen."
     man, woman = Y.speak(text, "en-us+Andy"), Y.speak(text, "en+f3")
     for w in (man, woman):
-        assert w.dtype == np.float32 and np.sqrt(np.mean(w ** 2)) > 0.03 and np.abs(w).max() < 1.0   # not silent
+        # not silent
+        assert w.dtype == np.float32 and np.sqrt(np.mean(w ** 2)) > 0.03 and np.abs(w).max() < 1.0
         assert 1.0 < len(w) / SR < 3.0
-    assert f0(man) < 150 < f0(woman)                     # the same words in two voices: a man's and a woman's pitch
+    # the same words in two voices: a man's and a woman's pitch
+    assert f0(man) < 150 < f0(woman)
     short = Y.speak("stop.", "en-us+Andy")
-    assert 0.2 < len(short) / SR and len(short) < 0.5 * len(man)   # a longer sentence gives longer audio
-    # the same call gives the same samples whatever was spoken before (the library is reloaded for each sentence)
+    # a longer sentence gives longer audio
+    assert 0.2 < len(short) / SR and len(short) < 0.5 * len(man)
+    # the same call gives the same samples whatever was spoken before (the library is reloaded for
+    # each sentence)
     assert np.array_equal(Y.speak(text, "en-us+Andy"), man)
 
 
 def test_every_speaker_gives_the_same_samples_in_a_new_process():
-    """Two processes speak the same sentence in every voice: identical samples. The breathy voices (f2, f3,
-    Alicia) draw noise from espeak's own generator, which is seeded from the clock unless synth.speak seeds it;
-    a resumed prepare.py would then write other audio than an uninterrupted one."""
+    """Two processes speak the same sentence in every voice: identical samples. The breathy voices
+    (f2, f3, Alicia) draw noise from espeak's own generator, which is seeded from the clock unless
+    synth.speak seeds it; a resumed prepare.py would then write other audio than an uninterrupted
+    one."""
     import hashlib
     import subprocess
-    code = ("import hashlib, synth; print(' '.join(hashlib.md5(synth.speak('check eighty grey tables', v, r, p)"
-            ".tobytes()).hexdigest() for v, _, r, p in synth.SPEAKERS.values()))")
+    code = ("import hashlib, synth; print(' '.join(hashlib.md5(synth.speak('check eighty grey "
+            "tables', v, r, p).tobytes()).hexdigest() for v, _, r, p in synth.SPEAKERS.values()))")
     root = Path(__file__).resolve().parent.parent
-    runs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                           check=True).stdout
             for _ in range(2)]
     here = " ".join(hashlib.md5(Y.speak("check eighty grey tables", v, r, p).tobytes()).hexdigest()
                     for v, _, r, p in Y.SPEAKERS.values())
@@ -586,7 +632,8 @@ def test_every_speaker_exists_and_its_pitch_matches_its_sex():
     variants = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
     assert len(set(Y.SPEAKERS.values())) == len(Y.SPEAKERS) >= 8
     for name, (voice, sex, rate, pitch) in Y.SPEAKERS.items():
-        assert (variants / voice.split("+")[1]).is_file(), voice   # espeak-ng falls back silently on an unknown variant
+        # espeak-ng falls back silently on an unknown variant
+        assert (variants / voice.split("+")[1]).is_file(), voice
         hz = f0(Y.speak("hello there, how are you?", voice, rate, pitch))
         assert (hz < 150 if sex == "male" else hz > 150), (name, hz)
     assert {s for _, s, _, _ in Y.SPEAKERS.values()} == {"male", "female"}
@@ -597,7 +644,8 @@ def test_speech_grammar_is_varied():
     texts = [Y.sentence(rng)[0] for _ in range(300)]
     assert len(set(texts)) > 290
     words = {w for t in texts for w in t.split()}
-    assert len(words) > 200                               # a few hundred words, not a handful of fixed sentences
+    # a few hundred words, not a handful of fixed sentences
+    assert len(words) > 200
     assert {"red", "kitchen", "forty", "call", "where", "monday"} <= words
 
 
@@ -607,20 +655,24 @@ def test_speech_clip_text_matches_what_is_spoken():
         t, labels = info["transcript"], info["labels"]
         voice, sex, rate, pitch = Y.SPEAKERS[labels["speaker"]]
         who = "a man" if sex == "male" else "a woman"
-        assert info["kind"] == "speech" and labels == {"class": "speech", "speaker": labels["speaker"], "gender": sex}
+        assert info["kind"] == "speech" and labels == {"class": "speech",
+                                                       "speaker": labels["speaker"], "gender": sex}
         assert info["caption"].startswith(who + " ") and t in info["caption"] and t in info["description"]
         qa = {q["q"]: q["a"] for q in info["qa"]}
         assert qa["what does the speaker say?"] == t and qa["is the speaker a man or a woman?"] == who
         for q, a in qa.items():
-            if q.startswith(("what colour", "what object", "what place", "who", "what number", "what day", "which")):
+            if q.startswith(("what colour", "what object", "what place", "who", "what number",
+                             "what day", "which")):
                 assert re.search(rf"\b{a}", t), (q, a, t)  # each answer is in the sentence
                 seen.add(q)
-        # the audio is that sentence in that voice: the clip holds speak()'s samples, scaled, after a silence
+        # the audio is that sentence in that voice: the clip holds speak()'s samples, scaled, after
+        # a silence
         question = qa["is it a command, a question or a statement?"] == "question"
         ref = Y.speak(t + ("?" if question else "."), voice, rate, pitch)
         assert len(ref) < len(wav) <= 2.0 * SR
-        # align at -60 dB, not at the first nonzero sample: after other tests in the same process the faintest
-        # leading samples came out zero in one of the two (seen in the full suite), shifting the comparison
+        # align at -60 dB, not at the first nonzero sample: after other tests in the same process
+        # the faintest leading samples came out zero in one of the two (seen in the full suite),
+        # shifting the comparison
         onset = lambda x: np.flatnonzero(np.abs(x) > 1e-3 * np.abs(x).max())[0]
         start = onset(wav) - onset(ref)
         seg = wav[start:start + len(ref)]
@@ -639,12 +691,15 @@ def test_speech_library_that_will_not_load_is_reported(tmp_path, capsys, monkeyp
         P.main(["--clips=4", f"--out_dir={tmp_path / 'a'}", "--strict"] + FAST)
     assert "--strict" in str(e.value) and not (tmp_path / "a" / "meta.json").exists()
     capsys.readouterr()
-    P.main(["--clips=4", "--max_seconds=2", f"--out_dir={tmp_path / 'b'}"] + FAST)   # clips 0, 1 and 3 would be speech
+    # clips 0, 1 and 3 would be speech
+    P.main(["--clips=4", "--max_seconds=2", f"--out_dir={tmp_path / 'b'}"] + FAST)
     out = capsys.readouterr().out
-    assert out.count(str(missing)) == 1 and "building the corpus without speech" in out   # one clear line
+    # one clear line
+    assert out.count(str(missing)) == 1 and "building the corpus without speech" in out
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["args"]["no_speech"] is True
-    clips = [json.loads(l) for s in ("train", "val") for l in (tmp_path / "b" / f"{s}_clips.jsonl").read_text().splitlines()]
+    clips = [json.loads(l) for s in ("train", "val")
+             for l in (tmp_path / "b" / f"{s}_clips.jsonl").read_text().splitlines()]
     assert len(clips) == 4 and not any(c["kind"] == "speech" for c in clips)
 
 
@@ -654,7 +709,8 @@ def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert A.find_codec_weights(None) is None           # no hub cache either -> the offline codec
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    assert not T.gpt2_files_cached()                    # -> the offline BPE, without touching the network
+    # -> the offline BPE, without touching the network
+    assert not T.gpt2_files_cached()
 
 
 def test_the_corpus_generator_writes_at_the_data_contract_rate():

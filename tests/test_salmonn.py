@@ -1,5 +1,5 @@
-"""SALMONN: shapes, Q-Former windows, frozen LLM + LoRA, loss masking, checkpoint loading, decoding, metrics,
-and a CPU-sized model that learns to transcribe Morse/DTMF clips."""
+"""SALMONN: shapes, Q-Former windows, frozen LLM + LoRA, loss masking, checkpoint loading, decoding,
+metrics, and a CPU-sized model that learns to transcribe Morse/DTMF clips."""
 
 import itertools
 import json
@@ -18,15 +18,18 @@ from salmonn import SALMONN, SALMONNConfig, n_audio_tokens
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def tiny_config(**kw):
-    cfg = dict(vocab_size=61, n_mels=64, speech_n_layer=1, speech_n_head=2, speech_n_embd=32, beats_n_layer=1,
-               beats_n_head=2, beats_n_embd=16, qformer_n_layer=2, qformer_n_head=2, qformer_n_embd=24,
-               window_frames=4, window_queries=2, llm_n_layer=2, llm_n_head=2, llm_n_embd=32, llm_block_size=64,
-               lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    cfg = dict(vocab_size=61, n_mels=64, speech_n_layer=1, speech_n_head=2, speech_n_embd=32,
+               beats_n_layer=1,
+               beats_n_head=2, beats_n_embd=16, qformer_n_layer=2, qformer_n_head=2,
+               qformer_n_embd=24,
+               window_frames=4, window_queries=2, llm_n_layer=2, llm_n_head=2, llm_n_embd=32,
+               llm_block_size=64, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
     cfg.update(kw)
     return SALMONNConfig(**cfg)
 
 def random_batch(cfg, lens=(37, 20), T=40, seed=0):
-    """Token ids with each clip's audio slots after 3 prompt tokens, answer targets on the last 5 positions."""
+    """Token ids with each clip's audio slots after 3 prompt tokens, answer targets on the last 5
+    positions."""
     g = torch.Generator().manual_seed(seed)
     B = len(lens)
     mel = torch.randn(B, max(lens), cfg.n_mels, generator=g)
@@ -36,10 +39,12 @@ def random_batch(cfg, lens=(37, 20), T=40, seed=0):
     for b, n in enumerate(lens):
         audio_mask[b, 3:3 + n_audio_tokens(n, cfg)] = True
         targets[b, -5:] = torch.randint(0, cfg.vocab_size, (5,), generator=g)
-    return dict(idx=idx, targets=targets, mel=mel, mel_lens=torch.tensor(lens), audio_mask=audio_mask)
+    return dict(idx=idx, targets=targets, mel=mel, mel_lens=torch.tensor(lens),
+                audio_mask=audio_mask)
 
 def build(cfg, tok=None):
-    """As train.py builds a fresh model: the *_init files' sizes into the config, the model, then their weights."""
+    """As train.py builds a fresh model: the *_init files' sizes into the config, the model, then
+    their weights."""
     salmonn.set_pretrained_dims(cfg)
     m = SALMONN(cfg)
     salmonn.init_pretrained(m, tok)
@@ -95,7 +100,8 @@ def test_qformer_windows_in_time_order_and_local():
         x2[0, 4 * w:min(4 * w + 4, T)] += torch.randn(min(4, T - 4 * w), 20)
         out, _ = qf(x2, torch.tensor([T]))
         changed = (out - base).abs().amax(-1)[0] > 1e-6
-        assert changed.tolist() == [i // 2 == w for i in range(8)], w  # only window w's two queries, at slots 2w, 2w+1
+        # only window w's two queries, at slots 2w, 2w+1
+        assert changed.tolist() == [i // 2 == w for i in range(8)], w
     # frames past the clip's length are never seen; fully padded windows are marked invalid
     x3 = x.clone()
     x3[0, 6:] = 100.0
@@ -109,21 +115,26 @@ def test_qformer_windows_in_time_order_and_local():
 
 @pytest.mark.parametrize("freeze_encoders", [True, False])
 def test_only_qformer_projection_and_lora_train(freeze_encoders):
-    """Stage-1 steps (train.py's optimizer: AdamW over the requires_grad parameters) leave the LLM's base weights
-    and, as in the paper, the encoders bit-identical; LoRA sits on q and v only. freeze_encoders=False trains them."""
+    """Stage-1 steps (train.py's optimizer: AdamW over the requires_grad parameters) leave the LLM's
+    base weights and, as in the paper, the encoders bit-identical; LoRA sits on q and v only.
+    freeze_encoders=False trains them."""
     torch.manual_seed(0)
     m = SALMONN(tiny_config(lora_dropout=0.1, dropout=0.1, freeze_encoders=freeze_encoders))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    adapter = ("ln_speech.", "ln_audio.", "qformer.", "proj.") + (() if freeze_encoders else ("speech.", "beats."))
+    adapter = ("ln_speech.", "ln_audio.", "qformer.",
+               "proj.") + (() if freeze_encoders else ("speech.", "beats."))
     assert all(n.startswith(adapter) or ".lora_" in n for n in trainable)
-    assert {n for n in trainable if n.startswith("llm.")} == {f"llm.h.{i}.attn.lora_{w}_{ab}" for i in range(2)
+    assert {n for n in trainable
+            if n.startswith("llm.")} == {f"llm.h.{i}.attn.lora_{w}_{ab}" for i in range(2)
                                                               for w in "qv" for ab in "AB"}
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=1e-3)
     m.train()
-    assert m.speech.training != freeze_encoders and m.beats.training != freeze_encoders  # frozen: no dropout
+    # frozen: no dropout
+    assert m.speech.training != freeze_encoders and m.beats.training != freeze_encoders
     for _ in range(2):
         _, loss = m(**random_batch(m.config))
         opt.zero_grad()
@@ -135,7 +146,8 @@ def test_only_qformer_projection_and_lora_train(freeze_encoders):
             assert torch.equal(p, before[n]), f"frozen {n} changed"
             assert p.grad is None
     for prefix in adapter + ("llm.h.0.attn.lora_q_B", "llm.h.1.attn.lora_v_B"):
-        assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith(prefix)), prefix
+        assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters()
+                   if n.startswith(prefix)), prefix
 
 def test_merged_lora_equals_unmerged_and_scale():
     torch.manual_seed(0)
@@ -155,7 +167,8 @@ def test_merged_lora_equals_unmerged_and_scale():
         merged_1, _ = m(**batch)
         m.unmerge_lora()
         unmerged_1, _ = m(**batch)
-        assert torch.allclose(merged_1, unmerged_1, atol=1e-5) and not torch.allclose(unmerged_1, ref, atol=1e-3)
+        assert torch.allclose(merged_1, unmerged_1,
+                              atol=1e-5) and not torch.allclose(unmerged_1, ref, atol=1e-3)
         assert torch.allclose(m.llm.h[0].attn.c_attn.weight, w0, atol=1e-6)
         m.lora_scale = 0.0  # no LoRA at all: the base model
         base, _ = m(**batch)
@@ -168,8 +181,8 @@ def test_merged_lora_equals_unmerged_and_scale():
 # data: loss on the answer only
 
 def write_tiny_data(path, clips, n_mels=64, seed=0):
-    """A hand-made prepared-data directory (meta.json, mel, clips) in the data contract's format. The clips' text is
-    text: the tokenizer is the model's (here ByteTokenizer), not the data's."""
+    """A hand-made prepared-data directory (meta.json, mel, clips) in the data contract's format.
+    The clips' text is text: the tokenizer is the model's (here ByteTokenizer), not the data's."""
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
     meta = {"sample_rate": 24000, "frame_rate": 75, "hop_length": 320, "n_mels": n_mels, "n_q": 8}
@@ -184,8 +197,10 @@ def write_tiny_data(path, clips, n_mels=64, seed=0):
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 CLIPS = [
-    {"id": "a", "frames": 30, "kind": "morse", "transcript": "sos", "caption": "morse code spelling sos.",
-     "description": "A tone taps out sos.", "labels": {"class": "morse code"}, "qa": [{"q": "what word?", "a": "sos"}]},
+    {"id": "a", "frames": 30, "kind": "morse", "transcript": "sos",
+     "caption": "morse code spelling sos.",
+     "description": "A tone taps out sos.", "labels": {"class": "morse code"},
+     "qa": [{"q": "what word?", "a": "sos"}]},
     {"id": "b", "frames": 55, "kind": "music", "transcript": None, "caption": "a piano plays c4.",
      "description": None, "labels": {"class": "piano"}, "qa": []},
 ]
@@ -203,7 +218,8 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
         n = n_audio_tokens(int(batch["mel_lens"][b]), cfg)
         assert am.sum() == n and batch["mel_lens"][b] in (30, 55)
         assert (tg[am] == -1).all()
-        first = int((tg != -1).nonzero()[0])  # the target of position `first` is the answer's first token
+        first = int((tg != -1).nonzero()[0])  # the target of position `first` is the answer's first
+                                              # token
         prompt = tok.decode(idx[:first + 1][~am[:first + 1]].tolist())
         assert prompt.startswith("USER: <Speech></Speech> ") and prompt.endswith("\nASSISTANT:")
         assert (tg[:first] == -1).all() and not am[first:].any()
@@ -216,25 +232,31 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
     logits, _ = m(**batch)
     # per example first (a one-word label weighs as much as a caption), then over the batch
     tg = batch["targets"]
-    ref = torch.stack([F.cross_entropy(logits[b][tg[b] != -1], tg[b][tg[b] != -1]) for b in range(16)]).mean()
+    ref = torch.stack([F.cross_entropy(logits[b][tg[b] != -1], tg[b][tg[b] != -1])
+                       for b in range(16)]).mean()
     assert torch.allclose(loss, ref)
-    assert not torch.allclose(loss, F.cross_entropy(logits[tg != -1], tg[tg != -1]))  # not the token mean
-    assert seen <= {"s o s", "sos", "morse code spelling sos.", "a piano plays c4.", "morse code", "piano"}  # Morse spelled
+    # not the token mean
+    assert not torch.allclose(loss, F.cross_entropy(logits[tg != -1], tg[tg != -1]))
+    # Morse spelled
+    assert seen <= {"s o s", "sos", "morse code spelling sos.", "a piano plays c4.", "morse code",
+                    "piano"}
     assert len(seen) >= 3
 
 @pytest.mark.parametrize("name", ["corpus", "gpt2"])
 def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
-    """The prepared data is text: the small CPU LLM (corpus BPE) and a GPT-2-vocabulary LLM read the same data dir,
-    each with the tokenizer its config names. Prompts and answers decode back to the stored text, and the model's
-    vocabulary is the tokenizer's."""
+    """The prepared data is text: the small CPU LLM (corpus BPE) and a GPT-2-vocabulary LLM read the
+    same data dir, each with the tokenizer its config names. Prompts and answers decode back to the
+    stored text, and the model's vocabulary is the tokenizer's."""
     tok = tokenizer.load_tokenizer(synth_dir, name, offline=True)
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     assert tok.n_vocab == (50257 if name == "gpt2" else meta["tokenizer"]["vocab_size"])
-    cfg = tiny_config(stage="instruct", tokenizer=name, vocab_size=0, llm_block_size=256, max_audio_frames=150)
+    cfg = tiny_config(stage="instruct", tokenizer=name, vocab_size=0, llm_block_size=256,
+                      max_audio_frames=150)
     data = salmonn.load_data(synth_dir, cfg, tok)
     assert cfg.vocab_size == tok.n_vocab
     clips = [json.loads(l) for l in open(os.path.join(synth_dir, "train_clips.jsonl"))]
-    stored = {" " + answer for c in clips for task, _, answer in salmonn.task_entries(c) if task in data.tasks}
+    stored = {" " + answer for c in clips for task, _, answer in salmonn.task_entries(c)
+              if task in data.tasks}
     batch = salmonn.get_batch(data, "train", 8, np.random.default_rng(0))
     answers = set()
     for b in range(8):
@@ -254,23 +276,30 @@ def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
 # checkpoint loading
 
 def hf_gpt2_state(n_layer=2, n_embd=32, n_pos=64, vocab=61, prefix="", seed=0):
-    """Random weights with Hugging Face GPT-2's names and Conv1D (in, out) layout, plus its mask buffers."""
+    """Random weights with Hugging Face GPT-2's names and Conv1D (in, out) layout, plus its mask
+    buffers."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.1
-    sd = {"wte.weight": r(vocab, n_embd), "wpe.weight": r(n_pos, n_embd), "ln_f.weight": 1 + r(n_embd), "ln_f.bias": r(n_embd)}
+    sd = {"wte.weight": r(vocab, n_embd), "wpe.weight": r(n_pos, n_embd),
+          "ln_f.weight": 1 + r(n_embd), "ln_f.bias": r(n_embd)}
     for i in range(n_layer):
         h = f"h.{i}."
-        sd.update({h + "ln_1.weight": 1 + r(n_embd), h + "ln_1.bias": r(n_embd), h + "ln_2.weight": 1 + r(n_embd),
+        sd.update({h + "ln_1.weight": 1 + r(n_embd), h + "ln_1.bias": r(n_embd),
+                   h + "ln_2.weight": 1 + r(n_embd),
                    h + "ln_2.bias": r(n_embd), h + "attn.c_attn.weight": r(n_embd, 3 * n_embd),
-                   h + "attn.c_attn.bias": r(3 * n_embd), h + "attn.c_proj.weight": r(n_embd, n_embd),
+                   h + "attn.c_attn.bias": r(3 * n_embd),
+                   h + "attn.c_proj.weight": r(n_embd, n_embd),
                    h + "attn.c_proj.bias": r(n_embd), h + "mlp.c_fc.weight": r(n_embd, 4 * n_embd),
-                   h + "mlp.c_fc.bias": r(4 * n_embd), h + "mlp.c_proj.weight": r(4 * n_embd, n_embd),
-                   h + "mlp.c_proj.bias": r(n_embd), h + "attn.bias": torch.tril(torch.ones(1, 1, n_pos, n_pos)),
+                   h + "mlp.c_fc.bias": r(4 * n_embd),
+                   h + "mlp.c_proj.weight": r(4 * n_embd, n_embd),
+                   h + "mlp.c_proj.bias": r(n_embd),
+                   h + "attn.bias": torch.tril(torch.ones(1, 1, n_pos, n_pos)),
                    h + "attn.masked_bias": torch.tensor(-1e4)})
     return {prefix + k: v for k, v in sd.items()}
 
 def gpt2_reference(sd, ids, n_head):
-    """GPT-2 forward written directly on the HF weights (Conv1D: x @ W + b): the independent reference."""
+    """GPT-2 forward written directly on the HF weights (Conv1D: x @ W + b): the independent
+    reference."""
     x = sd["wte.weight"][ids] + sd["wpe.weight"][: ids.size(1)]
     T, C = ids.size(1), x.size(-1)
     ln = lambda x, p: F.layer_norm(x, (C,), sd[p + ".weight"], sd[p + ".bias"])
@@ -283,7 +312,8 @@ def gpt2_reference(sd, ids, n_head):
         att = (heads(q) @ heads(k).transpose(-1, -2)) / math.sqrt(C // n_head)
         y = att.masked_fill(~mask, -float("inf")).softmax(-1) @ heads(v)
         x = x + y.transpose(1, 2).reshape(1, T, C) @ sd[h + "attn.c_proj.weight"] + sd[h + "attn.c_proj.bias"]
-        m = F.gelu(ln(x, h + "ln_2") @ sd[h + "mlp.c_fc.weight"] + sd[h + "mlp.c_fc.bias"], approximate="tanh")
+        m = F.gelu(ln(x, h + "ln_2") @ sd[h + "mlp.c_fc.weight"] + sd[h + "mlp.c_fc.bias"],
+                   approximate="tanh")
         x = x + m @ sd[h + "mlp.c_proj.weight"] + sd[h + "mlp.c_proj.bias"]
         i += 1
     return ln(x, "ln_f") @ sd["wte.weight"].t()
@@ -295,13 +325,15 @@ def test_gpt2_checkpoint_loading(tmp_path, fmt):
     json.dump({"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64, "vocab_size": 61},
               open(tmp_path / "config.json", "w"))
     if fmt == "safetensors":  # as GPT2Model saves it: no prefix
-        save_file({k: v.contiguous() for k, v in sd.items() if not k.endswith(".attn.bias")}, str(tmp_path / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in sd.items() if not k.endswith(".attn.bias")},
+                  str(tmp_path / "model.safetensors"))
     else:  # as GPT2LMHeadModel saves it: "transformer." prefix, lm_head tied
         full = {"transformer." + k: v for k, v in sd.items()}
         full["lm_head.weight"] = sd["wte.weight"]
         torch.save(full, tmp_path / "pytorch_model.bin")
     # sizes in the config differ on purpose: the checkpoint's replace them
-    cfg = tiny_config(llm_init=str(tmp_path), llm_n_layer=1, llm_n_head=2, llm_n_embd=16, llm_block_size=8)
+    cfg = tiny_config(llm_init=str(tmp_path), llm_n_layer=1, llm_n_head=2, llm_n_embd=16,
+                      llm_block_size=8)
     m = build(cfg).eval()
     assert (cfg.llm_n_layer, cfg.llm_n_head, cfg.llm_n_embd, cfg.llm_block_size) == (2, 4, 32, 64)
     ours = m.llm.state_dict()
@@ -320,7 +352,8 @@ def test_gpt2_checkpoint_loading(tmp_path, fmt):
     # a vocabulary that does not match the data's tokenizer is refused with a clear error
     with pytest.raises(ValueError, match="vocab_size"):
         build(tiny_config(llm_init=str(tmp_path), vocab_size=100))
-    # without config.json the number of heads cannot be read from the weights: a clear error, no guess
+    # without config.json the number of heads cannot be read from the weights: a clear error, no
+    # guess
     os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
         build(tiny_config(llm_init=str(tmp_path)))
@@ -329,9 +362,11 @@ def test_llm_checkpoint_from_text_pretraining(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(stage="llm", llm_dropout=0.1)
     lm = SALMONN(cfg)
-    assert all(p.requires_grad for p in lm.parameters()) and set(dict(lm.named_children())) == {"llm"}
+    assert all(p.requires_grad
+               for p in lm.parameters()) and set(dict(lm.named_children())) == {"llm"}
     from dataclasses import asdict
-    ck = {"model": lm.state_dict(), "model_name": "salmonn", "model_args": asdict(cfg), "iter_num": 1, "best_val_loss": 1.0}
+    ck = {"model": lm.state_dict(), "model_name": "salmonn", "model_args": asdict(cfg),
+          "iter_num": 1, "best_val_loss": 1.0}
     torch.save(ck, tmp_path / "ckpt.pt")
     m = build(tiny_config(llm_init=str(tmp_path / "ckpt.pt"), llm_n_embd=16))
     for k, v in lm.llm.state_dict().items():
@@ -341,28 +376,39 @@ def test_llm_checkpoint_from_text_pretraining(tmp_path):
 def test_whisper_checkpoint_loading(tmp_path):
     """A checkpoint in OpenAI Whisper's format ("dims", "model_state_dict" with encoder.* names)."""
     torch.manual_seed(0)
-    dims = {"n_mels": 80, "n_audio_ctx": 50, "n_audio_state": 32, "n_audio_head": 4, "n_audio_layer": 2,
-            "n_vocab": 100, "n_text_ctx": 16, "n_text_state": 32, "n_text_head": 4, "n_text_layer": 1}
+    dims = {"n_mels": 80, "n_audio_ctx": 50, "n_audio_state": 32, "n_audio_head": 4,
+            "n_audio_layer": 2,
+            "n_vocab": 100, "n_text_ctx": 16, "n_text_state": 32, "n_text_head": 4,
+            "n_text_layer": 1}
     C = 32
-    sd = {"encoder.conv1.weight": torch.randn(C, 80, 3) * 0.1, "encoder.conv1.bias": torch.randn(C) * 0.1,
-          "encoder.conv2.weight": torch.randn(C, C, 3) * 0.1, "encoder.conv2.bias": torch.randn(C) * 0.1,
-          "encoder.positional_embedding": salmonn.sinusoids(50, C), "encoder.ln_post.weight": torch.rand(C) + 0.5,
-          "encoder.ln_post.bias": torch.randn(C) * 0.1, "decoder.token_embedding.weight": torch.randn(100, C)}
+    sd = {"encoder.conv1.weight": torch.randn(C, 80, 3) * 0.1,
+          "encoder.conv1.bias": torch.randn(C) * 0.1,
+          "encoder.conv2.weight": torch.randn(C, C, 3) * 0.1,
+          "encoder.conv2.bias": torch.randn(C) * 0.1,
+          "encoder.positional_embedding": salmonn.sinusoids(50, C),
+          "encoder.ln_post.weight": torch.rand(C) + 0.5,
+          "encoder.ln_post.bias": torch.randn(C) * 0.1,
+          "decoder.token_embedding.weight": torch.randn(100, C)}
     for i in range(2):
         b = f"encoder.blocks.{i}."
         for n in ("query", "key", "value", "out"):
             sd[b + f"attn.{n}.weight"] = torch.randn(C, C) * 0.1
             if n != "key":
                 sd[b + f"attn.{n}.bias"] = torch.randn(C) * 0.1
-        sd.update({b + "attn_ln.weight": torch.rand(C) + 0.5, b + "attn_ln.bias": torch.randn(C) * 0.1,
-                   b + "mlp.0.weight": torch.randn(4 * C, C) * 0.1, b + "mlp.0.bias": torch.randn(4 * C) * 0.1,
-                   b + "mlp.2.weight": torch.randn(C, 4 * C) * 0.1, b + "mlp.2.bias": torch.randn(C) * 0.1,
-                   b + "mlp_ln.weight": torch.rand(C) + 0.5, b + "mlp_ln.bias": torch.randn(C) * 0.1})
+        sd.update({b + "attn_ln.weight": torch.rand(C) + 0.5,
+                   b + "attn_ln.bias": torch.randn(C) * 0.1,
+                   b + "mlp.0.weight": torch.randn(4 * C, C) * 0.1,
+                   b + "mlp.0.bias": torch.randn(4 * C) * 0.1,
+                   b + "mlp.2.weight": torch.randn(C, 4 * C) * 0.1,
+                   b + "mlp.2.bias": torch.randn(C) * 0.1,
+                   b + "mlp_ln.weight": torch.rand(C) + 0.5,
+                   b + "mlp_ln.bias": torch.randn(C) * 0.1})
     torch.save({"dims": dims, "model_state_dict": sd}, tmp_path / "tiny.pt")
     m = build(tiny_config(whisper_init=str(tmp_path / "tiny.pt"))).eval()
     assert m.speech.conv1.weight.shape == (32, 80, 3) and len(m.speech.blocks) == 2
     ours = m.speech.state_dict()
-    assert set(ours) == {k[len("encoder."):] for k in sd if k.startswith("encoder.")} - {"positional_embedding"}
+    assert set(ours) == {k[len("encoder."):] for k in sd
+                         if k.startswith("encoder.")} - {"positional_embedding"}
     for k, v in ours.items():
         assert torch.equal(v, sd["encoder." + k]), k
     # Whisper's encoder written out on its own weights (80-bin input, 20 frames -> 10)
@@ -378,7 +424,8 @@ def test_whisper_checkpoint_loading(tmp_path):
         k = (h @ w(b + "attn.key.weight").t()).view(1, 10, 4, 8).transpose(1, 2)
         v = (h @ w(b + "attn.value.weight").t() + w(b + "attn.value.bias")).view(1, 10, 4, 8).transpose(1, 2)
         y = ((q * 8 ** -0.25) @ (k * 8 ** -0.25).transpose(-1, -2)).softmax(-1) @ v
-        x = x + y.transpose(1, 2).reshape(1, 10, C) @ w(b + "attn.out.weight").t() + w(b + "attn.out.bias")
+        x = x + y.transpose(1, 2).reshape(1, 10,
+                                          C) @ w(b + "attn.out.weight").t() + w(b + "attn.out.bias")
         h = F.layer_norm(x, (C,), w(b + "mlp_ln.weight"), w(b + "mlp_ln.bias"))
         x = x + F.gelu(h @ w(b + "mlp.0.weight").t() + w(b + "mlp.0.bias")) @ w(b + "mlp.2.weight").t() + w(b + "mlp.2.bias")
     ref = F.layer_norm(x, (C,), w("ln_post.weight"), w("ln_post.bias"))
@@ -390,18 +437,20 @@ def test_whisper_checkpoint_loading(tmp_path):
 # decoding
 
 def test_beam_search_finds_the_best_sequence_on_a_hand_built_model():
-    # a Markov model over {0: end, 1: A, 2: B}: greedy takes A (0.6) then must end (total 0.6 * 0.4 = 0.24
-    # at best); B (0.4) then end (0.9) = 0.36 is the most probable sequence
+    # a Markov model over {0: end, 1: A, 2: B}: greedy takes A (0.6) then must end (total 0.6 * 0.4
+    # = 0.24 at best); B (0.4) then end (0.9) = 0.36 is the most probable sequence
     P0 = torch.tensor([0.0, 0.6, 0.4])
     P = {1: torch.tensor([0.4, 0.3, 0.3]), 2: torch.tensor([0.9, 0.05, 0.05])}
     step = lambda toks, state: (torch.stack([P[int(t)] for t in toks]).log(), state)
-    greedy = salmonn.beam_search(step, P0.log()[None], [], beam=1, max_new_tokens=5, eot=0, length_penalty=0.0)
+    greedy = salmonn.beam_search(step, P0.log()[None], [], beam=1, max_new_tokens=5, eot=0,
+                                 length_penalty=0.0)
     assert greedy == [1]
-    assert salmonn.beam_search(step, P0.log()[None], [], beam=2, max_new_tokens=5, eot=0, length_penalty=0.0) == [2]
+    assert salmonn.beam_search(step, P0.log()[None], [], beam=2, max_new_tokens=5, eot=0,
+                               length_penalty=0.0) == [2]
 
 def all_logprobs(m, x, vocab, eot, max_new):
-    """Log-probability of every possible answer (ending at eot or at max_new tokens), from one full forward
-    pass over all vocab ** max_new continuations (no cache)."""
+    """Log-probability of every possible answer (ending at eot or at max_new tokens), from one full
+    forward pass over all vocab ** max_new continuations (no cache)."""
     seqs = torch.tensor(list(itertools.product(range(vocab), repeat=max_new)))
     h, _ = m.llm(torch.cat([x.expand(len(seqs), -1, -1), m.llm.wte(seqs[:, :-1])], 1))
     lp = m.llm.lm_head(h[:, x.size(1) - 1:]).log_softmax(-1).gather(2, seqs[..., None])[..., 0].cumsum(1)
@@ -426,11 +475,13 @@ def test_beam_search_with_kv_cache_is_exact_and_beam_1_is_greedy():
         assert scores[tuple(m.generate(x, 3, eot=0, beam=2, length_penalty=0.0))] <= scores[best]
         # ranked by log-prob / length (Hugging Face's length_penalty=1.0)
         per_token = {s: lp / max(1, len(s)) for s, lp in scores.items()}  # eot not counted
-        assert tuple(m.generate(x, 3, eot=0, beam=9, length_penalty=1.0)) == max(per_token, key=per_token.get)
+        assert tuple(m.generate(x, 3, eot=0, beam=9,
+                                length_penalty=1.0)) == max(per_token, key=per_token.get)
         # greedy by hand, with full forward passes
         seq = []
         for _ in range(3):
-            h, _ = m.llm(torch.cat([x, m.llm.wte(torch.tensor([seq], dtype=torch.long))], 1) if seq else x)
+            h, _ = m.llm(torch.cat([x, m.llm.wte(torch.tensor([seq], dtype=torch.long))],
+                                   1) if seq else x)
             t = int(m.llm.lm_head(h[:, -1]).argmax())
             if t == 0:
                 break
@@ -438,8 +489,10 @@ def test_beam_search_with_kv_cache_is_exact_and_beam_1_is_greedy():
         assert m.generate(x, 3, eot=0, beam=1) == seq
         # beam_search itself with beam 1 is greedy too
         h, past = m.llm(x)
-        step = lambda toks, past: (lambda hp: (m.llm.lm_head(hp[0][:, -1]).log_softmax(-1), hp[1]))(m.llm(m.llm.wte(toks[:, None]), past))
-        assert salmonn.beam_search(step, m.llm.lm_head(h[:, -1]).log_softmax(-1), past, 1, 3, 0, 0.0) == seq
+        step = lambda toks, past: (lambda hp: (m.llm.lm_head(hp[0][:, -1]).log_softmax(-1),
+                                               hp[1]))(m.llm(m.llm.wte(toks[:, None]), past))
+        assert salmonn.beam_search(step, m.llm.lm_head(h[:, -1]).log_softmax(-1), past, 1, 3, 0,
+                                   0.0) == seq
 
 def test_sample_options():
     torch.manual_seed(0)
@@ -447,9 +500,12 @@ def test_sample_options():
     m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
     audio = {"mel": torch.randn(50, 64), "codes": torch.zeros(50, 8, dtype=torch.long)}
     with torch.no_grad():
-        greedy = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, max_new_tokens=8)["text"]
-        a = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5, seed=3, max_new_tokens=8)
-        b = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5, seed=3, max_new_tokens=8)
+        greedy = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1,
+                                max_new_tokens=8)["text"]
+        a = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5,
+                           seed=3, max_new_tokens=8)
+        b = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5,
+                           seed=3, max_new_tokens=8)
         assert a == b and isinstance(greedy, str)
         salmonn.sample(m, tok, audio, None, None, max_new_tokens=4, lora_scale=2.0)
     assert m.lora_scale == 2.0 and not m.lora_merged  # 8 / 4: restored after sampling
@@ -462,16 +518,19 @@ def test_sample_options():
 # metrics, hand-worked
 
 def test_word_error_rate():
-    assert salmonn.edit_distance("a b c d".split(), "a x c".split()) == 2  # one substitution, one deletion
+    # one substitution, one deletion
+    assert salmonn.edit_distance("a b c d".split(), "a x c".split()) == 2
     assert salmonn.word_error_rate(["a b c d"], ["a x c"]) == 0.5
     assert salmonn.word_error_rate(["a b"], ["a b c d"]) == 1.0  # two insertions over two words
-    assert salmonn.word_error_rate(["Hello, World!"], ["hello world"]) == 0.0  # case and punctuation ignored
+    # case and punctuation ignored
+    assert salmonn.word_error_rate(["Hello, World!"], ["hello world"]) == 0.0
     # corpus WER pools edits and words: (2 + 0) / (4 + 2)
     assert salmonn.word_error_rate(["a b c d", "e f"], ["a x c", "e f"]) == pytest.approx(2 / 6)
     assert salmonn.edit_distance([], ["x", "y"]) == 2 and salmonn.edit_distance(["x"], []) == 1
 
 def test_bleu4():
-    """salmonn.bleu4 is pengi.bleu4 (a marked copy, tests/test_copies.py): hypotheses first, a list of references each."""
+    """salmonn.bleu4 is pengi.bleu4 (a marked copy, tests/test_copies.py): hypotheses first, a list
+    of references each."""
     bleu = lambda refs, hyps: salmonn.bleu4(hyps, [[r] for r in refs])
     assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
     # p1..p4 = 4/5, 3/4, 2/3, 1/2, same length: (0.2) ** (1/4)
@@ -485,12 +544,13 @@ def test_bleu4():
     assert got == pytest.approx((9 / 10 * 6 / 8 * 3 / 6 * 2 / 4) ** 0.25)
 
 def test_accuracy():
-    assert salmonn.accuracy(["Piano", "two", "siren"], ["piano.", "three", "a siren"]) == pytest.approx(1 / 3)
+    assert salmonn.accuracy(["Piano", "two", "siren"],
+                            ["piano.", "three", "a siren"]) == pytest.approx(1 / 3)
 
 
 # -----------------------------------------------------------------------------
-# the pretrained parts' stand-ins: stage "whisper" (encoder-decoder + CTC), stage "beats" (tagging), and the
-# LLM's copying documents
+# the pretrained parts' stand-ins: stage "whisper" (encoder-decoder + CTC), stage "beats" (tagging),
+# and the LLM's copying documents
 
 def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     torch.manual_seed(0)
@@ -504,11 +564,14 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     ctc = torch.tensor([[5, 6, 7, -1], [8, -1, -1, -1]])
     logits, loss = m(idx=idx, targets=targets, ctc_targets=ctc, mel=mel, mel_lens=lens)
     assert logits.shape == (2, 5, cfg.vocab_size)
-    # the loss is the weighted sum of the decoder's cross-entropy and CTC, computed independently here
+    # the loss is the weighted sum of the decoder's cross-entropy and CTC, computed independently
+    # here
     audio, lens2 = m.speech(mel, lens)
-    ce = F.cross_entropy(m.decoder(idx, audio, lens2).reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-1)
+    ce = F.cross_entropy(m.decoder(idx, audio, lens2).reshape(-1, cfg.vocab_size),
+                         targets.reshape(-1), ignore_index=-1)
     logp = m.ctc_head(audio).log_softmax(-1).transpose(0, 1)
-    ctc_ref = F.ctc_loss(logp, torch.tensor([5, 6, 7, 8]), lens2, torch.tensor([3, 1]), blank=cfg.vocab_size)
+    ctc_ref = F.ctc_loss(logp, torch.tensor([5, 6, 7, 8]), lens2, torch.tensor([3, 1]),
+                         blank=cfg.vocab_size)
     assert torch.allclose(loss, 0.5 * ce + 0.5 * ctc_ref, atol=1e-5)
     # the decoder is causal: changing a later token leaves earlier logits alone
     idx2 = idx.clone()
@@ -518,7 +581,8 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6) and not torch.allclose(a[0, 3], b[0, 3])
     loss.backward()
     assert m.speech.conv1.weight.grad.abs().sum() > 0  # the encoder learns through both heads
-    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(), [{"mel": mel[0, :40]}, {"mel": mel[1, :26]}])
+    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(),
+                                               [{"mel": mel[0, :40]}, {"mel": mel[1, :26]}])
     assert len(dec) == len(ctc_text) == 2 and all(isinstance(t, str) for t in dec + ctc_text)
 
 class ByteTokenizerEot60(ByteTokenizer):
@@ -529,14 +593,16 @@ class ByteTokenizerEot60(ByteTokenizer):
         return [b % 60 for b in text.encode()]
 
 def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
-    """Our stage-"whisper" and stage-"beats" checkpoints load into stage 1 (sizes from the files), frozen, and the
-    stage-1 checkpoint is self-contained: it loads, samples and evaluates after the earlier files are gone."""
+    """Our stage-"whisper" and stage-"beats" checkpoints load into stage 1 (sizes from the files),
+    frozen, and the stage-1 checkpoint is self-contained: it loads, samples and evaluates after the
+    earlier files are gone."""
     from dataclasses import asdict
     torch.manual_seed(0)
     w = SALMONN(tiny_config(stage="whisper", speech_n_layer=2, speech_n_embd=16))
     b = SALMONN(tiny_config(stage="beats", beats_n_embd=8, tags="class=a|class=b"))
     for name, mod in (("w.pt", w), ("b.pt", b)):
-        torch.save({"model": mod.state_dict(), "model_name": "salmonn", "model_args": asdict(mod.config)}, tmp_path / name)
+        torch.save({"model": mod.state_dict(), "model_name": "salmonn",
+                    "model_args": asdict(mod.config)}, tmp_path / name)
     cfg = tiny_config(whisper_init=str(tmp_path / "w.pt"), beats_init=str(tmp_path / "b.pt"))
     m = build(cfg)
     assert (cfg.speech_n_layer, cfg.speech_n_embd, cfg.beats_n_embd) == (2, 16, 8)
@@ -544,7 +610,8 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
         assert torch.equal(m.speech.state_dict()[k], v), k
     for k, v in b.beats.state_dict().items():
         assert torch.equal(m.beats.state_dict()[k], v), k
-    assert not any(p.requires_grad for p in itertools.chain(m.speech.parameters(), m.beats.parameters()))
+    assert not any(p.requires_grad
+                   for p in itertools.chain(m.speech.parameters(), m.beats.parameters()))
     torch.save({"model": m.state_dict(), "model_args": asdict(m.config)}, tmp_path / "stage1.pt")
     os.remove(tmp_path / "w.pt")
     os.remove(tmp_path / "b.pt")
@@ -557,17 +624,20 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     batch = random_batch(cfg2)
     with torch.no_grad():
         assert torch.equal(m2(**batch)[1], m.eval()(**batch)[1])
-    out = salmonn.sample(m2, ByteTokenizerEot60(), {"mel": torch.randn(30, cfg2.n_mels)}, "Transcribe.", None,
-                         beam=1, max_new_tokens=4)
+    out = salmonn.sample(m2, ByteTokenizerEot60(), {"mel": torch.randn(30, cfg2.n_mels)},
+                         "Transcribe.", None, beam=1, max_new_tokens=4)
     assert isinstance(out["text"], str)
-    with pytest.raises(FileNotFoundError, match="whisper_init"):  # training from the config names the missing file
+    # training from the config names the missing file
+    with pytest.raises(FileNotFoundError, match="whisper_init"):
         salmonn.init_pretrained(SALMONN(cfg2))
 
 def test_whisper_features_drive_the_speech_encoder_and_windows():
-    """speech_features="whisper": the speech encoder reads the 100 frames/s Whisper stream, the windows count its
-    frames (50/s after the stem), and each speech frame is paired with the audio-event frame covering its instant."""
+    """speech_features="whisper": the speech encoder reads the 100 frames/s Whisper stream, the
+    windows count its frames (50/s after the stem), and each speech frame is paired with the
+    audio-event frame covering its instant."""
     torch.manual_seed(0)
-    cfg = tiny_config(speech_features="whisper", speech_n_mels=80, speech_frame_rate=100.0, frame_rate=75.0)
+    cfg = tiny_config(speech_features="whisper", speech_n_mels=80, speech_frame_rate=100.0,
+                      frame_rate=75.0)
     m = SALMONN(cfg).eval()
     mel = torch.randn(1, 75, cfg.n_mels)      # 1 s of the data's mel
     wmel = torch.randn(1, 100, 80)            # the same second of Whisper's features
@@ -577,11 +647,13 @@ def test_whisper_features_drive_the_speech_encoder_and_windows():
     assert tokens.shape[1] == n and valid.all()
     s, _ = m.speech(wmel, torch.tensor([100]))
     a = m.beats(mel, torch.tensor([75]))
-    at = (torch.arange(50) * 0.75).long()     # speech frame i at i / 50 s lies in audio-event frame floor(i * 37.5 / 50)
+    at = (torch.arange(50) * 0.75).long()     # speech frame i at i / 50 s lies in audio-event frame
+                                              # floor(i * 37.5 / 50)
     x = torch.cat([m.ln_speech(s), m.ln_audio(a[:, at])], -1)
     q, _ = m.qformer(x, torch.tensor([50]))
     p = m.proj(q)  # then each audio token rescaled to the LLM's token RMS (audio_scale)
-    assert torch.allclose(tokens, p * m.audio_scale / p.pow(2).mean(-1, keepdim=True).sqrt(), atol=1e-5)
+    assert torch.allclose(tokens, p * m.audio_scale / p.pow(2).mean(-1, keepdim=True).sqrt(),
+                          atol=1e-5)
     with pytest.raises(ValueError, match="whisper"):
         m.encode_audio(mel, torch.tensor([75]))
 
@@ -600,12 +672,14 @@ def test_beats_stage_tags_and_average_precision():
         alone, _ = m(mel=mel[1:, :24], mel_lens=lens[1:])
     assert torch.allclose(alone, logits[1:], atol=1e-5)
     # AP: positives ranked 1 and 3 -> (1/1 + 2/3) / 2
-    assert salmonn.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    assert salmonn.average_precision(np.array([0.9, 0.8, 0.7, 0.1]),
+                                     np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
     assert salmonn.average_precision(np.array([0.5, 0.4]), np.array([0, 0])) is None
 
 def test_copy_probe_scores_copying(synth_dir):
-    """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span (a stand-in
-    whose generate reads the prompt's token ids back from their embeddings and returns the span)."""
+    """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span
+    (a stand-in whose generate reads the prompt's token ids back from their embeddings and returns
+    the span)."""
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     torch.manual_seed(0)
     m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96))
@@ -640,7 +714,8 @@ def test_copy_documents_and_morse_spelling():
             assert ans == span[::-1]
         elif kind == "once":  # repeats merged, dashes dropped
             words_shown = [w for w in span if w != "-"]
-            assert ans == [w for i, w in enumerate(words_shown) if i == 0 or w != words_shown[i - 1]]
+            assert ans == [w for i, w in enumerate(words_shown) if i == 0
+                           or w != words_shown[i - 1]]
         else:
             assert ans == [salmonn.DIGIT_WORDS[int(d)] for d in span]
         seen.add(kind)
@@ -652,27 +727,33 @@ def test_copy_documents_and_morse_spelling():
 # learning: a CPU-sized SALMONN learns to transcribe the Morse/DTMF clips
 
 def test_pipeline_stages_in_miniature(synth_dir, tmp_path):
-    """The pipeline in miniature, as train.py runs it: stage "whisper" (the speech encoder learns from DTMF
-    transcripts), stage "llm", then stage 1 on the frozen encoder: the losses fall, an LLM that cannot copy is
-    refused, and the encoder stays the stage-"whisper" one. Held-out WER is not asserted here: at a size and
-    budget the suite affords (500 iterations of a 2 x 64 encoder) the encoder does not yet hear held-out DTMF
-    (CTC still all blank, WER 1.0); the configs' runs and their held-out figures are in docs/salmonn.md."""
+    """The pipeline in miniature, as train.py runs it: stage "whisper" (the speech encoder learns
+    from DTMF transcripts), stage "llm", then stage 1 on the frozen encoder: the losses fall, an LLM
+    that cannot copy is refused, and the encoder stays the stage-"whisper" one. Held-out WER is not
+    asserted here: at a size and budget the suite affords (500 iterations of a 2 x 64 encoder) the
+    encoder does not yet hear held-out DTMF (CTC still all blank, WER 1.0); the configs' runs and
+    their held-out figures are in docs/salmonn.md."""
     from dataclasses import asdict
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
-    sizes = dict(speech_n_layer=2, speech_n_head=2, speech_n_embd=64, beats_n_layer=1, beats_n_head=2,
-                 beats_n_embd=32, qformer_n_layer=1, qformer_n_head=2, qformer_n_embd=64, window_frames=6,
-                 llm_n_layer=2, llm_n_head=2, llm_n_embd=64, llm_block_size=96, lora_rank=8, lora_alpha=32.0,
-                 lora_dropout=0.0, whisper_dec_n_layer=1, llm_probe_min=0.0)
+    sizes = dict(speech_n_layer=2, speech_n_head=2, speech_n_embd=64, beats_n_layer=1,
+                 beats_n_head=2,
+                 beats_n_embd=32, qformer_n_layer=1, qformer_n_head=2, qformer_n_embd=64,
+                 window_frames=6,
+                 llm_n_layer=2, llm_n_head=2, llm_n_embd=64, llm_block_size=96, lora_rank=8,
+                 lora_alpha=32.0, lora_dropout=0.0, whisper_dec_n_layer=1, llm_probe_min=0.0)
     held_out = lambda clip: int(clip["id"][-2:]) % 3 == 0  # a third of the train split's clips
 
     def train(cfg, iters, lr, path=None):
         data = salmonn.load_data(synth_dir, cfg, tok)
-        S = data.splits["train"]                      # Morse/DTMF only (the budget is sized for them), held-out clips out
+        # Morse/DTMF only (the budget is sized for them), held-out clips out
+        S = data.splits["train"]
         S["entries"]["transcription"] = [e for e in S["entries"]["transcription"]
-                                         if S["clips"][e[0]]["kind"] == "dtmf" and not held_out(S["clips"][e[0]])]
+                                         if S["clips"][e[0]]["kind"] == "dtmf"
+                                         and not held_out(S["clips"][e[0]])]
         torch.manual_seed(0)
         m = build(cfg, tok)
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
+                                weight_decay=0.0)
         rng, losses = np.random.default_rng(0), []
         m.train()
         for _ in range(iters):
@@ -682,18 +763,24 @@ def test_pipeline_stages_in_miniature(synth_dir, tmp_path):
             opt.step()
             losses.append(loss.item())
         if path:
-            torch.save({"model": m.state_dict(), "model_name": "salmonn", "model_args": asdict(m.config)}, path)
+            torch.save({"model": m.state_dict(), "model_name": "salmonn",
+                        "model_args": asdict(m.config)}, path)
         return m.eval(), data, losses
 
-    whisper, data, losses = train(SALMONNConfig(stage="whisper", **sizes), 200, 3e-3, tmp_path / "whisper.pt")
+    whisper, data, losses = train(SALMONNConfig(stage="whisper", **sizes), 200, 3e-3,
+                                  tmp_path / "whisper.pt")
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
     _, _, losses = train(SALMONNConfig(stage="llm", **sizes), 60, 3e-3, tmp_path / "llm.pt")
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
-    with pytest.raises(ValueError, match="copies"):  # an LLM that cannot copy is refused for stage 1
-        build(SALMONNConfig(stage="pretrain", llm_init=str(tmp_path / "llm.pt"), vocab_size=tok.n_vocab,
-                            **{**sizes, "llm_probe_min": 0.99}), tok)
-    m, _, losses = train(SALMONNConfig(stage="pretrain", tasks="transcription", llm_init=str(tmp_path / "llm.pt"),
-                                       whisper_init=str(tmp_path / "whisper.pt"), **sizes), 150, 3e-3)
+    # an LLM that cannot copy is refused for stage 1
+    with pytest.raises(ValueError, match="copies"):
+        build(SALMONNConfig(stage="pretrain", llm_init=str(tmp_path / "llm.pt"),
+                            vocab_size=tok.n_vocab, **{**sizes, "llm_probe_min": 0.99}), tok)
+    m, _, losses = train(SALMONNConfig(stage="pretrain", tasks="transcription",
+                                       llm_init=str(tmp_path / "llm.pt"),
+                                       whisper_init=str(tmp_path / "whisper.pt"), **sizes), 150,
+                                       3e-3)
     assert np.mean(losses[-20:]) < 0.9 * np.mean(losses[:20])
-    for k, v in whisper.speech.state_dict().items():  # the frozen encoder is the stage-"whisper" one, unchanged
+    # the frozen encoder is the stage-"whisper" one, unchanged
+    for k, v in whisper.speech.state_dict().items():
         assert torch.equal(m.speech.state_dict()[k], v), k

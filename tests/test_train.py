@@ -1,6 +1,6 @@
 """train.py and sample.py: settings checks, exact resume, 2-process DDP (gloo), NaN stop, init_from,
-and sample.py's wav output. Tiny Whisper-GPT models on the test corpus; a tiny text model's checkpoint and
-its tokenizer."""
+and sample.py's wav output. Tiny Whisper-GPT models on the test corpus; a tiny text model's
+checkpoint and its tokenizer."""
 
 import json
 import os
@@ -15,13 +15,17 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402  (its training runs only as a script)
 import tokenizer
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_head=2", "--mel_n_embd=16",
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_head=2",
+        "--mel_n_embd=16",
         "--mel_dim=8", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--eval_interval=4",
-        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2", "--min_lr=1e-3"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is fastest, and fair on a shared box
+        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2",
+        "--min_lr=1e-3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is fastest, and fair on
+                                              # a shared box
 
 def run(args, check=True, cmd=None):
-    p = subprocess.run((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -29,7 +33,8 @@ def run(args, check=True, cmd=None):
 def losses(out_dir):
     """{iter: training loss} and {iter: val loss} from log.jsonl."""
     recs = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
-    return {r["iter"]: r["loss"] for r in recs if "loss" in r}, {r["iter"]: r["val_loss"] for r in recs if "val_loss" in r}
+    return {r["iter"]: r["loss"] for r in recs
+            if "loss" in r}, {r["iter"]: r["val_loss"] for r in recs if "val_loss" in r}
 
 # -----------------------------------------------------------------------------
 # settings
@@ -43,11 +48,13 @@ def settings_error(capsys, argv):
 def test_settings_merge_and_types(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("model = 'whisper_gpt'\nn_layer = 3\nlearning_rate = 1\nout_dir = 'out/x'\n")
-    S, module, model_keys = train.load_settings([str(cfg), "--n_layer=5", "--dropout=0.2", "--use_mel=False",
+    S, module, model_keys = train.load_settings([str(cfg), "--n_layer=5", "--dropout=0.2",
+                                                 "--use_mel=False",
                                                  "--wandb_run_name=123", "--out_dir=out/y"])
     assert module.__name__ == "whisper_gpt" and "mel_dim" in model_keys and "batch_size" not in model_keys
     assert S["n_layer"] == 5 and S["dropout"] == 0.2 and S["use_mel"] is False
-    assert S["learning_rate"] == 1.0 and type(S["learning_rate"]) is float  # int accepted for a float
+    # int accepted for a float
+    assert S["learning_rate"] == 1.0 and type(S["learning_rate"]) is float
     assert S["wandb_run_name"] == "123" and S["out_dir"] == "out/y"
 
 def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
@@ -84,8 +91,8 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
 def full_run(synth_dir, tmp_path_factory):
     """8 iterations in one go, with dropout and gradient accumulation 2 (the reference run)."""
     out = str(tmp_path_factory.mktemp("full"))
-    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=8",
-         "--gradient_accumulation_steps=2", "--dropout=0.1"])
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+         "--max_iters=8", "--gradient_accumulation_steps=2", "--dropout=0.1"])
     return out
 
 def test_loss_falls_and_checkpoint_is_complete(full_run):
@@ -114,11 +121,14 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     assert val[8] == losses(full_run)[1][8]
 
 def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
-    """torchrun, 2 CPU processes (gloo), accumulation 2 in total = 1 per process: the same micro-batches
-    and dropout masks as the single-process run with accumulation 2, so the same losses."""
+    """torchrun, 2 CPU processes (gloo), accumulation 2 in total = 1 per process: the same
+    micro-batches and dropout masks as the single-process run with accumulation 2, so the same
+    losses."""
     out = str(tmp_path)
-    run(["--standalone", "--nproc_per_node=2", "train.py", "config/whisper_gpt_quick.py", f"--data_dir={synth_dir}",
-         f"--out_dir={out}", *TINY, "--max_iters=8", "--gradient_accumulation_steps=2", "--dropout=0.1"],
+    run(["--standalone", "--nproc_per_node=2", "train.py", "config/whisper_gpt_quick.py",
+         f"--data_dir={synth_dir}",
+         f"--out_dir={out}", *TINY, "--max_iters=8", "--gradient_accumulation_steps=2",
+         "--dropout=0.1"],
         cmd=[sys.executable, "-m", "torch.distributed.run"])
     ddp, val = losses(out)
     single, _ = losses(full_run)
@@ -131,42 +141,51 @@ def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
 def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
     out = str(tmp_path)
     # the weights of another run, a fresh optimizer and iteration count
-    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=2",
-         f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+         "--max_iters=2", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
     _, val = losses(out)
     assert abs(val[0] - losses(full_run)[1][8]) < 1e-6  # same weights, same eval batches
-    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=50",
-             "--learning_rate=1e30", "--grad_clip=0", "--decay_lr=False", "--eval_interval=1000"], check=False)
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+             "--max_iters=50",
+             "--learning_rate=1e30", "--grad_clip=0", "--decay_lr=False", "--eval_interval=1000"],
+             check=False)
     assert p.returncode == 1 and "stopping (no checkpoint written)" in p.stderr, p.stderr[-2000:]
     assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
 
 @pytest.mark.parametrize("n", [30])
 def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n):
     wav = str(tmp_path / "x.wav")
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--clip=1",
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
+                        f"--data_dir={synth_dir}", "--clip=1",
                         f"--max_new_tokens={n}", "--temperature=0.8", "--top_k=20", f"--out={wav}"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     x, sr = sf.read(wav)
-    prompt = len(x) - n * 320                     # the wav is the prompt, then the n frames generated after it
+    prompt = len(x) - n * 320                     # the wav is the prompt, then the n frames
+                                                  # generated after it
     assert sr == 24000 and prompt > 0 and prompt % 320 == 0
     assert f"{prompt / 24000:.2f} s prompt + {n * 320 / 24000:.2f} s continuation" in p.stdout
-    assert "tokens/s" in p.stdout and (tmp_path / "x.png").stat().st_size > 1000   # its spectrogram next to it
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--beam=3"],
+    # its spectrogram next to it
+    assert "tokens/s" in p.stdout and (tmp_path / "x.png").stat().st_size > 1000
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
+                        f"--data_dir={synth_dir}", "--beam=3"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "unknown setting(s) --beam" in p.stderr and "max_new_tokens" in p.stderr   # the known ones
+    # the known ones
+    assert p.returncode == 2 and "unknown setting(s) --beam" in p.stderr and "max_new_tokens" in p.stderr
 
 # -----------------------------------------------------------------------------
 # text models: the checkpoint keeps its tokenizer
 
-TEXT_TINY = ["--model=salmonn", "--stage=llm", "--llm_n_layer=1", "--llm_n_head=2", "--llm_n_embd=32",
-             "--llm_block_size=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2", "--log_interval=1",
-             "--warmup_iters=1", "--max_iters=2"]
+TEXT_TINY = ["--model=salmonn", "--stage=llm", "--llm_n_layer=1", "--llm_n_head=2",
+             "--llm_n_embd=32",
+             "--llm_block_size=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2",
+             "--log_interval=1", "--warmup_iters=1", "--max_iters=2"]
 
 def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
-    """A text model's checkpoint records the tokenizer its config names (tokenizer="corpus": with the BPE's ranks).
-    A run that starts from it, eval.py and sample.py use that tokenizer, even after the data dir's corpus BPE
-    changed (re-prepared data): a model never sees ids of another vocabulary."""
+    """A text model's checkpoint records the tokenizer its config names (tokenizer="corpus": with
+    the BPE's ranks). A run that starts from it, eval.py and sample.py use that tokenizer, even
+    after the data dir's corpus BPE changed (re-prepared data): a model never sees ids of another
+    vocabulary."""
     import shutil
     import torch
     data, out, out2 = tmp_path / "data", tmp_path / "llm", tmp_path / "llm2"
@@ -176,18 +195,21 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     assert ck["model_args"]["tokenizer"] == "corpus" and ck["tokenizer"]["name"] == "corpus"
     assert ck["tokenizer"]["ranks"] == (data / "tokenizer.tiktoken").read_text()
     assert ck["model_args"]["vocab_size"] == ck["tokenizer"]["vocab_size"]
-    tokenizer.save_ranks(tokenizer.train_bpe(["another corpus, another vocabulary"] * 3, 300), data / "tokenizer.tiktoken")
+    tokenizer.save_ranks(tokenizer.train_bpe(["another corpus, another vocabulary"] * 3, 300),
+                         data / "tokenizer.tiktoken")
     p = subprocess.run([sys.executable, "eval.py", str(out), f"--data_dir={data}", "--max_clips=2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "text_ppl" in p.stdout, p.stderr[-2000:]
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}", "--beam=1",
-                        "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                        "--beam=1",
+                        "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
     assert torch.load(out2 / "ckpt.pt", weights_only=True)["tokenizer"] == ck["tokenizer"]
     # a config naming another tokenizer than the checkpoint it starts from is refused, naming both
-    p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}",
-             "--tokenizer=gpt2"], check=False)
+    p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY,
+             f"--init_from={out / 'ckpt.pt'}", "--tokenizer=gpt2"], check=False)
     assert p.returncode == 2 and "tokenizer 'corpus'" in p.stderr and "tokenizer='gpt2'" in p.stderr
     p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, "--tokenizer=bpe"], check=False)
     assert p.returncode == 2 and "tokenizer='bpe'" in p.stderr and "corpus, gpt2" in p.stderr

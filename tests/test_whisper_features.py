@@ -1,6 +1,6 @@
-"""audio.py's OpenAI Whisper input features (prepare.py --whisper_mel): against openai-whisper's own log-mel, stored
-time-aligned with each clip (and resumed from chunks), and a Whisper checkpoint's encoder loaded into salmonn.py's
-SpeechEncoder giving Whisper's outputs on the same features."""
+"""audio.py's OpenAI Whisper input features (prepare.py --whisper_mel): against openai-whisper's own
+log-mel, stored time-aligned with each clip (and resumed from chunks), and a Whisper checkpoint's
+encoder loaded into salmonn.py's SpeechEncoder giving Whisper's outputs on the same features."""
 import json
 import sys
 import types
@@ -16,18 +16,20 @@ import audio as A
 import prepare as P
 import synth as Y
 
-FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2", "--codec_clips=4",
-        "--codec_tune_steps=1", "--codec_report=0"]
+FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2",
+        "--codec_clips=4", "--codec_tune_steps=1", "--codec_report=0"]
 
 
 @pytest.fixture(scope="module")
 def whisper():
-    """openai-whisper's audio and model modules. Its package __init__ imports whisper.timing, which imports numba
-    (not installed, and only used for word timings): a stub numba whose jit leaves the function as it is stands in
-    while whisper imports; sys.modules is restored afterwards, so other tests see no whisper and no numba."""
+    """openai-whisper's audio and model modules. Its package __init__ imports whisper.timing, which
+    imports numba (not installed, and only used for word timings): a stub numba whose jit leaves the
+    function as it is stands in while whisper imports; sys.modules is restored afterwards, so other
+    tests see no whisper and no numba."""
     if importlib.util.find_spec("whisper") is None:
         pytest.skip("openai-whisper is not installed (pip install --no-deps openai-whisper)")
-    saved = {k: v for k, v in sys.modules.items() if k in ("numba", "whisper") or k.startswith("whisper.")}
+    saved = {k: v for k, v in sys.modules.items() if k in ("numba", "whisper")
+             or k.startswith("whisper.")}
     numba = types.ModuleType("numba")
     numba.jit = lambda *a, **k: a[0] if len(a) == 1 and callable(a[0]) and not k else (lambda f: f)
     sys.modules["numba"] = numba
@@ -52,9 +54,11 @@ def test_whisper_log_mel_matches_openai_whisper(whisper):
     t = np.arange(n) / 16000
     x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 2500 * t * (1 + t / 4))
          + 0.05 * rng.normal(size=n)).astype(np.float32)
-    x[: 16000 // 2] *= 0.01                           # a quiet start, so the 8-decade floor matters somewhere
+    # a quiet start, so the 8-decade floor matters somewhere
+    x[: 16000 // 2] *= 0.01
     ours = A.whisper_log_mel(x, sr=16000)
-    ref = whisper.audio.log_mel_spectrogram(torch.from_numpy(x)).numpy().T   # the same un-padded input
+    # the same un-padded input
+    ref = whisper.audio.log_mel_spectrogram(torch.from_numpy(x)).numpy().T
     assert ours.dtype == np.float32 and ours.shape == ref.shape == (n // 160, 80)
     assert np.abs(ours - ref).max() < 1e-4
     # 24 kHz in (the default): resampled to 16 kHz by audio.resample, then the same
@@ -79,15 +83,16 @@ def test_missing_filters_are_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)   # the offline codec plays no part here: 16 s saved per run
+    # the offline codec plays no part here: 16 s saved per run
+    monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)
     out = tmp_path / "out"
     base = ["--clips=8", "--max_seconds=1.5", f"--out_dir={out}", "--val_percent=25"] + FAST
     P.main(base)                                      # prepared without it: no Whisper stream
     assert not list(out.glob("*_wmel.bin")) and "whisper_mel" not in json.loads((out / "meta.json").read_text())
     capsys.readouterr()
 
-    # with --whisper_mel the finished output is not taken as complete; interrupted after the audio is encoded,
-    # the next run resumes from the saved chunks, which hold the Whisper features too
+    # with --whisper_mel the finished output is not taken as complete; interrupted after the audio
+    # is encoded, the next run resumes from the saved chunks, which hold the Whisper features too
     def crash(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
@@ -115,13 +120,15 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     assert n_clips == 8
     # one clip regenerated from its id: the stored features are whisper_log_mel of its audio
     c = clips[0]
-    wav, _ = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]), meta["args"]["max_seconds"],
-                          speech=not meta["args"]["no_speech"])
+    wav, _ = Y.synth_clip(meta["args"]["seed"], int(c["id"].split("-")[1]),
+                          meta["args"]["max_seconds"], speech=not meta["args"]["no_speech"])
     want = A.whisper_log_mel(wav)
     assert want.shape == (c["wframes"], 80)
-    np.testing.assert_allclose(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32), want, atol=2e-3)
+    np.testing.assert_allclose(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32),
+                               want, atol=2e-3)
 
-    # the same arguments again: complete, skipped; without the option: rebuilt, and the stale stream goes
+    # the same arguments again: complete, skipped; without the option: rebuilt, and the stale stream
+    # goes
     P.main(base + ["--whisper_mel"])
     assert "already prepared" in capsys.readouterr().out
     P.main(base)
@@ -132,15 +139,18 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
 def test_whisper_checkpoint_loads_into_speech_encoder(whisper, tmp_path):
     import salmonn
     torch.manual_seed(0)
-    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2,
-                                         n_audio_layer=2, n_vocab=128, n_text_ctx=16, n_text_state=64,
-                                         n_text_head=2, n_text_layer=1)
+    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64,
+                                         n_audio_head=2,
+                                         n_audio_layer=2, n_vocab=128, n_text_ctx=16,
+                                         n_text_state=64, n_text_head=2, n_text_layer=1)
     model = whisper.model.Whisper(dims).eval()
-    with torch.no_grad():                             # random weights everywhere, LayerNorms included
+    # random weights everywhere, LayerNorms included
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path / "tiny-random.pt"
-    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)   # the official format
+    # the official format
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
 
     sd, d = salmonn.load_whisper_encoder_state(str(path))
     # the sizes, in Whisper's names or salmonn's (n_layer, n_head, n_embd, n_mels)
@@ -148,7 +158,8 @@ def test_whisper_checkpoint_loads_into_speech_encoder(whisper, tmp_path):
     enc = salmonn.SpeechEncoder(80, 64, 2, 2, 0.0).eval()
     enc.load_state_dict(sd, strict=True)
 
-    mel = torch.randn(1, 80, 3000) * 0.5              # Whisper's encoder takes exactly 3000 frames (30 s)
+    # Whisper's encoder takes exactly 3000 frames (30 s)
+    mel = torch.randn(1, 80, 3000) * 0.5
     with torch.no_grad():
         ref = model.encoder(mel)
         ours, lens2 = enc(mel.transpose(1, 2), torch.tensor([3000]))

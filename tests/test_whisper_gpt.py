@@ -35,7 +35,8 @@ def inputs(model, B=2, T=None, seed=0):
     c = model.config
     g = torch.Generator().manual_seed(seed)
     T = T or c.block_size
-    return torch.randint(0, c.vocab_size, (B, T), generator=g), torch.randn(B, T, c.n_mels, generator=g)
+    return torch.randint(0, c.vocab_size, (B, T),
+                         generator=g), torch.randn(B, T, c.n_mels, generator=g)
 
 @pytest.mark.parametrize("use_mel,lag", [(False, 1), (True, 1), (True, 0), (True, 2)])
 def test_causal(use_mel, lag):
@@ -50,7 +51,8 @@ def test_causal(use_mel, lag):
         m2[:, t + 1:] = torch.randn_like(m2[:, t + 1:]) * 3
         out, _ = model(c2, m2)
         torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-5)
-        assert not torch.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-3)  # the change is seen later
+        # the change is seen later
+        assert not torch.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-3)
     # the inputs of step t reach step t: the token at once, the mel frame mel_lag steps later
     t = 7
     c2 = codes.clone()
@@ -64,7 +66,8 @@ def test_causal(use_mel, lag):
         assert not torch.allclose(out[:, t + lag], base[:, t + lag], atol=1e-4)
 
 def config_model_args(name):
-    """The model fields a config file sets (block_size, n_layer, ...), as train.py would take them."""
+    """The model fields a config file sets (block_size, n_layer, ...), as train.py would take
+    them."""
     ns = runpy.run_path(os.path.join(ROOT, "config", name))
     keys = {f for f in W.Config.__dataclass_fields__}
     return {k: v for k, v in ns.items() if k in keys}
@@ -109,7 +112,8 @@ def reference_generate(model, codes, mels, n, mel_of):
     bs = model.config.block_size
     seq, start = codes, max(0, codes.size(1) - bs)
     for _ in range(n):
-        full_mels = torch.cat([mels] + [mel_of(seq[:, j])[:, None] for j in range(mels.size(1), seq.size(1))], 1)
+        full_mels = torch.cat([mels] + [mel_of(seq[:, j])[:, None]
+                                        for j in range(mels.size(1), seq.size(1))], 1)
         logits, _ = model(seq[:, start:], full_mels[:, start:])
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
         if seq.size(1) - 1 - start >= bs:
@@ -132,7 +136,8 @@ def test_kv_cache_generation_equals_full_recompute(use_mel, lag):
     codes, mels = inputs(model, B=1, T=10)
     mels = mel_of(codes)
     n = 40  # crosses block_size (24): the window restarts once
-    out = model.generate(codes, mels if use_mel else None, n, temperature=0, mel_fn=mel_fn if use_mel else None)
+    out = model.generate(codes, mels if use_mel else None, n, temperature=0,
+                         mel_fn=mel_fn if use_mel else None)
     ref = reference_generate(model, codes, mels, n, mel_of)
     assert out.shape == (1, 10 + n)
     assert torch.equal(out, ref)
@@ -150,7 +155,8 @@ def test_sampling_options_and_top_k():
     assert torch.equal(a, b) and len(set(a[0, 5:].tolist())) > 5
 
 class FakeTools:
-    """decode: codes (T, k) -> T * 320 samples whose level encodes the code; mel: frame = mean level."""
+    """decode: codes (T, k) -> T * 320 samples whose level encodes the code; mel: frame = mean
+    level."""
 
     def __init__(self):
         self.decoded = []
@@ -171,17 +177,20 @@ def test_sample_interface(use_mel):
     codes = torch.randint(0, 50, (40, 8))
     audio = {"codes": codes, "mel": torch.randn(40, 8)}
     tools = FakeTools()
-    out = W.sample(model, None, audio, None, tools, max_new_tokens=20, temperature=0.8, top_k=10, seed=0)
+    out = W.sample(model, None, audio, None, tools, max_new_tokens=20, temperature=0.8, top_k=10,
+                   seed=0)
     assert out["codes"].shape == (20, 1) and out["codes"].dtype == torch.long
-    again = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, temperature=0.8, top_k=10, seed=0)
+    again = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, temperature=0.8,
+                     top_k=10, seed=0)
     assert torch.equal(out["codes"], again["codes"])
     if use_mel:
-        # the codec decodes each frame once: the prompt (31 frames of a block of 32) and the first 1 + lag
-        # generated frames in the first call (the first frame whose mel is needed, and lag frames after it), then
-        # one new frame per call
+        # the codec decodes each frame once: the prompt (31 frames of a block of 32) and the first 1
+        # + lag generated frames in the first call (the first frame whose mel is needed, and lag
+        # frames after it), then one new frame per call
         lag = model.config.mel_lag
         assert len(tools.decoded) == 20 - 1 - lag
-        assert tools.decoded[0] == (31 + 1 + lag, 1) and all(shape == (1, 1) for shape in tools.decoded[1:])
+        assert tools.decoded[0] == (31 + 1 + lag,
+                                    1) and all(shape == (1, 1) for shape in tools.decoded[1:])
     else:
         assert tools.decoded == []
     with pytest.raises(ValueError, match="unknown option"):
@@ -190,8 +199,9 @@ def test_sample_interface(use_mel):
         W.sample(model, None, audio, "hello", tools)
 
 def test_incremental_mel_matches_full_decode():
-    """sample()'s mel of the newest frame equals the mel of the whole decoded sequence (a frame-local fake codec
-    here; the real codec's streaming decode is checked on the prepared corpus below)."""
+    """sample()'s mel of the newest frame equals the mel of the whole decoded sequence (a
+    frame-local fake codec here; the real codec's streaming decode is checked on the prepared corpus
+    below)."""
     model = tiny(use_mel=True, mel_lag=1)
     tools = FakeTools()
     seen = []
@@ -206,30 +216,35 @@ def test_incremental_mel_matches_full_decode():
         return orig(codes, mels, n, temperature, top_k, wrapped, generator)
 
     model.generate = spy
-    W.sample(model, None, {"codes": torch.randint(0, 50, (10, 8)), "mel": torch.randn(10, 8)}, None, tools,
-             max_new_tokens=12, seed=0)
+    W.sample(model, None, {"codes": torch.randint(0, 50, (10, 8)), "mel": torch.randn(10, 8)}, None,
+             tools, max_new_tokens=12, seed=0)
     assert len(seen) == 10 and all(seen)
 
 # -----------------------------------------------------------------------------
 # on the prepared corpus (tests/conftest.py builds it once per session)
 
 def test_batches_and_metrics_on_prepared_data(synth_dir):
-    cfg = W.Config(block_size=32, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2, mel_n_embd=16, mel_dim=8)
+    cfg = W.Config(block_size=32, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
+                   mel_n_embd=16, mel_dim=8)
     data = W.load_data(synth_dir, cfg, None)
     meta = data["meta"]
     assert cfg.vocab_size == meta["codebook_size"] and cfg.n_mels == meta["n_mels"]
     assert W.leak_free_lag(meta) <= cfg.mel_lag
-    codes = np.fromfile(os.path.join(synth_dir, "train_codes.bin"), dtype=np.uint16).reshape(-1, meta["n_q"])
-    mel = np.fromfile(os.path.join(synth_dir, "train_mel.bin"), dtype=np.float16).reshape(-1, meta["n_mels"])
+    codes = np.fromfile(os.path.join(synth_dir, "train_codes.bin"),
+                        dtype=np.uint16).reshape(-1, meta["n_q"])
+    mel = np.fromfile(os.path.join(synth_dir, "train_mel.bin"),
+                      dtype=np.float16).reshape(-1, meta["n_mels"])
     rng = np.random.default_rng(0)
     b = W.get_batch(data, "train", 4, rng)
     assert b["codes"].shape == (4, 32) and b["targets"].shape == (4, 32) and b["mels"].shape == (4, 32, meta["n_mels"])
     assert torch.equal(b["codes"][:, 1:], b["targets"][:, :-1])
     for row in range(4):  # each row is a window of the codebook-0 stream with its own mel frames
         starts = [s for s in np.flatnonzero(codes[:len(codes) - 32, 0] == b["codes"][row, 0].item())
-                  if np.array_equal(codes[s:s + 33, 0], np.r_[b["codes"][row].numpy(), b["targets"][row, -1].item()])]
+                  if np.array_equal(codes[s:s + 33, 0],
+                                    np.r_[b["codes"][row].numpy(), b["targets"][row, -1].item()])]
         assert starts, "window not found in train_codes.bin"
-        assert any(np.array_equal(mel[s:s + 32].astype(np.float32), b["mels"][row].numpy()) for s in starts)
+        assert any(np.array_equal(mel[s:s + 32].astype(np.float32), b["mels"][row].numpy())
+                   for s in starts)
     assert torch.equal(W.get_batch(data, "val", 3, np.random.default_rng(5))["codes"],
                        W.get_batch(data, "val", 3, np.random.default_rng(5))["codes"])
     base = W.Config(block_size=32, use_mel=False, n_layer=1, n_head=2, n_embd=32)
@@ -242,9 +257,9 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
 
 def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir):
-    """The codec decoding a frame or a few at a time (its layers' state kept) gives the audio of decoding the clip
-    at once, for codebook 0 alone and for all eight; and the hybrid's mel of each generated frame equals the mel of
-    the whole decoded clip."""
+    """The codec decoding a frame or a few at a time (its layers' state kept) gives the audio of
+    decoding the clip at once, for codebook 0 alone and for all eight; and the hybrid's mel of each
+    generated frame equals the mel of the whole decoded clip."""
     import audio
     import sample as S
     tools = S.Tools(synth_dir)
@@ -269,13 +284,16 @@ def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir):
         assert (m[0] - full_mel[j]).abs().max() < 1e-4, j
 
 def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
-    """kinds="speech" (Table 1's speech row; the test corpus has no music clip in val, so events stand in) gives the speech clips' frames, codes and mels together, in clip
-    order; two kinds give their union; an unknown kind is a clear error that lists the kinds there are."""
+    """kinds="speech" (Table 1's speech row; the test corpus has no music clip in val, so events
+    stand in) gives the speech clips' frames, codes and mels together, in clip order; two kinds give
+    their union; an unknown kind is a clear error that lists the kinds there are."""
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     for split in ("train", "val"):
         clips = [json.loads(line) for line in open(os.path.join(synth_dir, f"{split}_clips.jsonl"))]
-        codes = np.fromfile(os.path.join(synth_dir, f"{split}_codes.bin"), dtype=np.uint16).reshape(-1, meta["n_q"])
-        mel = np.fromfile(os.path.join(synth_dir, f"{split}_mel.bin"), dtype=np.float16).reshape(-1, meta["n_mels"])
+        codes = np.fromfile(os.path.join(synth_dir, f"{split}_codes.bin"),
+                            dtype=np.uint16).reshape(-1, meta["n_q"])
+        mel = np.fromfile(os.path.join(synth_dir, f"{split}_mel.bin"),
+                          dtype=np.float16).reshape(-1, meta["n_mels"])
         for kinds in ("speech", "events", "speech,events"):
             cfg = W.Config(block_size=16, use_mel=True, kinds=kinds)
             sub = W.load_data(synth_dir, cfg, None)[split]
@@ -284,46 +302,56 @@ def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
             assert len(sub["codes"]) == sum(c["frames"] for c in keep) == len(sub["mel"])
             at = 0
             for c in keep:
-                assert np.array_equal(sub["codes"][at:at + c["frames"]], codes[c["offset"]:c["offset"] + c["frames"]])
-                assert np.array_equal(sub["mel"][at:at + c["frames"]], mel[c["offset"]:c["offset"] + c["frames"]])
+                assert np.array_equal(sub["codes"][at:at + c["frames"]],
+                                      codes[c["offset"]:c["offset"] + c["frames"]])
+                assert np.array_equal(sub["mel"][at:at + c["frames"]],
+                                      mel[c["offset"]:c["offset"] + c["frames"]])
                 at += c["frames"]
     speech = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech"), None)["train"]["codes"]
     events = W.load_data(synth_dir, W.Config(block_size=16, kinds="events"), None)["train"]["codes"]
-    both = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,events"), None)["train"]["codes"]
+    both = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,events"),
+                       None)["train"]["codes"]
     assert len(both) == len(speech) + len(events)
     with pytest.raises(ValueError, match="no clip of kind podcast.*its kinds: .*speech"):
         W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,podcast"), None)
 
 def test_eval_on_a_named_subset(synth_dir, tmp_path):
-    """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token count is that
-    subset's, and an unknown kind is a clear error."""
+    """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token
+    count is that subset's, and an unknown kind is a clear error."""
     cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, kinds="speech")
     W.load_data(synth_dir, cfg, None)
     model = W.Model(cfg)
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_name": "whisper_gpt", "model_args": dataclasses.asdict(cfg),
+    torch.save({"model": model.state_dict(), "model_name": "whisper_gpt",
+                "model_args": dataclasses.asdict(cfg),
                 "iter_num": 0, "config": {"data_dir": synth_dir}}, ckpt)
     js = tmp_path / "m.json"
     for kinds in ("", "events"):
-        args = [sys.executable, "eval.py", str(ckpt), f"--json={js}"] + ([f"--kinds={kinds}"] if kinds else [])
+        args = [sys.executable, "eval.py", str(ckpt),
+                f"--json={js}"] + ([f"--kinds={kinds}"] if kinds else [])
         res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         row = json.load(open(js))[0]
         assert row["kinds"] == (kinds or "speech")
-        sub = W.load_data(synth_dir, W.Config(block_size=16, kinds=kinds or "speech"), None)["val"]["codes"]
+        sub = W.load_data(synth_dir, W.Config(block_size=16, kinds=kinds or "speech"),
+                          None)["val"]["codes"]
         assert row["tokens"] == (len(sub) - 1) // 16 * 16
-    res = subprocess.run([sys.executable, "eval.py", str(ckpt), "--kinds=podcast"], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "eval.py", str(ckpt), "--kinds=podcast"], cwd=ROOT,
+                         capture_output=True, text=True)
     assert res.returncode == 2 and "podcast" in res.stderr and str(ckpt) in res.stderr
 
 def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
-    """whisper_gpt_table.py on the test corpus, a tiny budget: every (model, kind, seed) run is trained on its
-    subset to max_iters; the table has one mean +- std row per kind and model with the paper's rows, the
-    claims are checked seed by seed from the runs' own metrics; a second call trains nothing."""
+    """whisper_gpt_table.py on the test corpus, a tiny budget: every (model, kind, seed) run is
+    trained on its subset to max_iters; the table has one mean +- std row per kind and model with
+    the paper's rows, the claims are checked seed by seed from the runs' own metrics; a second call
+    trains nothing."""
     out = tmp_path / "table.md"
-    args = [sys.executable, "whisper_gpt_table.py", "--models=s,hybrid", "--kinds=speech,events", "--seeds=1,2", f"--data_dir={synth_dir}",
-            f"--out_root={tmp_path / 'runs'}", f"--out={out}", "--continuations=2", "--prompt_frames=20",
-            "--new_frames=6", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--batch_size=2",
-            "--block_size=16", "--log_interval=1"]
+    args = [sys.executable, "whisper_gpt_table.py", "--models=s,hybrid", "--kinds=speech,events",
+            "--seeds=1,2", f"--data_dir={synth_dir}",
+            f"--out_root={tmp_path / 'runs'}", f"--out={out}", "--continuations=2",
+            "--prompt_frames=20",
+            "--new_frames=6", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+            "--batch_size=2", "--block_size=16", "--log_interval=1"]
     res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "0 of 8 runs already finished, 8 to train" in res.stdout
@@ -337,15 +365,18 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     text = out.read_text()
     for kind in ("speech", "events"):
         for model in ("GPT-S", "Hybrid"):
-            nll = [results[f"{'s' if model == 'GPT-S' else 'hybrid'}-{kind}-s{s}"]["nll"] for s in (1, 2)]
+            nll = [results[f"{'s' if model == 'GPT-S' else 'hybrid'}-{kind}-s{s}"]["nll"]
+                   for s in (1, 2)]
             assert f"| ours, {kind} | {model} CPU |" in text
             assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in text
-        d = [results[f"hybrid-{kind}-s{s}"]["nll"] - results[f"s-{kind}-s{s}"]["nll"] for s in (1, 2)]
+        d = [results[f"hybrid-{kind}-s{s}"]["nll"] - results[f"s-{kind}-s{s}"]["nll"]
+             for s in (1, 2)]
         assert f"- {kind}: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = {np.mean(d):+.3f}" in text
         assert (tmp_path / "runs" / "continuations" / f"{kind}.png").stat().st_size > 0
     assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
     assert "another clip's true continuation" in text and "| speech | Hybrid, sampled" in text
-    # the hybrids are also scored on the mels of their own codebook 0, which prepare.codebook0_mels made
+    # the hybrids are also scored on the mels of their own codebook 0, which prepare.codebook0_mels
+    # made
     assert "| ours, events | Hybrid CPU, given the mels of its codebook 0 (as when generating) |" in text
     assert os.path.exists(os.path.join(synth_dir, "val_mel_c0.bin"))
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
@@ -353,21 +384,25 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
 
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
-    """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0 decoded alone: what
-    the hybrid computes from its own output while generating; mel_source="codebook0" trains and evaluates on it."""
+    """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
+    decoded alone: what the hybrid computes from its own output while generating;
+    mel_source="codebook0" trains and evaluates on it."""
     import prepare
     import sample as S
-    prepare.codebook0_mels(synth_dir, quiet=True)     # made once per corpus (the table test may have made it)
+    # made once per corpus (the table test may have made it)
+    prepare.codebook0_mels(synth_dir, quiet=True)
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     tools = S.Tools(synth_dir)
-    mel_c0 = np.fromfile(os.path.join(synth_dir, "val_mel_c0.bin"), dtype=np.float16).reshape(-1, meta["n_mels"])
+    mel_c0 = np.fromfile(os.path.join(synth_dir, "val_mel_c0.bin"),
+                         dtype=np.float16).reshape(-1, meta["n_mels"])
     assert len(mel_c0) == meta["splits"]["val"]["frames"]
     for i in (0, 3):
         inp, clip = S.read_clip(synth_dir, "val", i)
         want = tools.mel(tools.decode(inp["codes"][:, :1]).numpy())
         got = mel_c0[clip["offset"]:clip["offset"] + clip["frames"]].astype(np.float32)
         assert np.abs(got - want).max() < 2e-3                      # float16 storage
-        assert np.abs(got - inp["mel"].numpy()).mean() > 0.02      # and not the mel of the real audio
+        # and not the mel of the real audio
+        assert np.abs(got - inp["mel"].numpy()).mean() > 0.02
     data = W.load_data(synth_dir, W.Config(block_size=16, mel_source="codebook0"), None)
     assert np.array_equal(data["val"]["mel"], mel_c0)
     with pytest.raises(ValueError, match="mel_source='wav'"):
