@@ -626,10 +626,10 @@ def get_args(argv=None):
                    help="synth: leave out the spoken sentences (a quarter of the corpus)")
     p.add_argument("--val_percent", type=float, default=10.0,
                    help="percent of clips in the val split")
-    p.add_argument("--codec_dir", default=None, help=f"directory with the pretrained {CODEC_FILE} "
-                   f"(else hub cache, else offline)")
-    p.add_argument("--offline", action="store_true", help="no download attempts (EnCodec's "
-                   "weights): local files or the offline codec")
+    p.add_argument("--codec_dir", default=None,
+                   help=f"directory with the pretrained {CODEC_FILE} (else hub cache, else offline)")
+    p.add_argument("--offline", action="store_true",
+                   help="no download attempts (EnCodec's weights): local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",
                    help="train the offline codec even if pretrained weights exist")
     p.add_argument("--codec_steps", type=int, default=450,
