@@ -103,7 +103,8 @@ def tone(instrument, hz, dur, rng, sr=SAMPLE_RATE):
         y = (np.sin(2 * np.pi * hz * np.outer(ks, t)) / ks[:, None]).sum(0) * 4 / np.pi
     else:  # sawtooth
         ks = np.arange(1, kmax + 1)
-        y = (np.sin(2 * np.pi * hz * np.outer(ks, t)) * ((-1.0) ** (ks + 1) / ks)[:, None]).sum(0) * 2 / np.pi
+        partials = np.sin(2 * np.pi * hz * np.outer(ks, t)) * ((-1.0) ** (ks + 1) / ks)[:, None]
+        y = partials.sum(0) * 2 / np.pi
     y = y / (np.abs(y).max() + 1e-9)
     return (y * envelope(n)).astype(np.float32)
 
@@ -130,7 +131,8 @@ def make_music(rng, max_dur):
         name = midi_name(root)
         labels["pitch"] = name
         caption = f"{noun} plays the note {name}."
-        story = f"A single note, {name}, is played on {noun}, held for about {dur:.0f} second{'s' if round(dur) != 1 else ''}."
+        seconds = f"{dur:.0f} second{'s' if round(dur) != 1 else ''}"
+        story = f"A single note, {name}, is played on {noun}, held for about {seconds}."
         qa += [{"q": "what note is played?", "a": name},
                {"q": "how many notes are played?", "a": "one"}]
         notes = [root]
@@ -146,9 +148,10 @@ def make_music(rng, max_dur):
         labels["chord"] = chord
         labels["pitch"] = midi_name(root)
         caption = f"{noun} plays a {chord} chord."
+        mood = {"major": "bright and happy", "minor": "dark and sad"}.get(quality,
+                                                                          "tense and unresolved")
         story = (f"Three notes sound together on {noun}: "
-                 f"{fmt_list([midi_name(m) for m in notes])}, a {chord} "
-                 f"chord{' that sounds bright and happy' if quality == 'major' else ' that sounds dark and sad' if quality == 'minor' else ' that sounds tense and unresolved'}.")
+                 f"{fmt_list([midi_name(m) for m in notes])}, a {chord} chord that sounds {mood}.")
         qa += [{"q": "what chord is played?", "a": chord},
                {"q": "is the chord major or minor?", "a": quality},
                {"q": "how many notes sound together?", "a": "three"}]
@@ -162,7 +165,8 @@ def make_music(rng, max_dur):
         else:
             pattern = ["arpeggio", "scale"][rng.integers(2)]
             quality = ["major", "minor"][rng.integers(2)]
-            steps = CHORDS[quality] + [12] if pattern == "arpeggio" else ([0, 2, 4, 5, 7] if quality == "major" else [0, 2, 3, 5, 7])
+            scale = [0, 2, 4, 5, 7] if quality == "major" else [0, 2, 3, 5, 7]
+            steps = CHORDS[quality] + [12] if pattern == "arpeggio" else scale
             k = int(rng.integers(3, len(steps) + 1))
             steps = steps[:k]
             up = bool(rng.integers(2))
@@ -198,7 +202,8 @@ def event_sound(event, rng, sr=SAMPLE_RATE):
     if event == "beep":
         hz = float(rng.choice([800, 1000, 1200]))
         n = int(0.15 * sr)
-        return np.sin(2 * np.pi * hz * np.arange(n) / sr).astype(np.float32) * envelope(n, 0.005, 0.01)
+        x = np.sin(2 * np.pi * hz * np.arange(n) / sr)
+        return x.astype(np.float32) * envelope(n, 0.005, 0.01)
     if event == "chirp":
         n = int(0.25 * sr)
         t = np.arange(n) / sr
@@ -210,12 +215,14 @@ def event_sound(event, rng, sr=SAMPLE_RATE):
         return (rng.uniform(-1, 1, n) * 0.8).astype(np.float32) * envelope(n, 0.005, 0.03)
     if event == "click":
         n = int(0.01 * sr)
-        return (np.exp(-np.arange(n) / (0.001 * sr)) * np.sign(rng.uniform(-1, 1, n) + 0.5)).astype(np.float32)
+        x = np.exp(-np.arange(n) / (0.001 * sr)) * np.sign(rng.uniform(-1, 1, n) + 0.5)
+        return x.astype(np.float32)
     # siren: a tone wailing up and down twice a second
     n = int(1.0 * sr)
     t = np.arange(n) / sr
     freq = 900 + 400 * np.sin(2 * np.pi * 2.0 * t)
-    return (np.sin(2 * np.pi * np.cumsum(freq) / sr) * 0.7).astype(np.float32) * envelope(n, 0.02, 0.05)
+    x = np.sin(2 * np.pi * np.cumsum(freq) / sr) * 0.7
+    return x.astype(np.float32) * envelope(n, 0.02, 0.05)
 
 def make_events(rng, max_dur):
     """A count of one event, or two different events in order. Onsets are recorded (tests check
@@ -231,7 +238,9 @@ def make_events(rng, max_dur):
         seq = [ev] * c1 + [ev2] * c2
     gap = 0.12 if len(seq) > 3 else 0.2
     parts = [event_sound(e, rng) for e in seq]
-    while len(parts) > 1 and sum(len(p) for p in parts) / SAMPLE_RATE + 0.08 * (len(parts) - 1) + 0.3 > max_dur:
+    def shortest(parts):  # seconds, with the tightest gaps and 0.3 s of margin
+        return sum(len(p) for p in parts) / SAMPLE_RATE + 0.08 * (len(parts) - 1) + 0.3
+    while len(parts) > 1 and shortest(parts) > max_dur:
         parts.pop(); seq.pop()                       # keep every event whole inside the clip
     total = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
     gap = max(0.08, gap - max(0.0, total - max_dur) / max(1, len(seq) - 1))
@@ -258,8 +267,9 @@ def make_events(rng, max_dur):
         caption = f"{said[0]}." if e != "siren" else "a siren wails up and down."
         qa = [{"q": f"how many {EVENT_PLURAL[e]} are there?", "a": NUMBER_WORDS[c]},
               {"q": "what sound is this?", "a": e}]
-        story = (f"In a quiet room, {EVENT_TEXT[e]} is heard" +
-                 (f", then it repeats until there are {NUMBER_WORDS[c]} of them, evenly spaced." if c > 1 else " just once."))
+        again = (f", then it repeats until there are {NUMBER_WORDS[c]} of them, evenly spaced."
+                 if c > 1 else " just once.")
+        story = f"In a quiet room, {EVENT_TEXT[e]} is heard" + again
     else:
         labels["order"] = " then ".join(e for e, _ in groups)
         labels["count_2"] = str(groups[1][1])
@@ -268,11 +278,13 @@ def make_events(rng, max_dur):
               {"q": "which sound comes last?", "a": groups[1][0]},
               {"q": f"how many {EVENT_PLURAL[groups[1][0]]} are there?",
                "a": NUMBER_WORDS[groups[1][1]]}]
-        story = (f"First comes {EVENT_TEXT[groups[0][0]]}" + (f", {NUMBER_WORDS[groups[0][1]]} "
-                                                              f"times" if groups[0][1] > 1 else "") +
-                 f". After a short pause it changes to {EVENT_TEXT[groups[1][0]]}" +
-                 (f", heard {NUMBER_WORDS[groups[1][1]]} times" if groups[1][1] > 1 else "") + ".")
-    description = f"{story} Between the sounds there is only a faint hiss, like an empty room with a machine signalling."
+        (first, n1), (second, n2) = groups
+        story = (f"First comes {EVENT_TEXT[first]}"
+                 + (f", {NUMBER_WORDS[n1]} times" if n1 > 1 else "")
+                 + f". After a short pause it changes to {EVENT_TEXT[second]}"
+                 + (f", heard {NUMBER_WORDS[n2]} times" if n2 > 1 else "") + ".")
+    description = (f"{story} Between the sounds there is only a faint hiss, like an empty room "
+                   f"with a machine signalling.")
     return wav, dict(kind="events", caption=caption, description=description, labels=labels, qa=qa,
                      transcript=None, onsets=onsets, sequence=seq)
 
@@ -298,8 +310,10 @@ def make_morse(rng, max_dur):
     env = morse_envelope(word, unit)
     lead = int(0.15 * SAMPLE_RATE)
     wav = np.zeros(len(env) + 2 * lead, np.float32)
-    smooth = np.convolve(env, np.hanning(int(0.004 * SAMPLE_RATE)) / np.hanning(int(0.004 * SAMPLE_RATE)).sum(), "same")
-    wav[lead:lead + len(env)] = np.sin(2 * np.pi * hz * np.arange(len(env)) / SAMPLE_RATE) * smooth * float(rng.uniform(0.4, 0.7))
+    window = np.hanning(int(0.004 * SAMPLE_RATE))
+    smooth = np.convolve(env, window / window.sum(), "same")
+    carrier = np.sin(2 * np.pi * hz * np.arange(len(env)) / SAMPLE_RATE)
+    wav[lead:lead + len(env)] = carrier * smooth * float(rng.uniform(0.4, 0.7))
     wpm = round(1.2 / unit)
     caption = f"morse code spelling the word {word}."
     description = (f"A steady {int(hz)} hertz tone taps out morse code at about {wpm} words per "
@@ -323,7 +337,8 @@ def make_dtmf(rng, max_dur):
     t = np.arange(nt) / SAMPLE_RATE
     amp = float(rng.uniform(0.25, 0.4))
     for j, d in enumerate(digits):
-        x = (np.sin(2 * np.pi * DTMF_LOW[d] * t) + np.sin(2 * np.pi * DTMF_HIGH[d] * t)) * amp * envelope(nt, 0.003, 0.003)
+        x = np.sin(2 * np.pi * DTMF_LOW[d] * t) + np.sin(2 * np.pi * DTMF_HIGH[d] * t)
+        x = x * amp * envelope(nt, 0.003, 0.003)
         place(wav, x.astype(np.float32), int((0.15 + j * (tone_dur + gap)) * SAMPLE_RATE))
     spoken = " ".join(DTMF_WORDS[d] for d in digits)
     caption = f"telephone keypad tones dialing {spoken}."
@@ -367,8 +382,8 @@ def make_mixture(rng, max_dur):
     return wav, dict(kind="mixture", caption=caption, description=description, labels=labels, qa=qa,
                      transcript=None, onsets=e["onsets"], sequence=e["sequence"], notes=m["notes"])
 
-# --- speech: libespeak-ng and its voice data ship in the espeakng-loader pip package (no system package);
-# we drive the C library through ctypes
+# --- speech: libespeak-ng and its voice data ship in the espeakng-loader pip package (no system
+# package); we drive the C library through ctypes
 
 ESPEAK_SR = 22050                                    # what libespeak-ng synthesises at
 
@@ -409,7 +424,8 @@ def espeak_open():
 def espeak_close(lib):
     import _ctypes
     lib.espeak_Terminate()
-    (_ctypes.FreeLibrary if os.name == "nt" else _ctypes.dlclose)(lib._handle)   # unload: the next open starts clean
+    # unload: the next open starts clean
+    (_ctypes.FreeLibrary if os.name == "nt" else _ctypes.dlclose)(lib._handle)
 
 def speech_problem():
     """None if speech can be synthesised here, else the cause in one line."""
@@ -479,7 +495,8 @@ OBJECTS = ("box cup ball book chair table lamp key phone pen bag hat shoe coat b
 PLACES_IN = ("kitchen garden office bedroom bathroom hall garage basement attic classroom library "
              "museum shop bakery hotel restaurant cinema theatre church hospital village city "
              "forest park playground studio").split()
-PLACES_AT = "station airport beach bank harbour farm market stadium bridge tower corner gate school".split()
+PLACES_AT = ("station airport beach bank harbour farm market stadium bridge tower corner gate "
+             "school").split()
 PEOPLE = ("anna ben clara david emma frank grace henry isabel jack kate leo maria nick olivia "
           "peter rosa sam tom lucy paul sarah james laura mark").split() + [
           "the doctor", "the teacher", "the driver", "the baker", "the captain", "the farmer",
@@ -487,7 +504,8 @@ PEOPLE = ("anna ben clara david emma frank grace henry isabel jack kate leo mari
 VERBS = ("bring find open close move clean paint wash hide take drop carry push pull check fix "
          "sell buy").split() + [
          "pick up", "give me", "show me", "look at", "put down"]
-ACTIVITIES = "waiting sleeping reading cooking working singing dancing playing studying painting eating resting".split()
+ACTIVITIES = ("waiting sleeping reading cooking working singing dancing playing studying painting "
+              "eating resting").split()
 DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
 DIRECTIONS = "left right forward back".split()
 TEENS = "eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -536,7 +554,8 @@ def sentence(rng, short=False):
     v = dict(colour=pick(COLOURS), object=pick(OBJECTS), verb=pick(VERBS), person=pick(PEOPLE),
              activity=pick(ACTIVITIES),
              place=pick(PLACES_IN + PLACES_AT), day=pick(DAYS), direction=pick(DIRECTIONS),
-             number=number_words(int(rng.integers(2, 21) if rng.random() < 0.7 else rng.integers(21, 100))),
+             number=number_words(int(rng.integers(2, 21) if rng.random() < 0.7
+                                     else rng.integers(21, 100))),
              steps=number_words(int(rng.integers(2, 11))),
              hour=number_words(int(rng.integers(1, 13))),
              digits=" ".join(NUMBER_WORDS[d]
@@ -551,7 +570,8 @@ def make_speech(rng, max_dur):
     """A sentence of the grammar spoken by one of the SPEAKERS, with silence around it."""
     name = list(SPEAKERS)[rng.integers(len(SPEAKERS))]
     voice, sex, rate, pitch = SPEAKERS[name]
-    lead, tail, gain = float(rng.uniform(0.05, 0.25)), float(rng.uniform(0.1, 0.25)), float(rng.uniform(0.3, 0.7))
+    lead, tail = float(rng.uniform(0.05, 0.25)), float(rng.uniform(0.1, 0.25))
+    gain = float(rng.uniform(0.3, 0.7))
     best = None
     # re-draw until it fits (cheap: ~5 ms a sentence); then two words
     for attempt in range(12):
