@@ -71,6 +71,7 @@ peak_flops = 0.0              # per GPU, for MFU; 0 = known GPUs (A100, H100, H2
 
 TRAIN_KEYS = configurator.defaults(globals())
 PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
+HERE = os.path.dirname(os.path.abspath(__file__))  # the model files sit beside this one
 
 def fail(msg):
     configurator.fail("train.py", msg)
@@ -91,9 +92,9 @@ def load_checkpoint(path, map_location="cpu"):
                if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of train.py (it has no {', '.join(missing)})")
-    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       f"{ck['model_name']}.py")):
-        raise ValueError(f"{path}: holds a {ck['model_name']!r} model, which has no model file here")
+    if not os.path.isfile(os.path.join(HERE, f"{ck['model_name']}.py")):
+        raise ValueError(f"{path}: holds a {ck['model_name']!r} model, which has no model file "
+                         f"here")
     return ck
 
 def load_settings(argv):
@@ -108,7 +109,7 @@ def load_settings(argv):
     for key, value, raw, source in entries:
         if key == "model":
             name, where = (raw if raw is not None else value), source
-    if not isinstance(name, str) or not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")):
+    if not isinstance(name, str) or not os.path.isfile(os.path.join(HERE, f"{name}.py")):
         fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or "
              f"pengi")
     module = importlib.import_module(name)
@@ -151,7 +152,8 @@ def load_tokenizer(config, checkpoint, init):
     except (ValueError, OSError, RuntimeError) as e:  # an unknown name, a missing or corrupt file:
                                                       # the message names it
         fail(str(e))
-    print(f"tokenizer: {name}, {tok.n_vocab} tokens" + (f", from {data_dir}" if name == "corpus" else ""))
+    where = f", from {data_dir}" if name == "corpus" else ""
+    print(f"tokenizer: {name}, {tok.n_vocab} tokens{where}")
     return tok
 
 if __name__ == "__main__":
@@ -164,7 +166,8 @@ if __name__ == "__main__":
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if ddp:
-        from torch.distributed import init_process_group, destroy_process_group, all_reduce, barrier, ReduceOp
+        from torch.distributed import (ReduceOp, all_reduce, barrier, destroy_process_group,
+                                       init_process_group)
         if backend == "auto":
             backend = "nccl" if device.startswith("cuda") else "gloo"
         init_process_group(backend=backend)
@@ -174,7 +177,8 @@ if __name__ == "__main__":
             device = f"cuda:{ddp_local_rank}"
             torch.cuda.set_device(device)
         else:  # share the cores instead of every process using all of them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ddp_world_size))))
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", ddp_world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
         if gradient_accumulation_steps % ddp_world_size:
             fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple "
                  f"of the number of processes ({ddp_world_size})")
@@ -184,12 +188,16 @@ if __name__ == "__main__":
     master = ddp_rank == 0
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+        if device_type != "cuda":
+            dtype = "float32"
+        else:
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = (nullcontext() if dtype == "float32"
+           else torch.autocast(device_type=device_type, dtype=ptdtype))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if master:
@@ -255,7 +263,8 @@ if __name__ == "__main__":
                  f"{unexpected[:5]}...")
         if master:
             print(f"initialised from {init_from} ({init.get('model_name')}, iter "
-                  f"{init.get('iter_num')}); {len(missing)} tensors not in it keep their fresh init")
+                  f"{init.get('iter_num')}); {len(missing)} tensors not in it keep their fresh "
+                  f"init")
         del init
     raw_model.to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -361,7 +370,8 @@ if __name__ == "__main__":
             group["lr"] = lr
         if master and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
             losses = estimate_loss()
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, "
+                  f"val loss {losses['val']:.4f}")
             log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
@@ -373,7 +383,8 @@ if __name__ == "__main__":
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(gradient_accumulation_steps):
             if ddp:  # sync gradients only on the last micro-step
-                train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+                last = micro_step == gradient_accumulation_steps - 1
+                train_model.require_backward_grad_sync = last
             micro = ddp_rank * gradient_accumulation_steps + micro_step  # index over all processes
             rng = data_rng(0, iter_num, micro)
             seed_torch(iter_num, micro)
@@ -410,7 +421,8 @@ if __name__ == "__main__":
             dt = (now - t_log) / iters_log
             tok_s = tokens_log * ddp_world_size / (now - t_log)
             eta = (max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
-            mfu = f" | mfu {100 * flops_per_token * tok_s / (peak * ddp_world_size):.1f}%" if peak else ""
+            mfu = (f" | mfu {100 * flops_per_token * tok_s / (peak * ddp_world_size):.1f}%" if peak
+                   else "")
             print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} "
                   f"ms/iter | {tok_s / 1e3:.1f}k tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
             log({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
