@@ -8,22 +8,21 @@ and, without a GPU, show what the compiler makes of every kernel for an H100.
     python bench_attention.py --ptxas          # no GPU needed: registers, spills, shared memory, MMA shapes
 
 For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k
-tokens
-and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and forward+backward
-of:
-  ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed with
-          both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv kernel; =split:
-          a dq kernel of its own; the default, auto, takes atomic for D <= 64 and split at D = 128), and
-          the ratios use the faster of the two
-  flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a padding
-          mask, so on mixed-length batches it computes the whole padded problem (and a different answer)
-  masked SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of
-  backend
+tokens and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and
+forward+backward of:
+  ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed
+          with both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv
+          kernel; =split: a dq kernel of its own; the default, auto, takes atomic for D <= 64 and
+          split at D = 128), and the ratios use the faster of the two
+  flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a
+          padding mask, so on mixed-length batches it computes the whole padded problem (and a
+          different answer)
+  masked  SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of
+          backend
 "uniform" rows have every sequence at full length; "mixed" rows draw lengths uniformly in [T/4, T].
 TFLOP/s count the useful work only (pairs of real positions; padding and the masked causal half
 excluded), the same count for all three, so the ratios are ratios of speed (> 1: ours is faster).
-"max err" is the
-largest difference between ours and masked SDPA in the forward output. The goals
+"max err" is the largest difference between ours and masked SDPA in the forward output. The goals
 (docs/fused_attention.md): forward+backward >= 1.0x flash for T >= 1k, D = 64 and 128, causal and
 not; >= 1.5x masked on mixed rows.
 

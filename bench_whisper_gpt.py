@@ -11,8 +11,8 @@ process, each model in a process of its own so that the peaks do not mix.
 Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip,
 sampled with top-k 50, timed
   - with the KV cache (model.generate, as sample.py does), and
-  - by full recomputation: every step runs the whole current window again (the same windows and
-    restarts),
+  - by full recomputation: every step runs the whole current window again (the same windows
+    and restarts),
 for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec decodes the new
 frame of codebook 0, keeping its state, and one log-mel frame is computed) is included and also
 reported on its own. Goals (issue tracker): KV cache >= 10x recomputation at 750 tokens; hybrid

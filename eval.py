@@ -16,6 +16,7 @@ coarse-token NLL (nats/token), accuracy and perplexity.
 import importlib
 import json as jsonlib
 import os
+import statistics
 import sys
 import time
 
@@ -37,92 +38,107 @@ mean = False         # add the mean and standard deviation over the runs
 def fail(msg):
     configurator.fail("eval.py", msg)
 
-def main(argv):
-    global split, data_dir, kinds, device, json, mean
-    settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
-                                                 positional=True)
-    globals().update(settings)
-    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
+def checkpoint_paths(args):
+    """The ckpt.pt files that the arguments name (a file, or an out_dir holding one)."""
     paths = [os.path.join(a, "ckpt.pt") if os.path.isdir(a) else a for a in args]
     if not paths:
         fail("give one or more checkpoints (ckpt.pt files or out_dirs)")
     for p in paths:
         if not os.path.isfile(p):
             fail(f"{p}: checkpoint not found")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return paths
 
-    rows = []
-    for path in paths:
-        try:
-            ck = load_checkpoint(path)
-        except ValueError as e:
-            fail(e)
-        M = importlib.import_module(ck["model_name"])
-        unknown = set(opts) - set(M.EVAL_OPTS)
-        if unknown:
-            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
-                 f"setting of eval.py nor an option of {M.__name__}.evaluate "
-                 f"({', '.join(sorted(M.EVAL_OPTS))})")
-        config = M.Config(**ck["model_args"])
-        if kinds:
-            if not hasattr(config, "kinds"):
-                fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
-                     f"clip-kind subsets")
-            config.kinds = "" if kinds == "all" else kinds
-        ddir = data_dir or ck["config"]["data_dir"]
-        try:
-            tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
-        except (ValueError, OSError, RuntimeError) as e:
-            fail(f"{path}: tokenizer: {e}")
-        try:
-            data = M.load_data(ddir, config, tok)
-        except (ValueError, OSError) as e:
-            fail(f"{path}: data: {e}")
-        model = M.Model(config)
-        model.load_state_dict(ck["model"])
-        model.eval().to(device)
-        t0 = time.time()
-        with torch.no_grad():
-            metrics = M.evaluate(model, data, tok, split, **opts)
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        rows.append({"run": name, "model": ck["model_name"],
-                     "params": model.get_num_params() if hasattr(model, "get_num_params")
-                     else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"],
-                     "data": ddir,
-                     **({"kinds": config.kinds or "all"} if hasattr(config, "kinds") else {}),
-                     **metrics})
-        print(f"{name}: evaluated on {ddir} {split} in {time.time() - t0:.1f} s", file=sys.stderr)
-        del model, ck
+def evaluate_checkpoint(path, opts):
+    """One row of the table: the run's name, size, iterations and data, then its model file's
+    evaluate() metrics."""
+    try:
+        ck = load_checkpoint(path)
+    except ValueError as e:
+        fail(e)
+    M = importlib.import_module(ck["model_name"])
+    unknown = set(opts) - set(M.EVAL_OPTS)
+    if unknown:
+        fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
+             f"setting of eval.py nor an option of {M.__name__}.evaluate "
+             f"({', '.join(sorted(M.EVAL_OPTS))})")
+    config = M.Config(**ck["model_args"])
+    if kinds:
+        if not hasattr(config, "kinds"):
+            fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
+                 f"clip-kind subsets")
+        config.kinds = "" if kinds == "all" else kinds
+    ddir = data_dir or ck["config"]["data_dir"]
+    try:
+        tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(f"{path}: tokenizer: {e}")
+    try:
+        data = M.load_data(ddir, config, tok)
+    except (ValueError, OSError) as e:
+        fail(f"{path}: data: {e}")
+    model = M.Model(config)
+    model.load_state_dict(ck["model"])
+    model.eval().to(device)
+    t0 = time.time()
+    with torch.no_grad():
+        metrics = M.evaluate(model, data, tok, split, **opts)
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    row = {"run": name, "model": ck["model_name"],
+           "params": model.get_num_params() if hasattr(model, "get_num_params")
+           else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"],
+           "data": ddir, **({"kinds": config.kinds or "all"} if hasattr(config, "kinds") else {}),
+           **metrics}
+    print(f"{name}: evaluated on {ddir} {split} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return row
 
+def fmt_cell(k, v):
+    """A metric's table cell: accuracy in %, floats to 4 decimals (1 from 100 on), "-" for none."""
+    if v is None:
+        return "-"
+    if k == "accuracy":
+        return f"{100 * v:.2f}%"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+def print_table(rows):
+    """Markdown: one row per run, a column per metric of any run ("-" where a run has none); with
+    --mean, the mean and standard deviation of each metric over the runs that have it."""
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys
                  and k not in ("run", "model", "params", "iters", "data")]
-
-    def fmt(k, v):
-        if v is None:
-            return "-"
-        if k == "accuracy":
-            return f"{100 * v:.2f}%"
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
-        return str(v)
-
-    print(f"| run | params | iters | " + " | ".join(keys) + " |")
+    print("| run | params | iters | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
     for r in rows:
-        print(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['iters']} | " + " | ".join(fmt(k, r.get(k)) for k in keys) + " |")
+        print(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['iters']} | "
+              + " | ".join(fmt_cell(k, r.get(k)) for k in keys) + " |")
     if mean and len(rows) > 1:
-        import statistics
         for name, f in (("mean", statistics.mean), ("std", statistics.stdev)):
             vals = [[r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in keys]
-            print(f"| {name} ({len(rows)} runs) | | | " + " | ".join(fmt(k, float(f(v))) if len(v) > 1 else "-"
-                                                             for k, v in zip(keys, vals)) + " |")
+            print(f"| {name} ({len(rows)} runs) | | | "
+                  + " | ".join(fmt_cell(k, float(f(v))) if len(v) > 1 else "-"
+                               for k, v in zip(keys, vals)) + " |")
+
+def write_json(rows):
+    """--json: the rows, written whole then renamed (never a half-written file)."""
+    with open(json + ".tmp", "w") as f:
+        jsonlib.dump(rows, f, indent=2)
+    os.replace(json + ".tmp", json)
+
+def main(argv):
+    global split, data_dir, kinds, device, json, mean
+    settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
+                                                 positional=True)
+    globals().update(settings)
+    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
+    paths = checkpoint_paths(args)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [evaluate_checkpoint(path, opts) for path in paths]
+    print_table(rows)
     if json:
-        with open(json + ".tmp", "w") as f:
-            jsonlib.dump(rows, f, indent=2)
-        os.replace(json + ".tmp", json)
+        write_json(rows)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -199,7 +199,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh
+                + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=offs_m[:, None] < Tq, other=0.0)
     k_src = K + off_b * stride_kb + off_h * stride_kh
     v_src = V + off_b * stride_vb + off_h * stride_vh
@@ -230,7 +231,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
     lse = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(l_safe))
     split = tl.program_id(1).to(tl.int64)  # 0 without SPLIT
     tl.store(LSE + split * stride_ls + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
-    tl.store(O + split * stride_os + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    tl.store(O + split * stride_os + off_b * stride_ob + off_h * stride_oh
+             + offs_m[:, None] * stride_ot + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
 
 @triton.jit
@@ -259,7 +261,8 @@ def _merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, stride_ot, H, Tq, n_spli
     empty = l == 0.0
     l_safe = tl.where(empty, 1.0, l)
     tl.store(LSE + part, tl.where(empty, float("inf"), m_use + tl.math.log2(l_safe)), mask=rows)
-    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    tl.store(O + off_b * stride_ob + off_h * stride_oh
+             + offs_m[:, None] * stride_ot + offs_d[None, :],
              (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
 
 @triton.jit
@@ -270,8 +273,10 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < Tq
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows, other=0.0)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh
+                + offs_m[:, None] * stride_ot + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh
+                 + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
@@ -326,8 +331,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = offs_n[:, None] < klen
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=cols, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=cols, other=0.0)
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=cols, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -358,9 +365,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
                              CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk = dk * sm_scale
     out = offs_n[:, None] < Tk
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh
+             + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=out)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh
+             + offs_n[:, None] * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=out)
 
 @triton.jit
@@ -406,8 +415,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < Tq  # rows past Tq: q = dO = 0, lse = delta = 0, so their ds is 0 and nothing is
                         # stored
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh
+                + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh
+                 + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + off_bh.to(tl.int64) * Tq + offs_m, mask=rows, other=0.0)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * Tq + offs_m, mask=rows, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -419,7 +430,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
                        offs_m, offs_d, klen, diag, qk_scale, True, CAUSAL, BLOCK_N)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rows[:, None])
 
 # Triton's interpreter runs kernels on CPU tensors (how the tests check them without a GPU); it is

@@ -986,6 +986,95 @@ def pmi_scores(logp, logp_prior):
     preference for some labels that holds whatever the audio (ours, beyond the paper)."""
     return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
 
+def eval_tasks(data, tasks_opt):
+    """The tasks to score: those of the comma list tasks_opt ("" = all) the data was loaded with."""
+    tasks = data["tasks"]
+    known = [t for t in ("caption", "qa", "class")
+             if t in tasks] + (["instrument", "pitch", "chord"] if "music" in tasks else [])
+    wanted = [t.strip() for t in str(tasks_opt).split(",") if t.strip()] or known
+    bad = [t for t in wanted if t not in ("caption", "qa", "class", "instrument", "pitch", "chord")]
+    if bad:
+        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, "
+                         f"instrument, pitch, chord")
+    return [t for t in wanted if t in known]  # those the data was loaded with
+
+def eval_batches(model, data, tok, d, examples, bs):
+    """[(clip index in the split d, prompt text, answer text)] -> (examples, mel, prompt,
+    prompt_lens) on the model's device, bs examples at a time."""
+    dev = _device(model)
+    for s in range(0, len(examples), bs):
+        chunk = examples[s:s + bs]
+        mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"]) for i, _, _ in chunk]
+        b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk],
+                    [[]] * len(chunk), model.config.eot_token)
+        yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
+
+def generate_answers(model, data, tok, d, examples, bs, gen):
+    """The model's answer text to each example (generate's options in gen)."""
+    out = []
+    for _, mel, prompt, lens in eval_batches(model, data, tok, d, examples, bs):
+        out += [tok.decode(t).strip() for t in model.generate(mel, prompt, lens, **gen)]
+    return out
+
+def exact_match(hypotheses, examples):
+    """Fraction of answers equal to the examples' after normalize_text."""
+    return float(np.mean([normalize_text(h) == normalize_text(a)
+                          for h, (_, _, a) in zip(hypotheses, examples)]))
+
+def text_metrics(model, data, tok, d, wanted, max_clips, bs, gen):
+    """caption_bleu4 and qa_acc, where wanted and the split d has examples."""
+    metrics = {}
+    if "caption" in wanted:
+        ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"])
+              if c.get("caption")][:max_clips]
+        if ex:
+            metrics["caption_bleu4"] = bleu4(generate_answers(model, data, tok, d, ex, bs, gen),
+                                             [[a] for _, _, a in ex])
+    if "qa" in wanted:
+        ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"])
+              for qa in c.get("qa", [])][:max_clips]
+        if ex:
+            metrics["qa_acc"] = exact_match(generate_answers(model, data, tok, d, ex, bs, gen), ex)
+    return metrics
+
+def candidate_logprobs(model, data, tok, d, examples, bs, cand_ids):
+    """(len(examples), len(cand_ids)) LM log-likelihoods of each candidate answer, on the CPU."""
+    return torch.cat([model.rank_candidates(mel, p, lens, cand_ids).cpu()
+                      for _, mel, p, lens in eval_batches(model, data, tok, d, examples, bs)])
+
+def top_candidate_acc(scores, cands, labels):
+    """Fraction of examples whose highest-scored candidate is their label."""
+    return float(np.mean([cands[j] == a for j, a in zip(scores.argmax(-1).tolist(), labels)]))
+
+def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
+    """{key}_acc_gen, _acc_rank, _acc_pmi and _chance on the split d; {} without two candidate
+    labels or any example."""
+    cands = data["candidates"].get(key) or []
+    ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"])
+          if key in c["labels"]][:max_clips]
+    if len(cands) < 2 or not ex:
+        return {}
+    metrics = {f"{key}_acc_gen": exact_match(generate_answers(model, data, tok, d, ex, bs, gen),
+                                             ex)}
+    cand_ids = [answer_ids(tok, c)[:model.config.max_answer_tokens] for c in cands]
+    lp = candidate_logprobs(model, data, tok, d, ex, bs, cand_ids)
+    ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"])
+           if key in c["labels"]][:int(prior_clips)]
+    pmi = pmi_scores(lp, candidate_logprobs(model, data, tok, data["train"], ref, bs, cand_ids))
+    labels = [a for _, _, a in ex]
+    metrics[f"{key}_acc_rank"] = top_candidate_acc(lp, cands, labels)
+    metrics[f"{key}_acc_pmi"] = top_candidate_acc(pmi, cands, labels)
+    metrics[f"{key}_chance"] = 1.0 / len(cands)
+    return metrics
+
+def prefix_norm_metrics(model, data, tok, d, bs):
+    """prefix_norm_ratio_audio/_text on the split's first bs clips with the caption prompt."""
+    ex = [(i, PROMPTS["caption"], "") for i in range(min(len(d["clips"]), bs))]
+    _, mel, prompt, lens = next(eval_batches(model, data, tok, d, ex, bs))
+    pre = model.prefix(mel, prompt, lens)
+    return {"prefix_norm_ratio_audio": model.prefix_norm_ratio(pre[:, :model.k]),
+            "prefix_norm_ratio_text": model.prefix_norm_ratio(pre[:, model.k:])}
+
 EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16,
                  probe=True, probe_clips=2000, prior_clips=64, tasks="")
 
@@ -1020,73 +1109,13 @@ def _evaluate(model, data, tok, split, o):
     max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
     gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]),
                length_penalty=float(o["length_penalty"]))
-    d, dev = data[split], _device(model)
-    eot = model.config.eot_token
-    tasks = data["tasks"]
-    known = [t for t in ("caption", "qa", "class")
-             if t in tasks] + (["instrument", "pitch", "chord"] if "music" in tasks else [])
-    wanted = [t.strip() for t in str(o["tasks"]).split(",") if t.strip()] or known
-    bad = [t for t in wanted if t not in ("caption", "qa", "class", "instrument", "pitch", "chord")]
-    if bad:
-        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, "
-                         f"instrument, pitch, chord")
-    wanted = [t for t in wanted if t in known]  # those the data was loaded with
-
-    def batches(dd, examples):  # [(clip index, prompt text, answer text)] -> model inputs per chunk
-                                # of bs
-        for s in range(0, len(examples), bs):
-            chunk = examples[s:s + bs]
-            mels = [clip_mel(dd["mel"], dd["clips"][i], data["max_frames"]) for i, _, _ in chunk]
-            b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk],
-                        [[]] * len(chunk), eot)
-            yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
-
-    def run(examples):  # -> generated texts
-        out = []
-        for _, mel, prompt, lens in batches(d, examples):
-            out += [tok.decode(t).strip() for t in model.generate(mel, prompt, lens, **gen)]
-        return out
-
-    def same(h, a):
-        return normalize_text(h) == normalize_text(a)
-
-    metrics = {}
-    if "caption" in wanted:
-        ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"])
-              if c.get("caption")][:max_clips]
-        if ex:
-            metrics["caption_bleu4"] = bleu4(run(ex), [[a] for _, _, a in ex])
-    if "qa" in wanted:
-        ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"])
-              for qa in c.get("qa", [])][:max_clips]
-        if ex:
-            metrics["qa_acc"] = float(np.mean([same(h, a) for h, (_, _, a) in zip(run(ex), ex)]))
+    d = data[split]
+    wanted = eval_tasks(data, o["tasks"])
+    metrics = text_metrics(model, data, tok, d, wanted, max_clips, bs, gen)
     for key in [k for k in wanted if k not in ("caption", "qa")]:
-        cands = data["candidates"].get(key) or []
-        ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"])
-              if key in c["labels"]][:max_clips]
-        if len(cands) < 2 or not ex:
-            continue
-        metrics[f"{key}_acc_gen"] = float(np.mean([same(h, a) for h,
-                                                   (_, _, a) in zip(run(ex), ex)]))
-        cand_ids = [answer_ids(tok, c)[:model.config.max_answer_tokens] for c in cands]
-        score = lambda dd, exs: torch.cat([model.rank_candidates(mel, p, lens, cand_ids).cpu()
-                                           for _, mel, p, lens in batches(dd, exs)])
-        lp = score(d, ex)
-        ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"])
-               if key in c["labels"]][:int(o["prior_clips"])]
-        pmi = pmi_scores(lp, score(data["train"], ref))
-        labels = [a for _, _, a in ex]
-        metrics[f"{key}_acc_rank"] = float(np.mean([cands[j] == a for j,
-                                                    a in zip(lp.argmax(-1).tolist(), labels)]))
-        metrics[f"{key}_acc_pmi"] = float(np.mean([cands[j] == a for j,
-                                                   a in zip(pmi.argmax(-1).tolist(), labels)]))
-        metrics[f"{key}_chance"] = 1.0 / len(cands)
-    ex = [(i, PROMPTS["caption"], "") for i in range(min(len(d["clips"]), bs))]
-    _, mel, prompt, lens = next(batches(d, ex))
-    pre = model.prefix(mel, prompt, lens)
-    metrics["prefix_norm_ratio_audio"] = model.prefix_norm_ratio(pre[:, :model.k])
-    metrics["prefix_norm_ratio_text"] = model.prefix_norm_ratio(pre[:, model.k:])
+        metrics.update(label_metrics(model, data, tok, d, key, max_clips, bs, gen,
+                                     o["prior_clips"]))
+    metrics.update(prefix_norm_metrics(model, data, tok, d, bs))
     if o["probe"]:
         acc = linear_probe(model, data, split, "class", int(o["probe_clips"]))
         if acc is not None:

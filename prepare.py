@@ -116,7 +116,8 @@ def read_manifest(src, report):
         return None
     out = {}
     for where, row in rows:
-        name = row.get("file") or row.get("path") or row.get("audio") or row.get("file_name") or row.get("filename")
+        keys = ("file", "path", "audio", "file_name", "filename")
+        name = next((row[k] for k in keys if row.get(k)), None)
         if not name:
             report(f"{src}/{where}", "manifest row has no 'file' field")
             continue
@@ -213,8 +214,8 @@ def codebook0_mels(data_dir, quiet=False):
                           mode="r").reshape(-1, meta["n_q"])
         mel = np.zeros((len(codes), meta["n_mels"]), np.float16)
         for c in tqdm(clips, unit="clip", desc=f"codebook-0 mel, {split}", disable=quiet):
-            # (1, 1, T)
-            z = torch.from_numpy(codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)).T[None]
+            clip_codes = codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)
+            z = torch.from_numpy(clip_codes).T[None]  # (1, 1, T)
             with torch.no_grad():
                 wav = codec.decode([(z, None)])[0, 0].numpy()
             mel[c["offset"]:c["offset"] + c["frames"]] = log_mel(wav)[:c["frames"]]
@@ -546,7 +547,8 @@ def write_splits(infos, codes, mels, wmels, args, stage):
         np.ascontiguousarray(c, dtype=np.uint16).tofile(stage(f"{split}_codes.bin"))
         np.ascontiguousarray(m, dtype=np.float16).tofile(stage(f"{split}_mel.bin"))
         if args.whisper_mel:
-            wm = np.concatenate([wmels[i] for i in idx]) if idx else np.zeros((0, WHISPER_N_MELS), np.float16)
+            wm = (np.concatenate([wmels[i] for i in idx]) if idx
+                  else np.zeros((0, WHISPER_N_MELS), np.float16))
             np.ascontiguousarray(wm, dtype=np.float16).tofile(stage(f"{split}_wmel.bin"))
         stage(f"{split}_clips.jsonl").write_text("".join(l + "\n" for l in lines))
         splits[split] = {"clips": len(idx), "frames": int(offset)}
@@ -600,11 +602,13 @@ def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, 
           f"frames, val {splits['val']['clips']} clips / {splits['val']['frames']} frames; "
           f"codes use {len(np.unique(cs[:, 0]))} of {CODEBOOK_SIZE} values in codebook 0")
     if problems:
-        print(f"skipped {sum(problems.values())} inputs: " + ", ".join(f"{n} x {p}" for p, n in problems.most_common()))
+        counts = ", ".join(f"{n} x {p}" for p, n in problems.most_common())
+        print(f"skipped {sum(problems.values())} inputs: {counts}")
     done_now = audio_seconds - resumed_seconds
     print(f"done: {done_now:.1f} s of audio processed in {wall:.1f} s wall = {done_now / wall:.2f} "
           "audio-seconds per second"
-          + (f" ({resumed_seconds:.1f} s more resumed from an earlier run)" if resumed_seconds else ""))
+          + (f" ({resumed_seconds:.1f} s more resumed from an earlier run)" if resumed_seconds
+             else ""))
 
 # -----------------------------------------------------------------------------
 # main
@@ -627,9 +631,9 @@ def get_args(argv=None):
     p.add_argument("--val_percent", type=float, default=10.0,
                    help="percent of clips in the val split")
     p.add_argument("--codec_dir", default=None,
-                   help=f"directory with the pretrained {CODEC_FILE} (else hub cache, else offline)")
+                   help=f"directory with the pretrained {CODEC_FILE} (else hub cache, offline)")
     p.add_argument("--offline", action="store_true",
-                   help="no download attempts (EnCodec's weights): local files or the offline codec")
+                   help="no download of EnCodec's weights: local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",
                    help="train the offline codec even if pretrained weights exist")
     p.add_argument("--codec_steps", type=int, default=450,

@@ -19,18 +19,20 @@ and the loss is on the answer tokens only, averaged per example.
 
 As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the
 Q-Former, its projection and LoRA train. At CPU size each pretrained part gets a stand-in trained
-here (config field
-`stage`, one config each):
-  "whisper"    the speech encoder trained as Whisper is: a text decoder predicts the transcript from the
-               encoder's output (next-token cross-entropy), with a CTC head on the encoder alongside
-  "beats"      the audio encoder trained to tag the clips' labels (multi-label), as the BEATs checkpoint
-               SALMONN uses was fine-tuned on AudioSet tagging
-  "llm"        text-only pretraining of the small GPT-2-layout LLM, the stand-in for Vicuna: the corpus text
-               plus generic documents that need reading and copying from context (spans between tags
-               repeated, reversed, de-duplicated, numbers spelled out), the ability SALMONN borrows from Vicuna
+here (config field `stage`, one config each):
+  "whisper"    the speech encoder trained as Whisper is: a text decoder predicts the transcript
+               from the encoder's output (next-token cross-entropy), with a CTC head on the
+               encoder alongside
+  "beats"      the audio encoder trained to tag the clips' labels (multi-label), as the BEATs
+               checkpoint SALMONN uses was fine-tuned on AudioSet tagging
+  "llm"        text-only pretraining of the small GPT-2-layout LLM, the stand-in for Vicuna: the
+               corpus text plus generic documents that need reading and copying from context
+               (spans between tags repeated, reversed, de-duplicated, numbers spelled out), the
+               ability SALMONN borrows from Vicuna
 and then the paper's three stages:
   "pretrain"   stage 1: transcription and captioning
-  "instruct"   stage 2: all tasks (transcription, captioning, QA, music description, classification, speaker)
+  "instruct"   stage 2: all tasks (transcription, captioning, QA, music description,
+               classification, speaker)
   "activation" stage 3: long story-like answers, to undo the task over-fitting of stage 2
 Also here: the batch construction from prepared data, beam search / greedy / sampling with a KV
 cache, the evaluation metrics (WER, BLEU-4, accuracy, tagging mAP; our own implementations), and
@@ -650,11 +652,14 @@ def set_pretrained_dims(config):
                              f"vocab_size {config.vocab_size} of tokenizer={config.tokenizer!r}")
         config.llm_n_layer, config.llm_n_head = sizes["n_layer"], sizes["n_head"]
         config.llm_n_embd, config.llm_block_size = sizes["n_embd"], sizes["block_size"]
-    if config.whisper_init and os.path.exists(config.whisper_init) and config.stage not in ("beats", "llm"):
+    if config.whisper_init and os.path.exists(config.whisper_init) \
+            and config.stage not in ("beats", "llm"):
         _, sizes = load_whisper_encoder_state(config.whisper_init)
-        config.speech_n_layer, config.speech_n_head, config.speech_n_embd = sizes["n_layer"], sizes["n_head"], sizes["n_embd"]
-        config.speech_n_mels, config.speech_features = sizes["n_mels"], sizes["features"]
-    if config.beats_init and os.path.exists(config.beats_init) and config.stage not in ("whisper", "llm"):
+        config.speech_n_layer, config.speech_n_head = sizes["n_layer"], sizes["n_head"]
+        config.speech_n_embd, config.speech_n_mels = sizes["n_embd"], sizes["n_mels"]
+        config.speech_features = sizes["features"]
+    if config.beats_init and os.path.exists(config.beats_init) \
+            and config.stage not in ("whisper", "llm"):
         _, sizes = load_beats_state(config.beats_init)
         config.beats_n_layer, config.beats_n_head = sizes["n_layer"], sizes["n_head"]
         config.beats_n_embd, config.beats_patch_f = sizes["n_embd"], sizes["patch_f"]
@@ -717,8 +722,9 @@ class SALMONN(nn.Module):
             if config.freeze_encoders:  # the paper: Whisper and BEATs stay as pretrained
                 for p in itertools.chain(self.speech.parameters(), self.beats.parameters()):
                     p.requires_grad = False
+        n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         print(f"salmonn ({stage}): {self.get_num_params() / 1e6:.2f}M parameters, "
-              f"{sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
+              f"{n_trainable / 1e6:.2f}M trainable")
 
     def _init_weights(self, m):
         # convolutions keep PyTorch's default init (as Whisper and BEATs do): with std 0.02 their
@@ -733,7 +739,8 @@ class SALMONN(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if mode and self.config.freeze_encoders and self.config.stage not in ENCODER_STAGES + ("llm",):
+        audio_stage = self.config.stage not in ENCODER_STAGES + ("llm",)
+        if mode and self.config.freeze_encoders and audio_stage:
             self.speech.eval()  # frozen encoders run as they were pretrained: no dropout
             self.beats.eval()
         return self
@@ -809,21 +816,24 @@ class SALMONN(nn.Module):
     def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B,
         N, llm_n_embd) and their validity (B, N)."""
-        mel, mel_lens = mel[:, :self.config.max_audio_frames], mel_lens.clamp(max=self.config.max_audio_frames)
+        n = self.config.max_audio_frames
+        mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
             s, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             a = self.beats(mel, mel_lens)
-        # e.g. 50 vs 37.5 frames/s: each speech frame
+        # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
+        # instant
         if self.config.speech_frame_rate != self.config.frame_rate:
-            at = (torch.arange(s.size(1), device=s.device) * self.config.frame_rate / self.config.speech_frame_rate)
-            # takes the audio-event frame that covers its instant
+            ratio = self.config.frame_rate / self.config.speech_frame_rate
+            at = torch.arange(s.size(1), device=s.device) * ratio
             a = a[:, at.long().clamp(max=a.size(1) - 1)]
         # per frame: speech | audio events
         x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)
         q, valid = self.qformer(x, lens2)
         audio = self.proj(q)
         if self.config.audio_norm:
-            audio = audio * (self.audio_scale / audio.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt())
+            rms = audio.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+            audio = audio * (self.audio_scale / rms)
         return audio, valid
 
     def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None):
@@ -857,7 +867,8 @@ class SALMONN(nn.Module):
             return logits, loss
         if stage == "beats":  # tags from the time-averaged encoder output
             logits = self.tag_logits(mel, mel_lens)
-            loss = None if tags is None else F.binary_cross_entropy_with_logits(logits, tags.float())
+            loss = (None if tags is None
+                    else F.binary_cross_entropy_with_logits(logits, tags.float()))
             return logits, loss
         x = self.embed(idx, mel, mel_lens, audio_mask, wmel, wmel_lens)
         h, _ = self.llm(x)
@@ -1055,7 +1066,8 @@ COPY_INSTRUCTIONS = {
     "repeat": ["Repeat the words between the tags.",
                "Say exactly what is written between the tags."],
     "reverse": ["Say the words between the tags in reverse order."],
-    "once": ["Say each word between the tags once, in order, without the dashes."] + INSTRUCTIONS["transcription"],
+    "once": (["Say each word between the tags once, in order, without the dashes."]
+             + INSTRUCTIONS["transcription"]),
     "spell": ["Spell out the digits between the tags in words."],
 }
 DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
@@ -1186,8 +1198,10 @@ class SALMONNData:
             for qa in clip.get("qa") or []:
                 docs.append(encode_text(self.tok, f"Q: {qa['q']} A: {qa['a']}"))
             for task, instruction, answer in task_entries(clip):
-                instruction = instruction or INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
-                docs.append(encode_text(self.tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)} {answer}"))
+                if not instruction:
+                    instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
+                prompt = PROMPT_PREFIX + PROMPT_SUFFIX.format(instruction=instruction)
+                docs.append(encode_text(self.tok, f"{prompt} {answer}"))
         ids = []
         for i in rng.permutation(len(docs)):
             ids.extend(docs[i])
@@ -1203,7 +1217,8 @@ class SALMONNData:
     def clip_mel(self, split, ci):
         clip = self.splits[split]["clips"][ci]
         n = min(clip["frames"], self.config.max_audio_frames)
-        return torch.from_numpy(self.splits[split]["mel"][clip["offset"]:clip["offset"] + n].astype(np.float32))
+        mel = self.splits[split]["mel"][clip["offset"]:clip["offset"] + n]
+        return torch.from_numpy(mel.astype(np.float32))
 
     def clip_audio(self, split, ci):
         """What the encoders read of a clip: {"mel"} and, with speech_features="whisper",
@@ -1212,13 +1227,15 @@ class SALMONNData:
         if self.config.speech_features == "whisper":
             clip, wmel = self.splits[split]["clips"][ci], self.splits[split]["wmel"]
             n = min(clip["wframes"], max_speech_frames(self.config))
-            audio["wmel"] = torch.from_numpy(wmel[clip["woffset"]:clip["woffset"] + n].astype(np.float32))
+            frames = wmel[clip["woffset"]:clip["woffset"] + n]
+            audio["wmel"] = torch.from_numpy(frames.astype(np.float32))
         return audio
 
 def load_data(data_dir, config, tok):
-    meta = json.load(open(os.path.join(data_dir, "meta.json"))) if os.path.exists(os.path.join(data_dir, "meta.json")) else None
-    if meta is None:
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{data_dir}/meta.json: not found (run prepare.py first)")
+    meta = json.load(open(meta_path))
     config.vocab_size = tok.n_vocab  # the text is stored as text: the config's tokenizer (tok) sets
                                      # the vocab
     config.n_mels = meta["n_mels"]
@@ -1273,96 +1290,125 @@ def speech_frames(audio, config):
     """How many frames of a clip the speech encoder reads."""
     return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
 
-def get_batch(data, split, batch_size, rng):
-    config, S = data.config, data.splits[split]
-    if config.stage == "llm":  # rows of corpus text, and rows of copying conversations (loss on the
-                               # answers)
-        stream, T = S["stream"], config.llm_block_size
-        if len(stream) <= T + 1:
-            raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than "
-                             f"llm_block_size+1={T + 1}")
-        n_copy = round(config.copy_rows * batch_size)
-        ix = rng.integers(0, len(stream) - T - 1, size=batch_size - n_copy)
-        x = torch.zeros(batch_size, T, dtype=torch.long)
-        y = torch.full((batch_size, T), -1, dtype=torch.long)
-        x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T]
-                                                 for i in ix])) if len(ix) else x[:0]
-        y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T]
-                                                 for i in ix])) if len(ix) else y[:0]
-        for b in range(len(ix), batch_size):
-            seq, is_target = [], []
-            while True:  # as many whole conversations as fit
-                prompt, answer = copy_document(data.tok, rng, data.copy_words)
-                if seq and len(seq) + len(prompt) + len(answer) + 1 > T + 1:
-                    break
-                seq += prompt + answer + [data.tok.eot_token]
-                is_target += [False] * len(prompt) + [True] * (len(answer) + 1)
-            seq, is_target = seq[:T + 1], is_target[:T + 1]
-            x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
-            y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t,
-                                                m in zip(seq[1:], is_target[1:])])
-        return {"idx": x, "targets": y}
-    if config.stage == "beats":
-        if not S["clips"]:
-            raise ValueError(f"{split} split has no clips")
-        cis = rng.integers(len(S["clips"]), size=batch_size)
-        tags = torch.zeros(batch_size, len(data.tag_index))
-        for b, ci in enumerate(cis):
-            for t in clip_tags(S["clips"][ci]):
-                if t in data.tag_index:
-                    tags[b, data.tag_index[t]] = 1.0
-        mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci in cis], data.n_mels)
-        return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
-    if config.stage == "whisper":  # decoder: eot (as start) + transcript -> transcript + eot; CTC:
-                                   # the transcript
-        entries = S["entries"]["transcription"]
-        if not entries:
-            raise ValueError(f"{split} split has no clips with a transcript")
-        picks = [entries[i] for i in rng.integers(len(entries), size=batch_size)]
-        texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1] for _, _,
-                 answer in picks]
-        T = max(len(t) for t in texts) + 1
-        idx = torch.zeros(batch_size, T, dtype=torch.long)
-        targets = torch.full((batch_size, T), -1, dtype=torch.long)
-        ctc = torch.full((batch_size, T - 1), -1, dtype=torch.long)
-        for b, t in enumerate(texts):
-            idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
-            targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
-            ctc[b, :len(t)] = torch.tensor(t)
-        batch = collate([data.clip_audio(split, ci) for ci, _, _ in picks])
-        if split == "train" and config.spec_augment:
-            key = "wmel" if config.speech_features == "whisper" else "mel"
-            spec_augment(batch[key], batch[key + "_lens"], config.spec_augment, rng)
-        return {"idx": idx, "targets": targets, "ctc_targets": ctc, **batch}
-    tasks = [t for t in data.tasks if S["entries"][t]]
+def copy_conversations(data, rng, T):
+    """A row of stage "llm"'s copying conversations: as many whole ones as fit in T + 1 tokens ->
+    (ids, is_target), the answers and their eot the targets."""
+    seq, is_target = [], []
+    while True:
+        prompt, answer = copy_document(data.tok, rng, data.copy_words)
+        if seq and len(seq) + len(prompt) + len(answer) + 1 > T + 1:
+            break
+        seq += prompt + answer + [data.tok.eot_token]
+        is_target += [False] * len(prompt) + [True] * (len(answer) + 1)
+    return seq[:T + 1], is_target[:T + 1]
+
+def llm_batch(data, split, batch_size, rng):
+    """Stage "llm": rows of corpus text, and rows of copying conversations (loss on the
+    answers)."""
+    config, stream = data.config, data.splits[split]["stream"]
+    T = config.llm_block_size
+    if len(stream) <= T + 1:
+        raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than "
+                         f"llm_block_size+1={T + 1}")
+    n_copy = round(config.copy_rows * batch_size)
+    ix = rng.integers(0, len(stream) - T - 1, size=batch_size - n_copy)
+    x = torch.zeros(batch_size, T, dtype=torch.long)
+    y = torch.full((batch_size, T), -1, dtype=torch.long)
+    x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T]
+                                             for i in ix])) if len(ix) else x[:0]
+    y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T]
+                                             for i in ix])) if len(ix) else y[:0]
+    for b in range(len(ix), batch_size):
+        seq, is_target = copy_conversations(data, rng, T)
+        x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t, m in zip(seq[1:], is_target[1:])])
+    return {"idx": x, "targets": y}
+
+def beats_batch(data, split, batch_size, rng):
+    """Stage "beats": clips and their tags (multi-hot over data.tag_index)."""
+    S = data.splits[split]
+    if not S["clips"]:
+        raise ValueError(f"{split} split has no clips")
+    cis = rng.integers(len(S["clips"]), size=batch_size)
+    tags = torch.zeros(batch_size, len(data.tag_index))
+    for b, ci in enumerate(cis):
+        for t in clip_tags(S["clips"][ci]):
+            if t in data.tag_index:
+                tags[b, data.tag_index[t]] = 1.0
+    mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci in cis], data.n_mels)
+    return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
+
+def whisper_batch(data, split, batch_size, rng):
+    """Stage "whisper": transcribed clips. Decoder: eot (as start) + transcript -> transcript +
+    eot; CTC: the transcript. Training clips are SpecAugmented."""
+    config, entries = data.config, data.splits[split]["entries"]["transcription"]
+    if not entries:
+        raise ValueError(f"{split} split has no clips with a transcript")
+    picks = [entries[i] for i in rng.integers(len(entries), size=batch_size)]
+    texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1]
+             for _, _, answer in picks]
+    T = max(len(t) for t in texts) + 1
+    idx = torch.zeros(batch_size, T, dtype=torch.long)
+    targets = torch.full((batch_size, T), -1, dtype=torch.long)
+    ctc = torch.full((batch_size, T - 1), -1, dtype=torch.long)
+    for b, t in enumerate(texts):
+        idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
+        targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
+        ctc[b, :len(t)] = torch.tensor(t)
+    batch = collate([data.clip_audio(split, ci) for ci, _, _ in picks])
+    if split == "train" and config.spec_augment:
+        key = "wmel" if config.speech_features == "whisper" else "mel"
+        spec_augment(batch[key], batch[key + "_lens"], config.spec_augment, rng)
+    return {"idx": idx, "targets": targets, "ctc_targets": ctc, **batch}
+
+def task_example(data, split, tasks, rng):
+    """One example of stages 1-3: a task (tasks balanced), then a clip of that task and its
+    instruction (the clip's own question, else a paraphrase at random) -> (prompt + answer ids,
+    audio mask, prompt length, the clip's audio)."""
+    config, entries = data.config, data.splits[split]["entries"]
+    task = tasks[rng.integers(len(tasks))]
+    ci, instruction, answer = entries[task][rng.integers(len(entries[task]))]
+    if instruction is None:
+        instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
+    audio = data.clip_audio(split, ci)
+    ids, mask = data.prompt(instruction, n_audio_tokens(speech_frames(audio, config), config))
+    ans = encode_text(data.tok, " " + answer) + [data.tok.eot_token]
+    seq = (ids + ans)[:config.llm_block_size + 1]
+    if len(seq) <= len(ids):
+        raise ValueError(f"prompt of {len(ids)} positions leaves no room for an answer in "
+                         f"llm_block_size={config.llm_block_size}: lower max_audio_frames or "
+                         f"raise the block size")
+    return seq, mask, len(ids), audio
+
+def task_batch(data, split, batch_size, rng):
+    """Stages 1-3: prompts with the clips' audio slots, and answers (the loss on these only)."""
+    tasks = [t for t in data.tasks if data.splits[split]["entries"][t]]
     if not tasks:
         raise ValueError(f"{split} split has no clips for the tasks {data.tasks}")
-    rows, audios = [], []
-    for _ in range(batch_size):
-        task = tasks[rng.integers(len(tasks))]  # tasks balanced, then a clip of that task
-        ci, instruction, answer = S["entries"][task][rng.integers(len(S["entries"][task]))]
-        if instruction is None:
-            instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
-        audio = data.clip_audio(split, ci)
-        ids, mask = data.prompt(instruction, n_audio_tokens(speech_frames(audio, config), config))
-        ans = encode_text(data.tok, " " + answer) + [data.tok.eot_token]
-        seq = (ids + ans)[:config.llm_block_size + 1]
-        if len(seq) <= len(ids):
-            raise ValueError(f"prompt of {len(ids)} positions leaves no room for an answer in "
-                             f"llm_block_size={config.llm_block_size}: lower max_audio_frames or "
-                             f"raise the block size")
-        rows.append((seq, mask, len(ids)))
-        audios.append(audio)
-    T = max(len(seq) for seq, _, _ in rows) - 1
+    rows = [task_example(data, split, tasks, rng) for _ in range(batch_size)]
+    T = max(len(seq) for seq, _, _, _ in rows) - 1
     idx = torch.zeros(batch_size, T, dtype=torch.long)
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
     audio_mask = torch.zeros(batch_size, T, dtype=torch.bool)
-    for b, (seq, mask, n_prompt) in enumerate(rows):
+    for b, (seq, mask, n_prompt, _) in enumerate(rows):
         s = torch.tensor(seq)
         idx[b, :len(seq) - 1] = s[:-1]
         targets[b, n_prompt - 1:len(seq) - 1] = s[n_prompt:]  # the answer (and its eot) only
         audio_mask[b, :len(mask)] = torch.tensor(mask)
-    return {"idx": idx, "targets": targets, "audio_mask": audio_mask, **collate(audios)}
+    return {"idx": idx, "targets": targets, "audio_mask": audio_mask,
+            **collate([audio for _, _, _, audio in rows])}
+
+def get_batch(data, split, batch_size, rng):
+    """A training batch of the config's stage from the split, drawn with rng (a numpy
+    Generator)."""
+    stage = data.config.stage
+    if stage == "llm":
+        return llm_batch(data, split, batch_size, rng)
+    if stage == "beats":
+        return beats_batch(data, split, batch_size, rng)
+    if stage == "whisper":
+        return whisper_batch(data, split, batch_size, rng)
+    return task_batch(data, split, batch_size, rng)
 
 # -----------------------------------------------------------------------------
 # sampling and evaluation
@@ -1511,7 +1557,8 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
             if done.all():
                 break
         for row in seq[:, 1:].tolist():
-            dec_out.append(tok.decode(row[:row.index(tok.eot_token)] if tok.eot_token in row else row).strip())
+            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
+            dec_out.append(tok.decode(row).strip())
         best = model.ctc_head(audio).argmax(-1)
         for b in range(B):
             path = best[b, :lens2[b]].tolist()
@@ -1519,6 +1566,109 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
                    and (j == 0 or t != path[j - 1])]
             ctc_out.append(tok.decode(ids).strip())
     return dec_out, ctc_out
+
+def first_n(xs, n):
+    """The first n of xs (n = 0: all of them)."""
+    return xs[:n] if n else xs
+
+def text_perplexity(model, stream, max_windows):
+    """Stage "llm": perplexity over the stream's successive llm_block_size windows (max_windows >
+    0: the first max_windows)."""
+    T, device = model.config.llm_block_size, next(model.parameters()).device
+    losses = []
+    for i in first_n(range(0, max(1, len(stream) - T - 1), T), max_windows):
+        x = torch.from_numpy(stream[i:i + T][None]).to(device)
+        y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
+        losses.append(model(x, y)[1].item())
+    return float(math.exp(np.mean(losses)))
+
+def tagging_metrics(model, data, split, max_clips):
+    """Stage "beats": the tags' mean average precision, and the accuracy of the top-scored class
+    tag on the clips that have one."""
+    S = data.splits[split]
+    clips = first_n(list(range(len(S["clips"]))), max_clips)
+    logits = torch.cat([model.tag_logits(*pad_mels([data.clip_mel(split, ci)
+                                                    for ci in clips[i:i + 32]], data.n_mels))
+                        for i in range(0, len(clips), 32)]).float().cpu().numpy()
+    labels = np.zeros_like(logits)
+    for r, ci in enumerate(clips):
+        for t in clip_tags(S["clips"][ci]):
+            if t in data.tag_index:
+                labels[r, data.tag_index[t]] = 1
+    aps = [ap for j in range(labels.shape[1])
+           if (ap := average_precision(logits[:, j], labels[:, j])) is not None]
+    cls = [j for t, j in data.tag_index.items() if t.startswith("class=")]
+    has_cls = labels[:, cls].sum(1) > 0
+    top_cls = np.array(cls)[logits[:, cls].argmax(1)]
+    cls_acc = float((labels[np.arange(len(clips)), top_cls][has_cls]).mean())
+    return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
+
+def audio_token_rms(model, data, split):
+    """The audio tokens' RMS (per element) on the split's first 32 clips, next to the LLM's token
+    and position embeddings' (the scale the LLM was trained on)."""
+    rms = lambda t: float(t.float().pow(2).mean().sqrt())
+    device = next(model.parameters()).device
+    clips = [data.clip_audio(split, ci) for ci in range(min(32, len(data.splits[split]["clips"])))]
+    batch = {k: v.to(device) for k, v in collate(clips).items()}
+    tokens, valid = model.encode_audio(**batch)
+    return dict(audio_rms=rms(tokens[valid]), token_rms=rms(model.llm.wte.weight),
+                pos_rms=rms(model.llm.wpe.weight))
+
+def task_answers(model, tok, data, split, task, entries, o):
+    """The model's answers to a task's entries (each clip's own question, else the task's first
+    instruction) -> (answers, None); stage "whisper": (decoder transcripts, CTC transcripts)."""
+    if model.config.stage == "whisper":
+        return whisper_transcribe(model, tok, [data.clip_audio(split, ci) for ci, _, _ in entries])
+    sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature",
+                                     "top_k", "seed", "length_penalty")}
+    hyps = [sample(model, tok, data.clip_audio(split, ci), instruction
+                   or INSTRUCTIONS[task][0], None,
+                   **sample_opts)["text"] for ci, instruction, _ in entries]
+    return hyps, None
+
+def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):
+    """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's (from the
+    train split's answers); with ctc_hyps (stage "whisper"), CTC's WER per kind too."""
+    results = {"wer": word_error_rate(refs, hyps)}
+    for kind in sorted(set(kinds)):
+        of_kind = lambda xs: [x for x, k in zip(xs, kinds) if k == kind]
+        r, h = of_kind(refs), of_kind(hyps)
+        # candidates: training answers of this kind, these answers themselves, and all their
+        # words
+        cands = [a for ci, _, a in train["entries"]["transcription"]
+                 if train["clips"][ci].get("kind") == kind]
+        cands = cands[:200] + r[:200] + [w for a in cands + r for w in text_words(a)]
+        results[f"wer_{kind}"] = word_error_rate(r, h)
+        results[f"n_{kind}"] = len(r)
+        results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
+        if ctc_hyps is not None:
+            results[f"ctc_wer_{kind}"] = word_error_rate(r, of_kind(ctc_hyps))
+    return results
+
+def answer_metrics(task, entries, refs, hyps):
+    """The other tasks: BLEU-4 (captioning, music, story; story: also the answers' mean length in
+    words) or exact-match accuracy (qa and its questions on the speaker's sex, classification,
+    speaker)."""
+    if task == "captioning":
+        return {"bleu4": bleu4(hyps, [[r] for r in refs])}
+    if task == "music":
+        return {"music_bleu4": bleu4(hyps, [[r] for r in refs])}
+    if task == "qa":
+        results = {"qa_acc": accuracy(refs, hyps)}
+        gender = [i for i, (_, q, _) in enumerate(entries)
+                  if q.startswith("is the speaker a man")]
+        if gender:
+            results["gender_acc"] = accuracy([refs[i] for i in gender],
+                                             [hyps[i] for i in gender])
+        return results
+    if task == "classification":
+        return {"cls_acc": accuracy(refs, hyps)}
+    if task == "speaker":
+        return {"speaker_acc": accuracy(refs, hyps)}
+    if task == "story":
+        return {"story_bleu4": bleu4(hyps, [[r] for r in refs]),
+                "story_words": float(np.mean([len(text_words(h)) for h in hyps]))}
+    return {}
 
 EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 0,
              "temperature": 0.0, "top_k": 0, "seed": None, "length_penalty": 0.0}
@@ -1535,89 +1685,26 @@ def evaluate(model, data, tok, split="val", **opts):
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **{k: v for k, v in opts.items() if v is not None}}
-    S, train = data.splits[split], data.splits["train"]
-    limit = lambda xs: xs[:o["max_clips"]] if o["max_clips"] else xs
-    device = next(model.parameters()).device
-    stage = model.config.stage
+    S, stage = data.splits[split], model.config.stage
     if stage == "llm":
-        stream, T = S["stream"], model.config.llm_block_size
-        losses = []
-        for i in limit(range(0, max(1, len(stream) - T - 1), T)):
-            x = torch.from_numpy(stream[i:i + T][None]).to(device)
-            y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
-            losses.append(model(x, y)[1].item())
-        return {"text_ppl": float(math.exp(np.mean(losses))), "copy_acc": copy_probe(model, tok)}
+        return {"text_ppl": text_perplexity(model, S["stream"], o["max_clips"]),
+                "copy_acc": copy_probe(model, tok)}
     if stage == "beats":
-        clips = limit(list(range(len(S["clips"]))))
-        logits = torch.cat([model.tag_logits(*pad_mels([data.clip_mel(split, ci)
-                                                        for ci in clips[i:i + 32]], data.n_mels))
-                            for i in range(0, len(clips), 32)]).float().cpu().numpy()
-        labels = np.zeros_like(logits)
-        for r, ci in enumerate(clips):
-            for t in clip_tags(S["clips"][ci]):
-                if t in data.tag_index:
-                    labels[r, data.tag_index[t]] = 1
-        aps = [ap for j in range(labels.shape[1])
-               if (ap := average_precision(logits[:, j], labels[:, j])) is not None]
-        cls = [j for t, j in data.tag_index.items() if t.startswith("class=")]
-        has_cls = labels[:, cls].sum(1) > 0
-        cls_acc = float((labels[np.arange(len(clips)), np.array(cls)[logits[:, cls].argmax(1)]][has_cls]).mean())
-        return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
+        return tagging_metrics(model, data, split, o["max_clips"])
     results = {}
     if stage not in ENCODER_STAGES:  # the audio tokens' scale next to what the LLM was trained on
-                                     # (per element)
-        rms = lambda t: float(t.float().pow(2).mean().sqrt())
-        clips = [data.clip_audio(split, ci) for ci in range(min(32, len(S["clips"])))]
-        batch = {k: v.to(device) for k, v in collate(clips).items()}
-        tokens, valid = model.encode_audio(**batch)
-        results.update(audio_rms=rms(tokens[valid]), token_rms=rms(model.llm.wte.weight),
-                       pos_rms=rms(model.llm.wpe.weight))
+        results.update(audio_token_rms(model, data, split))
     for task in ALL_TASKS:
-        entries = limit(S["entries"][task])
+        entries = first_n(S["entries"][task], o["max_clips"])
         if not entries or (stage == "whisper" and task != "transcription"):
             continue
         refs = [answer for _, _, answer in entries]
-        kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
-        if stage == "whisper":
-            hyps, ctc_hyps = whisper_transcribe(model, tok, [data.clip_audio(split, ci) for ci, _, _ in entries])
-        else:
-            sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature",
-                                             "top_k", "seed", "length_penalty")}
-            hyps = [sample(model, tok, data.clip_audio(split, ci), instruction
-                           or INSTRUCTIONS[task][0], None,
-                           **sample_opts)["text"] for ci, instruction, _ in entries]
+        hyps, ctc_hyps = task_answers(model, tok, data, split, task, entries, o)
         results[f"n_{task}"] = len(entries)
         if task == "transcription":
-            results["wer"] = word_error_rate(refs, hyps)
-            for kind in sorted(set(kinds)):
-                r = [x for x, k in zip(refs, kinds) if k == kind]
-                h = [x for x, k in zip(hyps, kinds) if k == kind]
-                # candidates: training answers of this kind, these answers themselves, and all their
-                # words
-                cands = [a for ci, _, a in train["entries"]["transcription"]
-                         if train["clips"][ci].get("kind") == kind]
-                cands = cands[:200] + r[:200] + [w for a in cands + r for w in text_words(a)]
-                results[f"wer_{kind}"] = word_error_rate(r, h)
-                results[f"n_{kind}"] = len(r)
-                results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
-                if stage == "whisper":
-                    results[f"ctc_wer_{kind}"] = word_error_rate(r, [x for x, k in zip(ctc_hyps, kinds) if k == kind])
-        elif task == "captioning":
-            results["bleu4"] = bleu4(hyps, [[r] for r in refs])
-        elif task == "music":
-            results["music_bleu4"] = bleu4(hyps, [[r] for r in refs])
-        elif task == "qa":
-            results["qa_acc"] = accuracy(refs, hyps)
-            gender = [i for i, (_, q, _) in enumerate(entries)
-                      if q.startswith("is the speaker a man")]
-            if gender:
-                results["gender_acc"] = accuracy([refs[i] for i in gender],
-                                                 [hyps[i] for i in gender])
-        elif task == "classification":
-            results["cls_acc"] = accuracy(refs, hyps)
-        elif task == "speaker":
-            results["speaker_acc"] = accuracy(refs, hyps)
-        elif task == "story":
-            results["story_bleu4"] = bleu4(hyps, [[r] for r in refs])
-            results["story_words"] = float(np.mean([len(text_words(h)) for h in hyps]))
+            kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
+            results.update(transcription_metrics(refs, hyps, ctc_hyps, kinds,
+                                                 data.splits["train"]))
+        else:
+            results.update(answer_metrics(task, entries, refs, hyps))
     return results

@@ -1,13 +1,12 @@
 """
 The tokenizers of the prepared text. The data is stored as text; each model's config names the
 tokenizer it reads that text with, and this file loads it (train.py, sample.py and eval.py import
-it; prepare.py also trains
-the corpus BPE with it):
+it; prepare.py also trains the corpus BPE with it):
   "corpus": a small byte-level BPE trained on the corpus text by prepare.py and stored with the
-  data. CPU-sized
-            LLMs want it: GPT-2's 50k-row LM head would be ~8x the rest of a 4 x 128 model.
-  "gpt2":   GPT-2's BPE, for GPT-2-compatible LLMs, from tiktoken (its cache or a download) or, offline, from the
-            copy of its ranks that openai-whisper ships.
+            data. CPU-sized LLMs want it: GPT-2's 50k-row LM head would be ~8x the rest of a
+            4 x 128 model.
+  "gpt2":   GPT-2's BPE, for GPT-2-compatible LLMs, from tiktoken (its cache or a download) or,
+            offline, from the copy of its ranks that openai-whisper ships.
 """
 
 import base64
@@ -85,12 +84,14 @@ def load_gpt2(offline=False):
                   f"{tiktoken_cache_dir() or 'memory'})")
             return tok
         except Exception as e:  # here: no name resolution, within a second or two
-            why = "no name resolution" if "resolve" in str(e) else str(e).splitlines()[0][:120] if str(e) else ""
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            why = "no name resolution" if "resolve" in str(e) else first
             print(f"tokenizer: tiktoken could not download GPT-2's BPE ({type(e).__name__}"
                   f"{': ' + why if why else ''}); trying openai-whisper's copy")
     path = whisper_gpt2_file()
     if path is None:
-        problem = "openai-whisper, which ships a copy, is not installed (pip install --no-deps openai-whisper)"
+        problem = ("openai-whisper, which ships a copy, is not installed "
+                   "(pip install --no-deps openai-whisper)")
     elif hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_RANKS_SHA256:
         problem = f"openai-whisper's copy {path} is corrupt (sha256 mismatch)"
         print(f"tokenizer: {problem}: skipped")
@@ -123,7 +124,7 @@ def train_bpe(texts, vocab_size, min_count=2):
             where[(a, b)].add(i)
     ranks = {bytes([b]): b for b in range(256)}
     while len(ranks) < vocab_size and pairs:
-        (a, b), c = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))   # ties broken deterministically
+        (a, b), c = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties: the larger pair
         if c < min_count:
             break
         new = a + b
@@ -165,7 +166,8 @@ def parse_ranks(text, where):
                 tok, r = line.split()
                 ranks[base64.b64decode(tok, validate=True)] = int(r)
     except ValueError:  # (binascii.Error is a ValueError)
-        raise ValueError(f"{where}: corrupt BPE ranks (line {line[:40]!r} is not 'base64 rank')") from None
+        raise ValueError(f"{where}: corrupt BPE ranks (line {line[:40]!r} is not "
+                         f"'base64 rank')") from None
     if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
         raise ValueError(f"{where}: corrupt BPE ranks (expected ranks 0..n-1 over at least the 256 "
                          f"bytes)")

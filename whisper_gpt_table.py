@@ -191,77 +191,102 @@ def table(results, model_list, kind_list, seed_list, train_args):
 # with the clip's true next second. Both are decoded the same way (codebook 0 alone) so the codec's
 # own error cancels.
 
-def continuation_rows(model_list, kind_list, seed):
+def continuation_scores(true_mel, mel):
+    """Distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
+    spectrum (timbre, pitch, loudness whatever the timing), and its level modulation: the standard
+    deviation over time of each frame's mean log-mel (syllables and notes move it; a frozen sound
+    does not)."""
+    need = prompt_frames + new_frames
+    true, gen = true_mel[prompt_frames:need], mel[prompt_frames:need]
+    return (float(np.abs(gen - true).mean()),
+            float(np.abs(gen.mean(0) - true.mean(0)).mean()), float(gen.mean(1).std()))
+
+def frozen_continuation(mel):
+    """The prompt, then its last frames repeated: a frozen sound."""
+    end = mel[prompt_frames - min(prompt_frames, new_frames):prompt_frames]
+    return np.concatenate([mel[:prompt_frames], np.resize(end, (new_frames, mel.shape[1]))])
+
+def reference_scores(mels, idx):
+    """Scores of the true continuations and of two references: a frozen sound, and another clip's
+    true continuation."""
+    return {"the true continuation": [continuation_scores(mels[i], mels[i]) for i in idx],
+            "repeat the prompt's end": [continuation_scores(mels[i], frozen_continuation(mels[i]))
+                                        for i in idx],
+            "another clip's true continuation": [continuation_scores(mels[i],
+                                                                     mels[idx[(k + 1) % len(idx)]])
+                                                 for k, i in enumerate(idx)]}
+
+def load_run(model, kind, seed):
+    """The trained Whisper-GPT of a sweep run, in eval mode."""
+    import whisper_gpt as W
+    ck = torch.load(os.path.join(run_dir(model, kind, seed), "ckpt.pt"), map_location="cpu",
+                    weights_only=True)
+    net = W.Model(W.Config(**ck["model_args"]))
+    net.load_state_dict(ck["model"])
+    return net.eval()
+
+def sampled_continuations(net, inputs, mels, idx, tools):
+    """Scores of the model's continuation of each clip's prompt (T=1, top-k 50, seeded by the clip's
+    rank), and the first clip's continuation as (wav, log-mel)."""
+    import audio
+    import whisper_gpt as W
+    rows = []
+    for k, i in enumerate(idx):
+        prompt = {"codes": inputs[i]["codes"][:prompt_frames],
+                  "mel": inputs[i]["mel"][:prompt_frames]}
+        res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames,
+                       temperature=1.0, top_k=50, seed=k)
+        wav = tools.decode(torch.cat([res["prompt_codes"], res["codes"]])).numpy()
+        gen_mel = audio.log_mel(wav)
+        rows.append(continuation_scores(mels[i], gen_mel))
+        if k == 0:
+            first = wav, gen_mel
+    return rows, first
+
+def kind_continuation_rows(kind, clips, model_list, seed, tools):
+    """The table rows of one kind's held-out clips (none if no clip is long enough); writes the
+    first clip's wavs and picture."""
     import audio
     import sample as S
-    import whisper_gpt as W
+    need = prompt_frames + new_frames
+    idx = [i for i, c in enumerate(clips) if c["kind"] == kind
+           and c["frames"] >= need][:continuations]
+    if not idx:
+        return []
+    inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
+    truth = {i: inputs[i]["codes"][:need, :1] for i in idx}
+    mels = {i: audio.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
+    scores = reference_scores(mels, idx)
+    panels = [("true: prompt | continuation", mels[idx[0]])]
+    for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
+        rows, (wav, gen_mel) = sampled_continuations(load_run(model, kind, seed), inputs, mels,
+                                                     idx, tools)
+        panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
+        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav, 24000)
+        scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
+    lines = []
+    for name, rows in scores.items():
+        cells = [mean_std([r[c] for r in rows]) for c in range(3)]
+        lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells)
+                     + f" | {len(rows)} |")
+    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"),
+                tools.decode(truth[idx[0]]).numpy(), 24000)
+    audio.plot_mels(os.path.join(out_root, "continuations", f"{kind}.png"), panels,
+                    title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), "
+                          f"codebook 0 decoded",
+                    boundary=prompt_frames / 75)
+    return lines
+
+def continuation_rows(model_list, kind_list, seed):
+    import sample as S
     tools = S.Tools(data_dir)
     clips = [json.loads(line) for line in open(os.path.join(data_dir, "val_clips.jsonl"))
              if line.strip()]
-    lines, need = [], prompt_frames + new_frames
-    lines += ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | "
-              "level modulation | clips |",
-              "|---|---|---|---|---|---|"]
+    lines = ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | "
+             "level modulation | clips |",
+             "|---|---|---|---|---|---|"]
     for kind in kind_list:
-        idx = [i for i, c in enumerate(clips) if c["kind"] == kind
-               and c["frames"] >= need][:continuations]
-        if not idx:
-            continue
-        inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
-        truth = {i: inputs[i]["codes"][:need, :1] for i in idx}
-        mels = {i: audio.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
-
-        def scores_of(i, mel):
-            """distance of a continuation's log-mel to the true one, frame by frame and as a
-            time-averaged spectrum (timbre, pitch, loudness whatever the timing), and its level
-            modulation: the standard deviation over time of each frame's mean log-mel (syllables and
-            notes move it; a frozen sound does not)"""
-            true, gen = mels[i][prompt_frames:need], mel[prompt_frames:need]
-            return (float(np.abs(gen - true).mean()),
-                    float(np.abs(gen.mean(0) - true.mean(0)).mean()), float(gen.mean(1).std()))
-        scores = {"the true continuation": [scores_of(i, mels[i]) for i in idx],
-                  # references: the prompt's last frames repeated (a frozen sound), and another
-                  # clip's true second
-                  "repeat the prompt's end": [scores_of(i, np.concatenate(
-                      [mels[i][:prompt_frames],
-                       np.resize(mels[i][prompt_frames - min(prompt_frames, new_frames):prompt_frames],
-                                                          (new_frames, mels[i].shape[1]))]))
-                                                          for i in idx],
-                  "another clip's true continuation": [scores_of(i, mels[idx[(k + 1) % len(idx)]])
-                                                       for k, i in enumerate(idx)]}
-        panels = [("true: prompt | continuation", mels[idx[0]])]
-        for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
-            d = run_dir(model, kind, seed)
-            ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
-            net = W.Model(W.Config(**ck["model_args"]))
-            net.load_state_dict(ck["model"])
-            net.eval()
-            rows = []
-            for k, i in enumerate(idx):
-                prompt = {"codes": inputs[i]["codes"][:prompt_frames],
-                          "mel": inputs[i]["mel"][:prompt_frames]}
-                res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames,
-                               temperature=1.0, top_k=50, seed=k)
-                codes = torch.cat([res["prompt_codes"], res["codes"]])
-                wav = tools.decode(codes).numpy()
-                gen_mel = audio.log_mel(wav)
-                rows.append(scores_of(i, gen_mel))
-                if k == 0:
-                    panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation",
-                                   gen_mel))
-                    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav,
-                                24000)
-            scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
-        for name, rows in scores.items():
-            cells = [mean_std([r[c] for r in rows]) for c in range(3)]
-            lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells) + f" | {len(rows)} |")
-        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"),
-                    tools.decode(truth[idx[0]]).numpy(), 24000)
-        png = os.path.join(out_root, "continuations", f"{kind}.png")
-        audio.plot_mels(png, panels,
-                        title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), "
-                              f"codebook 0 decoded",
-                        boundary=prompt_frames / 75)
+        lines += kind_continuation_rows(kind, clips, model_list, seed, tools)
     lines.append("")
     lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of "
                  f"each clip as prompt, {new_frames} frames generated and compared with the clip's "

@@ -3,10 +3,9 @@ Tests of fused_attention.attention against plain softmax attention computed in f
 
 - the Triton kernels (forward with and without tensor descriptors, flash-decoding split + merge, and
   dq/dk/dv with both backwards) under Triton's interpreter on the CPU, fp32 and fp16, with the
-  interpreter's small tiles
-  and with every TILES entry:
-  the interpreter is chosen when the kernels are defined (at import), so that part runs in a
-  subprocess (this file with --worker) with TRITON_INTERPRET=1, whatever else this process imported;
+  interpreter's small tiles and with every TILES entry: the interpreter is chosen when the kernels
+  are defined (at import), so that part runs in a subprocess (this file with --worker) with
+  TRITON_INTERPRET=1, whatever else this process imported;
 - the PyTorch path on the same cases, in this process;
 - the kernels built for an H100 (sm_90a) ahead of time, as the JIT would build them for aligned
   tensors (no GPU needed): no register spills, shared memory within the limit, wgmma. By default
@@ -17,9 +16,8 @@ Tests of fused_attention.attention against plain softmax attention computed in f
 - on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped
   otherwise).
 
-bf16 is never checked numerically on the CPU: Triton's interpreter computes bf16 tl.dot wrongly, so
-a bf16
-case there would fail for the interpreter's sake. What can be checked without a GPU is checked
+bf16 is never checked numerically on the CPU: Triton's interpreter computes bf16 tl.dot wrongly,
+so a bf16 case there would fail for the interpreter's sake. What can be checked without a GPU is checked
 instead: the bf16 build uses the bf16 tensor-core instructions, and it comes from the same source as
 the fp16 build (their Triton IR differs in the element type only).
 """
