@@ -432,7 +432,10 @@ class StreamingDecoder:
         0) would otherwise be recomputed at every call, which costs more than a frame's
         convolution."""
         if conv not in self.weights:
-            w = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True) if hasattr(conv, "weight_g") else conv.weight
+            if hasattr(conv, "weight_g"):  # weight norm: g * v / |v|
+                w = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True)
+            else:
+                w = conv.weight
             self.weights[conv] = w.detach()
         return self.weights[conv]
 
@@ -491,7 +494,9 @@ class StreamingDecoder:
                     cl = torch.sigmoid(f) * cl + torch.sigmoid(i) * torch.tanh(g)
                     hl = torch.sigmoid(o) * torch.tanh(cl)
                     out.append(hl)
-                y, h, c = torch.stack(out), torch.cat([h[:layer], hl[None], h[layer + 1:]]), torch.cat([c[:layer], cl[None], c[layer + 1:]])
+                y = torch.stack(out)
+                h = torch.cat([h[:layer], hl[None], h[layer + 1:]])
+                c = torch.cat([c[:layer], cl[None], c[layer + 1:]])
             self.state[module] = (h, c)
         return (y + x if module.skip else y).permute(1, 2, 0)
 

@@ -112,9 +112,14 @@ def compile_for_h100(kernel, args, kwargs):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                           options=options.__dict__)
+
+# the tensor-core instructions in the PTX, as (shape, input type)
+WGMMA = r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\."
+MMA_SYNC = r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.f32\.(\w+)\."
 
 @functools.lru_cache(maxsize=None)
 def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
@@ -140,10 +145,11 @@ def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
     ptx = compiled.asm["ptx"]
     return dict(
         regs=int(res["REG"]),
-        spill=int(res["STACK"]) + int(res["LOCAL"]),  # stack frame: these kernels have no local arrays, so spills
+        # the stack frame: these kernels have no local arrays, so it is spills
+        spill=int(res["STACK"]) + int(res["LOCAL"]),
         smem=compiled.metadata.shared + int(res["SHARED"]),  # dynamic (pipeline buffers) + static
-        wgmma=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\.", ptx))),
-        mma_sync=sorted(set(re.findall(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.f32\.(\w+)\.", ptx))),
+        wgmma=sorted(set(re.findall(WGMMA, ptx))),
+        mma_sync=sorted(set(re.findall(MMA_SYNC, ptx))),
         cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx, seconds=seconds,
         ttir=compiled.asm["ttir"], ptx=ptx)
 
@@ -264,7 +270,7 @@ def benchmark(args):
     print("\n".join(lines), flush=True)
     configs = [(D, causal, mixed, T) for D in dims for causal in (False, True)
                for mixed in (False, True) for T in seqlens
-               if not (mixed and args.tokens // T < 2)]  # a mixed batch needs two sequences at least
+               if not (mixed and args.tokens // T < 2)]  # a mixed batch needs two sequences
     t0 = time.time()
     for i, (D, causal, mixed, T) in enumerate(configs):
         r = bench_row(args, D, T, causal, mixed, rng, dtype)

@@ -94,7 +94,8 @@ def train_table():
              "| model | params | tokens/s | s/iteration | peak memory | before the model |",
              "|---|---|---|---|---|---|"]
     for name, label in MODELS:
-        args = [sys.executable, __file__, f"--child={name}"] + [f"--{k}={globals()[k]}" for k in ("iters", "batch_size", "device")]
+        args = [sys.executable, __file__, f"--child={name}"]
+        args += [f"--{k}={globals()[k]}" for k in ("iters", "batch_size", "device")]
         res = subprocess.run(args, capture_output=True, text=True)
         if res.returncode:
             fail(f"training benchmark of {label} failed:\n{res.stderr}")
@@ -167,8 +168,10 @@ def generate_table():
             dt = time.perf_counter() - t0
             assert out.shape[1] == codes.shape[1] + new_tokens
             times[(name, way)] = dt
-            rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.1f} | "
-                        + (f"{mel_seconds[0]:.1f} s ({100 * mel_seconds[0] / dt:.0f}%)" if config.use_mel else "-") + " |")
+            mel_share = "-"
+            if config.use_mel:
+                mel_share = f"{mel_seconds[0]:.1f} s ({100 * mel_seconds[0] / dt:.0f}%)"
+            rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.1f} | {mel_share} |")
             print(rows[-1], flush=True)
     lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s "
              f"prompt, block_size {model_config('s').block_size}, top-k 50)", "",

@@ -110,7 +110,9 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
         model.encoder.model.append(Standardize())
     if ckpt and Path(ckpt).exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
         step = state["step"]
     else:                                             # a fresh start: signal must get through both
                                                       # halves
@@ -349,8 +351,9 @@ def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0)
                                or info["labels"]["instrument"] == "bell"):
             continue
         probes[kind].append((wav, info))
+    # seed + 1: not the corpus's clips
     probes["any"] = [synth_clip(seed + 1, j, max_dur, speech=speech) for j, speech in
-                     zip(range(n_any), [True, False] * n_any)]                  # seed + 1: not the corpus's clips
+                     zip(range(n_any), [True, False] * n_any)]
     return probes
 
 def codec_report(model, probes, untrained=None):

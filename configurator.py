@@ -11,7 +11,7 @@ give them to the model file's sample() / evaluate(), which check them; whisper_g
 them to train.py).
 
     entries, positional = gather(argv, config_files=True)   # what was given, in order
-    settings, unknown = resolve(entries, types)             # typed values; unknown keys with their raw text
+    settings, unknown = resolve(entries, types)             # typed values; unknown keys, raw text
 """
 
 import ast
@@ -104,8 +104,8 @@ def typed(key, value, raw, expected, where):
 
 def unknown_key(key, where, types, what):
     close = difflib.get_close_matches(key, list(types), n=3)
-    return SettingsError(f"{where}: unknown setting {key!r}: not {what}" + (f"; did you mean "
-                                                                            f"{', '.join(close)}?" if close else ""))
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return SettingsError(f"{where}: unknown setting {key!r}: not {what}{hint}")
 
 def resolve(entries, types, pass_unknown=False, what="a setting of this script"):
     """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are

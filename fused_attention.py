@@ -65,7 +65,8 @@ def _check(q, k, v, k_lens):
             raise ValueError("fused_attention.attention: k_lens holds key counts per batch element "
                              "(integers), got a boolean tensor; for a mask (B, Tk) pass "
                              "mask.sum(-1) if its valid keys come first")
-        if not isinstance(k_lens, torch.Tensor) or k_lens.shape != (B,) or k_lens.is_floating_point() or k_lens.is_complex():
+        if not isinstance(k_lens, torch.Tensor) or k_lens.shape != (B,) \
+                or k_lens.is_floating_point() or k_lens.is_complex():
             raise ValueError(f"fused_attention.attention: k_lens must be an integer tensor of "
                              f"shape ({B},), got {getattr(k_lens, 'dtype', type(k_lens))} "
                              f"{tuple(getattr(k_lens, 'shape', ()))}")
@@ -452,7 +453,8 @@ TILES = {
     ("decode", 64): [(16, 128, 4, 3), (16, 64, 4, 3)],
     ("decode", 128): [(16, 128, 4, 2), (16, 64, 4, 3)],
     ("dkdv_atomic", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    ("dkdv_atomic", 128): [(32, 128, 8, 2), (32, 128, 8, 3)],  # not the default backward at D = 128 (see BWD)
+    # not the default backward at D = 128 (see BWD)
+    ("dkdv_atomic", 128): [(32, 128, 8, 2), (32, 128, 8, 3)],
     ("dkdv", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
     ("dkdv", 128): [(64, 64, 8, 3), (64, 64, 8, 2)],
     ("dq", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
@@ -490,10 +492,11 @@ def _autotuned(name):
         keep = _tiles(name, kwargs["HEAD_DIM"])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) in keep]
-    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket",
-           "k_bucket"] + (["SPLIT", "TMA"] if name in ("fwd", "decode") else [])
+    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"]
+    key += ["SPLIT", "TMA"] if name in ("fwd", "decode") else []
+    zeroed = ["DQ"] if name == "dkdv_atomic" else None  # timing runs add into DQ
     return triton.autotune(configs, key=key, prune_configs_by=dict(early_config_prune=prune),
-                           reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)(KERNELS[name])  # timing runs add into DQ
+                           reset_to_zero=zeroed)(KERNELS[name])
 
 AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1"
 # 0: the forward loads K/V by pointers everywhere

@@ -2,8 +2,8 @@
 Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text generation.
 
     audio  -> HTSAT-style encoder -> projection -> L2 norm -> mapper m1 -> k prefix vectors  \
-    prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }-> frozen GPT-2 -> answer
-                                                          [audio prefix k][text prefix k][answer tokens]
+    prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }->
+        -> frozen GPT-2 over [audio prefix k][text prefix k][answer tokens] -> answer
 
 Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's
 text_projection and the projection after it) and the two mappers. The language model (GPT-2 layout
@@ -339,7 +339,8 @@ def set_llm_dims(config):
     if config.vocab_size and dims["vocab_size"] < config.vocab_size:
         raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} < the "
                          f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
-    config.vocab_size, config.llm_n_layer, config.llm_n_head = dims["vocab_size"], dims["n_layer"], dims["n_head"]
+    config.vocab_size, config.llm_n_layer = dims["vocab_size"], dims["n_layer"]
+    config.llm_n_head = dims["n_head"]
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
 def init_pretrained(model, tok=None):
@@ -619,7 +620,8 @@ class Pengi(nn.Module):
     def prefix_norm_ratio(self, prefix):
         """Mean norm of prefix vectors / mean norm of the LM's token embeddings (1 = the LM's own
         scale)."""
-        return (prefix.float().norm(dim=-1).mean() / self.llm.wte.weight.float().norm(dim=-1).mean()).item()
+        token_norm = self.llm.wte.weight.float().norm(dim=-1).mean()
+        return (prefix.float().norm(dim=-1).mean() / token_norm).item()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -690,9 +692,11 @@ class Pengi(nn.Module):
             same = (targets[:, None, :] == targets[None, :, :]).all(-1).float()
             same = same / same.sum(1, keepdim=True)
         sim = audio @ text.t() / self.config.clap_temp
-        return -0.5 * ((same * F.log_softmax(sim, 1)).sum(1).mean() + (same * F.log_softmax(sim.t(), 1)).sum(1).mean())
+        audio_to_text = (same * F.log_softmax(sim, 1)).sum(1).mean()
+        text_to_audio = (same * F.log_softmax(sim.t(), 1)).sum(1).mean()
+        return -0.5 * (audio_to_text + text_to_audio)
 
-    # --- decoding -------------------------------------------------------------------------------------
+    # --- decoding ----------------------------------------------------------------------
 
     def next_logp(self, tokens, past):
         """One decoding step: tokens (n,) after the cache -> log-probs of the next token (n, V), new
@@ -832,8 +836,9 @@ def load_data(data_dir, config, tok):
         by_task = {}  # task -> [(clip index, prompt ids, answer ids)]
         for i, clip in enumerate(clips):
             for task, prompt, answer in clip_tasks(clip, tasks):
-                by_task.setdefault(task, []).append((i, enc(prompt)[:config.max_prompt_tokens],
-                                                     answer_ids(tok, answer)[:config.max_answer_tokens]))
+                example = (i, enc(prompt)[:config.max_prompt_tokens],
+                           answer_ids(tok, answer)[:config.max_answer_tokens])
+                by_task.setdefault(task, []).append(example)
         data[split] = {"mel": mel, "clips": clips, "by_task": by_task}
     # candidate labels for the close-ended tasks, from the training split
     data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]

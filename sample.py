@@ -98,7 +98,8 @@ def read_clip(data_dir, split, index):
                                # Whisper encoder
         wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
                          mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])
-        clip["wmel"] = torch.from_numpy(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32))
+        frames = wmel[c["woffset"]:c["woffset"] + c["wframes"]]
+        clip["wmel"] = torch.from_numpy(frames.astype(np.float32))
     return clip, c
 
 def write_wav(path, wav, sample_rate):

@@ -206,7 +206,8 @@ class WhisperGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
     def new_caches(self):
-        return [{} for _ in range((self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer)]
+        n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
+        return [{} for _ in range(n_blocks)]
 
     def forward(self, codes, mels=None, targets=None):
         """codes (B, T) coarse tokens, mels (B, T, n_mels) mel frames aligned with the codes (hybrid

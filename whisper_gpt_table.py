@@ -5,7 +5,7 @@ markdown table of the next-coarse-token NLL / accuracy / perplexity (mean +- std
 the paper's rows, the two claims checked seed by seed, and continuations of held-out clips by GPT-S
 and the hybrid (wavs, pictures and their distance to the true continuation).
 
-    python whisper_gpt_table.py                          # the sweep (resumes; finished runs are skipped) + table
+    python whisper_gpt_table.py                          # the sweep (resumable) and the table
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
 
 Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir,
@@ -137,7 +137,8 @@ def evaluate_run(d):
         config.mel_source = "codebook0"
         result["as_generating"] = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config),
                                              None, "val")
-    wall = json.load(open(os.path.join(d, "wall.json")))["seconds"] if os.path.isfile(os.path.join(d, "wall.json")) else None
+    wall_file = os.path.join(d, "wall.json")
+    wall = json.load(open(wall_file))["seconds"] if os.path.isfile(wall_file) else None
     return {**result, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
 
 def mean_std(values):

@@ -2,7 +2,9 @@
 # generation. The frozen LM is the small GPT-2-layout LLM pretrained on the corpus text by
 # config/salmonn_llm.py (GPT-2 base is the paper's; it is not reachable offline). Sizes, prefix
 # length and budget are ours.
-# python train.py config/salmonn_llm.py && python train.py config/pengi_synth.py && python eval.py out/pengi-synth
+# python train.py config/salmonn_llm.py
+# python train.py config/pengi_synth.py
+# python eval.py out/pengi-synth
 model = "pengi"
 stage = "pengi"
 out_dir = "out/pengi-synth"
