@@ -129,8 +129,8 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
         logits = model.decode(seq[:, start:], mel_in)[:, -1].float()
         v, _ = torch.topk(logits, 50)
         logits[logits < v[:, [-1]]] = -float("inf")
-        seq = torch.cat([seq, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)],
-                        1)
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        seq = torch.cat([seq, nxt], 1)
     return seq
 
 def generate_table():

@@ -363,14 +363,14 @@ def codec_report(model, probes, untrained=None):
     decoder when given (fed the unquantized encoder output). Returns the figures and the
     reconstructions ({kind: [audio]}, in the order of probes)."""
     rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
-    mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - log_mel(w)).mean() for y,
-                                       (w, _) in zip(ys, probes["any"])]))
-    r = {"notes": float(np.mean([read_note(y) == info["labels"]["pitch"] for y,
-                                 (_, info) in zip(rec["note"], probes["note"])])),
-         "morse": float(np.mean([read_morse(y) == info["transcript"] for y,
-                                 (_, info) in zip(rec["morse"], probes["morse"])])),
-         "dtmf": float(np.mean([read_dtmf(y) == info["labels"]["digits"] for y,
-                                (_, info) in zip(rec["dtmf"], probes["dtmf"])])),
+    mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - log_mel(w)).mean()
+                                       for y, (w, _) in zip(ys, probes["any"])]))
+    r = {"notes": float(np.mean([read_note(y) == info["labels"]["pitch"]
+                                 for y, (_, info) in zip(rec["note"], probes["note"])])),
+         "morse": float(np.mean([read_morse(y) == info["transcript"]
+                                 for y, (_, info) in zip(rec["morse"], probes["morse"])])),
+         "dtmf": float(np.mean([read_dtmf(y) == info["labels"]["digits"]
+                                for y, (_, info) in zip(rec["dtmf"], probes["dtmf"])])),
          "mel_l1": mel_l1(rec["any"])}
     if untrained is not None:
         r["mel_l1_untrained"] = mel_l1(reconstruct(untrained, [w for w, _ in probes["any"]],

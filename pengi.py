@@ -1059,8 +1059,8 @@ def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
           if key in c["labels"]][:max_clips]
     if len(cands) < 2 or not ex:
         return {}
-    metrics = {f"{key}_acc_gen": exact_match(generate_answers(model, data, tok, d, ex, bs, gen),
-                                             ex)}
+    answers = generate_answers(model, data, tok, d, ex, bs, gen)
+    metrics = {f"{key}_acc_gen": exact_match(answers, ex)}
     cand_ids = [answer_ids(tok, c)[:model.config.max_answer_tokens] for c in cands]
     lp = candidate_logprobs(model, data, tok, d, ex, bs, cand_ids)
     ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"])

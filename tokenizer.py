@@ -154,8 +154,8 @@ def train_bpe(texts, vocab_size, min_count=2):
 
 def ranks_text(ranks):
     """Mergeable ranks in tiktoken's file format: one "base64(token) rank" line per token."""
-    return "".join(f"{base64.b64encode(tok).decode()} {r}\n" for tok,
-                   r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return "".join(f"{base64.b64encode(tok).decode()} {r}\n"
+                   for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
 def parse_ranks(text, where):
     """The inverse of ranks_text; where names the source in the error for a corrupt one."""

@@ -388,8 +388,8 @@ def evaluate(model, data, tok=None, split="val", **opts):
         starts = starts[:max_windows]
     nll, correct, count = 0.0, 0, 0
     for b in range(0, len(starts), batch_size):
-        batch = {k: v.to(device) for k,
-                 v in _windows(data, split, starts[b:b + batch_size]).items()}
+        windows = _windows(data, split, starts[b:b + batch_size])
+        batch = {k: v.to(device) for k, v in windows.items()}
         logits, _ = model(**batch)
         logits = logits.float()
         y = batch["targets"]

@@ -25,7 +25,8 @@ def synth_dir(request, tmp_path_factory):
     (prepare.py, audio.py, codec.py, synth.py, tokenizer.py), so the test files share it;
     NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
     import prepare
-    if os.environ.get("NANO_AUDIO_FRESH_DATA") == "1" or getattr(request.config, "cache", None) is None:
+    fresh = os.environ.get("NANO_AUDIO_FRESH_DATA") == "1"
+    if fresh or getattr(request.config, "cache", None) is None:
         out = tmp_path_factory.mktemp("synth")
     else:
         files = ("prepare.py", "audio.py", "codec.py", "synth.py", "tokenizer.py")

@@ -65,7 +65,8 @@ def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
     assert A.get_pretrained_codec() == (None, None)
     # torch.hub's own line
     out = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("Downloading: ")]
-    assert len(out) == 1 and "downloading EnCodec's weights failed" in out[0] and "name resolution" in out[0]
+    assert (len(out) == 1 and "downloading EnCodec's weights failed" in out[0]
+            and "name resolution" in out[0])
     with pytest.raises(SystemExit, match="--strict"):
         A.get_pretrained_codec(strict=True)
 
@@ -106,10 +107,10 @@ def test_readers_read_the_corpus_labels_from_clean_audio():
     notes = [(w, info) for w, info in notes if info["labels"]["form"] == "note"
              and info["labels"]["instrument"] != "bell"]
     assert len(notes) >= 5 and all(C.read_note(w) == info["labels"]["pitch"] for w, info in notes)
-    assert all(C.read_morse(w) == info["transcript"] for w,
-               info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
-    assert all(C.read_dtmf(w) == info["labels"]["digits"] for w,
-               info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
+    assert all(C.read_morse(w) == info["transcript"]
+               for w, info in (Y.make_morse(rng(i), 3.0) for i in range(10)))
+    assert all(C.read_dtmf(w) == info["labels"]["digits"]
+               for w, info in (Y.make_dtmf(rng(i), 3.0) for i in range(10)))
     # a tone a semitone up reads as the next note
     w = Y.tone("sine", Y.midi_hz(61), 1.0, None)
     assert C.read_note(w) == "C#4" and C.read_note(Y.tone("sine", Y.midi_hz(60), 1.0, None)) == "C4"
@@ -145,7 +146,8 @@ def test_offline_codec_learns_to_reconstruct_and_resumes(tmp_path, monkeypatch):
     assert err(resumed) < 0.7 * before                       # ...and kept what it had learned
 
 
-def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path,
+                                                                                monkeypatch):
     """An interruption mid-training (here at the 5th of 6 steps, after the checkpoint of step 4) and
     a re-run give exactly the weights of an uninterrupted run: the optimiser and schedule are
     restored and each step's crops come from a seed of its own."""

@@ -26,7 +26,8 @@ def marked_copies():
         for i, line in enumerate(lines, 1):
             m = MARK.match(line)
             if m:
-                assert i + 1 in starts, f"{filename}:{i}: '# Copied from' must sit right above a def or class"
+                assert i + 1 in starts, (f"{filename}:{i}: '# Copied from' must sit right above "
+                                         "a def or class")
                 out.append((filename, starts[i + 1], m.group(1), m.group(2)))
     return out
 
@@ -35,7 +36,8 @@ def test_marked_copies_equal_their_source():
     # the metrics shared by salmonn.py and pengi.py at least
     assert len(copies) >= 2
     for filename, name, source_file, source_name in copies:
-        assert name == source_name, f"{filename}: {name} is marked as a copy of {source_file}.{source_name}"
+        assert name == source_name, (f"{filename}: {name} is marked as a copy of "
+                                     f"{source_file}.{source_name}")
         copy = definitions(filename)[0][name]
         source = definitions(source_file + ".py")[0].get(source_name)
         assert source is not None, f"{filename}: {name}: {source_file}.{source_name} not found"

@@ -22,12 +22,15 @@ TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "
         "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3"]
 
 def train(out_dir, data_dir, *extra):
-    return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra]
+    return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
+            *extra]
 
 def log_losses(out_dir):
-    return [(r["iter"], r["loss"]) for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+    return [(r["iter"], r["loss"])
+            for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
 
-def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(synth_dir, tmp_path):
+def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(synth_dir,
+                                                                               tmp_path):
     """Each kill lands at a random moment of a random iteration (checkpoint saves included: one
     every 2 iterations). After every kill ckpt.pt is a complete checkpoint of an iteration already
     reached, and every loss logged by the resumed runs, re-done iterations included, equals the
@@ -75,7 +78,8 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
         assert loss == expected[it], (it, loss, expected[it])
     final = load_checkpoint(out / "ckpt.pt")
     assert final["iter_num"] == 24
-    assert all(torch.equal(a, b) for a, b in zip(final["model"].values(), load_checkpoint(ref / "ckpt.pt")["model"].values()))
+    ref_model = load_checkpoint(ref / "ckpt.pt")["model"]
+    assert all(torch.equal(a, b) for a, b in zip(final["model"].values(), ref_model.values()))
 
 def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     good = tmp_path / "good"
@@ -96,7 +100,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
                         [sys.executable, "sample.py", f"--out_dir={d}"]]
         for cmd in scripts:
             p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-            assert p.returncode == 2 and str(d / "ckpt.pt") in p.stderr and "truncated or corrupt" in p.stderr, (cmd, p.stderr)
+            assert (p.returncode == 2 and str(d / "ckpt.pt") in p.stderr
+                    and "truncated or corrupt" in p.stderr), (cmd, p.stderr)
             assert "Traceback" not in p.stderr
         assert (d / "ckpt.pt").read_bytes() == blob                 # and nothing wrote over it
     other = tmp_path / "other"
@@ -122,7 +127,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
                        ("--clip=100000", "--clip=100000")):
         p = subprocess.run([sys.executable, "sample.py", f"--out_dir={good}", arg], cwd=ROOT,
                            env=ENV, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (arg, p.stderr)
+        assert (p.returncode == 2 and words in p.stderr
+                and "Traceback" not in p.stderr), (arg, p.stderr)
 
 PREPARE = ["--clips=24", "--max_seconds=1.0", "--offline", "--codec_steps=8", "--codec_clips=8",
            "--codec_tune_steps=4",

@@ -17,9 +17,9 @@ Tests of fused_attention.attention against plain softmax attention computed in f
   otherwise).
 
 bf16 is never checked numerically on the CPU: Triton's interpreter computes bf16 tl.dot wrongly,
-so a bf16 case there would fail for the interpreter's sake. What can be checked without a GPU is checked
-instead: the bf16 build uses the bf16 tensor-core instructions, and it comes from the same source as
-the fp16 build (their Triton IR differs in the element type only).
+so a bf16 case there would fail for the interpreter's sake. What can be checked without a GPU is
+checked instead: the bf16 build uses the bf16 tensor-core instructions, and it comes from the same
+source as the fp16 build (their Triton IR differs in the element type only).
 """
 
 import json
@@ -47,7 +47,8 @@ CASES += [
     ("float32", 64, 100, 100, True, None, "bthd"),
     ("float32", 64, 1, 1, False, None, "bhtd"),
     ("float32", 128, 17, 129, False, "pad", "bthd"),
-    ("float32", 64, 9, 200, True, "pad", "bthd"),  # decoding several queries: the diagonal inside the splits
+    # decoding several queries: the diagonal inside the splits
+    ("float32", 64, 9, 200, True, "pad", "bthd"),
     ("float16", 64, 129, 129, True, "pad", "bhtd"),
     ("float16", 64, 1, 100, False, "pad", "bhtd"),
     ("float16", 32, 100, 17, True, None, "bthd"),
@@ -74,7 +75,8 @@ TILE_INDICES = (0, 1, 2, 3)  # entry i of each list (its last where the list is 
 
 def case_id(case):
     dtype, D, Tq, Tk, causal, k_lens, layout = case
-    return f"{dtype}-D{D}-q{Tq}-k{Tk}-{'causal' if causal else 'full'}-{k_lens or 'nolens'}-{layout}"
+    return (f"{dtype}-D{D}-q{Tq}-k{Tk}-{'causal' if causal else 'full'}-"
+            f"{k_lens or 'nolens'}-{layout}")
 
 def make_inputs(case, device="cpu", B=3, H=2):
     dtype, D, Tq, Tk, causal, k_lens, layout = case
@@ -96,9 +98,11 @@ def reference(q, k, v, causal, k_lens, sm_scale):
     s = (q @ k.transpose(-1, -2)) * sm_scale
     ok = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
     if causal:
-        ok = ok & (torch.arange(Tk, device=q.device)[None, :] <= torch.arange(Tq, device=q.device)[:, None] + Tk - Tq)
+        ok = ok & (torch.arange(Tk, device=q.device)[None, :]
+                   <= torch.arange(Tq, device=q.device)[:, None] + Tk - Tq)
     if k_lens is not None:
-        ok = ok & (torch.arange(Tk, device=q.device)[None, None, None, :] < k_lens.to(q.device)[:, None, None, None])
+        ok = ok & (torch.arange(Tk, device=q.device)[None, None, None, :]
+                   < k_lens.to(q.device)[:, None, None, None])
     s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(-1, keepdim=True).clamp_min(-1e300)  # -inf only on empty rows
     e = torch.exp(s - m)
@@ -186,7 +190,8 @@ def test_sm_scale_and_kv_cache_alignment():
     import fused_attention
     # one new query against a cache of 9 keys, causal: it sees all 9 (bottom-right alignment)
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
+    q, k, v = (torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g),
+               torch.randn(1, 2, 9, 16, generator=g))
     a = fused_attention.attention(q, k, v, causal=True, sm_scale=0.3, backend="torch")
     b = fused_attention.attention(q, k, v, causal=False, sm_scale=0.3, backend="torch")
     torch.testing.assert_close(a, b)
@@ -201,7 +206,8 @@ def test_no_keys_gives_zeros_and_zero_gradients():
     v = torch.randn(2, 2, 0, 16, requires_grad=True)
     for backend in ("torch", "triton", "auto"):  # answered before any backend runs
         out = fused_attention.attention(q, k, v, causal=True, backend=backend)
-        assert out.shape == q.shape and out.dtype == q.dtype and torch.equal(out, torch.zeros_like(out))
+        assert (out.shape == q.shape and out.dtype == q.dtype
+                and torch.equal(out, torch.zeros_like(out)))
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn(2, 2, 5, 16))
         assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
 
@@ -260,7 +266,8 @@ def _default_backward(D):
 
 def _build_id(case):
     name, D, causal, k_lens, tile = case
-    return f"{name}-D{D}-{'causal' if causal else 'full'}-{'lens' if k_lens else 'nolens'}-" + ("x".join(map(str, tile)) if tile else "fixed")
+    return (f"{name}-D{D}-{'causal' if causal else 'full'}-{'lens' if k_lens else 'nolens'}-"
+            + ("x".join(map(str, tile)) if tile else "fixed"))
 
 @pytest.mark.parametrize("case", _build_cases(), ids=_build_id)
 def test_h100_build(case):
@@ -275,12 +282,13 @@ def test_h100_build(case):
     if tile is not None and tile[3] >= 2:
         assert r["cp_async"] or r["tma"], "loads are not pipelined (no cp.async / TMA)"
     default_path = ("fwd", "fwd-pointers") + _default_backward(D)
-    if name in default_path and tile == fused_attention._tiles(name.split("-")[0], D)[0] and D >= 64:
+    if (name in default_path and tile == fused_attention._tiles(name.split("-")[0], D)[0]
+            and D >= 64):
         # the default tiles: Hopper's tensor-core instructions for every matmul, none narrower than
         # n32
         assert r["wgmma"] and not r["mma_sync"], (r["wgmma"], r["mma_sync"])
-        assert min(int(shape.split("n")[1].split("k")[0]) for shape,
-                   _ in r["wgmma"]) >= 32, r["wgmma"]
+        assert min(int(shape.split("n")[1].split("k")[0])
+                   for shape, _ in r["wgmma"]) >= 32, r["wgmma"]
 
 def test_bf16_and_fp16_builds_share_one_source():
     ba = _aot()
@@ -331,7 +339,8 @@ def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatc
                              (ref, *ref_grads)):
         err_ours = (o.float() - r).abs().max().item()
         err_sdpa = (s.float() - r).abs().max().item()
-        assert err_ours <= 2 * err_sdpa + floor * max(1.0, r.abs().max().item()), (name, err_ours, err_sdpa)
+        tol = 2 * err_sdpa + floor * max(1.0, r.abs().max().item())
+        assert err_ours <= tol, (name, err_ours, err_sdpa)
 
 # -----------------------------------------------------------------------------
 
@@ -346,13 +355,15 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
             ("scale-", "auto", True, CASES[-1:], small_tiles, -0.2, 2)]
     for i in TILE_INDICES:
         for D, cases in ((64, TILE_CASES[:2]), (128, TILE_CASES[2:])):
-            tiles = {name: fused_attention._tiles(name, D)[min(i, len(fused_attention._tiles(name, D)) - 1)][:2]
-                     for name in small_tiles}
+            kernel_tiles = {name: fused_attention._tiles(name, D) for name in small_tiles}
+            tiles = {name: entries[min(i, len(entries) - 1)][:2]
+                     for name, entries in kernel_tiles.items()}
             runs += [(f"tiles{i}-{bwd}-", bwd, True, cases, tiles, None, 1)
                      for bwd in ("atomic", "split")]
     results, done = {}, {}
     for prefix, bwd, tma, cases, tiles, sm_scale, H in runs:
-        fused_attention.BWD, fused_attention.TMA, fused_attention.INTERPRETER_TILES = bwd, tma, tiles
+        (fused_attention.BWD, fused_attention.TMA,
+         fused_attention.INTERPRETER_TILES) = bwd, tma, tiles
         for case in cases:
             key = (bwd, tma, case, tuple(sorted(tiles.items())), sm_scale, H)
             if key not in done:  # a shorter TILES list repeats its last entry: run each set of

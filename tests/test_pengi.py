@@ -58,9 +58,11 @@ def test_prefix_length_and_order():
     assert pre.shape == (3, 2 * k, cfg.llm_n_embd)
     # the first k positions come from the audio alone, the next k from the prompt alone
     pre_other_prompt = m.prefix(b["mel"], b["prompt"].flip(0), b["prompt_lens"].flip(0))
-    assert torch.equal(pre[:, :k], pre_other_prompt[:, :k]) and not torch.allclose(pre[:, k:], pre_other_prompt[:, k:])
+    assert (torch.equal(pre[:, :k], pre_other_prompt[:, :k])
+            and not torch.allclose(pre[:, k:], pre_other_prompt[:, k:]))
     pre_other_audio = m.prefix(b["mel"].flip(0), b["prompt"], b["prompt_lens"])
-    assert torch.equal(pre[:, k:], pre_other_audio[:, k:]) and not torch.allclose(pre[:, :k], pre_other_audio[:, :k])
+    assert (torch.equal(pre[:, k:], pre_other_audio[:, k:])
+            and not torch.allclose(pre[:, :k], pre_other_audio[:, :k]))
     # the LM sees [audio prefix][text prefix][answer]; logits are those of the last prefix position
     # onwards
     logits, _ = m(**b)
@@ -90,7 +92,8 @@ def test_frozen_parts_bit_identical_after_steps():
     assert trainable and all(n.startswith(("audio_encoder.", "audio_proj.", "m1.", "m2.",
                                            "text_proj.",
                                            "text_encoder.text_projection.")) for n in trainable)
-    assert "text_encoder.text_projection.weight" in trainable and "text_proj.linear1.weight" in trainable
+    assert ("text_encoder.text_projection.weight" in trainable
+            and "text_proj.linear1.weight" in trainable)
     assert not any(p.requires_grad for n, p in m.named_parameters() if n in frozen)
     before = {n: p.detach().clone() for n, p in m.named_parameters() if n in trainable}
     params = [p for p in m.parameters() if p.requires_grad]  # as train.py builds its AdamW
@@ -130,8 +133,8 @@ def test_loss_on_answer_tokens_only():
     per_example, count = [], 0
     for i, n in enumerate((3, 6, 1)):
         seq = b["answer"][i, :n].tolist() + [cfg.eot_token]
-        per_example.append(-sum(full[i, 2 * k - 1 + j, tok].item() for j,
-                                tok in enumerate(seq)) / len(seq))
+        per_example.append(-sum(full[i, 2 * k - 1 + j, tok].item()
+                                for j, tok in enumerate(seq)) / len(seq))
         count += len(seq)
     assert count == int((b["targets"] != -1).sum())
     assert math.isclose(loss.item(), sum(per_example) / 3, rel_tol=1e-5)
@@ -204,7 +207,9 @@ def test_candidate_ranking_equals_brute_force():
     assert lp.shape == (3, len(cands))
     for i in range(3):
         for j, c in enumerate(cands):
-            one = pengi.collate([b["mel"][i].numpy()], [b["prompt"][i, :b["prompt_lens"][i]].tolist()], [c], m.config.eot_token)
+            one = pengi.collate([b["mel"][i].numpy()],
+                                [b["prompt"][i, :b["prompt_lens"][i]].tolist()], [c],
+                                m.config.eot_token)
             _, loss = m(**one)  # mean NLL over c + eot
             assert math.isclose(lp[i, j].item(), -loss.item() * (len(c) + 1), rel_tol=1e-4,
                                 abs_tol=1e-4)
@@ -276,7 +281,9 @@ def test_pmi_against_brute_force():
         out = torch.zeros(batch["mel"].size(0), len(cands))
         for i in range(batch["mel"].size(0)):
             for j, c in enumerate(cands):
-                one = pengi.collate([batch["mel"][i].numpy()], [batch["prompt"][i, :batch["prompt_lens"][i]].tolist()], [c], m.config.eot_token)
+                one = pengi.collate([batch["mel"][i].numpy()],
+                                    [batch["prompt"][i, :batch["prompt_lens"][i]].tolist()], [c],
+                                    m.config.eot_token)
                 out[i, j] = -m(**one)[1] * (len(c) + 1)
         return out
     lp, lp_ref = brute(b), brute(ref)
@@ -295,7 +302,8 @@ def test_clap_stage_trains_the_encoders_only():
     init_from) with the text tower frozen."""
     m = tiny_model(stage="clap").train()
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert "text_encoder.h.0.attn.c_attn.weight" in trainable and "audio_encoder.patch_embed.weight" in trainable
+    assert ("text_encoder.h.0.attn.c_attn.weight" in trainable
+            and "audio_encoder.patch_embed.weight" in trainable)
     assert not any(n.startswith(("m1.", "m2.", "llm.")) for n in trainable)
     b = tiny_batch(m.config, B=3)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
@@ -444,7 +452,9 @@ def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
     clips, n = data["train"]["clips"], 0
     for task, examples in data["train"]["by_task"].items():
         for i, p, a in examples:  # answers as the LM saw words in running text: after a space
-            assert tok.decode(a).startswith(" ") and (task, tok.decode(p), tok.decode(a)[1:]) in pengi.clip_tasks(clips[i], data["tasks"])
+            clip_examples = pengi.clip_tasks(clips[i], data["tasks"])
+            assert (tok.decode(a).startswith(" ")
+                    and (task, tok.decode(p), tok.decode(a)[1:]) in clip_examples)
             n += 1
     assert n >= len(clips)
     b = pengi.get_batch(data, "train", 4, np.random.default_rng(0))
@@ -508,7 +518,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
                             d_embed=32, prefix_len=4, map_n_layer=1, map_n_head=2, text_n_layer=1,
                             llm_init=str(tmp_path / "llm.pt"), dropout=0.0, clap_weight=1.0)
     data = pengi.load_data(synth_dir, cfg, tok)  # (llm.pt does not exist yet: the sizes come below)
-    lm_loss = pretrain_small_llm(tmp_path / "llm.pt", pengi.load_data(synth_dir, pengi.PengiConfig(tasks="caption,class,qa"), tok), tok)
+    lm_data = pengi.load_data(synth_dir, pengi.PengiConfig(tasks="caption,class,qa"), tok)
+    lm_loss = pretrain_small_llm(tmp_path / "llm.pt", lm_data, tok)
     assert lm_loss < 2.5, lm_loss  # it has learnt the text
     pengi.set_llm_dims(cfg)
     torch.manual_seed(0)
@@ -529,7 +540,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     chance = metrics["class_chance"]
     assert chance < 0.15, metrics
     assert metrics["class_acc_gen"] >= 3 * chance, metrics
-    assert metrics["class_acc_rank"] >= 3 * chance and metrics["class_acc_pmi"] >= 3 * chance, metrics
+    assert (metrics["class_acc_rank"] >= 3 * chance
+            and metrics["class_acc_pmi"] >= 3 * chance), metrics
     assert metrics["probe_acc"] >= 0.5, metrics
     assert 0.5 < metrics["prefix_norm_ratio_audio"] < 2, metrics
     m.eval()

@@ -275,32 +275,39 @@ def test_memmaps_jsonl_and_meta_round_trip(synth_dir):
     tok = T.load_tokenizer(synth_dir, "corpus")
     assert meta["tokenizer"]["name"] == "corpus" and Path(synth_dir,
                                                           meta["tokenizer"]["file"]).is_file()
-    assert tok.n_vocab == meta["tokenizer"]["vocab_size"] and tok.eot_token == meta["tokenizer"]["eot_token"]
+    assert (tok.n_vocab == meta["tokenizer"]["vocab_size"]
+            and tok.eot_token == meta["tokenizer"]["eot_token"])
     for split in ("train", "val"):
         codes = np.memmap(Path(synth_dir, f"{split}_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
         mel = np.memmap(Path(synth_dir, f"{split}_mel.bin"), np.float16, mode="r").reshape(-1, 64)
         clips = [json.loads(l)
                  for l in Path(synth_dir, f"{split}_clips.jsonl").read_text().splitlines()]
         assert len(clips) == meta["splits"][split]["clips"] > 0
-        assert len(codes) == len(mel) == meta["splits"][split]["frames"] == sum(c["frames"] for c in clips)
-        assert codes.max() < 1024 and np.isfinite(mel).all() and -1.01 <= mel.min() and mel.max() < 2
+        assert (len(codes) == len(mel) == meta["splits"][split]["frames"]
+                == sum(c["frames"] for c in clips))
+        assert (codes.max() < 1024 and np.isfinite(mel).all()
+                and -1.01 <= mel.min() and mel.max() < 2)
         offset = 0
         for c in clips:
-            assert c["offset"] == offset and c["frames"] == math.ceil(round(c["duration"] * SR) / 320)
+            assert (c["offset"] == offset
+                    and c["frames"] == math.ceil(round(c["duration"] * SR) / 320))
             offset += c["frames"]
             assert "tokens" not in c
             for k in ("caption", "transcript"):
                 if c[k]:
                     assert tok.decode(tok.encode_ordinary(c[k])) == c[k]
-    assert 0.05 < meta["splits"]["val"]["clips"] / (meta["splits"]["train"]["clips"] + meta["splits"]["val"]["clips"]) < 0.2
+    n_train, n_val = meta["splits"]["train"]["clips"], meta["splits"]["val"]["clips"]
+    assert 0.05 < n_val / (n_train + n_val) < 0.2
 
 
 def test_offline_tokenizer_round_trips_and_is_compact(synth_dir):
     tok = T.load_tokenizer(synth_dir)
-    text = "USER: <Speech><SpeechHere></Speech> Describe the audio.\nASSISTANT: a plucked string plays a C major chord."
+    text = ("USER: <Speech><SpeechHere></Speech> Describe the audio.\n"
+            "ASSISTANT: a plucked string plays a C major chord.")
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) < len(text) / 2.5
-    odd = "Ünïcødé ✓ 12345 tabs\tand\nnew lines"     # unseen text still round-trips (byte fallback)
+    # unseen text still round-trips (byte fallback)
+    odd = "Ünïcødé ✓ 12345 tabs\tand\nnew lines"
     assert tok.decode(tok.encode(odd)) == odd
     ids = tok.encode("<|endoftext|>", allowed_special="all")
     assert ids == [tok.eot_token]
@@ -316,7 +323,8 @@ def test_train_bpe_learns_frequent_words():
 # GPT-2's token ids as published (the GPT-2 vocabulary; "!" is rank 0, <|endoftext|> the last id)
 GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0],
             "Hello, world!": [15496, 11, 995, 0],
-            "The quick brown fox jumps over the lazy dog.": [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]}
+            "The quick brown fox jumps over the lazy dog.": [464, 2068, 7586, 21831, 18045, 625,
+                                                             262, 16931, 3290, 13]}
 
 
 def assert_is_gpt2(tok):
@@ -381,14 +389,15 @@ def test_gpt2_bpe_from_tiktoken_cache_and_corrupt_files(no_tiktoken_cache, capsy
     assert "openai-whisper" in out[2]
     # intact cached files (here: files whose sha256 we declare) go to tiktoken, which reads its
     # cache
-    monkeypatch.setattr(T, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest() for u,
-                                          p in zip(T.GPT2_FILES, paths)})
+    monkeypatch.setattr(T, "GPT2_FILES", {u: hashlib.sha256(p.read_bytes()).hexdigest()
+                                          for u, p in zip(T.GPT2_FILES, paths)})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: ("tiktoken's", name))
     assert T.load_gpt2(offline=True) == ("tiktoken's", "gpt2")
     assert "tiktoken's cache" in capsys.readouterr().out
 
 
-def test_gpt2_bpe_missing_or_corrupt_whisper_copy_is_a_clear_error(no_tiktoken_cache, tmp_path, capsys, monkeypatch):
+def test_gpt2_bpe_missing_or_corrupt_whisper_copy_is_a_clear_error(no_tiktoken_cache, tmp_path,
+                                                                   capsys, monkeypatch):
     bad = tmp_path / "gpt2.tiktoken"
     bad.write_text("IQ== 0\n")
     monkeypatch.setattr(T, "whisper_gpt2_file", lambda: bad)
@@ -431,7 +440,8 @@ def test_offline_codec_codes_vary_and_depend_on_audio(synth_dir, codec):
     again, _ = A.features(sine(220, 1.0), codec)
     assert np.array_equal(low, again)
     mid = slice(10, -5)
-    assert (low[mid, 0] != high[mid, 0]).mean() > 0.9 and (low[mid, 0] != noise[mid, 0]).mean() > 0.9
+    assert ((low[mid, 0] != high[mid, 0]).mean() > 0.9
+            and (low[mid, 0] != noise[mid, 0]).mean() > 0.9)
     t = np.arange(SR) / SR
     sweep, _ = A.features((0.5 * np.sin(2 * np.pi * (100 * t + 2000 * t ** 2))).astype(np.float32),
                           codec)
@@ -449,7 +459,8 @@ def test_offline_codec_codes_vary_and_depend_on_audio(synth_dir, codec):
     assert wav.shape[-1] == 320 * 15 and torch.isfinite(wav).all()
 
 
-# ----------------------------------------------------------------------------- real data and bad input
+# -----------------------------------------------------------------------------
+# real data and bad input
 
 FAST = ["--quiet", "--kmeans_frames=512", "--kmeans_iters=2", "--offline", "--codec_steps=2",
         "--codec_clips=4", "--codec_tune_steps=1", "--codec_report=0"]
@@ -494,7 +505,8 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     clips = [json.loads(l) for l in (out / "train_clips.jsonl").read_text().splitlines()]
     assert sorted(c["id"] for c in clips) == ["good1.wav", "good2.flac", "sub/good3.wav"]
     by = {c["id"]: c for c in clips}
-    assert by["good1.wav"]["caption"] == "a tone at 440 hertz" and by["good1.wav"]["labels"]["class"] == "tone"
+    assert (by["good1.wav"]["caption"] == "a tone at 440 hertz"
+            and by["good1.wav"]["labels"]["class"] == "tone")
     assert {"q": "what pitch?", "a": "A4"} in by["good1.wav"]["qa"]
     assert by["sub/good3.wav"]["labels"]["class"] == "sub"
     # 44.1 kHz stereo -> 24 kHz mono, same length in time
@@ -576,7 +588,8 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     assert np.array_equal(k, stored)
 
 
-# ----------------------------------------------------------------------------- speech (libespeak-ng from espeakng-loader)
+# -----------------------------------------------------------------------------
+# speech (libespeak-ng from espeakng-loader)
 
 def f0(x, sr=SR):
     """Median pitch (Hz) of the voiced 40 ms frames of x, by autocorrelation."""
@@ -657,9 +670,11 @@ def test_speech_clip_text_matches_what_is_spoken():
         who = "a man" if sex == "male" else "a woman"
         assert info["kind"] == "speech" and labels == {"class": "speech",
                                                        "speaker": labels["speaker"], "gender": sex}
-        assert info["caption"].startswith(who + " ") and t in info["caption"] and t in info["description"]
+        assert (info["caption"].startswith(who + " ") and t in info["caption"]
+                and t in info["description"])
         qa = {q["q"]: q["a"] for q in info["qa"]}
-        assert qa["what does the speaker say?"] == t and qa["is the speaker a man or a woman?"] == who
+        assert (qa["what does the speaker say?"] == t
+                and qa["is the speaker a man or a woman?"] == who)
         for q, a in qa.items():
             if q.startswith(("what colour", "what object", "what place", "who", "what number",
                              "what day", "which")):

@@ -192,7 +192,8 @@ def write_tiny_data(path, clips, n_mels=64, seed=0):
         for c in clips:
             rows.append({**c, "offset": off})
             off += c["frames"]
-        rng.standard_normal((off, n_mels)).astype(np.float16).tofile(os.path.join(path, f"{split}_mel.bin"))
+        mel = rng.standard_normal((off, n_mels)).astype(np.float16)
+        mel.tofile(os.path.join(path, f"{split}_mel.bin"))
         with open(os.path.join(path, f"{split}_clips.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -307,11 +308,13 @@ def gpt2_reference(sd, ids, n_head):
     i = 0
     while f"h.{i}.ln_1.weight" in sd:
         h = f"h.{i}."
-        q, k, v = (ln(x, h + "ln_1") @ sd[h + "attn.c_attn.weight"] + sd[h + "attn.c_attn.bias"]).split(C, -1)
+        qkv = ln(x, h + "ln_1") @ sd[h + "attn.c_attn.weight"] + sd[h + "attn.c_attn.bias"]
+        q, k, v = qkv.split(C, -1)
         heads = lambda t: t.view(1, T, n_head, C // n_head).transpose(1, 2)
         att = (heads(q) @ heads(k).transpose(-1, -2)) / math.sqrt(C // n_head)
         y = att.masked_fill(~mask, -float("inf")).softmax(-1) @ heads(v)
-        x = x + y.transpose(1, 2).reshape(1, T, C) @ sd[h + "attn.c_proj.weight"] + sd[h + "attn.c_proj.bias"]
+        y = y.transpose(1, 2).reshape(1, T, C)
+        x = x + y @ sd[h + "attn.c_proj.weight"] + sd[h + "attn.c_proj.bias"]
         m = F.gelu(ln(x, h + "ln_2") @ sd[h + "mlp.c_fc.weight"] + sd[h + "mlp.c_fc.bias"],
                    approximate="tanh")
         x = x + m @ sd[h + "mlp.c_proj.weight"] + sd[h + "mlp.c_proj.bias"]
@@ -414,20 +417,22 @@ def test_whisper_checkpoint_loading(tmp_path):
     # Whisper's encoder written out on its own weights (80-bin input, 20 frames -> 10)
     mel = torch.randn(1, 20, 80)
     w = lambda k: sd["encoder." + k]
+    heads = lambda t: t.view(1, 10, 4, 8).transpose(1, 2)
     x = F.gelu(F.conv1d(mel.transpose(1, 2), w("conv1.weight"), w("conv1.bias"), padding=1))
     x = F.gelu(F.conv1d(x, w("conv2.weight"), w("conv2.bias"), stride=2, padding=1)).transpose(1, 2)
     x = x + w("positional_embedding")[:10]
     for i in range(2):
         b = f"blocks.{i}."
         h = F.layer_norm(x, (C,), w(b + "attn_ln.weight"), w(b + "attn_ln.bias"))
-        q = (h @ w(b + "attn.query.weight").t() + w(b + "attn.query.bias")).view(1, 10, 4, 8).transpose(1, 2)
-        k = (h @ w(b + "attn.key.weight").t()).view(1, 10, 4, 8).transpose(1, 2)
-        v = (h @ w(b + "attn.value.weight").t() + w(b + "attn.value.bias")).view(1, 10, 4, 8).transpose(1, 2)
+        q = heads(h @ w(b + "attn.query.weight").t() + w(b + "attn.query.bias"))
+        k = heads(h @ w(b + "attn.key.weight").t())
+        v = heads(h @ w(b + "attn.value.weight").t() + w(b + "attn.value.bias"))
         y = ((q * 8 ** -0.25) @ (k * 8 ** -0.25).transpose(-1, -2)).softmax(-1) @ v
-        x = x + y.transpose(1, 2).reshape(1, 10,
-                                          C) @ w(b + "attn.out.weight").t() + w(b + "attn.out.bias")
+        y = y.transpose(1, 2).reshape(1, 10, C)
+        x = x + y @ w(b + "attn.out.weight").t() + w(b + "attn.out.bias")
         h = F.layer_norm(x, (C,), w(b + "mlp_ln.weight"), w(b + "mlp_ln.bias"))
-        x = x + F.gelu(h @ w(b + "mlp.0.weight").t() + w(b + "mlp.0.bias")) @ w(b + "mlp.2.weight").t() + w(b + "mlp.2.bias")
+        hidden = F.gelu(h @ w(b + "mlp.0.weight").t() + w(b + "mlp.0.bias"))
+        x = x + hidden @ w(b + "mlp.2.weight").t() + w(b + "mlp.2.bias")
     ref = F.layer_norm(x, (C,), w("ln_post.weight"), w("ln_post.bias"))
     with torch.no_grad():
         out, _ = m.speech(mel, torch.tensor([20]))
@@ -453,7 +458,8 @@ def all_logprobs(m, x, vocab, eot, max_new):
     forward pass over all vocab ** max_new continuations (no cache)."""
     seqs = torch.tensor(list(itertools.product(range(vocab), repeat=max_new)))
     h, _ = m.llm(torch.cat([x.expand(len(seqs), -1, -1), m.llm.wte(seqs[:, :-1])], 1))
-    lp = m.llm.lm_head(h[:, x.size(1) - 1:]).log_softmax(-1).gather(2, seqs[..., None])[..., 0].cumsum(1)
+    logp = m.llm.lm_head(h[:, x.size(1) - 1:]).log_softmax(-1)
+    lp = logp.gather(2, seqs[..., None])[..., 0].cumsum(1)
     best = {}
     for seq, cum in zip(seqs.tolist(), lp.tolist()):
         n = seq.index(eot) + 1 if eot in seq else max_new
@@ -685,7 +691,8 @@ def test_copy_probe_scores_copying(synth_dir):
     m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96))
     assert salmonn.copy_probe(m, tok, n=10) == 0.0
     pre = len(salmonn.encode_text(tok, salmonn.PROMPT_PREFIX))
-    post = len(salmonn.encode_text(tok, salmonn.PROMPT_SUFFIX.format(instruction=salmonn.COPY_INSTRUCTIONS["repeat"][0])))
+    suffix = salmonn.PROMPT_SUFFIX.format(instruction=salmonn.COPY_INSTRUCTIONS["repeat"][0])
+    post = len(salmonn.encode_text(tok, suffix))
 
     def copying_generate(x, max_new_tokens, eot, beam):
         ids = torch.cdist(x[0], m.llm.wte.weight).argmin(-1).tolist()

@@ -51,7 +51,8 @@ def test_settings_merge_and_types(tmp_path):
     S, module, model_keys = train.load_settings([str(cfg), "--n_layer=5", "--dropout=0.2",
                                                  "--use_mel=False",
                                                  "--wandb_run_name=123", "--out_dir=out/y"])
-    assert module.__name__ == "whisper_gpt" and "mel_dim" in model_keys and "batch_size" not in model_keys
+    assert (module.__name__ == "whisper_gpt" and "mel_dim" in model_keys
+            and "batch_size" not in model_keys)
     assert S["n_layer"] == 5 and S["dropout"] == 0.2 and S["use_mel"] is False
     # int accepted for a float
     assert S["learning_rate"] == 1.0 and type(S["learning_rate"]) is float
@@ -82,7 +83,8 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     assert "must be int, float, bool or str" in settings_error(capsys, [str(cfg)])
     # and as a script: a non-zero exit with the message, before any work
     p = run(["config/whisper_gpt_quick.py", "--block_sise=8"], check=False)
-    assert p.returncode == 2 and "unknown setting 'block_sise'" in p.stderr and "block_size" in p.stderr
+    assert (p.returncode == 2 and "unknown setting 'block_sise'" in p.stderr
+            and "block_size" in p.stderr)
 
 # -----------------------------------------------------------------------------
 # training runs
@@ -171,7 +173,8 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
                         f"--data_dir={synth_dir}", "--beam=3"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     # the known ones
-    assert p.returncode == 2 and "unknown setting(s) --beam" in p.stderr and "max_new_tokens" in p.stderr
+    assert (p.returncode == 2 and "unknown setting(s) --beam" in p.stderr
+            and "max_new_tokens" in p.stderr)
 
 # -----------------------------------------------------------------------------
 # text models: the checkpoint keeps its tokenizer

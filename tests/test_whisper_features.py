@@ -79,7 +79,8 @@ def test_missing_filters_are_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
     with pytest.raises(FileNotFoundError) as e:
         A.whisper_log_mel(np.zeros(24000, np.float32))
-    assert str(tmp_path / "assets" / "mel_filters.npz") in str(e.value) and "pip install --no-deps" in str(e.value)
+    assert (str(tmp_path / "assets" / "mel_filters.npz") in str(e.value)
+            and "pip install --no-deps" in str(e.value))
 
 
 def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monkeypatch):
@@ -88,7 +89,8 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     out = tmp_path / "out"
     base = ["--clips=8", "--max_seconds=1.5", f"--out_dir={out}", "--val_percent=25"] + FAST
     P.main(base)                                      # prepared without it: no Whisper stream
-    assert not list(out.glob("*_wmel.bin")) and "whisper_mel" not in json.loads((out / "meta.json").read_text())
+    assert (not list(out.glob("*_wmel.bin"))
+            and "whisper_mel" not in json.loads((out / "meta.json").read_text()))
     capsys.readouterr()
 
     # with --whisper_mel the finished output is not taken as complete; interrupted after the audio
@@ -133,7 +135,8 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     assert "already prepared" in capsys.readouterr().out
     P.main(base)
     assert "already prepared" not in capsys.readouterr().out
-    assert not list(out.glob("*_wmel.bin")) and "wframes" not in (out / "train_clips.jsonl").read_text()
+    assert (not list(out.glob("*_wmel.bin"))
+            and "wframes" not in (out / "train_clips.jsonl").read_text())
 
 
 def test_whisper_checkpoint_loads_into_speech_encoder(whisper, tmp_path):

@@ -72,9 +72,10 @@ def config_model_args(name):
     keys = {f for f in W.Config.__dataclass_fields__}
     return {k: v for k, v in ns.items() if k in keys}
 
-@pytest.mark.parametrize("name,lo,hi", [("whisper_gpt_s.py", 3.6e6, 3.8e6),      # paper: 3.7M
-                                        ("whisper_gpt_l.py", 39e6, 41.5e6),      # paper: 40M
-                                        ("whisper_gpt_hybrid.py", 3.9e6, 4.3e6)])  # paper: 4M (4.1M)
+@pytest.mark.parametrize("name,lo,hi",
+                         [("whisper_gpt_s.py", 3.6e6, 3.8e6),        # paper: 3.7M
+                          ("whisper_gpt_l.py", 39e6, 41.5e6),        # paper: 40M
+                          ("whisper_gpt_hybrid.py", 3.9e6, 4.3e6)])  # paper: 4M (4.1M)
 def test_paper_sizes(name, lo, hi):
     args = config_model_args(name)
     with torch.device("meta"):
@@ -236,7 +237,8 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
                       dtype=np.float16).reshape(-1, meta["n_mels"])
     rng = np.random.default_rng(0)
     b = W.get_batch(data, "train", 4, rng)
-    assert b["codes"].shape == (4, 32) and b["targets"].shape == (4, 32) and b["mels"].shape == (4, 32, meta["n_mels"])
+    assert (b["codes"].shape == (4, 32) and b["targets"].shape == (4, 32)
+            and b["mels"].shape == (4, 32, meta["n_mels"]))
     assert torch.equal(b["codes"][:, 1:], b["targets"][:, :-1])
     for row in range(4):  # each row is a window of the codebook-0 stream with its own mel frames
         starts = [s for s in np.flatnonzero(codes[:len(codes) - 32, 0] == b["codes"][row, 0].item())
@@ -360,7 +362,8 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     for name, r in results.items():
         ck = torch.load(tmp_path / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=True)
         kind = name.split("-")[1]
-        assert ck["iter_num"] == 3 and ck["model_args"]["kinds"] == kind and ck["model_args"]["use_mel"] == name.startswith("hybrid")
+        assert (ck["iter_num"] == 3 and ck["model_args"]["kinds"] == kind
+                and ck["model_args"]["use_mel"] == name.startswith("hybrid"))
         assert math.isclose(r["ppl"], math.exp(r["nll"]), rel_tol=1e-9)
     text = out.read_text()
     for kind in ("speech", "events"):
@@ -371,13 +374,15 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
             assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in text
         d = [results[f"hybrid-{kind}-s{s}"]["nll"] - results[f"s-{kind}-s{s}"]["nll"]
              for s in (1, 2)]
-        assert f"- {kind}: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = {np.mean(d):+.3f}" in text
+        assert (f"- {kind}: the hybrid beats GPT-S of its size? "
+                f"NLL Hybrid - GPT-S = {np.mean(d):+.3f}") in text
         assert (tmp_path / "runs" / "continuations" / f"{kind}.png").stat().st_size > 0
     assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
     assert "another clip's true continuation" in text and "| speech | Hybrid, sampled" in text
     # the hybrids are also scored on the mels of their own codebook 0, which prepare.codebook0_mels
     # made
-    assert "| ours, events | Hybrid CPU, given the mels of its codebook 0 (as when generating) |" in text
+    assert ("| ours, events | Hybrid CPU, given the mels of its codebook 0 "
+            "(as when generating) |") in text
     assert os.path.exists(os.path.join(synth_dir, "val_mel_c0.bin"))
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
