@@ -285,8 +285,9 @@ def load_llm_state(path):
         file = path
     else:
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
+    # a train.py ckpt.pt (zip format) is mapped, not read: load_data only wants its sizes
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
-        torch.load(file, map_location="cpu", weights_only=True)
+        torch.load(file, map_location="cpu", weights_only=True, mmap=file.endswith(".pt"))
     # (b) a train.py checkpoint
     if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
         args = raw["model_args"]

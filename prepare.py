@@ -166,12 +166,6 @@ def folder_items(src, report):
 # -----------------------------------------------------------------------------
 # output helpers
 
-def atomic_write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 def is_val(clip_id, val_percent):
     """Deterministic split: a clip goes to val by a hash of its id (stable when the corpus
     grows)."""
