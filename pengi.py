@@ -83,6 +83,8 @@ class PengiConfig:
     clap_temp: float = 0.07
     # tasks: a comma list of caption, metadata, class, qa, music
     tasks: str = "caption,metadata,class,qa,music"
+    # ours: how often each task is drawn, "pitch=3,chord=2" (unnamed tasks weigh 1; "" = uniform)
+    task_weights: str = ""
     max_prompt_tokens: int = 32
     max_answer_tokens: int = 40
 
@@ -826,7 +828,8 @@ def load_data(data_dir, config, tok):
     enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no
                                    # leading space
     data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames,
-            "eot_token": tok.eot_token}
+            "eot_token": tok.eot_token,
+            "task_weights": parse_task_weights(config.task_weights, tasks)}
     for split in ("train", "val"):
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
                         mode="r").reshape(-1, meta["n_mels"])
@@ -846,6 +849,27 @@ def load_data(data_dir, config, tok):
                                        if key in c["labels"]})
                           for key in ("class", "instrument", "pitch", "chord")}
     return data
+
+def parse_task_weights(spec, tasks):
+    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks in the mix."""
+    in_mix = [t for t in ("caption", "metadata", "class", "qa") if t in tasks]
+    in_mix += ["instrument", "pitch", "chord"] if "music" in tasks else []
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in in_mix:
+            raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
+                             f"{', '.join(in_mix)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"task_weights: {item!r} needs a number after '='") from None
+        if not (weights[name] >= 0 and math.isfinite(weights[name])):
+            raise ValueError(f"task_weights: {item!r} must be a finite weight >= 0")
+    if weights and not any(weights.get(t, 1.0) > 0 for t in in_mix):
+        raise ValueError("task_weights: every task of the mix weighs 0")
+    return weights
 
 def answer_ids(tok, text):
     """An answer as the LM saw words in running text during pre-training: with a leading space
@@ -885,13 +909,20 @@ def collate(mels, prompts, answers, eot):
             "answer": answer, "targets": targets}
 
 def get_batch(data, split, batch_size, rng):
-    """The multi-task mix: each example picks a task uniformly among those of the split, then an
-    example of it."""
+    """The multi-task mix: each example picks a task among those of the split (uniformly, or by
+    task_weights), then an example of it."""
     d = data[split]
     tasks = sorted(d["by_task"])
+    weights = data.get("task_weights")
+    if weights:
+        task_p = np.array([weights.get(t, 1.0) for t in tasks])
+        if task_p.sum() == 0:
+            raise ValueError(f"task_weights leave the {split} split's tasks {tasks} no weight")
+        task_p = task_p / task_p.sum()
     mels, prompts, answers = [], [], []
     for _ in range(batch_size):
-        ex = d["by_task"][tasks[rng.integers(len(tasks))]]
+        pick = rng.choice(len(tasks), p=task_p) if weights else rng.integers(len(tasks))
+        ex = d["by_task"][tasks[pick]]
         i, p, a = ex[rng.integers(len(ex))]
         mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"],
                              rng if split == "train" else None))

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -437,6 +438,40 @@ def test_task_mix_from_templates(synth_dir):
     assert len({p for p in seen if not p.startswith("question: ")}) >= 4
     with pytest.raises(ValueError, match="unknown"):
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class,emotion"), tok)
+
+
+def test_task_weights_set_the_mix(synth_dir):
+    """task_weights draws tasks in proportion (a chi-square-sized tolerance over 4000 draws); no
+    weights keeps the uniform draw and its random stream; bad names and values are errors."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    uniform = pengi.load_data(synth_dir, pengi.PengiConfig(max_frames=16), tok)
+    weighted = pengi.load_data(synth_dir, pengi.PengiConfig(max_frames=16,
+                                                            task_weights="class=4, caption=0"), tok)
+    tasks = sorted(weighted["train"]["by_task"])
+    prompt_task = {}
+    for t, ex in weighted["train"]["by_task"].items():
+        for _, p, _ in ex:
+            prompt_task[tuple(p)] = "qa" if t == "qa" else t
+    b = pengi.get_batch(weighted, "train", 4000, np.random.default_rng(0))
+    drawn = Counter(prompt_task[tuple(b["prompt"][i, :b["prompt_lens"][i]].tolist())]
+                    for i in range(4000))
+    w = {t: {"class": 4.0, "caption": 0.0}.get(t, 1.0) for t in tasks}
+    for t in tasks:
+        expected = 4000 * w[t] / sum(w.values())
+        assert abs(drawn[t] - expected) <= 4 * expected ** 0.5 + 1, (t, drawn[t], expected)
+    assert drawn["caption"] == 0
+    # "" keeps the uniform draw, consuming the random stream as it always did
+    a = pengi.get_batch(uniform, "train", 8, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    first = uniform["train"]["by_task"][tasks[rng.integers(len(tasks))]]
+    i, p, _ = first[rng.integers(len(first))]
+    assert a["prompt"][0, :len(p)].tolist() == p
+    for spec, match in [("emotion=2", "not a task of the mix"), ("pitch=x", "needs a number"),
+                        ("pitch=-1", ">= 0"), (",".join(f"{t}=0" for t in tasks), "weighs 0")]:
+        with pytest.raises(ValueError, match=match):
+            pengi.load_data(synth_dir, pengi.PengiConfig(task_weights=spec), tok)
+    with pytest.raises(ValueError, match="not a task of the mix"):  # pitch, but music is not mixed
+        pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class", task_weights="pitch=2"), tok)
 
 
 @pytest.mark.parametrize("name", ["corpus", "gpt2"])
