@@ -1071,8 +1071,18 @@ def text_metrics(model, data, tok, d, wanted, max_clips, bs, gen):
         ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"])
               for qa in c.get("qa", [])][:max_clips]
         if ex:
-            metrics["qa_acc"] = exact_match(generate_answers(model, data, tok, d, ex, bs, gen), ex)
+            hyps = generate_answers(model, data, tok, d, ex, bs, gen)
+            metrics["qa_acc"] = exact_match(hyps, ex)
+            metrics.update(qa_acc_by_kind(hyps, ex, d["clips"]))
     return metrics
+
+def qa_acc_by_kind(hypotheses, examples, clips):
+    """qa_acc_{kind}: exact match per clip kind (speech questions about the words need an ear for
+    words, which an audio-event encoder does not have)."""
+    by_kind = {}
+    for h, e in zip(hypotheses, examples):
+        by_kind.setdefault(clips[e[0]]["kind"], []).append((h, e))
+    return {f"qa_acc_{kind}": exact_match(*zip(*pairs)) for kind, pairs in sorted(by_kind.items())}
 
 def candidate_logprobs(model, data, tok, d, examples, bs, cand_ids):
     """(len(examples), len(cand_ids)) LM log-likelihoods of each candidate answer, on the CPU."""
@@ -1125,7 +1135,8 @@ def evaluate(model, data, tok, split="val", **opts):
     1/number of candidates; probe_acc (linear probe on labels.class); prefix_norm_ratio_audio/_text
     (prefix vector norm / token embedding norm, 1 = the LM's scale). opts: max_clips, beam (1 =
     greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips, prior_clips, tasks (a
-    comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's)."""
+    comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's). QA is
+    also scored per clip kind: qa_acc_{kind}."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "

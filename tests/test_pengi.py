@@ -406,6 +406,18 @@ def test_bleu4_hand_worked():
     assert got == pytest.approx((9 / 10 * 7 / 8 * 5 / 6 * 3 / 4) ** 0.25)
 
 
+def test_qa_acc_by_kind_partitions_exact_match():
+    """Per-kind QA accuracies are exact match on each kind's questions; weighted by their counts
+    they give back the overall qa_acc."""
+    clips = [{"kind": "speech"}, {"kind": "music"}, {"kind": "speech"}]
+    ex = [(0, "q", "A man."), (1, "q", "two"), (2, "q", "red"), (1, "q", "up"), (0, "q", "one")]
+    hyps = ["a man", "two", "blue", "down", "One"]
+    got = pengi.qa_acc_by_kind(hyps, ex, clips)
+    assert got == {"qa_acc_music": 0.5, "qa_acc_speech": pytest.approx(2 / 3)}
+    assert 3 * got["qa_acc_speech"] + 2 * got["qa_acc_music"] == pytest.approx(
+        5 * pengi.exact_match(hyps, ex))
+
+
 def test_fit_logistic_separates():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g) * 3
