@@ -794,6 +794,13 @@ def metadata_text(clip):
         parts.append(f"text: {clip['transcript']}")
     return "; ".join(parts)
 
+MUSIC_KEYS = ("instrument", "pitch", "chord")  # the music task: one prompt per label
+
+def mix_tasks(tasks):
+    """The task names of the mix, music expanded to its label keys."""
+    names = [t for t in ("caption", "metadata", "class", "qa") if t in tasks]
+    return names + (list(MUSIC_KEYS) if "music" in tasks else [])
+
 def clip_tasks(clip, tasks):
     """All (task, prompt, answer) examples of one clip."""
     out = []
@@ -806,7 +813,7 @@ def clip_tasks(clip, tasks):
     if "qa" in tasks:
         out += [("qa", "question: " + qa["q"], qa["a"]) for qa in clip.get("qa", [])]
     if "music" in tasks:
-        out += [(key, PROMPTS[key], clip["labels"][key]) for key in ("instrument", "pitch", "chord")
+        out += [(key, PROMPTS[key], clip["labels"][key]) for key in MUSIC_KEYS
                 if key in clip["labels"]]
     return out
 
@@ -828,8 +835,8 @@ def load_data(data_dir, config, tok):
     enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no
                                    # leading space
     data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames,
-            "eot_token": tok.eot_token,
-            "task_weights": parse_task_weights(config.task_weights, tasks)}
+            "eot_token": tok.eot_token}
+    weights = parse_task_weights(config.task_weights, tasks)
     for split in ("train", "val"):
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
                         mode="r").reshape(-1, meta["n_mels"])
@@ -843,17 +850,17 @@ def load_data(data_dir, config, tok):
                 example = (i, enc(prompt)[:config.max_prompt_tokens],
                            answer_ids(tok, answer)[:config.max_answer_tokens])
                 by_task.setdefault(task, []).append(example)
-        data[split] = {"mel": mel, "clips": clips, "by_task": by_task}
+        data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
+                       "task_p": task_probabilities(sorted(by_task), weights, split)}
     # candidate labels for the close-ended tasks, from the training split
     data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]
                                        if key in c["labels"]})
-                          for key in ("class", "instrument", "pitch", "chord")}
+                          for key in ("class",) + MUSIC_KEYS}
     return data
 
 def parse_task_weights(spec, tasks):
     """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks in the mix."""
-    in_mix = [t for t in ("caption", "metadata", "class", "qa") if t in tasks]
-    in_mix += ["instrument", "pitch", "chord"] if "music" in tasks else []
+    in_mix = mix_tasks(tasks)
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition("=")
@@ -870,6 +877,15 @@ def parse_task_weights(spec, tasks):
     if weights and not any(weights.get(t, 1.0) > 0 for t in in_mix):
         raise ValueError("task_weights: every task of the mix weighs 0")
     return weights
+
+def task_probabilities(names, weights, split):
+    """How often get_batch draws each of the split's tasks (sorted names); None = uniform."""
+    if not weights:
+        return None
+    p = np.array([weights.get(t, 1.0) for t in names])
+    if p.sum() == 0:
+        raise ValueError(f"task_weights leave the {split} split's tasks {names} no weight")
+    return p / p.sum()
 
 def answer_ids(tok, text):
     """An answer as the LM saw words in running text during pre-training: with a leading space
@@ -912,16 +928,10 @@ def get_batch(data, split, batch_size, rng):
     """The multi-task mix: each example picks a task among those of the split (uniformly, or by
     task_weights), then an example of it."""
     d = data[split]
-    tasks = sorted(d["by_task"])
-    weights = data.get("task_weights")
-    if weights:
-        task_p = np.array([weights.get(t, 1.0) for t in tasks])
-        if task_p.sum() == 0:
-            raise ValueError(f"task_weights leave the {split} split's tasks {tasks} no weight")
-        task_p = task_p / task_p.sum()
+    tasks, task_p = sorted(d["by_task"]), d["task_p"]
     mels, prompts, answers = [], [], []
     for _ in range(batch_size):
-        pick = rng.choice(len(tasks), p=task_p) if weights else rng.integers(len(tasks))
+        pick = rng.integers(len(tasks)) if task_p is None else rng.choice(len(tasks), p=task_p)
         ex = d["by_task"][tasks[pick]]
         i, p, a = ex[rng.integers(len(ex))]
         mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"],
@@ -1025,11 +1035,9 @@ def pmi_scores(logp, logp_prior):
 
 def eval_tasks(data, tasks_opt):
     """The tasks to score: those of the comma list tasks_opt ("" = all) the data was loaded with."""
-    tasks = data["tasks"]
-    known = [t for t in ("caption", "qa", "class")
-             if t in tasks] + (["instrument", "pitch", "chord"] if "music" in tasks else [])
+    known = [t for t in mix_tasks(data["tasks"]) if t != "metadata"]  # metadata is not scored
     wanted = [t.strip() for t in str(tasks_opt).split(",") if t.strip()] or known
-    bad = [t for t in wanted if t not in ("caption", "qa", "class", "instrument", "pitch", "chord")]
+    bad = [t for t in wanted if t not in ("caption", "qa", "class") + MUSIC_KEYS]
     if bad:
         raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, "
                          f"instrument, pitch, chord")

@@ -463,7 +463,7 @@ def test_task_weights_set_the_mix(synth_dir):
     prompt_task = {}
     for t, ex in weighted["train"]["by_task"].items():
         for _, p, _ in ex:
-            prompt_task[tuple(p)] = "qa" if t == "qa" else t
+            prompt_task[tuple(p)] = t
     b = pengi.get_batch(weighted, "train", 4000, np.random.default_rng(0))
     drawn = Counter(prompt_task[tuple(b["prompt"][i, :b["prompt_lens"][i]].tolist())]
                     for i in range(4000))
