@@ -238,13 +238,12 @@ def make_events(rng, max_dur):
         seq = [ev] * c1 + [ev2] * c2
     gap = 0.12 if len(seq) > 3 else 0.2
     parts = [event_sound(e, rng) for e in seq]
-    def shortest(parts):  # seconds, with the tightest gaps and 0.3 s of margin
-        return sum(len(p) for p in parts) / SAMPLE_RATE + 0.08 * (len(parts) - 1) + 0.3
-    while len(parts) > 1 and shortest(parts) > max_dur:
+    def length(gap):  # seconds: the events, the gaps between them and 0.3 s of margin
+        return sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(parts) - 1) + 0.3
+    while len(parts) > 1 and length(0.08) > max_dur:  # even the tightest gaps overflow
         parts.pop(); seq.pop()                       # keep every event whole inside the clip
-    total = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
-    gap = max(0.08, gap - max(0.0, total - max_dur) / max(1, len(seq) - 1))
-    dur = sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(seq) - 1) + 0.3
+    gap = max(0.08, gap - max(0.0, length(gap) - max_dur) / max(1, len(seq) - 1))
+    dur = length(gap)
     # a lone click still gets a second of room
     dur = min(max_dur, max(dur, float(rng.uniform(1.0, 1.8))))
     # faint background hiss
@@ -448,13 +447,12 @@ def speak(text, voice, rate=175, pitch=50):
         return 0                                     # 0: go on
     lib = espeak_open()
     try:
-        # some voices' noise comes from libc's rand(), which other
-        ctypes.CDLL(None).srand(0)
-        # libraries in this process may have drawn from, and the
         lib.espeak_SetSynthCallback(collect)
-        # breathy ones' (f2, f3, f5, Alicia) from espeak's own
+        # seeded, so a sentence sounds the same in every process: some voices' noise comes from
+        # libc's rand(), which other libraries in this process may have drawn from, and the
+        # breathy ones' (f2, f3, f5, Alicia) from espeak's own generator, clock-seeded by default
+        ctypes.CDLL(None).srand(0)
         lib.espeak_ng_SetRandSeed(0)
-                                                     # generator, seeded from the clock by default
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise SpeechUnavailable(f"espeak-ng has no voice {voice!r}")
         lib.espeak_SetParameter(1, int(rate), 0)     # espeakRATE
