@@ -327,6 +327,13 @@ class Standardize(torch.nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
+    @torch.no_grad()
+    def fit(self, emb):
+        """Mean and std per channel of emb (N, dim)."""
+        self.mean.copy_(emb.mean(0))
+        self.std.copy_(emb.std(0).clamp_min(1e-8))
+        return self
+
     def forward(self, x):
         return (x - self.mean[:, None]) / self.std[:, None]
 

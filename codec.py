@@ -121,8 +121,7 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
         # the encoder's output standardised: unit scale for the decoder
         with torch.no_grad():
             e = torch.cat(encode_emb(model, wavs[:64]))
-        model.encoder.model[-1].mean.copy_(e.mean(0))
-        model.encoder.model[-1].std.copy_(e.std(0).clamp_min(1e-8))
+        model.encoder.model[-1].fit(e)
         unit_variance_init(model.decoder, model.encoder(x[:, None]), last_std=float(x.std()))
     n = int(crop_seconds * SAMPLE_RATE) // HOP * HOP
     model.train()
@@ -192,9 +191,7 @@ def calibrate(model, emb):
     encoder and its inverse folded into the decoder's first conv (a constant offset survives the
     reflect padding, so that is exact). emb (N, 128): outputs of the encoder as it was; returns them
     standardised by the very same op, so stored codes equal what the calibrated encoder gives."""
-    std = Standardize(emb.shape[1])
-    std.mean.copy_(emb.mean(0))
-    std.std.copy_(emb.std(0).clamp_min(1e-8))
+    std = Standardize(emb.shape[1]).fit(emb)
     model.encoder.model.append(std)
     dec = model.decoder.model[0].conv.conv
     w = torch._weight_norm(dec.weight_v, dec.weight_g, 0)
@@ -231,7 +228,8 @@ def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=3e-4, q
         codes = [quantize(model, e).T[:, None] for e in embs]                  # (n_q, 1, frames)
         # (128, frames) per level
         qs = [[model.quantizer.decode(c[:k])[0] for k in levels] for c in codes]
-    opt = torch.optim.Adam(model.decoder.parameters(), lr, betas=(0.5, 0.9))
+    params = list(model.decoder.parameters())
+    opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     rng = np.random.default_rng(11)
     frames = int(crop_seconds * FRAME_RATE)
     model.train()
@@ -242,7 +240,7 @@ def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=3e-4, q
             q = qs[i][int(rng.integers(len(levels)))][:, f:f + frames]
             z[b, :, :q.shape[-1]] = q
         y = model.decoder(z)[:, 0, :x.shape[-1]]
-        codec_step(opt, list(model.decoder.parameters()), codec_loss(x, y))
+        codec_step(opt, params, codec_loss(x, y))
     return model.eval()
 
 def codec_state(model):
@@ -363,8 +361,9 @@ def codec_report(model, probes, untrained=None):
     decoder when given (fed the unquantized encoder output). Returns the figures and the
     reconstructions ({kind: [audio]}, in the order of probes)."""
     rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
-    mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - log_mel(w)).mean()
-                                       for y, (w, _) in zip(ys, probes["any"])]))
+    refs = [log_mel(w) for w, _ in probes["any"]]
+    mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - ref).mean()
+                                       for y, ref in zip(ys, refs)]))
     r = {"notes": float(np.mean([read_note(y) == info["labels"]["pitch"]
                                  for y, (_, info) in zip(rec["note"], probes["note"])])),
          "morse": float(np.mean([read_morse(y) == info["transcript"]

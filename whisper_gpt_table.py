@@ -127,11 +127,8 @@ def evaluate_run(d):
     is scored a second time ("as_generating") on the mels of its codebook 0 decoded alone: what it
     sees of its own output while generating."""
     import whisper_gpt as W
-    ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
-    config = W.Config(**ck["model_args"])
-    model = W.Model(config)
-    model.load_state_dict(ck["model"])
-    model.eval()
+    model, ck = load_run(d)
+    config = model.config
     result = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config), None, "val")
     if config.use_mel and config.mel_source == "audio":
         config.mel_source = "codebook0"
@@ -217,14 +214,13 @@ def reference_scores(mels, idx):
                                                                      mels[idx[(k + 1) % len(idx)]])
                                                  for k, i in enumerate(idx)]}
 
-def load_run(model, kind, seed):
-    """The trained Whisper-GPT of a sweep run, in eval mode."""
+def load_run(d):
+    """The trained Whisper-GPT of the run in directory d, in eval mode, and its checkpoint."""
     import whisper_gpt as W
-    ck = torch.load(os.path.join(run_dir(model, kind, seed), "ckpt.pt"), map_location="cpu",
-                    weights_only=True)
+    ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
     net = W.Model(W.Config(**ck["model_args"]))
     net.load_state_dict(ck["model"])
-    return net.eval()
+    return net.eval(), ck
 
 def sampled_continuations(net, inputs, mels, idx, tools):
     """Scores of the model's continuation of each clip's prompt (T=1, top-k 50, seeded by the clip's
@@ -256,26 +252,28 @@ def kind_continuation_rows(kind, clips, model_list, seed, tools):
         return []
     inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
     truth = {i: inputs[i]["codes"][:need, :1] for i in idx}
-    mels = {i: audio.log_mel(tools.decode(truth[i]).numpy()) for i in idx}
+    true_wavs = {i: tools.decode(truth[i]).numpy() for i in idx}
+    mels = {i: audio.log_mel(true_wavs[i]) for i in idx}
     scores = reference_scores(mels, idx)
     panels = [("true: prompt | continuation", mels[idx[0]])]
     for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
-        rows, (wav, gen_mel) = sampled_continuations(load_run(model, kind, seed), inputs, mels,
-                                                     idx, tools)
+        rows, (wav, gen_mel) = sampled_continuations(load_run(run_dir(model, kind, seed))[0],
+                                                     inputs, mels, idx, tools)
         panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
-        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav, 24000)
+        S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav,
+                    audio.SAMPLE_RATE)
         scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
     lines = []
     for name, rows in scores.items():
         cells = [mean_std([r[c] for r in rows]) for c in range(3)]
         lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells)
                      + f" | {len(rows)} |")
-    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"),
-                tools.decode(truth[idx[0]]).numpy(), 24000)
+    S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), true_wavs[idx[0]],
+                audio.SAMPLE_RATE)
     audio.plot_mels(os.path.join(out_root, "continuations", f"{kind}.png"), panels,
                     title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), "
                           f"codebook 0 decoded",
-                    boundary=prompt_frames / 75)
+                    boundary=prompt_frames / audio.FRAME_RATE)
     return lines
 
 def continuation_rows(model_list, kind_list, seed):
