@@ -217,14 +217,13 @@ def whisper_mel_filters():
     "mel_80"), (80, 201). Found without importing whisper (its __init__ imports numba): pip install
     --no-deps openai-whisper is enough."""
     if "wfb" not in _mel_cache:
-        import importlib.util
-        spec = importlib.util.find_spec("whisper")
-        # not installed, or an unrelated module "whisper"
-        if spec is None or not spec.submodule_search_locations:
+        from tokenizer import whisper_assets_dir
+        assets = whisper_assets_dir()
+        if assets is None:
             raise FileNotFoundError("whisper mel: openai-whisper is not installed, so its "
                                     "whisper/assets/mel_filters.npz cannot be found (pip install "
                                     "--no-deps openai-whisper)")
-        path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "mel_filters.npz"
+        path = assets / "mel_filters.npz"
         if not path.is_file():
             raise FileNotFoundError(f"whisper mel: {path} not found (pip install --no-deps "
                                     f"openai-whisper)")
@@ -266,18 +265,12 @@ def find_codec_weights(codec_dir=None):
         raise FileNotFoundError(f"--codec_dir={codec_dir}: no {CODEC_FILE} there")
     return None
 
-def pretrained_codec(weights_dir):
+def encodec_24khz(pretrained, weights_dir=None):
+    """EnCodec 24 kHz at BANDWIDTH, in eval mode. Pretrained: read from weights_dir, or with None
+    downloaded by encodec's own loader into the torch hub cache; either way hash-checked."""
     warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
-    # checks the file's hash
-    model = EncodecModel.encodec_model_24khz(pretrained=True, repository=Path(weights_dir))
-    model.set_target_bandwidth(BANDWIDTH)
-    return model.eval()
-
-def download_codec():
-    """EnCodec 24 kHz through encodec's own loader: torch.hub downloads (and hash-checks) it into
-    the hub cache."""
-    warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
-    model = EncodecModel.encodec_model_24khz(pretrained=True)
+    model = EncodecModel.encodec_model_24khz(
+        pretrained=pretrained, repository=Path(weights_dir) if weights_dir else None)
     model.set_target_bandwidth(BANDWIDTH)
     return model.eval()
 
@@ -293,7 +286,7 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     weights_dir = find_codec_weights(codec_dir)
     if weights_dir:
         try:
-            return pretrained_codec(weights_dir), weights_dir / CODEC_FILE
+            return encodec_24khz(True, weights_dir), weights_dir / CODEC_FILE
         except Exception as e:                       # a truncated or corrupt file: wrong hash,
                                                      # unreadable
             failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
@@ -304,20 +297,24 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
         return None, None
     t0 = time.time()
     try:
-        return download_codec(), Path(torch.hub.get_dir()) / "checkpoints" / CODEC_FILE
+        return encodec_24khz(True), Path(torch.hub.get_dir()) / "checkpoints" / CODEC_FILE
     except Exception as e:
         failed(f"downloading EnCodec's weights failed after {time.time() - t0:.1f}s "
                f"({type(e).__name__}: {str(e).strip()[:120]})")
         return None, None
 
+@torch.no_grad()
+def decode(codec, codes):
+    """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
+    (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
+    codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
+    return codec.decode([(codes, None)])[0, 0].float()
+
 def offline_codec(seed=1234):
     """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all
     zeros)."""
     torch.manual_seed(seed)
-    warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
-    model = EncodecModel.encodec_model_24khz(pretrained=False)
-    model.set_target_bandwidth(BANDWIDTH)
-    return model.eval()
+    return encodec_24khz(False)
 
 class Standardize(torch.nn.Module):
     """Per-channel (x - mean) / std on the encoder output (B, 128, T): the offline codec's
@@ -343,7 +340,7 @@ def load_codec(data_dir):
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     c = meta["codec"]
     if c["pretrained"]:
-        return pretrained_codec(Path(c["weights"]).parent)
+        return encodec_24khz(True, Path(c["weights"]).parent)
     ckpt = torch.load(Path(data_dir) / c["weights"], map_location="cpu", weights_only=True)
     if not ckpt.get("fitted"):
         raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were "

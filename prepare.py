@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from audio import (AUDIO_EXTS, BANDWIDTH, CODEBOOK_SIZE, CODEC_FILE, F_MAX, F_MIN, FRAME_RATE,
                    HOP, LOG_FLOOR, MEL_CENTER, MEL_LOOKAHEAD, N_FFT, N_MELS, N_Q, SAMPLE_RATE,
-                   WHISPER_FRAME_RATE, WHISPER_N_MELS, WHISPER_SR, BadAudio, encode_emb,
+                   WHISPER_FRAME_RATE, WHISPER_N_MELS, WHISPER_SR, BadAudio, decode, encode_emb,
                    get_pretrained_codec, load_audio, load_codec, log_mel, offline_codec, plot_mels,
                    quantize, whisper_log_mel, whisper_mel_filters)
 from codec import (calibrate, codec_probes, codec_report, codec_state, fit_codebooks, train_codec,
@@ -209,9 +209,7 @@ def codebook0_mels(data_dir, quiet=False):
         mel = np.zeros((len(codes), meta["n_mels"]), np.float16)
         for c in tqdm(clips, unit="clip", desc=f"codebook-0 mel, {split}", disable=quiet):
             clip_codes = codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)
-            z = torch.from_numpy(clip_codes).T[None]  # (1, 1, T)
-            with torch.no_grad():
-                wav = codec.decode([(z, None)])[0, 0].numpy()
+            wav = decode(codec, clip_codes).numpy()
             mel[c["offset"]:c["offset"] + c["frames"]] = log_mel(wav)[:c["frames"]]
         tmp = Path(f"{path}.tmp{os.getpid()}")
         mel.tofile(tmp)

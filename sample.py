@@ -57,12 +57,10 @@ class Tools:
             self.load_seconds += time.time() - t0
         return self._codec
 
-    @torch.no_grad()
     def decode(self, codes):
-        """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
-        (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
-        codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
-        return self.codec().decode([(codes, None)])[0, 0].float()
+        """codes (T, k) -> wav (T * hop,) float32 at 24 kHz: audio.decode with the data's codec."""
+        from audio import decode
+        return decode(self.codec(), codes)
 
     def decoder_stream(self):
         """A decoder that takes codes a frame or a few at a time and keeps its state between calls:

@@ -56,16 +56,22 @@ def gpt2_files_cached():
             ok = False
     return ok
 
-def whisper_gpt2_file():
-    """The GPT-2 ranks file the openai-whisper package ships, or None. Found without importing
-    whisper (which imports torch and numba): pip install --no-deps openai-whisper is enough."""
+def whisper_assets_dir():
+    """openai-whisper's assets folder (whisper/assets), or None when the package is not installed.
+    Found without importing whisper (which imports torch and numba): pip install --no-deps
+    openai-whisper is enough."""
     import importlib.util
     spec = importlib.util.find_spec("whisper")
     # not installed, or an unrelated module "whisper"
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "gpt2.tiktoken"
-    return path if path.is_file() else None
+    return Path(list(spec.submodule_search_locations)[0]) / "assets"
+
+def whisper_gpt2_file():
+    """The GPT-2 ranks file the openai-whisper package ships, or None."""
+    assets = whisper_assets_dir()
+    path = assets / "gpt2.tiktoken" if assets else None
+    return path if path and path.is_file() else None
 
 def load_gpt2(offline=False):
     """GPT-2's BPE as a tiktoken.Encoding (50257 tokens, <|endoftext|> = 50256) from the first
