@@ -556,6 +556,7 @@ def write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, pro
                 "window": "hann (periodic)",
                 "center_sample": f"frame i is centred on sample {HOP}*i + {MEL_CENTER}; it sees "
                                  f"{MEL_LOOKAHEAD} samples past its block",
+                "lookahead_samples": MEL_LOOKAHEAD,   # read by whisper_gpt.leak_free_lag
                 "log": f"(log10(max(mel_power, {LOG_FLOOR})) + 4) / 4, power scaled so a "
                        "full-scale sine's bin is ~1 (0 dB -> 1, floor -> -1)"},
         "n_q": N_Q, "codebook_size": CODEBOOK_SIZE, "codec": codec_info, "tokenizer": tok_info,
