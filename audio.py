@@ -459,9 +459,9 @@ class StreamingDecoder:
         convtr = module.convtr.convtr
         assert isinstance(module.convtr.norm, torch.nn.Identity), "weight norm"
         k, stride = convtr.kernel_size[0], convtr.stride[0]
-        # EnCodec's upsampling: one matmul and two shifted adds, much
         if k == 2 * stride:
-            # faster than the generic kernel on a frame or two
+            # EnCodec's upsampling: one matmul and two shifted adds, much faster than the generic
+            # kernel on a frame or two
             B, _, n = x.shape
             w = self._weight(convtr)                     # (C_in, C_out, k)
             # (B, C_out, n, k)
@@ -485,12 +485,13 @@ class StreamingDecoder:
         state = self.state.get(module)
         if state is None or len(x) > 8:
             y, self.state[module] = module.lstm(x, state)
-        else:                                            # a few steps: the cell by hand, ~10x
-                                                         # faster than the fused
-            lstm, (h, c), y = module.lstm, state, x      # kernel's per-call cost for one step
+        else:
+            # a few steps: the cell by hand, ~10x faster than the fused kernel's per-call cost for
+            # one step
+            lstm, (h, c), y = module.lstm, state, x
             for layer in range(lstm.num_layers):
-                w_ih, w_hh = getattr(lstm,
-                                     f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+                w_ih = getattr(lstm, f"weight_ih_l{layer}")
+                w_hh = getattr(lstm, f"weight_hh_l{layer}")
                 b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
                 hl, cl, out = h[layer], c[layer], []
                 for xt in y:
