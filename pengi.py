@@ -19,8 +19,8 @@ representation study.
 
 Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic
 head, mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by
-a cyclic roll along time only, without Swin's mask: the input is repeat-padded, so wrapping joins
-the end to the start as the next repetition would); mapper outputs LayerNorm-ed and scaled to the
+a cyclic roll along time only, without Swin's mask: a repeat-padded input wraps its end onto its
+start as the next repetition would, a silence-padded one wraps silence); mapper outputs LayerNorm-ed and scaled to the
 LM's token embeddings; a text encoder made from the LM's own embeddings and first layers (a causal
 tower pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text
 tower.
@@ -52,7 +52,9 @@ class PengiConfig:
     vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
     eot_token: int = -1        # ends every answer
     max_frames: int = 256      # audio input in mel frames (75/s): longer clips cropped, shorter
-                               # repeat-padded
+                               # padded
+    pad: str = "repeat"        # shorter clips: "repeat" (CLAP's and Pengi's repeat-padding) or
+                               # "silence" (ours: silent frames, so counts and order stay readable)
     # audio encoder: HTSAT-style (Swin over the time-frequency patch grid)
     patch_size: int = 4        # square patches of the (n_mels, frames) spectrogram
     enc_dim: int = 32          # stage-1 width, doubled by each patch merging
@@ -834,7 +836,9 @@ def load_data(data_dir, config, tok):
                          f"qa, music")
     enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no
                                    # leading space
-    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames,
+    if config.pad not in PAD_MODES:
+        raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
+    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,
             "eot_token": tok.eot_token}
     weights = parse_task_weights(config.task_weights, tasks)
     for split in ("train", "val"):
@@ -893,18 +897,24 @@ def answer_ids(tok, text):
     "ASSISTANT: dog"). The eot that ends it is added by collate."""
     return tok.encode(" " + text.strip())
 
-def clip_mel(mel, clip, max_frames, rng=None):
-    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or
-    repeat-padded."""
-    x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
-    return fit_frames(x, max_frames, rng)
+PAD_MODES = ("repeat", "silence")
+MEL_SILENCE = -1.0  # the data's log-mel of silence: the -80 dB floor of audio.log_mel
 
-def fit_frames(x, max_frames, rng=None):
+def clip_mel(mel, clip, max_frames, rng=None, pad="repeat"):
+    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or
+    padded."""
+    x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
+    return fit_frames(x, max_frames, rng, pad)
+
+def fit_frames(x, max_frames, rng=None, pad="repeat"):
     if len(x) == 0:
         raise ValueError("empty audio clip")
     if len(x) > max_frames:
         s = int(rng.integers(0, len(x) - max_frames + 1)) if rng is not None else 0
         return x[s:s + max_frames]
+    if pad == "silence":
+        return np.concatenate([x, np.full((max_frames - len(x), x.shape[1]), MEL_SILENCE,
+                                          dtype=x.dtype)])
     reps = -(-max_frames // len(x))
     return np.concatenate([x] * reps)[:max_frames]  # repeat-pad, as HTSAT/CLAP do with short clips
 
@@ -935,7 +945,7 @@ def get_batch(data, split, batch_size, rng):
         ex = d["by_task"][tasks[pick]]
         i, p, a = ex[rng.integers(len(ex))]
         mels.append(clip_mel(d["mel"], d["clips"][i], data["max_frames"],
-                             rng if split == "train" else None))
+                             rng if split == "train" else None, data["pad"]))
         prompts.append(p)
         answers.append(a)
     return collate(mels, prompts, answers, data["eot_token"])
@@ -981,10 +991,10 @@ def _device(model):
     return next(model.parameters()).device
 
 @torch.no_grad()
-def clip_embeddings(model, d, idx, max_frames, batch_size=32):
+def clip_embeddings(model, d, idx, max_frames, pad, batch_size=32):
     out = []
     for s in range(0, len(idx), batch_size):
-        mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames)
+        mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames, pad=pad)
                         for i in idx[s:s + batch_size]])
         out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.d_embed)
@@ -1019,9 +1029,9 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     ev = [i for i, c in enumerate(data[split]["clips"]) if key in c["labels"]][:max_clips]
     if not tr or not ev:
         return None
-    x_tr = clip_embeddings(model, data["train"], tr, data["max_frames"])
+    x_tr = clip_embeddings(model, data["train"], tr, data["max_frames"], data["pad"])
     y_tr = torch.tensor([cls[data["train"]["clips"][i]["labels"][key]] for i in tr])
-    x_ev = clip_embeddings(model, data[split], ev, data["max_frames"])
+    x_ev = clip_embeddings(model, data[split], ev, data["max_frames"], data["pad"])
     y_ev = torch.tensor([cls.get(data[split]["clips"][i]["labels"][key], -1) for i in ev])
     predict = fit_logistic(x_tr, y_tr, len(classes))
     return (predict(x_ev) == y_ev).float().mean().item()
@@ -1049,7 +1059,8 @@ def eval_batches(model, data, tok, d, examples, bs):
     dev = _device(model)
     for s in range(0, len(examples), bs):
         chunk = examples[s:s + bs]
-        mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"]) for i, _, _ in chunk]
+        mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"], pad=data["pad"])
+                for i, _, _ in chunk]
         b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk],
                     [[]] * len(chunk), model.config.eot_token)
         yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
@@ -1196,7 +1207,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     cfg, dev = model.config, _device(model)
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
-    mel = torch.from_numpy(fit_frames(mel, cfg.max_frames))[None].to(dev)
+    mel = torch.from_numpy(fit_frames(mel, cfg.max_frames, pad=cfg.pad))[None].to(dev)
     p = tok.encode(prompt)
     if not p:
         raise ValueError("pengi.sample: the prompt is empty")

@@ -418,6 +418,23 @@ def test_qa_acc_by_kind_partitions_exact_match():
         5 * pengi.exact_match(hyps, ex))
 
 
+def test_fit_frames_pads_and_crops(synth_dir):
+    """Longer clips are cropped to max_frames; shorter ones are repeated (CLAP's way) or followed
+    by silent frames, which keep the clip once, from the start. An unknown pad is named."""
+    x = np.arange(15, dtype=np.float32).reshape(5, 3)
+    rep = pengi.fit_frames(x, 12)
+    assert rep.shape == (12, 3) and (rep[:5] == x).all() and (rep[5:10] == x).all()
+    assert (rep[10:] == x[:2]).all()
+    sil = pengi.fit_frames(x, 12, pad="silence")
+    assert sil.shape == (12, 3) and (sil[:5] == x).all() and (sil[5:] == pengi.MEL_SILENCE).all()
+    assert (pengi.fit_frames(x, 3, pad="silence") == x[:3]).all()
+    crop = pengi.fit_frames(x, 3, np.random.default_rng(0))
+    assert any((crop == x[s:s + 3]).all() for s in range(3))
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    with pytest.raises(ValueError, match="pad: 'zeros' is not one of repeat, silence"):
+        pengi.load_data(synth_dir, pengi.PengiConfig(pad="zeros"), tok)
+
+
 def test_fit_logistic_separates():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g) * 3
