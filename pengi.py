@@ -1019,8 +1019,9 @@ def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
 
 def linear_probe(model, data, split="val", key="class", max_clips=2000):
     """The paper's representation study: a linear classifier on frozen audio embeddings of the
-    training clips, accuracy on `split`. Labels unseen in training count as wrong."""
-    classes = data["candidates"].get(key) or []
+    training clips, accuracy on `split`, for any label key of the clips. Labels unseen in training
+    count as wrong."""
+    classes = sorted({c["labels"][key] for c in data["train"]["clips"] if key in c["labels"]})
     if len(classes) < 2:
         return None
     cls = {c: j for j, c in enumerate(classes)}
@@ -1035,6 +1036,24 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     y_ev = torch.tensor([cls.get(data[split]["clips"][i]["labels"][key], -1) for i in ev])
     predict = fit_logistic(x_tr, y_tr, len(classes))
     return (predict(x_ev) == y_ev).float().mean().item()
+
+def probe_metrics(model, data, split, keys, max_clips):
+    """probe_acc: the linear probe on labels.class (the paper's study). For each other label key
+    in the comma list keys (e.g. "gender,count"): probe_acc_{key}, and probe_majority_{key}, the
+    accuracy of always answering the most common label of the split."""
+    metrics = {}
+    for key in [k.strip() for k in str(keys).split(",") if k.strip()]:
+        acc = linear_probe(model, data, split, key, max_clips)
+        if acc is None:
+            continue
+        if key == "class":
+            metrics["probe_acc"] = acc
+            continue
+        labels = Counter([c["labels"][key] for c in data[split]["clips"]
+                          if key in c["labels"]][:max_clips])
+        metrics[f"probe_acc_{key}"] = acc
+        metrics[f"probe_majority_{key}"] = labels.most_common(1)[0][1] / sum(labels.values())
+    return metrics
 
 def pmi_scores(logp, logp_prior):
     """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt),
@@ -1142,7 +1161,7 @@ def prefix_norm_metrics(model, data, tok, d, bs):
             "prefix_norm_ratio_text": model.prefix_norm_ratio(pre[:, model.k:])}
 
 EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16,
-                 probe=True, probe_clips=2000, prior_clips=64, tasks="")
+                 probe=True, probe_keys="class", probe_clips=2000, prior_clips=64, tasks="")
 
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
@@ -1151,9 +1170,11 @@ def evaluate(model, data, tok, split="val", **opts):
     class and the music labels: {key}_acc_gen (the generated text equals the label), {key}_acc_rank
     (the label has the highest LM likelihood among the training split's labels), {key}_acc_pmi (the
     same, calibrated by the label prior over prior_clips training clips: pmi_scores), {key}_chance =
-    1/number of candidates; probe_acc (linear probe on labels.class); prefix_norm_ratio_audio/_text
+    1/number of candidates; probe_acc (linear probe on labels.class; probe_keys adds other label
+    keys: probe_metrics); prefix_norm_ratio_audio/_text
     (prefix vector norm / token embedding norm, 1 = the LM's scale). opts: max_clips, beam (1 =
-    greedy), max_new_tokens, length_penalty, batch_size, probe, probe_clips, prior_clips, tasks (a
+    greedy), max_new_tokens, length_penalty, batch_size, probe, probe_keys, probe_clips, prior_clips,
+    tasks (a
     comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's). QA is
     also scored per clip kind: qa_acc_{kind}."""
     unknown = set(opts) - set(EVAL_OPTS)
@@ -1170,9 +1191,8 @@ def evaluate(model, data, tok, split="val", **opts):
 
 def _evaluate(model, data, tok, split, o):
     if model.config.stage == "clap":  # the encoders alone: the representation study
-        acc = linear_probe(model, data, split, "class",
-                           int(o["probe_clips"])) if o["probe"] else None
-        return {} if acc is None else {"probe_acc": acc}
+        return probe_metrics(model, data, split, o["probe_keys"],
+                             int(o["probe_clips"])) if o["probe"] else {}
     max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
     gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]),
                length_penalty=float(o["length_penalty"]))
@@ -1184,9 +1204,7 @@ def _evaluate(model, data, tok, split, o):
                                      o["prior_clips"]))
     metrics.update(prefix_norm_metrics(model, data, tok, d, bs))
     if o["probe"]:
-        acc = linear_probe(model, data, split, "class", int(o["probe_clips"]))
-        if acc is not None:
-            metrics["probe_acc"] = acc
+        metrics.update(probe_metrics(model, data, split, o["probe_keys"], int(o["probe_clips"])))
     return metrics
 
 # -----------------------------------------------------------------------------

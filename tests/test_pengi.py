@@ -435,6 +435,39 @@ def test_fit_frames_pads_and_crops(synth_dir):
         pengi.load_data(synth_dir, pengi.PengiConfig(pad="zeros"), tok)
 
 
+def test_probe_metrics_per_label_key():
+    """The linear probe reads any label key: a key the embedding separates scores 1.0, the class
+    key keeps its name probe_acc, probe_majority_{key} is the constant answer's accuracy, and a key
+    no clip has is left out."""
+    rng = np.random.default_rng(0)
+
+    class MeanEmbedding(torch.nn.Module):  # the audio embedding: the clip's mean mel frame
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def embed_audio(self, mel):
+            return mel.mean(1)
+
+    def split(n):
+        clips, mel = [], []
+        for i in range(n):
+            gender, cls = ("male", "female")[i % 3 == 0], ("a", "b", "c")[i % 3]
+            x = rng.normal(0, 0.1, (4, 6)).astype(np.float32)
+            x[:, 0] += 1.0 if gender == "female" else -1.0
+            x[:, 1] += ("a", "b", "c").index(cls)
+            clips.append({"offset": 4 * i, "frames": 4,
+                          "labels": {"class": cls, "gender": gender}})
+            mel.append(x)
+        return {"clips": clips, "mel": np.concatenate(mel)}
+
+    data = {"train": split(60), "val": split(30), "max_frames": 4, "pad": "repeat"}
+    got = pengi.probe_metrics(MeanEmbedding(), data, "val", "class, gender, count", 2000)
+    assert set(got) == {"probe_acc", "probe_acc_gender", "probe_majority_gender"}
+    assert got["probe_acc"] == 1.0 and got["probe_acc_gender"] == 1.0
+    assert got["probe_majority_gender"] == pytest.approx(20 / 30)
+
+
 def test_fit_logistic_separates():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g) * 3
