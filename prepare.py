@@ -385,12 +385,13 @@ def save_chunk(work, chunk_id, chunk, whisper_mel):
 
 def batches(chunk, budget):
     """A chunk's (wav, info) in batches of about budget samples, shortest first: less padding."""
-    batch = []
+    batch, samples = [], 0
     for b in sorted(chunk, key=lambda x: len(x[0])):
         batch.append(b)
-        if sum(len(w) for w, _ in batch) >= budget:
+        samples += len(b[0])
+        if samples >= budget:
             yield batch
-            batch = []
+            batch, samples = [], 0
     if batch:
         yield batch
 
