@@ -1,10 +1,11 @@
 """
-Fitting the offline codec, for when the pretrained EnCodec 24 kHz cannot be had: prepare.py trains
-EnCodec's own architecture (audio.offline_codec) on the corpus's audio with EnCodec's reconstruction
-objective (train_codec), fits its residual codebooks by k-means on the encoder's outputs
-(fit_codebooks), tunes the decoder to the codes (tune_decoder), and measures on held-out clips how
-much of what their labels say survives decode(encode(x)) (codec_report, with readers of pitch,
-Morse and DTMF). See docs/codec.md. Using the codec, once fitted, is audio.py's.
+Fitting the offline codec, for when the pretrained EnCodec 24 kHz cannot be had: prepare.py sets
+EnCodec's own architecture (audio.offline_codec) to a block DCT and its inverse (dct_init), can train
+the parts that leaves free with EnCodec's reconstruction objective (train_codec, tune_decoder; off
+by default, see docs/codec.md), fits its residual codebooks by k-means on the encoder's outputs
+(fit_codebooks), and measures on held-out clips how much of what their labels say survives
+decode(encode(x)) (codec_report, with readers of pitch, Morse and DTMF). Using the codec, once
+fitted, is audio.py's.
 """
 import os
 import math
@@ -20,7 +21,7 @@ from synth import (DTMF_HIGH, DTMF_KEYS, DTMF_LOW, MORSE, make_dtmf, make_morse,
                    midi_name, synth_clip)
 
 # -----------------------------------------------------------------------------
-# training: EnCodec's reconstruction objective on the corpus's own audio
+# EnCodec's reconstruction objective
 
 _stft_mel = {}
 
@@ -65,24 +66,118 @@ def random_crops(wavs, n, batch, rng):
             xs.append(x); where.append((i, f))
     return torch.from_numpy(np.stack(xs)), where
 
+# -----------------------------------------------------------------------------
+# the analytic start (ours)
+#
+# A randomly initialised EnCodec plays one fixed buzz whatever it is given, and on a CPU budget
+# training teaches it envelopes but not pitch. But EnCodec's layers can express a block transform exactly: its strided convs can split the samples into polyphase
+# channels (320 channels of one sample each at the frame rate: the frame's block of 320 samples),
+# its last conv can take a DCT of that block, and the decoder can invert both. ELUs are kept in
+# their linear range by a constant offset on every channel, the residual branches and LSTMs start
+# as no-ops. So the codec starts by passing audio below 4.8 kHz (128 cosines of 37.5 Hz steps)
+# through exactly, pitch included, with no look-ahead and the architecture untouched.
+
+OFFSET = 4.0                      # added before every ELU: its input stays > 0, where it is x
+DCT_BINS = 128                    # one per latent channel: 0 .. 4.8 kHz
+
+def dct_matrix(n=HOP, bins=DCT_BINS):
+    """The first `bins` rows of the orthonormal DCT-II of n samples (its inverse is the
+    transpose)."""
+    j = torch.arange(n, dtype=torch.float64)
+    k = torch.arange(bins, dtype=torch.float64)[:, None]
+    d = torch.cos(math.pi * (j + 0.5) * k / n) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.float()
+
+def set_weight_norm(conv, w, spare_gain=0.0):
+    """Set a weight-normed conv's weight to w. A slice of dim 0 (the norm's) that is all zero gets
+    a random direction and gain spare_gain x its norm, so its weight is zero (0) or small, and the
+    norm stays defined."""
+    dead = w.flatten(1).norm(dim=1) == 0
+    v = w.clone()
+    v[dead] = torch.randn_like(v[dead])
+    g = w.flatten(1).norm(dim=1)
+    g[dead] = spare_gain * v[dead].flatten(1).norm(dim=1)
+    conv.weight_v.data.copy_(v)
+    conv.weight_g.data.copy_(g.view_as(conv.weight_g))
+
+def offset_bias(conv, w, out_offset, transposed=False):
+    """The bias that makes conv(x + OFFSET) = w * x + out_offset (in a transposed conv of kernel
+    2 x stride, as here, each output sample sees one tap of each input channel)."""
+    taps = w.sum((0, 2)) / conv.stride[0] if transposed else w.sum((1, 2))
+    conv.bias.data.copy_(out_offset - OFFSET * taps)
+
+def no_op_resblock(block):
+    """A SEANet residual block that passes its input: the shortcut the identity, the branch's
+    last conv zero."""
+    shortcut = block.shortcut.conv.conv
+    set_weight_norm(shortcut, torch.eye(shortcut.weight_v.shape[0])[:, :, None])
+    shortcut.bias.data.zero_()
+    last = block.block[-1].conv.conv
+    last.weight_g.data.zero_()
+    last.bias.data.zero_()
+
+def no_op_lstm(slstm):
+    """SEANet's LSTM adds its output to its input: with the cell-input gate's weights at zero the
+    cell stays 0 and so does the output."""
+    lstm, h = slstm.lstm, slstm.lstm.hidden_size
+    for name, p in lstm.named_parameters():
+        p.data[2 * h:3 * h] = 0                      # gates in order i, f, g, o
+
 @torch.no_grad()
-def unit_variance_init(net, x, last_std=1.0):
-    """Layer-sequential unit-variance init (LSUV, Mishkin & Matas 2016) of a SEANet encoder or
-    decoder: with PyTorch's default init every conv shrinks its input's variance ~3x, so after
-    EnCodec's ~20 convs a random network's output no longer depends on its input (the untrained
-    decoder plays one fixed buzz whatever it is given) and gradients vanish. Zero the biases, then
-    in forward order rescale each conv's weight-norm gain so that its output on x has unit std (the
-    last one: last_std). The architecture is untouched."""
-    convs = [m for m in net.modules() if hasattr(m, "weight_g")]
-    for m in convs:
-        m.bias.zero_()
-    for i, m in enumerate(convs):
-        seen = []
-        hook = m.register_forward_hook(lambda mod, inp, out: seen.append(out.std()))
-        net(x)
-        hook.remove()
-        m.weight_g.mul_((last_std if i == len(convs) - 1 else 1.0) / seen[0].clamp_min(1e-12))
-    return net
+def dct_init(model):
+    """Set the encoder to blocks of HOP samples -> their first DCT_BINS DCT coefficients, and the
+    decoder to the inverse (see above). decode(encode(x)) is then x low-passed below 4.8 kHz,
+    block by block."""
+    # EnCodec 24 kHz's layout: encoder conv, 4 x (residual block, ELU, strided conv), LSTM, ELU,
+    # conv; the decoder mirrors it with transposed convs
+    enc, dec = model.encoder.model, model.decoder.model
+    first = enc[0].conv.conv                          # channel 0 = the samples
+    w = torch.zeros(first.weight_v.shape)
+    w[0, 0, -1] = 1
+    set_weight_norm(first, w)
+    first.bias.data.fill_(OFFSET)
+    n = 1                                             # polyphase channels so far
+    for block, down in ((1, 3), (4, 6), (7, 9), (10, 12)):
+        no_op_resblock(enc[block])
+        conv = enc[down].conv.conv                    # causal: its last `stride` taps are this block
+        (c_out, c_in, k), s = conv.weight_v.shape, conv.stride[0]
+        w = torch.zeros(c_out, c_in, k)
+        for j in range(n * s):                        # sample j of the new block
+            w[j, j % n, k - s + j // n] = 1
+        set_weight_norm(conv, w)
+        offset_bias(conv, w, OFFSET)
+        n *= s
+    no_op_lstm(enc[13])
+    last = enc[15].conv.conv
+    w = torch.zeros(last.weight_v.shape)
+    w[:, :HOP, -1] = dct_matrix()
+    set_weight_norm(last, w)
+    offset_bias(last, w, 0.0)
+    first = dec[0].conv.conv                          # the inverse DCT: samples of this block
+    w = torch.zeros(first.weight_v.shape)
+    w[:HOP, :, -1] = dct_matrix().T
+    set_weight_norm(first, w, spare_gain=1e-3)        # calibrate rescales every row: none all-zero
+    first.bias.data.fill_(OFFSET)
+    no_op_lstm(dec[1])
+    n = HOP
+    for up, block in ((3, 4), (6, 7), (9, 10), (12, 13)):
+        conv = dec[up].convtr.convtr                  # polyphase channels back into samples
+        (c_in, c_out, k), s = conv.weight_v.shape, conv.stride[0]
+        w = torch.zeros(c_in, c_out, k)
+        for c in range(n // s):
+            for i in range(s):
+                w[(n // s) * i + c, c, i] = 1
+        set_weight_norm(conv, w)
+        offset_bias(conv, w, OFFSET, transposed=True)
+        no_op_resblock(dec[block])
+        n //= s
+    out = dec[15].conv.conv
+    w = torch.zeros(out.weight_v.shape)
+    w[0, 0, -1] = 1
+    set_weight_norm(out, w)
+    offset_bias(out, w, 0.0)
+    return model
 
 def codec_step(opt, params, loss):
     """One optimiser step of the codec's training, gradient norm clipped at 1."""
@@ -91,14 +186,22 @@ def codec_step(opt, params, loss):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
 
-def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=None, quiet=False,
+def learned_parts(model):
+    """The parameters that dct_init leaves as no-ops: the residual branches and the LSTMs of the
+    encoder and decoder. Training them adds to the analytic path; training every weight with Adam
+    scrambles that path within 50 steps, even at lr 1e-4 (measured, docs/codec.md)."""
+    return [p for name, p in model.named_parameters()
+            if not name.startswith("quantizer") and (".block." in name or ".lstm." in name)]
+
+def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-4, ckpt=None, quiet=False,
                 save_every=25):
-    """Train the offline codec's encoder and decoder as an autoencoder on 24 kHz clips (EnCodec's
-    reconstruction loss; its codebooks are fitted afterwards by k-means, see fit_codebooks).
+    """Start the offline codec from dct_init, then train its learned parts (see learned_parts) as
+    an autoencoder on 24 kHz clips with EnCodec's reconstruction loss (the codebooks are fitted
+    afterwards by k-means, see fit_codebooks). steps=0 is the analytic codec alone.
     Resumable: every save_every steps the model, the optimiser and the step go to ckpt (written to a
     temporary file, then renamed), and each step's crops are drawn from a seed of its own, so a
     resumed run ends with the weights of an uninterrupted one."""
-    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    params = learned_parts(model)
     opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     # a short warmup, then cosine down to a tenth: the few steps a CPU budget allows end on a
     # settled model
@@ -106,26 +209,18 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
         opt, lambda s: min((s + 1) / 20,
                            0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps)))))
     step = 0
-    if not isinstance(model.encoder.model[-1], Standardize):
-        model.encoder.model.append(Standardize())
     if ckpt and Path(ckpt).exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step = state["step"]
-    else:                                             # a fresh start: signal must get through both
-                                                      # halves
-        x, _ = random_crops(wavs, int(0.4 * SAMPLE_RATE) // HOP * HOP, 8, np.random.default_rng(3))
-        unit_variance_init(model.encoder, x[:, None])
-        # the encoder's output standardised: unit scale for the decoder
-        with torch.no_grad():
-            e = torch.cat(encode_emb(model, wavs[:64]))
-        model.encoder.model[-1].fit(e)
-        unit_variance_init(model.decoder, model.encoder(x[:, None]), last_std=float(x.std()))
+    else:
+        dct_init(model)
     n = int(crop_seconds * SAMPLE_RATE) // HOP * HOP
     model.train()
-    pbar = tqdm(total=steps, initial=step, unit="step", desc="train codec", disable=quiet)
+    pbar = tqdm(total=steps, initial=step, unit="step", desc="train codec",
+                disable=quiet or not steps)
     while step < steps:
         x, _ = random_crops(wavs, n, batch, np.random.default_rng([step, 7]))
         y = model.decoder(model.encoder(x[:, None]))[:, 0, :n]
@@ -144,7 +239,7 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-3, ckpt=Non
     return model.eval()
 
 # -----------------------------------------------------------------------------
-# the codebooks: k-means on the trained encoder's outputs, then the decoder tuned to the codes
+# the codebooks: k-means on the encoder's outputs, then (optionally) the decoder tuned to the codes
 
 def kmeans(x, k, iters, gen):
     """Lloyd's k-means on the distinct rows of x (N, D), weighted by how often each occurs.
@@ -185,9 +280,10 @@ def assign_nearest(x, means, chunk=8192, return_dist=False):
 
 @torch.no_grad()
 def calibrate(model, emb):
-    """Standardise the encoder's output per channel on this corpus, for k-means: an untrained
-    encoder's outputs sit in a tiny cloud far from zero (spread ~1e-3 around an offset of ~3e-2),
-    where float rounding alone flips nearest-codeword choices. A Standardize is appended to the
+    """Standardise the encoder's output per channel on this corpus, for k-means: the DCT's
+    low bins are ~100x larger than its high ones, and a trained encoder's outputs can sit in a
+    tiny cloud far from zero, where float rounding alone flips nearest-codeword choices. A
+    Standardize is appended to the
     encoder and its inverse folded into the decoder's first conv (a constant offset survives the
     reflect padding, so that is exact). emb (N, 128): outputs of the encoder as it was; returns them
     standardised by the very same op, so stored codes equal what the calibrated encoder gives."""
@@ -217,9 +313,9 @@ def fit_codebooks(model, emb, iters=12, seed=0):
         residual = residual - means[assign_nearest(residual, means)]
     return model
 
-def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=3e-4, quiet=False):
-    """After the codebooks are fitted, the decoder alone learns from what it will be given:
-    quantized encoder outputs. Each crop keeps the first 1, 2, 4 or all 8 codebooks (EnCodec samples
+def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=1e-4, quiet=False):
+    """After the codebooks are fitted, the decoder's learned parts (see learned_parts) learn from
+    what the decoder will be given: quantized encoder outputs. Each crop keeps the first 1, 2, 4 or all 8 codebooks (EnCodec samples
     its bandwidth per batch the same way), so decoding codebook 0 alone, as Whisper-GPT's samples
     are, gives audio too. wavs and embs (standardised encoder outputs, (frames, 128)) are paired
     clip by clip."""
@@ -228,7 +324,8 @@ def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=3e-4, q
         codes = [quantize(model, e).T[:, None] for e in embs]                  # (n_q, 1, frames)
         # (128, frames) per level
         qs = [[model.quantizer.decode(c[:k])[0] for k in levels] for c in codes]
-    params = list(model.decoder.parameters())
+    in_decoder = {id(p) for p in model.decoder.parameters()}
+    params = [p for p in learned_parts(model) if id(p) in in_decoder]
     opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     rng = np.random.default_rng(11)
     frames = int(crop_seconds * FRAME_RATE)
@@ -254,26 +351,35 @@ def codec_state(model):
 # the report: decode(encode(x)) on held-out clips, and the corpus's labels read back from audio
 
 @torch.no_grad()
-def reconstruct(model, wavs, quantized=True):
-    """decode(encode(x)) for each 1-D clip in wavs, through the codes at 6 kbps (or,
-    quantized=False, straight from the encoder's output), each trimmed to its input's length.
-    Batched: EnCodec is causal, so zeros after a shorter clip change nothing in it."""
+def reconstruct(model, wavs, quantized=True, n_q=N_Q):
+    """decode(encode(x)) for each 1-D clip in wavs, through the codes at 6 kbps (or only the first
+    n_q codebooks; or, quantized=False, straight from the encoder's output), each trimmed to its
+    input's length. Batched: EnCodec is causal, so zeros after a shorter clip change nothing in
+    it."""
     embs = encode_emb(model, wavs)
     T = max(len(e) for e in embs)
     z = torch.zeros(len(wavs), embs[0].shape[1], T)
     for i, e in enumerate(embs):
-        z[i, :, :len(e)] = model.quantizer.decode(quantize(model,
-                                                           e).T[:, None])[0] if quantized else e.T
+        codes = quantize(model, e).T[:n_q, None] if quantized else None
+        z[i, :, :len(e)] = model.quantizer.decode(codes)[0] if quantized else e.T
     y = model.decoder(z)[:, 0]
     return [y[i, :len(w)].numpy() for i, w in enumerate(wavs)]
 
-def envelope_runs(x, win=0.005, rel=0.3):
-    """On/off runs of a signal's RMS envelope: a list of (on, start, end) in samples."""
+def envelope_runs(x, win=0.005, rel=0.3, min_run=0.01):
+    """On/off runs of a signal's RMS envelope: a list of (on, start, end) in samples. A run shorter
+    than min_run seconds (a click, a dropout) joins the run before it, as any practical decoder
+    debounces: every Morse symbol and DTMF tone or gap of the corpus lasts 45 ms or more."""
     w = max(1, int(win * SAMPLE_RATE))
     env = np.sqrt(np.convolve(np.asarray(x, np.float64) ** 2, np.ones(w) / w, "same"))
     on = env > rel * env.max()
     edges = np.concatenate([[0], np.flatnonzero(np.diff(on.astype(int))) + 1, [len(on)]])
-    return [(bool(on[a]), int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    runs = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if runs and (b - a < min_run * SAMPLE_RATE or runs[-1][0] == bool(on[a])):
+            runs[-1][2] = int(b)
+        else:
+            runs.append([bool(on[a]), int(a), int(b)])
+    return [tuple(r) for r in runs]
 
 def read_morse(x):
     """The word a morse clip spells (dots and dashes from the envelope; '?' for a symbol that is no
@@ -358,8 +464,9 @@ def codec_report(model, probes, untrained=None):
     """How well decode(encode(x)) keeps what the corpus's labels say: the fraction of notes whose
     pitch reads as the labelled note (within a semitone), of morse words and DTMF digit strings read
     back exactly, and the log-mel L1 between input and reconstruction, also for the untrained
-    decoder when given (fed the unquantized encoder output). Returns the figures and the
-    reconstructions ({kind: [audio]}, in the order of probes)."""
+    decoder when given (fed the unquantized encoder output); and the notes decoded from codebook 0
+    alone, all that Whisper-GPT generates. Returns the figures and the reconstructions ({kind:
+    [audio]}, in the order of probes)."""
     rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
     refs = [log_mel(w) for w, _ in probes["any"]]
     mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - ref).mean()
@@ -371,6 +478,9 @@ def codec_report(model, probes, untrained=None):
          "dtmf": float(np.mean([read_dtmf(y) == info["labels"]["digits"]
                                 for y, (_, info) in zip(rec["dtmf"], probes["dtmf"])])),
          "mel_l1": mel_l1(rec["any"])}
+    coarse = reconstruct(model, [w for w, _ in probes["note"]], n_q=1)
+    r["notes_codebook0"] = float(np.mean([read_note(y) == info["labels"]["pitch"]
+                                          for y, (_, info) in zip(coarse, probes["note"])]))
     if untrained is not None:
         r["mel_l1_untrained"] = mel_l1(reconstruct(untrained, [w for w, _ in probes["any"]],
                                                    quantized=False))

@@ -8,8 +8,8 @@ spectrogram (one mel frame per codec frame), plus captions / transcripts / label
     python prepare.py --dataset=folder --src=my_wavs --name=mine     # optional manifest.csv / manifest.jsonl
 
 The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or a download), else
-an offline one with its architecture, trained here on the corpus (--offline skips the download; see
-codec.py).
+an offline one with its architecture, set up as a block DCT and fitted to the corpus (--offline skips
+the download; see codec.py).
 
 Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE
@@ -273,7 +273,7 @@ def check_whisper_mel(args):
 
 def get_codec(args, out):
     """The codec and its record for meta.json: the pretrained EnCodec whenever it can be had, else
-    the offline one (EnCodec's architecture, random weights: trained once the clips are known)."""
+    the offline one (EnCodec's architecture, set up and fitted once the clips are known)."""
     codec, weights = (None, None) if args.offline_codec else \
         get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
     if codec is not None:
@@ -284,14 +284,15 @@ def get_codec(args, out):
     codec = offline_codec()
     codec_info = {"name": "encodec_24khz-offline", "pretrained": False, "weights": "codec.pt",
                   "bandwidth": BANDWIDTH,
-                  "note": "OFFLINE codec: EnCodec 24 kHz architecture trained here on this "
-                          "corpus's audio with EnCodec's reconstruction loss (no adversary); "
-                          "codebooks fitted by k-means; not the pretrained EnCodec, whose codes "
-                          "these are not"}
+                  "note": "OFFLINE codec: EnCodec 24 kHz architecture set to a block DCT "
+                          "(each 320-sample block's first 128 cosines, 0-4.8 kHz) and its inverse, "
+                          "codebooks fitted by k-means on this corpus; not the pretrained "
+                          "EnCodec, whose codes these are not"}
     print(f"codec: OFFLINE EnCodec (pretrained weights not found"
           f"{'' if args.offline or args.offline_codec else ' and not downloadable'}): "
-          f"training EnCodec's architecture on this corpus ({args.codec_steps} steps), then "
-          f"fitting {N_Q} residual codebooks; saved to {out / 'codec.pt'}")
+          f"EnCodec's architecture set to a block DCT below 4.8 kHz"
+          f"{f' and trained {args.codec_steps} steps' if args.codec_steps else ''}, then "
+          f"{N_Q} residual codebooks fitted on this corpus; saved to {out / 'codec.pt'}")
     return codec, codec_info
 
 def clip_list(args, report):
@@ -329,24 +330,28 @@ def work_dir(out, args_hash, force):
     return work
 
 def train_offline_codec(codec, clips, report, args, work):
-    """The offline codec learns to reconstruct the train split's first clips (resumable, see
-    train_codec). Returns those clips, {id: wav}: once the codebooks are fitted, the decoder is
-    tuned on them."""
+    """The offline codec's analytic start (codec.dct_init), then, with --codec_steps, its learned
+    parts trained on the train split's first clips (resumable, see train_codec). Returns those
+    clips, {id: wav} (none when neither it nor --codec_tune_steps needs them): once the codebooks
+    are fitted, the decoder is tuned on them."""
     codec_wavs = {}
-    report.muted = True                               # pass 1 reports each bad input, once
-    for wav, info in clips():
-        if not is_val(info["id"], args.val_percent):
-            codec_wavs[info["id"]] = wav
-        if len(codec_wavs) >= args.codec_clips:
-            break
-    if not codec_wavs:                                # a dataset all in val: what there is
-        codec_wavs = {info["id"]: wav for wav, info in itertools.islice(clips(), args.codec_clips)}
-    report.muted = False
+    if args.codec_steps or args.codec_tune_steps:
+        report.muted = True                           # pass 1 reports each bad input, once
+        for wav, info in clips():
+            if not is_val(info["id"], args.val_percent):
+                codec_wavs[info["id"]] = wav
+            if len(codec_wavs) >= args.codec_clips:
+                break
+        if not codec_wavs:                            # a dataset all in val: what there is
+            codec_wavs = {info["id"]: wav
+                          for wav, info in itertools.islice(clips(), args.codec_clips)}
+        report.muted = False
     t0 = time.time()
     train_codec(codec, list(codec_wavs.values()), args.codec_steps, ckpt=work / "codec_train.pt",
                 quiet=args.quiet)
-    print(f"offline codec: trained {args.codec_steps} steps on {len(codec_wavs)} clips in "
-          f"{time.time() - t0:.0f}s")
+    if args.codec_steps:
+        print(f"offline codec: trained {args.codec_steps} steps on {len(codec_wavs)} clips in "
+              f"{time.time() - t0:.0f}s")
     return codec_wavs
 
 # --- pass 1: audio -> encoder outputs + mel, in batches (the slow part), with partial results
@@ -439,7 +444,7 @@ def encode_clips(codec, clips, n_total, args, work, t_start):
 # --- the offline codec: its codebooks, its decoder tuned to them, its report
 
 def fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args, stage):
-    """The trained offline codec, finished and staged as codec.pt: its codebooks fitted on a sample
+    """The offline codec, finished and staged as codec.pt: its codebooks fitted on a sample
     of the encoder's outputs (allemb; clip i is bounds[i]:bounds[i + 1]), its decoder tuned to
     them and, on synth, measured on held-out clips. Returns allemb standardised (see calibrate)."""
     t0 = time.time()
@@ -467,7 +472,8 @@ def report_offline_codec(codec, seed, stage):
     print(f"offline codec on held-out clips, decode(encode(x)) at {BANDWIDTH:g} kbps: notes at the "
           f"labelled pitch {r['notes']:.0%} of {len(probes['note'])}, morse words read back "
           f"{r['morse']:.0%} of {len(probes['morse'])}, DTMF digits {r['dtmf']:.0%} of "
-          f"{len(probes['dtmf'])}; log-mel L1 {r['mel_l1']:.3f} (untrained decoder "
+          f"{len(probes['dtmf'])} (notes from codebook 0 alone {r['notes_codebook0']:.0%}); "
+          f"log-mel L1 {r['mel_l1']:.3f} (untrained decoder "
           f"{r['mel_l1_untrained']:.3f}, {r['mel_l1_untrained'] / r['mel_l1']:.1f}x higher)")
     panels = []
     for kind, j in [("note", 0), ("morse", 0), ("dtmf", 0), ("any", 0), ("any", 1)]:
@@ -630,15 +636,16 @@ def get_args(argv=None):
                    help="no download of EnCodec's weights: local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",
                    help="train the offline codec even if pretrained weights exist")
-    p.add_argument("--codec_steps", type=int, default=450,
-                   help="offline codec: training steps (batches of 4 x 0.3 s)")
+    p.add_argument("--codec_steps", type=int, default=0,
+                   help="offline codec: steps training its learned parts after the analytic "
+                        "start (batches of 4 x 0.3 s; 0: none, see docs/codec.md)")
     p.add_argument("--codec_clips", type=int, default=400,
-                   help="offline codec: train-split clips it learns from")
-    p.add_argument("--codec_tune_steps", type=int, default=150,
-                   help="offline codec: decoder steps on the fitted codes")
+                   help="offline codec: train-split clips its training steps learn from")
+    p.add_argument("--codec_tune_steps", type=int, default=0,
+                   help="offline codec: decoder steps on the fitted codes (0: none)")
     p.add_argument("--codec_report", type=int, default=1,
                    help="offline codec on synth: measure it on held-out clips (0: skip)")
-    p.add_argument("--kmeans_frames", type=int, default=16384,
+    p.add_argument("--kmeans_frames", type=int, default=65536,
                    help="offline codec: encoder frames used to fit the codebooks")
     p.add_argument("--kmeans_iters", type=int, default=12,
                    help="offline codec: k-means iterations per codebook")

@@ -785,7 +785,7 @@ def test_pipeline_stages_in_miniature(synth_dir, tmp_path):
                             vocab_size=tok.n_vocab, **{**sizes, "llm_probe_min": 0.99}), tok)
     m, _, losses = train(SALMONNConfig(stage="pretrain", tasks="transcription",
                                        llm_init=str(tmp_path / "llm.pt"),
-                                       whisper_init=str(tmp_path / "whisper.pt"), **sizes), 150,
+                                       whisper_init=str(tmp_path / "whisper.pt"), **sizes), 300,
                                        3e-3)
     assert np.mean(losses[-20:]) < 0.9 * np.mean(losses[:20])
     # the frozen encoder is the stage-"whisper" one, unchanged
