@@ -1,11 +1,11 @@
 """
 Fitting the offline codec, for when the pretrained EnCodec 24 kHz cannot be had: prepare.py sets
-EnCodec's own architecture (audio.offline_codec) to a block DCT and its inverse (dct_init), can train
-the parts that leaves free with EnCodec's reconstruction objective (train_codec, tune_decoder; off
-by default, see docs/codec.md), fits its residual codebooks by k-means on the encoder's outputs
-(fit_codebooks), and measures on held-out clips how much of what their labels say survives
-decode(encode(x)) (codec_report, with readers of pitch, Morse and DTMF). Using the codec, once
-fitted, is audio.py's.
+EnCodec's own architecture (audio.offline_codec) to a block DCT and its inverse (dct_init), can
+train the parts that leaves free with EnCodec's reconstruction objective (train_codec,
+tune_decoder; off by default, see docs/codec.md), fits its residual codebooks by k-means on the
+encoder's outputs (fit_codebooks), and measures on held-out clips how much of what their labels
+say survives decode(encode(x)) (codec_report, with readers of pitch, Morse and DTMF). Using the
+codec, once fitted, is audio.py's.
 """
 import os
 import math
@@ -70,12 +70,13 @@ def random_crops(wavs, n, batch, rng):
 # the analytic start (ours)
 #
 # A randomly initialised EnCodec plays one fixed buzz whatever it is given, and on a CPU budget
-# training teaches it envelopes but not pitch. But EnCodec's layers can express a block transform exactly: its strided convs can split the samples into polyphase
-# channels (320 channels of one sample each at the frame rate: the frame's block of 320 samples),
-# its last conv can take a DCT of that block, and the decoder can invert both. ELUs are kept in
-# their linear range by a constant offset on every channel, the residual branches and LSTMs start
-# as no-ops. So the codec starts by passing audio below 4.8 kHz (128 cosines of 37.5 Hz steps)
-# through exactly, pitch included, with no look-ahead and the architecture untouched.
+# training teaches it envelopes but not pitch. But EnCodec's layers can hold a block transform
+# exactly: its strided convs can split the samples into polyphase channels (at the frame rate, 320
+# channels of one sample each: the frame's block), its last conv can take a DCT of that block, and
+# the decoder can invert both. A constant offset on every channel keeps each ELU in its linear
+# range; the residual branches and LSTMs start as no-ops. So the codec starts by passing audio
+# below 4.8 kHz (128 cosines in 37.5 Hz steps) through exactly, pitch included, with no look-ahead
+# and the architecture untouched.
 
 OFFSET = 4.0                      # added before every ELU: its input stays > 0, where it is x
 DCT_BINS = 128                    # one per latent channel: 0 .. 4.8 kHz
@@ -140,7 +141,7 @@ def dct_init(model):
     n = 1                                             # polyphase channels so far
     for block, down in ((1, 3), (4, 6), (7, 9), (10, 12)):
         no_op_resblock(enc[block])
-        conv = enc[down].conv.conv                    # causal: its last `stride` taps are this block
+        conv = enc[down].conv.conv                    # causal: its last `stride` taps: this block
         (c_out, c_in, k), s = conv.weight_v.shape, conv.stride[0]
         w = torch.zeros(c_out, c_in, k)
         for j in range(n * s):                        # sample j of the new block
@@ -315,10 +316,10 @@ def fit_codebooks(model, emb, iters=12, seed=0):
 
 def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=1e-4, quiet=False):
     """After the codebooks are fitted, the decoder's learned parts (see learned_parts) learn from
-    what the decoder will be given: quantized encoder outputs. Each crop keeps the first 1, 2, 4 or all 8 codebooks (EnCodec samples
-    its bandwidth per batch the same way), so decoding codebook 0 alone, as Whisper-GPT's samples
-    are, gives audio too. wavs and embs (standardised encoder outputs, (frames, 128)) are paired
-    clip by clip."""
+    what the decoder will be given: quantized encoder outputs. Each crop keeps the first 1, 2, 4 or
+    all 8 codebooks (EnCodec samples its bandwidth per batch the same way), so decoding codebook 0
+    alone, as Whisper-GPT's samples are, gives audio too. wavs and embs (standardised encoder
+    outputs, (frames, 128)) are paired clip by clip."""
     levels = [1, 2, 4, N_Q]
     with torch.no_grad():
         codes = [quantize(model, e).T[:, None] for e in embs]                  # (n_q, 1, frames)
@@ -330,7 +331,7 @@ def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=1e-4, q
     rng = np.random.default_rng(11)
     frames = int(crop_seconds * FRAME_RATE)
     model.train()
-    for _ in tqdm(range(steps), unit="step", desc="tune decoder", disable=quiet):
+    for _ in tqdm(range(steps), unit="step", desc="tune decoder", disable=quiet or not steps):
         x, where = random_crops(wavs, frames * HOP, batch, rng)
         z = torch.zeros(batch, qs[0][0].shape[0], frames)
         for b, (i, f) in enumerate(where):

@@ -8,8 +8,8 @@ spectrogram (one mel frame per codec frame), plus captions / transcripts / label
     python prepare.py --dataset=folder --src=my_wavs --name=mine     # optional manifest.csv / manifest.jsonl
 
 The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or a download), else
-an offline one with its architecture, set up as a block DCT and fitted to the corpus (--offline skips
-the download; see codec.py).
+an offline one with its architecture, set up as a block DCT and fitted to the corpus (--offline
+skips the download; see codec.py).
 
 Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE

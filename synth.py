@@ -116,80 +116,86 @@ def place(buf, x, start):
 def fmt_list(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
+def single_note(rng, max_dur, inst, noun, root):
+    """One held note: (wav, notes, labels, caption, story, qa)."""
+    dur = float(rng.uniform(1.0, max_dur))
+    wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
+    place(wav, tone(inst, midi_hz(root), dur - 0.1, rng), int(0.05 * SAMPLE_RATE))
+    name = midi_name(root)
+    seconds = f"{dur:.0f} second{'s' if round(dur) != 1 else ''}"
+    story = f"A single note, {name}, is played on {noun}, held for about {seconds}."
+    qa = [{"q": "what note is played?", "a": name},
+          {"q": "how many notes are played?", "a": "one"}]
+    return wav, [root], {"pitch": name}, f"{noun} plays the note {name}.", story, qa
+
+def chord(rng, max_dur, inst, noun, root):
+    """Three notes at once: (wav, notes, labels, caption, story, qa)."""
+    quality = list(CHORDS)[rng.integers(len(CHORDS))]
+    notes = [root + i for i in CHORDS[quality]]
+    dur = float(rng.uniform(min(1.2, max_dur), max_dur))
+    wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
+    for m in notes:
+        place(wav, tone(inst, midi_hz(m), dur - 0.1, rng) / len(notes) * 1.5,
+              int(0.05 * SAMPLE_RATE))
+    name = f"{NOTE_NAMES[root % 12]} {quality}"
+    mood = {"major": "bright and happy", "minor": "dark and sad"}.get(quality,
+                                                                      "tense and unresolved")
+    story = (f"Three notes sound together on {noun}: "
+             f"{fmt_list([midi_name(m) for m in notes])}, a {name} chord that sounds {mood}.")
+    qa = [{"q": "what chord is played?", "a": name},
+          {"q": "is the chord major or minor?", "a": quality},
+          {"q": "how many notes sound together?", "a": "three"}]
+    return (wav, notes, {"chord": name, "pitch": midi_name(root)}, f"{noun} plays a {name} chord.",
+            story, qa)
+
+def note_sequence(rng, max_dur, inst, noun, root, form):
+    """An interval or a short melody (arpeggio or scale), one note after another: (wav, notes,
+    labels, caption, story, qa)."""
+    if form == "interval":
+        semis = list(INTERVALS)[rng.integers(len(INTERVALS))]
+        up = bool(rng.integers(2))
+        notes = [root, root + semis] if up else [root + semis, root]
+        shape = f"a {'rising' if up else 'falling'} {INTERVALS[semis]}"
+    else:
+        pattern = ["arpeggio", "scale"][rng.integers(2)]
+        quality = ["major", "minor"][rng.integers(2)]
+        scale = [0, 2, 4, 5, 7] if quality == "major" else [0, 2, 3, 5, 7]
+        steps = CHORDS[quality] + [12] if pattern == "arpeggio" else scale
+        steps = steps[:int(rng.integers(3, len(steps) + 1))]
+        up = bool(rng.integers(2))
+        notes = [root + s for s in (steps if up else steps[::-1])]
+        shape = f"a {'rising' if up else 'falling'} {NOTE_NAMES[root % 12]} {quality} {pattern}"
+    note_dur = float(min(rng.uniform(0.25, 0.5), (max_dur - 0.2) / len(notes)))
+    wav = np.zeros(int((note_dur * len(notes) + 0.2) * SAMPLE_RATE), np.float32)
+    for j, m in enumerate(notes):
+        place(wav, tone(inst, midi_hz(m), note_dur * 1.1, rng),
+              int((0.05 + j * note_dur) * SAMPLE_RATE))
+    direction = "rising" if notes[-1] > notes[0] else "falling"
+    story = (f"{noun.capitalize()} plays {NUMBER_WORDS[len(notes)]} notes one after another, "
+             f"{fmt_list([midi_name(m) for m in notes])}, {direction} from "
+             f"{midi_name(notes[0])} to {midi_name(notes[-1])}.")
+    qa = [{"q": "how many notes are played?", "a": NUMBER_WORDS[len(notes)]},
+          {"q": "does the melody go up or down?", "a": "up" if direction == "rising" else "down"},
+          {"q": "what is the first note?", "a": midi_name(notes[0])}]
+    labels = {"pitch": midi_name(notes[0]), "melody": shape[2:]}
+    return wav, notes, labels, f"{noun} plays {shape}.", story, qa
+
 def make_music(rng, max_dur):
     """A note, interval, chord or short melody on one instrument. Returns wav + text fields."""
     inst = INSTRUMENTS[rng.integers(len(INSTRUMENTS))]
     noun, adj = INSTRUMENT_TEXT[inst]
     form = ["note", "interval", "chord", "melody"][rng.integers(4)]
     root = int(rng.integers(48, 73))                 # C3 .. C5
-    labels = {"class": inst, "instrument": inst}
-    qa = [{"q": "what instrument is playing?", "a": noun[2:] if noun.startswith("a ") else noun}]
     if form == "note":
-        dur = float(rng.uniform(1.0, max_dur))
-        wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
-        place(wav, tone(inst, midi_hz(root), dur - 0.1, rng), int(0.05 * SAMPLE_RATE))
-        name = midi_name(root)
-        labels["pitch"] = name
-        caption = f"{noun} plays the note {name}."
-        seconds = f"{dur:.0f} second{'s' if round(dur) != 1 else ''}"
-        story = f"A single note, {name}, is played on {noun}, held for about {seconds}."
-        qa += [{"q": "what note is played?", "a": name},
-               {"q": "how many notes are played?", "a": "one"}]
-        notes = [root]
+        wav, notes, labels, caption, story, qa = single_note(rng, max_dur, inst, noun, root)
     elif form == "chord":
-        quality = list(CHORDS)[rng.integers(len(CHORDS))]
-        notes = [root + i for i in CHORDS[quality]]
-        dur = float(rng.uniform(min(1.2, max_dur), max_dur))
-        wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
-        for m in notes:
-            place(wav, tone(inst, midi_hz(m), dur - 0.1, rng) / len(notes) * 1.5,
-                  int(0.05 * SAMPLE_RATE))
-        chord = f"{NOTE_NAMES[root % 12]} {quality}"
-        labels["chord"] = chord
-        labels["pitch"] = midi_name(root)
-        caption = f"{noun} plays a {chord} chord."
-        mood = {"major": "bright and happy", "minor": "dark and sad"}.get(quality,
-                                                                          "tense and unresolved")
-        story = (f"Three notes sound together on {noun}: "
-                 f"{fmt_list([midi_name(m) for m in notes])}, a {chord} chord that sounds {mood}.")
-        qa += [{"q": "what chord is played?", "a": chord},
-               {"q": "is the chord major or minor?", "a": quality},
-               {"q": "how many notes sound together?", "a": "three"}]
+        wav, notes, labels, caption, story, qa = chord(rng, max_dur, inst, noun, root)
     else:
-        if form == "interval":
-            semis = list(INTERVALS)[rng.integers(len(INTERVALS))]
-            kind = INTERVALS[semis]
-            up = bool(rng.integers(2))
-            notes = [root, root + semis] if up else [root + semis, root]
-            shape = f"a {'rising' if up else 'falling'} {kind}"
-        else:
-            pattern = ["arpeggio", "scale"][rng.integers(2)]
-            quality = ["major", "minor"][rng.integers(2)]
-            scale = [0, 2, 4, 5, 7] if quality == "major" else [0, 2, 3, 5, 7]
-            steps = CHORDS[quality] + [12] if pattern == "arpeggio" else scale
-            k = int(rng.integers(3, len(steps) + 1))
-            steps = steps[:k]
-            up = bool(rng.integers(2))
-            notes = [root + s for s in (steps if up else steps[::-1])]
-            shape = f"a {'rising' if up else 'falling'} {NOTE_NAMES[root % 12]} {quality} {pattern}"
-        note_dur = float(min(rng.uniform(0.25, 0.5), (max_dur - 0.2) / len(notes)))
-        dur = note_dur * len(notes) + 0.2
-        wav = np.zeros(int(dur * SAMPLE_RATE), np.float32)
-        for j, m in enumerate(notes):
-            place(wav, tone(inst, midi_hz(m), note_dur * 1.1, rng),
-                  int((0.05 + j * note_dur) * SAMPLE_RATE))
-        direction = "rising" if notes[-1] > notes[0] else "falling"
-        labels["pitch"] = midi_name(notes[0])
-        labels["melody"] = shape[2:]
-        caption = f"{noun} plays {shape}."
-        story = (f"{noun.capitalize()} plays {NUMBER_WORDS[len(notes)]} notes one after another, "
-                 f"{fmt_list([midi_name(m) for m in notes])}, {direction} from "
-                 f"{midi_name(notes[0])} to {midi_name(notes[-1])}.")
-        qa += [{"q": "how many notes are played?", "a": NUMBER_WORDS[len(notes)]},
-               {"q": "does the melody go up or down?",
-                "a": "up" if direction == "rising" else "down"},
-               {"q": "what is the first note?", "a": midi_name(notes[0])}]
-    labels["form"] = form
+        wav, notes, labels, caption, story, qa = note_sequence(rng, max_dur, inst, noun, root,
+                                                               form)
+    labels = {"class": inst, "instrument": inst, **labels, "form": form}
+    qa = [{"q": "what instrument is playing?",
+           "a": noun[2:] if noun.startswith("a ") else noun}] + qa
     register = "low" if np.mean(notes) < 55 else "high" if np.mean(notes) > 67 else "middle"
     description = (f"{story} The sound is {adj}. It sits in a {register} register "
                    f"and nothing else can be heard, so it feels like a quiet music lesson.")
