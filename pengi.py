@@ -20,10 +20,10 @@ representation study.
 Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic
 head, mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by
 a cyclic roll along time only, without Swin's mask: a repeat-padded input wraps its end onto its
-start as the next repetition would, a silence-padded one wraps silence); mapper outputs LayerNorm-ed and scaled to the
-LM's token embeddings; a text encoder made from the LM's own embeddings and first layers (a causal
-tower pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text
-tower.
+start as the next repetition would, a silence-padded one wraps silence); mapper outputs
+LayerNorm-ed and scaled to the LM's token embeddings; a text encoder made from the LM's own
+embeddings and first layers (a causal tower pooled at the last token, as CLIP's text tower pools at
+its end token) instead of CLIP's text tower.
 """
 
 import json
@@ -1171,12 +1171,11 @@ def evaluate(model, data, tok, split="val", **opts):
     (the label has the highest LM likelihood among the training split's labels), {key}_acc_pmi (the
     same, calibrated by the label prior over prior_clips training clips: pmi_scores), {key}_chance =
     1/number of candidates; probe_acc (linear probe on labels.class; probe_keys adds other label
-    keys: probe_metrics); prefix_norm_ratio_audio/_text
-    (prefix vector norm / token embedding norm, 1 = the LM's scale). opts: max_clips, beam (1 =
-    greedy), max_new_tokens, length_penalty, batch_size, probe, probe_keys, probe_clips, prior_clips,
-    tasks (a
-    comma list among caption, qa, class, instrument, pitch, chord; "" = all of the data's). QA is
-    also scored per clip kind: qa_acc_{kind}."""
+    keys: probe_metrics); prefix_norm_ratio_audio/_text (prefix vector norm / token embedding
+    norm, 1 = the LM's scale). opts: max_clips, beam (1 = greedy), max_new_tokens,
+    length_penalty, batch_size, probe, probe_keys, probe_clips, prior_clips, tasks (a comma list
+    among caption, qa, class, instrument, pitch, chord; "" = all of the data's). QA is also scored
+    per clip kind: qa_acc_{kind}."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
