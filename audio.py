@@ -277,7 +277,7 @@ def encodec_24khz(pretrained, weights_dir=None):
 def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub
     cache, else a download (skipped when offline); (None, None) when none can be had: the caller
-    then trains the offline codec. Each failure is one line naming the file or the cause (with
+    then makes the offline codec. Each failure is one line naming the file or the cause (with
     strict, an error)."""
     def failed(msg):
         if strict:
