@@ -116,6 +116,27 @@ def test_readers_read_the_corpus_labels_from_clean_audio():
     assert C.read_note(w) == "C#4" and C.read_note(Y.tone("sine", Y.midi_hz(60), 1.0, None)) == "C4"
 
 
+def test_readers_debounce_clicks_and_dropouts_under_10_ms():
+    """A click of 4 ms in a DTMF gap, or a dropout of 4 ms inside a Morse dash, is not a symbol:
+    the readers still read the clip; at 20 ms (shorter than any symbol of the corpus, longer than
+    the debounce) the click does count as a key."""
+    rng = lambda i: np.random.default_rng([7, i])
+    wav, info = Y.make_dtmf(rng(0), 3.0)
+    runs = [(a, b) for on, a, b in C.envelope_runs(wav) if on]
+    gap = (runs[0][1] + runs[1][0]) // 2                   # the middle of the first gap
+    for ms, digits in ((4, info["labels"]["digits"]), (20, None)):
+        clicked = wav.copy()
+        n = int(ms / 1000 * SR)
+        clicked[gap:gap + n] = wav[runs[0][0]:runs[0][0] + n]  # a piece of the first tone
+        read = C.read_dtmf(clicked)
+        assert read == digits if digits else len(read) == len(info["labels"]["digits"]) + 1
+    wav, info = Y.make_morse(rng(1), 3.0)
+    on = max((b - a, a) for o, a, b in C.envelope_runs(wav) if o)  # the longest mark: a dash
+    cut = wav.copy()
+    cut[on[1] + on[0] // 2:on[1] + on[0] // 2 + int(0.004 * SR)] = 0
+    assert C.read_morse(cut) == info["transcript"]
+
+
 def lowpass_by_blocks(x, bins=C.DCT_BINS, n=A.HOP):
     """The reference for dct_init: each block of n samples replaced by its least-squares fit by
     the first `bins` cosines cos(pi (j + 1/2) k / n), computed in numpy, block by block."""
