@@ -94,10 +94,10 @@ def set_weight_norm(conv, w, spare_gain=0.0):
     """Set a weight-normed conv's weight to w. A slice of dim 0 (the norm's) that is all zero gets
     a random direction and gain spare_gain x its norm, so its weight is zero (0) or small, and the
     norm stays defined."""
-    dead = w.flatten(1).norm(dim=1) == 0
+    g = w.flatten(1).norm(dim=1)
+    dead = g == 0
     v = w.clone()
     v[dead] = torch.randn_like(v[dead])
-    g = w.flatten(1).norm(dim=1)
     g[dead] = spare_gain * v[dead].flatten(1).norm(dim=1)
     conv.weight_v.data.copy_(v)
     conv.weight_g.data.copy_(g.view_as(conv.weight_g))
@@ -133,6 +133,7 @@ def dct_init(model):
     # EnCodec 24 kHz's layout: encoder conv, 4 x (residual block, ELU, strided conv), LSTM, ELU,
     # conv; the decoder mirrors it with transposed convs
     enc, dec = model.encoder.model, model.decoder.model
+    dct = dct_matrix()
     first = enc[0].conv.conv                          # channel 0 = the samples
     w = torch.zeros(first.weight_v.shape)
     w[0, 0, -1] = 1
@@ -152,12 +153,12 @@ def dct_init(model):
     no_op_lstm(enc[13])
     last = enc[15].conv.conv
     w = torch.zeros(last.weight_v.shape)
-    w[:, :HOP, -1] = dct_matrix()
+    w[:, :HOP, -1] = dct
     set_weight_norm(last, w)
     offset_bias(last, w, 0.0)
     first = dec[0].conv.conv                          # the inverse DCT: samples of this block
     w = torch.zeros(first.weight_v.shape)
-    w[:HOP, :, -1] = dct_matrix().T
+    w[:HOP, :, -1] = dct.T
     set_weight_norm(first, w, spare_gain=1e-3)        # calibrate rescales every row: none all-zero
     first.bias.data.fill_(OFFSET)
     no_op_lstm(dec[1])
@@ -187,12 +188,12 @@ def codec_step(opt, params, loss):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
 
-def learned_parts(model):
-    """The parameters that dct_init leaves as no-ops: the residual branches and the LSTMs of the
-    encoder and decoder. Training them adds to the analytic path; training every weight with Adam
-    scrambles that path within 50 steps, even at lr 1e-4 (measured, docs/codec.md)."""
-    return [p for name, p in model.named_parameters()
-            if not name.startswith("quantizer") and (".block." in name or ".lstm." in name)]
+def learned_parts(net):
+    """The parameters that dct_init leaves as no-ops in net (the codec, or its encoder or
+    decoder): the residual branches and the LSTMs. Training them adds to the analytic path;
+    training every weight with Adam scrambles that path within 50 steps, even at lr 1e-4
+    (measured, docs/codec.md)."""
+    return [p for name, p in net.named_parameters() if ".block." in name or ".lstm." in name]
 
 def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-4, ckpt=None, quiet=False,
                 save_every=25):
@@ -281,13 +282,13 @@ def assign_nearest(x, means, chunk=8192, return_dist=False):
 
 @torch.no_grad()
 def calibrate(model, emb):
-    """Standardise the encoder's output per channel on this corpus, for k-means: the DCT's
-    low bins are ~100x larger than its high ones, and a trained encoder's outputs can sit in a
-    tiny cloud far from zero, where float rounding alone flips nearest-codeword choices. A
-    Standardize is appended to the
-    encoder and its inverse folded into the decoder's first conv (a constant offset survives the
-    reflect padding, so that is exact). emb (N, 128): outputs of the encoder as it was; returns them
-    standardised by the very same op, so stored codes equal what the calibrated encoder gives."""
+    """Standardise the encoder's output per channel on this corpus, for k-means: the DCT's low
+    bins are ~100x larger than its high ones, and a trained encoder's outputs can sit in a tiny
+    cloud far from zero, where float rounding alone flips nearest-codeword choices. A Standardize
+    is appended to the encoder and its inverse folded into the decoder's first conv (a constant
+    offset survives the reflect padding, so that is exact). emb (N, 128): outputs of the encoder
+    as it was; returns them standardised by the very same op, so stored codes equal what the
+    calibrated encoder gives."""
     std = Standardize(emb.shape[1]).fit(emb)
     model.encoder.model.append(std)
     dec = model.decoder.model[0].conv.conv
@@ -325,8 +326,7 @@ def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=1e-4, q
         codes = [quantize(model, e).T[:, None] for e in embs]                  # (n_q, 1, frames)
         # (128, frames) per level
         qs = [[model.quantizer.decode(c[:k])[0] for k in levels] for c in codes]
-    in_decoder = {id(p) for p in model.decoder.parameters()}
-    params = [p for p in learned_parts(model) if id(p) in in_decoder]
+    params = learned_parts(model.decoder)
     opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     rng = np.random.default_rng(11)
     frames = int(crop_seconds * FRAME_RATE)
@@ -361,8 +361,8 @@ def reconstruct(model, wavs, quantized=True, n_q=N_Q):
     T = max(len(e) for e in embs)
     z = torch.zeros(len(wavs), embs[0].shape[1], T)
     for i, e in enumerate(embs):
-        codes = quantize(model, e).T[:n_q, None] if quantized else None
-        z[i, :, :len(e)] = model.quantizer.decode(codes)[0] if quantized else e.T
+        z[i, :, :len(e)] = (model.quantizer.decode(quantize(model, e).T[:n_q, None])[0]
+                            if quantized else e.T)
     y = model.decoder(z)[:, 0]
     return [y[i, :len(w)].numpy() for i, w in enumerate(wavs)]
 

@@ -180,8 +180,13 @@ def test_offline_codec_trains_its_learned_parts_only_and_resumes(tmp_path, monke
     wavs = [wav[:int(0.3 * SR) // A.HOP * A.HOP]]       # every crop is this one clip
     losses = []
     loss = C.codec_loss
-    monkeypatch.setattr(C, "codec_loss", lambda x, y: losses.append(float(loss(x, y).detach())) or
-                        loss(x, y))
+
+    def recorded_loss(x, y):
+        value = loss(x, y)
+        losses.append(float(value.detach()))
+        return value
+
+    monkeypatch.setattr(C, "codec_loss", recorded_loss)
     model = A.offline_codec()
     ckpt = tmp_path / "codec_train.pt"
     C.train_codec(model, wavs, 30, lr=1e-3, ckpt=ckpt, quiet=True)
