@@ -395,13 +395,17 @@ class StreamingDecoder:
     only needs its own state: the last (k - 1) * dilation inputs of a conv, the overlap tail of a
     transposed conv, the LSTM's (h, c). Whisper-GPT's hybrid uses it to get the mel of each frame it
     generates at the cost of one frame of decoding. The first call should carry at least 7 frames
-    (the prompt): the first conv pads its start by reflection."""
+    (the prompt): the first conv pads its start by reflection.
+    Parts whose output is exactly zero whatever their input are skipped: a residual branch whose
+    last conv has zero weights and bias, an LSTM whose cell-input gate has zero weights and biases
+    (its cell, and so its output, stays 0). The offline codec's are all such no-ops (codec.dct_init);
+    a pretrained EnCodec has none."""
 
     def __init__(self, codec):
         from encodec.modules.conv import SConv1d, SConvTranspose1d
         from encodec.modules.lstm import SLSTM
         from encodec.modules.seanet import SEANetResnetBlock
-        self.codec, self.state, self.weights = codec, {}, {}
+        self.codec, self.state, self.weights, self.zero, self.sparse = codec, {}, {}, {}, {}
         self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose,
                       SLSTM: self._lstm,
                       SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
@@ -429,7 +433,16 @@ class StreamingDecoder:
         return x
 
     def _resnet_block(self, module, x):
+        if self._zero(module.block[-1].conv.conv):
+            return self._run(module.shortcut, x)
         return self._run(module.shortcut, x) + self._run(module.block, x)
+
+    def _zero(self, conv):
+        """Whether a conv outputs exactly 0 for any input (its weight and bias are zero)."""
+        if conv not in self.zero:
+            self.zero[conv] = not self._weight(conv).any() and (conv.bias is None
+                                                                 or not conv.bias.any())
+        return self.zero[conv]
 
     def _weight(self, conv):
         """A conv's weight, computed once: EnCodec's weight norm (g * v / |v|, norm over all but dim
@@ -453,7 +466,22 @@ class StreamingDecoder:
             x = encodec_pad1d(x, (pad, 0),
                               module.pad_mode) if prev is None else torch.cat([prev, x], -1)
             self.state[module] = x[..., -pad:]
+        if conv.kernel_size[0] == 1:  # a 1x1 conv (the residual shortcuts) is one matmul
+            y = self._matmul(x.transpose(1, 2), conv, self._weight(conv)[:, :, 0].T).transpose(1, 2)
+            return y if conv.bias is None else y + conv.bias[:, None]
         return torch.nn.functional.conv1d(x, self._weight(conv), conv.bias, dilation=conv.dilation)
+
+    def _matmul(self, x, conv, w):
+        """x (B, n, C_in) @ w (C_in, m), w being conv's weight in matrix form. When under 5% of w is
+        nonzero, as a sparse product: the same sums, ~10x faster for the offline codec, whose
+        upsampling only moves samples (320 nonzero weights of 2.1M) and whose shortcuts are the
+        identity."""
+        if conv not in self.sparse:
+            self.sparse[conv] = w.T.to_sparse() if w.count_nonzero() < 0.05 * w.numel() else None
+        if self.sparse[conv] is None:
+            return x @ w
+        B, n, _ = x.shape
+        return torch.sparse.mm(self.sparse[conv], x.reshape(B * n, -1).T).T.reshape(B, n, -1)
 
     def _conv_transpose(self, module, x):
         convtr = module.convtr.convtr
@@ -465,7 +493,8 @@ class StreamingDecoder:
             B, _, n = x.shape
             w = self._weight(convtr)                     # (C_in, C_out, k)
             # (B, C_out, n, k)
-            cols = (x.transpose(1, 2) @ w.flatten(1)).view(B, n, -1, k).permute(0, 2, 1, 3)
+            cols = self._matmul(x.transpose(1, 2), convtr, w.flatten(1))
+            cols = cols.view(B, n, -1, k).permute(0, 2, 1, 3)
             y = x.new_zeros(B, cols.shape[1], (n + 1) * stride)
             y[..., :n * stride] += cols[..., :stride].flatten(2)
             y[..., stride:] += cols[..., stride:].flatten(2)
@@ -481,6 +510,11 @@ class StreamingDecoder:
         return y if convtr.bias is None else y + convtr.bias[:, None]
 
     def _lstm(self, module, x):
+        if module not in self.zero:  # the cell-input gate g (rows 2h..3h of i, f, g, o) all zero
+            lstm, h = module.lstm, module.lstm.hidden_size
+            self.zero[module] = not any(p[2 * h:3 * h].any() for p in lstm.parameters())
+        if self.zero[module]:
+            return x if module.skip else torch.zeros_like(x)
         x = x.permute(2, 0, 1)                           # (T, B, C)
         state = self.state.get(module)
         if state is None or len(x) > 8:

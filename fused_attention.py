@@ -90,8 +90,9 @@ def _mask(B, Tq, Tk, causal, k_lens, device):
 def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    if causal and Tq == Tk and k_lens is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
+    if causal and k_lens is None and Tq in (1, Tk):
+        # one new query (a KV-cache step) sees every key: no mask to build
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=sm_scale)
     mask = _mask(B, Tq, Tk, causal, k_lens, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)

@@ -87,11 +87,17 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if cache is not None:  # KV cache: keys/values of the earlier steps of this window
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # KV cache: this window's keys/values so far
+            # buffers of a whole window, filled in place: growing them by torch.cat would copy the
+            # cache at every step
+            n = cache.get("n", 0)
+            if n == 0:
+                cache["k"] = k.new_empty(B, self.n_head, cache["size"], C // self.n_head)
+                cache["v"] = torch.empty_like(cache["k"])
+            cache["k"][:, :, n:n + T] = k
+            cache["v"][:, :, n:n + T] = v
+            cache["n"] = n = n + T
+            k, v = cache["k"][:, :, :n], cache["v"][:, :, :n]
         # causal with Tq < Tk is aligned bottom-right: the new queries see all cached keys
         y = attention(q, k, v, causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -207,7 +213,7 @@ class WhisperGPT(nn.Module):
 
     def new_caches(self):
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
-        return [{} for _ in range(n_blocks)]
+        return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
     def forward(self, codes, mels=None, targets=None):
         """codes (B, T) coarse tokens, mels (B, T, n_mels) mel frames aligned with the codes (hybrid

@@ -258,18 +258,45 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert 0 <= m["accuracy"] <= 1
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
 
-def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir):
+@pytest.mark.parametrize("codec_kind", ["dct", "data", "dense"])
+def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir, codec_kind):
     """The codec decoding a frame or a few at a time (its layers' state kept) gives the audio of
     decoding the clip at once, for codebook 0 alone and for all eight; and the hybrid's mel of each
-    generated frame equals the mel of the whole decoded clip."""
+    generated frame equals the mel of the whole decoded clip. Codecs: "dct", the default offline
+    codec (codec.dct_init, no gradient steps), whose LSTM and residual branches the stream skips
+    (exact no-ops) and whose upsampling and shortcuts it runs as sparse products; "data", the test
+    corpus's (12 gradient steps on its learned parts: nothing to skip); "dense", that one with noise
+    on every decoder weight, so that every part runs dense."""
     import audio
+    import codec as C
     import sample as S
     tools = S.Tools(synth_dir)
+    codec = tools.codec()
+    if codec_kind != "data":
+        codec = audio.load_codec(synth_dir)  # a copy of its own
+        if codec_kind == "dct":
+            C.dct_init(codec)
+        else:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for p in codec.decoder.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+        tools._codec = codec
+    stream = audio.StreamingDecoder(codec)
+    stream(torch.as_tensor(S.read_clip(synth_dir, "val", 0)[0]["codes"][:10, :1]))
+    skipped = sum(stream.zero.values())
+    sparse = sum(w is not None for w in stream.sparse.values())
+    # dct: 1 LSTM and 4 residual branches skipped, 4 upsampling convs and 4 shortcuts sparse; the
+    # test corpus's codec trained the branches and the LSTM (their convs may still be sparse)
+    if codec_kind == "data":
+        assert skipped == 0 and sparse >= 8
+    else:
+        assert (skipped, sparse) == {"dct": (5, 8), "dense": (0, 0)}[codec_kind]
     inp, _ = S.read_clip(synth_dir, "val", 0)
     for k in (1, 8):
         codes = inp["codes"][:60, :k]
         full = tools.decode(codes)
-        stream = audio.StreamingDecoder(tools.codec())
+        stream = audio.StreamingDecoder(codec)
         pieces, at = [stream(codes[:10])], 10
         while at < 60:                               # one frame, then two, then three, ...
             step = 1 + len(pieces) % 3
