@@ -410,7 +410,7 @@ class StreamingDecoder:
                       SLSTM: self._lstm,
                       SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, codes):
         """codes (T, k): the next T frames of the first k codebooks -> their audio, (T * 320,)
         float32."""
@@ -487,26 +487,26 @@ class StreamingDecoder:
         convtr = module.convtr.convtr
         assert isinstance(module.convtr.norm, torch.nn.Identity), "weight norm"
         k, stride = convtr.kernel_size[0], convtr.stride[0]
+        prev = self.state.get(module)                    # the overlap tail of the last call
         if k == 2 * stride:
-            # EnCodec's upsampling: one matmul and two shifted adds, much faster than the generic
-            # kernel on a frame or two
+            # EnCodec's upsampling: one matmul, then each input's first `stride` outputs plus the
+            # previous input's last ones; much faster than the generic kernel on a frame or two
             B, _, n = x.shape
-            w = self._weight(convtr)                     # (C_in, C_out, k)
-            # (B, C_out, n, k)
-            cols = self._matmul(x.transpose(1, 2), convtr, w.flatten(1))
-            cols = cols.view(B, n, -1, k).permute(0, 2, 1, 3)
-            y = x.new_zeros(B, cols.shape[1], (n + 1) * stride)
-            y[..., :n * stride] += cols[..., :stride].flatten(2)
-            y[..., stride:] += cols[..., stride:].flatten(2)
+            cols = self._matmul(x.transpose(1, 2), convtr, self._weight(convtr).flatten(1))
+            cols = cols.view(B, n, -1, k)                # (B, n, C_out, k)
+            if prev is None:
+                prev = cols.new_zeros(B, 1, cols.shape[2], stride)
+            tails = torch.cat([prev, cols[:, :-1, :, stride:]], 1)
+            y = (cols[..., :stride] + tails).permute(0, 2, 1, 3).flatten(2)
+            self.state[module] = cols[:, -1:, :, stride:]
         else:
             y = torch.nn.functional.conv_transpose1d(x, self._weight(convtr), None, stride=stride)
-        # y: (.., n * stride + k - stride); its tail overlaps what follows
-        prev = self.state.get(module)
-        if prev is not None:
-            y[..., :k - stride] += prev
-        n = x.shape[-1] * stride
-        self.state[module] = y[..., n:]
-        y = y[..., :n]
+            # y: (.., n * stride + k - stride); its tail overlaps what follows
+            if prev is not None:
+                y[..., :k - stride] += prev
+            n = x.shape[-1] * stride
+            self.state[module] = y[..., n:]
+            y = y[..., :n]
         return y if convtr.bias is None else y + convtr.bias[:, None]
 
     def _lstm(self, module, x):
