@@ -126,10 +126,8 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
         mel_in = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z
                                for s in range(start, t)], 1)
                   if c.use_mel else None)
-        logits = model.decode(seq[:, start:], mel_in)[:, -1].float()
-        v, _ = torch.topk(logits, 50)
-        logits[logits < v[:, [-1]]] = -float("inf")
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        logits, ids = torch.topk(model.decode(seq[:, start:], mel_in)[:, -1].float(), 50)
+        nxt = ids.gather(-1, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
         seq = torch.cat([seq, nxt], 1)
     return seq
 

@@ -261,10 +261,11 @@ class WhisperGPT(nn.Module):
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits.float() / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
+                if top_k:  # draw among the k most likely tokens
+                    logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                if top_k:
+                    nxt = ids.gather(-1, nxt)
             seq = torch.cat([seq, nxt], dim=1)
             if i == max_new_tokens - 1:
                 break
