@@ -405,7 +405,8 @@ class StreamingDecoder:
         from encodec.modules.conv import SConv1d, SConvTranspose1d
         from encodec.modules.lstm import SLSTM
         from encodec.modules.seanet import SEANetResnetBlock
-        self.codec, self.state, self.weights, self.zero, self.sparse = codec, {}, {}, {}, {}
+        self.codec, self.state, self.weights = codec, {}, {}
+        self.zero, self.identity, self.sparse = {}, {}, {}      # what each part is, found once
         self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose,
                       SLSTM: self._lstm,
                       SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
@@ -467,9 +468,20 @@ class StreamingDecoder:
                               module.pad_mode) if prev is None else torch.cat([prev, x], -1)
             self.state[module] = x[..., -pad:]
         if conv.kernel_size[0] == 1:  # a 1x1 conv (the residual shortcuts) is one matmul
+            if self._identity(conv):
+                return x
             y = self._matmul(x.transpose(1, 2), conv, self._weight(conv)[:, :, 0].T).transpose(1, 2)
             return y if conv.bias is None else y + conv.bias[:, None]
         return torch.nn.functional.conv1d(x, self._weight(conv), conv.bias, dilation=conv.dilation)
+
+    def _identity(self, conv):
+        """Whether a 1x1 conv outputs its input (its weight the identity matrix, its bias zero)."""
+        if conv not in self.identity:
+            w = self._weight(conv)[:, :, 0]
+            self.identity[conv] = (w.shape[0] == w.shape[1]
+                                   and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype))
+                                   and (conv.bias is None or not conv.bias.any()))
+        return self.identity[conv]
 
     def _matmul(self, x, conv, w):
         """x (B, n, C_in) @ w (C_in, m), w being conv's weight in matrix form. When under 5% of w is

@@ -264,9 +264,9 @@ def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir, c
     decoding the clip at once, for codebook 0 alone and for all eight; and the hybrid's mel of each
     generated frame equals the mel of the whole decoded clip. Codecs: "dct", the default offline
     codec (codec.dct_init, no gradient steps), whose LSTM and residual branches the stream skips
-    (exact no-ops) and whose upsampling and shortcuts it runs as sparse products; "data", the test
-    corpus's (12 gradient steps on its learned parts: nothing to skip); "dense", that one with noise
-    on every decoder weight, so that every part runs dense."""
+    (exact no-ops), whose shortcuts are the identity and whose upsampling it runs as sparse
+    products; "data", the test corpus's (12 gradient steps on its learned parts: nothing to skip);
+    "dense", that one with noise on every decoder weight, so that every part runs dense."""
     import audio
     import codec as C
     import sample as S
@@ -285,13 +285,14 @@ def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir, c
     stream = audio.StreamingDecoder(codec)
     stream(torch.as_tensor(S.read_clip(synth_dir, "val", 0)[0]["codes"][:10, :1]))
     skipped = sum(stream.zero.values())
+    identity = sum(stream.identity.values())
     sparse = sum(w is not None for w in stream.sparse.values())
-    # dct: 1 LSTM and 4 residual branches skipped, 4 upsampling convs and 4 shortcuts sparse; the
-    # test corpus's codec trained the branches and the LSTM (their convs may still be sparse)
-    if codec_kind == "data":
-        assert skipped == 0 and sparse >= 8
+    # dct: 1 LSTM and 4 residual branches skipped, 4 identity shortcuts passed through, 4
+    # upsampling convs sparse; the test corpus's codec trained the branches and the LSTM
+    if codec_kind == "data":  # (its trained branches may be mostly zero, and so sparse)
+        assert skipped == 0 and identity == 4 and sparse >= 4
     else:
-        assert (skipped, sparse) == {"dct": (5, 8), "dense": (0, 0)}[codec_kind]
+        assert (skipped, identity, sparse) == {"dct": (5, 4, 4), "dense": (0, 0, 0)}[codec_kind]
     inp, _ = S.read_clip(synth_dir, "val", 0)
     for k in (1, 8):
         codes = inp["codes"][:60, :k]
