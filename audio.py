@@ -486,9 +486,8 @@ class StreamingDecoder:
 
     def _matmul(self, x, conv, w):
         """x (B, n, C_in) @ w (C_in, m), w being conv's weight in matrix form. When under 5% of w is
-        nonzero, as a sparse product: the same sums, ~10x faster for the offline codec, whose
-        upsampling only moves samples (320 nonzero weights of 2.1M) and whose shortcuts are the
-        identity."""
+        nonzero, as a sparse product: the same sums, ~10x faster for the offline codec's
+        upsampling, which only moves samples (320 nonzero weights of 2.1M)."""
         if conv not in self.sparse:
             self.sparse[conv] = w.T.to_sparse() if w.count_nonzero() < 0.05 * w.numel() else None
         if self.sparse[conv] is None:
