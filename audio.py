@@ -508,7 +508,7 @@ class StreamingDecoder:
             cols = cols.view(B, n, -1, k)                # (B, n, C_out, k)
             if prev is None:
                 prev = cols.new_zeros(B, 1, cols.shape[2], stride)
-            tails = torch.cat([prev, cols[:, :-1, :, stride:]], 1)
+            tails = prev if n == 1 else torch.cat([prev, cols[:, :-1, :, stride:]], 1)
             y = (cols[..., :stride] + tails).permute(0, 2, 1, 3).flatten(2)
             self.state[module] = cols[:, -1:, :, stride:]
         else:

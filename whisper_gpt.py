@@ -424,8 +424,8 @@ def incremental_mel(tools, lag):
         if len(frames) < end:
             wav = stream(seq[0, len(frames):end, None].cpu())
             frames.extend(wav.view(end - len(frames), -1))
-        s = max(0, j - 2)
-        m = torch.as_tensor(np.asarray(tools.mel(torch.cat(frames[s:end]))), dtype=torch.float32)
+        s = max(0, j - 1)
+        m = torch.as_tensor(np.asarray(tools.mel(torch.cat(frames[s:j + 2]))), dtype=torch.float32)
         return m[j - s][None].to(seq.device)
     return mel_fn
 
