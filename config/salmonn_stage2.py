@@ -34,7 +34,7 @@ lora_dropout = 0.1
 dropout = 0.1          # the Q-Former's (the frozen encoders run without)
 # optimiser
 batch_size = 16
-max_iters = 600
+max_iters = 1200       # 600 gave caption BLEU-4 0.296, classification 0.83 (docs/salmonn.md)
 warmup_iters = 100
 learning_rate = 5e-4
 min_lr = 5e-5
