@@ -598,11 +598,11 @@ class Pengi(nn.Module):
                 p.requires_grad = False
         n = sum(p.numel() for p in self.parameters())
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        trained = "audio encoder, text projections, mappers"
         if config.stage == "clap":
             trained = "audio encoder, text tower"
-        else:
-            trained = "audio encoder, text projections, mappers" + (", text tower"
-                                                                     if config.text_trainable else "")
+        elif config.text_trainable:
+            trained += ", text tower"
         print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable ({trained})")
 
     @torch.no_grad()
