@@ -235,7 +235,7 @@ if __name__ == "__main__":
         if init_from != "scratch":
             if not os.path.isfile(init_from):
                 fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt "
-                     f"(file not found)")
+                     f"(file not found: the train.py run whose out_dir holds it writes it)")
             try:
                 init = load_checkpoint(init_from, device)
             except ValueError as e:

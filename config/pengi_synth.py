@@ -2,7 +2,10 @@
 # generation. The frozen LM is the small GPT-2-layout LLM pretrained on the corpus text by
 # config/salmonn_llm.py (GPT-2 base is the paper's; it is not reachable offline). Sizes, prefix
 # length and budget are ours.
+# The audio encoder starts from the `clap` stage (config/pengi_clap.py), as the paper's HTSAT comes
+# from CLAP; --init_from=scratch starts it from a random init instead.
 # python train.py config/salmonn_llm.py
+# python train.py config/pengi_clap.py
 # python train.py config/pengi_synth.py
 # python eval.py out/pengi-synth
 model = "pengi"
@@ -13,6 +16,8 @@ llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its
                                        # in it) is used
 tokenizer = "corpus"     # the small BPE stored with the data, as the LM above was trained with
 tasks = "caption,metadata,class,qa,music"
+init_from = "out/pengi-clap/ckpt.pt"   # the audio encoder and text tower of the clap stage (the tower
+                                       # is frozen again here)
 # audio encoder: 2 Swin stages over 4x4 patches of 192 mel frames (2.6 s) x 64 bins
 max_frames = 192
 patch_size = 4
