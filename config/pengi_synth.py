@@ -32,8 +32,8 @@ prefix_len = 8           # paper: 40 per modality
 map_n_layer = 2          # ClipCap: 8
 map_n_head = 4
 dropout = 0.1
-clap_weight = 1.0        # ours: stands in for the CLAP pretraining of the paper's HTSAT (0 = paper
-                         # objective only)
+clap_weight = 1.0        # ours: the contrastive term also during Pengi's training, next to the
+                         # clap stage's start (0 = the paper's objective only)
 # optimiser (ours)
 batch_size = 16
 max_iters = 3000         # 1500: caption BLEU-4 0.246, QA 0.30; 3000: 0.279, 0.34 (docs/pengi.md)
