@@ -13,11 +13,16 @@ def definitions(filename):
     """{name: source text} of the top-level functions and classes of a file, and the file's
     lines."""
     src = open(os.path.join(ROOT, filename)).read()
-    tree = ast.parse(src)
-    defs = {n.name: ast.get_source_segment(src, n) for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    starts = {n.lineno: n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    return defs, starts, src.splitlines()
+    lines = src.splitlines()
+    nodes = [n for n in ast.parse(src).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    # what ast.get_source_segment gives (a top-level definition starts at column 0), from lines
+    # split once: get_source_segment splits the whole file again for every definition
+    def segment(n):
+        last = lines[n.end_lineno - 1].encode()[:n.end_col_offset].decode()
+        return "\n".join(lines[n.lineno - 1:n.end_lineno - 1] + [last])
+    defs = {n.name: segment(n) for n in nodes}
+    starts = {n.lineno: n.name for n in nodes}
+    return defs, starts, lines
 
 def marked_copies():
     out = []
