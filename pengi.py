@@ -17,13 +17,13 @@ paper) the candidate labels are ranked by the LM's likelihood of each, raw and c
 label prior (PMI). The audio embedding (`embed_audio`) feeds a linear probe, as in the paper's
 representation study.
 
-Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (no token-semantic
-head, mean pooling, absolute position embedding instead of Swin's relative bias, shifted windows by
-a cyclic roll along time only, without Swin's mask: a repeat-padded input wraps its end onto its
-start as the next repetition would, a silence-padded one wraps silence); mapper outputs
-LayerNorm-ed and scaled to the LM's token embeddings; a text encoder made from the LM's own
-embeddings and first layers (a causal tower pooled at the last token, as CLIP's text tower pools at
-its end token) instead of CLIP's text tower.
+Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (its token-semantic
+head reduced to a frequency head, see AudioEncoder; absolute position embedding instead of Swin's
+relative bias; shifted windows by a cyclic roll along time only, without Swin's mask: a repeat-padded
+input wraps its end onto its start as the next repetition would, a silence-padded one wraps
+silence); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a text encoder made
+from the LM's own embeddings and first layers (a causal tower pooled at the last token, as CLIP's
+text tower pools at its end token) instead of CLIP's text tower.
 """
 
 import json
@@ -476,6 +476,11 @@ class AudioEncoder(nn.Module):
                 self.merges.append(PatchMerging(C))
                 C *= 2
         self.ln_f = nn.LayerNorm(C)
+        # the frequency head: HTSAT's token-semantic module reads the last grid with a conv whose
+        # kernel spans the whole frequency axis; ours is that conv (kernel F' x 1, as a linear layer
+        # over the F' rows) averaged over time. A mean over the whole grid would discard where in
+        # frequency the energy lies, and with it the pitch (docs/pengi.md)
+        self.freq_head = nn.Linear(stages[-1][3][0] * C, C)
         self.out_dim = C
 
     def forward(self, mel):  # (B, T, n_mels) -> (B, out_dim)
@@ -487,7 +492,7 @@ class AudioEncoder(nn.Module):
                 x = block(x)
             if s < len(self.merges):
                 x = self.merges[s](x)
-        return self.ln_f(x).mean(dim=(1, 2))  # pooled over the grid
+        return self.freq_head(self.ln_f(x).mean(dim=2).flatten(1))  # (B, F', C) -> (B, C)
 
 class TextEncoder(nn.Module):
     """Causal transformer over the prompt, pooled at its last token (frozen), then CLIP's

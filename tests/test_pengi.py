@@ -297,6 +297,25 @@ def test_pmi_against_brute_force():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_audio_embedding_keeps_where_in_frequency_the_energy_is():
+    """With no position embedding, the encoder is equivariant to a cyclic shift of the mel bins by
+    a whole window of patches, so a mean over its last grid cannot tell the two inputs apart (the
+    setup, checked). The frequency head reads the rows in place, so it can: pitch lives there."""
+    m = tiny_model(n_mels=32)
+    with torch.no_grad():
+        m.audio_encoder.pos_emb.zero_()
+    enc = m.audio_encoder
+    grids = []
+    hook = enc.ln_f.register_forward_hook(lambda mod, inp, out: grids.append(out))
+    mel = torch.randn(2, m.config.max_frames, 32, generator=torch.Generator().manual_seed(0))
+    window_of_bins = m.config.window * m.config.patch_size
+    with torch.no_grad():
+        a, b = enc(mel), enc(torch.roll(mel, window_of_bins, dims=2))
+    hook.remove()
+    torch.testing.assert_close(grids[0].mean(dim=(1, 2)), grids[1].mean(dim=(1, 2)))
+    assert (a - b).norm(dim=1).min() > 0.1 * a.norm(dim=1).min()
+
+
 def test_clap_stage_trains_the_encoders_only():
     """stage="clap": the contrastive loss alone moves the audio encoder and the whole text tower,
     and nothing of the mappers or the LM; a Pengi model then takes its weights (train.py's
