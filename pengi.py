@@ -480,7 +480,8 @@ class AudioEncoder(nn.Module):
         # kernel spans the whole frequency axis; ours is that conv (kernel F' x 1, as a linear layer
         # over the F' rows) averaged over time. A mean over the whole grid would discard where in
         # frequency the energy lies, and with it the pitch (docs/pengi.md)
-        self.freq_head = nn.Linear(stages[-1][3][0] * C, C)
+        last_rows = stages[-1][3][0]                     # frequency rows of the last grid
+        self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
 
     def forward(self, mel):  # (B, T, n_mels) -> (B, out_dim)
