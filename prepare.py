@@ -45,7 +45,7 @@ from audio import (AUDIO_EXTS, BANDWIDTH, CODEBOOK_SIZE, CODEC_FILE, F_MAX, F_MI
                    quantize, whisper_log_mel, whisper_mel_filters)
 from codec import (calibrate, codec_probes, codec_report, codec_state, fit_codebooks, train_codec,
                    tune_decoder)
-from synth import speech_problem, synth_clip
+from synth import KIND_MIX, speech_problem, synth_clip
 from tokenizer import CORPUS_BPE_FILE, PROMPT_TEXT, EOT, save_ranks, train_bpe
 
 # -----------------------------------------------------------------------------
@@ -227,6 +227,11 @@ def check_args(args):
         sys.exit(f"--dataset={args.dataset} needs --src=DIR")
     if args.src and not Path(args.src).is_dir():
         sys.exit(f"--src={args.src}: not a directory")
+    if args.kinds and args.dataset != "synth":
+        sys.exit(f"--kinds is for --dataset=synth (the built-in corpus), not {args.dataset}")
+    if args.kinds and (unknown := set(args.kinds) - {k for k, _, _ in KIND_MIX}):
+        sys.exit(f"--kinds: unknown kind(s) {', '.join(sorted(unknown))}; the corpus has "
+                 f"{', '.join(k for k, _, _ in KIND_MIX)}")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
         stale.unlink()
@@ -236,6 +241,8 @@ def check_args(args):
         print(f"speech: {problem}; building the corpus without speech")
         # part of the arguments' hash: a later run with speech rebuilds
         args.no_speech = True
+        if args.kinds == ["speech"]:
+            sys.exit("error: --kinds=speech, but speech cannot be synthesised here")
     return out
 
 def hash_args(args):
@@ -245,6 +252,8 @@ def hash_args(args):
     # off: the hash of outputs made before the option existed
     if not args.whisper_mel:
         del key_args["whisper_mel"]
+    if not args.kinds:
+        del key_args["kinds"]
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
 def already_prepared(out, args, args_hash):
@@ -303,7 +312,8 @@ def clip_list(args, report):
         def clips(skip=()):
             for i in range(args.clips):
                 if f"synth-{i:06d}" not in skip:
-                    yield synth_clip(args.seed, i, args.max_seconds, speech=not args.no_speech)
+                    yield synth_clip(args.seed, i, args.max_seconds, speech=not args.no_speech,
+                                     kinds=args.kinds)
         return clips, args.clips
     list_items = librispeech_items if args.dataset == "librispeech" else folder_items
     items = list_items(args.src, report)
@@ -628,6 +638,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="synth: corpus seed")
     p.add_argument("--no_speech", action="store_true",
                    help="synth: leave out the spoken sentences (a quarter of the corpus)")
+    p.add_argument("--kinds", default=None, type=lambda s: sorted(set(s.split(","))),
+                   help=f"synth: only these kinds, comma-separated, of "
+                        f"{','.join(k for k, _, _ in KIND_MIX)} (default: all)")
     p.add_argument("--val_percent", type=float, default=10.0,
                    help="percent of clips in the val split")
     p.add_argument("--codec_dir", default=None,

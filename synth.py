@@ -612,12 +612,14 @@ KIND_MIX = [("music", 0.24, make_music), ("events", 0.18, make_events),
             ("dtmf", 0.105, make_dtmf), ("mixture", 0.12, make_mixture),
             ("speech", 0.25, make_speech)]
 
-def synth_clip(seed, i, max_dur, speech=True):
+def synth_clip(seed, i, max_dur, speech=True, kinds=None):
     """Clip i of the built-in corpus; depends only on (seed, i), so a bigger --clips keeps the
     smaller corpus. speech=False (no libespeak-ng): the other kinds, in the same proportions to each
-    other."""
+    other; kinds (names of KIND_MIX): only those, in the same proportions to each other."""
     rng = np.random.default_rng([seed, i])
-    mix = [m for m in KIND_MIX if speech or m[0] != "speech"]
+    mix = [m for m in KIND_MIX if (speech or m[0] != "speech") and (not kinds or m[0] in kinds)]
+    if not mix:
+        raise ValueError(f"synth_clip: no kind left to draw from (kinds={kinds}, speech={speech})")
     r, acc = rng.random() * sum(p for _, p, _ in mix), 0.0
     for kind, p, fn in mix:
         acc += p

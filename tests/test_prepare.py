@@ -184,6 +184,24 @@ def test_synth_is_deterministic():
     assert other != [Y.synth_clip(7, i, 3.0)[1]["caption"] for i in range(12)]
 
 
+def test_synth_kinds_keep_only_those_kinds_and_bad_kinds_are_named(tmp_path, capsys):
+    kinds = ["dtmf", "morse"]
+    got = [Y.synth_clip(7, i, 3.0, kinds=kinds)[1]["kind"] for i in range(40)]
+    assert set(got) == set(kinds)            # both drawn, nothing else
+    # the same proportions to each other as in the whole corpus (0.105 each): roughly half each
+    assert 8 <= got.count("dtmf") <= 32
+    with pytest.raises(SystemExit, match="unknown kind.*speach.*the corpus has"):
+        P.check_args(P.get_args(["--kinds=speach,morse", f"--out_dir={tmp_path / 'x'}"]))
+    with pytest.raises(SystemExit, match="--kinds is for --dataset=synth"):
+        P.check_args(P.get_args(["--kinds=morse", "--dataset=folder", f"--src={tmp_path}",
+                                 f"--out_dir={tmp_path / 'y'}"]))
+    # a corpus of other kinds is another corpus; the order they are named in does not matter
+    assert P.hash_args(P.get_args(["--clips=10"])) != \
+        P.hash_args(P.get_args(["--clips=10", "--kinds=morse"]))
+    assert P.hash_args(P.get_args(["--clips=10", "--kinds=morse,dtmf"])) == \
+        P.hash_args(P.get_args(["--clips=10", "--kinds=dtmf,morse"]))
+
+
 def synth_of_kind(kind, n, max_dur=3.0):
     fn = dict((k, f) for k, _, f in Y.KIND_MIX)[kind]
     return [fn(np.random.default_rng([99, i]), max_dur) for i in range(n)]
