@@ -98,6 +98,8 @@ class SALMONNConfig:
     whisper_text_ctx: int = 64     # stage "whisper": longest transcript in tokens (+ start and end)
     ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's
                                    # cross-entropy
+    ctc_units: str = "tokens"      # stage "whisper": what CTC spells, "tokens" (the BPE) or "chars"
+                                   # (CTC_CHARS)
     spec_augment: int = 2          # stage "whisper": frequency and time masks per training clip
                                    # (SpecAugment; 0: none)
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x
@@ -689,7 +691,7 @@ class SALMONN(nn.Module):
                                        config.speech_n_head, config.whisper_dec_n_layer,
                                        config.dropout)
             # + the CTC blank, last
-            self.ctc_head = nn.Linear(config.speech_n_embd, config.vocab_size + 1)
+            self.ctc_head = nn.Linear(config.speech_n_embd, ctc_blank(config) + 1)
         if stage == "beats":
             n_tags = len(config.tags.split("|")) if config.tags else 0
             if not n_tags:
@@ -863,7 +865,7 @@ class SALMONN(nn.Module):
             if self.config.ctc_weight and ctc_targets is not None:
                 logp = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
                 ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), lens2, (ctc_targets >= 0).sum(1),
-                                 blank=self.config.vocab_size, zero_infinity=True)
+                                 blank=ctc_blank(self.config), zero_infinity=True)
                 loss = (1 - self.config.ctc_weight) * loss + self.config.ctc_weight * ctc
             return logits, loss
         if stage == "beats":  # tags from the time-averaged encoder output
@@ -1339,6 +1341,20 @@ def beats_batch(data, split, batch_size, rng):
     mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci in cis], data.n_mels)
     return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
 
+# CTC on characters: letters are shared by every word, so each is heard far more often than a
+# whole-word BPE token (ours; Whisper itself has no CTC head)
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
+
+def ctc_blank(config):
+    """The CTC head's blank: the last of its outputs, after the tokens or the characters."""
+    if config.ctc_units not in ("tokens", "chars"):
+        raise ValueError(f"ctc_units must be 'tokens' or 'chars', got {config.ctc_units!r}")
+    return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
+
+def ctc_encode(text):
+    """Character ids of a transcript for ctc_units="chars": lower case, other characters left out."""
+    return [CTC_CHARS.index(ch) for ch in text.lower() if ch in CTC_CHARS]
+
 def whisper_batch(data, split, batch_size, rng):
     """Stage "whisper": transcribed clips. Decoder: eot (as start) + transcript -> transcript +
     eot; CTC: the transcript. Training clips are SpecAugmented."""
@@ -1351,11 +1367,13 @@ def whisper_batch(data, split, batch_size, rng):
     T = max(len(t) for t in texts) + 1
     idx = torch.zeros(batch_size, T, dtype=torch.long)
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
-    ctc = torch.full((batch_size, T - 1), -1, dtype=torch.long)
-    for b, t in enumerate(texts):
+    ctc_texts = texts if config.ctc_units == "tokens" else \
+        [ctc_encode(answer)[:2 * config.whisper_text_ctx] for _, _, answer in picks]
+    ctc = torch.full((batch_size, max(len(t) for t in ctc_texts)), -1, dtype=torch.long)
+    for b, (t, c) in enumerate(zip(texts, ctc_texts)):
         idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
         targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
-        ctc[b, :len(t)] = torch.tensor(t)
+        ctc[b, :len(c)] = torch.tensor(c)
     batch = collate([data.clip_audio(split, ci) for ci, _, _ in picks])
     if split == "train" and config.spec_augment:
         key = "wmel" if config.speech_features == "whisper" else "mel"
@@ -1561,11 +1579,12 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
             row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
             dec_out.append(tok.decode(row).strip())
         best = model.ctc_head(audio).argmax(-1)
+        blank = ctc_blank(model.config)
         for b in range(B):
             path = best[b, :lens2[b]].tolist()
-            ids = [t for j, t in enumerate(path) if t != model.config.vocab_size
-                   and (j == 0 or t != path[j - 1])]
-            ctc_out.append(tok.decode(ids).strip())
+            ids = [t for j, t in enumerate(path) if t != blank and (j == 0 or t != path[j - 1])]
+            ctc_out.append((tok.decode(ids) if model.config.ctc_units == "tokens"
+                            else "".join(CTC_CHARS[i] for i in ids)).strip())
     return dec_out, ctc_out
 
 def first_n(xs, n):

@@ -591,6 +591,45 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
                                                [{"mel": mel[0, :40]}, {"mel": mel[1, :26]}])
     assert len(dec) == len(ctc_text) == 2 and all(isinstance(t, str) for t in dec + ctc_text)
 
+def test_whisper_stage_ctc_on_characters():
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="whisper", whisper_dec_n_layer=1, whisper_text_ctx=12, ctc_weight=0.5,
+                      ctc_units="chars")
+    m = SALMONN(cfg)
+    chars = salmonn.CTC_CHARS
+    assert m.ctc_head.out_features == len(chars) + 1  # + the blank, last
+    assert salmonn.ctc_encode("Kite, 7#!") == [chars.index(c) for c in "kite 7#"]
+    lens = torch.tensor([40, 26])
+    mel = torch.randn(2, 40, cfg.n_mels)
+    idx = torch.tensor([[60, 5, 6, 7, 0], [60, 8, 0, 0, 0]])
+    targets = torch.tensor([[5, 6, 7, 60, -1], [8, 60, -1, -1, -1]])
+    spelled = [salmonn.ctc_encode("go on"), salmonn.ctc_encode("up")]
+    ctc = torch.tensor([spelled[0], spelled[1] + [-1] * 3])
+    _, loss = m(idx=idx, targets=targets, ctc_targets=ctc, mel=mel, mel_lens=lens)
+    audio, lens2 = m.speech(mel, lens)
+    ce = F.cross_entropy(m.decoder(idx, audio, lens2).reshape(-1, cfg.vocab_size),
+                         targets.reshape(-1), ignore_index=-1)
+    logp = m.ctc_head(audio).log_softmax(-1).transpose(0, 1)
+    ctc_ref = F.ctc_loss(logp, torch.tensor(spelled[0] + spelled[1]), lens2, torch.tensor([5, 2]),
+                         blank=len(chars))
+    assert torch.allclose(loss, 0.5 * ce + 0.5 * ctc_ref, atol=1e-5)
+    # best-path decoding: repeats merge, blanks separate and vanish -> characters
+    blank = len(chars)
+    path = [chars.index("h")] * 3 + [blank, chars.index("i"), blank, chars.index("i"), blank]
+
+    class FixedPath(torch.nn.Module):
+        def forward(self, audio):
+            out = torch.zeros(audio.size(0), audio.size(1), blank + 1)
+            out[:, :, blank] = 1.0
+            out[:, torch.arange(len(path)), torch.tensor(path)] = 5.0
+            return out
+    m.ctc_head = FixedPath()
+    _, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(),
+                                             [{"mel": mel[0, :40]}])
+    assert ctc_text == ["hii"]
+    with pytest.raises(ValueError, match="ctc_units must be"):
+        SALMONN(tiny_config(stage="whisper", ctc_units="letters"))
+
 class ByteTokenizerEot60(ByteTokenizer):
     """For the tiny configs' 61-token vocab: bytes folded into 0..59, 60 ends."""
     eot_token, n_vocab = 60, 61
