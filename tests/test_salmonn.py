@@ -591,7 +591,15 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
                                                [{"mel": mel[0, :40]}, {"mel": mel[1, :26]}])
     assert len(dec) == len(ctc_text) == 2 and all(isinstance(t, str) for t in dec + ctc_text)
 
-def test_whisper_stage_ctc_on_characters():
+def test_whisper_stage_ctc_on_characters(tmp_path):
+    # the batch spells each transcript for CTC; the decoder keeps the tokens
+    write_tiny_data(tmp_path, CLIPS)
+    data = salmonn.load_data(str(tmp_path), tiny_config(stage="whisper", ctc_units="chars"),
+                             ByteTokenizer())
+    batch = salmonn.get_batch(data, "train", 4, np.random.default_rng(0))
+    spelled = [salmonn.CTC_CHARS.index(c) for c in "s o s"]  # Morse transcripts are spelled
+    assert batch["ctc_targets"].tolist() == [spelled] * 4
+    assert ByteTokenizer().decode(batch["targets"][0, :-1].tolist()) == " s o s"
     torch.manual_seed(0)
     cfg = tiny_config(stage="whisper", whisper_dec_n_layer=1, whisper_text_ctx=12, ctc_weight=0.5,
                       ctc_units="chars")
