@@ -1357,7 +1357,8 @@ def ctc_encode(text):
 
 def whisper_batch(data, split, batch_size, rng):
     """Stage "whisper": transcribed clips. Decoder: eot (as start) + transcript -> transcript +
-    eot; CTC: the transcript. Training clips are SpecAugmented."""
+    eot; CTC: the transcript, in tokens or characters (ctc_units). Training clips are
+    SpecAugmented."""
     config, entries = data.config, data.splits[split]["entries"]["transcription"]
     if not entries:
         raise ValueError(f"{split} split has no clips with a transcript")
