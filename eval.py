@@ -68,6 +68,8 @@ def evaluate_checkpoint(path, opts):
                  f"clip-kind subsets")
         config.kinds = "" if kinds == "all" else kinds
     ddir = data_dir or ck["config"]["data_dir"]
+    if getattr(config, "asr_data_dir", ""):  # more training clips (SALMONN): evaluation reads ddir
+        config.asr_data_dir = ""
     try:
         tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:

@@ -111,6 +111,8 @@ class SALMONNConfig:
     beats_init: str = ""           # the audio encoder's weights: our stage-"beats" ckpt.pt
     tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it
                                    # from the train labels)
+    asr_data_dir: str = ""         # another prepared corpus whose transcribed train clips join the
+                                   # transcription task (the paper keeps LibriSpeech ASR in stage 2)
     freeze_encoders: bool = True   # stages 1-3: the encoders stay as pretrained (the paper); False
                                    # fine-tunes them
     # window-level Q-Former
@@ -1154,23 +1156,15 @@ class SALMONNData:
         self.tasks = stage_tasks(config) if config.stage not in ("llm", "beats") else ()
         self.splits = {}
         for split in ("train", "val"):
-            clips_path = os.path.join(data_dir, f"{split}_clips.jsonl")
-            if not os.path.exists(clips_path):
-                raise FileNotFoundError(f"{clips_path}: not found")
-            clips = [json.loads(line) for line in open(clips_path) if line.strip()]
-            mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
-                            mode="r").reshape(-1, self.n_mels)
-            wmel = None
-            if "whisper_mel" in self.meta:  # Whisper's own features, next to the mel (prepare.py
-                                            # --whisper_mel)
-                wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
-                                 mode="r")
-                wmel = wmel.reshape(-1, self.meta["whisper_mel"]["n_mels"])
+            clips, mel, wmel = read_split(data_dir, split, self.meta)
             entries = {t: [] for t in ALL_TASKS}
             for ci, clip in enumerate(clips):
                 for task, instruction, answer in task_entries(clip):
                     entries[task].append((ci, instruction, answer))
-            self.splits[split] = dict(clips=clips, mel=mel, wmel=wmel, entries=entries)
+            # arrays: the mel arrays of each corpus a clip may come from (clip["src"], 0 = this one)
+            self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
+        if config.asr_data_dir and "transcription" in self.tasks:
+            self.add_transcribed_clips(config.asr_data_dir)
         if config.stage == "beats":
             if not config.tags:  # the train split's tags, fixed in the config (and so in every
                                  # checkpoint)
@@ -1187,6 +1181,26 @@ class SALMONNData:
             for split in ("train", "val"):
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
         self.prompt_cache = {}
+
+    def add_transcribed_clips(self, data_dir):
+        """asr_data_dir: the transcribed train clips of another prepared corpus (same features)
+        join the train split's transcription task; its other tasks and val split are left out."""
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"asr_data_dir: {meta_path}: not found (run prepare.py first)")
+        meta = json.load(open(meta_path))
+        for key in ("sample_rate", "frame_rate", "hop_length", "n_fft", "n_mels", "mel",
+                    "whisper_mel"):
+            if meta.get(key) != self.meta.get(key):
+                raise ValueError(f"asr_data_dir: {data_dir} has {key}={meta.get(key)!r}, the data "
+                                 f"{self.meta.get(key)!r}: the features must be the same")
+        S = self.splits["train"]
+        clips, mel, wmel = read_split(data_dir, "train", meta)
+        S["arrays"].append((mel, wmel))
+        for clip in clips:
+            if clip.get("transcript"):
+                S["entries"]["transcription"].append((len(S["clips"]), None, transcript(clip)))
+                S["clips"].append({**clip, "src": len(S["arrays"]) - 1})
 
     def text_stream(self, clips, split):
         """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt
@@ -1220,7 +1234,8 @@ class SALMONNData:
     def clip_mel(self, split, ci):
         clip = self.splits[split]["clips"][ci]
         n = min(clip["frames"], self.config.max_audio_frames)
-        mel = self.splits[split]["mel"][clip["offset"]:clip["offset"] + n]
+        mel = self.splits[split]["arrays"][clip.get("src", 0)][0]
+        mel = mel[clip["offset"]:clip["offset"] + n]
         return torch.from_numpy(mel.astype(np.float32))
 
     def clip_audio(self, split, ci):
@@ -1228,11 +1243,27 @@ class SALMONNData:
         {"wmel"}."""
         audio = {"mel": self.clip_mel(split, ci)}
         if self.config.speech_features == "whisper":
-            clip, wmel = self.splits[split]["clips"][ci], self.splits[split]["wmel"]
+            clip = self.splits[split]["clips"][ci]
+            wmel = self.splits[split]["arrays"][clip.get("src", 0)][1]
             n = min(clip["wframes"], max_speech_frames(self.config))
             frames = wmel[clip["woffset"]:clip["woffset"] + n]
             audio["wmel"] = torch.from_numpy(frames.astype(np.float32))
         return audio
+
+def read_split(data_dir, split, meta):
+    """A prepared split's clips and its memmapped mel arrays: (clips, mel, wmel); wmel (Whisper's
+    own features, prepare.py --whisper_mel) is None when the data has none."""
+    clips_path = os.path.join(data_dir, f"{split}_clips.jsonl")
+    if not os.path.exists(clips_path):
+        raise FileNotFoundError(f"{clips_path}: not found")
+    clips = [json.loads(line) for line in open(clips_path) if line.strip()]
+    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
+                    mode="r").reshape(-1, meta["n_mels"])
+    wmel = None
+    if "whisper_mel" in meta:
+        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r")
+        wmel = wmel.reshape(-1, meta["whisper_mel"]["n_mels"])
+    return clips, mel, wmel
 
 def load_data(data_dir, config, tok):
     meta_path = os.path.join(data_dir, "meta.json")
@@ -1656,8 +1687,8 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):
         r, h = of_kind(refs), of_kind(hyps)
         # candidates: training answers of this kind, these answers themselves, and all their
         # words
-        cands = [a for ci, _, a in train["entries"]["transcription"]
-                 if train["clips"][ci].get("kind") == kind]
+        cands = [a for ci, _, a in train["entries"]["transcription"]  # this corpus's (src 0)
+                 if train["clips"][ci].get("kind") == kind and not train["clips"][ci].get("src")]
         cands = cands[:200] + r[:200] + [w for a in cands + r for w in text_words(a)]
         results[f"wer_{kind}"] = word_error_rate(r, h)
         results[f"n_{kind}"] = len(r)

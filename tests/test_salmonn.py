@@ -243,6 +243,50 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
                     "piano"}
     assert len(seen) >= 3
 
+def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
+    """asr_data_dir: another corpus's transcribed train clips join the transcription task, each read
+    from its own corpus's mel array; its untranscribed clips, other tasks and val split stay out,
+    and the best constant answer is still this corpus's. Features that differ are an error."""
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path / "main", CLIPS, seed=0)
+    extra = [{"id": "x", "frames": 21, "kind": "dtmf", "transcript": "a b d",
+              "caption": "keys.", "labels": {"class": "dtmf"}, "qa": []},
+             {"id": "y", "frames": 40, "kind": "music", "transcript": None, "caption": "a flute.",
+              "labels": {"class": "flute"}, "qa": []},
+             {"id": "z", "frames": 17, "kind": "morse", "transcript": "ab", "caption": "dits.",
+              "labels": {"class": "morse code"}, "qa": []}]
+    write_tiny_data(tmp_path / "extra", extra, seed=1)
+    plain = salmonn.load_data(str(tmp_path / "main"), tiny_config(stage="instruct"), tok)
+    data = salmonn.load_data(str(tmp_path / "main"),
+                             tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra")), tok)
+    S, P = data.splits["train"], plain.splits["train"]
+    got = S["entries"]["transcription"]
+    assert got[:len(P["entries"]["transcription"])] == P["entries"]["transcription"]
+    added = got[len(P["entries"]["transcription"]):]
+    assert [a for _, _, a in added] == ["a b d", "a b"]  # Morse spelled, as the main corpus's
+    extra_mel = np.fromfile(tmp_path / "extra" / "train_mel.bin", dtype=np.float16).reshape(-1, 64)
+    for (ci, _, _), (start, n) in zip(added, ((0, 21), (61, 17))):
+        assert torch.equal(data.clip_mel("train", ci), torch.from_numpy(extra_mel[start:start + n]
+                                                                          .astype(np.float32)))
+    for ci in range(len(P["clips"])):  # the main corpus's clips still read the main array
+        assert torch.equal(data.clip_mel("train", ci), plain.clip_mel("train", ci))
+    for task in salmonn.ALL_TASKS[1:]:
+        assert S["entries"][task] == P["entries"][task]
+    assert data.splits["val"]["entries"] == plain.splits["val"]["entries"]
+    # the constant answer of the main corpus's kinds comes from the main corpus alone
+    # (the extra corpus's "a b d" would beat every candidate here: 3/9 against 4/9)
+    refs = ["a b c", "a y d", "x b d"]
+    got = salmonn.transcription_metrics(refs, refs, None, ["dtmf"] * 3, S)
+    assert got["const_wer_dtmf"] == pytest.approx(4 / 9)
+    meta = json.load(open(tmp_path / "extra" / "meta.json"))
+    json.dump({**meta, "frame_rate": 50}, open(tmp_path / "extra" / "meta.json", "w"))
+    with pytest.raises(ValueError, match="asr_data_dir.*frame_rate"):
+        salmonn.load_data(str(tmp_path / "main"),
+                          tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra")), tok)
+    with pytest.raises(FileNotFoundError, match="asr_data_dir.*meta.json"):
+        salmonn.load_data(str(tmp_path / "main"),
+                          tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "none")), tok)
+
 @pytest.mark.parametrize("name", ["corpus", "gpt2"])
 def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
     """The prepared data is text: the small CPU LLM (corpus BPE) and a GPT-2-vocabulary LLM read the

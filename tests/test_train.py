@@ -184,6 +184,27 @@ TEXT_TINY = ["--model=salmonn", "--stage=llm", "--llm_n_layer=1", "--llm_n_head=
              "--llm_block_size=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2",
              "--log_interval=1", "--warmup_iters=1", "--max_iters=2"]
 
+def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
+    """A SALMONN stage trained with asr_data_dir (more transcribed clips) records it in its config,
+    but eval.py reads only the data it evaluates on: the checkpoint evaluates after that corpus is
+    gone."""
+    import shutil
+    import torch
+    extra, out = tmp_path / "asr", tmp_path / "stage2"
+    shutil.copytree(synth_dir, extra)
+    run([f"--data_dir={synth_dir}", f"--out_dir={out}", f"--asr_data_dir={extra}",
+             *TEXT_TINY[:-1], "--stage=instruct", "--speech_n_layer=1", "--speech_n_embd=32",
+             "--beats_n_layer=1", "--beats_n_embd=32", "--qformer_n_layer=1",
+             "--qformer_n_embd=32", "--llm_block_size=160", "--llm_probe_min=0",
+             "--max_iters=1"])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["model_args"]["asr_data_dir"] == str(extra)
+    shutil.rmtree(extra)
+    p = subprocess.run([sys.executable, "eval.py", str(out), "--max_clips=2", "--beam=1",
+                        "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "wer" in p.stdout, p.stderr[-2000:]
+
 def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     """A text model's checkpoint records the tokenizer its config names (tokenizer="corpus": with
     the BPE's ranks). A run that starts from it, eval.py and sample.py use that tokenizer, even
