@@ -73,6 +73,8 @@ class SALMONNConfig:
                                    # "activation" (see the top)
     tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the
                                    # stage's)
+    task_weights: str = ""         # "transcription=2": how often a task is drawn next to the
+                                   # others (1 each by default)
     tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's
                                    # (tokenizer.load_tokenizer)
     # from the tokenizer and the data (load_data fills these)
@@ -1053,6 +1055,23 @@ def stage_tasks(config):
         return ("transcription",)
     return STAGE_TASKS.get(config.stage, ())
 
+def parse_task_weights(spec, tasks):
+    """ "transcription=2,qa=0.5" -> {"transcription": 2.0, "qa": 0.5}, checked against the stage's
+    tasks."""
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = (x.strip() for x in item.partition("="))
+        if name not in tasks:
+            raise ValueError(f"task_weights: {name!r} is not a task of this stage; choose from "
+                             f"{', '.join(tasks)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"task_weights: {item!r} needs a number after '='") from None
+        if not (weights[name] >= 0 and math.isfinite(weights[name])):
+            raise ValueError(f"task_weights: {item!r} must be a finite weight >= 0")
+    return weights
+
 def encode_text(tok, text):
     return tok.encode(text, allowed_special=set())
 
@@ -1154,6 +1173,7 @@ class SALMONNData:
         self.tok, self.config = tok, config
         self.n_mels = self.meta["n_mels"]
         self.tasks = stage_tasks(config) if config.stage not in ("llm", "beats") else ()
+        self.task_weights = parse_task_weights(config.task_weights, self.tasks)
         self.splits = {}
         for split in ("train", "val"):
             clips, mel, wmel = read_split(data_dir, split, self.meta)
@@ -1413,11 +1433,18 @@ def whisper_batch(data, split, batch_size, rng):
     return {"idx": idx, "targets": targets, "ctc_targets": ctc, **batch}
 
 def task_example(data, split, tasks, rng):
-    """One example of stages 1-3: a task (tasks balanced), then a clip of that task and its
+    """One example of stages 1-3: a task (balanced, or as task_weights says), then a clip of that task and its
     instruction (the clip's own question, else a paraphrase at random) -> (prompt + answer ids,
     audio mask, prompt length, the clip's audio)."""
     config, entries = data.config, data.splits[split]["entries"]
-    task = tasks[rng.integers(len(tasks))]
+    if data.task_weights:
+        p = np.array([data.task_weights.get(t, 1.0) for t in tasks])
+        if p.sum() == 0:
+            raise ValueError(f"task_weights={config.task_weights!r} leave the {split} split's "
+                             f"tasks {tasks} no weight")
+        task = tasks[rng.choice(len(tasks), p=p / p.sum())]
+    else:
+        task = tasks[rng.integers(len(tasks))]
     ci, instruction, answer = entries[task][rng.integers(len(entries[task]))]
     if instruction is None:
         instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]

@@ -243,6 +243,36 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
                     "piano"}
     assert len(seen) >= 3
 
+def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
+    """task_weights: a task of weight w is drawn w times as often as one of weight 1 (0: never);
+    names outside the stage's tasks and bad numbers are errors that name them."""
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path, CLIPS)
+    # CLIPS offer 5 of stage 2's tasks; only transcription answers "s o s" (Morse spelled)
+    def share(weights, n=3000):
+        data = salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=160,
+                                                           task_weights=weights), tok)
+        tasks = [t for t in data.tasks if data.splits["train"]["entries"][t]]
+        assert len(tasks) == 5
+        rng = np.random.default_rng(0)
+        answers = []
+        for _ in range(n):
+            seq, _, n_prompt, _ = salmonn.task_example(data, "train", tasks, rng)
+            answers.append(tok.decode(seq[n_prompt:]).strip())
+        return np.mean([a == "s o s" for a in answers])
+    assert abs(share("") - 1 / 5) < 0.03
+    assert abs(share("transcription=3") - 3 / 7) < 0.03
+    assert abs(share("captioning=2, transcription=0.5") - 0.5 / 6.5) < 0.02
+    assert share("transcription=0") == 0
+    with pytest.raises(ValueError, match="no weight"):
+        share(",".join(f"{t}=0" for t in ("transcription", "captioning", "qa", "music",
+                                          "classification")), n=1)
+    for spec, msg in (("story=2", "'story' is not a task of this stage"),
+                      ("qa", "needs a number"), ("qa=-1", "finite weight >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", task_weights=spec),
+                              tok)
+
 def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
     """asr_data_dir: another corpus's transcribed train clips join the transcription task, each read
     from its own corpus's mel array; its untranscribed clips, other tasks and val split stay out,
