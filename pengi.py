@@ -850,7 +850,7 @@ def load_data(data_dir, config, tok):
         raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
     data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,
             "eot_token": tok.eot_token}
-    weights = parse_task_weights(config.task_weights, tasks)
+    weights = parse_task_weights(config.task_weights, mix_tasks(tasks))
     for split in ("train", "val"):
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
                         mode="r").reshape(-1, meta["n_mels"])
@@ -873,22 +873,21 @@ def load_data(data_dir, config, tok):
     return data
 
 def parse_task_weights(spec, tasks):
-    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks in the mix."""
-    in_mix = mix_tasks(tasks)
+    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks trained here
+    (names)."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        if name not in in_mix:
+        name, _, value = (x.strip() for x in item.partition("="))
+        if name not in tasks:
             raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
-                             f"{', '.join(in_mix)}")
+                             f"{', '.join(tasks)}")
         try:
             weights[name] = float(value)
         except ValueError:
             raise ValueError(f"task_weights: {item!r} needs a number after '='") from None
         if not (weights[name] >= 0 and math.isfinite(weights[name])):
             raise ValueError(f"task_weights: {item!r} must be a finite weight >= 0")
-    if weights and not any(weights.get(t, 1.0) > 0 for t in in_mix):
+    if weights and not any(weights.get(t, 1.0) > 0 for t in tasks):
         raise ValueError("task_weights: every task of the mix weighs 0")
     return weights
 

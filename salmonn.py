@@ -1055,14 +1055,15 @@ def stage_tasks(config):
         return ("transcription",)
     return STAGE_TASKS.get(config.stage, ())
 
+# Copied from pengi.parse_task_weights
 def parse_task_weights(spec, tasks):
-    """ "transcription=2,qa=0.5" -> {"transcription": 2.0, "qa": 0.5}, checked against the stage's
-    tasks."""
+    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks trained here
+    (names)."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))
         if name not in tasks:
-            raise ValueError(f"task_weights: {name!r} is not a task of this stage; choose from "
+            raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
                              f"{', '.join(tasks)}")
         try:
             weights[name] = float(value)
@@ -1070,6 +1071,8 @@ def parse_task_weights(spec, tasks):
             raise ValueError(f"task_weights: {item!r} needs a number after '='") from None
         if not (weights[name] >= 0 and math.isfinite(weights[name])):
             raise ValueError(f"task_weights: {item!r} must be a finite weight >= 0")
+    if weights and not any(weights.get(t, 1.0) > 0 for t in tasks):
+        raise ValueError("task_weights: every task of the mix weighs 0")
     return weights
 
 def encode_text(tok, text):

@@ -264,10 +264,13 @@ def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
     assert abs(share("transcription=3") - 3 / 7) < 0.03
     assert abs(share("captioning=2, transcription=0.5") - 0.5 / 6.5) < 0.02
     assert share("transcription=0") == 0
-    with pytest.raises(ValueError, match="no weight"):
-        share(",".join(f"{t}=0" for t in ("transcription", "captioning", "qa", "music",
-                                          "classification")), n=1)
-    for spec, msg in (("story=2", "'story' is not a task of this stage"),
+    zero = ",".join(f"{t}=0" for t in ("transcription", "captioning", "qa", "music",
+                                       "classification"))
+    with pytest.raises(ValueError, match="every task of the mix weighs 0"):
+        share(zero + ",speaker=0", n=1)
+    with pytest.raises(ValueError, match="leave the train split's tasks .* no weight"):
+        share(zero, n=1)  # speaker keeps its weight, but these clips have no speaker
+    for spec, msg in (("story=2", "'story' is not a task of the mix"),
                       ("qa", "needs a number"), ("qa=-1", "finite weight >= 0")):
         with pytest.raises(ValueError, match=msg):
             salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", task_weights=spec),
