@@ -873,8 +873,8 @@ def load_data(data_dir, config, tok):
     return data
 
 def parse_task_weights(spec, tasks):
-    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks trained here
-    (names)."""
+    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against tasks (the names of
+    the tasks in the mix)."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))

@@ -1057,8 +1057,8 @@ def stage_tasks(config):
 
 # Copied from pengi.parse_task_weights
 def parse_task_weights(spec, tasks):
-    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against the tasks trained here
-    (names)."""
+    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against tasks (the names of
+    the tasks in the mix)."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))
@@ -1406,7 +1406,8 @@ def ctc_blank(config):
     return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
 
 def ctc_encode(text):
-    """Character ids of a transcript for ctc_units="chars": lower case, other characters left out."""
+    """Character ids of a transcript for ctc_units="chars": lower case, other characters left
+    out."""
     return [CTC_CHARS.index(ch) for ch in text.lower() if ch in CTC_CHARS]
 
 def whisper_batch(data, split, batch_size, rng):
@@ -1436,9 +1437,9 @@ def whisper_batch(data, split, batch_size, rng):
     return {"idx": idx, "targets": targets, "ctc_targets": ctc, **batch}
 
 def task_example(data, split, tasks, rng):
-    """One example of stages 1-3: a task (balanced, or as task_weights says), then a clip of that task and its
-    instruction (the clip's own question, else a paraphrase at random) -> (prompt + answer ids,
-    audio mask, prompt length, the clip's audio)."""
+    """One example of stages 1-3: a task (balanced, or as task_weights says), then a clip of that
+    task and its instruction (the clip's own question, else a paraphrase at random) -> (prompt +
+    answer ids, audio mask, prompt length, the clip's audio)."""
     config, entries = data.config, data.splits[split]["entries"]
     if data.task_weights:
         p = np.array([data.task_weights.get(t, 1.0) for t in tasks])

@@ -290,8 +290,8 @@ def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
               "labels": {"class": "morse code"}, "qa": []}]
     write_tiny_data(tmp_path / "extra", extra, seed=1)
     plain = salmonn.load_data(str(tmp_path / "main"), tiny_config(stage="instruct"), tok)
-    data = salmonn.load_data(str(tmp_path / "main"),
-                             tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra")), tok)
+    extra_cfg = lambda: tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra"))
+    data = salmonn.load_data(str(tmp_path / "main"), extra_cfg(), tok)
     S, P = data.splits["train"], plain.splits["train"]
     got = S["entries"]["transcription"]
     assert got[:len(P["entries"]["transcription"])] == P["entries"]["transcription"]
@@ -314,8 +314,7 @@ def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
     meta = json.load(open(tmp_path / "extra" / "meta.json"))
     json.dump({**meta, "frame_rate": 50}, open(tmp_path / "extra" / "meta.json", "w"))
     with pytest.raises(ValueError, match="asr_data_dir.*frame_rate"):
-        salmonn.load_data(str(tmp_path / "main"),
-                          tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra")), tok)
+        salmonn.load_data(str(tmp_path / "main"), extra_cfg(), tok)
     with pytest.raises(FileNotFoundError, match="asr_data_dir.*meta.json"):
         salmonn.load_data(str(tmp_path / "main"),
                           tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "none")), tok)
