@@ -40,6 +40,7 @@ loaders for GPT-2 checkpoints (Hugging Face safetensors / pytorch_model.bin, or 
 ckpt.pt), OpenAI Whisper checkpoints and our own stage-"whisper" / "beats" ckpt.pt.
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -117,6 +118,8 @@ class SALMONNConfig:
                                    # transcription task (the paper keeps LibriSpeech ASR in stage 2)
     freeze_encoders: bool = True   # stages 1-3: the encoders stay as pretrained (the paper); False
                                    # fine-tunes them
+    cache_encoders: bool = True    # frozen encoders run once per clip, later batches reuse their
+                                   # output (SALMONN.encoders)
     # window-level Q-Former
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
@@ -715,6 +718,7 @@ class SALMONN(nn.Module):
             self.proj = nn.Linear(config.qformer_n_embd, config.llm_n_embd)
             # the LLM's token RMS (init_pretrained sets it)
             self.register_buffer("audio_scale", torch.tensor(1.0))
+            self.encoder_cache, self.encoder_stamp = {}, None  # see encoders()
         self.apply(self._init_weights)
         if hasattr(self, "llm"):
             # GPT-2's scaled init of the residual projections
@@ -820,14 +824,54 @@ class SALMONN(nn.Module):
         n = max_speech_frames(self.config)
         return self.speech(mel[:, :n], mel_lens.clamp(max=n))
 
+    def run_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """The speech encoder's frames (B, N, C), their lengths (B,), and the audio encoder's
+        frames (B, N', C') (valid: (mel_lens + 1) // 2 of them)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
+            s, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
+            a = self.beats(mel, mel_lens)
+        return s, lens2, a
+
+    def encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """run_encoders(), once per clip when the encoders are frozen: they give a clip the same
+        frames every time, and in stages 1-3 they were over half of a training step's time. Each
+        clip's frames are kept, keyed by its input features, until the encoders' weights change."""
+        if not (self.config.freeze_encoders and self.config.cache_encoders):
+            return self.run_encoders(mel, mel_lens, wmel, wmel_lens)
+        # loading weights bumps a tensor's version, .to() makes new tensors
+        stamp = [(p.data_ptr(), p._version)
+                 for p in itertools.chain(self.speech.parameters(), self.beats.parameters())]
+        if stamp != self.encoder_stamp:
+            self.encoder_cache, self.encoder_stamp = {}, stamp
+        keys = []
+        for b in range(mel.size(0)):
+            h = hashlib.blake2b(mel[b, :mel_lens[b]].detach().cpu().numpy().tobytes())
+            if wmel is not None:
+                h.update(wmel[b, :wmel_lens[b]].detach().cpu().numpy().tobytes())
+            keys.append(h.digest())
+        new = {}  # key -> the first row with it, for clips not seen before
+        for b, k in enumerate(keys):
+            if k not in self.encoder_cache and k not in new:
+                new[k] = b
+        if new:
+            rows = torch.tensor(list(new.values()), device=mel.device)
+            pick = lambda t: None if t is None else t[rows]
+            s, lens2, a = self.run_encoders(pick(mel), pick(mel_lens), pick(wmel), pick(wmel_lens))
+            a_lens = (pick(mel_lens) + 1) // 2
+            for i, k in enumerate(new):
+                self.encoder_cache[k] = (s[i, :lens2[i]].clone(), a[i, :a_lens[i]].clone())
+        frames = [self.encoder_cache[k] for k in keys]
+        s = nn.utils.rnn.pad_sequence([f[0] for f in frames], batch_first=True)
+        a = nn.utils.rnn.pad_sequence([f[1] for f in frames], batch_first=True)
+        lens2 = torch.tensor([len(f[0]) for f in frames], device=mel.device)
+        return s, lens2, a
+
     def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B,
         N, llm_n_embd) and their validity (B, N)."""
         n = self.config.max_audio_frames
         mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
-            s, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
-            a = self.beats(mel, mel_lens)
+        s, lens2, a = self.encoders(mel, mel_lens, wmel, wmel_lens)
         # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
         # instant
         if self.config.speech_frame_rate != self.config.frame_rate:

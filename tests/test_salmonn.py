@@ -65,7 +65,7 @@ class ByteTokenizer:
 
 def test_shapes_through_every_part():
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = tiny_config(cache_encoders=False)  # the encoders see each batch as it is
     m = SALMONN(cfg)
     batch = random_batch(cfg)
     mel, lens = batch["mel"], batch["mel_lens"]
@@ -148,6 +148,44 @@ def test_only_qformer_projection_and_lora_train(freeze_encoders):
     for prefix in adapter + ("llm.h.0.attn.lora_q_B", "llm.h.1.attn.lora_v_B"):
         assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters()
                    if n.startswith(prefix)), prefix
+
+def test_frozen_encoders_run_once_per_clip():
+    """cache_encoders: each clip's frozen-encoder frames are computed once and reused, in any batch
+    and row order; loss and gradients equal a model that reruns the encoders, and new encoder
+    weights make the model compute them again."""
+    torch.manual_seed(0)
+    cached = SALMONN(tiny_config())
+    plain = SALMONN(tiny_config(cache_encoders=False))
+    plain.load_state_dict(cached.state_dict())
+    encoded = []  # clips the speech encoder ran on
+    cached.speech.register_forward_hook(lambda mod, inp, out: encoded.append(inp[0].size(0)))
+
+    def same(batch, n_encoded):
+        encoded.clear()
+        for m in (cached, plain):
+            m.zero_grad()
+            m(**batch)[1].backward()
+        assert sum(encoded) == n_encoded
+        assert torch.allclose(cached(**batch)[1], plain(**batch)[1], atol=1e-6)
+        for (n, a), b in zip(cached.named_parameters(), plain.parameters()):
+            if a.requires_grad:
+                assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+
+    batch = random_batch(cached.config, lens=(37, 20))
+    same(batch, 2)
+    same(batch, 0)  # both clips kept
+    swapped = {k: v.flip(0) for k, v in batch.items()}  # the other row order, other padding
+    swapped["mel"] = swapped["mel"][:, :37]
+    same(swapped, 0)
+    other = random_batch(cached.config, lens=(37, 30), seed=1)
+    mixed = dict(other, mel=torch.cat([batch["mel"][:1], other["mel"][1:]]))  # one seen, one new
+    same(mixed, 1)
+    assert len(cached.encoder_cache) == 3
+    with torch.no_grad():  # new encoder weights: what was kept is stale
+        state = {k: v * 1.1 for k, v in plain.speech.state_dict().items()}
+        for m in (cached, plain):
+            m.speech.load_state_dict(state)
+    same(batch, 2)
 
 def test_merged_lora_equals_unmerged_and_scale():
     torch.manual_seed(0)
