@@ -845,9 +845,9 @@ class SALMONN(nn.Module):
             self.encoder_cache, self.encoder_stamp = {}, stamp
         keys = []
         for b in range(mel.size(0)):
-            h = hashlib.blake2b(mel[b, :mel_lens[b]].detach().cpu().numpy().tobytes())
+            h = hashlib.blake2b(mel[b, :mel_lens[b]].detach().float().cpu().numpy().tobytes())
             if wmel is not None:
-                h.update(wmel[b, :wmel_lens[b]].detach().cpu().numpy().tobytes())
+                h.update(wmel[b, :wmel_lens[b]].detach().float().cpu().numpy().tobytes())
             keys.append(h.digest())
         new = {}  # key -> the first row with it, for clips not seen before
         for b, k in enumerate(keys):
