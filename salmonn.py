@@ -843,11 +843,14 @@ class SALMONN(nn.Module):
                  for p in itertools.chain(self.speech.parameters(), self.beats.parameters())]
         if stamp != self.encoder_stamp:
             self.encoder_cache, self.encoder_stamp = {}, stamp
+        # one copy to the host per batch, not one per clip
+        host = [(x.detach().float().cpu().numpy(), n.tolist())
+                for x, n in ((mel, mel_lens), (wmel, wmel_lens)) if x is not None]
         keys = []
         for b in range(mel.size(0)):
-            h = hashlib.blake2b(mel[b, :mel_lens[b]].detach().float().cpu().numpy().tobytes())
-            if wmel is not None:
-                h.update(wmel[b, :wmel_lens[b]].detach().float().cpu().numpy().tobytes())
+            h = hashlib.blake2b()
+            for x, n in host:
+                h.update(x[b, :n[b]].tobytes())
             keys.append(h.digest())
         new = {}  # key -> the first row with it, for clips not seen before
         for b, k in enumerate(keys):
@@ -856,8 +859,9 @@ class SALMONN(nn.Module):
         if new:
             rows = torch.tensor(list(new.values()), device=mel.device)
             pick = lambda t: None if t is None else t[rows]
-            s, lens2, a = self.run_encoders(pick(mel), pick(mel_lens), pick(wmel), pick(wmel_lens))
-            a_lens = (pick(mel_lens) + 1) // 2
+            lens = pick(mel_lens)
+            s, lens2, a = self.run_encoders(pick(mel), lens, pick(wmel), pick(wmel_lens))
+            a_lens = (lens + 1) // 2
             for i, k in enumerate(new):
                 self.encoder_cache[k] = (s[i, :lens2[i]].clone(), a[i, :a_lens[i]].clone())
         frames = [self.encoder_cache[k] for k in keys]
