@@ -34,7 +34,8 @@ lora_dropout = 0.1
 dropout = 0.1          # the Q-Former's (the frozen encoders run without)
 # optimiser
 batch_size = 16
-max_iters = 1200       # 600 gave caption BLEU-4 0.296, classification 0.83 (docs/salmonn.md)
+max_iters = 2400       # 1200 until 2026-12-03: 2400 gave QA +0.03, classification +0.02, speaker
+                       # +0.14, captions +0.03 in 3 seeds of 3 for ~2 more minutes (docs/salmonn.md)
 warmup_iters = 100
 learning_rate = 5e-4
 min_lr = 5e-5
