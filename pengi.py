@@ -9,8 +9,8 @@ Trainable, as in the official code: the audio encoder, the text side's projectio
 text_projection and the projection after it) and the two mappers. The language model (GPT-2 layout
 and names) and the text tower are frozen. A `clap` stage can pretrain the two encoders contrastively
 first, as Pengi's HTSAT comes from CLAP. The loss is on the answer tokens only, averaged per example
-(ours). Decoding is length-normalised beam search with a KV cache (beam 5 as in the paper; beam 1 is
-greedy).
+(ours). Decoding is length-normalised beam search with a KV cache (beam 5 by default, 3 in the
+official code's example; beam 1 is greedy).
 
 Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the
 paper) the candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the
@@ -335,8 +335,8 @@ def load_llm_state(path):
 
 def set_llm_dims(config):
     """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before
-    the model is built). A missing file is skipped here: a checkpoint's config already holds the
-    sizes and its weights hold the LM; init_pretrained, which training calls, says that the file is
+    the model is built). A checkpoint's config names none (init_pretrained clears it once loaded);
+    a missing file is skipped here, and init_pretrained, which training calls, says that it is
     missing."""
     if not config.llm_init or not os.path.exists(config.llm_init):
         return
@@ -349,11 +349,15 @@ def set_llm_dims(config):
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
 def init_pretrained(model, tok=None):
-    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this; it is
-    not needed to load a checkpoint, which holds the LM). The text tower and the prefix scale then
-    follow the LM. tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with it)."""
+    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this), then
+    clears the field: the model holds the LM, so a checkpoint's config names no file that load_data
+    would read again (train.py's saved settings keep the path). The text tower and the prefix scale
+    then follow the LM. tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with
+    it)."""
     config = model.config
     if not config.llm_init:
+        warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
+                      "pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
         return
     sd, dims = load_llm_state(config.llm_init)
     own = model.llm.state_dict()
@@ -369,6 +373,7 @@ def init_pretrained(model, tok=None):
     model.llm.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     model.lm_changed()
     print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
+    config.llm_init = ""
 
 # -----------------------------------------------------------------------------
 # Audio encoder: HTSAT-style, scaled down
@@ -434,9 +439,10 @@ def stage_windows(config):
     for s in range(len(depths)):
         wf, wt = min(config.window, Fg), min(config.window, Tg)
         if Fg % wf or Tg % wt or (s < len(depths) - 1 and (Fg % 2 or Tg % 2)):
-            raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} does not tile into {wf}x{wt} "
-                             f"windows (or halve); pick max_frames a multiple of "
-                             f"patch_size*window*2^(stages-1)")
+            raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} (n_mels x max_frames / patch_size) "
+                             f"does not tile into {wf}x{wt} windows (or halve); pick n_mels and "
+                             f"max_frames multiples of patch_size*window*2^(stages-1), or another "
+                             f"window")
         out.append((depths[s], heads[s], (wf, wt), (Fg, Tg)))
         Fg, Tg = Fg // 2, Tg // 2
     return out
@@ -552,13 +558,11 @@ class Mapper(nn.Module):
 class Pengi(nn.Module):
     """Builds the model from the config alone (no file I/O): a pretrained LM named by llm_init is
     loaded by init_pretrained(model), which train.py calls on a fresh model; checkpoints then hold
-    the LM's weights like any others, so they load without the llm_init file."""
+    the LM's weights like any others, so they load without the llm_init file (and their config no
+    longer names it)."""
 
     def __init__(self, config):
         super().__init__()
-        if not config.llm_init:
-            warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches "
-                          "little; pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
         if config.vocab_size <= 0:
             raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer "
                              "and llm_init)")
@@ -1047,9 +1051,9 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     return (predict(x_ev) == y_ev).float().mean().item()
 
 def probe_metrics(model, data, split, keys, max_clips):
-    """probe_acc: the linear probe on labels.class (the paper's study). For each other label key
-    in the comma list keys (e.g. "gender,count"): probe_acc_{key}, and probe_majority_{key}, the
-    accuracy of always answering the most common label of the split."""
+    """For each label key in the comma list keys: the linear probe's accuracy, probe_acc for
+    "class" (the paper's study), else probe_acc_{key} with probe_majority_{key}, the accuracy of
+    always answering the most common label of the split (e.g. keys="class,gender,count")."""
     metrics = {}
     for key in [k.strip() for k in str(keys).split(",") if k.strip()]:
         acc = linear_probe(model, data, split, key, max_clips)
@@ -1179,9 +1183,9 @@ def evaluate(model, data, tok, split="val", **opts):
     class and the music labels: {key}_acc_gen (the generated text equals the label), {key}_acc_rank
     (the label has the highest LM likelihood among the training split's labels), {key}_acc_pmi (the
     same, calibrated by the label prior over prior_clips training clips: pmi_scores), {key}_chance =
-    1/number of candidates; probe_acc (linear probe on labels.class; probe_keys adds other label
-    keys: probe_metrics); prefix_norm_ratio_audio/_text (prefix vector norm / token embedding
-    norm, 1 = the LM's scale). opts: max_clips, beam (1 = greedy), max_new_tokens,
+    1/number of candidates; probe_acc (linear probe on labels.class) and probe_acc_{key} for the
+    label keys in probe_keys (probe_metrics); prefix_norm_ratio_audio/_text (prefix vector norm /
+    token embedding norm, 1 = the LM's scale). opts: max_clips, beam (1 = greedy), max_new_tokens,
     length_penalty, batch_size, probe, probe_keys, probe_clips, prior_clips, tasks (a comma list
     among caption, qa, class, instrument, pitch, chord; "" = all of the data's). QA is also scored
     per clip kind: qa_acc_{kind}."""
@@ -1222,9 +1226,9 @@ SAMPLE_OPTS = dict(beam=5, max_new_tokens=30, length_penalty=1.0, candidates="")
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
-    """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 as in
-    the paper, 1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c": also rank these
-    labels by likelihood)."""
+    """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 in
+    the official code's example, 1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c":
+    also rank these labels by likelihood)."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
         raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: "
@@ -1239,7 +1243,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
         raise ValueError("pengi.sample: the prompt is empty")
     if len(p) > cfg.max_prompt_tokens:
         raise ValueError(f"pengi.sample: the prompt has {len(p)} tokens, more than the text "
-                         f"tower's context of max_prompt_tokens={cfg.max_prompt_tokens}")
+                         f"tower's context of max_prompt_tokens={cfg.max_prompt_tokens} (where "
+                         f"training cut its prompts)")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
     ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]),
                          max_new_tokens=int(o["max_new_tokens"]),

@@ -93,12 +93,14 @@ class SALMONNConfig:
     speech_n_layer: int = 2
     speech_n_head: int = 4
     speech_n_embd: int = 128
-    speech_n_mels: int = 0         # 0: the data's n_mels; 80 with speech_features="whisper"
+    speech_n_mels: int = 0         # 0: load_data sets the data's (n_mels, or the 80 of Whisper's
+                                   # features with speech_features="whisper")
     whisper_init: str = ""         # the speech encoder's weights: our stage-"whisper" ckpt.pt or an
                                    # OpenAI Whisper .pt
     whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same
                                    # width and heads)
-    whisper_text_ctx: int = 64     # stage "whisper": longest transcript in tokens (+ start and end)
+    whisper_text_ctx: int = 64     # stage "whisper": decoder positions (transcripts cut to
+                                   # whisper_text_ctx - 1 tokens, + the start or end token)
     ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's
                                    # cross-entropy
     ctc_units: str = "tokens"      # stage "whisper": what CTC spells, "tokens" (the BPE) or "chars"
@@ -139,7 +141,7 @@ class SALMONNConfig:
                                    # (0: no check)
     audio_norm: bool = True        # audio tokens rescaled to the token embeddings' RMS (else they
                                    # grow ~6x larger)
-    llm_dropout: float = 0.0       # used when the LLM itself trains (stage "llm")
+    llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
     copy_rows: float = 0.5         # stage "llm": share of each batch's rows that are copying
                                    # conversations
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
@@ -233,9 +235,9 @@ class SpeechEncoder(nn.Module):
     def forward(self, mel, lens):
         # mel (B, T, M) with frames >= lens padding; returns (B, ceil(T/2), C) and its lengths
         if mel.size(-1) != self.n_mels:
-            raise ValueError(f"the speech encoder reads {self.n_mels} mel bins, got {mel.size(-1)} "
-                             f"(an OpenAI Whisper encoder needs speech_features='whisper', from "
-                             f"prepare.py --whisper_mel)")
+            raise ValueError(f"the speech encoder reads {self.n_mels} mel bins (speech_n_mels), "
+                             f"got {mel.size(-1)} (an OpenAI Whisper encoder needs "
+                             f"speech_features='whisper', from prepare.py --whisper_mel)")
         x = mask_frames(mel, lens).transpose(1, 2)
         x = F.gelu(self.conv1(x)).transpose(1, 2)
         x = mask_frames(x, lens).transpose(1, 2)  # as if each clip were alone (conv2 pads with
@@ -653,8 +655,8 @@ def load_beats_state(path):
 
 def set_pretrained_dims(config):
     """load_data's step for the *_init files: their sizes replace the config's (before the model is
-    built). A missing file is skipped here: a checkpoint's config already holds the sizes and its
-    weights hold the parts; init_pretrained, which training calls, says that the file is missing."""
+    built). A checkpoint's config names none (init_pretrained clears them once loaded); a missing
+    file is skipped here, and init_pretrained, which training calls, says that it is missing."""
     if config.llm_init and os.path.exists(config.llm_init) and config.stage not in ENCODER_STAGES:
         _, sizes = load_llm_state(config.llm_init)
         if sizes["vocab_size"] != config.vocab_size:
@@ -708,7 +710,7 @@ class SALMONN(nn.Module):
         if stage not in ENCODER_STAGES:
             self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head,
                             config.llm_n_embd,
-                            config.llm_block_size, config.llm_dropout,
+                            config.llm_block_size, config.llm_dropout if stage == "llm" else 0.0,
                             0 if stage == "llm" else config.lora_rank,
                             config.lora_alpha, config.lora_dropout)
         if stage not in ENCODER_STAGES + ("llm",):
@@ -985,9 +987,10 @@ class SALMONN(nn.Module):
 
 def init_pretrained(model, tok=None):
     """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built
-    model (train.py calls this; a checkpoint already holds them, so it loads without these files).
-    An LLM that audio training starts from must first pass the copy probe (config.llm_probe_min),
-    and the audio tokens' scale is set to the LLM's token embeddings'."""
+    model (train.py calls this), then clears those fields: the model holds the weights, so a
+    checkpoint's config names no file that load_data would read again (train.py's saved settings
+    keep the paths). An LLM that audio training starts from must first pass the copy probe
+    (config.llm_probe_min), and the audio tokens' scale is set to the LLM's token embeddings'."""
     config = model.config
     for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
                               ("beats_init", "beats", load_beats_state)):
@@ -1023,6 +1026,7 @@ def init_pretrained(model, tok=None):
         print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
               f"(position embeddings: "
               f"{model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
+    config.whisper_init = config.beats_init = config.llm_init = ""
 
 Model = SALMONN
 
@@ -1352,6 +1356,7 @@ def load_data(data_dir, config, tok):
                              f"needs Whisper's own features: prepare the data with prepare.py "
                              f"--whisper_mel")
         config.speech_frame_rate = float(meta["whisper_mel"]["frame_rate"])
+        config.speech_n_mels = config.speech_n_mels or meta["whisper_mel"]["n_mels"]
     elif config.speech_features == "mel":
         config.speech_frame_rate = config.frame_rate
     else:
@@ -1552,7 +1557,8 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     log-prob / length, Hugging Face generate's default, which makes our small models loop until
     max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k, max_new_tokens
     (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities),
-    seed."""
+    seed. The encoders' stages answer without the LLM: "whisper" with the transcripts of its text
+    decoder (greedy) and CTC head, "beats" with the 5 most likely tags."""
     unknown = sorted(set(opts) - set(SAMPLE_OPTS))
     if unknown:
         raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
@@ -1563,19 +1569,34 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
                          f"given)")
-    instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
     device = next(model.parameters()).device
-    if model.config.stage == "llm":  # text only: continue the prompt template
+    stage = model.config.stage
+    if (stage not in ("llm", "beats") and model.config.speech_features == "whisper"
+            and "wmel" not in audio):
+        raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features "
+                         "(audio.whisper_log_mel)")
+    feats = {k: v.float() for k, v in audio.items() if k in ("mel", "wmel")}
+    if stage in ENCODER_STAGES:  # the encoders' stand-ins: what they were trained to output
+        if prompt:
+            raise ValueError(f"salmonn sample: a stage-{stage!r} checkpoint takes no prompt (it "
+                             f"{'transcribes' if stage == 'whisper' else 'tags'} the audio)")
+        if stage == "whisper":
+            dec, ctc = whisper_transcribe(model, tok, [feats])
+            return {"text": f"{dec[0]}\n(CTC head: {ctc[0]})"}
+        mel, lens = pad_mels([feats["mel"]], model.config.n_mels)
+        probs = torch.sigmoid(model.tag_logits(mel.to(device), lens.to(device)))[0].float().cpu()
+        tags = model.config.tags.split("|")
+        top = probs.topk(min(5, len(tags)))
+        return {"text": "tags: " + ", ".join(f"{tags[i]} ({p:.2f})" for p, i
+                                            in zip(top.values.tolist(), top.indices.tolist()))}
+    instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
+    if stage == "llm":  # text only: continue the prompt template
         ids = encode_text(tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)}")
         x = model.llm.wte(torch.tensor([ids], device=device))
     else:
-        if model.config.speech_features == "whisper" and "wmel" not in audio:
-            raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features "
-                             "(audio.whisper_log_mel)")
         ids, mask = build_prompt(tok, instruction,
                                  n_audio_tokens(speech_frames(audio, model.config), model.config))
-        batch = {k: v.to(device) for k, v in collate([{k: v.float() for k, v in audio.items()
-                                                       if k in ("mel", "wmel")}]).items()}
+        batch = {k: v.to(device) for k, v in collate([feats]).items()}
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
     generator = None
@@ -1717,10 +1738,13 @@ def tagging_metrics(model, data, split, max_clips):
     """Stage "beats": the tags' mean average precision, and the accuracy of the top-scored class
     tag on the clips that have one."""
     S = data.splits[split]
+    device = next(model.parameters()).device
     clips = first_n(list(range(len(S["clips"]))), max_clips)
-    logits = torch.cat([model.tag_logits(*pad_mels([data.clip_mel(split, ci)
-                                                    for ci in clips[i:i + 32]], data.n_mels))
-                        for i in range(0, len(clips), 32)]).float().cpu().numpy()
+    logits = []
+    for i in range(0, len(clips), 32):
+        mel, lens = pad_mels([data.clip_mel(split, ci) for ci in clips[i:i + 32]], data.n_mels)
+        logits.append(model.tag_logits(mel.to(device), lens.to(device)).float().cpu())
+    logits = torch.cat(logits).numpy()
     labels = np.zeros_like(logits)
     for r, ci in enumerate(clips):
         for t in clip_tags(S["clips"][ci]):
@@ -1730,8 +1754,10 @@ def tagging_metrics(model, data, split, max_clips):
            if (ap := average_precision(logits[:, j], labels[:, j])) is not None]
     cls = [j for t, j in data.tag_index.items() if t.startswith("class=")]
     has_cls = labels[:, cls].sum(1) > 0
-    top_cls = np.array(cls)[logits[:, cls].argmax(1)]
-    cls_acc = float((labels[np.arange(len(clips)), top_cls][has_cls]).mean())
+    cls_acc = None  # no class tags in the data, or no evaluated clip with one
+    if has_cls.any():
+        top_cls = np.array(cls)[logits[:, cls].argmax(1)]
+        cls_acc = float((labels[np.arange(len(clips)), top_cls][has_cls]).mean())
     return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
 
 def audio_token_rms(model, data, split):

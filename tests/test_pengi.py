@@ -240,8 +240,8 @@ def test_prefix_at_the_lms_scale(tmp_path):
 
 def test_checkpoint_self_contained(tmp_path):
     """A checkpoint as train.py writes it (state_dict + asdict(config)) loads, generates and ranks
-    the same after the llm_init file is deleted: the constructor reads no file and the LM's weights
-    are in the state."""
+    the same after another LM replaces the llm_init file: the constructor reads no file, the LM's
+    weights are in the state, and its config no longer names the file."""
     from dataclasses import asdict
     write_random_llm(tmp_path / "llm.pt", 50, n_embd=16, std=0.3)
     cfg = tiny_config(llm_init=str(tmp_path / "llm.pt"), llm_n_embd=8)
@@ -251,10 +251,14 @@ def test_checkpoint_self_contained(tmp_path):
     pengi.init_pretrained(m)
     m.eval()
     torch.save({"model": m.state_dict(), "model_args": asdict(cfg)}, tmp_path / "ckpt.pt")
-    os.remove(tmp_path / "llm.pt")
+    # the checkpoint's config names no file to read again: an LM of other sizes now at that path
+    # changes nothing
+    assert cfg.llm_init == ""
+    write_random_llm(tmp_path / "llm.pt", 50, n_embd=24, std=0.3)
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     c2 = pengi.PengiConfig(**ck["model_args"])
-    pengi.set_llm_dims(c2)  # as load_data does at evaluation: a missing llm_init is skipped
+    pengi.set_llm_dims(c2)  # as load_data does at evaluation
+    assert c2.llm_n_embd == 16
     torch.manual_seed(1)
     m2 = pengi.Pengi(c2)
     m2.load_state_dict(ck["model"])

@@ -701,9 +701,27 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6) and not torch.allclose(a[0, 3], b[0, 3])
     loss.backward()
     assert m.speech.conv1.weight.grad.abs().sum() > 0  # the encoder learns through both heads
-    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(),
+    tok = ByteTokenizerEot60()
+    dec, ctc_text = salmonn.whisper_transcribe(m.eval(), tok,
                                                [{"mel": mel[0, :40]}, {"mel": mel[1, :26]}])
-    assert len(dec) == len(ctc_text) == 2 and all(isinstance(t, str) for t in dec + ctc_text)
+    # clip 1 alone, greedy by hand: the decoder's argmax until the end token
+    with torch.no_grad():
+        audio1, lens1 = m.speech(mel[1:, :26], lens[1:])
+        seq = [60]
+        while len(seq) < cfg.whisper_text_ctx:
+            seq.append(m.decoder(torch.tensor([seq]), audio1, lens1)[0, -1].argmax().item())
+            if seq[-1] == 60:
+                break
+        best = m.ctc_head(audio1)[0].argmax(-1).tolist()
+    assert dec[1] == tok.decode([t for t in seq[1:] if t != 60]).strip()
+    # CTC's best path: repeats merged, blanks (id 61 = vocab_size) dropped
+    assert ctc_text[1] == tok.decode([t for j, t in enumerate(best)
+                                      if t != 61 and (j == 0 or t != best[j - 1])]).strip()
+    # sample.py on this checkpoint prints both transcripts; it takes no prompt
+    out = salmonn.sample(m, tok, {"mel": mel[1, :26]}, None)
+    assert out["text"] == f"{dec[1]}\n(CTC head: {ctc_text[1]})"
+    with pytest.raises(ValueError, match="no prompt"):
+        salmonn.sample(m, tok, {"mel": mel[1, :26]}, "Transcribe.")
 
 def test_whisper_stage_ctc_on_characters(tmp_path):
     # the batch spells each transcript for CTC; the decoder keeps the tokens
@@ -780,11 +798,17 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     assert not any(p.requires_grad
                    for p in itertools.chain(m.speech.parameters(), m.beats.parameters()))
     torch.save({"model": m.state_dict(), "model_args": asdict(m.config)}, tmp_path / "stage1.pt")
-    os.remove(tmp_path / "w.pt")
+    # the checkpoint's config names no file to read again: here the encoder's file is replaced by
+    # one of other sizes and the beats file is gone, and the checkpoint's sizes stand
+    assert (m.config.whisper_init, m.config.beats_init, m.config.llm_init) == ("", "", "")
+    w3 = SALMONN(tiny_config(stage="whisper", speech_n_layer=1, speech_n_embd=24))
+    torch.save({"model": w3.state_dict(), "model_name": "salmonn",
+                "model_args": asdict(w3.config)}, tmp_path / "w.pt")
     os.remove(tmp_path / "b.pt")
     ck = torch.load(tmp_path / "stage1.pt", weights_only=True)
     cfg2 = SALMONNConfig(**ck["model_args"])
-    salmonn.set_pretrained_dims(cfg2)  # the files are gone: the checkpoint's sizes stand
+    salmonn.set_pretrained_dims(cfg2)  # as load_data does at evaluation
+    assert (cfg2.speech_n_layer, cfg2.speech_n_embd, cfg2.beats_n_embd) == (2, 16, 8)
     m2 = SALMONN(cfg2)
     m2.load_state_dict(ck["model"])
     m2.eval()
@@ -794,9 +818,9 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     out = salmonn.sample(m2, ByteTokenizerEot60(), {"mel": torch.randn(30, cfg2.n_mels)},
                          "Transcribe.", None, beam=1, max_new_tokens=4)
     assert isinstance(out["text"], str)
-    # training from the config names the missing file
-    with pytest.raises(FileNotFoundError, match="whisper_init"):
-        salmonn.init_pretrained(SALMONN(cfg2))
+    # training from a config that names a missing file says which
+    with pytest.raises(FileNotFoundError, match="beats_init"):
+        salmonn.init_pretrained(SALMONN(tiny_config(beats_init=str(tmp_path / "b.pt"))))
 
 def test_whisper_features_drive_the_speech_encoder_and_windows():
     """speech_features="whisper": the speech encoder reads the 100 frames/s Whisper stream, the
@@ -838,6 +862,11 @@ def test_beats_stage_tags_and_average_precision():
     with torch.no_grad():
         alone, _ = m(mel=mel[1:, :24], mel_lens=lens[1:])
     assert torch.allclose(alone, logits[1:], atol=1e-5)
+    # sample.py on this checkpoint: the tags, most likely first, with their probabilities
+    out = salmonn.sample(m.eval(), None, {"mel": mel[1, :24]}, None)["text"]
+    p = torch.sigmoid(alone[0])
+    assert out == "tags: " + ", ".join(f"{cfg.tags.split('|')[i]} ({p[i]:.2f})"
+                                       for i in p.argsort(descending=True).tolist())
     # AP: positives ranked 1 and 3 -> (1/1 + 2/3) / 2
     assert salmonn.average_precision(np.array([0.9, 0.8, 0.7, 0.1]),
                                      np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)

@@ -122,6 +122,43 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
         assert resumed[it] == full[it], (it, resumed[it], full[it])  # bit for bit on CPU
     assert val[8] == losses(full_run)[1][8]
 
+def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
+    """The lr of every iteration (TINY: warmup 2, decay to iteration 8, 1e-2 -> 1e-3), against
+    the schedule written out here: linear warmup lr*(it+1)/(warmup+1), then cosine from lr at
+    it=warmup to min_lr at it=decay_end, then min_lr. log.jsonl's record for iteration k holds the
+    lr of the step that made it (it = k-1); the checkpoint's optimizer holds the lr set for the
+    step after its iter_num, so a run split at 5 checks a cosine value in the optimizer itself."""
+    import math
+    import torch
+    lr0, lr_min, warmup, decay_end = 1e-2, 1e-3, 2, 8
+
+    def expected(it):
+        if it < warmup:
+            return lr0 * (it + 1) / (warmup + 1)
+        if it >= decay_end:
+            return lr_min
+        progress = (it - warmup) / (decay_end - warmup)  # 0 at it=warmup, 1 at it=decay_end
+        return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * progress)) / 2
+    # by-hand spot values: warmup 1/3 and 2/3 of lr0; the cosine's midpoint (it=5) halfway
+    assert abs(expected(0) - lr0 / 3) < 1e-15 and abs(expected(5) - (lr0 + lr_min) / 2) < 1e-15
+
+    out = str(tmp_path)
+    common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    opt_lrs = {}
+    for max_iters, extra in ((5, []), (10, ["--init_from=resume"])):
+        run(common + [f"--max_iters={max_iters}", *extra])
+        ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+        assert ck["iter_num"] == max_iters
+        opt_lrs[max_iters] = [g["lr"] for g in ck["optimizer"]["param_groups"]]
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
+    assert sorted(logged) == list(range(1, 11))
+    for k in range(1, 11):
+        assert math.isclose(logged[k], expected(k - 1), rel_tol=1e-9), (k, logged[k],
+                                                                         expected(k - 1))
+    for it, lrs in opt_lrs.items():
+        assert lrs and all(math.isclose(x, expected(it), rel_tol=1e-9) for x in lrs), (it, lrs)
+
 def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
     """torchrun, 2 CPU processes (gloo), accumulation 2 in total = 1 per process: the same
     micro-batches and dropout masks as the single-process run with accumulation 2, so the same

@@ -129,6 +129,13 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     np.testing.assert_allclose(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32),
                                want, atol=2e-3)
 
+    # SALMONN reads the stream as prepared: its speech encoder takes Whisper's 80 bins at 100 frames/s
+    import salmonn
+    import tokenizer
+    cfg = salmonn.SALMONNConfig(speech_features="whisper")
+    salmonn.load_data(str(out), cfg, tokenizer.load_tokenizer(str(out), "corpus"))
+    assert (cfg.speech_n_mels, cfg.speech_frame_rate, cfg.n_mels) == (80, 100.0, 64)
+
     # the same arguments again: complete, skipped; without the option: rebuilt, and the stale stream
     # goes
     P.main(base + ["--whisper_mel"])
