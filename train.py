@@ -35,6 +35,9 @@ model = "whisper_gpt"         # the model file: whisper_gpt | salmonn | pengi
 data_dir = "data/synth"       # what prepare.py wrote
 init_from = "scratch"         # scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt (its weights,
                               # fresh optimizer)
+overwrite = False             # a run into an out_dir that holds ckpt.pt: False resumes it (same
+                              # settings), skips it (finished) or stops (other settings); True
+                              # trains anew there
 eval_interval = 200
 log_interval = 10
 eval_iters = 20               # batches per split for the train/val loss estimate
@@ -70,6 +73,10 @@ peak_flops = 0.0              # per GPU, for MFU; 0 = known GPUs (A100, H100, H2
 # -----------------------------------------------------------------------------
 
 TRAIN_KEYS = configurator.defaults(globals())
+# settings that change how a run executes, not what it trains: a re-run may differ in these
+RUN_KEYS = {"init_from", "overwrite", "eval_only", "log_interval", "wandb_log", "wandb_project",
+            "wandb_run_name", "device", "dtype", "compile", "backend", "ddp_find_unused_parameters",
+            "peak_flops"}
 PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
 HERE = os.path.dirname(os.path.abspath(__file__))  # the model files sit beside this one
 
@@ -220,8 +227,31 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # data, model, optimizer
     checkpoint = init = None
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path):
+        # a re-run: nothing already trained is lost
+        try:
+            prev = load_checkpoint(ckpt_path, "cpu")
+        except ValueError as e:
+            fail(f"{e} (out_dir={out_dir}; --overwrite=True trains anew there)")
+        changed = sorted(k for k in set(S) | set(prev["config"])
+                         if k not in RUN_KEYS and S.get(k) != prev["config"].get(k))
+        if changed:
+            fail(f"out_dir={out_dir} holds a run with other settings ("
+                 + ", ".join(f"{k}={prev['config'].get(k)!r} there, {S.get(k)!r} here"
+                             for k in changed[:5])
+                 + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
+                   "choose another out_dir")
+        if prev["iter_num"] >= max_iters:
+            if master:
+                print(f"{ckpt_path}: this run is finished (iter {prev['iter_num']}), nothing to do "
+                      f"(--overwrite=True trains anew)")
+            sys.exit(0)
+        if master:
+            print(f"{ckpt_path}: the same run stopped at iter {prev['iter_num']}: resuming it")
+        init_from = "resume"
+        del prev
     if init_from == "resume":
-        ckpt_path = os.path.join(out_dir, "ckpt.pt")
         try:
             checkpoint = load_checkpoint(ckpt_path, device)
         except ValueError as e:

@@ -34,7 +34,8 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
     """Each kill lands at a random moment of a random iteration (checkpoint saves included: one
     every 2 iterations). After every kill ckpt.pt is a complete checkpoint of an iteration already
     reached, and every loss logged by the resumed runs, re-done iterations included, equals the
-    uninterrupted run's at that iteration."""
+    uninterrupted run's at that iteration. Every other run is the same command again, without
+    --init_from=resume: a re-run resumes, and once finished it does nothing."""
     ref = tmp_path / "ref"
     p = subprocess.run(train(ref, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
@@ -47,7 +48,8 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
     kills = 0
     while kills < 10:
         resume = (out / "ckpt.pt").exists()
-        proc = subprocess.Popen(train(out, synth_dir, *(["--init_from=resume"] if resume else [])),
+        proc = subprocess.Popen(train(out, synth_dir,
+                                      *(["--init_from=resume"] if resume and kills % 2 else [])),
                                 cwd=ROOT, env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         start = load_checkpoint(out / "ckpt.pt")["iter_num"] if resume else 0
@@ -69,9 +71,9 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
         if (out / "ckpt.pt").exists():
             saved = load_checkpoint(out / "ckpt.pt")["iter_num"]
             assert saved % 2 == 0 and start <= saved <= 24
-    p = subprocess.run(train(out, synth_dir, "--init_from=resume"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    p = subprocess.run(train(out, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "resuming it" in p.stdout, p.stderr
     got = log_losses(out)
     assert {it for it, _ in got} == set(expected)
     for it, loss in got:
@@ -80,6 +82,15 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
     assert final["iter_num"] == 24
     ref_model = load_checkpoint(ref / "ckpt.pt")["model"]
     assert all(torch.equal(a, b) for a, b in zip(final["model"].values(), ref_model.values()))
+    # finished: the same command again leaves the run as it is; other settings stop before any
+    # write
+    before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()
+    for extra, code, said in (((), 0, "nothing to do"), (("--learning_rate=1e-3",), 2,
+                                                         "learning_rate=0.003 there, 0.001 here")):
+        p = subprocess.run(train(out, synth_dir, *extra), cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == code and said in p.stdout + p.stderr, (p.stdout, p.stderr)
+        assert ((out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()) == before
 
 def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     good = tmp_path / "good"

@@ -185,7 +185,7 @@ def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
     _, val = losses(out)
     assert abs(val[0] - losses(full_run)[1][8]) < 1e-6  # same weights, same eval batches
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-             "--max_iters=50",
+             "--max_iters=50", "--overwrite=True",
              "--learning_rate=1e30", "--grad_clip=0", "--decay_lr=False", "--eval_interval=1000"],
              check=False)
     assert p.returncode == 1 and "stopping (no checkpoint written)" in p.stderr, p.stderr[-2000:]
@@ -269,8 +269,9 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
     assert torch.load(out2 / "ckpt.pt", weights_only=True)["tokenizer"] == ck["tokenizer"]
     # a config naming another tokenizer than the checkpoint it starts from is refused, naming both
-    p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY,
+    out3 = tmp_path / "llm3"
+    p = run([f"--data_dir={data}", f"--out_dir={out3}", *TEXT_TINY,
              f"--init_from={out / 'ckpt.pt'}", "--tokenizer=gpt2"], check=False)
     assert p.returncode == 2 and "tokenizer 'corpus'" in p.stderr and "tokenizer='gpt2'" in p.stderr
-    p = run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, "--tokenizer=bpe"], check=False)
+    p = run([f"--data_dir={data}", f"--out_dir={out3}", *TEXT_TINY, "--tokenizer=bpe"], check=False)
     assert p.returncode == 2 and "tokenizer='bpe'" in p.stderr and "corpus, gpt2" in p.stderr

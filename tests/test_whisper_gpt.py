@@ -221,6 +221,37 @@ def test_incremental_mel_matches_full_decode():
              tools, max_new_tokens=12, seed=0)
     assert len(seen) == 10 and all(seen)
 
+@pytest.mark.parametrize("use_mel", [False, True])
+def test_sample_prompts_with_the_clips_last_frames_and_continues_as_generate(use_mel):
+    """The prompt is the clip's last prompt_frames frames of codebook 0 (block_size - 1 by
+    default), with their own mels; the continuation is what model.generate gives on that prompt,
+    the hybrid's new mel frames being those of the whole decoded sequence (computed here by
+    decoding it all again, not incrementally)."""
+    model = tiny(use_mel=use_mel, block_size=32, mel_lag=1)
+    if use_mel:  # make the mel path count, so that the wrong prompt mels change the argmaxes
+        with torch.no_grad():
+            model.mel_out.weight.mul_(50)
+    g = torch.Generator().manual_seed(7)
+    audio = {"codes": torch.randint(0, 50, (40, 8), generator=g),
+             "mel": torch.randn(40, 8, generator=g)}
+    tools = FakeTools()
+
+    def mel_fn(seq, j):
+        return torch.as_tensor(tools.mel(tools.decode(seq[0, :, None])))[j][None]
+
+    for prompt_frames, n in ((12, 12), (0, 31)):
+        prompt = audio["codes"][-n:, 0][None]
+        mels = audio["mel"][-n:][None] if use_mel else None
+        for temperature, top_k in ((0, 0), (0.8, 10)):
+            out = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20,
+                           temperature=temperature, top_k=top_k, prompt_frames=prompt_frames,
+                           seed=3)
+            assert torch.equal(out["prompt_codes"][:, 0], audio["codes"][40 - n:, 0])
+            ref = model.generate(prompt, mels, 20, temperature, top_k or None,
+                                 mel_fn if use_mel else None, torch.Generator().manual_seed(3))
+            assert torch.equal(ref[0, :n], prompt[0])
+            assert torch.equal(out["codes"][:, 0], ref[0, n:]), (prompt_frames, temperature)
+
 # -----------------------------------------------------------------------------
 # on the prepared corpus (tests/conftest.py builds it once per session)
 
@@ -257,6 +288,91 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert math.isclose(m["ppl"], math.exp(m["nll"]), rel_tol=1e-9)
     assert 0 <= m["accuracy"] <= 1
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
+
+def hand_metrics(model, codes, mel, T, n_windows):
+    """Summed next-token cross-entropy and argmax hits over windows k = 0 .. n_windows - 1 of
+    frames k*T .. k*T + T (T inputs, the T next tokens as targets), one window at a time; the
+    hybrid's step t fed mel frame k*T + t - mel_lag (zeros before the window) through decode."""
+    lag = model.config.mel_lag
+    nll, hits = 0.0, 0
+    for k in range(n_windows):
+        x = torch.from_numpy(codes[k * T:k * T + T + 1, 0].astype(np.int64))
+        inp, tgt = x[:-1][None], x[1:]
+        mel_in = None
+        if model.config.use_mel:
+            mel_in = torch.zeros(1, T, mel.shape[1])
+            for t in range(lag, T):
+                mel_in[0, t] = torch.from_numpy(mel[k * T + t - lag].astype(np.float32))
+        logits = model.decode(inp, mel_in)[0].float()
+        nll += torch.nn.functional.cross_entropy(logits, tgt, reduction="sum").item()
+        hits += (logits.argmax(-1) == tgt).sum().item()
+    return nll, hits
+
+@pytest.mark.parametrize("use_mel,lag", [(False, 1), (True, 1), (True, 2)])
+def test_evaluate_equals_the_cross_entropy_computed_by_hand(synth_dir, use_mel, lag):
+    """Table 1's metrics: evaluate's NLL and accuracy are the mean cross-entropy and argmax hit
+    rate of the next token over consecutive windows of block_size + 1 frames of the val split, read
+    here straight from val_{codes,mel}.bin. The model is trained a few steps first, so that it hits
+    often enough for the accuracy to tell right targets from wrong ones."""
+    T = 32
+    cfg = W.Config(block_size=T, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
+                   mel_n_embd=16, mel_dim=8, use_mel=use_mel, mel_lag=lag)
+    data = W.load_data(synth_dir, cfg, None)
+    meta = data["meta"]
+    torch.manual_seed(0)
+    model = W.Model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        _, loss = model(**W.get_batch(data, "train", 8, rng))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    codes = np.memmap(os.path.join(synth_dir, "val_codes.bin"), dtype=np.uint16,
+                      mode="r").reshape(-1, meta["n_q"])
+    mel = np.memmap(os.path.join(synth_dir, "val_mel.bin"), dtype=np.float16,
+                    mode="r").reshape(-1, meta["n_mels"])
+    n_all = (len(codes) - 1) // T   # every window whose last target is in the split
+    with torch.no_grad():
+        for opts, n in (({}, n_all), ({"max_windows": 5, "batch_size": 2}, 5)):
+            m = W.evaluate(model, data, None, "val", **opts)
+            nll, hits = hand_metrics(model, codes, mel, T, n)
+            assert m["tokens"] == n * T
+            assert math.isclose(m["nll"], nll / (n * T), rel_tol=1e-5), (m["nll"], nll / (n * T))
+            assert m["accuracy"] == hits / (n * T)
+            assert hits >= 5   # trained: the hit count is not trivially 0
+            assert math.isclose(m["ppl"], math.exp(nll / (n * T)), rel_tol=1e-5)
+
+def test_leak_free_lag_is_the_smallest_lag_without_look_ahead(synth_dir):
+    """leak_free_lag(meta) of the prepared corpus, derived from audio.log_mel itself: changing the
+    audio from the end of block t on (samples 320 (t+1) ..) leaves mel frames .. t - lag unchanged
+    and changes frame t - lag + 1, so lag is the smallest lag at which step t sees no audio of the
+    token it predicts. Then the formula on made-up framings (ceil(look-ahead / hop))."""
+    import audio
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    lag = W.leak_free_lag(meta)
+    hop = meta["hop_length"]
+    assert hop == audio.HOP == 320 and meta["sample_rate"] == 24000
+    rng = np.random.default_rng(0)
+    wav = rng.uniform(-0.5, 0.5, 12 * hop).astype(np.float32)
+    base = audio.log_mel(wav)
+    assert base.shape[0] == 12
+    for t in range(11):
+        w2 = wav.copy()
+        w2[hop * (t + 1):] = rng.uniform(-0.5, 0.5, len(w2) - hop * (t + 1))
+        changed = np.flatnonzero(np.abs(audio.log_mel(w2) - base).max(1) > 0)
+        # frames before the first changed one are untouched: the smallest safe lag is t - (first
+        # changed frame - 1)
+        assert changed.size and np.array_equal(changed, np.arange(changed[0], 12))
+        assert t + 1 - changed[0] == lag, (t, changed[0])
+    assert lag == 1    # a frame's 640-sample window reaches 160 samples (half a block) ahead
+    # the formula on other framings: ceil(look-ahead / hop), from meta.json's mel.lookahead_samples
+    # or else n_fft / 2 - hop / 2
+    for ahead, want in ((0, 0), (1, 1), (320, 1), (321, 2), (700, 3)):
+        assert W.leak_free_lag({**meta, "mel": {"lookahead_samples": ahead}}) == want, ahead
+    assert W.leak_free_lag({"hop_length": 320, "n_fft": 1280}) == 2      # 640 - 160 = 480 ahead
+    assert W.leak_free_lag({"hop_length": 320, "n_fft": 320}) == 0       # 160 - 160 = 0 ahead
 
 @pytest.mark.parametrize("codec_kind", ["dct", "data", "dense"])
 def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir, codec_kind):
