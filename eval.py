@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -74,16 +75,27 @@ def evaluate_checkpoint(path, opts):
         tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"{path}: tokenizer: {e}")
+    trained = asdict(config)
     try:
         data = M.load_data(ddir, config, tok)
+        model = M.Model(config)
     except (ValueError, OSError) as e:
         fail(f"{path}: data: {e}")
-    model = M.Model(config)
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:  # the data set a size the checkpoint was not trained with
+        changed = [f"{k}={v!r} in the checkpoint, {getattr(config, k)!r} from {ddir}"
+                   for k, v in trained.items() if getattr(config, k) != v]
+        fail(f"{path}: its weights do not fit the model built for {ddir}"
+             + (f" ({'; '.join(changed)})" if changed else "")
+             + f": {' '.join(str(e).split())[:240]}")
     model.eval().to(device)
     t0 = time.time()
     with torch.no_grad():
-        metrics = M.evaluate(model, data, tok, split, **opts)
+        try:
+            metrics = M.evaluate(model, data, tok, split, **opts)
+        except ValueError as e:  # an option of evaluate() out of range
+            fail(f"{path}: {M.__name__}.evaluate: {e}")
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     row = {"run": name, "model": ck["model_name"],
            "params": model.get_num_params() if hasattr(model, "get_num_params")
@@ -135,6 +147,10 @@ def main(argv):
     globals().update(settings)
     opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
     paths = checkpoint_paths(args)
+    if split not in ("train", "val"):
+        fail(f"--split={split!r}: expected train or val")
+    if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
+        fail(f"--json={json}: its folder does not exist")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [evaluate_checkpoint(path, opts) for path in paths]

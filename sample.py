@@ -183,7 +183,10 @@ if __name__ == "__main__":
             fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
                  f"setting of sample.py nor an option of {M.__name__}.sample "
                  f"({', '.join(sorted(M.SAMPLE_OPTS))})")
-        result = M.sample(model, tok, inp, prompt or None, tools, **opts)
+        try:
+            result = M.sample(model, tok, inp, prompt or None, tools, **opts)
+        except ValueError as e:  # an option out of range, a prompt the model cannot take
+            fail(f"{M.__name__}.sample: {e}")
     dt = time.time() - t0 - tools.load_seconds
     if "codes" in result:
         codes = result["codes"]

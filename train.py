@@ -144,8 +144,12 @@ def load_tokenizer(config, checkpoint, init):
     starts = [(os.path.join(out_dir, "ckpt.pt"), checkpoint), (init_from, init)]
     llm_init = getattr(config, "llm_init", "")
     if llm_init.endswith(".pt") and os.path.isfile(llm_init):
-        starts.append((llm_init,
-                       torch.load(llm_init, map_location="cpu", weights_only=True, mmap=True)))
+        try:
+            starts.append((llm_init, torch.load(llm_init, map_location="cpu", weights_only=True,
+                                                mmap=True)))
+        except Exception as e:
+            fail(f"llm_init={llm_init}: cannot be read as a checkpoint, it is empty, truncated or "
+                 f"corrupt ({type(e).__name__})")
     for path, ck in starts:
         if isinstance(ck, dict) and ck.get("tokenizer"):
             if ck["tokenizer"]["name"] != name:
@@ -166,6 +170,12 @@ def load_tokenizer(config, checkpoint, init):
 if __name__ == "__main__":
     S, M, model_keys = load_settings(sys.argv[1:])
     globals().update({k: v for k, v in S.items() if k in TRAIN_KEYS})
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval"):
+        if S[key] < 1:
+            fail(f"{key}={S[key]}: must be at least 1")
+    if max_iters < 0:
+        fail(f"max_iters={max_iters}: must be at least 0")
 
     # -----------------------------------------------------------------------------
     # processes and devices
@@ -261,7 +271,10 @@ if __name__ == "__main__":
                  f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
     else:
-        config = M.Config(**{k: S[k] for k in model_keys if k in S})
+        try:
+            config = M.Config(**{k: S[k] for k in model_keys if k in S})
+        except ValueError as e:
+            fail(e)
         if init_from != "scratch":
             if not os.path.isfile(init_from):
                 fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt "
@@ -275,16 +288,35 @@ if __name__ == "__main__":
     tok = load_tokenizer(config, checkpoint, init)
     # saved with every checkpoint
     tok_record = None if tok is None else tokenizers.tokenizer_record(tok)
-    data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size, n_mels,
-                                               # ...)
-    torch.manual_seed(seed)
-    raw_model = M.Model(config)
-    # pretrained parts named in the config (*_init)
-    if checkpoint is None and hasattr(M, "init_pretrained"):
-        M.init_pretrained(raw_model, tok)
+    # the model file's own checks (settings, data, pretrained parts) end the run in one line
+    trained = asdict(config)
+    try:
+        data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size,
+                                                   # n_mels, ...)
+        torch.manual_seed(seed)
+        raw_model = M.Model(config)
+        # pretrained parts named in the config (*_init)
+        if checkpoint is None and hasattr(M, "init_pretrained"):
+            M.init_pretrained(raw_model, tok)
+    except (ValueError, OSError, EOFError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise
+        if isinstance(e, ValueError) or (isinstance(e, OSError) and e.errno is None):
+            fail(e)  # the model file's message, which names what is wrong
+        # torch.load of a file that is empty or cut short says neither which nor why
+        named = ", ".join(f"{k}={S[k]}" for k in sorted(S) if k.endswith("_init") and S[k])
+        fail(f"a file the settings name ({named or 'data_dir=' + data_dir}) cannot be read: it is "
+             f"empty, truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
+        try:
+            raw_model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:  # the data set a size the checkpoint was not trained with
+            changed = [f"{k}={v!r} in the checkpoint, {getattr(config, k)!r} from {data_dir}"
+                       for k, v in trained.items() if getattr(config, k) != v]
+            fail(f"init_from=resume: {ckpt_path} does not fit the model built for {data_dir}"
+                 + (f" ({'; '.join(changed)})" if changed else "")
+                 + f": {' '.join(str(e).split())[:240]}")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     elif init is not None:
         missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)

@@ -140,6 +140,31 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
                            env=ENV, capture_output=True, text=True, timeout=300)
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (arg, p.stderr)
+    # settings out of range, a model file's own check, a pretrained part's file cut short, data
+    # that does not fit the checkpoint: one line that names the cause, no traceback
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 3])
+    other_data = tmp_path / "codebook2048"
+    other_data.mkdir()
+    for f in os.listdir(synth_dir):
+        os.symlink(os.path.join(synth_dir, f), other_data / f)
+    meta = json.loads((other_data / "meta.json").read_text())
+    (other_data / "meta.json").unlink()
+    (other_data / "meta.json").write_text(json.dumps({**meta, "codebook_size": 2048}))
+    new = tmp_path / "new"
+    for cmd, words in (
+            (train(new, synth_dir, "--eval_interval=0"), "eval_interval=0: must be at least 1"),
+            (train(new, synth_dir, "--mel_dim=0"), "mel_dim (0)"),
+            ([sys.executable, "train.py", "config/salmonn_stage1.py", f"--out_dir={new}",
+              f"--data_dir={synth_dir}", f"--whisper_init={tmp_path / 'cut.pt'}",
+              "--llm_init=", "--beats_init="], f"whisper_init={tmp_path / 'cut.pt'}"),
+            ([sys.executable, "eval.py", str(good), f"--data_dir={other_data}"],
+             f"vocab_size={meta['codebook_size']} in the checkpoint, 2048 from"),
+            ([sys.executable, "eval.py", str(good), "--split=test"], "expected train or val"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],
+             "takes no text prompt")):
+        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert (p.returncode == 2 and words in p.stderr
+                and "Traceback" not in p.stderr), (cmd, p.stderr)
 
 PREPARE = ["--clips=24", "--max_seconds=1.0", "--offline", "--codec_steps=8", "--codec_clips=8",
            "--codec_tune_steps=4",
