@@ -1763,7 +1763,7 @@ def tagging_metrics(model, data, split, max_clips):
 def audio_token_rms(model, data, split):
     """The audio tokens' RMS (per element) on the split's first 32 clips, next to the LLM's token
     and position embeddings' (the scale the LLM was trained on)."""
-    rms = lambda t: float(t.float().pow(2).mean().sqrt())
+    rms = lambda t: float(t.detach().float().pow(2).mean().sqrt())
     device = next(model.parameters()).device
     clips = [data.clip_audio(split, ci) for ci in range(min(32, len(data.splits[split]["clips"])))]
     batch = {k: v.to(device) for k, v in collate(clips).items()}

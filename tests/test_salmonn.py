@@ -87,6 +87,22 @@ def test_shapes_through_every_part():
     alone, _ = m.encode_audio(mel[1:, :20], lens[1:])
     assert torch.allclose(alone[0], audio[1, :6], atol=1e-5)
 
+def test_audio_tokens_land_in_the_masked_positions_in_time_order():
+    """embed: each row's audio tokens, in time order, fill its masked positions; every other
+    position keeps its token embedding."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    m = SALMONN(cfg).eval()
+    batch = random_batch(cfg)
+    with torch.no_grad():
+        x = m.embed(batch["idx"], batch["mel"], batch["mel_lens"], batch["audio_mask"])
+        audio, valid = m.encode_audio(batch["mel"], batch["mel_lens"])
+        tokens = m.llm.wte(batch["idx"])
+    for b in range(x.size(0)):
+        slots = batch["audio_mask"][b].nonzero().squeeze(1)
+        assert torch.equal(x[b, slots], audio[b][valid[b]])
+        assert torch.equal(x[b][~batch["audio_mask"][b]], tokens[b][~batch["audio_mask"][b]])
+
 def test_qformer_windows_in_time_order_and_local():
     torch.manual_seed(0)
     cfg = tiny_config(window_frames=4, window_queries=2)
@@ -243,6 +259,47 @@ CLIPS = [
     {"id": "b", "frames": 55, "kind": "music", "transcript": None, "caption": "a piano plays c4.",
      "description": None, "labels": {"class": "piano"}, "qa": []},
 ]
+
+def test_evaluate_scores_each_task_on_its_own_answers(tmp_path, monkeypatch):
+    """evaluate's plumbing, with the model's answers stubbed: answering every entry with its own
+    reference scores perfectly on every task; one constant answer scores what the metrics give on
+    the references directly (WER per kind of clip, accuracy, BLEU-4)."""
+    clips = CLIPS + [
+        {"id": "c", "frames": 40, "kind": "dtmf", "transcript": "one two",
+         "caption": "keypad tones dialing one two.", "description": None,
+         "labels": {"class": "dtmf tones"}, "qa": [{"q": "what number?", "a": "one two"}]},
+        {"id": "d", "frames": 45, "kind": "speech", "transcript": "where is the red kite",
+         "caption": "a man asks: where is the red kite?", "description": None,
+         "labels": {"class": "speech", "gender": "male", "speaker": "m1"},
+         "qa": [{"q": "is the speaker a man or a woman?", "a": "a man"}]}]
+    write_tiny_data(tmp_path, clips)
+    tok, cfg = ByteTokenizer(), tiny_config(stage="instruct", llm_block_size=160)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    S = data.splits["val"]
+    # (the clip's mel, the instruction) -> the reference answer
+    key = lambda audio, instruction: (audio["mel"].numpy().tobytes(), instruction)
+    oracle = {key(data.clip_audio("val", ci), q or salmonn.INSTRUCTIONS[task][0]): a
+              for task in salmonn.ALL_TASKS for ci, q, a in S["entries"][task]}
+    assert len(oracle) == sum(len(S["entries"][t]) for t in salmonn.ALL_TASKS)
+    m = SALMONN(cfg).eval()
+    monkeypatch.setattr(salmonn, "sample",
+                        lambda model, tok, audio, prompt, tools, **o: {"text": oracle[key(audio, prompt)]})
+    got = salmonn.evaluate(m, data, tok, "val")
+    kinds = {S["clips"][ci]["kind"] for ci, _, _ in S["entries"]["transcription"]}
+    assert kinds == {"morse", "dtmf", "speech"}
+    assert got["wer"] == 0 and all(got[f"wer_{k}"] == 0 for k in kinds)
+    assert got["bleu4"] == pytest.approx(1.0) and got["qa_acc"] == 1 and got["cls_acc"] == 1
+    assert got["gender_acc"] == 1 and got["n_qa"] == 3 and got["n_transcription"] == 3
+    monkeypatch.setattr(salmonn, "sample", lambda *a, **o: {"text": "one two"})
+    got = salmonn.evaluate(m, data, tok, "val")
+    refs = {t: [a for _, _, a in S["entries"][t]] for t in salmonn.ALL_TASKS}
+    by_kind = {S["clips"][ci]["kind"]: a for ci, _, a in S["entries"]["transcription"]}
+    for k, ref in by_kind.items():
+        assert got[f"wer_{k}"] == salmonn.word_error_rate([ref], ["one two"]), k
+    assert got["wer_dtmf"] == 0 and got["wer_speech"] == 1.0  # 5 words, 5 errors
+    assert got["qa_acc"] == pytest.approx(1 / 3) and got["gender_acc"] == 0
+    assert got["cls_acc"] == 0 and got["bleu4"] == salmonn.bleu4(
+        ["one two"] * len(refs["captioning"]), [[r] for r in refs["captioning"]])
 
 def test_no_loss_on_prompt_or_audio(tmp_path):
     tok = ByteTokenizer()
@@ -627,6 +684,9 @@ def test_sample_options():
         b = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=1.0, top_k=5,
                            seed=3, max_new_tokens=8)
         assert a == b and isinstance(greedy, str)
+        # top_k=1 leaves one token to draw: sampling at any temperature is greedy decoding
+        assert salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=5.0,
+                              top_k=1, seed=4, max_new_tokens=8)["text"] == greedy
         salmonn.sample(m, tok, audio, None, None, max_new_tokens=4, lora_scale=2.0)
     assert m.lora_scale == 2.0 and not m.lora_merged  # 8 / 4: restored after sampling
     with pytest.raises(ValueError, match="unknown options"):
