@@ -64,19 +64,23 @@ def model_of(path):
     return os.path.basename(path).split("-")[0]
 
 def finished(path):
-    """(iter_num, max_iters) of a run's checkpoint, or None."""
-    ckpt = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(ckpt):
+    """(iter_num, max_iters) of a run's checkpoint, or None (none, or one train.py cannot read: it
+    says so when the run starts)."""
+    from train import load_checkpoint
+    try:
+        ck = load_checkpoint(os.path.join(path, "ckpt.pt"))
+    except ValueError:
         return None
-    ck = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     return ck["iter_num"], ck["config"]["max_iters"]
 
-def sweep(runs, train_args):
+def sweep(runs, train_args, max_iters):
+    """max_iters: each model's, as its config and train_args set it. A run that reached it is
+    skipped; one that stopped earlier, or ran to another max_iters, is resumed to it."""
     todo = []
     for model, kind, seed in runs:
         d = run_dir(model, kind, seed)
         state = finished(d)
-        if state and state[0] >= state[1]:
+        if state and state[0] >= state[1] == max_iters[model]:
             continue
         cmd = [sys.executable, "train.py", f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}",
                f"--data_dir={data_dir}",
@@ -107,8 +111,9 @@ def sweep(runs, train_args):
             log.close()
             if proc.returncode:
                 fail(f"{d}: train.py exited with {proc.returncode}; see {d}/train.log")
-            with open(os.path.join(d, "wall.json"), "w") as f:
+            with open(os.path.join(d, "wall.json.tmp"), "w") as f:
                 json.dump({"seconds": time.time() - start}, f)
+            os.replace(os.path.join(d, "wall.json.tmp"), os.path.join(d, "wall.json"))
             done += 1
             left = [d for d, *_ in running] + [d for d, _ in todo]
             took[model_of(d)].append(time.time() - start)
@@ -217,7 +222,11 @@ def reference_scores(mels, idx):
 def load_run(d):
     """The trained Whisper-GPT of the run in directory d, in eval mode, and its checkpoint."""
     import whisper_gpt as W
-    ck = torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+    from train import load_checkpoint
+    try:
+        ck = load_checkpoint(os.path.join(d, "ckpt.pt"))
+    except ValueError as e:
+        fail(e)
     net = W.Model(W.Config(**ck["model_args"]))
     net.load_state_dict(ck["model"])
     return net.eval(), ck
@@ -306,17 +315,21 @@ if __name__ == "__main__":
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
                  f"l)")
-        # a bad train.py setting stops here
-        train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])
+    # a bad train.py setting stops here
+    iters_wanted = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
+                    ["max_iters"] for m in models.split(",")}
     model_list, kind_list = models.split(","), kinds.split(",")
-    seed_list = [int(s) for s in seeds.split(",")]
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        fail(f"--seeds={seeds}: expected integers separated by commas")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
     t0 = time.time()
     # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
     if {"hybrid", "hybrid_c0"} & set(model_list):
         import prepare
         prepare.codebook0_mels(data_dir)
-    sweep(runs, train_args)
+    sweep(runs, train_args, iters_wanted)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     results = {r: evaluate_run(run_dir(*r)) for r in runs}
     with open(os.path.join(out_root, "results.json"), "w") as f:

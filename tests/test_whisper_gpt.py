@@ -531,6 +531,13 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
+    # a larger budget resumes the runs to it, rather than tabling the old ones
+    more = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds", "--max_iters"))]
+    more += ["--models=s", "--kinds=speech", "--seeds=1", "--max_iters=4", "--continuations=0"]
+    again = subprocess.run(more, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "0 of 1 runs already finished, 1 to train" in again.stdout
+    ck = torch.load(tmp_path / "runs" / "s-speech-s1" / "ckpt.pt", weights_only=True)
+    assert ck["iter_num"] == 4
 
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
