@@ -25,7 +25,7 @@ import torch
 
 import configurator
 import tokenizer as tokenizers
-from train import load_checkpoint
+from train import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
 split = "val"
@@ -82,13 +82,9 @@ def evaluate_checkpoint(path, opts):
     except (ValueError, OSError) as e:
         fail(f"{path}: data: {e}")
     try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:  # the data set a size the checkpoint was not trained with
-        changed = [f"{k}={v!r} in the checkpoint, {getattr(config, k)!r} from {ddir}"
-                   for k, v in trained.items() if getattr(config, k) != v]
-        fail(f"{path}: its weights do not fit the model built for {ddir}"
-             + (f" ({'; '.join(changed)})" if changed else "")
-             + f": {' '.join(str(e).split())[:240]}")
+        load_weights(model, ck["model"], trained, ddir)
+    except ValueError as e:
+        fail(f"{path}: {e}")
     model.eval().to(device)
     t0 = time.time()
     with torch.no_grad():

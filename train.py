@@ -104,6 +104,19 @@ def load_checkpoint(path, map_location="cpu"):
                          f"here")
     return ck
 
+def load_weights(model, state, trained_args, data_dir):
+    """A checkpoint's weights into a model built from its args (trained_args) and data_dir's data,
+    or a ValueError: when they do not fit, the data set a size the checkpoint was not trained with,
+    and the message names each such field."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        changed = [f"{k}={v!r} in the checkpoint, {getattr(model.config, k)!r} from {data_dir}"
+                   for k, v in trained_args.items() if getattr(model.config, k) != v]
+        raise ValueError(f"its weights do not fit the model built for {data_dir}"
+                         + (f" ({'; '.join(changed)})" if changed else "")
+                         + f": {' '.join(str(e).split())[:240]}") from None
+
 def load_settings(argv):
     """defaults <- config files <- --key=value, in the order given. Returns (settings dict, model
     module, model keys)."""
@@ -310,13 +323,9 @@ if __name__ == "__main__":
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
         try:
-            raw_model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:  # the data set a size the checkpoint was not trained with
-            changed = [f"{k}={v!r} in the checkpoint, {getattr(config, k)!r} from {data_dir}"
-                       for k, v in trained.items() if getattr(config, k) != v]
-            fail(f"init_from=resume: {ckpt_path} does not fit the model built for {data_dir}"
-                 + (f" ({'; '.join(changed)})" if changed else "")
-                 + f": {' '.join(str(e).split())[:240]}")
+            load_weights(raw_model, checkpoint["model"], trained, data_dir)
+        except ValueError as e:
+            fail(f"init_from=resume: {ckpt_path}: {e}")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     elif init is not None:
         missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
