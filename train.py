@@ -316,6 +316,8 @@ if __name__ == "__main__":
             raise
         if isinstance(e, ValueError) or (isinstance(e, OSError) and e.errno is None):
             fail(e)  # the model file's message, which names what is wrong
+        if isinstance(e, OSError) and e.filename:
+            fail(f"{e.filename}: {e.strerror}")
         # torch.load of a file that is empty or cut short says neither which nor why
         named = ", ".join(f"{k}={S[k]}" for k in sorted(S) if k.endswith("_init") and S[k])
         fail(f"a file the settings name ({named or 'data_dir=' + data_dir}) cannot be read: it is "
