@@ -270,6 +270,16 @@ def read_safetensors(path):
         out[name] = t.reshape(info["shape"]).clone()
     return out
 
+# Copied from salmonn.load_torch_file
+def load_torch_file(path, field, mmap=False):
+    """torch.load of a file a setting names, or a ValueError that names both when it cannot be read
+    (empty, truncated or corrupt: torch's own error names neither)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{field}={path}: cannot be read, it is empty, truncated or corrupt "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+
 # Copied from salmonn.load_llm_state
 def load_llm_state(path):
     """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
@@ -291,7 +301,7 @@ def load_llm_state(path):
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
     # a train.py ckpt.pt (zip format) is mapped, not read: load_data only wants its sizes
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
-        torch.load(file, map_location="cpu", weights_only=True, mmap=file.endswith(".pt"))
+        load_torch_file(file, "llm_init", mmap=file.endswith(".pt"))
     # (b) a train.py checkpoint
     if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
         args = raw["model_args"]

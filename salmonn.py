@@ -546,6 +546,15 @@ def read_safetensors(path):
         out[name] = t.reshape(info["shape"]).clone()
     return out
 
+def load_torch_file(path, field, mmap=False):
+    """torch.load of a file a setting names, or a ValueError that names both when it cannot be read
+    (empty, truncated or corrupt: torch's own error names neither)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{field}={path}: cannot be read, it is empty, truncated or corrupt "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+
 def load_llm_state(path):
     """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
     (model.safetensors or pytorch_model.bin, config.json beside it, keys possibly prefixed
@@ -566,7 +575,7 @@ def load_llm_state(path):
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
     # a train.py ckpt.pt (zip format) is mapped, not read: load_data only wants its sizes
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
-        torch.load(file, map_location="cpu", weights_only=True, mmap=file.endswith(".pt"))
+        load_torch_file(file, "llm_init", mmap=file.endswith(".pt"))
     # (b) a train.py checkpoint
     if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
         args = raw["model_args"]
@@ -616,7 +625,7 @@ def load_whisper_encoder_state(path):
     100 frames/s): speech_features="whisper"."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"whisper_init={path}: no such file")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_torch_file(path, "whisper_init")
     if "model" in ck and "model_args" in ck:  # (a) ours
         args = ck["model_args"]
         sd = {k[len("speech."):]: v for k, v in ck["model"].items() if k.startswith("speech.")}
@@ -641,7 +650,7 @@ def load_beats_state(path):
     names, sizes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"beats_init={path}: no such file")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_torch_file(path, "beats_init")
     if "model" not in ck or "model_args" not in ck:
         raise ValueError(f"beats_init={path}: not a train.py checkpoint (needs 'model' and "
                          f"'model_args')")
@@ -1548,6 +1557,13 @@ def get_batch(data, split, batch_size, rng):
 # -----------------------------------------------------------------------------
 # sampling and evaluation
 
+def clip_tag_logits(model, mels, n_mels):
+    """Stage "beats": the tag logits of a list of (frames, n_mels) mels, padded into one batch on
+    the model's device; (clips, tags) on the host."""
+    device = next(model.parameters()).device
+    mel, lens = pad_mels(mels, n_mels)
+    return model.tag_logits(mel.to(device), lens.to(device)).float().cpu()
+
 SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
                "seed": None, "length_penalty": 0.0}
 
@@ -1583,8 +1599,7 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         if stage == "whisper":
             dec, ctc = whisper_transcribe(model, tok, [feats])
             return {"text": f"{dec[0]}\n(CTC head: {ctc[0]})"}
-        mel, lens = pad_mels([feats["mel"]], model.config.n_mels)
-        probs = torch.sigmoid(model.tag_logits(mel.to(device), lens.to(device)))[0].float().cpu()
+        probs = torch.sigmoid(clip_tag_logits(model, [feats["mel"]], model.config.n_mels)[0])
         tags = model.config.tags.split("|")
         top = probs.topk(min(5, len(tags)))
         return {"text": "tags: " + ", ".join(f"{tags[i]} ({p:.2f})" for p, i
@@ -1738,13 +1753,10 @@ def tagging_metrics(model, data, split, max_clips):
     """Stage "beats": the tags' mean average precision, and the accuracy of the top-scored class
     tag on the clips that have one."""
     S = data.splits[split]
-    device = next(model.parameters()).device
     clips = first_n(list(range(len(S["clips"]))), max_clips)
-    logits = []
-    for i in range(0, len(clips), 32):
-        mel, lens = pad_mels([data.clip_mel(split, ci) for ci in clips[i:i + 32]], data.n_mels)
-        logits.append(model.tag_logits(mel.to(device), lens.to(device)).float().cpu())
-    logits = torch.cat(logits).numpy()
+    logits = torch.cat([clip_tag_logits(model, [data.clip_mel(split, ci) for ci in clips[i:i + 32]],
+                                        data.n_mels)
+                        for i in range(0, len(clips), 32)]).numpy()
     labels = np.zeros_like(logits)
     for r, ci in enumerate(clips):
         for t in clip_tags(S["clips"][ci]):

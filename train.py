@@ -302,7 +302,6 @@ if __name__ == "__main__":
     # saved with every checkpoint
     tok_record = None if tok is None else tokenizers.tokenizer_record(tok)
     # the model file's own checks (settings, data, pretrained parts) end the run in one line
-    trained = asdict(config)
     try:
         data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size,
                                                    # n_mels, ...)
@@ -311,21 +310,12 @@ if __name__ == "__main__":
         # pretrained parts named in the config (*_init)
         if checkpoint is None and hasattr(M, "init_pretrained"):
             M.init_pretrained(raw_model, tok)
-    except (ValueError, OSError, EOFError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
-            raise
-        if isinstance(e, ValueError) or (isinstance(e, OSError) and e.errno is None):
-            fail(e)  # the model file's message, which names what is wrong
-        if isinstance(e, OSError) and e.filename:
-            fail(f"{e.filename}: {e.strerror}")
-        # torch.load of a file that is empty or cut short says neither which nor why
-        named = ", ".join(f"{k}={S[k]}" for k in sorted(S) if k.endswith("_init") and S[k])
-        fail(f"a file the settings name ({named or 'data_dir=' + data_dir}) cannot be read: it is "
-             f"empty, truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+    except (ValueError, OSError) as e:
+        fail(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e)
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
         try:
-            load_weights(raw_model, checkpoint["model"], trained, data_dir)
+            load_weights(raw_model, checkpoint["model"], checkpoint["model_args"], data_dir)
         except ValueError as e:
             fail(f"init_from=resume: {ckpt_path}: {e}")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
