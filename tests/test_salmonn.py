@@ -282,8 +282,8 @@ def test_evaluate_scores_each_task_on_its_own_answers(tmp_path, monkeypatch):
               for task in salmonn.ALL_TASKS for ci, q, a in S["entries"][task]}
     assert len(oracle) == sum(len(S["entries"][t]) for t in salmonn.ALL_TASKS)
     m = SALMONN(cfg).eval()
-    monkeypatch.setattr(salmonn, "sample",
-                        lambda model, tok, audio, prompt, tools, **o: {"text": oracle[key(audio, prompt)]})
+    monkeypatch.setattr(salmonn, "sample", lambda model, tok, audio, prompt, tools, **o:
+                        {"text": oracle[key(audio, prompt)]})
     got = salmonn.evaluate(m, data, tok, "val")
     kinds = {S["clips"][ci]["kind"] for ci, _, _ in S["entries"]["transcription"]}
     assert kinds == {"morse", "dtmf", "speech"}
@@ -298,8 +298,15 @@ def test_evaluate_scores_each_task_on_its_own_answers(tmp_path, monkeypatch):
         assert got[f"wer_{k}"] == salmonn.word_error_rate([ref], ["one two"]), k
     assert got["wer_dtmf"] == 0 and got["wer_speech"] == 1.0  # 5 words, 5 errors
     assert got["qa_acc"] == pytest.approx(1 / 3) and got["gender_acc"] == 0
-    assert got["cls_acc"] == 0 and got["bleu4"] == salmonn.bleu4(
-        ["one two"] * len(refs["captioning"]), [[r] for r in refs["captioning"]])
+    assert got["cls_acc"] == 0
+    # one caption for every clip: BLEU-4 of these answers against the references, not the reverse
+    piano = "a piano plays c4."
+    monkeypatch.setattr(salmonn, "sample", lambda *a, **o: {"text": piano})
+    got = salmonn.evaluate(m, data, tok, "val")
+    want = salmonn.bleu4([piano] * len(refs["captioning"]), [[r] for r in refs["captioning"]])
+    assert 0 < want < 1 and got["bleu4"] == pytest.approx(want)
+    swapped = salmonn.bleu4(refs["captioning"], [[piano]] * len(refs["captioning"]))
+    assert want != pytest.approx(swapped)
 
 def test_no_loss_on_prompt_or_audio(tmp_path):
     tok = ByteTokenizer()
