@@ -160,6 +160,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), f"--data_dir={other_data}"],
              f"vocab_size={meta['codebook_size']} in the checkpoint, 2048 from"),
             ([sys.executable, "eval.py", str(good), "--split=test"], "expected train or val"),
+            ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
+             "its folder does not exist"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],
              "takes no text prompt")):
         p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
