@@ -959,6 +959,67 @@ def test_copy_probe_scores_copying(synth_dir):
     words = salmonn.vocab_words(tok)
     assert len(words) > 100 and all(len(tok.encode(" " + w)) == 1 for w in words[:50])
 
+def runs(flags):
+    """The maximal runs of True in a 1-d bool sequence, as (start, end)."""
+    out, start = [], None
+    for i, f in enumerate(list(flags) + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+def test_spec_augment_masks_within_each_clip():
+    """Each clip gets at most n_masks bands of at most max_bins bins over its whole length, and at
+    most n_masks stretches of at most max_frames frames over all bins, set to the clip's mean;
+    nothing else changes, padding included."""
+    g = torch.Generator().manual_seed(0)
+    mel, lens = torch.randn(3, 40, 32, generator=g), torch.tensor([40, 25, 30])
+    for seed in range(20):
+        out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed))
+        for b, n in enumerate(lens.tolist()):
+            assert torch.equal(out[b, n:], mel[b, n:])  # padding untouched
+            changed = out[b, :n] != mel[b, :n]
+            assert torch.allclose(out[b, :n][changed], mel[b, :n].mean().expand(int(changed.sum())))
+            stretch = changed.all(1)                   # frames masked over every bin
+            band = changed.all(0)                      # bins masked over every frame
+            assert torch.equal(changed, stretch[:, None] | band[None, :])
+            assert len(runs(band.tolist())) <= 2 and len(runs(stretch.tolist())) <= 2
+            # two masks may touch: each run is at most two masks wide
+            assert all(e - s <= 2 * 8 for s, e in runs(band.tolist()))
+            assert all(e - s <= 2 * 5 for s, e in runs(stretch.tolist()))
+
+def test_whisper_batches_augment_training_clips_only(tmp_path):
+    write_tiny_data(tmp_path, CLIPS)
+    cfg = tiny_config(stage="whisper", spec_augment=2)
+    data = salmonn.load_data(str(tmp_path), cfg, ByteTokenizerEot60())
+    clip = data.clip_mel("val", 0)
+    val = salmonn.get_batch(data, "val", 4, np.random.default_rng(0))
+    assert all(torch.equal(val["mel"][b, :len(clip)], clip) for b in range(4))
+    train = salmonn.get_batch(data, "train", 4, np.random.default_rng(0))
+    assert not all(torch.equal(train["mel"][b, :len(clip)], clip) for b in range(4))
+
+def test_llm_batches_copy_rows_train_on_the_answers_only(synth_dir):
+    """Stage "llm": corpus rows predict every next token; copying rows hold whole conversations
+    whose targets are the next tokens of the answers and their eot, after each prompt."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    cfg = tiny_config(stage="llm", llm_block_size=96, copy_rows=0.5)
+    data = salmonn.load_data(synth_dir, cfg, tok)
+    batch = salmonn.get_batch(data, "train", 8, np.random.default_rng(0))
+    x, y = batch["idx"], batch["targets"]
+    assert (y[:4] != -1).all() and torch.equal(y[:4, :-1], x[:4, 1:])
+    for b in range(4, 8):
+        target = (y[b] != -1).tolist()
+        answers = runs(target)
+        assert answers
+        for s, e in answers:
+            assert tok.decode(x[b, :s + 1].tolist()).endswith("ASSISTANT:")  # after the prompt
+            assert torch.equal(y[b, s:e - 1], x[b, s + 1:e])                 # the next tokens
+            assert y[b, e - 1] == tok.eot_token                               # then the end
+        # between answers: the next conversation's prompt, with no loss on it
+        assert not any(target[answers[-1][1]:])
+
 def test_copy_documents_and_morse_spelling():
     tok = ByteTokenizer()
     rng = np.random.default_rng(0)
