@@ -32,6 +32,23 @@ def fail(script, error):
     print(f"{script}: {error}", file=sys.stderr)
     sys.exit(2)
 
+def resolve_device(script, device):
+    """--device: auto is cuda where there is one, else cpu; any other must be a device torch knows
+    and this machine has."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        fail(script, f"device={device!r}: not a device torch knows (auto, cpu, cuda, cuda:1, mps)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        fail(script, f"device={device!r}: this machine has no {kind} device torch can use "
+                     f"(device=cpu or auto)")
+    return device
+
 def literal(raw):
     """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string
     itself."""

@@ -147,8 +147,7 @@ def main(argv):
         fail(f"--split={split!r}: expected train or val")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         fail(f"--json={json}: its folder does not exist")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = configurator.resolve_device("eval.py", device)
     rows = [evaluate_checkpoint(path, opts) for path in paths]
     print_table(rows)
     if json:

@@ -73,10 +73,27 @@ class Tools:
         from audio import log_mel
         return log_mel(wav)
 
+def read_meta(data_dir):
+    """data_dir's meta.json, or a one-line failure that names it: missing, not JSON, or without the
+    fields sample.py reads."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        fail(f"data_dir {data_dir}: no meta.json (the data the model was trained on; set "
+             f"--data_dir)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        fail(f"{path}: cannot be read as JSON ({e}); prepare.py writes it")
+    missing = [k for k in ("sample_rate", "frame_rate", "n_q", "n_mels")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        fail(f"{path}: lacks {', '.join(missing)}; prepare.py writes them")
+    return meta
+
 def read_clip(data_dir, split, index):
     """Codes and mel of clip `index` of a split, from the prepared arrays."""
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(data_dir)
     path = os.path.join(data_dir, f"{split}_clips.jsonl")
     if not os.path.isfile(path):
         fail(f"--split={split}: {path} not found")
@@ -113,8 +130,7 @@ if __name__ == "__main__":
     globals().update(S)
     # the model's sample() checks them
     opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = configurator.resolve_device("sample.py", device)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
@@ -140,11 +156,7 @@ if __name__ == "__main__":
     model.load_state_dict(checkpoint["model"])
     model.eval().to(device)
     data_dir = data_dir or checkpoint["config"]["data_dir"]
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-        fail(f"data_dir {data_dir}: no meta.json (the data the model was trained on; set "
-             f"--data_dir)")
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(data_dir)
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data "
           f"{data_dir}")
 

@@ -133,6 +133,10 @@ def load_settings(argv):
         fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or "
              f"pengi")
     module = importlib.import_module(name)
+    lacking = [n for n in ("Config", "Model", "load_data", "get_batch") if not hasattr(module, n)]
+    if lacking:
+        fail(f"model = {name!r} ({where}): {name}.py is not a model file (it has no "
+             f"{', '.join(lacking)}); expected whisper_gpt, salmonn or pengi")
     model_types = {}
     for f in fields(module.Config):
         t = PLAIN.get(f.type, f.type) if isinstance(f.type, str) else f.type
@@ -193,8 +197,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = configurator.resolve_device("train.py", device)
     if ddp:
         from torch.distributed import (ReduceOp, all_reduce, barrier, destroy_process_group,
                                        init_process_group)
@@ -230,6 +233,8 @@ if __name__ == "__main__":
            else torch.autocast(device_type=device_type, dtype=ptdtype))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if not out_dir or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        fail(f"out_dir={out_dir!r}: expected a folder (made if missing) for ckpt.pt and log.jsonl")
     if master:
         os.makedirs(out_dir, exist_ok=True)
     tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size

@@ -151,7 +151,18 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     (other_data / "meta.json").unlink()
     (other_data / "meta.json").write_text(json.dumps({**meta, "codebook_size": 2048}))
     new = tmp_path / "new"
+    (tmp_path / "a_file").write_text("")
+    bad_meta = tmp_path / "bad_meta"
+    bad_meta.mkdir()
+    (bad_meta / "meta.json").write_text("{not json")
     for cmd, words in (
+            (train(new, synth_dir, "--device=gpu7"), "not a device torch knows"),
+            ([sys.executable, "eval.py", str(good), "--device=nonsense"],
+             "not a device torch knows"),
+            (train(tmp_path / "a_file", synth_dir), "expected a folder"),
+            ([sys.executable, "train.py", "--model=configurator"], "is not a model file"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={bad_meta}"],
+             "cannot be read as JSON"),
             (train(new, synth_dir, "--eval_interval=0"), "eval_interval=0: must be at least 1"),
             (train(new, synth_dir, "--mel_dim=0"), "mel_dim (0)"),
             ([sys.executable, "train.py", "config/salmonn_stage1.py", f"--out_dir={new}",
