@@ -110,6 +110,8 @@ def sweep(runs, train_args, max_iters):
             running.remove(item)
             log.close()
             if proc.returncode:
+                for _, other, _, _ in running:  # no run left behind without its sweep
+                    other.terminate()
                 fail(f"{d}: train.py exited with {proc.returncode}; see {d}/train.log")
             with open(os.path.join(d, "wall.json.tmp"), "w") as f:
                 json.dump({"seconds": time.time() - start}, f)
