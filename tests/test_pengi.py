@@ -352,6 +352,44 @@ def test_clap_stage_trains_the_encoders_only():
     torch.testing.assert_close(p.eval().embed_audio(b["mel"]), m.eval().embed_audio(b["mel"]))
 
 
+def test_clap_loss_against_written_out_infonce():
+    """clap_loss = -1/2 (mean_i sum_j P_ij log softmax_j(S_ij)
+                         + mean_j sum_i P_ij log softmax_i(S_ij))
+    with S_ij = <a_i, t_j> / clap_temp over unit audio and answer-text embeddings, and P_ij uniform
+    over the clips whose answer equals clip i's (a duplicated answer has two positives). Written
+    out here in float64 loops, text embedded one answer at a time without padding. (Duplicated
+    answers have identical text embeddings, so these P give the same value as the diagonal
+    targets of plain CLIP, which clap_loss uses.)"""
+    temp = 0.2  # not the default, so a hard-wired 0.07 would show
+    answers = [[5, 6, 7], [8, 9], [5, 6, 7], [10], [5, 6, 7, 11]]  # clips 0 and 2 share theirs
+    B, cfg = len(answers), tiny_config(stage="clap", clap_temp=temp)
+    g = torch.Generator().manual_seed(3)
+    mel = torch.randn(B, cfg.max_frames, cfg.n_mels, generator=g)
+    b = pengi.collate(list(mel.numpy()), [[1, 2]] * B, answers, cfg.eot_token)
+    m = tiny_model(stage="clap", clap_temp=temp)
+    with torch.no_grad():
+        _, loss = m(**b)
+        a = F.normalize(m.embed_audio(b["mel"]), dim=-1).double().tolist()
+        t = [F.normalize(m.embed_text(torch.tensor([x]), torch.tensor([len(x)])), dim=-1)[0]
+             .double().tolist() for x in answers]
+    S = [[sum(p * q for p, q in zip(a[i], t[j])) / temp for j in range(B)] for i in range(B)]
+    pos = [[j for j in range(B) if answers[j] == answers[i]] for i in range(B)]
+    assert pos[0] == [0, 2] and pos[1] == [1]
+
+    def ce(rows):  # mean over rows i of -mean over positives j of log softmax(row i)_j
+        return sum(-sum(r[j] - math.log(sum(math.exp(v) for v in r)) for j in pos[i]) / len(pos[i])
+                   for i, r in enumerate(rows)) / B
+
+    ref = 0.5 * (ce(S) + ce([list(col) for col in zip(*S)]))
+    assert loss.item() == pytest.approx(ref, abs=1e-5)
+    # the two directions differ on this batch, so each term matters
+    assert abs(ce(S) - ce([list(col) for col in zip(*S)])) > 1e-3
+    # the same loss when called directly, as the pengi stage's clap_weight does
+    with torch.no_grad():
+        direct = m.clap_loss(m.embed_audio(b["mel"]), b["answer"], b["targets"])
+    assert direct.item() == pytest.approx(ref, abs=1e-5)
+
+
 def test_bad_inputs_named():
     m = tiny_model()
     b = tiny_batch(m.config)
