@@ -171,6 +171,102 @@ def test_dct_init_is_the_block_lowpass_and_keeps_the_architecture():
     model.load_state_dict(fresh)                           # a pretrained checkpoint drops in
 
 
+def brute_nearest(x, means):
+    """Reference for assign_nearest: squared distances to every centroid, by subtraction, in
+    float64; argmin takes the first of equal minima."""
+    d = ((x.double()[:, None] - means.double()[None]) ** 2).sum(-1)
+    return d.argmin(1), d.min(1).values
+
+
+def test_assign_nearest_is_the_brute_force_argmin_with_ties_to_the_lowest_index():
+    """Random data, in chunks that do not divide it: the index of the nearest centroid and the
+    squared distance to it; on integer data (exact in float32, so ties are exact) with a repeated
+    centroid and equidistant points, a tie goes to the lowest index, as torch.min's does."""
+    g = torch.Generator().manual_seed(0)
+    x, means = torch.randn(500, 8, generator=g), torch.randn(37, 8, generator=g)
+    want, dist = brute_nearest(x, means)
+    for chunk in (8192, 64):
+        got, got_dist = C.assign_nearest(x, means, chunk=chunk, return_dist=True)
+        assert torch.equal(got, want) and torch.equal(C.assign_nearest(x, means, chunk=chunk), got)
+        assert torch.allclose(got_dist.double(), dist, atol=1e-4)
+    means = torch.randint(-2, 3, (10, 3), generator=g).float()
+    means[7] = means[2]
+    x = torch.cat([torch.randint(-3, 4, (400, 3), generator=g).float(), means[[7, 2]],
+                   (means[[1]] + means[[4]]) / 2])    # ties: both copies of 2, 1 against 4
+    want, dist = brute_nearest(x, means)
+    ties = ((((x[:, None] - means[None]) ** 2).sum(-1) == dist.float()[:, None]).sum(1) > 1)
+    assert ties.sum() > 20 and 7 not in want.tolist()
+    got, got_dist = C.assign_nearest(x, means, chunk=100, return_dist=True)
+    assert torch.equal(got, want) and torch.equal(got_dist.double(), dist)
+
+
+def test_kmeans_finds_the_blobs_and_is_a_weighted_lloyd_fixed_point():
+    """Four well-separated Gaussian blobs (std 0.5, 10 apart), some points repeated (kmeans works on
+    distinct rows weighted by their count, which must equal running on the repeats): after enough
+    iterations each centroid is the mean of the points (repeats included) whose brute-force nearest
+    centroid it is, counts are those points' numbers, the inertia never rises with more iterations
+    and falls below the seeded start's, and the best of four seeds puts one centroid on each blob's
+    sample mean (Lloyd's can settle in a local optimum from an unlucky start)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0., 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10]])
+    label = torch.arange(4).repeat_interleave(torch.tensor([150, 200, 250, 100]))
+    x = centres[label] + 0.5 * torch.randn(len(label), 3, generator=g)
+    x, label = torch.cat([x, x[:50].repeat(3, 1)]), torch.cat([label, label[:50].repeat(3)])
+    inertia = lambda means: float(brute_nearest(x, means)[1].sum())
+    best = None
+    for seed in range(4):
+        curve = [inertia(C.kmeans(x, 4, iters, torch.Generator().manual_seed(seed))[0])
+                 for iters in range(5)]
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(curve, curve[1:]))
+        assert curve[1] < curve[0]
+        means, counts = C.kmeans(x, 4, 40, torch.Generator().manual_seed(seed))
+        near = brute_nearest(x, means)[0]
+        assert torch.equal(counts, torch.bincount(near, minlength=4).float())
+        assert torch.allclose(means, torch.stack([x[near == j].mean(0) for j in range(4)]),
+                              atol=1e-5)
+        if best is None or inertia(means) < inertia(best):
+            best = means
+    blob_means = torch.stack([x[label == j].mean(0) for j in range(4)])
+    d = torch.cdist(blob_means.double(), best.double())
+    assert d.min(1).values.max() < 1e-4 and len(set(d.argmin(1).tolist())) == 4
+    assert torch.cdist(centres, best).min(1).values.max() < 0.2
+    # fewer distinct rows than codes: those rows, with their counts, and spares nothing picks
+    x = torch.tensor([[1., 2], [3, 4], [5, 6]]).repeat_interleave(torch.tensor([4, 1, 2]), 0)
+    means, counts = C.kmeans(x, 5, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(means[:3], x.unique(dim=0)) and counts.tolist() == [4, 1, 2, 0, 0]
+    assert torch.equal(C.assign_nearest(x, means), brute_nearest(x, means[:3])[0])
+
+
+def test_calibrate_standardises_the_encoder_and_leaves_decode_of_encode_unchanged():
+    """On the analytic start (dct_init, as prepare.py calibrates it): calibrate returns the
+    encoder outputs it was given standardised per channel by their mean and sample std (numpy, in
+    float64); the calibrated encoder gives exactly those on the same clips, and the same map of the
+    old encoder's outputs on other clips; and the decoder, with the inverse folded into its first
+    conv, turns the calibrated encoder's outputs into the same audio as before (1e-5 on audio of
+    amplitude ~0.5)."""
+    model = C.dct_init(A.offline_codec())
+    rng = np.random.default_rng(0)
+    dur = lambda frames: frames * A.HOP / SR
+    fit = [0.3 * rng.standard_normal(8 * A.HOP).astype(np.float32),
+           Y.tone("sawtooth", Y.midi_hz(57), dur(8), rng).astype(np.float32) * 0.5]
+    held = [0.2 * rng.standard_normal(6 * A.HOP).astype(np.float32),
+            Y.tone("square", Y.midi_hz(64), dur(6), rng).astype(np.float32) * 0.5]
+    emb = torch.cat(A.encode_emb(model, fit))
+    old_held = A.encode_emb(model, held)
+    old_audio = C.reconstruct(model, held, quantized=False)
+    e = emb.double().numpy()
+    mean, std = e.mean(0), e.std(0, ddof=1)
+    # a real change of scale and offset, so the checks below can fail
+    assert np.abs(mean).max() > 0.5 and std.min() < 0.5 < 1.0 < std.max()
+    out = C.calibrate(model, emb.clone()).double().numpy()
+    assert np.abs(out - (e - mean) / std).max() < 1e-5
+    assert np.abs(torch.cat(A.encode_emb(model, fit)).double().numpy() - out).max() < 1e-5
+    for new, old in zip(A.encode_emb(model, held), old_held):
+        assert np.abs(new.double().numpy() - (old.double().numpy() - mean) / std).max() < 1e-5
+    for new, old in zip(C.reconstruct(model, held, quantized=False), old_audio):
+        assert np.abs(old).max() > 0.3 and np.abs(new - old).max() < 1e-5
+
+
 def test_offline_codec_trains_its_learned_parts_only_and_resumes(tmp_path, monkeypatch):
     """train_codec starts from dct_init and trains the residual branches and LSTMs with
     EnCodec's loss: the loss on a fixed clip falls, the analytic path (every other weight) stays
