@@ -707,9 +707,8 @@ class Pengi(nn.Module):
 
     def clap_loss(self, audio, answer, targets, text_grad=False):
         """CLAP's symmetric InfoNCE between each clip's audio embedding and the text encoder's
-        embedding of its answer. Clips in the batch with the same answer get the same text
-        embedding, so the diagonal targets already treat them alike (counting them as positives of
-        each other gives the same loss). stage="clap" trains both encoders with it alone (Pengi's HTSAT comes from CLAP). In
+        embedding of its answer; clips in the batch with the same answer count as positives of each
+        other. stage="clap" trains both encoders with it alone (Pengi's HTSAT comes from CLAP). In
         stage "pengi", clap_weight > 0 adds it (ours, training only, text side fixed): without a
         CLAP start, a scratch encoder trained only through the frozen LM collapses to a constant
         embedding (the answer prior is learnt first, and an input-independent embedding serves it
@@ -718,9 +717,13 @@ class Pengi(nn.Module):
         lens = ((targets != -1).sum(1) - 1).clamp(min=1)
         with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
             text = self.embed_text(answer, lens)
+        with torch.no_grad():
+            same = (targets[:, None, :] == targets[None, :, :]).all(-1).float()
+            same = same / same.sum(1, keepdim=True)
         sim = audio @ text.t() / self.config.clap_temp
-        clips = torch.arange(len(sim), device=sim.device)
-        return 0.5 * (F.cross_entropy(sim, clips) + F.cross_entropy(sim.t(), clips))
+        audio_to_text = (same * F.log_softmax(sim, 1)).sum(1).mean()
+        text_to_audio = (same * F.log_softmax(sim.t(), 1)).sum(1).mean()
+        return -0.5 * (audio_to_text + text_to_audio)
 
     # --- decoding ----------------------------------------------------------------------
 
