@@ -45,8 +45,9 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
 
     from train import load_checkpoint
     out, rng = tmp_path / "killed", np.random.default_rng(0)
-    kills = 0
-    while kills < 10:
+    kills, saved = 0, 0
+    # on a fast machine a random delay can span the last iterations: the run then finishes here
+    while kills < 10 and saved < 24:
         resume = (out / "ckpt.pt").exists()
         proc = subprocess.Popen(train(out, synth_dir,
                                       *(["--init_from=resume"] if resume and kills % 2 else [])),
@@ -73,7 +74,8 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
             assert saved % 2 == 0 and start <= saved <= 24
     p = subprocess.run(train(out, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 0 and "resuming it" in p.stdout, p.stderr
+    said = "resuming it" if saved < 24 else "nothing to do"
+    assert p.returncode == 0 and said in p.stdout, (said, p.stdout, p.stderr)
     got = log_losses(out)
     assert {it for it, _ in got} == set(expected)
     for it, loss in got:
