@@ -341,8 +341,17 @@ def load_codec(data_dir):
     c = meta["codec"]
     if c["pretrained"]:
         return encodec_24khz(True, Path(c["weights"]).parent)
-    ckpt = torch.load(Path(data_dir) / c["weights"], map_location="cpu", weights_only=True)
-    if not ckpt.get("fitted"):
+    path = Path(data_dir) / c["weights"]
+    if not path.is_file():
+        raise ValueError(f"{path}: the offline codec of {data_dir} is missing: re-run prepare.py "
+                         f"for that data")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{path}: cannot be read, it is truncated or corrupt ({type(e).__name__}: "
+                         f"{first}): re-run prepare.py --force for that data") from None
+    if not isinstance(ckpt, dict) or not ckpt.get("fitted"):
         raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were "
                          f"never fitted")
     model = offline_codec()

@@ -31,7 +31,7 @@ clip = 0             # input: clip number in {split}_clips.jsonl (when audio is 
 split = "val"
 audio = ""           # input: an audio file instead (wav, flac, ...; resampled to 24 kHz)
 prompt = ""          # text prompt (for the text-output models)
-out = ""             # output wav for audio results; default out_dir/sample.wav
+out = ""             # output wav for audio results (a folder: its sample.wav); default out_dir/sample.wav
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
 dtype = "auto"       # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -53,7 +53,10 @@ class Tools:
         if self._codec is None:
             from audio import load_codec
             t0 = time.time()
-            self._codec = load_codec(self.data_dir)
+            try:
+                self._codec = load_codec(self.data_dir)
+            except ValueError as e:  # missing, cut short, or not fitted
+                fail(f"codec: {e}")
             self.load_seconds += time.time() - t0
         return self._codec
 
@@ -155,6 +158,13 @@ if __name__ == "__main__":
     model = M.Model(config)
     model.load_state_dict(checkpoint["model"])
     model.eval().to(device)
+    # where an audio result goes: a folder gets sample.wav, checked before any work
+    wav_path = out or os.path.join(out_dir, "sample.wav")
+    if os.path.isdir(wav_path) or wav_path.endswith(os.sep):
+        wav_path = os.path.join(wav_path, "sample.wav")
+    if os.path.exists(os.path.dirname(os.path.abspath(wav_path))) and not os.path.isdir(
+            os.path.dirname(os.path.abspath(wav_path))):
+        fail(f"--out={out}: {os.path.dirname(wav_path)} is a file, not a folder")
     data_dir = data_dir or checkpoint["config"]["data_dir"]
     meta = read_meta(data_dir)
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data "
@@ -210,7 +220,7 @@ if __name__ == "__main__":
         if prompt_codes is not None:
             codes = torch.cat([prompt_codes, codes])
         wav = tools.decode(codes)
-        path = out or os.path.join(out_dir, "sample.wav")
+        path = wav_path
         write_wav(path, wav.numpy(), meta["sample_rate"])
         seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
         png = os.path.splitext(path)[0] + ".png"

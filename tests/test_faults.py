@@ -154,6 +154,14 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     (other_data / "meta.json").write_text(json.dumps({**meta, "codebook_size": 2048}))
     new = tmp_path / "new"
     (tmp_path / "a_file").write_text("")
+    cut_codec = tmp_path / "cut_codec"  # the data's offline codec file cut short
+    cut_codec.mkdir()
+    codec_file = json.loads((other_data / "meta.json").read_text())["codec"]["weights"]
+    for f in os.listdir(synth_dir):
+        if f != codec_file:
+            os.symlink(os.path.join(synth_dir, f), cut_codec / f)
+    codec_bytes = open(os.path.join(synth_dir, codec_file), "rb").read()
+    (cut_codec / codec_file).write_bytes(codec_bytes[:len(codec_bytes) // 2])
     bad_meta = tmp_path / "bad_meta"
     bad_meta.mkdir()
     (bad_meta / "meta.json").write_text("{not json")
@@ -176,7 +184,11 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],
-             "takes no text prompt")):
+             "takes no text prompt"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={cut_codec}",
+              "--max_new_tokens=2"], f"{cut_codec / codec_file}: cannot be read, it is truncated"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--out={tmp_path / 'a_file' / 'x.wav'}"],
+             "is a file, not a folder")):
         p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)

@@ -206,6 +206,14 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
     assert f"{prompt / 24000:.2f} s prompt + {n * 320 / 24000:.2f} s continuation" in p.stdout
     # its spectrogram next to it
     assert "tokens/s" in p.stdout and (tmp_path / "x.png").stat().st_size > 1000
+    # --out naming a folder: its sample.wav
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
+                        f"--data_dir={synth_dir}", "--max_new_tokens=4", f"--out={folder}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and f"wrote {folder / 'sample.wav'}" in p.stdout, p.stderr
+    assert sf.read(folder / "sample.wav")[0].size > 4 * 320
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
                         f"--data_dir={synth_dir}", "--beam=3"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
