@@ -288,6 +288,13 @@ if __name__ == "__main__":
             fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not "
                  f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
+        # the other settings are this command's: say which ones the run did not have
+        changed = sorted(k for k in set(S) | set(checkpoint["config"])
+                         if k not in RUN_KEYS and k not in checkpoint["model_args"]
+                         and S.get(k) != checkpoint["config"].get(k))
+        if changed and master:
+            print("resuming with settings other than the run's: " + ", ".join(
+                f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
     else:
         try:
             config = M.Config(**{k: S[k] for k in model_keys if k in S})

@@ -114,7 +114,9 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
               "--gradient_accumulation_steps=2", "--dropout=0.1"]
     run(common + ["--max_iters=4"])  # stops after 4 iterations (checkpoint at 4)
-    run(common + ["--max_iters=8", "--init_from=resume"])
+    p = run(common + ["--max_iters=8", "--init_from=resume"])
+    # the one setting that changed is named
+    assert "resuming with settings other than the run's: max_iters=4 -> 8\n" in p.stdout, p.stdout
     full, _ = losses(full_run)
     resumed, val = losses(out)
     assert sorted(resumed) == list(range(1, 9))
