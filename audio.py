@@ -154,9 +154,9 @@ _mel_cache = {}
 
 def log_mel(wav):
     """Log-mel spectrogram: (n,) or (B, n) audio at 24 kHz -> (frames, 64) or (B, frames, 64),
-    frames = ceil(n/320). Accepts numpy or torch; returns the same kind (float32). Values:
-    (log10(mel power) + 4) / 4, power of a Hann-windowed frame scaled so a full-scale sine is ~0 dB
-    (-> ~1); silence sits at -1 (floor -80 dB)."""
+    frames = ceil(n/320). Accepts numpy or torch; returns the same kind (float32, also under a
+    caller's bfloat16 autocast). Values: (log10(mel power) + 4) / 4, power of a Hann-windowed frame
+    scaled so a full-scale sine is ~0 dB (-> ~1); silence sits at -1 (floor -80 dB)."""
     is_np = not torch.is_tensor(wav)
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32)) if is_np else wav.float()
     squeeze = x.dim() == 1
@@ -172,10 +172,11 @@ def log_mel(wav):
     right = (T - 1) * HOP + N_FFT - left - n
     x = torch.nn.functional.pad(x, (left, max(0, right)))
     frames = x.unfold(-1, N_FFT, HOP)[:, :T]          # (B, T, N_FFT)
-    spec = torch.fft.rfft(frames * win, dim=-1)
-    power = spec.real ** 2 + spec.imag ** 2
-    power = power * (4.0 / win.sum() ** 2)           # amplitude-1 sine -> peak bin power ~1
-    mel = power @ fb.T                                # (B, T, n_mels)
+    with torch.autocast(x.device.type, enabled=False):
+        spec = torch.fft.rfft(frames * win, dim=-1)
+        power = spec.real ** 2 + spec.imag ** 2
+        power = power * (4.0 / win.sum() ** 2)       # amplitude-1 sine -> peak bin power ~1
+        mel = power @ fb.T                            # (B, T, n_mels)
     out = (torch.log10(mel.clamp_min(LOG_FLOOR)) + 4.0) / 4.0
     if squeeze:
         out = out[0]
@@ -308,7 +309,8 @@ def decode(codec, codes):
     """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
     (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
     codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
-    return codec.decode([(codes, None)])[0, 0].float()
+    with torch.autocast("cpu", enabled=False):  # the codec runs in float32 on the CPU
+        return codec.decode([(codes, None)])[0, 0].float()
 
 def offline_codec(seed=1234):
     """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all
@@ -425,8 +427,9 @@ class StreamingDecoder:
     def __call__(self, codes):
         """codes (T, k): the next T frames of the first k codebooks -> their audio, (T * 320,)
         float32."""
-        z = self.codec.quantizer.decode(torch.as_tensor(codes).long().T[:, None])   # (1, 128, T)
-        return self._run(self.codec.decoder.model, z)[0, 0].float()
+        with torch.autocast("cpu", enabled=False):  # as decode()
+            z = self.codec.quantizer.decode(torch.as_tensor(codes).long().T[:, None])  # (1, 128, T)
+            return self._run(self.codec.decoder.model, z)[0, 0].float()
 
     def _run(self, module, x):
         step = self.kinds.get(type(module))

@@ -423,11 +423,20 @@ def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir, c
         assert parts.shape == full.shape == (60 * 320,)
         assert (parts - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
     codes = inp["codes"][:60, :1]
-    full_mel = torch.as_tensor(tools.mel(tools.decode(codes)))
+    full_wav = tools.decode(codes)
+    full_mel = torch.as_tensor(tools.mel(full_wav))
     mel_fn = W.incremental_mel(tools, lag=1)
     for j in range(20, 58):   # as generate calls it: once per frame, when frames up to j + 1 exist
         m = mel_fn(codes[:j + 2, 0][None], j)
         assert (m[0] - full_mel[j]).abs().max() < 1e-4, j
+    # under the bfloat16 autocast of sample.py --dtype=bfloat16 on a CPU, the codec and the mel
+    # still run in float32
+    mel_fn = W.incremental_mel(tools, lag=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (tools.decode(codes) - full_wav).abs().max() < 1e-6
+        for j in range(20, 30):
+            m = mel_fn(codes[:j + 2, 0][None], j)
+            assert m.dtype == torch.float32 and (m[0] - full_mel[j]).abs().max() < 1e-4, j
 
 def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
     """kinds="speech" (Table 1's speech row; the test corpus has no music clip in val, so events
