@@ -124,6 +124,29 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
         assert resumed[it] == full[it], (it, resumed[it], full[it])  # bit for bit on CPU
     assert val[8] == losses(full_run)[1][8]
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype):
+    """The autocast paths a GPU uses, run on the CPU: the loss falls as in float32, float16's
+    GradScaler state is saved and restored on resume, and the weights stay float32."""
+    import torch
+    out = str(tmp_path)
+    common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+              "--gradient_accumulation_steps=2", "--dropout=0.1", f"--dtype={dtype}", "--device=cpu"]
+    run(common + ["--max_iters=4"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ("scaler" in ck) == (dtype == "float16")
+    if dtype == "float16":
+        assert ck["scaler"]["scale"] > 0 and ck["scaler"]["_growth_tracker"] == 4
+    assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
+    run(common + ["--max_iters=8", "--init_from=resume"])
+    _, val = losses(out)
+    _, val32 = losses(full_run)  # the same run in float32
+    assert val[8] < val[0] - 0.3, val
+    assert abs(val[8] - val32[8]) < 0.05 * val32[8], (val, val32)
+    if dtype == "float16":  # four more unskipped steps on the restored tracker
+        ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+        assert ck["scaler"]["_growth_tracker"] == 8
+
 def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
     """The lr of every iteration (TINY: warmup 2, decay to iteration 8, 1e-2 -> 1e-3), against
     the schedule written out here: linear warmup lr*(it+1)/(warmup+1), then cosine from lr at
