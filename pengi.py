@@ -351,8 +351,10 @@ def set_llm_dims(config):
     if not config.llm_init or not os.path.exists(config.llm_init):
         return
     _, dims = load_llm_state(config.llm_init)
-    if config.vocab_size and dims["vocab_size"] < config.vocab_size:
-        raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} < the "
+    # the LM must read the tokenizer's ids: a larger vocab would be lost when a checkpoint reloads
+    # (load_data sets vocab_size from the tokenizer) and could sample ids no tokenizer decodes
+    if config.vocab_size and dims["vocab_size"] != config.vocab_size:
+        raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} != the "
                          f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
     config.vocab_size, config.llm_n_layer = dims["vocab_size"], dims["n_layer"]
     config.llm_n_head = dims["n_head"]

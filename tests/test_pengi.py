@@ -444,6 +444,10 @@ def test_llm_loaders(tmp_path):
         # text_init="llm": the text tower starts as the LM's embeddings and first layer
         assert torch.equal(m.text_encoder.wte.weight, sd["wte.weight"])
         assert torch.equal(m.text_encoder.h[0].attn.c_attn.weight, sd["h.0.attn.c_attn.weight"])
+    # an LM whose vocab is not the tokenizer's (here 50 against 49, or 51) is refused, naming both
+    for vocab in (49, 51):
+        with pytest.raises(ValueError, match=f"vocab_size 50 != the {vocab} of tokenizer"):
+            pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "ckpt.pt"), vocab_size=vocab))
     # the constructor reads no file
     m = pengi.Pengi(tiny_config(llm_init=str(tmp_path / "missing.pt")))
     with pytest.raises(FileNotFoundError, match="llm_init"):
