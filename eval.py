@@ -25,7 +25,7 @@ import torch
 
 import configurator
 import tokenizer as tokenizers
-from train import load_checkpoint, load_weights
+from train import load_checkpoint, load_data, load_weights
 
 # -----------------------------------------------------------------------------
 split = "val"
@@ -77,7 +77,7 @@ def evaluate_checkpoint(path, opts):
         fail(f"{path}: tokenizer: {e}")
     trained = asdict(config)
     try:
-        data = M.load_data(ddir, config, tok)
+        data = load_data(M, ddir, config, tok)
         model = M.Model(config)
     except (ValueError, OSError) as e:
         fail(f"{path}: data: {e}")

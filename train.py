@@ -104,6 +104,15 @@ def load_checkpoint(path, map_location="cpu"):
                          f"here")
     return ck
 
+def load_data(M, data_dir, config, tok):
+    """M.load_data, with a ValueError that names the data when a field prepare.py writes is
+    missing from its meta.json or clip lists (a KeyError otherwise)."""
+    try:
+        return M.load_data(data_dir, config, tok)
+    except KeyError as e:
+        raise ValueError(f"data_dir {data_dir}: its meta.json or clip lists lack the field {e}; "
+                         f"prepare.py writes them (re-run it for this data)") from None
+
 def load_weights(model, state, trained_args, data_dir):
     """A checkpoint's weights into a model built from its args (trained_args) and data_dir's data,
     or a ValueError: when they do not fit, the data set a size the checkpoint was not trained with,
@@ -315,8 +324,8 @@ if __name__ == "__main__":
     tok_record = None if tok is None else tokenizers.tokenizer_record(tok)
     # the model file's own checks (settings, data, pretrained parts) end the run in one line
     try:
-        data = M.load_data(data_dir, config, tok)  # may fill data-derived fields (vocab_size,
-                                                   # n_mels, ...)
+        data = load_data(M, data_dir, config, tok)  # may fill data-derived fields (vocab_size,
+                                                    # n_mels, ...)
         torch.manual_seed(seed)
         raw_model = M.Model(config)
         # pretrained parts named in the config (*_init)

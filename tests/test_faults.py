@@ -162,6 +162,13 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             os.symlink(os.path.join(synth_dir, f), cut_codec / f)
     codec_bytes = open(os.path.join(synth_dir, codec_file), "rb").read()
     (cut_codec / codec_file).write_bytes(codec_bytes[:len(codec_bytes) // 2])
+    no_field = tmp_path / "no_field"  # meta.json without n_mels
+    no_field.mkdir()
+    for f in os.listdir(synth_dir):
+        if f != "meta.json":
+            os.symlink(os.path.join(synth_dir, f), no_field / f)
+    (no_field / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                    if k != "n_mels"}))
     bad_meta = tmp_path / "bad_meta"
     bad_meta.mkdir()
     (bad_meta / "meta.json").write_text("{not json")
@@ -181,6 +188,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), f"--data_dir={other_data}"],
              f"vocab_size={meta['codebook_size']} in the checkpoint, 2048 from"),
             ([sys.executable, "eval.py", str(good), "--split=test"], "expected train or val"),
+            ([sys.executable, "eval.py", str(good), f"--data_dir={no_field}"],
+             f"data_dir {no_field}: its meta.json or clip lists lack the field 'n_mels'"),
+            (train(new, no_field), "lack the field 'n_mels'"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],
