@@ -12,7 +12,7 @@ Tests of fused_attention.attention against plain softmax attention computed in f
   what an H100 runs by default (forward, decoding, the default backward, their default tiles) at D =
   64 and 128 in the heaviest variant (causal + k_lens), ~30 s the first time;
   FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES entry x causal/k_lens variant
-  (300 builds, ~20 min the first time). Triton caches builds on disk, so later runs take seconds;
+  (296 builds, ~20 min the first time). Triton caches builds on disk, so later runs take seconds;
 - on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped
   otherwise).
 
