@@ -354,8 +354,7 @@ def load_codec(data_dir):
         raise ValueError(f"{path}: cannot be read, it is truncated or corrupt ({type(e).__name__}: "
                          f"{first}): re-run prepare.py --force for that data") from None
     if not isinstance(ckpt, dict) or not ckpt.get("fitted"):
-        raise ValueError(f"{Path(data_dir) / c['weights']}: the offline codec's codebooks were "
-                         f"never fitted")
+        raise ValueError(f"{path}: the offline codec's codebooks were never fitted")
     model = offline_codec()
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
     # one before training, one for k-means (see calibrate)

@@ -31,7 +31,8 @@ clip = 0             # input: clip number in {split}_clips.jsonl (when audio is 
 split = "val"
 audio = ""           # input: an audio file instead (wav, flac, ...; resampled to 24 kHz)
 prompt = ""          # text prompt (for the text-output models)
-out = ""             # output wav for audio results (a folder: its sample.wav); default out_dir/sample.wav
+out = ""             # output wav of audio results, or a folder for its sample.wav; default
+                     # out_dir/sample.wav
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
 dtype = "auto"       # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -162,9 +163,11 @@ if __name__ == "__main__":
     wav_path = out or os.path.join(out_dir, "sample.wav")
     if os.path.isdir(wav_path) or wav_path.endswith(os.sep):
         wav_path = os.path.join(wav_path, "sample.wav")
-    if os.path.exists(os.path.dirname(os.path.abspath(wav_path))) and not os.path.isdir(
-            os.path.dirname(os.path.abspath(wav_path))):
-        fail(f"--out={out}: {os.path.dirname(wav_path)} is a file, not a folder")
+    folder = os.path.dirname(os.path.abspath(wav_path))
+    while not os.path.exists(folder):  # the folders write_wav would make
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        fail(f"--out={out}: {folder} is a file, not a folder")
     data_dir = data_dir or checkpoint["config"]["data_dir"]
     meta = read_meta(data_dir)
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data "
