@@ -7,8 +7,8 @@ files (Python files of assignments, where a script takes them) and then --key=va
 in the order given. Every value must have its default's type (an int is accepted for a float; --flag
 alone means --flag=True for a bool); an unknown key is an error that names where it came from and
 suggests the closest known keys, unless the script passes unknown keys on (sample.py and eval.py
-give them to the model file's sample() / evaluate(), which check them; whisper_gpt_table.py gives
-them to train.py).
+give them to the model file's sample() / evaluate() after checking them against its SAMPLE_OPTS /
+EVAL_OPTS; whisper_gpt_table.py gives them to train.py).
 
     entries, positional = gather(argv, config_files=True)   # what was given, in order
     settings, unknown = resolve(entries, types)             # typed values; unknown keys, raw text

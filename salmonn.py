@@ -175,8 +175,8 @@ def sinusoids(length, channels, max_timescale=10000):
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 class MultiHeadAttention(nn.Module):
-    """Non-causal attention; kv_dim != n_embd for cross-attention. key has no bias, as in
-    Whisper."""
+    """Whisper's attention: self-attention (causal in the text decoder) or, with kv_dim != n_embd,
+    cross-attention. key has no bias, as in Whisper."""
 
     def __init__(self, n_embd, n_head, kv_dim=None):
         super().__init__()

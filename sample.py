@@ -5,9 +5,9 @@ Sample from a trained model of this repository, whatever its model file.
     python sample.py --out_dir=out/whisper-gpt-quick --audio=my.wav --out=continuation.wav
     python sample.py --out_dir=out/salmonn --clip=0 --prompt="Describe the audio."
 
-The settings below belong to sample.py; every other --key=value is passed untouched to the model
-file's sample() (temperature, top_k, max_new_tokens, beam, lora_scale, ...), which rejects keys it
-does not know. A result {"codes": ...} is decoded with the data's EnCodec and written as a wav;
+The settings below belong to sample.py; every other --key=value goes to the model file's sample()
+(temperature, top_k, max_new_tokens, beam, lora_scale, ...), read as a Python literal; a key that is
+not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded with the data's EnCodec and written as a wav;
 a result {"text": ...} is printed.
 """
 

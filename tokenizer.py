@@ -235,8 +235,9 @@ def checkpoint_tokenizer(checkpoint, config, data_dir, where="checkpoint"):
     name = getattr(config, "tokenizer", None)
     return load_tokenizer(data_dir, name) if name else None
 
-# Template and instruction text the models put around the data: trained into the offline BPE so
-# prompts tokenize compactly.
+# Prompt-style text (templates and instructions like those the models put around the data, not an
+# exact list of them) trained into the offline BPE so prompts tokenize compactly. Editing it changes
+# the BPE of data prepared afterwards, and so every figure measured on it.
 PROMPT_TEXT = [
     "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT: {}</s>",
     "USER: <Speech><SpeechHere></Speech> Recognize the speech and give me the "

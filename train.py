@@ -246,9 +246,9 @@ if __name__ == "__main__":
         fail(f"out_dir={out_dir!r}: expected a folder (made if missing) for ckpt.pt and log.jsonl")
     if master:
         os.makedirs(out_dir, exist_ok=True)
-    tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
+    sequences_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
-        print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {tokens_per_iter} "
+        print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {sequences_per_iter} "
               f"sequences per iteration")
 
     # -----------------------------------------------------------------------------

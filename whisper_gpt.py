@@ -2,8 +2,9 @@
 Whisper-GPT (Verma, 2024, arXiv 2412.11449): a generative model of audio that predicts the next
 coarse EnCodec token (codebook 0 of the 24 kHz codec, 75 tokens/s) from a hybrid input. At step t:
 - the coarse token of step t is embedded, and
-- the mel-spectrogram frame of the same instant goes through a few lightweight causal decoder blocks
-  (the Whisper encoder replaced by a small decoder stack) to a small vector (32-d);
+- the mel-spectrogram frame of that instant (ours: of the step before, mel_lag=1, since frame t's
+  window reaches into the audio of the token being predicted) goes through a few lightweight causal
+  decoder blocks (the Whisper encoder replaced by a small decoder stack) to a small vector (32-d);
 the two are concatenated (early fusion) and the main causal decoder predicts the token of step t+1.
 With use_mel=False the spectrogram path is gone and this is the token-only GPT baseline (GPT-S/GPT-L
 of the paper). The paper gives no depth/width/context: the numbers in the configs are ours.
@@ -61,7 +62,7 @@ class WhisperGPTConfig:
 # the transformer blocks (the same block serves the mel decoder and the main decoder)
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    """LayerNorm with an optional bias, as nanoGPT's (the same parameters as nn.LayerNorm's)."""
 
     def __init__(self, ndim, bias):
         super().__init__()

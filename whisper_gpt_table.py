@@ -192,9 +192,9 @@ def table(results, model_list, kind_list, seed_list, train_args):
     return lines
 
 # -----------------------------------------------------------------------------
-# continuations: prompt = the first second of a held-out clip, then one second generated, compared
-# with the clip's true next second. Both are decoded the same way (codebook 0 alone) so the codec's
-# own error cancels.
+# continuations: prompt = the first prompt_frames of a held-out clip (0.8 s), then new_frames
+# generated, compared with the clip's true next frames. Both are decoded the same way (codebook 0
+# alone) so the codec's own error cancels.
 
 def continuation_scores(true_mel, mel):
     """Distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
@@ -316,7 +316,7 @@ if __name__ == "__main__":
     for m in models.split(","):
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
-                 f"l)")
+                 f"l, hybrid_c0)")
     # a bad train.py setting stops here
     iters_wanted = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
                     ["max_iters"] for m in models.split(",")}
