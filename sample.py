@@ -7,8 +7,8 @@ Sample from a trained model of this repository, whatever its model file.
 
 The settings below belong to sample.py; every other --key=value goes to the model file's sample()
 (temperature, top_k, max_new_tokens, beam, lora_scale, ...), read as a Python literal; a key that is
-not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded with the data's EnCodec and written as a wav;
-a result {"text": ...} is printed.
+not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded
+with the data's EnCodec and written as a wav; a result {"text": ...} is printed.
 """
 
 import importlib

@@ -131,7 +131,8 @@ def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype
     import torch
     out = str(tmp_path)
     common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-              "--gradient_accumulation_steps=2", "--dropout=0.1", f"--dtype={dtype}", "--device=cpu"]
+              "--gradient_accumulation_steps=2", "--dropout=0.1", f"--dtype={dtype}",
+              "--device=cpu"]
     run(common + ["--max_iters=4"])
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ("scaler" in ck) == (dtype == "float16")
