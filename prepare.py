@@ -97,37 +97,47 @@ def librispeech_items(src, report):
     return items
 
 def read_manifest(src, report):
-    """manifest.jsonl or manifest.csv rows -> {relative path: row dict} (rows for the same file are
-    merged)."""
+    """manifest.jsonl or manifest.csv rows -> {the file's resolved path: row dict} (rows for the
+    same file are merged; "name" keeps the path as written)."""
     rows = []
     mj, mc = Path(src) / "manifest.jsonl", Path(src) / "manifest.csv"
     if mj.exists():
-        for ln, line in enumerate(mj.read_text(errors="replace").splitlines(), 1):
+        for ln, line in enumerate(mj.read_text(encoding="utf-8-sig",
+                                               errors="replace").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((f"{mj.name}:{ln}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     report(f"{mj}:{ln}", f"bad JSON line ({e.msg})")
     elif mc.exists():
-        with open(mc, newline="", errors="replace") as f:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+        with open(mc, newline="", encoding="utf-8-sig", errors="replace") as f:
             for ln, row in enumerate(csv.DictReader(f), 2):
                 rows.append((f"{mc.name}:{ln}", row))
     else:
         return None
     out = {}
     for where, row in rows:
+        if not isinstance(row, dict):
+            report(f"{src}/{where}", "manifest row is not an object ({\"file\": ..., ...})")
+            continue
         keys = ("file", "path", "audio", "file_name", "filename")
         name = next((row[k] for k in keys if row.get(k)), None)
-        if not name:
-            report(f"{src}/{where}", "manifest row has no 'file' field")
+        if not isinstance(name, str) or not name:
+            report(f"{src}/{where}", "manifest row has no 'file' field (a path, as text)")
             continue
-        r = out.setdefault(name, {"qa": []})
+        # keyed by the file itself: "./a.wav", "sub/../a.wav" and an absolute path name one file
+        r = out.setdefault((Path(src) / name).resolve(), {"qa": [], "name": name})
         for key in ("caption", "transcript", "label", "description"):
             if row.get(key) and not r.get(key):
                 r[key] = str(row[key]).strip()
         if row.get("question") and row.get("answer"):
             r["qa"].append({"q": str(row["question"]).strip(), "a": str(row["answer"]).strip()})
-        for q in row.get("qa") or []:
+        qa = row.get("qa") or []
+        if not isinstance(qa, list):
+            report(f"{src}/{where}", "'qa' is not a list of {\"q\": ..., \"a\": ...}; ignored")
+            qa = []
+        for q in qa:
             if isinstance(q, dict) and q.get("q") and q.get("a"):
                 r["qa"].append({"q": str(q["q"]), "a": str(q["a"])})
     return out
@@ -137,14 +147,9 @@ def folder_items(src, report):
     manifest = read_manifest(src, report)
     items = []
     files = sorted(f for f in src.rglob("*") if f.is_file())
-    listed = set()
-    if manifest is not None:
-        for name, r in manifest.items():
-            f = (src / name)
-            if not f.is_file():
-                report(str(f), "named in the manifest but the file is missing")
-                continue
-            listed.add(f.resolve())
+    for f, r in (manifest or {}).items():
+        if not f.is_file():
+            report(str(src / r["name"]), "named in the manifest but the file is missing")
     for f in files:
         rel = f.relative_to(src).as_posix()
         if f.name in ("manifest.csv", "manifest.jsonl") and f.parent == src:
@@ -152,7 +157,7 @@ def folder_items(src, report):
         if f.suffix.lower() not in AUDIO_EXTS:
             report(str(f), f"not an audio file (extension '{f.suffix or 'none'}'), skipped")
             continue
-        r = (manifest or {}).get(rel, {"qa": []})
+        r = (manifest or {}).get(f.resolve(), {"qa": []})
         label = r.get("label") or (f.parent.name if f.parent != src else "sound")
         qa = list(r.get("qa", []))
         if r.get("label"):

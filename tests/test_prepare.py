@@ -497,16 +497,20 @@ def write_folder(d):
     nan[100] = np.nan
     sf.write(d / "nan.wav", nan, SR, subtype="FLOAT")
     sf.write(d / "short.wav", sine(440, 100 / SR), SR)
+    sf.write(d / "loud.wav", sine(440, 0.3) * 1e6, SR, subtype="FLOAT")  # finite, far over 1
     (d / "notes.txt").write_text("not audio")
-    (d / "manifest.csv").write_text("file,caption,label,question,answer\n"
+    # as a spreadsheet saves "CSV UTF-8": a byte-order mark first; a path written "./sub/..."
+    (d / "manifest.csv").write_text("\ufefffile,caption,label,question,answer\n"
                                     "good1.wav,a tone at 440 hertz,tone,what pitch?,A4\n"
                                     "good2.flac,a higher tone,tone,,\n"
-                                    "missing.wav,gone,tone,,\n")
+                                    "./sub/good3.wav,a tone in a folder,,,\n"
+                                    "missing.wav,gone,tone,,\n", encoding="utf-8")
 
 
 BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length",
        "silent.wav": "all silent",
        "nan.wav": "NaN", "short.wav": "shorter than one frame", "notes.txt": "not an audio file",
+       "loud.wav": "peak amplitude 5e+05, where full scale is 1",
        "missing.wav": "named in the manifest but the file is missing"}
 
 
@@ -518,7 +522,7 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     lines = log.splitlines()
     for name, problem in BAD.items():
         assert any(name in l and problem in l for l in lines), (name, log)
-    assert "skipped 7 inputs" in log and "audio-seconds per second" in log
+    assert "skipped 8 inputs" in log and "audio-seconds per second" in log
     clips = [json.loads(l) for l in (out / "train_clips.jsonl").read_text().splitlines()]
     assert sorted(c["id"] for c in clips) == ["good1.wav", "good2.flac", "sub/good3.wav"]
     by = {c["id"]: c for c in clips}
@@ -526,10 +530,12 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
             and by["good1.wav"]["labels"]["class"] == "tone")
     assert {"q": "what pitch?", "a": "A4"} in by["good1.wav"]["qa"]
     assert by["sub/good3.wav"]["labels"]["class"] == "sub"
+    assert by["sub/good3.wav"]["caption"] == "a tone in a folder"
+    assert np.isfinite(np.fromfile(out / "train_mel.bin", dtype=np.float16)).all()
     # 44.1 kHz stereo -> 24 kHz mono, same length in time
     assert abs(by["good2.flac"]["duration"] - 0.6) < 1e-3
     meta = json.loads((out / "meta.json").read_text())
-    assert sum(meta["skipped"].values()) == 7
+    assert sum(meta["skipped"].values()) == 8
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
     # same arguments again: finished work is skipped, nothing rewritten
@@ -552,6 +558,20 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
                 "--force"] + FAST)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and ".tmp" not in p.name}
     assert after == before
+
+
+def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "manifest.jsonl").write_text(
+        '["a.wav"]\n{"file": 7}\n{"file": "a.wav", "qa": 5, "caption": "kept"}\n{bad json\n')
+    problems = []
+    rows = P.read_manifest(tmp_path, lambda where, why: problems.append((where, why)))
+    assert [r["caption"] for r in rows.values()] == ["kept"]
+    whys = [why for _, why in problems]
+    assert [w.split(" (")[0] for w in whys] == [
+        "bad JSON line", "manifest row is not an object", "manifest row has no 'file' field",
+        "'qa' is not a list of {\"q\": ..., \"a\": ...}; ignored"], whys
+    assert [where.rsplit(":", 1)[1] for where, _ in problems] == ["4", "1", "2", "3"]
 
 
 def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
