@@ -351,7 +351,7 @@ def train_offline_codec(codec, clips, report, args, work):
     are fitted, the decoder is tuned on them."""
     codec_wavs = {}
     if args.codec_steps or args.codec_tune_steps:
-        report.muted = True                           # pass 1 reports each bad input, once
+        report.muted = not args.strict                # pass 1 reports each bad input, once
         for wav, info in clips():
             if not is_val(info["id"], args.val_percent):
                 codec_wavs[info["id"]] = wav
@@ -361,6 +361,8 @@ def train_offline_codec(codec, clips, report, args, work):
             codec_wavs = {info["id"]: wav
                           for wav, info in itertools.islice(clips(), args.codec_clips)}
         report.muted = False
+        if not codec_wavs:                            # no usable clip: pass 1 says why
+            return {}
     t0 = time.time()
     train_codec(codec, list(codec_wavs.values()), args.codec_steps, ckpt=work / "codec_train.pt",
                 quiet=args.quiet)
@@ -712,6 +714,9 @@ def main(argv=None):
     report = InputProblems(args.strict)
     codec, codec_info = get_codec(args, out)
     clips, n_total = clip_list(args, report)
+    if not n_total:
+        sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
+                 f"{sum(report.counts.values())} inputs); nothing written")
     work = work_dir(out, args_hash, args.force)
     codec_wavs = {}
     if not codec_info["pretrained"]:

@@ -560,6 +560,28 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     assert after == before
 
 
+def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys):
+    """An empty folder, and one whose only audio is bad, end before the codec trains (which needs
+    clips); with --strict the first bad file is named."""
+    empty, bad = tmp_path / "empty", tmp_path / "bad"
+    empty.mkdir()
+    bad.mkdir()
+    sf.write(bad / "silent.wav", np.zeros(SR // 2, np.float32), SR)
+    (bad / "notes.txt").write_text("not audio")
+    for src, extra, said in ((empty, [], "no audio files to prepare (skipped 0 inputs)"),
+                             (bad, [], "no usable clips (skipped 2 inputs)"),
+                             (bad, ["--strict"], f"{bad / 'notes.txt'}: not an audio file")):
+        with pytest.raises(SystemExit) as e:
+            P.main(["--dataset=folder", f"--src={src}", f"--out_dir={tmp_path / 'out'}",
+                    *extra] + FAST)
+        assert said in str(e.value), (src, extra, str(e.value))
+    with pytest.raises(SystemExit) as e:  # the strict stop comes from the codec's reading ahead
+        (bad / "notes.txt").unlink()
+        P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={tmp_path / 'out'}",
+                "--strict"] + FAST)
+    assert f"{bad / 'silent.wav'}: all silent" in str(e.value), str(e.value)
+
+
 def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
     (tmp_path / "manifest.jsonl").write_text(
