@@ -237,7 +237,10 @@ def check_args(args):
     if args.kinds and (unknown := set(args.kinds) - {k for k, _, _ in KIND_MIX}):
         sys.exit(f"--kinds: unknown kind(s) {', '.join(sorted(unknown))}; the corpus has "
                  f"{', '.join(k for k, _, _ in KIND_MIX)}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        sys.exit(f"error: --out_dir={out}: a file is in the way of that folder")
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
         stale.unlink()
     if args.dataset == "synth" and not args.no_speech and (problem := speech_problem()):
@@ -261,12 +264,34 @@ def hash_args(args):
         del key_args["kinds"]
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
+def output_files(meta):
+    """The files a finished run wrote next to meta.json (the codebook-0 mels, made on request,
+    aside)."""
+    files = [f"{split}_{part}" for split in ("train", "val")
+             for part in ("codes.bin", "mel.bin", "clips.jsonl")]
+    if "whisper_mel" in meta:
+        files += ["train_wmel.bin", "val_wmel.bin"]
+    if not (meta.get("codec") or {}).get("pretrained", True):
+        files.append(meta["codec"]["weights"])
+    if (meta.get("tokenizer") or {}).get("file"):
+        files.append(meta["tokenizer"]["file"])
+    return files
+
 def already_prepared(out, args, args_hash):
     """Whether out holds a finished run of these arguments. If so, --codebook0_mel's files, made
     from its codes, are added and nothing else is done."""
     meta_path = out / "meta.json"
     if meta_path.exists() and not args.force:
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            print(f"{meta_path} cannot be read as JSON: rebuilding")
+            return False
+        missing = [f for f in output_files(meta) if not (out / f).is_file()]
+        if meta.get("args_hash") == args_hash and missing:
+            print(f"{out} was prepared with these arguments but lacks {', '.join(missing)}: "
+                  f"rebuilding")
+            return False
         if meta.get("args_hash") == args_hash:
             print(f"{out} is already prepared with these arguments (use --force to rebuild)")
             # made from the stored codes: no rebuild needed

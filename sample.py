@@ -201,7 +201,7 @@ if __name__ == "__main__":
 
     ctx = torch.autocast(device_type=device_type,
                          dtype=ptdtype) if dtype != "float32" else torch.no_grad()
-    t0 = time.time()
+    t0, load0 = time.time(), tools.load_seconds
     with torch.no_grad(), ctx:
         unknown = set(opts) - set(M.SAMPLE_OPTS)
         if unknown:
@@ -212,7 +212,7 @@ if __name__ == "__main__":
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
         except ValueError as e:  # an option out of range, a prompt the model cannot take
             fail(f"{M.__name__}.sample: {e}")
-    dt = time.time() - t0 - tools.load_seconds
+    dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
         codes = result["codes"]
         n = codes.shape[0]

@@ -106,12 +106,21 @@ def load_checkpoint(path, map_location="cpu"):
 
 def load_data(M, data_dir, config, tok):
     """M.load_data, with a ValueError that names the data when a field prepare.py writes is
-    missing from its meta.json or clip lists (a KeyError otherwise)."""
+    missing from its meta.json or clip lists (a KeyError otherwise), or a split has no clips
+    (numpy cannot map an empty file)."""
     try:
         return M.load_data(data_dir, config, tok)
     except KeyError as e:
         raise ValueError(f"data_dir {data_dir}: its meta.json or clip lists lack the field {e}; "
                          f"prepare.py writes them (re-run it for this data)") from None
+    except ValueError as e:
+        if "empty file" not in str(e):
+            raise
+        empty = sorted(f for f in os.listdir(data_dir) if f.endswith(".bin")
+                       and os.path.getsize(os.path.join(data_dir, f)) == 0)
+        raise ValueError(f"data_dir {data_dir}: {', '.join(empty) or 'a file'} empty: a split "
+                         f"without clips (prepared with --val_percent=0, or from one clip); "
+                         f"training and evaluation read both splits") from None
 
 def load_weights(model, state, trained_args, data_dir):
     """A checkpoint's weights into a model built from its args (trained_args) and data_dir's data,

@@ -327,9 +327,11 @@ def load_data(data_dir, config, tok=None):
                           mode="r").reshape(-1, meta["n_q"])
         mel_path = os.path.join(data_dir, mel_file.format(split))
         if not os.path.exists(mel_path):
+            how = ("--codebook0_mel" if config.mel_source == "codebook0" else
+                   "(it rebuilds what is missing)")
             raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} not "
-                                    f"found: run python prepare.py --codebook0_mel with "
-                                    f"{data_dir}'s arguments")
+                                    f"found: run python prepare.py {how} with {data_dir}'s "
+                                    f"arguments")
         mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
         if len(codes) != len(mel):
             raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames "

@@ -169,6 +169,13 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             os.symlink(os.path.join(synth_dir, f), no_field / f)
     (no_field / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
                                                     if k != "n_mels"}))
+    empty_val = tmp_path / "empty_val"  # a val split without clips
+    empty_val.mkdir()
+    for f in os.listdir(synth_dir):
+        if f.startswith("val_") and f.endswith(".bin"):
+            (empty_val / f).write_bytes(b"")
+        else:
+            os.symlink(os.path.join(synth_dir, f), empty_val / f)
     bad_meta = tmp_path / "bad_meta"
     bad_meta.mkdir()
     (bad_meta / "meta.json").write_text("{not json")
@@ -191,6 +198,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), f"--data_dir={no_field}"],
              f"data_dir {no_field}: its meta.json or clip lists lack the field 'n_mels'"),
             (train(new, no_field), "lack the field 'n_mels'"),
+            (train(new, empty_val), "val_codes.bin, val_mel.bin empty: a split without clips"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],

@@ -541,6 +541,14 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     # same arguments again: finished work is skipped, nothing rewritten
     P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
     assert "already prepared" in capsys.readouterr().out
+    # an output file deleted, or meta.json spoilt: the same command rebuilds the same bytes
+    (out / "train_mel.bin").unlink()
+    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
+    assert "lacks train_mel.bin: rebuilding" in capsys.readouterr().out
+    (out / "meta.json").write_text("{")
+    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
+    assert "cannot be read as JSON: rebuilding" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # --strict stops at the first bad input, naming it, and what was written stays intact
     with pytest.raises(SystemExit) as e:
         P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--strict",
@@ -575,6 +583,10 @@ def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys):
             P.main(["--dataset=folder", f"--src={src}", f"--out_dir={tmp_path / 'out'}",
                     *extra] + FAST)
         assert said in str(e.value), (src, extra, str(e.value))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={tmp_path / 'a_file'}"] + FAST)
+    assert "a file is in the way of that folder" in str(e.value)
     with pytest.raises(SystemExit) as e:  # the strict stop comes from the codec's reading ahead
         (bad / "notes.txt").unlink()
         P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={tmp_path / 'out'}",

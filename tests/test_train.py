@@ -232,13 +232,17 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
     assert f"{prompt / 24000:.2f} s prompt + {n * 320 / 24000:.2f} s continuation" in p.stdout
     # its spectrogram next to it
     assert "tokens/s" in p.stdout and (tmp_path / "x.png").stat().st_size > 1000
-    # --out naming a folder: its sample.wav
+    # --out naming a folder: its sample.wav; --audio: the speed leaves out the codec's loading,
+    # which came before the timer
     folder = tmp_path / "samples"
     folder.mkdir()
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
-                        f"--data_dir={synth_dir}", "--max_new_tokens=4", f"--out={folder}"],
+                        f"--data_dir={synth_dir}", "--max_new_tokens=4", f"--out={folder}",
+                        f"--audio={wav}"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and f"wrote {folder / 'sample.wav'}" in p.stdout, p.stderr
+    seconds = float(p.stdout.split("generated 4 frames")[1].split(" in ")[1].split(" s")[0])
+    assert seconds > 0, p.stdout
     assert sf.read(folder / "sample.wav")[0].size > 4 * 320
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
                         f"--data_dir={synth_dir}", "--beam=3"],
