@@ -54,7 +54,7 @@ MEL_CENTER = HOP // 2
 MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160 = half a
                                           # frame)
 LOG_FLOOR = 1e-8        # -80 dB
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"}
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
 
 def n_frames(n_samples):
