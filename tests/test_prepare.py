@@ -490,6 +490,7 @@ def write_folder(d):
              44100)
     (d / "sub").mkdir()
     sf.write(d / "sub" / "good3.wav", sine(880, 0.4), SR)
+    sf.write(d / "good4.opus", sine(440, 0.5, sr=48000), 48000, format="OGG", subtype="OPUS")
     (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 4)
     sf.write(d / "empty.wav", np.zeros(0, np.float32), SR)
     sf.write(d / "silent.wav", np.zeros(SR // 2, np.float32), SR)
@@ -524,7 +525,8 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
         assert any(name in l and problem in l for l in lines), (name, log)
     assert "skipped 8 inputs" in log and "audio-seconds per second" in log
     clips = [json.loads(l) for l in (out / "train_clips.jsonl").read_text().splitlines()]
-    assert sorted(c["id"] for c in clips) == ["good1.wav", "good2.flac", "sub/good3.wav"]
+    assert sorted(c["id"] for c in clips) == ["good1.wav", "good2.flac", "good4.opus",
+                                              "sub/good3.wav"]
     by = {c["id"]: c for c in clips}
     assert (by["good1.wav"]["caption"] == "a tone at 440 hertz"
             and by["good1.wav"]["labels"]["class"] == "tone")
