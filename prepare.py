@@ -331,7 +331,8 @@ def get_codec(args, out):
           f"{'' if args.offline or args.offline_codec else ' and not downloadable'}): "
           f"EnCodec's architecture set to a block DCT below 4.8 kHz"
           f"{f' and trained {args.codec_steps} steps' if args.codec_steps else ''}, then "
-          f"{N_Q} residual codebooks fitted on this corpus; saved to {out / 'codec.pt'}")
+          f"{N_Q} residual codebooks fitted on this corpus; written to {out / 'codec.pt'} with "
+          f"the data")
     return codec, codec_info
 
 def clip_list(args, report):
