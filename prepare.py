@@ -285,7 +285,9 @@ def already_prepared(out, args, args_hash):
         try:
             meta = json.loads(meta_path.read_text())
         except ValueError:
-            print(f"{meta_path} cannot be read as JSON: rebuilding")
+            meta = None
+        if not isinstance(meta, dict):
+            print(f"{meta_path} cannot be read as prepare.py's JSON: rebuilding")
             return False
         missing = [f for f in output_files(meta) if not (out / f).is_file()]
         if meta.get("args_hash") == args_hash and missing:

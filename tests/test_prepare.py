@@ -549,7 +549,7 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     assert "lacks train_mel.bin: rebuilding" in capsys.readouterr().out
     (out / "meta.json").write_text("{")
     P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
-    assert "cannot be read as JSON: rebuilding" in capsys.readouterr().out
+    assert "cannot be read as prepare.py's JSON: rebuilding" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # --strict stops at the first bad input, naming it, and what was written stays intact
     with pytest.raises(SystemExit) as e:
