@@ -49,6 +49,31 @@ def checkpoint_paths(args):
             fail(f"{p}: checkpoint not found")
     return paths
 
+def check_runs(paths, opts):
+    """Before any work: every checkpoint loads, takes the evaluate() options given and --kinds, and
+    with --mean all are of one model and stage (a mean over seeds of one recipe)."""
+    recipes = set()
+    for path in paths:
+        try:
+            ck = load_checkpoint(path)
+        except ValueError as e:
+            fail(e)
+        M = importlib.import_module(ck["model_name"])
+        unknown = set(opts) - set(M.EVAL_OPTS)
+        if unknown:
+            fail(f"{path}: unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: "
+                 f"not a setting of eval.py nor an option of {M.__name__}.evaluate "
+                 f"({', '.join(sorted(M.EVAL_OPTS))})")
+        if kinds and "kinds" not in ck["model_args"]:
+            fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
+                 f"clip-kind subsets")
+        recipes.add((ck["model_name"], ck["model_args"].get("stage")))
+        del ck
+    if mean and len(recipes) > 1:
+        fail(f"--mean: the runs are of {len(recipes)} models or stages "
+             f"({', '.join(sorted(f'{m} {s}' if s else m for m, s in recipes))}); a mean is over "
+             f"runs of one")
+
 def evaluate_checkpoint(path, opts):
     """One row of the table: the run's name, size, iterations and data, then its model file's
     evaluate() metrics."""
@@ -57,16 +82,8 @@ def evaluate_checkpoint(path, opts):
     except ValueError as e:
         fail(e)
     M = importlib.import_module(ck["model_name"])
-    unknown = set(opts) - set(M.EVAL_OPTS)
-    if unknown:
-        fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
-             f"setting of eval.py nor an option of {M.__name__}.evaluate "
-             f"({', '.join(sorted(M.EVAL_OPTS))})")
     config = M.Config(**ck["model_args"])
     if kinds:
-        if not hasattr(config, "kinds"):
-            fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
-                 f"clip-kind subsets")
         config.kinds = "" if kinds == "all" else kinds
     ddir = data_dir or ck["config"]["data_dir"]
     if getattr(config, "asr_data_dir", ""):  # more training clips (SALMONN): evaluation reads ddir
@@ -147,7 +164,10 @@ def main(argv):
         fail(f"--split={split!r}: expected train or val")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         fail(f"--json={json}: its folder does not exist")
+    if json and os.path.isdir(json):
+        fail(f"--json={json}: a folder; name the file to write")
     device = configurator.resolve_device("eval.py", device)
+    check_runs(paths, opts)
     rows = [evaluate_checkpoint(path, opts) for path in paths]
     print_table(rows)
     if json:

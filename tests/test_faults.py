@@ -201,6 +201,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, empty_val), "val_codes.bin, val_mel.bin empty: a split without clips"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
+            ([sys.executable, "eval.py", str(good), f"--json={tmp_path}"], "a folder; name the file"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],
              "takes no text prompt"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={cut_codec}",

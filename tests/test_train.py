@@ -299,6 +299,18 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     p = subprocess.run([sys.executable, "eval.py", str(out), f"--data_dir={data}", "--max_clips=2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "text_ppl" in p.stdout, p.stderr[-2000:]
+    # with another model's run: an option one of them lacks, or --mean over both, stops eval.py
+    # before any work (it used to evaluate the first run, then stop at the second)
+    full = tmp_path / "wg"
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={full}", *TINY,
+         "--max_iters=1"])
+    for extra, said in ((["--max_clips=2"], f"{full / 'ckpt.pt'}: unknown setting(s) --max_clips"),
+                        (["--mean"], "--mean: the runs are of 2 models or stages")):
+        p = subprocess.run([sys.executable, "eval.py", str(out), str(full), f"--data_dir={data}",
+                            *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+        assert (p.returncode == 2 and said in p.stderr
+                and "evaluated" not in p.stderr), (extra, p.stderr[-2000:])
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
                         "--beam=1",
                         "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True, text=True,
