@@ -64,27 +64,38 @@ def model_of(path):
     return os.path.basename(path).split("-")[0]
 
 def finished(path):
-    """(iter_num, max_iters) of a run's checkpoint, or None (none, or one train.py cannot read: it
+    """(iter_num, settings) of a run's checkpoint, or None (none, or one train.py cannot read: it
     says so when the run starts)."""
     from train import load_checkpoint
     try:
         ck = load_checkpoint(os.path.join(path, "ckpt.pt"))
     except ValueError:
         return None
-    return ck["iter_num"], ck["config"]["max_iters"]
+    return ck["iter_num"], ck["config"]
 
-def sweep(runs, train_args, max_iters):
-    """max_iters: each model's, as its config and train_args set it. A run that reached it is
-    skipped; one that stopped earlier, or ran to another max_iters, is resumed to it."""
+def sweep(runs, train_args):
+    """A run that reached its max_iters (its config's, or train_args') is skipped; one that stopped
+    earlier, or ran to another max_iters, is resumed to it. A run made with other settings (other
+    data, another learning rate, ...) stops the sweep: its figures would be tabled as these."""
+    import train
     todo = []
     for model, kind, seed in runs:
         d = run_dir(model, kind, seed)
+        args = [f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}", f"--data_dir={data_dir}",
+                f"--kinds={kind}", f"--seed={seed}", "--always_save_checkpoint=True", *train_args]
         state = finished(d)
-        if state and state[0] >= state[1] == max_iters[model]:
-            continue
-        cmd = [sys.executable, "train.py", f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}",
-               f"--data_dir={data_dir}",
-               f"--kinds={kind}", f"--seed={seed}", "--always_save_checkpoint=True", *train_args]
+        if state:
+            want = train.load_settings(args)[0]
+            changed = sorted(k for k in set(want) | set(state[1]) if k not in train.RUN_KEYS
+                             and k != "max_iters" and want.get(k) != state[1].get(k))
+            if changed:
+                fail(f"{d}: a run with other settings ("
+                     + ", ".join(f"{k}={state[1].get(k)!r} there, {want.get(k)!r} here"
+                                 for k in changed[:5])
+                     + "): give another --out_root, or delete it")
+            if state[0] >= state[1]["max_iters"] == want["max_iters"]:
+                continue
+        cmd = [sys.executable, "train.py", *args]
         if state:
             cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped
         todo.append((d, cmd))
@@ -318,20 +329,27 @@ if __name__ == "__main__":
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
                  f"l, hybrid_c0)")
     # a bad train.py setting stops here
-    iters_wanted = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
-                    ["max_iters"] for m in models.split(",")}
+    for m in models.split(","):
+        train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])
     model_list, kind_list = models.split(","), kinds.split(",")
     try:
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
         fail(f"--seeds={seeds}: expected integers separated by commas")
+    for name, given in (("models", model_list), ("kinds", kind_list), ("seeds", seed_list)):
+        if len(set(given)) < len(given) or "" in given:
+            fail(f"--{name}={','.join(map(str, given))}: each at most once, none empty")
+    for name, value, least in (("jobs", jobs, 1), ("prompt_frames", prompt_frames, 1),
+                               ("new_frames", new_frames, 1), ("continuations", continuations, 0)):
+        if value < least:
+            fail(f"--{name}={value}: must be at least {least}")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
     t0 = time.time()
     # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
     if {"hybrid", "hybrid_c0"} & set(model_list):
         import prepare
         prepare.codebook0_mels(data_dir)
-    sweep(runs, train_args, iters_wanted)
+    sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     results = {r: evaluate_run(run_dir(*r)) for r in runs}
     with open(os.path.join(out_root, "results.json"), "w") as f:

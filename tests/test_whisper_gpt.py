@@ -547,6 +547,13 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert again.returncode == 0 and "0 of 1 runs already finished, 1 to train" in again.stdout
     ck = torch.load(tmp_path / "runs" / "s-speech-s1" / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 4
+    # runs made with other settings are not tabled as these; bad sweep settings stop at once
+    for extra, said in ((["--learning_rate=0.5"], "learning_rate=0.002 there, 0.5 here"),
+                        (["--seeds=1,1"], "--seeds=1,1: each at most once"),
+                        (["--jobs=0"], "--jobs=0: must be at least 1"),
+                        (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1")):
+        again = subprocess.run(more + extra, cwd=ROOT, capture_output=True, text=True)
+        assert again.returncode == 2 and said in again.stderr, (extra, again.stderr[-2000:])
 
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
