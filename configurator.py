@@ -57,6 +57,29 @@ def literal(raw):
     except (ValueError, SyntaxError):
         return raw
 
+def option_values(raw_opts, defaults):
+    """--key=raw options of a model file's sample() / evaluate(), typed by their defaults in
+    SAMPLE_OPTS / EVAL_OPTS: the text itself for a text option, True/False for a bool, a whole
+    number for an int, a number for a float or a None default; else a SettingsError that names the
+    option. Keys without a default are the caller's to refuse."""
+    out = {}
+    for key, raw in raw_opts.items():
+        default = defaults.get(key)
+        if isinstance(default, str):
+            out[key] = raw
+            continue
+        value = literal(raw)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "True or False"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        else:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        if not ok:
+            raise SettingsError(f"--{key}={raw}: expected {want}")
+        out[key] = float(value) if isinstance(default, float) else value
+    return out
+
 def read_config_file(path):
     """{key: value} of the plain-typed assignments in a config file."""
     if not os.path.isfile(path):

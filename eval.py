@@ -8,8 +8,9 @@ Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val)
 (default: each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g.
 --kinds=music, or --kinds=all; default: each checkpoint's own subset), --device, --json=FILE (also
 write the results), --mean (add the mean and the standard deviation over the runs, e.g. one recipe's
-seeds). Every other --key=value goes to the model file's evaluate() (e.g. --batch_size=32), read as
-a Python literal where it is one. The metrics are whatever evaluate() returns; for Whisper-GPT: next
+seeds; refused over runs of different models or stages). Every other --key=value goes to the model
+file's evaluate() (e.g. --batch_size=32), typed by its default in EVAL_OPTS; every run is checked
+for its options before any is evaluated. The metrics are whatever evaluate() returns; for Whisper-GPT: next
 coarse-token NLL (nats/token), accuracy and perplexity.
 """
 
@@ -64,6 +65,10 @@ def check_runs(paths, opts):
             fail(f"{path}: unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: "
                  f"not a setting of eval.py nor an option of {M.__name__}.evaluate "
                  f"({', '.join(sorted(M.EVAL_OPTS))})")
+        try:
+            configurator.option_values(opts, M.EVAL_OPTS)
+        except ValueError as e:
+            fail(f"{path}: {e}")
         if kinds and "kinds" not in ck["model_args"]:
             fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
                  f"clip-kind subsets")
@@ -106,9 +111,12 @@ def evaluate_checkpoint(path, opts):
     t0 = time.time()
     with torch.no_grad():
         try:
-            metrics = M.evaluate(model, data, tok, split, **opts)
+            metrics = M.evaluate(model, data, tok, split,
+                                 **configurator.option_values(opts, M.EVAL_OPTS))
         except ValueError as e:  # an option of evaluate() out of range
-            fail(f"{path}: {M.__name__}.evaluate: {e}")
+            msg = str(e)  # the model files' messages mostly name themselves
+            fail(f"{path}: " + (msg if msg.startswith(M.__name__) else
+                                f"{M.__name__}.evaluate: {msg}"))
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     row = {"run": name, "model": ck["model_name"],
            "params": model.get_num_params() if hasattr(model, "get_num_params")
@@ -158,7 +166,7 @@ def main(argv):
     settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
                                                  positional=True)
     globals().update(settings)
-    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
+    opts = unknown  # raw: typed by each model file's EVAL_OPTS
     paths = checkpoint_paths(args)
     if split not in ("train", "val"):
         fail(f"--split={split!r}: expected train or val")

@@ -1206,6 +1206,9 @@ def evaluate(model, data, tok, split="val", **opts):
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **opts}
+    for key in ("max_clips", "beam", "max_new_tokens", "batch_size", "probe_clips", "prior_clips"):
+        if o[key] < 1:
+            raise ValueError(f"pengi.evaluate: {key}={o[key]}: must be at least 1")
     was_training = model.training
     model.eval()
     try:
@@ -1245,7 +1248,13 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if unknown:
         raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(SAMPLE_OPTS)}")
+    if model.config.stage == "clap":
+        raise ValueError("pengi.sample: a clap-stage checkpoint embeds audio and text and writes no "
+                         "text; Pengi's own stage (config/pengi_synth.py) starts from it")
     o = {**SAMPLE_OPTS, **opts}
+    for key in ("beam", "max_new_tokens"):
+        if o[key] < 1:
+            raise ValueError(f"pengi.sample: {key}={o[key]}: must be at least 1")
     cfg, dev = model.config, _device(model)
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()

@@ -1580,8 +1580,9 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
     o = {**SAMPLE_OPTS, **{k: v for k, v in opts.items() if v is not None}}
     beam, temperature = int(o["beam"]), float(o["temperature"])
-    if beam < 1:
-        raise ValueError(f"beam={beam}: must be >= 1")
+    for key, least in (("beam", 1), ("temperature", 0), ("top_k", 0), ("max_new_tokens", 1)):
+        if o[key] < least:
+            raise ValueError(f"salmonn sample: {key}={o[key]}: must be at least {least}")
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
                          f"given)")
@@ -1614,6 +1615,13 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         batch = {k: v.to(device) for k, v in collate([feats]).items()}
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
+    room = model.llm.block_size - x.size(1)
+    if room < min(int(o["max_new_tokens"]), 16):  # not even a short answer would fit
+        raise ValueError(f"salmonn sample: the prompt{'' if stage == 'llm' else ' and the audio'} "
+                         f"take {x.size(1)} of the LLM's {model.llm.block_size} positions, "
+                         f"leaving {max(room, 0)} for the answer: give a shorter "
+                         + ("prompt" if stage == "llm" else
+                            f"clip or prompt (the audio takes {sum(mask)} of them)"))
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
@@ -1854,6 +1862,10 @@ def evaluate(model, data, tok, split="val", **opts):
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **{k: v for k, v in opts.items() if v is not None}}
+    for key, least in (("max_clips", 0), ("beam", 1), ("temperature", 0), ("top_k", 0),
+                       ("max_new_tokens", 1)):
+        if o[key] < least:
+            raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
     S, stage = data.splits[split], model.config.stage
     if stage == "llm":
         return {"text_ppl": text_perplexity(model, S["stream"], o["max_clips"]),

@@ -6,7 +6,7 @@ Sample from a trained model of this repository, whatever its model file.
     python sample.py --out_dir=out/salmonn --clip=0 --prompt="Describe the audio."
 
 The settings below belong to sample.py; every other --key=value goes to the model file's sample()
-(temperature, top_k, max_new_tokens, beam, lora_scale, ...), read as a Python literal; a key that is
+(temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default; a key that is
 not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded
 with the data's EnCodec and written as a wav; a result {"text": ...} is printed.
 """
@@ -132,8 +132,7 @@ def write_wav(path, wav, sample_rate):
 if __name__ == "__main__":
     S, unknown, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
-    # the model's sample() checks them
-    opts = {k: configurator.literal(raw) for k, raw in unknown.items()}
+    raw_opts = unknown  # the model's sample() options, typed and checked once its file is known
     device = configurator.resolve_device("sample.py", device)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     if dtype == "auto":
@@ -203,15 +202,18 @@ if __name__ == "__main__":
                          dtype=ptdtype) if dtype != "float32" else torch.no_grad()
     t0, load0 = time.time(), tools.load_seconds
     with torch.no_grad(), ctx:
-        unknown = set(opts) - set(M.SAMPLE_OPTS)
+        unknown = set(raw_opts) - set(M.SAMPLE_OPTS)
         if unknown:
             fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
                  f"setting of sample.py nor an option of {M.__name__}.sample "
                  f"({', '.join(sorted(M.SAMPLE_OPTS))})")
         try:
+            opts = configurator.option_values(raw_opts, M.SAMPLE_OPTS)
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
-        except ValueError as e:  # an option out of range, a prompt the model cannot take
-            fail(f"{M.__name__}.sample: {e}")
+        except ValueError as e:  # an option of the wrong type or out of range, a prompt the
+                                 # model cannot take
+            msg = str(e)
+            fail(msg if msg.startswith((M.__name__, "--")) else f"{M.__name__}.sample: {msg}")
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
         codes = result["codes"]

@@ -391,6 +391,9 @@ def evaluate(model, data, tok=None, split="val", **opts):
         raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(EVAL_OPTS)}")
     batch_size, max_windows = ({**EVAL_OPTS, **opts}[k] for k in ("batch_size", "max_windows"))
+    if batch_size < 1 or max_windows < 0:
+        raise ValueError(f"whisper_gpt.evaluate: batch_size={batch_size} (at least 1), "
+                         f"max_windows={max_windows} (at least 0; 0 = all)")
     device = next(model.parameters()).device
     T = data["block_size"]
     starts = list(range(0, len(data[split]["codes"]) - T, T))
@@ -448,6 +451,10 @@ def sample(model, tok, audio, prompt, tools, **opts):
         raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(SAMPLE_OPTS)}")
     o = {**SAMPLE_OPTS, **opts}
+    for key, least in (("max_new_tokens", 1), ("temperature", 0), ("top_k", 0),
+                       ("prompt_frames", 0), ("seed", -1)):
+        if o[key] < least:
+            raise ValueError(f"whisper_gpt.sample: {key}={o[key]}: must be at least {least}")
     if prompt:
         raise ValueError("whisper_gpt.sample: Whisper-GPT continues audio and takes no text prompt")
     c = model.config

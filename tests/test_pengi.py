@@ -399,6 +399,13 @@ def test_bad_inputs_named():
     long = torch.zeros(1, m.config.llm_block_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="text tower's context"):
         m.embed_text(long, torch.tensor([long.size(1)]))
+    # options out of range, and sampling a clap-stage checkpoint, which writes no text
+    audio = {"mel": torch.randn(20, m.config.n_mels)}
+    for model, opts, said in ((m, {"beam": 0}, "beam=0: must be at least 1"),
+                              (m, {"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1"),
+                              (tiny_model(stage="clap"), {}, "writes no text")):
+        with pytest.raises(ValueError, match=said):
+            pengi.sample(model, None, audio, "prompt", None, **opts)
 
 
 def test_llm_loaders(tmp_path):

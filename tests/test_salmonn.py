@@ -700,6 +700,14 @@ def test_sample_options():
         salmonn.sample(m, tok, audio, None, None, beams=2)
     with pytest.raises(ValueError, match="beam=1"):
         salmonn.sample(m, tok, audio, None, None, temperature=0.7)
+    for bad, said in (({"top_k": -1}, "top_k=-1: must be at least 0"),
+                      ({"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1"),
+                      ({"beam": 0}, "beam=0: must be at least 1")):
+        with pytest.raises(ValueError, match=said):
+            salmonn.sample(m, tok, audio, None, None, **bad)
+    # a prompt that leaves the answer no room in the LLM's context is refused (it answered "")
+    with pytest.raises(ValueError, match=r"take \d+ of the LLM's 128 positions, leaving 0"):
+        salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
 
 # -----------------------------------------------------------------------------
 # metrics, hand-worked

@@ -45,6 +45,23 @@ def settings_error(capsys, argv):
     assert e.value.code == 2
     return capsys.readouterr().err
 
+def test_model_options_typed_by_their_defaults():
+    """sample.py's and eval.py's options of a model file, typed by SAMPLE_OPTS / EVAL_OPTS: text
+    stays text (a label "7" is not the number 7), numbers are checked, a None default takes a
+    number."""
+    import configurator
+    defaults = {"beam": 4, "temperature": 0.0, "lora_scale": None, "candidates": "", "probe": True}
+    got = configurator.option_values({"beam": "2", "temperature": "1", "lora_scale": "2",
+                                      "candidates": "7", "probe": "False"}, defaults)
+    assert got == {"beam": 2, "temperature": 1.0, "lora_scale": 2, "candidates": "7",
+                   "probe": False}
+    assert type(got["temperature"]) is float
+    for key, raw, said in (("beam", "2.7", "a whole number"), ("beam", "True", "a whole number"),
+                           ("temperature", "abc", "a number"), ("lora_scale", "abc", "a number"),
+                           ("probe", "1", "True or False")):
+        with pytest.raises(ValueError, match=f"--{key}={raw}: expected {said}"):
+            configurator.option_values({key: raw}, defaults)
+
 def test_settings_merge_and_types(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("model = 'whisper_gpt'\nn_layer = 3\nlearning_rate = 1\nout_dir = 'out/x'\n")

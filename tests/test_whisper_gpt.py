@@ -198,6 +198,11 @@ def test_sample_interface(use_mel):
         W.sample(model, None, audio, None, tools, beam=4)
     with pytest.raises(ValueError, match="no text prompt"):
         W.sample(model, None, audio, "hello", tools)
+    for bad, said in (({"top_k": -5}, "top_k=-5: must be at least 0"),
+                      ({"temperature": -1.0}, "temperature=-1.0: must be at least 0"),
+                      ({"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1")):
+        with pytest.raises(ValueError, match=said):  # top_k=-5 crashed in topk; -1 inverted
+            W.sample(model, None, audio, None, tools, **bad)
 
 def test_incremental_mel_matches_full_decode():
     """sample()'s mel of the newest frame equals the mel of the whole decoded sequence (a
