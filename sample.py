@@ -145,6 +145,8 @@ if __name__ == "__main__":
 
     # the model, rebuilt from the checkpoint with the model file named in it
     ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
+    if os.path.isdir(ckpt_path):  # an out_dir given as --ckpt, as eval.py takes it
+        ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / "
              f"--ckpt)")
@@ -162,6 +164,8 @@ if __name__ == "__main__":
     wav_path = out or os.path.join(out_dir, "sample.wav")
     if os.path.isdir(wav_path) or wav_path.endswith(os.sep):
         wav_path = os.path.join(wav_path, "sample.wav")
+    if not wav_path.lower().endswith(".wav"):
+        fail(f"--out={out}: audio is written as WAV: name a .wav file or a folder")
     folder = os.path.dirname(os.path.abspath(wav_path))
     while not os.path.exists(folder):  # the folders write_wav would make
         folder = os.path.dirname(folder)

@@ -208,7 +208,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
               "--max_new_tokens=2"], f"{cut_codec / codec_file}: cannot be read, it is truncated"),
             ([sys.executable, "sample.py", f"--out_dir={good}",
               f"--out={tmp_path / 'a_file' / 'sub' / 'x.wav'}"],
-             f"{tmp_path / 'a_file'} is a file, not a folder")):
+             f"{tmp_path / 'a_file'} is a file, not a folder"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--out={tmp_path / 'x.mp3'}"],
+             "audio is written as WAV")):
         p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)
