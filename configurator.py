@@ -80,6 +80,16 @@ def option_values(raw_opts, defaults):
         out[key] = float(value) if isinstance(default, float) else value
     return out
 
+def model_options(raw_opts, defaults, script, func):
+    """The --key=value options a script passes on to a model file's func (e.g. "pengi.sample"),
+    typed (option_values); a SettingsError for a key func does not take, listing those it does."""
+    unknown = sorted(set(raw_opts) - set(defaults))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join('--' + k for k in unknown)}: not a "
+                            f"setting of {script} nor an option of {func} "
+                            f"({', '.join(sorted(defaults))})")
+    return option_values(raw_opts, defaults)
+
 def read_config_file(path):
     """{key: value} of the plain-typed assignments in a config file."""
     if not os.path.isfile(path):

@@ -60,13 +60,8 @@ def check_runs(paths, opts):
         except ValueError as e:
             fail(e)
         M = importlib.import_module(ck["model_name"])
-        unknown = set(opts) - set(M.EVAL_OPTS)
-        if unknown:
-            fail(f"{path}: unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: "
-                 f"not a setting of eval.py nor an option of {M.__name__}.evaluate "
-                 f"({', '.join(sorted(M.EVAL_OPTS))})")
         try:
-            configurator.option_values(opts, M.EVAL_OPTS)
+            configurator.model_options(opts, M.EVAL_OPTS, "eval.py", f"{M.__name__}.evaluate")
         except ValueError as e:
             fail(f"{path}: {e}")
         if kinds and "kinds" not in ck["model_args"]:

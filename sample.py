@@ -206,18 +206,15 @@ if __name__ == "__main__":
                          dtype=ptdtype) if dtype != "float32" else torch.no_grad()
     t0, load0 = time.time(), tools.load_seconds
     with torch.no_grad(), ctx:
-        unknown = set(raw_opts) - set(M.SAMPLE_OPTS)
-        if unknown:
-            fail(f"unknown setting(s) {', '.join('--' + k for k in sorted(unknown))}: not a "
-                 f"setting of sample.py nor an option of {M.__name__}.sample "
-                 f"({', '.join(sorted(M.SAMPLE_OPTS))})")
         try:
-            opts = configurator.option_values(raw_opts, M.SAMPLE_OPTS)
+            opts = configurator.model_options(raw_opts, M.SAMPLE_OPTS, "sample.py",
+                                              f"{M.__name__}.sample")
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
         except ValueError as e:  # an option of the wrong type or out of range, a prompt the
                                  # model cannot take
             msg = str(e)
-            fail(msg if msg.startswith((M.__name__, "--")) else f"{M.__name__}.sample: {msg}")
+            fail(msg if msg.startswith((M.__name__, "--", "unknown setting")) else
+                 f"{M.__name__}.sample: {msg}")
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
         codes = result["codes"]
