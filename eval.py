@@ -56,7 +56,7 @@ def check_runs(paths, opts):
     recipes = set()
     for path in paths:
         try:
-            ck = load_checkpoint(path)
+            ck = load_checkpoint(path, mmap=True)  # its settings: the weights are read later
         except ValueError as e:
             fail(e)
         M = importlib.import_module(ck["model_name"])

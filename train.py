@@ -83,14 +83,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the model files sit beside 
 def fail(msg):
     configurator.fail("train.py", msg)
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or
     corrupt (a crash never leaves one: save_checkpoint writes a temporary file and renames it), or
-    not a train.py checkpoint."""
+    not a train.py checkpoint. mmap=True maps the weights instead of reading them: for a look at
+    its settings."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: checkpoint not found")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise ValueError(f"{path}: cannot be read as a checkpoint, it is truncated or corrupt "
@@ -103,6 +104,16 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path}: holds a {ck['model_name']!r} model, which has no model file "
                          f"here")
     return ck
+
+def changed_settings(new, old, skip=()):
+    """The settings (keys of train.py's settings dicts) whose values differ between two runs,
+    sorted; how a run executes (RUN_KEYS) and skip left out."""
+    return sorted(k for k in set(new) | set(old)
+                  if k not in RUN_KEYS and k not in skip and new.get(k) != old.get(k))
+
+def describe_changes(keys, old, new):
+    """The first five changed settings, as "key=old there, new here"."""
+    return ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:5])
 
 def load_data(M, data_dir, config, tok):
     """M.load_data, with a ValueError that names the data when a field prepare.py writes is
@@ -277,15 +288,13 @@ if __name__ == "__main__":
     if init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path):
         # a re-run: nothing already trained is lost
         try:
-            prev = load_checkpoint(ckpt_path, "cpu")
+            prev = load_checkpoint(ckpt_path, "cpu", mmap=True)  # its settings only
         except ValueError as e:
             fail(f"{e} (out_dir={out_dir}; --overwrite=True trains anew there)")
-        changed = sorted(k for k in set(S) | set(prev["config"])
-                         if k not in RUN_KEYS and S.get(k) != prev["config"].get(k))
+        changed = changed_settings(S, prev["config"])
         if changed:
             fail(f"out_dir={out_dir} holds a run with other settings ("
-                 + ", ".join(f"{k}={prev['config'].get(k)!r} there, {S.get(k)!r} here"
-                             for k in changed[:5])
+                 + describe_changes(changed, prev["config"], S)
                  + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
                    "choose another out_dir")
         if prev["iter_num"] >= max_iters:
@@ -307,9 +316,7 @@ if __name__ == "__main__":
                  f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
         # the other settings are this command's: say which ones the run did not have
-        changed = sorted(k for k in set(S) | set(checkpoint["config"])
-                         if k not in RUN_KEYS and k not in checkpoint["model_args"]
-                         and S.get(k) != checkpoint["config"].get(k))
+        changed = changed_settings(S, checkpoint["config"], skip=checkpoint["model_args"])
         if changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))

@@ -68,7 +68,7 @@ def finished(path):
     says so when the run starts)."""
     from train import load_checkpoint
     try:
-        ck = load_checkpoint(os.path.join(path, "ckpt.pt"))
+        ck = load_checkpoint(os.path.join(path, "ckpt.pt"), mmap=True)  # its settings only
     except ValueError:
         return None
     return ck["iter_num"], ck["config"]
@@ -86,12 +86,10 @@ def sweep(runs, train_args):
         state = finished(d)
         if state:
             want = train.load_settings(args)[0]
-            changed = sorted(k for k in set(want) | set(state[1]) if k not in train.RUN_KEYS
-                             and k != "max_iters" and want.get(k) != state[1].get(k))
+            changed = train.changed_settings(want, state[1], skip=("max_iters",))
             if changed:
                 fail(f"{d}: a run with other settings ("
-                     + ", ".join(f"{k}={state[1].get(k)!r} there, {want.get(k)!r} here"
-                                 for k in changed[:5])
+                     + train.describe_changes(changed, state[1], want)
                      + "): give another --out_root, or delete it")
             if state[0] >= state[1]["max_iters"] == want["max_iters"]:
                 continue
