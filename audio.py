@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import json
+import hashlib
 import math
 import time
 import types
@@ -371,6 +372,25 @@ def load_codec(data_dir):
                          f"{sorted(unexpected)[:3]}): "
                          "re-run prepare.py --force")
     return model.eval()
+
+def codec_id(data_dir):
+    """Which codec made data_dir's codes, as a string equal for two data dirs exactly when their
+    token ids stand for the same sounds: the pretrained EnCodec is one codec everywhere; an offline
+    one is fitted to its corpus, so it is named by the hash of its codec.pt (prepare.py
+    --codec_from copies that file)."""
+    meta_path = Path(data_dir) / "meta.json"
+    try:
+        c = json.loads(meta_path.read_text())["codec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{meta_path}: missing, or without the codec's record prepare.py "
+                         f"writes") from None
+    if c["pretrained"]:
+        return f"{c['name']} (pretrained)"
+    path = Path(data_dir) / c["weights"]
+    if not path.is_file():
+        raise ValueError(f"{path}: the offline codec of {data_dir} is missing: re-run prepare.py "
+                         f"for that data")
+    return f"{c['name']} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
 
 @torch.no_grad()
 def encode_emb(model, wavs):

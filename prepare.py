@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 from audio import (AUDIO_EXTS, BANDWIDTH, CODEBOOK_SIZE, CODEC_FILE, F_MAX, F_MIN, FRAME_RATE,
                    HOP, LOG_FLOOR, MEL_CENTER, MEL_LOOKAHEAD, N_FFT, N_MELS, N_Q, SAMPLE_RATE,
-                   WHISPER_FRAME_RATE, WHISPER_N_MELS, WHISPER_SR, BadAudio, decode, encode_emb,
-                   get_pretrained_codec, load_audio, load_codec, log_mel, offline_codec, plot_mels,
-                   quantize, whisper_log_mel, whisper_mel_filters)
+                   WHISPER_FRAME_RATE, WHISPER_N_MELS, WHISPER_SR, BadAudio, codec_id, decode,
+                   encode_emb, get_pretrained_codec, load_audio, load_codec, log_mel, offline_codec,
+                   plot_mels, quantize, whisper_log_mel, whisper_mel_filters)
 from codec import (calibrate, codec_probes, codec_report, codec_state, fit_codebooks, train_codec,
                    tune_decoder)
 from synth import KIND_MIX, speech_problem, synth_clip
@@ -237,6 +237,18 @@ def check_args(args):
     if args.kinds and (unknown := set(args.kinds) - {k for k, _, _ in KIND_MIX}):
         sys.exit(f"--kinds: unknown kind(s) {', '.join(sorted(unknown))}; the corpus has "
                  f"{', '.join(k for k, _, _ in KIND_MIX)}")
+    if args.codec_from:
+        fitting = [f"--{k}" for k in ("offline_codec", "codec_dir", "codec_steps",
+                                       "codec_tune_steps") if getattr(args, k)]
+        if fitting:
+            sys.exit(f"error: --codec_from={args.codec_from} takes that data's codec as it is: "
+                     f"{', '.join(fitting)} would make another one")
+        if Path(args.codec_from).resolve() == out.resolve():
+            sys.exit(f"error: --codec_from={args.codec_from} is the output directory itself")
+        try:
+            args.codec_from_id = codec_id(args.codec_from)  # for the hash: the codec, not a path
+        except ValueError as e:
+            sys.exit(f"error: --codec_from={args.codec_from}: {e}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -256,12 +268,14 @@ def check_args(args):
 def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
     key_args = {k: v for k, v in vars(args).items()
-                if k not in ("force", "quiet", "strict", "codebook0_mel")}
+                if k not in ("force", "quiet", "strict", "codebook0_mel", "codec_from")}
     # off: the hash of outputs made before the option existed
     if not args.whisper_mel:
         del key_args["whisper_mel"]
     if not args.kinds:
         del key_args["kinds"]
+    if not args.codec_from:                           # codec_from_id stands for it
+        key_args.pop("codec_from_id", None)
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
 def output_files(meta):
@@ -314,7 +328,21 @@ def check_whisper_mel(args):
 
 def get_codec(args, out):
     """The codec and its record for meta.json: the pretrained EnCodec whenever it can be had, else
-    the offline one (EnCodec's architecture, set up and fitted once the clips are known)."""
+    the offline one (EnCodec's architecture, set up and fitted once the clips are known); with
+    --codec_from, that data's codec as it is."""
+    if args.codec_from:
+        src = Path(args.codec_from)
+        try:
+            codec = load_codec(src)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: --codec_from={src}: {e}")
+        codec_info = {k: v for k, v in json.loads((src / "meta.json").read_text())["codec"].items()
+                      if k != "report"}
+        codec_info["from"] = str(src)
+        if "note" in codec_info:                      # the offline codec's says where it was fitted
+            codec_info["note"] += f"; fitted on the corpus of {src}, copied here by --codec_from"
+        print(f"codec: {codec_info['name']} of {src}, as it is ({args.codec_from_id})")
+        return codec, codec_info
     codec, weights = (None, None) if args.offline_codec else \
         get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
     if codec is not None:
@@ -684,6 +712,10 @@ def get_args(argv=None):
                    help="no download of EnCodec's weights: local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",
                    help="train the offline codec even if pretrained weights exist")
+    p.add_argument("--codec_from", default=None,
+                   help="the codec of another prepared data dir, copied, not fitted here: the two "
+                        "corpora's codes then stand for the same sounds (a held-out test corpus "
+                        "for a Whisper-GPT trained on that data)")
     p.add_argument("--codec_steps", type=int, default=0,
                    help="offline codec: steps training its learned parts after the analytic "
                         "start (batches of 4 x 0.3 s; 0: none, see docs/codec.md)")
@@ -747,7 +779,8 @@ def main(argv=None):
                  f"{sum(report.counts.values())} inputs); nothing written")
     work = work_dir(out, args_hash, args.force)
     codec_wavs = {}
-    if not codec_info["pretrained"]:
+    fit_codec = not codec_info["pretrained"] and not args.codec_from
+    if fit_codec:
         codec_wavs = train_offline_codec(codec, clips, report, args, work)
     encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
     infos, embs, mels, wmels, (audio_seconds, resumed_seconds) = encoded
@@ -757,9 +790,11 @@ def main(argv=None):
     stage = Staging(out)                              # from here on every output is staged
     allemb = torch.from_numpy(np.concatenate(embs)).float()
     bounds = np.cumsum([0] + [len(e) for e in embs])  # clip i is allemb[bounds[i]:bounds[i + 1]]
-    if not codec_info["pretrained"]:
+    if fit_codec:
         allemb = fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args,
                                    stage)
+    elif not codec_info["pretrained"]:                # --codec_from: the very file
+        shutil.copyfile(Path(args.codec_from) / codec_info["weights"], stage("codec.pt"))
     codes = quantize_clips(codec, allemb, bounds)     # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)

@@ -342,6 +342,8 @@ if __name__ == "__main__":
     try:
         data = load_data(M, data_dir, config, tok)  # may fill data-derived fields (vocab_size,
                                                     # n_mels, ...)
+        for split in ("train", "val"):  # a split that cannot give a batch says so now
+            M.get_batch(data, split, 1, np.random.default_rng(0))
         torch.manual_seed(seed)
         raw_model = M.Model(config)
         # pretrained parts named in the config (*_init)

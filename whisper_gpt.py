@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from audio import codec_id
 from fused_attention import attention
 
 # -----------------------------------------------------------------------------
@@ -57,6 +58,10 @@ class WhisperGPTConfig:
     # "codebook0", the mel of the clip's codebook 0 decoded alone (prepare.py --codebook0_mel): what
     # it computes from its own output while it generates, since only codebook 0 is generated (ours)
     mel_source: str = "audio"
+    # the codec whose codes the model learned (audio.codec_id; load_data sets it): each corpus
+    # fits its own offline codec, whose token ids stand for other sounds than another corpus's, so
+    # load_data and sample refuse data of another codec. "" = not known (an older checkpoint).
+    codec_id: str = ""
 
 # -----------------------------------------------------------------------------
 # the transformer blocks (the same block serves the mel decoder and the main decoder)
@@ -312,6 +317,7 @@ def load_data(data_dir, config, tok=None):
         meta = json.load(f)
     config.vocab_size = meta["codebook_size"]
     config.n_mels = meta["n_mels"]
+    config.codec_id = check_codec(config, data_dir)
     if config.use_mel and config.mel_lag < leak_free_lag(meta):
         print(f"whisper_gpt: warning: mel_lag={config.mel_lag} but the mel frames of {data_dir} "
               f"see {leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it "
@@ -338,13 +344,31 @@ def load_data(data_dir, config, tok=None):
                              f"but {mel_path} has {len(mel)}")
         if kinds:
             codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
-        if len(codes) < config.block_size + 1:
-            raise ValueError(f"whisper_gpt: {data_dir} split "
-                             f"{split}{' kinds ' + config.kinds if kinds else ''} has {len(codes)} "
-                             f"frames, fewer than block_size + 1 = {config.block_size + 1}: lower "
-                             f"block_size or prepare more data")
-        data[split] = {"codes": codes, "mel": mel}
+        # a split too short for one window is refused when it is read (split_frames), so a
+        # held-out corpus (prepare.py --val_percent=100) evaluates without a train split
+        short = None if len(codes) >= config.block_size + 1 else (
+            f"whisper_gpt: {data_dir} split {split}{' kinds ' + config.kinds if kinds else ''} has "
+            f"{len(codes)} frames, fewer than block_size + 1 = {config.block_size + 1}: lower "
+            f"block_size or prepare more data")
+        data[split] = {"codes": codes, "mel": mel, "short": short}
     return data
+
+def split_frames(data, split):
+    """How many frames a split has, or the ValueError load_data wrote when one window does not
+    fit."""
+    if data[split]["short"]:
+        raise ValueError(data[split]["short"])
+    return len(data[split]["codes"])
+
+def check_codec(config, data_dir):
+    """data_dir's codec (audio.codec_id), or a ValueError when the model learned another's codes."""
+    found = codec_id(data_dir)
+    if config.codec_id and found != config.codec_id:
+        raise ValueError(f"whisper_gpt: the model learned the codes of {config.codec_id}, but "
+                         f"{data_dir}'s are codes of {found}: their token ids stand for other "
+                         f"sounds. Use data prepared with the model's codec (python prepare.py "
+                         f"--codec_from=<the data it was trained on> ...)")
+    return found
 
 def select_kinds(data_dir, split, kinds, codes, mel):
     """The frames of the clips of a split whose kind is in kinds, concatenated in clip order."""
@@ -373,7 +397,7 @@ def _windows(data, split, starts):
 def get_batch(data, split, batch_size, rng):
     """batch_size random windows of block_size frames: codes (B, T), mels (B, T, n_mels) (hybrid),
     targets (B, T) = codes shifted by one."""
-    n = len(data[split]["codes"])
+    n = split_frames(data, split)
     return _windows(data, split, rng.integers(0, n - data["block_size"], size=batch_size))
 
 # -----------------------------------------------------------------------------
@@ -396,7 +420,7 @@ def evaluate(model, data, tok=None, split="val", **opts):
                          f"max_windows={max_windows} (at least 0; 0 = all)")
     device = next(model.parameters()).device
     T = data["block_size"]
-    starts = list(range(0, len(data[split]["codes"]) - T, T))
+    starts = list(range(0, split_frames(data, split) - T, T))
     if max_windows:
         starts = starts[:max_windows]
     nll, correct, count = 0.0, 0, 0
@@ -458,6 +482,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if prompt:
         raise ValueError("whisper_gpt.sample: Whisper-GPT continues audio and takes no text prompt")
     c = model.config
+    if c.codec_id:   # the prompt's codes (and --audio's) are codes of the data's codec
+        check_codec(c, tools.data_dir)
     device = next(model.parameters()).device
     n = o["prompt_frames"] or c.block_size - 1
     codes = audio["codes"][-n:, :1].T.to(device).long()  # (1, T0): codebook 0

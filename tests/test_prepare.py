@@ -661,6 +661,57 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     assert np.array_equal(k, stored)
 
 
+def clip_codes(data_dir):
+    """{clip id: its codes} over both splits of a prepared corpus."""
+    out = {}
+    for split in ("train", "val"):
+        codes = np.memmap(Path(data_dir, f"{split}_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
+        for line in Path(data_dir, f"{split}_clips.jsonl").read_text().splitlines():
+            c = json.loads(line)
+            out[c["id"]] = np.array(codes[c["offset"]:c["offset"] + c["frames"]])
+    return out
+
+def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, capsys):
+    """--codec_from takes a prepared corpus's codec as it is: the same clips get the very codes
+    they have there, the codec's identity is the source's, a re-run skips, and a re-run after the
+    source's codec changed rebuilds."""
+    import shutil
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(synth_dir, src)
+    # the fixture's first clips (a synth clip depends only on the seed and its index)
+    args = ["--clips=12", "--max_seconds=2.0", "--quiet", "--offline", "--codec_report=0",
+            f"--out_dir={out}", f"--codec_from={src}"]
+    P.main(args)
+    theirs, ours = clip_codes(src), clip_codes(out)
+    assert len(ours) == 12 and all(np.array_equal(ours[i], theirs[i]) for i in ours)
+    assert (out / "codec.pt").read_bytes() == (src / "codec.pt").read_bytes()
+    assert A.codec_id(out) == A.codec_id(src)
+    assert json.loads((out / "meta.json").read_text())["codec"]["from"] == str(src)
+    capsys.readouterr()
+    P.main(args)
+    assert "already prepared" in capsys.readouterr().out
+    # another codec at the source (a codeword moved): the output is stale and is rebuilt
+    ck = torch.load(src / "codec.pt", weights_only=True)
+    key = next(k for k in ck["model"] if k.endswith("_codebook.embed"))
+    ck["model"][key][0] += 1.0
+    torch.save(ck, src / "codec.pt")
+    assert A.codec_id(out) != A.codec_id(src)
+    P.main(args)
+    assert "other arguments: rebuilding" in capsys.readouterr().out
+    assert A.codec_id(out) == A.codec_id(src)
+
+@pytest.mark.parametrize("extra, says", [
+    ([], "meta.json: missing"),
+    (["--codec_steps=5"], "--codec_steps would make another one"),
+    (["--offline_codec"], "--offline_codec would make another one")])
+def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        P.main(["--clips=4", "--quiet", "--offline", f"--out_dir={tmp_path / 'out'}",
+                f"--codec_from={tmp_path / 'empty'}"] + extra)
+    assert says in str(e.value) and "--codec_from=" in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # speech (libespeak-ng from espeakng-loader)
 

@@ -500,6 +500,50 @@ def test_eval_on_a_named_subset(synth_dir, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "podcast" in res.stderr and str(ckpt) in res.stderr
 
+def test_codes_of_another_codec_are_refused_and_a_held_out_corpus_of_the_same_codec_evaluates(
+        synth_dir, tmp_path):
+    """Each corpus fits its own offline codec, so a model's token ids are its training data's
+    codec's. eval.py (load_data, also train.py's resume) and sample refuse data of another codec in
+    one line; a held-out corpus made with prepare.py --codec_from (all in val) evaluates, its
+    one-clip train split refused only when read."""
+    import audio as A
+    import prepare as P
+    import sample as S
+    common = ["--clips=24", "--seed=5", "--max_seconds=2.0", "--val_percent=100", "--quiet",
+              "--offline", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2"]
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    P.main(common + [f"--out_dir={same}", f"--codec_from={synth_dir}"])
+    P.main(common + [f"--out_dir={other}"])
+    # a context longer than the held-out train split's one clip
+    cfg = W.Config(block_size=160, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
+                   mel_n_embd=16, mel_dim=8)
+    W.load_data(synth_dir, cfg, None)
+    assert cfg.codec_id == A.codec_id(synth_dir) != A.codec_id(other)
+    model = W.Model(cfg).eval()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_name": "whisper_gpt",
+                "model_args": dataclasses.asdict(cfg),
+                "iter_num": 0, "config": {"data_dir": synth_dir}}, ckpt)
+    js = tmp_path / "m.json"
+    res = subprocess.run([sys.executable, "eval.py", str(ckpt), f"--data_dir={same}",
+                          f"--json={js}"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    val = W.load_data(same, dataclasses.replace(cfg), None)
+    assert json.load(open(js))[0]["tokens"] == (len(val["val"]["codes"]) - 1) // 160 * 160 > 0
+    with pytest.raises(ValueError, match="split train has"):
+        W.get_batch(val, "train", 1, np.random.default_rng(0))
+    res = subprocess.run([sys.executable, "eval.py", str(ckpt), f"--data_dir={other}"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert (res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+            and cfg.codec_id in res.stderr and A.codec_id(other) in res.stderr
+            and "--codec_from" in res.stderr), res.stderr
+    clip = S.read_clip(other, "val", 0)[0]
+    with pytest.raises(ValueError, match="the model learned the codes of"):
+        W.sample(model, None, clip, None, S.Tools(other), max_new_tokens=2)
+    out = W.sample(model, None, S.read_clip(same, "val", 0)[0], None, S.Tools(same),
+                   max_new_tokens=2)
+    assert out["codes"].shape == (2, 1)
+
 def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     """whisper_gpt_table.py on the test corpus, a tiny budget: every (model, kind, seed) run is
     trained on its subset to max_iters; the table has one mean +- std row per kind and model with
