@@ -340,14 +340,10 @@ class Standardize(torch.nn.Module):
     def forward(self, x):
         return (x - self.mean[:, None]) / self.std[:, None]
 
-def load_codec(data_dir):
-    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
-    saved there)."""
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    c = meta["codec"]
-    if c["pretrained"]:
-        return encodec_24khz(True, Path(c["weights"]).parent)
-    path = Path(data_dir) / c["weights"]
+def read_offline_codec(data_dir, record):
+    """The offline codec's saved state (codec.pt, as meta.json's record names it), or a ValueError
+    naming the file: missing, truncated or corrupt, or never fitted."""
+    path = Path(data_dir) / record["weights"]
     if not path.is_file():
         raise ValueError(f"{path}: the offline codec of {data_dir} is missing: re-run prepare.py "
                          f"for that data")
@@ -359,6 +355,16 @@ def load_codec(data_dir):
                          f"{first}): re-run prepare.py --force for that data") from None
     if not isinstance(ckpt, dict) or not ckpt.get("fitted"):
         raise ValueError(f"{path}: the offline codec's codebooks were never fitted")
+    return ckpt
+
+def load_codec(data_dir):
+    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
+    saved there)."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    c = meta["codec"]
+    if c["pretrained"]:
+        return encodec_24khz(True, Path(c["weights"]).parent)
+    ckpt = read_offline_codec(data_dir, c)
     model = offline_codec()
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
     # one before training, one for k-means (see calibrate)
@@ -376,8 +382,8 @@ def load_codec(data_dir):
 def codec_id(data_dir):
     """Which codec made data_dir's codes, as a string equal for two data dirs exactly when their
     token ids stand for the same sounds: the pretrained EnCodec is one codec everywhere; an offline
-    one is fitted to its corpus, so it is named by the hash of its codec.pt (prepare.py
-    --codec_from copies that file)."""
+    one is fitted to its corpus, so it is named by a hash of its weights (prepare.py --codec_from
+    copies them)."""
     meta_path = Path(data_dir) / "meta.json"
     try:
         c = json.loads(meta_path.read_text())["codec"]
@@ -386,11 +392,10 @@ def codec_id(data_dir):
                          f"writes") from None
     if c["pretrained"]:
         return f"{c['name']} (pretrained)"
-    path = Path(data_dir) / c["weights"]
-    if not path.is_file():
-        raise ValueError(f"{path}: the offline codec of {data_dir} is missing: re-run prepare.py "
-                         f"for that data")
-    return f"{c['name']} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    state, digest = read_offline_codec(data_dir, c)["model"], hashlib.sha256()
+    for k in sorted(state):
+        digest.update(k.encode() + state[k].numpy().tobytes())
+    return f"{c['name']} {digest.hexdigest()[:16]}"
 
 @torch.no_grad()
 def encode_emb(model, wavs):

@@ -1633,7 +1633,10 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
                              int(o["top_k"]), generator, float(o["length_penalty"]))
     finally:
         model.lora_scale = old_scale
-    return {"text": tok.decode(out).strip()}
+    answer = tok.decode(out).strip()
+    if stage == "llm":  # say so: sample.py has just named the clip
+        answer = f"(stage 'llm': the LLM alone, the audio is not heard)\n{answer}"
+    return {"text": answer}
 
 # Copied from pengi.normalize_text
 def normalize_text(s):

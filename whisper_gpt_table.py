@@ -9,6 +9,7 @@ and the hybrid (wavs, pictures and their distance to the true continuation).
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
 
 Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir,
+test_dir (a held-out corpus coded with data_dir's codec, prepare.py --codec_from: tabled too),
 out_root, out (the markdown file), continuations (held-out clips per kind; 0 = none), prompt_frames,
 new_frames. Every other --key=value goes to train.py for every run (e.g. --max_iters=900).
 """
@@ -30,6 +31,8 @@ kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
 seeds = "1337,1,2"
 jobs = 2
 data_dir = "data/synth"
+test_dir = ""                  # e.g. data/synth_test_wg (prepare.py --codec_from=data/synth): the
+                               # runs are also scored on its val clips of each kind
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
 out = "docs/whisper_gpt_table1.md"
 continuations = 48             # held-out clips per kind continued by GPT-S and the hybrids (first
@@ -138,18 +141,17 @@ def sweep(runs, train_args):
 # -----------------------------------------------------------------------------
 # the table
 
-def evaluate_run(d):
-    """Table 1's metrics of a run on its kind's val clips. A hybrid trained on the real audio's mels
-    is scored a second time ("as_generating") on the mels of its codebook 0 decoded alone: what it
-    sees of its own output while generating."""
+def evaluate_run(d, eval_dir):
+    """Table 1's metrics of a run on its kind's val clips in eval_dir. A hybrid trained on the real
+    audio's mels is scored a second time ("as_generating") on the mels of its codebook 0 decoded
+    alone: what it sees of its own output while generating."""
     import whisper_gpt as W
     model, ck = load_run(d)
     config = model.config
-    result = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config), None, "val")
+    result = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
     if config.use_mel and config.mel_source == "audio":
         config.mel_source = "codebook0"
-        result["as_generating"] = W.evaluate(model, W.load_data(ck["config"]["data_dir"], config),
-                                             None, "val")
+        result["as_generating"] = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
     wall_file = os.path.join(d, "wall.json")
     wall = json.load(open(wall_file))["seconds"] if os.path.isfile(wall_file) else None
     return {**result, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
@@ -157,7 +159,7 @@ def evaluate_run(d):
 def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
-def table(results, model_list, kind_list, seed_list, train_args):
+def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
     lines = ["| data | model | params | NLL (nats/token) | accuracy | PPL | runs |",
              "|---|---|---|---|---|---|---|"]
     for kind, model, params, nll, acc, ppl in PAPER:
@@ -195,7 +197,7 @@ def table(results, model_list, kind_list, seed_list, train_args):
             lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = {m:+.3f} +- "
                          f"{sd:.3f} (lower in {wins} of {len(d)} seeds)")
     lines.append("")
-    lines.append(f"(val clips of each kind from {data_dir}; train.py settings: "
+    lines.append(f"(val clips of each kind from {eval_dir}; train.py settings: "
                  f"config/whisper_gpt_{{model}}_cpu.py --kinds={{kind}} --seed={{seed}} "
                  f"{' '.join(train_args)})")
     return lines
@@ -342,19 +344,33 @@ if __name__ == "__main__":
         if value < least:
             fail(f"--{name}={value}: must be at least {least}")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
+    if test_dir:  # before hours of training: the held-out codes must be those of the same codec
+        from audio import codec_id
+        try:
+            if codec_id(test_dir) != codec_id(data_dir):
+                fail(f"--test_dir={test_dir}: its codes are of another codec than {data_dir}'s; "
+                     f"prepare it with --codec_from={data_dir}")
+        except ValueError as e:
+            fail(e)
     t0 = time.time()
     # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
     if {"hybrid", "hybrid_c0"} & set(model_list):
         import prepare
-        prepare.codebook0_mels(data_dir)
+        for d in [data_dir] + [test_dir] * bool(test_dir):
+            prepare.codebook0_mels(d)
     sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    results = {r: evaluate_run(run_dir(*r)) for r in runs}
-    with open(os.path.join(out_root, "results.json"), "w") as f:
-        json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
     lines = [f"# Whisper-GPT, Table 1 at CPU size", "",
              f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
-    lines += table(results, model_list, kind_list, seed_list, train_args)
+    for eval_dir, name in ((data_dir, "results.json"), (test_dir, "results_test.json")):
+        if not eval_dir:
+            continue
+        results = {r: evaluate_run(run_dir(*r), eval_dir) for r in runs}
+        with open(os.path.join(out_root, name), "w") as f:
+            json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
+        if eval_dir == test_dir:
+            lines += ["", f"## The same runs on held-out clips ({test_dir})", ""]
+        lines += table(results, model_list, kind_list, seed_list, train_args, eval_dir)
     if continuations:
         cont = continuation_rows(model_list, kind_list, seed_list[0])
         lines += ["", "## Continuations of held-out clips", ""] + cont

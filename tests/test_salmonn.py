@@ -967,6 +967,17 @@ def test_copy_probe_scores_copying(synth_dir):
     words = salmonn.vocab_words(tok)
     assert len(words) > 100 and all(len(tok.encode(" " + w)) == 1 for w in words[:50])
 
+def test_llm_stage_sample_says_it_does_not_hear_the_audio(synth_dir):
+    """A stage-"llm" checkpoint is the LLM alone: it continues the prompt template, the same for any
+    clip, and says that the audio is not heard."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96)).eval()
+    texts = [salmonn.sample(m, tok, {"mel": torch.randn(40, 64) * k}, "Describe.", None, beam=1,
+                            max_new_tokens=6)["text"] for k in (0.1, 3.0)]
+    assert texts[0] == texts[1]
+    assert texts[0].startswith("(stage 'llm': the LLM alone, the audio is not heard)\n")
+
 def runs(flags):
     """The maximal runs of True in a 1-d bool sequence, as (start, end)."""
     out, start = [], None

@@ -547,8 +547,12 @@ def test_codes_of_another_codec_are_refused_and_a_held_out_corpus_of_the_same_co
 def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     """whisper_gpt_table.py on the test corpus, a tiny budget: every (model, kind, seed) run is
     trained on its subset to max_iters; the table has one mean +- std row per kind and model with
-    the paper's rows, the claims are checked seed by seed from the runs' own metrics; a second call
-    trains nothing."""
+    the paper's rows, the claims are checked seed by seed from the runs' own metrics, and again on
+    a held-out corpus of the same codec (--test_dir); a second call trains nothing."""
+    import prepare as P
+    held_out = tmp_path / "held_out"
+    P.main(["--clips=40", "--seed=7", "--max_seconds=2.0", "--val_percent=100", "--quiet",
+            "--offline", "--codec_report=0", f"--out_dir={held_out}", f"--codec_from={synth_dir}"])
     out = tmp_path / "table.md"
     args = [sys.executable, "whisper_gpt_table.py", "--models=s,hybrid", "--kinds=speech,events",
             "--seeds=1,2", f"--data_dir={synth_dir}",
@@ -556,7 +560,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
             "--prompt_frames=20",
             "--new_frames=6", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
             "--batch_size=2", "--block_size=16", "--log_interval=1"]
-    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(args + [f"--test_dir={held_out}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "0 of 8 runs already finished, 8 to train" in res.stdout
     results = json.load(open(tmp_path / "runs" / "results.json"))
@@ -587,6 +591,15 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
             "(as when generating) |") in text
     assert os.path.exists(os.path.join(synth_dir, "val_mel_c0.bin"))
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
+    # the same runs on the held-out corpus: their own table, from its val clips of each kind
+    held, rest = text.split(f"## The same runs on held-out clips ({held_out})")[1].split("## ")[0], \
+        json.load(open(tmp_path / "runs" / "results_test.json"))
+    for kind in ("speech", "events"):
+        sub = W.load_data(str(held_out), W.Config(block_size=16, kinds=kind), None)["val"]["codes"]
+        assert rest[f"s-{kind}-s1"]["tokens"] == (len(sub) - 1) // 16 * 16
+        nll = [rest[f"hybrid-{kind}-s{s}"]["nll"] for s in (1, 2)]
+        assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in held
+    assert f"(val clips of each kind from {held_out};" in held
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
     # a larger budget resumes the runs to it, rather than tabling the old ones
@@ -597,10 +610,15 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     ck = torch.load(tmp_path / "runs" / "s-speech-s1" / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 4
     # runs made with other settings are not tabled as these; bad sweep settings stop at once
+    other_codec = tmp_path / "other_codec"
+    P.main(["--clips=12", "--max_seconds=1.0", "--quiet", "--offline", "--codec_report=0",
+            "--kmeans_frames=1024", "--kmeans_iters=2", f"--out_dir={other_codec}"])
     for extra, said in ((["--learning_rate=0.5"], "learning_rate=0.002 there, 0.5 here"),
                         (["--seeds=1,1"], "--seeds=1,1: each at most once"),
                         (["--jobs=0"], "--jobs=0: must be at least 1"),
-                        (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1")):
+                        (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1"),
+                        ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
+                        ([f"--test_dir={other_codec}"], "of another codec than")):
         again = subprocess.run(more + extra, cwd=ROOT, capture_output=True, text=True)
         assert again.returncode == 2 and said in again.stderr, (extra, again.stderr[-2000:])
 
