@@ -342,14 +342,20 @@ def load_data(data_dir, config, tok=None):
         if len(codes) != len(mel):
             raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames "
                              f"but {mel_path} has {len(mel)}")
+        # a split without those kinds or too short for one window is refused when it is read
+        # (split_frames), so a held-out corpus (prepare.py --val_percent=100) evaluates without a
+        # train split
+        short = None
         if kinds:
-            codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
-        # a split too short for one window is refused when it is read (split_frames), so a
-        # held-out corpus (prepare.py --val_percent=100) evaluates without a train split
-        short = None if len(codes) >= config.block_size + 1 else (
-            f"whisper_gpt: {data_dir} split {split}{' kinds ' + config.kinds if kinds else ''} has "
-            f"{len(codes)} frames, fewer than block_size + 1 = {config.block_size + 1}: lower "
-            f"block_size or prepare more data")
+            try:
+                codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
+            except ValueError as e:
+                codes, mel, short = codes[:0], mel[:0], str(e)
+        if not short and len(codes) < config.block_size + 1:
+            short = (f"whisper_gpt: {data_dir} split {split}"
+                     f"{' kinds ' + config.kinds if kinds else ''} has {len(codes)} frames, fewer "
+                     f"than block_size + 1 = {config.block_size + 1}: lower block_size or prepare "
+                     f"more data")
         data[split] = {"codes": codes, "mel": mel, "short": short}
     return data
 

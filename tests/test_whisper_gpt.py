@@ -446,7 +446,8 @@ def test_streaming_decode_and_incremental_mel_equal_the_full_decode(synth_dir, c
 def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
     """kinds="speech" (Table 1's speech row; the test corpus has no music clip in val, so events
     stand in) gives the speech clips' frames, codes and mels together, in clip order; two kinds give
-    their union; an unknown kind is a clear error that lists the kinds there are."""
+    their union; an unknown kind is a clear error that lists the kinds there are, when a split is
+    read."""
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     for split in ("train", "val"):
         clips = [json.loads(line) for line in open(os.path.join(synth_dir, f"{split}_clips.jsonl"))]
@@ -472,8 +473,13 @@ def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
     both = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,events"),
                        None)["train"]["codes"]
     assert len(both) == len(speech) + len(events)
-    with pytest.raises(ValueError, match="no clip of kind podcast.*its kinds: .*speech"):
-        W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,podcast"), None)
+    odd = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,podcast"), None)
+    for split in ("train", "val"):  # refused when read, as a split too short is
+        with pytest.raises(ValueError, match="no clip of kind podcast.*its kinds: .*speech"):
+            W.get_batch(odd, split, 1, np.random.default_rng(0))
+        with pytest.raises(ValueError, match="no clip of kind podcast"):
+            W.evaluate(W.Model(W.Config(block_size=16, n_layer=1, n_head=2, n_embd=64)), odd,
+                       None, split)
 
 def test_eval_on_a_named_subset(synth_dir, tmp_path):
     """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token
