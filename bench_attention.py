@@ -176,7 +176,7 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
 # -----------------------------------------------------------------------------
 # the GPU benchmark
 
-def useful_flops(H, D, Tq, lens, causal):
+def useful_flops(H, D, lens, causal):
     """Forward matmul FLOPs (QK^T and PV: 4*D per visible query-key pair), summed over the batch."""
     pairs = 0
     for n in lens.tolist():  # self-attention among the first n positions (the rest is padding)
@@ -227,7 +227,7 @@ def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
     with torch.no_grad():
         valid_q = (torch.arange(T, device=device)[None, :] < k_lens[:, None])[:, None, :, None]
         err = ((ours(q, k, v) - masked(q, k, v)).float().abs() * valid_q).max().item()
-    fl = useful_flops(H, D, T, lens, causal)
+    fl = useful_flops(H, D, lens, causal)
     row = dict(D=D, T=T, B=B, H=H, causal=causal, mixed=mixed, err=err)
     for name, fn, backward in (("ours", ours, False), ("flash", flash, False),
                                ("masked", masked, False),

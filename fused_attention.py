@@ -74,7 +74,7 @@ def _check(q, k, v, k_lens):
 # -----------------------------------------------------------------------------
 # the PyTorch path
 
-def _mask(B, Tq, Tk, causal, k_lens, device):
+def _mask(Tq, Tk, causal, k_lens, device):
     """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked."""
     mask = None
     if causal:
@@ -88,12 +88,11 @@ def _mask(B, Tq, Tk, causal, k_lens, device):
     return mask
 
 def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    Tq, Tk = q.shape[2], k.shape[2]
     if causal and k_lens is None and Tq in (1, Tk):
         # one new query (a KV-cache step) sees every key: no mask to build
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=sm_scale)
-    mask = _mask(B, Tq, Tk, causal, k_lens, q.device)
+    mask = _mask(Tq, Tk, causal, k_lens, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
     # rows that see no key: let them attend to everything (finite softmax, no NaN in forward or

@@ -1272,7 +1272,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
                          length_penalty=float(o["length_penalty"]))[0]
     out = {"text": tok.decode(ids).strip()}
     if o["candidates"]:
-        cands = [c.strip() for c in str(o["candidates"]).split("|") if c.strip()]
+        # each label once, in the order given
+        cands = list(dict.fromkeys(c.strip() for c in str(o["candidates"]).split("|") if c.strip()))
         if not cands:
             raise ValueError("pengi.sample: candidates names no label (give 'a|b|c')")
         lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]

@@ -218,10 +218,10 @@ def tokenizer_record(tok):
                                    for i in range(tok.eot_token)})
     return rec
 
-def tokenizer_from_record(rec, where="checkpoint", offline=False):
+def tokenizer_from_record(rec, where="checkpoint"):
     """The tiktoken.Encoding of a tokenizer_record (where: names its source in errors)."""
     if rec.get("name") == "gpt2":
-        return load_gpt2(offline)
+        return load_gpt2()
     if "ranks" not in rec:
         raise ValueError(f"{where}: tokenizer record {rec.get('name')!r} has no ranks")
     return make_encoding(rec["name"], parse_ranks(rec["ranks"], f"{where} (its tokenizer)"))

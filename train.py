@@ -322,10 +322,9 @@ if __name__ == "__main__":
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
         kept = [k for k in changed_settings(S, checkpoint["config"]) if k in model_keys]
         if kept and master:
-            print("resuming the run's model, so this command's " + ", ".join(
-                f"{k}={S.get(k)!r}" for k in kept) + " are not used (the run has " + ", ".join(
-                f"{k}={checkpoint['config'].get(k)!r}" for k in kept) + "; --overwrite=True "
-                "trains anew with them)")
+            print("resuming the run's model as it was; not used from this command: " + ", ".join(
+                f"{k}={S.get(k)!r} (the run's: {checkpoint['config'].get(k)!r})" for k in kept)
+                + " (--overwrite=True trains anew with them)")
     else:
         try:
             config = M.Config(**{k: S[k] for k in model_keys if k in S})

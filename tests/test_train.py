@@ -142,8 +142,8 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     assert val[8] == losses(full_run)[1][8]
     # a model setting cannot change on resume: the run's model goes on, and the command says so
     p = run(common + ["--max_iters=9", "--init_from=resume", "--n_layer=3"])
-    assert ("this command's n_layer=3 are not used (the run has n_layer=1; --overwrite=True"
-            in p.stdout), p.stdout
+    assert ("resuming the run's model as it was; not used from this command: n_layer=3 (the "
+            "run's: 1) (--overwrite=True" in p.stdout), p.stdout
     import torch
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model_args"]["n_layer"] == 1
 
