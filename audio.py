@@ -392,10 +392,17 @@ def codec_id(data_dir):
                          f"writes") from None
     if c["pretrained"]:
         return f"{c['name']} (pretrained)"
-    state, digest = read_offline_codec(data_dir, c)["model"], hashlib.sha256()
-    for k in sorted(state):
-        digest.update(k.encode() + state[k].numpy().tobytes())
-    return f"{c['name']} {digest.hexdigest()[:16]}"
+    path = Path(data_dir) / c["weights"]
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _codec_ids:  # hashing 30 MB takes ~0.1 s: once per file version
+        state, digest = read_offline_codec(data_dir, c)["model"], hashlib.sha256()
+        for k in sorted(state):
+            digest.update(k.encode() + state[k].numpy().tobytes())
+        _codec_ids[key] = f"{c['name']} {digest.hexdigest()[:16]}"
+    return _codec_ids[key]
+
+_codec_ids = {}
 
 @torch.no_grad()
 def encode_emb(model, wavs):

@@ -17,7 +17,7 @@ for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec
 frame of codebook 0, keeping its state, and one log-mel frame is computed) is included and also
 reported on its own. The hybrid is also timed with a dense codec (EnCodec's architecture, random
 weights): the offline codec's decoder has parts the streaming decoder skips, a pretrained one not.
-Goals (issue tracker): KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-only.
+Goals: KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-only.
 """
 
 import json

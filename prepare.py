@@ -334,13 +334,15 @@ def get_codec(args, out):
         src = Path(args.codec_from)
         try:
             codec = load_codec(src)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, RuntimeError) as e:   # RuntimeError: a bad download's hash
             sys.exit(f"error: --codec_from={src}: {e}")
         codec_info = {k: v for k, v in json.loads((src / "meta.json").read_text())["codec"].items()
                       if k != "report"}
-        codec_info["from"] = str(src)
-        if "note" in codec_info:                      # the offline codec's says where it was fitted
-            codec_info["note"] += f"; fitted on the corpus of {src}, copied here by --codec_from"
+        if "from" not in codec_info:                  # a copy of a copy names the first corpus
+            codec_info["from"] = str(src)
+            if "note" in codec_info:                  # the offline codec's says where it was fitted
+                codec_info["note"] += (f"; fitted on the corpus of {src}, copied here by "
+                                       f"--codec_from")
         print(f"codec: {codec_info['name']} of {src}, as it is ({args.codec_from_id})")
         return codec, codec_info
     codec, weights = (None, None) if args.offline_codec else \
@@ -794,7 +796,7 @@ def main(argv=None):
         allemb = fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args,
                                    stage)
     elif not codec_info["pretrained"]:                # --codec_from: the very file
-        shutil.copyfile(Path(args.codec_from) / codec_info["weights"], stage("codec.pt"))
+        shutil.copyfile(Path(args.codec_from) / codec_info["weights"], stage(codec_info["weights"]))
     codes = quantize_clips(codec, allemb, bounds)     # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)

@@ -320,7 +320,9 @@ if __name__ == "__main__":
         if changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
-        kept = [k for k in changed_settings(S, checkpoint["config"]) if k in model_keys]
+        # (a field newer than the run is not in its settings: nothing was set there)
+        kept = [k for k in changed_settings(S, checkpoint["config"])
+                if k in model_keys and k in checkpoint["config"]]
         if kept and master:
             print("resuming the run's model as it was; not used from this command: " + ", ".join(
                 f"{k}={S.get(k)!r} (the run's: {checkpoint['config'].get(k)!r})" for k in kept)
@@ -364,6 +366,10 @@ if __name__ == "__main__":
             fail(f"init_from=resume: {ckpt_path}: {e}")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     elif init is not None:
+        learned = init["model_args"].get("codec_id")  # Whisper-GPT: the codes its weights learned
+        if learned and learned != getattr(config, "codec_id", learned):
+            fail(f"init_from={init_from}: its weights learned the codes of {learned}; {data_dir}'s "
+                 f"are codes of {config.codec_id} (prepare the data with --codec_from=<its data>)")
         missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
         if unexpected:
             fail(f"init_from={init_from}: the checkpoint has weights this model lacks: "

@@ -488,7 +488,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if prompt:
         raise ValueError("whisper_gpt.sample: Whisper-GPT continues audio and takes no text prompt")
     c = model.config
-    if c.codec_id:   # the prompt's codes (and --audio's) are codes of the data's codec
+    if c.codec_id and getattr(tools, "data_dir", None):  # the prompt's codes are the data's codec's
         check_codec(c, tools.data_dir)
     device = next(model.parameters()).device
     n = o["prompt_frames"] or c.block_size - 1

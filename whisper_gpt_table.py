@@ -344,14 +344,19 @@ if __name__ == "__main__":
         if value < least:
             fail(f"--{name}={value}: must be at least {least}")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
-    if test_dir:  # before hours of training: the held-out codes must be those of the same codec
+    if test_dir:  # before hours of training: the held-out codes of the same codec, every kind
         from audio import codec_id
+        import whisper_gpt as W
         try:
             if codec_id(test_dir) != codec_id(data_dir):
                 fail(f"--test_dir={test_dir}: its codes are of another codec than {data_dir}'s; "
                      f"prepare it with --codec_from={data_dir}")
-        except ValueError as e:
-            fail(e)
+            block = max(train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
+                        ["block_size"] for m in model_list)
+            for kind in kind_list:
+                W.split_frames(W.load_data(test_dir, W.Config(block_size=block, kinds=kind)), "val")
+        except (ValueError, OSError) as e:
+            fail(f"--test_dir={test_dir}: {e}")
     t0 = time.time()
     # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
     if {"hybrid", "hybrid_c0"} & set(model_list):
@@ -365,7 +370,10 @@ if __name__ == "__main__":
     for eval_dir, name in ((data_dir, "results.json"), (test_dir, "results_test.json")):
         if not eval_dir:
             continue
-        results = {r: evaluate_run(run_dir(*r), eval_dir) for r in runs}
+        try:
+            results = {r: evaluate_run(run_dir(*r), eval_dir) for r in runs}
+        except (ValueError, OSError) as e:  # data changed since the runs (another codec, ...)
+            fail(f"evaluating on {eval_dir}: {e}")
         with open(os.path.join(out_root, name), "w") as f:
             json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
         if eval_dir == test_dir:

@@ -176,6 +176,14 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (empty_val / f).write_bytes(b"")
         else:
             os.symlink(os.path.join(synth_dir, f), empty_val / f)
+    other_codec = tmp_path / "other_codec"  # the same data, a codeword of its codec moved
+    other_codec.mkdir()
+    for f in os.listdir(synth_dir):
+        if f != codec_file:
+            os.symlink(os.path.join(synth_dir, f), other_codec / f)
+    moved = torch.load(os.path.join(synth_dir, codec_file), weights_only=True)
+    moved["model"][next(k for k in moved["model"] if k.endswith("_codebook.embed"))][0] += 1.0
+    torch.save(moved, other_codec / codec_file)
     bad_meta = tmp_path / "bad_meta"
     bad_meta.mkdir()
     (bad_meta / "meta.json").write_text("{not json")
@@ -198,6 +206,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), f"--data_dir={no_field}"],
              f"data_dir {no_field}: its meta.json or clip lists lack the field 'n_mels'"),
             (train(new, no_field), "lack the field 'n_mels'"),
+            (train(new, synth_dir, "--kinds=speech,podcast"), "has no clip of kind podcast"),
+            (train(new, other_codec, f"--init_from={good / 'ckpt.pt'}"),
+             "its weights learned the codes of"),
             (train(new, empty_val), "val_codes.bin, val_mel.bin"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
