@@ -35,8 +35,8 @@ test_dir = ""                  # e.g. data/synth_test_wg (prepare.py --codec_fro
                                # runs are also scored on its val clips of each kind
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
 out = "docs/whisper_gpt_table1.md"
-continuations = 48             # held-out clips per kind continued by GPT-S and the hybrids (first
-                               # seed)
+continuations = 48             # held-out clips per kind (of test_dir if given) continued by GPT-S
+                               # and the hybrids (first seed)
 prompt_frames = 60             # 0.8 s of prompt ...
 new_frames = 60                # ... then 0.8 s of continuation, compared with the clip's true next
                                # 0.8 s
@@ -262,9 +262,9 @@ def sampled_continuations(net, inputs, mels, idx, tools):
             first = wav, gen_mel
     return rows, first
 
-def kind_continuation_rows(kind, clips, model_list, seed, tools):
-    """The table rows of one kind's held-out clips (none if no clip is long enough); writes the
-    first clip's wavs and picture."""
+def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
+    """The table rows of one kind's held-out clips of clip_dir (none if no clip is long enough);
+    writes the first clip's wavs and picture."""
     import audio
     import sample as S
     need = prompt_frames + new_frames
@@ -272,7 +272,7 @@ def kind_continuation_rows(kind, clips, model_list, seed, tools):
            and c["frames"] >= need][:continuations]
     if not idx:
         return []
-    inputs = {i: S.read_clip(data_dir, "val", i)[0] for i in idx}
+    inputs = {i: S.read_clip(clip_dir, "val", i)[0] for i in idx}
     truth = {i: inputs[i]["codes"][:need, :1] for i in idx}
     true_wavs = {i: tools.decode(truth[i]).numpy() for i in idx}
     mels = {i: audio.log_mel(true_wavs[i]) for i in idx}
@@ -293,25 +293,29 @@ def kind_continuation_rows(kind, clips, model_list, seed, tools):
     S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), true_wavs[idx[0]],
                 audio.SAMPLE_RATE)
     audio.plot_mels(os.path.join(out_root, "continuations", f"{kind}.png"), panels,
-                    title=f"{kind}: held-out val clip {idx[0]} ({clips[idx[0]]['id']}), "
-                          f"codebook 0 decoded",
+                    title=f"{kind}: held-out val clip {idx[0]} of {clip_dir} "
+                          f"({clips[idx[0]]['id']}), codebook 0 decoded",
                     boundary=prompt_frames / audio.FRAME_RATE)
     return lines
 
 def continuation_rows(model_list, kind_list, seed):
+    """The continuation table, from the val clips of test_dir if given (more of them, never seen),
+    else of data_dir."""
     import sample as S
-    tools = S.Tools(data_dir)
-    clips = [json.loads(line) for line in open(os.path.join(data_dir, "val_clips.jsonl"))
+    clip_dir = test_dir or data_dir
+    tools = S.Tools(clip_dir)
+    clips = [json.loads(line) for line in open(os.path.join(clip_dir, "val_clips.jsonl"))
              if line.strip()]
     lines = ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | "
              "level modulation | clips |",
              "|---|---|---|---|---|---|"]
     for kind in kind_list:
-        lines += kind_continuation_rows(kind, clips, model_list, seed, tools)
+        lines += kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools)
     lines.append("")
     lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of "
                  f"each clip as prompt, {new_frames} frames generated and compared with the clip's "
-                 f"next {new_frames}; every continuation, the true one included, decoded from "
+                 f"next {new_frames}; val clips of {clip_dir}; every continuation, the true one "
+                 f"included, decoded from "
                  f"codebook 0 alone by the data's codec; pictures and wavs in "
                  f"{out_root}/continuations)")
     return lines

@@ -606,6 +606,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         nll = [rest[f"hybrid-{kind}-s{s}"]["nll"] for s in (1, 2)]
         assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in held
     assert f"(val clips of each kind from {held_out};" in held
+    assert f"val clips of {held_out}; every continuation" in text  # continued: the held-out clips
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
     # a larger budget resumes the runs to it, rather than tabling the old ones
