@@ -10,8 +10,8 @@ Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val)
 write the results), --mean (add the mean and the standard deviation over the runs, e.g. one recipe's
 seeds; refused over runs of different models or stages). Every other --key=value goes to the model
 file's evaluate() (e.g. --batch_size=32), typed by its default in EVAL_OPTS; every run is checked
-for its options before any is evaluated. The metrics are whatever evaluate() returns; for Whisper-GPT: next
-coarse-token NLL (nats/token), accuracy and perplexity.
+for its options before any is evaluated. The metrics are whatever evaluate() returns; for
+Whisper-GPT: next coarse-token NLL (nats/token), accuracy and perplexity.
 """
 
 import importlib

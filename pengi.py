@@ -1249,8 +1249,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
         raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(SAMPLE_OPTS)}")
     if model.config.stage == "clap":
-        raise ValueError("pengi.sample: a clap-stage checkpoint embeds audio and text and writes no "
-                         "text; Pengi's own stage (config/pengi_synth.py) starts from it")
+        raise ValueError("pengi.sample: a clap-stage checkpoint embeds audio and text and writes "
+                         "no text; Pengi's own stage (config/pengi_synth.py) starts from it")
     o = {**SAMPLE_OPTS, **opts}
     for key in ("beam", "max_new_tokens"):
         if o[key] < 1:

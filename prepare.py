@@ -246,7 +246,7 @@ def check_args(args):
         if Path(args.codec_from).resolve() == out.resolve():
             sys.exit(f"error: --codec_from={args.codec_from} is the output directory itself")
         try:
-            args.codec_from_id = codec_id(args.codec_from)  # for the hash: the codec, not a path
+            codec_id(args.codec_from)
         except ValueError as e:
             sys.exit(f"error: --codec_from={args.codec_from}: {e}")
     try:
@@ -268,14 +268,16 @@ def check_args(args):
 def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
     key_args = {k: v for k, v in vars(args).items()
-                if k not in ("force", "quiet", "strict", "codebook0_mel", "codec_from")}
+                if k not in ("force", "quiet", "strict", "codebook0_mel")}
     # off: the hash of outputs made before the option existed
     if not args.whisper_mel:
         del key_args["whisper_mel"]
     if not args.kinds:
         del key_args["kinds"]
-    if not args.codec_from:                           # codec_from_id stands for it
-        key_args.pop("codec_from_id", None)
+    if args.codec_from:                               # the codec itself, not where it lies
+        key_args["codec_from"] = codec_id(args.codec_from)
+    else:
+        del key_args["codec_from"]
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
 def output_files(meta):
@@ -343,7 +345,7 @@ def get_codec(args, out):
             if "note" in codec_info:                  # the offline codec's says where it was fitted
                 codec_info["note"] += (f"; fitted on the corpus of {src}, copied here by "
                                        f"--codec_from")
-        print(f"codec: {codec_info['name']} of {src}, as it is ({args.codec_from_id})")
+        print(f"codec: {codec_info['name']} of {src}, as it is ({codec_id(src)})")
         return codec, codec_info
     codec, weights = (None, None) if args.offline_codec else \
         get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
@@ -796,7 +798,8 @@ def main(argv=None):
         allemb = fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args,
                                    stage)
     elif not codec_info["pretrained"]:                # --codec_from: the very file
-        shutil.copyfile(Path(args.codec_from) / codec_info["weights"], stage(codec_info["weights"]))
+        weights = codec_info["weights"]
+        shutil.copyfile(Path(args.codec_from) / weights, stage(weights))
     codes = quantize_clips(codec, allemb, bounds)     # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)

@@ -316,13 +316,13 @@ if __name__ == "__main__":
                  f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
         # the other settings are this command's: say which ones the run did not have
-        changed = changed_settings(S, checkpoint["config"], skip=checkpoint["model_args"])
+        diff = changed_settings(S, checkpoint["config"])
+        changed = [k for k in diff if k not in checkpoint["model_args"]]
         if changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
         # (a field newer than the run is not in its settings: nothing was set there)
-        kept = [k for k in changed_settings(S, checkpoint["config"])
-                if k in model_keys and k in checkpoint["config"]]
+        kept = [k for k in diff if k in model_keys and k in checkpoint["config"]]
         if kept and master:
             print("resuming the run's model as it was; not used from this command: " + ", ".join(
                 f"{k}={S.get(k)!r} (the run's: {checkpoint['config'].get(k)!r})" for k in kept)

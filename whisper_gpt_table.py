@@ -315,9 +315,8 @@ def continuation_rows(model_list, kind_list, seed):
     lines.append(f"(mean +- standard deviation over clips; the first {prompt_frames} frames of "
                  f"each clip as prompt, {new_frames} frames generated and compared with the clip's "
                  f"next {new_frames}; val clips of {clip_dir}; every continuation, the true one "
-                 f"included, decoded from "
-                 f"codebook 0 alone by the data's codec; pictures and wavs in "
-                 f"{out_root}/continuations)")
+                 f"included, decoded from codebook 0 alone by the data's codec; pictures and wavs "
+                 f"in {out_root}/continuations)")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -333,8 +332,8 @@ if __name__ == "__main__":
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
                  f"l, hybrid_c0)")
     # a bad train.py setting stops here
-    for m in models.split(","):
-        train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])
+    run_settings = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
+                    for m in models.split(",")}
     model_list, kind_list = models.split(","), kinds.split(",")
     try:
         seed_list = [int(s) for s in seeds.split(",")]
@@ -355,8 +354,7 @@ if __name__ == "__main__":
             if codec_id(test_dir) != codec_id(data_dir):
                 fail(f"--test_dir={test_dir}: its codes are of another codec than {data_dir}'s; "
                      f"prepare it with --codec_from={data_dir}")
-            block = max(train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
-                        ["block_size"] for m in model_list)
+            block = max(run_settings[m]["block_size"] for m in model_list)
             for kind in kind_list:
                 W.split_frames(W.load_data(test_dir, W.Config(block_size=block, kinds=kind)), "val")
         except (ValueError, OSError) as e:

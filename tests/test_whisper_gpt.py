@@ -566,7 +566,8 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
             "--prompt_frames=20",
             "--new_frames=6", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
             "--batch_size=2", "--block_size=16", "--log_interval=1"]
-    res = subprocess.run(args + [f"--test_dir={held_out}"], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(args + [f"--test_dir={held_out}"], cwd=ROOT, capture_output=True,
+                         text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "0 of 8 runs already finished, 8 to train" in res.stdout
     results = json.load(open(tmp_path / "runs" / "results.json"))
@@ -598,8 +599,8 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert os.path.exists(os.path.join(synth_dir, "val_mel_c0.bin"))
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
     # the same runs on the held-out corpus: their own table, from its val clips of each kind
-    held, rest = text.split(f"## The same runs on held-out clips ({held_out})")[1].split("## ")[0], \
-        json.load(open(tmp_path / "runs" / "results_test.json"))
+    held = text.split(f"## The same runs on held-out clips ({held_out})")[1].split("## ")[0]
+    rest = json.load(open(tmp_path / "runs" / "results_test.json"))
     for kind in ("speech", "events"):
         sub = W.load_data(str(held_out), W.Config(block_size=16, kinds=kind), None)["val"]["codes"]
         assert rest[f"s-{kind}-s1"]["tokens"] == (len(sub) - 1) // 16 * 16
