@@ -42,7 +42,8 @@ eval_interval = 200
 log_interval = 10
 eval_iters = 20               # batches per split for the train/val loss estimate
 eval_only = False             # evaluate once and exit
-always_save_checkpoint = True # False: save only when the val loss improves
+always_save_checkpoint = True # False: save only when the val loss improves (ckpt.pt keeps the
+                              # best weights and, at the end, notes that the run finished)
 # logging
 wandb_log = False
 wandb_project = "nano-audio-llm"
@@ -297,9 +298,11 @@ if __name__ == "__main__":
                  + describe_changes(changed, prev["config"], S)
                  + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
                    "choose another out_dir")
-        if prev["iter_num"] >= max_iters:
+        # (a run that saves only its best weights notes where it ended: "end_iter")
+        end_iter = prev.get("end_iter", prev["iter_num"])
+        if end_iter >= max_iters:
             if master:
-                print(f"{ckpt_path}: this run is finished (iter {prev['iter_num']}), nothing to do "
+                print(f"{ckpt_path}: this run is finished (iter {end_iter}), nothing to do "
                       f"(--overwrite=True trains anew)")
             sys.exit(0)
         if master:
@@ -449,8 +452,26 @@ if __name__ == "__main__":
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written ckpt.pt
         print(f"saved {path} (iter {iter_num})")
 
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master and not eval_only:
+        # the log holds this run only: a fresh run starts it anew; a resumed one drops what came
+        # after its checkpoint (those iterations are done again) and the checkpoint's own eval
+        kept = []
+        if iter_num > 0 and os.path.exists(log_path):
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:  # a line cut by a crash
+                        continue
+                    if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r):
+                        kept.append(r)
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(log_path + ".tmp", log_path)
+
     def log(record):
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_log:
             wandb.log(record)
@@ -501,9 +522,11 @@ if __name__ == "__main__":
             micro = ddp_rank * gradient_accumulation_steps + micro_step  # index over all processes
             rng = data_rng(0, iter_num, micro)
             seed_torch(iter_num, micro)
-            batch = to_device(M.get_batch(data, "train", batch_size, rng))
+            batch = M.get_batch(data, "train", batch_size, rng)
             # tokens: the target tokens; a tagging batch (salmonn's "beats" stage) counts its clips
+            # (counted before the copy to the device: no wait for the GPU here)
             tokens_log += int((batch["targets"] != -1).sum()) if "targets" in batch else batch_size
+            batch = to_device(batch)
             with ctx:
                 _, loss = train_model(**batch)
                 loss = loss / gradient_accumulation_steps
@@ -542,6 +565,12 @@ if __name__ == "__main__":
                  "tok_per_s": tok_s})
             t_log, tokens_log, iters_log = now, 0, 0
 
+    if master and not eval_only and not always_save_checkpoint and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)  # the best weights: note that the run went on to the end
+        if ckpt["iter_num"] < iter_num:
+            ckpt["end_iter"] = iter_num
+            torch.save(ckpt, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
     if master:
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss "
               f"{best_val_loss:.4f}")

@@ -137,6 +137,10 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     full, _ = losses(full_run)
     resumed, val = losses(out)
     assert sorted(resumed) == list(range(1, 9))
+    # the log holds each iteration once: the checkpoint's eval (iter 4) is not repeated
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["iter"] for r in recs if "loss" in r] == list(range(1, 9))
+    assert [r["iter"] for r in recs if "val_loss" in r] == [0, 4, 8]
     for it in range(1, 9):
         assert resumed[it] == full[it], (it, resumed[it], full[it])  # bit for bit on CPU
     assert val[8] == losses(full_run)[1][8]
@@ -146,6 +150,25 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
             "run's: 1) (--overwrite=True" in p.stdout), p.stdout
     import torch
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model_args"]["n_layer"] == 1
+
+def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_path):
+    """always_save_checkpoint=False keeps the best weights (iter 4: the lr is 0 after it, so the
+    val loss cannot improve again) and notes where the run ended, so the same command again does
+    nothing; --overwrite=True starts the log anew."""
+    import torch
+    out = str(tmp_path)
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+           "--max_iters=8", "--lr_decay_iters=4", "--min_lr=0", "--always_save_checkpoint=False"]
+    run(cmd)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 4 and ck["end_iter"] == 8
+    before = open(os.path.join(out, "log.jsonl")).read()
+    p = run(cmd)
+    assert "this run is finished (iter 8), nothing to do" in p.stdout, p.stdout
+    assert open(os.path.join(out, "log.jsonl")).read() == before
+    run(cmd + ["--overwrite=True", "--max_iters=2"])
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["iter"] for r in recs if "loss" in r] == [1, 2]
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype):
