@@ -359,11 +359,19 @@ def read_offline_codec(data_dir, record):
 
 def load_codec(data_dir):
     """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
-    saved there)."""
+    saved there). The pretrained weights are read where prepare.py found them, else from the
+    torch hub cache (the data may have moved to another machine)."""
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     c = meta["codec"]
     if c["pretrained"]:
-        return encodec_24khz(True, Path(c["weights"]).parent)
+        weights_dir = Path(c["weights"]).parent
+        if not (weights_dir / CODEC_FILE).is_file():
+            weights_dir = find_codec_weights()
+        if weights_dir is None:
+            raise ValueError(f"{data_dir} was coded with the pretrained EnCodec, whose weights "
+                             f"({CODEC_FILE}) are neither at {c['weights']} nor in the torch hub "
+                             f"cache ({torch.hub.get_dir()}/checkpoints)")
+        return encodec_24khz(True, weights_dir)
     ckpt = read_offline_codec(data_dir, c)
     model = offline_codec()
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))

@@ -6,8 +6,10 @@ whatever device this runs on (a CPU by default).
     python bench_whisper_gpt.py --part=generate --new_tokens=750 --out=bench.md
 
 Training: tokens/s of forward + backward + AdamW step (a few timed iterations after a warm-up one,
-random tokens and mels: speed does not depend on the data) and the peak resident memory of the
-process, each model in a process of its own so that the peaks do not mix.
+random tokens and mels: speed does not depend on the data) and the peak memory (on a CPU the
+process's resident memory, on a GPU what torch allocated there), each model in a process of its own
+so that the peaks do not mix. On a GPU both parts run under bfloat16 autocast, as train.py and
+sample.py do there.
 Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip,
 sampled with top-k 50, timed
   - with the KV cache (model.generate, as sample.py does), and
@@ -38,7 +40,7 @@ iters = 3               # timed training iterations (after one warm-up)
 batch_size = 8          # training windows per iteration (the paper-sized configs use 64 on a GPU)
 new_tokens = 750
 data_dir = "data/synth"  # the codec and a prompt for generation
-device = "cpu"
+device = "cpu"         # cpu | cuda | auto
 out = ""                # also write the markdown here
 child = ""              # (internal) the model a child process measures the training speed of
 # -----------------------------------------------------------------------------
@@ -57,15 +59,25 @@ def model_config(name):
     fields = W.Config.__dataclass_fields__
     return W.Config(**{k: v for k, v in values.items() if k in fields})
 
-def peak_rss_mb():
+def peak_memory_mb():
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+def autocast():
+    """bfloat16 on a GPU (train.py's and sample.py's default there), float32 on a CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 # -----------------------------------------------------------------------------
 # training speed, one model per process
 
 def train_one(name):
     import whisper_gpt as W
-    base = peak_rss_mb()
+    base = peak_memory_mb()
     torch.manual_seed(0)
     config = model_config(name)
     model = W.Model(config).to(device)
@@ -76,22 +88,24 @@ def train_one(name):
     times = []
     for i in range(iters + 1):
         t0 = time.perf_counter()
-        _, loss = model(codes, mels, targets=codes)
+        with autocast():
+            _, loss = model(codes, mels, targets=codes)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         if i:
             times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
     return {"params": model.get_num_params(), "tokens_per_s": B * T / dt, "s_per_iter": dt,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_model_mb": base}
+            "peak_mb": peak_memory_mb(), "before_model_mb": base}
 
 def train_table():
+    memory = ("peak GPU memory torch allocated" if device.startswith("cuda")
+              else "peak resident memory of the process")
     lines = [f"Training (batch {batch_size} x {model_config('s').block_size} frames, median of "
-             f"{iters} iterations after a warm-up one; peak resident memory of the process, and "
-             f"what it was before the model was built)", "",
+             f"{iters} iterations after a warm-up one; {memory}, and what it was before the model "
+             f"was built)", "",
              "| model | params | tokens/s | s/iteration | peak memory | before the model |",
              "|---|---|---|---|---|---|"]
     for name, label in MODELS:
@@ -102,8 +116,8 @@ def train_table():
             fail(f"training benchmark of {label} failed:\n{res.stderr}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
         lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
-                     f"{r['s_per_iter']:.2f} | {r['peak_rss_mb']:.0f} MB | "
-                     f"{r['rss_before_model_mb']:.0f} MB |")
+                     f"{r['s_per_iter']:.2f} | {r['peak_mb']:.0f} MB | "
+                     f"{r['before_model_mb']:.0f} MB |")
         print(lines[-1], flush=True)
     return lines
 
@@ -149,11 +163,13 @@ def generate_table():
         config = model_config(name)
         model = W.Model(config).eval().to(device)
         codes = clip["codes"][:75, :1].T.to(device)
-        mels = clip["mel"][:75][None].to(device) if config.use_mel else None
+        # as sample() gives them: the last mel_lag frames are made from the codes
+        mels = clip["mel"][:75 - config.mel_lag][None].to(device) if config.use_mel else None
         mel_seconds = [0.0]
         # a short untimed run first: first-call costs (allocator, BLAS) are not the model's speed
-        model.generate(codes, mels, 20, 1.0, 50,
-                       W.incremental_mel(tools, config.mel_lag) if config.use_mel else None)
+        with autocast():
+            model.generate(codes, mels, 20, 1.0, 50,
+                           W.incremental_mel(tools, config.mel_lag) if config.use_mel else None)
 
         def timed(mel_fn):
             def wrapped(seq, j):
@@ -169,11 +185,14 @@ def generate_table():
             mel_tools = dense_tools if way.endswith("dense codec") else tools
             mel_fn = timed(W.incremental_mel(mel_tools, config.mel_lag)) if config.use_mel else None
             g = torch.Generator(device=device).manual_seed(0)
+            sync()
             t0 = time.perf_counter()
-            if way.startswith("KV cache"):
-                out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g)
-            else:
-                out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
+            with autocast():
+                if way.startswith("KV cache"):
+                    out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g)
+                else:
+                    out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
+            sync()
             dt = time.perf_counter() - t0
             assert out.shape[1] == codes.shape[1] + new_tokens
             times[(name, way)] = dt
@@ -201,6 +220,7 @@ def generate_table():
 if __name__ == "__main__":
     S, _, _ = configurator.parse("bench_whisper_gpt.py", sys.argv[1:], globals())
     globals().update(S)
+    device = configurator.resolve_device("bench_whisper_gpt.py", device)
     if part not in ("all", "train", "generate"):
         fail(f"--part={part}: expected all, train or generate")
     if child:

@@ -230,6 +230,12 @@ def check_args(args):
     out = Path(args.out_dir or os.path.join("data", name))
     if args.dataset != "synth" and not args.src:
         sys.exit(f"--dataset={args.dataset} needs --src=DIR")
+    for bad, said in ((args.clips < 1, f"--clips={args.clips}: must be at least 1"),
+                      (not args.max_seconds > 0, f"--max_seconds={args.max_seconds:g}: must be > 0"),
+                      (not 0 <= args.val_percent <= 100,
+                       f"--val_percent={args.val_percent:g}: must be 0 to 100")):
+        if bad:
+            sys.exit(f"error: {said}")
     if args.src and not Path(args.src).is_dir():
         sys.exit(f"--src={args.src}: not a directory")
     if args.kinds and args.dataset != "synth":
@@ -278,6 +284,12 @@ def hash_args(args):
         key_args["codec_from"] = codec_id(args.codec_from)
     else:
         del key_args["codec_from"]
+    # the default place named as such is the default place (the hash of a run that left them out)
+    if args.name == args.dataset:
+        key_args["name"] = None
+    if args.out_dir and (Path(args.out_dir).resolve()
+                         == Path("data", args.name or args.dataset).resolve()):
+        key_args["out_dir"] = None
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
 def output_files(meta):
@@ -658,14 +670,15 @@ def write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, pro
     stage("meta.json").write_text(json.dumps(meta, indent=2))
 
 def finish(out, work, args, stage):
-    """The staged files renamed into place (meta.json last), an earlier run's files that no longer
-    match removed, --codebook0_mel's files made, and the work directories removed."""
-    stage.commit()
-    # an earlier run's, no longer matching the codes
+    """An earlier run's files that will no longer match removed, the staged files renamed into
+    place (meta.json last), --codebook0_mel's files made, and the work directories removed."""
+    # first: a crash between the two never leaves the old codebook-0 mels beside the new codes
+    # (they are remade from the codes when missing)
     for split in ("train", "val"):
         (out / f"{split}_mel_c0.bin").unlink(missing_ok=True)
         if not args.whisper_mel:
             (out / f"{split}_wmel.bin").unlink(missing_ok=True)
+    stage.commit()
     if args.codebook0_mel:
         codebook0_mels(out, args.quiet)
     shutil.rmtree(work, ignore_errors=True)

@@ -711,6 +711,20 @@ def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
                 f"--codec_from={tmp_path / 'empty'}"] + extra)
     assert says in str(e.value) and "--codec_from=" in str(e.value)
 
+@pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=-1", "--val_percent=250"])
+def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
+    with pytest.raises(SystemExit) as e:
+        P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
+    assert str(e.value).startswith(f"error: {arg}: must be")
+    assert not (tmp_path / "out").exists()
+
+def test_the_default_place_named_as_such_is_the_same_run():
+    """--name / --out_dir naming the default place hash as the default (a re-run skips); another
+    name is another run."""
+    default = P.hash_args(P.get_args([]))
+    assert P.hash_args(P.get_args(["--name=synth", "--out_dir=data/synth/"])) == default
+    assert P.hash_args(P.get_args(["--name=other"])) != default
+
 
 # -----------------------------------------------------------------------------
 # speech (libespeak-ng from espeakng-loader)
@@ -850,6 +864,14 @@ def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     # -> the offline BPE, without touching the network
     assert not T.gpt2_files_cached()
+    # data coded with the pretrained EnCodec on another machine: its weights are looked for in the
+    # hub cache too, and missing everywhere they are named (not a FileNotFoundError traceback)
+    data = tmp_path / "moved"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"codec": {
+        "pretrained": True, "weights": str(tmp_path / "gone" / "encodec_24khz-d7cc33bc.th")}}))
+    with pytest.raises(ValueError, match="pretrained EnCodec, whose weights .* neither at .*gone"):
+        A.load_codec(data)
 
 
 def test_the_corpus_generator_writes_at_the_data_contract_rate():
