@@ -240,16 +240,26 @@ class WhisperGPT(nn.Module):
     def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None,
                  mel_fn=None, generator=None):
         """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.
-        Hybrid: mels (B, T0, n_mels) are the prompt's frames, and mel_fn(codes (B, T), j) -> (B,
-        n_mels) gives mel frame j of the generated audio; it is called once per new token, when
-        frame j is complete (codes up to j + mel_lag exist). temperature 0 = greedy.
+        Hybrid (B = 1: the generated audio is decoded as one stream): mels (1, T, n_mels) are the
+        prompt's first T frames, T0 - mel_lag <= T <= T0, and mel_fn(codes (1, T), j) -> (1,
+        n_mels) gives each later mel frame j; it is called once per new token, when frame j is
+        complete (codes up to j + mel_lag exist). temperature 0 = greedy.
         Context longer than block_size: the window restarts on its last block_size // 2 frames.
         Returns (B, T0 + max_new_tokens)."""
         c = self.config
         lag = c.mel_lag
-        if c.use_mel and (mels is None or mel_fn is None):
-            raise ValueError("whisper_gpt.generate: the hybrid model needs the prompt's mels and a "
-                             "mel_fn")
+        if c.use_mel:
+            if mels is None or mel_fn is None:
+                raise ValueError("whisper_gpt.generate: the hybrid model needs the prompt's mels "
+                                 "and a mel_fn")
+            if codes.size(0) != 1:
+                raise ValueError(f"whisper_gpt.generate: the hybrid generates one sequence at a "
+                                 f"time (its mel comes from one decoded stream), got a batch of "
+                                 f"{codes.size(0)}")
+            T0, T = codes.size(1), mels.size(1)
+            if not max(1, T0 - lag) <= T <= T0:
+                raise ValueError(f"whisper_gpt.generate: {T} prompt mel frames for {T0} codes; "
+                                 f"expected {max(1, T0 - lag)} to {T0} (mel_lag={lag})")
         seq = codes
         frames = list(mels.unbind(1)) if c.use_mel else []  # known mel frames, (B, n_mels) each
 
@@ -313,8 +323,12 @@ def load_data(data_dir, config, tok=None):
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set "
                                 f"data_dir)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"whisper_gpt: {meta_path} is not valid JSON ({e}): re-run "
+                         f"prepare.py") from None
     config.vocab_size = meta["codebook_size"]
     config.n_mels = meta["n_mels"]
     config.codec_id = check_codec(config, data_dir)
@@ -475,7 +489,9 @@ def sample(model, tok, audio, prompt, tools, **opts):
     of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG).
     Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the
     prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 1.5
-    kbps, the other residual codebooks left out, not zero-filled)."""
+    kbps, the other residual codebooks left out, not zero-filled). The prompt's mels are those the
+    model trained on (mel_source), but for its last mel_lag frames: their windows reach into audio
+    after the prompt, so generate makes them from the prompt's codes and the generated ones."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
         raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: "
@@ -493,7 +509,15 @@ def sample(model, tok, audio, prompt, tools, **opts):
     device = next(model.parameters()).device
     n = o["prompt_frames"] or c.block_size - 1
     codes = audio["codes"][-n:, :1].T.to(device).long()  # (1, T0): codebook 0
-    mels = audio["mel"][-n:][None].to(device).float() if c.use_mel else None
+    mels = None
+    if c.use_mel:
+        if codes.size(1) <= c.mel_lag:
+            raise ValueError(f"whisper_gpt.sample: a prompt of {codes.size(1)} frame(s); the "
+                             f"hybrid needs more than mel_lag={c.mel_lag}")
+        clip_mel = audio["mel"]
+        if c.mel_source == "codebook0":  # the mel of codebook 0 decoded alone, as in training
+            clip_mel = torch.as_tensor(np.asarray(tools.mel(tools.decode(audio["codes"][:, :1]))))
+        mels = clip_mel[-n:][:codes.size(1) - c.mel_lag][None].to(device).float()
     generator = None
     if o["seed"] >= 0:
         generator = torch.Generator(device=device).manual_seed(o["seed"])

@@ -76,6 +76,16 @@ def finished(path):
         return None
     return ck["iter_num"], ck["config"]
 
+def read_wall(d):
+    """Seconds spent training run d so far (wall.json), 0 if none."""
+    path = os.path.join(d, "wall.json")
+    return json.load(open(path))["seconds"] if os.path.isfile(path) else 0.0
+
+def write_wall(d, seconds):
+    with open(os.path.join(d, "wall.json.tmp"), "w") as f:
+        json.dump({"seconds": seconds}, f)
+    os.replace(os.path.join(d, "wall.json.tmp"), os.path.join(d, "wall.json"))
+
 def sweep(runs, train_args):
     """A run that reached its max_iters (its config's, or train_args') is skipped; one that stopped
     earlier, or ran to another max_iters, is resumed to it. A run made with other settings (other
@@ -111,12 +121,15 @@ def sweep(runs, train_args):
             d, cmd = todo.pop(0)
             os.makedirs(d, exist_ok=True)
             log = open(os.path.join(d, "train.log"), "a")
+            # wall time over all the sweeps that trained this run (an interrupted one's included)
+            start = time.time() - read_wall(d)
             running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                            log, time.time()))
+                            log, start))
             print(f"  start {d}")
         time.sleep(2)
         for item in list(running):
             d, proc, log, start = item
+            write_wall(d, time.time() - start)
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -125,9 +138,6 @@ def sweep(runs, train_args):
                 for _, other, _, _ in running:  # no run left behind without its sweep
                     other.terminate()
                 fail(f"{d}: train.py exited with {proc.returncode}; see {d}/train.log")
-            with open(os.path.join(d, "wall.json.tmp"), "w") as f:
-                json.dump({"seconds": time.time() - start}, f)
-            os.replace(os.path.join(d, "wall.json.tmp"), os.path.join(d, "wall.json"))
             done += 1
             left = [d for d, *_ in running] + [d for d, _ in todo]
             took[model_of(d)].append(time.time() - start)
@@ -152,8 +162,7 @@ def evaluate_run(d, eval_dir):
     if config.use_mel and config.mel_source == "audio":
         config.mel_source = "codebook0"
         result["as_generating"] = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
-    wall_file = os.path.join(d, "wall.json")
-    wall = json.load(open(wall_file))["seconds"] if os.path.isfile(wall_file) else None
+    wall = read_wall(d) or None
     return {**result, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
 
 def mean_std(values):
@@ -367,7 +376,7 @@ if __name__ == "__main__":
             prepare.codebook0_mels(d)
     sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    lines = [f"# Whisper-GPT, Table 1 at CPU size", "",
+    lines = ["# Whisper-GPT, Table 1 at CPU size", "",
              f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
     for eval_dir, name in ((data_dir, "results.json"), (test_dir, "results_test.json")):
         if not eval_dir:
@@ -376,8 +385,10 @@ if __name__ == "__main__":
             results = {r: evaluate_run(run_dir(*r), eval_dir) for r in runs}
         except (ValueError, OSError) as e:  # data changed since the runs (another codec, ...)
             fail(f"evaluating on {eval_dir}: {e}")
-        with open(os.path.join(out_root, name), "w") as f:
+        path = os.path.join(out_root, name)
+        with open(path + ".tmp", "w") as f:
             json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
+        os.replace(path + ".tmp", path)
         if eval_dir == test_dir:
             lines += ["", f"## The same runs on held-out clips ({test_dir})", ""]
         lines += table(results, model_list, kind_list, seed_list, train_args, eval_dir)

@@ -145,6 +145,17 @@ def test_kv_cache_generation_equals_full_recompute(use_mel, lag):
     if use_mel:
         assert calls == list(range(10, 10 + n - 1 - lag))
 
+def test_hybrid_generate_refuses_a_batch_and_the_wrong_number_of_prompt_mels():
+    model = tiny(use_mel=True, mel_lag=1)
+    codes, mels = inputs(model, B=2, T=10)
+    mel_fn = lambda seq, j: torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="one sequence at a time.*a batch of 2"):
+        model.generate(codes, mels, 3, mel_fn=mel_fn)
+    for T in (8, 11):
+        with pytest.raises(ValueError, match=f"{T} prompt mel frames for 10 codes; expected 9 "
+                                             f"to 10"):
+            model.generate(codes[:1], torch.zeros(1, T, 8), 3, mel_fn=mel_fn)
+
 def test_sampling_options_and_top_k():
     model = tiny(use_mel=False)
     codes, _ = inputs(model, B=1, T=5)
@@ -185,13 +196,14 @@ def test_sample_interface(use_mel):
                      top_k=10, seed=0)
     assert torch.equal(out["codes"], again["codes"])
     if use_mel:
-        # the codec decodes each frame once: the prompt (31 frames of a block of 32) and the first 1
-        # + lag generated frames in the first call (the first frame whose mel is needed, and lag
-        # frames after it), then one new frame per call
-        lag = model.config.mel_lag
-        assert len(tools.decoded) == 20 - 1 - lag
-        assert tools.decoded[0] == (31 + 1 + lag,
-                                    1) and all(shape == (1, 1) for shape in tools.decoded[1:])
+        # the codec decodes each frame once: the prompt (31 frames of a block of 32) and the first
+        # generated frame in the first call (the prompt's last mel_lag mel frames are made from
+        # the codes: their windows reach into the first generated frame), then one new frame per
+        # call
+        assert model.config.mel_lag == 1
+        assert len(tools.decoded) == 20 - 1
+        assert tools.decoded[0] == (31 + 1, 1) and all(shape == (1, 1)
+                                                       for shape in tools.decoded[1:])
     else:
         assert tools.decoded == []
     with pytest.raises(ValueError, match="unknown option"):
@@ -224,15 +236,17 @@ def test_incremental_mel_matches_full_decode():
     model.generate = spy
     W.sample(model, None, {"codes": torch.randint(0, 50, (10, 8)), "mel": torch.randn(10, 8)}, None,
              tools, max_new_tokens=12, seed=0)
-    assert len(seen) == 10 and all(seen)
+    assert len(seen) == 11 and all(seen)  # the prompt's last frame, then 10 of the new ones
 
-@pytest.mark.parametrize("use_mel", [False, True])
-def test_sample_prompts_with_the_clips_last_frames_and_continues_as_generate(use_mel):
+@pytest.mark.parametrize("use_mel,mel_source", [(False, "audio"), (True, "audio"),
+                                                 (True, "codebook0")])
+def test_sample_prompts_with_the_clips_last_frames_and_continues_as_generate(use_mel, mel_source):
     """The prompt is the clip's last prompt_frames frames of codebook 0 (block_size - 1 by
-    default), with their own mels; the continuation is what model.generate gives on that prompt,
-    the hybrid's new mel frames being those of the whole decoded sequence (computed here by
-    decoding it all again, not incrementally)."""
-    model = tiny(use_mel=use_mel, block_size=32, mel_lag=1)
+    default), with the mels the model trained on (the clip's, or those of its codebook 0 decoded
+    alone) but for the last mel_lag, whose windows reach past the prompt; the continuation is what
+    model.generate gives on that prompt, the hybrid's later mel frames being those of the decoded
+    sequence (computed here by decoding it all again, not incrementally)."""
+    model = tiny(use_mel=use_mel, block_size=32, mel_lag=1, mel_source=mel_source)
     if use_mel:  # make the mel path count, so that the wrong prompt mels change the argmaxes
         with torch.no_grad():
             model.mel_out.weight.mul_(50)
@@ -244,9 +258,15 @@ def test_sample_prompts_with_the_clips_last_frames_and_continues_as_generate(use
     def mel_fn(seq, j):
         return torch.as_tensor(tools.mel(tools.decode(seq[0, :, None])))[j][None]
 
+    clip_mel = audio["mel"]
+    if mel_source == "codebook0":
+        clip_mel = torch.as_tensor(tools.mel(tools.decode(audio["codes"][:, :1])))
     for prompt_frames, n in ((12, 12), (0, 31)):
         prompt = audio["codes"][-n:, 0][None]
-        mels = audio["mel"][-n:][None] if use_mel else None
+        mels = clip_mel[-n:][:n - 1][None] if use_mel else None
+        if mel_source == "audio" and use_mel:  # the clip's own last frame would differ
+            leaky = model.generate(prompt, clip_mel[-n:][None], 20, 0, None, mel_fn)
+            assert not torch.equal(leaky, model.generate(prompt, mels, 20, 0, None, mel_fn))
         for temperature, top_k in ((0, 0), (0.8, 10)):
             out = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20,
                            temperature=temperature, top_k=top_k, prompt_frames=prompt_frames,
