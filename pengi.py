@@ -110,7 +110,6 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.lora_rank = lora_rank
         self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
-        self.merged = False
         if lora_rank:
             # A random (as in LoRA / peft), B zero: the adapted model starts equal to the base model
             self.lora_q_A = nn.Parameter(torch.empty(lora_rank, n_embd))
@@ -121,17 +120,10 @@ class SelfAttention(nn.Module):
             nn.init.kaiming_uniform_(self.lora_v_A, a=math.sqrt(5))
             self.lora_drop = nn.Dropout(lora_dropout)
 
-    def lora_delta(self):
-        """The change LoRA makes to c_attn.weight (3C, C): rows of q and v only."""
-        C = self.c_proj.weight.size(0)
-        z = torch.zeros(C, C, device=self.lora_q_A.device, dtype=self.lora_q_A.dtype)
-        dq, dv = self.lora_q_B @ self.lora_q_A, self.lora_v_B @ self.lora_v_A
-        return self.lora_scale * torch.cat([dq, z, dv], dim=0)
-
     def forward(self, x, causal=True, past=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        if self.lora_rank and not self.merged:
+        if self.lora_rank:
             h = self.lora_drop(x)
             q = q + self.lora_scale * (h @ self.lora_q_A.t() @ self.lora_q_B.t())
             v = v + self.lora_scale * (h @ self.lora_v_A.t() @ self.lora_v_B.t())
@@ -435,10 +427,22 @@ class PatchMerging(nn.Module):
                       dim=-1)
         return self.reduction(self.norm(x))
 
+def int_list(config, field):
+    """A comma list of positive integers from the config, "2,2,2" -> [2, 2, 2]."""
+    value = getattr(config, field)
+    try:
+        out = [int(x) for x in str(value).split(",")]
+    except ValueError:
+        raise ValueError(f"{field}={value!r}: must be a comma list of integers, e.g. "
+                         f"'2,2'") from None
+    if min(out) < 1:
+        raise ValueError(f"{field}={value!r}: every entry must be at least 1")
+    return out
+
 def stage_windows(config):
-    """Grid and window sizes of every stage; raises a clear error when they do not tile."""
-    depths = [int(d) for d in config.enc_depths.split(",")]
-    heads = [int(h) for h in config.enc_heads.split(",")]
+    """Grid and window sizes of every stage; raises a clear error when they do not tile or a
+    stage's heads do not divide its width."""
+    depths, heads = int_list(config, "enc_depths"), int_list(config, "enc_heads")
     if len(depths) != len(heads):
         raise ValueError(f"enc_depths {config.enc_depths!r} and enc_heads {config.enc_heads!r} "
                          f"differ in length")
@@ -449,6 +453,11 @@ def stage_windows(config):
     Fg, Tg = config.n_mels // p, config.max_frames // p
     out = []
     for s in range(len(depths)):
+        width = config.enc_dim * 2 ** s  # doubled by each patch merging
+        if width % heads[s]:
+            raise ValueError(f"enc_heads={config.enc_heads!r}: stage {s} is {width} wide "
+                             f"(enc_dim={config.enc_dim}, doubled per stage), which {heads[s]} "
+                             f"heads do not divide")
         wf, wt = min(config.window, Fg), min(config.window, Tg)
         if Fg % wf or Tg % wt or (s < len(depths) - 1 and (Fg % 2 or Tg % 2)):
             raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} (n_mels x max_frames / patch_size) "
@@ -586,6 +595,10 @@ class Pengi(nn.Module):
                              f"{config.text_init!r}")
         if config.stage not in ("clap", "pengi"):
             raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
+        for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
+            heads = getattr(config, field)
+            if heads < 1 or config.llm_n_embd % heads:
+                raise ValueError(f"{field}={heads}: must divide llm_n_embd={config.llm_n_embd}")
         self.config = config
         self.k = config.prefix_len
 
@@ -738,8 +751,9 @@ class Pengi(nn.Module):
     @torch.no_grad()
     def greedy(self, prefix, max_new_tokens):
         """Batched greedy decoding from prefixes (B, 2k, d). Returns lists of token ids without the
-        eot."""
+        eot; at most as many as the LM's block has room for after the prefix."""
         eot = self.config.eot_token
+        max_new_tokens = min(max_new_tokens, self.llm.block_size - prefix.size(1))
         h, past = self.llm(prefix)
         logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
         B = prefix.size(0)
@@ -758,8 +772,10 @@ class Pengi(nn.Module):
 
     @torch.no_grad()
     def generate(self, mel, prompt, prompt_lens, beam=5, max_new_tokens=30, length_penalty=1.0):
-        """Answers for a batch: greedy (beam 1, batched) or ClipCap's beam search per clip."""
+        """Answers for a batch: greedy (beam 1, batched) or ClipCap's beam search per clip, at most
+        as many tokens as the LM's block has room for after the prefix."""
         prefix = self.prefix(mel, prompt, prompt_lens)
+        max_new_tokens = min(max_new_tokens, self.llm.block_size - prefix.size(1))
         if beam == 1:
             return self.greedy(prefix, max_new_tokens)
         out = []
@@ -855,6 +871,11 @@ def load_data(data_dir, config, tok):
     # the data is text: the config's tokenizer sets these
     config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
     set_llm_dims(config)
+    if config.stage == "pengi" and 2 * config.prefix_len + config.max_answer_tokens > \
+            config.llm_block_size:
+        raise ValueError(f"2 * prefix_len ({config.prefix_len}) + max_answer_tokens "
+                         f"({config.max_answer_tokens}) exceeds the LM's llm_block_size "
+                         f"{config.llm_block_size}: the longest answers would not fit")
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
     if unknown:
@@ -880,6 +901,9 @@ def load_data(data_dir, config, tok):
                 example = (i, enc(prompt)[:config.max_prompt_tokens],
                            answer_ids(tok, answer)[:config.max_answer_tokens])
                 by_task.setdefault(task, []).append(example)
+        if not by_task:
+            raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
+                             f"{config.tasks!r}")
         data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
                        "task_p": task_probabilities(sorted(by_task), weights, split)}
     # candidate labels for the close-ended tasks, from the training split

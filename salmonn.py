@@ -296,7 +296,7 @@ class AudioEncoder(nn.Module):
         super().__init__()
         if n_mels % patch_f:
             raise ValueError(f"beats_patch_f={patch_f} must divide n_mels={n_mels}")
-        self.n_bands = n_mels // patch_f
+        self.n_mels, self.n_bands = n_mels, n_mels // patch_f
         self.patch_embed = nn.Conv2d(1, n_embd, kernel_size=(2, patch_f), stride=(2, patch_f))
         # which frequency band a patch is
         self.band_emb = nn.Parameter(torch.zeros(self.n_bands, n_embd))
@@ -386,7 +386,6 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.lora_rank = lora_rank
         self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
-        self.merged = False
         if lora_rank:
             # A random (as in LoRA / peft), B zero: the adapted model starts equal to the base model
             self.lora_q_A = nn.Parameter(torch.empty(lora_rank, n_embd))
@@ -397,17 +396,10 @@ class SelfAttention(nn.Module):
             nn.init.kaiming_uniform_(self.lora_v_A, a=math.sqrt(5))
             self.lora_drop = nn.Dropout(lora_dropout)
 
-    def lora_delta(self):
-        """The change LoRA makes to c_attn.weight (3C, C): rows of q and v only."""
-        C = self.c_proj.weight.size(0)
-        z = torch.zeros(C, C, device=self.lora_q_A.device, dtype=self.lora_q_A.dtype)
-        dq, dv = self.lora_q_B @ self.lora_q_A, self.lora_v_B @ self.lora_v_A
-        return self.lora_scale * torch.cat([dq, z, dv], dim=0)
-
     def forward(self, x, causal=True, past=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        if self.lora_rank and not self.merged:
+        if self.lora_rank:
             h = self.lora_drop(x)
             q = q + self.lora_scale * (h @ self.lora_q_A.t() @ self.lora_q_B.t())
             v = v + self.lora_scale * (h @ self.lora_v_A.t() @ self.lora_v_B.t())
@@ -632,9 +624,11 @@ def load_whisper_encoder_state(path):
         if not sd:
             raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage "
                              f"{args.get('stage')!r} without a speech encoder")
+        # speech_n_mels 0: the encoder read that run's data, n_mels bins
         return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"],
                         n_embd=args["speech_n_embd"],
-                        n_mels=args["speech_n_mels"], features=args.get("speech_features", "mel"))
+                        n_mels=args["speech_n_mels"] or args["n_mels"],
+                        features=args.get("speech_features", "mel"))
     if "dims" not in ck or "model_state_dict" not in ck:
         raise ValueError(f"whisper_init={path}: neither our stage-'whisper' ckpt.pt nor an OpenAI "
                          f"Whisper checkpoint ('dims' and 'model_state_dict')")
@@ -660,7 +654,8 @@ def load_beats_state(path):
         raise ValueError(f"beats_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} "
                          f"without an audio encoder")
     return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"],
-                    n_embd=args["beats_n_embd"], patch_f=args["beats_patch_f"])
+                    n_embd=args["beats_n_embd"], patch_f=args["beats_patch_f"],
+                    n_mels=args["n_mels"])
 
 def set_pretrained_dims(config):
     """load_data's step for the *_init files: their sizes replace the config's (before the model is
@@ -688,12 +683,23 @@ def set_pretrained_dims(config):
 # -----------------------------------------------------------------------------
 # the model: which parts exist depends on the stage
 
+def check_heads(config):
+    """A ValueError naming the setting when a part of the stage's model has a head count that does
+    not divide its width (attention splits the width into equal heads)."""
+    parts = {"whisper": ("speech",), "beats": ("beats",),
+             "llm": ("llm",)}.get(config.stage, ("speech", "beats", "qformer", "llm"))
+    for part in parts:
+        width, heads = getattr(config, f"{part}_n_embd"), getattr(config, f"{part}_n_head")
+        if heads < 1 or width % heads:
+            raise ValueError(f"{part}_n_head={heads}: must divide {part}_n_embd={width}")
+
 class SALMONN(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         if config.stage not in STAGES:
             raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
+        check_heads(config)
         self.config = config
         stage = config.stage
         speech_mels = config.speech_n_mels or config.n_mels
@@ -786,42 +792,15 @@ class SALMONN(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # lm_head is tied: counted once
 
-    # LoRA scale and merging
+    # LoRA's scale (alpha / rank): the paper lowers it at inference to bring back emergent abilities
     @property
     def lora_scale(self):
         return self.llm.h[0].attn.lora_scale if len(self.llm.h) else 0.0
 
     @lora_scale.setter
     def lora_scale(self, scale):
-        merged = self.lora_merged
-        if merged:
-            self.unmerge_lora()
         for block in self.llm.h:
             block.attn.lora_scale = float(scale)
-        if merged:
-            self.merge_lora()
-
-    @property
-    def lora_merged(self):
-        return any(block.attn.merged for block in self.llm.h)
-
-    @torch.no_grad()
-    def merge_lora(self):
-        """Fold the LoRA update into c_attn.weight (faster inference; same outputs up to
-        rounding)."""
-        for block in self.llm.h:
-            a = block.attn
-            if a.lora_rank and not a.merged:
-                a.c_attn.weight += a.lora_delta()
-                a.merged = True
-
-    @torch.no_grad()
-    def unmerge_lora(self):
-        for block in self.llm.h:
-            a = block.attn
-            if a.lora_rank and a.merged:
-                a.c_attn.weight -= a.lora_delta()
-                a.merged = False
 
     # audio -> LLM input embeddings
     def speech_encode(self, mel, mel_lens, wmel=None, wmel_lens=None):
@@ -846,7 +825,9 @@ class SALMONN(nn.Module):
     def encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """run_encoders(), once per clip when the encoders are frozen: they give a clip the same
         frames every time, and in stages 1-3 they were over half of a training step's time. Each
-        clip's frames are kept, keyed by its input features, until the encoders' weights change."""
+        clip's frames are kept, keyed by its input features, until the encoders' weights change.
+        They are kept on the host, not the model's device: at real Whisper widths a large corpus's
+        frames take tens of GB; each batch's rows go to the device when used."""
         if not (self.config.freeze_encoders and self.config.cache_encoders):
             return self.run_encoders(mel, mel_lens, wmel, wmel_lens)
         # loading weights bumps a tensor's version, .to() makes new tensors
@@ -874,10 +855,11 @@ class SALMONN(nn.Module):
             s, lens2, a = self.run_encoders(pick(mel), lens, pick(wmel), pick(wmel_lens))
             a_lens = (lens + 1) // 2
             for i, k in enumerate(new):
-                self.encoder_cache[k] = (s[i, :lens2[i]].clone(), a[i, :a_lens[i]].clone())
+                self.encoder_cache[k] = (s[i, :lens2[i]].to("cpu", copy=True),
+                                         a[i, :a_lens[i]].to("cpu", copy=True))
         frames = [self.encoder_cache[k] for k in keys]
-        s = nn.utils.rnn.pad_sequence([f[0] for f in frames], batch_first=True)
-        a = nn.utils.rnn.pad_sequence([f[1] for f in frames], batch_first=True)
+        s = nn.utils.rnn.pad_sequence([f[0] for f in frames], batch_first=True).to(mel.device)
+        a = nn.utils.rnn.pad_sequence([f[1] for f in frames], batch_first=True).to(mel.device)
         lens2 = torch.tensor([len(f[0]) for f in frames], device=mel.device)
         return s, lens2, a
 
@@ -1005,7 +987,12 @@ def init_pretrained(model, tok=None):
                               ("beats_init", "beats", load_beats_state)):
         path = getattr(config, field)
         if path and hasattr(model, part):
-            sd, _ = load(path)
+            sd, sizes = load(path)
+            # the encoder's input width is the data's, not a size the checkpoint can set
+            if sizes["n_mels"] != getattr(model, part).n_mels:
+                raise ValueError(f"{field}={path}: its {part} encoder reads {sizes['n_mels']} mel "
+                                 f"bins, the model built for the data "
+                                 f"{getattr(model, part).n_mels}")
             missing, unexpected = getattr(model, part).load_state_dict(sd, strict=False)
             if missing or unexpected:
                 raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected "
@@ -1227,14 +1214,10 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
 
 class SALMONNData:
     """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text
-    stream; stage "beats": each clip's tags)."""
+    stream; stage "beats": each clip's tags). meta: the data's meta.json, which load_data read."""
 
-    def __init__(self, data_dir, config, tok):
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{meta_path}: not found (run prepare.py first)")
-        self.meta = json.load(open(meta_path))
-        self.tok, self.config = tok, config
+    def __init__(self, data_dir, config, tok, meta):
+        self.meta, self.tok, self.config = meta, tok, config
         self.n_mels = self.meta["n_mels"]
         self.tasks = stage_tasks(config) if config.stage not in ("llm", "beats") else ()
         self.task_weights = parse_task_weights(config.task_weights, self.tasks)
@@ -1370,7 +1353,13 @@ def load_data(data_dir, config, tok):
         config.speech_frame_rate = config.frame_rate
     else:
         raise ValueError(f"speech_features={config.speech_features!r}: must be 'mel' or 'whisper'")
-    return SALMONNData(data_dir, config, tok)
+    bins = meta["whisper_mel"]["n_mels"] if config.speech_features == "whisper" else config.n_mels
+    if config.stage not in ("beats", "llm") and config.speech_n_mels not in (0, bins):
+        source = (f"whisper_init={config.whisper_init}" if config.whisper_init
+                  else f"speech_n_mels={config.speech_n_mels}")
+        raise ValueError(f"{source}: the speech encoder reads {config.speech_n_mels} mel bins, "
+                         f"{data_dir} has {bins}")
+    return SALMONNData(data_dir, config, tok, meta)
 
 def pad_mels(mels, n_mels):
     mel = torch.zeros(len(mels), max(m.size(0) for m in mels), n_mels)
@@ -1427,16 +1416,17 @@ def llm_batch(data, split, batch_size, rng):
     config, stream = data.config, data.splits[split]["stream"]
     T = config.llm_block_size
     if len(stream) <= T + 1:
-        raise ValueError(f"{split} text stream has {len(stream)} tokens, fewer than "
+        raise ValueError(f"{split} text stream has {len(stream)} tokens, at most "
                          f"llm_block_size+1={T + 1}")
     n_copy = round(config.copy_rows * batch_size)
+    # a window and its targets, one token on; the last possible start (len(stream) - T - 1) is
+    # left out, as it was when the measured LLMs were trained: their draws stay the same
     ix = rng.integers(0, len(stream) - T - 1, size=batch_size - n_copy)
     x = torch.zeros(batch_size, T, dtype=torch.long)
     y = torch.full((batch_size, T), -1, dtype=torch.long)
-    x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T]
-                                             for i in ix])) if len(ix) else x[:0]
-    y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T]
-                                             for i in ix])) if len(ix) else y[:0]
+    if len(ix):
+        x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T] for i in ix]))
+        y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix]))
     for b in range(len(ix), batch_size):
         seq, is_target = copy_conversations(data, rng, T)
         x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
@@ -1567,6 +1557,7 @@ def clip_tag_logits(model, mels, n_mels):
 SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
                "seed": None, "length_penalty": 0.0}
 
+@torch.no_grad()
 def sample(model, tok, audio, prompt, tools=None, **opts):
     """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction).
     Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by
@@ -1574,7 +1565,8 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k, max_new_tokens
     (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities),
     seed. The encoders' stages answer without the LLM: "whisper" with the transcripts of its text
-    decoder (greedy) and CTC head, "beats" with the 5 most likely tags."""
+    decoder (greedy) and CTC head, "beats" with the 5 most likely tags. Runs in eval mode without
+    gradients (the model's mode is restored after)."""
     unknown = sorted(set(opts) - set(SAMPLE_OPTS))
     if unknown:
         raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
@@ -1586,6 +1578,15 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
                          f"given)")
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, tok, audio, prompt, o)
+    finally:
+        model.train(was_training)
+
+def _sample(model, tok, audio, prompt, o):
+    beam, temperature = int(o["beam"]), float(o["temperature"])
     device = next(model.parameters()).device
     stage = model.config.stage
     if (stage not in ("llm", "beats") and model.config.speech_features == "whisper"
@@ -1807,8 +1808,10 @@ def task_answers(model, tok, data, split, task, entries, o):
     return hyps, None
 
 def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):
-    """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's (from the
-    train split's answers); with ctc_hyps (stage "whisper"), CTC's WER per kind too."""
+    """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's, the best
+    of: the first 200 of this corpus's training answers of that kind, the first 200 evaluated
+    references of that kind, and every word of all of these answers and references; with ctc_hyps
+    (stage "whisper"), CTC's WER per kind too."""
     results = {"wer": word_error_rate(refs, hyps)}
     for kind in sorted(set(kinds)):
         of_kind = lambda xs: [x for x, k in zip(xs, kinds) if k == kind]
@@ -1853,14 +1856,17 @@ def answer_metrics(task, entries, refs, hyps):
 EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 0,
              "temperature": 0.0, "top_k": 0, "seed": None, "length_penalty": 0.0}
 
+@torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
     """Paper-style metrics on the split (max_clips > 0: the first max_clips entries of each task;
-    each task's first instruction paraphrase). Transcription: WER per kind (speech, morse, dtmf)
-    next to the best constant answer's (from the training answers); bleu4 (captioning), music_bleu4,
-    qa_acc (gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean
-    length of the story answers, the sign of activation); n_<task>: how many examples each figure
-    rests on. Stage "llm": text perplexity and the copy probe; "whisper": WER per kind from the
-    decoder and from CTC; "beats": tagging mAP and class accuracy."""
+    each task's first instruction paraphrase), in eval mode without gradients (the model's mode is
+    restored after). Transcription: WER per kind (speech, morse, dtmf) next to the best constant
+    answer's (among training answers, the evaluated references and their words:
+    transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (gender_acc: the speaker's sex),
+    cls_acc, speaker_acc, story_bleu4 and story_words (mean length of the story answers, the sign of
+    activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity
+    and the copy probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP
+    and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
@@ -1869,6 +1875,14 @@ def evaluate(model, data, tok, split="val", **opts):
                        ("max_new_tokens", 1)):
         if o[key] < least:
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, data, tok, split, o)
+    finally:
+        model.train(was_training)
+
+def _evaluate(model, data, tok, split, o):
     S, stage = data.splits[split], model.config.stage
     if stage == "llm":
         return {"text_ppl": text_perplexity(model, S["stream"], o["max_clips"]),

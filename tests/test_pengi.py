@@ -408,6 +408,51 @@ def test_bad_inputs_named():
             pengi.sample(model, None, audio, "prompt", None, **opts)
 
 
+def test_head_counts_and_stage_lists_named():
+    """Settings that attention or the encoder's stages cannot use are ValueErrors that name them, at
+    construction: heads that do not divide the width (the LM's and mappers' llm_n_embd; each encoder
+    stage's enc_dim * 2^stage) and stage lists that are not integers."""
+    for kw, said in (({"map_n_head": 3}, "map_n_head=3: must divide llm_n_embd=16"),
+                     ({"llm_n_head": 3}, "llm_n_head=3: must divide llm_n_embd=16"),
+                     ({"enc_heads": "3,2"}, "enc_heads='3,2': stage 0 is 8 wide"),
+                     ({"enc_heads": "2,3"}, "enc_heads='2,3': stage 1 is 16 wide"),
+                     ({"enc_depths": "1,x"}, "enc_depths='1,x': must be a comma list of integers"),
+                     ({"enc_heads": "2,0"}, "enc_heads='2,0': every entry must be at least 1")):
+        with pytest.raises(ValueError, match=said):
+            pengi.Pengi(tiny_config(**kw))
+    pengi.Pengi(tiny_config(enc_heads="4,8", map_n_head=4))  # divisors of 8, 16 and 16
+
+
+def test_sequences_fit_the_lms_block(synth_dir):
+    """[audio k][text k][answer]: load_data refuses settings whose longest answer would not fit the
+    LM's block (training would fail at whichever step drew such an answer), and decoding stops
+    where the block ends, however many tokens are asked for."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    fit = dict(max_frames=64, prefix_len=8, llm_block_size=48)
+    with pytest.raises(ValueError, match=r"2 \* prefix_len \(8\) \+ max_answer_tokens \(40\) "
+                                         r"exceeds the LM's llm_block_size 48"):
+        pengi.load_data(synth_dir, pengi.PengiConfig(max_answer_tokens=40, **fit), tok)
+    pengi.load_data(synth_dir, pengi.PengiConfig(max_answer_tokens=32, **fit), tok)  # 16 + 32
+    m = tiny_model(llm_block_size=16)  # a prefix of 2 * 3, room for 10 tokens
+    with torch.no_grad():
+        m.llm.wte.weight[m.config.eot_token] = 0  # eot's logit 0: never the best, decoding runs on
+    b = tiny_batch(m.config)
+    for beam in (1, 3):
+        out = m.generate(b["mel"], b["prompt"], b["prompt_lens"], beam=beam, max_new_tokens=100)
+        assert [len(o) for o in out] == [10, 10, 10], beam
+
+    class Tokens:  # the prompt and answers as token ids
+        def encode(self, text):
+            return [int(t) for t in text.split()]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+    for beam in (1, 3):
+        text = pengi.sample(m, Tokens(), {"mel": b["mel"][0]}, "1 2 3", None, beam=beam,
+                            max_new_tokens=100)["text"]
+        assert len(text.split()) == 10
+
+
 def test_llm_loaders(tmp_path):
     """HF GPT-2 (safetensors with the transformer. prefix, pytorch_model.bin without) and our
     stage-llm ckpt.pt."""
@@ -575,6 +620,32 @@ def test_task_mix_from_templates(synth_dir):
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class,emotion"), tok)
 
 
+def test_split_without_the_tasks_named(tmp_path):
+    """A split none of whose clips offers a task of the mix is named by load_data (get_batch would
+    fail with numpy's "high <= 0")."""
+    n_mels, clips = 16, [
+        {"kind": "speech", "frames": 10, "labels": {"class": "speech"},
+         "qa": [{"q": "who?", "a": "a man"}]},
+        {"kind": "music", "frames": 12, "labels": {"class": "piano"}}]
+    (tmp_path / "meta.json").write_text(json.dumps({"n_mels": n_mels}))
+    for split, rows in (("train", clips), ("val", clips[1:])):  # no question in val
+        offsets = np.cumsum([0] + [c["frames"] for c in rows])
+        np.zeros((offsets[-1], n_mels), np.float16).tofile(tmp_path / f"{split}_mel.bin")
+        (tmp_path / f"{split}_clips.jsonl").write_text(
+            "".join(json.dumps({**c, "offset": int(o)}) + "\n" for c, o in zip(rows, offsets)))
+
+    class Bytes:  # bytes are tokens, 256 ends
+        n_vocab, eot_token = 257, 256
+
+        def encode(self, text):
+            return list(text.encode())
+    tok = Bytes()
+    with pytest.raises(ValueError, match="the val split's clips offer none of the tasks 'qa'"):
+        pengi.load_data(str(tmp_path), pengi.PengiConfig(tasks="qa"), tok)
+    data = pengi.load_data(str(tmp_path), pengi.PengiConfig(tasks="qa,class"), tok)
+    assert sorted(data["val"]["by_task"]) == ["class"]
+
+
 def test_task_weights_set_the_mix(synth_dir):
     """task_weights draws tasks in proportion (a chi-square-sized tolerance over 4000 draws); no
     weights keeps the uniform draw and its random stream; bad names and values are errors."""
@@ -615,7 +686,7 @@ def test_one_data_dir_serves_both_tokenizers(synth_dir, name):
     small CPU LM's), every prompt and answer of the task mix decodes back to the stored text; vocab
     and eot come from the tokenizer."""
     tok = tokenizer.load_tokenizer(synth_dir, name, offline=True)
-    cfg = tiny_config(n_mels=64, tokenizer=name, vocab_size=0, eot_token=-1, llm_block_size=512,
+    cfg = tiny_config(n_mels=64, tokenizer=name, vocab_size=0, eot_token=-1, llm_block_size=1024,
                       max_prompt_tokens=1000, max_answer_tokens=1000)
     data = pengi.load_data(synth_dir, cfg, tok)
     assert (cfg.vocab_size, cfg.eot_token) == (tok.n_vocab, tok.eot_token)

@@ -126,6 +126,15 @@ def test_qformer_windows_in_time_order_and_local():
     assert valid.tolist() == [[True] * 4 + [False] * 4]
     assert torch.allclose(out[:, :4], ref, atol=1e-6)
 
+def test_head_counts_that_do_not_divide_the_width_named():
+    """Each part's heads split its width: a count that does not divide it is a ValueError that
+    names the setting, for the parts the stage builds."""
+    for field, width in (("qformer", 24), ("llm", 32), ("speech", 32), ("beats", 16)):
+        said = f"{field}_n_head=5: must divide {field}_n_embd={width}"
+        with pytest.raises(ValueError, match=said):
+            SALMONN(tiny_config(**{f"{field}_n_head": 5}))
+    SALMONN(tiny_config(stage="llm", qformer_n_head=5))  # stage "llm" has no Q-Former
+
 # -----------------------------------------------------------------------------
 # frozen LLM, LoRA
 
@@ -197,39 +206,38 @@ def test_frozen_encoders_run_once_per_clip():
     mixed = dict(other, mel=torch.cat([batch["mel"][:1], other["mel"][1:]]))  # one seen, one new
     same(mixed, 1)
     assert len(cached.encoder_cache) == 3
+    # kept on the host, whatever the model's device (a GPU's memory would not hold a corpus's)
+    assert all(t.device.type == "cpu" for frames in cached.encoder_cache.values() for t in frames)
     with torch.no_grad():  # new encoder weights: what was kept is stale
         state = {k: v * 1.1 for k, v in plain.speech.state_dict().items()}
         for m in (cached, plain):
             m.speech.load_state_dict(state)
     same(batch, 2)
 
-def test_merged_lora_equals_unmerged_and_scale():
+def test_lora_scale_scales_the_update():
+    """lora_scale (alpha / rank at first) multiplies LoRA's update in every layer: another scale
+    changes the outputs of a model whose LoRA is not zero, setting it back restores them, and 0
+    gives the base model."""
     torch.manual_seed(0)
     m = SALMONN(tiny_config()).eval()
     for block in m.llm.h:  # B starts at zero; give LoRA something to do
         torch.nn.init.normal_(block.attn.lora_q_B, std=0.5)
         torch.nn.init.normal_(block.attn.lora_v_B, std=0.5)
     batch = random_batch(m.config)
-    w0 = m.llm.h[0].attn.c_attn.weight.clone()
     with torch.no_grad():
+        assert m.lora_scale == 2.0  # 8 / 4
         ref, _ = m(**batch)
-        m.merge_lora()
-        assert m.lora_merged and not torch.equal(m.llm.h[0].attn.c_attn.weight, w0)
-        merged, _ = m(**batch)
-        assert torch.allclose(merged, ref, atol=1e-5)
-        m.lora_scale = 1.0  # changing the scale while merged re-merges with the new scale
-        merged_1, _ = m(**batch)
-        m.unmerge_lora()
-        unmerged_1, _ = m(**batch)
-        assert torch.allclose(merged_1, unmerged_1,
-                              atol=1e-5) and not torch.allclose(unmerged_1, ref, atol=1e-3)
-        assert torch.allclose(m.llm.h[0].attn.c_attn.weight, w0, atol=1e-6)
+        m.lora_scale = 1.0
+        assert all(block.attn.lora_scale == 1.0 for block in m.llm.h)
+        assert not torch.allclose(m(**batch)[0], ref, atol=1e-3)
+        m.lora_scale = 2.0
+        assert torch.equal(m(**batch)[0], ref)
         m.lora_scale = 0.0  # no LoRA at all: the base model
         base, _ = m(**batch)
         for block in m.llm.h:
             block.attn.lora_rank = 0
         plain, _ = m(**batch)
-        assert torch.allclose(base, plain, atol=1e-6)
+        assert torch.allclose(base, plain, atol=1e-6) and not torch.allclose(base, ref, atol=1e-3)
 
 # -----------------------------------------------------------------------------
 # data: loss on the answer only
@@ -694,8 +702,8 @@ def test_sample_options():
         # top_k=1 leaves one token to draw: sampling at any temperature is greedy decoding
         assert salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, temperature=5.0,
                               top_k=1, seed=4, max_new_tokens=8)["text"] == greedy
-        salmonn.sample(m, tok, audio, None, None, max_new_tokens=4, lora_scale=2.0)
-    assert m.lora_scale == 2.0 and not m.lora_merged  # 8 / 4: restored after sampling
+        salmonn.sample(m, tok, audio, None, None, max_new_tokens=4, lora_scale=1.0)
+    assert m.lora_scale == 2.0  # 8 / 4: restored after sampling
     with pytest.raises(ValueError, match="unknown options"):
         salmonn.sample(m, tok, audio, None, None, beams=2)
     with pytest.raises(ValueError, match="beam=1"):
@@ -708,6 +716,44 @@ def test_sample_options():
     # a prompt that leaves the answer no room in the LLM's context is refused (it answered "")
     with pytest.raises(ValueError, match=r"take \d+ of the LLM's 128 positions, leaving 0"):
         salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
+
+def test_sample_and_evaluate_run_in_eval_mode(tmp_path, monkeypatch):
+    """sample and evaluate answer in eval mode without gradients and restore the mode they found: a
+    model left in training mode gives the text and metrics it gives in eval mode."""
+    write_tiny_data(tmp_path, CLIPS)
+    tok = ByteTokenizer()
+    cfg = tiny_config(stage="instruct", llm_block_size=160, dropout=0.5, lora_dropout=0.5)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    torch.manual_seed(0)
+    m = SALMONN(cfg)
+    for block in m.llm.h:  # B starts at zero; give LoRA (and its dropout) something to do
+        torch.nn.init.normal_(block.attn.lora_q_B, std=0.5)
+        torch.nn.init.normal_(block.attn.lora_v_B, std=0.5)
+    seen = []  # (training, grad enabled) where the answers are generated
+    generate, task_answers = m.generate, salmonn.task_answers
+    monkeypatch.setattr(m, "generate", lambda *a, **k: seen.append(
+        (m.training, torch.is_grad_enabled())) or generate(*a, **k))
+    monkeypatch.setattr(salmonn, "task_answers", lambda model, *a: seen.append(
+        (model.training, torch.is_grad_enabled())) or task_answers(model, *a))
+    audio = data.clip_audio("val", 0)
+    opts = dict(max_clips=1, beam=1, max_new_tokens=6)
+    m.eval()
+    text = salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1, max_new_tokens=12)["text"]
+    metrics = salmonn.evaluate(m, data, tok, "val", **opts)
+    m.train()
+    # the setup: in training mode the Q-Former's dropout changes the audio tokens
+    mel, lens = data.clip_mel("val", 0)[None], torch.tensor([30])
+    assert not torch.equal(m.encode_audio(mel, lens)[0], m.encode_audio(mel, lens)[0])
+    seen.clear()
+    for _ in range(3):
+        assert salmonn.sample(m, tok, audio, "Transcribe.", None, beam=1,
+                              max_new_tokens=12)["text"] == text
+    assert salmonn.evaluate(m, data, tok, "val", **opts) == metrics
+    assert len(seen) > 3 and set(seen) == {(False, False)}
+    # the mode found is restored, the frozen encoders still without dropout
+    assert m.training and m.qformer.training and not m.speech.training
+    salmonn.evaluate(m.eval(), data, tok, "val", **opts)
+    assert not m.training
 
 # -----------------------------------------------------------------------------
 # metrics, hand-worked
@@ -897,6 +943,32 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     with pytest.raises(FileNotFoundError, match="beats_init"):
         salmonn.init_pretrained(SALMONN(tiny_config(beats_init=str(tmp_path / "b.pt"))))
 
+def test_encoder_checkpoints_of_other_mel_bins_refused(tmp_path):
+    """A whisper_init or beats_init trained on data of another n_mels is refused with a ValueError
+    that names the file and both sizes, before any weight is loaded (the shapes' mismatch in
+    load_state_dict is a RuntimeError, which train.py does not catch)."""
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    for stage in ("whisper", "beats"):  # on 64-bin data
+        mod = SALMONN(tiny_config(stage=stage, tags="class=a|class=b"))
+        torch.save({"model": mod.state_dict(), "model_name": "salmonn",
+                    "model_args": asdict(mod.config)}, tmp_path / f"{stage}.pt")
+    w, b = str(tmp_path / "whisper.pt"), str(tmp_path / "beats.pt")
+    # stage 1 on 80-bin data
+    with pytest.raises(ValueError, match="beats_init=.*beats.pt: its beats encoder reads 64 mel "
+                                         "bins, the model built for the data 80"):
+        build(tiny_config(n_mels=80, beats_init=b))
+    write_tiny_data(tmp_path / "data80", CLIPS, n_mels=80)
+    with pytest.raises(ValueError, match="whisper_init=.*whisper.pt: the speech encoder reads 64 "
+                                         "mel bins, .*data80 has 80"):
+        salmonn.load_data(str(tmp_path / "data80"), tiny_config(whisper_init=w), ByteTokenizer())
+    with pytest.raises(ValueError, match="whisper_init=.*whisper.pt: its speech encoder reads 64 "
+                                         "mel bins, the model built for the data 80"):
+        salmonn.init_pretrained(SALMONN(tiny_config(n_mels=80, whisper_init=w)))
+    # on data of their own n_mels both load
+    m = build(tiny_config(whisper_init=w, beats_init=b))
+    assert torch.equal(m.beats.band_emb, torch.load(b)["model"]["beats.band_emb"])
+
 def test_whisper_features_drive_the_speech_encoder_and_windows():
     """speech_features="whisper": the speech encoder reads the 100 frames/s Whisper stream, the
     windows count its frames (50/s after the stem), and each speech frame is paired with the
@@ -1038,6 +1110,25 @@ def test_llm_batches_copy_rows_train_on_the_answers_only(synth_dir):
             assert y[b, e - 1] == tok.eot_token                               # then the end
         # between answers: the next conversation's prompt, with no loss on it
         assert not any(target[answers[-1][1]:])
+
+def test_llm_batch_windows_and_their_targets():
+    """Stage "llm": a corpus row is a window of llm_block_size tokens and its targets one token on;
+    every start but the last possible one is drawn (left out as when the measured LLMs trained), and
+    a stream too short is named."""
+    from types import SimpleNamespace
+    T = 4
+    for n in (T + 2, T + 3, T + 4):
+        stream = np.arange(n, dtype=np.int64)
+        data = SimpleNamespace(config=tiny_config(stage="llm", llm_block_size=T, copy_rows=0.0),
+                               splits={"train": {"stream": stream}})
+        batch = salmonn.llm_batch(data, "train", 200, np.random.default_rng(0))
+        starts = batch["idx"][:, 0]
+        assert set(starts.tolist()) == set(range(n - T - 1))
+        assert torch.equal(batch["idx"], starts[:, None] + torch.arange(T))
+        assert torch.equal(batch["targets"], batch["idx"] + 1)
+    data.splits["train"]["stream"] = np.arange(T + 1, dtype=np.int64)
+    with pytest.raises(ValueError, match="has 5 tokens, at most llm_block_size\\+1=5"):
+        salmonn.llm_batch(data, "train", 2, np.random.default_rng(0))
 
 def test_copy_documents_and_morse_spelling():
     tok = ByteTokenizer()
