@@ -392,7 +392,9 @@ def read_morse(x):
         runs.pop()
     if not runs:
         return ""
-    unit = min(d for on, d in runs if on)
+    # the unit: the shortest mark, or gap between marks (1 unit inside a letter), whichever is
+    # shorter; from the marks alone a word of dashes only ("to") would read as dots
+    unit = min(d for on, d in runs)
     letters = {v: k for k, v in MORSE.items()}
     word, sym = "", ""
     for on, d in runs:
@@ -420,29 +422,36 @@ def read_dtmf(x):
 
 def read_pitch(x, fmin=60.0, fmax=1200.0, threshold=0.15):
     """Fundamental frequency in Hz by YIN (de Cheveigne & Kawahara 2002): the first dip of the
-    cumulative-mean- normalised difference function, refined by parabolic interpolation."""
+    cumulative-mean- normalised difference function, refined by parabolic interpolation. 0.0 for
+    silence, or a clip shorter than two periods of fmin."""
     x = np.asarray(x, np.float64)
     taus = np.arange(1, int(SAMPLE_RATE / fmin))
     n = len(x) - taus[-1]
+    if n < taus[-1] or not np.any(x):
+        return 0.0
     d = np.array([np.sum((x[:n] - x[t:t + n]) ** 2) for t in taus])
     dn = d * taus / np.maximum(np.cumsum(d), 1e-12)
     lo = int(SAMPLE_RATE / fmax)
     cand = np.flatnonzero(dn[lo:] < threshold)
-    i = lo + (cand[0] if len(cand) else int(np.argmin(dn[lo:])))
-    while i + 1 < len(dn) and dn[i + 1] < dn[i]:
+    i = min(lo + (cand[0] if len(cand) else int(np.argmin(dn[lo:]))), len(dn) - 2)
+    while i + 2 < len(dn) and dn[i + 1] < dn[i]:  # down to the dip, keeping a right neighbour
         i += 1
     a, b, c = dn[i - 1], dn[i], dn[i + 1]
-    return SAMPLE_RATE / (taus[i] + 0.5 * (a - c) / (a - 2 * b + c))
+    curve = a - 2 * b + c
+    return SAMPLE_RATE / (taus[i] + (0.5 * (a - c) / curve if curve else 0.0))
 
 def read_note(x):
-    """The note name (e.g. 'A4') nearest to a clip's pitch, read just after its attack."""
+    """The note name (e.g. 'A4') nearest to a clip's pitch, read just after its attack; "" when no
+    pitch can be read (silence, too short)."""
     f = read_pitch(x[2000:SAMPLE_RATE // 2])
+    if not f:
+        return ""
     return midi_name(int(round(69 + 12 * np.log2(max(f, 1.0) / 440))))
 
-def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0):
+def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0, speech=True):
     """Held-out clips for the codec's report, drawn with seeds the corpus never uses: single notes
     of the harmonic instruments (sine, square, sawtooth, plucked string), morse words, DTMF digits,
-    and clips of every kind."""
+    and clips of every kind (speech among them unless speech=False: no speech library)."""
     probes, i = {"note": [], "morse": [], "dtmf": [], "any": []}, 0
     want = {"note": n_notes, "morse": n_morse, "dtmf": n_dtmf}
     while any(len(probes[k]) < n for k, n in want.items()):
@@ -457,17 +466,17 @@ def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0)
             continue
         probes[kind].append((wav, info))
     # seed + 1: not the corpus's clips
-    probes["any"] = [synth_clip(seed + 1, j, max_dur, speech=speech) for j, speech in
-                     zip(range(n_any), [True, False] * n_any)]
+    probes["any"] = [synth_clip(seed + 1, j, max_dur, speech=speech and with_speech)
+                     for j, with_speech in zip(range(n_any), [True, False] * n_any)]
     return probes
 
 def codec_report(model, probes, untrained=None):
     """How well decode(encode(x)) keeps what the corpus's labels say: the fraction of notes whose
-    pitch reads as the labelled note (within a semitone), of morse words and DTMF digit strings read
-    back exactly, and the log-mel L1 between input and reconstruction, also for the untrained
-    decoder when given (fed the unquantized encoder output); and the notes decoded from codebook 0
-    alone, all that Whisper-GPT generates. Returns the figures and the reconstructions ({kind:
-    [audio]}, in the order of probes)."""
+    pitch reads as the labelled note (the note nearest to it: within half a semitone), of morse
+    words and DTMF digit strings read back exactly, and the log-mel L1 between input and
+    reconstruction, also for the untrained decoder when given (fed the unquantized encoder output);
+    and the notes decoded from codebook 0 alone, all that Whisper-GPT generates. Returns the
+    figures and the reconstructions ({kind: [audio]}, in the order of probes)."""
     rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
     refs = [log_mel(w) for w, _ in probes["any"]]
     mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - ref).mean()

@@ -39,14 +39,17 @@ def resolve_device(script, device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
         fail(script, f"device={device!r}: not a device torch knows (auto, cpu, cuda, cuda:1, mps)")
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        fail(script, f"device={device!r}: this machine has no {kind} device torch can use "
+    if not available.get(dev.type, False):
+        fail(script, f"device={device!r}: this machine has no {dev.type} device torch can use "
                      f"(device=cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        fail(script, f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 def literal(raw):
@@ -54,7 +57,7 @@ def literal(raw):
     itself."""
     try:
         return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # {[1]: 2}: TypeError
         return raw
 
 def option_values(raw_opts, defaults):

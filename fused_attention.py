@@ -26,7 +26,9 @@ FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
 Design notes and the compiled kernels' resource use: docs/fused_attention.md.
 """
 
+import contextlib
 import math
+import numbers
 import os
 
 import torch
@@ -106,7 +108,7 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
 #
 # Notation in the kernels: a query row i sees key column j when j < klen (klen = min(k_lens[b], Tk))
 # and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale =
-# sm_scale*log2(e) (> 0, see attention_triton), so exp becomes exp2 and the saved log-sum-exp (lse)
+# sm_scale*log2(e) (> 0, see attention), so exp becomes exp2 and the saved log-sum-exp (lse)
 # is in base 2 too. Each loop over blocks is split into an unmasked part (blocks every row of the
 # tile fully sees) and a masked part (blocks on the causal diagonal or across klen); blocks nobody
 # sees (past klen, above the diagonal) are never visited. A row that sees no key gets output 0 and
@@ -498,9 +500,15 @@ def _autotuned(name):
     return triton.autotune(configs, key=key, prune_configs_by=dict(early_config_prune=prune),
                            reset_to_zero=zeroed)(KERNELS[name])
 
-AUTOTUNE = os.environ.get("FUSED_ATTENTION_AUTOTUNE", "1") == "1"
+def _env_flag(name):
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"fused_attention: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+AUTOTUNE = _env_flag("FUSED_ATTENTION_AUTOTUNE")
 # 0: the forward loads K/V by pointers everywhere
-TMA = os.environ.get("FUSED_ATTENTION_TMA", "1") == "1"
+TMA = _env_flag("FUSED_ATTENTION_TMA")
 # the interpreter takes one config only
 TUNED = {} if INTERPRETED else {name: _autotuned(name) for name in KERNELS}
 
@@ -673,13 +681,12 @@ def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
     if BWD not in ("auto", "atomic", "split"):
         raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be "
                          f"auto, atomic or split, got {BWD!r}")
-    sm_scale = float(sm_scale)
-    if sm_scale <= 0:  # the kernels take the row max on raw scores, which needs a positive scale
-        q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (q * 0.0, 1.0)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if k_lens is not None:
-        k_lens = k_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    return _FlashAttention.apply(q, k, v, causal, k_lens, sm_scale)
+    if k_lens is not None:  # clamped before the cast: a length past 2**31 must not wrap around
+        k_lens = k_lens.to(q.device).clamp(0, k.shape[2]).to(torch.int32).contiguous()
+    # launched on q's GPU, not the current one (a process may use cuda:1 without set_device)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _FlashAttention.apply(q, k, v, causal, k_lens, sm_scale)
 
 # -----------------------------------------------------------------------------
 # the entry point
@@ -694,6 +701,14 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
                          f"or torch, got {backend!r}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+        raise ValueError(f"fused_attention.attention: sm_scale must be a number, got "
+                         f"{sm_scale!r}")
+    sm_scale = float(sm_scale)
+    if sm_scale <= 0:
+        # the kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
+        # causal SDPA gives NaN for one that is not: the same scores with a positive one
+        q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (q * 0.0, 1.0)
     if q.numel() == 0 or k.shape[2] == 0:
         # nothing to attend to (or nobody asking): zeros that stay zero whatever q holds (q * 0
         # would turn an inf into NaN), joined to the graph so that q, k and v get (zero) gradients

@@ -230,8 +230,11 @@ def check_args(args):
     out = Path(args.out_dir or os.path.join("data", name))
     if args.dataset != "synth" and not args.src:
         sys.exit(f"--dataset={args.dataset} needs --src=DIR")
-    for bad, said in ((args.clips < 1, f"--clips={args.clips}: must be at least 1"),
-                      (not args.max_seconds > 0, f"--max_seconds={args.max_seconds:g}: must be > 0"),
+    synth = args.dataset == "synth"  # --clips and --max_seconds are the built-in corpus's
+    for bad, said in ((synth and args.clips < 1, f"--clips={args.clips}: must be at least 1"),
+                      (synth and not args.max_seconds >= 1,
+                       f"--max_seconds={args.max_seconds:g}: must be at least 1 (the corpus's "
+                       f"shortest sounds last a second)"),
                       (not 0 <= args.val_percent <= 100,
                        f"--val_percent={args.val_percent:g}: must be 0 to 100")):
         if bad:
@@ -549,14 +552,15 @@ def fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args
     torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q},
                stage("codec.pt"))
     if args.dataset == "synth" and args.codec_report:
-        codec_info["report"] = report_offline_codec(codec, args.seed, stage)
+        codec_info["report"] = report_offline_codec(codec, args.seed, stage, not args.no_speech)
     print(f"offline codec: done in {time.time() - t0:.0f}s")
     return allemb
 
-def report_offline_codec(codec, seed, stage):
-    """The offline codec on held-out synth clips (see codec_report): printed, drawn in codec.png
-    (input vs decode(encode(x))) and returned for meta.json."""
-    probes = codec_probes(seed)
+def report_offline_codec(codec, seed, stage, speech=True):
+    """The offline codec on held-out synth clips (see codec_report; speech among them unless
+    speech=False): printed, drawn in codec.png (input vs decode(encode(x))) and returned for
+    meta.json."""
+    probes = codec_probes(seed, speech=speech)
     r, rec = codec_report(codec, probes, untrained=offline_codec())
     print(f"offline codec on held-out clips, decode(encode(x)) at {BANDWIDTH:g} kbps: notes at the "
           f"labelled pitch {r['notes']:.0%} of {len(probes['note'])}, morse words read back "

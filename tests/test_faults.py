@@ -256,3 +256,21 @@ def test_prepare_killed_at_five_random_moments_then_rerun_writes_the_same_bytes(
     assert sorted(f.name for f in out.iterdir() if not f.name.startswith(".")) == names
     for name in names:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+def test_settings_that_are_no_literal_and_devices_this_machine_lacks(monkeypatch, capsys):
+    """A --key=value that Python cannot evaluate as a literal ({[1]: 2} raises TypeError) is read as
+    text and then named; a GPU index past the machine's count is named before any work."""
+    sys.path.insert(0, ROOT)
+    import configurator
+    import pytest
+    import train
+    assert configurator.literal("{[1]: 2}") == "{[1]: 2}"
+    with pytest.raises(SystemExit):
+        train.load_settings(["--learning_rate={[1]: 2}"])
+    assert "learning_rate" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert configurator.resolve_device("train.py", "cuda:0") == "cuda:0"
+    with pytest.raises(SystemExit):
+        configurator.resolve_device("train.py", "cuda:7")
+    assert "has 1 GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err

@@ -170,8 +170,17 @@ def test_triton_interpreter_negative_scale(interpreter_results):
     # * scale
     check(CASES[-1], interpreter_results["scale-" + case_id(CASES[-1])])
 
+def test_triton_interpreter_key_counts_past_int32(interpreter_results):
+    assert interpreter_results["huge-klens"]["max_diff"] < 1e-5
+
 # -----------------------------------------------------------------------------
 # the PyTorch path, in this process
+
+@pytest.mark.parametrize("sm_scale", [0.0, -0.2])
+@pytest.mark.parametrize("case", [CASES[8], CASES[9]], ids=case_id)
+def test_torch_path_scale_zero_or_negative(case, sm_scale):
+    # causal with Tq == Tk and no k_lens takes SDPA's is_causal shortcut, which gave NaN for these
+    check(case, errors(case, "torch", sm_scale))
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_torch_path(case):
@@ -226,6 +235,12 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(q, q, q, k_lens=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="backend"):
         fused_attention.attention(q, q, q, backend="cudnn")
+    with pytest.raises(ValueError, match="sm_scale must be a number, got '0.1'"):
+        fused_attention.attention(q, q, q, sm_scale="0.1")  # SDPA's TypeError, the kernel's float()
+    env = dict(os.environ, FUSED_ATTENTION_TMA="true", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", "import fused_attention"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode and "FUSED_ATTENTION_TMA must be 0 or 1, got 'true'" in p.stderr
     x = torch.randn(1, 1, 4, 48)
     with pytest.raises(ValueError, match="head dims"):
         fused_attention.attention(x, x, x, backend="triton")
@@ -373,4 +388,12 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
                 except Exception as e:  # report it against its own case
                     done[key] = {"error": f"{type(e).__name__}: {e}"}
             results[prefix + case_id(case)] = done[key]
+    # key counts past 2**31: clamped to Tk before the kernels' int32, as the torch path reads them
+    fused_attention.BWD, fused_attention.TMA, fused_attention.INTERPRETER_TILES = "auto", True, \
+        small_tiles
+    q, k, v, _, _ = make_inputs(("float32", 32, 17, 17, False, "pad", "bhtd"))
+    lens = torch.tensor([2**32 + 3, 2**31, 5])
+    ours, theirs = (fused_attention.attention(q, k, v, k_lens=lens, backend=b).detach()
+                    for b in ("triton", "torch"))
+    results["huge-klens"] = {"max_diff": float((ours - theirs).abs().max())}
     print(json.dumps(results))

@@ -212,6 +212,26 @@ def test_morse_transcript_decodes_back_from_the_audio():
     assert len({info["transcript"] for _, info in clips}) > 10
     for wav, info in clips:
         assert C.read_morse(wav) == info["transcript"] == info["labels"]["word"]
+    # a word of dashes only: the unit comes from the gaps inside a letter (from the marks alone,
+    # every dash read as a dot: "to" came back as "h")
+    env = Y.morse_envelope("to", 0.05)
+    wav = np.zeros(len(env) + 4000, np.float32)
+    wav[2000:2000 + len(env)] = 0.5 * env * np.sin(2 * np.pi * 600 * np.arange(len(env)) / SR)
+    assert C.read_morse(wav) == "to"
+
+def test_the_codec_readers_answer_nothing_for_silence_or_too_little():
+    assert C.read_pitch(np.zeros(SR)) == 0.0 and C.read_note(np.zeros(SR)) == ""
+    tone = np.sin(2 * np.pi * 440 * np.arange(SR) / SR)
+    assert C.read_note(tone) == "A4" and C.read_note(tone[:2300]) == ""  # 300 samples after the
+                                                                          # attack: < 2 periods
+
+def test_codec_probes_without_speech_synthesise_none():
+    """Where the speech library cannot load, prepare.py builds the corpus without speech, and the
+    codec's report must not ask for it either."""
+    probes = C.codec_probes(3, n_notes=1, n_morse=1, n_dtmf=1, n_any=6, speech=False)
+    assert [info["kind"] != "speech" for _, info in probes["any"]] == [True] * 6
+    with_speech = C.codec_probes(3, n_notes=1, n_morse=1, n_dtmf=1, n_any=6)
+    assert any(info["kind"] == "speech" for _, info in with_speech["any"])
 
 
 def count_onsets(x, min_gap=0.04):
@@ -711,7 +731,7 @@ def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
                 f"--codec_from={tmp_path / 'empty'}"] + extra)
     assert says in str(e.value) and "--codec_from=" in str(e.value)
 
-@pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=-1", "--val_percent=250"])
+@pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250"])
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
