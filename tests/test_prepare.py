@@ -731,6 +731,19 @@ def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
                 f"--codec_from={tmp_path / 'empty'}"] + extra)
     assert says in str(e.value) and "--codec_from=" in str(e.value)
 
+def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
+    """--codec_steps / --codec_tune_steps: the clips the codec learns from are the first
+    --codec_clips of the train split (is_val decides, as for the splits), never val clips."""
+    seen = []
+    monkeypatch.setattr(P, "train_codec", lambda codec, wavs, *a, **k: seen.extend(wavs))
+    infos = [{"id": f"clip{i:03d}"} for i in range(200)]
+    clips = lambda: ((np.full(10, i, np.float32), info) for i, info in enumerate(infos))
+    args = P.get_args(["--codec_steps=5", "--codec_clips=50", "--val_percent=30", "--quiet"])
+    got = P.train_offline_codec(None, clips, P.InputProblems(False), args, tmp_path)
+    train_ids = [info["id"] for info in infos if not P.is_val(info["id"], 30)]
+    assert list(got) == train_ids[:50] and len(seen) == 50
+    assert [int(w[0]) for w in seen] == [int(i[4:]) for i in train_ids[:50]]
+
 @pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250"])
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
