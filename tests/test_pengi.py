@@ -586,6 +586,54 @@ def test_probe_metrics_per_label_key():
     assert got["probe_majority_gender"] == pytest.approx(20 / 30)
 
 
+def test_random_crop_starts_anywhere():
+    """A training crop (fit_frames with an rng) of a clip 2 frames longer than max_frames starts
+    at frame 0, 1 or 2, each of them drawn over 50 seeds: the model sees every part of long
+    clips."""
+    x = np.arange(5, dtype=np.float32)[:, None].repeat(3, 1)  # frame i holds the value i
+    starts = set()
+    for seed in range(50):
+        crop = pengi.fit_frames(x, 3, np.random.default_rng(seed))
+        s = int(crop[0, 0])
+        assert (crop == x[s:s + 3]).all()
+        starts.add(s)
+    assert starts == {0, 1, 2}
+    assert (pengi.fit_frames(x, 3) == x[:3]).all()  # without an rng (evaluation): from the start
+
+
+def test_probe_majority_on_the_evaluated_split_and_unseen_labels_wrong():
+    """probe_majority_{key} is the most common label's share of the evaluated split (here 8 of 12
+    val clips are "male", while train is 3/4 "female"), and val clips whose label never occurs in
+    train count in the accuracy as wrong: an embedding that separates the genders gets the 10
+    known clips right, 10 / 12 in all."""
+    rng = np.random.default_rng(0)
+
+    class MeanEmbedding(torch.nn.Module):  # the audio embedding: the clip's mean mel frame
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def embed_audio(self, mel):
+            return mel.mean(1)
+
+    def split(genders):
+        clips, mel = [], []
+        for i, gender in enumerate(genders):
+            x = rng.normal(0, 0.1, (4, 6)).astype(np.float32)
+            x[:, 0] += {"female": 1.0, "male": -1.0, "child": 3.0}[gender]
+            clips.append({"offset": 4 * i, "frames": 4, "labels": {"gender": gender}})
+            mel.append(x)
+        return {"clips": clips, "mel": np.concatenate(mel)}
+
+    data = {"train": split(["female"] * 30 + ["male"] * 10),
+            "val": split(["male"] * 8 + ["female"] * 2 + ["child"] * 2),
+            "max_frames": 4, "pad": "repeat"}
+    assert pengi.linear_probe(MeanEmbedding(), data, "val", "gender") == pytest.approx(10 / 12)
+    got = pengi.probe_metrics(MeanEmbedding(), data, "val", "gender", 2000)
+    assert got["probe_acc_gender"] == pytest.approx(10 / 12)
+    assert got["probe_majority_gender"] == pytest.approx(8 / 12)
+
+
 def test_fit_logistic_separates():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g) * 3

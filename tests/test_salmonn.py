@@ -170,7 +170,8 @@ def test_only_qformer_projection_and_lora_train(freeze_encoders):
         if n.startswith(frozen) and ".lora_" not in n:
             assert torch.equal(p, before[n]), f"frozen {n} changed"
             assert p.grad is None
-    for prefix in adapter + ("llm.h.0.attn.lora_q_B", "llm.h.1.attn.lora_v_B"):
+    for prefix in adapter + tuple(f"llm.h.{i}.attn.lora_{w}" for i in range(2)
+                                  for w in ("q_A", "q_B", "v_A", "v_B")):
         assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters()
                    if n.startswith(prefix)), prefix
 
@@ -238,6 +239,59 @@ def test_lora_scale_scales_the_update():
             block.attn.lora_rank = 0
         plain, _ = m(**batch)
         assert torch.allclose(base, plain, atol=1e-6) and not torch.allclose(base, ref, atol=1e-3)
+
+def test_lora_updates_q_and_v_by_their_own_adapters():
+    """One attention layer written out: q, k, v from c_attn, then q += s * x A_q^T B_q^T and
+    v += s * x A_v^T B_v^T (s = alpha / rank, each projection with its own A and B, k untouched),
+    causal softmax(q k^T / sqrt(d)) v per head, c_proj. The layer's output and the keys and values
+    it caches must equal this."""
+    torch.manual_seed(0)
+    C, H, r, T = 12, 2, 3, 5
+    attn = salmonn.SelfAttention(C, H, lora_rank=r, lora_alpha=6.0).eval()
+    with torch.no_grad():  # B starts at zero; every adapter matrix different
+        for w in (attn.lora_q_B, attn.lora_v_B):
+            torch.nn.init.normal_(w, std=0.5)
+    x = torch.randn(2, T, C)
+    with torch.no_grad():
+        y, (k_cache, v_cache) = attn(x)
+        s = 6.0 / 3
+        W, b = attn.c_attn.weight, attn.c_attn.bias
+        q = x @ W[:C].T + b[:C] + s * (x @ attn.lora_q_A.T @ attn.lora_q_B.T)
+        k = x @ W[C:2 * C].T + b[C:2 * C]
+        v = x @ W[2 * C:].T + b[2 * C:] + s * (x @ attn.lora_v_A.T @ attn.lora_v_B.T)
+        heads = lambda t: t.view(2, T, H, C // H).transpose(1, 2)
+        q, k, v = heads(q), heads(k), heads(v)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(C // H)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), -float("inf"))
+        ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, C)
+        ref = ref @ attn.c_proj.weight.T + attn.c_proj.bias
+    torch.testing.assert_close(k_cache, k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_cache, v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+def test_audio_tokens_scaled_to_the_llms_token_rms():
+    """init_pretrained sets audio_scale to the RMS of the LLM's token embeddings (computed here;
+    the LLM's embeddings scaled up first, so it is not the init's 0.02), and every audio token
+    written into the LLM's input then has that RMS."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    salmonn.set_pretrained_dims(cfg)
+    m = SALMONN(cfg)
+    with torch.no_grad():
+        m.llm.wte.weight.mul_(7.0)
+    tok_rms = m.llm.wte.weight.detach().double().pow(2).mean().sqrt().item()
+    assert 0.1 < tok_rms < 0.2  # about 7 * 0.02
+    salmonn.init_pretrained(m)
+    assert m.audio_scale.item() == pytest.approx(tok_rms, rel=1e-5)
+    m.eval()
+    batch = random_batch(cfg)
+    with torch.no_grad():
+        x = m.embed(batch["idx"], batch["mel"], batch["mel_lens"], batch["audio_mask"])
+    audio = x[batch["audio_mask"]]  # (audio tokens, C) as the LLM receives them
+    assert len(audio) == 16
+    torch.testing.assert_close(audio.pow(2).mean(-1).sqrt(),
+                               torch.full((len(audio),), tok_rms), rtol=1e-4, atol=0)
+
 
 # -----------------------------------------------------------------------------
 # data: loss on the answer only
@@ -716,6 +770,76 @@ def test_sample_options():
     # a prompt that leaves the answer no room in the LLM's context is refused (it answered "")
     with pytest.raises(ValueError, match=r"take \d+ of the LLM's 128 positions, leaving 0"):
         salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
+
+@pytest.mark.parametrize("temperature,top_k", [(0.5, 0), (2.0, 0), (0.5, 7), (2.0, 7)])
+def test_sampling_draws_from_softmax_of_logits_over_temperature(monkeypatch, temperature, top_k):
+    """The distribution each sampled token is drawn from (what generate hands torch.multinomial) is
+    softmax(logits / T) of the LLM's next-token logits, computed here by one full forward pass over
+    the prompt and the tokens so far; with top_k, that distribution kept on its k most likely
+    tokens (0 elsewhere) and renormalised. Catches a temperature that multiplies the logits."""
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config()).eval()
+    with torch.no_grad():
+        m.llm.wte.weight.mul_(20)  # logits spread over several units: T matters clearly
+        x = m.llm.wte(torch.randint(0, 61, (1, 6)))
+    drawn = []
+    multinomial = torch.multinomial
+
+    def spy(probs, n, **kw):
+        out = multinomial(probs, n, **kw)
+        drawn.append((probs.detach().clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    out = m.generate(x, 6, eot=None, beam=1, temperature=temperature, top_k=top_k,
+                     generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert len(out) == len(drawn) == 6
+    for i, (probs, idx) in enumerate(drawn):
+        assert out[i] == idx.item()
+        with torch.no_grad():
+            h, _ = m.llm(torch.cat([x, m.llm.wte(torch.tensor([out[:i]], dtype=torch.long))], 1))
+            logits = m.llm.lm_head(h[0, -1]).double()
+        p = F.softmax(logits / temperature, dim=-1)
+        if top_k:
+            keep = torch.zeros_like(p, dtype=torch.bool)
+            keep[p.argsort(descending=True)[:top_k]] = True
+            p = torch.where(keep, p, torch.zeros_like(p))
+            p = p / p.sum()
+        torch.testing.assert_close(probs[0].double(), p, rtol=1e-4, atol=1e-6)
+    # the check has teeth: the temperature changes the distribution a lot here
+    gap = F.softmax(logits / temperature, -1) - F.softmax(logits * temperature, -1)
+    assert gap.abs().max() > 0.05
+
+class IdTokenizer(ByteTokenizer):
+    """ByteTokenizer whose decode writes the ids themselves: different answers never decode
+    alike."""
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+def test_sample_lora_scale_option_is_the_scale_decoded_with():
+    """sample(lora_scale=0.0) answers what greedy decoding gives with the model's scale set to 0
+    by hand (LoRA's B made non-zero first, so the scale matters: the default scale answers
+    otherwise), and leaves the model's own scale as it was."""
+    torch.manual_seed(0)
+    tok = IdTokenizer()
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
+    for block in m.llm.h:  # large enough to change the greedy answer
+        torch.nn.init.normal_(block.attn.lora_q_B, std=2.0)
+        torch.nn.init.normal_(block.attn.lora_v_B, std=2.0)
+    audio = {"mel": torch.randn(50, 64), "codes": torch.zeros(50, 8, dtype=torch.long)}
+    opts = dict(beam=1, max_new_tokens=8)
+    assert m.lora_scale == 2.0
+    default = salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["text"]
+    m.lora_scale = 0.0
+    by_hand = salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["text"]
+    m.lora_scale = 2.0
+    assert by_hand != default
+    assert salmonn.sample(m, tok, audio, "Transcribe.", None, lora_scale=0.0,
+                          **opts)["text"] == by_hand
+    assert m.lora_scale == 2.0 and all(b.attn.lora_scale == 2.0 for b in m.llm.h)
+    assert salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["text"] == default
 
 def test_sample_and_evaluate_run_in_eval_mode(tmp_path, monkeypatch):
     """sample and evaluate answer in eval mode without gradients and restore the mode they found: a

@@ -371,3 +371,78 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     assert p.returncode == 2 and "tokenizer 'corpus'" in p.stderr and "tokenizer='gpt2'" in p.stderr
     p = run([f"--data_dir={data}", f"--out_dir={out3}", *TEXT_TINY, "--tokenizer=bpe"], check=False)
     assert p.returncode == 2 and "tokenizer='bpe'" in p.stderr and "corpus, gpt2" in p.stderr
+
+# -----------------------------------------------------------------------------
+# one training step, reproduced by hand
+
+@pytest.mark.parametrize("grad_clip", [0.02, 0.0])
+def test_first_step_reproduced_by_hand(synth_dir, tmp_path, grad_clip):
+    """train.py's first iteration (accumulation 2, dropout on) redone here from its documented
+    recipe, not its loop: the model built right after torch.manual_seed(seed); micro-step m draws
+    its batch from np.random.default_rng([seed, 0, it, m]) and its dropout masks after
+    torch.manual_seed(SeedSequence([seed, 2, it, m])); each micro-step backpropagates loss / 2 (the
+    mean over micro-steps); the gradient's total norm is clipped to grad_clip (0.02 binds: the
+    norm is checked to be larger; 0 = off, where a wrong gradient scale would not be clipped away);
+    then one AdamW step with the logged lr, weight decay on tensors of dim >= 2 only. AdamW's first
+    step is nearly sign(g), so the gradient itself is checked in its first moment: exp_avg =
+    (1 - beta1) g and exp_avg_sq = (1 - beta2) g^2; the weights as p (1 - lr wd) - lr g / (|g| +
+    eps). Catches summed (not averaged) micro-step gradients, a skipped clip, and micro-steps that
+    share a batch or dropout masks."""
+    import numpy as np
+    import torch
+    import whisper_gpt as W
+    out = str(tmp_path)
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+         "--max_iters=1", "--gradient_accumulation_steps=2", "--dropout=0.1",
+         f"--grad_clip={grad_clip}"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    S = ck["config"]
+    assert ck["iter_num"] == 1 and S["grad_clip"] == grad_clip and S["dropout"] == 0.1
+    seed, accum = S["seed"], 2
+    rec = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"loss"' in l]
+    assert [r["iter"] for r in rec] == [1]
+    lr = rec[0]["lr"]
+    assert lr == pytest.approx(S["learning_rate"] / (S["warmup_iters"] + 1), rel=1e-12)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run (OMP_NUM_THREADS=1): the same sums in the same order
+    try:
+        config = W.Config(**ck["model_args"])
+        data = W.load_data(synth_dir, config)
+        torch.manual_seed(seed)
+        model = W.Model(config).train()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        micro_losses = []
+        for micro in range(accum):
+            rng = np.random.default_rng([seed, 0, 0, micro])
+            dropout_seed = np.random.SeedSequence([seed, 2, 0, micro]).generate_state(1)[0]
+            torch.manual_seed(int(dropout_seed))
+            batch = W.get_batch(data, "train", S["batch_size"], rng)
+            _, loss = model(**batch)
+            (loss / accum).backward()
+            micro_losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    assert rec[0]["loss"] == pytest.approx(sum(micro_losses) / accum, rel=1e-5)
+    names = [n for n, p in model.named_parameters()]
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())).item()
+    if grad_clip > 0:
+        assert norm > 3 * grad_clip, norm  # the clip binds
+        grads = {n: g * (grad_clip / (norm + 1e-6)) for n, g in grads.items()}
+    # train.py's optimizer state: decayed tensors (dim >= 2) first, then the others, in
+    # named_parameters order
+    order = [n for n in names if grads[n].dim() >= 2] + [n for n in names if grads[n].dim() < 2]
+    state = ck["optimizer"]["state"]
+    assert sorted(state) == list(range(len(order)))
+    b1, b2, wd, eps = S["beta1"], S["beta2"], S["weight_decay"], 1e-8
+    for i, n in enumerate(order):
+        g = grads[n]
+        torch.testing.assert_close(state[i]["exp_avg"], (1 - b1) * g, rtol=1e-4, atol=1e-9,
+                                   msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(state[i]["exp_avg_sq"], (1 - b2) * g * g, rtol=1e-3, atol=1e-14,
+                                   msg=lambda m: f"{n}: {m}")
+        decay = wd if g.dim() >= 2 else 0.0
+        expected = start[n] * (1 - lr * decay) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(ck["model"][n], expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{n}: {m}")

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import whisper_gpt as W
 
@@ -165,6 +166,45 @@ def test_sampling_options_and_top_k():
     a = model.generate(codes, None, 30, temperature=1.5, generator=torch.Generator().manual_seed(3))
     b = model.generate(codes, None, 30, temperature=1.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and len(set(a[0, 5:].tolist())) > 5
+
+@pytest.mark.parametrize("temperature,top_k", [(0.5, None), (2.0, None), (0.5, 7), (2.0, 7)])
+def test_sampling_draws_from_softmax_of_logits_over_temperature(monkeypatch, temperature, top_k):
+    """The distribution each sampled token is drawn from (what generate hands torch.multinomial) is
+    softmax(logits / T) of the model's next-token logits, computed here from one full forward pass
+    over the sequence so far; with top_k, that distribution restricted to its k most likely tokens
+    and renormalised. Catches a temperature that multiplies the logits instead of dividing."""
+    model = tiny(use_mel=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits spread over several units: T matters clearly
+    codes, _ = inputs(model, B=1, T=5)
+    drawn = []  # (probabilities given, the index drawn)
+    multinomial = torch.multinomial
+
+    def spy(probs, n, **kw):
+        out = multinomial(probs, n, **kw)
+        drawn.append((probs.detach().clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    out = model.generate(codes, None, 6, temperature=temperature, top_k=top_k,
+                         generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert len(drawn) == 6
+    for i, (probs, idx) in enumerate(drawn):
+        with torch.no_grad():
+            logits, _ = model(out[:, :5 + i])
+        p = F.softmax(logits[0, -1].double() / temperature, dim=-1)
+        if top_k:
+            top = p.sort(descending=True)
+            p = top.values[:top_k] / top.values[:top_k].sum()
+            assert out[0, 5 + i] == top.indices[idx[0, 0]]  # the drawn index is the k-th best id
+        else:
+            assert out[0, 5 + i] == idx[0, 0]
+        assert probs.shape == (1, top_k or model.config.vocab_size)
+        torch.testing.assert_close(probs[0].double(), p, rtol=1e-4, atol=1e-6)
+    # the check has teeth: the temperature changes the distribution a lot here
+    assert (F.softmax(logits[0, -1] / temperature, -1)
+            - F.softmax(logits[0, -1] * temperature, -1)).abs().max() > 0.05
 
 class FakeTools:
     """decode: codes (T, k) -> T * 320 samples whose level encodes the code; mel: frame = mean
