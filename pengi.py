@@ -1209,6 +1209,16 @@ def prefix_norm_metrics(model, data, tok, d, bs):
     return {"prefix_norm_ratio_audio": model.prefix_norm_ratio(pre[:, :model.k]),
             "prefix_norm_ratio_text": model.prefix_norm_ratio(pre[:, model.k:])}
 
+# Copied from salmonn.in_eval_mode
+def in_eval_mode(model, fn, *args):
+    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(*args)
+    finally:
+        model.train(was_training)
+
 EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, batch_size=16,
                  probe=True, probe_keys="class", probe_clips=2000, prior_clips=64, tasks="")
 
@@ -1233,12 +1243,7 @@ def evaluate(model, data, tok, split="val", **opts):
     for key in ("max_clips", "beam", "max_new_tokens", "batch_size", "probe_clips", "prior_clips"):
         if o[key] < 1:
             raise ValueError(f"pengi.evaluate: {key}={o[key]}: must be at least 1")
-    was_training = model.training
-    model.eval()
-    try:
-        return _evaluate(model, data, tok, split, o)
-    finally:
-        model.train(was_training)
+    return in_eval_mode(model, _evaluate, model, data, tok, split, o)
 
 def _evaluate(model, data, tok, split, o):
     if model.config.stage == "clap":  # the encoders alone: the representation study

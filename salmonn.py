@@ -1554,6 +1554,15 @@ def clip_tag_logits(model, mels, n_mels):
     mel, lens = pad_mels(mels, n_mels)
     return model.tag_logits(mel.to(device), lens.to(device)).float().cpu()
 
+def in_eval_mode(model, fn, *args):
+    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(*args)
+    finally:
+        model.train(was_training)
+
 SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
                "seed": None, "length_penalty": 0.0}
 
@@ -1578,12 +1587,7 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
                          f"given)")
-    was_training = model.training
-    model.eval()
-    try:
-        return _sample(model, tok, audio, prompt, o)
-    finally:
-        model.train(was_training)
+    return in_eval_mode(model, _sample, model, tok, audio, prompt, o)
 
 def _sample(model, tok, audio, prompt, o):
     beam, temperature = int(o["beam"]), float(o["temperature"])
@@ -1875,12 +1879,7 @@ def evaluate(model, data, tok, split="val", **opts):
                        ("max_new_tokens", 1)):
         if o[key] < least:
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
-    was_training = model.training
-    model.eval()
-    try:
-        return _evaluate(model, data, tok, split, o)
-    finally:
-        model.train(was_training)
+    return in_eval_mode(model, _evaluate, model, data, tok, split, o)
 
 def _evaluate(model, data, tok, split, o):
     S, stage = data.splits[split], model.config.stage

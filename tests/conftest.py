@@ -39,3 +39,19 @@ def synth_dir(request, tmp_path_factory):
                 shutil.rmtree(old, ignore_errors=True)
     prepare.main(SYNTH_ARGS + [f"--out_dir={out}"])  # returns at once if already complete there
     return str(out)
+
+
+@pytest.fixture
+def multinomial_draws(monkeypatch):
+    """[(probabilities, drawn index)] of every torch.multinomial call in the test: what a sampler
+    draws from."""
+    import torch
+    draws, multinomial = [], torch.multinomial
+
+    def spy(probs, n, **kw):
+        out = multinomial(probs, n, **kw)
+        draws.append((probs.detach().clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    return draws

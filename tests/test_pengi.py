@@ -553,19 +553,21 @@ def test_fit_frames_pads_and_crops(synth_dir):
         pengi.load_data(synth_dir, pengi.PengiConfig(pad="zeros"), tok)
 
 
+class MeanEmbedding(torch.nn.Module):
+    """A stand-in audio embedding for the probe tests: the clip's mean mel frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def embed_audio(self, mel):
+        return mel.mean(1)
+
 def test_probe_metrics_per_label_key():
     """The linear probe reads any label key: a key the embedding separates scores 1.0, the class
     key keeps its name probe_acc, probe_majority_{key} is the constant answer's accuracy, and a key
     no clip has is left out."""
     rng = np.random.default_rng(0)
-
-    class MeanEmbedding(torch.nn.Module):  # the audio embedding: the clip's mean mel frame
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def embed_audio(self, mel):
-            return mel.mean(1)
 
     def split(n):
         clips, mel = [], []
@@ -607,14 +609,6 @@ def test_probe_majority_on_the_evaluated_split_and_unseen_labels_wrong():
     train count in the accuracy as wrong: an embedding that separates the genders gets the 10
     known clips right, 10 / 12 in all."""
     rng = np.random.default_rng(0)
-
-    class MeanEmbedding(torch.nn.Module):  # the audio embedding: the clip's mean mel frame
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def embed_audio(self, mel):
-            return mel.mean(1)
 
     def split(genders):
         clips, mel = [], []

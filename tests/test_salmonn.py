@@ -772,7 +772,8 @@ def test_sample_options():
         salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
 
 @pytest.mark.parametrize("temperature,top_k", [(0.5, 0), (2.0, 0), (0.5, 7), (2.0, 7)])
-def test_sampling_draws_from_softmax_of_logits_over_temperature(monkeypatch, temperature, top_k):
+def test_sampling_draws_from_softmax_of_logits_over_temperature(multinomial_draws, temperature,
+                                                                top_k):
     """The distribution each sampled token is drawn from (what generate hands torch.multinomial) is
     softmax(logits / T) of the LLM's next-token logits, computed here by one full forward pass over
     the prompt and the tokens so far; with top_k, that distribution kept on its k most likely
@@ -782,18 +783,9 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(monkeypatch, tem
     with torch.no_grad():
         m.llm.wte.weight.mul_(20)  # logits spread over several units: T matters clearly
         x = m.llm.wte(torch.randint(0, 61, (1, 6)))
-    drawn = []
-    multinomial = torch.multinomial
-
-    def spy(probs, n, **kw):
-        out = multinomial(probs, n, **kw)
-        drawn.append((probs.detach().clone(), out.clone()))
-        return out
-
-    monkeypatch.setattr(torch, "multinomial", spy)
+    drawn = multinomial_draws
     out = m.generate(x, 6, eot=None, beam=1, temperature=temperature, top_k=top_k,
                      generator=torch.Generator().manual_seed(0))
-    monkeypatch.undo()
     assert len(out) == len(drawn) == 6
     for i, (probs, idx) in enumerate(drawn):
         assert out[i] == idx.item()

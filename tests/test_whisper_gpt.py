@@ -168,7 +168,8 @@ def test_sampling_options_and_top_k():
     assert torch.equal(a, b) and len(set(a[0, 5:].tolist())) > 5
 
 @pytest.mark.parametrize("temperature,top_k", [(0.5, None), (2.0, None), (0.5, 7), (2.0, 7)])
-def test_sampling_draws_from_softmax_of_logits_over_temperature(monkeypatch, temperature, top_k):
+def test_sampling_draws_from_softmax_of_logits_over_temperature(multinomial_draws, temperature,
+                                                                top_k):
     """The distribution each sampled token is drawn from (what generate hands torch.multinomial) is
     softmax(logits / T) of the model's next-token logits, computed here from one full forward pass
     over the sequence so far; with top_k, that distribution restricted to its k most likely tokens
@@ -177,18 +178,9 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(monkeypatch, tem
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # logits spread over several units: T matters clearly
     codes, _ = inputs(model, B=1, T=5)
-    drawn = []  # (probabilities given, the index drawn)
-    multinomial = torch.multinomial
-
-    def spy(probs, n, **kw):
-        out = multinomial(probs, n, **kw)
-        drawn.append((probs.detach().clone(), out.clone()))
-        return out
-
-    monkeypatch.setattr(torch, "multinomial", spy)
+    drawn = multinomial_draws  # (probabilities given, the index drawn)
     out = model.generate(codes, None, 6, temperature=temperature, top_k=top_k,
                          generator=torch.Generator().manual_seed(0))
-    monkeypatch.undo()
     assert len(drawn) == 6
     for i, (probs, idx) in enumerate(drawn):
         with torch.no_grad():
