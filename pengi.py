@@ -795,6 +795,11 @@ class Pengi(nn.Module):
             raise ValueError("rank_candidates: the candidate list is empty")
         if any(len(c) == 0 for c in candidates):
             raise ValueError("rank_candidates: every candidate needs at least one token")
+        room = self.llm.block_size - 2 * self.k
+        if max(len(c) for c in candidates) > room:
+            raise ValueError(f"rank_candidates: a candidate of {max(len(c) for c in candidates)} "
+                             f"tokens; the LM's block ({self.llm.block_size}) has room for {room} "
+                             f"after the 2 x {self.k} prefix positions")
         prefix = self.prefix(mel, prompt, prompt_lens)
         B, N = prefix.size(0), len(candidates)
         h, past = self.llm(prefix)

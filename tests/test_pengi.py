@@ -396,6 +396,10 @@ def test_bad_inputs_named():
     b = tiny_batch(m.config)
     with pytest.raises(ValueError, match="candidate list is empty"):
         m.rank_candidates(b["mel"], b["prompt"], b["prompt_lens"], [])
+    room = m.config.llm_block_size - 2 * m.config.prefix_len
+    m.rank_candidates(b["mel"], b["prompt"], b["prompt_lens"], [[1] * room])  # fits exactly
+    with pytest.raises(ValueError, match=f"a candidate of {room + 1} tokens; .* room for {room}"):
+        m.rank_candidates(b["mel"], b["prompt"], b["prompt_lens"], [[1] * (room + 1)])
     long = torch.zeros(1, m.config.llm_block_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="text tower's context"):
         m.embed_text(long, torch.tensor([long.size(1)]))
