@@ -124,7 +124,7 @@ def train_table():
 # -----------------------------------------------------------------------------
 # generation speed: KV cache vs full recomputation, hybrid vs token-only
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_recompute(model, codes, mels, n, mel_fn, generator):
     """model.generate without a cache: each new token runs the whole current window (the same
     restarts)."""
