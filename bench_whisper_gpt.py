@@ -61,7 +61,7 @@ def model_config(name):
 
 def peak_memory_mb():
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 def autocast():
@@ -70,7 +70,7 @@ def autocast():
 
 def sync():
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 # -----------------------------------------------------------------------------
 # training speed, one model per process
@@ -124,7 +124,7 @@ def train_table():
 # -----------------------------------------------------------------------------
 # generation speed: KV cache vs full recomputation, hybrid vs token-only
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_recompute(model, codes, mels, n, mel_fn, generator):
     """model.generate without a cache: each new token runs the whole current window (the same
     restarts)."""

@@ -664,7 +664,8 @@ class _FlashAttention(torch.autograd.Function):
 
 HEAD_DIMS = (16, 32, 64, 128)
 
-def attention_triton(q, k, v, causal=False, k_lens=None, sm_scale=None):
+def attention_triton(q, k, v, causal, k_lens, sm_scale):
+    """The kernels' path of attention(), which has checked the inputs and made sm_scale > 0."""
     B, H, Tq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"fused_attention: the triton kernel supports head dims {HEAD_DIMS}, got "

@@ -1814,8 +1814,8 @@ def task_answers(model, tok, data, split, task, entries, o):
 def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):
     """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's, the best
     of: the first 200 of this corpus's training answers of that kind, the first 200 evaluated
-    references of that kind, and every word of all of these answers and references; with ctc_hyps
-    (stage "whisper"), CTC's WER per kind too."""
+    references of that kind, and every word of all its training answers and references; with
+    ctc_hyps (stage "whisper"), CTC's WER per kind too."""
     results = {"wer": word_error_rate(refs, hyps)}
     for kind in sorted(set(kinds)):
         of_kind = lambda xs: [x for x, k in zip(xs, kinds) if k == kind]

@@ -455,8 +455,9 @@ if __name__ == "__main__":
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and not eval_only:
         # the log holds this run only: a fresh run starts it anew; a resumed one drops what came
-        # after its checkpoint (those iterations are done again) and the checkpoint's own eval
-        kept = []
+        # after its checkpoint (those iterations are done again), and the checkpoint's own eval
+        # when the loop evaluates there again
+        kept, again = [], iter_num % eval_interval == 0 or iter_num == max_iters
         if iter_num > 0 and os.path.exists(log_path):
             with open(log_path) as f:
                 for line in f:
@@ -464,7 +465,8 @@ if __name__ == "__main__":
                         r = json.loads(line)
                     except ValueError:  # a line cut by a crash
                         continue
-                    if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r):
+                    if r["iter"] < iter_num or (r["iter"] == iter_num
+                                                and not ("val_loss" in r and again)):
                         kept.append(r)
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)

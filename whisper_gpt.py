@@ -236,7 +236,7 @@ class WhisperGPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None,
                  mel_fn=None, generator=None):
         """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.

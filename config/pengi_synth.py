@@ -38,7 +38,7 @@ clap_weight = 1.0        # ours: the contrastive term also during Pengi's traini
                          # clap stage's start (0 = the paper's objective only)
 # optimiser (ours)
 batch_size = 16
-max_iters = 3000         # 1500 -> 3000 raised captions and QA by more than twice their spread (docs/pengi.md)
+max_iters = 3000         # 1500 -> 3000: captions and QA up by twice their spread (docs/pengi.md)
 warmup_iters = 100
 learning_rate = 2e-3
 min_lr = 2e-4

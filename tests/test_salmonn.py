@@ -215,6 +215,20 @@ def test_frozen_encoders_run_once_per_clip():
             m.speech.load_state_dict(state)
     same(batch, 2)
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_frozen_encoder_cache_stays_on_the_host_of_a_gpu_model():
+    """On a GPU the cached frames stay in host memory and each batch's go to the device: the same
+    loss as a model that reruns the encoders."""
+    torch.manual_seed(0)
+    cached = SALMONN(tiny_config()).cuda()
+    plain = SALMONN(tiny_config(cache_encoders=False)).cuda()
+    plain.load_state_dict(cached.state_dict())
+    batch = {k: v.cuda() for k, v in random_batch(cached.config, lens=(37, 20)).items()}
+    for _ in range(2):  # computed, then read back
+        torch.testing.assert_close(cached(**batch)[1], plain(**batch)[1])
+    assert cached.encoder_cache and all(t.device.type == "cpu"
+                                        for frames in cached.encoder_cache.values() for t in frames)
+
 def test_lora_scale_scales_the_update():
     """lora_scale (alpha / rank at first) multiplies LoRA's update in every layer: another scale
     changes the outputs of a model whose LoRA is not zero, setting it back restores them, and 0

@@ -151,6 +151,17 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     import torch
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model_args"]["n_layer"] == 1
 
+def test_resume_keeps_an_eval_it_does_not_redo(synth_dir, tmp_path):
+    """A run ended at iter 6 (evals at 0, 4 and its last, 6) resumed to 8: the loop does not
+    evaluate at 6 again (6 is no multiple of eval_interval 4), so the log keeps that eval."""
+    out = str(tmp_path)
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    run(cmd + ["--max_iters=6"])
+    run(cmd + ["--max_iters=8", "--init_from=resume"])
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["iter"] for r in recs if "val_loss" in r] == [0, 4, 6, 8]
+    assert [r["iter"] for r in recs if "loss" in r] == list(range(1, 9))
+
 def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_path):
     """always_save_checkpoint=False keeps the best weights (iter 4: the lr is 0 after it, so the
     val loss cannot improve again) and notes where the run ended, so the same command again does
