@@ -1191,6 +1191,15 @@ def span_prompt(tok, words, instruction):
     return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
             + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
 
+def in_eval_mode(model, fn, *args):
+    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(*args)
+    finally:
+        model.train(was_training)
+
 @torch.no_grad()
 def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
     """Text-only probe: the fraction of n unseen spans of 3-6 words (from words, default the
@@ -1199,18 +1208,18 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
     rng = np.random.default_rng(seed)
     words = words or vocab_words(tok)
     device = next(model.llm.parameters()).device
-    was_training = model.training
-    model.eval()
-    hits = 0
-    for _ in range(n):
-        span = [words[i]
-                for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
-        ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
-        out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24, tok.eot_token,
-                             beam=1)
-        hits += text_words(tok.decode(out)) == span
-    model.train(was_training)
-    return hits / n
+
+    def hits():
+        n_hits = 0
+        for _ in range(n):
+            span = [words[i]
+                    for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
+            ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
+            out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24,
+                                 tok.eot_token, beam=1)
+            n_hits += text_words(tok.decode(out)) == span
+        return n_hits
+    return in_eval_mode(model, hits) / n
 
 class SALMONNData:
     """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text
@@ -1553,15 +1562,6 @@ def clip_tag_logits(model, mels, n_mels):
     device = next(model.parameters()).device
     mel, lens = pad_mels(mels, n_mels)
     return model.tag_logits(mel.to(device), lens.to(device)).float().cpu()
-
-def in_eval_mode(model, fn, *args):
-    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        return fn(*args)
-    finally:
-        model.train(was_training)
 
 SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
                "seed": None, "length_penalty": 0.0}

@@ -452,12 +452,15 @@ if __name__ == "__main__":
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written ckpt.pt
         print(f"saved {path} (iter {iter_num})")
 
+    def eval_due(it):  # the iterations that evaluate (and may save)
+        return it % eval_interval == 0 or it == max_iters
+
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and not eval_only:
         # the log holds this run only: a fresh run starts it anew; a resumed one drops what came
         # after its checkpoint (those iterations are done again), and the checkpoint's own eval
         # when the loop evaluates there again
-        kept, again = [], iter_num % eval_interval == 0 or iter_num == max_iters
+        kept, again = [], eval_due(iter_num)
         if iter_num > 0 and os.path.exists(log_path):
             with open(log_path) as f:
                 for line in f:
@@ -504,7 +507,7 @@ if __name__ == "__main__":
         lr = get_lr(iter_num) if decay_lr else learning_rate
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if master and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
+        if master and (eval_due(iter_num) or eval_only):
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
