@@ -751,9 +751,8 @@ class Pengi(nn.Module):
     @torch.no_grad()
     def greedy(self, prefix, max_new_tokens):
         """Batched greedy decoding from prefixes (B, 2k, d). Returns lists of token ids without the
-        eot; at most as many as the LM's block has room for after the prefix."""
+        eot."""
         eot = self.config.eot_token
-        max_new_tokens = min(max_new_tokens, self.llm.block_size - prefix.size(1))
         h, past = self.llm(prefix)
         logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
         B = prefix.size(0)
