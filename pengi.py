@@ -5,25 +5,26 @@ Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text genera
     prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }->
         -> frozen GPT-2 over [audio prefix k][text prefix k][answer tokens] -> answer
 
-Trainable, as in the official code: the audio encoder, the text side's projections (CLIP's
-text_projection and the projection after it) and the two mappers. The language model (GPT-2 layout
-and names) and the text tower are frozen. A `clap` stage can pretrain the two encoders contrastively
-first, as Pengi's HTSAT comes from CLAP. The loss is on the answer tokens only, averaged per example
-(ours). Decoding is length-normalised beam search with a KV cache (beam 5 by default, 3 in the
-official code's example; beam 1 is greedy).
+Trainable, as in the official code: the audio encoder and its projection, the text side's
+projections (CLIP's text_projection and the projection after it) and the two mappers. The language
+model (GPT-2 layout and names) and the text tower are frozen. A `clap` stage can pretrain the two
+encoders contrastively first, as Pengi's HTSAT comes from CLAP. The loss is on the answer tokens
+only, averaged per example (ours). Decoding is length-normalised beam search with a KV cache (beam 5
+by default, 3 in the official code's example; beam 1 is greedy).
 
 Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the
 paper) the candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the
 label prior (PMI). The audio embedding (`embed_audio`) feeds a linear probe, as in the paper's
 representation study.
 
-Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (its token-semantic
-head reduced to a frequency head, see AudioEncoder; absolute position embedding instead of Swin's
-relative bias; shifted windows by a cyclic roll along time only, without Swin's mask: a repeat-padded
-input wraps its end onto its start as the next repetition would, a silence-padded one wraps
-silence); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a text encoder made
-from the LM's own embeddings and first layers (a causal tower pooled at the last token, as CLIP's
-text tower pools at its end token) instead of CLIP's text tower.
+Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (its
+token-semantic head reduced to a frequency head, see AudioEncoder; absolute position embedding
+instead of Swin's relative bias; shifted windows by a cyclic roll along time only, without Swin's
+mask: a repeat-padded input wraps its end onto its start as the next repetition would, a
+silence-padded one wraps silence); mapper outputs LayerNorm-ed and scaled to the LM's token
+embeddings; a text encoder made from the LM's own embeddings and first layers (a causal tower
+pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text
+tower.
 """
 
 import json
@@ -43,18 +44,18 @@ from fused_attention import attention
 
 @dataclass
 class PengiConfig:
-    tokenizer: str = "corpus"  # "corpus": the small BPE stored with the data; "gpt2": GPT-2's
-                               # (tokenizer.load_tokenizer)
-    stage: str = "pengi"       # "clap": contrastive pretraining of both encoders (Pengi's HTSAT
-                               # comes from CLAP); "pengi"
+    # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
+    tokenizer: str = "corpus"
+    # "clap": contrastive pretraining of both encoders (Pengi's HTSAT comes from CLAP); "pengi"
+    stage: str = "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
     vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
     eot_token: int = -1        # ends every answer
-    max_frames: int = 256      # audio input in mel frames (75/s): longer clips cropped, shorter
-                               # padded
-    pad: str = "repeat"        # shorter clips: "repeat" (CLAP's and Pengi's repeat-padding) or
-                               # "silence" (ours: silent frames, so counts and order stay readable)
+    max_frames: int = 256      # audio input in mel frames (75/s): longer cropped, shorter padded
+    # shorter clips: "repeat" (CLAP's and Pengi's repeat-padding) or "silence" (ours: silent
+    # frames, so counts and order stay readable)
+    pad: str = "repeat"
     # audio encoder: HTSAT-style (Swin over the time-frequency patch grid)
     patch_size: int = 4        # square patches of the (n_mels, frames) spectrogram
     enc_dim: int = 32          # stage-1 width, doubled by each patch merging
@@ -65,16 +66,16 @@ class PengiConfig:
     d_embed: int = 128
     # text encoder for the prompt: frozen
     text_n_layer: int = 2
-    text_init: str = "llm"     # "llm": the LM's wte, wpe and first text_n_layer blocks;
-                               # "embeddings": wte, wpe only; "random"
+    # "llm": the LM's wte, wpe and first text_n_layer blocks; "embeddings": wte, wpe only; "random"
+    text_init: str = "llm"
     text_trainable: bool = False
     # mappers m1 (audio) and m2 (text), ClipCap style
     prefix_len: int = 8        # k per modality (40 in the paper)
     map_n_layer: int = 2
     map_n_head: int = 4
     # language model, GPT-2 layout, frozen (dims are overwritten by llm_init's checkpoint)
-    llm_init: str = ""         # HF GPT-2 dir/file or a salmonn stage-llm ckpt.pt; "" = random LM
-                               # (teaches little)
+    # HF GPT-2 dir/file or a salmonn stage-llm ckpt.pt; "" = a random LM (teaches little)
+    llm_init: str = ""
     llm_n_layer: int = 4
     llm_n_head: int = 4
     llm_n_embd: int = 128
@@ -130,8 +131,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and
-                                               # themselves
+        # causal is aligned bottom-right: new queries see the cache and themselves
+        y = attention(q, k, v, causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
@@ -205,8 +206,8 @@ def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_pena
     beam_search (Hugging Face's, which ranks live beams by total log-prob), live beams are ranked at
     every step by total log-prob / length ** length_penalty (the length counts the eot); a beam that
     has emitted eot stays in the race with its score frozen; the search stops when every beam has
-    ended. On our captions this gives BLEU-4 0.246 where beam_search gives 0.163 (3 seeds). Returns
-    the best, without eot."""
+    ended. On our captions it scores well above beam_search (docs/pengi.md). Returns the best,
+    without eot."""
     V = logp.size(-1)
     seqs = [[]]
     scores, lengths = torch.zeros(1), torch.zeros(1)
@@ -352,33 +353,6 @@ def set_llm_dims(config):
     config.llm_n_head = dims["n_head"]
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
-def init_pretrained(model, tok=None):
-    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this), then
-    clears the field: the model holds the LM, so a checkpoint's config names no file that load_data
-    would read again (train.py's saved settings keep the path). The text tower and the prefix scale
-    then follow the LM. tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with
-    it)."""
-    config = model.config
-    if not config.llm_init:
-        warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
-                      "pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
-        return
-    sd, dims = load_llm_state(config.llm_init)
-    own = model.llm.state_dict()
-    missing = [k for k in own if k not in sd and k != "lm_head.weight"]
-    if missing:
-        raise ValueError(f"llm_init: {config.llm_init} lacks "
-                         f"{missing[:4]}{'...' if len(missing) > 4 else ''}")
-    for k in own:
-        if k != "lm_head.weight" and sd[k].shape != own[k].shape:
-            raise ValueError(f"llm_init: {k} has shape {tuple(sd[k].shape)}, expected "
-                             f"{tuple(own[k].shape)} (build the config with load_data or "
-                             f"set_llm_dims first)")
-    model.llm.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    model.lm_changed()
-    print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
-    config.llm_init = ""
-
 # -----------------------------------------------------------------------------
 # Audio encoder: HTSAT-style, scaled down
 
@@ -440,8 +414,8 @@ def int_list(config, field):
     return out
 
 def stage_windows(config):
-    """Grid and window sizes of every stage; raises a clear error when they do not tile or a
-    stage's heads do not divide its width."""
+    """Per stage: (depth, n_head, (window_f, window_t), (grid_f, grid_t)); a ValueError when the
+    windows do not tile the grid or the heads do not divide the stage's width."""
     depths, heads = int_list(config, "enc_depths"), int_list(config, "enc_heads")
     if len(depths) != len(heads):
         raise ValueError(f"enc_depths {config.enc_depths!r} and enc_heads {config.enc_heads!r} "
@@ -484,6 +458,8 @@ class Projection(nn.Module):
         return self.ln(e1 + e2)
 
 class AudioEncoder(nn.Module):
+    """HTSAT-style: patch_size patches of the mel spectrogram, Swin stages with a patch merging
+    between them, the frequency head; (B, T, n_mels) -> (B, out_dim)."""
 
     def __init__(self, config):
         super().__init__()
@@ -491,7 +467,7 @@ class AudioEncoder(nn.Module):
         C, p = config.enc_dim, config.patch_size
         self.patch_embed = nn.Conv2d(1, C, kernel_size=p, stride=p)
         self.patch_norm = nn.LayerNorm(C)
-        Fg, Tg = stages[0][3]
+        _, _, _, (Fg, Tg) = stages[0]
         self.pos_emb = nn.Parameter(torch.zeros(1, Fg, Tg, C))
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -507,7 +483,7 @@ class AudioEncoder(nn.Module):
         # kernel spans the whole frequency axis; ours is that conv (kernel F' x 1, as a linear layer
         # over the F' rows) averaged over time. A mean over the whole grid would discard where in
         # frequency the energy lies, and with it the pitch (docs/pengi.md)
-        last_rows = stages[-1][3][0]                     # frequency rows of the last grid
+        _, _, _, (last_rows, _) = stages[-1]  # the last grid's frequency rows
         self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
 
@@ -633,9 +609,9 @@ class Pengi(nn.Module):
                 p.requires_grad = False
         n = sum(p.numel() for p in self.parameters())
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        trained = "audio encoder, text projections, mappers"
+        trained = "audio encoder and projection, text projections, mappers"
         if config.stage == "clap":
-            trained = "audio encoder, text tower"
+            trained = "audio encoder, text tower, both projections"
         elif config.text_trainable:
             trained += ", text tower"
         print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable ({trained})")
@@ -668,7 +644,7 @@ class Pengi(nn.Module):
         return (prefix.float().norm(dim=-1).mean() / token_norm).item()
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -701,8 +677,7 @@ class Pengi(nn.Module):
         (B, La + 1, V), and targets (B, La + 1) are the answer tokens then eot, -1 where padded.
         Loss on the answer only. Ours: the loss is the mean over examples of each example's mean
         token NLL. A mean over all tokens would give the 1-3-token labels of the close-ended tasks
-        ~2% of the weight next to captions and metadata in the multi-task mix (per-example averaging
-        took the mix's class accuracy 0.12 -> 0.29)."""
+        ~2% of the weight next to captions and metadata in the multi-task mix."""
         audio = self.embed_audio(mel)
         if self.config.stage == "clap":  # contrastive only: (audio, answer text) pairs, no LM
             return None, self.clap_loss(audio, answer, targets, text_grad=True)
@@ -819,6 +794,33 @@ class Pengi(nn.Module):
         lp = (lp * (tgt >= 0)).sum(-1)
         return lp + first[:, cand[:, 0]]
 
+def init_pretrained(model, tok=None):
+    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this), then
+    clears the field: the model holds the LM, so a checkpoint's config names no file that load_data
+    would read again (train.py's saved settings keep the path). The text tower and the prefix scale
+    then follow the LM. tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with
+    it)."""
+    config = model.config
+    if not config.llm_init:
+        warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
+                      "pretrain one (config/salmonn_llm.py) or point llm_init at GPT-2")
+        return
+    sd, dims = load_llm_state(config.llm_init)
+    own = model.llm.state_dict()
+    missing = [k for k in own if k not in sd and k != "lm_head.weight"]
+    if missing:
+        raise ValueError(f"llm_init: {config.llm_init} lacks "
+                         f"{missing[:4]}{'...' if len(missing) > 4 else ''}")
+    for k in own:
+        if k != "lm_head.weight" and sd[k].shape != own[k].shape:
+            raise ValueError(f"llm_init: {k} has shape {tuple(sd[k].shape)}, expected "
+                             f"{tuple(own[k].shape)} (build the config with load_data or "
+                             f"set_llm_dims first)")
+    model.llm.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    model.lm_changed()
+    print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
+    config.llm_init = ""
+
 Config = PengiConfig
 Model = Pengi
 
@@ -833,7 +835,7 @@ PROMPTS = {  # task -> the prompt; music has one prompt per label key
     "pitch": "this music note pitch is",
     "chord": "this music chord is",
 }
-# "question: {q}" for audio QA
+QA_PROMPT = "question: "  # + the question, for audio QA
 
 def metadata_text(clip):
     """Our metadata string: the clip's kind, its labels and, where there is one, its transcript."""
@@ -859,62 +861,11 @@ def clip_tasks(clip, tasks):
     if "class" in tasks and "class" in clip["labels"]:
         out.append(("class", PROMPTS["class"], clip["labels"]["class"]))
     if "qa" in tasks:
-        out += [("qa", "question: " + qa["q"], qa["a"]) for qa in clip.get("qa", [])]
+        out += [("qa", QA_PROMPT + qa["q"], qa["a"]) for qa in clip.get("qa", [])]
     if "music" in tasks:
         out += [(key, PROMPTS[key], clip["labels"][key]) for key in MUSIC_KEYS
                 if key in clip["labels"]]
     return out
-
-def load_data(data_dir, config, tok):
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: run prepare.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    config.n_mels = meta["n_mels"]
-    # the data is text: the config's tokenizer sets these
-    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
-    set_llm_dims(config)
-    if config.stage == "pengi" and 2 * config.prefix_len + config.max_answer_tokens > \
-            config.llm_block_size:
-        raise ValueError(f"2 * prefix_len ({config.prefix_len}) + max_answer_tokens "
-                         f"({config.max_answer_tokens}) exceeds the LM's llm_block_size "
-                         f"{config.llm_block_size}: the longest answers would not fit")
-    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
-    unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
-    if unknown:
-        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, "
-                         f"qa, music")
-    enc = lambda s: tok.encode(s)  # the prompt starts the text tower's input, as a text starts: no
-                                   # leading space
-    if config.pad not in PAD_MODES:
-        raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
-    data = {"meta": meta, "tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,
-            "eot_token": tok.eot_token}
-    weights = parse_task_weights(config.task_weights, mix_tasks(tasks))
-    for split in ("train", "val"):
-        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
-                        mode="r").reshape(-1, meta["n_mels"])
-        with open(os.path.join(data_dir, f"{split}_clips.jsonl")) as f:
-            clips = [json.loads(line) for line in f if line.strip()]
-        if not clips:
-            raise ValueError(f"{data_dir}/{split}_clips.jsonl holds no clips")
-        by_task = {}  # task -> [(clip index, prompt ids, answer ids)]
-        for i, clip in enumerate(clips):
-            for task, prompt, answer in clip_tasks(clip, tasks):
-                example = (i, enc(prompt)[:config.max_prompt_tokens],
-                           answer_ids(tok, answer)[:config.max_answer_tokens])
-                by_task.setdefault(task, []).append(example)
-        if not by_task:
-            raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
-                             f"{config.tasks!r}")
-        data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
-                       "task_p": task_probabilities(sorted(by_task), weights, split)}
-    # candidate labels for the close-ended tasks, from the training split
-    data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]
-                                       if key in c["labels"]})
-                          for key in ("class",) + MUSIC_KEYS}
-    return data
 
 def parse_task_weights(spec, tasks):
     """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against tasks (the names of
@@ -950,14 +901,12 @@ def answer_ids(tok, text):
     "ASSISTANT: dog"). The eot that ends it is added by collate."""
     return tok.encode(" " + text.strip())
 
+def prompt_ids(tok, text):
+    """A prompt starts the text tower's input, as a text starts: no leading space."""
+    return tok.encode(text)
+
 PAD_MODES = ("repeat", "silence")
 MEL_SILENCE = -1.0  # the data's log-mel of silence: the -80 dB floor of audio.log_mel
-
-def clip_mel(mel, clip, max_frames, rng=None, pad="repeat"):
-    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or
-    padded."""
-    x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
-    return fit_frames(x, max_frames, rng, pad)
 
 def fit_frames(x, max_frames, rng=None, pad="repeat"):
     if len(x) == 0:
@@ -970,6 +919,61 @@ def fit_frames(x, max_frames, rng=None, pad="repeat"):
                                           dtype=x.dtype)])
     reps = -(-max_frames // len(x))
     return np.concatenate([x] * reps)[:max_frames]  # repeat-pad, as HTSAT/CLAP do with short clips
+
+def clip_mel(mel, clip, max_frames, rng=None, pad="repeat"):
+    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or
+    padded."""
+    x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
+    return fit_frames(x, max_frames, rng, pad)
+
+def load_data(data_dir, config, tok):
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: run prepare.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config.n_mels = meta["n_mels"]
+    # the data is text: the config's tokenizer sets these
+    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
+    set_llm_dims(config)
+    if config.stage == "pengi" and 2 * config.prefix_len + config.max_answer_tokens > \
+            config.llm_block_size:
+        raise ValueError(f"2 * prefix_len ({config.prefix_len}) + max_answer_tokens "
+                         f"({config.max_answer_tokens}) exceeds the LM's llm_block_size "
+                         f"{config.llm_block_size}: the longest answers would not fit")
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
+    if unknown:
+        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, "
+                         f"qa, music")
+    if config.pad not in PAD_MODES:
+        raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
+    data = {"tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,
+            "eot_token": tok.eot_token}
+    weights = parse_task_weights(config.task_weights, mix_tasks(tasks))
+    for split in ("train", "val"):
+        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
+                        mode="r").reshape(-1, meta["n_mels"])
+        with open(os.path.join(data_dir, f"{split}_clips.jsonl")) as f:
+            clips = [json.loads(line) for line in f if line.strip()]
+        if not clips:
+            raise ValueError(f"{data_dir}/{split}_clips.jsonl holds no clips")
+        by_task = {}  # task -> [(clip index, prompt ids, answer ids)]
+        for i, clip in enumerate(clips):
+            for task, prompt, answer in clip_tasks(clip, tasks):
+                example = (i, prompt_ids(tok, prompt)[:config.max_prompt_tokens],
+                           answer_ids(tok, answer)[:config.max_answer_tokens])
+                by_task.setdefault(task, []).append(example)
+        if not by_task:
+            raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
+                             f"{config.tasks!r}")
+        data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
+                       "task_p": task_probabilities(sorted(by_task), weights, split)}
+    # candidate labels for the close-ended tasks, from the training split
+    data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]
+                                       if key in c["labels"]})
+                          for key in ("class",) + MUSIC_KEYS}
+    return data
 
 def collate(mels, prompts, answers, eot):
     """Tensors for model(**batch): answers given as input tokens; targets = answer then eot, -1
@@ -1133,8 +1137,8 @@ def eval_batches(model, data, tok, d, examples, bs):
         chunk = examples[s:s + bs]
         mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"], pad=data["pad"])
                 for i, _, _ in chunk]
-        b = collate(mels, [tok.encode(p)[:model.config.max_prompt_tokens] for _, p, _ in chunk],
-                    [[]] * len(chunk), model.config.eot_token)
+        prompts = [prompt_ids(tok, p)[:model.config.max_prompt_tokens] for _, p, _ in chunk]
+        b = collate(mels, prompts, [[]] * len(chunk), model.config.eot_token)
         yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
 
 def generate_answers(model, data, tok, d, examples, bs, gen):
@@ -1149,6 +1153,14 @@ def exact_match(hypotheses, examples):
     return float(np.mean([normalize_text(h) == normalize_text(a)
                           for h, (_, _, a) in zip(hypotheses, examples)]))
 
+def qa_acc_by_kind(hypotheses, examples, clips):
+    """qa_acc_{kind}: exact match per clip kind (speech questions about the words need an ear for
+    words, which an audio-event encoder does not have)."""
+    by_kind = {}
+    for h, e in zip(hypotheses, examples):
+        by_kind.setdefault(clips[e[0]]["kind"], []).append((h, e))
+    return {f"qa_acc_{kind}": exact_match(*zip(*pairs)) for kind, pairs in sorted(by_kind.items())}
+
 def text_metrics(model, data, tok, d, wanted, max_clips, bs, gen):
     """caption_bleu4 and qa_acc, where wanted and the split d has examples."""
     metrics = {}
@@ -1159,21 +1171,13 @@ def text_metrics(model, data, tok, d, wanted, max_clips, bs, gen):
             metrics["caption_bleu4"] = bleu4(generate_answers(model, data, tok, d, ex, bs, gen),
                                              [[a] for _, _, a in ex])
     if "qa" in wanted:
-        ex = [(i, "question: " + qa["q"], qa["a"]) for i, c in enumerate(d["clips"])
+        ex = [(i, QA_PROMPT + qa["q"], qa["a"]) for i, c in enumerate(d["clips"])
               for qa in c.get("qa", [])][:max_clips]
         if ex:
             hyps = generate_answers(model, data, tok, d, ex, bs, gen)
             metrics["qa_acc"] = exact_match(hyps, ex)
             metrics.update(qa_acc_by_kind(hyps, ex, d["clips"]))
     return metrics
-
-def qa_acc_by_kind(hypotheses, examples, clips):
-    """qa_acc_{kind}: exact match per clip kind (speech questions about the words need an ear for
-    words, which an audio-event encoder does not have)."""
-    by_kind = {}
-    for h, e in zip(hypotheses, examples):
-        by_kind.setdefault(clips[e[0]]["kind"], []).append((h, e))
-    return {f"qa_acc_{kind}": exact_match(*zip(*pairs)) for kind, pairs in sorted(by_kind.items())}
 
 def candidate_logprobs(model, data, tok, d, examples, bs, cand_ids):
     """(len(examples), len(cand_ids)) LM log-likelihoods of each candidate answer, on the CPU."""
@@ -1292,7 +1296,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
     mel = torch.from_numpy(fit_frames(mel, cfg.max_frames, pad=cfg.pad))[None].to(dev)
-    p = tok.encode(prompt)
+    p = prompt_ids(tok, prompt)
     if not p:
         raise ValueError("pengi.sample: the prompt is empty")
     if len(p) > cfg.max_prompt_tokens:

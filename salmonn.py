@@ -6,8 +6,8 @@ One file holds the whole model:
   transformer),
 - a BEATs-style audio encoder (patches over the mel spectrogram, transformer, the patches of one
   time step averaged, so that its stream is time-aligned with the speech stream; the official code
-  pairs Whisper frame i with BEATs time patch i // 8, which is the same instant, but keeps one of
-  the 8 frequency bands of each patch column, losing the other 7),
+  pairs Whisper frame i with BEATs token i, which is time patch i // 8, the same instant, but
+  frequency band i % 8 only: each frame sees one of the 8 bands of its patch column),
 - a LayerNorm per stream, the two streams concatenated per frame,
 - the window-level Q-Former (non-overlapping windows of encoder frames, a few trainable queries per
   window that cross-attend to their window only) and a linear projection to the LLM width,
@@ -61,6 +61,7 @@ from fused_attention import attention
 
 STAGES = ("whisper", "beats", "llm", "pretrain", "instruct", "activation")
 ENCODER_STAGES = ("whisper", "beats")  # the pretrained parts' stand-ins
+AUDIO_STAGES = ("pretrain", "instruct", "activation")  # the paper's stages 1-3
 STAGE_TASKS = {
     "pretrain": ("transcription", "captioning"),
     "instruct": ("transcription", "captioning", "qa", "music", "classification", "speaker"),
@@ -70,20 +71,18 @@ ALL_TASKS = ("transcription", "captioning", "qa", "music", "classification", "sp
 
 @dataclass
 class SALMONNConfig:
-    stage: str = "pretrain"        # "whisper" | "beats" | "llm" | "pretrain" | "instruct" |
-                                   # "activation" (see the top)
-    tasks: str = ""                # comma-separated task list overriding the stage's set ("" = the
-                                   # stage's)
-    task_weights: str = ""         # "transcription=2": how often a task is drawn next to the
-                                   # others (1 each by default)
-    tokenizer: str = "corpus"      # "corpus": the small BPE stored with the data; "gpt2": GPT-2's
-                                   # (tokenizer.load_tokenizer)
+    # "whisper" | "beats" | "llm" | "pretrain" | "instruct" | "activation" (see the top)
+    stage: str = "pretrain"
+    tasks: str = ""                # comma-separated tasks in place of the stage's ("": the stage's)
+    # "transcription=2": how often a task is drawn next to the others (1 each by default)
+    task_weights: str = ""
+    # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
+    tokenizer: str = "corpus"
     # from the tokenizer and the data (load_data fills these)
     vocab_size: int = 50257
     n_mels: int = 64
     frame_rate: float = 75.0       # mel frames per second
-    max_audio_frames: int = 2250   # 30 s at 75 frames/s; longer clips are cut (the paper's Whisper
-                                   # limit)
+    max_audio_frames: int = 2250   # 30 s at 75 frames/s (Whisper's limit); longer clips are cut
     # what the speech encoder reads: "mel", the data's log-mel; "whisper", Whisper's own features
     # (80 Slaney bins of 16 kHz audio at 100 frames/s, prepare.py --whisper_mel), which an OpenAI
     # Whisper checkpoint needs
@@ -93,20 +92,19 @@ class SALMONNConfig:
     speech_n_layer: int = 2
     speech_n_head: int = 4
     speech_n_embd: int = 128
-    speech_n_mels: int = 0         # 0: load_data sets the data's (n_mels, or the 80 of Whisper's
-                                   # features with speech_features="whisper")
-    whisper_init: str = ""         # the speech encoder's weights: our stage-"whisper" ckpt.pt or an
-                                   # OpenAI Whisper .pt
-    whisper_dec_n_layer: int = 2   # stage "whisper": the text decoder that trains the encoder (same
-                                   # width and heads)
-    whisper_text_ctx: int = 64     # stage "whisper": decoder positions (transcripts cut to
-                                   # whisper_text_ctx - 1 tokens, + the start or end token)
-    ctc_weight: float = 0.3        # stage "whisper": weight of the CTC loss next to the decoder's
-                                   # cross-entropy
-    ctc_units: str = "tokens"      # stage "whisper": what CTC spells, "tokens" (the BPE) or "chars"
-                                   # (CTC_CHARS)
-    spec_augment: int = 2          # stage "whisper": frequency and time masks per training clip
-                                   # (SpecAugment; 0: none)
+    # 0: load_data sets the data's (n_mels, or 80 with speech_features="whisper")
+    speech_n_mels: int = 0
+    # the speech encoder's weights: our stage-"whisper" ckpt.pt or an OpenAI Whisper .pt
+    whisper_init: str = ""
+    # stage "whisper": the text decoder that trains the encoder (same width and heads), its
+    # positions (transcripts cut to whisper_text_ctx - 1 tokens + the start or end token), the
+    # CTC loss's weight next to the decoder's cross-entropy, what CTC spells ("tokens", the BPE, or
+    # "chars", CTC_CHARS) and SpecAugment's frequency and time masks per training clip (0: none)
+    whisper_dec_n_layer: int = 2
+    whisper_text_ctx: int = 64
+    ctc_weight: float = 0.3
+    ctc_units: str = "tokens"
+    spec_augment: int = 2
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x
     # beats_patch_f mel bins
     beats_n_layer: int = 2
@@ -114,36 +112,35 @@ class SALMONNConfig:
     beats_n_embd: int = 128
     beats_patch_f: int = 16
     beats_init: str = ""           # the audio encoder's weights: our stage-"beats" ckpt.pt
-    tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it
-                                   # from the train labels)
-    asr_data_dir: str = ""         # another prepared corpus whose transcribed train clips join the
-                                   # transcription task (the paper keeps LibriSpeech ASR in stage 2)
-    freeze_encoders: bool = True   # stages 1-3: the encoders stay as pretrained (the paper); False
-                                   # fine-tunes them
-    cache_encoders: bool = True    # frozen encoders run once per clip, later batches reuse their
-                                   # output (SALMONN.encoders)
+    tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it)
+    # another prepared corpus whose transcribed train clips join the transcription task (the
+    # paper keeps LibriSpeech ASR in stage 2)
+    asr_data_dir: str = ""
+    # stages 1-3: the encoders stay as pretrained (the paper); False fine-tunes them
+    freeze_encoders: bool = True
+    # frozen encoders run once per clip; later batches reuse their output (SALMONN.cached_encoders)
+    cache_encoders: bool = True
     # window-level Q-Former
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
     qformer_n_embd: int = 128
-    window_frames: int = 12        # encoder frames per window: 12 / 37.5 fps = 0.32 s (paper: 17 at
-                                   # 50 fps)
+    window_frames: int = 12        # encoder frames per window: 0.32 s at 37.5/s (paper: 17 at 50/s)
     window_queries: int = 1        # trainable queries per window
     # LLM (GPT-2 layout)
     llm_n_layer: int = 4
     llm_n_head: int = 4
     llm_n_embd: int = 256
     llm_block_size: int = 256
-    llm_init: str = ""             # HF GPT-2 dir/file or our stage-"llm" ckpt.pt; its sizes replace
-                                   # the llm_* above (load_data), init_pretrained loads it, our
-                                   # checkpoints then hold the weights
-    llm_probe_min: float = 0.8     # stage 1 refuses an LLM that copies fewer of the probe's spans
-                                   # (0: no check)
-    audio_norm: bool = True        # audio tokens rescaled to the token embeddings' RMS (else they
-                                   # grow ~6x larger)
+    # HF GPT-2 dir/file or our stage-"llm" ckpt.pt: its sizes replace the llm_* above (load_data),
+    # init_pretrained loads it, our checkpoints then hold the weights
+    llm_init: str = ""
+    # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
+    llm_probe_min: float = 0.8
+    # audio tokens rescaled to the token embeddings' RMS (else they grow ~6x larger)
+    audio_norm: bool = True
     llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
-    copy_rows: float = 0.5         # stage "llm": share of each batch's rows that are copying
-                                   # conversations
+    # stage "llm": the share of each batch's rows that are copying conversations
+    copy_rows: float = 0.5
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
     lora_rank: int = 8
     lora_alpha: float = 32.0
@@ -163,6 +160,21 @@ def n_audio_tokens(frames, config):
     t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
     return -(-t2 // config.window_frames) * config.window_queries
 
+# CTC on characters: letters are shared by every word, so each is heard far more often than a
+# whole-word BPE token (ours; Whisper itself has no CTC head)
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
+
+def ctc_blank(config):
+    """The CTC head's blank: the last of its outputs, after the tokens or the characters."""
+    if config.ctc_units not in ("tokens", "chars"):
+        raise ValueError(f"ctc_units must be 'tokens' or 'chars', got {config.ctc_units!r}")
+    return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
+
+def ctc_encode(text):
+    """Character ids of a transcript for ctc_units="chars": lower case, other characters left
+    out."""
+    return [CTC_CHARS.index(ch) for ch in text.lower() if ch in CTC_CHARS]
+
 # -----------------------------------------------------------------------------
 # encoders and Q-Former: one attention module (Whisper's names) for self- and cross-attention
 
@@ -175,8 +187,9 @@ def sinusoids(length, channels, max_timescale=10000):
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 class MultiHeadAttention(nn.Module):
-    """Whisper's attention: self-attention (causal in the text decoder) or, with kv_dim != n_embd,
-    cross-attention. key has no bias, as in Whisper."""
+    """Whisper's attention: self-attention over x (causal in the text decoder), or cross-attention
+    to kv when forward is given one (kv_dim: its width, when not n_embd). key has no bias, as in
+    Whisper."""
 
     def __init__(self, n_embd, n_head, kv_dim=None):
         super().__init__()
@@ -240,8 +253,8 @@ class SpeechEncoder(nn.Module):
                              f"speech_features='whisper', from prepare.py --whisper_mel)")
         x = mask_frames(mel, lens).transpose(1, 2)
         x = F.gelu(self.conv1(x)).transpose(1, 2)
-        x = mask_frames(x, lens).transpose(1, 2)  # as if each clip were alone (conv2 pads with
-                                                  # zeros)
+        # as if each clip were alone (conv2 pads with zeros)
+        x = mask_frames(x, lens).transpose(1, 2)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         lens2 = (lens + 1) // 2
         x = x + sinusoids(x.size(1), x.size(2)).to(x.device, x.dtype)
@@ -406,8 +419,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = attention(q, k, v, causal=causal)  # bottom-right aligned: new queries see the cache and
-                                               # themselves
+        # causal is aligned bottom-right: new queries see the cache and themselves
+        y = attention(q, k, v, causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
@@ -694,6 +707,9 @@ def check_heads(config):
             raise ValueError(f"{part}_n_head={heads}: must divide {part}_n_embd={width}")
 
 class SALMONN(nn.Module):
+    """The parts depend on config.stage. whisper: speech, decoder, ctc_head; beats: beats,
+    tag_head; llm: llm (all of it trains, no LoRA); stages 1-3: speech and beats (frozen),
+    ln_speech, ln_audio, qformer, proj (these train) and llm (frozen; its LoRA trains)."""
 
     def __init__(self, config):
         super().__init__()
@@ -703,17 +719,16 @@ class SALMONN(nn.Module):
         self.config = config
         stage = config.stage
         speech_mels = config.speech_n_mels or config.n_mels
-        if stage in ("whisper", "pretrain", "instruct", "activation"):
+        if stage in ("whisper",) + AUDIO_STAGES:
             self.speech = SpeechEncoder(speech_mels, config.speech_n_embd, config.speech_n_head,
                                         config.speech_n_layer, config.dropout)
-        if stage in ("beats", "pretrain", "instruct", "activation"):
+        if stage in ("beats",) + AUDIO_STAGES:
             self.beats = AudioEncoder(config.n_mels, config.beats_n_embd, config.beats_n_head,
                                       config.beats_n_layer, config.beats_patch_f, config.dropout)
         if stage == "whisper":
             self.decoder = TextDecoder(config.vocab_size, config.whisper_text_ctx,
-                                       config.speech_n_embd,
-                                       config.speech_n_head, config.whisper_dec_n_layer,
-                                       config.dropout)
+                                       config.speech_n_embd, config.speech_n_head,
+                                       config.whisper_dec_n_layer, config.dropout)
             # + the CTC blank, last
             self.ctc_head = nn.Linear(config.speech_n_embd, ctc_blank(config) + 1)
         if stage == "beats":
@@ -724,18 +739,18 @@ class SALMONN(nn.Module):
             self.tag_head = nn.Linear(config.beats_n_embd, n_tags)
         if stage not in ENCODER_STAGES:
             self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head,
-                            config.llm_n_embd,
-                            config.llm_block_size, config.llm_dropout if stage == "llm" else 0.0,
-                            0 if stage == "llm" else config.lora_rank,
-                            config.lora_alpha, config.lora_dropout)
-        if stage not in ENCODER_STAGES + ("llm",):
+                            config.llm_n_embd, config.llm_block_size,
+                            dropout=config.llm_dropout if stage == "llm" else 0.0,
+                            lora_rank=0 if stage == "llm" else config.lora_rank,
+                            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+        if stage in AUDIO_STAGES:
             self.ln_speech = nn.LayerNorm(config.speech_n_embd)
             self.ln_audio = nn.LayerNorm(config.beats_n_embd)
             self.qformer = WindowQFormer(config, config.speech_n_embd + config.beats_n_embd)
             self.proj = nn.Linear(config.qformer_n_embd, config.llm_n_embd)
             # the LLM's token RMS (init_pretrained sets it)
             self.register_buffer("audio_scale", torch.tensor(1.0))
-            self.encoder_cache, self.encoder_stamp = {}, None  # see encoders()
+            self.encoder_cache, self.encoder_stamp = {}, None  # see cached_encoders()
         self.apply(self._init_weights)
         if hasattr(self, "llm"):
             # GPT-2's scaled init of the residual projections
@@ -744,7 +759,7 @@ class SALMONN(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.llm_n_layer))
         if hasattr(self, "decoder"):
             nn.init.normal_(self.decoder.positional_embedding, std=0.01)
-        if stage not in ENCODER_STAGES + ("llm",):
+        if stage in AUDIO_STAGES:
             for name, p in self.llm.named_parameters():
                 p.requires_grad = ".lora_" in name  # the LLM is frozen; LoRA trains
             if config.freeze_encoders:  # the paper: Whisper and BEATs stay as pretrained
@@ -767,8 +782,7 @@ class SALMONN(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        audio_stage = self.config.stage not in ENCODER_STAGES + ("llm",)
-        if mode and self.config.freeze_encoders and audio_stage:
+        if mode and self.config.freeze_encoders and self.config.stage in AUDIO_STAGES:
             self.speech.eval()  # frozen encoders run as they were pretrained: no dropout
             self.beats.eval()
         return self
@@ -822,7 +836,7 @@ class SALMONN(nn.Module):
             a = self.beats(mel, mel_lens)
         return s, lens2, a
 
-    def encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
+    def cached_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """run_encoders(), once per clip when the encoders are frozen: they give a clip the same
         frames every time, and in stages 1-3 they were over half of a training step's time. Each
         clip's frames are kept, keyed by its input features, until the encoders' weights change.
@@ -868,7 +882,7 @@ class SALMONN(nn.Module):
         N, llm_n_embd) and their validity (B, N)."""
         n = self.config.max_audio_frames
         mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
-        s, lens2, a = self.encoders(mel, mel_lens, wmel, wmel_lens)
+        s, lens2, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
         # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
         # instant
         if self.config.speech_frame_rate != self.config.frame_rate:
@@ -899,8 +913,8 @@ class SALMONN(nn.Module):
     def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None,
                 ctc_targets=None, tags=None, wmel=None, wmel_lens=None):
         stage = self.config.stage
-        if stage == "whisper":  # the decoder reads the transcript so far and the audio; CTC reads
-                                # the audio alone
+        # stage "whisper": the decoder reads the transcript so far and the audio, CTC the audio
+        if stage == "whisper":
             audio, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             logits = self.decoder(idx, audio, lens2)
             if targets is None:
@@ -1148,6 +1162,16 @@ COPY_INSTRUCTIONS = {
 DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 PROBE_SPANS = 50
 
+# Copied from pengi.normalize_text
+def normalize_text(s):
+    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
+    spaces."""
+    return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
+
+def text_words(text):
+    """The words WER, accuracy and the copy probe compare: normalize_text, split."""
+    return normalize_text(text).split()
+
 def vocab_words(tok):
     """Whole words the tokenizer has as single tokens (" kite"): a word pool that is not the
     corpus's sentences."""
@@ -1160,6 +1184,12 @@ def vocab_words(tok):
         if re.fullmatch(r" [a-z]{3,12}", w):
             words.append(w[1:])
     return words
+
+def span_prompt(tok, words, instruction):
+    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt
+    does)."""
+    return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
+            + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
 
 def copy_document(tok, rng, words):
     """One document: (prompt ids with the span where the audio would be, answer ids)."""
@@ -1184,12 +1214,6 @@ def copy_document(tok, rng, words):
                 shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
     return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
-
-def span_prompt(tok, words, instruction):
-    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt
-    does)."""
-    return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
-            + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
 
 def in_eval_mode(model, fn, *args):
     """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
@@ -1221,9 +1245,25 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
         return n_hits
     return in_eval_mode(model, hits) / n
 
+def read_split(data_dir, split, meta):
+    """A prepared split's clips and its memmapped mel arrays: (clips, mel, wmel); wmel (Whisper's
+    own features, prepare.py --whisper_mel) is None when the data has none."""
+    clips_path = os.path.join(data_dir, f"{split}_clips.jsonl")
+    if not os.path.exists(clips_path):
+        raise FileNotFoundError(f"{clips_path}: not found")
+    clips = [json.loads(line) for line in open(clips_path) if line.strip()]
+    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
+                    mode="r").reshape(-1, meta["n_mels"])
+    wmel = None
+    if "whisper_mel" in meta:
+        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r")
+        wmel = wmel.reshape(-1, meta["whisper_mel"]["n_mels"])
+    return clips, mel, wmel
+
 class SALMONNData:
     """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text
-    stream; stage "beats": each clip's tags). meta: the data's meta.json, which load_data read."""
+    stream; stage "beats": tag_index, each tag's column). meta: the data's meta.json, which
+    load_data read."""
 
     def __init__(self, data_dir, config, tok, meta):
         self.meta, self.tok, self.config = meta, tok, config
@@ -1242,8 +1282,8 @@ class SALMONNData:
         if config.asr_data_dir and "transcription" in self.tasks:
             self.add_transcribed_clips(config.asr_data_dir)
         if config.stage == "beats":
-            if not config.tags:  # the train split's tags, fixed in the config (and so in every
-                                 # checkpoint)
+            # the train split's tags, fixed in the config (and so in every checkpoint)
+            if not config.tags:
                 counts = Counter(t for c in self.splits["train"]["clips"] for t in clip_tags(c))
                 config.tags = "|".join(sorted(t for t, n in counts.items() if n >= MIN_TAG_CLIPS))
             if not config.tags:
@@ -1326,28 +1366,13 @@ class SALMONNData:
             audio["wmel"] = torch.from_numpy(frames.astype(np.float32))
         return audio
 
-def read_split(data_dir, split, meta):
-    """A prepared split's clips and its memmapped mel arrays: (clips, mel, wmel); wmel (Whisper's
-    own features, prepare.py --whisper_mel) is None when the data has none."""
-    clips_path = os.path.join(data_dir, f"{split}_clips.jsonl")
-    if not os.path.exists(clips_path):
-        raise FileNotFoundError(f"{clips_path}: not found")
-    clips = [json.loads(line) for line in open(clips_path) if line.strip()]
-    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
-                    mode="r").reshape(-1, meta["n_mels"])
-    wmel = None
-    if "whisper_mel" in meta:
-        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16, mode="r")
-        wmel = wmel.reshape(-1, meta["whisper_mel"]["n_mels"])
-    return clips, mel, wmel
-
 def load_data(data_dir, config, tok):
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{data_dir}/meta.json: not found (run prepare.py first)")
     meta = json.load(open(meta_path))
-    config.vocab_size = tok.n_vocab  # the text is stored as text: the config's tokenizer (tok) sets
-                                     # the vocab
+    # the text is stored as text: the config's tokenizer (tok) sets the vocab
+    config.vocab_size = tok.n_vocab
     config.n_mels = meta["n_mels"]
     config.frame_rate = float(meta["frame_rate"])
     set_pretrained_dims(config)
@@ -1456,21 +1481,6 @@ def beats_batch(data, split, batch_size, rng):
     mel, mel_lens = pad_mels([data.clip_mel(split, ci) for ci in cis], data.n_mels)
     return {"mel": mel, "mel_lens": mel_lens, "tags": tags}
 
-# CTC on characters: letters are shared by every word, so each is heard far more often than a
-# whole-word BPE token (ours; Whisper itself has no CTC head)
-CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
-
-def ctc_blank(config):
-    """The CTC head's blank: the last of its outputs, after the tokens or the characters."""
-    if config.ctc_units not in ("tokens", "chars"):
-        raise ValueError(f"ctc_units must be 'tokens' or 'chars', got {config.ctc_units!r}")
-    return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
-
-def ctc_encode(text):
-    """Character ids of a transcript for ctc_units="chars": lower case, other characters left
-    out."""
-    return [CTC_CHARS.index(ch) for ch in text.lower() if ch in CTC_CHARS]
-
 def whisper_batch(data, split, batch_size, rng):
     """Stage "whisper": transcribed clips. Decoder: eot (as start) + transcript -> transcript +
     eot; CTC: the transcript, in tokens or characters (ctc_units). Training clips are
@@ -1567,6 +1577,37 @@ SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200,
                "seed": None, "length_penalty": 0.0}
 
 @torch.no_grad()
+def whisper_transcribe(model, tok, audios, batch_size=32):
+    """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path,
+    repeats merged, blanks dropped), for a list of clip_audio dicts."""
+    device = next(model.parameters()).device
+    dec_out, ctc_out = [], []
+    for i in range(0, len(audios), batch_size):
+        batch = {k: v.to(device) for k, v in collate(audios[i:i + batch_size]).items()}
+        audio, lens2 = model.speech_encode(**batch)
+        B = audio.size(0)
+        seq = torch.full((B, 1), tok.eot_token, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(model.config.whisper_text_ctx - 1):
+            nxt = model.decoder(seq, audio, lens2)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, tok.eot_token), nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            done |= nxt == tok.eot_token
+            if done.all():
+                break
+        for row in seq[:, 1:].tolist():
+            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
+            dec_out.append(tok.decode(row).strip())
+        best = model.ctc_head(audio).argmax(-1)
+        blank = ctc_blank(model.config)
+        for b in range(B):
+            path = best[b, :lens2[b]].tolist()
+            ids = [t for j, t in enumerate(path) if t != blank and (j == 0 or t != path[j - 1])]
+            ctc_out.append((tok.decode(ids) if model.config.ctc_units == "tokens"
+                            else "".join(CTC_CHARS[i] for i in ids)).strip())
+    return dec_out, ctc_out
+
+@torch.no_grad()
 def sample(model, tok, audio, prompt, tools=None, **opts):
     """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction).
     Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by
@@ -1643,16 +1684,6 @@ def _sample(model, tok, audio, prompt, o):
         answer = f"(stage 'llm': the LLM alone, the audio is not heard)\n{answer}"
     return {"text": answer}
 
-# Copied from pengi.normalize_text
-def normalize_text(s):
-    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
-    spaces."""
-    return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
-
-def text_words(text):
-    """The words WER, accuracy and the copy probe compare: normalize_text, split."""
-    return normalize_text(text).split()
-
 def edit_distance(ref, hyp):
     """Levenshtein distance between two word lists (substitutions, deletions, insertions cost 1)."""
     prev = list(range(len(hyp) + 1))
@@ -1718,37 +1749,6 @@ def average_precision(scores, labels):
         return None
     precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((precision * hits).sum() / hits.sum())
-
-@torch.no_grad()
-def whisper_transcribe(model, tok, audios, batch_size=32):
-    """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path,
-    repeats merged, blanks dropped), for a list of clip_audio dicts."""
-    device = next(model.parameters()).device
-    dec_out, ctc_out = [], []
-    for i in range(0, len(audios), batch_size):
-        batch = {k: v.to(device) for k, v in collate(audios[i:i + batch_size]).items()}
-        audio, lens2 = model.speech_encode(**batch)
-        B = audio.size(0)
-        seq = torch.full((B, 1), tok.eot_token, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(model.config.whisper_text_ctx - 1):
-            nxt = model.decoder(seq, audio, lens2)[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, tok.eot_token), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            done |= nxt == tok.eot_token
-            if done.all():
-                break
-        for row in seq[:, 1:].tolist():
-            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
-            dec_out.append(tok.decode(row).strip())
-        best = model.ctc_head(audio).argmax(-1)
-        blank = ctc_blank(model.config)
-        for b in range(B):
-            path = best[b, :lens2[b]].tolist()
-            ids = [t for j, t in enumerate(path) if t != blank and (j == 0 or t != path[j - 1])]
-            ctc_out.append((tok.decode(ids) if model.config.ctc_units == "tokens"
-                            else "".join(CTC_CHARS[i] for i in ids)).strip())
-    return dec_out, ctc_out
 
 def first_n(xs, n):
     """The first n of xs (n = 0: all of them)."""
