@@ -44,16 +44,16 @@ N_Q = 8                 # codebooks at 6 kbps
 BANDWIDTH = 6.0
 CODEBOOK_SIZE = 1024
 N_MELS = 64
-N_FFT = 640             # 26.7 ms Hann window (37.5 Hz bins: the lowest mel filters still cover
-                        # whole bins)
+# 26.7 ms Hann window; its 37.5 Hz bins are narrow enough that the lowest mel filters cover whole
+# bins
+N_FFT = 640
 F_MIN, F_MAX = 0.0, SAMPLE_RATE / 2
 # EnCodec is causal: codec frame i is computed from samples < 320*(i+1), and its own 13.3 ms are
 # samples [320*i, 320*(i+1)). Mel frame i is centred on the middle of that block, sample 320*i +
 # 160, so its window spans [320*i + 160 - N_FFT/2, 320*i + 160 + N_FFT/2) (zero padded at the
 # edges).
 MEL_CENTER = HOP // 2
-MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160 = half a
-                                          # frame)
+MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160)
 LOG_FLOOR = 1e-8        # -80 dB
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"}
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
@@ -292,8 +292,7 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     if weights_dir:
         try:
             return encodec_24khz(True, weights_dir), weights_dir / CODEC_FILE
-        except Exception as e:                       # a truncated or corrupt file: wrong hash,
-                                                     # unreadable
+        except Exception as e:                       # truncated or corrupt: wrong hash, unreadable
             failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
                    f"{str(e).strip()[:120]}); "
                    "delete it to download it again")
@@ -375,7 +374,7 @@ def load_codec(data_dir):
     ckpt = read_offline_codec(data_dir, c)
     model = offline_codec()
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
-    # one before training, one for k-means (see calibrate)
+    # the Standardize layers codec.calibrate appended to the encoder (prepare.py: one, for k-means)
     for _ in range(n_std):
         model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
@@ -386,6 +385,8 @@ def load_codec(data_dir):
                          f"{sorted(unexpected)[:3]}): "
                          "re-run prepare.py --force")
     return model.eval()
+
+_codec_ids = {}  # codec_id's hashes, per weights file version
 
 def codec_id(data_dir):
     """Which codec made data_dir's codes, as a string equal for two data dirs exactly when their
@@ -409,8 +410,6 @@ def codec_id(data_dir):
             digest.update(k.encode() + state[k].numpy().tobytes())
         _codec_ids[key] = f"{c['name']} {digest.hexdigest()[:16]}"
     return _codec_ids[key]
-
-_codec_ids = {}
 
 @torch.no_grad()
 def encode_emb(model, wavs):

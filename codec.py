@@ -63,7 +63,8 @@ def random_crops(wavs, n, batch, rng):
         x[:len(seg)] = seg
         tries += 1
         if np.abs(x).max() > 0.02 or tries > 20 * batch:
-            xs.append(x); where.append((i, f))
+            xs.append(x)
+            where.append((i, f))
     return torch.from_numpy(np.stack(xs)), where
 
 # -----------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def no_op_lstm(slstm):
     """SEANet's LSTM adds its output to its input: with the cell-input gate's weights at zero the
     cell stays 0 and so does the output."""
     lstm, h = slstm.lstm, slstm.lstm.hidden_size
-    for name, p in lstm.named_parameters():
+    for p in lstm.parameters():
         p.data[2 * h:3 * h] = 0                      # gates in order i, f, g, o
 
 @torch.no_grad()
@@ -243,6 +244,18 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-4, ckpt=Non
 # -----------------------------------------------------------------------------
 # the codebooks: k-means on the encoder's outputs, then (optionally) the decoder tuned to the codes
 
+def assign_nearest(x, means, chunk=8192, return_dist=False):
+    """Index of the nearest of means for each row of x (with return_dist, also its squared
+    distance), chunk rows at a time."""
+    idx, dst = [], []
+    m2 = (means ** 2).sum(1)
+    for s in range(0, len(x), chunk):
+        d = m2[None] - 2 * x[s:s + chunk] @ means.T
+        v, i = d.min(1)
+        idx.append(i)
+        dst.append(v + (x[s:s + chunk] ** 2).sum(1))
+    return (torch.cat(idx), torch.cat(dst)) if return_dist else torch.cat(idx)
+
 def kmeans(x, k, iters, gen):
     """Lloyd's k-means on the distinct rows of x (N, D), weighted by how often each occurs.
     Identical frames (digital silence, steady tones) would otherwise seed identical centroids, and
@@ -269,16 +282,6 @@ def kmeans(x, k, iters, gen):
             means[empty] = pts[torch.topk(dist * w, len(empty)).indices]
     assign = assign_nearest(pts, means)
     return means, torch.zeros(k).index_add_(0, assign, w)
-
-def assign_nearest(x, means, chunk=8192, return_dist=False):
-    idx, dst = [], []
-    m2 = (means ** 2).sum(1)
-    for s in range(0, len(x), chunk):
-        d = m2[None] - 2 * x[s:s + chunk] @ means.T
-        v, i = d.min(1)
-        idx.append(i)
-        dst.append(v + (x[s:s + chunk] ** 2).sum(1))
-    return (torch.cat(idx), torch.cat(dst)) if return_dist else torch.cat(idx)
 
 @torch.no_grad()
 def calibrate(model, emb):
@@ -422,7 +425,7 @@ def read_dtmf(x):
 
 def read_pitch(x, fmin=60.0, fmax=1200.0, threshold=0.15):
     """Fundamental frequency in Hz by YIN (de Cheveigne & Kawahara 2002): the first dip of the
-    cumulative-mean- normalised difference function, refined by parabolic interpolation. 0.0 for
+    cumulative-mean-normalised difference function, refined by parabolic interpolation. 0.0 for
     silence, or a clip shorter than two periods of fmin."""
     x = np.asarray(x, np.float64)
     taus = np.arange(1, int(SAMPLE_RATE / fmin))

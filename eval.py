@@ -157,7 +157,7 @@ def write_json(rows):
     os.replace(json + ".tmp", json)
 
 def main(argv):
-    global device  # the others are set through globals().update
+    global device  # reassigned below, after globals().update has set it
     settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
                                                  positional=True)
     globals().update(settings)

@@ -11,7 +11,7 @@ The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or
 an offline one with its architecture, set up as a block DCT and fitted to the corpus (--offline
 skips the download; see codec.py).
 
-Output in data/<name>/ (see README): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
+Output in data/<name>/ (see docs/data.md): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE
 (tokenizer.tiktoken) and, for the offline codec, codec.pt and codec.png. Read with np.memmap(path,
 dtype, mode="r").reshape(-1, n_q or n_mels). With --whisper_mel, also {split}_wmel.bin (float16
@@ -169,7 +169,7 @@ def folder_items(src, report):
     return items
 
 # -----------------------------------------------------------------------------
-# output helpers
+# the split, staged output files, codebook-0 mels
 
 def is_val(clip_id, val_percent):
     """Deterministic split: a clip goes to val by a hash of its id (stable when the corpus
@@ -278,7 +278,7 @@ def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
     key_args = {k: v for k, v in vars(args).items()
                 if k not in ("force", "quiet", "strict", "codebook0_mel")}
-    # off: the hash of outputs made before the option existed
+    # left out when off, so data prepared before these options existed keeps its hash
     if not args.whisper_mel:
         del key_args["whisper_mel"]
     if not args.kinds:
@@ -287,7 +287,7 @@ def hash_args(args):
         key_args["codec_from"] = codec_id(args.codec_from)
     else:
         del key_args["codec_from"]
-    # the default place named as such is the default place (the hash of a run that left them out)
+    # --name / --out_dir spelled as their defaults hash as if left out
     if args.name == args.dataset:
         key_args["name"] = None
     if args.out_dir and (Path(args.out_dir).resolve()
@@ -784,7 +784,7 @@ def main(argv=None):
     args = get_args(argv)
     t_start = time.time()
     keep_freed_memory()
-    # side-by-side jobs set 1: oversubscribed threads crawl
+    # every core unless OMP_NUM_THREADS is set (jobs run side by side set it to 1)
     if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = check_args(args)

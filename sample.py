@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,8 +32,7 @@ clip = 0             # input: clip number in {split}_clips.jsonl (when audio is 
 split = "val"
 audio = ""           # input: an audio file instead (wav, flac, ...; resampled to 24 kHz)
 prompt = ""          # text prompt (for the text-output models)
-out = ""             # output wav of audio results, or a folder for its sample.wav; default
-                     # out_dir/sample.wav
+out = ""             # a .wav for audio results, or a folder for sample.wav (default: out_dir)
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
 dtype = "auto"       # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -113,8 +113,7 @@ def read_clip(data_dir, split, index):
     s, n = c["offset"], c["frames"]
     clip = {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)),
             "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
-    if "whisper_mel" in meta:  # Whisper's own features (prepare.py --whisper_mel), for an OpenAI
-                               # Whisper encoder
+    if "whisper_mel" in meta:  # prepare.py --whisper_mel: for an OpenAI Whisper encoder
         wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
                          mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])
         frames = wmel[c["woffset"]:c["woffset"] + c["wframes"]]
@@ -202,16 +201,15 @@ if __name__ == "__main__":
         print(f"input: {split} clip {clip} ({info['id']}, {info['kind']}, {info['duration']:.2f} s)"
               + (f": {info['caption']}" if info.get("caption") else ""))
 
-    ctx = torch.autocast(device_type=device_type,
-                         dtype=ptdtype) if dtype != "float32" else torch.no_grad()
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
+                                                                  dtype=ptdtype)
     t0, load0 = time.time(), tools.load_seconds
     with torch.no_grad(), ctx:
         try:
             opts = configurator.model_options(raw_opts, M.SAMPLE_OPTS, "sample.py",
                                               f"{M.__name__}.sample")
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
-        except ValueError as e:  # an option of the wrong type or out of range, a prompt the
-                                 # model cannot take
+        except ValueError as e:  # a bad option, or a prompt the model cannot take
             msg = str(e)
             fail(msg if msg.startswith((M.__name__, "--", "unknown setting")) else
                  f"{M.__name__}.sample: {msg}")
@@ -226,14 +224,13 @@ if __name__ == "__main__":
         if prompt_codes is not None:
             codes = torch.cat([prompt_codes, codes])
         wav = tools.decode(codes)
-        path = wav_path
-        write_wav(path, wav.numpy(), meta["sample_rate"])
+        write_wav(wav_path, wav.numpy(), meta["sample_rate"])
         seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
-        png = os.path.splitext(path)[0] + ".png"
+        png = os.path.splitext(wav_path)[0] + ".png"
         plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
                          f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))],
                          boundary=seam)
-        print(f"wrote {path} ({len(wav) / meta['sample_rate']:.2f} s" +
+        print(f"wrote {wav_path} ({len(wav) / meta['sample_rate']:.2f} s" +
               (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s "
                f"continuation" if seam else "") +
               f", {codes.shape[1]} codebook(s) decoded) and its log-mel spectrogram {png}")

@@ -12,8 +12,7 @@ import re
 
 import numpy as np
 
-SAMPLE_RATE = 24000     # the data contract's rate (audio.SAMPLE_RATE, checked by
-                        # tests/test_prepare.py)
+SAMPLE_RATE = 24000     # = audio.SAMPLE_RATE (tests/test_prepare.py checks)
 
 NOTE_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",

@@ -12,6 +12,7 @@ it; prepare.py also trains the corpus BPE with it):
 import base64
 import hashlib
 import os
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def tiktoken_cache_dir():
         return os.environ["TIKTOKEN_CACHE_DIR"]
     if "DATA_GYM_CACHE_DIR" in os.environ:
         return os.environ["DATA_GYM_CACHE_DIR"]
-    return os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 def gpt2_files_cached():
     """True when both of GPT-2's files are in tiktoken's cache and intact, so that
@@ -89,7 +90,7 @@ def load_gpt2(offline=False):
             print(f"tokenizer: GPT-2's BPE (downloaded by tiktoken into "
                   f"{tiktoken_cache_dir() or 'memory'})")
             return tok
-        except Exception as e:  # here: no name resolution, within a second or two
+        except Exception as e:  # e.g. no network (fails within a second or two)
             first = str(e).splitlines()[0][:120] if str(e) else ""
             why = "no name resolution" if "resolve" in str(e) else first
             print(f"tokenizer: tiktoken could not download GPT-2's BPE ({type(e).__name__}"
@@ -236,7 +237,7 @@ def checkpoint_tokenizer(checkpoint, config, data_dir, where="checkpoint"):
     return load_tokenizer(data_dir, name) if name else None
 
 # Prompt-style text (templates and instructions like those the models put around the data, not an
-# exact list of them) trained into the offline BPE so prompts tokenize compactly. Editing it changes
+# exact list of them) trained into the corpus BPE so prompts tokenize compactly. Editing it changes
 # the BPE of data prepared afterwards, and so every figure measured on it.
 PROMPT_TEXT = [
     "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT: {}</s>",

@@ -33,17 +33,18 @@ import tokenizer as tokenizers  # text models name one in their config; whisper_
 out_dir = "out"
 model = "whisper_gpt"         # the model file: whisper_gpt | salmonn | pengi
 data_dir = "data/synth"       # what prepare.py wrote
-init_from = "scratch"         # scratch | resume (out_dir/ckpt.pt) | path to a ckpt.pt (its weights,
-                              # fresh optimizer)
-overwrite = False             # a run into an out_dir that holds ckpt.pt: False resumes it (same
-                              # settings), skips it (finished) or stops (other settings); True
-                              # trains anew there
+# scratch | resume (out_dir/ckpt.pt) | a ckpt.pt path (its weights, a fresh optimizer)
+init_from = "scratch"
+# out_dir already holds ckpt.pt: False resumes the run (same settings), skips it (finished) or
+# stops (other settings); True trains anew there
+overwrite = False
 eval_interval = 200
 log_interval = 10
 eval_iters = 20               # batches per split for the train/val loss estimate
 eval_only = False             # evaluate once and exit
-always_save_checkpoint = True # False: save only when the val loss improves (ckpt.pt keeps the
-                              # best weights and, at the end, notes that the run finished)
+# False: save only when the val loss improves (ckpt.pt keeps the best weights and, at the end,
+# notes that the run finished)
+always_save_checkpoint = True
 # logging
 wandb_log = False
 wandb_project = "nano-audio-llm"
@@ -207,8 +208,7 @@ def load_tokenizer(config, checkpoint, init):
             return tok
     try:
         tok = tokenizers.load_tokenizer(data_dir, name)
-    except (ValueError, OSError, RuntimeError) as e:  # an unknown name, a missing or corrupt file:
-                                                      # the message names it
+    except (ValueError, OSError, RuntimeError) as e:  # the message names the bad name or file
         fail(str(e))
     where = f", from {data_dir}" if name == "corpus" else ""
     print(f"tokenizer: {name}, {tok.n_vocab} tokens{where}")
@@ -350,8 +350,8 @@ if __name__ == "__main__":
     tok_record = None if tok is None else tokenizers.tokenizer_record(tok)
     # the model file's own checks (settings, data, pretrained parts) end the run in one line
     try:
-        data = load_data(M, data_dir, config, tok)  # may fill data-derived fields (vocab_size,
-                                                    # n_mels, ...)
+        # may fill data-derived fields (vocab_size, n_mels, ...)
+        data = load_data(M, data_dir, config, tok)
         for split in ("train", "val"):  # a split that cannot give a batch says so now
             M.get_batch(data, split, 1, np.random.default_rng(0))
         torch.manual_seed(seed)
@@ -580,6 +580,6 @@ if __name__ == "__main__":
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss "
               f"{best_val_loss:.4f}")
     if ddp:
-        barrier()  # the master may still be evaluating or saving: tear down together (gloo aborts
-                   # otherwise)
+        # the master may still be evaluating or saving: tear down together (gloo aborts otherwise)
+        barrier()
         destroy_process_group()

@@ -11,7 +11,7 @@ of the paper). The paper gives no depth/width/context: the numbers in the config
 
 The file also holds the batch construction from the prepared arrays (load_data, get_batch), the
 paper's metrics (evaluate) and audio continuation with a KV cache (generate, sample): the interface
-that train.py and sample.py use for every model file.
+that train.py, sample.py and eval.py use for every model file.
 """
 
 import json
@@ -45,10 +45,10 @@ class WhisperGPTConfig:
     mel_n_head: int = 4
     mel_n_embd: int = 128
     mel_dim: int = 32        # the per-step spectrogram vector concatenated with the token embedding
-    # step t sees mel frame t - mel_lag. prepare.py centres mel frame i on the middle of block i, so
-    # its window reaches half a block into block i+1: the audio of the token step i must predict
-    # (and audio a generator does not have yet). Lag 1 is the smallest lag without that leak;
-    # load_data warns when mel_lag is below what meta.json implies. 0 = the leaky alignment.
+    # step t sees mel frame t - mel_lag. audio.log_mel centres mel frame i on the middle of block
+    # i, so its window reaches half a block into block i+1: the audio of the token step i must
+    # predict (and audio a generator does not have yet). Lag 1 is the smallest lag without that
+    # leak; load_data warns when mel_lag is below what meta.json implies. 0 = the leaky alignment.
     mel_lag: int = 1
     # data: the clip kinds to train and evaluate on, comma-separated (e.g. "speech" or "music", the
     # two data kinds of the paper's Table 1); "" = every clip. Kept in the checkpoint, so eval.py
@@ -262,13 +262,13 @@ class WhisperGPT(nn.Module):
                                  f"expected {max(1, T0 - lag)} to {T0} (mel_lag={lag})")
         seq = codes
         frames = list(mels.unbind(1)) if c.use_mel else []  # known mel frames, (B, n_mels) each
+        start = max(0, seq.size(1) - c.block_size)  # the window's first step
 
-        def mel_inputs(t0, t1):  # what steps t0..t1-1 see in a window starting at `start`
+        def mel_inputs(t0, t1):  # what steps t0..t1-1 see in the window starting at `start`
             z = torch.zeros_like(frames[0])
             return torch.stack([frames[t - lag] if t - lag >= start else z for t in range(t0, t1)],
                                dim=1)
 
-        start = max(0, seq.size(1) - c.block_size)
         caches = self.new_caches()
         logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
                              caches)[:, -1]
@@ -299,7 +299,7 @@ class WhisperGPT(nn.Module):
                                      pos0=t - start)[:, -1]
         return seq
 
-# the names train.py and sample.py use
+# the names train.py, sample.py and eval.py use
 Config = WhisperGPTConfig
 Model = WhisperGPT
 
@@ -308,12 +308,36 @@ Model = WhisperGPT
 
 def leak_free_lag(meta):
     """Smallest lag such that mel frame t - lag uses no audio after the end of step t's block.
-    prepare.py centres mel frame i on the middle of its block (sample hop*i + hop/2), so its window
-    reaches n_fft/2 - hop/2 samples into the next block (meta.json mel.lookahead_samples if
+    audio.log_mel centres mel frame i on the middle of its block (sample hop*i + hop/2), so its
+    window reaches n_fft/2 - hop/2 samples into the next block (meta.json mel.lookahead_samples if
     given)."""
     hop, n_fft = meta["hop_length"], meta["n_fft"]
     lookahead = meta.get("mel", {}).get("lookahead_samples", n_fft // 2 - hop // 2)
     return max(0, math.ceil(lookahead / hop))
+
+def check_codec(config, data_dir):
+    """data_dir's codec (audio.codec_id), or a ValueError when the model learned another's codes."""
+    found = codec_id(data_dir)
+    if config.codec_id and found != config.codec_id:
+        raise ValueError(f"whisper_gpt: the model learned the codes of {config.codec_id}, but "
+                         f"{data_dir}'s are codes of {found}: their token ids stand for other "
+                         f"sounds. Use data prepared with the model's codec (python prepare.py "
+                         f"--codec_from=<the data it was trained on> ...)")
+    return found
+
+def select_kinds(data_dir, split, kinds, codes, mel):
+    """The frames of the clips of a split whose kind is in kinds, concatenated in clip order."""
+    path = os.path.join(data_dir, f"{split}_clips.jsonl")
+    with open(path) as f:
+        clips = [json.loads(line) for line in f if line.strip()]
+    present = sorted({c["kind"] for c in clips})
+    unknown = [k for k in kinds if k not in present]
+    if unknown:
+        raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind "
+                         f"{', '.join(unknown)} (its kinds: {', '.join(present)})")
+    keep = [c for c in clips if c["kind"] in kinds]
+    return (np.concatenate([codes[c["offset"]:c["offset"] + c["frames"]] for c in keep]),
+            np.concatenate([mel[c["offset"]:c["offset"] + c["frames"]] for c in keep]))
 
 def load_data(data_dir, config, tok=None):
     """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json. With
@@ -379,30 +403,6 @@ def split_frames(data, split):
     if data[split]["short"]:
         raise ValueError(data[split]["short"])
     return len(data[split]["codes"])
-
-def check_codec(config, data_dir):
-    """data_dir's codec (audio.codec_id), or a ValueError when the model learned another's codes."""
-    found = codec_id(data_dir)
-    if config.codec_id and found != config.codec_id:
-        raise ValueError(f"whisper_gpt: the model learned the codes of {config.codec_id}, but "
-                         f"{data_dir}'s are codes of {found}: their token ids stand for other "
-                         f"sounds. Use data prepared with the model's codec (python prepare.py "
-                         f"--codec_from=<the data it was trained on> ...)")
-    return found
-
-def select_kinds(data_dir, split, kinds, codes, mel):
-    """The frames of the clips of a split whose kind is in kinds, concatenated in clip order."""
-    path = os.path.join(data_dir, f"{split}_clips.jsonl")
-    with open(path) as f:
-        clips = [json.loads(line) for line in f if line.strip()]
-    present = sorted({c["kind"] for c in clips})
-    unknown = [k for k in kinds if k not in present]
-    if unknown:
-        raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind "
-                         f"{', '.join(unknown)} (its kinds: {', '.join(present)})")
-    keep = [c for c in clips if c["kind"] in kinds]
-    return (np.concatenate([codes[c["offset"]:c["offset"] + c["frames"]] for c in keep]),
-            np.concatenate([mel[c["offset"]:c["offset"] + c["frames"]] for c in keep]))
 
 def _windows(data, split, starts):
     T = data["block_size"]
@@ -488,7 +488,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames
     of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG).
     Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the
-    prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 1.5
+    prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 0.75
     kbps, the other residual codebooks left out, not zero-filled). The prompt's mels are those the
     model trained on (mel_source), but for its last mel_lag frames: their windows reach into audio
     after the prompt, so generate makes them from the prompt's codes and the generated ones."""

@@ -31,15 +31,15 @@ kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
 seeds = "1337,1,2"
 jobs = 2
 data_dir = "data/synth"
-test_dir = ""                  # e.g. data/synth_test_wg (prepare.py --codec_from=data/synth): the
-                               # runs are also scored on its val clips of each kind
+# e.g. data/synth_test_wg (prepare.py --codec_from=data/synth): the runs are also scored on its
+# val clips of each kind
+test_dir = ""
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
 out = "docs/whisper_gpt_table1.md"
-continuations = 48             # held-out clips per kind (of test_dir if given) continued by GPT-S
-                               # and the hybrids (first seed)
+# held-out clips per kind (of test_dir if given) continued by GPT-S and the hybrids (first seed)
+continuations = 48
 prompt_frames = 60             # 0.8 s of prompt ...
-new_frames = 60                # ... then 0.8 s of continuation, compared with the clip's true next
-                               # 0.8 s
+new_frames = 60                # ... then 0.8 s of continuation, compared with the true next 0.8 s
 # -----------------------------------------------------------------------------
 
 NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L", "hybrid_c0": "Hybrid on codebook-0 mels"}
