@@ -182,7 +182,9 @@ def test_torch_path_scale_zero_or_negative(case, sm_scale):
     # causal with Tq == Tk and no k_lens takes SDPA's is_causal shortcut, which gave NaN for these
     check(case, errors(case, "torch", sm_scale))
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+# causal, no k_lens, 1 < Tq < Tk: several new queries over a cache (bottom-right, not SDPA's
+# top-left is_causal)
+@pytest.mark.parametrize("case", CASES + [("float32", 32, 9, 40, True, None, "bhtd")], ids=case_id)
 def test_torch_path(case):
     check(case, errors(case, "torch"))
 

@@ -203,7 +203,8 @@ def test_beam_search_against_greedy_and_brute_force():
 def test_candidate_ranking_equals_brute_force():
     m = tiny_model()
     b = tiny_batch(m.config)
-    cands = [[5], [7, 8, 9], [1, 2], [30, 31, 32, 33]]
+    # [5, 0, 9]: a later token may have id 0 (GPT-2's "!")
+    cands = [[5], [7, 8, 9], [1, 2], [30, 31, 32, 33], [5, 0, 9]]
     lp = m.rank_candidates(b["mel"], b["prompt"], b["prompt_lens"], cands)
     assert lp.shape == (3, len(cands))
     for i in range(3):
@@ -215,6 +216,45 @@ def test_candidate_ranking_equals_brute_force():
             assert math.isclose(lp[i, j].item(), -loss.item() * (len(c) + 1), rel_tol=1e-4,
                                 abs_tol=1e-4)
 
+
+
+@torch.no_grad()
+def test_mapper_by_hand():
+    """ClipCap's mapper written out: k vectors from the linear layer, then the k learned
+    constants, through the blocks without a causal mask; the prefix is the output at the
+    constants' positions, LayerNorm-ed and scaled."""
+    m = tiny_model()
+    mapper, k = m.m1, m.config.prefix_len
+    torch.nn.init.normal_(mapper.prefix_const, std=1.0)
+    mapper.scale.fill_(0.7)
+    e = torch.randn(2, m.config.d_embed)
+    x = torch.cat([mapper.linear(e).view(2, k, -1), mapper.prefix_const.expand(2, -1, -1)], 1)
+    for block in mapper.h:
+        h = block.ln_1(x)
+        q, kk, v = block.attn.c_attn(h).split(h.size(-1), dim=2)
+        heads = lambda t: t.view(2, 2 * k, block.attn.n_head, -1).transpose(1, 2)
+        att = F.scaled_dot_product_attention(heads(q), heads(kk), heads(v))  # no mask
+        x = x + block.attn.c_proj(att.transpose(1, 2).reshape(2, 2 * k, -1))
+        x = x + block.mlp(block.ln_2(x))
+    want = 0.7 * F.layer_norm(x[:, k:], (x.size(-1),), mapper.ln_out.weight, mapper.ln_out.bias)
+    torch.testing.assert_close(mapper(e), want, rtol=1e-5, atol=1e-5)
+
+
+def test_val_batches_are_not_randomly_cropped(synth_dir):
+    """Validation batches (train.py's val loss) crop long clips from their start, whatever the
+    rng: only training crops are random."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    data = pengi.load_data(synth_dir, pengi.PengiConfig(max_frames=16), tok)
+    d = data["val"]
+    i, p, a = next(ex for ex in d["by_task"]["caption"] if d["clips"][ex[0]]["frames"] > 40)
+    d["by_task"], d["task_p"] = {"caption": [(i, p, a)]}, None
+    want = pengi.clip_mel(d["mel"], d["clips"][i], 16)
+    for seed in range(5):
+        b = pengi.get_batch(data, "val", 2, np.random.default_rng(seed))
+        assert (b["mel"].numpy() == want).all()
+    crops = {pengi.get_batch(data, "train", 1, np.random.default_rng(s))["mel"].sum().item()
+             for s in range(20)}
+    assert len(crops) > 1  # train: random crops (of its own clips)
 
 @torch.no_grad()
 def test_prefix_at_the_lms_scale(tmp_path):
@@ -526,6 +566,11 @@ def test_bleu4_hand_worked():
     # 3/4
     got = pengi.bleu4(["p q r s t", "a b c d x"], [["p q r s t"], ["a b c d e", "z"]])
     assert got == pytest.approx((9 / 10 * 7 / 8 * 5 / 6 * 3 / 4) ** 0.25)
+    # the brevity penalty takes the closest reference length, not the shortest: 6 words (2 away)
+    # over 1 word (3 away), so exp(1 - 6/4); on a tie the shorter one (3 and 5 words for 4): no
+    # penalty, where 5 would give exp(1 - 5/4)
+    assert pengi.bleu4(["a b c d"], [["a b c d e f", "a"]]) == pytest.approx(math.exp(-0.5))
+    assert pengi.bleu4(["a b c d"], [["a b c", "a b c d e"]]) == pytest.approx(1.0)
 
 
 def test_qa_acc_by_kind_partitions_exact_match():

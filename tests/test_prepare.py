@@ -358,6 +358,61 @@ def test_train_bpe_learns_frequent_words():
     assert len(enc.encode("the cat sat on the mat")) == 6
 
 
+def test_output_files_name_everything_a_finished_run_wrote():
+    """What already_prepared checks before skipping a run: the arrays and clip lists of both
+    splits, Whisper's features when they were asked for, an offline codec's weights and a corpus
+    tokenizer's file (a lost one makes the re-run rebuild)."""
+    base = [f"{s}_{p}" for s in ("train", "val") for p in ("codes.bin", "mel.bin", "clips.jsonl")]
+    assert sorted(P.output_files({"codec": {"pretrained": True}})) == sorted(base)
+    meta = {"whisper_mel": {"n_mels": 80}, "codec": {"pretrained": False, "weights": "codec.pt"},
+            "tokenizer": {"file": "tokenizer.tiktoken"}}
+    assert sorted(P.output_files(meta)) == sorted(base + ["train_wmel.bin", "val_wmel.bin",
+                                                          "codec.pt", "tokenizer.tiktoken"])
+
+def naive_bpe(texts, vocab_size, min_count):
+    """BPE that recounts every pair of every pre-token before each merge (train_bpe keeps the
+    counts up to date instead): the most frequent pair, ties to the larger, merged left to right;
+    stops below min_count."""
+    import regex
+    from collections import Counter
+    words = Counter(w for t in texts for w in regex.findall(T.GPT2_PAT, t))
+    seqs = {w: [bytes([b]) for b in w.encode("utf-8")] for w in words}
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < vocab_size:
+        pairs = Counter()
+        for w, s in seqs.items():
+            for p in zip(s, s[1:]):
+                pairs[p] += words[w]
+        if not pairs:
+            break
+        (a, b), c = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        if c < min_count:
+            break
+        ranks.setdefault(a + b, len(ranks))
+        for w, s in seqs.items():
+            out, j = [], 0
+            while j < len(s):
+                if s[j:j + 2] == [a, b]:
+                    out.append(a + b)
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            seqs[w] = out
+    return ranks
+
+
+def test_train_bpe_equals_naive_bpe():
+    """The incremental pair counts give the merges, in order, of BPE recounted from scratch, down
+    to pairs seen exactly min_count times (here "xy", twice)."""
+    texts = ["the cat sat on the mat, the bat", "aaaa abab baba", "xy q", "xy z", "mat mat at"] * 2
+    texts += ["one-off words 12345"]
+    for min_count in (2, 3):
+        assert T.train_bpe(texts, 330, min_count) == naive_bpe(texts, 330, min_count)
+    assert b" xy" in T.train_bpe(["q xy", "z xy"], 300)  # seen twice: merged
+    assert b" xy" not in T.train_bpe(["q xy"], 300)     # once: not
+
+
 # GPT-2's token ids as published (the GPT-2 vocabulary; "!" is rank 0, <|endoftext|> the last id)
 GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0],
             "Hello, world!": [15496, 11, 995, 0],

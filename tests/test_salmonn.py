@@ -918,6 +918,40 @@ def test_accuracy():
     assert salmonn.accuracy(["Piano", "two", "siren"],
                             ["piano.", "three", "a siren"]) == pytest.approx(1 / 3)
 
+def test_transcription_metrics_per_kind():
+    """Each kind's WER (decoder and CTC) pairs that kind's references with their own hypotheses,
+    whatever the order of the clips."""
+    refs = ["a b", "one two", "c d", "three"]
+    kinds = ["speech", "dtmf", "speech", "dtmf"]
+    hyps = ["a b", "one two", "c x", "four"]
+    ctc = ["a x", "one two", "x x", "three"]
+    train = {"entries": {"transcription": []}, "clips": []}
+    got = salmonn.transcription_metrics(refs, hyps, ctc, kinds, train)
+    assert got["wer"] == pytest.approx(2 / 7)
+    assert got["wer_speech"] == pytest.approx(1 / 4) and got["wer_dtmf"] == pytest.approx(1 / 3)
+    assert got["ctc_wer_speech"] == pytest.approx(3 / 4) and got["ctc_wer_dtmf"] == 0.0
+    assert got["n_speech"] == 2 and got["n_dtmf"] == 2
+
+def test_text_perplexity_is_exp_of_the_mean_loss():
+    """Stage "llm"'s perplexity: exp of the mean window loss (not the mean of per-window
+    perplexities), over successive llm_block_size windows, the next token the target."""
+    class WindowLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SALMONNConfig(llm_block_size=4)
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, y):
+            assert (y[:, :-1] == x[:, 1:]).all()
+            return None, x.float().mean() / 4  # a loss that differs per window
+
+    stream = np.arange(15, dtype=np.uint16)  # windows at 0, 4, 8 (the last needs 8..12 + 1)
+    losses = [np.arange(s, s + 4).mean() / 4 for s in (0, 4, 8)]
+    got = salmonn.text_perplexity(WindowLoss(), stream, 0)
+    assert got == pytest.approx(math.exp(np.mean(losses)))
+    assert salmonn.text_perplexity(WindowLoss(), stream, 2) == pytest.approx(
+        math.exp(np.mean(losses[:2])))
+
 
 # -----------------------------------------------------------------------------
 # the pretrained parts' stand-ins: stage "whisper" (encoder-decoder + CTC), stage "beats" (tagging),
