@@ -87,6 +87,19 @@ def test_shapes_through_every_part():
     alone, _ = m.encode_audio(mel[1:, :20], lens[1:])
     assert torch.allclose(alone[0], audio[1, :6], atol=1e-5)
 
+@torch.no_grad()
+def test_n_audio_tokens_counts_what_the_encoder_gives():
+    """n_audio_tokens (the prompt's audio slots) equals the speech encoder's output frames for
+    every clip length, odd and even, in windows of window_frames, window_queries each."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    m = SALMONN(cfg).eval()
+    for T in range(1, 30):
+        s, lens2 = m.speech(torch.randn(1, T, cfg.n_mels), torch.tensor([T]))
+        assert s.size(1) == int(lens2[0])
+        want = -(-s.size(1) // cfg.window_frames) * cfg.window_queries
+        assert n_audio_tokens(T, cfg) == want, T
+
 def test_audio_tokens_land_in_the_masked_positions_in_time_order():
     """embed: each row's audio tokens, in time order, fill its masked positions; every other
     position keeps its token embedding."""
@@ -1052,6 +1065,17 @@ def test_whisper_stage_ctc_on_characters(tmp_path):
     _, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(),
                                              [{"mel": mel[0, :40]}])
     assert ctc_text == ["hii"]
+    # in a batch, a clip's path ends at its own length: the frames a longer clip pads it with
+    # (here "x" from encoder frame 20, the 40-frame clip's end) are not read
+    class XAfter20(FixedPath):
+        def forward(self, audio):
+            out = super().forward(audio)
+            out[:, 20:, chars.index("x")] = 9.0
+            return out
+    m.ctc_head = XAfter20()
+    _, ctc_text = salmonn.whisper_transcribe(m.eval(), ByteTokenizerEot60(),
+                                             [{"mel": mel[0, :40]}, {"mel": torch.randn(80, 64)}])
+    assert ctc_text == ["hii", "hiix"]
     with pytest.raises(ValueError, match="ctc_units must be"):
         SALMONN(tiny_config(stage="whisper", ctc_units="letters"))
 

@@ -4,6 +4,7 @@ checkpoint and its tokenizer."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -156,10 +157,12 @@ def test_resume_keeps_an_eval_it_does_not_redo(synth_dir, tmp_path):
     evaluate at 6 again (6 is no multiple of eval_interval 4), so the log keeps that eval."""
     out = str(tmp_path)
     cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
-    run(cmd + ["--max_iters=6"])
+    first = run(cmd + ["--max_iters=6"]).stdout
     run(cmd + ["--max_iters=8", "--init_from=resume"])
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["iter"] for r in recs if "val_loss" in r] == [0, 4, 6, 8]
+    # checkpoints at the evals after training began, not of the untrained weights at iter 0
+    assert re.findall(r"saved .* \(iter (\d+)\)", first) == ["4", "6"], first
     assert [r["iter"] for r in recs if "loss" in r] == list(range(1, 9))
 
 def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_path):
