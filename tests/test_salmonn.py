@@ -1207,6 +1207,38 @@ def test_beats_stage_tags_and_average_precision():
                                      np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
     assert salmonn.average_precision(np.array([0.5, 0.4]), np.array([0, 0])) is None
 
+def test_tagging_metrics_by_hand(monkeypatch):
+    """Stage "beats"'s evaluation: mAP over the tags that have a positive, and class accuracy on
+    the clips that have a class (a clip without one is not counted wrong)."""
+    clips = [{"labels": {"class": "a", "pitch": "C4"}}, {"labels": {"class": "b"}},
+             {"labels": {"pitch": "C4"}}, {"labels": {"class": "a"}}]
+    tag_index = {"class=a": 0, "class=b": 1, "pitch=C4": 2}
+    logits = torch.tensor([[2.0, 1.0, 0.5],   # class a (right)
+                           [1.0, 0.0, 0.9],   # class a (wrong: b)
+                           [3.0, 0.0, 0.8],   # no class
+                           [0.0, 1.0, 0.1]])  # class b (wrong: a)
+
+    class Data:
+        splits = {"val": {"clips": clips}}
+        n_mels = 4
+
+        def __init__(self):
+            self.tag_index = tag_index
+
+        def clip_mel(self, split, ci):
+            return torch.full((3, 4), float(ci))  # the clip's index, for the stand-in below
+
+    monkeypatch.setattr(salmonn, "clip_tag_logits",
+                        lambda model, mels, n_mels: logits[[int(m[0, 0]) for m in mels]])
+    got = salmonn.tagging_metrics(None, Data(), "val", 0)
+    ap = [salmonn.average_precision(logits[:, j].numpy(), np.array(col))
+          for j, col in enumerate(([1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 1, 0]))]
+    # hand-worked: class=a's positives rank 2 and 4 -> (1/2 + 2/4) / 2; class=b's 3rd (a tie
+    # keeps clip order) -> 1/3; pitch's 2nd and 3rd -> (1/2 + 2/3) / 2
+    assert ap == pytest.approx([1 / 2, 1 / 3, (1 / 2 + 2 / 3) / 2])
+    assert got["tag_map"] == pytest.approx(np.mean(ap))
+    assert got["cls_acc"] == pytest.approx(1 / 3) and got["n_clips"] == 4
+
 def test_copy_probe_scores_copying(synth_dir):
     """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span
     (a stand-in whose generate reads the prompt's token ids back from their embeddings and returns
