@@ -706,6 +706,19 @@ def check_heads(config):
         if heads < 1 or width % heads:
             raise ValueError(f"{part}_n_head={heads}: must divide {part}_n_embd={width}")
 
+def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
+    """One hash per batch row of its valid input frames: the key of a clip's encoder frames."""
+    # one copy to the host per batch, not one per clip
+    host = [(x.detach().float().cpu().numpy(), n.tolist())
+            for x, n in ((mel, mel_lens), (wmel, wmel_lens)) if x is not None]
+    keys = []
+    for b in range(mel.size(0)):
+        h = hashlib.blake2b()
+        for x, n in host:
+            h.update(x[b, :n[b]].tobytes())
+        keys.append(h.digest())
+    return keys
+
 class SALMONN(nn.Module):
     """The parts depend on config.stage. whisper: speech, decoder, ctc_head; beats: beats,
     tag_head; llm: llm (all of it trains, no LoRA); stages 1-3: speech and beats (frozen),
@@ -849,15 +862,7 @@ class SALMONN(nn.Module):
                  for p in itertools.chain(self.speech.parameters(), self.beats.parameters())]
         if stamp != self.encoder_stamp:
             self.encoder_cache, self.encoder_stamp = {}, stamp
-        # one copy to the host per batch, not one per clip
-        host = [(x.detach().float().cpu().numpy(), n.tolist())
-                for x, n in ((mel, mel_lens), (wmel, wmel_lens)) if x is not None]
-        keys = []
-        for b in range(mel.size(0)):
-            h = hashlib.blake2b()
-            for x, n in host:
-                h.update(x[b, :n[b]].tobytes())
-            keys.append(h.digest())
+        keys = clip_keys(mel, mel_lens, wmel, wmel_lens)
         new = {}  # key -> the first row with it, for clips not seen before
         for b, k in enumerate(keys):
             if k not in self.encoder_cache and k not in new:
