@@ -334,3 +334,34 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
     resumed = A.offline_codec()
     C.train_codec(resumed, wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
     assert same_weights(resumed, straight)
+
+
+def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():
+    """StreamingDecoder passes a 1x1 conv whose weight is the identity, and skips a residual branch
+    whose last conv has zero weights, only when the bias is zero as well: the analytic codec
+    (dct_init: identity shortcuts, zero branches), with random codebooks and a bias added to one
+    shortcut and to another branch's last conv, decoded 8 frames then 1, 2, 3 at a time, equals
+    its decoder run on the whole sequence at once. No corpus needed."""
+    g = torch.Generator().manual_seed(0)
+    model = C.dct_init(A.offline_codec())
+    dec = model.decoder.model
+    with torch.no_grad():
+        for layer in model.quantizer.vq.layers[:A.N_Q]:
+            layer._codebook.embed.copy_(0.3 * torch.randn(layer._codebook.embed.shape,
+                                                          generator=g))
+        for conv in (dec[4].shortcut.conv.conv, dec[7].block[-1].conv.conv):
+            conv.bias.copy_(0.05 * torch.randn(conv.bias.shape, generator=g))
+    codes = torch.randint(0, A.CODEBOOK_SIZE, (20, A.N_Q), generator=g)
+    full = A.decode(model, codes)
+    stream = A.StreamingDecoder(model)
+    pieces, at = [stream(codes[:8])], 8
+    while at < len(codes):
+        step = len(pieces) % 3 + 1
+        pieces.append(stream(codes[at:at + step]))
+        at += step
+    got = torch.cat(pieces)
+    assert got.shape == full.shape == (20 * A.HOP,)
+    assert (got - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
+    # the rest of the analytic codec is still recognised: 3 identity shortcuts, 3 zero branches
+    # and the LSTM skipped
+    assert sum(stream.identity.values()) == 3 and sum(stream.zero.values()) == 4

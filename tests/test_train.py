@@ -104,6 +104,31 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     assert (p.returncode == 2 and "unknown setting 'block_sise'" in p.stderr
             and "block_size" in p.stderr)
 
+def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tmp_path):
+    """configurator's small rules, each checked directly: a bool setting reads true/false and 1/0
+    in any case and nothing else; a key passed on unknown (pass_unknown) keeps its text, a bare
+    --flag is "True" and a config file's value its repr; only values of exactly int, float, bool or
+    str are settings (a numpy float, a subclass of float, is not); a config file's _names and
+    imports are not settings."""
+    import numpy as np
+    import configurator as K
+    for raw, want in (("true", True), ("TRUE", True), ("1", True), ("false", False),
+                      ("False", False), ("0", False)):
+        assert K.resolve([("flag", None, raw, f"--flag={raw}")], {"flag": bool}) == \
+            ({"flag": want}, {}), raw
+    with pytest.raises(K.SettingsError, match="flag must be True or False"):
+        K.resolve([("flag", None, "yes", "--flag=yes")], {"flag": bool})
+    entries = [("probe", None, None, "--probe"), ("scale", 0.5, None, "c.py"),
+               ("label", None, "7", "--label=7")]
+    assert K.resolve(entries, {}, pass_unknown=True) == \
+        ({}, {"probe": "True", "scale": "0.5", "label": "7"})
+    assert K.defaults({"a": 1, "b": 2.0, "c": True, "d": "x", "_e": 1, "f": np.float64(1.0),
+                       "g": [1]}) == {"a": 1, "b": 2.0, "c": True, "d": "x"}
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\n_scale = 2\nn_layer = 3 * _scale\n")
+    assert K.read_config_file(str(cfg)) == {"n_layer": 6}
+
+
 # -----------------------------------------------------------------------------
 # training runs
 
@@ -460,3 +485,31 @@ def test_first_step_reproduced_by_hand(synth_dir, tmp_path, grad_clip):
         expected = start[n] * (1 - lr * decay) - lr * g / (g.abs() + eps)
         torch.testing.assert_close(ck["model"][n], expected, rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{n}: {m}")
+
+# -----------------------------------------------------------------------------
+# sample.py's input clip
+
+def test_read_clip_is_the_clips_frames_and_refuses_a_clip_past_the_end(synth_dir, capsys):
+    """sample.read_clip(split, i): clip i's codes and mel frames, read here straight from
+    {split}_codes.bin / {split}_mel.bin at the offset and length its clips.jsonl line gives; a clip
+    number past the last (or negative) is a one-line failure naming the clips there are, not a
+    traceback."""
+    import numpy as np
+    import sample as S
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    clips = [json.loads(l) for l in open(os.path.join(synth_dir, "val_clips.jsonl")) if l.strip()]
+    codes = np.fromfile(os.path.join(synth_dir, "val_codes.bin"),
+                        dtype=np.uint16).reshape(-1, meta["n_q"])
+    mel = np.fromfile(os.path.join(synth_dir, "val_mel.bin"),
+                      dtype=np.float16).reshape(-1, meta["n_mels"])
+    for i in (0, 1, len(clips) - 1):
+        clip, info = S.read_clip(synth_dir, "val", i)
+        s, n = clips[i]["offset"], clips[i]["frames"]
+        assert info == clips[i]
+        assert np.array_equal(clip["codes"].numpy(), codes[s:s + n].astype(np.int64))
+        assert np.array_equal(clip["mel"].numpy(), mel[s:s + n].astype(np.float32))
+    for bad in (len(clips), -1):
+        with pytest.raises(SystemExit) as e:
+            S.read_clip(synth_dir, "val", bad)
+        assert e.value.code == 2
+        assert f"--clip={bad}: " in capsys.readouterr().err

@@ -198,6 +198,24 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(multinomial_draw
     assert (F.softmax(logits[0, -1] / temperature, -1)
             - F.softmax(logits[0, -1] * temperature, -1)).abs().max() > 0.05
 
+def test_top_k_above_the_vocabulary_draws_from_every_token(multinomial_draws):
+    """top_k larger than the vocabulary (sample's default top_k=50 on a small codebook) means no
+    restriction: each draw is from softmax of the full-recompute logits over all vocab_size
+    tokens (sorted, as top-k hands them), and the drawn index maps back to its token id."""
+    model = tiny(use_mel=False)
+    codes, _ = inputs(model, B=1, T=5)
+    V = model.config.vocab_size
+    out = model.generate(codes, None, 3, temperature=1.0, top_k=V + 30,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(multinomial_draws) == 3
+    for i, (probs, idx) in enumerate(multinomial_draws):
+        with torch.no_grad():
+            logits, _ = model(out[:, :5 + i])
+        top = F.softmax(logits[0, -1].double(), -1).sort(descending=True)
+        assert probs.shape == (1, V)
+        torch.testing.assert_close(probs[0].double(), top.values, rtol=1e-4, atol=1e-6)
+        assert out[0, 5 + i] == top.indices[idx[0, 0]]
+
 class FakeTools:
     """decode: codes (T, k) -> T * 320 samples whose level encodes the code; mel: frame = mean
     level."""
@@ -308,6 +326,104 @@ def test_sample_prompts_with_the_clips_last_frames_and_continues_as_generate(use
                                  mel_fn if use_mel else None, torch.Generator().manual_seed(3))
             assert torch.equal(ref[0, :n], prompt[0])
             assert torch.equal(out["codes"][:, 0], ref[0, n:]), (prompt_frames, temperature)
+
+@pytest.mark.parametrize("use_mel,lag", [(False, 1), (True, 1), (True, 2)])
+def test_generate_draws_from_the_full_recompute_of_its_window(multinomial_draws, use_mel, lag):
+    """Every distribution generate samples from (what it hands torch.multinomial) equals softmax of
+    the last logits of a full forward pass over its window, recomputed here without a cache: the
+    window is the last block_size frames of a prompt longer than the context, restarted on the last
+    block_size // 2 frames when full; the hybrid's step t sees mel frame t - lag, zeros before the
+    window's first frame. The mel path is amplified so that a zeroed or shifted frame moves the
+    distribution (greedy argmaxes barely depend on it at init); comparing distributions, not
+    argmaxes, catches a window one frame off or a window-start frame dropped."""
+    model = tiny(use_mel=use_mel, mel_lag=lag)
+    bs = model.config.block_size
+    if use_mel:
+        with torch.no_grad():
+            model.mel_out.weight.mul_(50)
+    torch.manual_seed(1)
+    table = torch.randn(model.config.vocab_size, model.config.n_mels)  # a made-up "mel of a code"
+    codes, _ = inputs(model, B=1, T=bs + 6)  # longer than the context
+    mel_fn = lambda seq, j: table[seq[:, j]]
+    n = 20  # the window restarts at the first new token, then once more
+    out = model.generate(codes, table[codes] if use_mel else None, n, temperature=1.0,
+                         mel_fn=mel_fn if use_mel else None,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(multinomial_draws) == n
+    T0, start = codes.size(1), codes.size(1) - bs
+    mels = table[out]  # (1, T0 + n, n_mels): every frame's mel, prompt and generated
+    restarts = 0
+    for i, (probs, idx) in enumerate(multinomial_draws):
+        L = T0 + i  # the distribution of token L, from the frames before it
+        if L - 1 - start >= bs:
+            start, restarts = L - bs // 2, restarts + 1
+        with torch.no_grad():
+            logits, _ = model(out[:, start:L], mels[:, start:L] if use_mel else None)
+        torch.testing.assert_close(probs[0].double(), F.softmax(logits[0, -1].double(), -1),
+                                   rtol=1e-4, atol=1e-6)
+        assert out[0, L] == idx[0, 0]
+    assert restarts == 2
+
+def test_config_bounds_of_mel_lag_and_mel_dim():
+    """The hybrid refuses mel_lag >= block_size (every step would see only zeros) and mel_dim >=
+    n_embd (no room left for the token embedding), and takes the largest valid values
+    (block_size - 1, n_embd - 1): a bound one off either way is caught."""
+    with pytest.raises(ValueError, match=r"mel_lag \(24\) must be between 0 and block_size - 1"):
+        tiny(mel_lag=24)
+    with pytest.raises(ValueError, match=r"mel_dim \(32\) must be between 1 and n_embd - 1"):
+        tiny(mel_dim=32)
+    for kw in ({"mel_lag": 23}, {"mel_dim": 31}, {"mel_dim": 1}, {"mel_lag": 0}):
+        model = tiny(**kw)
+        codes, mels = inputs(model)
+        assert model(codes, mels)[0].shape == (2, 24, 50)
+    tiny(use_mel=False, mel_lag=24, mel_dim=32)  # the token-only model has no mel path to check
+
+@pytest.mark.parametrize("use_mel", [False, True])
+def test_every_parameter_gets_a_gradient(use_mel):
+    """One backward pass of the loss reaches every parameter with a non-zero gradient: a term
+    dropped from the forward pass (a position embedding not added, a LayerNorm bypassed, ...)
+    leaves its parameter without one."""
+    model = tiny(use_mel=use_mel).train()
+    codes, mels = inputs(model)
+    _, loss = model(codes, mels, torch.roll(codes, -1, dims=1))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+class MixingTools(FakeTools):
+    """FakeTools whose decode mixes all the codebooks it is given (level = their mean / 100), so
+    the audio of codebook 0 decoded alone differs from that of all eight."""
+
+    def decode(self, codes):
+        self.decoded.append(tuple(codes.shape))
+        return codes.float().mean(1).repeat_interleave(320) / 100
+
+@pytest.mark.parametrize("mel_source", ["audio", "codebook0"])
+def test_sample_hands_generate_the_prompt_mels_of_its_mel_source(mel_source):
+    """The prompt mels sample gives generate, checked against the formula: with mel_source "audio"
+    the clip's own mel frames -n .. -mel_lag - 1; with "codebook0" the mel of codebook 0 decoded
+    alone, whose frame i is (with MixingTools) code0[i] / 100 in every band; never the mel of all
+    eight codebooks decoded."""
+    model = tiny(use_mel=True, block_size=32, mel_lag=1, mel_source=mel_source)
+    g = torch.Generator().manual_seed(7)
+    audio = {"codes": torch.randint(0, 50, (40, 8), generator=g),
+             "mel": torch.randn(40, 8, generator=g)}
+    seen = []
+    orig = model.generate
+
+    def spy(codes, mels, *args):
+        seen.append(mels)
+        return orig(codes, mels, *args)
+
+    model.generate = spy
+    n = 12
+    W.sample(model, None, audio, None, MixingTools(), max_new_tokens=3, prompt_frames=n, seed=0)
+    if mel_source == "audio":
+        want = audio["mel"][40 - n:40 - 1]
+    else:
+        want = (audio["codes"][40 - n:40 - 1, 0].float() / 100)[:, None].repeat(1, 8)
+    assert seen[0].shape == (1, n - 1, 8)
+    torch.testing.assert_close(seen[0][0], want, rtol=0, atol=1e-6)
 
 # -----------------------------------------------------------------------------
 # on the prepared corpus (tests/conftest.py builds it once per session)
@@ -558,6 +674,97 @@ def test_eval_on_a_named_subset(synth_dir, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "podcast" in res.stderr and str(ckpt) in res.stderr
 
+def test_eval_table_mean_and_std_rows(monkeypatch, capsys):
+    """eval.py --mean over two runs: the mean row and the standard deviation row are the sample
+    mean and the sample standard deviation (n - 1 in the denominator, as over seeds) of each
+    metric, computed here by hand; accuracy cells in percent."""
+    import eval as E
+    monkeypatch.setattr(E, "mean", True)
+    rows = [{"run": f"r{i}", "model": "whisper_gpt", "params": 2_000_000, "iters": 5, "data": "d",
+             "nll": nll, "accuracy": acc, "ppl": math.exp(nll), "tokens": 64}
+            for i, (nll, acc) in enumerate(((1.0, 0.25), (3.0, 0.75)))]
+    E.print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | params | iters | nll | accuracy | ppl | tokens |"
+    assert lines[2] == (f"| r0 | 2.00M | 5 | 1.0000 | 25.00% | {math.e:.4f} | 64 |")
+
+    def sample_std(xs):
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    ppl = [math.exp(1.0), math.exp(3.0)]
+    assert lines[4] == (f"| mean (2 runs) | | | 2.0000 | 50.00% | {sum(ppl) / 2:.4f} | 64.0000 |")
+    assert lines[5] == (f"| std (2 runs) | | | {sample_std([1.0, 3.0]):.4f} | "
+                        f"{100 * sample_std([0.25, 0.75]):.2f}% | {sample_std(ppl):.4f} | 0.0000 |")
+    assert len(lines) == 6
+
+def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
+    """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
+    count is that of the whole val split, and the row says "all"."""
+    import eval as E
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, kinds="speech")
+    W.load_data(synth_dir, cfg, None)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": W.Model(cfg).state_dict(), "model_name": "whisper_gpt",
+                "model_args": dataclasses.asdict(cfg),
+                "iter_num": 0, "config": {"data_dir": synth_dir}}, ckpt)
+    for name, value in (("kinds", "all"), ("data_dir", ""), ("device", "cpu"), ("split", "val")):
+        monkeypatch.setattr(E, name, value)
+    row = E.evaluate_checkpoint(str(ckpt), {})
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    n = os.path.getsize(os.path.join(synth_dir, "val_codes.bin")) // (2 * meta["n_q"])
+    assert row["kinds"] == "all" and row["tokens"] == (n - 1) // 16 * 16
+
+def test_table_continuation_scores_and_references_by_hand(monkeypatch):
+    """whisper_gpt_table's continuation metrics on small made-up log-mels (prompt_frames=2,
+    new_frames=3), against the formulas: frames 2..4 only; frame-aligned L1 = mean |gen - true|;
+    spectrum L1 = mean over bands of |time mean gen - time mean true|; level modulation = the
+    population standard deviation over time of each generated frame's mean over bands. The
+    frozen reference is the prompt then its last min(prompt_frames, new_frames) frames repeated;
+    "another clip's" continuation is the next clip's, not the clip's own."""
+    import whisper_gpt_table as WT
+    monkeypatch.setattr(WT, "prompt_frames", 2)
+    monkeypatch.setattr(WT, "new_frames", 3)
+    rng = np.random.default_rng(0)
+    true, gen = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    gen[:, 0] += np.arange(6)  # a level that moves over time, unevenly over the bands
+    l1 = sum(abs(gen[t, b] - true[t, b]) for t in range(2, 5) for b in range(4)) / 12
+    spec = sum(abs(sum(gen[t, b] - true[t, b] for t in range(2, 5)) / 3) for b in range(4)) / 4
+    level = [sum(gen[t]) / 4 for t in range(2, 5)]
+    mod = math.sqrt(sum((x - sum(level) / 3) ** 2 for x in level) / 3)
+    got = WT.continuation_scores(true, gen)
+    assert np.allclose(got, (l1, spec, mod), rtol=1e-12), (got, (l1, spec, mod))
+    # the frozen sound: prompt frames 0, 1, then 0, 1, 0 (fewer prompt frames than new ones) ...
+    assert np.array_equal(WT.frozen_continuation(true), true[[0, 1, 0, 1, 0]])
+    # ... and with a longer prompt, its last new_frames frames once: 1, 2, 3 after frames 0..3
+    monkeypatch.setattr(WT, "prompt_frames", 4)
+    assert np.array_equal(WT.frozen_continuation(gen), gen[[0, 1, 2, 3, 1, 2, 3]])
+    monkeypatch.setattr(WT, "prompt_frames", 2)
+    mels = {i: rng.normal(size=(6, 4)) for i in (3, 5, 8)}
+    idx = [3, 5, 8]
+    ref = WT.reference_scores(mels, idx)
+    assert all(s[:2] == (0.0, 0.0) for s in ref["the true continuation"])
+    for k, (i, j) in enumerate(((3, 5), (5, 8), (8, 3))):
+        assert ref["another clip's true continuation"][k] == WT.continuation_scores(mels[i],
+                                                                                    mels[j])
+        assert ref["another clip's true continuation"][k][0] > 0.1
+
+def test_table_claims_count_the_seeds_where_the_hybrid_is_lower():
+    """The claim lines of whisper_gpt_table.table: per seed, NLL hybrid - other; their mean and
+    sample standard deviation, and the number of seeds where the hybrid's NLL is lower, here 2 of
+    3 by construction."""
+    import whisper_gpt_table as WT
+    nll = {("hybrid", 1): 2.0, ("s", 1): 2.5, ("hybrid", 2): 2.0, ("s", 2): 2.1,
+           ("hybrid", 3): 2.4, ("s", 3): 2.2}
+    results = {(m, "speech", s): {"nll": v, "accuracy": 0.3, "ppl": math.exp(v), "wall": None,
+                                  "params": 1e6, "iters": 3} for (m, s), v in nll.items()}
+    lines = WT.table(results, ["s", "hybrid"], ["speech"], [1, 2, 3], [], "d")
+    d = [-0.5, -0.1, 0.2]
+    m = sum(d) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 2)
+    claim = [l for l in lines if l.startswith("- speech: the hybrid beats GPT-S")]
+    assert claim == [f"- speech: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = "
+                     f"{m:+.3f} +- {sd:.3f} (lower in 2 of 3 seeds)"]
+
 def test_codes_of_another_codec_are_refused_and_a_held_out_corpus_of_the_same_codec_evaluates(
         synth_dir, tmp_path):
     """Each corpus fits its own offline codec, so a model's token ids are its training data's
@@ -706,3 +913,31 @@ def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     assert np.array_equal(data["val"]["mel"], mel_c0)
     with pytest.raises(ValueError, match="mel_source='wav'"):
         W.load_data(synth_dir, W.Config(block_size=16, mel_source="wav"), None)
+
+def test_a_split_of_block_size_plus_one_frames_gives_one_window(synth_dir):
+    """block_size + 1 frames are the least a split needs (block_size inputs and their next tokens):
+    with block_size = frames - 1, get_batch's only window is the whole split; with block_size =
+    frames, the split is refused (one window does not fit) when read, by get_batch and evaluate."""
+    n = len(W.load_data(synth_dir, W.Config(block_size=16), None)["val"]["codes"])
+    data = W.load_data(synth_dir, W.Config(block_size=n - 1, use_mel=False), None)
+    codes = np.asarray(data["val"]["codes"][:, 0]).astype(np.int64)
+    b = W.get_batch(data, "val", 2, np.random.default_rng(0))
+    for row in range(2):
+        assert torch.equal(b["codes"][row], torch.from_numpy(codes[:-1]))
+        assert torch.equal(b["targets"][row], torch.from_numpy(codes[1:]))
+    for kw in ({"use_mel": False}, {}):
+        too_long = W.load_data(synth_dir, W.Config(block_size=n, **kw), None)
+        with pytest.raises(ValueError, match=f"has {n} frames, fewer than block_size \\+ 1"):
+            W.get_batch(too_long, "val", 1, np.random.default_rng(0))
+        with pytest.raises(ValueError, match=f"has {n} frames, fewer than block_size \\+ 1"):
+            W.evaluate(tiny(), too_long, None, "val")
+
+def test_kinds_are_read_with_spaces_around_the_commas(synth_dir):
+    """kinds=" speech , events" (as typed after a comma on a command line) selects the same frames
+    as kinds="speech,events"."""
+    both = W.load_data(synth_dir, W.Config(block_size=16, kinds="speech,events"), None)
+    spaced = W.load_data(synth_dir, W.Config(block_size=16, kinds=" speech , events "), None)
+    for split in ("train", "val"):
+        assert spaced[split]["short"] is None
+        assert np.array_equal(spaced[split]["codes"], both[split]["codes"])
+        assert np.array_equal(spaced[split]["mel"], both[split]["mel"])
