@@ -18,27 +18,45 @@ SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kme
               "--codec_steps=12", "--codec_clips=32", "--codec_tune_steps=6", "--codec_report=0"]
 
 
-@pytest.fixture(scope="session")
-def synth_dir(request, tmp_path_factory):
-    """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl,
-    tokenizer, codec). Built once and kept in pytest's cache dir, keyed by the code that makes it
-    (prepare.py, audio.py, codec.py, synth.py, tokenizer.py), so the test files share it;
-    NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
+# A corpus of DTMF numbers only, 30% held out: enough keypad numbers (~140 to train on, ~60 held out)
+# for SALMONN's pipeline in miniature to transcribe unseen ones.
+DTMF_ARGS = ["--kinds=dtmf", "--clips=200", "--max_seconds=2.0", "--val_percent=30",
+             "--kmeans_frames=4096", "--kmeans_iters=4", "--quiet", "--offline", "--codec_steps=6",
+             "--codec_clips=16", "--codec_tune_steps=3", "--codec_report=0"]
+
+
+def prepared_corpus(request, tmp_path_factory, name, args):
+    """prepare.py's output for args, built once and kept in pytest's cache dir, keyed by the code
+    that makes it (prepare.py, audio.py, codec.py, synth.py, tokenizer.py), so the test files share
+    it; NANO_AUDIO_FRESH_DATA=1 builds it in a fresh tmp dir instead."""
     import prepare
     fresh = os.environ.get("NANO_AUDIO_FRESH_DATA") == "1"
     if fresh or getattr(request.config, "cache", None) is None:
-        out = tmp_path_factory.mktemp("synth")
+        out = tmp_path_factory.mktemp(name)
     else:
         files = ("prepare.py", "audio.py", "codec.py", "synth.py", "tokenizer.py")
         code = b"".join((ROOT / f).read_bytes() for f in files)
-        key = hashlib.md5(code + " ".join(SYNTH_ARGS).encode()).hexdigest()[:12]
-        out = Path(request.config.cache.mkdir(f"synth-{key}"))
+        key = hashlib.md5(code + " ".join(args).encode()).hexdigest()[:12]
+        out = Path(request.config.cache.mkdir(f"{name}-{key}"))
         # corpora of earlier versions (written over an hour ago)
-        for old in out.parent.glob("synth-*"):
+        for old in out.parent.glob(f"{name}-*"):
             if old != out and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)
-    prepare.main(SYNTH_ARGS + [f"--out_dir={out}"])  # returns at once if already complete there
+    prepare.main(args + [f"--out_dir={out}"])  # returns at once if already complete there
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(request, tmp_path_factory):
+    """Path of a data/synth-like corpus (meta.json, {train,val}_{codes,mel}.bin, *_clips.jsonl,
+    tokenizer, codec)."""
+    return prepared_corpus(request, tmp_path_factory, "synth", SYNTH_ARGS)
+
+
+@pytest.fixture(scope="session")
+def dtmf_dir(request, tmp_path_factory):
+    """Path of a prepared corpus of DTMF numbers only (DTMF_ARGS)."""
+    return prepared_corpus(request, tmp_path_factory, "dtmf", DTMF_ARGS)
 
 
 @pytest.fixture

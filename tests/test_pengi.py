@@ -341,6 +341,167 @@ def test_pmi_against_brute_force():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_pmi_scores_written_out():
+    """pmi_scores = log p(c | clip) - log (1/M sum_m p(c | clip_m)), written out in float64 on
+    log-probs of a wide spread (the tiny model's near-uniform LM gives reference rows so alike that
+    a mean of the logs passes for the log of the mean) and with M = 4 reference clips for N = 3
+    candidates (so the two counts cannot stand in for each other)."""
+    g = torch.Generator().manual_seed(0)
+    logp = -6 * torch.rand(2, 3, generator=g, dtype=torch.float64)
+    prior = -6 * torch.rand(4, 3, generator=g, dtype=torch.float64)
+    want = [[logp[i, j].item() - math.log(sum(math.exp(prior[r, j].item()) for r in range(4)) / 4)
+             for j in range(3)] for i in range(2)]
+    torch.testing.assert_close(pengi.pmi_scores(logp, prior),
+                               torch.tensor(want, dtype=torch.float64))
+
+
+class WordIds:
+    """A stand-in tokenizer: each word one id below the tiny model's eot (49)."""
+
+    def encode(self, text):
+        return [sum(map(ord, w)) % 48 for w in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def tiny_label_data(n_train=6, n_val=5, seed=0):
+    """A data dict as load_data returns it, for the tiny config (16 mels, 32 frames): random mels,
+    "class" labels of 1 and 2 words; train clip 0 has no class label."""
+    rng = np.random.default_rng(seed)
+    labels = ["dog", "cat bark", "bird"]
+
+    def split(n, first_unlabelled):
+        clips = [{"offset": 32 * i, "frames": 32,
+                  "labels": {} if first_unlabelled and i == 0 else {"class": labels[i % 3]}}
+                 for i in range(n)]
+        return {"clips": clips, "mel": rng.normal(0, 1, (32 * n, 16)).astype(np.float32)}
+    return {"train": split(n_train, True), "val": split(n_val, False), "max_frames": 32,
+            "pad": "repeat", "candidates": {"class": sorted(labels)}}
+
+
+@torch.no_grad()
+def test_label_metrics_rank_pmi_and_chance_by_hand(monkeypatch):
+    """label_metrics' scores, redone here one clip at a time: the raw ranking is log p(label +
+    eot | clip, the task's prompt) of each candidate; the PMI ranking subtracts the log of its
+    mean probability over the first prior_clips training clips that have the label key, with the
+    task's prompt (not the evaluated clips, another prompt, or one clip fewer); chance is one over
+    the number of candidates. The scores are read where label_metrics ranks them
+    (top_candidate_acc); the LM's weights are spread so that clips give different scores."""
+    m = tiny_model()
+    for p in m.llm.parameters():
+        p.normal_(0, 0.6)
+    m.lm_changed()
+    data, tok = tiny_label_data(), WordIds()
+    cands = data["candidates"]["class"]
+    cand_ids = [tok.encode(" " + c) for c in cands]
+    ranked = []
+    monkeypatch.setattr(pengi, "top_candidate_acc",
+                        lambda scores, c, labels: ranked.append(scores) or 0.0)
+    got = pengi.label_metrics(m, data, tok, data["val"], "class", max_clips=4, bs=3,
+                              gen=dict(beam=1, max_new_tokens=2, length_penalty=1.0),
+                              prior_clips=3)
+
+    def logp(split, i):  # (N,) for one clip with the class prompt
+        c = data[split]["clips"][i]
+        mel = torch.from_numpy(pengi.clip_mel(data[split]["mel"], c, 32))[None]
+        p = torch.tensor([tok.encode(pengi.PROMPTS["class"])])
+        return m.rank_candidates(mel, p, torch.tensor([p.size(1)]), cand_ids)[0].double()
+    raw = torch.stack([logp("val", i) for i in range(4)])
+    ref = torch.stack([logp("train", i) for i in (1, 2, 3)])  # train clip 0 has no label
+    prior = [math.log(sum(math.exp(ref[r, j].item()) for r in range(3)) / 3)
+             for j in range(len(cands))]
+    assert len(ranked) == 2
+    torch.testing.assert_close(ranked[0].double(), raw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ranked[1].double(), raw - torch.tensor(prior, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
+    assert got["class_chance"] == pytest.approx(1 / 3)
+
+
+@torch.no_grad()
+def test_prefix_norm_metrics_audio_then_text():
+    """prefix_norm_ratio_audio is the mean norm of the audio mapper's vectors (m1 of the audio
+    embedding), prefix_norm_ratio_text that of the text mapper's (m2 of the caption prompt's), each
+    over the mean norm of the LM's token embeddings; the two mappers' scales are set apart here so
+    that a swap shows."""
+    m = tiny_model()
+    rms = m.llm.wte.weight.pow(2).mean().sqrt()
+    m.m1.scale.fill_(0.5 * rms)
+    m.m2.scale.fill_(2.0 * rms)
+    data, tok = tiny_label_data(), WordIds()
+    got = pengi.prefix_norm_metrics(m, data, tok, data["val"], 3)
+    d = data["val"]
+    mel = torch.from_numpy(np.stack([pengi.clip_mel(d["mel"], d["clips"][i], 32)
+                                     for i in range(3)]))
+    p = torch.tensor([tok.encode(pengi.PROMPTS["caption"])] * 3)
+    token = m.llm.wte.weight.norm(dim=-1).mean()
+    audio = m.m1(m.embed_audio(mel)).norm(dim=-1).mean() / token
+    text = m.m2(m.embed_text(p, torch.full((3,), p.size(1)))).norm(dim=-1).mean() / token
+    assert got["prefix_norm_ratio_audio"] == pytest.approx(audio.item(), rel=1e-5)
+    assert got["prefix_norm_ratio_text"] == pytest.approx(text.item(), rel=1e-5)
+    assert got["prefix_norm_ratio_text"] > 2 * got["prefix_norm_ratio_audio"]
+
+
+@torch.no_grad()
+def test_text_tower_with_all_the_lms_layers_is_the_lm():
+    """text_init="llm" with text_n_layer = llm_n_layer: the tower is the LM itself (embeddings,
+    every block and the final LayerNorm), pooled at the last prompt token; checked on an LM whose
+    weights, LayerNorms included, are all random, with text_projection set to the identity."""
+    m = tiny_model(text_n_layer=2)
+    for p in m.llm.parameters():
+        p.normal_(0, 0.5)
+    m.lm_changed()
+    m.text_encoder.text_projection.weight.copy_(torch.eye(m.config.llm_n_embd))
+    b = tiny_batch(m.config)
+    h, _ = m.llm(m.llm.wte(b["prompt"]))
+    want = h[torch.arange(3), b["prompt_lens"] - 1]
+    torch.testing.assert_close(m.text_encoder(b["prompt"], b["prompt_lens"]), want)
+
+
+@torch.no_grad()
+def test_shifted_window_block_is_the_plain_block_on_the_rolled_grid():
+    """A shifted WindowBlock is the same block with unshifted windows applied to the grid rolled by
+    half a window along time, then rolled back (LayerNorm, MLP and residual act per position, so
+    only the windows move); and it differs from the unshifted block."""
+    torch.manual_seed(0)
+    shifted = pengi.WindowBlock(8, 2, (2, 4), shift=True, dropout=0.0)
+    plain = pengi.WindowBlock(8, 2, (2, 4), shift=False, dropout=0.0)
+    plain.load_state_dict(shifted.state_dict())
+    x = torch.randn(2, 4, 8, 8)  # (B, freq rows, time columns, C)
+    want = torch.roll(plain(torch.roll(x, -2, dims=2)), 2, dims=2)
+    torch.testing.assert_close(shifted(x), want)
+    assert not torch.allclose(shifted(x), plain(x), atol=1e-3)
+
+
+def test_clap_weight_adds_the_contrastive_term_in_training_only():
+    """Stage "pengi" with clap_weight w: in training the loss is the answer NLL + w * clap_loss,
+    whose text side is fixed (the text projections get the very gradients of the NLL alone, the
+    audio encoder others); in eval mode (train.py's val loss) it is the NLL alone."""
+    m = tiny_model(clap_weight=0.5)
+    b = tiny_batch(m.config)
+
+    def loss_and_grads(weight, mode):
+        m.config.clap_weight = weight
+        m.train(mode)
+        m.zero_grad()
+        _, loss = m(**b)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()
+                             if p.grad is not None}
+    nll, g0 = loss_and_grads(0.0, True)
+    both, gw = loss_and_grads(0.5, True)
+    with torch.no_grad():
+        clap = m.clap_loss(m.embed_audio(b["mel"]), b["answer"], b["targets"]).item()
+    assert both == pytest.approx(nll + 0.5 * clap, rel=1e-5)
+    text = [n for n in g0 if n.startswith(("text_proj.", "text_encoder."))]
+    assert "text_encoder.text_projection.weight" in text and "text_proj.linear1.weight" in text
+    for n in text:
+        torch.testing.assert_close(gw[n], g0[n], msg=n)
+    assert not torch.allclose(gw["audio_encoder.patch_embed.weight"],
+                              g0["audio_encoder.patch_embed.weight"])
+    assert loss_and_grads(0.5, False)[0] == pytest.approx(loss_and_grads(0.0, False)[0], rel=1e-6)
+
+
 def test_audio_embedding_keeps_where_in_frequency_the_energy_is():
     """With no position embedding, the encoder is equivariant to a cyclic shift of the mel bins by
     a whole window of patches, so a mean over its last grid cannot tell the two inputs apart (the

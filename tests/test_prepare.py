@@ -931,7 +931,8 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
 @pytest.mark.parametrize("extra, says", [
     ([], "meta.json: missing"),
     (["--codec_steps=5"], "--codec_steps would make another one"),
-    (["--offline_codec"], "--offline_codec would make another one")])
+    (["--offline_codec"], "--offline_codec would make another one"),
+    (["--codec_tune_steps=3"], "--codec_tune_steps would make another one")])
 def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
@@ -965,6 +966,79 @@ def test_the_default_place_named_as_such_is_the_same_run():
     default = P.hash_args(P.get_args([]))
     assert P.hash_args(P.get_args(["--name=synth", "--out_dir=data/synth/"])) == default
     assert P.hash_args(P.get_args(["--name=other"])) != default
+
+def test_out_dir_spelled_as_the_named_default_is_the_same_run():
+    """--out_dir=data/NAME beside --name=NAME is NAME's default place: the same hash as --name=NAME
+    alone; another out_dir is another run."""
+    named = P.hash_args(P.get_args(["--name=other"]))
+    assert P.hash_args(P.get_args(["--name=other", "--out_dir=data/other"])) == named
+    assert P.hash_args(P.get_args(["--name=other", "--out_dir=data/elsewhere"])) != named
+
+def test_codec_from_the_output_directory_itself_is_refused(tmp_path):
+    """--codec_from naming the output directory, however the path is spelled, stops before any
+    work (the run would replace the codec it copies)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"codec": {"name": "encodec_24khz",
+                                                       "pretrained": True}}))
+    for spelled in (str(d), f"{d}/../{d.name}"):
+        with pytest.raises(SystemExit, match="is the output directory itself"):
+            P.check_args(P.get_args([f"--out_dir={d}", f"--codec_from={spelled}", "--clips=4"]))
+
+def test_val_percent_0_sends_no_clip_to_val_and_100_every_clip():
+    """is_val over 3000 ids (a few of which hash to 0 mod 1000, the edge of the comparison): 0 %
+    sends none to val, 100 % all of them, 10 % about a tenth."""
+    ids = [f"clip-{i}" for i in range(3000)]
+    assert not any(P.is_val(i, 0) for i in ids)
+    assert all(P.is_val(i, 100) for i in ids)
+    assert 0.08 < np.mean([P.is_val(i, 10) for i in ids]) < 0.12
+
+def test_small_corpora_keep_a_clip_on_each_side_unless_val_percent_is_0(tmp_path):
+    """write_splits on 3 clips: all hashed to val (--val_percent=100), the first stays in train;
+    all hashed to train (10 %), the last goes to val (a split without clips cannot be mmapped);
+    --val_percent=0 keeps val empty. The clip lists, offsets and frame counts follow."""
+    def write(ids, pct):
+        infos = [{"id": i, "source": i, "kind": "file", "duration": 0.1, "labels": {}}
+                 for i in ids]
+        codes = [np.full((k + 2, A.N_Q), k, np.uint16) for k in range(len(ids))]
+        mels = [np.full((k + 2, A.N_MELS), k, np.float16) for k in range(len(ids))]
+        out = tmp_path / str(pct)
+        out.mkdir()
+        stage = P.Staging(out)
+        splits = P.write_splits(infos, codes, mels, [None] * len(ids),
+                                P.get_args([f"--val_percent={pct}"]), stage)
+        stage.commit()
+        lists = {s: [json.loads(l) for l in (out / f"{s}_clips.jsonl").read_text().splitlines()]
+                 for s in ("train", "val")}
+        for s, clips in lists.items():
+            assert [c["offset"] for c in clips] == list(np.cumsum([0] + [c["frames"]
+                                                                    for c in clips])[:-1])
+            assert splits[s] == {"clips": len(clips), "frames": sum(c["frames"] for c in clips)}
+        return {s: [c["id"] for c in clips] for s, clips in lists.items()}
+    ids = [f"c{i}" for i in range(40)]
+    assert write(ids[:3], 100) == {"train": ["c0"], "val": ["c1", "c2"]}
+    train_only = [i for i in ids if not P.is_val(i, 10)][:3]
+    assert write(train_only, 10) == {"train": train_only[:2], "val": train_only[2:]}
+    assert write(ids[:3], 0) == {"train": ids[:3], "val": []}
+
+def test_codebook0_mel_on_a_finished_run_adds_its_files_without_a_rebuild(tmp_path, capsys,
+                                                                          monkeypatch):
+    """--codebook0_mel on a directory prepared without it: the option is not in the arguments'
+    hash, so the data is taken as prepared and kept byte for byte, and {split}_mel_c0.bin is made
+    from its codes, one mel frame per code frame."""
+    monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)  # the codec's training: no part
+    out = tmp_path / "out"
+    base = ["--clips=6", "--max_seconds=1.0", f"--out_dir={out}", "--val_percent=30"] + FAST
+    P.main(base)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    P.main(base + ["--codebook0_mel"])
+    assert "already prepared" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val"):
+        c0 = np.fromfile(out / f"{split}_mel_c0.bin", np.float16)
+        assert len(c0) == meta["splits"][split]["frames"] * meta["n_mels"] > 0
+    assert {n: (out / n).read_bytes() for n in before} == before
 
 
 # -----------------------------------------------------------------------------

@@ -209,6 +209,42 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["iter"] for r in recs if "loss" in r] == [1, 2]
 
+def test_saves_follow_always_save_and_the_best_val_loss_survives_a_resume(synth_dir, tmp_path):
+    """With lr_decay_iters=4 and min_lr=0 the weights stop changing after iteration 4, so every
+    later val loss equals iteration 4's and none improves. always_save_checkpoint=True saves at
+    such an eval all the same (iteration 6, its last). Resumed from there (no eval at 6: no multiple
+    of 4) with always_save_checkpoint=False, the run knows the best val loss so far from the
+    checkpoint, so its eval at 8, no better, saves nothing: the checkpoint stays iteration 6's,
+    noting the end at 8, with the least val loss logged."""
+    import torch
+    out = str(tmp_path)
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+           "--lr_decay_iters=4", "--min_lr=0"]
+    run(cmd + ["--max_iters=6"])
+    _, val = losses(out)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert val[6] == val[4] and ck["iter_num"] == 6
+    run(cmd + ["--max_iters=8", "--init_from=resume", "--always_save_checkpoint=False"])
+    _, val = losses(out)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert sorted(val) == [0, 4, 6, 8] and val[8] == val[6]
+    assert ck["iter_num"] == 6 and ck["end_iter"] == 8
+    assert ck["best_val_loss"] == min(val.values())
+
+def test_half_precision_dtypes_run_under_autocast(synth_dir, tmp_path):
+    """dtype=bfloat16 and float16 run the model under torch.autocast (on the CPU too): the untrained
+    model's val loss at iteration 0 (the same weights and eval batches in each run) differs from
+    float32's, by less than 1 %."""
+    val = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        out = str(tmp_path / dtype)
+        run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+             "--max_iters=0", f"--dtype={dtype}", "--device=cpu"])
+        val[dtype] = losses(out)[1][0]
+    for dtype in ("bfloat16", "float16"):
+        assert val[dtype] != val["float32"], (dtype, val)
+        assert abs(val[dtype] - val["float32"]) < 0.01 * val["float32"], (dtype, val)
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype):
     """The autocast paths a GPU uses, run on the CPU: the loss falls as in float32, float16's
@@ -270,6 +306,24 @@ def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
     for it, lrs in opt_lrs.items():
         assert lrs and all(math.isclose(x, expected(it), rel_tol=1e-9) for x in lrs), (it, lrs)
 
+def test_lr_decays_to_max_iters_by_default(synth_dir, tmp_path):
+    """lr_decay_iters=0 (the default) decays to max_iters: the logged lr of each iteration of a
+    6-iteration run with warmup 2 against the schedule written out with decay_end = 6."""
+    import math
+    out = str(tmp_path)
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+         "--lr_decay_iters=0", "--max_iters=6", "--eval_interval=100"])
+    lr0, lr_min, warmup, decay_end = 1e-2, 1e-3, 2, 6
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
+    assert sorted(logged) == list(range(1, 7))
+    for k, lr in logged.items():
+        it = k - 1
+        want = (lr0 * (it + 1) / (warmup + 1) if it < warmup else
+                lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * (it - warmup)
+                                                        / (decay_end - warmup))) / 2)
+        assert math.isclose(lr, want, rel_tol=1e-9), (k, lr, want)
+
 def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
     """torchrun, 2 CPU processes (gloo), accumulation 2 in total = 1 per process: the same
     micro-batches and dropout masks as the single-process run with accumulation 2, so the same
@@ -287,6 +341,22 @@ def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
         assert abs(ddp[it] - single[it]) < 1e-4, (it, ddp[it], single[it])
     assert val[8] < val[0] - 0.3
     assert os.path.isfile(os.path.join(out, "ckpt.pt"))
+
+def test_ddp_with_accumulation_per_process_draws_the_single_process_micro_batches(synth_dir,
+                                                                                  tmp_path):
+    """2 processes with accumulation 4 in total (2 each): rank 0 draws micro-batches 0 and 1 of
+    each iteration, rank 1 draws 2 and 3, as one process with accumulation 4 draws 0 to 3, so the
+    logged losses are the same (no micro-batch drawn twice, none left out)."""
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--max_iters=2",
+              "--gradient_accumulation_steps=4", "--dropout=0.1", "--eval_interval=100"]
+    run(common + [f"--out_dir={single}"])
+    run(["--standalone", "--nproc_per_node=2", "train.py", *common, f"--out_dir={ddp}"],
+        cmd=[sys.executable, "-m", "torch.distributed.run"])
+    one, two = losses(single)[0], losses(ddp)[0]
+    assert sorted(one) == sorted(two) == [1, 2]
+    for it in (1, 2):
+        assert abs(one[it] - two[it]) < 1e-5, (it, one[it], two[it])
 
 def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
     out = str(tmp_path)
