@@ -247,6 +247,59 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="head dims"):
         fused_attention.attention(x, x, x, backend="triton")
 
+def test_mismatched_inputs_are_rejected_not_broadcast():
+    import fused_attention
+    q = torch.randn(2, 2, 5, 16)
+    kv = torch.randn(2, 2, 7, 16)
+    # SDPA would broadcast a batch or head count of 1 silently, and fail later on other mismatches
+    for bad in (kv[:1], kv[:, :1]):
+        with pytest.raises(ValueError, match="must agree in B, H and D"):
+            fused_attention.attention(q, bad, bad, backend="torch")
+    with pytest.raises(ValueError, match="must agree in B, H and D"):
+        fused_attention.attention(q, kv[..., :8], kv[..., :8], backend="torch")
+    with pytest.raises(ValueError, match="must share one dtype"):
+        fused_attention.attention(q, kv, kv.double(), backend="torch")
+    with pytest.raises(ValueError, match="must share one dtype"):
+        fused_attention.attention(q, kv.double(), kv, backend="torch")
+    # True would pass as a scale of 1
+    with pytest.raises(ValueError, match="sm_scale must be a number"):
+        fused_attention.attention(q, kv, kv, sm_scale=True, backend="torch")
+
+def test_auto_uses_torch_for_half_precision_on_cpu():
+    import fused_attention
+    if fused_attention.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
+    # a kernel dtype and head dim, but CPU tensors: auto must not pick the kernel (which needs CUDA)
+    case = ("float16", 32, 20, 31, True, "pad", "bhtd")
+    q, k, v, do, lens = make_inputs(case)
+    a = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="auto")
+    b = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="torch")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+def test_triton_interpreter_output_grad_with_strided_last_dim():
+    # autograd may hand the backward a gradient whose last dim is not contiguous (here: the output
+    # used transposed); the kernels index dO's last dim with stride 1
+    script = (
+        "import torch, fused_attention as fa, test_fused_attention as t\n"
+        "assert fa.INTERPRETED\n"
+        "case = ('float32', 32, 17, 40, True, 'pad', 'bhtd')\n"
+        "for bwd in ('atomic', 'split'):\n"
+        "    fa.BWD = bwd\n"
+        "    q, k, v, do, lens = t.make_inputs(case)\n"
+        "    w = do.transpose(-1, -2).contiguous()\n"
+        "    out = fa.attention(q, k, v, causal=True, k_lens=lens, backend='triton')\n"
+        "    grads = torch.autograd.grad((out.transpose(-1, -2) * w).sum(), (q, k, v))\n"
+        "    ref = t.reference(q, k, v, True, lens, 32 ** -0.5)\n"
+        "    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())\n"
+        "    for x, r in zip(grads, ref_grads):\n"
+        "        err = float((x.double() - r).abs().max()) / max(1.0, float(r.abs().max()))\n"
+        "        assert err < 2e-5, (bwd, err)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
 # -----------------------------------------------------------------------------
 # the kernels built for an H100 ahead of time, as the JIT builds them (no GPU needed;
 # bench_attention.py
