@@ -267,6 +267,23 @@ def test_lora_scale_scales_the_update():
         plain, _ = m(**batch)
         assert torch.allclose(base, plain, atol=1e-6) and not torch.allclose(base, ref, atol=1e-3)
 
+def lora_attention_written_out(attn, x, h, s):
+    """salmonn.SelfAttention's causal attention by hand: q, k, v from c_attn on x, plus LoRA's s * h
+    A^T B^T on q and v (h: the adapters' input), softmax(q k^T / sqrt(d)) v per head, c_proj.
+    Returns the output and the per-head keys and values."""
+    B, T, C = x.shape
+    H = attn.n_head
+    W, b = attn.c_attn.weight, attn.c_attn.bias
+    q = x @ W[:C].T + b[:C] + s * (h @ attn.lora_q_A.T @ attn.lora_q_B.T)
+    k = x @ W[C:2 * C].T + b[C:2 * C]
+    v = x @ W[2 * C:].T + b[2 * C:] + s * (h @ attn.lora_v_A.T @ attn.lora_v_B.T)
+    heads = lambda t: t.view(B, T, H, C // H).transpose(1, 2)
+    q, k, v = heads(q), heads(k), heads(v)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(C // H)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), -float("inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return y @ attn.c_proj.weight.T + attn.c_proj.bias, k, v
+
 def test_lora_updates_q_and_v_by_their_own_adapters():
     """One attention layer written out: q, k, v from c_attn, then q += s * x A_q^T B_q^T and
     v += s * x A_v^T B_v^T (s = alpha / rank, each projection with its own A and B, k untouched),
@@ -281,17 +298,7 @@ def test_lora_updates_q_and_v_by_their_own_adapters():
     x = torch.randn(2, T, C)
     with torch.no_grad():
         y, (k_cache, v_cache) = attn(x)
-        s = 6.0 / 3
-        W, b = attn.c_attn.weight, attn.c_attn.bias
-        q = x @ W[:C].T + b[:C] + s * (x @ attn.lora_q_A.T @ attn.lora_q_B.T)
-        k = x @ W[C:2 * C].T + b[C:2 * C]
-        v = x @ W[2 * C:].T + b[2 * C:] + s * (x @ attn.lora_v_A.T @ attn.lora_v_B.T)
-        heads = lambda t: t.view(2, T, H, C // H).transpose(1, 2)
-        q, k, v = heads(q), heads(k), heads(v)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(C // H)
-        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), -float("inf"))
-        ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, C)
-        ref = ref @ attn.c_proj.weight.T + attn.c_proj.bias
+        ref, k, v = lora_attention_written_out(attn, x, x, 6.0 / 3)
     torch.testing.assert_close(k_cache, k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v_cache, v, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
@@ -1559,16 +1566,7 @@ def test_lora_dropout_drops_the_adapters_input_only():
         torch.manual_seed(1)
         h = F.dropout(x, 0.5, training=True)
         assert not torch.equal(h, x)
-        s, W, b = 2.0, attn.c_attn.weight, attn.c_attn.bias
-        q = x @ W[:C].T + b[:C] + s * (h @ attn.lora_q_A.T @ attn.lora_q_B.T)
-        k = x @ W[C:2 * C].T + b[C:2 * C]
-        v = x @ W[2 * C:].T + b[2 * C:] + s * (h @ attn.lora_v_A.T @ attn.lora_v_B.T)
-        heads = lambda t: t.view(2, T, H, C // H).transpose(1, 2)
-        q, k, v = heads(q), heads(k), heads(v)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(C // H)
-        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), -float("inf"))
-        ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, C)
-        ref = ref @ attn.c_proj.weight.T + attn.c_proj.bias
+        ref, _, _ = lora_attention_written_out(attn, x, h, 6.0 / 3)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 def test_llm_init_from_an_audio_stage_checkpoint_takes_its_base_llm(tmp_path):
