@@ -1,5 +1,5 @@
-"""Shared test set-up: the repo root on sys.path, and a small prepared corpus (`synth_dir`) for
-every test file."""
+"""Shared test set-up: the repo root on sys.path, and small prepared corpora for every test file:
+`synth_dir` (the built-in corpus's kinds) and `dtmf_dir` (keypad numbers only)."""
 import os
 import sys
 import time
@@ -18,8 +18,8 @@ SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kme
               "--codec_steps=12", "--codec_clips=32", "--codec_tune_steps=6", "--codec_report=0"]
 
 
-# A corpus of DTMF numbers only, 30% held out: enough keypad numbers (~140 to train on, ~60 held out)
-# for SALMONN's pipeline in miniature to transcribe unseen ones.
+# A corpus of DTMF numbers only, 30% held out: enough keypad numbers (~140 to train on, ~60 held
+# out) for SALMONN's pipeline in miniature to transcribe unseen ones.
 DTMF_ARGS = ["--kinds=dtmf", "--clips=200", "--max_seconds=2.0", "--val_percent=30",
              "--kmeans_frames=4096", "--kmeans_iters=4", "--quiet", "--offline", "--codec_steps=6",
              "--codec_clips=16", "--codec_tune_steps=3", "--codec_report=0"]
@@ -39,7 +39,7 @@ def prepared_corpus(request, tmp_path_factory, name, args):
         key = hashlib.md5(code + " ".join(args).encode()).hexdigest()[:12]
         out = Path(request.config.cache.mkdir(f"{name}-{key}"))
         # corpora of earlier versions (written over an hour ago)
-        for old in out.parent.glob(f"{name}-*"):
+        for old in out.parent.glob(f"{name}-" + "?" * 12):
             if old != out and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)
     prepare.main(args + [f"--out_dir={out}"])  # returns at once if already complete there

@@ -340,7 +340,7 @@ def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():
     """StreamingDecoder passes a 1x1 conv whose weight is the identity, and skips a residual branch
     whose last conv has zero weights, only when the bias is zero as well: the analytic codec
     (dct_init: identity shortcuts, zero branches), with random codebooks and a bias added to one
-    shortcut and to another branch's last conv, decoded 8 frames then 1, 2, 3 at a time, equals
+    shortcut and to another branch's last conv, decoded 8 frames then 1 to 3 at a time, equals
     its decoder run on the whole sequence at once. No corpus needed."""
     g = torch.Generator().manual_seed(0)
     model = C.dct_init(A.offline_codec())

@@ -182,9 +182,9 @@ def test_resampler_removes_what_cannot_be_represented():
 
 
 def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
-    """check_audio's "shorter than one frame" is < 320 samples: exactly one frame is a clip (it
-    codes to one frame), 319 samples are not; load_audio downmixes a stereo file to the mean of its
-    two channels (written as float at 24 kHz, so nothing is resampled), not to one of them."""
+    """check_audio's "shorter than one frame" is < 320 samples: exactly one frame is a clip, 319
+    samples are not; load_audio downmixes a stereo file to the mean of its two channels (written
+    as float at 24 kHz, so nothing is resampled), not to one of them."""
     x = (0.5 * np.sin(2 * np.pi * 440 * np.arange(320) / SR)).astype(np.float32)
     A.check_audio(x)
     with pytest.raises(A.BadAudio, match="shorter than one frame"):

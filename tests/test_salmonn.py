@@ -1,5 +1,5 @@
 """SALMONN: shapes, Q-Former windows, frozen LLM + LoRA, loss masking, checkpoint loading, decoding,
-metrics, and a CPU-sized model that learns to transcribe Morse/DTMF clips."""
+metrics, and a CPU-sized pipeline that learns to transcribe held-out keypad numbers."""
 
 import itertools
 import json
@@ -1386,15 +1386,26 @@ def test_copy_documents_and_morse_spelling():
     assert salmonn.transcript({"kind": "speech", "transcript": "turn left"}) == "turn left"
 
 # -----------------------------------------------------------------------------
-# learning: a CPU-sized SALMONN learns to transcribe the Morse/DTMF clips
+# learning: a CPU-sized SALMONN learns to transcribe keypad numbers it has not heard
 
 def test_pipeline_in_miniature_transcribes_held_out_clips(dtmf_dir, tmp_path):
-    """The pipeline in miniature, as train.py runs it, on a corpus of keypad numbers (tests/conftest.py:
-    ~140 to train on, ~60 held out): stage "whisper" (encoder, decoder and CTC), stage "llm" (corpus
-    text and copying conversations), then stage 1 on the frozen encoder and LLM. The losses fall, an
-    LLM that cannot copy is refused, the encoder stays the stage-"whisper" one, and on the held-out
-    clips both the encoder's own CTC and the whole model (audio -> Q-Former -> LoRA'd LLM -> text)
-    transcribe far better than the best constant answer. (~1 min on one thread.)"""
+    """The pipeline in miniature, as train.py runs it, on a corpus of keypad numbers
+    (tests/conftest.py: ~140 to train on, ~60 held out): stage "whisper" (encoder, decoder and CTC),
+    stage "llm" (corpus text and copying conversations), then stage 1 on the frozen encoder and LLM.
+    The losses fall, an untrained LLM (which cannot copy) is refused, the encoder stays the
+    stage-"whisper" one, and on the held-out clips both the encoder's own CTC and the whole model
+    (audio -> Q-Former -> LoRA'd LLM -> text) transcribe far better than the best constant answer
+    (WER 0.06 and 0.19 against 0.84 with seed 0; 0.01 and 0.16, 0.09 and 0.29 with seeds 1 and 2;
+    CTC is still all blank after 800 steps with seeds 1 and 2). One thread, so that the run is the
+    same on every machine (~80 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipeline_in_miniature(dtmf_dir, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+def pipeline_in_miniature(dtmf_dir, tmp_path):
     from dataclasses import asdict
     tok = tokenizer.load_tokenizer(dtmf_dir, "corpus")
     sizes = dict(speech_n_layer=2, speech_n_head=2, speech_n_embd=64, beats_n_layer=1,
@@ -1422,16 +1433,21 @@ def test_pipeline_in_miniature_transcribes_held_out_clips(dtmf_dir, tmp_path):
                         "model_args": asdict(m.config)}, path)
         return m.eval(), data, losses
 
-    whisper, data, losses = train(SALMONNConfig(stage="whisper", **sizes), 800,
+    whisper, data, losses = train(SALMONNConfig(stage="whisper", **sizes), 1500,
                                   tmp_path / "whisper.pt")
     assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10])
     heard = salmonn.evaluate(whisper, data, tok, "val")
+    assert heard["ctc_wer_dtmf"] < 0.3 < heard["const_wer_dtmf"] - 0.4, heard
+    # an LLM that cannot copy (untrained) is refused for stage 1
+    torch.manual_seed(0)
+    untrained = SALMONN(SALMONNConfig(stage="llm", vocab_size=tok.n_vocab, **sizes))
+    torch.save({"model": untrained.state_dict(), "model_name": "salmonn",
+                "model_args": asdict(untrained.config)}, tmp_path / "llm0.pt")
+    with pytest.raises(ValueError, match="copies"):
+        build(SALMONNConfig(stage="pretrain", llm_init=str(tmp_path / "llm0.pt"),
+                            vocab_size=tok.n_vocab, **{**sizes, "llm_probe_min": 0.5}), tok)
     _, _, losses = train(SALMONNConfig(stage="llm", **sizes), 1500, tmp_path / "llm.pt")
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
-    # an LLM that cannot copy is refused for stage 1
-    with pytest.raises(ValueError, match="copies"):
-        build(SALMONNConfig(stage="pretrain", llm_init=str(tmp_path / "llm.pt"),
-                            vocab_size=tok.n_vocab, **{**sizes, "llm_probe_min": 0.99}), tok)
     m, data, losses = train(SALMONNConfig(stage="pretrain", tasks="transcription",
                                           llm_init=str(tmp_path / "llm.pt"),
                                           whisper_init=str(tmp_path / "whisper.pt"), **sizes), 1000)
@@ -1441,7 +1457,6 @@ def test_pipeline_in_miniature_transcribes_held_out_clips(dtmf_dir, tmp_path):
         assert torch.equal(m.speech.state_dict()[k], v), k
     r = salmonn.evaluate(m, data, tok, "val", beam=1)
     assert r["n_dtmf"] >= 50
-    assert heard["ctc_wer_dtmf"] < 0.3 < heard["const_wer_dtmf"] - 0.4
     assert r["wer_dtmf"] < r["const_wer_dtmf"] - 0.3, (r["wer_dtmf"], r["const_wer_dtmf"])
     # the checkpoint is self-contained: with the parts' files deleted it loads, samples and
     # evaluates to the same figures
@@ -1468,7 +1483,7 @@ def test_qformer_queries_see_every_frame_of_their_window():
     torch.manual_seed(0)
     cfg = tiny_config(window_frames=4, window_queries=2)
     qf = salmonn.WindowQFormer(cfg, enc_dim=20).eval()
-    T, n = 14, 11  # windows [0,4) [4,8) [8,11)+padding, [11,14) padding only
+    T, n = 14, 11  # windows [0,4) [4,8) [8,12) [12,14); frames 11-13 are padding
     x = torch.randn(1, T, 20)
     with torch.no_grad():
         base, _ = qf(x, torch.tensor([n]))
@@ -1640,6 +1655,7 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
             else P(.25, .25, .25, .25) for p in prefixes}
     hand[(3, 3)] = P(.001, .997, .001, .001)  # [3, 3] ranks last after two tokens
     models.append(hand)
+    hand_answers = None
     for i, table in enumerate(models):
         def step(tokens, past):
             prefix = torch.cat([past[0][0], tokens[:, None]], 1)
@@ -1659,7 +1675,10 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
             got = salmonn.beam_search(step, table[()][None], past, (V - 1) ** (max_new - 1),
                                       max_new, eot, penalty)
             assert tuple(got) == want, (i, penalty)
-    assert max(answers, key=lambda a: answers[a] / max(1, len(a))) == (3, 3, 1)
+        if table is hand:
+            hand_answers = answers
+    # the hand-built model's best answer at penalty 1 is the one grown from the least likely prefix
+    assert max(hand_answers, key=lambda a: hand_answers[a] / max(1, len(a))) == (3, 3, 1)
 
 def test_generate_stops_at_the_llms_context():
     """Asked for more tokens than the LLM's context leaves after the prompt, generate returns as
@@ -1742,8 +1761,9 @@ def test_spec_augment_can_mask_every_frame():
     mel, lens = torch.randn(2, 30, 16, generator=g), torch.tensor([30, 20])
     hit = torch.zeros(2, 30, dtype=torch.bool)
     for seed in range(200):
-        out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed))
-        hit |= (out != mel).all(2)  # frames masked over every bin
+        # time masks only, so a frame changed in every bin is a time mask's
+        out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed), max_bins=0)
+        hit |= (out != mel).all(2)
     assert hit[0, 0] and hit[0, 29] and hit[1, 0] and hit[1, 19] and not hit[1, 20:].any()
 
 def test_task_entries_of_a_clip():

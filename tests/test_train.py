@@ -128,7 +128,6 @@ def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tm
     cfg.write_text("import math\n_scale = 2\nn_layer = 3 * _scale\n")
     assert K.read_config_file(str(cfg)) == {"n_layer": 6}
 
-
 # -----------------------------------------------------------------------------
 # training runs
 
