@@ -42,6 +42,12 @@ def random_batch(cfg, lens=(37, 20), T=40, seed=0):
     return dict(idx=idx, targets=targets, mel=mel, mel_lens=torch.tensor(lens),
                 audio_mask=audio_mask)
 
+def save_part(model, path):
+    """A checkpoint as train.py saves one, the fields *_init reads: weights, model name, config."""
+    from dataclasses import asdict
+    torch.save({"model": model.state_dict(), "model_name": "salmonn",
+                "model_args": asdict(model.config)}, path)
+
 def build(cfg, tok=None):
     """As train.py builds a fresh model: the *_init files' sizes into the config, the model, then
     their weights."""
@@ -1102,8 +1108,7 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     w = SALMONN(tiny_config(stage="whisper", speech_n_layer=2, speech_n_embd=16))
     b = SALMONN(tiny_config(stage="beats", beats_n_embd=8, tags="class=a|class=b"))
     for name, mod in (("w.pt", w), ("b.pt", b)):
-        torch.save({"model": mod.state_dict(), "model_name": "salmonn",
-                    "model_args": asdict(mod.config)}, tmp_path / name)
+        save_part(mod, tmp_path / name)
     cfg = tiny_config(whisper_init=str(tmp_path / "w.pt"), beats_init=str(tmp_path / "b.pt"))
     m = build(cfg)
     assert (cfg.speech_n_layer, cfg.speech_n_embd, cfg.beats_n_embd) == (2, 16, 8)
@@ -1118,8 +1123,7 @@ def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     # one of other sizes and the beats file is gone, and the checkpoint's sizes stand
     assert (m.config.whisper_init, m.config.beats_init, m.config.llm_init) == ("", "", "")
     w3 = SALMONN(tiny_config(stage="whisper", speech_n_layer=1, speech_n_embd=24))
-    torch.save({"model": w3.state_dict(), "model_name": "salmonn",
-                "model_args": asdict(w3.config)}, tmp_path / "w.pt")
+    save_part(w3, tmp_path / "w.pt")
     os.remove(tmp_path / "b.pt")
     ck = torch.load(tmp_path / "stage1.pt", weights_only=True)
     cfg2 = SALMONNConfig(**ck["model_args"])
@@ -1142,12 +1146,10 @@ def test_encoder_checkpoints_of_other_mel_bins_refused(tmp_path):
     """A whisper_init or beats_init trained on data of another n_mels is refused with a ValueError
     that names the file and both sizes, before any weight is loaded (the shapes' mismatch in
     load_state_dict is a RuntimeError, which train.py does not catch)."""
-    from dataclasses import asdict
     torch.manual_seed(0)
     for stage in ("whisper", "beats"):  # on 64-bin data
         mod = SALMONN(tiny_config(stage=stage, tags="class=a|class=b"))
-        torch.save({"model": mod.state_dict(), "model_name": "salmonn",
-                    "model_args": asdict(mod.config)}, tmp_path / f"{stage}.pt")
+        save_part(mod, tmp_path / f"{stage}.pt")
     w, b = str(tmp_path / "whisper.pt"), str(tmp_path / "beats.pt")
     # stage 1 on 80-bin data
     with pytest.raises(ValueError, match="beats_init=.*beats.pt: its beats encoder reads 64 mel "
@@ -1429,8 +1431,7 @@ def pipeline_in_miniature(dtmf_dir, tmp_path):
             opt.step()
             losses.append(loss.item())
         if path:
-            torch.save({"model": m.state_dict(), "model_name": "salmonn",
-                        "model_args": asdict(m.config)}, path)
+            save_part(m, path)
         return m.eval(), data, losses
 
     whisper, data, losses = train(SALMONNConfig(stage="whisper", **sizes), 1500,
@@ -1441,8 +1442,7 @@ def pipeline_in_miniature(dtmf_dir, tmp_path):
     # an LLM that cannot copy (untrained) is refused for stage 1
     torch.manual_seed(0)
     untrained = SALMONN(SALMONNConfig(stage="llm", vocab_size=tok.n_vocab, **sizes))
-    torch.save({"model": untrained.state_dict(), "model_name": "salmonn",
-                "model_args": asdict(untrained.config)}, tmp_path / "llm0.pt")
+    save_part(untrained, tmp_path / "llm0.pt")
     with pytest.raises(ValueError, match="copies"):
         build(SALMONNConfig(stage="pretrain", llm_init=str(tmp_path / "llm0.pt"),
                             vocab_size=tok.n_vocab, **{**sizes, "llm_probe_min": 0.5}), tok)
@@ -1587,14 +1587,12 @@ def test_lora_dropout_drops_the_adapters_input_only():
 def test_llm_init_from_an_audio_stage_checkpoint_takes_its_base_llm(tmp_path):
     """llm_init may name a stage 1-3 checkpoint: its LLM's base weights load, its LoRA does not
     (the new run's adapters start at zero)."""
-    from dataclasses import asdict
     torch.manual_seed(0)
     src = SALMONN(tiny_config(stage="pretrain"))
     for block in src.llm.h:  # trained adapters
         torch.nn.init.normal_(block.attn.lora_q_B, std=0.5)
         torch.nn.init.normal_(block.attn.lora_v_B, std=0.5)
-    torch.save({"model": src.state_dict(), "model_name": "salmonn",
-                "model_args": asdict(src.config)}, tmp_path / "stage1.pt")
+    save_part(src, tmp_path / "stage1.pt")
     cfg = tiny_config(stage="instruct", llm_init=str(tmp_path / "stage1.pt"), llm_n_embd=16)
     m = build(cfg)
     assert cfg.llm_n_embd == 32
@@ -1608,11 +1606,9 @@ def test_llm_init_from_an_audio_stage_checkpoint_takes_its_base_llm(tmp_path):
 def test_whisper_stage_checkpoint_on_whisper_features_keeps_its_bins(tmp_path):
     """A stage-"whisper" checkpoint trained on Whisper's features (80 bins) gives stage 1 an
     80-bin speech encoder that reads them, whatever n_mels the data's own mel has (64 here)."""
-    from dataclasses import asdict
     torch.manual_seed(0)
     w = SALMONN(tiny_config(stage="whisper", speech_features="whisper", speech_n_mels=80))
-    torch.save({"model": w.state_dict(), "model_name": "salmonn",
-                "model_args": asdict(w.config)}, tmp_path / "w.pt")
+    save_part(w, tmp_path / "w.pt")
     _, sizes = salmonn.load_whisper_encoder_state(str(tmp_path / "w.pt"))
     assert (sizes["n_mels"], sizes["features"]) == (80, "whisper")
     cfg = tiny_config(whisper_init=str(tmp_path / "w.pt"))
@@ -1624,11 +1620,9 @@ def test_whisper_stage_checkpoint_on_whisper_features_keeps_its_bins(tmp_path):
 def test_beats_checkpoint_sets_its_patch_height(tmp_path):
     """beats_init's patch height (beats_patch_f, so its number of frequency bands) replaces the
     config's, as its widths do."""
-    from dataclasses import asdict
     torch.manual_seed(0)
     b = SALMONN(tiny_config(stage="beats", beats_patch_f=8, tags="class=a|class=b"))
-    torch.save({"model": b.state_dict(), "model_name": "salmonn",
-                "model_args": asdict(b.config)}, tmp_path / "b.pt")
+    save_part(b, tmp_path / "b.pt")
     cfg = tiny_config(beats_init=str(tmp_path / "b.pt"))  # beats_patch_f 16 by default
     m = build(cfg)
     assert cfg.beats_patch_f == 8 and m.beats.n_bands == 64 // 8
