@@ -99,11 +99,12 @@ def recorded_launches(D, dtype, causal, k_lens):
                             (kernel, args, kwargs))
     return launches
 
-def compile_for_h100(kernel, args, kwargs):
+def compile_for_h100(kernel, args, kwargs, float_type="fp32"):
     """What kernel[grid](*args, **kwargs) would compile on an H100, built here: the JIT's own binder
     gives the argument types and its specialisation (pointers 16-byte aligned, integers divisible by
     16, ints equal to 1 as constants), then triton.compile runs for the sm_90 target (Triton and
-    ptxas, no driver)."""
+    ptxas, no driver). float_type: the type of the float arguments; the JIT passes Python floats as
+    fp32, torch.compile's Inductor, which recompiles the kernels of a compiled model, as fp64."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -114,6 +115,7 @@ def compile_for_h100(kernel, args, kwargs):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
                                                               specialization, options)
+    signature = {k: float_type if t == "fp32" else t for k, t in signature.items()}
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                           options=options.__dict__)
 

@@ -196,6 +196,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
                 HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
                 TMA: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile passes Python floats as fp64: the softmax statistics must stay fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
     klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
     start_m = block * BLOCK_M
@@ -327,6 +329,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
                      H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                      HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                      ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # fp32, as in _fwd_kernel
+    sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tk, BLOCK_N), H, False)
     klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
     start_n = block * BLOCK_N
@@ -410,6 +414,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
                    HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the "split" backward's dq: recomputes S = Q K^T and dP = dO V^T per query block (no atomics)
+    # fp32, as in _fwd_kernel
+    sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
     klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
     start_m = block * BLOCK_M

@@ -353,6 +353,23 @@ def test_h100_build(case):
         assert min(int(shape.split("n")[1].split("k")[0])
                    for shape, _ in r["wgmma"]) >= 32, r["wgmma"]
 
+def test_builds_with_fp64_scales_as_torch_compile_passes_them():
+    # a model under torch.compile has Inductor recompile these kernels with its own signature, which
+    # types Python floats as fp64: the forward must still build (an fp64 accumulator fails tl.dot),
+    # and no kernel may do its softmax arithmetic in fp64 (a fraction of the fp32 rate)
+    import fused_attention
+    ba = _aot()
+    for name in ("fwd", "decode", "dkdv_atomic", "dkdv", "dq"):
+        for D in (64, 128):
+            kernel, args, kwargs = ba.recorded_launches(D, "bfloat16", True, True)[name]
+            m, n, warps, stages = fused_attention._tiles(name, D)[0]
+            kwargs = dict(kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+            ptx = ba.compile_for_h100(kernel, args, kwargs, float_type="fp64").asm["ptx"]
+            f64 = [line.strip() for line in ptx.splitlines() if "f64" in line]
+            assert any(line.startswith(".param .f64") for line in f64), (name, D)  # fp64 args
+            assert all(line.startswith((".param .f64", "cvt.rn.f32.f64")) for line in f64), \
+                (name, D, f64)
+
 def test_bf16_and_fp16_builds_share_one_source():
     ba = _aot()
     bf16 = ba.ptxas_report("fwd", 64, True, True, None, "bfloat16")
