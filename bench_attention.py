@@ -12,8 +12,8 @@ tokens and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times for
 forward+backward of:
   ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed
           with both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv
-          kernel; =split: a dq kernel of its own; the default, auto, takes atomic for D <= 64 and
-          split at D = 128), and the ratios use the faster of the two
+          kernel; =split: a dq kernel of its own; the default, auto, takes split for D <= 64 and
+          atomic at D = 128, the faster in most rows on an H200), and the ratios use the faster
   flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a
           padding mask, so on mixed-length batches it computes the whole padded problem (and a
           different answer)

@@ -448,25 +448,23 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
 INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
 # Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head
-# dim (D <= 64 shares the D = 64 row). No GPU was at hand to time them: the first entry of each
-# list, the fixed default, was chosen from what ptxas reports for the H100 build the JIT makes
-# (sm_90a, bf16, 16-byte aligned tensors; `python bench_attention.py --ptxas`, table and reasons in
-# docs/fused_attention.md): no register spills, shared memory within the limit, wide wgmma. The
-# others are what the autotuner also times on a GPU, once per (D, causal, k_lens, dtype,
-# power-of-two bucket of Tq and Tk). FUSED_ATTENTION_AUTOTUNE=0: defaults only. "decode" is the
-# forward for Tq <= DECODE_MAX_Q.
+# dim (D <= 64 shares the D = 64 row). Every entry builds for the H100 without register spills and
+# within its shared memory (`python bench_attention.py --ptxas`; docs/fused_attention.md). The
+# autotuner times all of a list, once per (D, causal, k_lens, dtype, power-of-two bucket of Tq and
+# Tk); the first entry, the fixed default (FUSED_ATTENTION_AUTOTUNE=0), is the autotuner's most
+# frequent pick on an H200 (bench_attention.py, two runs). The decoding tiles were not timed.
+# "decode" is the forward for Tq <= DECODE_MAX_Q.
 TILES = {
-    ("fwd", 64): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-    ("fwd", 128): [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2)],
+    ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)],
     ("decode", 64): [(16, 128, 4, 3), (16, 64, 4, 3)],
     ("decode", 128): [(16, 128, 4, 2), (16, 64, 4, 3)],
-    ("dkdv_atomic", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    # not the default backward at D = 128 (see BWD)
-    ("dkdv_atomic", 128): [(32, 128, 8, 2), (32, 128, 8, 3)],
-    ("dkdv", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv_atomic", 64): [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2)],
+    ("dkdv_atomic", 128): [(32, 128, 8, 3), (32, 128, 8, 2)],
+    ("dkdv", 64): [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2)],
     ("dkdv", 128): [(64, 64, 8, 3), (64, 64, 8, 2)],
-    ("dq", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("dq", 64): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    ("dq", 128): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
 }
 # under the interpreter: small tiles, so that short test sequences still cross several blocks
 INTERPRETER_TILES = dict(fwd=(32, 32), decode=(16, 32), dq=(32, 16), dkdv=(16, 32),
@@ -646,11 +644,11 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
     return dq, dk, dv
 
 def _backward_mode(head_dim):
-    """BWD, with "auto" resolved: FlashAttention-2's backward (atomic dq: 5 matmuls, exp once per
-    score) where it builds for the H100 in tiles of 64 queries x 128 keys without register spills, D
-    <= 64; at D = 128 it needs more than 255 registers per thread in any tile of 64 queries or more
-    (docs/fused_attention.md), so there the split backward, whose two kernels fit in wide tiles."""
-    return BWD if BWD != "auto" else ("atomic" if head_dim <= 64 else "split")
+    """BWD, with "auto" resolved to the faster on an H200 (bench_attention.py, autotuned, two runs;
+    docs/fused_attention.md): at D <= 64 the split backward (7 matmuls, no atomics, deterministic),
+    7-16% faster from T = 2k (atomic wins only causal at T <= 1k); at D = 128 the atomic one
+    (FlashAttention-2's 5 matmuls, in 32-query tiles), 2-23% faster in 21 of 22 rows."""
+    return BWD if BWD != "auto" else ("split" if head_dim <= 64 else "atomic")
 
 class _FlashAttention(torch.autograd.Function):
 

@@ -348,8 +348,10 @@ def test_h100_build(case):
     if (name in default_path and tile == fused_attention._tiles(name.split("-")[0], D)[0]
             and D >= 64):
         # the default tiles: Hopper's tensor-core instructions for every matmul, none narrower than
-        # n32
-        assert r["wgmma"] and not r["mma_sync"], (r["wgmma"], r["mma_sync"])
+        # n32; except the 32-row dQ product of the atomic backward's 32-query tile at D = 128 (wgmma
+        # takes 64 rows or more), which takes mma.sync: the faster backward there all the same
+        assert r["wgmma"], r["mma_sync"]
+        assert not r["mma_sync"] or (name, D) == ("dkdv_atomic", 128), r["mma_sync"]
         assert min(int(shape.split("n")[1].split("k")[0])
                    for shape, _ in r["wgmma"]) >= 32, r["wgmma"]
 
