@@ -143,11 +143,24 @@ def check(case, result):
 # -----------------------------------------------------------------------------
 # Triton kernels under the interpreter (one subprocess for all cases)
 
+def skip_if_interpreter_too_old(stderr):
+    """Triton 3.6's interpreter (3.9's does not) takes a loop bound computed in a kernel as int() of a
+    1-element array, which recent numpy refuses: it cannot run these kernels at all. Such a Triton
+    still compiles them for a GPU, where test_gpu_kernel_vs_sdpa checks them."""
+    if "only 0-dimensional arrays can be converted to Python scalars" in stderr:
+        import numpy
+        import triton
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run these kernels with numpy "
+                    f"{numpy.__version__} (a loop bound read as int() of a 1-element array); "
+                    f"triton 3.9.0's can")
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, FUSED_ATTENTION="triton")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        skip_if_interpreter_too_old(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -291,6 +304,8 @@ def test_triton_interpreter_output_grad_with_strided_last_dim():
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
+    if p.returncode != 0:
+        skip_if_interpreter_too_old(p.stderr)
     assert p.returncode == 0, p.stderr[-3000:]
 
 # -----------------------------------------------------------------------------
