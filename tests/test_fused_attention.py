@@ -387,6 +387,18 @@ def test_builds_with_fp64_scales_as_torch_compile_passes_them():
             assert all(line.startswith((".param .f64", "cvt.rn.f32.f64")) for line in f64), \
                 (name, D, f64)
 
+def test_builds_ask_for_fma_fusion(monkeypatch):
+    # the forward's exp2(qk * scale - m) is one FMA per score only with fusion on, which the kernels
+    # ask for rather than take from Triton's default (off from Triton 3.10)
+    ba = _aot()
+    import fused_attention
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    kernel, args, kwargs = ba.recorded_launches(64, "bfloat16", True, True)["fwd"]
+    m, n, warps, stages = fused_attention._tiles("fwd", 64)[0]
+    kwargs = dict(kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    compiled = ba.compile_for_h100(kernel, args, kwargs)
+    assert compiled.metadata.enable_fp_fusion and "fma.rn.f32" in compiled.asm["ptx"]
+
 def test_bf16_and_fp16_builds_share_one_source():
     ba = _aot()
     bf16 = ba.ptxas_report("fwd", 64, True, True, None, "bfloat16")
