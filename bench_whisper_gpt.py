@@ -106,7 +106,7 @@ def train_table():
     lines = [f"Training (batch {batch_size} x {model_config('s').block_size} frames, median of "
              f"{iters} iterations after a warm-up one; {memory}, and what it was before the model "
              f"was built)", "",
-             "| model | params | tokens/s | s/iteration | peak memory | before the model |",
+             "| model | params | tokens/s | ms/iteration | peak memory | before the model |",
              "|---|---|---|---|---|---|"]
     for name, label in MODELS:
         args = [sys.executable, __file__, f"--child={name}"]
@@ -116,7 +116,7 @@ def train_table():
             fail(f"training benchmark of {label} failed:\n{res.stderr}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
         lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
-                     f"{r['s_per_iter']:.2f} | {r['peak_mb']:.0f} MB | "
+                     f"{r['s_per_iter'] * 1e3:.1f} | {r['peak_mb']:.0f} MB | "
                      f"{r['before_model_mb']:.0f} MB |")
         print(lines[-1], flush=True)
     return lines
