@@ -21,7 +21,7 @@ environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton whe
 i.e. CUDA + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
 cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
 timing a few per shape, FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq (default
-auto: atomic adds for D <= 64, a kernel of its own at D = 128; see _backward_mode),
+auto: a kernel of its own for D <= 64, atomic adds at D = 128; see _backward_mode),
 FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
 Design notes and the compiled kernels' resource use: docs/fused_attention.md.
 """
