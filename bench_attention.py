@@ -10,7 +10,9 @@ and, without a GPU, show what the compiler makes of every kernel for an H100.
 For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k
 tokens and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and
 forward+backward of:
-  ours    fused_attention's Triton kernels (k_lens for padded batches); forward+backward is timed
+  ours    fused_attention's Triton kernels (k_lens and q_lens for padded batches: padding query
+          rows skipped; --q_lens=0: k_lens only, as the H200 table of 2026-12-04 was timed);
+          forward+backward is timed
           with both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv
           kernel; =split: a dq kernel of its own; the default, auto, takes split for D <= 64 and
           atomic at D = 128, the faster in most rows on an H200), and the ratios use the faster
@@ -26,7 +28,7 @@ excluded), the same count for all three, so the ratios are ratios of speed (> 1:
 (docs/fused_attention.md): forward+backward >= 1.0x flash for T >= 1k, D = 64 and 128, causal and
 not; >= 1.5x masked on mixed rows.
 
---ptxas compiles every kernel x head dim x TILES entry x causal/k_lens variant for sm_90a through
+--ptxas compiles every kernel x head dim x TILES entry x causal/lengths variant for sm_90a through
 Triton's own compiler and ptxas, with the JIT's specialisation for 16-byte-aligned tensors and
 lengths that are multiples of 16 (what a launch on an H100 with such shapes builds), and prints
 registers per thread, spill (stack) bytes, shared memory and the MMA instructions used.
@@ -50,26 +52,27 @@ import torch.nn.functional as F
 # ahead-of-time builds for an H100 (sm_90a), no GPU needed
 
 SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one program may use on an H100
-VARIANTS = [(causal, k_lens) for causal in (False, True) for k_lens in (False, True)]
+# lens: False, True (k_lens) or "q" (k_lens and q_lens)
+VARIANTS = [(causal, lens) for causal in (False, True) for lens in (False, True, "q")]
 # the TILES names; "fwd-pointers" is the forward without tensor descriptors (unaligned inputs,
 # pre-Hopper)
 TUNED_KERNELS = ("fwd", "fwd-pointers", "decode", "dkdv_atomic", "dkdv", "dq")
-FIXED_KERNELS = ("merge", "preprocess")  # one configuration each, no causal / k_lens variants
+FIXED_KERNELS = ("merge", "preprocess")  # one configuration each, no causal / lengths variants
 
 def ptxas_cases(dims=(16, 32, 64, 128), tiles="all"):
-    """(kernel, D, causal, k_lens, tile) of every build: each TILES entry ("default": the first
+    """(kernel, D, causal, lens, tile) of every build: each TILES entry ("default": the first
     only) in each variant; one build of the merge and preprocessing kernels (tile None)."""
     import fused_attention as fa
     cases = []
     for D in dims:
         for name in TUNED_KERNELS:
             for tile in fa._tiles(name.split("-")[0], D)[:None if tiles == "all" else 1]:
-                cases += [(name, D, causal, k_lens, tile) for causal, k_lens in VARIANTS]
+                cases += [(name, D, causal, lens, tile) for causal, lens in VARIANTS]
         cases += [(name, D, False, False, None) for name in FIXED_KERNELS]
     return cases
 
 @functools.lru_cache(maxsize=None)
-def recorded_launches(D, dtype, causal, k_lens):
+def recorded_launches(D, dtype, causal, lens):
     """{kernel name: (kernel, args, kwargs)}: the launches that fused_attention makes for one
     forward and backward (both dq modes, B=2, H=4, T=1024) and one decoding step (Tq=1 over 4096
     keys), recorded instead of run, on meta tensors: their data_ptr() is 0, aligned like the caching
@@ -77,18 +80,20 @@ def recorded_launches(D, dtype, causal, k_lens):
     import fused_attention as fa
     B, H, T = 2, 4, 1024
     meta = lambda *shape: torch.empty(*shape, dtype=getattr(torch, dtype), device="meta")
-    lens = torch.empty(B, dtype=torch.int32, device="meta") if k_lens else None
+    k_lens = torch.empty(B, dtype=torch.int32, device="meta") if lens else None
+    q_lens = k_lens if lens == "q" else None
     q, k, v = meta(B, H, T, D), meta(B, H, T, D), meta(B, H, T, D)
     fa._recorded = recorded = []
     tma = fa.TMA
     try:
-        o, lse = fa._flash_forward(q, k, v, causal, lens, 0.125)
+        o, lse = fa._flash_forward(q, k, v, causal, k_lens, 0.125, q_lens)
         for bwd in ("atomic", "split"):
-            fa._flash_backward(torch.empty_like(q), q, k, v, o, lse, causal, lens, 0.125, bwd)
+            fa._flash_backward(torch.empty_like(q), q, k, v, o, lse, causal, k_lens, 0.125, bwd,
+                               q_lens)
         fa._flash_forward(meta(B, H, 1, D), meta(B, H, 4 * T, D), meta(B, H, 4 * T, D), causal,
-                          lens, 0.125)
+                          k_lens, 0.125, q_lens)
         fa.TMA = False
-        fa._flash_forward(q, k, v, causal, lens, 0.125)
+        fa._flash_forward(q, k, v, causal, k_lens, 0.125, q_lens)
     finally:
         fa._recorded, fa.TMA = None, tma
     names = dict(_merge_kernel="merge", _bwd_preprocess="preprocess")
@@ -124,12 +129,12 @@ WGMMA = r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\."
 MMA_SYNC = r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.f32\.(\w+)\."
 
 @functools.lru_cache(maxsize=None)
-def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
+def ptxas_report(name, D, causal, lens, tile, dtype="bfloat16"):
     """Resource use of one build, read from its cubin (cuobjdump) and PTX. Triton caches the builds
     on disk (TRITON_CACHE_DIR, default ~/.triton/cache), so a second run only reads them back."""
     import triton
     import fused_attention as fa
-    kernel, args, kwargs = recorded_launches(D, dtype, causal, k_lens)[name]
+    kernel, args, kwargs = recorded_launches(D, dtype, causal, lens)[name]
     if tile is None and name in TUNED_KERNELS:
         tile = fa._tiles(name.split("-")[0], D)[0]
     if tile is not None:
@@ -156,18 +161,18 @@ def ptxas_report(name, D, causal, k_lens, tile, dtype="bfloat16"):
         ttir=compiled.asm["ttir"], ptx=ptx)
 
 def ptxas_table(cases, dtype="bfloat16", progress=True):
-    cols = ["kernel", "D", "causal", "k_lens", "tile (M x N, warps, stages)", "regs", "spill B",
+    cols = ["kernel", "D", "causal", "lengths", "tile (M x N, warps, stages)", "regs", "spill B",
             "smem KiB", "wgmma", "mma.sync", "TMA"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if progress:
         print("\n".join(lines), flush=True)
-    for name, D, causal, k_lens, tile in cases:
-        r = ptxas_report(name, D, causal, k_lens, tile, dtype)
+    for name, D, causal, lens, tile in cases:
+        r = ptxas_report(name, D, causal, lens, tile, dtype)
         shapes = lambda xs: " ".join(sorted({shape for shape, _ in xs})) or "-"
         tile_s = "-" if tile is None else f"{tile[0]} x {tile[1]}, {tile[2]}, {tile[3]}"
         flag = lambda b: "yes" if b else "no"
         cells = [name, D, "-" if tile is None else flag(causal),
-                 "-" if tile is None else flag(k_lens), tile_s,
+                 "-" if tile is None else {False: "-", True: "k", "q": "k, q"}[lens], tile_s,
                  r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]),
                  shapes(r["mma_sync"]), flag(r["tma"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -219,13 +224,14 @@ def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
     if causal:
         mask = mask & torch.ones(T, T, dtype=torch.bool, device=device).tril()
     ours = lambda q, k, v: attention(q, k, v, causal=causal, k_lens=k_lens if mixed else None,
+                                     q_lens=k_lens if mixed and args.q_lens else None,
                                      backend="triton")
     def flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     masked = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    # correctness first: ours vs masked SDPA on the rows that see a key (padded query rows differ:
-    # ours attends over the valid keys, SDPA with this mask too; both are ignored by a real loss)
+    # correctness first: ours vs masked SDPA on the real rows (padding query rows differ: ours are
+    # zeros with q_lens, SDPA attends over the valid keys; a real loss ignores both)
     with torch.no_grad():
         valid_q = (torch.arange(T, device=device)[None, :] < k_lens[:, None])[:, None, :, None]
         err = ((ours(q, k, v) - masked(q, k, v)).float().abs() * valid_q).max().item()
@@ -262,7 +268,8 @@ def benchmark(args):
     gpu = torch.cuda.get_device_name()
     header = (f"GPU: {gpu}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
               f"B*T = {args.tokens}, H*D = {args.width}, autotune "
-              f"{'on' if args.autotune else 'off (fixed tiles)'}")
+              f"{'on' if args.autotune else 'off (fixed tiles)'}, mixed rows with "
+              f"{'k_lens and q_lens' if args.q_lens else 'k_lens only'}")
     cols = ["D", "causal", "batch", "T", "B", "fwd ours", "fwd flash", "fwd masked", "ours/flash",
             "ours/masked",
             "f+b ours atomic", "f+b ours split", "f+b flash", "f+b masked", "best/flash",
@@ -313,6 +320,9 @@ def main():
                         help="1: let Triton's autotuner pick tiles; 0: fixed tiles")
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4096 and D = 64 only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--q_lens", type=int, default=1,
+                        help="mixed rows: 1: ours skips the padding queries (q_lens); 0: k_lens "
+                             "only")
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
     parser.add_argument("--ptxas", action="store_true",
                         help="no GPU: build every kernel for an H100, print its resource use")

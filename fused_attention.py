@@ -2,13 +2,15 @@
 Fused attention shared by all three models.
 
     from fused_attention import attention
-    y = attention(q, k, v, causal=False, k_lens=None, sm_scale=None)
+    y = attention(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=None)
 
 q is (B, H, Tq, D), k and v are (B, H, Tk, D). k_lens (optional, integer, shape (B,)) gives the
 number of valid keys per batch element: keys at positions >= k_lens[b] are ignored (values are
-clamped to [0, Tk]). With causal=True the mask is aligned bottom-right: query i sees keys
-j <= i + Tk - Tq (what a KV cache needs). sm_scale defaults to 1/sqrt(D). A query that sees no key
-at all returns zeros and passes zero gradient.
+clamped to [0, Tk]). q_lens, likewise, the number of valid queries: rows at positions >= q_lens[b]
+are padding, return zeros and pass zero gradient, and the kernels skip them (self-attention over a
+padded batch passes the same lengths as both). With causal=True the mask is aligned bottom-right:
+query i sees keys j <= i + Tk - Tq (what a KV cache needs). sm_scale defaults to 1/sqrt(D). A query
+that sees no key at all returns zeros and passes zero gradient.
 
 Two implementations of the same function:
 - "triton": our FlashAttention-2 style kernels (forward + backward) for CUDA tensors in fp16/bf16,
@@ -43,7 +45,7 @@ BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")
 # -----------------------------------------------------------------------------
 # checks shared by both paths
 
-def _check(q, k, v, k_lens):
+def _check(q, k, v, k_lens, q_lens=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"fused_attention.attention: {name} must be a 4-d tensor (B, H, T, "
@@ -61,22 +63,24 @@ def _check(q, k, v, k_lens):
     if not (q.device == k.device == v.device):
         raise ValueError(f"fused_attention.attention: q, k, v must be on one device, got "
                          f"{q.device}, {k.device}, {v.device}")
-    if k_lens is not None:
+    for name, lens, what, T in (("k_lens", k_lens, "key", "Tk"), ("q_lens", q_lens, "query", "Tq")):
+        if lens is None:
+            continue
         # True/False would pass as 1/0
-        if isinstance(k_lens, torch.Tensor) and k_lens.dtype == torch.bool:
-            raise ValueError("fused_attention.attention: k_lens holds key counts per batch element "
-                             "(integers), got a boolean tensor; for a mask (B, Tk) pass "
-                             "mask.sum(-1) if its valid keys come first")
-        if not isinstance(k_lens, torch.Tensor) or k_lens.shape != (B,) \
-                or k_lens.is_floating_point() or k_lens.is_complex():
-            raise ValueError(f"fused_attention.attention: k_lens must be an integer tensor of "
-                             f"shape ({B},), got {getattr(k_lens, 'dtype', type(k_lens))} "
-                             f"{tuple(getattr(k_lens, 'shape', ()))}")
+        if isinstance(lens, torch.Tensor) and lens.dtype == torch.bool:
+            raise ValueError(f"fused_attention.attention: {name} holds {what} counts per batch "
+                             f"element (integers), got a boolean tensor; for a mask (B, {T}) pass "
+                             f"mask.sum(-1) if its valid {what}s come first")
+        if not isinstance(lens, torch.Tensor) or lens.shape != (B,) \
+                or lens.is_floating_point() or lens.is_complex():
+            raise ValueError(f"fused_attention.attention: {name} must be an integer tensor of "
+                             f"shape ({B},), got {getattr(lens, 'dtype', type(lens))} "
+                             f"{tuple(getattr(lens, 'shape', ()))}")
 
 # -----------------------------------------------------------------------------
 # the PyTorch path
 
-def _mask(Tq, Tk, causal, k_lens, device):
+def _mask(Tq, Tk, causal, k_lens, device, q_lens=None):
     """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked."""
     mask = None
     if causal:
@@ -87,14 +91,18 @@ def _mask(Tq, Tk, causal, k_lens, device):
         valid = torch.arange(Tk, device=device)[None, :] < k_lens.to(device)[:, None]  # (B, Tk)
         valid = valid[:, None, None, :]
         mask = valid if mask is None else (mask & valid)
+    if q_lens is not None:  # padded query rows see nothing
+        valid = torch.arange(Tq, device=device)[None, :] < q_lens.to(device)[:, None]  # (B, Tq)
+        valid = valid[:, None, :, None]
+        mask = valid if mask is None else (mask & valid)
     return mask
 
-def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
+def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=None):
     Tq, Tk = q.shape[2], k.shape[2]
-    if causal and k_lens is None and Tq in (1, Tk):
+    if causal and k_lens is None and q_lens is None and Tq in (1, Tk):
         # one new query (a KV-cache step) sees every key: no mask to build
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=sm_scale)
-    mask = _mask(Tq, Tk, causal, k_lens, q.device)
+    mask = _mask(Tq, Tk, causal, k_lens, q.device, q_lens)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
     # rows that see no key: let them attend to everything (finite softmax, no NaN in forward or
@@ -117,11 +125,12 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None):
 LOG2E = 1.4426950408889634
 
 @triton.jit
-def _klen(KLENS, off_b, Tk, HAS_KLENS: tl.constexpr):
-    klen = Tk
-    if HAS_KLENS:
-        klen = tl.maximum(tl.minimum(tl.load(KLENS + off_b), Tk), 0)
-    return klen
+def _length(LENS, off_b, T, HAS_LENS: tl.constexpr):
+    """Batch element off_b's number of valid keys (or queries): LENS[off_b] in [0, T], or T."""
+    n = T
+    if HAS_LENS:
+        n = tl.maximum(tl.minimum(tl.load(LENS + off_b), T), 0)
+    return n
 
 @triton.jit
 def _row_block(n_blocks, H, REVERSE: tl.constexpr):
@@ -189,17 +198,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, off
     return acc, l_i, m_i
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KLENS,
+def _fwd_kernel(Q, K, V, O, LSE, KLENS, QLENS,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
                 stride_vh, stride_vt, stride_os, stride_ob, stride_oh, stride_ot, stride_ls,
                 H, Tq, Tk, qk_scale, keys_per_split, q_bucket, k_bucket,
-                HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                HAS_KLENS: tl.constexpr, HAS_QLENS: tl.constexpr, CAUSAL: tl.constexpr,
+                SPLIT: tl.constexpr,
                 TMA: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # torch.compile passes Python floats as fp64: the softmax statistics must stay fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
-    klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
+    klen = _length(KLENS, off_b, Tk, HAS_KLENS)
     start_m = block * BLOCK_M
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -218,6 +228,10 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
+    qlen = _length(QLENS, off_b, Tq, HAS_QLENS)  # rows >= qlen are padding
+    if HAS_QLENS:  # a block of padding rows only visits no key
+        hi = tl.where(start_m < qlen, hi, 0)
+        full = tl.minimum(full, hi)
     lo = 0
     if SPLIT:  # flash-decoding: this program takes keys [lo, lo + keys_per_split) only (a multiple
                # of BLOCK_N)
@@ -228,6 +242,9 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS,
                                offs_m, offs_d, klen, diag, qk_scale, False, CAUSAL, TMA, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi,
                                offs_m, offs_d, klen, diag, qk_scale, True, CAUSAL, TMA, BLOCK_N)
+    if HAS_QLENS:  # the padding rows of a block that also holds real ones
+        l_i = tl.where(offs_m < qlen, l_i, 0.0)
+        acc = tl.where(offs_m[:, None] < qlen, acc, 0.0)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -322,17 +339,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
     return dk, dv
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
                      stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                      H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
-                     HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_KLENS: tl.constexpr, HAS_QLENS: tl.constexpr, CAUSAL: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     # fp32, as in _fwd_kernel
     sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tk, BLOCK_N), H, False)
-    klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
+    klen = _length(KLENS, off_b, Tk, HAS_KLENS)
     start_n = block * BLOCK_N
     diag = Tk - Tq
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -361,6 +379,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS,
     # block that crosses klen needs the mask on every row block, one wholly inside klen only up to
     # mid
     q_end = tl.where(klen > start_n, Tq, 0)
+    if HAS_QLENS:  # padding rows have lse = +inf, so p = 0: their blocks are left out
+        q_end = tl.minimum(q_end, _length(QLENS, off_b, Tq, HAS_QLENS))
     mid = tl.where(klen >= start_n + BLOCK_N, tl.minimum(mid, q_end), q_end)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_dt,
@@ -406,18 +426,18 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, l
     return dq
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
                    stride_dqb, stride_dqh, stride_dqt,
                    H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
-                   HAS_KLENS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_KLENS: tl.constexpr, HAS_QLENS: tl.constexpr, CAUSAL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the "split" backward's dq: recomputes S = Q K^T and dP = dO V^T per query block (no atomics)
     # fp32, as in _fwd_kernel
     sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
-    klen = _klen(KLENS, off_b, Tk, HAS_KLENS)
+    klen = _length(KLENS, off_b, Tk, HAS_KLENS)
     start_m = block * BLOCK_M
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -434,6 +454,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS,
     v_base = V + off_b * stride_vb + off_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
+    if HAS_QLENS:  # a block of padding rows only: dq = 0 (lse = +inf makes it so in any block)
+        hi = tl.where(start_m < _length(QLENS, off_b, Tq, HAS_QLENS), hi, 0)
+        full = tl.minimum(full, hi)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m,
                        offs_d, klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
@@ -498,7 +521,7 @@ def _autotuned(name):
         keep = _tiles(name, kwargs["HEAD_DIM"])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) in keep]
-    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "q_bucket", "k_bucket"]
+    key = ["HEAD_DIM", "CAUSAL", "HAS_KLENS", "HAS_QLENS", "q_bucket", "k_bucket"]
     key += ["SPLIT", "TMA"] if name in ("fwd", "decode") else []
     zeroed = ["DQ"] if name == "dkdv_atomic" else None  # timing runs add into DQ
     return triton.autotune(configs, key=key, prune_configs_by=dict(early_config_prune=prune),
@@ -574,7 +597,7 @@ def _key_splits(programs, Tk, device, unit):
 # The grids are one-dimensional over (row blocks x B*H), the row block varying fastest (see
 # _row_block; a second grid dimension for B*H would be capped at 65535, which batches of many short
 # windows reach); the forward's key splits, when there are any, are the second dimension.
-def _flash_forward(q, k, v, causal, k_lens, sm_scale):
+def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     name = "decode" if Tq <= DECODE_MAX_Q else "fwd"
@@ -597,11 +620,12 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale):
     o_strides = (0, *o.stride()[:3]) if splits == 1 else o_k.stride()[:4]
     _launch(_fwd_kernel, name, lambda meta: (rows(meta) * B * H, splits),
             (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
+             q_lens if q_lens is not None else lse,
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), *o_strides, B * H * Tq,
              H, Tq, Tk, sm_scale * LOG2E, per, _bucket(Tq), _bucket(Tk)),
-            dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, SPLIT=splits > 1, TMA=_use_tma(k, v),
-                 HEAD_DIM=D))
+            dict(HAS_KLENS=k_lens is not None, HAS_QLENS=q_lens is not None, CAUSAL=causal,
+                 SPLIT=splits > 1, TMA=_use_tma(k, v), HEAD_DIM=D))
     if splits > 1:
         _launch(_merge_kernel, None, lambda meta: (rows(meta) * B * H,),
                 (o_k, lse_k, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
@@ -609,7 +633,7 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale):
                 dict(HEAD_DIM=D, BLOCK_M=MERGE_BLOCK))
     return o, lse
 
-def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
+def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if do.stride(-1) != 1:
@@ -621,8 +645,9 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
             dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK))
     dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
-    klens_arg = k_lens if k_lens is not None else lse
-    common = dict(HAS_KLENS=k_lens is not None, CAUSAL=causal, HEAD_DIM=D)
+    lens_args = (k_lens if k_lens is not None else lse, q_lens if q_lens is not None else lse)
+    common = dict(HAS_KLENS=k_lens is not None, HAS_QLENS=q_lens is not None, CAUSAL=causal,
+                  HEAD_DIM=D)
     strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
                      do.stride(2))
@@ -633,7 +658,7 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
     dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device) if atomic else lse
     _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv",
             lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * H,),
-            (q, k, v, do, dk, dv, dq_acc, lse, delta, klens_arg, *strides_qkvdo,
+            (q, k, v, do, dk, dv, dq_acc, lse, delta, *lens_args, *strides_qkvdo,
              dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
              H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)),
              dict(common, ATOMIC_DQ=atomic))
@@ -641,7 +666,7 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd):
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     _launch(_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,),
-            (q, k, v, do, dq, lse, delta, klens_arg, *strides_qkvdo,
+            (q, k, v, do, dq, lse, delta, *lens_args, *strides_qkvdo,
              dq.stride(0), dq.stride(1), dq.stride(2),
              H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)), common)
     return dq, dk, dv
@@ -656,22 +681,22 @@ def _backward_mode(head_dim):
 class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, k_lens, sm_scale):
-        o, lse = _flash_forward(q, k, v, causal, k_lens, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse, k_lens)
+    def forward(ctx, q, k, v, causal, k_lens, q_lens, sm_scale):
+        o, lse = _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens)
+        ctx.save_for_backward(q, k, v, o, lse, k_lens, q_lens)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, k_lens = ctx.saved_tensors
+        q, k, v, o, lse, k_lens, q_lens = ctx.saved_tensors
         dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale,
-                                     _backward_mode(q.shape[-1]))
-        return dq, dk, dv, None, None, None
+                                     _backward_mode(q.shape[-1]), q_lens)
+        return dq, dk, dv, None, None, None, None
 
 HEAD_DIMS = (16, 32, 64, 128)
 
-def attention_triton(q, k, v, causal, k_lens, sm_scale):
+def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens=None):
     """The kernels' path of attention(), which has checked the inputs and made sm_scale > 0."""
     B, H, Tq, D = q.shape
     if D not in HEAD_DIMS:
@@ -690,19 +715,21 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale):
         raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be "
                          f"auto, atomic or split, got {BWD!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if k_lens is not None:  # clamped before the cast: a length past 2**31 must not wrap around
-        k_lens = k_lens.to(q.device).clamp(0, k.shape[2]).to(torch.int32).contiguous()
+    # clamped before the cast: a length past 2**31 must not wrap around
+    k_lens, q_lens = (None if lens is None else
+                      lens.to(q.device).clamp(0, T).to(torch.int32).contiguous()
+                      for lens, T in ((k_lens, k.shape[2]), (q_lens, q.shape[2])))
     # launched on q's GPU, not the current one (a process may use cuda:1 without set_device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return _FlashAttention.apply(q, k, v, causal, k_lens, sm_scale)
+        return _FlashAttention.apply(q, k, v, causal, k_lens, q_lens, sm_scale)
 
 # -----------------------------------------------------------------------------
 # the entry point
 
-def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None):
+def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None, q_lens=None):
     """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module
     docstring."""
-    _check(q, k, v, k_lens)
+    _check(q, k, v, k_lens, q_lens)
     backend = backend or BACKEND
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "
@@ -728,5 +755,7 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
                                                torch.bfloat16) and q.shape[-1] in HEAD_DIMS
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
-        return attention_triton(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale)
-    return attention_torch(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale)
+        return attention_triton(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale,
+                                q_lens=q_lens)
+    return attention_torch(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale,
+                           q_lens=q_lens)

@@ -201,14 +201,14 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(kv_dim, n_embd)
         self.out = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, kv=None, k_lens=None, causal=False):
+    def forward(self, x, kv=None, k_lens=None, causal=False, q_lens=None):
         kv = x if kv is None else kv
         B, Tq, C = x.shape
         Tk, H = kv.size(1), self.n_head
         q = self.query(x).view(B, Tq, H, C // H).transpose(1, 2)
         k = self.key(kv).view(B, Tk, H, C // H).transpose(1, 2)
         v = self.value(kv).view(B, Tk, H, C // H).transpose(1, 2)
-        y = attention(q, k, v, causal=causal, k_lens=k_lens)
+        y = attention(q, k, v, causal=causal, k_lens=k_lens, q_lens=q_lens)
         return self.out(y.transpose(1, 2).reshape(B, Tq, C))
 
 class EncoderBlock(nn.Module):
@@ -224,7 +224,9 @@ class EncoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, k_lens=None):
-        x = x + self.drop(self.attn(self.attn_ln(x), k_lens=k_lens))
+        # a padded batch: the padding frames are padding as queries too (zeros; the kernels skip
+        # them)
+        x = x + self.drop(self.attn(self.attn_ln(x), k_lens=k_lens, q_lens=k_lens))
         return x + self.drop(self.mlp(self.mlp_ln(x)))
 
 def mask_frames(x, lens):

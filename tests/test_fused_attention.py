@@ -10,9 +10,9 @@ Tests of fused_attention.attention against plain softmax attention computed in f
 - the kernels built for an H100 (sm_90a) ahead of time, as the JIT would build them for aligned
   tensors (no GPU needed): no register spills, shared memory within the limit, wgmma. By default
   what an H100 runs by default (forward, decoding, the default backward, their default tiles) at D =
-  64 and 128 in the heaviest variant (causal + k_lens), ~30 s the first time;
-  FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES entry x causal/k_lens variant
-  (296 builds, ~20 min the first time). Triton caches builds on disk, so later runs take seconds;
+  64 and 128 in the heaviest variants (causal + k_lens, with and without q_lens), ~45 s the first
+  time; FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES entry x causal/lengths
+  variant (440 builds, ~30 min the first time). Triton caches builds on disk, so later runs take seconds;
 - on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped
   otherwise).
 
@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # (dtype, D, Tq, Tk, causal, k_lens, layout): k_lens "pad" gives batch lengths [Tk, 0, ~Tk/3]
-# (full, empty, padded); layout "bthd" makes q, k, v strided views of a (B, T, H, D) tensor.
+# (full, empty, padded); "padq" those and query lengths [Tq/2 + 1, Tq, ~Tq/3] (rows past them are
+# padding); layout "bthd" makes q, k, v strided views of a (B, T, H, D) tensor.
 # Tq <= 16 takes the decoding path: with Tk > 32 its keys are split over programs and merged.
 CASES = []
 for causal in (False, True):
@@ -55,6 +56,16 @@ CASES += [
     ("float16", 128, 17, 33, True, "pad", "bhtd"),
 ]
 
+# query lengths (q_lens): self-attention over a padded batch, cross-attention, decoding with split
+# keys
+QLENS_CASES = [
+    ("float32", 32, 129, 129, False, "padq", "bhtd"),
+    ("float32", 32, 129, 129, True, "padq", "bthd"),
+    ("float32", 32, 100, 17, True, "padq", "bhtd"),
+    ("float32", 32, 5, 100, False, "padq", "bhtd"),
+    ("float16", 64, 129, 129, True, "padq", "bhtd"),
+]
+
 # the other code paths, on a subset: the "split" backward (dq from a kernel of its own) and the
 # forward without tensor descriptors (pointer loads: unaligned inputs, GPUs before Hopper)
 OTHER_PATH_CASES = [
@@ -64,13 +75,14 @@ OTHER_PATH_CASES = [
     ("float32", 16, 33, 70, True, "pad", "bhtd"),
     ("float16", 64, 129, 129, True, "pad", "bhtd"),
     ("float16", 32, 100, 17, True, None, "bthd"),
+    ("float32", 32, 129, 129, True, "padq", "bhtd"),
 ]
 
 # every TILES entry (the GPU's tiles) under the interpreter: entry i of each kernel's list at once,
 # on lengths that cross several 128-blocks and leave ragged ends (one head, to save time); Tq = 1
 # for the decoding tiles, whose keys are then split over programs too
-TILE_CASES = [("float32", D, Tq, Tk, True, "pad", "bthd") for D in (64, 128) for Tq,
-              Tk in ((270, 260), (1, 700))]
+TILE_CASES = [("float32", D, Tq, Tk, True, lens, "bthd") for D in (64, 128)
+              for Tq, Tk, lens in ((270, 260, "pad"), (1, 700, "pad"), (270, 270, "padq"))]
 TILE_INDICES = (0, 1, 2, 3)  # entry i of each list (its last where the list is shorter)
 
 def case_id(case):
@@ -90,8 +102,15 @@ def make_inputs(case, device="cpu", B=3, H=2):
     lens = None if k_lens is None else torch.tensor([Tk, 0, max(1, Tk // 3)][:B], device=device)
     return q, k, v, do, lens
 
-def reference(q, k, v, causal, k_lens, sm_scale):
-    """Softmax attention written out in float64; rows that see no key give 0."""
+def query_lens(case, B=3, device="cpu"):
+    """The case's q_lens ("padq"), else None."""
+    Tq = case[2]
+    return (torch.tensor([Tq // 2 + 1, Tq, max(1, Tq // 3)][:B], device=device)
+            if case[5] == "padq" else None)
+
+def reference(q, k, v, causal, k_lens, sm_scale, q_lens=None):
+    """Softmax attention written out in float64; rows that see no key give 0, and so do rows past
+    q_lens."""
     q, k, v = q.double(), k.double(), v.double()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -103,6 +122,9 @@ def reference(q, k, v, causal, k_lens, sm_scale):
     if k_lens is not None:
         ok = ok & (torch.arange(Tk, device=q.device)[None, None, None, :]
                    < k_lens.to(q.device)[:, None, None, None])
+    if q_lens is not None:
+        ok = ok & (torch.arange(Tq, device=q.device)[None, None, :, None]
+                   < q_lens.to(q.device)[:, None, None, None])
     s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(-1, keepdim=True).clamp_min(-1e300)  # -inf only on empty rows
     e = torch.exp(s - m)
@@ -115,10 +137,12 @@ def errors(case, backend, sm_scale=None, H=2):
     import fused_attention
     dtype, D, Tq, Tk, causal, k_lens, layout = case
     q, k, v, do, lens = make_inputs(case, H=H)
+    q_lens = query_lens(case)
     out = fused_attention.attention(q, k, v, causal=causal, k_lens=lens, sm_scale=sm_scale,
-                                    backend=backend)
+                                    backend=backend, q_lens=q_lens)
     grads = torch.autograd.grad(out, (q, k, v), do)
-    ref = reference(q, k, v, causal, lens, 1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
+    ref = reference(q, k, v, causal, lens, 1.0 / math.sqrt(D) if sm_scale is None else sm_scale,
+                    q_lens)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
     result = {}
     for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
@@ -129,6 +153,10 @@ def errors(case, backend, sm_scale=None, H=2):
             result[name] = float("inf")
     if lens is not None:  # batch element 1 has no keys at all: exactly zero output and gradients
         result["empty_row_max"] = max(float(x[1].detach().abs().max()) for x in (out, *grads))
+    if q_lens is not None:  # padding rows: exactly zero output and dq
+        result["padding_row_max"] = max(float(x[b, :, n:].detach().abs().sum())
+                                        for x in (out, grads[0])
+                                        for b, n in enumerate(q_lens.tolist()))
     return result
 
 TOL = {"float32": 2e-5, "float16": 5e-3}  # relative to max(1, max |reference|)
@@ -139,20 +167,22 @@ def check(case, result):
         assert result[name] < TOL[case[0]], f"{name} error {result[name]:.2e} > {TOL[case[0]]:.0e}"
     if "empty_row_max" in result:
         assert result["empty_row_max"] == 0.0
+    if case[5] == "padq":
+        assert result["padding_row_max"] == 0.0
 
 # -----------------------------------------------------------------------------
 # Triton kernels under the interpreter (one subprocess for all cases)
 
 def skip_if_interpreter_too_old(stderr):
-    """Triton 3.6's interpreter (3.9's does not) takes a loop bound computed in a kernel as int() of a
-    1-element array, which recent numpy refuses: it cannot run these kernels at all. Such a Triton
-    still compiles them for a GPU, where test_gpu_kernel_vs_sdpa checks them."""
+    """Triton 3.6's interpreter (not 3.9's) takes a loop bound computed in a kernel as int() of a
+    1-element array, which recent numpy refuses: it cannot run these kernels at all. Such a
+    Triton still compiles them for a GPU, where test_gpu_kernel_vs_sdpa checks them."""
     if "only 0-dimensional arrays can be converted to Python scalars" in stderr:
         import numpy
         import triton
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run these kernels with numpy "
-                    f"{numpy.__version__} (a loop bound read as int() of a 1-element array); "
-                    f"triton 3.9.0's can")
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run these kernels with "
+                    f"numpy {numpy.__version__} (a loop bound read as int() of a 1-element "
+                    f"array); triton 3.9.0's can")
 
 @pytest.fixture(scope="module")
 def interpreter_results():
@@ -166,6 +196,10 @@ def interpreter_results():
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_triton_interpreter(case, interpreter_results):
+    check(case, interpreter_results[case_id(case)])
+
+@pytest.mark.parametrize("case", QLENS_CASES, ids=case_id)
+def test_triton_interpreter_query_lengths(case, interpreter_results):
     check(case, interpreter_results[case_id(case)])
 
 @pytest.mark.parametrize("case", OTHER_PATH_CASES, ids=case_id)
@@ -197,7 +231,8 @@ def test_torch_path_scale_zero_or_negative(case, sm_scale):
 
 # causal, no k_lens, 1 < Tq < Tk: several new queries over a cache (bottom-right, not SDPA's
 # top-left is_causal)
-@pytest.mark.parametrize("case", CASES + [("float32", 32, 9, 40, True, None, "bhtd")], ids=case_id)
+@pytest.mark.parametrize("case", CASES + QLENS_CASES + [("float32", 32, 9, 40, True, None, "bhtd")],
+                         ids=case_id)
 def test_torch_path(case):
     check(case, errors(case, "torch"))
 
@@ -252,6 +287,10 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(q, q, q, k_lens=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="boolean"):  # would otherwise pass as lengths 1 and 0
         fused_attention.attention(q, q, q, k_lens=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="q_lens must be an integer tensor of shape"):
+        fused_attention.attention(q, q, q, q_lens=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="q_lens holds query counts"):
+        fused_attention.attention(q, q, q, q_lens=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="backend"):
         fused_attention.attention(q, q, q, backend="cudnn")
     with pytest.raises(ValueError, match="sm_scale must be a number, got '0.1'"):
@@ -332,7 +371,7 @@ def _build_cases():
     if os.environ.get("FUSED_ATTENTION_PTXAS") == "all":
         return bench_attention.ptxas_cases()
     # what an H100 runs by default (forward, decoding, the default backward; default tiles) in the
-    # heaviest variant (causal + k_lens), and the fixed kernels
+    # heaviest variants (causal + k_lens, causal + k_lens + q_lens), and the fixed kernels
     return [c for c in bench_attention.ptxas_cases((64, 128), tiles="default")
             if c[4] is None or (c[2] and c[3]
                                 and c[0] in ("fwd", "decode") + _default_backward(c[1]))]
@@ -343,16 +382,17 @@ def _default_backward(D):
     return ("dkdv_atomic",) if fused_attention._backward_mode(D) == "atomic" else ("dkdv", "dq")
 
 def _build_id(case):
-    name, D, causal, k_lens, tile = case
-    return (f"{name}-D{D}-{'causal' if causal else 'full'}-{'lens' if k_lens else 'nolens'}-"
+    name, D, causal, lens, tile = case
+    lens = {False: "nolens", True: "klens", "q": "kqlens"}[lens]
+    return (f"{name}-D{D}-{'causal' if causal else 'full'}-{lens}-"
             + ("x".join(map(str, tile)) if tile else "fixed"))
 
 @pytest.mark.parametrize("case", _build_cases(), ids=_build_id)
 def test_h100_build(case):
     ba = _aot()
     import fused_attention
-    name, D, causal, k_lens, tile = case
-    r = ba.ptxas_report(name, D, causal, k_lens, tile)
+    name, D, causal, lens, tile = case
+    r = ba.ptxas_report(name, D, causal, lens, tile)
     assert r["spill"] == 0, f"{r['spill']} bytes of register spills ({r['regs']} registers)"
     assert r["smem"] <= ba.SM90_SHARED_LIMIT, f"{r['smem']} bytes of shared memory"
     if name in ("fwd", "decode"):
@@ -378,7 +418,7 @@ def test_builds_with_fp64_scales_as_torch_compile_passes_them():
     ba = _aot()
     for name in ("fwd", "decode", "dkdv_atomic", "dkdv", "dq"):
         for D in (64, 128):
-            kernel, args, kwargs = ba.recorded_launches(D, "bfloat16", True, True)[name]
+            kernel, args, kwargs = ba.recorded_launches(D, "bfloat16", True, "q")[name]
             m, n, warps, stages = fused_attention._tiles(name, D)[0]
             kwargs = dict(kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
             ptx = ba.compile_for_h100(kernel, args, kwargs, float_type="fp64").asm["ptx"]
@@ -413,9 +453,10 @@ def test_bf16_and_fp16_builds_share_one_source():
 # -----------------------------------------------------------------------------
 # the compiled kernels on a GPU, against SDPA (skipped without CUDA)
 
+# lens: False, True (k_lens) or "q" (k_lens and q_lens)
 GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128)
              for (Tq, Tk) in ((1, 1000), (5, 3000), (1037, 1037), (1037, 2100), (256, 77))
-             for causal in (False, True) for lens in (False, True)]
+             for causal in (False, True) for lens in (False, True, "q")]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # False: pointer loads
@@ -434,14 +475,18 @@ def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatc
     q, k, v, do, k_lens = make_inputs(case, device="cuda", B=4, H=4)
     if k_lens is not None:
         k_lens = torch.tensor([Tk, 0, Tk // 3, 1], device="cuda")
+    q_lens = torch.tensor([Tq // 2 + 1, Tq, Tq // 3, 0], device="cuda") if lens == "q" else None
     # the float32 PyTorch path is the reference; SDPA in low precision (with the equivalent mask)
     # shows how much error that precision costs; ours may have at most 2x that, plus a small floor
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = fused_attention.attention(q32, k32, v32, causal=causal, k_lens=k_lens, backend="torch")
+    ref = fused_attention.attention(q32, k32, v32, causal=causal, k_lens=k_lens, backend="torch",
+                                    q_lens=q_lens)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
-    ours = fused_attention.attention(q, k, v, causal=causal, k_lens=k_lens, backend="triton")
+    ours = fused_attention.attention(q, k, v, causal=causal, k_lens=k_lens, backend="triton",
+                                     q_lens=q_lens)
     ours_grads = torch.autograd.grad(ours, (q, k, v), do)
-    sdpa = fused_attention.attention(q, k, v, causal=causal, k_lens=k_lens, backend="torch")
+    sdpa = fused_attention.attention(q, k, v, causal=causal, k_lens=k_lens, backend="torch",
+                                     q_lens=q_lens)
     sdpa_grads = torch.autograd.grad(sdpa, (q, k, v), do)
     floor = {"bfloat16": 1e-2, "float16": 2e-3}[dtype]
     for name, o, s, r in zip(("out", "dq", "dk", "dv"), (ours, *ours_grads), (sdpa, *sdpa_grads),
@@ -459,11 +504,12 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
     # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
     small_tiles = dict(fused_attention.INTERPRETER_TILES)
-    runs = [("", "auto", True, CASES, small_tiles, None, 2),
+    runs = [("", "auto", True, CASES + QLENS_CASES, small_tiles, None, 2),
             ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
             ("scale-", "auto", True, CASES[-1:], small_tiles, -0.2, 2)]
     for i in TILE_INDICES:
-        for D, cases in ((64, TILE_CASES[:2]), (128, TILE_CASES[2:])):
+        for D in (64, 128):
+            cases = [c for c in TILE_CASES if c[1] == D]
             kernel_tiles = {name: fused_attention._tiles(name, D) for name in small_tiles}
             tiles = {name: entries[min(i, len(entries) - 1)][:2]
                      for name, entries in kernel_tiles.items()}
