@@ -295,12 +295,12 @@ def benchmark(args):
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         eta = (time.time() - t0) / (i + 1) * (len(configs) - i - 1)
         print(lines[-1], f"  [{i + 1}/{len(configs)}, eta {eta:.0f}s]", flush=True)
-    if args.autotune:  # which tiles the autotuner picked, per (D, causal, k_lens, Tq bucket, Tk
-                       # bucket)
+    if args.autotune:  # which tiles the autotuner picked, per (D, causal, k_lens, q_lens, Tq
+                       # bucket, Tk bucket)
         picks = ["", "autotuner picks (BLOCK_M, BLOCK_N, warps, stages):", ""]
         for name, tuned in fused_attention.TUNED.items():
             for key, cfg in tuned.cache.items():
-                picks.append(f"- {name} {key[:5]}: {cfg.kwargs['BLOCK_M']}, "
+                picks.append(f"- {name} {key[:6]}: {cfg.kwargs['BLOCK_M']}, "
                              f"{cfg.kwargs['BLOCK_N']}, {cfg.num_warps}, {cfg.num_stages}")
         print("\n".join(picks))
         lines += picks

@@ -9,8 +9,9 @@ number of valid keys per batch element: keys at positions >= k_lens[b] are ignor
 clamped to [0, Tk]). q_lens, likewise, the number of valid queries: rows at positions >= q_lens[b]
 are padding, return zeros and pass zero gradient, and the kernels skip them (self-attention over a
 padded batch passes the same lengths as both). With causal=True the mask is aligned bottom-right:
-query i sees keys j <= i + Tk - Tq (what a KV cache needs). sm_scale defaults to 1/sqrt(D). A query
-that sees no key at all returns zeros and passes zero gradient.
+query i sees keys j <= i + Tk - Tq (what a KV cache needs), Tq and Tk the padded sizes whatever the
+lengths. sm_scale defaults to 1/sqrt(D). A query that sees no key at all returns zeros and passes
+zero gradient.
 
 Two implementations of the same function:
 - "triton": our FlashAttention-2 style kernels (forward + backward) for CUDA tensors in fp16/bf16,
@@ -80,7 +81,7 @@ def _check(q, k, v, k_lens, q_lens=None):
 # -----------------------------------------------------------------------------
 # the PyTorch path
 
-def _mask(Tq, Tk, causal, k_lens, device, q_lens=None):
+def _mask(Tq, Tk, causal, k_lens, device):
     """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked."""
     mask = None
     if causal:
@@ -91,18 +92,22 @@ def _mask(Tq, Tk, causal, k_lens, device, q_lens=None):
         valid = torch.arange(Tk, device=device)[None, :] < k_lens.to(device)[:, None]  # (B, Tk)
         valid = valid[:, None, None, :]
         mask = valid if mask is None else (mask & valid)
-    if q_lens is not None:  # padded query rows see nothing
-        valid = torch.arange(Tq, device=device)[None, :] < q_lens.to(device)[:, None]  # (B, Tq)
-        valid = valid[:, None, :, None]
-        mask = valid if mask is None else (mask & valid)
     return mask
 
 def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=None):
     Tq, Tk = q.shape[2], k.shape[2]
-    if causal and k_lens is None and q_lens is None and Tq in (1, Tk):
+    if q_lens is not None:
+        # padding rows: zero queries in (no NaN or inf from them reaches k and v), zeros out, zero
+        # gradient; cheaper than a (B, 1, Tq, Tk) mask
+        real = (torch.arange(Tq, device=q.device)[None, :]
+                < q_lens.to(q.device)[:, None])[:, None, :, None]  # (B, 1, Tq, 1)
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        y = attention_torch(torch.where(real, q, zero), k, v, causal, k_lens, sm_scale)
+        return torch.where(real, y, zero)
+    if causal and k_lens is None and Tq in (1, Tk):
         # one new query (a KV-cache step) sees every key: no mask to build
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=sm_scale)
-    mask = _mask(Tq, Tk, causal, k_lens, q.device, q_lens)
+    mask = _mask(Tq, Tk, causal, k_lens, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
     # rows that see no key: let them attend to everything (finite softmax, no NaN in forward or
@@ -304,7 +309,7 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                    stride_dt, lo, hi, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale,
+                    stride_dt, lo, hi, offs_n, offs_d, n_rows, klen, diag, sm_scale, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes.
@@ -313,8 +318,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
     # first four.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m < Tq  # rows past Tq load as zeros: p = 1 there, but with dO = 0 and delta = 0
-                            # they add nothing
+        # rows past n_rows (Tq, or the query length) load as zeros: p = 1 there, but with dO = 0
+        # and delta = 0 they add nothing (and padding rows' NaN or inf cannot reach dk, dv)
+        rows = offs_m < n_rows
         qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :],
                      other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None],
@@ -378,17 +384,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
     # a block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0); a
     # block that crosses klen needs the mask on every row block, one wholly inside klen only up to
     # mid
-    q_end = tl.where(klen > start_n, Tq, 0)
-    if HAS_QLENS:  # padding rows have lse = +inf, so p = 0: their blocks are left out
-        q_end = tl.minimum(q_end, _length(QLENS, off_b, Tq, HAS_QLENS))
+    qlen = _length(QLENS, off_b, Tq, HAS_QLENS)  # padding rows (past qlen): blocks left out
+    q_end = tl.where(klen > start_n, qlen, 0)
     mid = tl.where(klen >= start_n + BLOCK_N, tl.minimum(mid, q_end), q_end)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_dt,
-                             lo, mid, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, True,
+                             lo, mid, offs_n, offs_d, qlen, klen, diag, sm_scale, qk_scale, True,
                              CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_dt,
-                             mid, q_end, offs_n, offs_d, Tq, klen, diag, sm_scale, qk_scale, False,
+                             mid, q_end, offs_n, offs_d, qlen, klen, diag, sm_scale, qk_scale,
+                             False,
                              CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk = dk * sm_scale
     out = offs_n[:, None] < Tk
@@ -442,8 +448,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
     diag = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m < Tq  # rows past Tq: q = dO = 0, lse = delta = 0, so their ds is 0 and nothing is
-                        # stored
+    qlen = _length(QLENS, off_b, Tq, HAS_QLENS)
+    # rows past qlen (padding) or Tq load as zeros: ds = 0 there, so padding rows get dq = 0
+    rows = offs_m < qlen
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh
                 + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
     do = tl.load(DO + off_b * stride_db + off_h * stride_dh
@@ -454,8 +461,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
     v_base = V + off_b * stride_vb + off_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
-    if HAS_QLENS:  # a block of padding rows only: dq = 0 (lse = +inf makes it so in any block)
-        hi = tl.where(start_m < _length(QLENS, off_b, Tq, HAS_QLENS), hi, 0)
+    if HAS_QLENS:  # a block of padding rows only visits no key
+        hi = tl.where(start_m < qlen, hi, 0)
         full = tl.minimum(full, hi)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m,
                        offs_d, klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
@@ -464,7 +471,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh
              + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rows[:, None])
+             dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Tq)
 
 # Triton's interpreter runs kernels on CPU tensors (how the tests check them without a GPU); it is
 # chosen when TRITON_INTERPRET=1 is set before this module is imported.
@@ -473,9 +480,10 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # Launch configurations: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head
 # dim (D <= 64 shares the D = 64 row). Every entry builds for the H100 without register spills and
 # within its shared memory (`python bench_attention.py --ptxas`; docs/fused_attention.md). The
-# autotuner times all of a list, once per (D, causal, k_lens, dtype, power-of-two bucket of Tq and
-# Tk); the first entry, the fixed default (FUSED_ATTENTION_AUTOTUNE=0), is the autotuner's most
-# frequent pick on an H200 (bench_attention.py, two runs). The decoding tiles were not timed.
+# autotuner times all of a list, once per (D, causal, k_lens, q_lens, dtype, power-of-two bucket of
+# Tq and Tk); the first entry, the fixed default (FUSED_ATTENTION_AUTOTUNE=0), is the autotuner's
+# most frequent pick on an H200 (bench_attention.py, two runs; for dQ at D <= 64 a tie: 128x64 for
+# the non-causal keys, 64x64 for the causal ones). The decoding tiles were not timed.
 # "decode" is the forward for Tq <= DECODE_MAX_Q.
 TILES = {
     ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],

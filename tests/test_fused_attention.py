@@ -12,7 +12,8 @@ Tests of fused_attention.attention against plain softmax attention computed in f
   what an H100 runs by default (forward, decoding, the default backward, their default tiles) at D =
   64 and 128 in the heaviest variants (causal + k_lens, with and without q_lens), ~45 s the first
   time; FUSED_ATTENTION_PTXAS=all builds every kernel x head dim x TILES entry x causal/lengths
-  variant (440 builds, ~30 min the first time). Triton caches builds on disk, so later runs take seconds;
+  variant (440 builds, 5-30 min the first time). Triton caches builds on disk, so later runs take
+  seconds;
 - on a CUDA machine, the compiled kernels against PyTorch's SDPA in bf16 and fp16 (skipped
   otherwise).
 
@@ -36,7 +37,8 @@ sys.path.insert(0, ROOT)
 
 # (dtype, D, Tq, Tk, causal, k_lens, layout): k_lens "pad" gives batch lengths [Tk, 0, ~Tk/3]
 # (full, empty, padded); "padq" those and query lengths [Tq/2 + 1, Tq, ~Tq/3] (rows past them are
-# padding); layout "bthd" makes q, k, v strided views of a (B, T, H, D) tensor.
+# padding); "q" query lengths alone, [0, Tq + 5, Tq/2 + 1] (all padding, clamped to Tq, partial);
+# layout "bthd" makes q, k, v strided views of a (B, T, H, D) tensor.
 # Tq <= 16 takes the decoding path: with Tk > 32 its keys are split over programs and merged.
 CASES = []
 for causal in (False, True):
@@ -64,10 +66,13 @@ QLENS_CASES = [
     ("float32", 32, 100, 17, True, "padq", "bhtd"),
     ("float32", 32, 5, 100, False, "padq", "bhtd"),
     ("float16", 64, 129, 129, True, "padq", "bhtd"),
+    ("float32", 32, 129, 129, True, "q", "bthd"),
+    ("float32", 32, 5, 100, True, "q", "bhtd"),
 ]
 
-# the other code paths, on a subset: the "split" backward (dq from a kernel of its own) and the
-# forward without tensor descriptors (pointer loads: unaligned inputs, GPUs before Hopper)
+# the other code paths, on a subset: the backward that is not the default at D <= 64 ("atomic": dq
+# by atomic adds from the dk/dv kernel) and the forward without tensor descriptors (pointer loads:
+# unaligned inputs, GPUs before Hopper)
 OTHER_PATH_CASES = [
     ("float32", 32, 100, 17, True, "pad", "bhtd"),
     ("float32", 32, 1, 100, False, "pad", "bhtd"),
@@ -99,14 +104,17 @@ def make_inputs(case, device="cpu", B=3, H=2):
         return x.requires_grad_()
     q, k, v = rand(Tq), rand(Tk), rand(Tk)
     do = torch.randn(B, H, Tq, D, generator=g).to(device=device, dtype=getattr(torch, dtype))
-    lens = None if k_lens is None else torch.tensor([Tk, 0, max(1, Tk // 3)][:B], device=device)
+    lens = (None if k_lens in (None, "q") else
+            torch.tensor([Tk, 0, max(1, Tk // 3)][:B], device=device))
     return q, k, v, do, lens
 
 def query_lens(case, B=3, device="cpu"):
     """The case's q_lens ("padq"), else None."""
-    Tq = case[2]
-    return (torch.tensor([Tq // 2 + 1, Tq, max(1, Tq // 3)][:B], device=device)
-            if case[5] == "padq" else None)
+    Tq, lens = case[2], case[5]
+    if lens not in ("padq", "q"):
+        return None
+    n = [Tq // 2 + 1, Tq, max(1, Tq // 3)] if lens == "padq" else [0, Tq + 5, Tq // 2 + 1]
+    return torch.tensor(n[:B], device=device)
 
 def reference(q, k, v, causal, k_lens, sm_scale, q_lens=None):
     """Softmax attention written out in float64; rows that see no key give 0, and so do rows past
@@ -167,7 +175,7 @@ def check(case, result):
         assert result[name] < TOL[case[0]], f"{name} error {result[name]:.2e} > {TOL[case[0]]:.0e}"
     if "empty_row_max" in result:
         assert result["empty_row_max"] == 0.0
-    if case[5] == "padq":
+    if case[5] in ("padq", "q"):
         assert result["padding_row_max"] == 0.0
 
 # -----------------------------------------------------------------------------
@@ -203,7 +211,7 @@ def test_triton_interpreter_query_lengths(case, interpreter_results):
     check(case, interpreter_results[case_id(case)])
 
 @pytest.mark.parametrize("case", OTHER_PATH_CASES, ids=case_id)
-def test_triton_interpreter_split_backward_pointer_forward(case, interpreter_results):
+def test_triton_interpreter_other_backward_pointer_forward(case, interpreter_results):
     check(case, interpreter_results["other-" + case_id(case)])
 
 @pytest.mark.parametrize("bwd", ["atomic", "split"])
@@ -216,6 +224,32 @@ def test_triton_interpreter_negative_scale(interpreter_results):
     # the kernels take the row max on raw scores: a negative scale must still give the softmax of s
     # * scale
     check(CASES[-1], interpreter_results["scale-" + case_id(CASES[-1])])
+
+def nan_in_padding_rows(backend):
+    """Largest difference of out, dq, dk, dv when the padding rows of q and dO hold NaN and inf
+    instead of zeros: 0.0 if nothing of them leaks."""
+    import fused_attention
+    case = ("float32", 32, 40, 40, True, "padq", "bhtd")
+    q, k, v, do, lens = make_inputs(case)
+    q_lens = query_lens(case)
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        qf, dof = q.detach().clone(), do.clone()
+        for b, n in enumerate(q_lens.tolist()):
+            qf[b, :, n:], dof[b, :, n:] = fill, fill
+        qf.requires_grad_()
+        out = fused_attention.attention(qf, k, v, causal=True, k_lens=lens, q_lens=q_lens,
+                                        backend=backend)
+        results.append([out, *torch.autograd.grad(out, (qf, k, v), dof)])
+    return max(float((a - b).detach().abs().max()) if torch.isfinite(b).all() else float("inf")
+               for other in results[1:] for a, b in zip(results[0], other))
+
+def test_triton_interpreter_padding_rows_do_not_leak(interpreter_results):
+    for bwd in ("atomic", "split"):
+        assert interpreter_results[f"nan-padding-{bwd}"] == 0.0, bwd
+
+def test_torch_path_padding_rows_do_not_leak():
+    assert nan_in_padding_rows("torch") == 0.0
 
 def test_triton_interpreter_key_counts_past_int32(interpreter_results):
     assert interpreter_results["huge-klens"]["max_diff"] < 1e-5
@@ -505,7 +539,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
     small_tiles = dict(fused_attention.INTERPRETER_TILES)
     runs = [("", "auto", True, CASES + QLENS_CASES, small_tiles, None, 2),
-            ("other-", "split", False, OTHER_PATH_CASES, small_tiles, None, 2),
+            ("other-", "atomic", False, OTHER_PATH_CASES, small_tiles, None, 2),
             ("scale-", "auto", True, CASES[-1:], small_tiles, -0.2, 2)]
     for i in TILE_INDICES:
         for D in (64, 128):
@@ -536,4 +570,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     ours, theirs = (fused_attention.attention(q, k, v, k_lens=lens, backend=b).detach()
                     for b in ("triton", "torch"))
     results["huge-klens"] = {"max_diff": float((ours - theirs).abs().max())}
+    for bwd in ("atomic", "split"):
+        fused_attention.BWD = bwd
+        results[f"nan-padding-{bwd}"] = nan_in_padding_rows("triton")
     print(json.dumps(results))
