@@ -5,6 +5,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,6 +94,35 @@ def test_shapes_through_every_part():
     # padding changes nothing: the short clip alone gives the same audio tokens
     alone, _ = m.encode_audio(mel[1:, :20], lens[1:])
     assert torch.allclose(alone[0], audio[1, :6], atol=1e-5)
+
+def test_encoders_through_the_triton_kernels_match_pytorch_attention():
+    """On a GPU the encoders' padded self-attention runs our Triton kernels (k_lens and q_lens);
+    run under Triton's interpreter, they give what PyTorch's attention gives, outputs and
+    gradients, padding frames included."""
+    from test_fused_attention import skip_if_interpreter_too_old
+    script = """
+import torch, salmonn, fused_attention as fa
+torch.manual_seed(0)
+mel, lens = torch.randn(3, 150, 64), torch.tensor([150, 61, 97])
+for m in (salmonn.SpeechEncoder(64, 64, 2, 2, 0.0), salmonn.AudioEncoder(64, 64, 2, 2, 16, 0.0)):
+    res = []
+    for backend in ("torch", "triton"):
+        fa.BACKEND = backend
+        m.zero_grad()
+        out = m(mel, lens)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).sum().backward()
+        res.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*res):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, float(a.abs().max())), type(m).__name__
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+                                PYTHONPATH=root), timeout=300)
+    if p.returncode != 0:
+        skip_if_interpreter_too_old(p.stderr)
+    assert p.returncode == 0, p.stderr[-3000:]
 
 @torch.no_grad()
 def test_n_audio_tokens_counts_what_the_encoder_gives():
