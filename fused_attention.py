@@ -149,10 +149,12 @@ def _row_block(n_blocks, H, REVERSE: tl.constexpr):
     return block, off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
 
 @triton.jit
-def _key_range(start_m, klen, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _key_range(start_m, klen, qlen, diag, CAUSAL: tl.constexpr, HAS_QLENS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [0, full) are seen by every row of the query tile at start_m (full: a multiple of
-    BLOCK_N), keys [0, hi) by at least one."""
+    BLOCK_N), keys [0, hi) by at least one; a tile of padding rows only (past qlen) sees none."""
+    if HAS_QLENS:
+        klen = tl.where(start_m < qlen, klen, 0)
     if CAUSAL:
         hi = tl.minimum(klen, start_m + BLOCK_M + diag)
         full = tl.maximum(tl.minimum(klen, start_m + 1 + diag), 0)
@@ -232,11 +234,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS, QLENS,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
     qlen = _length(QLENS, off_b, Tq, HAS_QLENS)  # rows >= qlen are padding
-    if HAS_QLENS:  # a block of padding rows only visits no key
-        hi = tl.where(start_m < qlen, hi, 0)
-        full = tl.minimum(full, hi)
+    full, hi = _key_range(start_m, klen, qlen, diag, CAUSAL, HAS_QLENS, BLOCK_M, BLOCK_N)
     lo = 0
     if SPLIT:  # flash-decoding: this program takes keys [lo, lo + keys_per_split) only (a multiple
                # of BLOCK_N)
@@ -460,10 +459,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full, hi = _key_range(start_m, klen, diag, CAUSAL, BLOCK_M, BLOCK_N)
-    if HAS_QLENS:  # a block of padding rows only visits no key
-        hi = tl.where(start_m < qlen, hi, 0)
-        full = tl.minimum(full, hi)
+    full, hi = _key_range(start_m, klen, qlen, diag, CAUSAL, HAS_QLENS, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m,
                        offs_d, klen, diag, qk_scale, False, CAUSAL, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
