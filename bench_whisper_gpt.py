@@ -12,7 +12,8 @@ so that the peaks do not mix. On a GPU both parts run under bfloat16 autocast, a
 sample.py do there.
 Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip,
 sampled with top-k 50, timed
-  - with the KV cache (model.generate, as sample.py does), and
+  - with the KV cache (model.generate, as sample.py does), on a GPU also with its steps replayed
+    from one CUDA graph (cuda_graph=True), and
   - by full recomputation: every step runs the whole current window again (the same windows
     and restarts),
 for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec decodes the new
@@ -180,6 +181,8 @@ def generate_table():
             return wrapped
 
         ways = ("KV cache", "recompute") + (("KV cache, dense codec",) if config.use_mel else ())
+        if device.startswith("cuda"):  # the steps replayed from one CUDA graph
+            ways += ("KV cache, CUDA graph",)
         for way in ways:
             mel_seconds[0] = 0.0
             mel_tools = dense_tools if way.endswith("dense codec") else tools
@@ -189,7 +192,8 @@ def generate_table():
             t0 = time.perf_counter()
             with autocast():
                 if way.startswith("KV cache"):
-                    out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g)
+                    out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g,
+                                         cuda_graph=way.endswith("CUDA graph"))
                 else:
                     out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
             sync()
@@ -213,6 +217,13 @@ def generate_table():
                  f"{times[('hybrid', 'KV cache')] / times[('s', 'KV cache')]:.2f}x (goal <= 2x); "
                  f"with a dense codec (a pretrained EnCodec's cost): "
                  f"{times[('hybrid', 'KV cache, dense codec')] / times[('s', 'KV cache')]:.2f}x")
+    if device.startswith("cuda"):
+        for name, label in MODELS[:2]:
+            lines.append(f"- {label}, CUDA graph: "
+                         f"{times[(name, 'recompute')] / times[(name, 'KV cache, CUDA graph')]:.1f}x "
+                         f"faster than recomputation")
+        lines.append(f"- hybrid / token-only, both CUDA graphs: "
+                     f"{times[('hybrid', 'KV cache, CUDA graph')] / times[('s', 'KV cache, CUDA graph')]:.2f}x")
     return lines
 
 # -----------------------------------------------------------------------------

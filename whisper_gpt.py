@@ -93,19 +93,27 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if cache is not None:  # KV cache: this window's keys/values so far
+        k_lens = None
+        if cache is not None and "pos" in cache:
+            # one step at a position held in a tensor (generate's CUDA graph replays it at every
+            # position): its key and value written there, the keys past it masked by length
+            cache["k"].index_copy_(2, cache["pos"], k)
+            cache["v"].index_copy_(2, cache["pos"], v)
+            k, v, k_lens = cache["k"], cache["v"], (cache["pos"] + 1).expand(B)
+        elif cache is not None:  # KV cache: this window's keys/values so far
             # buffers of a whole window, filled in place: growing them by torch.cat would copy the
             # cache at every step
             n = cache.get("n", 0)
-            if n == 0:
-                cache["k"] = k.new_empty(B, self.n_head, cache["size"], C // self.n_head)
-                cache["v"] = torch.empty_like(cache["k"])
+            if "k" not in cache:  # zeros: a step that reads the whole window masks what is past
+                # its position, and uninitialised memory there could hold NaN (0 * NaN = NaN)
+                cache["k"] = k.new_zeros(B, self.n_head, cache["size"], C // self.n_head)
+                cache["v"] = torch.zeros_like(cache["k"])
             cache["k"][:, :, n:n + T] = k
             cache["v"][:, :, n:n + T] = v
             cache["n"] = n = n + T
             k, v = cache["k"][:, :, :n], cache["v"][:, :, :n]
         # causal with Tq < Tk is aligned bottom-right: the new queries see all cached keys
-        y = attention(q, k, v, causal=True)
+        y = attention(q, k, v, causal=k_lens is None, k_lens=k_lens)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -197,13 +205,17 @@ class WhisperGPT(nn.Module):
     def decode(self, codes, mel_in=None, caches=None, pos0=0):
         """The network proper. codes (B, T) coarse tokens, mel_in (B, T, n_mels) the frames the
         steps see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0:
-        position of codes[:, 0] in the window. Returns logits (B, T, vocab_size)."""
+        position of codes[:, 0] in the window (an int, or for one step on caches holding "pos", that
+        (1,) tensor). Returns logits (B, T, vocab_size)."""
         c = self.config
         B, T = codes.shape
-        if pos0 + T > c.block_size:
+        if torch.is_tensor(pos0):
+            pos = pos0  # a captured step's position: read on the device, never by the host
+        elif pos0 + T > c.block_size:
             raise ValueError(f"whisper_gpt: sequence of {pos0 + T} frames is longer than "
                              f"block_size {c.block_size}")
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=codes.device)
+        else:
+            pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=codes.device)
         x = self.wte(codes)
         if c.use_mel:
             m = self.mel_in(mel_in.to(self.mel_in.weight.dtype)) + self.mel_wpe(pos)
@@ -220,6 +232,48 @@ class WhisperGPT(nn.Module):
     def new_caches(self):
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
+
+    def graphed_step(self, caches, codes, mel_in, pos0):
+        """The one-token decode step on caches (filled by a decode of the window so far) as a
+        function (codes (B, 1), mel_in (B, 1, n_mels) or None, position) -> logits (B, vocab_size).
+        Its position lives in a tensor, so the step is the same kernels at every position; on a
+        GPU they are captured once in a CUDA graph and replayed: one launch per token instead of
+        one per op, which bound a small model's decoding there. Built with the first step's inputs
+        (capturing runs the step, and so writes its key and value, which the step then writes
+        again)."""
+        pos = torch.tensor([pos0], device=codes.device)
+        steps = [{"k": cache["k"], "v": cache["v"], "pos": pos} for cache in caches]
+        codes_in, mel = codes.clone(), None if mel_in is None else mel_in.clone()
+        dev = codes.device.type
+        # casts recorded in the graph, not cached by autocast outside it
+        amp = torch.autocast(dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev),
+                             cache_enabled=False)
+
+        def run():
+            with amp:
+                return self.decode(codes_in, mel, steps, pos)[:, -1]
+
+        graph = None
+        if codes.is_cuda:
+            side = torch.cuda.Stream(codes.device)  # warm-up (kernels built) off the capture
+            side.wait_stream(torch.cuda.current_stream(codes.device))
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream(codes.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = run()
+
+        def step(new_codes, new_mel, position):
+            codes_in.copy_(new_codes)
+            if mel is not None:
+                mel.copy_(new_mel)
+            pos.fill_(position)
+            if graph is None:
+                return run()
+            graph.replay()
+            return logits
+        return step
 
     def forward(self, codes, mels=None, targets=None):
         """codes (B, T) coarse tokens, mels (B, T, n_mels) mel frames aligned with the codes (hybrid
@@ -238,13 +292,15 @@ class WhisperGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None,
-                 mel_fn=None, generator=None):
+                 mel_fn=None, generator=None, cuda_graph=False):
         """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.
         Hybrid (B = 1: the generated audio is decoded as one stream): mels (1, T, n_mels) are the
         prompt's first T frames, T0 - mel_lag <= T <= T0, and mel_fn(codes (1, T), j) -> (1,
         n_mels) gives each later mel frame j; it is called once per new token, when frame j is
         complete (codes up to j + mel_lag exist). temperature 0 = greedy.
         Context longer than block_size: the window restarts on its last block_size // 2 frames.
+        cuda_graph: the one-token steps run as graphed_step (on a GPU, replays of one CUDA graph;
+        elsewhere the same step run eagerly); the same tokens.
         Returns (B, T0 + max_new_tokens)."""
         c = self.config
         lag = c.mel_lag
@@ -269,7 +325,7 @@ class WhisperGPT(nn.Module):
             return torch.stack([frames[t - lag] if t - lag >= start else z for t in range(t0, t1)],
                                dim=1)
 
-        caches = self.new_caches()
+        caches, step = self.new_caches(), None
         logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
                              caches)[:, -1]
         for i in range(max_new_tokens):
@@ -289,14 +345,19 @@ class WhisperGPT(nn.Module):
             if c.use_mel and t - lag >= len(frames):  # the frame this step sees is a generated one
                 assert t - lag == len(frames)
                 frames.append(mel_fn(seq, t - lag))
+            mel_in = mel_inputs(t, t + 1) if c.use_mel and t - start < c.block_size else None
             if t - start >= c.block_size:  # window full: restart it on the recent half
                 start = t + 1 - c.block_size // 2
-                caches = self.new_caches()
+                for cache in caches:  # the same buffers, filled anew (a graphed step reads them)
+                    cache["n"] = 0
                 logits = self.decode(seq[:, start:],
                                      mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
+            elif cuda_graph:
+                if step is None:
+                    step = self.graphed_step(caches, nxt, mel_in, t - start)
+                logits = step(nxt, mel_in, t - start)
             else:
-                logits = self.decode(nxt, mel_inputs(t, t + 1) if c.use_mel else None, caches,
-                                     pos0=t - start)[:, -1]
+                logits = self.decode(nxt, mel_in, caches, pos0=t - start)[:, -1]
         return seq
 
 # the names train.py, sample.py and eval.py use
@@ -480,13 +541,14 @@ def incremental_mel(tools, lag):
     return mel_fn
 
 SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_frames": 0,
-               "seed": -1}
+               "seed": -1, "cuda_graph": False}
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
     """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (frames at 75/s).
     Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames
-    of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG).
+    of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG),
+    cuda_graph (generate's one-token steps replayed from a CUDA graph on a GPU).
     Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the
     prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 0.75
     kbps, the other residual codebooks left out, not zero-filled). The prompt's mels are those the
@@ -501,6 +563,9 @@ def sample(model, tok, audio, prompt, tools, **opts):
                        ("prompt_frames", 0), ("seed", -1)):
         if o[key] < least:
             raise ValueError(f"whisper_gpt.sample: {key}={o[key]}: must be at least {least}")
+    if not isinstance(o["cuda_graph"], bool):
+        raise ValueError(f"whisper_gpt.sample: cuda_graph={o['cuda_graph']!r}: must be True or "
+                         f"False")
     if prompt:
         raise ValueError("whisper_gpt.sample: Whisper-GPT continues audio and takes no text prompt")
     c = model.config
@@ -523,6 +588,6 @@ def sample(model, tok, audio, prompt, tools, **opts):
         generator = torch.Generator(device=device).manual_seed(o["seed"])
     mel_fn = incremental_mel(tools, c.mel_lag) if c.use_mel else None
     out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None,
-                         mel_fn, generator)
+                         mel_fn, generator, o["cuda_graph"])
     return {"codes": out[0, codes.size(1):, None].cpu(),
             "prompt_codes": out[0, :codes.size(1), None].cpu()}

@@ -122,8 +122,12 @@ def reference_generate(model, codes, mels, n, mel_of):
             start = seq.size(1) - bs // 2
     return seq
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
 @pytest.mark.parametrize("use_mel,lag", [(False, 1), (True, 1), (True, 0), (True, 3)])
-def test_kv_cache_generation_equals_full_recompute(use_mel, lag):
+def test_kv_cache_generation_equals_full_recompute(use_mel, lag, cuda_graph):
+    """cuda_graph: the steps of graphed_step (on a CPU run as they are, uncaptured): the position a
+    tensor, the whole window's buffers read with a key length; the window restart refills the
+    buffers the step holds."""
     model = tiny(use_mel=use_mel, mel_lag=lag)
     torch.manual_seed(1)
     table = torch.randn(model.config.vocab_size, model.config.n_mels)  # a made-up "mel of a code"
@@ -139,12 +143,33 @@ def test_kv_cache_generation_equals_full_recompute(use_mel, lag):
     mels = mel_of(codes)
     n = 40  # crosses block_size (24): the window restarts once
     out = model.generate(codes, mels if use_mel else None, n, temperature=0,
-                         mel_fn=mel_fn if use_mel else None)
+                         mel_fn=mel_fn if use_mel else None, cuda_graph=cuda_graph)
     ref = reference_generate(model, codes, mels, n, mel_of)
     assert out.shape == (1, 10 + n)
     assert torch.equal(out, ref)
     if use_mel:
         assert calls == list(range(10, 10 + n - 1 - lag))
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("use_mel", [False, True])
+def test_cuda_graph_generation_on_a_gpu(use_mel):
+    """Captured and replayed: in float32 the tokens of the full recompute (as on the CPU above); in
+    bfloat16 (our Triton kernels, head dim 16) the tokens of the eager KV cache, across a window
+    restart."""
+    model = tiny(use_mel=use_mel, mel_lag=1).cuda()
+    table = torch.randn(model.config.vocab_size, model.config.n_mels, device="cuda")
+    mel_of = lambda c: table[c]
+    codes = torch.randint(0, model.config.vocab_size, (1, 10), device="cuda")
+    mels = mel_of(codes) if use_mel else None
+    mel_fn = (lambda seq, j: mel_of(seq[:, j])) if use_mel else None
+    n = 40  # crosses block_size (24)
+    out = model.generate(codes, mels, n, temperature=0, mel_fn=mel_fn, cuda_graph=True)
+    ref = reference_generate(model, codes, mel_of(codes), n, mel_of)
+    assert torch.equal(out, ref)
+    with torch.autocast("cuda", torch.bfloat16):
+        graphed = model.generate(codes, mels, n, temperature=0, mel_fn=mel_fn, cuda_graph=True)
+        eager = model.generate(codes, mels, n, temperature=0, mel_fn=mel_fn)
+    assert torch.equal(graphed, eager)
 
 def test_hybrid_generate_refuses_a_batch_and_the_wrong_number_of_prompt_mels():
     model = tiny(use_mel=True, mel_lag=1)
@@ -275,13 +300,13 @@ def test_incremental_mel_matches_full_decode():
     seen = []
     orig = model.generate
 
-    def spy(codes, mels, n, temperature, top_k, mel_fn, generator):
+    def spy(codes, mels, n, temperature, top_k, mel_fn, generator, cuda_graph):
         def wrapped(seq, j):
             m = mel_fn(seq, j)
             full = tools.mel(tools.decode(seq[0, :, None]))
             seen.append(torch.allclose(m[0], torch.as_tensor(full[j]), atol=1e-6))
             return m
-        return orig(codes, mels, n, temperature, top_k, wrapped, generator)
+        return orig(codes, mels, n, temperature, top_k, wrapped, generator, cuda_graph)
 
     model.generate = spy
     W.sample(model, None, {"codes": torch.randint(0, 50, (10, 8)), "mel": torch.randn(10, 8)}, None,
