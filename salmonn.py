@@ -99,15 +99,12 @@ class SALMONNConfig:
     # stage "whisper": the text decoder that trains the encoder (same width and heads), its
     # positions (transcripts cut to whisper_text_ctx - 1 tokens + the start or end token), the
     # CTC loss's weight next to the decoder's cross-entropy, what CTC spells ("tokens", the BPE, or
-    # "chars", CTC_CHARS), SpecAugment's frequency and time masks per training clip (0: none) and
-    # speed perturbation: each training clip's features stretched in time by a factor in
-    # [1 / (1 + s), 1 + s] (0: none)
+    # "chars", CTC_CHARS) and SpecAugment's frequency and time masks per training clip (0: none)
     whisper_dec_n_layer: int = 2
     whisper_text_ctx: int = 64
     ctc_weight: float = 0.3
     ctc_units: str = "tokens"
     spec_augment: int = 2
-    speed_perturb: float = 0.0
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x
     # beats_patch_f mel bins
     beats_n_layer: int = 2
@@ -1397,9 +1394,6 @@ def load_data(data_dir, config, tok):
         config.speech_frame_rate = config.frame_rate
     else:
         raise ValueError(f"speech_features={config.speech_features!r}: must be 'mel' or 'whisper'")
-    if not 0 <= config.speed_perturb < 1:
-        raise ValueError(f"speed_perturb={config.speed_perturb!r}: must be in [0, 1) (a factor "
-                         f"within 1 / (1 + s) .. 1 + s)")
     bins = meta["whisper_mel"]["n_mels"] if config.speech_features == "whisper" else config.n_mels
     if config.stage not in ("beats", "llm") and config.speech_n_mels not in (0, bins):
         source = (f"whisper_init={config.whisper_init}" if config.whisper_init
@@ -1423,13 +1417,6 @@ def collate(audios):
             batch[key], batch[key + "_lens"] = pad_mels([a[key] for a in audios],
                                                         audios[0][key].size(1))
     return batch
-
-def stretch_time(frames, factor):
-    """Speed perturbation (Ko et al., 2015) on features: (T, C) -> (round(T * factor), C), the clip
-    as if played factor times slower (linear interpolation in time). The transcript stays true: a
-    spoken sentence, Morse letters and keypad digits only take longer or shorter."""
-    n = max(1, round(frames.size(0) * factor))
-    return F.interpolate(frames.T[None], size=n, mode="linear", align_corners=False)[0].T
 
 def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
     """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and
@@ -1521,14 +1508,7 @@ def whisper_batch(data, split, batch_size, rng):
         idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
         targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
         ctc[b, :len(c)] = torch.tensor(c)
-    audios = [data.clip_audio(split, ci) for ci, _, _ in picks]
-    if split == "train" and config.speed_perturb:
-        key = "wmel" if config.speech_features == "whisper" else "mel"
-        for a in audios:
-            a[key] = stretch_time(a[key], math.exp(rng.uniform(-1, 1) *
-                                                   math.log1p(config.speed_perturb)))
-            a[key] = a[key][:max_speech_frames(config)]
-    batch = collate(audios)
+    batch = collate([data.clip_audio(split, ci) for ci, _, _ in picks])
     if split == "train" and config.spec_augment:
         key = "wmel" if config.speech_features == "whisper" else "mel"
         spec_augment(batch[key], batch[key + "_lens"], config.spec_augment, rng)
