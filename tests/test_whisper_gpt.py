@@ -150,6 +150,16 @@ def test_kv_cache_generation_equals_full_recompute(use_mel, lag, cuda_graph):
     if use_mel:
         assert calls == list(range(10, 10 + n - 1 - lag))
 
+def test_cuda_graph_steps_sample_a_batch_as_the_kv_cache_does():
+    """A batch of 3, sampled with top-k across a window restart: the steps of cuda_graph (uncaptured
+    on a CPU) draw the same tokens as the KV cache from the same generator state."""
+    model = tiny(use_mel=False)
+    codes, _ = inputs(model, B=3, T=7)
+    runs = [model.generate(codes, None, 45, temperature=1.0, top_k=10,
+                           generator=torch.Generator().manual_seed(5), cuda_graph=graph)
+            for graph in (False, True)]
+    assert torch.equal(runs[0], runs[1]) and len(set(runs[0][:, 7:].flatten().tolist())) > 10
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("use_mel", [False, True])
 def test_cuda_graph_generation_on_a_gpu(use_mel):
