@@ -345,16 +345,16 @@ class WhisperGPT(nn.Module):
             if c.use_mel and t - lag >= len(frames):  # the frame this step sees is a generated one
                 assert t - lag == len(frames)
                 frames.append(mel_fn(seq, t - lag))
-            mel_in = mel_inputs(t, t + 1) if c.use_mel and t - start < c.block_size else None
             if t - start >= c.block_size:  # window full: restart it on the recent half
                 start = t + 1 - c.block_size // 2
                 for cache in caches:  # the same buffers, filled anew (a graphed step reads them)
                     cache["n"] = 0
                 logits = self.decode(seq[:, start:],
                                      mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
-            elif cuda_graph:
-                if step is None:
-                    step = self.graphed_step(caches, nxt, mel_in, t - start)
+                continue
+            mel_in = mel_inputs(t, t + 1) if c.use_mel else None
+            if cuda_graph:
+                step = step or self.graphed_step(caches, nxt, mel_in, t - start)
                 logits = step(nxt, mel_in, t - start)
             else:
                 logits = self.decode(nxt, mel_in, caches, pos0=t - start)[:, -1]
