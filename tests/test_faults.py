@@ -2,6 +2,7 @@
 where an uninterrupted run does; bad checkpoints and bad audio give one clear line that names the
 file."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -24,6 +25,13 @@ TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "
 def train(out_dir, data_dir, *extra):
     return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
             *extra]
+
+def run_each(cmds, jobs=2):
+    """Runs independent commands `jobs` at a time (one thread each); their results, in order."""
+    def run(cmd):
+        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(run, cmds))
 
 def log_losses(out_dir):
     return [(r["iter"], r["loss"])
@@ -134,12 +142,12 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     # sample.py: audio that is corrupt, empty or missing, and a clip index past the end
     (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     (tmp_path / "empty.wav").write_bytes(b"")
-    for arg, words in ((f"--audio={tmp_path / 'bad.wav'}", "unreadable or corrupt audio"),
-                       (f"--audio={tmp_path / 'empty.wav'}", "unreadable or corrupt audio"),
-                       (f"--audio={tmp_path / 'none.wav'}", "file not found"),
-                       ("--clip=100000", "--clip=100000")):
-        p = subprocess.run([sys.executable, "sample.py", f"--out_dir={good}", arg], cwd=ROOT,
-                           env=ENV, capture_output=True, text=True, timeout=300)
+    cases = ((f"--audio={tmp_path / 'bad.wav'}", "unreadable or corrupt audio"),
+             (f"--audio={tmp_path / 'empty.wav'}", "unreadable or corrupt audio"),
+             (f"--audio={tmp_path / 'none.wav'}", "file not found"),
+             ("--clip=100000", "--clip=100000"))
+    runs = run_each([[sys.executable, "sample.py", f"--out_dir={good}", arg] for arg, _ in cases])
+    for (arg, words), p in zip(cases, runs):
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (arg, p.stderr)
     # settings out of range, a model file's own check, a pretrained part's file cut short, data
@@ -187,7 +195,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     bad_meta = tmp_path / "bad_meta"
     bad_meta.mkdir()
     (bad_meta / "meta.json").write_text("{not json")
-    for cmd, words in (
+    cases = (
             (train(new, synth_dir, "--device=gpu7"), "not a device torch knows"),
             ([sys.executable, "eval.py", str(good), "--device=nonsense"],
              "not a device torch knows"),
@@ -222,8 +230,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
               f"--out={tmp_path / 'a_file' / 'sub' / 'x.wav'}"],
              f"{tmp_path / 'a_file'} is a file, not a folder"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--out={tmp_path / 'x.mp3'}"],
-             "audio is written as WAV")):
-        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+             "audio is written as WAV"))
+    for (cmd, words), p in zip(cases, run_each([cmd for cmd, _ in cases])):
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)
 
