@@ -63,6 +63,7 @@ STAGES = ("whisper", "beats", "llm", "pretrain", "instruct", "activation")
 ENCODER_STAGES = ("whisper", "beats")  # the pretrained parts' stand-ins
 AUDIO_STAGES = ("pretrain", "instruct", "activation")  # the paper's stages 1-3
 STAGE_TASKS = {
+    "whisper": ("transcription",),
     "pretrain": ("transcription", "captioning"),
     "instruct": ("transcription", "captioning", "qa", "music", "classification", "speaker"),
     "activation": ("story",),
@@ -92,7 +93,7 @@ class SALMONNConfig:
     speech_n_layer: int = 2
     speech_n_head: int = 4
     speech_n_embd: int = 128
-    # 0: load_data sets the data's (n_mels, or 80 with speech_features="whisper")
+    # 0: the data's n_mels (load_data sets 80 for speech_features="whisper")
     speech_n_mels: int = 0
     # the speech encoder's weights: our stage-"whisper" ckpt.pt or an OpenAI Whisper .pt
     whisper_init: str = ""
@@ -105,8 +106,8 @@ class SALMONNConfig:
     ctc_weight: float = 0.3
     ctc_units: str = "tokens"
     spec_augment: int = 2
-    # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame) x
-    # beats_patch_f mel bins
+    # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame with
+    # speech_features="mel") x beats_patch_f mel bins
     beats_n_layer: int = 2
     beats_n_head: int = 4
     beats_n_embd: int = 128
@@ -124,7 +125,8 @@ class SALMONNConfig:
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
     qformer_n_embd: int = 128
-    window_frames: int = 12        # encoder frames per window: 0.32 s at 37.5/s (paper: 17 at 50/s)
+    window_frames: int = 12        # encoder frames per window: 0.32 s at 37.5/s (paper: 17 at 50/s;
+                                   # the stage configs: 6)
     window_queries: int = 1        # trainable queries per window
     # LLM (GPT-2 layout)
     llm_n_layer: int = 4
@@ -136,7 +138,8 @@ class SALMONNConfig:
     llm_init: str = ""
     # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
     llm_probe_min: float = 0.8
-    # audio tokens rescaled to the token embeddings' RMS (else they grow ~6x larger)
+    # each audio token rescaled to the token embeddings' RMS (audio_scale); without it they grow
+    # ~6x larger in training
     audio_norm: bool = True
     llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
     # stage "llm": the share of each batch's rows that are copying conversations
@@ -145,7 +148,7 @@ class SALMONNConfig:
     lora_rank: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    dropout: float = 0.0           # encoders and Q-Former
+    dropout: float = 0.0           # encoders, Q-Former and the "whisper" stage's text decoder
 
 Config = SALMONNConfig
 
@@ -513,10 +516,11 @@ def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
                 keep_scores.append(s)
                 keep_seqs.append(seqs[b] + [tok])
                 src.append(b)
-        # log-probs only fall, so a live beam of score s can at best reach s / max_new_tokens **
-        # length_penalty (s < 0): once the best finished beats that for every live beam, nothing can
-        # overtake it
-        if not keep_seqs or best[0] >= norm(max(keep_scores), max_new_tokens):
+        # log-probs only fall, so a live beam of score s (< 0) can at best reach s / n **
+        # length_penalty at its shortest (n = t + 1) or longest (max_new_tokens) end, whichever the
+        # penalty's sign favours: once the best finished beats that, nothing can overtake it
+        live = max(keep_scores, default=0.0)
+        if not keep_seqs or best[0] >= max(norm(live, t + 1), norm(live, max_new_tokens)):
             break
         scores = torch.tensor(keep_scores, device=logp.device)
         seqs = keep_seqs
@@ -780,6 +784,7 @@ class SALMONN(nn.Module):
             if config.freeze_encoders:  # the paper: Whisper and BEATs stay as pretrained
                 for p in itertools.chain(self.speech.parameters(), self.beats.parameters()):
                     p.requires_grad = False
+        self.train()  # frozen encoders go to eval mode now, not only at the first .train() call
         n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         print(f"salmonn ({stage}): {self.get_num_params() / 1e6:.2f}M parameters, "
               f"{n_trainable / 1e6:.2f}M trainable")
@@ -1019,7 +1024,8 @@ def init_pretrained(model, tok=None):
                 raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected "
                                  f"{unexpected[:5]}")
             print(f"{field}: loaded the {part} encoder of {path}")
-    if config.llm_init and hasattr(model, "llm"):
+    loaded_llm = bool(config.llm_init and hasattr(model, "llm"))
+    if loaded_llm:
         state, sizes = load_llm_state(config.llm_init)
         model.load_llm(state, config.llm_init)
         print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} "
@@ -1036,10 +1042,13 @@ def init_pretrained(model, tok=None):
     if hasattr(model, "proj"):
         # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that
         # the audio tokens start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
+        # (with audio_norm, audio_scale keeps them there). A model that then takes a checkpoint's
+        # weights (init_from) gets its projection and scale from there.
         with torch.no_grad():
             tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
             nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
             model.audio_scale.fill_(tok_rms)
+    if hasattr(model, "proj") and loaded_llm:
         print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
               f"(position embeddings: "
               f"{model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
@@ -1114,14 +1123,15 @@ def clip_tags(clip):
     return [f"{k}={v}" for k, v in (clip.get("labels") or {}).items() if k in TAG_KEYS]
 
 def stage_tasks(config):
+    if (config.tasks or config.task_weights) and config.stage not in AUDIO_STAGES:
+        raise ValueError(f"tasks / task_weights ({config.tasks!r} / {config.task_weights!r}) "
+                         f"choose the mix of stages 1-3; stage {config.stage!r} has none")
     if config.tasks:
         tasks = tuple(t.strip() for t in config.tasks.split(",") if t.strip())
         bad = [t for t in tasks if t not in ALL_TASKS]
         if bad:
             raise ValueError(f"tasks={config.tasks!r}: unknown {bad}; known: {ALL_TASKS}")
         return tasks
-    if config.stage == "whisper":
-        return ("transcription",)
     return STAGE_TASKS.get(config.stage, ())
 
 # Copied from pengi.parse_task_weights
@@ -1275,7 +1285,7 @@ class SALMONNData:
     def __init__(self, data_dir, config, tok, meta):
         self.meta, self.tok, self.config = meta, tok, config
         self.n_mels = self.meta["n_mels"]
-        self.tasks = stage_tasks(config) if config.stage not in ("llm", "beats") else ()
+        self.tasks = stage_tasks(config)
         self.task_weights = parse_task_weights(config.task_weights, self.tasks)
         self.splits = {}
         for split in ("train", "val"):
@@ -1420,8 +1430,8 @@ def collate(audios):
 
 def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
     """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and
-    n_masks stretches of up to max_frames frames (~70 ms, less than a Morse dot and dash apart) set
-    to each clip's mean. The small speech encoder, trained on a few hundred sentences, then learns
+    n_masks stretches of up to max_frames frames (67 ms at 75 frames/s, 50 ms at Whisper's 100) set
+    to each clip's mean. A stretch can hide a whole Morse dot or gap (45-70 ms). The small speech encoder, trained on a few hundred sentences, then learns
     the words rather than the clips."""
     for b in range(mel.size(0)):
         n = int(lens[b])
@@ -1457,7 +1467,7 @@ def llm_batch(data, split, batch_size, rng):
     config, stream = data.config, data.splits[split]["stream"]
     T = config.llm_block_size
     if len(stream) <= T + 1:
-        raise ValueError(f"{split} text stream has {len(stream)} tokens, at most "
+        raise ValueError(f"{split} text stream has {len(stream)} tokens; it needs more than "
                          f"llm_block_size+1={T + 1}")
     n_copy = round(config.copy_rows * batch_size)
     # a window and its targets, one token on; the last possible start (len(stream) - T - 1) is
@@ -1766,7 +1776,7 @@ def text_perplexity(model, stream, max_windows):
     0: the first max_windows)."""
     T, device = model.config.llm_block_size, next(model.parameters()).device
     losses = []
-    for i in first_n(range(0, max(1, len(stream) - T - 1), T), max_windows):
+    for i in first_n(range(0, max(1, len(stream) - T), T), max_windows):
         x = torch.from_numpy(stream[i:i + T][None]).to(device)
         y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
         losses.append(model(x, y)[1].item())
@@ -1876,7 +1886,7 @@ def evaluate(model, data, tok, split="val", **opts):
     transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (gender_acc: the speaker's sex),
     cls_acc, speaker_acc, story_bleu4 and story_words (mean length of the story answers, the sign of
     activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity
-    and the copy probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP
+    (max_clips: the first max_clips text windows) and the copy probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP
     and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:

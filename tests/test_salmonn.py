@@ -192,8 +192,8 @@ def test_head_counts_that_do_not_divide_the_width_named():
 @pytest.mark.parametrize("freeze_encoders", [True, False])
 def test_only_qformer_projection_and_lora_train(freeze_encoders):
     """Stage-1 steps (train.py's optimizer: AdamW over the requires_grad parameters) leave the LLM's
-    base weights and, as in the paper, the encoders bit-identical; LoRA sits on q and v only.
-    freeze_encoders=False trains them."""
+    base weights and, as in the paper, the encoders bit-identical (and in eval mode, as soon as the
+    model is built); LoRA sits on q and v only. freeze_encoders=False trains them."""
     torch.manual_seed(0)
     m = SALMONN(tiny_config(lora_dropout=0.1, dropout=0.1, freeze_encoders=freeze_encoders))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -208,8 +208,10 @@ def test_only_qformer_projection_and_lora_train(freeze_encoders):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                              lr=1e-3)
+    # frozen: no dropout, from construction on (the encoders' cache keeps the first frames it sees)
+    assert m.speech.training != freeze_encoders and m.beats.training != freeze_encoders
+    assert m.qformer.training and m.training
     m.train()
-    # frozen: no dropout
     assert m.speech.training != freeze_encoders and m.beats.training != freeze_encoders
     for _ in range(2):
         _, loss = m(**random_batch(m.config))
@@ -481,7 +483,8 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
 
 def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
     """task_weights: a task of weight w is drawn w times as often as one of weight 1 (0: never);
-    names outside the stage's tasks and bad numbers are errors that name them."""
+    names outside the stage's tasks and bad numbers are errors that name them, and so are tasks or
+    weights given to a stage without a task mix."""
     tok = ByteTokenizer()
     write_tiny_data(tmp_path, CLIPS)
     # CLIPS offer 5 of stage 2's tasks; only transcription answers "s o s" (Morse spelled)
@@ -511,6 +514,12 @@ def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
         with pytest.raises(ValueError, match=msg):
             salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", task_weights=spec),
                               tok)
+    # the pretrained parts' stages have no mix to choose
+    for stage, setting in (("whisper", dict(tasks="captioning")),
+                           ("whisper", dict(task_weights="transcription=2")),
+                           ("beats", dict(tasks="qa")), ("llm", dict(task_weights="qa=2"))):
+        with pytest.raises(ValueError, match=f"stage '{stage}' has none"):
+            salmonn.load_data(str(tmp_path), tiny_config(stage=stage, **setting), tok)
 
 def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
     """asr_data_dir: another corpus's transcribed train clips join the transcription task, each read
@@ -1009,6 +1018,8 @@ def test_text_perplexity_is_exp_of_the_mean_loss():
     assert got == pytest.approx(math.exp(np.mean(losses)))
     assert salmonn.text_perplexity(WindowLoss(), stream, 2) == pytest.approx(
         math.exp(np.mean(losses[:2])))
+    # 13 tokens still hold the window at 8 (8..11, its last target 12)
+    assert salmonn.text_perplexity(WindowLoss(), stream[:13], 0) == pytest.approx(got)
 
 
 # -----------------------------------------------------------------------------
@@ -1388,7 +1399,7 @@ def test_llm_batch_windows_and_their_targets():
         assert torch.equal(batch["idx"], starts[:, None] + torch.arange(T))
         assert torch.equal(batch["targets"], batch["idx"] + 1)
     data.splits["train"]["stream"] = np.arange(T + 1, dtype=np.int64)
-    with pytest.raises(ValueError, match="has 5 tokens, at most llm_block_size\\+1=5"):
+    with pytest.raises(ValueError, match="has 5 tokens; it needs more than llm_block_size\\+1=5"):
         salmonn.llm_batch(data, "train", 2, np.random.default_rng(0))
 
 def test_copy_documents_and_morse_spelling():
@@ -1676,8 +1687,8 @@ def test_beats_checkpoint_sets_its_patch_height(tmp_path):
 def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
     """With a beam as wide as the number of unfinished prefixes, beam_search returns the best of
     all answers (ending at eot, which is not counted in the length, or at max_new_tokens) by
-    log-prob / max(1, length) ** length_penalty, enumerated here, at length penalties 0, 0.5, 1
-    and 2. The models: next-token log-probs that depend on the whole prefix (kept in the cache
+    log-prob / max(1, length) ** length_penalty, enumerated here, at length penalties -1, -0.5
+    (which favour short answers), 0, 0.5, 1 and 2. The models: next-token log-probs that depend on the whole prefix (kept in the cache
     that beam_search reorders), random ones and one built so that the best answer at penalty 1
     grows from the least likely prefix after two tokens, ranked below three ended ones. Catches
     eot counted in the length, ended hypotheses taking live beams' places, and an early stop that
@@ -1707,7 +1718,7 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
                     break
                 out.append(t)
             answers[tuple(out)] = lp
-        for penalty in (0.0, 0.5, 1.0, 2.0):
+        for penalty in (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0):
             want = max(answers, key=lambda a: answers[a] / max(1, len(a)) ** penalty)
             past = [(torch.zeros(1, 0, dtype=torch.long),) * 2]
             got = salmonn.beam_search(step, table[()][None], past, (V - 1) ** (max_new - 1),
