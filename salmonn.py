@@ -1431,8 +1431,8 @@ def collate(audios):
 def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
     """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and
     n_masks stretches of up to max_frames frames (67 ms at 75 frames/s, 50 ms at Whisper's 100) set
-    to each clip's mean. A stretch can hide a whole Morse dot or gap (45-70 ms). The small speech encoder, trained on a few hundred sentences, then learns
-    the words rather than the clips."""
+    to each clip's mean. A stretch can hide a whole Morse dot or gap (45-70 ms). The small speech
+    encoder, trained on a few hundred sentences, then learns the words rather than the clips."""
     for b in range(mel.size(0)):
         n = int(lens[b])
         fill = mel[b, :n].mean()
@@ -1886,8 +1886,8 @@ def evaluate(model, data, tok, split="val", **opts):
     transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (gender_acc: the speaker's sex),
     cls_acc, speaker_acc, story_bleu4 and story_words (mean length of the story answers, the sign of
     activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity
-    (max_clips: the first max_clips text windows) and the copy probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP
-    and class accuracy."""
+    (max_clips: the first max_clips text windows) and the copy probe; "whisper": WER per kind from
+    the decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")

@@ -179,8 +179,9 @@ class WhisperGPT(nn.Module):
                 n = c.mel_n_layer if name.startswith("mel_") else c.n_layer
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n))
         if c.use_mel:
-            # the mel vector comes out of a LayerNorm (unit scale per dim): start it at the token
-            # embedding's scale (0.02 per dim), so neither half of the fused input drowns the other
+            # mel_out reads a LayerNorm's output (unit scale per dim): start the mel vector at the
+            # token embedding's scale (0.02 per dim), so neither half of the fused input drowns
+            # the other
             torch.nn.init.normal_(self.mel_out.weight, mean=0.0, std=0.02 / math.sqrt(c.mel_n_embd))
 
     def _init_weights(self, module):
@@ -476,8 +477,8 @@ def _windows(data, split, starts):
     return batch
 
 def get_batch(data, split, batch_size, rng):
-    """batch_size random windows of block_size frames: codes (B, T), mels (B, T, n_mels) (hybrid),
-    targets (B, T) = codes shifted by one."""
+    """batch_size random windows of block_size frames (and the frame after, for the targets):
+    codes (B, T), mels (B, T, n_mels) (hybrid), targets (B, T) = codes shifted by one."""
     n = split_frames(data, split)
     return _windows(data, split, rng.integers(0, n - data["block_size"], size=batch_size))
 
@@ -486,10 +487,21 @@ def get_batch(data, split, batch_size, rng):
 
 EVAL_OPTS = {"batch_size": 16, "max_windows": 0}
 
+# Copied from salmonn.in_eval_mode
+def in_eval_mode(model, fn, *args):
+    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(*args)
+    finally:
+        model.train(was_training)
+
 @torch.no_grad()
 def evaluate(model, data, tok=None, split="val", **opts):
     """NLL (nats/token), accuracy and perplexity of the next coarse token over the split cut into
-    consecutive windows of block_size + 1 frames (the first frame of a window is context only).
+    consecutive windows of block_size + 1 frames (the first frame of a window is context only), in
+    eval mode (the model's mode is restored after).
     Options (EVAL_OPTS): batch_size, max_windows (> 0: only the first max_windows windows)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
@@ -499,6 +511,9 @@ def evaluate(model, data, tok=None, split="val", **opts):
     if batch_size < 1 or max_windows < 0:
         raise ValueError(f"whisper_gpt.evaluate: batch_size={batch_size} (at least 1), "
                          f"max_windows={max_windows} (at least 0; 0 = all)")
+    return in_eval_mode(model, _evaluate, model, data, split, batch_size, max_windows)
+
+def _evaluate(model, data, split, batch_size, max_windows):
     device = next(model.parameters()).device
     T = data["block_size"]
     starts = list(range(0, split_frames(data, split) - T, T))
@@ -526,7 +541,8 @@ def incremental_mel(tools, lag):
     exist. The codec decodes each frame once, as it comes (tools.decoder_stream keeps the decoder's
     state, so the audio equals that of decoding the whole sequence), and the mel is taken on the
     last few frames' audio: frame j's window (samples 320 j - 160 .. 320 j + 480) lies inside frames
-    j - 1 .. j + 1."""
+    j - 1 .. j + 1. With mel_lag=0 (the leaky alignment) frame j + 1 does not exist yet when frame j
+    is needed: the mel is then taken on the audio there is, not the training data's."""
     # frames: the decoded audio of each code, (320,) each
     stream, frames = tools.decoder_stream(), []
 
@@ -548,7 +564,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
     """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (frames at 75/s).
     Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames
     of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG),
-    cuda_graph (generate's one-token steps replayed from a CUDA graph on a GPU).
+    cuda_graph (generate's one-token steps replayed from a CUDA graph on a GPU). Runs in eval mode
+    (the model's mode is restored after).
     Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the
     prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 0.75
     kbps, the other residual codebooks left out, not zero-filled). The prompt's mels are those the
@@ -576,9 +593,12 @@ def sample(model, tok, audio, prompt, tools, **opts):
     codes = audio["codes"][-n:, :1].T.to(device).long()  # (1, T0): codebook 0
     mels = None
     if c.use_mel:
-        if codes.size(1) <= c.mel_lag:
+        # the codec's stream decoder starts on the prompt: its first conv reads 7 frames
+        least = max(7, c.mel_lag + 1)
+        if codes.size(1) < least:
             raise ValueError(f"whisper_gpt.sample: a prompt of {codes.size(1)} frame(s); the "
-                             f"hybrid needs more than mel_lag={c.mel_lag}")
+                             f"hybrid needs at least {least} (7 for the codec's stream decoder, "
+                             f"more than mel_lag={c.mel_lag})")
         clip_mel = audio["mel"]
         if c.mel_source == "codebook0":  # the mel of codebook 0 decoded alone, as in training
             clip_mel = torch.as_tensor(np.asarray(tools.mel(tools.decode(audio["codes"][:, :1]))))
@@ -587,7 +607,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if o["seed"] >= 0:
         generator = torch.Generator(device=device).manual_seed(o["seed"])
     mel_fn = incremental_mel(tools, c.mel_lag) if c.use_mel else None
-    out = model.generate(codes, mels, o["max_new_tokens"], o["temperature"], o["top_k"] or None,
-                         mel_fn, generator, o["cuda_graph"])
+    out = in_eval_mode(model, model.generate, codes, mels, o["max_new_tokens"], o["temperature"],
+                       o["top_k"] or None, mel_fn, generator, o["cuda_graph"])
     return {"codes": out[0, codes.size(1):, None].cpu(),
             "prompt_codes": out[0, :codes.size(1), None].cpu()}

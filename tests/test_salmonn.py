@@ -1685,14 +1685,14 @@ def test_beats_checkpoint_sets_its_patch_height(tmp_path):
         assert torch.equal(m.beats.state_dict()[k], v), k
 
 def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
-    """With a beam as wide as the number of unfinished prefixes, beam_search returns the best of
-    all answers (ending at eot, which is not counted in the length, or at max_new_tokens) by
-    log-prob / max(1, length) ** length_penalty, enumerated here, at length penalties -1, -0.5
-    (which favour short answers), 0, 0.5, 1 and 2. The models: next-token log-probs that depend on the whole prefix (kept in the cache
-    that beam_search reorders), random ones and one built so that the best answer at penalty 1
-    grows from the least likely prefix after two tokens, ranked below three ended ones. Catches
-    eot counted in the length, ended hypotheses taking live beams' places, and an early stop that
-    cuts off a better answer."""
+    """With a beam as wide as the number of unfinished prefixes, beam_search returns the best of all
+    answers (ending at eot, which is not counted in the length, or at max_new_tokens) by log-prob /
+    max(1, length) ** length_penalty, enumerated here, at length penalties -1, -0.5 (which favour
+    short answers), 0, 0.5, 1 and 2. The models: next-token log-probs that depend on the whole
+    prefix (kept in the cache that beam_search reorders), random ones and one built so that the best
+    answer at penalty 1 grows from the least likely prefix after two tokens, ranked below three
+    ended ones. Catches eot counted in the length, ended hypotheses taking live beams' places, and
+    an early stop that cuts off a better answer."""
     V, eot, max_new = 4, 0, 3
     prefixes = [p for n in range(max_new) for p in itertools.product(range(1, V), repeat=n)]
     models = []

@@ -308,6 +308,20 @@ def test_sample_interface(use_mel):
                       ({"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1")):
         with pytest.raises(ValueError, match=said):  # top_k=-5 crashed in topk; -1 inverted
             W.sample(model, None, audio, None, tools, **bad)
+    if use_mel:  # the codec's stream decoder starts on the prompt, 7 frames at least
+        with pytest.raises(ValueError, match="a prompt of 6 frame.* at least 7"):
+            W.sample(model, None, audio, None, FakeTools(), prompt_frames=6)
+        W.sample(model, None, audio, None, FakeTools(), prompt_frames=7, max_new_tokens=2)
+
+def test_sample_runs_in_eval_mode_and_restores_the_mode():
+    """A model with dropout handed over in training mode samples as in eval mode (same seed, same
+    codes) and is in training mode again after."""
+    model = tiny(use_mel=True, block_size=32, dropout=0.5)
+    audio = {"codes": torch.randint(0, 50, (40, 8)), "mel": torch.randn(40, 8)}
+    want = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, seed=0)
+    model.train()
+    got = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, seed=0)
+    assert model.training and torch.equal(got["codes"], want["codes"])
 
 def test_incremental_mel_matches_full_decode():
     """sample()'s mel of the newest frame equals the mel of the whole decoded sequence (a
@@ -529,10 +543,11 @@ def test_evaluate_equals_the_cross_entropy_computed_by_hand(synth_dir, use_mel, 
     """Table 1's metrics: evaluate's NLL and accuracy are the mean cross-entropy and argmax hit
     rate of the next token over consecutive windows of block_size + 1 frames of the val split, read
     here straight from val_{codes,mel}.bin. The model is trained a few steps first, so that it hits
-    often enough for the accuracy to tell right targets from wrong ones."""
+    often enough for the accuracy to tell right targets from wrong ones; it has dropout and is
+    handed over in training mode: evaluate switches dropout off itself and restores the mode."""
     T = 32
     cfg = W.Config(block_size=T, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
-                   mel_n_embd=16, mel_dim=8, use_mel=use_mel, mel_lag=lag)
+                   mel_n_embd=16, mel_dim=8, use_mel=use_mel, mel_lag=lag, dropout=0.3)
     data = W.load_data(synth_dir, cfg, None)
     meta = data["meta"]
     torch.manual_seed(0)
@@ -552,8 +567,11 @@ def test_evaluate_equals_the_cross_entropy_computed_by_hand(synth_dir, use_mel, 
     n_all = (len(codes) - 1) // T   # every window whose last target is in the split
     with torch.no_grad():
         for opts, n in (({}, n_all), ({"max_windows": 5, "batch_size": 2}, 5)):
-            m = W.evaluate(model, data, None, "val", **opts)
+            model.eval()
             nll, hits = hand_metrics(model, codes, mel, T, n)
+            model.train()
+            m = W.evaluate(model, data, None, "val", **opts)
+            assert model.training
             assert m["tokens"] == n * T
             assert math.isclose(m["nll"], nll / (n * T), rel_tol=1e-5), (m["nll"], nll / (n * T))
             assert m["accuracy"] == hits / (n * T)
