@@ -64,7 +64,7 @@ class PengiConfig:
     window: int = 8            # window side in patches (clamped to the grid)
     # shared embedding space of the two encoders (1024 in the paper)
     d_embed: int = 128
-    # text encoder for the prompt: frozen
+    # text encoder for the prompt: frozen in stage pengi (it trains in the clap stage)
     text_n_layer: int = 2
     # "llm": the LM's wte, wpe and first text_n_layer blocks; "embeddings": wte, wpe only; "random"
     text_init: str = "llm"
@@ -81,7 +81,7 @@ class PengiConfig:
     llm_n_embd: int = 128
     llm_block_size: int = 256
     dropout: float = 0.1       # in the audio encoder, projections and mappers (the LM has none)
-    # ours: a CLAP-style contrastive term (see Pengi.forward); 0 = the paper's objective alone
+    # ours: a CLAP-style contrastive term (see Pengi.clap_loss); 0 = the paper's objective alone
     clap_weight: float = 0.0
     clap_temp: float = 0.07
     # tasks: a comma list of caption, metadata, class, qa, music
@@ -292,7 +292,7 @@ def load_llm_state(path):
         file = path
     else:
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
-    # a train.py ckpt.pt (zip format) is mapped, not read: load_data only wants its sizes
+    # a train.py ckpt.pt (zip format) is mapped, not read: a caller may only want its sizes
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
         load_torch_file(file, "llm_init", mmap=file.endswith(".pt"))
     # (b) a train.py checkpoint
@@ -434,10 +434,9 @@ def stage_windows(config):
                              f"heads do not divide")
         wf, wt = min(config.window, Fg), min(config.window, Tg)
         if Fg % wf or Tg % wt or (s < len(depths) - 1 and (Fg % 2 or Tg % 2)):
-            raise ValueError(f"stage {s}: patch grid {Fg}x{Tg} (n_mels x max_frames / patch_size) "
-                             f"does not tile into {wf}x{wt} windows (or halve); pick n_mels and "
-                             f"max_frames multiples of patch_size*window*2^(stages-1), or another "
-                             f"window")
+            raise ValueError(f"stage {s}: its patch grid {Fg}x{Tg} (n_mels x max_frames / "
+                             f"patch_size, halved {s} times) does not tile into {wf}x{wt} windows "
+                             f"(or halve); pick other n_mels, max_frames or window")
         out.append((depths[s], heads[s], (wf, wt), (Fg, Tg)))
         Fg, Tg = Fg // 2, Tg // 2
     return out
@@ -499,8 +498,8 @@ class AudioEncoder(nn.Module):
         return self.freq_head(self.ln_f(x).mean(dim=2).flatten(1))  # (B, F', C) -> (B, C)
 
 class TextEncoder(nn.Module):
-    """Causal transformer over the prompt, pooled at its last token (frozen), then CLIP's
-    text_projection (a bias-free linear layer, trainable as in the official Pengi code, which
+    """Causal transformer over the prompt, pooled at its last token (frozen in stage pengi), then
+    CLIP's text_projection (a bias-free linear layer, trainable as in the official Pengi code, which
     freezes only the tower)."""
 
     def __init__(self, config):
@@ -515,8 +514,8 @@ class TextEncoder(nn.Module):
     def forward(self, prompt, prompt_lens):
         T = prompt.size(1)
         if T > self.wpe.num_embeddings:
-            raise ValueError(f"prompt of {T} tokens exceeds the text tower's context of "
-                             f"{self.wpe.num_embeddings}")
+            raise ValueError(f"a text of {T} tokens exceeds the text tower's context of "
+                             f"{self.wpe.num_embeddings} (llm_block_size)")
         x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))
         for block in self.h:
             x, _ = block(x, causal=True)  # causal, so the padding after each prompt changes nothing
@@ -1008,7 +1007,7 @@ def get_batch(data, split, batch_size, rng):
     return collate(mels, prompts, answers, data["eot_token"])
 
 # -----------------------------------------------------------------------------
-# Evaluation: captioning BLEU-4, audio QA accuracy, close-ended accuracy both ways, linear probe
+# Evaluation: captioning BLEU-4, audio QA accuracy, close-ended accuracy three ways, linear probe
 
 def normalize_text(s):
     """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
@@ -1301,8 +1300,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
         raise ValueError("pengi.sample: the prompt is empty")
     if len(p) > cfg.max_prompt_tokens:
         raise ValueError(f"pengi.sample: the prompt has {len(p)} tokens, more than the text "
-                         f"tower's context of max_prompt_tokens={cfg.max_prompt_tokens} (where "
-                         f"training cut its prompts)")
+                         f"tower read in training (max_prompt_tokens={cfg.max_prompt_tokens}, "
+                         f"where training cut its prompts)")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
     ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]),
                          max_new_tokens=int(o["max_new_tokens"]),

@@ -584,7 +584,7 @@ def load_llm_state(path):
         file = path
     else:
         raise FileNotFoundError(f"llm_init={path}: no such file or directory")
-    # a train.py ckpt.pt (zip format) is mapped, not read: load_data only wants its sizes
+    # a train.py ckpt.pt (zip format) is mapped, not read: a caller may only want its sizes
     raw = read_safetensors(file) if file.endswith(".safetensors") else \
         load_torch_file(file, "llm_init", mmap=file.endswith(".pt"))
     # (b) a train.py checkpoint

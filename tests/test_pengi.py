@@ -604,6 +604,11 @@ def test_bad_inputs_named():
     long = torch.zeros(1, m.config.llm_block_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="text tower's context"):
         m.embed_text(long, torch.tensor([long.size(1)]))
+    # windows that do not tile a stage's grid: the stage and its own grid are named (64 mel bins
+    # and 96 frames in patches of 4: 16x24, then 8x12 in stage 1, which 8x8 windows do not tile)
+    with pytest.raises(ValueError, match=r"stage 1: its patch grid 8x12 .* into 8x8 windows"):
+        pengi.stage_windows(pengi.PengiConfig(n_mels=64, max_frames=96, patch_size=4, window=8,
+                                              enc_depths="2,2,2", enc_heads="2,2,2"))
     # options out of range, and sampling a clap-stage checkpoint, which writes no text
     audio = {"mel": torch.randn(20, m.config.n_mels)}
     for model, opts, said in ((m, {"beam": 0}, "beam=0: must be at least 1"),
@@ -1049,7 +1054,7 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     assert sorted(c for c, _ in out["ranked"]) == sorted(data["candidates"]["class"])  # once each
     with pytest.raises(ValueError, match="unknown option"):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, temprature=0.5)
-    with pytest.raises(ValueError, match="text tower's context"):
+    with pytest.raises(ValueError, match="more than the text tower read in training"):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, "question: " + "why " * 100, None)
     with pytest.raises(ValueError, match="candidates names no label"):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, candidates="|")
