@@ -388,7 +388,8 @@ def check_codec(config, data_dir):
     return found
 
 def select_kinds(data_dir, split, kinds, codes, mel):
-    """The frames of the clips of a split whose kind is in kinds, concatenated in clip order."""
+    """The frames of the clips of a split whose kind is in kinds, concatenated in clip order (mel
+    None: codes only)."""
     path = os.path.join(data_dir, f"{split}_clips.jsonl")
     with open(path) as f:
         clips = [json.loads(line) for line in f if line.strip()]
@@ -398,13 +399,14 @@ def select_kinds(data_dir, split, kinds, codes, mel):
         raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind "
                          f"{', '.join(unknown)} (its kinds: {', '.join(present)})")
     keep = [c for c in clips if c["kind"] in kinds]
-    return (np.concatenate([codes[c["offset"]:c["offset"] + c["frames"]] for c in keep]),
-            np.concatenate([mel[c["offset"]:c["offset"] + c["frames"]] for c in keep]))
+    frames = lambda x: np.concatenate([x[c["offset"]:c["offset"] + c["frames"]] for c in keep])
+    return frames(codes), None if mel is None else frames(mel)
 
 def load_data(data_dir, config, tok=None):
-    """Memmaps of both splits. Sets vocab_size and n_mels on config from meta.json. With
-    config.kinds, only the clips of those kinds (their frames, in clip order, copied into memory:
-    codes, mels and alignment as prepared, so one codec serves every subset)."""
+    """Memmaps of both splits (the token-only model reads no mels). Sets vocab_size and n_mels on
+    config from meta.json. With config.kinds, only the clips of those kinds (their frames, in clip
+    order, copied into memory: codes, mels and alignment as prepared, so one codec serves every
+    subset)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set "
@@ -431,17 +433,19 @@ def load_data(data_dir, config, tok=None):
     for split in ("train", "val"):
         codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
                           mode="r").reshape(-1, meta["n_q"])
-        mel_path = os.path.join(data_dir, mel_file.format(split))
-        if not os.path.exists(mel_path):
-            how = ("--codebook0_mel" if config.mel_source == "codebook0" else
-                   "(it rebuilds what is missing)")
-            raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} not "
-                                    f"found: run python prepare.py {how} with {data_dir}'s "
-                                    f"arguments")
-        mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
-        if len(codes) != len(mel):
-            raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} frames "
-                             f"but {mel_path} has {len(mel)}")
+        mel = None
+        if config.use_mel:
+            mel_path = os.path.join(data_dir, mel_file.format(split))
+            if not os.path.exists(mel_path):
+                how = ("--codebook0_mel" if config.mel_source == "codebook0" else
+                       "(it rebuilds what is missing)")
+                raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} "
+                                        f"not found: run python prepare.py {how} with "
+                                        f"{data_dir}'s arguments")
+            mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+            if len(codes) != len(mel):
+                raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} "
+                                 f"frames but {mel_path} has {len(mel)}")
         # a split without those kinds or too short for one window is refused when it is read
         # (split_frames), so a held-out corpus (prepare.py --val_percent=100) evaluates without a
         # train split
@@ -450,7 +454,7 @@ def load_data(data_dir, config, tok=None):
             try:
                 codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
             except ValueError as e:
-                codes, mel, short = codes[:0], mel[:0], str(e)
+                codes, mel, short = codes[:0], None if mel is None else mel[:0], str(e)
         if not short and len(codes) < config.block_size + 1:
             short = (f"whisper_gpt: {data_dir} split {split}"
                      f"{' kinds ' + config.kinds if kinds else ''} has {len(codes)} frames, fewer "

@@ -710,6 +710,26 @@ def test_kind_subsets_hold_exactly_the_frames_of_those_clips(synth_dir):
             W.evaluate(W.Model(W.Config(block_size=16, n_layer=1, n_head=2, n_embd=64)), odd,
                        None, split)
 
+def test_the_token_only_model_reads_no_mels(synth_dir, tmp_path):
+    """use_mel=False: load_data reads no mel file (a corpus without them loads, for any mel_source)
+    and the batches are the codes alone; the hybrid refuses that corpus, naming the missing
+    file."""
+    codes_only = tmp_path / "codes_only"
+    codes_only.mkdir()
+    for f in os.listdir(synth_dir):
+        if "_mel" not in f:
+            os.symlink(os.path.join(synth_dir, f), codes_only / f)
+    whole = W.load_data(synth_dir, W.Config(block_size=16, use_mel=False, kinds="speech"), None)
+    for source in ("audio", "codebook0"):
+        cfg = W.Config(block_size=16, use_mel=False, kinds="speech", mel_source=source)
+        data = W.load_data(str(codes_only), cfg, None)
+        assert data["train"]["mel"] is None
+        np.testing.assert_array_equal(data["train"]["codes"], whole["train"]["codes"])
+        batch = W.get_batch(data, "train", 2, np.random.default_rng(0))
+        assert set(batch) == {"codes", "targets"}
+    with pytest.raises(FileNotFoundError, match="train_mel.bin not found"):
+        W.load_data(str(codes_only), W.Config(block_size=16), None)
+
 def test_eval_on_a_named_subset(synth_dir, tmp_path):
     """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token
     count is that subset's, and an unknown kind is a clear error."""
