@@ -716,19 +716,23 @@ class Pengi(nn.Module):
 
     # --- decoding ----------------------------------------------------------------------
 
+    def last_logp(self, x, past=None):
+        """The LM over embeddings x (n, T, d) after the cache -> log-probs of the token after x's
+        last (n, V), and the new cache."""
+        h, past = self.llm(x, past)
+        return F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1), past
+
     def next_logp(self, tokens, past):
         """One decoding step: tokens (n,) after the cache -> log-probs of the next token (n, V), new
         cache."""
-        h, past = self.llm(self.llm.wte(tokens[:, None]), past)
-        return F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1), past
+        return self.last_logp(self.llm.wte(tokens[:, None]), past)
 
     @torch.no_grad()
     def greedy(self, prefix, max_new_tokens):
         """Batched greedy decoding from prefixes (B, 2k, d). Returns lists of token ids without the
         eot."""
         eot = self.config.eot_token
-        h, past = self.llm(prefix)
-        logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
+        logp, past = self.last_logp(prefix)
         B = prefix.size(0)
         out = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
@@ -753,8 +757,7 @@ class Pengi(nn.Module):
             return self.greedy(prefix, max_new_tokens)
         out = []
         for b in range(prefix.size(0)):
-            h, past = self.llm(prefix[b:b + 1])
-            logp = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
+            logp, past = self.last_logp(prefix[b:b + 1])
             out.append(clipcap_beam_search(self.next_logp, logp, past, beam, max_new_tokens,
                                            self.config.eot_token, length_penalty))
         return out
@@ -775,9 +778,7 @@ class Pengi(nn.Module):
                              f"after the 2 x {self.k} prefix positions")
         prefix = self.prefix(mel, prompt, prompt_lens)
         B, N = prefix.size(0), len(candidates)
-        h, past = self.llm(prefix)
-        # predicts each candidate's first token
-        first = F.log_softmax(self.llm.lm_head(h[:, -1]).float(), dim=-1)
+        first, past = self.last_logp(prefix)  # predicts each candidate's first token
         L = max(len(c) for c in candidates)
         cand = torch.full((N, L), eot, dtype=torch.long)
         # what each candidate position predicts: next token or eot
