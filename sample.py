@@ -35,7 +35,7 @@ prompt = ""          # text prompt (for the text-output models)
 out = ""             # a .wav for audio results, or a folder for sample.wav (default: out_dir)
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
-dtype = "auto"       # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
+dtype = "auto"       # auto (CUDA: bfloat16, else float16; CPU: float32) | float32 | bfloat16 | float16
 # -----------------------------------------------------------------------------
 
 def fail(msg):
@@ -134,8 +134,11 @@ if __name__ == "__main__":
     raw_opts = unknown  # the model's sample() options, typed and checked once its file is known
     device = configurator.resolve_device("sample.py", device)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    if dtype == "auto":  # as train.py
+        if device_type != "cuda":
+            dtype = "float32"
+        else:
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={dtype}: expected auto, float32, bfloat16 or float16")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,

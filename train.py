@@ -71,7 +71,7 @@ compile = False               # torch.compile the model
 backend = "auto"              # DDP backend: auto = nccl on CUDA, gloo on CPU
 ddp_find_unused_parameters = False
 seed = 1337
-peak_flops = 0.0              # per GPU, for MFU; 0 = known GPUs (A100, H100, H200) at bf16
+peak_flops = 0.0              # per device, for MFU; 0 = known GPUs (A100, H100, H200) at bf16
 # -----------------------------------------------------------------------------
 
 TRAIN_KEYS = configurator.defaults(globals())
@@ -330,6 +330,7 @@ if __name__ == "__main__":
             print("resuming the run's model as it was; not used from this command: " + ", ".join(
                 f"{k}={S.get(k)!r} (the run's: {checkpoint['config'].get(k)!r})" for k in kept)
                 + " (--overwrite=True trains anew with them)")
+        S.update({k: checkpoint["config"][k] for k in kept})  # saved as what the run is
     else:
         try:
             config = M.Config(**{k: S[k] for k in model_keys if k in S})
@@ -373,7 +374,11 @@ if __name__ == "__main__":
         if learned and learned != getattr(config, "codec_id", learned):
             fail(f"init_from={init_from}: its weights learned the codes of {learned}; {data_dir}'s "
                  f"are codes of {config.codec_id} (prepare the data with --codec_from=<its data>)")
-        missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
+        try:
+            missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            fail(f"init_from={init_from}: its weights do not fit this model: "
+                 f"{' '.join(str(e).split())[:240]}")
         if unexpected:
             fail(f"init_from={init_from}: the checkpoint has weights this model lacks: "
                  f"{unexpected[:5]}...")
@@ -395,6 +400,9 @@ if __name__ == "__main__":
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        # the saved state brings the run's settings back: this command's are the ones announced
+        for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
+            group["weight_decay"], group["betas"] = wd, (beta1, beta2)
         if "scaler" in checkpoint and dtype == "float16":
             scaler.load_state_dict(checkpoint["scaler"])
     checkpoint = None
@@ -489,11 +497,11 @@ if __name__ == "__main__":
     # (forward + backward through the activations); attention's own flops are left out; tokens are
     # the target tokens (targets != -1)
     flops_per_token = 6 * n_trainable + 4 * (n_params - n_trainable)
-    peak = 0.0
-    if device_type == "cuda":
+    peak = peak_flops
+    if device_type == "cuda" and not peak:
         name = torch.cuda.get_device_name(device)
-        peak = peak_flops or next((f for k, f in (("H100", 989e12), ("H200", 989e12),
-                                                  ("A100", 312e12)) if k in name), 0.0)
+        peak = next((f for k, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+                     if k in name), 0.0)
 
     def fmt_time(s):
         s = int(s)
@@ -508,14 +516,17 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
         if master and (eval_due(iter_num) or eval_only):
+            t_eval = time.time()
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+            if not eval_only:  # the log holds the run's own records
+                log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > start_iter and (improved or always_save_checkpoint) and not eval_only:
                 save_checkpoint()
+            t_log += time.time() - t_eval  # the speed on the next log line is training's alone
         if eval_only or iter_num >= max_iters:
             break
 

@@ -95,7 +95,8 @@ def sweep(runs, train_args):
     for model, kind, seed in runs:
         d = run_dir(model, kind, seed)
         args = [f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}", f"--data_dir={data_dir}",
-                f"--kinds={kind}", f"--seed={seed}", "--always_save_checkpoint=True", *train_args]
+                f"--kinds={kind}", f"--seed={seed}", "--device=cpu", *train_args,
+                "--always_save_checkpoint=True"]
         state = finished(d)
         if state:
             want = train.load_settings(args)[0]
@@ -335,6 +336,11 @@ if __name__ == "__main__":
                                        pass_unknown=True)
     globals().update(S)
     train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
+    # the sweep sets these per run: given here they would make every run the same one
+    for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("kinds", "--kinds"),
+                      ("model", "--models"), ("init_from", "(runs resume by themselves)")):
+        if key in unknown:
+            fail(f"--{key}={unknown[key]}: the sweep sets it for each run; use {ours}")
     import train
     for m in models.split(","):
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
@@ -395,7 +401,8 @@ if __name__ == "__main__":
     if continuations:
         cont = continuation_rows(model_list, kind_list, seed_list[0])
         lines += ["", "## Continuations of held-out clips", ""] + cont
-    lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device cpu with "
+    device = next((a.split("=", 1)[1] for a in train_args if a.startswith("--device=")), "cpu")
+    lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device {device}, "
               f"{os.cpu_count()} cores, {jobs} runs side by side with one thread each; this call "
               f"took {fmt_time(time.time() - t0)})"]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -218,6 +218,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, other_codec, f"--init_from={good / 'ckpt.pt'}"),
              "its weights learned the codes of"),
             (train(new, empty_val), "val_codes.bin, val_mel.bin"),
+            (train(new, synth_dir, "--n_embd=64", f"--init_from={good / 'ckpt.pt'}"),
+             f"init_from={good / 'ckpt.pt'}: its weights do not fit this model"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path}"],

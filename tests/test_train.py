@@ -174,7 +174,20 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     assert ("resuming the run's model as it was; not used from this command: n_layer=3 (the "
             "run's: 1) (--overwrite=True" in p.stdout), p.stdout
     import torch
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model_args"]["n_layer"] == 1
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    # and the settings saved with it are the model's, so the same command goes on from there
+    assert ck["model_args"]["n_layer"] == 1 and ck["config"]["n_layer"] == 1
+    # optimizer settings do change on resume, as announced (the saved state would bring back the
+    # run's), and an evaluation alone (eval_only) adds nothing to the run's log
+    p = run(common + ["--max_iters=10", "--init_from=resume", "--weight_decay=0.0",
+                      "--beta2=0.9"])
+    assert "weight_decay=0.1 -> 0.0" in p.stdout, p.stdout
+    groups = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.9) for g in groups)
+    log_before = open(os.path.join(out, "log.jsonl")).read()
+    run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True"])
+    assert open(os.path.join(out, "log.jsonl")).read() == log_before
 
 def test_resume_keeps_an_eval_it_does_not_redo(synth_dir, tmp_path):
     """A run ended at iter 6 (evals at 0, 4 and its last, 6) resumed to 8: the loop does not

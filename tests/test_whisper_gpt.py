@@ -965,6 +965,9 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
                         (["--seeds=1,1"], "--seeds=1,1: each at most once"),
                         (["--jobs=0"], "--jobs=0: must be at least 1"),
                         (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1"),
+                        (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
+                        ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use "
+                                                    "--out_root"),
                         ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
                         ([f"--test_dir={other_codec}"], "of another codec than")):
         again = subprocess.run(more + extra, cwd=ROOT, capture_output=True, text=True)
