@@ -69,7 +69,7 @@ _kernels = {}
 
 def _resample_kernels(up, down, zeros=24, beta=8.0):
     """Polyphase windowed-sinc filters: one row per output phase p = (n * down) % up."""
-    key = (up, down)
+    key = (up, down, zeros, beta)
     if key not in _kernels:
         # of the input Nyquist; a little margin for the transition band
         cutoff = 0.97 * min(1.0, up / down)

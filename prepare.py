@@ -209,9 +209,10 @@ def codebook0_mels(data_dir, quiet=False):
         codec = codec or load_codec(data_dir)
         clips = [json.loads(line) for line in open(data_dir / f"{split}_clips.jsonl")
                  if line.strip()]
-        codes = np.memmap(data_dir / f"{split}_codes.bin", dtype=np.uint16,
-                          mode="r").reshape(-1, meta["n_q"])
-        mel = np.zeros((len(codes), meta["n_mels"]), np.float16)
+        frames = meta["splits"][split]["frames"]
+        codes = np.memmap(data_dir / f"{split}_codes.bin", dtype=np.uint16, mode="r",
+                          shape=(frames, meta["n_q"])) if frames else np.zeros((0, meta["n_q"]))
+        mel = np.zeros((frames, meta["n_mels"]), np.float16)
         for c in tqdm(clips, unit="clip", desc=f"codebook-0 mel, {split}", disable=quiet):
             clip_codes = codes[c["offset"]:c["offset"] + c["frames"], :1].astype(np.int64)
             wav = decode(codec, clip_codes).numpy()
@@ -236,7 +237,14 @@ def check_args(args):
                        f"--max_seconds={args.max_seconds:g}: must be at least 1 (the corpus's "
                        f"shortest sounds last a second)"),
                       (not 0 <= args.val_percent <= 100,
-                       f"--val_percent={args.val_percent:g}: must be 0 to 100")):
+                       f"--val_percent={args.val_percent:g}: must be 0 to 100"),
+                      *((getattr(args, k) < least, f"--{k}={getattr(args, k)}: must be at least "
+                                                   f"{least}")
+                        for k, least in (("codec_steps", 0), ("codec_tune_steps", 0),
+                                         ("codec_clips", 1), ("kmeans_frames", 1),
+                                         ("kmeans_iters", 1))),
+                      (not args.batch_seconds > 0,
+                       f"--batch_seconds={args.batch_seconds:g}: must be above 0")):
         if bad:
             sys.exit(f"error: {said}")
     if args.src and not Path(args.src).is_dir():
@@ -262,9 +270,13 @@ def check_args(args):
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         sys.exit(f"error: --out_dir={out}: a file is in the way of that folder")
+    except OSError as e:
+        sys.exit(f"error: --out_dir={out}: cannot be made ({e.strerror})")
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
         stale.unlink()
-    if args.dataset == "synth" and not args.no_speech and (problem := speech_problem()):
+    wants_speech = args.dataset == "synth" and not args.no_speech and (not args.kinds
+                                                                       or "speech" in args.kinds)
+    if wants_speech and (problem := speech_problem()):
         if args.strict:
             sys.exit(f"error: speech: {problem} (--strict)")
         print(f"speech: {problem}; building the corpus without speech")
@@ -362,8 +374,11 @@ def get_codec(args, out):
                                        f"--codec_from")
         print(f"codec: {codec_info['name']} of {src}, as it is ({codec_id(src)})")
         return codec, codec_info
-    codec, weights = (None, None) if args.offline_codec else \
-        get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
+    try:
+        codec, weights = (None, None) if args.offline_codec else \
+            get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
+    except FileNotFoundError as e:                    # --codec_dir without the weights
+        sys.exit(f"error: {e}")
     if codec is not None:
         codec_info = {"name": "encodec_24khz", "pretrained": True,
                       "weights": str(weights.resolve()), "bandwidth": BANDWIDTH}
@@ -410,10 +425,11 @@ def clip_list(args, report):
             yield wav, info
     return clips, len(items)
 
-def work_dir(out, args_hash, force):
-    """The directory where a run keeps what a kill would lose, named by the arguments' hash, so
-    that a re-run with them resumes from it."""
-    work = out / f".work-{args_hash}"
+def work_dir(out, args_hash, codec_name, force):
+    """The directory where a run keeps what a kill would lose, named by the arguments' hash and the
+    codec, so that a re-run with them resumes from it (and one that gets another codec, say the
+    pretrained EnCodec once the network is back, starts anew)."""
+    work = out / f".work-{args_hash}-{codec_name}"
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(exist_ok=True)
@@ -798,7 +814,7 @@ def main(argv=None):
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
                  f"{sum(report.counts.values())} inputs); nothing written")
-    work = work_dir(out, args_hash, args.force)
+    work = work_dir(out, args_hash, codec_info["name"], args.force)
     codec_wavs = {}
     fit_codec = not codec_info["pretrained"] and not args.codec_from
     if fit_codec:

@@ -953,7 +953,10 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
     assert list(got) == train_ids[:50] and len(seen) == 50
     assert [int(w[0]) for w in seen] == [int(i[4:]) for i in train_ids[:50]]
 
-@pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250"])
+@pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250",
+                                 "--kmeans_frames=0", "--kmeans_iters=0", "--codec_steps=-3",
+                                 "--codec_tune_steps=-1", "--codec_clips=0",
+                                 "--batch_seconds=0"])
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
@@ -1039,6 +1042,12 @@ def test_codebook0_mel_on_a_finished_run_adds_its_files_without_a_rebuild(tmp_pa
         c0 = np.fromfile(out / f"{split}_mel_c0.bin", np.float16)
         assert len(c0) == meta["splits"][split]["frames"] * meta["n_mels"] > 0
     assert {n: (out / n).read_bytes() for n in before} == before
+    # a split without clips (--val_percent=0) gets an empty file
+    empty = tmp_path / "no_val"
+    P.main(["--clips=3", "--max_seconds=1.0", f"--out_dir={empty}", "--val_percent=0",
+            "--codebook0_mel"] + FAST)
+    assert (empty / "val_mel_c0.bin").stat().st_size == 0
+    assert (empty / "train_mel_c0.bin").stat().st_size > 0
 
 
 # -----------------------------------------------------------------------------
@@ -1169,11 +1178,32 @@ def test_speech_library_that_will_not_load_is_reported(tmp_path, capsys, monkeyp
     clips = [json.loads(l) for s in ("train", "val")
              for l in (tmp_path / "b" / f"{s}_clips.jsonl").read_text().splitlines()]
     assert len(clips) == 4 and not any(c["kind"] == "speech" for c in clips)
+    # a corpus without speech (--kinds) needs no speech library, even with --strict, and hashes
+    # as it does where the library loads
+    capsys.readouterr()
+    P.main(["--clips=2", "--max_seconds=2", "--kinds=morse", f"--out_dir={tmp_path / 'c'}",
+            "--strict"] + FAST)
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["args"]["no_speech"] is False and str(missing) not in capsys.readouterr().out
+
+
+def test_the_work_of_two_codecs_is_kept_apart(tmp_path):
+    """A run resumes only the encoded chunks of its own codec: a run killed with the offline codec
+    and re-run where the pretrained EnCodec can be had (or the other way round) starts anew."""
+    offline = P.work_dir(tmp_path, "0123abcd", "encodec_24khz-offline", False)
+    pretrained = P.work_dir(tmp_path, "0123abcd", "encodec_24khz", False)
+    assert offline != pretrained and offline.is_dir() and pretrained.is_dir()
+    (offline / "chunk00000.npz").write_bytes(b"x")
+    assert not list(pretrained.iterdir())
+    assert P.work_dir(tmp_path, "0123abcd", "encodec_24khz-offline", False) == offline
+    assert (offline / "chunk00000.npz").exists()  # found again by a re-run of the same codec
 
 
 def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="encodec_24khz-d7cc33bc.th"):
         A.find_codec_weights(tmp_path)                  # --codec_dir without the weights
+    with pytest.raises(SystemExit, match=f"error: --codec_dir={tmp_path}: no encodec_24khz"):
+        P.main(["--clips=2", f"--out_dir={tmp_path / 'd'}", f"--codec_dir={tmp_path}", "--quiet"])
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert A.find_codec_weights(None) is None           # no hub cache either -> the offline codec
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
