@@ -416,9 +416,10 @@ def encode_emb(model, wavs):
     """Batch of 1-D float arrays -> list of encoder outputs (frames, 128), frames = ceil(n / 320).
     EnCodec is causal, so the zeros after a shorter clip do not change its frames."""
     lens = [len(w) for w in wavs]
-    # every clip is zero padded to whole frames: then no conv pads its end by reflection, and a
-    # clip's codes are the same alone or in a batch
-    x = torch.zeros(len(wavs), 1, n_frames(max(lens)) * HOP)
+    # every clip is zero padded to whole frames, and to 7 frames at least: then no conv pads its
+    # end by reflection, none is shorter than its kernel, and a clip's codes are the same alone or
+    # in a batch
+    x = torch.zeros(len(wavs), 1, max(7, n_frames(max(lens))) * HOP)
     for i, w in enumerate(wavs):
         x[i, 0, :len(w)] = torch.as_tensor(w)
     emb = model.encoder(x).transpose(1, 2)            # (B, T, 128)

@@ -86,6 +86,23 @@ def test_features_match_stored_corpus(synth_dir, codec):
                                    atol=2e-3)
 
 
+def test_short_clips_encode_the_same_alone_and_in_a_batch():
+    """EnCodec's convs pad their start by reflection, which an input shorter than a kernel (a clip
+    under 7 frames) cannot give: encode_emb pads every batch to at least 7 frames, so a short clip's
+    encoder frames are the same alone and beside a long one. Dense random weights: a pretrained
+    EnCodec's case (the offline codec's convs hide it)."""
+    torch.manual_seed(0)
+    model = A.offline_codec().eval()
+    rng = np.random.default_rng(0)
+    long = rng.uniform(-0.5, 0.5, 30 * A.HOP).astype(np.float32)
+    for frames in (1, 2, 5, 7):
+        short = rng.uniform(-0.5, 0.5, frames * A.HOP - 17).astype(np.float32)
+        alone = A.encode_emb(model, [short])[0]
+        batched = A.encode_emb(model, [short, long])[0]
+        assert alone.shape == (frames, 128)
+        torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- mel
 
 def reference_log_mel(x):
