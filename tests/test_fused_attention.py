@@ -192,15 +192,23 @@ def skip_if_interpreter_too_old(stderr):
                     f"numpy {numpy.__version__} (a loop bound read as int() of a 1-element "
                     f"array); triton 3.9.0's can")
 
+WORKERS = 2  # the interpreter runs the cases in this many processes side by side, one thread each
+
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, FUSED_ATTENTION="triton")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        skip_if_interpreter_too_old(proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, FUSED_ATTENTION="triton",
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
+                               str(i), str(WORKERS)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(WORKERS)]
+    results = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            skip_if_interpreter_too_old(err)
+        assert proc.returncode == 0, err[-3000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_triton_interpreter(case, interpreter_results):
@@ -531,8 +539,10 @@ def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatc
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    # run by interpreter_results: every case through the Triton kernels, results as one JSON line
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    # run by interpreter_results: worker `shard` of `n_shards` runs its share of the cases through
+    # the Triton kernels, results as one JSON line
+    shard, n_shards = int(sys.argv[2]), int(sys.argv[3])
     import fused_attention
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
     # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
@@ -548,7 +558,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
                      for name, entries in kernel_tiles.items()}
             runs += [(f"tiles{i}-{bwd}-", bwd, True, cases, tiles, None, 1)
                      for bwd in ("atomic", "split")]
-    results, done = {}, {}
+    results, done, n_keys = {}, {}, 0
     for prefix, bwd, tma, cases, tiles, sm_scale, H in runs:
         (fused_attention.BWD, fused_attention.TMA,
          fused_attention.INTERPRETER_TILES) = bwd, tma, tiles
@@ -556,11 +566,19 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
             key = (bwd, tma, case, tuple(sorted(tiles.items())), sm_scale, H)
             if key not in done:  # a shorter TILES list repeats its last entry: run each set of
                                  # tiles once
+                n_keys += 1
+                if n_keys % n_shards != shard:  # another worker's
+                    done[key] = None
+                    continue
                 try:
                     done[key] = errors(case, "triton", sm_scale, H)
                 except Exception as e:  # report it against its own case
                     done[key] = {"error": f"{type(e).__name__}: {e}"}
-            results[prefix + case_id(case)] = done[key]
+            if done[key] is not None:
+                results[prefix + case_id(case)] = done[key]
+    if shard:
+        print(json.dumps(results))
+        sys.exit(0)
     # key counts past 2**31: clamped to Tk before the kernels' int32, as the torch path reads them
     fused_attention.BWD, fused_attention.TMA, fused_attention.INTERPRETER_TILES = "auto", True, \
         small_tiles
