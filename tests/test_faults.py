@@ -237,9 +237,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)
 
-PREPARE = ["--clips=24", "--max_seconds=1.0", "--offline", "--codec_steps=8", "--codec_clips=8",
-           "--codec_tune_steps=4",
-           "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2", "--quiet"]
+PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "--codec_clips=8",
+           "--codec_tune_steps=2", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2",
+           "--quiet"]
 
 def test_prepare_killed_at_five_random_moments_then_rerun_writes_the_same_bytes(tmp_path):
     """prepare.py killed with SIGKILL at 5 random moments of its run (corpus, codec training,
