@@ -76,9 +76,9 @@ peak_flops = 0.0              # per device, for MFU; 0 = known GPUs (A100, H100,
 
 TRAIN_KEYS = configurator.defaults(globals())
 # settings that change how a run executes, not what it trains: a re-run may differ in these
-RUN_KEYS = {"init_from", "overwrite", "eval_only", "log_interval", "wandb_log", "wandb_project",
-            "wandb_run_name", "device", "dtype", "compile", "backend", "ddp_find_unused_parameters",
-            "peak_flops"}
+RUN_KEYS = {"init_from", "out_dir", "overwrite", "eval_only", "log_interval", "wandb_log",
+            "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend",
+            "ddp_find_unused_parameters", "peak_flops"}
 PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
 HERE = os.path.dirname(os.path.abspath(__file__))  # the model files sit beside this one
 
@@ -112,6 +112,11 @@ def changed_settings(new, old, skip=()):
     sorted; how a run executes (RUN_KEYS) and skip left out."""
     return sorted(k for k in set(new) | set(old)
                   if k not in RUN_KEYS and k not in skip and new.get(k) != old.get(k))
+
+def same_start(a, b):
+    """Whether two init_from values name the same start: scratch, or the same checkpoint file."""
+    paths = [os.path.realpath(x) if x not in ("scratch", "resume") else x for x in (a, b)]
+    return paths[0] == paths[1]
 
 def describe_changes(keys, old, new):
     """The first five changed settings, as "key=old there, new here"."""
@@ -293,6 +298,10 @@ if __name__ == "__main__":
         except ValueError as e:
             fail(f"{e} (out_dir={out_dir}; --overwrite=True trains anew there)")
         changed = changed_settings(S, prev["config"])
+        # the weights a run started from are part of what it trained ("resume" says nothing)
+        started = prev["config"].get("init_from", "scratch")
+        if started != "resume" and not same_start(started, init_from):
+            changed.append("init_from")
         if changed:
             fail(f"out_dir={out_dir} holds a run with other settings ("
                  + describe_changes(changed, prev["config"], S)

@@ -377,6 +377,16 @@ def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
          "--max_iters=2", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
     _, val = losses(out)
     assert abs(val[0] - losses(full_run)[1][8]) < 1e-6  # same weights, same eval batches
+    # a re-run from other weights is another run, not this finished one; the same file spelled
+    # another way is the same run
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+             "--max_iters=2", f"--init_from={os.path.join(out, 'ckpt.pt')}"], check=False)
+    assert p.returncode == 2 and "init_from=" in p.stderr and "other settings" in p.stderr, \
+        p.stderr
+    same = os.path.relpath(os.path.join(full_run, "ckpt.pt"), ROOT)
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}/", *TINY,
+             "--max_iters=2", f"--init_from={same}"])
+    assert "this run is finished" in p.stdout, p.stdout
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
              "--max_iters=50", "--overwrite=True",
              "--learning_rate=1e30", "--grad_clip=0", "--decay_lr=False", "--eval_interval=1000"],
