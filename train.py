@@ -291,6 +291,8 @@ if __name__ == "__main__":
     # data, model, optimizer
     checkpoint = init = None
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if eval_only and init_from == "scratch" and os.path.exists(ckpt_path):
+        init_from = "resume"  # evaluate the run there, not fresh weights
     if init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path):
         # a re-run: nothing already trained is lost
         try:

@@ -186,8 +186,12 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
     assert all(tuple(g["betas"]) == (0.9, 0.9) for g in groups)
     log_before = open(os.path.join(out, "log.jsonl")).read()
-    run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True"])
+    p = run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True"])
     assert open(os.path.join(out, "log.jsonl")).read() == log_before
+    # without init_from, eval_only evaluates the run in out_dir too (not fresh weights)
+    said = [l for l in p.stdout.splitlines() if l.startswith("step 10: train loss")]
+    again = run(common + ["--max_iters=10", "--eval_only=True"])
+    assert len(said) == 1 and said[0] in again.stdout.splitlines(), (said, again.stdout)
 
 def test_resume_keeps_an_eval_it_does_not_redo(synth_dir, tmp_path):
     """A run ended at iter 6 (evals at 0, 4 and its last, 6) resumed to 8: the loop does not
