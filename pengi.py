@@ -125,7 +125,7 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         if self.lora_rank:
-            h = self.lora_drop(x)
+            h = self.lora_drop(x)  # one dropout mask for both adapters (peft draws one each)
             q = q + self.lora_scale * (h @ self.lora_q_A.t() @ self.lora_q_B.t())
             v = v + self.lora_scale * (h @ self.lora_v_A.t() @ self.lora_v_B.t())
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
