@@ -961,7 +961,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     other_codec = tmp_path / "other_codec"
     P.main(["--clips=12", "--max_seconds=1.0", "--quiet", "--offline", "--codec_report=0",
             "--kmeans_frames=1024", "--kmeans_iters=2", f"--out_dir={other_codec}"])
-    for extra, said in ((["--learning_rate=0.5"], "learning_rate=0.002 there, 0.5 here"),
+    cases = ((["--learning_rate=0.5"], "learning_rate=0.002 there, 0.5 here"),
                         (["--seeds=1,1"], "--seeds=1,1: each at most once"),
                         (["--jobs=0"], "--jobs=0: must be at least 1"),
                         (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1"),
@@ -969,9 +969,13 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
                         ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use "
                                                     "--out_root"),
                         ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
-                        ([f"--test_dir={other_codec}"], "of another codec than")):
-        again = subprocess.run(more + extra, cwd=ROOT, capture_output=True, text=True)
-        assert again.returncode == 2 and said in again.stderr, (extra, again.stderr[-2000:])
+                        ([f"--test_dir={other_codec}"], "of another codec than"))
+    procs = [(extra, said, subprocess.Popen(more + extra, cwd=ROOT, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))
+             for extra, said in cases]  # each stops before any work: all side by side
+    for extra, said, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and said in err, (extra, err[-2000:])
 
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
