@@ -521,6 +521,9 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # training loop
     start_iter, t_start = iter_num, time.time()
+    # best-only saving from another run's weights: they are the best so far until beaten, so the
+    # first eval saves them (else a run that never beats them would end without a checkpoint)
+    save_start = init_from not in ("scratch", "resume") and not always_save_checkpoint
     t_log, tokens_log, iters_log = time.time(), 0, 0
     while True:
         lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -535,7 +538,8 @@ if __name__ == "__main__":
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
-            if iter_num > start_iter and (improved or always_save_checkpoint) and not eval_only:
+            if ((iter_num > start_iter or save_start) and (improved or always_save_checkpoint)
+                    and not eval_only):
                 save_checkpoint()
             t_log += time.time() - t_eval  # the speed on the next log line is training's alone
         if eval_only or iter_num >= max_iters:

@@ -224,6 +224,17 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     run(cmd + ["--overwrite=True", "--max_iters=2"])
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["iter"] for r in recs if "loss" in r] == [1, 2]
+    # from another run's weights, with a learning rate of 0 (never better than its start): the
+    # start is saved as the best, and the run is finished
+    start = os.path.join(out, "ckpt.pt")
+    fine = str(tmp_path / "fine")
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={fine}", *TINY,
+         "--max_iters=4", "--learning_rate=0", "--min_lr=0", "--always_save_checkpoint=False",
+         f"--init_from={start}"])
+    ck = torch.load(os.path.join(fine, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 0 and ck["end_iter"] == 4
+    assert torch.equal(ck["model"]["wte.weight"],
+                       torch.load(start, weights_only=True)["model"]["wte.weight"])
 
 def test_saves_follow_always_save_and_the_best_val_loss_survives_a_resume(synth_dir, tmp_path):
     """With lr_decay_iters=4 and min_lr=0 the weights stop changing after iteration 4, so every
