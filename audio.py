@@ -122,8 +122,9 @@ def check_audio(wav, name="audio"):
     if np.abs(wav).max() < 1e-4:
         raise BadAudio(f"{name}: all silent (peak {np.abs(wav).max():.1e})")
     if np.abs(wav).max() > 100:  # 40 dB over full scale: the mel of such audio is out of range
-        raise BadAudio(f"{name}: peak amplitude {np.abs(wav).max():.3g}, where full scale is 1 "
-                       f"(float samples written at integer scale? divide them by 32768)")
+        raise BadAudio(f"{name}: peak amplitude over 100 ({np.abs(wav).max():.3g}, where full "
+                       f"scale is 1: float samples written at integer scale? divide them by "
+                       f"32768)")
 
 def load_audio(path, sr=SAMPLE_RATE):
     """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to sr.

@@ -77,7 +77,8 @@ def librispeech_items(src, report):
             audio = trans.parent / f"{uid}.flac"
             seen.add(audio.resolve())
             if not audio.exists():
-                report(str(audio), f"listed in {trans.name} but the file is missing")
+                report(str(audio), f"listed in a transcript ({trans.name}) but the file is "
+                                   f"missing")
                 continue
             if not text.strip():
                 report(str(audio), "missing transcript (empty line)")

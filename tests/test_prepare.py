@@ -756,7 +756,7 @@ def write_folder(d):
 BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length",
        "silent.wav": "all silent",
        "nan.wav": "NaN", "short.wav": "shorter than one frame", "notes.txt": "not an audio file",
-       "loud.wav": "peak amplitude 5e+05, where full scale is 1",
+       "loud.wav": "peak amplitude over 100 (5e+05, where full scale is 1",
        "missing.wav": "named in the manifest but the file is missing"}
 
 
@@ -783,6 +783,11 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     assert abs(by["good2.flac"]["duration"] - 0.6) < 1e-3
     meta = json.loads((out / "meta.json").read_text())
     assert sum(meta["skipped"].values()) == 8
+    # the summary counts kinds of problem, not files: no measured value or file name in its keys
+    assert set(meta["skipped"]) == {
+        "named in the manifest but the file is missing", "not an audio file",
+        "unreadable or corrupt audio", "zero-length audio", "peak amplitude over 100",
+        "contains NaN or infinite samples", "shorter than one frame", "all silent"}
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
     # same arguments again: finished work is skipped, nothing rewritten
