@@ -516,11 +516,13 @@ def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
                 keep_scores.append(s)
                 keep_seqs.append(seqs[b] + [tok])
                 src.append(b)
+        if not keep_seqs:
+            break
         # log-probs only fall, so a live beam of score s (< 0) can at best reach s / n **
         # length_penalty at its shortest (n = t + 1) or longest (max_new_tokens) end, whichever the
         # penalty's sign favours: once the best finished beats that, nothing can overtake it
-        live = max(keep_scores, default=0.0)
-        if not keep_seqs or best[0] >= max(norm(live, t + 1), norm(live, max_new_tokens)):
+        live = max(keep_scores)
+        if best[0] >= max(norm(live, t + 1), norm(live, max_new_tokens)):
             break
         scores = torch.tensor(keep_scores, device=logp.device)
         seqs = keep_seqs

@@ -337,8 +337,8 @@ if __name__ == "__main__":
     globals().update(S)
     train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
     # the sweep sets these per run: given here they would make every run the same one
-    for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("kinds", "--kinds"),
-                      ("model", "--models"), ("init_from", "(runs resume by themselves)")):
+    for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("model", "--models"),
+                      ("init_from", "(runs resume by themselves)")):
         if key in unknown:
             fail(f"--{key}={unknown[key]}: the sweep sets it for each run; use {ours}")
     import train
