@@ -139,10 +139,10 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
         if t - start > c.block_size:
             start = t - c.block_size // 2
         z = torch.zeros_like(frames[0]) if c.use_mel else None
-        mel_in = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z
-                               for s in range(start, t)], 1)
-                  if c.use_mel else None)
-        logits, ids = torch.topk(model.decode(seq[:, start:], mel_in)[:, -1].float(), 50)
+        step_mels = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z
+                                  for s in range(start, t)], 1)
+                     if c.use_mel else None)
+        logits, ids = torch.topk(model.decode(seq[:, start:], step_mels)[:, -1].float(), 50)
         nxt = ids.gather(-1, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
         seq = torch.cat([seq, nxt], 1)
     return seq

@@ -203,8 +203,8 @@ class WhisperGPT(nn.Module):
             return mels
         return F.pad(mels, (0, 0, lag, 0))[:, :mels.size(1)]
 
-    def decode(self, codes, mel_in=None, caches=None, pos0=0):
-        """The network proper. codes (B, T) coarse tokens, mel_in (B, T, n_mels) the frames the
+    def decode(self, codes, step_mels=None, caches=None, pos0=0):
+        """The network proper. codes (B, T) coarse tokens, step_mels (B, T, n_mels) the frames the
         steps see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0:
         position of codes[:, 0] in the window (an int, or for one step on caches holding "pos", that
         (1,) tensor). Returns logits (B, T, vocab_size)."""
@@ -219,7 +219,7 @@ class WhisperGPT(nn.Module):
             pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=codes.device)
         x = self.wte(codes)
         if c.use_mel:
-            m = self.mel_in(mel_in.to(self.mel_in.weight.dtype)) + self.mel_wpe(pos)
+            m = self.mel_in(step_mels.to(self.mel_in.weight.dtype)) + self.mel_wpe(pos)
             for i, block in enumerate(self.mel_h):
                 m = block(m, None if caches is None else caches[i])
             m = self.mel_out(self.mel_ln_f(m))
@@ -234,17 +234,17 @@ class WhisperGPT(nn.Module):
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
-    def graphed_step(self, caches, codes, mel_in, pos0):
+    def graphed_step(self, caches, codes, step_mels, pos0):
         """The one-token decode step on caches (filled by a decode of the window so far) as a
-        function (codes (B, 1), mel_in (B, 1, n_mels) or None, position) -> logits (B, vocab_size).
-        Its position lives in a tensor, so the step is the same kernels at every position; on a
-        GPU they are captured once in a CUDA graph and replayed: one launch per token instead of
-        one per op, which bound a small model's decoding there. Built with the first step's inputs
-        (capturing runs the step, and so writes its key and value, which the step then writes
-        again)."""
+        function (codes (B, 1), step_mels (B, 1, n_mels) or None, position) -> logits
+        (B, vocab_size). Its position lives in a tensor, so the step is the same kernels at every
+        position; on a GPU they are captured once in a CUDA graph and replayed: one launch per token
+        instead of one per op, which bound a small model's decoding there. Built with the first
+        step's inputs (capturing runs the step, and so writes its key and value, which the step
+        then writes again)."""
         pos = torch.tensor([pos0], device=codes.device)
         steps = [{"k": cache["k"], "v": cache["v"], "pos": pos} for cache in caches]
-        codes_in, mel = codes.clone(), None if mel_in is None else mel_in.clone()
+        codes_in, mel = codes.clone(), None if step_mels is None else step_mels.clone()
         dev = codes.device.type
         # casts recorded in the graph, not cached by autocast outside it
         amp = torch.autocast(dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev),
@@ -353,12 +353,12 @@ class WhisperGPT(nn.Module):
                 logits = self.decode(seq[:, start:],
                                      mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
                 continue
-            mel_in = mel_inputs(t, t + 1) if c.use_mel else None
+            step_mels = mel_inputs(t, t + 1) if c.use_mel else None
             if cuda_graph:
-                step = step or self.graphed_step(caches, nxt, mel_in, t - start)
-                logits = step(nxt, mel_in, t - start)
+                step = step or self.graphed_step(caches, nxt, step_mels, t - start)
+                logits = step(nxt, step_mels, t - start)
             else:
-                logits = self.decode(nxt, mel_in, caches, pos0=t - start)[:, -1]
+                logits = self.decode(nxt, step_mels, caches, pos0=t - start)[:, -1]
         return seq
 
 # the names train.py, sample.py and eval.py use

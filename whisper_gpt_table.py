@@ -67,14 +67,14 @@ def model_of(path):
     return os.path.basename(path).split("-")[0]
 
 def finished(path):
-    """(iter_num, settings) of a run's checkpoint, or None (none, or one train.py cannot read: it
-    says so when the run starts)."""
+    """(the iteration a run's checkpoint ended at, its settings), or None (no checkpoint, or one
+    train.py cannot read: it says so when the run starts)."""
     from train import load_checkpoint
     try:
         ck = load_checkpoint(os.path.join(path, "ckpt.pt"), mmap=True)  # its settings only
     except ValueError:
         return None
-    return ck["iter_num"], ck["config"]
+    return ck.get("end_iter", ck["iter_num"]), ck["config"]  # end_iter: train.py's best-only mode
 
 def read_wall(d):
     """Seconds spent training run d so far (wall.json), 0 if none."""
