@@ -20,11 +20,9 @@ representation study.
 Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (its
 token-semantic head reduced to a frequency head, see AudioEncoder; absolute position embedding
 instead of Swin's relative bias; shifted windows by a cyclic roll along time only, without Swin's
-mask: a repeat-padded input wraps its end onto its start as the next repetition would, a
-silence-padded one wraps silence); mapper outputs LayerNorm-ed and scaled to the LM's token
-embeddings; a text encoder made from the LM's own embeddings and first layers (a causal tower
-pooled at the last token, as CLIP's text tower pools at its end token) instead of CLIP's text
-tower.
+mask, see WindowBlock); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a
+text encoder made from the LM's own embeddings and first layers (a causal tower pooled at the last
+token, as CLIP's text tower pools at its end token) instead of CLIP's text tower.
 """
 
 import json
@@ -50,7 +48,7 @@ class PengiConfig:
     stage: str = "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
-    vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint sets it too
+    vocab_size: int = 0        # the tokenizer's vocab; an llm_init checkpoint must match it
     eot_token: int = -1        # ends every answer
     max_frames: int = 256      # audio input in mel frames (75/s): longer cropped, shorter padded
     # shorter clips: "repeat" (CLAP's and Pengi's repeat-padding) or "silence" (ours: silent
@@ -95,7 +93,6 @@ class PengiConfig:
 # Transformer pieces: GPT-2 layout and Hugging Face names (the LM, the text tower and the mappers
 # use this block), with GPT-2's KV cache. Copies of salmonn.py's, kept identical
 # (tests/test_copies.py); LoRA is SALMONN's: here lora_rank is 0 and the LM stays frozen as a whole.
-# Then ClipCap's beam search (Pengi's).
 
 # Copied from salmonn.SelfAttention
 class SelfAttention(nn.Module):
@@ -194,43 +191,6 @@ class GPT2(nn.Module):
             x, present = block(x, causal=True, past=None if past is None else past[i])
             presents.append(present)
         return self.ln_f(x), presents
-
-# Copied from salmonn.reorder_cache
-def reorder_cache(past, index):
-    """The KV cache rows of the beams that survive (index: a tensor of row numbers)."""
-    return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
-
-def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
-    """Beam search as ClipCap and Pengi's code decode, with GPT2's KV cache: step(tokens (n,), past)
-    -> (log-probs (n, V), past); logp (1, V): the first step's log-probs. Unlike salmonn.py's
-    beam_search (Hugging Face's, which ranks live beams by total log-prob), live beams are ranked at
-    every step by total log-prob / length ** length_penalty (the length counts the eot); a beam that
-    has emitted eot stays in the race with its score frozen; the search stops when every beam has
-    ended. On our captions it scores well above beam_search (docs/pengi.md). Returns the best,
-    without eot."""
-    V = logp.size(-1)
-    seqs = [[]]
-    scores, lengths = torch.zeros(1), torch.zeros(1)
-    ended = torch.zeros(1, dtype=torch.bool)
-    for t in range(max_new_tokens):
-        logp = logp.float().cpu()
-        logp[ended] = -math.inf
-        logp[ended, eot] = 0.0  # an ended beam has one continuation: itself, unchanged
-        cand = scores[:, None] + logp
-        new_len = lengths + (~ended).float()
-        norm = (cand / new_len[:, None] ** length_penalty).view(-1)
-        top = norm.topk(min(beam, int(torch.isfinite(norm).sum()))).indices
-        src, tok = top // V, top % V
-        seqs = [seqs[b] if ended[b] else seqs[b] + [k] for b, k in zip(src.tolist(), tok.tolist())]
-        scores, lengths = cand.view(-1)[top], new_len[src]
-        ended = ended[src] | (tok == eot)
-        if ended.all() or t == max_new_tokens - 1:
-            break
-        device = past[0][0].device if past else "cpu"
-        past = reorder_cache(past, src.to(device))
-        logp, past = step(tok.to(device), past)
-    best = (scores / lengths ** length_penalty).argmax().item()
-    return [t for t in seqs[best] if t != eot]
 
 # -----------------------------------------------------------------------------
 # Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (copies of
@@ -357,7 +317,11 @@ def set_llm_dims(config):
 # Audio encoder: HTSAT-style, scaled down
 
 class WindowBlock(nn.Module):
-    """Swin block: attention inside non-overlapping windows of the (freq, time) patch grid, MLP."""
+    """Swin block: attention inside non-overlapping windows of the (freq, time) patch grid, MLP.
+    Ours: a shifted block (shift=True) rolls the grid cyclically by half a window along time only,
+    without Swin's mask, so the last windows join the clip's end to its start: a repeat-padded
+    input wraps its end onto its start as the next repetition would, a silence-padded one wraps
+    silence."""
 
     def __init__(self, dim, n_head, window, shift, dropout):
         super().__init__()
@@ -373,7 +337,7 @@ class WindowBlock(nn.Module):
         B, Fg, Tg, C = x.shape
         wf, wt = self.window
         h = self.ln_1(x)
-        if self.shift:  # shifted windows: roll half a window along time (see the module docstring)
+        if self.shift:  # shifted windows: roll half a window along time (see the class docstring)
             h = torch.roll(h, shifts=-(wt // 2), dims=2)
         h = h.view(B, Fg // wf, wf, Tg // wt, wt,
                    C).permute(0, 1, 3, 2, 4, 5).reshape(-1, wf * wt, C)
@@ -441,21 +405,6 @@ def stage_windows(config):
         Fg, Tg = Fg // 2, Tg // 2
     return out
 
-class Projection(nn.Module):
-    """The paper's projection: Linear, GELU, Linear, dropout, residual, LayerNorm."""
-
-    def __init__(self, d_in, d_out, dropout):
-        super().__init__()
-        self.linear1 = nn.Linear(d_in, d_out, bias=False)
-        self.linear2 = nn.Linear(d_out, d_out, bias=False)
-        self.drop = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(d_out)
-
-    def forward(self, x):
-        e1 = self.linear1(x)
-        e2 = self.drop(self.linear2(F.gelu(e1)))
-        return self.ln(e1 + e2)
-
 class AudioEncoder(nn.Module):
     """HTSAT-style: patch_size patches of the mel spectrogram, Swin stages with a patch merging
     between them, the frequency head; (B, T, n_mels) -> (B, out_dim)."""
@@ -496,6 +445,21 @@ class AudioEncoder(nn.Module):
             if s < len(self.merges):
                 x = self.merges[s](x)
         return self.freq_head(self.ln_f(x).mean(dim=2).flatten(1))  # (B, F', C) -> (B, C)
+
+class Projection(nn.Module):
+    """The paper's projection: Linear, GELU, Linear, dropout, residual, LayerNorm."""
+
+    def __init__(self, d_in, d_out, dropout):
+        super().__init__()
+        self.linear1 = nn.Linear(d_in, d_out, bias=False)
+        self.linear2 = nn.Linear(d_out, d_out, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(d_out)
+
+    def forward(self, x):
+        e1 = self.linear1(x)
+        e2 = self.drop(self.linear2(F.gelu(e1)))
+        return self.ln(e1 + e2)
 
 class TextEncoder(nn.Module):
     """Causal transformer over the prompt, pooled at its last token (frozen in stage pengi), then
@@ -549,7 +513,67 @@ class Mapper(nn.Module):
         return self.scale * self.ln_out(x[:, self.k:])
 
 # -----------------------------------------------------------------------------
+# Decoding: ClipCap's beam search (Pengi's), for Pengi.generate
+
+# Copied from salmonn.reorder_cache
+def reorder_cache(past, index):
+    """The KV cache rows of the beams that survive (index: a tensor of row numbers)."""
+    return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
+
+def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
+    """Beam search as ClipCap and Pengi's code decode, with GPT2's KV cache: step(tokens (n,), past)
+    -> (log-probs (n, V), past); logp (1, V): the first step's log-probs. Unlike salmonn.py's
+    beam_search (Hugging Face's, which ranks live beams by total log-prob), live beams are ranked at
+    every step by total log-prob / length ** length_penalty (the length counts the eot); a beam that
+    has emitted eot stays in the race with its score frozen; the search stops when every beam has
+    ended. On our captions it scores well above beam_search (docs/pengi.md). Returns the best,
+    without eot."""
+    V = logp.size(-1)
+    seqs = [[]]
+    scores, lengths = torch.zeros(1), torch.zeros(1)
+    ended = torch.zeros(1, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        logp = logp.float().cpu()
+        logp[ended] = -math.inf
+        logp[ended, eot] = 0.0  # an ended beam has one continuation: itself, unchanged
+        cand = scores[:, None] + logp
+        new_len = lengths + (~ended).float()
+        norm = (cand / new_len[:, None] ** length_penalty).view(-1)
+        top = norm.topk(min(beam, int(torch.isfinite(norm).sum()))).indices
+        src, tokens = top // V, top % V
+        seqs = [seqs[b] if ended[b] else seqs[b] + [k]
+                for b, k in zip(src.tolist(), tokens.tolist())]
+        scores, lengths = cand.view(-1)[top], new_len[src]
+        ended = ended[src] | (tokens == eot)
+        if ended.all() or t == max_new_tokens - 1:
+            break
+        device = past[0][0].device if past else "cpu"
+        past = reorder_cache(past, src.to(device))
+        logp, past = step(tokens.to(device), past)
+    best = (scores / lengths ** length_penalty).argmax().item()
+    return [token for token in seqs[best] if token != eot]
+
+# -----------------------------------------------------------------------------
 # The model
+
+def check_config(config):
+    """The ValueErrors Pengi raises for a config it cannot build (the audio encoder's are
+    stage_windows')."""
+    if config.vocab_size <= 0:
+        raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer "
+                         "and llm_init)")
+    if config.text_init == "llm" and config.text_n_layer > config.llm_n_layer:
+        raise ValueError(f"text_n_layer {config.text_n_layer} > llm_n_layer "
+                         f"{config.llm_n_layer}: text_init='llm' copies the LM's first layers")
+    if config.text_init not in ("llm", "embeddings", "random"):
+        raise ValueError(f"text_init must be 'llm', 'embeddings' or 'random', not "
+                         f"{config.text_init!r}")
+    if config.stage not in ("clap", "pengi"):
+        raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
+    for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
+        heads = getattr(config, field)
+        if heads < 1 or config.llm_n_embd % heads:
+            raise ValueError(f"{field}={heads}: must divide llm_n_embd={config.llm_n_embd}")
 
 class Pengi(nn.Module):
     """Builds the model from the config alone (no file I/O): a pretrained LM named by llm_init is
@@ -559,21 +583,7 @@ class Pengi(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.vocab_size <= 0:
-            raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer "
-                             "and llm_init)")
-        if config.text_init == "llm" and config.text_n_layer > config.llm_n_layer:
-            raise ValueError(f"text_n_layer {config.text_n_layer} > llm_n_layer "
-                             f"{config.llm_n_layer}: text_init='llm' copies the LM's first layers")
-        if config.text_init not in ("llm", "embeddings", "random"):
-            raise ValueError(f"text_init must be 'llm', 'embeddings' or 'random', not "
-                             f"{config.text_init!r}")
-        if config.stage not in ("clap", "pengi"):
-            raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
-        for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
-            heads = getattr(config, field)
-            if heads < 1 or config.llm_n_embd % heads:
-                raise ValueError(f"{field}={heads}: must divide llm_n_embd={config.llm_n_embd}")
+        check_config(config)
         self.config = config
         self.k = config.prefix_len
 
@@ -594,7 +604,7 @@ class Pengi(nn.Module):
         nn.init.normal_(self.audio_encoder.pos_emb, std=0.02)
         # CLIP's init
         nn.init.normal_(self.text_encoder.text_projection.weight, std=config.llm_n_embd ** -0.5)
-        self.lm_changed()
+        self.init_from_lm()
 
         for p in self.llm.parameters():
             p.requires_grad = False
@@ -616,7 +626,7 @@ class Pengi(nn.Module):
         print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable ({trained})")
 
     @torch.no_grad()
-    def lm_changed(self):
+    def init_from_lm(self):
         """After the LM's weights are set: the text tower starts from them (text_init) and the
         prefix scale from their token-embedding RMS."""
         # the text tower starts from the LM (a pretrained one if llm_init)
@@ -652,7 +662,7 @@ class Pengi(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.llm.eval()  # frozen parts stay in eval mode (no dropout in them anyway)
+        self.llm.eval()  # frozen parts stay in eval mode, as a frozen pretrained model runs
         if not (self.config.text_trainable or self.config.stage == "clap"):
             self.text_encoder.eval()
         return self
@@ -680,6 +690,7 @@ class Pengi(nn.Module):
         audio = self.embed_audio(mel)
         if self.config.stage == "clap":  # contrastive only: (audio, answer text) pairs, no LM
             return None, self.clap_loss(audio, answer, targets, text_grad=True)
+        # prefix() written out: clap_weight's loss below reuses the audio embedding
         x = torch.cat([self.m1(audio), self.m2(self.embed_text(prompt, prompt_lens)),
                        self.llm.wte(answer)], dim=1)
         h, _ = self.llm(x)
@@ -817,7 +828,7 @@ def init_pretrained(model, tok=None):
                              f"{tuple(own[k].shape)} (build the config with load_data or "
                              f"set_llm_dims first)")
     model.llm.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    model.lm_changed()
+    model.init_from_lm()
     print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
     config.llm_init = ""
 
@@ -836,6 +847,7 @@ PROMPTS = {  # task -> the prompt; music has one prompt per label key
     "chord": "this music chord is",
 }
 QA_PROMPT = "question: "  # + the question, for audio QA
+MUSIC_KEYS = ("instrument", "pitch", "chord")  # the music task: one prompt per label
 
 def metadata_text(clip):
     """Our metadata string: the clip's kind, its labels and, where there is one, its transcript."""
@@ -843,8 +855,6 @@ def metadata_text(clip):
     if clip.get("transcript"):
         parts.append(f"text: {clip['transcript']}")
     return "; ".join(parts)
-
-MUSIC_KEYS = ("instrument", "pitch", "chord")  # the music task: one prompt per label
 
 def mix_tasks(tasks):
     """The task names of the mix, music expanded to its label keys."""
@@ -909,6 +919,8 @@ PAD_MODES = ("repeat", "silence")
 MEL_SILENCE = -1.0  # the data's log-mel of silence: the -80 dB floor of audio.log_mel
 
 def fit_frames(x, max_frames, rng=None, pad="repeat"):
+    """x (frames, n_mels) to max_frames: cropped (at random with an rng, else from the start) or
+    padded, by repeating the clip as CLAP does (pad="repeat") or with silence."""
     if len(x) == 0:
         raise ValueError("empty audio clip")
     if len(x) > max_frames:
@@ -967,8 +979,9 @@ def load_data(data_dir, config, tok):
         if not by_task:
             raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
                              f"{config.tasks!r}")
-        data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
-                       "task_p": task_probabilities(sorted(by_task), weights, split)}
+        names = sorted(by_task)  # get_batch's pick indexes this list and task_p alike
+        data[split] = {"mel": mel, "clips": clips, "by_task": by_task, "tasks": names,
+                       "task_p": task_probabilities(names, weights, split)}
     # candidate labels for the close-ended tasks, from the training split
     data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]
                                        if key in c["labels"]})
@@ -995,7 +1008,7 @@ def get_batch(data, split, batch_size, rng):
     """The multi-task mix: each example picks a task among those of the split (uniformly, or by
     task_weights), then an example of it."""
     d = data[split]
-    tasks, task_p = sorted(d["by_task"]), d["task_p"]
+    tasks, task_p = d["tasks"], d["task_p"]
     mels, prompts, answers = [], [], []
     for _ in range(batch_size):
         pick = rng.integers(len(tasks)) if task_p is None else rng.choice(len(tasks), p=task_p)
@@ -1201,7 +1214,7 @@ def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
     cand_ids = [answer_ids(tok, c)[:model.config.max_answer_tokens] for c in cands]
     lp = candidate_logprobs(model, data, tok, d, ex, bs, cand_ids)
     ref = [(i, PROMPTS[key], "") for i, c in enumerate(data["train"]["clips"])
-           if key in c["labels"]][:int(prior_clips)]
+           if key in c["labels"]][:prior_clips]
     pmi = pmi_scores(lp, candidate_logprobs(model, data, tok, data["train"], ref, bs, cand_ids))
     labels = [a for _, _, a in ex]
     metrics[f"{key}_acc_rank"] = top_candidate_acc(lp, cands, labels)
@@ -1233,16 +1246,20 @@ EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, b
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
     """Paper-style metrics on `split` (the first max_clips examples of each task), in eval mode (the
-    model's mode is restored after): caption_bleu4; qa_acc (exact match after normalisation); for
-    class and the music labels: {key}_acc_gen (the generated text equals the label), {key}_acc_rank
-    (the label has the highest LM likelihood among the training split's labels), {key}_acc_pmi (the
-    same, calibrated by the label prior over prior_clips training clips: pmi_scores), {key}_chance =
-    1/number of candidates; probe_acc (linear probe on labels.class) and probe_acc_{key} for the
-    label keys in probe_keys (probe_metrics); prefix_norm_ratio_audio/_text (prefix vector norm /
-    token embedding norm, 1 = the LM's scale). opts: max_clips, beam (1 = greedy), max_new_tokens,
-    length_penalty, batch_size, probe, probe_keys, probe_clips, prior_clips, tasks (a comma list
-    among caption, qa, class, instrument, pitch, chord; "" = all of the data's). QA is also scored
-    per clip kind: qa_acc_{kind}."""
+    model's mode is restored after):
+      caption_bleu4
+      qa_acc: exact match after normalisation; also per clip kind, qa_acc_{kind}
+      {key}_acc_gen, for class and the music labels: the generated text equals the label
+      {key}_acc_rank: the label has the highest LM likelihood among the training split's labels
+      {key}_acc_pmi: the same, calibrated by the label prior over prior_clips training clips
+        (pmi_scores)
+      {key}_chance: 1 / number of candidates
+      probe_acc: linear probe on labels.class; probe_acc_{key} for the label keys in probe_keys
+        (probe_metrics)
+      prefix_norm_ratio_audio/_text: prefix vector norm / token embedding norm, 1 = the LM's scale
+    opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,
+    probe_keys, probe_clips, prior_clips, tasks (a comma list among caption, qa, class, instrument,
+    pitch, chord; "" = all of the data's)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
@@ -1258,14 +1275,14 @@ def _evaluate(model, data, tok, split, o):
         return probe_metrics(model, data, split, o["probe_keys"],
                              int(o["probe_clips"])) if o["probe"] else {}
     max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
+    prior_clips = int(o["prior_clips"])
     gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]),
                length_penalty=float(o["length_penalty"]))
     d = data[split]
     wanted = eval_tasks(data, o["tasks"])
     metrics = text_metrics(model, data, tok, d, wanted, max_clips, bs, gen)
     for key in [k for k in wanted if k not in ("caption", "qa")]:
-        metrics.update(label_metrics(model, data, tok, d, key, max_clips, bs, gen,
-                                     o["prior_clips"]))
+        metrics.update(label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips))
     metrics.update(prefix_norm_metrics(model, data, tok, d, bs))
     if o["probe"]:
         metrics.update(probe_metrics(model, data, split, o["probe_keys"], int(o["probe_clips"])))
@@ -1280,7 +1297,8 @@ SAMPLE_OPTS = dict(beam=5, max_new_tokens=30, length_penalty=1.0, candidates="")
 def sample(model, tok, audio, prompt, tools, **opts):
     """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 in
     the official code's example, 1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c":
-    also rank these labels by likelihood)."""
+    also rank these labels by likelihood). tools: unused here, part of sample.py's interface shared
+    by the model files (whisper_gpt decodes codes with it)."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
         raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: "

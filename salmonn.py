@@ -136,7 +136,7 @@ class SALMONNConfig:
     # HF GPT-2 dir/file or our stage-"llm" ckpt.pt: its sizes replace the llm_* above (load_data),
     # init_pretrained loads it, our checkpoints then hold the weights
     llm_init: str = ""
-    # stage 1 refuses an LLM that copies fewer of the probe's spans (0: no check)
+    # stages 1-3 refuse an LLM that copies fewer of the probe's spans (0: no check)
     llm_probe_min: float = 0.8
     # each audio token rescaled to the token embeddings' RMS (audio_scale); without it they grow
     # ~6x larger in training
@@ -163,20 +163,9 @@ def n_audio_tokens(frames, config):
     t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
     return -(-t2 // config.window_frames) * config.window_queries
 
-# CTC on characters: letters are shared by every word, so each is heard far more often than a
-# whole-word BPE token (ours; Whisper itself has no CTC head)
-CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
-
-def ctc_blank(config):
-    """The CTC head's blank: the last of its outputs, after the tokens or the characters."""
-    if config.ctc_units not in ("tokens", "chars"):
-        raise ValueError(f"ctc_units must be 'tokens' or 'chars', got {config.ctc_units!r}")
-    return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
-
-def ctc_encode(text):
-    """Character ids of a transcript for ctc_units="chars": lower case, other characters left
-    out."""
-    return [CTC_CHARS.index(ch) for ch in text.lower() if ch in CTC_CHARS]
+def speech_frames(audio, config):
+    """How many frames of a clip the speech encoder reads."""
+    return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
 
 # -----------------------------------------------------------------------------
 # encoders and Q-Former: one attention module (Whisper's names) for self- and cross-attention
@@ -261,49 +250,11 @@ class SpeechEncoder(nn.Module):
         # as if each clip were alone (conv2 pads with zeros)
         x = mask_frames(x, lens).transpose(1, 2)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        lens2 = (lens + 1) // 2
+        enc_lens = (lens + 1) // 2
         x = x + sinusoids(x.size(1), x.size(2)).to(x.device, x.dtype)
         for block in self.blocks:
-            x = block(x, k_lens=lens2)
-        return self.ln_post(x), lens2
-
-class DecoderBlock(nn.Module):
-    """Whisper's decoder block: causal self-attention, cross-attention to the audio, MLP (pre-LN,
-    Whisper's names)."""
-
-    def __init__(self, n_embd, n_head, dropout):
-        super().__init__()
-        self.attn = MultiHeadAttention(n_embd, n_head)
-        self.attn_ln = nn.LayerNorm(n_embd)
-        self.cross_attn = MultiHeadAttention(n_embd, n_head)
-        self.cross_attn_ln = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd))
-        self.mlp_ln = nn.LayerNorm(n_embd)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, audio, audio_lens):
-        x = x + self.drop(self.attn(self.attn_ln(x), causal=True))
-        x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), audio, k_lens=audio_lens))
-        return x + self.drop(self.mlp(self.mlp_ln(x)))
-
-class TextDecoder(nn.Module):
-    """Whisper's TextDecoder: token embedding + learned positions, blocks, ln; logits against the
-    token embedding. Only stage "whisper" has it: it is how the speech encoder learns what is
-    said."""
-
-    def __init__(self, vocab_size, n_ctx, n_embd, n_head, n_layer, dropout):
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, n_embd)
-        self.positional_embedding = nn.Parameter(torch.zeros(n_ctx, n_embd))
-        self.blocks = nn.ModuleList([DecoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
-        self.ln = nn.LayerNorm(n_embd)
-
-    def forward(self, tokens, audio, audio_lens):
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.size(1)]
-        for block in self.blocks:
-            x = block(x, audio, audio_lens)
-        return self.ln(x) @ self.token_embedding.weight.t()
+            x = block(x, k_lens=enc_lens)
+        return self.ln_post(x), enc_lens
 
 class AudioEncoder(nn.Module):
     """BEATs-style: patch embedding over (2 frames x patch_f bins) of the mel, a transformer over
@@ -332,9 +283,9 @@ class AudioEncoder(nn.Module):
         x = x + sinusoids(T2, C).to(x.device, x.dtype)[:, None, :] + self.band_emb
         # time-major: a clip's valid patches are a prefix
         x = self.ln_pre(x.reshape(B, T2 * self.n_bands, C))
-        lens2 = (lens + 1) // 2
+        enc_lens = (lens + 1) // 2
         for block in self.blocks:
-            x = block(x, k_lens=lens2 * self.n_bands)
+            x = block(x, k_lens=enc_lens * self.n_bands)
         return self.ln_post(x).view(B, T2, self.n_bands, C).mean(2)
 
 class QFormerLayer(nn.Module):
@@ -385,6 +336,62 @@ class WindowQFormer(nn.Module):
         q = self.ln_f(q).reshape(B, nW * nq, -1)
         valid = (k_lens > 0).view(B, nW, 1).expand(B, nW, nq).reshape(B, nW * nq)
         return q, valid
+
+# -----------------------------------------------------------------------------
+# stage "whisper": the text decoder and CTC head that train the speech encoder
+
+class DecoderBlock(nn.Module):
+    """Whisper's decoder block: causal self-attention, cross-attention to the audio, MLP (pre-LN,
+    Whisper's names)."""
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_embd, n_head)
+        self.attn_ln = nn.LayerNorm(n_embd)
+        self.cross_attn = MultiHeadAttention(n_embd, n_head)
+        self.cross_attn_ln = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
+        self.mlp_ln = nn.LayerNorm(n_embd)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, audio, audio_lens):
+        x = x + self.drop(self.attn(self.attn_ln(x), causal=True))
+        x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), audio, k_lens=audio_lens))
+        return x + self.drop(self.mlp(self.mlp_ln(x)))
+
+class TextDecoder(nn.Module):
+    """Whisper's TextDecoder: token embedding + learned positions, blocks, ln; logits against the
+    token embedding. Only stage "whisper" has it: it is how the speech encoder learns what is
+    said."""
+
+    def __init__(self, vocab_size, n_ctx, n_embd, n_head, n_layer, dropout):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, n_embd)
+        self.positional_embedding = nn.Parameter(torch.zeros(n_ctx, n_embd))
+        self.blocks = nn.ModuleList([DecoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.ln = nn.LayerNorm(n_embd)
+
+    def forward(self, tokens, audio, audio_lens):
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.size(1)]
+        for block in self.blocks:
+            x = block(x, audio, audio_lens)
+        return self.ln(x) @ self.token_embedding.weight.t()
+
+# CTC on characters: letters are shared by every word, so each is heard far more often than a
+# whole-word BPE token (ours; Whisper itself has no CTC head)
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
+
+def ctc_blank(config):
+    """The CTC head's blank: the last of its outputs, after the tokens or the characters."""
+    if config.ctc_units not in ("tokens", "chars"):
+        raise ValueError(f"ctc_units must be 'tokens' or 'chars', got {config.ctc_units!r}")
+    return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
+
+def ctc_encode(text):
+    """Character ids of a transcript for ctc_units="chars": lower case, other characters left
+    out."""
+    return [CTC_CHARS.index(ch) for ch in text.lower() if ch in CTC_CHARS]
 
 # -----------------------------------------------------------------------------
 # the LLM: GPT-2 layout and Hugging Face names. pengi.py holds the same code (marked copies): LoRA
@@ -485,6 +492,7 @@ class GPT2(nn.Module):
             presents.append(present)
         return self.ln_f(x), presents
 
+# pengi.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
 def reorder_cache(past, index):
     """The KV cache rows of the beams that survive (index: a tensor of row numbers)."""
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
@@ -531,7 +539,9 @@ def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
     return best[1]
 
 # -----------------------------------------------------------------------------
-# checkpoint loading: GPT-2 (Hugging Face or ours) and OpenAI Whisper
+# checkpoint loading: GPT-2 (Hugging Face or ours) and OpenAI Whisper. pengi.py keeps copies of
+# read_safetensors, load_torch_file and load_llm_state (tests/test_copies.py checks them): a change
+# here must be made there too
 
 def read_safetensors(path):
     """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
@@ -854,9 +864,9 @@ class SALMONN(nn.Module):
         """The speech encoder's frames (B, N, C), their lengths (B,), and the audio encoder's
         frames (B, N', C') (valid: (mel_lens + 1) // 2 of them)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
-            s, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
+            s, enc_lens = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
             a = self.beats(mel, mel_lens)
-        return s, lens2, a
+        return s, enc_lens, a
 
     def cached_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """run_encoders(), once per clip when the encoders are frozen: they give a clip the same
@@ -880,23 +890,23 @@ class SALMONN(nn.Module):
             rows = torch.tensor(list(new.values()), device=mel.device)
             pick = lambda t: None if t is None else t[rows]
             lens = pick(mel_lens)
-            s, lens2, a = self.run_encoders(pick(mel), lens, pick(wmel), pick(wmel_lens))
+            s, enc_lens, a = self.run_encoders(pick(mel), lens, pick(wmel), pick(wmel_lens))
             a_lens = (lens + 1) // 2
             for i, k in enumerate(new):
-                self.encoder_cache[k] = (s[i, :lens2[i]].to("cpu", copy=True),
+                self.encoder_cache[k] = (s[i, :enc_lens[i]].to("cpu", copy=True),
                                          a[i, :a_lens[i]].to("cpu", copy=True))
         frames = [self.encoder_cache[k] for k in keys]
         s = nn.utils.rnn.pad_sequence([f[0] for f in frames], batch_first=True).to(mel.device)
         a = nn.utils.rnn.pad_sequence([f[1] for f in frames], batch_first=True).to(mel.device)
-        lens2 = torch.tensor([len(f[0]) for f in frames], device=mel.device)
-        return s, lens2, a
+        enc_lens = torch.tensor([len(f[0]) for f in frames], device=mel.device)
+        return s, enc_lens, a
 
     def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B,
         N, llm_n_embd) and their validity (B, N)."""
         n = self.config.max_audio_frames
         mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
-        s, lens2, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
+        s, enc_lens, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
         # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
         # instant
         if self.config.speech_frame_rate != self.config.frame_rate:
@@ -905,12 +915,12 @@ class SALMONN(nn.Module):
             a = a[:, at.long().clamp(max=a.size(1) - 1)]
         # per frame: speech | audio events
         x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)
-        q, valid = self.qformer(x, lens2)
-        audio = self.proj(q)
+        q, valid = self.qformer(x, enc_lens)
+        tokens = self.proj(q)
         if self.config.audio_norm:
-            rms = audio.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
-            audio = audio * (self.audio_scale / rms)
-        return audio, valid
+            rms = tokens.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+            tokens = tokens * (self.audio_scale / rms)
+        return tokens, valid
 
     def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None):
         """Token embeddings with the audio tokens written, in time order, where audio_mask is
@@ -918,29 +928,22 @@ class SALMONN(nn.Module):
         x = self.llm.wte(idx)
         if self.config.stage == "llm":
             return x
-        audio, valid = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        tokens, valid = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
                              f"row, the clips give {valid.sum(1).tolist()} audio tokens")
-        return x.masked_scatter(audio_mask.unsqueeze(-1), audio[valid].to(x.dtype))
+        return x.masked_scatter(audio_mask.unsqueeze(-1), tokens[valid].to(x.dtype))
 
     def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None,
                 ctc_targets=None, tags=None, wmel=None, wmel_lens=None):
         stage = self.config.stage
-        # stage "whisper": the decoder reads the transcript so far and the audio, CTC the audio
+        # stage "whisper": the decoder reads the transcript so far and the speech encoder's frames
         if stage == "whisper":
-            audio, lens2 = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
-            logits = self.decoder(idx, audio, lens2)
+            speech, enc_lens = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
+            logits = self.decoder(idx, speech, enc_lens)
             if targets is None:
                 return logits[:, [-1]], None
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-            if self.config.ctc_weight and ctc_targets is not None:
-                logp = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
-                ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), lens2, (ctc_targets >= 0).sum(1),
-                                 blank=ctc_blank(self.config), zero_infinity=True)
-                loss = (1 - self.config.ctc_weight) * loss + self.config.ctc_weight * ctc
-            return logits, loss
+            return logits, self.whisper_loss(logits, targets, speech, enc_lens, ctc_targets)
         if stage == "beats":  # tags from the time-averaged encoder output
             logits = self.tag_logits(mel, mel_lens)
             loss = (None if tags is None
@@ -959,10 +962,22 @@ class SALMONN(nn.Module):
         per_example = token_loss.sum(1) / n.clamp(min=1)
         return logits, per_example[n > 0].mean()
 
+    def whisper_loss(self, logits, targets, speech, enc_lens, ctc_targets=None):
+        """Stage "whisper": the text decoder's cross-entropy, mixed with CTC on the speech
+        encoder's frames (weight ctc_weight) when the batch has CTC targets."""
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
+        if self.config.ctc_weight and ctc_targets is not None:
+            logp = self.ctc_head(speech).float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
+            ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), enc_lens, (ctc_targets >= 0).sum(1),
+                             blank=ctc_blank(self.config), zero_infinity=True)
+            loss = (1 - self.config.ctc_weight) * loss + self.config.ctc_weight * ctc
+        return loss
+
     def tag_logits(self, mel, mel_lens):
         a = self.beats(mel, mel_lens)
-        lens2 = (mel_lens + 1) // 2
-        pooled = mask_frames(a, lens2).sum(1) / lens2[:, None].clamp(min=1)
+        enc_lens = (mel_lens + 1) // 2
+        pooled = mask_frames(a, enc_lens).sum(1) / enc_lens[:, None].clamp(min=1)
         return self.tag_head(pooled)
 
     # decoding with a KV cache
@@ -1004,62 +1019,10 @@ class SALMONN(nn.Module):
             logits, past = step(tok.view(1), past)
         return out
 
-def init_pretrained(model, tok=None):
-    """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built
-    model (train.py calls this), then clears those fields: the model holds the weights, so a
-    checkpoint's config names no file that load_data would read again (train.py's saved settings
-    keep the paths). An LLM that audio training starts from must first pass the copy probe
-    (config.llm_probe_min), and the audio tokens' scale is set to the LLM's token embeddings'."""
-    config = model.config
-    for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
-                              ("beats_init", "beats", load_beats_state)):
-        path = getattr(config, field)
-        if path and hasattr(model, part):
-            sd, sizes = load(path)
-            # the encoder's input width is the data's, not a size the checkpoint can set
-            if sizes["n_mels"] != getattr(model, part).n_mels:
-                raise ValueError(f"{field}={path}: its {part} encoder reads {sizes['n_mels']} mel "
-                                 f"bins, the model built for the data "
-                                 f"{getattr(model, part).n_mels}")
-            missing, unexpected = getattr(model, part).load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected "
-                                 f"{unexpected[:5]}")
-            print(f"{field}: loaded the {part} encoder of {path}")
-    loaded_llm = bool(config.llm_init and hasattr(model, "llm"))
-    if loaded_llm:
-        state, sizes = load_llm_state(config.llm_init)
-        model.load_llm(state, config.llm_init)
-        print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} "
-              f"wide)")
-        if tok is not None and config.stage != "llm" and config.llm_probe_min > 0:
-            acc = copy_probe(model, tok)
-            print(f"copy probe: the LLM repeats {acc:.0%} of {PROBE_SPANS} unseen word spans "
-                  f"between <Speech> tags")
-            if acc < config.llm_probe_min:
-                raise ValueError(f"llm_init={config.llm_init}: the LLM copies {acc:.0%} of the "
-                                 f"probe's spans, below llm_probe_min={config.llm_probe_min}: it "
-                                 f"cannot read its input (train it longer with "
-                                 f"config/salmonn_llm.py, or set llm_probe_min=0)")
-    if hasattr(model, "proj"):
-        # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that
-        # the audio tokens start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
-        # (with audio_norm, audio_scale keeps them there). A model that then takes a checkpoint's
-        # weights (init_from) gets its projection and scale from there.
-        with torch.no_grad():
-            tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
-            nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
-            model.audio_scale.fill_(tok_rms)
-    if hasattr(model, "proj") and loaded_llm:
-        print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
-              f"(position embeddings: "
-              f"{model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
-    config.whisper_init = config.beats_init = config.llm_init = ""
-
 Model = SALMONN
 
 # -----------------------------------------------------------------------------
-# data: prompts, tasks and batches
+# data: prompts and tasks
 
 PROMPT_PREFIX = "USER: <Speech>"
 PROMPT_SUFFIX = "</Speech> {instruction}\nASSISTANT:"
@@ -1234,6 +1197,7 @@ def copy_document(tok, rng, words):
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
     return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
 
+# pengi.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
 def in_eval_mode(model, fn, *args):
     """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
     was_training = model.training
@@ -1263,6 +1227,64 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
             n_hits += text_words(tok.decode(out)) == span
         return n_hits
     return in_eval_mode(model, hits) / n
+
+# -----------------------------------------------------------------------------
+# loading the pretrained parts (train.py calls init_pretrained after load_data)
+
+def init_pretrained(model, tok=None):
+    """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built
+    model (train.py calls this), then clears those fields: the model holds the weights, so a
+    checkpoint's config names no file that load_data would read again (train.py's saved settings
+    keep the paths). An LLM that audio training starts from must first pass the copy probe
+    (config.llm_probe_min), and the audio tokens' scale is set to the LLM's token embeddings'."""
+    config = model.config
+    for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
+                              ("beats_init", "beats", load_beats_state)):
+        path = getattr(config, field)
+        if path and hasattr(model, part):
+            sd, sizes = load(path)
+            # the encoder's input width is the data's, not a size the checkpoint can set
+            if sizes["n_mels"] != getattr(model, part).n_mels:
+                raise ValueError(f"{field}={path}: its {part} encoder reads {sizes['n_mels']} mel "
+                                 f"bins, the model built for the data "
+                                 f"{getattr(model, part).n_mels}")
+            missing, unexpected = getattr(model, part).load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{field}={path}: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")
+            print(f"{field}: loaded the {part} encoder of {path}")
+    loaded_llm = bool(config.llm_init and hasattr(model, "llm"))
+    if loaded_llm:
+        state, sizes = load_llm_state(config.llm_init)
+        model.load_llm(state, config.llm_init)
+        print(f"llm_init: loaded {config.llm_init} ({sizes['n_layer']} layers, {sizes['n_embd']} "
+              f"wide)")
+        if tok is not None and config.stage != "llm" and config.llm_probe_min > 0:
+            acc = copy_probe(model, tok)
+            print(f"copy probe: the LLM repeats {acc:.0%} of {PROBE_SPANS} unseen word spans "
+                  f"between <Speech> tags")
+            if acc < config.llm_probe_min:
+                raise ValueError(f"llm_init={config.llm_init}: the LLM copies {acc:.0%} of the "
+                                 f"probe's spans, below llm_probe_min={config.llm_probe_min}: it "
+                                 f"cannot read its input (train it longer with "
+                                 f"config/salmonn_llm.py, or set llm_probe_min=0)")
+    if hasattr(model, "proj"):
+        # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that
+        # the audio tokens start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
+        # (with audio_norm, audio_scale keeps them there). A model that then takes a checkpoint's
+        # weights (init_from) gets its projection and scale from there.
+        with torch.no_grad():
+            tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
+            nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
+            model.audio_scale.fill_(tok_rms)
+        if loaded_llm:
+            print(f"audio tokens scaled to the token embeddings' RMS {tok_rms:.3f} "
+                  f"(position embeddings: "
+                  f"{model.llm.wpe.weight.float().pow(2).mean().sqrt().item():.3f})")
+    config.whisper_init = config.beats_init = config.llm_init = ""
+
+# -----------------------------------------------------------------------------
+# data: the prepared splits and each stage's batches
 
 def read_split(data_dir, split, meta):
     """A prepared split's clips and its memmapped mel arrays: (clips, mel, wmel); wmel (Whisper's
@@ -1447,10 +1469,6 @@ def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
             mel[b, t0:t0 + w] = fill
     return mel
 
-def speech_frames(audio, config):
-    """How many frames of a clip the speech encoder reads."""
-    return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
-
 def copy_conversations(data, rng, T):
     """A row of stage "llm"'s copying conversations: as many whole ones as fit in T + 1 tokens ->
     (ids, is_target), the answers and their eot the targets."""
@@ -1592,9 +1610,6 @@ def clip_tag_logits(model, mels, n_mels):
     mel, lens = pad_mels(mels, n_mels)
     return model.tag_logits(mel.to(device), lens.to(device)).float().cpu()
 
-SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
-               "seed": None, "length_penalty": 0.0}
-
 @torch.no_grad()
 def whisper_transcribe(model, tok, audios, batch_size=32):
     """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path,
@@ -1603,12 +1618,12 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
     dec_out, ctc_out = [], []
     for i in range(0, len(audios), batch_size):
         batch = {k: v.to(device) for k, v in collate(audios[i:i + batch_size]).items()}
-        audio, lens2 = model.speech_encode(**batch)
-        B = audio.size(0)
+        speech, enc_lens = model.speech_encode(**batch)
+        B = speech.size(0)
         seq = torch.full((B, 1), tok.eot_token, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(model.config.whisper_text_ctx - 1):
-            nxt = model.decoder(seq, audio, lens2)[:, -1].argmax(-1)
+            nxt = model.decoder(seq, speech, enc_lens)[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, tok.eot_token), nxt)
             seq = torch.cat([seq, nxt[:, None]], 1)
             done |= nxt == tok.eot_token
@@ -1617,18 +1632,22 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
         for row in seq[:, 1:].tolist():
             row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
             dec_out.append(tok.decode(row).strip())
-        best = model.ctc_head(audio).argmax(-1)
+        best = model.ctc_head(speech).argmax(-1)
         blank = ctc_blank(model.config)
         for b in range(B):
-            path = best[b, :lens2[b]].tolist()
+            path = best[b, :enc_lens[b]].tolist()
             ids = [t for j, t in enumerate(path) if t != blank and (j == 0 or t != path[j - 1])]
             ctc_out.append((tok.decode(ids) if model.config.ctc_units == "tokens"
                             else "".join(CTC_CHARS[i] for i in ids)).strip())
     return dec_out, ctc_out
 
+SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
+               "seed": None, "length_penalty": 0.0}
+
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools=None, **opts):
-    """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction).
+    """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction);
+    tools: sample.py's shared interface (whisper_gpt decodes codes with it), unused here.
     Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by
     log-prob / length, Hugging Face generate's default, which makes our small models loop until
     max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k, max_new_tokens
@@ -1647,10 +1666,9 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
                          f"given)")
-    return in_eval_mode(model, _sample, model, tok, audio, prompt, o)
+    return in_eval_mode(model, _sample, model, tok, audio, prompt, o, beam, temperature)
 
-def _sample(model, tok, audio, prompt, o):
-    beam, temperature = int(o["beam"]), float(o["temperature"])
+def _sample(model, tok, audio, prompt, o, beam, temperature):
     device = next(model.parameters()).device
     stage = model.config.stage
     if (stage not in ("llm", "beats") and model.config.speech_features == "whisper"
@@ -1823,11 +1841,11 @@ def task_answers(model, tok, data, split, task, entries, o):
     instruction) -> (answers, None); stage "whisper": (decoder transcripts, CTC transcripts)."""
     if model.config.stage == "whisper":
         return whisper_transcribe(model, tok, [data.clip_audio(split, ci) for ci, _, _ in entries])
-    sample_opts = {k: o[k] for k in ("beam", "max_new_tokens", "lora_scale", "temperature",
-                                     "top_k", "seed", "length_penalty")}
-    hyps = [sample(model, tok, data.clip_audio(split, ci), instruction
-                   or INSTRUCTIONS[task][0], None,
-                   **sample_opts)["text"] for ci, instruction, _ in entries]
+    # sample's options, as evaluate was given them (EVAL_OPTS holds every one of SAMPLE_OPTS)
+    sample_opts = {k: o[k] for k in SAMPLE_OPTS}
+    hyps = [sample(model, tok, data.clip_audio(split, ci), instruction or INSTRUCTIONS[task][0],
+                   tools=None, **sample_opts)["text"]
+            for ci, instruction, _ in entries]
     return hyps, None
 
 def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):

@@ -247,7 +247,7 @@ def test_val_batches_are_not_randomly_cropped(synth_dir):
     data = pengi.load_data(synth_dir, pengi.PengiConfig(max_frames=16), tok)
     d = data["val"]
     i, p, a = next(ex for ex in d["by_task"]["caption"] if d["clips"][ex[0]]["frames"] > 40)
-    d["by_task"], d["task_p"] = {"caption": [(i, p, a)]}, None
+    d["by_task"], d["tasks"], d["task_p"] = {"caption": [(i, p, a)]}, ["caption"], None
     want = pengi.clip_mel(d["mel"], d["clips"][i], 16)
     for seed in range(5):
         b = pengi.get_batch(data, "val", 2, np.random.default_rng(seed))
@@ -391,7 +391,7 @@ def test_label_metrics_rank_pmi_and_chance_by_hand(monkeypatch):
     m = tiny_model()
     for p in m.llm.parameters():
         p.normal_(0, 0.6)
-    m.lm_changed()
+    m.init_from_lm()
     data, tok = tiny_label_data(), WordIds()
     cands = data["candidates"]["class"]
     cand_ids = [tok.encode(" " + c) for c in cands]
@@ -450,7 +450,7 @@ def test_text_tower_with_all_the_lms_layers_is_the_lm():
     m = tiny_model(text_n_layer=2)
     for p in m.llm.parameters():
         p.normal_(0, 0.5)
-    m.lm_changed()
+    m.init_from_lm()
     m.text_encoder.text_projection.weight.copy_(torch.eye(m.config.llm_n_embd))
     b = tiny_batch(m.config)
     h, _ = m.llm(m.llm.wte(b["prompt"]))

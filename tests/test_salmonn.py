@@ -78,11 +78,11 @@ def test_shapes_through_every_part():
     m = SALMONN(cfg)
     batch = random_batch(cfg)
     mel, lens = batch["mel"], batch["mel_lens"]
-    s, lens2 = m.speech(mel, lens)
-    assert s.shape == (2, 19, 32) and lens2.tolist() == [19, 10]  # stride 2: ceil(T / 2)
+    s, enc_lens = m.speech(mel, lens)
+    assert s.shape == (2, 19, 32) and enc_lens.tolist() == [19, 10]  # stride 2: ceil(T / 2)
     a = m.beats(mel, lens)
     assert a.shape == (2, 19, 16)  # patches pooled per time step: aligned with the speech stream
-    q, valid = m.qformer(torch.cat([m.ln_speech(s), m.ln_audio(a)], -1), lens2)
+    q, valid = m.qformer(torch.cat([m.ln_speech(s), m.ln_audio(a)], -1), enc_lens)
     assert q.shape == (2, 5 * 2, 24)  # ceil(19 / 4) windows x 2 queries
     assert valid.sum(1).tolist() == [n_audio_tokens(37, cfg), n_audio_tokens(20, cfg)] == [10, 6]
     audio, valid2 = m.encode_audio(mel, lens)
@@ -133,8 +133,8 @@ def test_n_audio_tokens_counts_what_the_encoder_gives():
     cfg = tiny_config()
     m = SALMONN(cfg).eval()
     for T in range(1, 30):
-        s, lens2 = m.speech(torch.randn(1, T, cfg.n_mels), torch.tensor([T]))
-        assert s.size(1) == int(lens2[0])
+        s, enc_lens = m.speech(torch.randn(1, T, cfg.n_mels), torch.tensor([T]))
+        assert s.size(1) == int(enc_lens[0])
         want = -(-s.size(1) // cfg.window_frames) * cfg.window_queries
         assert n_audio_tokens(T, cfg) == want, T
 
@@ -1040,18 +1040,18 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     assert logits.shape == (2, 5, cfg.vocab_size)
     # the loss is the weighted sum of the decoder's cross-entropy and CTC, computed independently
     # here
-    audio, lens2 = m.speech(mel, lens)
-    ce = F.cross_entropy(m.decoder(idx, audio, lens2).reshape(-1, cfg.vocab_size),
+    audio, enc_lens = m.speech(mel, lens)
+    ce = F.cross_entropy(m.decoder(idx, audio, enc_lens).reshape(-1, cfg.vocab_size),
                          targets.reshape(-1), ignore_index=-1)
     logp = m.ctc_head(audio).log_softmax(-1).transpose(0, 1)
-    ctc_ref = F.ctc_loss(logp, torch.tensor([5, 6, 7, 8]), lens2, torch.tensor([3, 1]),
+    ctc_ref = F.ctc_loss(logp, torch.tensor([5, 6, 7, 8]), enc_lens, torch.tensor([3, 1]),
                          blank=cfg.vocab_size)
     assert torch.allclose(loss, 0.5 * ce + 0.5 * ctc_ref, atol=1e-5)
     # the decoder is causal: changing a later token leaves earlier logits alone
     idx2 = idx.clone()
     idx2[0, 3] = 9
     with torch.no_grad():
-        a, b = m.decoder(idx, audio, lens2), m.decoder(idx2, audio, lens2)
+        a, b = m.decoder(idx, audio, enc_lens), m.decoder(idx2, audio, enc_lens)
     assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6) and not torch.allclose(a[0, 3], b[0, 3])
     loss.backward()
     assert m.speech.conv1.weight.grad.abs().sum() > 0  # the encoder learns through both heads
@@ -1100,12 +1100,12 @@ def test_whisper_stage_ctc_on_characters(tmp_path):
     spelled = [salmonn.ctc_encode("go on"), salmonn.ctc_encode("up")]
     ctc = torch.tensor([spelled[0], spelled[1] + [-1] * 3])
     _, loss = m(idx=idx, targets=targets, ctc_targets=ctc, mel=mel, mel_lens=lens)
-    audio, lens2 = m.speech(mel, lens)
-    ce = F.cross_entropy(m.decoder(idx, audio, lens2).reshape(-1, cfg.vocab_size),
+    audio, enc_lens = m.speech(mel, lens)
+    ce = F.cross_entropy(m.decoder(idx, audio, enc_lens).reshape(-1, cfg.vocab_size),
                          targets.reshape(-1), ignore_index=-1)
     logp = m.ctc_head(audio).log_softmax(-1).transpose(0, 1)
-    ctc_ref = F.ctc_loss(logp, torch.tensor(spelled[0] + spelled[1]), lens2, torch.tensor([5, 2]),
-                         blank=len(chars))
+    ctc_ref = F.ctc_loss(logp, torch.tensor(spelled[0] + spelled[1]), enc_lens,
+                         torch.tensor([5, 2]), blank=len(chars))
     assert torch.allclose(loss, 0.5 * ce + 0.5 * ctc_ref, atol=1e-5)
     # best-path decoding: repeats merge, blanks separate and vanish -> characters
     blank = len(chars)
