@@ -155,7 +155,7 @@ class WhisperGPT(nn.Module):
                              f"({c.n_embd - 1})")
         if c.use_mel and not 0 <= c.mel_lag < c.block_size:
             raise ValueError(f"whisper_gpt: mel_lag ({c.mel_lag}) must be between 0 and block_size "
-                             f"- 1")
+                             f"- 1 ({c.block_size - 1})")
         if c.use_mel:
             # mel path: frame -> lightweight causal decoder -> mel_dim vector per step
             self.mel_in = nn.Linear(c.n_mels, c.mel_n_embd, bias=c.bias)
@@ -225,10 +225,25 @@ class WhisperGPT(nn.Module):
             m = self.mel_out(self.mel_ln_f(m))
             x = torch.cat([x, m.to(x.dtype)], dim=-1)
         x = self.drop(x + self.wpe(pos))
-        k0 = c.mel_n_layer if c.use_mel else 0
+        n_mel_blocks = c.mel_n_layer if c.use_mel else 0  # the caches of the mel path come first
         for i, block in enumerate(self.h):
-            x = block(x, None if caches is None else caches[k0 + i])
+            x = block(x, None if caches is None else caches[n_mel_blocks + i])
         return self.lm_head(self.ln_f(x))
+
+    def forward(self, codes, mels=None, targets=None):
+        """codes (B, T) coarse tokens, mels (B, T, n_mels) mel frames aligned with the codes (hybrid
+        only), targets (B, T) next tokens, -1 = ignore. Returns (logits, loss)."""
+        if self.config.use_mel:
+            if mels is None:
+                raise ValueError("whisper_gpt: this is the hybrid model (use_mel=True); forward "
+                                 "needs mels")
+            mels = self.shift_mels(mels)
+        logits = self.decode(codes, mels)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
 
     def new_caches(self):
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
@@ -276,29 +291,14 @@ class WhisperGPT(nn.Module):
             return logits
         return step
 
-    def forward(self, codes, mels=None, targets=None):
-        """codes (B, T) coarse tokens, mels (B, T, n_mels) mel frames aligned with the codes (hybrid
-        only), targets (B, T) next tokens, -1 = ignore. Returns (logits, loss)."""
-        if self.config.use_mel:
-            if mels is None:
-                raise ValueError("whisper_gpt: this is the hybrid model (use_mel=True); forward "
-                                 "needs mels")
-            mels = self.shift_mels(mels)
-        logits = self.decode(codes, mels)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
-
     @torch.no_grad()
     def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None,
                  mel_fn=None, generator=None, cuda_graph=False):
         """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.
         Hybrid (B = 1: the generated audio is decoded as one stream): mels (1, T, n_mels) are the
-        prompt's first T frames, T0 - mel_lag <= T <= T0, and mel_fn(codes (1, T), j) -> (1,
-        n_mels) gives each later mel frame j; it is called once per new token, when frame j is
-        complete (codes up to j + mel_lag exist). temperature 0 = greedy.
+        prompt's first T frames, T0 - mel_lag <= T <= T0, and mel_fn(seq (1, j + mel_lag + 1),
+        j) -> (1, n_mels) makes each later mel frame j, once, when the step that sees it comes
+        (codes up to j + mel_lag exist; never for the last token). temperature 0 = greedy.
         Context longer than block_size: the window restarts on its last block_size // 2 frames.
         cuda_graph: the one-token steps run as graphed_step (on a GPU, replays of one CUDA graph;
         elsewhere the same step run eagerly); the same tokens.
@@ -318,13 +318,13 @@ class WhisperGPT(nn.Module):
                 raise ValueError(f"whisper_gpt.generate: {T} prompt mel frames for {T0} codes; "
                                  f"expected {max(1, T0 - lag)} to {T0} (mel_lag={lag})")
         seq = codes
-        frames = list(mels.unbind(1)) if c.use_mel else []  # known mel frames, (B, n_mels) each
+        mel_frames = list(mels.unbind(1)) if c.use_mel else []  # known so far, (B, n_mels) each
         start = max(0, seq.size(1) - c.block_size)  # the window's first step
 
         def mel_inputs(t0, t1):  # what steps t0..t1-1 see in the window starting at `start`
-            z = torch.zeros_like(frames[0])
-            return torch.stack([frames[t - lag] if t - lag >= start else z for t in range(t0, t1)],
-                               dim=1)
+            z = torch.zeros_like(mel_frames[0])
+            return torch.stack([mel_frames[t - lag] if t - lag >= start else z
+                                for t in range(t0, t1)], dim=1)
 
         caches, step = self.new_caches(), None
         logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
@@ -343,9 +343,9 @@ class WhisperGPT(nn.Module):
             if i == max_new_tokens - 1:
                 break
             t = seq.size(1) - 1  # step that takes the new token as input
-            if c.use_mel and t - lag >= len(frames):  # the frame this step sees is a generated one
-                assert t - lag == len(frames)
-                frames.append(mel_fn(seq, t - lag))
+            if c.use_mel and t - lag >= len(mel_frames):  # this step sees a generated frame
+                assert t - lag == len(mel_frames)
+                mel_frames.append(mel_fn(seq, t - lag))
             if t - start >= c.block_size:  # window full: restart it on the recent half
                 start = t + 1 - c.block_size // 2
                 for cache in caches:  # the same buffers, filled anew (a graphed step reads them)
@@ -406,7 +406,7 @@ def load_data(data_dir, config, tok=None):
     """Memmaps of both splits (the token-only model reads no mels). Sets vocab_size and n_mels on
     config from meta.json. With config.kinds, only the clips of those kinds (their frames, in clip
     order, copied into memory: codes, mels and alignment as prepared, so one codec serves every
-    subset)."""
+    subset). tok: unused (no text here), as in evaluate and sample: the interface's argument."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set "
@@ -547,16 +547,16 @@ def incremental_mel(tools, lag):
     last few frames' audio: frame j's window (samples 320 j - 160 .. 320 j + 480) lies inside frames
     j - 1 .. j + 1. With mel_lag=0 (the leaky alignment) frame j + 1 does not exist yet when frame j
     is needed: the mel is then taken on the audio there is, not the training data's."""
-    # frames: the decoded audio of each code, (320,) each
-    stream, frames = tools.decoder_stream(), []
+    stream, frame_wavs = tools.decoder_stream(), []  # the audio of each code, (320,) each
 
     def mel_fn(seq, j):
         end = j + lag + 1
-        if len(frames) < end:
-            wav = stream(seq[0, len(frames):end, None].cpu())
-            frames.extend(wav.view(end - len(frames), -1))
+        if len(frame_wavs) < end:
+            wav = stream(seq[0, len(frame_wavs):end, None].cpu())
+            frame_wavs.extend(wav.view(end - len(frame_wavs), -1))
         s = max(0, j - 1)
-        m = torch.as_tensor(np.asarray(tools.mel(torch.cat(frames[s:j + 2]))), dtype=torch.float32)
+        wav = torch.cat(frame_wavs[s:j + 2])
+        m = torch.as_tensor(np.asarray(tools.mel(wav)), dtype=torch.float32)
         return m[j - s][None].to(seq.device)
     return mel_fn
 
