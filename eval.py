@@ -22,11 +22,9 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
-
 import configurator
 import tokenizer as tokenizers
-from train import load_checkpoint, load_data, load_weights
+from train import load_checkpoint, load_model_data, load_weights
 
 # -----------------------------------------------------------------------------
 split = "val"
@@ -92,30 +90,33 @@ def evaluate_checkpoint(path, opts):
         tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"{path}: tokenizer: {e}")
-    trained = asdict(config)
+    # the checkpoint's args with the overrides above, before the data sets its fields: load_weights
+    # names those the data changed
+    as_built = asdict(config)
     try:
-        data = load_data(M, ddir, config, tok)
-        model = M.Model(config)
+        data = load_model_data(M, ddir, config, tok)
     except (ValueError, OSError) as e:
         fail(f"{path}: data: {e}")
     try:
-        load_weights(model, ck["model"], trained, ddir)
+        model = M.Model(config)
+    except (ValueError, OSError) as e:
+        fail(f"{path}: model: {e}")
+    try:
+        load_weights(model, ck["model"], as_built, ddir)
     except ValueError as e:
         fail(f"{path}: {e}")
     model.eval().to(device)
     t0 = time.time()
-    with torch.no_grad():
-        try:
-            metrics = M.evaluate(model, data, tok, split,
-                                 **configurator.option_values(opts, M.EVAL_OPTS))
-        except ValueError as e:  # an option of evaluate() out of range
-            msg = str(e)  # the model files' messages mostly name themselves
-            fail(f"{path}: " + (msg if msg.startswith(M.__name__) else
-                                f"{M.__name__}.evaluate: {msg}"))
+    try:  # (evaluate() itself runs without gradients)
+        metrics = M.evaluate(model, data, tok, split,
+                             **configurator.option_values(opts, M.EVAL_OPTS))
+    except ValueError as e:  # an option of evaluate() out of range
+        msg = str(e)  # the model files' messages mostly name themselves
+        fail(f"{path}: " + (msg if msg.startswith(M.__name__) else
+                            f"{M.__name__}.evaluate: {msg}"))
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     row = {"run": name, "model": ck["model_name"],
-           "params": model.get_num_params() if hasattr(model, "get_num_params")
-           else sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"],
+           "params": sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"],
            "data": ddir, **({"kinds": config.kinds or "all"} if hasattr(config, "kinds") else {}),
            **metrics}
     print(f"{name}: evaluated on {ddir} {split} in {time.time() - t0:.1f} s", file=sys.stderr)

@@ -162,7 +162,7 @@ if __name__ == "__main__":
     model = M.Model(config)
     model.load_state_dict(checkpoint["model"])
     model.eval().to(device)
-    # where an audio result goes: a folder gets sample.wav, checked before any work
+    # where audio goes: a folder gets sample.wav; checked before the input is read and sampled
     wav_path = out or os.path.join(out_dir, "sample.wav")
     if os.path.isdir(wav_path) or wav_path.endswith(os.sep):
         wav_path = os.path.join(wav_path, "sample.wav")
@@ -206,13 +206,16 @@ if __name__ == "__main__":
 
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
                                                                   dtype=ptdtype)
+    try:
+        opts = configurator.model_options(raw_opts, M.SAMPLE_OPTS, "sample.py",
+                                          f"{M.__name__}.sample")
+    except ValueError as e:  # an unknown option, or a value of the wrong type
+        fail(e)
     t0, load0 = time.time(), tools.load_seconds
-    with torch.no_grad(), ctx:
+    with ctx:  # (sample() itself runs without gradients)
         try:
-            opts = configurator.model_options(raw_opts, M.SAMPLE_OPTS, "sample.py",
-                                              f"{M.__name__}.sample")
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
-        except ValueError as e:  # a bad option, or a prompt the model cannot take
+        except ValueError as e:  # a bad option value, or a prompt the model cannot take
             msg = str(e)
             fail(msg if msg.startswith((M.__name__, "--", "unknown setting")) else
                  f"{M.__name__}.sample: {msg}")

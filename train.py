@@ -7,9 +7,10 @@ Training script for every model of this repository (whisper_gpt, salmonn, pengi)
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
 train.py knows nothing about the models beyond the small interface every model file implements:
-Config, Model, load_data, get_batch (see README, "The model interface"). A text model's Config names
-its tokenizer (tokenizer = "corpus" or "gpt2"); every checkpoint records the tokenizer it was
-trained with.
+Config, Model, load_data, get_batch (see README, "The model interface"), with two exceptions: it
+checks Whisper-GPT's codec_id against init_from's, and counts a batch without targets (SALMONN's
+tagging stage) as its clips. A text model's Config names its tokenizer (tokenizer = "corpus" or
+"gpt2"); every checkpoint records the tokenizer it was trained with.
 """
 
 import importlib
@@ -122,7 +123,36 @@ def describe_changes(keys, old, new):
     """The first five changed settings, as "key=old there, new here"."""
     return ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:5])
 
-def load_data(M, data_dir, config, tok):
+def check_rerun(S, out_dir, init_from, max_iters, master):
+    """A re-run into an out_dir that holds a checkpoint, without --overwrite: nothing already
+    trained is lost. Another run's settings stop it; the same run, finished, exits; the same run,
+    unfinished, returns (to be resumed)."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        prev = load_checkpoint(ckpt_path, "cpu", mmap=True)  # its settings only
+    except ValueError as e:
+        fail(f"{e} (out_dir={out_dir}; --overwrite=True trains anew there)")
+    changed = changed_settings(S, prev["config"])
+    # the weights a run started from are part of what it trained ("resume" says nothing)
+    started = prev["config"].get("init_from", "scratch")
+    if started != "resume" and not same_start(started, init_from):
+        changed.append("init_from")
+    if changed:
+        fail(f"out_dir={out_dir} holds a run with other settings ("
+             + describe_changes(changed, prev["config"], S)
+             + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
+               "choose another out_dir")
+    # (a run that saves only its best weights notes where it ended: "end_iter")
+    end_iter = prev.get("end_iter", prev["iter_num"])
+    if end_iter >= max_iters:
+        if master:
+            print(f"{ckpt_path}: this run is finished (iter {end_iter}), nothing to do "
+                  f"(--overwrite=True trains anew)")
+        sys.exit(0)
+    if master:
+        print(f"{ckpt_path}: the same run stopped at iter {prev['iter_num']}: resuming it")
+
+def load_model_data(M, data_dir, config, tok):
     """M.load_data, with a ValueError that names the data when a field prepare.py writes is
     missing from its meta.json or clip lists (a KeyError otherwise), or a split has no clips
     (numpy cannot map an empty file)."""
@@ -186,15 +216,16 @@ def load_settings(argv):
         fail(e)
     return {**TRAIN_KEYS, **settings}, module, set(model_types)
 
-def load_tokenizer(config, checkpoint, init):
+def choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init):
     """The tokenizer of a text model: its config names one (tokenizer = "corpus", the BPE stored
-    with the data, or "gpt2"); models without text (whisper_gpt) have none. A model that starts from
-    a checkpoint (resume, init_from, an llm_init ckpt.pt) keeps the tokenizer recorded there, since
-    its embeddings are in those tokens: the prepared data is text, so any tokenizer reads it."""
+    with data_dir, or "gpt2"); models without text (whisper_gpt) have none. A model that starts from
+    a checkpoint (checkpoint, read from ckpt_path on resume; init, read from init_from; an llm_init
+    ckpt.pt) keeps the tokenizer recorded there, since its embeddings are in those tokens: the
+    prepared data is text, so any tokenizer reads it."""
     name = getattr(config, "tokenizer", None)
     if name is None:
         return None
-    starts = [(os.path.join(out_dir, "ckpt.pt"), checkpoint), (init_from, init)]
+    starts = [(ckpt_path, checkpoint), (init_from, init)]
     llm_init = getattr(config, "llm_init", "")
     if llm_init.endswith(".pt") and os.path.isfile(llm_init):
         try:
@@ -294,32 +325,8 @@ if __name__ == "__main__":
     if eval_only and init_from == "scratch" and os.path.exists(ckpt_path):
         init_from = "resume"  # evaluate the run there, not fresh weights
     if init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path):
-        # a re-run: nothing already trained is lost
-        try:
-            prev = load_checkpoint(ckpt_path, "cpu", mmap=True)  # its settings only
-        except ValueError as e:
-            fail(f"{e} (out_dir={out_dir}; --overwrite=True trains anew there)")
-        changed = changed_settings(S, prev["config"])
-        # the weights a run started from are part of what it trained ("resume" says nothing)
-        started = prev["config"].get("init_from", "scratch")
-        if started != "resume" and not same_start(started, init_from):
-            changed.append("init_from")
-        if changed:
-            fail(f"out_dir={out_dir} holds a run with other settings ("
-                 + describe_changes(changed, prev["config"], S)
-                 + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
-                   "choose another out_dir")
-        # (a run that saves only its best weights notes where it ended: "end_iter")
-        end_iter = prev.get("end_iter", prev["iter_num"])
-        if end_iter >= max_iters:
-            if master:
-                print(f"{ckpt_path}: this run is finished (iter {end_iter}), nothing to do "
-                      f"(--overwrite=True trains anew)")
-            sys.exit(0)
-        if master:
-            print(f"{ckpt_path}: the same run stopped at iter {prev['iter_num']}: resuming it")
+        check_rerun(S, out_dir, init_from, max_iters, master)  # returns only to resume the run
         init_from = "resume"
-        del prev
     if init_from == "resume":
         try:
             checkpoint = load_checkpoint(ckpt_path, device)
@@ -357,13 +364,13 @@ if __name__ == "__main__":
                 fail(f"init_from: {e}")
             if init["model_name"] != model:
                 fail(f"init_from={init_from}: holds a {init['model_name']} model, not {model}")
-    tok = load_tokenizer(config, checkpoint, init)
+    tok = choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init)
     # saved with every checkpoint
     tok_record = None if tok is None else tokenizers.tokenizer_record(tok)
     # the model file's own checks (settings, data, pretrained parts) end the run in one line
     try:
         # may fill data-derived fields (vocab_size, n_mels, ...)
-        data = load_data(M, data_dir, config, tok)
+        data = load_model_data(M, data_dir, config, tok)
         for split in ("train", "val"):  # a split that cannot give a batch says so now
             M.get_batch(data, split, 1, np.random.default_rng(0))
         torch.manual_seed(seed)

@@ -962,14 +962,13 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     P.main(["--clips=12", "--max_seconds=1.0", "--quiet", "--offline", "--codec_report=0",
             "--kmeans_frames=1024", "--kmeans_iters=2", f"--out_dir={other_codec}"])
     cases = ((["--learning_rate=0.5"], "learning_rate=0.002 there, 0.5 here"),
-                        (["--seeds=1,1"], "--seeds=1,1: each at most once"),
-                        (["--jobs=0"], "--jobs=0: must be at least 1"),
-                        (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1"),
-                        (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
-                        ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use "
-                                                    "--out_root"),
-                        ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
-                        ([f"--test_dir={other_codec}"], "of another codec than"))
+             (["--seeds=1,1"], "--seeds=1,1: each at most once"),
+             (["--jobs=0"], "--jobs=0: must be at least 1"),
+             (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1"),
+             (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
+             ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use --out_root"),
+             ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
+             ([f"--test_dir={other_codec}"], "of another codec than"))
     procs = [(extra, said, subprocess.Popen(more + extra, cwd=ROOT, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, text=True))
              for extra, said in cases]  # each stops before any work: all side by side
