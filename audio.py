@@ -53,7 +53,9 @@ F_MIN, F_MAX = 0.0, SAMPLE_RATE / 2
 # 160, so its window spans [320*i + 160 - N_FFT/2, 320*i + 160 + N_FFT/2) (zero padded at the
 # edges).
 MEL_CENTER = HOP // 2
-MEL_LOOKAHEAD = N_FFT // 2 - MEL_CENTER   # samples of the next block a mel frame sees (160)
+# samples of the next block a mel frame sees (160): where its window ends (MEL_CENTER + N_FFT/2)
+# past where its block ends (HOP)
+MEL_LOOKAHEAD = MEL_CENTER + N_FFT // 2 - HOP
 LOG_FLOOR = 1e-8        # -80 dB
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"}
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
@@ -126,8 +128,8 @@ def check_audio(wav, name="audio"):
                        f"scale is 1: float samples written at integer scale? divide them by "
                        f"32768)")
 
-def load_audio(path, sr=SAMPLE_RATE):
-    """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to sr.
+def load_audio(path):
+    """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to 24 kHz.
     Returns float32 np array. Raises BadAudio (a ValueError) naming the file and the problem."""
     path = str(path)
     try:
@@ -137,7 +139,7 @@ def load_audio(path, sr=SAMPLE_RATE):
                        f"{str(e).strip()[:120]})")
     wav = data.mean(axis=1)
     if wav.size and np.all(np.isfinite(wav)):
-        wav = resample(wav, file_sr, sr)
+        wav = resample(wav, file_sr, SAMPLE_RATE)
     check_audio(wav, path)
     return wav
 
@@ -308,14 +310,6 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
                f"({type(e).__name__}: {str(e).strip()[:120]})")
         return None, None
 
-@torch.no_grad()
-def decode(codec, codes):
-    """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
-    (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
-    codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
-    with torch.autocast("cpu", enabled=False):  # the codec runs in float32 on the CPU
-        return codec.decode([(codes, None)])[0, 0].float()
-
 def offline_codec(seed=1234):
     """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all
     zeros)."""
@@ -431,6 +425,14 @@ def quantize(model, emb):
     """Encoder outputs (T, 128) -> codes (T, N_Q) int64."""
     codes = model.quantizer.encode(emb.T[None], model.frame_rate, BANDWIDTH)   # (n_q, 1, T)
     return codes[:, 0].T.long()
+
+@torch.no_grad()
+def decode(codec, codes):
+    """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
+    (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
+    codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
+    with torch.autocast("cpu", enabled=False):  # the codec runs in float32 on the CPU
+        return codec.decode([(codes, None)])[0, 0].float()
 
 def features(wav, codec):
     """features(wav, codec) -> (codes, mel): wav a 1-D float array/tensor at 24 kHz (n samples),

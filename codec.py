@@ -49,24 +49,6 @@ def codec_loss(x, y):
     multi-scale mel."""
     return 0.1 * (x - y).abs().mean() + multiscale_mel_loss(x, y)
 
-def random_crops(wavs, n, batch, rng):
-    """batch crops of n samples (whole frames) from random clips, zero padded at a clip's end, with
-    some sound in them where the clips have any (silence teaches little). Returns (batch, n) float32
-    and the crops' first frames."""
-    xs, where, tries = [], [], 0
-    while len(xs) < batch:
-        i = int(rng.integers(len(wavs)))
-        w = wavs[i]
-        f = int(rng.integers(0, max(1, n_frames(len(w)) - n // HOP + 1)))
-        x = np.zeros(n, np.float32)
-        seg = w[f * HOP:f * HOP + n]
-        x[:len(seg)] = seg
-        tries += 1
-        if np.abs(x).max() > 0.02 or tries > 20 * batch:
-            xs.append(x)
-            where.append((i, f))
-    return torch.from_numpy(np.stack(xs)), where
-
 # -----------------------------------------------------------------------------
 # the analytic start (ours)
 #
@@ -181,6 +163,27 @@ def dct_init(model):
     set_weight_norm(out, w)
     offset_bias(out, w, 0.0)
     return model
+
+# -----------------------------------------------------------------------------
+# training the learned parts on the reconstruction objective (off by default: docs/codec.md)
+
+def random_crops(wavs, n, batch, rng):
+    """batch crops of n samples (whole frames) from random clips, zero padded at a clip's end, with
+    some sound in them where the clips have any (silence teaches little). Returns (batch, n) float32
+    and the crops' first frames."""
+    xs, where, tries = [], [], 0
+    while len(xs) < batch:
+        i = int(rng.integers(len(wavs)))
+        w = wavs[i]
+        f = int(rng.integers(0, max(1, n_frames(len(w)) - n // HOP + 1)))
+        x = np.zeros(n, np.float32)
+        seg = w[f * HOP:f * HOP + n]
+        x[:len(seg)] = seg
+        tries += 1
+        if np.abs(x).max() > 0.02 or tries > 20 * batch:
+            xs.append(x)
+            where.append((i, f))
+    return torch.from_numpy(np.stack(xs)), where
 
 def codec_step(opt, params, loss):
     """One optimiser step of the codec's training, gradient norm clipped at 1."""

@@ -5,7 +5,7 @@ spectrogram (one mel frame per codec frame), plus captions / transcripts / label
     python prepare.py                                   # built-in offline corpus -> data/synth/
     python prepare.py --clips=3000                      # a bigger one
     python prepare.py --dataset=librispeech --src=LibriSpeech/dev-clean --name=libri
-    python prepare.py --dataset=folder --src=my_wavs --name=mine     # optional manifest.csv / manifest.jsonl
+    python prepare.py --dataset=folder --src=my_wavs --name=mine  # optional manifest.csv / .jsonl
 
 The codec is the pretrained EnCodec 24 kHz (--codec_dir, the torch hub cache, or a download), else
 an offline one with its architecture, set up as a block DCT and fitted to the corpus (--offline
@@ -208,8 +208,8 @@ def codebook0_mels(data_dir, quiet=False):
         if path.exists():
             continue
         codec = codec or load_codec(data_dir)
-        clips = [json.loads(line) for line in open(data_dir / f"{split}_clips.jsonl")
-                 if line.strip()]
+        with open(data_dir / f"{split}_clips.jsonl") as f:
+            clips = [json.loads(line) for line in f if line.strip()]
         frames = meta["splits"][split]["frames"]
         codes = np.memmap(data_dir / f"{split}_codes.bin", dtype=np.uint16, mode="r",
                           shape=(frames, meta["n_q"])) if frames else np.zeros((0, meta["n_q"]))
@@ -225,48 +225,53 @@ def codebook0_mels(data_dir, quiet=False):
 # -----------------------------------------------------------------------------
 # the pipeline's steps, in the order main takes them
 
+def output_dir(args):
+    """--out_dir, else data/NAME (--name, else the dataset's name)."""
+    return Path(args.out_dir or os.path.join("data", args.name or args.dataset))
+
 def check_args(args):
-    """Checks that need no work, then the output directory, cleared of a crashed run's half-written
-    files. Without the speech library, synth is built without speech (or, with --strict, stops)."""
-    name = args.name or args.dataset
-    out = Path(args.out_dir or os.path.join("data", name))
-    if args.dataset != "synth" and not args.src:
-        sys.exit(f"--dataset={args.dataset} needs --src=DIR")
+    """Checks that need no work: each bad argument stops the run with one line naming it."""
     synth = args.dataset == "synth"  # --clips and --max_seconds are the built-in corpus's
-    for bad, said in ((synth and args.clips < 1, f"--clips={args.clips}: must be at least 1"),
-                      (synth and not args.max_seconds >= 1,
-                       f"--max_seconds={args.max_seconds:g}: must be at least 1 (the corpus's "
-                       f"shortest sounds last a second)"),
-                      (not 0 <= args.val_percent <= 100,
-                       f"--val_percent={args.val_percent:g}: must be 0 to 100"),
-                      *((getattr(args, k) < least, f"--{k}={getattr(args, k)}: must be at least "
-                                                   f"{least}")
-                        for k, least in (("codec_steps", 0), ("codec_tune_steps", 0),
-                                         ("codec_clips", 1), ("kmeans_frames", 1),
-                                         ("kmeans_iters", 1))),
-                      (not args.batch_seconds > 0,
-                       f"--batch_seconds={args.batch_seconds:g}: must be above 0")):
-        if bad:
-            sys.exit(f"error: {said}")
+    if not synth and not args.src:
+        sys.exit(f"--dataset={args.dataset} needs --src=DIR")
+    if synth and args.clips < 1:
+        sys.exit(f"error: --clips={args.clips}: must be at least 1")
+    if synth and not args.max_seconds >= 1:
+        sys.exit(f"error: --max_seconds={args.max_seconds:g}: must be at least 1 (the corpus's "
+                 f"shortest sounds last a second)")
+    if not 0 <= args.val_percent <= 100:
+        sys.exit(f"error: --val_percent={args.val_percent:g}: must be 0 to 100")
+    for k, least in (("codec_steps", 0), ("codec_tune_steps", 0), ("codec_clips", 1),
+                     ("kmeans_frames", 1), ("kmeans_iters", 1)):
+        if getattr(args, k) < least:
+            sys.exit(f"error: --{k}={getattr(args, k)}: must be at least {least}")
+    if not args.batch_seconds > 0:
+        sys.exit(f"error: --batch_seconds={args.batch_seconds:g}: must be above 0")
     if args.src and not Path(args.src).is_dir():
         sys.exit(f"--src={args.src}: not a directory")
-    if args.kinds and args.dataset != "synth":
+    if args.kinds and not synth:
         sys.exit(f"--kinds is for --dataset=synth (the built-in corpus), not {args.dataset}")
     if args.kinds and (unknown := set(args.kinds) - {k for k, _, _ in KIND_MIX}):
         sys.exit(f"--kinds: unknown kind(s) {', '.join(sorted(unknown))}; the corpus has "
                  f"{', '.join(k for k, _, _ in KIND_MIX)}")
+    if args.no_speech and args.kinds == ["speech"]:
+        sys.exit("error: --no_speech with --kinds=speech leaves no kind to make")
     if args.codec_from:
         fitting = [f"--{k}" for k in ("offline_codec", "codec_dir", "codec_steps",
                                        "codec_tune_steps") if getattr(args, k)]
         if fitting:
             sys.exit(f"error: --codec_from={args.codec_from} takes that data's codec as it is: "
                      f"{', '.join(fitting)} would make another one")
-        if Path(args.codec_from).resolve() == out.resolve():
+        if Path(args.codec_from).resolve() == output_dir(args).resolve():
             sys.exit(f"error: --codec_from={args.codec_from} is the output directory itself")
         try:
             codec_id(args.codec_from)
         except ValueError as e:
             sys.exit(f"error: --codec_from={args.codec_from}: {e}")
+
+def make_out_dir(args):
+    """The output directory, made if need be and cleared of a crashed run's half-written files."""
+    out = output_dir(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -275,17 +280,21 @@ def check_args(args):
         sys.exit(f"error: --out_dir={out}: cannot be made ({e.strerror})")
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
         stale.unlink()
+    return out
+
+def drop_speech_if_unavailable(args):
+    """Without the speech library, synth is built without speech (or, with --strict, stops). It
+    sets args.no_speech, which is part of the arguments' hash, so it runs before hash_args: a later
+    run with speech rebuilds."""
     wants_speech = args.dataset == "synth" and not args.no_speech and (not args.kinds
                                                                        or "speech" in args.kinds)
     if wants_speech and (problem := speech_problem()):
         if args.strict:
             sys.exit(f"error: speech: {problem} (--strict)")
-        print(f"speech: {problem}; building the corpus without speech")
-        # part of the arguments' hash: a later run with speech rebuilds
-        args.no_speech = True
         if args.kinds == ["speech"]:
-            sys.exit("error: --kinds=speech, but speech cannot be synthesised here")
-    return out
+            sys.exit(f"error: --kinds=speech, but speech cannot be synthesised here ({problem})")
+        print(f"speech: {problem}; building the corpus without speech")
+        args.no_speech = True
 
 def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
@@ -321,32 +330,30 @@ def output_files(meta):
         files.append(meta["tokenizer"]["file"])
     return files
 
-def already_prepared(out, args, args_hash):
-    """Whether out holds a finished run of these arguments. If so, --codebook0_mel's files, made
-    from its codes, are added and nothing else is done."""
+def already_prepared(out, args_hash, force):
+    """Whether out holds a finished run of the arguments hashed to args_hash (with a meta.json
+    there, one line says which it is)."""
     meta_path = out / "meta.json"
-    if meta_path.exists() and not args.force:
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict):
-            print(f"{meta_path} cannot be read as prepare.py's JSON: rebuilding")
-            return False
-        missing = [f for f in output_files(meta) if not (out / f).is_file()]
-        if meta.get("args_hash") == args_hash and missing:
-            print(f"{out} was prepared with these arguments but lacks {', '.join(missing)}: "
-                  f"rebuilding")
-            return False
-        if meta.get("args_hash") == args_hash:
-            print(f"{out} is already prepared with these arguments (use --force to rebuild)")
-            # made from the stored codes: no rebuild needed
-            if args.codebook0_mel:
-                codebook0_mels(out, args.quiet)
-            return True
+    if force or not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        print(f"{meta_path} cannot be read as prepare.py's JSON: rebuilding")
+        return False
+    if meta.get("args_hash") != args_hash:
         print(f"{out} holds data prepared with other arguments: rebuilding (the old files stay "
               "until the new ones are complete)")
-    return False
+        return False
+    missing = [f for f in output_files(meta) if not (out / f).is_file()]
+    if missing:
+        print(f"{out} was prepared with these arguments but lacks {', '.join(missing)}: "
+              f"rebuilding")
+        return False
+    print(f"{out} is already prepared with these arguments (use --force to rebuild)")
+    return True
 
 def check_whisper_mel(args):
     """--whisper_mel needs Whisper's mel filters: fail now, not after the codec has trained."""
@@ -392,8 +399,11 @@ def get_codec(args, out):
                           "(each 320-sample block's first 128 cosines, 0-4.8 kHz) and its inverse, "
                           "codebooks fitted by k-means on this corpus; not the pretrained "
                           "EnCodec, whose codes these are not"}
-    print(f"codec: OFFLINE EnCodec (pretrained weights not found"
-          f"{'' if args.offline or args.offline_codec else ' and not downloadable'}): "
+    if args.offline_codec:
+        why = "--offline_codec was given: no pretrained weights looked for"
+    else:
+        why = f"pretrained weights not found{'' if args.offline else ' and not downloadable'}"
+    print(f"codec: OFFLINE EnCodec ({why}): "
           f"EnCodec's architecture set to a block DCT below 4.8 kHz"
           f"{f' and trained {args.codec_steps} steps' if args.codec_steps else ''}, then "
           f"{N_Q} residual codebooks fitted on this corpus; written to {out / 'codec.pt'} with "
@@ -436,7 +446,7 @@ def work_dir(out, args_hash, codec_name, force):
     work.mkdir(exist_ok=True)
     return work
 
-def train_offline_codec(codec, clips, report, args, work):
+def start_offline_codec(codec, clips, report, args, work):
     """The offline codec's analytic start (codec.dct_init), then, with --codec_steps, its learned
     parts trained on the train split's first clips (resumable, see train_codec). Returns those
     clips, {id: wav} (none when neither it nor --codec_tune_steps needs them): once the codebooks
@@ -456,6 +466,8 @@ def train_offline_codec(codec, clips, report, args, work):
         if not codec_wavs:                            # no usable clip: pass 1 says why
             return {}
     t0 = time.time()
+    # also with --codec_steps=0 (the default): train_codec sets the analytic start, then takes no
+    # step
     train_codec(codec, list(codec_wavs.values()), args.codec_steps, ckpt=work / "codec_train.pt",
                 quiet=args.quiet)
     if args.codec_steps:
@@ -468,6 +480,8 @@ def train_offline_codec(codec, clips, report, args, work):
 # clip is (info, emb, mel, wmel).
 
 CHUNK = 128
+# what a clip's record keeps (in the chunks, then {split}_clips.jsonl): its text and labels, not the
+# synth makers' working fields (notes, onsets, sequence, unit)
 STORED_FIELDS = ("id", "source", "kind", "transcript", "caption", "description", "labels", "qa")
 
 def load_chunks(work, whisper_mel):
@@ -525,7 +539,8 @@ def encode_batch(codec, batch, whisper_mel):
 
 def encode_clips(codec, clips, n_total, args, work, t_start):
     """Pass 1 over every clip, resumed from the chunks in work. Returns infos, embs, mels and
-    wmels (lists in the corpus's order) and the seconds of audio: all, and those resumed."""
+    wmels (lists in the order of the clips' ids) and the seconds of audio: all, and those
+    resumed."""
     pbar = tqdm(total=n_total, unit="clip", disable=args.quiet, desc="encode", smoothing=0.1)
     done, n_chunks = load_chunks(work, args.whisper_mel)
     if n_chunks:
@@ -536,9 +551,11 @@ def encode_clips(codec, clips, n_total, args, work, t_start):
     while chunk := list(itertools.islice(todo, CHUNK)):
         encoded = []
         for batch in batches(chunk, int(args.batch_seconds * SAMPLE_RATE)):
-            encoded += encode_batch(codec, batch, args.whisper_mel)
-            for w, _ in batch:
-                audio_seconds += len(w) / SAMPLE_RATE
+            new = encode_batch(codec, batch, args.whisper_mel)
+            # the stored (rounded) durations, added one by one as resumed ones are: one sum
+            for info, *_ in new:
+                audio_seconds += info["duration"]
+            encoded += new
             pbar.update(len(batch))
             speed = (audio_seconds - resumed_seconds) / max(1e-9, time.time() - t_start)
             pbar.set_postfix(audio_s=f"{audio_seconds:.0f}", x_realtime=f"{speed:.1f}")
@@ -546,16 +563,17 @@ def encode_clips(codec, clips, n_total, args, work, t_start):
         done += encoded
         n_chunks += 1
     pbar.close()
-    done.sort(key=lambda clip: clip[0]["id"])         # the corpus's order (chunks are by length)
+    done.sort(key=lambda clip: clip[0]["id"])         # by id: one order, resumed or not
     infos, embs, mels, wmels = [[clip[k] for clip in done] for k in range(4)]
     return infos, embs, mels, wmels, (audio_seconds, resumed_seconds)
 
 # --- the offline codec: its codebooks, its decoder tuned to them, its report
 
-def fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args, stage):
+def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
     """The offline codec, finished and staged as codec.pt: its codebooks fitted on a sample
     of the encoder's outputs (allemb; clip i is bounds[i]:bounds[i + 1]), its decoder tuned to
-    them and, on synth, measured on held-out clips. Returns allemb standardised (see calibrate)."""
+    them and, on synth, measured on held-out clips. Returns allemb standardised (see calibrate) and
+    the measures for meta.json (None when not measured)."""
     t0 = time.time()
     allemb = calibrate(codec, allemb)
     pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
@@ -568,10 +586,11 @@ def fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args
     tune_decoder(codec, [codec_wavs[i] for i in ids], embs, args.codec_tune_steps, quiet=args.quiet)
     torch.save({"model": codec_state(codec), "fitted": True, "bandwidth": BANDWIDTH, "n_q": N_Q},
                stage("codec.pt"))
+    measured = None
     if args.dataset == "synth" and args.codec_report:
-        codec_info["report"] = report_offline_codec(codec, args.seed, stage, not args.no_speech)
+        measured = report_offline_codec(codec, args.seed, stage, not args.no_speech)
     print(f"offline codec: done in {time.time() - t0:.0f}s")
-    return allemb
+    return allemb, measured
 
 def report_offline_codec(codec, seed, stage, speech=True):
     """The offline codec on held-out synth clips (see codec_report; speech among them unless
@@ -639,7 +658,7 @@ def write_splits(infos, codes, mels, wmels, args, stage):
         idx = [i for i in range(len(infos)) if in_val[i] == (split == "val")]
         offset, woffset, lines = 0, 0, []
         for i in idx:
-            info = dict(infos[i])
+            info = infos[i]
             rec = {"id": info["id"], "offset": offset, "frames": len(codes[i]),
                    "source": info["source"],
                    "kind": info["kind"], "duration": info["duration"],
@@ -804,9 +823,13 @@ def main(argv=None):
     # every core unless OMP_NUM_THREADS is set (jobs run side by side set it to 1)
     if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out = check_args(args)
+    check_args(args)
+    out = make_out_dir(args)
+    drop_speech_if_unavailable(args)                  # changes args: before hash_args
     args_hash = hash_args(args)
-    if already_prepared(out, args, args_hash):
+    if already_prepared(out, args_hash, args.force):
+        if args.codebook0_mel:                        # made from the stored codes: no rebuild
+            codebook0_mels(out, args.quiet)
         return out
     check_whisper_mel(args)
     report = InputProblems(args.strict)
@@ -819,7 +842,7 @@ def main(argv=None):
     codec_wavs = {}
     fit_codec = not codec_info["pretrained"] and not args.codec_from
     if fit_codec:
-        codec_wavs = train_offline_codec(codec, clips, report, args, work)
+        codec_wavs = start_offline_codec(codec, clips, report, args, work)
     encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
     infos, embs, mels, wmels, (audio_seconds, resumed_seconds) = encoded
     if not infos:
@@ -829,8 +852,9 @@ def main(argv=None):
     allemb = torch.from_numpy(np.concatenate(embs)).float()
     bounds = np.cumsum([0] + [len(e) for e in embs])  # clip i is allemb[bounds[i]:bounds[i + 1]]
     if fit_codec:
-        allemb = fit_offline_codec(codec, codec_info, allemb, bounds, infos, codec_wavs, args,
-                                   stage)
+        allemb, measured = fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage)
+        if measured:
+            codec_info["report"] = measured
     elif not codec_info["pretrained"]:                # --codec_from: the very file
         weights = codec_info["weights"]
         shutil.copyfile(Path(args.codec_from) / weights, stage(weights))

@@ -23,6 +23,27 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 
 TOKENIZERS = ("corpus", "gpt2")
 CORPUS_BPE_FILE = "tokenizer.tiktoken"
+# Prompt-style text (templates and instructions like those the models put around the data, not an
+# exact list of them) trained into the corpus BPE so prompts tokenize compactly. Editing it changes
+# the BPE of data prepared afterwards, and so every figure measured on it.
+PROMPT_TEXT = [
+    "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT: {}</s>",
+    "USER: <Speech><SpeechHere></Speech> Recognize the speech and give me the "
+    "transcription.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Transcribe the audio.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Write down what you hear.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Please describe the audio.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Describe the audio in detail and tell a story about "
+    "it.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Write a caption for the audio.\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> What sound is this?\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> What instrument is playing?\nASSISTANT:",
+    "USER: <Speech><SpeechHere></Speech> Answer the question about the audio:\nASSISTANT:",
+    "generate audio caption", "generate metadata", "this is a sound of", "this acoustic scene is",
+    "this emotion is", "question: ", "this music genre is", "this instrument is", "this pitch is",
+    "the instrument playing is", "transcribe", "transcription", "caption", "description", "answer",
+    "question",
+]
 # GPT-2's two files as tiktoken downloads and caches them (tiktoken_ext/openai_public.py), with
 # their sha256
 GPT2_FILES = {"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
@@ -124,7 +145,9 @@ def train_bpe(texts, vocab_size, min_count=2):
     seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
     freqs = [words[w] for w in words]
     pairs = Counter()
-    where = defaultdict(set)                          # pair -> indices of words containing it
+    # pair -> indices of the words containing it, and of some that no longer do (a merge
+    # adds its words' new pairs but drops no old entry): such a word is re-scanned, unchanged
+    where = defaultdict(set)
     for i, s in enumerate(seqs):
         for a, b in zip(s, s[1:]):
             pairs[(a, b)] += freqs[i]
@@ -235,25 +258,3 @@ def checkpoint_tokenizer(checkpoint, config, data_dir, where="checkpoint"):
         return tokenizer_from_record(checkpoint["tokenizer"], where)
     name = getattr(config, "tokenizer", None)
     return load_tokenizer(data_dir, name) if name else None
-
-# Prompt-style text (templates and instructions like those the models put around the data, not an
-# exact list of them) trained into the corpus BPE so prompts tokenize compactly. Editing it changes
-# the BPE of data prepared afterwards, and so every figure measured on it.
-PROMPT_TEXT = [
-    "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT: {}</s>",
-    "USER: <Speech><SpeechHere></Speech> Recognize the speech and give me the "
-    "transcription.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Transcribe the audio.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Write down what you hear.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Please describe the audio.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Describe the audio in detail and tell a story about "
-    "it.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Write a caption for the audio.\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> What sound is this?\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> What instrument is playing?\nASSISTANT:",
-    "USER: <Speech><SpeechHere></Speech> Answer the question about the audio:\nASSISTANT:",
-    "generate audio caption", "generate metadata", "this is a sound of", "this acoustic scene is",
-    "this emotion is", "question: ", "this music genre is", "this instrument is", "this pitch is",
-    "the instrument playing is", "transcribe", "transcription", "caption", "description", "answer",
-    "question",
-]

@@ -1,10 +1,13 @@
 """prepare.py and the data contract it writes (audio.py): frame alignment, the mel against a direct
 DFT, the resampler, the corpus (deterministic, text matching audio), the written arrays, bad input
 handling, the offline codec and tokenizer."""
+import gc
 import json
 import math
 import re
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -970,7 +973,7 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
     infos = [{"id": f"clip{i:03d}"} for i in range(200)]
     clips = lambda: ((np.full(10, i, np.float32), info) for i, info in enumerate(infos))
     args = P.get_args(["--codec_steps=5", "--codec_clips=50", "--val_percent=30", "--quiet"])
-    got = P.train_offline_codec(None, clips, P.InputProblems(False), args, tmp_path)
+    got = P.start_offline_codec(None, clips, P.InputProblems(False), args, tmp_path)
     train_ids = [info["id"] for info in infos if not P.is_val(info["id"], 30)]
     assert list(got) == train_ids[:50] and len(seen) == 50
     assert [int(w[0]) for w in seen] == [int(i[4:]) for i in train_ids[:50]]
@@ -1009,6 +1012,61 @@ def test_codec_from_the_output_directory_itself_is_refused(tmp_path):
     for spelled in (str(d), f"{d}/../{d.name}"):
         with pytest.raises(SystemExit, match="is the output directory itself"):
             P.check_args(P.get_args([f"--out_dir={d}", f"--codec_from={spelled}", "--clips=4"]))
+
+def test_no_speech_with_only_speech_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """--no_speech --kinds=speech leaves no kind to make: one line naming both, before the output
+    folder is made. --kinds=speech where speech cannot be synthesised: one line naming the cause,
+    without first saying the corpus will be built without speech."""
+    with pytest.raises(SystemExit, match="--no_speech with --kinds=speech"):
+        P.main(["--no_speech", "--kinds=speech", f"--out_dir={tmp_path / 'a'}"] + FAST)
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(P, "speech_problem", lambda: "libespeak-ng.so: cannot be loaded")
+    with pytest.raises(SystemExit, match="--kinds=speech.*libespeak-ng.so: cannot be loaded"):
+        P.main(["--kinds=speech", f"--out_dir={tmp_path / 'b'}"] + FAST)
+    assert "without speech" not in capsys.readouterr().out
+
+def test_offline_codec_asked_for_is_not_said_to_be_for_want_of_weights(tmp_path, capsys):
+    """With --offline_codec no pretrained weights are looked for: the codec's line says why it is
+    the offline one."""
+    P.get_codec(P.get_args(["--offline_codec"]), tmp_path)
+    out = capsys.readouterr().out
+    assert "OFFLINE EnCodec (--offline_codec was given" in out and "not found" not in out
+
+def test_audio_seconds_are_the_same_resumed_or_not(tmp_path, monkeypatch):
+    """meta.json's audio_seconds sums the clips' stored (rounded) durations, encoded now or resumed
+    from chunks: 300 clips of 2401 samples (0.100042 s, stored as 0.1) make 30.0 s either way (not
+    30.0125 when encoded now)."""
+    monkeypatch.setattr(P, "encode_emb", lambda codec, wavs: [torch.zeros(A.n_frames(len(w)), 128)
+                                                              for w in wavs])
+    def clips(skip=()):
+        for i in range(300):
+            if f"c{i:03d}" not in skip:
+                yield np.full(2401, 0.1, np.float32), {"id": f"c{i:03d}"}
+    args = P.get_args(["--quiet"])
+    seconds = lambda: P.encode_clips(None, clips, 300, args, tmp_path, time.time())[-1]
+    fresh, _ = seconds()
+    (tmp_path / "chunk00002.npz").unlink()           # killed while encoding the last chunk
+    partly, resumed = seconds()
+    whole, all_resumed = seconds()
+    assert 0 < resumed < partly and all_resumed == whole
+    assert fresh == partly == whole and round(fresh, 2) == 30.0
+
+def test_codebook0_mels_closes_the_files_it_reads(tmp_path, monkeypatch):
+    """codebook0_mels reads each split's clips.jsonl and closes it (no ResourceWarning)."""
+    meta = {"n_q": A.N_Q, "n_mels": A.N_MELS,
+            "splits": {s: {"clips": 1, "frames": 2} for s in ("train", "val")}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    for s in ("train", "val"):
+        (tmp_path / f"{s}_clips.jsonl").write_text(json.dumps({"offset": 0, "frames": 2}) + "\n")
+        np.zeros((2, A.N_Q), np.uint16).tofile(tmp_path / f"{s}_codes.bin")
+    monkeypatch.setattr(P, "load_codec", lambda data_dir: "codec")
+    monkeypatch.setattr(P, "decode", lambda codec, codes: torch.zeros(len(codes) * A.HOP))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        P.codebook0_mels(tmp_path, quiet=True)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert (tmp_path / "val_mel_c0.bin").stat().st_size == 2 * A.N_MELS * 2
 
 def test_val_percent_0_sends_no_clip_to_val_and_100_every_clip():
     """is_val over 3000 ids (a few of which hash to 0 mod 1000, the edge of the comparison): 0 %
