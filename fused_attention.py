@@ -43,10 +43,20 @@ BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
 # how the triton backward gets dq: "auto", "atomic" or "split"
 BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")
 
+def _env_flag(name):
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"fused_attention: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+AUTOTUNE = _env_flag("FUSED_ATTENTION_AUTOTUNE")
+# 0: the forward loads K/V by pointers everywhere
+TMA = _env_flag("FUSED_ATTENTION_TMA")
+
 # -----------------------------------------------------------------------------
 # checks shared by both paths
 
-def _check(q, k, v, k_lens, q_lens=None):
+def _check(q, k, v, k_lens, q_lens):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"fused_attention.attention: {name} must be a 4-d tensor (B, H, T, "
@@ -119,13 +129,13 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=No
 # -----------------------------------------------------------------------------
 # the Triton path: FlashAttention-2 (Dao, 2023) with key lengths and bottom-right causal masking
 #
-# Notation in the kernels: a query row i sees key column j when j < klen (klen = min(k_lens[b], Tk))
-# and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2: qk_scale =
-# sm_scale*log2(e) (> 0, see attention), so exp becomes exp2 and the saved log-sum-exp (lse)
-# is in base 2 too. Each loop over blocks is split into an unmasked part (blocks every row of the
-# tile fully sees) and a masked part (blocks on the causal diagonal or across klen); blocks nobody
-# sees (past klen, above the diagonal) are never visited. A row that sees no key gets output 0 and
-# lse = +inf, so exp2(s - lse) = 0 for it in the backward.
+# Notation in the kernels: a query row i sees key column j when j < klen (klen = k_lens[b] clamped
+# to [0, Tk]) and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2:
+# qk_scale = sm_scale*log2(e) (> 0, see attention), so exp becomes exp2 and the saved log-sum-exp
+# (lse) is in base 2 too. Each loop over blocks is split into an unmasked part (blocks every row
+# of the tile fully sees) and a masked part (blocks on the causal diagonal or across klen); blocks
+# nobody sees (past klen, above the diagonal) are never visited. A row that sees no key gets output
+# 0 and lse = +inf, so exp2(s - lse) = 0 for it in the backward.
 
 LOG2E = 1.4426950408889634
 
@@ -204,6 +214,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, off
         m_i = m_new
     return acc, l_i, m_i
 
+# q_bucket, k_bucket: read only by the autotuner (part of its key; see _bucket)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KLENS, QLENS,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
@@ -308,7 +319,7 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                    stride_dt, lo, hi, offs_n, offs_d, n_rows, klen, diag, sm_scale, qk_scale,
+                    stride_dt, lo, hi, offs_n, offs_d, qlen, klen, diag, sm_scale, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # works on transposed tiles (keys along rows) so that dk and dv accumulate without transposes.
@@ -317,9 +328,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
     # first four.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        # rows past n_rows (Tq, or the query length) load as zeros: p = 1 there, but with dO = 0
-        # and delta = 0 they add nothing (and padding rows' NaN or inf cannot reach dk, dv)
-        rows = offs_m < n_rows
+        # rows past qlen (padding, or past Tq) load as zeros: p = 1 there, but with dO = 0 and
+        # delta = 0 they add nothing (and padding rows' NaN or inf cannot reach dk, dv)
+        rows = offs_m < qlen
         qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :],
                      other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None],
@@ -343,6 +354,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                           mask=rows[:, None], sem="relaxed")
     return dk, dv
 
+# q_bucket, k_bucket: read only by the autotuner (part of its key; see _bucket)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -356,15 +368,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
     sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tk, BLOCK_N), H, False)
     klen = _length(KLENS, off_b, Tk, HAS_KLENS)
+    qlen = _length(QLENS, off_b, Tq, HAS_QLENS)  # padding rows (past qlen): blocks left out
     start_n = block * BLOCK_N
     diag = Tk - Tq
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    cols = offs_n[:, None] < klen
+    key_ok = offs_n[:, None] < klen
     k = tl.load(K + off_b * stride_kb + off_h * stride_kh
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=cols, other=0.0)
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_h * stride_vh
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=cols, other=0.0)
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -383,7 +396,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
     # a block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0); a
     # block that crosses klen needs the mask on every row block, one wholly inside klen only up to
     # mid
-    qlen = _length(QLENS, off_b, Tq, HAS_QLENS)  # padding rows (past qlen): blocks left out
     q_end = tl.where(klen > start_n, qlen, 0)
     mid = tl.where(klen >= start_n + BLOCK_N, tl.minimum(mid, q_end), q_end)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
@@ -393,16 +405,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_dt,
                              mid, q_end, offs_n, offs_d, qlen, klen, diag, sm_scale, qk_scale,
-                             False,
-                             CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
+                             False, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
     dk = dk * sm_scale
-    out = offs_n[:, None] < Tk
+    in_tk = offs_n[:, None] < Tk
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh
              + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=out)
+             dk.to(DK.dtype.element_ty), mask=in_tk)
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh
              + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=out)
+             dv.to(DV.dtype.element_ty), mask=in_tk)
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m,
@@ -430,6 +441,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, l
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     return dq
 
+# q_bucket, k_bucket: read only by the autotuner (part of its key; see _bucket)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -468,6 +480,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh
              + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Tq)
+
+# -----------------------------------------------------------------------------
+# launching the kernels: tiles, autotuning, the Python side of forward and backward
 
 # Triton's interpreter runs kernels on CPU tensors (how the tests check them without a GPU); it is
 # chosen when TRITON_INTERPRET=1 is set before this module is imported.
@@ -531,15 +546,6 @@ def _autotuned(name):
     return triton.autotune(configs, key=key, prune_configs_by=dict(early_config_prune=prune),
                            reset_to_zero=zeroed)(KERNELS[name])
 
-def _env_flag(name):
-    value = os.environ.get(name, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"fused_attention: {name} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-AUTOTUNE = _env_flag("FUSED_ATTENTION_AUTOTUNE")
-# 0: the forward loads K/V by pointers everywhere
-TMA = _env_flag("FUSED_ATTENTION_TMA")
 # the interpreter takes one config only
 TUNED = {} if INTERPRETED else {name: _autotuned(name) for name in KERNELS}
 
@@ -601,18 +607,18 @@ def _key_splits(programs, Tk, device, unit):
 # The grids are one-dimensional over (row blocks x B*H), the row block varying fastest (see
 # _row_block; a second grid dimension for B*H would be capped at 65535, which batches of many short
 # windows reach); the forward's key splits, when there are any, are the second dimension.
-def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens=None):
+def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     name = "decode" if Tq <= DECODE_MAX_Q else "fwd"
-    rows = lambda meta: triton.cdiv(Tq, meta["BLOCK_M"])
+    row_blocks = lambda meta: triton.cdiv(Tq, meta["BLOCK_M"])
     splits, per = 1, Tk
     if name == "decode":
         cfg = _fixed_config(name, D)
         # the split length must be a multiple of BLOCK_N: of the fixed one, or (autotuning) of any
         # in TILES
         unit = max(SPLIT_KEYS, cfg["BLOCK_N"])
-        splits, per = _key_splits(rows(cfg) * B * H, Tk, q.device, unit)
+        splits, per = _key_splits(row_blocks(cfg) * B * H, Tk, q.device, unit)
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     # with key splits the kernel writes fp32 partial results, one slice per split, that
@@ -622,7 +628,7 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens=None):
     lse_k = lse if splits == 1 else torch.empty((splits, B, H, Tq), dtype=torch.float32,
                                                 device=q.device)
     o_strides = (0, *o.stride()[:3]) if splits == 1 else o_k.stride()[:4]
-    _launch(_fwd_kernel, name, lambda meta: (rows(meta) * B * H, splits),
+    _launch(_fwd_kernel, name, lambda meta: (row_blocks(meta) * B * H, splits),
             (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
              q_lens if q_lens is not None else lse,
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -631,13 +637,13 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens=None):
             dict(HAS_KLENS=k_lens is not None, HAS_QLENS=q_lens is not None, CAUSAL=causal,
                  SPLIT=splits > 1, TMA=_use_tma(k, v), HEAD_DIM=D))
     if splits > 1:
-        _launch(_merge_kernel, None, lambda meta: (rows(meta) * B * H,),
+        _launch(_merge_kernel, None, lambda meta: (row_blocks(meta) * B * H,),
                 (o_k, lse_k, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
                  B * H * Tq),
                 dict(HEAD_DIM=D, BLOCK_M=MERGE_BLOCK))
     return o, lse
 
-def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens=None):
+def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if do.stride(-1) != 1:
@@ -700,7 +706,7 @@ class _FlashAttention(torch.autograd.Function):
 
 HEAD_DIMS = (16, 32, 64, 128)
 
-def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens=None):
+def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
     """The kernels' path of attention(), which has checked the inputs and made sm_scale > 0."""
     B, H, Tq, D = q.shape
     if D not in HEAD_DIMS:
