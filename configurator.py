@@ -28,78 +28,15 @@ def defaults(namespace):
     """The settings of a script: its module-level globals of a plain type, not starting with _."""
     return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in TYPES}
 
-def fail(script, error):
-    print(f"{script}: {error}", file=sys.stderr)
-    sys.exit(2)
-
-def resolve_device(script, device):
-    """--device: auto is cuda where there is one, else cpu; any other must be a device torch knows
-    and this machine has."""
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        fail(script, f"device={device!r}: not a device torch knows (auto, cpu, cuda, cuda:1, mps)")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(dev.type, False):
-        fail(script, f"device={device!r}: this machine has no {dev.type} device torch can use "
-                     f"(device=cpu or auto)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        fail(script, f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-def literal(raw):
-    """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string
-    itself."""
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # {[1]: 2}: TypeError
-        return raw
-
-def option_values(raw_opts, defaults):
-    """--key=raw options of a model file's sample() / evaluate(), typed by their defaults in
-    SAMPLE_OPTS / EVAL_OPTS: the text itself for a text option, True/False for a bool, a whole
-    number for an int, a number for a float or a None default; else a SettingsError that names the
-    option. Keys without a default are the caller's to refuse."""
-    out = {}
-    for key, raw in raw_opts.items():
-        default = defaults.get(key)
-        if isinstance(default, str):
-            out[key] = raw
-            continue
-        value = literal(raw)
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "True or False"
-        elif isinstance(default, int):
-            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-        else:
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        if not ok:
-            raise SettingsError(f"--{key}={raw}: expected {want}")
-        out[key] = float(value) if isinstance(default, float) else value
-    return out
-
-def model_options(raw_opts, defaults, script, func):
-    """The --key=value options a script passes on to a model file's func (e.g. "pengi.sample"),
-    typed (option_values); a SettingsError for a key func does not take, listing those it does."""
-    unknown = sorted(set(raw_opts) - set(defaults))
-    if unknown:
-        raise SettingsError(f"unknown setting(s) {', '.join('--' + k for k in unknown)}: not a "
-                            f"setting of {script} nor an option of {func} "
-                            f"({', '.join(sorted(defaults))})")
-    return option_values(raw_opts, defaults)
-
 def read_config_file(path):
     """{key: value} of the plain-typed assignments in a config file."""
     if not os.path.isfile(path):
         raise SettingsError(f"config file {path} not found")
     ns = {}
     try:
-        exec(open(path).read(), {}, ns)
+        # one namespace, as a module has: a comprehension or lambda sees the settings above it
+        with open(path) as f:
+            exec(f.read(), ns)
     except Exception as e:
         raise SettingsError(f"config file {path} does not run: {type(e).__name__}: {e}")
     out = {}
@@ -130,6 +67,14 @@ def gather(argv, config_files=False, positional=False):
         else:
             raise SettingsError(f"{arg}: expected --key=value")
     return entries, rest
+
+def literal(raw):
+    """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string
+    itself."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # {[1]: 2}: TypeError
+        return raw
 
 def typed(key, value, raw, expected, where):
     """The value of a setting of type expected: from the --key=value text raw, or a config file's
@@ -174,6 +119,10 @@ def resolve(entries, types, pass_unknown=False, what="a setting of this script")
             raise unknown_key(key, where, types, what)
     return settings, unknown
 
+def fail(script, error):
+    print(f"{script}: {error}", file=sys.stderr)
+    sys.exit(2)
+
 def parse(script, argv, namespace, pass_unknown=False, positional=False):
     """The whole job for a script without config files: defaults from namespace, overridden by argv.
     Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the
@@ -185,3 +134,59 @@ def parse(script, argv, namespace, pass_unknown=False, positional=False):
     except SettingsError as e:
         fail(script, e)
     return {**defaults(namespace), **settings}, unknown, rest
+
+# -----------------------------------------------------------------------------
+# after parsing: the device, and the options a script passes on to a model file
+
+def resolve_device(script, device):
+    """--device: auto is cuda where there is one, else cpu; any other must be a device torch knows
+    and this machine has."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(script, f"device={device!r}: not a device torch knows (auto, cpu, cuda, cuda:1, mps)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        fail(script, f"device={device!r}: this machine has no {dev.type} device torch can use "
+                     f"(device=cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        fail(script, f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+def option_values(raw_opts, opt_defaults):
+    """--key=raw options of a model file's sample() / evaluate(), typed by their defaults in
+    SAMPLE_OPTS / EVAL_OPTS: the text itself for a text option, True/False for a bool, a whole
+    number for an int, a number for a float or a None default; else a SettingsError that names the
+    option. Keys without a default are the caller's to refuse."""
+    out = {}
+    for key, raw in raw_opts.items():
+        default = opt_defaults.get(key)
+        if isinstance(default, str):
+            out[key] = raw
+            continue
+        value = literal(raw)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "True or False"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        else:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        if not ok:
+            raise SettingsError(f"--{key}={raw}: expected {want}")
+        out[key] = float(value) if isinstance(default, float) else value
+    return out
+
+def model_options(raw_opts, opt_defaults, script, func):
+    """The --key=value options a script passes on to a model file's func (e.g. "pengi.sample"),
+    typed (option_values); a SettingsError for a key func does not take, listing those it does."""
+    unknown = sorted(set(raw_opts) - set(opt_defaults))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join('--' + k for k in unknown)}: not a "
+                            f"setting of {script} nor an option of {func} "
+                            f"({', '.join(sorted(opt_defaults))})")
+    return option_values(raw_opts, opt_defaults)

@@ -1,8 +1,8 @@
 """
 The built-in corpus (prepare.py --dataset=synth, the default): pure numpy signals, and speech from
 libespeak-ng, whose text is determined by the audio. Every clip gets a caption, labels,
-question-answer pairs and, for speech, a transcript: synth_clip(seed, i, max_seconds) -> (wav at 24
-kHz, info). Kinds: speech (a quarter), music (notes, chords, melodies), sound events, Morse words,
+question-answer pairs and, for speech, a transcript: synth_clip(seed, i, max_dur) -> (wav at 24 kHz,
+info). Kinds: speech (a quarter), music (notes, chords, melodies), sound events, Morse words,
 DTMF digits, and mixtures.
 """
 
@@ -63,21 +63,21 @@ def midi_hz(m):
 def midi_name(m):
     return f"{NOTE_NAMES[m % 12]}{m // 12 - 1}"
 
-def envelope(n, attack=0.01, release=0.05, sr=SAMPLE_RATE):
-    a, r = max(1, int(attack * sr)), max(1, int(release * sr))
+def envelope(n, attack=0.01, release=0.05):
+    a, r = max(1, int(attack * SAMPLE_RATE)), max(1, int(release * SAMPLE_RATE))
     env = np.ones(n, np.float32)
     env[:a] = np.linspace(0, 1, a, dtype=np.float32)[:n]
     env[-r:] *= np.linspace(1, 0, r, dtype=np.float32)[-n:]
     return env
 
-def tone(instrument, hz, dur, rng, sr=SAMPLE_RATE):
+def tone(instrument, hz, dur, rng):
     """One note of an instrument, band-limited (additive harmonics below Nyquist), peak ~1."""
-    n = int(dur * sr)
-    t = np.arange(n) / sr
+    n = int(dur * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
     # Karplus-Strong: a noise burst through a damped, averaging delay loop
     if instrument == "plucked string":
         # averaging y[i-p] and y[i-p+1] delays by p - 1/2 samples
-        p = max(2, int(round(sr / hz + 0.5)))
+        p = max(2, int(round(SAMPLE_RATE / hz + 0.5)))
         y = np.zeros(n + p + 1)
         # a softer pluck
         burst = np.convolve(rng.uniform(-1, 1, p + 5), [0.25, 0.5, 0.25], "valid")[:p + 1]
@@ -94,7 +94,7 @@ def tone(instrument, hz, dur, rng, sr=SAMPLE_RATE):
     if instrument == "bell":                         # FM: inharmonic partials, exponential decay
         y = np.sin(2 * np.pi * hz * t + 2.0 * np.exp(-t * 3) * np.sin(2 * np.pi * hz * 1.4 * t))
         return (y * np.exp(-t * 2.5) * envelope(n, 0.002, 0.05)).astype(np.float32)
-    kmax = int((sr / 2 * 0.9) // hz)
+    kmax = int((SAMPLE_RATE / 2 * 0.9) // hz)
     if instrument == "sine":
         y = np.sin(2 * np.pi * hz * t)
     elif instrument == "square":
@@ -203,37 +203,36 @@ def make_music(rng, max_dur):
     return wav, dict(kind="music", caption=caption, description=description, labels=labels, qa=qa,
                      transcript=None, notes=notes)
 
-def event_sound(event, rng, sr=SAMPLE_RATE):
+def event_sound(event, rng):
     if event == "beep":
         hz = float(rng.choice([800, 1000, 1200]))
-        n = int(0.15 * sr)
-        x = np.sin(2 * np.pi * hz * np.arange(n) / sr)
+        n = int(0.15 * SAMPLE_RATE)
+        x = np.sin(2 * np.pi * hz * np.arange(n) / SAMPLE_RATE)
         return x.astype(np.float32) * envelope(n, 0.005, 0.01)
     if event == "chirp":
-        n = int(0.25 * sr)
-        t = np.arange(n) / sr
+        n = int(0.25 * SAMPLE_RATE)
+        t = np.arange(n) / SAMPLE_RATE
         f0, f1 = 500.0, 3000.0
         phase = 2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * t[-1]))
         return np.sin(phase).astype(np.float32) * envelope(n, 0.005, 0.02)
     if event == "noise burst":
-        n = int(0.2 * sr)
+        n = int(0.2 * SAMPLE_RATE)
         return (rng.uniform(-1, 1, n) * 0.8).astype(np.float32) * envelope(n, 0.005, 0.03)
     if event == "click":
-        n = int(0.01 * sr)
-        x = np.exp(-np.arange(n) / (0.001 * sr)) * np.sign(rng.uniform(-1, 1, n) + 0.5)
+        n = int(0.01 * SAMPLE_RATE)
+        x = np.exp(-np.arange(n) / (0.001 * SAMPLE_RATE)) * np.sign(rng.uniform(-1, 1, n) + 0.5)
         return x.astype(np.float32)
     # siren: a tone wailing up and down twice a second
-    n = int(1.0 * sr)
-    t = np.arange(n) / sr
+    n = int(1.0 * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
     freq = 900 + 400 * np.sin(2 * np.pi * 2.0 * t)
-    x = np.sin(2 * np.pi * np.cumsum(freq) / sr) * 0.7
+    x = np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE) * 0.7
     return x.astype(np.float32) * envelope(n, 0.02, 0.05)
 
 def make_events(rng, max_dur):
     """A count of one event, or two different events in order. Onsets are recorded (tests check
     them)."""
     ev = EVENTS[rng.integers(len(EVENTS))]
-    seq = []
     if rng.random() < 0.6 or ev == "siren":
         count = 1 if ev == "siren" else int(rng.integers(1, 6))
         seq = [ev] * count
@@ -243,10 +242,12 @@ def make_events(rng, max_dur):
         seq = [ev] * c1 + [ev2] * c2
     gap = 0.12 if len(seq) > 3 else 0.2
     parts = [event_sound(e, rng) for e in seq]
-    def length(gap):  # seconds: the events, the gaps between them and 0.3 s of margin
-        return sum(len(p) for p in parts) / SAMPLE_RATE + gap * (len(parts) - 1) + 0.3
-    while len(parts) > 1 and length(0.08) > max_dur:  # even the tightest gaps overflow
-        parts.pop(); seq.pop()                       # keep every event whole inside the clip
+    def length(spacing):  # seconds: the events, the gaps between them and 0.3 s of margin
+        return sum(len(p) for p in parts) / SAMPLE_RATE + spacing * (len(parts) - 1) + 0.3
+    # even the tightest gaps overflow: drop the last event (every event stays whole in the clip)
+    while len(parts) > 1 and length(0.08) > max_dur:
+        parts.pop()
+        seq.pop()
     gap = max(0.08, gap - max(0.0, length(gap) - max_dur) / max(1, len(seq) - 1))
     dur = length(gap)
     # a lone click still gets a second of room
@@ -378,11 +379,12 @@ def make_mixture(rng, max_dur):
           {"q": f"how many {EVENT_PLURAL[ev_name]} are heard over the music?",
            "a": NUMBER_WORDS[count]},
           {"q": "what sound interrupts the music?", "a": ev_name}]
-    qa += [q for q in m["qa"][1:2]]
+    # the music's question after its instrument one: the note, the chord or how many notes
+    qa += m["qa"][1:2]
+    events_story = e["description"].split(" Between the sounds")[0]
     description = (f"Music and other sounds overlap. {m['description'].split(' The sound is ')[0]} "
-                   f"Over the music, {e['description'].split(' Between the sounds')[0][0].lower()}"
-                   f"{e['description'].split(' Between the sounds')[0][1:]} The two do not belong "
-                   f"together, as if an alarm went off during a music lesson.")
+                   f"Over the music, {events_story[0].lower()}{events_story[1:]} The two do not "
+                   f"belong together, as if an alarm went off during a music lesson.")
     return wav, dict(kind="mixture", caption=caption, description=description, labels=labels, qa=qa,
                      transcript=None, onsets=e["onsets"], sequence=e["sequence"], notes=m["notes"])
 

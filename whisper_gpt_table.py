@@ -1,9 +1,10 @@
 """
-Whisper-GPT's Table 1 at CPU size: GPT-S, the hybrid of the same size and GPT-L (~10x) trained on
-the speech clips and on the music clips of the built-in corpus, several seeds each, then one
-markdown table of the next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to
-the paper's rows, the two claims checked seed by seed, and continuations of held-out clips by GPT-S
-and the hybrid (wavs, pictures and their distance to the true continuation).
+Whisper-GPT's Table 1 at CPU size: GPT-S, the hybrid of the same size, GPT-L (~10x) and the hybrid
+trained on the mels of its codebook 0 decoded alone (hybrid_c0), each trained on the speech clips
+and on the music clips of the built-in corpus, several seeds each, then one markdown table of the
+next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to the paper's rows,
+the claims checked seed by seed, and continuations of held-out clips by GPT-S and the hybrids
+(wavs, pictures and their distance to the true continuation).
 
     python whisper_gpt_table.py                          # the sweep (resumable) and the table
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
@@ -66,7 +67,7 @@ def run_dir(model, kind, seed):
 def model_of(path):
     return os.path.basename(path).split("-")[0]
 
-def finished(path):
+def checkpoint_state(path):
     """(the iteration a run's checkpoint ended at, its settings), or None (no checkpoint, or one
     train.py cannot read: it says so when the run starts)."""
     from train import load_checkpoint
@@ -97,7 +98,7 @@ def sweep(runs, train_args):
         args = [f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}", f"--data_dir={data_dir}",
                 f"--kinds={kind}", f"--seed={seed}", "--device=cpu", *train_args,
                 "--always_save_checkpoint=True"]
-        state = finished(d)
+        state = checkpoint_state(d)
         if state:
             want = train.load_settings(args)[0]
             changed = train.changed_settings(want, state[1], skip=("max_iters",))
@@ -105,7 +106,7 @@ def sweep(runs, train_args):
                 fail(f"{d}: a run with other settings ("
                      + train.describe_changes(changed, state[1], want)
                      + "): give another --out_root, or delete it")
-            if state[0] >= state[1]["max_iters"] == want["max_iters"]:
+            if state[0] >= state[1]["max_iters"] and state[1]["max_iters"] == want["max_iters"]:
                 continue
         cmd = [sys.executable, "train.py", *args]
         if state:
@@ -151,6 +152,18 @@ def sweep(runs, train_args):
 
 # -----------------------------------------------------------------------------
 # the table
+
+def load_run(d):
+    """The trained Whisper-GPT of the run in directory d, in eval mode, and its checkpoint."""
+    import whisper_gpt as W
+    from train import load_checkpoint
+    try:
+        ck = load_checkpoint(os.path.join(d, "ckpt.pt"))
+    except ValueError as e:
+        fail(e)
+    net = W.Model(W.Config(**ck["model_args"]))
+    net.load_state_dict(ck["model"])
+    return net.eval(), ck
 
 def evaluate_run(d, eval_dir):
     """Table 1's metrics of a run on its kind's val clips in eval_dir. A hybrid trained on the real
@@ -213,9 +226,9 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
     return lines
 
 # -----------------------------------------------------------------------------
-# continuations: prompt = the first prompt_frames of a held-out clip (0.8 s), then new_frames
-# generated, compared with the clip's true next frames. Both are decoded the same way (codebook 0
-# alone) so the codec's own error cancels.
+# continuations: prompt = the first prompt_frames of a held-out clip (0.8 s at the default 60),
+# then new_frames generated, compared with the clip's true next frames. Both are decoded the same
+# way (codebook 0 alone) so the codec's own error cancels.
 
 def continuation_scores(true_mel, mel):
     """Distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
@@ -241,18 +254,6 @@ def reference_scores(mels, idx):
             "another clip's true continuation": [continuation_scores(mels[i],
                                                                      mels[idx[(k + 1) % len(idx)]])
                                                  for k, i in enumerate(idx)]}
-
-def load_run(d):
-    """The trained Whisper-GPT of the run in directory d, in eval mode, and its checkpoint."""
-    import whisper_gpt as W
-    from train import load_checkpoint
-    try:
-        ck = load_checkpoint(os.path.join(d, "ckpt.pt"))
-    except ValueError as e:
-        fail(e)
-    net = W.Model(W.Config(**ck["model_args"]))
-    net.load_state_dict(ck["model"])
-    return net.eval(), ck
 
 def sampled_continuations(net, inputs, mels, idx, tools):
     """Scores of the model's continuation of each clip's prompt (T=1, top-k 50, seeded by the clip's
@@ -332,9 +333,9 @@ def continuation_rows(model_list, kind_list, seed):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    S, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(),
-                                       pass_unknown=True)
-    globals().update(S)
+    settings, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(),
+                                              pass_unknown=True)
+    globals().update(settings)
     train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
     # the sweep sets these per run: given here they would make every run the same one
     for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("model", "--models"),
@@ -342,14 +343,17 @@ if __name__ == "__main__":
         if key in unknown:
             fail(f"--{key}={unknown[key]}: the sweep sets it for each run; use {ours}")
     import train
-    for m in models.split(","):
+    model_list, kind_list = models.split(","), kinds.split(",")
+    for m in model_list:
+        # NAMES: each model's name in the table
+        if m not in NAMES:
+            fail(f"--models: no model {m!r} (models are among {', '.join(NAMES)})")
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
                  f"l, hybrid_c0)")
     # a bad train.py setting stops here
     run_settings = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
-                    for m in models.split(",")}
-    model_list, kind_list = models.split(","), kinds.split(",")
+                    for m in model_list}
     try:
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:

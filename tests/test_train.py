@@ -128,6 +128,15 @@ def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tm
     cfg.write_text("import math\n_scale = 2\nn_layer = 3 * _scale\n")
     assert K.read_config_file(str(cfg)) == {"n_layer": 6}
 
+def test_config_file_runs_in_one_namespace_like_a_module(tmp_path):
+    """A config file runs as a module does: a comprehension or a lambda sees the settings above it
+    (run with separate globals and locals, as a class body is, they raise NameError)."""
+    import configurator as K
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layer = 3\nn_embd = max(16 * n_layer * k for k in (1, 2))\n"
+                   "_per_head = lambda d: d // n_layer\nn_head = _per_head(n_embd) // 32\n")
+    assert K.read_config_file(str(cfg)) == {"n_layer": 3, "n_embd": 96, "n_head": 1}
+
 # -----------------------------------------------------------------------------
 # training runs
 

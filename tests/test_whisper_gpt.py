@@ -976,6 +976,20 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and said in err, (extra, err[-2000:])
 
+def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
+    """A --models entry must be one of the table's models, not just have a config file: another one
+    stops before any work (it has no row name in the table)."""
+    (tmp_path / "config").mkdir()
+    with open(os.path.join(ROOT, "config", "whisper_gpt_s_cpu.py")) as f:
+        text = f.read()
+    for name in ("s", "xl"):  # config files for both: only the names tell them apart
+        (tmp_path / "config" / f"whisper_gpt_{name}_cpu.py").write_text(text)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "whisper_gpt_table.py"),
+                          "--models=s,xl", f"--out_root={tmp_path / 'runs'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--models: no model 'xl'" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
     decoded alone: what the hybrid computes from its own output while generating;
