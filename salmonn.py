@@ -203,22 +203,27 @@ class MultiHeadAttention(nn.Module):
         y = attention(q, k, v, causal=causal, k_lens=k_lens, q_lens=q_lens)
         return self.out(y.transpose(1, 2).reshape(B, Tq, C))
 
-class EncoderBlock(nn.Module):
-    """Whisper's ResidualAttentionBlock (pre-LN), same parameter names."""
+class ResidualAttentionBlock(nn.Module):
+    """Whisper's block (pre-LN, its parameter names): self-attention, then, in the text decoder
+    (cross_attention), attention to the speech encoder's frames, then the MLP."""
 
-    def __init__(self, n_embd, n_head, dropout):
+    def __init__(self, n_embd, n_head, dropout, cross_attention=False):
         super().__init__()
         self.attn = MultiHeadAttention(n_embd, n_head)
         self.attn_ln = nn.LayerNorm(n_embd)
+        self.cross_attn = MultiHeadAttention(n_embd, n_head) if cross_attention else None
+        self.cross_attn_ln = nn.LayerNorm(n_embd) if cross_attention else None
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
                                  nn.Linear(4 * n_embd, n_embd))
         self.mlp_ln = nn.LayerNorm(n_embd)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, k_lens=None):
-        # a padded batch: the padding frames are padding as queries too (zeros; the kernels skip
-        # them)
-        x = x + self.drop(self.attn(self.attn_ln(x), k_lens=k_lens, q_lens=k_lens))
+    def forward(self, x, lens=None, causal=False, xa=None, xa_lens=None):
+        # lens: a padded batch's valid frames; the padding frames are padding as queries too
+        # (zeros; the kernels skip them). xa (xa_lens): the frames cross-attention reads
+        x = x + self.drop(self.attn(self.attn_ln(x), causal=causal, k_lens=lens, q_lens=lens))
+        if self.cross_attn is not None:
+            x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), xa, k_lens=xa_lens))
         return x + self.drop(self.mlp(self.mlp_ln(x)))
 
 def mask_frames(x, lens):
@@ -236,7 +241,8 @@ class SpeechEncoder(nn.Module):
         self.n_mels = n_mels
         self.conv1 = nn.Conv1d(n_mels, n_embd, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(n_embd, n_embd, kernel_size=3, stride=2, padding=1)
-        self.blocks = nn.ModuleList([EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_embd, n_head, dropout)
+                                     for _ in range(n_layer)])
         self.ln_post = nn.LayerNorm(n_embd)
 
     def forward(self, mel, lens):
@@ -253,7 +259,7 @@ class SpeechEncoder(nn.Module):
         enc_lens = (lens + 1) // 2
         x = x + sinusoids(x.size(1), x.size(2)).to(x.device, x.dtype)
         for block in self.blocks:
-            x = block(x, k_lens=enc_lens)
+            x = block(x, enc_lens)
         return self.ln_post(x), enc_lens
 
 class AudioEncoder(nn.Module):
@@ -270,7 +276,8 @@ class AudioEncoder(nn.Module):
         # which frequency band a patch is
         self.band_emb = nn.Parameter(torch.zeros(self.n_bands, n_embd))
         self.ln_pre = nn.LayerNorm(n_embd)
-        self.blocks = nn.ModuleList([EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_embd, n_head, dropout)
+                                     for _ in range(n_layer)])
         self.ln_post = nn.LayerNorm(n_embd)
 
     def forward(self, mel, lens):
@@ -285,7 +292,7 @@ class AudioEncoder(nn.Module):
         x = self.ln_pre(x.reshape(B, T2 * self.n_bands, C))
         enc_lens = (lens + 1) // 2
         for block in self.blocks:
-            x = block(x, k_lens=enc_lens * self.n_bands)
+            x = block(x, enc_lens * self.n_bands)
         return self.ln_post(x).view(B, T2, self.n_bands, C).mean(2)
 
 class QFormerLayer(nn.Module):
@@ -340,26 +347,6 @@ class WindowQFormer(nn.Module):
 # -----------------------------------------------------------------------------
 # stage "whisper": the text decoder and CTC head that train the speech encoder
 
-class DecoderBlock(nn.Module):
-    """Whisper's decoder block: causal self-attention, cross-attention to the audio, MLP (pre-LN,
-    Whisper's names)."""
-
-    def __init__(self, n_embd, n_head, dropout):
-        super().__init__()
-        self.attn = MultiHeadAttention(n_embd, n_head)
-        self.attn_ln = nn.LayerNorm(n_embd)
-        self.cross_attn = MultiHeadAttention(n_embd, n_head)
-        self.cross_attn_ln = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd))
-        self.mlp_ln = nn.LayerNorm(n_embd)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, audio, audio_lens):
-        x = x + self.drop(self.attn(self.attn_ln(x), causal=True))
-        x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), audio, k_lens=audio_lens))
-        return x + self.drop(self.mlp(self.mlp_ln(x)))
-
 class TextDecoder(nn.Module):
     """Whisper's TextDecoder: token embedding + learned positions, blocks, ln; logits against the
     token embedding. Only stage "whisper" has it: it is how the speech encoder learns what is
@@ -369,13 +356,15 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, n_embd)
         self.positional_embedding = nn.Parameter(torch.zeros(n_ctx, n_embd))
-        self.blocks = nn.ModuleList([DecoderBlock(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_embd, n_head, dropout,
+                                                            cross_attention=True)
+                                     for _ in range(n_layer)])
         self.ln = nn.LayerNorm(n_embd)
 
-    def forward(self, tokens, audio, audio_lens):
+    def forward(self, tokens, speech, speech_lens):
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.size(1)]
         for block in self.blocks:
-            x = block(x, audio, audio_lens)
+            x = block(x, causal=True, xa=speech, xa_lens=speech_lens)
         return self.ln(x) @ self.token_embedding.weight.t()
 
 # CTC on characters: letters are shared by every word, so each is heard far more often than a
