@@ -12,16 +12,17 @@ tokens and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times for
 forward+backward of:
   ours    fused_attention's Triton kernels (k_lens and q_lens for padded batches: padding query
           rows skipped; --q_lens=0: k_lens only, as the H200 table of 2026-12-04 was timed);
-          forward+backward is timed
-          with both ways of getting dq (FUSED_ATTENTION_BWD=atomic: atomic adds from the dk/dv
-          kernel; =split: a dq kernel of its own; the default, auto, takes split for D <= 64 and
-          atomic at D = 128, the faster in most rows on an H200), and the ratios use the faster
+          forward+backward timed with both ways of getting dq (atomic: atomic adds from the dk/dv
+          kernel; split: a dq kernel of its own; FUSED_ATTENTION_BWD=auto, the default outside
+          this benchmark, takes split for D <= 64 and atomic at D = 128, the faster in most rows
+          on an H200); the ratios use the faster
   flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a
           padding mask, so on mixed-length batches it computes the whole padded problem (and a
           different answer)
   masked  SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of
           backend
-"uniform" rows have every sequence at full length; "mixed" rows draw lengths uniformly in [T/4, T].
+"uniform" rows have every sequence at full length; "mixed" rows draw lengths uniformly in [T/4, T]
+(none at T = B*T: a mixed batch needs two sequences).
 TFLOP/s count the useful work only (pairs of real positions; padding and the masked causal half
 excluded), the same count for all three, so the ratios are ratios of speed (> 1: ours is faster).
 "max err" is the largest difference between ours and masked SDPA in the forward output. The goals
@@ -140,9 +141,7 @@ def ptxas_report(name, D, causal, lens, tile, dtype="bfloat16"):
     if tile is not None:
         m, n, warps, stages = tile
         kwargs = dict(kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
-    t0 = time.time()
     compiled = compile_for_h100(kernel, args, kwargs)
-    seconds = time.time() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -157,7 +156,7 @@ def ptxas_report(name, D, causal, lens, tile, dtype="bfloat16"):
         smem=compiled.metadata.shared + int(res["SHARED"]),  # dynamic (pipeline buffers) + static
         wgmma=sorted(set(re.findall(WGMMA, ptx))),
         mma_sync=sorted(set(re.findall(MMA_SYNC, ptx))),
-        cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx, seconds=seconds,
+        cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
         ttir=compiled.asm["ttir"], ptx=ptx)
 
 def ptxas_table(cases, dtype="bfloat16", progress=True):
@@ -166,11 +165,11 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if progress:
         print("\n".join(lines), flush=True)
+    shapes = lambda xs: " ".join(sorted({shape for shape, _ in xs})) or "-"
+    flag = lambda b: "yes" if b else "no"
     for name, D, causal, lens, tile in cases:
         r = ptxas_report(name, D, causal, lens, tile, dtype)
-        shapes = lambda xs: " ".join(sorted({shape for shape, _ in xs})) or "-"
         tile_s = "-" if tile is None else f"{tile[0]} x {tile[1]}, {tile[2]}, {tile[3]}"
-        flag = lambda b: "yes" if b else "no"
         cells = [name, D, "-" if tile is None else flag(causal),
                  "-" if tile is None else {False: "-", True: "k", "q": "k, q"}[lens], tile_s,
                  r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]),
@@ -235,17 +234,18 @@ def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
     with torch.no_grad():
         valid_q = (torch.arange(T, device=device)[None, :] < k_lens[:, None])[:, None, :, None]
         err = ((ours(q, k, v) - masked(q, k, v)).float().abs() * valid_q).max().item()
-    fl = useful_flops(H, D, lens, causal)
-    row = dict(D=D, T=T, B=B, H=H, causal=causal, mixed=mixed, err=err)
+    flops = useful_flops(H, D, lens, causal)
+    row = dict(D=D, T=T, B=B, causal=causal, mixed=mixed, err=err)
     for name, fn, backward in (("ours", ours, False), ("flash", flash, False),
                                ("masked", masked, False),
                                ("atomic", ours, True), ("split", ours, True),
                                ("flash", flash, True), ("masked", masked, True)):
-        fused_attention.BWD = name if name in ("split", "atomic") else "atomic"
+        if name in ("atomic", "split"):  # which way ours' backward gets dq
+            fused_attention.BWD = name
         try:
             ms = timeit(fn, backward, q, k, v, do)
-            # bwd = 2.5x fwd
-            row[(name, backward)] = fl * (3.5 if backward else 1.0) / (ms * 1e-3) / 1e12
+            # forward + backward: 3.5x the forward's FLOPs (FlashAttention-2's count: backward 2.5x)
+            row[(name, backward)] = flops * (3.5 if backward else 1.0) / (ms * 1e-3) / 1e12
         except torch.cuda.OutOfMemoryError:
             row[(name, backward)] = float("nan")
             torch.cuda.empty_cache()
@@ -280,17 +280,19 @@ def benchmark(args):
     configs = [(D, causal, mixed, T) for D in dims for causal in (False, True)
                for mixed in (False, True) for T in seqlens
                if not (mixed and args.tokens // T < 2)]  # a mixed batch needs two sequences
+    f = lambda x: f"{x:.0f}"
     t0 = time.time()
     for i, (D, causal, mixed, T) in enumerate(configs):
         r = bench_row(args, D, T, causal, mixed, rng, dtype)
-        f = lambda x: f"{x:.0f}"
         cells = [D, "yes" if causal else "no", "mixed" if mixed else "uniform", T, r["B"]]
-        o, fl, m = r[("ours", False)], r[("flash", False)], r[("masked", False)]
-        cells += [f(o), f(fl), f(m), f"{o / fl:.2f}", f"{o / m:.2f}"]
-        at, sp, fl, m = r[("atomic", True)], r[("split",
-                                                True)], r[("flash", True)], r[("masked", True)]
-        best = max((x for x in (at, sp) if x == x), default=float("nan"))  # skip an OOM (nan)
-        cells += [f(at), f(sp), f(fl), f(m), f"{best / fl:.2f}", f"{best / m:.2f}"]
+        fwd = {n: r[(n, False)] for n in ("ours", "flash", "masked")}  # TFLOP/s
+        fb = {n: r[(n, True)] for n in ("atomic", "split", "flash", "masked")}
+        cells += [f(fwd["ours"]), f(fwd["flash"]), f(fwd["masked"]),
+                  f"{fwd['ours'] / fwd['flash']:.2f}", f"{fwd['ours'] / fwd['masked']:.2f}"]
+        # skip an OOM (nan)
+        best = max((x for x in (fb["atomic"], fb["split"]) if x == x), default=float("nan"))
+        cells += [f(fb["atomic"]), f(fb["split"]), f(fb["flash"]), f(fb["masked"]),
+                  f"{best / fb['flash']:.2f}", f"{best / fb['masked']:.2f}"]
         cells.append(f"{r['err']:.1e}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         eta = (time.time() - t0) / (i + 1) * (len(configs) - i - 1)
