@@ -979,9 +979,9 @@ def load_data(data_dir, config, tok):
         if not by_task:
             raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
                              f"{config.tasks!r}")
-        names = sorted(by_task)  # get_batch's pick indexes this list and task_p alike
-        data[split] = {"mel": mel, "clips": clips, "by_task": by_task, "tasks": names,
-                       "task_p": task_probabilities(names, weights, split)}
+        # task_p follows the tasks' sorted order, as get_batch's pick does
+        data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
+                       "task_p": task_probabilities(sorted(by_task), weights, split)}
     # candidate labels for the close-ended tasks, from the training split
     data["candidates"] = {key: sorted({c["labels"][key] for c in data["train"]["clips"]
                                        if key in c["labels"]})
@@ -1008,7 +1008,7 @@ def get_batch(data, split, batch_size, rng):
     """The multi-task mix: each example picks a task among those of the split (uniformly, or by
     task_weights), then an example of it."""
     d = data[split]
-    tasks, task_p = d["tasks"], d["task_p"]
+    tasks, task_p = sorted(d["by_task"]), d["task_p"]
     mels, prompts, answers = [], [], []
     for _ in range(batch_size):
         pick = rng.integers(len(tasks)) if task_p is None else rng.choice(len(tasks), p=task_p)

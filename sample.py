@@ -217,8 +217,7 @@ if __name__ == "__main__":
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
         except ValueError as e:  # a bad option value, or a prompt the model cannot take
             msg = str(e)
-            fail(msg if msg.startswith((M.__name__, "--", "unknown setting")) else
-                 f"{M.__name__}.sample: {msg}")
+            fail(msg if msg.startswith(M.__name__) else f"{M.__name__}.sample: {msg}")
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
         codes = result["codes"]
