@@ -99,12 +99,14 @@ class SALMONNConfig:
     whisper_init: str = ""
     # stage "whisper": the text decoder that trains the encoder (same width and heads), its
     # positions (transcripts cut to whisper_text_ctx - 1 tokens + the start or end token), the
-    # CTC loss's weight next to the decoder's cross-entropy, what CTC spells ("tokens", the BPE, or
-    # "chars", CTC_CHARS) and SpecAugment's frequency and time masks per training clip (0: none)
+    # CTC loss's weight next to the decoder's cross-entropy, what CTC spells ("tokens", the BPE;
+    # "chars", CTC_CHARS; "phonemes": speech in the phonemes espeak-ng speaks it with, the other
+    # kinds in tokens) and SpecAugment's frequency and time masks per training clip (0: none)
     whisper_dec_n_layer: int = 2
     whisper_text_ctx: int = 64
     ctc_weight: float = 0.3
     ctc_units: str = "tokens"
+    ctc_phonemes: str = ""         # ctc_units="phonemes": the train split's, "|"-joined (load_data)
     spec_augment: int = 2
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame with
     # speech_features="mel") x beats_patch_f mel bins
@@ -371,10 +373,20 @@ class TextDecoder(nn.Module):
 # whole-word BPE token (ours; Whisper itself has no CTC head)
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
 
+# CTC on phonemes (ours): a spoken word is heard as its sounds, ~60 of them shared by all words,
+# while its spelling follows English orthography; Morse and DTMF clips keep their tokens. The
+# phonemes are those espeak-ng speaks the transcript with (synth.phonemes), " " between words.
 def ctc_blank(config):
-    """The CTC head's blank: the last of its outputs, after the tokens or the characters."""
-    if config.ctc_units not in ("tokens", "chars"):
-        raise ValueError(f"ctc_units must be 'tokens' or 'chars', got {config.ctc_units!r}")
+    """The CTC head's blank: the last of its outputs, after the tokens, the characters, or the
+    tokens then the phonemes."""
+    if config.ctc_units not in ("tokens", "chars", "phonemes"):
+        raise ValueError(f"ctc_units must be 'tokens', 'chars' or 'phonemes', got "
+                         f"{config.ctc_units!r}")
+    if config.ctc_units == "phonemes":
+        if not config.ctc_phonemes:
+            raise ValueError("ctc_units='phonemes' needs ctc_phonemes, the phoneme inventory "
+                             "(load_data fills it from the train split's speech)")
+        return config.vocab_size + len(config.ctc_phonemes.split("|"))
     return config.vocab_size if config.ctc_units == "tokens" else len(CTC_CHARS)
 
 def ctc_encode(text):
@@ -1311,6 +1323,8 @@ class SALMONNData:
             self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
         if config.asr_data_dir and "transcription" in self.tasks:
             self.add_transcribed_clips(config.asr_data_dir)
+        if config.stage == "whisper" and config.ctc_units == "phonemes":
+            self.add_phonemes()
         if config.stage == "beats":
             # the train split's tags, fixed in the config (and so in every checkpoint)
             if not config.tags:
@@ -1347,6 +1361,34 @@ class SALMONNData:
             if clip.get("transcript"):
                 S["entries"]["transcription"].append((len(S["clips"]), None, transcript(clip)))
                 S["clips"].append({**clip, "src": len(S["arrays"]) - 1})
+
+    def add_phonemes(self):
+        """ctc_units="phonemes": each speech clip's transcript in the phonemes its espeak-ng voice
+        speaks it with (a clip of another corpus: "en-us"), S["phonemes"][clip index]; the
+        inventory, when the config has none yet, is the train split's."""
+        import synth  # the library the corpus's speech was made with
+        for S in self.splits.values():
+            by_voice = {}
+            for ci, _, answer in S["entries"]["transcription"]:
+                clip = S["clips"][ci]
+                if clip.get("kind") == "speech":
+                    speaker = (clip.get("labels") or {}).get("speaker")
+                    voice = synth.SPEAKERS[speaker][0] if speaker in synth.SPEAKERS else "en-us"
+                    by_voice.setdefault(voice, []).append((ci, answer))
+            S["phonemes"] = {}
+            for voice, items in sorted(by_voice.items()):
+                try:
+                    spoken = synth.phonemes([answer for _, answer in items], voice)
+                except synth.SpeechUnavailable as e:
+                    raise ValueError(f"ctc_units='phonemes': {e}") from None
+                S["phonemes"].update(zip([ci for ci, _ in items], spoken))
+        if not self.config.ctc_phonemes:
+            found = sorted({p for spoken in self.splits["train"]["phonemes"].values()
+                            for p in spoken})
+            if not found:
+                raise ValueError("ctc_units='phonemes': the train split has no transcribed speech "
+                                 "clips to take the phonemes from")
+            self.config.ctc_phonemes = "|".join(found)
 
     def text_stream(self, clips, split):
         """Stage "llm": the corpus text (captions, descriptions, transcripts, QA) and the prompt
@@ -1509,8 +1551,8 @@ def beats_batch(data, split, batch_size, rng):
 
 def whisper_batch(data, split, batch_size, rng):
     """Stage "whisper": transcribed clips. Decoder: eot (as start) + transcript -> transcript +
-    eot; CTC: the transcript, in tokens or characters (ctc_units). Training clips are
-    SpecAugmented."""
+    eot; CTC: the transcript, in tokens, characters or (speech) phonemes (ctc_units). Training
+    clips are SpecAugmented."""
     config, entries = data.config, data.splits[split]["entries"]["transcription"]
     if not entries:
         raise ValueError(f"{split} split has no clips with a transcript")
@@ -1520,8 +1562,17 @@ def whisper_batch(data, split, batch_size, rng):
     T = max(len(t) for t in texts) + 1
     idx = torch.zeros(batch_size, T, dtype=torch.long)
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
-    ctc_texts = texts if config.ctc_units == "tokens" else \
-        [ctc_encode(answer)[:2 * config.whisper_text_ctx] for _, _, answer in picks]
+    if config.ctc_units == "chars":
+        ctc_texts = [ctc_encode(answer)[:2 * config.whisper_text_ctx] for _, _, answer in picks]
+    elif config.ctc_units == "phonemes":  # ids after the tokens'; a phoneme not in the inventory
+        # (one the train split never had) is left out
+        inventory = {p: config.vocab_size + i
+                     for i, p in enumerate(config.ctc_phonemes.split("|"))}
+        spoken, n = data.splits[split]["phonemes"], 2 * config.whisper_text_ctx
+        ctc_texts = [[inventory[p] for p in spoken[ci] if p in inventory][:n] if ci in spoken
+                     else t for (ci, _, _), t in zip(picks, texts)]
+    else:
+        ctc_texts = texts
     ctc = torch.full((batch_size, max(len(t) for t in ctc_texts)), -1, dtype=torch.long)
     for b, (t, c) in enumerate(zip(texts, ctc_texts)):
         idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
@@ -1626,9 +1677,30 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
         for b in range(B):
             path = best[b, :enc_lens[b]].tolist()
             ids = [t for j, t in enumerate(path) if t != blank and (j == 0 or t != path[j - 1])]
-            ctc_out.append((tok.decode(ids) if model.config.ctc_units == "tokens"
-                            else "".join(CTC_CHARS[i] for i in ids)).strip())
+            ctc_out.append(ctc_text(ids, model.config, tok))
     return dec_out, ctc_out
+
+def ctc_text(ids, config, tok):
+    """CTC's output ids (blanks and repeats gone) as text: tokens decoded, characters joined;
+    phonemes as espeak-ng writes them with a separator, "_" between the phonemes of a word
+    ("D_@2 r_E_d"), so that they can be told apart again."""
+    if config.ctc_units == "chars":
+        return "".join(CTC_CHARS[i] for i in ids).strip()
+    if config.ctc_units == "tokens":
+        return tok.decode(ids).strip()
+    phonemes = config.ctc_phonemes.split("|")
+    parts = []
+    for is_phoneme, run in itertools.groupby(ids, key=lambda i: i >= config.vocab_size):
+        run = list(run)
+        parts.append(phoneme_text([phonemes[i - config.vocab_size] for i in run]) if is_phoneme
+                     else tok.decode(run))
+    return " ".join(p.strip() for p in parts if p.strip())
+
+def phoneme_text(phonemes):
+    """["D", "@2", " ", "r", "E", "d"] -> "D_@2 r_E_d" (what ctc_text shows; " " between words)."""
+    return " ".join("_".join(word) for word in
+                    [list(g) for is_space, g in itertools.groupby(phonemes, lambda p: p == " ")
+                     if not is_space])
 
 SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
                "seed": None, "length_penalty": 0.0}
@@ -1725,6 +1797,13 @@ def word_error_rate(refs, hyps):
     punctuation)."""
     edits = sum(edit_distance(text_words(r), text_words(h)) for r, h in zip(refs, hyps))
     return edits / max(1, sum(len(text_words(r)) for r in refs))
+
+def phoneme_error_rate(refs, hyps):
+    """As word_error_rate, over the phonemes of phoneme_text strings (case and marks kept: "D" and
+    "d" are two phonemes; word boundaries not counted)."""
+    split = lambda text: re.split(r"[ _]+", text.strip()) if text.strip() else []
+    edits = sum(edit_distance(split(r), split(h)) for r, h in zip(refs, hyps))
+    return edits / max(1, sum(len(split(r)) for r in refs))
 
 # Copied from pengi.bleu4
 def bleu4(hypotheses, references):
@@ -1837,11 +1916,13 @@ def task_answers(model, tok, data, split, task, entries, o):
             for ci, instruction, _ in entries]
     return hyps, None
 
-def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):
+def transcription_metrics(refs, hyps, ctc_hyps, kinds, train, ctc_phoneme_refs=None):
     """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's, the best
     of: the first 200 of this corpus's training answers of that kind, the first 200 evaluated
     references of that kind, and every word of all its training answers and references; with
-    ctc_hyps (stage "whisper"), CTC's WER per kind too."""
+    ctc_hyps (stage "whisper"), CTC's WER per kind too, but for speech whose CTC spells phonemes
+    (ctc_phoneme_refs: their phoneme_text where a row has them) its phoneme error rate,
+    ctc_per_speech."""
     results = {"wer": word_error_rate(refs, hyps)}
     for kind in sorted(set(kinds)):
         of_kind = lambda xs: [x for x, k in zip(xs, kinds) if k == kind]
@@ -1854,7 +1935,10 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train):
         results[f"wer_{kind}"] = word_error_rate(r, h)
         results[f"n_{kind}"] = len(r)
         results[f"const_wer_{kind}"] = best_constant_wer(r, cands)
-        if ctc_hyps is not None:
+        if ctc_hyps is not None and kind == "speech" and ctc_phoneme_refs is not None:
+            results["ctc_per_speech"] = phoneme_error_rate(of_kind(ctc_phoneme_refs),
+                                                           of_kind(ctc_hyps))
+        elif ctc_hyps is not None:
             results[f"ctc_wer_{kind}"] = word_error_rate(r, of_kind(ctc_hyps))
     return results
 
@@ -1926,8 +2010,12 @@ def _evaluate(model, data, tok, split, o):
         results[f"n_{task}"] = len(entries)
         if task == "transcription":
             kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
+            phoneme_refs = None
+            if ctc_hyps is not None and "phonemes" in S:
+                phoneme_refs = [phoneme_text(S["phonemes"][ci]) if ci in S["phonemes"] else None
+                                for ci, _, _ in entries]
             results.update(transcription_metrics(refs, hyps, ctc_hyps, kinds,
-                                                 data.splits["train"]))
+                                                 data.splits["train"], phoneme_refs))
         else:
             results.update(answer_metrics(task, entries, refs, hyps))
     return results

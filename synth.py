@@ -475,6 +475,32 @@ def speak(text, voice, rate=175, pitch=50):
     from audio import resample
     return resample(wav, ESPEAK_SR)
 
+def phonemes(texts, voice):
+    """The phonemes an espeak-ng voice speaks for each text, as lists of espeak's phoneme mnemonics
+    ("D", "@", "aI", ...; stress marks left out) with " " between words: the sounds of
+    speak(text, voice), which a speech recogniser can learn to hear from the audio alone."""
+    lib = espeak_open()
+    try:
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int,
+                                              ctypes.c_int]
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise SpeechUnavailable(f"espeak-ng has no voice {voice!r}")
+        out = []
+        for text in texts:
+            words, rest = [], ctypes.c_char_p(text.encode())
+            while rest.value:  # a clause per call; rest moves on past it
+                # text mode 0 (plain), phoneme mode "_" << 8: the mnemonics, "_" between phonemes
+                clause = lib.espeak_TextToPhonemes(ctypes.byref(rest), 0, ord("_") << 8)
+                for word in clause.decode().split():
+                    word = [p for p in word.replace("'", "").replace(",", "").split("_") if p]
+                    if word:
+                        words.append(word)
+            out.append([p for i, word in enumerate(words) for p in ([" "] if i else []) + word])
+        return out
+    finally:
+        espeak_close(lib)
+
 # Speakers: a voice (espeak-ng language + variant, whose files are in espeakng-loader's data) at a
 # fixed rate (words/min) and pitch (0-99); each has a fixed sex, from its variant.
 SPEAKERS = {

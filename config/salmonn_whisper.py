@@ -14,6 +14,8 @@ speech_n_head = 4
 speech_n_embd = 128
 whisper_dec_n_layer = 2
 ctc_weight = 0.3
+ctc_units = "phonemes"  # CTC hears speech as the phonemes espeak-ng spoke (Morse and DTMF: tokens);
+                        # ours: the decoder then transcribes held-out speech at WER ~0.5, not ~0.6
 dropout = 0.1
 batch_size = 16
 max_iters = 2400

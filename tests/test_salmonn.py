@@ -1,6 +1,7 @@
 """SALMONN: shapes, Q-Former windows, frozen LLM + LoRA, loss masking, checkpoint loading, decoding,
 metrics, and a CPU-sized pipeline that learns to transcribe held-out keypad numbers."""
 
+import ctypes
 import itertools
 import json
 import math
@@ -1134,6 +1135,66 @@ def test_whisper_stage_ctc_on_characters(tmp_path):
     assert ctc_text == ["hii", "hiix"]
     with pytest.raises(ValueError, match="ctc_units must be"):
         SALMONN(tiny_config(stage="whisper", ctc_units="letters"))
+
+def test_espeak_phonemes_are_the_voices_own():
+    """synth.phonemes against libespeak-ng's own phoneme string (no separator; espeak-ng -x gives
+    the same, e.g. "h@l'oU w'3:ld" for en-us) with the stress marks taken out, and against the
+    published en-us mnemonics of "hello"; the voice's accent counts (en-us "tomato" has
+    "eI", en-gb "A:")."""
+    import synth
+    hello = synth.phonemes(["hello world", "where is the red car"], "en-us")
+    assert hello[0] == ["h", "@", "l", "oU", " ", "w", "3:", "l", "d"]
+    lib = synth.espeak_open()
+    try:
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int,
+                                              ctypes.c_int]
+        lib.espeak_SetVoiceByName(b"en-us")
+        plain = lib.espeak_TextToPhonemes(ctypes.byref(ctypes.c_char_p(b"where is the red car")),
+                                          0, 0).decode()
+    finally:
+        synth.espeak_close(lib)
+    words = [w.replace("'", "").replace(",", "") for w in plain.split()]
+    assert salmonn.phoneme_text(hello[1]).replace("_", "").split() == words
+    us, gb = synth.phonemes(["tomato"], "en-us+Andy")[0], synth.phonemes(["tomato"],
+                                                                         "en-gb-x-rp+m1")[0]
+    assert us[:3] == gb[:3] == ["t", "@", "m"] and us[3] == "eI" and gb[3] == "A:"
+
+def test_whisper_stage_ctc_on_phonemes(tmp_path):
+    """ctc_units="phonemes": a speech clip's CTC targets are the phonemes its voice speaks (after
+    the token ids), other kinds keep their tokens; the inventory is the train split's and stays in
+    the config (the checkpoint); CTC's read-out names the phonemes and speech gets a phoneme
+    error rate, checked against a hand count."""
+    import synth
+    clips = CLIPS + [{"id": "d", "frames": 45, "kind": "speech",
+                      "transcript": "where is the red kite", "caption": "a man asks: where?",
+                      "description": None, "qa": [],
+                      "labels": {"class": "speech", "gender": "male", "speaker": "m1"}}]
+    write_tiny_data(tmp_path, clips)
+    tok, cfg = ByteTokenizerEot60(), tiny_config(stage="whisper", ctc_units="phonemes")
+    with pytest.raises(ValueError, match="needs ctc_phonemes"):
+        SALMONN(cfg)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    spoken = synth.phonemes(["where is the red kite"], synth.SPEAKERS["m1"][0])[0]
+    inventory = cfg.ctc_phonemes.split("|")
+    assert inventory == sorted(set(spoken))
+    batch = salmonn.get_batch(data, "train", 16, np.random.default_rng(0))
+    rows = {tuple(t for t in row if t >= 0) for row in batch["ctc_targets"].tolist()}
+    assert rows == {tuple(cfg.vocab_size + inventory.index(p) for p in spoken),
+                    tuple(salmonn.encode_text(tok, " s o s"))}
+    m = SALMONN(cfg)
+    assert m.ctc_head.out_features == cfg.vocab_size + len(inventory) + 1  # + the blank, last
+    again = SALMONN(salmonn.SALMONNConfig(**{**cfg.__dict__}))  # as a checkpoint's config builds
+    assert again.ctc_head.out_features == m.ctc_head.out_features
+    # read-out: tokens decoded, phonemes "_"-joined within a word
+    ids = [cfg.vocab_size + inventory.index(p) for p in spoken]
+    assert salmonn.ctc_text(ids, cfg, tok) == salmonn.phoneme_text(spoken)
+    assert salmonn.phoneme_text(["D", "@2", " ", "r", "E", "d"]) == "D_@2 r_E_d"
+    # one substitution (d -> t) and one deletion (@2) of 5 phonemes; "D" and "d" differ
+    assert salmonn.phoneme_error_rate(["D_@2 r_E_d"], ["D r_E_t"]) == pytest.approx(2 / 5)
+    assert salmonn.phoneme_error_rate(["D_@2"], ["d_@2"]) == pytest.approx(1 / 2)
+    r = salmonn.evaluate(m.eval(), data, tok, "val")
+    assert "ctc_per_speech" in r and "ctc_wer_speech" not in r and "ctc_wer_morse" in r
 
 class ByteTokenizerEot60(ByteTokenizer):
     """For the tiny configs' 61-token vocab: bytes folded into 0..59, 60 ends."""
