@@ -1943,16 +1943,20 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train, ctc_phoneme_refs=N
             results[f"ctc_wer_{kind}"] = word_error_rate(r, of_kind(ctc_hyps))
     return results
 
-def answer_metrics(task, entries, refs, hyps):
+def answer_metrics(task, entries, refs, hyps, kinds=None):
     """The other tasks: BLEU-4 (captioning, music, story; story: also the answers' mean length in
-    words) or exact-match accuracy (qa and its questions on the speaker's sex, classification,
-    speaker)."""
+    words) or exact-match accuracy (qa, and qa_acc_{kind} per kind of clip (kinds: each entry's)
+    and on the questions about the speaker's sex; classification, speaker)."""
     if task == "captioning":
         return {"bleu4": bleu4(hyps, [[r] for r in refs])}
     if task == "music":
         return {"music_bleu4": bleu4(hyps, [[r] for r in refs])}
     if task == "qa":
         results = {"qa_acc": accuracy(refs, hyps)}
+        for kind in sorted({k for k in kinds or [] if k}):  # which kinds of sound are answered
+            of_kind = [i for i, k in enumerate(kinds) if k == kind]
+            results[f"qa_acc_{kind}"] = accuracy([refs[i] for i in of_kind],
+                                                 [hyps[i] for i in of_kind])
         gender = [i for i, (_, q, _) in enumerate(entries)
                   if q.startswith("is the speaker a man")]
         if gender:
@@ -1977,9 +1981,9 @@ def evaluate(model, data, tok, split="val", **opts):
     each task's first instruction paraphrase), in eval mode without gradients (the model's mode is
     restored after). Transcription: WER per kind (speech, morse, dtmf) next to the best constant
     answer's (among training answers, the evaluated references and their words:
-    transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (gender_acc: the speaker's sex),
-    cls_acc, speaker_acc, story_bleu4 and story_words (mean length of the story answers, the sign of
-    activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity
+    transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (qa_acc_{kind} per kind of clip,
+    gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean length of
+    the story answers, the sign of activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity
     (max_clips: the first max_clips text windows) and the copy probe; "whisper": WER per kind from
     the decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
@@ -2009,8 +2013,8 @@ def _evaluate(model, data, tok, split, o):
         refs = [answer for _, _, answer in entries]
         hyps, ctc_hyps = task_answers(model, tok, data, split, task, entries, o)
         results[f"n_{task}"] = len(entries)
+        kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
         if task == "transcription":
-            kinds = [S["clips"][ci].get("kind") for ci, _, _ in entries]
             phoneme_refs = None
             if ctc_hyps is not None and "phonemes" in S:
                 phoneme_refs = [phoneme_text(S["phonemes"][ci]) if ci in S["phonemes"] else None
@@ -2018,5 +2022,5 @@ def _evaluate(model, data, tok, split, o):
             results.update(transcription_metrics(refs, hyps, ctc_hyps, kinds,
                                                  data.splits["train"], phoneme_refs))
         else:
-            results.update(answer_metrics(task, entries, refs, hyps))
+            results.update(answer_metrics(task, entries, refs, hyps, kinds))
     return results

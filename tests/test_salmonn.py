@@ -427,6 +427,7 @@ def test_evaluate_scores_each_task_on_its_own_answers(tmp_path, monkeypatch):
     assert got["wer"] == 0 and all(got[f"wer_{k}"] == 0 for k in kinds)
     assert got["bleu4"] == pytest.approx(1.0) and got["qa_acc"] == 1 and got["cls_acc"] == 1
     assert got["gender_acc"] == 1 and got["n_qa"] == 3 and got["n_transcription"] == 3
+    assert all(got[f"qa_acc_{k}"] == 1 for k in kinds)
     monkeypatch.setattr(salmonn, "sample", lambda *a, **o: {"text": "one two"})
     got = salmonn.evaluate(m, data, tok, "val")
     refs = {t: [a for _, _, a in S["entries"][t]] for t in salmonn.ALL_TASKS}
@@ -435,6 +436,8 @@ def test_evaluate_scores_each_task_on_its_own_answers(tmp_path, monkeypatch):
         assert got[f"wer_{k}"] == salmonn.word_error_rate([ref], ["one two"]), k
     assert got["wer_dtmf"] == 0 and got["wer_speech"] == 1.0  # 5 words, 5 errors
     assert got["qa_acc"] == pytest.approx(1 / 3) and got["gender_acc"] == 0
+    # per kind of clip: the DTMF question is answered, the Morse and the speech ones are not
+    assert (got["qa_acc_dtmf"], got["qa_acc_morse"], got["qa_acc_speech"]) == (1, 0, 0)
     assert got["cls_acc"] == 0
     # one caption for every clip: BLEU-4 of these answers against the references, not the reverse
     piano = "a piano plays c4."
