@@ -1945,8 +1945,8 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train, ctc_phoneme_refs=N
 
 def answer_metrics(task, entries, refs, hyps, kinds=None):
     """The other tasks: BLEU-4 (captioning, music, story; story: also the answers' mean length in
-    words) or exact-match accuracy (qa, and qa_acc_{kind} per kind of clip (kinds: each entry's)
-    and on the questions about the speaker's sex; classification, speaker)."""
+    words) or exact-match accuracy (classification, speaker, qa; for qa also qa_acc_{kind} per kind
+    of clip, kinds giving each entry's, and gender_acc on the questions about the speaker's sex)."""
     if task == "captioning":
         return {"bleu4": bleu4(hyps, [[r] for r in refs])}
     if task == "music":
@@ -1983,9 +1983,9 @@ def evaluate(model, data, tok, split="val", **opts):
     answer's (among training answers, the evaluated references and their words:
     transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (qa_acc_{kind} per kind of clip,
     gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean length of
-    the story answers, the sign of activation); n_<task>: how many examples each figure rests on. Stage "llm": text perplexity
-    (max_clips: the first max_clips text windows) and the copy probe; "whisper": WER per kind from
-    the decoder and from CTC; "beats": tagging mAP and class accuracy."""
+    the story answers, the sign of activation); n_<task>: how many examples each figure rests on.
+    Stage "llm": text perplexity (max_clips: the first max_clips text windows) and the copy probe;
+    "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
