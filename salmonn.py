@@ -1981,9 +1981,10 @@ def evaluate(model, data, tok, split="val", **opts):
     each task's first instruction paraphrase), in eval mode without gradients (the model's mode is
     restored after). Transcription: WER per kind (speech, morse, dtmf) next to the best constant
     answer's (among training answers, the evaluated references and their words:
-    transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (qa_acc_{kind} per kind of clip,
-    gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean length of
-    the story answers, the sign of activation); n_<task>: how many examples each figure rests on.
+    transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (qa_acc_{kind} per kind of
+    clip, gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean
+    length of the story answers, the sign of activation); n_<task>: how many examples each figure
+    rests on.
     Stage "llm": text perplexity (max_clips: the first max_clips text windows) and the copy probe;
     "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
