@@ -144,6 +144,12 @@ class SALMONNConfig:
     # each audio token rescaled to the token embeddings' RMS (audio_scale); without it they grow
     # ~6x larger in training
     audio_norm: bool = True
+    # ours, not the paper's: in stages 1-3 a CTC loss (this weight next to the LLM's) between a
+    # transcription example's audio tokens, read as the LLM's tokens (by cosine to its token
+    # embeddings), and its transcript, with the copying documents' dash as the blank: the audio
+    # tokens are pulled toward the words the LLM learned to copy, token by token (0: off)
+    connect_ctc_weight: float = 0.0
+    dash_token: int = -1           # the dash's (last) token id: the blank (load_data fills it)
     llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
     # stage "llm": the share of each batch's rows that are copying conversations
     copy_rows: float = 0.5
@@ -739,6 +745,10 @@ def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
         keys.append(h.digest())
     return keys
 
+# connect_ctc's logits: an audio token's cosine to each token embedding, times this (a cosine of 1
+# against 0 then weighs e^10)
+CONNECT_CTC_SCALE = 10.0
+
 class SALMONN(nn.Module):
     """The parts depend on config.stage. whisper: speech, decoder, ctc_head; beats: beats,
     tag_head; llm: llm (all of it trains, no LoRA); stages 1-3: speech and beats (frozen),
@@ -924,20 +934,21 @@ class SALMONN(nn.Module):
             tokens = tokens * (self.audio_scale / rms)
         return tokens, valid
 
-    def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None):
-        """Token embeddings with the audio tokens written, in time order, where audio_mask is
-        True."""
+    def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None,
+              audio=None):
+        """Token embeddings with the audio tokens (audio: encode_audio's output, else made from the
+        mel) written, in time order, where audio_mask is True."""
         x = self.llm.wte(idx)
         if self.config.stage == "llm":
             return x
-        tokens, valid = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        tokens, valid = audio or self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
                              f"row, the clips give {valid.sum(1).tolist()} audio tokens")
         return x.masked_scatter(audio_mask.unsqueeze(-1), tokens[valid].to(x.dtype))
 
     def forward(self, idx=None, targets=None, mel=None, mel_lens=None, audio_mask=None,
-                ctc_targets=None, tags=None, wmel=None, wmel_lens=None):
+                ctc_targets=None, tags=None, wmel=None, wmel_lens=None, connect_targets=None):
         stage = self.config.stage
         # stage "whisper": the decoder reads the transcript so far and the speech encoder's frames
         if stage == "whisper":
@@ -951,7 +962,8 @@ class SALMONN(nn.Module):
             loss = (None if tags is None
                     else F.binary_cross_entropy_with_logits(logits, tags.float()))
             return logits, loss
-        x = self.embed(idx, mel, mel_lens, audio_mask, wmel, wmel_lens)
+        audio = None if stage == "llm" else self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        x = self.embed(idx, audio_mask=audio_mask, audio=audio)
         h, _ = self.llm(x)
         if targets is None:
             return self.llm.lm_head(h[:, [-1]]), None
@@ -962,7 +974,26 @@ class SALMONN(nn.Module):
         # copying conversation's answers as much as a row of text
         n = (targets >= 0).sum(1)
         per_example = token_loss.sum(1) / n.clamp(min=1)
-        return logits, per_example[n > 0].mean()
+        loss = per_example[n > 0].mean()
+        if self.config.connect_ctc_weight > 0 and connect_targets is not None:
+            loss = loss + self.config.connect_ctc_weight * self.connect_ctc_loss(*audio,
+                                                                                 connect_targets)
+        return logits, loss
+
+    def connect_ctc_loss(self, tokens, valid, targets):
+        """CTC between the audio tokens (B, N, C), valid (B, N) from the start, read as the LLM's
+        tokens, and the rows' transcripts (B, L; -1 pads; all -1: not a transcription example),
+        the dash the blank; per example, averaged over its transcript's tokens."""
+        lens = (targets >= 0).sum(1)
+        rows = lens > 0
+        if not rows.any():
+            return tokens.sum() * 0.0
+        words = F.normalize(self.llm.wte.weight.float(), dim=-1)
+        logits = CONNECT_CTC_SCALE * F.normalize(tokens[rows].float(), dim=-1) @ words.T
+        loss = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), targets[rows].clamp(min=0),
+                          valid[rows].sum(1), lens[rows], blank=self.config.dash_token,
+                          reduction="none", zero_infinity=True)
+        return (loss / lens[rows]).mean()
 
     def whisper_loss(self, logits, targets, speech, enc_lens, ctc_targets=None):
         """Stage "whisper": the text decoder's cross-entropy, mixed with CTC on the speech
@@ -1466,6 +1497,7 @@ def load_data(data_dir, config, tok):
                   else f"speech_n_mels={config.speech_n_mels}")
         raise ValueError(f"{source}: the speech encoder reads {config.speech_n_mels} mel bins, "
                          f"{data_dir} has {bins}")
+    config.dash_token = encode_text(tok, " -")[-1]  # connect_ctc's blank
     return SALMONNData(data_dir, config, tok, meta)
 
 def pad_mels(mels, n_mels):
@@ -1609,7 +1641,7 @@ def task_example(data, split, tasks, rng):
         raise ValueError(f"prompt of {len(ids)} positions leaves no room for an answer in "
                          f"llm_block_size={config.llm_block_size}: lower max_audio_frames or "
                          f"raise the block size")
-    return seq, mask, len(ids), audio
+    return seq, mask, len(ids), audio, task
 
 def task_batch(data, split, batch_size, rng):
     """Stages 1-3: prompts with the clips' audio slots, and answers (the loss on these only)."""
@@ -1617,17 +1649,27 @@ def task_batch(data, split, batch_size, rng):
     if not tasks:
         raise ValueError(f"{split} split has no clips for the tasks {data.tasks}")
     rows = [task_example(data, split, tasks, rng) for _ in range(batch_size)]
-    T = max(len(seq) for seq, _, _, _ in rows) - 1
+    T = max(len(seq) for seq, _, _, _, _ in rows) - 1
     idx = torch.zeros(batch_size, T, dtype=torch.long)
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
     audio_mask = torch.zeros(batch_size, T, dtype=torch.bool)
-    for b, (seq, mask, n_prompt, _) in enumerate(rows):
+    for b, (seq, mask, n_prompt, _, _) in enumerate(rows):
         s = torch.tensor(seq)
         idx[b, :len(seq) - 1] = s[:-1]
         targets[b, n_prompt - 1:len(seq) - 1] = s[n_prompt:]  # the answer (and its eot) only
         audio_mask[b, :len(mask)] = torch.tensor(mask)
-    return {"idx": idx, "targets": targets, "audio_mask": audio_mask,
-            **collate([audio for _, _, _, audio in rows])}
+    batch = {"idx": idx, "targets": targets, "audio_mask": audio_mask,
+             **collate([audio for _, _, _, audio, _ in rows])}
+    if data.config.connect_ctc_weight > 0:
+        # the transcripts, without their eot, for connect_ctc_loss
+        answers = [seq[n_prompt:-1] if task == "transcription" and seq[-1] == data.tok.eot_token
+                   and data.config.dash_token not in seq[n_prompt:-1] else []
+                   for seq, _, n_prompt, _, task in rows]
+        batch["connect_targets"] = torch.full((batch_size, max(map(len, answers)) or 1), -1,
+                                              dtype=torch.long)
+        for b, ans in enumerate(answers):
+            batch["connect_targets"][b, :len(ans)] = torch.tensor(ans, dtype=torch.long)
+    return batch
 
 def get_batch(data, split, batch_size, rng):
     """A training batch of the config's stage from the split, drawn with rng (a numpy

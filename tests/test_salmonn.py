@@ -500,7 +500,7 @@ def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
         rng = np.random.default_rng(0)
         answers = []
         for _ in range(n):
-            seq, _, n_prompt, _ = salmonn.task_example(data, "train", tasks, rng)
+            seq, _, n_prompt, _, _ = salmonn.task_example(data, "train", tasks, rng)
             answers.append(tok.decode(seq[n_prompt:]).strip())
         return np.mean([a == "s o s" for a in answers])
     assert abs(share("") - 1 / 5) < 0.03
@@ -1896,3 +1896,68 @@ def test_task_entries_of_a_clip():
     music = {"kind": "music", "caption": "a flute plays."}
     assert salmonn.task_entries(music) == [("captioning", None, "a flute plays."),
                                            ("music", None, "a flute plays.")]
+
+def ctc_by_brute_force(logp, target, blank):
+    """-log of the summed probability of every path of len(logp) symbols that collapses (repeats
+    merged, then blanks dropped) to target."""
+    paths = []
+    for path in itertools.product(range(logp.size(1)), repeat=logp.size(0)):
+        collapsed = [s for i, s in enumerate(path) if s != blank and (i == 0 or s != path[i - 1])]
+        if collapsed == target:
+            paths.append(sum(logp[i, s] for i, s in enumerate(path)))
+    return -torch.logsumexp(torch.stack(paths), 0)
+
+def test_connect_ctc_loss_against_brute_force():
+    """connect_ctc_weight: the audio tokens read as the LLM's tokens (cosine to its token
+    embeddings, times CONNECT_CTC_SCALE), CTC with the dash as the blank, per example over its
+    transcript's tokens; rows without a transcript add nothing. It is added to the LLM's loss, and
+    its gradient reaches the Q-Former and the projection, not the frozen LLM."""
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=4, dash_token=0, connect_ctc_weight=0.7)
+    m = SALMONN(cfg)
+    tokens = torch.randn(3, 4, cfg.llm_n_embd)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    targets = torch.tensor([[2, 2], [3, -1], [-1, -1]])  # 2 2: a blank must part the repeat
+    logp = (salmonn.CONNECT_CTC_SCALE * F.normalize(tokens, dim=-1)
+            @ F.normalize(m.llm.wte.weight, dim=-1).T).log_softmax(-1)
+    ref = (ctc_by_brute_force(logp[0], [2, 2], 0) / 2 + ctc_by_brute_force(logp[1, :3], [3], 0)) / 2
+    with torch.no_grad():
+        assert torch.allclose(m.connect_ctc_loss(tokens, valid, targets), ref, atol=1e-5)
+    # in forward: the LLM's loss + the weight times it, on the audio tokens the LLM reads
+    batch = random_batch(cfg, lens=(37, 20))
+    batch["connect_targets"] = torch.tensor([[1, 2, 3], [-1, -1, -1]])
+    m.eval()
+    _, loss = m(**batch)
+    tokens, valid = m.encode_audio(batch["mel"], batch["mel_lens"])
+    _, lm_loss = m(**{k: v for k, v in batch.items() if k != "connect_targets"})
+    expected = lm_loss + 0.7 * m.connect_ctc_loss(tokens, valid, batch["connect_targets"])
+    assert torch.allclose(loss, expected)
+    m.zero_grad()
+    (loss - lm_loss).backward()
+    assert m.proj.weight.grad.abs().sum() > 0 and m.qformer.query.grad.abs().sum() > 0
+    assert m.llm.wte.weight.grad is None
+
+def test_connect_targets_are_the_transcripts_of_transcription_rows(tmp_path):
+    """Batches of stages 1-3 with connect_ctc_weight carry each transcription row's answer, without
+    its end token, as connect_targets, and -1 for the rows of other tasks; the blank is the
+    tokenizer's dash."""
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path, CLIPS)
+    cfg = tiny_config(stage="pretrain", llm_block_size=160, connect_ctc_weight=1.0)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    assert cfg.dash_token == ord("-")
+    batch = salmonn.get_batch(data, "train", 16, np.random.default_rng(0))
+    kinds = set()
+    for b in range(16):
+        tg, ct = batch["targets"][b], batch["connect_targets"][b]
+        answer = tok.decode(tg[tg != -1][:-1].tolist())
+        kinds.add(answer)
+        if answer == " s o s":  # the Morse clip's transcript, spelled
+            assert ct[ct != -1].tolist() == list(b" s o s")
+            assert (ct[6:] == -1).all()
+        else:  # a caption
+            assert (ct == -1).all()
+    assert " s o s" in kinds and len(kinds) >= 2
+    assert "connect_targets" not in salmonn.get_batch(
+        salmonn.load_data(str(tmp_path), tiny_config(stage="pretrain", llm_block_size=160), tok),
+        "train", 4, np.random.default_rng(0))
