@@ -40,8 +40,9 @@ connect_ctc_weight = 1.0  # ours: the audio tokens of transcribed clips, read as
                           # trained toward their transcript by CTC (stage 1 only; docs/salmonn.md)
 # optimiser
 batch_size = 16
-max_iters = 3600       # 600 until the frozen encoders ran once per clip, then 1800; 3600 with the
-                       # CTC below: lower speech WER for ~3 more minutes (docs/salmonn.md)
+max_iters = 3600       # 600 until the frozen encoders ran once per clip, then 1800; with the CTC
+                       # above, 3600 read the tokens better and gave better Morse, DTMF and
+                       # classification for ~1 more minute (docs/salmonn.md)
 warmup_iters = 100
 learning_rate = 1e-3
 min_lr = 1e-4
