@@ -21,9 +21,10 @@ beats_patch_f = 16
 qformer_n_layer = 2
 qformer_n_head = 4
 qformer_n_embd = 128
-window_frames = 6      # 0.16 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s): a word
-                       # then spans a few audio tokens, as the LLM's copying documents show it
-window_queries = 1
+window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s), with
+window_queries = 2     # two queries each (paper: one): a word then spans a few audio tokens, as the
+                       # LLM's copying documents show it, and each token sees a whole word's frames
+                       # (6 frames and 1 query until 2026-12-05; docs/salmonn.md)
 llm_n_layer = 4        # must match config/salmonn_llm.py
 llm_n_head = 4
 llm_n_embd = 128
