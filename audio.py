@@ -394,6 +394,9 @@ def codec_id(data_dir):
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"{meta_path}: missing, or without the codec's record prepare.py "
                          f"writes") from None
+    if c is None:
+        raise ValueError(f"{data_dir} holds no codes: it was prepared with --no_codes (the mel "
+                         f"and the text only, for SALMONN and Pengi)")
     if c["pretrained"]:
         return f"{c['name']} (pretrained)"
     path = Path(data_dir) / c["weights"]

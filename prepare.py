@@ -18,6 +18,8 @@ dtype, mode="r").reshape(-1, n_q or n_mels). With --whisper_mel, also {split}_wm
 [frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s, see whisper_log_mel), each clip's
 at its "woffset" / "wframes" in {split}_clips.jsonl. With --codebook0_mel (also on a finished
 directory: made from its codes), {split}_mel_c0.bin: the log-mel of codebook 0 decoded alone.
+With --no_codes, no codec and no {split}_codes.bin: the mel and the text only (SALMONN and Pengi
+read nothing else), ~15x faster.
 
 The rest is elsewhere: the data contract and the codec at run time in audio.py, fitting the offline
 codec in codec.py, the built-in corpus in synth.py, the corpus BPE in tokenizer.py.
@@ -256,6 +258,12 @@ def check_args(args):
                  f"{', '.join(k for k, _, _ in KIND_MIX)}")
     if args.no_speech and args.kinds == ["speech"]:
         sys.exit("error: --no_speech with --kinds=speech leaves no kind to make")
+    if args.no_codes:
+        codec_args = [f"--{k}" for k in ("offline_codec", "codec_dir", "codec_from",
+                                          "codec_steps", "codec_tune_steps", "codebook0_mel")
+                      if getattr(args, k)]
+        if codec_args:
+            sys.exit(f"error: --no_codes stores no codes: {', '.join(codec_args)} would make them")
     if args.codec_from:
         fitting = [f"--{k}" for k in ("offline_codec", "codec_dir", "codec_steps",
                                        "codec_tune_steps") if getattr(args, k)]
@@ -305,6 +313,8 @@ def hash_args(args):
         del key_args["whisper_mel"]
     if not args.kinds:
         del key_args["kinds"]
+    if not args.no_codes:
+        del key_args["no_codes"]
     if args.codec_from:                               # the codec itself, not where it lies
         key_args["codec_from"] = codec_id(args.codec_from)
     else:
@@ -321,7 +331,8 @@ def output_files(meta):
     """The files a finished run wrote next to meta.json (the codebook-0 mels, made on request,
     aside)."""
     files = [f"{split}_{part}" for split in ("train", "val")
-             for part in ("codes.bin", "mel.bin", "clips.jsonl")]
+             for part in ("codes.bin", "mel.bin", "clips.jsonl")
+             if part != "codes.bin" or meta.get("codec") is not None]
     if "whisper_mel" in meta:
         files += ["train_wmel.bin", "val_wmel.bin"]
     if not (meta.get("codec") or {}).get("pretrained", True):
@@ -526,10 +537,14 @@ def batches(chunk, budget):
 def encode_batch(codec, batch, whisper_mel):
     """A batch of (wav, info) -> its encoded clips: the info's stored fields and duration, the
     encoder's output (float32: codes must not depend on storage rounding), the mel (float16) and
-    Whisper's features (None without --whisper_mel)."""
+    Whisper's features (None without --whisper_mel). Without a codec (--no_codes) the encoder's
+    output is an empty (frames, 0) array."""
     out = []
-    for (w, info), e in zip(batch, encode_emb(codec, [w for w, _ in batch])):
+    wavs = [w for w, _ in batch]
+    embs = encode_emb(codec, wavs) if codec is not None else [None] * len(wavs)
+    for (w, info), e in zip(batch, embs):
         m = log_mel(w)
+        e = torch.zeros(len(m), 0) if e is None else e
         assert len(m) == len(e), (len(m), len(e))
         info = {k: v for k, v in info.items() if k in STORED_FIELDS}
         info["duration"] = round(len(w) / SAMPLE_RATE, 4)
@@ -644,9 +659,9 @@ def write_tokenizer(infos, vocab_size, stage):
     return tok_info
 
 def write_splits(infos, codes, mels, wmels, args, stage):
-    """The train and val splits, staged: {split}_codes.bin, {split}_mel.bin, with --whisper_mel
-    {split}_wmel.bin, and {split}_clips.jsonl (each clip's text and where its frames are).
-    Returns each split's clip and frame counts."""
+    """The train and val splits, staged: {split}_codes.bin (none when codes is None: --no_codes),
+    {split}_mel.bin, with --whisper_mel {split}_wmel.bin, and {split}_clips.jsonl (each clip's text
+    and where its frames are). Returns each split's clip and frame counts."""
     in_val = [is_val(info["id"], args.val_percent) for info in infos]
     if args.val_percent > 0 and len(infos) >= 2 and not any(in_val):
         # a tiny dataset still gets a val clip (empty files cannot be mmapped)
@@ -659,7 +674,7 @@ def write_splits(infos, codes, mels, wmels, args, stage):
         offset, woffset, lines = 0, 0, []
         for i in idx:
             info = infos[i]
-            rec = {"id": info["id"], "offset": offset, "frames": len(codes[i]),
+            rec = {"id": info["id"], "offset": offset, "frames": len(mels[i]),
                    "source": info["source"],
                    "kind": info["kind"], "duration": info["duration"],
                    "transcript": info.get("transcript"),
@@ -669,10 +684,11 @@ def write_splits(infos, codes, mels, wmels, args, stage):
                 rec["woffset"], rec["wframes"] = woffset, len(wmels[i])
                 woffset += len(wmels[i])
             lines.append(json.dumps(rec))
-            offset += len(codes[i])
-        c = np.concatenate([codes[i] for i in idx]) if idx else np.zeros((0, N_Q), np.uint16)
+            offset += len(mels[i])
+        if codes is not None:
+            c = np.concatenate([codes[i] for i in idx]) if idx else np.zeros((0, N_Q), np.uint16)
+            np.ascontiguousarray(c, dtype=np.uint16).tofile(stage(f"{split}_codes.bin"))
         m = np.concatenate([mels[i] for i in idx]) if idx else np.zeros((0, N_MELS), np.float16)
-        np.ascontiguousarray(c, dtype=np.uint16).tofile(stage(f"{split}_codes.bin"))
         np.ascontiguousarray(m, dtype=np.float16).tofile(stage(f"{split}_mel.bin"))
         if args.whisper_mel:
             wm = (np.concatenate([wmels[i] for i in idx]) if idx
@@ -718,6 +734,8 @@ def finish(out, work, args, stage):
         (out / f"{split}_mel_c0.bin").unlink(missing_ok=True)
         if not args.whisper_mel:
             (out / f"{split}_wmel.bin").unlink(missing_ok=True)
+        if args.no_codes:
+            (out / f"{split}_codes.bin").unlink(missing_ok=True)
     stage.commit()
     if args.codebook0_mel:
         codebook0_mels(out, args.quiet)
@@ -727,10 +745,11 @@ def finish(out, work, args, stage):
 
 def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, wall):
     """What was written, what was skipped, and how fast."""
-    cs = np.concatenate(codes)
+    used = ("no codes (--no_codes)" if codes is None else
+            f"codes use {len(np.unique(np.concatenate(codes)[:, 0]))} of {CODEBOOK_SIZE} values "
+            f"in codebook 0")
     print(f"wrote {out}: train {splits['train']['clips']} clips / {splits['train']['frames']} "
-          f"frames, val {splits['val']['clips']} clips / {splits['val']['frames']} frames; "
-          f"codes use {len(np.unique(cs[:, 0]))} of {CODEBOOK_SIZE} values in codebook 0")
+          f"frames, val {splits['val']['clips']} clips / {splits['val']['frames']} frames; {used}")
     if problems:
         counts = ", ".join(f"{n} x {p}" for p, n in problems.most_common())
         print(f"skipped {sum(problems.values())} inputs: {counts}")
@@ -794,6 +813,10 @@ def get_args(argv=None):
     p.add_argument("--codebook0_mel", action="store_true",
                    help="also store {split}_mel_c0.bin, the log-mel of codebook 0 decoded alone "
                         "(Whisper-GPT's mel_source=codebook0)")
+    p.add_argument("--no_codes", action="store_true",
+                   help="store the mel and the text only, no EnCodec codes (no codec is loaded or "
+                        "fitted, ~15x faster): a corpus for the readers of the mel, SALMONN and "
+                        "Pengi; Whisper-GPT refuses it")
     p.add_argument("--batch_seconds", type=float, default=16.0,
                    help="audio seconds per EnCodec batch")
     p.add_argument("--strict", action="store_true",
@@ -833,14 +856,14 @@ def main(argv=None):
         return out
     check_whisper_mel(args)
     report = InputProblems(args.strict)
-    codec, codec_info = get_codec(args, out)
+    codec, codec_info = (None, None) if args.no_codes else get_codec(args, out)
     clips, n_total = clip_list(args, report)
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
                  f"{sum(report.counts.values())} inputs); nothing written")
-    work = work_dir(out, args_hash, codec_info["name"], args.force)
+    work = work_dir(out, args_hash, codec_info["name"] if codec else "no_codes", args.force)
     codec_wavs = {}
-    fit_codec = not codec_info["pretrained"] and not args.codec_from
+    fit_codec = codec is not None and not codec_info["pretrained"] and not args.codec_from
     if fit_codec:
         codec_wavs = start_offline_codec(codec, clips, report, args, work)
     encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
@@ -855,10 +878,10 @@ def main(argv=None):
         allemb, measured = fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage)
         if measured:
             codec_info["report"] = measured
-    elif not codec_info["pretrained"]:                # --codec_from: the very file
+    elif codec is not None and not codec_info["pretrained"]:  # --codec_from: the very file
         weights = codec_info["weights"]
         shutil.copyfile(Path(args.codec_from) / weights, stage(weights))
-    codes = quantize_clips(codec, allemb, bounds)     # pass 2
+    codes = quantize_clips(codec, allemb, bounds) if codec is not None else None   # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)
     wall = time.time() - t_start

@@ -526,6 +526,7 @@ def test_output_files_name_everything_a_finished_run_wrote():
     tokenizer's file (a lost one makes the re-run rebuild)."""
     base = [f"{s}_{p}" for s in ("train", "val") for p in ("codes.bin", "mel.bin", "clips.jsonl")]
     assert sorted(P.output_files({"codec": {"pretrained": True}})) == sorted(base)
+    assert sorted(P.output_files({"codec": None})) == sorted(f for f in base if "codes" not in f)
     meta = {"whisper_mel": {"n_mels": 80}, "codec": {"pretrained": False, "weights": "codec.pt"},
             "tokenizer": {"file": "tokenizer.tiktoken"}}
     assert sorted(P.output_files(meta)) == sorted(base + ["train_wmel.bin", "val_wmel.bin",
@@ -952,6 +953,41 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
     P.main(args)
     assert "other arguments: rebuilding" in capsys.readouterr().out
     assert A.codec_id(out) == A.codec_id(src)
+
+def clip_mels(data_dir):
+    """{clip id: (its mel, its clip record)} over both splits of a prepared corpus."""
+    out = {}
+    for split in ("train", "val"):
+        mel = np.memmap(Path(data_dir, f"{split}_mel.bin"), np.float16, mode="r").reshape(-1, 64)
+        for line in Path(data_dir, f"{split}_clips.jsonl").read_text().splitlines():
+            c = json.loads(line)
+            out[c["id"]] = (np.array(mel[c["offset"]:c["offset"] + c["frames"]]), c)
+    return out
+
+def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path, capsys):
+    """--no_codes: the same clips get the very mel and text they have in a corpus with codes, no
+    codes are written, a re-run skips, and a reader of the codes is refused in one line."""
+    out = tmp_path / "out"
+    args = ["--clips=12", "--max_seconds=2.0", "--quiet", "--offline", "--codec_report=0",
+            f"--out_dir={out}", "--no_codes"]
+    P.main(args)
+    theirs, ours = clip_mels(synth_dir), clip_mels(out)
+    assert len(ours) == 12
+    for i, (mel, rec) in ours.items():
+        assert np.array_equal(mel, theirs[i][0])
+        assert {k: rec[k] for k in ("transcript", "caption", "qa", "labels", "frames")} == \
+            {k: theirs[i][1][k] for k in ("transcript", "caption", "qa", "labels", "frames")}
+    assert not list(out.glob("*codes*")) and not (out / "codec.pt").exists()
+    assert json.loads((out / "meta.json").read_text())["codec"] is None
+    capsys.readouterr()
+    P.main(args)
+    assert "already prepared" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no codes"):
+        A.codec_id(out)
+    for extra in (["--codec_from=" + str(synth_dir)], ["--codebook0_mel"], ["--codec_steps=5"]):
+        with pytest.raises(SystemExit) as e:
+            P.main(args + extra)
+        assert "--no_codes stores no codes" in str(e.value) and extra[0].split("=")[0] in str(e.value)
 
 @pytest.mark.parametrize("extra, says", [
     ([], "meta.json: missing"),
