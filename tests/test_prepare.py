@@ -915,15 +915,21 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     assert np.array_equal(k, stored)
 
 
-def clip_codes(data_dir):
-    """{clip id: its codes} over both splits of a prepared corpus."""
+def clip_rows(data_dir, part="codes"):
+    """{clip id: (its rows of {split}_{part}.bin, its clip record)} over both splits of a prepared
+    corpus (part: codes or mel)."""
+    dtype, width = {"codes": (np.uint16, 8), "mel": (np.float16, 64)}[part]
     out = {}
     for split in ("train", "val"):
-        codes = np.memmap(Path(data_dir, f"{split}_codes.bin"), np.uint16, mode="r").reshape(-1, 8)
+        rows = np.memmap(Path(data_dir, f"{split}_{part}.bin"), dtype, mode="r").reshape(-1, width)
         for line in Path(data_dir, f"{split}_clips.jsonl").read_text().splitlines():
             c = json.loads(line)
-            out[c["id"]] = np.array(codes[c["offset"]:c["offset"] + c["frames"]])
+            out[c["id"]] = (np.array(rows[c["offset"]:c["offset"] + c["frames"]]), c)
     return out
+
+def clip_codes(data_dir):
+    """{clip id: its codes} over both splits of a prepared corpus."""
+    return {i: codes for i, (codes, _) in clip_rows(data_dir).items()}
 
 def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, capsys):
     """--codec_from takes a prepared corpus's codec as it is: the same clips get the very codes
@@ -954,16 +960,6 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
     assert "other arguments: rebuilding" in capsys.readouterr().out
     assert A.codec_id(out) == A.codec_id(src)
 
-def clip_mels(data_dir):
-    """{clip id: (its mel, its clip record)} over both splits of a prepared corpus."""
-    out = {}
-    for split in ("train", "val"):
-        mel = np.memmap(Path(data_dir, f"{split}_mel.bin"), np.float16, mode="r").reshape(-1, 64)
-        for line in Path(data_dir, f"{split}_clips.jsonl").read_text().splitlines():
-            c = json.loads(line)
-            out[c["id"]] = (np.array(mel[c["offset"]:c["offset"] + c["frames"]]), c)
-    return out
-
 def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path, capsys):
     """--no_codes: the same clips get the very mel and text they have in a corpus with codes, no
     codes are written, a re-run skips, and a reader of the codes is refused in one line."""
@@ -971,7 +967,7 @@ def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path,
     args = ["--clips=12", "--max_seconds=2.0", "--quiet", "--offline", "--codec_report=0",
             f"--out_dir={out}", "--no_codes"]
     P.main(args)
-    theirs, ours = clip_mels(synth_dir), clip_mels(out)
+    theirs, ours = clip_rows(synth_dir, "mel"), clip_rows(out, "mel")
     assert len(ours) == 12
     for i, (mel, rec) in ours.items():
         assert np.array_equal(mel, theirs[i][0])
