@@ -20,9 +20,9 @@ and the loss is on the answer tokens only, averaged per example.
 As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the
 Q-Former, its projection and LoRA train. At CPU size each pretrained part gets a stand-in trained
 here (config field `stage`, one config each):
-  "whisper"    the speech encoder trained as Whisper is: a text decoder predicts the transcript
-               from the encoder's output (next-token cross-entropy), with a CTC head on the
-               encoder alongside
+  "whisper"    the speech encoder trained as Whisper is, on transcribed audio of its own: a text
+               decoder predicts the transcript from the encoder's output (next-token
+               cross-entropy), with a CTC head on the encoder alongside
   "beats"      the audio encoder trained to tag the clips' labels (multi-label), as the BEATs
                checkpoint SALMONN uses was fine-tuned on AudioSet tagging
   "llm"        text-only pretraining of the small GPT-2-layout LLM, the stand-in for Vicuna: the

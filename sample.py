@@ -96,7 +96,8 @@ def read_meta(data_dir):
     return meta
 
 def read_clip(data_dir, split, index):
-    """Codes and mel of clip `index` of a split, from the prepared arrays."""
+    """Codes (where the data has them) and mel of clip `index` of a split, from the prepared
+    arrays."""
     meta = read_meta(data_dir)
     path = os.path.join(data_dir, f"{split}_clips.jsonl")
     if not os.path.isfile(path):
@@ -106,13 +107,14 @@ def read_clip(data_dir, split, index):
     if not 0 <= index < len(clips):
         fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
     c = clips[index]
-    codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
-                      mode="r").reshape(-1, meta["n_q"])
     mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
                     mode="r").reshape(-1, meta["n_mels"])
     s, n = c["offset"], c["frames"]
-    clip = {"codes": torch.from_numpy(codes[s:s + n].astype(np.int64)),
-            "mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
+    clip = {"mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
+    if meta.get("codec") is not None:  # prepare.py --no_codes stores none (SALMONN, Pengi read mel)
+        codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
+                          mode="r").reshape(-1, meta["n_q"])
+        clip["codes"] = torch.from_numpy(codes[s:s + n].astype(np.int64))
     if "whisper_mel" in meta:  # prepare.py --whisper_mel: for an OpenAI Whisper encoder
         wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
                          mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])

@@ -11,6 +11,9 @@ out_dir = "out/salmonn-stage1"
 data_dir = "data/synth"
 tokenizer = "corpus"   # as config/salmonn_llm.py (the checkpoint it starts from records it)
 init_from = "scratch"
+# the speech encoder's corpus (config/salmonn_whisper.py) joins the transcription task, as the paper's
+# stages train on LibriSpeech's ASR (its other tasks and its val split stay out)
+asr_data_dir = "data/synth_asr"
 llm_init = "out/salmonn-llm/ckpt.pt"
 whisper_init = "out/salmonn-whisper/ckpt.pt"
 beats_init = "out/salmonn-beats/ckpt.pt"

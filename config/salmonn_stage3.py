@@ -10,6 +10,9 @@ out_dir = "out/salmonn-stage3"
 data_dir = "data/synth"
 tokenizer = "corpus"   # as config/salmonn_llm.py (the checkpoint it starts from records it)
 init_from = "out/salmonn-stage2/ckpt.pt"
+# the speech encoder's corpus (config/salmonn_whisper.py) joins the transcription task, as the paper's
+# stages train on LibriSpeech's ASR (its other tasks and its val split stay out)
+asr_data_dir = "data/synth_asr"
 tasks = "story,transcription"   # ours: half the examples replay stage 2's transcription. On stories
                                 # alone the stage cost WER (DTMF +0.31, Morse +0.67 over 3 seeds);
                                 # with the replay WER holds (+-0.01) and stories still grow 21 -> 34

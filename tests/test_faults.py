@@ -136,7 +136,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     for start in ("--init_from=resume", f"--init_from={good / 'ckpt.pt'}"):
         out = good if start.endswith("resume") else tmp_path / "s"
         p = subprocess.run([sys.executable, "train.py", "config/salmonn_stage1.py",
-                            f"--out_dir={out}", start, f"--data_dir={synth_dir}"],
+                            f"--out_dir={out}", start, f"--data_dir={synth_dir}",
+                            "--asr_data_dir="],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "holds a whisper_gpt model, not salmonn" in p.stderr, p.stderr
     # sample.py: audio that is corrupt, empty or missing, and a clip index past the end
@@ -207,7 +208,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, synth_dir, "--mel_dim=0"), "mel_dim (0)"),
             ([sys.executable, "train.py", "config/salmonn_stage1.py", f"--out_dir={new}",
               f"--data_dir={synth_dir}", f"--whisper_init={tmp_path / 'cut.pt'}",
-              "--llm_init=", "--beats_init="], f"whisper_init={tmp_path / 'cut.pt'}"),
+              "--llm_init=", "--beats_init=", "--asr_data_dir="],
+             f"whisper_init={tmp_path / 'cut.pt'}"),
             ([sys.executable, "eval.py", str(good), f"--data_dir={other_data}"],
              f"vocab_size={meta['codebook_size']} in the checkpoint, 2048 from"),
             ([sys.executable, "eval.py", str(good), "--split=test"], "expected train or val"),

@@ -962,7 +962,8 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
 
 def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path, capsys):
     """--no_codes: the same clips get the very mel and text they have in a corpus with codes, no
-    codes are written, a re-run skips, and a reader of the codes is refused in one line."""
+    codes are written, a re-run skips, sample.py reads a clip's mel, and a reader of the codes is
+    refused in one line."""
     out = tmp_path / "out"
     args = ["--clips=12", "--max_seconds=2.0", "--quiet", "--offline", "--codec_report=0",
             f"--out_dir={out}", "--no_codes"]
@@ -980,6 +981,9 @@ def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path,
     assert "already prepared" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no codes"):
         A.codec_id(out)
+    import sample as S                                # sample.py --clip reads such data too
+    clip, rec = S.read_clip(out, "train", 0)
+    assert "codes" not in clip and np.array_equal(clip["mel"].numpy(), ours[rec["id"]][0])
     for extra in (["--codec_from=" + str(synth_dir)], ["--codebook0_mel"], ["--codec_steps=5"]):
         with pytest.raises(SystemExit) as e:
             P.main(args + extra)
