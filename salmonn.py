@@ -116,9 +116,10 @@ class SALMONNConfig:
     beats_patch_f: int = 16
     beats_init: str = ""           # the audio encoder's weights: our stage-"beats" ckpt.pt
     tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it)
-    # another prepared corpus whose transcribed train clips join the transcription task (the
-    # paper keeps LibriSpeech ASR in stage 2)
+    # another prepared corpus whose train clips join these tasks (of the stage's; its val split
+    # stays out): the paper keeps LibriSpeech's ASR in stage 2, and its speech QA and gender tasks
     asr_data_dir: str = ""
+    asr_tasks: str = "transcription"
     # stages 1-3: the encoders stay as pretrained (the paper); False fine-tunes them
     freeze_encoders: bool = True
     # frozen encoders run once per clip; later batches reuse their output (SALMONN.cached_encoders)
@@ -1353,8 +1354,8 @@ class SALMONNData:
                     entries[task].append((ci, instruction, answer))
             # arrays: the mel arrays of each corpus a clip may come from (clip["src"], 0 = this one)
             self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
-        if config.asr_data_dir and "transcription" in self.tasks:
-            self.add_transcribed_clips(config.asr_data_dir)
+        if config.asr_data_dir:
+            self.add_clips_of(config.asr_data_dir, config.asr_tasks)
         if config.stage == "whisper" and config.ctc_units == "phonemes":
             self.add_phonemes()
         if config.stage == "beats":
@@ -1374,9 +1375,16 @@ class SALMONNData:
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
         self.prompt_cache = {}
 
-    def add_transcribed_clips(self, data_dir):
-        """asr_data_dir: the transcribed train clips of another prepared corpus (same features)
-        join the train split's transcription task; its other tasks and val split are left out."""
+    def add_clips_of(self, data_dir, tasks):
+        """asr_data_dir: the train clips of another prepared corpus (same features) join the train
+        split's entries of `tasks` (asr_tasks: those of the stage's tasks they offer); its other
+        tasks and its val split are left out."""
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if unknown := sorted(set(names) - set(ALL_TASKS)):
+            raise ValueError(f"asr_tasks={tasks!r}: unknown task(s) {unknown}; known: {ALL_TASKS}")
+        names = [t for t in names if t in self.tasks]
+        if not names:
+            return
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"asr_data_dir: {meta_path}: not found (run prepare.py first)")
@@ -1390,8 +1398,10 @@ class SALMONNData:
         clips, mel, wmel = read_split(data_dir, "train", meta)
         S["arrays"].append((mel, wmel))
         for clip in clips:
-            if clip.get("transcript"):
-                S["entries"]["transcription"].append((len(S["clips"]), None, transcript(clip)))
+            entries = [e for e in task_entries(clip) if e[0] in names]
+            for task, instruction, answer in entries:
+                S["entries"][task].append((len(S["clips"]), instruction, answer))
+            if entries:
                 S["clips"].append({**clip, "src": len(S["arrays"]) - 1})
 
     def add_phonemes(self):

@@ -528,7 +528,8 @@ def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
 def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
     """asr_data_dir: another corpus's transcribed train clips join the transcription task, each read
     from its own corpus's mel array; its untranscribed clips, other tasks and val split stay out,
-    and the best constant answer is still this corpus's. Features that differ are an error."""
+    and the best constant answer is still this corpus's; asr_tasks adds other tasks' entries (of the
+    stage's). Features that differ, or an unknown task, are an error."""
     tok = ByteTokenizer()
     write_tiny_data(tmp_path / "main", CLIPS, seed=0)
     extra = [{"id": "x", "frames": 21, "kind": "dtmf", "transcript": "a b d",
@@ -560,6 +561,26 @@ def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
     refs = ["a b c", "a y d", "x b d"]
     got = salmonn.transcription_metrics(refs, refs, None, ["dtmf"] * 3, S)
     assert got["const_wer_dtmf"] == pytest.approx(4 / 9)
+    # asr_tasks: the tasks the other corpus's clips join, of the stage's; a clip without a
+    # transcript joins through its question
+    extra[1]["qa"] = [{"q": "which instrument?", "a": "a flute"}]
+    write_tiny_data(tmp_path / "extra_qa", extra, seed=1)
+    qa_cfg = lambda stage, tasks: tiny_config(stage=stage, asr_data_dir=str(tmp_path / "extra_qa"),
+                                              asr_tasks=tasks)
+    both = salmonn.load_data(str(tmp_path / "main"), qa_cfg("instruct", "transcription,qa"), tok)
+    B = both.splits["train"]
+    assert [a for _, _, a in B["entries"]["transcription"]] == \
+        [a for _, _, a in S["entries"]["transcription"]]
+    qa_added = B["entries"]["qa"][len(P["entries"]["qa"]):]
+    assert [(q, a) for _, q, a in qa_added] == [("which instrument?", "a flute")]
+    qa_mel = np.fromfile(tmp_path / "extra_qa" / "train_mel.bin", dtype=np.float16).reshape(-1, 64)
+    assert torch.equal(both.clip_mel("train", qa_added[0][0]),
+                       torch.from_numpy(qa_mel[21:61].astype(np.float32)))
+    # stage 1 has no QA task: only transcription joins
+    pre = salmonn.load_data(str(tmp_path / "main"), qa_cfg("pretrain", "transcription,qa"), tok)
+    assert len(pre.splits["train"]["entries"]["qa"]) == len(P["entries"]["qa"])
+    with pytest.raises(ValueError, match="asr_tasks.*karaoke"):
+        salmonn.load_data(str(tmp_path / "main"), qa_cfg("instruct", "transcription,karaoke"), tok)
     meta = json.load(open(tmp_path / "extra" / "meta.json"))
     json.dump({**meta, "frame_rate": 50}, open(tmp_path / "extra" / "meta.json", "w"))
     with pytest.raises(ValueError, match="asr_data_dir.*frame_rate"):
