@@ -117,7 +117,7 @@ class SALMONNConfig:
     beats_init: str = ""           # the audio encoder's weights: our stage-"beats" ckpt.pt
     tags: str = ""                 # stage "beats": the tag names, "|"-joined (load_data fills it)
     # another prepared corpus whose train clips join these tasks (of the stage's; its val split
-    # stays out): the paper keeps LibriSpeech's ASR in stage 2, and its speech QA and gender tasks
+    # stays out), as the paper keeps LibriSpeech's ASR in stage 2
     asr_data_dir: str = ""
     asr_tasks: str = "transcription"
     # stages 1-3: the encoders stay as pretrained (the paper); False fine-tunes them
