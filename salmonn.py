@@ -128,9 +128,8 @@ class SALMONNConfig:
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
     qformer_n_embd: int = 128
-    window_frames: int = 12        # encoder frames per window: 0.32 s at 37.5/s (paper: 17 at 50/s;
-                                   # the stage configs: 6)
-    window_queries: int = 1        # trainable queries per window
+    window_frames: int = 12        # encoder frames per window: 0.32 s at 37.5/s (paper: 17 at 50/s)
+    window_queries: int = 1        # trainable queries per window (paper: 1; the stage configs: 2)
     # LLM (GPT-2 layout)
     llm_n_layer: int = 4
     llm_n_head: int = 4
