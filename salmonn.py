@@ -153,6 +153,9 @@ class SALMONNConfig:
     llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
     # stage "llm": the share of each batch's rows that are copying conversations
     copy_rows: float = 0.5
+    # stage "llm": the share of those conversations that ask a train clip's question about its
+    # transcript, shown where the audio goes (reading comprehension, as Vicuna brings it; 0: none)
+    reading_share: float = 0.0
     # LoRA on the LLM's query and value projections (paper: rank 8, alpha 32, dropout 0.1)
     lora_rank: int = 8
     lora_alpha: float = 32.0
@@ -1206,8 +1209,30 @@ def span_prompt(tok, words, instruction):
     return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
             + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
 
-def copy_document(tok, rng, words):
-    """One document: (prompt ids with the span where the audio would be, answer ids)."""
+# answered by the voice, not by the words: left out of the reading documents
+VOICE_QUESTIONS = ("is the speaker a man or a woman?",)
+
+def reading_questions(clips):
+    """Stage "llm": (transcript words, question, answer) of the clips' questions that their
+    transcripts answer."""
+    return [(transcript(c).split(), qa["q"], qa["a"]) for c in clips if c.get("transcript")
+            for qa in c.get("qa") or [] if qa["q"] not in VOICE_QUESTIONS]
+
+def as_audio_tokens(rng, words):
+    """The words as a stretch of audio tokens reads: each one to three times, with dashes (to
+    skip) around them, as audio tokens of silence."""
+    shown = ["-"] * int(rng.integers(0, 3))
+    for w in words:
+        shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
+    return shown
+
+def copy_document(tok, rng, words, reading=(), reading_share=0.0):
+    """One document: (prompt ids with the span where the audio would be, answer ids). With
+    reading (reading_questions) a reading_share of them ask a question about a transcript."""
+    if reading_share > 0 and reading and rng.random() < reading_share:
+        span, question, answer = reading[rng.integers(len(reading))]
+        return (span_prompt(tok, as_audio_tokens(rng, span), question),
+                encode_text(tok, " " + answer))
     kind = ("repeat", "reverse", "once", "spell")[rng.choice(4, p=[0.4, 0.15, 0.3, 0.15])]
     n = int(rng.integers(2, 9))
     if kind == "spell":
@@ -1220,13 +1245,8 @@ def copy_document(tok, rng, words):
             if not span or w != span[-1]:
                 span.append(w)
         answer = span[::-1] if kind == "reverse" else span
-        # "once": each word shown one to three times, as a stretch of audio tokens spans one word,
-        # with dashes (to skip) around them, as audio tokens of silence
-        shown = span
-        if kind == "once":
-            shown = ["-"] * int(rng.integers(0, 3))
-            for w in span:
-                shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
+        # "once": as a stretch of audio tokens spans one word
+        shown = as_audio_tokens(rng, span) if kind == "once" else span
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
     return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
 
@@ -1260,6 +1280,24 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
             n_hits += text_words(tok.decode(out)) == span
         return n_hits
     return in_eval_mode(model, hits) / n
+
+@torch.no_grad()
+def reading_probe(model, tok, reading, n=200, seed=12345):
+    """Text-only probe: the fraction of the first n reading questions ((transcript words,
+    question, answer), reading_questions) that the LLM answers exactly (greedy) with the transcript
+    between the <Speech> tags in the audio tokens' form."""
+    rng = np.random.default_rng(seed)
+    device = next(model.llm.parameters()).device
+
+    def hits():
+        n_hits = 0
+        for words, question, answer in reading[:n]:
+            ids = span_prompt(tok, as_audio_tokens(rng, words), question)
+            out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24,
+                                 tok.eot_token, beam=1)
+            n_hits += text_words(tok.decode(out)) == text_words(answer)
+        return n_hits
+    return in_eval_mode(model, hits) / max(1, min(n, len(reading)))
 
 # -----------------------------------------------------------------------------
 # loading the pretrained parts (train.py calls init_pretrained after load_data)
@@ -1370,6 +1408,7 @@ class SALMONNData:
             corpus_words = sorted({w for c in self.splits["train"]["clips"]
                                    for w in text_words(c.get("transcript") or "")})
             self.copy_words = vocab_words(tok) + corpus_words
+            self.reading = reading_questions(self.splits["train"]["clips"])
             for split in ("train", "val"):
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
         self.prompt_cache = {}
@@ -1547,7 +1586,8 @@ def copy_conversations(data, rng, T):
     (ids, is_target), the answers and their eot the targets."""
     seq, is_target = [], []
     while True:
-        prompt, answer = copy_document(data.tok, rng, data.copy_words)
+        prompt, answer = copy_document(data.tok, rng, data.copy_words, data.reading,
+                                       data.config.reading_share)
         if seq and len(seq) + len(prompt) + len(answer) + 1 > T + 1:
             break
         seq += prompt + answer + [data.tok.eot_token]
@@ -2035,8 +2075,8 @@ def evaluate(model, data, tok, split="val", **opts):
     transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (qa_acc_{kind} per kind of
     clip, gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean
     length of the story answers, the sign of activation); n_<task>: how many examples each figure
-    rests on. Stage "llm": text perplexity (max_clips: the first max_clips text windows) and the
-    copy probe; "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and
+    rests on. Stage "llm": text perplexity (max_clips: the first max_clips text windows), the
+    copy probe and the reading probe (the split's questions about its transcripts); "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and
     class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
@@ -2052,7 +2092,8 @@ def _evaluate(model, data, tok, split, o):
     S, stage = data.splits[split], model.config.stage
     if stage == "llm":
         return {"text_ppl": text_perplexity(model, S["stream"], o["max_clips"]),
-                "copy_acc": copy_probe(model, tok)}
+                "copy_acc": copy_probe(model, tok),
+                "reading_acc": reading_probe(model, tok, reading_questions(S["clips"]))}
     if stage == "beats":
         return tagging_metrics(model, data, split, o["max_clips"])
     results = {}

@@ -1,7 +1,9 @@
 # SALMONN, stage "llm": text-only pretraining of the small GPT-2-layout LLM on the corpus text
 # (captions, descriptions, transcripts, QA and the prompt template with its answers) and, in half of
 # each batch's rows, generic copying conversations with the loss on the answers (word spans between
-# the <Speech> tags repeated, reversed, de-duplicated; digits spelled out). Copying emerges late:
+# the <Speech> tags repeated, reversed, de-duplicated; digits spelled out; and, in 30% of them, a
+# train clip's question about its transcript, which is shown between the tags as audio tokens read:
+# reading comprehension, as Vicuna brings it). Copying emerges late:
 # the probe reads 0% at 600 iterations, 20% at 1000 and 67% at 1400 (lr 2e-3); at 2000, 76-96% over
 # seeds and thread counts. 3000 iterations copy 98-100% but transcribe held-out speech worse after
 # stage 2 (docs/salmonn.md).
@@ -21,6 +23,7 @@ llm_n_head = 4
 llm_n_embd = 128
 llm_block_size = 160
 llm_dropout = 0.0
+reading_share = 0.3     # 0 until 2026-12-05 (docs/salmonn.md: what it changed)
 batch_size = 16
 max_iters = 2000
 warmup_iters = 100

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import salmonn
 import tokenizer
@@ -1515,6 +1516,67 @@ def test_copy_documents_and_morse_spelling():
     assert salmonn.transcript({"kind": "morse", "transcript": "kite"}) == "k i t e"
     assert salmonn.transcript({"kind": "speech", "transcript": "turn left"}) == "turn left"
 
+def test_reading_documents_ask_what_the_transcript_answers():
+    """Stage "llm"'s reading documents: a clip's question about its transcript (Morse spelled, as
+    the audio tokens carry it), the transcript where the audio goes in the audio tokens' form
+    (words repeated, dashes between), its answer; the question about the voice is left out."""
+    clips = [{"kind": "speech", "transcript": "where is the red kite",
+              "qa": [{"q": "what colour is mentioned?", "a": "red"},
+                     {"q": "is the speaker a man or a woman?", "a": "a man"}]},
+             {"kind": "morse", "transcript": "sos",
+              "qa": [{"q": "what is the first letter?", "a": "s"}]},
+             {"kind": "music", "qa": [{"q": "what instrument is playing?", "a": "piano"}]}]
+    reading = salmonn.reading_questions(clips)
+    assert reading == [("where is the red kite".split(), "what colour is mentioned?", "red"),
+                       (["s", "o", "s"], "what is the first letter?", "s")]
+    tok, rng = ByteTokenizer(), np.random.default_rng(0)
+    seen = set()
+    for _ in range(100):
+        prompt, answer = salmonn.copy_document(tok, rng, ["lamp", "kite"], reading,
+                                                reading_share=0.5)
+        text = tok.decode(prompt)
+        instruction = text[text.index("</Speech>") + len("</Speech> "):text.index("\n")]
+        span = text[len(salmonn.PROMPT_PREFIX):text.index("</Speech>")].split()
+        if instruction in (q for _, q, _ in reading):
+            words, _, want = next(r for r in reading if r[1] == instruction)
+            shown = [w for w in span if w != "-"]
+            assert [w for i, w in enumerate(shown) if i == 0 or w != shown[i - 1]] == words
+            assert tok.decode(answer) == " " + want
+            seen.add(instruction)
+        else:
+            seen.add("copy")
+    assert seen == {"what colour is mentioned?", "what is the first letter?", "copy"}
+    # without a share, the draws are those of the copying documents alone
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    assert ([salmonn.copy_document(tok, a, ["lamp", "kite"]) for _ in range(20)]
+            == [salmonn.copy_document(tok, b, ["lamp", "kite"], reading, 0.0) for _ in range(20)])
+
+def test_reading_probe_scores_exact_answers_to_the_shown_transcript():
+    """reading_probe asks each question with its transcript between the tags (dashes and repeats
+    as audio tokens read) and counts exact answers: a stand-in LLM that answers with the first
+    word it is shown scores the share of questions whose answer is that word."""
+    tok = ByteTokenizer()
+
+    class FirstWord(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llm = nn.Module()
+            self.llm.wte = nn.Embedding(tok.n_vocab, tok.n_vocab, _weight=torch.eye(tok.n_vocab))
+
+        def generate(self, x, max_new_tokens, eot, beam):
+            text = tok.decode(x[0].argmax(-1).tolist())
+            span = text[len(salmonn.PROMPT_PREFIX):text.index("</Speech>")].split()
+            return tok.encode(" " + next(w for w in span if w != "-")) + [eot]
+
+    reading = [("red kite".split(), "what colour is mentioned?", "red"),
+               ("where is the lamp".split(), "what object is mentioned?", "lamp"),
+               ("s o s".split(), "what is the first letter?", "S."),
+               ("five two".split(), "how many keys are pressed?", "two")]
+    model = FirstWord().train()
+    assert salmonn.reading_probe(model, tok, reading) == 0.5
+    assert salmonn.reading_probe(model, tok, reading, n=1) == 1.0
+    assert model.training  # the mode it was in
+
 # -----------------------------------------------------------------------------
 # learning: a CPU-sized SALMONN learns to transcribe keypad numbers it has not heard
 
@@ -1874,8 +1936,9 @@ def test_copy_rows_hold_every_whole_conversation_that_fits(monkeypatch):
     """Stage "llm": a copying row packs whole conversations while they fit in T + 1 tokens; with
     conversations of 6 tokens (prompt 3, answer 2, eot), T + 1 = 12 holds two, T + 1 = 11 one."""
     from types import SimpleNamespace
-    monkeypatch.setattr(salmonn, "copy_document", lambda tok, rng, words: ([1, 2, 3], [4, 5]))
-    data = SimpleNamespace(tok=ByteTokenizer(), copy_words=[])
+    monkeypatch.setattr(salmonn, "copy_document", lambda *args: ([1, 2, 3], [4, 5]))
+    data = SimpleNamespace(tok=ByteTokenizer(), copy_words=[], reading=[],
+                           config=SimpleNamespace(reading_share=0.0))
     one = [1, 2, 3, 4, 5, 256]
     seq, is_target = salmonn.copy_conversations(data, None, 11)
     assert seq == one * 2 and is_target == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
