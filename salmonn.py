@@ -2076,8 +2076,8 @@ def evaluate(model, data, tok, split="val", **opts):
     clip, gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean
     length of the story answers, the sign of activation); n_<task>: how many examples each figure
     rests on. Stage "llm": text perplexity (max_clips: the first max_clips text windows), the
-    copy probe and the reading probe (the split's questions about its transcripts); "whisper": WER per kind from the decoder and from CTC; "beats": tagging mAP and
-    class accuracy."""
+    copy probe and the reading probe (the split's questions about its transcripts); "whisper": WER
+    per kind from the decoder and from CTC; "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
