@@ -1260,6 +1260,12 @@ def in_eval_mode(model, fn, *args):
     finally:
         model.train(was_training)
 
+def greedy_text_answer(model, tok, ids, max_new_tokens=24):
+    """The LLM's greedy continuation of a text-only prompt (token ids), decoded: the probes'
+    answer."""
+    x = model.llm.wte(torch.tensor([ids], device=next(model.llm.parameters()).device))
+    return tok.decode(model.generate(x, max_new_tokens, tok.eot_token, beam=1))
+
 @torch.no_grad()
 def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
     """Text-only probe: the fraction of n unseen spans of 3-6 words (from words, default the
@@ -1267,7 +1273,6 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
     between the <Speech> tags."""
     rng = np.random.default_rng(seed)
     words = words or vocab_words(tok)
-    device = next(model.llm.parameters()).device
 
     def hits():
         n_hits = 0
@@ -1275,9 +1280,7 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
             span = [words[i]
                     for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
             ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
-            out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24,
-                                 tok.eot_token, beam=1)
-            n_hits += text_words(tok.decode(out)) == span
+            n_hits += text_words(greedy_text_answer(model, tok, ids)) == span
         return n_hits
     return in_eval_mode(model, hits) / n
 
@@ -1287,15 +1290,12 @@ def reading_probe(model, tok, reading, n=200, seed=12345):
     question, answer), reading_questions) that the LLM answers exactly (greedy) with the transcript
     between the <Speech> tags in the audio tokens' form."""
     rng = np.random.default_rng(seed)
-    device = next(model.llm.parameters()).device
 
     def hits():
         n_hits = 0
         for words, question, answer in reading[:n]:
             ids = span_prompt(tok, as_audio_tokens(rng, words), question)
-            out = model.generate(model.llm.wte(torch.tensor([ids], device=device)), 24,
-                                 tok.eot_token, beam=1)
-            n_hits += text_words(tok.decode(out)) == text_words(answer)
+            n_hits += text_words(greedy_text_answer(model, tok, ids)) == text_words(answer)
         return n_hits
     return in_eval_mode(model, hits) / max(1, min(n, len(reading)))
 
