@@ -1107,12 +1107,54 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     predict = fit_logistic(x_tr, y_tr, len(classes))
     return (predict(x_ev) == y_ev).float().mean().item()
 
+def qa_probe(model, data, split="val", max_clips=2000):
+    """The linear probe for QA (ours): per question, a linear classifier from the frozen audio
+    embedding to the answer, trained on the training clips' answers to it, scored on the split's
+    questions: how many answers the one pooled embedding holds in a linearly readable form,
+    whatever the mappers and the LM make of it. A question asked of one answer only in training
+    gets that answer; a question or answer never seen in training counts as wrong. Returns
+    (accuracy, accuracy of each question's most common answer in the split) over the questions of
+    the first max_clips clips with QA of each split, or None when there are none."""
+    def questions(d):
+        idx = [i for i, c in enumerate(d["clips"]) if c.get("qa")][:max_clips]
+        by_q = {}
+        for j, i in enumerate(idx):
+            for qa in d["clips"][i]["qa"]:
+                by_q.setdefault(qa["q"], []).append((j, normalize_text(qa["a"])))
+        return idx, by_q
+    tr_idx, tr_q = questions(data["train"])
+    ev_idx, ev_q = questions(data[split])
+    if not tr_idx or not ev_idx:
+        return None
+    x_tr = clip_embeddings(model, data["train"], tr_idx, data["max_frames"], data["pad"])
+    x_ev = clip_embeddings(model, data[split], ev_idx, data["max_frames"], data["pad"])
+    right = constant = total = 0
+    for q, asked in ev_q.items():
+        total += len(asked)
+        constant += Counter(a for _, a in asked).most_common(1)[0][1]
+        answers = sorted({a for _, a in tr_q.get(q, [])})
+        if len(answers) == 1:
+            right += sum(a == answers[0] for _, a in asked)
+        elif answers:
+            cls = {a: k for k, a in enumerate(answers)}
+            predict = fit_logistic(x_tr[[j for j, _ in tr_q[q]]],
+                                   torch.tensor([cls[a] for _, a in tr_q[q]]), len(answers))
+            guess = predict(x_ev[[j for j, _ in asked]])
+            right += sum(int(g) == cls.get(a, -1) for g, (_, a) in zip(guess.tolist(), asked))
+    return right / total, constant / total
+
 def probe_metrics(model, data, split, keys, max_clips):
     """For each label key in the comma list keys: the linear probe's accuracy, probe_acc for
     "class" (the paper's study), else probe_acc_{key} with probe_majority_{key}, the accuracy of
-    always answering the most common label of the split (e.g. keys="class,gender,count")."""
+    always answering the most common label of the split (e.g. keys="class,gender,count"). The
+    key "qa" gives probe_acc_qa and probe_majority_qa, per question (qa_probe)."""
     metrics = {}
     for key in [k.strip() for k in str(keys).split(",") if k.strip()]:
+        if key == "qa":  # the answers per question (qa_probe)
+            got = qa_probe(model, data, split, max_clips)
+            if got is not None:
+                metrics["probe_acc_qa"], metrics["probe_majority_qa"] = got
+            continue
         acc = linear_probe(model, data, split, key, max_clips)
         if acc is None:
             continue
@@ -1255,7 +1297,7 @@ def evaluate(model, data, tok, split="val", **opts):
         (pmi_scores)
       {key}_chance: 1 / number of candidates
       probe_acc: linear probe on labels.class; probe_acc_{key} for the label keys in probe_keys
-        (probe_metrics)
+        (probe_metrics); with "qa" among them, probe_acc_qa: the answers per question (qa_probe)
       prefix_norm_ratio_audio/_text: prefix vector norm / token embedding norm, 1 = the LM's scale
     opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,
     probe_keys, probe_clips, prior_clips, tasks (a comma list among caption, qa, class, instrument,

@@ -843,6 +843,39 @@ def test_probe_majority_on_the_evaluated_split_and_unseen_labels_wrong():
     assert got["probe_majority_gender"] == pytest.approx(8 / 12)
 
 
+def test_qa_probe_per_question_against_a_count():
+    """qa_probe fits one classifier per question: a question whose answer the embedding separates
+    is answered right, a question with one training answer gets it, and an answer or a question
+    never seen in training counts as wrong. Counted by hand: of 25 val questions, 10 + 10 + 0
+    right; the most common answer per question: 6 + 10 + 1."""
+    rng = np.random.default_rng(0)
+
+    def split(counts, sounds, extra=0):
+        clips, mel = [], []
+        for i, (count, sound) in enumerate(zip(counts, sounds)):
+            x = rng.normal(0, 0.1, (4, 6)).astype(np.float32)
+            x[:, 0] += {"one": -1.0, "two": 1.0, "three": 3.0}[count]
+            qa = [{"q": "how many beeps?", "a": count}, {"q": "what sound is this?", "a": sound}]
+            if i < extra:
+                qa.append({"q": "who is there?", "a": "leo"})
+            clips.append({"offset": 4 * i, "frames": 4, "labels": {}, "qa": qa})
+            mel.append(x)
+        return {"clips": clips, "mel": np.concatenate(mel)}
+
+    data = {"train": split(["one", "two"] * 30, ["beep"] * 60),
+            "val": split(["one"] * 6 + ["two"] * 4 + ["three"] * 2,
+                         ["beep"] * 10 + ["siren"] * 2, extra=1),
+            "max_frames": 4, "pad": "repeat"}
+    acc, constant = pengi.qa_probe(MeanEmbedding(), data, "val")
+    assert acc == pytest.approx(20 / 25) and constant == pytest.approx(17 / 25)
+    got = pengi.probe_metrics(MeanEmbedding(), data, "val", "qa", 2000)
+    assert got == {"probe_acc_qa": acc, "probe_majority_qa": constant}
+    # an embedding that holds nothing: each question gets one answer for every clip
+    data["val"]["mel"] = np.zeros_like(data["val"]["mel"])
+    acc0, _ = pengi.qa_probe(MeanEmbedding(), data, "val")
+    assert acc0 <= 16 / 25
+
+
 def test_fit_logistic_separates():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g) * 3
