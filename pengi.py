@@ -1111,8 +1111,8 @@ def qa_probe(model, data, split="val", max_clips=2000):
     """The linear probe for QA (ours): per question, a linear classifier from the frozen audio
     embedding to the answer, trained on the training clips' answers to it, scored on the split's
     questions: how many answers the one pooled embedding holds in a linearly readable form,
-    whatever the mappers and the LM make of it. A question asked of one answer only in training
-    gets that answer; a question or answer never seen in training counts as wrong. Returns
+    whatever the mappers and the LM make of it. A question with a single answer in training gets
+    that answer; a question or answer never seen in training counts as wrong. Returns
     (accuracy, accuracy of each question's most common answer in the split) over the questions of
     the first max_clips clips with QA of each split, or None when there are none."""
     def questions(d):
