@@ -10,7 +10,7 @@ suggests the closest known keys, unless the script passes unknown keys on (sampl
 give them to the model file's sample() / evaluate() after checking them against its SAMPLE_OPTS /
 EVAL_OPTS; whisper_gpt_table.py gives them to train.py).
 
-    entries, positional = gather(argv, config_files=True)   # what was given, in order
+    entries, _ = gather(argv, config_files=True)            # what was given, in order
     settings, unknown = resolve(entries, types)             # typed values; unknown keys, raw text
 """
 

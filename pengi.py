@@ -44,7 +44,8 @@ from fused_attention import attention
 class PengiConfig:
     # "corpus": the small BPE stored with the data; "gpt2": GPT-2's (tokenizer.load_tokenizer)
     tokenizer: str = "corpus"
-    # "clap": contrastive pretraining of both encoders (Pengi's HTSAT comes from CLAP); "pengi"
+    # "clap": contrastive pretraining of both encoders (Pengi's HTSAT comes from CLAP); "pengi": the
+    # model itself (the mappers' prefixes into the frozen LM)
     stage: str = "pengi"
     # data (filled by load_data from the tokenizer and meta.json)
     n_mels: int = 64
@@ -64,9 +65,10 @@ class PengiConfig:
     d_embed: int = 128
     # text encoder for the prompt: frozen in stage pengi (it trains in the clap stage)
     text_n_layer: int = 2
-    # "llm": the LM's wte, wpe and first text_n_layer blocks; "embeddings": wte, wpe only; "random"
+    # "llm": the LM's wte, wpe, first text_n_layer blocks and ln_f; "embeddings": wte, wpe only;
+    # "random"
     text_init: str = "llm"
-    text_trainable: bool = False
+    text_trainable: bool = False  # ours: the tower trains in stage pengi too
     # mappers m1 (audio) and m2 (text), ClipCap style
     prefix_len: int = 8        # k per modality (40 in the paper)
     map_n_layer: int = 2
@@ -193,8 +195,8 @@ class GPT2(nn.Module):
         return self.ln_f(x), presents
 
 # -----------------------------------------------------------------------------
-# Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (copies of
-# salmonn.py's)
+# Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (the three
+# loaders are copies of salmonn.py's; set_llm_dims is pengi's)
 
 # Copied from salmonn.read_safetensors
 def read_safetensors(path):
@@ -319,9 +321,9 @@ def set_llm_dims(config):
 class WindowBlock(nn.Module):
     """Swin block: attention inside non-overlapping windows of the (freq, time) patch grid, MLP.
     Ours: a shifted block (shift=True) rolls the grid cyclically by half a window along time only,
-    without Swin's mask, so the last windows join the clip's end to its start: a repeat-padded
-    input wraps its end onto its start as the next repetition would, a silence-padded one wraps
-    silence."""
+    without Swin's mask, so the last windows join the input's end to its start: for a repeat-padded
+    clip that is close to what a further repetition would give, a silence-padded one wraps silence,
+    and a cropped long clip joins two unrelated moments."""
 
     def __init__(self, dim, n_head, window, shift, dropout):
         super().__init__()
@@ -625,6 +627,14 @@ class Pengi(nn.Module):
             trained += ", text tower"
         print(f"pengi: {n / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable ({trained})")
 
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
     @torch.no_grad()
     def init_from_lm(self):
         """After the LM's weights are set: the text tower starts from them (text_init) and the
@@ -646,23 +656,11 @@ class Pengi(nn.Module):
         self.m1.scale.fill_(rms)
         self.m2.scale.fill_(rms)
 
-    def prefix_norm_ratio(self, prefix):
-        """Mean norm of prefix vectors / mean norm of the LM's token embeddings (1 = the LM's own
-        scale)."""
-        token_norm = self.llm.wte.weight.float().norm(dim=-1).mean()
-        return (prefix.float().norm(dim=-1).mean() / token_norm).item()
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def train(self, mode=True):
         super().train(mode)
-        self.llm.eval()  # frozen parts stay in eval mode, as a frozen pretrained model runs
+        # frozen parts run in eval mode, as a frozen pretrained model does (neither has dropout
+        # today: this keeps it so if one is added)
+        self.llm.eval()
         if not (self.config.text_trainable or self.config.stage == "clap"):
             self.text_encoder.eval()
         return self
@@ -679,6 +677,12 @@ class Pengi(nn.Module):
         """[audio prefix k][text prefix k]: (B, 2k, d_lm)."""
         return torch.cat([self.m1(self.embed_audio(mel)),
                           self.m2(self.embed_text(prompt, prompt_lens))], dim=1)
+
+    def prefix_norm_ratio(self, prefix):
+        """Mean norm of prefix vectors / mean norm of the LM's token embeddings (1 = the LM's own
+        scale)."""
+        token_norm = self.llm.wte.weight.float().norm(dim=-1).mean()
+        return (prefix.float().norm(dim=-1).mean() / token_norm).item()
 
     def forward(self, mel, prompt, prompt_lens, answer, targets=None):
         """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the
@@ -877,6 +881,7 @@ def clip_tasks(clip, tasks):
                 if key in clip["labels"]]
     return out
 
+# salmonn.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
 def parse_task_weights(spec, tasks):
     """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against tasks (the names of
     the tasks in the mix)."""
@@ -1023,11 +1028,13 @@ def get_batch(data, split, batch_size, rng):
 # -----------------------------------------------------------------------------
 # Evaluation: captioning BLEU-4, audio QA accuracy, close-ended accuracy three ways, linear probe
 
+# salmonn.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
 def normalize_text(s):
     """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
     spaces."""
     return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
 
+# salmonn.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
 def bleu4(hypotheses, references):
     """Corpus BLEU-4 (Papineni et al., 2002): clipped n-gram precisions for n = 1..4 summed over the
     corpus, their geometric mean, times the brevity penalty exp(1 - r/c) when c < r (c: hypothesis
@@ -1167,13 +1174,6 @@ def probe_metrics(model, data, split, keys, max_clips):
         metrics[f"probe_majority_{key}"] = labels.most_common(1)[0][1] / sum(labels.values())
     return metrics
 
-def pmi_scores(logp, logp_prior):
-    """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt),
-    where the prior p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over
-    reference clips. logp: (B, N); logp_prior: (M, N) for M reference clips. Removes the LM's
-    preference for some labels that holds whatever the audio (ours, beyond the paper)."""
-    return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
-
 def eval_tasks(data, tasks_opt):
     """The tasks to score: those of the comma list tasks_opt ("" = all) the data was loaded with."""
     known = [t for t in mix_tasks(data["tasks"]) if t != "metadata"]  # metadata is not scored
@@ -1217,7 +1217,8 @@ def qa_acc_by_kind(hypotheses, examples, clips):
     return {f"qa_acc_{kind}": exact_match(*zip(*pairs)) for kind, pairs in sorted(by_kind.items())}
 
 def text_metrics(model, data, tok, d, wanted, max_clips, bs, gen):
-    """caption_bleu4 and qa_acc, where wanted and the split d has examples."""
+    """caption_bleu4, qa_acc and qa_acc_{kind} (per kind of clip), where wanted and the split d
+    has examples."""
     metrics = {}
     if "caption" in wanted:
         ex = [(i, PROMPTS["caption"], c["caption"]) for i, c in enumerate(d["clips"])
@@ -1242,6 +1243,13 @@ def candidate_logprobs(model, data, tok, d, examples, bs, cand_ids):
 def top_candidate_acc(scores, cands, labels):
     """Fraction of examples whose highest-scored candidate is their label."""
     return float(np.mean([cands[j] == a for j, a in zip(scores.argmax(-1).tolist(), labels)]))
+
+def pmi_scores(logp, logp_prior):
+    """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt),
+    where the prior p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over
+    reference clips. logp: (B, N); logp_prior: (M, N) for M reference clips. Removes the LM's
+    preference for some labels that holds whatever the audio (ours, beyond the paper)."""
+    return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
 
 def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
     """{key}_acc_gen, _acc_rank, _acc_pmi and _chance on the split d; {} without two candidate
@@ -1296,7 +1304,8 @@ def evaluate(model, data, tok, split="val", **opts):
       {key}_acc_pmi: the same, calibrated by the label prior over prior_clips training clips
         (pmi_scores)
       {key}_chance: 1 / number of candidates
-      probe_acc: linear probe on labels.class; probe_acc_{key} for the label keys in probe_keys
+      probe_acc: linear probe on labels.class, when probe_keys holds class (the default);
+        probe_acc_{key} for the other label keys in probe_keys
         (probe_metrics); with "qa" among them, probe_acc_qa: the answers per question (qa_probe)
       prefix_norm_ratio_audio/_text: prefix vector norm / token embedding norm, 1 = the LM's scale
     opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,

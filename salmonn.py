@@ -18,8 +18,8 @@ The audio tokens replace <SpeechHere> in the paper's prompt
 and the loss is on the answer tokens only, averaged per example.
 
 As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the
-Q-Former, its projection and LoRA train. At CPU size each pretrained part gets a stand-in trained
-here (config field `stage`, one config each):
+Q-Former (with the two streams' LayerNorms), its projection and LoRA train. At CPU size each
+pretrained part gets a stand-in trained here (config field `stage`, one config each):
   "whisper"    the speech encoder trained as Whisper is, on transcribed audio of its own: a text
                decoder predicts the transcript from the encoder's output (next-token
                cross-entropy), with a CTC head on the encoder alongside
@@ -83,13 +83,14 @@ class SALMONNConfig:
     vocab_size: int = 50257
     n_mels: int = 64
     frame_rate: float = 75.0       # mel frames per second
+
     max_audio_frames: int = 2250   # 30 s at 75 frames/s (Whisper's limit); longer clips are cut
     # what the speech encoder reads: "mel", the data's log-mel; "whisper", Whisper's own features
     # (80 Slaney bins of 16 kHz audio at 100 frames/s, prepare.py --whisper_mel), which an OpenAI
     # Whisper checkpoint needs
     speech_features: str = "mel"
     speech_frame_rate: float = 75.0  # frames/s of that input (load_data fills it)
-    # speech encoder (Whisper-style); its output runs at frame_rate / 2
+    # speech encoder (Whisper-style); its output runs at speech_frame_rate / 2
     speech_n_layer: int = 2
     speech_n_head: int = 4
     speech_n_embd: int = 128
@@ -101,7 +102,9 @@ class SALMONNConfig:
     # positions (transcripts cut to whisper_text_ctx - 1 tokens + the start or end token), the
     # CTC loss's weight next to the decoder's cross-entropy, what CTC spells ("tokens", the BPE;
     # "chars", CTC_CHARS; "phonemes": speech in the phonemes espeak-ng speaks it with, the other
-    # kinds in tokens) and SpecAugment's frequency and time masks per training clip (0: none)
+    # kinds in tokens) and SpecAugment's frequency and time masks per training clip (0: none).
+    # Phonemes (ours): a spoken word is heard as its sounds, ~60 of them shared by all words, while
+    # its spelling follows English orthography (synth.phonemes; " " between words)
     whisper_dec_n_layer: int = 2
     whisper_text_ctx: int = 64
     ctc_weight: float = 0.6
@@ -128,7 +131,9 @@ class SALMONNConfig:
     qformer_n_layer: int = 2
     qformer_n_head: int = 4
     qformer_n_embd: int = 128
-    window_frames: int = 12        # encoder frames per window: 0.32 s at 37.5/s (paper: 17 at 50/s)
+    # encoder frames per window: 0.32 s at 37.5/s (0.24 s at 50/s with Whisper's features;
+    # paper: 17 at 50/s)
+    window_frames: int = 12
     window_queries: int = 1        # trainable queries per window (paper: 1; the stage configs: 2)
     # LLM (GPT-2 layout)
     llm_n_layer: int = 4
@@ -274,10 +279,10 @@ class SpeechEncoder(nn.Module):
             x = block(x, enc_lens)
         return self.ln_post(x), enc_lens
 
-class AudioEncoder(nn.Module):
+class BEATsEncoder(nn.Module):
     """BEATs-style: patch embedding over (2 frames x patch_f bins) of the mel, a transformer over
-    all patches, then the patches of one time step are averaged, giving one vector per
-    speech-encoder frame."""
+    all patches, then the patches of one time step are averaged, giving one vector per 2 mel
+    frames (one speech-encoder frame when speech_features="mel")."""
 
     def __init__(self, n_mels, n_embd, n_head, n_layer, patch_f, dropout):
         super().__init__()
@@ -383,9 +388,6 @@ class TextDecoder(nn.Module):
 # whole-word BPE token (ours; Whisper itself has no CTC head)
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'#*"
 
-# CTC on phonemes (ours): a spoken word is heard as its sounds, ~60 of them shared by all words,
-# while its spelling follows English orthography; Morse and DTMF clips keep their tokens. The
-# phonemes are those espeak-ng speaks the transcript with (synth.phonemes), " " between words.
 def ctc_blank(config):
     """The CTC head's blank: the last of its outputs, after the tokens, the characters, or the
     tokens then the phonemes."""
@@ -682,7 +684,7 @@ def load_whisper_encoder_state(path):
                     n_mels=d["n_mels"], features="whisper")
 
 def load_beats_state(path):
-    """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in AudioEncoder's
+    """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in BEATsEncoder's
     names, sizes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"beats_init={path}: no such file")
@@ -754,7 +756,8 @@ CONNECT_CTC_SCALE = 10.0
 
 class SALMONN(nn.Module):
     """The parts depend on config.stage. whisper: speech, decoder, ctc_head; beats: beats,
-    tag_head; llm: llm (all of it trains, no LoRA); stages 1-3: speech and beats (frozen),
+    tag_head; llm: llm (all of it trains, no LoRA); stages 1-3: speech and beats (frozen unless
+    freeze_encoders=False),
     ln_speech, ln_audio, qformer, proj (these train) and llm (frozen; its LoRA trains)."""
 
     def __init__(self, config):
@@ -769,7 +772,7 @@ class SALMONN(nn.Module):
             self.speech = SpeechEncoder(speech_mels, config.speech_n_embd, config.speech_n_head,
                                         config.speech_n_layer, config.dropout)
         if stage in ("beats",) + AUDIO_STAGES:
-            self.beats = AudioEncoder(config.n_mels, config.beats_n_embd, config.beats_n_head,
+            self.beats = BEATsEncoder(config.n_mels, config.beats_n_embd, config.beats_n_head,
                                       config.beats_n_layer, config.beats_patch_f, config.dropout)
         if stage == "whisper":
             self.decoder = TextDecoder(config.vocab_size, config.whisper_text_ctx,
@@ -1027,6 +1030,7 @@ class SALMONN(nn.Module):
         if max_new_tokens <= 0:
             return []
         h, past = self.llm(x)
+        # raw logits first, then step's log-probs: the same argmax and the same softmax(x / T)
         logits = self.llm.lm_head(h[:, -1])
 
         def step(tokens, past):
@@ -1267,12 +1271,12 @@ def greedy_text_answer(model, tok, ids, max_new_tokens=24):
     return tok.decode(model.generate(x, max_new_tokens, tok.eot_token, beam=1))
 
 @torch.no_grad()
-def copy_probe(model, tok, n=PROBE_SPANS, seed=12345, words=None):
-    """Text-only probe: the fraction of n unseen spans of 3-6 words (from words, default the
-    tokenizer's whole words) that the LLM repeats exactly (greedy) when asked to repeat the words
-    between the <Speech> tags."""
+def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
+    """Text-only probe: the fraction of n unseen spans of 3-6 words (of the tokenizer's whole
+    words) that the LLM repeats exactly (greedy) when asked to repeat the words between the
+    <Speech> tags."""
     rng = np.random.default_rng(seed)
-    words = words or vocab_words(tok)
+    words = vocab_words(tok)
 
     def hits():
         n_hits = 0
@@ -1341,7 +1345,8 @@ def init_pretrained(model, tok=None):
                                  f"config/salmonn_llm.py, or set llm_probe_min=0)")
     if hasattr(model, "proj"):
         # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that
-        # the audio tokens start with the token embeddings' RMS, not 0.02 * sqrt(width) of it
+        # the audio tokens start with the token embeddings' RMS, not GPT-2's init's
+        # 0.02 * sqrt(qformer_n_embd)
         # (with audio_norm, audio_scale keeps them there). A model that then takes a checkpoint's
         # weights (init_from) gets its projection and scale from there.
         with torch.no_grad():
@@ -1413,13 +1418,14 @@ class SALMONNData:
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
         self.prompt_cache = {}
 
-    def add_clips_of(self, data_dir, tasks):
+    def add_clips_of(self, data_dir, asr_tasks):
         """asr_data_dir: the train clips of another prepared corpus (same features) join the train
-        split's entries of `tasks` (asr_tasks: those of the stage's tasks they offer); its other
-        tasks and its val split are left out."""
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        split's entries of the tasks in asr_tasks that the stage trains; its other tasks and its val
+        split are left out."""
+        names = [t.strip() for t in asr_tasks.split(",") if t.strip()]
         if unknown := sorted(set(names) - set(ALL_TASKS)):
-            raise ValueError(f"asr_tasks={tasks!r}: unknown task(s) {unknown}; known: {ALL_TASKS}")
+            raise ValueError(f"asr_tasks={asr_tasks!r}: unknown task(s) {unknown}; known: "
+                             f"{ALL_TASKS}")
         names = [t for t in names if t in self.tasks]
         if not names:
             return
@@ -1639,24 +1645,24 @@ def whisper_batch(data, split, batch_size, rng):
     if not entries:
         raise ValueError(f"{split} split has no clips with a transcript")
     picks = [entries[i] for i in rng.integers(len(entries), size=batch_size)]
-    texts = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1]
-             for _, _, answer in picks]
-    T = max(len(t) for t in texts) + 1
+    ids = [encode_text(data.tok, " " + answer)[:config.whisper_text_ctx - 1]
+           for _, _, answer in picks]
+    T = max(len(t) for t in ids) + 1
     idx = torch.zeros(batch_size, T, dtype=torch.long)
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
     if config.ctc_units == "chars":
-        ctc_texts = [ctc_encode(answer)[:2 * config.whisper_text_ctx] for _, _, answer in picks]
+        ctc_ids = [ctc_encode(answer)[:2 * config.whisper_text_ctx] for _, _, answer in picks]
     elif config.ctc_units == "phonemes":  # ids after the tokens'; a phoneme not in the inventory
         # (one the train split never had) is left out
         inventory = {p: config.vocab_size + i
                      for i, p in enumerate(config.ctc_phonemes.split("|"))}
         spoken, n = data.splits[split]["phonemes"], 2 * config.whisper_text_ctx
-        ctc_texts = [[inventory[p] for p in spoken[ci] if p in inventory][:n] if ci in spoken
-                     else t for (ci, _, _), t in zip(picks, texts)]
+        ctc_ids = [[inventory[p] for p in spoken[ci] if p in inventory][:n] if ci in spoken
+                   else t for (ci, _, _), t in zip(picks, ids)]
     else:
-        ctc_texts = texts
-    ctc = torch.full((batch_size, max(len(t) for t in ctc_texts)), -1, dtype=torch.long)
-    for b, (t, c) in enumerate(zip(texts, ctc_texts)):
+        ctc_ids = ids
+    ctc = torch.full((batch_size, max(len(t) for t in ctc_ids)), -1, dtype=torch.long)
+    for b, (t, c) in enumerate(zip(ids, ctc_ids)):
         idx[b, :len(t) + 1] = torch.tensor([data.tok.eot_token] + t)
         targets[b, :len(t) + 1] = torch.tensor(t + [data.tok.eot_token])
         ctc[b, :len(c)] = torch.tensor(c)
@@ -1669,7 +1675,7 @@ def whisper_batch(data, split, batch_size, rng):
 def task_example(data, split, tasks, rng):
     """One example of stages 1-3: a task (balanced, or as task_weights says), then a clip of that
     task and its instruction (the clip's own question, else a paraphrase at random) -> (prompt +
-    answer ids, audio mask, prompt length, the clip's audio)."""
+    answer ids, audio mask, prompt length, the clip's audio, the task)."""
     config, entries = data.config, data.splits[split]["entries"]
     if data.task_weights:
         p = np.array([data.task_weights.get(t, 1.0) for t in tasks])
@@ -1742,6 +1748,28 @@ def clip_tag_logits(model, mels, n_mels):
     mel, lens = pad_mels(mels, n_mels)
     return model.tag_logits(mel.to(device), lens.to(device)).float().cpu()
 
+def ctc_text(ids, config, tok):
+    """CTC's output ids (blanks and repeats gone) as text: tokens decoded, characters joined;
+    phonemes as espeak-ng writes them with a separator, "_" between the phonemes of a word
+    ("D_@2 r_E_d"), so that they can be told apart again."""
+    if config.ctc_units == "chars":
+        return "".join(CTC_CHARS[i] for i in ids).strip()
+    if config.ctc_units == "tokens":
+        return tok.decode(ids).strip()
+    phonemes = config.ctc_phonemes.split("|")
+    parts = []
+    for is_phoneme, run in itertools.groupby(ids, key=lambda i: i >= config.vocab_size):
+        run = list(run)
+        parts.append(phoneme_text([phonemes[i - config.vocab_size] for i in run]) if is_phoneme
+                     else tok.decode(run))
+    return " ".join(p.strip() for p in parts if p.strip())
+
+def phoneme_text(phonemes):
+    """["D", "@2", " ", "r", "E", "d"] -> "D_@2 r_E_d" (what ctc_text shows; " " between words)."""
+    return " ".join("_".join(word) for word in
+                    [list(g) for is_space, g in itertools.groupby(phonemes, lambda p: p == " ")
+                     if not is_space])
+
 @torch.no_grad()
 def whisper_transcribe(model, tok, audios, batch_size=32):
     """Stage "whisper": greedy transcripts from the text decoder, and from the CTC head (best path,
@@ -1771,28 +1799,6 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
             ids = [t for j, t in enumerate(path) if t != blank and (j == 0 or t != path[j - 1])]
             ctc_out.append(ctc_text(ids, model.config, tok))
     return dec_out, ctc_out
-
-def ctc_text(ids, config, tok):
-    """CTC's output ids (blanks and repeats gone) as text: tokens decoded, characters joined;
-    phonemes as espeak-ng writes them with a separator, "_" between the phonemes of a word
-    ("D_@2 r_E_d"), so that they can be told apart again."""
-    if config.ctc_units == "chars":
-        return "".join(CTC_CHARS[i] for i in ids).strip()
-    if config.ctc_units == "tokens":
-        return tok.decode(ids).strip()
-    phonemes = config.ctc_phonemes.split("|")
-    parts = []
-    for is_phoneme, run in itertools.groupby(ids, key=lambda i: i >= config.vocab_size):
-        run = list(run)
-        parts.append(phoneme_text([phonemes[i - config.vocab_size] for i in run]) if is_phoneme
-                     else tok.decode(run))
-    return " ".join(p.strip() for p in parts if p.strip())
-
-def phoneme_text(phonemes):
-    """["D", "@2", " ", "r", "E", "d"] -> "D_@2 r_E_d" (what ctc_text shows; " " between words)."""
-    return " ".join("_".join(word) for word in
-                    [list(g) for is_space, g in itertools.groupby(phonemes, lambda p: p == " ")
-                     if not is_space])
 
 SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
                "seed": None, "length_penalty": 0.0}
@@ -2008,7 +2014,7 @@ def task_answers(model, tok, data, split, task, entries, o):
             for ci, instruction, _ in entries]
     return hyps, None
 
-def transcription_metrics(refs, hyps, ctc_hyps, kinds, train, ctc_phoneme_refs=None):
+def transcription_metrics(refs, hyps, ctc_hyps, kinds, train_split, ctc_phoneme_refs=None):
     """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's, the best
     of: the first 200 of this corpus's training answers of that kind, the first 200 evaluated
     references of that kind, and every word of all its training answers and references; with
@@ -2021,8 +2027,9 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train, ctc_phoneme_refs=N
         r, h = of_kind(refs), of_kind(hyps)
         # candidates: training answers of this kind, these answers themselves, and all their
         # words
-        cands = [a for ci, _, a in train["entries"]["transcription"]  # this corpus's (src 0)
-                 if train["clips"][ci].get("kind") == kind and not train["clips"][ci].get("src")]
+        clips = train_split["clips"]
+        cands = [a for ci, _, a in train_split["entries"]["transcription"]  # this corpus's (src 0)
+                 if clips[ci].get("kind") == kind and not clips[ci].get("src")]
         cands = cands[:200] + r[:200] + [w for a in cands + r for w in text_words(a)]
         results[f"wer_{kind}"] = word_error_rate(r, h)
         results[f"n_{kind}"] = len(r)
@@ -2048,8 +2055,7 @@ def answer_metrics(task, entries, refs, hyps, kinds=None):
             of_kind = [i for i, k in enumerate(kinds) if k == kind]
             results[f"qa_acc_{kind}"] = accuracy([refs[i] for i in of_kind],
                                                  [hyps[i] for i in of_kind])
-        gender = [i for i, (_, q, _) in enumerate(entries)
-                  if q.startswith("is the speaker a man")]
+        gender = [i for i, (_, q, _) in enumerate(entries) if q in VOICE_QUESTIONS]
         if gender:
             results["gender_acc"] = accuracy([refs[i] for i in gender],
                                              [hyps[i] for i in gender])

@@ -3,7 +3,7 @@ Sample from a trained model of this repository, whatever its model file.
 
     python sample.py --out_dir=out/whisper-gpt-quick --clip=3 --max_new_tokens=150 --temperature=0.9 --top_k=50
     python sample.py --out_dir=out/whisper-gpt-quick --audio=my.wav --out=continuation.wav
-    python sample.py --out_dir=out/salmonn --clip=0 --prompt="Describe the audio."
+    python sample.py --out_dir=out/salmonn-stage3 --clip=0 --prompt="Describe the audio."
 
 The settings below belong to sample.py; every other --key=value goes to the model file's sample()
 (temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default; a key that is
@@ -35,7 +35,8 @@ prompt = ""          # text prompt (for the text-output models)
 out = ""             # a .wav for audio results, or a folder for sample.wav (default: out_dir)
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
-dtype = "auto"       # auto (CUDA: bfloat16, else float16; CPU: float32) | float32 | bfloat16 | float16
+# auto (CUDA: bfloat16 where supported, else float16; elsewhere float32) | float32 | bfloat16 | float16
+dtype = "auto"
 # -----------------------------------------------------------------------------
 
 def fail(msg):

@@ -7,10 +7,11 @@ Training script for every model of this repository (whisper_gpt, salmonn, pengi)
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
 train.py knows nothing about the models beyond the small interface every model file implements:
-Config, Model, load_data, get_batch (see README, "The model interface"), with two exceptions: it
-checks Whisper-GPT's codec_id against init_from's, and counts a batch without targets (SALMONN's
-tagging stage) as its clips. A text model's Config names its tokenizer (tokenizer = "corpus" or
-"gpt2"); every checkpoint records the tokenizer it was trained with.
+Config, Model, load_data, get_batch and the optional init_pretrained (see README, "The model
+interface"), with three exceptions: it checks Whisper-GPT's codec_id against init_from's, counts a
+batch without targets (SALMONN's tagging stage) as its clips, and reads the tokenizer recorded in a
+text model's llm_init checkpoint. A text model's Config names its tokenizer (tokenizer = "corpus" or
+"gpt2"); every text model's checkpoint records the tokenizer it was trained with.
 """
 
 import importlib
@@ -80,7 +81,6 @@ TRAIN_KEYS = configurator.defaults(globals())
 RUN_KEYS = {"init_from", "out_dir", "overwrite", "eval_only", "log_interval", "wandb_log",
             "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend",
             "ddp_find_unused_parameters", "peak_flops"}
-PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
 HERE = os.path.dirname(os.path.abspath(__file__))  # the model files sit beside this one
 
 def fail(msg):
@@ -108,11 +108,18 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
                          f"here")
     return ck
 
+def model_defaults(name):
+    """The model file's Config defaults: what a run that did not set a model field had."""
+    return {f.name: f.default for f in fields(importlib.import_module(name).Config)}
+
 def changed_settings(new, old, skip=()):
     """The settings (keys of train.py's settings dicts) whose values differ between two runs,
-    sorted; how a run executes (RUN_KEYS) and skip left out."""
+    sorted; how a run executes (RUN_KEYS) and skip left out. A settings dict holds the model
+    fields a run set: one it left out counts as its default."""
+    defaults = model_defaults(new["model"]) if new.get("model") == old.get("model") else {}
     return sorted(k for k in set(new) | set(old)
-                  if k not in RUN_KEYS and k not in skip and new.get(k) != old.get(k))
+                  if k not in RUN_KEYS and k not in skip
+                  and new.get(k, defaults.get(k)) != old.get(k, defaults.get(k)))
 
 def same_start(a, b):
     """Whether two init_from values name the same start: scratch, or the same checkpoint file."""
@@ -203,10 +210,7 @@ def load_settings(argv):
     if lacking:
         fail(f"model = {name!r} ({where}): {name}.py is not a model file (it has no "
              f"{', '.join(lacking)}); expected whisper_gpt, salmonn or pengi")
-    model_types = {}
-    for f in fields(module.Config):
-        t = PLAIN.get(f.type, f.type) if isinstance(f.type, str) else f.type
-        model_types[f.name] = t if t in (int, float, bool, str) else type(f.default)
+    model_types = {f.name: f.type for f in fields(module.Config)}  # int, float, bool or str
     types = {k: type(v) for k, v in TRAIN_KEYS.items()}
     types.update(model_types)
     try:
@@ -338,17 +342,19 @@ if __name__ == "__main__":
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
         # the other settings are this command's: say which ones the run did not have
         diff = changed_settings(S, checkpoint["config"])
-        changed = [k for k in diff if k not in checkpoint["model_args"]]
+        changed = [k for k in diff if k not in model_keys]
         if changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
-        # (a field newer than the run is not in its settings: nothing was set there)
-        kept = [k for k in diff if k in model_keys and k in checkpoint["config"]]
+        # a model field the run did not set (or that is newer than it) had its default there
+        defaults = model_defaults(model)
+        run_value = {k: checkpoint["config"].get(k, defaults.get(k)) for k in model_keys}
+        kept = [k for k in diff if k in model_keys]
         if kept and master:
             print("resuming the run's model as it was; not used from this command: " + ", ".join(
-                f"{k}={S.get(k)!r} (the run's: {checkpoint['config'].get(k)!r})" for k in kept)
+                f"{k}={S.get(k)!r} (the run's: {run_value[k]!r})" for k in kept)
                 + " (--overwrite=True trains anew with them)")
-        S.update({k: checkpoint["config"][k] for k in kept})  # saved as what the run is
+        S.update({k: run_value[k] for k in kept})  # saved as what the run is
     else:
         try:
             config = M.Config(**{k: S[k] for k in model_keys if k in S})

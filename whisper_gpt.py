@@ -95,8 +95,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k_lens = None
         if cache is not None and "pos" in cache:
-            # one step at a position held in a tensor (generate's CUDA graph replays it at every
-            # position): its key and value written there, the keys past it masked by length
+            # one step at a position held in a tensor (graphed_step's, replayed from one CUDA
+            # graph on a GPU): its key and value written there, the keys past it masked by length
             cache["k"].index_copy_(2, cache["pos"], k)
             cache["v"].index_copy_(2, cache["pos"], v)
             k, v, k_lens = cache["k"], cache["v"], (cache["pos"] + 1).expand(B)
@@ -172,6 +172,7 @@ class WhisperGPT(nn.Module):
                                 for _ in range(c.n_layer)])
         self.ln_f = LayerNorm(c.n_embd, c.bias)
         # not tied to wte: in the hybrid the token embedding is narrower than the residual stream
+        # (the token-only baseline is untied too, so the two differ only in the mel path)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
@@ -204,7 +205,8 @@ class WhisperGPT(nn.Module):
         return F.pad(mels, (0, 0, lag, 0))[:, :mels.size(1)]
 
     def decode(self, codes, step_mels=None, caches=None, pos0=0):
-        """The network proper. codes (B, T) coarse tokens, step_mels (B, T, n_mels) the frames the
+        """The network proper (codes to logits; the codec's decode, codes to audio, is
+        tools.decode). codes (B, T) coarse tokens, step_mels (B, T, n_mels) the frames the
         steps see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0:
         position of codes[:, 0] in the window (an int, or for one step on caches holding "pos", that
         (1,) tensor). Returns logits (B, T, vocab_size)."""
@@ -246,6 +248,8 @@ class WhisperGPT(nn.Module):
         return logits, loss
 
     def new_caches(self):
+        # per block: size (the window); the first decode adds k, v (B, H, size, D) buffers and n
+        # (filled so far); graphed_step's views of them add pos, a (1,) position tensor
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
@@ -403,10 +407,11 @@ def select_kinds(data_dir, split, kinds, codes, mel):
     return frames(codes), None if mel is None else frames(mel)
 
 def load_data(data_dir, config, tok=None):
-    """Memmaps of both splits (the token-only model reads no mels). Sets vocab_size and n_mels on
-    config from meta.json. With config.kinds, only the clips of those kinds (their frames, in clip
-    order, copied into memory: codes, mels and alignment as prepared, so one codec serves every
-    subset). tok: unused (no text here), as in evaluate and sample: the interface's argument."""
+    """Memmaps of both splits (the token-only model reads no mels). Sets vocab_size, n_mels and
+    codec_id on config from meta.json (refusing data of another codec than a set codec_id). With
+    config.kinds, only the clips of those kinds (their frames, in clip order, copied into memory:
+    codes, mels and alignment as prepared, so one codec serves every subset). tok: unused (no text
+    here), as in evaluate and sample: the interface's argument."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set "
@@ -527,8 +532,7 @@ def _evaluate(model, data, split, batch_size, max_windows):
     for b in range(0, len(starts), batch_size):
         windows = _windows(data, split, starts[b:b + batch_size])
         batch = {k: v.to(device) for k, v in windows.items()}
-        logits, _ = model(**batch)
-        logits = logits.float()
+        logits = model(batch["codes"], batch.get("mels"))[0].float()  # the loss summed below
         y = batch["targets"]
         nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
                                reduction="sum").item()

@@ -3,7 +3,7 @@
 # No LM runs; llm_init only starts the text tower (text_init = "llm"). Pengi then starts from it,
 # keeps training the audio encoder and freezes the text tower:
 # python train.py config/pengi_clap.py
-# python train.py config/pengi_synth.py --init_from=out/pengi-clap/ckpt.pt
+# python train.py config/pengi_synth.py
 # The model sizes must match config/pengi_synth.py. Budget and optimiser are ours.
 model = "pengi"
 stage = "clap"

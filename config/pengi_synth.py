@@ -13,7 +13,9 @@ stage = "pengi"
 out_dir = "out/pengi-synth"
 data_dir = "data/synth"
 llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its tokenizer (recorded
-                                       # in it) is used
+                                       # in it) is used. With init_from, the LM's weights come from that
+                                       # checkpoint (the clap stage loaded this same file): change both
+                                       # together
 tokenizer = "corpus"     # the small BPE stored with the data, as the LM above was trained with
 tasks = "caption,metadata,class,qa,music"
 task_weights = "chord=2"  # chords drawn twice as often (ours): 140 training chords over 45 names; chords
@@ -28,7 +30,8 @@ enc_depths = "2,2"
 enc_heads = "2,4"
 window = 8
 d_embed = 64             # paper: 1024
-text_n_layer = 2         # the LM's first 2 layers, frozen
+text_n_layer = 2         # 2 layers, started from the LM's first 2 in the clap stage (taken from
+                         # init_from here), frozen
 text_init = "llm"
 prefix_len = 8           # paper: 40 per modality
 map_n_layer = 2          # ClipCap: 8

@@ -17,7 +17,8 @@ speech_n_embd = 128
 whisper_dec_n_layer = 2
 ctc_weight = 0.6        # 0.3 until 2026-12-05 (with SpecAugment; docs/salmonn.md)
 ctc_units = "phonemes"  # CTC hears speech as the phonemes espeak-ng spoke (Morse and DTMF: tokens);
-                        # ours: the decoder then transcribes held-out speech at WER ~0.5, not ~0.6
+                        # ours: on data/synth, before synth_asr, it took the decoder's held-out
+                        # speech WER from ~0.6 to ~0.5
 spec_augment = 0        # none, as Whisper's first models were trained: masks hide Morse dots and
                         # tones (2 masks until 2026-12-05; with both masks held-out Morse WER 0.37,
                         # without 0.02, speech 0.03 and 0.02)

@@ -107,7 +107,7 @@ def test_encoders_through_the_triton_kernels_match_pytorch_attention():
 import torch, salmonn, fused_attention as fa
 torch.manual_seed(0)
 mel, lens = torch.randn(3, 150, 64), torch.tensor([150, 61, 97])
-for m in (salmonn.SpeechEncoder(64, 64, 2, 2, 0.0), salmonn.AudioEncoder(64, 64, 2, 2, 16, 0.0)):
+for m in (salmonn.SpeechEncoder(64, 64, 2, 2, 0.0), salmonn.BEATsEncoder(64, 64, 2, 2, 16, 0.0)):
     res = []
     for backend in ("torch", "triton"):
         fa.BACKEND = backend

@@ -178,14 +178,16 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     for it in range(1, 9):
         assert resumed[it] == full[it], (it, resumed[it], full[it])  # bit for bit on CPU
     assert val[8] == losses(full_run)[1][8]
-    # a model setting cannot change on resume: the run's model goes on, and the command says so
-    p = run(common + ["--max_iters=9", "--init_from=resume", "--n_layer=3"])
-    assert ("resuming the run's model as it was; not used from this command: n_layer=3 (the "
-            "run's: 1) (--overwrite=True" in p.stdout), p.stdout
+    # a model setting cannot change on resume: the run's model goes on, and the command says so,
+    # also for a field the run left at its default (bias)
+    p = run(common + ["--max_iters=9", "--init_from=resume", "--n_layer=3", "--bias=True"])
+    assert ("resuming the run's model as it was; not used from this command: bias=True (the "
+            "run's: False), n_layer=3 (the run's: 1) (--overwrite=True" in p.stdout), p.stdout
     import torch
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     # and the settings saved with it are the model's, so the same command goes on from there
     assert ck["model_args"]["n_layer"] == 1 and ck["config"]["n_layer"] == 1
+    assert ck["model_args"]["bias"] is False and ck["config"]["bias"] is False
     # optimizer settings do change on resume, as announced (the saved state would bring back the
     # run's), and an evaluation alone (eval_only) adds nothing to the run's log
     p = run(common + ["--max_iters=10", "--init_from=resume", "--weight_decay=0.0",
@@ -228,6 +230,9 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     assert ck["iter_num"] == 4 and ck["end_iter"] == 8
     before = open(os.path.join(out, "log.jsonl")).read()
     p = run(cmd)
+    assert "this run is finished (iter 8), nothing to do" in p.stdout, p.stdout
+    # a model field given at its default (the run left it unset) is the same run
+    p = run(cmd + ["--bias=False"])
     assert "this run is finished (iter 8), nothing to do" in p.stdout, p.stdout
     assert open(os.path.join(out, "log.jsonl")).read() == before
     run(cmd + ["--overwrite=True", "--max_iters=2"])
