@@ -114,8 +114,16 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=No
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         y = attention_torch(torch.where(real, q, zero), k, v, causal, k_lens, sm_scale)
         return torch.where(real, y, zero)
+    if k_lens is not None:
+        # keys past k_lens are ignored, as by the kernels, which never load them: zeros there,
+        # since a masked score or a weight of 0 times a NaN or inf would still give NaN
+        valid = (torch.arange(Tk, device=k.device)[None, :]
+                 < k_lens.to(k.device)[:, None])[:, None, :, None]  # (B, 1, Tk, 1)
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
     if causal and k_lens is None and Tq in (1, Tk):
-        # one new query (a KV-cache step) sees every key: no mask to build
+        # Tq == 1 (a KV-cache step) sees every key, and for Tq == Tk SDPA's causal mask (aligned
+        # top-left) is the bottom-right one: no mask to build
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=sm_scale)
     mask = _mask(Tq, Tk, causal, k_lens, q.device)
     if mask is None:
@@ -753,7 +761,9 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
     if sm_scale <= 0:
         # the kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
         # causal SDPA gives NaN for one that is not: the same scores with a positive one
-        q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (q * 0.0, 1.0)
+        # (a scale of 0: exact zeros joined to the graph, as below; q * 0 would turn an inf into NaN)
+        q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (
+            torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0.0), 1.0)
     if q.numel() == 0 or k.shape[2] == 0:
         # nothing to attend to (or nobody asking): zeros that stay zero whatever q holds (q * 0
         # would turn an inf into NaN), joined to the graph so that q, k and v get (zero) gradients

@@ -89,7 +89,8 @@ def write_wall(d, seconds):
 
 def sweep(runs, train_args):
     """A run that reached its max_iters (its config's, or train_args') is skipped; one that stopped
-    earlier, or ran to another max_iters, is resumed to it. A run made with other settings (other
+    earlier, or ran to a smaller max_iters, is resumed to it (one already past it is left as it
+    is). A run made with other settings (other
     data, another learning rate, ...) stops the sweep: its figures would be tabled as these."""
     import train
     todo = []
@@ -221,8 +222,8 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
                          f"{sd:.3f} (lower in {wins} of {len(d)} seeds)")
     lines.append("")
     lines.append(f"(val clips of each kind from {eval_dir}; train.py settings: "
-                 f"config/whisper_gpt_{{model}}_cpu.py --kinds={{kind}} --seed={{seed}} "
-                 f"{' '.join(train_args)})")
+                 + " ".join(["config/whisper_gpt_{model}_cpu.py", f"--data_dir={data_dir}",
+                             "--kinds={kind}", "--seed={seed}", *train_args]) + ")")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -233,23 +234,24 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
 def continuation_scores(true_mel, mel):
     """Distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
     spectrum (timbre, pitch, loudness whatever the timing), and its level modulation: the standard
-    deviation over time of each frame's mean log-mel (syllables and notes move it; a frozen sound
+    deviation over time of each frame's mean log-mel (syllables and notes move it; a held sound
     does not)."""
     need = prompt_frames + new_frames
     true, gen = true_mel[prompt_frames:need], mel[prompt_frames:need]
     return (float(np.abs(gen - true).mean()),
             float(np.abs(gen.mean(0) - true.mean(0)).mean()), float(gen.mean(1).std()))
 
-def frozen_continuation(mel):
-    """The prompt, then its last frames repeated: a frozen sound."""
+def looped_prompt_end(mel):
+    """The prompt, then its last min(prompt_frames, new_frames) frames looped (with the defaults,
+    60 and 60, the whole prompt played again)."""
     end = mel[prompt_frames - min(prompt_frames, new_frames):prompt_frames]
     return np.concatenate([mel[:prompt_frames], np.resize(end, (new_frames, mel.shape[1]))])
 
 def reference_scores(mels, idx):
-    """Scores of the true continuations and of two references: a frozen sound, and another clip's
-    true continuation."""
+    """Scores of the true continuations and of two references: the prompt's end looped, and another
+    clip's true continuation."""
     return {"the true continuation": [continuation_scores(mels[i], mels[i]) for i in idx],
-            "repeat the prompt's end": [continuation_scores(mels[i], frozen_continuation(mels[i]))
+            "repeat the prompt's end": [continuation_scores(mels[i], looped_prompt_end(mels[i]))
                                         for i in idx],
             "another clip's true continuation": [continuation_scores(mels[i],
                                                                      mels[idx[(k + 1) % len(idx)]])
@@ -265,7 +267,7 @@ def sampled_continuations(net, inputs, mels, idx, tools):
         prompt = {"codes": inputs[i]["codes"][:prompt_frames],
                   "mel": inputs[i]["mel"][:prompt_frames]}
         res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames,
-                       temperature=1.0, top_k=50, seed=k)
+                       prompt_frames=prompt_frames, temperature=1.0, top_k=50, seed=k)
         wav = tools.decode(torch.cat([res["prompt_codes"], res["codes"]])).numpy()
         gen_mel = audio.log_mel(wav)
         rows.append(continuation_scores(mels[i], gen_mel))
@@ -361,7 +363,9 @@ if __name__ == "__main__":
     for name, given in (("models", model_list), ("kinds", kind_list), ("seeds", seed_list)):
         if len(set(given)) < len(given) or "" in given:
             fail(f"--{name}={','.join(map(str, given))}: each at most once, none empty")
-    for name, value, least in (("jobs", jobs, 1), ("prompt_frames", prompt_frames, 1),
+    # a hybrid's prompt feeds the codec's stream decoder, whose first conv reads 7 frames
+    least_prompt = 7 if any(m.startswith("hybrid") for m in model_list) else 1
+    for name, value, least in (("jobs", jobs, 1), ("prompt_frames", prompt_frames, least_prompt),
                                ("new_frames", new_frames, 1), ("continuations", continuations, 0)):
         if value < least:
             fail(f"--{name}={value}: must be at least {least}")

@@ -259,6 +259,26 @@ def test_triton_interpreter_padding_rows_do_not_leak(interpreter_results):
 def test_torch_path_padding_rows_do_not_leak():
     assert nan_in_padding_rows("torch") == 0.0
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_path_keys_past_k_lens_do_not_leak(causal):
+    # the kernels never load keys past k_lens; the PyTorch path must ignore them as well, whatever
+    # they hold (a KV cache's unwritten buffer, a padded batch)
+    import fused_attention
+    q, k, v, do, lens = make_inputs(("float32", 32, 24, 40, causal, "pad", "bhtd"))
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        kf, vf = k.detach().clone(), v.detach().clone()
+        for b, n in enumerate(lens.tolist()):
+            kf[b, :, n:], vf[b, :, n:] = fill, fill
+        qf = q.detach().clone().requires_grad_()
+        kf.requires_grad_(), vf.requires_grad_()
+        out = fused_attention.attention(qf, kf, vf, causal=causal, k_lens=lens, backend="torch")
+        results.append([out, *torch.autograd.grad(out, (qf, kf, vf), do)])
+    assert any(n < 40 for n in lens.tolist())  # some keys are padding
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 def test_triton_interpreter_key_counts_past_int32(interpreter_results):
     assert interpreter_results["huge-klens"]["max_diff"] < 1e-5
 
