@@ -262,16 +262,14 @@ def whisper_log_mel(wav, sr=SAMPLE_RATE):
 # with the data (its architecture is here; codec.py fits it on the corpus)
 
 def find_codec_weights(codec_dir=None):
-    """Directory holding encodec_24khz-d7cc33bc.th: --codec_dir, else the torch hub cache, else
-    None."""
-    cands = [Path(codec_dir)] if codec_dir else []
-    cands.append(Path(torch.hub.get_dir()) / "checkpoints")
-    for d in cands:
-        if (d / CODEC_FILE).is_file():
-            return d
+    """Directory holding encodec_24khz-d7cc33bc.th: --codec_dir (a FileNotFoundError when the file
+    is not there), else the torch hub cache, else None."""
     if codec_dir:
-        raise FileNotFoundError(f"--codec_dir={codec_dir}: no {CODEC_FILE} there")
-    return None
+        if not (Path(codec_dir) / CODEC_FILE).is_file():
+            raise FileNotFoundError(f"--codec_dir={codec_dir}: no {CODEC_FILE} there")
+        return Path(codec_dir)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return hub if (hub / CODEC_FILE).is_file() else None
 
 def encodec_24khz(pretrained, weights_dir=None):
     """EnCodec 24 kHz at BANDWIDTH, in eval mode. Pretrained: read from weights_dir, or with None
@@ -312,7 +310,7 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
 
 def offline_codec(seed=1234):
     """EnCodec's architecture with its own (seeded) random weights and unfitted codebooks (all
-    zeros)."""
+    zeros). Seeds torch's global RNG (prepare.py's fitting goes on from that state)."""
     torch.manual_seed(seed)
     return encodec_24khz(False)
 
@@ -357,6 +355,9 @@ def load_codec(data_dir):
     torch hub cache (the data may have moved to another machine)."""
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     c = meta["codec"]
+    if c is None:
+        raise ValueError(f"{data_dir} holds no codes: it was prepared with --no_codes, so there is "
+                         f"no codec to load")
     if c["pretrained"]:
         weights_dir = Path(c["weights"]).parent
         if not (weights_dir / CODEC_FILE).is_file():
@@ -367,14 +368,15 @@ def load_codec(data_dir):
                              f"cache ({torch.hub.get_dir()}/checkpoints)")
         return encodec_24khz(True, weights_dir)
     ckpt = read_offline_codec(data_dir, c)
-    model = offline_codec()
+    with torch.random.fork_rng():  # the caller's random stream goes on as if nothing was loaded
+        model = offline_codec()  # (its random weights are all overwritten below)
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
     # the Standardize layers codec.calibrate appended to the encoder (prepare.py: one, for k-means)
     for _ in range(n_std):
         model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if unexpected or any(not (k.endswith("embed_avg") or k.startswith("quantizer.vq.layers."))
-                         for k in missing):
+    unused = tuple(f"quantizer.vq.layers.{i}." for i in range(N_Q, len(model.quantizer.vq.layers)))
+    if unexpected or any(not (k.endswith("embed_avg") or k.startswith(unused)) for k in missing):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this audio.py's offline "
                          f"codec (missing {sorted(missing)[:3]}, unexpected "
                          f"{sorted(unexpected)[:3]}): "

@@ -86,8 +86,9 @@ def set_weight_norm(conv, w, spare_gain=0.0):
     conv.weight_g.data.copy_(g.view_as(conv.weight_g))
 
 def offset_bias(conv, w, out_offset, transposed=False):
-    """The bias that makes conv(x + OFFSET) = w * x + out_offset (in a transposed conv of kernel
-    2 x stride, as here, each output sample sees one tap of each input channel)."""
+    """The bias that makes conv(x + OFFSET) = w * x + out_offset. Transposed (kernel 2 x stride):
+    each output phase sums its taps over two input frames, so the bias is exact when every phase's
+    taps sum the same, as dct_init's one-hot weights do."""
     taps = w.sum((0, 2)) / conv.stride[0] if transposed else w.sum((1, 2))
     conv.bias.data.copy_(out_offset - OFFSET * taps)
 

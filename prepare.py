@@ -13,7 +13,8 @@ skips the download; see codec.py).
 
 Output in data/<name>/ (see docs/data.md): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
 {split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE
-(tokenizer.tiktoken) and, for the offline codec, codec.pt and codec.png. Read with np.memmap(path,
+(tokenizer.tiktoken) and, for the offline codec, codec.pt (and codec.png, when fitted on synth
+with --codec_report=1). Read with np.memmap(path,
 dtype, mode="r").reshape(-1, n_q or n_mels). With --whisper_mel, also {split}_wmel.bin (float16
 [frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s, see whisper_log_mel), each clip's
 at its "woffset" / "wframes" in {split}_clips.jsonl. With --codebook0_mel (also on a finished
@@ -603,7 +604,9 @@ def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
                stage("codec.pt"))
     measured = None
     if args.dataset == "synth" and args.codec_report:
-        measured = report_offline_codec(codec, args.seed, stage, not args.no_speech)
+        # its held-out clips are of every kind: speech only where the speech library loads
+        measured = report_offline_codec(codec, args.seed, stage,
+                                        not args.no_speech and speech_problem() is None)
     print(f"offline codec: done in {time.time() - t0:.0f}s")
     return allemb, measured
 
@@ -796,7 +799,8 @@ def get_args(argv=None):
                    help="offline codec: steps training its learned parts after the analytic "
                         "start (batches of 4 x 0.3 s; 0: none, see docs/codec.md)")
     p.add_argument("--codec_clips", type=int, default=400,
-                   help="offline codec: train-split clips its training steps learn from")
+                   help="offline codec: train-split clips that --codec_steps and "
+                        "--codec_tune_steps learn from")
     p.add_argument("--codec_tune_steps", type=int, default=0,
                    help="offline codec: decoder steps on the fitted codes (0: none)")
     p.add_argument("--codec_report", type=int, default=1,

@@ -553,8 +553,8 @@ def number_words(n):
 def plural(noun):
     return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
 
-# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence gets a
-# question
+# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence (but
+# verb and activity) gets a question
 TEMPLATES = [
     ("command", "{verb} the {colour} {object}"), ("command", "put the {colour} {object} {at}"),
     ("command", "{verb} {number} {colour} {objects}"),

@@ -1,7 +1,8 @@
 """
 The tokenizers of the prepared text. The data is stored as text; each model's config names the
 tokenizer it reads that text with, and this file loads it (train.py, sample.py and eval.py import
-it; prepare.py also trains the corpus BPE with it):
+it; prepare.py also trains the corpus BPE with it, and audio.py finds Whisper's mel filters in
+openai-whisper's assets with whisper_assets_dir):
   "corpus": a small byte-level BPE trained on the corpus text by prepare.py and stored with the
             data. CPU-sized LLMs want it: GPT-2's 50k-row LM head would be ~8x the rest of a
             4 x 128 model.

@@ -88,10 +88,25 @@ def test_codec_dir_and_corrupt_files(tmp_path, hub, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match=A.CODEC_FILE):
         # --codec_dir without the file
         A.get_pretrained_codec(codec_dir=tmp_path, offline=True)
+    hub.mkdir(parents=True)
+    fake_encodec_checkpoint(hub / A.CODEC_FILE)
+    with pytest.raises(FileNotFoundError, match=A.CODEC_FILE):
+        # a wrong --codec_dir is an error, not passed over for the weights in the hub cache
+        A.find_codec_weights(tmp_path)
+    assert A.find_codec_weights(None) == hub
     (d / A.CODEC_FILE).write_bytes(b"not a checkpoint")
     assert A.get_pretrained_codec(codec_dir=d, offline=True) == (None, None)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and str(d / A.CODEC_FILE) in out[0] and "unusable" in out[0]
+
+
+def test_loading_the_offline_codec_leaves_the_random_stream(synth_dir):
+    # sample.py seeds torch, then a hybrid's sample() loads the codec before drawing its tokens
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    A.load_codec(synth_dir)
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_a_truncated_download_in_the_cache_fails_the_real_checksum(hub, capsys):

@@ -981,6 +981,8 @@ def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path,
     assert "already prepared" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no codes"):
         A.codec_id(out)
+    with pytest.raises(ValueError, match="no codes"):
+        A.load_codec(out)
     import sample as S                                # sample.py --clip reads such data too
     clip, rec = S.read_clip(out, "train", 0)
     assert "codes" not in clip and np.array_equal(clip["mel"].numpy(), ours[rec["id"]][0])
