@@ -197,8 +197,14 @@ if __name__ == "__main__":
             wav = load_audio(audio)
         except BadAudio as e:
             fail(e)
-        codes, mel = features(wav, tools.codec())
-        inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
+        if meta.get("codec") is None:  # --no_codes data: its models read the mel and the text only
+            inp = {"mel": torch.as_tensor(log_mel(wav)).float()}
+        else:
+            try:
+                codes, mel = features(wav, tools.codec())
+            except ValueError as e:  # the data's codec cannot be loaded
+                fail(f"--audio={audio}: {e}")
+            inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
         if getattr(config, "speech_features", "mel") == "whisper":
             inp["wmel"] = torch.from_numpy(whisper_log_mel(wav))
         print(f"input: {audio}, {len(wav) / meta['sample_rate']:.2f} s")
