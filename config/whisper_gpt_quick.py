@@ -1,5 +1,5 @@
-# A short Whisper-GPT hybrid run for a CPU (a few minutes on 2 cores): the README's first command.
-# python train.py config/whisper_gpt_quick.py && python sample.py --out_dir=out/whisper-gpt-quick
+# A short Whisper-GPT hybrid run for a CPU (12-30 s on 2 cores): the README's first command.
+# python train.py config/whisper_gpt_quick.py && python sample.py --out_dir=out/whisper-gpt-quick --clip=3
 model = "whisper_gpt"
 out_dir = "out/whisper-gpt-quick"
 data_dir = "data/synth"
