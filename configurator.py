@@ -55,6 +55,8 @@ def gather(argv, config_files=False, positional=False):
     or is returned as positional (positional); otherwise it is an error."""
     entries, rest = [], []
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help()
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not key:
@@ -67,6 +69,16 @@ def gather(argv, config_files=False, positional=False):
         else:
             raise SettingsError(f"{arg}: expected --key=value")
     return entries, rest
+
+def print_help():
+    """The running script's docstring and where its settings are, then exit."""
+    main = sys.modules["__main__"]
+    name = os.path.basename(getattr(main, "__file__", "") or "the script")
+    print((main.__doc__ or "").strip())
+    print(f"\nSettings are --key=value; each one, with its default and a comment, is in the block at "
+          f"the top of {name}" + (" (and the fields of the model file's Config)"
+                                   if name == "train.py" else "") + ".")
+    sys.exit(0)
 
 def literal(raw):
     """--key=raw read as a Python literal where it is one (3, 0.5, True, [1, 2]), else as the string

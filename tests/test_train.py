@@ -634,3 +634,12 @@ def test_read_clip_is_the_clips_frames_and_refuses_a_clip_past_the_end(synth_dir
             S.read_clip(synth_dir, "val", bad)
         assert e.value.code == 2
         assert f"--clip={bad}: " in capsys.readouterr().err
+
+def test_help_prints_the_scripts_usage_and_trains_nothing(tmp_path):
+    for script, first in (("train.py", "Training script"), ("sample.py", "Sample from"),
+                          ("eval.py", "Compare trained checkpoints")):
+        p = run(["--help", f"--out_dir={tmp_path}"], cmd=[sys.executable, script])
+        assert p.stdout.startswith(first) and f"the top of {script}" in p.stdout, p.stdout
+        assert not list(tmp_path.iterdir())
+    p = run(["config/whisper_gpt_quick.py", "-h"])
+    assert "Config" in p.stdout and p.stderr == "", p.stderr
