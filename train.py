@@ -305,8 +305,6 @@ if __name__ == "__main__":
     torch.backends.cudnn.allow_tf32 = True
     if not out_dir or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
         fail(f"out_dir={out_dir!r}: expected a folder (made if missing) for ckpt.pt and log.jsonl")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
     sequences_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
         print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {sequences_per_iter} "
@@ -487,6 +485,8 @@ if __name__ == "__main__":
     def eval_due(it):  # the iterations that evaluate (and may save)
         return it % eval_interval == 0 or it == max_iters
 
+    if master:  # made once data and model have loaded: bad input leaves no empty out_dir behind
+        os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and not eval_only:
         # the log holds this run only: a fresh run starts it anew; a resumed one drops what came

@@ -238,6 +238,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     for (cmd, words), p in zip(cases, run_each([cmd for cmd, _ in cases])):
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)
+    assert not new.exists()  # the runs that stopped on bad input left no empty out_dir behind
 
 PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "--codec_clips=8",
            "--codec_tune_steps=2", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2",
