@@ -32,7 +32,8 @@ clip = 0             # input: clip number in {split}_clips.jsonl (when audio is 
 split = "val"
 audio = ""           # input: an audio file instead (wav, flac, ...; resampled to 24 kHz)
 prompt = ""          # text prompt (for the text-output models)
-out = ""             # a .wav for audio results, or a folder for sample.wav (default: out_dir)
+out = ""             # a .wav for audio results, or a folder for sample.wav (default: out_dir); a
+                     # .txt for text results (default: printed only)
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
 # auto (CUDA: bfloat16 where supported, else float16; elsewhere float32) | float32 | bfloat16 | float16
@@ -169,8 +170,9 @@ if __name__ == "__main__":
     wav_path = out or os.path.join(out_dir, "sample.wav")
     if os.path.isdir(wav_path) or wav_path.endswith(os.sep):
         wav_path = os.path.join(wav_path, "sample.wav")
-    if not wav_path.lower().endswith(".wav"):
-        fail(f"--out={out}: audio is written as WAV: name a .wav file or a folder")
+    if not wav_path.lower().endswith((".wav", ".txt")):
+        fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
+             f"folder")
     folder = os.path.dirname(os.path.abspath(wav_path))
     while not os.path.exists(folder):  # the folders write_wav would make
         folder = os.path.dirname(folder)
@@ -191,6 +193,8 @@ if __name__ == "__main__":
     del checkpoint
     tools = Tools(data_dir)
     if audio:
+        if os.path.isdir(audio):
+            fail(f"--audio={audio}: a folder, not an audio file")
         if not os.path.isfile(audio):
             fail(f"--audio={audio}: file not found")
         try:
@@ -229,6 +233,9 @@ if __name__ == "__main__":
             fail(msg if msg.startswith(M.__name__) else f"{M.__name__}.sample: {msg}")
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
+        if wav_path.lower().endswith(".txt"):
+            fail(f"--out={out}: this model's result is audio, written as WAV: name a .wav file or a "
+                 f"folder")
         codes = result["codes"]
         n = codes.shape[0]
         print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: "
@@ -251,3 +258,11 @@ if __name__ == "__main__":
     else:
         print(result["text"])
         print(f"({dt:.2f} s)")
+        if out and wav_path.lower().endswith(".txt"):
+            os.makedirs(os.path.dirname(os.path.abspath(wav_path)), exist_ok=True)
+            with open(wav_path + ".tmp", "w") as f:
+                f.write(result["text"] + "\n")
+            os.replace(wav_path + ".tmp", wav_path)  # atomic
+            print(f"wrote {wav_path}")
+        elif out:
+            print(f"(--out={out}: nothing written; a text result goes to a .txt file)")

@@ -517,11 +517,13 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
                            timeout=300)
         assert (p.returncode == 2 and said in p.stderr
                 and "evaluated" not in p.stderr), (extra, p.stderr[-2000:])
+    answer = tmp_path / "sub" / "answer.txt"  # a text result goes to a .txt --out too
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                        "--beam=1",
-                        "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=300)
+                        "--beam=1", "--max_new_tokens=4", f"--out={answer}"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    written = answer.read_text()  # what was printed, before the time it took
+    assert written.strip() and f"\n{written}(" in p.stdout, (written, p.stdout)
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
     assert torch.load(out2 / "ckpt.pt", weights_only=True)["tokenizer"] == ck["tokenizer"]
     # a config naming another tokenizer than the checkpoint it starts from is refused, naming both
