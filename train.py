@@ -350,7 +350,7 @@ if __name__ == "__main__":
         kept = [k for k in diff if k in model_keys]
         if kept and master:
             print("resuming the run's model as it was; not used from this command: " + ", ".join(
-                f"{k}={S.get(k)!r} (the run's: {run_value[k]!r})" for k in kept)
+                f"{k}={S.get(k, defaults.get(k))!r} (the run's: {run_value[k]!r})" for k in kept)
                 + " (--overwrite=True trains anew with them)")
         S.update({k: run_value[k] for k in kept})  # saved as what the run is
     else:
