@@ -71,15 +71,19 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
             if reached >= target:
                 time.sleep(float(rng.uniform(0, 0.05)))
                 break
-        if proc.poll() is None:
+        killed = proc.poll() is None
+        if killed:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
+        rest = proc.stdout.read()
         proc.stdout.close()
+        assert killed or proc.returncode == 0, rest  # a run not killed finished by itself
         # complete, and one of the saves (every 2 iterations)
         if (out / "ckpt.pt").exists():
             saved = load_checkpoint(out / "ckpt.pt")["iter_num"]
             assert saved % 2 == 0 and start <= saved <= 24
+    assert kills >= 1
     p = subprocess.run(train(out, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
     said = "resuming it" if saved < 24 else "nothing to do"
@@ -257,12 +261,15 @@ def test_prepare_killed_at_five_random_moments_then_rerun_writes_the_same_bytes(
     ref = tmp_path / "ref"
     shutil.move(out, ref)
     rng = np.random.default_rng(1)
+    landed = 0  # kills of a run still going (a resumed run may finish before its moment)
     for moment in sorted(rng.uniform(0.15, 0.95, size=5)):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         time.sleep(moment * wall)
+        landed += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert landed >= 1
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     names = sorted(f.name for f in ref.iterdir())

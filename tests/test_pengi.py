@@ -252,9 +252,12 @@ def test_val_batches_are_not_randomly_cropped(synth_dir):
     for seed in range(5):
         b = pengi.get_batch(data, "val", 2, np.random.default_rng(seed))
         assert (b["mel"].numpy() == want).all()
+    t = data["train"]  # train, narrowed to one long clip as well: its crops are random
+    j, p, a = next(ex for ex in t["by_task"]["caption"] if t["clips"][ex[0]]["frames"] > 40)
+    t["by_task"], t["task_p"] = {"caption": [(j, p, a)]}, None
     crops = {pengi.get_batch(data, "train", 1, np.random.default_rng(s))["mel"].sum().item()
              for s in range(20)}
-    assert len(crops) > 1  # train: random crops (of its own clips)
+    assert len(crops) > 1
 
 @torch.no_grad()
 def test_prefix_at_the_lms_scale(tmp_path):
@@ -542,8 +545,9 @@ def test_clap_stage_trains_the_encoders_only():
         losses.append(loss.item())
     assert logits is None and losses[-1] < losses[0]
     after = dict(m.named_parameters())
-    assert not torch.equal(after["text_encoder.h.0.attn.c_attn.weight"],
-                           before["text_encoder.h.0.attn.c_attn.weight"])
+    # every tensor of both encoders moved (a detached audio path would leave its encoder as it was)
+    moved = {n for n in trainable if not torch.equal(after[n], before[n])}
+    assert moved == trainable, sorted(trainable - moved)[:5]
     assert all(torch.equal(after[n], before[n]) for n in before
                if n.startswith(("m1.", "m2.", "llm.")))
     p = tiny_model(seed=1)
@@ -1041,8 +1045,9 @@ def pretrain_small_llm(path, data, tok, steps=150, n_layer=2, n_head=2, n_embd=3
 def test_learns_close_ended_task(synth_dir, tmp_path):
     """A CPU-sized Pengi learns "this is a sound of" on the synth fixture with a text-pretrained
     small LM (the case that failed while the prefixes were ~20-100x the LM's token scale): on
-    held-out clips the generated label, likelihood ranking (raw and PMI) and the linear probe all
-    score well above chance."""
+    held-out clips the generated label and likelihood ranking (raw and PMI) score well above chance
+    and above the untrained model's. The linear probe reads the class too (the untrained encoder's
+    random features already give ~0.7: that check is that it runs, not that it learnt)."""
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1",
                             enc_heads="2,2", window=8,
@@ -1059,6 +1064,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3,
                             weight_decay=0.0)
     rng = np.random.default_rng(0)
+    close = ("class_acc_gen", "class_acc_rank", "class_acc_pmi")
+    before = pengi.evaluate(m, data, tok, "val", max_clips=60, beam=1, probe=False)
     m.train()
     for step in range(150):
         _, loss = m(**pengi.get_batch(data, "train", 16, rng))
@@ -1073,6 +1080,7 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     assert metrics["class_acc_gen"] >= 3 * chance, metrics
     assert (metrics["class_acc_rank"] >= 3 * chance
             and metrics["class_acc_pmi"] >= 3 * chance), metrics
+    assert all(metrics[k] >= before[k] + 0.15 for k in close), (before, metrics)  # it learnt them
     assert metrics["probe_acc"] >= 0.5, metrics
     assert 0.5 < metrics["prefix_norm_ratio_audio"] < 2, metrics
     m.eval()

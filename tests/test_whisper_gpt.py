@@ -928,7 +928,8 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         d = [results[f"hybrid-{kind}-s{s}"]["nll"] - results[f"s-{kind}-s{s}"]["nll"]
              for s in (1, 2)]
         assert (f"- {kind}: the hybrid beats GPT-S of its size? "
-                f"NLL Hybrid - GPT-S = {np.mean(d):+.3f}") in text
+                f"NLL Hybrid - GPT-S = {np.mean(d):+.3f} +- {np.std(d, ddof=1):.3f} (lower in "
+                f"{sum(x < 0 for x in d)} of 2 seeds)") in text
         assert (tmp_path / "runs" / "continuations" / f"{kind}.png").stat().st_size > 0
     assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
     assert "another clip's true continuation" in text and "| speech | Hybrid, sampled" in text
