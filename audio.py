@@ -366,10 +366,13 @@ def load_codec(data_dir):
             raise ValueError(f"{data_dir} was coded with the pretrained EnCodec, whose weights "
                              f"({CODEC_FILE}) are neither at {c['weights']} nor in the torch hub "
                              f"cache ({torch.hub.get_dir()}/checkpoints)")
-        return encodec_24khz(True, weights_dir)
+        # building the model draws random weights: from a fork of the CPU generator, so that the
+        # caller's random stream goes on as if nothing was loaded (sample.py seeds it)
+        with torch.random.fork_rng(devices=[]):
+            return encodec_24khz(True, weights_dir)
     ckpt = read_offline_codec(data_dir, c)
-    with torch.random.fork_rng():  # the caller's random stream goes on as if nothing was loaded
-        model = offline_codec()  # (its random weights are all overwritten below)
+    with torch.random.fork_rng(devices=[]):  # as above; every weight is overwritten below
+        model = encodec_24khz(False)
     n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
     # the Standardize layers codec.calibrate appended to the encoder (prepare.py: one, for k-means)
     for _ in range(n_std):

@@ -53,10 +53,10 @@ def gather(argv, config_files=False, positional=False):
     """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for
     a config file's value, which is already typed). A bare argument is a config file (config_files)
     or is returned as positional (positional); otherwise it is an error."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print_help()
     entries, rest = [], []
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print_help()
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not key:

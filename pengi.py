@@ -68,7 +68,7 @@ class PengiConfig:
     # "llm": the LM's wte, wpe, first text_n_layer blocks and ln_f; "embeddings": wte, wpe only;
     # "random"
     text_init: str = "llm"
-    text_trainable: bool = False  # ours: the tower trains in stage pengi too
+    text_trainable: bool = False  # True (ours): the tower trains in stage pengi too
     # mappers m1 (audio) and m2 (text), ClipCap style
     prefix_len: int = 8        # k per modality (40 in the paper)
     map_n_layer: int = 2

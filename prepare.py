@@ -786,7 +786,8 @@ def get_args(argv=None):
     p.add_argument("--val_percent", type=float, default=10.0,
                    help="percent of clips in the val split")
     p.add_argument("--codec_dir", default=None,
-                   help=f"directory with the pretrained {CODEC_FILE} (else hub cache, offline)")
+                   help=f"directory with the pretrained {CODEC_FILE} (an error if it is not there; "
+                        f"without this option: the hub cache, else the offline codec)")
     p.add_argument("--offline", action="store_true",
                    help="no download of EnCodec's weights: local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",

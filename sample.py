@@ -8,7 +8,8 @@ Sample from a trained model of this repository, whatever its model file.
 The settings below belong to sample.py; every other --key=value goes to the model file's sample()
 (temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default; a key that is
 not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded
-with the data's EnCodec and written as a wav; a result {"text": ...} is printed.
+with the data's EnCodec and written as a wav; a result {"text": ...} is printed (and written to a
+.txt --out).
 """
 
 import importlib
@@ -204,10 +205,7 @@ if __name__ == "__main__":
         if meta.get("codec") is None:  # --no_codes data: its models read the mel and the text only
             inp = {"mel": torch.as_tensor(log_mel(wav)).float()}
         else:
-            try:
-                codes, mel = features(wav, tools.codec())
-            except ValueError as e:  # the data's codec cannot be loaded
-                fail(f"--audio={audio}: {e}")
+            codes, mel = features(wav, tools.codec())
             inp = {"codes": torch.as_tensor(codes).long(), "mel": torch.as_tensor(mel).float()}
         if getattr(config, "speech_features", "mel") == "whisper":
             inp["wmel"] = torch.from_numpy(whisper_log_mel(wav))

@@ -112,11 +112,17 @@ def model_defaults(name):
     """The model file's Config defaults: what a run that did not set a model field had."""
     return {f.name: f.default for f in fields(importlib.import_module(name).Config)}
 
+def unset_defaults(new, old):
+    """A settings dict holds the model fields a run set: one it left out had its Config default.
+    Those defaults, when both runs are of one model file."""
+    name = new.get("model")
+    return model_defaults(name) if name and name == old.get("model") else {}
+
 def changed_settings(new, old, skip=()):
     """The settings (keys of train.py's settings dicts) whose values differ between two runs,
-    sorted; how a run executes (RUN_KEYS) and skip left out. A settings dict holds the model
-    fields a run set: one it left out counts as its default."""
-    defaults = model_defaults(new["model"]) if new.get("model") == old.get("model") else {}
+    sorted; how a run executes (RUN_KEYS) and skip left out; an unset model field counts as its
+    default."""
+    defaults = unset_defaults(new, old)
     return sorted(k for k in set(new) | set(old)
                   if k not in RUN_KEYS and k not in skip
                   and new.get(k, defaults.get(k)) != old.get(k, defaults.get(k)))
@@ -128,7 +134,9 @@ def same_start(a, b):
 
 def describe_changes(keys, old, new):
     """The first five changed settings, as "key=old there, new here"."""
-    return ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:5])
+    defaults = unset_defaults(new, old)
+    return ", ".join(f"{k}={old.get(k, defaults.get(k))!r} there, "
+                     f"{new.get(k, defaults.get(k))!r} here" for k in keys[:5])
 
 def check_rerun(S, out_dir, init_from, max_iters, master):
     """A re-run into an out_dir that holds a checkpoint, without --overwrite: nothing already
@@ -344,7 +352,8 @@ if __name__ == "__main__":
         if changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
-        # a model field the run did not set (or that is newer than it) had its default there
+        # a model field the run did not set (or that is newer than it) had its default there (the
+        # model file's default of today)
         defaults = model_defaults(model)
         run_value = {k: checkpoint["config"].get(k, defaults.get(k)) for k in model_keys}
         kept = [k for k in diff if k in model_keys]

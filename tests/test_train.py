@@ -645,3 +645,16 @@ def test_help_prints_the_scripts_usage_and_trains_nothing(tmp_path):
         assert not list(tmp_path.iterdir())
     p = run(["config/whisper_gpt_quick.py", "-h"])
     assert "Config" in p.stdout and p.stderr == "", p.stderr
+
+def test_a_model_field_left_unset_counts_as_its_default():
+    import train
+    from whisper_gpt import WhisperGPTConfig
+    assert WhisperGPTConfig().bias is False
+    run_a = {"model": "whisper_gpt", "n_layer": 3}
+    same = {"model": "whisper_gpt", "n_layer": 3, "bias": False}  # the default, given
+    other = {"model": "whisper_gpt", "n_layer": 3, "bias": True}
+    assert train.changed_settings(same, run_a) == [] and train.changed_settings({}, {}) == []
+    assert train.changed_settings(other, run_a) == ["bias"]
+    assert train.describe_changes(["bias"], run_a, other) == "bias=False there, True here"
+    # runs of two model files: nothing is filled in
+    assert train.changed_settings({"model": "pengi"}, {"model": "whisper_gpt"}) == ["model"]

@@ -814,7 +814,7 @@ def test_table_continuation_scores_and_references_by_hand(monkeypatch):
     mod = math.sqrt(sum((x - sum(level) / 3) ** 2 for x in level) / 3)
     got = WT.continuation_scores(true, gen)
     assert np.allclose(got, (l1, spec, mod), rtol=1e-12), (got, (l1, spec, mod))
-    # the frozen sound: prompt frames 0, 1, then 0, 1, 0 (fewer prompt frames than new ones) ...
+    # the prompt's end looped: prompt frames 0, 1, then 0, 1, 0 (fewer prompt frames than new ones) ...
     assert np.array_equal(WT.looped_prompt_end(true), true[[0, 1, 0, 1, 0]])
     # ... and with a longer prompt, its last new_frames frames once: 1, 2, 3 after frames 0..3
     monkeypatch.setattr(WT, "prompt_frames", 4)
