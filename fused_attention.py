@@ -91,16 +91,16 @@ def _check(q, k, v, k_lens, q_lens):
 # -----------------------------------------------------------------------------
 # the PyTorch path
 
-def _mask(Tq, Tk, causal, k_lens, device):
-    """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked."""
+def _mask(Tq, Tk, causal, key_ok, device):
+    """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked. key_ok:
+    (B, Tk), the keys before each row's k_lens, or None."""
     mask = None
     if causal:
         i = torch.arange(Tq, device=device)[:, None]
         j = torch.arange(Tk, device=device)[None, :]
         mask = (j <= i + (Tk - Tq))[None, None]  # bottom-right aligned
-    if k_lens is not None:
-        valid = torch.arange(Tk, device=device)[None, :] < k_lens.to(device)[:, None]  # (B, Tk)
-        valid = valid[:, None, None, :]
+    if key_ok is not None:
+        valid = key_ok[:, None, None, :]
         mask = valid if mask is None else (mask & valid)
     return mask
 
@@ -114,18 +114,18 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=No
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         y = attention_torch(torch.where(real, q, zero), k, v, causal, k_lens, sm_scale)
         return torch.where(real, y, zero)
+    key_ok = None  # (B, Tk): the keys before each row's k_lens
     if k_lens is not None:
+        key_ok = torch.arange(Tk, device=k.device)[None, :] < k_lens.to(k.device)[:, None]
         # keys past k_lens are ignored, as by the kernels, which never load them: zeros there,
         # since a masked score or a weight of 0 times a NaN or inf would still give NaN
-        valid = (torch.arange(Tk, device=k.device)[None, :]
-                 < k_lens.to(k.device)[:, None])[:, None, :, None]  # (B, 1, Tk, 1)
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
-        k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
+        k, v = (torch.where(key_ok[:, None, :, None], t, zero) for t in (k, v))
     if causal and k_lens is None and Tq in (1, Tk):
         # Tq == 1 (a KV-cache step) sees every key, and for Tq == Tk SDPA's causal mask (aligned
         # top-left) is the bottom-right one: no mask to build
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=sm_scale)
-    mask = _mask(Tq, Tk, causal, k_lens, q.device)
+    mask = _mask(Tq, Tk, causal, key_ok, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
     # rows that see no key: let them attend to everything (finite softmax, no NaN in forward or

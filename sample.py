@@ -167,14 +167,15 @@ if __name__ == "__main__":
     model = M.Model(config)
     model.load_state_dict(checkpoint["model"])
     model.eval().to(device)
-    # where audio goes: a folder gets sample.wav; checked before the input is read and sampled
-    wav_path = out or os.path.join(out_dir, "sample.wav")
-    if os.path.isdir(wav_path) or wav_path.endswith(os.sep):
-        wav_path = os.path.join(wav_path, "sample.wav")
-    if not wav_path.lower().endswith((".wav", ".txt")):
+    # where the result goes (audio: a .wav, a folder gets sample.wav; text: a .txt); checked before
+    # the input is read and sampled
+    out_path = out or os.path.join(out_dir, "sample.wav")
+    if os.path.isdir(out_path) or out_path.endswith(os.sep):
+        out_path = os.path.join(out_path, "sample.wav")
+    if not out_path.lower().endswith((".wav", ".txt")):
         fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
              f"folder")
-    folder = os.path.dirname(os.path.abspath(wav_path))
+    folder = os.path.dirname(os.path.abspath(out_path))
     while not os.path.exists(folder):  # the folders write_wav would make
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
@@ -231,7 +232,7 @@ if __name__ == "__main__":
             fail(msg if msg.startswith(M.__name__) else f"{M.__name__}.sample: {msg}")
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
-        if wav_path.lower().endswith(".txt"):
+        if out_path.lower().endswith(".txt"):
             fail(f"--out={out}: this model's result is audio, written as WAV: name a .wav file or a "
                  f"folder")
         codes = result["codes"]
@@ -243,24 +244,24 @@ if __name__ == "__main__":
         if prompt_codes is not None:
             codes = torch.cat([prompt_codes, codes])
         wav = tools.decode(codes)
-        write_wav(wav_path, wav.numpy(), meta["sample_rate"])
+        write_wav(out_path, wav.numpy(), meta["sample_rate"])
         seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
-        png = os.path.splitext(wav_path)[0] + ".png"
+        png = os.path.splitext(out_path)[0] + ".png"
         plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
                          f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))],
                          boundary=seam)
-        print(f"wrote {wav_path} ({len(wav) / meta['sample_rate']:.2f} s" +
+        print(f"wrote {out_path} ({len(wav) / meta['sample_rate']:.2f} s" +
               (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s "
                f"continuation" if seam else "") +
               f", {codes.shape[1]} codebook(s) decoded) and its log-mel spectrogram {png}")
     else:
         print(result["text"])
         print(f"({dt:.2f} s)")
-        if out and wav_path.lower().endswith(".txt"):
-            os.makedirs(os.path.dirname(os.path.abspath(wav_path)), exist_ok=True)
-            with open(wav_path + ".tmp", "w") as f:
+        if out and out_path.lower().endswith(".txt"):
+            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+            with open(out_path + ".tmp", "w") as f:
                 f.write(result["text"] + "\n")
-            os.replace(wav_path + ".tmp", wav_path)  # atomic
-            print(f"wrote {wav_path}")
+            os.replace(out_path + ".tmp", out_path)  # atomic
+            print(f"wrote {out_path}")
         elif out:
             print(f"(--out={out}: nothing written; a text result goes to a .txt file)")
