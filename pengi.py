@@ -613,7 +613,7 @@ class Pengi(nn.Module):
         # the tower is frozen, its text_projection trains
         for n, p in self.text_encoder.named_parameters():
             p.requires_grad = config.text_trainable or n.startswith("text_projection.")
-        if config.stage == "clap":  # CLAP trains both encoders and nothing else
+        if config.stage == "clap":  # CLAP trains both encoders (and their projections) only
             for p in self.text_encoder.parameters():
                 p.requires_grad = True
             for p in list(self.m1.parameters()) + list(self.m2.parameters()):

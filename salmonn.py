@@ -27,17 +27,19 @@ pretrained part gets a stand-in trained here (config field `stage`, one config e
                checkpoint SALMONN uses was fine-tuned on AudioSet tagging
   "llm"        text-only pretraining of the small GPT-2-layout LLM, the stand-in for Vicuna: the
                corpus text plus generic documents that need reading and copying from context
-               (spans between tags repeated, reversed, de-duplicated, numbers spelled out), the
-               ability SALMONN borrows from Vicuna
+               (spans between tags repeated, reversed, de-duplicated, numbers spelled out) and
+               questions about a train clip's transcript shown between the tags (reading_share),
+               the abilities SALMONN borrows from Vicuna
 and then the paper's three stages:
-  "pretrain"   stage 1: transcription and captioning
+  "pretrain"   stage 1: transcription and captioning (+ ours: a CTC readout of the audio tokens,
+               connect_ctc_weight)
   "instruct"   stage 2: all tasks (transcription, captioning, QA, music description,
                classification, speaker)
   "activation" stage 3: long story-like answers, to undo the task over-fitting of stage 2
 Also here: the batch construction from prepared data, beam search / greedy / sampling with a KV
 cache, the evaluation metrics (WER, BLEU-4, accuracy, tagging mAP; our own implementations), and
-loaders for GPT-2 checkpoints (Hugging Face safetensors / pytorch_model.bin, or our own stage-"llm"
-ckpt.pt), OpenAI Whisper checkpoints and our own stage-"whisper" / "beats" ckpt.pt.
+loaders for GPT-2 checkpoints (Hugging Face safetensors / pytorch_model.bin, or any ckpt.pt of ours
+that holds the LLM), OpenAI Whisper checkpoints and our own ckpt.pt files holding the encoders.
 """
 
 import hashlib

@@ -2,7 +2,8 @@
 Training script for every model of this repository (whisper_gpt, salmonn, pengi), nanoGPT style.
 
     python train.py config/whisper_gpt_quick.py --max_iters=100 --batch_size=8
-    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py   # DDP, one process per GPU
+    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py --gradient_accumulation_steps=4
+                                                  # DDP, one process per GPU
 
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
@@ -292,7 +293,8 @@ if __name__ == "__main__":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
         if gradient_accumulation_steps % ddp_world_size:
             fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple "
-                 f"of the number of processes ({ddp_world_size})")
+                 f"of the number of processes ({ddp_world_size}): it counts the micro-steps of all "
+                 f"of them, e.g. --gradient_accumulation_steps={ddp_world_size}")
         gradient_accumulation_steps //= ddp_world_size
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1

@@ -1,6 +1,6 @@
 # SALMONN's audio-event encoder, pretrained as the BEATs checkpoint SALMONN uses was fine-tuned:
 # multi-label tagging, here of the clips' labels (class, instrument, event, pitch, chord, speaker,
-# sex, ...). Stages 1-3 load the encoder (beats_init) and keep it frozen. Sizes and optimiser are
+# gender, ...). Stages 1-3 load the encoder (beats_init) and keep it frozen. Sizes and optimiser are
 # ours (CPU scale).
 # python train.py config/salmonn_beats.py   ->  out/salmonn-beats/ckpt.pt
 model = "salmonn"
