@@ -110,23 +110,28 @@ def resample(wav, sr_in, sr_out=SAMPLE_RATE):
     return out
 
 class BadAudio(ValueError):
-    pass
+    """Audio that cannot be used: str(e) is "{name}: {reason}"; e.reason alone (a file's name may
+    hold ": ")."""
+
+    def __init__(self, name, reason):
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
 
 def check_audio(wav, name="audio"):
     """Raise BadAudio with a clear reason if a 24 kHz clip cannot be used."""
     if wav.size == 0:
-        raise BadAudio(f"{name}: zero-length audio (0 samples)")
+        raise BadAudio(name, "zero-length audio (0 samples)")
     if not np.all(np.isfinite(wav)):
-        raise BadAudio(f"{name}: contains NaN or infinite samples")
+        raise BadAudio(name, "contains NaN or infinite samples")
     if wav.size < HOP:
-        raise BadAudio(f"{name}: shorter than one frame ({wav.size} samples < {HOP} at "
-                       f"{SAMPLE_RATE} Hz)")
+        raise BadAudio(name, f"shorter than one frame ({wav.size} samples < {HOP} at "
+                             f"{SAMPLE_RATE} Hz)")
     if np.abs(wav).max() < 1e-4:
-        raise BadAudio(f"{name}: all silent (peak {np.abs(wav).max():.1e})")
+        raise BadAudio(name, f"all silent (peak {np.abs(wav).max():.1e})")
     if np.abs(wav).max() > 100:  # 40 dB over full scale: the mel of such audio is out of range
-        raise BadAudio(f"{name}: peak amplitude over 100 ({np.abs(wav).max():.3g}, where full "
-                       f"scale is 1: float samples written at integer scale? divide them by "
-                       f"32768)")
+        raise BadAudio(name, f"peak amplitude over 100 ({np.abs(wav).max():.3g}, where full "
+                             f"scale is 1: float samples written at integer scale? divide them "
+                             f"by 32768)")
 
 def load_audio(path):
     """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to 24 kHz.
@@ -135,8 +140,8 @@ def load_audio(path):
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        raise BadAudio(f"{path}: unreadable or corrupt audio ({type(e).__name__}: "
-                       f"{str(e).strip()[:120]})")
+        raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: "
+                             f"{str(e).strip()[:120]})")
     wav = data.mean(axis=1)
     if wav.size and np.all(np.isfinite(wav)):
         wav = resample(wav, file_sr, SAMPLE_RATE)
@@ -284,7 +289,8 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub
     cache, else a download (skipped when offline); (None, None) when none can be had: the caller
     then makes the offline codec. Each failure is one line naming the file or the cause (with
-    strict, an error)."""
+    strict, an error); a codec_dir without usable weights is an error (FileNotFoundError: none
+    there; ValueError: unusable)."""
     def failed(msg):
         if strict:
             sys.exit(f"error: {msg} (--strict)")
@@ -294,9 +300,12 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
         try:
             return encodec_24khz(True, weights_dir), weights_dir / CODEC_FILE
         except Exception as e:                       # truncated or corrupt: wrong hash, unreadable
-            failed(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
-                   f"{str(e).strip()[:120]}); "
-                   "delete it to download it again")
+            problem = (f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
+                       f"{str(e).strip()[:120]})")
+            if codec_dir:  # named by the user: nothing is downloaded there, so an error
+                raise ValueError(f"--codec_dir={codec_dir}: {problem}; put EnCodec's 24 kHz "
+                                 f"weights file there") from None
+            failed(f"{problem}; delete it to download it again")
             return None, None
     if offline:
         return None, None

@@ -25,6 +25,7 @@ read nothing else), ~15x faster.
 The rest is elsewhere: the data contract and the codec at run time in audio.py, fitting the offline
 codec in codec.py, the built-in corpus in synth.py, the corpus BPE in tokenizer.py.
 """
+import math
 import os
 import sys
 import csv
@@ -139,7 +140,8 @@ def read_manifest(src, report):
             r["qa"].append({"q": str(row["question"]).strip(), "a": str(row["answer"]).strip()})
         qa = row.get("qa") or []
         if not isinstance(qa, list):
-            report(f"{src}/{where}", "'qa' is not a list of {\"q\": ..., \"a\": ...}; ignored")
+            report(f"{src}/{where}", "'qa' is not a list of question-answer objects "
+                                     "({\"q\": ..., \"a\": ...}); the row's 'qa' ignored")
             qa = []
         for q in qa:
             if isinstance(q, dict) and q.get("q") and q.get("a"):
@@ -151,9 +153,13 @@ def folder_items(src, report):
     manifest = read_manifest(src, report)
     items = []
     files = sorted(f for f in src.rglob("*") if f.is_file())
+    listed = {f.resolve() for f in files}
     for f, r in (manifest or {}).items():
         if not f.is_file():
             report(str(src / r["name"]), "named in the manifest but the file is missing")
+        elif f not in listed:
+            report(str(f), "named in the manifest but outside --src (only the files under it "
+                           "are read)")
     for f in files:
         rel = f.relative_to(src).as_posix()
         if f.name in ("manifest.csv", "manifest.jsonl") and f.parent == src:
@@ -248,8 +254,10 @@ def check_args(args):
                      ("kmeans_frames", 1), ("kmeans_iters", 1)):
         if getattr(args, k) < least:
             sys.exit(f"error: --{k}={getattr(args, k)}: must be at least {least}")
-    if not args.batch_seconds > 0:
-        sys.exit(f"error: --batch_seconds={args.batch_seconds:g}: must be above 0")
+    if not 0 < args.batch_seconds < math.inf:
+        sys.exit(f"error: --batch_seconds={args.batch_seconds:g}: must be a number above 0")
+    if args.seed < 0:
+        sys.exit(f"error: --seed={args.seed}: must be 0 or more")
     if args.src and not Path(args.src).is_dir():
         sys.exit(f"--src={args.src}: not a directory")
     if args.kinds and not synth:
@@ -328,6 +336,15 @@ def hash_args(args):
         key_args["out_dir"] = None
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
+# settings that pass 1's chunks do not depend on (how much audio is encoded at once, what is done
+# with the encodings afterwards): a re-run that changes only these resumes the chunks
+AFTER_PASS1 = ("batch_seconds", "kmeans_frames", "kmeans_iters", "vocab_size", "codec_tune_steps",
+               "codec_report", "offline")
+
+def work_hash(args):
+    """The hash that names the work directory: hash_args's without AFTER_PASS1."""
+    return hash_args(argparse.Namespace(**{**vars(args), **dict.fromkeys(AFTER_PASS1)}))
+
 def output_files(meta):
     """The files a finished run wrote next to meta.json (the codebook-0 mels, made on request,
     aside)."""
@@ -397,7 +414,7 @@ def get_codec(args, out):
     try:
         codec, weights = (None, None) if args.offline_codec else \
             get_pretrained_codec(args.codec_dir, offline=args.offline, strict=args.strict)
-    except FileNotFoundError as e:                    # --codec_dir without the weights
+    except (FileNotFoundError, ValueError) as e:      # --codec_dir without usable weights
         sys.exit(f"error: {e}")
     if codec is not None:
         codec_info = {"name": "encodec_24khz", "pretrained": True,
@@ -442,15 +459,15 @@ def clip_list(args, report):
             try:
                 wav = load_audio(it["path"])
             except BadAudio as e:
-                report(it["path"], str(e).split(": ", 1)[1] if ": " in str(e) else str(e))
+                report(it["path"], e.reason)
                 continue
             info = {k: v for k, v in it.items() if k != "path"}
             yield wav, info
     return clips, len(items)
 
 def work_dir(out, args_hash, codec_name, force):
-    """The directory where a run keeps what a kill would lose, named by the arguments' hash and the
-    codec, so that a re-run with them resumes from it (and one that gets another codec, say the
+    """The directory where a run keeps what a kill would lose, named by the arguments' hash
+    (work_hash) and the codec, so that a re-run with them resumes from it (and one that gets another codec, say the
     pretrained EnCodec once the network is back, starts anew)."""
     work = out / f".work-{args_hash}-{codec_name}"
     if force:
@@ -739,6 +756,10 @@ def finish(out, work, args, stage):
             (out / f"{split}_wmel.bin").unlink(missing_ok=True)
         if args.no_codes:
             (out / f"{split}_codes.bin").unlink(missing_ok=True)
+    staged = {path.name for _, path in stage.files}
+    for name in ("codec.pt", "codec.png"):  # the offline codec of an earlier run, and its picture
+        if name not in staged:
+            (out / name).unlink(missing_ok=True)
     stage.commit()
     if args.codebook0_mel:
         codebook0_mels(out, args.quiet)
@@ -866,9 +887,12 @@ def main(argv=None):
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
                  f"{sum(report.counts.values())} inputs); nothing written")
-    work = work_dir(out, args_hash, codec_info["name"] if codec else "no_codes", args.force)
+    work = work_dir(out, work_hash(args), codec_info["name"] if codec else "no_codes", args.force)
     codec_wavs = {}
     fit_codec = codec is not None and not codec_info["pretrained"] and not args.codec_from
+    copy_codec = codec is not None and not codec_info["pretrained"] and args.codec_from
+    if copy_codec:  # the very file the codes are made with, copied now: DIR may change meanwhile
+        shutil.copyfile(Path(args.codec_from) / codec_info["weights"], work / "codec_from.pt")
     if fit_codec:
         codec_wavs = start_offline_codec(codec, clips, report, args, work)
     encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
@@ -883,9 +907,8 @@ def main(argv=None):
         allemb, measured = fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage)
         if measured:
             codec_info["report"] = measured
-    elif codec is not None and not codec_info["pretrained"]:  # --codec_from: the very file
-        weights = codec_info["weights"]
-        shutil.copyfile(Path(args.codec_from) / weights, stage(weights))
+    elif copy_codec:
+        shutil.copyfile(work / "codec_from.pt", stage(codec_info["weights"]))
     codes = quantize_clips(codec, allemb, bounds) if codec is not None else None   # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)

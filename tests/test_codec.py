@@ -95,9 +95,15 @@ def test_codec_dir_and_corrupt_files(tmp_path, hub, monkeypatch, capsys):
         A.find_codec_weights(tmp_path)
     assert A.find_codec_weights(None) == hub
     (d / A.CODEC_FILE).write_bytes(b"not a checkpoint")
-    assert A.get_pretrained_codec(codec_dir=d, offline=True) == (None, None)
+    # named by --codec_dir, where nothing is downloaded: an error, not the offline codec
+    with pytest.raises(ValueError, match=f"--codec_dir={d}: {d / A.CODEC_FILE}: unusable"):
+        A.get_pretrained_codec(codec_dir=d, offline=True)
+    # in the hub cache: one line, then the offline codec
+    (hub / A.CODEC_FILE).write_bytes(b"not a checkpoint")
+    assert A.get_pretrained_codec(offline=True) == (None, None)
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and str(d / A.CODEC_FILE) in out[0] and "unusable" in out[0]
+    assert (len(out) == 1 and str(hub / A.CODEC_FILE) in out[0] and "unusable" in out[0]
+            and "delete it" in out[0]), out
 
 
 def test_loading_the_offline_codec_leaves_the_random_stream(synth_dir):

@@ -860,7 +860,8 @@ def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
     whys = [why for _, why in problems]
     assert [w.split(" (")[0] for w in whys] == [
         "bad JSON line", "manifest row is not an object", "manifest row has no 'file' field",
-        "'qa' is not a list of {\"q\": ..., \"a\": ...}; ignored"], whys
+        "'qa' is not a list of question-answer objects"], whys
+    assert whys[3].endswith("the row's 'qa' ignored")
     assert [where.rsplit(":", 1)[1] for where, _ in problems] == ["4", "1", "2", "3"]
 
 
@@ -904,7 +905,9 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
         P.main(args)
     assert not (out / "meta.json").exists() and list(out.glob(".work-*/chunk*.npz"))
     monkeypatch.undo()
-    P.main(args)
+    # settings that pass 1's encodings do not depend on may change (e.g. a smaller batch after
+    # running out of memory): the chunks are used all the same
+    P.main(args + ["--batch_seconds=0.5", "--kmeans_iters=3"])
     assert "resuming: 3 clips already encoded" in capsys.readouterr().out
     clips = [json.loads(l) for l in (out / "train_clips.jsonl").read_text().splitlines()]
     assert [c["id"] for c in clips] == ["tone0.wav", "tone1.wav", "tone2.wav"]
@@ -1019,12 +1022,25 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250",
                                  "--kmeans_frames=0", "--kmeans_iters=0", "--codec_steps=-3",
                                  "--codec_tune_steps=-1", "--codec_clips=0",
-                                 "--batch_seconds=0"])
+                                 "--batch_seconds=0", "--batch_seconds=inf", "--seed=-1"])
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
     assert str(e.value).startswith(f"error: {arg}: must be")
     assert not (tmp_path / "out").exists()
+
+def test_the_work_directory_is_named_by_what_the_encodings_depend_on():
+    """Pass 1's chunks are kept across settings that change only what comes after them (and the
+    finished data's hash still tells those settings apart)."""
+    base = P.get_args([])
+    for after in ("--batch_seconds=4", "--kmeans_frames=99", "--kmeans_iters=3", "--vocab_size=900",
+                  "--codec_tune_steps=7", "--codec_report=0", "--offline"):
+        args = P.get_args([after])
+        assert P.work_hash(args) == P.work_hash(base), after
+        assert P.hash_args(args) != P.hash_args(base), after
+    for before in ("--seed=3", "--clips=7", "--max_seconds=2", "--codec_steps=5", "--whisper_mel",
+                   "--kinds=note"):
+        assert P.work_hash(P.get_args([before])) != P.work_hash(base), before
 
 def test_the_default_place_named_as_such_is_the_same_run():
     """--name / --out_dir naming the default place hash as the default (a re-run skips); another
@@ -1342,3 +1358,34 @@ def test_the_corpus_generator_writes_at_the_data_contract_rate():
     assert Y.SAMPLE_RATE == A.SAMPLE_RATE
     wav, info = Y.synth_clip(1337, 0, 1.0)
     assert len(wav) <= Y.SAMPLE_RATE * 1.0 + 1 and info["kind"]
+
+
+def test_manifest_rows_outside_src_and_names_with_colons_are_reported_whole(tmp_path):
+    src, outside = tmp_path / "src", tmp_path / "elsewhere.wav"
+    src.mkdir()
+    sf.write(src / "good.wav", sine(440, 0.5), SR)
+    sf.write(outside, sine(440, 0.5), SR)
+    (src / "bad: take 2.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 4)
+    (src / "manifest.jsonl").write_text(json.dumps({"file": str(outside), "caption": "x"}) + "\n"
+                                        + json.dumps({"file": "../elsewhere.wav"}) + "\n")
+    problems = []
+    report = lambda where, why: problems.append((where, why))
+    clips, n = P.clip_list(P.get_args(["--dataset=folder", f"--src={src}"]), report)
+    assert problems == [(str(outside), "named in the manifest but outside --src (only the files "
+                                       "under it are read)")]
+    assert [info["id"] for _, info in clips()] == ["good.wav"] and n == 2
+    where, why = problems[1]
+    assert where == str(src / "bad: take 2.wav") and why.startswith("unreadable or corrupt audio")
+
+
+def test_a_rebuild_leaves_no_codec_files_of_the_run_before(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k, hz in enumerate([300, 500]):
+        sf.write(src / f"tone{k}.wav", sine(hz, 0.5), SR)
+    out.mkdir()
+    (out / "codec.pt").write_bytes(b"an earlier run's offline codec")
+    (out / "codec.png").write_bytes(b"its picture")
+    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--no_codes", "--quiet"])
+    assert (out / "meta.json").exists() and json.loads((out / "meta.json").read_text())["codec"] is None
+    assert not (out / "codec.pt").exists() and not (out / "codec.png").exists()
