@@ -241,6 +241,9 @@ if __name__ == "__main__":
     device = configurator.resolve_device("bench_whisper_gpt.py", device)
     if part not in ("all", "train", "generate"):
         fail(f"--part={part}: expected all, train or generate")
+    for key in ("iters", "batch_size", "new_tokens"):
+        if globals()[key] < 1:
+            fail(f"--{key}={globals()[key]}: must be at least 1")
     if child:
         print(json.dumps(train_one(child)))
         sys.exit(0)

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import configurator
 import tokenizer as tokenizers
-from train import load_checkpoint, load_model_data, load_weights
+from train import changed_settings, load_checkpoint, load_model_data, load_weights
 
 # -----------------------------------------------------------------------------
 split = "val"
@@ -50,8 +50,9 @@ def checkpoint_paths(args):
 
 def check_runs(paths, opts):
     """Before any work: every checkpoint loads, takes the evaluate() options given and --kinds, and
-    with --mean all are of one model and stage (a mean over seeds of one recipe)."""
-    recipes = set()
+    with --mean all are of one model and stage and differ in no setting but the seed (a mean over
+    seeds of one recipe)."""
+    recipes, first = set(), None
     for path in paths:
         try:
             ck = load_checkpoint(path, mmap=True)  # its settings: the weights are read later
@@ -66,6 +67,12 @@ def check_runs(paths, opts):
             fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
                  f"clip-kind subsets")
         recipes.add((ck["model_name"], ck["model_args"].get("stage")))
+        if mean and first is not None and len(recipes) == 1:
+            changed = changed_settings(ck["config"], first[1], skip=("seed",))
+            if changed:
+                fail(f"--mean averages seeds of one recipe: {first[0]} and {path} differ in "
+                     f"{', '.join(changed[:5])}")
+        first = first or (path, ck["config"])
         del ck
     if mean and len(recipes) > 1:
         fail(f"--mean: the runs are of {len(recipes)} models or stages "

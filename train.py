@@ -87,6 +87,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the model files sit beside 
 def fail(msg):
     configurator.fail("train.py", msg)
 
+def model_defaults(name):
+    """The model file's Config defaults: what a run that did not set a model field had."""
+    return {f.name: f.default for f in fields(importlib.import_module(name).Config)}
+
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or
     corrupt (a crash never leaves one: save_checkpoint writes a temporary file and renames it), or
@@ -107,11 +111,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     if not os.path.isfile(os.path.join(HERE, f"{ck['model_name']}.py")):
         raise ValueError(f"{path}: holds a {ck['model_name']!r} model, which has no model file "
                          f"here")
+    unknown = sorted(set(ck["model_args"]) - set(model_defaults(ck["model_name"])))
+    if unknown:  # written by a model file with fields this one lacks (another version of it)
+        raise ValueError(f"{path}: its {ck['model_name']} model has settings that "
+                         f"{ck['model_name']}.py's Config lacks: {', '.join(unknown)}")
     return ck
-
-def model_defaults(name):
-    """The model file's Config defaults: what a run that did not set a model field had."""
-    return {f.name: f.default for f in fields(importlib.import_module(name).Config)}
 
 def unset_defaults(new, old):
     """A settings dict holds the model fields a run set: one it left out had its Config default.
@@ -270,8 +274,13 @@ if __name__ == "__main__":
                 "log_interval"):
         if S[key] < 1:
             fail(f"{key}={S[key]}: must be at least 1")
-    if max_iters < 0:
-        fail(f"max_iters={max_iters}: must be at least 0")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
+                "weight_decay", "grad_clip"):
+        if not 0 <= S[key] < math.inf:
+            fail(f"{key}={S[key]}: must be a number of at least 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= S[key] < 1:
+            fail(f"{key}={S[key]}: must be at least 0 and below 1")
 
     # -----------------------------------------------------------------------------
     # processes and devices
@@ -348,6 +357,14 @@ if __name__ == "__main__":
             fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not "
                  f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
+        # the weights the run started from stay part of what it is (a later start is compared)
+        S["init_from"] = checkpoint["config"].get("init_from", "scratch")
+        end_iter = checkpoint.get("end_iter", checkpoint["iter_num"])
+        if checkpoint["iter_num"] < end_iter >= max_iters and not eval_only:
+            if master:  # a best-only run that went on to max_iters: resuming would redo its end
+                print(f"{ckpt_path}: this run is finished (iter {end_iter}; its best weights, "
+                      f"kept, are of iter {checkpoint['iter_num']}), nothing to do")
+            sys.exit(0)
         # the other settings are this command's: say which ones the run did not have
         diff = changed_settings(S, checkpoint["config"])
         changed = [k for k in diff if k not in model_keys]
@@ -395,6 +412,9 @@ if __name__ == "__main__":
             M.init_pretrained(raw_model, tok)
     except (ValueError, OSError) as e:
         fail(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e)
+    except (AssertionError, ZeroDivisionError) as e:  # a size the model file does not check itself
+        fail(f"{model}: these settings do not build a model ({type(e).__name__}: "
+             f"{e or 'a size of 0 or one that does not divide'})")
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
         try:
@@ -496,9 +516,11 @@ if __name__ == "__main__":
     def eval_due(it):  # the iterations that evaluate (and may save)
         return it % eval_interval == 0 or it == max_iters
 
-    if master:  # made once data and model have loaded: bad input leaves no empty out_dir behind
-        os.makedirs(out_dir, exist_ok=True)
+    if master and not eval_only:  # made once data and model have loaded: bad input leaves no
+        os.makedirs(out_dir, exist_ok=True)  # empty out_dir behind
     log_path = os.path.join(out_dir, "log.jsonl")
+    if master and not eval_only and overwrite and init_from != "resume" and os.path.exists(ckpt_path):
+        os.remove(ckpt_path)  # with its log: the run there is gone, not half of it
     if master and not eval_only:
         # the log holds this run only: a fresh run starts it anew; a resumed one drops what came
         # after its checkpoint (those iterations are done again), and the checkpoint's own eval
@@ -623,7 +645,8 @@ if __name__ == "__main__":
     if master and not eval_only and not always_save_checkpoint and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)  # the best weights: note that the run went on to the end
         if ckpt["iter_num"] < iter_num:
-            ckpt["end_iter"] = iter_num
+            # where the run ended, and the settings it ended with (a re-run of them is finished)
+            ckpt["end_iter"], ckpt["config"] = iter_num, dict(S)
             torch.save(ckpt, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
     if master:

@@ -341,7 +341,8 @@ if __name__ == "__main__":
     train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
     # the sweep sets these per run: given here they would make every run the same one
     for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("model", "--models"),
-                      ("init_from", "(runs resume by themselves)")):
+                      ("init_from", "(runs resume by themselves)"),
+                      ("always_save_checkpoint", "(the table is of each run's last weights)")):
         if key in unknown:
             fail(f"--{key}={unknown[key]}: the sweep sets it for each run; use {ours}")
     import train

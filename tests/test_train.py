@@ -235,6 +235,14 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     p = run(cmd + ["--bias=False"])
     assert "this run is finished (iter 8), nothing to do" in p.stdout, p.stdout
     assert open(os.path.join(out, "log.jsonl")).read() == before
+    # extended to 12 without a better val loss (the lr is 0 after 4): the checkpoint notes the
+    # settings it ended with, so that command, with or without init_from=resume, is finished
+    run(cmd + ["--init_from=resume", "--max_iters=12"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 4 and ck["end_iter"] == 12 and ck["config"]["max_iters"] == 12
+    for extra in ([], ["--init_from=resume"]):
+        p = run(cmd + ["--max_iters=12"] + extra)
+        assert "this run is finished (iter 12" in p.stdout, (extra, p.stdout)
     run(cmd + ["--overwrite=True", "--max_iters=2"])
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["iter"] for r in recs if "loss" in r] == [1, 2]
@@ -422,6 +430,43 @@ def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
              check=False)
     assert p.returncode == 1 and "stopping (no checkpoint written)" in p.stderr, p.stderr[-2000:]
     assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
+    # --overwrite=True restarted the log: the old run's checkpoint went with it, not at the first save
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+def test_a_resumed_run_keeps_its_start(full_run, synth_dir, tmp_path):
+    """A run resumed with init_from=resume still records where it started, so a later command
+    from other weights into its out_dir is another run (refused), not this one continued."""
+    out = str(tmp_path / "b")
+    base = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    run(base + ["--max_iters=2"])
+    run(base + ["--max_iters=4", "--init_from=resume"])
+    p = run(base + ["--max_iters=4", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"],
+            check=False)
+    assert p.returncode == 2 and "init_from='scratch' there" in p.stderr, p.stdout + p.stderr
+
+def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir, tmp_path):
+    """eval_only makes no out_dir; optimizer numbers out of range and model sizes that do not
+    build a model stop train.py in one line naming them, before any work."""
+    none = tmp_path / "none"
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={none}", *TINY,
+         "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
+    assert not none.exists()
+    for arg, said in (("--min_lr=-1", "min_lr=-1.0: must be a number of at least 0"),
+                      ("--beta2=2", "beta2=2.0: must be at least 0 and below 1"),
+                      ("--n_head=3", "n_embd 32 must be divisible by n_head 3")):
+        p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}",
+                 f"--out_dir={tmp_path / 'x'}", *TINY, arg], check=False)
+        assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, \
+            (arg, p.stderr[-1500:])
+    assert not (tmp_path / "x").exists()
+
+def test_a_checkpoint_with_fields_the_model_file_lacks_is_named(full_run, tmp_path):
+    import torch
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    ck["model_args"]["a_field_of_another_version"] = 1
+    torch.save(ck, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="Config lacks: a_field_of_another_version"):
+        train.load_checkpoint(str(tmp_path / "ckpt.pt"))
 
 @pytest.mark.parametrize("n", [30])
 def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n):

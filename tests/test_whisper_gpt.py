@@ -778,6 +778,26 @@ def test_eval_table_mean_and_std_rows(monkeypatch, capsys):
                         f"{100 * sample_std([0.25, 0.75]):.2f}% | {sample_std(ppl):.4f} | 0.0000 |")
     assert len(lines) == 6
 
+def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
+    """--mean takes runs that differ in their seed only: another setting is refused, named."""
+    import eval as E
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, vocab_size=64)
+    paths = []
+    for name, seed, lr in (("a", 1, 1e-3), ("b", 2, 1e-3), ("c", 3, 5e-3)):
+        path = tmp_path / name / "ckpt.pt"
+        path.parent.mkdir()
+        torch.save({"model": {}, "model_name": "whisper_gpt", "model_args": dataclasses.asdict(cfg),
+                    "iter_num": 0, "config": {"model": "whisper_gpt", "seed": seed,
+                                              "learning_rate": lr, "out_dir": name}}, path)
+        paths.append(str(path))
+    monkeypatch.setattr(E, "mean", True)
+    monkeypatch.setattr(E, "kinds", "")
+    E.check_runs(paths[:2], {})
+    with pytest.raises(SystemExit):
+        E.check_runs(paths, {})
+    err = capsys.readouterr().err
+    assert f"{paths[0]} and {paths[2]} differ in learning_rate" in err, err
+
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
     count is that of the whole val split, and the row says "all"."""
@@ -968,6 +988,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
              (["--prompt_frames=0"], "--prompt_frames=0: must be at least 1"),
              (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
              ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use --out_root"),
+             (["--always_save_checkpoint=False"], "the table is of each run's last weights"),
              ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
              ([f"--test_dir={other_codec}"], "of another codec than"))
     procs = [(extra, said, subprocess.Popen(more + extra, cwd=ROOT, stdout=subprocess.PIPE,
