@@ -572,6 +572,9 @@ def check_config(config):
                          f"{config.text_init!r}")
     if config.stage not in ("clap", "pengi"):
         raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
+    for field in ("prefix_len", "max_prompt_tokens", "max_answer_tokens"):
+        if getattr(config, field) < 1:
+            raise ValueError(f"{field}={getattr(config, field)}: must be at least 1")
     for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
         heads = getattr(config, field)
         if heads < 1 or config.llm_n_embd % heads:
@@ -1316,9 +1319,10 @@ def evaluate(model, data, tok, split="val", **opts):
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **opts}
-    for key in ("max_clips", "beam", "max_new_tokens", "batch_size", "probe_clips", "prior_clips"):
-        if o[key] < 1:
-            raise ValueError(f"pengi.evaluate: {key}={o[key]}: must be at least 1")
+    for key, least in (("max_clips", 1), ("beam", 1), ("max_new_tokens", 1), ("batch_size", 1),
+                       ("probe_clips", 2), ("prior_clips", 1)):  # a probe fits on 2 clips or more
+        if o[key] < least:
+            raise ValueError(f"pengi.evaluate: {key}={o[key]}: must be at least {least}")
     return in_eval_mode(model, _evaluate, model, data, tok, split, o)
 
 def _evaluate(model, data, tok, split, o):

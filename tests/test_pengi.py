@@ -631,7 +631,10 @@ def test_head_counts_and_stage_lists_named():
                      ({"enc_heads": "3,2"}, "enc_heads='3,2': stage 0 is 8 wide"),
                      ({"enc_heads": "2,3"}, "enc_heads='2,3': stage 1 is 16 wide"),
                      ({"enc_depths": "1,x"}, "enc_depths='1,x': must be a comma list of integers"),
-                     ({"enc_heads": "2,0"}, "enc_heads='2,0': every entry must be at least 1")):
+                     ({"enc_heads": "2,0"}, "enc_heads='2,0': every entry must be at least 1"),
+                     ({"prefix_len": 0}, "prefix_len=0: must be at least 1"),
+                     ({"max_prompt_tokens": 0}, "max_prompt_tokens=0: must be at least 1"),
+                     ({"max_answer_tokens": -2}, "max_answer_tokens=-2: must be at least 1")):
         with pytest.raises(ValueError, match=said):
             pengi.Pengi(tiny_config(**kw))
     pengi.Pengi(tiny_config(enc_heads="4,8", map_n_head=4))  # divisors of 8, 16 and 16
@@ -1101,3 +1104,5 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, candidates="|")
     with pytest.raises(ValueError, match="unknown task"):
         pengi.evaluate(m, data, tok, "val", tasks="class,emotion")
+    with pytest.raises(ValueError, match="probe_clips=1: must be at least 2"):  # a probe fits on 2+
+        pengi.evaluate(m, data, tok, "val", probe_clips=1)
