@@ -729,15 +729,25 @@ def set_pretrained_dims(config):
 # -----------------------------------------------------------------------------
 # the model: which parts exist depends on the stage
 
-def check_heads(config):
-    """A ValueError naming the setting when a part of the stage's model has a head count that does
-    not divide its width (attention splits the width into equal heads)."""
+def check_config(config):
+    """A ValueError naming the setting when the stage's model cannot be built or run: an unknown
+    stage, a part whose head count does not divide its width (attention splits the width into
+    equal heads), and sizes under their least."""
+    if config.stage not in STAGES:
+        raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
     parts = {"whisper": ("speech",), "beats": ("beats",),
              "llm": ("llm",)}.get(config.stage, ("speech", "beats", "qformer", "llm"))
     for part in parts:
         width, heads = getattr(config, f"{part}_n_embd"), getattr(config, f"{part}_n_head")
         if heads < 1 or width % heads:
             raise ValueError(f"{part}_n_head={heads}: must divide {part}_n_embd={width}")
+    for part in ("speech", "beats"):  # sinusoidal positions: a sine half and a cosine half
+        if part in parts and getattr(config, f"{part}_n_embd") % 2:
+            raise ValueError(f"{part}_n_embd={getattr(config, f'{part}_n_embd')}: must be even")
+    for field, least in (("window_frames", 1), ("window_queries", 1), ("max_audio_frames", 1),
+                         ("lora_rank", 0)):
+        if getattr(config, field) < least:
+            raise ValueError(f"{field}={getattr(config, field)}: must be at least {least}")
 
 def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
     """One hash per batch row of its valid input frames: the key of a clip's encoder frames."""
@@ -764,9 +774,7 @@ class SALMONN(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.stage not in STAGES:
-            raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
-        check_heads(config)
+        check_config(config)
         self.config = config
         stage = config.stage
         speech_mels = config.speech_n_mels or config.n_mels
@@ -1130,6 +1138,8 @@ def clip_tags(clip):
     return [f"{k}={v}" for k, v in (clip.get("labels") or {}).items() if k in TAG_KEYS]
 
 def stage_tasks(config):
+    if config.stage not in STAGES:  # (load_data asks before the model is built)
+        raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
     if (config.tasks or config.task_weights) and config.stage not in AUDIO_STAGES:
         raise ValueError(f"tasks / task_weights ({config.tasks!r} / {config.task_weights!r}) "
                          f"choose the mix of stages 1-3; stage {config.stage!r} has none")

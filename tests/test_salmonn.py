@@ -181,12 +181,24 @@ def test_qformer_windows_in_time_order_and_local():
 
 def test_head_counts_that_do_not_divide_the_width_named():
     """Each part's heads split its width: a count that does not divide it is a ValueError that
-    names the setting, for the parts the stage builds."""
+    names the setting, for the parts the stage builds; so are an unknown stage, an odd encoder
+    width (its positions are sine and cosine halves) and sizes under their least, which would
+    otherwise fail only at the first forward."""
     for field, width in (("qformer", 24), ("llm", 32), ("speech", 32), ("beats", 16)):
         said = f"{field}_n_head=5: must divide {field}_n_embd={width}"
         with pytest.raises(ValueError, match=said):
             SALMONN(tiny_config(**{f"{field}_n_head": 5}))
     SALMONN(tiny_config(stage="llm", qformer_n_head=5))  # stage "llm" has no Q-Former
+    for kw, said in (({"stage": "instrct"}, "stage='instrct': must be one of"),
+                     ({"speech_n_embd": 33, "speech_n_head": 3}, "speech_n_embd=33: must be even"),
+                     ({"window_queries": 0}, "window_queries=0: must be at least 1"),
+                     ({"window_frames": -1}, "window_frames=-1: must be at least 1"),
+                     ({"max_audio_frames": 0}, "max_audio_frames=0: must be at least 1"),
+                     ({"lora_rank": -1}, "lora_rank=-1: must be at least 0")):
+        with pytest.raises(ValueError, match=said):
+            SALMONN(tiny_config(**kw))
+    with pytest.raises(ValueError, match="stage='instrct': must be one of"):
+        salmonn.stage_tasks(tiny_config(stage="instrct"))  # load_data's, before the model
 
 # -----------------------------------------------------------------------------
 # frozen LLM, LoRA
