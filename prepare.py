@@ -255,7 +255,7 @@ def check_args(args):
         if getattr(args, k) < least:
             sys.exit(f"error: --{k}={getattr(args, k)}: must be at least {least}")
     if not 0 < args.batch_seconds < math.inf:
-        sys.exit(f"error: --batch_seconds={args.batch_seconds:g}: must be a number above 0")
+        sys.exit(f"error: --batch_seconds={args.batch_seconds:g}: must be a finite number above 0")
     if args.seed < 0:
         sys.exit(f"error: --seed={args.seed}: must be 0 or more")
     if args.src and not Path(args.src).is_dir():
@@ -336,8 +336,9 @@ def hash_args(args):
         key_args["out_dir"] = None
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
-# settings that pass 1's chunks do not depend on (how much audio is encoded at once, what is done
-# with the encodings afterwards): a re-run that changes only these resumes the chunks
+# settings the encoded chunks of pass 1 do not depend on (what is done with the encodings
+# afterwards; how much audio is encoded at once, which moves them by float rounding only): a
+# re-run that changes only these resumes the chunks
 AFTER_PASS1 = ("batch_seconds", "kmeans_frames", "kmeans_iters", "vocab_size", "codec_tune_steps",
                "codec_report", "offline")
 
@@ -465,11 +466,11 @@ def clip_list(args, report):
             yield wav, info
     return clips, len(items)
 
-def work_dir(out, args_hash, codec_name, force):
-    """The directory where a run keeps what a kill would lose, named by the arguments' hash
-    (work_hash) and the codec, so that a re-run with them resumes from it (and one that gets another codec, say the
-    pretrained EnCodec once the network is back, starts anew)."""
-    work = out / f".work-{args_hash}-{codec_name}"
+def work_dir(out, work_key, codec_name, force):
+    """The directory where a run keeps what a kill would lose, named by work_key (work_hash) and
+    the codec, so that a re-run with them resumes from it (and one that gets another codec, say
+    the pretrained EnCodec once the network is back, starts anew)."""
+    work = out / f".work-{work_key}-{codec_name}"
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(exist_ok=True)
@@ -890,7 +891,7 @@ def main(argv=None):
     work = work_dir(out, work_hash(args), codec_info["name"] if codec else "no_codes", args.force)
     codec_wavs = {}
     fit_codec = codec is not None and not codec_info["pretrained"] and not args.codec_from
-    copy_codec = codec is not None and not codec_info["pretrained"] and args.codec_from
+    copy_codec = codec is not None and not codec_info["pretrained"] and bool(args.codec_from)
     if copy_codec:  # the very file the codes are made with, copied now: DIR may change meanwhile
         shutil.copyfile(Path(args.codec_from) / codec_info["weights"], work / "codec_from.pt")
     if fit_codec:

@@ -2,8 +2,9 @@
 Training script for every model of this repository (whisper_gpt, salmonn, pengi), nanoGPT style.
 
     python train.py config/whisper_gpt_quick.py --max_iters=100 --batch_size=8
-    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py --gradient_accumulation_steps=4
-                                                  # DDP, one process per GPU
+    # DDP, one process per GPU (gradient_accumulation_steps counts the micro-steps of all of them)
+    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py \
+        --gradient_accumulation_steps=4
 
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
@@ -277,7 +278,7 @@ if __name__ == "__main__":
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
                 "weight_decay", "grad_clip"):
         if not 0 <= S[key] < math.inf:
-            fail(f"{key}={S[key]}: must be a number of at least 0")
+            fail(f"{key}={S[key]}: must be a finite number, at least 0")
     for key in ("beta1", "beta2"):
         if not 0 <= S[key] < 1:
             fail(f"{key}={S[key]}: must be at least 0 and below 1")
@@ -360,7 +361,7 @@ if __name__ == "__main__":
         # the weights the run started from stay part of what it is (a later start is compared)
         S["init_from"] = checkpoint["config"].get("init_from", "scratch")
         end_iter = checkpoint.get("end_iter", checkpoint["iter_num"])
-        if checkpoint["iter_num"] < end_iter >= max_iters and not eval_only:
+        if end_iter > checkpoint["iter_num"] and end_iter >= max_iters and not eval_only:
             if master:  # a best-only run that went on to max_iters: resuming would redo its end
                 print(f"{ckpt_path}: this run is finished (iter {end_iter}; its best weights, "
                       f"kept, are of iter {checkpoint['iter_num']}), nothing to do")
@@ -414,7 +415,7 @@ if __name__ == "__main__":
         fail(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e)
     except (AssertionError, ZeroDivisionError) as e:  # a size the model file does not check itself
         fail(f"{model}: these settings do not build a model ({type(e).__name__}: "
-             f"{e or 'a size of 0 or one that does not divide'})")
+             f"{str(e) or 'a size of 0 or one that does not divide'})")
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
         try:
@@ -519,7 +520,8 @@ if __name__ == "__main__":
     if master and not eval_only:  # made once data and model have loaded: bad input leaves no
         os.makedirs(out_dir, exist_ok=True)  # empty out_dir behind
     log_path = os.path.join(out_dir, "log.jsonl")
-    if master and not eval_only and overwrite and init_from != "resume" and os.path.exists(ckpt_path):
+    fresh = init_from != "resume"
+    if master and not eval_only and overwrite and fresh and os.path.exists(ckpt_path):
         os.remove(ckpt_path)  # with its log: the run there is gone, not half of it
     if master and not eval_only:
         # the log holds this run only: a fresh run starts it anew; a resumed one drops what came

@@ -341,10 +341,12 @@ if __name__ == "__main__":
     train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
     # the sweep sets these per run: given here they would make every run the same one
     for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("model", "--models"),
-                      ("init_from", "(runs resume by themselves)"),
-                      ("always_save_checkpoint", "(the table is of each run's last weights)")):
+                      ("init_from", "(runs resume by themselves)")):
         if key in unknown:
             fail(f"--{key}={unknown[key]}: the sweep sets it for each run; use {ours}")
+    if str(unknown.get("always_save_checkpoint", "True")).lower() in ("false", "0"):
+        fail(f"--always_save_checkpoint={unknown['always_save_checkpoint']}: the table is of "
+             f"each run's last weights, which a best-only checkpoint does not keep")
     import train
     model_list, kind_list = models.split(","), kinds.split(",")
     for m in model_list:

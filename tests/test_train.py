@@ -430,7 +430,7 @@ def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
              check=False)
     assert p.returncode == 1 and "stopping (no checkpoint written)" in p.stderr, p.stderr[-2000:]
     assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
-    # --overwrite=True restarted the log: the old run's checkpoint went with it, not at the first save
+    # --overwrite=True restarted the log: the old run's checkpoint went with it, before any save
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
 
 def test_a_resumed_run_keeps_its_start(full_run, synth_dir, tmp_path):
@@ -451,7 +451,7 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={none}", *TINY,
          "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
     assert not none.exists()
-    for arg, said in (("--min_lr=-1", "min_lr=-1.0: must be a number of at least 0"),
+    for arg, said in (("--min_lr=-1", "min_lr=-1.0: must be a finite number, at least 0"),
                       ("--beta2=2", "beta2=2.0: must be at least 0 and below 1"),
                       ("--n_head=3", "n_embd 32 must be divisible by n_head 3")):
         p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}",

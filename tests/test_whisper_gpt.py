@@ -989,6 +989,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
              (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
              ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use --out_root"),
              (["--always_save_checkpoint=False"], "the table is of each run's last weights"),
+             (["--always_save_checkpoint=0"], "which a best-only checkpoint does not keep"),
              ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
              ([f"--test_dir={other_codec}"], "of another codec than"))
     procs = [(extra, said, subprocess.Popen(more + extra, cwd=ROOT, stdout=subprocess.PIPE,
