@@ -520,10 +520,9 @@ if __name__ == "__main__":
     if master and not eval_only:  # made once data and model have loaded: bad input leaves no
         os.makedirs(out_dir, exist_ok=True)  # empty out_dir behind
     log_path = os.path.join(out_dir, "log.jsonl")
-    fresh = init_from != "resume"
-    if master and not eval_only and overwrite and fresh and os.path.exists(ckpt_path):
-        os.remove(ckpt_path)  # with its log: the run there is gone, not half of it
     if master and not eval_only:
+        if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
+            os.remove(ckpt_path)  # with its log (below): the run there is gone, not half of it
         # the log holds this run only: a fresh run starts it anew; a resumed one drops what came
         # after its checkpoint (those iterations are done again), and the checkpoint's own eval
         # when the loop evaluates there again
