@@ -517,8 +517,9 @@ if __name__ == "__main__":
     def eval_due(it):  # the iterations that evaluate (and may save)
         return it % eval_interval == 0 or it == max_iters
 
-    if master and not eval_only:  # made once data and model have loaded: bad input leaves no
-        os.makedirs(out_dir, exist_ok=True)  # empty out_dir behind
+    # made once data and model have loaded: bad input leaves no empty out_dir behind
+    if master and not eval_only:
+        os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and not eval_only:
         if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
