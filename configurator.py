@@ -120,13 +120,13 @@ def unknown_key(key, where, types, what):
 def resolve(entries, types, pass_unknown=False, what="a setting of this script"):
     """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are
     an error, or with pass_unknown are returned as {key: raw text} (a config file's value as its
-    repr)."""
+    repr; None for a bare --flag, which only a bool takes)."""
     settings, unknown = {}, {}
     for key, value, raw, where in entries:
         if key in types:
             settings[key] = typed(key, value, raw, types[key], where)
         elif pass_unknown:
-            unknown[key] = raw if raw is not None else ("True" if value is None else repr(value))
+            unknown[key] = raw if raw is not None else (None if value is None else repr(value))
         else:
             raise unknown_key(key, where, types, what)
     return settings, unknown
@@ -178,6 +178,11 @@ def option_values(raw_opts, opt_defaults):
     out = {}
     for key, raw in raw_opts.items():
         default = opt_defaults.get(key)
+        if raw is None:  # a bare --flag
+            if not isinstance(default, bool):
+                raise SettingsError(f"--{key}: expected --key=value")
+            out[key] = True
+            continue
         if isinstance(default, str):
             out[key] = raw
             continue

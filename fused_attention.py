@@ -68,6 +68,8 @@ def _check(q, k, v, k_lens, q_lens):
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"fused_attention.attention: q {tuple(q.shape)} and k {tuple(k.shape)} "
                          f"must agree in B, H and D")
+    if D < 1:
+        raise ValueError(f"fused_attention.attention: the head dim D of q {tuple(q.shape)} is 0")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"fused_attention.attention: q, k, v must share one dtype, got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
@@ -733,9 +735,10 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
         raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be "
                          f"auto, atomic or split, got {BWD!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    # clamped before the cast: a length past 2**31 must not wrap around
+    # clamped in int64, then cast: a length past 2**31 must not wrap around, nor T overflow a
+    # uint8 one
     k_lens, q_lens = (None if lens is None else
-                      lens.to(q.device).clamp(0, T).to(torch.int32).contiguous()
+                      lens.to(q.device, torch.int64).clamp(0, T).to(torch.int32).contiguous()
                       for lens, T in ((k_lens, k.shape[2]), (q_lens, q.shape[2])))
     # launched on q's GPU, not the current one (a process may use cuda:1 without set_device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -758,6 +761,8 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
         raise ValueError(f"fused_attention.attention: sm_scale must be a number, got "
                          f"{sm_scale!r}")
     sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"fused_attention.attention: sm_scale must be finite, got {sm_scale}")
     if sm_scale <= 0:
         # the kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
         # causal SDPA gives NaN for one that is not: the same scores with a positive one

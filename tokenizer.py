@@ -199,7 +199,8 @@ def parse_ranks(text, where):
     except ValueError:  # (binascii.Error is a ValueError)
         raise ValueError(f"{where}: corrupt BPE ranks (line {line[:40]!r} is not "
                          f"'base64 rank')") from None
-    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+    if (sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256
+            or any(bytes([b]) not in ranks for b in range(256))):
         raise ValueError(f"{where}: corrupt BPE ranks (expected ranks 0..n-1 over at least the 256 "
                          f"bytes)")
     return ranks

@@ -338,7 +338,8 @@ if __name__ == "__main__":
     settings, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(),
                                               pass_unknown=True)
     globals().update(settings)
-    train_args = [f"--{k}={raw}" for k, raw in unknown.items()]  # train.py checks them
+    # train.py checks them (a bare --flag passed on as such)
+    train_args = [f"--{k}" if raw is None else f"--{k}={raw}" for k, raw in unknown.items()]
     # the sweep sets these per run: given here they would make every run the same one
     for key, ours in (("seed", "--seeds"), ("out_dir", "--out_root"), ("model", "--models"),
                       ("init_from", "(runs resume by themselves)")):

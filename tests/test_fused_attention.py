@@ -382,10 +382,18 @@ def test_mismatched_inputs_are_rejected_not_broadcast():
     # True would pass as a scale of 1
     with pytest.raises(ValueError, match="sm_scale must be a number"):
         fused_attention.attention(q, kv, kv, sm_scale=True, backend="torch")
+    # NaN passed the sign check and gave zeros, inf gave NaN
+    for scale in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="sm_scale must be finite"):
+            fused_attention.attention(q, kv, kv, sm_scale=scale, backend="torch")
+    empty = torch.randn(2, 2, 5, 0)
+    with pytest.raises(ValueError, match="the head dim D of q .* is 0"):
+        fused_attention.attention(empty, empty, empty, backend="torch")
 
-def test_triton_interpreter_output_grad_with_strided_last_dim():
+def test_triton_interpreter_strided_output_grad_and_narrow_length_dtypes():
     # autograd may hand the backward a gradient whose last dim is not contiguous (here: the output
-    # used transposed); the kernels index dO's last dim with stride 1
+    # used transposed); the kernels index dO's last dim with stride 1. Also: uint8 key lengths
+    # with more keys than a uint8 holds (the clamp to Tk overflowed in the lengths' own dtype)
     script = (
         "import torch, fused_attention as fa, test_fused_attention as t\n"
         "assert fa.INTERPRETED\n"
@@ -400,7 +408,12 @@ def test_triton_interpreter_output_grad_with_strided_last_dim():
         "    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())\n"
         "    for x, r in zip(grads, ref_grads):\n"
         "        err = float((x.double() - r).abs().max()) / max(1.0, float(r.abs().max()))\n"
-        "        assert err < 2e-5, (bwd, err)\n")
+        "        assert err < 2e-5, (bwd, err)\n"
+        "q, kv = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 300, 16)\n"
+        "lens = torch.tensor([200], dtype=torch.uint8)\n"
+        "a = fa.attention(q, kv, kv, k_lens=lens, backend='triton')\n"
+        "b = fa.attention(q, kv, kv, k_lens=lens.long(), backend='torch')\n"
+        "assert float((a - b).abs().max()) < 1e-5\n")
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,

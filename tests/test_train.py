@@ -107,7 +107,8 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
 def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tmp_path):
     """configurator's small rules, each checked directly: a bool setting reads true/false and 1/0
     in any case and nothing else; a key passed on unknown (pass_unknown) keeps its text, a bare
-    --flag is "True" and a config file's value its repr; only values of exactly int, float, bool or
+    --flag is None (True for a bool option, refused for another: a text option would take the
+    word "True") and a config file's value its repr; only values of exactly int, float, bool or
     str are settings (a numpy float, a subclass of float, is not); a config file's _names and
     imports are not settings."""
     import numpy as np
@@ -121,7 +122,10 @@ def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tm
     entries = [("probe", None, None, "--probe"), ("scale", 0.5, None, "c.py"),
                ("label", None, "7", "--label=7")]
     assert K.resolve(entries, {}, pass_unknown=True) == \
-        ({}, {"probe": "True", "scale": "0.5", "label": "7"})
+        ({}, {"probe": None, "scale": "0.5", "label": "7"})
+    assert K.option_values({"probe": None}, {"probe": False}) == {"probe": True}
+    with pytest.raises(K.SettingsError, match="--candidates: expected --key=value"):
+        K.option_values({"candidates": None}, {"candidates": ""})
     assert K.defaults({"a": 1, "b": 2.0, "c": True, "d": "x", "_e": 1, "f": np.float64(1.0),
                        "g": [1]}) == {"a": 1, "b": 2.0, "c": True, "d": "x"}
     cfg = tmp_path / "c.py"
