@@ -98,6 +98,18 @@ def read_meta(data_dir):
         fail(f"{path}: lacks {', '.join(missing)}; prepare.py writes them")
     return meta
 
+def read_rows(path, dtype, width, start, n):
+    """Rows start..start+n of a prepared (rows, width) array, as float32 or int64 torch; a missing,
+    cut or mis-sized file is named."""
+    if not os.path.isfile(path):
+        fail(f"{path} not found (prepare.py writes it)")
+    rows, extra = divmod(os.path.getsize(path), np.dtype(dtype).itemsize * width)
+    if extra or start + n > rows:
+        fail(f"{path}: {rows} rows of {width}{' and a part' if extra else ''}, but the clip's "
+             f"rows are {start}..{start + n}: the file is cut or of other data (prepare.py again)")
+    rows = np.memmap(path, dtype=dtype, mode="r").reshape(-1, width)[start:start + n]
+    return torch.from_numpy(rows.astype(np.int64 if dtype == np.uint16 else np.float32))
+
 def read_clip(data_dir, split, index):
     """Codes (where the data has them) and mel of clip `index` of a split, from the prepared
     arrays."""
@@ -110,19 +122,15 @@ def read_clip(data_dir, split, index):
     if not 0 <= index < len(clips):
         fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
     c = clips[index]
-    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16,
-                    mode="r").reshape(-1, meta["n_mels"])
     s, n = c["offset"], c["frames"]
-    clip = {"mel": torch.from_numpy(mel[s:s + n].astype(np.float32))}
+    clip = {"mel": read_rows(os.path.join(data_dir, f"{split}_mel.bin"), np.float16,
+                             meta["n_mels"], s, n)}
     if meta.get("codec") is not None:  # prepare.py --no_codes stores none (SALMONN, Pengi read mel)
-        codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
-                          mode="r").reshape(-1, meta["n_q"])
-        clip["codes"] = torch.from_numpy(codes[s:s + n].astype(np.int64))
+        clip["codes"] = read_rows(os.path.join(data_dir, f"{split}_codes.bin"), np.uint16,
+                                  meta["n_q"], s, n)
     if "whisper_mel" in meta:  # prepare.py --whisper_mel: for an OpenAI Whisper encoder
-        wmel = np.memmap(os.path.join(data_dir, f"{split}_wmel.bin"), dtype=np.float16,
-                         mode="r").reshape(-1, meta["whisper_mel"]["n_mels"])
-        frames = wmel[c["woffset"]:c["woffset"] + c["wframes"]]
-        clip["wmel"] = torch.from_numpy(frames.astype(np.float32))
+        clip["wmel"] = read_rows(os.path.join(data_dir, f"{split}_wmel.bin"), np.float16,
+                                 meta["whisper_mel"]["n_mels"], c["woffset"], c["wframes"])
     return clip, c
 
 def write_wav(path, wav, sample_rate):
@@ -175,6 +183,12 @@ if __name__ == "__main__":
     if not out_path.lower().endswith((".wav", ".txt")):
         fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
              f"folder")
+    # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
+    # models read the mel only
+    codes_model = hasattr(config, "codec_id")
+    if codes_model and out_path.lower().endswith(".txt"):
+        fail(f"--out={out}: this model's result is audio, written as WAV: name a .wav file or a "
+             f"folder")
     folder = os.path.dirname(os.path.abspath(out_path))
     while not os.path.exists(folder):  # the folders write_wav would make
         folder = os.path.dirname(folder)
@@ -203,7 +217,7 @@ if __name__ == "__main__":
             wav = load_audio(audio)
         except BadAudio as e:
             fail(e)
-        if meta.get("codec") is None:  # --no_codes data: its models read the mel and the text only
+        if meta.get("codec") is None or not codes_model:  # no codec needed (nor loaded)
             inp = {"mel": torch.as_tensor(log_mel(wav)).float()}
         else:
             codes, mel = features(wav, tools.codec())
@@ -232,9 +246,6 @@ if __name__ == "__main__":
             fail(msg if msg.startswith(M.__name__) else f"{M.__name__}.sample: {msg}")
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
-        if out_path.lower().endswith(".txt"):
-            fail(f"--out={out}: this model's result is audio, written as WAV: name a .wav file or a "
-                 f"folder")
         codes = result["codes"]
         n = codes.shape[0]
         print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: "

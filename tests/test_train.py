@@ -3,6 +3,7 @@ and sample.py's wav output. Tiny Whisper-GPT models on the test corpus; a tiny t
 checkpoint and its tokenizer."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -505,6 +506,12 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
     # the known ones
     assert (p.returncode == 2 and "unknown setting(s) --beam" in p.stderr
             and "max_new_tokens" in p.stderr)
+    # an audio result named a .txt: refused before the input is read and sampled
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
+                        f"--data_dir={synth_dir}", f"--out={tmp_path / 'x.txt'}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert (p.returncode == 2 and "this model's result is audio" in p.stderr
+            and "input:" not in p.stdout and "generated" not in p.stdout), p.stdout + p.stderr
 
 # -----------------------------------------------------------------------------
 # text models: the checkpoint keeps its tokenizer
@@ -573,6 +580,13 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     written = answer.read_text()  # what was printed, before the time it took
     assert written.strip() and f"\n{written}(" in p.stdout, (written, p.stdout)
+    # a text model reads the mel of an --audio file: the data's codec is neither needed nor loaded
+    (data / "codec.pt").unlink()
+    sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                        f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
     assert torch.load(out2 / "ckpt.pt", weights_only=True)["tokenizer"] == ck["tokenizer"]
     # a config naming another tokenizer than the checkpoint it starts from is refused, naming both
@@ -685,6 +699,25 @@ def test_read_clip_is_the_clips_frames_and_refuses_a_clip_past_the_end(synth_dir
             S.read_clip(synth_dir, "val", bad)
         assert e.value.code == 2
         assert f"--clip={bad}: " in capsys.readouterr().err
+
+def test_read_clip_names_a_missing_or_cut_array(synth_dir, tmp_path, capsys):
+    """A prepared array that is missing, cut short of the clip's rows or cut mid-row is a one-line
+    failure naming the file (numpy's errors, or a clip of 0 frames handed on, before)."""
+    import shutil
+    import sample as S
+    for name in ("meta.json", "val_clips.jsonl", "val_codes.bin"):
+        shutil.copy(os.path.join(synth_dir, name), tmp_path / name)
+    clips = [json.loads(l) for l in open(tmp_path / "val_clips.jsonl") if l.strip()]
+    mel = open(os.path.join(synth_dir, "val_mel.bin"), "rb").read()
+    last = len(clips) - 1
+    for content, said in ((None, "not found"), (mel[:len(mel) // 2], "the file is cut"),
+                          (mel[:-1], "and a part")):
+        if content is not None:
+            (tmp_path / "val_mel.bin").write_bytes(content)
+        with pytest.raises(SystemExit):
+            S.read_clip(str(tmp_path), "val", last)
+        err = capsys.readouterr().err
+        assert str(tmp_path / "val_mel.bin") in err and said in err, err
 
 def test_help_prints_the_scripts_usage_and_trains_nothing(tmp_path):
     for script, first in (("train.py", "Training script"), ("sample.py", "Sample from"),
