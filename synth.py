@@ -255,6 +255,9 @@ def make_events(rng, max_dur):
     # faint background hiss
     wav = (rng.normal(0, 1, int(dur * SAMPLE_RATE)) * 0.002).astype(np.float32)
     t, onsets = 0.1 + float(rng.uniform(0, 0.05)), []
+    # a lone event longer than a short clip leaves (a siren in a clip of about a second) starts
+    # earlier, to stay whole
+    t = min(t, max(0.0, dur - (length(gap) - 0.3)))
     for p in parts:
         onsets.append(int(t * SAMPLE_RATE))
         place(wav, p * float(rng.uniform(0.5, 0.8)), onsets[-1])
@@ -614,9 +617,14 @@ def make_speech(rng, max_dur):
         if len(speech) / SAMPLE_RATE + lead + tail <= max_dur:
             break
     speech, text, form, mentioned = best
+    # too long for its silences (a max_dur near a second): they shrink, the words stay whole
+    room = max_dur - len(speech) / SAMPLE_RATE
+    if lead + tail > room:
+        shrink = max(0.0, room) / (lead + tail)
+        lead, tail = lead * shrink, tail * shrink
     wav = np.zeros(int((lead + tail) * SAMPLE_RATE) + len(speech), np.float32)
     place(wav, speech / (np.abs(speech).max() + 1e-9) * gain, int(lead * SAMPLE_RATE))
-    # cuts only when max_dur is shorter than a spoken word
+    # cuts only when max_dur is shorter than the shortest sentence spoken
     wav = wav[:int(max_dur * SAMPLE_RATE)]
     who = "a man" if sex == "male" else "a woman"
     says = "asks" if form == "question" else "says"

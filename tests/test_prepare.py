@@ -227,6 +227,20 @@ def test_synth_is_deterministic():
     assert other != [Y.synth_clip(7, i, 3.0)[1]["caption"] for i in range(12)]
 
 
+def test_short_clips_keep_their_words_and_events_whole():
+    """At --max_seconds=1 the silences around a sentence shrink instead of the sentence's end being
+    cut (clips 131 and 151 of seed 1337 lost 0.2 s of their words, which the text still named),
+    and a lone siren starts early enough to end inside the clip (every one lost its end)."""
+    for i in (131, 151):
+        wav, info = Y.synth_clip(1337, i, 1.0)
+        assert info["kind"] == "speech" and len(wav) <= SR
+        assert np.abs(wav[-200:]).max() < 0.02 * np.abs(wav).max(), i  # it ends in its decay
+    sirens = [(info["onsets"][0], len(wav))
+              for wav, info in (Y.synth_clip(1337, i, 1.0, kinds=["events"]) for i in range(30))
+              if info["sequence"] == ["siren"]]
+    assert sirens and all(onset + SR <= n for onset, n in sirens), sirens  # a siren lasts 1 s
+
+
 def test_synth_kinds_keep_only_those_kinds_and_bad_kinds_are_named(tmp_path, capsys):
     kinds = ["dtmf", "morse"]
     got = [Y.synth_clip(7, i, 3.0, kinds=kinds)[1]["kind"] for i in range(40)]
