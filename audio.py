@@ -473,7 +473,8 @@ class StreamingDecoder:
     has zero weights and bias adds 0, an LSTM whose cell-input gate has zero weights and biases
     outputs 0 (its cell stays 0), a 1x1 conv with the identity matrix passes its input, and a 1x1
     or upsampling conv whose weight is under 5% nonzero is a sparse product. That is the offline
-    codec (codec.dct_init): per frame, ~5x less time than computing it all. A pretrained EnCodec has none of these."""
+    codec (codec.dct_init): per frame, ~5x less time than computing it all. A pretrained EnCodec
+    has none of these."""
 
     def __init__(self, codec):
         from encodec.modules.conv import SConv1d, SConvTranspose1d
