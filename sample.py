@@ -103,9 +103,9 @@ def read_rows(path, dtype, width, start, n):
     cut or mis-sized file is named."""
     if not os.path.isfile(path):
         fail(f"{path} not found (prepare.py writes it)")
-    rows, extra = divmod(os.path.getsize(path), np.dtype(dtype).itemsize * width)
-    if extra or start + n > rows:
-        fail(f"{path}: {rows} rows of {width}{' and a part' if extra else ''}, but the clip's "
+    n_rows, extra = divmod(os.path.getsize(path), np.dtype(dtype).itemsize * width)
+    if extra or start + n > n_rows:
+        fail(f"{path}: {n_rows} rows of {width}{' and a part' if extra else ''}, but the clip's "
              f"rows are {start}..{start + n}: the file is cut or of other data (prepare.py again)")
     rows = np.memmap(path, dtype=dtype, mode="r").reshape(-1, width)[start:start + n]
     return torch.from_numpy(rows.astype(np.int64 if dtype == np.uint16 else np.float32))
