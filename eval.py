@@ -139,29 +139,44 @@ def fmt_cell(k, v):
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 
-def print_table(rows):
-    """Markdown: one row per run, a column per metric of any run ("-" where a run has none); with
-    --mean, the mean and standard deviation of each metric over the runs that have it."""
+def metric_keys(rows):
+    """The metrics of any run, in the order they first appear."""
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys
                  and k not in ("run", "model", "params", "iters", "data")]
+    return keys
+
+def mean_rows(rows):
+    """With --mean (and two runs or more): a mean row and a standard deviation row, of each
+    numeric metric over the runs that have it (two or more)."""
+    if not (mean and len(rows) > 1):
+        return []
+    out = []
+    for name, f in (("mean", statistics.mean), ("std", statistics.stdev)):
+        vals = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+                for k in metric_keys(rows)}
+        out.append({"run": f"{name} ({len(rows)} runs)",
+                    **{k: float(f(v)) for k, v in vals.items() if len(v) > 1}})
+    return out
+
+def print_table(rows):
+    """Markdown: one row per run, a column per metric of any run ("-" where a run has none); with
+    --mean, the mean and standard deviation rows."""
+    keys = metric_keys(rows)
     print("| run | params | iters | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['iters']} | "
               + " | ".join(fmt_cell(k, r.get(k)) for k in keys) + " |")
-    if mean and len(rows) > 1:
-        for name, f in (("mean", statistics.mean), ("std", statistics.stdev)):
-            vals = [[r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in keys]
-            print(f"| {name} ({len(rows)} runs) | | | "
-                  + " | ".join(fmt_cell(k, float(f(v))) if len(v) > 1 else "-"
-                               for k, v in zip(keys, vals)) + " |")
+    for r in mean_rows(rows):
+        print(f"| {r['run']} | | | " + " | ".join(fmt_cell(k, r.get(k)) for k in keys) + " |")
 
 def write_json(rows):
-    """--json: the rows, written whole then renamed (never a half-written file)."""
+    """--json: the rows (then, with --mean, the mean and standard deviation rows), written whole
+    then renamed (never a half-written file)."""
     with open(json + ".tmp", "w") as f:
-        jsonlib.dump(rows, f, indent=2)
+        jsonlib.dump(rows + mean_rows(rows), f, indent=2)
     os.replace(json + ".tmp", json)
 
 def main(argv):

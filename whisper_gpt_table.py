@@ -89,9 +89,9 @@ def write_wall(d, seconds):
 
 def sweep(runs, train_args):
     """A run that reached its max_iters (its config's, or train_args') is skipped; one that stopped
-    earlier, or ran to a smaller max_iters, is resumed to it (one already past it is left as it
-    is). A run made with other settings (other
-    data, another learning rate, ...) stops the sweep: its figures would be tabled as these."""
+    earlier, or ran to a smaller max_iters, is resumed to it. A run made with other settings (other
+    data, another learning rate, ...) or for more iterations stops the sweep: its figures would be
+    tabled as these."""
     import train
     todo = []
     for model, kind, seed in runs:
@@ -109,6 +109,10 @@ def sweep(runs, train_args):
                      + "): give another --out_root, or delete it")
             if state[0] >= state[1]["max_iters"] and state[1]["max_iters"] == want["max_iters"]:
                 continue
+            if state[1]["max_iters"] > want["max_iters"]:
+                fail(f"{d}: a run to {state[1]['max_iters']} iterations (now at {state[0]}), "
+                     f"more than max_iters={want['max_iters']}: give another --out_root, or "
+                     f"--max_iters={state[1]['max_iters']}")
         cmd = [sys.executable, "train.py", *args]
         if state:
             cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped
@@ -129,7 +133,7 @@ def sweep(runs, train_args):
             running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                             log, start))
             print(f"  start {d}")
-        time.sleep(2)
+        time.sleep(0.5)  # (a run's wall time is known to this much)
         for item in list(running):
             d, proc, log, start = item
             write_wall(d, time.time() - start)
@@ -249,13 +253,14 @@ def looped_prompt_end(mel):
 
 def reference_scores(mels, idx):
     """Scores of the true continuations and of two references: the prompt's end looped, and another
-    clip's true continuation."""
-    return {"the true continuation": [continuation_scores(mels[i], mels[i]) for i in idx],
-            "repeat the prompt's end": [continuation_scores(mels[i], looped_prompt_end(mels[i]))
-                                        for i in idx],
-            "another clip's true continuation": [continuation_scores(mels[i],
-                                                                     mels[idx[(k + 1) % len(idx)]])
-                                                 for k, i in enumerate(idx)]}
+    clip's true continuation (with one clip there is no other: no such row)."""
+    scores = {"the true continuation": [continuation_scores(mels[i], mels[i]) for i in idx],
+              "repeat the prompt's end": [continuation_scores(mels[i], looped_prompt_end(mels[i]))
+                                          for i in idx]}
+    if len(idx) > 1:
+        scores["another clip's true continuation"] = [
+            continuation_scores(mels[i], mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]
+    return scores
 
 def sampled_continuations(net, inputs, mels, idx, tools):
     """Scores of the model's continuation of each clip's prompt (T=1, top-k 50, seeded by the clip's
@@ -374,14 +379,19 @@ if __name__ == "__main__":
         if value < least:
             fail(f"--{name}={value}: must be at least {least}")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
+    import whisper_gpt as W
+    block = max(run_settings[m]["block_size"] for m in model_list)
+    try:  # the training data, every kind of it: before hours of training
+        for kind in kind_list:
+            W.split_frames(W.load_data(data_dir, W.Config(block_size=block, kinds=kind)), "val")
+    except (ValueError, OSError) as e:
+        fail(f"--data_dir={data_dir}: {e}")
     if test_dir:  # before hours of training: the held-out codes of the same codec, every kind
         from audio import codec_id
-        import whisper_gpt as W
         try:
             if codec_id(test_dir) != codec_id(data_dir):
                 fail(f"--test_dir={test_dir}: its codes are of another codec than {data_dir}'s; "
                      f"prepare it with --codec_from={data_dir}")
-            block = max(run_settings[m]["block_size"] for m in model_list)
             for kind in kind_list:
                 W.split_frames(W.load_data(test_dir, W.Config(block_size=block, kinds=kind)), "val")
         except (ValueError, OSError) as e:

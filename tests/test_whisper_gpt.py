@@ -755,7 +755,7 @@ def test_eval_on_a_named_subset(synth_dir, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "podcast" in res.stderr and str(ckpt) in res.stderr
 
-def test_eval_table_mean_and_std_rows(monkeypatch, capsys):
+def test_eval_table_mean_and_std_rows(monkeypatch, capsys, tmp_path):
     """eval.py --mean over two runs: the mean row and the standard deviation row are the sample
     mean and the sample standard deviation (n - 1 in the denominator, as over seeds) of each
     metric, computed here by hand; accuracy cells in percent."""
@@ -777,6 +777,12 @@ def test_eval_table_mean_and_std_rows(monkeypatch, capsys):
     assert lines[5] == (f"| std (2 runs) | | | {sample_std([1.0, 3.0]):.4f} | "
                         f"{100 * sample_std([0.25, 0.75]):.2f}% | {sample_std(ppl):.4f} | 0.0000 |")
     assert len(lines) == 6
+    # --json holds the same two rows after the runs'
+    monkeypatch.setattr(E, "json", str(tmp_path / "e.json"))
+    E.write_json(rows)
+    written = json.load(open(tmp_path / "e.json"))
+    assert [r["run"] for r in written] == ["r0", "r1", "mean (2 runs)", "std (2 runs)"]
+    assert written[2]["nll"] == 2.0 and abs(written[3]["nll"] - sample_std([1.0, 3.0])) < 1e-12
 
 def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
     """--mean takes runs that differ in their seed only: another setting is refused, named."""
@@ -848,6 +854,9 @@ def test_table_continuation_scores_and_references_by_hand(monkeypatch):
         assert ref["another clip's true continuation"][k] == WT.continuation_scores(mels[i],
                                                                                     mels[j])
         assert ref["another clip's true continuation"][k][0] > 0.1
+    # one clip has no other: no such row (it was the clip against itself, a score of 0)
+    assert list(WT.reference_scores(mels, [3])) == ["the true continuation",
+                                                    "repeat the prompt's end"]
 
 def test_table_claims_count_the_seeds_where_the_hybrid_is_lower():
     """The claim lines of whisper_gpt_table.table: per seed, NLL hybrid - other; their mean and
@@ -989,6 +998,8 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
              (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
              ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use --out_root"),
              (["--always_save_checkpoint=False"], "the table is of each run's last weights"),
+             (["--max_iters=2"], "a run to 4 iterations (now at 4), more than max_iters=2"),
+             ([f"--data_dir={tmp_path / 'nowhere'}"], f"--data_dir={tmp_path / 'nowhere'}: "),
              (["--always_save_checkpoint=0"], "which a best-only checkpoint does not keep"),
              ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
              ([f"--test_dir={other_codec}"], "of another codec than"))
