@@ -878,6 +878,8 @@ def main(argv=None):
     drop_speech_if_unavailable(args)                  # changes args: before hash_args
     args_hash = hash_args(args)
     if already_prepared(out, args_hash, args.force):
+        if args.src:
+            print("(the files under --src are not compared: after changing them, use --force)")
         if args.codebook0_mel:                        # made from the stored codes: no rebuild
             codebook0_mels(out, args.quiet)
         return out
