@@ -350,9 +350,6 @@ if __name__ == "__main__":
                       ("init_from", "(runs resume by themselves)")):
         if key in unknown:
             fail(f"--{key}={unknown[key]}: the sweep sets it for each run; use {ours}")
-    if str(unknown.get("always_save_checkpoint", "True")).lower() in ("false", "0"):
-        fail(f"--always_save_checkpoint={unknown['always_save_checkpoint']}: the table is of "
-             f"each run's last weights, which a best-only checkpoint does not keep")
     import train
     model_list, kind_list = models.split(","), kinds.split(",")
     for m in model_list:
@@ -365,6 +362,9 @@ if __name__ == "__main__":
     # a bad train.py setting stops here
     run_settings = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
                     for m in model_list}
+    if not all(s["always_save_checkpoint"] for s in run_settings.values()):
+        fail(f"--always_save_checkpoint={unknown['always_save_checkpoint']}: the table is of "
+             f"each run's last weights, which a best-only checkpoint does not keep")
     try:
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
