@@ -9,7 +9,7 @@ The settings below belong to sample.py; every other --key=value goes to the mode
 (temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default; a key that is
 not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded
 with the data's EnCodec and written as a wav; a result {"text": ...} is printed (and written to a
-.txt --out).
+.txt --out, or sample.txt in an --out folder).
 """
 
 import importlib
@@ -34,7 +34,7 @@ split = "val"
 audio = ""           # input: an audio file instead (wav, flac, ...; resampled to 24 kHz)
 prompt = ""          # text prompt (for the text-output models)
 out = ""             # a .wav for audio results, or a folder for sample.wav (default: out_dir); a
-                     # .txt for text results (default: printed only)
+                     # .txt for text results, or a folder for sample.txt (default: printed only)
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
 # auto (CUDA: bfloat16 where supported, else float16; elsewhere float32) | float32 | bfloat16 | float16
@@ -175,19 +175,22 @@ if __name__ == "__main__":
     model = M.Model(config)
     model.load_state_dict(checkpoint["model"])
     model.eval().to(device)
-    # where the result goes (audio: a .wav, a folder gets sample.wav; text: a .txt); checked before
-    # the input is read and sampled
-    out_path = out or os.path.join(out_dir, "sample.wav")
-    if os.path.isdir(out_path) or out_path.endswith(os.sep):
-        out_path = os.path.join(out_path, "sample.wav")
-    if not out_path.lower().endswith((".wav", ".txt")):
-        fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
-             f"folder")
     # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
     # models read the mel only
     codes_model = hasattr(config, "codec_id")
+    # where the result goes (audio: a .wav, a folder gets sample.wav; text: printed, and with --out
+    # a .txt, a folder gets sample.txt); checked before the input is read and sampled
+    out_path = out or os.path.join(out_dir, "sample.wav")
+    if os.path.isdir(out_path) or out_path.endswith(os.sep):
+        out_path = os.path.join(out_path, "sample.wav" if codes_model else "sample.txt")
+    if not out_path.lower().endswith((".wav", ".txt")):
+        fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
+             f"folder")
     if codes_model and out_path.lower().endswith(".txt"):
         fail(f"--out={out}: this model's result is audio, written as WAV: name a .wav file or a "
+             f"folder")
+    if out and not codes_model and out_path.lower().endswith(".wav"):
+        fail(f"--out={out}: this model's result is text, written as .txt: name a .txt file or a "
              f"folder")
     folder = os.path.dirname(os.path.abspath(out_path))
     while not os.path.exists(folder):  # the folders write_wav would make
@@ -268,11 +271,9 @@ if __name__ == "__main__":
     else:
         print(result["text"])
         print(f"({dt:.2f} s)")
-        if out and out_path.lower().endswith(".txt"):
+        if out:  # a .txt (checked above)
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
             with open(out_path + ".tmp", "w") as f:
                 f.write(result["text"] + "\n")
             os.replace(out_path + ".tmp", out_path)  # atomic
             print(f"wrote {out_path}")
-        elif out:
-            print(f"(--out={out}: nothing written; a text result goes to a .txt file)")

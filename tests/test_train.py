@@ -580,6 +580,18 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     written = answer.read_text()  # what was printed, before the time it took
     assert written.strip() and f"\n{written}(" in p.stdout, (written, p.stdout)
+    # a folder gets sample.txt; a .wav for a text result is refused before sampling
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                        "--beam=1", "--max_new_tokens=4", f"--out={folder}"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and (folder / "sample.txt").read_text() == written, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                        "--beam=1", "--max_new_tokens=4", f"--out={tmp_path / 'answer.wav'}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert (p.returncode == 2 and "result is text" in p.stderr and "input: " not in p.stdout
+            and not (tmp_path / "answer.wav").exists()), (p.stdout, p.stderr[-2000:])
     # a text model reads the mel of an --audio file: the data's codec is neither needed nor loaded
     (data / "codec.pt").unlink()
     sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
