@@ -258,6 +258,38 @@ def test_kmeans_finds_the_blobs_and_is_a_weighted_lloyd_fixed_point():
     assert torch.equal(C.assign_nearest(x, means), brute_nearest(x, means[:3])[0])
 
 
+def test_fit_codebooks_fits_each_layer_on_the_residual_the_quantizer_encodes():
+    """fit_codebooks on clustered random encoder outputs, then EnCodec's own quantizer: its codes are
+    those of a brute-force residual search over the fitted codebooks (layer i picks the nearest
+    codeword to what layers 0..i-1 left), each layer's codebook holds its own codes' centroids
+    (k-means of that residual), and decoding the first 1, 2, 4, 8 codebooks leaves less and less
+    of the input (a layer fitted on the raw input instead of the residual would add error)."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 8000, 1024  # ~8 rows per codeword, so k-means clusters every layer
+    emb = 3 * torch.randn(40, 128, generator=g)[torch.randint(40, (n,), generator=g)] \
+        + torch.randn(n, 128, generator=g)
+    model = A.offline_codec(seed=0)
+    C.fit_codebooks(model, emb, iters=3, seed=0)
+    layers = [layer._codebook.embed for layer in model.quantizer.vq.layers[:A.N_Q]]
+    assert all(cb.shape == (k, 128) for cb in layers)
+    codes = A.quantize(model, emb)                                    # (n, N_Q), EnCodec's encode
+    residual, errors = emb.clone(), []
+    for i, cb in enumerate(layers):
+        near = torch.cdist(residual.double(), cb.double()).argmin(1)  # brute force, float64
+        assert (near == codes[:, i]).float().mean() > 0.999, i      # float ties may flip a few
+        used = codes[:, i].unique()
+        centroids = torch.stack([residual[codes[:, i] == j].mean(0) for j in used[:50]])
+        # 3 Lloyd steps from the last assignment: each code's centroid, up to one more step
+        assert (centroids - cb[used[:50]]).norm(dim=1).mean() < 0.2 * residual.norm(dim=1).mean()
+        residual = residual - cb[codes[:, i]]
+    with torch.no_grad():
+        for n_q in (1, 2, 4, A.N_Q):
+            dec = model.quantizer.decode(codes[:, :n_q].T[:, None])[0].T   # (n, 128)
+            errors.append(float((dec - emb).pow(2).mean()))
+    assert all(b < 0.9 * a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] == pytest.approx(float(residual.pow(2).mean()), rel=1e-4)
+
+
 def test_calibrate_standardises_the_encoder_and_leaves_decode_of_encode_unchanged():
     """On the analytic start (dct_init, as prepare.py calibrates it): calibrate returns the
     encoder outputs it was given standardised per channel by their mean and sample std (numpy, in

@@ -41,6 +41,71 @@ def losses(out_dir):
 # -----------------------------------------------------------------------------
 # settings
 
+CONFIG_FILES = sorted(os.path.basename(f) for f in os.listdir(os.path.join(ROOT, "config"))
+                      if f.endswith(".py"))
+
+def config_model(name, data_dir):
+    """config/<name> as train.py reads it, with its data from data_dir: (settings, model built on
+    the meta device: no memory, even at paper sizes)."""
+    import torch
+    S, M, model_keys = train.load_settings([f"config/{name}", f"--data_dir={data_dir}"])
+    config = M.Config(**{k: S[k] for k in model_keys if k in S})
+    if getattr(config, "asr_data_dir", ""):  # SALMONN's speech corpus: not in the test corpus
+        config.asr_data_dir = ""
+    if getattr(config, "llm_init", "") == "gpt2":  # Hugging Face's GPT-2 base: its published sizes
+        config.llm_n_layer, config.llm_n_head, config.llm_n_embd = 12, 12, 768
+        config.llm_block_size = 1024
+    if getattr(config, "llm_init", ""):  # the LM is another stage's output (or GPT-2): its sizes
+        config.llm_init = ""             # are the config's own llm_* fields here
+    if getattr(config, "mel_source", "") == "codebook0":  # its mels: made once per corpus
+        import prepare
+        prepare.codebook0_mels(data_dir, quiet=True)
+    tok = tokenizer.load_tokenizer(data_dir, config.tokenizer, offline=True) \
+        if getattr(config, "tokenizer", None) else None
+    train.load_model_data(M, data_dir, config, tok)
+    with torch.device("meta"):
+        return S, M.Model(config)
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_file_builds_its_model(name, synth_dir):
+    """Each config file as train.py reads it: every key a setting of train.py or a field of its
+    model's Config, of the right type; its model's data loads from the test corpus (the fields
+    load_data derives from it filled in) and the model its sizes describe builds."""
+    S, model = config_model(name, synth_dir)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert S["out_dir"].startswith("out/") and S["data_dir"] == synth_dir
+
+def test_config_files_that_start_from_another_stage_share_its_sizes(synth_dir):
+    """A config whose init_from or *_init names another config's checkpoint (out_dir/ckpt.pt)
+    builds every weight the two models share with the same shape, so the stages chain as the
+    README runs them: a later stage has no *_init file to take the sizes from, and train.py would
+    stop on a shape mismatch only after the earlier stages' minutes of training."""
+    built = {name: config_model(name, synth_dir) for name in CONFIG_FILES}
+    by_out = {S["out_dir"]: name for name, (S, _) in built.items()}
+    pairs = []
+    for name, (S, model) in built.items():
+        for key in ("init_from", "llm_init", "whisper_init", "beats_init"):
+            start = str(S.get(key, ""))
+            source = by_out.get(os.path.dirname(start)) if start.endswith("ckpt.pt") else None
+            if source is None or (key == "llm_init" and S["model"] == "pengi"):
+                continue  # Pengi's configs name no LM sizes: every stage reads them from llm_init
+            mine, theirs = model.state_dict(), built[source][1].state_dict()
+            shared = [k for k in mine if k in theirs]
+            assert shared, (name, key, source)
+            bad = [k for k in shared if mine[k].shape != theirs[k].shape]
+            assert not bad, (name, key, source, bad[:3])
+            if key == "init_from":  # train.py stops on weights of init_from this model lacks
+                lacking = [k for k in theirs if k not in mine]
+                assert not lacking, (name, source, lacking[:3])
+            pairs.append((name, source))
+    # the chains the README runs: Pengi from its clap stage, SALMONN's stages from each other and
+    # from the encoders' and the LLM's own stages
+    assert {("pengi_synth.py", "pengi_clap.py"), ("salmonn_stage2.py", "salmonn_stage1.py"),
+            ("salmonn_stage3.py", "salmonn_stage2.py"), ("salmonn_stage1.py", "salmonn_llm.py"),
+            ("salmonn_stage1.py", "salmonn_whisper.py"),
+            ("salmonn_stage1.py", "salmonn_beats.py")} <= set(pairs), pairs
+
+
 def settings_error(capsys, argv):
     with pytest.raises(SystemExit) as e:
         train.load_settings(argv)
