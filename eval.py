@@ -175,9 +175,12 @@ def print_table(rows):
 def write_json(rows):
     """--json: the rows (then, with --mean, the mean and standard deviation rows), written whole
     then renamed (never a half-written file)."""
-    with open(json + ".tmp", "w") as f:
-        jsonlib.dump(rows + mean_rows(rows), f, indent=2)
-    os.replace(json + ".tmp", json)
+    try:
+        with open(json + ".tmp", "w") as f:
+            jsonlib.dump(rows + mean_rows(rows), f, indent=2)
+        os.replace(json + ".tmp", json)
+    except OSError as e:  # a full disk, a folder gone meanwhile: the table above is printed
+        fail(f"--json={json}: cannot write it ({e})")
 
 def main(argv):
     global device  # reassigned below, after globals().update has set it
@@ -192,9 +195,17 @@ def main(argv):
         fail(f"--json={json}: its folder does not exist")
     if json and os.path.isdir(json):
         fail(f"--json={json}: a folder; name the file to write")
+    if json and not os.access(os.path.dirname(os.path.abspath(json)), os.W_OK):
+        fail(f"--json={json}: its folder is not writable")
     device = configurator.resolve_device("eval.py", device)
     check_runs(paths, opts)
-    rows = [evaluate_checkpoint(path, opts) for path in paths]
+    rows, t0 = [], time.time()
+    for i, path in enumerate(paths):
+        if len(paths) > 1:  # the runs one after another: where it is, and how long the rest takes
+            left = "" if not i else (f"; ~{(time.time() - t0) / i * (len(paths) - i):.0f} s left "
+                                     f"at the pace so far")
+            print(f"[{i + 1}/{len(paths)}] {path}{left}", file=sys.stderr)
+        rows.append(evaluate_checkpoint(path, opts))
     print_table(rows)
     if json:
         write_json(rows)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from fused_attention import attention
 
@@ -1073,7 +1074,8 @@ def _device(model):
 @torch.no_grad()
 def clip_embeddings(model, d, idx, max_frames, pad, batch_size=32):
     out = []
-    for s in range(0, len(idx), batch_size):
+    for s in tqdm(range(0, len(idx), batch_size), desc="pengi: embed clips", unit="batch",
+                  leave=False, disable=len(idx) <= 4 * batch_size):  # a bar when it takes a while
         mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames, pad=pad)
                         for i in idx[s:s + batch_size]])
         out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
@@ -1191,6 +1193,8 @@ def eval_batches(model, data, tok, d, examples, bs):
     """[(clip index in the split d, prompt text, answer text)] -> (examples, mel, prompt,
     prompt_lens) on the model's device, bs examples at a time."""
     dev = _device(model)
+    bar = tqdm(total=len(examples), desc="pengi: evaluate", unit="example", leave=False,
+               disable=len(examples) <= 4 * bs)  # a bar when it takes a while
     for s in range(0, len(examples), bs):
         chunk = examples[s:s + bs]
         mels = [clip_mel(d["mel"], d["clips"][i], data["max_frames"], pad=data["pad"])
@@ -1198,6 +1202,8 @@ def eval_batches(model, data, tok, d, examples, bs):
         prompts = [prompt_ids(tok, p)[:model.config.max_prompt_tokens] for _, p, _ in chunk]
         b = collate(mels, prompts, [[]] * len(chunk), model.config.eot_token)
         yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
+        bar.update(len(chunk))
+    bar.close()
 
 def generate_answers(model, data, tok, d, examples, bs, gen):
     """The model's answer text to each example (generate's options in gen)."""

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from fused_attention import attention
 
@@ -1788,7 +1789,8 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
     repeats merged, blanks dropped), for a list of clip_audio dicts."""
     device = next(model.parameters()).device
     dec_out, ctc_out = [], []
-    for i in range(0, len(audios), batch_size):
+    for i in tqdm(range(0, len(audios), batch_size), desc="salmonn: transcribe", unit="batch",
+                  leave=False, disable=len(audios) <= 4 * batch_size):  # a bar when it takes a while
         batch = {k: v.to(device) for k, v in collate(audios[i:i + batch_size]).items()}
         speech, enc_lens = model.speech_encode(**batch)
         B = speech.size(0)
@@ -2023,7 +2025,8 @@ def task_answers(model, tok, data, split, task, entries, o):
     sample_opts = {k: o[k] for k in SAMPLE_OPTS}
     hyps = [sample(model, tok, data.clip_audio(split, ci), instruction or INSTRUCTIONS[task][0],
                    tools=None, **sample_opts)["text"]
-            for ci, instruction, _ in entries]
+            for ci, instruction, _ in tqdm(entries, desc=f"salmonn: {task}", unit="example",
+                                           leave=False, disable=len(entries) < 50)]
     return hyps, None
 
 def transcription_metrics(refs, hyps, ctc_hyps, kinds, train_split, ctc_phoneme_refs=None):

@@ -173,7 +173,11 @@ if __name__ == "__main__":
     M = importlib.import_module(checkpoint["model_name"])
     config = M.Config(**checkpoint["model_args"])
     model = M.Model(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:  # weights of another shape than its own model_args say
+        fail(f"{ckpt_path}: its weights do not fit the model its model_args describe: "
+             f"{' '.join(str(e).split())[:240]}")
     model.eval().to(device)
     # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
     # models read the mel only
@@ -197,10 +201,15 @@ if __name__ == "__main__":
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         fail(f"--out={out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"--out={out}: {folder} is not writable")
     data_dir = data_dir or checkpoint["config"]["data_dir"]
-    meta = read_meta(data_dir)
-    print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']}), data "
-          f"{data_dir}")
+    # a text model given --audio needs nothing of the data it trained on (its tokenizer travels
+    # with the checkpoint): it runs where that data is gone
+    from audio import SAMPLE_RATE
+    meta = read_meta(data_dir) if codes_model or not audio else {"sample_rate": SAMPLE_RATE}
+    print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']})"
+          + (f", data {data_dir}" if "n_mels" in meta else ""))
 
     # the data contract's functions by name: here `audio` is the --audio setting
     from audio import BadAudio, features, load_audio, log_mel, plot_mels, whisper_log_mel
@@ -258,12 +267,15 @@ if __name__ == "__main__":
         if prompt_codes is not None:
             codes = torch.cat([prompt_codes, codes])
         wav = tools.decode(codes)
-        write_wav(out_path, wav.numpy(), meta["sample_rate"])
         seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
         png = os.path.splitext(out_path)[0] + ".png"
-        plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
-                         f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))],
-                         boundary=seam)
+        try:
+            write_wav(out_path, wav.numpy(), meta["sample_rate"])
+            plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
+                             f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))],
+                      boundary=seam)
+        except (OSError, RuntimeError) as e:  # a full disk, a folder gone meanwhile (soundfile
+            fail(f"--out={out_path}: cannot write it ({e})")  # raises a RuntimeError subclass)
         print(f"wrote {out_path} ({len(wav) / meta['sample_rate']:.2f} s" +
               (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s "
                f"continuation" if seam else "") +
@@ -272,8 +284,11 @@ if __name__ == "__main__":
         print(result["text"])
         print(f"({dt:.2f} s)")
         if out:  # a .txt (checked above)
-            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-            with open(out_path + ".tmp", "w") as f:
-                f.write(result["text"] + "\n")
-            os.replace(out_path + ".tmp", out_path)  # atomic
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+                with open(out_path + ".tmp", "w") as f:
+                    f.write(result["text"] + "\n")
+                os.replace(out_path + ".tmp", out_path)  # atomic
+            except OSError as e:  # a full disk, a folder gone meanwhile
+                fail(f"--out={out_path}: cannot write it ({e})")
             print(f"wrote {out_path}")

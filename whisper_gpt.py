@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from audio import codec_id
 from fused_attention import attention
@@ -529,7 +530,8 @@ def _evaluate(model, data, split, batch_size, max_windows):
     if max_windows:
         starts = starts[:max_windows]
     nll, correct, count = 0.0, 0, 0
-    for b in range(0, len(starts), batch_size):
+    for b in tqdm(range(0, len(starts), batch_size), desc="whisper_gpt: evaluate", unit="batch",
+                  leave=False, disable=len(starts) <= 4 * batch_size):  # a bar when it takes a while
         windows = _windows(data, split, starts[b:b + batch_size])
         batch = {k: v.to(device) for k, v in windows.items()}
         logits = model(batch["codes"], batch.get("mels"))[0].float()  # the loss summed below

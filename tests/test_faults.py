@@ -197,6 +197,11 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     moved = torch.load(os.path.join(synth_dir, codec_file), weights_only=True)
     moved["model"][next(k for k in moved["model"] if k.endswith("_codebook.embed"))][0] += 1.0
     torch.save(moved, other_codec / codec_file)
+    tampered = tmp_path / "tampered"  # a checkpoint whose weights do not fit its own model_args
+    tampered.mkdir()
+    ck = torch.load(good / "ckpt.pt", weights_only=True)
+    ck["model"]["lm_head.weight"] = ck["model"]["lm_head.weight"][:-1]
+    torch.save(ck, tampered / "ckpt.pt")
     bad_meta = tmp_path / "bad_meta"
     bad_meta.mkdir()
     (bad_meta / "meta.json").write_text("{not json")
@@ -205,6 +210,10 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), "--device=nonsense"],
              "not a device torch knows"),
             (train(tmp_path / "a_file", synth_dir), "expected a folder"),
+            (train(tmp_path / "a_file" / "run", synth_dir),
+             f"{tmp_path / 'a_file'} is a file, not a folder"),
+            ([sys.executable, "sample.py", f"--out_dir={tampered}", f"--data_dir={synth_dir}"],
+             "its weights do not fit the model its model_args describe"),
             ([sys.executable, "train.py", "--model=configurator"], "is not a model file"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={bad_meta}"],
              "cannot be read as JSON"),
