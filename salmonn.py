@@ -567,10 +567,21 @@ def read_safetensors(path):
               "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
+    def corrupt(why):
+        return ValueError(f"{path}: not a readable .safetensors file, it is truncated or corrupt "
+                          f"({why})")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if size < 8 or n > size - 8:  # checked first: a garbage size would be read as gigabytes
+            raise corrupt(f"a header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise corrupt(f"its header: {e}") from None
         data = bytearray(f.read())
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -579,9 +590,11 @@ def read_safetensors(path):
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         dtype = dtypes[info["dtype"]]
         a, b = info["data_offsets"]
-        count = (b - a) // torch.empty(0, dtype=dtype).element_size()
+        size = torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= a <= b <= len(data) or b - a != math.prod(info["shape"]) * size:
+            raise corrupt(f"tensor {name}: bytes {a}..{b} of {len(data)} for shape {info['shape']}")
         t = torch.frombuffer(data, dtype=dtype, offset=a,
-                             count=count) if b > a else torch.empty(0, dtype=dtype)
+                             count=(b - a) // size) if b > a else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"]).clone()
     return out
 

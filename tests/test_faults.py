@@ -303,3 +303,32 @@ def test_settings_that_are_no_literal_and_devices_this_machine_lacks(monkeypatch
     with pytest.raises(SystemExit):
         configurator.resolve_device("train.py", "cuda:7")
     assert "has 1 GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err
+
+def test_a_safetensors_file_cut_short_or_corrupt_is_named_not_a_traceback(tmp_path):
+    """read_safetensors (salmonn.py, and pengi.py's copy) on a file safetensors itself wrote reads
+    the tensors back; cut short, emptied, filled with garbage (whose first 8 bytes read as a header
+    of exabytes, once a MemoryError), or with a header that is not JSON, it raises a ValueError that
+    names the file."""
+    import pengi
+    import salmonn
+    from safetensors.torch import save_file
+    tensors = {"wte.weight": torch.randn(5, 3), "h.0.ln_1.bias": torch.arange(4.0).half()}
+    good = tmp_path / "model.safetensors"
+    save_file(tensors, str(good))
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    bad = {"cut": raw[:len(raw) - 6], "empty": b"", "garbage": bytes(range(7, 250)) * 40,
+           "header": raw[:8] + b"{" * n + raw[8 + n:]}
+    for read in (salmonn.read_safetensors, pengi.read_safetensors):
+        got = read(str(good))
+        assert got.keys() == tensors.keys() and all(torch.equal(got[k], v)
+                                                   for k, v in tensors.items())
+        for name, data in bad.items():
+            path = tmp_path / f"{name}.safetensors"
+            path.write_bytes(data)
+            try:
+                read(str(path))
+            except ValueError as e:
+                assert str(path) in str(e) and "truncated or corrupt" in str(e), (name, e)
+            else:
+                raise AssertionError(f"{name}: read without an error")
