@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -551,6 +552,12 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
                                                   # generated after it
     assert sr == 24000 and prompt > 0 and prompt % 320 == 0
     assert f"{prompt / 24000:.2f} s prompt + {n * 320 / 24000:.2f} s continuation" in p.stdout
+    # the prompt part is the clip's last frames of codebook 0 decoded (the decoder is causal, so
+    # what follows does not change it), at 16-bit resolution: not rescaled, not shifted in time
+    import sample as S
+    clip, _ = S.read_clip(synth_dir, "val", 1)
+    want = S.Tools(synth_dir).decode(clip["codes"][-(prompt // 320):, :1]).numpy().clip(-1, 1)
+    assert np.abs(x[:prompt] - want).max() < 2 / 32768 and np.abs(want).max() > 0.01
     # its spectrogram next to it
     assert "tokens/s" in p.stdout and (tmp_path / "x.png").stat().st_size > 1000
     # --out naming a folder: its sample.wav; --audio: the speed leaves out the codec's loading,
