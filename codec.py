@@ -306,13 +306,15 @@ def calibrate(model, emb):
     dec.weight_g.data.copy_(w.norm(dim=(1, 2), keepdim=True))
     return std(emb.T[None])[0].T
 
-def fit_codebooks(model, emb, iters=12, seed=0):
+def fit_codebooks(model, emb, iters=12, seed=0, quiet=False):
     """Fit the first N_Q residual codebooks by k-means on encoder outputs emb (N, 128), as EnCodec's
     quantizer does at its first training step (there with kmeans_init), layer after layer on the
     residual."""
     gen = torch.Generator().manual_seed(seed)
     residual = emb.float().clone()
-    for i, layer in enumerate(model.quantizer.vq.layers[:N_Q]):
+    # seconds per codebook on a big sample: a bar, so the wait has a rate and an ETA
+    for layer in tqdm(model.quantizer.vq.layers[:N_Q], unit="codebook", desc="fit codebooks",
+                      disable=quiet):
         cb = layer._codebook
         means, counts = kmeans(residual, cb.codebook_size, iters, gen)
         cb.embed.data.copy_(means)

@@ -286,9 +286,19 @@ def check_args(args):
         except ValueError as e:
             sys.exit(f"error: --codec_from={args.codec_from}: {e}")
 
-def make_out_dir(args):
-    """The output directory, made if need be and cleared of a crashed run's half-written files."""
-    out = output_dir(args)
+def check_out_dir(out):
+    """Stop now if the output directory cannot be made, without making it: that waits until there
+    is something to write (make_out_dir), so a run that stops before leaves no empty folder."""
+    there = next((p for p in (out, *out.parents) if p.exists()), out)   # out, or where it would go
+    if not there.is_dir():
+        sys.exit(f"error: --out_dir={out}: a file is in the way of that folder")
+    if there != out and not os.access(there, os.W_OK | os.X_OK):
+        sys.exit(f"error: --out_dir={out}: cannot be made (no permission to write in {there})")
+
+def make_out_dir(out):
+    """The output directory, made if need be and cleared of a crashed run's half-written files.
+    Returns the folders made here, innermost first (see remove_empty)."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -297,7 +307,16 @@ def make_out_dir(args):
         sys.exit(f"error: --out_dir={out}: cannot be made ({e.strerror})")
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
         stale.unlink()
-    return out
+    return made
+
+def remove_empty(dirs):
+    """Remove those of dirs that are empty, in order: a run that stops before writing anything
+    leaves no folder of its own behind (a non-empty one, say with chunks to resume from, stays)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:                               # not empty, or not there
+            pass
 
 def drop_speech_if_unavailable(args):
     """Without the speech library, synth is built without speech (or, with --strict, stops). It
@@ -611,7 +630,8 @@ def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
     t0 = time.time()
     allemb = calibrate(codec, allemb)
     pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
-    fit_codebooks(codec, allemb[torch.from_numpy(np.sort(pick))], iters=args.kmeans_iters)
+    fit_codebooks(codec, allemb[torch.from_numpy(np.sort(pick))], iters=args.kmeans_iters,
+                  quiet=args.quiet)
     print(f"offline codec: fitted {N_Q} codebooks x {CODEBOOK_SIZE} on {len(pick)} frames in "
           f"{time.time() - t0:.1f}s")
     row = {info["id"]: i for i, info in enumerate(infos)}
@@ -633,6 +653,11 @@ def report_offline_codec(codec, seed, stage, speech=True):
     speech=False): printed, drawn in codec.png (input vs decode(encode(x))) and returned for
     meta.json."""
     probes = codec_probes(seed, speech=speech)
+    # the report takes a while and prints only at its end: say now what it measures
+    print(f"offline codec: measuring decode(encode(x)) on {sum(map(len, probes.values()))} "
+          f"held-out clips ({len(probes['note'])} notes read for pitch, {len(probes['morse'])} "
+          f"morse words and {len(probes['dtmf'])} DTMF numbers read back, {len(probes['any'])} "
+          f"clips of every kind for the log-mel L1)")
     r, rec = codec_report(codec, probes, untrained=offline_codec())
     print(f"offline codec on held-out clips, decode(encode(x)) at {BANDWIDTH:g} kbps: notes at the "
           f"labelled pitch {r['notes']:.0%} of {len(probes['note'])}, morse words read back "
@@ -874,7 +899,8 @@ def main(argv=None):
     if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     check_args(args)
-    out = make_out_dir(args)
+    out = output_dir(args)
+    check_out_dir(out)
     drop_speech_if_unavailable(args)                  # changes args: before hash_args
     args_hash = hash_args(args)
     if already_prepared(out, args_hash, args.force):
@@ -890,19 +916,24 @@ def main(argv=None):
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
                  f"{sum(report.counts.values())} inputs); nothing written")
+    made = make_out_dir(out)                          # made only now: there are clips to encode
     work = work_dir(out, work_hash(args), codec_info["name"] if codec else "no_codes", args.force)
     codec_wavs = {}
     fit_codec = codec is not None and not codec_info["pretrained"] and not args.codec_from
     copy_codec = codec is not None and not codec_info["pretrained"] and bool(args.codec_from)
-    if copy_codec:  # the very file the codes are made with, copied now: DIR may change meanwhile
-        shutil.copyfile(Path(args.codec_from) / codec_info["weights"], work / "codec_from.pt")
-    if fit_codec:
-        codec_wavs = start_offline_codec(codec, clips, report, args, work)
-    encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
-    infos, embs, mels, wmels, (audio_seconds, resumed_seconds) = encoded
-    if not infos:
-        sys.exit(f"error: no usable clips (skipped {sum(report.counts.values())} inputs); "
-                 "nothing written")
+    try:
+        if copy_codec:  # the very file the codes are made with, copied now: DIR may change
+            shutil.copyfile(Path(args.codec_from) / codec_info["weights"], work / "codec_from.pt")
+        if fit_codec:
+            codec_wavs = start_offline_codec(codec, clips, report, args, work)
+        encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
+        infos, embs, mels, wmels, (audio_seconds, resumed_seconds) = encoded
+        if not infos:
+            sys.exit(f"error: no usable clips (skipped {sum(report.counts.values())} inputs); "
+                     "nothing written")
+    except BaseException:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left behind
+        remove_empty([work, *made])
+        raise
     stage = Staging(out)                              # from here on every output is staged
     allemb = torch.from_numpy(np.concatenate(embs)).float()
     bounds = np.cumsum([0] + [len(e) for e in embs])  # clip i is allemb[bounds[i]:bounds[i + 1]]

@@ -867,6 +867,44 @@ def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys):
     assert f"{bad / 'silent.wav'}: all silent" in str(e.value), str(e.value)
 
 
+def test_a_run_that_writes_nothing_leaves_no_folder_behind(tmp_path):
+    """A run that stops before any output (no pretrained weights in --codec_dir, a --src with no
+    audio, only bad audio, a --strict stop while reading) makes no output folder, nor its parents;
+    a folder that was there already stays, without a work directory in it."""
+    empty, bad, kept = tmp_path / "empty", tmp_path / "bad", tmp_path / "kept"
+    for d in (empty, bad, kept):
+        d.mkdir()
+    sf.write(bad / "silent.wav", np.zeros(SR // 2, np.float32), SR)
+    out = tmp_path / "new" / "out"
+    for args in ([f"--codec_dir={tmp_path / 'nonexistent'}", "--clips=2"],
+                 ["--dataset=folder", f"--src={empty}"],
+                 ["--dataset=folder", f"--src={bad}"],
+                 ["--dataset=folder", f"--src={bad}", "--strict"]):
+        with pytest.raises(SystemExit):
+            P.main(args + [f"--out_dir={out}"] + FAST)
+        assert not (tmp_path / "new").exists(), args
+    with pytest.raises(SystemExit, match="no usable clips"):
+        P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={kept}"] + FAST)
+    assert kept.is_dir() and not list(kept.iterdir())
+
+
+def test_the_offline_codec_says_what_it_is_doing_unless_quiet(tmp_path, capsys, monkeypatch):
+    """k-means shows a bar over the codebooks (none with quiet), and the held-out report says what
+    it measures, and on how many clips, before its wait; its summary comes after."""
+    model = A.offline_codec().eval()
+    C.dct_init(model)
+    emb = torch.randn(600, 128)
+    C.fit_codebooks(model, emb, iters=1, quiet=True)
+    assert capsys.readouterr().err == ""
+    C.fit_codebooks(model, emb, iters=1)
+    assert "fit codebooks: 100%" in capsys.readouterr().err
+    monkeypatch.setattr(P, "codec_probes", lambda seed, speech: C.codec_probes(
+        seed, n_notes=2, n_morse=1, n_dtmf=1, n_any=2, max_dur=1.0, speech=False))
+    P.report_offline_codec(model, 1337, P.Staging(tmp_path), speech=False)
+    out = capsys.readouterr().out
+    said = out.find("measuring decode(encode(x)) on 6 held-out clips (2 notes read for pitch")
+    assert 0 <= said < out.index("offline codec on held-out clips"), out
+
 def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
     (tmp_path / "manifest.jsonl").write_text(
