@@ -888,7 +888,8 @@ def test_a_run_that_writes_nothing_leaves_no_folder_behind(tmp_path):
     assert kept.is_dir() and not list(kept.iterdir())
 
 
-def test_the_offline_codec_says_what_it_is_doing_unless_quiet(tmp_path, capsys, monkeypatch):
+def test_the_offline_codec_says_what_it_is_doing_unless_quiet(tmp_path, capsys,
+                                                               monkeypatch):
     """k-means shows a bar over the codebooks (none with quiet), and the held-out report says what
     it measures, and on how many clips, before its wait; its summary comes after."""
     model = A.offline_codec().eval()
@@ -904,6 +905,7 @@ def test_the_offline_codec_says_what_it_is_doing_unless_quiet(tmp_path, capsys, 
     out = capsys.readouterr().out
     said = out.find("measuring decode(encode(x)) on 6 held-out clips (2 notes read for pitch")
     assert 0 <= said < out.index("offline codec on held-out clips"), out
+
 
 def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
