@@ -49,6 +49,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import configurator
+
+def fail(msg):
+    configurator.fail("bench_attention.py", msg)
+
 # -----------------------------------------------------------------------------
 # ahead-of-time builds for an H100 (sm_90a), no GPU needed
 
@@ -261,8 +266,8 @@ def benchmark(args):
     import triton
     import fused_attention
     fused_attention.AUTOTUNE = bool(args.autotune)
-    seqlens = [1024, 4096] if args.quick else [int(s) for s in args.seqlens.split(",")]
-    dims = [64] if args.quick else [int(s) for s in (args.dims or "64,128").split(",")]
+    seqlens = [1024, 4096] if args.quick else args.seqlens
+    dims = [64] if args.quick else args.dims or [64, 128]
     dtype = getattr(torch, args.dtype)
     rng = torch.Generator().manual_seed(args.seed)
     gpu = torch.cuda.get_device_name()
@@ -331,9 +336,28 @@ def main():
     parser.add_argument("--tiles", default="all", choices=["all", "default"],
                         help="--ptxas: every TILES entry or the defaults")
     args = parser.parse_args()
+    # before any build or timing: a bad one would stop the run with a traceback
+    from fused_attention import HEAD_DIMS
+    for name in ("seqlens", "dims"):
+        text = getattr(args, name)
+        try:
+            setattr(args, name, None if text is None else [int(s) for s in text.split(",")])
+        except ValueError:
+            fail(f"--{name}={text}: expected integers separated by commas")
+    if min(args.seqlens) < 1:
+        fail(f"--seqlens={','.join(map(str, args.seqlens))}: each must be at least 1")
+    if args.dims and set(args.dims) - set(HEAD_DIMS):
+        fail(f"--dims={','.join(map(str, args.dims))}: the kernels take head dims "
+             f"{', '.join(map(str, HEAD_DIMS))} only")
+    if args.out and os.path.isdir(args.out):
+        fail(f"--out={args.out}: a folder; name the markdown file to write")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if args.out and not os.path.isdir(folder):
+        fail(f"--out={args.out}: {folder} " + ("is a file, not a folder" if os.path.exists(folder)
+                                               else "does not exist"))
     if args.ptxas:
         import triton
-        dims = [int(s) for s in (args.dims or "16,32,64,128").split(",")]
+        dims = args.dims or [16, 32, 64, 128]
         lines = [f"sm_90a builds (H100), {args.dtype}, triton {triton.__version__}, torch "
                  f"{torch.__version__}, aligned tensors, lengths multiples of 16; no GPU involved",
                  ""]
@@ -343,9 +367,12 @@ def main():
         lines = benchmark(args)
     if args.out:
         tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, args.out)
+        try:
+            with open(tmp, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+            os.replace(tmp, args.out)
+        except OSError as e:
+            fail(f"--out={args.out}: cannot be written ({e}); the table is printed above")
         print(f"wrote {args.out}")
 
 if __name__ == "__main__":

@@ -69,6 +69,21 @@ def autocast():
     """bfloat16 on a GPU (train.py's and sample.py's default there), float32 on a CPU."""
     return torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
 
+def check_data_dir():
+    """What the generation part reads of data_dir (meta.json, the codec, a val clip), read before
+    the training part, which a bad one would otherwise fail after (sample.py reads it there)."""
+    from audio import load_codec
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        fail(f"--data_dir={data_dir}: no meta.json there (prepare.py writes it)")
+    clips = os.path.join(data_dir, "val_clips.jsonl")
+    try:
+        load_codec(data_dir)
+        with open(clips) as f:
+            if not any(line.strip() for line in f):
+                fail(f"--data_dir={data_dir}: {clips} has no clip to prompt with")
+    except (ValueError, OSError, KeyError) as e:
+        fail(f"--data_dir={data_dir}: {e}")
+
 def sync():
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
@@ -247,6 +262,15 @@ if __name__ == "__main__":
     if child:
         print(json.dumps(train_one(child)))
         sys.exit(0)
+    # before the benchmark: a bad --out or --data_dir would fail after minutes of it
+    folder = os.path.dirname(os.path.abspath(out))
+    if out and os.path.isdir(out):
+        fail(f"--out={out}: a folder; name the markdown file to write")
+    if out and not os.path.isdir(folder):
+        fail(f"--out={out}: {folder} " + ("is a file, not a folder" if os.path.exists(folder)
+                                          else "does not exist"))
+    if part in ("all", "generate"):
+        check_data_dir()
     lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
              f"{os.cpu_count()} cores", ""]
     if part in ("all", "train"):
@@ -255,6 +279,9 @@ if __name__ == "__main__":
         lines += generate_table()
     print("\n".join(lines))
     if out:
-        with open(out + ".tmp", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(out + ".tmp", out)
+        try:
+            with open(out + ".tmp", "w") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(out + ".tmp", out)
+        except OSError as e:
+            fail(f"--out={out}: cannot be written ({e}); the tables are printed above")

@@ -11,8 +11,9 @@ the claims checked seed by seed, and continuations of held-out clips by GPT-S an
 
 Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir,
 test_dir (a held-out corpus coded with data_dir's codec, prepare.py --codec_from: tabled too),
-out_root, out (the markdown file), continuations (held-out clips per kind; 0 = none), prompt_frames,
-new_frames. Every other --key=value goes to train.py for every run (e.g. --max_iters=900).
+out_root, out (the markdown file, default out_root/table1.md; docs/whisper_gpt_table1.md is written
+only when named), continuations (held-out clips per kind; 0 = none), prompt_frames, new_frames.
+Every other --key=value goes to train.py for every run (e.g. --max_iters=900).
 """
 
 import json
@@ -36,7 +37,9 @@ data_dir = "data/synth"
 # val clips of each kind
 test_dir = ""
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
-out = "docs/whisper_gpt_table1.md"
+# the markdown file; default {out_root}/table1.md (a trial run must not overwrite the committed
+# docs/whisper_gpt_table1.md: name it to write it)
+out = ""
 # held-out clips per kind (of test_dir if given) continued by GPT-S and the hybrids (first seed)
 continuations = 48
 prompt_frames = 60             # 0.8 s of prompt ...
@@ -57,6 +60,22 @@ def fail(msg):
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+def progress(i, n, t0):
+    """"i/n, elapsed, ETA" of a loop over n like items that started at t0."""
+    took = time.time() - t0
+    return f"{i}/{n}, {fmt_time(took)}, ETA ~{fmt_time(took / i * (n - i))}"
+
+def check_folder(what, folder):
+    """A one-line failure unless folder is one or can be made (its nearest existing parent a
+    writable folder): checked before the sweep, which it would otherwise fail after."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        fail(f"{what}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK):
+        fail(f"{what}: the folder {p} is not writable")
 
 # -----------------------------------------------------------------------------
 # the sweep: one train.py process per (model, kind, seed), `jobs` at a time, each on one thread
@@ -81,6 +100,21 @@ def read_wall(d):
     """Seconds spent training run d so far (wall.json), 0 if none."""
     path = os.path.join(d, "wall.json")
     return json.load(open(path))["seconds"] if os.path.isfile(path) else 0.0
+
+def last_iter(d):
+    """The last "iter i/N | ... | eta ..." line of run d's train.log as "iter i/N, eta ...", or None
+    (no iteration logged yet)."""
+    try:
+        with open(os.path.join(d, "train.log"), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))  # the tail: a long run's log is long
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("iter "):
+            parts = line.split(" | ")
+            return f"{parts[0]}, {parts[-1]}" if parts[-1].startswith("eta ") else parts[0]
+    return None
 
 def write_wall(d, seconds):
     with open(os.path.join(d, "wall.json.tmp"), "w") as f:
@@ -123,6 +157,7 @@ def sweep(runs, train_args):
           f"train, {jobs} at a time")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running, done, took = [], 0, {m: [] for m in NAMES}
+    last_status = time.time()
     while todo or running:
         while todo and len(running) < jobs:
             d, cmd = todo.pop(0)
@@ -134,6 +169,12 @@ def sweep(runs, train_args):
                             log, start))
             print(f"  start {d}")
         time.sleep(0.5)  # (a run's wall time is known to this much)
+        # a GPT-L run takes minutes: where each running one is, once a minute
+        if time.time() - last_status >= 60:
+            last_status = time.time()
+            print("  running " + "; ".join(
+                f"{os.path.basename(d)} {fmt_time(time.time() - start)}: "
+                f"{last_iter(d) or 'no iteration logged yet'}" for d, _, _, start in running))
         for item in list(running):
             d, proc, log, start = item
             write_wall(d, time.time() - start)
@@ -161,13 +202,14 @@ def sweep(runs, train_args):
 def load_run(d):
     """The trained Whisper-GPT of the run in directory d, in eval mode, and its checkpoint."""
     import whisper_gpt as W
-    from train import load_checkpoint
+    from train import load_checkpoint, load_weights
+    path = os.path.join(d, "ckpt.pt")
     try:
-        ck = load_checkpoint(os.path.join(d, "ckpt.pt"))
-    except ValueError as e:
-        fail(e)
-    net = W.Model(W.Config(**ck["model_args"]))
-    net.load_state_dict(ck["model"])
+        ck = load_checkpoint(path)
+        net = W.Model(W.Config(**ck["model_args"]))
+        load_weights(net, ck["model"], ck["model_args"], "the checkpoint's model_args")
+    except ValueError as e:  # a checkpoint whose weights do not fit its own model, ...
+        fail(e if str(e).startswith(path) else f"{path}: {e}")
     return net.eval(), ck
 
 def evaluate_run(d, eval_dir):
@@ -262,12 +304,12 @@ def reference_scores(mels, idx):
             continuation_scores(mels[i], mels[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)]
     return scores
 
-def sampled_continuations(net, inputs, mels, idx, tools):
+def sampled_continuations(net, inputs, mels, idx, tools, label):
     """Scores of the model's continuation of each clip's prompt (T=1, top-k 50, seeded by the clip's
     rank), and the first clip's continuation as (wav, log-mel)."""
     import audio
     import whisper_gpt as W
-    rows = []
+    rows, t0, shown = [], time.time(), time.time()
     for k, i in enumerate(idx):
         prompt = {"codes": inputs[i]["codes"][:prompt_frames],
                   "mel": inputs[i]["mel"][:prompt_frames]}
@@ -278,6 +320,11 @@ def sampled_continuations(net, inputs, mels, idx, tools):
         rows.append(continuation_scores(mels[i], gen_mel))
         if k == 0:
             first = wav, gen_mel
+        # hundreds of clips take minutes: a line every 30 s, and one when done
+        if time.time() - shown >= 30 or k == len(idx) - 1:
+            shown = time.time()
+            print(f"  continuations {label}: {progress(k + 1, len(idx), t0)} "
+                  f"({(k + 1) / (shown - t0):.1f} clips/s)")
     return rows, first
 
 def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
@@ -298,7 +345,8 @@ def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
     panels = [("true: prompt | continuation", mels[idx[0]])]
     for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
         rows, (wav, gen_mel) = sampled_continuations(load_run(run_dir(model, kind, seed))[0],
-                                                     inputs, mels, idx, tools)
+                                                     inputs, mels, idx, tools,
+                                                     f"{kind}, {NAMES[model]}")
         panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
         S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav,
                     audio.SAMPLE_RATE)
@@ -340,6 +388,7 @@ def continuation_rows(model_list, kind_list, seed):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once in a log file too
     settings, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(),
                                               pass_unknown=True)
     globals().update(settings)
@@ -379,6 +428,13 @@ if __name__ == "__main__":
         if value < least:
             fail(f"--{name}={value}: must be at least {least}")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
+    # where the results go, before the sweep: a bad one would fail after it
+    check_folder(f"--out_root={out_root}", out_root)
+    what = f"--out={out}" if out else f"--out (default {os.path.join(out_root, 'table1.md')})"
+    out = out or os.path.join(out_root, "table1.md")
+    if os.path.isdir(out):
+        fail(f"{what}: a folder; name the markdown file to write")
+    check_folder(what, os.path.dirname(os.path.abspath(out)))
     import whisper_gpt as W
     block = max(run_settings[m]["block_size"] for m in model_list)
     try:  # the training data, every kind of it: before hours of training
@@ -406,13 +462,23 @@ if __name__ == "__main__":
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     lines = ["# Whisper-GPT, Table 1 at CPU size", "",
              f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
-    for eval_dir, name in ((data_dir, "results.json"), (test_dir, "results_test.json")):
-        if not eval_dir:
-            continue
-        try:
-            results = {r: evaluate_run(run_dir(*r), eval_dir) for r in runs}
-        except (ValueError, OSError) as e:  # data changed since the runs (another codec, ...)
-            fail(f"evaluating on {eval_dir}: {e}")
+    eval_dirs = [(d, name) for d, name in ((data_dir, "results.json"),
+                                           (test_dir, "results_test.json")) if d]
+    # minutes of evaluation after the sweep: a line per run
+    t_eval, n_eval = time.time(), 0
+    print(f"evaluating {len(runs)} runs on the val clips of "
+          f"{' and '.join(d for d, _ in eval_dirs)}")
+    for eval_dir, name in eval_dirs:
+        results = {}
+        for r in runs:
+            try:
+                results[r] = evaluate_run(run_dir(*r), eval_dir)
+            except (ValueError, OSError) as e:  # data changed since the runs (another codec, ...)
+                fail(f"evaluating {run_dir(*r)} on {eval_dir}: {e}")
+            n_eval += 1
+            print(f"  evaluated {os.path.basename(run_dir(*r))} on {eval_dir}: NLL "
+                  f"{results[r]['nll']:.3f} "
+                  f"({progress(n_eval, len(eval_dirs) * len(runs), t_eval)})")
         path = os.path.join(out_root, name)
         with open(path + ".tmp", "w") as f:
             json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
@@ -427,9 +493,12 @@ if __name__ == "__main__":
     lines += ["", f"(Python {sys.version.split()[0]}, torch {torch.__version__}, device {device}, "
               f"{os.cpu_count()} cores, {jobs} runs side by side with one thread each; this call "
               f"took {fmt_time(time.time() - t0)})"]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(out + ".tmp", out)
-    print("\n".join(lines))
+    print("\n".join(lines))  # first: a failed write below loses no table
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(out + ".tmp", out)
+    except OSError as e:
+        fail(f"--out={out}: cannot be written ({e}); the table is printed above")
     print(f"wrote {out}")

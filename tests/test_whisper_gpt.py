@@ -939,6 +939,17 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
                          text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "0 of 8 runs already finished, 8 to train" in res.stdout
+    # the minutes after the sweep say where they are: a line per run evaluated, per model continued
+    assert f"  evaluated s-speech-s1 on {synth_dir}: NLL " in res.stdout
+    assert f"  evaluated hybrid-events-s2 on {held_out}: NLL " in res.stdout
+    assert "(16/16, " in res.stdout
+    for label in ("speech, GPT-S", "speech, Hybrid", "events, GPT-S", "events, Hybrid"):
+        assert f"  continuations {label}: 2/2, " in res.stdout
+    # the table is printed before it is written (a failed write loses nothing)
+    assert res.stdout.index("| paper, music | Hybrid |") < res.stdout.index(f"wrote {out}")
+    # what the sweep echoes of a running job: its log's last "iter i/N ... eta" line
+    import whisper_gpt_table as WT
+    assert WT.last_iter(str(tmp_path / "runs" / "s-speech-s1")) == "iter 3/3, eta 0m00s"
     results = json.load(open(tmp_path / "runs" / "results.json"))
     assert len(results) == 8
     for name, r in results.items():
@@ -1006,9 +1017,20 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     procs = [(extra, said, subprocess.Popen(more + extra, cwd=ROOT, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, text=True))
              for extra, said in cases]  # each stops before any work: all side by side
+    # a checkpoint whose weights do not fit its own model: one line when the table loads it
+    bad = tmp_path / "runs" / "hybrid-events-s2" / "ckpt.pt"
+    ck = torch.load(bad, weights_only=True)
+    ck["model"].pop(next(iter(ck["model"])))
+    torch.save(ck, bad)
+    one = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds"))]
+    procs.append(([], f"{bad}: its weights do not fit the model built for the checkpoint's "
+                      f"model_args", subprocess.Popen(
+        one + ["--models=hybrid", "--kinds=events", "--seeds=2", "--continuations=0"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     for extra, said, proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and said in err, (extra, err[-2000:])
+        assert "Traceback" not in err, (extra, err[-2000:])
 
 def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
     """A --models entry must be one of the table's models, not just have a config file: another one
@@ -1023,6 +1045,79 @@ def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "--models: no model 'xl'" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
+    """--out and --out_root are checked before the sweep, which they would fail after: --out a
+    folder or under a file, --out_root under a file, the default --out (out_root/table1.md) a
+    folder; each stops with one line and nothing is trained or written. A --out in folders still
+    to be made passes (here the missing --data_dir, checked next, stops it)."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "runs" / "table1.md").mkdir(parents=True)
+    new = tmp_path / "new"
+    cases = (([f"--out_root={new}", f"--out={tmp_path}"],
+              f"--out={tmp_path}: a folder; name the markdown file to write"),
+             ([f"--out_root={new}", f"--out={tmp_path / 'file' / 't.md'}"],
+              f"--out={tmp_path / 'file' / 't.md'}: {tmp_path / 'file'} is a file, not a folder"),
+             ([f"--out_root={tmp_path / 'file' / 'runs'}"],
+              f"--out_root={tmp_path / 'file' / 'runs'}: {tmp_path / 'file'} is a file, not a "
+              f"folder"),
+             ([f"--out_root={tmp_path / 'runs'}"],
+              f"--out (default {tmp_path / 'runs' / 'table1.md'}): a folder"),
+             ([f"--out_root={new}", f"--out={new / 'deeper' / 't.md'}"],
+              f"--data_dir={tmp_path / 'nowhere'}: "))
+    procs = [(extra, said, subprocess.Popen(
+        [sys.executable, "whisper_gpt_table.py", f"--data_dir={tmp_path / 'nowhere'}", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for extra, said in cases]
+    for extra, said, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and said in err, (extra, err[-2000:])
+        assert len(err.strip().splitlines()) == 1, (extra, err[-2000:])
+    assert sorted(os.listdir(tmp_path)) == ["file", "runs"]
+    assert os.listdir(tmp_path / "runs") == ["table1.md"]
+
+def test_table_sweep_status_is_each_logs_last_iteration(tmp_path):
+    """What the sweep echoes of a running job once a minute: the last "iter i/N ... eta" line of
+    its train.log (read from its tail: a long run's log is long), shortened; None before the
+    first."""
+    import whisper_gpt_table as WT
+    assert WT.last_iter(str(tmp_path)) is None
+    log = tmp_path / "train.log"
+    log.write_text("step 0: train loss 6.1, val loss 6.1\n")
+    assert WT.last_iter(str(tmp_path)) is None
+    lines = [f"iter {i}/900 | loss 5.1 | lr 1.00e-03 | 10.0 ms/iter | 1.0k tok/s | eta {i}m00s"
+             for i in range(1, 301)]
+    log.write_text("\n".join(lines + ["step 300: train loss 4.2, val loss 4.3", ""]))
+    assert WT.last_iter(str(tmp_path)) == "iter 300/900, eta 300m00s"
+
+def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
+    """bench_whisper_gpt.py and bench_attention.py stop with one line, before any benchmark runs,
+    at an --out in a missing folder, a --data_dir without data (bench_whisper_gpt.py's own name on
+    it, though the generation part, which reads it, comes after the training part), --dims or
+    --seqlens that are not integers, a head dim the kernels do not take, a length below 1."""
+    missing = tmp_path / "missing" / "b.md"
+    small = ["bench_whisper_gpt.py", "--iters=1", "--batch_size=1"]
+    cases = ((small + ["--part=train", f"--out={missing}"],
+              f"bench_whisper_gpt.py: --out={missing}: {missing.parent} does not exist"),
+             (small + [f"--data_dir={tmp_path / 'nowhere'}"],
+              f"bench_whisper_gpt.py: --data_dir={tmp_path / 'nowhere'}: no meta.json"),
+             (["bench_attention.py", "--ptxas", "--dims=abc"],
+              "bench_attention.py: --dims=abc: expected integers separated by commas"),
+             (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=64,48"],
+              "bench_attention.py: --dims=64,48: the kernels take head dims 16, 32, 64, 128 only"),
+             (["bench_attention.py", "--seqlens=1024,0"],
+              "bench_attention.py: --seqlens=1024,0: each must be at least 1"),
+             (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=16", f"--out={missing}"],
+              f"bench_attention.py: --out={missing}: {missing.parent} does not exist"))
+    procs = [(args, said, subprocess.Popen([sys.executable, *args], cwd=ROOT,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True))
+             for args, said in cases]  # each stops before any work: all side by side
+    for args, said, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and said in err, (args, err[-2000:])
+        assert len(err.strip().splitlines()) == 1, (args, err[-2000:])
+    assert os.listdir(tmp_path) == []
 
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
