@@ -135,6 +135,18 @@ def fail(script, error):
     print(f"{script}: {error}", file=sys.stderr)
     sys.exit(2)
 
+def check_folder(script, what, folder):
+    """A one-line failure naming `what` unless folder is a folder or can be made (its nearest
+    existing parent a writable folder): checked before long work, which would fail at its first
+    write."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):  # the folders makedirs would make
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        fail(script, f"{what}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        fail(script, f"{what}: {p} is not writable")
+
 def parse(script, argv, namespace, pass_unknown=False, positional=False):
     """The whole job for a script without config files: defaults from namespace, overridden by argv.
     Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the

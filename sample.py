@@ -196,13 +196,8 @@ if __name__ == "__main__":
     if out and not codes_model and out_path.lower().endswith(".wav"):
         fail(f"--out={out}: this model's result is text, written as .txt: name a .txt file or a "
              f"folder")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    while not os.path.exists(folder):  # the folders write_wav would make
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        fail(f"--out={out}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        fail(f"--out={out}: {folder} is not writable")
+    configurator.check_folder("sample.py", f"--out={out}",
+                              os.path.dirname(os.path.abspath(out_path)))
     data_dir = data_dir or checkpoint["config"]["data_dir"]
     # a text model given --audio needs nothing of the data it trained on (its tokenizer travels
     # with the checkpoint): it runs where that data is gone

@@ -326,13 +326,7 @@ if __name__ == "__main__":
     if not out_dir or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
         fail(f"out_dir={out_dir!r}: expected a folder (made if missing) for ckpt.pt and log.jsonl")
     if not eval_only:  # checked now, not at the first save after minutes of training
-        parent = os.path.abspath(out_dir)
-        while not os.path.exists(parent):  # the folders makedirs would make
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            fail(f"out_dir={out_dir!r}: {parent} is a file, not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            fail(f"out_dir={out_dir!r}: {parent} is not writable")
+        configurator.check_folder("train.py", f"out_dir={out_dir!r}", out_dir)
     sequences_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
         print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {sequences_per_iter} "

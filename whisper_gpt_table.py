@@ -66,17 +66,6 @@ def progress(i, n, t0):
     took = time.time() - t0
     return f"{i}/{n}, {fmt_time(took)}, ETA ~{fmt_time(took / i * (n - i))}"
 
-def check_folder(what, folder):
-    """A one-line failure unless folder is one or can be made (its nearest existing parent a
-    writable folder): checked before the sweep, which it would otherwise fail after."""
-    p = os.path.abspath(folder)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        fail(f"{what}: {p} is a file, not a folder")
-    if not os.access(p, os.W_OK):
-        fail(f"{what}: the folder {p} is not writable")
-
 # -----------------------------------------------------------------------------
 # the sweep: one train.py process per (model, kind, seed), `jobs` at a time, each on one thread
 
@@ -429,12 +418,12 @@ if __name__ == "__main__":
             fail(f"--{name}={value}: must be at least {least}")
     runs = [(m, k, s) for k in kind_list for m in model_list for s in seed_list]
     # where the results go, before the sweep: a bad one would fail after it
-    check_folder(f"--out_root={out_root}", out_root)
+    configurator.check_folder("whisper_gpt_table.py", f"--out_root={out_root}", out_root)
     what = f"--out={out}" if out else f"--out (default {os.path.join(out_root, 'table1.md')})"
     out = out or os.path.join(out_root, "table1.md")
     if os.path.isdir(out):
         fail(f"{what}: a folder; name the markdown file to write")
-    check_folder(what, os.path.dirname(os.path.abspath(out)))
+    configurator.check_folder("whisper_gpt_table.py", what, os.path.dirname(os.path.abspath(out)))
     import whisper_gpt as W
     block = max(run_settings[m]["block_size"] for m in model_list)
     try:  # the training data, every kind of it: before hours of training
