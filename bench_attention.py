@@ -349,7 +349,7 @@ def main():
     if args.dims and set(args.dims) - set(HEAD_DIMS):
         fail(f"--dims={','.join(map(str, args.dims))}: the kernels take head dims "
              f"{', '.join(map(str, HEAD_DIMS))} only")
-    if args.out and os.path.isdir(args.out):
+    if args.out and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
         fail(f"--out={args.out}: a folder; name the markdown file to write")
     folder = os.path.dirname(os.path.abspath(args.out))
     if args.out and not os.path.isdir(folder):

@@ -264,7 +264,7 @@ if __name__ == "__main__":
         sys.exit(0)
     # before the benchmark: a bad --out or --data_dir would fail after minutes of it
     folder = os.path.dirname(os.path.abspath(out))
-    if out and os.path.isdir(out):
+    if out and (os.path.isdir(out) or out.endswith(os.sep)):
         fail(f"--out={out}: a folder; name the markdown file to write")
     if out and not os.path.isdir(folder):
         fail(f"--out={out}: {folder} " + ("is a file, not a folder" if os.path.exists(folder)

@@ -136,9 +136,9 @@ def fail(script, error):
     sys.exit(2)
 
 def check_folder(script, what, folder):
-    """A one-line failure naming `what` unless folder is a folder or can be made (its nearest
-    existing parent a writable folder): checked before long work, which would fail at its first
-    write."""
+    """A one-line failure naming `what` unless folder is a writable folder or can be made (its
+    nearest existing parent a writable folder): checked before long work, which would fail at its
+    first write."""
     p = os.path.abspath(folder)
     while not os.path.exists(p):  # the folders makedirs would make
         p = os.path.dirname(p)

@@ -586,16 +586,18 @@ def read_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in dtypes:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype = dtypes[info["dtype"]]
-        a, b = info["data_offsets"]
-        size = torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= a <= b <= len(data) or b - a != math.prod(info["shape"]) * size:
-            raise corrupt(f"tensor {name}: bytes {a}..{b} of {len(data)} for shape {info['shape']}")
-        t = torch.frombuffer(data, dtype=dtype, offset=a,
-                             count=(b - a) // size) if b > a else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"]).clone()
+        try:
+            dtype, (a, b), shape = info["dtype"], info["data_offsets"], info["shape"]
+        except (KeyError, TypeError, ValueError) as e:  # an entry without its fields
+            raise corrupt(f"tensor {name}: {e!r}") from None
+        if dtype not in dtypes:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        itemsize = torch.empty(0, dtype=dtypes[dtype]).element_size()
+        if not 0 <= a <= b <= len(data) or b - a != math.prod(shape) * itemsize:
+            raise corrupt(f"tensor {name}: bytes {a}..{b} of {len(data)} for shape {shape}")
+        t = torch.frombuffer(data, dtype=dtypes[dtype], offset=a, count=(b - a) // itemsize) \
+            if b > a else torch.empty(0, dtype=dtypes[dtype])
+        out[name] = t.reshape(shape).clone()
     return out
 
 def load_torch_file(path, field, mmap=False):

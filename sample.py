@@ -165,7 +165,7 @@ if __name__ == "__main__":
     if not os.path.isfile(ckpt_path):
         fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / "
              f"--ckpt)")
-    from train import load_checkpoint
+    from train import load_checkpoint, load_weights
     try:
         checkpoint = load_checkpoint(ckpt_path)
     except ValueError as e:
@@ -173,11 +173,11 @@ if __name__ == "__main__":
     M = importlib.import_module(checkpoint["model_name"])
     config = M.Config(**checkpoint["model_args"])
     model = M.Model(config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:  # weights of another shape than its own model_args say
-        fail(f"{ckpt_path}: its weights do not fit the model its model_args describe: "
-             f"{' '.join(str(e).split())[:240]}")
+    try:  # weights of another shape than its own model_args say: one line
+        load_weights(model, checkpoint["model"], checkpoint["model_args"],
+                     "the checkpoint's model_args")
+    except ValueError as e:
+        fail(f"{ckpt_path}: {e}")
     model.eval().to(device)
     # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
     # models read the mel only
@@ -196,15 +196,18 @@ if __name__ == "__main__":
     if out and not codes_model and out_path.lower().endswith(".wav"):
         fail(f"--out={out}: this model's result is text, written as .txt: name a .txt file or a "
              f"folder")
-    configurator.check_folder("sample.py", f"--out={out}",
-                              os.path.dirname(os.path.abspath(out_path)))
+    if codes_model or out:  # a text result without --out is only printed
+        configurator.check_folder("sample.py", f"--out={out}" if out else
+                                  f"--out (default {out_path})",
+                                  os.path.dirname(os.path.abspath(out_path)))
     data_dir = data_dir or checkpoint["config"]["data_dir"]
-    # a text model given --audio needs nothing of the data it trained on (its tokenizer travels
-    # with the checkpoint): it runs where that data is gone
+    # a text model given --audio needs nothing of the data it trained on, its tokenizer recorded in
+    # the checkpoint (as train.py writes them): it runs where that data is gone
+    reads_data = codes_model or not audio or not checkpoint.get("tokenizer")
     from audio import SAMPLE_RATE
-    meta = read_meta(data_dir) if codes_model or not audio else {"sample_rate": SAMPLE_RATE}
+    meta = read_meta(data_dir) if reads_data else {"sample_rate": SAMPLE_RATE}
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']})"
-          + (f", data {data_dir}" if "n_mels" in meta else ""))
+          + (f", data {data_dir}" if reads_data else ""))
 
     # the data contract's functions by name: here `audio` is the --audio setting
     from audio import BadAudio, features, load_audio, log_mel, plot_mels, whisper_log_mel

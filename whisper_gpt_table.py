@@ -421,7 +421,7 @@ if __name__ == "__main__":
     configurator.check_folder("whisper_gpt_table.py", f"--out_root={out_root}", out_root)
     what = f"--out={out}" if out else f"--out (default {os.path.join(out_root, 'table1.md')})"
     out = out or os.path.join(out_root, "table1.md")
-    if os.path.isdir(out):
+    if os.path.isdir(out) or out.endswith(os.sep):
         fail(f"{what}: a folder; name the markdown file to write")
     configurator.check_folder("whisper_gpt_table.py", what, os.path.dirname(os.path.abspath(out)))
     import whisper_gpt as W

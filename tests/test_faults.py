@@ -213,7 +213,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(tmp_path / "a_file" / "run", synth_dir),
              f"{tmp_path / 'a_file'} is a file, not a folder"),
             ([sys.executable, "sample.py", f"--out_dir={tampered}", f"--data_dir={synth_dir}"],
-             "its weights do not fit the model its model_args describe"),
+             "its weights do not fit the model built for the checkpoint's model_args"),
             ([sys.executable, "train.py", "--model=configurator"], "is not a model file"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={bad_meta}"],
              "cannot be read as JSON"),
@@ -318,7 +318,8 @@ def test_a_safetensors_file_cut_short_or_corrupt_is_named_not_a_traceback(tmp_pa
     raw = good.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     bad = {"cut": raw[:len(raw) - 6], "empty": b"", "garbage": bytes(range(7, 250)) * 40,
-           "header": raw[:8] + b"{" * n + raw[8 + n:]}
+           "header": raw[:8] + b"{" * n + raw[8 + n:],
+           "field": raw.replace(b'"dtype"', b'"dtypf"', 1)}  # JSON, a field misnamed
     for read in (salmonn.read_safetensors, pengi.read_safetensors):
         got = read(str(good))
         assert got.keys() == tensors.keys() and all(torch.equal(got[k], v)

@@ -1048,8 +1048,8 @@ def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
 
 def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
     """--out and --out_root are checked before the sweep, which they would fail after: --out a
-    folder or under a file, --out_root under a file, the default --out (out_root/table1.md) a
-    folder; each stops with one line and nothing is trained or written. A --out in folders still
+    folder (also one still to be made, named with a trailing slash) or under a file, --out_root
+    under a file, the default --out (out_root/table1.md) a folder; each stops with one line and nothing is trained or written. A --out in folders still
     to be made passes (here the missing --data_dir, checked next, stops it)."""
     (tmp_path / "file").write_text("")
     (tmp_path / "runs" / "table1.md").mkdir(parents=True)
@@ -1063,6 +1063,8 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
               f"folder"),
              ([f"--out_root={tmp_path / 'runs'}"],
               f"--out (default {tmp_path / 'runs' / 'table1.md'}): a folder"),
+             ([f"--out_root={new}", f"--out={new / 'newdir'}{os.sep}"],
+              f"--out={new / 'newdir'}{os.sep}: a folder; name the markdown file to write"),
              ([f"--out_root={new}", f"--out={new / 'deeper' / 't.md'}"],
               f"--data_dir={tmp_path / 'nowhere'}: "))
     procs = [(extra, said, subprocess.Popen(
