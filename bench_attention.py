@@ -349,12 +349,8 @@ def main():
     if args.dims and set(args.dims) - set(HEAD_DIMS):
         fail(f"--dims={','.join(map(str, args.dims))}: the kernels take head dims "
              f"{', '.join(map(str, HEAD_DIMS))} only")
-    if args.out and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
-        fail(f"--out={args.out}: a folder; name the markdown file to write")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if args.out and not os.path.isdir(folder):
-        fail(f"--out={args.out}: {folder} " + ("is a file, not a folder" if os.path.exists(folder)
-                                               else "does not exist"))
+    if args.out:
+        configurator.check_out_file("bench_attention.py", args.out)
     if args.ptxas:
         import triton
         dims = args.dims or [16, 32, 64, 128]

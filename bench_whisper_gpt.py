@@ -263,12 +263,8 @@ if __name__ == "__main__":
         print(json.dumps(train_one(child)))
         sys.exit(0)
     # before the benchmark: a bad --out or --data_dir would fail after minutes of it
-    folder = os.path.dirname(os.path.abspath(out))
-    if out and (os.path.isdir(out) or out.endswith(os.sep)):
-        fail(f"--out={out}: a folder; name the markdown file to write")
-    if out and not os.path.isdir(folder):
-        fail(f"--out={out}: {folder} " + ("is a file, not a folder" if os.path.exists(folder)
-                                          else "does not exist"))
+    if out:
+        configurator.check_out_file("bench_whisper_gpt.py", out)
     if part in ("all", "generate"):
         check_data_dir()
     lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "

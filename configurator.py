@@ -147,6 +147,16 @@ def check_folder(script, what, folder):
     if not os.access(p, os.W_OK | os.X_OK):
         fail(script, f"{what}: {p} is not writable")
 
+def check_out_file(script, out):
+    """The --out file of a script that writes it after long work: a one-line failure now if it
+    names a folder or sits in a folder that does not exist."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or out.endswith(os.sep):
+        fail(script, f"--out={out}: a folder; name the markdown file to write")
+    if not os.path.isdir(folder):
+        fail(script, f"--out={out}: {folder} " + ("is a file, not a folder"
+                                                  if os.path.exists(folder) else "does not exist"))
+
 def parse(script, argv, namespace, pass_unknown=False, positional=False):
     """The whole job for a script without config files: defaults from namespace, overridden by argv.
     Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the

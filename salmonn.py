@@ -592,11 +592,12 @@ def read_safetensors(path):
             raise corrupt(f"tensor {name}: {e!r}") from None
         if dtype not in dtypes:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        itemsize = torch.empty(0, dtype=dtypes[dtype]).element_size()
+        dtype = dtypes[dtype]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
         if not 0 <= a <= b <= len(data) or b - a != math.prod(shape) * itemsize:
             raise corrupt(f"tensor {name}: bytes {a}..{b} of {len(data)} for shape {shape}")
-        t = torch.frombuffer(data, dtype=dtypes[dtype], offset=a, count=(b - a) // itemsize) \
-            if b > a else torch.empty(0, dtype=dtypes[dtype])
+        t = torch.frombuffer(data, dtype=dtype, offset=a,
+                             count=(b - a) // itemsize) if b > a else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(shape).clone()
     return out
 

@@ -204,13 +204,12 @@ if __name__ == "__main__":
     # a text model given --audio needs nothing of the data it trained on, its tokenizer recorded in
     # the checkpoint (as train.py writes them): it runs where that data is gone
     reads_data = codes_model or not audio or not checkpoint.get("tokenizer")
-    from audio import SAMPLE_RATE
+    # the data contract's functions by name: here `audio` is the --audio setting
+    from audio import (SAMPLE_RATE, BadAudio, features, load_audio, log_mel, plot_mels,
+                       whisper_log_mel)
     meta = read_meta(data_dir) if reads_data else {"sample_rate": SAMPLE_RATE}
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']})"
           + (f", data {data_dir}" if reads_data else ""))
-
-    # the data contract's functions by name: here `audio` is the --audio setting
-    from audio import BadAudio, features, load_audio, log_mel, plot_mels, whisper_log_mel
     try:
         # None for whisper_gpt
         tok = tokenizers.checkpoint_tokenizer(checkpoint, config, data_dir, ckpt_path)
