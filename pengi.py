@@ -592,6 +592,8 @@ def check_config(config):
     for field in ("prefix_len", "max_prompt_tokens", "max_answer_tokens"):
         if getattr(config, field) < 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least 1")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"dropout={config.dropout}: must be at least 0 and under 1")
     for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
         heads = getattr(config, field)
         if heads < 1 or config.llm_n_embd % heads:
@@ -1177,7 +1179,13 @@ def probe_metrics(model, data, split, keys, max_clips):
     always answering the most common label of the split (e.g. keys="class,gender,count"). The
     key "qa" gives probe_acc_qa and probe_majority_qa, per question (qa_probe)."""
     metrics = {}
-    for key in [k.strip() for k in str(keys).split(",") if k.strip()]:
+    keys = [k.strip() for k in str(keys).split(",") if k.strip()]
+    known = {k for d in (data["train"], data[split]) for c in d["clips"] for k in c["labels"]}
+    unknown = [k for k in keys if k != "qa" and k not in known]
+    if unknown:  # a typo would otherwise just leave its column out
+        raise ValueError(f"pengi.evaluate: probe_keys: no clip has the label key(s) {unknown}; "
+                         f"the clips' keys: {', '.join(sorted(known))}, or qa")
+    for key in keys:
         if key == "qa":  # the answers per question (qa_probe)
             got = qa_probe(model, data, split, max_clips)
             if got is not None:

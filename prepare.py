@@ -3,7 +3,7 @@ Prepare audio + text data for the three models: 24 kHz audio -> EnCodec codes an
 spectrogram (one mel frame per codec frame), plus captions / transcripts / labels / QA as text.
 
     python prepare.py                                   # built-in offline corpus -> data/synth/
-    python prepare.py --clips=3000                      # a bigger one
+    python prepare.py --clips=3000 --name=synth3k      # a bigger one -> data/synth3k/
     python prepare.py --dataset=librispeech --src=LibriSpeech/dev-clean --name=libri
     python prepare.py --dataset=folder --src=my_wavs --name=mine  # optional manifest.csv / .jsonl
 
@@ -242,7 +242,11 @@ def check_args(args):
     """Checks that need no work: each bad argument stops the run with one line naming it."""
     synth = args.dataset == "synth"  # --clips and --max_seconds are the built-in corpus's
     if not synth and not args.src:
-        sys.exit(f"--dataset={args.dataset} needs --src=DIR")
+        sys.exit(f"error: --dataset={args.dataset} needs --src=DIR")
+    for k in ("name", "out_dir"):  # an empty one would silently mean the default, data/synth
+        if getattr(args, k) == "":
+            sys.exit(f"error: --{k}= is empty: name the output (default data/NAME, NAME the "
+                     f"dataset's name)")
     if synth and args.clips < 1:
         sys.exit(f"error: --clips={args.clips}: must be at least 1")
     if synth and not args.max_seconds >= 1:
@@ -258,12 +262,18 @@ def check_args(args):
         sys.exit(f"error: --batch_seconds={args.batch_seconds:g}: must be a finite number above 0")
     if args.seed < 0:
         sys.exit(f"error: --seed={args.seed}: must be 0 or more")
+    if args.vocab_size < 256:
+        sys.exit(f"error: --vocab_size={args.vocab_size}: must be at least 256 (the corpus BPE's "
+                 f"256 bytes, then its merges)")
     if args.src and not Path(args.src).is_dir():
-        sys.exit(f"--src={args.src}: not a directory")
+        sys.exit(f"error: --src={args.src}: not a directory")
     if args.kinds and not synth:
-        sys.exit(f"--kinds is for --dataset=synth (the built-in corpus), not {args.dataset}")
+        sys.exit(f"error: --kinds is for --dataset=synth (the built-in corpus), not "
+                 f"{args.dataset}")
     if args.kinds and (unknown := set(args.kinds) - {k for k, _, _ in KIND_MIX}):
-        sys.exit(f"--kinds: unknown kind(s) {', '.join(sorted(unknown))}; the corpus has "
+        what = ("an empty name" if unknown == {""} else
+                f"unknown kind(s) {', '.join(repr(k) for k in sorted(unknown))}")
+        sys.exit(f"error: --kinds={','.join(args.kinds)}: {what}; the corpus has "
                  f"{', '.join(k for k, _, _ in KIND_MIX)}")
     if args.no_speech and args.kinds == ["speech"]:
         sys.exit("error: --no_speech with --kinds=speech leaves no kind to make")
@@ -320,8 +330,8 @@ def remove_empty(dirs):
 
 def drop_speech_if_unavailable(args):
     """Without the speech library, synth is built without speech (or, with --strict, stops). It
-    sets args.no_speech, which is part of the arguments' hash, so it runs before hash_args: a later
-    run with speech rebuilds."""
+    sets args.no_speech, which is part of the arguments' hash, so it runs before hash_args: on a
+    machine with speech, the same command is then other arguments."""
     wants_speech = args.dataset == "synth" and not args.no_speech and (not args.kinds
                                                                        or "speech" in args.kinds)
     if wants_speech and (problem := speech_problem()):
@@ -332,10 +342,13 @@ def drop_speech_if_unavailable(args):
         print(f"speech: {problem}; building the corpus without speech")
         args.no_speech = True
 
+# what only names the output's place, or changes nothing in it
+PLACE_ARGS = ("name", "out_dir")
+NOT_HASHED = ("force", "quiet", "strict", "codebook0_mel")
+
 def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
-    key_args = {k: v for k, v in vars(args).items()
-                if k not in ("force", "quiet", "strict", "codebook0_mel")}
+    key_args = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
     # left out when off, so data prepared before these options existed keeps its hash
     if not args.whisper_mel:
         del key_args["whisper_mel"]
@@ -379,11 +392,14 @@ def output_files(meta):
         files.append(meta["tokenizer"]["file"])
     return files
 
-def already_prepared(out, args_hash, force):
-    """Whether out holds a finished run of the arguments hashed to args_hash (with a meta.json
-    there, one line says which it is)."""
+def already_prepared(out, args, args_hash):
+    """Whether out holds a finished run of these arguments (hashed to args_hash), also when the
+    folder was moved or copied there. Data prepared there with other arguments stops the run
+    unless --force (or a rebuild with these, started with --force, was stopped: it resumes):
+    rebuilding would replace the data (and an offline codec) that the runs trained on it read.
+    With a meta.json there, one line says which it is."""
     meta_path = out / "meta.json"
-    if force or not meta_path.exists():
+    if args.force or not meta_path.exists():
         return False
     try:
         meta = json.loads(meta_path.read_text())
@@ -392,10 +408,15 @@ def already_prepared(out, args_hash, force):
     if not isinstance(meta, dict):
         print(f"{meta_path} cannot be read as prepare.py's JSON: rebuilding")
         return False
-    if meta.get("args_hash") != args_hash:
-        print(f"{out} holds data prepared with other arguments: rebuilding (the old files stay "
-              "until the new ones are complete)")
-        return False
+    if meta.get("args_hash") != args_hash and not prepared_elsewhere(meta, args):
+        if list(out.glob(f".work-{work_hash(args)}-*")):  # a rebuild was started (--force): resume
+            print(f"{out} holds data prepared with other arguments, and a rebuild with these that "
+                  f"was stopped: resuming it")
+            return False
+        sys.exit(f"error: {out} holds data prepared with other arguments "
+                 f"({changed_args(meta, args)}); rebuilding would replace the data, and the codec, "
+                 f"that runs trained on it read: --force rebuilds it there, or name another output "
+                 f"with --name or --out_dir")
     missing = [f for f in output_files(meta) if not (out / f).is_file()]
     if missing:
         print(f"{out} was prepared with these arguments but lacks {', '.join(missing)}: "
@@ -403,6 +424,29 @@ def already_prepared(out, args_hash, force):
         return False
     print(f"{out} is already prepared with these arguments (use --force to rebuild)")
     return True
+
+def prepared_elsewhere(meta, args):
+    """Whether meta records these arguments but for the output's place (--name, --out_dir): a
+    prepared folder moved or copied, which is the same data."""
+    stored = meta.get("args")
+    if not isinstance(stored, dict):
+        return False
+    try:  # these arguments, written where that run wrote: its hash?
+        there = {k: stored[k] for k in PLACE_ARGS}
+        return hash_args(argparse.Namespace(**{**vars(args), **there})) == meta.get("args_hash")
+    except (KeyError, TypeError, ValueError):  # a meta.json of another make
+        return False
+
+def changed_args(meta, args):
+    """The arguments that differ from those meta.json records, for the message that refuses."""
+    stored = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    changed = [f"--{k}={stored[k]} then, {v} now" for k, v in vars(args).items()
+               if k in stored and k not in PLACE_ARGS + NOT_HASHED and stored[k] != v]
+    if changed:
+        return "; ".join(changed)
+    if args.codec_from:
+        return f"the codec at --codec_from={args.codec_from} has changed since"
+    return "by its args_hash"
 
 def check_whisper_mel(args):
     """--whisper_mel needs Whisper's mel filters: fail now, not after the codec has trained."""
@@ -873,7 +917,8 @@ def get_args(argv=None):
                    help="audio seconds per EnCodec batch")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad input instead of skipping it")
-    p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild the output, even if complete or prepared with other arguments")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -903,7 +948,7 @@ def main(argv=None):
     check_out_dir(out)
     drop_speech_if_unavailable(args)                  # changes args: before hash_args
     args_hash = hash_args(args)
-    if already_prepared(out, args_hash, args.force):
+    if already_prepared(out, args, args_hash):
         if args.src:
             print("(the files under --src are not compared: after changing them, use --force)")
         if args.codebook0_mel:                        # made from the stored codes: no rebuild

@@ -765,6 +765,9 @@ def check_config(config):
                          ("lora_rank", 0)):
         if getattr(config, field) < least:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least {least}")
+    for field in ("dropout", "llm_dropout", "lora_dropout"):
+        if not 0 <= getattr(config, field) < 1:
+            raise ValueError(f"{field}={getattr(config, field)}: must be at least 0 and under 1")
 
 def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
     """One hash per batch row of its valid input frames: the key of a clip's encoder frames."""

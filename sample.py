@@ -188,18 +188,28 @@ if __name__ == "__main__":
     if os.path.isdir(out_path) or out_path.endswith(os.sep):
         out_path = os.path.join(out_path, "sample.wav" if codes_model else "sample.txt")
     if not out_path.lower().endswith((".wav", ".txt")):
+        new_folder = "" if os.path.splitext(out_path)[1] else (
+            f" (no folder {out} exists: --out={out}{os.sep} makes it)")
         fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
-             f"folder")
+             f"folder{new_folder}")
     if codes_model and out_path.lower().endswith(".txt"):
         fail(f"--out={out}: this model's result is audio, written as WAV: name a .wav file or a "
              f"folder")
     if out and not codes_model and out_path.lower().endswith(".wav"):
         fail(f"--out={out}: this model's result is text, written as .txt: name a .txt file or a "
              f"folder")
+    # the input is never overwritten: the result's file, nor (audio) its picture next to it
+    written = [out_path] + ([os.path.splitext(out_path)[0] + ".png"] if codes_model else [])
+    if audio and os.path.isfile(audio) and any(os.path.exists(w) and os.path.samefile(w, audio)
+                                               for w in written):
+        fail(f"--out={out or out_path}: would write over the input --audio={audio}; name another "
+             f"file")
     if codes_model or out:  # a text result without --out is only printed
         configurator.check_folder("sample.py", f"--out={out}" if out else
                                   f"--out (default {out_path})",
                                   os.path.dirname(os.path.abspath(out_path)))
+    if data_dir and not os.path.isdir(data_dir):  # (the checkpoint's own may be gone: see below)
+        fail(f"--data_dir={data_dir}: no such folder")
     data_dir = data_dir or checkpoint["config"]["data_dir"]
     # a text model given --audio needs nothing of the data it trained on, its tokenizer recorded in
     # the checkpoint (as train.py writes them): it runs where that data is gone

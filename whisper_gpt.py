@@ -154,6 +154,8 @@ class WhisperGPT(nn.Module):
         if c.use_mel and not 0 < c.mel_dim < c.n_embd:
             raise ValueError(f"whisper_gpt: mel_dim ({c.mel_dim}) must be between 1 and n_embd - 1 "
                              f"({c.n_embd - 1})")
+        if not 0 <= c.dropout < 1:
+            raise ValueError(f"whisper_gpt: dropout ({c.dropout}) must be at least 0 and under 1")
         if c.use_mel and not 0 <= c.mel_lag < c.block_size:
             raise ValueError(f"whisper_gpt: mel_lag ({c.mel_lag}) must be between 0 and block_size "
                              f"- 1 ({c.block_size - 1})")
@@ -334,7 +336,9 @@ class WhisperGPT(nn.Module):
         caches, step = self.new_caches(), None
         logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
                              caches)[:, -1]
-        for i in range(max_new_tokens):
+        # a bar for a long continuation (from 20 s of audio: seconds to minutes on a CPU)
+        for i in tqdm(range(max_new_tokens), desc="whisper_gpt: generate", unit="token",
+                      leave=False, disable=max_new_tokens < 1500):
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -12,6 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# With pytest-xdist (-n N), each of the N workers gets its share of the cores, for torch and for
+# the scripts the tests run: torch's default, a thread per core in every worker, would oversubscribe
+# them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    import torch
+    torch.set_num_threads(THREADS)
+
 # A small built-in corpus: ~160 clips of up to 2 s (~4 minutes of audio), codec fitted on a sample.
 SYNTH_ARGS = ["--clips=160", "--max_seconds=2.0", "--kmeans_frames=8192", "--kmeans_iters=6",
               "--quiet", "--offline",
@@ -42,7 +52,9 @@ def prepared_corpus(request, tmp_path_factory, name, args):
         for old in out.parent.glob(f"{name}-" + "?" * 12):
             if old != out and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)
-    prepare.main(args + [f"--out_dir={out}"])  # returns at once if already complete there
+    from filelock import FileLock  # one builder at a time: workers of pytest -n share the cache
+    with FileLock(f"{out}.lock"):
+        prepare.main(args + [f"--out_dir={out}"])  # returns at once if already complete there
     return str(out)
 
 

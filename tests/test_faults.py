@@ -247,10 +247,29 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
               f"--out={tmp_path / 'a_file' / 'sub' / 'x.wav'}"],
              f"{tmp_path / 'a_file'} is a file, not a folder"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--out={tmp_path / 'x.mp3'}"],
-             "audio is written as WAV"))
+             "audio is written as WAV"),
+            (train(new, synth_dir, "--dropout=1.5"),
+             "dropout (1.5) must be at least 0 and under 1"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={tmp_path / 'nope'}"],
+             f"--data_dir={tmp_path / 'nope'}: no such folder"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--out={tmp_path / 'no_dir'}"],
+             f"no folder {tmp_path / 'no_dir'} exists: --out={tmp_path / 'no_dir'}{os.sep} makes"),
+            # what is already there is not written over: the checkpoint, the input audio
+            ([sys.executable, "eval.py", str(good), f"--json={good / 'ckpt.pt'}"],
+             "the file exists and is not JSON"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--audio={tmp_path / 'in.wav'}",
+              f"--out={tmp_path / 'in.wav'}"], "would write over the input --audio"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--audio={tmp_path / 'in.png'}",
+              f"--out={tmp_path / 'in.wav'}"], "would write over the input --audio"))
+    sound = np.sin(np.linspace(0, 2000, 24000)).astype(np.float32)
+    import soundfile
+    soundfile.write(tmp_path / "in.wav", sound, 24000)
+    shutil.copyfile(tmp_path / "in.wav", tmp_path / "in.png")  # audio under a picture's name
+    kept = {f: f.read_bytes() for f in (good / "ckpt.pt", tmp_path / "in.wav", tmp_path / "in.png")}
     for (cmd, words), p in zip(cases, run_each([cmd for cmd, _ in cases])):
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)
+    assert {f: f.read_bytes() for f in kept} == kept
     assert not new.exists()  # the runs that stopped on bad input left no empty out_dir behind
 
 PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "--codec_clips=8",

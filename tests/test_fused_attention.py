@@ -192,7 +192,9 @@ def skip_if_interpreter_too_old(stderr):
                     f"numpy {numpy.__version__} (a loop bound read as int() of a 1-element "
                     f"array); triton 3.9.0's can")
 
-WORKERS = 2  # the interpreter runs the cases in this many processes side by side, one thread each
+# the interpreter runs the cases in this many processes side by side, one thread each (one under
+# pytest -n, whose workers already share the cores: conftest.py sets OMP_NUM_THREADS for them)
+WORKERS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 @pytest.fixture(scope="module")
 def interpreter_results():

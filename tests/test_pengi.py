@@ -933,7 +933,7 @@ class MeanEmbedding(torch.nn.Module):
 def test_probe_metrics_per_label_key():
     """The linear probe reads any label key: a key the embedding separates scores 1.0, the class
     key keeps its name probe_acc, probe_majority_{key} is the constant answer's accuracy, and a key
-    no clip has is left out."""
+    no clip has (a typo) is named in an error, not left out of the results."""
     rng = np.random.default_rng(0)
 
     def split(n):
@@ -949,7 +949,10 @@ def test_probe_metrics_per_label_key():
         return {"clips": clips, "mel": np.concatenate(mel)}
 
     data = {"train": split(60), "val": split(30), "max_frames": 4, "pad": "repeat"}
-    got = pengi.probe_metrics(MeanEmbedding(), data, "val", "class, gender, count", 2000)
+    with pytest.raises(ValueError, match=r"probe_keys: no clip has the label key\(s\) \['count'\]; "
+                                         r"the clips' keys: class, gender, or qa"):
+        pengi.probe_metrics(MeanEmbedding(), data, "val", "class, gender, count", 2000)
+    got = pengi.probe_metrics(MeanEmbedding(), data, "val", "class, gender", 2000)
     assert set(got) == {"probe_acc", "probe_acc_gender", "probe_majority_gender"}
     assert got["probe_acc"] == 1.0 and got["probe_acc_gender"] == 1.0
     assert got["probe_majority_gender"] == pytest.approx(20 / 30)

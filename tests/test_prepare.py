@@ -5,6 +5,7 @@ import gc
 import json
 import math
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -995,9 +996,8 @@ def clip_codes(data_dir):
 
 def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, capsys):
     """--codec_from takes a prepared corpus's codec as it is: the same clips get the very codes
-    they have there, the codec's identity is the source's, a re-run skips, and a re-run after the
-    source's codec changed rebuilds."""
-    import shutil
+    they have there, the codec's identity is the source's, a re-run skips, and after the source's
+    codec changed a re-run says so and keeps the data, which --force rebuilds."""
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(synth_dir, src)
     # the fixture's first clips (a synth clip depends only on the seed and its index)
@@ -1018,8 +1018,10 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
     ck["model"][key][0] += 1.0
     torch.save(ck, src / "codec.pt")
     assert A.codec_id(out) != A.codec_id(src)
-    P.main(args)
-    assert "other arguments: rebuilding" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"the codec at --codec_from={src} has changed since"):
+        P.main(args)
+    assert clip_codes(out).keys() == ours.keys()
+    P.main(args + ["--force"])
     assert A.codec_id(out) == A.codec_id(src)
 
 def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path, capsys):
@@ -1114,6 +1116,45 @@ def test_out_dir_spelled_as_the_named_default_is_the_same_run():
     named = P.hash_args(P.get_args(["--name=other"]))
     assert P.hash_args(P.get_args(["--name=other", "--out_dir=data/other"])) == named
     assert P.hash_args(P.get_args(["--name=other", "--out_dir=data/elsewhere"])) != named
+
+def test_finished_data_is_not_replaced_by_other_arguments_and_moves_with_its_folder(tmp_path,
+                                                                                    monkeypatch):
+    """A folder prepared with other arguments stops the run with one line naming what changed, its
+    files kept byte for byte; --force rebuilds it. The same arguments on a copy of the folder
+    elsewhere (--out_dir, --name) are the same run: it is taken as prepared, and --codebook0_mel
+    adds its files without a rebuild."""
+    monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)  # the codec's training: no part
+    out = tmp_path / "out"
+    base = ["--clips=6", "--max_seconds=1.0", "--val_percent=30"] + FAST
+    P.main(base + [f"--out_dir={out}"])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match=r"other arguments \(--clips=6 then, 5 now\).*--force"):
+        P.main(["--clips=5", "--max_seconds=1.0", "--val_percent=30", f"--out_dir={out}"] + FAST)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    moved = tmp_path / "data" / "moved"
+    shutil.copytree(out, moved)
+    def encoded(*a, **k):
+        raise AssertionError("the copied folder was encoded again")
+    monkeypatch.setattr(P, "encode_clips", encoded)
+    for place in ([f"--out_dir={moved}"], [f"--out_dir={moved}/"], ["--name=moved"]):
+        monkeypatch.chdir(tmp_path)  # --name=moved is data/moved here
+        assert P.main(base + place + ["--codebook0_mel"]) is not None
+    assert (moved / "train_mel_c0.bin").stat().st_size > 0
+    assert {n: (moved / n).read_bytes() for n in before} == before
+    monkeypatch.undo()
+    monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)
+    P.main(["--clips=5", "--max_seconds=1.0", "--val_percent=30", f"--out_dir={out}", "--force"]
+           + FAST)
+    assert json.loads((out / "meta.json").read_text())["args"]["clips"] == 5
+
+def test_empty_output_names_and_a_vocab_under_the_bytes_are_refused(tmp_path):
+    """--out_dir= or --name= (empty) would silently mean data/synth, and a corpus BPE needs its 256
+    bytes: each is one line before any work."""
+    for arg, words in (("--out_dir=", "--out_dir= is empty"), ("--name=", "--name= is empty"),
+                       ("--vocab_size=0", "--vocab_size=0: must be at least 256"),
+                       ("--kinds=", "--kinds=: an empty name; the corpus has")):
+        with pytest.raises(SystemExit, match=words):
+            P.check_args(P.get_args([arg, "--clips=4"]))
 
 def test_codec_from_the_output_directory_itself_is_refused(tmp_path):
     """--codec_from naming the output directory, however the path is spelled, stops before any

@@ -20,7 +20,7 @@ import salmonn
 import tokenizer
 from salmonn import SALMONN, SALMONNConfig, n_audio_tokens
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def tiny_config(**kw):
     cfg = dict(vocab_size=61, n_mels=64, speech_n_layer=1, speech_n_head=2, speech_n_embd=32,

@@ -671,11 +671,13 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
                         f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
-    # nor the data at all: the checkpoint holds the model and its tokenizer
+    # nor the data at all: the checkpoint holds the model and its tokenizer (its data folder
+    # gone; a --data_dir named that does not exist is refused, as a typo)
+    shutil.move(data, tmp_path / "away")
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}",
-                        f"--data_dir={tmp_path / 'gone'}", f"--audio={tmp_path / 'tone.wav'}",
-                        "--beam=1", "--max_new_tokens=4"],
+                        f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    shutil.move(tmp_path / "away", data)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
     assert torch.load(out2 / "ckpt.pt", weights_only=True)["tokenizer"] == ck["tokenizer"]

@@ -93,13 +93,16 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
             and "whisper_mel" not in json.loads((out / "meta.json").read_text()))
     capsys.readouterr()
 
-    # with --whisper_mel the finished output is not taken as complete; interrupted after the audio
-    # is encoded, the next run resumes from the saved chunks, which hold the Whisper features too
+    # --whisper_mel is other arguments: the finished output is kept, and --force rebuilds it;
+    # interrupted after the audio is encoded, the next run (no --force needed) resumes from the
+    # saved chunks, which hold the Whisper features too
+    with pytest.raises(SystemExit, match="--whisper_mel=False then, True now"):
+        P.main(base + ["--whisper_mel"])
     def crash(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(P, "fit_codebooks", crash)
-        P.main(base + ["--whisper_mel"])
+        P.main(base + ["--whisper_mel", "--force"])
     assert "already prepared" not in capsys.readouterr().out
     chunks = list(out.glob(".work-*/chunk*.npz"))
     assert chunks and all("wmel" in np.load(c) for c in chunks)
@@ -136,11 +139,11 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     salmonn.load_data(str(out), cfg, tokenizer.load_tokenizer(str(out), "corpus"))
     assert (cfg.speech_n_mels, cfg.speech_frame_rate, cfg.n_mels) == (80, 100.0, 64)
 
-    # the same arguments again: complete, skipped; without the option: rebuilt, and the stale stream
-    # goes
+    # the same arguments again: complete, skipped; without the option (and --force): rebuilt, and
+    # the stale stream goes
     P.main(base + ["--whisper_mel"])
     assert "already prepared" in capsys.readouterr().out
-    P.main(base)
+    P.main(base + ["--force"])
     assert "already prepared" not in capsys.readouterr().out
     assert (not list(out.glob("*_wmel.bin"))
             and "wframes" not in (out / "train_clips.jsonl").read_text())
