@@ -632,7 +632,7 @@ class Pengi(nn.Module):
 
         for p in self.llm.parameters():
             p.requires_grad = False
-        # the tower is frozen, its text_projection trains
+        # the tower is frozen unless text_trainable; its text_projection always trains
         for n, p in self.text_encoder.named_parameters():
             p.requires_grad = config.text_trainable or n.startswith("text_projection.")
         if config.stage == "clap":  # CLAP trains both encoders (and their projections) only
@@ -786,8 +786,9 @@ class Pengi(nn.Module):
 
     @torch.no_grad()
     def generate(self, mel, prompt, prompt_lens, beam=5, max_new_tokens=30, length_penalty=1.0):
-        """Answers for a batch: greedy (beam 1, batched) or ClipCap's beam search per clip, at most
-        as many tokens as the LM's block has room for after the prefix."""
+        """Answer token ids for a batch (lists, without the eot): greedy (beam 1, batched) or
+        ClipCap's beam search per clip, at most as many tokens as the LM's block has room for
+        after the prefix."""
         prefix = self.prefix(mel, prompt, prompt_lens)
         max_new_tokens = min(max_new_tokens, self.llm.block_size - prefix.size(1))
         if beam == 1:
@@ -905,8 +906,8 @@ def clip_tasks(clip, tasks):
 
 # salmonn.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
 def parse_task_weights(spec, tasks):
-    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against tasks (the names of
-    the tasks in the mix)."""
+    """ "qa=3" -> {"qa": 3.0}, checked against tasks (the names of the tasks in the mix); a task
+    not named keeps weight 1."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))

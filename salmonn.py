@@ -170,8 +170,6 @@ class SALMONNConfig:
     lora_dropout: float = 0.1
     dropout: float = 0.0           # encoders, Q-Former and the "whisper" stage's text decoder
 
-Config = SALMONNConfig
-
 def max_speech_frames(config):
     """max_audio_frames (in the data's mel frames) in the speech encoder's input frames."""
     return round(config.max_audio_frames * config.speech_frame_rate / config.frame_rate)
@@ -1037,7 +1035,7 @@ class SALMONN(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
         if self.config.ctc_weight and ctc_targets is not None:
-            logp = self.ctc_head(speech).float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
+            logp = self.ctc_head(speech).float().log_softmax(-1).transpose(0, 1)  # (T, B, blank + 1)
             ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), enc_lens, (ctc_targets >= 0).sum(1),
                              blank=ctc_blank(self.config), zero_infinity=True)
             loss = (1 - self.config.ctc_weight) * loss + self.config.ctc_weight * ctc
@@ -1089,6 +1087,8 @@ class SALMONN(nn.Module):
             logits, past = step(tok.view(1), past)
         return out
 
+# the names train.py, sample.py and eval.py use
+Config = SALMONNConfig
 Model = SALMONN
 
 # -----------------------------------------------------------------------------
@@ -1173,8 +1173,8 @@ def stage_tasks(config):
 
 # Copied from pengi.parse_task_weights
 def parse_task_weights(spec, tasks):
-    """ "pitch=3,chord=2" -> {"pitch": 3.0, "chord": 2.0}, checked against tasks (the names of
-    the tasks in the mix)."""
+    """ "qa=3" -> {"qa": 3.0}, checked against tasks (the names of the tasks in the mix); a task
+    not named keeps weight 1."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))
@@ -1286,7 +1286,8 @@ def copy_document(tok, rng, words, reading=(), reading_share=0.0):
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
     return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
 
-# pengi.py keeps a copy (tests/test_copies.py checks it): a change here must be made there too
+# pengi.py and whisper_gpt.py keep copies (tests/test_copies.py checks them): a change here must be
+# made there too
 def in_eval_mode(model, fn, *args):
     """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
     was_training = model.training

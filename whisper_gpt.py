@@ -59,9 +59,10 @@ class WhisperGPTConfig:
     # "codebook0", the mel of the clip's codebook 0 decoded alone (prepare.py --codebook0_mel): what
     # it computes from its own output while it generates, since only codebook 0 is generated (ours)
     mel_source: str = "audio"
-    # the codec whose codes the model learned (audio.codec_id; load_data sets it): each corpus
-    # fits its own offline codec, whose token ids stand for other sounds than another corpus's, so
-    # load_data and sample refuse data of another codec. "" = not known (an older checkpoint).
+    # the codec whose codes the model learned (audio.codec_id; load_data sets it): the pretrained
+    # EnCodec is one codec everywhere, but an offline codec is fitted to its corpus, and its token
+    # ids stand for other sounds than another corpus's, so load_data and sample refuse data of
+    # another codec. "" = not known (an older checkpoint).
     codec_id: str = ""
 
 # -----------------------------------------------------------------------------
@@ -251,8 +252,9 @@ class WhisperGPT(nn.Module):
         return logits, loss
 
     def new_caches(self):
-        # per block: size (the window); the first decode adds k, v (B, H, size, D) buffers and n
-        # (filled so far); graphed_step's views of them add pos, a (1,) position tensor
+        # per block, the mel path's first (as decode reads them): size (the window); the first
+        # decode adds k, v (B, H, size, D) buffers and n (filled so far); graphed_step's views of
+        # them add pos, a (1,) position tensor
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
@@ -430,10 +432,10 @@ def load_data(data_dir, config, tok=None):
     config.vocab_size = meta["codebook_size"]
     config.n_mels = meta["n_mels"]
     config.codec_id = check_codec(config, data_dir)
-    if config.use_mel and config.mel_lag < leak_free_lag(meta):
+    lag_needed = leak_free_lag(meta)
+    if config.use_mel and config.mel_lag < lag_needed:
         print(f"whisper_gpt: warning: mel_lag={config.mel_lag} but the mel frames of {data_dir} "
-              f"see {leak_free_lag(meta)} block(s) ahead: step t sees audio of the token it "
-              f"predicts")
+              f"see {lag_needed} block(s) ahead: step t sees audio of the token it predicts")
     data = {"meta": meta, "block_size": config.block_size, "use_mel": config.use_mel}
     kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
     mel_file = {"audio": "{}_mel.bin", "codebook0": "{}_mel_c0.bin"}.get(config.mel_source)
@@ -474,8 +476,8 @@ def load_data(data_dir, config, tok=None):
     return data
 
 def split_frames(data, split):
-    """How many frames a split has, or the ValueError load_data wrote when one window does not
-    fit."""
+    """How many frames a split has, or the ValueError load_data stored for it (no clip of the
+    asked kinds, or fewer than block_size + 1 frames)."""
     if data[split]["short"]:
         raise ValueError(data[split]["short"])
     return len(data[split]["codes"])
@@ -538,7 +540,8 @@ def _evaluate(model, data, split, batch_size, max_windows):
                   leave=False, disable=len(starts) <= 4 * batch_size):  # a bar when it takes a while
         windows = _windows(data, split, starts[b:b + batch_size])
         batch = {k: v.to(device) for k, v in windows.items()}
-        logits = model(batch["codes"], batch.get("mels"))[0].float()  # the loss summed below
+        # no targets: the NLL is summed over tokens below, then divided by their count
+        logits = model(batch["codes"], batch.get("mels"))[0].float()
         y = batch["targets"]
         nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
                                reduction="sum").item()
