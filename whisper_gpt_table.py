@@ -4,7 +4,8 @@ trained on the mels of its codebook 0 decoded alone (hybrid_c0), each trained on
 and on the music clips of the built-in corpus, several seeds each, then one markdown table of the
 next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to the paper's rows,
 the claims checked seed by seed, and continuations of held-out clips by GPT-S and the hybrids
-(wavs, pictures and their distance to the true continuation).
+(wavs, pictures and their distance to the true continuation). A re-run skips finished runs and
+reuses their evaluations (eval-*.json in each run) while checkpoint, data and code are unchanged.
 
     python whisper_gpt_table.py                          # the sweep (resumable) and the table
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
@@ -202,18 +203,49 @@ def load_run(d):
     return net.eval(), ck
 
 def evaluate_run(d, eval_dir):
-    """Table 1's metrics of a run on its kind's val clips in eval_dir. A hybrid trained on the real
-    audio's mels is scored a second time ("as_generating") on the mels of its codebook 0 decoded
-    alone: what it sees of its own output while generating."""
+    """Table 1's metrics of a run on its kind's val clips in eval_dir, and whether they were kept
+    from an earlier call. A hybrid trained on the real audio's mels is scored a second time
+    ("as_generating") on the mels of its codebook 0 decoded alone: what it sees of its own output
+    while generating."""
     import whisper_gpt as W
+    kept = os.path.join(d, f"eval-{evaluation_key(d, eval_dir)}.json")
+    if os.path.isfile(kept):
+        try:
+            with open(kept) as f:
+                return {**json.load(f), "wall": read_wall(d) or None}, True
+        except ValueError:  # cut short: evaluated again below
+            pass
     model, ck = load_run(d)
     config = model.config
     result = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
     if config.use_mel and config.mel_source == "audio":
         config.mel_source = "codebook0"
         result["as_generating"] = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
-    wall = read_wall(d) or None
-    return {**result, "params": model.get_num_params(), "iters": ck["iter_num"], "wall": wall}
+    result = {**result, "params": model.get_num_params(), "iters": ck["iter_num"]}
+    with open(kept + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(kept + ".tmp", kept)
+    return {**result, "wall": read_wall(d) or None}, False
+
+def evaluation_key(d, eval_dir):
+    """What a run's evaluation depends on: its checkpoint file, the data it is scored on (where,
+    prepared how, and the codebook-0 mels) and the code that scores it. A re-run of the table
+    reuses an evaluation while all of these are unchanged (the sweep after a stop, or to change
+    the continuations)."""
+    import hashlib
+
+    def stamp(path):  # a file's size and time of writing (None: not there)
+        return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else None
+
+    def digest(path):
+        with open(path, "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    key = [stamp(os.path.join(d, "ckpt.pt")), os.path.abspath(eval_dir),
+           stamp(os.path.join(eval_dir, "val_mel_c0.bin")),
+           digest(os.path.join(eval_dir, "meta.json")), digest(os.path.join(here, "whisper_gpt.py"))]
+    return hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]
 
 def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -461,13 +493,14 @@ if __name__ == "__main__":
         results = {}
         for r in runs:
             try:
-                results[r] = evaluate_run(run_dir(*r), eval_dir)
+                results[r], kept = evaluate_run(run_dir(*r), eval_dir)
             except (ValueError, OSError) as e:  # data changed since the runs (another codec, ...)
                 fail(f"evaluating {run_dir(*r)} on {eval_dir}: {e}")
             n_eval += 1
             print(f"  evaluated {os.path.basename(run_dir(*r))} on {eval_dir}: NLL "
-                  f"{results[r]['nll']:.3f} "
-                  f"({progress(n_eval, len(eval_dirs) * len(runs), t_eval)})")
+                  f"{results[r]['nll']:.3f}"
+                  + (" (kept from an earlier call: checkpoint, data and code unchanged)" if kept
+                     else "") + f" ({progress(n_eval, len(eval_dirs) * len(runs), t_eval)})")
         path = os.path.join(out_root, name)
         with open(path + ".tmp", "w") as f:
             json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)

@@ -991,11 +991,17 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert f"val clips of {held_out}; every continuation" in text  # continued: the held-out clips
     again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
+    # nothing changed: each run's evaluation is kept from the first call, the table the same
+    assert again.stdout.count("(kept from an earlier call: checkpoint, data and code "
+                              "unchanged)") == 8
+    assert json.load(open(tmp_path / "runs" / "results.json")) == results
     # a larger budget resumes the runs to it, rather than tabling the old ones
     more = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds", "--max_iters"))]
     more += ["--models=s", "--kinds=speech", "--seeds=1", "--max_iters=4", "--continuations=0"]
     again = subprocess.run(more, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "0 of 1 runs already finished, 1 to train" in again.stdout
+    assert f"  evaluated s-speech-s1 on {synth_dir}: NLL " in again.stdout
+    assert "kept from an earlier call" not in again.stdout  # its checkpoint changed
     ck = torch.load(tmp_path / "runs" / "s-speech-s1" / "ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 4
     # runs made with other settings are not tabled as these; bad sweep settings stop at once
