@@ -524,9 +524,11 @@ def evaluate(model, data, tok=None, split="val", **opts):
         raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(EVAL_OPTS)}")
     batch_size, max_windows = ({**EVAL_OPTS, **opts}[k] for k in ("batch_size", "max_windows"))
-    if batch_size < 1 or max_windows < 0:
-        raise ValueError(f"whisper_gpt.evaluate: batch_size={batch_size} (at least 1), "
-                         f"max_windows={max_windows} (at least 0; 0 = all)")
+    if batch_size < 1:
+        raise ValueError(f"whisper_gpt.evaluate: batch_size={batch_size}: must be at least 1")
+    if max_windows < 0:
+        raise ValueError(f"whisper_gpt.evaluate: max_windows={max_windows}: must be at least 0 "
+                         f"(0 = all)")
     return in_eval_mode(model, _evaluate, model, data, split, batch_size, max_windows)
 
 def _evaluate(model, data, split, batch_size, max_windows):

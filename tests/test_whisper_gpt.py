@@ -518,6 +518,12 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert math.isclose(m["ppl"], math.exp(m["nll"]), rel_tol=1e-9)
     assert 0 <= m["accuracy"] <= 1
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
+    # a bad option is named alone
+    with pytest.raises(ValueError, match=r"^whisper_gpt.evaluate: batch_size=0: must be at least 1$"):
+        W.evaluate(model, data, None, "val", batch_size=0)
+    with pytest.raises(ValueError, match=r"^whisper_gpt.evaluate: max_windows=-1: must be at least "
+                                         r"0 \(0 = all\)$"):
+        W.evaluate(model, data, None, "val", max_windows=-1)
 
 def hand_metrics(model, codes, mel, T, n_windows):
     """Summed next-token cross-entropy and argmax hits over windows k = 0 .. n_windows - 1 of
