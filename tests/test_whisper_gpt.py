@@ -519,7 +519,8 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
     assert 0 <= m["accuracy"] <= 1
     assert abs(m["nll"] - math.log(cfg.vocab_size)) < 0.5  # an untrained model is near uniform
     # a bad option is named alone
-    with pytest.raises(ValueError, match=r"^whisper_gpt.evaluate: batch_size=0: must be at least 1$"):
+    with pytest.raises(ValueError,
+                       match=r"^whisper_gpt.evaluate: batch_size=0: must be at least 1$"):
         W.evaluate(model, data, None, "val", batch_size=0)
     with pytest.raises(ValueError, match=r"^whisper_gpt.evaluate: max_windows=-1: must be at least "
                                          r"0 \(0 = all\)$"):
