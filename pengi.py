@@ -809,15 +809,14 @@ class Pengi(nn.Module):
             raise ValueError("rank_candidates: the candidate list is empty")
         if any(len(c) == 0 for c in candidates):
             raise ValueError("rank_candidates: every candidate needs at least one token")
-        room = self.llm.block_size - 2 * self.k
-        if max(len(c) for c in candidates) > room:
-            raise ValueError(f"rank_candidates: a candidate of {max(len(c) for c in candidates)} "
-                             f"tokens; the LM's block ({self.llm.block_size}) has room for {room} "
-                             f"after the 2 x {self.k} prefix positions")
+        room, L = self.llm.block_size - 2 * self.k, max(len(c) for c in candidates)
+        if L > room:
+            raise ValueError(f"rank_candidates: a candidate of {L} tokens; the LM's block "
+                             f"({self.llm.block_size}) has room for {room} after the 2 x {self.k} "
+                             f"prefix positions")
         prefix = self.prefix(mel, prompt, prompt_lens)
         B, N = prefix.size(0), len(candidates)
         first, past = self.last_logp(prefix)  # predicts each candidate's first token
-        L = max(len(c) for c in candidates)
         cand = torch.full((N, L), eot, dtype=torch.long)
         # what each candidate position predicts: next token or eot
         tgt = torch.full((N, L), -1, dtype=torch.long)
@@ -865,6 +864,7 @@ Model = Pengi
 # -----------------------------------------------------------------------------
 # Data: tasks from the prepared clips through the paper's templates
 
+TASKS = ("caption", "metadata", "class", "qa", "music")  # the names config.tasks may list
 PROMPTS = {  # task -> the prompt; music has one prompt per label key
     "caption": "generate audio caption",
     "metadata": "generate metadata",
@@ -885,7 +885,7 @@ def metadata_text(clip):
 
 def mix_tasks(tasks):
     """The task names of the mix, music expanded to its label keys."""
-    names = [t for t in ("caption", "metadata", "class", "qa") if t in tasks]
+    names = [t for t in TASKS if t != "music" and t in tasks]
     return names + (list(MUSIC_KEYS) if "music" in tasks else [])
 
 def clip_tasks(clip, tasks):
@@ -982,10 +982,9 @@ def load_data(data_dir, config, tok):
                          f"({config.max_answer_tokens}) exceeds the LM's llm_block_size "
                          f"{config.llm_block_size}: the longest answers would not fit")
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
-    unknown = set(tasks) - {"caption", "metadata", "class", "qa", "music"}
+    unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from caption, metadata, class, "
-                         f"qa, music")
+        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from {', '.join(TASKS)}")
     if config.pad not in PAD_MODES:
         raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
     data = {"tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,
