@@ -172,17 +172,17 @@ def print_table(rows):
     for r in mean_rows(rows):
         print(f"| {r['run']} | | | " + " | ".join(fmt_cell(k, r.get(k)) for k in keys) + " |")
 
-def is_json_file(path):
-    """Whether path holds JSON or nothing (the first byte rules out anything else, e.g. a
-    checkpoint)."""
+def is_results_file(path):
+    """Whether path is empty or holds what write_json writes (a list of rows, each with a "run"):
+    the only files --json may replace."""
     try:
         with open(path, "rb") as f:
             first = f.read(64).lstrip()[:1]
-            if first != b"[" and first != b"{":
-                return not first  # an empty file holds nothing to lose
+            if first != b"[":  # a checkpoint, a config, meta.json: not ours
+                return not first
             f.seek(0)
-            jsonlib.load(f)
-        return True
+            rows = jsonlib.load(f)
+        return all(isinstance(r, dict) and "run" in r for r in rows)
     except (ValueError, OSError):  # UnicodeDecodeError is a ValueError
         return False
 
@@ -211,9 +211,10 @@ def main(argv):
         fail(f"--json={json}: a folder; name the file to write")
     if json and not os.access(os.path.dirname(os.path.abspath(json)), os.W_OK):
         fail(f"--json={json}: its folder is not writable")
-    if json and os.path.isfile(json) and not is_json_file(json):
-        # only a results file of ours is replaced: not a checkpoint, a config or a picture
-        fail(f"--json={json}: the file exists and is not JSON; name a new file or a results file")
+    if json and os.path.isfile(json) and not is_results_file(json):
+        # only a results file of ours is replaced: not a checkpoint, a config, a meta.json
+        fail(f"--json={json}: the file exists and is not eval.py's results; name a new file or "
+             f"a results file")
     device = configurator.resolve_device("eval.py", device)
     check_runs(paths, opts)
     rows, t0 = [], time.time()

@@ -409,7 +409,8 @@ def already_prepared(out, args, args_hash):
         print(f"{meta_path} cannot be read as prepare.py's JSON: rebuilding")
         return False
     if meta.get("args_hash") != args_hash and not prepared_elsewhere(meta, args):
-        if list(out.glob(f".work-{work_hash(args)}-*")):  # a rebuild was started (--force): resume
+        if any(w.read_text() == args_hash for w in out.glob(".work-*/args_hash")):
+            # a rebuild with exactly these arguments was started (--force) and stopped: resume it
             print(f"{out} holds data prepared with other arguments, and a rebuild with these that "
                   f"was stopped: resuming it")
             return False
@@ -431,16 +432,19 @@ def prepared_elsewhere(meta, args):
     stored = meta.get("args")
     if not isinstance(stored, dict):
         return False
-    try:  # these arguments, written where that run wrote: its hash?
-        there = {k: stored[k] for k in PLACE_ARGS}
-        return hash_args(argparse.Namespace(**{**vars(args), **there})) == meta.get("args_hash")
+    try:  # these arguments, written where that run wrote (or in the default place): its hash?
+        places = ({k: stored[k] for k in PLACE_ARGS}, dict.fromkeys(PLACE_ARGS))
+        return any(hash_args(argparse.Namespace(**{**vars(args), **place}))
+                   == meta.get("args_hash") for place in places)
     except (KeyError, TypeError, ValueError):  # a meta.json of another make
         return False
 
 def changed_args(meta, args):
     """The arguments that differ from those meta.json records, for the message that refuses."""
     stored = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-    changed = [f"--{k}={stored[k]} then, {v} now" for k, v in vars(args).items()
+    changed = [f"--{k}={stored[k]} then, {v} now"
+               + (" (set when speech cannot be synthesised)" if k == "no_speech" else "")
+               for k, v in vars(args).items()
                if k in stored and k not in PLACE_ARGS + NOT_HASHED and stored[k] != v]
     if changed:
         return "; ".join(changed)
@@ -963,6 +967,7 @@ def main(argv=None):
                  f"{sum(report.counts.values())} inputs); nothing written")
     made = make_out_dir(out)                          # made only now: there are clips to encode
     work = work_dir(out, work_hash(args), codec_info["name"] if codec else "no_codes", args.force)
+    (work / "args_hash").write_text(args_hash)        # which run may resume here (already_prepared)
     codec_wavs = {}
     fit_codec = codec is not None and not codec_info["pretrained"] and not args.codec_from
     copy_codec = codec is not None and not codec_info["pretrained"] and bool(args.codec_from)
@@ -977,6 +982,8 @@ def main(argv=None):
             sys.exit(f"error: no usable clips (skipped {sum(report.counts.values())} inputs); "
                      "nothing written")
     except BaseException:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left behind
+        if [p.name for p in work.iterdir()] == ["args_hash"]:  # nothing to resume from
+            (work / "args_hash").unlink()
         remove_empty([work, *made])
         raise
     stage = Staging(out)                              # from here on every output is staged

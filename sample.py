@@ -188,7 +188,7 @@ if __name__ == "__main__":
     if os.path.isdir(out_path) or out_path.endswith(os.sep):
         out_path = os.path.join(out_path, "sample.wav" if codes_model else "sample.txt")
     if not out_path.lower().endswith((".wav", ".txt")):
-        new_folder = "" if os.path.splitext(out_path)[1] else (
+        new_folder = "" if os.path.splitext(out_path)[1] or os.path.exists(out_path) else (
             f" (no folder {out} exists: --out={out}{os.sep} makes it)")
         fail(f"--out={out}: audio is written as WAV, text as .txt: name a .wav or .txt file, or a "
              f"folder{new_folder}")

@@ -229,9 +229,9 @@ def evaluate_run(d, eval_dir):
 
 def evaluation_key(d, eval_dir):
     """What a run's evaluation depends on: its checkpoint file, the data it is scored on (where,
-    prepared how, and the codebook-0 mels) and the code that scores it. A re-run of the table
-    reuses an evaluation while all of these are unchanged (the sweep after a stop, or to change
-    the continuations)."""
+    prepared how, and the codebook-0 mels) and the code that scores it (the model file, its
+    attention, the data contract, this script). A re-run of the table reuses an evaluation while
+    all of these are unchanged (the sweep after a stop, or to change the continuations)."""
     import hashlib
 
     def stamp(path):  # a file's size and time of writing (None: not there)
@@ -242,9 +242,11 @@ def evaluation_key(d, eval_dir):
             return hashlib.md5(f.read()).hexdigest()
 
     here = os.path.dirname(os.path.abspath(__file__))
+    c0 = os.path.join(eval_dir, "val_mel_c0.bin")
     key = [stamp(os.path.join(d, "ckpt.pt")), os.path.abspath(eval_dir),
-           stamp(os.path.join(eval_dir, "val_mel_c0.bin")),
-           digest(os.path.join(eval_dir, "meta.json")), digest(os.path.join(here, "whisper_gpt.py"))]
+           digest(c0) if os.path.exists(c0) else None, digest(os.path.join(eval_dir, "meta.json"))]
+    key += [digest(os.path.join(here, f)) for f in ("whisper_gpt.py", "fused_attention.py",
+                                                    "audio.py", "whisper_gpt_table.py")]
     return hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]
 
 def mean_std(values):

@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 # them.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    THREADS = max(1, (cores or 1) // WORKERS)  # the cores this process may use, as -n auto counts
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     import torch
     torch.set_num_threads(THREADS)

@@ -256,7 +256,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
              f"no folder {tmp_path / 'no_dir'} exists: --out={tmp_path / 'no_dir'}{os.sep} makes"),
             # what is already there is not written over: the checkpoint, the input audio
             ([sys.executable, "eval.py", str(good), f"--json={good / 'ckpt.pt'}"],
-             "the file exists and is not JSON"),
+             "the file exists and is not eval.py's results"),
+            ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'meta.json'}"],
+             "the file exists and is not eval.py's results"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--audio={tmp_path / 'in.wav'}",
               f"--out={tmp_path / 'in.wav'}"], "would write over the input --audio"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--audio={tmp_path / 'in.png'}",
@@ -265,7 +267,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     import soundfile
     soundfile.write(tmp_path / "in.wav", sound, 24000)
     shutil.copyfile(tmp_path / "in.wav", tmp_path / "in.png")  # audio under a picture's name
-    kept = {f: f.read_bytes() for f in (good / "ckpt.pt", tmp_path / "in.wav", tmp_path / "in.png")}
+    (tmp_path / "meta.json").write_text('{"n_mels": 64}')      # JSON, but not eval.py's
+    kept = {f: f.read_bytes() for f in (good / "ckpt.pt", tmp_path / "in.wav", tmp_path / "in.png",
+                                        tmp_path / "meta.json")}
     for (cmd, words), p in zip(cases, run_each([cmd for cmd, _ in cases])):
         assert (p.returncode == 2 and words in p.stderr
                 and "Traceback" not in p.stderr), (cmd, p.stderr)

@@ -1120,9 +1120,9 @@ def test_out_dir_spelled_as_the_named_default_is_the_same_run():
 def test_finished_data_is_not_replaced_by_other_arguments_and_moves_with_its_folder(tmp_path,
                                                                                     monkeypatch):
     """A folder prepared with other arguments stops the run with one line naming what changed, its
-    files kept byte for byte; --force rebuilds it. The same arguments on a copy of the folder
-    elsewhere (--out_dir, --name) are the same run: it is taken as prepared, and --codebook0_mel
-    adds its files without a rebuild."""
+    files kept byte for byte; --force rebuilds it, and a stopped --force rebuild lets no other
+    arguments in. The same arguments on a copy of the folder elsewhere (--out_dir, --name) are the
+    same run: it is taken as prepared, and --codebook0_mel adds its files without a rebuild."""
     monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)  # the codec's training: no part
     out = tmp_path / "out"
     base = ["--clips=6", "--max_seconds=1.0", "--val_percent=30"] + FAST
@@ -1130,6 +1130,16 @@ def test_finished_data_is_not_replaced_by_other_arguments_and_moves_with_its_fol
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(SystemExit, match=r"other arguments \(--clips=6 then, 5 now\).*--force"):
         P.main(["--clips=5", "--max_seconds=1.0", "--val_percent=30", f"--out_dir={out}"] + FAST)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # a stopped --force rebuild resumes on the next run of its own arguments only: not for a
+    # setting its encoded chunks do not depend on (--vocab_size)
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(P, "fit_codebooks", crash)
+        P.main(base + [f"--out_dir={out}", "--force"])
+    with pytest.raises(SystemExit, match=r"other arguments \(--vocab_size=4096 then, 300 now\)"):
+        P.main(base + [f"--out_dir={out}", "--vocab_size=300"])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     moved = tmp_path / "data" / "moved"
     shutil.copytree(out, moved)
