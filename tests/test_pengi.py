@@ -578,6 +578,20 @@ def test_clap_stage_trains_the_encoders_only():
     torch.testing.assert_close(p.eval().embed_audio(b["mel"]), m.eval().embed_audio(b["mel"]))
 
 
+def train_steps(m, data, steps, lr):
+    """steps of AdamW (no weight decay) on m's trainable parameters, in train mode, over training
+    batches of 16 drawn with seed 0."""
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    m.train()
+    for _ in range(steps):
+        _, loss = m(**pengi.get_batch(data, "train", 16, rng))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_clap_stage_learns_held_out_retrieval(synth_dir):
     """A short clap stage on the synth fixture's class labels (150 steps) aligns audio with text on
     held-out clips: matching each val clip's audio embedding to the nearest of the training
@@ -609,15 +623,7 @@ def test_clap_stage_learns_held_out_retrieval(synth_dir):
         guess = (audio @ text.t()).argmax(1).tolist()
         return sum(labels[g] == t for g, t in zip(guess, truth)) / len(truth)
     before = retrieval_acc()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3,
-                            weight_decay=0.0)
-    rng = np.random.default_rng(0)
-    m.train()
-    for _ in range(150):
-        _, loss = m(**pengi.get_batch(data, "train", 16, rng))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(m, data, 150, lr=1e-3)
     after = retrieval_acc()
     assert after >= before + 0.3 and after > majority, (before, after, majority)
 
@@ -1215,17 +1221,9 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     torch.manual_seed(0)
     m = pengi.Pengi(cfg)
     pengi.init_pretrained(m)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3,
-                            weight_decay=0.0)
-    rng = np.random.default_rng(0)
     close = ("class_acc_gen", "class_acc_rank", "class_acc_pmi")
     before = pengi.evaluate(m, data, tok, "val", max_clips=60, beam=1, probe=False)
-    m.train()
-    for step in range(150):
-        _, loss = m(**pengi.get_batch(data, "train", 16, rng))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(m, data, 150, lr=3e-3)
     metrics = pengi.evaluate(m, data, tok, "val", max_clips=60, beam=1, probe=True)
     assert m.training  # evaluate restores the mode it found
     print(metrics)
