@@ -17,6 +17,8 @@ only when named), continuations (held-out clips per kind; 0 = none), prompt_fram
 Every other --key=value goes to train.py for every run (e.g. --max_iters=900).
 """
 
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -227,26 +229,24 @@ def evaluate_run(d, eval_dir):
     os.replace(kept + ".tmp", kept)
     return {**result, "wall": read_wall(d) or None}, False
 
+@functools.lru_cache(maxsize=None)
+def file_digest(path):
+    """md5 of a file, read once per call of the script (every run's key reads the same files)."""
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
 def evaluation_key(d, eval_dir):
     """What a run's evaluation depends on: its checkpoint file, the data it is scored on (where,
     prepared how, and the codebook-0 mels) and the code that scores it (the model file, its
     attention, the data contract, this script). A re-run of the table reuses an evaluation while
     all of these are unchanged (the sweep after a stop, or to change the continuations)."""
-    import hashlib
-
-    def stamp(path):  # a file's size and time of writing (None: not there)
-        return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else None
-
-    def digest(path):
-        with open(path, "rb") as f:
-            return hashlib.md5(f.read()).hexdigest()
-
     here = os.path.dirname(os.path.abspath(__file__))
-    c0 = os.path.join(eval_dir, "val_mel_c0.bin")
-    key = [stamp(os.path.join(d, "ckpt.pt")), os.path.abspath(eval_dir),
-           digest(c0) if os.path.exists(c0) else None, digest(os.path.join(eval_dir, "meta.json"))]
-    key += [digest(os.path.join(here, f)) for f in ("whisper_gpt.py", "fused_attention.py",
-                                                    "audio.py", "whisper_gpt_table.py")]
+    ckpt, c0 = os.stat(os.path.join(d, "ckpt.pt")), os.path.join(eval_dir, "val_mel_c0.bin")
+    key = [[ckpt.st_size, ckpt.st_mtime_ns], os.path.abspath(eval_dir),
+           file_digest(c0) if os.path.exists(c0) else None,
+           file_digest(os.path.join(eval_dir, "meta.json"))]
+    key += [file_digest(os.path.join(here, f)) for f in ("whisper_gpt.py", "fused_attention.py",
+                                                         "audio.py", "whisper_gpt_table.py")]
     return hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]
 
 def mean_std(values):
