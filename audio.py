@@ -377,8 +377,13 @@ def load_codec(data_dir):
                              f"cache ({torch.hub.get_dir()}/checkpoints)")
         # building the model draws random weights: from a fork of the CPU generator, so that the
         # caller's random stream goes on as if nothing was loaded (sample.py seeds it)
-        with torch.random.fork_rng(devices=[]):
-            return encodec_24khz(True, weights_dir)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return encodec_24khz(True, weights_dir)
+        except Exception as e:  # truncated or corrupt: wrong hash, unreadable
+            raise ValueError(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
+                             f"{str(e).strip()[:120]}); delete it and run prepare.py to download "
+                             f"it again") from None
     ckpt = read_offline_codec(data_dir, c)
     with torch.random.fork_rng(devices=[]):  # as above; every weight is overwritten below
         model = encodec_24khz(False)

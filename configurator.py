@@ -88,6 +88,14 @@ def literal(raw):
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # {[1]: 2}: TypeError
         return raw
 
+def boolean(raw, error):
+    """True / False from --key=raw text (true, false, 1, 0, any case), else a SettingsError."""
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise SettingsError(error)
+
 def typed(key, value, raw, expected, where):
     """The value of a setting of type expected: from the --key=value text raw, or a config file's
     value."""
@@ -97,11 +105,7 @@ def typed(key, value, raw, expected, where):
         raise SettingsError(f"{where}: expected --key=value")
     if raw is not None:
         if expected is bool:
-            if raw.lower() in ("true", "1"):
-                return True
-            if raw.lower() in ("false", "0"):
-                return False
-            raise SettingsError(f"{where}: {key} must be True or False")
+            return boolean(raw, f"{where}: {key} must be True or False")
         if expected is str:
             return raw                               # --run_name=123 is the string "123"
         value = literal(raw)
@@ -208,10 +212,11 @@ def option_values(raw_opts, opt_defaults):
         if isinstance(default, str):
             out[key] = raw
             continue
+        if isinstance(default, bool):  # as train.py's bool settings
+            out[key] = boolean(raw, f"--{key}={raw}: expected True or False")
+            continue
         value = literal(raw)
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "True or False"
-        elif isinstance(default, int):
+        if isinstance(default, int):
             ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
         else:
             ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"

@@ -24,6 +24,8 @@ import torch
 
 import configurator
 import tokenizer as tokenizers
+from audio import (SAMPLE_RATE, BadAudio, StreamingDecoder, decode, features, load_audio,
+                   load_codec, log_mel, plot_mels, whisper_log_mel)
 
 # -----------------------------------------------------------------------------
 out_dir = "out"      # where train.py wrote ckpt.pt
@@ -55,7 +57,6 @@ class Tools:
 
     def codec(self):
         if self._codec is None:
-            from audio import load_codec
             t0 = time.time()
             try:
                 self._codec = load_codec(self.data_dir)
@@ -66,18 +67,15 @@ class Tools:
 
     def decode(self, codes):
         """codes (T, k) -> wav (T * hop,) float32 at 24 kHz: audio.decode with the data's codec."""
-        from audio import decode
         return decode(self.codec(), codes)
 
     def decoder_stream(self):
         """A decoder that takes codes a frame or a few at a time and keeps its state between calls:
         the same audio as decode() of the whole sequence, at the cost of the new frames only."""
-        from audio import StreamingDecoder
         return StreamingDecoder(self.codec())
 
     def mel(self, wav):
         """wav (n,) at 24 kHz -> log-mel (ceil(n / hop), n_mels), as stored in {split}_mel.bin."""
-        from audio import log_mel
         return log_mel(wav)
 
 def read_meta(data_dir):
@@ -214,9 +212,6 @@ if __name__ == "__main__":
     # a text model given --audio needs nothing of the data it trained on, its tokenizer recorded in
     # the checkpoint (as train.py writes them): it runs where that data is gone
     reads_data = codes_model or not audio or not checkpoint.get("tokenizer")
-    # the data contract's functions by name: here `audio` is the --audio setting
-    from audio import (SAMPLE_RATE, BadAudio, features, load_audio, log_mel, plot_mels,
-                       whisper_log_mel)
     meta = read_meta(data_dir) if reads_data else {"sample_rate": SAMPLE_RATE}
     print(f"{checkpoint['model_name']} from {ckpt_path} (iter {checkpoint['iter_num']})"
           + (f", data {data_dir}" if reads_data else ""))

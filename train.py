@@ -173,23 +173,46 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
     if master:
         print(f"{ckpt_path}: the same run stopped at iter {prev['iter_num']}: resuming it")
 
+def check_arrays(data_dir):
+    """A ValueError naming each prepared array of data_dir (the splits' codes and mels) that is empty
+    (a split without clips: numpy cannot map it) or not a whole number of rows (cut short: numpy
+    maps it and then fails to reshape it, naming no file). Missing or unreadable meta.json is left
+    to the model's load_data."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        widths = {"codes": meta.get("n_q"), "mel": meta["n_mels"], "mel_c0": meta["n_mels"],
+                  "wmel": meta.get("whisper_mel", {}).get("n_mels")}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return
+    empty, cut = [], []
+    for split in ("train", "val"):
+        for array, width in widths.items():
+            path = os.path.join(data_dir, f"{split}_{array}.bin")
+            if width and os.path.isfile(path):
+                size = os.path.getsize(path)
+                if size == 0:
+                    empty.append(os.path.basename(path))
+                elif size % (2 * width):  # uint16 codes, float16 mels: 2 bytes a value
+                    cut.append(f"{os.path.basename(path)} ({size} bytes, not whole rows of "
+                               f"{width} values)")
+    if cut:
+        raise ValueError(f"data_dir {data_dir}: {', '.join(cut)}: cut short or of other data; "
+                         f"prepare.py again")
+    if empty:
+        raise ValueError(f"data_dir {data_dir}: {', '.join(empty)} empty: a split without clips "
+                         f"(prepared with --val_percent=0, or from one clip); training and "
+                         f"evaluation read both splits")
+
 def load_model_data(M, data_dir, config, tok):
-    """M.load_data, with a ValueError that names the data when a field prepare.py writes is
-    missing from its meta.json or clip lists (a KeyError otherwise), or a split has no clips
-    (numpy cannot map an empty file)."""
+    """M.load_data, after check_arrays, with a ValueError that names the data when a field
+    prepare.py writes is missing from its meta.json or clip lists (a KeyError otherwise)."""
+    check_arrays(data_dir)
     try:
         return M.load_data(data_dir, config, tok)
     except KeyError as e:
         raise ValueError(f"data_dir {data_dir}: its meta.json or clip lists lack the field {e}; "
                          f"prepare.py writes them (re-run it for this data)") from None
-    except ValueError as e:
-        if "empty file" not in str(e):
-            raise
-        empty = sorted(f for f in os.listdir(data_dir) if f.endswith(".bin")
-                       and os.path.getsize(os.path.join(data_dir, f)) == 0)
-        raise ValueError(f"data_dir {data_dir}: {', '.join(empty) or 'a file'} empty: a split "
-                         f"without clips (prepared with --val_percent=0, or from one clip); "
-                         f"training and evaluation read both splits") from None
 
 def load_weights(model, state, trained_args, data_dir):
     """A checkpoint's weights into a model built from its args (trained_args) and data_dir's data,
@@ -355,9 +378,9 @@ if __name__ == "__main__":
         try:
             checkpoint = load_checkpoint(ckpt_path, device)
         except ValueError as e:
-            fail(f"init_from=resume: {e}")
+            fail(f"resuming: {e}")  # e names the file
         if checkpoint["model_name"] != model:
-            fail(f"init_from=resume: {ckpt_path} holds a {checkpoint['model_name']} model, not "
+            fail(f"resuming from {ckpt_path}: it holds a {checkpoint['model_name']} model, not "
                  f"{model}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
         # the weights the run started from stay part of what it is (a later start is compared)
@@ -423,7 +446,7 @@ if __name__ == "__main__":
         try:
             load_weights(raw_model, checkpoint["model"], checkpoint["model_args"], data_dir)
         except ValueError as e:
-            fail(f"init_from=resume: {ckpt_path}: {e}")
+            fail(f"resuming from {ckpt_path}: {e}")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     elif init is not None:
         learned = init["model_args"].get("codec_id")  # Whisper-GPT: the codes its weights learned

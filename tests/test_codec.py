@@ -1,6 +1,8 @@
 """The codec: the pretrained EnCodec found, downloaded or refused (all without a network; audio.py),
 and the offline codec fitted on the corpus (codec.py): its analytic start against a numpy
 reference, its training and resume, and the readers of what the labels say."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,19 @@ def test_codec_dir_and_corrupt_files(tmp_path, hub, monkeypatch, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert (len(out) == 1 and str(hub / A.CODEC_FILE) in out[0] and "unusable" in out[0]
             and "delete it" in out[0]), out
+
+
+def test_data_of_the_pretrained_codec_with_its_weights_cut(tmp_path, hub):
+    # sample.py reads the codec by load_codec: a corrupt weights file is one line naming it
+    d = tmp_path / "weights"
+    d.mkdir()
+    (d / A.CODEC_FILE).write_bytes(b"\0" * 100)  # fails encodec's own checksum
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps(
+        {"codec": {"pretrained": True, "weights": str(d / A.CODEC_FILE)}}))
+    with pytest.raises(ValueError, match=f"{d / A.CODEC_FILE}: unusable .*delete it"):
+        A.load_codec(data)
 
 
 def test_loading_the_offline_codec_leaves_the_random_stream(synth_dir):

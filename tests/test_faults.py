@@ -189,6 +189,13 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (empty_val / f).write_bytes(b"")
         else:
             os.symlink(os.path.join(synth_dir, f), empty_val / f)
+    cut_codes = tmp_path / "cut_codes"  # train_codes.bin cut mid-row
+    cut_codes.mkdir()
+    for f in os.listdir(synth_dir):
+        if f != "train_codes.bin":
+            os.symlink(os.path.join(synth_dir, f), cut_codes / f)
+    codes_bytes = open(os.path.join(synth_dir, "train_codes.bin"), "rb").read()
+    (cut_codes / "train_codes.bin").write_bytes(codes_bytes[:-6])
     other_codec = tmp_path / "other_codec"  # the same data, a codeword of its codec moved
     other_codec.mkdir()
     for f in os.listdir(synth_dir):
@@ -233,6 +240,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, other_codec, f"--init_from={good / 'ckpt.pt'}"),
              "its weights learned the codes of"),
             (train(new, empty_val), "val_codes.bin, val_mel.bin"),
+            ([sys.executable, "eval.py", str(good), f"--data_dir={cut_codes}"],
+             "train_codes.bin ("),
             (train(new, synth_dir, "--n_embd=64", f"--init_from={good / 'ckpt.pt'}"),
              f"init_from={good / 'ckpt.pt'}: its weights do not fit this model"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],

@@ -126,9 +126,12 @@ def test_model_options_typed_by_their_defaults():
     assert type(got["temperature"]) is float
     for key, raw, said in (("beam", "2.7", "a whole number"), ("beam", "True", "a whole number"),
                            ("temperature", "abc", "a number"), ("lora_scale", "abc", "a number"),
-                           ("probe", "1", "True or False")):
+                           ("probe", "yes", "True or False")):
         with pytest.raises(ValueError, match=f"--{key}={raw}: expected {said}"):
             configurator.option_values({key: raw}, defaults)
+    # a bool option takes the spellings train.py's bool settings take
+    for raw, want in (("true", True), ("1", True), ("FALSE", False), ("0", False)):
+        assert configurator.option_values({"probe": raw}, defaults) == {"probe": want}, raw
 
 def test_settings_merge_and_types(tmp_path):
     cfg = tmp_path / "c.py"
