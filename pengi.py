@@ -12,17 +12,19 @@ encoders contrastively first, as Pengi's HTSAT comes from CLAP. The loss is on t
 only, averaged per example (ours). Decoding is length-normalised beam search with a KV cache (beam 5
 by default, 3 in the official code's example; beam 1 is greedy).
 
-Close-ended tasks are scored three ways: the generated text must equal the label, and (beyond the
-paper) the candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the
+Close-ended tasks are scored three ways (the scoring is ours): the generated text must equal the
+label, and the candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the
 label prior (PMI). The audio embedding (`embed_audio`) feeds a linear probe, as in the paper's
 representation study.
 
-Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (its
-token-semantic head reduced to a frequency head, see AudioEncoder; absolute position embedding
+Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (a frequency head
+in place of the mean-pooled embedding Pengi reads, see AudioEncoder; absolute position embedding
 instead of Swin's relative bias; shifted windows by a cyclic roll along time only, without Swin's
 mask, see WindowBlock); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a
 text encoder made from the LM's own embeddings and first layers (a causal tower pooled at the last
-token, as CLIP's text tower pools at its end token) instead of CLIP's text tower.
+token, as CLIP's text tower pools at its end token) instead of CLIP's text tower, trained with the
+audio encoder in the clap stage; the mappers' layers are GPT-2 blocks (the official mapper's have a
+2x ReLU MLP).
 """
 
 import json
@@ -507,8 +509,8 @@ class TextEncoder(nn.Module):
 
 class Mapper(nn.Module):
     """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k
-    learned constants, through a few bidirectional layers; the outputs at the constants' positions
-    are the prefix. Ours: each output goes through a LayerNorm and a learnable scale that starts at
+    learned constants, through a few bidirectional layers (ours: GPT-2 blocks); the outputs at the
+    constants' positions are the prefix. Ours: each output goes through a LayerNorm and a learnable scale that starts at
     the RMS of the LM's token embeddings (Pengi.reset_prefix_scale), so the prefix reaches the
     frozen LM at the size of a word. Without it the outputs are ~20x (at init) to ~100x (trained)
     larger than token embeddings, the frozen blocks add too little to them to matter, and the first
@@ -589,9 +591,13 @@ def check_config(config):
                          f"{config.text_init!r}")
     if config.stage not in ("clap", "pengi"):
         raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
-    for field in ("prefix_len", "max_prompt_tokens", "max_answer_tokens"):
+    for field in ("prefix_len", "max_prompt_tokens", "max_answer_tokens", "max_frames", "patch_size",
+                  "window", "enc_dim", "d_embed"):
         if getattr(config, field) < 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least 1")
+    for field in ("text_n_layer", "map_n_layer"):
+        if getattr(config, field) < 0:
+            raise ValueError(f"{field}={getattr(config, field)}: must be at least 0")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout={config.dropout}: must be at least 0 and under 1")
     for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
@@ -661,7 +667,6 @@ class Pengi(nn.Module):
     def init_from_lm(self):
         """After the LM's weights are set: the text tower starts from them (text_init) and the
         prefix scale from their token-embedding RMS."""
-        # the text tower starts from the LM (a pretrained one if llm_init)
         if self.config.text_init in ("llm", "embeddings"):
             t = self.text_encoder
             t.wte.weight.copy_(self.llm.wte.weight)
@@ -862,7 +867,7 @@ Config = PengiConfig
 Model = Pengi
 
 # -----------------------------------------------------------------------------
-# Data: tasks from the prepared clips through the paper's templates
+# Data: tasks from the prepared clips through the paper's templates (and ours for chords)
 
 TASKS = ("caption", "metadata", "class", "qa", "music")  # the names config.tasks may list
 PROMPTS = {  # task -> the prompt; music has one prompt per label key
@@ -871,7 +876,7 @@ PROMPTS = {  # task -> the prompt; music has one prompt per label key
     "class": "this is a sound of",
     "instrument": "this music note is produced by",
     "pitch": "this music note pitch is",
-    "chord": "this music chord is",
+    "chord": "this music chord is",  # ours: the paper has no chord task
 }
 QA_PROMPT = "question: "  # + the question, for audio QA
 MUSIC_KEYS = ("instrument", "pitch", "chord")  # the music task: one prompt per label

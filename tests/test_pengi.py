@@ -705,7 +705,13 @@ def test_head_counts_and_stage_lists_named():
                      ({"enc_heads": "2,0"}, "enc_heads='2,0': every entry must be at least 1"),
                      ({"prefix_len": 0}, "prefix_len=0: must be at least 1"),
                      ({"max_prompt_tokens": 0}, "max_prompt_tokens=0: must be at least 1"),
-                     ({"max_answer_tokens": -2}, "max_answer_tokens=-2: must be at least 1")):
+                     ({"max_answer_tokens": -2}, "max_answer_tokens=-2: must be at least 1"),
+                     ({"window": 0}, "window=0: must be at least 1"),
+                     ({"patch_size": 0}, "patch_size=0: must be at least 1"),
+                     ({"max_frames": 0}, "max_frames=0: must be at least 1"),
+                     ({"enc_dim": 0}, "enc_dim=0: must be at least 1"),
+                     ({"d_embed": 0}, "d_embed=0: must be at least 1"),
+                     ({"map_n_layer": -1}, "map_n_layer=-1: must be at least 0")):
         with pytest.raises(ValueError, match=said):
             pengi.Pengi(tiny_config(**kw))
     pengi.Pengi(tiny_config(enc_heads="4,8", map_n_head=4))  # divisors of 8, 16 and 16
