@@ -249,10 +249,14 @@ def load_torch_file(path, field, mmap=False):
     """torch.load of a file a setting names, or a ValueError that names both when it cannot be read
     (empty, truncated or corrupt: torch's own error names neither)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{field}={path}: cannot be read, it is empty, truncated or corrupt "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(ck, dict):  # e.g. a bare tensor saved with torch.save
+        raise ValueError(f"{field}={path}: holds a {type(ck).__name__}, not a checkpoint's dict "
+                         f"of weights")
+    return ck
 
 # Copied from salmonn.load_llm_state
 def load_llm_state(path):
@@ -510,9 +514,9 @@ class TextEncoder(nn.Module):
 class Mapper(nn.Module):
     """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k
     learned constants, through a few bidirectional layers (ours: GPT-2 blocks); the outputs at the
-    constants' positions are the prefix. Ours: each output goes through a LayerNorm and a learnable scale that starts at
-    the RMS of the LM's token embeddings (Pengi.reset_prefix_scale), so the prefix reaches the
-    frozen LM at the size of a word. Without it the outputs are ~20x (at init) to ~100x (trained)
+    constants' positions are the prefix. Ours: each output goes through a LayerNorm and a learnable
+    scale that starts at the RMS of the LM's token embeddings (Pengi.reset_prefix_scale), so the
+    prefix reaches the frozen LM at the size of a word. Without it the outputs are ~20x (at init) to ~100x (trained)
     larger than token embeddings, the frozen blocks add too little to them to matter, and the first
     answer token cannot depend on the audio (measured)."""
 
@@ -591,8 +595,8 @@ def check_config(config):
                          f"{config.text_init!r}")
     if config.stage not in ("clap", "pengi"):
         raise ValueError(f"stage must be 'clap' or 'pengi', not {config.stage!r}")
-    for field in ("prefix_len", "max_prompt_tokens", "max_answer_tokens", "max_frames", "patch_size",
-                  "window", "enc_dim", "d_embed"):
+    for field in ("prefix_len", "max_prompt_tokens", "max_answer_tokens", "max_frames",
+                  "patch_size", "window", "enc_dim", "d_embed"):
         if getattr(config, field) < 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least 1")
     for field in ("text_n_layer", "map_n_layer"):
@@ -1148,7 +1152,7 @@ def qa_probe(model, data, split="val", max_clips=2000):
     questions: how many answers the one pooled embedding holds in a linearly readable form,
     whatever the mappers and the LM make of it. A question with a single answer in training gets
     that answer; a question or answer never seen in training counts as wrong. Returns
-    (accuracy, accuracy of each question's most common answer in the split) over the questions of
+    (accuracy, accuracy of each question's most common answer in training) over the questions of
     the first max_clips clips with QA of each split, or None when there are none."""
     def questions(d):
         idx = [i for i, c in enumerate(d["clips"]) if c.get("qa")][:max_clips]
@@ -1166,7 +1170,9 @@ def qa_probe(model, data, split="val", max_clips=2000):
     right = constant = total = 0
     for q, asked in ev_q.items():
         total += len(asked)
-        constant += Counter(a for _, a in asked).most_common(1)[0][1]
+        if q in tr_q:  # the training clips' most common answer to this question
+            usual = Counter(a for _, a in tr_q[q]).most_common(1)[0][0]
+            constant += sum(a == usual for _, a in asked)
         answers = sorted({a for _, a in tr_q.get(q, [])})
         if len(answers) == 1:
             right += sum(a == answers[0] for _, a in asked)
@@ -1178,10 +1184,20 @@ def qa_probe(model, data, split="val", max_clips=2000):
             right += sum(int(g) == cls.get(a, -1) for g, (_, a) in zip(guess.tolist(), asked))
     return right / total, constant / total
 
+def majority_acc(data, split, key, max_clips):
+    """The accuracy, on the split's first max_clips clips labelled with key, of always answering
+    the training split's most common label (not the split's own, which would peek at it)."""
+    train = Counter(c["labels"][key] for c in data["train"]["clips"] if key in c["labels"])
+    labels = [c["labels"][key] for c in data[split]["clips"] if key in c["labels"]][:max_clips]
+    if not train or not labels:
+        return 0.0
+    usual = train.most_common(1)[0][0]
+    return sum(a == usual for a in labels) / len(labels)
+
 def probe_metrics(model, data, split, keys, max_clips):
     """For each label key in the comma list keys: the linear probe's accuracy, probe_acc for
     "class" (the paper's study), else probe_acc_{key} with probe_majority_{key}, the accuracy of
-    always answering the most common label of the split (e.g. keys="class,gender,count"). The
+    always answering the training split's most common label (e.g. keys="class,gender,count"). The
     key "qa" gives probe_acc_qa and probe_majority_qa, per question (qa_probe)."""
     metrics = {}
     keys = [k.strip() for k in str(keys).split(",") if k.strip()]
@@ -1202,10 +1218,8 @@ def probe_metrics(model, data, split, keys, max_clips):
         if key == "class":
             metrics["probe_acc"] = acc
             continue
-        labels = Counter([c["labels"][key] for c in data[split]["clips"]
-                          if key in c["labels"]][:max_clips])
         metrics[f"probe_acc_{key}"] = acc
-        metrics[f"probe_majority_{key}"] = labels.most_common(1)[0][1] / sum(labels.values())
+        metrics[f"probe_majority_{key}"] = majority_acc(data, split, key, max_clips)
     return metrics
 
 def eval_tasks(data, tasks_opt):
@@ -1290,8 +1304,8 @@ def pmi_scores(logp, logp_prior):
     return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
 
 def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
-    """{key}_acc_gen, _acc_rank, _acc_pmi and _chance on the split d; {} without two candidate
-    labels or any example."""
+    """{key}_acc_gen, _acc_rank, _acc_pmi, _chance and _majority on the split d; {} without two
+    candidate labels or any example."""
     cands = data["candidates"].get(key) or []
     ex = [(i, PROMPTS[key], c["labels"][key]) for i, c in enumerate(d["clips"])
           if key in c["labels"]][:max_clips]
@@ -1308,6 +1322,8 @@ def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
     metrics[f"{key}_acc_rank"] = top_candidate_acc(lp, cands, labels)
     metrics[f"{key}_acc_pmi"] = top_candidate_acc(pmi, cands, labels)
     metrics[f"{key}_chance"] = 1.0 / len(cands)
+    usual = Counter(c["labels"][key] for c in data["train"]["clips"] if key in c["labels"])
+    metrics[f"{key}_majority"] = exact_match([usual.most_common(1)[0][0]] * len(ex), ex)
     return metrics
 
 def prefix_norm_metrics(model, data, tok, d, bs):
@@ -1341,7 +1357,8 @@ def evaluate(model, data, tok, split="val", **opts):
       {key}_acc_rank: the label has the highest LM likelihood among the training split's labels
       {key}_acc_pmi: the same, calibrated by the label prior over prior_clips training clips
         (pmi_scores)
-      {key}_chance: 1 / number of candidates
+      {key}_chance: 1 / number of candidates; {key}_majority: the accuracy of always answering the
+        training split's most common label
       probe_acc: linear probe on labels.class, when probe_keys holds class (the default);
         probe_acc_{key} for the other label keys in probe_keys
         (probe_metrics); with "qa" among them, probe_acc_qa: the answers per question (qa_probe)

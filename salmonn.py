@@ -15,7 +15,10 @@ One file holds the whole model:
   projections.
 The audio tokens replace <SpeechHere> in the paper's prompt
     USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT: {answer}<eot>
-and the loss is on the answer tokens only, averaged per example.
+and the loss is on the answer tokens only, averaged per example (ours; the official code averages
+over all answer tokens of the batch). Ours too: each audio token rescaled to the LLM's token scale
+(audio_norm), and clips unpadded (the official code pads each to Whisper's 30 s), their last window
+rounded up and masked.
 
 As in the paper, the encoders come pretrained with their own objectives and stay frozen; only the
 Q-Former (with the two streams' LayerNorms), its projection and LoRA train. At CPU size each
@@ -101,19 +104,16 @@ class SALMONNConfig:
     speech_n_mels: int = 0
     # the speech encoder's weights: our stage-"whisper" ckpt.pt or an OpenAI Whisper .pt
     whisper_init: str = ""
-    # stage "whisper": the text decoder that trains the encoder (same width and heads), its
-    # positions (transcripts cut to whisper_text_ctx - 1 tokens + the start or end token), the
-    # CTC loss's weight next to the decoder's cross-entropy, what CTC spells ("tokens", the BPE;
-    # "chars", CTC_CHARS; "phonemes": speech in the phonemes espeak-ng speaks it with, the other
-    # kinds in tokens) and SpecAugment's frequency and time masks per training clip (0: none).
-    # Phonemes (ours): a spoken word is heard as its sounds, ~60 of them shared by all words, while
-    # its spelling follows English orthography (synth.phonemes; " " between words)
+    # stage "whisper": the text decoder that trains the encoder (same width and heads)
     whisper_dec_n_layer: int = 2
-    whisper_text_ctx: int = 64
-    ctc_weight: float = 0.6
+    whisper_text_ctx: int = 64     # transcripts cut to this - 1 tokens + the start or end token
+    ctc_weight: float = 0.6        # the CTC loss's weight next to the decoder's cross-entropy
+    # what CTC spells: "tokens" (the BPE), "chars" (CTC_CHARS) or "phonemes" (ours: speech in the
+    # phonemes espeak-ng speaks it with, ~60 sounds shared by all words, where spelling follows
+    # English orthography; the other kinds in tokens)
     ctc_units: str = "tokens"
     ctc_phonemes: str = ""         # ctc_units="phonemes": the train split's, "|"-joined (load_data)
-    spec_augment: int = 0
+    spec_augment: int = 0          # SpecAugment's frequency and time masks per clip (0: none)
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame with
     # speech_features="mel") x beats_patch_f mel bins
     beats_n_layer: int = 2
@@ -149,8 +149,8 @@ class SALMONNConfig:
     # stages 1-3 refuse an LLM that copies fewer of the probe's spans (0: no check). 0.5 refuses
     # LLMs that do not copy (0-20%) and passes those measured to carry the audio (76-100%)
     llm_probe_min: float = 0.5
-    # each audio token rescaled to the token embeddings' RMS (audio_scale); without it they grow
-    # ~6x larger in training
+    # ours: each audio token rescaled to the token embeddings' RMS (audio_scale); without it they
+    # grow ~6x larger in training
     audio_norm: bool = True
     # ours, not the paper's: in stages 1-3 a CTC loss (this weight next to the LLM's) between a
     # transcription example's audio tokens, read as the LLM's tokens (by cosine to its token
@@ -603,10 +603,14 @@ def load_torch_file(path, field, mmap=False):
     """torch.load of a file a setting names, or a ValueError that names both when it cannot be read
     (empty, truncated or corrupt: torch's own error names neither)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{field}={path}: cannot be read, it is empty, truncated or corrupt "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(ck, dict):  # e.g. a bare tensor saved with torch.save
+        raise ValueError(f"{field}={path}: holds a {type(ck).__name__}, not a checkpoint's dict "
+                         f"of weights")
+    return ck
 
 def load_llm_state(path):
     """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
@@ -685,11 +689,13 @@ def load_whisper_encoder_state(path):
         if not sd:
             raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage "
                              f"{args.get('stage')!r} without a speech encoder")
-        # speech_n_mels 0: the encoder read that run's data, n_mels bins
-        return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"],
-                        n_embd=args["speech_n_embd"],
-                        n_mels=args["speech_n_mels"] or args["n_mels"],
-                        features=args.get("speech_features", "mel"))
+        try:  # speech_n_mels 0: the encoder read that run's data, n_mels bins
+            return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"],
+                            n_embd=args["speech_n_embd"],
+                            n_mels=args["speech_n_mels"] or args["n_mels"],
+                            features=args.get("speech_features", "mel"))
+        except KeyError as e:
+            raise ValueError(f"whisper_init={path}: its model_args lack {e}") from None
     if "dims" not in ck or "model_state_dict" not in ck:
         raise ValueError(f"whisper_init={path}: neither our stage-'whisper' ckpt.pt nor an OpenAI "
                          f"Whisper checkpoint ('dims' and 'model_state_dict')")
@@ -697,8 +703,11 @@ def load_whisper_encoder_state(path):
           if k.startswith("encoder.")}
     sd.pop("positional_embedding", None)  # the same sinusoids, recomputed for any length
     d = ck["dims"]
-    return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"], n_embd=d["n_audio_state"],
-                    n_mels=d["n_mels"], features="whisper")
+    try:
+        return sd, dict(n_layer=d["n_audio_layer"], n_head=d["n_audio_head"],
+                        n_embd=d["n_audio_state"], n_mels=d["n_mels"], features="whisper")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"whisper_init={path}: its 'dims' lack {e}") from None
 
 def load_beats_state(path):
     """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in BEATsEncoder's
@@ -714,9 +723,12 @@ def load_beats_state(path):
     if not sd:
         raise ValueError(f"beats_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} "
                          f"without an audio encoder")
-    return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"],
-                    n_embd=args["beats_n_embd"], patch_f=args["beats_patch_f"],
-                    n_mels=args["n_mels"])
+    try:
+        return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"],
+                        n_embd=args["beats_n_embd"], patch_f=args["beats_patch_f"],
+                        n_mels=args["n_mels"])
+    except KeyError as e:
+        raise ValueError(f"beats_init={path}: its model_args lack {e}") from None
 
 def set_pretrained_dims(config):
     """load_data's step for the *_init files: their sizes replace the config's (before the model is
@@ -766,6 +778,12 @@ def check_config(config):
     for field in ("dropout", "llm_dropout", "lora_dropout"):
         if not 0 <= getattr(config, field) < 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least 0 and under 1")
+    for field in ("copy_rows", "reading_share"):  # shares
+        if not 0 <= getattr(config, field) <= 1:
+            raise ValueError(f"{field}={getattr(config, field)}: must be between 0 and 1")
+    for field in ("ctc_weight", "connect_ctc_weight"):
+        if getattr(config, field) < 0:
+            raise ValueError(f"{field}={getattr(config, field)}: must be at least 0")
 
 def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
     """One hash per batch row of its valid input frames: the key of a clip's encoder frames."""
@@ -1607,7 +1625,7 @@ def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
     """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and
     n_masks stretches of up to max_frames frames (67 ms at 75 frames/s, 50 ms at Whisper's 100) set
     to each clip's mean. A stretch can hide a whole Morse dot or gap (45-70 ms), a band the tone: the
-    configs use none (two masks: held-out Morse WER 0.37, none: 0.02; docs/salmonn.md)."""
+    configs use none (it costs Morse most of its WER; measured in docs/salmonn.md)."""
     for b in range(mel.size(0)):
         n = int(lens[b])
         fill = mel[b, :n].mean()
@@ -1642,8 +1660,8 @@ def llm_batch(data, split, batch_size, rng):
         raise ValueError(f"{split} text stream has {len(stream)} tokens; it needs more than "
                          f"llm_block_size+1={T + 1}")
     n_copy = round(config.copy_rows * batch_size)
-    # a window and its targets, one token on; the last possible start (len(stream) - T - 1) is
-    # left out, as it was when the measured LLMs were trained: their draws stay the same
+    # a window and its targets, one token on; the last start, len(stream) - T - 1, is never drawn
+    # (kept: a seed draws the windows it always drew)
     ix = rng.integers(0, len(stream) - T - 1, size=batch_size - n_copy)
     x = torch.zeros(batch_size, T, dtype=torch.long)
     y = torch.full((batch_size, T), -1, dtype=torch.long)

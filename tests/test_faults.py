@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -323,7 +324,6 @@ def test_settings_that_are_no_literal_and_devices_this_machine_lacks(monkeypatch
     text and then named; a GPU index past the machine's count is named before any work."""
     sys.path.insert(0, ROOT)
     import configurator
-    import pytest
     import train
     assert configurator.literal("{[1]: 2}") == "{[1]: 2}"
     with pytest.raises(SystemExit):
@@ -365,3 +365,27 @@ def test_a_safetensors_file_cut_short_or_corrupt_is_named_not_a_traceback(tmp_pa
                 assert str(path) in str(e) and "truncated or corrupt" in str(e), (name, e)
             else:
                 raise AssertionError(f"{name}: read without an error")
+
+def test_pretrained_files_that_hold_no_checkpoint_are_named(tmp_path):
+    """whisper_init, beats_init and llm_init (salmonn.py, and pengi.py's llm_init) given a file
+    torch reads but that holds no checkpoint (a bare tensor, a list), or one of ours whose
+    model_args lack the sizes, raise a ValueError naming the setting and the file, not torch's or
+    Python's own error."""
+    import pengi
+    import salmonn
+    tensor, listed = tmp_path / "tensor.pt", tmp_path / "list.pt"
+    torch.save(torch.zeros(3), tensor)
+    torch.save([1, 2], listed)
+    no_sizes = tmp_path / "no_sizes.pt"  # ours, model_args emptied
+    torch.save({"model": {"speech.w": torch.zeros(1), "beats.w": torch.zeros(1)},
+                "model_args": {}}, no_sizes)
+    loaders = ((salmonn.load_whisper_encoder_state, "whisper_init"),
+               (salmonn.load_beats_state, "beats_init"),
+               (salmonn.load_llm_state, "llm_init"), (pengi.load_llm_state, "llm_init"))
+    for load, field in loaders:
+        for path, said in ((tensor, "holds a Tensor"), (listed, "holds a list")):
+            with pytest.raises(ValueError, match=f"{field}={path}: {said}"):
+                load(str(path))
+    for load, field in loaders[:2]:
+        with pytest.raises(ValueError, match=f"{field}={no_sizes}: its model_args lack"):
+            load(str(no_sizes))

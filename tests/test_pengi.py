@@ -389,13 +389,16 @@ def test_label_metrics_rank_pmi_and_chance_by_hand(monkeypatch):
     eot | clip, the task's prompt) of each candidate; the PMI ranking subtracts the log of its
     mean probability over the first prior_clips training clips that have the label key, with the
     task's prompt (not the evaluated clips, another prompt, or one clip fewer); chance is one over
-    the number of candidates. The scores are read where label_metrics ranks them
-    (top_candidate_acc); the LM's weights are spread so that clips give different scores."""
+    the number of candidates; majority is always answering the training split's most common label
+    (here "cat bark": 1 of the 4 val clips, where the val clips' own most common, "dog", has 2).
+    The scores are read where label_metrics ranks them (top_candidate_acc); the LM's weights are
+    spread so that clips give different scores."""
     m = tiny_model()
     for p in m.llm.parameters():
         p.normal_(0, 0.6)
     m.init_from_lm()
     data, tok = tiny_label_data(), WordIds()
+    data["train"]["clips"][2]["labels"]["class"] = "cat bark"  # train: 3 "cat bark", 1 each other
     cands = data["candidates"]["class"]
     cand_ids = [tok.encode(" " + c) for c in cands]
     ranked = []
@@ -419,6 +422,7 @@ def test_label_metrics_rank_pmi_and_chance_by_hand(monkeypatch):
     torch.testing.assert_close(ranked[1].double(), raw - torch.tensor(prior, dtype=torch.float64),
                                rtol=1e-4, atol=1e-4)
     assert got["class_chance"] == pytest.approx(1 / 3)
+    assert got["class_majority"] == pytest.approx(1 / 4)
 
 
 @torch.no_grad()
@@ -985,9 +989,10 @@ def test_random_crop_starts_anywhere():
     assert (pengi.fit_frames(x, 3) == x[:3]).all()  # without an rng (evaluation): from the start
 
 
-def test_probe_majority_on_the_evaluated_split_and_unseen_labels_wrong():
-    """probe_majority_{key} is the most common label's share of the evaluated split (here 8 of 12
-    val clips are "male", while train is 3/4 "female"), and val clips whose label never occurs in
+def test_probe_majority_from_the_training_split_and_unseen_labels_wrong():
+    """probe_majority_{key} always answers the training split's most common label: train is 3/4
+    "female", which 2 of the 12 val clips are (not the 8 of 12 "male" the val split's own majority
+    would claim, peeking at it), and val clips whose label never occurs in
     train count in the accuracy as wrong: an embedding that separates the genders gets the 10
     known clips right, 10 / 12 in all."""
     rng = np.random.default_rng(0)
@@ -1007,14 +1012,15 @@ def test_probe_majority_on_the_evaluated_split_and_unseen_labels_wrong():
     assert pengi.linear_probe(MeanEmbedding(), data, "val", "gender") == pytest.approx(10 / 12)
     got = pengi.probe_metrics(MeanEmbedding(), data, "val", "gender", 2000)
     assert got["probe_acc_gender"] == pytest.approx(10 / 12)
-    assert got["probe_majority_gender"] == pytest.approx(8 / 12)
+    assert got["probe_majority_gender"] == pytest.approx(2 / 12)
 
 
 def test_qa_probe_per_question_against_a_count():
     """qa_probe fits one classifier per question: a question whose answer the embedding separates
     is answered right, a question with one training answer gets it, and an answer or a question
     never seen in training counts as wrong. Counted by hand: of 25 val questions, 10 + 10 + 0
-    right; the most common answer per question: 6 + 10 + 1."""
+    right; the training clips' most common answer per question: 6 + 10 + 0 (a question never
+    asked in training has none)."""
     rng = np.random.default_rng(0)
 
     def split(counts, sounds, extra=0):
@@ -1029,12 +1035,12 @@ def test_qa_probe_per_question_against_a_count():
             mel.append(x)
         return {"clips": clips, "mel": np.concatenate(mel)}
 
-    data = {"train": split(["one", "two"] * 30, ["beep"] * 60),
+    data = {"train": split(["one", "two"] * 25 + ["one"] * 10, ["beep"] * 60),
             "val": split(["one"] * 6 + ["two"] * 4 + ["three"] * 2,
                          ["beep"] * 10 + ["siren"] * 2, extra=1),
             "max_frames": 4, "pad": "repeat"}
     acc, constant = pengi.qa_probe(MeanEmbedding(), data, "val")
-    assert acc == pytest.approx(20 / 25) and constant == pytest.approx(17 / 25)
+    assert acc == pytest.approx(20 / 25) and constant == pytest.approx(16 / 25)
     got = pengi.probe_metrics(MeanEmbedding(), data, "val", "qa", 2000)
     assert got == {"probe_acc_qa": acc, "probe_majority_qa": constant}
     # an embedding that holds nothing: each question gets one answer for every clip

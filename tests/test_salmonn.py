@@ -194,7 +194,11 @@ def test_head_counts_that_do_not_divide_the_width_named():
                      ({"window_queries": 0}, "window_queries=0: must be at least 1"),
                      ({"window_frames": -1}, "window_frames=-1: must be at least 1"),
                      ({"max_audio_frames": 0}, "max_audio_frames=0: must be at least 1"),
-                     ({"lora_rank": -1}, "lora_rank=-1: must be at least 0")):
+                     ({"lora_rank": -1}, "lora_rank=-1: must be at least 0"),
+                     ({"copy_rows": 1.5}, "copy_rows=1.5: must be between 0 and 1"),
+                     ({"reading_share": -0.1}, "reading_share=-0.1: must be between 0 and 1"),
+                     ({"ctc_weight": -1.0}, "ctc_weight=-1.0: must be at least 0"),
+                     ({"connect_ctc_weight": -0.5}, "connect_ctc_weight=-0.5: must be at least 0")):
         with pytest.raises(ValueError, match=said):
             SALMONN(tiny_config(**kw))
     with pytest.raises(ValueError, match="stage='instrct': must be one of"):
