@@ -121,6 +121,16 @@ def unknown_key(key, where, types, what):
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return SettingsError(f"{where}: unknown setting {key!r}: not {what}{hint}")
 
+def misspelt(keys, names):
+    """"--key (did you mean --name?)" for each of keys close to one of names, comma-joined; "" when
+    none is."""
+    hints = []
+    for key in keys:
+        close = difflib.get_close_matches(key, list(names), n=2)
+        if close:
+            hints.append(f"--{key} (did you mean {' or '.join('--' + c for c in close)}?)")
+    return ", ".join(hints)
+
 def resolve(entries, types, pass_unknown=False, what="a setting of this script"):
     """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are
     an error, or with pass_unknown are returned as {key: raw text} (a config file's value as its
@@ -225,12 +235,15 @@ def option_values(raw_opts, opt_defaults):
         out[key] = float(value) if isinstance(default, float) else value
     return out
 
-def model_options(raw_opts, opt_defaults, script, func):
+def model_options(raw_opts, opt_defaults, script, func, script_settings=()):
     """The --key=value options a script passes on to a model file's func (e.g. "pengi.sample"),
-    typed (option_values); a SettingsError for a key func does not take, listing those it does."""
+    typed (option_values); a SettingsError for a key func does not take, listing those it does and
+    the closest of them or of script_settings."""
     unknown = sorted(set(raw_opts) - set(opt_defaults))
     if unknown:
+        hint = misspelt(unknown, [*opt_defaults, *script_settings])
         raise SettingsError(f"unknown setting(s) {', '.join('--' + k for k in unknown)}: not a "
                             f"setting of {script} nor an option of {func} "
-                            f"({', '.join(sorted(opt_defaults))})")
+                            f"({', '.join(sorted(opt_defaults))})"
+                            + (f"; {hint}" if hint else ""))
     return option_values(raw_opts, opt_defaults)

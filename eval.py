@@ -60,7 +60,8 @@ def check_runs(paths, opts):
             fail(e)
         M = importlib.import_module(ck["model_name"])
         try:
-            configurator.model_options(opts, M.EVAL_OPTS, "eval.py", f"{M.__name__}.evaluate")
+            configurator.model_options(opts, M.EVAL_OPTS, "eval.py", f"{M.__name__}.evaluate",
+                                       script_settings=configurator.defaults(globals()))
         except ValueError as e:
             fail(f"{path}: {e}")
         if kinds and "kinds" not in ck["model_args"]:

@@ -143,6 +143,9 @@ if __name__ == "__main__":
     S, unknown, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
     raw_opts = unknown  # the model's sample() options, typed and checked once its file is known
+    if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
+        fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
+             f"both")
     device = configurator.resolve_device("sample.py", device)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     if dtype == "auto":  # as train.py
@@ -161,8 +164,9 @@ if __name__ == "__main__":
     if os.path.isdir(ckpt_path):  # an out_dir given as --ckpt, as eval.py takes it
         ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
+        typos = configurator.misspelt(raw_opts, S)  # e.g. --out_dri, the cause of this
         fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / "
-             f"--ckpt)")
+             f"--ckpt)" + (f"; not settings of sample.py: {typos}" if typos else ""))
     from train import load_checkpoint, load_weights
     try:
         checkpoint = load_checkpoint(ckpt_path)
@@ -177,6 +181,11 @@ if __name__ == "__main__":
     except ValueError as e:
         fail(f"{ckpt_path}: {e}")
     model.eval().to(device)
+    try:  # before any input is read
+        opts = configurator.model_options(raw_opts, M.SAMPLE_OPTS, "sample.py",
+                                          f"{M.__name__}.sample", script_settings=S)
+    except ValueError as e:  # an unknown option, or a value of the wrong type
+        fail(e)
     # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
     # models read the mel only
     codes_model = hasattr(config, "codec_id")
@@ -246,11 +255,6 @@ if __name__ == "__main__":
 
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
                                                                   dtype=ptdtype)
-    try:
-        opts = configurator.model_options(raw_opts, M.SAMPLE_OPTS, "sample.py",
-                                          f"{M.__name__}.sample")
-    except ValueError as e:  # an unknown option, or a value of the wrong type
-        fail(e)
     t0, load0 = time.time(), tools.load_seconds
     with ctx:  # (sample() itself runs without gradients)
         try:

@@ -99,6 +99,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     its settings."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head and head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+        raise ValueError(f"{path}: not a checkpoint (torch.save writes a zip archive; this file is "
+                         f"not one)")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:

@@ -114,7 +114,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     data = (good / "ckpt.pt").read_bytes()
     cases = {"truncated": data[:len(data) // 2], "corrupt": data[:2000] + bytes(5000) + data[7000:],
-             "empty": b""}
+             "empty": b"", "text": b"not a checkpoint at all\n"}
     for name, blob in cases.items():
         d = tmp_path / name
         d.mkdir()
@@ -126,8 +126,10 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
                         [sys.executable, "sample.py", f"--out_dir={d}"]]
         for cmd in scripts:
             p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+            said = ("torch.save writes a zip archive" if name == "text" else
+                    "truncated or corrupt")
             assert (p.returncode == 2 and str(d / "ckpt.pt") in p.stderr
-                    and "truncated or corrupt" in p.stderr), (cmd, p.stderr)
+                    and said in p.stderr), (cmd, p.stderr)
             assert "Traceback" not in p.stderr
         assert (d / "ckpt.pt").read_bytes() == blob                 # and nothing wrote over it
     other = tmp_path / "other"
@@ -243,6 +245,12 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, empty_val), "val_codes.bin, val_mel.bin"),
             ([sys.executable, "eval.py", str(good), f"--data_dir={cut_codes}"],
              "train_codes.bin ("),
+            ([sys.executable, "sample.py", f"--out_dri={good}"],
+             "--out_dri (did you mean --out_dir"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", "--clip=1",
+              f"--audio={tmp_path / 'in.wav'}"], "the input is a clip of the data or a file, not both"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", "--temprature=0.5"],
+             "--temprature (did you mean --temperature?)"),
             (train(new, synth_dir, "--n_embd=64", f"--init_from={good / 'ckpt.pt'}"),
              f"init_from={good / 'ckpt.pt'}: its weights do not fit this model"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
