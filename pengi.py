@@ -198,147 +198,6 @@ class GPT2(nn.Module):
         return self.ln_f(x), presents
 
 # -----------------------------------------------------------------------------
-# Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (the three
-# loaders are copies of salmonn.py's; set_llm_dims is pengi's)
-
-# Copied from salmonn.read_safetensors
-def read_safetensors(path):
-    """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra
-    dependency)."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-    def corrupt(why):
-        return ValueError(f"{path}: not a readable .safetensors file, it is truncated or corrupt "
-                          f"({why})")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:  # checked first: a garbage size would be read as gigabytes
-            raise corrupt(f"a header of {n} bytes in a file of {size}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:  # not JSON, or not UTF-8
-            raise corrupt(f"its header: {e}") from None
-        data = bytearray(f.read())
-    if not isinstance(header, dict):
-        raise corrupt("its header is not a JSON object")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, (a, b), shape = info["dtype"], info["data_offsets"], info["shape"]
-        except (KeyError, TypeError, ValueError) as e:  # an entry without its fields
-            raise corrupt(f"tensor {name}: {e!r}") from None
-        if dtype not in dtypes:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        dtype = dtypes[dtype]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= a <= b <= len(data) or b - a != math.prod(shape) * itemsize:
-            raise corrupt(f"tensor {name}: bytes {a}..{b} of {len(data)} for shape {shape}")
-        t = torch.frombuffer(data, dtype=dtype, offset=a,
-                             count=(b - a) // itemsize) if b > a else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(shape).clone()
-    return out
-
-# Copied from salmonn.load_torch_file
-def load_torch_file(path, field, mmap=False):
-    """torch.load of a file a setting names, or a ValueError that names both when it cannot be read
-    (empty, truncated or corrupt: torch's own error names neither)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"{field}={path}: cannot be read, it is empty, truncated or corrupt "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
-    if not isinstance(ck, dict):  # e.g. a bare tensor saved with torch.save
-        raise ValueError(f"{field}={path}: holds a {type(ck).__name__}, not a checkpoint's dict "
-                         f"of weights")
-    return ck
-
-# Copied from salmonn.load_llm_state
-def load_llm_state(path):
-    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
-    (model.safetensors or pytorch_model.bin, config.json beside it, keys possibly prefixed
-    "transformer.", Conv1D weights stored (in, out)), or (b) a train.py ckpt.pt that holds an LLM
-    (keys "llm.<name>": salmonn's stage "llm" and later, or pengi). Returns (state dict in our names
-    and nn.Linear layout, without LoRA and without lm_head, which is tied; sizes dict with n_layer,
-    n_head, n_embd, block_size, vocab_size)."""
-    if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt")
-                 if os.path.exists(os.path.join(path, n))]
-        if not names:
-            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, "
-                                    f"pytorch_model.bin or ckpt.pt")
-        file = os.path.join(path, names[0])
-    elif os.path.isfile(path):
-        file = path
-    else:
-        raise FileNotFoundError(f"llm_init={path}: no such file or directory")
-    # a train.py ckpt.pt (zip format) is mapped, not read: a caller may only want its sizes
-    raw = read_safetensors(file) if file.endswith(".safetensors") else \
-        load_torch_file(file, "llm_init", mmap=file.endswith(".pt"))
-    # (b) a train.py checkpoint
-    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
-        args = raw["model_args"]
-        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size",
-                               "vocab_size") if k not in args]
-        sd = {k.removeprefix("_orig_mod.")[4:]: v for k, v in raw["model"].items()
-              if k.removeprefix("_orig_mod.").startswith("llm.")}
-        sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
-        if missing or not sd:
-            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args "
-                             f"lacks {missing} or no 'llm.*' weights)")
-        if args.get("stage") not in (None, "llm"):
-            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's "
-                  f"base weights")
-        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"],
-                        n_embd=args["llm_n_embd"],
-                        block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
-    # (a) Hugging Face GPT-2
-    sd = {}
-    for k, v in raw.items():
-        k = k.removeprefix("transformer.")
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # causal-mask buffers; lm_head is tied to wte
-        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
-                             ".mlp.c_proj.weight"))
-        # Conv1D stores (in, out); nn.Linear wants (out, in)
-        sd[k] = v.t().contiguous() if conv1d else v
-    if "wte.weight" not in sd or "wpe.weight" not in sd:
-        raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
-    cfg_file = os.path.join(os.path.dirname(file), "config.json")
-    if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
-        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs "
-                                f"its config.json (n_head cannot be read from the weights)")
-    with open(cfg_file) as f:
-        hf = json.load(f)
-    n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"],
-                    n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
-                    block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
-                    vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
-
-def set_llm_dims(config):
-    """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before
-    the model is built). A checkpoint's config names none (init_pretrained clears it once loaded);
-    a missing file is skipped here, and init_pretrained, which training calls, says that it is
-    missing."""
-    if not config.llm_init or not os.path.exists(config.llm_init):
-        return
-    _, dims = load_llm_state(config.llm_init)
-    # the LM must read the tokenizer's ids: a larger vocab would be lost when a checkpoint reloads
-    # (load_data sets vocab_size from the tokenizer) and could sample ids no tokenizer decodes
-    if config.vocab_size and dims["vocab_size"] != config.vocab_size:
-        raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} != the "
-                         f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
-    config.vocab_size, config.llm_n_layer = dims["vocab_size"], dims["n_layer"]
-    config.llm_n_head = dims["n_head"]
-    config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
-
-# -----------------------------------------------------------------------------
 # Audio encoder: HTSAT-style, scaled down
 
 class WindowBlock(nn.Module):
@@ -840,6 +699,150 @@ class Pengi(nn.Module):
         lp = (lp * (tgt >= 0)).sum(-1)
         return lp + first[:, cand[:, 0]]
 
+Config = PengiConfig
+Model = Pengi
+
+# -----------------------------------------------------------------------------
+# Loading the LM: a Hugging Face GPT-2 (dir or file) or a train.py ckpt.pt with an LLM (the three
+# loaders are copies of salmonn.py's; set_llm_dims and init_pretrained are pengi's)
+
+# Copied from salmonn.read_safetensors
+def read_safetensors(path):
+    """A .safetensors file: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian tensor bytes. Read here directly (no extra
+    dependency)."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+    def corrupt(why):
+        return ValueError(f"{path}: not a readable .safetensors file, it is truncated or corrupt "
+                          f"({why})")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:  # checked first: a garbage size would be read as gigabytes
+            raise corrupt(f"a header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise corrupt(f"its header: {e}") from None
+        data = bytearray(f.read())
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, (a, b), shape = info["dtype"], info["data_offsets"], info["shape"]
+        except (KeyError, TypeError, ValueError) as e:  # an entry without its fields
+            raise corrupt(f"tensor {name}: {e!r}") from None
+        if dtype not in dtypes:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        dtype = dtypes[dtype]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= a <= b <= len(data) or b - a != math.prod(shape) * itemsize:
+            raise corrupt(f"tensor {name}: bytes {a}..{b} of {len(data)} for shape {shape}")
+        t = torch.frombuffer(data, dtype=dtype, offset=a,
+                             count=(b - a) // itemsize) if b > a else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(shape).clone()
+    return out
+
+# Copied from salmonn.load_torch_file
+def load_torch_file(path, field, mmap=False):
+    """torch.load of a file a setting names, or a ValueError that names both when it cannot be read
+    (empty, truncated or corrupt: torch's own error names neither)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{field}={path}: cannot be read, it is empty, truncated or corrupt "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(ck, dict):  # e.g. a bare tensor saved with torch.save
+        raise ValueError(f"{field}={path}: holds a {type(ck).__name__}, not a checkpoint's dict "
+                         f"of weights")
+    return ck
+
+# Copied from salmonn.load_llm_state
+def load_llm_state(path):
+    """A GPT-2-format LM from `path`: (a) a Hugging Face GPT-2 directory or weights file
+    (model.safetensors or pytorch_model.bin, config.json beside it, keys possibly prefixed
+    "transformer.", Conv1D weights stored (in, out)), or (b) a train.py ckpt.pt that holds an LLM
+    (keys "llm.<name>": salmonn's stage "llm" and later, or pengi). Returns (state dict in our names
+    and nn.Linear layout, without LoRA and without lm_head, which is tied; sizes dict with n_layer,
+    n_head, n_embd, block_size, vocab_size)."""
+    if os.path.isdir(path):
+        names = [n for n in ("model.safetensors", "pytorch_model.bin", "ckpt.pt")
+                 if os.path.exists(os.path.join(path, n))]
+        if not names:
+            raise FileNotFoundError(f"llm_init={path}: the directory holds no model.safetensors, "
+                                    f"pytorch_model.bin or ckpt.pt")
+        file = os.path.join(path, names[0])
+    elif os.path.isfile(path):
+        file = path
+    else:
+        raise FileNotFoundError(f"llm_init={path}: no such file or directory")
+    # a train.py ckpt.pt (zip format) is mapped, not read: a caller may only want its sizes
+    raw = read_safetensors(file) if file.endswith(".safetensors") else \
+        load_torch_file(file, "llm_init", mmap=file.endswith(".pt"))
+    # (b) a train.py checkpoint
+    if isinstance(raw, dict) and "model" in raw and "model_args" in raw:
+        args = raw["model_args"]
+        missing = [k for k in ("llm_n_layer", "llm_n_head", "llm_n_embd", "llm_block_size",
+                               "vocab_size") if k not in args]
+        sd = {k.removeprefix("_orig_mod.")[4:]: v for k, v in raw["model"].items()
+              if k.removeprefix("_orig_mod.").startswith("llm.")}
+        sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
+        if missing or not sd:
+            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args "
+                             f"lacks {missing} or no 'llm.*' weights)")
+        if args.get("stage") not in (None, "llm"):
+            print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's "
+                  f"base weights")
+        return sd, dict(n_layer=args["llm_n_layer"], n_head=args["llm_n_head"],
+                        n_embd=args["llm_n_embd"],
+                        block_size=args["llm_block_size"], vocab_size=args["vocab_size"])
+    # (a) Hugging Face GPT-2
+    sd = {}
+    for k, v in raw.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers; lm_head is tied to wte
+        conv1d = k.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                             ".mlp.c_proj.weight"))
+        # Conv1D stores (in, out); nn.Linear wants (out, in)
+        sd[k] = v.t().contiguous() if conv1d else v
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise ValueError(f"llm_init={file}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
+    cfg_file = os.path.join(os.path.dirname(file), "config.json")
+    if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
+        raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs "
+                                f"its config.json (n_head cannot be read from the weights)")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"],
+                    n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
+                    block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
+                    vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
+
+def set_llm_dims(config):
+    """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before
+    the model is built). A checkpoint's config names none (init_pretrained clears it once loaded);
+    a missing file is skipped here, and init_pretrained, which training calls, says that it is
+    missing."""
+    if not config.llm_init or not os.path.exists(config.llm_init):
+        return
+    _, dims = load_llm_state(config.llm_init)
+    # the LM must read the tokenizer's ids: a larger vocab would be lost when a checkpoint reloads
+    # (load_data sets vocab_size from the tokenizer) and could sample ids no tokenizer decodes
+    if config.vocab_size and dims["vocab_size"] != config.vocab_size:
+        raise ValueError(f"llm_init={config.llm_init}: vocab_size {dims['vocab_size']} != the "
+                         f"{config.vocab_size} of tokenizer={config.tokenizer!r}")
+    config.vocab_size, config.llm_n_layer = dims["vocab_size"], dims["n_layer"]
+    config.llm_n_head = dims["n_head"]
+    config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
+
 def init_pretrained(model, tok=None):
     """Loads the LM named by config.llm_init into a freshly built model (train.py calls this), then
     clears the field: the model holds the LM, so a checkpoint's config names no file that load_data
@@ -866,9 +869,6 @@ def init_pretrained(model, tok=None):
     model.init_from_lm()
     print(f"llm_init: loaded {config.llm_init} ({dims['n_layer']} layers, {dims['n_embd']} wide)")
     config.llm_init = ""
-
-Config = PengiConfig
-Model = Pengi
 
 # -----------------------------------------------------------------------------
 # Data: tasks from the prepared clips through the paper's templates (and ours for chords)
