@@ -375,9 +375,9 @@ class Mapper(nn.Module):
     learned constants, through a few bidirectional layers (ours: GPT-2 blocks); the outputs at the
     constants' positions are the prefix. Ours: each output goes through a LayerNorm and a learnable
     scale that starts at the RMS of the LM's token embeddings (Pengi.reset_prefix_scale), so the
-    prefix reaches the frozen LM at the size of a word. Without it the outputs are ~20x (at init) to ~100x (trained)
-    larger than token embeddings, the frozen blocks add too little to them to matter, and the first
-    answer token cannot depend on the audio (measured)."""
+    prefix reaches the frozen LM at the size of a word. Without it the outputs are ~20x (at init)
+    to ~100x (trained) larger than token embeddings, the frozen blocks add too little to them to
+    matter, and the first answer token cannot depend on the audio (measured)."""
 
     def __init__(self, config):
         super().__init__()
