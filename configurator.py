@@ -25,8 +25,10 @@ class SettingsError(ValueError):
     pass
 
 def defaults(namespace):
-    """The settings of a script: its module-level globals of a plain type, not starting with _."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in TYPES}
+    """The settings of a script: its module-level globals of a plain type, not starting with _ and
+    not in capitals (constants, such as an imported SAMPLE_RATE)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper() and type(v) in TYPES}
 
 def read_config_file(path):
     """{key: value} of the plain-typed assignments in a config file."""
@@ -67,17 +69,25 @@ def gather(argv, config_files=False, positional=False):
         elif positional:
             rest.append(arg)
         else:
-            raise SettingsError(f"{arg}: expected --key=value")
+            raise SettingsError(f"{arg}: expected --key=value (--help lists the settings)")
     return entries, rest
 
 def print_help():
-    """The running script's docstring and where its settings are, then exit."""
+    """The running script's docstring and its settings block (the lines between its first two
+    "# ---" rulers: each setting with its default and a comment), then exit."""
     main = sys.modules["__main__"]
-    name = os.path.basename(getattr(main, "__file__", "") or "the script")
+    path = getattr(main, "__file__", "") or ""
+    name = os.path.basename(path) or "the script"
     print((main.__doc__ or "").strip())
-    print(f"\nSettings are --key=value; each one, with its default and a comment, is in the block at "
-          f"the top of {name}" + (" (and the fields of the model file's Config)"
-                                   if name == "train.py" else "") + ".")
+    print(f"\nSettings, as --key=value" + (" (also the fields of the model file's Config)"
+                                          if name == "train.py" else "") + ":\n")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        rulers = [i for i, line in enumerate(lines) if line.startswith("# ---")][:2]
+        print("\n".join(lines[rulers[0] + 1:rulers[1]]))
+    except (OSError, IndexError):
+        print(f"(in the block at the top of {name})")
     sys.exit(0)
 
 def literal(raw):

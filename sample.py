@@ -160,6 +160,9 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
 
     # the model, rebuilt from the checkpoint with the model file named in it
+    if os.path.isfile(out_dir):
+        fail(f"--out_dir={out_dir}: a file; --out_dir names a run's folder "
+             f"(--out_dir={os.path.dirname(out_dir) or '.'}), --ckpt a checkpoint file")
     ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
     if os.path.isdir(ckpt_path):  # an out_dir given as --ckpt, as eval.py takes it
         ckpt_path = os.path.join(ckpt_path, "ckpt.pt")

@@ -245,6 +245,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, empty_val), "val_codes.bin, val_mel.bin"),
             ([sys.executable, "eval.py", str(good), f"--data_dir={cut_codes}"],
              "train_codes.bin ("),
+            ([sys.executable, "sample.py", f"--out_dir={good / 'ckpt.pt'}"],
+             f"--out_dir={good / 'ckpt.pt'}: a file; --out_dir names a run's folder"),
             ([sys.executable, "sample.py", f"--out_dri={good}"],
              "--out_dri (did you mean --out_dir"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--clip=1",

@@ -197,7 +197,8 @@ def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tm
     with pytest.raises(K.SettingsError, match="--candidates: expected --key=value"):
         K.option_values({"candidates": None}, {"candidates": ""})
     assert K.defaults({"a": 1, "b": 2.0, "c": True, "d": "x", "_e": 1, "f": np.float64(1.0),
-                       "g": [1]}) == {"a": 1, "b": 2.0, "c": True, "d": "x"}
+                       "g": [1], "SAMPLE_RATE": 24000, "n_Q": 2}) == \
+        {"a": 1, "b": 2.0, "c": True, "d": "x", "n_Q": 2}  # constants (capitals) are not settings
     cfg = tmp_path / "c.py"
     cfg.write_text("import math\n_scale = 2\nn_layer = 3 * _scale\n")
     assert K.read_config_file(str(cfg)) == {"n_layer": 6}
@@ -814,11 +815,19 @@ def test_read_clip_names_a_missing_or_cut_array(synth_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert str(tmp_path / "val_mel.bin") in err and said in err, err
 
-def test_help_prints_the_scripts_usage_and_trains_nothing(tmp_path):
+def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path):
+    """--help prints the docstring, then every setting of the script with its default (its block
+    of settings), and does nothing else."""
+    import importlib
+    import configurator
     for script, first in (("train.py", "Training script"), ("sample.py", "Sample from"),
                           ("eval.py", "Compare trained checkpoints")):
         p = run(["--help", f"--out_dir={tmp_path}"], cmd=[sys.executable, script])
-        assert p.stdout.startswith(first) and f"the top of {script}" in p.stdout, p.stdout
+        assert p.stdout.startswith(first), p.stdout
+        module = importlib.import_module(script[:-3])
+        settings = getattr(module, "TRAIN_KEYS", None) or configurator.defaults(vars(module))
+        shown = {line.split("=")[0].strip() for line in p.stdout.splitlines() if " = " in line}
+        assert settings and set(settings) <= shown, set(settings) - shown
         assert not list(tmp_path.iterdir())
     p = run(["config/whisper_gpt_quick.py", "-h"])
     assert "Config" in p.stdout and p.stderr == "", p.stderr
