@@ -252,8 +252,9 @@ def model_options(raw_opts, opt_defaults, script, func, script_settings=()):
     unknown = sorted(set(raw_opts) - set(opt_defaults))
     if unknown:
         hint = misspelt(unknown, [*opt_defaults, *script_settings])
+        # an option of func's that the script has as its own setting is not reached from here
+        reached = sorted(k for k in opt_defaults if k not in script_settings)
         raise SettingsError(f"unknown setting(s) {', '.join('--' + k for k in unknown)}: not a "
                             f"setting of {script} nor an option of {func} "
-                            f"({', '.join(sorted(opt_defaults))})"
-                            + (f"; {hint}" if hint else ""))
+                            f"({', '.join(reached)})" + (f"; {hint}" if hint else ""))
     return option_values(raw_opts, opt_defaults)

@@ -113,6 +113,22 @@ def settings_error(capsys, argv):
     assert e.value.code == 2
     return capsys.readouterr().err
 
+def test_unknown_model_options_named_with_the_closest_settings():
+    """An option the model file's function does not take is named, with the options the script
+    can pass it (not one the script has as its own setting, as sample.py has seed) and the
+    closest of those and of the script's settings."""
+    import configurator
+    opts, script = {"temperature": 1.0, "seed": -1, "top_k": 50}, {"seed": 1337, "out_dir": "out"}
+    with pytest.raises(ValueError) as e:
+        configurator.model_options({"temprature": "1", "out_dri": "x"}, opts, "sample.py",
+                                   "whisper_gpt.sample", script_settings=script)
+    msg = str(e.value)
+    assert "unknown setting(s) --out_dri, --temprature" in msg, msg
+    assert "(temperature, top_k)" in msg, msg
+    assert "--out_dri (did you mean --out_dir?)" in msg and \
+        "--temprature (did you mean --temperature?)" in msg, msg
+    assert configurator.misspelt(["zzz"], script) == ""
+
 def test_model_options_typed_by_their_defaults():
     """sample.py's and eval.py's options of a model file, typed by SAMPLE_OPTS / EVAL_OPTS: text
     stays text (a label "7" is not the number 7), numbers are checked, a None default takes a
