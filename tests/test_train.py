@@ -374,7 +374,7 @@ def test_saves_follow_always_save_and_the_best_val_loss_survives_a_resume(synth_
 def test_half_precision_dtypes_run_under_autocast(synth_dir, tmp_path):
     """dtype=bfloat16 and float16 run the model under torch.autocast (on the CPU too): the untrained
     model's val loss at iteration 0 (the same weights and eval batches in each run) differs from
-    float32's, by less than 1 %."""
+    float32's, by less than 0.2 % (measured: ~1e-5 nats of ~6.9)."""
     val = {}
     for dtype in ("float32", "bfloat16", "float16"):
         out = str(tmp_path / dtype)
@@ -383,11 +383,12 @@ def test_half_precision_dtypes_run_under_autocast(synth_dir, tmp_path):
         val[dtype] = losses(out)[1][0]
     for dtype in ("bfloat16", "float16"):
         assert val[dtype] != val["float32"], (dtype, val)
-        assert abs(val[dtype] - val["float32"]) < 0.01 * val["float32"], (dtype, val)
+        assert abs(val[dtype] - val["float32"]) < 0.002 * val["float32"], (dtype, val)
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype):
-    """The autocast paths a GPU uses, run on the CPU: the loss falls as in float32, float16's
+    """The autocast paths a GPU uses, run on the CPU: the loss falls as in float32 (within 0.02
+    nats of it at iteration 8, measured ~0.001, and still falling after the resume at 4), float16's
     GradScaler state is saved and restored on resume, and the weights stay float32."""
     import torch
     out = str(tmp_path)
@@ -403,8 +404,8 @@ def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype
     run(common + ["--max_iters=8", "--init_from=resume"])
     _, val = losses(out)
     _, val32 = losses(full_run)  # the same run in float32
-    assert val[8] < val[0] - 0.3, val
-    assert abs(val[8] - val32[8]) < 0.05 * val32[8], (val, val32)
+    assert val[8] < val[0] - 0.3 and val[8] < val[4] - 0.15, val  # it learnt after the resume too
+    assert abs(val[8] - val32[8]) < 0.02, (val, val32)
     if dtype == "float16":  # four more unskipped steps on the restored tracker
         ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
         assert ck["scaler"]["_growth_tracker"] == 8

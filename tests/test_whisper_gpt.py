@@ -965,6 +965,14 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         assert (ck["iter_num"] == 3 and ck["model_args"]["kinds"] == kind
                 and ck["model_args"]["use_mel"] == name.startswith("hybrid"))
         assert math.isclose(r["ppl"], math.exp(r["nll"]), rel_tol=1e-9)
+    # two runs scored again here, independently of the script: their own checkpoint, their kind
+    for name in ("s-speech-s2", "hybrid-events-s1"):
+        ck = torch.load(tmp_path / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=True)
+        config = W.Config(**ck["model_args"])
+        model = W.Model(config)
+        model.load_state_dict(ck["model"])
+        got = W.evaluate(model, W.load_data(synth_dir, config), None, "val")
+        assert math.isclose(got["nll"], results[name]["nll"], rel_tol=1e-6), (name, got, results)
     text = out.read_text()
     for kind in ("speech", "events"):
         for model in ("GPT-S", "Hybrid"):
