@@ -73,8 +73,7 @@ def _resample_kernels(up, down, zeros=24, beta=8.0):
     """Polyphase windowed-sinc filters: one row per output phase p = (n * down) % up."""
     key = (up, down, zeros, beta)
     if key not in _kernels:
-        # of the input Nyquist; a little margin for the transition band
-        cutoff = 0.97 * min(1.0, up / down)
+        cutoff = 0.97 * min(1.0, up / down)  # of the input Nyquist; 3% for the transition band
         half = int(math.ceil(zeros / cutoff))        # taps each side, in input samples
         taps = np.arange(-half, half + 2)            # input offsets relative to floor(t)
         # fractional position of the output between input samples
@@ -362,8 +361,12 @@ def load_codec(data_dir):
     """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
     saved there). The pretrained weights are read where prepare.py found them, else from the
     torch hub cache (the data may have moved to another machine)."""
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    c = meta["codec"]
+    meta_path = Path(data_dir) / "meta.json"
+    try:
+        c = json.loads(meta_path.read_text())["codec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{meta_path}: missing, or without the codec's record prepare.py "
+                         f"writes") from None
     if c is None:
         raise ValueError(f"{data_dir} holds no codes: it was prepared with --no_codes, so there is "
                          f"no codec to load")

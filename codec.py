@@ -312,7 +312,7 @@ def fit_codebooks(model, emb, iters=12, seed=0, quiet=False):
     residual."""
     gen = torch.Generator().manual_seed(seed)
     residual = emb.float().clone()
-    # seconds per codebook on a big sample: a bar, so the wait has a rate and an ETA
+    # each codebook takes seconds on a big sample: a bar shows the rate and the ETA
     for layer in tqdm(model.quantizer.vq.layers[:N_Q], unit="codebook", desc="fit codebooks",
                       disable=quiet):
         cb = layer._codebook

@@ -63,11 +63,16 @@ class InputProblems:
     def __init__(self, strict):
         self.strict, self.muted, self.counts = strict, False, Counter()
 
-    def __call__(self, what, problem):
+    def __call__(self, what, problem, kept=False):
+        """kept: the input is used all the same (a part of it is not): a warning, not counted as
+        a skipped input."""
         if self.muted:
             return
         if self.strict:
             sys.exit(f"error: {what}: {problem} (--strict)")
+        if kept:
+            tqdm.write(f"warning: {what}: {problem}")
+            return
         self.counts[problem.split(" (")[0].split(":")[0]] += 1
         tqdm.write(f"skipping {what}: {problem}")
 
@@ -141,7 +146,8 @@ def read_manifest(src, report):
         qa = row.get("qa") or []
         if not isinstance(qa, list):
             report(f"{src}/{where}", "'qa' is not a list of question-answer objects "
-                                     "({\"q\": ..., \"a\": ...}); the row's 'qa' ignored")
+                                     "({\"q\": ..., \"a\": ...}); the row's 'qa' ignored",
+                   kept=True)
             qa = []
         for q in qa:
             if isinstance(q, dict) and q.get("q") and q.get("a"):
@@ -165,7 +171,7 @@ def folder_items(src, report):
         if f.name in ("manifest.csv", "manifest.jsonl") and f.parent == src:
             continue
         if f.suffix.lower() not in AUDIO_EXTS:
-            report(str(f), f"not an audio file (extension '{f.suffix or 'none'}'), skipped")
+            report(str(f), f"not an audio file (extension '{f.suffix or 'none'}')")
             continue
         r = (manifest or {}).get(f.resolve(), {"qa": []})
         label = r.get("label") or (f.parent.name if f.parent != src else "sound")
@@ -249,9 +255,9 @@ def check_args(args):
                      f"dataset's name)")
     if synth and args.clips < 1:
         sys.exit(f"error: --clips={args.clips}: must be at least 1")
-    if synth and not args.max_seconds >= 1:
-        sys.exit(f"error: --max_seconds={args.max_seconds:g}: must be at least 1 (the corpus's "
-                 f"shortest sounds last a second)")
+    if synth and not 1 <= args.max_seconds < math.inf:
+        sys.exit(f"error: --max_seconds={args.max_seconds:g}: must be finite and at least 1 (the "
+                 f"corpus's shortest sounds last a second)")
     if not 0 <= args.val_percent <= 100:
         sys.exit(f"error: --val_percent={args.val_percent:g}: must be 0 to 100")
     for k, least in (("codec_steps", 0), ("codec_tune_steps", 0), ("codec_clips", 1),
@@ -283,6 +289,9 @@ def check_args(args):
                       if getattr(args, k)]
         if codec_args:
             sys.exit(f"error: --no_codes stores no codes: {', '.join(codec_args)} would make them")
+    if args.offline_codec and args.codec_dir:
+        sys.exit(f"error: --offline_codec fits a codec of its own: --codec_dir={args.codec_dir} "
+                 f"(the pretrained one) would not be read; give one or the other")
     if args.codec_from:
         fitting = [f"--{k}" for k in ("offline_codec", "codec_dir", "codec_steps",
                                        "codec_tune_steps") if getattr(args, k)]
@@ -982,8 +991,10 @@ def main(argv=None):
             sys.exit(f"error: no usable clips (skipped {sum(report.counts.values())} inputs); "
                      "nothing written")
     except BaseException:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left behind
-        if [p.name for p in work.iterdir()] == ["args_hash"]:  # nothing to resume from
-            (work / "args_hash").unlink()
+        # nothing to resume from: the arguments' hash and the copy of --codec_from's codec alone
+        if {p.name for p in work.iterdir()} <= {"args_hash", "codec_from.pt"}:
+            for p in work.iterdir():
+                p.unlink()
         remove_empty([work, *made])
         raise
     stage = Staging(out)                              # from here on every output is staged

@@ -119,6 +119,9 @@ def test_data_of_the_pretrained_codec_with_its_weights_cut(tmp_path, hub):
         {"codec": {"pretrained": True, "weights": str(d / A.CODEC_FILE)}}))
     with pytest.raises(ValueError, match=f"{d / A.CODEC_FILE}: unusable .*delete it"):
         A.load_codec(data)
+    (data / "meta.json").write_text(json.dumps({"n_mels": 64}))  # no codec record at all
+    with pytest.raises(ValueError, match="without the codec's record prepare.py writes"):
+        A.load_codec(data)
 
 
 def test_loading_the_offline_codec_leaves_the_random_stream(synth_dir):

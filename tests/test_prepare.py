@@ -868,25 +868,31 @@ def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys):
     assert f"{bad / 'silent.wav'}: all silent" in str(e.value), str(e.value)
 
 
-def test_a_run_that_writes_nothing_leaves_no_folder_behind(tmp_path):
+def test_a_run_that_writes_nothing_leaves_no_folder_behind(tmp_path, synth_dir):
     """A run that stops before any output (no pretrained weights in --codec_dir, a --src with no
-    audio, only bad audio, a --strict stop while reading) makes no output folder, nor its parents;
-    a folder that was there already stays, without a work directory in it."""
+    audio, only bad audio, with or without --codec_from's codec copied in, a --strict stop while
+    reading) makes no output folder, nor its parents; a folder that was there already stays,
+    without a work directory in it."""
     empty, bad, kept = tmp_path / "empty", tmp_path / "bad", tmp_path / "kept"
     for d in (empty, bad, kept):
         d.mkdir()
     sf.write(bad / "silent.wav", np.zeros(SR // 2, np.float32), SR)
     out = tmp_path / "new" / "out"
-    for args in ([f"--codec_dir={tmp_path / 'nonexistent'}", "--clips=2"],
-                 ["--dataset=folder", f"--src={empty}"],
-                 ["--dataset=folder", f"--src={bad}"],
-                 ["--dataset=folder", f"--src={bad}", "--strict"]):
-        with pytest.raises(SystemExit):
-            P.main(args + [f"--out_dir={out}"] + FAST)
+    # --codec_from takes its codec as it is: no fitting settings beside it
+    from_synth = [f"--codec_from={synth_dir}"] + [a for a in FAST if not a.startswith("--codec")]
+    for args in ([f"--codec_dir={tmp_path / 'nonexistent'}", "--clips=2"] + FAST,
+                 ["--dataset=folder", f"--src={empty}"] + FAST,
+                 ["--dataset=folder", f"--src={bad}"] + FAST,
+                 ["--dataset=folder", f"--src={bad}"] + from_synth,
+                 ["--dataset=folder", f"--src={bad}", "--strict"] + FAST):
+        with pytest.raises(SystemExit) as e:
+            P.main(args + [f"--out_dir={out}"])
+        assert "must be" not in str(e.value) and "would make" not in str(e.value), e.value
         assert not (tmp_path / "new").exists(), args
-    with pytest.raises(SystemExit, match="no usable clips"):
-        P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={kept}"] + FAST)
-    assert kept.is_dir() and not list(kept.iterdir())
+    for extra in (FAST, from_synth):
+        with pytest.raises(SystemExit, match="no usable clips"):
+            P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={kept}"] + extra)
+        assert kept.is_dir() and not list(kept.iterdir()), extra
 
 
 def test_the_offline_codec_says_what_it_is_doing_unless_quiet(tmp_path, capsys,
@@ -913,8 +919,12 @@ def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(
         '["a.wav"]\n{"file": 7}\n{"file": "a.wav", "qa": 5, "caption": "kept"}\n{bad json\n')
     problems = []
-    rows = P.read_manifest(tmp_path, lambda where, why: problems.append((where, why)))
+    rows = P.read_manifest(tmp_path, lambda where, why, kept=False: problems.append((where, why,
+                                                                                     kept)))
     assert [r["caption"] for r in rows.values()] == ["kept"]
+    # the row with a bad 'qa' is kept: a warning, not a skipped input
+    assert [kept for _, _, kept in problems] == [False, False, False, True]
+    problems = [(where, why) for where, why, _ in problems]
     whys = [why for _, why in problems]
     assert [w.split(" (")[0] for w in whys] == [
         "bad JSON line", "manifest row is not an object", "manifest row has no 'file' field",
@@ -1067,6 +1077,14 @@ def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
                 f"--codec_from={tmp_path / 'empty'}"] + extra)
     assert says in str(e.value) and "--codec_from=" in str(e.value)
 
+def test_offline_codec_with_codec_dir_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        P.main(["--clips=4", "--quiet", "--offline_codec", f"--codec_dir={tmp_path}",
+                f"--out_dir={tmp_path / 'out'}"])
+    assert str(e.value).startswith(f"error: --offline_codec fits a codec of its own: "
+                                   f"--codec_dir={tmp_path}")
+    assert not (tmp_path / "out").exists()
+
 def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
     """--codec_steps / --codec_tune_steps: the clips the codec learns from are the first
     --codec_clips of the train split (is_val decides, as for the splits), never val clips."""
@@ -1083,7 +1101,8 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250",
                                  "--kmeans_frames=0", "--kmeans_iters=0", "--codec_steps=-3",
                                  "--codec_tune_steps=-1", "--codec_clips=0",
-                                 "--batch_seconds=0", "--batch_seconds=inf", "--seed=-1"])
+                                 "--batch_seconds=0", "--batch_seconds=inf", "--seed=-1",
+                                 "--max_seconds=inf"])
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
