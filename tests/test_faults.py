@@ -300,28 +300,36 @@ PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "-
            "--codec_tune_steps=2", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2",
            "--quiet"]
 
-def test_prepare_killed_at_five_random_moments_then_rerun_writes_the_same_bytes(tmp_path):
-    """prepare.py killed with SIGKILL at 5 random moments of its run (corpus, codec training,
-    encoding, k-means, writing), then run again to the end: every output file is byte-identical to
-    an uninterrupted run's."""
+def killed_at(cmd, marker, timeout=300):
+    """Runs cmd until its output (stdout and stderr, progress bars included) shows marker, then
+    kills it with SIGKILL. Returns whether the kill landed (False: it finished first)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    seen, t0 = b"", time.time()
+    while marker.encode() not in seen and time.time() - t0 < timeout:
+        chunk = proc.stdout.read1(4096)
+        if not chunk:  # the run ended
+            break
+        seen += chunk
+    landed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    return landed and marker.encode() in seen
+
+def test_prepare_killed_in_each_phase_then_rerun_writes_the_same_bytes(tmp_path):
+    """prepare.py killed with SIGKILL as each phase starts (codec training, encoding, k-means, the
+    tokenizer and the writing after it), each run resuming the one before, then run again to the
+    end: every output file is byte-identical to an uninterrupted run's."""
     out = tmp_path / "data"
     cmd = [sys.executable, "prepare.py", *PREPARE, f"--out_dir={out}"]
-    t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
-    wall = time.time() - t0
     ref = tmp_path / "ref"
     shutil.move(out, ref)
-    rng = np.random.default_rng(1)
-    landed = 0  # kills of a run still going (a resumed run may finish before its moment)
-    for moment in sorted(rng.uniform(0.15, 0.95, size=5)):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(moment * wall)
-        landed += proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert landed >= 1
+    loud = [a for a in cmd if a != "--quiet"]  # the progress lines mark the phases
+    for marker in ("train codec:", "encode:", "fit codebooks:", "tokenizer:"):
+        assert killed_at(loud, marker), marker
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     names = sorted(f.name for f in ref.iterdir())
