@@ -40,6 +40,7 @@ part = "all"            # all | train | generate
 iters = 3               # timed training iterations (after one warm-up)
 batch_size = 8          # training windows per iteration (the paper-sized configs use 64 on a GPU)
 new_tokens = 750
+repeats = 3             # each way of generating timed this many times: the median is reported
 data_dir = "data/synth"  # the codec and a prompt for generation
 device = "cpu"         # cpu | cuda | auto
 out = ""                # also write the markdown here
@@ -206,31 +207,39 @@ def generate_table():
         if device.startswith("cuda"):  # the steps replayed from one CUDA graph
             ways += ("KV cache, CUDA graph",)
         for way in ways:
-            mel_seconds[0] = 0.0
-            mel_tools = dense_tools if way.endswith("dense codec") else tools
-            mel_fn = timed(W.incremental_mel(mel_tools, config.mel_lag)) if config.use_mel else None
-            g = torch.Generator(device=device).manual_seed(0)
-            sync()
-            t0 = time.perf_counter()
-            with autocast():
-                if way.startswith("KV cache"):
-                    out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g,
-                                         cuda_graph=way.endswith("CUDA graph"))
-                else:
-                    out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
-            sync()
-            dt = time.perf_counter() - t0
-            assert out.shape[1] == codes.shape[1] + new_tokens
+            runs = []  # (seconds, of which the per-step mel), one per repeat
+            for _ in range(repeats):
+                mel_seconds[0] = 0.0
+                mel_tools = dense_tools if way.endswith("dense codec") else tools
+                mel_fn = (timed(W.incremental_mel(mel_tools, config.mel_lag)) if config.use_mel
+                          else None)
+                g = torch.Generator(device=device).manual_seed(0)
+                sync()
+                t0 = time.perf_counter()
+                with autocast():
+                    if way.startswith("KV cache"):
+                        out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g,
+                                             cuda_graph=way.endswith("CUDA graph"))
+                    else:
+                        out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
+                sync()
+                runs.append((time.perf_counter() - t0, mel_seconds[0]))
+                assert out.shape[1] == codes.shape[1] + new_tokens
+            runs.sort()
+            dt, mel_s = runs[len(runs) // 2]  # the median run
             times[(name, way)] = dt
             mel_share = "-"
             if config.use_mel:
-                mel_share = f"{mel_seconds[0]:.1f} s ({100 * mel_seconds[0] / dt:.0f}%)"
-            rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.1f} | {mel_share} |")
+                mel_share = f"{mel_s:.1f} s ({100 * mel_s / dt:.0f}%)"
+            spread = f"{runs[0][0]:.2f}-{runs[-1][0]:.2f}" if repeats > 1 else f"{dt:.2f}"
+            rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.2f} | {spread} | "
+                        f"{mel_share} |")
             print(rows[-1], flush=True)
     lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s "
-             f"prompt, block_size {model_config('s').block_size}, top-k 50)", "",
-             "| model | how | tokens/s | seconds | of which the per-step mel |",
-             "|---|---|---|---|---|", *rows, ""]
+             f"prompt, block_size {model_config('s').block_size}, top-k 50; the median of "
+             f"{repeats} timed runs each)", "",
+             "| model | how | tokens/s | seconds | min-max | of which the per-step mel |",
+             "|---|---|---|---|---|---|", *rows, ""]
     for name, label in MODELS[:2]:
         lines.append(f"- {label}: KV cache at "
                      f"{times[(name, 'recompute')] / times[(name, 'KV cache')]:.1f}x "
@@ -256,7 +265,7 @@ if __name__ == "__main__":
     device = configurator.resolve_device("bench_whisper_gpt.py", device)
     if part not in ("all", "train", "generate"):
         fail(f"--part={part}: expected all, train or generate")
-    for key in ("iters", "batch_size", "new_tokens"):
+    for key in ("iters", "batch_size", "new_tokens", "repeats"):
         if globals()[key] < 1:
             fail(f"--{key}={globals()[key]}: must be at least 1")
     if child:

@@ -1224,3 +1224,28 @@ def test_the_hybrid_learns_from_its_mels_what_the_tokens_alone_do_not(synth_dir,
         data = W.load_data(synth_dir, model.config)
         nll[name] = W.evaluate(model, data, None, "val")["nll"]
     assert nll["hybrid"] < nll["tokens"] - 0.1, nll
+
+@pytest.mark.parametrize("use_mel", [False, True])
+def test_bench_recomputation_draws_what_the_kv_cache_draws(use_mel):
+    """bench_whisper_gpt.py's recomputation does the KV cache's work, no less: from one seed both
+    draw the same tokens (top-k 50), across two window restarts, and the hybrid asks for each mel
+    frame once, in order, from the same tokens."""
+    import bench_whisper_gpt as B
+    torch.manual_seed(0)
+    model = tiny(use_mel=use_mel, block_size=16, vocab_size=64)
+    codes = torch.randint(0, 64, (1, 10))
+    mels = torch.randn(1, 10 - model.config.mel_lag, model.config.n_mels) if use_mel else None
+
+    def mel_fn(asked):  # a frame made from the tokens so far, and a record of what was asked
+        def fn(seq, j):
+            asked.append((j, seq[0, :j + model.config.mel_lag + 1].tolist()))
+            return torch.sin(seq[:, j:j + 1].float() * torch.arange(model.config.n_mels))
+        return fn
+    asked_kv, asked_re = [], []
+    kv = model.generate(codes, mels, 40, 1.0, 50, mel_fn(asked_kv) if use_mel else None,
+                        torch.Generator().manual_seed(3))
+    re = B.generate_recompute(model, codes, mels, 40, mel_fn(asked_re) if use_mel else None,
+                              torch.Generator().manual_seed(3))
+    assert torch.equal(kv, re), (kv, re)
+    assert asked_kv == asked_re and ([j for j, _ in asked_kv] == list(range(9, 9 + 39))
+                                     if use_mel else not asked_kv)
