@@ -357,10 +357,9 @@ def read_offline_codec(data_dir, record):
         raise ValueError(f"{path}: the offline codec's codebooks were never fitted")
     return ckpt
 
-def load_codec(data_dir):
-    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
-    saved there). The pretrained weights are read where prepare.py found them, else from the
-    torch hub cache (the data may have moved to another machine)."""
+def codec_record(data_dir):
+    """meta.json's record of the codec that made data_dir's codes, or a ValueError naming what is
+    wrong: no meta.json, no record, or data without codes (prepare.py --no_codes)."""
     meta_path = Path(data_dir) / "meta.json"
     try:
         c = json.loads(meta_path.read_text())["codec"]
@@ -368,8 +367,15 @@ def load_codec(data_dir):
         raise ValueError(f"{meta_path}: missing, or without the codec's record prepare.py "
                          f"writes") from None
     if c is None:
-        raise ValueError(f"{data_dir} holds no codes: it was prepared with --no_codes, so there is "
-                         f"no codec to load")
+        raise ValueError(f"{data_dir} holds no codes: it was prepared with --no_codes (the mel "
+                         f"and the text only, for SALMONN and Pengi), so there is no codec")
+    return c
+
+def load_codec(data_dir):
+    """The EnCodec model the data in data_dir was made with (pretrained, or the offline fitted one
+    saved there). The pretrained weights are read where prepare.py found them, else from the
+    torch hub cache (the data may have moved to another machine)."""
+    c = codec_record(data_dir)
     if c["pretrained"]:
         weights_dir = Path(c["weights"]).parent
         if not (weights_dir / CODEC_FILE).is_file():
@@ -410,15 +416,7 @@ def codec_id(data_dir):
     token ids stand for the same sounds: the pretrained EnCodec is one codec everywhere; an offline
     one is fitted to its corpus, so it is named by a hash of its weights (prepare.py --codec_from
     copies them)."""
-    meta_path = Path(data_dir) / "meta.json"
-    try:
-        c = json.loads(meta_path.read_text())["codec"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{meta_path}: missing, or without the codec's record prepare.py "
-                         f"writes") from None
-    if c is None:
-        raise ValueError(f"{data_dir} holds no codes: it was prepared with --no_codes (the mel "
-                         f"and the text only, for SALMONN and Pengi)")
+    c = codec_record(data_dir)
     if c["pretrained"]:
         return f"{c['name']} (pretrained)"
     path = Path(data_dir) / c["weights"]
