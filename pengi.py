@@ -1432,7 +1432,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]),
                          max_new_tokens=int(o["max_new_tokens"]),
                          length_penalty=float(o["length_penalty"]))[0]
-    out = {"text": tok.decode(ids).strip()}
+    out = {"text": tok.decode(ids).strip(), "prompt": prompt}
     if o["candidates"]:
         # each label once, in the order given
         cands = list(dict.fromkeys(c.strip() for c in str(o["candidates"]).split("|") if c.strip()))

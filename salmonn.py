@@ -1928,7 +1928,7 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
     answer = tok.decode(out).strip()
     if stage == "llm":  # say so: sample.py has just named the clip
         answer = f"(stage 'llm': the LLM alone, the audio is not heard)\n{answer}"
-    return {"text": answer}
+    return {"text": answer, "prompt": instruction}
 
 def edit_distance(ref, hyp):
     """Levenshtein distance between two word lists (substitutions, deletions, insertions cost 1)."""

@@ -290,6 +290,8 @@ if __name__ == "__main__":
                f"continuation" if seam else "") +
               f", {codes.shape[1]} codebook(s) decoded) and its log-mel spectrogram {png}")
     else:
+        if not prompt and result.get("prompt"):  # the model's default instruction: say which
+            print(f"prompt: {result['prompt']} (the model's default; --prompt asks another)")
         print(result["text"])
         print(f"({dt:.2f} s)")
         if out:  # a .txt (checked above)

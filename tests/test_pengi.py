@@ -1280,6 +1280,11 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
                      length_penalty=1.0)[0]
     assert out["text"] == (tok.decode(ids).strip() + "\nranked: "
                            + ", ".join(f"{c} ({s})" for c, s in out["ranked"]))
+    assert out["prompt"] == "this is a sound of"
+    # without a prompt: the captioning one, said in the result
+    no_prompt = pengi.sample(m, tok, {"mel": mel[0]}, None, None, beam=1, max_new_tokens=4)
+    assert no_prompt["prompt"] == pengi.PROMPTS["caption"] and no_prompt["text"] == pengi.sample(
+        m, tok, {"mel": mel[0]}, pengi.PROMPTS["caption"], None, beam=1, max_new_tokens=4)["text"]
     with pytest.raises(ValueError, match="unknown option"):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, temprature=0.5)
     with pytest.raises(ValueError, match="more than the text tower read in training"):

@@ -954,6 +954,12 @@ def test_sample_lora_scale_option_is_the_scale_decoded_with():
                           **opts)["text"] == by_hand
     assert m.lora_scale == 2.0 and all(b.attn.lora_scale == 2.0 for b in m.llm.h)
     assert salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["text"] == default
+    # the instruction answered comes back: the given one, or without one the captioning one
+    assert salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["prompt"] == "Transcribe."
+    no_prompt = salmonn.sample(m, tok, audio, None, None, **opts)
+    assert no_prompt["prompt"] == salmonn.INSTRUCTIONS["captioning"][0]
+    assert no_prompt["text"] == salmonn.sample(m, tok, audio, no_prompt["prompt"], None,
+                                               **opts)["text"]
 
 def test_sample_and_evaluate_run_in_eval_mode(tmp_path, monkeypatch):
     """sample and evaluate answer in eval mode without gradients and restore the mode they found: a
