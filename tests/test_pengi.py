@@ -467,7 +467,7 @@ def test_sample_decodes_generate_with_its_options():
     want = answer(beam=3, max_new_tokens=4, length_penalty=1.0)
     assert len({want, answer(beam=1, max_new_tokens=4), answer(beam=3, max_new_tokens=30)}) == 3
     got = pengi.sample(m, tok, {"mel": mel[0]}, None, None, beam=3, max_new_tokens=4)
-    assert got == {"text": want}
+    assert got == {"text": want, "prompt": pengi.PROMPTS["caption"]}
 
 
 @torch.no_grad()
