@@ -11,7 +11,7 @@ process's resident memory, on a GPU what torch allocated there), each model in a
 so that the peaks do not mix. On a GPU both parts run under bfloat16 autocast, as train.py and
 sample.py do there.
 Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip,
-sampled with top-k 50, timed
+sampled with top-k 50, timed (the median of `repeats` runs, with their min-max)
   - with the KV cache (model.generate, as sample.py does), on a GPU also with its steps replayed
     from one CUDA graph (cuda_graph=True), and
   - by full recomputation: every step runs the whole current window again (the same windows
