@@ -828,11 +828,14 @@ def load_llm_state(path):
 
 def set_llm_dims(config):
     """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before
-    the model is built). A checkpoint's config names none (init_pretrained clears it once loaded);
-    a missing file is skipped here, and init_pretrained, which training calls, says that it is
-    missing."""
-    if not config.llm_init or not os.path.exists(config.llm_init):
+    the model is built). A checkpoint's config names none (init_pretrained clears it once loaded).
+    A missing file is named here: the config's own sizes would not be the LM's, and would fail
+    later with a message about them."""
+    if not config.llm_init:
         return
+    if not os.path.exists(config.llm_init):
+        raise FileNotFoundError(f"llm_init={config.llm_init}: no such file or directory (the LM "
+                                f"whose sizes and weights Pengi starts from)")
     _, dims = load_llm_state(config.llm_init)
     # the LM must read the tokenizer's ids: a larger vocab would be lost when a checkpoint reloads
     # (load_data sets vocab_size from the tokenizer) and could sample ids no tokenizer decodes

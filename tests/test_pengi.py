@@ -802,6 +802,10 @@ def test_llm_loaders(tmp_path):
     m = pengi.Pengi(tiny_config(llm_init=str(tmp_path / "missing.pt")))
     with pytest.raises(FileNotFoundError, match="llm_init"):
         pengi.init_pretrained(m)
+    # load_data's step names a missing file (the config's own sizes are not the LM's, and a check
+    # of them, e.g. text_n_layer > llm_n_layer, would be the error instead)
+    with pytest.raises(FileNotFoundError, match=f"llm_init={tmp_path / 'missing.pt'}: no such"):
+        pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "missing.pt")))
 
 
 def test_bleu4_hand_worked():
@@ -1228,11 +1232,12 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1",
                             enc_heads="2,2", window=8,
                             d_embed=32, prefix_len=4, map_n_layer=1, map_n_head=2, text_n_layer=1,
-                            llm_init=str(tmp_path / "llm.pt"), dropout=0.0, clap_weight=1.0)
-    data = pengi.load_data(synth_dir, cfg, tok)  # (llm.pt does not exist yet: the sizes come below)
+                            dropout=0.0, clap_weight=1.0)
+    data = pengi.load_data(synth_dir, cfg, tok)  # (no LM yet: its sizes come below)
     lm_data = pengi.load_data(synth_dir, pengi.PengiConfig(tasks="caption,class,qa"), tok)
     lm_loss = pretrain_small_llm(tmp_path / "llm.pt", lm_data, tok)
     assert lm_loss < 2.5, lm_loss  # it has learnt the text
+    cfg.llm_init = str(tmp_path / "llm.pt")
     pengi.set_llm_dims(cfg)
     torch.manual_seed(0)
     m = pengi.Pengi(cfg)
