@@ -16,6 +16,7 @@ text model's llm_init checkpoint. A text model's Config names its tokenizer (tok
 "gpt2"); every text model's checkpoint records the tokenizer it was trained with.
 """
 
+import gc
 import importlib
 import json
 import math
@@ -685,6 +686,10 @@ if __name__ == "__main__":
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss "
               f"{best_val_loss:.4f}")
     if ddp:
-        # the master may still be evaluating or saving: tear down together (gloo aborts otherwise)
+        # the master may still be evaluating or saving: tear down together (gloo aborts otherwise),
+        # the DDP wrapper first: it holds the process group, whose gloo threads must be stopped by
+        # destroy_process_group, not at the interpreter's exit (an abort, now and then)
         barrier()
+        del train_model
+        gc.collect()
         destroy_process_group()
