@@ -284,6 +284,15 @@ def encodec_24khz(pretrained, weights_dir=None):
     model.set_target_bandwidth(BANDWIDTH)
     return model.eval()
 
+def pretrained_codec(weights_dir):
+    """encodec_24khz with the pretrained weights in weights_dir, or a ValueError naming the file
+    when it is unusable (truncated or corrupt: a wrong hash, unreadable)."""
+    try:
+        return encodec_24khz(True, weights_dir)
+    except Exception as e:
+        raise ValueError(f"{Path(weights_dir) / CODEC_FILE}: unusable ({type(e).__name__}: "
+                         f"{str(e).strip()[:120]})") from None
+
 def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub
     cache, else a download (skipped when offline); (None, None) when none can be had: the caller
@@ -297,10 +306,8 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     weights_dir = find_codec_weights(codec_dir)
     if weights_dir:
         try:
-            return encodec_24khz(True, weights_dir), weights_dir / CODEC_FILE
-        except Exception as e:                       # truncated or corrupt: wrong hash, unreadable
-            problem = (f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
-                       f"{str(e).strip()[:120]})")
+            return pretrained_codec(weights_dir), weights_dir / CODEC_FILE
+        except ValueError as problem:
             if codec_dir:  # named by the user: nothing is downloaded there, so an error
                 raise ValueError(f"--codec_dir={codec_dir}: {problem}; put EnCodec's 24 kHz "
                                  f"weights file there") from None
@@ -388,11 +395,10 @@ def load_codec(data_dir):
         # caller's random stream goes on as if nothing was loaded (sample.py seeds it)
         try:
             with torch.random.fork_rng(devices=[]):
-                return encodec_24khz(True, weights_dir)
-        except Exception as e:  # truncated or corrupt: wrong hash, unreadable
-            raise ValueError(f"{weights_dir / CODEC_FILE}: unusable ({type(e).__name__}: "
-                             f"{str(e).strip()[:120]}); delete it and run prepare.py to download "
-                             f"it again") from None
+                return pretrained_codec(weights_dir)
+        except ValueError as problem:
+            raise ValueError(f"{problem}; delete it and run prepare.py to download it "
+                             f"again") from None
     ckpt = read_offline_codec(data_dir, c)
     with torch.random.fork_rng(devices=[]):  # as above; every weight is overwritten below
         model = encodec_24khz(False)

@@ -1187,14 +1187,19 @@ def qa_probe(model, data, split="val", max_clips=2000):
             right += sum(int(g) == cls.get(a, -1) for g, (_, a) in zip(guess.tolist(), asked))
     return right / total, constant / total
 
+def usual_label(data, key):
+    """The training split's most common label for key, or None: the constant answer the majority
+    baselines give (not the evaluated split's own, which would peek at it)."""
+    train = Counter(c["labels"][key] for c in data["train"]["clips"] if key in c["labels"])
+    return train.most_common(1)[0][0] if train else None
+
 def majority_acc(data, split, key, max_clips):
     """The accuracy, on the split's first max_clips clips labelled with key, of always answering
-    the training split's most common label (not the split's own, which would peek at it)."""
-    train = Counter(c["labels"][key] for c in data["train"]["clips"] if key in c["labels"])
+    the training split's most common label."""
+    usual = usual_label(data, key)
     labels = [c["labels"][key] for c in data[split]["clips"] if key in c["labels"]][:max_clips]
-    if not train or not labels:
+    if usual is None or not labels:
         return 0.0
-    usual = train.most_common(1)[0][0]
     return sum(a == usual for a in labels) / len(labels)
 
 def probe_metrics(model, data, split, keys, max_clips):
@@ -1325,8 +1330,7 @@ def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
     metrics[f"{key}_acc_rank"] = top_candidate_acc(lp, cands, labels)
     metrics[f"{key}_acc_pmi"] = top_candidate_acc(pmi, cands, labels)
     metrics[f"{key}_chance"] = 1.0 / len(cands)
-    usual = Counter(c["labels"][key] for c in data["train"]["clips"] if key in c["labels"])
-    metrics[f"{key}_majority"] = exact_match([usual.most_common(1)[0][0]] * len(ex), ex)
+    metrics[f"{key}_majority"] = exact_match([usual_label(data, key)] * len(ex), ex)
     return metrics
 
 def prefix_norm_metrics(model, data, tok, d, bs):
