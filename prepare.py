@@ -816,7 +816,10 @@ def write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, pro
                        "full-scale sine's bin is ~1 (0 dB -> 1, floor -> -1)"},
         "n_q": N_Q, "codebook_size": CODEBOOK_SIZE, "codec": codec_info, "tokenizer": tok_info,
         "splits": splits, "dataset": args.dataset, "audio_seconds": round(audio_seconds, 2),
-        "skipped": dict(problems), "args": vars(args), "args_hash": args_hash,
+        "skipped": dict(problems),
+        # what made the data, not how the run was watched: a resumed run writes the same bytes
+        "args": {k: v for k, v in vars(args).items() if k not in ("force", "quiet")},
+        "args_hash": args_hash,
     }
     if args.whisper_mel:
         meta["whisper_mel"] = {"n_mels": WHISPER_N_MELS, "frame_rate": WHISPER_FRAME_RATE,
