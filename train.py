@@ -657,7 +657,9 @@ if __name__ == "__main__":
                 print(f"train.py: loss is {lossf} at iter {iter_num}: stopping (no checkpoint "
                       f"written). Try a lower learning_rate, grad_clip, or dtype=float32/bfloat16.",
                       file=sys.stderr)
-            if ddp:
+            if ddp:  # every process saw the same reduced loss: all stop here (teardown as below)
+                del train_model
+                gc.collect()
                 destroy_process_group()
             sys.exit(1)
         iter_num += 1

@@ -329,7 +329,9 @@ def test_prepare_killed_in_each_phase_then_rerun_writes_the_same_bytes(tmp_path)
     shutil.move(out, ref)
     loud = [a for a in cmd if a != "--quiet"]  # the progress lines mark the phases
     for marker in ("train codec:", "encode:", "fit codebooks:", "tokenizer:"):
-        assert killed_at(loud, marker), marker
+        # the writing after "tokenizer:" takes milliseconds: that run may end before its kill lands,
+        # and the run after it then finds the data finished
+        assert killed_at(loud, marker) or marker == "tokenizer:", marker
     # finished with progress shown, the reference without: how a run is watched is not in its data
     p = subprocess.run(loud, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr

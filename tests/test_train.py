@@ -499,6 +499,21 @@ def test_ddp_with_accumulation_per_process_draws_the_single_process_micro_batche
     for it in (1, 2):
         assert abs(one[it] - two[it]) < 1e-5, (it, one[it], two[it])
 
+def test_ddp_stops_every_process_on_a_non_finite_loss(synth_dir, tmp_path):
+    """Under DDP a diverged loss stops the run (each process sees the same reduced loss): exit
+    status 1, the message once (from the master), no checkpoint, no abort of gloo's threads.
+    (torchrun ends the other process with SIGTERM once one has exited, so its status varies.)"""
+    out = tmp_path / "ddp"
+    p = run(["--standalone", "--nproc_per_node=2", "train.py", "config/whisper_gpt_quick.py",
+             f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=50",
+             "--gradient_accumulation_steps=2", "--learning_rate=1e30", "--grad_clip=0",
+             "--decay_lr=False", "--eval_interval=1000"],
+            check=False, cmd=[sys.executable, "-m", "torch.distributed.run"])
+    assert p.returncode == 1 and p.stderr.count("stopping (no checkpoint written)") == 1, \
+        p.stderr[-2000:]
+    assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
+    assert "terminate called" not in p.stderr and not (out / "ckpt.pt").exists()
+
 def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
     out = str(tmp_path)
     # the weights of another run, a fresh optimizer and iteration count
