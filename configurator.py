@@ -216,6 +216,18 @@ def resolve_device(script, device):
                      f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
+def resolve_dtype(script, dtype, device):
+    """--dtype: auto is bfloat16 on a GPU that has it, float16 on an older one, float32 elsewhere.
+    Returns the name (torch's: getattr(torch, name) is the dtype)."""
+    import torch
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(script, f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
+    return dtype
+
 def option_values(raw_opts, opt_defaults):
     """--key=raw options of a model file's sample() / evaluate(), typed by their defaults in
     SAMPLE_OPTS / EVAL_OPTS: the text itself for a text option, True/False for a bool, a whole

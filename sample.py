@@ -148,15 +148,8 @@ if __name__ == "__main__":
              f"both")
     device = configurator.resolve_device("sample.py", device)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if dtype == "auto":  # as train.py
-        if device_type != "cuda":
-            dtype = "float32"
-        else:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype={dtype}: expected auto, float32, bfloat16 or float16")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float16": torch.float16}[dtype]
+    dtype = configurator.resolve_dtype("sample.py", dtype, device)
+    ptdtype = getattr(torch, dtype)  # as train.py
     torch.manual_seed(seed)
 
     # the model, rebuilt from the checkpoint with the model file named in it

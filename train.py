@@ -339,15 +339,8 @@ if __name__ == "__main__":
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master = ddp_rank == 0
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if dtype == "auto":
-        if device_type != "cuda":
-            dtype = "float32"
-        else:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float16": torch.float16}[dtype]
+    dtype = configurator.resolve_dtype("train.py", dtype, device)
+    ptdtype = getattr(torch, dtype)
     ctx = (nullcontext() if dtype == "float32"
            else torch.autocast(device_type=device_type, dtype=ptdtype))
     torch.backends.cuda.matmul.allow_tf32 = True
