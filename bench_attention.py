@@ -172,7 +172,8 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
         print("\n".join(lines), flush=True)
     shapes = lambda xs: " ".join(sorted({shape for shape, _ in xs})) or "-"
     flag = lambda b: "yes" if b else "no"
-    for name, D, causal, lens, tile in cases:
+    t0 = time.time()
+    for i, (name, D, causal, lens, tile) in enumerate(cases):
         r = ptxas_report(name, D, causal, lens, tile, dtype)
         tile_s = "-" if tile is None else f"{tile[0]} x {tile[1]}, {tile[2]}, {tile[3]}"
         cells = [name, D, "-" if tile is None else flag(causal),
@@ -180,8 +181,9 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
                  r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]),
                  shapes(r["mma_sync"]), flag(r["tma"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        if progress:
-            print(lines[-1], flush=True)
+        if progress:  # 440 builds with --tiles=all: minutes, the first time
+            eta = (time.time() - t0) / (i + 1) * (len(cases) - i - 1)
+            print(lines[-1], f"  [{i + 1}/{len(cases)}, eta {eta:.0f}s]", flush=True)
     return lines
 
 # -----------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def main():
     parser.add_argument("--dims", default=None,
                         help="comma-separated head dims (default 64,128; --ptxas: 16,32,64,128)")
     parser.add_argument("--tokens", type=int, default=16384,
-                        help="B*T per row (B = tokens // T, at least 1)")
+                        help="B*T per row, a multiple of each T (B = tokens // T)")
     parser.add_argument("--width", type=int, default=2048, help="H*D per row")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--autotune", type=int, default=1,
@@ -349,6 +351,15 @@ def main():
     if args.dims and set(args.dims) - set(HEAD_DIMS):
         fail(f"--dims={','.join(map(str, args.dims))}: the kernels take head dims "
              f"{', '.join(map(str, HEAD_DIMS))} only")
+    if not args.ptxas:  # the header states B*T and H*D: each row must run exactly those
+        seqlens = [1024, 4096] if args.quick else args.seqlens
+        dims = [64] if args.quick else args.dims or [64, 128]
+        if args.width < 1 or any(args.width % D for D in dims):
+            fail(f"--width={args.width}: H*D must be a multiple of each head dim "
+                 f"({', '.join(map(str, dims))})")
+        if any(args.tokens % T for T in seqlens):
+            fail(f"--tokens={args.tokens}: B*T must be a multiple of each T "
+                 f"({', '.join(map(str, seqlens))})")
     if args.out:
         configurator.check_out_file("bench_attention.py", args.out)
     if args.ptxas:

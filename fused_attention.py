@@ -40,8 +40,12 @@ import triton
 import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
-# how the triton backward gets dq: "auto", "atomic" or "split"
+# how the triton backward gets dq: "auto", "atomic" or "split" (checked here for a typo on any
+# path, and again when the kernels run, as fused_attention.BWD may be set from Python)
 BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")
+if BWD not in ("auto", "atomic", "split"):
+    raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD must be auto, atomic or split, got "
+                     f"{BWD!r}")
 
 def _env_flag(name):
     value = os.environ.get(name, "1")

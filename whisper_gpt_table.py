@@ -5,7 +5,8 @@ and on the music clips of the built-in corpus, several seeds each, then one mark
 next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to the paper's rows,
 the claims checked seed by seed, and continuations of held-out clips by GPT-S and the hybrids
 (wavs, pictures and their distance to the true continuation). A re-run skips finished runs and
-reuses their evaluations (eval-*.json in each run) while checkpoint, data and code are unchanged.
+reuses their evaluations and continuations' scores (eval-*.json, cont-*.json in each run) while
+checkpoint, data, code and (for continuations) clips and frame counts are unchanged.
 
     python whisper_gpt_table.py                          # the sweep (resumable) and the table
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
@@ -350,6 +351,14 @@ def sampled_continuations(net, inputs, mels, idx, tools, label):
                   f"({(k + 1) / (shown - t0):.1f} clips/s)")
     return rows, first
 
+def kept_continuations(d, clip_dir, idx):
+    """Where run d's continuation scores of clip_dir's val clips idx are kept, keyed as its
+    evaluation is, plus what sampling adds: the clips, the frame counts, sample.py."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    key = [evaluation_key(d, clip_dir), idx, prompt_frames, new_frames,
+           file_digest(os.path.join(here, "sample.py"))]
+    return os.path.join(d, f"cont-{hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]}.json")
+
 def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
     """The table rows of one kind's held-out clips of clip_dir (none if no clip is long enough);
     writes the first clip's wavs and picture."""
@@ -367,9 +376,25 @@ def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
     scores = reference_scores(mels, idx)
     panels = [("true: prompt | continuation", mels[idx[0]])]
     for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
-        rows, (wav, gen_mel) = sampled_continuations(load_run(run_dir(model, kind, seed))[0],
-                                                     inputs, mels, idx, tools,
-                                                     f"{kind}, {NAMES[model]}")
+        d, label = run_dir(model, kind, seed), f"{kind}, {NAMES[model]}"
+        kept, rows = kept_continuations(d, clip_dir, idx), None
+        if os.path.isfile(kept):
+            try:
+                with open(kept) as f:
+                    rows = json.load(f)
+            except ValueError:  # cut short: sampled again below
+                pass
+        if rows is None:
+            rows, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx, tools,
+                                                         label)
+            with open(kept + ".tmp", "w") as f:
+                json.dump(rows, f)
+            os.replace(kept + ".tmp", kept)
+        else:  # only the first clip again, for its wav and picture (the same draw: seed 0)
+            _, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx[:1], tools,
+                                                      label)
+            print(f"  continuations {label}: {len(rows)} kept from an earlier call (checkpoint, "
+                  f"clips and code unchanged)")
         panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
         S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav,
                     audio.SAMPLE_RATE)

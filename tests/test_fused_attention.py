@@ -34,6 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import fused_attention  # noqa: E402  (the kernels are interpreted or not as this process's env says)
 
 # (dtype, D, Tq, Tk, causal, k_lens, layout): k_lens "pad" gives batch lengths [Tk, 0, ~Tk/3]
 # (full, empty, padded); "padq" those and query lengths [Tq/2 + 1, Tq, ~Tq/3] (rows past them are
@@ -88,7 +89,8 @@ OTHER_PATH_CASES = [
 # for the decoding tiles, whose keys are then split over programs too
 TILE_CASES = [("float32", D, Tq, Tk, True, lens, "bthd") for D in (64, 128)
               for Tq, Tk, lens in ((270, 260, "pad"), (1, 700, "pad"), (270, 270, "padq"))]
-TILE_INDICES = (0, 1, 2, 3)  # entry i of each list (its last where the list is shorter)
+# entry i of each list (its last where the list is shorter), up to the longest list's last
+TILE_INDICES = tuple(range(max(len(tiles) for tiles in fused_attention.TILES.values())))
 
 def case_id(case):
     dtype, D, Tq, Tk, causal, k_lens, layout = case
@@ -363,6 +365,11 @@ def test_bad_input_is_rejected_clearly():
     p = subprocess.run([sys.executable, "-c", "import fused_attention"], env=env,
                        capture_output=True, text=True)
     assert p.returncode and "FUSED_ATTENTION_TMA must be 0 or 1, got 'true'" in p.stderr
+    env = dict(os.environ, FUSED_ATTENTION_BWD="atomics", PYTHONPATH=ROOT)  # named also on CPU
+    p = subprocess.run([sys.executable, "-c", "import fused_attention"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode and "FUSED_ATTENTION_BWD must be auto, atomic or split, got 'atomics'" \
+        in p.stderr
     x = torch.randn(1, 1, 4, 48)
     with pytest.raises(ValueError, match="head dims"):
         fused_attention.attention(x, x, x, backend="triton")

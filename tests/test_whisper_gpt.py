@@ -1004,12 +1004,18 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in held
     assert f"(val clips of each kind from {held_out};" in held
     assert f"val clips of {held_out}; every continuation" in text  # continued: the held-out clips
-    again = subprocess.run(args + ["--continuations=0"], cwd=ROOT, capture_output=True, text=True)
+    again = subprocess.run(args + [f"--test_dir={held_out}"], cwd=ROOT, capture_output=True,
+                           text=True)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
-    # nothing changed: each run's evaluation is kept from the first call, the table the same
+    # nothing changed: each run's evaluations (on both corpora) and continuations' scores are kept
+    # from the first call, the table the same
     assert again.stdout.count("(kept from an earlier call: checkpoint, data and code "
-                              "unchanged)") == 8
+                              "unchanged)") == 16
+    for label in ("speech, GPT-S", "speech, Hybrid", "events, GPT-S", "events, Hybrid"):
+        assert f"  continuations {label}: 2 kept from an earlier call" in again.stdout
     assert json.load(open(tmp_path / "runs" / "results.json")) == results
+    cut = lambda t: t[:t.rindex("(Python ")]  # all but the line of this call's time
+    assert cut(out.read_text()) == cut(text)
     # a larger budget resumes the runs to it, rather than tabling the old ones
     more = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds", "--max_iters"))]
     more += ["--models=s", "--kinds=speech", "--seeds=1", "--max_iters=4", "--continuations=0"]
@@ -1130,6 +1136,10 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
               "bench_attention.py: --dims=64,48: the kernels take head dims 16, 32, 64, 128 only"),
              (["bench_attention.py", "--seqlens=1024,0"],
               "bench_attention.py: --seqlens=1024,0: each must be at least 1"),
+             (["bench_attention.py", "--width=100"],  # 128 would run at D = 128: not what it says
+              "bench_attention.py: --width=100: H*D must be a multiple of each head dim (64, 128)"),
+             (["bench_attention.py", "--quick", "--tokens=5000"],
+              "bench_attention.py: --tokens=5000: B*T must be a multiple of each T (1024, 4096)"),
              (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=16", f"--out={missing}"],
               f"bench_attention.py: --out={missing}: {missing.parent} does not exist"))
     procs = [(args, said, subprocess.Popen([sys.executable, *args], cwd=ROOT,
