@@ -212,7 +212,11 @@ def save_ranks(ranks, path):
     os.replace(tmp, path)
 
 def load_ranks(path):
-    return parse_ranks(Path(path).read_text(), path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: corrupt BPE ranks (not text)") from None
+    return parse_ranks(text, path)
 
 def make_encoding(name, ranks):
     import tiktoken
@@ -248,7 +252,7 @@ def tokenizer_from_record(rec, where="checkpoint"):
     """The tiktoken.Encoding of a tokenizer_record (where: names its source in errors)."""
     if rec.get("name") == "gpt2":
         return load_gpt2()
-    if "ranks" not in rec:
+    if not isinstance(rec.get("ranks"), str):
         raise ValueError(f"{where}: tokenizer record {rec.get('name')!r} has no ranks")
     return make_encoding(rec["name"], parse_ranks(rec["ranks"], f"{where} (its tokenizer)"))
 

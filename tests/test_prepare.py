@@ -604,6 +604,17 @@ def test_parse_ranks_refuses_ranks_that_are_not_0_to_n_minus_1():
             T.parse_ranks(T.ranks_text(bad), "x")
 
 
+def test_ranks_that_are_not_text_are_named(tmp_path):
+    """A ranks file that is not UTF-8 text, and a checkpoint's tokenizer record whose ranks are not
+    text, are named (were a UnicodeDecodeError without the path, and an AttributeError)."""
+    bad = tmp_path / "tokenizer.tiktoken"
+    bad.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ValueError, match=f"{bad}: corrupt BPE ranks \\(not text\\)"):
+        T.load_ranks(bad)
+    with pytest.raises(ValueError, match="ckpt.pt: tokenizer record 'corpus' has no ranks"):
+        T.tokenizer_from_record({"name": "corpus", "ranks": None}, "ckpt.pt")
+
+
 # GPT-2's token ids as published (the GPT-2 vocabulary; "!" is rank 0, <|endoftext|> the last id)
 GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0],
             "Hello, world!": [15496, 11, 995, 0],
