@@ -70,6 +70,11 @@ def check_runs(paths, opts):
         recipes.add((ck["model_name"], ck["model_args"].get("stage")))
         if mean and first is not None and len(recipes) == 1:
             changed = changed_settings(ck["config"], first[1], skip=("seed",))
+            # where each run started (its own clap checkpoint per seed, say) may differ; whether
+            # from scratch or from weights may not
+            if ((ck["config"].get("init_from", "scratch") == "scratch")
+                    != (first[1].get("init_from", "scratch") == "scratch")):
+                changed.append("init_from (one from scratch, one from weights)")
             if changed:
                 fail(f"--mean averages seeds of one recipe: {first[0]} and {path} differ in "
                      f"{', '.join(changed[:5])}")

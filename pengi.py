@@ -458,9 +458,14 @@ def check_config(config):
                   "patch_size", "window", "enc_dim", "d_embed"):
         if getattr(config, field) < 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least 1")
-    for field in ("text_n_layer", "map_n_layer"):
-        if getattr(config, field) < 0:
-            raise ValueError(f"{field}={getattr(config, field)}: must be at least 0")
+    if config.text_n_layer < 0:
+        raise ValueError(f"text_n_layer={config.text_n_layer}: must be at least 0")
+    if config.map_n_layer < 1:  # with no layer the prefix is the constants alone: no audio
+        raise ValueError(f"map_n_layer={config.map_n_layer}: must be at least 1")
+    if config.clap_temp <= 0:
+        raise ValueError(f"clap_temp={config.clap_temp}: must be above 0")
+    if config.clap_weight < 0:
+        raise ValueError(f"clap_weight={config.clap_weight}: must be at least 0")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout={config.dropout}: must be at least 0 and under 1")
     for field in ("llm_n_head", "map_n_head"):  # the LM, text tower, mappers: llm_n_embd wide
@@ -818,8 +823,14 @@ def load_llm_state(path):
     if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
         raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs "
                                 f"its config.json (n_head cannot be read from the weights)")
-    with open(cfg_file) as f:
-        hf = json.load(f)
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"llm_init={path}: {cfg_file} is not JSON ({e})") from None
+    if not isinstance(hf, dict) or not isinstance(hf.get("n_head"), int):
+        raise ValueError(f"llm_init={path}: {cfg_file} has no n_head (a whole number), which the "
+                         f"weights do not tell")
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
     return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"],
                     n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),
@@ -988,6 +999,10 @@ def load_data(data_dir, config, tok):
     # the data is text: the config's tokenizer sets these
     config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
     set_llm_dims(config)
+    for field in ("max_prompt_tokens", "max_answer_tokens"):  # the text tower reads these texts
+        if getattr(config, field) > config.llm_block_size:
+            raise ValueError(f"{field}={getattr(config, field)} exceeds the text tower's context, "
+                             f"the LM's llm_block_size {config.llm_block_size}")
     if config.stage == "pengi" and 2 * config.prefix_len + config.max_answer_tokens > \
             config.llm_block_size:
         raise ValueError(f"2 * prefix_len ({config.prefix_len}) + max_answer_tokens "
@@ -1238,7 +1253,11 @@ def eval_tasks(data, tasks_opt):
     if bad:
         raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, "
                          f"instrument, pitch, chord")
-    return [t for t in wanted if t in known]  # those the data was loaded with
+    missing = [t for t in wanted if t not in known]
+    if missing:
+        raise ValueError(f"pengi.evaluate: task(s) {missing} are not among this model's tasks "
+                         f"({', '.join(known)}); its config's tasks set what the data offers")
+    return wanted
 
 def eval_batches(model, data, tok, d, examples, bs):
     """[(clip index in the split d, prompt text, answer text)] -> (examples, mel, prompt,

@@ -1268,8 +1268,14 @@ def load_llm_state(path):
     if not os.path.exists(cfg_file):  # the fused c_attn does not tell how many heads it has
         raise FileNotFoundError(f"llm_init={path}: {cfg_file} not found; a GPT-2 checkpoint needs "
                                 f"its config.json (n_head cannot be read from the weights)")
-    with open(cfg_file) as f:
-        hf = json.load(f)
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"llm_init={path}: {cfg_file} is not JSON ({e})") from None
+    if not isinstance(hf, dict) or not isinstance(hf.get("n_head"), int):
+        raise ValueError(f"llm_init={path}: {cfg_file} has no n_head (a whole number), which the "
+                         f"weights do not tell")
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
     return sd, dict(n_layer=hf.get("n_layer", n_layer), n_head=hf["n_head"],
                     n_embd=hf.get("n_embd", sd["wte.weight"].size(1)),

@@ -312,8 +312,8 @@ def test_checkpoint_self_contained(tmp_path):
                        max_new_tokens=5) == m.generate(*args, beam=3, max_new_tokens=5)
     torch.testing.assert_close(m2.rank_candidates(*args, [[1], [2, 3]]),
                                m.rank_candidates(*args, [[1], [2, 3]]))
-    # the weights came from the checkpoint
-    assert not torch.equal(m2.llm.wte.weight, pengi.Pengi(c2).llm.wte.weight)
+    # the weights came from the checkpoint: every tensor, the frozen LM's too
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in m2.state_dict().items())
 
 
 @torch.no_grad()
@@ -715,7 +715,11 @@ def test_head_counts_and_stage_lists_named():
                      ({"max_frames": 0}, "max_frames=0: must be at least 1"),
                      ({"enc_dim": 0}, "enc_dim=0: must be at least 1"),
                      ({"d_embed": 0}, "d_embed=0: must be at least 1"),
-                     ({"map_n_layer": -1}, "map_n_layer=-1: must be at least 0")):
+                     ({"text_n_layer": -1}, "text_n_layer=-1: must be at least 0"),
+                     # no mapper layer: the prefix would be the same constants for every clip
+                     ({"map_n_layer": 0}, "map_n_layer=0: must be at least 1"),
+                     ({"clap_temp": 0.0}, "clap_temp=0.0: must be above 0"),      # a NaN loss
+                     ({"clap_weight": -1.0}, "clap_weight=-1.0: must be at least 0")):
         with pytest.raises(ValueError, match=said):
             pengi.Pengi(tiny_config(**kw))
     pengi.Pengi(tiny_config(enc_heads="4,8", map_n_head=4))  # divisors of 8, 16 and 16
@@ -731,6 +735,11 @@ def test_sequences_fit_the_lms_block(synth_dir):
                                          r"exceeds the LM's llm_block_size 48"):
         pengi.load_data(synth_dir, pengi.PengiConfig(max_answer_tokens=40, **fit), tok)
     pengi.load_data(synth_dir, pengi.PengiConfig(max_answer_tokens=32, **fit), tok)  # 16 + 32
+    # the clap stage has no prefix, but its text tower reads the answers in the same context
+    with pytest.raises(ValueError, match="max_answer_tokens=50 exceeds the text tower's context, "
+                                         "the LM's llm_block_size 48"):
+        pengi.load_data(synth_dir, pengi.PengiConfig(stage="clap", max_answer_tokens=50, **fit),
+                        tok)
     m = tiny_model(llm_block_size=16)  # a prefix of 2 * 3, room for 10 tokens
     with torch.no_grad():
         m.llm.wte.weight[m.config.eot_token] = 0  # eot's logit 0: never the best, decoding runs on
@@ -794,6 +803,14 @@ def test_llm_loaders(tmp_path):
         # text_init="llm": the text tower starts as the LM's embeddings and first layer
         assert torch.equal(m.text_encoder.wte.weight, sd["wte.weight"])
         assert torch.equal(m.text_encoder.h[0].attn.c_attn.weight, sd["h.0.attn.c_attn.weight"])
+    # a config.json that is not JSON, or lacks n_head, is named with llm_init (salmonn.py's copy
+    # of this loader is kept identical: tests/test_copies.py)
+    for text, said in (("{n_head: 2}", "is not JSON"), (json.dumps({"n_layer": 2}),
+                                                          "has no n_head")):
+        (tmp_path / "st" / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"llm_init={tmp_path / 'st'}: "
+                                             f"{tmp_path / 'st' / 'config.json'} {said}"):
+            pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "st")))
     # an LM whose vocab is not the tokenizer's (here 50 against 49, or 51) is refused, naming both
     for vocab in (49, 51):
         with pytest.raises(ValueError, match=f"vocab_size 50 != the {vocab} of tokenizer"):
@@ -1299,5 +1316,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, candidates="|")
     with pytest.raises(ValueError, match="unknown task"):
         pengi.evaluate(m, data, tok, "val", tasks="class,emotion")
+    with pytest.raises(ValueError, match=r"task\(s\) \['pitch'\] are not among this model's "
+                                         r"tasks \(class\)"):  # a known task it was not given
+        pengi.evaluate(m, data, tok, "val", tasks="class,pitch")
     with pytest.raises(ValueError, match="probe_clips=1: must be at least 2"):  # a probe fits on 2+
         pengi.evaluate(m, data, tok, "val", probe_clips=1)

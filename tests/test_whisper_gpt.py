@@ -792,24 +792,31 @@ def test_eval_table_mean_and_std_rows(monkeypatch, capsys, tmp_path):
     assert written[2]["nll"] == 2.0 and abs(written[3]["nll"] - sample_std([1.0, 3.0])) < 1e-12
 
 def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
-    """--mean takes runs that differ in their seed only: another setting is refused, named."""
+    """--mean takes runs that differ in their seed only: another setting is refused, named; runs
+    started from different weights (each seed's own earlier stage) are seeds of one recipe, but
+    not a run from scratch and a run from weights."""
     import eval as E
     cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, vocab_size=64)
     paths = []
-    for name, seed, lr in (("a", 1, 1e-3), ("b", 2, 1e-3), ("c", 3, 5e-3)):
+    for name, seed, lr, start in (("a", 1, 1e-3, "a0/ckpt.pt"), ("b", 2, 1e-3, "b0/ckpt.pt"),
+                                  ("c", 3, 5e-3, "c0/ckpt.pt"), ("d", 4, 1e-3, "scratch")):
         path = tmp_path / name / "ckpt.pt"
         path.parent.mkdir()
         torch.save({"model": {}, "model_name": "whisper_gpt", "model_args": dataclasses.asdict(cfg),
                     "iter_num": 0, "config": {"model": "whisper_gpt", "seed": seed,
-                                              "learning_rate": lr, "out_dir": name}}, path)
+                                              "learning_rate": lr, "out_dir": name,
+                                              "init_from": start}}, path)
         paths.append(str(path))
     monkeypatch.setattr(E, "mean", True)
     monkeypatch.setattr(E, "kinds", "")
     E.check_runs(paths[:2], {})
-    with pytest.raises(SystemExit):
-        E.check_runs(paths, {})
-    err = capsys.readouterr().err
-    assert f"{paths[0]} and {paths[2]} differ in learning_rate" in err, err
+    for two, said in ((paths[::2], "differ in learning_rate"),
+                      ([paths[0], paths[3]], "differ in init_from (one from scratch, one from "
+                                             "weights)")):
+        with pytest.raises(SystemExit):
+            E.check_runs(two, {})
+        err = capsys.readouterr().err
+        assert f"{two[0]} and {two[1]} {said}" in err, err
 
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
