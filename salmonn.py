@@ -157,7 +157,9 @@ class SALMONNConfig:
     # embeddings), and its transcript, with the copying documents' dash as the blank: the audio
     # tokens are pulled toward the words the LLM learned to copy, token by token (0: off)
     connect_ctc_weight: float = 0.0
-    dash_token: int = -1           # the dash's (last) token id: the blank (load_data fills it)
+    # the blank: the last token of " -" (GPT-2's BPE: " -" itself; the corpus BPE: "-" after a
+    # space token); load_data fills it
+    dash_token: int = -1
     llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
     # stage "llm": the share of each batch's rows that are copying conversations
     copy_rows: float = 0.5
@@ -314,8 +316,8 @@ class BEATsEncoder(nn.Module):
         return self.ln_post(x).view(B, T2, self.n_bands, C).mean(2)
 
 class QFormerLayer(nn.Module):
-    """Self-attention over a window's queries, cross-attention to that window's frames, MLP
-    (pre-LN)."""
+    """Self-attention over a window's queries, cross-attention to that window's frames, MLP. Ours:
+    pre-LN, and WindowQFormer ends with a LayerNorm (BLIP-2's Q-Former is BERT's post-LN layer)."""
 
     def __init__(self, n_embd, n_head, enc_dim, dropout):
         super().__init__()
@@ -570,19 +572,19 @@ def check_config(config):
     for part in ("speech", "beats"):  # sinusoidal positions: a sine half and a cosine half
         if part in parts and getattr(config, f"{part}_n_embd") % 2:
             raise ValueError(f"{part}_n_embd={getattr(config, f'{part}_n_embd')}: must be even")
+    # whisper_text_ctx: the start or end token and at least one of the transcript's
     for field, least in (("window_frames", 1), ("window_queries", 1), ("max_audio_frames", 1),
-                         ("lora_rank", 0)):
+                         ("lora_rank", 0), ("whisper_text_ctx", 2), ("llm_block_size", 1)):
         if getattr(config, field) < least:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least {least}")
     for field in ("dropout", "llm_dropout", "lora_dropout"):
         if not 0 <= getattr(config, field) < 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least 0 and under 1")
-    for field in ("copy_rows", "reading_share"):  # shares
+    for field in ("copy_rows", "reading_share", "ctc_weight"):  # shares (ctc_weight: of the loss)
         if not 0 <= getattr(config, field) <= 1:
             raise ValueError(f"{field}={getattr(config, field)}: must be between 0 and 1")
-    for field in ("ctc_weight", "connect_ctc_weight"):
-        if getattr(config, field) < 0:
-            raise ValueError(f"{field}={getattr(config, field)}: must be at least 0")
+    if config.connect_ctc_weight < 0:  # a term added to the loss
+        raise ValueError(f"connect_ctc_weight={config.connect_ctc_weight}: must be at least 0")
 
 def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
     """One hash per batch row of its valid input frames: the key of a clip's encoder frames."""

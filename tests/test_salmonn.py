@@ -197,7 +197,11 @@ def test_head_counts_that_do_not_divide_the_width_named():
                      ({"lora_rank": -1}, "lora_rank=-1: must be at least 0"),
                      ({"copy_rows": 1.5}, "copy_rows=1.5: must be between 0 and 1"),
                      ({"reading_share": -0.1}, "reading_share=-0.1: must be between 0 and 1"),
-                     ({"ctc_weight": -1.0}, "ctc_weight=-1.0: must be at least 0"),
+                     ({"ctc_weight": -1.0}, "ctc_weight=-1.0: must be between 0 and 1"),
+                     # (1 - w) * CE + w * CTC: above 1 the decoder's loss would be a reward
+                     ({"ctc_weight": 1.5}, "ctc_weight=1.5: must be between 0 and 1"),
+                     ({"whisper_text_ctx": 1}, "whisper_text_ctx=1: must be at least 2"),
+                     ({"llm_block_size": 0}, "llm_block_size=0: must be at least 1"),
                      ({"connect_ctc_weight": -0.5}, "connect_ctc_weight=-0.5: must be at least 0")):
         with pytest.raises(ValueError, match=said):
             SALMONN(tiny_config(**kw))
