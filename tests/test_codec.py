@@ -400,11 +400,18 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
     with pytest.raises(KeyboardInterrupt):
         C.train_codec(A.offline_codec(), wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(C, "codec_loss", loss)
-    # a fresh process would build a fresh model
+    taken = []
+
+    def counted(x, y):
+        taken.append(1)
+        return loss(x, y)
+
+    monkeypatch.setattr(C, "codec_loss", counted)
+    # a fresh process would build a fresh model; it takes steps 5 and 6 only (a retrain from the
+    # start would end with the same weights, as the init and each step's crops are seeded)
     resumed = A.offline_codec()
     C.train_codec(resumed, wavs, 6, ckpt=tmp_path / "b.pt", quiet=True, save_every=2)
-    assert same_weights(resumed, straight)
+    assert len(taken) == 2 and same_weights(resumed, straight)
 
 
 def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():

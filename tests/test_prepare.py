@@ -891,14 +891,17 @@ def test_a_run_that_writes_nothing_leaves_no_folder_behind(tmp_path, synth_dir):
     out = tmp_path / "new" / "out"
     # --codec_from takes its codec as it is: no fitting settings beside it
     from_synth = [f"--codec_from={synth_dir}"] + [a for a in FAST if not a.startswith("--codec")]
-    for args in ([f"--codec_dir={tmp_path / 'nonexistent'}", "--clips=2"] + FAST,
-                 ["--dataset=folder", f"--src={empty}"] + FAST,
-                 ["--dataset=folder", f"--src={bad}"] + FAST,
-                 ["--dataset=folder", f"--src={bad}"] + from_synth,
-                 ["--dataset=folder", f"--src={bad}", "--strict"] + FAST):
-        with pytest.raises(SystemExit) as e:
+    for args, said in (
+            ([f"--codec_dir={tmp_path / 'nonexistent'}", "--clips=2"] + FAST,
+             f"--codec_dir={tmp_path / 'nonexistent'}: no encodec_24khz"),
+            (["--dataset=folder", f"--src={empty}"] + FAST, "no audio files to prepare"),
+            (["--dataset=folder", f"--src={bad}"] + FAST, "no usable clips"),
+            (["--dataset=folder", f"--src={bad}"] + from_synth, "no usable clips"),
+            (["--dataset=folder", f"--src={bad}", "--strict"] + FAST,
+             f"{bad / 'silent.wav'}: all silent")):
+        with pytest.raises(SystemExit) as e:  # each stopped where it should, not by a check before
             P.main(args + [f"--out_dir={out}"])
-        assert "must be" not in str(e.value) and "would make" not in str(e.value), e.value
+        assert said in str(e.value), (args, e.value)
         assert not (tmp_path / "new").exists(), args
     for extra in (FAST, from_synth):
         with pytest.raises(SystemExit, match="no usable clips"):
@@ -1312,9 +1315,15 @@ def test_codebook0_mel_on_a_finished_run_adds_its_files_without_a_rebuild(tmp_pa
     P.main(base + ["--codebook0_mel"])
     assert "already prepared" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
+    import sample as S
+    tools = S.Tools(str(out))
     for split in ("train", "val"):
-        c0 = np.fromfile(out / f"{split}_mel_c0.bin", np.float16)
-        assert len(c0) == meta["splits"][split]["frames"] * meta["n_mels"] > 0
+        c0 = np.fromfile(out / f"{split}_mel_c0.bin", np.float16).reshape(-1, meta["n_mels"])
+        assert len(c0) == meta["splits"][split]["frames"] > 0
+        inp, clip = S.read_clip(str(out), split, 0)  # its first clip: the mel of codebook 0 alone
+        want = tools.mel(tools.decode(inp["codes"][:, :1]).numpy())
+        got = c0[clip["offset"]:clip["offset"] + clip["frames"]].astype(np.float32)
+        assert np.abs(got - want).max() < 2e-3  # float16 storage
     assert {n: (out / n).read_bytes() for n in before} == before
     # a split without clips (--val_percent=0) gets an empty file
     empty = tmp_path / "no_val"
@@ -1471,6 +1480,37 @@ def test_the_work_of_two_codecs_is_kept_apart(tmp_path):
     assert not list(pretrained.iterdir())
     assert P.work_dir(tmp_path, "0123abcd", "encodec_24khz-offline", False) == offline
     assert (offline / "chunk00000.npz").exists()  # found again by a re-run of the same codec
+
+
+def test_a_rerun_with_another_codec_does_not_resume_the_first_ones_chunks(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Through main: a run stopped after encoding, re-run with the same codec, resumes its chunks;
+    re-run with a codec of another name, it encodes anew in a work folder of its own."""
+    out = tmp_path / "out"
+    args = ["--clips=4", "--max_seconds=1.0", f"--out_dir={out}"] + FAST
+    real_quantize = P.quantize_clips
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "quantize_clips", stop)  # stopped after pass 1 (the encoding)
+    with pytest.raises(KeyboardInterrupt):
+        P.main(args)
+    with pytest.raises(KeyboardInterrupt):
+        P.main(args)
+    assert "resuming: 4 clips already encoded" in capsys.readouterr().out
+    real_get_codec = P.get_codec
+
+    def other_codec(*a, **k):
+        codec, info = real_get_codec(*a, **k)
+        return codec, {**info, "name": info["name"] + "-other"}
+
+    monkeypatch.setattr(P, "get_codec", other_codec)
+    monkeypatch.setattr(P, "quantize_clips", real_quantize)
+    P.main(args)
+    assert "resuming" not in capsys.readouterr().out
+    assert json.loads((out / "meta.json").read_text())["codec"]["name"].endswith("-other")
+    assert not list(out.glob(".work-*"))  # a finished run leaves no work folder, of any codec
 
 
 def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
