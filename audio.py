@@ -142,6 +142,10 @@ def load_audio(path):
         raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: "
                              f"{str(e).strip()[:120]})")
     wav = data.mean(axis=1)
+    if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
+        raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "
+                             f"{np.abs(data).max():.2g} in a channel, {np.abs(wav).max():.1e} "
+                             f"mixed): a channel inverted?")
     if wav.size and np.all(np.isfinite(wav)):
         wav = resample(wav, file_sr, SAMPLE_RATE)
     check_audio(wav, path)

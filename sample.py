@@ -24,8 +24,8 @@ import torch
 
 import configurator
 import tokenizer as tokenizers
-from audio import (SAMPLE_RATE, BadAudio, StreamingDecoder, decode, features, load_audio,
-                   load_codec, log_mel, plot_mels, whisper_log_mel)
+from audio import (SAMPLE_RATE, BadAudio, StreamingDecoder, codec_id, decode, features,
+                   load_audio, load_codec, log_mel, plot_mels, whisper_log_mel)
 
 # -----------------------------------------------------------------------------
 out_dir = "out"      # where train.py wrote ckpt.pt
@@ -115,8 +115,13 @@ def read_clip(data_dir, split, index):
     path = os.path.join(data_dir, f"{split}_clips.jsonl")
     if not os.path.isfile(path):
         fail(f"--split={split}: {path} not found")
+    clips = []
     with open(path) as f:
-        clips = [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            try:
+                clips += [json.loads(line)] if line.strip() else []
+            except ValueError as e:
+                fail(f"{path}: line {i} is not JSON ({e}): cut short or edited; prepare.py again")
     if not 0 <= index < len(clips):
         fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
     c = clips[index]
@@ -251,6 +256,13 @@ if __name__ == "__main__":
 
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
                                                                   dtype=ptdtype)
+    if codes_model and config.codec_id:  # sample() checks the data's codec: its hash (~0.1 s,
+        t = time.time()                    # cached) is loading too, out of the tokens/s figure
+        try:
+            codec_id(data_dir)
+        except ValueError as e:
+            fail(f"codec: {e}")
+        tools.load_seconds += time.time() - t
     t0, load0 = time.time(), tools.load_seconds
     with ctx:  # (sample() itself runs without gradients)
         try:

@@ -182,8 +182,8 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
 def check_arrays(data_dir):
     """A ValueError naming each prepared array of data_dir (the splits' codes and mels) that is empty
     (a split without clips: numpy cannot map it) or not a whole number of rows (cut short: numpy
-    maps it and then fails to reshape it, naming no file). Missing or unreadable meta.json is left
-    to the model's load_data."""
+    maps it and then fails to reshape it, naming no file), and a clip list line that is not JSON.
+    Missing or unreadable meta.json is left to the model's load_data."""
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
@@ -205,6 +205,17 @@ def check_arrays(data_dir):
     if cut:
         raise ValueError(f"data_dir {data_dir}: {', '.join(cut)}: cut short or of other data; "
                          f"prepare.py again")
+    for split in ("train", "val"):  # the clip lists: a cut line is a JSON error naming no file
+        path = os.path.join(data_dir, f"{split}_clips.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                for i, line in enumerate(f, 1):
+                    try:
+                        json.loads(line) if line.strip() else None
+                    except ValueError as e:
+                        raise ValueError(f"data_dir {data_dir}: {os.path.basename(path)} line {i} "
+                                         f"is not JSON ({e}): cut short or edited; prepare.py "
+                                         f"again") from None
     if empty:
         raise ValueError(f"data_dir {data_dir}: {', '.join(empty)} empty: a split without clips "
                          f"(prepared with --val_percent=0, or from one clip); training and "

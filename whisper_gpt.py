@@ -344,7 +344,10 @@ class WhisperGPT(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits.float() / temperature
+                logits = logits.float()
+                # the largest logit made 0 first (softmax is unchanged): a tiny temperature then
+                # cannot overflow the others to inf
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
                 if top_k:  # draw among the k most likely tokens
                     logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

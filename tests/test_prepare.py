@@ -214,6 +214,10 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     sf.write(tmp_path / "stereo.wav", np.stack([left, right], 1), SR, subtype="FLOAT")
     np.testing.assert_allclose(A.load_audio(tmp_path / "stereo.wav"), (left + right) / 2,
                                atol=1e-7)
+    # channels that cancel in the mix: named as such, not as a silent file
+    sf.write(tmp_path / "inverted.wav", np.stack([left, -left], 1), SR, subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match="its 2 channels cancel when mixed to mono"):
+        A.load_audio(tmp_path / "inverted.wav")
 
 
 # ----------------------------------------------------------------------------- the corpus

@@ -846,6 +846,18 @@ def test_read_clip_names_a_missing_or_cut_array(synth_dir, tmp_path, capsys):
             S.read_clip(str(tmp_path), "val", last)
         err = capsys.readouterr().err
         assert str(tmp_path / "val_mel.bin") in err and said in err, err
+    # a clip list cut mid-line: sample.py's read_clip and train.py's check (train.py and eval.py
+    # read the data through it) name the file and the line (a JSONDecodeError naming none, before)
+    import train
+    (tmp_path / "val_mel.bin").write_bytes(mel)
+    text = (tmp_path / "val_clips.jsonl").read_text()
+    (tmp_path / "val_clips.jsonl").write_text(text[:text.index("\n") + 40])
+    with pytest.raises(SystemExit):
+        S.read_clip(str(tmp_path), "val", 0)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'val_clips.jsonl'}: line 2 is not JSON" in err, err
+    with pytest.raises(ValueError, match="val_clips.jsonl line 2 is not JSON"):
+        train.check_arrays(str(tmp_path))
 
 def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path):
     """--help prints the docstring, then every setting of the script with its default (its block

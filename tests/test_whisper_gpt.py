@@ -206,6 +206,10 @@ def test_sampling_options_and_top_k():
     g = torch.Generator().manual_seed(0)
     out = model.generate(codes, None, 30, temperature=1.0, top_k=1, generator=g)
     assert torch.equal(out, model.generate(codes, None, 30, temperature=0))  # top_k=1 is greedy
+    # a temperature so small that logits / temperature overflows (it raised in multinomial): the
+    # draws are greedy's, as the limit T -> 0 is
+    tiny_t = model.generate(codes, None, 30, temperature=1e-40, generator=g)
+    assert torch.equal(tiny_t, out)
     a = model.generate(codes, None, 30, temperature=1.5, generator=torch.Generator().manual_seed(3))
     b = model.generate(codes, None, 30, temperature=1.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and len(set(a[0, 5:].tolist())) > 5
