@@ -316,12 +316,24 @@ if __name__ == "__main__":
         if S[key] < 1:
             fail(f"{key}={S[key]}: must be at least 1")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
-                "weight_decay", "grad_clip"):
+                "weight_decay", "grad_clip", "peak_flops"):
         if not 0 <= S[key] < math.inf:
             fail(f"{key}={S[key]}: must be a finite number, at least 0")
     for key in ("beta1", "beta2"):
         if not 0 <= S[key] < 1:
             fail(f"{key}={S[key]}: must be at least 0 and below 1")
+    if S["decay_lr"] and S["min_lr"] > S["learning_rate"]:  # the schedule would rise
+        fail(f"min_lr={S['min_lr']}: above learning_rate={S['learning_rate']}, the rate the "
+             f"schedule decays from")
+    if not 0 <= S["seed"] < 2 ** 63:  # numpy's and torch's generators take these
+        fail(f"seed={S['seed']}: must be at least 0 and below 2**63")
+    if S["overwrite"] and S["init_from"] == "resume":
+        fail("overwrite=True with init_from=resume: one trains anew, the other goes on; give one")
+    if S["wandb_log"]:  # before any long work
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("wandb_log=True: wandb is not installed (pip install wandb)")
 
     # -----------------------------------------------------------------------------
     # processes and devices
@@ -589,7 +601,8 @@ if __name__ == "__main__":
 
     # MFU: ~6 flops per trainable parameter per token (forward + backward), ~4 per frozen one
     # (forward + backward through the activations); attention's own flops are left out; tokens are
-    # the target tokens (targets != -1)
+    # the target tokens (targets != -1): every position for Whisper-GPT, fewer than the LLM reads
+    # for SALMONN and Pengi (audio tokens, prefixes, prompts), whose MFU is so a lower bound
     flops_per_token = 6 * n_trainable + 4 * (n_params - n_trainable)
     peak = peak_flops
     if device_type == "cuda" and not peak:
@@ -619,8 +632,12 @@ if __name__ == "__main__":
                   f"val loss {losses['val']:.4f}")
             if not eval_only:  # the log holds the run's own records
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
+            # the best so far: of weights that are or may be saved (a scratch run's untrained start
+            # is not: a best-only run that never beat it would end with no checkpoint)
+            improved = False
+            if iter_num > start_iter or save_start or init_from == "resume":
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
             if ((iter_num > start_iter or save_start) and (improved or always_save_checkpoint)
                     and not eval_only):
                 save_checkpoint()
@@ -689,8 +706,8 @@ if __name__ == "__main__":
             torch.save(ckpt, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
     if master:
-        print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}, best val loss "
-              f"{best_val_loss:.4f}")
+        print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}"
+              + (f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else ""))
     if ddp:
         # the master may still be evaluating or saving: tear down together (gloo aborts otherwise),
         # the DDP wrapper first: it holds the process group, whose gloo threads must be stopped by

@@ -2,6 +2,7 @@
 and sample.py's wav output. Tiny Whisper-GPT models on the test corpus; a tiny text model's
 checkpoint and its tokenizer."""
 
+import importlib.util
 import json
 import math
 import os
@@ -348,6 +349,16 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     assert ck["iter_num"] == 0 and ck["end_iter"] == 4
     assert torch.equal(ck["model"]["wte.weight"],
                        torch.load(start, weights_only=True)["model"]["wte.weight"])
+    # from scratch, never better than the untrained start (lr 0): the untrained weights are no
+    # "best" to keep, the first trained eval saves, and the run ends with a checkpoint
+    scratch = str(tmp_path / "scratch")
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={scratch}",
+             *TINY, "--max_iters=4", "--learning_rate=0", "--min_lr=0",
+             "--always_save_checkpoint=False"])
+    ck = torch.load(os.path.join(scratch, "ckpt.pt"), weights_only=True)
+    _, val = losses(scratch)
+    assert ck["iter_num"] == 4 and ck["best_val_loss"] == val[4], (ck["iter_num"], val)
+    assert f"best val loss {val[4]:.4f}" in p.stdout
 
 def test_saves_follow_always_save_and_the_best_val_loss_survives_a_resume(synth_dir, tmp_path):
     """With lr_decay_iters=4 and min_lr=0 the weights stop changing after iteration 4, so every
@@ -558,11 +569,20 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={none}", *TINY,
          "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
     assert not none.exists()
-    for arg, said in (("--min_lr=-1", "min_lr=-1.0: must be a finite number, at least 0"),
-                      ("--beta2=2", "beta2=2.0: must be at least 0 and below 1"),
-                      ("--n_head=3", "n_embd 32 must be divisible by n_head 3")):
+    for args, said in ((["--min_lr=-1"], "min_lr=-1.0: must be a finite number, at least 0"),
+                       (["--beta2=2"], "beta2=2.0: must be at least 0 and below 1"),
+                       (["--n_head=3"], "n_embd 32 must be divisible by n_head 3"),
+                       (["--min_lr=0.1"], "min_lr=0.1: above learning_rate=0.01"),  # would rise
+                       (["--seed=-1"], "seed=-1: must be at least 0 and below 2**63"),
+                       (["--peak_flops=-1"], "peak_flops=-1.0: must be a finite number"),
+                       (["--overwrite=True", "--init_from=resume"],
+                        "overwrite=True with init_from=resume: one trains anew"),
+                       (["--wandb_log=True"], "wandb_log=True: wandb is not installed")):
+        if args == ["--wandb_log=True"] and importlib.util.find_spec("wandb"):
+            continue  # installed: nothing to refuse
         p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}",
-                 f"--out_dir={tmp_path / 'x'}", *TINY, arg], check=False)
+                 f"--out_dir={tmp_path / 'x'}", *TINY, *args], check=False)
+        arg = args
         assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, \
             (arg, p.stderr[-1500:])
     assert not (tmp_path / "x").exists()
