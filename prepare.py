@@ -27,6 +27,7 @@ codec in codec.py, the built-in corpus in synth.py, the corpus BPE in tokenizer.
 """
 import math
 import os
+import re
 import sys
 import csv
 import json
@@ -122,8 +123,13 @@ def read_manifest(src, report):
     elif mc.exists():
         # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
         with open(mc, newline="", encoding="utf-8-sig", errors="replace") as f:
-            for ln, row in enumerate(csv.DictReader(f), 2):
-                rows.append((f"{mc.name}:{ln}", row))
+            reader, read = csv.DictReader(f, strict=True), 1  # an unclosed quote: an error,
+            try:                                                  # not the rows after it lost
+                for row in reader:
+                    read = reader.line_num
+                    rows.append((f"{mc.name}:{read}", row))
+            except csv.Error as e:
+                sys.exit(f"error: {mc}: not CSV after line {read} ({e}); check its quotes")
     else:
         return None
     out = {}
@@ -260,6 +266,9 @@ def check_args(args):
                  f"corpus's shortest sounds last a second)")
     if not 0 <= args.val_percent <= 100:
         sys.exit(f"error: --val_percent={args.val_percent:g}: must be 0 to 100")
+    if abs(args.val_percent * 10 - round(args.val_percent * 10)) > 1e-6:  # is_val's resolution
+        sys.exit(f"error: --val_percent={args.val_percent:g}: must be a multiple of 0.1 (a clip's "
+                 f"split is drawn per mille)")
     for k, least in (("codec_steps", 0), ("codec_tune_steps", 0), ("codec_clips", 1),
                      ("kmeans_frames", 1), ("kmeans_iters", 1)):
         if getattr(args, k) < least:
@@ -305,14 +314,24 @@ def check_args(args):
         except ValueError as e:
             sys.exit(f"error: --codec_from={args.codec_from}: {e}")
 
-def check_out_dir(out):
+def check_out_dir(out, force):
     """Stop now if the output directory cannot be made, without making it: that waits until there
-    is something to write (make_out_dir), so a run that stops before leaves no empty folder."""
+    is something to write (make_out_dir), so a run that stops before leaves no empty folder. A
+    folder holding files of something else (no meta.json, no work of a stopped run) is refused:
+    the outputs' names would replace its files."""
     there = next((p for p in (out, *out.parents) if p.exists()), out)   # out, or where it would go
     if not there.is_dir():
         sys.exit(f"error: --out_dir={out}: a file is in the way of that folder")
     if there != out and not os.access(there, os.W_OK | os.X_OK):
         sys.exit(f"error: --out_dir={out}: cannot be made (no permission to write in {there})")
+    if there == out and not force and not (out / "meta.json").exists() \
+            and not list(out.glob(".work-*")):
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if others:
+            sys.exit(f"error: --out_dir={out}: holds {len(others)} file(s) that are not prepared "
+                     f"data ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): name "
+                     f"an empty or new folder (--force writes there, replacing what has an "
+                     f"output's name)")
 
 def make_out_dir(out):
     """The output directory, made if need be and cleared of a crashed run's half-written files.
@@ -325,7 +344,8 @@ def make_out_dir(out):
     except OSError as e:
         sys.exit(f"error: --out_dir={out}: cannot be made ({e.strerror})")
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
-        stale.unlink()
+        if re.fullmatch(r".+\.tmp\d+", stale.name):     # (Staging's names: NAME.tmpPID)
+            stale.unlink()
     return made
 
 def remove_empty(dirs):
@@ -651,11 +671,12 @@ def encode_clips(codec, clips, n_total, args, work, t_start):
     """Pass 1 over every clip, resumed from the chunks in work. Returns infos, embs, mels and
     wmels (lists in the order of the clips' ids) and the seconds of audio: all, and those
     resumed."""
-    pbar = tqdm(total=n_total, unit="clip", disable=args.quiet, desc="encode", smoothing=0.1)
     done, n_chunks = load_chunks(work, args.whisper_mel)
     if n_chunks:
         print(f"resuming: {len(done)} clips already encoded in {n_chunks} chunks")
-    pbar.update(len(done))
+    # the resumed clips as the start, not as work done now (the rate and ETA are this run's)
+    pbar = tqdm(total=n_total, initial=len(done), unit="clip", disable=args.quiet, desc="encode",
+                smoothing=0.1)
     audio_seconds = resumed_seconds = sum((info["duration"] for info, *_ in done), 0.0)
     todo = clips(skip={info["id"] for info, *_ in done})
     while chunk := list(itertools.islice(todo, CHUNK)):
@@ -860,6 +881,10 @@ def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, 
             f"in codebook 0")
     print(f"wrote {out}: train {splits['train']['clips']} clips / {splits['train']['frames']} "
           f"frames, val {splits['val']['clips']} clips / {splits['val']['frames']} frames; {used}")
+    for split in ("train", "val"):
+        if not splits[split]["clips"]:
+            print(f"note: the {split} split has no clips: train.py and eval.py read both splits, so "
+                  f"this data serves as another's held-out clips only (--val_percent)")
     if problems:
         counts = ", ".join(f"{n} x {p}" for p, n in problems.most_common())
         print(f"skipped {sum(problems.values())} inputs: {counts}")
@@ -961,14 +986,17 @@ def main(argv=None):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     check_args(args)
     out = output_dir(args)
-    check_out_dir(out)
+    check_out_dir(out, args.force)
     drop_speech_if_unavailable(args)                  # changes args: before hash_args
     args_hash = hash_args(args)
     if already_prepared(out, args, args_hash):
         if args.src:
             print("(the files under --src are not compared: after changing them, use --force)")
         if args.codebook0_mel:                        # made from the stored codes: no rebuild
-            codebook0_mels(out, args.quiet)
+            try:
+                codebook0_mels(out, args.quiet)
+            except (ValueError, OSError) as e:        # its codec file cut short, say
+                sys.exit(f"error: --codebook0_mel: {e}")
         return out
     check_whisper_mel(args)
     report = InputProblems(args.strict)

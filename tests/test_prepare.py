@@ -789,6 +789,32 @@ def write_folder(d):
                                     "missing.wav,gone,tone,,\n", encoding="utf-8")
 
 
+def test_a_folder_of_other_files_is_not_written_into(tmp_path):
+    """--out_dir naming a folder that holds other files (no meta.json, no stopped run's work) stops
+    before any work, naming some of them, and leaves them as they were; --force writes there."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.tmp2.txt").write_text("mine")  # a name the staged files' cleanup matched
+    (out / "train_mel.bin").write_bytes(b"mine")
+    args = ["--clips=4", "--max_seconds=1.0", f"--out_dir={out}"] + FAST
+    with pytest.raises(SystemExit, match=f"--out_dir={out}: holds 2 file\\(s\\) that are not "
+                                         f"prepared data \\(notes.tmp2.txt, train_mel.bin\\)"):
+        P.main(args)
+    assert (out / "notes.tmp2.txt").read_text() == "mine" and sorted(
+        p.name for p in out.iterdir()) == ["notes.tmp2.txt", "train_mel.bin"]
+    P.main(args + ["--force"])
+    assert (out / "meta.json").exists() and (out / "train_mel.bin").read_bytes() != b"mine"
+    assert (out / "notes.tmp2.txt").read_text() == "mine"  # not a staged file: not removed
+
+
+def test_a_manifest_csv_with_an_unclosed_quote_is_named_not_read_wrongly(tmp_path):
+    """An unclosed quote in manifest.csv swallowed the rows after it into one caption, silently:
+    now a one-line error with the file and the line."""
+    (tmp_path / "manifest.csv").write_text('file,caption\nd0.wav,"a dog barks\nd1.wav,a cat\n')
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'manifest.csv'}: not CSV after line 1"):
+        P.read_manifest(tmp_path, lambda *a: None)
+
+
 BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length",
        "silent.wav": "all silent",
        "nan.wav": "NaN", "short.wav": "shorter than one frame", "notes.txt": "not an audio file",
@@ -1120,7 +1146,9 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
                                  "--kmeans_frames=0", "--kmeans_iters=0", "--codec_steps=-3",
                                  "--codec_tune_steps=-1", "--codec_clips=0",
                                  "--batch_seconds=0", "--batch_seconds=inf", "--seed=-1",
-                                 "--max_seconds=inf"])
+                                 "--max_seconds=inf",
+                                 # the split is drawn per mille: 0.05 would give 0.1
+                                 "--val_percent=0.05"])
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
@@ -1570,6 +1598,7 @@ def test_a_rebuild_leaves_no_codec_files_of_the_run_before(tmp_path):
     out.mkdir()
     (out / "codec.pt").write_bytes(b"an earlier run's offline codec")
     (out / "codec.png").write_bytes(b"its picture")
-    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--no_codes", "--quiet"])
+    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--no_codes", "--quiet",
+            "--force"])  # a rebuild over the earlier run (no meta.json: else refused)
     assert json.loads((out / "meta.json").read_text())["codec"] is None
     assert not (out / "codec.pt").exists() and not (out / "codec.png").exists()
