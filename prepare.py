@@ -489,6 +489,10 @@ def check_whisper_mel(args):
         except FileNotFoundError as e:
             sys.exit(f"error: --whisper_mel: {e}")
 
+# what fits the offline codec (nothing of them applies to the pretrained EnCodec)
+OFFLINE_CODEC_ARGS = ("codec_steps", "codec_clips", "codec_tune_steps", "codec_report",
+                      "kmeans_frames", "kmeans_iters")
+
 def get_codec(args, out):
     """The codec and its record for meta.json: the pretrained EnCodec whenever it can be had, else
     the offline one (EnCodec's architecture, set up and fitted once the clips are known); with
@@ -517,6 +521,11 @@ def get_codec(args, out):
         codec_info = {"name": "encodec_24khz", "pretrained": True,
                       "weights": str(weights.resolve()), "bandwidth": BANDWIDTH}
         print(f"codec: pretrained EnCodec 24 kHz from {weights}")
+        defaults = vars(get_args([]))  # the offline codec's options, given: unused
+        given = [f"--{k}" for k in OFFLINE_CODEC_ARGS if getattr(args, k) != defaults[k]]
+        if given:
+            print(f"note: {', '.join(given)} fit the offline codec; the pretrained EnCodec is used "
+                  f"as it is (--offline_codec fits one instead)")
         return codec, codec_info
     codec = offline_codec()
     codec_info = {"name": "encodec_24khz-offline", "pretrained": False, "weights": "codec.pt",
@@ -757,7 +766,9 @@ def report_offline_codec(codec, seed, stage, speech=True):
 def quantize_clips(codec, allemb, bounds):
     """Each clip's codes, (frames, N_Q) uint16. Quantizing is frame by frame, so all the clips
     go through at once, in big slices."""
-    allcodes = [quantize(codec, allemb[s:s + 16384]) for s in range(0, len(allemb), 16384)]
+    slices = range(0, len(allemb), 16384)  # ~1 s each on one core: a bar for a large corpus
+    allcodes = [quantize(codec, allemb[s:s + 16384])
+                for s in tqdm(slices, desc="quantize", unit="slice", disable=len(slices) < 20)]
     allcodes = torch.cat(allcodes).numpy().astype(np.uint16)
     return [allcodes[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 

@@ -267,9 +267,11 @@ if __name__ == "__main__":
     with ctx:  # (sample() itself runs without gradients)
         try:
             result = M.sample(model, tok, inp, prompt or None, tools, **opts)
-        except ValueError as e:  # a bad option value, or a prompt the model cannot take
+        except ValueError as e:  # a bad option value, or a prompt or input the model cannot take
             msg = str(e)
-            fail(msg if msg.startswith(M.__name__) else f"{M.__name__}.sample: {msg}")
+            msg = msg if msg.startswith(M.__name__) else f"{M.__name__}.sample: {msg}"
+            fail(msg + (f" (input: --audio={audio}, {len(wav) / meta['sample_rate']:.2f} s)"
+                        if audio else ""))
     dt = time.time() - t0 - (tools.load_seconds - load0)  # a codec loaded on the way, left out
     if "codes" in result:
         codes = result["codes"]

@@ -275,6 +275,11 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
              "train.py: dtype='float64': expected auto, float32, bfloat16 or float16"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--dtype=fp16"],
              "sample.py: dtype='fp16': expected auto, float32, bfloat16 or float16"),
+            # too short for the hybrid's first 7 frames: the model's refusal names the input
+            ([sys.executable, "sample.py", f"--out_dir={good}", f"--audio={tmp_path / 'short.wav'}",
+              f"--out={tmp_path / 'short_out.wav'}"],
+             f"the hybrid needs at least 7 (7 for the codec's stream decoder, more than mel_lag=1) "
+             f"(input: --audio={tmp_path / 'short.wav'}, 0.04 s)"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={tmp_path / 'nope'}"],
              f"--data_dir={tmp_path / 'nope'}: no such folder"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--out={tmp_path / 'no_dir'}"],
@@ -291,6 +296,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     sound = np.sin(np.linspace(0, 2000, 24000)).astype(np.float32)
     import soundfile
     soundfile.write(tmp_path / "in.wav", sound, 24000)
+    soundfile.write(tmp_path / "short.wav", sound[:1000], 24000)  # 4 frames
     shutil.copyfile(tmp_path / "in.wav", tmp_path / "in.png")  # audio under a picture's name
     (tmp_path / "meta.json").write_text('{"n_mels": 64}')      # JSON, but not eval.py's
     kept = {f: f.read_bytes() for f in (good / "ckpt.pt", tmp_path / "in.wav", tmp_path / "in.png",

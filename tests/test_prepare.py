@@ -807,6 +807,20 @@ def test_a_folder_of_other_files_is_not_written_into(tmp_path):
     assert (out / "notes.tmp2.txt").read_text() == "mine"  # not a staged file: not removed
 
 
+def test_offline_codec_options_given_with_the_pretrained_encodec_are_said_to_be_unused(
+        tmp_path, monkeypatch, capsys):
+    """The options that fit the offline codec do nothing when the pretrained EnCodec is found: a
+    note names those given (none when only defaults)."""
+    fake = tmp_path / "encodec_24khz-d7cc33bc.th"
+    monkeypatch.setattr(P, "get_pretrained_codec", lambda *a, **k: ("a codec", fake))
+    args = P.get_args(["--codec_steps=50", "--kmeans_iters=3", f"--out_dir={tmp_path}"])
+    assert P.get_codec(args, tmp_path)[1]["pretrained"] is True
+    out = capsys.readouterr().out
+    assert "note: --codec_steps, --kmeans_iters fit the offline codec" in out, out
+    P.get_codec(P.get_args([f"--out_dir={tmp_path}"]), tmp_path)
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_manifest_csv_with_an_unclosed_quote_is_named_not_read_wrongly(tmp_path):
     """An unclosed quote in manifest.csv swallowed the rows after it into one caption, silently:
     now a one-line error with the file and the line."""
