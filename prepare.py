@@ -453,6 +453,9 @@ def already_prepared(out, args, args_hash):
               f"rebuilding")
         return False
     print(f"{out} is already prepared with these arguments (use --force to rebuild)")
+    for work in out.glob(".work-*"):  # a finished run's work, left by a kill just after its data
+        if (work / "args_hash").is_file() and (work / "args_hash").read_text() == args_hash:
+            shutil.rmtree(work, ignore_errors=True)
     return True
 
 def prepared_elsewhere(meta, args):

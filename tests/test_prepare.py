@@ -1078,8 +1078,16 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
     assert A.codec_id(out) == A.codec_id(src)
     assert json.loads((out / "meta.json").read_text())["codec"]["from"] == str(src)
     capsys.readouterr()
+    # a kill between the data's last rename and the work folder's removal left the work behind:
+    # the re-run that finds the data finished removes it (another run's work stays)
+    h = json.loads((out / "meta.json").read_text())["args_hash"]
+    for name, owner in ((".work-left-x", h), (".work-other-x", "another run")):
+        (out / name).mkdir()
+        (out / name / "args_hash").write_text(owner)
     P.main(args)
     assert "already prepared" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob(".work-*")) == [".work-other-x"]
+    shutil.rmtree(out / ".work-other-x")
     # another codec at the source (a codeword moved): the output is stale and is rebuilt
     ck = torch.load(src / "codec.pt", weights_only=True)
     key = next(k for k in ck["model"] if k.endswith("_codebook.embed"))
