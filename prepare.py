@@ -766,12 +766,13 @@ def report_offline_codec(codec, seed, stage, speech=True):
 
 # --- pass 2: quantize (cheap), tokenize, write the splits and meta.json
 
-def quantize_clips(codec, allemb, bounds):
+def quantize_clips(codec, allemb, bounds, quiet=False):
     """Each clip's codes, (frames, N_Q) uint16. Quantizing is frame by frame, so all the clips
     go through at once, in big slices."""
     slices = range(0, len(allemb), 16384)  # ~1 s each on one core: a bar for a large corpus
     allcodes = [quantize(codec, allemb[s:s + 16384])
-                for s in tqdm(slices, desc="quantize", unit="slice", disable=len(slices) < 20)]
+                for s in tqdm(slices, desc="quantize", unit="slice",
+                              disable=quiet or len(slices) < 20)]
     allcodes = torch.cat(allcodes).numpy().astype(np.uint16)
     return [allcodes[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 
@@ -1051,7 +1052,8 @@ def main(argv=None):
             codec_info["report"] = measured
     elif copy_codec:
         shutil.copyfile(work / "codec_from.pt", stage(codec_info["weights"]))
-    codes = quantize_clips(codec, allemb, bounds) if codec is not None else None   # pass 2
+    codes = (quantize_clips(codec, allemb, bounds, args.quiet) if codec is not None
+             else None)                                                           # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)
     wall = time.time() - t_start
