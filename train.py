@@ -93,6 +93,15 @@ def model_defaults(name):
     """The model file's Config defaults: what a run that did not set a model field had."""
     return {f.name: f.default for f in fields(importlib.import_module(name).Config)}
 
+def save_atomic(obj, path):
+    """torch.save to path.tmp, flushed to the disk, then renamed over path: a kill or a power loss
+    leaves the old file or the new one, never a part of one."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or
     corrupt (a crash never leaves one: save_checkpoint writes a temporary file and renames it), or
@@ -557,8 +566,7 @@ if __name__ == "__main__":
         if dtype == "float16":
             ckpt["scaler"] = scaler.state_dict()
         path = os.path.join(out_dir, "ckpt.pt")
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written ckpt.pt
+        save_atomic(ckpt, path)
         print(f"saved {path} (iter {iter_num})")
 
     def eval_due(it):  # the iterations that evaluate (and may save)
@@ -607,8 +615,8 @@ if __name__ == "__main__":
     peak = peak_flops
     if device_type == "cuda" and not peak:
         name = torch.cuda.get_device_name(device)
-        peak = next((f for k, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-                     if k in name), 0.0)
+        peak = next((f for k, f in (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
+                                    ("A100", 312e12)) if k in name), 0.0)
 
     def fmt_time(s):
         s = int(s)
@@ -703,8 +711,7 @@ if __name__ == "__main__":
         if ckpt["iter_num"] < iter_num:
             # where the run ended, and the settings it ended with (a re-run of them is finished)
             ckpt["end_iter"], ckpt["config"] = iter_num, dict(S)
-            torch.save(ckpt, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            save_atomic(ckpt, ckpt_path)
     if master:
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}"
               + (f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else ""))

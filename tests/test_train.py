@@ -587,6 +587,21 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
             (arg, p.stderr[-1500:])
     assert not (tmp_path / "x").exists()
 
+def test_save_atomic_replaces_the_file_whole_and_leaves_no_tmp(tmp_path):
+    """train.save_atomic: the new content replaces the old under the same name, loadable, with no
+    .tmp left; a save that fails midway leaves the old file as it was (its part in the .tmp, which
+    the next save writes over)."""
+    import torch
+    path = str(tmp_path / "ckpt.pt")
+    train.save_atomic({"x": torch.arange(3)}, path)
+    train.save_atomic({"x": torch.arange(5)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    with pytest.raises(Exception):
+        train.save_atomic({"x": lambda: 0}, path)  # a lambda cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(5))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp"]  # the failed part, beside
+
 def test_a_checkpoint_with_fields_the_model_file_lacks_is_named(full_run, tmp_path):
     import torch
     ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
