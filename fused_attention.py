@@ -40,12 +40,16 @@ import triton
 import triton.language as tl
 
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
+
+def _check_bwd(value):
+    if value not in ("auto", "atomic", "split"):
+        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD must be auto, atomic or split, got "
+                         f"{value!r} (fused_attention.BWD)")
+
 # how the triton backward gets dq: "auto", "atomic" or "split" (checked here for a typo on any
 # path, and again when the kernels run, as fused_attention.BWD may be set from Python)
 BWD = os.environ.get("FUSED_ATTENTION_BWD", "auto")
-if BWD not in ("auto", "atomic", "split"):
-    raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD must be auto, atomic or split, got "
-                     f"{BWD!r}")
+_check_bwd(BWD)
 
 def _env_flag(name):
     value = os.environ.get(name, "1")
@@ -735,9 +739,7 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
         raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); "
                          f"to run it on the CPU set TRITON_INTERPRET=1 before fused_attention is "
                          f"imported")
-    if BWD not in ("auto", "atomic", "split"):
-        raise ValueError(f"fused_attention: FUSED_ATTENTION_BWD (fused_attention.BWD) must be "
-                         f"auto, atomic or split, got {BWD!r}")
+    _check_bwd(BWD)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # clamped in int64, then cast: a length past 2**31 must not wrap around, nor T overflow a
     # uint8 one

@@ -642,12 +642,12 @@ if __name__ == "__main__":
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             # the best so far: of weights that are or may be saved (a scratch run's untrained start
             # is not: a best-only run that never beat it would end with no checkpoint)
+            may_save = iter_num > start_iter or save_start
             improved = False
-            if iter_num > start_iter or save_start or init_from == "resume":
+            if may_save or init_from == "resume":
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-            if ((iter_num > start_iter or save_start) and (improved or always_save_checkpoint)
-                    and not eval_only):
+            if may_save and (improved or always_save_checkpoint) and not eval_only:
                 save_checkpoint()
             t_log += time.time() - t_eval  # the speed on the next log line is training's alone
         if eval_only or iter_num >= max_iters:
