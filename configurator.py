@@ -223,7 +223,10 @@ def resolve_dtype(script, dtype, device):
     if dtype == "auto":
         if not device.startswith("cuda"):
             return "float32"
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # bfloat16 in hardware: sm_80 on. torch.cuda.is_bf16_supported() also says yes for an older
+        # GPU that can only emulate it (a T4, a V100), which then got slow bf16 instead of float16
+        major = torch.cuda.get_device_capability(torch.device(device))[0]
+        return "bfloat16" if major >= 8 else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(script, f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
     return dtype

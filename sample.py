@@ -39,7 +39,7 @@ out = ""             # a .wav for audio results, or a folder for sample.wav (def
                      # .txt for text results, or a folder for sample.txt (default: printed only)
 seed = 1337
 device = "auto"      # auto | cpu | cuda | ...
-# auto (CUDA: bfloat16 where supported, else float16; elsewhere float32) | float32 | bfloat16 | float16
+# auto (CUDA: bfloat16 from sm_80 (A100) on, else float16; elsewhere float32) | float32 | bfloat16 | float16
 dtype = "auto"
 # -----------------------------------------------------------------------------
 

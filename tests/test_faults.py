@@ -373,6 +373,25 @@ def test_settings_that_are_no_literal_and_devices_this_machine_lacks(monkeypatch
         configurator.resolve_device("train.py", "cuda:7")
     assert "has 1 GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err
 
+def test_auto_dtype_is_float16_on_a_gpu_that_only_emulates_bfloat16(monkeypatch):
+    """--dtype=auto: bfloat16 from sm_80 on, float16 on an older GPU (a T4 is sm_75). Such a GPU
+    creates bfloat16 tensors, so torch.cuda.is_bf16_supported() says yes (emulation); that answer
+    gave it slow bf16 matmuls and no GradScaler. The GPU is faked: no CUDA needed."""
+    import types
+    sys.path.insert(0, ROOT)
+    import configurator
+    capability = [(7, 5)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None:
+                        types.SimpleNamespace(major=capability[0][0], minor=capability[0][1]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert configurator.resolve_dtype("train.py", "auto", "cuda") == "float16"
+    assert configurator.resolve_dtype("train.py", "bfloat16", "cuda") == "bfloat16"  # as asked
+    capability[0] = (9, 0)
+    assert configurator.resolve_dtype("train.py", "auto", "cuda") == "bfloat16"
+    assert configurator.resolve_dtype("train.py", "auto", "cpu") == "float32"
+
 def test_a_safetensors_file_cut_short_or_corrupt_is_named_not_a_traceback(tmp_path):
     """read_safetensors (salmonn.py, and pengi.py's copy) on a file safetensors itself wrote reads
     the tensors back; cut short, emptied, filled with garbage (whose first 8 bytes read as a header
