@@ -21,7 +21,7 @@ Two implementations of the same function:
   dtype and head dim.
 Which one runs: the `backend` keyword, else the module setting BACKEND, which comes from the
 environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton where it applies,
-i.e. CUDA + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
+i.e. CUDA on sm_80+ (Ampere on) + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
 cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
 timing a few per shape, FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq (default
 auto: a kernel of its own for D <= 64, atomic adds at D = 128; see _backward_mode),
@@ -753,6 +753,13 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
 # -----------------------------------------------------------------------------
 # the entry point
 
+def kernels_apply(q):
+    """Where auto takes the kernels: CUDA, half precision, a kernel head dim, and an Ampere or later
+    GPU (sm_80+: bf16 tensor cores, which the kernels were written and tested for; an older GPU,
+    a T4 or V100, gets PyTorch's attention)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
 def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None, q_lens=None):
     """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module
     docstring."""
@@ -781,10 +788,7 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
         return torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q,
                            0.0) + k.sum() + v.sum()
     if backend == "auto":
-        # the kernel where it pays: CUDA, half precision, a supported head dim; PyTorch otherwise
-        use_triton = q.is_cuda and q.dtype in (torch.float16,
-                                               torch.bfloat16) and q.shape[-1] in HEAD_DIMS
-        backend = "triton" if use_triton else "torch"
+        backend = "triton" if kernels_apply(q) else "torch"
     if backend == "triton":
         return attention_triton(q, k, v, causal=causal, k_lens=k_lens, sm_scale=sm_scale,
                                 q_lens=q_lens)

@@ -315,6 +315,26 @@ def test_auto_uses_torch_on_cpu_and_matches(dtype, D):
     b = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="torch")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+def test_auto_takes_the_kernels_only_where_they_apply(monkeypatch):
+    """auto's choice on a (faked) CUDA tensor: the kernels for fp16/bf16 at a kernel head dim on an
+    Ampere or later GPU; PyTorch's attention on a T4 (sm_75) or V100 (sm_70), for fp32, or for a
+    head dim the kernels lack. No GPU needed: q is a stand-in with the attributes auto reads."""
+    from types import SimpleNamespace
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    fake = lambda dtype=torch.bfloat16, D=64: SimpleNamespace(is_cuda=True, dtype=dtype,
+                                                               shape=(2, 4, 16, D), device="cuda:0")
+    assert fused_attention.kernels_apply(fake())
+    assert fused_attention.kernels_apply(fake(torch.float16, 128))
+    assert not fused_attention.kernels_apply(fake(torch.float32))
+    assert not fused_attention.kernels_apply(fake(D=48))
+    capability[0] = (8, 0)
+    assert fused_attention.kernels_apply(fake())
+    for old in ((7, 5), (7, 0)):
+        capability[0] = old
+        assert not fused_attention.kernels_apply(fake()) and not fused_attention.kernels_apply(
+            fake(torch.float16))
+
 def test_sm_scale_and_kv_cache_alignment():
     import fused_attention
     # one new query against a cache of 9 keys, causal: it sees all 9 (bottom-right alignment)
