@@ -758,7 +758,7 @@ def kernels_apply(q):
     GPU (sm_80+: bf16 tensor cores, which the kernels were written and tested for; an older GPU,
     a T4 or V100, gets PyTorch's attention)."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+            and torch.cuda.get_device_properties(q.device).major >= 8)  # constant under torch.compile
 
 def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None, q_lens=None):
     """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module

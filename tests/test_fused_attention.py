@@ -321,7 +321,8 @@ def test_auto_takes_the_kernels_only_where_they_apply(monkeypatch):
     head dim the kernels lack. No GPU needed: q is a stand-in with the attributes auto reads."""
     from types import SimpleNamespace
     capability = [(9, 0)]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        major=capability[0][0], minor=capability[0][1]))
     fake = lambda dtype=torch.bfloat16, D=64: SimpleNamespace(is_cuda=True, dtype=dtype,
                                                                shape=(2, 4, 16, D), device="cuda:0")
     assert fused_attention.kernels_apply(fake())
