@@ -5,11 +5,11 @@ Sample from a trained model of this repository, whatever its model file.
     python sample.py --out_dir=out/whisper-gpt-quick --audio=my.wav --out=continuation.wav
     python sample.py --out_dir=out/salmonn-stage3 --clip=0 --prompt="Describe the audio."
 
-The settings below belong to sample.py; every other --key=value goes to the model file's sample()
-(temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default; a key that is
-not in the model's SAMPLE_OPTS stops sample.py, naming them. A result {"codes": ...} is decoded
-with the data's EnCodec and written as a wav; a result {"text": ...} is printed (and written to a
-.txt --out, or sample.txt in an --out folder).
+The settings below belong to sample.py. Every other --key=value is an option of the model file's
+sample() (temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default in the
+model's SAMPLE_OPTS; a key not there stops sample.py, which lists the options there are.
+A result {"codes": ...} is decoded with the data's EnCodec and written as a wav; a result
+{"text": ...} is printed (and written to a .txt --out, or sample.txt in an --out folder).
 """
 
 import importlib
@@ -97,8 +97,8 @@ def read_meta(data_dir):
     return meta
 
 def read_rows(path, dtype, width, start, n):
-    """Rows start..start+n of a prepared (rows, width) array, as float32 or int64 torch; a missing,
-    cut or mis-sized file is named."""
+    """Rows start..start+n of a prepared (rows, width) array, as a torch tensor: int64 for codes
+    (uint16), float32 for the rest. A missing, cut or mis-sized file is named."""
     if not os.path.isfile(path):
         fail(f"{path} not found (prepare.py writes it)")
     n_rows, extra = divmod(os.path.getsize(path), np.dtype(dtype).itemsize * width)
@@ -109,8 +109,8 @@ def read_rows(path, dtype, width, start, n):
     return torch.from_numpy(rows.astype(np.int64 if dtype == np.uint16 else np.float32))
 
 def read_clip(data_dir, split, index):
-    """Codes (where the data has them) and mel of clip `index` of a split, from the prepared
-    arrays."""
+    """The arrays of clip `index` of a split, as prepared (mel; codes where the data has them;
+    wmel with prepare.py --whisper_mel), and its line of {split}_clips.jsonl."""
     meta = read_meta(data_dir)
     path = os.path.join(data_dir, f"{split}_clips.jsonl")
     if not os.path.isfile(path):
@@ -118,23 +118,25 @@ def read_clip(data_dir, split, index):
     clips = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                clips += [json.loads(line)] if line.strip() else []
+                clips.append(json.loads(line))
             except ValueError as e:
                 fail(f"{path}: line {i} is not JSON ({e}): cut short or edited; prepare.py again")
     if not 0 <= index < len(clips):
         fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
-    c = clips[index]
-    s, n = c["offset"], c["frames"]
-    clip = {"mel": read_rows(os.path.join(data_dir, f"{split}_mel.bin"), np.float16,
-                             meta["n_mels"], s, n)}
+    info = clips[index]
+    s, n = info["offset"], info["frames"]
+    arrays = {"mel": read_rows(os.path.join(data_dir, f"{split}_mel.bin"), np.float16,
+                               meta["n_mels"], s, n)}
     if meta.get("codec") is not None:  # prepare.py --no_codes stores none (SALMONN, Pengi read mel)
-        clip["codes"] = read_rows(os.path.join(data_dir, f"{split}_codes.bin"), np.uint16,
-                                  meta["n_q"], s, n)
+        arrays["codes"] = read_rows(os.path.join(data_dir, f"{split}_codes.bin"), np.uint16,
+                                    meta["n_q"], s, n)
     if "whisper_mel" in meta:  # prepare.py --whisper_mel: for an OpenAI Whisper encoder
-        clip["wmel"] = read_rows(os.path.join(data_dir, f"{split}_wmel.bin"), np.float16,
-                                 meta["whisper_mel"]["n_mels"], c["woffset"], c["wframes"])
-    return clip, c
+        arrays["wmel"] = read_rows(os.path.join(data_dir, f"{split}_wmel.bin"), np.float16,
+                                   meta["whisper_mel"]["n_mels"], info["woffset"], info["wframes"])
+    return arrays, info
 
 def write_wav(path, wav, sample_rate):
     import soundfile as sf
@@ -145,9 +147,9 @@ def write_wav(path, wav, sample_rate):
     os.replace(tmp, path)  # atomic
 
 if __name__ == "__main__":
-    S, unknown, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
+    # raw_opts: the model's sample() options, typed and checked once its file is known
+    S, raw_opts, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
-    raw_opts = unknown  # the model's sample() options, typed and checked once its file is known
     if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")
@@ -176,7 +178,7 @@ if __name__ == "__main__":
     M = importlib.import_module(checkpoint["model_name"])
     config = M.Config(**checkpoint["model_args"])
     model = M.Model(config)
-    try:  # weights of another shape than its own model_args say: one line
+    try:  # weights of another shape than its own model_args say: a one-line failure
         load_weights(model, checkpoint["model"], checkpoint["model_args"],
                      "the checkpoint's model_args")
     except ValueError as e:
@@ -256,8 +258,10 @@ if __name__ == "__main__":
 
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
                                                                   dtype=ptdtype)
-    if codes_model and config.codec_id:  # sample() checks the data's codec: its hash (~0.1 s,
-        t = time.time()                    # cached) is loading too, out of the tokens/s figure
+    # sample() checks the data's codec: hashing it (~0.1 s, then cached) here counts as loading,
+    # kept out of the tokens/s figure
+    if codes_model and config.codec_id:
+        t = time.time()
         try:
             codec_id(data_dir)
         except ValueError as e:
@@ -279,19 +283,20 @@ if __name__ == "__main__":
         print(f"generated {n} frames ({n / meta['frame_rate']:.2f} s of audio) in {dt:.2f} s: "
               f"{n / dt:.1f} tokens/s")
         prompt_codes = result.get("prompt_codes")
-        # the prompt too, decoded the same way: one can hear the seam
-        if prompt_codes is not None:
+        seam = None  # where the prompt ends, in seconds
+        if prompt_codes is not None:  # the prompt too, decoded the same way: one can hear the seam
             codes = torch.cat([prompt_codes, codes])
+            seam = len(prompt_codes) / meta["frame_rate"]
         wav = tools.decode(codes)
-        seam = len(prompt_codes) / meta["frame_rate"] if prompt_codes is not None else None
         png = os.path.splitext(out_path)[0] + ".png"
         try:
             write_wav(out_path, wav.numpy(), meta["sample_rate"])
             plot_mels(png, [(f"{'prompt | continuation' if seam else 'generated'} ({M.__name__}, "
                              f"{codes.shape[1]} codebook(s) decoded)", log_mel(wav.numpy()))],
                       boundary=seam)
-        except (OSError, RuntimeError) as e:  # a full disk, a folder gone meanwhile (soundfile
-            fail(f"--out={out_path}: cannot write it ({e})")  # raises a RuntimeError subclass)
+        except (OSError, RuntimeError) as e:
+            # a full disk, a folder gone meanwhile (soundfile raises a RuntimeError subclass)
+            fail(f"--out={out_path}: cannot write it ({e})")
         print(f"wrote {out_path} ({len(wav) / meta['sample_rate']:.2f} s" +
               (f": {seam:.2f} s prompt + {(len(wav) / meta['sample_rate'] - seam):.2f} s "
                f"continuation" if seam else "") +

@@ -2,10 +2,11 @@
 Whisper-GPT (Verma, 2024, arXiv 2412.11449): a generative model of audio that predicts the next
 coarse EnCodec token (codebook 0 of the 24 kHz codec, 75 tokens/s) from a hybrid input. At step t:
 - the coarse token of step t is embedded, and
-- the mel-spectrogram frame of that instant (ours: of the step before, mel_lag=1, since frame t's
-  window reaches into the audio of the token being predicted) goes through a few lightweight causal
-  decoder blocks (the Whisper encoder replaced by a small decoder stack) to a small vector (32-d);
+- the mel-spectrogram frame of that instant goes through a few lightweight causal decoder blocks
+  (in place of a Whisper encoder) to a small vector (32-d);
 the two are concatenated (early fusion) and the main causal decoder predicts the token of step t+1.
+A deviation of ours, on purpose: step t sees the mel frame of the step before (mel_lag=1),
+since frame t's window reaches into the audio of the token being predicted.
 With use_mel=False the spectrogram path is gone and this is the token-only GPT baseline (GPT-S/GPT-L
 of the paper). The paper gives no depth/width/context: the numbers in the configs are ours.
 
@@ -46,23 +47,22 @@ class WhisperGPTConfig:
     mel_n_head: int = 4
     mel_n_embd: int = 128
     mel_dim: int = 32        # the per-step spectrogram vector concatenated with the token embedding
-    # step t sees mel frame t - mel_lag. audio.log_mel centres mel frame i on the middle of block
-    # i, so its window reaches half a block into block i+1: the audio of the token step i must
-    # predict (and audio a generator does not have yet). Lag 1 is the smallest lag without that
-    # leak; load_data warns when mel_lag is below what meta.json implies. 0 = the leaky alignment.
+    # step t sees mel frame t - mel_lag: frame t's window reaches half a block into the audio of the
+    # token step t predicts, and 1 is the smallest lag without that leak (0 = the leaky alignment;
+    # docs/whisper_gpt.md). load_data warns when meta.json implies a larger one.
     mel_lag: int = 1
     # data: the clip kinds to train and evaluate on, comma-separated (e.g. "speech" or "music", the
     # two data kinds of the paper's Table 1); "" = every clip. Kept in the checkpoint, so eval.py
     # uses the same subset.
     kinds: str = ""
-    # the mels the hybrid trains on: "audio", the clip's own (the paper; its Table 1), or
-    # "codebook0", the mel of the clip's codebook 0 decoded alone (prepare.py --codebook0_mel): what
-    # it computes from its own output while it generates, since only codebook 0 is generated (ours)
+    # the mels the hybrid trains on: "audio", those of the clip's audio (the paper's), or
+    # "codebook0" (ours), those of the clip's codebook 0 decoded alone (prepare.py
+    # --codebook0_mel). Only codebook 0 is generated, so "codebook0" is what the model sees of its
+    # own output.
     mel_source: str = "audio"
-    # the codec whose codes the model learned (audio.codec_id; load_data sets it): the pretrained
-    # EnCodec is one codec everywhere, but an offline codec is fitted to its corpus, and its token
-    # ids stand for other sounds than another corpus's, so load_data and sample refuse data of
-    # another codec. "" = not known (an older checkpoint).
+    # the codec whose codes the model learned (audio.codec_id; load_data sets it; "" = unknown, an
+    # older checkpoint). An offline codec is fitted to its corpus, so its token ids stand for other
+    # sounds than another corpus's codec's: load_data and sample refuse data of another codec.
     codec_id: str = ""
 
 # -----------------------------------------------------------------------------
@@ -97,17 +97,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k_lens = None
         if cache is not None and "pos" in cache:
-            # one step at a position held in a tensor (graphed_step's, replayed from one CUDA
-            # graph on a GPU): its key and value written there, the keys past it masked by length
+            # graphed_step: one step at a position held in a tensor, so every position runs the same
+            # kernels. Its key and value go in at pos; the keys past it are masked by length.
             cache["k"].index_copy_(2, cache["pos"], k)
             cache["v"].index_copy_(2, cache["pos"], v)
             k, v, k_lens = cache["k"], cache["v"], (cache["pos"] + 1).expand(B)
-        elif cache is not None:  # KV cache: this window's keys/values so far
-            # buffers of a whole window, filled in place: growing them by torch.cat would copy the
-            # cache at every step
+        elif cache is not None:
+            # KV cache: buffers of the whole window, filled in place (torch.cat would copy the
+            # cache at every step)
             n = cache.get("n", 0)
-            if "k" not in cache:  # zeros: a step that reads the whole window masks what is past
-                # its position, and uninitialised memory there could hold NaN (0 * NaN = NaN)
+            if "k" not in cache:
+                # zeros, not empty: graphed_step reads the whole window and masks what is past its
+                # position, and uninitialised memory there could hold NaN (0 * NaN = NaN)
                 cache["k"] = k.new_zeros(B, self.n_head, cache["size"], C // self.n_head)
                 cache["v"] = torch.zeros_like(cache["k"])
             cache["k"][:, :, n:n + T] = k
@@ -209,11 +210,11 @@ class WhisperGPT(nn.Module):
         return F.pad(mels, (0, 0, lag, 0))[:, :mels.size(1)]
 
     def decode(self, codes, step_mels=None, caches=None, pos0=0):
-        """The network proper (codes to logits; the codec's decode, codes to audio, is
-        tools.decode). codes (B, T) coarse tokens, step_mels (B, T, n_mels) the frames the
-        steps see (already shifted), caches: list of per-block dicts (KV cache) or None, pos0:
-        position of codes[:, 0] in the window (an int, or for one step on caches holding "pos", that
-        (1,) tensor). Returns logits (B, T, vocab_size)."""
+        """The network proper: codes to logits (B, T, vocab_size). Not the codec's decode (codes to
+        audio), which is tools.decode.
+        codes: (B, T) coarse tokens. step_mels: (B, T, n_mels), the frames the steps see, already
+        shifted (shift_mels). caches: new_caches()'s per-block dicts, or None. pos0: the position
+        of codes[:, 0] in the window; an int, or graphed_step's (1,) position tensor."""
         c = self.config
         B, T = codes.shape
         if torch.is_tensor(pos0):
@@ -252,20 +253,21 @@ class WhisperGPT(nn.Module):
         return logits, loss
 
     def new_caches(self):
-        # per block, the mel path's first (as decode reads them): size (the window); the first
-        # decode adds k, v (B, H, size, D) buffers and n (filled so far); graphed_step's views of
-        # them add pos, a (1,) position tensor
+        """One dict per block, the mel path's first (as decode reads them), holding size (the
+        window). The first decode adds the k, v buffers (B, H, size, D) and n, how many are filled.
+        graphed_step passes the same buffers with pos, a (1,) position tensor, instead of n."""
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
     def graphed_step(self, caches, codes, step_mels, pos0):
-        """The one-token decode step on caches (filled by a decode of the window so far) as a
-        function (codes (B, 1), step_mels (B, 1, n_mels) or None, position) -> logits
-        (B, vocab_size). Its position lives in a tensor, so the step is the same kernels at every
-        position; on a GPU they are captured once in a CUDA graph and replayed: one launch per token
-        instead of one per op, which bound a small model's decoding there. Built with the first
-        step's inputs (capturing runs the step, and so writes its key and value, which the step
-        then writes again)."""
+        """The one-token decode step, on caches filled by a decode of the window so far, as a
+        function step(codes (B, 1), step_mels (B, 1, n_mels) or None, position) -> logits
+        (B, vocab_size).
+        The position lives in a tensor, so every step runs the same kernels. On a GPU they are
+        captured once in a CUDA graph and replayed: one launch per token instead of one per op,
+        since launches bound a small model's decoding there (docs/whisper_gpt.md). Elsewhere the
+        step runs eagerly. Built with the first step's inputs: capturing runs that step, writing its
+        key and value, which step() then writes again."""
         pos = torch.tensor([pos0], device=codes.device)
         steps = [{"k": cache["k"], "v": cache["v"], "pos": pos} for cache in caches]
         codes_in, mel = codes.clone(), None if step_mels is None else step_mels.clone()
@@ -303,15 +305,15 @@ class WhisperGPT(nn.Module):
     @torch.no_grad()
     def generate(self, codes, mels=None, max_new_tokens=75, temperature=1.0, top_k=None,
                  mel_fn=None, generator=None, cuda_graph=False):
-        """Continue codes (B, T0) (prompt, codebook 0) by max_new_tokens tokens with a KV cache.
-        Hybrid (B = 1: the generated audio is decoded as one stream): mels (1, T, n_mels) are the
-        prompt's first T frames, T0 - mel_lag <= T <= T0, and mel_fn(seq (1, j + mel_lag + 1),
-        j) -> (1, n_mels) makes each later mel frame j, once, when the step that sees it comes
-        (codes up to j + mel_lag exist; never for the last token). temperature 0 = greedy.
-        Context longer than block_size: the window restarts on its last block_size // 2 frames.
-        cuda_graph: the one-token steps run as graphed_step (on a GPU, replays of one CUDA graph;
-        elsewhere the same step run eagerly); the same tokens.
-        Returns (B, T0 + max_new_tokens)."""
+        """Continue the prompt codes (B, T0) (codebook 0) by max_new_tokens tokens with a KV cache.
+        Returns (B, T0 + max_new_tokens). temperature 0 = greedy.
+        The hybrid takes B = 1, since its generated audio is decoded as one stream. Its mels
+        (1, T, n_mels) are the prompt's first T frames, T0 - mel_lag <= T <= T0. Each later mel
+        frame j is made once, by mel_fn(seq, j) -> (1, n_mels), when the step that sees it comes;
+        seq (1, j + mel_lag + 1) holds the codes so far. The last token is never an input, so
+        needs no mel frame.
+        A context longer than block_size restarts the window on its last block_size // 2 frames.
+        cuda_graph: the one-token steps run as graphed_step; the tokens are the same."""
         c = self.config
         lag = c.mel_lag
         if c.use_mel:
@@ -330,7 +332,7 @@ class WhisperGPT(nn.Module):
         mel_frames = list(mels.unbind(1)) if c.use_mel else []  # known so far, (B, n_mels) each
         start = max(0, seq.size(1) - c.block_size)  # the window's first step
 
-        def mel_inputs(t0, t1):  # what steps t0..t1-1 see in the window starting at `start`
+        def mel_inputs(t0, t1):  # what steps t0..t1-1 see; zeros before `start`, as shift_mels
             z = torch.zeros_like(mel_frames[0])
             return torch.stack([mel_frames[t - lag] if t - lag >= start else z
                                 for t in range(t0, t1)], dim=1)
@@ -417,11 +419,11 @@ def select_kinds(data_dir, split, kinds, codes, mel):
     return frames(codes), None if mel is None else frames(mel)
 
 def load_data(data_dir, config, tok=None):
-    """Memmaps of both splits (the token-only model reads no mels). Sets vocab_size, n_mels and
-    codec_id on config from meta.json (refusing data of another codec than a set codec_id). With
-    config.kinds, only the clips of those kinds (their frames, in clip order, copied into memory:
-    codes, mels and alignment as prepared, so one codec serves every subset). tok: unused (no text
-    here), as in evaluate and sample: the interface's argument."""
+    """Memmaps of both splits' codes and (hybrid only) mels. Sets vocab_size, n_mels and codec_id
+    on config from meta.json, refusing data of another codec than a codec_id already set.
+    With config.kinds, only the frames of the clips of those kinds, in clip order, copied into
+    memory. They are cut from the corpus as prepared, so one codec serves every subset.
+    tok is unused (no text here): the interface's argument, as in evaluate and sample."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"whisper_gpt: {meta_path} not found: run prepare.py first (or set "
@@ -559,12 +561,12 @@ def _evaluate(model, data, split, batch_size, max_windows):
 # sampling: continue an audio prompt
 
 def incremental_mel(tools, lag):
-    """mel_fn for generate: mel frame j of the generated audio, computed when frames up to j + lag
-    exist. The codec decodes each frame once, as it comes (tools.decoder_stream keeps the decoder's
-    state, so the audio equals that of decoding the whole sequence), and the mel is taken on the
-    last few frames' audio: frame j's window (samples 320 j - 160 .. 320 j + 480) lies inside frames
-    j - 1 .. j + 1. With mel_lag=0 (the leaky alignment) frame j + 1 does not exist yet when frame j
-    is needed: the mel is then taken on the audio there is, not the training data's."""
+    """mel_fn for generate: mel frame j of the generated audio, computed once codes up to j + lag
+    exist. tools.decoder_stream decodes each code once, as it comes, and keeps the decoder's state,
+    so the audio equals that of the whole sequence decoded at once. The mel is taken on the audio
+    of codes j - 1 .. j + 1 only: frame j's window (samples 320 j - 160 .. 320 j + 480) lies inside
+    it. With lag 0 (the leaky alignment) code j + 1 does not exist yet when frame j is needed, so
+    the frame is taken on the audio there is and differs from the training data's."""
     stream, frame_wavs = tools.decoder_stream(), []  # the audio of each code, (320,) each
 
     def mel_fn(seq, j):
@@ -583,16 +585,16 @@ SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_f
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
-    """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (frames at 75/s).
-    Options: max_new_tokens, temperature (0 = greedy), top_k (0 = off), prompt_frames (last frames
-    of the clip used as prompt; 0 = as many as fit in the context), seed (-1 = torch's current RNG),
-    cuda_graph (generate's one-token steps replayed from a CUDA graph on a GPU). Runs in eval mode
-    (the model's mode is restored after).
-    Only codebook 0 is generated: the continuation is returned as (T_new, 1) codes ("codes"), the
-    prompt's as "prompt_codes", and both are decoded with the first quantizer alone (EnCodec at 0.75
-    kbps, the other residual codebooks left out, not zero-filled). The prompt's mels are those the
-    model trained on (mel_source), but for its last mel_lag frames: their windows reach into audio
-    after the prompt, so generate makes them from the prompt's codes and the generated ones."""
+    """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (75 per second of audio),
+    in eval mode (the model's mode is restored after). Options (SAMPLE_OPTS):
+    - temperature: 0 = greedy; top_k: 0 = off; seed: -1 = torch's current RNG;
+    - prompt_frames: the last frames of the clip used as the prompt; 0 = as many as fit the context;
+    - cuda_graph: generate's one-token steps replayed from a CUDA graph on a GPU.
+    Only codebook 0 is generated. Returns {"codes": the continuation (T_new, 1), "prompt_codes":
+    the prompt's (T0, 1)}, to be decoded with the first quantizer alone (EnCodec at 0.75 kbps; the
+    other codebooks are left out, not zero-filled).
+    The prompt's mels are those the model trained on (mel_source), but for its last mel_lag frames:
+    their windows reach into the audio after the prompt, so generate makes them from the codes."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
         raise ValueError(f"whisper_gpt.sample: unknown option(s) {sorted(unknown)}; known: "
