@@ -17,14 +17,15 @@ label, and the candidate labels are ranked by the LM's likelihood of each, raw a
 label prior (PMI). The audio embedding (`embed_audio`) feeds a linear probe, as in the paper's
 representation study.
 
-Our choices (the paper's sizes are in config/pengi_paper.py): a scaled-down HTSAT (a frequency head
-in place of the mean-pooled embedding Pengi reads, see AudioEncoder; absolute position embedding
-instead of Swin's relative bias; shifted windows by a cyclic roll along time only, without Swin's
-mask, see WindowBlock); mapper outputs LayerNorm-ed and scaled to the LM's token embeddings; a
-text encoder made from the LM's own embeddings and first layers (a causal tower pooled at the last
-token, as CLIP's text tower pools at its end token) instead of CLIP's text tower, trained with the
-audio encoder in the clap stage; the mappers' layers are GPT-2 blocks (the official mapper's have a
-2x ReLU MLP).
+Our choices (the paper's sizes are in config/pengi_paper.py):
+- a scaled-down HTSAT. A frequency head replaces the mean-pooled embedding Pengi reads
+  (AudioEncoder). The position embedding is absolute, not Swin's relative bias. Shifted windows are
+  a cyclic roll along time only, without Swin's mask (WindowBlock).
+- the mapper outputs are LayerNorm-ed and scaled to the LM's token embeddings (Mapper).
+- the text encoder is built from the LM's own embeddings and first layers instead of CLIP's text
+  tower: a causal tower pooled at the last token, as CLIP's pools at its end token. It trains with
+  the audio encoder in the clap stage.
+- the mappers' layers are GPT-2 blocks (the official mapper's have a 2x ReLU MLP).
 """
 
 import json
@@ -68,8 +69,8 @@ class PengiConfig:
     d_embed: int = 128
     # text encoder for the prompt: frozen in stage pengi (it trains in the clap stage)
     text_n_layer: int = 2
-    # "llm": the LM's wte, wpe, first text_n_layer blocks and ln_f; "embeddings": wte, wpe only;
-    # "random"
+    # copied from the LM: "llm": wte, wpe, the first text_n_layer blocks and ln_f; "embeddings":
+    # wte and wpe; "random": nothing
     text_init: str = "llm"
     text_trainable: bool = False  # True (ours): the tower trains in stage pengi too
     # mappers m1 (audio) and m2 (text), ClipCap style
@@ -95,9 +96,9 @@ class PengiConfig:
     max_answer_tokens: int = 40
 
 # -----------------------------------------------------------------------------
-# Transformer pieces: GPT-2 layout and Hugging Face names (the LM, the text tower and the mappers
-# use this block), with GPT-2's KV cache. Copies of salmonn.py's, kept identical
-# (tests/test_copies.py); LoRA is SALMONN's: here lora_rank is 0 and the LM stays frozen as a whole.
+# Transformer pieces: GPT-2 layout and Hugging Face names, with GPT-2's KV cache. The LM, the text
+# tower and the mappers all use this Block. Copies of salmonn.py's (tests/test_copies.py keeps them
+# identical); the LoRA is SALMONN's, and here lora_rank is 0: the LM stays frozen as a whole.
 
 # Copied from salmonn.SelfAttention
 class SelfAttention(nn.Module):
@@ -201,11 +202,11 @@ class GPT2(nn.Module):
 # Audio encoder: HTSAT-style, scaled down
 
 class WindowBlock(nn.Module):
-    """Swin block: attention inside non-overlapping windows of the (freq, time) patch grid, MLP.
-    Ours: a shifted block (shift=True) rolls the grid cyclically by half a window along time only,
-    without Swin's mask, so the last windows join the input's end to its start: for a repeat-padded
-    clip that is close to what a further repetition would give, a silence-padded one wraps silence,
-    and a cropped long clip joins two unrelated moments."""
+    """Swin block: attention inside non-overlapping windows of the (freq, time) patch grid, then an
+    MLP. Ours: a shifted block (shift=True) rolls the grid cyclically by half a window, along time
+    only and without Swin's mask. So the last windows join the input's end to its start. For a
+    repeat-padded clip that is close to one more repetition; a silence-padded clip wraps silence;
+    a cropped long clip joins two unrelated moments."""
 
     def __init__(self, dim, n_head, window, shift, dropout):
         super().__init__()
@@ -311,10 +312,8 @@ class AudioEncoder(nn.Module):
                 self.merges.append(PatchMerging(C))
                 C *= 2
         self.ln_f = nn.LayerNorm(C)
-        # the frequency head: HTSAT's token-semantic module reads the last grid with a conv whose
-        # kernel spans the whole frequency axis; ours is that conv (kernel F' x 1, as a linear layer
-        # over the F' rows) averaged over time. A mean over the whole grid would discard where in
-        # frequency the energy lies, and with it the pitch (docs/pengi.md)
+        # the frequency head: HTSAT's token-semantic conv across all F' frequency rows (as a linear
+        # layer), averaged over time. A mean over the grid would lose the pitch (docs/pengi.md)
         _, _, _, (last_rows, _) = stages[-1]  # the last grid's frequency rows
         self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
@@ -346,9 +345,9 @@ class Projection(nn.Module):
         return self.ln(e1 + e2)
 
 class TextEncoder(nn.Module):
-    """Causal transformer over the prompt, pooled at its last token (frozen in stage pengi), then
-    CLIP's text_projection (a bias-free linear layer, trainable as in the official Pengi code, which
-    freezes only the tower)."""
+    """Causal transformer over the prompt, pooled at its last token, then CLIP's text_projection (a
+    bias-free linear layer). In stage pengi the tower is frozen and text_projection trains, as in
+    the official Pengi code."""
 
     def __init__(self, config):
         super().__init__()
@@ -371,13 +370,13 @@ class TextEncoder(nn.Module):
         return self.text_projection(x)
 
 class Mapper(nn.Module):
-    """ClipCap's transformer mapper: Linear(d_embed -> k*d_lm) gives k vectors, concatenated with k
-    learned constants, through a few bidirectional layers (ours: GPT-2 blocks); the outputs at the
-    constants' positions are the prefix. Ours: each output goes through a LayerNorm and a learnable
-    scale that starts at the RMS of the LM's token embeddings (Pengi.reset_prefix_scale), so the
-    prefix reaches the frozen LM at the size of a word. Without it the outputs are ~20x (at init)
-    to ~100x (trained) larger than token embeddings, the frozen blocks add too little to them to
-    matter, and the first answer token cannot depend on the audio (measured)."""
+    """ClipCap's transformer mapper. Linear(d_embed -> k*d_lm) gives k vectors. They are
+    concatenated with k learned constants and go through a few bidirectional layers (ours: GPT-2
+    blocks). The outputs at the constants' positions are the prefix.
+    Ours: each output goes through a LayerNorm and a learnable scale that starts at the RMS of the
+    LM's token embeddings (Pengi.reset_prefix_scale), so the prefix reaches the frozen LM at the
+    size of a word. Without it the prefix is far larger and the frozen LM's answers ignore the
+    audio (docs/pengi.md)."""
 
     def __init__(self, config):
         super().__init__()
@@ -405,13 +404,14 @@ def reorder_cache(past, index):
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
 def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
-    """Beam search as ClipCap and Pengi's code decode, with GPT2's KV cache: step(tokens (n,), past)
-    -> (log-probs (n, V), past); logp (1, V): the first step's log-probs. Unlike salmonn.py's
-    beam_search (Hugging Face's, which ranks live beams by total log-prob), live beams are ranked at
-    every step by total log-prob / length ** length_penalty (the length counts the eot); a beam that
-    has emitted eot stays in the race with its score frozen; the search stops when every beam has
-    ended. On our captions it scores well above beam_search (docs/pengi.md). Returns the best,
-    without eot."""
+    """Beam search as ClipCap's and Pengi's code decode, with GPT2's KV cache. Returns the best
+    sequence's tokens, without eot.
+    step(tokens (n,), past) -> (log-probs (n, V), past); logp (1, V): the first step's log-probs.
+    Live beams are ranked at every step by total log-prob / length ** length_penalty, where the
+    length counts the eot. A beam that has emitted eot stays in the race with its score frozen. The
+    search stops when every beam has ended. salmonn.py's beam_search (Hugging Face's) ranks live
+    beams by total log-prob instead; on our captions this one scores well above it
+    (docs/pengi.md)."""
     V = logp.size(-1)
     seqs = [[]]
     scores, lengths = torch.zeros(1), torch.zeros(1)
@@ -441,8 +441,7 @@ def clipcap_beam_search(step, logp, past, beam, max_new_tokens, eot, length_pena
 # The model
 
 def check_config(config):
-    """The ValueErrors Pengi raises for a config it cannot build (the audio encoder's are
-    stage_windows')."""
+    """A ValueError for a config Pengi cannot build. stage_windows checks the audio encoder's."""
     if config.vocab_size <= 0:
         raise ValueError("pengi: vocab_size is not set (load_data sets it from the tokenizer "
                          "and llm_init)")
@@ -474,10 +473,9 @@ def check_config(config):
             raise ValueError(f"{field}={heads}: must divide llm_n_embd={config.llm_n_embd}")
 
 class Pengi(nn.Module):
-    """Builds the model from the config alone (no file I/O): a pretrained LM named by llm_init is
-    loaded by init_pretrained(model), which train.py calls on a fresh model; checkpoints then hold
-    the LM's weights like any others, so they load without the llm_init file (and their config no
-    longer names it)."""
+    """Built from the config alone, with no file I/O. train.py calls init_pretrained(model) on a
+    fresh model to load the LM that llm_init names. Checkpoints then hold the LM's weights like any
+    others, so they load without the llm_init file (and their config no longer names it)."""
 
     def __init__(self, config):
         super().__init__()
@@ -507,8 +505,8 @@ class Pengi(nn.Module):
         for p in self.llm.parameters():
             p.requires_grad = False
         # the tower is frozen unless text_trainable; its text_projection always trains
-        for n, p in self.text_encoder.named_parameters():
-            p.requires_grad = config.text_trainable or n.startswith("text_projection.")
+        for name, p in self.text_encoder.named_parameters():
+            p.requires_grad = config.text_trainable or name.startswith("text_projection.")
         if config.stage == "clap":  # CLAP trains both encoders (and their projections) only
             for p in self.text_encoder.parameters():
                 p.requires_grad = True
@@ -580,12 +578,13 @@ class Pengi(nn.Module):
         return (prefix.float().norm(dim=-1).mean() / token_norm).item()
 
     def forward(self, mel, prompt, prompt_lens, answer, targets=None):
-        """LM input [audio prefix k][text prefix k][answer tokens]. The logits are those of the
-        positions that predict the answer: the last text-prefix position and every answer position,
-        (B, La + 1, V), and targets (B, La + 1) are the answer tokens then eot, -1 where padded.
-        Loss on the answer only. Ours: the loss is the mean over examples of each example's mean
-        token NLL. A mean over all tokens would give the 1-3-token labels of the close-ended tasks
-        ~2% of the weight next to captions and metadata in the multi-task mix."""
+        """LM input [audio prefix k][text prefix k][answer tokens]. Returns (logits, loss).
+        The logits (B, La + 1, V) are those of the positions that predict the answer: the last
+        text-prefix position and every answer position. targets (B, La + 1): the answer tokens then
+        eot, -1 where padded. The loss is on the answer only.
+        Ours: the loss is the mean over examples of each example's mean token NLL. A mean over all
+        tokens would leave the 1-3-token labels almost no weight next to captions
+        (docs/pengi.md)."""
         audio = self.embed_audio(mel)
         if self.config.stage == "clap":  # contrastive only: (audio, answer text) pairs, no LM
             return None, self.clap_loss(audio, answer, targets, text_grad=True)
@@ -606,12 +605,11 @@ class Pengi(nn.Module):
 
     def clap_loss(self, audio, answer, targets, text_grad=False):
         """CLAP's symmetric InfoNCE between each clip's audio embedding and the text encoder's
-        embedding of its answer; clips in the batch with the same answer count as positives of each
-        other. stage="clap" trains both encoders with it alone (Pengi's HTSAT comes from CLAP). In
-        stage "pengi", clap_weight > 0 adds it (ours, training only, text side fixed): without a
-        CLAP start, a scratch encoder trained only through the frozen LM collapses to a constant
-        embedding (the answer prior is learnt first, and an input-independent embedding serves it
-        best)."""
+        embedding of its answer. Clips in the batch with the same answer are each other's positives.
+        stage="clap" trains both encoders with it alone (Pengi's HTSAT comes from CLAP).
+        In stage "pengi", clap_weight > 0 adds it in training, the text side fixed (ours): without
+        it a scratch encoder trained only through the frozen LM collapses to a constant embedding
+        (docs/pengi.md)."""
         # answer tokens without the eot (an empty answer: its pad)
         lens = ((targets != -1).sum(1) - 1).clamp(min=1)
         with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
@@ -648,9 +646,9 @@ class Pengi(nn.Module):
         done = torch.zeros(B, dtype=torch.bool)
         for step in range(max_new_tokens):
             nxt = logp.argmax(dim=-1)
-            for b in range(B):
-                if not done[b] and nxt[b].item() != eot:
-                    out[b].append(nxt[b].item())
+            for b, token in enumerate(nxt.tolist()):
+                if not done[b] and token != eot:
+                    out[b].append(token)
             done |= nxt.cpu() == eot
             if done.all() or step == max_new_tokens - 1:
                 break
@@ -659,9 +657,9 @@ class Pengi(nn.Module):
 
     @torch.no_grad()
     def generate(self, mel, prompt, prompt_lens, beam=5, max_new_tokens=30, length_penalty=1.0):
-        """Answer token ids for a batch (lists, without the eot): greedy (beam 1, batched) or
-        ClipCap's beam search per clip, at most as many tokens as the LM's block has room for
-        after the prefix."""
+        """Answer token ids for a batch, one list per clip, without the eot. beam 1 decodes
+        greedily, batched; a larger beam runs ClipCap's beam search clip by clip. At most as many
+        tokens as the LM's block has room for after the prefix."""
         prefix = self.prefix(mel, prompt, prompt_lens)
         max_new_tokens = min(max_new_tokens, self.llm.block_size - prefix.size(1))
         if beam == 1:
@@ -838,10 +836,10 @@ def load_llm_state(path):
                     vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
 
 def set_llm_dims(config):
-    """load_data's step for llm_init: its sizes and vocab replace the config's llm_* fields (before
-    the model is built). A checkpoint's config names none (init_pretrained clears it once loaded).
-    A missing file is named here: the config's own sizes would not be the LM's, and would fail
-    later with a message about them."""
+    """load_data calls this before the model is built: the sizes and vocab of the LM that
+    llm_init names replace the config's llm_* fields. A checkpoint's config names no LM, since
+    init_pretrained clears llm_init once it has loaded it. A missing file is an error here: the
+    config's own sizes would not be the LM's, and the error would come later about them."""
     if not config.llm_init:
         return
     if not os.path.exists(config.llm_init):
@@ -858,11 +856,10 @@ def set_llm_dims(config):
     config.llm_n_embd, config.llm_block_size = dims["n_embd"], dims["block_size"]
 
 def init_pretrained(model, tok=None):
-    """Loads the LM named by config.llm_init into a freshly built model (train.py calls this), then
-    clears the field: the model holds the LM, so a checkpoint's config names no file that load_data
-    would read again (train.py's saved settings keep the path). The text tower and the prefix scale
-    then follow the LM. tok: the tokenizer (unused here; salmonn.py's hook probes its LLM with
-    it)."""
+    """train.py calls this on a freshly built model: it loads the LM that config.llm_init names,
+    restarts the text tower and the prefix scale from it, then clears llm_init. The model holds the
+    LM from then on, so a checkpoint's config names no file for load_data to read again (train.py's
+    saved settings keep the path). tok: unused here; salmonn.py's hook probes its LLM with it."""
     config = model.config
     if not config.llm_init:
         warnings.warn("pengi: llm_init is empty, so the frozen LM is random: it teaches little; "
@@ -957,9 +954,9 @@ def task_probabilities(names, weights, split):
     return p / p.sum()
 
 def answer_ids(tok, text):
-    """An answer as the LM saw words in running text during pre-training: with a leading space
-    (GPT-2's BPE and the corpus BPE have different tokens for "dog" and " dog"; the corpus LM saw
-    "ASSISTANT: dog"). The eot that ends it is added by collate."""
+    """An answer tokenized as the LM saw words in running text during pre-training: after a space.
+    Both GPT-2's BPE and the corpus BPE have different tokens for "dog" and " dog", and the corpus
+    LM saw "ASSISTANT: dog". collate adds the eot that ends it."""
     return tok.encode(" " + text.strip())
 
 def prompt_ids(tok, text):
@@ -980,16 +977,18 @@ def fit_frames(x, max_frames, rng=None, pad="repeat"):
     if pad == "silence":
         return np.concatenate([x, np.full((max_frames - len(x), x.shape[1]), MEL_SILENCE,
                                           dtype=x.dtype)])
-    reps = -(-max_frames // len(x))
-    return np.concatenate([x] * reps)[:max_frames]  # repeat-pad, as HTSAT/CLAP do with short clips
+    reps = -(-max_frames // len(x))  # ceil
+    return np.concatenate([x] * reps)[:max_frames]
 
 def clip_mel(mel, clip, max_frames, rng=None, pad="repeat"):
-    """One clip's mel, cropped to max_frames (random crop if rng, else from the start) or
-    padded."""
+    """One clip's mel from the split's memmap, fitted to max_frames by fit_frames."""
     x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
     return fit_frames(x, max_frames, rng, pad)
 
 def load_data(data_dir, config, tok):
+    """The data dict: both splits' examples grouped by task, with their mel memmaps, and the
+    close-ended tasks' candidate labels. Sets n_mels, vocab_size, eot_token and, from llm_init, the
+    llm_* sizes on config first."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: run prepare.py first")
@@ -1165,13 +1164,13 @@ def linear_probe(model, data, split="val", key="class", max_clips=2000):
     return (predict(x_ev) == y_ev).float().mean().item()
 
 def qa_probe(model, data, split="val", max_clips=2000):
-    """The linear probe for QA (ours): per question, a linear classifier from the frozen audio
-    embedding to the answer, trained on the training clips' answers to it, scored on the split's
-    questions: how many answers the one pooled embedding holds in a linearly readable form,
-    whatever the mappers and the LM make of it. A question with a single answer in training gets
-    that answer; a question or answer never seen in training counts as wrong. Returns
-    (accuracy, accuracy of each question's most common answer in training) over the questions of
-    the first max_clips clips with QA of each split, or None when there are none."""
+    """The linear probe for QA (ours): how many answers the audio embedding holds in a linearly
+    readable form, whatever the mappers and the LM make of it. Per question, a linear classifier
+    from the frozen embedding to the answer is fitted on the training clips' answers and scored on
+    the split's. A question with a single answer in training gets that answer. A question or answer
+    never seen in training counts as wrong. Uses the first max_clips clips with QA of each split.
+    Returns (accuracy, accuracy of each question's most common training answer), or None when
+    either split has no QA."""
     def questions(d):
         idx = [i for i, c in enumerate(d["clips"]) if c.get("qa")][:max_clips]
         by_q = {}
@@ -1218,10 +1217,11 @@ def majority_acc(data, split, key, max_clips):
     return sum(a == usual for a in labels) / len(labels)
 
 def probe_metrics(model, data, split, keys, max_clips):
-    """For each label key in the comma list keys: the linear probe's accuracy, probe_acc for
-    "class" (the paper's study), else probe_acc_{key} with probe_majority_{key}, the accuracy of
-    always answering the training split's most common label (e.g. keys="class,gender,count"). The
-    key "qa" gives probe_acc_qa and probe_majority_qa, per question (qa_probe)."""
+    """The linear probe's accuracy for each label key in the comma list keys, e.g.
+    "class,gender,count". "class" gives probe_acc (the paper's study). Another key gives
+    probe_acc_{key} and probe_majority_{key}, the accuracy of always answering the training
+    split's most common label. "qa" gives probe_acc_qa and probe_majority_qa, per question
+    (qa_probe)."""
     metrics = {}
     keys = [k.strip() for k in str(keys).split(",") if k.strip()]
     known = {k for d in (data["train"], data[split]) for c in d["clips"] for k in c["labels"]}
@@ -1324,10 +1324,10 @@ def top_candidate_acc(scores, cands, labels):
     return float(np.mean([cands[j] == a for j, a in zip(scores.argmax(-1).tolist(), labels)]))
 
 def pmi_scores(logp, logp_prior):
-    """Ranking calibrated by the label prior (PMI): log p(c | clip, prompt) - log p(c | prompt),
-    where the prior p(c | prompt) is the model's own marginal, the mean of p(c | clip', prompt) over
-    reference clips. logp: (B, N); logp_prior: (M, N) for M reference clips. Removes the LM's
-    preference for some labels that holds whatever the audio (ours, beyond the paper)."""
+    """Ranking calibrated by the label prior (PMI, ours):
+    log p(c | clip, prompt) - log p(c | prompt). The prior p(c | prompt) is the model's own
+    marginal: the mean of p(c | clip', prompt) over M reference clips. It removes the LM's
+    preference for some labels whatever the audio. logp: (B, N); logp_prior: (M, N)."""
     return logp - (torch.logsumexp(logp_prior, dim=0) - math.log(logp_prior.size(0)))
 
 def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
@@ -1386,8 +1386,7 @@ def evaluate(model, data, tok, split="val", **opts):
       {key}_chance: 1 / number of candidates; {key}_majority: the accuracy of always answering the
         training split's most common label
       probe_acc: linear probe on labels.class, when probe_keys holds class (the default);
-        probe_acc_{key} for the other label keys in probe_keys
-        (probe_metrics); with "qa" among them, probe_acc_qa: the answers per question (qa_probe)
+        probe_acc_{key} for the other keys in probe_keys; probe_acc_qa for "qa" (probe_metrics)
       prefix_norm_ratio_audio/_text: prefix vector norm / token embedding norm, 1 = the LM's scale
     opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,
     probe_keys, probe_clips, prior_clips, tasks (a comma list among caption, qa, class, instrument,
@@ -1428,10 +1427,10 @@ SAMPLE_OPTS = dict(beam=5, max_new_tokens=30, length_penalty=1.0, candidates="")
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools, **opts):
-    """Answers `prompt` (default "generate audio caption") about the clip. Options: beam (5; 3 in
-    the official code's example, 1 = greedy), max_new_tokens, length_penalty, candidates ("a|b|c":
-    also rank these labels by likelihood). tools: unused here, part of sample.py's interface shared
-    by the model files (whisper_gpt decodes codes with it)."""
+    """Answers `prompt` (default "generate audio caption") about the clip.
+    Options: beam (default 5, 1 = greedy), max_new_tokens, length_penalty, and candidates: "a|b|c"
+    also ranks these labels by likelihood. tools: unused here; sample.py passes it to every model
+    file (whisper_gpt decodes codes with it)."""
     unknown = set(opts) - set(SAMPLE_OPTS)
     if unknown:
         raise ValueError(f"pengi.sample: unknown option(s) {sorted(unknown)}; known: "
