@@ -4,14 +4,15 @@ scripts: nanoGPT's configurator, with types.
 
 A script's settings are its module-level int / float / bool / str globals (its defaults). Config
 files (Python files of assignments, where a script takes them) and then --key=value override them,
-in the order given. Every value must have its default's type (an int is accepted for a float; --flag
-alone means --flag=True for a bool); an unknown key is an error that names where it came from and
-suggests the closest known keys, unless the script passes unknown keys on (sample.py and eval.py
-give them to the model file's sample() / evaluate() after checking them against its SAMPLE_OPTS /
-EVAL_OPTS; whisper_gpt_table.py gives them to train.py).
+in the order given. Every value must have its default's type. An int is accepted for a float, and
+--flag alone means --flag=True for a bool. An unknown key is an error that names where it came from
+and suggests the closest known keys. A script may pass unknown keys on instead: sample.py and
+eval.py check them against the model file's SAMPLE_OPTS / EVAL_OPTS, whisper_gpt_table.py gives
+them to train.py.
 
-    entries, _ = gather(argv, config_files=True)            # what was given, in order
-    settings, unknown = resolve(entries, types)             # typed values; unknown keys, raw text
+    settings, unknown, args = parse(script, argv, globals())  # a script without config files
+    entries, _ = gather(argv, config_files=True)              # train.py: what was given, in order
+    settings, unknown = resolve(entries, types)               # typed values; unknown keys, raw text
 """
 
 import ast
@@ -131,16 +132,6 @@ def unknown_key(key, where, types, what):
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return SettingsError(f"{where}: unknown setting {key!r}: not {what}{hint}")
 
-def misspelt(keys, names):
-    """"--key (did you mean --name?)" for each of keys close to one of names, comma-joined; "" when
-    none is."""
-    hints = []
-    for key in keys:
-        close = difflib.get_close_matches(key, list(names), n=2)
-        if close:
-            hints.append(f"--{key} (did you mean {' or '.join('--' + c for c in close)}?)")
-    return ", ".join(hints)
-
 def resolve(entries, types, pass_unknown=False, what="a setting of this script"):
     """Typed values of the gathered entries (the later wins). types: {key: type}. Unknown keys are
     an error, or with pass_unknown are returned as {key: raw text} (a config file's value as its
@@ -159,28 +150,6 @@ def fail(script, error):
     print(f"{script}: {error}", file=sys.stderr)
     sys.exit(2)
 
-def check_folder(script, what, folder):
-    """A one-line failure naming `what` unless folder is a writable folder or can be made (its
-    nearest existing parent a writable folder): checked before long work, which would fail at its
-    first write."""
-    p = os.path.abspath(folder)
-    while not os.path.exists(p):  # the folders makedirs would make
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        fail(script, f"{what}: {p} is a file, not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        fail(script, f"{what}: {p} is not writable")
-
-def check_out_file(script, out):
-    """The --out file of a script that writes it after long work: a one-line failure now if it
-    names a folder or sits in a folder that does not exist."""
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out) or out.endswith(os.sep):
-        fail(script, f"--out={out}: a folder; name the markdown file to write")
-    if not os.path.isdir(folder):
-        fail(script, f"--out={out}: {folder} " + ("is a file, not a folder"
-                                                  if os.path.exists(folder) else "does not exist"))
-
 def parse(script, argv, namespace, pass_unknown=False, positional=False):
     """The whole job for a script without config files: defaults from namespace, overridden by argv.
     Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the
@@ -194,7 +163,7 @@ def parse(script, argv, namespace, pass_unknown=False, positional=False):
     return {**defaults(namespace), **settings}, unknown, rest
 
 # -----------------------------------------------------------------------------
-# after parsing: the device, and the options a script passes on to a model file
+# after parsing: device, dtype, output folders, and the options passed on to a model file
 
 def resolve_device(script, device):
     """--device: auto is cuda where there is one, else cpu; any other must be a device torch knows
@@ -223,19 +192,41 @@ def resolve_dtype(script, dtype, device):
     if dtype == "auto":
         if not device.startswith("cuda"):
             return "float32"
-        # bfloat16 in hardware: sm_80 on. torch.cuda.is_bf16_supported() also says yes for an older
-        # GPU that can only emulate it (a T4, a V100), which then got slow bf16 instead of float16
+        # bfloat16 in hardware from sm_80 on; torch.cuda.is_bf16_supported() also says yes to an
+        # older GPU that only emulates it, slowly (a T4, a V100)
         major = torch.cuda.get_device_capability(torch.device(device))[0]
         return "bfloat16" if major >= 8 else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(script, f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
     return dtype
 
+def check_folder(script, what, folder):
+    """A one-line failure naming `what` unless folder is writable or can be made (its nearest
+    existing parent is a writable folder). Called before long work that would fail at its first
+    write."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):  # the folders makedirs would make
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        fail(script, f"{what}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        fail(script, f"{what}: {p} is not writable")
+
+def check_out_file(script, out):
+    """The --out file of a script that writes it after long work: a one-line failure now if it
+    names a folder or sits in a folder that does not exist."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or out.endswith(os.sep):
+        fail(script, f"--out={out}: a folder; name the markdown file to write")
+    if not os.path.isdir(folder):
+        fail(script, f"--out={out}: {folder} " + ("is a file, not a folder"
+                                                  if os.path.exists(folder) else "does not exist"))
+
 def option_values(raw_opts, opt_defaults):
-    """--key=raw options of a model file's sample() / evaluate(), typed by their defaults in
-    SAMPLE_OPTS / EVAL_OPTS: the text itself for a text option, True/False for a bool, a whole
-    number for an int, a number for a float or a None default; else a SettingsError that names the
-    option. Keys without a default are the caller's to refuse."""
+    """The --key=raw options of a model file's sample() / evaluate(), typed by their defaults in
+    SAMPLE_OPTS / EVAL_OPTS. A text option takes the text itself, a bool True or False, an int a
+    whole number, a float or a None default any number. A value that does not fit is a
+    SettingsError that names the option. Keys without a default are the caller's to refuse."""
     out = {}
     for key, raw in raw_opts.items():
         default = opt_defaults.get(key)
@@ -260,10 +251,20 @@ def option_values(raw_opts, opt_defaults):
         out[key] = float(value) if isinstance(default, float) else value
     return out
 
+def misspelt(keys, names):
+    """"--key (did you mean --name?)" for each of keys close to one of names, comma-joined; "" when
+    none is."""
+    hints = []
+    for key in keys:
+        close = difflib.get_close_matches(key, list(names), n=2)
+        if close:
+            hints.append(f"--{key} (did you mean {' or '.join('--' + c for c in close)}?)")
+    return ", ".join(hints)
+
 def model_options(raw_opts, opt_defaults, script, func, script_settings=()):
     """The --key=value options a script passes on to a model file's func (e.g. "pengi.sample"),
-    typed (option_values); a SettingsError for a key func does not take, listing those it does and
-    the closest of them or of script_settings."""
+    typed by option_values. A key func does not take is a SettingsError that lists func's options
+    and the closest of them or of script_settings."""
     unknown = sorted(set(raw_opts) - set(opt_defaults))
     if unknown:
         hint = misspelt(unknown, [*opt_defaults, *script_settings])

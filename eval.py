@@ -4,14 +4,11 @@ Compare trained checkpoints on the paper-style metrics of their model files, in 
     python eval.py out/whisper-gpt-s-cpu out/whisper-gpt-l-cpu out/whisper-gpt-hybrid-cpu
     python eval.py out/whisper-gpt-quick/ckpt.pt --split=train --max_windows=50
 
-Arguments: checkpoint files or out_dirs (their ckpt.pt). Settings: --split (val), --data_dir
-(default: each checkpoint's own), --kinds (Whisper-GPT: evaluate on the clips of these kinds, e.g.
---kinds=music, or --kinds=all; default: each checkpoint's own subset), --device, --json=FILE (also
-write the results), --mean (add the mean and the standard deviation over the runs, e.g. one recipe's
-seeds; refused over runs of different models or stages). Every other --key=value goes to the model
-file's evaluate() (e.g. --batch_size=32), typed by its default in EVAL_OPTS; every run is checked
-for its options before any is evaluated. The metrics are whatever evaluate() returns; for
-Whisper-GPT: next coarse-token NLL (nats/token), accuracy and perplexity.
+Arguments: checkpoint files, or out_dirs that hold a ckpt.pt. eval.py's own settings are below.
+Every other --key=value goes to the model file's evaluate() (e.g. --batch_size=32), typed by its
+default in EVAL_OPTS. Every run is checked for its options before any is evaluated.
+The metrics are whatever evaluate() returns. For Whisper-GPT: next coarse-token NLL (nats/token),
+accuracy and perplexity.
 """
 
 import importlib
@@ -27,12 +24,12 @@ import tokenizer as tokenizers
 from train import changed_settings, load_checkpoint, load_model_data, load_weights
 
 # -----------------------------------------------------------------------------
-split = "val"
+split = "val"        # train | val
 data_dir = ""        # default: each checkpoint's own
 kinds = ""           # Whisper-GPT's clip kinds (e.g. music, or all); default: each checkpoint's own
 device = "auto"
 json = ""            # also write the results to this file
-mean = False         # add the mean and standard deviation over the runs
+mean = False         # add the mean and standard deviation over the runs (seeds of one recipe)
 # -----------------------------------------------------------------------------
 
 def fail(msg):
@@ -49,10 +46,10 @@ def checkpoint_paths(args):
     return paths
 
 def check_runs(paths, opts):
-    """Before any work: every checkpoint loads, takes the evaluate() options given and --kinds, and
-    with --mean all are of one model and stage and differ in no setting but the seed (a mean over
-    seeds of one recipe)."""
-    recipes, first = set(), None
+    """Before any work, check that every checkpoint loads and takes the evaluate() options and
+    --kinds given. With --mean, check that all are of one model and stage and differ only in the
+    seed: a mean is over seeds of one recipe."""
+    recipes, first_path, first_config = set(), None, None
     for path in paths:
         try:
             ck = load_checkpoint(path, mmap=True)  # its settings: the weights are read later
@@ -68,17 +65,18 @@ def check_runs(paths, opts):
             fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
                  f"clip-kind subsets")
         recipes.add((ck["model_name"], ck["model_args"].get("stage")))
-        if mean and first is not None and len(recipes) == 1:
-            changed = changed_settings(ck["config"], first[1], skip=("seed",))
+        if mean and first_path is not None and len(recipes) == 1:
+            changed = changed_settings(ck["config"], first_config, skip=("seed",))
             # where each run started (its own clap checkpoint per seed, say) may differ; whether
             # from scratch or from weights may not
             if ((ck["config"].get("init_from", "scratch") == "scratch")
-                    != (first[1].get("init_from", "scratch") == "scratch")):
+                    != (first_config.get("init_from", "scratch") == "scratch")):
                 changed.append("init_from (one from scratch, one from weights)")
             if changed:
-                fail(f"--mean averages seeds of one recipe: {first[0]} and {path} differ in "
+                fail(f"--mean averages seeds of one recipe: {first_path} and {path} differ in "
                      f"{', '.join(changed[:5])}")
-        first = first or (path, ck["config"])
+        if first_path is None:
+            first_path, first_config = path, ck["config"]
         del ck
     if mean and len(recipes) > 1:
         fail(f"--mean: the runs are of {len(recipes)} models or stages "
@@ -103,8 +101,7 @@ def evaluate_checkpoint(path, opts):
         tok = tokenizers.checkpoint_tokenizer(ck, config, ddir, path)   # None for whisper_gpt
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"{path}: tokenizer: {e}")
-    # the checkpoint's args with the overrides above, before the data sets its fields: load_weights
-    # names those the data changed
+    # before load_data sets its fields: load_weights names those the data changed
     as_built = asdict(config)
     try:
         data = load_model_data(M, ddir, config, tok)
@@ -154,14 +151,14 @@ def metric_keys(rows):
     return keys
 
 def mean_rows(rows):
-    """With --mean (and two runs or more): a mean row and a standard deviation row, of each
-    numeric metric over the runs that have it (two or more)."""
+    """With --mean and two runs or more: a mean row and a standard deviation row. Each numeric
+    metric is taken over the runs that have it, where two or more do."""
     if not (mean and len(rows) > 1):
         return []
+    vals = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+            for k in metric_keys(rows)}
     out = []
     for name, f in (("mean", statistics.mean), ("std", statistics.stdev)):
-        vals = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))]
-                for k in metric_keys(rows)}
         out.append({"run": f"{name} ({len(rows)} runs)",
                     **{k: float(f(v)) for k, v in vals.items() if len(v) > 1}})
     return out
@@ -204,23 +201,24 @@ def write_json(rows):
 
 def main(argv):
     global device  # reassigned below, after globals().update has set it
-    settings, unknown, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
-                                                 positional=True)
+    # opts: the evaluate() options, raw text: each model file's EVAL_OPTS types them
+    settings, opts, args = configurator.parse("eval.py", argv, globals(), pass_unknown=True,
+                                              positional=True)
     globals().update(settings)
-    opts = unknown  # raw: typed by each model file's EVAL_OPTS
     paths = checkpoint_paths(args)
     if split not in ("train", "val"):
         fail(f"--split={split!r}: expected train or val")
-    if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
-        fail(f"--json={json}: its folder does not exist")
-    if json and os.path.isdir(json):
-        fail(f"--json={json}: a folder; name the file to write")
-    if json and not os.access(os.path.dirname(os.path.abspath(json)), os.W_OK):
-        fail(f"--json={json}: its folder is not writable")
-    if json and os.path.isfile(json) and not is_results_file(json):
-        # only a results file of ours is replaced: not a checkpoint, a config, a meta.json
-        fail(f"--json={json}: the file exists and is not eval.py's results; name a new file or "
-             f"a results file")
+    if json:  # checked now, not after the evaluations
+        folder = os.path.dirname(os.path.abspath(json))
+        if not os.path.isdir(folder):
+            fail(f"--json={json}: its folder does not exist")
+        if os.path.isdir(json):
+            fail(f"--json={json}: a folder; name the file to write")
+        if not os.access(folder, os.W_OK):
+            fail(f"--json={json}: its folder is not writable")
+        if os.path.isfile(json) and not is_results_file(json):
+            fail(f"--json={json}: the file exists and is not eval.py's results; name a new file "
+                 f"or a results file")
     device = configurator.resolve_device("eval.py", device)
     check_runs(paths, opts)
     rows, t0 = [], time.time()

@@ -2,18 +2,18 @@
 Training script for every model of this repository (whisper_gpt, salmonn, pengi), nanoGPT style.
 
     python train.py config/whisper_gpt_quick.py --max_iters=100 --batch_size=8
-    # DDP, one process per GPU (gradient_accumulation_steps counts the micro-steps of all of them)
+    # DDP, one process per GPU; gradient_accumulation_steps counts the micro-steps of all of them
     torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py \
         --gradient_accumulation_steps=4
 
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.
-train.py knows nothing about the models beyond the small interface every model file implements:
-Config, Model, load_data, get_batch and the optional init_pretrained (see README, "The model
-interface"), with three exceptions: it checks Whisper-GPT's codec_id against init_from's, counts a
-batch without targets (SALMONN's tagging stage) as its clips, and reads the tokenizer recorded in a
-text model's llm_init checkpoint. A text model's Config names its tokenizer (tokenizer = "corpus" or
-"gpt2"); every text model's checkpoint records the tokenizer it was trained with.
+
+train.py knows a model only through the interface every model file implements: Config, Model,
+load_data, get_batch and an optional init_pretrained (docs/training.md, "The model interface").
+Three exceptions: it checks Whisper-GPT's codec_id against init_from's, counts a batch without
+targets (SALMONN's tagging stage) as clips, and reads the tokenizer an llm_init checkpoint records.
+A text model's Config names its tokenizer ("corpus" or "gpt2"); its checkpoints record it.
 """
 
 import gc
@@ -47,9 +47,7 @@ eval_interval = 200
 log_interval = 10
 eval_iters = 20               # batches per split for the train/val loss estimate
 eval_only = False             # evaluate once and exit
-# False: save only when the val loss improves (ckpt.pt keeps the best weights and, at the end,
-# notes that the run finished)
-always_save_checkpoint = True
+always_save_checkpoint = True  # False: save only when the val loss improves
 # logging
 wandb_log = False
 wandb_project = "nano-audio-llm"
@@ -103,10 +101,9 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
-    """A checkpoint written by train.py, or a ValueError that names the file: missing, truncated or
-    corrupt (a crash never leaves one: save_checkpoint writes a temporary file and renames it), or
-    not a train.py checkpoint. mmap=True maps the weights instead of reading them: for a look at
-    its settings."""
+    """A checkpoint written by train.py, or a ValueError that names the file. The file may be
+    missing, truncated, corrupt or not train.py's (a crash leaves none half-written: save_atomic).
+    mmap=True maps the weights instead of reading them, for a look at the settings."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: checkpoint not found")
     with open(path, "rb") as f:
@@ -134,30 +131,29 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     return ck
 
 def unset_defaults(new, old):
-    """A settings dict holds the model fields a run set: one it left out had its Config default.
-    Those defaults, when both runs are of one model file."""
+    """The model file's Config defaults when both runs are of one model file, else {}. A settings
+    dict holds only the model fields a run set; one it left out had its default."""
     name = new.get("model")
     return model_defaults(name) if name and name == old.get("model") else {}
 
 def changed_settings(new, old, skip=()):
-    """The settings (keys of train.py's settings dicts) whose values differ between two runs,
-    sorted; how a run executes (RUN_KEYS) and skip left out; an unset model field counts as its
-    default."""
+    """The sorted keys whose values differ between two runs' settings dicts. RUN_KEYS and skip are
+    left out; an unset model field counts as its default."""
     defaults = unset_defaults(new, old)
     return sorted(k for k in set(new) | set(old)
                   if k not in RUN_KEYS and k not in skip
                   and new.get(k, defaults.get(k)) != old.get(k, defaults.get(k)))
-
-def same_start(a, b):
-    """Whether two init_from values name the same start: scratch, or the same checkpoint file."""
-    paths = [os.path.realpath(x) if x not in ("scratch", "resume") else x for x in (a, b)]
-    return paths[0] == paths[1]
 
 def describe_changes(keys, old, new):
     """The first five changed settings, as "key=old there, new here"."""
     defaults = unset_defaults(new, old)
     return ", ".join(f"{k}={old.get(k, defaults.get(k))!r} there, "
                      f"{new.get(k, defaults.get(k))!r} here" for k in keys[:5])
+
+def same_start(a, b):
+    """Whether two init_from values name the same start: scratch, or the same checkpoint file."""
+    paths = [os.path.realpath(x) if x not in ("scratch", "resume") else x for x in (a, b)]
+    return paths[0] == paths[1]
 
 def check_rerun(S, out_dir, init_from, max_iters, master):
     """A re-run into an out_dir that holds a checkpoint, without --overwrite: nothing already
@@ -178,7 +174,7 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
              + describe_changes(changed, prev["config"], S)
              + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
                "choose another out_dir")
-    # (a run that saves only its best weights notes where it ended: "end_iter")
+    # a best-only run's checkpoint is of its best iteration; end_iter notes where the run ended
     end_iter = prev.get("end_iter", prev["iter_num"])
     if end_iter >= max_iters:
         if master:
@@ -189,10 +185,10 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
         print(f"{ckpt_path}: the same run stopped at iter {prev['iter_num']}: resuming it")
 
 def check_arrays(data_dir):
-    """A ValueError naming each prepared array of data_dir (the splits' codes and mels) that is empty
-    (a split without clips: numpy cannot map it) or not a whole number of rows (cut short: numpy
-    maps it and then fails to reshape it, naming no file), and a clip list line that is not JSON.
-    Missing or unreadable meta.json is left to the model's load_data."""
+    """Check data_dir's prepared files before the model file reads them: its errors would not name
+    the file. A ValueError names each array (codes, mels) that is cut short (not whole rows) or
+    empty (a split without clips: numpy cannot map it), and a clip-list line that is not JSON.
+    A missing or unreadable meta.json is left to the model's load_data."""
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
@@ -220,7 +216,8 @@ def check_arrays(data_dir):
             with open(path) as f:
                 for i, line in enumerate(f, 1):
                     try:
-                        json.loads(line) if line.strip() else None
+                        if line.strip():
+                            json.loads(line)
                     except ValueError as e:
                         raise ValueError(f"data_dir {data_dir}: {os.path.basename(path)} line {i} "
                                          f"is not JSON ({e}): cut short or edited; prepare.py "
@@ -231,8 +228,8 @@ def check_arrays(data_dir):
                          f"evaluation read both splits")
 
 def load_model_data(M, data_dir, config, tok):
-    """M.load_data, after check_arrays, with a ValueError that names the data when a field
-    prepare.py writes is missing from its meta.json or clip lists (a KeyError otherwise)."""
+    """M.load_data after check_arrays. A field missing from meta.json or the clip lists is a
+    ValueError that names data_dir, not a bare KeyError."""
     check_arrays(data_dir)
     try:
         return M.load_data(data_dir, config, tok)
@@ -241,9 +238,9 @@ def load_model_data(M, data_dir, config, tok):
                          f"prepare.py writes them (re-run it for this data)") from None
 
 def load_weights(model, state, trained_args, data_dir):
-    """A checkpoint's weights into a model built from its args (trained_args) and data_dir's data,
-    or a ValueError: when they do not fit, the data set a size the checkpoint was not trained with,
-    and the message names each such field."""
+    """Load a checkpoint's weights into a model built from its args (trained_args) and data_dir's
+    data. Weights that do not fit mean the data set a size the checkpoint was not trained with: the
+    ValueError names each such field."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -284,11 +281,11 @@ def load_settings(argv):
     return {**TRAIN_KEYS, **settings}, module, set(model_types)
 
 def choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init):
-    """The tokenizer of a text model: its config names one (tokenizer = "corpus", the BPE stored
-    with data_dir, or "gpt2"); models without text (whisper_gpt) have none. A model that starts from
-    a checkpoint (checkpoint, read from ckpt_path on resume; init, read from init_from; an llm_init
-    ckpt.pt) keeps the tokenizer recorded there, since its embeddings are in those tokens: the
-    prepared data is text, so any tokenizer reads it."""
+    """The tokenizer of a text model; None for a model without text (whisper_gpt). Its config
+    names one: "corpus" (the BPE stored with data_dir) or "gpt2". A model that starts from a
+    checkpoint keeps the tokenizer recorded there, since its embeddings are in those tokens. The
+    checkpoints looked at: the resumed one (read from ckpt_path), init_from's, and an llm_init
+    ckpt.pt. The prepared data is text, so any tokenizer reads it."""
     name = getattr(config, "tokenizer", None)
     if name is None:
         return None
@@ -370,7 +367,7 @@ if __name__ == "__main__":
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master = ddp_rank == 0
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device_type = device.split(":")[0]  # cuda, cpu or mps
     dtype = configurator.resolve_dtype("train.py", dtype, device)
     ptdtype = getattr(torch, dtype)
     ctx = (nullcontext() if dtype == "float32"
@@ -390,10 +387,10 @@ if __name__ == "__main__":
     # randomness: every iteration draws its batches and dropout masks from seeds derived from
     # (seed, iteration, micro-batch), so a resumed run sees exactly what an uninterrupted one would,
     # and N processes with accumulation k/N see the same micro-batches as 1 process with k.
-    def data_rng(tag, a, b):
-        return np.random.default_rng([seed, tag, a, b])
+    def data_rng(stream, i, j):  # stream 0: training batches, 1: evaluation batches
+        return np.random.default_rng([seed, stream, i, j])
 
-    def seed_torch(it, micro):
+    def seed_torch(it, micro):  # dropout masks: stream 2
         torch.manual_seed(int(np.random.SeedSequence([seed, 2, it, micro]).generate_state(1)[0]))
 
     # -----------------------------------------------------------------------------
@@ -428,8 +425,7 @@ if __name__ == "__main__":
         if changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
-        # a model field the run did not set (or that is newer than it) had its default there (the
-        # model file's default of today)
+        # a model field the run did not set (or did not have yet) had the model file's default
         defaults = model_defaults(model)
         run_value = {k: checkpoint["config"].get(k, defaults.get(k)) for k in model_keys}
         kept = [k for k in diff if k in model_keys]
@@ -515,7 +511,7 @@ if __name__ == "__main__":
             group["weight_decay"], group["betas"] = wd, (beta1, beta2)
         if "scaler" in checkpoint and dtype == "float16":
             scaler.load_state_dict(checkpoint["scaler"])
-    checkpoint = None
+    checkpoint = None  # free its tensors
     if master:
         print(f"{model}: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable "
               f"({sum(p.numel() for p in decay) / 1e6:.2f}M with weight decay)")
@@ -554,7 +550,7 @@ if __name__ == "__main__":
             return learning_rate * (it + 1) / (warmup_iters + 1)
         if it >= decay_end:
             return min_lr
-        ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+        ratio = (it - warmup_iters) / (decay_end - warmup_iters)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
     def save_checkpoint():
@@ -572,17 +568,15 @@ if __name__ == "__main__":
     def eval_due(it):  # the iterations that evaluate (and may save)
         return it % eval_interval == 0 or it == max_iters
 
-    # made once data and model have loaded: bad input leaves no empty out_dir behind
-    if master and not eval_only:
-        os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and not eval_only:
+        # made once data and model have loaded: bad input leaves no empty out_dir behind
+        os.makedirs(out_dir, exist_ok=True)
         if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
             os.remove(ckpt_path)  # with its log (below): the run there is gone, not half of it
-        # the log holds this run only: a fresh run starts it anew; a resumed one drops what came
-        # after its checkpoint (those iterations are done again), and the checkpoint's own eval
-        # when the loop evaluates there again
-        kept, again = [], eval_due(iter_num)
+        # the log holds this run only, each iteration once: a resumed run keeps the records up to
+        # its checkpoint, less the checkpoint's own eval when the loop evaluates there again
+        kept, eval_again = [], eval_due(iter_num)
         if iter_num > 0 and os.path.exists(log_path):
             with open(log_path) as f:
                 for line in f:
@@ -591,7 +585,7 @@ if __name__ == "__main__":
                     except ValueError:  # a line cut by a crash
                         continue
                     if r["iter"] < iter_num or (r["iter"] == iter_num
-                                                and not ("val_loss" in r and again)):
+                                                and not ("val_loss" in r and eval_again)):
                         kept.append(r)
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -607,10 +601,8 @@ if __name__ == "__main__":
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=S)
 
-    # MFU: ~6 flops per trainable parameter per token (forward + backward), ~4 per frozen one
-    # (forward + backward through the activations); attention's own flops are left out; tokens are
-    # the target tokens (targets != -1): every position for Whisper-GPT, fewer than the LLM reads
-    # for SALMONN and Pengi (audio tokens, prefixes, prompts), whose MFU is so a lower bound
+    # MFU: ~6 flops per trainable and ~4 per frozen parameter per target token, attention left out
+    # (a lower bound for SALMONN and Pengi, whose LLM reads other tokens too; docs/training.md)
     flops_per_token = 6 * n_trainable + 4 * (n_params - n_trainable)
     peak = peak_flops
     if device_type == "cuda" and not peak:
@@ -640,8 +632,7 @@ if __name__ == "__main__":
                   f"val loss {losses['val']:.4f}")
             if not eval_only:  # the log holds the run's own records
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
-            # the best so far: of weights that are or may be saved (a scratch run's untrained start
-            # is not: a best-only run that never beat it would end with no checkpoint)
+            # the best so far, among weights that may be saved (not a scratch run's untrained start)
             may_save = iter_num > start_iter or save_start
             improved = False
             if may_save or init_from == "resume":
@@ -662,8 +653,8 @@ if __name__ == "__main__":
             rng = data_rng(0, iter_num, micro)
             seed_torch(iter_num, micro)
             batch = M.get_batch(data, "train", batch_size, rng)
-            # tokens: the target tokens; a tagging batch (salmonn's "beats" stage) counts its clips
-            # (counted before the copy to the device: no wait for the GPU here)
+            # target tokens, or clips for a tagging batch (SALMONN's beats), counted before the copy
+            # to the device: no wait for the GPU
             tokens_log += int((batch["targets"] != -1).sum()) if "targets" in batch else batch_size
             batch = to_device(batch)
             with ctx:
@@ -716,10 +707,9 @@ if __name__ == "__main__":
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}"
               + (f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else ""))
     if ddp:
-        # the master may still be evaluating or saving: tear down together (gloo aborts otherwise),
-        # the DDP wrapper first: it holds the process group, whose gloo threads must be stopped by
-        # destroy_process_group, not at the interpreter's exit (an abort, now and then)
-        barrier()
+        barrier()  # the master may still be evaluating or saving (gloo aborts otherwise)
+        # the DDP wrapper holds the process group: drop it first, so that destroy_process_group,
+        # not the interpreter's exit (an abort now and then), stops gloo's threads
         del train_model
         gc.collect()
         destroy_process_group()
