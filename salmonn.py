@@ -5,9 +5,8 @@ One file holds the whole model:
 - a Whisper-style speech encoder (conv stem with stride 2, sinusoidal positions, non-causal
   transformer),
 - a BEATs-style audio encoder (patches over the mel spectrogram, transformer, the patches of one
-  time step averaged, so that its stream is time-aligned with the speech stream; the official code
-  pairs Whisper frame i with BEATs token i, which is time patch i // 8, the same instant, but
-  frequency band i % 8 only: each frame sees one of the 8 bands of its patch column),
+  time step averaged), so that its stream is time-aligned with the speech stream (the official
+  code pairs frames differently: docs/salmonn.md),
 - a LayerNorm per stream, the two streams concatenated per frame,
 - the window-level Q-Former (non-overlapping windows of encoder frames, a few trainable queries per
   window that cross-attend to their window only) and a linear projection to the LLM width,
@@ -108,9 +107,9 @@ class SALMONNConfig:
     whisper_dec_n_layer: int = 2
     whisper_text_ctx: int = 64     # transcripts cut to this - 1 tokens + the start or end token
     ctc_weight: float = 0.6        # the CTC loss's weight next to the decoder's cross-entropy
-    # what CTC spells: "tokens" (the BPE), "chars" (CTC_CHARS) or "phonemes" (ours: speech in the
-    # phonemes espeak-ng speaks it with, ~60 sounds shared by all words, where spelling follows
-    # English orthography; the other kinds in tokens)
+    # what CTC spells: "tokens" (the BPE), "chars" (CTC_CHARS) or "phonemes". Phonemes are ours:
+    # speech in the ~60 sounds espeak-ng spoke it with, which all words share; the other kinds of
+    # clip in tokens
     ctc_units: str = "tokens"
     ctc_phonemes: str = ""         # ctc_units="phonemes": the train split's, "|"-joined (load_data)
     spec_augment: int = 0          # SpecAugment's frequency and time masks per clip (0: none)
@@ -146,19 +145,16 @@ class SALMONNConfig:
     # HF GPT-2 dir/file or our stage-"llm" ckpt.pt: its sizes replace the llm_* above (load_data),
     # init_pretrained loads it, our checkpoints then hold the weights
     llm_init: str = ""
-    # stages 1-3 refuse an LLM that copies fewer of the probe's spans (0: no check). 0.5 refuses
-    # LLMs that do not copy (0-20%) and passes those measured to carry the audio (76-100%)
+    # stages 1-3 refuse an LLM that copies fewer of the probe's spans (0: no check); the bar's
+    # measurements are in docs/salmonn.md
     llm_probe_min: float = 0.5
     # ours: each audio token rescaled to the token embeddings' RMS (audio_scale); without it they
     # grow ~6x larger in training
     audio_norm: bool = True
-    # ours, not the paper's: in stages 1-3 a CTC loss (this weight next to the LLM's) between a
-    # transcription example's audio tokens, read as the LLM's tokens (by cosine to its token
-    # embeddings), and its transcript, with the copying documents' dash as the blank: the audio
-    # tokens are pulled toward the words the LLM learned to copy, token by token (0: off)
+    # ours, stages 1-3: the weight of a CTC loss that reads a transcription example's audio tokens
+    # as the LLM's tokens and pulls them toward its transcript (connect_ctc_loss; 0: off)
     connect_ctc_weight: float = 0.0
-    # the blank: the last token of " -" (GPT-2's BPE: " -" itself; the corpus BPE: "-" after a
-    # space token); load_data fills it
+    # that CTC's blank: the last token of " -", the copying documents' dash (load_data fills it)
     dash_token: int = -1
     llm_dropout: float = 0.0       # stage "llm" only: the LLM is frozen in stages 1-3
     # stage "llm": the share of each batch's rows that are copying conversations
@@ -183,7 +179,7 @@ def n_audio_tokens(frames, config):
     t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
     return -(-t2 // config.window_frames) * config.window_queries
 
-def speech_frames(audio, config):
+def n_speech_frames(audio, config):
     """How many frames of a clip the speech encoder reads."""
     return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
 
@@ -239,8 +235,8 @@ class ResidualAttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, lens=None, causal=False, xa=None, xa_lens=None):
-        # lens: a padded batch's valid frames; the padding frames are padding as queries too
-        # (zeros; the kernels skip them). xa (xa_lens): the frames cross-attention reads
+        # lens: each row's valid frames. Padding frames are skipped as queries too (they come out
+        # zero), not only as keys. xa, xa_lens: the frames cross-attention reads.
         x = x + self.drop(self.attn(self.attn_ln(x), causal=causal, k_lens=lens, q_lens=lens))
         if self.cross_attn is not None:
             x = x + self.drop(self.cross_attn(self.cross_attn_ln(x), xa, k_lens=xa_lens))
@@ -273,7 +269,7 @@ class SpeechEncoder(nn.Module):
                              f"speech_features='whisper', from prepare.py --whisper_mel)")
         x = mask_frames(mel, lens).transpose(1, 2)
         x = F.gelu(self.conv1(x)).transpose(1, 2)
-        # as if each clip were alone (conv2 pads with zeros)
+        # zeros past each clip's end, as conv2's own padding gives a clip alone in its batch
         x = mask_frames(x, lens).transpose(1, 2)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         enc_lens = (lens + 1) // 2
@@ -514,11 +510,11 @@ def reorder_cache(past, index):
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
 def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
-    """Beam search. step(tokens (n,), past) -> (log-probs (n, V), past); logp (1, V): the first
-    step's log-probs; past: GPT2's KV cache after the prompt. A hypothesis ends at eot (not counted
-    in its length) or at max_new_tokens. Finished hypotheses are ranked by total log-prob / length
-    ** length_penalty (0: plain log-probability; 1.0: Hugging Face generate's default). Returns the
-    best, without eot."""
+    """Beam search after the prompt. step(tokens (n,), past) -> (log-probs (n, V), past) runs the
+    LLM one token on. logp (1, V) is the first step's log-probs, past GPT2's KV cache after the
+    prompt. A hypothesis ends at eot (not counted in its length) or at max_new_tokens. Finished
+    ones are ranked by total log-prob / length ** length_penalty: 0 ranks by log-prob, 1.0 is
+    Hugging Face generate's default. Returns the best one's tokens, without eot."""
     V = logp.size(-1)
     norm = lambda s, n: s / max(1, n) ** length_penalty
     scores = torch.zeros(1, device=logp.device)
@@ -604,10 +600,12 @@ def clip_keys(mel, mel_lens, wmel=None, wmel_lens=None):
 CONNECT_CTC_SCALE = 10.0
 
 class SALMONN(nn.Module):
-    """The parts depend on config.stage. whisper: speech, decoder, ctc_head; beats: beats,
-    tag_head; llm: llm (all of it trains, no LoRA); stages 1-3: speech and beats (frozen unless
-    freeze_encoders=False),
-    ln_speech, ln_audio, qformer, proj (these train) and llm (frozen; its LoRA trains)."""
+    """The parts depend on config.stage:
+    whisper     speech, decoder, ctc_head
+    beats       beats, tag_head
+    llm         llm (all of it trains, no LoRA)
+    stages 1-3  speech and beats (frozen unless freeze_encoders=False); ln_speech, ln_audio,
+                qformer and proj (these train); llm (frozen; its LoRA trains)"""
 
     def __init__(self, config):
         super().__init__()
@@ -628,11 +626,10 @@ class SALMONN(nn.Module):
             # + the CTC blank, last
             self.ctc_head = nn.Linear(config.speech_n_embd, ctc_blank(config) + 1)
         if stage == "beats":
-            n_tags = len(config.tags.split("|")) if config.tags else 0
-            if not n_tags:
+            if not config.tags:
                 raise ValueError("stage beats: config.tags is empty (load_data fills it from the "
                                  "train labels)")
-            self.tag_head = nn.Linear(config.beats_n_embd, n_tags)
+            self.tag_head = nn.Linear(config.beats_n_embd, len(config.tags.split("|")))
         if stage not in ENCODER_STAGES:
             self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head,
                             config.llm_n_embd, config.llm_block_size,
@@ -667,9 +664,8 @@ class SALMONN(nn.Module):
               f"{n_trainable / 1e6:.2f}M trainable")
 
     def _init_weights(self, m):
-        # convolutions keep PyTorch's default init (as Whisper and BEATs do): with std 0.02 their
-        # output would be ~10x smaller than the sinusoidal positions added to it, and the audio
-        # content drowns
+        # convolutions keep PyTorch's default init (as Whisper and BEATs do): at std 0.02 their
+        # output would be ~10x smaller than the sinusoidal positions added to it, drowning the audio
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if m.bias is not None:
@@ -735,10 +731,9 @@ class SALMONN(nn.Module):
 
     def cached_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """run_encoders(), once per clip when the encoders are frozen: they give a clip the same
-        frames every time, and in stages 1-3 they were over half of a training step's time. Each
-        clip's frames are kept, keyed by its input features, until the encoders' weights change.
-        They are kept on the host, not the model's device: at real Whisper widths a large corpus's
-        frames take tens of GB; each batch's rows go to the device when used."""
+        frames every time. Each clip's frames are kept, keyed by its input features, until the
+        encoders' weights change. They are kept on the host, since at real Whisper widths a large
+        corpus's frames take tens of GB; a batch's rows go to the device when used."""
         if not (self.config.freeze_encoders and self.config.cache_encoders):
             return self.run_encoders(mel, mel_lens, wmel, wmel_lens)
         # loading weights bumps a tensor's version, .to() makes new tensors
@@ -767,8 +762,9 @@ class SALMONN(nn.Module):
         return s, enc_lens, a
 
     def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
-        """mel (B, T, n_mels), lens (B,) [Whisper's features (B, Tw, 80), lens] -> audio tokens (B,
-        N, llm_n_embd) and their validity (B, N)."""
+        """mel (B, T, n_mels) and mel_lens (B,), with Whisper's features in wmel, wmel_lens when
+        speech_features="whisper" -> audio tokens (B, N, llm_n_embd), and valid (B, N), which of
+        them come from the clips' frames."""
         n = self.config.max_audio_frames
         mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
         s, enc_lens, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
@@ -788,13 +784,13 @@ class SALMONN(nn.Module):
         return tokens, valid
 
     def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None,
-              audio=None):
-        """Token embeddings with the audio tokens (audio: encode_audio's output, else made from the
-        mel) written, in time order, where audio_mask is True."""
+              audio_tokens=None):
+        """Token embeddings with the audio tokens written, in time order, where audio_mask is True.
+        audio_tokens: encode_audio's output; without it they are made from the mel."""
         x = self.llm.wte(idx)
         if self.config.stage == "llm":
             return x
-        tokens, valid = audio or self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        tokens, valid = audio_tokens or self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
                              f"row, the clips give {valid.sum(1).tolist()} audio tokens")
@@ -815,8 +811,8 @@ class SALMONN(nn.Module):
             loss = (None if tags is None
                     else F.binary_cross_entropy_with_logits(logits, tags.float()))
             return logits, loss
-        audio = None if stage == "llm" else self.encode_audio(mel, mel_lens, wmel, wmel_lens)
-        x = self.embed(idx, audio_mask=audio_mask, audio=audio)
+        audio_tokens = None if stage == "llm" else self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        x = self.embed(idx, audio_mask=audio_mask, audio_tokens=audio_tokens)
         h, _ = self.llm(x)
         if targets is None:
             return self.llm.lm_head(h[:, [-1]]), None
@@ -829,14 +825,15 @@ class SALMONN(nn.Module):
         per_example = token_loss.sum(1) / n.clamp(min=1)
         loss = per_example[n > 0].mean()
         if self.config.connect_ctc_weight > 0 and connect_targets is not None:
-            loss = loss + self.config.connect_ctc_weight * self.connect_ctc_loss(*audio,
-                                                                                 connect_targets)
+            ctc = self.connect_ctc_loss(*audio_tokens, connect_targets)
+            loss = loss + self.config.connect_ctc_weight * ctc
         return logits, loss
 
     def connect_ctc_loss(self, tokens, valid, targets):
-        """CTC between the audio tokens (B, N, C), valid (B, N) from the start, read as the LLM's
-        tokens, and the rows' transcripts (B, L; -1 pads; all -1: not a transcription example),
-        the dash the blank; per example, averaged over its transcript's tokens."""
+        """CTC between the audio tokens, read as the LLM's tokens, and the rows' transcripts, with
+        the dash as the blank. tokens (B, N, C); valid (B, N), each row's valid tokens a prefix;
+        targets (B, L), padded with -1 (a row of only -1 is not a transcription example). The
+        loss is per example, divided by its transcript's length, then averaged."""
         lens = (targets >= 0).sum(1)
         rows = lens > 0
         if not rows.any():
@@ -940,8 +937,8 @@ INSTRUCTIONS = {
 
 def transcript(clip):
     """The transcription target. Morse words are spelled out letter by letter ("k i t e"): the audio
-    carries letters, and a word is one of ~100 BPE tokens seen a few times each, while 26 letters
-    are seen hundreds of times; WER on Morse is then a letter error rate."""
+    carries letters, each seen far more often than a word's token (docs/salmonn.md). WER on Morse
+    is then a letter error rate."""
     text = clip.get("transcript")
     if text and clip.get("kind") == "morse":
         return " ".join(text.replace(" ", ""))
@@ -1074,16 +1071,16 @@ def reading_questions(clips):
             for qa in c.get("qa") or [] if qa["q"] not in VOICE_QUESTIONS]
 
 def as_audio_tokens(rng, words):
-    """The words as a stretch of audio tokens reads: each one to three times, with dashes (to
-    skip) around them, as audio tokens of silence."""
+    """The words as a stretch of audio tokens shows them: each one to three times, with dashes
+    around them standing for the tokens of silence."""
     shown = ["-"] * int(rng.integers(0, 3))
     for w in words:
         shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
     return shown
 
 def copy_document(tok, rng, words, reading=(), reading_share=0.0):
-    """One document: (prompt ids with the span where the audio would be, answer ids). With
-    reading (reading_questions) a reading_share of them ask a question about a transcript."""
+    """One document: (prompt ids with a span where the audio would be, answer ids). With reading
+    (from reading_questions), a reading_share of documents ask a question about a transcript."""
     if reading_share > 0 and reading and rng.random() < reading_share:
         span, question, answer = reading[rng.integers(len(reading))]
         return (span_prompt(tok, as_audio_tokens(rng, span), question),
@@ -1100,7 +1097,7 @@ def copy_document(tok, rng, words, reading=(), reading_share=0.0):
             if not span or w != span[-1]:
                 span.append(w)
         answer = span[::-1] if kind == "reverse" else span
-        # "once": as a stretch of audio tokens spans one word
+        # "once": each word repeated, between dashes, as a stretch of audio tokens covers a word
         shown = as_audio_tokens(rng, span) if kind == "once" else span
     instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
     return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
@@ -1124,9 +1121,9 @@ def greedy_text_answer(model, tok, ids, max_new_tokens=24):
 
 @torch.no_grad()
 def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
-    """Text-only probe: the fraction of n unseen spans of 3-6 words (of the tokenizer's whole
-    words) that the LLM repeats exactly (greedy) when asked to repeat the words between the
-    <Speech> tags."""
+    """Text-only probe: the fraction of n unseen spans that the LLM repeats exactly (greedy) when
+    asked to repeat the words between the <Speech> tags. A span is 3-6 of the tokenizer's whole
+    words."""
     rng = np.random.default_rng(seed)
     words = vocab_words(tok)
 
@@ -1142,9 +1139,9 @@ def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
 
 @torch.no_grad()
 def reading_probe(model, tok, reading, n=200, seed=12345):
-    """Text-only probe: the fraction of the first n reading questions ((transcript words,
-    question, answer), reading_questions) that the LLM answers exactly (greedy) with the transcript
-    between the <Speech> tags in the audio tokens' form."""
+    """Text-only probe: the fraction of the first n reading questions that the LLM answers exactly
+    (greedy). reading: reading_questions' (transcript words, question, answer) triples; the
+    transcript goes between the <Speech> tags in the audio tokens' form (as_audio_tokens)."""
     rng = np.random.default_rng(seed)
 
     def hits():
@@ -1341,9 +1338,9 @@ def load_beats_state(path):
         raise ValueError(f"beats_init={path}: its model_args lack {e}") from None
 
 def set_pretrained_dims(config):
-    """load_data's step for the *_init files: their sizes replace the config's (before the model is
-    built). A checkpoint's config names none (init_pretrained clears them once loaded); a missing
-    file is skipped here, and init_pretrained, which training calls, says that it is missing."""
+    """load_data's step for the *_init files: their sizes replace the config's, before the model is
+    built. A missing file is skipped here; init_pretrained, which training calls, reports it. (A
+    checkpoint's config names no such file: init_pretrained clears the fields once loaded.)"""
     if config.llm_init and os.path.exists(config.llm_init) and config.stage not in ENCODER_STAGES:
         _, sizes = load_llm_state(config.llm_init)
         if sizes["vocab_size"] != config.vocab_size:
@@ -1365,10 +1362,10 @@ def set_pretrained_dims(config):
 
 def init_pretrained(model, tok=None):
     """Loads the parts named by config.whisper_init / beats_init / llm_init into a freshly built
-    model (train.py calls this), then clears those fields: the model holds the weights, so a
-    checkpoint's config names no file that load_data would read again (train.py's saved settings
-    keep the paths). An LLM that audio training starts from must first pass the copy probe
-    (config.llm_probe_min), and the audio tokens' scale is set to the LLM's token embeddings'."""
+    model (train.py calls this). An LLM that audio training starts from must first pass the copy
+    probe (llm_probe_min). The audio tokens' scale is set to the LLM's token embeddings'. Then
+    the three fields are cleared: the model now holds the weights, so a checkpoint's config names
+    no file for load_data to read again (train.py's saved settings keep the paths)."""
     config = model.config
     for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
                               ("beats_init", "beats", load_beats_state)):
@@ -1402,10 +1399,9 @@ def init_pretrained(model, tok=None):
                                  f"config/salmonn_llm.py, or set llm_probe_min=0)")
     if hasattr(model, "proj"):
         # the Q-Former's output is LayerNormed (RMS ~1 per element): scale the projection so that
-        # the audio tokens start with the token embeddings' RMS, not GPT-2's init's
-        # 0.02 * sqrt(qformer_n_embd)
-        # (with audio_norm, audio_scale keeps them there). A model that then takes a checkpoint's
-        # weights (init_from) gets its projection and scale from there.
+        # the audio tokens start at the token embeddings' RMS, not at GPT-2's init's
+        # 0.02 * sqrt(qformer_n_embd); with audio_norm, audio_scale keeps them there. (A model that
+        # then takes a checkpoint's weights, init_from, gets both from there.)
         with torch.no_grad():
             tok_rms = model.llm.wte.weight.float().pow(2).mean().sqrt().item()
             nn.init.normal_(model.proj.weight, std=tok_rms / math.sqrt(model.proj.in_features))
@@ -1506,9 +1502,9 @@ class SALMONNData:
                 S["clips"].append({**clip, "src": len(S["arrays"]) - 1})
 
     def add_phonemes(self):
-        """ctc_units="phonemes": each speech clip's transcript in the phonemes its espeak-ng voice
-        speaks it with (a clip of another corpus: "en-us"), S["phonemes"][clip index]; the
-        inventory, when the config has none yet, is the train split's."""
+        """ctc_units="phonemes": S["phonemes"][clip index] is a speech clip's transcript in the
+        phonemes its espeak-ng voice speaks it with ("en-us" for another corpus's clips). When the
+        config has no inventory yet, it takes the train split's."""
         import synth  # the library the corpus's speech was made with
         for S in self.splits.values():
             by_voice = {}
@@ -1629,9 +1625,9 @@ def collate(audios):
 
 def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
     """SpecAugment (Park et al., 2019) in place: n_masks bands of up to max_bins mel bins and
-    n_masks stretches of up to max_frames frames (67 ms at 75 frames/s, 50 ms at Whisper's 100) set
-    to each clip's mean. A stretch can hide a whole Morse dot or gap (45-70 ms), a band the tone: the
-    configs use none (it costs Morse most of its WER; measured in docs/salmonn.md)."""
+    n_masks stretches of up to max_frames frames (67 ms at 75 frames/s) set to each clip's mean.
+    The configs use none: a stretch can hide a whole Morse dot or gap, a band the tone, and Morse
+    WER suffered (measured in docs/salmonn.md)."""
     for b in range(mel.size(0)):
         n = int(lens[b])
         fill = mel[b, :n].mean()
@@ -1709,8 +1705,8 @@ def whisper_batch(data, split, batch_size, rng):
     targets = torch.full((batch_size, T), -1, dtype=torch.long)
     if config.ctc_units == "chars":
         ctc_ids = [ctc_encode(answer)[:2 * config.whisper_text_ctx] for _, _, answer in picks]
-    elif config.ctc_units == "phonemes":  # ids after the tokens'; a phoneme not in the inventory
-        # (one the train split never had) is left out
+    elif config.ctc_units == "phonemes":
+        # phoneme ids follow the tokens'; a phoneme the train split never had is left out
         inventory = {p: config.vocab_size + i
                      for i, p in enumerate(config.ctc_phonemes.split("|"))}
         spoken, n = data.splits[split]["phonemes"], 2 * config.whisper_text_ctx
@@ -1730,9 +1726,9 @@ def whisper_batch(data, split, batch_size, rng):
     return {"idx": idx, "targets": targets, "ctc_targets": ctc, **batch}
 
 def task_example(data, split, tasks, rng):
-    """One example of stages 1-3: a task (balanced, or as task_weights says), then a clip of that
-    task and its instruction (the clip's own question, else a paraphrase at random) -> (prompt +
-    answer ids, audio mask, prompt length, the clip's audio, the task)."""
+    """One example of stages 1-3. It draws a task (uniformly, or as task_weights says), then a clip
+    of that task, and an instruction: the clip's own question, else a paraphrase at random.
+    Returns (prompt + answer ids, audio mask, prompt length, the clip's audio, the task)."""
     config, entries = data.config, data.splits[split]["entries"]
     if data.task_weights:
         p = np.array([data.task_weights.get(t, 1.0) for t in tasks])
@@ -1746,7 +1742,7 @@ def task_example(data, split, tasks, rng):
     if instruction is None:
         instruction = INSTRUCTIONS[task][rng.integers(len(INSTRUCTIONS[task]))]
     audio = data.clip_audio(split, ci)
-    ids, mask = data.prompt(instruction, n_audio_tokens(speech_frames(audio, config), config))
+    ids, mask = data.prompt(instruction, n_audio_tokens(n_speech_frames(audio, config), config))
     ans = encode_text(data.tok, " " + answer) + [data.tok.eot_token]
     seq = (ids + ans)[:config.llm_block_size + 1]
     if len(seq) <= len(ids):
@@ -1823,9 +1819,8 @@ def ctc_text(ids, config, tok):
 
 def phoneme_text(phonemes):
     """["D", "@2", " ", "r", "E", "d"] -> "D_@2 r_E_d" (what ctc_text shows; " " between words)."""
-    return " ".join("_".join(word) for word in
-                    [list(g) for is_space, g in itertools.groupby(phonemes, lambda p: p == " ")
-                     if not is_space])
+    return " ".join("_".join(word) for is_space, word
+                    in itertools.groupby(phonemes, lambda p: p == " ") if not is_space)
 
 @torch.no_grad()
 def whisper_transcribe(model, tok, audios, batch_size=32):
@@ -1863,15 +1858,20 @@ SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200,
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools=None, **opts):
-    """audio {"mel": (T, n_mels), ...}; prompt: the instruction (None: the captioning instruction);
+    """The model's answer to an instruction about a clip, as {"text", "prompt"}.
+
+    audio: {"mel": (T, n_mels), ...}. prompt: the instruction (None: the captioning instruction).
     tools: sample.py's shared interface (whisper_gpt decodes codes with it), unused here.
-    Options: beam (4; 1 = greedy or sampling), length_penalty (0: beams ranked by log-prob; 1.0: by
-    log-prob / length, Hugging Face generate's default, which makes our small models loop until
-    max_new_tokens), temperature (0 = greedy; > 0 samples, needs beam=1), top_k, max_new_tokens
-    (200), lora_scale (the paper lowers it from 4.0 to 2.0 to bring back emergent abilities),
-    seed. The encoders' stages answer without the LLM: "whisper" with the transcripts of its text
-    decoder (greedy) and CTC head, "beats" with the 5 most likely tags. Runs in eval mode without
-    gradients (the model's mode is restored after)."""
+    Options:
+      beam            4; 1 = greedy or sampling
+      length_penalty  0 ranks beams by log-prob; 1.0 by log-prob / length (Hugging Face
+                      generate's default, which makes our small models loop to max_new_tokens)
+      temperature     0 = greedy; > 0 samples, which needs beam=1
+      top_k, max_new_tokens (200), seed
+      lora_scale      the paper lowers it from 4.0 to 2.0 to bring back emergent abilities
+    The encoders' stages answer without the LLM: "whisper" with its text decoder's (greedy) and
+    CTC head's transcripts, "beats" with the 5 most likely tags. Runs in eval mode without
+    gradients, then restores the model's mode."""
     unknown = sorted(set(opts) - set(SAMPLE_OPTS))
     if unknown:
         raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
@@ -1911,7 +1911,7 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         x = model.llm.wte(torch.tensor([ids], device=device))
     else:
         ids, mask = build_prompt(tok, instruction,
-                                 n_audio_tokens(speech_frames(audio, model.config), model.config))
+                                 n_audio_tokens(n_speech_frames(audio, model.config), model.config))
         batch = {k: v.to(device) for k, v in collate([feats]).items()}
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
@@ -2074,12 +2074,11 @@ def task_answers(model, tok, data, split, task, entries, o):
     return hyps, None
 
 def transcription_metrics(refs, hyps, ctc_hyps, kinds, train_split, ctc_phoneme_refs=None):
-    """WER, and per kind of clip (speech, morse, dtmf) next to the best constant answer's, the best
-    of: the first 200 of this corpus's training answers of that kind, the first 200 evaluated
-    references of that kind, and every word of all its training answers and references; with
-    ctc_hyps (stage "whisper"), CTC's WER per kind too, but for speech whose CTC spells phonemes
-    (ctc_phoneme_refs: their phoneme_text where a row has them) its phoneme error rate,
-    ctc_per_speech."""
+    """WER overall and per kind of clip (speech, morse, dtmf). Next to each kind's WER: that of the
+    best constant answer among the first 200 of this corpus's training answers of the kind, the
+    first 200 evaluated references of the kind, and every word of all those answers and references.
+    With ctc_hyps (stage "whisper"): CTC's WER per kind too. For speech whose CTC spells phonemes
+    (ctc_phoneme_refs: the rows' phoneme_text), its phoneme error rate instead, ctc_per_speech."""
     results = {"wer": word_error_rate(refs, hyps)}
     for kind in sorted(set(kinds)):
         of_kind = lambda xs: [x for x, k in zip(xs, kinds) if k == kind]
@@ -2101,9 +2100,10 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train_split, ctc_phoneme_
     return results
 
 def answer_metrics(task, entries, refs, hyps, kinds=None):
-    """The other tasks: BLEU-4 (captioning, music, story; story: also the answers' mean length in
-    words) or exact-match accuracy (classification, speaker, qa; for qa also qa_acc_{kind} per kind
-    of clip, kinds giving each entry's, and gender_acc on the questions about the speaker's sex)."""
+    """The other tasks' metrics. BLEU-4 for captioning, music and story (story: also the answers'
+    mean length in words). Exact-match accuracy for classification, speaker and qa; for qa also
+    qa_acc_{kind} per kind of clip (kinds: each entry's), and gender_acc on the questions about
+    the speaker's sex."""
     if task == "captioning":
         return {"bleu4": bleu4(hyps, [[r] for r in refs])}
     if task == "music":
@@ -2133,16 +2133,17 @@ EVAL_OPTS = {"beam": 4, "max_new_tokens": 200, "lora_scale": None, "max_clips": 
 
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
-    """Paper-style metrics on the split (max_clips > 0: the first max_clips entries of each task;
-    each task's first instruction paraphrase), in eval mode without gradients (the model's mode is
-    restored after). Transcription: WER per kind (speech, morse, dtmf) next to the best constant
-    answer's (among training answers, the evaluated references and their words:
-    transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (qa_acc_{kind} per kind of
-    clip, gender_acc: the speaker's sex), cls_acc, speaker_acc, story_bleu4 and story_words (mean
-    length of the story answers, the sign of activation); n_<task>: how many examples each figure
-    rests on. Stage "llm": text perplexity (max_clips: the first max_clips text windows), the
-    copy probe and the reading probe (the split's questions about its transcripts); "whisper": WER
-    per kind from the decoder and from CTC; "beats": tagging mAP and class accuracy."""
+    """Paper-style metrics on the split, each task asked with its first instruction paraphrase
+    (QA: the clip's own question). max_clips > 0 evaluates the first max_clips entries of each
+    task. Runs in eval mode without gradients, then restores the model's mode.
+    Stages 1-3: transcription's WER per kind (speech, morse, dtmf) next to the best constant
+    answer's (transcription_metrics); bleu4 (captioning), music_bleu4, qa_acc (with qa_acc_{kind}
+    and gender_acc), cls_acc, speaker_acc, story_bleu4 and story_words (the story answers' mean
+    length, the sign of activation); n_<task>: how many examples each figure rests on.
+    Stage "llm": text perplexity (max_clips: the first max_clips text windows), the copy probe and
+    the reading probe (the split's questions about its transcripts).
+    Stage "whisper": WER per kind from the decoder and from CTC.
+    Stage "beats": tagging mAP and class accuracy."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
