@@ -70,7 +70,9 @@ def gather(argv, config_files=False, positional=False):
         elif positional:
             rest.append(arg)
         else:
-            raise SettingsError(f"{arg}: expected --key=value (--help lists the settings)")
+            run = os.path.isfile(os.path.join(arg, "ckpt.pt"))  # a run's folder, as eval.py takes
+            raise SettingsError(f"{arg}: expected --key=value (--help lists the settings)" +
+                                (f"; a run's folder is --out_dir={arg}" if run else ""))
     return entries, rest
 
 def print_help():

@@ -724,6 +724,10 @@ def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
                   quiet=args.quiet)
     print(f"offline codec: fitted {N_Q} codebooks x {CODEBOOK_SIZE} on {len(pick)} frames in "
           f"{time.time() - t0:.1f}s")
+    if len(pick) < 10 * CODEBOOK_SIZE:  # k-means gets too few frames per entry to place them
+        print(f"note: {len(pick)} frames are few for {CODEBOOK_SIZE}-entry codebooks (the built-in "
+              f"corpus gives 64 per entry): its codes will be coarse. More audio, or "
+              f"--codec_from=<a prepared data dir> to reuse that data's codec", file=sys.stderr)
     row = {info["id"]: i for i, info in enumerate(infos)}
     ids = [i for i in codec_wavs if i in row]
     embs = [allemb[bounds[row[i]]:bounds[row[i] + 1]] for i in ids]
@@ -912,9 +916,17 @@ def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, 
 # -----------------------------------------------------------------------------
 # main
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, but not an unset (None) or off (False) one, nor twice."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Prepare aligned EnCodec codes + log-mel + text for "
-                                "the audio LLMs.")
+                                "the audio LLMs.", formatter_class=HelpWithDefaults)
     p.add_argument("--dataset", default="synth", choices=["synth", "librispeech", "folder"],
                    help="synth: the built-in corpus; librispeech: FLAC + .trans.txt; folder: any "
                         "audio (+ manifest)")

@@ -285,6 +285,9 @@ if __name__ == "__main__":
         prompt_codes = result.get("prompt_codes")
         seam = None  # where the prompt ends, in seconds
         if prompt_codes is not None:  # the prompt too, decoded the same way: one can hear the seam
+            if len(prompt_codes) < len(inp["codes"]):  # the input did not all fit
+                print(f"prompt: the input's last {len(prompt_codes)} of {len(inp['codes'])} frames "
+                      f"(the model's context, or --prompt_frames)")
             codes = torch.cat([prompt_codes, codes])
             seam = len(prompt_codes) / meta["frame_rate"]
         wav = tools.decode(codes)

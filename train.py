@@ -380,8 +380,10 @@ if __name__ == "__main__":
         configurator.check_folder("train.py", f"out_dir={out_dir!r}", out_dir)
     sequences_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
-        print(f"device {device}, dtype {dtype}, {ddp_world_size} process(es), {sequences_per_iter} "
-              f"sequences per iteration")
+        # the run in one line: with no config file given, these are train.py's defaults
+        print(f"{model}: {max_iters} iterations into {out_dir}/ on data {data_dir}; device {device}, "
+              f"dtype {dtype}, {ddp_world_size} process(es), {sequences_per_iter} sequences per "
+              f"iteration")
 
     # -----------------------------------------------------------------------------
     # randomness: every iteration draws its batches and dropout masks from seeds derived from

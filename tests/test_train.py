@@ -163,6 +163,17 @@ def test_settings_merge_and_types(tmp_path):
     assert S["learning_rate"] == 1.0 and type(S["learning_rate"]) is float
     assert S["wandb_run_name"] == "123" and S["out_dir"] == "out/y"
 
+def test_a_run_folder_given_without_a_key_is_pointed_to_out_dir(tmp_path):
+    """sample.py out/run (as eval.py takes it) is refused with the setting it lacks."""
+    import configurator
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(configurator.SettingsError, match=f"a run's folder is --out_dir={tmp_path}"):
+        configurator.gather([str(tmp_path)])
+    (tmp_path / "ckpt.pt").unlink()  # a folder that holds no run: no such hint
+    with pytest.raises(configurator.SettingsError) as e:
+        configurator.gather([str(tmp_path)])
+    assert "expected --key=value" in str(e.value) and "out_dir" not in str(e.value)
+
 def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     err = settings_error(capsys, ["--n_layr=2"])
     assert "unknown setting 'n_layr'" in err and "n_layer" in err
