@@ -1,11 +1,13 @@
 """
-Fitting the offline codec, for when the pretrained EnCodec 24 kHz cannot be had: prepare.py sets
-EnCodec's own architecture (audio.offline_codec) to a block DCT and its inverse (dct_init), can
-train the parts that leaves free with EnCodec's reconstruction objective (train_codec,
-tune_decoder; off by default, see docs/codec.md), fits its residual codebooks by k-means on the
-encoder's outputs (fit_codebooks), and measures on held-out clips how much of what their labels
-say survives decode(encode(x)) (codec_report, with readers of pitch, Morse and DTMF). Using the
-codec, once fitted, is audio.py's.
+Fitting the offline codec, for when the pretrained EnCodec 24 kHz cannot be had. prepare.py takes
+EnCodec's own architecture (audio.offline_codec) and:
+- sets it to a block DCT and its inverse (dct_init),
+- can train the parts that leaves free with EnCodec's reconstruction objective (train_codec,
+  tune_decoder; off by default, see docs/codec.md),
+- fits its residual codebooks by k-means on the encoder's outputs (calibrate, fit_codebooks),
+- measures on held-out clips how much of what their labels say survives decode(encode(x))
+  (codec_report, with readers of pitch, Morse and DTMF).
+Using the codec, once fitted, is audio.py's.
 """
 import os
 import math
@@ -23,14 +25,14 @@ from synth import (DTMF_HIGH, DTMF_KEYS, DTMF_LOW, MORSE, make_dtmf, make_morse,
 # -----------------------------------------------------------------------------
 # EnCodec's reconstruction objective
 
-_stft_mel = {}
+_stft_mel = {}                    # window size -> (Hann window, mel filters), built once
 
 def multiscale_mel_loss(x, y):
-    """EnCodec's frequency-domain loss over STFT windows of 2^6 .. 2^11 samples (EnCodec: 2^5 ..
-    2^11), hop a quarter window, mel filters (64, fewer for the short windows), magnitudes scaled so
-    a full-scale sine reads ~1: L1 on the mel magnitudes plus L1 on their logs (EnCodec: L1 + L2 on
-    magnitudes; the log term makes the quiet parts count, and much of this audio is quiet). x, y:
-    (B, n)."""
+    """EnCodec's frequency-domain loss between x and y (B, n). STFT windows are 2^6 .. 2^11 samples
+    (EnCodec's: 2^5 .. 2^11), hop a quarter window, with 64 mel filters (fewer for the short
+    windows). Magnitudes are scaled so a full-scale sine reads ~1. The loss is L1 on the mel
+    magnitudes plus L1 on their logs (EnCodec's: L1 + L2 on magnitudes): the log term makes the
+    quiet parts count, and much of this audio is quiet."""
     loss = 0.0
     for i in range(6, 12):
         n = 2 ** i
@@ -50,16 +52,13 @@ def codec_loss(x, y):
     return 0.1 * (x - y).abs().mean() + multiscale_mel_loss(x, y)
 
 # -----------------------------------------------------------------------------
-# the analytic start (ours)
+# the analytic start (ours; why and how: docs/codec.md)
 #
-# A randomly initialised EnCodec plays one fixed buzz whatever it is given, and on a CPU budget
-# training teaches it envelopes but not pitch. But EnCodec's layers can hold a block transform
-# exactly: its strided convs can split the samples into polyphase channels (at the frame rate, 320
-# channels of one sample each: the frame's block), its last conv can take a DCT of that block, and
-# the decoder can invert both. A constant offset on every channel keeps each ELU in its linear
-# range; the residual branches and LSTMs start as no-ops. So the codec starts by passing audio
-# below 4.8 kHz (128 cosines in 37.5 Hz steps) through exactly, pitch included, with no look-ahead
-# and the architecture untouched.
+# EnCodec's layers can hold a block transform exactly. Its strided convs split the samples into
+# polyphase channels (at the frame rate, 320 channels of one sample each: the frame's block), its
+# last conv takes a DCT of that block, and the decoder inverts both. A constant offset on every
+# channel keeps each ELU in its linear range; the residual branches and LSTMs start as no-ops. So
+# the codec starts by passing audio below 4.8 kHz through exactly, pitch included.
 
 OFFSET = 4.0                      # added before every ELU: its input stays > 0, where it is x
 DCT_BINS = 128                    # one per latent channel: 0 .. 4.8 kHz
@@ -74,9 +73,9 @@ def dct_matrix(n=HOP, bins=DCT_BINS):
     return d.float()
 
 def set_weight_norm(conv, w, spare_gain=0.0):
-    """Set a weight-normed conv's weight to w. A slice of dim 0 (the norm's) that is all zero gets
-    a random direction and gain spare_gain x its norm, so its weight is zero (0) or small, and the
-    norm stays defined."""
+    """Set a weight-normed conv's weight to w. An output channel whose weights are all zero has no
+    direction: it gets a random one, with gain spare_gain x its norm. Its weight is then zero (the
+    default) or small, and the norm stays defined."""
     g = w.flatten(1).norm(dim=1)
     dead = g == 0
     v = w.clone()
@@ -103,8 +102,8 @@ def no_op_resblock(block):
     last.bias.data.zero_()
 
 def no_op_lstm(slstm):
-    """SEANet's LSTM adds its output to its input: with the cell-input gate's weights at zero the
-    cell stays 0 and so does the output."""
+    """SEANet's LSTM adds its output to its input. With the cell-input gate's weights and biases
+    at zero, the cell stays 0 and so does the output."""
     lstm, h = slstm.lstm, slstm.lstm.hidden_size
     for p in lstm.parameters():
         p.data[2 * h:3 * h] = 0                      # gates in order i, f, g, o
@@ -126,7 +125,7 @@ def dct_init(model):
     n = 1                                             # polyphase channels so far
     for block, down in ((1, 3), (4, 6), (7, 9), (10, 12)):
         no_op_resblock(enc[block])
-        conv = enc[down].conv.conv                    # causal: its last `stride` taps: this block
+        conv = enc[down].conv.conv                    # causal: last `stride` taps = the new block
         (c_out, c_in, k), s = conv.weight_v.shape, conv.stride[0]
         w = torch.zeros(c_out, c_in, k)
         for j in range(n * s):                        # sample j of the new block
@@ -169,9 +168,9 @@ def dct_init(model):
 # training the learned parts on the reconstruction objective (off by default: docs/codec.md)
 
 def random_crops(wavs, n, batch, rng):
-    """batch crops of n samples (whole frames) from random clips, zero padded at a clip's end, with
-    some sound in them where the clips have any (silence teaches little). Returns (batch, n) float32
-    and the crops' first frames."""
+    """batch crops of n samples (whole frames) from random clips, zero padded past a clip's end. A
+    near-silent crop is redrawn (silence teaches little), until 20 x batch draws have been made.
+    Returns (batch, n) float32 and each crop's (clip, first frame)."""
     xs, where, tries = [], [], 0
     while len(xs) < batch:
         i = int(rng.integers(len(wavs)))
@@ -196,18 +195,17 @@ def codec_step(opt, params, loss):
 def learned_parts(net):
     """The parameters that dct_init leaves as no-ops in net (the codec, or its encoder or
     decoder): the residual branches and the LSTMs. Training them adds to the analytic path;
-    training every weight with Adam scrambles that path within 50 steps, even at lr 1e-4
-    (measured, docs/codec.md)."""
+    training every weight scrambles it (docs/codec.md)."""
     return [p for name, p in net.named_parameters() if ".block." in name or ".lstm." in name]
 
 def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-4, ckpt=None, quiet=False,
                 save_every=25):
     """Start the offline codec from dct_init, then train its learned parts (see learned_parts) as
-    an autoencoder on 24 kHz clips with EnCodec's reconstruction loss (the codebooks are fitted
-    afterwards by k-means, see fit_codebooks). steps=0 is the analytic codec alone.
-    Resumable: every save_every steps the model, the optimiser and the step go to ckpt (written to a
-    temporary file, then renamed), and each step's crops are drawn from a seed of its own, so a
-    resumed run ends with the weights of an uninterrupted one."""
+    an autoencoder on 24 kHz clips with EnCodec's reconstruction loss. The codebooks are fitted
+    afterwards (fit_codebooks). steps=0 is the analytic codec alone.
+    Resumable: every save_every steps the model, the optimiser, the schedule and the step go to
+    ckpt (written to a temporary file, then renamed). Each step draws its crops from a seed of its
+    own, so a resumed run ends with the weights of an uninterrupted one."""
     params = learned_parts(model)
     opt = torch.optim.Adam(params, lr, betas=(0.5, 0.9))
     # a short warmup, then cosine down to a tenth: the few steps a CPU budget allows end on a
@@ -263,17 +261,16 @@ def assign_nearest(x, means, chunk=8192, return_dist=False):
 def kmeans(x, k, iters, gen):
     """Lloyd's k-means on the distinct rows of x (N, D), weighted by how often each occurs.
     Identical frames (digital silence, steady tones) would otherwise seed identical centroids, and
-    exact ties make codes flip on rounding noise. Seeded init; an empty cluster restarts at the
-    point worst served by its centroid. Returns (means (k, D), counts (k,)); with fewer distinct
-    points than k, the spare centroids sit far away."""
+    exact ties make codes flip on rounding noise. The init draws k points with gen; an empty
+    cluster restarts at the point worst served by its centroid. Returns (means (k, D), counts
+    (k,)); with fewer distinct points than k, the spare centroids sit far away."""
     pts, inv = torch.unique(x, dim=0, return_inverse=True)
     w = torch.bincount(inv, minlength=len(pts)).float()
     n = len(pts)
     if n <= k:
         far = pts.abs().max() * 1e3 + 1e3          # spare codes no frame will ever choose
-        means = torch.cat([pts, far + torch.arange(k - n,
-                                                   dtype=x.dtype)[:, None].expand(-1, x.shape[1])])
-        return means, torch.cat([w, torch.zeros(k - n)])
+        spare = far + torch.arange(k - n, dtype=x.dtype)[:, None].expand(-1, x.shape[1])
+        return torch.cat([pts, spare]), torch.cat([w, torch.zeros(k - n)])
     means = pts[torch.randperm(n, generator=gen)[:k]].clone()
     for _ in range(iters):
         assign, dist = assign_nearest(pts, means, return_dist=True)
@@ -281,7 +278,6 @@ def kmeans(x, k, iters, gen):
         sums = torch.zeros_like(means).index_add_(0, assign, pts * w[:, None])
         means = sums / counts.clamp_min(1e-9)[:, None]
         empty = (counts == 0).nonzero().flatten()
-        # restart empty clusters at the worst-served points
         if len(empty):
             means[empty] = pts[torch.topk(dist * w, len(empty)).indices]
     assign = assign_nearest(pts, means)
@@ -289,13 +285,13 @@ def kmeans(x, k, iters, gen):
 
 @torch.no_grad()
 def calibrate(model, emb):
-    """Standardise the encoder's output per channel on this corpus, for k-means: the DCT's low
+    """Standardise the encoder's output per channel on this corpus, for k-means. The DCT's low
     bins are ~100x larger than its high ones, and a trained encoder's outputs can sit in a tiny
-    cloud far from zero, where float rounding alone flips nearest-codeword choices. A Standardize
-    is appended to the encoder and its inverse folded into the decoder's first conv (a constant
-    offset survives the reflect padding, so that is exact). emb (N, 128): outputs of the encoder
-    as it was; returns them standardised by the very same op, so stored codes equal what the
-    calibrated encoder gives."""
+    cloud far from zero, where float rounding alone flips nearest-codeword choices.
+    A Standardize is appended to the encoder, and its inverse folded into the decoder's first conv
+    (exact: a constant offset survives the reflect padding). emb (N, 128) are outputs of the
+    encoder as it was. Returns them standardised by the very same op, so stored codes equal what
+    the calibrated encoder gives."""
     std = Standardize(emb.shape[1]).fit(emb)
     model.encoder.model.append(std)
     dec = model.decoder.model[0].conv.conv
@@ -307,9 +303,8 @@ def calibrate(model, emb):
     return std(emb.T[None])[0].T
 
 def fit_codebooks(model, emb, iters=12, seed=0, quiet=False):
-    """Fit the first N_Q residual codebooks by k-means on encoder outputs emb (N, 128), as EnCodec's
-    quantizer does at its first training step (there with kmeans_init), layer after layer on the
-    residual."""
+    """Fit the first N_Q residual codebooks by k-means on encoder outputs emb (N, 128), layer after
+    layer on the residual, as EnCodec's quantizer does at its first training step (kmeans_init)."""
     gen = torch.Generator().manual_seed(seed)
     residual = emb.float().clone()
     # each codebook takes seconds on a big sample: a bar shows the rate and the ETA
@@ -325,11 +320,11 @@ def fit_codebooks(model, emb, iters=12, seed=0, quiet=False):
     return model
 
 def tune_decoder(model, wavs, embs, steps, batch=4, crop_seconds=0.4, lr=1e-4, quiet=False):
-    """After the codebooks are fitted, the decoder's learned parts (see learned_parts) learn from
-    what the decoder will be given: quantized encoder outputs. Each crop keeps the first 1, 2, 4 or
-    all 8 codebooks (EnCodec samples its bandwidth per batch the same way), so decoding codebook 0
-    alone, as Whisper-GPT's samples are, gives audio too. wavs and embs (standardised encoder
-    outputs, (frames, 128)) are paired clip by clip."""
+    """After the codebooks are fitted, train the decoder's learned parts (see learned_parts) on
+    what the decoder will be given: quantized encoder outputs. Each crop keeps the first 1, 2, 4
+    or all 8 codebooks, as EnCodec samples its bandwidth per batch, so that codebook 0 alone (all
+    that Whisper-GPT generates) decodes to audio too. wavs and embs (standardised encoder outputs,
+    (frames, 128) each) are paired clip by clip."""
     levels = [1, 2, 4, N_Q]
     with torch.no_grad():
         codes = [quantize(model, e).T[:, None] for e in embs]                  # (n_q, 1, frames)
@@ -362,9 +357,9 @@ def codec_state(model):
 
 @torch.no_grad()
 def reconstruct(model, wavs, quantized=True, n_q=N_Q):
-    """decode(encode(x)) for each 1-D clip in wavs, through the codes at 6 kbps (or only the first
-    n_q codebooks; or, quantized=False, straight from the encoder's output), each trimmed to its
-    input's length. Batched: EnCodec is causal, so zeros after a shorter clip change nothing in
+    """decode(encode(x)) for each 1-D clip in wavs, trimmed to the clip's length. The decoder reads
+    the codes at 6 kbps, or only their first n_q codebooks, or (quantized=False) the encoder's
+    output itself. Batched: EnCodec is causal, so zeros after a shorter clip change nothing in
     it."""
     embs = encode_emb(model, wavs)
     T = max(len(e) for e in embs)
@@ -376,9 +371,9 @@ def reconstruct(model, wavs, quantized=True, n_q=N_Q):
     return [y[i, :len(w)].numpy() for i, w in enumerate(wavs)]
 
 def envelope_runs(x, win=0.005, rel=0.3, min_run=0.01):
-    """On/off runs of a signal's RMS envelope: a list of (on, start, end) in samples. A run shorter
-    than min_run seconds (a click, a dropout) joins the run before it, as any practical decoder
-    debounces: every Morse symbol and DTMF tone or gap of the corpus lasts 45 ms or more."""
+    """On/off runs of a signal's RMS envelope (over win seconds; on above rel x its peak): a list
+    of (on, start, end) in samples. A run shorter than min_run seconds (a click, a dropout) joins
+    the run before it: a debounce (docs/codec.md)."""
     w = max(1, int(win * SAMPLE_RATE))
     env = np.sqrt(np.convolve(np.asarray(x, np.float64) ** 2, np.ones(w) / w, "same"))
     on = env > rel * env.max()
@@ -401,8 +396,8 @@ def read_morse(x):
         runs.pop()
     if not runs:
         return ""
-    # the unit: the shortest mark, or gap between marks (1 unit inside a letter), whichever is
-    # shorter; from the marks alone a word of dashes only ("to") would read as dots
+    # the unit: the shortest run, mark or gap (a gap inside a letter is 1 unit); the marks alone
+    # would read a word of dashes only ("to") as dots
     unit = min(d for on, d in runs)
     letters = {v: k for k, v in MORSE.items()}
     word, sym = "", ""
@@ -414,6 +409,7 @@ def read_morse(x):
     return word + letters.get(sym, "?")
 
 def goertzel_power(x, hz):
+    """The power of x at hz: one DFT bin, what a Goertzel filter computes."""
     t = np.arange(len(x)) / SAMPLE_RATE
     return np.abs(np.sum(x * np.exp(-2j * np.pi * hz * t))) ** 2
 
@@ -480,12 +476,16 @@ def codec_probes(seed, n_notes=30, n_morse=20, n_dtmf=20, n_any=12, max_dur=3.0,
     return probes
 
 def codec_report(model, probes, untrained=None):
-    """How well decode(encode(x)) keeps what the corpus's labels say: the fraction of notes whose
-    pitch reads as the labelled note (the note nearest to it: within half a semitone), of morse
-    words and DTMF digit strings read back exactly, and the log-mel L1 between input and
-    reconstruction, also for the untrained decoder when given (fed the unquantized encoder output);
-    and the notes decoded from codebook 0 alone, all that Whisper-GPT generates. Returns the
-    figures and the reconstructions ({kind: [audio]}, in the order of probes)."""
+    """How well decode(encode(x)) keeps what the corpus's labels say. The figures:
+    notes             the fraction of notes whose pitch reads as the labelled note (the note
+                      nearest to it: within half a semitone)
+    morse, dtmf       the fraction of Morse words and DTMF digit strings read back exactly
+    mel_l1            the log-mel L1 between the "any" clips and their reconstructions
+    notes_codebook0   notes, decoded from codebook 0 alone: all that Whisper-GPT generates
+    mel_l1_untrained  mel_l1 of the untrained decoder, when given (fed the unquantized encoder
+                      output)
+    clips             how many probes of each kind
+    Returns the figures and the reconstructions ({kind: [audio]}, in the order of probes)."""
     rec = {k: reconstruct(model, [w for w, _ in v]) for k, v in probes.items()}
     refs = [log_mel(w) for w, _ in probes["any"]]
     mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - ref).mean()

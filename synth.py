@@ -1,9 +1,9 @@
 """
 The built-in corpus (prepare.py --dataset=synth, the default): pure numpy signals, and speech from
-libespeak-ng, whose text is determined by the audio. Every clip gets a caption, labels,
-question-answer pairs and, for speech, a transcript: synth_clip(seed, i, max_dur) -> (wav at 24 kHz,
-info). Kinds: speech (a quarter), music (notes, chords, melodies), sound events, Morse words,
-DTMF digits, and mixtures.
+libespeak-ng. synth_clip(seed, i, max_dur) -> (wav at 24 kHz, info). Each clip's text is written
+from what was synthesised: a caption, a description, labels, question-answer pairs and, for
+speech, Morse and DTMF, a transcript. Kinds: speech (a quarter), music (notes, chords, melodies),
+sound events, Morse words, DTMF digits, and mixtures of music and events.
 """
 
 import ctypes
@@ -40,11 +40,9 @@ EVENT_TEXT = {
     "siren": "a wailing siren",
 }
 MORSE = {"a": ".-", "b": "-...", "c": "-.-.", "d": "-..", "e": ".", "f": "..-.", "g": "--.",
-         "h": "....", "i": "..",
-         "j": ".---", "k": "-.-", "l": ".-..", "m": "--", "n": "-.", "o": "---", "p": ".--.",
-         "q": "--.-", "r": ".-.",
-         "s": "...", "t": "-", "u": "..-", "v": "...-", "w": ".--", "x": "-..-", "y": "-.--",
-         "z": "--.."}
+         "h": "....", "i": "..", "j": ".---", "k": "-.-", "l": ".-..", "m": "--", "n": "-.",
+         "o": "---", "p": ".--.", "q": "--.-", "r": ".-.", "s": "...", "t": "-", "u": "..-",
+         "v": "...-", "w": ".--", "x": "-..-", "y": "-.--", "z": "--.."}
 WORDS = ("sos ok hi yes no go on in up at it is to we me be do so cat dog sun red sea sky run one "
          "two ten top hat map car bus fox owl cow pig egg ice tea jam box key toy bed cup pen ink "
          "art arm leg eye ear cake fish bird tree rain snow wind fire star moon ship boat road "
@@ -71,7 +69,8 @@ def envelope(n, attack=0.01, release=0.05):
     return env
 
 def tone(instrument, hz, dur, rng):
-    """One note of an instrument, band-limited (additive harmonics below Nyquist), peak ~1."""
+    """One note of an instrument, dur seconds long, peak ~1. Square and sawtooth are summed from
+    their harmonics below 0.9 x Nyquist, so they do not alias."""
     n = int(dur * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
     # Karplus-Strong: a noise burst through a damped, averaging delay loop
@@ -108,11 +107,13 @@ def tone(instrument, hz, dur, rng):
     return (y * envelope(n)).astype(np.float32)
 
 def place(buf, x, start):
+    """Add x into buf from sample start on, cut at buf's end."""
     end = min(len(buf), start + len(x))
     if end > start:
         buf[start:end] += x[:end - start]
 
 def fmt_list(items):
+    """["a", "b", "c"] -> "a, b and c"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 def single_note(rng, max_dur, inst, noun, root):
@@ -255,7 +256,7 @@ def make_events(rng, max_dur):
     # faint background hiss
     wav = (rng.normal(0, 1, int(dur * SAMPLE_RATE)) * 0.002).astype(np.float32)
     t, onsets = 0.1 + float(rng.uniform(0, 0.05)), []
-    # a lone event longer than a short clip leaves (a siren in a clip of about a second) starts
+    # events that would run past the clip's end (a siren in a clip of about a second) start
     # earlier, to stay whole
     t = min(t, max(0.0, dur - (length(gap) - 0.3)))
     for p in parts:
@@ -322,7 +323,7 @@ def make_morse(rng, max_dur):
     smooth = np.convolve(env, window / window.sum(), "same")
     carrier = np.sin(2 * np.pi * hz * np.arange(len(env)) / SAMPLE_RATE)
     wav[lead:lead + len(env)] = carrier * smooth * float(rng.uniform(0.4, 0.7))
-    wpm = round(1.2 / unit)
+    wpm = round(1.2 / unit)                          # PARIS timing: a unit of 1.2 / wpm seconds
     caption = f"morse code spelling the word {word}."
     description = (f"A steady {int(hz)} hertz tone taps out morse code at about {wpm} words per "
                    f"minute. The dots and dashes spell {fmt_list(list(word))}, the word {word}, "
@@ -368,7 +369,7 @@ def make_mixture(rng, max_dur):
     ev_name = e["labels"]["event"]
     count = int(e["labels"]["count"])
     noun = INSTRUMENT_TEXT[inst][0]
-    ev_said = (f"{NUMBER_WORDS[count]} {EVENT_PLURAL[ev_name] if count > 1 else ev_name}")
+    ev_said = f"{NUMBER_WORDS[count]} {EVENT_PLURAL[ev_name] if count > 1 else ev_name}"
     if "order" in e["labels"]:
         ev_said += f" and then {e['caption'].split(' followed by ')[1].rstrip('.')}"
     caption = f"{ev_said} over {noun} playing {m['caption'].split(' plays ')[1].rstrip('.')}."
@@ -556,8 +557,8 @@ def number_words(n):
 def plural(noun):
     return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
 
-# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence (but
-# verb and activity) gets a question
+# (form, pattern): the slots in braces are drawn independently; each slot named in a sentence
+# (except verb and activity) gets a question
 TEMPLATES = [
     ("command", "{verb} the {colour} {object}"), ("command", "put the {colour} {object} {at}"),
     ("command", "{verb} {number} {colour} {objects}"),
@@ -607,7 +608,8 @@ def make_speech(rng, max_dur):
     lead, tail = float(rng.uniform(0.05, 0.25)), float(rng.uniform(0.1, 0.25))
     gain = float(rng.uniform(0.3, 0.7))
     best = None
-    # re-draw until it fits (cheap: ~5 ms a sentence); then two words
+    # redraw until it fits (~5 ms a sentence), the last 4 tries with two words at most; else the
+    # shortest drawn
     for attempt in range(12):
         text, form, mentioned = sentence(rng, short=attempt >= 8)
         # "?": a question's intonation
@@ -638,19 +640,18 @@ def make_speech(rng, max_dur):
           {"q": "is it a command, a question or a statement?", "a": form}]
     qa += [{"q": SLOT_TEXT[s][0], "a": x} for s, x in mentioned.items()]
     return wav, dict(kind="speech", caption=caption, description=description, transcript=text,
-                     qa=qa,
-                     labels={"class": "speech", "speaker": name, "gender": sex}, voice=voice,
-                     mentioned=mentioned)
+                     qa=qa, labels={"class": "speech", "speaker": name, "gender": sex},
+                     voice=voice, mentioned=mentioned)
 
+# (kind, share of the corpus, its maker)
 KIND_MIX = [("music", 0.24, make_music), ("events", 0.18, make_events),
-            ("morse", 0.105, make_morse),
-            ("dtmf", 0.105, make_dtmf), ("mixture", 0.12, make_mixture),
-            ("speech", 0.25, make_speech)]
+            ("morse", 0.105, make_morse), ("dtmf", 0.105, make_dtmf),
+            ("mixture", 0.12, make_mixture), ("speech", 0.25, make_speech)]
 
 def synth_clip(seed, i, max_dur, speech=True, kinds=None):
-    """Clip i of the built-in corpus; depends only on (seed, i), so a bigger --clips keeps the
-    smaller corpus. speech=False (no libespeak-ng): the other kinds, in the same proportions to each
-    other; kinds (names of KIND_MIX): only those, in the same proportions to each other."""
+    """Clip i of the built-in corpus. It depends only on (seed, i), so a bigger --clips keeps the
+    smaller corpus. kinds (names in KIND_MIX) keeps only those kinds, and speech=False (no
+    libespeak-ng) leaves speech out; the kinds left keep their proportions to each other."""
     rng = np.random.default_rng([seed, i])
     mix = [m for m in KIND_MIX if (speech or m[0] != "speech") and (not kinds or m[0] in kinds)]
     if not mix:
@@ -663,7 +664,7 @@ def synth_clip(seed, i, max_dur, speech=True, kinds=None):
     wav, info = fn(rng, max_dur)
     wav = np.clip(wav, -1, 1).astype(np.float32)
     short = int(min(1.0, max_dur) * SAMPLE_RATE) - len(wav)
-    # at least a second (a short morse word): trailing silence
+    # at least a second (a short Morse word): pad with silence
     if short > 0:
         wav = np.concatenate([wav, np.zeros(short, np.float32)])
     info["id"] = f"synth-{i:06d}"

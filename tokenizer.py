@@ -1,13 +1,13 @@
 """
-The tokenizers of the prepared text. The data is stored as text; each model's config names the
-tokenizer it reads that text with, and this file loads it (train.py, sample.py and eval.py import
-it; prepare.py also trains the corpus BPE with it, and audio.py finds Whisper's mel filters in
-openai-whisper's assets with whisper_assets_dir):
-  "corpus": a small byte-level BPE trained on the corpus text by prepare.py and stored with the
-            data. CPU-sized LLMs want it: GPT-2's 50k-row LM head would be ~8x the rest of a
-            4 x 128 model.
+The tokenizers of the prepared text. The data is stored as text, and each model's config names the
+tokenizer it reads that text with:
+  "corpus": a small byte-level BPE that prepare.py trains on the corpus text (train_bpe) and
+            stores with the data. CPU-sized LLMs want it: GPT-2's 50k-row LM head would be ~8x
+            the rest of a 4 x 128 model.
   "gpt2":   GPT-2's BPE, for GPT-2-compatible LLMs, from tiktoken (its cache or a download) or,
             offline, from the copy of its ranks that openai-whisper ships.
+train.py, sample.py and eval.py load them from here. audio.py also finds Whisper's mel filters in
+openai-whisper's assets with whisper_assets_dir.
 """
 
 import base64
@@ -135,9 +135,11 @@ def load_gpt2(offline=False):
                        f"{problem}")
 
 def train_bpe(texts, vocab_size, min_count=2):
-    """Byte-level BPE (GPT-2 style: merges never cross the regex pre-token boundaries). Returns
-    mergeable ranks {bytes: rank}: the 256 bytes first, then the merges in the order learned.
-    Incremental pair counts."""
+    """Byte-level BPE (GPT-2 style: merges never cross the regex pre-token boundaries). It merges
+    the most frequent pair until there are vocab_size ranks or no pair occurs min_count times.
+    Returns mergeable ranks {bytes: rank}: the 256 bytes first, then the merges in the order
+    learned. Pair counts are kept up to date: a merge rescans only the words indexed under its
+    pair."""
     import regex
     pat = regex.compile(GPT2_PAT)
     words = Counter()
@@ -146,8 +148,8 @@ def train_bpe(texts, vocab_size, min_count=2):
     seqs = [[bytes([b]) for b in w.encode("utf-8")] for w in words]
     freqs = [words[w] for w in words]
     pairs = Counter()
-    # pair -> indices of the words containing it, and of some that no longer do (a merge
-    # adds its words' new pairs but drops no old entry): such a word is re-scanned, unchanged
+    # pair -> indices of the words that hold it, or once did: a merge adds entries but removes
+    # none, and rescanning a word that lost the pair leaves it unchanged
     where = defaultdict(set)
     for i, s in enumerate(seqs):
         for a, b in zip(s, s[1:]):
@@ -224,9 +226,9 @@ def make_encoding(name, ranks):
                              special_tokens={EOT: len(ranks)})
 
 def load_tokenizer(data_dir, name="corpus", offline=False):
-    """The tiktoken.Encoding a model's config names: "corpus", the BPE prepare.py trained on
-    data_dir's text and stored there, or "gpt2", GPT-2's (load_gpt2; offline skips its download).
-    Either reads the same data_dir."""
+    """The tiktoken.Encoding a model's config names. "corpus": the BPE prepare.py trained on
+    data_dir's text and stored there. "gpt2": GPT-2's (load_gpt2; offline skips its download).
+    Either one reads the same stored text."""
     if name == "gpt2":
         return load_gpt2(offline)
     if name != "corpus":
