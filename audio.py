@@ -1,8 +1,8 @@
 """
-The data contract, as openai/whisper's audio.py is Whisper's: the fixed numbers (24 kHz, 75 frames
-per second, 8 codebooks, 64 mel bins), audio I/O and our resampler, the log-mel framed like the
-codec (and Whisper's own log-mel), and the EnCodec 24 kHz codec at run time: found, downloaded or
-loaded with the data, encoding, and decoding as a stream.
+The data contract, as openai/whisper's audio.py is Whisper's. It holds the fixed numbers (24 kHz,
+75 frames per second, 8 codebooks, 64 mel bins), audio I/O and our resampler, the log-mel framed
+like the codec, Whisper's own log-mel, and the EnCodec 24 kHz codec at run time: found, downloaded
+or loaded with the data, encoding, and decoding as a stream.
 
 prepare.py makes the data with these; sample.py, whisper_gpt_table.py and the tests use them:
 load_codec(data_dir), load_audio(path), resample(wav, sr_in, sr_out), log_mel(wav),
@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import soundfile as sf
 
-# encodec imports torchaudio at module level but only uses it for file helpers we never call; the
-# registry's torchaudio wheels do not load against the CPU torch, so stand in an empty module when
-# the import fails.
+# encodec imports torchaudio only for file helpers we never call, and the registry's torchaudio
+# wheels do not load against the CPU torch: an empty module stands in
 try:
     import torchaudio  # noqa: F401
 except Exception:
@@ -44,14 +43,10 @@ N_Q = 8                 # codebooks at 6 kbps
 BANDWIDTH = 6.0
 CODEBOOK_SIZE = 1024
 N_MELS = 64
-# 26.7 ms Hann window; its 37.5 Hz bins are narrow enough that the lowest mel filters cover whole
-# bins
-N_FFT = 640
+N_FFT = 640             # 26.7 ms window; 37.5 Hz bins, so no low mel filter is empty
 F_MIN, F_MAX = 0.0, SAMPLE_RATE / 2
-# EnCodec is causal: codec frame i is computed from samples < 320*(i+1), and its own 13.3 ms are
-# samples [320*i, 320*(i+1)). Mel frame i is centred on the middle of that block, sample 320*i +
-# 160, so its window spans [320*i + 160 - N_FFT/2, 320*i + 160 + N_FFT/2) (zero padded at the
-# edges).
+# mel frame i is centred on the middle of codec frame i's block [320*i, 320*(i+1)), so both describe
+# the same 13.3 ms (docs/data.md, "Alignment")
 MEL_CENTER = HOP // 2
 # samples of the next block a mel frame sees (160): where its window ends (MEL_CENTER + N_FFT/2)
 # past where its block ends (HOP)
@@ -109,8 +104,8 @@ def resample(wav, sr_in, sr_out=SAMPLE_RATE):
     return out
 
 class BadAudio(ValueError):
-    """Audio that cannot be used: str(e) is "{name}: {reason}"; e.reason alone (a file's name may
-    hold ": ")."""
+    """Audio that cannot be used. str(e) is "{name}: {reason}"; e.reason is the reason alone, as a
+    file's name may itself hold ": "."""
 
     def __init__(self, name, reason):
         super().__init__(f"{name}: {reason}")
@@ -125,10 +120,11 @@ def check_audio(wav, name="audio"):
     if wav.size < HOP:
         raise BadAudio(name, f"shorter than one frame ({wav.size} samples < {HOP} at "
                              f"{SAMPLE_RATE} Hz)")
-    if np.abs(wav).max() < 1e-4:
-        raise BadAudio(name, f"all silent (peak {np.abs(wav).max():.1e})")
-    if np.abs(wav).max() > 100:  # 40 dB over full scale: the mel of such audio is out of range
-        raise BadAudio(name, f"peak amplitude over 100 ({np.abs(wav).max():.3g}, where full "
+    peak = np.abs(wav).max()
+    if peak < 1e-4:
+        raise BadAudio(name, f"all silent (peak {peak:.1e})")
+    if peak > 100:  # 40 dB over full scale: the mel of such audio is out of range
+        raise BadAudio(name, f"peak amplitude over 100 ({peak:.3g}, where full "
                              f"scale is 1: float samples written at integer scale? divide them "
                              f"by 32768)")
 
@@ -169,9 +165,9 @@ _mel_cache = {}
 
 def log_mel(wav):
     """Log-mel spectrogram: (n,) or (B, n) audio at 24 kHz -> (frames, 64) or (B, frames, 64),
-    frames = ceil(n/320). Accepts numpy or torch; returns the same kind (float32, also under a
-    caller's bfloat16 autocast). Values: (log10(mel power) + 4) / 4, power of a Hann-windowed frame
-    scaled so a full-scale sine is ~0 dB (-> ~1); silence sits at -1 (floor -80 dB)."""
+    frames = ceil(n/320). Takes numpy or torch and returns the same kind, float32 even under a
+    caller's bfloat16 autocast. Values are (log10(mel power) + 4) / 4, with the power scaled so a
+    full-scale sine reads ~0 dB: such a tone gives ~1, silence -1 (the -80 dB floor)."""
     is_np = not torch.is_tensor(wav)
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32)) if is_np else wav.float()
     squeeze = x.dim() == 1
@@ -222,16 +218,15 @@ def plot_mels(path, panels, title=None, boundary=None):
     plt.close(fig)
     os.replace(tmp, path)
 
-# OpenAI Whisper's own input features (optional --whisper_mel stream), so a real Whisper encoder
-# sees what it was trained on: aligned with the clip, not with the codec frames (frame i is centred
-# on 16 kHz sample 160*i, at i/100 s)
+# OpenAI Whisper's own input features (--whisper_mel), so a real Whisper encoder sees what it was
+# trained on. They are framed like Whisper's, not like the codec: frame i is centred at i/100 s.
 WHISPER_SR, WHISPER_N_FFT, WHISPER_HOP, WHISPER_N_MELS = 16000, 400, 160, 80
 WHISPER_FRAME_RATE = WHISPER_SR // WHISPER_HOP     # 100 frames/s
 
 def whisper_mel_filters():
-    """The 80-bin Slaney filters openai-whisper ships (whisper/assets/mel_filters.npz, key
-    "mel_80"), (80, 201). Found without importing whisper (its __init__ imports numba): pip install
-    --no-deps openai-whisper is enough."""
+    """The 80-bin Slaney filters openai-whisper ships, (80, 201): key "mel_80" of
+    whisper/assets/mel_filters.npz. Found without importing whisper, whose __init__ imports numba,
+    so pip install --no-deps openai-whisper is enough."""
     if "wfb" not in _mel_cache:
         from tokenizer import whisper_assets_dir
         assets = whisper_assets_dir()
@@ -248,10 +243,10 @@ def whisper_mel_filters():
     return _mel_cache["wfb"]
 
 def whisper_log_mel(wav, sr=SAMPLE_RATE):
-    """Whisper's log-mel (as whisper.audio.log_mel_spectrogram) of a 1-D clip at sr (24 kHz by
-    default; resampled to 16 kHz here) -> (frames, 80) float32, frames = n16k // 160 (about 100 per
-    second). One difference: Whisper takes the max for its 8-decade floor over its whole (30 s, zero
-    padded) input; here it is over the clip itself."""
+    """Whisper's log-mel, as whisper.audio.log_mel_spectrogram, of a 1-D clip at sr -> (frames, 80)
+    float32. The clip is resampled to 16 kHz (n16k samples); frames = n16k // 160, ~100 a second.
+    One difference: Whisper's 8-decade floor is below the max of its whole input, 30 s zero
+    padded; here it is below the clip's own max."""
     x = np.asarray(wav, dtype=np.float32)
     if sr != WHISPER_SR:
         x = resample(x, sr, WHISPER_SR)
@@ -298,11 +293,11 @@ def pretrained_codec(weights_dir):
                          f"{str(e).strip()[:120]})") from None
 
 def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
-    """The pretrained EnCodec 24 kHz and its weights file, from --codec_dir, else the torch hub
-    cache, else a download (skipped when offline); (None, None) when none can be had: the caller
-    then makes the offline codec. Each failure is one line naming the file or the cause (with
-    strict, an error); a codec_dir without usable weights is an error (FileNotFoundError: none
-    there; ValueError: unusable)."""
+    """The pretrained EnCodec 24 kHz and its weights file: from --codec_dir, else the torch hub
+    cache, else a download (not when offline). (None, None) when none can be had; the caller then
+    makes the offline codec. Each failure prints one line naming the file or the cause, or with
+    strict stops the run. A codec_dir without usable weights raises: FileNotFoundError when the
+    file is not there, ValueError when it is unusable."""
     def failed(msg):
         if strict:
             sys.exit(f"error: {msg} (--strict)")
@@ -406,8 +401,8 @@ def load_codec(data_dir):
     ckpt = read_offline_codec(data_dir, c)
     with torch.random.fork_rng(devices=[]):  # as above; every weight is overwritten below
         model = encodec_24khz(False)
-    n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
     # the Standardize layers codec.calibrate appended to the encoder (prepare.py: one, for k-means)
+    n_std = sum(1 for k in ckpt["model"] if re.fullmatch(r"encoder\.model\.\d+\.std", k))
     for _ in range(n_std):
         model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
@@ -422,10 +417,10 @@ def load_codec(data_dir):
 _codec_ids = {}  # codec_id's hashes, per weights file version
 
 def codec_id(data_dir):
-    """Which codec made data_dir's codes, as a string equal for two data dirs exactly when their
-    token ids stand for the same sounds: the pretrained EnCodec is one codec everywhere; an offline
-    one is fitted to its corpus, so it is named by a hash of its weights (prepare.py --codec_from
-    copies them)."""
+    """Which codec made data_dir's codes, as a string. Two data dirs get the same string exactly
+    when their token ids stand for the same sounds. The pretrained EnCodec is one codec everywhere;
+    an offline one is fitted to its corpus, so it is named by a hash of its weights, which
+    prepare.py --codec_from copies."""
     c = codec_record(data_dir)
     if c["pretrained"]:
         return f"{c['name']} (pretrained)"
@@ -468,10 +463,10 @@ def decode(codec, codes):
         return codec.decode([(codes, None)])[0, 0].float()
 
 def features(wav, codec):
-    """features(wav, codec) -> (codes, mel): wav a 1-D float array/tensor at 24 kHz (n samples),
-    codec from load_codec() (or a prepared data dir, whose codec is then loaded). codes: int64 np
-    array (frames, 8) of EnCodec codes at 6 kbps (column 0 the coarse stream); mel: float32 np array
-    (frames, 64) from log_mel(); frames = ceil(n / 320) for both, frame i aligned."""
+    """features(wav, codec) -> (codes, mel), frame i of each aligned, frames = ceil(n / 320).
+    wav: a 1-D float array or tensor of n samples at 24 kHz. codec: from load_codec(), or a prepared
+    data dir whose codec is then loaded. codes: int64 np array (frames, 8), EnCodec's at 6 kbps,
+    column 0 the coarse stream. mel: float32 np array (frames, 64), from log_mel()."""
     if isinstance(codec, (str, Path)):
         codec = load_codec(codec)
     wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
@@ -479,18 +474,20 @@ def features(wav, codec):
     return quantize(codec, emb).numpy(), log_mel(wav)
 
 class StreamingDecoder:
-    """Decodes codes a few frames at a time with EnCodec's decoder and returns the same audio as
-    decoding the whole sequence at once (up to float rounding): the decoder is causal, so each layer
-    only needs its own state: the last (k - 1) * dilation inputs of a conv, the overlap tail of a
-    transposed conv, the LSTM's (h, c). Whisper-GPT's hybrid uses it to get the mel of each frame it
-    generates at the cost of one frame of decoding. The first call should carry at least 7 frames
-    (the prompt): the first conv pads its start by reflection.
-    What needs no arithmetic is not done, with the same result: a residual branch whose last conv
-    has zero weights and bias adds 0, an LSTM whose cell-input gate has zero weights and biases
-    outputs 0 (its cell stays 0), a 1x1 conv with the identity matrix passes its input, and a 1x1
-    or upsampling conv whose weight is under 5% nonzero is a sparse product. That is the offline
-    codec (codec.dct_init): per frame, ~5x less time than computing it all. A pretrained EnCodec
-    has none of these."""
+    """Decodes codes a few frames at a time with EnCodec's decoder. It returns the same audio as
+    decoding the whole sequence at once, up to float rounding. The decoder is causal, so each layer
+    needs only its own state: a conv's last (k - 1) * dilation inputs, a transposed conv's overlap
+    tail, an LSTM's (h, c). Whisper-GPT's hybrid uses it to get the mel of each frame it generates
+    at the cost of one frame of decoding. The first call (the prompt) should carry at least 7
+    frames, as the first conv pads its start by reflection.
+
+    Work that changes nothing is skipped, with the same result:
+    - a residual branch whose last conv has zero weight and bias adds 0;
+    - an LSTM whose cell-input gate has zero weights and biases outputs 0 (its cell stays 0);
+    - a 1x1 conv whose weight is the identity matrix passes its input;
+    - a 1x1 or upsampling conv whose weight is under 5% nonzero is a sparse product.
+    The offline codec (codec.dct_init) has all of these, and so takes ~5x less time per frame than
+    computing it all. A pretrained EnCodec has none of them."""
 
     def __init__(self, codec):
         from encodec.modules.conv import SConv1d, SConvTranspose1d
@@ -498,9 +495,9 @@ class StreamingDecoder:
         from encodec.modules.seanet import SEANetResnetBlock
         self.codec, self.state, self.weights = codec, {}, {}
         self.zero, self.identity, self.sparse = {}, {}, {}      # what each part is, found once
-        self.kinds = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose,
-                      SLSTM: self._lstm,
-                      SEANetResnetBlock: self._resnet_block, torch.nn.Sequential: self._sequential}
+        self.rules = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose,
+                      SLSTM: self._lstm, SEANetResnetBlock: self._resnet_block,
+                      torch.nn.Sequential: self._sequential}
 
     @torch.inference_mode()
     def __call__(self, codes):
@@ -511,9 +508,9 @@ class StreamingDecoder:
             return self._run(self.codec.decoder.model, z)[0, 0].float()
 
     def _run(self, module, x):
-        step = self.kinds.get(type(module))
-        if step:
-            return step(module, x)
+        rule = self.rules.get(type(module))
+        if rule:
+            return rule(module, x)
         # no state in time
         if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):
             return module(x)
@@ -538,11 +535,11 @@ class StreamingDecoder:
         return self.zero[conv]
 
     def _weight(self, conv):
-        """A conv's weight, computed once: EnCodec's weight norm (g * v / |v|, norm over all but dim
-        0) would otherwise be recomputed at every call, which costs more than a frame's
+        """A conv's weight, computed once. EnCodec's weight norm (g * v / |v|, the norm over all but
+        dim 0) would otherwise be recomputed at every call, which costs more than a frame's
         convolution."""
         if conv not in self.weights:
-            if hasattr(conv, "weight_g"):  # weight norm: g * v / |v|
+            if hasattr(conv, "weight_g"):
                 w = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True)
             else:
                 w = conv.weight
@@ -556,8 +553,10 @@ class StreamingDecoder:
         pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
         if pad:
             prev = self.state.get(module)
-            x = encodec_pad1d(x, (pad, 0),
-                              module.pad_mode) if prev is None else torch.cat([prev, x], -1)
+            if prev is None:
+                x = encodec_pad1d(x, (pad, 0), module.pad_mode)
+            else:
+                x = torch.cat([prev, x], -1)
             self.state[module] = x[..., -pad:]
         if conv.kernel_size[0] == 1:  # a 1x1 conv (the residual shortcuts) is one matmul
             if self._identity(conv):
@@ -623,8 +622,7 @@ class StreamingDecoder:
         if state is None or len(x) > 8:
             y, self.state[module] = module.lstm(x, state)
         else:
-            # a few steps: the cell by hand, ~10x faster than the fused kernel's per-call cost for
-            # one step
+            # a few steps: the cell by hand, ~10x faster than the fused kernel's cost per call
             lstm, (h, c), y = module.lstm, state, x
             for layer in range(lstm.num_layers):
                 w_ih = getattr(lstm, f"weight_ih_l{layer}")

@@ -12,15 +12,16 @@ an offline one with its architecture, set up as a block DCT and fitted to the co
 skips the download; see codec.py).
 
 Output in data/<name>/ (see docs/data.md): meta.json, {split}_codes.bin (uint16 [frames, n_q]),
-{split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl, plus the corpus BPE
-(tokenizer.tiktoken) and, for the offline codec, codec.pt (and codec.png, when fitted on synth
-with --codec_report=1). Read with np.memmap(path,
-dtype, mode="r").reshape(-1, n_q or n_mels). With --whisper_mel, also {split}_wmel.bin (float16
-[frames, 80]): OpenAI Whisper's own log-mel (16 kHz, 100 frames/s, see whisper_log_mel), each clip's
-at its "woffset" / "wframes" in {split}_clips.jsonl. With --codebook0_mel (also on a finished
-directory: made from its codes), {split}_mel_c0.bin: the log-mel of codebook 0 decoded alone.
-With --no_codes, no codec and no {split}_codes.bin: the mel and the text only (SALMONN and Pengi
-read nothing else), ~15x faster.
+{split}_mel.bin (float16 [frames, n_mels]), {split}_clips.jsonl and the corpus BPE
+(tokenizer.tiktoken). The offline codec adds codec.pt, and codec.png when fitted on synth with
+--codec_report=1. Read the .bin files with np.memmap(path, dtype, mode="r").reshape(-1, n_q or
+n_mels).
+
+--whisper_mel adds {split}_wmel.bin (float16 [frames, 80]): OpenAI Whisper's own log-mel (16 kHz,
+100 frames/s), each clip's at its "woffset" / "wframes" in {split}_clips.jsonl. --codebook0_mel
+adds {split}_mel_c0.bin, the log-mel of codebook 0 decoded alone; it is made from the codes, so it
+can be added to a finished directory. --no_codes loads no codec and writes no {split}_codes.bin:
+the mel and the text only, all SALMONN and Pengi read, ~15x faster.
 
 The rest is elsewhere: the data contract and the codec at run time in audio.py, fitting the offline
 codec in codec.py, the built-in corpus in synth.py, the corpus BPE in tokenizer.py.
@@ -58,15 +59,15 @@ from tokenizer import CORPUS_BPE_FILE, PROMPT_TEXT, EOT, save_ranks, train_bpe
 
 class InputProblems:
     """report(what, problem): each problem with the input is one line, counted for the summary at
-    the end (--strict: an error). Muted while the offline codec reads clips ahead of pass 1, which
-    reports each problem once."""
+    the end; with --strict, an error. Muted while the offline codec reads clips ahead of pass 1, so
+    that each problem is reported once, by pass 1."""
 
     def __init__(self, strict):
         self.strict, self.muted, self.counts = strict, False, Counter()
 
     def __call__(self, what, problem, kept=False):
-        """kept: the input is used all the same (a part of it is not): a warning, not counted as
-        a skipped input."""
+        """kept: the input is used all the same, only a part of it is not. That is a warning, not
+        counted as a skipped input."""
         if self.muted:
             return
         if self.strict:
@@ -108,8 +109,8 @@ def librispeech_items(src, report):
     return items
 
 def read_manifest(src, report):
-    """manifest.jsonl or manifest.csv rows -> {the file's resolved path: row dict} (rows for the
-    same file are merged; "name" keeps the path as written)."""
+    """manifest.jsonl or manifest.csv rows -> {the file's resolved path: row dict}. Rows for the
+    same file are merged; "name" keeps the path as written."""
     rows = []
     mj, mc = Path(src) / "manifest.jsonl", Path(src) / "manifest.csv"
     if mj.exists():
@@ -123,8 +124,9 @@ def read_manifest(src, report):
     elif mc.exists():
         # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
         with open(mc, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader, read = csv.DictReader(f, strict=True), 1  # an unclosed quote: an error,
-            try:                                                  # not the rows after it lost
+            # strict: an unclosed quote is an error, not the rows after it silently lost
+            reader, read = csv.DictReader(f, strict=True), 1
+            try:
                 for row in reader:
                     read = reader.line_num
                     rows.append((f"{mc.name}:{read}", row))
@@ -133,12 +135,12 @@ def read_manifest(src, report):
     else:
         return None
     out = {}
+    file_keys = ("file", "path", "audio", "file_name", "filename")
     for where, row in rows:
         if not isinstance(row, dict):
             report(f"{src}/{where}", "manifest row is not an object ({\"file\": ..., ...})")
             continue
-        keys = ("file", "path", "audio", "file_name", "filename")
-        name = next((row[k] for k in keys if row.get(k)), None)
+        name = next((row[k] for k in file_keys if row.get(k)), None)
         if not isinstance(name, str) or not name:
             report(f"{src}/{where}", "manifest row has no 'file' field (a path, as text)")
             continue
@@ -217,10 +219,10 @@ class Staging:
 
 def codebook0_mels(data_dir, quiet=False):
     """{split}_mel_c0.bin (float16 [frames, n_mels], aligned with the codes): the log-mel of each
-    clip's codebook 0 decoded alone by the data's codec. That is what Whisper-GPT's hybrid computes
-    from its own output while it generates (only codebook 0 is generated), so a hybrid trained on it
-    (mel_source="codebook0") is trained on what it will see. Made from the stored codes; a split
-    whose file exists is skipped."""
+    clip's codebook 0 decoded alone by the data's codec. Whisper-GPT's hybrid generates codebook 0
+    only and computes this mel from it, so a hybrid trained on it (mel_source="codebook0") is
+    trained on what it will see. Made from the stored codes; a split whose file exists is
+    skipped."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
     codec = None
@@ -315,10 +317,10 @@ def check_args(args):
             sys.exit(f"error: --codec_from={args.codec_from}: {e}")
 
 def check_out_dir(out, force):
-    """Stop now if the output directory cannot be made, without making it: that waits until there
-    is something to write (make_out_dir), so a run that stops before leaves no empty folder. A
-    folder holding files of something else (no meta.json, no work of a stopped run) is refused:
-    the outputs' names would replace its files."""
+    """Stop now if the output directory cannot be made, but do not make it yet: make_out_dir waits
+    until there is something to write, so a run that stops before leaves no empty folder. A folder
+    of other files (no meta.json, no work of a stopped run) is refused, as the outputs would
+    replace those of the same names."""
     there = next((p for p in (out, *out.parents) if p.exists()), out)   # out, or where it would go
     if not there.is_dir():
         sys.exit(f"error: --out_dir={out}: a file is in the way of that folder")
@@ -358,9 +360,9 @@ def remove_empty(dirs):
             pass
 
 def drop_speech_if_unavailable(args):
-    """Without the speech library, synth is built without speech (or, with --strict, stops). It
-    sets args.no_speech, which is part of the arguments' hash, so it runs before hash_args: on a
-    machine with speech, the same command is then other arguments."""
+    """Without the speech library, synth is built without speech; with --strict, the run stops.
+    This sets args.no_speech, which is part of the arguments' hash, so it runs before hash_args:
+    the same command is other arguments on a machine that has speech."""
     wants_speech = args.dataset == "synth" and not args.no_speech and (not args.kinds
                                                                        or "speech" in args.kinds)
     if wants_speech and (problem := speech_problem()):
@@ -397,9 +399,8 @@ def hash_args(args):
         key_args["out_dir"] = None
     return hashlib.md5(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
 
-# settings the encoded chunks of pass 1 do not depend on (what is done with the encodings
-# afterwards; how much audio is encoded at once, which moves them by float rounding only): a
-# re-run that changes only these resumes the chunks
+# settings pass 1's encoded chunks do not depend on (batch_seconds: by float rounding only), so a
+# re-run that changes only these resumes them (docs/data.md)
 AFTER_PASS1 = ("batch_seconds", "kmeans_frames", "kmeans_iters", "vocab_size", "codec_tune_steps",
                "codec_report", "offline")
 
@@ -423,10 +424,10 @@ def output_files(meta):
 
 def already_prepared(out, args, args_hash):
     """Whether out holds a finished run of these arguments (hashed to args_hash), also when the
-    folder was moved or copied there. Data prepared there with other arguments stops the run
-    unless --force (or a rebuild with these, started with --force, was stopped: it resumes):
-    rebuilding would replace the data (and an offline codec) that the runs trained on it read.
-    With a meta.json there, one line says which it is."""
+    folder was moved or copied there. With a meta.json there, one line says which it is.
+    Data prepared there with other arguments stops the run, as rebuilding would replace the data
+    and the offline codec that runs trained on it read. --force rebuilds; a stopped rebuild with
+    these arguments resumes."""
     meta_path = out / "meta.json"
     if args.force or not meta_path.exists():
         return False
@@ -549,9 +550,9 @@ def get_codec(args, out):
     return codec, codec_info
 
 def clip_list(args, report):
-    """The clips in a fixed order, and how many: clips(skip) yields (wav, info) for each clip whose
-    id is not in skip (synth: made on the fly; else read from the files, each bad one reported and
-    left out)."""
+    """The clips in a fixed order, and how many. clips(skip) yields (wav, info) for each clip whose
+    id is not in skip. Synth clips are made on the fly; others are read from the files, and each
+    bad one is reported and left out."""
     if args.dataset == "synth":
         def clips(skip=()):
             for i in range(args.clips):
@@ -576,8 +577,8 @@ def clip_list(args, report):
 
 def work_dir(out, work_key, codec_name, force):
     """The directory where a run keeps what a kill would lose, named by work_key (work_hash) and
-    the codec, so that a re-run with them resumes from it (and one that gets another codec, say
-    the pretrained EnCodec once the network is back, starts anew)."""
+    the codec: a re-run with both resumes from it. One that gets another codec, say the pretrained
+    EnCodec once the network is back, starts anew."""
     work = out / f".work-{work_key}-{codec_name}"
     if force:
         shutil.rmtree(work, ignore_errors=True)
@@ -587,8 +588,8 @@ def work_dir(out, work_key, codec_name, force):
 def start_offline_codec(codec, clips, report, args, work):
     """The offline codec's analytic start (codec.dct_init), then, with --codec_steps, its learned
     parts trained on the train split's first clips (resumable, see train_codec). Returns those
-    clips, {id: wav} (none when neither it nor --codec_tune_steps needs them): once the codebooks
-    are fitted, the decoder is tuned on them."""
+    clips as {id: wav}, for tuning the decoder once the codebooks are fitted. It is empty when
+    neither --codec_steps nor --codec_tune_steps needs them."""
     codec_wavs = {}
     if args.codec_steps or args.codec_tune_steps:
         report.muted = not args.strict                # pass 1 reports each bad input, once
@@ -604,8 +605,7 @@ def start_offline_codec(codec, clips, report, args, work):
         if not codec_wavs:                            # no usable clip: pass 1 says why
             return {}
     t0 = time.time()
-    # also with --codec_steps=0 (the default): train_codec sets the analytic start, then takes no
-    # step
+    # also with --codec_steps=0: train_codec sets the analytic start, then takes no step
     train_codec(codec, list(codec_wavs.values()), args.codec_steps, ckpt=work / "codec_train.pt",
                 quiet=args.quiet)
     if args.codec_steps:
@@ -628,8 +628,7 @@ def load_chunks(work, whisper_mel):
     for path in paths:
         z = np.load(path)
         emb, mel, offs = z["emb"], z["mel"], np.concatenate([[0], np.cumsum(z["lens"])])
-        # the work dir is named by the arguments' hash, which holds --whisper_mel: its chunks have
-        # wmel when asked
+        # the work dir's name hashes --whisper_mel: its chunks have wmel exactly when asked
         if whisper_mel:
             wmel, woffs = z["wmel"], np.concatenate([[0], np.cumsum(z["wlens"])])
         for j, info in enumerate(json.loads(str(z["infos"]))):
@@ -713,10 +712,10 @@ def encode_clips(codec, clips, n_total, args, work, t_start):
 # --- the offline codec: its codebooks, its decoder tuned to them, its report
 
 def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
-    """The offline codec, finished and staged as codec.pt: its codebooks fitted on a sample
-    of the encoder's outputs (allemb; clip i is bounds[i]:bounds[i + 1]), its decoder tuned to
-    them and, on synth, measured on held-out clips. Returns allemb standardised (see calibrate) and
-    the measures for meta.json (None when not measured)."""
+    """The offline codec, finished and staged as codec.pt. Its codebooks are fitted on a sample of
+    the encoder's outputs (allemb; clip i is bounds[i]:bounds[i + 1]), its decoder is tuned to
+    them, and on synth it is measured on held-out clips. Returns allemb standardised (see
+    calibrate) and the measures for meta.json (None when not measured)."""
     t0 = time.time()
     allemb = calibrate(codec, allemb)
     pick = np.random.default_rng(0).permutation(len(allemb))[:args.kmeans_frames]
@@ -743,8 +742,8 @@ def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
     return allemb, measured
 
 def report_offline_codec(codec, seed, stage, speech=True):
-    """The offline codec on held-out synth clips (see codec_report; speech among them unless
-    speech=False): printed, drawn in codec.png (input vs decode(encode(x))) and returned for
+    """The offline codec measured on held-out synth clips (see codec_report), speech among them
+    unless speech=False. Printed, drawn in codec.png (input vs decode(encode(x))) and returned for
     meta.json."""
     probes = codec_probes(seed, speech=speech)
     # the report takes a while and prints only at its end: say now what it measures
@@ -802,9 +801,9 @@ def write_tokenizer(infos, vocab_size, stage):
     return tok_info
 
 def write_splits(infos, codes, mels, wmels, args, stage):
-    """The train and val splits, staged: {split}_codes.bin (none when codes is None: --no_codes),
-    {split}_mel.bin, with --whisper_mel {split}_wmel.bin, and {split}_clips.jsonl (each clip's text
-    and where its frames are). Returns each split's clip and frame counts."""
+    """The train and val splits, staged: {split}_codes.bin (unless codes is None: --no_codes),
+    {split}_mel.bin, {split}_wmel.bin with --whisper_mel, and {split}_clips.jsonl, each clip's text
+    and where its frames are. Returns each split's clip and frame counts."""
     in_val = [is_val(info["id"], args.val_percent) for info in infos]
     if args.val_percent > 0 and len(infos) >= 2 and not any(in_val):
         # a tiny dataset still gets a val clip (empty files cannot be mmapped)
@@ -1064,8 +1063,7 @@ def main(argv=None):
             codec_info["report"] = measured
     elif copy_codec:
         shutil.copyfile(work / "codec_from.pt", stage(codec_info["weights"]))
-    codes = (quantize_clips(codec, allemb, bounds, args.quiet) if codec is not None
-             else None)                                                           # pass 2
+    codes = None if codec is None else quantize_clips(codec, allemb, bounds, args.quiet)  # pass 2
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)
     wall = time.time() - t_start
