@@ -10,17 +10,16 @@ and, without a GPU, show what the compiler makes of every kernel for an H100.
 For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k
 tokens and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and
 forward+backward of:
-  ours    fused_attention's Triton kernels (k_lens and q_lens for padded batches: padding query
-          rows skipped; --q_lens=0: k_lens only, as the H200 table of 2026-12-04 was timed);
-          forward+backward timed with both ways of getting dq (atomic: atomic adds from the dk/dv
-          kernel; split: a dq kernel of its own; FUSED_ATTENTION_BWD=auto, the default outside
-          this benchmark, takes split for D <= 64 and atomic at D = 128, the faster in most rows
-          on an H200); the ratios use the faster
-  flash   SDPA forced to its flash backend, no mask (is_causal for causal); it cannot take a
+  ours    fused_attention's Triton kernels. Padded batches pass k_lens and q_lens, so padding
+          query rows are skipped (--q_lens=0: k_lens only, as the H200 table of 2026-12-04 was
+          timed). Forward+backward is timed with both ways of getting dq: atomic (atomic adds
+          from the dk/dv kernel) and split (a dq kernel of its own); the ratios use the faster.
+          Outside this benchmark FUSED_ATTENTION_BWD=auto picks one per head dim.
+  flash   SDPA forced to its flash backend, no mask (is_causal for causal). It cannot take a
           padding mask, so on mixed-length batches it computes the whole padded problem (and a
-          different answer)
+          different answer).
   masked  SDPA given the equivalent boolean mask (causal and/or key padding), PyTorch's choice of
-          backend
+          backend.
 "uniform" rows have every sequence at full length; "mixed" rows draw lengths uniformly in [T/4, T]
 (none at T = B*T: a mixed batch needs two sequences).
 TFLOP/s count the useful work only (pairs of real positions; padding and the masked causal half
@@ -79,10 +78,11 @@ def ptxas_cases(dims=(16, 32, 64, 128), tiles="all"):
 
 @functools.lru_cache(maxsize=None)
 def recorded_launches(D, dtype, causal, lens):
-    """{kernel name: (kernel, args, kwargs)}: the launches that fused_attention makes for one
-    forward and backward (both dq modes, B=2, H=4, T=1024) and one decoding step (Tq=1 over 4096
-    keys), recorded instead of run, on meta tensors: their data_ptr() is 0, aligned like the caching
-    allocator's, and they count as an H100's (132 SMs, tensor descriptors)."""
+    """{kernel name: (kernel, args, kwargs)}: the launches fused_attention makes, recorded instead
+    of run. They are one forward and backward (both dq modes, B=2, H=4, T=1024), one decoding step
+    (Tq=1 over 4096 keys) and one pointer-path forward ("fwd-pointers"). The tensors are meta
+    tensors: their data_ptr() is 0, aligned like the caching allocator's, and they count as an
+    H100's (132 SMs, tensor descriptors)."""
     import fused_attention as fa
     B, H, T = 2, 4, 1024
     meta = lambda *shape: torch.empty(*shape, dtype=getattr(torch, dtype), device="meta")
@@ -111,11 +111,12 @@ def recorded_launches(D, dtype, causal, lens):
     return launches
 
 def compile_for_h100(kernel, args, kwargs, float_type="fp32"):
-    """What kernel[grid](*args, **kwargs) would compile on an H100, built here: the JIT's own binder
-    gives the argument types and its specialisation (pointers 16-byte aligned, integers divisible by
-    16, ints equal to 1 as constants), then triton.compile runs for the sm_90 target (Triton and
-    ptxas, no driver). float_type: the type of the float arguments; the JIT passes Python floats as
-    fp32, torch.compile's Inductor, which recompiles the kernels of a compiled model, as fp64."""
+    """What kernel[grid](*args, **kwargs) would compile on an H100, built here without a driver.
+    The JIT's own binder gives the argument types and its specialisation (pointers 16-byte
+    aligned, integers divisible by 16, ints equal to 1 as constants). Then triton.compile runs for
+    the sm_90 target (Triton and ptxas). float_type: the type of the float arguments. The JIT
+    passes Python floats as fp32; torch.compile's Inductor, which recompiles the kernels of a
+    compiled model, passes them as fp64."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -268,8 +269,6 @@ def benchmark(args):
     import triton
     import fused_attention
     fused_attention.AUTOTUNE = bool(args.autotune)
-    seqlens = [1024, 4096] if args.quick else args.seqlens
-    dims = [64] if args.quick else args.dims or [64, 128]
     dtype = getattr(torch, args.dtype)
     rng = torch.Generator().manual_seed(args.seed)
     gpu = torch.cuda.get_device_name()
@@ -284,8 +283,8 @@ def benchmark(args):
     lines = [header, "", "TFLOP/s (useful work); ratios > 1 mean ours is faster", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(lines), flush=True)
-    configs = [(D, causal, mixed, T) for D in dims for causal in (False, True)
-               for mixed in (False, True) for T in seqlens
+    configs = [(D, causal, mixed, T) for D in args.dims for causal in (False, True)
+               for mixed in (False, True) for T in args.seqlens
                if not (mixed and args.tokens // T < 2)]  # a mixed batch needs two sequences
     f = lambda x: f"{x:.0f}"
     t0 = time.time()
@@ -304,8 +303,8 @@ def benchmark(args):
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         eta = (time.time() - t0) / (i + 1) * (len(configs) - i - 1)
         print(lines[-1], f"  [{i + 1}/{len(configs)}, eta {eta:.0f}s]", flush=True)
-    if args.autotune:  # which tiles the autotuner picked, per (D, causal, k_lens, q_lens, Tq
-                       # bucket, Tk bucket)
+    # which tiles the autotuner picked, per (D, causal, k_lens, q_lens, Tq bucket, Tk bucket)
+    if args.autotune:
         picks = ["", "autotuner picks (BLOCK_M, BLOCK_N, warps, stages):", ""]
         for name, tuned in fused_attention.TUNED.items():
             for key, cfg in tuned.cache.items():
@@ -351,15 +350,17 @@ def main():
     if args.dims and set(args.dims) - set(HEAD_DIMS):
         fail(f"--dims={','.join(map(str, args.dims))}: the kernels take head dims "
              f"{', '.join(map(str, HEAD_DIMS))} only")
-    if not args.ptxas:  # the header states B*T and H*D: each row must run exactly those
-        seqlens = [1024, 4096] if args.quick else args.seqlens
-        dims = [64] if args.quick else args.dims or [64, 128]
-        if args.width < 1 or any(args.width % D for D in dims):
+    if not args.ptxas:
+        if args.quick:
+            args.seqlens, args.dims = [1024, 4096], [64]
+        args.dims = args.dims or [64, 128]
+        # the header states B*T and H*D: each row must run exactly those
+        if args.width < 1 or any(args.width % D for D in args.dims):
             fail(f"--width={args.width}: H*D must be a multiple of each head dim "
-                 f"({', '.join(map(str, dims))})")
-        if any(args.tokens % T for T in seqlens):
+                 f"({', '.join(map(str, args.dims))})")
+        if any(args.tokens % T for T in args.seqlens):
             fail(f"--tokens={args.tokens}: B*T must be a multiple of each T "
-                 f"({', '.join(map(str, seqlens))})")
+                 f"({', '.join(map(str, args.seqlens))})")
     if args.out:
         configurator.check_out_file("bench_attention.py", args.out)
     if args.ptxas:

@@ -4,28 +4,31 @@ Fused attention shared by all three models.
     from fused_attention import attention
     y = attention(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=None)
 
-q is (B, H, Tq, D), k and v are (B, H, Tk, D). k_lens (optional, integer, shape (B,)) gives the
-number of valid keys per batch element: keys at positions >= k_lens[b] are ignored (values are
-clamped to [0, Tk]). q_lens, likewise, the number of valid queries: rows at positions >= q_lens[b]
-are padding, return zeros and pass zero gradient, and the kernels skip them (self-attention over a
-padded batch passes the same lengths as both). With causal=True the mask is aligned bottom-right:
-query i sees keys j <= i + Tk - Tq (what a KV cache needs), Tq and Tk the padded sizes whatever the
-lengths. sm_scale defaults to 1/sqrt(D). A query that sees no key at all returns zeros and passes
-zero gradient.
+q is (B, H, Tq, D); k and v are (B, H, Tk, D).
+- k_lens (optional, integer, shape (B,)): the number of valid keys per batch element. Keys at
+  positions >= k_lens[b] are ignored. Values are clamped to [0, Tk].
+- q_lens (optional, likewise): the number of valid queries. Rows at positions >= q_lens[b] are
+  padding: they return zeros, pass zero gradient, and the kernels skip them. Self-attention over a
+  padded batch passes the same lengths as both.
+- causal=True aligns the mask bottom-right: query i sees keys j <= i + Tk - Tq, which is what a KV
+  cache needs. Tq and Tk are the padded sizes, whatever the lengths.
+- sm_scale defaults to 1/sqrt(D).
+A query that sees no key at all returns zeros and passes zero gradient.
 
 Two implementations of the same function:
-- "triton": our FlashAttention-2 style kernels (forward + backward) for CUDA tensors in fp16/bf16,
-  head dim 16, 32, 64 or 128 (or CPU tensors under Triton's interpreter, TRITON_INTERPRET=1 set
-  before this module is imported: how the tests check the kernels without a GPU).
+- "triton": our FlashAttention-2 style kernels (forward, flash-decoding, two backwards) for CUDA
+  tensors in fp16/bf16, head dim 16, 32, 64 or 128. Under Triton's interpreter (TRITON_INTERPRET=1
+  set before this module is imported) they also run on CPU tensors: how the tests check them.
 - "torch": PyTorch's scaled_dot_product_attention with the equivalent boolean mask; any device,
   dtype and head dim.
-Which one runs: the `backend` keyword, else the module setting BACKEND, which comes from the
-environment variable FUSED_ATTENTION=auto|triton|torch (default auto: triton where it applies,
-i.e. CUDA on sm_80+ (Ampere on) + fp16/bf16 + a kernel head dim, torch otherwise; "triton" turns anything the kernels
-cannot do into an error). Other settings: FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of
-timing a few per shape, FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq (default
-auto: a kernel of its own for D <= 64, atomic adds at D = 128; see _backward_mode),
-FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
+Which one runs: the `backend` keyword, else the module setting BACKEND, read from the environment
+variable FUSED_ATTENTION=auto|triton|torch. The default, auto, takes triton where it applies (CUDA
+on sm_80+, fp16/bf16, a kernel head dim) and torch otherwise; "triton" turns anything the kernels
+cannot do into an error. Other settings:
+- FUSED_ATTENTION_AUTOTUNE=0 uses fixed tiles instead of timing a few per shape.
+- FUSED_ATTENTION_BWD=atomic|split chooses how the backward gets dq. The default, auto, takes a
+  kernel of its own for D <= 64 and atomic adds at D = 128 (see _backward_mode).
+- FUSED_ATTENTION_TMA=0 keeps the forward off tensor descriptors.
 Design notes and the compiled kernels' resource use: docs/fused_attention.md.
 """
 
@@ -102,8 +105,8 @@ def _check(q, k, v, k_lens, q_lens):
 # the PyTorch path
 
 def _mask(Tq, Tk, causal, key_ok, device):
-    """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked. key_ok:
-    (B, Tk), the keys before each row's k_lens, or None."""
+    """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked.
+    key_ok: (B, Tk), True for the keys before each batch element's k_lens; or None."""
     mask = None
     if causal:
         i = torch.arange(Tq, device=device)[:, None]
@@ -124,11 +127,11 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=No
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         y = attention_torch(torch.where(real, q, zero), k, v, causal, k_lens, sm_scale)
         return torch.where(real, y, zero)
-    key_ok = None  # (B, Tk): the keys before each row's k_lens
+    key_ok = None  # (B, Tk): the keys before each batch element's k_lens
     if k_lens is not None:
         key_ok = torch.arange(Tk, device=k.device)[None, :] < k_lens.to(k.device)[:, None]
-        # keys past k_lens are ignored, as by the kernels, which never load them: zeros there,
-        # since a masked score or a weight of 0 times a NaN or inf would still give NaN
+        # zero k and v past k_lens, which the kernels never load: masking alone would let a NaN or
+        # inf there through (a masked NaN score, or a weight of 0 times inf, is still NaN)
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
         k, v = (torch.where(key_ok[:, None, :, None], t, zero) for t in (k, v))
     if causal and k_lens is None and Tq in (1, Tk):
@@ -149,9 +152,10 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=No
 #
 # Notation in the kernels: a query row i sees key column j when j < klen (klen = k_lens[b] clamped
 # to [0, Tk]) and, if causal, j <= i + diag with diag = Tk - Tq. Scores are kept in base 2:
-# qk_scale = sm_scale*log2(e) (> 0, see attention), so exp becomes exp2 and the saved log-sum-exp
-# (lse) is in base 2 too. Each loop over blocks is split into an unmasked part (blocks every row
-# of the tile fully sees) and a masked part (blocks on the causal diagonal or across klen); blocks
+# qk_scale = sm_scale*log2(e) (> 0, see attention), so exp becomes exp2, the GPU's native
+# instruction, and the saved log-sum-exp (lse) is in base 2 too. Each loop over blocks is split into
+# an unmasked part (blocks every row of the tile fully sees) and a masked part (blocks on the causal
+# diagonal or across klen), so that only the few boundary blocks pay for element masks; blocks
 # nobody sees (past klen, above the diagonal) are never visited. A row that sees no key gets output
 # 0 and lse = +inf, so exp2(s - lse) = 0 for it in the backward.
 
@@ -170,8 +174,7 @@ def _row_block(n_blocks, H, REVERSE: tl.constexpr):
     """Which (block, batch*head) this program owns: the block varies fastest, so that the programs
     running at the same time share one head's K and V in L2."""
     block = tl.program_id(0) % n_blocks
-    if REVERSE:  # causal: the last query blocks see the most keys; start them first, for a shorter
-                 # tail
+    if REVERSE:  # causal: the last query blocks see the most keys; start them first (short tail)
         block = n_blocks - 1 - block
     off_bh = tl.program_id(0) // n_blocks
     return block, off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
@@ -179,8 +182,10 @@ def _row_block(n_blocks, H, REVERSE: tl.constexpr):
 @triton.jit
 def _key_range(start_m, klen, qlen, diag, CAUSAL: tl.constexpr, HAS_QLENS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [0, full) are seen by every row of the query tile at start_m (full: a multiple of
-    BLOCK_N), keys [0, hi) by at least one; a tile of padding rows only (past qlen) sees none."""
+    """The key range of the query tile at start_m, as (full, hi).
+    Every row of the tile sees all of keys [0, full), so those blocks need no mask; full is a
+    multiple of BLOCK_N. Keys [full, hi) are seen by some rows only: masked. Keys past hi are seen
+    by none and never loaded. A tile of padding rows only (past qlen) sees no key."""
     if HAS_QLENS:
         klen = tl.where(start_m < qlen, klen, 0)
     if CAUSAL:
@@ -196,14 +201,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, off
                klen, diag, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
                BLOCK_N: tl.constexpr):
+    # One step of the online softmax per key block: m_i is the running row max, l_i the running
+    # sum of exp2(s - m_i), acc the running sum of exp2(s - m_i) V. Whenever the max grows, what was
+    # summed so far is rescaled by alpha = exp2(m_old - m_new), so one pass over the keys suffices.
     # k_src, v_src: tensor descriptors of this (batch, head)'s keys (TMA), else pointers to its
-    # first key
+    # first key.
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         if TMA:  # the copy engine fills the tile (in shared memory), zeros past klen
             kT = tl.trans(k_src.load([start_n, 0]))
             v = v_src.load([start_n, 0])
-        elif MASKED:
+        elif MASKED:  # zeros past klen: those keys may lie past Tk or hold NaN (0 * NaN is NaN)
             kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None],
                          mask=cols[None, :] < klen, other=0.0)
             v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :],
@@ -211,21 +219,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, off
         else:
             kT = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None])
             v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :])
-        qk = tl.dot(q, kT)  # raw scores: the max is taken on them, the scale goes into the
-                            # exponent's FMA
+        # raw scores: the max is taken on them, so the scale goes into exp2's argument as one FMA
+        qk = tl.dot(q, kT)
         if MASKED:
             ok = cols[None, :] < klen
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            # a row with nothing seen yet: no inf - inf
+            # a row that has seen no key yet keeps m = -inf: subtract 0 instead (-inf - -inf is NaN)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
         p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        alpha = tl.math.exp2(m_i - m_use)  # rescales the old sums from the old max to the new one
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -255,7 +263,9 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS, QLENS,
                 mask=offs_m[:, None] < Tq, other=0.0)
     k_src = K + off_b * stride_kb + off_h * stride_kh
     v_src = V + off_b * stride_vb + off_h * stride_vh
-    if TMA:  # descriptors of the first klen keys: no address math or load masks in the loops
+    # TMA: descriptors of the first klen keys (at least 1, as a descriptor cannot be empty), so the
+    # loops need no address math or load masks
+    if TMA:
         k_src = tl.make_tensor_descriptor(k_src, shape=[tl.maximum(klen, 1), HEAD_DIM],
                                           strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_src = tl.make_tensor_descriptor(v_src, shape=[tl.maximum(klen, 1), HEAD_DIM],
@@ -266,23 +276,24 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS, QLENS,
     qlen = _length(QLENS, off_b, Tq, HAS_QLENS)  # rows >= qlen are padding
     full, hi = _key_range(start_m, klen, qlen, diag, CAUSAL, HAS_QLENS, BLOCK_M, BLOCK_N)
     lo = 0
-    if SPLIT:  # flash-decoding: this program takes keys [lo, lo + keys_per_split) only (a multiple
-               # of BLOCK_N)
+    if SPLIT:  # flash-decoding: this program takes only keys [lo, lo + keys_per_split)
         lo = tl.program_id(1) * keys_per_split
         hi = tl.minimum(hi, lo + keys_per_split)
         full = tl.minimum(tl.maximum(full, lo), hi)
+    # unmasked blocks first, then the few on the causal diagonal or across klen with the mask
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, full,
                                offs_m, offs_d, klen, diag, qk_scale, False, CAUSAL, TMA, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi,
                                offs_m, offs_d, klen, diag, qk_scale, True, CAUSAL, TMA, BLOCK_N)
-    if HAS_QLENS:  # the padding rows of a block that also holds real ones
+    if HAS_QLENS:  # padding rows of a block that also holds real ones: output 0, as if empty
         l_i = tl.where(offs_m < qlen, l_i, 0.0)
         acc = tl.where(offs_m[:, None] < qlen, acc, 0.0)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    # a split that saw nothing weighs nothing in the merge (lse = -inf); a row that saw nothing: lse
-    # = +inf
+    # lse = m + log2(l) lets the backward recompute P = exp2(s - lse) without a running max, and
+    # the merge weigh the splits. A split that saw nothing weighs nothing there (lse = -inf); a row
+    # that saw nothing gets lse = +inf, so P = 0 in the backward.
     lse = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(l_safe))
     split = tl.program_id(1).to(tl.int64)  # 0 without SPLIT
     tl.store(LSE + split * stride_ls + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
@@ -295,7 +306,8 @@ def _merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, stride_ot, H, Tq, n_spli
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # flash-decoding's second step: out = sum_s 2^(lse_s - lse) out_s with lse = log2 sum_s 2^lse_s,
     # over the splits' partial outputs OP (n_splits, B*H, Tq, D) and lse LP (n_splits, B*H, Tq),
-    # both fp32
+    # both fp32. Each split's output is normalised by its own sum; 2^(lse_s - lse) turns that into
+    # its share of the whole row's sum, as the online softmax would have.
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, False)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -355,6 +367,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                      other=0.0)
         lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+        # the forward's lse already normalises: P = exp2(S - lse), with no running max
         sT = tl.dot(k, qT) * qk_scale - lse[None, :]
         if MASKED:
             ok = offs_n[:, None] < klen
@@ -366,7 +379,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dpT = tl.dot(v, tl.trans(do))
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk = tl.dot(dsT, tl.trans(qT), dk)
-        if ATOMIC_DQ:  # this key block's share of dq
+        # every key block adds into the same dq rows, hence atomics (fp32, in no fixed order)
+        if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dsT), k) * sm_scale
             tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
                           mask=rows[:, None], sem="relaxed")
@@ -403,7 +417,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
     lse_base = LSE + off_bh.to(tl.int64) * Tq
     delta_base = DELTA + off_bh.to(tl.int64) * Tq
     dq_base = DQ + off_bh.to(tl.int64) * Tq * HEAD_DIM  # fp32, contiguous; used with ATOMIC_DQ only
-    # query rows [lo, Tq) see some key of this block; rows >= mid see all of it (up to klen)
+    # Causal: query rows [lo, Tq) see some key of this block, rows >= mid see all of it (up to
+    # klen). mid is rounded up to whole query blocks from lo, so rows [lo, mid) take the mask.
     if CAUSAL:
         lo = tl.maximum(start_n - diag, 0)
         mid = tl.maximum(start_n + BLOCK_N - 1 - diag, lo)
@@ -411,9 +426,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
     else:
         lo = 0
         mid = 0
-    # a block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0); a
-    # block that crosses klen needs the mask on every row block, one wholly inside klen only up to
-    # mid
+    # A block wholly past klen is seen by nobody: q_end = 0 makes both loops empty (dk = dv = 0).
+    # A block that crosses klen needs the mask on every row block; one wholly inside klen only up
+    # to mid.
     q_end = tl.where(klen > start_n, qlen, 0)
     mid = tl.where(klen >= start_n + BLOCK_N, tl.minimum(mid, q_end), q_end)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
@@ -468,7 +483,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, QLENS,
                    H, Tq, Tk, sm_scale, qk_scale, q_bucket, k_bucket,
                    HAS_KLENS: tl.constexpr, HAS_QLENS: tl.constexpr, CAUSAL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # the "split" backward's dq: recomputes S = Q K^T and dP = dO V^T per query block (no atomics)
+    # the "split" backward's dq: recomputes S = Q K^T and dP = dO V^T per query block, so that
+    # each program owns its dq rows and writes them once (no atomics, deterministic)
     # fp32, as in _fwd_kernel
     sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
     block, off_bh, off_b, off_h = _row_block(tl.cdiv(Tq, BLOCK_M), H, CAUSAL)
@@ -510,10 +526,9 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # dim (D <= 64 shares the D = 64 row). Every entry builds for the H100 without register spills and
 # within its shared memory (`python bench_attention.py --ptxas`; docs/fused_attention.md). The
 # autotuner times all of a list, once per (D, causal, k_lens, q_lens, dtype, power-of-two bucket of
-# Tq and Tk); the first entry, the fixed default (FUSED_ATTENTION_AUTOTUNE=0), is the autotuner's
-# most frequent pick on an H200 (bench_attention.py, two runs; for dQ at D <= 64 a tie: 128x64 for
-# the non-causal keys, 64x64 for the causal ones). The decoding tiles were not timed.
-# "decode" is the forward for Tq <= DECODE_MAX_Q.
+# Tq and Tk). The first entry is the fixed default (FUSED_ATTENTION_AUTOTUNE=0): the autotuner's
+# most frequent pick on an H200 (docs/fused_attention.md). "decode" is the forward for
+# Tq <= DECODE_MAX_Q.
 TILES = {
     ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)],
@@ -529,14 +544,16 @@ TILES = {
 # under the interpreter: small tiles, so that short test sequences still cross several blocks
 INTERPRETER_TILES = dict(fwd=(32, 32), decode=(16, 32), dq=(32, 16), dkdv=(16, 32),
                          dkdv_atomic=(16, 32))
-DECODE_MAX_Q = 16  # forwards with at most this many queries use the "decode" tiles and split their
-                   # keys
-SPLIT_KEYS = 32 if INTERPRETED else 256  # flash-decoding: each split takes a multiple of this many
-                                         # keys
+# A forward of at most this many queries (a KV-cache step) is memory-bound and launches few
+# programs: it takes 16-row "decode" tiles (wgmma's 64-row minimum would waste work) and splits
+# its keys.
+DECODE_MAX_Q = 16
+# flash-decoding: each split takes a multiple of this many keys, so of every decode tile's BLOCK_N
+SPLIT_KEYS = 32 if INTERPRETED else 256
 assert INTERPRETED or all(SPLIT_KEYS % n == 0 for (name, _), tiles in TILES.items()
                           if name == "decode" for _, n, _, _ in tiles)
-MERGE_BLOCK, PRE_BLOCK = 16, 64  # query rows per program of the merge and of the backward's
-                                 # preprocessing
+# query rows per program of the merge and of the backward's preprocessing
+MERGE_BLOCK, PRE_BLOCK = 16, 64
 
 def _tiles(kernel, head_dim):
     return TILES[(kernel, 64 if head_dim <= 64 else 128)]
@@ -567,14 +584,14 @@ def _autotuned(name):
 # the interpreter takes one config only
 TUNED = {} if INTERPRETED else {name: _autotuned(name) for name in KERNELS}
 
-_recorded = None  # a list while bench_attention.py records launches for the ahead-of-time build
-                  # (see there)
+# a list while bench_attention.py records launches for its ahead-of-time builds (see there)
+_recorded = None
 
 def _launch(kernel, name, grid, args, kwargs):
-    """Launch on grid(meta) (a tuple) with the tuned or the fixed tiles of TILES[name]; name None:
-    kwargs carry the configuration."""
-    # FMA fusion asked for, not left to Triton's default, which Triton 3.10 turns off: the forward
-    # folds the softmax scale into one FMA per score
+    """Launch kernel on grid(meta), a tuple, with the tuned or the fixed tiles of TILES[name].
+    With name None, kwargs carry the whole configuration."""
+    # ask for FMA fusion, as Triton 3.10 turns its default off: the forward folds the softmax
+    # scale into one FMA per score
     kwargs = dict(kwargs, enable_fp_fusion=True)
     if _recorded is not None:
         _recorded.append((kernel, name, args, kwargs))
@@ -598,9 +615,9 @@ def _sm_count(device):
     return 132  # an H100 SXM's: what the interpreter and the ahead-of-time build assume
 
 def _use_tma(*tensors):
-    """Whether the forward reads K and V through tensor descriptors (Hopper's copy engine, TMA): on
-    sm_90 or newer (the interpreter and the ahead-of-time build count as such), for 16-byte aligned
-    bases and strides."""
+    """Whether the forward reads K and V through tensor descriptors (Hopper's copy engine, TMA).
+    Yes on sm_90 or newer, for 16-byte aligned bases and strides. The interpreter and the
+    ahead-of-time build count as sm_90."""
     t = tensors[0]
     if not TMA or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
         return False
@@ -613,9 +630,10 @@ def _use_tma(*tensors):
                and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
 def _key_splits(programs, Tk, device, unit):
-    """Flash-decoding: into how many ranges of keys to cut each query block's keys (and how many
-    keys per range, a multiple of unit), so that a grid of few programs (a decoding step: Tq = 1,
-    B*H programs) still fills the GPU: about two programs per SM."""
+    """Flash-decoding: (number of key ranges, keys per range) to cut each query block's keys into.
+    A decoding step (Tq = 1) has only B*H programs, too few to fill the GPU. One program per range
+    makes about two per SM; a merge then combines the ranges' partial softmaxes. Keys per range
+    are a multiple of unit."""
     n = min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(Tk, unit))
     if n <= 1:
         return 1, Tk
@@ -646,6 +664,7 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens):
     lse_k = lse if splits == 1 else torch.empty((splits, B, H, Tq), dtype=torch.float32,
                                                 device=q.device)
     o_strides = (0, *o.stride()[:3]) if splits == 1 else o_k.stride()[:4]
+    # a missing k_lens or q_lens is passed as lse, a placeholder never read (HAS_KLENS=False)
     _launch(_fwd_kernel, name, lambda meta: (row_blocks(meta) * B * H, splits),
             (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
              q_lens if q_lens is not None else lse,
@@ -673,6 +692,7 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens):
             dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK))
     dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
+    # lse: a placeholder for a missing k_lens or q_lens, as in _flash_forward
     lens_args = (k_lens if k_lens is not None else lse, q_lens if q_lens is not None else lse)
     common = dict(HAS_KLENS=k_lens is not None, HAS_QLENS=q_lens is not None, CAUSAL=causal,
                   HEAD_DIM=D)
@@ -689,7 +709,7 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens):
             (q, k, v, do, dk, dv, dq_acc, lse, delta, *lens_args, *strides_qkvdo,
              dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
              H, Tq, Tk, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk)),
-             dict(common, ATOMIC_DQ=atomic))
+            dict(common, ATOMIC_DQ=atomic))
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -700,10 +720,9 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens):
     return dq, dk, dv
 
 def _backward_mode(head_dim):
-    """BWD, with "auto" resolved to the faster on an H200 (bench_attention.py, autotuned, two runs;
-    docs/fused_attention.md): at D <= 64 the split backward (7 matmuls, no atomics, deterministic),
-    7-16% faster from T = 2k (atomic wins only causal at T <= 1k); at D = 128 the atomic one
-    (FlashAttention-2's 5 matmuls, in 32-query tiles), 2-23% faster in 21 of 22 rows."""
+    """BWD, with "auto" resolved to the faster on an H200 (measured in docs/fused_attention.md).
+    At D <= 64 that is split (7 matmuls, no atomics, deterministic). At D = 128 it is atomic
+    (FlashAttention-2's 5 matmuls, in 32-query tiles)."""
     return BWD if BWD != "auto" else ("split" if head_dim <= 64 else "atomic")
 
 class _FlashAttention(torch.autograd.Function):
@@ -755,8 +774,8 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
 
 def kernels_apply(q):
     """Where auto takes the kernels: CUDA, half precision, a kernel head dim, and an Ampere or later
-    GPU (sm_80+: bf16 tensor cores, which the kernels were written and tested for; an older GPU,
-    a T4 or V100, gets PyTorch's attention)."""
+    GPU (sm_80+). The kernels were written and tested for its bf16 tensor cores; an older GPU (a T4,
+    a V100) gets PyTorch's attention."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
             and torch.cuda.get_device_properties(q.device).major >= 8)  # constant under torch.compile
 
@@ -777,9 +796,9 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
     if not math.isfinite(sm_scale):
         raise ValueError(f"fused_attention.attention: sm_scale must be finite, got {sm_scale}")
     if sm_scale <= 0:
-        # the kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
-        # causal SDPA gives NaN for one that is not: the same scores with a positive one
-        # (a scale of 0: exact zeros joined to the graph, as below; q * 0 would turn an inf into NaN)
+        # The kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
+        # causal SDPA gives NaN for one that is not. So: the same scores with a positive scale.
+        # A negative one negates q; a zero one makes q exact zeros joined to the graph, as below.
         q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (
             torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0.0), 1.0)
     if q.numel() == 0 or k.shape[2] == 0:
