@@ -1445,6 +1445,9 @@ def sample(model, tok, audio, prompt, tools, **opts):
     cfg, dev = model.config, _device(model)
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
+    if len(mel) > cfg.max_frames:  # said: sample.py printed the whole input's length
+        print(f"pengi.sample: the model hears the first {cfg.max_frames} of the input's {len(mel)} "
+              f"frames (max_frames)")
     mel = torch.from_numpy(fit_frames(mel, cfg.max_frames, pad=cfg.pad))[None].to(dev)
     p = prompt_ids(tok, prompt)
     if not p:
@@ -1466,5 +1469,6 @@ def sample(model, tok, audio, prompt, tools, **opts):
         lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]
         order = lp.argsort(descending=True).tolist()
         out["ranked"] = [(cands[j], round(lp[j].item(), 3)) for j in order]
-        out["text"] += "\nranked: " + ", ".join(f"{c} ({s})" for c, s in out["ranked"])
+        out["text"] += ("\nranked by log p(label | audio, prompt): "
+                        + ", ".join(f"{c} ({s})" for c, s in out["ranked"]))
     return out

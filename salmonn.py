@@ -1906,6 +1906,12 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         return {"text": "tags: " + ", ".join(f"{tags[i]} ({p:.2f})" for p, i
                                             in zip(top.values.tolist(), top.indices.tolist()))}
     instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
+    # an instruction not trained on (a question is QA's) is answered less reliably: said
+    if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")
+            and not any(prompt in v for v in INSTRUCTIONS.values())):
+        print(f"salmonn.sample: {prompt!r} is not one of the trained instructions (e.g. "
+              f"{INSTRUCTIONS['transcription'][0]!r}, {INSTRUCTIONS['captioning'][0]!r}; all in "
+              f"salmonn.INSTRUCTIONS, docs/salmonn.md): the answer may be off")
     if stage == "llm":  # text only: continue the prompt template
         ids = encode_text(tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)}")
         x = model.llm.wte(torch.tensor([ids], device=device))

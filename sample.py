@@ -3,7 +3,7 @@ Sample from a trained model of this repository, whatever its model file.
 
     python sample.py --out_dir=out/whisper-gpt-quick --clip=3 --max_new_tokens=150 --temperature=0.9 --top_k=50
     python sample.py --out_dir=out/whisper-gpt-quick --audio=my.wav --out=continuation.wav
-    python sample.py --out_dir=out/salmonn-stage3 --clip=0 --prompt="Describe the audio."
+    python sample.py --out_dir=out/salmonn-stage3 --clip=0 --prompt="Describe the audio in one sentence."
 
 The settings below belong to sample.py. Every other --key=value is an option of the model file's
 sample() (temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default in the

@@ -17,10 +17,12 @@ A text model's Config names its tokenizer ("corpus" or "gpt2"); its checkpoints 
 """
 
 import gc
+import glob
 import importlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -129,6 +131,18 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         raise ValueError(f"{path}: its {ck['model_name']} model has settings that "
                          f"{ck['model_name']}.py's Config lacks: {', '.join(unknown)}")
     return ck
+
+def writer_hint(ckpt_path):
+    """A hint naming the config files whose out_dir holds ckpt_path (", e.g. python train.py
+    config/X.py"), or ""."""
+    folder = os.path.normpath(os.path.dirname(ckpt_path))
+    configs = []
+    for path in sorted(glob.glob(os.path.join(HERE, "config", "*.py"))):
+        with open(path) as f:
+            m = re.search(r"""^out_dir\s*=\s*["']([^"']+)["']""", f.read(), re.M)
+        if m and os.path.normpath(m.group(1)) == folder:
+            configs.append(f"python train.py {os.path.relpath(path, HERE)}")
+    return f", e.g. {' or '.join(configs)}" if configs else ""
 
 def unset_defaults(new, old):
     """The model file's Config defaults when both runs are of one model file, else {}. A settings
@@ -444,7 +458,8 @@ if __name__ == "__main__":
         if init_from != "scratch":
             if not os.path.isfile(init_from):
                 fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt "
-                     f"(file not found: the train.py run whose out_dir holds it writes it)")
+                     f"(file not found: the train.py run whose out_dir holds it writes it"
+                     f"{writer_hint(init_from)})")
             try:
                 init = load_checkpoint(init_from, device)
             except ValueError as e:

@@ -449,7 +449,7 @@ def test_prefix_norm_metrics_audio_then_text():
     assert got["prefix_norm_ratio_text"] > 2 * got["prefix_norm_ratio_audio"]
 
 
-def test_sample_decodes_generate_with_its_options():
+def test_sample_decodes_generate_with_its_options(capsys):
     """sample()'s text is the decoded answer of generate on the clip and prompt with sample's
     beam and max_new_tokens (checked on a model whose answer changes with each: spread LM weights,
     which never end on the eot here)."""
@@ -468,6 +468,12 @@ def test_sample_decodes_generate_with_its_options():
     assert len({want, answer(beam=1, max_new_tokens=4), answer(beam=3, max_new_tokens=30)}) == 3
     got = pengi.sample(m, tok, {"mel": mel[0]}, None, None, beam=3, max_new_tokens=4)
     assert got == {"text": want, "prompt": pengi.PROMPTS["caption"]}
+    # a clip longer than max_frames: cropped to its start, and said
+    assert "hears the first" not in capsys.readouterr().out
+    longer = torch.cat([mel[0], torch.randn(9, 16)])
+    assert pengi.sample(m, tok, {"mel": longer}, None, None, beam=3, max_new_tokens=4) == got
+    assert (f"hears the first {m.config.max_frames} of the input's {len(longer)} frames"
+            in capsys.readouterr().out)
 
 
 @torch.no_grad()
@@ -1301,7 +1307,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
         assert s == pytest.approx(lp[labels.index(c)], abs=1e-3), c  # sample() rounds to 3 places
     ids = m.generate(mel, p, torch.tensor([p.size(1)]), beam=3, max_new_tokens=6,
                      length_penalty=1.0)[0]
-    assert out["text"] == (tok.decode(ids).strip() + "\nranked: "
+    assert out["text"] == (tok.decode(ids).strip()
+                           + "\nranked by log p(label | audio, prompt): "
                            + ", ".join(f"{c} ({s})" for c, s in out["ranked"]))
     assert out["prompt"] == "this is a sound of"
     # without a prompt: the captioning one, said in the result

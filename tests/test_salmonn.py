@@ -897,6 +897,20 @@ def test_sample_options():
     with pytest.raises(ValueError, match=r"take \d+ of the LLM's 128 positions, leaving 0"):
         salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
 
+def test_sample_says_when_an_instruction_was_not_trained(capsys):
+    """A wording outside INSTRUCTIONS gets a note (the answer may be off); a trained one, the
+    default and a question (QA's form) get none."""
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
+    audio = {"mel": torch.randn(50, 64), "codes": torch.zeros(50, 8, dtype=torch.long)}
+    for prompt, noted in (("Describe the audio.", True), ("Transcribe the audio.", False),
+                          (None, False), ("what colour is mentioned?", False)):
+        with torch.no_grad():
+            salmonn.sample(m, tok, audio, prompt, None, beam=1, max_new_tokens=2)
+        out = capsys.readouterr().out
+        assert ("not one of the trained instructions" in out) == noted, (prompt, out)
+
 @pytest.mark.parametrize("temperature,top_k", [(0.5, 0), (2.0, 0), (0.5, 7), (2.0, 7)])
 def test_sampling_draws_from_softmax_of_logits_over_temperature(multinomial_draws, temperature,
                                                                 top_k):

@@ -163,6 +163,14 @@ def test_settings_merge_and_types(tmp_path):
     assert S["learning_rate"] == 1.0 and type(S["learning_rate"]) is float
     assert S["wandb_run_name"] == "123" and S["out_dir"] == "out/y"
 
+def test_a_missing_init_from_names_the_config_that_writes_it():
+    """config/pengi_synth.py starts from out/pengi-clap/ckpt.pt: when it is missing, the config
+    whose out_dir that is gets named (read from config/*.py, not a list kept by hand)."""
+    hint = train.writer_hint("out/pengi-clap/ckpt.pt")
+    assert hint == ", e.g. python train.py config/pengi_clap.py"
+    assert train.writer_hint("./out/salmonn-llm/ckpt.pt").endswith("config/salmonn_llm.py")
+    assert train.writer_hint("out/nobody-writes-this/ckpt.pt") == ""
+
 def test_a_run_folder_given_without_a_key_is_pointed_to_out_dir(tmp_path):
     """sample.py out/run (as eval.py takes it) is refused with the setting it lacks."""
     import configurator
