@@ -1921,13 +1921,18 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         batch = {k: v.to(device) for k, v in collate([feats]).items()}
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
-    room = model.llm.block_size - x.size(1)
-    if room < min(int(o["max_new_tokens"]), 16):  # not even a short answer would fit
+    room, least = model.llm.block_size - x.size(1), min(int(o["max_new_tokens"]), 16)
+    if room < least:  # not even a short answer would fit
+        if stage != "llm":  # the longest clip that would: whole windows of speech frames
+            c = model.config
+            windows = (room + sum(mask) - least) // c.window_queries
+            fits = max(windows, 0) * c.window_frames * 2 / c.speech_frame_rate
         raise ValueError(f"salmonn sample: the prompt{'' if stage == 'llm' else ' and the audio'} "
                          f"take {x.size(1)} of the LLM's {model.llm.block_size} positions, "
                          f"leaving {max(room, 0)} for the answer: give a shorter "
                          + ("prompt" if stage == "llm" else
-                            f"clip or prompt (the audio takes {sum(mask)} of them)"))
+                            f"clip or prompt (the audio takes {sum(mask)} of them; with this "
+                            f"prompt, up to {fits:.1f} s of audio fits)"))
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
