@@ -17,7 +17,10 @@ them to train.py.
 
 import ast
 import difflib
+import importlib
+import inspect
 import os
+import re
 import sys
 
 TYPES = (int, float, bool, str)
@@ -57,7 +60,7 @@ def gather(argv, config_files=False, positional=False):
     a config file's value, which is already typed). A bare argument is a config file (config_files)
     or is returned as positional (positional); otherwise it is an error."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print_help()
+        print_help(argv if config_files else None)
     entries, rest = [], []
     for arg in argv:
         if arg.startswith("--"):
@@ -75,9 +78,11 @@ def gather(argv, config_files=False, positional=False):
                                 (f"; a run's folder is --out_dir={arg}" if run else ""))
     return entries, rest
 
-def print_help():
+def print_help(train_argv=None):
     """The running script's docstring and its settings block (the lines between its first two
-    "# ---" rulers: each setting with its default and a comment), then exit."""
+    "# ---" rulers: each setting with its default and a comment), then exit. For train.py
+    (train_argv), also the Config of the model its arguments name (--model=, or a config file's
+    model = "..."; whisper_gpt by default)."""
     main = sys.modules["__main__"]
     path = getattr(main, "__file__", "") or ""
     name = os.path.basename(path) or "the script"
@@ -91,6 +96,21 @@ def print_help():
         print("\n".join(lines[rulers[0] + 1:rulers[1]]))
     except (OSError, IndexError):
         print(f"(in the block at the top of {name})")
+    if train_argv is not None:
+        model = "whisper_gpt"
+        for arg in train_argv:  # the last one named wins, as when the settings are merged
+            if arg.startswith("--model="):
+                model = arg.split("=", 1)[1]
+            elif arg.endswith(".py") and os.path.isfile(arg):
+                with open(arg) as f:
+                    named = re.search(r"""^model\s*=\s*["'](\w+)["']""", f.read(), re.M)
+                model = named.group(1) if named else model
+        try:
+            source = inspect.getsource(importlib.import_module(model).Config)
+            print(f"\nThe model's settings, as --key=value (the fields of {model}.py's Config):\n")
+            print(source.rstrip())
+        except (ImportError, AttributeError, OSError, TypeError):
+            print(f"\n(the model's settings: the fields of the Config in {model}.py)")
     sys.exit(0)
 
 def literal(raw):

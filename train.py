@@ -3,8 +3,7 @@ Training script for every model of this repository (whisper_gpt, salmonn, pengi)
 
     python train.py config/whisper_gpt_quick.py --max_iters=100 --batch_size=8
     # DDP, one process per GPU; gradient_accumulation_steps counts the micro-steps of all of them
-    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py \
-        --gradient_accumulation_steps=4
+    torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py --gradient_accumulation_steps=4
 
 Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
 training setting below or a field of the model's Config dataclass; anything else is an error.

@@ -929,6 +929,11 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
         assert not list(tmp_path.iterdir())
     p = run(["config/whisper_gpt_quick.py", "-h"])
     assert "Config" in p.stdout and p.stderr == "", p.stderr
+    # and the settings of the model the arguments name: a config file's, or --model's (last wins)
+    p = run(["config/pengi_synth.py", "--help"])
+    assert "class PengiConfig" in p.stdout and "prefix_len: int" in p.stdout, p.stdout[-2000:]
+    p = run(["config/pengi_synth.py", "--model=salmonn", "--help"])
+    assert "class SALMONNConfig" in p.stdout and "class PengiConfig" not in p.stdout
 
 def test_a_model_field_left_unset_counts_as_its_default():
     import train
