@@ -5,21 +5,25 @@ whatever device this runs on (a CPU by default).
     python bench_whisper_gpt.py                      # both parts, a few minutes on a 2-core CPU
     python bench_whisper_gpt.py --part=generate --new_tokens=750 --out=bench.md
 
-Training: tokens/s of forward + backward + AdamW step (a few timed iterations after a warm-up one,
-random tokens and mels: speed does not depend on the data) and the peak memory (on a CPU the
-process's resident memory, on a GPU what torch allocated there), each model in a process of its own
-so that the peaks do not mix. On a GPU both parts run under bfloat16 autocast, as train.py and
-sample.py do there.
+Training: tokens/s of forward + backward + AdamW step, and the peak memory. A few iterations are
+timed after a warm-up one, on random tokens and mels (speed does not depend on the data). Peak
+memory is the process's resident memory on a CPU, what torch allocated on a GPU. Each model runs
+in a process of its own, so that the peaks do not mix. On a GPU both parts run under bfloat16
+autocast, as train.py and sample.py do there.
+
 Generation: new_tokens coarse tokens (750 = 10 s of audio) after a 1 s prompt from a val clip,
-sampled with top-k 50, timed (the median of `repeats` runs, with their min-max)
-  - with the KV cache (model.generate, as sample.py does), on a GPU also with its steps replayed
-    from one CUDA graph (cuda_graph=True), and
-  - by full recomputation: every step runs the whole current window again (the same windows
-    and restarts),
-for GPT-S (tokens only) and for the hybrid, whose per-step mel (the data's codec decodes the new
-frame of codebook 0, keeping its state, and one log-mel frame is computed) is included and also
-reported on its own. The hybrid is also timed with a dense codec (EnCodec's architecture, random
-weights): the offline codec's decoder has parts the streaming decoder skips, a pretrained one not.
+sampled with top-k 50. Each way is timed `repeats` times; the median is reported, with the min-max.
+The ways:
+  - with the KV cache (model.generate, as sample.py does); on a GPU also with its steps replayed
+    from one CUDA graph (cuda_graph=True);
+  - by full recomputation: every step runs the whole current window again (the same windows and
+    restarts).
+Both for GPT-S (tokens only) and for the hybrid. The hybrid's per-step mel is included, and also
+reported on its own: the data's codec decodes the new frame of codebook 0 (keeping its state),
+then one log-mel frame is computed. The hybrid is also timed with a dense codec (EnCodec's
+architecture, random weights): the offline codec's decoder has parts the streaming decoder skips,
+a pretrained one has not.
+
 Goals: KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-only.
 """
 
@@ -71,8 +75,8 @@ def autocast():
     return torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
 
 def check_data_dir():
-    """What the generation part reads of data_dir (meta.json, the codec, a val clip), read before
-    the training part, which a bad one would otherwise fail after (sample.py reads it there)."""
+    """Read what the generation part needs of data_dir: meta.json, the codec, a val clip. Checked
+    before the training part, which a bad data_dir would otherwise fail after."""
     from audio import load_codec
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         fail(f"--data_dir={data_dir}: no meta.json there (prepare.py writes it)")
@@ -93,6 +97,7 @@ def sync():
 # training speed, one model per process
 
 def train_one(name):
+    """Training speed and peak memory of one model, measured in this process."""
     import whisper_gpt as W
     base = peak_memory_mb()
     torch.manual_seed(0)
@@ -164,14 +169,14 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
     return seq
 
 def generate_table():
+    import audio
     import sample as S
     import whisper_gpt as W
     tools = S.Tools(data_dir)
     clip, _ = S.read_clip(data_dir, "val", 0)
-    tools.codec()
-    # EnCodec's architecture with random weights: the per-frame cost of a pretrained EnCodec, in
-    # which the streaming decoder finds nothing to skip (the offline codec's no-op parts)
-    import audio
+    tools.codec()  # loaded now, outside the timings
+    # EnCodec's architecture with random weights: a pretrained EnCodec's per-frame cost, in which
+    # the streaming decoder finds no no-op parts to skip
     dense_tools = S.Tools(data_dir)
     dense_tools._codec = audio.offline_codec()
     rows, times = [], {}
@@ -184,10 +189,9 @@ def generate_table():
         mels = clip["mel"][:75 - config.mel_lag][None].to(device) if config.use_mel else None
         mel_seconds = [0.0]
         fresh_mel_fn = lambda: W.incremental_mel(tools, config.mel_lag) if config.use_mel else None
-        # an untimed run first: first-call costs (allocator, BLAS) are not the model's speed. On a
-        # GPU each way runs once at full length: every kernel it launches is built (and autotuned,
-        # per length bucket) outside the timing; the CUDA graph's capture stays in it, as sample.py
-        # pays it
+        # untimed runs first: first-call costs are not the model's speed (allocator, BLAS; on a GPU,
+        # at full length, every kernel's build and autotuning per length bucket). The CUDA graph's
+        # capture stays timed, as sample.py pays it
         with autocast():
             for graphed in (False, True) if device.startswith("cuda") else (False,):
                 model.generate(codes, mels, new_tokens if device.startswith("cuda") else 20, 1.0,
@@ -218,13 +222,13 @@ def generate_table():
                 t0 = time.perf_counter()
                 with autocast():
                     if way.startswith("KV cache"):
-                        out = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g,
+                        seq = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g,
                                              cuda_graph=way.endswith("CUDA graph"))
                     else:
-                        out = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
+                        seq = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
                 sync()
                 runs.append((time.perf_counter() - t0, mel_seconds[0]))
-                assert out.shape[1] == codes.shape[1] + new_tokens
+                assert seq.shape[1] == codes.shape[1] + new_tokens
             runs.sort()
             dt, mel_s = runs[(len(runs) - 1) // 2]  # the median run (the faster middle one)
             times[(name, way)] = dt
@@ -260,8 +264,8 @@ def generate_table():
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    S, _, _ = configurator.parse("bench_whisper_gpt.py", sys.argv[1:], globals())
-    globals().update(S)
+    settings, _, _ = configurator.parse("bench_whisper_gpt.py", sys.argv[1:], globals())
+    globals().update(settings)
     device = configurator.resolve_device("bench_whisper_gpt.py", device)
     if part not in ("all", "train", "generate"):
         fail(f"--part={part}: expected all, train or generate")

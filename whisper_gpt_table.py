@@ -1,21 +1,20 @@
 """
-Whisper-GPT's Table 1 at CPU size: GPT-S, the hybrid of the same size, GPT-L (~10x) and the hybrid
-trained on the mels of its codebook 0 decoded alone (hybrid_c0), each trained on the speech clips
-and on the music clips of the built-in corpus, several seeds each, then one markdown table of the
-next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) next to the paper's rows,
-the claims checked seed by seed, and continuations of held-out clips by GPT-S and the hybrids
-(wavs, pictures and their distance to the true continuation). A re-run skips finished runs and
-reuses their evaluations and continuations' scores (eval-*.json, cont-*.json in each run) while
-checkpoint, data, code and (for continuations) clips and frame counts are unchanged.
+Whisper-GPT's Table 1 at CPU size. Four models: GPT-S, the hybrid of the same size, GPT-L (~10x),
+and the hybrid trained on the mels of its codebook 0 decoded alone (hybrid_c0). Each is trained on
+the speech clips and on the music clips of the built-in corpus, several seeds each. Out comes one
+markdown table:
+  - next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) beside the paper's rows;
+  - the paper's claims, checked seed by seed;
+  - continuations of held-out clips by GPT-S and the hybrids (wavs, pictures, and their distance
+    to the true continuation).
+A re-run skips finished runs. It also reuses their evaluations and continuations' scores
+(eval-*.json, cont-*.json in each run) while checkpoint, data and code are unchanged (and, for
+continuations, the clips and frame counts).
 
     python whisper_gpt_table.py                          # the sweep (resumable) and the table
     python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
 
-Settings (--key=value): models, kinds, seeds, jobs (runs side by side, one thread each), data_dir,
-test_dir (a held-out corpus coded with data_dir's codec, prepare.py --codec_from: tabled too),
-out_root, out (the markdown file, default out_root/table1.md; docs/whisper_gpt_table1.md is written
-only when named), continuations (held-out clips per kind; 0 = none), prompt_frames, new_frames.
-Every other --key=value goes to train.py for every run (e.g. --max_iters=900).
+Any --key=value not among the settings below goes to train.py, for every run (e.g. --max_iters=900).
 """
 
 import functools
@@ -35,16 +34,16 @@ import configurator
 models = "s,hybrid,l,hybrid_c0"  # config/whisper_gpt_{name}_cpu.py
 kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
 seeds = "1337,1,2"
-jobs = 2
+jobs = 2                       # runs side by side, one thread each
 data_dir = "data/synth"
-# e.g. data/synth_test_wg (prepare.py --codec_from=data/synth): the runs are also scored on its
-# val clips of each kind
+# a held-out corpus of data_dir's codec (prepare.py --codec_from), e.g. data/synth_test_wg: the
+# runs are scored and tabled on it too
 test_dir = ""
 out_root = "out/table1"        # runs go to out_root/{model}-{kind}-s{seed}
-# the markdown file; default {out_root}/table1.md (a trial run must not overwrite the committed
-# docs/whisper_gpt_table1.md: name it to write it)
+# the markdown file; default {out_root}/table1.md (docs/whisper_gpt_table1.md only when named)
 out = ""
-# held-out clips per kind (of test_dir if given) continued by GPT-S and the hybrids (first seed)
+# held-out clips per kind (of test_dir if given) continued by GPT-S and the hybrids of the first
+# seed; 0 = none
 continuations = 48
 prompt_frames = 60             # 0.8 s of prompt ...
 new_frames = 60                # ... then 0.8 s of continuation, compared with the true next 0.8 s
@@ -66,9 +65,24 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 def progress(i, n, t0):
-    """"i/n, elapsed, ETA" of a loop over n like items that started at t0."""
+    """Where a loop over n like items, started at t0, is after i: "i/n, elapsed, ETA"."""
     took = time.time() - t0
     return f"{i}/{n}, {fmt_time(took)}, ETA ~{fmt_time(took / i * (n - i))}"
+
+def write_json(path, obj, indent=None):
+    with open(path + ".tmp", "w") as f:  # written whole or not at all: a stop leaves no half file
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+def read_kept(path):
+    """What an earlier call kept at path, or None (nothing there, or a file cut short)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        return None
 
 # -----------------------------------------------------------------------------
 # the sweep: one train.py process per (model, kind, seed), `jobs` at a time, each on one thread
@@ -80,8 +94,8 @@ def model_of(path):
     return os.path.basename(path).split("-")[0]
 
 def checkpoint_state(path):
-    """(the iteration a run's checkpoint ended at, its settings), or None (no checkpoint, or one
-    train.py cannot read: it says so when the run starts)."""
+    """The iteration a run's checkpoint ended at, and its settings. None if there is no checkpoint,
+    or one train.py cannot read (train.py says so when the run starts)."""
     from train import load_checkpoint
     try:
         ck = load_checkpoint(os.path.join(path, "ckpt.pt"), mmap=True)  # its settings only
@@ -95,8 +109,8 @@ def read_wall(d):
     return json.load(open(path))["seconds"] if os.path.isfile(path) else 0.0
 
 def last_iter(d):
-    """The last "iter i/N | ... | eta ..." line of run d's train.log as "iter i/N, eta ...", or None
-    (no iteration logged yet)."""
+    """The last "iter i/N | ... | eta ..." line of run d's train.log, as "iter i/N, eta ...".
+    None before the first iteration is logged."""
     try:
         with open(os.path.join(d, "train.log"), "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))  # the tail: a long run's log is long
@@ -109,16 +123,11 @@ def last_iter(d):
             return f"{parts[0]}, {parts[-1]}" if parts[-1].startswith("eta ") else parts[0]
     return None
 
-def write_wall(d, seconds):
-    with open(os.path.join(d, "wall.json.tmp"), "w") as f:
-        json.dump({"seconds": seconds}, f)
-    os.replace(os.path.join(d, "wall.json.tmp"), os.path.join(d, "wall.json"))
-
 def sweep(runs, train_args):
-    """A run that reached its max_iters (its config's, or train_args') is skipped; one that stopped
-    earlier, or ran to a smaller max_iters, is resumed to it. A run made with other settings (other
-    data, another learning rate, ...) or for more iterations stops the sweep: its figures would be
-    tabled as these."""
+    """Train every run not yet finished. A run that reached its max_iters (its config's, or
+    train_args') is skipped. One that stopped earlier, or ran to a smaller max_iters, is resumed
+    to it. A run made with other settings (other data, another learning rate, ...) or for more
+    iterations stops the sweep: its figures would be tabled as these."""
     import train
     todo = []
     for model, kind, seed in runs:
@@ -128,18 +137,19 @@ def sweep(runs, train_args):
                 "--always_save_checkpoint=True"]
         state = checkpoint_state(d)
         if state:
+            at, saved = state
             want = train.load_settings(args)[0]
-            changed = train.changed_settings(want, state[1], skip=("max_iters",))
+            changed = train.changed_settings(want, saved, skip=("max_iters",))
             if changed:
                 fail(f"{d}: a run with other settings ("
-                     + train.describe_changes(changed, state[1], want)
+                     + train.describe_changes(changed, saved, want)
                      + "): give another --out_root, or delete it")
-            if state[0] >= state[1]["max_iters"] and state[1]["max_iters"] == want["max_iters"]:
+            if at >= saved["max_iters"] and saved["max_iters"] == want["max_iters"]:
                 continue
-            if state[1]["max_iters"] > want["max_iters"]:
-                fail(f"{d}: a run to {state[1]['max_iters']} iterations (now at {state[0]}), "
+            if saved["max_iters"] > want["max_iters"]:
+                fail(f"{d}: a run to {saved['max_iters']} iterations (now at {at}), "
                      f"more than max_iters={want['max_iters']}: give another --out_root, or "
-                     f"--max_iters={state[1]['max_iters']}")
+                     f"--max_iters={saved['max_iters']}")
         cmd = [sys.executable, "train.py", *args]
         if state:
             cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped
@@ -161,7 +171,7 @@ def sweep(runs, train_args):
             running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                             log, start))
             print(f"  start {d}")
-        time.sleep(0.5)  # (a run's wall time is known to this much)
+        time.sleep(0.5)  # a run's wall time is known to this much
         # a GPT-L run takes minutes: where each running one is, once a minute
         if time.time() - last_status >= 60:
             last_status = time.time()
@@ -170,7 +180,7 @@ def sweep(runs, train_args):
                 f"{last_iter(d) or 'no iteration logged yet'}" for d, _, _, start in running))
         for item in list(running):
             d, proc, log, start = item
-            write_wall(d, time.time() - start)
+            write_json(os.path.join(d, "wall.json"), {"seconds": time.time() - start})
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -205,31 +215,6 @@ def load_run(d):
         fail(e if str(e).startswith(path) else f"{path}: {e}")
     return net.eval(), ck
 
-def evaluate_run(d, eval_dir):
-    """Table 1's metrics of a run on its kind's val clips in eval_dir, and whether they were kept
-    from an earlier call. A hybrid trained on the real audio's mels is scored a second time
-    ("as_generating") on the mels of its codebook 0 decoded alone: what it sees of its own output
-    while generating."""
-    import whisper_gpt as W
-    kept = os.path.join(d, f"eval-{evaluation_key(d, eval_dir)}.json")
-    if os.path.isfile(kept):
-        try:
-            with open(kept) as f:
-                return {**json.load(f), "wall": read_wall(d) or None}, True
-        except ValueError:  # cut short: evaluated again below
-            pass
-    model, ck = load_run(d)
-    config = model.config
-    result = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
-    if config.use_mel and config.mel_source == "audio":
-        config.mel_source = "codebook0"
-        result["as_generating"] = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
-    result = {**result, "params": model.get_num_params(), "iters": ck["iter_num"]}
-    with open(kept + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(kept + ".tmp", kept)
-    return {**result, "wall": read_wall(d) or None}, False
-
 @functools.lru_cache(maxsize=None)
 def file_digest(path):
     """md5 of a file, read once per call of the script (every run's key reads the same files)."""
@@ -237,10 +222,10 @@ def file_digest(path):
         return hashlib.md5(f.read()).hexdigest()
 
 def evaluation_key(d, eval_dir):
-    """What a run's evaluation depends on: its checkpoint file, the data it is scored on (where,
-    prepared how, and the codebook-0 mels) and the code that scores it (the model file, its
-    attention, the data contract, this script). A re-run of the table reuses an evaluation while
-    all of these are unchanged (the sweep after a stop, or to change the continuations)."""
+    """What a run's evaluation depends on, hashed. That is its checkpoint file, the data it is
+    scored on (where, prepared how, and the codebook-0 mels), and the code that scores it (the
+    model file, its attention, the data contract, this script). A re-run of the table reuses an
+    evaluation while all of these are unchanged."""
     here = os.path.dirname(os.path.abspath(__file__))
     ckpt, c0 = os.stat(os.path.join(d, "ckpt.pt")), os.path.join(eval_dir, "val_mel_c0.bin")
     key = [[ckpt.st_size, ckpt.st_mtime_ns], os.path.abspath(eval_dir),
@@ -250,10 +235,31 @@ def evaluation_key(d, eval_dir):
                                                          "audio.py", "whisper_gpt_table.py")]
     return hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]
 
+def evaluate_run(d, eval_dir):
+    """Table 1's metrics of a run on its kind's val clips in eval_dir, and whether they were kept
+    from an earlier call. A hybrid trained on the real audio's mels is scored a second time
+    ("as_generating"), on the mels of its codebook 0 decoded alone: what it sees of its own output
+    while generating."""
+    import whisper_gpt as W
+    path = os.path.join(d, f"eval-{evaluation_key(d, eval_dir)}.json")
+    kept = read_kept(path)
+    if kept is not None:
+        return {**kept, "wall": read_wall(d) or None}, True
+    model, ck = load_run(d)
+    config = model.config
+    result = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
+    if config.use_mel and config.mel_source == "audio":
+        config.mel_source = "codebook0"
+        result["as_generating"] = W.evaluate(model, W.load_data(eval_dir, config), None, "val")
+    result = {**result, "params": model.get_num_params(), "iters": ck["iter_num"]}
+    write_json(path, result)
+    return {**result, "wall": read_wall(d) or None}, False
+
 def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
+    """Markdown lines: the paper's rows, ours (mean +- std over seeds), then the claims."""
     lines = ["| data | model | params | NLL (nats/token) | accuracy | PPL | runs |",
              "|---|---|---|---|---|---|---|"]
     for kind, model, params, nll, acc, ppl in PAPER:
@@ -297,29 +303,30 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
     return lines
 
 # -----------------------------------------------------------------------------
-# continuations: prompt = the first prompt_frames of a held-out clip (0.8 s at the default 60),
-# then new_frames generated, compared with the clip's true next frames. Both are decoded the same
-# way (codebook 0 alone) so the codec's own error cancels.
+# continuations: a held-out clip's first prompt_frames as prompt, then new_frames generated and
+# compared with the clip's true next frames. Both are decoded from codebook 0 alone, so the codec's
+# own error cancels.
 
 def continuation_scores(true_mel, mel):
-    """Distance of a continuation's log-mel to the true one, frame by frame and as a time-averaged
-    spectrum (timbre, pitch, loudness whatever the timing), and its level modulation: the standard
-    deviation over time of each frame's mean log-mel (syllables and notes move it; a held sound
-    does not)."""
+    """Three scores of a continuation's log-mel, after the prompt:
+      - its L1 distance to the true one, frame by frame;
+      - the same on the time-averaged spectrum (timbre, pitch, loudness, whatever the timing);
+      - its level modulation: the std over time of each frame's mean log-mel (syllables and notes
+        move it; a held sound does not)."""
     need = prompt_frames + new_frames
     true, gen = true_mel[prompt_frames:need], mel[prompt_frames:need]
     return (float(np.abs(gen - true).mean()),
             float(np.abs(gen.mean(0) - true.mean(0)).mean()), float(gen.mean(1).std()))
 
 def looped_prompt_end(mel):
-    """The prompt, then its last min(prompt_frames, new_frames) frames looped (with the defaults,
-    60 and 60, the whole prompt played again)."""
+    """The prompt, then its last min(prompt_frames, new_frames) frames looped. With the defaults
+    (60 and 60) the whole prompt plays again."""
     end = mel[prompt_frames - min(prompt_frames, new_frames):prompt_frames]
     return np.concatenate([mel[:prompt_frames], np.resize(end, (new_frames, mel.shape[1]))])
 
 def reference_scores(mels, idx):
     """Scores of the true continuations and of two references: the prompt's end looped, and another
-    clip's true continuation (with one clip there is no other: no such row)."""
+    clip's true continuation. With one clip there is no other, so no such row."""
     scores = {"the true continuation": [continuation_scores(mels[i], mels[i]) for i in idx],
               "repeat the prompt's end": [continuation_scores(mels[i], looped_prompt_end(mels[i]))
                                           for i in idx]}
@@ -329,8 +336,8 @@ def reference_scores(mels, idx):
     return scores
 
 def sampled_continuations(net, inputs, mels, idx, tools, label):
-    """Scores of the model's continuation of each clip's prompt (T=1, top-k 50, seeded by the clip's
-    rank), and the first clip's continuation as (wav, log-mel)."""
+    """Scores of the model's continuation of each clip's prompt, and the first clip's continuation
+    as (wav, log-mel). Sampled at T=1, top-k 50, seeded by the clip's rank in idx."""
     import audio
     import whisper_gpt as W
     rows, t0, shown = [], time.time(), time.time()
@@ -351,17 +358,17 @@ def sampled_continuations(net, inputs, mels, idx, tools, label):
                   f"({(k + 1) / (shown - t0):.1f} clips/s)")
     return rows, first
 
-def kept_continuations(d, clip_dir, idx):
-    """Where run d's continuation scores of clip_dir's val clips idx are kept, keyed as its
-    evaluation is, plus what sampling adds: the clips, the frame counts, sample.py."""
+def continuations_file(d, clip_dir, idx):
+    """Where run d's continuation scores of clip_dir's val clips idx are kept. The name is keyed as
+    its evaluation is, plus what sampling adds: the clips, the frame counts, sample.py."""
     here = os.path.dirname(os.path.abspath(__file__))
     key = [evaluation_key(d, clip_dir), idx, prompt_frames, new_frames,
            file_digest(os.path.join(here, "sample.py"))]
     return os.path.join(d, f"cont-{hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]}.json")
 
 def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
-    """The table rows of one kind's held-out clips of clip_dir (none if no clip is long enough);
-    writes the first clip's wavs and picture."""
+    """The table rows of one kind's held-out clips of clip_dir; none if no clip is long enough.
+    Writes the first clip's wavs and picture."""
     import audio
     import sample as S
     need = prompt_frames + new_frames
@@ -377,19 +384,12 @@ def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
     panels = [("true: prompt | continuation", mels[idx[0]])]
     for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
         d, label = run_dir(model, kind, seed), f"{kind}, {NAMES[model]}"
-        kept, rows = kept_continuations(d, clip_dir, idx), None
-        if os.path.isfile(kept):
-            try:
-                with open(kept) as f:
-                    rows = json.load(f)
-            except ValueError:  # cut short: sampled again below
-                pass
+        path = continuations_file(d, clip_dir, idx)
+        rows = read_kept(path)
         if rows is None:
             rows, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx, tools,
                                                          label)
-            with open(kept + ".tmp", "w") as f:
-                json.dump(rows, f)
-            os.replace(kept + ".tmp", kept)
+            write_json(path, rows)
         else:  # only the first clip again, for its wav and picture (the same draw: seed 0)
             _, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx[:1], tools,
                                                       label)
@@ -450,12 +450,11 @@ if __name__ == "__main__":
     import train
     model_list, kind_list = models.split(","), kinds.split(",")
     for m in model_list:
-        # NAMES: each model's name in the table
-        if m not in NAMES:
+        if m not in NAMES:  # a config file is not enough: the table has no row name for it
             fail(f"--models: no model {m!r} (models are among {', '.join(NAMES)})")
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
-            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among s, hybrid, "
-                 f"l, hybrid_c0)")
+            fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among "
+                 f"{', '.join(NAMES)})")
     # a bad train.py setting stops here
     run_settings = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
                     for m in model_list}
@@ -504,8 +503,9 @@ if __name__ == "__main__":
     # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
     if {"hybrid", "hybrid_c0"} & set(model_list):
         import prepare
-        for d in [data_dir] + [test_dir] * bool(test_dir):
-            prepare.codebook0_mels(d)
+        for d in (data_dir, test_dir):
+            if d:
+                prepare.codebook0_mels(d)
     sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     lines = ["# Whisper-GPT, Table 1 at CPU size", "",
@@ -528,10 +528,8 @@ if __name__ == "__main__":
                   f"{results[r]['nll']:.3f}"
                   + (" (kept from an earlier call: checkpoint, data and code unchanged)" if kept
                      else "") + f" ({progress(n_eval, len(eval_dirs) * len(runs), t_eval)})")
-        path = os.path.join(out_root, name)
-        with open(path + ".tmp", "w") as f:
-            json.dump({f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(out_root, name),
+                   {f"{m}-{k}-s{s}": v for (m, k, s), v in results.items()}, indent=1)
         if eval_dir == test_dir:
             lines += ["", f"## The same runs on held-out clips ({test_dir})", ""]
         lines += table(results, model_list, kind_list, seed_list, train_args, eval_dir)
