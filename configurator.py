@@ -55,7 +55,7 @@ def read_config_file(path):
         out[key] = value
     return out
 
-def gather(argv, config_files=False, positional=False):
+def gather(argv, config_files=False, positional=False, run_hint=False):
     """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for
     a config file's value, which is already typed). A bare argument is a config file (config_files)
     or is returned as positional (positional); otherwise it is an error."""
@@ -73,7 +73,8 @@ def gather(argv, config_files=False, positional=False):
         elif positional:
             rest.append(arg)
         else:
-            run = os.path.isfile(os.path.join(arg, "ckpt.pt"))  # a run's folder, as eval.py takes
+            # a run's folder, as eval.py takes it, to a script whose out_dir names one (sample.py)
+            run = run_hint and os.path.isfile(os.path.join(arg, "ckpt.pt"))
             raise SettingsError(f"{arg}: expected --key=value (--help lists the settings)" +
                                 (f"; a run's folder is --out_dir={arg}" if run else ""))
     return entries, rest
@@ -105,12 +106,12 @@ def print_help(train_argv=None):
                 with open(arg) as f:
                     named = re.search(r"""^model\s*=\s*["'](\w+)["']""", f.read(), re.M)
                 model = named.group(1) if named else model
-        try:
+        if not os.path.isfile(os.path.join(os.path.dirname(path), f"{model}.py")):
+            print(f"\n(model {model!r}: no such model file; expected whisper_gpt, salmonn or pengi)")
+        else:
             source = inspect.getsource(importlib.import_module(model).Config)
             print(f"\nThe model's settings, as --key=value (the fields of {model}.py's Config):\n")
             print(source.rstrip())
-        except (ImportError, AttributeError, OSError, TypeError):
-            print(f"\n(the model's settings: the fields of the Config in {model}.py)")
     sys.exit(0)
 
 def literal(raw):
@@ -178,7 +179,7 @@ def parse(script, argv, namespace, pass_unknown=False, positional=False):
     message."""
     types = {k: type(v) for k, v in defaults(namespace).items()}
     try:
-        entries, rest = gather(argv, positional=positional)
+        entries, rest = gather(argv, positional=positional, run_hint="out_dir" in types)
         settings, unknown = resolve(entries, types, pass_unknown, what=f"a setting of {script}")
     except SettingsError as e:
         fail(script, e)

@@ -208,8 +208,9 @@ def main(argv):
     paths = checkpoint_paths(args)
     if split not in ("train", "val"):
         fail(f"--split={split!r}: expected train or val")
-    if mean and len(paths) < 2:
-        fail(f"--mean: {len(paths)} run; a mean and a spread need two or more (e.g. one recipe's "
+    runs = len({os.path.realpath(p) for p in paths})  # a run named twice is one run
+    if mean and runs < 2:
+        fail(f"--mean: {runs} run; a mean and a spread need two or more (e.g. one recipe's "
              f"seeds: out/run-s1337 out/run-s1 out/run-s2)")
     if json:  # checked now, not after the evaluations
         folder = os.path.dirname(os.path.abspath(json))

@@ -724,8 +724,10 @@ def fit_offline_codec(codec, allemb, bounds, infos, codec_wavs, args, stage):
     print(f"offline codec: fitted {N_Q} codebooks x {CODEBOOK_SIZE} on {len(pick)} frames in "
           f"{time.time() - t0:.1f}s")
     if len(pick) < 10 * CODEBOOK_SIZE:  # k-means gets too few frames per entry to place them
+        more = (f"a larger --kmeans_frames (now {args.kmeans_frames}; the corpus has "
+                f"{len(allemb)})" if len(allemb) > len(pick) else "more audio")
         print(f"note: {len(pick)} frames are few for {CODEBOOK_SIZE}-entry codebooks (the built-in "
-              f"corpus gives 64 per entry): its codes will be coarse. More audio, or "
+              f"corpus gives 64 per entry): its codes will be coarse. Use {more}, or "
               f"--codec_from=<a prepared data dir> to reuse that data's codec", file=sys.stderr)
     row = {info["id"]: i for i, info in enumerate(infos)}
     ids = [i for i in codec_wavs if i in row]
@@ -919,7 +921,7 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, but not an unset (None) or off (False) one, nor twice."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

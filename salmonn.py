@@ -1926,13 +1926,14 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         if stage != "llm":  # the longest clip that would: whole windows of speech frames
             c = model.config
             windows = (room + sum(mask) - least) // c.window_queries
-            fits = max(windows, 0) * c.window_frames * 2 / c.speech_frame_rate
+            # rounded down: a length printed rounded up would not fit
+            fits = math.floor(max(windows, 0) * c.window_frames * 2 / c.speech_frame_rate * 100) / 100
         raise ValueError(f"salmonn sample: the prompt{'' if stage == 'llm' else ' and the audio'} "
                          f"take {x.size(1)} of the LLM's {model.llm.block_size} positions, "
                          f"leaving {max(room, 0)} for the answer: give a shorter "
                          + ("prompt" if stage == "llm" else
                             f"clip or prompt (the audio takes {sum(mask)} of them; with this "
-                            f"prompt, up to {fits:.1f} s of audio fits)"))
+                            f"prompt, up to {fits:.2f} s of audio fits)"))
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))

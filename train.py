@@ -134,12 +134,12 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
 def writer_hint(ckpt_path):
     """A hint naming the config files whose out_dir holds ckpt_path (", e.g. python train.py
     config/X.py"), or ""."""
-    folder = os.path.normpath(os.path.dirname(ckpt_path))
+    folder = os.path.abspath(os.path.dirname(ckpt_path))  # out_dir is relative to where train.py runs
     configs = []
     for path in sorted(glob.glob(os.path.join(HERE, "config", "*.py"))):
         with open(path) as f:
             m = re.search(r"""^out_dir\s*=\s*["']([^"']+)["']""", f.read(), re.M)
-        if m and os.path.normpath(m.group(1)) == folder:
+        if m and os.path.abspath(m.group(1)) == folder:
             configs.append(f"python train.py {os.path.relpath(path, HERE)}")
     return f", e.g. {' or '.join(configs)}" if configs else ""
 
@@ -394,9 +394,9 @@ if __name__ == "__main__":
     sequences_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
         # the run in one line: with no config file given, these are train.py's defaults
-        print(f"{model}: {max_iters} iterations into {out_dir}/ on data {data_dir}; device {device}, "
-              f"dtype {dtype}, {ddp_world_size} process(es), {sequences_per_iter} sequences per "
-              f"iteration")
+        job = f"evaluating {out_dir}/" if eval_only else f"{max_iters} iterations into {out_dir}/"
+        print(f"{model}: {job} on data {data_dir}; device {device}, dtype {dtype}, "
+              f"{ddp_world_size} process(es), {sequences_per_iter} sequences per iteration")
 
     # -----------------------------------------------------------------------------
     # randomness: every iteration draws its batches and dropout masks from seeds derived from

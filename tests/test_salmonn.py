@@ -901,22 +901,25 @@ def test_sample_options():
 def test_sample_refusing_a_long_clip_says_how_long_a_clip_fits():
     """The longest clip the refusal names fits with the same prompt; one window of frames more
     does not."""
-    torch.manual_seed(0)
     tok = ByteTokenizer()
-    c = tiny_config(vocab_size=257, llm_block_size=128)
-    m = SALMONN(c).eval()
     clip = lambda n: {"mel": torch.randn(n, 64), "codes": torch.zeros(n, 8, dtype=torch.long)}
-    with pytest.raises(ValueError, match=r"up to [\d.]+ s of audio fits") as e:
-        salmonn.sample(m, tok, clip(2000), "Transcribe the audio.", None, beam=1, max_new_tokens=4)
-    frames = round(float(re.search(r"up to ([\d.]+) s", str(e.value)).group(1))
-                   * c.speech_frame_rate)
-    assert frames > 0
-    with torch.no_grad():
-        salmonn.sample(m, tok, clip(frames), "Transcribe the audio.", None, beam=1,
-                       max_new_tokens=4)
-    with pytest.raises(ValueError, match="leaving"):
-        salmonn.sample(m, tok, clip(frames + 2 * c.window_frames), "Transcribe the audio.", None,
-                       beam=1, max_new_tokens=4)
+    # the second: its longest clip, 80 frames = 1.067 s, would round up to one that does not fit
+    for sizes in ({"llm_block_size": 128}, {"llm_block_size": 80, "window_frames": 4}):
+        torch.manual_seed(0)
+        c = tiny_config(vocab_size=257, **sizes)
+        m = SALMONN(c).eval()
+        with pytest.raises(ValueError, match=r"up to [\d.]+ s of audio fits") as e:
+            salmonn.sample(m, tok, clip(2000), "Transcribe the audio.", None, beam=1,
+                           max_new_tokens=4)
+        frames = math.floor(float(re.search(r"up to ([\d.]+) s", str(e.value)).group(1))
+                            * c.speech_frame_rate)
+        assert frames > 0
+        with torch.no_grad():
+            salmonn.sample(m, tok, clip(frames), "Transcribe the audio.", None, beam=1,
+                           max_new_tokens=4)
+        with pytest.raises(ValueError, match="leaving"):
+            salmonn.sample(m, tok, clip(frames + 2 * c.window_frames), "Transcribe the audio.",
+                           None, beam=1, max_new_tokens=4)
 
 def test_sample_says_when_an_instruction_was_not_trained(capsys):
     """A wording outside INSTRUCTIONS gets a note (the answer may be off); a trained one, the

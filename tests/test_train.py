@@ -170,17 +170,24 @@ def test_a_missing_init_from_names_the_config_that_writes_it():
     assert hint == ", e.g. python train.py config/pengi_clap.py"
     assert train.writer_hint("./out/salmonn-llm/ckpt.pt").endswith("config/salmonn_llm.py")
     assert train.writer_hint("out/nobody-writes-this/ckpt.pt") == ""
+    # absolute, as out_dir is taken from where train.py runs (here the repository)
+    assert train.writer_hint(os.path.abspath("out/pengi-clap/ckpt.pt")) == hint
 
-def test_a_run_folder_given_without_a_key_is_pointed_to_out_dir(tmp_path):
-    """sample.py out/run (as eval.py takes it) is refused with the setting it lacks."""
+def test_a_run_folder_given_without_a_key_is_pointed_to_out_dir(tmp_path, capsys):
+    """sample.py out/run (as eval.py takes it) is refused with the setting it lacks; a script
+    without an out_dir setting (bench_whisper_gpt.py) gets no such hint."""
     import configurator
     (tmp_path / "ckpt.pt").write_bytes(b"")
-    with pytest.raises(configurator.SettingsError, match=f"a run's folder is --out_dir={tmp_path}"):
-        configurator.gather([str(tmp_path)])
-    (tmp_path / "ckpt.pt").unlink()  # a folder that holds no run: no such hint
-    with pytest.raises(configurator.SettingsError) as e:
-        configurator.gather([str(tmp_path)])
-    assert "expected --key=value" in str(e.value) and "out_dir" not in str(e.value)
+    with pytest.raises(SystemExit):
+        configurator.parse("sample.py", [str(tmp_path)], {"out_dir": "", "clip": 0})
+    assert f"a run's folder is --out_dir={tmp_path}" in capsys.readouterr().err
+    for namespace in ({"clip": 0}, {"out_dir": ""}):
+        if "out_dir" in namespace:  # a folder that holds no run: no such hint either
+            (tmp_path / "ckpt.pt").unlink()
+        with pytest.raises(SystemExit):
+            configurator.parse("x.py", [str(tmp_path)], namespace)
+        err = capsys.readouterr().err
+        assert "expected --key=value" in err and "out_dir" not in err, err
 
 def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     err = settings_error(capsys, ["--n_layr=2"])
@@ -934,6 +941,9 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
     assert "class PengiConfig" in p.stdout and "prefix_len: int" in p.stdout, p.stdout[-2000:]
     p = run(["config/pengi_synth.py", "--model=salmonn", "--help"])
     assert "class SALMONNConfig" in p.stdout and "class PengiConfig" not in p.stdout
+    for bad in ("--model=", "--model=os", "--model=nope"):  # no model file: said, no traceback
+        p = run([bad, "--help"])
+        assert p.returncode == 0 and "no such model file" in p.stdout, (bad, p.stderr)
 
 def test_a_model_field_left_unset_counts_as_its_default():
     import train

@@ -822,9 +822,10 @@ def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert f"{two[0]} and {two[1]} {said}" in err, err
     # one run has no mean: refused before any evaluation (it printed the plain table)
-    with pytest.raises(SystemExit):
-        E.main(["--mean", paths[0]])
-    assert "--mean: 1 run; a mean and a spread need two or more" in capsys.readouterr().err
+    for one in ([paths[0]], [paths[0], os.path.dirname(paths[0])]):  # the second: named twice
+        with pytest.raises(SystemExit):
+            E.main(["--mean"] + one)
+        assert "--mean: 1 run; a mean and a spread need two or more" in capsys.readouterr().err
 
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
