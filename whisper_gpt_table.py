@@ -17,6 +17,7 @@ continuations, the clips and frame counts).
 Any --key=value not among the settings below goes to train.py, for every run (e.g. --max_iters=900).
 """
 
+import ast
 import functools
 import hashlib
 import json
@@ -216,6 +217,20 @@ def load_run(d):
     return net.eval(), ck
 
 @functools.lru_cache(maxsize=None)
+def code_digest(path):
+    """md5 of a Python file's code with its comments and docstrings left out, so that editing
+    those does not redo the evaluations (read once per call of the script)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.md5(ast.dump(tree).encode()).hexdigest()
+
+@functools.lru_cache(maxsize=None)
 def file_digest(path):
     """md5 of a file, read once per call of the script (every run's key reads the same files)."""
     with open(path, "rb") as f:
@@ -231,7 +246,7 @@ def evaluation_key(d, eval_dir):
     key = [[ckpt.st_size, ckpt.st_mtime_ns], os.path.abspath(eval_dir),
            file_digest(c0) if os.path.exists(c0) else None,
            file_digest(os.path.join(eval_dir, "meta.json"))]
-    key += [file_digest(os.path.join(here, f)) for f in ("whisper_gpt.py", "fused_attention.py",
+    key += [code_digest(os.path.join(here, f)) for f in ("whisper_gpt.py", "fused_attention.py",
                                                          "audio.py", "whisper_gpt_table.py")]
     return hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]
 
@@ -363,7 +378,7 @@ def continuations_file(d, clip_dir, idx):
     its evaluation is, plus what sampling adds: the clips, the frame counts, sample.py."""
     here = os.path.dirname(os.path.abspath(__file__))
     key = [evaluation_key(d, clip_dir), idx, prompt_frames, new_frames,
-           file_digest(os.path.join(here, "sample.py"))]
+           code_digest(os.path.join(here, "sample.py"))]
     return os.path.join(d, f"cont-{hashlib.md5(json.dumps(key).encode()).hexdigest()[:12]}.json")
 
 def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):

@@ -1121,6 +1121,22 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file", "runs"]
     assert os.listdir(tmp_path / "runs") == ["table1.md"]
 
+def test_table_keys_the_code_not_its_comments_or_docstrings(tmp_path):
+    """Kept evaluations are keyed by the scoring code: an edited comment or docstring keeps them,
+    a changed line of code does not."""
+    import whisper_gpt_table as T
+
+    def digest(text):
+        (tmp_path / "m.py").write_text(text)
+        T.code_digest.cache_clear()  # read once per path otherwise
+        return T.code_digest(str(tmp_path / "m.py"))
+    base = '"""Module."""\ndef f(x):\n    """Doc."""\n    return x + 1  # one\n'
+    same = ('"""Another module text."""\n# a comment\ndef f(x):\n    """Other doc."""\n'
+            '    return x + 1  # two\n')
+    assert digest(base) == digest(same)
+    assert digest(base) != digest(base.replace("x + 1", "x + 2"))
+    assert digest(base) == digest(base.replace('    """Doc."""\n', ""))  # a docstring dropped
+
 def test_table_sweep_status_is_each_logs_last_iteration(tmp_path):
     """What the sweep echoes of a running job once a minute: the last "iter i/N ... eta" line of
     its train.log (read from its tail: a long run's log is long), shortened; None before the
