@@ -97,6 +97,12 @@ def print_help(train_argv=None):
         print("\n".join(lines[rulers[0] + 1:rulers[1]]))
     except (OSError, IndexError):
         print(f"(in the block at the top of {name})")
+    opts_name = {"sample.py": "SAMPLE_OPTS", "eval.py": "EVAL_OPTS"}.get(name)
+    if opts_name:  # the options passed on, per model file, with their defaults
+        print(f"\nThe model file's options, as --key=value ({opts_name}, with the defaults):")
+        for model in ("whisper_gpt", "salmonn", "pengi"):
+            opts = getattr(importlib.import_module(model), opts_name)
+            print(f"  {model}: " + ", ".join(f"{k}={v!r}" for k, v in opts.items()))
     if train_argv is not None:
         model = "whisper_gpt"
         for arg in train_argv:  # the last one named wins, as when the settings are merged

@@ -6,8 +6,8 @@ Sample from a trained model of this repository, whatever its model file.
     python sample.py --out_dir=out/salmonn-stage3 --clip=0 --prompt="Describe the audio in one sentence."
 
 The settings below belong to sample.py. Every other --key=value is an option of the model file's
-sample() (temperature, top_k, max_new_tokens, beam, lora_scale, ...), typed by its default in the
-model's SAMPLE_OPTS; a key not there stops sample.py, which lists the options there are.
+sample(), typed by its default in the model's SAMPLE_OPTS (listed at the end of --help); a key not
+there stops sample.py, which lists the options there are.
 A result {"codes": ...} is decoded with the data's EnCodec and written as a wav; a result
 {"text": ...} is printed (and written to a .txt --out, or sample.txt in an --out folder).
 """

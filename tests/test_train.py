@@ -934,6 +934,13 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
         shown = {line.split("=")[0].strip() for line in p.stdout.splitlines() if " = " in line}
         assert settings and set(settings) <= shown, set(settings) - shown
         assert not list(tmp_path.iterdir())
+    # sample.py's and eval.py's: each model file's options passed on, with their defaults
+    import pengi
+    import whisper_gpt
+    p = run(["--help"], cmd=[sys.executable, "sample.py"])
+    assert f"whisper_gpt: max_new_tokens={whisper_gpt.SAMPLE_OPTS['max_new_tokens']}" in p.stdout
+    p = run(["--help"], cmd=[sys.executable, "eval.py"])
+    assert f"pengi: max_clips={pengi.EVAL_OPTS['max_clips']}" in p.stdout
     p = run(["config/whisper_gpt_quick.py", "-h"])
     assert "Config" in p.stdout and p.stderr == "", p.stderr
     # and the settings of the model the arguments name: a config file's, or --model's (last wins)
