@@ -108,6 +108,9 @@ def librispeech_items(src, report):
         report(str(src), "no .trans.txt transcript files found")
     return items
 
+KNOWN_FIELDS = ("file", "path", "audio", "file_name", "filename", "caption", "transcript",
+                "label", "description", "question", "answer", "qa")
+
 def read_manifest(src, report):
     """manifest.jsonl or manifest.csv rows -> {the file's resolved path: row dict}. Rows for the
     same file are merged; "name" keeps the path as written."""
@@ -134,7 +137,7 @@ def read_manifest(src, report):
                 sys.exit(f"error: {mc}: not CSV after line {read} ({e}); check its quotes")
     else:
         return None
-    out = {}
+    out, ignored = {}, set()
     file_keys = ("file", "path", "audio", "file_name", "filename")
     for where, row in rows:
         if not isinstance(row, dict):
@@ -149,6 +152,19 @@ def read_manifest(src, report):
         for key in ("caption", "transcript", "label", "description"):
             if row.get(key) and not r.get(key):
                 r[key] = str(row[key]).strip()
+        # Clotho's captions CSV: caption_1 ... caption_5 (the first one kept, as for repeated rows)
+        numbered = sorted((k for k in row
+                           if isinstance(k, str) and re.fullmatch(r"caption_\d+", k)),
+                          key=lambda k: int(k.split("_")[1]))
+        for k in numbered:
+            if row.get(k) and not r.get("caption"):
+                r["caption"] = str(row[k]).strip()
+        unknown = {k for k in row if isinstance(k, str) and k not in KNOWN_FIELDS
+                   and not re.fullmatch(r"caption_\d+", k)}
+        if unknown - ignored:
+            ignored |= unknown
+            print(f"note: {src}/{where}: column(s) {', '.join(sorted(map(repr, unknown)))} not "
+                  f"read (known: {', '.join(KNOWN_FIELDS)})")
         if row.get("question") and row.get("answer"):
             r["qa"].append({"q": str(row["question"]).strip(), "a": str(row["answer"]).strip()})
         qa = row.get("qa") or []
@@ -580,6 +596,11 @@ def work_dir(out, work_key, codec_name, force):
     the codec: a re-run with both resumes from it. One that gets another codec, say the pretrained
     EnCodec once the network is back, starts anew."""
     work = out / f".work-{work_key}-{codec_name}"
+    others = [w for w in out.glob(".work-*") if w != work and any(w.glob("chunk*.npz"))]
+    if others and not force:
+        print(f"note: {out} holds a stopped run of other arguments ({others[0].name}); this run "
+              "starts anew and removes it when it finishes. To resume that one instead, stop "
+              "this run and repeat the earlier command")
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(exist_ok=True)
@@ -1075,4 +1096,9 @@ def main(argv=None):
     return out
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # the encoded chunks under .work-* are kept (see main's except): say so, not a traceback
+        sys.exit("\ninterrupted: the clips encoded so far are kept; run the same command again "
+                 "to resume (other arguments start anew)")

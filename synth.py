@@ -450,12 +450,18 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
 def speak(text, voice, rate=175, pitch=50):
     """text spoken by an espeak-ng voice ("en-us+Andy": language + variant) at rate words/min and
     pitch 0-99, as float32 at 24 kHz."""
-    chunks = []
+    chunks, caught = [], []
     @_SynthCallback
     def collect(wav, n, events):                     # int16 samples, a block at a time
-        if n > 0:
-            chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
-        return 0                                     # 0: go on
+        # ctypes prints and drops an exception raised in a callback: a Ctrl-C landing here would
+        # be ignored and the block lost (a clip cut short). Keep it, stop espeak, re-raise below.
+        try:
+            if n > 0:
+                chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
+            return 0                                 # 0: go on
+        except BaseException as e:
+            caught.append(e)
+            return 1                                 # 1: abort synthesis
     lib = espeak_open()
     try:
         lib.espeak_SetSynthCallback(collect)
@@ -474,6 +480,8 @@ def speak(text, voice, rate=175, pitch=50):
         lib.espeak_Synchronize()
     finally:
         espeak_close(lib)
+    if caught:
+        raise caught[0]
     wav = np.concatenate(chunks).astype(np.float32) / 32768 if chunks else np.zeros(0, np.float32)
     # audio.py imports torch; the rest of this file is numpy only
     from audio import resample

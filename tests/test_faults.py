@@ -311,6 +311,28 @@ PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "-
            "--codec_tune_steps=2", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2",
            "--quiet"]
 
+def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
+    """Ctrl-C (SIGINT) while prepare.py encodes: one line saying the encoded clips are kept and how to
+    resume, not a traceback."""
+    out = tmp_path / "data"
+    cmd = [sys.executable, "prepare.py", "--clips=120", "--max_seconds=1.0", "--offline",
+           "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2", f"--out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    seen, t0 = b"", time.time()
+    while b"encode:" not in seen and time.time() - t0 < 300:
+        chunk = proc.stderr.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.poll() is None, seen.decode(errors="replace")  # still encoding
+    proc.send_signal(signal.SIGINT)
+    err = (seen + proc.communicate(timeout=120)[1]).decode(errors="replace")
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the same "
+                                 "command again to resume (other arguments start anew)"), err[-500:]
+    assert not (out / "meta.json").exists()
+
 def killed_at(cmd, marker, timeout=300):
     """Runs cmd until its output (stdout and stderr, progress bars included) shows marker, then
     kills it with SIGKILL. Returns whether the kill landed (False: it finished first) and the output

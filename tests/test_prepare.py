@@ -829,6 +829,48 @@ def test_a_manifest_csv_with_an_unclosed_quote_is_named_not_read_wrongly(tmp_pat
         P.read_manifest(tmp_path, lambda *a: None)
 
 
+def test_a_clotho_style_manifest_gives_its_first_caption_and_unread_columns_are_named(tmp_path,
+                                                                                      capsys):
+    """Clotho's captions CSV (file_name, caption_1..caption_5): the first caption is the clip's.
+    A column prepare.py does not read (here "text") is named once, not dropped without a word."""
+    (tmp_path / "manifest.csv").write_text("file_name,caption_1,caption_2,text\n"
+                                           "a.wav,a dog barks,a dog,x\nb.wav,,rain falls,y\n")
+    rows = P.read_manifest(tmp_path, lambda *a: None)
+    assert [rows[(tmp_path / f).resolve()]["caption"] for f in ("a.wav", "b.wav")] == [
+        "a dog barks", "rain falls"]
+    out = capsys.readouterr().out
+    assert out.count("not read") == 1 and "'text'" in out and "caption_2" not in out, out
+
+
+def test_a_stopped_run_of_other_arguments_is_announced_before_it_is_replaced(tmp_path, capsys):
+    """A folder holding the encoded chunks of a stopped run with other arguments: a run with new
+    ones says it starts anew (it used to remove them without a word), and removes them at its end."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_folder(src)
+    stale = out / ".work-0123abcd-offline"
+    stale.mkdir(parents=True)
+    np.savez(stale / "chunk0000.npz", x=np.zeros(1))
+    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
+    assert "holds a stopped run of other arguments (.work-0123abcd-offline)" in (
+        capsys.readouterr().out)
+    assert not stale.exists() and (out / "meta.json").is_file()
+
+
+def test_a_ctrl_c_while_espeak_speaks_stops_the_run(monkeypatch):
+    """A KeyboardInterrupt raised in espeak's callback (a Ctrl-C lands there most of the time while
+    speech is made) was printed by ctypes and dropped: the run went on with that clip cut short.
+    Now speak() stops and raises it."""
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Y.np.ctypeslib, "as_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Y.speak("check eighty grey tables", "en-us+Andy")
+    assert len(calls) == 1  # espeak stopped at the first block
+
+
 BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length",
        "silent.wav": "all silent",
        "nan.wav": "NaN", "short.wav": "shorter than one frame", "notes.txt": "not an audio file",
