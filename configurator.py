@@ -100,22 +100,29 @@ def print_help(train_argv=None):
     opts_name = {"sample.py": "SAMPLE_OPTS", "eval.py": "EVAL_OPTS"}.get(name)
     if opts_name:  # the options passed on, per model file, with their defaults
         print(f"\nThe model file's options, as --key=value ({opts_name}, with the defaults):")
+        own = defaults(vars(main))  # the script's own settings (its --seed) are not passed on
         for model in ("whisper_gpt", "salmonn", "pengi"):
             opts = getattr(importlib.import_module(model), opts_name)
-            print(f"  {model}: " + ", ".join(f"{k}={v!r}" for k, v in opts.items()))
+            print(f"  {model}: " + ", ".join(f"{k}={v!r}" if v is not None else f"{k} (unset)"
+                                             for k, v in opts.items() if k not in own))
     if train_argv is not None:
         model = "whisper_gpt"
         for arg in train_argv:  # the last one named wins, as when the settings are merged
             if arg.startswith("--model="):
                 model = arg.split("=", 1)[1]
-            elif arg.endswith(".py") and os.path.isfile(arg):
-                with open(arg) as f:
-                    named = re.search(r"""^model\s*=\s*["'](\w+)["']""", f.read(), re.M)
-                model = named.group(1) if named else model
-        if not os.path.isfile(os.path.join(os.path.dirname(path), f"{model}.py")):
-            print(f"\n(model {model!r}: no such model file; expected whisper_gpt, salmonn or pengi)")
+            elif not arg.startswith("--"):  # a config file, run as train.py runs it
+                try:
+                    model = read_config_file(arg).get("model", model)
+                except SettingsError:
+                    pass  # train.py names what is wrong with it
+        module = None
+        if re.fullmatch(r"\w+", str(model)) and os.path.isfile(
+                os.path.join(os.path.dirname(path), f"{model}.py")):
+            module = importlib.import_module(model)
+        if getattr(module, "Config", None) is None:
+            print(f"\n(model {model!r}: not one of the model files whisper_gpt, salmonn, pengi)")
         else:
-            source = inspect.getsource(importlib.import_module(model).Config)
+            source = inspect.getsource(module.Config)
             print(f"\nThe model's settings, as --key=value (the fields of {model}.py's Config):\n")
             print(source.rstrip())
     sys.exit(0)

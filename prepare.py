@@ -596,11 +596,15 @@ def work_dir(out, work_key, codec_name, force):
     the codec: a re-run with both resumes from it. One that gets another codec, say the pretrained
     EnCodec once the network is back, starts anew."""
     work = out / f".work-{work_key}-{codec_name}"
-    others = [w for w in out.glob(".work-*") if w != work and any(w.glob("chunk*.npz"))]
-    if others and not force:
-        print(f"note: {out} holds a stopped run of other arguments ({others[0].name}); this run "
-              "starts anew and removes it when it finishes. To resume that one instead, stop "
-              "this run and repeat the earlier command")
+    others = sorted(w.name for w in out.glob(".work-*")
+                    if w != work and any(w.glob("chunk*.npz")))
+    if others:  # finish() removes them: said now, while the run can still be stopped
+        resumed = not force and any(work.glob("chunk*.npz"))
+        print(f"note: {out} also holds {len(others)} stopped run(s) of other arguments or another "
+              f"codec ({', '.join(others)}); this run "
+              f"{'resumes its own' if resumed else 'starts anew'} and removes them when it "
+              f"finishes. To resume one of them instead, stop this run and repeat that run's "
+              f"command")
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ sound events, Morse words, DTMF digits, and mixtures of music and events.
 import ctypes
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -451,18 +452,26 @@ def speak(text, voice, rate=175, pitch=50):
     """text spoken by an espeak-ng voice ("en-us+Andy": language + variant) at rate words/min and
     pitch 0-99, as float32 at 24 kHz."""
     chunks, caught = [], []
+
     @_SynthCallback
     def collect(wav, n, events):                     # int16 samples, a block at a time
-        # ctypes prints and drops an exception raised in a callback: a Ctrl-C landing here would
-        # be ignored and the block lost (a clip cut short). Keep it, stop espeak, re-raise below.
-        try:
-            if n > 0:
-                chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
-            return 0                                 # 0: go on
-        except BaseException as e:
-            caught.append(e)
+        if caught:
             return 1                                 # 1: abort synthesis
-    lib = espeak_open()
+        if n > 0:
+            chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
+        return 0                                     # 0: go on
+
+    # ctypes reports an exception raised in the callback (a Ctrl-C lands there most of the time)
+    # to sys.unraisablehook and drops it: the clip would be cut short and the run go on. It is
+    # kept instead, espeak stopped, and the exception raised below
+    report = sys.unraisablehook
+
+    def keep(unraisable):
+        if "ctypes callback" in (unraisable.err_msg or ""):
+            caught.append(unraisable.exc_value)
+        else:
+            report(unraisable)
+    lib, sys.unraisablehook = espeak_open(), keep
     try:
         lib.espeak_SetSynthCallback(collect)
         # seeded, so a sentence sounds the same in every process: some voices' noise comes from
@@ -479,6 +488,7 @@ def speak(text, voice, rate=175, pitch=50):
         lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 0, None, None)
         lib.espeak_Synchronize()
     finally:
+        sys.unraisablehook = report
         espeak_close(lib)
     if caught:
         raise caught[0]

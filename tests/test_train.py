@@ -939,6 +939,8 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
     import whisper_gpt
     p = run(["--help"], cmd=[sys.executable, "sample.py"])
     assert f"whisper_gpt: max_new_tokens={whisper_gpt.SAMPLE_OPTS['max_new_tokens']}" in p.stdout
+    shown = p.stdout.split("The model file's options")[1]
+    assert "seed" not in shown and "lora_scale (unset)" in shown  # sample.py's own --seed
     p = run(["--help"], cmd=[sys.executable, "eval.py"])
     assert f"pengi: max_clips={pengi.EVAL_OPTS['max_clips']}" in p.stdout
     p = run(["config/whisper_gpt_quick.py", "-h"])
@@ -948,9 +950,12 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
     assert "class PengiConfig" in p.stdout and "prefix_len: int" in p.stdout, p.stdout[-2000:]
     p = run(["config/pengi_synth.py", "--model=salmonn", "--help"])
     assert "class SALMONNConfig" in p.stdout and "class PengiConfig" not in p.stdout
-    for bad in ("--model=", "--model=os", "--model=nope"):  # no model file: said, no traceback
-        p = run([bad, "--help"])
-        assert p.returncode == 0 and "no such model file" in p.stdout, (bad, p.stderr)
+    for bad in ("--model=", "--model=os", "--model=nope", "--model=../x", "--model=configurator"):
+        p = run([bad, "--help"])  # not a model file: said, no traceback
+        assert p.returncode == 0 and "not one of the model files" in p.stdout, (bad, p.stderr)
+    # a config file's model as train.py reads it: the last assignment, whatever its form
+    (tmp_path / "c.py").write_text('model = "salmonn"\nm = "pengi"\nmodel = m\n')
+    assert "class PengiConfig" in run([str(tmp_path / "c.py"), "--help"]).stdout
 
 def test_a_model_field_left_unset_counts_as_its_default():
     import train
