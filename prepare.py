@@ -596,10 +596,11 @@ def work_dir(out, work_key, codec_name, force):
     the codec: a re-run with both resumes from it. One that gets another codec, say the pretrained
     EnCodec once the network is back, starts anew."""
     work = out / f".work-{work_key}-{codec_name}"
-    others = sorted(w.name for w in out.glob(".work-*")
-                    if w != work and any(w.glob("chunk*.npz")))
+    def stopped(w):  # what a kill leaves: encoded chunks, or the offline codec's training state
+        return any(w.glob("chunk*.npz")) or (w / "codec_train.pt").exists()
+    others = sorted(w.name for w in out.glob(".work-*") if w != work and stopped(w))
     if others:  # finish() removes them: said now, while the run can still be stopped
-        resumed = not force and any(work.glob("chunk*.npz"))
+        resumed = not force and stopped(work)
         print(f"note: {out} also holds {len(others)} stopped run(s) of other arguments or another "
               f"codec ({', '.join(others)}); this run "
               f"{'resumes its own' if resumed else 'starts anew'} and removes them when it "

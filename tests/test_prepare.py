@@ -850,10 +850,14 @@ def test_a_stopped_run_of_other_arguments_is_announced_before_it_is_replaced(tmp
     stale = out / ".work-0123abcd-offline"
     stale.mkdir(parents=True)
     np.savez(stale / "chunk0000.npz", x=np.zeros(1))
+    codec_only = out / ".work-4567ef01-offline"  # stopped while training the offline codec
+    codec_only.mkdir()
+    (codec_only / "codec_train.pt").write_bytes(b"")
     P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
-    assert ("also holds 1 stopped run(s) of other arguments or another codec "
-            "(.work-0123abcd-offline); this run starts anew") in capsys.readouterr().out
-    assert not stale.exists() and (out / "meta.json").is_file()
+    assert ("also holds 2 stopped run(s) of other arguments or another codec "
+            "(.work-0123abcd-offline, .work-4567ef01-offline); this run starts anew"
+            ) in capsys.readouterr().out
+    assert not stale.exists() and not codec_only.exists() and (out / "meta.json").is_file()
 
 
 def test_a_ctrl_c_while_espeak_speaks_stops_it():
