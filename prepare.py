@@ -108,8 +108,10 @@ def librispeech_items(src, report):
         report(str(src), "no .trans.txt transcript files found")
     return items
 
-KNOWN_FIELDS = ("file", "path", "audio", "file_name", "filename", "caption", "transcript",
-                "label", "description", "question", "answer", "qa")
+# the manifest fields read: the file's, its text's, its question-answer pairs' (and caption_N)
+FILE_FIELDS = ("file", "path", "audio", "file_name", "filename")
+TEXT_FIELDS = ("caption", "transcript", "label", "description")
+KNOWN_FIELDS = FILE_FIELDS + TEXT_FIELDS + ("question", "answer", "qa")
 
 def read_manifest(src, report):
     """manifest.jsonl or manifest.csv rows -> {the file's resolved path: row dict}. Rows for the
@@ -138,18 +140,17 @@ def read_manifest(src, report):
     else:
         return None
     out, ignored = {}, set()
-    file_keys = ("file", "path", "audio", "file_name", "filename")
     for where, row in rows:
         if not isinstance(row, dict):
             report(f"{src}/{where}", "manifest row is not an object ({\"file\": ..., ...})")
             continue
-        name = next((row[k] for k in file_keys if row.get(k)), None)
+        name = next((row[k] for k in FILE_FIELDS if row.get(k)), None)
         if not isinstance(name, str) or not name:
             report(f"{src}/{where}", "manifest row has no 'file' field (a path, as text)")
             continue
         # keyed by the file itself: "./a.wav", "sub/../a.wav" and an absolute path name one file
         r = out.setdefault((Path(src) / name).resolve(), {"qa": [], "name": name})
-        for key in ("caption", "transcript", "label", "description"):
+        for key in TEXT_FIELDS:
             if row.get(key) and not r.get(key):
                 r[key] = str(row[key]).strip()
         # Clotho's captions CSV: caption_1 ... caption_5 (the first one kept, as for repeated rows)
@@ -159,8 +160,7 @@ def read_manifest(src, report):
         for k in numbered:
             if row.get(k) and not r.get("caption"):
                 r["caption"] = str(row[k]).strip()
-        unknown = {k for k in row if isinstance(k, str) and k not in KNOWN_FIELDS
-                   and not re.fullmatch(r"caption_\d+", k)}
+        unknown = {k for k in row if isinstance(k, str)} - set(KNOWN_FIELDS) - set(numbered)
         if unknown - ignored:
             ignored |= unknown
             print(f"note: {src}/{where}: column(s) {', '.join(sorted(map(repr, unknown)))} not "

@@ -21,7 +21,6 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -137,9 +136,8 @@ def writer_hint(ckpt_path):
     folder = os.path.abspath(os.path.dirname(ckpt_path))  # out_dir is relative to where train.py runs
     configs = []
     for path in sorted(glob.glob(os.path.join(HERE, "config", "*.py"))):
-        with open(path) as f:
-            m = re.search(r"""^out_dir\s*=\s*["']([^"']+)["']""", f.read(), re.M)
-        if m and os.path.abspath(m.group(1)) == folder:
+        out_dir = configurator.read_config_file(path).get("out_dir")  # as a run reads the file
+        if out_dir and os.path.abspath(out_dir) == folder:
             configs.append(f"python train.py {os.path.relpath(path, HERE)}")
     return f", e.g. {' or '.join(configs)}" if configs else ""
 
