@@ -342,6 +342,9 @@ if __name__ == "__main__":
     if S["decay_lr"] and S["min_lr"] > S["learning_rate"]:  # the schedule would rise
         fail(f"min_lr={S['min_lr']}: above learning_rate={S['learning_rate']}, the rate the "
              f"schedule decays from")
+    if S["decay_lr"] and 0 < S["lr_decay_iters"] < S["warmup_iters"]:  # would drop to min_lr at once
+        fail(f"lr_decay_iters={S['lr_decay_iters']}: below warmup_iters={S['warmup_iters']}; the "
+             f"cosine decay starts after the warmup (0 decays until max_iters)")
     if not 0 <= S["seed"] < 2 ** 63:  # numpy's and torch's generators take these
         fail(f"seed={S['seed']}: must be at least 0 and below 2**63")
     if S["overwrite"] and S["init_from"] == "resume":

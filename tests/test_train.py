@@ -599,6 +599,7 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
                        (["--beta2=2"], "beta2=2.0: must be at least 0 and below 1"),
                        (["--n_head=3"], "n_embd 32 must be divisible by n_head 3"),
                        (["--min_lr=0.1"], "min_lr=0.1: above learning_rate=0.01"),  # would rise
+                       (["--lr_decay_iters=1"], "lr_decay_iters=1: below warmup_iters=2"),
                        (["--seed=-1"], "seed=-1: must be at least 0 and below 2**63"),
                        (["--peak_flops=-1"], "peak_flops=-1.0: must be a finite number"),
                        (["--overwrite=True", "--init_from=resume"],
