@@ -1328,3 +1328,118 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
         pengi.evaluate(m, data, tok, "val", tasks="class,pitch")
     with pytest.raises(ValueError, match="probe_clips=1: must be at least 2"):  # a probe fits on 2+
         pengi.evaluate(m, data, tok, "val", probe_clips=1)
+
+
+@torch.no_grad()
+def test_evaluation_cuts_prompts_where_training_cut_them(monkeypatch):
+    """load_data cuts every prompt to its first max_prompt_tokens ids for training; evaluation
+    (generate and rank_candidates, via label_metrics) must give the text tower the same ids, not
+    the whole prompt ("this is a sound of": 5 ids, cut to 2)."""
+    m = tiny_model(max_prompt_tokens=2)
+    data, tok = tiny_label_data(), WordIds()
+    want = tok.encode(pengi.PROMPTS["class"])
+    assert len(want) == 5
+    seen = []
+    for name in ("generate", "rank_candidates"):
+        real = getattr(m, name)
+
+        def spy(mel, prompt, lens, *a, _real=real, **kw):
+            seen.append([p[:n].tolist() for p, n in zip(prompt, lens.tolist())])
+            return _real(mel, prompt, lens, *a, **kw)
+        monkeypatch.setattr(m, name, spy)
+    pengi.label_metrics(m, data, tok, data["val"], "class", max_clips=3, bs=3,
+                        gen=dict(beam=1, max_new_tokens=2, length_penalty=1.0), prior_clips=2)
+    assert len(seen) == 3  # generate, then rank_candidates on val and on the prior's clips
+    assert all(rows == [want[:2]] * len(rows) for rows in seen)
+
+
+def test_sample_takes_a_prompt_of_max_prompt_tokens_and_refuses_one_more():
+    m = tiny_model(max_prompt_tokens=3)
+    audio, tok = {"mel": torch.randn(20, m.config.n_mels)}, WordIds()
+    pengi.sample(m, tok, audio, "a b c", None, beam=1, max_new_tokens=1)  # 3 ids: fits
+    with pytest.raises(ValueError, match=r"the prompt has 4 tokens, more than .*"
+                                         r"max_prompt_tokens=3"):
+        pengi.sample(m, tok, audio, "a b c d", None, beam=1, max_new_tokens=1)
+
+
+def test_text_tower_deeper_than_the_lm_named():
+    """text_init='llm' copies the LM's first text_n_layer layers: one more than the LM has is a
+    ValueError naming both, at construction (not an IndexError from the copy)."""
+    pengi.Pengi(tiny_config(text_n_layer=2, llm_n_layer=2))
+    with pytest.raises(ValueError, match="text_n_layer 3 > llm_n_layer 2"):
+        pengi.Pengi(tiny_config(text_n_layer=3, llm_n_layer=2))
+    pengi.Pengi(tiny_config(text_n_layer=3, llm_n_layer=2, text_init="random"))  # nothing copied
+
+
+@torch.no_grad()
+def test_clap_loss_shares_positives_when_duplicate_answers_embed_apart(monkeypatch):
+    """In training, dropout gives two clips with the same answer two different text embeddings;
+    clap_loss must then still treat each as a positive of both clips (P uniform over the clips
+    with the same answer), not only its own diagonal. The text embeddings are stubbed here with
+    distinct unit vectors, and the loss written out in float64."""
+    temp = 0.2
+    answers = [[5, 6, 7], [8, 9], [5, 6, 7], [10]]  # clips 0 and 2 share theirs
+    B, cfg = len(answers), tiny_config(stage="clap", clap_temp=temp)
+    m = tiny_model(stage="clap", clap_temp=temp)
+    b = pengi.collate([np.zeros((cfg.max_frames, cfg.n_mels), np.float32)] * B, [[1, 2]] * B,
+                      answers, cfg.eot_token)
+    g = torch.Generator().manual_seed(1)
+    audio = F.normalize(torch.randn(B, cfg.d_embed, generator=g), dim=-1)
+    text = F.normalize(torch.randn(B, cfg.d_embed, generator=g), dim=-1)
+    monkeypatch.setattr(m, "embed_text", lambda prompt, lens: text)
+    loss = m.clap_loss(audio, b["answer"], b["targets"]).item()
+    S = (audio.double() @ text.double().T / temp).tolist()
+
+    def ce(rows, pos):
+        return sum(-sum(r[j] - math.log(sum(math.exp(v) for v in r)) for j in pos[i]) / len(pos[i])
+                   for i, r in enumerate(rows)) / B
+
+    shared = [[j for j in range(B) if answers[j] == answers[i]] for i in range(B)]
+    cols = [list(c) for c in zip(*S)]
+    ref = 0.5 * (ce(S, shared) + ce(cols, shared))
+    diagonal = 0.5 * (ce(S, [[i] for i in range(B)]) + ce(cols, [[i] for i in range(B)]))
+    assert abs(ref - diagonal) > 1e-3  # the shared positives matter on this batch
+    assert loss == pytest.approx(ref, abs=1e-5)
+
+
+@torch.no_grad()
+def test_greedy_stops_at_eot_and_leaves_it_out():
+    """Greedy decoding redone without a KV cache, one full forward pass per token: each row takes
+    the argmax until it emits eot (left out of its answer) or has max_new tokens. On peaked tiny
+    models (6 tokens, eot = 5) some rows of a batch end early, others do not."""
+    b = tiny_batch(tiny_config())
+    max_new, ended_early, ran_full = 4, 0, 0
+    for seed in range(6):
+        m = tiny_model(seed, vocab_size=6, eot_token=5)
+        for p in m.llm.parameters():
+            p.data.normal_(0, 0.6)
+        pre = m.prefix(b["mel"], b["prompt"] % 5, b["prompt_lens"])
+        want = []
+        for i in range(pre.size(0)):
+            toks = []
+            while len(toks) < max_new:
+                x = torch.cat([pre[i:i + 1], m.llm.wte(torch.tensor([toks], dtype=torch.long))], 1)
+                nxt = m.llm.lm_head(m.llm(x)[0][:, -1]).argmax(-1).item()
+                if nxt == 5:
+                    break
+                toks.append(nxt)
+            want.append(toks)
+            ended_early += len(toks) < max_new
+            ran_full += len(toks) == max_new
+        assert m.greedy(pre, max_new) == want
+        assert m.generate(b["mel"], b["prompt"] % 5, b["prompt_lens"], beam=1,
+                          max_new_tokens=max_new) == want
+    assert ended_early > 0 and ran_full > 0
+
+
+@torch.no_grad()
+def test_label_chance_is_one_over_the_candidates_whatever_labels_are_evaluated():
+    """{key}_chance is 1 / the number of candidate labels (the training split's), also when the
+    evaluated clips show fewer of them (here max_clips=1: one val clip, "dog", of 3 candidates)."""
+    m = tiny_model()
+    data, tok = tiny_label_data(), WordIds()
+    for max_clips in (1, 2):
+        got = pengi.label_metrics(m, data, tok, data["val"], "class", max_clips=max_clips, bs=2,
+                                  gen=dict(beam=1, max_new_tokens=2, length_penalty=1.0),
+                                  prior_clips=2)
+        assert got["class_chance"] == pytest.approx(1 / 3)

@@ -2200,3 +2200,44 @@ def test_connect_targets_are_the_transcripts_of_transcription_rows(tmp_path):
     assert "connect_targets" not in salmonn.get_batch(
         salmonn.load_data(str(tmp_path), tiny_config(stage="pretrain", llm_block_size=160), tok),
         "train", 4, np.random.default_rng(0))
+
+def test_gender_acc_reads_the_voice_question_only():
+    """gender_acc is the accuracy on VOICE_QUESTIONS alone; the corpus's other question about a
+    speaker ("what does the speaker say?") is not about the voice."""
+    entries = [(0, "what does the speaker say?", "where is the red kite"),
+               (1, "is the speaker a man or a woman?", "a man"),
+               (2, "is the speaker a man or a woman?", "a woman")]
+    refs = [a for _, _, a in entries]
+    hyps = ["where is the red kite", "a man", "a man"]
+    got = salmonn.answer_metrics("qa", entries, refs, hyps, ["speech"] * 3)
+    assert got["qa_acc"] == pytest.approx(2 / 3)
+    assert got["gender_acc"] == pytest.approx(1 / 2)
+
+@torch.no_grad()
+def test_tags_pool_every_time_step_of_an_odd_length_clip():
+    """Stage "beats": a clip's tag logits are tag_head of the mean of all its (frames + 1) // 2
+    encoder time steps; the last one of an odd-length clip (half a patch) counts too."""
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="beats", tags="class=a|class=b|pitch=C4")
+    m = SALMONN(cfg).eval()
+    mel, lens = torch.randn(2, 38, cfg.n_mels), torch.tensor([37, 38])
+    a = m.beats(mel, lens)
+    assert a.size(1) == 19
+    want = m.tag_head(a.mean(1))  # both clips fill all 19 time steps
+    assert torch.allclose(m.tag_logits(mel, lens), want, atol=1e-5)
+
+def test_audio_mask_counted_per_row():
+    """embed refuses an audio_mask whose rows do not each hold their own clip's audio tokens, also
+    when the batch's total is right (masked_scatter would silently move one clip's tokens into
+    another row)."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    m = SALMONN(cfg).eval()
+    batch = random_batch(cfg)  # clips of 37 and 20 frames: 10 and 6 audio tokens
+    mask = batch["audio_mask"].clone()
+    assert mask.sum(1).tolist() == [10, 6]
+    mask[0, 3 + 8:3 + 10] = False  # two of row 0's slots moved to row 1
+    mask[1, 3 + 6:3 + 8] = True
+    with torch.no_grad(), pytest.raises(ValueError, match=r"audio_mask has \[8, 8\] audio "
+                                        r"positions per row, the clips give \[10, 6\]"):
+        m.embed(batch["idx"], batch["mel"], batch["mel_lens"], mask)
