@@ -970,3 +970,57 @@ def test_a_model_field_left_unset_counts_as_its_default():
     assert train.describe_changes(["bias"], run_a, other) == "bias=False there, True here"
     # runs of two model files: nothing is filled in
     assert train.changed_settings({"model": "pengi"}, {"model": "whisper_gpt"}) == ["model"]
+
+def test_a_bool_is_not_taken_for_an_int_setting(tmp_path):
+    """An int setting takes an int, not True or False (a bool is an int to isinstance): from
+    --key=value text and from a config file alike."""
+    import configurator as K
+    with pytest.raises(K.SettingsError, match="n_layer must be int, got bool True"):
+        K.resolve([("n_layer", None, "True", "--n_layer=True")], {"n_layer": int})
+    with pytest.raises(K.SettingsError, match="batch_size must be int, got bool False"):
+        K.resolve([("batch_size", False, None, "c.py")], {"batch_size": int})
+    cfg = tmp_path / "c.py"
+    cfg.write_text("max_iters = True\n")
+    with pytest.raises(SystemExit):
+        train.load_settings([str(cfg)])
+    assert K.resolve([("n_layer", None, "3", "--n_layer=3")], {"n_layer": int}) == \
+        ({"n_layer": 3}, {})
+
+def test_settings_of_how_a_run_executes_do_not_make_it_another_run():
+    """A re-run may differ from the run in out_dir in how it executes (device, dtype, compile, DDP
+    backend, logging, where it starts from as resume/overwrite/eval_only): check_rerun resumes or
+    skips it rather than refusing it as a run with other settings. What it trains (a learning
+    rate, the data, a model size) is another run."""
+    base = {"model": "whisper_gpt", "learning_rate": 1e-3, "data_dir": "data/synth",
+            "n_layer": 2, "device": "cuda", "dtype": "bfloat16", "compile": True,
+            "backend": "nccl", "ddp_find_unused_parameters": False, "log_interval": 10,
+            "wandb_log": False, "wandb_project": "p", "wandb_run_name": "r", "peak_flops": 0.0,
+            "eval_only": False, "overwrite": False, "out_dir": "out/a"}
+    other = {**base, "device": "cpu", "dtype": "float32", "compile": False, "backend": "gloo",
+             "ddp_find_unused_parameters": True, "log_interval": 1, "wandb_log": True,
+             "wandb_project": "q", "wandb_run_name": "s", "peak_flops": 1e12, "eval_only": True,
+             "overwrite": True, "out_dir": "out/a/"}
+    assert train.changed_settings(other, base) == []
+    for key, value in (("learning_rate", 2e-3), ("data_dir", "data/other"), ("n_layer", 3)):
+        assert train.changed_settings({**other, key: value}, base) == [key]
+
+def test_save_atomic_flushes_to_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """save_atomic's promise against a power loss: the whole new file is fsync'ed (the temporary
+    file, complete) before it is renamed over the old one."""
+    import torch
+    path = str(tmp_path / "ckpt.pt")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.getsize(src)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(train.os, "fsync", fsync)
+    monkeypatch.setattr(train.os, "replace", replace)
+    train.save_atomic({"x": torch.arange(1000)}, path)
+    size = os.path.getsize(path)
+    assert events == [("fsync", size), ("replace", size)], events

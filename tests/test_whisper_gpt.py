@@ -1292,3 +1292,142 @@ def test_bench_recomputation_draws_what_the_kv_cache_draws(use_mel):
     assert torch.equal(kv, re), (kv, re)
     assert asked_kv == asked_re and ([j for j, _ in asked_kv] == list(range(9, 9 + 39))
                                      if use_mel else not asked_kv)
+
+def test_get_batch_draws_every_window_start_and_no_other():
+    """Every start from which block_size + 1 frames fit (0 .. n - block_size - 1) is drawn, and
+    none past it: with codebook 0 = the frame index, the first code of a window is its start.
+    Catches a draw bound one off (the last window never trained on, or a short window)."""
+    T, n = 4, 7
+    frames = np.stack([np.arange(n), np.zeros(n)], 1).astype(np.uint16)  # (n, n_q=2)
+    data = {"block_size": T, "use_mel": False,
+            "train": {"codes": frames, "mel": None, "short": None}}
+    b = W.get_batch(data, "train", 300, np.random.default_rng(0))
+    assert set(b["codes"][:, 0].tolist()) == set(range(n - T))
+    assert torch.equal(b["codes"], b["codes"][:, :1] + torch.arange(T))
+    assert torch.equal(b["targets"], b["codes"] + 1)
+
+def test_residual_projections_start_scaled_by_their_own_stacks_depth():
+    """GPT-2's init, as the model file says: every Linear and Embedding N(0, 0.02), but each
+    residual projection (c_proj) 0.02 / sqrt(2 * layers of its own stack): n_layer for the main
+    decoder, mel_n_layer for the mel decoder; mel_out 0.02 / sqrt(mel_n_embd). Measured on large
+    enough matrices (>= 16k weights: the std is known to ~1 %)."""
+    torch.manual_seed(0)
+    c = W.Config(block_size=8, vocab_size=256, n_layer=3, n_head=2, n_embd=128, n_mels=8,
+                 mel_n_layer=1, mel_n_head=2, mel_n_embd=128, mel_dim=16)
+    model = W.Model(c)
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or p.numel() < 16384:
+            continue
+        if name.endswith("c_proj.weight"):
+            layers = c.mel_n_layer if name.startswith("mel_") else c.n_layer
+            want = 0.02 / math.sqrt(2 * layers)
+        elif name == "mel_out.weight":
+            want = 0.02 / math.sqrt(c.mel_n_embd)
+        else:
+            want = 0.02
+        assert abs(p.std().item() / want - 1) < 0.05, (name, p.std().item(), want)
+        assert abs(p.mean().item()) < 0.05 * want, name
+
+def test_load_data_warns_when_mel_lag_is_below_the_leak_free_lag(synth_dir, capsys):
+    """load_data warns about the leaky alignment exactly when the hybrid's mel_lag is below
+    leak_free_lag(meta) (step t would see audio of the token it predicts); not at that lag or
+    above, and never for the token-only model."""
+    meta = json.load(open(os.path.join(synth_dir, "meta.json")))
+    needed = W.leak_free_lag(meta)
+    assert needed >= 1  # the test corpus's framing looks ahead: mel_lag=0 leaks
+    for use_mel, lag in [(True, l) for l in range(needed + 2)] + [(False, 0)]:
+        W.load_data(synth_dir, W.Config(block_size=32, use_mel=use_mel, mel_lag=lag), None)
+        warned = "warning: mel_lag=" in capsys.readouterr().out
+        assert warned == (use_mel and lag < needed), (use_mel, lag, needed)
+
+def test_eval_mean_rows_leave_out_a_metric_that_fewer_than_two_runs_have(monkeypatch, capsys):
+    """A metric one run has and the other does not (or has as None): no mean or spread of it, "-"
+    in those rows, and the metrics both have are averaged as usual."""
+    import eval as E
+    monkeypatch.setattr(E, "mean", True)
+    rows = [{"run": "a", "model": "m", "params": 1e6, "iters": 1, "data": "d", "nll": 1.0,
+             "bleu": 0.5, "wer": None},
+            {"run": "b", "model": "m", "params": 1e6, "iters": 1, "data": "d", "nll": 2.0,
+             "wer": 0.25}]
+    means = E.mean_rows(rows)
+    assert [sorted(r) for r in means] == [["nll", "run"], ["nll", "run"]]
+    assert means[0]["nll"] == 1.5 and abs(means[1]["nll"] - math.sqrt(0.5)) < 1e-12
+    E.print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == "| mean (2 runs) | | | 1.5000 | - | - |"
+
+def test_eval_cells_of_large_values_take_one_decimal():
+    """fmt_cell: a float of 100 or more (an untrained model's perplexity) to one decimal, below
+    that to four; accuracy in percent; an int as it is; None as "-"."""
+    import eval as E
+    assert E.fmt_cell("ppl", 1023.98765) == "1024.0"
+    assert E.fmt_cell("ppl", -250.25) == "-250.2"
+    assert E.fmt_cell("ppl", 99.99994) == "99.9999"
+    assert E.fmt_cell("accuracy", 0.123456) == "12.35%"
+    assert E.fmt_cell("tokens", 4096) == "4096" and E.fmt_cell("nll", None) == "-"
+
+def test_table_evaluation_key_follows_checkpoint_and_data(tmp_path):
+    """A kept evaluation is reused only for the same checkpoint file and the same data: a
+    re-prepared corpus (another meta.json) or other codebook-0 mels in the same folder, or a new
+    checkpoint, is another key. (Within one call of the script each file is read once, hence the
+    cache_clear: a new call is a new process.)"""
+    import whisper_gpt_table as WT
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    data.mkdir()
+    (run / "ckpt.pt").write_bytes(b"weights")
+    (data / "meta.json").write_text('{"n_mels": 64}')
+
+    def key():
+        WT.file_digest.cache_clear()
+        return WT.evaluation_key(str(run), str(data))
+    first = key()
+    assert key() == first
+    (data / "meta.json").write_text('{"n_mels": 80}')
+    second = key()
+    assert second != first
+    (data / "val_mel_c0.bin").write_bytes(b"\0" * 8)
+    third = key()
+    assert third != second
+    (data / "val_mel_c0.bin").write_bytes(b"\1" * 8)
+    assert key() != third
+    fourth = key()
+    (run / "ckpt.pt").write_bytes(b"other weights")
+    assert key() != fourth
+
+def test_table_sweep_resumes_a_run_stopped_before_its_max_iters(tmp_path, monkeypatch, capsys):
+    """whisper_gpt_table.sweep on a run at its max_iters (skipped) and the same recipe's run
+    stopped short of it (an interrupted sweep): the stopped one is trained again with
+    --init_from=resume, not tabled half-trained. train.py is not run: the processes the sweep
+    starts are recorded."""
+    import train
+    import whisper_gpt_table as WT
+    monkeypatch.setattr(WT, "out_root", str(tmp_path))
+    monkeypatch.setattr(WT, "data_dir", "data/synth")
+    runs = [("s", "speech", 1), ("s", "speech", 2)]
+
+    def saved(model, kind, seed):
+        d = WT.run_dir(model, kind, seed)
+        return train.load_settings([f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}",
+                                    "--data_dir=data/synth", f"--kinds={kind}", f"--seed={seed}",
+                                    "--device=cpu", "--always_save_checkpoint=True"])[0]
+    max_iters = saved(*runs[0])["max_iters"]
+    at = {WT.run_dir(*runs[0]): max_iters, WT.run_dir(*runs[1]): max_iters - 1}
+    monkeypatch.setattr(WT, "checkpoint_state",
+                        lambda d: (at[d], saved(*next(r for r in runs if WT.run_dir(*r) == d))))
+    started = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(WT.subprocess, "Popen", Done)
+    monkeypatch.chdir(ROOT)
+    WT.sweep(runs, [])
+    assert "1 of 2 runs already finished, 1 to train" in capsys.readouterr().out
+    assert len(started) == 1
+    assert f"--out_dir={WT.run_dir(*runs[1])}" in started[0] and "--init_from=resume" in started[0]
