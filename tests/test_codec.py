@@ -276,6 +276,36 @@ def test_kmeans_finds_the_blobs_and_is_a_weighted_lloyd_fixed_point():
     assert torch.equal(C.assign_nearest(x, means), brute_nearest(x, means[:3])[0])
 
 
+def test_kmeans_restarts_an_empty_cluster_at_the_worst_served_point():
+    """Each iteration of kmeans is one weighted Lloyd step from the means of the iterations before
+    it, recomputed here by brute force: points to their nearest mean, each mean to its points'
+    weighted centroid, and a mean left without points to the point (of the distinct ones, weighted
+    by its repeats) farthest from its nearest mean. 1-D integer data and a seed under which a
+    cluster empties at an early iteration, so the restart is checked, not only the common step."""
+    x = torch.tensor([29., 38, 14, 8, 33, 6, 27, 29, 10, 32, 28, 18])[:, None]
+    pts, inv = torch.unique(x, dim=0, return_inverse=True)
+    w = torch.bincount(inv).double()
+    restarts = 0
+    for iters in range(1, 6):
+        prev = C.kmeans(x, 4, iters - 1, torch.Generator().manual_seed(0))[0].double()
+        near, dist = brute_nearest(pts, prev)
+        want = prev.clone()
+        empty = []
+        for j in range(4):
+            if (near == j).any():
+                m = near == j
+                want[j] = (pts.double()[m] * w[m, None]).sum(0) / w[m].sum()
+            else:
+                empty.append(j)
+        worst = torch.argsort(dist * w, descending=True)[:len(empty)]
+        for j, i in zip(empty, worst):
+            want[j] = pts[i].double()
+        restarts += len(empty)
+        got = C.kmeans(x, 4, iters, torch.Generator().manual_seed(0))[0].double()
+        if len(empty) <= 1:  # (the order among several restarted means is the code's choice)
+            assert torch.allclose(got, want, atol=1e-5), (iters, got.flatten(), want.flatten())
+    assert restarts >= 1
+
 def test_fit_codebooks_fits_each_layer_on_the_residual_the_quantizer_encodes():
     """fit_codebooks on clustered random encoder outputs, then EnCodec's own quantizer: its codes are
     those of a brute-force residual search over the fitted codebooks (layer i picks the nearest
@@ -376,6 +406,29 @@ def test_offline_codec_trains_its_learned_parts_only_and_resumes(tmp_path, monke
     assert len(losses) == 1 and torch.load(ckpt, weights_only=True)["step"] == 31
     assert not same_weights(resumed, model)
 
+
+def test_offline_codec_training_draws_new_crops_at_every_step(monkeypatch):
+    """Each training step learns from crops of its own, each a whole-frame piece of one of the
+    clips (zero padded past its end): a seed fixed for the whole run would show the model the same
+    few crops at every step. The optimiser step is left out (only the crops are looked at)."""
+    wavs = [Y.tone(inst, Y.midi_hz(50 + 5 * i), 0.6, np.random.default_rng(i)) * 0.5
+            for i, inst in enumerate(["sine", "square", "sawtooth", "sine", "square", "sawtooth"])]
+    seen = []
+
+    def recorded(x, y):
+        seen.append(x.clone())
+        return (y - y).abs().mean()
+
+    monkeypatch.setattr(C, "codec_loss", recorded)
+    monkeypatch.setattr(C, "codec_step", lambda opt, params, loss: opt.step())
+    C.train_codec(A.offline_codec(), wavs, 4, batch=2, crop_seconds=0.04, quiet=True)
+    assert len(seen) == 4 and all(x.shape == (2, 3 * A.HOP) for x in seen)
+    for x in seen:                      # every crop: clip i from frame f on, zero padded
+        for row in x.numpy():
+            assert any(np.array_equal(row, np.pad(w[f * A.HOP:f * A.HOP + len(row)],
+                                                  (0, max(0, f * A.HOP + len(row) - len(w)))))
+                       for w in wavs for f in range(A.n_frames(len(w))))
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
 
 def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path,
                                                                                 monkeypatch):

@@ -220,6 +220,20 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
         A.load_audio(tmp_path / "inverted.wav")
 
 
+def test_check_audio_refuses_near_silence_and_integer_scaled_floats():
+    """A clip whose peak is under 1e-4 (-80 dB, the mel's floor: a dithered or near-silent file) is
+    "all silent", not only an all-zero one; a float clip peaking over 100 (integer-scaled samples,
+    even a quiet one) is refused; just inside either bound is a clip."""
+    tone = np.sin(2 * np.pi * 440 * np.arange(SR // 10) / SR).astype(np.float32)
+    for peak in (5e-5, 1e-6):
+        with pytest.raises(A.BadAudio, match="all silent"):
+            A.check_audio(peak * tone)
+    for peak in (150.0, 3000.0):
+        with pytest.raises(A.BadAudio, match="peak amplitude over 100"):
+            A.check_audio(peak * tone)
+    for peak in (2e-4, 1.0, 90.0):
+        A.check_audio(peak * tone)
+
 # ----------------------------------------------------------------------------- the corpus
 
 def test_synth_is_deterministic():
@@ -623,7 +637,9 @@ def test_ranks_that_are_not_text_are_named(tmp_path):
 GPT2_IDS = {"Hello world": [15496, 995], " the": [262], "!": [0],
             "Hello, world!": [15496, 11, 995, 0],
             "The quick brown fox jumps over the lazy dog.": [464, 2068, 7586, 21831, 18045, 625,
-                                                             262, 16931, 3290, 13]}
+                                                             262, 16931, 3290, 13],
+            # contractions are pre-tokens of their own; of two spaces, the first stands alone
+            "I don't know": [40, 836, 470, 760], "they'll": [9930, 1183], "a  b": [64, 220, 275]}
 
 
 def assert_is_gpt2(tok):
@@ -842,6 +858,21 @@ def test_a_clotho_style_manifest_gives_its_first_caption_and_unread_columns_are_
     assert out.count("not read") == 1 and "'text'" in out and "caption_2" not in out, out
 
 
+def test_repeated_manifest_rows_for_one_file_merge_and_keep_the_first_text(tmp_path):
+    """Rows naming the same file (also spelled another way) are one clip: of each text field the
+    first non-empty value is kept, fields only a later row gives are added, and the question-answer
+    pairs of every row are kept in order."""
+    rows = [{"file": "a.wav", "caption": "a dog barks", "question": "what animal?", "answer": "dog"},
+            {"file": "./a.wav", "caption": "a loud dog", "transcript": "woof",
+             "qa": [{"q": "how many barks?", "a": "two"}]},
+            {"file": "a.wav", "caption": "", "label": "dog"}]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = P.read_manifest(tmp_path, lambda *a, **k: pytest.fail(f"reported {a}"))
+    assert list(out) == [(tmp_path / "a.wav").resolve()]
+    r = out[(tmp_path / "a.wav").resolve()]
+    assert (r["caption"], r["transcript"], r["label"]) == ("a dog barks", "woof", "dog")
+    assert r["qa"] == [{"q": "what animal?", "a": "dog"}, {"q": "how many barks?", "a": "two"}]
+
 def test_a_stopped_run_of_other_arguments_is_announced_before_it_is_replaced(tmp_path, capsys):
     """A folder holding the encoded chunks of a stopped run with other arguments: a run with new
     ones says it starts anew (it used to remove them without a word), and removes them at its end."""
@@ -1057,6 +1088,25 @@ def test_manifest_rows_of_the_wrong_shape_are_reported_not_fatal(tmp_path):
     assert [where.rsplit(":", 1)[1] for where, _ in problems] == ["4", "1", "2", "3"]
 
 
+def test_folder_items_with_a_transcript_are_speech_and_a_label_is_asked_about(tmp_path):
+    """A folder file whose manifest row gives a transcript is kind "speech" (so --kinds=speech and
+    the speech subsets find it), others kind "file"; a label becomes the class and the answer to
+    "what sound is this?", after the row's own questions."""
+    for name in ("said.wav", "dog.wav", "plain.wav"):
+        sf.write(tmp_path / name, sine(440, 0.1), SR)
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"file": "said.wav", "transcript": "hello there"}) + "\n"
+        + json.dumps({"file": "dog.wav", "label": "dog", "question": "loud?", "answer": "yes"})
+        + "\n")
+    items = {it["id"]: it for it in P.folder_items(tmp_path, lambda *a, **k: None)}
+    assert {i: it["kind"] for i, it in items.items()} == {"said.wav": "speech", "dog.wav": "file",
+                                                           "plain.wav": "file"}
+    assert items["said.wav"]["transcript"] == "hello there" and items["said.wav"]["qa"] == []
+    assert items["dog.wav"]["labels"] == {"class": "dog"}
+    assert items["dog.wav"]["qa"] == [{"q": "loud?", "a": "yes"},
+                                      {"q": "what sound is this?", "a": "dog"}]
+    assert items["plain.wav"]["labels"] == {"class": "sound"} and items["plain.wav"]["qa"] == []
+
 def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
     src = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123"
     src.mkdir(parents=True)
@@ -1078,6 +1128,22 @@ def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
     tok = T.load_tokenizer(out, "corpus")
     assert tok.decode(tok.encode(clips[0]["transcript"])) == "go do you hear"
 
+
+def test_librispeech_files_with_a_transcript_line_are_not_reported(tmp_path):
+    """Only the files without a transcript line and the lines without a file are reported (each
+    report is a skipped input in the summary and in meta.json); the transcribed files are items."""
+    d = tmp_path / "19" / "198"
+    d.mkdir(parents=True)
+    for k in range(3):
+        sf.write(d / f"19-198-000{k}.flac", sine(300, 0.1, sr=16000), 16000)
+    (d / "19-198.trans.txt").write_text("19-198-0000 HELLO\n19-198-0001 GOOD BYE\n"
+                                        "19-198-0007 NO FILE\n")
+    problems = []
+    items = P.librispeech_items(tmp_path, lambda what, why: problems.append((Path(what).name, why)))
+    assert [it["transcript"] for it in items] == ["hello", "good bye"]
+    assert sorted(problems) == [
+        ("19-198-0002.flac", "missing transcript (no line in any .trans.txt)"),
+        ("19-198-0007.flac", "listed in a transcript (19-198.trans.txt) but the file is missing")]
 
 def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
@@ -1111,6 +1177,21 @@ def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch
     stored = codes[clips[1]["offset"]:clips[1]["offset"] + clips[1]["frames"]]
     assert np.array_equal(k, stored)
 
+
+def test_resume_ignores_a_chunk_whose_write_was_not_finished(tmp_path):
+    """A kill while a chunk is written leaves chunkNNNNN.tmp.npz (whole or cut short) beside the
+    finished chunks: resuming reads the finished ones only, so no clip comes twice and a cut file
+    stops nothing."""
+    clip = lambda i: ({"id": f"c{i}", "duration": 0.1}, np.full((i + 1, 128), i, np.float32),
+                      np.full((i + 1, 64), i, np.float16), None)
+    P.save_chunk(tmp_path, 0, [clip(0), clip(1)], False)
+    P.save_chunk(tmp_path, 1, [clip(2)], False)
+    shutil.copyfile(tmp_path / "chunk00001.npz", tmp_path / "chunk00002.tmp.npz")  # not renamed
+    (tmp_path / "chunk00003.tmp.npz").write_bytes(b"PK\x03\x04 cut")                # cut short
+    done, n = P.load_chunks(tmp_path, False)
+    assert n == 2 and [info["id"] for info, *_ in done] == ["c0", "c1", "c2"]
+    for i, (info, emb, mel, wmel) in enumerate(done):
+        assert emb.shape == (i + 1, 128) and (emb == i).all() and (mel == i).all() and wmel is None
 
 def clip_rows(data_dir, part="codes"):
     """{clip id: (its rows of {split}_{part}.bin, its clip record)} over both splits of a prepared
@@ -1202,6 +1283,8 @@ def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path,
     (["--codec_steps=5"], "--codec_steps would make another one"),
     (["--offline_codec"], "--offline_codec would make another one"),
     (["--codec_tune_steps=3"], "--codec_tune_steps would make another one")])
+
+
 def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
@@ -1237,6 +1320,8 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
                                  "--max_seconds=inf",
                                  # the split is drawn per mille: 0.05 would give 0.1
                                  "--val_percent=0.05"])
+
+
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
@@ -1255,6 +1340,16 @@ def test_the_work_directory_is_named_by_what_the_encodings_depend_on():
     for before in ("--seed=3", "--clips=7", "--max_seconds=2", "--codec_steps=5", "--whisper_mel",
                    "--kinds=note"):
         assert P.work_hash(P.get_args([before])) != P.work_hash(base), before
+
+
+def test_the_work_directory_changes_with_the_clips_the_codec_trains_on():
+    """With --codec_steps, pass 1 encodes with a codec trained on the train split's first
+    --codec_clips clips: another --val_percent or --codec_clips trains another codec, so its chunks
+    are not resumed."""
+    base = P.get_args(["--codec_steps=5"])
+    for other in ("--val_percent=30", "--codec_clips=9"):
+        assert P.work_hash(P.get_args(["--codec_steps=5", other])) != P.work_hash(base), other
+
 
 def test_the_default_place_named_as_such_is_the_same_run():
     """--name / --out_dir naming the default place hash as the default (a re-run skips); another
@@ -1420,6 +1515,38 @@ def test_small_corpora_keep_a_clip_on_each_side_unless_val_percent_is_0(tmp_path
     train_only = [i for i in ids if not P.is_val(i, 10)][:3]
     assert write(train_only, 10) == {"train": train_only[:2], "val": train_only[2:]}
     assert write(ids[:3], 0) == {"train": ids[:3], "val": []}
+
+
+def test_a_commit_that_fails_half_way_leaves_no_meta_json(tmp_path, monkeypatch):
+    """Staging.commit removes the old meta.json before renaming anything and puts the new one in
+    place last: a commit stopped after its first rename (a full disk, a kill) leaves a folder
+    without meta.json, which the next run rebuilds, never a meta.json beside a mix of old and new
+    files, which it would take as finished."""
+    (tmp_path / "meta.json").write_text('{"old": true}')
+    (tmp_path / "train_mel.bin").write_bytes(b"old")
+    stage = P.Staging(tmp_path)
+    for name in ("train_mel.bin", "val_mel.bin", "meta.json"):
+        stage(name).write_bytes(b"new " + name.encode())
+    replace, calls = P.os.replace, []
+
+    def fails_second(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        replace(src, dst)
+    monkeypatch.setattr(P.os, "replace", fails_second)
+    with pytest.raises(OSError):
+        stage.commit()
+    assert not (tmp_path / "meta.json").exists() and len(calls) == 2
+    monkeypatch.undo()
+    stage = P.Staging(tmp_path)  # run again: the whole commit goes through, meta.json last
+    for name in ("train_mel.bin", "val_mel.bin", "meta.json"):
+        stage(name).write_bytes(b"new " + name.encode())
+    stage.commit()
+    assert [(tmp_path / n).read_bytes() for n in ("train_mel.bin", "val_mel.bin", "meta.json")] == [
+        b"new train_mel.bin", b"new val_mel.bin", b"new meta.json"]
+    assert not list(tmp_path.glob("*.tmp*"))
+
 
 def test_codebook0_mel_on_a_finished_run_adds_its_files_without_a_rebuild(tmp_path, capsys,
                                                                           monkeypatch):
