@@ -146,6 +146,13 @@ def write_wav(path, wav, sample_rate):
              subtype="PCM_16")
     os.replace(tmp, path)  # atomic
 
+def write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)  # atomic
+
 if __name__ == "__main__":
     # raw_opts: the model's sample() options, typed and checked once its file is known
     S, raw_opts, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
@@ -311,10 +318,7 @@ if __name__ == "__main__":
         print(f"({dt:.2f} s)")
         if out:  # a .txt (checked above)
             try:
-                os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-                with open(out_path + ".tmp", "w") as f:
-                    f.write(result["text"] + "\n")
-                os.replace(out_path + ".tmp", out_path)  # atomic
+                write_text(out_path, result["text"])
             except OSError as e:  # a full disk, a folder gone meanwhile
                 fail(f"--out={out_path}: cannot write it ({e})")
             print(f"wrote {out_path}")

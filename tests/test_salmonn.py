@@ -389,6 +389,23 @@ def test_audio_tokens_scaled_to_the_llms_token_rms():
     torch.testing.assert_close(audio.pow(2).mean(-1).sqrt(),
                                torch.full((len(audio),), tok_rms), rtol=1e-4, atol=0)
 
+@torch.no_grad()
+def test_projection_starts_the_audio_tokens_at_the_token_rms():
+    """Without audio_norm the projection's init alone sets the audio tokens' scale: init_pretrained
+    draws it so that they start at about the RMS of the LLM's token embeddings (the Q-Former's
+    output is LayerNormed, RMS 1 per element), not sqrt(qformer_n_embd) times that."""
+    torch.manual_seed(0)
+    cfg = tiny_config(audio_norm=False)
+    m = SALMONN(cfg)
+    m.llm.wte.weight.mul_(7.0)  # not the init's 0.02
+    tok_rms = m.llm.wte.weight.pow(2).mean().sqrt().item()
+    salmonn.init_pretrained(m)
+    m.eval()
+    batch = random_batch(cfg)
+    tokens, valid = m.encode_audio(batch["mel"], batch["mel_lens"])
+    rms = tokens[valid].pow(2).mean().sqrt().item()
+    assert 0.7 * tok_rms < rms < 1.4 * tok_rms, (rms, tok_rms)
+
 
 # -----------------------------------------------------------------------------
 # data: loss on the answer only
@@ -806,6 +823,20 @@ def test_whisper_checkpoint_loading(tmp_path):
         out, _ = m.speech(mel, torch.tensor([20]))
     assert torch.allclose(out, ref, atol=1e-5)
 
+def test_sinusoids_are_whispers_table():
+    """sinusoids is OpenAI Whisper's position table, the one an OpenAI encoder's weights were
+    trained with: channel i < C/2 of position t is sin(t * 10000 ** (-i / (C/2 - 1))), channel
+    C/2 + i its cos (written out here per element: the checkpoint test above takes its table from
+    sinusoids itself)."""
+    C, T = 8, 50
+    got = salmonn.sinusoids(T, C)
+    assert got.shape == (T, C)
+    for t in range(T):
+        for i in range(C // 2):
+            angle = t * 10000 ** (-i / (C // 2 - 1))
+            assert got[t, i].item() == pytest.approx(math.sin(angle), abs=1e-5), (t, i)
+            assert got[t, C // 2 + i].item() == pytest.approx(math.cos(angle), abs=1e-5), (t, i)
+
 # -----------------------------------------------------------------------------
 # decoding
 
@@ -897,6 +928,20 @@ def test_sample_options():
     # a prompt that leaves the answer no room in the LLM's context is refused (it answered "")
     with pytest.raises(ValueError, match=r"take \d+ of the LLM's 128 positions, leaving 0"):
         salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
+
+def test_options_below_their_least_refused_by_sample_and_evaluate():
+    """A negative temperature is refused by sample (with beam=1 it would otherwise decode greedily,
+    as if 0 had been asked), and evaluate refuses each of its options below its least before any
+    work, naming itself and the option."""
+    tok = ByteTokenizer()
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
+    with pytest.raises(ValueError, match="salmonn sample: temperature=-0.5: must be at least 0"):
+        salmonn.sample(m, tok, {"mel": torch.randn(50, 64)}, None, None, beam=1, temperature=-0.5)
+    for key, bad, least in (("temperature", -0.5, 0), ("top_k", -1, 0), ("max_new_tokens", 0, 1),
+                            ("beam", 0, 1), ("max_clips", -1, 0)):
+        with pytest.raises(ValueError, match=re.escape(f"salmonn evaluate: {key}={bad}: must be "
+                                                       f"at least {least}")):
+            salmonn.evaluate(m, None, tok, "val", **{key: bad})  # no data: refused before reading
 
 def test_sample_refusing_a_long_clip_says_how_long_a_clip_fits():
     """The longest clip the refusal names fits with the same prompt; one window of frames more
@@ -1176,6 +1221,22 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     with pytest.raises(ValueError, match="no prompt"):
         salmonn.sample(m, tok, {"mel": mel[1, :26]}, "Transcribe.")
 
+@torch.no_grad()
+def test_text_decoder_reads_only_its_clips_frames():
+    """Stage "whisper": the decoder's cross-attention reads a clip's own encoder frames only: a clip
+    padded in a batch next to a longer one gives the logits it gives alone, though the encoder's
+    output at the padding positions is far from zero."""
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="whisper", whisper_dec_n_layer=1, whisper_text_ctx=12)
+    m = SALMONN(cfg).eval()
+    mel, lens = torch.randn(2, 40, cfg.n_mels), torch.tensor([40, 26])
+    idx = torch.tensor([[60, 5, 6, 7], [60, 8, 9, 10]])
+    speech, enc_lens = m.speech(mel, lens)
+    assert enc_lens.tolist() == [20, 13] and speech[1, 13:].abs().amax() > 0.1
+    alone_speech, alone_lens = m.speech(mel[1:, :26], lens[1:])
+    torch.testing.assert_close(m.decoder(idx, speech, enc_lens)[1:],
+                               m.decoder(idx[1:], alone_speech, alone_lens), rtol=1e-5, atol=1e-5)
+
 def test_whisper_stage_ctc_on_characters(tmp_path):
     # the batch spells each transcript for CTC; the decoder keeps the tokens
     write_tiny_data(tmp_path, CLIPS)
@@ -1402,6 +1463,22 @@ def test_encoder_checkpoints_of_other_mel_bins_refused(tmp_path):
     m = build(tiny_config(whisper_init=w, beats_init=b))
     assert torch.equal(m.beats.band_emb, torch.load(b)["model"]["beats.band_emb"])
 
+def test_encoder_checkpoint_missing_a_weight_refused(tmp_path):
+    """A whisper_init or beats_init without one of the encoder's weights is refused naming it, not
+    loaded with that weight left at its random init."""
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    for stage, part, key in (("whisper", "speech", "ln_post.bias"),
+                             ("beats", "beats", "band_emb")):
+        mod = SALMONN(tiny_config(stage=stage, tags="class=a|class=b"))
+        state = mod.state_dict()
+        del state[f"{part}.{key}"]
+        path = str(tmp_path / f"{stage}.pt")
+        torch.save({"model": state, "model_name": "salmonn", "model_args": asdict(mod.config)},
+                   path)
+        with pytest.raises(ValueError, match=re.escape(f"{stage}_init={path}: missing ['{key}']")):
+            build(tiny_config(**{f"{stage}_init": path}))
+
 def test_whisper_features_drive_the_speech_encoder_and_windows():
     """speech_features="whisper": the speech encoder reads the 100 frames/s Whisper stream, the
     windows count its frames (50/s after the stem), and each speech frame is paired with the
@@ -1553,6 +1630,29 @@ def test_llm_stage_sample_says_it_does_not_hear_the_audio(synth_dir):
     assert texts[0] == texts[1]
     assert texts[0].startswith("(stage 'llm': the LLM alone, the audio is not heard)\n")
 
+def test_llm_stage_sample_asks_the_template_it_trained_on(tmp_path, monkeypatch):
+    """A stage-"llm" checkpoint is asked exactly as its text stream shows the prompt template: the
+    LLM's input is the token embeddings of a stream document up to its "ASSISTANT:"."""
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path, CLIPS)
+    cfg = tiny_config(stage="llm", vocab_size=257, llm_block_size=200)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    docs = [d for d in stream_documents(tok, data.splits["train"]["stream"])
+            if tok.decode(d).startswith(salmonn.PROMPT_PREFIX)]
+    assert docs
+    torch.manual_seed(0)
+    m = SALMONN(cfg).eval()
+    seen = []
+    monkeypatch.setattr(m, "generate", lambda x, *a, **k: seen.append(x) or [])
+    for doc in docs:
+        text = tok.decode(doc)
+        end = text.index("\nASSISTANT:") + len("\nASSISTANT:")
+        instruction = text[len(salmonn.PROMPT_PREFIX + "</Speech> "):text.index("\nASSISTANT:")]
+        seen.clear()
+        salmonn.sample(m, tok, {"mel": torch.randn(30, 64)}, instruction, None, beam=1)
+        with torch.no_grad():
+            assert torch.equal(seen[0], m.llm.wte(torch.tensor([doc[:end]]))), text
+
 def runs(flags):
     """The maximal runs of True in a 1-d bool sequence, as (start, end)."""
     out, start = [], None
@@ -1639,6 +1739,48 @@ def test_llm_batch_windows_and_their_targets():
     data.splits["train"]["stream"] = np.arange(T + 1, dtype=np.int64)
     with pytest.raises(ValueError, match="has 5 tokens; it needs more than llm_block_size\\+1=5"):
         salmonn.llm_batch(data, "train", 2, np.random.default_rng(0))
+
+def stream_documents(tok, stream):
+    """A stage-"llm" text stream cut at each eot: the documents' token ids (the stream ends with
+    one)."""
+    stream = list(stream)
+    assert stream[-1] == tok.eot_token
+    docs, cur = [], []
+    for t in stream:
+        if t == tok.eot_token:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return docs
+
+def test_llm_text_stream_holds_each_document_once_ended_by_eot(tmp_path):
+    """Stage "llm"'s text stream, each document followed by eot: each clip's caption, description
+    and transcript, each question with its answer ("Q: ... A: ..."), and for each task the clip
+    offers the prompt template with one of that task's instructions (QA: the question), then the
+    answer after "ASSISTANT: " (its leading space, as stages 1-3 train the answers)."""
+    from collections import Counter
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path, CLIPS)
+    data = salmonn.load_data(str(tmp_path), tiny_config(stage="llm", vocab_size=257), tok)
+    plain, asked = Counter(), Counter()
+    for doc in stream_documents(tok, data.splits["train"]["stream"]):
+        text = tok.decode(doc)
+        if not text.startswith(salmonn.PROMPT_PREFIX):
+            plain[text] += 1
+            continue
+        head, answer = text.split("\nASSISTANT: ")
+        assert head.startswith(salmonn.PROMPT_PREFIX + "</Speech> ")
+        instruction = head[len(salmonn.PROMPT_PREFIX + "</Speech> "):]
+        task = next((t for t, v in salmonn.INSTRUCTIONS.items() if instruction in v), "qa")
+        asked[task, instruction if task == "qa" else None, answer] += 1
+    sos, piano = "morse code spelling sos.", "a piano plays c4."
+    assert plain == Counter([sos, "A tone taps out sos.", "sos", "Q: what word? A: sos", piano])
+    assert asked == Counter([("transcription", None, "s o s"), ("captioning", None, sos),
+                             ("qa", "what word?", "sos"), ("classification", None, "morse code"),
+                             ("story", None, "A tone taps out sos."),
+                             ("captioning", None, piano), ("music", None, piano),
+                             ("classification", None, "piano")])
 
 def test_copy_documents_and_morse_spelling():
     tok = ByteTokenizer()
@@ -1906,6 +2048,24 @@ def test_audio_encoder_averages_the_bands_of_each_time_step():
     for t in range(11):
         torch.testing.assert_close(a[:, t], patches[:, 4 * t:4 * t + 4].mean(1))
 
+@torch.no_grad()
+def test_audio_encoder_tells_bands_and_time_steps_apart():
+    """The audio encoder's patches carry which band (band_emb) and which time step (sinusoids) they
+    are. Without them its transformer sees a set of patches: swapping two bands of the input would
+    give the same frames, reversing the order of its time steps the same frames reversed. Here
+    both change the output."""
+    torch.manual_seed(0)
+    cfg = tiny_config(beats_patch_f=16)  # 4 bands
+    enc = SALMONN(cfg).beats.eval()
+    torch.nn.init.normal_(enc.band_emb, std=1.0)  # as trained (it starts at zero)
+    mel, lens = torch.randn(1, 20, cfg.n_mels), torch.tensor([20])
+    a = enc(mel, lens)
+    swapped = torch.cat([mel[..., 16:32], mel[..., :16], mel[..., 32:]], -1)  # bands 0 and 1
+    assert not torch.allclose(enc(swapped, lens), a, atol=1e-3)
+    # the ten 2-frame time steps in reverse order
+    reversed_steps = mel.view(1, 10, 2, cfg.n_mels).flip(1).reshape(1, 20, cfg.n_mels)
+    assert not torch.allclose(enc(reversed_steps, lens).flip(1), a, atol=1e-3)
+
 def test_rows_without_targets_do_not_count_in_the_loss():
     """The loss is the mean over the rows that have targets of each row's mean token loss: a row
     without any target (all -1) adds nothing, not a zero."""
@@ -2106,6 +2266,20 @@ def test_story_words_count_the_models_answers():
     assert got["story_words"] == 3.0
     assert got["story_bleu4"] == salmonn.bleu4(hyps, [[r] for r in refs])
 
+def test_answer_metrics_name_each_task_and_score_the_answers_against_the_references():
+    """Each task's figure under its own name: BLEU-4 of the answers against the references for
+    captioning and music (the brevity penalty tells the order: an answer shorter than its
+    reference is penalised, exp(1 - 6/4) here; swapped, the longer one would not be), exact match
+    for classification and speaker."""
+    refs, hyps = ["a b c d e f"], ["a b c d"]
+    for task, key in (("captioning", "bleu4"), ("music", "music_bleu4")):
+        got = salmonn.answer_metrics(task, [(0, None, refs[0])], refs, hyps)
+        assert got == pytest.approx({key: math.exp(-0.5)}), task
+    refs, hyps = ["piano", "m1", "f2"], ["Piano.", "m1", "m2"]
+    for task, key in (("classification", "cls_acc"), ("speaker", "speaker_acc")):
+        got = salmonn.answer_metrics(task, [(i, None, r) for i, r in enumerate(refs)], refs, hyps)
+        assert got == pytest.approx({key: 2 / 3}), task
+
 def test_spec_augment_can_mask_every_frame():
     """The time masks' starts are drawn over the whole clip: over many draws the first and the
     last valid frame of each clip are masked at some point."""
@@ -2117,6 +2291,18 @@ def test_spec_augment_can_mask_every_frame():
         out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed), max_bins=0)
         hit |= (out != mel).all(2)
     assert hit[0, 0] and hit[0, 29] and hit[1, 0] and hit[1, 19] and not hit[1, 20:].any()
+
+def test_spec_augment_can_mask_every_bin():
+    """The frequency masks' starts are drawn over all the bins: over many draws the lowest and the
+    highest bin are each masked at some point."""
+    g = torch.Generator().manual_seed(0)
+    mel, lens = torch.randn(1, 20, 16, generator=g), torch.tensor([20])
+    hit = torch.zeros(16, dtype=torch.bool)
+    for seed in range(200):
+        # frequency masks only, so a bin changed in every frame is a frequency mask's
+        out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed), max_frames=0)
+        hit |= (out != mel)[0].all(0)
+    assert hit.all(), hit
 
 def test_task_entries_of_a_clip():
     """The tasks a clip offers, by hand: music captions are music descriptions too, and only a
@@ -2225,6 +2411,20 @@ def test_tags_pool_every_time_step_of_an_odd_length_clip():
     assert a.size(1) == 19
     want = m.tag_head(a.mean(1))  # both clips fill all 19 time steps
     assert torch.allclose(m.tag_logits(mel, lens), want, atol=1e-5)
+
+def test_beats_tags_are_the_labels_of_enough_train_clips(tmp_path):
+    """Stage "beats" tags the TAG_KEYS labels that MIN_TAG_CLIPS (3) or more train clips carry,
+    sorted; a label of fewer clips is left out, and so is a free-text label (not a TAG_KEYS key)."""
+    assert salmonn.MIN_TAG_CLIPS == 3
+    labels = ([{"class": "piano", "pitch": "C4"}] * 3 + [{"class": "flute", "pitch": "C4"}] * 2
+              + [{"word": "kite"}] * 4)
+    clips = [{"id": str(i), "frames": 20, "kind": "music", "labels": lab}
+             for i, lab in enumerate(labels)]
+    write_tiny_data(tmp_path, clips)
+    cfg = tiny_config(stage="beats")
+    data = salmonn.load_data(str(tmp_path), cfg, ByteTokenizer())
+    assert cfg.tags == "class=piano|pitch=C4"
+    assert data.tag_index == {"class=piano": 0, "pitch=C4": 1}
 
 def test_audio_mask_counted_per_row():
     """embed refuses an audio_mask whose rows do not each hold their own clip's audio tokens, also

@@ -921,6 +921,139 @@ def test_read_clip_names_a_missing_or_cut_array(synth_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="val_clips.jsonl line 2 is not JSON"):
         train.check_arrays(str(tmp_path))
 
+def test_read_clip_reads_whisper_features_at_their_own_offset(tmp_path):
+    """Data prepared with --whisper_mel: read_clip gives a clip's Whisper features from
+    {split}_wmel.bin at its woffset, wframes rows of whisper_mel's n_mels (100 frames/s: not the
+    mel's offset and frames), next to its mel."""
+    import numpy as np
+    import sample as S
+    rng = np.random.default_rng(0)
+    clips = [{"id": "a", "kind": "speech", "duration": 0.4, "offset": 0, "frames": 30,
+              "woffset": 0, "wframes": 40},
+             {"id": "b", "kind": "speech", "duration": 0.3, "offset": 30, "frames": 23,
+              "woffset": 40, "wframes": 30}]
+    meta = {"sample_rate": 24000, "frame_rate": 75, "n_q": 8, "n_mels": 16, "codec": None,
+            "whisper_mel": {"n_mels": 80, "frame_rate": 100, "sample_rate": 16000}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "val_clips.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+    mel = rng.standard_normal((53, 16)).astype(np.float16)
+    wmel = rng.standard_normal((70, 80)).astype(np.float16)
+    mel.tofile(tmp_path / "val_mel.bin")
+    wmel.tofile(tmp_path / "val_wmel.bin")
+    clip, info = S.read_clip(str(tmp_path), "val", 1)
+    assert info["id"] == "b" and "codes" not in clip
+    assert np.array_equal(clip["mel"].numpy(), mel[30:53].astype(np.float32))
+    assert np.array_equal(clip["wmel"].numpy(), wmel[40:70].astype(np.float32))
+
+def test_write_wav_leaves_the_file_there_whole_when_writing_fails(tmp_path, monkeypatch):
+    """write_wav writes a temporary file and renames it: a write that fails part-way (a full disk)
+    leaves a wav already at the path as it was; one that succeeds replaces it, 16-bit, clipped to
+    [-1, 1], with no temporary file left."""
+    import sample as S
+    path = str(tmp_path / "out.wav")
+    sf.write(path, np.zeros(100, dtype=np.float32), 24000, subtype="PCM_16")
+    before = open(path, "rb").read()
+
+    def fails(file, *args, **kw):
+        with open(file, "wb") as f:
+            f.write(b"RIFF and half a header")
+        raise RuntimeError("No space left on device")
+    monkeypatch.setattr(sf, "write", fails)
+    with pytest.raises(RuntimeError):
+        S.write_wav(path, np.ones(50), 24000)
+    assert open(path, "rb").read() == before
+    monkeypatch.undo()
+    S.write_wav(path, np.array([0.5, 2.0, -3.0]), 24000)
+    x, sr = sf.read(path, dtype="float32")
+    assert sr == 24000 and np.allclose(x, [0.5, 1.0, -1.0], atol=1 / 32768)
+    assert not os.path.exists(path + ".tmp")
+
+def test_write_text_leaves_the_file_there_whole_when_writing_fails(tmp_path, monkeypatch):
+    """write_text (sample.py's .txt answer) writes a temporary file and renames it: a write that
+    fails part-way leaves a file already at the path as it was; one that succeeds replaces it, in a
+    folder made for it, with no temporary file left."""
+    import builtins
+    import sample as S
+    path = str(tmp_path / "answer.txt")
+    S.write_text(path, "the old answer")
+    real_open = builtins.open
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:3])
+            raise OSError("No space left on device")
+    monkeypatch.setattr(builtins, "open", lambda file, mode="r", *a, **k: HalfWritten(
+        real_open(file, mode, *a, **k)) if "w" in mode else real_open(file, mode, *a, **k))
+    with pytest.raises(OSError):
+        S.write_text(path, "a new answer")
+    monkeypatch.undo()
+    assert open(path).read() == "the old answer\n"
+    S.write_text(path, "a new answer")
+    deeper = str(tmp_path / "new" / "answer.txt")
+    S.write_text(deeper, "in a new folder")
+    assert open(path).read() == "a new answer\n" and open(deeper).read() == "in a new folder\n"
+    assert sorted(os.listdir(tmp_path)) == ["answer.txt", "new"]
+
+def salmonn_checkpoint(out, data_dir, **kw):
+    """A tiny untrained SALMONN stage-1 checkpoint in out/ckpt.pt, in train.py's format (its
+    tokenizer the data's corpus BPE), for sample.py to read."""
+    from dataclasses import asdict
+    import torch
+    import salmonn
+    torch.manual_seed(0)
+    cfg = salmonn.SALMONNConfig(**{
+        "vocab_size": tokenizer.load_tokenizer(data_dir, "corpus").n_vocab, "n_mels": 64,
+        "speech_n_layer": 1, "speech_n_head": 2, "speech_n_embd": 32, "beats_n_layer": 1,
+        "beats_n_head": 2, "beats_n_embd": 16, "qformer_n_layer": 1, "qformer_n_head": 2,
+        "qformer_n_embd": 24, "window_frames": 4, "llm_n_layer": 1, "llm_n_head": 2,
+        "llm_n_embd": 32, "llm_block_size": 128, "lora_rank": 4, **kw})
+    os.makedirs(out)
+    torch.save({"model": salmonn.SALMONN(cfg).state_dict(), "model_name": "salmonn",
+                "model_args": asdict(cfg), "iter_num": 0, "config": {"data_dir": data_dir}},
+               os.path.join(out, "ckpt.pt"))
+
+def test_sample_gives_a_whisper_features_model_the_whisper_features_of_an_audio_file(synth_dir,
+                                                                                    tmp_path):
+    """sample.py --audio on a SALMONN checkpoint whose speech encoder reads Whisper's features
+    (speech_features="whisper"): the file's Whisper features are computed next to its mel, and the
+    model answers."""
+    out = tmp_path / "run"
+    salmonn_checkpoint(out, synth_dir, speech_features="whisper", speech_n_mels=80,
+                       speech_frame_rate=100.0)
+    sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}",
+                        f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
+
+def test_sample_reads_the_split_asked_and_makes_an_out_folder_named_with_a_separator(synth_dir,
+                                                                                  tmp_path):
+    """sample.py --split=train --clip=1 answers about the train split's clip 1 (named in the input
+    line); without --prompt it says which instruction the model took; --out naming a folder that
+    does not exist yet, with a trailing separator, makes it and writes sample.txt there."""
+    out = tmp_path / "run"
+    salmonn_checkpoint(out, synth_dir)
+    with open(os.path.join(synth_dir, "train_clips.jsonl")) as f:
+        clip = [json.loads(line) for line in f if line.strip()][1]
+    folder = tmp_path / "answers"
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--split=train",
+                        "--clip=1", "--beam=1", "--max_new_tokens=2", f"--out={folder}{os.sep}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"input: train clip 1 ({clip['id']}, {clip['kind']}," in p.stdout, p.stdout
+    assert "prompt: Describe the audio in one sentence. (the model's default" in p.stdout, p.stdout
+    assert f"wrote {folder / 'sample.txt'}" in p.stdout
+    assert (folder / "sample.txt").read_text().strip() in p.stdout
+
 def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path):
     """--help prints the docstring, then every setting of the script with its default (its block
     of settings), and does nothing else."""
