@@ -53,6 +53,12 @@ CASES += [
     ("float32", 128, 17, 129, False, "pad", "bthd"),
     # decoding several queries: the diagonal inside the splits
     ("float32", 64, 9, 200, True, "pad", "bthd"),
+    # the causal diagonal at Tk - Tq = 1 and 30 (1 and -2 modulo the interpreter's 16- and 32-wide
+    # blocks): a tile's last row alone sees the first key of a block, its first row all but the
+    # last key of one; an off-by-one in which blocks a tile visits, or which it takes unmasked,
+    # shows only on such lengths
+    ("float32", 16, 32, 33, True, "pad", "bhtd"),
+    ("float32", 16, 32, 62, True, None, "bhtd"),
     ("float16", 64, 129, 129, True, "pad", "bhtd"),
     ("float16", 64, 1, 100, False, "pad", "bhtd"),
     ("float16", 32, 100, 17, True, None, "bthd"),
@@ -263,25 +269,35 @@ def test_triton_interpreter_padding_rows_do_not_leak(interpreter_results):
 def test_torch_path_padding_rows_do_not_leak():
     assert nan_in_padding_rows("torch") == 0.0
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_torch_path_keys_past_k_lens_do_not_leak(causal):
-    # the kernels never load keys past k_lens; the PyTorch path must ignore them as well, whatever
-    # they hold (a KV cache's unwritten buffer, a padded batch)
+def nan_in_padding_keys(backend, causal):
+    """Largest difference of out, dq, dk, dv when the keys and values past k_lens hold NaN and inf
+    instead of zeros: 0.0 if nothing of them leaks (the kernels must not load them at all: a masked
+    NaN score, or a zero weight times inf, is still NaN)."""
     import fused_attention
     q, k, v, do, lens = make_inputs(("float32", 32, 24, 40, causal, "pad", "bhtd"))
+    assert any(n < 40 for n in lens.tolist())  # some keys are padding
     results = []
     for fill in (0.0, float("nan"), float("inf")):
         kf, vf = k.detach().clone(), v.detach().clone()
         for b, n in enumerate(lens.tolist()):
             kf[b, :, n:], vf[b, :, n:] = fill, fill
-        qf = q.detach().clone().requires_grad_()
         kf.requires_grad_(), vf.requires_grad_()
-        out = fused_attention.attention(qf, kf, vf, causal=causal, k_lens=lens, backend="torch")
-        results.append([out, *torch.autograd.grad(out, (qf, kf, vf), do)])
-    assert any(n < 40 for n in lens.tolist())  # some keys are padding
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        out = fused_attention.attention(q, kf, vf, causal=causal, k_lens=lens, backend=backend)
+        results.append([out, *torch.autograd.grad(out, (q, kf, vf), do)])
+    return max(float((a - b).detach().abs().max()) if torch.isfinite(b).all() else float("inf")
+               for other in results[1:] for a, b in zip(results[0], other))
+
+def test_triton_interpreter_keys_past_k_lens_do_not_leak(interpreter_results):
+    # the forward by tensor descriptors and by pointer loads, both backwards
+    for key in ("split-tma", "atomic-pointers"):
+        for causal in (True, False):
+            assert interpreter_results[f"nan-keys-{key}-{causal}"] == 0.0, (key, causal)
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_path_keys_past_k_lens_do_not_leak(causal):
+    # the kernels never load keys past k_lens; the PyTorch path must ignore them as well, whatever
+    # they hold (a KV cache's unwritten buffer, a padded batch)
+    assert nan_in_padding_keys("torch", causal) == 0.0
 
 def test_triton_interpreter_key_counts_past_int32(interpreter_results):
     assert interpreter_results["huge-klens"]["max_diff"] < 1e-5
@@ -335,6 +351,16 @@ def test_auto_takes_the_kernels_only_where_they_apply(monkeypatch):
         capability[0] = old
         assert not fused_attention.kernels_apply(fake()) and not fused_attention.kernels_apply(
             fake(torch.float16))
+
+def test_auto_backward_is_split_up_to_head_dim_64_then_atomic(monkeypatch):
+    # the choice the H200 timings made (docs/fused_attention.md), and what test_h100_build builds as
+    # the default backward; FUSED_ATTENTION_BWD overrides it at every head dim
+    monkeypatch.setattr(fused_attention, "BWD", "auto")
+    assert [fused_attention._backward_mode(D) for D in fused_attention.HEAD_DIMS] == [
+        "split", "split", "split", "atomic"]
+    for bwd in ("atomic", "split"):
+        monkeypatch.setattr(fused_attention, "BWD", bwd)
+        assert {fused_attention._backward_mode(D) for D in fused_attention.HEAD_DIMS} == {bwd}
 
 def test_sm_scale_and_kv_cache_alignment():
     import fused_attention
@@ -422,7 +448,8 @@ def test_mismatched_inputs_are_rejected_not_broadcast():
 
 def test_triton_interpreter_strided_output_grad_and_narrow_length_dtypes():
     # autograd may hand the backward a gradient whose last dim is not contiguous (here: the output
-    # used transposed); the kernels index dO's last dim with stride 1. Also: uint8 key lengths
+    # used transposed); the kernels index dO's last dim with stride 1, and q, k, v's (which may
+    # come that way too). Also: uint8 key lengths
     # with more keys than a uint8 holds (the clamp to Tk overflowed in the lengths' own dtype)
     script = (
         "import torch, fused_attention as fa, test_fused_attention as t\n"
@@ -439,6 +466,18 @@ def test_triton_interpreter_strided_output_grad_and_narrow_length_dtypes():
         "    for x, r in zip(grads, ref_grads):\n"
         "        err = float((x.double() - r).abs().max()) / max(1.0, float(r.abs().max()))\n"
         "        assert err < 2e-5, (bwd, err)\n"
+        # q, k, v whose head dim is not contiguous (views of (B, H, D, T) tensors)
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(2, 2, 32, T, generator=g).transpose(-1, -2).requires_grad_()\n"
+        "           for T in (17, 40, 40))\n"
+        "assert q.stride(-1) != 1\n"
+        "lens = torch.tensor([40, 13])\n"
+        "out = fa.attention(q, k, v, causal=True, k_lens=lens, backend='triton')\n"
+        "do = torch.randn(out.shape, generator=g)\n"
+        "ref = t.reference(q, k, v, True, lens, 32 ** -0.5)\n"
+        "for x, r in zip((out, *torch.autograd.grad(out, (q, k, v), do)),\n"
+        "                (ref, *torch.autograd.grad(ref, (q, k, v), do.double()))):\n"
+        "    assert float((x.double() - r).abs().max()) < 2e-5 * max(1.0, float(r.abs().max()))\n"
         "q, kv = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 300, 16)\n"
         "lens = torch.tensor([200], dtype=torch.uint8)\n"
         "a = fa.attention(q, kv, kv, k_lens=lens, backend='triton')\n"
@@ -653,4 +692,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     for bwd in ("atomic", "split"):
         fused_attention.BWD = bwd
         results[f"nan-padding-{bwd}"] = nan_in_padding_rows("triton")
+    for bwd, tma, key in (("split", True, "split-tma"), ("atomic", False, "atomic-pointers")):
+        fused_attention.BWD, fused_attention.TMA = bwd, tma
+        for causal in (True, False):
+            results[f"nan-keys-{key}-{causal}"] = nan_in_padding_keys("triton", causal)
     print(json.dumps(results))
