@@ -493,6 +493,43 @@ def test_text_tower_with_all_the_lms_layers_is_the_lm():
 
 
 @torch.no_grad()
+def test_text_init_copies_what_it_names():
+    """text_init="llm" starts the text tower from the LM's embeddings, first blocks and final
+    LayerNorm; "embeddings" from its wte and wpe only; "random" from none of them. Checked on an LM
+    whose weights, LayerNorms included, are all spread, so no tensor of the tower equals the LM's by
+    chance."""
+    for init, copied in (("llm", ("wte.", "wpe.", "h.0.", "ln_f.")),
+                         ("embeddings", ("wte.", "wpe.")), ("random", ())):
+        m = tiny_model(text_init=init)
+        for p in m.llm.parameters():
+            p.normal_(0, 0.5)
+        m.init_from_lm()
+        lm = m.llm.state_dict()
+        for name, t in m.text_encoder.state_dict().items():
+            if name.startswith("text_projection."):  # CLIP's, the tower's own
+                continue
+            assert torch.equal(t, lm[name]) == name.startswith(copied), (init, name)
+
+
+def test_text_trainable_trains_the_tower_in_stage_pengi():
+    """text_trainable=True: every tensor of the text tower trains with the rest in stage pengi (a
+    few steps move each one), and the LM stays frozen."""
+    m = tiny_model(text_trainable=True).train()
+    assert all(p.requires_grad for p in m.text_encoder.parameters())
+    assert not any(p.requires_grad for p in m.llm.parameters())
+    before = {n: p.detach().clone() for n, p in m.text_encoder.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    b = tiny_batch(m.config)
+    for _ in range(2):
+        _, loss = m(**b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unmoved = [n for n, p in m.text_encoder.named_parameters() if torch.equal(p, before[n])]
+    assert not unmoved, unmoved
+
+
+@torch.no_grad()
 def test_shifted_window_block_is_the_plain_block_on_the_rolled_grid():
     """A shifted WindowBlock is the same block with unshifted windows applied to the grid rolled by
     half a window along time, then rolled back (LayerNorm, MLP and residual act per position, so
@@ -505,6 +542,44 @@ def test_shifted_window_block_is_the_plain_block_on_the_rolled_grid():
     want = torch.roll(plain(torch.roll(x, -2, dims=2)), 2, dims=2)
     torch.testing.assert_close(shifted(x), want)
     assert not torch.allclose(shifted(x), plain(x), atol=1e-3)
+
+
+@torch.no_grad()
+def test_shifted_windows_carry_across_window_boundaries():
+    """In a stage of two blocks (plain windows, then shifted ones), the output in one window depends
+    on the input in its neighbour: the shifted block's windows straddle the boundary. A grid of 4x8
+    patches in 4x4 windows: new frames under the first window change every time column of the
+    stage's output, the second window's too."""
+    m = tiny_model(enc_depths="2", enc_heads="2")
+    enc, grids = m.audio_encoder, []
+    hook = enc.ln_f.register_forward_hook(lambda mod, inp, out: grids.append(out))
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(1, 32, 16, generator=g)
+    other = mel.clone()
+    other[:, :16] = torch.randn(1, 16, 16, generator=g)  # the frames of patch columns 0-3
+    enc(mel), enc(other)
+    hook.remove()
+    assert grids[0].shape == (1, 4, 8, 8)
+    changed = (grids[0] - grids[1]).abs().amax(dim=(0, 1, 3)) > 1e-4  # per time column
+    assert changed.all(), changed
+
+
+@torch.no_grad()
+def test_patch_merging_reads_each_2x2_block_whole():
+    """Each merged patch is made of its own 2x2 block of patches, all four of them: changing any
+    one patch changes its block's merged patch and no other."""
+    torch.manual_seed(0)
+    merge = pengi.PatchMerging(8)
+    x = torch.randn(1, 4, 6, 8)  # (B, freq rows, time columns, C)
+    y = merge(x)
+    assert y.shape == (1, 2, 3, 16)
+    for f in range(4):
+        for t in range(6):
+            x2 = x.clone()
+            x2[0, f, t] += 1.0
+            want = torch.zeros(2, 3, dtype=torch.bool)
+            want[f // 2, t // 2] = True
+            assert torch.equal((merge(x2) - y)[0].abs().amax(-1) > 1e-6, want), (f, t)
 
 
 def test_clap_weight_adds_the_contrastive_term_in_training_only():
@@ -946,6 +1021,76 @@ def test_caption_bleu4_and_qa_acc_through_evaluate(synth_dir, monkeypatch):
     assert len(seen) == len(captions) + len(questions)
 
 
+@torch.no_grad()
+def test_evaluate_runs_in_eval_mode_and_restores_training():
+    """evaluate decodes and ranks with the model in eval mode (no dropout: the same metrics twice),
+    then leaves it in the training mode it found."""
+    m = tiny_model(dropout=0.5).train()
+    data, tok = tiny_label_data(), WordIds()
+    data["tasks"] = ["class"]
+    modes = []
+    for name in ("generate", "rank_candidates", "prefix"):
+        real = getattr(m, name)
+
+        def spy(*a, _real=real, **kw):
+            modes.append(m.training or m.audio_encoder.training or m.m1.training)
+            return _real(*a, **kw)
+        setattr(m, name, spy)
+    opts = dict(max_clips=3, beam=1, max_new_tokens=2, batch_size=2, prior_clips=2, probe=False)
+    got = pengi.evaluate(m, data, tok, "val", **opts)
+    assert modes and not any(modes)
+    assert m.training and m.audio_encoder.training
+    assert pengi.evaluate(m, data, tok, "val", **opts) == got
+
+
+@torch.no_grad()
+def test_clap_stage_evaluate_is_the_probe_or_nothing():
+    """A clap-stage model writes no text: evaluate gives the linear probe's accuracy, or nothing
+    with probe=False."""
+    m = tiny_model(stage="clap")
+    data, tok = tiny_label_data(), WordIds()
+    data["tasks"] = ["class"]
+    assert pengi.evaluate(m, data, tok, "val", probe=False) == {}
+    got = pengi.evaluate(m, data, tok, "val")
+    assert set(got) == {"probe_acc"} and 0 <= got["probe_acc"] <= 1
+
+
+@torch.no_grad()
+def test_evaluate_scores_every_task_of_the_default_mix_but_metadata():
+    """A model trained on the default mix (metadata included) is evaluated on every task but
+    metadata, which has no score: tasks="" gives the others, and evaluate runs on such data."""
+    assert pengi.eval_tasks({"tasks": list(pengi.TASKS)}, "") == [
+        "caption", "class", "qa", "instrument", "pitch", "chord"]
+    assert pengi.eval_tasks({"tasks": ["metadata", "class"]}, "") == ["class"]
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['metadata'\]"):
+        pengi.eval_tasks({"tasks": list(pengi.TASKS)}, "metadata")
+    data = tiny_label_data()
+    data["tasks"] = list(pengi.TASKS)
+    got = pengi.evaluate(tiny_model(), data, WordIds(), "val", max_clips=2, beam=1,
+                         max_new_tokens=2, prior_clips=2, probe=False)
+    assert "class_acc_gen" in got and "prefix_norm_ratio_audio" in got
+
+
+def test_text_metrics_score_the_first_max_clips_examples(monkeypatch):
+    """caption_bleu4 and qa_acc are scored on the first max_clips captions and the first max_clips
+    questions of the split, in the split's order (clip 1 has no caption)."""
+    clips = [{"kind": "speech", "qa": [{"q": f"q{i}a", "a": "yes"}, {"q": f"q{i}b", "a": "no"}]}
+             for i in range(4)]
+    for i in (0, 2, 3):
+        clips[i]["caption"] = f"a sound number {i}"
+    seen = []
+
+    def answers(model, data, tok, d, ex, bs, gen):
+        seen.append(ex)
+        return [a for _, _, a in ex]
+    monkeypatch.setattr(pengi, "generate_answers", answers)
+    got = pengi.text_metrics(None, {}, None, {"clips": clips}, ["caption", "qa"], 2, 8, {})
+    assert seen == [[(0, pengi.PROMPTS["caption"], "a sound number 0"),
+                     (2, pengi.PROMPTS["caption"], "a sound number 2")],
+                    [(0, pengi.QA_PROMPT + "q0a", "yes"), (0, pengi.QA_PROMPT + "q0b", "no")]]
+    assert got["caption_bleu4"] == pytest.approx(1.0) and got["qa_acc"] == 1.0
+
+
 def test_fit_frames_pads_and_crops(synth_dir):
     """Longer clips are cropped to max_frames; shorter ones are repeated (CLAP's way) or followed
     by silent frames, which keep the clip once, from the start. An unknown pad is named."""
@@ -961,6 +1106,39 @@ def test_fit_frames_pads_and_crops(synth_dir):
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     with pytest.raises(ValueError, match="pad: 'zeros' is not one of repeat, silence"):
         pengi.load_data(synth_dir, pengi.PengiConfig(pad="zeros"), tok)
+
+
+@torch.no_grad()
+def test_silence_padding_in_every_path(monkeypatch):
+    """pad="silence": a clip shorter than max_frames is followed by silent frames, not repeated,
+    wherever it is read: training and validation batches (get_batch), evaluation's (eval_batches),
+    the probe's embeddings (clip_embeddings) and sample()."""
+    data = tiny_label_data()
+    data["pad"], data["eot_token"] = "silence", 49
+    for split in ("train", "val"):
+        for c in data[split]["clips"]:
+            c["frames"] = 20  # of max_frames 32
+        data[split]["by_task"], data[split]["task_p"] = {"class": [(1, [1, 2], [3])]}, None
+
+    def padded(mel, d):  # mel (B, 32, 16) of clip 1 of the split d
+        clip = torch.from_numpy(d["mel"][32:52])
+        assert torch.equal(mel[:, :20], clip.expand(mel.size(0), -1, -1))
+        return bool((mel[:, 20:] == pengi.MEL_SILENCE).all())
+    for split in ("train", "val"):
+        b = pengi.get_batch(data, split, 2, np.random.default_rng(0))
+        assert padded(b["mel"], data[split]), split
+    m = tiny_model(pad="silence")
+    _, mel, _, _ = next(pengi.eval_batches(m, data, WordIds(), data["val"],
+                                           [(1, pengi.PROMPTS["class"], "")], 1))
+    assert padded(mel, data["val"])
+    embedder, seen = MeanEmbedding(), []
+    embedder.embed_audio = lambda mel: seen.append(mel) or mel.mean(1)
+    pengi.clip_embeddings(embedder, data["val"], [1], 32, "silence")
+    assert padded(seen[0], data["val"])
+    monkeypatch.setattr(m, "generate", lambda mel, *a, **kw: seen.append(mel) or [[1]])
+    pengi.sample(m, WordIds(), {"mel": torch.from_numpy(data["val"]["mel"][32:52])}, "a b", None,
+                 beam=1, max_new_tokens=1)
+    assert padded(seen[1], data["val"])
 
 
 class MeanEmbedding(torch.nn.Module):
@@ -1085,6 +1263,43 @@ def test_fit_logistic_separates():
     assert (predict(x[100:]) == y[100:]).float().mean() == 1.0
 
 
+def test_fit_logistic_predicts_each_query_on_the_training_scale():
+    """Queries are standardised with the training features' mean and spread: a query's class does
+    not depend on the other queries it comes with, and a feature whose spread is tiny next to
+    another's still separates the classes (standardised, the weight decay does not erase it)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.stack([(2 * y - 1) * 1e-3 + 1e-4 * torch.randn(200, generator=g),
+                     100 * torch.randn(200, generator=g)], 1)
+    predict = pengi.fit_logistic(x[:100], y[:100], 2)
+    assert torch.equal(predict(x[100:]), y[100:])
+    assert torch.equal(torch.cat([predict(x[i:i + 1]) for i in range(100, 200)]), y[100:])
+
+
+def test_linear_probe_fits_on_the_first_max_clips_training_clips():
+    """linear_probe reads the first max_clips labelled training clips: here the first 20 map
+    feature +1 to "a" and -1 to "b", the 40 after them the other way round, so the probe of 20
+    clips gets every val clip (the first mapping) right and that of 60 clips few (it follows the
+    later clips' mapping)."""
+    rng = np.random.default_rng(0)
+
+    def split(labels, signs):
+        clips, mel = [], []
+        for i, (label, sign) in enumerate(zip(labels, signs)):
+            x = rng.normal(0, 0.1, (4, 6)).astype(np.float32)
+            x[:, 0] += sign
+            clips.append({"offset": 4 * i, "frames": 4, "labels": {"class": label}})
+            mel.append(x)
+        return {"clips": clips, "mel": np.concatenate(mel)}
+
+    labels = ["a", "b"] * 30
+    signs = [1.0 if (label == "a") == (i < 20) else -1.0 for i, label in enumerate(labels)]
+    data = {"train": split(labels, signs), "val": split(["a", "b"] * 5, [1.0, -1.0] * 5),
+            "max_frames": 4, "pad": "repeat"}
+    assert pengi.linear_probe(MeanEmbedding(), data, "val", "class", max_clips=20) == 1.0
+    assert pengi.linear_probe(MeanEmbedding(), data, "val", "class", max_clips=60) < 0.5
+
+
 def test_task_mix_from_templates(synth_dir):
     """Every task of the synth corpus comes through the paper's templates, in one mix."""
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
@@ -1168,6 +1383,33 @@ def test_task_weights_set_the_mix(synth_dir):
             pengi.load_data(synth_dir, pengi.PengiConfig(task_weights=spec), tok)
     with pytest.raises(ValueError, match="not a task of the mix"):  # pitch, but music is not mixed
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class", task_weights="pitch=2"), tok)
+
+
+def test_task_weights_follow_each_task_whatever_order_the_clips_list_them(tmp_path):
+    """get_batch draws each task with its own weight also when the clips offer the tasks in another
+    order than the sorted one the weights are stored in (here qa first, from clip 0, then class):
+    class=0 leaves qa alone drawn."""
+    n_mels, clips = 16, [
+        {"kind": "speech", "frames": 10, "labels": {}, "qa": [{"q": "who?", "a": "a man"}]},
+        {"kind": "music", "frames": 12, "labels": {"class": "piano"}}]
+    (tmp_path / "meta.json").write_text(json.dumps({"n_mels": n_mels}))
+    offsets = np.cumsum([0] + [c["frames"] for c in clips])
+    for split in ("train", "val"):
+        np.zeros((offsets[-1], n_mels), np.float16).tofile(tmp_path / f"{split}_mel.bin")
+        (tmp_path / f"{split}_clips.jsonl").write_text(
+            "".join(json.dumps({**c, "offset": int(o)}) + "\n" for c, o in zip(clips, offsets)))
+
+    class Bytes:  # bytes are tokens, 256 ends
+        n_vocab, eot_token = 257, 256
+
+        def encode(self, text):
+            return list(text.encode())
+    data = pengi.load_data(str(tmp_path), pengi.PengiConfig(tasks="qa,class", max_frames=16,
+                                                            task_weights="class=0"), Bytes())
+    assert list(data["train"]["by_task"]) == ["qa", "class"]
+    b = pengi.get_batch(data, "train", 20, np.random.default_rng(0))
+    qa = list(pengi.QA_PROMPT.encode() + b"who?")
+    assert all(b["prompt"][i, :b["prompt_lens"][i]].tolist() == qa for i in range(20))
 
 
 @pytest.mark.parametrize("name", ["corpus", "gpt2"])
