@@ -210,6 +210,32 @@ def test_dct_init_is_the_block_lowpass_and_keeps_the_architecture():
     model.load_state_dict(fresh)                           # a pretrained checkpoint drops in
 
 
+def test_codec_report_reads_codebook_0_alone_and_the_untrained_decoder_unquantized():
+    """codec_report on the analytic codec with codebook 1 holding every probe frame exactly and
+    codebook 0 all zeros: 6 kbps decodes the notes (all read), codebook 0 alone decodes silence
+    (none read), and the untrained decoder, fed the encoder's output unquantized, scores the log-mel
+    L1 of the exact codes. The probes: single notes of the harmonic instruments only, and "any"
+    clips that are not the corpus's own (seed + 1)."""
+    seed = 2
+    probes = C.codec_probes(seed, n_notes=3, n_morse=1, n_dtmf=1, n_any=2, max_dur=1.0,
+                            speech=False)
+    assert all(info["labels"]["form"] == "note" and info["labels"]["instrument"] != "bell"
+               for _, info in probes["note"])
+    assert not any(np.array_equal(w, Y.synth_clip(seed, j, 1.0, speech=False)[0])
+                   for j, (w, _) in enumerate(probes["any"]))
+    model = C.dct_init(A.offline_codec())
+    emb = torch.cat(A.encode_emb(model, [w for v in probes.values() for w, _ in v]))
+    C.fit_codebooks(model, emb, iters=1, quiet=True)   # fewer frames than codes: each one kept
+    with torch.no_grad():
+        layers = [layer._codebook for layer in model.quantizer.vq.layers]
+        layers[1].embed.copy_(layers[0].embed)
+        layers[0].embed.zero_()
+    r, rec = C.codec_report(model, probes, untrained=C.dct_init(A.offline_codec()))
+    assert r["notes"] == 1.0 and r["notes_codebook0"] == 0.0
+    assert r["mel_l1_untrained"] == pytest.approx(r["mel_l1"], abs=1e-3)
+    assert r["clips"] == {"note": 3, "morse": 1, "dtmf": 1, "any": 2}
+
+
 def brute_nearest(x, means):
     """Reference for assign_nearest: squared distances to every centroid, by subtraction, in
     float64; argmin takes the first of equal minima."""
@@ -496,3 +522,29 @@ def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():
     # the rest of the analytic codec is still recognised: 3 identity shortcuts, 3 zero branches
     # and the LSTM skipped
     assert sum(stream.identity.values()) == 3 and sum(stream.zero.values()) == 4
+
+
+def test_streaming_decoder_on_a_dense_decoder_equals_the_whole_decode():
+    """StreamingDecoder on EnCodec's architecture with random weights everywhere (no part to skip:
+    the cost of a pretrained EnCodec): every conv keeps its last inputs, every upsampling its
+    overlap tail, the LSTM its (h, c) between calls, so decoding 8 frames then 1 to 3 at a time
+    equals the decoder run on the whole sequence. The analytic codec's tests cannot see these
+    states (its overlaps are zero, its LSTM off). No corpus needed."""
+    g = torch.Generator().manual_seed(0)
+    model = A.offline_codec()
+    with torch.no_grad():
+        for layer in model.quantizer.vq.layers[:A.N_Q]:
+            layer._codebook.embed.copy_(torch.randn(layer._codebook.embed.shape, generator=g))
+    codes = torch.randint(0, A.CODEBOOK_SIZE, (24, A.N_Q), generator=g)
+    full = A.decode(model, codes)
+    stream = A.StreamingDecoder(model)
+    pieces, at = [stream(codes[:8])], 8
+    while at < len(codes):
+        step = len(pieces) % 3 + 1
+        pieces.append(stream(codes[at:at + step]))
+        at += step
+    got = torch.cat(pieces)
+    assert got.shape == full.shape == (24 * A.HOP,)
+    assert full[8 * A.HOP:].abs().max() > 1e-3  # the streamed part is not silence
+    assert (got - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
+    assert not any(stream.zero.values()) and not any(stream.identity.values())

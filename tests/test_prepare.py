@@ -458,6 +458,122 @@ def test_interval_and_melody_labels_match_the_pitches_in_the_audio():
     assert min(seen.values()) >= 3
 
 
+def spectral_peaks(x, k, fmin=100.0):
+    """The k strongest local maxima of x's Hann-windowed magnitude spectrum above fmin, in Hz
+    (zero-padded 8 times, so a pure tone's peak lands within a fraction of a semitone)."""
+    n = 8 * len(x)
+    mag = np.abs(np.fft.rfft(x * np.hanning(len(x)), n))
+    hz = np.fft.rfftfreq(n, 1 / SR)
+    local = np.flatnonzero((mag[1:-1] > mag[:-2]) & (mag[1:-1] >= mag[2:])) + 1
+    local = local[hz[local] > fmin]
+    return sorted(hz[local[np.argsort(mag[local])[-k:]]])
+
+
+def hz_midi(hz):
+    return int(round(69 + 12 * np.log2(hz / 440)))
+
+
+def test_chord_names_and_pitch_label_match_the_three_tones_in_the_audio():
+    """A sine chord's three spectral peaks, named by hand from their frequencies: the lowest is the
+    chord's root (its name and the pitch label), and the semitones from it to the others are the
+    quality the name, the label and the answer say (major 4 and 7, minor 3 and 7, diminished 3 and
+    6, augmented 4 and 8)."""
+    names = "C C# D D# E F F# G G# A A# B".split()
+    shapes = {(4, 7): "major", (3, 7): "minor", (3, 6): "diminished", (4, 8): "augmented"}
+    seen = set()
+    for i, root in enumerate(range(48, 73)):
+        wav, notes, labels, caption, story, qa = Y.chord(np.random.default_rng([4, i]), 2.0,
+                                                         "sine", "a sine tone", root)
+        peaks = [hz_midi(f) for f in spectral_peaks(wav[SR // 10:-SR // 10], 3)]
+        quality = shapes[(peaks[1] - peaks[0], peaks[2] - peaks[0])]
+        name = f"{names[peaks[0] % 12]} {quality}"
+        answers = {q["q"]: q["a"] for q in qa}
+        assert labels["chord"] == answers["what chord is played?"] == name, (labels, peaks)
+        assert answers["is the chord major or minor?"] == quality and name in caption
+        assert labels["pitch"] == f"{names[peaks[0] % 12]}{peaks[0] // 12 - 1}", (labels, peaks)
+        seen.add(quality)
+    assert seen == set(shapes.values())
+
+
+def test_interval_and_melody_names_match_the_steps_between_the_notes_in_the_audio():
+    """Each note of a sine interval or melody read from its span of the audio (the spectral peak);
+    the semitones from the first note are what the label names, written out here by hand: an
+    interval's size, a major or minor scale (0 2 4 5 7 / 0 2 3 5 7) or arpeggio (0 4 7 12 /
+    0 3 7 12), its first notes, reversed when falling."""
+    sizes = {"minor third": 3, "major third": 4, "perfect fourth": 5, "perfect fifth": 7,
+             "octave": 12}
+    runs = {("major", "scale"): [0, 2, 4, 5, 7], ("minor", "scale"): [0, 2, 3, 5, 7],
+            ("major", "arpeggio"): [0, 4, 7, 12], ("minor", "arpeggio"): [0, 3, 7, 12]}
+    seen = set()
+    for i in range(48):
+        form = ["interval", "melody"][i % 2]
+        wav, notes, labels, *_ = Y.note_sequence(np.random.default_rng([6, i]), 3.0, "sine",
+                                                 "a sine tone", 48 + i % 25, form)
+        n = len(notes)
+        note_dur = (len(wav) / SR - 0.2) / n
+        read = [hz_midi(spectral_peaks(wav[int((0.07 + j * note_dur) * SR):
+                                           int((0.05 + (j + 1) * note_dur) * SR)], 1)[0])
+                for j in range(n)]
+        steps = [m - read[0] for m in read]
+        words = labels["melody"].split()               # "rising perfect fifth", "falling C minor
+        rising = words[0] == "rising"                  # scale"
+        if form == "interval":
+            want = [0, sizes[" ".join(words[1:])]]
+        else:
+            want = runs[(words[2], words[3])][:n]
+            seen.add((words[2], words[3]))
+        if not rising:
+            want = [w - want[-1] for w in want[::-1]]
+        assert steps == want, (labels, read)
+    assert len(seen) == 4
+
+
+def test_dtmf_tones_are_the_standard_keypad_pairs_and_spoken_by_name():
+    """Each burst's two spectral peaks against the keypad's standard frequency grid, written out
+    here (rows 697 770 852 941 Hz, columns 1209 1336 1477 Hz; keys 1 2 3 / 4 5 6 / 7 8 9 / * 0 #),
+    not synth.py's tables that read_dtmf shares; the transcript speaks each key by its name."""
+    rows, cols = [697, 770, 852, 941], [1209, 1336, 1477]
+    pad = ["123", "456", "789", "*0#"]
+    said = {**dict(zip("0123456789", "zero one two three four five six seven eight nine".split())),
+            "*": "star", "#": "pound"}
+    keys = ""
+    for wav, info in synth_of_kind("dtmf", 12):
+        digits = ""
+        for on, a, b in C.envelope_runs(wav):
+            if on:
+                low, high = spectral_peaks(wav[a:b], 2, fmin=500)
+                r = min(range(4), key=lambda i: abs(rows[i] - low))
+                c = min(range(3), key=lambda i: abs(cols[i] - high))
+                assert abs(rows[r] - low) < 20 and abs(cols[c] - high) < 20, (low, high)
+                digits += pad[r][c]
+        assert info["labels"]["digits"] == digits
+        assert info["transcript"] == " ".join(said[d] for d in digits)
+        keys += digits
+    assert set(keys) == set("0123456789*#")
+
+
+def test_morse_description_names_the_tone_it_is_sent_on():
+    for wav, info in synth_of_kind("morse", 12):
+        hz = int(re.search(r"A steady (\d+) hertz tone", info["description"]).group(1))
+        assert abs(spectral_peaks(wav, 1)[0] - hz) < 5, (info["description"], hz)
+
+
+def test_events_in_one_second_clips_are_as_many_as_the_text_says():
+    """At --max_seconds=1 a sequence that does not fit loses its last events: the sequence, the
+    caption and the count answer lose them too (the onsets counted from the envelope)."""
+    dropped = 0
+    for (wav, info), (_, drawn) in zip(synth_of_kind("events", 60, 1.0),
+                                       synth_of_kind("events", 60, 3.0)):
+        n = count_onsets(wav)[0]
+        # the same draws at 3 s, where every drawn event fits
+        dropped += len(drawn["sequence"]) > n
+        assert n == len(info["sequence"]) == len(info["onsets"]), info["caption"]
+        if "order" not in info["labels"] and info["labels"]["event"] != "siren":
+            assert info["caption"].startswith(Y.NUMBER_WORDS[n] + " ")
+            assert info["qa"][0]["a"] == Y.NUMBER_WORDS[n]
+    assert dropped >= 2
+
+
 def test_number_words_and_plurals():
     """number_words against English spelled by another rule (a table of the first twenty, then the
     tens with an optional unit) for every n the grammar says (0..99); plural on nouns of each
