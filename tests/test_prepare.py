@@ -473,6 +473,29 @@ def hz_midi(hz):
     return int(round(69 + 12 * np.log2(hz / 440)))
 
 
+@pytest.mark.parametrize("hz", [400.0, 3000.0])
+def test_square_and_sawtooth_have_their_harmonics_and_nothing_above_0_9_nyquist(hz):
+    """A 1 s tone (whole periods, so each harmonic sits on one FFT bin): square holds the odd
+    harmonics at 1/k of the fundamental and no even ones, sawtooth every harmonic at 1/k; neither
+    holds anything off its harmonics or above 0.9 x Nyquist (it would alias into off-pitch
+    partials)."""
+    for instrument, odd_only in (("square", True), ("sawtooth", False)):
+        x = Y.tone(instrument, hz, 1.0, np.random.default_rng(0))
+        mag = np.abs(np.fft.rfft(x * np.hanning(len(x))))  # 1 Hz bins
+        k_top = int(0.9 * SR / 2 // hz)
+        harmonic = {k: mag[int(k * hz) - 2:int(k * hz) + 3].max() for k in range(1, k_top + 1)}
+        for k in range(2, min(k_top, 7) + 1):
+            if odd_only and k % 2 == 0:
+                assert harmonic[k] < 0.01 * harmonic[1], (instrument, k)
+            else:
+                assert harmonic[k] / harmonic[1] == pytest.approx(1 / k, rel=0.1), (instrument, k)
+        near = np.zeros(len(mag), bool)
+        for k in range(1, int(SR / 2 // hz) + 1):
+            near[max(0, int(k * hz) - 40):int(k * hz) + 41] = True  # the Hann window's skirt
+        assert mag[~near].max() < 1e-3 * harmonic[1], instrument
+        assert mag[int(0.9 * SR / 2) + 41:].max() < 1e-3 * harmonic[1], instrument
+
+
 def test_chord_names_and_pitch_label_match_the_three_tones_in_the_audio():
     """A sine chord's three spectral peaks, named by hand from their frequencies: the lowest is the
     chord's root (its name and the pitch label), and the semitones from it to the others are the
