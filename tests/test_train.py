@@ -143,6 +143,7 @@ def test_model_options_typed_by_their_defaults():
     assert type(got["temperature"]) is float
     for key, raw, said in (("beam", "2.7", "a whole number"), ("beam", "True", "a whole number"),
                            ("temperature", "abc", "a number"), ("lora_scale", "abc", "a number"),
+                           ("temperature", "True", "a number"), ("lora_scale", "False", "a number"),
                            ("probe", "yes", "True or False")):
         with pytest.raises(ValueError, match=f"--{key}={raw}: expected {said}"):
             configurator.option_values({key: raw}, defaults)
@@ -245,6 +246,9 @@ def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tm
     cfg = tmp_path / "c.py"
     cfg.write_text("import math\n_scale = 2\nn_layer = 3 * _scale\n")
     assert K.read_config_file(str(cfg)) == {"n_layer": 6}
+    # a str setting keeps the text as typed, even where it reads as a literal (a tuple, a float)
+    entries = [("seeds", None, "1,2", "--seeds=1,2"), ("tag", None, "1e3", "--tag=1e3")]
+    assert K.resolve(entries, {"seeds": str, "tag": str}) == ({"seeds": "1,2", "tag": "1e3"}, {})
 
 def test_config_file_runs_in_one_namespace_like_a_module(tmp_path):
     """A config file runs as a module does: a comprehension or a lambda sees the settings above it

@@ -429,15 +429,25 @@ def test_config_bounds_of_mel_lag_and_mel_dim():
     """The hybrid refuses mel_lag >= block_size (every step would see only zeros) and mel_dim >=
     n_embd (no room left for the token embedding), and takes the largest valid values
     (block_size - 1, n_embd - 1): a bound one off either way is caught."""
-    with pytest.raises(ValueError, match=r"mel_lag \(24\) must be between 0 and block_size - 1"):
+    with pytest.raises(ValueError,
+                       match=r"mel_lag \(24\) must be between 0 and block_size - 1 \(23\)"):
         tiny(mel_lag=24)
-    with pytest.raises(ValueError, match=r"mel_dim \(32\) must be between 1 and n_embd - 1"):
+    with pytest.raises(ValueError, match=r"mel_dim \(32\) must be between 1 and n_embd - 1 \(31\)"):
         tiny(mel_dim=32)
     for kw in ({"mel_lag": 23}, {"mel_dim": 31}, {"mel_dim": 1}, {"mel_lag": 0}):
         model = tiny(**kw)
         codes, mels = inputs(model)
         assert model(codes, mels)[0].shape == (2, 24, 50)
     tiny(use_mel=False, mel_lag=24, mel_dim=32)  # the token-only model has no mel path to check
+
+def test_dropout_of_one_or_below_zero_is_refused():
+    """dropout is a probability below 1: at 1 every activation is zeroed and the model learns
+    nothing, below 0 it is no probability. 0 and just under 1 build."""
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"dropout \({bad}\) must be at least 0 and under 1"):
+            tiny(dropout=bad)
+    for ok in (0.0, 0.99):
+        tiny(dropout=ok)
 
 @pytest.mark.parametrize("use_mel", [False, True])
 def test_every_parameter_gets_a_gradient(use_mel):
@@ -488,6 +498,46 @@ def test_sample_hands_generate_the_prompt_mels_of_its_mel_source(mel_source):
 
 # -----------------------------------------------------------------------------
 # on the prepared corpus (tests/conftest.py builds it once per session)
+
+def test_sample_takes_the_codebook0_mels_of_the_whole_clip_decoded():
+    """mel_source="codebook0": the prompt's mels are cut from the mel of the whole clip's codebook
+    0 decoded, as prepare.codebook0_mels stores them for training. A codec's decoder carries state
+    from the frames before the prompt (here a running sum), so the prompt's codes decoded alone
+    would give other mels."""
+    class RunningSumTools(FakeTools):
+        def decode(self, codes):
+            self.decoded.append(tuple(codes.shape))
+            return (codes[:, 0].float().cumsum(0) / 1000).repeat_interleave(320)
+
+    model = tiny(use_mel=True, block_size=32, mel_lag=1, mel_source="codebook0")
+    g = torch.Generator().manual_seed(3)
+    audio = {"codes": torch.randint(0, 50, (40, 8), generator=g),
+             "mel": torch.randn(40, 8, generator=g)}
+    seen = []
+    orig = model.generate
+
+    def spy(codes, mels, *args):
+        seen.append(mels)
+        return orig(codes, mels, *args)
+
+    model.generate = spy
+    W.sample(model, None, audio, None, RunningSumTools(), max_new_tokens=2, prompt_frames=12,
+             seed=0)
+    running = audio["codes"][:, 0].float().cumsum(0) / 1000  # frame i's level: codes 0..i
+    torch.testing.assert_close(seen[0][0], running[28:39, None].repeat(1, 8), rtol=0, atol=1e-6)
+
+def test_sample_refuses_a_prompt_not_longer_than_mel_lag_and_a_cuda_graph_not_a_bool():
+    """The hybrid's prompt needs more than mel_lag frames (the last mel_lag frames' mels are made
+    from the codes, so at least one is given): with mel_lag=8, 8 frames are refused and 9 taken.
+    cuda_graph is True or False: the text "False" (truthy) is refused, not run as a graph."""
+    model = tiny(use_mel=True, block_size=32, mel_lag=8)
+    audio = {"codes": torch.randint(0, 50, (40, 8)), "mel": torch.randn(40, 8)}
+    with pytest.raises(ValueError, match=r"a prompt of 8 frame\(s\); the hybrid needs at least 9"):
+        W.sample(model, None, audio, None, FakeTools(), prompt_frames=8, max_new_tokens=2)
+    out = W.sample(model, None, audio, None, FakeTools(), prompt_frames=9, max_new_tokens=2)
+    assert out["prompt_codes"].shape == (9, 1)
+    with pytest.raises(ValueError, match=r"cuda_graph='False': must be True or False"):
+        W.sample(model, None, audio, None, FakeTools(), cuda_graph="False")
 
 def test_batches_and_metrics_on_prepared_data(synth_dir):
     cfg = W.Config(block_size=32, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
@@ -741,6 +791,30 @@ def test_the_token_only_model_reads_no_mels(synth_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="train_mel.bin not found"):
         W.load_data(str(codes_only), W.Config(block_size=16), None)
 
+def test_load_data_takes_the_vocabulary_and_mel_bands_of_its_corpus(tmp_path):
+    """load_data sets vocab_size and n_mels from meta.json (the test corpus has the defaults, 1024
+    codes and 64 bands, so it cannot tell): a corpus of 50 codes and 8 bands gives a model of those
+    sizes that evaluates on it. Mels of another frame count than the codes are refused, naming
+    both files."""
+    n = 40
+    meta = {"hop_length": 320, "n_fft": 640, "n_mels": 8, "n_q": 2, "codebook_size": 50,
+            "codec": {"name": "test codec", "pretrained": True}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 50, (n, 2)).astype(np.uint16).tofile(tmp_path / f"{split}_codes.bin")
+        rng.normal(size=(n, 8)).astype(np.float16).tofile(tmp_path / f"{split}_mel.bin")
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
+                   mel_n_embd=16, mel_dim=8)
+    data = W.load_data(str(tmp_path), cfg)
+    assert (cfg.vocab_size, cfg.n_mels, cfg.codec_id) == (50, 8, "test codec (pretrained)")
+    m = W.evaluate(W.Model(cfg), data, None, "val")
+    assert m["tokens"] == (n - 1) // 16 * 16 and abs(m["nll"] - math.log(50)) < 0.5
+    rng.normal(size=(n - 1, 8)).astype(np.float16).tofile(tmp_path / "val_mel.bin")
+    with pytest.raises(ValueError, match=rf"val_codes.bin has {n} frames but .*val_mel.bin has "
+                                         rf"{n - 1}$"):
+        W.load_data(str(tmp_path), W.Config(block_size=16))
+
 def test_eval_on_a_named_subset(synth_dir, tmp_path):
     """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token
     count is that subset's, and an unknown kind is a clear error."""
@@ -844,6 +918,46 @@ def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     n = os.path.getsize(os.path.join(synth_dir, "val_codes.bin")) // (2 * meta["n_q"])
     assert row["kinds"] == "all" and row["tokens"] == (n - 1) // 16 * 16
 
+def test_eval_row_names_the_data_it_evaluated_on(synth_dir, tmp_path, monkeypatch):
+    """eval.py --data_dir: the row (and so --json) names the data the run was evaluated on, not
+    the data it was trained on."""
+    import eval as E
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, kinds="speech")
+    W.load_data(synth_dir, cfg, None)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": W.Model(cfg).state_dict(), "model_name": "whisper_gpt",
+                "model_args": dataclasses.asdict(cfg), "iter_num": 7,
+                "config": {"data_dir": str(tmp_path / "trained_on")}}, ckpt)
+    for name, value in (("kinds", ""), ("data_dir", synth_dir), ("device", "cpu"),
+                        ("split", "val")):
+        monkeypatch.setattr(E, name, value)
+    row = E.evaluate_checkpoint(str(ckpt), {})
+    assert row["data"] == synth_dir and row["kinds"] == "speech" and row["iters"] == 7
+
+def test_eval_kinds_is_refused_for_a_model_without_clip_kinds(tmp_path, monkeypatch, capsys):
+    """--kinds names Whisper-GPT's clip subsets: for a model file without them (SALMONN) it is
+    refused before any evaluation, naming the checkpoint, rather than ignored."""
+    import eval as E
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "model_name": "salmonn", "model_args": {}, "iter_num": 0,
+                "config": {}}, path)
+    monkeypatch.setattr(E, "kinds", "music")
+    monkeypatch.setattr(E, "mean", False)
+    with pytest.raises(SystemExit):
+        E.check_runs([str(path)], {})
+    assert (f"--kinds=music: {path} is a salmonn model, which has no clip-kind subsets"
+            in capsys.readouterr().err)
+
+def test_eval_json_replaces_only_an_empty_file_or_its_own_results(tmp_path):
+    """--json may write over an empty file or eval.py's own results, nothing else."""
+    import eval as E
+    cases = {"empty.json": b"", "blank.json": b"  \n", "ours.json": b'[{"run": "a", "nll": 1.0}]',
+             "list.json": b"[1, 2]", "meta.json": b'{"n_mels": 64}', "ckpt.pt": b"PK\x03\x04..."}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        assert E.is_results_file(str(tmp_path / name)) == (name in ("empty.json", "blank.json",
+                                                                      "ours.json")), name
+
 def test_table_continuation_scores_and_references_by_hand(monkeypatch):
     """whisper_gpt_table's continuation metrics on small made-up log-mels (prompt_frames=2,
     new_frames=3), against the formulas: frames 2..4 only; frame-aligned L1 = mean |gen - true|;
@@ -897,6 +1011,87 @@ def test_table_claims_count_the_seeds_where_the_hybrid_is_lower():
     claim = [l for l in lines if l.startswith("- speech: the hybrid beats GPT-S")]
     assert claim == [f"- speech: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = "
                      f"{m:+.3f} +- {sd:.3f} (lower in 2 of 3 seeds)"]
+
+def test_table_rows_are_each_models_mean_and_spread_beside_the_papers():
+    """whisper_gpt_table.table on made-up metrics of the four models, two seeds: the paper's six
+    rows; then per model, in order, the mean +- sample standard deviation over the seeds of NLL,
+    accuracy (in %) and PPL, computed here with statistics; the hybrid's second row of its
+    as_generating metrics; the claims pair each hybrid with the model they name (GPT-L for the
+    second, GPT-S for the codebook-0 hybrid)."""
+    import statistics
+    import whisper_gpt_table as WT
+    models, seeds = ["s", "hybrid", "l", "hybrid_c0"], [1, 2]
+    nll = {("s", 1): 2.5, ("s", 2): 2.3, ("hybrid", 1): 2.0, ("hybrid", 2): 2.2,
+           ("l", 1): 2.1, ("l", 2): 1.9, ("hybrid_c0", 1): 2.4, ("hybrid_c0", 2): 2.0}
+    acc = {k: 0.1 + 0.05 * i for i, k in enumerate(nll)}
+    params = {"s": 1.5e6, "hybrid": 1.75e6, "l": 12e6, "hybrid_c0": 1.75e6}
+    results = {}
+    for (m, s), v in nll.items():
+        results[(m, "speech", s)] = {"nll": v, "accuracy": acc[(m, s)], "ppl": math.exp(v),
+                                     "wall": None, "params": params[m], "iters": 3}
+        if m == "hybrid":
+            results[(m, "speech", s)]["as_generating"] = {"nll": v + 0.3 * s, "accuracy": 0.05 * s,
+                                                          "ppl": math.exp(v + 0.3 * s)}
+    lines = WT.table(results, models, ["speech"], seeds, [], "d")
+    paper = [l for l in lines if l.startswith("| paper, ")]
+    assert len(paper) == 6
+    assert paper[0] == "| paper, LibriSpeech | GPT-S | 3.7M | 2.02 | 34.18% | 7.54 | |"
+
+    def cells(xs):
+        return statistics.mean(xs), statistics.stdev(xs)
+    want = []
+    for m, name in (("s", "GPT-S"), ("hybrid", "Hybrid"), ("l", "GPT-L"),
+                    ("hybrid_c0", "Hybrid on codebook-0 mels")):
+        n, dn = cells([nll[(m, s)] for s in seeds])
+        a, da = cells([100 * acc[(m, s)] for s in seeds])
+        p, dp = cells([math.exp(nll[(m, s)]) for s in seeds])
+        want.append(f"| ours, speech | {name} CPU | {params[m] / 1e6:.2f}M | {n:.3f} +- {dn:.3f} | "
+                    f"{a:.2f} +- {da:.2f}% | {p:.2f} +- {dp:.2f} | 2 seeds, 3 it. |")
+        if m == "hybrid":
+            g = [results[("hybrid", "speech", s)]["as_generating"] for s in seeds]
+            n, dn = cells([r["nll"] for r in g])
+            a, da = cells([100 * r["accuracy"] for r in g])
+            p, dp = cells([r["ppl"] for r in g])
+            want.append(f"| ours, speech | Hybrid CPU, given the mels of its codebook 0 (as when "
+                        f"generating) | | {n:.3f} +- {dn:.3f} | {a:.2f} +- {da:.2f}% | {p:.2f} +- "
+                        f"{dp:.2f} | the same runs |")
+    assert [l for l in lines if l.startswith("| ours, ")] == want
+    claims = [l for l in lines if l.startswith("- speech: ")]
+    for hybrid, other, name in (("hybrid", "l", "GPT-L"), ("hybrid_c0", "s", "GPT-S")):
+        m, sd = cells([nll[(hybrid, s)] - nll[(other, s)] for s in seeds])
+        wins = sum(nll[(hybrid, s)] < nll[(other, s)] for s in seeds)
+        assert any(l.endswith(f"NLL {WT.NAMES[hybrid]} - {name} = {m:+.3f} +- {sd:.3f} (lower "
+                              f"in {wins} of 2 seeds)") for l in claims), claims
+    assert len(claims) == 3
+
+def test_table_scores_the_hybrid_again_on_its_codebook0_mels(synth_dir, tmp_path):
+    """evaluate_run: a hybrid trained on the audio's mels is scored on them, and again
+    (as_generating) on the mels of its codebook 0 decoded alone, each equal to evaluate on load_data
+    of that mel_source; the mel path and the logits are scaled up so that the two mels give
+    clearly different NLLs."""
+    import prepare
+    import whisper_gpt_table as WT
+    prepare.codebook0_mels(synth_dir, quiet=True)
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
+                   mel_n_embd=16, mel_dim=8, kinds="speech")
+    W.load_data(synth_dir, cfg)
+    torch.manual_seed(0)
+    model = W.Model(cfg).eval()
+    with torch.no_grad():
+        model.mel_out.weight.mul_(300)
+        model.lm_head.weight.mul_(30)
+    d = tmp_path / "hybrid-speech-s1"
+    d.mkdir()
+    torch.save({"model": model.state_dict(), "model_name": "whisper_gpt",
+                "model_args": dataclasses.asdict(cfg), "iter_num": 3,
+                "config": {"data_dir": synth_dir}}, d / "ckpt.pt")
+    got, kept = WT.evaluate_run(str(d), synth_dir)
+    assert not kept and got["iters"] == 3
+    for source, metrics in (("audio", got), ("codebook0", got["as_generating"])):
+        config = dataclasses.replace(cfg, mel_source=source)
+        want = W.evaluate(model, W.load_data(synth_dir, config), None, "val")
+        assert math.isclose(metrics["nll"], want["nll"], rel_tol=1e-6), (source, metrics, want)
+    assert abs(got["nll"] - got["as_generating"]["nll"]) > 0.01
 
 def test_codes_of_another_codec_are_refused_and_a_held_out_corpus_of_the_same_codec_evaluates(
         synth_dir, tmp_path):
@@ -1292,6 +1487,74 @@ def test_bench_recomputation_draws_what_the_kv_cache_draws(use_mel):
     assert torch.equal(kv, re), (kv, re)
     assert asked_kv == asked_re and ([j for j, _ in asked_kv] == list(range(9, 9 + 39))
                                      if use_mel else not asked_kv)
+
+def test_bench_training_figures_from_a_known_clock(monkeypatch):
+    """bench_whisper_gpt.train_one on a tiny model, its clock replaced: after a warm-up of 10 s,
+    iterations of 1, 2 and 6 s give their median, 2 s (not 4, with the warm-up counted), and
+    batch * block_size / 2 tokens/s. Its peak memory on a CPU is the process's peak resident
+    size, as /proc reports it."""
+    import types
+    import bench_whisper_gpt as B
+    # the warm-up starts at 0 and ends at 10 (not read: untimed); then 1, 2 and 6 s
+    ticks = iter([0, 10, 11, 11, 13, 13, 19, 25])
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(B, "model_config", lambda name: W.Config(
+        block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, use_mel=False))
+    for name, value in (("batch_size", 2), ("iters", 3), ("device", "cpu")):
+        monkeypatch.setattr(B, name, value)
+    r = B.train_one("s")
+    assert r["s_per_iter"] == 2 and r["tokens_per_s"] == 2 * 8 / 2
+    if os.path.exists("/proc/self/status"):
+        hwm = next(int(line.split()[1]) for line in open("/proc/self/status")
+                   if line.startswith("VmHWM:")) / 1024  # kB -> MB
+        assert 0.9 * hwm <= r["peak_mb"] <= hwm + 1, (r["peak_mb"], hwm)
+
+def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
+    """bench_whisper_gpt.generate_table with the generation replaced by stand-ins that take a known
+    time on a fake clock (0.5 s of it the per-step mel of the hybrid): each row is the median of
+    three repeats, its tokens/s new_tokens over that whole time, its min-max and mel share; the
+    summary lines are recomputation's time over the KV cache's and the hybrid's over the token-only
+    model's, each of the median runs."""
+    import types
+    import bench_whisper_gpt as B
+    now = [0.0]
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    # seconds per call, the untimed warm-up call first; the hybrid's include 0.5 s of mel
+    took = {("s", "kv"): [0, 2, 1, 9], ("s", "re"): [30, 20, 40],
+            ("hybrid", "kv"): [0, 3, 5, 4, 10, 6, 7], ("hybrid", "re"): [100, 60, 80]}
+
+    def mel_fn(seq, j):
+        now[0] += 0.5
+        return None
+
+    def stand_in(way):
+        def run(model, codes, mels, n, *args, **kw):
+            name = "hybrid" if model.config.use_mel else "s"
+            if mels is not None:  # the mel_fn it is given: bench's timed wrapper of ours
+                next(a for a in args if callable(a))(None, 0)
+            now[0] += took[(name, way)].pop(0) - (0.5 if mels is not None else 0)
+            return torch.cat([codes, torch.zeros(1, n, dtype=codes.dtype)], 1)
+        return run
+    monkeypatch.setattr(W.Model, "generate", stand_in("kv"))
+    monkeypatch.setattr(B, "generate_recompute", stand_in("re"))
+    monkeypatch.setattr(W, "incremental_mel", lambda tools, lag: mel_fn)
+    monkeypatch.setattr(B, "model_config", lambda name: W.Config(
+        block_size=16, vocab_size=1024, n_layer=1, n_head=2, n_embd=16, mel_n_layer=1,
+        mel_n_head=2, mel_n_embd=16, mel_dim=8, use_mel=name == "hybrid"))
+    for name, value in (("data_dir", synth_dir), ("new_tokens", 10), ("repeats", 3),
+                        ("device", "cpu")):
+        monkeypatch.setattr(B, name, value)
+    lines = B.generate_table()
+    rows = [l for l in lines if l.startswith("| GPT-S |") or l.startswith("| Hybrid |")]
+    assert rows == ["| GPT-S | KV cache | 5.0 | 2.00 | 1.00-9.00 | - |",
+                    "| GPT-S | recompute | 0.3 | 30.00 | 20.00-40.00 | - |",
+                    "| Hybrid | KV cache | 2.5 | 4.00 | 3.00-5.00 | 0.5 s (12%) |",
+                    "| Hybrid | recompute | 0.1 | 80.00 | 60.00-100.00 | 0.5 s (1%) |",
+                    "| Hybrid | KV cache, dense codec | 1.4 | 7.00 | 6.00-10.00 | 0.5 s (7%) |"]
+    assert "- GPT-S: KV cache at 15.0x recomputation's speed (goal >= 10x)" in lines
+    assert "- Hybrid: KV cache at 20.0x recomputation's speed (goal >= 10x)" in lines
+    assert ("- hybrid / token-only decode time, KV cache, per-step mel included: 2.00x (goal <= "
+            "2x); with a dense codec (a pretrained EnCodec's cost): 3.50x") in lines
 
 def test_get_batch_draws_every_window_start_and_no_other():
     """Every start from which block_size + 1 frames fit (0 .. n - block_size - 1) is drawn, and
