@@ -493,6 +493,16 @@ def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(
     assert len(taken) == 2 and same_weights(resumed, straight)
 
 
+def streamed(stream, codes):
+    """codes decoded by stream 8 frames first, then 1, 2, 3, 1, ... at a time, the audio joined."""
+    pieces, at = [stream(codes[:8])], 8
+    while at < len(codes):
+        step = len(pieces) % 3 + 1
+        pieces.append(stream(codes[at:at + step]))
+        at += step
+    return torch.cat(pieces)
+
+
 def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():
     """StreamingDecoder passes a 1x1 conv whose weight is the identity, and skips a residual branch
     whose last conv has zero weights, only when the bias is zero as well: the analytic codec
@@ -511,12 +521,7 @@ def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():
     codes = torch.randint(0, A.CODEBOOK_SIZE, (20, A.N_Q), generator=g)
     full = A.decode(model, codes)
     stream = A.StreamingDecoder(model)
-    pieces, at = [stream(codes[:8])], 8
-    while at < len(codes):
-        step = len(pieces) % 3 + 1
-        pieces.append(stream(codes[at:at + step]))
-        at += step
-    got = torch.cat(pieces)
+    got = streamed(stream, codes)
     assert got.shape == full.shape == (20 * A.HOP,)
     assert (got - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
     # the rest of the analytic codec is still recognised: 3 identity shortcuts, 3 zero branches
@@ -538,12 +543,7 @@ def test_streaming_decoder_on_a_dense_decoder_equals_the_whole_decode():
     codes = torch.randint(0, A.CODEBOOK_SIZE, (24, A.N_Q), generator=g)
     full = A.decode(model, codes)
     stream = A.StreamingDecoder(model)
-    pieces, at = [stream(codes[:8])], 8
-    while at < len(codes):
-        step = len(pieces) % 3 + 1
-        pieces.append(stream(codes[at:at + step]))
-        at += step
-    got = torch.cat(pieces)
+    got = streamed(stream, codes)
     assert got.shape == full.shape == (24 * A.HOP,)
     assert full[8 * A.HOP:].abs().max() > 1e-3  # the streamed part is not silence
     assert (got - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())

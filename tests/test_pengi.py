@@ -1325,25 +1325,31 @@ def test_task_mix_from_templates(synth_dir):
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class,emotion"), tok)
 
 
+class Bytes:
+    """A tokenizer for tests: bytes are tokens, 256 ends."""
+    n_vocab, eot_token = 257, 256
+
+    def encode(self, text):
+        return list(text.encode())
+
+
+def write_clips(folder, splits, n_mels=16):
+    """A prepared-data folder of silent clips: {split: [clip records without offsets]}."""
+    (folder / "meta.json").write_text(json.dumps({"n_mels": n_mels}))
+    for split, rows in splits.items():
+        offsets = np.cumsum([0] + [c["frames"] for c in rows])
+        np.zeros((offsets[-1], n_mels), np.float16).tofile(folder / f"{split}_mel.bin")
+        (folder / f"{split}_clips.jsonl").write_text(
+            "".join(json.dumps({**c, "offset": int(o)}) + "\n" for c, o in zip(rows, offsets)))
+
+
 def test_split_without_the_tasks_named(tmp_path):
     """A split none of whose clips offers a task of the mix is named by load_data (get_batch would
     fail with numpy's "high <= 0")."""
-    n_mels, clips = 16, [
-        {"kind": "speech", "frames": 10, "labels": {"class": "speech"},
-         "qa": [{"q": "who?", "a": "a man"}]},
-        {"kind": "music", "frames": 12, "labels": {"class": "piano"}}]
-    (tmp_path / "meta.json").write_text(json.dumps({"n_mels": n_mels}))
-    for split, rows in (("train", clips), ("val", clips[1:])):  # no question in val
-        offsets = np.cumsum([0] + [c["frames"] for c in rows])
-        np.zeros((offsets[-1], n_mels), np.float16).tofile(tmp_path / f"{split}_mel.bin")
-        (tmp_path / f"{split}_clips.jsonl").write_text(
-            "".join(json.dumps({**c, "offset": int(o)}) + "\n" for c, o in zip(rows, offsets)))
-
-    class Bytes:  # bytes are tokens, 256 ends
-        n_vocab, eot_token = 257, 256
-
-        def encode(self, text):
-            return list(text.encode())
+    clips = [{"kind": "speech", "frames": 10, "labels": {"class": "speech"},
+              "qa": [{"q": "who?", "a": "a man"}]},
+             {"kind": "music", "frames": 12, "labels": {"class": "piano"}}]
+    write_clips(tmp_path, {"train": clips, "val": clips[1:]})  # no question in val
     tok = Bytes()
     with pytest.raises(ValueError, match="the val split's clips offer none of the tasks 'qa'"):
         pengi.load_data(str(tmp_path), pengi.PengiConfig(tasks="qa"), tok)
@@ -1389,21 +1395,9 @@ def test_task_weights_follow_each_task_whatever_order_the_clips_list_them(tmp_pa
     """get_batch draws each task with its own weight also when the clips offer the tasks in another
     order than the sorted one the weights are stored in (here qa first, from clip 0, then class):
     class=0 leaves qa alone drawn."""
-    n_mels, clips = 16, [
-        {"kind": "speech", "frames": 10, "labels": {}, "qa": [{"q": "who?", "a": "a man"}]},
-        {"kind": "music", "frames": 12, "labels": {"class": "piano"}}]
-    (tmp_path / "meta.json").write_text(json.dumps({"n_mels": n_mels}))
-    offsets = np.cumsum([0] + [c["frames"] for c in clips])
-    for split in ("train", "val"):
-        np.zeros((offsets[-1], n_mels), np.float16).tofile(tmp_path / f"{split}_mel.bin")
-        (tmp_path / f"{split}_clips.jsonl").write_text(
-            "".join(json.dumps({**c, "offset": int(o)}) + "\n" for c, o in zip(clips, offsets)))
-
-    class Bytes:  # bytes are tokens, 256 ends
-        n_vocab, eot_token = 257, 256
-
-        def encode(self, text):
-            return list(text.encode())
+    clips = [{"kind": "speech", "frames": 10, "labels": {}, "qa": [{"q": "who?", "a": "a man"}]},
+             {"kind": "music", "frames": 12, "labels": {"class": "piano"}}]
+    write_clips(tmp_path, {"train": clips, "val": clips})
     data = pengi.load_data(str(tmp_path), pengi.PengiConfig(tasks="qa,class", max_frames=16,
                                                             task_weights="class=0"), Bytes())
     assert list(data["train"]["by_task"]) == ["qa", "class"]

@@ -469,6 +469,18 @@ class MixingTools(FakeTools):
         self.decoded.append(tuple(codes.shape))
         return codes.float().mean(1).repeat_interleave(320) / 100
 
+def prompt_mels_given(model, audio, tools, **opts):
+    """The prompt mels whisper_gpt.sample hands the model's generate, as a list of one."""
+    seen, orig = [], model.generate
+
+    def spy(codes, mels, *args):
+        seen.append(mels)
+        return orig(codes, mels, *args)
+
+    model.generate = spy
+    W.sample(model, None, audio, None, tools, seed=0, **opts)
+    return seen
+
 @pytest.mark.parametrize("mel_source", ["audio", "codebook0"])
 def test_sample_hands_generate_the_prompt_mels_of_its_mel_source(mel_source):
     """The prompt mels sample gives generate, checked against the formula: with mel_source "audio"
@@ -479,25 +491,14 @@ def test_sample_hands_generate_the_prompt_mels_of_its_mel_source(mel_source):
     g = torch.Generator().manual_seed(7)
     audio = {"codes": torch.randint(0, 50, (40, 8), generator=g),
              "mel": torch.randn(40, 8, generator=g)}
-    seen = []
-    orig = model.generate
-
-    def spy(codes, mels, *args):
-        seen.append(mels)
-        return orig(codes, mels, *args)
-
-    model.generate = spy
     n = 12
-    W.sample(model, None, audio, None, MixingTools(), max_new_tokens=3, prompt_frames=n, seed=0)
+    seen = prompt_mels_given(model, audio, MixingTools(), max_new_tokens=3, prompt_frames=n)
     if mel_source == "audio":
         want = audio["mel"][40 - n:40 - 1]
     else:
         want = (audio["codes"][40 - n:40 - 1, 0].float() / 100)[:, None].repeat(1, 8)
     assert seen[0].shape == (1, n - 1, 8)
     torch.testing.assert_close(seen[0][0], want, rtol=0, atol=1e-6)
-
-# -----------------------------------------------------------------------------
-# on the prepared corpus (tests/conftest.py builds it once per session)
 
 def test_sample_takes_the_codebook0_mels_of_the_whole_clip_decoded():
     """mel_source="codebook0": the prompt's mels are cut from the mel of the whole clip's codebook
@@ -513,16 +514,7 @@ def test_sample_takes_the_codebook0_mels_of_the_whole_clip_decoded():
     g = torch.Generator().manual_seed(3)
     audio = {"codes": torch.randint(0, 50, (40, 8), generator=g),
              "mel": torch.randn(40, 8, generator=g)}
-    seen = []
-    orig = model.generate
-
-    def spy(codes, mels, *args):
-        seen.append(mels)
-        return orig(codes, mels, *args)
-
-    model.generate = spy
-    W.sample(model, None, audio, None, RunningSumTools(), max_new_tokens=2, prompt_frames=12,
-             seed=0)
+    seen = prompt_mels_given(model, audio, RunningSumTools(), max_new_tokens=2, prompt_frames=12)
     running = audio["codes"][:, 0].float().cumsum(0) / 1000  # frame i's level: codes 0..i
     torch.testing.assert_close(seen[0][0], running[28:39, None].repeat(1, 8), rtol=0, atol=1e-6)
 
@@ -538,6 +530,9 @@ def test_sample_refuses_a_prompt_not_longer_than_mel_lag_and_a_cuda_graph_not_a_
     assert out["prompt_codes"].shape == (9, 1)
     with pytest.raises(ValueError, match=r"cuda_graph='False': must be True or False"):
         W.sample(model, None, audio, None, FakeTools(), cuda_graph="False")
+
+# -----------------------------------------------------------------------------
+# on the prepared corpus (tests/conftest.py builds it once per session)
 
 def test_batches_and_metrics_on_prepared_data(synth_dir):
     cfg = W.Config(block_size=32, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
