@@ -270,6 +270,32 @@ def full_run(synth_dir, tmp_path_factory):
          "--max_iters=8", "--gradient_accumulation_steps=2", "--dropout=0.1"])
     return out
 
+def test_evaluation_is_the_mean_over_eval_iters_fixed_batches(full_run, synth_dir):
+    """The logged train and val losses of the last evaluation, recomputed here from the checkpoint
+    of that iteration: each split's mean loss, in eval mode, over eval_iters batches drawn from
+    the generator of seed (seed, 1, split index, 0), the same at every evaluation."""
+    import numpy as np
+    import torch
+    import whisper_gpt as W
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    S = ck["config"]
+    assert S["eval_iters"] == 2 and ck["iter_num"] == 8
+    model = W.Model(W.Config(**ck["model_args"]))
+    model.load_state_dict(ck["model"])
+    model.eval()
+    data = W.load_data(synth_dir, W.Config(**ck["model_args"]), None)
+    want = {}
+    with torch.no_grad():
+        for i, split in enumerate(("train", "val")):
+            rng = np.random.default_rng([S["seed"], 1, i, 0])
+            want[split] = np.mean([model(**W.get_batch(data, split, S["batch_size"], rng))[1].item()
+                                   for _ in range(S["eval_iters"])])
+    last = [json.loads(line) for line in open(os.path.join(full_run, "log.jsonl"))
+            if "val_loss" in line][-1]
+    assert last["iter"] == 8
+    assert abs(last["train_loss"] - want["train"]) < 1e-5, (last, want)
+    assert abs(last["val_loss"] - want["val"]) < 1e-5, (last, want)
+
 def test_loss_falls_and_checkpoint_is_complete(full_run):
     import torch
     train_l, val_l = losses(full_run)
@@ -506,6 +532,32 @@ def test_lr_decays_to_max_iters_by_default(synth_dir, tmp_path):
                                                         / (decay_end - warmup))) / 2)
         assert math.isclose(lr, want, rel_tol=1e-9), (k, lr, want)
 
+def test_log_records_each_logged_iteration_and_the_mfu_from_peak_flops(synth_dir, tmp_path):
+    """log_interval=2 with max_iters=3: iterations 2 and 3 (the last) are logged, each with its
+    loss, lr, ms_per_iter and tok_per_s; evaluations (0 and the last) are their own records. With
+    --peak_flops on a CPU the iteration line shows the MFU: 6 flops per (trainable) parameter per
+    token times the logged tokens per second, over peak_flops."""
+    import torch
+    import whisper_gpt as W
+    out = str(tmp_path)
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+             "--max_iters=3", "--log_interval=2", "--eval_interval=100", "--peak_flops=1e9"])
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["iter"] for r in steps] == [2, 3], recs
+    assert all(set(r) == {"iter", "loss", "lr", "ms_per_iter", "tok_per_s"} for r in steps), steps
+    assert all(r["ms_per_iter"] > 0 and r["tok_per_s"] > 0 for r in steps), steps
+    evals = [r for r in recs if "val_loss" in r]
+    assert [(r["iter"], set(r)) for r in evals] == [(i, {"iter", "train_loss", "val_loss"})
+                                                   for i in (0, 3)], recs
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    n_params = sum(q.numel() for q in W.Model(W.Config(**ck["model_args"])).parameters())
+    shown = [float(m) for m in re.findall(r"^iter \d+/3 \|.* \| mfu ([\d.]+)% \|", p.stdout, re.M)]
+    assert len(shown) == 2, p.stdout
+    for r, mfu in zip(steps, shown):
+        want = 100 * 6 * n_params * r["tok_per_s"] / 1e9
+        assert abs(mfu - want) <= 0.051 + 1e-9 * want, (mfu, want)
+
 def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
     """torchrun, 2 CPU processes (gloo), accumulation 2 in total = 1 per process: the same
     micro-batches and dropout masks as the single-process run with accumulation 2, so the same
@@ -710,6 +762,11 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
              "--max_iters=1"])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["model_args"]["asr_data_dir"] == str(extra)
+    # the optimizer holds the trainable parameters only (the LLM is frozen here): each of them
+    # took a step, so each has its AdamW state
+    held = [i for g in ck["optimizer"]["param_groups"] for i in g["params"]]
+    assert sorted(held) == sorted(ck["optimizer"]["state"]), (len(held),
+                                                               len(ck["optimizer"]["state"]))
     shutil.rmtree(extra)
     p = subprocess.run([sys.executable, "eval.py", str(out), "--max_clips=2", "--beam=1",
                         "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True,
