@@ -218,6 +218,15 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     sf.write(tmp_path / "inverted.wav", np.stack([left, -left], 1), SR, subtype="FLOAT")
     with pytest.raises(A.BadAudio, match="its 2 channels cancel when mixed to mono"):
         A.load_audio(tmp_path / "inverted.wav")
+    # a silent stereo file is silent, not cancelling; every refusal names the file it read
+    sf.write(tmp_path / "silent.wav", np.zeros((SR // 10, 2), np.float32), SR, subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match="all silent") as e:
+        A.load_audio(tmp_path / "silent.wav")
+    assert str(e.value).startswith(f"{tmp_path / 'silent.wav'}: ")
+    sf.write(tmp_path / "short.wav", left[:100], SR, subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match="shorter than one frame") as e:
+        A.load_audio(tmp_path / "short.wav")
+    assert str(e.value).startswith(f"{tmp_path / 'short.wav'}: ")
 
 
 def test_check_audio_refuses_near_silence_and_integer_scaled_floats():
@@ -746,6 +755,18 @@ def test_train_bpe_equals_naive_bpe():
         assert T.train_bpe(texts, 330, min_count) == naive_bpe(texts, 330, min_count)
     assert b" xy" in T.train_bpe(["q xy", "z xy"], 300)  # seen twice: merged
     assert b" xy" not in T.train_bpe(["q xy"], 300)     # once: not
+
+
+def test_train_bpe_stops_at_vocab_size_ranks():
+    """vocab_size counts the 256 bytes and the merges: a corpus with pairs to spare gets exactly
+    that many ranks, the first merges of the uncapped BPE."""
+    texts = ["the cat sat on the mat, the bat", "aaaa abab baba", "mat mat at"] * 3
+    full = naive_bpe(texts, 10_000, 2)
+    assert len(full) > 270
+    for size in (256, 257, 270):
+        ranks = T.train_bpe(texts, size)
+        assert len(ranks) == size
+        assert ranks == {t: r for t, r in full.items() if r < size}
 
 
 def test_parse_ranks_refuses_ranks_that_are_not_0_to_n_minus_1():
@@ -1553,6 +1574,32 @@ def test_empty_output_names_and_a_vocab_under_the_bytes_are_refused(tmp_path):
         with pytest.raises(SystemExit, match=words):
             P.check_args(P.get_args([arg, "--clips=4"]))
 
+def test_a_reader_without_src_or_with_a_src_that_is_not_a_folder_is_one_line(tmp_path):
+    """--dataset=folder or librispeech needs --src, and --src must be a directory: one line each,
+    before any work."""
+    (tmp_path / "a_file").write_text("")
+    for args, words in ((["--dataset=folder"], "--dataset=folder needs --src=DIR"),
+                        (["--dataset=librispeech"], "--dataset=librispeech needs --src=DIR"),
+                        (["--dataset=folder", f"--src={tmp_path / 'nope'}"],
+                         f"--src={tmp_path / 'nope'}: not a directory"),
+                        (["--dataset=folder", f"--src={tmp_path / 'a_file'}"],
+                         f"--src={tmp_path / 'a_file'}: not a directory")):
+        with pytest.raises(SystemExit) as e:
+            P.check_args(P.get_args(args))
+        assert str(e.value) == f"error: {words}"
+
+
+def test_the_summary_counts_skipped_inputs_not_kinds_of_problem(tmp_path, capsys):
+    """print_summary: 'skipped N inputs' counts the files, each kind of problem with its count,
+    the most frequent first."""
+    from collections import Counter
+    splits = {"train": {"clips": 2, "frames": 10}, "val": {"clips": 1, "frames": 5}}
+    problems = Counter({"all silent": 1, "zero-length audio": 4})
+    P.print_summary(tmp_path, splits, None, problems, 2.0, 0.0, 1.0)
+    out = capsys.readouterr().out
+    assert "skipped 5 inputs: 4 x zero-length audio, 1 x all silent" in out
+
+
 def test_codec_from_the_output_directory_itself_is_refused(tmp_path):
     """--codec_from naming the output directory, however the path is spelled, stops before any
     work (the run would replace the codec it copies)."""
@@ -1654,6 +1701,29 @@ def test_small_corpora_keep_a_clip_on_each_side_unless_val_percent_is_0(tmp_path
     train_only = [i for i in ids if not P.is_val(i, 10)][:3]
     assert write(train_only, 10) == {"train": train_only[:2], "val": train_only[2:]}
     assert write(ids[:3], 0) == {"train": ids[:3], "val": []}
+
+
+def test_split_files_hold_each_clips_own_codes_and_mel_at_its_offset(tmp_path):
+    """write_splits: the rows of {split}_codes.bin and {split}_mel.bin at a clip's offset are that
+    clip's codes and mel, in both splits (clips interleaved between them by is_val)."""
+    ids = [f"c{i}" for i in range(12)]
+    infos = [{"id": i, "source": i, "kind": "file", "duration": 0.1, "labels": {}} for i in ids]
+    codes = [np.full((k + 2, A.N_Q), k, np.uint16) for k in range(len(ids))]
+    mels = [np.full((k + 2, A.N_MELS), -k / 16, np.float16) for k in range(len(ids))]
+    args = P.get_args(["--val_percent=50"])
+    assert 0 < sum(P.is_val(i, 50) for i in ids) < len(ids)
+    stage = P.Staging(tmp_path)
+    P.write_splits(infos, codes, mels, [None] * len(ids), args, stage)
+    stage.commit()
+    for s in ("train", "val"):
+        c = np.fromfile(tmp_path / f"{s}_codes.bin", np.uint16).reshape(-1, A.N_Q)
+        m = np.fromfile(tmp_path / f"{s}_mel.bin", np.float16).reshape(-1, A.N_MELS)
+        clips = [json.loads(l) for l in (tmp_path / f"{s}_clips.jsonl").read_text().splitlines()]
+        assert clips and len(c) == sum(len(codes[ids.index(r["id"])]) for r in clips)
+        for r in clips:
+            k = ids.index(r["id"])
+            assert np.array_equal(c[r["offset"]:r["offset"] + len(codes[k])], codes[k])
+            assert np.array_equal(m[r["offset"]:r["offset"] + r["frames"]], mels[k])
 
 
 def test_a_commit_that_fails_half_way_leaves_no_meta_json(tmp_path, monkeypatch):
