@@ -755,13 +755,25 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
     import torch
     extra, out = tmp_path / "asr", tmp_path / "stage2"
     shutil.copytree(synth_dir, extra)
-    run([f"--data_dir={synth_dir}", f"--out_dir={out}", f"--asr_data_dir={extra}",
-             *TEXT_TINY[:-1], "--stage=instruct", "--speech_n_layer=1", "--speech_n_embd=32",
-             "--beats_n_layer=1", "--beats_n_embd=32", "--qformer_n_layer=1",
-             "--qformer_n_embd=32", "--llm_block_size=160", "--llm_probe_min=0",
-             "--max_iters=1"])
+    p = run([f"--data_dir={synth_dir}", f"--out_dir={out}", f"--asr_data_dir={extra}",
+                 *TEXT_TINY[:-1], "--stage=instruct", "--speech_n_layer=1", "--speech_n_embd=32",
+                 "--beats_n_layer=1", "--beats_n_embd=32", "--qformer_n_layer=1",
+                 "--qformer_n_embd=32", "--llm_block_size=160", "--llm_probe_min=0",
+                 "--max_iters=1", "--peak_flops=1e9"])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["model_args"]["asr_data_dir"] == str(extra)
+    # the MFU of a model with frozen parts: ~6 flops per trainable and ~4 per frozen parameter per
+    # token (the LLM, frozen but for LoRA, still runs forward and backward)
+    import salmonn
+    m = salmonn.SALMONN(salmonn.SALMONNConfig(**ck["model_args"]))
+    n_all = sum(q.numel() for q in m.parameters())
+    n_trained = sum(q.numel() for q in m.parameters() if q.requires_grad)
+    assert 0 < n_trained < n_all
+    tok_s = [json.loads(line) for line in open(out / "log.jsonl") if "tok_per_s" in line][-1][
+        "tok_per_s"]
+    mfu = float(re.search(r"^iter 1/1 \|.* \| mfu ([\d.]+)% \|", p.stdout, re.M).group(1))
+    want = 100 * (6 * n_trained + 4 * (n_all - n_trained)) * tok_s / 1e9
+    assert abs(mfu - want) <= 0.051 + 1e-9 * want, (mfu, want)
     # the optimizer holds the trainable parameters only (the LLM is frozen here): each of them
     # took a step, so each has its AdamW state
     held = [i for g in ck["optimizer"]["param_groups"] for i in g["params"]]
