@@ -1022,7 +1022,8 @@ def test_repeated_manifest_rows_for_one_file_merge_and_keep_the_first_text(tmp_p
     """Rows naming the same file (also spelled another way) are one clip: of each text field the
     first non-empty value is kept, fields only a later row gives are added, and the question-answer
     pairs of every row are kept in order."""
-    rows = [{"file": "a.wav", "caption": "a dog barks", "question": "what animal?", "answer": "dog"},
+    rows = [{"file": "a.wav", "caption": "a dog barks", "question": "what animal?",
+             "answer": "dog"},
             {"file": "./a.wav", "caption": "a loud dog", "transcript": "woof",
              "qa": [{"q": "how many barks?", "a": "two"}]},
             {"file": "a.wav", "caption": "", "label": "dog"}]

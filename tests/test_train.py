@@ -581,14 +581,27 @@ def test_ddp_with_accumulation_per_process_draws_the_single_process_micro_batche
     """2 processes with accumulation 4 in total (2 each): rank 0 draws micro-batches 0 and 1 of
     each iteration, rank 1 draws 2 and 3, as one process with accumulation 4 draws 0 to 3, so the
     logged losses are the same (no micro-batch drawn twice, none left out)."""
+    import torch
+    import whisper_gpt as W
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--max_iters=2",
               "--gradient_accumulation_steps=4", "--dropout=0.1", "--eval_interval=100"]
     run(common + [f"--out_dir={single}"])
-    run(["--standalone", "--nproc_per_node=2", "train.py", *common, f"--out_dir={ddp}"],
-        cmd=[sys.executable, "-m", "torch.distributed.run"])
+    p = run(["--standalone", "--nproc_per_node=2", "train.py", *common, f"--out_dir={ddp}",
+             "--peak_flops=1e9"], cmd=[sys.executable, "-m", "torch.distributed.run"])
     one, two = losses(single)[0], losses(ddp)[0]
     assert sorted(one) == sorted(two) == [1, 2]
+    # the MFU of 2 processes: all their tokens/s (as logged) over both processes' peak flops
+    ck = torch.load(os.path.join(ddp, "ckpt.pt"), weights_only=True)
+    n_params = sum(q.numel() for q in W.Model(W.Config(**ck["model_args"])).parameters())
+    tok_s = [json.loads(line)["tok_per_s"] for line in open(os.path.join(ddp, "log.jsonl"))
+             if "tok_per_s" in line]
+    shown = [float(m)
+             for m in re.findall(r"^iter \d+/2 \|.* \| mfu ([\d.]+)% \|", p.stdout, re.M)]
+    assert len(shown) == len(tok_s) == 2, p.stdout
+    for t, mfu in zip(tok_s, shown):
+        want = 100 * 6 * n_params * t / (2 * 1e9)
+        assert abs(mfu - want) <= 0.051 + 1e-9 * want, (mfu, want)
     for it in (1, 2):
         assert abs(one[it] - two[it]) < 1e-5, (it, one[it], two[it])
 
