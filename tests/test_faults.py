@@ -410,6 +410,8 @@ def test_auto_dtype_is_float16_on_a_gpu_that_only_emulates_bfloat16(monkeypatch)
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
     assert configurator.resolve_dtype("train.py", "auto", "cuda") == "float16"
     assert configurator.resolve_dtype("train.py", "bfloat16", "cuda") == "bfloat16"  # as asked
+    capability[0] = (8, 0)  # an A100: sm_80 is the first with bfloat16 in hardware
+    assert configurator.resolve_dtype("train.py", "auto", "cuda") == "bfloat16"
     capability[0] = (9, 0)
     assert configurator.resolve_dtype("train.py", "auto", "cuda") == "bfloat16"
     assert configurator.resolve_dtype("train.py", "auto", "cpu") == "float32"

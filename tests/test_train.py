@@ -563,11 +563,12 @@ def test_ddp_two_processes_gloo(full_run, synth_dir, tmp_path):
     micro-batches and dropout masks as the single-process run with accumulation 2, so the same
     losses."""
     out = str(tmp_path)
-    run(["--standalone", "--nproc_per_node=2", "train.py", "config/whisper_gpt_quick.py",
-         f"--data_dir={synth_dir}",
-         f"--out_dir={out}", *TINY, "--max_iters=8", "--gradient_accumulation_steps=2",
-         "--dropout=0.1"],
-        cmd=[sys.executable, "-m", "torch.distributed.run"])
+    p = run(["--standalone", "--nproc_per_node=2", "train.py", "config/whisper_gpt_quick.py",
+             f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=8",
+             "--gradient_accumulation_steps=2", "--dropout=0.1"],
+            cmd=[sys.executable, "-m", "torch.distributed.run"])
+    # the first line counts every process's sequences: 1 micro-batch of 4 in each of 2 processes
+    assert "2 process(es), 8 sequences per iteration" in p.stdout, p.stdout
     ddp, val = losses(out)
     single, _ = losses(full_run)
     assert sorted(ddp) == list(range(1, 9))
@@ -661,9 +662,10 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
     """eval_only makes no out_dir; optimizer numbers out of range and model sizes that do not
     build a model stop train.py in one line naming them, before any work."""
     none = tmp_path / "none"
-    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={none}", *TINY,
-         "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={none}", *TINY,
+             "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
     assert not none.exists()
+    assert p.stdout.startswith(f"whisper_gpt: evaluating {none}/ on data"), p.stdout[:300]
     for args, said in ((["--min_lr=-1"], "min_lr=-1.0: must be a finite number, at least 0"),
                        (["--beta2=2"], "beta2=2.0: must be at least 0 and below 1"),
                        (["--n_head=3"], "n_embd 32 must be divisible by n_head 3"),
@@ -704,6 +706,17 @@ def test_a_checkpoint_with_fields_the_model_file_lacks_is_named(full_run, tmp_pa
     ck["model_args"]["a_field_of_another_version"] = 1
     torch.save(ck, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="Config lacks: a_field_of_another_version"):
+        train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+
+def test_a_checkpoint_without_its_step_or_run_settings_is_not_train_pys(full_run, tmp_path):
+    """load_checkpoint names the fields train.py writes that a checkpoint lacks, the iteration and
+    the run's settings (which a re-run and sample.py read) among them, in one ValueError."""
+    import torch
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    del ck["iter_num"], ck["config"]
+    torch.save(ck, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"not a checkpoint of train.py \(it has no iter_num, "
+                                         r"config\)"):
         train.load_checkpoint(str(tmp_path / "ckpt.pt"))
 
 @pytest.mark.parametrize("n", [30])
@@ -1189,6 +1202,14 @@ def test_a_model_field_left_unset_counts_as_its_default():
     assert train.describe_changes(["bias"], run_a, other) == "bias=False there, True here"
     # runs of two model files: nothing is filled in
     assert train.changed_settings({"model": "pengi"}, {"model": "whisper_gpt"}) == ["model"]
+
+def test_describe_changes_names_the_first_five_changed_settings():
+    old = {k: 1 for k in "abcdef"}
+    new = {k: 2 for k in "abcdef"}
+    keys = train.changed_settings(new, old)
+    assert keys == list("abcdef")
+    assert train.describe_changes(keys, old, new) == \
+        ", ".join(f"{k}=1 there, 2 here" for k in "abcde")
 
 def test_a_bool_is_not_taken_for_an_int_setting(tmp_path):
     """An int setting takes an int, not True or False (a bool is an int to isinstance): from
