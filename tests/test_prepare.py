@@ -1034,6 +1034,7 @@ def test_repeated_manifest_rows_for_one_file_merge_and_keep_the_first_text(tmp_p
     assert (r["caption"], r["transcript"], r["label"]) == ("a dog barks", "woof", "dog")
     assert r["qa"] == [{"q": "what animal?", "a": "dog"}, {"q": "how many barks?", "a": "two"}]
 
+
 def test_a_stopped_run_of_other_arguments_is_announced_before_it_is_replaced(tmp_path, capsys):
     """A folder holding the encoded chunks of a stopped run with other arguments: a run with new
     ones says it starts anew (it used to remove them without a word), and removes them at its end."""
@@ -1268,6 +1269,7 @@ def test_folder_items_with_a_transcript_are_speech_and_a_label_is_asked_about(tm
                                       {"q": "what sound is this?", "a": "dog"}]
     assert items["plain.wav"]["labels"] == {"class": "sound"} and items["plain.wav"]["qa"] == []
 
+
 def test_librispeech_layout_and_missing_transcripts(tmp_path, capsys):
     src = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123"
     src.mkdir(parents=True)
@@ -1353,6 +1355,7 @@ def test_resume_ignores_a_chunk_whose_write_was_not_finished(tmp_path):
     assert n == 2 and [info["id"] for info, *_ in done] == ["c0", "c1", "c2"]
     for i, (info, emb, mel, wmel) in enumerate(done):
         assert emb.shape == (i + 1, 128) and (emb == i).all() and (mel == i).all() and wmel is None
+
 
 def clip_rows(data_dir, part="codes"):
     """{clip id: (its rows of {split}_{part}.bin, its clip record)} over both splits of a prepared
@@ -1444,8 +1447,6 @@ def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path,
     (["--codec_steps=5"], "--codec_steps would make another one"),
     (["--offline_codec"], "--offline_codec would make another one"),
     (["--codec_tune_steps=3"], "--codec_tune_steps would make another one")])
-
-
 def test_codec_from_bad_input_is_one_line(tmp_path, extra, says):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
@@ -1481,8 +1482,6 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
                                  "--max_seconds=inf",
                                  # the split is drawn per mille: 0.05 would give 0.1
                                  "--val_percent=0.05"])
-
-
 def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     with pytest.raises(SystemExit) as e:
         P.main(["--quiet", "--offline", f"--out_dir={tmp_path / 'out'}", arg])
@@ -1574,6 +1573,7 @@ def test_empty_output_names_and_a_vocab_under_the_bytes_are_refused(tmp_path):
                        ("--kinds=", "--kinds=: an empty name; the corpus has")):
         with pytest.raises(SystemExit, match=words):
             P.check_args(P.get_args([arg, "--clips=4"]))
+
 
 def test_a_reader_without_src_or_with_a_src_that_is_not_a_folder_is_one_line(tmp_path):
     """--dataset=folder or librispeech needs --src, and --src must be a directory: one line each,

@@ -1630,6 +1630,20 @@ def test_llm_stage_sample_says_it_does_not_hear_the_audio(synth_dir):
     assert texts[0] == texts[1]
     assert texts[0].startswith("(stage 'llm': the LLM alone, the audio is not heard)\n")
 
+def stream_documents(tok, stream):
+    """A stage-"llm" text stream cut at each eot: the documents' token ids (the stream ends with
+    one)."""
+    stream = list(stream)
+    assert stream[-1] == tok.eot_token
+    docs, cur = [], []
+    for t in stream:
+        if t == tok.eot_token:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return docs
+
 def test_llm_stage_sample_asks_the_template_it_trained_on(tmp_path, monkeypatch):
     """A stage-"llm" checkpoint is asked exactly as its text stream shows the prompt template: the
     LLM's input is the token embeddings of a stream document up to its "ASSISTANT:"."""
@@ -1739,20 +1753,6 @@ def test_llm_batch_windows_and_their_targets():
     data.splits["train"]["stream"] = np.arange(T + 1, dtype=np.int64)
     with pytest.raises(ValueError, match="has 5 tokens; it needs more than llm_block_size\\+1=5"):
         salmonn.llm_batch(data, "train", 2, np.random.default_rng(0))
-
-def stream_documents(tok, stream):
-    """A stage-"llm" text stream cut at each eot: the documents' token ids (the stream ends with
-    one)."""
-    stream = list(stream)
-    assert stream[-1] == tok.eot_token
-    docs, cur = [], []
-    for t in stream:
-        if t == tok.eot_token:
-            docs.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    return docs
 
 def test_llm_text_stream_holds_each_document_once_ended_by_eot(tmp_path):
     """Stage "llm"'s text stream, each document followed by eot: each clip's caption, description

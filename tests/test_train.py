@@ -284,12 +284,16 @@ def test_evaluation_is_the_mean_over_eval_iters_fixed_batches(full_run, synth_di
     model.load_state_dict(ck["model"])
     model.eval()
     data = W.load_data(synth_dir, W.Config(**ck["model_args"]), None)
-    want = {}
-    with torch.no_grad():
-        for i, split in enumerate(("train", "val")):
-            rng = np.random.default_rng([S["seed"], 1, i, 0])
-            want[split] = np.mean([model(**W.get_batch(data, split, S["batch_size"], rng))[1].item()
-                                   for _ in range(S["eval_iters"])])
+    want, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as train.py ran (its sums in the same order)
+    try:
+        with torch.no_grad():
+            for i, split in enumerate(("train", "val")):
+                rng = np.random.default_rng([S["seed"], 1, i, 0])
+                want[split] = np.mean([model(**W.get_batch(data, split, S["batch_size"], rng))[1]
+                                       .item() for _ in range(S["eval_iters"])])
+    finally:
+        torch.set_num_threads(threads)
     last = [json.loads(line) for line in open(os.path.join(full_run, "log.jsonl"))
             if "val_loss" in line][-1]
     assert last["iter"] == 8
@@ -547,6 +551,11 @@ def test_log_records_each_logged_iteration_and_the_mfu_from_peak_flops(synth_dir
     assert [r["iter"] for r in steps] == [2, 3], recs
     assert all(set(r) == {"iter", "loss", "lr", "ms_per_iter", "tok_per_s"} for r in steps), steps
     assert all(r["ms_per_iter"] > 0 and r["tok_per_s"] > 0 for r in steps), steps
+    # tokens/s times the time of one iteration: the tokens of an iteration (every target counts)
+    S = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    per_iter = S["batch_size"] * S["block_size"] * S["gradient_accumulation_steps"]
+    for r in steps:
+        assert r["tok_per_s"] * r["ms_per_iter"] / 1000 == pytest.approx(per_iter, rel=1e-6), r
     evals = [r for r in recs if "val_loss" in r]
     assert [(r["iter"], set(r)) for r in evals] == [(i, {"iter", "train_loss", "val_loss"})
                                                    for i in (0, 3)], recs
@@ -603,6 +612,10 @@ def test_ddp_with_accumulation_per_process_draws_the_single_process_micro_batche
     for t, mfu in zip(tok_s, shown):
         want = 100 * 6 * n_params * t / (2 * 1e9)
         assert abs(mfu - want) <= 0.051 + 1e-9 * want, (mfu, want)
+    # the logged tokens/s are both processes': times an iteration's time, 4 micro-batches of 4 x 32
+    for r in [json.loads(line) for line in open(os.path.join(ddp, "log.jsonl"))
+              if "tok_per_s" in line]:
+        assert r["tok_per_s"] * r["ms_per_iter"] / 1000 == pytest.approx(4 * 4 * 32, rel=1e-6), r
     for it in (1, 2):
         assert abs(one[it] - two[it]) < 1e-5, (it, one[it], two[it])
 
@@ -1071,11 +1084,10 @@ def test_write_text_leaves_the_file_there_whole_when_writing_fails(tmp_path, mon
     """write_text (sample.py's .txt answer) writes a temporary file and renames it: a write that
     fails part-way leaves a file already at the path as it was; one that succeeds replaces it, in a
     folder made for it, with no temporary file left."""
-    import builtins
     import sample as S
     path = str(tmp_path / "answer.txt")
     S.write_text(path, "the old answer")
-    real_open = builtins.open
+    real_open = open
 
     class HalfWritten:
         def __init__(self, f):
@@ -1090,8 +1102,9 @@ def test_write_text_leaves_the_file_there_whole_when_writing_fails(tmp_path, mon
         def write(self, text):
             self.f.write(text[:3])
             raise OSError("No space left on device")
-    monkeypatch.setattr(builtins, "open", lambda file, mode="r", *a, **k: HalfWritten(
-        real_open(file, mode, *a, **k)) if "w" in mode else real_open(file, mode, *a, **k))
+    monkeypatch.setattr(S, "open", lambda file, mode="r", *a, **k: HalfWritten(
+        real_open(file, mode, *a, **k)) if "w" in mode else real_open(file, mode, *a, **k),
+        raising=False)  # write_text's own name lookup, not every open of the process
     with pytest.raises(OSError):
         S.write_text(path, "a new answer")
     monkeypatch.undo()
@@ -1211,7 +1224,7 @@ def test_describe_changes_names_the_first_five_changed_settings():
     assert train.describe_changes(keys, old, new) == \
         ", ".join(f"{k}=1 there, 2 here" for k in "abcde")
 
-def test_a_bool_is_not_taken_for_an_int_setting(tmp_path):
+def test_a_bool_is_not_taken_for_an_int_setting(tmp_path, capsys):
     """An int setting takes an int, not True or False (a bool is an int to isinstance): from
     --key=value text and from a config file alike."""
     import configurator as K
@@ -1223,6 +1236,7 @@ def test_a_bool_is_not_taken_for_an_int_setting(tmp_path):
     cfg.write_text("max_iters = True\n")
     with pytest.raises(SystemExit):
         train.load_settings([str(cfg)])
+    assert f"{cfg}: max_iters must be int, got bool True" in capsys.readouterr().err
     assert K.resolve([("n_layer", None, "3", "--n_layer=3")], {"n_layer": int}) == \
         ({"n_layer": 3}, {})
 
