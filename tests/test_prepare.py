@@ -590,6 +590,25 @@ def test_morse_description_names_the_tone_it_is_sent_on():
         assert abs(spectral_peaks(wav, 1)[0] - hz) < 5, (info["description"], hz)
 
 
+def test_morse_description_gives_the_speed_of_a_paris_word_in_its_units():
+    """Words per minute by the PARIS standard: "paris" plus the 7-unit gap between words, timed
+    with the clip's own unit through morse_envelope (50 units), fits that many times in 60 s."""
+    for wav, info in synth_of_kind("morse", 12):
+        wpm = int(re.search(r"at about (\d+) words per minute", info["description"]).group(1))
+        word_s = len(Y.morse_envelope("paris", info["unit"])) / SR + 7 * info["unit"]
+        assert abs(wpm - 60 / word_s) <= 0.6, (wpm, 60 / word_s)
+
+
+def test_short_morse_and_dtmf_clips_are_padded_to_one_second_and_dtmf_text_counts_its_keys():
+    for seed in range(3):
+        for i in range(8):
+            wav, info = Y.synth_clip(seed, i, 1.0, speech=False, kinds=["morse", "dtmf"])
+            assert len(wav) == SR, (info["caption"], len(wav))
+            if info["kind"] == "dtmf":
+                k = Y.NUMBER_WORDS[len(info["labels"]["digits"])]
+                assert f"Someone dials a phone: {k} keypad tones" in info["description"]
+
+
 def test_events_in_one_second_clips_are_as_many_as_the_text_says():
     """At --max_seconds=1 a sequence that does not fit loses its last events: the sequence, the
     caption and the count answer lose them too (the onsets counted from the envelope)."""
@@ -1862,6 +1881,20 @@ def test_speech_grammar_is_varied():
     # a few hundred words, not a handful of fixed sentences
     assert len(words) > 200
     assert {"red", "kitchen", "forty", "call", "where", "monday"} <= words
+
+
+def test_speech_places_take_in_or_at_as_english_does():
+    rng = np.random.default_rng(1)
+    table = {"kitchen": "in", "garage": "in", "library": "in", "station": "at", "beach": "at",
+             "bank": "at", "market": "at"}
+    seen = set()
+    for _ in range(400):
+        text = Y.sentence(rng)[0]
+        for place, prep in table.items():
+            for said in re.findall(rf"\b(in|at) the {place}\b", text):
+                assert said == prep, text
+                seen.add(place)
+    assert len(seen) >= 4
 
 
 def test_speech_clip_text_matches_what_is_spoken():
