@@ -51,6 +51,15 @@ def tiny_batch(cfg, B=3, seed=0):
     return pengi.collate(list(mel.numpy()), prompts, answers, cfg.eot_token)
 
 
+def steps_on_one_batch(m, opt, batch, steps):
+    """steps optimizer steps of m on one fixed batch."""
+    for _ in range(steps):
+        _, loss = m(**batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_prefix_length_and_order():
     m = tiny_model()
     cfg, k = m.config, m.config.prefix_len
@@ -101,12 +110,7 @@ def test_frozen_parts_bit_identical_after_steps():
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                              lr=1e-2)
-    b = tiny_batch(m.config)
-    for _ in range(3):
-        _, loss = m(**b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    steps_on_one_batch(m, opt, tiny_batch(m.config), 3)
     for n, p in m.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -521,12 +525,7 @@ def test_text_trainable_trains_the_tower_in_stage_pengi():
     # no weight decay: a tensor moves only by its gradients
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2,
                             weight_decay=0.0)
-    b = tiny_batch(m.config)
-    for _ in range(2):
-        _, loss = m(**b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    steps_on_one_batch(m, opt, tiny_batch(m.config), 2)
     unmoved = [n for n, p in m.text_encoder.named_parameters() if torch.equal(p, before[n])]
     assert not unmoved, unmoved
 
