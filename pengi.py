@@ -643,14 +643,16 @@ class Pengi(nn.Module):
         logp, past = self.last_logp(prefix)
         B = prefix.size(0)
         out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
+        done = [False] * B
         for step in range(max_new_tokens):
             nxt = logp.argmax(dim=-1)
-            for b, token in enumerate(nxt.tolist()):
-                if not done[b] and token != eot:
-                    out[b].append(token)
-            done |= nxt.cpu() == eot
-            if done.all() or step == max_new_tokens - 1:
+            for b, token in enumerate(nxt.tolist()):  # one copy from the device per step
+                if not done[b]:
+                    if token == eot:
+                        done[b] = True
+                    else:
+                        out[b].append(token)
+            if all(done) or step == max_new_tokens - 1:
                 break
             logp, past = self.next_logp(nxt, past)
         return out

@@ -179,6 +179,11 @@ def n_audio_tokens(frames, config):
     t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
     return -(-t2 // config.window_frames) * config.window_queries
 
+def seconds_of_tokens(n, config):
+    """The longest speech that n_audio_tokens turns into at most n positions: whole windows of the
+    stem's output frames (2 input frames each), in seconds."""
+    return max(n // config.window_queries, 0) * config.window_frames * 2 / config.speech_frame_rate
+
 def n_speech_frames(audio, config):
     """How many frames of a clip the speech encoder reads."""
     return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
@@ -1924,10 +1929,8 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
     room, least = model.llm.block_size - x.size(1), min(int(o["max_new_tokens"]), 16)
     if room < least:  # not even a short answer would fit
         if stage != "llm":  # the longest clip that would: whole windows of speech frames
-            c = model.config
-            windows = (room + sum(mask) - least) // c.window_queries
             # rounded down: a length printed rounded up would not fit
-            fits = math.floor(max(windows, 0) * c.window_frames * 2 / c.speech_frame_rate * 100) / 100
+            fits = math.floor(seconds_of_tokens(room + sum(mask) - least, model.config) * 100) / 100
         raise ValueError(f"salmonn sample: the prompt{'' if stage == 'llm' else ' and the audio'} "
                          f"take {x.size(1)} of the LLM's {model.llm.block_size} positions, "
                          f"leaving {max(room, 0)} for the answer: give a shorter "
