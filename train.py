@@ -136,7 +136,10 @@ def writer_hint(ckpt_path):
     folder = os.path.abspath(os.path.dirname(ckpt_path))  # out_dir is relative to where train.py runs
     configs = []
     for path in sorted(glob.glob(os.path.join(HERE, "config", "*.py"))):
-        out_dir = configurator.read_config_file(path).get("out_dir")  # as a run reads the file
+        try:
+            out_dir = configurator.read_config_file(path).get("out_dir")  # as a run reads the file
+        except configurator.SettingsError:  # a user's broken config is not this message's business
+            continue
         if out_dir and os.path.abspath(out_dir) == folder:
             configs.append(f"python train.py {os.path.relpath(path, HERE)}")
     return f", e.g. {' or '.join(configs)}" if configs else ""

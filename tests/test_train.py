@@ -174,6 +174,16 @@ def test_a_missing_init_from_names_the_config_that_writes_it():
     # absolute, as out_dir is taken from where train.py runs (here the repository)
     assert train.writer_hint(os.path.abspath("out/pengi-clap/ckpt.pt")) == hint
 
+def test_a_broken_config_file_does_not_hide_the_missing_init_from_hint(tmp_path, monkeypatch):
+    """writer_hint reads every config/*.py: one that does not run is passed over, and the others
+    still name the writer."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "a_broken.py").write_text("out_dir = (\n")
+    (tmp_path / "config" / "b_writer.py").write_text(f"out_dir = {str(tmp_path / 'out' / 'w')!r}\n")
+    monkeypatch.setattr(train, "HERE", str(tmp_path))
+    assert train.writer_hint(str(tmp_path / "out" / "w" / "ckpt.pt")) == (
+        ", e.g. python train.py config/b_writer.py")
+
 def test_a_run_folder_given_without_a_key_is_pointed_to_out_dir(tmp_path, capsys):
     """sample.py out/run (as eval.py takes it) is refused with the setting it lacks; a script
     without an out_dir setting (bench_whisper_gpt.py) gets no such hint."""
