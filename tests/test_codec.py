@@ -577,3 +577,27 @@ def test_streaming_decoder_on_a_dense_decoder_equals_the_whole_decode():
     assert full[8 * A.HOP:].abs().max() > 1e-3  # the streamed part is not silence
     assert (got - full).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
     assert not any(stream.zero.values()) and not any(stream.identity.values())
+
+
+def test_streaming_decoder_upsampling_of_another_kernel_equals_the_whole_pass():
+    """A transposed conv whose kernel is not twice its stride (EnCodec's upsampling always is) takes
+    StreamingDecoder's general path: each call's output overlaps the next by k - stride samples,
+    held as a tail. Run on 1 to 3 frames at a time, it equals the causal conv on the whole input,
+    for kernels longer and shorter than 2 x stride and one equal to the stride."""
+    from encodec.modules.conv import SConvTranspose1d
+    g = torch.Generator().manual_seed(0)
+    for k, stride in ((5, 2), (3, 2), (4, 4), (7, 3)):
+        torch.manual_seed(k * 10 + stride)
+        module = SConvTranspose1d(3, 2, k, stride=stride, causal=True)
+        x = torch.randn(1, 3, 13, generator=g)
+        with torch.no_grad():
+            full = module(x)
+        stream = A.StreamingDecoder(module)
+        pieces, at = [], 0
+        while at < x.shape[-1]:
+            step = len(pieces) % 3 + 1
+            pieces.append(stream._run(module, x[..., at:at + step]))
+            at += step
+        got = torch.cat(pieces, -1)
+        assert got.shape == full.shape == (1, 2, 13 * stride), (k, stride)
+        assert (got - full).abs().max() < 1e-5, (k, stride)
