@@ -356,7 +356,7 @@ def read_offline_codec(data_dir, record):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # a sentence
         raise ValueError(f"{path}: cannot be read, it is truncated or corrupt ({type(e).__name__}: "
                          f"{first}): re-run prepare.py --force for that data") from None
     if not isinstance(ckpt, dict) or not ckpt.get("fitted"):

@@ -50,6 +50,8 @@ import torch.nn.functional as F
 
 import configurator
 
+TITLE = "# Attention benchmark (bench_attention.py)"  # the first line of the --out file
+
 def fail(msg):
     configurator.fail("bench_attention.py", msg)
 
@@ -362,7 +364,7 @@ def main():
             fail(f"--tokens={args.tokens}: B*T must be a multiple of each T "
                  f"({', '.join(map(str, args.seqlens))})")
     if args.out:
-        configurator.check_out_file("bench_attention.py", args.out)
+        configurator.check_out_file("bench_attention.py", args.out, TITLE)
     if args.ptxas:
         import triton
         dims = args.dims or [16, 32, 64, 128]
@@ -374,14 +376,7 @@ def main():
     else:
         lines = benchmark(args)
     if args.out:
-        tmp = args.out + ".tmp"
-        try:
-            with open(tmp, "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-            os.replace(tmp, args.out)
-        except OSError as e:
-            fail(f"--out={args.out}: cannot be written ({e}); the table is printed above")
-        print(f"wrote {args.out}")
+        configurator.write_report("bench_attention.py", args.out, [TITLE, ""] + lines)
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,7 @@ out = ""                # also write the markdown here
 child = ""              # (internal) the model a child process measures the training speed of
 # -----------------------------------------------------------------------------
 
+TITLE = "# Whisper-GPT speed and memory (bench_whisper_gpt.py)"  # the first line of --out
 MODELS = (("s", "GPT-S"), ("hybrid", "Hybrid"), ("l", "GPT-L"))
 
 def fail(msg):
@@ -277,20 +278,15 @@ if __name__ == "__main__":
         sys.exit(0)
     # before the benchmark: a bad --out or --data_dir would fail after minutes of it
     if out:
-        configurator.check_out_file("bench_whisper_gpt.py", out)
+        configurator.check_out_file("bench_whisper_gpt.py", out, TITLE)
     if part in ("all", "generate"):
         check_data_dir()
-    lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-             f"{os.cpu_count()} cores", ""]
+    lines = [TITLE, "", f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} "
+             f"threads, {os.cpu_count()} cores", ""]
     if part in ("all", "train"):
         lines += train_table() + [""]
     if part in ("all", "generate"):
         lines += generate_table()
     print("\n".join(lines))
     if out:
-        try:
-            with open(out + ".tmp", "w") as f:
-                f.write("\n".join(lines) + "\n")
-            os.replace(out + ".tmp", out)
-        except OSError as e:
-            fail(f"--out={out}: cannot be written ({e}); the tables are printed above")
+        configurator.write_report("bench_whisper_gpt.py", out, lines)

@@ -62,7 +62,12 @@ def gather(argv, config_files=False, positional=False, run_hint=False):
     if any(arg in ("-h", "--help") for arg in argv):
         print_help(argv if config_files else None)
     entries, rest = [], []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        # --key value, as other parsers take it: the value is not a config file or a run folder
+        after = argv[i - 1] if i else ""
+        if (not arg.startswith("--") and after.startswith("--") and "=" not in after
+                and not os.path.isfile(arg) and not os.path.isdir(arg)):
+            raise SettingsError(f"{after} {arg}: write {after}={arg}")
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not key:
@@ -248,15 +253,38 @@ def check_folder(script, what, folder):
     if not os.access(p, os.W_OK | os.X_OK):
         fail(script, f"{what}: {p} is not writable")
 
-def check_out_file(script, out):
-    """The --out file of a script that writes it after long work: a one-line failure now if it
-    names a folder or sits in a folder that does not exist."""
+def check_out_file(script, out, title):
+    """The --out file of a script that writes a report (markdown whose first line is title) after
+    long work: a one-line failure now if it names a folder, sits in a folder that does not exist,
+    or is a file the script did not write (a checkpoint, a README), which it must not replace."""
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or out.endswith(os.sep):
         fail(script, f"--out={out}: a folder; name the markdown file to write")
     if not os.path.isdir(folder):
         fail(script, f"--out={out}: {folder} " + ("is a file, not a folder"
                                                   if os.path.exists(folder) else "does not exist"))
+    check_own_report(script, out, title)
+
+def check_own_report(script, out, title):
+    """A one-line failure unless out is new, empty or a report of the script (title its first
+    line)."""
+    if os.path.isfile(out) and os.path.getsize(out):
+        with open(out, "rb") as f:
+            first = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+        if first != title:
+            fail(script, f"--out={out}: the file exists and is not a report of {script} (its "
+                         f"first line is not {title!r}); name a new file")
+
+def write_report(script, out, lines):
+    """check_out_file's report, lines[0] its title, written whole (a temporary file, then renamed:
+    a stop leaves no half file). The scripts print it first, so a failed write loses nothing."""
+    try:
+        with open(out + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(out + ".tmp", out)
+    except OSError as e:
+        fail(script, f"--out={out}: cannot be written ({e}); the table is printed above")
+    print(f"wrote {out}")
 
 def option_values(raw_opts, opt_defaults):
     """The --key=raw options of a model file's sample() / evaluate(), typed by their defaults in

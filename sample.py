@@ -15,6 +15,7 @@ A result {"codes": ...} is decoded with the data's EnCodec and written as a wav;
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -157,6 +158,9 @@ if __name__ == "__main__":
     # raw_opts: the model's sample() options, typed and checked once its file is known
     S, raw_opts, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
+    # Ctrl-C: a line, not a traceback (the result is written whole at the end, or not at all)
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("\nsample.py: interrupted; "
+                                                                "nothing written"))
     if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")
@@ -222,9 +226,13 @@ if __name__ == "__main__":
         fail(f"--out={out or out_path}: would write over the input --audio={audio}; name another "
              f"file")
     if codes_model or out:  # a text result without --out is only printed
+        out_folder = os.path.dirname(os.path.abspath(out_path))
         configurator.check_folder("sample.py", f"--out={out}" if out else
-                                  f"--out (default {out_path})",
-                                  os.path.dirname(os.path.abspath(out_path)))
+                                  f"--out (default {out_path})", out_folder)
+        try:  # now, not after the sampling, whose result would then be lost
+            os.makedirs(out_folder, exist_ok=True)
+        except OSError as e:
+            fail(f"--out={out or out_path}: its folder {out_folder} cannot be made ({e.strerror})")
     if data_dir and not os.path.isdir(data_dir):  # (the checkpoint's own may be gone: see below)
         fail(f"--data_dir={data_dir}: no such folder")
     data_dir = data_dir or checkpoint["config"]["data_dir"]

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -114,7 +115,7 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # a sentence
         raise ValueError(f"{path}: cannot be read as a checkpoint, it is truncated or corrupt "
                          f"({type(e).__name__}: {first})") from None
     missing = [k for k in ("model", "model_name", "model_args", "iter_num", "config")
@@ -203,6 +204,8 @@ def check_arrays(data_dir):
     the file. A ValueError names each array (codes, mels) that is cut short (not whole rows) or
     empty (a split without clips: numpy cannot map it), and a clip-list line that is not JSON.
     A missing or unreadable meta.json is left to the model's load_data."""
+    if os.path.isfile(data_dir):
+        raise ValueError(f"data_dir {data_dir}: a file, not the folder prepare.py writes")
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
@@ -476,10 +479,10 @@ if __name__ == "__main__":
     try:
         # may fill data-derived fields (vocab_size, n_mels, ...)
         data = load_model_data(M, data_dir, config, tok)
+        torch.manual_seed(seed)
+        raw_model = M.Model(config)  # first, as it checks the sizes a batch is made with
         for split in ("train", "val"):  # a split that cannot give a batch says so now
             M.get_batch(data, split, 1, np.random.default_rng(0))
-        torch.manual_seed(seed)
-        raw_model = M.Model(config)
         # pretrained parts named in the config (*_init)
         if checkpoint is None and hasattr(M, "init_pretrained"):
             M.init_pretrained(raw_model, tok)
@@ -591,7 +594,10 @@ if __name__ == "__main__":
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and not eval_only:
         # made once data and model have loaded: bad input leaves no empty out_dir behind
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:  # check_folder's access test passed, yet the folder cannot be made
+            fail(f"out_dir={out_dir}: cannot be made ({e.strerror})")
         if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
             os.remove(ckpt_path)  # with its log (below): the run there is gone, not half of it
         # the log holds this run only, each iteration once: a resumed run keeps the records up to
@@ -641,6 +647,14 @@ if __name__ == "__main__":
     # first eval saves them (else a run that never beats them would end without a checkpoint)
     save_start = init_from not in ("scratch", "resume") and not always_save_checkpoint
     t_log, tokens_log, iters_log = time.time(), 0, 0
+
+    def interrupted(signum, frame):  # Ctrl-C: a line, not a traceback (saves are atomic)
+        if master:
+            kept = (f"{ckpt_path}, its last save, is kept: the same command resumes it"
+                    if os.path.exists(ckpt_path) else "no checkpoint was saved yet")
+            print(f"\ntrain.py: interrupted at iter {iter_num}; {kept}", file=sys.stderr)
+        sys.exit(1)
+    signal.signal(signal.SIGINT, interrupted)
     while True:
         lr = get_lr(iter_num) if decay_lr else learning_rate
         for group in optimizer.param_groups:

@@ -153,6 +153,10 @@ class WhisperGPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_mels") + (
+                ("mel_n_layer", "mel_n_head", "mel_n_embd") if c.use_mel else ()):
+            if getattr(c, field) < 1:
+                raise ValueError(f"whisper_gpt: {field}={getattr(c, field)}: must be at least 1")
         if c.use_mel and not 0 < c.mel_dim < c.n_embd:
             raise ValueError(f"whisper_gpt: mel_dim ({c.mel_dim}) must be between 1 and n_embd - 1 "
                              f"({c.n_embd - 1})")

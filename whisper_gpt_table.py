@@ -50,6 +50,7 @@ prompt_frames = 60             # 0.8 s of prompt ...
 new_frames = 60                # ... then 0.8 s of continuation, compared with the true next 0.8 s
 # -----------------------------------------------------------------------------
 
+TITLE = "# Whisper-GPT, Table 1 at CPU size"  # the first line of the --out file
 NAMES = {"s": "GPT-S", "hybrid": "Hybrid", "l": "GPT-L", "hybrid_c0": "Hybrid on codebook-0 mels"}
 PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
     ("LibriSpeech", "GPT-S", "3.7M", 2.02, 34.18, 7.54),
@@ -497,6 +498,7 @@ if __name__ == "__main__":
     if os.path.isdir(out) or out.endswith(os.sep):
         fail(f"{what}: a folder; name the markdown file to write")
     configurator.check_folder("whisper_gpt_table.py", what, os.path.dirname(os.path.abspath(out)))
+    configurator.check_own_report("whisper_gpt_table.py", out, TITLE)  # never over another file
     import whisper_gpt as W
     block = max(run_settings[m]["block_size"] for m in model_list)
     try:  # the training data, every kind of it: before hours of training
@@ -523,7 +525,7 @@ if __name__ == "__main__":
                 prepare.codebook0_mels(d)
     sweep(runs, train_args)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    lines = ["# Whisper-GPT, Table 1 at CPU size", "",
+    lines = [TITLE, "",
              f"`python whisper_gpt_table.py {' '.join(sys.argv[1:])}`", ""]
     eval_dirs = [(d, name) for d, name in ((data_dir, "results.json"),
                                            (test_dir, "results_test.json")) if d]
@@ -558,9 +560,6 @@ if __name__ == "__main__":
     print("\n".join(lines))  # first: a failed write below loses no table
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out + ".tmp", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(out + ".tmp", out)
     except OSError as e:
-        fail(f"--out={out}: cannot be written ({e}); the table is printed above")
-    print(f"wrote {out}")
+        fail(f"--out={out}: its folder cannot be made ({e}); the table is printed above")
+    configurator.write_report("whisper_gpt_table.py", out, lines)

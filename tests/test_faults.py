@@ -5,6 +5,7 @@ file."""
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -230,6 +231,15 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
              "cannot be read as JSON"),
             (train(new, synth_dir, "--eval_interval=0"), "eval_interval=0: must be at least 1"),
             (train(new, synth_dir, "--mel_dim=0"), "mel_dim (0)"),
+            # sizes the model checks before a batch of them is drawn
+            (train(new, synth_dir, "--block_size=-2", "--use_mel=False"),
+             "block_size=-2: must be at least 1"),
+            (train(new, synth_dir, "--mel_n_embd=0"), "mel_n_embd=0: must be at least 1"),
+            ([sys.executable, "train.py", "config/salmonn_llm.py", f"--out_dir={new}",
+              f"--data_dir={synth_dir}", "--llm_block_size=-4"],
+             "llm_block_size=-4: must be at least 1"),
+            (train(new, os.path.join(synth_dir, "meta.json")),
+             "a file, not the folder prepare.py writes"),
             ([sys.executable, "train.py", "config/salmonn_stage1.py", f"--out_dir={new}",
               f"--data_dir={synth_dir}", f"--whisper_init={tmp_path / 'cut.pt'}",
               "--llm_init=", "--beats_init=", "--asr_data_dir="],
@@ -332,6 +342,37 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
     assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the same "
                                  "command again to resume (other arguments start anew)"), err[-500:]
     assert not (out / "meta.json").exists()
+
+def test_train_and_sample_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
+    """Ctrl-C (SIGINT) in train.py's loop: a line naming the iteration and the checkpoint kept,
+    which loads; in sample.py's generation: a line saying nothing was written, and nothing is.
+    Neither prints a traceback."""
+    def interrupted(cmd, marker):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        seen, t0 = b"", time.time()
+        while marker not in seen and time.time() - t0 < 300:
+            chunk = proc.stdout.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.poll() is None, seen.decode(errors="replace")  # still at work
+        proc.send_signal(signal.SIGINT)
+        out = (seen + proc.communicate(timeout=120)[0]).decode(errors="replace")
+        assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
+        return out.rstrip().splitlines()[-1]
+
+    run = tmp_path / "run"
+    last = interrupted(train(run, synth_dir, "--max_iters=100000"), b"saved ")
+    assert re.fullmatch(rf"train\.py: interrupted at iter \d+; {re.escape(str(run / 'ckpt.pt'))}, "
+                        r"its last save, is kept: the same command resumes it", last), last
+    from train import load_checkpoint
+    assert load_checkpoint(run / "ckpt.pt")["iter_num"] % 2 == 0
+    wav = tmp_path / "s.wav"
+    last = interrupted([sys.executable, "sample.py", f"--out_dir={run}", f"--data_dir={synth_dir}",
+                        "--max_new_tokens=1000000", f"--out={wav}"], b"generate")
+    assert last.endswith("sample.py: interrupted; nothing written"), last
+    assert not wav.exists() and not wav.with_suffix(".png").exists()
 
 def killed_at(cmd, marker, timeout=300):
     """Runs cmd until its output (stdout and stderr, progress bars included) shows marker, then

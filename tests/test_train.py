@@ -211,6 +211,15 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     assert "use_mel must be True or False" in err
     err = settings_error(capsys, ["--learning_rate"])
     assert "expected --key=value" in err
+    # --key value, as other parsers take it: named as such, not as a missing config file "3"
+    err = settings_error(capsys, ["--max_iters", "3"])
+    assert "--max_iters 3: write --max_iters=3" in err and "config file" not in err, err
+    # a bare bool flag before a config file that exists is still the flag, then the file
+    cfg = tmp_path / "ok.py"
+    cfg.write_text("n_layer = 3\n")
+    import configurator
+    entries, _ = configurator.gather(["--compile", str(cfg)], config_files=True)
+    assert [(k, v) for k, v, _, _ in entries] == [("compile", None), ("n_layer", 3)]
     err = settings_error(capsys, ["--model=whisper"])
     assert "no such model file" in err
     err = settings_error(capsys, [str(tmp_path / "missing.py")])

@@ -1282,10 +1282,15 @@ def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
 def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
     """--out and --out_root are checked before the sweep, which they would fail after: --out a
     folder (also one still to be made, named with a trailing slash) or under a file, --out_root
-    under a file, the default --out (out_root/table1.md) a folder; each stops with one line and nothing is trained or written. A --out in folders still
-    to be made passes (here the missing --data_dir, checked next, stops it)."""
+    under a file, the default --out (out_root/table1.md) a folder, a file the script did not write
+    (README.md); each stops with one line and nothing is trained or written. A --out in folders
+    still to be made passes, as does an empty file or a table the script wrote (here the missing
+    --data_dir, checked next, stops them)."""
     (tmp_path / "file").write_text("")
     (tmp_path / "runs" / "table1.md").mkdir(parents=True)
+    (tmp_path / "notes.md").write_text("# my notes\n")
+    with open(os.path.join(ROOT, "docs", "whisper_gpt_table1.md")) as f:  # a table it wrote
+        (tmp_path / "own.md").write_text(f.read())
     new = tmp_path / "new"
     cases = (([f"--out_root={new}", f"--out={tmp_path}"],
               f"--out={tmp_path}: a folder; name the markdown file to write"),
@@ -1299,6 +1304,13 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
              ([f"--out_root={new}", f"--out={new / 'newdir'}{os.sep}"],
               f"--out={new / 'newdir'}{os.sep}: a folder; name the markdown file to write"),
              ([f"--out_root={new}", f"--out={new / 'deeper' / 't.md'}"],
+              f"--data_dir={tmp_path / 'nowhere'}: "),
+             ([f"--out_root={new}", f"--out={tmp_path / 'notes.md'}"],
+              f"--out={tmp_path / 'notes.md'}: the file exists and is not a report of "
+              f"whisper_gpt_table.py"),
+             ([f"--out_root={new}", f"--out={tmp_path / 'file'}"],
+              f"--data_dir={tmp_path / 'nowhere'}: "),
+             ([f"--out_root={new}", f"--out={tmp_path / 'own.md'}"],
               f"--data_dir={tmp_path / 'nowhere'}: "))
     procs = [(extra, said, subprocess.Popen(
         [sys.executable, "whisper_gpt_table.py", f"--data_dir={tmp_path / 'nowhere'}", *extra],
@@ -1308,8 +1320,9 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and said in err, (extra, err[-2000:])
         assert len(err.strip().splitlines()) == 1, (extra, err[-2000:])
-    assert sorted(os.listdir(tmp_path)) == ["file", "runs"]
+    assert sorted(os.listdir(tmp_path)) == ["file", "notes.md", "own.md", "runs"]
     assert os.listdir(tmp_path / "runs") == ["table1.md"]
+    assert (tmp_path / "notes.md").read_text() == "# my notes\n"
 
 def test_table_keys_the_code_not_its_comments_or_docstrings(tmp_path):
     """Kept evaluations are keyed by the scoring code: an edited comment or docstring keeps them,
@@ -1347,6 +1360,8 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
     it, though the generation part, which reads it, comes after the training part), --dims or
     --seqlens that are not integers, a head dim the kernels do not take, a length below 1."""
     missing = tmp_path / "missing" / "b.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
     small = ["bench_whisper_gpt.py", "--iters=1", "--batch_size=1"]
     cases = ((small + ["--part=train", f"--out={missing}"],
               f"bench_whisper_gpt.py: --out={missing}: {missing.parent} does not exist"),
@@ -1363,7 +1378,14 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
              (["bench_attention.py", "--quick", "--tokens=5000"],
               "bench_attention.py: --tokens=5000: B*T must be a multiple of each T (1024, 4096)"),
              (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=16", f"--out={missing}"],
-              f"bench_attention.py: --out={missing}: {missing.parent} does not exist"))
+              f"bench_attention.py: --out={missing}: {missing.parent} does not exist"),
+             # a file the script did not write is never replaced
+             (small + ["--part=train", f"--out={notes}"],
+              f"bench_whisper_gpt.py: --out={notes}: the file exists and is not a report of "
+              f"bench_whisper_gpt.py"),
+             (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=16", f"--out={notes}"],
+              f"bench_attention.py: --out={notes}: the file exists and is not a report of "
+              f"bench_attention.py"))
     procs = [(args, said, subprocess.Popen([sys.executable, *args], cwd=ROOT,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True))
@@ -1372,7 +1394,7 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and said in err, (args, err[-2000:])
         assert len(err.strip().splitlines()) == 1, (args, err[-2000:])
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["notes.md"] and notes.read_text() == "# my notes\n"
 
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
