@@ -64,9 +64,11 @@ def gather(argv, config_files=False, positional=False, run_hint=False):
     entries, rest = [], []
     for i, arg in enumerate(argv):
         # --key value, as other parsers take it: the value is not a config file or a run folder
+        # (nor, where runs are positional, a path: a run that is missing is named later)
         after = argv[i - 1] if i else ""
         if (not arg.startswith("--") and after.startswith("--") and "=" not in after
-                and not os.path.isfile(arg) and not os.path.isdir(arg)):
+                and not os.path.isfile(arg) and not os.path.isdir(arg)
+                and not (positional and os.sep in arg)):
             raise SettingsError(f"{after} {arg}: write {after}={arg}")
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")

@@ -220,6 +220,11 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     import configurator
     entries, _ = configurator.gather(["--compile", str(cfg)], config_files=True)
     assert [(k, v) for k, v, _, _ in entries] == [("compile", None), ("n_layer", 3)]
+    # where runs are positional (eval.py), a path after a bare flag is a run, missing or not
+    _, rest = configurator.gather(["--mean", "out/no-such-run"], positional=True)
+    assert rest == ["out/no-such-run"]
+    with pytest.raises(configurator.SettingsError, match="--beam 3: write --beam=3"):
+        configurator.gather(["out/no-such-run", "--beam", "3"], positional=True)
     err = settings_error(capsys, ["--model=whisper"])
     assert "no such model file" in err
     err = settings_error(capsys, [str(tmp_path / "missing.py")])
