@@ -237,4 +237,7 @@ def main(argv):
         write_json(rows)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (--json is written at the end)
+        sys.exit("\neval.py: interrupted; nothing written")
