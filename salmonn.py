@@ -567,6 +567,10 @@ def check_config(config):
     parts = {"whisper": ("speech",), "beats": ("beats",),
              "llm": ("llm",)}.get(config.stage, ("speech", "beats", "qformer", "llm"))
     for part in parts:
+        for size in ("n_layer", "n_embd"):
+            if getattr(config, f"{part}_{size}") < 1:
+                raise ValueError(f"{part}_{size}={getattr(config, f'{part}_{size}')}: must be at "
+                                 f"least 1")
         width, heads = getattr(config, f"{part}_n_embd"), getattr(config, f"{part}_n_head")
         if heads < 1 or width % heads:
             raise ValueError(f"{part}_n_head={heads}: must divide {part}_n_embd={width}")
@@ -575,7 +579,9 @@ def check_config(config):
             raise ValueError(f"{part}_n_embd={getattr(config, f'{part}_n_embd')}: must be even")
     # whisper_text_ctx: the start or end token and at least one of the transcript's
     for field, least in (("window_frames", 1), ("window_queries", 1), ("max_audio_frames", 1),
-                         ("lora_rank", 0), ("whisper_text_ctx", 2), ("llm_block_size", 1)):
+                         ("lora_rank", 0), ("whisper_text_ctx", 2), ("llm_block_size", 1),
+                         ("whisper_dec_n_layer", 1), ("beats_patch_f", 1), ("speech_n_mels", 0),
+                         ("spec_augment", 0)):
         if getattr(config, field) < least:
             raise ValueError(f"{field}={getattr(config, field)}: must be at least {least}")
     for field in ("dropout", "llm_dropout", "lora_dropout"):

@@ -203,7 +203,16 @@ def test_head_counts_that_do_not_divide_the_width_named():
                      ({"ctc_weight": 1.5}, "ctc_weight=1.5: must be between 0 and 1"),
                      ({"whisper_text_ctx": 1}, "whisper_text_ctx=1: must be at least 2"),
                      ({"llm_block_size": 0}, "llm_block_size=0: must be at least 1"),
-                     ({"connect_ctc_weight": -0.5}, "connect_ctc_weight=-0.5: must be at least 0")):
+                     ({"connect_ctc_weight": -0.5}, "connect_ctc_weight=-0.5: must be at least 0"),
+                     # no layer or no width: a model that trains, saves and cannot answer
+                     ({"llm_n_layer": 0}, "llm_n_layer=0: must be at least 1"),
+                     ({"qformer_n_layer": 0}, "qformer_n_layer=0: must be at least 1"),
+                     ({"speech_n_layer": -2}, "speech_n_layer=-2: must be at least 1"),
+                     ({"beats_n_embd": 0}, "beats_n_embd=0: must be at least 1"),
+                     ({"qformer_n_embd": 0}, "qformer_n_embd=0: must be at least 1"),
+                     ({"whisper_dec_n_layer": 0}, "whisper_dec_n_layer=0: must be at least 1"),
+                     ({"beats_patch_f": 0}, "beats_patch_f=0: must be at least 1"),
+                     ({"spec_augment": -1}, "spec_augment=-1: must be at least 0")):
         with pytest.raises(ValueError, match=said):
             SALMONN(tiny_config(**kw))
     with pytest.raises(ValueError, match="stage='instrct': must be one of"):
