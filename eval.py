@@ -163,16 +163,16 @@ def mean_rows(rows):
                     **{k: float(f(v)) for k, v in vals.items() if len(v) > 1}})
     return out
 
-def print_table(rows):
+def print_table(rows, with_mean=True):
     """Markdown: one row per run, a column per metric of any run ("-" where a run has none); with
-    --mean, the mean and standard deviation rows."""
+    --mean (and with_mean), the mean and standard deviation rows."""
     keys = metric_keys(rows)
     print("| run | params | iters | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['iters']} | "
               + " | ".join(fmt_cell(k, r.get(k)) for k in keys) + " |")
-    for r in mean_rows(rows):
+    for r in mean_rows(rows) if with_mean else []:
         print(f"| {r['run']} | | | " + " | ".join(fmt_cell(k, r.get(k)) for k in keys) + " |")
 
 def is_results_file(path):
@@ -231,7 +231,14 @@ def main(argv):
             left = "" if not i else (f"; ~{(time.time() - t0) / i * (len(paths) - i):.0f} s left "
                                      f"at the pace so far")
             print(f"[{i + 1}/{len(paths)}] {path}{left}", file=sys.stderr)
-        rows.append(evaluate_checkpoint(path, opts))
+        try:
+            rows.append(evaluate_checkpoint(path, opts))
+        except SystemExit:  # this run stopped (its message is out): the runs done are not lost
+            if rows:
+                print_table(rows, with_mean=False)
+                print(f"eval.py: the table above holds the {len(rows)} run(s) evaluated before "
+                      f"{path} stopped (no mean, no --json)", file=sys.stderr)
+            raise
     print_table(rows)
     if json:
         write_json(rows)

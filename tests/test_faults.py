@@ -374,6 +374,26 @@ def test_train_and_sample_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_pa
     assert last.endswith("sample.py: interrupted; nothing written"), last
     assert not wav.exists() and not wav.with_suffix(".png").exists()
 
+def test_eval_keeps_the_rows_of_the_runs_done_when_a_later_one_stops(synth_dir, tmp_path):
+    """eval.py over two runs, the second's data gone: it stops on that run with one line that
+    names it, after printing the first run's row, not losing it."""
+    good = tmp_path / "good"
+    p = subprocess.run(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    ck = torch.load(good / "ckpt.pt", weights_only=True)
+    ck["config"]["data_dir"] = str(tmp_path / "gone")
+    torch.save(ck, moved / "ckpt.pt")
+    p = subprocess.run([sys.executable, "eval.py", str(good), str(moved)], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and f"{moved / 'ckpt.pt'}: data:" in p.stderr, p.stderr[-2000:]
+    assert "the table above holds the 1 run(s) evaluated before" in p.stderr, p.stderr[-2000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 and rows[1].startswith("| good |"), p.stdout  # header, the run
+    assert "Traceback" not in p.stderr
+
 def killed_at(cmd, marker, timeout=300):
     """Runs cmd until its output (stdout and stderr, progress bars included) shows marker, then
     kills it with SIGKILL. Returns whether the kill landed (False: it finished first) and the output
