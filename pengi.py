@@ -933,6 +933,8 @@ def parse_task_weights(spec, tasks):
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))
+        if name in weights:
+            raise ValueError(f"task_weights: {name!r} is named twice")
         if name not in tasks:
             raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
                              f"{', '.join(tasks)}")
@@ -1013,6 +1015,9 @@ def load_data(data_dir, config, tok):
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    if not tasks or len(set(tasks)) < len(tasks):
+        raise ValueError(f"tasks={config.tasks!r}: name each task of the mix once, comma-separated "
+                         f"(from {', '.join(TASKS)})")
     if config.pad not in PAD_MODES:
         raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
     data = {"tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,

@@ -995,6 +995,9 @@ def stage_tasks(config):
         bad = [t for t in tasks if t not in ALL_TASKS]
         if bad:
             raise ValueError(f"tasks={config.tasks!r}: unknown {bad}; known: {ALL_TASKS}")
+        if not tasks or len(set(tasks)) < len(tasks):
+            raise ValueError(f"tasks={config.tasks!r}: name each task of the mix once, "
+                             f"comma-separated (known: {ALL_TASKS})")
         return tasks
     return STAGE_TASKS.get(config.stage, ())
 
@@ -1005,6 +1008,8 @@ def parse_task_weights(spec, tasks):
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))
+        if name in weights:
+            raise ValueError(f"task_weights: {name!r} is named twice")
         if name not in tasks:
             raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
                              f"{', '.join(tasks)}")

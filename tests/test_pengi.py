@@ -1385,11 +1385,15 @@ def test_task_weights_set_the_mix(synth_dir):
     i, p, _ = first[rng.integers(len(first))]
     assert a["prompt"][0, :len(p)].tolist() == p
     for spec, match in [("emotion=2", "not a task of the mix"), ("pitch=x", "needs a number"),
-                        ("pitch=-1", ">= 0"), (",".join(f"{t}=0" for t in tasks), "weighs 0")]:
+                        ("pitch=-1", ">= 0"), (",".join(f"{t}=0" for t in tasks), "weighs 0"),
+                        ("qa=1, qa=2", "'qa' is named twice")]:
         with pytest.raises(ValueError, match=match):
             pengi.load_data(synth_dir, pengi.PengiConfig(task_weights=spec), tok)
     with pytest.raises(ValueError, match="not a task of the mix"):  # pitch, but music is not mixed
         pengi.load_data(synth_dir, pengi.PengiConfig(tasks="class", task_weights="pitch=2"), tok)
+    for spec in (",", "", "qa,class,qa"):  # no task, or one twice: named as the list's fault
+        with pytest.raises(ValueError, match=f"tasks={spec!r}: name each task of the mix once"):
+            pengi.load_data(synth_dir, pengi.PengiConfig(tasks=spec, task_weights="qa=2"), tok)
 
 
 def test_task_weights_follow_each_task_whatever_order_the_clips_list_them(tmp_path):

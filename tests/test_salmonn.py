@@ -562,10 +562,16 @@ def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
     with pytest.raises(ValueError, match="leave the train split's tasks .* no weight"):
         share(zero, n=1)  # speaker keeps its weight, but these clips have no speaker
     for spec, msg in (("story=2", "'story' is not a task of the mix"),
-                      ("qa", "needs a number"), ("qa=-1", "finite weight >= 0")):
+                      ("qa", "needs a number"), ("qa=-1", "finite weight >= 0"),
+                      ("qa=1,qa=2", "'qa' is named twice")):
         with pytest.raises(ValueError, match=msg):
             salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", task_weights=spec),
                               tok)
+    # a list of no task, or of one twice, is named as such (not as a weight of no task)
+    for tasks in (",", " ", "qa,qa"):
+        with pytest.raises(ValueError, match=f"tasks={tasks!r}: name each task of the mix once"):
+            salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", tasks=tasks,
+                                                         task_weights="qa=2"), tok)
     # the pretrained parts' stages have no mix to choose
     for stage, setting in (("whisper", dict(tasks="captioning")),
                            ("whisper", dict(task_weights="transcription=2")),
