@@ -799,8 +799,9 @@ def load_llm_state(path):
               if k.removeprefix("_orig_mod.").startswith("llm.")}
         sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
         if missing or not sd:
-            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args "
-                             f"lacks {missing} or no 'llm.*' weights)")
+            what = f"its model_args lack {', '.join(missing)}" if missing else "no 'llm.*' weights"
+            raise ValueError(f"llm_init={path}: a {raw.get('model_name', 'train.py')} checkpoint "
+                             f"without an LLM ({what})")
         if args.get("stage") not in (None, "llm"):
             print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's "
                   f"base weights")

@@ -1259,8 +1259,9 @@ def load_llm_state(path):
               if k.removeprefix("_orig_mod.").startswith("llm.")}
         sd = {k: v for k, v in sd.items() if ".lora_" not in k and not k.startswith("lm_head.")}
         if missing or not sd:
-            raise ValueError(f"llm_init={path}: a train.py checkpoint without an LLM (model_args "
-                             f"lacks {missing} or no 'llm.*' weights)")
+            what = f"its model_args lack {', '.join(missing)}" if missing else "no 'llm.*' weights"
+            raise ValueError(f"llm_init={path}: a {raw.get('model_name', 'train.py')} checkpoint "
+                             f"without an LLM ({what})")
         if args.get("stage") not in (None, "llm"):
             print(f"llm_init={path}: a checkpoint of stage {args['stage']!r}; taking its LLM's "
                   f"base weights")
@@ -1297,12 +1298,24 @@ def load_llm_state(path):
                     block_size=hf.get("n_positions", sd["wpe.weight"].size(0)),
                     vocab_size=hf.get("vocab_size", sd["wte.weight"].size(0)))
 
+def run_checkpoint(path):
+    """A run's folder stands for the ckpt.pt in it (as llm_init and eval.py take one)."""
+    inside = os.path.join(path, "ckpt.pt")
+    return inside if os.path.isdir(path) and os.path.isfile(inside) else path
+
+def checkpoint_kind(ck):
+    """What a train.py checkpoint holds, for a message: "a salmonn checkpoint of stage 'llm'"."""
+    stage = ck["model_args"].get("stage")
+    return f"a {ck.get('model_name', 'train.py')} checkpoint" + (f" of stage {stage!r}" if stage
+                                                                 else "")
+
 def load_whisper_encoder_state(path):
     """The speech encoder's weights from (a) our stage-"whisper" ckpt.pt (keys "speech.<name>") or
     (b) an OpenAI Whisper checkpoint ({"dims": {...}, "model_state_dict": {...}}, e.g. tiny.pt /
     base.pt). Returns (state dict in SpeechEncoder's names, sizes dict with n_layer, n_head, n_embd,
     n_mels, features). An OpenAI encoder reads Whisper's own features (80 bins of 16 kHz audio at
     100 frames/s): speech_features="whisper"."""
+    path = run_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"whisper_init={path}: no such file")
     ck = load_torch_file(path, "whisper_init")
@@ -1310,8 +1323,8 @@ def load_whisper_encoder_state(path):
         args = ck["model_args"]
         sd = {k[len("speech."):]: v for k, v in ck["model"].items() if k.startswith("speech.")}
         if not sd:
-            raise ValueError(f"whisper_init={path}: a salmonn checkpoint of stage "
-                             f"{args.get('stage')!r} without a speech encoder")
+            raise ValueError(f"whisper_init={path}: {checkpoint_kind(ck)} without a speech "
+                             f"encoder")
         try:  # speech_n_mels 0: the encoder read that run's data, n_mels bins
             return sd, dict(n_layer=args["speech_n_layer"], n_head=args["speech_n_head"],
                             n_embd=args["speech_n_embd"],
@@ -1335,6 +1348,7 @@ def load_whisper_encoder_state(path):
 def load_beats_state(path):
     """The audio encoder's weights from our stage-"beats" ckpt.pt: (state dict in BEATsEncoder's
     names, sizes)."""
+    path = run_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"beats_init={path}: no such file")
     ck = load_torch_file(path, "beats_init")
@@ -1344,8 +1358,7 @@ def load_beats_state(path):
     args = ck["model_args"]
     sd = {k[len("beats."):]: v for k, v in ck["model"].items() if k.startswith("beats.")}
     if not sd:
-        raise ValueError(f"beats_init={path}: a salmonn checkpoint of stage {args.get('stage')!r} "
-                         f"without an audio encoder")
+        raise ValueError(f"beats_init={path}: {checkpoint_kind(ck)} without an audio encoder")
     try:
         return sd, dict(n_layer=args["beats_n_layer"], n_head=args["beats_n_head"],
                         n_embd=args["beats_n_embd"], patch_f=args["beats_patch_f"],

@@ -462,6 +462,9 @@ if __name__ == "__main__":
         except ValueError as e:
             fail(e)
         if init_from != "scratch":
+            if os.path.isdir(init_from):
+                fail(f"init_from={init_from!r}: a folder; name the checkpoint in it (e.g. "
+                     f"{os.path.join(init_from, 'ckpt.pt')})")
             if not os.path.isfile(init_from):
                 fail(f"init_from={init_from!r}: expected scratch, resume or the path of a ckpt.pt "
                      f"(file not found: the train.py run whose out_dir holds it writes it"

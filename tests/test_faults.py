@@ -235,6 +235,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (train(new, synth_dir, "--block_size=-2", "--use_mel=False"),
              "block_size=-2: must be at least 1"),
             (train(new, synth_dir, "--mel_n_embd=0"), "mel_n_embd=0: must be at least 1"),
+            (train(new, synth_dir, f"--init_from={good}"),
+             f"init_from='{good}': a folder; name the checkpoint in it (e.g. {good / 'ckpt.pt'})"),
             ([sys.executable, "train.py", "config/salmonn_llm.py", f"--out_dir={new}",
               f"--data_dir={synth_dir}", "--llm_block_size=-4"],
              "llm_block_size=-4: must be at least 1"),

@@ -2149,6 +2149,30 @@ def test_whisper_stage_checkpoint_on_whisper_features_keeps_its_bins(tmp_path):
     for k, v in w.speech.state_dict().items():
         assert torch.equal(m.speech.state_dict()[k], v), k
 
+def test_a_part_given_as_its_run_folder_or_of_the_wrong_kind(tmp_path):
+    """whisper_init and beats_init take a run's folder for its ckpt.pt (as llm_init does); a
+    checkpoint without the part is named by its model and stage, and one without an LLM says what
+    it lacks."""
+    torch.manual_seed(0)
+    (tmp_path / "w").mkdir()
+    save_part(SALMONN(tiny_config(stage="whisper")), tmp_path / "w" / "ckpt.pt")
+    sd, _ = salmonn.load_whisper_encoder_state(str(tmp_path / "w"))
+    file_sd, _ = salmonn.load_whisper_encoder_state(str(tmp_path / "w" / "ckpt.pt"))
+    assert sd.keys() == file_sd.keys() and all(torch.equal(sd[k], file_sd[k]) for k in sd)
+    (tmp_path / "b").mkdir()
+    save_part(SALMONN(tiny_config(stage="beats", tags="class=a|class=b")),
+              tmp_path / "b" / "ckpt.pt")
+    assert salmonn.load_beats_state(str(tmp_path / "b"))[0]
+    with pytest.raises(ValueError, match="a salmonn checkpoint of stage 'beats' without a speech"):
+        salmonn.load_whisper_encoder_state(str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="salmonn checkpoint of stage 'whisper' without an audio"):
+        salmonn.load_beats_state(str(tmp_path / "w"))
+    with pytest.raises(ValueError, match=r"a salmonn checkpoint without an LLM \(no 'llm\.\*' "
+                                         r"weights\)"):
+        salmonn.load_llm_state(str(tmp_path / "w" / "ckpt.pt"))
+    with pytest.raises(FileNotFoundError, match="whisper_init=.*: no such file"):
+        salmonn.load_whisper_encoder_state(str(tmp_path))  # a folder without a run
+
 def test_beats_checkpoint_sets_its_patch_height(tmp_path):
     """beats_init's patch height (beats_patch_f, so its number of frequency bands) replaces the
     config's, as its widths do."""
