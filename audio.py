@@ -135,8 +135,11 @@ def load_audio(path):
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: "
-                             f"{str(e).strip()[:120]})")
+        why = str(e).strip()[:120]
+        if os.path.isfile(path) and "does not exist" in why:
+            # libsndfile's words for some files it cannot decode (text named .mp3)
+            why = "libsndfile cannot open it as audio"
+        raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: {why})")
     wav = data.mean(axis=1)
     if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
         raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "

@@ -227,6 +227,12 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     with pytest.raises(A.BadAudio, match="shorter than one frame") as e:
         A.load_audio(tmp_path / "short.wav")
     assert str(e.value).startswith(f"{tmp_path / 'short.wav'}: ")
+    # text named .mp3: libsndfile's own words would say the file does not exist
+    (tmp_path / "fake.mp3").write_text("hi\n")
+    with pytest.raises(A.BadAudio, match="unreadable or corrupt audio") as e:
+        A.load_audio(tmp_path / "fake.mp3")
+    assert "does not exist" not in str(e.value) and str(e.value).startswith(
+        f"{tmp_path / 'fake.mp3'}: ")
 
 
 def test_check_audio_refuses_near_silence_and_integer_scaled_floats():
