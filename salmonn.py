@@ -1938,7 +1938,8 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
     # an instruction not trained on (a question is QA's) is answered less reliably: said
     if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")
             and not any(prompt in v for v in INSTRUCTIONS.values())):
-        print(f"salmonn.sample: {prompt!r} is not one of the trained instructions (e.g. "
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        print(f"salmonn.sample: {shown!r} is not one of the trained instructions (e.g. "
               f"{INSTRUCTIONS['transcription'][0]!r}, {INSTRUCTIONS['captioning'][0]!r}; all in "
               f"salmonn.INSTRUCTIONS, docs/salmonn.md): the answer may be off")
     if stage == "llm":  # text only: continue the prompt template
@@ -1952,6 +1953,11 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
                         audio_mask=torch.tensor([mask], device=device), **batch)
     room, least = model.llm.block_size - x.size(1), min(int(o["max_new_tokens"]), 16)
     if room < least:  # not even a short answer would fit
+        if stage != "llm" and room + sum(mask) < least:  # the prompt alone is too long
+            raise ValueError(f"salmonn sample: the prompt takes {x.size(1) - sum(mask)} of the "
+                             f"LLM's {model.llm.block_size} positions without the audio, leaving "
+                             f"{max(room + sum(mask), 0)} for audio and answer: give a shorter "
+                             f"prompt")
         if stage != "llm":  # the longest clip that would: whole windows of speech frames
             # rounded down: a length printed rounded up would not fit
             fits = math.floor(seconds_of_tokens(room + sum(mask) - least, model.config) * 100) / 100

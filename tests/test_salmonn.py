@@ -940,8 +940,10 @@ def test_sample_options():
                       ({"beam": 0}, "beam=0: must be at least 1")):
         with pytest.raises(ValueError, match=said):
             salmonn.sample(m, tok, audio, None, None, **bad)
-    # a prompt that leaves the answer no room in the LLM's context is refused (it answered "")
-    with pytest.raises(ValueError, match=r"take \d+ of the LLM's 128 positions, leaving 0"):
+    # a prompt that leaves the answer no room in the LLM's context is refused (it answered ""),
+    # as the prompt's fault when the prompt alone leaves none (no clip would fit)
+    with pytest.raises(ValueError, match=r"the prompt takes \d+ of the LLM's 128 positions "
+                                         r"without the audio, leaving 0 .*shorter prompt$"):
         salmonn.sample(m, tok, audio, "x" * 200, None, beam=1)
 
 def test_options_below_their_least_refused_by_sample_and_evaluate():
@@ -994,6 +996,12 @@ def test_sample_says_when_an_instruction_was_not_trained(capsys):
             salmonn.sample(m, tok, audio, prompt, None, beam=1, max_new_tokens=2)
         out = capsys.readouterr().out
         assert ("not one of the trained instructions" in out) == noted, (prompt, out)
+    # a long one is shown cut to 80 characters, not whole
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=512)).eval()
+    with torch.no_grad():
+        salmonn.sample(m, tok, audio, "Describe it. " * 9, None, beam=1, max_new_tokens=2)
+    out = capsys.readouterr().out
+    assert f"{('Describe it. ' * 9)[:77] + '...'!r} is not one of the trained" in out, out
 
 @pytest.mark.parametrize("temperature,top_k", [(0.5, 0), (2.0, 0), (0.5, 7), (2.0, 7)])
 def test_sampling_draws_from_softmax_of_logits_over_temperature(multinomial_draws, temperature,
