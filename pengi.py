@@ -847,7 +847,8 @@ def set_llm_dims(config):
         return
     if not os.path.exists(config.llm_init):
         raise FileNotFoundError(f"llm_init={config.llm_init}: no such file or directory (the LM "
-                                f"whose sizes and weights Pengi starts from)")
+                                f"whose sizes and weights Pengi starts from; a Pengi or SALMONN "
+                                f"checkpoint holds one too: --llm_init=<its ckpt.pt>)")
     _, dims = load_llm_state(config.llm_init)
     # the LM must read the tokenizer's ids: a larger vocab would be lost when a checkpoint reloads
     # (load_data sets vocab_size from the tokenizer) and could sample ids no tokenizer decodes

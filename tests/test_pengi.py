@@ -905,6 +905,14 @@ def test_llm_loaders(tmp_path):
     # of them, e.g. text_n_layer > llm_n_layer, would be the error instead)
     with pytest.raises(FileNotFoundError, match=f"llm_init={tmp_path / 'missing.pt'}: no such"):
         pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "missing.pt")))
+    # ... and says where else an LM is: a Pengi checkpoint holds one, which llm_init takes
+    cfg3 = tiny_config(llm_init=str(tmp_path / "ckpt.pt"), llm_n_embd=8)
+    pengi.set_llm_dims(cfg3)
+    assert cfg3.llm_n_embd == 16
+    m3 = pengi.Pengi(cfg3)
+    pengi.init_pretrained(m3)
+    for k, v in m3.llm.state_dict().items():
+        assert torch.equal(v, ck["model"][f"llm.{k}"]), k
 
 
 def test_bleu4_hand_worked():
