@@ -906,13 +906,21 @@ def test_llm_loaders(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"llm_init={tmp_path / 'missing.pt'}: no such"):
         pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "missing.pt")))
     # ... and says where else an LM is: a Pengi checkpoint holds one, which llm_init takes
-    cfg3 = tiny_config(llm_init=str(tmp_path / "ckpt.pt"), llm_n_embd=8)
+    with pytest.raises(FileNotFoundError, match="a Pengi or SALMONN checkpoint holds one too"):
+        pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "missing.pt")))
+    from dataclasses import asdict
+    cfg = tiny_config(llm_init=str(tmp_path / "ckpt.pt"), vocab_size=0)
+    pengi.set_llm_dims(cfg)
+    m = pengi.Pengi(cfg)
+    pengi.init_pretrained(m)  # the LM of ckpt.pt, saved in a Pengi checkpoint
+    torch.save({"model": m.state_dict(), "model_name": "pengi", "model_args": asdict(m.config)},
+               tmp_path / "pengi.pt")
+    cfg3 = tiny_config(llm_init=str(tmp_path / "pengi.pt"), llm_n_embd=8, llm_n_layer=1)
     pengi.set_llm_dims(cfg3)
-    assert cfg3.llm_n_embd == 16
+    assert (cfg3.llm_n_embd, cfg3.llm_n_layer) == (16, 2)
     m3 = pengi.Pengi(cfg3)
     pengi.init_pretrained(m3)
-    for k, v in m3.llm.state_dict().items():
-        assert torch.equal(v, ck["model"][f"llm.{k}"]), k
+    torch.testing.assert_close(m3.llm(x)[0], ref)
 
 
 def test_bleu4_hand_worked():
