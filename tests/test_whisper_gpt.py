@@ -1283,9 +1283,9 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
     """--out and --out_root are checked before the sweep, which they would fail after: --out a
     folder (also one still to be made, named with a trailing slash) or under a file, --out_root
     under a file, the default --out (out_root/table1.md) a folder, a file the script did not write
-    (README.md); each stops with one line and nothing is trained or written. A --out in folders
-    still to be made passes, as does an empty file or a table the script wrote (here the missing
-    --data_dir, checked next, stops them)."""
+    (a user's notes, left as they are); each stops with one line and nothing is trained or
+    written. A --out in folders still to be made passes, as does an empty file or a table the
+    script wrote (here the missing --data_dir, checked next, stops them)."""
     (tmp_path / "file").write_text("")
     (tmp_path / "runs" / "table1.md").mkdir(parents=True)
     (tmp_path / "notes.md").write_text("# my notes\n")
