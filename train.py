@@ -398,6 +398,17 @@ if __name__ == "__main__":
         fail(f"out_dir={out_dir!r}: expected a folder (made if missing) for ckpt.pt and log.jsonl")
     if not eval_only:  # checked now, not at the first save after minutes of training
         configurator.check_folder("train.py", f"out_dir={out_dir!r}", out_dir)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    iter_num = None  # set once the weights are loaded
+
+    def interrupted(signum, frame):  # Ctrl-C: a line, not a traceback (saves are atomic)
+        if master:
+            kept = (f"{ckpt_path}, its last save, is kept: the same command resumes it"
+                    if os.path.exists(ckpt_path) else "no checkpoint was saved yet")
+            when = "before the first iteration" if iter_num is None else f"at iter {iter_num}"
+            print(f"\ntrain.py: interrupted {when}; {kept}", file=sys.stderr)
+        sys.exit(1)
+    signal.signal(signal.SIGINT, interrupted)
     sequences_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size
     if master:
         # the run in one line: with no config file given, these are train.py's defaults
@@ -418,7 +429,6 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # data, model, optimizer
     checkpoint = init = None
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if eval_only and init_from == "scratch" and os.path.exists(ckpt_path):
         init_from = "resume"  # evaluate the run there, not fresh weights
     if init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path):
@@ -651,13 +661,6 @@ if __name__ == "__main__":
     save_start = init_from not in ("scratch", "resume") and not always_save_checkpoint
     t_log, tokens_log, iters_log = time.time(), 0, 0
 
-    def interrupted(signum, frame):  # Ctrl-C: a line, not a traceback (saves are atomic)
-        if master:
-            kept = (f"{ckpt_path}, its last save, is kept: the same command resumes it"
-                    if os.path.exists(ckpt_path) else "no checkpoint was saved yet")
-            print(f"\ntrain.py: interrupted at iter {iter_num}; {kept}", file=sys.stderr)
-        sys.exit(1)
-    signal.signal(signal.SIGINT, interrupted)
     while True:
         lr = get_lr(iter_num) if decay_lr else learning_rate
         for group in optimizer.param_groups:

@@ -347,7 +347,7 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
 
 def test_train_and_sample_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
     """Ctrl-C (SIGINT) in train.py's loop: a line naming the iteration and the checkpoint kept,
-    which loads; in sample.py's generation: a line saying nothing was written, and nothing is.
+    which loads (before the loop, while the data loads: a line saying so); in sample.py's generation: a line saying nothing was written, and nothing is.
     Neither prints a traceback."""
     def interrupted(cmd, marker):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -364,6 +364,12 @@ def test_train_and_sample_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_pa
         assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
         return out.rstrip().splitlines()[-1]
 
+    # while the data loads and the model is built (~1-2 s after the run's first line)
+    early = tmp_path / "early"
+    last = interrupted(train(early, synth_dir, "--max_iters=100000"), b"iterations into")
+    assert last == ("train.py: interrupted before the first iteration; no checkpoint was saved "
+                    "yet"), last
+    assert not (early / "ckpt.pt").exists()
     run = tmp_path / "run"
     last = interrupted(train(run, synth_dir, "--max_iters=100000"), b"saved ")
     assert re.fullmatch(rf"train\.py: interrupted at iter \d+; {re.escape(str(run / 'ckpt.pt'))}, "
