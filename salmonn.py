@@ -1912,7 +1912,15 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
                          f"given)")
+    check_lora_scale("salmonn sample", o["lora_scale"])
     return in_eval_mode(model, _sample, model, tok, audio, prompt, o, beam, temperature)
+
+def check_lora_scale(where, scale):
+    """The LoRA scale an answer is decoded with: None (the model's), or a finite number >= 0."""
+    if scale is not None and not 0 <= float(scale) < math.inf:
+        raise ValueError(f"{where}: lora_scale={scale}: must be a finite number, at least 0 (0 "
+                         f"is the LLM without LoRA; the paper lowers 4 to 2 for activation "
+                         f"tuning)")
 
 def _sample(model, tok, audio, prompt, o, beam, temperature):
     device = next(model.parameters()).device
@@ -2197,6 +2205,7 @@ def evaluate(model, data, tok, split="val", **opts):
                        ("max_new_tokens", 1)):
         if o[key] < least:
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
+    check_lora_scale("salmonn evaluate", o["lora_scale"])
     return in_eval_mode(model, _evaluate, model, data, tok, split, o)
 
 def _evaluate(model, data, tok, split, o):

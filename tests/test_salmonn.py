@@ -1064,6 +1064,15 @@ def test_sample_lora_scale_option_is_the_scale_decoded_with():
                           **opts)["text"] == by_hand
     assert m.lora_scale == 2.0 and all(b.attn.lora_scale == 2.0 for b in m.llm.h)
     assert salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["text"] == default
+    # a scale that is not a finite number >= 0 is named, in sample and in evaluate
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"salmonn sample: lora_scale={bad}: must be a "
+                                             rf"finite number, at least 0"):
+            salmonn.sample(m, tok, audio, "Transcribe.", None, lora_scale=bad, **opts)
+        with pytest.raises(ValueError, match=rf"salmonn evaluate: lora_scale={bad}: must be a "
+                                             rf"finite number, at least 0"):
+            salmonn.evaluate(m, None, tok, "val", lora_scale=bad)
+    assert m.lora_scale == 2.0
     # the instruction answered comes back: the given one, or without one the captioning one
     assert salmonn.sample(m, tok, audio, "Transcribe.", None, **opts)["prompt"] == "Transcribe."
     no_prompt = salmonn.sample(m, tok, audio, None, None, **opts)
