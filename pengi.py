@@ -1384,8 +1384,8 @@ EVAL_OPTS = dict(max_clips=200, beam=5, max_new_tokens=30, length_penalty=1.0, b
 
 @torch.no_grad()
 def evaluate(model, data, tok, split="val", **opts):
-    """Paper-style metrics on `split` (the first max_clips examples of each task), in eval mode (the
-    model's mode is restored after):
+    """Paper-style metrics on `split` (the first max_clips examples of each task, 0 = all), in eval
+    mode (the model's mode is restored after):
       caption_bleu4
       qa_acc: exact match after normalisation; also per clip kind, qa_acc_{kind}
       {key}_acc_gen, for class and the music labels: the generated text equals the label
@@ -1405,7 +1405,7 @@ def evaluate(model, data, tok, split="val", **opts):
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(EVAL_OPTS)}")
     o = {**EVAL_OPTS, **opts}
-    for key, least in (("max_clips", 1), ("beam", 1), ("max_new_tokens", 1), ("batch_size", 1),
+    for key, least in (("max_clips", 0), ("beam", 1), ("max_new_tokens", 1), ("batch_size", 1),
                        ("probe_clips", 2), ("prior_clips", 1)):  # a probe fits on 2 clips or more
         if o[key] < least:
             raise ValueError(f"pengi.evaluate: {key}={o[key]}: must be at least {least}")
@@ -1415,7 +1415,8 @@ def _evaluate(model, data, tok, split, o):
     if model.config.stage == "clap":  # the encoders alone: the representation study
         return probe_metrics(model, data, split, o["probe_keys"],
                              int(o["probe_clips"])) if o["probe"] else {}
-    max_clips, beam, bs = int(o["max_clips"]), int(o["beam"]), int(o["batch_size"])
+    # max_clips 0: every example (as SALMONN's evaluate reads it)
+    max_clips, beam, bs = int(o["max_clips"]) or None, int(o["beam"]), int(o["batch_size"])
     prior_clips = int(o["prior_clips"])
     gen = dict(beam=beam, max_new_tokens=int(o["max_new_tokens"]),
                length_penalty=float(o["length_penalty"]))

@@ -1083,9 +1083,14 @@ def test_evaluate_scores_every_task_of_the_default_mix_but_metadata():
         pengi.eval_tasks({"tasks": list(pengi.TASKS)}, "metadata")
     data = tiny_label_data()
     data["tasks"] = list(pengi.TASKS)
-    got = pengi.evaluate(tiny_model(), data, WordIds(), "val", max_clips=2, beam=1,
-                         max_new_tokens=2, prior_clips=2, probe=False)
+    m, opts = tiny_model(), dict(beam=1, max_new_tokens=2, prior_clips=2, probe=False)
+    got = pengi.evaluate(m, data, WordIds(), "val", max_clips=2, **opts)
     assert "class_acc_gen" in got and "prefix_norm_ratio_audio" in got
+    # max_clips=0 scores every example, as SALMONN's evaluate reads it
+    every = pengi.evaluate(m, data, WordIds(), "val", max_clips=0, **opts)
+    assert every == pengi.evaluate(m, data, WordIds(), "val", max_clips=10 ** 6, **opts) != got
+    with pytest.raises(ValueError, match=r"max_clips=-1: must be at least 0"):
+        pengi.evaluate(m, data, WordIds(), "val", max_clips=-1, **opts)
 
 
 def test_text_metrics_score_the_first_max_clips_examples(monkeypatch):
