@@ -18,8 +18,10 @@ Any --key=value not among the settings below goes to train.py, for every run (e.
 """
 
 import ast
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -471,9 +473,16 @@ if __name__ == "__main__":
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among "
                  f"{', '.join(NAMES)})")
-    # a bad train.py setting stops here
-    run_settings = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py", *train_args])[0]
-                    for m in model_list}
+    # a bad train.py setting stops here, in one line of this script's (train.py's names train.py)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            run_settings = {m: train.load_settings([f"config/whisper_gpt_{m}_cpu.py",
+                                                    *train_args])[0] for m in model_list}
+    except SystemExit:
+        fail(said.getvalue().strip().removeprefix("train.py: ") + " (the settings not this "
+             "script's go to train.py, for every run)")
+    sys.stderr.write(said.getvalue())
     if not all(s["always_save_checkpoint"] for s in run_settings.values()):
         fail(f"--always_save_checkpoint={unknown['always_save_checkpoint']}: the table is of "
              f"each run's last weights, which a best-only checkpoint does not keep")
