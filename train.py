@@ -522,8 +522,15 @@ if __name__ == "__main__":
             fail(f"init_from={init_from}: its weights do not fit this model: "
                  f"{' '.join(str(e).split())[:240]}")
         if unexpected:
+            # another stage's checkpoint (SALMONN, Pengi): its parts come through the *_init settings
+            stage, ours = init["model_args"].get("stage"), getattr(config, "stage", None)
+            inits = [f.name for f in fields(config)
+                     if f.name.endswith("_init") and f.default == ""]  # the parts' paths
+            hint = (f" (a checkpoint of stage {stage!r}, this run is stage {ours!r}: another "
+                    f"stage's parts come through {', '.join(inits)})"
+                    if stage and ours and stage != ours and inits else "")
             fail(f"init_from={init_from}: the checkpoint has weights this model lacks: "
-                 f"{unexpected[:5]}...")
+                 f"{unexpected[:5]}...{hint}")
         if master:
             print(f"initialised from {init_from} ({init.get('model_name')}, iter "
                   f"{init.get('iter_num')}); {len(missing)} tensors not in it keep their fresh "

@@ -848,6 +848,24 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0 and "wer" in p.stdout, p.stderr[-2000:]
 
+def test_init_from_another_stages_checkpoint_names_the_settings_for_its_parts(synth_dir,
+                                                                             tmp_path):
+    """A SALMONN stage-1 run given a stage-"whisper" checkpoint as init_from (whose decoder the
+    stage-1 model lacks) stops in one line that names the two stages and the *_init settings that
+    take another stage's parts."""
+    sizes = [*TEXT_TINY[:-1], "--speech_n_layer=1", "--speech_n_embd=32", "--beats_n_layer=1",
+             "--beats_n_embd=32", "--qformer_n_layer=1", "--qformer_n_embd=32",
+             "--llm_block_size=160", "--llm_probe_min=0", "--whisper_dec_n_layer=1",
+             f"--data_dir={synth_dir}"]
+    run([*sizes, "--stage=whisper", "--max_iters=1", f"--out_dir={tmp_path / 'whisper'}"])
+    p = run([*sizes, "--stage=pretrain", "--max_iters=1", f"--out_dir={tmp_path / 'stage1'}",
+             f"--init_from={tmp_path / 'whisper' / 'ckpt.pt'}"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().endswith(
+        "(a checkpoint of stage 'whisper', this run is stage 'pretrain': another stage's parts "
+        "come through whisper_init, beats_init, llm_init)"), p.stderr
+    assert "the checkpoint has weights this model lacks: ['decoder." in p.stderr
+
 def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     """A text model's checkpoint records the tokenizer its config names (tokenizer="corpus": with
     the BPE's ranks). A run that starts from it, eval.py and sample.py use that tokenizer, even
