@@ -274,6 +274,9 @@ if __name__ == "__main__":
         if globals()[key] < 1:
             fail(f"--{key}={globals()[key]}: must be at least 1")
     if child:
+        if child not in dict(MODELS):
+            fail(f"--child={child}: expected one of {', '.join(dict(MODELS))} (an internal "
+                 f"setting: the benchmark runs each model's training in a child of its own)")
         print(json.dumps(train_one(child)))
         sys.exit(0)
     # before the benchmark: a bad --out or --data_dir would fail after minutes of it

@@ -1371,6 +1371,8 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
               f"bench_whisper_gpt.py: --out={missing}: {missing.parent} does not exist"),
              (small + [f"--data_dir={tmp_path / 'nowhere'}"],
               f"bench_whisper_gpt.py: --data_dir={tmp_path / 'nowhere'}: no meta.json"),
+             (small + ["--child=nope"], "bench_whisper_gpt.py: --child=nope: expected one of s, "
+                                        "hybrid, l"),
              (["bench_attention.py", "--ptxas", "--dims=abc"],
               "bench_attention.py: --dims=abc: expected integers separated by commas"),
              (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=64,48"],
