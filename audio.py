@@ -467,12 +467,10 @@ def decode(codec, codes):
 
 def features(wav, codec):
     """features(wav, codec) -> (codes, mel), frame i of each aligned, frames = ceil(n / 320).
-    wav: a 1-D float array or tensor of n samples at 24 kHz. codec: from load_codec(), or a prepared
-    data dir whose codec is then loaded. codes: int64 np array (frames, 8), EnCodec's at 6 kbps,
-    column 0 the coarse stream. mel: float32 np array (frames, 64), from log_mel()."""
-    if isinstance(codec, (str, Path)):
-        codec = load_codec(codec)
-    wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
+    wav: a 1-D float array of n samples at 24 kHz. codec: from load_codec(). codes: int64 np array
+    (frames, 8), EnCodec's at 6 kbps, column 0 the coarse stream. mel: float32 np array (frames,
+    64), from log_mel()."""
+    wav = np.asarray(wav, dtype=np.float32)
     emb = encode_emb(codec, [wav])[0]
     return quantize(codec, emb).numpy(), log_mel(wav)
 

@@ -38,7 +38,6 @@ wgmma).
 
 import argparse
 import functools
-import os
 import re
 import subprocess
 import sys
@@ -167,12 +166,11 @@ def ptxas_report(name, D, causal, lens, tile, dtype="bfloat16"):
         cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
         ttir=compiled.asm["ttir"], ptx=ptx)
 
-def ptxas_table(cases, dtype="bfloat16", progress=True):
+def ptxas_table(cases, dtype="bfloat16"):
     cols = ["kernel", "D", "causal", "lengths", "tile (M x N, warps, stages)", "regs", "spill B",
             "smem KiB", "wgmma", "mma.sync", "TMA"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    if progress:
-        print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)
     shapes = lambda xs: " ".join(sorted({shape for shape, _ in xs})) or "-"
     flag = lambda b: "yes" if b else "no"
     t0 = time.time()
@@ -184,9 +182,9 @@ def ptxas_table(cases, dtype="bfloat16", progress=True):
                  r["regs"], r["spill"], f"{r['smem'] / 1024:.1f}", shapes(r["wgmma"]),
                  shapes(r["mma_sync"]), flag(r["tma"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        if progress:  # 440 builds with --tiles=all: minutes, the first time
-            eta = (time.time() - t0) / (i + 1) * (len(cases) - i - 1)
-            print(lines[-1], f"  [{i + 1}/{len(cases)}, eta {eta:.0f}s]", flush=True)
+        # 440 builds with --tiles=all: minutes, the first time
+        eta = (time.time() - t0) / (i + 1) * (len(cases) - i - 1)
+        print(lines[-1], f"  [{i + 1}/{len(cases)}, eta {eta:.0f}s]", flush=True)
     return lines
 
 # -----------------------------------------------------------------------------
@@ -213,10 +211,11 @@ def timeit(fn, backward, q, k, v, do):
     torch.cuda.synchronize()
     return do_bench(step, warmup=25, rep=100)  # milliseconds
 
-def bench_row(args, D, T, causal, mixed, rng, dtype, device="cuda"):
+def bench_row(args, D, T, causal, mixed, rng, dtype):
     import fused_attention
     from fused_attention import attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    device = "cuda"
     H = max(1, args.width // D)
     B = max(1, args.tokens // T)
     if mixed:

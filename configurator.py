@@ -95,7 +95,7 @@ def print_help(train_argv=None):
     path = getattr(main, "__file__", "") or ""
     name = os.path.basename(path) or "the script"
     print((main.__doc__ or "").strip())
-    print(f"\nSettings, as --key=value" + (" (also the fields of the model file's Config)"
+    print("\nSettings, as --key=value" + (" (also the fields of the model file's Config)"
                                           if name == "train.py" else "") + ":\n")
     try:
         with open(path) as f:
@@ -161,7 +161,7 @@ def typed(key, value, raw, expected, where):
         if expected is bool:
             return boolean(raw, f"{where}: {key} must be True or False")
         if expected is str:
-            return raw                               # --run_name=123 is the string "123"
+            return raw                               # --wandb_run_name=123 is the string "123"
         value = literal(raw)
     if expected is float and type(value) is int:
         return float(value)

@@ -956,7 +956,7 @@ def transcript(clip):
     return text
 
 def task_entries(clip):
-    """(task, instruction or None, answer) pairs this clip offers; None: pick a paraphrase at
+    """(task, instruction or None, answer) triples this clip offers; None: pick a paraphrase at
     random."""
     out = []
     if clip.get("transcript"):

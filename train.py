@@ -5,8 +5,9 @@ Training script for every model of this repository (whisper_gpt, salmonn, pengi)
     # DDP, one process per GPU; gradient_accumulation_steps counts the micro-steps of all of them
     torchrun --standalone --nproc_per_node=4 train.py config/whisper_gpt_s.py --gradient_accumulation_steps=4
 
-Settings come from the defaults below, then the config file(s), then --key=value. A key is either a
-training setting below or a field of the model's Config dataclass; anything else is an error.
+Settings come from the defaults below, then the config file(s) and --key=value, in the order given
+(the later wins). A key is either a training setting below or a field of the model's Config
+dataclass; anything else is an error.
 
 train.py knows a model only through the interface every model file implements: Config, Model,
 load_data, get_batch and an optional init_pretrained (docs/training.md, "The model interface").
@@ -254,16 +255,18 @@ def load_model_data(M, data_dir, config, tok):
         raise ValueError(f"data_dir {data_dir}: its meta.json or clip lists lack the field {e}; "
                          f"prepare.py writes them (re-run it for this data)") from None
 
-def load_weights(model, state, trained_args, data_dir):
-    """Load a checkpoint's weights into a model built from its args (trained_args) and data_dir's
-    data. Weights that do not fit mean the data set a size the checkpoint was not trained with: the
-    ValueError names each such field."""
+def load_weights(model, state, trained_args, built_for):
+    """Load a checkpoint's weights into a model built from its args (trained_args), and from the
+    data it is used on where built_for names a data dir (else it says what the model was built
+    for, in messages). Weights that do not fit mean the data set a size the checkpoint was not
+    trained with, or the checkpoint does not fit its own args: the ValueError names each field
+    that differs."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        changed = [f"{k}={v!r} in the checkpoint, {getattr(model.config, k)!r} from {data_dir}"
+        changed = [f"{k}={v!r} in the checkpoint, {getattr(model.config, k)!r} from {built_for}"
                    for k, v in trained_args.items() if getattr(model.config, k) != v]
-        raise ValueError(f"its weights do not fit the model built for {data_dir}"
+        raise ValueError(f"its weights do not fit the model built for {built_for}"
                          + (f" ({'; '.join(changed)})" if changed else "")
                          + f": {' '.join(str(e).split())[:240]}") from None
 
@@ -524,8 +527,8 @@ if __name__ == "__main__":
         if unexpected:
             # another stage's checkpoint (SALMONN, Pengi): its parts come through the *_init settings
             stage, ours = init["model_args"].get("stage"), getattr(config, "stage", None)
-            inits = [f.name for f in fields(config)
-                     if f.name.endswith("_init") and f.default == ""]  # the parts' paths
+            # the parts' paths (pengi's text_init, default "llm", is a mode, not a path)
+            inits = [f.name for f in fields(config) if f.name.endswith("_init") and f.default == ""]
             hint = (f" (a checkpoint of stage {stage!r}, this run is stage {ours!r}: another "
                     f"stage's parts come through {', '.join(inits)})"
                     if stage and ours and stage != ours and inits else "")

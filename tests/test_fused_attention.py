@@ -504,8 +504,7 @@ def _aot():
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     try:
         import bench_attention
-        # noqa: F401 (the JIT's binder)
-        from triton.runtime.jit import create_function_from_signature
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401 (binder)
     except ImportError as e:
         pytest.skip(f"this triton cannot build ahead of time: {e}")
     return bench_attention

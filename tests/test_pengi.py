@@ -4,7 +4,6 @@ BLEU-4, linear probe, and a CPU-sized model that learns a close-ended task of th
 import itertools
 import json
 import math
-import os
 from collections import Counter
 
 import numpy as np
