@@ -72,6 +72,16 @@ def dtmf_dir(request, tmp_path_factory):
     return prepared_corpus(request, tmp_path_factory, "dtmf", DTMF_ARGS)
 
 
+@pytest.fixture(scope="session")
+def synth_c0(synth_dir):
+    """synth_dir's codebook-0 mels ({split}_mel_c0.bin, prepare.codebook0_mels), made once: the
+    workers of pytest -n take turns, so that one decodes and the others find the files."""
+    import prepare
+    from filelock import FileLock
+    with FileLock(f"{synth_dir}.c0.lock"):
+        prepare.codebook0_mels(synth_dir, quiet=True)
+
+
 @pytest.fixture
 def multinomial_draws(monkeypatch):
     """[(probabilities, drawn index)] of every torch.multinomial call in the test: what a sampler

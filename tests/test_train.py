@@ -59,9 +59,6 @@ def config_model(name, data_dir):
         config.llm_block_size = 1024
     if getattr(config, "llm_init", ""):  # the LM is another stage's output (or GPT-2): its sizes
         config.llm_init = ""             # are the config's own llm_* fields here
-    if getattr(config, "mel_source", "") == "codebook0":  # its mels: made once per corpus
-        import prepare
-        prepare.codebook0_mels(data_dir, quiet=True)
     tok = tokenizer.load_tokenizer(data_dir, config.tokenizer, offline=True) \
         if getattr(config, "tokenizer", None) else None
     train.load_model_data(M, data_dir, config, tok)
@@ -69,6 +66,7 @@ def config_model(name, data_dir):
         return S, M.Model(config)
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.usefixtures("synth_c0")  # the mels config/whisper_gpt_hybrid_c0_cpu.py trains on
 def test_every_config_file_builds_its_model(name, synth_dir):
     """Each config file as train.py reads it: every key a setting of train.py or a field of its
     model's Config, of the right type; its model's data loads from the test corpus (the fields
@@ -77,6 +75,7 @@ def test_every_config_file_builds_its_model(name, synth_dir):
     assert sum(p.numel() for p in model.parameters()) > 0
     assert S["out_dir"].startswith("out/") and S["data_dir"] == synth_dir
 
+@pytest.mark.usefixtures("synth_c0")
 def test_config_files_that_start_from_another_stage_share_its_sizes(synth_dir):
     """A config whose init_from or *_init names another config's checkpoint (out_dir/ckpt.pt)
     builds every weight the two models share with the same shape, so the stages chain as the

@@ -1059,14 +1059,13 @@ def test_table_rows_are_each_models_mean_and_spread_beside_the_papers():
                               f"in {wins} of 2 seeds)") for l in claims), claims
     assert len(claims) == 3
 
+@pytest.mark.usefixtures("synth_c0")
 def test_table_scores_the_hybrid_again_on_its_codebook0_mels(synth_dir, tmp_path):
     """evaluate_run: a hybrid trained on the audio's mels is scored on them, and again
     (as_generating) on the mels of its codebook 0 decoded alone, each equal to evaluate on load_data
     of that mel_source; the mel path and the logits are scaled up so that the two mels give
     clearly different NLLs."""
-    import prepare
     import whisper_gpt_table as WT
-    prepare.codebook0_mels(synth_dir, quiet=True)
     cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, mel_n_layer=1, mel_n_head=2,
                    mel_n_embd=16, mel_dim=8, kinds="speech")
     W.load_data(synth_dir, cfg)
@@ -1132,6 +1131,7 @@ def test_codes_of_another_codec_are_refused_and_a_held_out_corpus_of_the_same_co
                    max_new_tokens=2)
     assert out["codes"].shape == (2, 1)
 
+@pytest.mark.usefixtures("synth_c0")  # the script makes them otherwise, unlocked
 def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     """whisper_gpt_table.py on the test corpus, a tiny budget: every (model, kind, seed) run is
     trained on its subset to max_iters; the table has one mean +- std row per kind and model with
@@ -1402,14 +1402,12 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
         assert len(err.strip().splitlines()) == 1, (args, err[-2000:])
     assert os.listdir(tmp_path) == ["notes.md"] and notes.read_text() == "# my notes\n"
 
+@pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
     decoded alone: what the hybrid computes from its own output while generating;
     mel_source="codebook0" trains and evaluates on it."""
-    import prepare
     import sample as S
-    # made once per corpus (the table test may have made it)
-    prepare.codebook0_mels(synth_dir, quiet=True)
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     tools = S.Tools(synth_dir)
     mel_c0 = np.fromfile(os.path.join(synth_dir, "val_mel_c0.bin"),
