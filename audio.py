@@ -15,6 +15,7 @@ import sys
 import json
 import hashlib
 import math
+import struct
 import time
 import types
 import warnings
@@ -128,9 +129,26 @@ def check_audio(wav, name="audio"):
                              f"scale is 1: float samples written at integer scale? divide them "
                              f"by 32768)")
 
+def wav_data_bytes(path):
+    """(bytes of audio a WAV file's data chunk declares, bytes the file holds after its header), or
+    None for another format or a streamed WAV's placeholder size (0, or ~4 GiB)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos, size = 12, os.path.getsize(path)
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk, n = struct.unpack("<4sI", f.read(8))
+            if chunk == b"data":
+                return (n, size - pos - 8) if 0 < n < 0xFFFFFF00 else None
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    return None
+
 def load_audio(path):
     """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to 24 kHz.
-    Returns float32 np array. Raises BadAudio (a ValueError) naming the file and the problem."""
+    Returns float32 np array. Raises BadAudio (a ValueError) naming the file and the problem. A WAV
+    file cut short (libsndfile reads what there is) is read, with a line that says so."""
     path = str(path)
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)
@@ -140,6 +158,11 @@ def load_audio(path):
             # libsndfile's words for some files it cannot decode (text named .mp3)
             why = "libsndfile cannot open it as audio"
         raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: {why})")
+    declared = wav_data_bytes(path)
+    if declared and declared[1] < declared[0]:
+        print(f"warning: {path}: cut short? its header declares {declared[0]:,} bytes of audio, "
+              f"the file holds {declared[1]:,}: reading the {len(data) / file_sr:.2f} s there are",
+              file=sys.stderr)
     wav = data.mean(axis=1)
     if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
         raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "

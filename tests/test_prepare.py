@@ -235,6 +235,36 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
         f"{tmp_path / 'fake.mp3'}: ")
 
 
+def test_a_wav_cut_short_is_read_with_a_line_that_says_so(tmp_path, capsys):
+    """A WAV file cut short (its data chunk declares more bytes than follow) is read as far as it
+    goes, with a line naming the file and both sizes; a whole WAV, one with a chunk after its
+    audio, a streamed WAV's placeholder size and a FLAC file read without one."""
+    x = sine(440, 1.0)
+    sf.write(tmp_path / "whole.wav", x, SR, subtype="PCM_16")
+    whole = (tmp_path / "whole.wav").read_bytes()
+    assert A.wav_data_bytes(tmp_path / "whole.wav") == (2 * SR, 2 * SR)
+    (tmp_path / "cut.wav").write_bytes(whole[:44 + SR])  # the header, then half the audio
+    got = A.load_audio(tmp_path / "cut.wav")
+    np.testing.assert_allclose(got, A.load_audio(tmp_path / "whole.wav")[:SR // 2], atol=1e-4)
+    err = capsys.readouterr().err
+    assert err == (f"warning: {tmp_path / 'cut.wav'}: cut short? its header declares 48,000 bytes "
+                   f"of audio, the file holds 24,000: reading the 0.50 s there are\n"), err
+    # a chunk after the audio (a LIST of tags), a placeholder size (0xFFFFFFFF), FLAC: no line
+    tail = b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
+    (tmp_path / "tagged.wav").write_bytes(whole[:4] + (len(whole) - 8 + len(tail)).to_bytes(
+        4, "little") + whole[8:] + tail)
+    assert A.wav_data_bytes(tmp_path / "tagged.wav") == (2 * SR, 2 * SR + len(tail))
+    streamed = bytearray(whole)
+    streamed[40:44] = b"\xff\xff\xff\xff"
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    assert A.wav_data_bytes(tmp_path / "streamed.wav") is None
+    sf.write(tmp_path / "x.flac", x, SR)
+    assert A.wav_data_bytes(tmp_path / "x.flac") is None
+    for name in ("whole.wav", "tagged.wav", "streamed.wav", "x.flac"):
+        assert len(A.load_audio(tmp_path / name)) == SR, name
+    assert capsys.readouterr().err == ""
+
+
 def test_check_audio_refuses_near_silence_and_integer_scaled_floats():
     """A clip whose peak is under 1e-4 (-80 dB, the mel's floor: a dithered or near-silent file) is
     "all silent", not only an all-zero one; a float clip peaking over 100 (integer-scaled samples,
