@@ -131,7 +131,7 @@ def check_audio(wav, name="audio"):
 
 def wav_data_bytes(path):
     """(bytes of audio a WAV file's data chunk declares, bytes the file holds after its header), or
-    None for another format or a streamed WAV's placeholder size (0, or ~4 GiB)."""
+    None for another format or a streamed WAV's placeholder size (0, or 2 or 4 GiB)."""
     with open(path, "rb") as f:
         head = f.read(12)
         if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -141,7 +141,8 @@ def wav_data_bytes(path):
             f.seek(pos)
             chunk, n = struct.unpack("<4sI", f.read(8))
             if chunk == b"data":
-                return (n, size - pos - 8) if 0 < n < 0xFFFFFF00 else None
+                # sox writes 0x7ffff000 (rounded to its block) when it cannot seek back
+                return (n, size - pos - 8) if 0 < n < 0x7FFFF000 - 4096 else None
             pos += 8 + n + (n & 1)  # chunks are padded to an even size
     return None
 
@@ -158,11 +159,6 @@ def load_audio(path):
             # libsndfile's words for some files it cannot decode (text named .mp3)
             why = "libsndfile cannot open it as audio"
         raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: {why})")
-    declared = wav_data_bytes(path)
-    if declared and declared[1] < declared[0]:
-        print(f"warning: {path}: cut short? its header declares {declared[0]:,} bytes of audio, "
-              f"the file holds {declared[1]:,}: reading the {len(data) / file_sr:.2f} s there are",
-              file=sys.stderr)
     wav = data.mean(axis=1)
     if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
         raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "
@@ -171,6 +167,11 @@ def load_audio(path):
     if wav.size and np.all(np.isfinite(wav)):
         wav = resample(wav, file_sr, SAMPLE_RATE)
     check_audio(wav, path)
+    declared = wav_data_bytes(path)
+    if declared and declared[1] < declared[0]:  # a usable clip, said to be short
+        print(f"warning: {path}: cut short? its header declares {declared[0]:,} bytes of audio, "
+              f"the file holds {declared[1]:,}: reading the {len(data) / file_sr:.2f} s there are",
+              file=sys.stderr)
     return wav
 
 # -----------------------------------------------------------------------------

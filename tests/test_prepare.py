@@ -249,15 +249,21 @@ def test_a_wav_cut_short_is_read_with_a_line_that_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"warning: {tmp_path / 'cut.wav'}: cut short? its header declares 48,000 bytes "
                    f"of audio, the file holds 24,000: reading the 0.50 s there are\n"), err
-    # a chunk after the audio (a LIST of tags), a placeholder size (0xFFFFFFFF), FLAC: no line
+    # cut inside its first frame: refused in the one line of the refusal, no warning before it
+    (tmp_path / "cut100.wav").write_bytes(whole[:100])
+    with pytest.raises(A.BadAudio, match="shorter than one frame"):
+        A.load_audio(tmp_path / "cut100.wav")
+    assert capsys.readouterr().err == ""
+    # a chunk after the audio (a LIST of tags), streamed placeholder sizes, FLAC: no line
     tail = b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
     (tmp_path / "tagged.wav").write_bytes(whole[:4] + (len(whole) - 8 + len(tail)).to_bytes(
         4, "little") + whole[8:] + tail)
     assert A.wav_data_bytes(tmp_path / "tagged.wav") == (2 * SR, 2 * SR + len(tail))
-    streamed = bytearray(whole)
-    streamed[40:44] = b"\xff\xff\xff\xff"
-    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
-    assert A.wav_data_bytes(tmp_path / "streamed.wav") is None
+    for placeholder in (0xFFFFFFFF, 0x7FFFF000, 0x7FFFFFFF):  # sox writes 0x7ffff000
+        streamed = bytearray(whole)
+        streamed[40:44] = placeholder.to_bytes(4, "little")
+        (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+        assert A.wav_data_bytes(tmp_path / "streamed.wav") is None
     sf.write(tmp_path / "x.flac", x, SR)
     assert A.wav_data_bytes(tmp_path / "x.flac") is None
     for name in ("whole.wav", "tagged.wav", "streamed.wav", "x.flac"):

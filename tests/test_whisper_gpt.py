@@ -1195,10 +1195,10 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |" in text
     assert "another clip's true continuation" in text and "| speech | Hybrid, sampled" in text
     # the hybrids are also scored on the mels of their own codebook 0, which prepare.codebook0_mels
-    # made
+    # made (for the held-out corpus, in the script; synth_dir's the fixture made)
     assert ("| ours, events | Hybrid CPU, given the mels of its codebook 0 "
             "(as when generating) |") in text
-    assert os.path.exists(os.path.join(synth_dir, "val_mel_c0.bin"))
+    assert (held_out / "val_mel_c0.bin").exists()
     assert "| speech | the true continuation | 0.000 +- 0.000 | 0.000 +- 0.000 |" in text
     # the same runs on the held-out corpus: their own table, from its val clips of each kind
     held = text.split(f"## The same runs on held-out clips ({held_out})")[1].split("## ")[0]
