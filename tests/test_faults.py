@@ -339,10 +339,11 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
                                  "command again to resume (other arguments start anew)"), err[-500:]
     assert not (out / "meta.json").exists()
 
-def test_train_and_sample_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
+def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
     """Ctrl-C (SIGINT) in train.py's loop: a line naming the iteration and the checkpoint kept,
-    which loads (before the loop, while the data loads: a line saying so); in sample.py's generation: a line saying nothing was written, and nothing is.
-    Neither prints a traceback."""
+    which loads (before the loop, while the data loads: a line saying so); in sample.py's
+    generation and eval.py's evaluations: a line saying nothing was written, and nothing is. None
+    prints a traceback."""
     def interrupted(cmd, marker):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
@@ -375,6 +376,12 @@ def test_train_and_sample_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_pa
                         "--max_new_tokens=1000000", f"--out={wav}"], b"generate")
     assert last.endswith("sample.py: interrupted; nothing written"), last
     assert not wav.exists() and not wav.with_suffix(".png").exists()
+    # eval.py, in the second of two evaluations (the same run twice): nothing written either
+    results = tmp_path / "results.json"
+    last = interrupted([sys.executable, "eval.py", str(run), str(run), f"--data_dir={synth_dir}",
+                        f"--json={results}"], b"[2/2]")
+    assert last.endswith("eval.py: interrupted; nothing written"), last
+    assert not results.exists()
 
 def test_eval_keeps_the_rows_of_the_runs_done_when_a_later_one_stops(synth_dir, tmp_path):
     """eval.py over two runs, the second's data gone: it stops on that run with one line that
