@@ -24,6 +24,12 @@ TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "
         "--eval_interval=2",
         "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3"]
 
+def sigint_as_usual():
+    """preexec_fn of a child the test sends SIGINT: a shell's background job (`cmd &`) starts with
+    SIGINT ignored, which its children keep, and Python sets its Ctrl-C handler only where SIGINT
+    is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 def train(out_dir, data_dir, *extra):
     return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
             *extra]
@@ -324,7 +330,7 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
     cmd = [sys.executable, "prepare.py", "--clips=120", "--max_seconds=1.0", "--offline",
            "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2", f"--out_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=sigint_as_usual)
     seen, t0 = b"", time.time()
     while b"encode:" not in seen and time.time() - t0 < 300:
         chunk = proc.stderr.read1(4096)
@@ -346,7 +352,7 @@ def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, t
     prints a traceback."""
     def interrupted(cmd, marker):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=sigint_as_usual)
         seen, t0 = b"", time.time()
         while marker not in seen and time.time() - t0 < 300:
             chunk = proc.stdout.read1(4096)

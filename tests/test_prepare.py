@@ -1120,6 +1120,8 @@ def test_a_ctrl_c_while_espeak_speaks_stops_it():
     speak() raises it. A real SIGINT, in a process of its own (a stray one would stop pytest)."""
     import subprocess
     code = ("import os, signal, threading, synth\n"
+            # as in a terminal, also where this test runs as a background job (SIGINT ignored)
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "text = 'the quick brown fox jumps over the lazy dog. ' * 40\n"
             "synth.speak('warm up', 'en-us+Andy')  # loading espeak is not speaking\n"
             "threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
