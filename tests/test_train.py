@@ -683,6 +683,29 @@ def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
     # --overwrite=True restarted the log: the old run's checkpoint went with it, before any save
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
 
+def test_an_infinite_loss_stops_training_too(synth_dir, tmp_path):
+    """An infinite loss (not NaN) stops training as NaN does: a model whose logits are +-3e38 for
+    every input (ln_f made constant, lm_head's first column the logits) gives each target but token
+    0 an infinite loss at the first step, which stops the run there, with nothing saved."""
+    import torch
+    base = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--bias=True",
+            "--eval_interval=1000"]
+    run(base + [f"--out_dir={tmp_path / 'a'}", "--max_iters=1"])
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    w = ck["model"]
+    w["ln_f.weight"].zero_()
+    w["ln_f.bias"].zero_()
+    w["ln_f.bias"][0] = 1.0  # ln_f's output: (1, 0, ..., 0) at every position
+    w["lm_head.weight"].zero_()
+    w["lm_head.weight"][:, 0] = -3e38
+    w["lm_head.weight"][0, 0] = 3e38  # token 0's logit 3e38, the others' -3e38: 6e38 apart, inf
+    torch.save(ck, tmp_path / "inf.pt")
+    p = run(base + [f"--out_dir={tmp_path / 'b'}", "--max_iters=4",
+                    f"--init_from={tmp_path / 'inf.pt'}"], check=False)
+    assert p.returncode == 1 and "train.py: loss is inf at iter 0: stopping" in p.stderr, \
+        p.stderr[-2000:]
+    assert not (tmp_path / "b" / "ckpt.pt").exists()
+
 def test_a_resumed_run_keeps_its_start(full_run, synth_dir, tmp_path):
     """A run resumed with init_from=resume still records where it started, so a later command
     from other weights into its out_dir is another run (refused), not this one continued."""
