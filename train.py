@@ -607,9 +607,8 @@ if __name__ == "__main__":
             ckpt["tokenizer"] = tok_record
         if dtype == "float16":
             ckpt["scaler"] = scaler.state_dict()
-        path = os.path.join(out_dir, "ckpt.pt")
-        save_atomic(ckpt, path)
-        print(f"saved {path} (iter {iter_num})")
+        save_atomic(ckpt, ckpt_path)
+        print(f"saved {ckpt_path} (iter {iter_num})")
 
     def eval_due(it):  # the iterations that evaluate (and may save)
         return it % eval_interval == 0 or it == max_iters
