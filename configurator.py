@@ -58,7 +58,8 @@ def read_config_file(path):
 def gather(argv, config_files=False, positional=False, run_hint=False):
     """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for
     a config file's value, which is already typed). A bare argument is a config file (config_files)
-    or is returned as positional (positional); otherwise it is an error."""
+    or is returned as positional (positional); otherwise it is an error. -h / --help anywhere
+    prints the script's help (print_help) and exits."""
     if any(arg in ("-h", "--help") for arg in argv):
         print_help(argv if config_files else None)
     entries, rest = [], []

@@ -26,6 +26,8 @@ Our choices (the paper's sizes are in config/pengi_paper.py):
   tower: a causal tower pooled at the last token, as CLIP's pools at its end token. It trains with
   the audio encoder in the clap stage.
 - the mappers' layers are GPT-2 blocks (the official mapper's have a 2x ReLU MLP).
+- an optional contrastive (CLAP) term in stage pengi (`clap_weight`, on in the configs): without
+  it an encoder trained from scratch collapses to a constant embedding (Pengi.clap_loss).
 """
 
 import json
@@ -78,7 +80,8 @@ class PengiConfig:
     map_n_layer: int = 2
     map_n_head: int = 4
     # language model, GPT-2 layout, frozen (dims are overwritten by llm_init's checkpoint)
-    # HF GPT-2 dir/file or a salmonn stage-llm ckpt.pt; "" = a random LM (teaches little)
+    # HF GPT-2 dir/file, or any train.py ckpt.pt holding an LM (salmonn's, pengi's); "" = a random
+    # LM (teaches little)
     llm_init: str = ""
     llm_n_layer: int = 4
     llm_n_head: int = 4
@@ -206,7 +209,7 @@ class WindowBlock(nn.Module):
     MLP. Ours: a shifted block (shift=True) rolls the grid cyclically by half a window, along time
     only and without Swin's mask. So the last windows join the input's end to its start. For a
     repeat-padded clip that is close to one more repetition; a silence-padded clip wraps silence;
-    a cropped long clip joins two unrelated moments."""
+    a cropped long clip joins two unrelated moments. window: (window_f, window_t) in patches."""
 
     def __init__(self, dim, n_head, window, shift, dropout):
         super().__init__()
@@ -224,12 +227,14 @@ class WindowBlock(nn.Module):
         h = self.ln_1(x)
         if self.shift:  # shifted windows: roll half a window along time (see the class docstring)
             h = torch.roll(h, shifts=-(wt // 2), dims=2)
-        h = h.view(B, Fg // wf, wf, Tg // wt, wt,
-                   C).permute(0, 1, 3, 2, 4, 5).reshape(-1, wf * wt, C)
+        # (B, Fg, Tg, C) -> (B * n_windows, wf * wt, C): one row of patches per window
+        h = h.view(B, Fg // wf, wf, Tg // wt, wt, C).permute(0, 1, 3, 2, 4, 5)
+        h = h.reshape(-1, wf * wt, C)
         q, k, v = self.qkv(h).split(C, dim=2)
         q, k, v = (t.view(t.size(0), -1, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))
         h = attention(q, k, v).transpose(1, 2).reshape(-1, wf * wt, C)
+        # the windows back to (B, Fg, Tg, C)
         h = h.view(B, Fg // wf, Tg // wt, wf, wt, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Fg, Tg, C)
         if self.shift:
             h = torch.roll(h, shifts=wt // 2, dims=2)
@@ -300,7 +305,7 @@ class AudioEncoder(nn.Module):
         C, p = config.enc_dim, config.patch_size
         self.patch_embed = nn.Conv2d(1, C, kernel_size=p, stride=p)
         self.patch_norm = nn.LayerNorm(C)
-        _, _, _, (Fg, Tg) = stages[0]
+        Fg, Tg = stages[0][3]  # the first stage's patch grid
         self.pos_emb = nn.Parameter(torch.zeros(1, Fg, Tg, C))
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -313,8 +318,9 @@ class AudioEncoder(nn.Module):
                 C *= 2
         self.ln_f = nn.LayerNorm(C)
         # the frequency head: HTSAT's token-semantic conv across all F' frequency rows (as a linear
-        # layer), averaged over time. A mean over the grid would lose the pitch (docs/pengi.md)
-        _, _, _, (last_rows, _) = stages[-1]  # the last grid's frequency rows
+        # layer), averaged over time (the mean first: the same, the layer being linear). A mean
+        # over the grid would lose the pitch (docs/pengi.md)
+        last_rows = stages[-1][3][0]  # the last grid's frequency rows
         self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
 
@@ -345,7 +351,8 @@ class Projection(nn.Module):
         return self.ln(e1 + e2)
 
 class TextEncoder(nn.Module):
-    """Causal transformer over the prompt, pooled at its last token, then CLIP's text_projection (a
+    """Causal transformer over a text (the prompt for m2; the answer in the contrastive loss),
+    pooled at its last token, then CLIP's text_projection (a
     bias-free linear layer). In stage pengi the tower is frozen and text_projection trains, as in
     the official Pengi code."""
 
@@ -358,15 +365,15 @@ class TextEncoder(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.text_projection = nn.Linear(C, C, bias=False)
 
-    def forward(self, prompt, prompt_lens):
-        T = prompt.size(1)
+    def forward(self, text, text_lens):
+        T = text.size(1)
         if T > self.wpe.num_embeddings:
             raise ValueError(f"a text of {T} tokens exceeds the text tower's context of "
                              f"{self.wpe.num_embeddings} (llm_block_size)")
-        x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))
+        x = self.wte(text) + self.wpe(torch.arange(T, device=text.device))
         for block in self.h:
-            x, _ = block(x, causal=True)  # causal, so the padding after each prompt changes nothing
-        x = self.ln_f(x)[torch.arange(x.size(0), device=x.device), prompt_lens - 1]
+            x, _ = block(x, causal=True)  # causal, so the padding after each text changes nothing
+        x = self.ln_f(x)[torch.arange(x.size(0), device=x.device), text_lens - 1]
         return self.text_projection(x)
 
 class Mapper(nn.Module):
@@ -473,9 +480,10 @@ def check_config(config):
             raise ValueError(f"{field}={heads}: must divide llm_n_embd={config.llm_n_embd}")
 
 class Pengi(nn.Module):
-    """Built from the config alone, with no file I/O. train.py calls init_pretrained(model) on a
-    fresh model to load the LM that llm_init names. Checkpoints then hold the LM's weights like any
-    others, so they load without the llm_init file (and their config no longer names it)."""
+    """The audio embedding through m1 and the prompt's embedding through m2 give a prefix of 2k
+    vectors for the frozen LM, which then reads the answer (forward), writes one (generate) or
+    scores candidates (rank_candidates). The stage "clap" trains the two encoders contrastively
+    (clap_loss). Built from the config alone; init_pretrained loads the LM (train.py calls it)."""
 
     def __init__(self, config):
         super().__init__()
@@ -491,8 +499,9 @@ class Pengi(nn.Module):
         self.m2 = Mapper(config)
         self.llm = GPT2(config.vocab_size, config.llm_n_layer, config.llm_n_head, config.llm_n_embd,
                         config.llm_block_size)
-        # GPT-2's init (0.02) for the LM and the text tower (llm_init overwrites them). The trained
-        # parts keep PyTorch's fan-in scaled default: at small widths 0.02 is far below
+        # GPT-2's init (0.02) for the LM and the text tower (init_from_lm below copies the LM into
+        # the tower as text_init says; init_pretrained loads the real LM and copies again). The
+        # trained parts keep PyTorch's fan-in scaled default: at small widths 0.02 is far below
         # 1/sqrt(fan_in), so the audio signal fades through the mapper and the encoder learns
         # nothing but a constant.
         for module in (self.text_encoder, self.llm):
@@ -563,8 +572,10 @@ class Pengi(nn.Module):
         reads."""
         return F.normalize(self.audio_proj(self.audio_encoder(mel)), dim=-1)
 
-    def embed_text(self, prompt, prompt_lens):
-        return F.normalize(self.text_proj(self.text_encoder(prompt, prompt_lens)), dim=-1)
+    def embed_text(self, text, text_lens):
+        """(B, T) token ids -> (B, d_embed), L2-normalised: the prompt's for m2, the answer's in
+        clap_loss."""
+        return F.normalize(self.text_proj(self.text_encoder(text, text_lens)), dim=-1)
 
     def prefix(self, mel, prompt, prompt_lens):
         """[audio prefix k][text prefix k]: (B, 2k, d_lm)."""
@@ -704,6 +715,7 @@ class Pengi(nn.Module):
         lp = (lp * (tgt >= 0)).sum(-1)
         return lp + first[:, cand[:, 0]]
 
+# the names train.py, sample.py and eval.py use
 Config = PengiConfig
 Model = Pengi
 
@@ -1395,8 +1407,10 @@ def evaluate(model, data, tok, split="val", **opts):
       {key}_chance: 1 / number of candidates; {key}_majority: the accuracy of always answering the
         training split's most common label
       probe_acc: linear probe on labels.class, when probe_keys holds class (the default);
-        probe_acc_{key} for the other keys in probe_keys; probe_acc_qa for "qa" (probe_metrics)
+        probe_acc_{key} for the other keys in probe_keys; probe_acc_qa for "qa" (probe_metrics);
+        next to each, probe_majority_{key}: the training split's most common label
       prefix_norm_ratio_audio/_text: prefix vector norm / token embedding norm, 1 = the LM's scale
+    A clap-stage model (no LM to answer with) gets the probe metrics only.
     opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,
     probe_keys, probe_clips, prior_clips, tasks (a comma list among caption, qa, class, instrument,
     pitch, chord; "" = all of the data's)."""
@@ -1455,7 +1469,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
     cfg, dev = model.config, _device(model)
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
-    if len(mel) > cfg.max_frames:  # said: sample.py printed the whole input's length
+    # sample.py printed the whole input's length: say how much of it the model hears
+    if len(mel) > cfg.max_frames:
         print(f"pengi.sample: the model hears the first {cfg.max_frames} of the input's {len(mel)} "
               f"frames (max_frames)")
     mel = torch.from_numpy(fit_frames(mel, cfg.max_frames, pad=cfg.pad))[None].to(dev)

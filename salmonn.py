@@ -168,26 +168,6 @@ class SALMONNConfig:
     lora_dropout: float = 0.1
     dropout: float = 0.0           # encoders, Q-Former and the "whisper" stage's text decoder
 
-def max_speech_frames(config):
-    """max_audio_frames (in the data's mel frames) in the speech encoder's input frames."""
-    return round(config.max_audio_frames * config.speech_frame_rate / config.frame_rate)
-
-def n_audio_tokens(frames, config):
-    """How many LLM input positions a clip of `frames` speech-input frames becomes (one per query
-    per window)."""
-    frames = min(frames, max_speech_frames(config))
-    t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
-    return -(-t2 // config.window_frames) * config.window_queries
-
-def seconds_of_tokens(n, config):
-    """The longest speech that n_audio_tokens turns into at most n positions: whole windows of the
-    stem's output frames (2 input frames each), in seconds."""
-    return max(n // config.window_queries, 0) * config.window_frames * 2 / config.speech_frame_rate
-
-def n_speech_frames(audio, config):
-    """How many frames of a clip the speech encoder reads."""
-    return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
-
 # -----------------------------------------------------------------------------
 # encoders and Q-Former: one attention module (Whisper's names) for self- and cross-attention
 
@@ -364,6 +344,27 @@ class WindowQFormer(nn.Module):
         q = self.ln_f(q).reshape(B, nW * nq, -1)
         valid = (k_lens > 0).view(B, nW, 1).expand(B, nW, nq).reshape(B, nW * nq)
         return q, valid
+
+# how many LLM positions a clip takes: the stem's stride and the Q-Former's windows
+def max_speech_frames(config):
+    """max_audio_frames (in the data's mel frames) in the speech encoder's input frames."""
+    return round(config.max_audio_frames * config.speech_frame_rate / config.frame_rate)
+
+def n_audio_tokens(frames, config):
+    """How many LLM input positions a clip of `frames` speech-input frames becomes (one per query
+    per window)."""
+    frames = min(frames, max_speech_frames(config))
+    t2 = (frames + 1) // 2  # the stride-2 stem (kernel 3, padding 1) gives ceil(T / 2) frames
+    return -(-t2 // config.window_frames) * config.window_queries
+
+def seconds_of_tokens(n, config):
+    """The longest speech that n_audio_tokens turns into at most n positions: whole windows of the
+    stem's output frames (2 input frames each), in seconds."""
+    return max(n // config.window_queries, 0) * config.window_frames * 2 / config.speech_frame_rate
+
+def n_speech_frames(audio, config):
+    """How many frames of a clip the speech encoder reads."""
+    return (audio["wmel"] if config.speech_features == "whisper" else audio["mel"]).size(0)
 
 # -----------------------------------------------------------------------------
 # stage "whisper": the text decoder and CTC head that train the speech encoder
@@ -721,24 +722,27 @@ class SALMONN(nn.Module):
             block.attn.lora_scale = float(scale)
 
     # audio -> LLM input embeddings
-    def speech_encode(self, mel, mel_lens, wmel=None, wmel_lens=None):
-        """The speech encoder on its input (the mel, or Whisper's features), cut at
-        max_audio_frames' length."""
-        if self.config.speech_features == "whisper":
-            if wmel is None:
-                raise ValueError("speech_features='whisper': the batch needs Whisper's features "
-                                 "(prepare.py --whisper_mel)")
-            mel, mel_lens = wmel, wmel_lens
-        n = max_speech_frames(self.config)
-        return self.speech(mel[:, :n], mel_lens.clamp(max=n))
-
-    def run_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
-        """The speech encoder's frames (B, N, C), their lengths (B,), and the audio encoder's
-        frames (B, N', C') (valid: (mel_lens + 1) // 2 of them)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
-            s, enc_lens = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
-            a = self.beats(mel, mel_lens)
-        return s, enc_lens, a
+    def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """mel (B, T, n_mels) and mel_lens (B,), with Whisper's features in wmel, wmel_lens when
+        speech_features="whisper" -> audio tokens (B, N, llm_n_embd), and valid (B, N), which of
+        them come from the clips' frames."""
+        n = self.config.max_audio_frames
+        mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
+        s, enc_lens, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
+        # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
+        # instant
+        if self.config.speech_frame_rate != self.config.frame_rate:
+            ratio = self.config.frame_rate / self.config.speech_frame_rate
+            at = torch.arange(s.size(1), device=s.device) * ratio
+            a = a[:, at.long().clamp(max=a.size(1) - 1)]
+        # per frame: speech | audio events
+        x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)
+        q, valid = self.qformer(x, enc_lens)
+        tokens = self.proj(q)
+        if self.config.audio_norm:
+            rms = tokens.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+            tokens = tokens * (self.audio_scale / rms)
+        return tokens, valid
 
     def cached_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """run_encoders(), once per clip when the encoders are frozen: they give a clip the same
@@ -772,36 +776,35 @@ class SALMONN(nn.Module):
         enc_lens = torch.tensor([len(f[0]) for f in frames], device=mel.device)
         return s, enc_lens, a
 
-    def encode_audio(self, mel, mel_lens, wmel=None, wmel_lens=None):
-        """mel (B, T, n_mels) and mel_lens (B,), with Whisper's features in wmel, wmel_lens when
-        speech_features="whisper" -> audio tokens (B, N, llm_n_embd), and valid (B, N), which of
-        them come from the clips' frames."""
-        n = self.config.max_audio_frames
-        mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
-        s, enc_lens, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
-        # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
-        # instant
-        if self.config.speech_frame_rate != self.config.frame_rate:
-            ratio = self.config.frame_rate / self.config.speech_frame_rate
-            at = torch.arange(s.size(1), device=s.device) * ratio
-            a = a[:, at.long().clamp(max=a.size(1) - 1)]
-        # per frame: speech | audio events
-        x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)
-        q, valid = self.qformer(x, enc_lens)
-        tokens = self.proj(q)
-        if self.config.audio_norm:
-            rms = tokens.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
-            tokens = tokens * (self.audio_scale / rms)
-        return tokens, valid
+    def run_encoders(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """The speech encoder's frames (B, N, C), their lengths (B,), and the audio encoder's
+        frames (B, N', C') (valid: (mel_lens + 1) // 2 of them)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoders):
+            s, enc_lens = self.speech_encode(mel, mel_lens, wmel, wmel_lens)
+            a = self.beats(mel, mel_lens)
+        return s, enc_lens, a
+
+    def speech_encode(self, mel, mel_lens, wmel=None, wmel_lens=None):
+        """The speech encoder on its input (the mel, or Whisper's features), cut at
+        max_audio_frames' length."""
+        if self.config.speech_features == "whisper":
+            if wmel is None:
+                raise ValueError("speech_features='whisper': the batch needs Whisper's features "
+                                 "(prepare.py --whisper_mel)")
+            mel, mel_lens = wmel, wmel_lens
+        n = max_speech_frames(self.config)
+        return self.speech(mel[:, :n], mel_lens.clamp(max=n))
 
     def embed(self, idx, mel=None, mel_lens=None, audio_mask=None, wmel=None, wmel_lens=None,
-              audio_tokens=None):
+              encoded=None):
         """Token embeddings with the audio tokens written, in time order, where audio_mask is True.
-        audio_tokens: encode_audio's output; without it they are made from the mel."""
+        encoded: encode_audio's (tokens, valid); without it they are made from the mel."""
         x = self.llm.wte(idx)
         if self.config.stage == "llm":
             return x
-        tokens, valid = audio_tokens or self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        if encoded is None:
+            encoded = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        tokens, valid = encoded
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
                              f"row, the clips give {valid.sum(1).tolist()} audio tokens")
@@ -822,8 +825,10 @@ class SALMONN(nn.Module):
             loss = (None if tags is None
                     else F.binary_cross_entropy_with_logits(logits, tags.float()))
             return logits, loss
-        audio_tokens = None if stage == "llm" else self.encode_audio(mel, mel_lens, wmel, wmel_lens)
-        x = self.embed(idx, audio_mask=audio_mask, audio_tokens=audio_tokens)
+        encoded = None  # (tokens, valid)
+        if stage != "llm":
+            encoded = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
+        x = self.embed(idx, audio_mask=audio_mask, encoded=encoded)
         h, _ = self.llm(x)
         if targets is None:
             return self.llm.lm_head(h[:, [-1]]), None
@@ -836,7 +841,8 @@ class SALMONN(nn.Module):
         per_example = token_loss.sum(1) / n.clamp(min=1)
         loss = per_example[n > 0].mean()
         if self.config.connect_ctc_weight > 0 and connect_targets is not None:
-            ctc = self.connect_ctc_loss(*audio_tokens, connect_targets)
+            tokens, valid = encoded
+            ctc = self.connect_ctc_loss(tokens, valid, connect_targets)
             loss = loss + self.config.connect_ctc_weight * ctc
         return logits, loss
 
@@ -917,256 +923,6 @@ class SALMONN(nn.Module):
 # the names train.py, sample.py and eval.py use
 Config = SALMONNConfig
 Model = SALMONN
-
-# -----------------------------------------------------------------------------
-# data: prompts and tasks
-
-PROMPT_PREFIX = "USER: <Speech>"
-PROMPT_SUFFIX = "</Speech> {instruction}\nASSISTANT:"
-
-# paraphrased instructions per task (QA uses the question itself)
-INSTRUCTIONS = {
-    "transcription": ["Transcribe the audio.",
-                      "Recognize the speech and give me the transcription.",
-                      "Write down what is said in this recording.",
-                      "What is the message in this audio? Write it out."],
-    "captioning": ["Describe the audio in one sentence.",
-                   "Please write a short caption for this audio.",
-                   "What can you hear? Answer briefly.", "Generate an audio caption."],
-    "music": ["Describe this music.", "What is being played in this music clip?",
-              "Listen to the music and describe it.",
-              "Describe the instrument and notes you hear."],
-    "classification": ["What kind of sound is this?", "Classify the sound in this audio.",
-                       "Which sound class does this audio belong to?",
-                       "Name the type of sound you hear."],
-    "speaker": ["Who is speaking?", "Which speaker is this?", "Name the speaker.",
-                "Whose voice is this?"],
-    "story": ["Tell me a story about this audio.", "Describe the audio in detail.",
-              "Write a detailed story based on what you hear.",
-              "Listen carefully and describe everything in detail."],
-}
-
-def transcript(clip):
-    """The transcription target. Morse words are spelled out letter by letter ("k i t e"): the audio
-    carries letters, each seen far more often than a word's token (docs/salmonn.md). WER on Morse
-    is then a letter error rate."""
-    text = clip.get("transcript")
-    if text and clip.get("kind") == "morse":
-        return " ".join(text.replace(" ", ""))
-    return text
-
-def task_entries(clip):
-    """(task, instruction or None, answer) triples this clip offers; None: pick a paraphrase at
-    random."""
-    out = []
-    if clip.get("transcript"):
-        out.append(("transcription", None, transcript(clip)))
-    if clip.get("caption"):
-        out.append(("captioning", None, clip["caption"]))
-        if clip.get("kind") == "music":
-            out.append(("music", None, clip["caption"]))
-    for qa in clip.get("qa") or []:
-        out.append(("qa", qa["q"], qa["a"]))
-    labels = clip.get("labels") or {}
-    if labels.get("class"):
-        out.append(("classification", None, labels["class"]))
-    if labels.get("speaker") and clip.get("kind") == "speech":
-        out.append(("speaker", None, labels["speaker"]))
-    if clip.get("description"):
-        out.append(("story", None, clip["description"]))
-    return out
-
-# stage "beats": label keys whose values are tags (free text such as a Morse word or DTMF digits is
-# not a tag)
-TAG_KEYS = ("class", "instrument", "event", "gender", "speaker", "form", "pitch", "chord", "count")
-MIN_TAG_CLIPS = 3  # rarer tags are left out
-
-def clip_tags(clip):
-    return [f"{k}={v}" for k, v in (clip.get("labels") or {}).items() if k in TAG_KEYS]
-
-def stage_tasks(config):
-    if config.stage not in STAGES:  # (load_data asks before the model is built)
-        raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
-    if (config.tasks or config.task_weights) and config.stage not in AUDIO_STAGES:
-        raise ValueError(f"tasks / task_weights ({config.tasks!r} / {config.task_weights!r}) "
-                         f"choose the mix of stages 1-3; stage {config.stage!r} has none")
-    if config.tasks:
-        tasks = tuple(t.strip() for t in config.tasks.split(",") if t.strip())
-        bad = [t for t in tasks if t not in ALL_TASKS]
-        if bad:
-            raise ValueError(f"tasks={config.tasks!r}: unknown {bad}; known: {ALL_TASKS}")
-        if not tasks or len(set(tasks)) < len(tasks):
-            raise ValueError(f"tasks={config.tasks!r}: name each task of the mix once, "
-                             f"comma-separated (known: {ALL_TASKS})")
-        return tasks
-    return STAGE_TASKS.get(config.stage, ())
-
-# Copied from pengi.parse_task_weights
-def parse_task_weights(spec, tasks):
-    """ "qa=3" -> {"qa": 3.0}, checked against tasks (the names of the tasks in the mix); a task
-    not named keeps weight 1."""
-    weights = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, value = (x.strip() for x in item.partition("="))
-        if name in weights:
-            raise ValueError(f"task_weights: {name!r} is named twice")
-        if name not in tasks:
-            raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
-                             f"{', '.join(tasks)}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ValueError(f"task_weights: {item!r} needs a number after '='") from None
-        if not (weights[name] >= 0 and math.isfinite(weights[name])):
-            raise ValueError(f"task_weights: {item!r} must be a finite weight >= 0")
-    if weights and not any(weights.get(t, 1.0) > 0 for t in tasks):
-        raise ValueError("task_weights: every task of the mix weighs 0")
-    return weights
-
-def encode_text(tok, text):
-    return tok.encode(text, allowed_special=set())
-
-def build_prompt(tok, instruction, n_audio):
-    """Token ids of the prompt with 0 at the audio positions, and the audio mask."""
-    pre = encode_text(tok, PROMPT_PREFIX)
-    post = encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction))
-    ids = pre + [0] * n_audio + post
-    mask = [False] * len(pre) + [True] * n_audio + [False] * len(post)
-    return ids, mask
-
-# Stage "llm": generic reading-and-copying documents in the prompt's layout, text where the audio
-# goes. Vicuna brings this ability to SALMONN; a small LLM trained on the corpus text alone never
-# needs to copy, and the audio tokens then cannot reach its answers.
-COPY_INSTRUCTIONS = {
-    "repeat": ["Repeat the words between the tags.",
-               "Say exactly what is written between the tags."],
-    "reverse": ["Say the words between the tags in reverse order."],
-    "once": (["Say each word between the tags once, in order, without the dashes."]
-             + INSTRUCTIONS["transcription"]),
-    "spell": ["Spell out the digits between the tags in words."],
-}
-DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
-PROBE_SPANS = 50
-
-# Copied from pengi.normalize_text
-def normalize_text(s):
-    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
-    spaces."""
-    return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
-
-def text_words(text):
-    """The words WER, accuracy and the copy probe compare: normalize_text, split."""
-    return normalize_text(text).split()
-
-def vocab_words(tok):
-    """Whole words the tokenizer has as single tokens (" kite"): a word pool that is not the
-    corpus's sentences."""
-    words = []
-    for i in range(min(tok.n_vocab, 60000)):
-        try:
-            w = tok.decode([i])
-        except Exception:
-            continue
-        if re.fullmatch(r" [a-z]{3,12}", w):
-            words.append(w[1:])
-    return words
-
-def span_prompt(tok, words, instruction):
-    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt
-    does)."""
-    return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
-            + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
-
-# answered by the voice, not by the words: left out of the reading documents
-VOICE_QUESTIONS = ("is the speaker a man or a woman?",)
-
-def reading_questions(clips):
-    """Stage "llm": (transcript words, question, answer) of the clips' questions that their
-    transcripts answer."""
-    return [(transcript(c).split(), qa["q"], qa["a"]) for c in clips if c.get("transcript")
-            for qa in c.get("qa") or [] if qa["q"] not in VOICE_QUESTIONS]
-
-def as_audio_tokens(rng, words):
-    """The words as a stretch of audio tokens shows them: each one to three times, with dashes
-    around them standing for the tokens of silence."""
-    shown = ["-"] * int(rng.integers(0, 3))
-    for w in words:
-        shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
-    return shown
-
-def copy_document(tok, rng, words, reading=(), reading_share=0.0):
-    """One document: (prompt ids with a span where the audio would be, answer ids). With reading
-    (from reading_questions), a reading_share of documents ask a question about a transcript."""
-    if reading_share > 0 and reading and rng.random() < reading_share:
-        span, question, answer = reading[rng.integers(len(reading))]
-        return (span_prompt(tok, as_audio_tokens(rng, span), question),
-                encode_text(tok, " " + answer))
-    kind = ("repeat", "reverse", "once", "spell")[rng.choice(4, p=[0.4, 0.15, 0.3, 0.15])]
-    n = int(rng.integers(2, 9))
-    if kind == "spell":
-        digits = [int(d) for d in rng.integers(0, 10, size=n)]
-        shown, answer = [str(d) for d in digits], [DIGIT_WORDS[d] for d in digits]
-    else:
-        span = []
-        while len(span) < n:
-            w = words[rng.integers(len(words))]
-            if not span or w != span[-1]:
-                span.append(w)
-        answer = span[::-1] if kind == "reverse" else span
-        # "once": each word repeated, between dashes, as a stretch of audio tokens covers a word
-        shown = as_audio_tokens(rng, span) if kind == "once" else span
-    instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
-    return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
-
-# pengi.py and whisper_gpt.py keep copies (tests/test_copies.py checks them): a change here must be
-# made there too
-def in_eval_mode(model, fn, *args):
-    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        return fn(*args)
-    finally:
-        model.train(was_training)
-
-def greedy_text_answer(model, tok, ids, max_new_tokens=24):
-    """The LLM's greedy continuation of a text-only prompt (token ids), decoded: the probes'
-    answer."""
-    x = model.llm.wte(torch.tensor([ids], device=next(model.llm.parameters()).device))
-    return tok.decode(model.generate(x, max_new_tokens, tok.eot_token, beam=1))
-
-@torch.no_grad()
-def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
-    """Text-only probe: the fraction of n unseen spans that the LLM repeats exactly (greedy) when
-    asked to repeat the words between the <Speech> tags. A span is 3-6 of the tokenizer's whole
-    words."""
-    rng = np.random.default_rng(seed)
-    words = vocab_words(tok)
-
-    def hits():
-        n_hits = 0
-        for _ in range(n):
-            span = [words[i]
-                    for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
-            ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
-            n_hits += text_words(greedy_text_answer(model, tok, ids)) == span
-        return n_hits
-    return in_eval_mode(model, hits) / n
-
-@torch.no_grad()
-def reading_probe(model, tok, reading, n=200, seed=12345):
-    """Text-only probe: the fraction of the first n reading questions that the LLM answers exactly
-    (greedy). reading: reading_questions' (transcript words, question, answer) triples; the
-    transcript goes between the <Speech> tags in the audio tokens' form (as_audio_tokens)."""
-    rng = np.random.default_rng(seed)
-
-    def hits():
-        n_hits = 0
-        for words, question, answer in reading[:n]:
-            ids = span_prompt(tok, as_audio_tokens(rng, words), question)
-            n_hits += text_words(greedy_text_answer(model, tok, ids)) == text_words(answer)
-        return n_hits
-    return in_eval_mode(model, hits) / max(1, min(n, len(reading)))
 
 # -----------------------------------------------------------------------------
 # loading the pretrained parts: GPT-2 (Hugging Face or ours), OpenAI Whisper and our encoders.
@@ -1442,6 +1198,258 @@ def init_pretrained(model, tok=None):
     config.whisper_init = config.beats_init = config.llm_init = ""
 
 # -----------------------------------------------------------------------------
+# data: prompts and tasks
+
+PROMPT_PREFIX = "USER: <Speech>"
+PROMPT_SUFFIX = "</Speech> {instruction}\nASSISTANT:"
+
+# paraphrased instructions per task (QA uses the question itself)
+INSTRUCTIONS = {
+    "transcription": ["Transcribe the audio.",
+                      "Recognize the speech and give me the transcription.",
+                      "Write down what is said in this recording.",
+                      "What is the message in this audio? Write it out."],
+    "captioning": ["Describe the audio in one sentence.",
+                   "Please write a short caption for this audio.",
+                   "What can you hear? Answer briefly.", "Generate an audio caption."],
+    "music": ["Describe this music.", "What is being played in this music clip?",
+              "Listen to the music and describe it.",
+              "Describe the instrument and notes you hear."],
+    "classification": ["What kind of sound is this?", "Classify the sound in this audio.",
+                       "Which sound class does this audio belong to?",
+                       "Name the type of sound you hear."],
+    "speaker": ["Who is speaking?", "Which speaker is this?", "Name the speaker.",
+                "Whose voice is this?"],
+    "story": ["Tell me a story about this audio.", "Describe the audio in detail.",
+              "Write a detailed story based on what you hear.",
+              "Listen carefully and describe everything in detail."],
+}
+
+def transcript(clip):
+    """The transcription target. Morse words are spelled out letter by letter ("k i t e"): the audio
+    carries letters, each seen far more often than a word's token (docs/salmonn.md). WER on Morse
+    is then a letter error rate."""
+    text = clip.get("transcript")
+    if text and clip.get("kind") == "morse":
+        return " ".join(text.replace(" ", ""))
+    return text
+
+def task_entries(clip):
+    """(task, instruction or None, answer) triples this clip offers; None: pick a paraphrase at
+    random."""
+    out = []
+    if clip.get("transcript"):
+        out.append(("transcription", None, transcript(clip)))
+    if clip.get("caption"):
+        out.append(("captioning", None, clip["caption"]))
+        if clip.get("kind") == "music":
+            out.append(("music", None, clip["caption"]))
+    for qa in clip.get("qa") or []:
+        out.append(("qa", qa["q"], qa["a"]))
+    labels = clip.get("labels") or {}
+    if labels.get("class"):
+        out.append(("classification", None, labels["class"]))
+    if labels.get("speaker") and clip.get("kind") == "speech":
+        out.append(("speaker", None, labels["speaker"]))
+    if clip.get("description"):
+        out.append(("story", None, clip["description"]))
+    return out
+
+# stage "beats": label keys whose values are tags (free text such as a Morse word or DTMF digits is
+# not a tag)
+TAG_KEYS = ("class", "instrument", "event", "gender", "speaker", "form", "pitch", "chord", "count")
+MIN_TAG_CLIPS = 3  # rarer tags are left out
+
+def clip_tags(clip):
+    return [f"{k}={v}" for k, v in (clip.get("labels") or {}).items() if k in TAG_KEYS]
+
+def stage_tasks(config):
+    if config.stage not in STAGES:  # (load_data asks before the model is built)
+        raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
+    if (config.tasks or config.task_weights) and config.stage not in AUDIO_STAGES:
+        raise ValueError(f"tasks / task_weights ({config.tasks!r} / {config.task_weights!r}) "
+                         f"choose the mix of stages 1-3; stage {config.stage!r} has none")
+    if config.tasks:
+        tasks = tuple(t.strip() for t in config.tasks.split(",") if t.strip())
+        bad = [t for t in tasks if t not in ALL_TASKS]
+        if bad:
+            raise ValueError(f"tasks={config.tasks!r}: unknown {bad}; known: {ALL_TASKS}")
+        if not tasks or len(set(tasks)) < len(tasks):
+            raise ValueError(f"tasks={config.tasks!r}: name each task of the mix once, "
+                             f"comma-separated (known: {ALL_TASKS})")
+        return tasks
+    return STAGE_TASKS.get(config.stage, ())
+
+# Copied from pengi.parse_task_weights
+def parse_task_weights(spec, tasks):
+    """ "qa=3" -> {"qa": 3.0}, checked against tasks (the names of the tasks in the mix); a task
+    not named keeps weight 1."""
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = (x.strip() for x in item.partition("="))
+        if name in weights:
+            raise ValueError(f"task_weights: {name!r} is named twice")
+        if name not in tasks:
+            raise ValueError(f"task_weights: {name!r} is not a task of the mix; choose from "
+                             f"{', '.join(tasks)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"task_weights: {item!r} needs a number after '='") from None
+        if not (weights[name] >= 0 and math.isfinite(weights[name])):
+            raise ValueError(f"task_weights: {item!r} must be a finite weight >= 0")
+    if weights and not any(weights.get(t, 1.0) > 0 for t in tasks):
+        raise ValueError("task_weights: every task of the mix weighs 0")
+    return weights
+
+def encode_text(tok, text):
+    return tok.encode(text, allowed_special=set())
+
+def build_prompt(tok, instruction, n_audio):
+    """Token ids of the prompt with 0 at the audio positions, and the audio mask."""
+    pre = encode_text(tok, PROMPT_PREFIX)
+    post = encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction))
+    ids = pre + [0] * n_audio + post
+    mask = [False] * len(pre) + [True] * n_audio + [False] * len(post)
+    return ids, mask
+
+# Stage "llm": generic reading-and-copying documents in the prompt's layout, text where the audio
+# goes. Vicuna brings this ability to SALMONN; a small LLM trained on the corpus text alone never
+# needs to copy, and the audio tokens then cannot reach its answers.
+COPY_INSTRUCTIONS = {
+    "repeat": ["Repeat the words between the tags.",
+               "Say exactly what is written between the tags."],
+    "reverse": ["Say the words between the tags in reverse order."],
+    # and the transcription instructions: stage 1 then asks for what the LLM already does, each
+    # word of the span once
+    "once": (["Say each word between the tags once, in order, without the dashes."]
+             + INSTRUCTIONS["transcription"]),
+    "spell": ["Spell out the digits between the tags in words."],
+}
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+PROBE_SPANS = 50
+
+# Copied from pengi.normalize_text
+def normalize_text(s):
+    """Lower case, punctuation to spaces (keeping # for sharps and ' for contractions), single
+    spaces."""
+    return " ".join(re.sub(r"[^\w#' ]+", " ", s.lower()).split())
+
+def text_words(text):
+    """The words WER, accuracy and the copy probe compare: normalize_text, split."""
+    return normalize_text(text).split()
+
+def vocab_words(tok):
+    """Whole words the tokenizer has as single tokens (" kite"): a word pool that is not the
+    corpus's sentences."""
+    words = []
+    for i in range(min(tok.n_vocab, 60000)):
+        try:
+            w = tok.decode([i])
+        except Exception:
+            continue
+        if re.fullmatch(r" [a-z]{3,12}", w):
+            words.append(w[1:])
+    return words
+
+def span_prompt(tok, words, instruction):
+    """The prompt's token ids with the words where the audio goes (encoded apart, as build_prompt
+    does)."""
+    return (encode_text(tok, PROMPT_PREFIX) + encode_text(tok, " " + " ".join(words))
+            + encode_text(tok, PROMPT_SUFFIX.format(instruction=instruction)))
+
+# answered by the voice, not by the words: left out of the reading documents
+VOICE_QUESTIONS = ("is the speaker a man or a woman?",)
+
+def reading_questions(clips):
+    """Stage "llm": (transcript words, question, answer) of the clips' questions that their
+    transcripts answer."""
+    return [(transcript(c).split(), qa["q"], qa["a"]) for c in clips if c.get("transcript")
+            for qa in c.get("qa") or [] if qa["q"] not in VOICE_QUESTIONS]
+
+def audio_like_span(rng, words):
+    """The words as a stretch of audio tokens shows them: each one to three times, with dashes
+    around them standing for the tokens of silence."""
+    shown = ["-"] * int(rng.integers(0, 3))
+    for w in words:
+        shown += [w] * int(rng.integers(1, 4)) + ["-"] * int(rng.integers(0, 3))
+    return shown
+
+def copy_document(tok, rng, words, reading=(), reading_share=0.0):
+    """One document: (prompt ids with a span where the audio would be, answer ids). With reading
+    (from reading_questions), a reading_share of documents ask a question about a transcript."""
+    if reading_share > 0 and reading and rng.random() < reading_share:
+        span, question, answer = reading[rng.integers(len(reading))]
+        return (span_prompt(tok, audio_like_span(rng, span), question),
+                encode_text(tok, " " + answer))
+    kind = ("repeat", "reverse", "once", "spell")[rng.choice(4, p=[0.4, 0.15, 0.3, 0.15])]
+    n = int(rng.integers(2, 9))
+    if kind == "spell":
+        digits = [int(d) for d in rng.integers(0, 10, size=n)]
+        shown, answer = [str(d) for d in digits], [DIGIT_WORDS[d] for d in digits]
+    else:
+        span = []
+        while len(span) < n:
+            w = words[rng.integers(len(words))]
+            if not span or w != span[-1]:
+                span.append(w)
+        answer = span[::-1] if kind == "reverse" else span
+        # "once": each word repeated, between dashes, as a stretch of audio tokens covers a word
+        shown = audio_like_span(rng, span) if kind == "once" else span
+    instruction = COPY_INSTRUCTIONS[kind][rng.integers(len(COPY_INSTRUCTIONS[kind]))]
+    return span_prompt(tok, shown, instruction), encode_text(tok, " " + " ".join(answer))
+
+# pengi.py and whisper_gpt.py keep copies (tests/test_copies.py checks them): a change here must be
+# made there too
+def in_eval_mode(model, fn, *args):
+    """fn(*args) with the model in eval mode (no dropout), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(*args)
+    finally:
+        model.train(was_training)
+
+def greedy_text_answer(model, tok, ids, max_new_tokens=24):
+    """The LLM's greedy continuation of a text-only prompt (token ids), decoded: the probes'
+    answer."""
+    x = model.llm.wte(torch.tensor([ids], device=next(model.llm.parameters()).device))
+    return tok.decode(model.generate(x, max_new_tokens, tok.eot_token, beam=1))
+
+@torch.no_grad()
+def copy_probe(model, tok, n=PROBE_SPANS, seed=12345):
+    """Text-only probe: the fraction of n unseen spans that the LLM repeats exactly (greedy) when
+    asked to repeat the words between the <Speech> tags. A span is 3-6 of the tokenizer's whole
+    words."""
+    rng = np.random.default_rng(seed)
+    words = vocab_words(tok)
+
+    def hits():
+        n_hits = 0
+        for _ in range(n):
+            span = [words[i]
+                    for i in rng.choice(len(words), size=int(rng.integers(3, 7)), replace=False)]
+            ids = span_prompt(tok, span, COPY_INSTRUCTIONS["repeat"][0])
+            n_hits += text_words(greedy_text_answer(model, tok, ids)) == span
+        return n_hits
+    return in_eval_mode(model, hits) / n
+
+@torch.no_grad()
+def reading_probe(model, tok, reading, n=200, seed=12345):
+    """Text-only probe: the fraction of the first n reading questions that the LLM answers exactly
+    (greedy). reading: reading_questions' (transcript words, question, answer) triples; the
+    transcript goes between the <Speech> tags in the audio tokens' form (audio_like_span)."""
+    rng = np.random.default_rng(seed)
+
+    def hits():
+        n_hits = 0
+        for words, question, answer in reading[:n]:
+            ids = span_prompt(tok, audio_like_span(rng, words), question)
+            n_hits += text_words(greedy_text_answer(model, tok, ids)) == text_words(answer)
+        return n_hits
+    return in_eval_mode(model, hits) / max(1, min(n, len(reading)))
+
+# -----------------------------------------------------------------------------
 # data: the prepared splits and each stage's batches
 
 def read_split(data_dir, split, meta):
@@ -1462,7 +1470,12 @@ def read_split(data_dir, split, meta):
 class SALMONNData:
     """Memmapped mel arrays and clips of both splits, with the task entries (stage "llm": a text
     stream; stage "beats": tag_index, each tag's column). meta: the data's meta.json, which
-    load_data read."""
+    load_data read. splits[split] holds:
+      clips: the clips' records; clip["src"] (0 if absent) indexes arrays
+      arrays: [(mel, wmel)] per corpus (this one first, then asr_data_dir's)
+      entries: {task: [(clip index, instruction or None, answer)]}
+      stream: the text stream of token ids (stage "llm")
+      phonemes: {clip index: [phoneme]} of the speech clips (stage "whisper", ctc_units phonemes)"""
 
     def __init__(self, data_dir, config, tok, meta):
         self.meta, self.tok, self.config = meta, tok, config
@@ -1607,6 +1620,10 @@ class SALMONNData:
         return audio
 
 def load_data(data_dir, config, tok):
+    """The data of data_dir as SALMONNData. Fills the config's data-given fields: here vocab_size,
+    n_mels, frame_rate, speech_frame_rate, speech_n_mels and dash_token; set_pretrained_dims the
+    sizes of the parts that *_init name; SALMONNData tags (stage "beats") and, through
+    add_phonemes, ctc_phonemes."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{data_dir}/meta.json: not found (run prepare.py first)")
@@ -1739,8 +1756,12 @@ def whisper_batch(data, split, batch_size, rng):
         inventory = {p: config.vocab_size + i
                      for i, p in enumerate(config.ctc_phonemes.split("|"))}
         spoken, n = data.splits[split]["phonemes"], 2 * config.whisper_text_ctx
-        ctc_ids = [[inventory[p] for p in spoken[ci] if p in inventory][:n] if ci in spoken
-                   else t for (ci, _, _), t in zip(picks, ids)]
+        ctc_ids = []
+        for (ci, _, _), t in zip(picks, ids):
+            if ci in spoken:
+                ctc_ids.append([inventory[p] for p in spoken[ci] if p in inventory][:n])
+            else:  # Morse, DTMF: no phonemes, their tokens
+                ctc_ids.append(t)
     else:
         ctc_ids = ids
     ctc = torch.full((batch_size, max(len(t) for t in ctc_ids)), -1, dtype=torch.long)
@@ -1798,7 +1819,8 @@ def task_batch(data, split, batch_size, rng):
     batch = {"idx": idx, "targets": targets, "audio_mask": audio_mask,
              **collate([audio for _, _, _, audio, _ in rows])}
     if data.config.connect_ctc_weight > 0:
-        # the transcripts, without their eot, for connect_ctc_loss
+        # the transcripts, without their eot, for connect_ctc_loss: only those not cut by the
+        # LLM's block (their eot is there) and without the dash, which is that CTC's blank
         answers = [seq[n_prompt:-1] if task == "transcription" and seq[-1] == data.tok.eot_token
                    and data.config.dash_token not in seq[n_prompt:-1] else []
                    for seq, _, n_prompt, _, task in rows]
@@ -1961,20 +1983,23 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
                         audio_mask=torch.tensor([mask], device=device), **batch)
     room, least = model.llm.block_size - x.size(1), min(int(o["max_new_tokens"]), 16)
     if room < least:  # not even a short answer would fit
-        if stage != "llm" and room + sum(mask) < least:  # the prompt alone is too long
-            raise ValueError(f"salmonn sample: the prompt takes {x.size(1) - sum(mask)} of the "
+        if stage == "llm":
+            raise ValueError(f"salmonn sample: the prompt takes {x.size(1)} of the LLM's "
+                             f"{model.llm.block_size} positions, leaving {max(room, 0)} for the "
+                             f"answer: give a shorter prompt")
+        n_audio = sum(mask)
+        if room + n_audio < least:  # the prompt alone is too long
+            raise ValueError(f"salmonn sample: the prompt takes {x.size(1) - n_audio} of the "
                              f"LLM's {model.llm.block_size} positions without the audio, leaving "
-                             f"{max(room + sum(mask), 0)} for audio and answer: give a shorter "
+                             f"{max(room + n_audio, 0)} for audio and answer: give a shorter "
                              f"prompt")
-        if stage != "llm":  # the longest clip that would: whole windows of speech frames
-            # rounded down: a length printed rounded up would not fit
-            fits = math.floor(seconds_of_tokens(room + sum(mask) - least, model.config) * 100) / 100
-        raise ValueError(f"salmonn sample: the prompt{'' if stage == 'llm' else ' and the audio'} "
-                         f"take {x.size(1)} of the LLM's {model.llm.block_size} positions, "
-                         f"leaving {max(room, 0)} for the answer: give a shorter "
-                         + ("prompt" if stage == "llm" else
-                            f"clip or prompt (the audio takes {sum(mask)} of them; with this "
-                            f"prompt, up to {fits:.2f} s of audio fits)"))
+        # the longest clip that would fit: whole windows of speech frames, rounded down (a length
+        # printed rounded up would not fit)
+        fits = math.floor(seconds_of_tokens(room + n_audio - least, model.config) * 100) / 100
+        raise ValueError(f"salmonn sample: the prompt and the audio take {x.size(1)} of the LLM's "
+                         f"{model.llm.block_size} positions, leaving {max(room, 0)} for the "
+                         f"answer: give a shorter clip or prompt (the audio takes {n_audio} of "
+                         f"them; with this prompt, up to {fits:.2f} s of audio fits)")
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
@@ -2129,7 +2154,8 @@ def task_answers(model, tok, data, split, task, entries, o):
 def transcription_metrics(refs, hyps, ctc_hyps, kinds, train_split, ctc_phoneme_refs=None):
     """WER overall and per kind of clip (speech, morse, dtmf). Next to each kind's WER: that of the
     best constant answer among the first 200 of this corpus's training answers of the kind, the
-    first 200 evaluated references of the kind, and every word of all those answers and references.
+    first 200 evaluated references of the kind, and every word of all the kind's training answers
+    and evaluated references.
     With ctc_hyps (stage "whisper"): CTC's WER per kind too. For speech whose CTC spells phonemes
     (ctc_phoneme_refs: the rows' phoneme_text), its phoneme error rate instead, ctc_per_speech."""
     results = {"wer": word_error_rate(refs, hyps)}

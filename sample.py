@@ -8,8 +8,9 @@ Sample from a trained model of this repository, whatever its model file.
 The settings below belong to sample.py. Every other --key=value is an option of the model file's
 sample(), typed by its default in the model's SAMPLE_OPTS (listed at the end of --help); a key not
 there stops sample.py, which lists the options there are.
-A result {"codes": ...} is decoded with the data's EnCodec and written as a wav; a result
-{"text": ...} is printed (and written to a .txt --out, or sample.txt in an --out folder).
+A result {"codes": ...} is decoded with the data's EnCodec and written as a wav, with its spectrogram
+as a .png beside it; a result {"text": ...} is printed (and written to a .txt --out, or sample.txt in
+an --out folder).
 """
 
 import importlib
@@ -165,9 +166,11 @@ if __name__ == "__main__":
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")
     device = configurator.resolve_device("sample.py", device)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device_type = device.split(":")[0]
     dtype = configurator.resolve_dtype("sample.py", dtype, device)
     ptdtype = getattr(torch, dtype)  # as train.py
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
+                                                                  dtype=ptdtype)
     torch.manual_seed(seed)
 
     # the model, rebuilt from the checkpoint with the model file named in it
@@ -271,8 +274,6 @@ if __name__ == "__main__":
         print(f"input: {split} clip {clip} ({info['id']}, {info['kind']}, {info['duration']:.2f} s)"
               + (f": {info['caption']}" if info.get("caption") else ""))
 
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
-                                                                  dtype=ptdtype)
     # sample() checks the data's codec: hashing it (~0.1 s, then cached) here counts as loading,
     # kept out of the tokens/s figure
     if codes_model and config.codec_id:

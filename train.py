@@ -11,8 +11,9 @@ dataclass; anything else is an error.
 
 train.py knows a model only through the interface every model file implements: Config, Model,
 load_data, get_batch and an optional init_pretrained (docs/training.md, "The model interface").
-Three exceptions: it checks Whisper-GPT's codec_id against init_from's, counts a batch without
-targets (SALMONN's tagging stage) as clips, and reads the tokenizer an llm_init checkpoint records.
+Four exceptions: it checks Whisper-GPT's codec_id against init_from's, counts a batch without
+targets (SALMONN's tagging stage) as clips, reads the tokenizer an llm_init checkpoint records, and
+names the *_init settings when init_from is another stage's checkpoint (SALMONN, Pengi).
 A text model's Config names its tokenizer ("corpus" or "gpt2"); its checkpoints record it.
 """
 
@@ -79,7 +80,7 @@ seed = 1337
 peak_flops = 0.0              # per device, for MFU; 0 = known GPUs (A100, H100, H200) at bf16
 # -----------------------------------------------------------------------------
 
-TRAIN_KEYS = configurator.defaults(globals())
+TRAIN_DEFAULTS = configurator.defaults(globals())
 # settings that change how a run executes, not what it trains: a re-run may differ in these
 RUN_KEYS = {"init_from", "out_dir", "overwrite", "eval_only", "log_interval", "wandb_log",
             "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend",
@@ -278,7 +279,7 @@ def load_settings(argv):
     except configurator.SettingsError as e:
         fail(e)
     # the model file (the last model = ... given) defines which model keys exist
-    name, where = TRAIN_KEYS["model"], "default"
+    name, where = TRAIN_DEFAULTS["model"], "default"
     for key, value, raw, source in entries:
         if key == "model":
             name, where = (raw if raw is not None else value), source
@@ -291,14 +292,14 @@ def load_settings(argv):
         fail(f"model = {name!r} ({where}): {name}.py is not a model file (it has no "
              f"{', '.join(lacking)}); expected whisper_gpt, salmonn or pengi")
     model_types = {f.name: f.type for f in fields(module.Config)}  # int, float, bool or str
-    types = {k: type(v) for k, v in TRAIN_KEYS.items()}
+    types = {k: type(v) for k, v in TRAIN_DEFAULTS.items()}
     types.update(model_types)
     try:
         settings, _ = configurator.resolve(entries, types,
                                            what=f"a train.py setting nor a field of {name}.Config")
     except configurator.SettingsError as e:
         fail(e)
-    return {**TRAIN_KEYS, **settings}, module, set(model_types)
+    return {**TRAIN_DEFAULTS, **settings}, module, set(model_types)
 
 def choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init):
     """The tokenizer of a text model; None for a model without text (whisper_gpt). Its config
@@ -336,7 +337,7 @@ def choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init):
 
 if __name__ == "__main__":
     S, M, model_keys = load_settings(sys.argv[1:])
-    globals().update({k: v for k, v in S.items() if k in TRAIN_KEYS})
+    globals().update({k: v for k, v in S.items() if k in TRAIN_DEFAULTS})
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                 "log_interval"):
         if S[key] < 1:
@@ -423,8 +424,9 @@ if __name__ == "__main__":
     # randomness: every iteration draws its batches and dropout masks from seeds derived from
     # (seed, iteration, micro-batch), so a resumed run sees exactly what an uninterrupted one would,
     # and N processes with accumulation k/N see the same micro-batches as 1 process with k.
-    def data_rng(stream, i, j):  # stream 0: training batches, 1: evaluation batches
-        return np.random.default_rng([seed, stream, i, j])
+    # stream 0: training batches; 1: evaluation batches (it: the split's index)
+    def data_rng(stream, it, micro):
+        return np.random.default_rng([seed, stream, it, micro])
 
     def seed_torch(it, micro):  # dropout masks: stream 2
         torch.manual_seed(int(np.random.SeedSequence([seed, 2, it, micro]).generate_state(1)[0]))
@@ -681,7 +683,8 @@ if __name__ == "__main__":
                   f"val loss {losses['val']:.4f}")
             if not eval_only:  # the log holds the run's own records
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
-            # the best so far, among weights that may be saved (not a scratch run's untrained start)
+            # the best so far, among weights that may be saved (not a scratch run's untrained
+            # start); a resumed run's start is its checkpoint, already saved: its loss counts
             may_save = iter_num > start_iter or save_start
             improved = False
             if may_save or init_from == "resume":

@@ -90,6 +90,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, cache=None):
+        """cache: None, or one of WhisperGPT.new_caches()'s dicts: size, the window; the first call
+        adds the k, v buffers (B, H, size, D) and n, how many are filled. graphed_step's dicts hold
+        k, v and pos, a (1,) position tensor, instead of n."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -107,8 +110,8 @@ class CausalSelfAttention(nn.Module):
             # cache at every step)
             n = cache.get("n", 0)
             if "k" not in cache:
-                # zeros, not empty: graphed_step reads the whole window and masks what is past its
-                # position, and uninitialised memory there could hold NaN (0 * NaN = NaN)
+                # zeros, not empty: graphed_step passes the whole window, and what lies past its
+                # position (which attention ignores) is then defined, not stale memory
                 cache["k"] = k.new_zeros(B, self.n_head, cache["size"], C // self.n_head)
                 cache["v"] = torch.zeros_like(cache["k"])
             cache["k"][:, :, n:n + T] = k
@@ -258,8 +261,7 @@ class WhisperGPT(nn.Module):
 
     def new_caches(self):
         """One dict per block, the mel path's first (as decode reads them), holding size (the
-        window). The first decode adds the k, v buffers (B, H, size, D) and n, how many are filled.
-        graphed_step passes the same buffers with pos, a (1,) position tensor, instead of n."""
+        window); CausalSelfAttention.forward says what the first decode adds."""
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
@@ -525,14 +527,16 @@ def in_eval_mode(model, fn, *args):
 @torch.no_grad()
 def evaluate(model, data, tok=None, split="val", **opts):
     """NLL (nats/token), accuracy and perplexity of the next coarse token over the split cut into
-    consecutive windows of block_size + 1 frames (the first frame of a window is context only), in
-    eval mode (the model's mode is restored after).
+    windows of block_size + 1 frames at a stride of block_size (neighbours share one frame): every
+    frame but the split's first is scored once, the context restarting at each window. In eval
+    mode (the model's mode is restored after).
     Options (EVAL_OPTS): batch_size, max_windows (> 0: only the first max_windows windows)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: "
                          f"{sorted(EVAL_OPTS)}")
-    batch_size, max_windows = ({**EVAL_OPTS, **opts}[k] for k in ("batch_size", "max_windows"))
+    o = {**EVAL_OPTS, **opts}
+    batch_size, max_windows = o["batch_size"], o["max_windows"]
     if batch_size < 1:
         raise ValueError(f"whisper_gpt.evaluate: batch_size={batch_size}: must be at least 1")
     if max_windows < 0:
@@ -617,7 +621,7 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if c.codec_id and getattr(tools, "data_dir", None):  # the prompt's codes are the data's codec's
         check_codec(c, tools.data_dir)
     device = next(model.parameters()).device
-    n = o["prompt_frames"] or c.block_size - 1
+    n = o["prompt_frames"] or c.block_size - 1  # (one position left for the first new token)
     codes = audio["codes"][-n:, :1].T.to(device).long()  # (1, T0): codebook 0
     mels = None
     if c.use_mel:
@@ -635,7 +639,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if o["seed"] >= 0:
         generator = torch.Generator(device=device).manual_seed(o["seed"])
     mel_fn = incremental_mel(tools, c.mel_lag) if c.use_mel else None
-    out = in_eval_mode(model, model.generate, codes, mels, o["max_new_tokens"], o["temperature"],
-                       o["top_k"] or None, mel_fn, generator, o["cuda_graph"])
+    out = in_eval_mode(model, lambda: model.generate(
+        codes, mels, max_new_tokens=o["max_new_tokens"], temperature=o["temperature"],
+        top_k=o["top_k"] or None, mel_fn=mel_fn, generator=generator, cuda_graph=o["cuda_graph"]))
     return {"codes": out[0, codes.size(1):, None].cpu(),
             "prompt_codes": out[0, :codes.size(1), None].cpu()}

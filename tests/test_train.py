@@ -1240,7 +1240,7 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
         p = run(["--help", f"--out_dir={tmp_path}"], cmd=[sys.executable, script])
         assert p.stdout.startswith(first), p.stdout
         module = importlib.import_module(script[:-3])
-        settings = getattr(module, "TRAIN_KEYS", None) or configurator.defaults(vars(module))
+        settings = getattr(module, "TRAIN_DEFAULTS", None) or configurator.defaults(vars(module))
         shown = {line.split("=")[0].strip() for line in p.stdout.splitlines() if " = " in line}
         assert settings and set(settings) <= shown, set(settings) - shown
         assert not list(tmp_path.iterdir())

@@ -336,13 +336,13 @@ def test_incremental_mel_matches_full_decode():
     seen = []
     orig = model.generate
 
-    def spy(codes, mels, n, temperature, top_k, mel_fn, generator, cuda_graph):
+    def spy(codes, mels, mel_fn, **kwargs):
         def wrapped(seq, j):
             m = mel_fn(seq, j)
             full = tools.mel(tools.decode(seq[0, :, None]))
             seen.append(torch.allclose(m[0], torch.as_tensor(full[j]), atol=1e-6))
             return m
-        return orig(codes, mels, n, temperature, top_k, wrapped, generator, cuda_graph)
+        return orig(codes, mels, mel_fn=wrapped, **kwargs)
 
     model.generate = spy
     W.sample(model, None, {"codes": torch.randint(0, 50, (10, 8)), "mel": torch.randn(10, 8)}, None,
@@ -473,9 +473,9 @@ def prompt_mels_given(model, audio, tools, **opts):
     """The prompt mels whisper_gpt.sample hands the model's generate, as a list of one."""
     seen, orig = [], model.generate
 
-    def spy(codes, mels, *args):
+    def spy(codes, mels, **kwargs):
         seen.append(mels)
-        return orig(codes, mels, *args)
+        return orig(codes, mels, **kwargs)
 
     model.generate = spy
     W.sample(model, None, audio, None, tools, seed=0, **opts)
