@@ -32,7 +32,10 @@ try:
 except Exception:
     sys.modules["torchaudio"] = types.ModuleType("torchaudio")
 from encodec import EncodecModel  # noqa: E402
+from encodec.modules.conv import SConv1d, SConvTranspose1d  # noqa: E402
 from encodec.modules.conv import pad1d as encodec_pad1d  # noqa: E402
+from encodec.modules.lstm import SLSTM  # noqa: E402
+from encodec.modules.seanet import SEANetResnetBlock  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the data contract's fixed numbers
@@ -272,8 +275,8 @@ def whisper_mel_filters():
 def whisper_log_mel(wav, sr=SAMPLE_RATE):
     """Whisper's log-mel, as whisper.audio.log_mel_spectrogram, of a 1-D clip at sr -> (frames, 80)
     float32. The clip is resampled to 16 kHz (n16k samples); frames = n16k // 160, ~100 a second.
-    One difference: Whisper's 8-decade floor is below the max of its whole input, 30 s zero
-    padded; here it is below the clip's own max."""
+    The same as Whisper's on the clip padded to 30 s (the zeros only add frames at the floor) but
+    for the last frame, which here sees the clip reflected where Whisper's sees the zeros."""
     x = np.asarray(wav, dtype=np.float32)
     if sr != WHISPER_SR:
         x = resample(x, sr, WHISPER_SR)
@@ -310,7 +313,7 @@ def encodec_24khz(pretrained, weights_dir=None):
     model.set_target_bandwidth(BANDWIDTH)
     return model.eval()
 
-def pretrained_codec(weights_dir):
+def read_pretrained_codec(weights_dir):
     """encodec_24khz with the pretrained weights in weights_dir, or a ValueError naming the file
     when it is unusable (truncated or corrupt: a wrong hash, unreadable)."""
     try:
@@ -332,7 +335,7 @@ def get_pretrained_codec(codec_dir=None, offline=False, strict=False):
     weights_dir = find_codec_weights(codec_dir)
     if weights_dir:
         try:
-            return pretrained_codec(weights_dir), weights_dir / CODEC_FILE
+            return read_pretrained_codec(weights_dir), weights_dir / CODEC_FILE
         except ValueError as problem:
             if codec_dir:  # named by the user: nothing is downloaded there, so an error
                 raise ValueError(f"--codec_dir={codec_dir}: {problem}; put EnCodec's 24 kHz "
@@ -421,7 +424,7 @@ def load_codec(data_dir):
         # caller's random stream goes on as if nothing was loaded (sample.py seeds it)
         try:
             with torch.random.fork_rng(devices=[]):
-                return pretrained_codec(weights_dir)
+                return read_pretrained_codec(weights_dir)
         except ValueError as problem:
             raise ValueError(f"{problem}; delete it and run prepare.py to download it "
                              f"again") from None
@@ -433,6 +436,7 @@ def load_codec(data_dir):
     for _ in range(n_std):
         model.encoder.model.append(Standardize())
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    # codec.codec_state saves neither embed_avg nor the codebooks past N_Q
     unused = tuple(f"quantizer.vq.layers.{i}." for i in range(N_Q, len(model.quantizer.vq.layers)))
     if unexpected or any(not (k.endswith("embed_avg") or k.startswith(unused)) for k in missing):
         raise ValueError(f"{Path(data_dir) / c['weights']}: does not match this audio.py's offline "
@@ -515,14 +519,8 @@ class StreamingDecoder:
     computing it all. A pretrained EnCodec has none of them."""
 
     def __init__(self, codec):
-        from encodec.modules.conv import SConv1d, SConvTranspose1d
-        from encodec.modules.lstm import SLSTM
-        from encodec.modules.seanet import SEANetResnetBlock
         self.codec, self.state, self.weights = codec, {}, {}
         self.zero, self.identity, self.sparse = {}, {}, {}      # what each part is, found once
-        self.rules = {SConv1d: self._conv, SConvTranspose1d: self._conv_transpose,
-                      SLSTM: self._lstm, SEANetResnetBlock: self._resnet_block,
-                      torch.nn.Sequential: self._sequential}
 
     @torch.inference_mode()
     def __call__(self, codes):
@@ -533,11 +531,17 @@ class StreamingDecoder:
             return self._run(self.codec.decoder.model, z)[0, 0].float()
 
     def _run(self, module, x):
-        rule = self.rules.get(type(module))
-        if rule:
-            return rule(module, x)
-        # no state in time
-        if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):
+        if isinstance(module, SConv1d):
+            return self._conv(module, x)
+        if isinstance(module, SConvTranspose1d):
+            return self._conv_transpose(module, x)
+        if isinstance(module, SLSTM):
+            return self._lstm(module, x)
+        if isinstance(module, SEANetResnetBlock):
+            return self._resnet_block(module, x)
+        if isinstance(module, torch.nn.Sequential):
+            return self._sequential(module, x)
+        if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):  # no state in time
             return module(x)
         raise TypeError(f"StreamingDecoder: no streaming rule for {type(module).__name__} in the "
                         f"codec's decoder")

@@ -171,8 +171,8 @@ def _length(LENS, off_b, T, HAS_LENS: tl.constexpr):
 
 @triton.jit
 def _row_block(n_blocks, H, REVERSE: tl.constexpr):
-    """Which (block, batch*head) this program owns: the block varies fastest, so that the programs
-    running at the same time share one head's K and V in L2."""
+    """Which (block, batch*head) this program owns, as (block, off_bh, off_b, off_h): the block
+    varies fastest, so that the programs running at the same time share one head's K and V in L2."""
     block = tl.program_id(0) % n_blocks
     if REVERSE:  # causal: the last query blocks see the most keys; start them first (short tail)
         block = n_blocks - 1 - block
@@ -184,8 +184,9 @@ def _key_range(start_m, klen, qlen, diag, CAUSAL: tl.constexpr, HAS_QLENS: tl.co
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key range of the query tile at start_m, as (full, hi).
     Every row of the tile sees all of keys [0, full), so those blocks need no mask; full is a
-    multiple of BLOCK_N. Keys [full, hi) are seen by some rows only: masked. Keys past hi are seen
-    by none and never loaded. A tile of padding rows only (past qlen) sees no key."""
+    multiple of BLOCK_N. Keys [full, hi), the block(s) holding the klen or diagonal boundary, are
+    loaded with the mask. Keys past hi are seen by none and never loaded. A tile of padding rows
+    only (past qlen) sees no key."""
     if HAS_QLENS:
         klen = tl.where(start_m < qlen, klen, 0)
     if CAUSAL:
@@ -669,8 +670,9 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens):
             (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
              q_lens if q_lens is not None else lse,
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-             v.stride(0), v.stride(1), v.stride(2), *o_strides, B * H * Tq,
-             H, Tq, Tk, sm_scale * LOG2E, per, _bucket(Tq), _bucket(Tk)),
+             v.stride(0), v.stride(1), v.stride(2),
+             *o_strides, B * H * Tq,  # stride_os (0: no split dimension), ..., stride_ls
+             H, Tq, Tk, sm_scale * LOG2E, per, _bucket(Tq), _bucket(Tk)),  # per: keys_per_split
             dict(HAS_KLENS=k_lens is not None, HAS_QLENS=q_lens is not None, CAUSAL=causal,
                  SPLIT=splits > 1, TMA=_use_tma(k, v), HEAD_DIM=D))
     if splits > 1:
@@ -703,6 +705,7 @@ def _flash_backward(do, q, k, v, o, lse, causal, k_lens, sm_scale, bwd, q_lens):
     # "atomic": the dk/dv kernel also adds each block's dq into an fp32 buffer (5 matmuls, exp once
     # per score); "split": dq by its own kernel (recomputes QK^T and dO V^T: 7 matmuls in all; no
     # atomics, deterministic)
+    # (split: lse stands in for the dq buffer, never read)
     dq_acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device) if atomic else lse
     _launch(_bwd_dkdv_kernel, "dkdv_atomic" if atomic else "dkdv",
             lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * H,),
@@ -728,7 +731,7 @@ def _backward_mode(head_dim):
 class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, k_lens, q_lens, sm_scale):
+    def forward(ctx, q, k, v, causal, k_lens, sm_scale, q_lens):
         o, lse = _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens)
         ctx.save_for_backward(q, k, v, o, lse, k_lens, q_lens)
         ctx.causal, ctx.sm_scale = causal, sm_scale
@@ -767,7 +770,7 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
                       for lens, T in ((k_lens, k.shape[2]), (q_lens, q.shape[2])))
     # launched on q's GPU, not the current one (a process may use cuda:1 without set_device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return _FlashAttention.apply(q, k, v, causal, k_lens, q_lens, sm_scale)
+        return _FlashAttention.apply(q, k, v, causal, k_lens, sm_scale, q_lens)
 
 # -----------------------------------------------------------------------------
 # the entry point

@@ -75,7 +75,7 @@ class InputProblems:
         if kept:
             tqdm.write(f"warning: {what}: {problem}")
             return
-        self.counts[problem.split(" (")[0].split(":")[0]] += 1
+        self.counts[problem.split(" (")[0].split(":")[0]] += 1  # by kind: before any "(" or ":"
         tqdm.write(f"skipping {what}: {problem}")
 
 def librispeech_items(src, report):
@@ -88,8 +88,7 @@ def librispeech_items(src, report):
             audio = trans.parent / f"{uid}.flac"
             seen.add(audio.resolve())
             if not audio.exists():
-                report(str(audio), f"listed in a transcript ({trans.name}) but the file is "
-                                   f"missing")
+                report(str(audio), f"missing file, listed in a transcript ({trans.name})")
                 continue
             if not text.strip():
                 report(str(audio), "missing transcript (empty line)")
@@ -218,7 +217,8 @@ def is_val(clip_id, val_percent):
 
 class Staging:
     """stage(name): where to write an output file, next to its final name; commit() renames them all
-    into place, meta.json last. A run that fails leaves the previous output as it was."""
+    into place in the order staged (main stages meta.json last). A run that fails leaves the
+    previous output as it was."""
 
     def __init__(self, out):
         self.out, self.files = out, []
@@ -566,9 +566,9 @@ def get_codec(args, out):
     return codec, codec_info
 
 def clip_list(args, report):
-    """The clips in a fixed order, and how many. clips(skip) yields (wav, info) for each clip whose
-    id is not in skip. Synth clips are made on the fly; others are read from the files, and each
-    bad one is reported and left out."""
+    """Returns (clips, n): clips(skip=()) is a generator function that yields (wav, info) for each
+    clip, in a fixed order, whose id is not in skip; n is how many there are. Synth clips are made
+    on the fly; others are read from the files, and each bad one is reported and left out."""
     if args.dataset == "synth":
         def clips(skip=()):
             for i in range(args.clips):
@@ -611,14 +611,14 @@ def work_dir(out, work_key, codec_name, force):
     work.mkdir(exist_ok=True)
     return work
 
-def start_offline_codec(codec, clips, report, args, work):
+def start_offline_codec(codec, clips, input_problems, args, work):
     """The offline codec's analytic start (codec.dct_init), then, with --codec_steps, its learned
     parts trained on the train split's first clips (resumable, see train_codec). Returns those
     clips as {id: wav}, for tuning the decoder once the codebooks are fitted. It is empty when
     neither --codec_steps nor --codec_tune_steps needs them."""
     codec_wavs = {}
     if args.codec_steps or args.codec_tune_steps:
-        report.muted = not args.strict                # pass 1 reports each bad input, once
+        input_problems.muted = not args.strict        # pass 1 reports each bad input, once
         for wav, info in clips():
             if not is_val(info["id"], args.val_percent):
                 codec_wavs[info["id"]] = wav
@@ -627,7 +627,7 @@ def start_offline_codec(codec, clips, report, args, work):
         if not codec_wavs:                            # a dataset all in val: what there is
             codec_wavs = {info["id"]: wav
                           for wav, info in itertools.islice(clips(), args.codec_clips)}
-        report.muted = False
+        input_problems.muted = False
         if not codec_wavs:                            # no usable clip: pass 1 says why
             return {}
     t0 = time.time()
@@ -893,9 +893,9 @@ def write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, pro
                                "sample_rate": WHISPER_SR,
                                "file": "{split}_wmel.bin (float16 [frames, 80]); clip at woffset, "
                                        "wframes",
-                               "log": "as whisper.audio.log_mel_spectrogram, but the 8-decade "
-                                      "floor is below the clip's own max (Whisper: its 30 s padded "
-                                      "input's)"}
+                               "log": "as whisper.audio.log_mel_spectrogram on the clip padded "
+                                      "to 30 s, but for the last frame, which sees the clip "
+                                      "reflected (Whisper: the zeros)"}
     stage("meta.json").write_text(json.dumps(meta, indent=2))
 
 def finish(out, work, args, stage):
@@ -973,7 +973,8 @@ def get_args(argv=None):
                    help="percent of clips in the val split")
     p.add_argument("--codec_dir", default=None,
                    help=f"directory with the pretrained {CODEC_FILE} (an error if it is not there; "
-                        f"without this option: the hub cache, else the offline codec)")
+                        f"without this option: the hub cache, else a download (not with "
+                        f"--offline), else the offline codec)")
     p.add_argument("--offline", action="store_true",
                    help="no download of EnCodec's weights: local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",
@@ -1053,12 +1054,12 @@ def main(argv=None):
                 sys.exit(f"error: --codebook0_mel: {e}")
         return out
     check_whisper_mel(args)
-    report = InputProblems(args.strict)
+    input_problems = InputProblems(args.strict)
     codec, codec_info = (None, None) if args.no_codes else get_codec(args, out)
-    clips, n_total = clip_list(args, report)
+    clips, n_total = clip_list(args, input_problems)
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
-                 f"{sum(report.counts.values())} inputs); nothing written")
+                 f"{sum(input_problems.counts.values())} inputs); nothing written")
     made = make_out_dir(out)                          # made only now: there are clips to encode
     work = work_dir(out, work_hash(args), codec_info["name"] if codec else "no_codes", args.force)
     (work / "args_hash").write_text(args_hash)        # which run may resume here (already_prepared)
@@ -1069,12 +1070,12 @@ def main(argv=None):
         if copy_codec:  # the very file the codes are made with, copied now: DIR may change
             shutil.copyfile(Path(args.codec_from) / codec_info["weights"], work / "codec_from.pt")
         if fit_codec:
-            codec_wavs = start_offline_codec(codec, clips, report, args, work)
+            codec_wavs = start_offline_codec(codec, clips, input_problems, args, work)
         encoded = encode_clips(codec, clips, n_total, args, work, t_start)   # pass 1, resumable
         infos, embs, mels, wmels, (audio_seconds, resumed_seconds) = encoded
         if not infos:
-            sys.exit(f"error: no usable clips (skipped {sum(report.counts.values())} inputs); "
-                     "nothing written")
+            sys.exit(f"error: no usable clips (skipped {sum(input_problems.counts.values())} "
+                     f"inputs); nothing written")
     except BaseException:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left behind
         # nothing to resume from: the arguments' hash and the copy of --codec_from's codec alone
         if {p.name for p in work.iterdir()} <= {"args_hash", "codec_from.pt"}:
@@ -1095,9 +1096,10 @@ def main(argv=None):
     tok_info = write_tokenizer(infos, args.vocab_size, stage)
     splits = write_splits(infos, codes, mels, wmels, args, stage)
     wall = time.time() - t_start
-    write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, report.counts, stage)
+    write_meta(args, args_hash, codec_info, tok_info, splits, audio_seconds, input_problems.counts,
+               stage)
     finish(out, work, args, stage)
-    print_summary(out, splits, codes, report.counts, audio_seconds, resumed_seconds, wall)
+    print_summary(out, splits, codes, input_problems.counts, audio_seconds, resumed_seconds, wall)
     return out
 
 if __name__ == "__main__":

@@ -360,6 +360,9 @@ def make_dtmf(rng, max_dur):
                      labels={"class": "dtmf tones", "digits": digits}, qa=qa)
 
 def make_mixture(rng, max_dur):
+    """Music with events over it. Its text is cut from the two clips' own: it relies on their
+    sentence shapes, "<noun> plays <what>." and "<event> followed by <event>." in the captions,
+    "<story> The sound is ..." and "<story> Between the sounds ..." in the descriptions."""
     music, m = make_music(rng, max_dur)
     ev, e = make_events(rng, max_dur)
     n = max(len(music), len(ev))
@@ -523,8 +526,9 @@ def phonemes(texts, voice):
     finally:
         espeak_close(lib)
 
-# Speakers: a voice (espeak-ng language + variant, whose files are in espeakng-loader's data) at a
-# fixed rate (words/min) and pitch (0-99); each has a fixed sex, from its variant.
+# Speakers, (voice, sex, rate, pitch): a voice (espeak-ng language + variant, whose files are in
+# espeakng-loader's data) of a fixed sex, from its variant, at a fixed rate (words/min) and pitch
+# (0-99).
 SPEAKERS = {
     "andy": ("en-us+Andy", "male", 160, 45), "storm": ("en-us+Storm", "male", 145, 45),
     "lee": ("en-us+Lee", "male", 175, 55), "m1": ("en-gb-x-rp+m1", "male", 170, 40),
@@ -615,7 +619,8 @@ def sentence(rng, short=False):
                              for d in rng.integers(0, 10, size=int(rng.integers(3, 7)))))
     v["objects"] = plural(v["object"])
     v["at"] = f"{'in' if v['place'] in PLACES_IN else 'at'} the {v['place']}"
-    mentioned = {SAYS.get(s, s): {"objects": v["object"], "at": v["place"]}.get(s, v[s])
+    base = dict(v, objects=v["object"], at=v["place"])  # what a derived slot names
+    mentioned = {SAYS.get(s, s): base[s]
                  for s in re.findall(r"{(\w+)}", pattern) if s not in ("verb", "activity")}
     return pattern.format(**v), form, mentioned
 

@@ -18,8 +18,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 EOT = "<|endoftext|>"
-# GPT-2's pre-tokenisation pattern (its original release's; tiktoken's "gpt2" writes it in an
-# equivalent, faster form)
+# GPT-2's pre-tokenisation pattern (its release's contractions 's|'t|'re|'ve|'m|'ll|'d grouped as
+# tiktoken writes them; tiktoken's "gpt2" is an equivalent, faster form)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 TOKENIZERS = ("corpus", "gpt2")

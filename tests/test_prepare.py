@@ -1369,7 +1369,7 @@ def test_librispeech_files_with_a_transcript_line_are_not_reported(tmp_path):
     assert [it["transcript"] for it in items] == ["hello", "good bye"]
     assert sorted(problems) == [
         ("19-198-0002.flac", "missing transcript (no line in any .trans.txt)"),
-        ("19-198-0007.flac", "listed in a transcript (19-198.trans.txt) but the file is missing")]
+        ("19-198-0007.flac", "missing file, listed in a transcript (19-198.trans.txt)")]
 
 def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
