@@ -1069,6 +1069,10 @@ def test_clap_stage_evaluate_is_the_probe_or_nothing():
     assert pengi.evaluate(m, data, tok, "val", probe=False) == {}
     got = pengi.evaluate(m, data, tok, "val")
     assert set(got) == {"probe_acc"} and 0 <= got["probe_acc"] <= 1
+    # the probe scored on the split asked for, not on the clips it was fitted on
+    on = {s: pengi.in_eval_mode(m, pengi.linear_probe, m, data, s, "class")
+          for s in ("val", "train")}
+    assert got["probe_acc"] == on["val"] != on["train"]
 
 
 @torch.no_grad()
@@ -1335,6 +1339,19 @@ def test_task_mix_from_templates(synth_dir):
     clip = next(c for c in data["train"]["clips"] if "class" in c["labels"])
     assert ("class", "this is a sound of",
             clip["labels"]["class"]) in pengi.clip_tasks(clip, data["tasks"])
+    # a music clip: each music task (one per label key) answers the clip's own label of that key
+    ci, clip = next((i, c) for i, c in enumerate(data["train"]["clips"]) if c["kind"] == "music")
+    keys = [k for k in pengi.MUSIC_KEYS if k in clip["labels"]]
+    assert len(keys) >= 2
+    music = {t: a for t, _, a in pengi.clip_tasks(clip, data["tasks"]) if t in pengi.MUSIC_KEYS}
+    assert music == {k: clip["labels"][k] for k in keys}
+    assert all([tok.decode(a).strip() for i, _, a in data["train"]["by_task"][k] if i == ci]
+               == [clip["labels"][k]] for k in keys)
+    # metadata: the kind, the labels sorted by key, then the transcript
+    hand = {"kind": "speech", "labels": {"speaker": "m1", "gender": "male"}, "transcript": "hi"}
+    assert pengi.metadata_text(hand) == "kind: speech; gender: male; speaker: m1; text: hi"
+    assert (pengi.metadata_text({**hand, "transcript": None})
+            == "kind: speech; gender: male; speaker: m1")
     b = pengi.get_batch(data, "train", 64, np.random.default_rng(0))
     assert b["mel"].shape == (64, 64, cfg.n_mels) and b["mel"].dtype == torch.float32
     n = (b["targets"] != -1).sum(1)

@@ -495,6 +495,16 @@ def test_evaluate_scores_each_task_on_its_own_answers(tmp_path, monkeypatch):
     assert 0 < want < 1 and got["bleu4"] == pytest.approx(want)
     swapped = salmonn.bleu4(refs["captioning"], [[piano]] * len(refs["captioning"]))
     assert want != pytest.approx(swapped)
+    # evaluate's options reach sample, and max_clips caps every task's entries
+    calls = []
+    monkeypatch.setattr(salmonn, "sample", lambda *a, **o: calls.append(o) or {"text": piano})
+    got = salmonn.evaluate(m, data, tok, "val", beam=2, max_new_tokens=7, lora_scale=1.0,
+                           max_clips=1)
+    tasks = [t for t in salmonn.ALL_TASKS if S["entries"][t]]
+    assert len(S["entries"]["qa"]) > 1 and len(calls) == len(tasks)
+    assert ([(o.get("beam"), o.get("max_new_tokens"), o.get("lora_scale")) for o in calls]
+            == [(2, 7, 1.0)] * len(tasks))
+    assert all(got[f"n_{t}"] == 1 for t in tasks)
 
 def test_no_loss_on_prompt_or_audio(tmp_path):
     tok = ByteTokenizer()

@@ -854,8 +854,16 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
     n_all = sum(q.numel() for q in m.parameters())
     n_trained = sum(q.numel() for q in m.parameters() if q.requires_grad)
     assert 0 < n_trained < n_all
-    tok_s = [json.loads(line) for line in open(out / "log.jsonl") if "tok_per_s" in line][-1][
-        "tok_per_s"]
+    rec = [json.loads(line) for line in open(out / "log.jsonl") if "tok_per_s" in line][-1]
+    tok_s = rec["tok_per_s"]
+    # tokens/s counts the answer tokens (targets != -1) of iteration 0's batch, made again here
+    data = salmonn.load_data(str(synth_dir), salmonn.SALMONNConfig(**ck["model_args"]),
+                             tokenizer.tokenizer_from_record(ck["tokenizer"]))
+    batch = salmonn.get_batch(data, "train", 4, np.random.default_rng([ck["config"]["seed"], 0,
+                                                                       0, 0]))
+    n_answer = int((batch["targets"] != -1).sum())
+    assert n_answer < batch["targets"].numel()
+    assert tok_s * rec["ms_per_iter"] / 1000 == pytest.approx(n_answer, rel=1e-6), rec
     mfu = float(re.search(r"^iter 1/1 \|.* \| mfu ([\d.]+)% \|", p.stdout, re.M).group(1))
     want = 100 * (6 * n_trained + 4 * (n_all - n_trained)) * tok_s / 1e9
     assert abs(mfu - want) <= 0.051 + 1e-9 * want, (mfu, want)
@@ -1210,6 +1218,20 @@ def test_sample_gives_a_whisper_features_model_the_whisper_features_of_an_audio_
                         f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
+    # the answer (greedy: deterministic) is the model's to the file's Whisper features, computed
+    # here from the 24 kHz file (features made as if at another rate give another answer)
+    import torch
+    import salmonn
+    from audio import load_audio, log_mel, whisper_log_mel
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    model = salmonn.SALMONN(salmonn.SALMONNConfig(**ck["model_args"]))
+    model.load_state_dict(ck["model"])
+    wav = load_audio(tmp_path / "tone.wav")
+    inp = {"mel": torch.as_tensor(log_mel(wav)).float(),
+           "wmel": torch.from_numpy(whisper_log_mel(wav, sr=24000))}
+    text = salmonn.sample(model.eval(), tokenizer.load_tokenizer(synth_dir, "corpus"), inp, None,
+                          beam=1, max_new_tokens=2)["text"]
+    assert f"(the model's default; --prompt asks another)\n{text}\n(" in p.stdout, p.stdout
 
 def test_sample_reads_the_split_asked_and_makes_an_out_folder_named_with_a_separator(synth_dir,
                                                                                   tmp_path):

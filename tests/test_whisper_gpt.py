@@ -898,7 +898,8 @@ def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
 
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
-    count is that of the whole val split, and the row says "all"."""
+    count is that of the whole val split, and the row says "all". --split=train and evaluate()'s
+    options (max_windows) reach the evaluation."""
     import eval as E
     cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False, kinds="speech")
     W.load_data(synth_dir, cfg, None)
@@ -912,6 +913,14 @@ def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     n = os.path.getsize(os.path.join(synth_dir, "val_codes.bin")) // (2 * meta["n_q"])
     assert row["kinds"] == "all" and row["tokens"] == (n - 1) // 16 * 16
+    # --split=train evaluates the train split; evaluate()'s options (text, as on the command line)
+    # reach it: the first 3 windows of 16 tokens
+    n_train = os.path.getsize(os.path.join(synth_dir, "train_codes.bin")) // (2 * meta["n_q"])
+    monkeypatch.setattr(E, "split", "train")
+    assert n_train != n
+    assert E.evaluate_checkpoint(str(ckpt), {})["tokens"] == (n_train - 1) // 16 * 16
+    monkeypatch.setattr(E, "split", "val")
+    assert E.evaluate_checkpoint(str(ckpt), {"max_windows": "3"})["tokens"] == 3 * 16
 
 def test_eval_row_names_the_data_it_evaluated_on(synth_dir, tmp_path, monkeypatch):
     """eval.py --data_dir: the row (and so --json) names the data the run was evaluated on, not
