@@ -108,7 +108,7 @@ class SALMONNConfig:
     whisper_text_ctx: int = 64     # transcripts cut to this - 1 tokens + the start or end token
     ctc_weight: float = 0.6        # the CTC loss's weight next to the decoder's cross-entropy
     # what CTC spells: "tokens" (the BPE), "chars" (CTC_CHARS) or "phonemes". Phonemes are ours:
-    # speech in the ~60 sounds espeak-ng spoke it with, which all words share; the other kinds of
+    # speech in the ~64 sounds espeak-ng spoke it with, which all words share; the other kinds of
     # clip in tokens
     ctc_units: str = "tokens"
     ctc_phonemes: str = ""         # ctc_units="phonemes": the train split's, "|"-joined (load_data)
@@ -1545,8 +1545,8 @@ class SALMONNData:
 
     def add_phonemes(self):
         """ctc_units="phonemes": S["phonemes"][clip index] is a speech clip's transcript in the
-        phonemes its espeak-ng voice speaks it with ("en-us" for another corpus's clips). When the
-        config has no inventory yet, it takes the train split's."""
+        phonemes its espeak-ng voice speaks it with ("en-us" for a speaker synth.py does not know,
+        e.g. LibriSpeech's). When the config has no inventory yet, it takes the train split's."""
         import synth  # the library the corpus's speech was made with
         for S in self.splits.values():
             by_voice = {}
@@ -1941,8 +1941,8 @@ def check_lora_scale(where, scale):
     """The LoRA scale an answer is decoded with: None (the model's), or a finite number >= 0."""
     if scale is not None and not 0 <= float(scale) < math.inf:
         raise ValueError(f"{where}: lora_scale={scale}: must be a finite number, at least 0 (0 "
-                         f"is the LLM without LoRA; the paper lowers 4 to 2 for activation "
-                         f"tuning)")
+                         f"is the LLM without LoRA; the paper lowers 4 to 2 to bring back the "
+                         f"abilities task over-fitting hides)")
 
 def _sample(model, tok, audio, prompt, o, beam, temperature):
     device = next(model.parameters()).device

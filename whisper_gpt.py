@@ -472,25 +472,25 @@ def load_data(data_dir, config, tok=None):
         # a split without those kinds or too short for one window is refused when it is read
         # (split_frames), so a held-out corpus (prepare.py --val_percent=100) evaluates without a
         # train split
-        short = None
+        unusable = None  # why the split cannot be read, or None
         if kinds:
             try:
                 codes, mel = select_kinds(data_dir, split, kinds, codes, mel)
             except ValueError as e:
-                codes, mel, short = codes[:0], None if mel is None else mel[:0], str(e)
-        if not short and len(codes) < config.block_size + 1:
-            short = (f"whisper_gpt: {data_dir} split {split}"
-                     f"{' kinds ' + config.kinds if kinds else ''} has {len(codes)} frames, fewer "
-                     f"than block_size + 1 = {config.block_size + 1}: lower block_size or prepare "
-                     f"more data")
-        data[split] = {"codes": codes, "mel": mel, "short": short}
+                codes, mel, unusable = codes[:0], None if mel is None else mel[:0], str(e)
+        if not unusable and len(codes) < config.block_size + 1:
+            unusable = (f"whisper_gpt: {data_dir} split {split}"
+                        f"{' kinds ' + config.kinds if kinds else ''} has {len(codes)} frames, "
+                        f"fewer than block_size + 1 = {config.block_size + 1}: lower block_size or "
+                        f"prepare more data")
+        data[split] = {"codes": codes, "mel": mel, "unusable": unusable}
     return data
 
 def split_frames(data, split):
     """How many frames a split has, or the ValueError load_data stored for it (no clip of the
     asked kinds, or fewer than block_size + 1 frames)."""
-    if data[split]["short"]:
-        raise ValueError(data[split]["short"])
+    if data[split]["unusable"]:
+        raise ValueError(data[split]["unusable"])
     return len(data[split]["codes"])
 
 def _windows(data, split, starts):
