@@ -483,6 +483,10 @@ def test_offline_codec_training_draws_new_crops_at_every_step(monkeypatch):
                                                   (0, max(0, f * A.HOP + len(row) - len(w)))))
                        for w in wavs for f in range(A.n_frames(len(w))))
     assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    # a near-silent crop is drawn again: beside a silent clip, every crop is of the loud one
+    x, where = C.random_crops([np.zeros_like(wavs[0]), wavs[0]], 3 * A.HOP, 8,
+                              np.random.default_rng(0))
+    assert [i for i, _ in where] == [1] * 8 and (x.abs().amax(1) > 0.02).all()
 
 
 def test_offline_codec_training_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path,

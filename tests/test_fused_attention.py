@@ -435,6 +435,9 @@ def test_mismatched_inputs_are_rejected_not_broadcast():
         fused_attention.attention(q, kv, kv.double(), backend="torch")
     with pytest.raises(ValueError, match="must share one dtype"):
         fused_attention.attention(q, kv.double(), kv, backend="torch")
+    # another device (meta tensors: no GPU needed) is named, not left to SDPA's own error
+    with pytest.raises(ValueError, match="must be on one device, got cpu, meta, meta"):
+        fused_attention.attention(q, kv.to("meta"), kv.to("meta"), backend="torch")
     # True would pass as a scale of 1
     with pytest.raises(ValueError, match="sm_scale must be a number"):
         fused_attention.attention(q, kv, kv, sm_scale=True, backend="torch")

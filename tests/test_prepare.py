@@ -259,6 +259,11 @@ def test_a_wav_cut_short_is_read_with_a_line_that_says_so(tmp_path, capsys):
     (tmp_path / "tagged.wav").write_bytes(whole[:4] + (len(whole) - 8 + len(tail)).to_bytes(
         4, "little") + whole[8:] + tail)
     assert A.wav_data_bytes(tmp_path / "tagged.wav") == (2 * SR, 2 * SR + len(tail))
+    # a chunk of odd size before the audio: RIFF pads it with a byte the size does not count
+    odd = b"junk" + (5).to_bytes(4, "little") + b"abcde\0"
+    (tmp_path / "odd.wav").write_bytes(whole[:4] + (len(whole) - 8 + len(odd)).to_bytes(
+        4, "little") + whole[8:36] + odd + whole[36:])
+    assert A.wav_data_bytes(tmp_path / "odd.wav") == (2 * SR, 2 * SR)
     for placeholder in (0xFFFFFFFF, 0x7FFFF000, 0x7FFFFFFF):  # sox writes 0x7ffff000
         streamed = bytearray(whole)
         streamed[40:44] = placeholder.to_bytes(4, "little")
@@ -1039,7 +1044,9 @@ def test_a_folder_of_other_files_is_not_written_into(tmp_path):
         P.main(args)
     assert (out / "notes.tmp2.txt").read_text() == "mine" and sorted(
         p.name for p in out.iterdir()) == ["notes.tmp2.txt", "train_mel.bin"]
+    (out / "train_mel.bin.tmp4242").write_bytes(b"half")  # a crashed run's staged file: removed
     P.main(args + ["--force"])
+    assert not (out / "train_mel.bin.tmp4242").exists()
     assert (out / "meta.json").exists() and (out / "train_mel.bin").read_bytes() != b"mine"
     assert (out / "notes.tmp2.txt").read_text() == "mine"  # not a staged file: not removed
 
@@ -1286,9 +1293,12 @@ def test_the_offline_codec_says_what_it_is_doing_unless_quiet(tmp_path, capsys,
     assert capsys.readouterr().err == ""
     C.fit_codebooks(model, emb, iters=1)
     assert "fit codebooks: 100%" in capsys.readouterr().err
-    monkeypatch.setattr(P, "codec_probes", lambda seed, speech: C.codec_probes(
-        seed, n_notes=2, n_morse=1, n_dtmf=1, n_any=2, max_dur=1.0, speech=False))
+    asked = []  # the speech= each call of codec_probes was given
+    monkeypatch.setattr(P, "codec_probes", lambda seed, speech: asked.append(speech) or
+                        C.codec_probes(seed, n_notes=2, n_morse=1, n_dtmf=1, n_any=2, max_dur=1.0,
+                                       speech=False))
     P.report_offline_codec(model, 1337, P.Staging(tmp_path), speech=False)
+    assert asked == [False]  # no speech library: the probes ask for no speech either
     out = capsys.readouterr().out
     said = out.find("measuring decode(encode(x)) on 6 held-out clips (2 notes read for pitch")
     assert 0 <= said < out.index("offline codec on held-out clips"), out
@@ -1537,6 +1547,10 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
     train_ids = [info["id"] for info in infos if not P.is_val(info["id"], 30)]
     assert list(got) == train_ids[:50] and len(seen) == 50
     assert [int(w[0]) for w in seen] == [int(i[4:]) for i in train_ids[:50]]
+    # --codec_tune_steps alone: the decoder is tuned on the same train clips
+    args = P.get_args(["--codec_tune_steps=3", "--codec_clips=50", "--val_percent=30", "--quiet"])
+    assert list(P.start_offline_codec(None, clips, P.InputProblems(False), args,
+                                      tmp_path)) == train_ids[:50]
 
 @pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250",
                                  "--kmeans_frames=0", "--kmeans_iters=0", "--codec_steps=-3",
@@ -2065,6 +2079,13 @@ def test_pretrained_lookups_fail_fast_and_clearly(tmp_path, monkeypatch):
         "pretrained": True, "weights": str(tmp_path / "gone" / "encodec_24khz-d7cc33bc.th")}}))
     with pytest.raises(ValueError, match="pretrained EnCodec, whose weights .* neither at .*gone"):
         A.load_codec(data)
+    # ... and read from the hub cache when they are there (a seeded stand-in for the download)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    want = A.offline_codec(seed=7).state_dict()
+    torch.save(want, tmp_path / "hub" / "checkpoints" / "encodec_24khz-d7cc33bc.th")
+    monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
+    got = A.load_codec(data).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_the_corpus_generator_writes_at_the_data_contract_rate():
