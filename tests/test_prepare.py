@@ -422,6 +422,34 @@ def test_plucked_string_is_tuned_within_half_a_sample_of_its_period():
         assert abs(SR / f - SR / hz) < 0.55, (m, SR / f, SR / hz)
 
 
+def test_a_note_envelope_rises_then_fades_to_silence():
+    """synth.envelope against its ramps written out: 10 ms up from 0, 1 in between, 50 ms down to 0;
+    a note shorter than the release still ends at 0 (no click)."""
+    a, r = int(0.01 * SR), int(0.05 * SR)
+    env = Y.envelope(SR)
+    assert env[0] == 0 and np.all(np.diff(env[:a]) > 0) and env[a - 1] == 1
+    assert np.all(env[a:-r] == 1)
+    assert np.all(np.diff(env[-r:]) < 0) and env[-1] == 0
+    short = Y.envelope(100)
+    assert short[0] == 0 and short[-1] == 0 and short.max() < 1
+
+def test_a_mixture_is_its_music_at_0_6_under_its_events(monkeypatch):
+    """make_mixture's audio is 0.6 x the music it describes plus the events it describes, both from
+    the start: a mixture whose text names events its audio lacks would pass the other tests."""
+    made = {}
+    for name in ("make_music", "make_events"):
+        orig = getattr(Y, name)
+        monkeypatch.setattr(Y, name, lambda rng, d, orig=orig, name=name:
+                            made.setdefault(name, orig(rng, d)))
+    wav, info = Y.make_mixture(np.random.default_rng(3), 3.0)
+    music, events = made["make_music"][0], made["make_events"][0]
+    assert np.abs(music).max() > 0.1 and np.abs(events).max() > 0.1
+    want = np.zeros(max(len(music), len(events)), np.float32)
+    want[:len(music)] += 0.6 * music
+    want[:len(events)] += events
+    assert info["kind"] == "mixture" and wav.shape == want.shape
+    assert np.allclose(wav, want, atol=1e-6)
+
 def test_morse_envelope_follows_the_standard_timing():
     """morse_envelope against the rules written out: dot 1 unit, dash 3, 1 unit between the symbols
     of a letter, 3 between letters; "paris" (the word words-per-minute is defined by) is 43 units
