@@ -38,6 +38,7 @@ wgmma).
 
 import argparse
 import functools
+import math
 import re
 import subprocess
 import sys
@@ -287,18 +288,20 @@ def benchmark(args):
     configs = [(D, causal, mixed, T) for D in args.dims for causal in (False, True)
                for mixed in (False, True) for T in args.seqlens
                if not (mixed and args.tokens // T < 2)]  # a mixed batch needs two sequences
-    f = lambda x: f"{x:.0f}"
+    tflops = lambda x: f"{x:.0f}"
     t0 = time.time()
     for i, (D, causal, mixed, T) in enumerate(configs):
         r = bench_row(args, D, T, causal, mixed, rng, dtype)
         cells = [D, "yes" if causal else "no", "mixed" if mixed else "uniform", T, r["B"]]
         fwd = {n: r[(n, False)] for n in ("ours", "flash", "masked")}  # TFLOP/s
         fb = {n: r[(n, True)] for n in ("atomic", "split", "flash", "masked")}
-        cells += [f(fwd["ours"]), f(fwd["flash"]), f(fwd["masked"]),
+        cells += [tflops(fwd["ours"]), tflops(fwd["flash"]), tflops(fwd["masked"]),
                   f"{fwd['ours'] / fwd['flash']:.2f}", f"{fwd['ours'] / fwd['masked']:.2f}"]
         # skip an OOM (nan)
-        best = max((x for x in (fb["atomic"], fb["split"]) if x == x), default=float("nan"))
-        cells += [f(fb["atomic"]), f(fb["split"]), f(fb["flash"]), f(fb["masked"]),
+        best = max((x for x in (fb["atomic"], fb["split"]) if not math.isnan(x)),
+                   default=float("nan"))
+        cells += [tflops(fb["atomic"]), tflops(fb["split"]), tflops(fb["flash"]),
+                  tflops(fb["masked"]),
                   f"{best / fb['flash']:.2f}", f"{best / fb['masked']:.2f}"]
         cells.append(f"{r['err']:.1e}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -316,27 +319,32 @@ def benchmark(args):
     return lines
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # --help: the whole docstring (columns, goals, --ptxas), laid out as written
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384",
-                        help="comma-separated T values")
+                        help="comma-separated T values (default %(default)s)")
     parser.add_argument("--dims", default=None,
                         help="comma-separated head dims (default 64,128; --ptxas: 16,32,64,128)")
     parser.add_argument("--tokens", type=int, default=16384,
-                        help="B*T per row, a multiple of each T (B = tokens // T)")
-    parser.add_argument("--width", type=int, default=2048, help="H*D per row")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+                        help="B*T per row, a multiple of each T (B = tokens // T; default "
+                             "%(default)s)")
+    parser.add_argument("--width", type=int, default=2048, help="H*D per row (default %(default)s)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="default %(default)s")
     parser.add_argument("--autotune", type=int, default=1,
-                        help="1: let Triton's autotuner pick tiles; 0: fixed tiles")
+                        help="1: let Triton's autotuner pick tiles; 0: fixed tiles (default "
+                             "%(default)s)")
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4096 and D = 64 only")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
     parser.add_argument("--q_lens", type=int, default=1,
                         help="mixed rows: 1: ours skips the padding queries (q_lens); 0: k_lens "
-                             "only")
+                             "only (default %(default)s)")
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
     parser.add_argument("--ptxas", action="store_true",
                         help="no GPU: build every kernel for an H100, print its resource use")
     parser.add_argument("--tiles", default="all", choices=["all", "default"],
-                        help="--ptxas: every TILES entry or the defaults")
+                        help="--ptxas: every TILES entry or the defaults (default %(default)s)")
     args = parser.parse_args()
     # before any build or timing: a bad one would stop the run with a traceback
     from fused_attention import HEAD_DIMS

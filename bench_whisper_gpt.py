@@ -21,8 +21,8 @@ The ways:
 Both for GPT-S (tokens only) and for the hybrid. The hybrid's per-step mel is included, and also
 reported on its own: the data's codec decodes the new frame of codebook 0 (keeping its state),
 then one log-mel frame is computed. The hybrid is also timed with a dense codec (EnCodec's
-architecture, random weights): the offline codec's decoder has parts the streaming decoder skips,
-a pretrained one has not.
+architecture, random weights): the data's codec (the block DCT prepare.py fits into EnCodec's
+layers) has parts the streaming decoder skips, a pretrained one has not.
 
 Goals: KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-only.
 """
@@ -53,6 +53,8 @@ child = ""              # (internal) the model a child process measures the trai
 
 TITLE = "# Whisper-GPT speed and memory (bench_whisper_gpt.py)"  # the first line of --out
 MODELS = (("s", "GPT-S"), ("hybrid", "Hybrid"), ("l", "GPT-L"))
+TOP_K = 50            # every way samples the same: temperature 1, top-k 50
+PROMPT_FRAMES = 75    # 1 s of codes (75 frames/s)
 
 def fail(msg):
     configurator.fail("bench_whisper_gpt.py", msg)
@@ -164,7 +166,7 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
         step_mels = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z
                                   for s in range(start, t)], 1)
                      if c.use_mel else None)
-        logits, ids = torch.topk(model.decode(seq[:, start:], step_mels)[:, -1].float(), 50)
+        logits, ids = torch.topk(model.decode(seq[:, start:], step_mels)[:, -1].float(), TOP_K)
         nxt = ids.gather(-1, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
         seq = torch.cat([seq, nxt], 1)
     return seq
@@ -176,8 +178,8 @@ def generate_table():
     tools = S.Tools(data_dir)
     clip, _ = S.read_clip(data_dir, "val", 0)
     tools.codec()  # loaded now, outside the timings
-    # EnCodec's architecture with random weights: a pretrained EnCodec's per-frame cost, in which
-    # the streaming decoder finds no no-op parts to skip
+    # EnCodec's architecture with random weights (audio.offline_codec() before any fitting): a
+    # pretrained EnCodec's per-frame cost, in which the streaming decoder finds no no-op parts
     dense_tools = S.Tools(data_dir)
     dense_tools._codec = audio.offline_codec()
     rows, times = [], {}
@@ -185,9 +187,10 @@ def generate_table():
         torch.manual_seed(0)
         config = model_config(name)
         model = W.Model(config).eval().to(device)
-        codes = clip["codes"][:75, :1].T.to(device)
+        codes = clip["codes"][:PROMPT_FRAMES, :1].T.to(device)
         # as sample() gives them: the last mel_lag frames are made from the codes
-        mels = clip["mel"][:75 - config.mel_lag][None].to(device) if config.use_mel else None
+        mels = (clip["mel"][:PROMPT_FRAMES - config.mel_lag][None].to(device) if config.use_mel
+                else None)
         mel_seconds = [0.0]
         fresh_mel_fn = lambda: W.incremental_mel(tools, config.mel_lag) if config.use_mel else None
         # untimed runs first: first-call costs are not the model's speed (allocator, BLAS; on a GPU,
@@ -195,8 +198,9 @@ def generate_table():
         # capture stays timed, as sample.py pays it
         with autocast():
             for graphed in (False, True) if device.startswith("cuda") else (False,):
-                model.generate(codes, mels, new_tokens if device.startswith("cuda") else 20, 1.0,
-                               50, fresh_mel_fn(), cuda_graph=graphed)
+                model.generate(codes, mels, new_tokens if device.startswith("cuda") else 20,
+                               temperature=1.0, top_k=TOP_K, mel_fn=fresh_mel_fn(),
+                               cuda_graph=graphed)
             if device.startswith("cuda"):  # recomputation's windows reach lengths the cache's do not
                 generate_recompute(model, codes, mels, new_tokens, fresh_mel_fn(), None)
 
@@ -223,7 +227,8 @@ def generate_table():
                 t0 = time.perf_counter()
                 with autocast():
                     if way.startswith("KV cache"):
-                        seq = model.generate(codes, mels, new_tokens, 1.0, 50, mel_fn, g,
+                        seq = model.generate(codes, mels, new_tokens, temperature=1.0,
+                                             top_k=TOP_K, mel_fn=mel_fn, generator=g,
                                              cuda_graph=way.endswith("CUDA graph"))
                     else:
                         seq = generate_recompute(model, codes, mels, new_tokens, mel_fn, g)
@@ -241,7 +246,7 @@ def generate_table():
                         f"{mel_share} |")
             print(rows[-1], flush=True)
     lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s "
-             f"prompt, block_size {model_config('s').block_size}, top-k 50; the median of "
+             f"prompt, block_size {model_config('s').block_size}, top-k {TOP_K}; the median of "
              f"{repeats} timed runs each)", "",
              "| model | how | tokens/s | seconds | min-max | of which the per-step mel |",
              "|---|---|---|---|---|---|", *rows, ""]

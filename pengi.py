@@ -1408,7 +1408,8 @@ def evaluate(model, data, tok, split="val", **opts):
         training split's most common label
       probe_acc: linear probe on labels.class, when probe_keys holds class (the default);
         probe_acc_{key} for the other keys in probe_keys; probe_acc_qa for "qa" (probe_metrics);
-        next to each, probe_majority_{key}: the training split's most common label
+        next to each but probe_acc, probe_majority_{key} (and _qa): the accuracy of always
+        answering the training split's most common label
       prefix_norm_ratio_audio/_text: prefix vector norm / token embedding norm, 1 = the LM's scale
     A clap-stage model (no LM to answer with) gets the probe metrics only.
     opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,

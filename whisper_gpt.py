@@ -528,8 +528,9 @@ def in_eval_mode(model, fn, *args):
 def evaluate(model, data, tok=None, split="val", **opts):
     """NLL (nats/token), accuracy and perplexity of the next coarse token over the split cut into
     windows of block_size + 1 frames at a stride of block_size (neighbours share one frame): every
-    frame but the split's first is scored once, the context restarting at each window. In eval
-    mode (the model's mode is restored after).
+    frame after the first, up to the last whole window, is scored once, the context restarting at
+    each window (the last (n - 1) % block_size frames are left out). In eval mode (the model's mode
+    is restored after).
     Options (EVAL_OPTS): batch_size, max_windows (> 0: only the first max_windows windows)."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:

@@ -12,9 +12,9 @@ A re-run skips finished runs. It also reuses their evaluations and continuations
 continuations, the clips and frame counts).
 
     python whisper_gpt_table.py                          # the sweep (resumable) and the table
-    python whisper_gpt_table.py --max_iters=20 --seeds=1 --data_dir=data/small --out_root=out/t --out=t.md
+    python whisper_gpt_table.py --max_iters=20 --seeds=1 --out_root=out/t --out=t.md   # a quick try
 
-Any --key=value not among the settings below goes to train.py, for every run (e.g. --max_iters=900).
+Any --key=value not among the settings below goes to train.py, for every run (e.g. --max_iters=300).
 """
 
 import ast
@@ -358,15 +358,16 @@ def sampled_continuations(net, inputs, mels, idx, tools, label):
     as (wav, log-mel). Sampled at T=1, top-k 50, seeded by the clip's rank in idx."""
     import audio
     import whisper_gpt as W
-    rows, t0, shown = [], time.time(), time.time()
+    clip_scores, t0, shown = [], time.time(), time.time()
     for k, i in enumerate(idx):
-        prompt = {"codes": inputs[i]["codes"][:prompt_frames],
-                  "mel": inputs[i]["mel"][:prompt_frames]}
-        res = W.sample(net, None, prompt, None, tools, max_new_tokens=new_frames,
-                       prompt_frames=prompt_frames, temperature=1.0, top_k=50, seed=k)
+        prompt_audio = {"codes": inputs[i]["codes"][:prompt_frames],
+                        "mel": inputs[i]["mel"][:prompt_frames]}
+        res = W.sample(net, None, audio=prompt_audio, prompt=None, tools=tools,
+                       max_new_tokens=new_frames, prompt_frames=prompt_frames, temperature=1.0,
+                       top_k=50, seed=k)
         wav = tools.decode(torch.cat([res["prompt_codes"], res["codes"]])).numpy()
         gen_mel = audio.log_mel(wav)
-        rows.append(continuation_scores(mels[i], gen_mel))
+        clip_scores.append(continuation_scores(mels[i], gen_mel))
         if k == 0:
             first = wav, gen_mel
         # hundreds of clips take minutes: a line every 30 s, and one when done
@@ -374,7 +375,7 @@ def sampled_continuations(net, inputs, mels, idx, tools, label):
             shown = time.time()
             print(f"  continuations {label}: {progress(k + 1, len(idx), t0)} "
                   f"({(k + 1) / (shown - t0):.1f} clips/s)")
-    return rows, first
+    return clip_scores, first
 
 def continuations_file(d, clip_dir, idx):
     """Where run d's continuation scores of clip_dir's val clips idx are kept. The name is keyed as
@@ -403,25 +404,25 @@ def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
     for model in [m for m in ("s", "hybrid", "hybrid_c0") if m in model_list]:
         d, label = run_dir(model, kind, seed), f"{kind}, {NAMES[model]}"
         path = continuations_file(d, clip_dir, idx)
-        rows = read_kept(path)
-        if rows is None:
-            rows, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx, tools,
-                                                         label)
-            write_json(path, rows)
+        clip_scores = read_kept(path)
+        if clip_scores is None:
+            clip_scores, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx,
+                                                                tools, label)
+            write_json(path, clip_scores)
         else:  # only the first clip again, for its wav and picture (the same draw: seed 0)
             _, (wav, gen_mel) = sampled_continuations(load_run(d)[0], inputs, mels, idx[:1], tools,
                                                       label)
-            print(f"  continuations {label}: {len(rows)} kept from an earlier call (checkpoint, "
-                  f"clips and code unchanged)")
+            print(f"  continuations {label}: {len(clip_scores)} kept from an earlier call "
+                  f"(checkpoint, clips and code unchanged)")
         panels.append((f"{NAMES[model]} (seed {seed} run): prompt | continuation", gen_mel))
         S.write_wav(os.path.join(out_root, "continuations", f"{kind}-{model}.wav"), wav,
                     audio.SAMPLE_RATE)
-        scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = rows
+        scores[f"{NAMES[model]}, sampled (T=1, top-k 50)"] = clip_scores
     lines = []
-    for name, rows in scores.items():
-        cells = [mean_std([r[c] for r in rows]) for c in range(3)]
+    for name, clip_scores in scores.items():
+        cells = [mean_std([r[c] for r in clip_scores]) for c in range(3)]
         lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells)
-                     + f" | {len(rows)} |")
+                     + f" | {len(clip_scores)} |")
     S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), true_wavs[idx[0]],
                 audio.SAMPLE_RATE)
     audio.plot_mels(os.path.join(out_root, "continuations", f"{kind}.png"), panels,
@@ -473,7 +474,8 @@ if __name__ == "__main__":
         if not os.path.isfile(f"config/whisper_gpt_{m}_cpu.py"):
             fail(f"--models: config/whisper_gpt_{m}_cpu.py not found (models are among "
                  f"{', '.join(NAMES)})")
-    # a bad train.py setting stops here, in one line of this script's (train.py's names train.py)
+    # a bad train.py setting fails here, before any run: train.py's message, its "train.py: "
+    # prefix dropped, as this script's one-line error
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):

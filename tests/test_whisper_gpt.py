@@ -1566,7 +1566,7 @@ def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
         def run(model, codes, mels, n, *args, **kw):
             name = "hybrid" if model.config.use_mel else "s"
             if mels is not None:  # the mel_fn it is given: bench's timed wrapper of ours
-                next(a for a in args if callable(a))(None, 0)
+                (kw.get("mel_fn") or next(a for a in args if callable(a)))(None, 0)
             now[0] += took[(name, way)].pop(0) - (0.5 if mels is not None else 0)
             return torch.cat([codes, torch.zeros(1, n, dtype=codes.dtype)], 1)
         return run
