@@ -922,6 +922,18 @@ def test_llm_loaders(tmp_path):
     torch.testing.assert_close(m3.llm(x)[0], ref)
 
 
+def test_normalize_text_keeps_contractions_and_sharps():
+    """Lower case, other punctuation to spaces, single spaces; ' and # stay inside words."""
+    assert pengi.normalize_text("  Don't STOP,  play C#-minor! ") == "don't stop play c# minor"
+
+
+def test_answer_ids_are_the_stripped_answer_after_one_space():
+    """An answer is tokenized as running text: one leading space, the answer stripped, no eot."""
+    class Bytes:
+        encode = staticmethod(lambda text: list(text.encode()))
+    assert pengi.answer_ids(Bytes, "  dog barks \n") == list(b" dog barks")
+
+
 def test_bleu4_hand_worked():
     # identical: 1
     assert pengi.bleu4(["the cat sat on the mat"],

@@ -1174,6 +1174,10 @@ def test_transcription_metrics_per_kind():
     assert got["wer_speech"] == pytest.approx(1 / 4) and got["wer_dtmf"] == pytest.approx(1 / 3)
     assert got["ctc_wer_speech"] == pytest.approx(3 / 4) and got["ctc_wer_dtmf"] == 0.0
     assert got["n_speech"] == 2 and got["n_dtmf"] == 2
+    # best constant answer per kind, WER over the kind's reference words: speech "a b" to both
+    # clips, 0 + 2 edits over 4 words; dtmf "three" (or "one two"), 2 + 0 edits over 3 words
+    assert got["const_wer_speech"] == pytest.approx(2 / 4)
+    assert got["const_wer_dtmf"] == pytest.approx(2 / 3)
 
 def test_text_perplexity_is_exp_of_the_mean_loss():
     """Stage "llm"'s perplexity: exp of the mean window loss (not the mean of per-window
@@ -2370,6 +2374,20 @@ def test_spec_augment_can_mask_every_bin():
         hit |= (out != mel)[0].all(0)
     assert hit.all(), hit
 
+def test_spec_augment_bands_and_stretches_reach_their_widths():
+    """One band of 0 to max_bins bins and one stretch of 0 to max_frames frames per mask: over many
+    draws every width in those ranges, the maxima included, occurs and no wider one."""
+    g = torch.Generator().manual_seed(0)
+    mel, lens = torch.randn(1, 20, 16, generator=g), torch.tensor([20])
+    bands, stretches = set(), set()
+    for seed in range(200):
+        out = salmonn.spec_augment(mel.clone(), lens, 1, np.random.default_rng(seed), max_bins=4,
+                                   max_frames=3)
+        changed = out != mel
+        bands.add(int(changed[0].all(0).sum()))  # bins changed in every frame: the band
+        stretches.add(int(changed[0].all(1).sum()))  # frames changed in every bin: the stretch
+    assert bands == {0, 1, 2, 3, 4} and stretches == {0, 1, 2, 3}, (bands, stretches)
+
 def test_task_entries_of_a_clip():
     """The tasks a clip offers, by hand: music captions are music descriptions too, and only a
     speech clip's speaker label makes a speaker task."""
@@ -2414,6 +2432,11 @@ def test_connect_ctc_loss_against_brute_force():
     ref = (ctc_by_brute_force(logp[0], [2, 2], 0) / 2 + ctc_by_brute_force(logp[1, :3], [3], 0)) / 2
     with torch.no_grad():
         assert torch.allclose(m.connect_ctc_loss(tokens, valid, targets), ref, atol=1e-5)
+        m.config.dash_token = 1  # the blank is the dash, whichever token that is
+        ref1 = (ctc_by_brute_force(logp[0], [2, 2], 1) / 2
+                + ctc_by_brute_force(logp[1, :3], [3], 1)) / 2
+        assert torch.allclose(m.connect_ctc_loss(tokens, valid, targets), ref1, atol=1e-5)
+        m.config.dash_token = 0
     # in forward: the LLM's loss + the weight times it, on the audio tokens the LLM reads
     batch = random_batch(cfg, lens=(37, 20))
     batch["connect_targets"] = torch.tensor([[1, 2, 3], [-1, -1, -1]])
