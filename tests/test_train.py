@@ -465,6 +465,19 @@ def test_saves_follow_always_save_and_the_best_val_loss_survives_a_resume(synth_
     assert ck["iter_num"] == 6 and ck["end_iter"] == 8
     assert ck["best_val_loss"] == min(val.values())
 
+def test_best_val_loss_is_the_least_logged_not_the_latest(synth_dir, tmp_path):
+    """At a learning rate of 1 the val loss rises between the evals at 4 and 8: the best val loss
+    the checkpoint at 8 notes (always_save_checkpoint=True) is the least one of the weights that
+    may be saved, iteration 4's, not the latest (nor the untrained start's, lower still)."""
+    import torch
+    out = str(tmp_path)
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+         "--max_iters=8", "--learning_rate=1", "--min_lr=1", "--warmup_iters=0"])
+    _, val = losses(out)
+    assert val[8] > val[4]  # the scenario: the latest eval is not the best
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 8 and ck["best_val_loss"] == val[4], (val, ck["best_val_loss"])
+
 def test_half_precision_dtypes_run_under_autocast(synth_dir, tmp_path):
     """dtype=bfloat16 and float16 run the model under torch.autocast (on the CPU too): the untrained
     model's val loss at iteration 0 (the same weights and eval batches in each run) differs from
