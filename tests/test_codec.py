@@ -176,6 +176,27 @@ def test_readers_debounce_clicks_and_dropouts_under_10_ms():
     assert C.read_morse(cut) == info["transcript"]
 
 
+def test_goertzel_power_is_the_squared_dft_magnitude():
+    """A cosine of amplitude a at a whole number of cycles over n samples has one DFT bin of
+    magnitude a n / 2: its power is (a n / 2) ** 2, and ~0 at another whole-cycle frequency."""
+    n, a = 2400, 0.5                                   # 0.1 s: 1000 Hz is 100 whole cycles
+    x = a * np.cos(2 * np.pi * 1000 * np.arange(n) / SR)
+    assert C.goertzel_power(x, 1000) == pytest.approx((a * n / 2) ** 2, rel=1e-9)
+    assert C.goertzel_power(x, 1500) < 1e-12 * (a * n / 2) ** 2
+
+
+def test_read_morse_takes_a_gap_over_2_units_as_between_letters():
+    """Gaps of 2.5 units (nearer a letter gap's 3 than a symbol gap's 1) between letters: "sos"
+    reads as three letters, not as one symbol of nine dots."""
+    u = int(0.05 * SR)
+    dot, sym_gap, letter_gap = [1] * u, [0] * u, [0] * (5 * u // 2)
+    s = dot + sym_gap + dot + sym_gap + dot
+    o = [1] * 3 * u + sym_gap + [1] * 3 * u + sym_gap + [1] * 3 * u
+    env = np.array([0] * u + s + letter_gap + o + letter_gap + s + [0] * u, np.float64)
+    x = env * np.sin(2 * np.pi * 600 * np.arange(len(env)) / SR)
+    assert C.read_morse(x) == "sos"
+
+
 def lowpass_by_blocks(x, bins=C.DCT_BINS, n=A.HOP):
     """The reference for dct_init: each block of n samples replaced by its least-squares fit by
     the first `bins` cosines cos(pi (j + 1/2) k / n), computed in numpy, block by block."""
