@@ -352,9 +352,8 @@ class Projection(nn.Module):
 
 class TextEncoder(nn.Module):
     """Causal transformer over a text (the prompt for m2; the answer in the contrastive loss),
-    pooled at its last token, then CLIP's text_projection (a
-    bias-free linear layer). In stage pengi the tower is frozen and text_projection trains, as in
-    the official Pengi code."""
+    pooled at its last token, then CLIP's text_projection (a bias-free linear layer). In stage
+    pengi the tower is frozen and text_projection trains, as in the official Pengi code."""
 
     def __init__(self, config):
         super().__init__()
