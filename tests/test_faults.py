@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from script_runner import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "--n_embd=32",
@@ -37,7 +39,7 @@ def train(out_dir, data_dir, *extra):
 def run_each(cmds, jobs=2):
     """Runs independent commands `jobs` at a time (one thread each); their results, in order."""
     def run(cmd):
-        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        return run_script(cmd, cwd=ROOT, env=ENV, timeout=300)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(run, cmds))
 
@@ -53,8 +55,7 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
     uninterrupted run's at that iteration. Every other run is the same command again, without
     --init_from=resume: a re-run resumes, and once finished it does nothing."""
     ref = tmp_path / "ref"
-    p = subprocess.run(train(ref, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    p = run_script(train(ref, synth_dir), cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr
     expected = dict(log_losses(ref))
     assert sorted(expected) == list(range(1, 25))
@@ -92,8 +93,7 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
             saved = load_checkpoint(out / "ckpt.pt")["iter_num"]
             assert saved % 2 == 0 and start <= saved <= 24
     assert kills >= 1
-    p = subprocess.run(train(out, synth_dir), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    p = run_script(train(out, synth_dir), cwd=ROOT, env=ENV, timeout=300)
     said = "resuming it" if saved < 24 else "nothing to do"
     assert p.returncode == 0 and said in p.stdout, (said, p.stdout, p.stderr)
     got = log_losses(out)
@@ -110,15 +110,14 @@ def test_train_killed_at_ten_random_moments_resumes_to_the_uninterrupted_losses(
     before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()
     for extra, code, said in (((), 0, "nothing to do"), (("--learning_rate=1e-3",), 2,
                                                          "learning_rate=0.003 there, 0.001 here")):
-        p = subprocess.run(train(out, synth_dir, *extra), cwd=ROOT, env=ENV, capture_output=True,
-                           text=True, timeout=300)
+        p = run_script(train(out, synth_dir, *extra), cwd=ROOT, env=ENV, timeout=300)
         assert p.returncode == code and said in p.stdout + p.stderr, (p.stdout, p.stderr)
         assert ((out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()) == before
 
 def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     good = tmp_path / "good"
-    p = subprocess.run(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = run_script(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV,
+                   timeout=300)
     assert p.returncode == 0, p.stderr
     data = (good / "ckpt.pt").read_bytes()
     cases = {"truncated": data[:len(data) // 2], "corrupt": data[:2000] + bytes(5000) + data[7000:],
@@ -393,16 +392,16 @@ def test_eval_keeps_the_rows_of_the_runs_done_when_a_later_one_stops(synth_dir, 
     """eval.py over two runs, the second's data gone: it stops on that run with one line that
     names it, after printing the first run's row, not losing it."""
     good = tmp_path / "good"
-    p = subprocess.run(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = run_script(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV,
+                   timeout=300)
     assert p.returncode == 0, p.stderr
     moved = tmp_path / "moved"
     moved.mkdir()
     ck = torch.load(good / "ckpt.pt", weights_only=True)
     ck["config"]["data_dir"] = str(tmp_path / "gone")
     torch.save(ck, moved / "ckpt.pt")
-    p = subprocess.run([sys.executable, "eval.py", str(good), str(moved)], cwd=ROOT,
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "eval.py", str(good), str(moved)], cwd=ROOT,
+                   env=ENV, timeout=300)
     assert p.returncode == 2 and f"{moved / 'ckpt.pt'}: data:" in p.stderr, p.stderr[-2000:]
     assert "the table above holds the 1 run(s) evaluated before" in p.stderr, p.stderr[-2000:]
     rows = [line for line in p.stdout.splitlines() if line.startswith("| ")]
@@ -433,7 +432,7 @@ def test_prepare_killed_in_each_phase_then_rerun_writes_the_same_bytes(tmp_path)
     end: every output file is byte-identical to an uninterrupted run's."""
     out = tmp_path / "data"
     cmd = [sys.executable, "prepare.py", *PREPARE, f"--out_dir={out}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    p = run_script(cmd, cwd=ROOT, env=ENV, timeout=600)
     assert p.returncode == 0, p.stderr
     ref = tmp_path / "ref"
     shutil.move(out, ref)
@@ -447,7 +446,7 @@ def test_prepare_killed_in_each_phase_then_rerun_writes_the_same_bytes(tmp_path)
     # the one killed at "tokenizer:" found every clip encoded by the one before
     assert "resuming: 16 clips already encoded" in seen, seen[-2000:]
     # finished with progress shown, the reference without: how a run is watched is not in its data
-    p = subprocess.run(loud, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    p = run_script(loud, cwd=ROOT, env=ENV, timeout=600)
     assert p.returncode == 0, p.stderr
     names = sorted(f.name for f in ref.iterdir())
     assert sorted(f.name for f in out.iterdir() if not f.name.startswith(".")) == names

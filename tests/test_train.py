@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (its training runs only as a script)
 import tokenizer
+from script_runner import run_script
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_head=2",
         "--mel_n_embd=16",
@@ -28,8 +28,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is 
                                               # a shared box
 
 def run(args, check=True, cmd=None):
-    p = subprocess.run((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = run_script((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV,
+                   timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -794,10 +794,10 @@ def test_a_checkpoint_without_its_step_or_run_settings_is_not_train_pys(full_run
 @pytest.mark.parametrize("n", [30])
 def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n):
     wav = str(tmp_path / "x.wav")
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
-                        f"--data_dir={synth_dir}", "--clip=1",
-                        f"--max_new_tokens={n}", "--temperature=0.8", "--top_k=20", f"--out={wav}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
+                    f"--data_dir={synth_dir}", "--clip=1",
+                    f"--max_new_tokens={n}", "--temperature=0.8", "--top_k=20", f"--out={wav}"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr
     x, sr = sf.read(wav)
     prompt = len(x) - n * 320                     # the wav is the prompt, then the n frames
@@ -816,24 +816,24 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
     # which came before the timer
     folder = tmp_path / "samples"
     folder.mkdir()
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
-                        f"--data_dir={synth_dir}", "--max_new_tokens=4", f"--out={folder}",
-                        f"--audio={wav}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
+                    f"--data_dir={synth_dir}", "--max_new_tokens=4", f"--out={folder}",
+                    f"--audio={wav}"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0 and f"wrote {folder / 'sample.wav'}" in p.stdout, p.stderr
     seconds = float(p.stdout.split("generated 4 frames")[1].split(" in ")[1].split(" s")[0])
     assert seconds > 0, p.stdout
     assert sf.read(folder / "sample.wav")[0].size > 4 * 320
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
-                        f"--data_dir={synth_dir}", "--beam=3"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
+                    f"--data_dir={synth_dir}", "--beam=3"],
+                   cwd=ROOT, env=ENV, timeout=300)
     # the known ones
     assert (p.returncode == 2 and "unknown setting(s) --beam" in p.stderr
             and "max_new_tokens" in p.stderr)
     # an audio result named a .txt: refused before the input is read and sampled
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={full_run}",
-                        f"--data_dir={synth_dir}", f"--out={tmp_path / 'x.txt'}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
+                    f"--data_dir={synth_dir}", f"--out={tmp_path / 'x.txt'}"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert (p.returncode == 2 and "this model's result is audio" in p.stderr
             and "input:" not in p.stdout and "generated" not in p.stdout), p.stdout + p.stderr
 
@@ -886,9 +886,8 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
     assert sorted(held) == sorted(ck["optimizer"]["state"]), (len(held),
                                                                len(ck["optimizer"]["state"]))
     shutil.rmtree(extra)
-    p = subprocess.run([sys.executable, "eval.py", str(out), "--max_clips=2", "--beam=1",
-                        "--max_new_tokens=4"], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    p = run_script([sys.executable, "eval.py", str(out), "--max_clips=2", "--beam=1",
+                    "--max_new_tokens=4"], cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0 and "wer" in p.stdout, p.stderr[-2000:]
 
 def test_init_from_another_stages_checkpoint_names_the_settings_for_its_parts(synth_dir,
@@ -925,8 +924,8 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     assert ck["model_args"]["vocab_size"] == ck["tokenizer"]["vocab_size"]
     tokenizer.save_ranks(tokenizer.train_bpe(["another corpus, another vocabulary"] * 3, 300),
                          data / "tokenizer.tiktoken")
-    p = subprocess.run([sys.executable, "eval.py", str(out), f"--data_dir={data}", "--max_clips=2"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "eval.py", str(out), f"--data_dir={data}", "--max_clips=2"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0 and "text_ppl" in p.stdout, p.stderr[-2000:]
     # with another model's run: an option one of them lacks, or --mean over both, stops eval.py
     # before any work (it used to evaluate the first run, then stop at the second)
@@ -935,43 +934,42 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
          "--max_iters=1"])
     for extra, said in ((["--max_clips=2"], f"{full / 'ckpt.pt'}: unknown setting(s) --max_clips"),
                         (["--mean"], "--mean: the runs are of 2 models or stages")):
-        p = subprocess.run([sys.executable, "eval.py", str(out), str(full), f"--data_dir={data}",
-                            *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                           timeout=300)
+        p = run_script([sys.executable, "eval.py", str(out), str(full), f"--data_dir={data}",
+                        *extra], cwd=ROOT, env=ENV, timeout=300)
         assert (p.returncode == 2 and said in p.stderr
                 and "evaluated" not in p.stderr), (extra, p.stderr[-2000:])
     answer = tmp_path / "sub" / "answer.txt"  # a text result goes to a .txt --out too
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                        "--beam=1", "--max_new_tokens=4", f"--out={answer}"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                    "--beam=1", "--max_new_tokens=4", f"--out={answer}"], cwd=ROOT, env=ENV,
+                   timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     written = answer.read_text()  # what was printed, before the time it took
     assert written.strip() and f"\n{written}(" in p.stdout, (written, p.stdout)
     # a folder gets sample.txt; a .wav for a text result is refused before sampling
     folder = tmp_path / "answers"
     folder.mkdir()
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                        "--beam=1", "--max_new_tokens=4", f"--out={folder}"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                    "--beam=1", "--max_new_tokens=4", f"--out={folder}"], cwd=ROOT, env=ENV,
+                   timeout=300)
     assert p.returncode == 0 and (folder / "sample.txt").read_text() == written, p.stderr[-2000:]
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                        "--beam=1", "--max_new_tokens=4", f"--out={tmp_path / 'answer.wav'}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                    "--beam=1", "--max_new_tokens=4", f"--out={tmp_path / 'answer.wav'}"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert (p.returncode == 2 and "result is text" in p.stderr and "input: " not in p.stdout
             and not (tmp_path / "answer.wav").exists()), (p.stdout, p.stderr[-2000:])
     # a text model reads the mel of an --audio file: the data's codec is neither needed nor loaded
     (data / "codec.pt").unlink()
     sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                        f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
+                    f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     # nor the data at all: the checkpoint holds the model and its tokenizer (its data folder
     # gone; a --data_dir named that does not exist is refused, as a typo)
     shutil.move(data, tmp_path / "away")
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}",
-                        f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
+                    f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
+                   cwd=ROOT, env=ENV, timeout=300)
     shutil.move(tmp_path / "away", data)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
@@ -1227,9 +1225,9 @@ def test_sample_gives_a_whisper_features_model_the_whisper_features_of_an_audio_
     salmonn_checkpoint(out, synth_dir, speech_features="whisper", speech_n_mels=80,
                        speech_frame_rate=100.0)
     sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}",
-                        f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=2"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
+                    f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=2"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     # the answer (greedy: deterministic) is the model's to the file's Whisper features, computed
     # here from the 24 kHz file (features made as if at another rate give another answer)
@@ -1261,9 +1259,9 @@ def test_sample_reads_the_split_asked_and_makes_an_out_folder_named_with_a_separ
     with open(os.path.join(synth_dir, "train_clips.jsonl")) as f:
         clip = [json.loads(line) for line in f if line.strip()][1]
     folder = tmp_path / "answers"
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--split=train",
-                        "--clip=1", "--beam=1", "--max_new_tokens=2", f"--out={folder}{os.sep}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", "--split=train",
+                    "--clip=1", "--beam=1", "--max_new_tokens=2", f"--out={folder}{os.sep}"],
+                   cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"input: train clip 1 ({clip['id']}, {clip['kind']}," in p.stdout, p.stdout
     assert "prompt: Describe the audio in one sentence. (the model's default" in p.stdout, p.stdout

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import whisper_gpt as W
+from script_runner import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -824,15 +825,14 @@ def test_eval_on_a_named_subset(synth_dir, tmp_path):
     for kinds in ("", "events"):
         args = [sys.executable, "eval.py", str(ckpt),
                 f"--json={js}"] + ([f"--kinds={kinds}"] if kinds else [])
-        res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        res = run_script(args, cwd=ROOT)
         assert res.returncode == 0, res.stderr
         row = json.load(open(js))[0]
         assert row["kinds"] == (kinds or "speech")
         sub = W.load_data(synth_dir, W.Config(block_size=16, kinds=kinds or "speech"),
                           None)["val"]["codes"]
         assert row["tokens"] == (len(sub) - 1) // 16 * 16
-    res = subprocess.run([sys.executable, "eval.py", str(ckpt), "--kinds=podcast"], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = run_script([sys.executable, "eval.py", str(ckpt), "--kinds=podcast"], cwd=ROOT)
     assert res.returncode == 2 and "podcast" in res.stderr and str(ckpt) in res.stderr
 
 def test_eval_table_mean_and_std_rows(monkeypatch, capsys, tmp_path):
@@ -1125,15 +1125,14 @@ def test_codes_of_another_codec_are_refused_and_a_held_out_corpus_of_the_same_co
                 "model_args": dataclasses.asdict(cfg),
                 "iter_num": 0, "config": {"data_dir": synth_dir}}, ckpt)
     js = tmp_path / "m.json"
-    res = subprocess.run([sys.executable, "eval.py", str(ckpt), f"--data_dir={same}",
-                          f"--json={js}"], cwd=ROOT, capture_output=True, text=True)
+    res = run_script([sys.executable, "eval.py", str(ckpt), f"--data_dir={same}",
+                      f"--json={js}"], cwd=ROOT)
     assert res.returncode == 0, res.stderr
     val = W.load_data(same, dataclasses.replace(cfg), None)
     assert json.load(open(js))[0]["tokens"] == (len(val["val"]["codes"]) - 1) // 160 * 160 > 0
     with pytest.raises(ValueError, match="split train has"):
         W.get_batch(val, "train", 1, np.random.default_rng(0))
-    res = subprocess.run([sys.executable, "eval.py", str(ckpt), f"--data_dir={other}"], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = run_script([sys.executable, "eval.py", str(ckpt), f"--data_dir={other}"], cwd=ROOT)
     assert (res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
             and cfg.codec_id in res.stderr and A.codec_id(other) in res.stderr
             and "--codec_from" in res.stderr), res.stderr
@@ -1161,8 +1160,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
             "--prompt_frames=20",
             "--new_frames=6", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
             "--batch_size=2", "--block_size=16", "--log_interval=1"]
-    res = subprocess.run(args + [f"--test_dir={held_out}"], cwd=ROOT, capture_output=True,
-                         text=True)
+    res = run_script(args + [f"--test_dir={held_out}"], cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "0 of 8 runs already finished, 8 to train" in res.stdout
     # the minutes after the sweep say where they are: a line per run evaluated, per model continued
@@ -1223,8 +1221,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         assert f"{np.mean(nll):.3f} +- {np.std(nll, ddof=1):.3f}" in held
     assert f"(val clips of each kind from {held_out};" in held
     assert f"val clips of {held_out}; every continuation" in text  # continued: the held-out clips
-    again = subprocess.run(args + [f"--test_dir={held_out}"], cwd=ROOT, capture_output=True,
-                           text=True)
+    again = run_script(args + [f"--test_dir={held_out}"], cwd=ROOT)
     assert again.returncode == 0 and "8 of 8 runs already finished, 0 to train" in again.stdout
     # nothing changed: each run's evaluations (on both corpora) and continuations' scores are kept
     # from the first call, the table the same
@@ -1238,7 +1235,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     # a larger budget resumes the runs to it, rather than tabling the old ones
     more = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds", "--max_iters"))]
     more += ["--models=s", "--kinds=speech", "--seeds=1", "--max_iters=4", "--continuations=0"]
-    again = subprocess.run(more, cwd=ROOT, capture_output=True, text=True)
+    again = run_script(more, cwd=ROOT)
     assert again.returncode == 0 and "0 of 1 runs already finished, 1 to train" in again.stdout
     assert f"  evaluated s-speech-s1 on {synth_dir}: NLL " in again.stdout
     assert "kept from an earlier call" not in again.stdout  # its checkpoint changed
@@ -1290,9 +1287,9 @@ def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
         text = f.read()
     for name in ("s", "xl"):  # config files for both: only the names tell them apart
         (tmp_path / "config" / f"whisper_gpt_{name}_cpu.py").write_text(text)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "whisper_gpt_table.py"),
-                          "--models=s,xl", f"--out_root={tmp_path / 'runs'}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    res = run_script([sys.executable, os.path.join(ROOT, "whisper_gpt_table.py"),
+                      "--models=s,xl", f"--out_root={tmp_path / 'runs'}"], cwd=tmp_path,
+                     timeout=300)
     assert res.returncode == 2 and "--models: no model 'xl'" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
 
