@@ -3,25 +3,25 @@ server that has already imported torch and numpy. A run then starts in ~0.05 s i
 that importing torch takes, which the suite's ~200 script runs would otherwise spend (~2 minutes of
 a test run on 2 cores).
 
-The forked child sets up what a new interpreter would have: the working folder, the environment
-(torch's thread count from OMP_NUM_THREADS), fresh random seeds, sys.argv, sys.path (the script's
-folder, then the interpreter's defaults), stdin from /dev/null and stdout and stderr to files; and it
-exits as Python does (SystemExit's code; a traceback and 1 for an uncaught exception; atexit
-handlers run). What differs: torch and numpy are imported already, and every run has the server's
-hash seed. A command that is not a script run by this Python starts a new interpreter instead; so
-do the tests that kill or interrupt a run (they use subprocess directly).
+The child sets up what a new interpreter has (working folder, environment, sys.argv, sys.path,
+__main__, stdin from /dev/null, stdout and stderr to files, unbuffered under PYTHONUNBUFFERED) and
+ends as one does: non-daemon threads joined, atexit handlers, the script's globals freed,
+SystemExit's code, a traceback and 1 for an uncaught exception, 2 for a missing script. What differs: torch and numpy are imported already, every run of a server has its hash
+seed, and Ctrl-C exits with 1, not by the signal (the tests that kill or interrupt a run use
+subprocess). A command that is not a script run by this Python starts a new interpreter.
 
-A server runs one script at a time, and only with the environment it was started with (but for the
-settings the child applies): each thread that runs scripts at once, and each other environment, gets
-a server of its own.
-`python tests/script_runner.py` is a server: it reads one JSON request per line on stdin and answers
-each with the child's pid, then its exit status."""
+A server runs one script at a time, in the environment it was started with (PYTEST_CURRENT_TEST
+aside): each thread that runs scripts at once, and each other environment, gets a server of its
+own. `python tests/script_runner.py` is a server: it reads one JSON request per line on stdin and
+answers each with the child's pid, then its exit status."""
 
 import atexit
+import concurrent.futures
+import gc
 import importlib.machinery
+import io
 import json
 import os
-import random
 import select
 import signal
 import subprocess
@@ -31,9 +31,6 @@ import threading
 import time
 import traceback
 import types
-
-# the child applies these itself; pytest changes the last one for every test
-SET_IN_CHILD = {"OMP_NUM_THREADS", "PYTHONUNBUFFERED", "PYTEST_CURRENT_TEST"}
 
 
 def run_child(argv, cwd, env, default_path, out_path, err_path):
@@ -48,15 +45,11 @@ def run_child(argv, cwd, env, default_path, out_path, err_path):
             f = os.open(path, flags)
             os.dup2(f, fd)
             os.close(f)
-        if env.get("PYTHONUNBUFFERED"):
-            sys.stdout.reconfigure(write_through=True)
-            sys.stderr.reconfigure(write_through=True)
-        import numpy as np
-        import torch
-        if env.get("OMP_NUM_THREADS", "").isdigit():
-            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-        random.seed()
-        np.random.seed()  # a new process's global generators are seeded from the OS
+        if env.get("PYTHONUNBUFFERED"):  # as `python -u`: no buffer under the text layer
+            sys.stdout, sys.stderr = (
+                io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=stream.encoding,
+                                 errors=stream.errors, write_through=True)
+                for fd, stream in ((1, sys.stdout), (2, sys.stderr)))
         # as the interpreter sets them: __file__ made absolute (not normalised), argv[0] as
         # given, sys.path[0] the script's real folder
         script = os.path.join(os.getcwd(), argv[0])
@@ -66,10 +59,16 @@ def run_child(argv, cwd, env, default_path, out_path, err_path):
         main.__file__, main.__cached__ = script, None
         main.__loader__ = importlib.machinery.SourceFileLoader("__main__", script)
         sys.modules["__main__"] = main
-        code = 0
         try:
             with open(script, "rb") as f:
                 source = f.read()
+        except OSError as e:
+            print(f"{sys.executable}: can't open file {script!r}: [Errno {e.errno}] "
+                  f"{e.strerror}", file=sys.stderr)
+            code = 2
+            return
+        code = 0
+        try:
             exec(compile(source, script, "exec"), main.__dict__)
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -83,16 +82,25 @@ def run_child(argv, cwd, env, default_path, out_path, err_path):
                 tb = tb.tb_next
             traceback.print_exception(type(e), e, tb)
             code = 1
+        threading._shutdown()  # what the interpreter does at exit: join non-daemon threads
         atexit._run_exitfuncs()
+        main.__dict__.clear()  # the script's objects freed (its open files flushed and closed)
+        gc.collect()
+    except BaseException:  # the runner's own failure
+        traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def serve():
     """The server's loop: fork a child per request, report its pid, wait, report its status."""
-    import numpy  # noqa: F401  (what the children are spared)
+    # what the children are spared; not numpy.random nor random, which seed themselves from the OS
+    # when a child first imports them
+    import numpy  # noqa: F401
     import torch  # noqa: F401
     default_path = sys.path[1:]  # the interpreter's own, after this script's folder
     for line in sys.stdin:
@@ -109,15 +117,22 @@ _idle = {}  # servers not running a script now, by the environment they were sta
 _idle_lock = threading.Lock()
 
 
-def _server(env):
-    """An idle server whose environment is env's (but for SET_IN_CHILD), or a new one."""
-    key = tuple(sorted((k, v) for k, v in env.items() if k not in SET_IN_CHILD))
+def _stop(server):
+    server.stdin.close()  # its loop ends
+    server.wait()
+
+
+def _take_server(env):
+    """An idle server started with env (PYTEST_CURRENT_TEST aside), or a new one; and its key."""
+    key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
     with _idle_lock:
-        if _idle.get(key):
-            return key, _idle[key].pop()
+        while _idle.get(key):
+            server = _idle[key].pop()
+            if server.poll() is None:  # still there
+                return key, server
     server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, bufsize=0, env=env)
-    atexit.register(server.stdin.close)  # its loop ends, and so does the server
+    atexit.register(_stop, server)
     return key, server
 
 
@@ -145,7 +160,9 @@ def run_script(cmd, cwd, env=None, timeout=None):
             and hasattr(os, "fork")):
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
-    key, server = _server(env)
+    if not os.path.isdir(cwd):  # as Popen says it
+        raise FileNotFoundError(2, "No such file or directory", str(cwd))
+    key, server = _take_server(env)
     with tempfile.TemporaryDirectory() as tmp:
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         for path in (out_path, err_path):
@@ -154,18 +171,30 @@ def run_script(cmd, cwd, env=None, timeout=None):
                        err_path=err_path)
         server.stdin.write(json.dumps(request).encode() + b"\n")
         pid = int(_read_line(server))
-        status = _read_line(server, timeout)
-        timed_out = status is None
-        if timed_out:
+        try:
+            status = _read_line(server, timeout)
+        except BaseException:  # Ctrl-C or a test's timeout: the run ends with the test
             os.kill(pid, signal.SIGKILL)
-            status = _read_line(server)
+            raise
+        if status is None:  # past its timeout
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended just now
+                pass
+            _read_line(server)
         with _idle_lock:
             _idle.setdefault(key, []).append(server)
-        if timed_out:
+        if status is None:
             raise subprocess.TimeoutExpired(cmd, timeout)
         stdout, stderr = (open(p, encoding="utf-8", errors="replace").read()
                           for p in (out_path, err_path))
     return subprocess.CompletedProcess(cmd, int(status), stdout, stderr)
+
+
+def run_scripts(cmds, cwd, env=None, timeout=None, jobs=2):
+    """run_script for independent commands, `jobs` at a time; their results, in order."""
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda cmd: run_script(cmd, cwd, env, timeout), cmds))
 
 
 if __name__ == "__main__":

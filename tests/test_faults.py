@@ -2,7 +2,6 @@
 where an uninterrupted run does; bad checkpoints and bad audio give one clear line that names the
 file."""
 
-import concurrent.futures
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from script_runner import run_script
+from script_runner import run_script, run_scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -35,13 +34,6 @@ def sigint_as_usual():
 def train(out_dir, data_dir, *extra):
     return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
             *extra]
-
-def run_each(cmds, jobs=2):
-    """Runs independent commands `jobs` at a time (one thread each); their results, in order."""
-    def run(cmd):
-        return run_script(cmd, cwd=ROOT, env=ENV, timeout=300)
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(run, cmds))
 
 def log_losses(out_dir):
     return [(r["iter"], r["loss"])
@@ -123,7 +115,7 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     cases = {"truncated": data[:len(data) // 2], "corrupt": data[:2000] + bytes(5000) + data[7000:],
              "empty": b"", "text": b"not a checkpoint at all\n"}
     # every command of this test is independent of the others (each stops before any write): they
-    # are collected here and run side by side at the end (run_each), each checked as before
+    # are collected here and run side by side at the end (run_scripts), each checked as before
     checks = []  # (command, what its stderr must say)
     for name, blob in cases.items():
         d = tmp_path / name
@@ -311,7 +303,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     kept = {f: f.read_bytes() for f in (good / "ckpt.pt", tmp_path / "in.wav", tmp_path / "in.png",
                                         tmp_path / "meta.json")}
     checks += [(cmd, [words]) for cmd, words in cases]
-    for (cmd, words), p in zip(checks, run_each([cmd for cmd, _ in checks])):
+    runs = run_scripts([cmd for cmd, _ in checks], cwd=ROOT, env=ENV, timeout=300)
+    for (cmd, words), p in zip(checks, runs):
         assert (p.returncode == 2 and all(w in p.stderr for w in words)
                 and "Traceback" not in p.stderr), (cmd, p.stderr)
     assert {f: f.read_bytes() for f in blobs} == blobs             # nothing wrote over them

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import whisper_gpt as W
-from script_runner import run_script
+from script_runner import run_script, run_scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1261,23 +1261,20 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
                             "not this script's go to train.py, for every run)\n"),
              ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
              ([f"--test_dir={other_codec}"], "of another codec than"))
-    procs = [(extra, said, subprocess.Popen(more + extra, cwd=ROOT, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True))
-             for extra, said in cases]  # each stops before any work: all side by side
+    cmds = [more + extra for extra, _ in cases]  # each stops before any work: all side by side
     # a checkpoint whose weights do not fit its own model: one line when the table loads it
     bad = tmp_path / "runs" / "hybrid-events-s2" / "ckpt.pt"
     ck = torch.load(bad, weights_only=True)
     ck["model"].pop(next(iter(ck["model"])))
     torch.save(ck, bad)
     one = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds"))]
-    procs.append(([], f"{bad}: its weights do not fit the model built for the checkpoint's "
-                      f"model_args", subprocess.Popen(
-        one + ["--models=hybrid", "--kinds=events", "--seeds=2", "--continuations=0"], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    for extra, said, proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and said in err, (extra, err[-2000:])
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (extra, err[-2000:])
+    cases += (([], f"{bad}: its weights do not fit the model built for the checkpoint's "
+                   f"model_args"),)
+    cmds.append(one + ["--models=hybrid", "--kinds=events", "--seeds=2", "--continuations=0"])
+    for (extra, said), run in zip(cases, run_scripts(cmds, cwd=ROOT, timeout=300)):
+        assert run.returncode == 2 and said in run.stderr, (extra, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, \
+            (extra, run.stderr[-2000:])
 
 def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
     """A --models entry must be one of the table's models, not just have a config file: another one
@@ -1326,14 +1323,12 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
               f"--data_dir={tmp_path / 'nowhere'}: "),
              ([f"--out_root={new}", f"--out={tmp_path / 'own.md'}"],
               f"--data_dir={tmp_path / 'nowhere'}: "))
-    procs = [(extra, said, subprocess.Popen(
-        [sys.executable, "whisper_gpt_table.py", f"--data_dir={tmp_path / 'nowhere'}", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        for extra, said in cases]
-    for extra, said, proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and said in err, (extra, err[-2000:])
-        assert len(err.strip().splitlines()) == 1, (extra, err[-2000:])
+    nowhere = f"--data_dir={tmp_path / 'nowhere'}"
+    runs = run_scripts([[sys.executable, "whisper_gpt_table.py", nowhere, *extra]
+                        for extra, _ in cases], cwd=ROOT, timeout=300)
+    for (extra, said), run in zip(cases, runs):
+        assert run.returncode == 2 and said in run.stderr, (extra, run.stderr[-2000:])
+        assert len(run.stderr.strip().splitlines()) == 1, (extra, run.stderr[-2000:])
     assert sorted(os.listdir(tmp_path)) == ["file", "notes.md", "own.md", "runs"]
     assert os.listdir(tmp_path / "runs") == ["table1.md"]
     assert (tmp_path / "notes.md").read_text() == "# my notes\n"
@@ -1402,14 +1397,11 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
              (["bench_attention.py", "--ptxas", "--tiles=default", "--dims=16", f"--out={notes}"],
               f"bench_attention.py: --out={notes}: the file exists and is not a report of "
               f"bench_attention.py"))
-    procs = [(args, said, subprocess.Popen([sys.executable, *args], cwd=ROOT,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True))
-             for args, said in cases]  # each stops before any work: all side by side
-    for args, said, proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and said in err, (args, err[-2000:])
-        assert len(err.strip().splitlines()) == 1, (args, err[-2000:])
+    # each stops before any work: all side by side
+    runs = run_scripts([[sys.executable, *args] for args, _ in cases], cwd=ROOT, timeout=300)
+    for (args, said), run in zip(cases, runs):
+        assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-2000:])
+        assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr[-2000:])
     assert os.listdir(tmp_path) == ["notes.md"] and notes.read_text() == "# my notes\n"
 
 @pytest.mark.usefixtures("synth_c0")
