@@ -28,8 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is 
                                               # a shared box
 
 def run(args, check=True, cmd=None):
-    p = run_script((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV,
-                   timeout=300)
+    p = run_script((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
