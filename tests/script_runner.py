@@ -4,22 +4,23 @@ that importing torch takes, which the suite's ~200 script runs would otherwise s
 a test run on 2 cores).
 
 The child sets up what a new interpreter has (working folder, environment, sys.argv, sys.path,
-__main__, stdin from /dev/null, stdout and stderr to files, unbuffered under PYTHONUNBUFFERED) and
-ends as one does: non-daemon threads joined, atexit handlers, the script's globals freed,
-SystemExit's code, a traceback and 1 for an uncaught exception, 2 for a missing script. What differs: torch and numpy are imported already, every run of a server has its hash
-seed, and Ctrl-C exits with 1, not by the signal (the tests that kill or interrupt a run use
-subprocess). A command that is not a script run by this Python starts a new interpreter.
+__main__, stdin from /dev/null, stdout and stderr to files) and ends as one does: non-daemon threads
+joined, atexit handlers, the script's globals freed, SystemExit's code, a traceback and 1 for an
+uncaught exception, 2 for a missing script. What differs: torch and numpy are imported already,
+every run of a server has its hash seed, and Ctrl-C exits with 1, not by the signal (the tests that
+kill or interrupt a run use subprocess). A command that is not a script run by this Python starts a
+new interpreter.
 
 A server runs one script at a time, in the environment it was started with (PYTEST_CURRENT_TEST
-aside): each thread that runs scripts at once, and each other environment, gets a server of its
-own. `python tests/script_runner.py` is a server: it reads one JSON request per line on stdin and
+aside), so what an interpreter reads as it starts (PYTHONUNBUFFERED, OMP_NUM_THREADS) is the run's:
+each thread that runs scripts at once, and each other environment, gets a server of its own.
+`python tests/script_runner.py` is a server: it reads one JSON request per line on stdin and
 answers each with the child's pid, then its exit status."""
 
 import atexit
 import concurrent.futures
 import gc
 import importlib.machinery
-import io
 import json
 import os
 import select
@@ -45,11 +46,6 @@ def run_child(argv, cwd, env, default_path, out_path, err_path):
             f = os.open(path, flags)
             os.dup2(f, fd)
             os.close(f)
-        if env.get("PYTHONUNBUFFERED"):  # as `python -u`: no buffer under the text layer
-            sys.stdout, sys.stderr = (
-                io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=stream.encoding,
-                                 errors=stream.errors, write_through=True)
-                for fd, stream in ((1, sys.stdout), (2, sys.stderr)))
         # as the interpreter sets them: __file__ made absolute (not normalised), argv[0] as
         # given, sys.path[0] the script's real folder
         script = os.path.join(os.getcwd(), argv[0])
