@@ -32,6 +32,9 @@ if sys.argv[1] == "none":
     sys.exit()
 if sys.argv[1] == "sleep":
     time.sleep(30)
+if sys.argv[1] == "hard":  # no flush at exit: the output is there only if unbuffered
+    print("written before a hard exit")
+    os._exit(4)
 """
 
 
@@ -78,6 +81,19 @@ def test_a_forked_run_is_what_a_new_interpreter_gives(tmp_path):
     assert all(run.stdout.endswith("late thread done\natexit ran\n") for run in got.values())
     draws = [run.stdout.split("random ")[1].split()[:2] for run in got.values()]
     assert all(len(set(draw)) == 5 for draw in zip(*draws)), draws  # numpy's and random's
+    # a hard exit keeps what was printed under PYTHONUNBUFFERED only, as in a new interpreter
+    for unbuffered in ({}, {"PYTHONUNBUFFERED": "1"}):
+        env = {**base, **unbuffered}
+        cmd = [sys.executable, "../s.py", "hard"]
+        want = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+        run = run_script(cmd, cwd=work, env=env, timeout=60)
+        assert run.returncode == want.returncode == 4
+        assert without_random(run.stdout) == without_random(want.stdout)
+        assert ("written before a hard exit" in run.stdout) == bool(unbuffered), run.stdout
+    # a working folder that is not there: the same error as subprocess.run's
+    for runner in (subprocess.run, run_script):
+        with pytest.raises(FileNotFoundError, match="nowhere"):
+            runner([sys.executable, "../s.py", "ok"], cwd=tmp_path / "nowhere")
     # a script that is not there
     cmd = [sys.executable, "../none.py"]
     want = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=60)
