@@ -2,14 +2,14 @@
 Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text generation.
 
     audio  -> HTSAT-style encoder -> projection -> L2 norm -> mapper m1 -> k prefix vectors  \
-    prompt -> frozen text encoder -> projection -> L2 norm -> mapper m2 -> k prefix vectors   }->
+    prompt -> frozen text tower -> text_projection -> projection -> L2 norm -> mapper m2 -> k  }->
         -> frozen GPT-2 over [audio prefix k][text prefix k][answer tokens] -> answer
 
 Trainable, as in the official code: the audio encoder and its projection, the text side's
 projections (CLIP's text_projection and the projection after it) and the two mappers. The language
 model (GPT-2 layout and names) and the text tower are frozen. A `clap` stage can pretrain the two
 encoders contrastively first, as Pengi's HTSAT comes from CLAP. The loss is on the answer tokens
-only, averaged per example (ours). Decoding is length-normalised beam search with a KV cache (beam 5
+and the eot that ends them (not the prefix), averaged per example (ours). Decoding is length-normalised beam search with a KV cache (beam 5
 by default, 3 in the official code's example; beam 1 is greedy).
 
 Close-ended tasks are scored three ways (the scoring is ours): the generated text must equal the
@@ -87,7 +87,8 @@ class PengiConfig:
     llm_n_head: int = 4
     llm_n_embd: int = 128
     llm_block_size: int = 256
-    dropout: float = 0.1       # in the audio encoder, projections and mappers (the LM has none)
+    # in the audio encoder, projections and mappers (the LM and the text tower have none)
+    dropout: float = 0.1
     # ours: a CLAP-style contrastive term (see Pengi.clap_loss); 0 = the paper's objective alone
     clap_weight: float = 0.0
     clap_temp: float = 0.07
@@ -323,8 +324,13 @@ class AudioEncoder(nn.Module):
         last_rows = stages[-1][3][0]  # the last grid's frequency rows
         self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
+        self.mel_shape = (config.max_frames, config.n_mels)  # the grid the windows tile
 
     def forward(self, mel):  # (B, T, n_mels) -> (B, out_dim)
+        if tuple(mel.shape[1:]) != self.mel_shape:
+            raise ValueError(f"pengi: a mel of {tuple(mel.shape[1:])} (frames, n_mels); the audio "
+                             f"encoder takes {self.mel_shape} (max_frames, n_mels): fit_frames "
+                             f"crops or pads a clip to it")
         # (B, C, F/p, T/p): frequency rows, time columns
         x = self.patch_embed(mel.transpose(1, 2).unsqueeze(1))
         x = self.patch_norm(x.permute(0, 2, 3, 1)) + self.pos_emb
@@ -493,6 +499,7 @@ class Pengi(nn.Module):
         self.audio_encoder = AudioEncoder(config)
         self.audio_proj = Projection(self.audio_encoder.out_dim, config.d_embed, config.dropout)
         self.text_encoder = TextEncoder(config)
+        # the paper's projection, after the tower's own text_projection (CLIP's)
         self.text_proj = Projection(config.llm_n_embd, config.d_embed, config.dropout)
         self.m1 = Mapper(config)
         self.m2 = Mapper(config)
@@ -553,6 +560,8 @@ class Pengi(nn.Module):
 
     @torch.no_grad()
     def reset_prefix_scale(self):
+        """m1's and m2's output scale = the RMS of the LM's token embeddings, so a prefix vector
+        has a word's norm."""
         rms = self.llm.wte.weight.float().pow(2).mean().sqrt()
         self.m1.scale.fill_(rms)
         self.m2.scale.fill_(rms)
@@ -591,10 +600,12 @@ class Pengi(nn.Module):
         """LM input [audio prefix k][text prefix k][answer tokens]. Returns (logits, loss).
         The logits (B, La + 1, V) are those of the positions that predict the answer: the last
         text-prefix position and every answer position. targets (B, La + 1): the answer tokens then
-        eot, -1 where padded. The loss is on the answer only.
+        eot, -1 where padded. The loss is on the answer and its eot, not on the prefix.
         Ours: the loss is the mean over examples of each example's mean token NLL. A mean over all
         tokens would leave the 1-3-token labels almost no weight next to captions
         (docs/pengi.md)."""
+        if self.config.stage == "clap" and targets is None:
+            raise ValueError("pengi: stage 'clap' needs targets (they mark where each answer ends)")
         audio = self.embed_audio(mel)
         if self.config.stage == "clap":  # contrastive only: (audio, answer text) pairs, no LM
             return None, self.clap_loss(audio, answer, targets, text_grad=True)
@@ -1137,6 +1148,7 @@ def _device(model):
 
 @torch.no_grad()
 def clip_embeddings(model, d, idx, max_frames, pad, batch_size=32):
+    """(len(idx), d_embed) audio embeddings of the split d's clips idx, on the CPU."""
     out = []
     for s in tqdm(range(0, len(idx), batch_size), desc="pengi: embed clips", unit="batch",
                   leave=False, disable=len(idx) <= 4 * batch_size):  # a bar when it takes a while
@@ -1145,14 +1157,14 @@ def clip_embeddings(model, d, idx, max_frames, pad, batch_size=32):
         out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.d_embed)
 
-def fit_logistic(x, y, n_class, weight_decay=1e-3, steps=100):
-    """Multinomial logistic regression on standardised features, full-batch L-BFGS. Returns
-    predict(x)."""
+def fit_logistic(x, y, n_class, weight_decay=1e-3, max_iter=100):
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS (one step of at
+    most max_iter iterations). Returns predict(x)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     z = (x - mu) / sd
     W = torch.zeros(x.size(1), n_class, requires_grad=True)
     b = torch.zeros(n_class, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -1280,8 +1292,8 @@ def eval_tasks(data, tasks_opt):
     return wanted
 
 def eval_batches(model, data, tok, d, examples, bs):
-    """[(clip index in the split d, prompt text, answer text)] -> (examples, mel, prompt,
-    prompt_lens) on the model's device, bs examples at a time."""
+    """[(clip index in the split d, prompt text, answer text)] -> (mel, prompt, prompt_lens) on the
+    model's device, bs examples at a time."""
     dev = _device(model)
     bar = tqdm(total=len(examples), desc="pengi: evaluate", unit="example", leave=False,
                disable=len(examples) <= 4 * bs)  # a bar when it takes a while
@@ -1291,14 +1303,14 @@ def eval_batches(model, data, tok, d, examples, bs):
                 for i, _, _ in chunk]
         prompts = [prompt_ids(tok, p)[:model.config.max_prompt_tokens] for _, p, _ in chunk]
         b = collate(mels, prompts, [[]] * len(chunk), model.config.eot_token)
-        yield chunk, b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
+        yield b["mel"].to(dev), b["prompt"].to(dev), b["prompt_lens"].to(dev)
         bar.update(len(chunk))
     bar.close()
 
 def generate_answers(model, data, tok, d, examples, bs, gen):
     """The model's answer text to each example (generate's options in gen)."""
     out = []
-    for _, mel, prompt, lens in eval_batches(model, data, tok, d, examples, bs):
+    for mel, prompt, lens in eval_batches(model, data, tok, d, examples, bs):
         out += [tok.decode(t).strip() for t in model.generate(mel, prompt, lens, **gen)]
     return out
 
@@ -1337,7 +1349,7 @@ def text_metrics(model, data, tok, d, wanted, max_clips, bs, gen):
 def candidate_logprobs(model, data, tok, d, examples, bs, cand_ids):
     """(len(examples), len(cand_ids)) LM log-likelihoods of each candidate answer, on the CPU."""
     return torch.cat([model.rank_candidates(mel, p, lens, cand_ids).cpu()
-                      for _, mel, p, lens in eval_batches(model, data, tok, d, examples, bs)])
+                      for mel, p, lens in eval_batches(model, data, tok, d, examples, bs)])
 
 def top_candidate_acc(scores, cands, labels):
     """Fraction of examples whose highest-scored candidate is their label."""
@@ -1375,7 +1387,7 @@ def label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips):
 def prefix_norm_metrics(model, data, tok, d, bs):
     """prefix_norm_ratio_audio/_text on the split's first bs clips with the caption prompt."""
     ex = [(i, PROMPTS["caption"], "") for i in range(min(len(d["clips"]), bs))]
-    _, mel, prompt, lens = next(eval_batches(model, data, tok, d, ex, bs))
+    mel, prompt, lens = next(eval_batches(model, data, tok, d, ex, bs))
     pre = model.prefix(mel, prompt, lens)
     return {"prefix_norm_ratio_audio": model.prefix_norm_ratio(pre[:, :model.k]),
             "prefix_norm_ratio_text": model.prefix_norm_ratio(pre[:, model.k:])}

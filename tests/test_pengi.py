@@ -764,6 +764,17 @@ def test_bad_inputs_named():
     long = torch.zeros(1, m.config.llm_block_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="text tower's context"):
         m.embed_text(long, torch.tensor([long.size(1)]))
+    # a mel not fitted to the encoder's grid (a frame short; a mel bin too many), and a clap-stage
+    # forward without the targets that mark where each answer ends
+    T, n_mels = m.config.max_frames, m.config.n_mels
+    for shape in ((1, T - 1, n_mels), (1, T, n_mels + 1)):
+        with pytest.raises(ValueError, match=rf"a mel of \({shape[1]}, {shape[2]}\) .* takes "
+                                             rf"\({T}, {n_mels}\) \(max_frames, n_mels\)"):
+            m.embed_audio(torch.zeros(shape))
+    clap = tiny_model(stage="clap")
+    with pytest.raises(ValueError, match="stage 'clap' needs targets"):
+        clap(b["mel"], b["prompt"], b["prompt_lens"], b["answer"])
+    assert clap(**b)[1].isfinite()  # and with them it runs
     # windows that do not tile a stage's grid: the stage and its own grid are named (64 mel bins
     # and 96 frames in patches of 4: 16x24, then 8x12 in stage 1, which 8x8 windows do not tile)
     with pytest.raises(ValueError, match=r"stage 1: its patch grid 8x12 .* into 8x8 windows"):
@@ -1165,7 +1176,7 @@ def test_silence_padding_in_every_path(monkeypatch):
         b = pengi.get_batch(data, split, 2, np.random.default_rng(0))
         assert padded(b["mel"], data[split]), split
     m = tiny_model(pad="silence")
-    _, mel, _, _ = next(pengi.eval_batches(m, data, WordIds(), data["val"],
+    mel, _, _ = next(pengi.eval_batches(m, data, WordIds(), data["val"],
                                            [(1, pengi.PROMPTS["class"], "")], 1))
     assert padded(mel, data["val"])
     embedder, seen = MeanEmbedding(), []
