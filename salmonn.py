@@ -112,7 +112,8 @@ class SALMONNConfig:
     # clip in tokens
     ctc_units: str = "tokens"
     ctc_phonemes: str = ""         # ctc_units="phonemes": the train split's, "|"-joined (load_data)
-    spec_augment: int = 0          # SpecAugment's frequency and time masks per clip (0: none)
+    # SpecAugment's frequency and time masks per clip (0: none); stage "whisper" only
+    spec_augment: int = 0
     # audio encoder (BEATs-style): patches of 2 mel frames (one speech-encoder frame with
     # speech_features="mel") x beats_patch_f mel bins
     beats_n_layer: int = 2
@@ -561,10 +562,13 @@ def beam_search(step, logp, past, beam, max_new_tokens, eot, length_penalty):
 
 def check_config(config):
     """A ValueError naming the setting when the stage's model cannot be built or run: an unknown
-    stage, a part whose head count does not divide its width (attention splits the width into
-    equal heads), and sizes under their least."""
+    stage or speech input, a part whose head count does not divide its width (attention splits the
+    width into equal heads), sizes under their least, dropouts outside [0, 1), shares outside
+    [0, 1] and a negative connect_ctc_weight."""
     if config.stage not in STAGES:
         raise ValueError(f"stage={config.stage!r}: must be one of {STAGES}")
+    if config.speech_features not in ("mel", "whisper"):
+        raise ValueError(f"speech_features={config.speech_features!r}: must be 'mel' or 'whisper'")
     parts = {"whisper": ("speech",), "beats": ("beats",),
              "llm": ("llm",)}.get(config.stage, ("speech", "beats", "qformer", "llm"))
     for part in parts:
@@ -730,11 +734,13 @@ class SALMONN(nn.Module):
         mel, mel_lens = mel[:, :n], mel_lens.clamp(max=n)
         s, enc_lens, a = self.cached_encoders(mel, mel_lens, wmel, wmel_lens)
         # e.g. 50 vs 37.5 frames/s: each speech frame takes the audio-event frame that covers its
-        # instant
+        # instant, at most the clip's own last one (past it lies a longer neighbour's padding)
         if self.config.speech_frame_rate != self.config.frame_rate:
             ratio = self.config.frame_rate / self.config.speech_frame_rate
-            at = torch.arange(s.size(1), device=s.device) * ratio
-            a = a[:, at.long().clamp(max=a.size(1) - 1)]
+            at = (torch.arange(s.size(1), device=s.device) * ratio).long()
+            last = ((mel_lens.to(s.device) + 1) // 2 - 1).clamp(min=0)  # a's valid frames - 1
+            at = torch.minimum(at[None], last[:, None])  # (B, N)
+            a = a.gather(1, at[..., None].expand(-1, -1, a.size(2)))
         # per frame: speech | audio events
         x = torch.cat([self.ln_speech(s), self.ln_audio(a)], dim=-1)
         q, valid = self.qformer(x, enc_lens)
@@ -786,7 +792,7 @@ class SALMONN(nn.Module):
 
     def speech_encode(self, mel, mel_lens, wmel=None, wmel_lens=None):
         """The speech encoder on its input (the mel, or Whisper's features), cut at
-        max_audio_frames' length."""
+        max_speech_frames (max_audio_frames' duration, in the speech input's frames)."""
         if self.config.speech_features == "whisper":
             if wmel is None:
                 raise ValueError("speech_features='whisper': the batch needs Whisper's features "
@@ -805,6 +811,9 @@ class SALMONN(nn.Module):
         if encoded is None:
             encoded = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         tokens, valid = encoded
+        if audio_mask is None:
+            raise ValueError(f"salmonn: stage {self.config.stage!r} needs audio_mask, where the audio "
+                             f"tokens go in the prompt (build_prompt, task_batch)")
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
                              f"row, the clips give {valid.sum(1).tolist()} audio tokens")
@@ -1918,7 +1927,8 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
       length_penalty  0 ranks beams by log-prob; 1.0 by log-prob / length (Hugging Face
                       generate's default, which makes our small models loop to max_new_tokens)
       temperature     0 = greedy; > 0 samples, which needs beam=1
-      top_k, max_new_tokens (200), seed
+      top_k           sampling from the k likeliest tokens (0: all), with beam=1
+      max_new_tokens (200), seed
       lora_scale      the paper lowers it from 4.0 to 2.0 to bring back emergent abilities
     The encoders' stages answer without the LLM: "whisper" with its text decoder's (greedy) and
     CTC head's transcripts, "beats" with the 5 most likely tags. Runs in eval mode without
@@ -1933,6 +1943,9 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
             raise ValueError(f"salmonn sample: {key}={o[key]}: must be at least {least}")
     if temperature > 0 and beam > 1:
         raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
+                         f"given)")
+    if o["top_k"] > 0 and beam > 1:  # beam search would ignore it
+        raise ValueError(f"top_k={o['top_k']} limits sampling, which needs beam=1 (beam={beam} "
                          f"given)")
     check_lora_scale("salmonn sample", o["lora_scale"])
     return in_eval_mode(model, _sample, model, tok, audio, prompt, o, beam, temperature)
@@ -2097,8 +2110,11 @@ def text_perplexity(model, stream, max_windows):
     """Stage "llm": perplexity over the stream's successive llm_block_size windows (max_windows >
     0: the first max_windows)."""
     T, device = model.config.llm_block_size, next(model.parameters()).device
+    if len(stream) <= T:  # a window and its targets, one token on
+        raise ValueError(f"salmonn: the text stream has {len(stream)} tokens; perplexity needs "
+                         f"more than llm_block_size={T}")
     losses = []
-    for i in first_n(range(0, max(1, len(stream) - T), T), max_windows):
+    for i in first_n(range(0, len(stream) - T, T), max_windows):
         x = torch.from_numpy(stream[i:i + T][None]).to(device)
         y = torch.from_numpy(stream[i + 1:i + 1 + T][None]).to(device)
         losses.append(model(x, y)[1].item())

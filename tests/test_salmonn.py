@@ -191,6 +191,8 @@ def test_head_counts_that_do_not_divide_the_width_named():
             SALMONN(tiny_config(**{f"{field}_n_head": 5}))
     SALMONN(tiny_config(stage="llm", qformer_n_head=5))  # stage "llm" has no Q-Former
     for kw, said in (({"stage": "instrct"}, "stage='instrct': must be one of"),
+                     # a model built directly, not through load_data
+                     ({"speech_features": "Whisper"}, "speech_features='Whisper': must be 'mel' or"),
                      ({"speech_n_embd": 33, "speech_n_head": 3}, "speech_n_embd=33: must be even"),
                      ({"window_queries": 0}, "window_queries=0: must be at least 1"),
                      ({"window_frames": -1}, "window_frames=-1: must be at least 1"),
@@ -945,6 +947,8 @@ def test_sample_options():
         salmonn.sample(m, tok, audio, None, None, beams=2)
     with pytest.raises(ValueError, match="beam=1"):
         salmonn.sample(m, tok, audio, None, None, temperature=0.7)
+    with pytest.raises(ValueError, match=r"top_k=5 limits sampling, which needs beam=1 \(beam=4"):
+        salmonn.sample(m, tok, audio, None, None, top_k=5)  # beam search would ignore it
     for bad, said in (({"top_k": -1}, "top_k=-1: must be at least 0"),
                       ({"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1"),
                       ({"beam": 0}, "beam=0: must be at least 1")):
@@ -1200,6 +1204,12 @@ def test_text_perplexity_is_exp_of_the_mean_loss():
         math.exp(np.mean(losses[:2])))
     # 13 tokens still hold the window at 8 (8..11, its last target 12)
     assert salmonn.text_perplexity(WindowLoss(), stream[:13], 0) == pytest.approx(got)
+    # llm_block_size + 1 tokens: one window; fewer: no window, named
+    assert salmonn.text_perplexity(WindowLoss(), stream[:5], 0) == pytest.approx(
+        math.exp(losses[0]))
+    with pytest.raises(ValueError, match="the text stream has 4 tokens; perplexity needs more "
+                                         "than llm_block_size=4"):
+        salmonn.text_perplexity(WindowLoss(), stream[:4], 0)
 
 
 # -----------------------------------------------------------------------------
@@ -1550,6 +1560,14 @@ def test_whisper_features_drive_the_speech_encoder_and_windows():
                           atol=1e-5)
     with pytest.raises(ValueError, match="whisper"):
         m.encode_audio(mel, torch.tensor([75]))
+    # a clip whose Whisper frames run past its own mel frames (features of another framing): its
+    # last speech frames take its own last audio-event frame, not a longer neighbour's padding, so
+    # its tokens are the same alone and beside that neighbour
+    mels, wmels = torch.randn(2, 75, cfg.n_mels), torch.randn(2, 101, 80)
+    lens, wlens = torch.tensor([75, 30]), torch.tensor([101, 41])
+    together, valid = m.encode_audio(mels, lens, wmels, wlens)
+    alone, valid_alone = m.encode_audio(mels[1:, :30], lens[1:], wmels[1:, :41], wlens[1:])
+    assert torch.allclose(together[1][valid[1]], alone[0][valid_alone[0]], atol=1e-5)
 
 def test_beats_stage_tags_and_average_precision():
     torch.manual_seed(0)
@@ -2530,3 +2548,6 @@ def test_audio_mask_counted_per_row():
     with torch.no_grad(), pytest.raises(ValueError, match=r"audio_mask has \[8, 8\] audio "
                                         r"positions per row, the clips give \[10, 6\]"):
         m.embed(batch["idx"], batch["mel"], batch["mel_lens"], mask)
+    # no audio_mask at all, in a stage with audio: named, not an AttributeError
+    with torch.no_grad(), pytest.raises(ValueError, match="stage 'pretrain' needs audio_mask"):
+        m.embed(batch["idx"], batch["mel"], batch["mel_lens"])
