@@ -64,13 +64,17 @@ def gather(argv, config_files=False, positional=False, run_hint=False):
         print_help(argv if config_files else None)
     entries, rest = [], []
     for i, arg in enumerate(argv):
-        # --key value, as other parsers take it: the value is not a config file or a run folder
-        # (nor, where runs are positional, a path: a run that is missing is named later)
+        # --key value, as other parsers take it. After a bare --flag (a bool) only a config file
+        # may stand, or, where runs are positional, a run: a checkpoint, a folder holding one, or
+        # a path not there (a missing run is named later). Anything else is the flag's value
         after = argv[i - 1] if i else ""
-        if (not arg.startswith("--") and after.startswith("--") and "=" not in after
-                and not os.path.isfile(arg) and not os.path.isdir(arg)
-                and not (positional and os.sep in arg)):
-            raise SettingsError(f"{after} {arg}: write {after}={arg}")
+        if not arg.startswith("--") and after.startswith("--") and "=" not in after:
+            may_stand = ((config_files and arg.endswith(".py"))
+                         or (positional and (os.path.isfile(arg)
+                                             or os.path.isfile(os.path.join(arg, "ckpt.pt"))
+                                             or (os.sep in arg and not os.path.exists(arg)))))
+            if not may_stand:
+                raise SettingsError(f"{after} {arg}: write {after}={arg}")
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not key:
@@ -102,9 +106,10 @@ def print_help(train_argv=None):
         with open(path) as f:
             lines = f.read().splitlines()
         rulers = [i for i, line in enumerate(lines) if line.startswith("# ---")][:2]
-        print("\n".join(lines[rulers[0] + 1:rulers[1]]))
+        block = "\n".join(lines[rulers[0] + 1:rulers[1]])
     except (OSError, IndexError):
-        print(f"(in the block at the top of {name})")
+        block = f"(in the block at the top of {name})"
+    print(block)
     opts_name = {"sample.py": "SAMPLE_OPTS", "eval.py": "EVAL_OPTS"}.get(name)
     if opts_name:  # the options passed on, per model file, with their defaults
         print(f"\nThe model file's options, as --key=value ({opts_name}, with the defaults):")

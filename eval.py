@@ -36,13 +36,21 @@ def fail(msg):
     configurator.fail("eval.py", msg)
 
 def checkpoint_paths(args):
-    """The ckpt.pt files that the arguments name (a file, or an out_dir holding one)."""
-    paths = [os.path.join(a, "ckpt.pt") if os.path.isdir(a) else a for a in args]
-    if not paths:
-        fail("give one or more checkpoints (ckpt.pt files or out_dirs)")
-    for p in paths:
+    """The ckpt.pt files that the arguments name (a file, or an out_dir holding one), each once: a
+    run named twice would count twice in --mean."""
+    paths, seen = [], {}
+    for a in args:
+        p = os.path.join(a, "ckpt.pt") if os.path.isdir(a) else a
         if not os.path.isfile(p):
             fail(f"{p}: checkpoint not found")
+        real = os.path.realpath(p)
+        if real in seen:
+            print(f"eval.py: {p} is {seen[real]} again; evaluated once", file=sys.stderr)
+            continue
+        seen[real] = p
+        paths.append(p)
+    if not paths:
+        fail("give one or more checkpoints (ckpt.pt files or out_dirs)")
     return paths
 
 def check_runs(paths, opts):
@@ -208,9 +216,8 @@ def main(argv):
     paths = checkpoint_paths(args)
     if split not in ("train", "val"):
         fail(f"--split={split!r}: expected train or val")
-    runs = len({os.path.realpath(p) for p in paths})  # a run named twice is one run
-    if mean and runs < 2:
-        fail(f"--mean: {runs} run; a mean and a spread need two or more (e.g. one recipe's "
+    if mean and len(paths) < 2:
+        fail(f"--mean: {len(paths)} run; a mean and a spread need two or more (e.g. one recipe's "
              f"seeds: out/run-s1337 out/run-s1 out/run-s2)")
     if json:  # checked now, not after the evaluations
         folder = os.path.dirname(os.path.abspath(json))

@@ -28,6 +28,7 @@ import configurator
 import tokenizer as tokenizers
 from audio import (SAMPLE_RATE, BadAudio, StreamingDecoder, codec_id, decode, features,
                    load_audio, load_codec, log_mel, plot_mels, whisper_log_mel)
+from train import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
 out_dir = "out"      # where train.py wrote ckpt.pt
@@ -184,7 +185,6 @@ if __name__ == "__main__":
         typos = configurator.misspelt(raw_opts, S)  # e.g. --out_dri, the cause of this
         fail(f"checkpoint {ckpt_path} not found (train one with train.py, or set --out_dir / "
              f"--ckpt)" + (f"; not settings of sample.py: {typos}" if typos else ""))
-    from train import load_checkpoint, load_weights
     try:
         checkpoint = load_checkpoint(ckpt_path)
     except ValueError as e:

@@ -359,6 +359,9 @@ if __name__ == "__main__":
         fail(f"seed={S['seed']}: must be at least 0 and below 2**63")
     if S["overwrite"] and S["init_from"] == "resume":
         fail("overwrite=True with init_from=resume: one trains anew, the other goes on; give one")
+    if S["overwrite"] and same_start(S["init_from"], os.path.join(S["out_dir"], "ckpt.pt")):
+        fail(f"overwrite=True with init_from={S['init_from']}: that is the checkpoint overwrite "
+             f"removes; copy it elsewhere first")
     if S["wandb_log"]:  # before any long work
         try:
             import wandb  # noqa: F401
@@ -407,7 +410,8 @@ if __name__ == "__main__":
 
     def interrupted(signum, frame):  # Ctrl-C: a line, not a traceback (saves are atomic)
         if master:
-            kept = (f"{ckpt_path}, its last save, is kept: the same command resumes it"
+            again = "the same command" + (" without overwrite=True" if overwrite else "")
+            kept = (f"{ckpt_path}, its last save, is kept: {again} resumes it"
                     if os.path.exists(ckpt_path) else "no checkpoint was saved yet")
             when = "before the first iteration" if iter_num is None else f"at iter {iter_num}"
             print(f"\ntrain.py: interrupted {when}; {kept}", file=sys.stderr)
@@ -459,14 +463,17 @@ if __name__ == "__main__":
         # the other settings are this command's: say which ones the run did not have
         diff = changed_settings(S, checkpoint["config"])
         changed = [k for k in diff if k not in model_keys]
-        if changed and master:
+        if eval_only and master:  # nothing resumes: the weights are evaluated as they are
+            print(f"evaluating {ckpt_path} (iter {checkpoint['iter_num']}) with this command's "
+                  f"batch_size={batch_size} and eval_iters={eval_iters}")
+        elif changed and master:
             print("resuming with settings other than the run's: " + ", ".join(
                 f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
         # a model field the run did not set (or did not have yet) had the model file's default
         defaults = model_defaults(model)
         run_value = {k: checkpoint["config"].get(k, defaults.get(k)) for k in model_keys}
         kept = [k for k in diff if k in model_keys]
-        if kept and master:
+        if kept and master and not eval_only:
             print("resuming the run's model as it was; not used from this command: " + ", ".join(
                 f"{k}={S.get(k, defaults.get(k))!r} (the run's: {run_value[k]!r})" for k in kept)
                 + " (--overwrite=True trains anew with them)")
@@ -592,6 +599,9 @@ if __name__ == "__main__":
         return out
 
     decay_end = lr_decay_iters or max_iters
+    if master and decay_lr and not eval_only and max_iters < warmup_iters:  # a short trial run
+        print(f"note: max_iters={max_iters} ends inside the warmup (warmup_iters={warmup_iters}): "
+              f"the learning rate stays under learning_rate={learning_rate} and does not decay")
 
     def get_lr(it):
         if it < warmup_iters:
@@ -755,7 +765,10 @@ if __name__ == "__main__":
             # where the run ended, and the settings it ended with (a re-run of them is finished)
             ckpt["end_iter"], ckpt["config"] = iter_num, dict(S)
             save_atomic(ckpt, ckpt_path)
-    if master:
+    if master and eval_only:
+        print("done: evaluated " + (f"{ckpt_path} (iter {iter_num})" if init_from == "resume"
+                                    else f"the weights of init_from={init_from}"))
+    elif master:
         print(f"done: {iter_num} iterations in {fmt_time(time.time() - t_start)}"
               + (f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else ""))
     if ddp:

@@ -369,15 +369,20 @@ def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, t
                         r"its last save, is kept: the same command resumes it", last), last
     from train import load_checkpoint
     assert load_checkpoint(run / "ckpt.pt")["iter_num"] % 2 == 0
+    # a run that overwrote another: the same command would start anew, so the line says so
+    last = interrupted(train(run, synth_dir, "--max_iters=100000", "--overwrite=True"), b"saved ")
+    assert last.endswith("its last save, is kept: the same command without overwrite=True "
+                         "resumes it"), last
     wav = tmp_path / "s.wav"
     last = interrupted([sys.executable, "sample.py", f"--out_dir={run}", f"--data_dir={synth_dir}",
                         "--max_new_tokens=1000000", f"--out={wav}"], b"generate")
     assert last.endswith("sample.py: interrupted; nothing written"), last
     assert not wav.exists() and not wav.with_suffix(".png").exists()
-    # eval.py, in the second of two evaluations (the same run twice): nothing written either
+    # eval.py, in the second of two evaluations (the run and a copy): nothing written either
     results = tmp_path / "results.json"
-    last = interrupted([sys.executable, "eval.py", str(run), str(run), f"--data_dir={synth_dir}",
-                        f"--json={results}"], b"[2/2]")
+    shutil.copytree(run, tmp_path / "copy")
+    last = interrupted([sys.executable, "eval.py", str(run), str(tmp_path / "copy"),
+                        f"--data_dir={synth_dir}", f"--json={results}"], b"[2/2]")
     assert last.endswith("eval.py: interrupted; nothing written"), last
     assert not results.exists()
 

@@ -223,6 +223,16 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     assert rest == ["out/no-such-run"]
     with pytest.raises(configurator.SettingsError, match="--beam 3: write --beam=3"):
         configurator.gather(["out/no-such-run", "--beam", "3"], positional=True)
+    # a path that exists is a value too where it cannot stand alone: a folder (not a config file,
+    # not a run), or any file where no bare argument is taken (sample.py's --audio)
+    data = tmp_path / "data"
+    data.mkdir()
+    for argv, kw in ((["--data_dir", str(data)], dict(config_files=True)),
+                     (["--data_dir", str(data)], dict(positional=True)),
+                     (["--init_from", str(cfg)], dict(positional=False)),
+                     (["--audio", str(cfg)], {})):
+        with pytest.raises(configurator.SettingsError, match=f"{argv[0]} {argv[1]}: write "):
+            configurator.gather(argv, **kw)
     err = settings_error(capsys, ["--model=whisper"])
     assert "no such model file" in err
     err = settings_error(capsys, [str(tmp_path / "missing.py")])
@@ -373,6 +383,11 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     log_before = open(os.path.join(out, "log.jsonl")).read()
     p = run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True"])
     assert open(os.path.join(out, "log.jsonl")).read() == log_before
+    # it says what it evaluates, and nothing of resuming or of training iterations
+    ckpt = os.path.join(out, "ckpt.pt")
+    assert (f"evaluating {ckpt} (iter 10) with this command's batch_size=4 and eval_iters=2"
+            in p.stdout and "resuming" not in p.stdout), p.stdout
+    assert p.stdout.rstrip().endswith(f"done: evaluated {ckpt} (iter 10)"), p.stdout[-300:]
     # without init_from, eval_only evaluates the run in out_dir too (not fresh weights)
     said = [l for l in p.stdout.splitlines() if l.startswith("step 10: train loss")]
     again = run(common + ["--max_iters=10", "--eval_only=True"])
@@ -702,7 +717,9 @@ def test_an_infinite_loss_stops_training_too(synth_dir, tmp_path):
     import torch
     base = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--bias=True",
             "--eval_interval=1000"]
-    run(base + [f"--out_dir={tmp_path / 'a'}", "--max_iters=1"])
+    p = run(base + [f"--out_dir={tmp_path / 'a'}", "--max_iters=1"])
+    # (a trial run shorter than its warmup is told so: its rate never reaches learning_rate)
+    assert "note: max_iters=1 ends inside the warmup (warmup_iters=2)" in p.stdout, p.stdout
     ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     w = ck["model"]
     w["ln_f.weight"].zero_()
@@ -746,6 +763,10 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
                        (["--peak_flops=-1"], "peak_flops=-1.0: must be a finite number"),
                        (["--overwrite=True", "--init_from=resume"],
                         "overwrite=True with init_from=resume: one trains anew"),
+                       # the start would be removed before anything replaced it
+                       (["--overwrite=True", f"--init_from={tmp_path / 'x' / 'ckpt.pt'}"],
+                        f"overwrite=True with init_from={tmp_path / 'x' / 'ckpt.pt'}: that is "
+                        f"the checkpoint overwrite removes"),
                        (["--wandb_log=True"], "wandb_log=True: wandb is not installed")):
         if args == ["--wandb_log=True"] and importlib.util.find_spec("wandb"):
             continue  # installed: nothing to refuse
