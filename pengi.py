@@ -1013,19 +1013,10 @@ def clip_mel(mel, clip, max_frames, rng=None, pad="repeat"):
     x = np.asarray(mel[clip["offset"]:clip["offset"] + clip["frames"]], dtype=np.float32)
     return fit_frames(x, max_frames, rng, pad)
 
-def load_data(data_dir, config, tok):
-    """The data dict: both splits' examples grouped by task, with their mel memmaps, and the
-    close-ended tasks' candidate labels. Sets n_mels, vocab_size, eot_token and, from llm_init, the
-    llm_* sizes on config first."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: run prepare.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    config.n_mels = meta["n_mels"]
-    # the data is text: the config's tokenizer sets these
-    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
-    set_llm_dims(config)
+def check_data_config(config):
+    """The settings load_data reads, checked once the LM's sizes are known: the texts fit the text
+    tower's and the LM's context, the tasks are known and each named once, pad is a mode. Returns
+    the tasks."""
     for field in ("max_prompt_tokens", "max_answer_tokens"):  # the text tower reads these texts
         if getattr(config, field) > config.llm_block_size:
             raise ValueError(f"{field}={getattr(config, field)} exceeds the text tower's context, "
@@ -1044,6 +1035,22 @@ def load_data(data_dir, config, tok):
                          f"(from {', '.join(TASKS)})")
     if config.pad not in PAD_MODES:
         raise ValueError(f"pad: {config.pad!r} is not one of {', '.join(PAD_MODES)}")
+    return tasks
+
+def load_data(data_dir, config, tok):
+    """The data dict: both splits' examples grouped by task, with their mel memmaps, and the
+    close-ended tasks' candidate labels. Sets n_mels, vocab_size, eot_token and, from llm_init, the
+    llm_* sizes on config first."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: run prepare.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config.n_mels = meta["n_mels"]
+    # the data is text: the config's tokenizer sets these
+    config.vocab_size, config.eot_token = tok.n_vocab, tok.eot_token
+    set_llm_dims(config)
+    tasks = check_data_config(config)
     data = {"tasks": tasks, "max_frames": config.max_frames, "pad": config.pad,
             "eot_token": tok.eot_token}
     weights = parse_task_weights(config.task_weights, mix_tasks(tasks))
