@@ -129,9 +129,10 @@ def last_iter(d):
 
 def sweep(runs, train_args):
     """Train every run not yet finished. A run that reached its max_iters (its config's, or
-    train_args') is skipped. One that stopped earlier, or ran to a smaller max_iters, is resumed
-    to it. A run made with other settings (other data, another learning rate, ...) or for more
-    iterations stops the sweep: its figures would be tabled as these."""
+    train_args') is skipped; one that stopped earlier is resumed to it. A run made with other
+    settings (other data, another learning rate, ...) or for another max_iters stops the sweep: its
+    figures would be tabled as these (a longer run's learning rate decays over all its iterations
+    from the start, so a shorter run cannot be continued into it)."""
     import train
     todo = []
     for model, kind, seed in runs:
@@ -154,6 +155,11 @@ def sweep(runs, train_args):
                 fail(f"{d}: a run to {saved['max_iters']} iterations (now at {at}), "
                      f"more than max_iters={want['max_iters']}: give another --out_root, or "
                      f"--max_iters={saved['max_iters']}")
+            if saved["max_iters"] < want["max_iters"]:
+                fail(f"{d}: a run to {saved['max_iters']} iterations (now at {at}), fewer than "
+                     f"max_iters={want['max_iters']}; a run of {want['max_iters']} decays its "
+                     f"learning rate over all of them, so this one cannot become it: give "
+                     f"another --out_root, or delete it")
         cmd = [sys.executable, "train.py", *args]
         if state:
             cmd.append("--init_from=resume")  # an interrupted sweep goes on where each run stopped

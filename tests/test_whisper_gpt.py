@@ -895,6 +895,10 @@ def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             E.main(["--mean"] + one)
         assert "--mean: 1 run; a mean and a spread need two or more" in capsys.readouterr().err
+    # a run named twice (its file, then its folder) is evaluated and averaged once
+    assert E.checkpoint_paths([paths[0], os.path.dirname(paths[0]), paths[1]]) == paths[:2]
+    assert f"{os.path.join(os.path.dirname(paths[0]), 'ckpt.pt')} is {paths[0]} again" in \
+        capsys.readouterr().err
 
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
@@ -1232,15 +1236,17 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert json.load(open(tmp_path / "runs" / "results.json")) == results
     cut = lambda t: t[:t.rindex("(Python ")]  # all but the line of this call's time
     assert cut(out.read_text()) == cut(text)
-    # a larger budget resumes the runs to it, rather than tabling the old ones
+    # a larger budget is refused, not resumed into: the old runs' learning rate decayed over
+    # their 3 iterations, which a 4-iteration run's does not
     more = [a for a in args if not a.startswith(("--models", "--kinds", "--seeds", "--max_iters"))]
     more += ["--models=s", "--kinds=speech", "--seeds=1", "--max_iters=4", "--continuations=0"]
     again = run_script(more, cwd=ROOT)
-    assert again.returncode == 0 and "0 of 1 runs already finished, 1 to train" in again.stdout
-    assert f"  evaluated s-speech-s1 on {synth_dir}: NLL " in again.stdout
-    assert "kept from an earlier call" not in again.stdout  # its checkpoint changed
+    assert again.returncode == 2 and (
+        f"s-speech-s1: a run to 3 iterations (now at 3), fewer than max_iters=4; a run of 4 decays "
+        f"its learning rate over all of them, so this one cannot become it") in again.stderr, \
+        again.stderr[-2000:]
     ck = torch.load(tmp_path / "runs" / "s-speech-s1" / "ckpt.pt", weights_only=True)
-    assert ck["iter_num"] == 4
+    assert ck["iter_num"] == 3
     # runs made with other settings are not tabled as these; bad sweep settings stop at once
     other_codec = tmp_path / "other_codec"
     P.main(["--clips=12", "--max_seconds=1.0", "--quiet", "--offline", "--codec_report=0",
@@ -1252,7 +1258,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
              (["--seed=5"], "--seed=5: the sweep sets it for each run; use --seeds"),
              ([f"--out_dir={tmp_path}"], "the sweep sets it for each run; use --out_root"),
              (["--always_save_checkpoint=False"], "the table is of each run's last weights"),
-             (["--max_iters=2"], "a run to 4 iterations (now at 4), more than max_iters=2"),
+             (["--max_iters=2"], "a run to 3 iterations (now at 3), more than max_iters=2"),
              ([f"--data_dir={tmp_path / 'nowhere'}"], f"--data_dir={tmp_path / 'nowhere'}: "),
              (["--always_save_checkpoint=0"], "which a best-only checkpoint does not keep"),
              # train.py's own message, said as this script's in one line
