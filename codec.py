@@ -65,8 +65,8 @@ OFFSET = 4.0                      # added before every ELU: its input stays > 0,
 DCT_BINS = 128                    # one per latent channel: 0 .. 4.8 kHz
 
 def dct_matrix(n=HOP, bins=DCT_BINS):
-    """The first `bins` rows of the orthonormal DCT-II of n samples (its inverse is the
-    transpose)."""
+    """The first `bins` rows of the orthonormal DCT-II of n samples. The rows are orthonormal: the
+    transpose maps coefficients back to samples, a low-pass of the block."""
     j = torch.arange(n, dtype=torch.float64)
     k = torch.arange(bins, dtype=torch.float64)[:, None]
     d = torch.cos(math.pi * (j + 0.5) * k / n) * math.sqrt(2 / n)

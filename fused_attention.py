@@ -84,6 +84,9 @@ def _check(q, k, v, k_lens, q_lens):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"fused_attention.attention: q, k, v must share one dtype, got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"fused_attention.attention: q, k, v must be floating point, got "
+                         f"{q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"fused_attention.attention: q, k, v must be on one device, got "
                          f"{q.device}, {k.device}, {v.device}")
@@ -786,6 +789,9 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
     """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module
     docstring."""
     _check(q, k, v, k_lens, q_lens)
+    if not isinstance(causal, bool):  # "no" or None would pass as True or False
+        raise ValueError(f"fused_attention.attention: causal must be True or False, got "
+                         f"{causal!r}")
     backend = backend or BACKEND
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "

@@ -435,6 +435,13 @@ def test_mismatched_inputs_are_rejected_not_broadcast():
         fused_attention.attention(q, kv, kv.double(), backend="torch")
     with pytest.raises(ValueError, match="must share one dtype"):
         fused_attention.attention(q, kv.double(), kv, backend="torch")
+    # integers: named here, not a matmul's dtype error inside SDPA
+    with pytest.raises(ValueError, match="must be floating point, got torch.int64"):
+        fused_attention.attention(q.long(), kv.long(), kv.long(), backend="torch")
+    # causal must be a bool: "no" would pass as True, None as False
+    for bad in ("no", None, 1):
+        with pytest.raises(ValueError, match=f"causal must be True or False, got {bad!r}"):
+            fused_attention.attention(q, kv, kv, causal=bad, backend="torch")
     # another device (meta tensors: no GPU needed) is named, not left to SDPA's own error
     with pytest.raises(ValueError, match="must be on one device, got cpu, meta, meta"):
         fused_attention.attention(q, kv.to("meta"), kv.to("meta"), backend="torch")
