@@ -21,6 +21,7 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
 
 TYPES = (int, float, bool, str)
@@ -96,6 +97,8 @@ def print_help(train_argv=None):
     "# ---" rulers: each setting with its default and a comment), then exit. For train.py
     (train_argv), also the Config of the model its arguments name (--model=, or a config file's
     model = "..."; whisper_gpt by default)."""
+    # `--help | head`: end quietly when the reader closes the pipe, as Unix tools do
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     main = sys.modules["__main__"]
     path = getattr(main, "__file__", "") or ""
     name = os.path.basename(path) or "the script"
