@@ -203,6 +203,9 @@ def generate_table():
                                cuda_graph=graphed)
             if device.startswith("cuda"):  # recomputation's windows reach lengths the cache's do not
                 generate_recompute(model, codes, mels, new_tokens, fresh_mel_fn(), None)
+            if config.use_mel:  # the dense codec's first calls too
+                model.generate(codes, mels, 20, temperature=1.0, top_k=TOP_K,
+                               mel_fn=W.incremental_mel(dense_tools, config.mel_lag))
 
         def timed(mel_fn):
             def wrapped(seq, j):

@@ -322,6 +322,12 @@ class WhisperGPT(nn.Module):
         cuda_graph: the one-token steps run as graphed_step; the tokens are the same."""
         c = self.config
         lag = c.mel_lag
+        if codes.dim() != 2 or codes.size(1) < 1:
+            raise ValueError(f"whisper_gpt.generate: codes {tuple(codes.shape)}: expected a prompt "
+                             f"(B, T0) of at least one code")
+        if temperature < 0 or (top_k is not None and top_k < 0):
+            raise ValueError(f"whisper_gpt.generate: temperature={temperature}, top_k={top_k}: "
+                             f"each must be at least 0")
         if c.use_mel:
             if mels is None or mel_fn is None:
                 raise ValueError("whisper_gpt.generate: the hybrid model needs the prompt's mels "
@@ -454,8 +460,12 @@ def load_data(data_dir, config, tok=None):
         raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or "
                          f"codebook0")
     for split in ("train", "val"):
-        codes = np.memmap(os.path.join(data_dir, f"{split}_codes.bin"), dtype=np.uint16,
-                          mode="r").reshape(-1, meta["n_q"])
+        codes_path = os.path.join(data_dir, f"{split}_codes.bin")
+        # np.memmap refuses an empty file: a split with no clips is read as 0 frames
+        if os.path.exists(codes_path) and os.path.getsize(codes_path) == 0:
+            codes = np.zeros((0, meta["n_q"]), np.uint16)
+        else:
+            codes = np.memmap(codes_path, dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
         mel = None
         if config.use_mel:
             mel_path = os.path.join(data_dir, mel_file.format(split))
@@ -465,7 +475,8 @@ def load_data(data_dir, config, tok=None):
                 raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} "
                                         f"not found: run python prepare.py {how} with "
                                         f"{data_dir}'s arguments")
-            mel = np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"])
+            mel = (np.zeros((0, meta["n_mels"]), np.float16) if os.path.getsize(mel_path) == 0 else
+                   np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"]))
             if len(codes) != len(mel):
                 raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} "
                                  f"frames but {mel_path} has {len(mel)}")

@@ -280,7 +280,14 @@ def evaluate_run(d, eval_dir):
     return {**result, "wall": read_wall(d) or None}, False
 
 def mean_std(values):
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    """The mean and the sample standard deviation (None for one value: no spread is known)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+def pm(m, sd, digits=3, scale=1, sign=False, unit=""):
+    """"m +- sd", each times scale, to digits decimals, then unit; m alone when the spread is not
+    known (one value)."""
+    mean = f"{m * scale:{'+' if sign else ''}.{digits}f}"
+    return mean + unit if sd is None else f"{mean} +- {sd * scale:.{digits}f}{unit}"
 
 def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
     """Markdown lines: the paper's rows, ours (mean +- std over seeds), then the claims."""
@@ -296,15 +303,15 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
                                          for k in ("nll", "accuracy", "ppl"))
             walls = [r["wall"] for r in rs if r["wall"]]
             lines.append(f"| ours, {kind} | {NAMES[model]} CPU | {rs[0]['params'] / 1e6:.2f}M | "
-                         f"{n:.3f} +- {dn:.3f} | {100 * a:.2f} +- {100 * da:.2f}% | {p:.2f} +- "
-                         f"{dp:.2f} | {len(rs)} seeds, {rs[0]['iters']} it."
+                         f"{pm(n, dn)} | {pm(a, da, 2, 100, unit='%')} | {pm(p, dp, 2)} | "
+                         f"{len(rs)} seed{'s' * (len(rs) > 1)}, {rs[0]['iters']} it."
                          + (f", {fmt_time(np.mean(walls))} each" if walls else "") + " |")
             if model == "hybrid" and "as_generating" in rs[0]:
                 (n, dn), (a, da), (p, dp) = (mean_std([r["as_generating"][k] for r in rs])
                                              for k in ("nll", "accuracy", "ppl"))
                 lines.append(f"| ours, {kind} | Hybrid CPU, given the mels of its codebook 0 (as "
-                             f"when generating) | | {n:.3f} +- {dn:.3f} | {100 * a:.2f} +- "
-                             f"{100 * da:.2f}% | {p:.2f} +- {dp:.2f} | the same runs |")
+                             f"when generating) | | {pm(n, dn)} | {pm(a, da, 2, 100, unit='%')} | "
+                             f"{pm(p, dp, 2)} | the same runs |")
     lines.append("")
     # the paper's two claims, paired by seed (same data order and init seed for both models)
     for kind in kind_list:
@@ -318,12 +325,13 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
                  for s in seed_list]
             m, sd = mean_std(d)
             wins = sum(x < 0 for x in d)
-            lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = {m:+.3f} +- "
-                         f"{sd:.3f} (lower in {wins} of {len(d)} seeds)")
+            lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = "
+                         f"{pm(m, sd, sign=True)} (lower in {wins} of {len(d)} seed{'s' * (len(d) > 1)})")
     lines.append("")
     lines.append(f"(val clips of each kind from {eval_dir}; train.py settings: "
                  + " ".join(["config/whisper_gpt_{model}_cpu.py", f"--data_dir={data_dir}",
-                             "--kinds={kind}", "--seed={seed}", *train_args]) + ")")
+                             "--kinds={kind}", "--seed={seed}", "--device=cpu", *train_args,
+                             "--always_save_checkpoint=True"]) + ")")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -427,7 +435,7 @@ def kind_continuation_rows(kind, clips, clip_dir, model_list, seed, tools):
     lines = []
     for name, clip_scores in scores.items():
         cells = [mean_std([r[c] for r in clip_scores]) for c in range(3)]
-        lines.append(f"| {kind} | {name} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in cells)
+        lines.append(f"| {kind} | {name} | " + " | ".join(pm(m, sd) for m, sd in cells)
                      + f" | {len(clip_scores)} |")
     S.write_wav(os.path.join(out_root, "continuations", f"{kind}-true.wav"), true_wavs[idx[0]],
                 audio.SAMPLE_RATE)
@@ -518,9 +526,11 @@ if __name__ == "__main__":
     configurator.check_own_report("whisper_gpt_table.py", out, TITLE)  # never over another file
     import whisper_gpt as W
     block = max(run_settings[m]["block_size"] for m in model_list)
-    try:  # the training data, every kind of it: before hours of training
+    try:  # the training data, every kind of it, both splits: before hours of training
         for kind in kind_list:
-            W.split_frames(W.load_data(data_dir, W.Config(block_size=block, kinds=kind)), "val")
+            d = W.load_data(data_dir, W.Config(block_size=block, kinds=kind))
+            for split in ("train", "val"):
+                W.split_frames(d, split)
     except (ValueError, OSError) as e:
         fail(f"--data_dir={data_dir}: {e}")
     if test_dir:  # before hours of training: the held-out codes of the same codec, every kind

@@ -200,6 +200,14 @@ def test_hybrid_generate_refuses_a_batch_and_the_wrong_number_of_prompt_mels():
         with pytest.raises(ValueError, match=f"{T} prompt mel frames for 10 codes; expected 9 "
                                              f"to 10"):
             model.generate(codes[:1], torch.zeros(1, T, 8), 3, mel_fn=mel_fn)
+    # and for either model: an empty prompt, a negative temperature (which would draw the least
+    # likely tokens) or top_k, each named
+    base = tiny(use_mel=False)
+    for kw, said in (({"codes": codes[:1, :0]}, r"codes \(1, 0\): expected a prompt"),
+                     ({"temperature": -1.0}, "temperature=-1.0, top_k=None: each must be at least 0"),
+                     ({"top_k": -2}, "temperature=1.0, top_k=-2: each must be at least 0")):
+        with pytest.raises(ValueError, match=said):
+            base.generate(**{"codes": codes[:1], "max_new_tokens": 2, **kw})
 
 def test_sampling_options_and_top_k():
     model = tiny(use_mel=False)
@@ -810,6 +818,15 @@ def test_load_data_takes_the_vocabulary_and_mel_bands_of_its_corpus(tmp_path):
     with pytest.raises(ValueError, match=rf"val_codes.bin has {n} frames but .*val_mel.bin has "
                                          rf"{n - 1}$"):
         W.load_data(str(tmp_path), W.Config(block_size=16))
+    # a split with no clips (empty files): read as 0 frames, refused when read, the other split
+    # still usable
+    for name in ("train_codes.bin", "train_mel.bin"):
+        (tmp_path / name).write_bytes(b"")
+    rng.normal(size=(n, 8)).astype(np.float16).tofile(tmp_path / "val_mel.bin")
+    data = W.load_data(str(tmp_path), W.Config(block_size=16))
+    assert W.split_frames(data, "val") == n
+    with pytest.raises(ValueError, match=r"split train has 0 frames, fewer than block_size \+ 1"):
+        W.split_frames(data, "train")
 
 def test_eval_on_a_named_subset(synth_dir, tmp_path):
     """eval.py --kinds evaluates a checkpoint on another subset than it was trained on: the token
@@ -1075,6 +1092,13 @@ def test_table_rows_are_each_models_mean_and_spread_beside_the_papers():
         assert any(l.endswith(f"NLL {WT.NAMES[hybrid]} - {name} = {m:+.3f} +- {sd:.3f} (lower "
                               f"in {wins} of 2 seeds)") for l in claims), claims
     assert len(claims) == 3
+    # one seed has no spread: the means alone, not "+- 0.000"
+    one = WT.table(results, models, ["speech"], [1], [], "d")
+    assert (f"| ours, speech | GPT-S CPU | 1.50M | 2.500 | {100 * acc[('s', 1)]:.2f}% | "
+            f"{math.exp(2.5):.2f} | 1 seed, 3 it., 1m05s each |") in one, one
+    assert f"- speech: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = -0.500 (lower in " \
+           f"1 of 1 seed)" in one, one
+    assert not any("+-" in l for l in one if l.startswith(("| ours", "- speech")))
 
 @pytest.mark.usefixtures("synth_c0")
 def test_table_scores_the_hybrid_again_on_its_codebook0_mels(synth_dir, tmp_path):
@@ -1549,9 +1573,10 @@ def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
     import bench_whisper_gpt as B
     now = [0.0]
     monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    # seconds per call, the untimed warm-up call first; the hybrid's include 0.5 s of mel
+    # seconds per call, the untimed warm-up calls first (the hybrid's two: one per codec); the
+    # hybrid's include 0.5 s of mel
     took = {("s", "kv"): [0, 2, 1, 9], ("s", "re"): [30, 20, 40],
-            ("hybrid", "kv"): [0, 3, 5, 4, 10, 6, 7], ("hybrid", "re"): [100, 60, 80]}
+            ("hybrid", "kv"): [0, 0, 3, 5, 4, 10, 6, 7], ("hybrid", "re"): [100, 60, 80]}
 
     def mel_fn(seq, j):
         now[0] += 0.5
