@@ -57,6 +57,9 @@ MEL_CENTER = HOP // 2
 MEL_LOOKAHEAD = MEL_CENTER + N_FFT // 2 - HOP
 LOG_FLOOR = 1e-8        # -80 dB
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"}
+# the longest clip read: the codec encodes a clip whole, ~16 MB of memory per second of audio
+MAX_CLIP_SECONDS = 120
+MIN_SAMPLE_RATE = 4000  # below it a header's rate is a mistake, not audio
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
 
 def n_frames(n_samples):
@@ -162,6 +165,12 @@ def load_audio(path):
             # libsndfile's words for some files it cannot decode (text named .mp3)
             why = "libsndfile cannot open it as audio"
         raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: {why})")
+    if file_sr < MIN_SAMPLE_RATE:  # resampling it would make hours of audio of a second
+        raise BadAudio(path, f"a sample rate of {file_sr} Hz: not an audio rate (at least "
+                             f"{MIN_SAMPLE_RATE} Hz)")
+    if len(data) > MAX_CLIP_SECONDS * file_sr:
+        raise BadAudio(path, f"{len(data) / file_sr:.0f} s long, over the {MAX_CLIP_SECONDS} s a "
+                             f"clip may last (the codec encodes a clip whole): split it")
     wav = data.mean(axis=1)
     if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
         raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "

@@ -362,7 +362,8 @@ def make_out_dir(out):
     except OSError as e:
         sys.exit(f"error: --out_dir={out}: cannot be made ({e.strerror})")
     for stale in out.glob("*.tmp[0-9]*"):              # half-written files of a run that crashed
-        if re.fullmatch(r".+\.tmp\d+", stale.name):     # (Staging's names: NAME.tmpPID)
+        # Staging's names: NAME.tmpPID; plot_mels writes its picture's through NAME.tmpPID.tmp.png
+        if re.fullmatch(r".+\.tmp\d+(\.tmp\.png)?", stale.name):
             stale.unlink()
     return made
 
@@ -1055,11 +1056,11 @@ def main(argv=None):
         return out
     check_whisper_mel(args)
     input_problems = InputProblems(args.strict)
-    codec, codec_info = (None, None) if args.no_codes else get_codec(args, out)
-    clips, n_total = clip_list(args, input_problems)
+    clips, n_total = clip_list(args, input_problems)  # first: cheap, and an empty --src needs no codec
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
                  f"{sum(input_problems.counts.values())} inputs); nothing written")
+    codec, codec_info = (None, None) if args.no_codes else get_codec(args, out)
     made = make_out_dir(out)                          # made only now: there are clips to encode
     work = work_dir(out, work_hash(args), codec_info["name"] if codec else "no_codes", args.force)
     (work / "args_hash").write_text(args_hash)        # which run may resume here (already_prepared)
@@ -1102,10 +1103,15 @@ def main(argv=None):
     print_summary(out, splits, codes, input_problems.counts, audio_seconds, resumed_seconds, wall)
     return out
 
+def interrupted_message(argv):
+    """What Ctrl-C says: the encoded chunks under .work-* are kept (see main's except), and how to
+    resume them (not with --force, which starts anew)."""
+    again = "the same command" + (" without --force" if get_args(argv).force else "")
+    return (f"\ninterrupted: the clips encoded so far are kept; run {again} again to resume "
+            f"(other arguments start anew)")
+
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:
-        # the encoded chunks under .work-* are kept (see main's except): say so, not a traceback
-        sys.exit("\ninterrupted: the clips encoded so far are kept; run the same command again "
-                 "to resume (other arguments start anew)")
+    except KeyboardInterrupt:  # a line, not a traceback
+        sys.exit(interrupted_message(sys.argv[1:]))

@@ -336,6 +336,11 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
     assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the same "
                                  "command again to resume (other arguments start anew)"), err[-500:]
     assert not (out / "meta.json").exists()
+    # after --force, the same command would start anew: the line says to leave it out
+    import prepare
+    assert prepare.interrupted_message(cmd[2:] + ["--force"]).endswith(
+        "run the same command without --force again to resume (other arguments start anew)")
+    assert "without" not in prepare.interrupted_message(cmd[2:])
 
 def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
     """Ctrl-C (SIGINT) in train.py's loop: a line naming the iteration and the checkpoint kept,

@@ -227,6 +227,17 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     with pytest.raises(A.BadAudio, match="shorter than one frame") as e:
         A.load_audio(tmp_path / "short.wav")
     assert str(e.value).startswith(f"{tmp_path / 'short.wav'}: ")
+    # a header's rate that is no audio rate (1 Hz: a second of samples would be read as 6.7 hours),
+    # and a clip longer than the codec encodes in one piece: each named before any resampling
+    sf.write(tmp_path / "rate1.wav", sine(440, 1.0), 1, subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match="a sample rate of 1 Hz: not an audio rate") as e:
+        A.load_audio(tmp_path / "rate1.wav")
+    assert str(e.value).startswith(f"{tmp_path / 'rate1.wav'}: ")
+    sf.write(tmp_path / "long.wav", np.full((A.MAX_CLIP_SECONDS + 1) * 4000, 0.1, np.float32), 4000,
+             subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match=f"{A.MAX_CLIP_SECONDS + 1} s long, over the "
+                                         f"{A.MAX_CLIP_SECONDS} s a clip may last"):
+        A.load_audio(tmp_path / "long.wav")
     # text named .mp3: libsndfile's own words would say the file does not exist
     (tmp_path / "fake.mp3").write_text("hi\n")
     with pytest.raises(A.BadAudio, match="unreadable or corrupt audio") as e:
@@ -1073,8 +1084,10 @@ def test_a_folder_of_other_files_is_not_written_into(tmp_path):
     assert (out / "notes.tmp2.txt").read_text() == "mine" and sorted(
         p.name for p in out.iterdir()) == ["notes.tmp2.txt", "train_mel.bin"]
     (out / "train_mel.bin.tmp4242").write_bytes(b"half")  # a crashed run's staged file: removed
+    (out / "codec.png.tmp4242.tmp.png").write_bytes(b"half")  # and its picture's, half-drawn
     P.main(args + ["--force"])
     assert not (out / "train_mel.bin.tmp4242").exists()
+    assert not (out / "codec.png.tmp4242.tmp.png").exists()
     assert (out / "meta.json").exists() and (out / "train_mel.bin").read_bytes() != b"mine"
     assert (out / "notes.tmp2.txt").read_text() == "mine"  # not a staged file: not removed
 
