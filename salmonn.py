@@ -1957,6 +1957,47 @@ def check_lora_scale(where, scale):
                          f"is the LLM without LoRA; the paper lowers 4 to 2 to bring back the "
                          f"abilities task over-fitting hides)")
 
+def encoder_stage_answer(model, tok, feats, prompt):
+    """What the encoders' stand-ins were trained to output: stage "whisper" its text decoder's and
+    CTC head's transcripts, stage "beats" the 5 most likely tags."""
+    stage = model.config.stage
+    if prompt:
+        raise ValueError(f"salmonn sample: a stage-{stage!r} checkpoint takes no prompt (it "
+                         f"{'transcribes' if stage == 'whisper' else 'tags'} the audio)")
+    if stage == "whisper":
+        dec, ctc = whisper_transcribe(model, tok, [feats])
+        return {"text": f"{dec[0]}\n(CTC head: {ctc[0]})"}
+    probs = torch.sigmoid(clip_tag_logits(model, [feats["mel"]], model.config.n_mels)[0])
+    tags = model.config.tags.split("|")
+    top = probs.topk(min(5, len(tags)))
+    return {"text": "tags: " + ", ".join(f"{tags[i]} ({p:.2f})" for p, i
+                                        in zip(top.values.tolist(), top.indices.tolist()))}
+
+def check_answer_room(model, x, mask, max_new_tokens):
+    """A ValueError when the prompt x (1, T, C), with its audio positions (mask; None in stage
+    "llm"), leaves the answer fewer than min(max_new_tokens, 16) positions of the LLM's context:
+    it names what to shorten, and how much audio would fit."""
+    room, least = model.llm.block_size - x.size(1), min(max_new_tokens, 16)
+    if room >= least:
+        return
+    if mask is None:
+        raise ValueError(f"salmonn sample: the prompt takes {x.size(1)} of the LLM's "
+                         f"{model.llm.block_size} positions, leaving {max(room, 0)} for the "
+                         f"answer: give a shorter prompt")
+    n_audio = sum(mask)
+    if room + n_audio < least:  # the prompt alone is too long
+        raise ValueError(f"salmonn sample: the prompt takes {x.size(1) - n_audio} of the "
+                         f"LLM's {model.llm.block_size} positions without the audio, leaving "
+                         f"{max(room + n_audio, 0)} for audio and answer: give a shorter "
+                         f"prompt")
+    # the longest clip that would fit: whole windows of speech frames, rounded down (a length
+    # printed rounded up would not fit)
+    fits = math.floor(seconds_of_tokens(room + n_audio - least, model.config) * 100) / 100
+    raise ValueError(f"salmonn sample: the prompt and the audio take {x.size(1)} of the LLM's "
+                     f"{model.llm.block_size} positions, leaving {max(room, 0)} for the "
+                     f"answer: give a shorter clip or prompt (the audio takes {n_audio} of "
+                     f"them; with this prompt, up to {fits:.2f} s of audio fits)")
+
 def _sample(model, tok, audio, prompt, o, beam, temperature):
     device = next(model.parameters()).device
     stage = model.config.stage
@@ -1965,18 +2006,8 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         raise ValueError("speech_features='whisper': audio needs 'wmel', Whisper's features "
                          "(audio.whisper_log_mel)")
     feats = {k: v.float() for k, v in audio.items() if k in ("mel", "wmel")}
-    if stage in ENCODER_STAGES:  # the encoders' stand-ins: what they were trained to output
-        if prompt:
-            raise ValueError(f"salmonn sample: a stage-{stage!r} checkpoint takes no prompt (it "
-                             f"{'transcribes' if stage == 'whisper' else 'tags'} the audio)")
-        if stage == "whisper":
-            dec, ctc = whisper_transcribe(model, tok, [feats])
-            return {"text": f"{dec[0]}\n(CTC head: {ctc[0]})"}
-        probs = torch.sigmoid(clip_tag_logits(model, [feats["mel"]], model.config.n_mels)[0])
-        tags = model.config.tags.split("|")
-        top = probs.topk(min(5, len(tags)))
-        return {"text": "tags: " + ", ".join(f"{tags[i]} ({p:.2f})" for p, i
-                                            in zip(top.values.tolist(), top.indices.tolist()))}
+    if stage in ENCODER_STAGES:
+        return encoder_stage_answer(model, tok, feats, prompt)
     instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
     # an instruction not trained on (a question is QA's) is answered less reliably: said
     if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")
@@ -1987,32 +2018,14 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
               f"salmonn.INSTRUCTIONS, docs/salmonn.md): the answer may be off")
     if stage == "llm":  # text only: continue the prompt template
         ids = encode_text(tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)}")
-        x = model.llm.wte(torch.tensor([ids], device=device))
+        x, mask = model.llm.wte(torch.tensor([ids], device=device)), None
     else:
         ids, mask = build_prompt(tok, instruction,
                                  n_audio_tokens(n_speech_frames(audio, model.config), model.config))
         batch = {k: v.to(device) for k, v in collate([feats]).items()}
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
-    room, least = model.llm.block_size - x.size(1), min(int(o["max_new_tokens"]), 16)
-    if room < least:  # not even a short answer would fit
-        if stage == "llm":
-            raise ValueError(f"salmonn sample: the prompt takes {x.size(1)} of the LLM's "
-                             f"{model.llm.block_size} positions, leaving {max(room, 0)} for the "
-                             f"answer: give a shorter prompt")
-        n_audio = sum(mask)
-        if room + n_audio < least:  # the prompt alone is too long
-            raise ValueError(f"salmonn sample: the prompt takes {x.size(1) - n_audio} of the "
-                             f"LLM's {model.llm.block_size} positions without the audio, leaving "
-                             f"{max(room + n_audio, 0)} for audio and answer: give a shorter "
-                             f"prompt")
-        # the longest clip that would fit: whole windows of speech frames, rounded down (a length
-        # printed rounded up would not fit)
-        fits = math.floor(seconds_of_tokens(room + n_audio - least, model.config) * 100) / 100
-        raise ValueError(f"salmonn sample: the prompt and the audio take {x.size(1)} of the LLM's "
-                         f"{model.llm.block_size} positions, leaving {max(room, 0)} for the "
-                         f"answer: give a shorter clip or prompt (the audio takes {n_audio} of "
-                         f"them; with this prompt, up to {fits:.2f} s of audio fits)")
+    check_answer_room(model, x, mask, int(o["max_new_tokens"]))  # not even a short answer fits?
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))
