@@ -9,8 +9,9 @@ Trainable, as in the official code: the audio encoder and its projection, the te
 projections (CLIP's text_projection and the projection after it) and the two mappers. The language
 model (GPT-2 layout and names) and the text tower are frozen. A `clap` stage can pretrain the two
 encoders contrastively first, as Pengi's HTSAT comes from CLAP. The loss is on the answer tokens
-and the eot that ends them (not the prefix), averaged per example (ours). Decoding is length-normalised beam search with a KV cache (beam 5
-by default, 3 in the official code's example; beam 1 is greedy).
+and the eot that ends them (not the prefix), averaged per example (ours). Decoding is
+length-normalised beam search with a KV cache (beam 5 by default, 3 in the official code's example;
+beam 1 is greedy).
 
 Close-ended tasks are scored three ways (the scoring is ours): the generated text must equal the
 label, and the candidate labels are ranked by the LM's likelihood of each, raw and calibrated by the

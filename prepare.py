@@ -1056,7 +1056,7 @@ def main(argv=None):
         return out
     check_whisper_mel(args)
     input_problems = InputProblems(args.strict)
-    clips, n_total = clip_list(args, input_problems)  # first: cheap, and an empty --src needs no codec
+    clips, n_total = clip_list(args, input_problems)  # first: an empty --src needs no codec
     if not n_total:
         sys.exit(f"error: --src={args.src}: no audio files to prepare (skipped "
                  f"{sum(input_problems.counts.values())} inputs); nothing written")

@@ -812,8 +812,8 @@ class SALMONN(nn.Module):
             encoded = self.encode_audio(mel, mel_lens, wmel, wmel_lens)
         tokens, valid = encoded
         if audio_mask is None:
-            raise ValueError(f"salmonn: stage {self.config.stage!r} needs audio_mask, where the audio "
-                             f"tokens go in the prompt (build_prompt, task_batch)")
+            raise ValueError(f"salmonn: stage {self.config.stage!r} needs audio_mask, where the "
+                             f"audio tokens go in the prompt (build_prompt, task_batch)")
         if not torch.equal(audio_mask.sum(1), valid.sum(1)):
             raise ValueError(f"audio_mask has {audio_mask.sum(1).tolist()} audio positions per "
                              f"row, the clips give {valid.sum(1).tolist()} audio tokens")

@@ -326,7 +326,8 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
             m, sd = mean_std(d)
             wins = sum(x < 0 for x in d)
             lines.append(f"- {kind}: {claim}? NLL {NAMES[hybrid]} - {NAMES[other]} = "
-                         f"{pm(m, sd, sign=True)} (lower in {wins} of {len(d)} seed{'s' * (len(d) > 1)})")
+                         f"{pm(m, sd, sign=True)} (lower in {wins} of {len(d)} "
+                         f"seed{'s' * (len(d) > 1)})")
     lines.append("")
     lines.append(f"(val clips of each kind from {eval_dir}; train.py settings: "
                  + " ".join(["config/whisper_gpt_{model}_cpu.py", f"--data_dir={data_dir}",
