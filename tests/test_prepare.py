@@ -1267,14 +1267,18 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     assert after == before
 
 
-def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys):
+def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys, monkeypatch):
     """An empty folder, and one whose only audio is bad, end before the codec trains (which needs
-    clips); with --strict the first bad file is named."""
+    clips); the empty one before any codec is set up (with a network, EnCodec's download); with
+    --strict the first bad file is named."""
     empty, bad = tmp_path / "empty", tmp_path / "bad"
     empty.mkdir()
     bad.mkdir()
     sf.write(bad / "silent.wav", np.zeros(SR // 2, np.float32), SR)
     (bad / "notes.txt").write_text("not audio")
+    codecs = []
+    get_codec = P.get_codec
+    monkeypatch.setattr(P, "get_codec", lambda *a: codecs.append(a) or get_codec(*a))
     for src, extra, said in ((empty, [], "no audio files to prepare (skipped 0 inputs)"),
                              (bad, [], "no usable clips (skipped 2 inputs)"),
                              (bad, ["--strict"], f"{bad / 'notes.txt'}: not an audio file")):
@@ -1282,6 +1286,8 @@ def test_folder_with_nothing_usable_ends_in_one_line(tmp_path, capsys):
             P.main(["--dataset=folder", f"--src={src}", f"--out_dir={tmp_path / 'out'}",
                     *extra] + FAST)
         assert said in str(e.value), (src, extra, str(e.value))
+        if src == empty:
+            assert not codecs
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as e:
         P.main(["--dataset=folder", f"--src={bad}", f"--out_dir={tmp_path / 'a_file'}"] + FAST)

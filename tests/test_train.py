@@ -227,9 +227,11 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     # not a run), or any file where no bare argument is taken (sample.py's --audio)
     data = tmp_path / "data"
     data.mkdir()
+    (tmp_path / "weights.pt").write_bytes(b"")  # a file, but no config file
     for argv, kw in ((["--data_dir", str(data)], dict(config_files=True)),
                      (["--data_dir", str(data)], dict(positional=True)),
                      (["--init_from", str(cfg)], dict(positional=False)),
+                     (["--init_from", str(tmp_path / "weights.pt")], dict(config_files=True)),
                      (["--audio", str(cfg)], {})):
         with pytest.raises(configurator.SettingsError, match=f"{argv[0]} {argv[1]}: write "):
             configurator.gather(argv, **kw)
@@ -381,9 +383,10 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
     assert all(tuple(g["betas"]) == (0.9, 0.9) for g in groups)
     log_before = open(os.path.join(out, "log.jsonl")).read()
-    p = run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True"])
+    p = run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True", "--n_layer=2"])
     assert open(os.path.join(out, "log.jsonl")).read() == log_before
-    # it says what it evaluates, and nothing of resuming or of training iterations
+    # it says what it evaluates (the run's model, whatever model settings the command gives), and
+    # nothing of resuming or of training iterations
     ckpt = os.path.join(out, "ckpt.pt")
     assert (f"evaluating {ckpt} (iter 10) with this command's batch_size=4 and eval_iters=2"
             in p.stdout and "resuming" not in p.stdout), p.stdout
@@ -432,9 +435,11 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     for extra in ([], ["--init_from=resume"]):
         p = run(cmd + ["--max_iters=12"] + extra)
         assert "this run is finished (iter 12" in p.stdout, (extra, p.stdout)
-    run(cmd + ["--overwrite=True", "--max_iters=2"])
+    p = run(cmd + ["--overwrite=True", "--max_iters=2"])
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["iter"] for r in recs if "loss" in r] == [1, 2]
+    # its two iterations (0 and 1) both warm up (warmup_iters=2): said
+    assert "note: max_iters=2 ends inside the warmup (warmup_iters=2)" in p.stdout, p.stdout
     # from another run's weights, with a learning rate of 0 (never better than its start): the
     # start is saved as the best, and the run is finished
     start = os.path.join(out, "ckpt.pt")
@@ -764,9 +769,9 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
                        (["--overwrite=True", "--init_from=resume"],
                         "overwrite=True with init_from=resume: one trains anew"),
                        # the start would be removed before anything replaced it
-                       (["--overwrite=True", f"--init_from={tmp_path / 'x' / 'ckpt.pt'}"],
-                        f"overwrite=True with init_from={tmp_path / 'x' / 'ckpt.pt'}: that is "
-                        f"the checkpoint overwrite removes"),
+                       (["--overwrite=True", f"--init_from={tmp_path / 'x' / '.' / 'ckpt.pt'}"],
+                        f"overwrite=True with init_from={tmp_path / 'x' / '.' / 'ckpt.pt'}: that "
+                        f"is the checkpoint overwrite removes"),  # however the path is spelled
                        (["--wandb_log=True"], "wandb_log=True: wandb is not installed")):
         if args == ["--wandb_log=True"] and importlib.util.find_spec("wandb"):
             continue  # installed: nothing to refuse
@@ -1324,6 +1329,17 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
     # a config file's model as train.py reads it: the last assignment, whatever its form
     (tmp_path / "c.py").write_text('model = "salmonn"\nm = "pengi"\nmodel = m\n')
     assert "class PengiConfig" in run([str(tmp_path / "c.py"), "--help"]).stdout
+    # read by a pager or `head` that stops early: the help ends quietly, as Unix tools do (a
+    # 4 KB pipe, smaller than the help, so the script is still writing when the reader goes)
+    import fcntl
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ
+    assert proc.stdout.readline().startswith(b"Training script")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, -13) and "Error" not in err, err  # -13: SIGPIPE
 
 def test_a_model_field_left_unset_counts_as_its_default():
     import train

@@ -205,7 +205,7 @@ def test_hybrid_generate_refuses_a_batch_and_the_wrong_number_of_prompt_mels():
     base = tiny(use_mel=False)
     for kw, said in (({"codes": codes[:1, :0]}, r"codes \(1, 0\): expected a prompt"),
                      ({"temperature": -1.0}, "temperature=-1.0, top_k=None: each must be at least 0"),
-                     ({"top_k": -2}, "temperature=1.0, top_k=-2: each must be at least 0")):
+                     ({"top_k": -1}, "temperature=1.0, top_k=-1: each must be at least 0")):
         with pytest.raises(ValueError, match=said):
             base.generate(**{"codes": codes[:1], "max_new_tokens": 2, **kw})
 
@@ -1291,6 +1291,17 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
                             "not this script's go to train.py, for every run)\n"),
              ([f"--test_dir={tmp_path / 'nowhere'}"], "meta.json: missing"),
              ([f"--test_dir={other_codec}"], "of another codec than"))
+    # training data whose train split is empty: refused before the sweep, not when a run starts
+    no_train = tmp_path / "no_train"
+    no_train.mkdir()
+    for name in os.listdir(synth_dir):
+        empty = name.startswith("train_") and name.endswith(".bin")
+        if empty or name.startswith("train_clips"):
+            (no_train / name).write_bytes(b"")
+        else:
+            os.symlink(os.path.join(synth_dir, name), no_train / name)
+    cases += (([f"--data_dir={no_train}", f"--out_root={tmp_path / 'runs_nt'}"],
+               f"--data_dir={no_train}: "),)
     cmds = [more + extra for extra, _ in cases]  # each stops before any work: all side by side
     # a checkpoint whose weights do not fit its own model: one line when the table loads it
     bad = tmp_path / "runs" / "hybrid-events-s2" / "ckpt.pt"
@@ -1305,6 +1316,7 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
         assert run.returncode == 2 and said in run.stderr, (extra, run.stderr[-2000:])
         assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, \
             (extra, run.stderr[-2000:])
+    assert not (tmp_path / "runs_nt").exists()  # no run was started
 
 def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
     """A --models entry must be one of the table's models, not just have a config file: another one
