@@ -769,9 +769,9 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
                        (["--overwrite=True", "--init_from=resume"],
                         "overwrite=True with init_from=resume: one trains anew"),
                        # the start would be removed before anything replaced it
-                       (["--overwrite=True", f"--init_from={tmp_path / 'x' / '.' / 'ckpt.pt'}"],
-                        f"overwrite=True with init_from={tmp_path / 'x' / '.' / 'ckpt.pt'}: that "
-                        f"is the checkpoint overwrite removes"),  # however the path is spelled
+                       (["--overwrite=True", f"--init_from={tmp_path}/x/./ckpt.pt"],
+                        f"overwrite=True with init_from={tmp_path}/x/./ckpt.pt: that is the "
+                        f"checkpoint overwrite removes"),  # however the path is spelled
                        (["--wandb_log=True"], "wandb_log=True: wandb is not installed")):
         if args == ["--wandb_log=True"] and importlib.util.find_spec("wandb"):
             continue  # installed: nothing to refuse
