@@ -1333,11 +1333,13 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
     # 4 KB pipe, smaller than the help, so the script is still writing when the reader goes)
     import fcntl
     import subprocess
-    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ
-    assert proc.stdout.readline().startswith(b"Training script")
-    proc.stdout.close()
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ, before anything is written
+    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT, stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.readline().startswith(b"Training script")
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, -13) and "Error" not in err, err  # -13: SIGPIPE
 
