@@ -1545,12 +1545,17 @@ class SALMONNData:
         S = self.splits["train"]
         clips, mel, wmel = read_split(data_dir, "train", meta)
         S["arrays"].append((mel, wmel))
+        joined = 0
         for clip in clips:
             entries = [e for e in task_entries(clip) if e[0] in names]
             for task, instruction, answer in entries:
                 S["entries"][task].append((len(S["clips"]), instruction, answer))
             if entries:
                 S["clips"].append({**clip, "src": len(S["arrays"]) - 1})
+                joined += 1
+        # said: the run's first line names only the main data_dir
+        print(f"salmonn: {joined} train clips of {data_dir} join the {', '.join(names)} examples "
+              f"(asr_data_dir)")
 
     def add_phonemes(self):
         """ctc_units="phonemes": S["phonemes"][clip index] is a speech clip's transcript in the

@@ -591,7 +591,7 @@ def test_task_weights_set_how_often_each_task_is_drawn(tmp_path):
         with pytest.raises(ValueError, match=f"stage '{stage}' has none"):
             salmonn.load_data(str(tmp_path), tiny_config(stage=stage, **setting), tok)
 
-def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
+def test_asr_data_dir_adds_transcribed_train_clips(tmp_path, capsys):
     """asr_data_dir: another corpus's transcribed train clips join the transcription task, each read
     from its own corpus's mel array; its untranscribed clips, other tasks and val split stay out,
     and the best constant answer is still this corpus's; asr_tasks adds other tasks' entries (of the
@@ -607,7 +607,11 @@ def test_asr_data_dir_adds_transcribed_train_clips(tmp_path):
     write_tiny_data(tmp_path / "extra", extra, seed=1)
     plain = salmonn.load_data(str(tmp_path / "main"), tiny_config(stage="instruct"), tok)
     extra_cfg = lambda: tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra"))
+    capsys.readouterr()
     data = salmonn.load_data(str(tmp_path / "main"), extra_cfg(), tok)
+    # said, since the run's first line names only the main corpus
+    assert (f"salmonn: 2 train clips of {tmp_path / 'extra'} join the transcription examples "
+            f"(asr_data_dir)") in capsys.readouterr().out
     S, P = data.splits["train"], plain.splits["train"]
     got = S["entries"]["transcription"]
     assert got[:len(P["entries"]["transcription"])] == P["entries"]["transcription"]
