@@ -166,7 +166,7 @@ def generate_recompute(model, codes, mels, n, mel_fn, generator):
         step_mels = (torch.stack([frames[s - c.mel_lag] if s - c.mel_lag >= start else z
                                   for s in range(start, t)], 1)
                      if c.use_mel else None)
-        logits, ids = torch.topk(model.decode(seq[:, start:], step_mels)[:, -1].float(), TOP_K)
+        logits, ids = torch.topk(model.logits(seq[:, start:], step_mels)[:, -1].float(), TOP_K)
         nxt = ids.gather(-1, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
         seq = torch.cat([seq, nxt], 1)
     return seq

@@ -216,9 +216,8 @@ class WhisperGPT(nn.Module):
             return mels
         return F.pad(mels, (0, 0, lag, 0))[:, :mels.size(1)]
 
-    def decode(self, codes, step_mels=None, caches=None, pos0=0):
-        """The network proper: codes to logits (B, T, vocab_size). Not the codec's decode (codes to
-        audio), which is tools.decode.
+    def logits(self, codes, step_mels=None, caches=None, pos0=0):
+        """The network proper (openai/whisper's name for it): codes to logits (B, T, vocab_size).
         codes: (B, T) coarse tokens. step_mels: (B, T, n_mels), the frames the steps see, already
         shifted (shift_mels). caches: new_caches()'s per-block dicts, or None. pos0: the position
         of codes[:, 0] in the window; an int, or graphed_step's (1,) position tensor."""
@@ -252,7 +251,7 @@ class WhisperGPT(nn.Module):
                 raise ValueError("whisper_gpt: this is the hybrid model (use_mel=True); forward "
                                  "needs mels")
             mels = self.shift_mels(mels)
-        logits = self.decode(codes, mels)
+        logits = self.logits(codes, mels)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -260,13 +259,13 @@ class WhisperGPT(nn.Module):
         return logits, loss
 
     def new_caches(self):
-        """One dict per block, the mel path's first (as decode reads them), holding size (the
-        window); CausalSelfAttention.forward says what the first decode adds."""
+        """One dict per block, the mel path's first (as logits reads them), holding size (the
+        window); CausalSelfAttention.forward says what the first call adds."""
         n_blocks = (self.config.mel_n_layer if self.config.use_mel else 0) + self.config.n_layer
         return [{"size": self.config.block_size} for _ in range(n_blocks)]
 
     def graphed_step(self, caches, codes, step_mels, pos0):
-        """The one-token decode step, on caches filled by a decode of the window so far, as a
+        """The one-token decoding step, on caches filled by logits() on the window so far, as a
         function step(codes (B, 1), step_mels (B, 1, n_mels) or None, position) -> logits
         (B, vocab_size).
         The position lives in a tensor, so every step runs the same kernels. On a GPU they are
@@ -284,7 +283,7 @@ class WhisperGPT(nn.Module):
 
         def run():
             with amp:
-                return self.decode(codes_in, mel, steps, pos)[:, -1]
+                return self.logits(codes_in, mel, steps, pos)[:, -1]
 
         graph = None
         if codes.is_cuda:
@@ -350,7 +349,7 @@ class WhisperGPT(nn.Module):
                                 for t in range(t0, t1)], dim=1)
 
         caches, step = self.new_caches(), None
-        logits = self.decode(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
+        logits = self.logits(seq[:, start:], mel_inputs(start, seq.size(1)) if c.use_mel else None,
                              caches)[:, -1]
         # a bar for a long continuation (from 20 s of audio: seconds to minutes on a CPU)
         for i in tqdm(range(max_new_tokens), desc="whisper_gpt: generate", unit="token",
@@ -378,7 +377,7 @@ class WhisperGPT(nn.Module):
                 start = t + 1 - c.block_size // 2
                 for cache in caches:  # the same buffers, filled anew (a graphed step reads them)
                     cache["n"] = 0
-                logits = self.decode(seq[:, start:],
+                logits = self.logits(seq[:, start:],
                                      mel_inputs(start, t + 1) if c.use_mel else None, caches)[:, -1]
                 continue
             step_mels = mel_inputs(t, t + 1) if c.use_mel else None
@@ -386,7 +385,7 @@ class WhisperGPT(nn.Module):
                 step = step or self.graphed_step(caches, nxt, step_mels, t - start)
                 logits = step(nxt, step_mels, t - start)
             else:
-                logits = self.decode(nxt, step_mels, caches, pos0=t - start)[:, -1]
+                logits = self.logits(nxt, step_mels, caches, pos0=t - start)[:, -1]
         return seq
 
 # the names train.py, sample.py and eval.py use

@@ -180,13 +180,13 @@ def test_cuda_graph_generation_on_a_gpu(use_mel):
     seq, mel_seq = out[:, :16], mel_of(out[:, :16]) if use_mel else None
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         caches = model.new_caches()
-        model.decode(seq[:, :10], None if mel_seq is None else mel_seq[:, :10], caches)
+        model.logits(seq[:, :10], None if mel_seq is None else mel_seq[:, :10], caches)
         step = None
         for t in range(10, 16):
             new_mel = None if mel_seq is None else mel_seq[:, t:t + 1]
             step = step or model.graphed_step(caches, seq[:, t:t + 1], new_mel, t)
             got = step(seq[:, t:t + 1], new_mel, t).float()
-            want = model.decode(seq[:, :t + 1],
+            want = model.logits(seq[:, :t + 1],
                                 None if mel_seq is None else mel_seq[:, :t + 1])[:, -1].float()
             assert torch.allclose(got, want, atol=0.02, rtol=0), (t, (got - want).abs().max())
 
@@ -598,7 +598,7 @@ def hand_metrics(model, codes, mel, T, n_windows):
             mel_in = torch.zeros(1, T, mel.shape[1])
             for t in range(lag, T):
                 mel_in[0, t] = torch.from_numpy(mel[k * T + t - lag].astype(np.float32))
-        logits = model.decode(inp, mel_in)[0].float()
+        logits = model.logits(inp, mel_in)[0].float()
         nll += torch.nn.functional.cross_entropy(logits, tgt, reduction="sum").item()
         hits += (logits.argmax(-1) == tgt).sum().item()
     return nll, hits
