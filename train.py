@@ -599,7 +599,7 @@ if __name__ == "__main__":
         return out
 
     decay_end = lr_decay_iters or max_iters
-    # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at w / (w + 1) of the rate)
+    # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at w / (w + 1))
     if master and decay_lr and not eval_only and 0 < max_iters <= warmup_iters:
         print(f"note: max_iters={max_iters} ends inside the warmup (warmup_iters={warmup_iters}): "
               f"the learning rate stays under learning_rate={learning_rate} and does not decay")

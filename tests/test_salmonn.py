@@ -192,7 +192,7 @@ def test_head_counts_that_do_not_divide_the_width_named():
     SALMONN(tiny_config(stage="llm", qformer_n_head=5))  # stage "llm" has no Q-Former
     for kw, said in (({"stage": "instrct"}, "stage='instrct': must be one of"),
                      # a model built directly, not through load_data
-                     ({"speech_features": "Whisper"}, "speech_features='Whisper': must be 'mel' or"),
+                     ({"speech_features": "Whisper"}, "speech_features='Whisper': must be"),
                      ({"speech_n_embd": 33, "speech_n_head": 3}, "speech_n_embd=33: must be even"),
                      ({"window_queries": 0}, "window_queries=0: must be at least 1"),
                      ({"window_frames": -1}, "window_frames=-1: must be at least 1"),
