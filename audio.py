@@ -57,7 +57,7 @@ MEL_CENTER = HOP // 2
 MEL_LOOKAHEAD = MEL_CENTER + N_FFT // 2 - HOP
 LOG_FLOOR = 1e-8        # -80 dB
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"}
-# the longest clip read: the codec encodes a clip whole, ~16 MB of memory per second of audio
+# the longest clip read to be encoded: the codec encodes a clip whole, ~16 MB of memory a second
 MAX_CLIP_SECONDS = 120
 MIN_SAMPLE_RATE = 4000  # below it a header's rate is a mistake, not audio
 CODEC_FILE = "encodec_24khz-d7cc33bc.th"
@@ -152,10 +152,11 @@ def wav_data_bytes(path):
             pos += 8 + n + (n & 1)  # chunks are padded to an even size
     return None
 
-def load_audio(path):
+def load_audio(path, max_seconds=MAX_CLIP_SECONDS):
     """Read any file libsndfile reads (wav, flac, ogg, ...), downmix to mono, resample to 24 kHz.
-    Returns float32 np array. Raises BadAudio (a ValueError) naming the file and the problem. A WAV
-    file cut short (libsndfile reads what there is) is read, with a line that says so."""
+    Returns float32 np array. Raises BadAudio (a ValueError) naming the file and the problem, a clip
+    over max_seconds among them (None: any length, for audio that is not encoded). A WAV file cut
+    short (libsndfile reads what there is) is read, with a line that says so."""
     path = str(path)
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)
@@ -168,9 +169,9 @@ def load_audio(path):
     if file_sr < MIN_SAMPLE_RATE:  # resampling it would make hours of audio of a second
         raise BadAudio(path, f"a sample rate of {file_sr} Hz: not an audio rate (at least "
                              f"{MIN_SAMPLE_RATE} Hz)")
-    if len(data) > MAX_CLIP_SECONDS * file_sr:
-        raise BadAudio(path, f"{len(data) / file_sr:.0f} s long, over the {MAX_CLIP_SECONDS} s a "
-                             f"clip may last (the codec encodes a clip whole): split it")
+    if max_seconds is not None and len(data) > max_seconds * file_sr:
+        raise BadAudio(path, f"{len(data) / file_sr:.0f} s long, over the {max_seconds} s a clip "
+                             f"may last to be encoded (the codec encodes a clip whole): split it")
     wav = data.mean(axis=1)
     if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
         raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "

@@ -56,22 +56,24 @@ def read_config_file(path):
         out[key] = value
     return out
 
-def gather(argv, config_files=False, positional=False, run_hint=False):
+def gather(argv, config_files=False, positional=False, run_hint=False, bools=()):
     """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for
     a config file's value, which is already typed). A bare argument is a config file (config_files)
-    or is returned as positional (positional); otherwise it is an error. -h / --help anywhere
-    prints the script's help (print_help) and exits."""
+    or is returned as positional (positional); otherwise it is an error. bools: the settings that
+    are True/False, after which a bare argument is not their value. -h / --help anywhere prints the
+    script's help (print_help) and exits."""
     if any(arg in ("-h", "--help") for arg in argv):
         print_help(argv if config_files else None)
     entries, rest = [], []
     for i, arg in enumerate(argv):
-        # --key value, as other parsers take it. After a bare --flag (a bool) only a config file
-        # may stand, or, where runs are positional, a run: a checkpoint, a folder holding one, or
-        # a path not there (a missing run is named later). Anything else is the flag's value
+        # --key value, as other parsers take it. After a bare --flag only a config file may stand,
+        # or, where runs are positional, a run: any argument after a setting known to be True/False,
+        # else a checkpoint, a folder holding one, or a path not there (a missing run is named
+        # later). Anything else is the flag's value
         after = argv[i - 1] if i else ""
         if not arg.startswith("--") and after.startswith("--") and "=" not in after:
             may_stand = ((config_files and arg.endswith(".py"))
-                         or (positional and (os.path.isfile(arg)
+                         or (positional and (after[2:] in bools or os.path.isfile(arg)
                                              or os.path.isfile(os.path.join(arg, "ckpt.pt"))
                                              or (os.sep in arg and not os.path.exists(arg)))))
             if not may_stand:
@@ -208,7 +210,8 @@ def parse(script, argv, namespace, pass_unknown=False, positional=False):
     message."""
     types = {k: type(v) for k, v in defaults(namespace).items()}
     try:
-        entries, rest = gather(argv, positional=positional, run_hint="out_dir" in types)
+        entries, rest = gather(argv, positional=positional, run_hint="out_dir" in types,
+                               bools={k for k, t in types.items() if t is bool})
         settings, unknown = resolve(entries, types, pass_unknown, what=f"a setting of {script}")
     except SettingsError as e:
         fail(script, e)

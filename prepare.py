@@ -45,10 +45,10 @@ import torch
 from tqdm import tqdm
 
 from audio import (AUDIO_EXTS, BANDWIDTH, CODEBOOK_SIZE, CODEC_FILE, F_MAX, F_MIN, FRAME_RATE,
-                   HOP, LOG_FLOOR, MEL_CENTER, MEL_LOOKAHEAD, N_FFT, N_MELS, N_Q, SAMPLE_RATE,
-                   WHISPER_FRAME_RATE, WHISPER_N_MELS, WHISPER_SR, BadAudio, codec_id, decode,
-                   encode_emb, get_pretrained_codec, load_audio, load_codec, log_mel, offline_codec,
-                   plot_mels, quantize, whisper_log_mel, whisper_mel_filters)
+                   HOP, LOG_FLOOR, MAX_CLIP_SECONDS, MEL_CENTER, MEL_LOOKAHEAD, N_FFT, N_MELS, N_Q,
+                   SAMPLE_RATE, WHISPER_FRAME_RATE, WHISPER_N_MELS, WHISPER_SR, BadAudio, codec_id,
+                   decode, encode_emb, get_pretrained_codec, load_audio, load_codec, log_mel,
+                   offline_codec, plot_mels, quantize, whisper_log_mel, whisper_mel_filters)
 from codec import (calibrate, codec_probes, codec_report, codec_state, fit_codebooks, train_codec,
                    tune_decoder)
 from synth import KIND_MIX, speech_problem, synth_clip
@@ -584,7 +584,7 @@ def clip_list(args, report):
             if it["id"] in skip:
                 continue
             try:
-                wav = load_audio(it["path"])
+                wav = load_audio(it["path"], None if args.no_codes else MAX_CLIP_SECONDS)
             except BadAudio as e:
                 report(it["path"], e.reason)
                 continue

@@ -1946,14 +1946,19 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     for key, least in (("beam", 1), ("temperature", 0), ("top_k", 0), ("max_new_tokens", 1)):
         if o[key] < least:
             raise ValueError(f"salmonn sample: {key}={o[key]}: must be at least {least}")
-    if temperature > 0 and beam > 1:
-        raise ValueError(f"temperature={temperature} samples, which needs beam=1 (beam={beam} "
-                         f"given)")
-    if o["top_k"] > 0 and beam > 1:  # beam search would ignore it
-        raise ValueError(f"top_k={o['top_k']} limits sampling, which needs beam=1 (beam={beam} "
-                         f"given)")
+    check_decoding(o)
     check_lora_scale("salmonn sample", o["lora_scale"])
     return in_eval_mode(model, _sample, model, tok, audio, prompt, o, beam, temperature)
+
+def check_decoding(o):
+    """Sampling (temperature, top_k) needs beam=1: beam search would ignore them."""
+    beam = int(o["beam"])
+    if float(o["temperature"]) > 0 and beam > 1:
+        raise ValueError(f"temperature={o['temperature']} samples, which needs beam=1 (beam={beam} "
+                         f"given)")
+    if o["top_k"] > 0 and beam > 1:
+        raise ValueError(f"top_k={o['top_k']} limits sampling, which needs beam=1 (beam={beam} "
+                         f"given)")
 
 def check_lora_scale(where, scale):
     """The LoRA scale an answer is decoded with: None (the model's), or a finite number >= 0."""
@@ -2265,6 +2270,7 @@ def evaluate(model, data, tok, split="val", **opts):
                        ("max_new_tokens", 1)):
         if o[key] < least:
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
+    check_decoding(o)
     check_lora_scale("salmonn evaluate", o["lora_scale"])
     return in_eval_mode(model, _evaluate, model, data, tok, split, o)
 

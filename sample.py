@@ -26,8 +26,8 @@ import torch
 
 import configurator
 import tokenizer as tokenizers
-from audio import (SAMPLE_RATE, BadAudio, StreamingDecoder, codec_id, decode, features,
-                   load_audio, load_codec, log_mel, plot_mels, whisper_log_mel)
+from audio import (MAX_CLIP_SECONDS, SAMPLE_RATE, BadAudio, StreamingDecoder, codec_id, decode,
+                   features, load_audio, load_codec, log_mel, plot_mels, whisper_log_mel)
 from train import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
@@ -258,7 +258,8 @@ if __name__ == "__main__":
         if not os.path.isfile(audio):
             fail(f"--audio={audio}: file not found")
         try:
-            wav = load_audio(audio)
+            # a limit only where the clip is encoded (a model of codes)
+            wav = load_audio(audio, MAX_CLIP_SECONDS if meta.get("codec") and codes_model else None)
         except BadAudio as e:
             fail(e)
         if meta.get("codec") is None or not codes_model:  # no codec needed (nor loaded)

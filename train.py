@@ -408,11 +408,15 @@ if __name__ == "__main__":
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     iter_num = None  # set once the weights are loaded
 
+    old_removed = False  # overwrite=True: whether the old run's checkpoint is gone yet
+
     def interrupted(signum, frame):  # Ctrl-C: a line, not a traceback (saves are atomic)
         if master:
             again = "the same command" + (" without overwrite=True" if overwrite else "")
             kept = (f"{ckpt_path}, its last save, is kept: {again} resumes it"
                     if os.path.exists(ckpt_path) else "no checkpoint was saved yet")
+            if overwrite and not old_removed and os.path.exists(ckpt_path):
+                kept = f"{ckpt_path}, the old run's, is untouched (nothing was overwritten yet)"
             when = "before the first iteration" if iter_num is None else f"at iter {iter_num}"
             print(f"\ntrain.py: interrupted {when}; {kept}", file=sys.stderr)
         sys.exit(1)
@@ -466,17 +470,20 @@ if __name__ == "__main__":
         if eval_only and master:  # nothing resumes: the weights are evaluated as they are
             print(f"evaluating {ckpt_path} (iter {checkpoint['iter_num']}) with this command's "
                   f"batch_size={batch_size} and eval_iters={eval_iters}")
-        elif changed and master:
-            print("resuming with settings other than the run's: " + ", ".join(
-                f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}" for k in changed))
+        if changed and master:
+            print(("evaluating" if eval_only else "resuming") + " with settings other than the "
+                  "run's: " + ", ".join(f"{k}={checkpoint['config'].get(k)!r} -> {S.get(k)!r}"
+                                        for k in changed))
         # a model field the run did not set (or did not have yet) had the model file's default
         defaults = model_defaults(model)
         run_value = {k: checkpoint["config"].get(k, defaults.get(k)) for k in model_keys}
         kept = [k for k in diff if k in model_keys]
-        if kept and master and not eval_only:
-            print("resuming the run's model as it was; not used from this command: " + ", ".join(
-                f"{k}={S.get(k, defaults.get(k))!r} (the run's: {run_value[k]!r})" for k in kept)
-                + " (--overwrite=True trains anew with them)")
+        if kept and master:
+            print(("evaluating" if eval_only else "resuming") + " the run's model as it was; not "
+                  "used from this command: " + ", ".join(
+                      f"{k}={S.get(k, defaults.get(k))!r} (the run's: {run_value[k]!r})"
+                      for k in kept)
+                  + ("" if eval_only else " (--overwrite=True trains anew with them)"))
         S.update({k: run_value[k] for k in kept})  # saved as what the run is
     else:
         try:
@@ -635,6 +642,7 @@ if __name__ == "__main__":
             fail(f"out_dir={out_dir}: cannot be made ({e.strerror})")
         if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
             os.remove(ckpt_path)  # with its log (below): the run there is gone, not half of it
+        old_removed = True
         # the log holds this run only, each iteration once: a resumed run keeps the records up to
         # its checkpoint, less the checkpoint's own eval when the loop evaluates there again
         kept, eval_again = [], eval_due(iter_num)

@@ -130,9 +130,10 @@ def last_iter(d):
 def sweep(runs, train_args):
     """Train every run not yet finished. A run that reached its max_iters (its config's, or
     train_args') is skipped; one that stopped earlier is resumed to it. A run made with other
-    settings (other data, another learning rate, ...) or for another max_iters stops the sweep: its
-    figures would be tabled as these (a longer run's learning rate decays over all its iterations
-    from the start, so a shorter run cannot be continued into it)."""
+    settings (other data, another learning rate, ...) or for more iterations stops the sweep: its
+    figures would be tabled as these. So does one for fewer iterations where the learning rate
+    decays until max_iters (decay_lr, lr_decay_iters 0, the configs' schedule): a shorter run cannot
+    be continued into a longer one's schedule."""
     import train
     todo = []
     for model, kind, seed in runs:
@@ -155,7 +156,8 @@ def sweep(runs, train_args):
                 fail(f"{d}: a run to {saved['max_iters']} iterations (now at {at}), "
                      f"more than max_iters={want['max_iters']}: give another --out_root, or "
                      f"--max_iters={saved['max_iters']}")
-            if saved["max_iters"] < want["max_iters"]:
+            schedule_of_max_iters = want["decay_lr"] and not want["lr_decay_iters"]
+            if saved["max_iters"] < want["max_iters"] and schedule_of_max_iters:
                 fail(f"{d}: a run to {saved['max_iters']} iterations (now at {at}), fewer than "
                      f"max_iters={want['max_iters']}; a run of {want['max_iters']} decays its "
                      f"learning rate over all of them, so this one cannot become it: give "

@@ -374,7 +374,12 @@ def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, t
                         r"its last save, is kept: the same command resumes it", last), last
     from train import load_checkpoint
     assert load_checkpoint(run / "ckpt.pt")["iter_num"] % 2 == 0
-    # a run that overwrote another: the same command would start anew, so the line says so
+    # a run that would overwrite it, stopped while it loads: the old run's checkpoint is untouched
+    last = interrupted(train(run, synth_dir, "--max_iters=100000", "--overwrite=True"),
+                       b"iterations into")
+    assert last.endswith(f"{run / 'ckpt.pt'}, the old run's, is untouched (nothing was "
+                         f"overwritten yet)"), last
+    # one that overwrote it: the same command would start anew, so the line says so
     last = interrupted(train(run, synth_dir, "--max_iters=100000", "--overwrite=True"), b"saved ")
     assert last.endswith("its last save, is kept: the same command without overwrite=True "
                          "resumes it"), last

@@ -236,8 +236,10 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     sf.write(tmp_path / "long.wav", np.full((A.MAX_CLIP_SECONDS + 1) * 4000, 0.1, np.float32), 4000,
              subtype="FLOAT")
     with pytest.raises(A.BadAudio, match=f"{A.MAX_CLIP_SECONDS + 1} s long, over the "
-                                         f"{A.MAX_CLIP_SECONDS} s a clip may last"):
+                                         f"{A.MAX_CLIP_SECONDS} s a clip may last to be encoded"):
         A.load_audio(tmp_path / "long.wav")
+    # audio that is not encoded (prepare.py --no_codes, a text model's --audio) has no limit
+    assert len(A.load_audio(tmp_path / "long.wav", None)) == (A.MAX_CLIP_SECONDS + 1) * SR
     # text named .mp3: libsndfile's own words would say the file does not exist
     (tmp_path / "fake.mp3").write_text("hi\n")
     with pytest.raises(A.BadAudio, match="unreadable or corrupt audio") as e:

@@ -977,6 +977,10 @@ def test_options_below_their_least_refused_by_sample_and_evaluate():
         with pytest.raises(ValueError, match=re.escape(f"salmonn evaluate: {key}={bad}: must be "
                                                        f"at least {least}")):
             salmonn.evaluate(m, None, tok, "val", **{key: bad})  # no data: refused before reading
+    # sampling options beside beam search (EVAL_OPTS' beam 4), which would ignore them
+    for key, value in (("temperature", 0.7), ("top_k", 5)):
+        with pytest.raises(ValueError, match=f"{key}={value} .*which needs beam=1 \\(beam=4"):
+            salmonn.evaluate(m, None, tok, "val", **{key: value})
 
 def test_sample_refusing_a_long_clip_says_how_long_a_clip_fits():
     """The longest clip the refusal names fits with the same prompt; one window of frames more

@@ -223,6 +223,10 @@ def test_rejects_unknown_keys_and_bad_values(capsys, tmp_path):
     assert rest == ["out/no-such-run"]
     with pytest.raises(configurator.SettingsError, match="--beam 3: write --beam=3"):
         configurator.gather(["out/no-such-run", "--beam", "3"], positional=True)
+    # after a setting known to be True/False (eval.py's --mean), a folder is a run, named later if
+    # it holds no checkpoint; after another, its value
+    _, rest = configurator.gather(["--mean", str(tmp_path)], positional=True, bools={"mean"})
+    assert rest == [str(tmp_path)]
     # a path that exists is a value too where it cannot stand alone: a folder (not a config file,
     # not a run), or any file where no bare argument is taken (sample.py's --audio)
     data = tmp_path / "data"
@@ -390,6 +394,8 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     ckpt = os.path.join(out, "ckpt.pt")
     assert (f"evaluating {ckpt} (iter 10) with this command's batch_size=4 and eval_iters=2"
             in p.stdout and "resuming" not in p.stdout), p.stdout
+    assert ("evaluating the run's model as it was; not used from this command: n_layer=2 (the "
+            "run's: 1)" in p.stdout), p.stdout
     assert p.stdout.rstrip().endswith(f"done: evaluated {ckpt} (iter 10)"), p.stdout[-300:]
     # without init_from, eval_only evaluates the run in out_dir too (not fresh weights)
     said = [l for l in p.stdout.splitlines() if l.startswith("step 10: train loss")]

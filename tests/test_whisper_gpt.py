@@ -587,7 +587,7 @@ def test_batches_and_metrics_on_prepared_data(synth_dir):
 def hand_metrics(model, codes, mel, T, n_windows):
     """Summed next-token cross-entropy and argmax hits over windows k = 0 .. n_windows - 1 of
     frames k*T .. k*T + T (T inputs, the T next tokens as targets), one window at a time; the
-    hybrid's step t fed mel frame k*T + t - mel_lag (zeros before the window) through decode."""
+    hybrid's step t fed mel frame k*T + t - mel_lag (zeros before the window) through logits."""
     lag = model.config.mel_lag
     nll, hits = 0.0, 0
     for k in range(n_windows):
@@ -1728,19 +1728,20 @@ def test_table_evaluation_key_follows_checkpoint_and_data(tmp_path):
 def test_table_sweep_resumes_a_run_stopped_before_its_max_iters(tmp_path, monkeypatch, capsys):
     """whisper_gpt_table.sweep on a run at its max_iters (skipped) and the same recipe's run
     stopped short of it (an interrupted sweep): the stopped one is trained again with
-    --init_from=resume, not tabled half-trained. train.py is not run: the processes the sweep
-    starts are recorded."""
+    --init_from=resume, not tabled half-trained. Finished runs asked for more iterations are
+    refused where the learning rate decays until max_iters, resumed where it does not. train.py is
+    not run: the processes the sweep starts are recorded."""
     import train
     import whisper_gpt_table as WT
     monkeypatch.setattr(WT, "out_root", str(tmp_path))
     monkeypatch.setattr(WT, "data_dir", "data/synth")
     runs = [("s", "speech", 1), ("s", "speech", 2)]
 
-    def saved(model, kind, seed):
+    def saved(model, kind, seed, extra=()):
         d = WT.run_dir(model, kind, seed)
         return train.load_settings([f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}",
                                     "--data_dir=data/synth", f"--kinds={kind}", f"--seed={seed}",
-                                    "--device=cpu", "--always_save_checkpoint=True"])[0]
+                                    "--device=cpu", *extra, "--always_save_checkpoint=True"])[0]
     max_iters = saved(*runs[0])["max_iters"]
     at = {WT.run_dir(*runs[0]): max_iters, WT.run_dir(*runs[1]): max_iters - 1}
     monkeypatch.setattr(WT, "checkpoint_state",
@@ -1761,3 +1762,19 @@ def test_table_sweep_resumes_a_run_stopped_before_its_max_iters(tmp_path, monkey
     assert "1 of 2 runs already finished, 1 to train" in capsys.readouterr().out
     assert len(started) == 1
     assert f"--out_dir={WT.run_dir(*runs[1])}" in started[0] and "--init_from=resume" in started[0]
+    # both finished at max_iters, asked for one more: refused while the learning rate decays
+    # until max_iters, resumed when it does not depend on it
+    at = {d: max_iters for d in at}
+    for extra, resumed in (([], False), (["--decay_lr=False"], True),
+                           (["--lr_decay_iters=10"], True)):
+        monkeypatch.setattr(WT, "checkpoint_state", lambda d: (at[d], saved(
+            *next(r for r in runs if WT.run_dir(*r) == d), extra)))
+        started.clear()
+        more = extra + [f"--max_iters={max_iters + 1}"]
+        if resumed:
+            WT.sweep(runs, more)
+            assert len(started) == 2 and all("--init_from=resume" in c for c in started)
+        else:
+            with pytest.raises(SystemExit):
+                WT.sweep(runs, more)
+            assert "fewer than max_iters" in capsys.readouterr().err
