@@ -429,6 +429,13 @@ def select_kinds(data_dir, split, kinds, codes, mel):
     frames = lambda x: np.concatenate([x[c["offset"]:c["offset"] + c["frames"]] for c in keep])
     return frames(codes), None if mel is None else frames(mel)
 
+def read_frames(path, dtype, width):
+    """A (frames, width) read-only memmap of a split's .bin file; an empty one (a split with no
+    clips, which np.memmap refuses) as 0 frames."""
+    if os.path.exists(path) and os.path.getsize(path) == 0:
+        return np.zeros((0, width), dtype)
+    return np.memmap(path, dtype=dtype, mode="r").reshape(-1, width)
+
 def load_data(data_dir, config, tok=None):
     """Memmaps of both splits' codes and (hybrid only) mels. Sets vocab_size, n_mels and codec_id
     on config from meta.json, refusing data of another codec than a codec_id already set.
@@ -459,12 +466,7 @@ def load_data(data_dir, config, tok=None):
         raise ValueError(f"whisper_gpt: mel_source={config.mel_source!r}: expected audio or "
                          f"codebook0")
     for split in ("train", "val"):
-        codes_path = os.path.join(data_dir, f"{split}_codes.bin")
-        # np.memmap refuses an empty file: a split with no clips is read as 0 frames
-        if os.path.exists(codes_path) and os.path.getsize(codes_path) == 0:
-            codes = np.zeros((0, meta["n_q"]), np.uint16)
-        else:
-            codes = np.memmap(codes_path, dtype=np.uint16, mode="r").reshape(-1, meta["n_q"])
+        codes = read_frames(os.path.join(data_dir, f"{split}_codes.bin"), np.uint16, meta["n_q"])
         mel = None
         if config.use_mel:
             mel_path = os.path.join(data_dir, mel_file.format(split))
@@ -474,8 +476,7 @@ def load_data(data_dir, config, tok=None):
                 raise FileNotFoundError(f"whisper_gpt: mel_source={config.mel_source}: {mel_path} "
                                         f"not found: run python prepare.py {how} with "
                                         f"{data_dir}'s arguments")
-            mel = (np.zeros((0, meta["n_mels"]), np.float16) if os.path.getsize(mel_path) == 0 else
-                   np.memmap(mel_path, dtype=np.float16, mode="r").reshape(-1, meta["n_mels"]))
+            mel = read_frames(mel_path, np.float16, meta["n_mels"])
             if len(codes) != len(mel):
                 raise ValueError(f"whisper_gpt: {data_dir}/{split}_codes.bin has {len(codes)} "
                                  f"frames but {mel_path} has {len(mel)}")
