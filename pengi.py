@@ -1,9 +1,11 @@
 """
 Pengi (Deshmukh et al., 2023, arXiv 2305.11834): every audio task as text generation.
 
-    audio  -> HTSAT-style encoder -> projection -> L2 norm -> mapper m1 -> k prefix vectors  \
-    prompt -> frozen text tower -> text_projection -> projection -> L2 norm -> mapper m2 -> k  }->
-        -> frozen GPT-2 over [audio prefix k][text prefix k][answer tokens] -> answer
+    audio  -> HTSAT-style encoder -> projection -> L2 norm -> mapper m1 -> LayerNorm, scale
+           -> audio prefix (k vectors)
+    prompt -> frozen text tower -> text_projection -> projection -> L2 norm -> mapper m2
+           -> LayerNorm, scale -> text prefix (k vectors)
+    frozen GPT-2 over [audio prefix][text prefix][answer tokens] -> answer
 
 Trainable, as in the official code: the audio encoder and its projection, the text side's
 projections (CLIP's text_projection and the projection after it) and the two mappers. The language
@@ -325,7 +327,7 @@ class AudioEncoder(nn.Module):
         last_rows = stages[-1][3][0]  # the last grid's frequency rows
         self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
-        self.mel_shape = (config.max_frames, config.n_mels)  # the grid the windows tile
+        self.mel_shape = (config.max_frames, config.n_mels)  # the input it takes, (frames, n_mels)
 
     def forward(self, mel):  # (B, T, n_mels) -> (B, out_dim)
         if tuple(mel.shape[1:]) != self.mel_shape:

@@ -274,7 +274,7 @@ class WhisperGPT(nn.Module):
         step runs eagerly. Built with the first step's inputs: capturing runs that step, writing its
         key and value, which step() then writes again."""
         pos = torch.tensor([pos0], device=codes.device)
-        steps = [{"k": cache["k"], "v": cache["v"], "pos": pos} for cache in caches]
+        graph_caches = [{"k": cache["k"], "v": cache["v"], "pos": pos} for cache in caches]
         codes_in, mel = codes.clone(), None if step_mels is None else step_mels.clone()
         dev = codes.device.type
         # casts recorded in the graph, not cached by autocast outside it
@@ -283,7 +283,7 @@ class WhisperGPT(nn.Module):
 
         def run():
             with amp:
-                return self.logits(codes_in, mel, steps, pos)[:, -1]
+                return self.logits(codes_in, mel, graph_caches, pos)[:, -1]
 
         graph = None
         if codes.is_cuda:
@@ -420,13 +420,14 @@ def select_kinds(data_dir, split, kinds, codes, mel):
     path = os.path.join(data_dir, f"{split}_clips.jsonl")
     with open(path) as f:
         clips = [json.loads(line) for line in f if line.strip()]
-    present = sorted({c["kind"] for c in clips})
+    present = sorted({clip["kind"] for clip in clips})
     unknown = [k for k in kinds if k not in present]
     if unknown:
         raise ValueError(f"whisper_gpt: kinds={','.join(kinds)}: {path} has no clip of kind "
                          f"{', '.join(unknown)} (its kinds: {', '.join(present)})")
-    keep = [c for c in clips if c["kind"] in kinds]
-    frames = lambda x: np.concatenate([x[c["offset"]:c["offset"] + c["frames"]] for c in keep])
+    keep = [clip for clip in clips if clip["kind"] in kinds]
+    frames = lambda x: np.concatenate([x[clip["offset"]:clip["offset"] + clip["frames"]]
+                                       for clip in keep])
     return frames(codes), None if mel is None else frames(mel)
 
 def read_frames(path, dtype, width):
