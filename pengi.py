@@ -1291,10 +1291,11 @@ def eval_tasks(data, tasks_opt):
     """The tasks to score: those of the comma list tasks_opt ("" = all) the data was loaded with."""
     known = [t for t in mix_tasks(data["tasks"]) if t != "metadata"]  # metadata is not scored
     wanted = [t.strip() for t in str(tasks_opt).split(",") if t.strip()] or known
-    bad = [t for t in wanted if t not in ("caption", "qa", "class") + MUSIC_KEYS]
+    scored = ("caption", "qa", "class") + MUSIC_KEYS
+    bad = [t for t in wanted if t not in scored]
     if bad:
-        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from caption, qa, class, "
-                         f"instrument, pitch, chord")
+        raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from "
+                         f"{', '.join(scored)}")
     missing = [t for t in wanted if t not in known]
     if missing:
         raise ValueError(f"pengi.evaluate: task(s) {missing} are not among this model's tasks "

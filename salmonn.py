@@ -1517,9 +1517,10 @@ class SALMONNData:
             corpus_words = sorted({w for c in self.splits["train"]["clips"]
                                    for w in text_words(c.get("transcript") or "")})
             self.copy_words = vocab_words(tok) + corpus_words
-            self.reading = reading_questions(self.splits["train"]["clips"])
             for split in ("train", "val"):
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
+                # each split's own transcripts (questions about train ones flatter a val loss)
+                self.splits[split]["reading"] = reading_questions(self.splits[split]["clips"])
         self.prompt_cache = {}
 
     def add_clips_of(self, data_dir, asr_tasks):
@@ -1700,13 +1701,14 @@ def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
             mel[b, t0:t0 + w] = fill
     return mel
 
-def copy_conversations(data, rng, T):
-    """A row of stage "llm"'s copying conversations: as many whole ones as fit in T + 1 tokens ->
-    (ids, is_target), the answers and their eot the targets."""
+def copy_conversations(data, split, rng, T):
+    """A row of stage "llm"'s copying conversations (reading questions about the split's
+    transcripts): as many whole ones as fit in T + 1 tokens -> (ids, is_target), the answers and
+    their eot the targets."""
     seq, is_target = [], []
     while True:
-        prompt, answer = copy_document(data.tok, rng, data.copy_words, data.reading,
-                                       data.config.reading_share)
+        prompt, answer = copy_document(data.tok, rng, data.copy_words,
+                                       data.splits[split]["reading"], data.config.reading_share)
         if seq and len(seq) + len(prompt) + len(answer) + 1 > T + 1:
             break
         seq += prompt + answer + [data.tok.eot_token]
@@ -1731,7 +1733,7 @@ def llm_batch(data, split, batch_size, rng):
         x[:len(ix)] = torch.from_numpy(np.stack([stream[i:i + T] for i in ix]))
         y[:len(ix)] = torch.from_numpy(np.stack([stream[i + 1:i + 1 + T] for i in ix]))
     for b in range(len(ix), batch_size):
-        seq, is_target = copy_conversations(data, rng, T)
+        seq, is_target = copy_conversations(data, split, rng, T)
         x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
         y[b, :len(seq) - 1] = torch.tensor([t if m else -1 for t, m in zip(seq[1:], is_target[1:])])
     return {"idx": x, "targets": y}

@@ -306,12 +306,16 @@ def choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init):
     names one: "corpus" (the BPE stored with data_dir) or "gpt2". A model that starts from a
     checkpoint keeps the tokenizer recorded there, since its embeddings are in those tokens. The
     checkpoints looked at: the resumed one (read from ckpt_path), init_from's, and an llm_init
-    ckpt.pt. The prepared data is text, so any tokenizer reads it."""
+    ckpt.pt (or a run folder holding one). The prepared data is text, so any tokenizer reads it."""
     name = getattr(config, "tokenizer", None)
     if name is None:
         return None
     starts = [(ckpt_path, checkpoint), (init_from, init)]
     llm_init = getattr(config, "llm_init", "")
+    if llm_init and os.path.isdir(llm_init):  # a folder: its ckpt.pt, if that is what loads
+        hf = [n for n in ("model.safetensors", "pytorch_model.bin")
+              if os.path.exists(os.path.join(llm_init, n))]
+        llm_init = "" if hf else os.path.join(llm_init, "ckpt.pt")
     if llm_init.endswith(".pt") and os.path.isfile(llm_init):
         try:
             starts.append((llm_init, torch.load(llm_init, map_location="cpu", weights_only=True,
@@ -606,7 +610,7 @@ if __name__ == "__main__":
         return out
 
     decay_end = lr_decay_iters or max_iters
-    # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at w / (w + 1))
+    # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at max_iters / (w + 1))
     if master and decay_lr and not eval_only and 0 < max_iters <= warmup_iters:
         print(f"note: max_iters={max_iters} ends inside the warmup (warmup_iters={warmup_iters}): "
               f"the learning rate stays under learning_rate={learning_rate} and does not decay")

@@ -2348,12 +2348,20 @@ def test_copy_rows_hold_every_whole_conversation_that_fits(monkeypatch):
     conversations of 6 tokens (prompt 3, answer 2, eot), T + 1 = 12 holds two, T + 1 = 11 one."""
     from types import SimpleNamespace
     monkeypatch.setattr(salmonn, "copy_document", lambda *args: ([1, 2, 3], [4, 5]))
-    data = SimpleNamespace(tok=ByteTokenizer(), copy_words=[], reading=[],
+    data = SimpleNamespace(tok=ByteTokenizer(), copy_words=[], splits={"train": {"reading": []}},
                            config=SimpleNamespace(reading_share=0.0))
     one = [1, 2, 3, 4, 5, 256]
-    seq, is_target = salmonn.copy_conversations(data, None, 11)
+    seq, is_target = salmonn.copy_conversations(data, "train", None, 11)
     assert seq == one * 2 and is_target == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
-    assert salmonn.copy_conversations(data, None, 10)[0] == one
+    assert salmonn.copy_conversations(data, "train", None, 10)[0] == one
+    # a split's rows ask about its own transcripts (a val loss on train ones would flatter)
+    asked = []
+    monkeypatch.setattr(salmonn, "copy_document",
+                        lambda tok, rng, words, reading, share: (asked.append(reading),
+                                                                 ([1, 2, 3], [4, 5]))[1])
+    data.splits = {"train": {"reading": ["train's"]}, "val": {"reading": ["val's"]}}
+    salmonn.copy_conversations(data, "val", None, 11)
+    assert asked == [["val's"]] * 3
 
 def test_story_words_count_the_models_answers():
     """story_words is the mean length in words of the model's answers (not of the references)."""

@@ -1013,6 +1013,29 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
     p = run([f"--data_dir={data}", f"--out_dir={out3}", *TEXT_TINY, "--tokenizer=bpe"], check=False)
     assert p.returncode == 2 and "tokenizer='bpe'" in p.stderr and "corpus, gpt2" in p.stderr
 
+def test_llm_init_folder_gives_the_tokenizer_its_checkpoint_records(tmp_path, capsys):
+    """llm_init may name a run folder (load_llm_state reads its ckpt.pt): the tokenizer that
+    checkpoint records is used, or a config naming another is refused, as for a ckpt.pt path; a
+    Hugging Face folder (no record) leaves the choice to the config."""
+    from types import SimpleNamespace
+    import torch
+    run_dir = tmp_path / "llm"
+    run_dir.mkdir()
+    record = tokenizer.tokenizer_record(tokenizer.load_tokenizer("", "gpt2"))
+    torch.save({"tokenizer": record}, run_dir / "ckpt.pt")
+    config = SimpleNamespace(tokenizer="corpus", llm_init=str(run_dir))
+    with pytest.raises(SystemExit):
+        train.choose_tokenizer(config, str(tmp_path), "", None, "scratch", None)
+    assert "trained with tokenizer 'gpt2', but tokenizer='corpus'" in capsys.readouterr().err
+    config.tokenizer = "gpt2"
+    tok = train.choose_tokenizer(config, str(tmp_path), "", None, "scratch", None)
+    assert tok.n_vocab == 50257 and f"as recorded in {run_dir / 'ckpt.pt'}" in capsys.readouterr().out
+    (run_dir / "model.safetensors").write_bytes(b"")  # a Hugging Face folder: its weights load
+    config.tokenizer = "corpus"
+    with pytest.raises(SystemExit):  # no corpus BPE here: the data dir's is what was asked for
+        train.choose_tokenizer(config, str(tmp_path), "", None, "scratch", None)
+    assert "trained with tokenizer" not in capsys.readouterr().err
+
 # -----------------------------------------------------------------------------
 # one training step, reproduced by hand
 
