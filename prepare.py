@@ -442,8 +442,8 @@ def output_files(meta):
 def already_prepared(out, args, args_hash):
     """Whether out holds a finished run of these arguments (hashed to args_hash), also when the
     folder was moved or copied there. With a meta.json there, one line says which it is.
-    Data prepared there with other arguments stops the run, as rebuilding would replace the data
-    and the offline codec that runs trained on it read. --force rebuilds; a stopped rebuild with
+    Data prepared there with other arguments, or a meta.json that cannot be read, stops the run,
+    as rebuilding would replace the data and the offline codec that runs trained on it read. --force rebuilds; a stopped rebuild with
     these arguments resumes."""
     meta_path = out / "meta.json"
     if args.force or not meta_path.exists():
@@ -453,8 +453,11 @@ def already_prepared(out, args, args_hash):
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
-        print(f"{meta_path} cannot be read as prepare.py's JSON: rebuilding")
-        return False
+        # the arguments the data there was made with are unknown: rebuilding with others would
+        # replace the data and its offline codec
+        sys.exit(f"error: {meta_path} cannot be read as prepare.py's JSON, so the arguments of the "
+                 f"data in {out} are unknown; rebuilding could replace the data, and the codec, "
+                 f"that runs trained on it read: --force rebuilds it there")
     if meta.get("args_hash") != args_hash and not prepared_elsewhere(meta, args):
         if any(w.read_text() == args_hash for w in out.glob(".work-*/args_hash")):
             # a rebuild with exactly these arguments was started (--force) and stopped: resume it

@@ -1242,13 +1242,21 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
     log = capsys.readouterr().out
     assert "already prepared" in log and "files under --src are not compared" in log
-    # an output file deleted, or meta.json spoilt: the same command rebuilds the same bytes
+    # an output file deleted: the same command rebuilds the same bytes
     (out / "train_mel.bin").unlink()
     P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
     assert "lacks train_mel.bin: rebuilding" in capsys.readouterr().out
-    (out / "meta.json").write_text("{")
-    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0"] + FAST)
-    assert "cannot be read as prepare.py's JSON: rebuilding" in capsys.readouterr().out
+    # meta.json spoilt: the data's arguments are unknown, so nothing is rebuilt without --force
+    # (other arguments would replace the data and its codec); with it, the same bytes
+    for spoilt in ("{", "[]"):
+        (out / "meta.json").write_text(spoilt)
+        with pytest.raises(SystemExit) as e:
+            P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0",
+                    "--clips=3"] + FAST)
+        assert "cannot be read as prepare.py's JSON" in str(e.value) and "--force" in str(e.value)
+        assert (out / "meta.json").read_text() == spoilt
+    P.main(["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--val_percent=0",
+            "--force"] + FAST)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # --strict stops at the first bad input, naming it, and what was written stays intact
     with pytest.raises(SystemExit) as e:
