@@ -240,8 +240,12 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-4, ckpt=Non
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         if ckpt and (step % save_every == 0 or step == steps):
             tmp = Path(f"{ckpt}.tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "step": step}, tmp)
+            try:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "step": step}, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a part left on a full disk would keep it full
+                raise
             os.replace(tmp, ckpt)
     pbar.close()
     return model.eval()

@@ -205,6 +205,8 @@ def write_json(rows):
             jsonlib.dump(rows + mean_rows(rows), f, indent=2)
         os.replace(json + ".tmp", json)
     except OSError as e:  # a full disk, a folder gone meanwhile: the table above is printed
+        if os.path.exists(json + ".tmp"):
+            os.remove(json + ".tmp")
         fail(f"--json={json}: cannot write it ({e})")
 
 def main(argv):

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -144,17 +144,27 @@ def read_clip(data_dir, split, index):
 def write_wav(path, wav, sample_rate):
     import soundfile as sf
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV",
-             subtype="PCM_16")
-    os.replace(tmp, path)  # atomic
+    with written_whole(path) as tmp:
+        sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV",
+                 subtype="PCM_16")
 
 def write_text(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with written_whole(path) as tmp, open(tmp, "w") as f:
         f.write(text + "\n")
-    os.replace(tmp, path)  # atomic
+
+@contextmanager
+def written_whole(path):
+    """Write to path.tmp, then rename it over path (atomic); a write that fails (a full disk)
+    leaves path as it was and no part beside it."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 if __name__ == "__main__":
     # raw_opts: the model's sample() options, typed and checked once its file is known

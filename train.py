@@ -17,6 +17,7 @@ names the *_init settings when init_from is another stage's checkpoint (SALMONN,
 A text model's Config names its tokenizer ("corpus" or "gpt2"); its checkpoints record it.
 """
 
+import fcntl
 import gc
 import glob
 import importlib
@@ -96,12 +97,23 @@ def model_defaults(name):
 
 def save_atomic(obj, path):
     """torch.save to path.tmp, flushed to the disk, then renamed over path: a kill or a power loss
-    leaves the old file or the new one, never a part of one."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    leaves the old file or the new one, never a part of one. A save that fails (a full disk)
+    removes its part and raises."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")  # a part left on a full disk would keep it full
+        raise
     os.replace(path + ".tmp", path)
+
+def write_failed(path, e):
+    """The one line for a file that cannot be written (a full disk, a folder gone)."""
+    fail(f"{path}: cannot be written ({type(e).__name__}: {str(e).splitlines()[0][:200]}); is "
+         f"the disk full? What was there before is kept")
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """A checkpoint written by train.py, or a ValueError that names the file. The file may be
@@ -631,7 +643,10 @@ if __name__ == "__main__":
             ckpt["tokenizer"] = tok_record
         if dtype == "float16":
             ckpt["scaler"] = scaler.state_dict()
-        save_atomic(ckpt, ckpt_path)
+        try:
+            save_atomic(ckpt, ckpt_path)
+        except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError
+            write_failed(ckpt_path, e)
         print(f"saved {ckpt_path} (iter {iter_num})")
 
     def eval_due(it):  # the iterations that evaluate (and may save)
@@ -644,6 +659,14 @@ if __name__ == "__main__":
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:  # check_folder's access test passed, yet the folder cannot be made
             fail(f"out_dir={out_dir}: cannot be made ({e.strerror})")
+        # one writer per folder, held until this process ends: two runs there would write over
+        # each other's checkpoint and mix their logs
+        out_dir_lock = os.open(out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(out_dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"out_dir={out_dir}: another train.py is writing there; wait for it to end, or "
+                 f"name another out_dir")
         if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
             os.remove(ckpt_path)  # with its log (below): the run there is gone, not half of it
         old_removed = True
@@ -660,13 +683,19 @@ if __name__ == "__main__":
                     if r["iter"] < iter_num or (r["iter"] == iter_num
                                                 and not ("val_loss" in r and eval_again)):
                         kept.append(r)
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(log_path + ".tmp", log_path)
+        try:
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(log_path + ".tmp", log_path)
+        except OSError as e:
+            write_failed(log_path, e)
 
     def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            write_failed(log_path, e)
         if wandb_log:
             wandb.log(record)
 

@@ -552,3 +552,20 @@ def test_pretrained_files_that_hold_no_checkpoint_are_named(tmp_path):
     for load, field in loaders[:2]:
         with pytest.raises(ValueError, match=f"{field}={no_sizes}: its model_args lack"):
             load(str(no_sizes))
+
+def test_sample_writes_a_file_whole_or_leaves_the_old_one(tmp_path):
+    """sample.py's outputs go through a .tmp renamed over the file: a write that fails midway (a
+    full disk) leaves the old file as it was and no part beside it (which would keep a disk
+    full)."""
+    import sample
+    path = str(tmp_path / "answer.txt")
+    sample.write_text(path, "old")
+    with pytest.raises(OSError):
+        with sample.written_whole(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write("a part")
+            raise OSError(28, "No space left on device")
+    assert os.listdir(tmp_path) == ["answer.txt"] and open(path).read() == "old\n"
+    sample.write_wav(str(tmp_path / "a.wav"), np.zeros(240), 24000)
+    sample.write_text(path, "new")
+    assert sorted(os.listdir(tmp_path)) == ["a.wav", "answer.txt"] and open(path).read() == "new\n"

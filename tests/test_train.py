@@ -788,10 +788,26 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
             (arg, p.stderr[-1500:])
     assert not (tmp_path / "x").exists()
 
+def test_a_second_run_into_a_busy_out_dir_is_refused(synth_dir, tmp_path):
+    """One train.py writes an out_dir at a time (a lock on the folder, held while it runs): a
+    second run there stops in one line before writing anything, instead of replacing the first
+    one's checkpoint and mixing their logs."""
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running train.py holds it
+    try:
+        p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}",
+                 *TINY, "--max_iters=1"], check=False)
+    finally:
+        os.close(fd)
+    assert p.returncode == 2 and "another train.py is writing there" in p.stderr, p.stderr[-2000:]
+    assert os.listdir(out) == []
+
 def test_save_atomic_replaces_the_file_whole_and_leaves_no_tmp(tmp_path):
     """train.save_atomic: the new content replaces the old under the same name, loadable, with no
-    .tmp left; a save that fails midway leaves the old file as it was (its part in the .tmp, which
-    the next save writes over)."""
+    .tmp left; a save that fails midway leaves the old file as it was, and removes its part."""
     import torch
     path = str(tmp_path / "ckpt.pt")
     train.save_atomic({"x": torch.arange(3)}, path)
@@ -801,7 +817,7 @@ def test_save_atomic_replaces_the_file_whole_and_leaves_no_tmp(tmp_path):
     with pytest.raises(Exception):
         train.save_atomic({"x": lambda: 0}, path)  # a lambda cannot be pickled
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(5))
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp"]  # the failed part, beside
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the failed part removed (a full disk stays full)
 
 def test_a_checkpoint_with_fields_the_model_file_lacks_is_named(full_run, tmp_path):
     import torch
