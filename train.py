@@ -216,17 +216,23 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
 def check_arrays(data_dir):
     """Check data_dir's prepared files before the model file reads them: its errors would not name
     the file. A ValueError names each array (codes, mels) that is cut short (not whole rows) or
-    empty (a split without clips: numpy cannot map it), and a clip-list line that is not JSON.
-    A missing or unreadable meta.json is left to the model's load_data."""
+    empty (a split without clips: numpy cannot map it), a clip-list line that is not JSON, and a
+    meta.json of another shape. A missing or unreadable meta.json is left to the model's
+    load_data."""
     if os.path.isfile(data_dir):
         raise ValueError(f"data_dir {data_dir}: a file, not the folder prepare.py writes")
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
-        widths = {"codes": meta.get("n_q"), "mel": meta["n_mels"], "mel_c0": meta["n_mels"],
-                  "wmel": meta.get("whisper_mel", {}).get("n_mels")}
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError):
         return
+    ok = isinstance(meta, dict) and isinstance(meta.get("whisper_mel", {}), dict)
+    widths = {"codes": meta.get("n_q"), "mel": meta.get("n_mels"), "mel_c0": meta.get("n_mels"),
+              "wmel": meta.get("whisper_mel", {}).get("n_mels")} if ok else {}
+    if not ok or not all(w is None or (type(w) is int and w > 0) for w in widths.values()):
+        raise ValueError(f"data_dir {data_dir}: meta.json is not prepare.py's (an object whose "
+                         f"n_mels, n_q and whisper_mel.n_mels are whole numbers); prepare.py "
+                         f"again")
     empty, cut = [], []
     for split in ("train", "val"):
         for array, width in widths.items():

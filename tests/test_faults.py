@@ -176,6 +176,14 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             os.symlink(os.path.join(synth_dir, f), no_field / f)
     (no_field / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
                                                     if k != "n_mels"}))
+    odd_meta = []  # meta.json of another shape: a list, a number as text
+    for name, text in (("meta_list", "[]"), ("meta_text", json.dumps({**meta, "n_mels": "64"}))):
+        odd_meta.append(tmp_path / name)
+        odd_meta[-1].mkdir()
+        for f in os.listdir(synth_dir):
+            if f != "meta.json":
+                os.symlink(os.path.join(synth_dir, f), odd_meta[-1] / f)
+        (odd_meta[-1] / "meta.json").write_text(text)
     empty_val = tmp_path / "empty_val"  # a val split without clips
     empty_val.mkdir()
     for f in os.listdir(synth_dir):
@@ -241,6 +249,9 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "eval.py", str(good), f"--data_dir={no_field}"],
              f"data_dir {no_field}: its meta.json or clip lists lack the field 'n_mels'"),
             (train(new, no_field), "lack the field 'n_mels'"),
+            *[(train(new, d), f"data_dir {d}: meta.json is not prepare.py's") for d in odd_meta],
+            ([sys.executable, "eval.py", str(good), f"--data_dir={odd_meta[0]}"],
+             f"data_dir {odd_meta[0]}: meta.json is not prepare.py's"),
             (train(new, synth_dir, "--kinds=speech,podcast"), "has no clip of kind podcast"),
             (train(new, other_codec, f"--init_from={good / 'ckpt.pt'}"),
              "its weights learned the codes of"),
