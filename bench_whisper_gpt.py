@@ -30,6 +30,7 @@ Goals: KV cache >= 10x recomputation at 750 tokens; hybrid decode <= 2x token-on
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -273,6 +274,9 @@ def generate_table():
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    # Ctrl-C: one line, not a traceback (nothing is written before the end)
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(
+        "\nbench_whisper_gpt.py: interrupted; nothing was written"))
     settings, _, _ = configurator.parse("bench_whisper_gpt.py", sys.argv[1:], globals())
     globals().update(settings)
     device = configurator.resolve_device("bench_whisper_gpt.py", device)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,18 @@ PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
 
 def fail(msg):
     configurator.fail("whisper_gpt_table.py", msg)
+
+children = []  # the sweep's train.py runs going on: a stop stops them too
+
+def interrupted(signum, frame):
+    """Ctrl-C (or a SIGINT to this process alone): its runs stopped with it, and one line."""
+    for proc in children:
+        proc.terminate()
+    for proc in children:
+        proc.wait()
+    print(f"\nwhisper_gpt_table.py: interrupted; the runs in --out_root are kept, each at its "
+          f"last checkpoint: the same command goes on from there", file=sys.stderr)
+    sys.exit(1)
 
 def fmt_time(s):
     s = int(s)
@@ -180,8 +193,8 @@ def sweep(runs, train_args):
             log = open(os.path.join(d, "train.log"), "a")
             # wall time over all the sweeps that trained this run (an interrupted one's included)
             start = time.time() - read_wall(d)
-            running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                            log, start))
+            children.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+            running.append((d, children[-1], log, start))
             print(f"  start {d}")
         time.sleep(0.5)  # a run's wall time is known to this much
         # a GPT-L run takes minutes: where each running one is, once a minute
@@ -196,6 +209,7 @@ def sweep(runs, train_args):
             if proc.poll() is None:
                 continue
             running.remove(item)
+            children.remove(proc)
             log.close()
             if proc.returncode:
                 for _, other, _, _ in running:  # no run left behind without its sweep
@@ -473,6 +487,7 @@ def continuation_rows(model_list, kind_list, seed):
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once in a log file too
+    signal.signal(signal.SIGINT, interrupted)
     settings, unknown, _ = configurator.parse("whisper_gpt_table.py", sys.argv[1:], globals(),
                                               pass_unknown=True)
     globals().update(settings)

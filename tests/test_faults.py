@@ -580,3 +580,45 @@ def test_sample_writes_a_file_whole_or_leaves_the_old_one(tmp_path):
     sample.write_wav(str(tmp_path / "a.wav"), np.zeros(240), 24000)
     sample.write_text(path, "new")
     assert sorted(os.listdir(tmp_path)) == ["a.wav", "answer.txt"] and open(path).read() == "new\n"
+
+def test_table_and_bench_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
+    """whisper_gpt_table.py sent SIGINT alone (its train.py runs not signalled, as with `kill -INT`)
+    stops them too and says in one line that the runs are kept; bench_whisper_gpt.py says nothing
+    was written. Neither prints a traceback."""
+    def stop(cmd, marker):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, preexec_fn=sigint_as_usual)
+        seen, t0 = b"", time.time()
+        while marker not in seen and time.time() - t0 < 300:
+            chunk = proc.stdout.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.poll() is None, seen.decode(errors="replace")  # still at work
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out = (seen + proc.communicate(timeout=120)[0]).decode(errors="replace")
+        assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
+        return out.rstrip().splitlines()[-1]
+
+    runs = tmp_path / "runs"
+    last = stop([sys.executable, "whisper_gpt_table.py", "--models=s", "--kinds=speech",
+                 "--seeds=1", f"--data_dir={synth_dir}", f"--out_root={runs}",
+                 "--max_iters=100000", "--eval_interval=1000", "--eval_iters=1", "--batch_size=2",
+                 "--block_size=16", "--log_interval=1"], b"  start ")
+    assert last == ("whisper_gpt_table.py: interrupted; the runs in --out_root are kept, each at "
+                    "its last checkpoint: the same command goes on from there"), last
+    # no train.py of the sweep is left running: none names its out_root
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if str(runs) in cmdline and "train.py" in cmdline:
+            left.append(cmdline)
+    assert not left, left
+    last = stop([sys.executable, "bench_whisper_gpt.py", "--part=generate",
+                 f"--data_dir={synth_dir}", "--new_tokens=1000", "--repeats=1"],
+                b"| GPT-S | KV cache")  # then recomputation, ~10x slower: at work when stopped
+    assert last == "bench_whisper_gpt.py: interrupted; nothing was written", last
