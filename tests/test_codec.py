@@ -187,7 +187,7 @@ def test_goertzel_power_is_the_squared_dft_magnitude():
 
 def test_read_morse_takes_a_gap_over_2_units_as_between_letters():
     """Gaps of 2.5 units (nearer a letter gap's 3 than a symbol gap's 1) between letters: "sos"
-    reads as three letters, not as one symbol of nine dots."""
+    reads as three letters, not as one symbol of nine dots; marks of 2.5 units are dashes."""
     u = int(0.05 * SR)
     dot, sym_gap, letter_gap = [1] * u, [0] * u, [0] * (5 * u // 2)
     s = dot + sym_gap + dot + sym_gap + dot
@@ -195,6 +195,11 @@ def test_read_morse_takes_a_gap_over_2_units_as_between_letters():
     env = np.array([0] * u + s + letter_gap + o + letter_gap + s + [0] * u, np.float64)
     x = env * np.sin(2 * np.pi * 600 * np.arange(len(env)) / SR)
     assert C.read_morse(x) == "sos"
+    # marks of 2.5 units (a dash shortened by a lossy codec, nearer 3 than 1) read as dashes
+    short_dash = [1] * (5 * u // 2)
+    env = np.array([0] * u + short_dash + sym_gap + short_dash + sym_gap + short_dash + [0] * u,
+                   np.float64)
+    assert C.read_morse(env * np.sin(2 * np.pi * 600 * np.arange(len(env)) / SR)) == "o"
 
 
 def lowpass_by_blocks(x, bins=C.DCT_BINS, n=A.HOP):
@@ -328,8 +333,10 @@ def test_kmeans_restarts_an_empty_cluster_at_the_worst_served_point():
     it, recomputed here by brute force: points to their nearest mean, each mean to its points'
     weighted centroid, and a mean left without points to the point (of the distinct ones, weighted
     by its repeats) farthest from its nearest mean. 1-D integer data and a seed under which a
-    cluster empties at an early iteration, so the restart is checked, not only the common step."""
-    x = torch.tensor([29., 38, 14, 8, 33, 6, 27, 29, 10, 32, 28, 18])[:, None]
+    cluster empties at an early iteration, so the restart is checked, not only the common step;
+    repeats such that the weighted farthest point differs from the unweighted one."""
+    x = torch.tensor([25., 9, 9, 9, 4, 4, 4, 4, 20, 20, 20, 20, 21, 21, 21, 15, 15, 15, 14,
+                      5])[:, None]
     pts, inv = torch.unique(x, dim=0, return_inverse=True)
     w = torch.bincount(inv).double()
     restarts = 0

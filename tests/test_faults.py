@@ -485,9 +485,10 @@ def test_settings_that_are_no_literal_and_devices_this_machine_lacks(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert configurator.resolve_device("train.py", "cuda:0") == "cuda:0"
-    with pytest.raises(SystemExit):
-        configurator.resolve_device("train.py", "cuda:7")
-    assert "has 1 GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err
+    for past in ("cuda:7", "cuda:1"):  # cuda:1 is the second GPU, which this one lacks
+        with pytest.raises(SystemExit):
+            configurator.resolve_device("train.py", past)
+        assert "has 1 GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err
 
 def test_auto_dtype_is_float16_on_a_gpu_that_only_emulates_bfloat16(monkeypatch):
     """--dtype=auto: bfloat16 from sm_80 on, float16 on an older GPU (a T4 is sm_75). Such a GPU

@@ -240,6 +240,14 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
         A.load_audio(tmp_path / "long.wav")
     # audio that is not encoded (prepare.py --no_codes, a text model's --audio) has no limit
     assert len(A.load_audio(tmp_path / "long.wav", None)) == (A.MAX_CLIP_SECONDS + 1) * SR
+    # the bounds themselves are in: a clip of exactly MAX_CLIP_SECONDS, a rate of MIN_SAMPLE_RATE
+    sf.write(tmp_path / "edge.wav", np.full(A.MAX_CLIP_SECONDS * A.MIN_SAMPLE_RATE, 0.1,
+                                            np.float32), A.MIN_SAMPLE_RATE, subtype="FLOAT")
+    assert len(A.load_audio(tmp_path / "edge.wav")) == A.MAX_CLIP_SECONDS * SR
+    sf.write(tmp_path / "rate_low.wav", sine(440, 1.0)[:A.MIN_SAMPLE_RATE - 1],
+             A.MIN_SAMPLE_RATE - 1, subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match=f"a sample rate of {A.MIN_SAMPLE_RATE - 1} Hz"):
+        A.load_audio(tmp_path / "rate_low.wav")
     # text named .mp3: libsndfile's own words would say the file does not exist
     (tmp_path / "fake.mp3").write_text("hi\n")
     with pytest.raises(A.BadAudio, match="unreadable or corrupt audio") as e:
@@ -695,6 +703,15 @@ def test_short_morse_and_dtmf_clips_are_padded_to_one_second_and_dtmf_text_count
             if info["kind"] == "dtmf":
                 k = Y.NUMBER_WORDS[len(info["labels"]["digits"])]
                 assert f"Someone dials a phone: {k} keypad tones" in info["description"]
+    # at a longer max_seconds, a clip is padded to one second only, not to max_seconds: its
+    # length is that of its kind's maker (the same draws), or a second if that is shorter
+    makers = {kind: fn for kind, _, fn in Y.KIND_MIX}
+    for i in range(40):
+        wav, info = Y.synth_clip(3, i, 3.0, speech=False)
+        rng = np.random.default_rng([3, i])
+        rng.random()  # synth_clip's draw of the kind
+        made = makers[info["source"].split(":")[1]](rng, 3.0)[0]
+        assert len(wav) == max(SR, len(made)), (info["caption"], len(wav), len(made))
 
 
 def test_events_in_one_second_clips_are_as_many_as_the_text_says():
@@ -1010,7 +1027,16 @@ def test_tokenizer_names_files_and_checkpoint_records(synth_dir, tmp_path):
     assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     assert (again.n_vocab, again.eot_token, again.name) == (tok.n_vocab, tok.eot_token, "corpus")
     # GPT-2's is known by its name
-    assert "ranks" not in T.tokenizer_record(T.load_gpt2(offline=True))
+    gpt2 = T.load_gpt2(offline=True)
+    assert "ranks" not in T.tokenizer_record(gpt2)
+    # a checkpoint without a record (older ones) gets the tokenizer its config names
+    from types import SimpleNamespace
+    assert T.checkpoint_tokenizer({"tokenizer": rec}, None, tmp_path).name == "corpus"
+    old = T.checkpoint_tokenizer({}, SimpleNamespace(tokenizer="gpt2"), synth_dir)
+    assert (old.name, old.n_vocab) == (gpt2.name, gpt2.n_vocab)
+    old = T.checkpoint_tokenizer({}, SimpleNamespace(tokenizer="corpus"), synth_dir)
+    assert (old.name, old.n_vocab) == ("corpus", tok.n_vocab)
+    assert T.checkpoint_tokenizer({}, SimpleNamespace(), synth_dir) is None  # a model of codes
 
 
 # ----------------------------------------------------------------------------- the offline codec
@@ -1540,6 +1566,16 @@ def test_codec_from_gives_another_corpus_the_same_codes(synth_dir, tmp_path, cap
     assert clip_codes(out).keys() == ours.keys()
     P.main(args + ["--force"])
     assert A.codec_id(out) == A.codec_id(src)
+    # codec_id's cache of the hash is per file version: a codec written over in place with the
+    # same size (a re-fit) gets its new id in the same process
+    again = tmp_path / "resaved"
+    again.mkdir()
+    shutil.copy(src / "meta.json", again / "meta.json")
+    torch.save(ck, again / "codec.pt")
+    before, size = A.codec_id(again), (again / "codec.pt").stat().st_size
+    ck["model"][key][0] += 1.0
+    torch.save(ck, again / "codec.pt")
+    assert (again / "codec.pt").stat().st_size == size and A.codec_id(again) != before
 
 def test_no_codes_stores_the_same_mel_and_text_and_no_codes(synth_dir, tmp_path, capsys):
     """--no_codes: the same clips get the very mel and text they have in a corpus with codes, no

@@ -880,6 +880,9 @@ def test_eval_table_mean_and_std_rows(monkeypatch, capsys, tmp_path):
     written = json.load(open(tmp_path / "e.json"))
     assert [r["run"] for r in written] == ["r0", "r1", "mean (2 runs)", "std (2 runs)"]
     assert written[2]["nll"] == 2.0 and abs(written[3]["nll"] - sample_std([1.0, 3.0])) < 1e-12
+    # a text column (whisper_gpt's "kinds") is shown per run and left out of the mean and std
+    mean_row, std_row = E.mean_rows([{**r, "kinds": "all"} for r in rows])
+    assert mean_row["nll"] == 2.0 and "kinds" not in mean_row and "kinds" not in std_row
 
 def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
     """--mean takes runs that differ in their seed only: another setting is refused, named; runs
@@ -916,6 +919,10 @@ def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
     assert E.checkpoint_paths([paths[0], os.path.dirname(paths[0]), paths[1]]) == paths[:2]
     assert f"{os.path.join(os.path.dirname(paths[0]), 'ckpt.pt')} is {paths[0]} again" in \
         capsys.readouterr().err
+    # and through a link to its folder: the same file
+    link = tmp_path / "link"
+    os.symlink(os.path.dirname(paths[0]), link)
+    assert E.checkpoint_paths([paths[0], str(link)]) == paths[:1]
 
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
