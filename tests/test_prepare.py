@@ -240,13 +240,13 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
         A.load_audio(tmp_path / "long.wav")
     # audio that is not encoded (prepare.py --no_codes, a text model's --audio) has no limit
     assert len(A.load_audio(tmp_path / "long.wav", None)) == (A.MAX_CLIP_SECONDS + 1) * SR
-    # the bounds themselves are in: a clip of exactly MAX_CLIP_SECONDS, a rate of MIN_SAMPLE_RATE
-    sf.write(tmp_path / "edge.wav", np.full(A.MAX_CLIP_SECONDS * A.MIN_SAMPLE_RATE, 0.1,
-                                            np.float32), A.MIN_SAMPLE_RATE, subtype="FLOAT")
+    # the bounds themselves are in: a clip of exactly MAX_CLIP_SECONDS, a rate of 4 kHz (the
+    # lowest audio rate taken; 3999 Hz is refused)
+    sf.write(tmp_path / "edge.wav", np.full(A.MAX_CLIP_SECONDS * 4000, 0.1, np.float32), 4000,
+             subtype="FLOAT")
     assert len(A.load_audio(tmp_path / "edge.wav")) == A.MAX_CLIP_SECONDS * SR
-    sf.write(tmp_path / "rate_low.wav", sine(440, 1.0)[:A.MIN_SAMPLE_RATE - 1],
-             A.MIN_SAMPLE_RATE - 1, subtype="FLOAT")
-    with pytest.raises(A.BadAudio, match=f"a sample rate of {A.MIN_SAMPLE_RATE - 1} Hz"):
+    sf.write(tmp_path / "rate_low.wav", sine(440, 1.0)[:3999], 3999, subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match="a sample rate of 3999 Hz"):
         A.load_audio(tmp_path / "rate_low.wav")
     # text named .mp3: libsndfile's own words would say the file does not exist
     (tmp_path / "fake.mp3").write_text("hi\n")
