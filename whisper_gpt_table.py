@@ -123,7 +123,14 @@ def checkpoint_state(path):
 def read_wall(d):
     """Seconds spent training run d so far (wall.json), 0 if none."""
     path = os.path.join(d, "wall.json")
-    return json.load(open(path))["seconds"] if os.path.isfile(path) else 0.0
+    if not os.path.isfile(path):
+        return 0.0
+    try:
+        with open(path) as f:
+            return float(json.load(f)["seconds"])
+    except (ValueError, KeyError, TypeError) as e:  # written whole by the table: edited by hand
+        fail(f"{path}: not the sweep's record of the run's wall time ({type(e).__name__}: {e}); "
+             f"delete it to count that run's time from now")
 
 def last_iter(d):
     """The last "iter i/N | ... | eta ..." line of run d's train.log, as "iter i/N, eta ...".

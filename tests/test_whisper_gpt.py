@@ -1382,6 +1382,19 @@ def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
     assert os.listdir(tmp_path / "runs") == ["table1.md"]
     assert (tmp_path / "notes.md").read_text() == "# my notes\n"
 
+def test_table_reads_a_runs_wall_time_or_names_the_file(tmp_path, capsys):
+    """wall.json (the seconds a run trained, over the sweeps that trained it): read back, 0 without
+    one, and one that is not the sweep's (edited by hand) stops the table in one line naming it."""
+    import whisper_gpt_table as WT
+    assert WT.read_wall(str(tmp_path)) == 0.0
+    WT.write_json(str(tmp_path / "wall.json"), {"seconds": 61.5})
+    assert WT.read_wall(str(tmp_path)) == 61.5
+    for bad in ('{"seconds": ', '{"secs": 3}', '[]'):
+        (tmp_path / "wall.json").write_text(bad)
+        with pytest.raises(SystemExit):
+            WT.read_wall(str(tmp_path))
+        assert f"{tmp_path / 'wall.json'}: not the sweep's record" in capsys.readouterr().err
+
 def test_table_keys_the_code_not_its_comments_or_docstrings(tmp_path):
     """Kept evaluations are keyed by the scoring code: an edited comment or docstring keeps them,
     a changed line of code does not."""
