@@ -1073,6 +1073,11 @@ def load_data(data_dir, config, tok):
         if not by_task:
             raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
                              f"{config.tasks!r}")
+        if split == "train":  # what the mix holds: data without captions or QA trains less
+            none = [t for t in mix_tasks(tasks) if t not in by_task]
+            print(f"pengi: {data_dir} train examples: "
+                  + ", ".join(f"{t} {len(by_task[t])}" for t in sorted(by_task))
+                  + (f"; none for {', '.join(none)}" if none else ""))
         # task_p follows the tasks' sorted order, as get_batch's pick does
         data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
                        "task_p": task_probabilities(sorted(by_task), weights, split)}

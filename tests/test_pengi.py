@@ -243,6 +243,15 @@ def test_mapper_by_hand():
     torch.testing.assert_close(mapper(e), want, rtol=1e-5, atol=1e-5)
 
 
+def test_load_data_says_how_many_examples_each_task_has(synth_dir, dtmf_dir, capsys):
+    """load_data prints the train split's examples per task of the mix, and the tasks the data
+    offers none of (a corpus without music trains without those tasks)."""
+    for data_dir, none in ((synth_dir, ""), (dtmf_dir, "; none for instrument, pitch, chord")):
+        tok = tokenizer.load_tokenizer(data_dir, "corpus")
+        data = pengi.load_data(data_dir, pengi.PengiConfig(max_frames=16), tok)
+        counts = ", ".join(f"{t} {len(v)}" for t, v in sorted(data["train"]["by_task"].items()))
+        assert f"pengi: {data_dir} train examples: {counts}{none}\n" in capsys.readouterr().out
+
 def test_val_batches_are_not_randomly_cropped(synth_dir):
     """Validation batches (train.py's val loss) crop long clips from their start, whatever the
     rng: only training crops are random."""
