@@ -309,7 +309,7 @@ class AudioEncoder(nn.Module):
         C, p = config.enc_dim, config.patch_size
         self.patch_embed = nn.Conv2d(1, C, kernel_size=p, stride=p)
         self.patch_norm = nn.LayerNorm(C)
-        Fg, Tg = stages[0][3]  # the first stage's patch grid
+        _, _, _, (Fg, Tg) = stages[0]  # the first stage's patch grid
         self.pos_emb = nn.Parameter(torch.zeros(1, Fg, Tg, C))
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -324,7 +324,7 @@ class AudioEncoder(nn.Module):
         # the frequency head: HTSAT's token-semantic conv across all F' frequency rows (as a linear
         # layer), averaged over time (the mean first: the same, the layer being linear). A mean
         # over the grid would lose the pitch (docs/pengi.md)
-        last_rows = stages[-1][3][0]  # the last grid's frequency rows
+        _, _, _, (last_rows, _) = stages[-1]  # the last grid's frequency rows
         self.freq_head = nn.Linear(last_rows * C, C)
         self.out_dim = C
         self.mel_shape = (config.max_frames, config.n_mels)  # the input it takes, (frames, n_mels)

@@ -2147,7 +2147,7 @@ def text_perplexity(model, stream, max_windows):
 
 def tagging_metrics(model, data, split, max_clips):
     """Stage "beats": the tags' mean average precision, and the accuracy of the top-scored class
-    tag on the clips that have one."""
+    tag on the clips that have one (tag_cls_acc; stages 1-3's cls_acc is the LLM's answers')."""
     S = data.splits[split]
     clips = first_n(list(range(len(S["clips"]))), max_clips)
     logits = torch.cat([clip_tag_logits(model, [data.clip_mel(split, ci) for ci in clips[i:i + 32]],
@@ -2166,7 +2166,7 @@ def tagging_metrics(model, data, split, max_clips):
     if has_cls.any():
         top_cls = np.array(cls)[logits[:, cls].argmax(1)]
         cls_acc = float((labels[np.arange(len(clips)), top_cls][has_cls]).mean())
-    return {"tag_map": float(np.mean(aps)), "cls_acc": cls_acc, "n_clips": len(clips)}
+    return {"tag_map": float(np.mean(aps)), "tag_cls_acc": cls_acc, "n_clips": len(clips)}
 
 def audio_token_rms(model, data, split):
     """The audio tokens' RMS (per element) on the split's first 32 clips, next to the LLM's token

@@ -1636,8 +1636,8 @@ def test_beats_stage_learns_to_tag_the_corpus(synth_dir):
         return Counter(classes).most_common(1)[0][1] / len(classes)
     assert got["val"]["n_clips"] >= 10
     assert got["val"]["tag_map"] > untrained["tag_map"] + 0.15, (untrained, got)
-    assert got["val"]["cls_acc"] > best_constant("val") + 0.1, got
-    assert got["train"]["cls_acc"] > best_constant("train") + 0.3, got
+    assert got["val"]["tag_cls_acc"] > best_constant("val") + 0.1, got
+    assert got["train"]["tag_cls_acc"] > best_constant("train") + 0.3, got
 
 def test_tagging_metrics_by_hand(monkeypatch):
     """Stage "beats"'s evaluation: mAP over the tags that have a positive, and class accuracy on
@@ -1669,7 +1669,7 @@ def test_tagging_metrics_by_hand(monkeypatch):
     # keeps clip order) -> 1/3; pitch's 2nd and 3rd -> (1/2 + 2/3) / 2
     assert ap == pytest.approx([1 / 2, 1 / 3, (1 / 2 + 2 / 3) / 2])
     assert got["tag_map"] == pytest.approx(np.mean(ap))
-    assert got["cls_acc"] == pytest.approx(1 / 3) and got["n_clips"] == 4
+    assert got["tag_cls_acc"] == pytest.approx(1 / 3) and got["n_clips"] == 4
 
 def test_copy_probe_scores_copying(synth_dir):
     """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span
