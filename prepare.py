@@ -443,8 +443,8 @@ def already_prepared(out, args, args_hash):
     """Whether out holds a finished run of these arguments (hashed to args_hash), also when the
     folder was moved or copied there. With a meta.json there, one line says which it is.
     Data prepared there with other arguments, or a meta.json that cannot be read, stops the run,
-    as rebuilding would replace the data and the offline codec that runs trained on it read. --force rebuilds; a stopped rebuild with
-    these arguments resumes."""
+    as rebuilding would replace the data and the offline codec that runs trained on it read.
+    --force rebuilds; a stopped rebuild with these arguments resumes."""
     meta_path = out / "meta.json"
     if args.force or not meta_path.exists():
         return False

@@ -1045,7 +1045,8 @@ def test_llm_init_folder_gives_the_tokenizer_its_checkpoint_records(tmp_path, ca
     assert "trained with tokenizer 'gpt2', but tokenizer='corpus'" in capsys.readouterr().err
     config.tokenizer = "gpt2"
     tok = train.choose_tokenizer(config, str(tmp_path), "", None, "scratch", None)
-    assert tok.n_vocab == 50257 and f"as recorded in {run_dir / 'ckpt.pt'}" in capsys.readouterr().out
+    assert tok.n_vocab == 50257
+    assert f"as recorded in {run_dir / 'ckpt.pt'}" in capsys.readouterr().out
     (run_dir / "model.safetensors").write_bytes(b"")  # a Hugging Face folder: its weights load
     config.tokenizer = "corpus"
     with pytest.raises(SystemExit):  # no corpus BPE here: the data dir's is what was asked for
