@@ -141,18 +141,6 @@ def read_clip(data_dir, split, index):
                                    meta["whisper_mel"]["n_mels"], info["woffset"], info["wframes"])
     return arrays, info
 
-def write_wav(path, wav, sample_rate):
-    import soundfile as sf
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with written_whole(path) as tmp:
-        sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV",
-                 subtype="PCM_16")
-
-def write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with written_whole(path) as tmp, open(tmp, "w") as f:
-        f.write(text + "\n")
-
 @contextmanager
 def written_whole(path):
     """Write to path.tmp, then rename it over path (atomic); a write that fails (a full disk)
@@ -165,6 +153,18 @@ def written_whole(path):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+def write_wav(path, wav, sample_rate):
+    import soundfile as sf
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with written_whole(path) as tmp:
+        sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV",
+                 subtype="PCM_16")
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with written_whole(path) as tmp, open(tmp, "w") as f:
+        f.write(text + "\n")
 
 if __name__ == "__main__":
     # raw_opts: the model's sample() options, typed and checked once its file is known
