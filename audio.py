@@ -167,14 +167,15 @@ def load_audio(path, max_seconds=MAX_CLIP_SECONDS):
             why = "libsndfile cannot open it as audio"
         raise BadAudio(path, f"unreadable or corrupt audio ({type(e).__name__}: {why})")
     if file_sr < MIN_SAMPLE_RATE:  # resampling it would make hours of audio of a second
-        raise BadAudio(path, f"a sample rate of {file_sr} Hz: not an audio rate (at least "
+        raise BadAudio(path, f"not an audio rate: a sample rate of {file_sr} Hz (at least "
                              f"{MIN_SAMPLE_RATE} Hz)")
     if max_seconds is not None and len(data) > max_seconds * file_sr:
-        raise BadAudio(path, f"{len(data) / file_sr:.0f} s long, over the {max_seconds} s a clip "
-                             f"may last to be encoded (the codec encodes a clip whole): split it")
+        raise BadAudio(path, f"too long to encode: {len(data) / file_sr:.0f} s, over the "
+                             f"{max_seconds} s a clip may last (the codec encodes a clip whole): "
+                             f"split it")
     wav = data.mean(axis=1)
     if data.shape[1] > 1 and wav.size and np.abs(wav).max() < 1e-4 <= np.abs(data).max():
-        raise BadAudio(path, f"its {data.shape[1]} channels cancel when mixed to mono (peak "
+        raise BadAudio(path, f"channels that cancel when mixed to mono: {data.shape[1]} (peak "
                              f"{np.abs(data).max():.2g} in a channel, {np.abs(wav).max():.1e} "
                              f"mixed): a channel inverted?")
     if wav.size and np.all(np.isfinite(wav)):

@@ -282,6 +282,8 @@ if __name__ == "__main__":
         print(f"input: {audio}, {len(wav) / meta['sample_rate']:.2f} s")
     else:
         inp, info = read_clip(data_dir, split, clip)
+        if not codes_model:  # as from --audio: a text model reads the mel (and Whisper's)
+            inp.pop("codes", None)
         print(f"input: {split} clip {clip} ({info['id']}, {info['kind']}, {info['duration']:.2f} s)"
               + (f": {info['caption']}" if info.get("caption") else ""))
 

@@ -216,7 +216,7 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
                                atol=1e-7)
     # channels that cancel in the mix: named as such, not as a silent file
     sf.write(tmp_path / "inverted.wav", np.stack([left, -left], 1), SR, subtype="FLOAT")
-    with pytest.raises(A.BadAudio, match="its 2 channels cancel when mixed to mono"):
+    with pytest.raises(A.BadAudio, match="channels that cancel when mixed to mono: 2 "):
         A.load_audio(tmp_path / "inverted.wav")
     # a silent stereo file is silent, not cancelling; every refusal names the file it read
     sf.write(tmp_path / "silent.wav", np.zeros((SR // 10, 2), np.float32), SR, subtype="FLOAT")
@@ -230,13 +230,13 @@ def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     # a header's rate that is no audio rate (1 Hz: a second of samples would be read as 6.7 hours),
     # and a clip longer than the codec encodes in one piece: each named before any resampling
     sf.write(tmp_path / "rate1.wav", sine(440, 1.0), 1, subtype="FLOAT")
-    with pytest.raises(A.BadAudio, match="a sample rate of 1 Hz: not an audio rate") as e:
+    with pytest.raises(A.BadAudio, match="not an audio rate: a sample rate of 1 Hz ") as e:
         A.load_audio(tmp_path / "rate1.wav")
     assert str(e.value).startswith(f"{tmp_path / 'rate1.wav'}: ")
     sf.write(tmp_path / "long.wav", np.full((A.MAX_CLIP_SECONDS + 1) * 4000, 0.1, np.float32), 4000,
              subtype="FLOAT")
-    with pytest.raises(A.BadAudio, match=f"{A.MAX_CLIP_SECONDS + 1} s long, over the "
-                                         f"{A.MAX_CLIP_SECONDS} s a clip may last to be encoded"):
+    with pytest.raises(A.BadAudio, match=f"too long to encode: {A.MAX_CLIP_SECONDS + 1} s, over "
+                                         f"the {A.MAX_CLIP_SECONDS} s a clip may last"):
         A.load_audio(tmp_path / "long.wav")
     # audio that is not encoded (prepare.py --no_codes, a text model's --audio) has no limit
     assert len(A.load_audio(tmp_path / "long.wav", None)) == (A.MAX_CLIP_SECONDS + 1) * SR
@@ -1231,6 +1231,28 @@ BAD = {"corrupt.wav": "unreadable or corrupt", "empty.wav": "zero-length",
        "loud.wav": "peak amplitude over 100 (5e+05, where full scale is 1",
        "missing.wav": "named in the manifest but the file is missing"}
 
+
+def test_skipped_inputs_are_counted_by_kind_of_problem(tmp_path, capsys):
+    """The summary counts kinds of problem: two files too long, at other lengths, or at two rates
+    too low, are one kind each (the figures of each file are in its own line, not in the key)."""
+    problems = P.InputProblems(strict=False)
+    for i, n in enumerate((130, 125)):
+        path = tmp_path / f"long{i}.wav"
+        sf.write(path, np.full(n * 4000, 0.1, np.float32), 4000, subtype="FLOAT")
+        with pytest.raises(A.BadAudio) as e:
+            A.load_audio(path)
+        problems(str(path), e.value.reason)
+    for rate in (3000, 2000):
+        path = tmp_path / f"rate{rate}.wav"
+        sf.write(path, np.full(rate, 0.1, np.float32), rate, subtype="FLOAT")
+        with pytest.raises(A.BadAudio) as e:
+            A.load_audio(path)
+        problems(str(path), e.value.reason)
+    assert problems.counts == {"too long to encode": 2, "not an audio rate": 2}
+    lines = capsys.readouterr().out
+    assert (f"skipping {tmp_path / 'long0.wav'}: too long to encode: 130 s" in lines
+            and f"skipping {tmp_path / 'rate2000.wav'}: not an audio rate: a sample rate of "
+                f"2000 Hz" in lines), lines
 
 def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
