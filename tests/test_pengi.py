@@ -118,6 +118,12 @@ def test_frozen_parts_bit_identical_after_steps():
                for n in changed) and any(n.startswith("m1.") for n in changed)
     assert any(n.startswith("m2.")
                for n in changed) and "text_encoder.text_projection.weight" in changed
+    # and they run in eval mode while the rest trains, as a frozen pretrained model does (were
+    # dropout added to them, it would stay off)
+    assert m.training and m.audio_encoder.training and m.m1.training
+    assert not any(x.training for x in m.llm.modules()) and not m.text_encoder.training
+    m2 = tiny_model(text_trainable=True).train()
+    assert m2.text_encoder.training and not m2.llm.training
 
 
 def test_loss_on_answer_tokens_only():
@@ -1337,7 +1343,7 @@ def test_linear_probe_fits_on_the_first_max_clips_training_clips():
     """linear_probe reads the first max_clips labelled training clips: here the first 20 map
     feature +1 to "a" and -1 to "b", the 40 after them the other way round, so the probe of 20
     clips gets every val clip (the first mapping) right and that of 60 clips few (it follows the
-    later clips' mapping)."""
+    later clips' mapping). It scores the first max_clips val clips as well."""
     rng = np.random.default_rng(0)
 
     def split(labels, signs):
@@ -1355,6 +1361,13 @@ def test_linear_probe_fits_on_the_first_max_clips_training_clips():
             "max_frames": 4, "pad": "repeat"}
     assert pengi.linear_probe(MeanEmbedding(), data, "val", "class", max_clips=20) == 1.0
     assert pengi.linear_probe(MeanEmbedding(), data, "val", "class", max_clips=60) < 0.5
+    # and it scores the first max_clips val clips: here the first 10 follow the training
+    # mapping, the 20 after them the other one
+    data["train"] = split(["a", "b"] * 10, [1.0, -1.0] * 10)
+    val = ["a", "b"] * 15
+    data["val"] = split(val, [(1.0 if label == "a" else -1.0) * (1 if i < 10 else -1)
+                              for i, label in enumerate(val)])
+    assert pengi.linear_probe(MeanEmbedding(), data, "val", "class", max_clips=10) == 1.0
 
 
 def test_task_mix_from_templates(synth_dir):

@@ -1660,7 +1660,7 @@ def test_residual_projections_start_scaled_by_their_own_stacks_depth():
     """GPT-2's init, as the model file says: every Linear and Embedding N(0, 0.02), but each
     residual projection (c_proj) 0.02 / sqrt(2 * layers of its own stack): n_layer for the main
     decoder, mel_n_layer for the mel decoder; mel_out 0.02 / sqrt(mel_n_embd). Measured on large
-    enough matrices (>= 16k weights: the std is known to ~1 %)."""
+    enough matrices (>= 16k weights: the std is known to ~1 %; mel_out's 2k to ~2 %)."""
     torch.manual_seed(0)
     c = W.Config(block_size=8, vocab_size=256, n_layer=3, n_head=2, n_embd=128, n_mels=8,
                  mel_n_layer=1, mel_n_head=2, mel_n_embd=128, mel_dim=16)
@@ -1677,6 +1677,9 @@ def test_residual_projections_start_scaled_by_their_own_stacks_depth():
             want = 0.02
         assert abs(p.std().item() / want - 1) < 0.05, (name, p.std().item(), want)
         assert abs(p.mean().item()) < 0.05 * want, name
+    # mel_out is smaller (16 x 128 = 2048 weights: its std known to ~2 %)
+    w = model.mel_out.weight
+    assert w.numel() == 2048 and abs(w.std().item() / (0.02 / math.sqrt(c.mel_n_embd)) - 1) < 0.1
 
 def test_load_data_warns_when_mel_lag_is_below_the_leak_free_lag(synth_dir, capsys):
     """load_data warns about the leaky alignment exactly when the hybrid's mel_lag is below
