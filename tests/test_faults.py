@@ -353,26 +353,29 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
         "run the same command without --force again to resume (other arguments start anew)")
     assert "without" not in prepare.interrupted_message(cmd[2:])
 
+def interrupted(cmd, marker, settle=0.0):
+    """Run cmd until its output holds marker (and settle seconds more), send it SIGINT alone, and
+    check that it ends with code 1 and no traceback; its last line."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=sigint_as_usual)
+    seen, t0 = b"", time.time()
+    while marker not in seen and time.time() - t0 < 300:
+        chunk = proc.stdout.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.poll() is None, seen.decode(errors="replace")  # still at work
+    time.sleep(settle)
+    proc.send_signal(signal.SIGINT)
+    out = (seen + proc.communicate(timeout=120)[0]).decode(errors="replace")
+    assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
+    return out.rstrip().splitlines()[-1]
+
 def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
     """Ctrl-C (SIGINT) in train.py's loop: a line naming the iteration and the checkpoint kept,
     which loads (before the loop, while the data loads: a line saying so); in sample.py's
     generation and eval.py's evaluations: a line saying nothing was written, and nothing is. None
     prints a traceback."""
-    def interrupted(cmd, marker):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=sigint_as_usual)
-        seen, t0 = b"", time.time()
-        while marker not in seen and time.time() - t0 < 300:
-            chunk = proc.stdout.read1(4096)
-            if not chunk:
-                break
-            seen += chunk
-        assert proc.poll() is None, seen.decode(errors="replace")  # still at work
-        proc.send_signal(signal.SIGINT)
-        out = (seen + proc.communicate(timeout=120)[0]).decode(errors="replace")
-        assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
-        return out.rstrip().splitlines()[-1]
-
     # while the data loads and the model is built (~1-2 s after the run's first line)
     early = tmp_path / "early"
     last = interrupted(train(early, synth_dir, "--max_iters=100000"), b"iterations into")
@@ -586,27 +589,12 @@ def test_table_and_bench_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_pat
     """whisper_gpt_table.py sent SIGINT alone (its train.py runs not signalled, as with `kill -INT`)
     stops them too and says in one line that the runs are kept; bench_whisper_gpt.py says nothing
     was written. Neither prints a traceback."""
-    def stop(cmd, marker):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=sigint_as_usual)
-        seen, t0 = b"", time.time()
-        while marker not in seen and time.time() - t0 < 300:
-            chunk = proc.stdout.read1(4096)
-            if not chunk:
-                break
-            seen += chunk
-        assert proc.poll() is None, seen.decode(errors="replace")  # still at work
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        out = (seen + proc.communicate(timeout=120)[0]).decode(errors="replace")
-        assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
-        return out.rstrip().splitlines()[-1]
-
     runs = tmp_path / "runs"
-    last = stop([sys.executable, "whisper_gpt_table.py", "--models=s", "--kinds=speech",
-                 "--seeds=1", f"--data_dir={synth_dir}", f"--out_root={runs}",
-                 "--max_iters=100000", "--eval_interval=1000", "--eval_iters=1", "--batch_size=2",
-                 "--block_size=16", "--log_interval=1"], b"  start ")
+    table = [sys.executable, "whisper_gpt_table.py", "--models=s", "--kinds=speech", "--seeds=1",
+             f"--data_dir={synth_dir}", f"--out_root={runs}", "--max_iters=100000",
+             "--eval_interval=1000", "--eval_iters=1", "--batch_size=2", "--block_size=16",
+             "--log_interval=1"]
+    last = interrupted(table, b"  start ", settle=1.0)
     assert last == ("whisper_gpt_table.py: interrupted; the runs in --out_root are kept, each at "
                     "its last checkpoint: the same command goes on from there"), last
     # no train.py of the sweep is left running: none names its out_root
@@ -619,7 +607,8 @@ def test_table_and_bench_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_pat
         if str(runs) in cmdline and "train.py" in cmdline:
             left.append(cmdline)
     assert not left, left
-    last = stop([sys.executable, "bench_whisper_gpt.py", "--part=generate",
-                 f"--data_dir={synth_dir}", "--new_tokens=1000", "--repeats=1"],
-                b"| GPT-S | KV cache")  # then recomputation, ~10x slower: at work when stopped
+    bench = [sys.executable, "bench_whisper_gpt.py", "--part=generate", f"--data_dir={synth_dir}",
+             "--new_tokens=1000", "--repeats=1"]
+    # stopped after its first row, in recomputation (~10x slower)
+    last = interrupted(bench, b"| GPT-S | KV cache", settle=1.0)
     assert last == "bench_whisper_gpt.py: interrupted; nothing was written", last
