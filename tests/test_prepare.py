@@ -1254,6 +1254,7 @@ def test_skipped_inputs_are_counted_by_kind_of_problem(tmp_path, capsys):
             and f"skipping {tmp_path / 'rate2000.wav'}: not an audio rate: a sample rate of "
                 f"2000 Hz" in lines), lines
 
+
 def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     write_folder(src)
