@@ -2567,3 +2567,84 @@ def test_audio_mask_counted_per_row():
     # no audio_mask at all, in a stage with audio: named, not an AttributeError
     with torch.no_grad(), pytest.raises(ValueError, match="stage 'pretrain' needs audio_mask"):
         m.embed(batch["idx"], batch["mel"], batch["mel_lens"])
+
+
+def test_lora_starts_as_the_base_model():
+    """LoRA's B starts at zero (peft's init): before training, the adapted LLM gives the base
+    LLM's output (lora_scale 0) exactly."""
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config()).eval()
+    x = torch.randn(2, 10, m.config.llm_n_embd)
+    with torch.no_grad():
+        adapted, _ = m.llm(x)
+        m.lora_scale = 0.0
+        base, _ = m.llm(x)
+    assert torch.equal(adapted, base)
+
+
+def test_each_stage_trains_on_its_papers_tasks():
+    """stage_tasks: the whisper stage transcribes, stage 1 transcribes and captions, stage 2 adds
+    QA, music, classification and the speaker, stage 3 tells stories; the beats and llm stages
+    have no audio tasks."""
+    want = {"whisper": ("transcription",), "pretrain": ("transcription", "captioning"),
+            "instruct": ("transcription", "captioning", "qa", "music", "classification",
+                         "speaker"),
+            "activation": ("story",), "beats": (), "llm": ()}
+    for stage, tasks in want.items():
+        assert salmonn.stage_tasks(tiny_config(stage=stage, tags="a|b")) == tasks, stage
+
+
+def test_copy_probe_refuses_extra_words_and_runs_in_eval_mode(synth_dir):
+    """copy_probe counts an exact copy of the span only (a span and one word more is no copy), and
+    runs the LLM in eval mode, putting the model back in train mode after."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96))
+    pre = len(salmonn.encode_text(tok, salmonn.PROMPT_PREFIX))
+    suffix = salmonn.PROMPT_SUFFIX.format(instruction=salmonn.COPY_INSTRUCTIONS["repeat"][0])
+    post = len(salmonn.encode_text(tok, suffix))
+    modes = []
+
+    def copies(extra):  # a stand-in generate: the prompt's span (read back from its embeddings)
+        def generate(x, max_new_tokens, eot, beam):
+            modes.append(m.training)
+            ids = torch.cdist(x[0], m.llm.wte.weight).argmin(-1).tolist()
+            return ids[pre:len(ids) - post] + extra
+        return generate
+    m.train()
+    m.generate = copies([])
+    assert salmonn.copy_probe(m, tok, n=5) == 1.0
+    assert modes and not any(modes) and m.training
+    m.generate = copies(salmonn.encode_text(tok, " extra"))
+    assert salmonn.copy_probe(m, tok, n=5) == 0.0
+
+
+def test_new_audio_encoder_weights_refresh_the_encoder_cache():
+    """The frozen encoders' cache is stamped with both encoders' weights: new BEATs weights (not
+    a rescale, which the LayerNorms after it undo) give the loss of a model without the cache."""
+    torch.manual_seed(0)
+    cached = SALMONN(tiny_config())
+    plain = SALMONN(tiny_config(cache_encoders=False))
+    plain.load_state_dict(cached.state_dict())
+    batch = random_batch(cached.config, lens=(37, 20))
+    cached(**batch)
+    with torch.no_grad():
+        state = {k: v + 0.1 * torch.randn_like(v) for k, v in plain.beats.state_dict().items()}
+        for m in (cached, plain):
+            m.beats.load_state_dict(state)
+    assert torch.allclose(cached(**batch)[1], plain(**batch)[1], atol=1e-6)
+
+
+def test_spec_augment_on_a_clip_shorter_than_a_time_mask():
+    """A clip of 3 frames (under the 5-frame time mask): masked within its frames, no error, its
+    padding untouched."""
+    mel, lens = torch.randn(2, 10, 8), torch.tensor([10, 3])
+    for seed in range(50):
+        out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed))
+        assert torch.equal(out[1, 3:], mel[1, 3:])
+
+
+def test_edit_distance_counts_a_leading_insertion():
+    """Levenshtein distance with insertions before the reference's words: the last "a" kept, the
+    first made "c", three "c" inserted."""
+    assert salmonn.edit_distance("a a".split(), "c c c c a".split()) == 4
