@@ -543,14 +543,15 @@ def test_mixed_precision_trains_and_resumes(full_run, synth_dir, tmp_path, dtype
         assert ck["scaler"]["_growth_tracker"] == 8
 
 def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
-    """The lr of every iteration (TINY: warmup 2, decay to iteration 8, 1e-2 -> 1e-3), against
+    """The lr of every iteration (TINY: warmup 2, decay to iteration 8, 1e-2 -> 2.5e-3), against
     the schedule written out here: linear warmup lr*(it+1)/(warmup+1), then cosine from lr at
     it=warmup to min_lr at it=decay_end, then min_lr. log.jsonl's record for iteration k holds the
     lr of the step that made it (it = k-1); the checkpoint's optimizer holds the lr set for the
     step after its iter_num, so a run split at 5 checks a cosine value in the optimizer itself."""
     import math
     import torch
-    lr0, lr_min, warmup, decay_end = 1e-2, 1e-3, 2, 8
+    # min_lr not lr / 10: the floor after decay_end must be min_lr itself
+    lr0, lr_min, warmup, decay_end = 1e-2, 2.5e-3, 2, 8
 
     def expected(it):
         if it < warmup:
@@ -563,7 +564,8 @@ def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
     assert abs(expected(0) - lr0 / 3) < 1e-15 and abs(expected(5) - (lr0 + lr_min) / 2) < 1e-15
 
     out = str(tmp_path)
-    common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    common = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+              f"--min_lr={lr_min}"]
     opt_lrs = {}
     for max_iters, extra in ((5, []), (10, ["--init_from=resume"])):
         run(common + [f"--max_iters={max_iters}", *extra])
