@@ -2241,3 +2241,70 @@ def test_a_rebuild_leaves_no_codec_files_of_the_run_before(tmp_path):
             "--force"])  # a rebuild over the earlier run (no meta.json: else refused)
     assert json.loads((out / "meta.json").read_text())["codec"] is None
     assert not (out / "codec.pt").exists() and not (out / "codec.png").exists()
+
+
+def test_flags_that_only_watch_a_run_are_not_hashed():
+    """--strict, --quiet, --force and --codebook0_mel change how a run goes, not its output: a
+    finished folder re-run with one of them is the same data, not "other arguments"."""
+    base = P.hash_args(P.get_args([]))
+    for flag in ("--strict", "--quiet", "--force", "--codebook0_mel"):
+        assert P.hash_args(P.get_args([flag])) == base, flag
+
+
+def test_codebook0_mels_decode_codebook_0_alone(tmp_path, monkeypatch):
+    """codebook0_mels decodes each clip's first codebook only (the codes of every codebook differ
+    here, 1..n_q: the decoder must see 1s alone)."""
+    meta = {"n_q": A.N_Q, "n_mels": A.N_MELS,
+            "splits": {s: {"clips": 1, "frames": 2} for s in ("train", "val")}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    for s in ("train", "val"):
+        (tmp_path / f"{s}_clips.jsonl").write_text(json.dumps({"offset": 0, "frames": 2}) + "\n")
+        np.tile(np.arange(1, A.N_Q + 1, dtype=np.uint16), (2, 1)).tofile(
+            tmp_path / f"{s}_codes.bin")
+    seen = []
+    monkeypatch.setattr(P, "load_codec", lambda d: "codec")
+    monkeypatch.setattr(P, "decode", lambda c, codes: (seen.append(np.asarray(codes).tolist()),
+                                                       torch.zeros(len(codes) * A.HOP))[1])
+    P.codebook0_mels(tmp_path, quiet=True)
+    assert seen == [[[1], [1]], [[1], [1]]]
+
+
+def test_a_rebuild_removes_the_files_the_new_data_lacks(tmp_path, monkeypatch):
+    """--force rebuilds without --codebook0_mel, or with --no_codes: the old codebook-0 mels, or
+    codes, which would no longer line up with the new data, are gone."""
+    monkeypatch.setattr(P, "train_codec", lambda *a, **k: None)
+    out = tmp_path / "out"
+    base = ["--max_seconds=1.0", f"--out_dir={out}", "--val_percent=30"]
+    P.main(base + ["--clips=6", "--codebook0_mel"] + FAST)
+    assert (out / "train_mel_c0.bin").exists()
+    P.main(base + ["--clips=5", "--force"] + FAST)
+    assert not list(out.glob("*_mel_c0.bin"))
+    P.main(base + ["--clips=5", "--force", "--quiet", "--no_codes", "--offline"])
+    assert not list(out.glob("*codes*"))
+
+
+def test_librispeech_clips_are_labelled_with_speaker_and_chapter_and_asked_what_is_said(tmp_path):
+    """A LibriSpeech utterance: class speech, its speaker and chapter from the folders, and the
+    question of what the speaker says, answered by its transcript (lower case)."""
+    d = tmp_path / "19" / "198"
+    d.mkdir(parents=True)
+    sf.write(d / "19-198-0000.flac", np.zeros(1600, np.float32), 16000)
+    (d / "19-198.trans.txt").write_text("19-198-0000 HELLO THERE\n")
+    items = P.librispeech_items(tmp_path, lambda *a: None)
+    assert items[0]["labels"] == {"class": "speech", "speaker": "19", "chapter": "198"}
+    assert items[0]["qa"] == [{"q": "what does the speaker say?", "a": "hello there"}]
+
+
+def test_a_folder_prepared_at_its_default_place_by_absolute_path_is_known_when_moved(tmp_path,
+                                                                                    monkeypatch):
+    """--out_dir given as the absolute path of the default place (cwd/data/synth) hashes as the
+    default place; a copy of that folder, prepared elsewhere from another directory, is the same
+    data."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    monkeypatch.chdir(a)
+    then = P.get_args([f"--out_dir={a / 'data' / 'synth'}"])
+    meta = {"args": vars(then), "args_hash": P.hash_args(then)}
+    monkeypatch.chdir(b)
+    assert P.prepared_elsewhere(meta, P.get_args([f"--out_dir={b / 'moved'}"]))
