@@ -10,6 +10,7 @@ EnCodec's own architecture (audio.offline_codec) and:
 Using the codec, once fitted, is audio.py's.
 """
 import os
+import sys
 import math
 from pathlib import Path
 
@@ -243,8 +244,12 @@ def train_codec(model, wavs, steps, batch=4, crop_seconds=0.3, lr=1e-4, ckpt=Non
             try:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "step": step}, tmp)
-            except BaseException:
+            except BaseException as e:
                 tmp.unlink(missing_ok=True)  # a part left on a full disk would keep it full
+                if isinstance(e, (OSError, RuntimeError)):  # torch.save's on a full disk
+                    sys.exit(f"error: {ckpt}: cannot be written ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); is the disk full? The last saved "
+                             f"step is kept: the same command resumes")
                 raise
             os.replace(tmp, ckpt)
     pbar.close()

@@ -450,7 +450,7 @@ def already_prepared(out, args, args_hash):
         return False
     try:
         meta = json.loads(meta_path.read_text())
-    except ValueError:
+    except (ValueError, OSError):  # not JSON, unreadable, a folder
         meta = None
     if not isinstance(meta, dict):
         # the arguments the data there was made with are unknown: rebuilding with others would

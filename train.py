@@ -628,7 +628,8 @@ if __name__ == "__main__":
         return out
 
     decay_end = lr_decay_iters or max_iters
-    # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at max_iters / (w + 1))
+    # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at learning_rate x
+    # max_iters / (w + 1))
     if master and decay_lr and not eval_only and 0 < max_iters <= warmup_iters:
         print(f"note: max_iters={max_iters} ends inside the warmup (warmup_iters={warmup_iters}): "
               f"the learning rate stays under learning_rate={learning_rate} and does not decay")
@@ -667,12 +668,15 @@ if __name__ == "__main__":
             fail(f"out_dir={out_dir}: cannot be made ({e.strerror})")
         # one writer per folder, held until this process ends: two runs there would write over
         # each other's checkpoint and mix their logs
-        out_dir_lock = os.open(out_dir, os.O_RDONLY)
         try:
+            out_dir_lock = os.open(out_dir, os.O_RDONLY)
             fcntl.flock(out_dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fail(f"out_dir={out_dir}: another train.py is writing there; wait for it to end, or "
                  f"name another out_dir")
+        except OSError as e:  # a filesystem without flock (NFS, Lustre), an unreadable folder
+            print(f"note: out_dir={out_dir} cannot be locked ({e.strerror}): a second train.py "
+                  f"there would not be refused")
         if overwrite and init_from != "resume" and os.path.exists(ckpt_path):
             os.remove(ckpt_path)  # with its log (below): the run there is gone, not half of it
         old_removed = True
@@ -812,7 +816,10 @@ if __name__ == "__main__":
         if ckpt["iter_num"] < iter_num:
             # where the run ended, and the settings it ended with (a re-run of them is finished)
             ckpt["end_iter"], ckpt["config"] = iter_num, dict(S)
-            save_atomic(ckpt, ckpt_path)
+            try:
+                save_atomic(ckpt, ckpt_path)
+            except (OSError, RuntimeError) as e:
+                write_failed(ckpt_path, e)
     if master and eval_only:
         print("done: evaluated " + (f"{ckpt_path} (iter {iter_num})" if init_from == "resume"
                                     else f"the weights of init_from={init_from}"))

@@ -69,10 +69,13 @@ children = []  # the sweep's train.py runs going on: a stop stops them too
 
 def interrupted(signum, frame):
     """Ctrl-C (or a SIGINT to this process alone): its runs stopped with it, and one line."""
+    for proc in children:  # as Ctrl-C would: train.py's own handler ends its save, one line
+        proc.send_signal(signal.SIGINT)
     for proc in children:
-        proc.terminate()
-    for proc in children:
-        proc.wait()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     print(f"\nwhisper_gpt_table.py: interrupted; the runs in --out_root are kept, each at its "
           f"last checkpoint: the same command goes on from there", file=sys.stderr)
     sys.exit(1)

@@ -364,8 +364,8 @@ def interrupted(cmd, marker, settle=0.0):
         if not chunk:
             break
         seen += chunk
-    assert proc.poll() is None, seen.decode(errors="replace")  # still at work
     time.sleep(settle)
+    assert proc.poll() is None, seen.decode(errors="replace")  # still at work
     proc.send_signal(signal.SIGINT)
     out = (seen + proc.communicate(timeout=120)[0]).decode(errors="replace")
     assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]

@@ -793,7 +793,7 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
 def test_a_second_run_into_a_busy_out_dir_is_refused(synth_dir, tmp_path):
     """One train.py writes an out_dir at a time (a lock on the folder, held while it runs): a
     second run there stops in one line before writing anything, instead of replacing the first
-    one's checkpoint and mixing their logs."""
+    one's checkpoint and mixing their logs. Where the folder cannot be locked, a note says so."""
     import fcntl
     out = tmp_path / "busy"
     out.mkdir()
@@ -807,6 +807,18 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(synth_dir, tmp_path):
         os.close(fd)
     assert p.returncode == 2 and "another train.py is writing there" in p.stderr, p.stderr[-2000:]
     assert os.listdir(out) == []
+    # a filesystem without flock (NFS, Lustre: ENOLCK, ENOSYS, EBADF): a note, and the run trains
+    no_flock = ("import errno, fcntl, runpy, sys\n"
+                "def flock(fd, op):\n"
+                "    raise OSError(errno.ENOLCK, 'No locks available')\n"
+                "fcntl.flock = flock\n"
+                "sys.argv = sys.argv[1:]\n"
+                "runpy.run_path('train.py', run_name='__main__')\n")
+    p = run_script([sys.executable, "-c", no_flock, "train.py", "config/whisper_gpt_quick.py",
+                    f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY, "--max_iters=1"],
+                   cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 0 and "cannot be locked (No locks available)" in p.stdout, p.stderr
+    assert (out / "ckpt.pt").exists()
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(synth_dir, tmp_path):
     """torch.save on a full disk raises a RuntimeError after writing a part: train.py stops with
@@ -1102,7 +1114,8 @@ def test_llm_init_folder_gives_the_tokenizer_its_checkpoint_records(tmp_path, ca
     config.tokenizer = "corpus"
     with pytest.raises(SystemExit):  # no corpus BPE here: the data dir's is what was asked for
         train.choose_tokenizer(config, str(tmp_path), "", None, "scratch", None)
-    assert "trained with tokenizer" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained with tokenizer" not in err and "the corpus BPE is missing" in err, err
 
 # -----------------------------------------------------------------------------
 # one training step, reproduced by hand
