@@ -2,6 +2,8 @@
 and the offline codec fitted on the corpus (codec.py): its analytic start against a numpy
 reference, its training and resume, and the readers of what the labels say."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -487,6 +489,26 @@ def test_offline_codec_trains_its_learned_parts_only_and_resumes(tmp_path, monke
     C.train_codec(resumed, wavs, 31, lr=1e-3, ckpt=ckpt, quiet=True)
     assert len(losses) == 1 and torch.load(ckpt, weights_only=True)["step"] == 31
     assert not same_weights(resumed, model)
+
+
+def test_offline_codec_training_state_that_cannot_be_written_stops_in_one_line(tmp_path,
+                                                                             monkeypatch):
+    """The codec's training state on a full disk (torch.save writes a part, then raises): one line
+    naming the file, no part left, the state saved before kept."""
+    wav = Y.tone("sawtooth", Y.midi_hz(57), 0.35, np.random.default_rng(0)) * 0.5
+    wavs = [wav[:int(0.3 * SR) // A.HOP * A.HOP]]
+    ckpt = tmp_path / "codec_train.pt"
+    C.train_codec(A.offline_codec(), wavs, 2, lr=1e-3, ckpt=ckpt, quiet=True, save_every=1)
+    before = ckpt.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK part")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(C.torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        C.train_codec(A.offline_codec(), wavs, 4, lr=1e-3, ckpt=ckpt, quiet=True, save_every=1)
+    assert f"{ckpt}: cannot be written (RuntimeError:" in str(e.value), str(e.value)
+    assert os.listdir(tmp_path) == ["codec_train.pt"] and ckpt.read_bytes() == before
 
 
 def test_offline_codec_training_draws_new_crops_at_every_step(monkeypatch):
