@@ -2639,9 +2639,12 @@ def test_spec_augment_on_a_clip_shorter_than_a_time_mask():
     """A clip of 3 frames (under the 5-frame time mask): masked within its frames, no error, its
     padding untouched."""
     mel, lens = torch.randn(2, 10, 8), torch.tensor([10, 3])
+    masked = 0
     for seed in range(50):
         out = salmonn.spec_augment(mel.clone(), lens, 2, np.random.default_rng(seed))
         assert torch.equal(out[1, 3:], mel[1, 3:])
+        masked += not torch.equal(out[1, :3], mel[1, :3])
+    assert masked > 25  # its 3 frames are masked all the same
 
 
 def test_edit_distance_counts_a_leading_insertion():
