@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import sys
+from contextlib import contextmanager
 
 TYPES = (int, float, bool, str)
 
@@ -289,13 +290,26 @@ def check_own_report(script, out, title):
             fail(script, f"--out={out}: the file exists and is not a report of {script} (its "
                          f"first line is not {title!r}); name a new file")
 
-def write_report(script, out, lines):
-    """check_out_file's report, lines[0] its title, written whole (a temporary file, then renamed:
-    a stop leaves no half file). The scripts print it first, so a failed write loses nothing."""
+@contextmanager
+def written_whole(path):
+    """The scripts' way to write a file: to path.tmp, then renamed over path (atomic: a stop
+    leaves the old file or the new one). A write that fails (a full disk) leaves path as it was
+    and no part beside it, which would keep a full disk full."""
+    tmp = path + ".tmp"
     try:
-        with open(out + ".tmp", "w") as f:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+def write_report(script, out, lines):
+    """check_out_file's report, lines[0] its title, written whole (written_whole). The scripts
+    print it first, so a failed write loses nothing."""
+    try:
+        with written_whole(out) as tmp, open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
-        os.replace(out + ".tmp", out)
     except OSError as e:
         fail(script, f"--out={out}: cannot be written ({e}); the table is printed above")
     print(f"wrote {out}")

@@ -201,12 +201,9 @@ def write_json(rows):
     """--json: the rows (then, with --mean, the mean and standard deviation rows), written whole
     then renamed (never a half-written file)."""
     try:
-        with open(json + ".tmp", "w") as f:
+        with configurator.written_whole(json) as tmp, open(tmp, "w") as f:
             jsonlib.dump(rows + mean_rows(rows), f, indent=2)
-        os.replace(json + ".tmp", json)
     except OSError as e:  # a full disk, a folder gone meanwhile: the table above is printed
-        if os.path.exists(json + ".tmp"):
-            os.remove(json + ".tmp")
         fail(f"--json={json}: cannot write it ({e})")
 
 def main(argv):

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -141,29 +141,16 @@ def read_clip(data_dir, split, index):
                                    meta["whisper_mel"]["n_mels"], info["woffset"], info["wframes"])
     return arrays, info
 
-@contextmanager
-def written_whole(path):
-    """Write to path.tmp, then rename it over path (atomic); a write that fails (a full disk)
-    leaves path as it was and no part beside it."""
-    tmp = path + ".tmp"
-    try:
-        yield tmp
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
 def write_wav(path, wav, sample_rate):
     import soundfile as sf
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with written_whole(path) as tmp:
+    with configurator.written_whole(path) as tmp:
         sf.write(tmp, np.clip(np.asarray(wav, dtype=np.float32), -1, 1), sample_rate, format="WAV",
                  subtype="PCM_16")
 
 def write_text(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with written_whole(path) as tmp, open(tmp, "w") as f:
+    with configurator.written_whole(path) as tmp, open(tmp, "w") as f:
         f.write(text + "\n")
 
 if __name__ == "__main__":

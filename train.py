@@ -96,24 +96,25 @@ def model_defaults(name):
     return {f.name: f.default for f in fields(importlib.import_module(name).Config)}
 
 def save_atomic(obj, path):
-    """torch.save to path.tmp, flushed to the disk, then renamed over path: a kill or a power loss
-    leaves the old file or the new one, never a part of one. A save that fails (a full disk)
-    removes its part and raises."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")  # a part left on a full disk would keep it full
-        raise
-    os.replace(path + ".tmp", path)
+    """torch.save written whole (configurator.written_whole), flushed to the disk before the
+    rename: a kill or a power loss leaves the old file or the new one, never a part of one. A save
+    that fails (a full disk) removes its part and raises."""
+    with configurator.written_whole(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 def write_failed(path, e):
     """The one line for a file that cannot be written (a full disk, a folder gone)."""
     fail(f"{path}: cannot be written ({type(e).__name__}: {str(e).splitlines()[0][:200]}); is "
          f"the disk full? What was there before is kept")
+
+def save_or_stop(obj, path):
+    """save_atomic, or write_failed's line (torch.save on a full disk raises RuntimeError)."""
+    try:
+        save_atomic(obj, path)
+    except (OSError, RuntimeError) as e:
+        write_failed(path, e)
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """A checkpoint written by train.py, or a ValueError that names the file. The file may be
@@ -650,10 +651,7 @@ if __name__ == "__main__":
             ckpt["tokenizer"] = tok_record
         if dtype == "float16":
             ckpt["scaler"] = scaler.state_dict()
-        try:
-            save_atomic(ckpt, ckpt_path)
-        except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError
-            write_failed(ckpt_path, e)
+        save_or_stop(ckpt, ckpt_path)
         print(f"saved {ckpt_path} (iter {iter_num})")
 
     def eval_due(it):  # the iterations that evaluate (and may save)
@@ -694,9 +692,8 @@ if __name__ == "__main__":
                                                 and not ("val_loss" in r and eval_again)):
                         kept.append(r)
         try:
-            with open(log_path + ".tmp", "w") as f:
+            with configurator.written_whole(log_path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(log_path + ".tmp", log_path)
         except OSError as e:
             write_failed(log_path, e)
 
@@ -816,10 +813,7 @@ if __name__ == "__main__":
         if ckpt["iter_num"] < iter_num:
             # where the run ended, and the settings it ended with (a re-run of them is finished)
             ckpt["end_iter"], ckpt["config"] = iter_num, dict(S)
-            try:
-                save_atomic(ckpt, ckpt_path)
-            except (OSError, RuntimeError) as e:
-                write_failed(ckpt_path, e)
+            save_or_stop(ckpt, ckpt_path)
     if master and eval_only:
         print("done: evaluated " + (f"{ckpt_path} (iter {iter_num})" if init_from == "resume"
                                     else f"the weights of init_from={init_from}"))

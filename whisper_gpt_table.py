@@ -65,13 +65,15 @@ PAPER = [  # Verma 2024, Table 1: NLL (nats/token), accuracy (%), PPL
 def fail(msg):
     configurator.fail("whisper_gpt_table.py", msg)
 
-children = []  # the sweep's train.py runs going on: a stop stops them too
+# the sweep's train.py runs going on, (out_dir, process, log, start): a stop stops them too
+running = []
 
 def interrupted(signum, frame):
     """Ctrl-C (or a SIGINT to this process alone): its runs stopped with it, and one line."""
-    for proc in children:  # as Ctrl-C would: train.py's own handler ends its save, one line
+    procs = [proc for _, proc, _, _ in running]
+    for proc in procs:  # as Ctrl-C would: train.py's own handler ends its save, one line
         proc.send_signal(signal.SIGINT)
-    for proc in children:
+    for proc in procs:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -90,9 +92,8 @@ def progress(i, n, t0):
     return f"{i}/{n}, {fmt_time(took)}, ETA ~{fmt_time(took / i * (n - i))}"
 
 def write_json(path, obj, indent=None):
-    with open(path + ".tmp", "w") as f:  # written whole or not at all: a stop leaves no half file
+    with configurator.written_whole(path) as tmp, open(tmp, "w") as f:  # no half file, ever
         json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
 
 def read_kept(path):
     """What an earlier call kept at path, or None (nothing there, or a file cut short)."""
@@ -194,7 +195,7 @@ def sweep(runs, train_args):
     print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to "
           f"train, {jobs} at a time")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running, done, took = [], 0, {m: [] for m in NAMES}
+    done, took = 0, {m: [] for m in NAMES}
     last_status = time.time()
     while todo or running:
         while todo and len(running) < jobs:
@@ -203,8 +204,8 @@ def sweep(runs, train_args):
             log = open(os.path.join(d, "train.log"), "a")
             # wall time over all the sweeps that trained this run (an interrupted one's included)
             start = time.time() - read_wall(d)
-            children.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-            running.append((d, children[-1], log, start))
+            running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                            log, start))
             print(f"  start {d}")
         time.sleep(0.5)  # a run's wall time is known to this much
         # a GPT-L run takes minutes: where each running one is, once a minute
@@ -219,7 +220,6 @@ def sweep(runs, train_args):
             if proc.poll() is None:
                 continue
             running.remove(item)
-            children.remove(proc)
             log.close()
             if proc.returncode:
                 for _, other, _, _ in running:  # no run left behind without its sweep

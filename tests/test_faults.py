@@ -569,14 +569,15 @@ def test_pretrained_files_that_hold_no_checkpoint_are_named(tmp_path):
             load(str(no_sizes))
 
 def test_sample_writes_a_file_whole_or_leaves_the_old_one(tmp_path):
-    """sample.py's outputs go through a .tmp renamed over the file: a write that fails midway (a
-    full disk) leaves the old file as it was and no part beside it (which would keep a disk
-    full)."""
+    """sample.py's outputs go through a .tmp renamed over the file (configurator.written_whole, as
+    every script's): a write that fails midway (a full disk) leaves the old file as it was and no
+    part beside it (which would keep a disk full)."""
+    import configurator
     import sample
     path = str(tmp_path / "answer.txt")
     sample.write_text(path, "old")
     with pytest.raises(OSError):
-        with sample.written_whole(path) as tmp:
+        with configurator.written_whole(path) as tmp:
             with open(tmp, "w") as f:
                 f.write("a part")
             raise OSError(28, "No space left on device")
