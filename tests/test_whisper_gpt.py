@@ -1,6 +1,7 @@
 """Whisper-GPT: causality, sizes, learning, KV cache, data windows, metrics, sampling."""
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -1211,6 +1212,10 @@ def test_table_script_sweeps_resumes_and_writes_the_table(synth_dir, tmp_path):
     assert WT.last_iter(str(tmp_path / "runs" / "s-speech-s1")) == "iter 3/3, eta 0m00s"
     results = json.load(open(tmp_path / "runs" / "results.json"))
     assert len(results) == 8
+    # the continuations are the first seed's runs' (scores kept in each run), no other seed's
+    for model in ("s", "hybrid"):
+        assert [len(glob.glob(str(tmp_path / "runs" / f"{model}-speech-s{s}" / "cont-*.json")))
+                for s in (1, 2)] == [1, 0], model
     for name, r in results.items():
         ck = torch.load(tmp_path / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=True)
         kind = name.split("-")[1]
@@ -1801,3 +1806,166 @@ def test_table_sweep_resumes_a_run_stopped_before_its_max_iters(tmp_path, monkey
             with pytest.raises(SystemExit):
                 WT.sweep(runs, more)
             assert "fewer than max_iters" in capsys.readouterr().err
+
+def test_table_sweep_adds_a_resumed_runs_earlier_wall_time_and_starts_gpt_l_first(
+        tmp_path, monkeypatch):
+    """wall.json counts a run's training over every sweep that trained it: a run with 100 s from
+    an earlier (interrupted) sweep ends with those 100 s and this sweep's, a new run with this
+    sweep's only. GPT-L's runs, the longest, start first (the sweep ends sooner). train.py is not
+    run: the processes the sweep starts are recorded, and end at once."""
+    import whisper_gpt_table as WT
+    monkeypatch.setattr(WT, "out_root", str(tmp_path))
+    monkeypatch.setattr(WT, "jobs", 1)
+    monkeypatch.setattr(WT, "checkpoint_state", lambda d: None)
+    monkeypatch.setattr(WT.time, "sleep", lambda s: None)
+    started = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            started.append(next(a for a in cmd if a.startswith("--out_dir=")))
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(WT.subprocess, "Popen", Done)
+    runs = [("s", "speech", 1), ("l", "speech", 1), ("hybrid", "speech", 1)]
+    earlier = WT.run_dir("s", "speech", 1)
+    os.makedirs(earlier)
+    WT.write_json(os.path.join(earlier, "wall.json"), {"seconds": 100.0})
+    WT.sweep(runs, [])
+    assert started == [f"--out_dir={WT.run_dir(*r)}" for r in (runs[1], runs[0], runs[2])]
+    assert 100 <= WT.read_wall(earlier) < 130
+    assert 0 < WT.read_wall(WT.run_dir("hybrid", "speech", 1)) < 30
+
+def test_table_paper_rows_are_the_papers_table_1():
+    """The six paper rows as Verma (2024) Table 1 prints them; where the paper's PPL is exp(NLL)
+    to its two decimals (all rows but LibriSpeech's hybrid), so is the row's."""
+    import whisper_gpt_table as WT
+    lines = WT.table({}, [], [], [], [], "d")
+    assert [l for l in lines if l.startswith("| paper, ")] == [
+        "| paper, LibriSpeech | GPT-S | 3.7M | 2.02 | 34.18% | 7.54 | |",
+        "| paper, LibriSpeech | GPT-L | 40M | 1.94 | 34.82% | 6.96 | |",
+        "| paper, LibriSpeech | Hybrid | 4M | 1.93 | 35.05% | 6.96 | |",
+        "| paper, music | GPT-S | 3.7M | 2.78 | 34.96% | 16.12 | |",
+        "| paper, music | GPT-L | 40M | 2.77 | 35.72% | 15.96 | |",
+        "| paper, music | Hybrid | 4M | 2.52 | 38.47% | 12.43 | |"]
+    for kind, model, _, nll, _, ppl in WT.PAPER:
+        if (kind, model) != ("LibriSpeech", "Hybrid"):
+            assert abs(math.exp(nll) - ppl) < 0.02, (kind, model)
+
+def test_table_times_are_minutes_and_seconds_below_an_hour_hours_and_minutes_from_one():
+    import whisper_gpt_table as WT
+    assert [WT.fmt_time(s) for s in (0, 59.9, 61, 3599, 3600, 3661, 90000)] == [
+        "0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "1h01m", "25h00m"]
+
+def test_table_claims_a_tie_is_not_a_win():
+    """A seed where the hybrid's NLL equals the other model's is not counted as lower."""
+    import whisper_gpt_table as WT
+    results = {(m, "speech", 1): {"nll": 2.0, "accuracy": 0.3, "ppl": math.exp(2.0), "wall": None,
+                                  "params": 1e6, "iters": 3} for m in ("s", "hybrid")}
+    lines = WT.table(results, ["s", "hybrid"], ["speech"], [1], [], "d")
+    assert ("- speech: the hybrid beats GPT-S of its size? NLL Hybrid - GPT-S = +0.000 (lower in "
+            "0 of 1 seed)") in lines, lines
+
+def test_table_evaluation_key_follows_each_scoring_code_file(tmp_path, monkeypatch):
+    """A kept evaluation is redone when any of the code that scores it changes: the model file,
+    its attention, the data contract, and this script itself."""
+    import whisper_gpt_table as WT
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    data.mkdir()
+    (run / "ckpt.pt").write_bytes(b"weights")
+    (data / "meta.json").write_text('{"n_mels": 64}')
+    changed = [None]
+    monkeypatch.setattr(WT, "code_digest", lambda p: "new" if os.path.basename(p) == changed[0]
+                        else "old")
+    base = WT.evaluation_key(str(run), str(data))
+    for name in ("whisper_gpt.py", "fused_attention.py", "audio.py", "whisper_gpt_table.py"):
+        changed[0] = name
+        assert WT.evaluation_key(str(run), str(data)) != base, name
+
+def test_bench_attention_counts_the_visible_query_key_pairs():
+    """useful_flops: 4*D FLOPs per head per (query, key) pair a query sees, counted here pair by
+    pair: all n*n of a row of n positions, or the n(n+1)/2 with key <= query when causal."""
+    import bench_attention as BA
+    lens = torch.tensor([3, 1, 4])
+    for causal in (False, True):
+        pairs = sum(1 for n in lens.tolist() for i in range(n) for j in range(n)
+                    if j <= i or not causal)
+        assert BA.useful_flops(2, 8, lens, causal) == 4 * 2 * 8 * pairs, causal
+
+def test_bench_attention_rows_are_ours_over_theirs(monkeypatch):
+    """bench_attention.benchmark with the GPU timings replaced by known TFLOP/s: each row's ratios
+    are ours over FlashAttention's and over masked SDPA's (> 1: ours is faster), the backward's
+    from the faster of atomic and split (an OOM's nan skipped); a mixed batch needs two sequences,
+    so at B*T = T there are no mixed rows."""
+    import argparse
+    import fused_attention
+    import bench_attention as BA
+    monkeypatch.setattr(fused_attention, "AUTOTUNE", fused_attention.AUTOTUNE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    tflops = {("ours", False): 200.0, ("flash", False): 100.0, ("masked", False): 50.0,
+              ("atomic", True): 150.0, ("split", True): float("nan"), ("flash", True): 100.0,
+              ("masked", True): 300.0}
+    monkeypatch.setattr(BA, "bench_row", lambda args, D, T, causal, mixed, rng, dtype: dict(
+        tflops, B=args.tokens // T, err=1e-3))
+    args = argparse.Namespace(dims=[64], seqlens=[1024], tokens=1024, width=128,
+                              dtype="bfloat16", autotune=0, seed=0, q_lens=1)
+    rows = [l for l in BA.benchmark(args) if l.startswith("| 64 |")]
+    assert rows == [f"| 64 | {c} | uniform | 1024 | 1 | 200 | 100 | 50 | 2.00 | 4.00 | 150 | nan "
+                    f"| 100 | 300 | 1.50 | 0.50 | 1.0e-03 |" for c in ("no", "yes")]
+
+def test_scripts_refuse_bad_counts_and_lists_before_any_work(tmp_path):
+    """One line, exit 2, before any work: an empty or repeated entry of the table's lists, a
+    hybrid's prompt shorter than the codec decoder's first conv (7 frames), bench_whisper_gpt.py's
+    --repeats below 1 or an unknown --part, bench_attention.py's --width below 1."""
+    nowhere = f"--data_dir={tmp_path / 'nowhere'}"
+    table = ["whisper_gpt_table.py", nowhere, f"--out_root={tmp_path / 'runs'}"]
+    cases = ((table + ["--kinds=speech,"], "whisper_gpt_table.py: --kinds=speech,: each at most "
+                                           "once, none empty"),
+             (table + ["--models=s,hybrid", "--prompt_frames=6"],
+              "whisper_gpt_table.py: --prompt_frames=6: must be at least 7"),
+             (["bench_whisper_gpt.py", "--repeats=0", nowhere],
+              "bench_whisper_gpt.py: --repeats=0: must be at least 1"),
+             (["bench_whisper_gpt.py", "--part=nope", nowhere],
+              "bench_whisper_gpt.py: --part=nope: expected all, train or generate"),
+             (["bench_attention.py", "--width=0"],
+              "bench_attention.py: --width=0: H*D must be a multiple of each head dim"))
+    runs = run_scripts([[sys.executable, *args] for args, _ in cases], cwd=ROOT, timeout=300)
+    for (args, said), run in zip(cases, runs):
+        assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-2000:])
+        assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr[-2000:])
+    assert not (tmp_path / "runs").exists()
+
+def test_bench_generation_an_even_number_of_repeats_reports_the_faster_middle_run(
+        synth_dir, monkeypatch):
+    """With two repeats each row's time is the faster one (the lower of the two middle runs), as
+    the docstring says, not the slower."""
+    import types
+    import bench_whisper_gpt as B
+    now = [0.0]
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    # seconds per call, the untimed warm-up calls first (the hybrid's two: one per codec)
+    took = {("s", "kv"): [0, 2, 1], ("s", "re"): [30, 20],
+            ("hybrid", "kv"): [0, 0, 3, 5, 10, 6], ("hybrid", "re"): [100, 60]}
+
+    def stand_in(way):
+        def run(model, codes, mels, n, *args, **kw):
+            now[0] += took[("hybrid" if model.config.use_mel else "s", way)].pop(0)
+            return torch.cat([codes, torch.zeros(1, n, dtype=codes.dtype)], 1)
+        return run
+    monkeypatch.setattr(W.Model, "generate", stand_in("kv"))
+    monkeypatch.setattr(B, "generate_recompute", stand_in("re"))
+    monkeypatch.setattr(W, "incremental_mel", lambda tools, lag: lambda seq, j: None)
+    monkeypatch.setattr(B, "model_config", lambda name: W.Config(
+        block_size=16, vocab_size=1024, n_layer=1, n_head=2, n_embd=16, mel_n_layer=1,
+        mel_n_head=2, mel_n_embd=16, mel_dim=8, use_mel=name == "hybrid"))
+    for name, value in (("data_dir", synth_dir), ("new_tokens", 10), ("repeats", 2),
+                        ("device", "cpu")):
+        monkeypatch.setattr(B, name, value)
+    lines = B.generate_table()
+    assert "| GPT-S | KV cache | 10.0 | 1.00 | 1.00-2.00 | - |" in lines, lines
+    assert ("| Hybrid | KV cache, dense codec | 1.7 | 6.00 | 6.00-10.00 | 0.0 s (0%) |"
+            in lines), lines
