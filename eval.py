@@ -57,7 +57,7 @@ def check_runs(paths, opts):
     """Before any work, check that every checkpoint loads and takes the evaluate() options and
     --kinds given. With --mean, check that all are of one model and stage and differ only in the
     seed: a mean is over seeds of one recipe."""
-    recipes, first_path, first_config = set(), None, None
+    model_stages, first_path, first_config = set(), None, None
     for path in paths:
         try:
             ck = load_checkpoint(path, mmap=True)  # its settings: the weights are read later
@@ -72,8 +72,8 @@ def check_runs(paths, opts):
         if kinds and "kinds" not in ck["model_args"]:
             fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
                  f"clip-kind subsets")
-        recipes.add((ck["model_name"], ck["model_args"].get("stage")))
-        if mean and first_path is not None and len(recipes) == 1:
+        model_stages.add((ck["model_name"], ck["model_args"].get("stage")))
+        if mean and first_path is not None and len(model_stages) == 1:
             changed = changed_settings(ck["config"], first_config, skip=("seed",))
             # where each run started (its own clap checkpoint per seed, say) may differ; whether
             # from scratch or from weights may not
@@ -86,10 +86,10 @@ def check_runs(paths, opts):
         if first_path is None:
             first_path, first_config = path, ck["config"]
         del ck
-    if mean and len(recipes) > 1:
-        fail(f"--mean: the runs are of {len(recipes)} models or stages "
-             f"({', '.join(sorted(f'{m} {s}' if s else m for m, s in recipes))}); a mean is over "
-             f"runs of one")
+    if mean and len(model_stages) > 1:
+        fail(f"--mean: the runs are of {len(model_stages)} models or stages "
+             f"({', '.join(sorted(f'{m} {s}' if s else m for m, s in model_stages))}); a mean is "
+             f"over runs of one")
 
 def evaluate_checkpoint(path, opts):
     """One row of the table: the run's name, size, iterations and data, then its model file's
@@ -141,7 +141,8 @@ def evaluate_checkpoint(path, opts):
     return row
 
 def fmt_cell(k, v):
-    """A metric's table cell: accuracy in %, floats to 4 decimals (1 from 100 on), "-" for none."""
+    """A metric's table cell: Whisper-GPT's "accuracy" in %, other floats to 4 decimals (1 from
+    100 on), "-" for none."""
     if v is None:
         return "-"
     if k == "accuracy":

@@ -342,7 +342,8 @@ class AudioEncoder(nn.Module):
                 x = block(x)
             if s < len(self.merges):
                 x = self.merges[s](x)
-        return self.freq_head(self.ln_f(x).mean(dim=2).flatten(1))  # (B, F', C) -> (B, C)
+        # (B, F', T', C) -mean over time-> (B, F', C) -flatten-> (B, F' * C) -freq_head-> (B, C)
+        return self.freq_head(self.ln_f(x).mean(dim=2).flatten(1))
 
 class Projection(nn.Module):
     """The paper's projection: Linear, GELU, Linear, dropout, residual, LayerNorm."""
@@ -1170,7 +1171,7 @@ def clip_embeddings(model, d, idx, max_frames, pad, batch_size=32):
         mel = np.stack([clip_mel(d["mel"], d["clips"][i], max_frames, pad=pad)
                         for i in idx[s:s + batch_size]])
         out.append(model.embed_audio(torch.from_numpy(mel).to(_device(model))).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config.d_embed)
+    return torch.cat(out)
 
 def fit_logistic(x, y, n_class, weight_decay=1e-3, max_iter=100):
     """Multinomial logistic regression on standardised features, full-batch L-BFGS (one step of at

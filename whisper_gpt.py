@@ -608,7 +608,8 @@ SAMPLE_OPTS = {"max_new_tokens": 150, "temperature": 1.0, "top_k": 50, "prompt_f
 def sample(model, tok, audio, prompt, tools, **opts):
     """Continue audio["codes"] (T, n_q) by max_new_tokens coarse tokens (75 per second of audio),
     in eval mode (the model's mode is restored after). Options (SAMPLE_OPTS):
-    - temperature: 0 = greedy; top_k: 0 = off; seed: -1 = torch's current RNG;
+    - temperature: 0 = greedy; top_k: 0 = off; seed: -1 = torch's current RNG (sample.py seeds
+      torch with its own --seed; whisper_gpt_table.py sets this one);
     - prompt_frames: the last frames of the clip used as the prompt; 0 = as many as fit the context;
     - cuda_graph: generate's one-token steps replayed from a CUDA graph on a GPU.
     Only codebook 0 is generated. Returns {"codes": the continuation (T_new, 1), "prompt_codes":
