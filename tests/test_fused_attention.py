@@ -421,6 +421,17 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="head dims"):
         fused_attention.attention(x, x, x, backend="triton")
 
+def test_complex_lengths_are_rejected():
+    import fused_attention
+    q = torch.randn(2, 2, 5, 16)
+    # a complex tensor is neither floating point nor an integer count: cast to int64 (the kernels'
+    # path) it would silently drop its imaginary part
+    for name in ("k_lens", "q_lens"):
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match=f"{name} must be an integer tensor of shape"):
+                fused_attention.attention(q, q, q, backend=backend,
+                                          **{name: torch.tensor([3 + 0j, 5 + 0j])})
+
 def test_mismatched_inputs_are_rejected_not_broadcast():
     import fused_attention
     q = torch.randn(2, 2, 5, 16)
