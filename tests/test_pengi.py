@@ -4,6 +4,7 @@ BLEU-4, linear probe, and a CPU-sized model that learns a close-ended task of th
 import itertools
 import json
 import math
+import types
 from collections import Counter
 
 import numpy as np
@@ -1767,3 +1768,127 @@ def test_label_chance_is_one_over_the_candidates_whatever_labels_are_evaluated()
                                   gen=dict(beam=1, max_new_tokens=2, length_penalty=1.0),
                                   prior_clips=2)
         assert got["class_chance"] == pytest.approx(1 / 3)
+
+
+def test_bleu4_clips_each_ngram_by_its_largest_count_in_one_reference():
+    """With several references an n-gram is clipped at its count in the reference that holds it
+    most often, not at the counts summed over references: "a" twice in the hypothesis, once in
+    each reference -> p1 5/6 (not 6/6); p2 4/5, p3 3/4, p4 2/3 against "a b c d e"; closest
+    reference length 5 for 6 words: no brevity penalty."""
+    got = pengi.bleu4(["a a b c d e"], [["a b c d e", "a q"]])
+    assert got == pytest.approx((5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25)
+
+
+def test_linear_probe_needs_two_labels_in_training():
+    """The probe's classes come from the training split alone: a key with one training label
+    gives no probe (None), even where the evaluated split holds a second label."""
+    rng = np.random.default_rng(0)
+
+    def split(labels):
+        clips = [{"offset": 4 * i, "frames": 4, "labels": {"class": a}}
+                 for i, a in enumerate(labels)]
+        return {"clips": clips, "mel": rng.normal(0, 1, (4 * len(labels), 6)).astype(np.float32)}
+    data = {"train": split(["a"] * 6), "val": split(["a", "b"] * 3), "max_frames": 4,
+            "pad": "repeat"}
+    assert pengi.linear_probe(MeanEmbedding(), data, "val", "class") is None
+    assert pengi.probe_metrics(MeanEmbedding(), data, "val", "class", 2000) == {}
+
+
+@torch.no_grad()
+def test_prefix_norm_ratio_is_the_mean_vector_norm_over_the_mean_token_norm():
+    """prefix_norm_ratio = mean over prefix vectors of their norm / mean over the LM's token
+    embeddings of theirs, written out; the vectors' norms are spread here (at init the mapper's
+    LayerNorm gives every vector the same norm, where a max or a median would pass too)."""
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(2, 6, 16, generator=g) * torch.rand(2, 6, 1, generator=g) * 5
+    want = (sum(pre[b, i].norm().item() for b in range(2) for i in range(6)) / 12) / \
+        (sum(row.norm().item() for row in m.llm.wte.weight) / m.llm.wte.weight.size(0))
+    assert m.prefix_norm_ratio(pre) == pytest.approx(want, rel=1e-5)
+
+
+def bigram_logp(table, V):
+    """log-probs (V,) from {token: prob} (the rest spread evenly over the other tokens)."""
+    p = torch.full((V,), (1 - sum(table.values())) / (V - len(table)))
+    for t, q in table.items():
+        p[t] = q
+    return p.log()
+
+
+def test_beam_search_gives_an_ended_beam_one_slot():
+    """A beam that has emitted eot continues only as itself: on a scripted bigram LM (tokens A=0,
+    B=1, X=2, eot=3) where eot is most often followed by X, copies of the ended beam "eot" + X
+    would outscore the live beam "A B" at step 2 and crowd it out of a beam of 2. The best
+    sequence by log p / length (eot counted) is "A B eot": (log .3 + log .6 + log .99) / 3 =
+    -0.58, above "eot" (log .5 = -0.69)."""
+    V, eot = 4, 3
+    after = {0: {1: 0.6, 3: 0.3}, 1: {3: 0.99}, 2: {3: 0.9}, 3: {2: 0.99}}
+    logp0 = bigram_logp({3: 0.5, 0: 0.3, 1: 0.19}, V)[None]
+
+    def step(tokens, past):
+        return torch.stack([bigram_logp(after[t], V) for t in tokens.tolist()]), past
+    assert pengi.clipcap_beam_search(step, logp0, [], 2, 3, eot, 1.0) == [0, 1]
+
+
+def test_greedy_rows_that_ended_take_no_more_tokens():
+    """Batched greedy decoding on a scripted bigram LM (A=0, B=1, X=2, eot=3): row 0 says A then
+    eot, row 1 says B X X X; after row 0's eot the LM would go on with B X, which row 0's answer
+    must not take while row 1 runs on."""
+    V, eot = 4, 3
+    nxt = {0: 3, 3: 1, 1: 2, 2: 2}
+
+    def onehot(tokens):
+        return torch.stack([bigram_logp({nxt[t]: 0.97}, V) for t in tokens])
+    stub = types.SimpleNamespace(
+        config=types.SimpleNamespace(eot_token=eot),
+        last_logp=lambda prefix, past=None: (torch.stack([bigram_logp({0: 0.97}, V),
+                                                          bigram_logp({1: 0.97}, V)]), []),
+        next_logp=lambda tokens, past: (onehot(tokens.tolist()), past))
+    assert pengi.Pengi.greedy(stub, torch.zeros(2, 1, 1), 4) == [[0], [1, 2, 2, 2]]
+
+
+def test_qa_probe_majority_is_the_training_answer():
+    """probe_majority_qa answers each question with its most common training answer ("yes", 5 of
+    6), not the evaluated split's own ("no", 3 of 4): 1 of the 4 val questions."""
+    def split(answers):
+        clips = [{"offset": 4 * i, "frames": 4, "labels": {}, "qa": [{"q": "loud?", "a": a}]}
+                 for i, a in enumerate(answers)]
+        return {"clips": clips, "mel": np.zeros((4 * len(answers), 6), dtype=np.float32)}
+    data = {"train": split(["yes"] * 5 + ["no"]), "val": split(["no", "no", "yes", "no"]),
+            "max_frames": 4, "pad": "repeat"}
+    _, constant = pengi.qa_probe(MeanEmbedding(), data, "val")
+    assert constant == pytest.approx(1 / 4)
+
+
+@torch.no_grad()
+def test_sample_ranks_candidates_best_first():
+    """sample's candidates come back ordered by rank_candidates' log p, highest first, each
+    label once."""
+    m = tiny_model(2)
+    for p in m.llm.parameters():
+        p.normal_(0, 0.6)
+    m.init_from_lm()
+    tok = WordIds()
+    mel = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(2))
+    labels = ["dog", "cat bark", "bird", "car horn"]
+    got = pengi.sample(m, tok, {"mel": mel[0]}, None, None, beam=1, max_new_tokens=2,
+                       candidates="|".join(labels + ["dog"]))
+    p = torch.tensor([tok.encode(pengi.PROMPTS["caption"])])
+    lp = m.rank_candidates(mel, p, torch.tensor([p.size(1)]),
+                           [tok.encode(" " + c) for c in labels])[0]
+    want = sorted(zip(labels, lp.tolist()), key=lambda t: -t[1])
+    assert [c for c, _ in got["ranked"]] == [c for c, _ in want]
+    assert [s for _, s in got["ranked"]] == pytest.approx([s for _, s in want], abs=1e-3)
+
+
+def test_qa_probe_reads_the_first_max_clips_clips_of_each_split():
+    """qa_probe uses the first max_clips clips with QA of each split: with 4, training holds only
+    "yes" (the 20 "no" clips after it are left out), so every question is answered "yes", right
+    on 2 of the first 4 val clips (the last 2 val clips, "no", are left out too)."""
+    def split(answers):
+        clips = [{"offset": 4 * i, "frames": 4, "labels": {}, "qa": [{"q": "loud?", "a": a}]}
+                 for i, a in enumerate(answers)]
+        return {"clips": clips, "mel": np.zeros((4 * len(answers), 6), dtype=np.float32)}
+    data = {"train": split(["yes"] * 4 + ["no"] * 20), "val": split(["yes"] * 2 + ["no"] * 4),
+            "max_frames": 4, "pad": "repeat"}
+    assert pengi.qa_probe(MeanEmbedding(), data, "val", max_clips=4) == (0.5, 0.5)
