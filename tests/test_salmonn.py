@@ -2651,3 +2651,175 @@ def test_edit_distance_counts_a_leading_insertion():
     """Levenshtein distance with insertions before the reference's words: the last "a" kept, the
     first made "c", three "c" inserted."""
     assert salmonn.edit_distance("a a".split(), "c c c c a".split()) == 4
+
+def test_const_wer_candidates_are_this_corpus_train_answers_of_the_kind():
+    """The best constant answer is sought among the first 200 of this corpus's (src 0) training
+    answers of the kind: not asr_data_dir's clips, not other kinds'. The refs' median "a b" is no
+    reference (each is 2 edits from the others, 1 from "a b"), so only a training answer offers
+    it: 3 edits over 9 words, else 4 / 9 (a reference)."""
+    refs, kinds = ["x a b", "a y b", "a b z"], ["speech"] * 3
+    entry = lambda answers: [(ci, None, a) for ci, a in enumerate(answers)]
+    metrics = lambda clips, answers: salmonn.transcription_metrics(
+        refs, refs, None, kinds, {"clips": clips, "entries": {"transcription": entry(answers)}})
+    assert metrics([], [])["const_wer_speech"] == pytest.approx(4 / 9)
+    # the 21st training answer of the kind is still among the first 200
+    clips = [{"kind": "speech"}] * 21
+    assert metrics(clips, ["zz"] * 20 + ["a b"])["const_wer_speech"] == pytest.approx(3 / 9)
+    # asr_data_dir's clip (src 1) and another kind's clip offer no candidate
+    clips = [{"kind": "speech", "src": 1}, {"kind": "dtmf"}]
+    assert metrics(clips, ["a b", "a b"])["const_wer_speech"] == pytest.approx(4 / 9)
+
+def test_bleu4_brevity_penalty_takes_the_closest_reference_length():
+    """Several references: r is the length closest to the hypothesis', the shorter on a tie."""
+    # hypothesis 4 words, references 6 and 5: r = 5 -> exp(1 - 5/4); precisions all 1
+    assert salmonn.bleu4(["a b c d"], [["a b c d e f", "a b c d e"]]) == pytest.approx(
+        math.exp(1 - 5 / 4))
+    # references 3 and 5, both 1 from 4: r = 3 <= c, no penalty
+    assert salmonn.bleu4(["a b c d"], [["a b c", "a b c d e"]]) == pytest.approx(1.0)
+
+def test_seconds_of_tokens_is_the_longest_clip_that_fits_brute_force():
+    for wf, wq in ((1, 1), (4, 2), (12, 1), (3, 3)):
+        cfg = tiny_config(window_frames=wf, window_queries=wq, speech_frame_rate=75.0,
+                          max_audio_frames=10000)
+        for n in range(0, 16):
+            longest = max(f for f in range(0, 400) if n_audio_tokens(f, cfg) <= n)
+            assert salmonn.seconds_of_tokens(n, cfg) == pytest.approx(longest / 75.0), (wf, wq, n)
+
+def test_max_speech_frames_rounds_to_the_nearest_frame():
+    # 2249 mel frames at 75/s are 2998.67 frames at 100/s: 2999
+    cfg = tiny_config(max_audio_frames=2249, frame_rate=75.0, speech_frame_rate=100.0)
+    assert salmonn.max_speech_frames(cfg) == 2999
+
+def test_whisper_features_pair_the_last_speech_frames_with_the_clips_last_audio_frame():
+    """An odd mel length: the audio encoder gives (len + 1) // 2 frames, and speech frames past
+    them take the last of them (index (len + 1) // 2 - 1), not the one before."""
+    torch.manual_seed(0)
+    cfg = tiny_config(speech_features="whisper", speech_n_mels=80, speech_frame_rate=100.0,
+                      frame_rate=75.0)
+    m = SALMONN(cfg).eval()
+    mel, wmel = torch.randn(1, 21, cfg.n_mels), torch.randn(1, 40, 80)
+    with torch.no_grad():
+        tokens, _ = m.encode_audio(mel, torch.tensor([21]), wmel, torch.tensor([40]))
+        s, _ = m.speech(wmel, torch.tensor([40]))
+        a = m.beats(mel, torch.tensor([21]))
+        assert a.size(1) == 11
+        at = (torch.arange(20) * 0.75).long().clamp(max=10)
+        x = torch.cat([m.ln_speech(s), m.ln_audio(a[:, at])], -1)
+        q, _ = m.qformer(x, torch.tensor([20]))
+        p = m.proj(q)
+    assert torch.allclose(tokens, p * m.audio_scale / p.pow(2).mean(-1, keepdim=True).sqrt(),
+                          atol=1e-5)
+
+def test_llm_dropout_is_stage_llms_only():
+    """llm_dropout applies to stage "llm": in stages 1-3 the frozen LLM runs without dropout, so
+    two training-mode passes give the same loss."""
+    torch.manual_seed(0)
+    cfg = tiny_config(llm_dropout=0.5, lora_dropout=0.0, llm_block_size=64)
+    m = SALMONN(cfg).train()
+    batch = random_batch(cfg)
+    assert torch.equal(m(**batch)[1], m(**batch)[1])
+
+def split_data(tmp_path, train_clips, val_clips):
+    """write_tiny_data with different clip records (same frame counts) in the val split."""
+    write_tiny_data(tmp_path, train_clips)
+    off, rows = 0, []
+    for c in val_clips:
+        rows.append({**c, "offset": off})
+        off += c["frames"]
+    with open(os.path.join(tmp_path, "val_clips.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+def test_llm_stage_reading_and_copy_words_come_from_their_own_split(tmp_path, monkeypatch):
+    """Stage "llm": each split's reading questions are about its own transcripts, the copying
+    words are the train split's, and evaluate's reading probe asks the evaluated split's."""
+    clip = lambda text, a: {"id": a, "frames": 30, "kind": "speech", "transcript": text,
+                            "qa": [{"q": "what colour?", "a": a}]}
+    split_data(tmp_path, [clip("where is the red kite", "red")], [clip("a blue lamp", "blue")])
+    tok = ByteTokenizer()
+    data = salmonn.load_data(str(tmp_path), tiny_config(stage="llm", vocab_size=257), tok)
+    assert data.splits["train"]["reading"] == [("where is the red kite".split(), "what colour?",
+                                                "red")]
+    assert data.splits["val"]["reading"] == [("a blue lamp".split(), "what colour?", "blue")]
+    assert "kite" in data.copy_words and "lamp" not in data.copy_words
+    asked = []
+    monkeypatch.setattr(salmonn, "text_perplexity", lambda *a: 1.0)
+    monkeypatch.setattr(salmonn, "copy_probe", lambda *a: 0.0)
+    monkeypatch.setattr(salmonn, "reading_probe", lambda model, tok, reading: asked.append(reading))
+    salmonn.evaluate(SALMONN(tiny_config(stage="llm", vocab_size=257)), data, tok, "val")
+    assert asked == [data.splits["val"]["reading"]]
+
+def test_task_examples_draw_every_paraphrase_and_skip_tasks_the_split_lacks(tmp_path):
+    """Stages 1-3: an example without its own question gets one of its task's paraphrases at
+    random (all of them over many draws); a task of the mix without clips in the split is not
+    drawn (CLIPS have no speaker)."""
+    write_tiny_data(tmp_path, CLIPS)
+    tok = ByteTokenizer()
+    cfg = tiny_config(stage="instruct", tasks="transcription,speaker", vocab_size=257,
+                      llm_block_size=160)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(60):
+        seq, _, n_prompt, _, task = salmonn.task_example(data, "train", ["transcription"], rng)
+        text = tok.decode(seq[:n_prompt])
+        seen.add(text[text.index("</Speech> ") + len("</Speech> "):text.index("\nASSISTANT:")])
+    assert seen == set(salmonn.INSTRUCTIONS["transcription"])
+    for _ in range(5):
+        batch = salmonn.get_batch(data, "train", 8, rng)
+        assert batch["idx"].size(0) == 8
+
+def test_load_llm_refuses_a_broadcastable_shape_mismatch():
+    """A weight of another shape is refused even when copy_ could broadcast it into place."""
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config(stage="llm"))
+    state = {k: v.clone() for k, v in m.llm.state_dict().items() if k != "lm_head.weight"}
+    state["ln_f.bias"] = torch.ones(1)
+    with pytest.raises(ValueError, match="shape mismatch.*ln_f.bias"):
+        m.load_llm(state, "x")
+
+def test_connect_targets_leave_out_transcripts_cut_by_the_block(tmp_path, monkeypatch):
+    """A transcription row whose answer the LLM's block cuts (no eot) gets no connect_targets."""
+    monkeypatch.setitem(salmonn.INSTRUCTIONS, "transcription", ["Transcribe the audio."])
+    tok = ByteTokenizer()
+    write_tiny_data(tmp_path, CLIPS)
+    cfg = tiny_config(stage="pretrain", tasks="transcription", llm_block_size=160,
+                      connect_ctc_weight=1.0)
+    data = salmonn.load_data(str(tmp_path), cfg, tok)
+    _, _, n_prompt, _, _ = salmonn.task_example(data, "train", ["transcription"],
+                                                np.random.default_rng(0))
+    full = salmonn.get_batch(data, "train", 2, np.random.default_rng(0))["connect_targets"]
+    assert full[0][full[0] != -1].tolist() == list(b" s o s")
+    cfg.llm_block_size = n_prompt + 3  # " s o" of " s o s" + eot
+    batch = salmonn.get_batch(data, "train", 2, np.random.default_rng(0))
+    assert tok.decode(batch["targets"][0][batch["targets"][0] != -1].tolist()) == " s o"
+    assert (batch["connect_targets"] == -1).all()
+
+def test_beats_stage_ignores_a_whisper_init(tmp_path):
+    """set_pretrained_dims takes a whisper_init's sizes only in stages with a speech encoder."""
+    save_part(SALMONN(tiny_config(stage="whisper", speech_n_embd=64)), tmp_path / "w.pt")
+    cfg = tiny_config(stage="beats", whisper_init=str(tmp_path / "w.pt"))
+    salmonn.set_pretrained_dims(cfg)
+    assert cfg.speech_n_embd == 32
+    cfg = tiny_config(stage="pretrain", whisper_init=str(tmp_path / "w.pt"))
+    salmonn.set_pretrained_dims(cfg)
+    assert cfg.speech_n_embd == 64
+
+def test_whisper_batches_cut_character_ctc_targets_at_twice_the_text_context(tmp_path):
+    clips = [{"id": "d", "frames": 45, "kind": "speech", "transcript": "where is the red kite",
+              "caption": None, "description": None, "labels": {}, "qa": []}]
+    write_tiny_data(tmp_path, clips)
+    cfg = tiny_config(stage="whisper", ctc_units="chars", whisper_text_ctx=8, vocab_size=257)
+    data = salmonn.load_data(str(tmp_path), cfg, ByteTokenizer())
+    ctc = salmonn.get_batch(data, "train", 1, np.random.default_rng(0))["ctc_targets"][0]
+    assert ctc.tolist() == salmonn.ctc_encode("where is the red kite")[:16]
+
+def test_average_precision_ranks_tied_scores_in_clip_order():
+    """Ties keep the clips' order (a stable sort), also for more clips than numpy's quicksort
+    sorts by insertion: brute force, each positive's precision counting the clips before it
+    (higher scores, or equal scores earlier)."""
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 3, size=60).astype(float), rng.integers(0, 2, size=60)
+    rank = lambda i: sum(s > scores[i] or (s == scores[i] and j <= i) for j, s in enumerate(scores))
+    pos = [i for i in range(60) if labels[i]]
+    want = np.mean([sum(labels[j] for j in range(60) if rank(j) <= rank(i)) / rank(i)
+                    for i in pos])
+    assert salmonn.average_precision(scores, labels) == pytest.approx(want)
