@@ -68,6 +68,26 @@ def test_causal(use_mel, lag):
         torch.testing.assert_close(out[:, :t + lag], base[:, :t + lag], rtol=0, atol=1e-5)
         assert not torch.allclose(out[:, t + lag], base[:, t + lag], atol=1e-4)
 
+def test_fused_input_is_the_token_embedding_then_the_mel_vector():
+    """Early fusion lays out [token embedding (n_embd - mel_dim) | mel vector (mel_dim)], each half
+    fed by its own input alone: the fused input (read where it enters the dropout, the position
+    embedding added) keeps its first n_embd - mel_dim dims when only the mels change and its last
+    mel_dim dims when only the codes change, and the change lands in the other half."""
+    model = tiny(use_mel=True, mel_lag=0)
+    codes, mels = inputs(model)
+    seen = []
+    model.drop.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    model(codes, mels)
+    model(codes, mels + 3.0)
+    model((codes + 1) % model.config.vocab_size, mels)
+    base, new_mels, new_codes = seen
+    w = model.config.n_embd - model.config.mel_dim  # the token embedding's width
+    assert base.shape == (2, 24, 32) and model.wte.weight.shape == (50, w)
+    torch.testing.assert_close(new_mels[..., :w], base[..., :w], rtol=0, atol=0)
+    assert not torch.allclose(new_mels[..., w:], base[..., w:], atol=1e-4)
+    torch.testing.assert_close(new_codes[..., w:], base[..., w:], rtol=0, atol=0)
+    assert not torch.allclose(new_codes[..., :w], base[..., :w], atol=1e-4)
+
 def config_model_args(name):
     """The model fields a config file sets (block_size, n_layer, ...), as train.py would take
     them."""
@@ -210,6 +230,18 @@ def test_hybrid_generate_refuses_a_batch_and_the_wrong_number_of_prompt_mels():
         with pytest.raises(ValueError, match=said):
             base.generate(**{"codes": codes[:1], "max_new_tokens": 2, **kw})
 
+def test_hybrid_generate_asks_at_least_one_prompt_mel_frame():
+    """A prompt of at most mel_lag codes still needs one mel frame (generate's first step sees a
+    zero frame, but the frame shapes come from the prompt's): 0 frames for 1 code is refused with
+    the expected range, not left to fail deep inside generate; 1 frame for 1 code is taken."""
+    model = tiny(use_mel=True, mel_lag=1)
+    codes, _ = inputs(model, B=1, T=1)
+    mel_fn = lambda seq, j: torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"0 prompt mel frames for 1 codes; expected 1 to 1 "
+                                         r"\(mel_lag=1\)"):
+        model.generate(codes, torch.zeros(1, 0, 8), 3, mel_fn=mel_fn)
+    assert model.generate(codes, torch.zeros(1, 1, 8), 3, mel_fn=mel_fn).shape == (1, 4)
+
 def test_sampling_options_and_top_k():
     model = tiny(use_mel=False)
     codes, _ = inputs(model, B=1, T=5)
@@ -329,10 +361,11 @@ def test_sample_interface(use_mel):
 
 def test_sample_runs_in_eval_mode_and_restores_the_mode():
     """A model with dropout handed over in training mode samples as in eval mode (same seed, same
-    codes) and is in training mode again after."""
+    codes) and is in training mode again after; one handed over in eval mode stays in it."""
     model = tiny(use_mel=True, block_size=32, dropout=0.5)
     audio = {"codes": torch.randint(0, 50, (40, 8)), "mel": torch.randn(40, 8)}
     want = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, seed=0)
+    assert not any(m.training for m in model.modules())
     model.train()
     got = W.sample(model, None, audio, None, FakeTools(), max_new_tokens=20, seed=0)
     assert model.training and torch.equal(got["codes"], want["codes"])
@@ -818,6 +851,11 @@ def test_load_data_takes_the_vocabulary_and_mel_bands_of_its_corpus(tmp_path):
     rng.normal(size=(n - 1, 8)).astype(np.float16).tofile(tmp_path / "val_mel.bin")
     with pytest.raises(ValueError, match=rf"val_codes.bin has {n} frames but .*val_mel.bin has "
                                          rf"{n - 1}$"):
+        W.load_data(str(tmp_path), W.Config(block_size=16))
+    # one frame too many is as misaligned as one too few
+    rng.normal(size=(n + 1, 8)).astype(np.float16).tofile(tmp_path / "val_mel.bin")
+    with pytest.raises(ValueError, match=rf"val_codes.bin has {n} frames but .*val_mel.bin has "
+                                         rf"{n + 1}$"):
         W.load_data(str(tmp_path), W.Config(block_size=16))
     # a split with no clips (empty files): read as 0 frames, refused when read, the other split
     # still usable
