@@ -380,11 +380,12 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     assert ck["model_args"]["bias"] is False and ck["config"]["bias"] is False
     # optimizer settings do change on resume, as announced (the saved state would bring back the
     # run's), and an evaluation alone (eval_only) adds nothing to the run's log
-    p = run(common + ["--max_iters=10", "--init_from=resume", "--weight_decay=0.0",
+    p = run(common + ["--max_iters=10", "--init_from=resume", "--weight_decay=0.05",
                       "--beta2=0.9"])
-    assert "weight_decay=0.1 -> 0.0" in p.stdout, p.stdout
+    assert "weight_decay=0.1 -> 0.05" in p.stdout, p.stdout
     groups = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    # the new decay on the decayed group (dim >= 2) only: biases and norms stay undecayed
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert all(tuple(g["betas"]) == (0.9, 0.9) for g in groups)
     log_before = open(os.path.join(out, "log.jsonl")).read()
     p = run(common + ["--max_iters=10", "--init_from=resume", "--eval_only=True", "--n_layer=2"])
@@ -432,6 +433,12 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     # a model field given at its default (the run left it unset) is the same run
     p = run(cmd + ["--bias=False"])
     assert "this run is finished (iter 8), nothing to do" in p.stdout, p.stdout
+    assert open(os.path.join(out, "log.jsonl")).read() == before
+    # eval_only evaluates the kept weights (iter 4) all the same, and writes nothing
+    _, val = losses(out)
+    p = run(cmd + ["--eval_only=True"])
+    assert (f"step 4: train loss" in p.stdout and f"val loss {val[4]:.4f}" in p.stdout
+            and "done: evaluated" in p.stdout), p.stdout
     assert open(os.path.join(out, "log.jsonl")).read() == before
     # extended to 12 without a better val loss (the lr is 0 after 4): the checkpoint notes the
     # settings it ended with, so that command, with or without init_from=resume, is finished
@@ -700,10 +707,12 @@ def test_ddp_stops_every_process_on_a_non_finite_loss(synth_dir, tmp_path):
 def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
     out = str(tmp_path)
     # the weights of another run, a fresh optimizer and iteration count
-    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-         "--max_iters=2", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+             "--max_iters=2", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
     _, val = losses(out)
     assert abs(val[0] - losses(full_run)[1][8]) < 1e-6  # same weights, same eval batches
+    # always_save_checkpoint saves the evals after training began: not the start's (iter 0)
+    assert re.findall(r"saved .* \(iter (\d+)\)", p.stdout) == ["2"], p.stdout
     # a re-run from other weights is another run, not this finished one; the same file spelled
     # another way is the same run
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
@@ -763,8 +772,10 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
     """eval_only makes no out_dir; optimizer numbers out of range and model sizes that do not
     build a model stop train.py in one line naming them, before any work."""
     none = tmp_path / "none"
+    # (best-only saving from another run's weights would save its first eval: not an evaluation's)
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={none}", *TINY,
-             "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}"])
+             "--eval_only=True", f"--init_from={os.path.join(full_run, 'ckpt.pt')}",
+             "--always_save_checkpoint=False"])
     assert not none.exists()
     assert p.stdout.startswith(f"whisper_gpt: evaluating {none}/ on data"), p.stdout[:300]
     for args, said in ((["--min_lr=-1"], "min_lr=-1.0: must be a finite number, at least 0"),
@@ -1531,3 +1542,118 @@ def test_save_atomic_flushes_to_the_disk_before_the_rename(tmp_path, monkeypatch
     train.save_atomic({"x": torch.arange(1000)}, path)
     size = os.path.getsize(path)
     assert events == [("fsync", size), ("replace", size)], events
+
+def test_decay_lr_false_keeps_the_learning_rate_constant(synth_dir, tmp_path):
+    """decay_lr=False: every iteration steps at learning_rate itself, no warmup nor decay (TINY's
+    warmup_iters=2 and lr_decay_iters=8 would otherwise apply), and no warmup note is printed."""
+    out = str(tmp_path)
+    p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+             "--max_iters=3", "--eval_interval=100", "--decay_lr=False", "--lr_decay_iters=0"])
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
+    assert logged == {1: 1e-2, 2: 1e-2, 3: 1e-2}, logged
+    assert "ends inside the warmup" not in p.stdout
+
+def test_evaluation_averages_an_odd_number_of_batches(synth_dir, tmp_path):
+    """eval_iters=3: the logged train and val losses are the mean of the 3 batch losses (the full
+    run's eval_iters=2 cannot tell a mean from a median), recomputed from the checkpoint."""
+    import torch
+    import whisper_gpt as W
+    out = str(tmp_path)
+    run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+         "--max_iters=1", "--eval_interval=1", "--eval_iters=3"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    S = ck["config"]
+    model = W.Model(W.Config(**ck["model_args"]))
+    model.load_state_dict(ck["model"])
+    model.eval()
+    data = W.load_data(synth_dir, W.Config(**ck["model_args"]), None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            each = {split: [model(**W.get_batch(data, split, S["batch_size"], rng))[1].item()
+                            for rng in [np.random.default_rng([S["seed"], 1, i, 0])]
+                            for _ in range(3)]
+                    for i, split in enumerate(("train", "val"))}
+    finally:
+        torch.set_num_threads(threads)
+    last = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if "val_loss" in l][-1]
+    assert last["iter"] == 1
+    for split in ("train", "val"):
+        # the scenario: the mean is not the middle value
+        assert abs(np.mean(each[split]) - np.median(each[split])) > 1e-4, each
+        assert abs(last[f"{split}_loss"] - np.mean(each[split])) < 1e-5, (last, each)
+
+def test_sample_reads_the_data_dir_given_and_writes_into_out_dir_by_default(full_run, synth_dir,
+                                                                           tmp_path):
+    """--data_dir wins over the data_dir the checkpoint records (here a folder since gone); with
+    no --out an audio result is out_dir/sample.wav, its spectrogram out_dir/sample.png."""
+    import torch
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    ck["config"]["data_dir"] = str(tmp_path / "gone")
+    torch.save(ck, run_dir / "ckpt.pt")
+    p = run_script([sys.executable, "sample.py", f"--out_dir={run_dir}",
+                    f"--data_dir={synth_dir}", "--clip=1", "--max_new_tokens=2"],
+                   cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f", data {synth_dir}\n" in p.stdout, p.stdout
+    assert f"wrote {run_dir / 'sample.wav'}" in p.stdout, p.stdout
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "sample.png", "sample.wav"]
+    assert sf.read(run_dir / "sample.wav")[0].size > 2 * 320
+    # --ckpt names the checkpoint instead of --out_dir (a run's folder given there: its ckpt.pt)
+    p = run_script([sys.executable, "sample.py", f"--ckpt={run_dir}", f"--data_dir={synth_dir}",
+                    "--clip=1", "--max_new_tokens=2", f"--out={tmp_path / 'y.wav'}"],
+                   cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 0 and f"from {run_dir / 'ckpt.pt'} (iter 8)" in p.stdout, \
+        p.stdout + p.stderr[-2000:]
+    assert (tmp_path / "y.wav").exists()
+
+def test_a_run_from_other_weights_keeps_its_start_through_a_resume(full_run, synth_dir, tmp_path):
+    """A run started from another run's checkpoint and resumed (init_from=resume) still records
+    that checkpoint as its start, so the command that started it, given again, is the same run
+    (finished), not another one."""
+    import torch
+    start = os.path.join(full_run, "ckpt.pt")
+    base = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={tmp_path}",
+            *TINY]
+    run(base + ["--max_iters=2", f"--init_from={start}"])
+    run(base + ["--max_iters=4", "--init_from=resume"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["init_from"] == start
+    p = run(base + ["--max_iters=4", f"--init_from={start}"])
+    assert "this run is finished (iter 4)" in p.stdout, p.stdout
+
+def test_a_resumed_runs_start_counts_as_the_best_so_far_under_its_own_eval_settings(synth_dir,
+                                                                                    tmp_path):
+    """Resumed with eval_iters=1 (another measure than the run's 2) and a learning rate of 0, the
+    weights never change: the start's val loss, measured anew at iteration 4, is the best so far,
+    so the identical weights at 8 are no improvement and best-only saving writes nothing, even
+    where the new measure is lower than the checkpoint's best_val_loss of the old one."""
+    import torch
+    out = str(tmp_path)
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    run(cmd + ["--max_iters=4"])
+    best = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["best_val_loss"]
+    p = run(cmd + ["--max_iters=8", "--init_from=resume", "--eval_iters=1", "--learning_rate=0",
+                   "--min_lr=0", "--always_save_checkpoint=False"])
+    _, val = losses(out)
+    assert val[8] == val[4] < best, (val, best)  # the scenario
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 4 and ck["end_iter"] == 8 and "saved" not in p.stdout, p.stdout
+    assert f"best val loss {val[4]:.4f}" in p.stdout, p.stdout
+
+def test_sample_takes_an_audio_file_over_the_codec_limit_for_a_text_model(synth_dir, tmp_path):
+    """MAX_CLIP_SECONDS limits what is encoded with the codec (a model of codes): a text model
+    reads the file's mel only, so a longer file is its input all the same."""
+    from audio import MAX_CLIP_SECONDS
+    out = tmp_path / "run"
+    salmonn_checkpoint(out, synth_dir, llm_block_size=512)  # room for 121 s of audio
+    sf.write(tmp_path / "long.wav", 0.1 * np.sin(np.arange((MAX_CLIP_SECONDS + 1) * 8000) / 7.0)
+             .astype(np.float32), 8000)
+    p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
+                    f"--audio={tmp_path / 'long.wav'}", "--beam=1", "--max_new_tokens=2"],
+                   cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"input: {tmp_path / 'long.wav'}, {MAX_CLIP_SECONDS + 1:.2f} s" in p.stdout, p.stdout
