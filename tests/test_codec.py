@@ -126,6 +126,31 @@ def test_data_of_the_pretrained_codec_with_its_weights_cut(tmp_path, hub):
         A.load_codec(data)
 
 
+def test_an_offline_codec_unfitted_or_of_another_layout_is_refused(tmp_path):
+    """load_codec reads an offline codec.pt (codec_state of the model) back into the same weights;
+    one never fitted, or whose keys are not this audio.py's offline codec (a key too many, or one
+    missing), is a ValueError naming the file, not a model with some weights left random."""
+    state = C.codec_state(C.dct_init(A.offline_codec()))
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"codec": {"pretrained": False, "weights": "codec.pt", "name": "offline"}}))
+
+    def save(model_state, fitted=True):
+        torch.save({"model": model_state, "fitted": fitted}, tmp_path / "codec.pt")
+
+    save(state)
+    got = A.load_codec(tmp_path).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    save(state, fitted=False)
+    with pytest.raises(ValueError, match="codec.pt: the offline codec's codebooks were never"):
+        A.load_codec(tmp_path)
+    save({**state, "decoder.model.99.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"codec.pt: does not match .* unexpected \['decoder"):
+        A.load_codec(tmp_path)
+    save({k: v for k, v in state.items() if k != "decoder.model.0.conv.conv.bias"})
+    with pytest.raises(ValueError, match=r"missing \['decoder.model.0.conv.conv.bias', "):
+        A.load_codec(tmp_path)
+
+
 def test_loading_the_offline_codec_leaves_the_random_stream(synth_dir):
     # sample.py seeds torch, then a hybrid's sample() loads the codec before drawing its tokens
     torch.manual_seed(5)
@@ -260,6 +285,13 @@ def test_codec_report_reads_codebook_0_alone_and_the_untrained_decoder_unquantiz
         layers[0].embed.zero_()
     r, rec = C.codec_report(model, probes, untrained=C.dct_init(A.offline_codec()))
     assert r["notes"] == 1.0 and r["notes_codebook0"] == 0.0
+    # the exact codes keep the Morse word and the DTMF digits too, each read from its own clip
+    assert r["morse"] == 1.0 and r["dtmf"] == 1.0
+    # mel_l1: the mean over the "any" clips of each one's mean log-mel L1 to its reconstruction
+    assert all(len(y) == len(w) for k in probes for y, (w, _) in zip(rec[k], probes[k]))
+    want = np.mean([np.abs(A.log_mel(y) - A.log_mel(w)).mean()
+                    for y, (w, _) in zip(rec["any"], probes["any"])])
+    assert 0.01 < r["mel_l1"] == pytest.approx(want, rel=1e-5)
     assert r["mel_l1_untrained"] == pytest.approx(r["mel_l1"], abs=1e-3)
     assert r["clips"] == {"note": 3, "morse": 1, "dtmf": 1, "any": 2}
 
@@ -450,6 +482,43 @@ def test_codec_loss_is_a_tenth_of_the_l1_plus_the_multiscale_mel_l1_of_a_numpy_s
     xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
     assert float(C.codec_loss(xt, yt)) == pytest.approx(want, rel=1e-3)
     assert float(C.codec_loss(xt, xt)) == 0.0
+
+
+def test_tune_decoder_trains_the_decoders_learned_parts_on_codes_of_1_2_4_or_8_codebooks():
+    """tune_decoder feeds the decoder crops of a clip's quantized encoder output decoded from its
+    first 1, 2, 4 or 8 codebooks (each crop one of these, every level drawn over a few steps), and
+    changes only the decoder's learned parts: the encoder, the codebooks and the decoder's analytic
+    path stay bit-identical. Random codebooks, so that each level decodes to other values."""
+    g = torch.Generator().manual_seed(0)
+    model = C.dct_init(A.offline_codec())
+    with torch.no_grad():
+        for layer in model.quantizer.vq.layers[:A.N_Q]:
+            layer._codebook.embed.copy_(torch.randn(layer._codebook.embed.shape, generator=g))
+    wavs = [Y.tone(inst, Y.midi_hz(55 + 4 * i), 0.3, np.random.default_rng(i)) * 0.5
+            for i, inst in enumerate(["sine", "square", "sawtooth"])]
+    embs = A.encode_emb(model, wavs)
+    codes = [A.quantize(model, e).T[:, None] for e in embs]              # (n_q, 1, frames)
+    levels = {k: [model.quantizer.decode(c[:k])[0].detach() for c in codes]
+              for k in (1, 2, 4, A.N_Q)}
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    C.tune_decoder(model, wavs, embs, 8, batch=2, crop_seconds=0.1, quiet=True)
+    learned = {id(p) for p in C.learned_parts(model.decoder)}
+    free = {k for k, p in model.named_parameters() if id(p) in learned}
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= free and all(k.startswith("decoder.") for k in free)
+    drawn = set()
+    for z in seen:
+        for crop in z:
+            n = crop.shape[-1]
+            hits = {k for k, qs in levels.items() for q in qs for f in range(q.shape[-1])
+                    if torch.equal(crop, torch.nn.functional.pad(q[:, f:f + n],
+                                                                 (0, max(0, f + n - q.shape[-1]))))}
+            assert len(hits) == 1, hits
+            drawn |= hits
+    assert len(seen) == 8 and drawn == {1, 2, 4, A.N_Q}
 
 
 def test_offline_codec_trains_its_learned_parts_only_and_resumes(tmp_path, monkeypatch):

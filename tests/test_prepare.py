@@ -202,6 +202,25 @@ def test_resampler_removes_what_cannot_be_represented():
     assert np.abs(y[2000:-2000]).max() < 0.5 * 10 ** (-40 / 20)
 
 
+def test_resampler_output_is_whole_across_its_chunks():
+    """resample computes its output 16384 samples at a time: a 2 s tone resampled to 24 kHz
+    (48000 samples, three chunks) is the analytic tone at every sample away from the ends, at the
+    seams between chunks too."""
+    y = A.resample(sine(440, 2.0, sr=16000), 16000, SR)
+    ref = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(y)) / SR)
+    assert len(y) == 2 * SR and np.abs(y[500:-500] - ref[500:-500]).max() < 0.01
+
+
+@pytest.mark.parametrize("sr_in", [32000, 44100, 48000])
+def test_resampler_passes_10_5_khz_and_stops_13_khz(sr_in):
+    """The anti-alias filter's band edges on the way down to 24 kHz: a tone at 10.5 kHz keeps its
+    amplitude within 1%, one at 13 kHz (which would fold to 11 kHz) is 60 dB down. A cutoff at the
+    new Nyquist itself, or a shorter filter (a wider transition band), fails one or the other."""
+    for hz, lo, hi in ((10500.0, 0.495, 0.505), (13000.0, 0.0, 0.5 * 10 ** (-60 / 20))):
+        y = A.resample(sine(hz, 0.5, sr=sr_in), sr_in, SR)
+        assert lo <= np.abs(y[2000:-2000]).max() <= hi, hz
+
+
 def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
     """check_audio's "shorter than one frame" is < 320 samples: exactly one frame is a clip, 319
     samples are not; load_audio downmixes a stereo file to the mean of its two channels (written
@@ -285,7 +304,7 @@ def test_a_wav_cut_short_is_read_with_a_line_that_says_so(tmp_path, capsys):
     (tmp_path / "odd.wav").write_bytes(whole[:4] + (len(whole) - 8 + len(odd)).to_bytes(
         4, "little") + whole[8:36] + odd + whole[36:])
     assert A.wav_data_bytes(tmp_path / "odd.wav") == (2 * SR, 2 * SR)
-    for placeholder in (0xFFFFFFFF, 0x7FFFF000, 0x7FFFFFFF):  # sox writes 0x7ffff000
+    for placeholder in (0, 0xFFFFFFFF, 0x7FFFF000, 0x7FFFFFFF):  # sox writes 0x7ffff000
         streamed = bytearray(whole)
         streamed[40:44] = placeholder.to_bytes(4, "little")
         (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
@@ -310,6 +329,8 @@ def test_check_audio_refuses_near_silence_and_integer_scaled_floats():
             A.check_audio(peak * tone)
     for peak in (2e-4, 1.0, 90.0):
         A.check_audio(peak * tone)
+    # the bound itself is in: a peak of exactly 100 is a clip ("over 100" is refused)
+    A.check_audio(np.where(tone > 0, 100.0, -50.0).astype(np.float32))
 
 # ----------------------------------------------------------------------------- the corpus
 

@@ -61,6 +61,12 @@ def test_whisper_log_mel_matches_openai_whisper(whisper):
     ref = whisper.audio.log_mel_spectrogram(torch.from_numpy(x)).numpy().T
     assert ours.dtype == np.float32 and ours.shape == ref.shape == (n // 160, 80)
     assert np.abs(ours - ref).max() < 1e-4
+    # a clip quiet throughout (its loudest mel under 1e-2): the 8 decades below its peak reach
+    # under Whisper's 1e-10 floor, which then decides the quietest bins
+    quiet = x * 1e-3
+    ref_quiet = whisper.audio.log_mel_spectrogram(torch.from_numpy(quiet)).numpy().T
+    assert ref_quiet.max() < 0.5 and ref_quiet.min() == pytest.approx((-10 + 4) / 4)
+    assert np.abs(A.whisper_log_mel(quiet, sr=16000) - ref_quiet).max() < 1e-4
     # 24 kHz in (the default): resampled to 16 kHz by audio.resample, then the same
     x24 = A.resample(x, 16000, 24000)
     m24 = A.whisper_log_mel(x24)
