@@ -1730,6 +1730,8 @@ def test_the_default_place_named_as_such_is_the_same_run():
     name is another run."""
     default = P.hash_args(P.get_args([]))
     assert P.hash_args(P.get_args(["--name=synth", "--out_dir=data/synth/"])) == default
+    assert P.hash_args(P.get_args(["--name=synth"])) == default      # either one alone too
+    assert P.hash_args(P.get_args(["--out_dir=data/synth"])) == default
     assert P.hash_args(P.get_args(["--name=other"])) != default
 
 def test_out_dir_spelled_as_the_named_default_is_the_same_run():
@@ -2329,3 +2331,180 @@ def test_a_folder_prepared_at_its_default_place_by_absolute_path_is_known_when_m
     meta = {"args": vars(then), "args_hash": P.hash_args(then)}
     monkeypatch.chdir(b)
     assert P.prepared_elsewhere(meta, P.get_args([f"--out_dir={b / 'moved'}"]))
+
+
+def test_the_split_of_a_clip_is_its_ids_md5_per_mille():
+    """is_val is a fixed function of the id (data prepared earlier keeps its split): the first 32
+    bits of the id's MD5, big-endian, per mille, below val_percent * 10. Checked against that
+    formula written from the digest's bytes, over ids and percentages."""
+    import hashlib
+    ids = [f"clip-{i}" for i in range(2000)] + ["synth-000000", "84-121123-0000", "sub/a.wav"]
+    for pct in (0.1, 10, 33.3, 50, 99.9):
+        for i in ids:
+            per_mille = int.from_bytes(hashlib.md5(i.encode()).digest()[:4], "big") % 1000
+            assert P.is_val(i, pct) == (per_mille < round(pct * 10)), (i, pct)
+
+
+def test_a_single_clip_stays_in_train_whatever_val_percent(tmp_path):
+    """One clip: train keeps it at any --val_percent, even 100 (train.py reads the train split;
+    an empty val split is only noted)."""
+    for pct in (0, 10, 100):
+        out = tmp_path / str(pct)
+        out.mkdir()
+        stage = P.Staging(out)
+        infos = [{"id": "only", "source": "only", "kind": "file", "duration": 0.1, "labels": {}}]
+        splits = P.write_splits(infos, [np.zeros((3, A.N_Q), np.uint16)],
+                                [np.zeros((3, A.N_MELS), np.float16)], [None],
+                                P.get_args([f"--val_percent={pct}"]), stage)
+        assert splits == {"train": {"clips": 1, "frames": 3}, "val": {"clips": 0, "frames": 0}}
+
+
+def test_librispeech_items_from_a_relative_src_report_no_transcribed_file(tmp_path, monkeypatch):
+    """--src given relative to the working directory: the files with a transcript line are items
+    and not also reported as lacking one (the reported paths are compared resolved)."""
+    d = tmp_path / "LS" / "19" / "198"
+    d.mkdir(parents=True)
+    for k in range(2):
+        sf.write(d / f"19-198-000{k}.flac", sine(300, 0.1, sr=16000), 16000)
+    (d / "19-198.trans.txt").write_text("19-198-0000 HELLO\n19-198-0001  GOOD BYE\n")
+    monkeypatch.chdir(tmp_path)
+    problems = []
+    items = P.librispeech_items("LS", lambda what, why: problems.append((what, why)))
+    assert problems == []
+    # the text after the id, however many spaces apart
+    assert [it["transcript"] for it in items] == ["hello", "good bye"]
+
+
+def test_gpt2_offline_splits_text_as_tiktokens_own_gpt2_pattern(no_tiktoken_cache):
+    """The offline GPT-2 BPE (openai-whisper's ranks with GPT2_PAT) encodes as tiktoken's own
+    r50k pattern does with the same ranks, on contractions, numbers, spaces and punctuation; "I'd"
+    is GPT-2's published "I", "'d"."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+    tok = T.load_gpt2(offline=True)
+    ref = tiktoken.Encoding(name="ref", pat_str=r50k_pat_str,
+                            mergeable_ranks=T.load_ranks(T.whisper_gpt2_file()),
+                            special_tokens={T.EOT: T.GPT2_EOT})
+    texts = ["I'd say we'd", "she's, it's, we're, they've, I'm, you'll", "in 2019 and 12,345.6",
+             " 7 days  later\n\n  x", "a\tb  \n c?!  ", "Ünïcødé ✓ 42nd -3 'quoted'"]
+    for t in texts:
+        assert tok.encode_ordinary(t) == ref.encode_ordinary(t), t
+    assert tok.encode("I'd") == [40, 1549]
+
+
+def test_synth_clip_list_skips_the_ids_it_is_given():
+    """clip_list's generator leaves out the clips whose ids are in skip (what a resumed run has in
+    its chunks), by the ids the clips carry: the others come in index order, each once."""
+    args = P.get_args(["--clips=4", "--max_seconds=1.0", "--no_speech"])
+    clips, n = P.clip_list(args, P.InputProblems(False))
+    ids = [info["id"] for _, info in clips()]
+    assert n == 4 and ids == [f"synth-{i:06d}" for i in range(4)]
+    assert [info["id"] for _, info in clips(skip={ids[0], ids[2]})] == [ids[1], ids[3]]
+    assert list(clips(skip=set(ids))) == []
+
+
+def test_each_split_lists_its_clips_in_id_order(synth_dir):
+    """The clips of each split are stored in the order of their ids (encode_clips sorts them: a
+    chunk is encoded shortest first), so a clip's index and offset do not depend on its length."""
+    for split in ("train", "val"):
+        ids = [json.loads(l)["id"]
+               for l in Path(synth_dir, f"{split}_clips.jsonl").read_text().splitlines()]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_a_finished_run_missing_one_of_its_files_is_rebuilt(tmp_path, capsys):
+    """A re-run with the same arguments skips a finished folder, but not one that lost one of its
+    files (output_files): it says which, and rebuilds it as it was."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k, hz in enumerate((300, 500)):
+        sf.write(src / f"t{k}.wav", sine(hz, 0.2), SR)
+    args = ["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--no_codes", "--quiet"]
+    P.main(args)
+    mel = (out / "train_mel.bin").read_bytes()
+    (out / "train_mel.bin").unlink()
+    capsys.readouterr()
+    P.main(args)
+    assert "lacks train_mel.bin: rebuilding" in capsys.readouterr().out
+    assert (out / "train_mel.bin").read_bytes() == mel
+
+
+def test_only_the_manifest_at_the_top_of_src_is_read_as_one(tmp_path):
+    """manifest.csv / manifest.jsonl are the folder's manifest at --src's top only; a file of that
+    name in a subfolder is another input, reported as not audio, not silently passed over."""
+    (tmp_path / "sub").mkdir()
+    sf.write(tmp_path / "sub" / "a.wav", sine(440, 0.1), SR)
+    (tmp_path / "manifest.csv").write_text("file,caption\nsub/a.wav,a tone\n")
+    (tmp_path / "sub" / "manifest.csv").write_text("file,caption\na.wav,other\n")
+    problems = []
+    items = P.folder_items(tmp_path, lambda what, why, kept=False: problems.append((what, why)))
+    assert [(it["id"], it["caption"]) for it in items] == [("sub/a.wav", "a tone")]
+    assert problems == [(str(tmp_path / "sub" / "manifest.csv"),
+                         "not an audio file (extension '.csv')")]
+
+
+def test_input_problems_count_kinds_before_any_detail_and_not_warnings(capsys):
+    """InputProblems keys its count by the problem's text before any " (" or ":": the details of
+    one file (its transcript's name, why its line is missing) do not make kinds of their own; a
+    problem with kept=True is a warning line and no skipped input."""
+    problems = P.InputProblems(strict=False)
+    problems("a.flac", "missing transcript (empty line)")
+    problems("b.flac", "missing transcript (no line in any .trans.txt)")
+    problems("c.flac", "missing file, listed in a transcript (1-2.trans.txt)")
+    problems("d.flac", "missing file, listed in a transcript (3-4.trans.txt)")
+    problems("m.jsonl:3", "'qa' is not a list (...); the row's 'qa' ignored", kept=True)
+    assert problems.counts == {"missing transcript": 2, "missing file, listed in a transcript": 2}
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and out[-1].startswith("warning: m.jsonl:3: 'qa' is not a list")
+
+
+def test_codec_from_a_copy_names_the_corpus_the_codec_was_fitted_on(synth_dir, tmp_path):
+    """--codec_from a corpus that itself took its codec --codec_from another: meta.json's codec
+    "from" still names the first corpus, and its note says once where the codec was fitted."""
+    src, first, second = tmp_path / "src", tmp_path / "first", tmp_path / "second"
+    shutil.copytree(synth_dir, src)
+    base = ["--clips=2", "--max_seconds=1.0", "--quiet", "--offline", "--codec_report=0"]
+    P.main(base + [f"--out_dir={first}", f"--codec_from={src}"])
+    P.main(base + [f"--out_dir={second}", f"--codec_from={first}"])
+    codec = json.loads((second / "meta.json").read_text())["codec"]
+    assert codec["from"] == str(src)
+    assert codec["note"].count("fitted on the corpus of") == 1 and str(src) in codec["note"]
+    assert A.codec_id(second) == A.codec_id(src)
+
+
+def test_a_stopped_forced_rebuild_resumes_without_force(tmp_path, capsys, monkeypatch):
+    """--force with other arguments over finished data, stopped after pass 1: the same command
+    without --force resumes that rebuild (its encoded clips) instead of refusing the folder as
+    holding data of other arguments."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k, hz in enumerate((300, 500, 700)):
+        sf.write(src / f"t{k}.wav", sine(hz, 0.2), SR)
+    base = ["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--no_codes", "--quiet"]
+    P.main(base)
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(P, "write_tokenizer", crash)
+        P.main(base + ["--vocab_size=300", "--force"])
+    capsys.readouterr()
+    P.main(base + ["--vocab_size=300"])
+    log = capsys.readouterr().out
+    assert "a rebuild with these that was stopped: resuming it" in log
+    assert "resuming: 3 clips already encoded" in log
+    assert json.loads((out / "meta.json").read_text())["args"]["vocab_size"] == 300
+
+
+def test_tiktoken_cache_dir_follows_tiktokens_own_precedence(monkeypatch):
+    """As tiktoken reads it: TIKTOKEN_CACHE_DIR over DATA_GYM_CACHE_DIR over the temp folder's
+    data-gym-cache ("" turns caching off)."""
+    import tempfile
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    assert T.tiktoken_cache_dir() == str(Path(tempfile.gettempdir()) / "data-gym-cache")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", "/gym")
+    assert T.tiktoken_cache_dir() == "/gym"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/tik")
+    assert T.tiktoken_cache_dir() == "/tik"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert T.tiktoken_cache_dir() == ""
