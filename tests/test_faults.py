@@ -586,6 +586,23 @@ def test_sample_writes_a_file_whole_or_leaves_the_old_one(tmp_path):
     sample.write_text(path, "new")
     assert sorted(os.listdir(tmp_path)) == ["a.wav", "answer.txt"] and open(path).read() == "new\n"
 
+def test_written_whole_writes_beside_its_file_and_cleans_up_after_ctrl_c(tmp_path):
+    """written_whole's part is path + ".tmp", in the file's own folder (a rename within one file
+    system is atomic; from another, such as /tmp, it is a copy or fails), and a Ctrl-C while
+    writing (KeyboardInterrupt, no Exception) also leaves the old file and no part beside it."""
+    import configurator
+    path = str(tmp_path / "report.md")
+    with configurator.written_whole(path) as tmp:
+        assert tmp == path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("old")
+    with pytest.raises(KeyboardInterrupt):
+        with configurator.written_whole(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write("a part")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["report.md"] and open(path).read() == "old"
+
 def test_table_and_bench_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
     """whisper_gpt_table.py sent SIGINT alone (its train.py runs not signalled, as with `kill -INT`)
     stops them too and says in one line that the runs are kept; bench_whisper_gpt.py says nothing

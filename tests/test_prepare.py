@@ -701,6 +701,63 @@ def test_dtmf_tones_are_the_standard_keypad_pairs_and_spoken_by_name():
     assert set(keys) == set("0123456789*#")
 
 
+def test_morse_letters_are_sent_in_international_morse_code():
+    """Every letter's marks in the envelope (one unit on for a dot, three for a dash) against
+    International Morse Code written out here (ITU-R M.1677), not synth.py's table that read_morse
+    shares."""
+    itu = dict(zip("abcdefghijklmnopqrstuvwxyz",
+                   ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. "
+                   "... - ..- ...- .-- -..- -.-- --..".split()))
+    u = int(0.05 * SR)
+    for ch, code in itu.items():
+        cells = Y.morse_envelope(ch, 0.05)[::u]
+        marks = "".join(cells.astype(int).astype(str)).split("0")
+        assert "".join("." if m == "1" else "-" for m in marks) == code, ch
+
+def test_dtmf_keys_are_on_the_standard_frequencies_exactly():
+    """The keypad grid written out (rows 697 770 852 941 Hz, columns 1209 1336 1477 Hz; keys
+    1 2 3 / 4 5 6 / 7 8 9 / * 0 #) against the two frequencies make_dtmf sums for each key, exactly:
+    the audio test above reads them to the 20 Hz a decoder tolerates, which a table off by a few
+    hertz would pass."""
+    rows, cols = [697, 770, 852, 941], [1209, 1336, 1477]
+    pad = ["123", "456", "789", "*0#"]
+    want = {key: (rows[r], cols[c]) for r, keys in enumerate(pad) for c, key in enumerate(keys)}
+    assert {k: (Y.DTMF_LOW[k], Y.DTMF_HIGH[k]) for k in Y.DTMF_KEYS} == want
+
+def test_a_notes_frequency_is_its_midi_numbers_in_equal_temperament_to_a_few_cents():
+    """A held sine note's spectral peak against 440 * 2 ** ((m - 69) / 12) Hz, to 3 cents (the
+    pitch tests allow a quarter semitone, which a tuning off by 1% would pass)."""
+    for i, root in enumerate(range(48, 73, 3)):
+        wav, notes, *_ = Y.single_note(np.random.default_rng([5, i]), 2.0, "sine", "a sine tone",
+                                       root)
+        peak = spectral_peaks(wav[SR // 10:-SR // 10], 1)[0]
+        want = 440 * 2 ** ((root - 69) / 12)
+        assert abs(1200 * np.log2(peak / want)) < 3, (root, peak, want)
+
+def test_a_mixtures_last_question_is_its_musics_note_chord_or_count():
+    """A mixture asks about its instrument, the events and then the music's own question: the
+    note, the chord or how many notes, answered as the labels and notes say."""
+    forms = set()
+    for wav, info in synth_of_kind("mixture", 30):
+        q, a = info["qa"][-1]["q"], info["qa"][-1]["a"]
+        if "chord" in info["labels"]:
+            assert (q, a) == ("what chord is played?", info["labels"]["chord"]), info["qa"]
+        elif "melody" in info["labels"]:
+            assert (q, a) == ("how many notes are played?",
+                              Y.NUMBER_WORDS[len(info["notes"])]), info["qa"]
+        else:
+            assert (q, a) == ("what note is played?", info["labels"]["pitch"]), info["qa"]
+        forms.add(q)
+    assert len(forms) == 3
+
+def test_clips_of_neighbouring_seeds_are_not_the_same_clips_shifted():
+    """Clip i of a seed is drawn from (seed, i): clip i + 1 of seed 1 is not clip i of seed 2
+    (as with a generator seeded by seed + i), so corpora of two seeds share no clip."""
+    for i in range(6):
+        a, _ = Y.synth_clip(1, i + 1, 2.0, speech=False)
+        b, _ = Y.synth_clip(2, i, 2.0, speech=False)
+        assert len(a) != len(b) or not np.array_equal(a, b), i
+
 def test_morse_description_names_the_tone_it_is_sent_on():
     for wav, info in synth_of_kind("morse", 12):
         hz = int(re.search(r"A steady (\d+) hertz tone", info["description"]).group(1))

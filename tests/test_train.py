@@ -297,6 +297,35 @@ def test_config_file_runs_in_one_namespace_like_a_module(tmp_path):
                    "_per_head = lambda d: d // n_layer\nn_head = _per_head(n_embd) // 32\n")
     assert K.read_config_file(str(cfg)) == {"n_layer": 3, "n_embd": 96, "n_head": 1}
 
+def test_bool_is_no_number_a_bare_flag_is_true_and_an_empty_value_is_text():
+    """A setting's type is its default's exactly: True or False is not an int nor a float (bool is
+    a subclass of int, so isinstance would take --n_layer=True as 1); a bare --flag is True for a
+    bool setting; --key= (nothing after the =) is the empty text for a str setting (eval.py's
+    --json= turns it off), not a bare flag."""
+    import configurator as K
+    for t in (int, float):
+        for raw in ("True", "False"):
+            with pytest.raises(K.SettingsError, match=f"x must be {t.__name__}, got bool"):
+                K.resolve([("x", None, raw, f"--x={raw}")], {"x": t})
+        with pytest.raises(K.SettingsError, match=f"x must be {t.__name__}, got bool"):
+            K.resolve([("x", True, None, "c.py")], {"x": t})  # a config file's True
+    entries, _ = K.gather(["--compile", "--json=", "--n=3"])
+    assert K.resolve(entries, {"compile": bool, "json": str, "n": int}) == \
+        ({"compile": True, "json": "", "n": 3}, {})
+
+def test_parse_overrides_the_scripts_defaults_with_the_command_line_the_last_one_winning():
+    """parse (sample.py, eval.py, the table and the benchmark): the script's defaults, each
+    overridden by the command line where given there, the later of two; unknown keys passed on
+    as text."""
+    import configurator as K
+    ns = {"seed": 1337, "out_dir": "out", "temperature": 0.8, "mean": False, "_private": 1}
+    settings, unknown, rest = K.parse("x.py", ["--seed=7", "--mean", "--top_k=5"], ns,
+                                      pass_unknown=True)
+    assert settings == {"seed": 7, "out_dir": "out", "temperature": 0.8, "mean": True}
+    assert unknown == {"top_k": "5"} and rest == []
+    assert K.parse("x.py", ["--seed=7", "--temperature=1", "--seed=8"], ns)[0] == \
+        {"seed": 8, "out_dir": "out", "temperature": 1.0, "mean": False}
+
 # -----------------------------------------------------------------------------
 # training runs
 

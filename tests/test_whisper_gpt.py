@@ -923,6 +923,28 @@ def test_eval_table_mean_and_std_rows(monkeypatch, capsys, tmp_path):
     mean_row, std_row = E.mean_rows([{**r, "kinds": "all"} for r in rows])
     assert mean_row["nll"] == 2.0 and "kinds" not in mean_row and "kinds" not in std_row
 
+def test_eval_mean_leaves_out_a_metric_one_run_has_and_big_negative_floats_keep_a_decimal(
+        monkeypatch, tmp_path):
+    """--mean: a metric that only one run has (None in the other) has no mean nor spread (a sample
+    standard deviation needs two values); a float cell is 4 decimals below 100 in size, 1 from
+    100 on, negative numbers too. --json replaces a list only if every item is a row."""
+    import eval as E
+    monkeypatch.setattr(E, "mean", True)
+    rows = [{"run": "a", "model": "whisper_gpt", "params": 1, "iters": 1, "data": "d",
+             "nll": 1.0, "bleu": 0.5},
+            {"run": "b", "model": "whisper_gpt", "params": 1, "iters": 1, "data": "d",
+             "nll": 2.0, "bleu": None}]
+    mean_row, std_row = E.mean_rows(rows)
+    assert mean_row == {"run": "mean (2 runs)", "nll": 1.5}
+    assert std_row == {"run": "std (2 runs)", "nll": math.sqrt(0.5)}
+    assert E.fmt_cell("nll", -1234.5678) == "-1234.6" and E.fmt_cell("nll", -99.5) == "-99.5000"
+    assert E.fmt_cell("nll", 1234.5678) == "1234.6" and E.fmt_cell("nll", None) == "-"
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text('[{"run": "a", "nll": 1.0}, {"n_mels": 64}]')
+    assert not E.is_results_file(str(mixed))
+    mixed.write_text('[{"run": "a", "nll": 1.0}]')
+    assert E.is_results_file(str(mixed))
+
 def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
     """--mean takes runs that differ in their seed only: another setting is refused, named; runs
     started from different weights (each seed's own earlier stage) are seeds of one recipe, but
@@ -962,6 +984,26 @@ def test_eval_mean_is_over_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
     link = tmp_path / "link"
     os.symlink(os.path.dirname(paths[0]), link)
     assert E.checkpoint_paths([paths[0], str(link)]) == paths[:1]
+
+def test_eval_mean_refuses_runs_of_two_models(tmp_path, monkeypatch, capsys):
+    """--mean over a Whisper-GPT run and a Pengi run (each of its own seed) is refused before any
+    evaluation, naming both: a mean is over runs of one model and stage."""
+    import eval as E
+    import pengi
+    paths = []
+    for name, model, args in (("w", "whisper_gpt", dataclasses.asdict(W.Config())),
+                              ("p", "pengi", dataclasses.asdict(pengi.Config()))):
+        path = tmp_path / name / "ckpt.pt"
+        path.parent.mkdir()
+        torch.save({"model": {}, "model_name": model, "model_args": args, "iter_num": 0,
+                    "config": {"model": model, "seed": len(paths)}}, path)
+        paths.append(str(path))
+    monkeypatch.setattr(E, "mean", True)
+    monkeypatch.setattr(E, "kinds", "")
+    with pytest.raises(SystemExit):
+        E.check_runs(paths, {})
+    err = capsys.readouterr().err
+    assert "--mean: the runs are of 2 models or stages (pengi pengi, whisper_gpt)" in err, err
 
 def test_eval_kinds_all_evaluates_every_clip(synth_dir, tmp_path, monkeypatch):
     """eval.py --kinds=all evaluates a checkpoint trained on one kind on every val clip: the token
