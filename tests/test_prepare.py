@@ -2437,7 +2437,10 @@ def test_gpt2_offline_splits_text_as_tiktokens_own_gpt2_pattern(no_tiktoken_cach
     r50k pattern does with the same ranks, on contractions, numbers, spaces and punctuation; "I'd"
     is GPT-2's published "I", "'d"."""
     import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
+    from tiktoken_ext import openai_public
+    r50k_pat_str = getattr(openai_public, "r50k_pat_str", None)  # a name of tiktoken 0.8 on
+    if r50k_pat_str is None:
+        pytest.skip("tiktoken before 0.8 does not name GPT-2's pattern")
     tok = T.load_gpt2(offline=True)
     ref = tiktoken.Encoding(name="ref", pat_str=r50k_pat_str,
                             mergeable_ranks=T.load_ranks(T.whisper_gpt2_file()),

@@ -466,7 +466,7 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     # eval_only evaluates the kept weights (iter 4) all the same, and writes nothing
     _, val = losses(out)
     p = run(cmd + ["--eval_only=True"])
-    assert (f"step 4: train loss" in p.stdout and f"val loss {val[4]:.4f}" in p.stdout
+    assert ("step 4: train loss" in p.stdout and f"val loss {val[4]:.4f}" in p.stdout
             and "done: evaluated" in p.stdout), p.stdout
     assert open(os.path.join(out, "log.jsonl")).read() == before
     # extended to 12 without a better val loss (the lr is 0 after 4): the checkpoint notes the
@@ -1573,11 +1573,13 @@ def test_save_atomic_flushes_to_the_disk_before_the_rename(tmp_path, monkeypatch
     assert events == [("fsync", size), ("replace", size)], events
 
 def test_decay_lr_false_keeps_the_learning_rate_constant(synth_dir, tmp_path):
-    """decay_lr=False: every iteration steps at learning_rate itself, no warmup nor decay (TINY's
-    warmup_iters=2 and lr_decay_iters=8 would otherwise apply), and no warmup note is printed."""
+    """decay_lr=False: every iteration steps at learning_rate itself, no warmup nor decay (a
+    warmup over the 3 iterations, then a cosine decay, would otherwise apply), and no note that
+    the run ends inside the warmup is printed."""
     out = str(tmp_path)
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-             "--max_iters=3", "--eval_interval=100", "--decay_lr=False", "--lr_decay_iters=0"])
+             "--max_iters=3", "--warmup_iters=3", "--eval_interval=100", "--decay_lr=False",
+             "--lr_decay_iters=0"])
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
     assert logged == {1: 1e-2, 2: 1e-2, 3: 1e-2}, logged
@@ -1590,7 +1592,7 @@ def test_evaluation_averages_an_odd_number_of_batches(synth_dir, tmp_path):
     import whisper_gpt as W
     out = str(tmp_path)
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-         "--max_iters=1", "--eval_interval=1", "--eval_iters=3"])
+         "--max_iters=1", "--eval_interval=1", "--eval_iters=3", "--device=cpu"])
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     S = ck["config"]
     model = W.Model(W.Config(**ck["model_args"]))
@@ -1616,8 +1618,9 @@ def test_evaluation_averages_an_odd_number_of_batches(synth_dir, tmp_path):
 
 def test_sample_reads_the_data_dir_given_and_writes_into_out_dir_by_default(full_run, synth_dir,
                                                                            tmp_path):
-    """--data_dir wins over the data_dir the checkpoint records (here a folder since gone); with
-    no --out an audio result is out_dir/sample.wav, its spectrogram out_dir/sample.png."""
+    """--data_dir wins over the data_dir the checkpoint records (here a folder that does not
+    exist); with no --out an audio result is out_dir/sample.wav, its spectrogram
+    out_dir/sample.png."""
     import torch
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -1662,7 +1665,8 @@ def test_a_resumed_runs_start_counts_as_the_best_so_far_under_its_own_eval_setti
     where the new measure is lower than the checkpoint's best_val_loss of the old one."""
     import torch
     out = str(tmp_path)
-    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
+           "--device=cpu"]
     run(cmd + ["--max_iters=4"])
     best = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["best_val_loss"]
     p = run(cmd + ["--max_iters=8", "--init_from=resume", "--eval_iters=1", "--learning_rate=0",
@@ -1678,7 +1682,8 @@ def test_sample_takes_an_audio_file_over_the_codec_limit_for_a_text_model(synth_
     reads the file's mel only, so a longer file is its input all the same."""
     from audio import MAX_CLIP_SECONDS
     out = tmp_path / "run"
-    salmonn_checkpoint(out, synth_dir, llm_block_size=512)  # room for 121 s of audio
+    # room for the audio tokens of the file's first 30 s (max_audio_frames)
+    salmonn_checkpoint(out, synth_dir, llm_block_size=512)
     sf.write(tmp_path / "long.wav", 0.1 * np.sin(np.arange((MAX_CLIP_SECONDS + 1) * 8000) / 7.0)
              .astype(np.float32), 8000)
     p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
