@@ -1680,23 +1680,17 @@ def test_bench_training_figures_from_a_known_clock(monkeypatch):
         assert 0.9 * hwm <= r["peak_mb"], (r["peak_mb"], hwm)
         assert r["peak_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
 
-def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
-    """bench_whisper_gpt.generate_table with the generation replaced by stand-ins that take a known
-    time on a fake clock (0.5 s of it the per-step mel of the hybrid): each row is the median of
-    three repeats, its tokens/s new_tokens over that whole time, its min-max and mel share; the
-    summary lines are recomputation's time over the KV cache's and the hybrid's over the token-only
-    model's, each of the median runs."""
+def bench_generation_on_a_fake_clock(monkeypatch, synth_dir, took, repeats, mel_seconds):
+    """bench_whisper_gpt.generate_table's lines, its generation replaced by stand-ins that take
+    took[(model, way)]'s seconds per call, in order, on a fake clock, mel_seconds of each hybrid
+    call spent in the per-step mel."""
     import types
     import bench_whisper_gpt as B
     now = [0.0]
     monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    # seconds per call, the untimed warm-up calls first (the hybrid's two: one per codec); the
-    # hybrid's include 0.5 s of mel
-    took = {("s", "kv"): [0, 2, 1, 9], ("s", "re"): [30, 20, 40],
-            ("hybrid", "kv"): [0, 0, 3, 5, 4, 10, 6, 7], ("hybrid", "re"): [100, 60, 80]}
 
     def mel_fn(seq, j):
-        now[0] += 0.5
+        now[0] += mel_seconds
         return None
 
     def stand_in(way):
@@ -1704,7 +1698,7 @@ def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
             name = "hybrid" if model.config.use_mel else "s"
             if mels is not None:  # the mel_fn it is given: bench's timed wrapper of ours
                 (kw.get("mel_fn") or next(a for a in args if callable(a)))(None, 0)
-            now[0] += took[(name, way)].pop(0) - (0.5 if mels is not None else 0)
+            now[0] += took[(name, way)].pop(0) - (mel_seconds if mels is not None else 0)
             return torch.cat([codes, torch.zeros(1, n, dtype=codes.dtype)], 1)
         return run
     monkeypatch.setattr(W.Model, "generate", stand_in("kv"))
@@ -1713,10 +1707,21 @@ def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
     monkeypatch.setattr(B, "model_config", lambda name: W.Config(
         block_size=16, vocab_size=1024, n_layer=1, n_head=2, n_embd=16, mel_n_layer=1,
         mel_n_head=2, mel_n_embd=16, mel_dim=8, use_mel=name == "hybrid"))
-    for name, value in (("data_dir", synth_dir), ("new_tokens", 10), ("repeats", 3),
+    for name, value in (("data_dir", synth_dir), ("new_tokens", 10), ("repeats", repeats),
                         ("device", "cpu")):
         monkeypatch.setattr(B, name, value)
-    lines = B.generate_table()
+    return B.generate_table()
+
+def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
+    """bench_whisper_gpt.generate_table with the generation replaced by stand-ins that take a known
+    time on a fake clock (0.5 s of it the per-step mel of the hybrid): each row is the median of
+    three repeats, its tokens/s new_tokens over that whole time, its min-max and mel share; the
+    summary lines are recomputation's time over the KV cache's and the hybrid's over the token-only
+    model's, each of the median runs."""
+    # seconds per call, the untimed warm-up calls first (the hybrid's two: one per codec)
+    took = {("s", "kv"): [0, 2, 1, 9], ("s", "re"): [30, 20, 40],
+            ("hybrid", "kv"): [0, 0, 3, 5, 4, 10, 6, 7], ("hybrid", "re"): [100, 60, 80]}
+    lines = bench_generation_on_a_fake_clock(monkeypatch, synth_dir, took, 3, 0.5)
     rows = [l for l in lines if l.startswith("| GPT-S |") or l.startswith("| Hybrid |")]
     assert rows == ["| GPT-S | KV cache | 5.0 | 2.00 | 1.00-9.00 | - |",
                     "| GPT-S | recompute | 0.3 | 30.00 | 20.00-40.00 | - |",
@@ -2023,29 +2028,10 @@ def test_bench_generation_an_even_number_of_repeats_reports_the_faster_middle_ru
         synth_dir, monkeypatch):
     """With two repeats each row's time is the faster one (the lower of the two middle runs), as
     the docstring says, not the slower."""
-    import types
-    import bench_whisper_gpt as B
-    now = [0.0]
-    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     # seconds per call, the untimed warm-up calls first (the hybrid's two: one per codec)
     took = {("s", "kv"): [0, 2, 1], ("s", "re"): [30, 20],
             ("hybrid", "kv"): [0, 0, 3, 5, 10, 6], ("hybrid", "re"): [100, 60]}
-
-    def stand_in(way):
-        def run(model, codes, mels, n, *args, **kw):
-            now[0] += took[("hybrid" if model.config.use_mel else "s", way)].pop(0)
-            return torch.cat([codes, torch.zeros(1, n, dtype=codes.dtype)], 1)
-        return run
-    monkeypatch.setattr(W.Model, "generate", stand_in("kv"))
-    monkeypatch.setattr(B, "generate_recompute", stand_in("re"))
-    monkeypatch.setattr(W, "incremental_mel", lambda tools, lag: lambda seq, j: None)
-    monkeypatch.setattr(B, "model_config", lambda name: W.Config(
-        block_size=16, vocab_size=1024, n_layer=1, n_head=2, n_embd=16, mel_n_layer=1,
-        mel_n_head=2, mel_n_embd=16, mel_dim=8, use_mel=name == "hybrid"))
-    for name, value in (("data_dir", synth_dir), ("new_tokens", 10), ("repeats", 2),
-                        ("device", "cpu")):
-        monkeypatch.setattr(B, name, value)
-    lines = B.generate_table()
+    lines = bench_generation_on_a_fake_clock(monkeypatch, synth_dir, took, 2, 0.0)
     assert "| GPT-S | KV cache | 10.0 | 1.00 | 1.00-2.00 | - |" in lines, lines
     assert ("| Hybrid | KV cache, dense codec | 1.7 | 6.00 | 6.00-10.00 | 0.0 s (0%) |"
             in lines), lines
