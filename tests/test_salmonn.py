@@ -1286,6 +1286,41 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
         salmonn.sample(m, tok, {"mel": mel[1, :26]}, "Transcribe.")
 
 @torch.no_grad()
+def test_text_decoder_adds_each_positions_learned_embedding():
+    """The text decoder adds position t's learned embedding to the token at t: a run of one token
+    gives each position its own logits, and changing position 2's embedding changes the logits
+    from position 2 on (the decoder is causal), never before."""
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="whisper", whisper_dec_n_layer=1, whisper_text_ctx=12)
+    m = SALMONN(cfg).eval()
+    speech, enc_lens = m.speech(torch.randn(1, 30, cfg.n_mels), torch.tensor([30]))
+    idx = torch.tensor([[60, 5, 5, 5, 5]])
+    a = m.decoder(idx, speech, enc_lens)
+    assert not torch.allclose(a[0, 2], a[0, 3], atol=1e-6)
+    m.decoder.positional_embedding[2] += torch.randn(cfg.speech_n_embd)
+    b = m.decoder(idx, speech, enc_lens)
+    assert torch.allclose(a[:, :2], b[:, :2], atol=1e-6)
+    assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-3)
+
+@torch.no_grad()
+def test_whisper_transcribe_ctc_reads_each_clips_own_frames():
+    """The CTC head's transcript of a clip: the best path over the clip's own speech frames only,
+    repeats merged, blanks dropped; a short clip transcribed next to a longer one gives what it
+    gives alone. Here a head whose best path is 40, 40, blank, 41, 41, blank, 42, ..."""
+    torch.manual_seed(0)
+    cfg = tiny_config(stage="whisper", whisper_dec_n_layer=1, whisper_text_ctx=4)
+    m = SALMONN(cfg).eval()
+    blank = salmonn.ctc_blank(cfg)
+    path = torch.tensor([blank if t % 3 == 2 else 40 + t // 3 for t in range(64)])
+    del m.ctc_head
+    m.ctc_head = lambda s: F.one_hot(path[:s.size(1)], blank + 1).float().expand(s.size(0), -1, -1)
+    mels = [torch.randn(40, cfg.n_mels), torch.randn(25, cfg.n_mels)]  # 20 and 13 speech frames
+    _, both = salmonn.whisper_transcribe(m, ByteTokenizerEot60(), [{"mel": x} for x in mels])
+    _, alone = salmonn.whisper_transcribe(m, ByteTokenizerEot60(), [{"mel": mels[1]}])
+    assert both == [bytes(range(40, 47)).decode(), bytes(range(40, 45)).decode()]
+    assert alone == both[1:]
+
+@torch.no_grad()
 def test_text_decoder_reads_only_its_clips_frames():
     """Stage "whisper": the decoder's cross-attention reads a clip's own encoder frames only: a clip
     padded in a batch next to a longer one gives the logits it gives alone, though the encoder's
@@ -1600,6 +1635,42 @@ def test_beats_stage_tags_and_average_precision():
     assert salmonn.average_precision(np.array([0.9, 0.8, 0.7, 0.1]),
                                      np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
     assert salmonn.average_precision(np.array([0.5, 0.4]), np.array([0, 0])) is None
+
+@torch.no_grad()
+def test_beats_stage_sample_shows_the_five_most_likely_tags():
+    """With more than 5 tags, sample.py on a stage-"beats" checkpoint lists the 5 most likely, each
+    with its sigmoid probability, most likely first."""
+    torch.manual_seed(0)
+    names = [f"class=c{i}" for i in range(7)]
+    cfg = tiny_config(stage="beats", tags="|".join(names))
+    m = SALMONN(cfg).eval()
+    mel = torch.randn(30, cfg.n_mels)
+    logits, _ = m(mel=mel[None], mel_lens=torch.tensor([30]))
+    p = torch.sigmoid(logits[0])
+    top = p.argsort(descending=True)[:5].tolist()
+    out = salmonn.sample(m, None, {"mel": mel}, None)["text"]
+    assert out == "tags: " + ", ".join(f"{names[i]} ({p[i]:.2f})" for i in top)
+
+@torch.no_grad()
+def test_audio_token_rms_of_the_clips_own_tokens():
+    """audio_token_rms: the RMS over the audio tokens the clips give (each clip encoded alone here,
+    so a shorter clip's padding windows are not counted), and the LLM's token and position
+    embeddings' RMS."""
+    torch.manual_seed(0)
+    cfg = tiny_config(audio_norm=False)
+    m = SALMONN(cfg).eval()
+    mels = [torch.randn(40, cfg.n_mels), torch.randn(9, cfg.n_mels)]
+    class Data:
+        splits = {"val": {"clips": [{}, {}]}}
+        def clip_audio(self, split, ci):
+            return {"mel": mels[ci]}
+    got = salmonn.audio_token_rms(m, Data(), "val")
+    alone = [m.encode_audio(x[None], torch.tensor([len(x)])) for x in mels]
+    tokens = torch.cat([t[v] for t, v in alone])
+    assert len(tokens) == n_audio_tokens(40, cfg) + n_audio_tokens(9, cfg)
+    assert got["audio_rms"] == pytest.approx(tokens.pow(2).mean().sqrt().item(), rel=1e-4)
+    assert got["token_rms"] == pytest.approx(m.llm.wte.weight.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert got["pos_rms"] == pytest.approx(m.llm.wpe.weight.pow(2).mean().sqrt().item(), rel=1e-5)
 
 def test_beats_stage_learns_to_tag_the_corpus(synth_dir):
     """Stage "beats" trained briefly (400 steps of 16 clips, one band per time step, one thread, ~3
