@@ -23,7 +23,8 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_
         "--mel_n_embd=16",
         "--mel_dim=8", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--eval_interval=4",
         "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2",
-        "--min_lr=1e-3"]
+        "--min_lr=1e-3",
+        "--device=cpu"]  # where there is a GPU too: the tests recompute runs on the CPU, in float32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is fastest, and fair on
                                               # a shared box
 
@@ -1592,7 +1593,7 @@ def test_evaluation_averages_an_odd_number_of_batches(synth_dir, tmp_path):
     import whisper_gpt as W
     out = str(tmp_path)
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-         "--max_iters=1", "--eval_interval=1", "--eval_iters=3", "--device=cpu"])
+         "--max_iters=1", "--eval_interval=1", "--eval_iters=3"])
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     S = ck["config"]
     model = W.Model(W.Config(**ck["model_args"]))
@@ -1665,8 +1666,7 @@ def test_a_resumed_runs_start_counts_as_the_best_so_far_under_its_own_eval_setti
     where the new measure is lower than the checkpoint's best_val_loss of the old one."""
     import torch
     out = str(tmp_path)
-    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
-           "--device=cpu"]
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
     run(cmd + ["--max_iters=4"])
     best = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["best_val_loss"]
     p = run(cmd + ["--max_iters=8", "--init_from=resume", "--eval_iters=1", "--learning_rate=0",
