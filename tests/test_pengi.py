@@ -1847,14 +1847,17 @@ def test_greedy_rows_that_ended_take_no_more_tokens():
     assert pengi.Pengi.greedy(stub, torch.zeros(2, 1, 1), 4) == [[0], [1, 2, 2, 2]]
 
 
+def qa_split(answers):
+    """A split of 4-frame silent clips, each asked "loud?" with its answer."""
+    clips = [{"offset": 4 * i, "frames": 4, "labels": {}, "qa": [{"q": "loud?", "a": a}]}
+             for i, a in enumerate(answers)]
+    return {"clips": clips, "mel": np.zeros((4 * len(answers), 6), dtype=np.float32)}
+
+
 def test_qa_probe_majority_is_the_training_answer():
     """probe_majority_qa answers each question with its most common training answer ("yes", 5 of
     6), not the evaluated split's own ("no", 3 of 4): 1 of the 4 val questions."""
-    def split(answers):
-        clips = [{"offset": 4 * i, "frames": 4, "labels": {}, "qa": [{"q": "loud?", "a": a}]}
-                 for i, a in enumerate(answers)]
-        return {"clips": clips, "mel": np.zeros((4 * len(answers), 6), dtype=np.float32)}
-    data = {"train": split(["yes"] * 5 + ["no"]), "val": split(["no", "no", "yes", "no"]),
+    data = {"train": qa_split(["yes"] * 5 + ["no"]), "val": qa_split(["no", "no", "yes", "no"]),
             "max_frames": 4, "pad": "repeat"}
     _, constant = pengi.qa_probe(MeanEmbedding(), data, "val")
     assert constant == pytest.approx(1 / 4)
@@ -1885,10 +1888,7 @@ def test_qa_probe_reads_the_first_max_clips_clips_of_each_split():
     """qa_probe uses the first max_clips clips with QA of each split: with 4, training holds only
     "yes" (the 20 "no" clips after it are left out), so every question is answered "yes", right
     on 2 of the first 4 val clips (the last 2 val clips, "no", are left out too)."""
-    def split(answers):
-        clips = [{"offset": 4 * i, "frames": 4, "labels": {}, "qa": [{"q": "loud?", "a": a}]}
-                 for i, a in enumerate(answers)]
-        return {"clips": clips, "mel": np.zeros((4 * len(answers), 6), dtype=np.float32)}
-    data = {"train": split(["yes"] * 4 + ["no"] * 20), "val": split(["yes"] * 2 + ["no"] * 4),
+    data = {"train": qa_split(["yes"] * 4 + ["no"] * 20),
+            "val": qa_split(["yes"] * 2 + ["no"] * 4),
             "max_frames": 4, "pad": "repeat"}
     assert pengi.qa_probe(MeanEmbedding(), data, "val", max_clips=4) == (0.5, 0.5)
