@@ -60,9 +60,10 @@ def read_config_file(path):
 def gather(argv, config_files=False, positional=False, run_hint=False, bools=()):
     """argv -> ([(key, value, raw, where)], positional args). raw is the --key=value text (None for
     a config file's value, which is already typed). A bare argument is a config file (config_files)
-    or is returned as positional (positional); otherwise it is an error. bools: the settings that
-    are True/False, after which a bare argument is not their value. -h / --help anywhere prints the
-    script's help (print_help) and exits."""
+    or is returned as positional (positional); otherwise it is an error, which with run_hint names
+    --out_dir=<it> for a run's folder. bools: the settings that are True/False, after which a bare
+    argument is not their value. -h / --help anywhere prints the script's help (print_help) and
+    exits."""
     if any(arg in ("-h", "--help") for arg in argv):
         print_help(argv if config_files else None)
     entries, rest = [], []
@@ -209,14 +210,15 @@ def parse(script, argv, namespace, pass_unknown=False, positional=False):
     """The whole job for a script without config files: defaults from namespace, overridden by argv.
     Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the
     message."""
-    types = {k: type(v) for k, v in defaults(namespace).items()}
+    own = defaults(namespace)
+    types = {k: type(v) for k, v in own.items()}
     try:
         entries, rest = gather(argv, positional=positional, run_hint="out_dir" in types,
                                bools={k for k, t in types.items() if t is bool})
         settings, unknown = resolve(entries, types, pass_unknown, what=f"a setting of {script}")
     except SettingsError as e:
         fail(script, e)
-    return {**defaults(namespace), **settings}, unknown, rest
+    return {**own, **settings}, unknown, rest
 
 # -----------------------------------------------------------------------------
 # after parsing: device, dtype, output folders, and the options passed on to a model file

@@ -149,7 +149,8 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
 def writer_hint(ckpt_path):
     """A hint naming the config files whose out_dir holds ckpt_path (", e.g. python train.py
     config/X.py"), or ""."""
-    folder = os.path.abspath(os.path.dirname(ckpt_path))  # out_dir is relative to where train.py runs
+    # out_dir is relative to where train.py runs
+    folder = os.path.abspath(os.path.dirname(ckpt_path))
     configs = []
     for path in sorted(glob.glob(os.path.join(HERE, "config", "*.py"))):
         try:
@@ -276,11 +277,10 @@ def load_model_data(M, data_dir, config, tok):
                          f"prepare.py writes them (re-run it for this data)") from None
 
 def load_weights(model, state, trained_args, built_for):
-    """Load a checkpoint's weights into a model built from its args (trained_args), and from the
-    data it is used on where built_for names a data dir (else it says what the model was built
-    for, in messages). Weights that do not fit mean the data set a size the checkpoint was not
-    trained with, or the checkpoint does not fit its own args: the ValueError names each field
-    that differs."""
+    """Load a checkpoint's weights (state) into model. trained_args: the model_args they were
+    trained with; built_for: what the model's config came from, for the message (a data dir, whose
+    load_data may set sizes, or e.g. "the checkpoint's model_args"). Weights that do not fit are a
+    ValueError that names each field of model.config that differs from trained_args."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -324,8 +324,9 @@ def choose_tokenizer(config, data_dir, ckpt_path, checkpoint, init_from, init):
     """The tokenizer of a text model; None for a model without text (whisper_gpt). Its config
     names one: "corpus" (the BPE stored with data_dir) or "gpt2". A model that starts from a
     checkpoint keeps the tokenizer recorded there, since its embeddings are in those tokens. The
-    checkpoints looked at: the resumed one (read from ckpt_path), init_from's, and an llm_init
-    ckpt.pt (or a run folder holding one). The prepared data is text, so any tokenizer reads it."""
+    checkpoints looked at: the resumed one (checkpoint, loaded from ckpt_path), init (init_from's),
+    and an llm_init ckpt.pt (or a run folder holding one). The prepared data is text, so any
+    tokenizer reads it."""
     name = getattr(config, "tokenizer", None)
     if name is None:
         return None
@@ -375,7 +376,8 @@ if __name__ == "__main__":
     if S["decay_lr"] and S["min_lr"] > S["learning_rate"]:  # the schedule would rise
         fail(f"min_lr={S['min_lr']}: above learning_rate={S['learning_rate']}, the rate the "
              f"schedule decays from")
-    if S["decay_lr"] and 0 < S["lr_decay_iters"] < S["warmup_iters"]:  # would drop to min_lr at once
+    # the rate would drop to min_lr at once after the warmup
+    if S["decay_lr"] and 0 < S["lr_decay_iters"] < S["warmup_iters"]:
         fail(f"lr_decay_iters={S['lr_decay_iters']}: below warmup_iters={S['warmup_iters']}; the "
              f"cosine decay starts after the warmup (0 decays until max_iters)")
     if not 0 <= S["seed"] < 2 ** 63:  # numpy's and torch's generators take these
@@ -564,7 +566,7 @@ if __name__ == "__main__":
             fail(f"init_from={init_from}: its weights do not fit this model: "
                  f"{' '.join(str(e).split())[:240]}")
         if unexpected:
-            # another stage's checkpoint (SALMONN, Pengi): its parts come through the *_init settings
+            # another stage's checkpoint (SALMONN, Pengi): its parts come through *_init settings
             stage, ours = init["model_args"].get("stage"), getattr(config, "stage", None)
             # the parts' paths (pengi's text_init, default "llm", is a mode, not a path)
             inits = [f.name for f in fields(config) if f.name.endswith("_init") and f.default == ""]
@@ -630,7 +632,7 @@ if __name__ == "__main__":
 
     decay_end = lr_decay_iters or max_iters
     # a short trial run: iterations 0 .. max_iters - 1 all warm up (the last at learning_rate x
-    # max_iters / (w + 1))
+    # max_iters / (warmup_iters + 1))
     if master and decay_lr and not eval_only and 0 < max_iters <= warmup_iters:
         print(f"note: max_iters={max_iters} ends inside the warmup (warmup_iters={warmup_iters}): "
               f"the learning rate stays under learning_rate={learning_rate} and does not decay")
