@@ -877,7 +877,8 @@ class SALMONN(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
         if self.config.ctc_weight and ctc_targets is not None:
-            logp = self.ctc_head(speech).float().log_softmax(-1).transpose(0, 1)  # (T, B, blank + 1)
+            # log-probs (T, B, blank + 1), the layout F.ctc_loss takes
+            logp = self.ctc_head(speech).float().log_softmax(-1).transpose(0, 1)
             ctc = F.ctc_loss(logp, ctc_targets.clamp(min=0), enc_lens, (ctc_targets >= 0).sum(1),
                              blank=ctc_blank(self.config), zero_infinity=True)
             loss = (1 - self.config.ctc_weight) * loss + self.config.ctc_weight * ctc
@@ -1484,6 +1485,7 @@ class SALMONNData:
       arrays: [(mel, wmel)] per corpus (this one first, then asr_data_dir's)
       entries: {task: [(clip index, instruction or None, answer)]}
       stream: the text stream of token ids (stage "llm")
+      reading: reading_questions of the split's clips (stage "llm")
       phonemes: {clip index: [phoneme]} of the speech clips (stage "whisper", ctc_units phonemes)"""
 
     def __init__(self, data_dir, config, tok, meta):
@@ -1702,9 +1704,9 @@ def spec_augment(mel, lens, n_masks, rng, max_bins=8, max_frames=5):
     return mel
 
 def copy_conversations(data, split, rng, T):
-    """A row of stage "llm"'s copying conversations (reading questions about the split's
-    transcripts): as many whole ones as fit in T + 1 tokens -> (ids, is_target), the answers and
-    their eot the targets."""
+    """A row of stage "llm"'s copying conversations (with reading_share, questions about the
+    split's transcripts among them): as many whole ones as fit in T + 1 tokens -> (ids,
+    is_target), the answers and their eot the targets."""
     seq, is_target = [], []
     while True:
         prompt, answer = copy_document(data.tok, rng, data.copy_words,
@@ -1895,8 +1897,9 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
     repeats merged, blanks dropped), for a list of clip_audio dicts."""
     device = next(model.parameters()).device
     dec_out, ctc_out = [], []
+    # a progress bar only when it takes a while
     for i in tqdm(range(0, len(audios), batch_size), desc="salmonn: transcribe", unit="batch",
-                  leave=False, disable=len(audios) <= 4 * batch_size):  # a bar when it takes a while
+                  leave=False, disable=len(audios) <= 4 * batch_size):
         batch = {k: v.to(device) for k, v in collate(audios[i:i + batch_size]).items()}
         speech, enc_lens = model.speech_encode(**batch)
         B = speech.size(0)
@@ -1920,8 +1923,8 @@ def whisper_transcribe(model, tok, audios, batch_size=32):
             ctc_out.append(ctc_text(ids, model.config, tok))
     return dec_out, ctc_out
 
-SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200, "lora_scale": None,
-               "seed": None, "length_penalty": 0.0}
+SAMPLE_OPTS = {"beam": 4, "temperature": 0.0, "top_k": 0, "max_new_tokens": 200,
+               "lora_scale": None, "seed": None, "length_penalty": 0.0}
 
 @torch.no_grad()
 def sample(model, tok, audio, prompt, tools=None, **opts):
@@ -2203,8 +2206,6 @@ def transcription_metrics(refs, hyps, ctc_hyps, kinds, train_split, ctc_phoneme_
     for kind in sorted(set(kinds)):
         of_kind = lambda xs: [x for x, k in zip(xs, kinds) if k == kind]
         r, h = of_kind(refs), of_kind(hyps)
-        # candidates: training answers of this kind, these answers themselves, and all their
-        # words
         clips = train_split["clips"]
         cands = [a for ci, _, a in train_split["entries"]["transcription"]  # this corpus's (src 0)
                  if clips[ci].get("kind") == kind and not clips[ci].get("src")]
