@@ -469,7 +469,7 @@ def codec_id(data_dir):
     path = Path(data_dir) / c["weights"]
     stat = path.stat() if path.is_file() else None
     key = (str(path.resolve()), stat and (stat.st_mtime_ns, stat.st_size))
-    if key not in _codec_ids:  # hashing 30 MB takes ~0.1 s: once per file version
+    if key not in _codec_ids:  # hashing ~60 MB takes ~0.1 s: once per file version
         state, digest = read_offline_codec(data_dir, c)["model"], hashlib.sha256()
         for k in sorted(state):
             digest.update(k.encode() + state[k].numpy().tobytes())
@@ -498,7 +498,7 @@ def quantize(model, emb):
 
 @torch.no_grad()
 def decode(codec, codes):
-    """codes (T, k) -> wav (T * hop,) float32 at 24 kHz, decoded with the first k quantizers
+    """codes (T, k) -> wav (T * 320,) float32 tensor at 24 kHz, decoded with the first k quantizers
     (EnCodec sums the residual codebooks it is given; k < 8 is a lower bitrate)."""
     codes = torch.as_tensor(codes).long().cpu().T[None]  # (1, k, T)
     with torch.autocast("cpu", enabled=False):  # the codec runs in float32 on the CPU

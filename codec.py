@@ -503,16 +503,15 @@ def codec_report(model, probes, untrained=None):
     refs = [log_mel(w) for w, _ in probes["any"]]
     mel_l1 = lambda ys: float(np.mean([np.abs(log_mel(y) - ref).mean()
                                        for y, ref in zip(ys, refs)]))
-    r = {"notes": float(np.mean([read_note(y) == info["labels"]["pitch"]
-                                 for y, (_, info) in zip(rec["note"], probes["note"])])),
+    notes = lambda ys: float(np.mean([read_note(y) == info["labels"]["pitch"]
+                                      for y, (_, info) in zip(ys, probes["note"])]))
+    r = {"notes": notes(rec["note"]),
          "morse": float(np.mean([read_morse(y) == info["transcript"]
                                  for y, (_, info) in zip(rec["morse"], probes["morse"])])),
          "dtmf": float(np.mean([read_dtmf(y) == info["labels"]["digits"]
                                 for y, (_, info) in zip(rec["dtmf"], probes["dtmf"])])),
          "mel_l1": mel_l1(rec["any"])}
-    coarse = reconstruct(model, [w for w, _ in probes["note"]], n_q=1)
-    r["notes_codebook0"] = float(np.mean([read_note(y) == info["labels"]["pitch"]
-                                          for y, (_, info) in zip(coarse, probes["note"])]))
+    r["notes_codebook0"] = notes(reconstruct(model, [w for w, _ in probes["note"]], n_q=1))
     if untrained is not None:
         r["mel_l1_untrained"] = mel_l1(reconstruct(untrained, [w for w, _ in probes["any"]],
                                                    quantized=False))
