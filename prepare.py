@@ -273,7 +273,7 @@ def check_args(args):
     synth = args.dataset == "synth"  # --clips and --max_seconds are the built-in corpus's
     if not synth and not args.src:
         sys.exit(f"error: --dataset={args.dataset} needs --src=DIR")
-    for k in ("name", "out_dir"):  # an empty one would silently mean the default, data/synth
+    for k in ("name", "out_dir"):  # an empty one would silently mean the default, data/NAME
         if getattr(args, k) == "":
             sys.exit(f"error: --{k}= is empty: name the output (default data/NAME, NAME the "
                      f"dataset's name)")
@@ -649,7 +649,7 @@ def start_offline_codec(codec, clips, input_problems, args, work):
 
 CHUNK = 128
 # what a clip's record keeps (in the chunks, then {split}_clips.jsonl): its text and labels, not the
-# synth makers' working fields (notes, onsets, sequence, unit)
+# synth makers' working fields (notes, onsets, sequence, unit, voice, mentioned)
 STORED_FIELDS = ("id", "source", "kind", "transcript", "caption", "description", "labels", "qa")
 
 def load_chunks(work, whisper_mel):
@@ -804,8 +804,9 @@ def report_offline_codec(codec, seed, stage, speech=True):
 def quantize_clips(codec, allemb, bounds, quiet=False):
     """Each clip's codes, (frames, N_Q) uint16. Quantizing is frame by frame, so all the clips
     go through at once, in big slices."""
-    slices = range(0, len(allemb), 16384)  # ~1 s each on one core: a bar for a large corpus
-    allcodes = [quantize(codec, allemb[s:s + 16384])
+    step = 16384                           # ~1 s each on one core: a bar for a large corpus
+    slices = range(0, len(allemb), step)
+    allcodes = [quantize(codec, allemb[s:s + step])
                 for s in tqdm(slices, desc="quantize", unit="slice",
                               disable=quiet or len(slices) < 20)]
     allcodes = torch.cat(allcodes).numpy().astype(np.uint16)
@@ -859,15 +860,14 @@ def write_splits(infos, codes, mels, wmels, args, stage):
                 woffset += len(wmels[i])
             lines.append(json.dumps(rec))
             offset += len(mels[i])
+        def write_rows(rows, width, dtype, fname):  # the split's clips' rows, end to end
+            x = np.concatenate([rows[i] for i in idx]) if idx else np.zeros((0, width), dtype)
+            np.ascontiguousarray(x, dtype=dtype).tofile(stage(fname))
         if codes is not None:
-            c = np.concatenate([codes[i] for i in idx]) if idx else np.zeros((0, N_Q), np.uint16)
-            np.ascontiguousarray(c, dtype=np.uint16).tofile(stage(f"{split}_codes.bin"))
-        m = np.concatenate([mels[i] for i in idx]) if idx else np.zeros((0, N_MELS), np.float16)
-        np.ascontiguousarray(m, dtype=np.float16).tofile(stage(f"{split}_mel.bin"))
+            write_rows(codes, N_Q, np.uint16, f"{split}_codes.bin")
+        write_rows(mels, N_MELS, np.float16, f"{split}_mel.bin")
         if args.whisper_mel:
-            wm = (np.concatenate([wmels[i] for i in idx]) if idx
-                  else np.zeros((0, WHISPER_N_MELS), np.float16))
-            np.ascontiguousarray(wm, dtype=np.float16).tofile(stage(f"{split}_wmel.bin"))
+            write_rows(wmels, WHISPER_N_MELS, np.float16, f"{split}_wmel.bin")
         stage(f"{split}_clips.jsonl").write_text("".join(l + "\n" for l in lines))
         splits[split] = {"clips": len(idx), "frames": int(offset)}
     return splits
@@ -933,8 +933,8 @@ def print_summary(out, splits, codes, problems, audio_seconds, resumed_seconds, 
           f"frames, val {splits['val']['clips']} clips / {splits['val']['frames']} frames; {used}")
     for split in ("train", "val"):
         if not splits[split]["clips"]:
-            print(f"note: the {split} split has no clips: train.py and eval.py read both splits, so "
-                  f"this data serves as another's held-out clips only (--val_percent)")
+            print(f"note: the {split} split has no clips: train.py and eval.py read both splits, "
+                  f"so this data serves as another's held-out clips only (--val_percent)")
     if problems:
         counts = ", ".join(f"{n} x {p}" for p, n in problems.most_common())
         print(f"skipped {sum(problems.values())} inputs: {counts}")
@@ -982,7 +982,7 @@ def get_args(argv=None):
     p.add_argument("--offline", action="store_true",
                    help="no download of EnCodec's weights: local files or the offline codec")
     p.add_argument("--offline_codec", action="store_true",
-                   help="train the offline codec even if pretrained weights exist")
+                   help="fit the offline codec even if pretrained weights exist")
     p.add_argument("--codec_from", default=None,
                    help="the codec of another prepared data dir, copied, not fitted here: the two "
                         "corpora's codes then stand for the same sounds (a held-out test corpus "

@@ -19,7 +19,7 @@ NOTE_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten"]
 INSTRUMENTS = ["sine", "square", "sawtooth", "plucked string", "bell"]
-INSTRUMENT_TEXT = {  # caption noun, adjectives for the story
+INSTRUMENT_TEXT = {  # caption noun, adjectives for the description
     "sine": ("a sine tone", "pure, soft and smooth"),
     "square": ("a square wave", "hollow, buzzy and electronic"),
     "sawtooth": ("a sawtooth synth", "bright, brassy and harsh"),
