@@ -5,7 +5,7 @@ and, without a GPU, show what the compiler makes of every kernel for an H100.
     python bench_attention.py                  # the full table (takes a few minutes on an H100)
     python bench_attention.py --quick          # a few rows, to check that everything runs
     python bench_attention.py --out=bench.md   # also write the table as markdown
-    python bench_attention.py --ptxas          # no GPU needed: registers, spills, shared memory, MMA shapes
+    python bench_attention.py --ptxas          # no GPU: registers, spills, shared memory, MMAs
 
 For each head dim D (64, 128), causal or not, and sequence length T (512 .. 16k), with B*T = 16k
 tokens and H*D = 2048 (the FlashAttention-2 paper's setting), bf16, it times forward and

@@ -108,7 +108,7 @@ def _check(q, k, v, k_lens, q_lens):
 # the PyTorch path
 
 def _mask(Tq, Tk, causal, key_ok, device):
-    """Boolean (B or 1, 1, Tq, Tk) mask, True = may attend; None when nothing is masked.
+    """Boolean (B or 1, 1, Tq or 1, Tk) mask, True = may attend; None when nothing is masked.
     key_ok: (B, Tk), True for the keys before each batch element's k_lens; or None."""
     mask = None
     if causal:
@@ -146,7 +146,7 @@ def attention_torch(q, k, v, causal=False, k_lens=None, sm_scale=None, q_lens=No
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
     # rows that see no key: let them attend to everything (finite softmax, no NaN in forward or
     # backward), then zero their output; torch.where sends them zero gradient
-    row_ok = mask.any(dim=-1, keepdim=True)  # (B or 1, 1, Tq, 1)
+    row_ok = mask.any(dim=-1, keepdim=True)  # (B or 1, 1, Tq or 1, 1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~row_ok, scale=sm_scale)
     return torch.where(row_ok, y, torch.zeros((), dtype=y.dtype, device=y.device))
 
@@ -175,11 +175,13 @@ def _length(LENS, off_b, T, HAS_LENS: tl.constexpr):
 @triton.jit
 def _row_block(n_blocks, H, REVERSE: tl.constexpr):
     """Which (block, batch*head) this program owns, as (block, off_bh, off_b, off_h): the block
-    varies fastest, so that the programs running at the same time share one head's K and V in L2."""
+    (of query rows; of keys in the dk/dv kernel) varies fastest, so that the programs running at
+    the same time share one head's K and V in L2."""
     block = tl.program_id(0) % n_blocks
     if REVERSE:  # causal: the last query blocks see the most keys; start them first (short tail)
         block = n_blocks - 1 - block
     off_bh = tl.program_id(0) // n_blocks
+    # int64 offsets: off_b * stride_qb and the like may pass 2**31 elements
     return block, off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
 
 @triton.jit
@@ -294,7 +296,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KLENS, QLENS,
         acc = tl.where(offs_m[:, None] < qlen, acc, 0.0)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    acc = acc / l_safe[:, None]  # FlashAttention-2 divides by the sum once, here, not per block
     # lse = m + log2(l) lets the backward recompute P = exp2(s - lse) without a running max, and
     # the merge weigh the splits. A split that saw nothing weighs nothing there (lse = -inf); a row
     # that saw nothing gets lse = +inf, so P = 0 in the backward.
@@ -443,6 +445,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, KLENS, QLENS,
                              stride_qt, stride_dt,
                              mid, q_end, offs_n, offs_d, qlen, klen, diag, sm_scale, qk_scale,
                              False, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_M)
+    # S = sm_scale Q K^T (log2(e) only turned exp into exp2), so dK = sm_scale dS^T Q
     dk = dk * sm_scale
     in_tk = offs_n[:, None] < Tk
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh
@@ -531,8 +534,8 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # within its shared memory (`python bench_attention.py --ptxas`; docs/fused_attention.md). The
 # autotuner times all of a list, once per (D, causal, k_lens, q_lens, dtype, power-of-two bucket of
 # Tq and Tk). The first entry is the fixed default (FUSED_ATTENTION_AUTOTUNE=0): the autotuner's
-# most frequent pick on an H200 (docs/fused_attention.md). "decode" is the forward for
-# Tq <= DECODE_MAX_Q.
+# most frequent pick on an H200 (docs/fused_attention.md), except for "decode", whose tiles were
+# not timed. "decode" is the forward for Tq <= DECODE_MAX_Q.
 TILES = {
     ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)],
@@ -594,8 +597,8 @@ _recorded = None
 def _launch(kernel, name, grid, args, kwargs):
     """Launch kernel on grid(meta), a tuple, with the tuned or the fixed tiles of TILES[name].
     With name None, kwargs carry the whole configuration."""
-    # ask for FMA fusion, as Triton 3.10 turns its default off: the forward folds the softmax
-    # scale into one FMA per score
+    # ask for FMA fusion rather than take Triton's default (off from Triton 3.10): the forward
+    # folds the softmax scale into one FMA per score
     kwargs = dict(kwargs, enable_fp_fusion=True)
     if _recorded is not None:
         _recorded.append((kernel, name, args, kwargs))
@@ -668,7 +671,7 @@ def _flash_forward(q, k, v, causal, k_lens, sm_scale, q_lens):
     lse_k = lse if splits == 1 else torch.empty((splits, B, H, Tq), dtype=torch.float32,
                                                 device=q.device)
     o_strides = (0, *o.stride()[:3]) if splits == 1 else o_k.stride()[:4]
-    # a missing k_lens or q_lens is passed as lse, a placeholder never read (HAS_KLENS=False)
+    # a missing k_lens or q_lens is passed as lse, a placeholder never read (HAS_*LENS=False)
     _launch(_fwd_kernel, name, lambda meta: (row_blocks(meta) * B * H, splits),
             (q, k, v, o_k, lse_k, k_lens if k_lens is not None else lse,
              q_lens if q_lens is not None else lse,
@@ -782,8 +785,9 @@ def kernels_apply(q):
     """Where auto takes the kernels: CUDA, half precision, a kernel head dim, and an Ampere or later
     GPU (sm_80+). The kernels were written and tested for its bf16 tensor cores; an older GPU (a T4,
     a V100) gets PyTorch's attention."""
+    # get_device_properties: a constant under torch.compile
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
-            and torch.cuda.get_device_properties(q.device).major >= 8)  # constant under torch.compile
+            and torch.cuda.get_device_properties(q.device).major >= 8)
 
 def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None, q_lens=None):
     """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) -> (B, H, Tq, D). See the module
