@@ -5,8 +5,8 @@ the speech clips and on the music clips of the built-in corpus, several seeds ea
 markdown table:
   - next-coarse-token NLL / accuracy / perplexity (mean +- std over seeds) beside the paper's rows;
   - the paper's claims, checked seed by seed;
-  - continuations of held-out clips by GPT-S and the hybrids (wavs, pictures, and their distance
-    to the true continuation).
+  - continuations of held-out clips by GPT-S and the hybrids (wavs, pictures, and their scores
+    beside the true continuation's).
 A re-run skips finished runs. It also reuses their evaluations and continuations' scores
 (eval-*.json, cont-*.json in each run) while checkpoint, data and code are unchanged (and, for
 continuations, the clips and frame counts).
@@ -36,7 +36,7 @@ import configurator
 
 # -----------------------------------------------------------------------------
 models = "s,hybrid,l,hybrid_c0"  # config/whisper_gpt_{name}_cpu.py
-kinds = "speech,music"         # the paper's two datasets: LibriSpeech and music
+kinds = "speech,music"         # stand-ins for the paper's two datasets, LibriSpeech and music
 seeds = "1337,1,2"
 jobs = 2                       # runs side by side, one thread each
 data_dir = "data/synth"
@@ -114,12 +114,17 @@ def run_dir(model, kind, seed):
 def model_of(path):
     return os.path.basename(path).split("-")[0]
 
-def checkpoint_state(path):
-    """The iteration a run's checkpoint ended at, and its settings. None if there is no checkpoint,
+def run_args(model, kind, seed, train_args):
+    """train.py's arguments for one run, its --out_dir left out (the table's footer shows them)."""
+    return [f"config/whisper_gpt_{model}_cpu.py", f"--data_dir={data_dir}", f"--kinds={kind}",
+            f"--seed={seed}", "--device=cpu", *train_args, "--always_save_checkpoint=True"]
+
+def checkpoint_state(d):
+    """The iteration run d's checkpoint ended at, and its settings. None if there is no checkpoint,
     or one train.py cannot read (train.py says so when the run starts)."""
     from train import load_checkpoint
     try:
-        ck = load_checkpoint(os.path.join(path, "ckpt.pt"), mmap=True)  # its settings only
+        ck = load_checkpoint(os.path.join(d, "ckpt.pt"), mmap=True)  # its settings only
     except ValueError:
         return None
     return ck.get("end_iter", ck["iter_num"]), ck["config"]  # end_iter: train.py's best-only mode
@@ -132,7 +137,7 @@ def read_wall(d):
     try:
         with open(path) as f:
             return float(json.load(f)["seconds"])
-    except (ValueError, KeyError, TypeError) as e:  # written whole by the table: edited by hand
+    except (ValueError, KeyError, TypeError) as e:  # the table writes it whole: hand-edited
         fail(f"{path}: not the sweep's record of the run's wall time ({type(e).__name__}: {e}); "
              f"delete it to count that run's time from now")
 
@@ -162,9 +167,7 @@ def sweep(runs, train_args):
     todo = []
     for model, kind, seed in runs:
         d = run_dir(model, kind, seed)
-        args = [f"config/whisper_gpt_{model}_cpu.py", f"--out_dir={d}", f"--data_dir={data_dir}",
-                f"--kinds={kind}", f"--seed={seed}", "--device=cpu", *train_args,
-                "--always_save_checkpoint=True"]
+        args = [*run_args(model, kind, seed, train_args), f"--out_dir={d}"]
         state = checkpoint_state(d)
         if state:
             at, saved = state
@@ -236,7 +239,7 @@ def sweep(runs, train_args):
                   f"ETA ~{fmt_time(eta)})")
 
 # -----------------------------------------------------------------------------
-# the table
+# evaluation and the table
 
 def load_run(d):
     """The trained Whisper-GPT of the run in directory d, in eval mode, and its checkpoint."""
@@ -261,7 +264,8 @@ def code_digest(path):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                 and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
     return hashlib.md5(ast.dump(tree).encode()).hexdigest()
 
@@ -315,6 +319,11 @@ def pm(m, sd, digits=3, scale=1, sign=False, unit=""):
     mean = f"{m * scale:{'+' if sign else ''}.{digits}f}"
     return mean + unit if sd is None else f"{mean} +- {sd * scale:.{digits}f}{unit}"
 
+def metric_cells(rs):
+    """The NLL, accuracy and PPL cells of the results rs: mean +- std over them."""
+    (n, dn), (a, da), (p, dp) = (mean_std([r[k] for r in rs]) for k in ("nll", "accuracy", "ppl"))
+    return f"{pm(n, dn)} | {pm(a, da, 2, 100, unit='%')} | {pm(p, dp, 2)}"
+
 def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
     """Markdown lines: the paper's rows, ours (mean +- std over seeds), then the claims."""
     lines = ["| data | model | params | NLL (nats/token) | accuracy | PPL | runs |",
@@ -325,19 +334,15 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
     for kind in kind_list:
         for model in model_list:
             rs = [results[(model, kind, s)] for s in seed_list]
-            (n, dn), (a, da), (p, dp) = (mean_std([r[k] for r in rs])
-                                         for k in ("nll", "accuracy", "ppl"))
             walls = [r["wall"] for r in rs if r["wall"]]
             lines.append(f"| ours, {kind} | {NAMES[model]} CPU | {rs[0]['params'] / 1e6:.2f}M | "
-                         f"{pm(n, dn)} | {pm(a, da, 2, 100, unit='%')} | {pm(p, dp, 2)} | "
-                         f"{len(rs)} seed{'s' * (len(rs) > 1)}, {rs[0]['iters']} it."
+                         f"{metric_cells(rs)} | {len(rs)} seed{'s' * (len(rs) > 1)}, "
+                         f"{rs[0]['iters']} it."
                          + (f", {fmt_time(np.mean(walls))} each" if walls else "") + " |")
             if model == "hybrid" and "as_generating" in rs[0]:
-                (n, dn), (a, da), (p, dp) = (mean_std([r["as_generating"][k] for r in rs])
-                                             for k in ("nll", "accuracy", "ppl"))
+                generating = metric_cells([r["as_generating"] for r in rs])
                 lines.append(f"| ours, {kind} | Hybrid CPU, given the mels of its codebook 0 (as "
-                             f"when generating) | | {pm(n, dn)} | {pm(a, da, 2, 100, unit='%')} | "
-                             f"{pm(p, dp, 2)} | the same runs |")
+                             f"when generating) | | {generating} | the same runs |")
     lines.append("")
     # the paper's two claims, paired by seed (same data order and init seed for both models)
     for kind in kind_list:
@@ -356,9 +361,7 @@ def table(results, model_list, kind_list, seed_list, train_args, eval_dir):
                          f"seed{'s' * (len(d) > 1)})")
     lines.append("")
     lines.append(f"(val clips of each kind from {eval_dir}; train.py settings: "
-                 + " ".join(["config/whisper_gpt_{model}_cpu.py", f"--data_dir={data_dir}",
-                             "--kinds={kind}", "--seed={seed}", "--device=cpu", *train_args,
-                             "--always_save_checkpoint=True"]) + ")")
+                 + " ".join(run_args("{model}", "{kind}", "{seed}", train_args)) + ")")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -478,8 +481,8 @@ def continuation_rows(model_list, kind_list, seed):
     import sample as S
     clip_dir = test_dir or data_dir
     tools = S.Tools(clip_dir)
-    clips = [json.loads(line) for line in open(os.path.join(clip_dir, "val_clips.jsonl"))
-             if line.strip()]
+    with open(os.path.join(clip_dir, "val_clips.jsonl")) as f:
+        clips = [json.loads(line) for line in f if line.strip()]
     lines = ["| data | continuation | frame-aligned log-mel L1 | time-averaged spectrum L1 | "
              "level modulation | clips |",
              "|---|---|---|---|---|---|"]
@@ -572,7 +575,8 @@ if __name__ == "__main__":
         except (ValueError, OSError) as e:
             fail(f"--test_dir={test_dir}: {e}")
     t0 = time.time()
-    # the hybrid_c0 runs train on it, the hybrid runs are also scored on it
+    # codebook 0's mels (val_mel_c0.bin, ...): the hybrid_c0 runs train on them, the hybrid runs
+    # are also scored on them
     if {"hybrid", "hybrid_c0"} & set(model_list):
         import prepare
         for d in (data_dir, test_dir):
