@@ -2282,7 +2282,7 @@ def _evaluate(model, data, tok, split, o):
     if stage == "llm":
         return {"text_ppl": text_perplexity(model, S["stream"], o["max_clips"]),
                 "copy_acc": copy_probe(model, tok),
-                "reading_acc": reading_probe(model, tok, reading_questions(S["clips"]))}
+                "reading_acc": reading_probe(model, tok, S["reading"])}
     if stage == "beats":
         return tagging_metrics(model, data, split, o["max_clips"])
     results = {}
