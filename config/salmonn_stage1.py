@@ -17,7 +17,8 @@ asr_data_dir = "data/synth_asr"
 llm_init = "out/salmonn-llm/ckpt.pt"
 whisper_init = "out/salmonn-whisper/ckpt.pt"
 beats_init = "out/salmonn-beats/ckpt.pt"
-# model (every stage uses the same sizes)
+# model (every stage uses the same sizes). Here the *_init files' sizes replace the speech_*,
+# beats_* and llm_* values below (salmonn.set_pretrained_dims); stages 2-3 must equal them
 speech_n_layer = 4      # must match config/salmonn_whisper.py
 speech_n_head = 4
 speech_n_embd = 128

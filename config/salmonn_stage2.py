@@ -1,8 +1,9 @@
 # SALMONN stage 2, instruction tuning: all tasks (transcription, captioning, QA, music description,
 # classification, speaker), starting from the stage-1 checkpoint. Same model; encoders and LLM frozen,
 # Q-Former + LoRA train. Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine,
-# peak lr 3e-5 for a 13B LLM. Our Q-Former starts from random weights and the whole model is tiny,
-# so the peak lr is ours: 5e-4 here (stage 1: 1e-3). Sizes are ours too (CPU scale).
+# peak lr 3e-5 for a 13B LLM. Our Q-Former started from random weights in stage 1 (here it comes
+# from init_from) and the whole model is tiny, so the peak lr is ours: 5e-4 here (stage 1: 1e-3).
+# Sizes are ours too (CPU scale).
 # python train.py config/salmonn_stage2.py   ->  out/salmonn-stage2/ckpt.pt
 model = "salmonn"
 stage = "instruct"

@@ -1,8 +1,9 @@
 # SALMONN stage 3, activation tuning: a few steps on long story-like answers (the clips'
 # "description"), which undoes the task over-fitting of stage 2 (the paper: answers grow long and
 # free again). Paper: AdamW betas (0.9, 0.999), weight decay 0.05, warmup then cosine, peak lr 3e-5
-# for a 13B LLM. Our Q-Former starts from random weights and the whole model is tiny, so the peak lr
-# is ours: 1e-4 here, few steps. Sizes are ours too (CPU scale).
+# for a 13B LLM. Our Q-Former started from random weights in stage 1 (here it comes from
+# init_from) and the whole model is tiny, so the peak lr is ours: 1e-4 here, few steps. Sizes are
+# ours too (CPU scale).
 # python train.py config/salmonn_stage3.py   ->  out/salmonn-stage3/ckpt.pt
 model = "salmonn"
 stage = "activation"

@@ -1,7 +1,7 @@
 # Whisper-GPT Table 1 at CPU size: Hybrid, CPU-sized: GPT-S CPU's decoder + a 2-block mel path (48
 # wide) -> 32-d vector per step (0.46M parameters, +8% as the paper's 4M vs 3.7M). All sizes,
 # context and budget are ours. The three CPU configs share data and budget: 900 iterations x 12
-# windows x 128 frames (1.4M tokens). Run all three and compare (README):
+# windows x 128 frames (1.4M tokens). Run all three and compare (docs/whisper_gpt.md, "Table 1"):
 # for m in s l hybrid; do python train.py config/whisper_gpt_${m}_cpu.py; done
 # python eval.py out/whisper-gpt-{s,l,hybrid}-cpu
 model = "whisper_gpt"

@@ -1,5 +1,6 @@
 """Shared test set-up: the repo root on sys.path, and small prepared corpora for every test file:
-`synth_dir` (the built-in corpus's kinds) and `dtmf_dir` (keypad numbers only)."""
+`synth_dir` (the built-in corpus's kinds) and `dtmf_dir` (keypad numbers only); `synth_c0` adds
+synth_dir's codebook-0 mels, and `multinomial_draws` records what samplers draw."""
 import os
 import sys
 import time

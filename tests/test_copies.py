@@ -5,13 +5,15 @@ source."""
 import ast
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"^# Copied from (\w+)\.(\w+)\s*$")
 
+
 def definitions(filename):
-    """{name: source text} of the top-level functions and classes of a file, and the file's
-    lines."""
+    """({name: source text}, {first line number: name}) of the top-level functions and classes of
+    a file, and the file's lines."""
     src = open(os.path.join(ROOT, filename)).read()
     lines = src.splitlines()
     nodes = [n for n in ast.parse(src).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
@@ -23,6 +25,7 @@ def definitions(filename):
     defs = {n.name: segment(n) for n in nodes}
     starts = {n.lineno: n.name for n in nodes}
     return defs, starts, lines
+
 
 def marked_copies():
     out = []
@@ -36,9 +39,10 @@ def marked_copies():
                 out.append((filename, starts[i + 1], m.group(1), m.group(2)))
     return out
 
+
 def test_marked_copies_equal_their_source():
     copies = marked_copies()
-    # the metrics shared by salmonn.py and pengi.py at least
+    # none found would pass whatever the files hold: pengi.py and salmonn.py mark a dozen
     assert len(copies) >= 2
     for filename, name, source_file, source_name in copies:
         assert name == source_name, (f"{filename}: {name} is marked as a copy of "
@@ -48,12 +52,13 @@ def test_marked_copies_equal_their_source():
         assert source is not None, f"{filename}: {name}: {source_file}.{source_name} not found"
         assert copy == source, f"{filename}: {name} has drifted from {source_file}.{source_name}"
 
+
 def test_a_drifted_copy_is_caught(tmp_path, monkeypatch):
     """The check itself: of two marked copies, the one that differs by one character fails it."""
     (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n\ndef g(x):\n    return x * 2\n")
     (tmp_path / "b.py").write_text("# Copied from a.f\ndef f(x):\n    return x + 1\n\n# Copied "
                                    "from a.g\ndef g(x):\n    return x * 3\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
     try:
         test_marked_copies_equal_their_source()
     except AssertionError as e:

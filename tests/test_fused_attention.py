@@ -34,7 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import fused_attention  # noqa: E402  (the kernels are interpreted or not as this process's env says)
+import fused_attention  # noqa: E402  (interpreted or compiled as this process's env says)
 
 # (dtype, D, Tq, Tk, causal, k_lens, layout): k_lens "pad" gives batch lengths [Tk, 0, ~Tk/3]
 # (full, empty, padded); "padq" those and query lengths [Tq/2 + 1, Tq, ~Tq/3] (rows past them are
@@ -117,7 +117,7 @@ def make_inputs(case, device="cpu", B=3, H=2):
     return q, k, v, do, lens
 
 def query_lens(case, B=3, device="cpu"):
-    """The case's q_lens ("padq"), else None."""
+    """The case's q_lens ("padq" or "q"), else None."""
     Tq, lens = case[2], case[5]
     if lens not in ("padq", "q"):
         return None
@@ -150,7 +150,6 @@ def reference(q, k, v, causal, k_lens, sm_scale, q_lens=None):
 def errors(case, backend, sm_scale=None, H=2):
     """Max abs error of out, dq, dk, dv against the float64 reference, each divided by max(1, max
     |ref|)."""
-    import fused_attention
     dtype, D, Tq, Tk, causal, k_lens, layout = case
     q, k, v, do, lens = make_inputs(case, H=H)
     q_lens = query_lens(case)
@@ -239,14 +238,13 @@ def test_triton_interpreter_gpu_tiles(case, index, bwd, interpreter_results):
     check(case, interpreter_results[f"tiles{index}-{bwd}-" + case_id(case)])
 
 def test_triton_interpreter_negative_scale(interpreter_results):
-    # the kernels take the row max on raw scores: a negative scale must still give the softmax of s
-    # * scale
+    # the kernels take the row max on raw scores: a negative scale must still give the softmax of
+    # s * scale
     check(CASES[-1], interpreter_results["scale-" + case_id(CASES[-1])])
 
 def nan_in_padding_rows(backend):
     """Largest difference of out, dq, dk, dv when the padding rows of q and dO hold NaN and inf
     instead of zeros: 0.0 if nothing of them leaks."""
-    import fused_attention
     case = ("float32", 32, 40, 40, True, "padq", "bhtd")
     q, k, v, do, lens = make_inputs(case)
     q_lens = query_lens(case)
@@ -273,7 +271,6 @@ def nan_in_padding_keys(backend, causal):
     """Largest difference of out, dq, dk, dv when the keys and values past k_lens hold NaN and inf
     instead of zeros: 0.0 if nothing of them leaks (the kernels must not load them at all: a masked
     NaN score, or a zero weight times inf, is still NaN)."""
-    import fused_attention
     q, k, v, do, lens = make_inputs(("float32", 32, 24, 40, causal, "pad", "bhtd"))
     assert any(n < 40 for n in lens.tolist())  # some keys are padding
     results = []
@@ -308,7 +305,8 @@ def test_triton_interpreter_key_counts_past_int32(interpreter_results):
 @pytest.mark.parametrize("sm_scale", [0.0, -0.2])
 @pytest.mark.parametrize("case", [CASES[8], CASES[9]], ids=case_id)
 def test_torch_path_scale_zero_or_negative(case, sm_scale):
-    # causal with Tq == Tk and no k_lens takes SDPA's is_causal shortcut, which gave NaN for these
+    # causal, Tq == Tk, without and with k_lens: without, the torch path takes SDPA's is_causal
+    # shortcut, which gave NaN for these scales
     check(case, errors(case, "torch", sm_scale))
 
 # causal, no k_lens, 1 < Tq < Tk: several new queries over a cache (bottom-right, not SDPA's
@@ -320,13 +318,12 @@ def test_torch_path(case):
 
 @pytest.mark.parametrize("dtype, D", [("float32", 48), ("float16", 32)])
 def test_auto_uses_torch_on_cpu_and_matches(dtype, D):
-    import fused_attention
     # D = 48: not a kernel size, fine on the torch path; float16 at D = 32: a kernel dtype and head
     # dim, but CPU tensors, and the kernel needs CUDA
     if dtype == "float16" and fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     case = (dtype, D, 20, 31, True, "pad", "bhtd")
-    q, k, v, do, lens = make_inputs(case)
+    q, k, v, _, lens = make_inputs(case)
     a = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="auto")
     b = fused_attention.attention(q, k, v, causal=True, k_lens=lens, backend="torch")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -363,7 +360,6 @@ def test_auto_backward_is_split_up_to_head_dim_64_then_atomic(monkeypatch):
         assert {fused_attention._backward_mode(D) for D in fused_attention.HEAD_DIMS} == {bwd}
 
 def test_sm_scale_and_kv_cache_alignment():
-    import fused_attention
     # one new query against a cache of 9 keys, causal: it sees all 9 (bottom-right alignment)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g),
@@ -374,7 +370,6 @@ def test_sm_scale_and_kv_cache_alignment():
     torch.testing.assert_close(a, reference(q, k, v, False, None, 0.3).float())
 
 def test_no_keys_gives_zeros_and_zero_gradients():
-    import fused_attention
     q = torch.randn(2, 2, 5, 16)
     q[0, 0, 0, 0] = float("inf")  # q * 0 would make this NaN
     q.requires_grad_()
@@ -388,7 +383,6 @@ def test_no_keys_gives_zeros_and_zero_gradients():
         assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
 
 def test_bad_input_is_rejected_clearly():
-    import fused_attention
     q = torch.randn(2, 2, 5, 16)
     with pytest.raises(ValueError, match="k and v must have the same shape"):
         fused_attention.attention(q, q, q[:, :, :4])
@@ -422,7 +416,6 @@ def test_bad_input_is_rejected_clearly():
         fused_attention.attention(x, x, x, backend="triton")
 
 def test_complex_lengths_are_rejected():
-    import fused_attention
     q = torch.randn(2, 2, 5, 16)
     # a complex tensor is neither floating point nor an integer count: cast to int64 (the kernels'
     # path) it would silently drop its imaginary part
@@ -433,7 +426,6 @@ def test_complex_lengths_are_rejected():
                                           **{name: torch.tensor([3 + 0j, 5 + 0j])})
 
 def test_mismatched_inputs_are_rejected_not_broadcast():
-    import fused_attention
     q = torch.randn(2, 2, 5, 16)
     kv = torch.randn(2, 2, 7, 16)
     # SDPA would broadcast a batch or head count of 1 silently, and fail later on other mismatches
@@ -470,8 +462,8 @@ def test_mismatched_inputs_are_rejected_not_broadcast():
 def test_triton_interpreter_strided_output_grad_and_narrow_length_dtypes():
     # autograd may hand the backward a gradient whose last dim is not contiguous (here: the output
     # used transposed); the kernels index dO's last dim with stride 1, and q, k, v's (which may
-    # come that way too). Also: uint8 key lengths
-    # with more keys than a uint8 holds (the clamp to Tk overflowed in the lengths' own dtype)
+    # come that way too). Also: uint8 key lengths with more keys than a uint8 holds (the clamp to
+    # Tk overflowed in the lengths' own dtype)
     script = (
         "import torch, fused_attention as fa, test_fused_attention as t\n"
         "assert fa.INTERPRETED\n"
@@ -514,13 +506,11 @@ def test_triton_interpreter_strided_output_grad_and_narrow_length_dtypes():
 
 # -----------------------------------------------------------------------------
 # the kernels built for an H100 ahead of time, as the JIT builds them (no GPU needed;
-# bench_attention.py
-# --ptxas prints the same builds as a table): catches what the interpreter lets through (types
-# across loops and branches, constexpr use) and what only the compiled kernel shows (spills, shared
-# memory)
+# bench_attention.py --ptxas prints the same builds as a table): catches what the interpreter lets
+# through (types across loops and branches, constexpr use) and what only the compiled kernel shows
+# (spills, shared memory)
 
 def _aot():
-    import fused_attention
     if fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     try:
@@ -542,7 +532,6 @@ def _build_cases():
 
 def _default_backward(D):
     """The kernels of the backward that runs by default at head dim D."""
-    import fused_attention
     return ("dkdv_atomic",) if fused_attention._backward_mode(D) == "atomic" else ("dkdv", "dq")
 
 def _build_id(case):
@@ -554,7 +543,6 @@ def _build_id(case):
 @pytest.mark.parametrize("case", _build_cases(), ids=_build_id)
 def test_h100_build(case):
     ba = _aot()
-    import fused_attention
     name, D, causal, lens, tile = case
     r = ba.ptxas_report(name, D, causal, lens, tile)
     assert r["spill"] == 0, f"{r['spill']} bytes of register spills ({r['regs']} registers)"
@@ -579,7 +567,6 @@ def test_builds_with_fp64_scales_as_torch_compile_passes_them():
     # types Python floats as fp64: the forward must still build (an fp64 accumulator fails tl.dot),
     # and no kernel may do its softmax arithmetic in fp64 (a fraction of the fp32 rate); the head
     # dim changes nothing of this, so one suffices
-    import fused_attention
     ba = _aot()
     for name in ("fwd", "decode", "dkdv_atomic", "dkdv", "dq"):
         kernel, args, kwargs = ba.recorded_launches(64, "bfloat16", True, "q")[name]
@@ -594,7 +581,6 @@ def test_builds_ask_for_fma_fusion(monkeypatch):
     # the forward's exp2(qk * scale - m) is one FMA per score only with fusion on, which the kernels
     # ask for rather than take from Triton's default (off from Triton 3.10)
     ba = _aot()
-    import fused_attention
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     kernel, args, kwargs = ba.recorded_launches(64, "bfloat16", True, True)["fwd"]
     m, n, warps, stages = fused_attention._tiles("fwd", 64)[0]
@@ -622,12 +608,11 @@ GPU_CASES = [(D, Tq, Tk, causal, lens) for D in (64, 128)
              for causal in (False, True) for lens in (False, True, "q")]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-# False: pointer loads
+# tma=False: the forward by pointer loads
 @pytest.mark.parametrize("bwd,tma", [("atomic", True), ("split", True), ("split", False)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("D,Tq,Tk,causal,lens", GPU_CASES)
 def test_gpu_kernel_vs_sdpa(dtype, bwd, tma, D, Tq, Tk, causal, lens, monkeypatch):
-    import fused_attention
     if fused_attention.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted in this process")
     # the default tiles: one compile per variant
@@ -665,7 +650,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     # run by interpreter_results: worker `shard` of `n_shards` runs its share of the cases through
     # the Triton kernels, results as one JSON line
     shard, n_shards = int(sys.argv[2]), int(sys.argv[3])
-    import fused_attention
     assert fused_attention.INTERPRETED, "the worker must run with TRITON_INTERPRET=1"
     # (result prefix, backward, tensor descriptors, cases, tiles, sm_scale, heads)
     small_tiles = dict(fused_attention.INTERPRETER_TILES)
@@ -686,8 +670,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
          fused_attention.INTERPRETER_TILES) = bwd, tma, tiles
         for case in cases:
             key = (bwd, tma, case, tuple(sorted(tiles.items())), sm_scale, H)
-            if key not in done:  # a shorter TILES list repeats its last entry: run each set of
-                                 # tiles once
+            # a shorter TILES list repeats its last entry: run each set of tiles once
+            if key not in done:
                 n_keys += 1
                 if n_keys % n_shards != shard:  # another worker's
                     done[key] = None

@@ -6,6 +6,7 @@ import json
 import math
 import types
 from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -30,10 +31,9 @@ def one_thread():
 
 def tiny_config(**kw):
     cfg = dict(n_mels=16, vocab_size=50, eot_token=49, max_frames=32, patch_size=4, enc_dim=8,
-               enc_depths="2,2",
-               enc_heads="2,2", window=4, d_embed=16, text_n_layer=1, prefix_len=3, map_n_layer=1,
-               map_n_head=2,
-               llm_n_layer=2, llm_n_head=2, llm_n_embd=16, llm_block_size=64, dropout=0.0)
+               enc_depths="2,2", enc_heads="2,2", window=4, d_embed=16, text_n_layer=1,
+               prefix_len=3, map_n_layer=1, map_n_head=2, llm_n_layer=2, llm_n_head=2,
+               llm_n_embd=16, llm_block_size=64, dropout=0.0)
     cfg.update(kw)
     return pengi.PengiConfig(**cfg)
 
@@ -73,8 +73,8 @@ def test_prefix_length_and_order():
     pre_other_audio = m.prefix(b["mel"].flip(0), b["prompt"], b["prompt_lens"])
     assert (torch.equal(pre[:, k:], pre_other_audio[:, k:])
             and not torch.allclose(pre[:, :k], pre_other_audio[:, :k]))
-    # the LM sees [audio prefix][text prefix][answer]; logits are those of the last prefix position
-    # onwards
+    # the LM sees [audio prefix][text prefix][answer]; logits are those of the last prefix
+    # position onwards
     logits, _ = m(**b)
     La = b["answer"].size(1)
     assert logits.shape == (3, La + 1, cfg.vocab_size)
@@ -100,8 +100,8 @@ def test_frozen_parts_bit_identical_after_steps():
     # as in the official code: the text tower is frozen, CLIP's text_projection and the projection
     # after it train
     assert trainable and all(n.startswith(("audio_encoder.", "audio_proj.", "m1.", "m2.",
-                                           "text_proj.",
-                                           "text_encoder.text_projection.")) for n in trainable)
+                                           "text_proj.", "text_encoder.text_projection."))
+                             for n in trainable)
     assert ("text_encoder.text_projection.weight" in trainable
             and "text_proj.linear1.weight" in trainable)
     assert not any(p.requires_grad for n, p in m.named_parameters() if n in frozen)
@@ -115,10 +115,10 @@ def test_frozen_parts_bit_identical_after_steps():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     changed = [n for n in trainable if not torch.equal(dict(m.named_parameters())[n], before[n])]
-    assert any(n.startswith("audio_encoder.")
-               for n in changed) and any(n.startswith("m1.") for n in changed)
-    assert any(n.startswith("m2.")
-               for n in changed) and "text_encoder.text_projection.weight" in changed
+    assert (any(n.startswith("audio_encoder.") for n in changed)
+            and any(n.startswith("m1.") for n in changed))
+    assert (any(n.startswith("m2.") for n in changed)
+            and "text_encoder.text_projection.weight" in changed)
     # and they run in eval mode while the rest trains, as a frozen pretrained model does (were
     # dropout added to them, it would stay off)
     assert m.training and m.audio_encoder.training and m.m1.training
@@ -201,8 +201,8 @@ def test_beam_search_against_greedy_and_brute_force():
             scored = brute_force_scores(m, pre, 3)
             h, past = m.llm(pre)
             logp = F.log_softmax(m.llm.lm_head(h[:, -1]), -1)
-            for alpha in (1.0, 0.0):  # ranked by log p / length ** alpha, the eot counted in the
-                                      # length
+            # ranked by log p / length ** alpha, the eot counted in the length
+            for alpha in (1.0, 0.0):
                 best = max(scored, key=lambda t: t[1] / t[2] ** alpha)[0]
                 assert pengi.clipcap_beam_search(m.next_logp, logp, past, 256, 3, 5, alpha) == best
                 greedy_missed += m.greedy(pre, 3)[0] != best
@@ -225,7 +225,6 @@ def test_candidate_ranking_equals_brute_force():
             _, loss = m(**one)  # mean NLL over c + eot
             assert math.isclose(lp[i, j].item(), -loss.item() * (len(c) + 1), rel_tol=1e-4,
                                 abs_tol=1e-4)
-
 
 
 @torch.no_grad()
@@ -259,6 +258,7 @@ def test_load_data_says_how_many_examples_each_task_has(synth_dir, dtmf_dir, cap
         counts = ", ".join(f"{t} {len(v)}" for t, v in sorted(data["train"]["by_task"].items()))
         assert f"pengi: {data_dir} train examples: {counts}{none}\n" in capsys.readouterr().out
 
+
 def test_val_batches_are_not_randomly_cropped(synth_dir):
     """Validation batches (train.py's val loss) crop long clips from their start, whatever the
     rng: only training crops are random."""
@@ -277,6 +277,7 @@ def test_val_batches_are_not_randomly_cropped(synth_dir):
     crops = {pengi.get_batch(data, "train", 1, np.random.default_rng(s))["mel"].sum().item()
              for s in range(20)}
     assert len(crops) > 1
+
 
 @torch.no_grad()
 def test_prefix_at_the_lms_scale(tmp_path):
@@ -304,7 +305,6 @@ def test_checkpoint_self_contained(tmp_path):
     """A checkpoint as train.py writes it (state_dict + asdict(config)) loads, generates and ranks
     the same after another LM replaces the llm_init file: the constructor reads no file, the LM's
     weights are in the state, and its config no longer names the file."""
-    from dataclasses import asdict
     write_random_llm(tmp_path / "llm.pt", 50, n_embd=16, std=0.3)
     cfg = tiny_config(llm_init=str(tmp_path / "llm.pt"), llm_n_embd=8)
     pengi.set_llm_dims(cfg)
@@ -378,7 +378,7 @@ def test_pmi_scores_written_out():
 
 
 class WordIds:
-    """A stand-in tokenizer: each word one id below the tiny model's eot (49)."""
+    """A stand-in tokenizer: each word one id, below the tiny model's eot (49)."""
 
     def encode(self, text):
         return [sum(map(ord, w)) % 48 for w in text.split()]
@@ -729,6 +729,13 @@ def test_clap_stage_learns_held_out_retrieval(synth_dir):
     assert after >= before + 0.3 and after > majority, (before, after, majority)
 
 
+def soft_target_ce(rows, pos):
+    """Mean over rows i of -(mean over the positives pos[i] of log softmax(row i)_j), in Python
+    floats: one direction of clap_loss written out."""
+    return sum(-sum(r[j] - math.log(sum(math.exp(v) for v in r)) for j in pos[i]) / len(pos[i])
+               for i, r in enumerate(rows)) / len(rows)
+
+
 def test_clap_loss_against_written_out_infonce():
     """clap_loss = -1/2 (mean_i sum_j P_ij log softmax_j(S_ij)
                          + mean_j sum_i P_ij log softmax_i(S_ij))
@@ -753,15 +760,11 @@ def test_clap_loss_against_written_out_infonce():
     S = [[sum(p * q for p, q in zip(a[i], t[j])) / temp for j in range(B)] for i in range(B)]
     pos = [[j for j in range(B) if answers[j] == answers[i]] for i in range(B)]
     assert pos[0] == [0, 2] and pos[1] == [1]
-
-    def ce(rows):  # mean over rows i of -mean over positives j of log softmax(row i)_j
-        return sum(-sum(r[j] - math.log(sum(math.exp(v) for v in r)) for j in pos[i]) / len(pos[i])
-                   for i, r in enumerate(rows)) / B
-
-    ref = 0.5 * (ce(S) + ce([list(col) for col in zip(*S)]))
+    cols = [list(col) for col in zip(*S)]
+    ref = 0.5 * (soft_target_ce(S, pos) + soft_target_ce(cols, pos))
     assert loss.item() == pytest.approx(ref, abs=1e-5)
     # the two directions differ on this batch, so each term matters
-    assert abs(ce(S) - ce([list(col) for col in zip(*S)])) > 1e-3
+    assert abs(soft_target_ce(S, pos) - soft_target_ce(cols, pos)) > 1e-3
     # the same loss when called directly, as the pengi stage's clap_weight does
     with torch.no_grad():
         direct = m.clap_loss(m.embed_audio(b["mel"]), b["answer"], b["targets"])
@@ -885,14 +888,14 @@ def test_llm_loaders(tmp_path):
         hf[k] = v
     for i in range(2):
         hf[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64)
-    cfg = {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 64, "vocab_size": 50}
+    hf_config = {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 64, "vocab_size": 50}
     (tmp_path / "st").mkdir()
     (tmp_path / "bin").mkdir()
     save_file({"transformer." + k: v for k, v in hf.items()},
               str(tmp_path / "st" / "model.safetensors"))
     torch.save(hf, tmp_path / "bin" / "pytorch_model.bin")
     for d in ("st", "bin"):
-        (tmp_path / d / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / d / "config.json").write_text(json.dumps(hf_config))
     ckpt = {"model": {"llm." + k: v for k, v in sd.items()} | {"q_former.x": torch.zeros(1)},
             "model_args": {"llm_n_layer": 2, "llm_n_head": 2, "llm_n_embd": 16,
                            "llm_block_size": 64, "vocab_size": 50, "stage": "llm"}}
@@ -934,7 +937,6 @@ def test_llm_loaders(tmp_path):
     # ... and says where else an LM is: a Pengi checkpoint holds one, which llm_init takes
     with pytest.raises(FileNotFoundError, match="a Pengi or SALMONN checkpoint holds one too"):
         pengi.set_llm_dims(tiny_config(llm_init=str(tmp_path / "missing.pt")))
-    from dataclasses import asdict
     cfg = tiny_config(llm_init=str(tmp_path / "ckpt.pt"), vocab_size=0)
     pengi.set_llm_dims(cfg)
     m = pengi.Pengi(cfg)
@@ -965,16 +967,15 @@ def test_bleu4_hand_worked():
     # identical: 1
     assert pengi.bleu4(["the cat sat on the mat"],
                        [["The cat sat on the mat."]]) == pytest.approx(1.0)
-    # one substitution in 6 words: p1 5/6, p2 3/5, p3 2/4, p4 1/3, no brevity penalty ->
-    # (1/12)^(1/4)
+    # one substitution in 6 words: p1 5/6, p2 3/5, p3 2/4, p4 1/3, no brevity penalty: (1/12)^(1/4)
     assert pengi.bleu4(["a b c d x f"], [["a b c d e f"]]) == pytest.approx((1 / 12) ** 0.25)
     # a perfect prefix of 4 words against 6: all precisions 1, brevity penalty exp(1 - 6/4)
     assert pengi.bleu4(["a b c d"], [["a b c d e f"]]) == pytest.approx(math.exp(-0.5))
     # clipping: "the" counts at most twice; no matching bigram -> 0
     assert pengi.bleu4(["the the the the"], [["the cat the mat"]]) == 0.0
     # corpus level: n-gram counts are pooled over hypotheses before the ratio; closest reference
-    # length hyp1 = ref1 (5 words), hyp2 "a b c d x" vs "a b c d e" -> p1 9/10, p2 7/8, p3 5/6, p4
-    # 3/4
+    # length hyp1 = ref1 (5 words), hyp2 "a b c d x" vs "a b c d e" -> p1 9/10, p2 7/8, p3 5/6,
+    # p4 3/4
     got = pengi.bleu4(["p q r s t", "a b c d x"], [["p q r s t"], ["a b c d e", "z"]])
     assert got == pytest.approx((9 / 10 * 7 / 8 * 5 / 6 * 3 / 4) ** 0.25)
     # the brevity penalty takes the closest reference length, not the shortest: 6 words (2 away)
@@ -1210,10 +1211,11 @@ class MeanEmbedding(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.w = torch.nn.Parameter(torch.zeros(1))  # the probe code reads its device from one
 
     def embed_audio(self, mel):
         return mel.mean(1)
+
 
 def test_probe_metrics_per_label_key():
     """The linear probe reads any label key: a key the embedding separates scores 1.0, the class
@@ -1261,9 +1263,9 @@ def test_random_crop_starts_anywhere():
 def test_probe_majority_from_the_training_split_and_unseen_labels_wrong():
     """probe_majority_{key} always answers the training split's most common label: train is 3/4
     "female", which 2 of the 12 val clips are (not the 8 of 12 "male" the val split's own majority
-    would claim, peeking at it), and val clips whose label never occurs in
-    train count in the accuracy as wrong: an embedding that separates the genders gets the 10
-    known clips right, 10 / 12 in all."""
+    would claim, peeking at it), and val clips whose label never occurs in train count in the
+    accuracy as wrong: an embedding that separates the genders gets the 10 known clips right,
+    10 / 12 in all."""
     rng = np.random.default_rng(0)
 
     def split(genders):
@@ -1525,7 +1527,7 @@ def write_random_llm(path, vocab_size, n_layer=2, n_head=2, n_embd=32, block_siz
     logits (GPT-2's 0.02 init gives near-uniform ones, which no prefix can steer)."""
     torch.manual_seed(seed)
     lm = pengi.GPT2(vocab_size, n_layer, n_head, n_embd, block_size)
-    for n, p in lm.named_parameters():
+    for p in lm.parameters():
         if p.dim() >= 2:
             p.data.normal_(0, std)
     torch.save({"model": {"llm." + k: v for k, v in lm.state_dict().items()},
@@ -1578,9 +1580,8 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     scores of their answer_ids (leading space), best first."""
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     cfg = pengi.PengiConfig(tasks="class", max_frames=128, enc_dim=16, enc_depths="1,1",
-                            enc_heads="2,2", window=8,
-                            d_embed=32, prefix_len=4, map_n_layer=1, map_n_head=2, text_n_layer=1,
-                            dropout=0.0, clap_weight=1.0)
+                            enc_heads="2,2", window=8, d_embed=32, prefix_len=4, map_n_layer=1,
+                            map_n_head=2, text_n_layer=1, dropout=0.0, clap_weight=1.0)
     data = pengi.load_data(synth_dir, cfg, tok)  # (no LM yet: its sizes come below)
     lm_data = pengi.load_data(synth_dir, pengi.PengiConfig(tasks="caption,class,qa"), tok)
     lm_loss = pretrain_small_llm(tmp_path / "llm.pt", lm_data, tok)
@@ -1612,14 +1613,11 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
     assert 0.5 < metrics["prefix_norm_ratio_audio"] < 2, metrics
     m.eval()
     clip = data["val"]["clips"][0]
-    out = pengi.sample(m, tok,
-                       {"mel": torch.from_numpy(pengi.clip_mel(data["val"]["mel"], clip, 128)),
-                                "codes": torch.zeros(1, 1, dtype=torch.long)}, "this is a sound of",
-                                None,
-                       beam=3, max_new_tokens=6,
+    audio = {"mel": torch.from_numpy(pengi.clip_mel(data["val"]["mel"], clip, 128)),
+             "codes": torch.zeros(1, 1, dtype=torch.long)}
+    out = pengi.sample(m, tok, audio, "this is a sound of", None, beam=3, max_new_tokens=6,
                        candidates="|".join(data["candidates"]["class"] * 2))  # each given twice
-    # redone here: the clip's first 128 frames, the prompt's ids, each label once with a leading
-    # space
+    # redone here: the clip's first 128 frames, the prompt's ids, each label once after a space
     mel = torch.from_numpy(pengi.clip_mel(data["val"]["mel"], clip, 128))[None]
     p = torch.tensor([tok.encode("this is a sound of")])
     labels = data["candidates"]["class"]
@@ -1714,15 +1712,11 @@ def test_clap_loss_shares_positives_when_duplicate_answers_embed_apart(monkeypat
     monkeypatch.setattr(m, "embed_text", lambda prompt, lens: text)
     loss = m.clap_loss(audio, b["answer"], b["targets"]).item()
     S = (audio.double() @ text.double().T / temp).tolist()
-
-    def ce(rows, pos):
-        return sum(-sum(r[j] - math.log(sum(math.exp(v) for v in r)) for j in pos[i]) / len(pos[i])
-                   for i, r in enumerate(rows)) / B
-
     shared = [[j for j in range(B) if answers[j] == answers[i]] for i in range(B)]
+    own = [[i] for i in range(B)]
     cols = [list(c) for c in zip(*S)]
-    ref = 0.5 * (ce(S, shared) + ce(cols, shared))
-    diagonal = 0.5 * (ce(S, [[i] for i in range(B)]) + ce(cols, [[i] for i in range(B)]))
+    ref = 0.5 * (soft_target_ce(S, shared) + soft_target_ce(cols, shared))
+    diagonal = 0.5 * (soft_target_ce(S, own) + soft_target_ce(cols, own))
     assert abs(ref - diagonal) > 1e-3  # the shared positives matter on this batch
     assert loss == pytest.approx(ref, abs=1e-5)
 
@@ -1837,13 +1831,13 @@ def test_greedy_rows_that_ended_take_no_more_tokens():
     V, eot = 4, 3
     nxt = {0: 3, 3: 1, 1: 2, 2: 2}
 
-    def onehot(tokens):
+    def peaked_at_next(tokens):
         return torch.stack([bigram_logp({nxt[t]: 0.97}, V) for t in tokens])
     stub = types.SimpleNamespace(
         config=types.SimpleNamespace(eot_token=eot),
         last_logp=lambda prefix, past=None: (torch.stack([bigram_logp({0: 0.97}, V),
                                                           bigram_logp({1: 0.97}, V)]), []),
-        next_logp=lambda tokens, past: (onehot(tokens.tolist()), past))
+        next_logp=lambda tokens, past: (peaked_at_next(tokens.tolist()), past))
     assert pengi.Pengi.greedy(stub, torch.zeros(2, 1, 1), 4) == [[0], [1, 2, 2, 2]]
 
 
