@@ -530,9 +530,10 @@ if __name__ == "__main__":
         fail(said.getvalue().strip().removeprefix("train.py: ") + " (the settings not this "
              "script's go to train.py, for every run)")
     sys.stderr.write(said.getvalue())
-    if not all(s["always_save_checkpoint"] for s in run_settings.values()):
-        fail(f"--always_save_checkpoint={unknown['always_save_checkpoint']}: the table is of "
-             f"each run's last weights, which a best-only checkpoint does not keep")
+    best_only = [m for m, s in run_settings.items() if not s["always_save_checkpoint"]]
+    if best_only:  # set on the command line, or in a model's config file
+        fail(f"always_save_checkpoint=False (for {', '.join(best_only)}): the table is of each "
+             f"run's last weights, which a best-only checkpoint does not keep")
     try:
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
