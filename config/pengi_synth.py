@@ -19,7 +19,7 @@ llm_init = "out/salmonn-llm/ckpt.pt"   # its sizes replace the llm_* fields; its
 tokenizer = "corpus"     # the small BPE stored with the data, as the LM above was trained with
 tasks = "caption,metadata,class,qa,music"
 task_weights = "chord=2"  # chords drawn twice as often (ours): 140 training chords over 45 names; chords
-                          # 2.7x -> 4.7x chance, QA 0.38 -> 0.34 (docs/pengi.md)
+                          # 2.7x -> 4.7x chance, QA 0.38 -> 0.34 (docs/pengi_experiments.md)
 init_from = "out/pengi-clap/ckpt.pt"   # the audio encoder and text tower of the clap stage (the tower
                                        # is frozen again here)
 # audio encoder: 2 Swin stages over 4x4 patches of 192 mel frames (2.6 s) x 64 bins
@@ -41,7 +41,8 @@ clap_weight = 1.0        # ours: the contrastive term also during Pengi's traini
                          # clap stage's start (0 = the paper's objective only)
 # optimiser (ours)
 batch_size = 16
-max_iters = 3000         # 1500 -> 3000: captions and QA up by twice their spread (docs/pengi.md)
+max_iters = 3000         # 1500 -> 3000: captions and QA up by twice their spread
+                         # (docs/pengi_experiments.md)
 warmup_iters = 100
 learning_rate = 2e-3
 min_lr = 2e-4

@@ -17,7 +17,8 @@ batch_size = 16
 max_iters = 600
 warmup_iters = 50
 learning_rate = 4e-3    # 1e-3 until 2026-12-05: at 600 iterations it told the speaker's sex at
-min_lr = 4e-4           # chance (0.48; 0.85 at 4e-3, events 0.60 -> 0.84; docs/salmonn.md)
+min_lr = 4e-4           # chance (0.48; 0.85 at 4e-3, events 0.60 -> 0.84;
+                        # docs/salmonn_experiments.md)
 beta1 = 0.9
 beta2 = 0.98
 weight_decay = 0.05

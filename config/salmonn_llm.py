@@ -6,7 +6,7 @@
 # reading comprehension, as Vicuna brings it). Copying emerges late:
 # the probe reads 0% at 600 iterations, 20% at 1000 and 67% at 1400 (lr 2e-3); at 2000, 76-96% over
 # seeds and thread counts. 3000 iterations copy 98-100% but transcribe held-out speech worse after
-# stage 2 (docs/salmonn.md).
+# stage 2 (docs/salmonn_experiments.md).
 # This LLM is the CPU-sized stand-in for Vicuna, whose ability to read its input SALMONN relies on;
 # stage 1 loads it (llm_init), checks that it passes the copy probe, and freezes it.
 # The LLM settings below must match config/salmonn_stage*.py. Sizes and optimiser are ours (not the
@@ -24,7 +24,7 @@ llm_n_embd = 128
 llm_block_size = 160
 llm_dropout = 0.0
 reading_share = 0.3     # 0 until 2026-12-05: then QA 0.47 -> 0.61 and Morse WER 0.16 -> 0.10 after
-                        # stage 3, three seeds (docs/salmonn.md)
+                        # stage 3, three seeds (docs/salmonn_experiments.md)
 batch_size = 16
 max_iters = 2000
 warmup_iters = 100

@@ -32,7 +32,7 @@ qformer_n_embd = 128
 window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s), with
 window_queries = 2     # two queries each (paper: one): a word then spans a few audio tokens, as the
                        # LLM's copying documents show it, and each token sees a whole word's frames
-                       # (6 frames and 1 query until 2026-12-05; docs/salmonn.md)
+                       # (6 frames and 1 query until 2026-12-05; docs/salmonn_experiments.md)
 llm_n_layer = 4        # must match config/salmonn_llm.py
 llm_n_head = 4
 llm_n_embd = 128
@@ -42,12 +42,13 @@ lora_alpha = 32.0
 lora_dropout = 0.1
 dropout = 0.1          # the Q-Former's (the frozen encoders run without)
 connect_ctc_weight = 1.0  # ours: the audio tokens of transcribed clips, read as the LLM's tokens,
-                          # trained toward their transcript by CTC (stage 1 only; docs/salmonn.md)
+                          # trained toward their transcript by CTC (stage 1 only;
+                          # docs/salmonn_experiments.md)
 # optimiser
 batch_size = 16
 max_iters = 3600       # 600 until the frozen encoders ran once per clip, then 1800; with the CTC
                        # above, 3600 read the tokens better and gave better Morse, DTMF and
-                       # classification for ~1 more minute (docs/salmonn.md)
+                       # classification for ~1 more minute (docs/salmonn_experiments.md)
 warmup_iters = 100
 learning_rate = 1e-3
 min_lr = 1e-4

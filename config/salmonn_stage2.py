@@ -17,7 +17,8 @@ asr_data_dir = "data/synth_asr"
 task_weights = "transcription=4,qa=3"   # transcription 4x and QA 3x as often as each other task:
                                          # transcription keeps stage 1's WER, QA (one pass over its
                                          # questions at 1x) 0.574 -> 0.610 with max_iters 3000 below
-                                         # (1000 test questions, 3 seeds; docs/salmonn.md)
+                                         # (1000 test questions, 3 seeds;
+                                         # docs/salmonn_experiments.md)
 # model (every stage uses the same sizes)
 speech_n_layer = 4      # must match config/salmonn_whisper.py
 speech_n_head = 4
@@ -32,7 +33,7 @@ qformer_n_embd = 128
 window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s), with
 window_queries = 2     # two queries each (paper: one): a word then spans a few audio tokens, as the
                        # LLM's copying documents show it, and each token sees a whole word's frames
-                       # (6 frames and 1 query until 2026-12-05; docs/salmonn.md)
+                       # (6 frames and 1 query until 2026-12-05; docs/salmonn_experiments.md)
 llm_n_layer = 4        # must match config/salmonn_llm.py
 llm_n_head = 4
 llm_n_embd = 128
@@ -45,7 +46,8 @@ dropout = 0.1          # the Q-Former's (the frozen encoders run without)
 batch_size = 16
 max_iters = 3000       # 1200 until 2026-12-03, 2400 until 2026-12-05: 2400 gave QA +0.03,
                        # classification +0.02, speaker +0.14, captions +0.03 in 3 seeds of 3 for
-                       # ~2 more minutes; 3000 with QA drawn 3x: QA +0.02 more (docs/salmonn.md)
+                       # ~2 more minutes; 3000 with QA drawn 3x: QA +0.02 more
+                       # (docs/salmonn_experiments.md)
 warmup_iters = 100
 learning_rate = 5e-4
 min_lr = 5e-5

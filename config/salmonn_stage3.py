@@ -17,7 +17,7 @@ asr_data_dir = "data/synth_asr"
 tasks = "story,transcription"   # ours: half the examples replay stage 2's transcription. On stories
                                 # alone the stage cost WER (DTMF +0.31, Morse +0.67 over 3 seeds);
                                 # with the replay WER holds (+-0.01) and stories still grow 21 -> 34
-                                # words (docs/salmonn.md)
+                                # words (docs/salmonn_experiments.md)
 # model (every stage uses the same sizes)
 speech_n_layer = 4      # must match config/salmonn_whisper.py
 speech_n_head = 4
@@ -32,7 +32,7 @@ qformer_n_embd = 128
 window_frames = 12     # 0.32 s at 37.5 encoder frames/s (paper: 17 frames = 0.33 s at 50/s), with
 window_queries = 2     # two queries each (paper: one): a word then spans a few audio tokens, as the
                        # LLM's copying documents show it, and each token sees a whole word's frames
-                       # (6 frames and 1 query until 2026-12-05; docs/salmonn.md)
+                       # (6 frames and 1 query until 2026-12-05; docs/salmonn_experiments.md)
 llm_n_layer = 4        # must match config/salmonn_llm.py
 llm_n_head = 4
 llm_n_embd = 128

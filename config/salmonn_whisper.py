@@ -9,13 +9,14 @@
 model = "salmonn"
 stage = "whisper"
 out_dir = "out/salmonn-whisper"
-data_dir = "data/synth_asr"   # data/synth until 2026-12-05: held-out WER 0.51 -> 0.05 (docs/salmonn.md)
+data_dir = "data/synth_asr"   # data/synth until 2026-12-05: held-out WER 0.51 -> 0.05
+                              # (docs/salmonn_experiments.md)
 tokenizer = "corpus"
 speech_n_layer = 4
 speech_n_head = 4
 speech_n_embd = 128
 whisper_dec_n_layer = 2
-ctc_weight = 0.6        # 0.3 until 2026-12-05 (with SpecAugment; docs/salmonn.md)
+ctc_weight = 0.6        # 0.3 until 2026-12-05 (with SpecAugment; docs/salmonn_experiments.md)
 ctc_units = "phonemes"  # CTC hears speech as the phonemes espeak-ng spoke (Morse and DTMF: tokens);
                         # ours: on data/synth, before synth_asr, it took the decoder's held-out
                         # speech WER from ~0.6 to ~0.5

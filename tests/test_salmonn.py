@@ -10,6 +10,9 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,7 +53,6 @@ def random_batch(cfg, lens=(37, 20), T=40, seed=0):
 
 def save_part(model, path):
     """A checkpoint as train.py saves one, the fields *_init reads: weights, model name, config."""
-    from dataclasses import asdict
     torch.save({"model": model.state_dict(), "model_name": "salmonn",
                 "model_args": asdict(model.config)}, path)
 
@@ -71,6 +73,13 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+class ByteTokenizerEot60(ByteTokenizer):
+    """For the tiny configs' 61-token vocab: bytes folded into 0..59, 60 ends."""
+    eot_token, n_vocab = 60, 61
+
+    def encode(self, text, allowed_special=()):
+        return [b % 60 for b in text.encode()]
 
 # -----------------------------------------------------------------------------
 # shapes and the Q-Former
@@ -417,7 +426,6 @@ def test_projection_starts_the_audio_tokens_at_the_token_rms():
     rms = tokens[valid].pow(2).mean().sqrt().item()
     assert 0.7 * tok_rms < rms < 1.4 * tok_rms, (rms, tok_rms)
 
-
 # -----------------------------------------------------------------------------
 # data: loss on the answer only
 
@@ -521,8 +529,8 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
         n = n_audio_tokens(int(batch["mel_lens"][b]), cfg)
         assert am.sum() == n and batch["mel_lens"][b] in (30, 55)
         assert (tg[am] == -1).all()
-        first = int((tg != -1).nonzero()[0])  # the target of position `first` is the answer's first
-                                              # token
+        # position `first`'s target is the answer's first token
+        first = int((tg != -1).nonzero()[0])
         prompt = tok.decode(idx[:first + 1][~am[:first + 1]].tolist())
         assert prompt.startswith("USER: <Speech></Speech> ") and prompt.endswith("\nASSISTANT:")
         assert (tg[:first] == -1).all() and not am[first:].any()
@@ -530,9 +538,7 @@ def test_no_loss_on_prompt_or_audio(tmp_path):
         assert answer[-1] == tok.eot_token and answer[0] == ord(" ")
         seen.add(tok.decode(answer[:-1]).strip())
         assert torch.equal(idx[first + 1:first + len(answer)], tg[first:first + len(answer) - 1])
-    m = SALMONN(cfg)
-    _, loss = m(**batch)
-    logits, _ = m(**batch)
+    logits, loss = SALMONN(cfg)(**batch)
     # per example first (a one-word label weighs as much as a caption), then over the batch
     tg = batch["targets"]
     ref = torch.stack([F.cross_entropy(logits[b][tg[b] != -1], tg[b][tg[b] != -1])
@@ -783,7 +789,6 @@ def test_llm_checkpoint_from_text_pretraining(tmp_path):
     lm = SALMONN(cfg)
     assert all(p.requires_grad
                for p in lm.parameters()) and set(dict(lm.named_children())) == {"llm"}
-    from dataclasses import asdict
     ck = {"model": lm.state_dict(), "model_name": "salmonn", "model_args": asdict(cfg),
           "iter_num": 1, "best_val_loss": 1.0}
     torch.save(ck, tmp_path / "ckpt.pt")
@@ -1219,7 +1224,6 @@ def test_text_perplexity_is_exp_of_the_mean_loss():
                                          "than llm_block_size=4"):
         salmonn.text_perplexity(WindowLoss(), stream[:4], 0)
 
-
 # -----------------------------------------------------------------------------
 # the pretrained parts' stand-ins: stage "whisper" (encoder-decoder + CTC), stage "beats" (tagging),
 # and the LLM's copying documents
@@ -1236,8 +1240,7 @@ def test_whisper_stage_trains_the_encoder_with_decoder_and_ctc():
     ctc = torch.tensor([[5, 6, 7, -1], [8, -1, -1, -1]])
     logits, loss = m(idx=idx, targets=targets, ctc_targets=ctc, mel=mel, mel_lens=lens)
     assert logits.shape == (2, 5, cfg.vocab_size)
-    # the loss is the weighted sum of the decoder's cross-entropy and CTC, computed independently
-    # here
+    # the loss is the weighted sum of the decoder's cross-entropy and CTC, computed here directly
     audio, enc_lens = m.speech(mel, lens)
     ce = F.cross_entropy(m.decoder(idx, audio, enc_lens).reshape(-1, cfg.vocab_size),
                          targets.reshape(-1), ignore_index=-1)
@@ -1488,18 +1491,10 @@ def test_whisper_stage_ctc_on_phonemes(tmp_path, monkeypatch):
     assert r["ctc_per_speech"] != pytest.approx(np.mean([1 / k for k in n]))
     assert r["ctc_wer_morse"] == 0 and r["wer"] == 0
 
-class ByteTokenizerEot60(ByteTokenizer):
-    """For the tiny configs' 61-token vocab: bytes folded into 0..59, 60 ends."""
-    eot_token, n_vocab = 60, 61
-
-    def encode(self, text, allowed_special=()):
-        return [b % 60 for b in text.encode()]
-
 def test_whisper_stage_checkpoint_gives_stage_1_its_frozen_encoder(tmp_path):
     """Our stage-"whisper" and stage-"beats" checkpoints load into stage 1 (sizes from the files),
     frozen, and the stage-1 checkpoint is self-contained: it loads, samples and evaluates after the
     earlier files are gone."""
-    from dataclasses import asdict
     torch.manual_seed(0)
     w = SALMONN(tiny_config(stage="whisper", speech_n_layer=2, speech_n_embd=16))
     b = SALMONN(tiny_config(stage="beats", beats_n_embd=8, tags="class=a|class=b"))
@@ -1565,7 +1560,6 @@ def test_encoder_checkpoints_of_other_mel_bins_refused(tmp_path):
 def test_encoder_checkpoint_missing_a_weight_refused(tmp_path):
     """A whisper_init or beats_init without one of the encoder's weights is refused naming it, not
     loaded with that weight left at its random init."""
-    from dataclasses import asdict
     torch.manual_seed(0)
     for stage, part, key in (("whisper", "speech", "ln_post.bias"),
                              ("beats", "beats", "band_emb")):
@@ -1594,8 +1588,8 @@ def test_whisper_features_drive_the_speech_encoder_and_windows():
     assert tokens.shape[1] == n and valid.all()
     s, _ = m.speech(wmel, torch.tensor([100]))
     a = m.beats(mel, torch.tensor([75]))
-    at = (torch.arange(50) * 0.75).long()     # speech frame i at i / 50 s lies in audio-event frame
-                                              # floor(i * 37.5 / 50)
+    # speech frame i, at i / 50 s, lies in audio-event frame floor(i * 37.5 / 50)
+    at = (torch.arange(50) * 0.75).long()
     x = torch.cat([m.ln_speech(s), m.ln_audio(a[:, at])], -1)
     q, _ = m.qformer(x, torch.tensor([50]))
     p = m.proj(q)  # then each audio token rescaled to the LLM's token RMS (audio_scale)
@@ -1679,7 +1673,6 @@ def test_beats_stage_learns_to_tag_the_corpus(synth_dir):
     frequencies alone gives) on the training clips by far and on the ~14 held-out ones too (seeds
     0-8: held-out mAP 0.63-0.86 against 0.21-0.46 untrained, class accuracy 0.64-0.79 against
     0.43; on the training clips 0.73-0.92 against 0.29; seed 0 on torch 2.13: 0.64, 0.71, 0.92)."""
-    from collections import Counter
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     cfg = tiny_config(stage="beats", vocab_size=tok.n_vocab, beats_n_embd=32, beats_n_head=4,
                       beats_patch_f=64)
@@ -1841,7 +1834,8 @@ def test_spec_augment_masks_within_each_clip():
             # two masks may touch: each run is at most two masks wide
             assert all(e - s <= 2 * 8 for s, e in runs(band.tolist()))
             assert all(e - s <= 2 * 5 for s, e in runs(stretch.tolist()))
-            seen_band, seen_stretch = seen_band or bool(band.any()), seen_stretch or bool(stretch.any())
+            seen_band = seen_band or bool(band.any())
+            seen_stretch = seen_stretch or bool(stretch.any())
     assert seen_band and seen_stretch  # both kinds of mask do happen
 
 def test_whisper_batches_augment_training_clips_only(tmp_path):
@@ -1882,7 +1876,6 @@ def test_llm_batch_windows_and_their_targets():
     """Stage "llm": a corpus row is a window of llm_block_size tokens and its targets one token on;
     every start but the last possible one is drawn (left out as when the measured LLMs trained), and
     a stream too short is named."""
-    from types import SimpleNamespace
     T = 4
     for n in (T + 2, T + 3, T + 4):
         stream = np.arange(n, dtype=np.int64)
@@ -1902,7 +1895,6 @@ def test_llm_text_stream_holds_each_document_once_ended_by_eot(tmp_path):
     and transcript, each question with its answer ("Q: ... A: ..."), and for each task the clip
     offers the prompt template with one of that task's instructions (QA: the question), then the
     answer after "ASSISTANT: " (its leading space, as stages 1-3 train the answers)."""
-    from collections import Counter
     tok = ByteTokenizer()
     write_tiny_data(tmp_path, CLIPS)
     data = salmonn.load_data(str(tmp_path), tiny_config(stage="llm", vocab_size=257), tok)
@@ -2035,7 +2027,6 @@ def test_pipeline_in_miniature_transcribes_held_out_clips(dtmf_dir, tmp_path):
         torch.set_num_threads(threads)
 
 def pipeline_in_miniature(dtmf_dir, tmp_path):
-    from dataclasses import asdict
     tok = tokenizer.load_tokenizer(dtmf_dir, "corpus")
     sizes = dict(speech_n_layer=2, speech_n_head=2, speech_n_embd=64, beats_n_layer=1,
                  beats_n_head=2, beats_n_embd=32, qformer_n_layer=1, qformer_n_head=2,
@@ -2178,8 +2169,8 @@ def test_clips_longer_than_max_audio_frames_are_cut(cache, features):
 @torch.no_grad()
 def test_audio_encoder_averages_the_bands_of_each_time_step():
     """The audio encoder's frame t is the mean over the frequency bands of its transformer's output
-    patches at time step t (patches time-major: step t's bands are patches t * bands ... + bands -
-    1), read here from ln_post's output."""
+    patches at time step t (patches time-major: step t's bands are patches t * bands to
+    (t + 1) * bands - 1), read here from ln_post's output."""
     torch.manual_seed(0)
     cfg = tiny_config(beats_patch_f=16)  # 4 bands
     enc = SALMONN(cfg).beats.eval()
@@ -2417,7 +2408,6 @@ def test_whisper_batches_cut_transcripts_to_the_decoders_context(tmp_path):
 def test_copy_rows_hold_every_whole_conversation_that_fits(monkeypatch):
     """Stage "llm": a copying row packs whole conversations while they fit in T + 1 tokens; with
     conversations of 6 tokens (prompt 3, answer 2, eot), T + 1 = 12 holds two, T + 1 = 11 one."""
-    from types import SimpleNamespace
     monkeypatch.setattr(salmonn, "copy_document", lambda *args: ([1, 2, 3], [4, 5]))
     data = SimpleNamespace(tok=ByteTokenizer(), copy_words=[], splits={"train": {"reading": []}},
                            config=SimpleNamespace(reading_share=0.0))
@@ -2566,17 +2556,17 @@ def test_connect_targets_are_the_transcripts_of_transcription_rows(tmp_path):
     data = salmonn.load_data(str(tmp_path), cfg, tok)
     assert cfg.dash_token == ord("-")
     batch = salmonn.get_batch(data, "train", 16, np.random.default_rng(0))
-    kinds = set()
+    answers = set()
     for b in range(16):
         tg, ct = batch["targets"][b], batch["connect_targets"][b]
         answer = tok.decode(tg[tg != -1][:-1].tolist())
-        kinds.add(answer)
+        answers.add(answer)
         if answer == " s o s":  # the Morse clip's transcript, spelled
             assert ct[ct != -1].tolist() == list(b" s o s")
             assert (ct[6:] == -1).all()
         else:  # a caption
             assert (ct == -1).all()
-    assert " s o s" in kinds and len(kinds) >= 2
+    assert " s o s" in answers and len(answers) >= 2
     assert "connect_targets" not in salmonn.get_batch(
         salmonn.load_data(str(tmp_path), tiny_config(stage="pretrain", llm_block_size=160), tok),
         "train", 4, np.random.default_rng(0))
@@ -2639,7 +2629,6 @@ def test_audio_mask_counted_per_row():
     with torch.no_grad(), pytest.raises(ValueError, match="stage 'pretrain' needs audio_mask"):
         m.embed(batch["idx"], batch["mel"], batch["mel_lens"])
 
-
 def test_lora_starts_as_the_base_model():
     """LoRA's B starts at zero (peft's init): before training, the adapted LLM gives the base
     LLM's output (lora_scale 0) exactly."""
@@ -2652,7 +2641,6 @@ def test_lora_starts_as_the_base_model():
         base, _ = m.llm(x)
     assert torch.equal(adapted, base)
 
-
 def test_each_stage_trains_on_its_papers_tasks():
     """stage_tasks: the whisper stage transcribes, stage 1 transcribes and captions, stage 2 adds
     QA, music, classification and the speaker, stage 3 tells stories; the beats and llm stages
@@ -2663,7 +2651,6 @@ def test_each_stage_trains_on_its_papers_tasks():
             "activation": ("story",), "beats": (), "llm": ()}
     for stage, tasks in want.items():
         assert salmonn.stage_tasks(tiny_config(stage=stage, tags="a|b")) == tasks, stage
-
 
 def test_copy_probe_refuses_extra_words_and_runs_in_eval_mode(synth_dir):
     """copy_probe counts an exact copy of the span only (a span and one word more is no copy), and
@@ -2689,7 +2676,6 @@ def test_copy_probe_refuses_extra_words_and_runs_in_eval_mode(synth_dir):
     m.generate = copies(salmonn.encode_text(tok, " extra"))
     assert salmonn.copy_probe(m, tok, n=5) == 0.0
 
-
 def test_new_audio_encoder_weights_refresh_the_encoder_cache():
     """The frozen encoders' cache is stamped with both encoders' weights: new BEATs weights (not
     a rescale, which the LayerNorms after it undo) give the loss of a model without the cache."""
@@ -2705,7 +2691,6 @@ def test_new_audio_encoder_weights_refresh_the_encoder_cache():
             m.beats.load_state_dict(state)
     assert torch.allclose(cached(**batch)[1], plain(**batch)[1], atol=1e-6)
 
-
 def test_spec_augment_on_a_clip_shorter_than_a_time_mask():
     """A clip of 3 frames (under the 5-frame time mask): masked within its frames, no error, its
     padding untouched."""
@@ -2716,7 +2701,6 @@ def test_spec_augment_on_a_clip_shorter_than_a_time_mask():
         assert torch.equal(out[1, 3:], mel[1, 3:])
         masked += not torch.equal(out[1, :3], mel[1, :3])
     assert masked > 25  # its 3 frames are masked all the same
-
 
 def test_edit_distance_counts_a_leading_insertion():
     """Levenshtein distance with insertions before the reference's words: the last "a" kept, the
