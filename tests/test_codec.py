@@ -24,6 +24,13 @@ def fake_encodec_checkpoint(path):
     return model
 
 
+def fake_model_from(path):
+    """The offline codec with the weights of a checkpoint fake_encodec_checkpoint wrote."""
+    model = A.offline_codec(seed=0)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -50,16 +57,10 @@ def test_download_goes_through_encodecs_loader_into_the_hub_cache(hub, monkeypat
     # the next run finds it in the cache (the checksum check is EnCodec's; our fake file needs it
     # patched)
     monkeypatch.setattr("encodec.model._check_checksum", lambda file, checksum: None)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a,
-                        **k: pytest.fail("downloaded twice"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: pytest.fail("downloaded twice"))
     again, where = A.get_pretrained_codec()
     assert where == weights and same_weights(again, model)
-
-
-def fake_model_from(path):
-    model = A.offline_codec(seed=0)
-    model.load_state_dict(torch.load(path, weights_only=True))
-    return model
 
 
 def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
@@ -67,7 +68,7 @@ def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
         raise OSError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     assert A.get_pretrained_codec() == (None, None)
-    # torch.hub's own line
+    # our one line, torch.hub's own "Downloading: " line aside
     out = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("Downloading: ")]
     assert (len(out) == 1 and "downloading EnCodec's weights failed" in out[0]
             and "name resolution" in out[0])
@@ -76,8 +77,8 @@ def test_failed_download_falls_back_with_one_line(hub, monkeypatch, capsys):
 
 
 def test_offline_never_tries_to_download(hub, monkeypatch, capsys):
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a,
-                        **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: pytest.fail("tried to download"))
     assert A.get_pretrained_codec(offline=True) == (None, None)
     assert capsys.readouterr().out == ""
 
@@ -195,11 +196,13 @@ def test_readers_debounce_clicks_and_dropouts_under_10_ms():
         n = int(ms / 1000 * SR)
         clicked[gap:gap + n] = wav[runs[0][0]:runs[0][0] + n]  # a piece of the first tone
         read = C.read_dtmf(clicked)
-        assert read == digits if digits else len(read) == len(info["labels"]["digits"]) + 1
+        assert (read == digits) if digits else (len(read) == len(info["labels"]["digits"]) + 1)
     wav, info = Y.make_morse(rng(1), 3.0)
-    on = max((b - a, a) for o, a, b in C.envelope_runs(wav) if o)  # the longest mark: a dash
+    # the longest mark: a dash
+    dash_len, dash_start = max((b - a, a) for on, a, b in C.envelope_runs(wav) if on)
+    mid = dash_start + dash_len // 2
     cut = wav.copy()
-    cut[on[1] + on[0] // 2:on[1] + on[0] // 2 + int(0.004 * SR)] = 0
+    cut[mid:mid + int(0.004 * SR)] = 0
     assert C.read_morse(cut) == info["transcript"]
 
 
@@ -396,8 +399,8 @@ def test_kmeans_restarts_an_empty_cluster_at_the_worst_served_point():
 
 
 def test_fit_codebooks_fits_each_layer_on_the_residual_the_quantizer_encodes():
-    """fit_codebooks on clustered random encoder outputs, then EnCodec's own quantizer: its codes are
-    those of a brute-force residual search over the fitted codebooks (layer i picks the nearest
+    """fit_codebooks on clustered random encoder outputs, then EnCodec's own quantizer: its codes
+    are those of a brute-force residual search over the fitted codebooks (layer i picks the nearest
     codeword to what layers 0..i-1 left), each layer's codebook holds its own codes' centroids
     (k-means of that residual), and decoding the first 1, 2, 4, 8 codebooks leaves less and less
     of the input (a layer fitted on the raw input instead of the residual would add error)."""
@@ -484,6 +487,15 @@ def test_codec_loss_is_a_tenth_of_the_l1_plus_the_multiscale_mel_l1_of_a_numpy_s
     assert float(C.codec_loss(xt, xt)) == 0.0
 
 
+def randomise_codebooks(model, g, scale=1.0):
+    """Random codewords in the first N_Q codebooks, so that each code decodes to values of its
+    own."""
+    with torch.no_grad():
+        for layer in model.quantizer.vq.layers[:A.N_Q]:
+            embed = layer._codebook.embed
+            embed.copy_(scale * torch.randn(embed.shape, generator=g))
+
+
 def test_tune_decoder_trains_the_decoders_learned_parts_on_codes_of_1_2_4_or_8_codebooks():
     """tune_decoder feeds the decoder crops of a clip's quantized encoder output decoded from its
     first 1, 2, 4 or 8 codebooks (each crop one of these, every level drawn over a few steps), and
@@ -491,9 +503,7 @@ def test_tune_decoder_trains_the_decoders_learned_parts_on_codes_of_1_2_4_or_8_c
     path stay bit-identical. Random codebooks, so that each level decodes to other values."""
     g = torch.Generator().manual_seed(0)
     model = C.dct_init(A.offline_codec())
-    with torch.no_grad():
-        for layer in model.quantizer.vq.layers[:A.N_Q]:
-            layer._codebook.embed.copy_(torch.randn(layer._codebook.embed.shape, generator=g))
+    randomise_codebooks(model, g)
     wavs = [Y.tone(inst, Y.midi_hz(55 + 4 * i), 0.3, np.random.default_rng(i)) * 0.5
             for i, inst in enumerate(["sine", "square", "sawtooth"])]
     embs = A.encode_emb(model, wavs)
@@ -664,10 +674,8 @@ def test_streaming_decoder_skips_a_part_only_if_its_bias_is_zero_too():
     g = torch.Generator().manual_seed(0)
     model = C.dct_init(A.offline_codec())
     dec = model.decoder.model
+    randomise_codebooks(model, g, scale=0.3)
     with torch.no_grad():
-        for layer in model.quantizer.vq.layers[:A.N_Q]:
-            layer._codebook.embed.copy_(0.3 * torch.randn(layer._codebook.embed.shape,
-                                                          generator=g))
         for conv in (dec[4].shortcut.conv.conv, dec[7].block[-1].conv.conv):
             conv.bias.copy_(0.05 * torch.randn(conv.bias.shape, generator=g))
     codes = torch.randint(0, A.CODEBOOK_SIZE, (20, A.N_Q), generator=g)
@@ -689,9 +697,7 @@ def test_streaming_decoder_on_a_dense_decoder_equals_the_whole_decode():
     states (its overlaps are zero, its LSTM off). No corpus needed."""
     g = torch.Generator().manual_seed(0)
     model = A.offline_codec()
-    with torch.no_grad():
-        for layer in model.quantizer.vq.layers[:A.N_Q]:
-            layer._codebook.embed.copy_(torch.randn(layer._codebook.embed.shape, generator=g))
+    randomise_codebooks(model, g)
     codes = torch.randint(0, A.CODEBOOK_SIZE, (24, A.N_Q), generator=g)
     full = A.decode(model, codes)
     stream = A.StreamingDecoder(model)

@@ -20,10 +20,9 @@ from script_runner import run_script, run_scripts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--model=whisper_gpt", "--block_size=16", "--n_layer=1", "--n_head=2", "--n_embd=32",
-        "--mel_n_layer=1",
-        "--mel_n_head=2", "--mel_n_embd=16", "--mel_dim=8", "--batch_size=4", "--max_iters=24",
-        "--eval_interval=2",
-        "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3"]
+        "--mel_n_layer=1", "--mel_n_head=2", "--mel_n_embd=16", "--mel_dim=8", "--batch_size=4",
+        "--max_iters=24", "--eval_interval=2", "--eval_iters=1", "--log_interval=1",
+        "--warmup_iters=2", "--learning_rate=3e-3"]
 
 def sigint_as_usual():
     """preexec_fn of a child the test sends SIGINT: a shell's background job (`cmd &`) starts with
@@ -34,6 +33,15 @@ def sigint_as_usual():
 def train(out_dir, data_dir, *extra):
     return [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
             *extra]
+
+def linked_data(synth_dir, folder, leave_out=()):
+    """folder made with links to synth_dir's files but those in leave_out, which the test writes
+    itself: a copy of the data with one file changed, without copying the rest."""
+    folder.mkdir()
+    for f in os.listdir(synth_dir):
+        if f not in leave_out:
+            os.symlink(os.path.join(synth_dir, f), folder / f)
+    return folder
 
 def log_losses(out_dir):
     return [(r["iter"], r["loss"])
@@ -152,37 +160,23 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
     # settings out of range, a model file's own check, a pretrained part's file cut short, data
     # that does not fit the checkpoint: one line that names the cause, no traceback
     (tmp_path / "cut.pt").write_bytes(data[:len(data) // 3])
-    other_data = tmp_path / "codebook2048"
-    other_data.mkdir()
-    for f in os.listdir(synth_dir):
-        os.symlink(os.path.join(synth_dir, f), other_data / f)
-    meta = json.loads((other_data / "meta.json").read_text())
-    (other_data / "meta.json").unlink()
+    meta = json.loads(open(os.path.join(synth_dir, "meta.json")).read())
+    other_data = linked_data(synth_dir, tmp_path / "codebook2048", leave_out=("meta.json",))
     (other_data / "meta.json").write_text(json.dumps({**meta, "codebook_size": 2048}))
     new = tmp_path / "new"
     (tmp_path / "a_file").write_text("")
-    cut_codec = tmp_path / "cut_codec"  # the data's offline codec file cut short
-    cut_codec.mkdir()
-    codec_file = json.loads((other_data / "meta.json").read_text())["codec"]["weights"]
-    for f in os.listdir(synth_dir):
-        if f != codec_file:
-            os.symlink(os.path.join(synth_dir, f), cut_codec / f)
+    codec_file = meta["codec"]["weights"]
+    # the data's offline codec file cut short
+    cut_codec = linked_data(synth_dir, tmp_path / "cut_codec", leave_out=(codec_file,))
     codec_bytes = open(os.path.join(synth_dir, codec_file), "rb").read()
     (cut_codec / codec_file).write_bytes(codec_bytes[:len(codec_bytes) // 2])
-    no_field = tmp_path / "no_field"  # meta.json without n_mels
-    no_field.mkdir()
-    for f in os.listdir(synth_dir):
-        if f != "meta.json":
-            os.symlink(os.path.join(synth_dir, f), no_field / f)
+    # meta.json without n_mels
+    no_field = linked_data(synth_dir, tmp_path / "no_field", leave_out=("meta.json",))
     (no_field / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
                                                     if k != "n_mels"}))
     odd_meta = []  # meta.json of another shape: a list, a number as text
     for name, text in (("meta_list", "[]"), ("meta_text", json.dumps({**meta, "n_mels": "64"}))):
-        odd_meta.append(tmp_path / name)
-        odd_meta[-1].mkdir()
-        for f in os.listdir(synth_dir):
-            if f != "meta.json":
-                os.symlink(os.path.join(synth_dir, f), odd_meta[-1] / f)
+        odd_meta.append(linked_data(synth_dir, tmp_path / name, leave_out=("meta.json",)))
         (odd_meta[-1] / "meta.json").write_text(text)
     empty_val = tmp_path / "empty_val"  # a val split without clips
     empty_val.mkdir()
@@ -191,18 +185,12 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             (empty_val / f).write_bytes(b"")
         else:
             os.symlink(os.path.join(synth_dir, f), empty_val / f)
-    cut_codes = tmp_path / "cut_codes"  # train_codes.bin cut mid-row
-    cut_codes.mkdir()
-    for f in os.listdir(synth_dir):
-        if f != "train_codes.bin":
-            os.symlink(os.path.join(synth_dir, f), cut_codes / f)
+    # train_codes.bin cut mid-row
+    cut_codes = linked_data(synth_dir, tmp_path / "cut_codes", leave_out=("train_codes.bin",))
     codes_bytes = open(os.path.join(synth_dir, "train_codes.bin"), "rb").read()
     (cut_codes / "train_codes.bin").write_bytes(codes_bytes[:-6])
-    other_codec = tmp_path / "other_codec"  # the same data, a codeword of its codec moved
-    other_codec.mkdir()
-    for f in os.listdir(synth_dir):
-        if f != codec_file:
-            os.symlink(os.path.join(synth_dir, f), other_codec / f)
+    # the same data, a codeword of its codec moved
+    other_codec = linked_data(synth_dir, tmp_path / "other_codec", leave_out=(codec_file,))
     moved = torch.load(os.path.join(synth_dir, codec_file), weights_only=True)
     moved["model"][next(k for k in moved["model"] if k.endswith("_codebook.embed"))][0] += 1.0
     torch.save(moved, other_codec / codec_file)
@@ -263,7 +251,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "sample.py", f"--out_dri={good}"],
              "--out_dri (did you mean --out_dir"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--clip=1",
-              f"--audio={tmp_path / 'in.wav'}"], "the input is a clip of the data or a file, not both"),
+              f"--audio={tmp_path / 'in.wav'}"],
+             "the input is a clip of the data or a file, not both"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--temprature=0.5"],
              "--temprature (did you mean --temperature?)"),
             (train(new, synth_dir, "--n_embd=64", f"--init_from={good / 'ckpt.pt'}"),
@@ -327,8 +316,8 @@ PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "-
            "--quiet"]
 
 def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
-    """Ctrl-C (SIGINT) while prepare.py encodes: one line saying the encoded clips are kept and how to
-    resume, not a traceback."""
+    """Ctrl-C (SIGINT) while prepare.py encodes: one line saying the encoded clips are kept and how
+    to resume, not a traceback."""
     out = tmp_path / "data"
     cmd = [sys.executable, "prepare.py", "--clips=120", "--max_seconds=1.0", "--offline",
            "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2", f"--out_dir={out}"]

@@ -20,13 +20,12 @@ import tokenizer
 from script_runner import run_script
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--mel_n_layer=1", "--mel_n_head=2",
-        "--mel_n_embd=16",
-        "--mel_dim=8", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--eval_interval=4",
-        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2",
-        "--min_lr=1e-3",
+        "--mel_n_embd=16", "--mel_dim=8", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8",
+        "--learning_rate=1e-2", "--min_lr=1e-3",
         "--device=cpu"]  # where there is a GPU too: the tests recompute runs on the CPU, in float32
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each is fastest, and fair on
-                                              # a shared box
+# tiny models: one thread each is fastest, and fair on a shared box
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def run(args, check=True, cmd=None):
     p = run_script((cmd or [sys.executable, "train.py"]) + args, cwd=ROOT, env=ENV, timeout=300)
@@ -37,8 +36,8 @@ def run(args, check=True, cmd=None):
 def losses(out_dir):
     """{iter: training loss} and {iter: val loss} from log.jsonl."""
     recs = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
-    return {r["iter"]: r["loss"] for r in recs
-            if "loss" in r}, {r["iter"]: r["val_loss"] for r in recs if "val_loss" in r}
+    return ({r["iter"]: r["loss"] for r in recs if "loss" in r},
+            {r["iter"]: r["val_loss"] for r in recs if "val_loss" in r})
 
 # -----------------------------------------------------------------------------
 # settings
@@ -264,7 +263,6 @@ def test_configurator_bool_text_passed_on_flags_plain_types_and_private_names(tm
     word "True") and a config file's value its repr; only values of exactly int, float, bool or
     str are settings (a numpy float, a subclass of float, is not); a config file's _names and
     imports are not settings."""
-    import numpy as np
     import configurator as K
     for raw, want in (("true", True), ("TRUE", True), ("1", True), ("false", False),
                       ("False", False), ("0", False)):
@@ -342,7 +340,6 @@ def test_evaluation_is_the_mean_over_eval_iters_fixed_batches(full_run, synth_di
     """The logged train and val losses of the last evaluation, recomputed here from the checkpoint
     of that iteration: each split's mean loss, in eval mode, over eval_iters batches drawn from
     the generator of seed (seed, 1, split index, 0), the same at every evaluation."""
-    import numpy as np
     import torch
     import whisper_gpt as W
     ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
@@ -413,7 +410,8 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     p = run(common + ["--max_iters=10", "--init_from=resume", "--weight_decay=0.05",
                       "--beta2=0.9"])
     assert "weight_decay=0.1 -> 0.05" in p.stdout, p.stdout
-    groups = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"]
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    groups = ck["optimizer"]["param_groups"]
     # the new decay on the decayed group (dim >= 2) only: biases and norms stay undecayed
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert all(tuple(g["betas"]) == (0.9, 0.9) for g in groups)
@@ -585,7 +583,6 @@ def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
     it=warmup to min_lr at it=decay_end, then min_lr. log.jsonl's record for iteration k holds the
     lr of the step that made it (it = k-1); the checkpoint's optimizer holds the lr set for the
     step after its iter_num, so a run split at 5 checks a cosine value in the optimizer itself."""
-    import math
     import torch
     # min_lr not lr / 10: the floor after decay_end must be min_lr itself
     lr0, lr_min, warmup, decay_end = 1e-2, 2.5e-3, 2, 8
@@ -621,7 +618,6 @@ def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
 def test_lr_decays_to_max_iters_by_default(synth_dir, tmp_path):
     """lr_decay_iters=0 (the default) decays to max_iters: the logged lr of each iteration of a
     6-iteration run with warmup 2 against the schedule written out with decay_end = 6."""
-    import math
     out = str(tmp_path)
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
          "--lr_decay_iters=0", "--max_iters=6", "--eval_interval=100"])
@@ -826,9 +822,8 @@ def test_eval_only_writes_nothing_and_bad_numbers_are_named(full_run, synth_dir,
             continue  # installed: nothing to refuse
         p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}",
                  f"--out_dir={tmp_path / 'x'}", *TINY, *args], check=False)
-        arg = args
         assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, \
-            (arg, p.stderr[-1500:])
+            (args, p.stderr[-1500:])
     assert not (tmp_path / "x").exists()
 
 def test_a_second_run_into_a_busy_out_dir_is_refused(synth_dir, tmp_path):
@@ -924,8 +919,7 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
                    cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr
     x, sr = sf.read(wav)
-    prompt = len(x) - n * 320                     # the wav is the prompt, then the n frames
-                                                  # generated after it
+    prompt = len(x) - n * 320  # the wav is the prompt, then the n frames generated after it
     assert sr == 24000 and prompt > 0 and prompt % 320 == 0
     assert f"{prompt / 24000:.2f} s prompt + {n * 320 / 24000:.2f} s continuation" in p.stdout
     # the prompt part is the clip's last frames of codebook 0 decoded (the decoder is causal, so
@@ -951,7 +945,7 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
     p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
                     f"--data_dir={synth_dir}", "--beam=3"],
                    cwd=ROOT, env=ENV, timeout=300)
-    # the known ones
+    # an option whisper_gpt's sample() lacks: refused, naming the ones it takes
     assert (p.returncode == 2 and "unknown setting(s) --beam" in p.stderr
             and "max_new_tokens" in p.stderr)
     # an audio result named a .txt: refused before the input is read and sampled
@@ -991,9 +985,8 @@ def test_sample_seed_clip_and_audio_limits(full_run, synth_dir, tmp_path):
 # text models: the checkpoint keeps its tokenizer
 
 TEXT_TINY = ["--model=salmonn", "--stage=llm", "--llm_n_layer=1", "--llm_n_head=2",
-             "--llm_n_embd=32",
-             "--llm_block_size=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2",
-             "--log_interval=1", "--warmup_iters=1", "--max_iters=2"]
+             "--llm_n_embd=32", "--llm_block_size=32", "--batch_size=4", "--eval_iters=1",
+             "--eval_interval=2", "--log_interval=1", "--warmup_iters=1", "--max_iters=2"]
 
 
 def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
@@ -1005,10 +998,10 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
     extra, out = tmp_path / "asr", tmp_path / "stage2"
     shutil.copytree(synth_dir, extra)
     p = run([f"--data_dir={synth_dir}", f"--out_dir={out}", f"--asr_data_dir={extra}",
-                 *TEXT_TINY[:-1], "--stage=instruct", "--speech_n_layer=1", "--speech_n_embd=32",
-                 "--beats_n_layer=1", "--beats_n_embd=32", "--qformer_n_layer=1",
-                 "--qformer_n_embd=32", "--llm_block_size=160", "--llm_probe_min=0",
-                 "--max_iters=1", "--peak_flops=1e9"])
+             *TEXT_TINY[:-1], "--stage=instruct", "--speech_n_layer=1", "--speech_n_embd=32",
+             "--beats_n_layer=1", "--beats_n_embd=32", "--qformer_n_layer=1",
+             "--qformer_n_embd=32", "--llm_block_size=160", "--llm_probe_min=0",
+             "--max_iters=1", "--peak_flops=1e9"])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["model_args"]["asr_data_dir"] == str(extra)
     # the MFU of a model with frozen parts: ~6 flops per trainable and ~4 per frozen parameter per
@@ -1174,7 +1167,6 @@ def test_first_step_reproduced_by_hand(synth_dir, tmp_path, grad_clip):
     (1 - beta1) g and exp_avg_sq = (1 - beta2) g^2; the weights as p (1 - lr wd) - lr g / (|g| +
     eps). Catches summed (not averaged) micro-step gradients, a skipped clip, and micro-steps that
     share a batch or dropout masks."""
-    import numpy as np
     import torch
     import whisper_gpt as W
     out = str(tmp_path)
@@ -1241,7 +1233,6 @@ def test_read_clip_is_the_clips_frames_and_refuses_a_clip_past_the_end(synth_dir
     {split}_codes.bin / {split}_mel.bin at the offset and length its clips.jsonl line gives; a clip
     number past the last (or negative) is a one-line failure naming the clips there are, not a
     traceback."""
-    import numpy as np
     import sample as S
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))
     clips = [json.loads(l) for l in open(os.path.join(synth_dir, "val_clips.jsonl")) if l.strip()]
@@ -1281,7 +1272,6 @@ def test_read_clip_names_a_missing_or_cut_array(synth_dir, tmp_path, capsys):
         assert str(tmp_path / "val_mel.bin") in err and said in err, err
     # a clip list cut mid-line: sample.py's read_clip and train.py's check (train.py and eval.py
     # read the data through it) name the file and the line (a JSONDecodeError naming none, before)
-    import train
     (tmp_path / "val_mel.bin").write_bytes(mel)
     text = (tmp_path / "val_clips.jsonl").read_text()
     (tmp_path / "val_clips.jsonl").write_text(text[:text.index("\n") + 40])
@@ -1296,7 +1286,6 @@ def test_read_clip_reads_whisper_features_at_their_own_offset(tmp_path):
     """Data prepared with --whisper_mel: read_clip gives a clip's Whisper features from
     {split}_wmel.bin at its woffset, wframes rows of whisper_mel's n_mels (100 frames/s: not the
     mel's offset and frames), next to its mel."""
-    import numpy as np
     import sample as S
     rng = np.random.default_rng(0)
     clips = [{"id": "a", "kind": "speech", "duration": 0.4, "offset": 0, "frames": 30,
@@ -1498,7 +1487,6 @@ def test_help_prints_the_scripts_usage_and_settings_and_trains_nothing(tmp_path)
     assert proc.wait(timeout=60) in (0, -13) and "Error" not in err, err  # -13: SIGPIPE
 
 def test_a_model_field_left_unset_counts_as_its_default():
-    import train
     from whisper_gpt import WhisperGPTConfig
     assert WhisperGPTConfig().bias is False
     run_a = {"model": "whisper_gpt", "n_layer": 3}

@@ -1,11 +1,11 @@
 """audio.py's OpenAI Whisper input features (prepare.py --whisper_mel): against openai-whisper's own
 log-mel, stored time-aligned with each clip (and resumed from chunks), and a Whisper checkpoint's
 encoder loaded into salmonn.py's SpeechEncoder giving Whisper's outputs on the same features."""
+import importlib.machinery
+import importlib.util
 import json
 import sys
 import types
-import importlib.machinery
-import importlib.util
 from dataclasses import asdict
 
 import numpy as np
@@ -138,7 +138,8 @@ def test_prepare_stores_whisper_mel_per_clip_and_resumes(tmp_path, capsys, monke
     np.testing.assert_allclose(wmel[c["woffset"]:c["woffset"] + c["wframes"]].astype(np.float32),
                                want, atol=2e-3)
 
-    # SALMONN reads the stream as prepared: its speech encoder takes Whisper's 80 bins at 100 frames/s
+    # SALMONN reads the stream as prepared: its speech encoder takes Whisper's 80 bins at
+    # 100 frames/s
     import salmonn
     import tokenizer
     cfg = salmonn.SALMONNConfig(speech_features="whisper")
@@ -159,9 +160,9 @@ def test_whisper_checkpoint_loads_into_speech_encoder(whisper, tmp_path):
     import salmonn
     torch.manual_seed(0)
     dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64,
-                                         n_audio_head=2,
-                                         n_audio_layer=2, n_vocab=128, n_text_ctx=16,
-                                         n_text_state=64, n_text_head=2, n_text_layer=1)
+                                         n_audio_head=2, n_audio_layer=2, n_vocab=128,
+                                         n_text_ctx=16, n_text_state=64, n_text_head=2,
+                                         n_text_layer=1)
     model = whisper.model.Whisper(dims).eval()
     # random weights everywhere, LayerNorms included
     with torch.no_grad():
@@ -172,8 +173,8 @@ def test_whisper_checkpoint_loads_into_speech_encoder(whisper, tmp_path):
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
 
     sd, d = salmonn.load_whisper_encoder_state(str(path))
-    # the sizes, in Whisper's names or salmonn's (n_layer, n_head, n_embd, n_mels)
-    assert d.get("n_mels") == 80 and d.get("n_audio_state", d.get("n_embd")) == 64
+    # the sizes, in salmonn's names
+    assert d["n_mels"] == 80 and d["n_embd"] == 64
     enc = salmonn.SpeechEncoder(80, 64, 2, 2, 0.0).eval()
     enc.load_state_dict(sd, strict=True)
 
