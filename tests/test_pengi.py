@@ -1317,7 +1317,7 @@ def test_qa_probe_per_question_against_a_count():
     # an embedding that holds nothing: each question gets one answer for every clip
     data["val"]["mel"] = np.zeros_like(data["val"]["mel"])
     acc0, _ = pengi.qa_probe(MeanEmbedding(), data, "val")
-    assert acc0 <= 16 / 25
+    assert round(acc0 * 25) in (14, 16)  # "one" (6 right) or "two" (4) to all counts, "beep" (10)
 
 
 def test_fit_logistic_separates():
