@@ -221,7 +221,7 @@ def test_resampler_passes_10_5_khz_and_stops_13_khz(sr_in):
         assert lo <= np.abs(y[2000:-2000]).max() <= hi, hz
 
 
-def test_one_frame_is_enough_and_stereo_is_the_mean_of_its_channels(tmp_path):
+def test_load_audio_takes_one_frame_and_stereo_and_refuses_what_is_no_clip(tmp_path):
     """check_audio's "shorter than one frame" is < 320 samples: exactly one frame is a clip, 319
     samples are not; load_audio downmixes a stereo file to the mean of its two channels (written
     as float at 24 kHz, so nothing is resampled), not to one of them; what is no clip (channels

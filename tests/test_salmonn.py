@@ -189,7 +189,7 @@ def test_qformer_windows_in_time_order_and_local():
     assert valid.tolist() == [[True] * 4 + [False] * 4]
     assert torch.allclose(out[:, :4], ref, atol=1e-6)
 
-def test_head_counts_that_do_not_divide_the_width_named():
+def test_bad_model_settings_are_refused_naming_them():
     """Each part's heads split its width: a count that does not divide it is a ValueError that
     names the setting, for the parts the stage builds; so are an unknown stage, an odd encoder
     width (its positions are sine and cosine halves) and sizes under their least, which would
@@ -233,7 +233,7 @@ def test_head_counts_that_do_not_divide_the_width_named():
 # frozen LLM, LoRA
 
 @pytest.mark.parametrize("freeze_encoders", [True, False])
-def test_only_qformer_projection_and_lora_train(freeze_encoders):
+def test_only_qformer_projection_and_lora_train_unless_encoders_unfrozen(freeze_encoders):
     """Stage-1 steps (train.py's optimizer: AdamW over the requires_grad parameters) leave the LLM's
     base weights and, as in the paper, the encoders bit-identical (and in eval mode, as soon as the
     model is built); LoRA sits on q and v only. freeze_encoders=False trains them."""

@@ -211,7 +211,7 @@ def test_cuda_graph_generation_on_a_gpu(use_mel):
                                 None if mel_seq is None else mel_seq[:, :t + 1])[:, -1].float()
             assert torch.allclose(got, want, atol=0.02, rtol=0), (t, (got - want).abs().max())
 
-def test_hybrid_generate_refuses_a_batch_and_the_wrong_number_of_prompt_mels():
+def test_generate_refuses_a_hybrid_batch_bad_prompts_and_negative_settings():
     model = tiny(use_mel=True, mel_lag=1)
     codes, mels = inputs(model, B=2, T=10)
     mel_fn = lambda seq, j: torch.zeros(1, 8)
