@@ -175,8 +175,9 @@ def changed_settings(new, old, skip=()):
                   if k not in RUN_KEYS and k not in skip
                   and new.get(k, defaults.get(k)) != old.get(k, defaults.get(k)))
 
-def describe_changes(keys, old, new):
-    """The first five changed settings, as "key=old there, new here"."""
+def describe_changes(keys, new, old):
+    """The first five changed settings, as "key=old there, new here" (arguments in
+    changed_settings' order)."""
     defaults = unset_defaults(new, old)
     return ", ".join(f"{k}={old.get(k, defaults.get(k))!r} there, "
                      f"{new.get(k, defaults.get(k))!r} here" for k in keys[:5])
@@ -202,7 +203,7 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
         changed.append("init_from")
     if changed:
         fail(f"out_dir={out_dir} holds a run with other settings ("
-             + describe_changes(changed, prev["config"], S)
+             + describe_changes(changed, S, prev["config"])
              + "): --init_from=resume continues it, --overwrite=True trains anew there, or "
                "choose another out_dir")
     # a best-only run's checkpoint is of its best iteration; end_iter notes where the run ended

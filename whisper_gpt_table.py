@@ -175,7 +175,7 @@ def sweep(runs, train_args):
             changed = train.changed_settings(want, saved, skip=("max_iters",))
             if changed:
                 fail(f"{d}: a run with other settings ("
-                     + train.describe_changes(changed, saved, want)
+                     + train.describe_changes(changed, want, saved)
                      + "): give another --out_root, or delete it")
             if at >= saved["max_iters"] and saved["max_iters"] == want["max_iters"]:
                 continue

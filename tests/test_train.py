@@ -1494,7 +1494,7 @@ def test_a_model_field_left_unset_counts_as_its_default():
     other = {"model": "whisper_gpt", "n_layer": 3, "bias": True}
     assert train.changed_settings(same, run_a) == [] and train.changed_settings({}, {}) == []
     assert train.changed_settings(other, run_a) == ["bias"]
-    assert train.describe_changes(["bias"], run_a, other) == "bias=False there, True here"
+    assert train.describe_changes(["bias"], other, run_a) == "bias=False there, True here"
     # runs of two model files: nothing is filled in
     assert train.changed_settings({"model": "pengi"}, {"model": "whisper_gpt"}) == ["model"]
 
@@ -1503,7 +1503,7 @@ def test_describe_changes_names_the_first_five_changed_settings():
     new = {k: 2 for k in "abcdef"}
     keys = train.changed_settings(new, old)
     assert keys == list("abcdef")
-    assert train.describe_changes(keys, old, new) == \
+    assert train.describe_changes(keys, new, old) == \
         ", ".join(f"{k}=1 there, 2 here" for k in "abcde")
 
 def test_a_bool_is_not_taken_for_an_int_setting(tmp_path, capsys):
