@@ -33,9 +33,14 @@ def run(args, check=True, cmd=None):
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
 
+def log_records(out_dir):
+    """The records of a run's log.jsonl, in order."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
 def losses(out_dir):
     """{iter: training loss} and {iter: val loss} from log.jsonl."""
-    recs = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
+    recs = log_records(out_dir)
     return ({r["iter"]: r["loss"] for r in recs if "loss" in r},
             {r["iter"]: r["val_loss"] for r in recs if "val_loss" in r})
 
@@ -359,8 +364,7 @@ def test_evaluation_is_the_mean_over_eval_iters_fixed_batches(full_run, synth_di
                                        .item() for _ in range(S["eval_iters"])])
     finally:
         torch.set_num_threads(threads)
-    last = [json.loads(line) for line in open(os.path.join(full_run, "log.jsonl"))
-            if "val_loss" in line][-1]
+    last = [r for r in log_records(full_run) if "val_loss" in r][-1]
     assert last["iter"] == 8
     assert abs(last["train_loss"] - want["train"]) < 1e-5, (last, want)
     assert abs(last["val_loss"] - want["val"]) < 1e-5, (last, want)
@@ -389,7 +393,7 @@ def test_resume_equals_uninterrupted(full_run, synth_dir, tmp_path):
     resumed, val = losses(out)
     assert sorted(resumed) == list(range(1, 9))
     # the log holds each iteration once: the checkpoint's eval (iter 4) is not repeated
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     assert [r["iter"] for r in recs if "loss" in r] == list(range(1, 9))
     assert [r["iter"] for r in recs if "val_loss" in r] == [0, 4, 8]
     for it in range(1, 9):
@@ -438,7 +442,7 @@ def test_resume_keeps_an_eval_it_does_not_redo(synth_dir, tmp_path):
     cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
     first = run(cmd + ["--max_iters=6"]).stdout
     run(cmd + ["--max_iters=8", "--init_from=resume"])
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     assert [r["iter"] for r in recs if "val_loss" in r] == [0, 4, 6, 8]
     # checkpoints at the evals after training began, not of the untrained weights at iter 0
     assert re.findall(r"saved .* \(iter (\d+)\)", first) == ["4", "6"], first
@@ -477,7 +481,7 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
         p = run(cmd + ["--max_iters=12"] + extra)
         assert "this run is finished (iter 12" in p.stdout, (extra, p.stdout)
     p = run(cmd + ["--overwrite=True", "--max_iters=2"])
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     assert [r["iter"] for r in recs if "loss" in r] == [1, 2]
     # its two iterations (0 and 1) both warm up (warmup_iters=2): said
     assert "note: max_iters=2 ends inside the warmup (warmup_iters=2)" in p.stdout, p.stdout
@@ -606,7 +610,7 @@ def test_lr_schedule_warmup_cosine_min(synth_dir, tmp_path):
         ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
         assert ck["iter_num"] == max_iters
         opt_lrs[max_iters] = [g["lr"] for g in ck["optimizer"]["param_groups"]]
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
     assert sorted(logged) == list(range(1, 11))
     for k in range(1, 11):
@@ -622,7 +626,7 @@ def test_lr_decays_to_max_iters_by_default(synth_dir, tmp_path):
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
          "--lr_decay_iters=0", "--max_iters=6", "--eval_interval=100"])
     lr0, lr_min, warmup, decay_end = 1e-2, 1e-3, 2, 6
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
     assert sorted(logged) == list(range(1, 7))
     for k, lr in logged.items():
@@ -642,7 +646,7 @@ def test_log_records_each_logged_iteration_and_the_mfu_from_peak_flops(synth_dir
     out = str(tmp_path)
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
              "--max_iters=3", "--log_interval=2", "--eval_interval=100", "--peak_flops=1e9"])
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     steps = [r for r in recs if "loss" in r]
     assert [r["iter"] for r in steps] == [2, 3], recs
     assert all(set(r) == {"iter", "loss", "lr", "ms_per_iter", "tok_per_s"} for r in steps), steps
@@ -700,8 +704,8 @@ def test_ddp_with_accumulation_per_process_draws_the_single_process_micro_batche
     # the MFU of 2 processes: all their tokens/s (as logged) over both processes' peak flops
     ck = torch.load(os.path.join(ddp, "ckpt.pt"), weights_only=True)
     n_params = sum(q.numel() for q in W.Model(W.Config(**ck["model_args"])).parameters())
-    tok_s = [json.loads(line)["tok_per_s"] for line in open(os.path.join(ddp, "log.jsonl"))
-             if "tok_per_s" in line]
+    timed = [r for r in log_records(ddp) if "tok_per_s" in r]
+    tok_s = [r["tok_per_s"] for r in timed]
     shown = [float(m)
              for m in re.findall(r"^iter \d+/2 \|.* \| mfu ([\d.]+)% \|", p.stdout, re.M)]
     assert len(shown) == len(tok_s) == 2, p.stdout
@@ -709,8 +713,7 @@ def test_ddp_with_accumulation_per_process_draws_the_single_process_micro_batche
         want = 100 * 6 * n_params * t / (2 * 1e9)
         assert abs(mfu - want) <= 0.051 + 1e-9 * want, (mfu, want)
     # the logged tokens/s are both processes': times an iteration's time, 4 micro-batches of 4 x 32
-    for r in [json.loads(line) for line in open(os.path.join(ddp, "log.jsonl"))
-              if "tok_per_s" in line]:
+    for r in timed:
         assert r["tok_per_s"] * r["ms_per_iter"] / 1000 == pytest.approx(4 * 4 * 32, rel=1e-6), r
     for it in (1, 2):
         assert abs(one[it] - two[it]) < 1e-5, (it, one[it], two[it])
@@ -1011,7 +1014,7 @@ def test_salmonn_asr_data_dir_is_read_in_training_only(synth_dir, tmp_path):
     n_all = sum(q.numel() for q in m.parameters())
     n_trained = sum(q.numel() for q in m.parameters() if q.requires_grad)
     assert 0 < n_trained < n_all
-    rec = [json.loads(line) for line in open(out / "log.jsonl") if "tok_per_s" in line][-1]
+    rec = [r for r in log_records(out) if "tok_per_s" in r][-1]
     tok_s = rec["tok_per_s"]
     # tokens/s counts the answer tokens (targets != -1) of iteration 0's batch, made again here
     data = salmonn.load_data(str(synth_dir), salmonn.SALMONNConfig(**ck["model_args"]),
@@ -1177,7 +1180,7 @@ def test_first_step_reproduced_by_hand(synth_dir, tmp_path, grad_clip):
     S = ck["config"]
     assert ck["iter_num"] == 1 and S["grad_clip"] == grad_clip and S["dropout"] == 0.1
     seed, accum = S["seed"], 2
-    rec = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"loss"' in l]
+    rec = [r for r in log_records(out) if "loss" in r]
     assert [r["iter"] for r in rec] == [1]
     lr = rec[0]["lr"]
     assert lr == pytest.approx(S["learning_rate"] / (S["warmup_iters"] + 1), rel=1e-12)
@@ -1569,7 +1572,7 @@ def test_decay_lr_false_keeps_the_learning_rate_constant(synth_dir, tmp_path):
     p = run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
              "--max_iters=3", "--warmup_iters=3", "--eval_interval=100", "--decay_lr=False",
              "--lr_decay_iters=0"])
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = log_records(out)
     logged = {r["iter"]: r["lr"] for r in recs if "lr" in r}
     assert logged == {1: 1e-2, 2: 1e-2, 3: 1e-2}, logged
     assert "ends inside the warmup" not in p.stdout
@@ -1598,7 +1601,7 @@ def test_evaluation_averages_an_odd_number_of_batches(synth_dir, tmp_path):
                     for i, split in enumerate(("train", "val"))}
     finally:
         torch.set_num_threads(threads)
-    last = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if "val_loss" in l][-1]
+    last = [r for r in log_records(out) if "val_loss" in r][-1]
     assert last["iter"] == 1
     for split in ("train", "val"):
         # the scenario: the mean is not the middle value
