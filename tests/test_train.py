@@ -341,33 +341,40 @@ def full_run(synth_dir, tmp_path_factory):
          "--max_iters=8", "--gradient_accumulation_steps=2", "--dropout=0.1"])
     return out
 
-def test_evaluation_is_the_mean_over_eval_iters_fixed_batches(full_run, synth_dir):
-    """The logged train and val losses of the last evaluation, recomputed here from the checkpoint
-    of that iteration: each split's mean loss, in eval mode, over eval_iters batches drawn from
-    the generator of seed (seed, 1, split index, 0), the same at every evaluation."""
+def eval_batch_losses(out_dir, data_dir):
+    """The run's checkpoint and, for each split, the loss of each of the eval_iters batches an
+    evaluation draws (from the generator of seed (seed, 1, split index, 0)), recomputed here in
+    eval mode."""
     import torch
     import whisper_gpt as W
-    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    ck = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
     S = ck["config"]
-    assert S["eval_iters"] == 2 and ck["iter_num"] == 8
     model = W.Model(W.Config(**ck["model_args"]))
     model.load_state_dict(ck["model"])
     model.eval()
-    data = W.load_data(synth_dir, W.Config(**ck["model_args"]), None)
-    want, threads = {}, torch.get_num_threads()
+    data = W.load_data(data_dir, W.Config(**ck["model_args"]), None)
+    each, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # as train.py ran (its sums in the same order)
     try:
         with torch.no_grad():
             for i, split in enumerate(("train", "val")):
                 rng = np.random.default_rng([S["seed"], 1, i, 0])
-                want[split] = np.mean([model(**W.get_batch(data, split, S["batch_size"], rng))[1]
-                                       .item() for _ in range(S["eval_iters"])])
+                each[split] = [model(**W.get_batch(data, split, S["batch_size"], rng))[1].item()
+                               for _ in range(S["eval_iters"])]
     finally:
         torch.set_num_threads(threads)
+    return ck, each
+
+def test_evaluation_is_the_mean_over_eval_iters_fixed_batches(full_run, synth_dir):
+    """The logged train and val losses of the last evaluation, recomputed here from the checkpoint
+    of that iteration: each split's mean loss, in eval mode, over eval_iters batches drawn from
+    the generator of seed (seed, 1, split index, 0), the same at every evaluation."""
+    ck, each = eval_batch_losses(full_run, synth_dir)
+    assert ck["config"]["eval_iters"] == 2 and ck["iter_num"] == 8
     last = [r for r in log_records(full_run) if "val_loss" in r][-1]
     assert last["iter"] == 8
-    assert abs(last["train_loss"] - want["train"]) < 1e-5, (last, want)
-    assert abs(last["val_loss"] - want["val"]) < 1e-5, (last, want)
+    for split in ("train", "val"):
+        assert abs(last[f"{split}_loss"] - np.mean(each[split])) < 1e-5, (last, each)
 
 def test_loss_falls_and_checkpoint_is_complete(full_run):
     import torch
@@ -1580,27 +1587,11 @@ def test_decay_lr_false_keeps_the_learning_rate_constant(synth_dir, tmp_path):
 def test_evaluation_averages_an_odd_number_of_batches(synth_dir, tmp_path):
     """eval_iters=3: the logged train and val losses are the mean of the 3 batch losses (the full
     run's eval_iters=2 cannot tell a mean from a median), recomputed from the checkpoint."""
-    import torch
-    import whisper_gpt as W
     out = str(tmp_path)
     run(["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY,
          "--max_iters=1", "--eval_interval=1", "--eval_iters=3"])
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    S = ck["config"]
-    model = W.Model(W.Config(**ck["model_args"]))
-    model.load_state_dict(ck["model"])
-    model.eval()
-    data = W.load_data(synth_dir, W.Config(**ck["model_args"]), None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            each = {split: [model(**W.get_batch(data, split, S["batch_size"], rng))[1].item()
-                            for rng in [np.random.default_rng([S["seed"], 1, i, 0])]
-                            for _ in range(3)]
-                    for i, split in enumerate(("train", "val"))}
-    finally:
-        torch.set_num_threads(threads)
+    ck, each = eval_batch_losses(out, synth_dir)
+    assert ck["config"]["eval_iters"] == 3 and len(each["val"]) == 3
     last = [r for r in log_records(out) if "val_loss" in r][-1]
     assert last["iter"] == 1
     for split in ("train", "val"):
