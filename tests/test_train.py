@@ -38,6 +38,10 @@ def log_records(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 
+def sample(*args):
+    """sample.py run as a user runs it, with args."""
+    return run_script([sys.executable, "sample.py", *args], cwd=ROOT, env=ENV, timeout=300)
+
 def losses(out_dir):
     """{iter: training loss} and {iter: val loss} from log.jsonl."""
     recs = log_records(out_dir)
@@ -923,10 +927,8 @@ def test_a_checkpoint_without_its_step_or_run_settings_is_not_train_pys(full_run
 @pytest.mark.parametrize("n", [30])
 def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n):
     wav = str(tmp_path / "x.wav")
-    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
-                    f"--data_dir={synth_dir}", "--clip=1",
-                    f"--max_new_tokens={n}", "--temperature=0.8", "--top_k=20", f"--out={wav}"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--clip=1",
+               f"--max_new_tokens={n}", "--temperature=0.8", "--top_k=20", f"--out={wav}")
     assert p.returncode == 0, p.stderr
     x, sr = sf.read(wav)
     prompt = len(x) - n * 320  # the wav is the prompt, then the n frames generated after it
@@ -944,24 +946,18 @@ def test_sample_writes_wav_of_requested_length(full_run, synth_dir, tmp_path, n)
     # which came before the timer
     folder = tmp_path / "samples"
     folder.mkdir()
-    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
-                    f"--data_dir={synth_dir}", "--max_new_tokens=4", f"--out={folder}",
-                    f"--audio={wav}"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--max_new_tokens=4",
+               f"--out={folder}", f"--audio={wav}")
     assert p.returncode == 0 and f"wrote {folder / 'sample.wav'}" in p.stdout, p.stderr
     seconds = float(p.stdout.split("generated 4 frames")[1].split(" in ")[1].split(" s")[0])
     assert seconds > 0, p.stdout
     assert sf.read(folder / "sample.wav")[0].size > 4 * 320
-    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
-                    f"--data_dir={synth_dir}", "--beam=3"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--beam=3")
     # an option whisper_gpt's sample() lacks: refused, naming the ones it takes
     assert (p.returncode == 2 and "unknown setting(s) --beam" in p.stderr
             and "max_new_tokens" in p.stderr)
     # an audio result named a .txt: refused before the input is read and sampled
-    p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
-                    f"--data_dir={synth_dir}", f"--out={tmp_path / 'x.txt'}"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", f"--out={tmp_path / 'x.txt'}")
     assert (p.returncode == 2 and "this model's result is audio" in p.stderr
             and "input:" not in p.stdout and "generated" not in p.stdout), p.stdout + p.stderr
 
@@ -973,10 +969,8 @@ def test_sample_seed_clip_and_audio_limits(full_run, synth_dir, tmp_path):
     wavs = {}
     for name, seed in (("a", 1), ("b", 2), ("c", 1)):
         path = tmp_path / f"{name}.wav"
-        p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}",
-                        f"--data_dir={synth_dir}", "--clip=1", "--max_new_tokens=8",
-                        "--temperature=1.0", f"--seed={seed}", f"--out={path}"],
-                       cwd=ROOT, env=ENV, timeout=300)
+        p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--clip=1",
+                   "--max_new_tokens=8", "--temperature=1.0", f"--seed={seed}", f"--out={path}")
         assert p.returncode == 0, p.stderr[-2000:]
         wavs[name] = sf.read(path)[0]
     assert np.array_equal(wavs["a"], wavs["c"])
@@ -985,9 +979,8 @@ def test_sample_seed_clip_and_audio_limits(full_run, synth_dir, tmp_path):
              .astype(np.float32), 8000)
     for args, said in ((["--clip=0", f"--audio={tmp_path / 'a.wav'}"], "not both"),
                        ([f"--audio={tmp_path / 'long.wav'}"], "too long to encode")):
-        p = run_script([sys.executable, "sample.py", f"--out_dir={full_run}", *args,
-                        "--max_new_tokens=1", f"--out={tmp_path / 'o.wav'}"], cwd=ROOT, env=ENV,
-                       timeout=300)
+        p = sample(f"--out_dir={full_run}", *args, "--max_new_tokens=1",
+                   f"--out={tmp_path / 'o.wav'}")
         assert p.returncode == 2 and said in p.stderr, (args, p.stderr[-1500:])
         assert not (tmp_path / "o.wav").exists()
 
@@ -1093,37 +1086,32 @@ def test_text_checkpoint_keeps_its_tokenizer(synth_dir, tmp_path):
         assert (p.returncode == 2 and said in p.stderr
                 and "evaluated" not in p.stderr), (extra, p.stderr[-2000:])
     answer = tmp_path / "sub" / "answer.txt"  # a text result goes to a .txt --out too
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                    "--beam=1", "--max_new_tokens=4", f"--out={answer}"], cwd=ROOT, env=ENV,
-                   timeout=300)
+    p = sample(f"--out_dir={out}", f"--data_dir={data}", "--beam=1", "--max_new_tokens=4",
+               f"--out={answer}")
     assert p.returncode == 0, p.stderr[-2000:]
     written = answer.read_text()  # what was printed, before the time it took
     assert written.strip() and f"\n{written}(" in p.stdout, (written, p.stdout)
     # a folder gets sample.txt; a .wav for a text result is refused before sampling
     folder = tmp_path / "answers"
     folder.mkdir()
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                    "--beam=1", "--max_new_tokens=4", f"--out={folder}"], cwd=ROOT, env=ENV,
-                   timeout=300)
+    p = sample(f"--out_dir={out}", f"--data_dir={data}", "--beam=1", "--max_new_tokens=4",
+               f"--out={folder}")
     assert p.returncode == 0 and (folder / "sample.txt").read_text() == written, p.stderr[-2000:]
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                    "--beam=1", "--max_new_tokens=4", f"--out={tmp_path / 'answer.wav'}"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={out}", f"--data_dir={data}", "--beam=1", "--max_new_tokens=4",
+               f"--out={tmp_path / 'answer.wav'}")
     assert (p.returncode == 2 and "result is text" in p.stderr and "input: " not in p.stdout
             and not (tmp_path / "answer.wav").exists()), (p.stdout, p.stderr[-2000:])
     # a text model reads the mel of an --audio file: the data's codec is neither needed nor loaded
     (data / "codec.pt").unlink()
     sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", f"--data_dir={data}",
-                    f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={out}", f"--data_dir={data}", f"--audio={tmp_path / 'tone.wav'}",
+               "--beam=1", "--max_new_tokens=4")
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     # nor the data at all: the checkpoint holds the model and its tokenizer (its data folder
     # gone; a --data_dir named that does not exist is refused, as a typo)
     shutil.move(data, tmp_path / "away")
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
-                    f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=4"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={out}", f"--audio={tmp_path / 'tone.wav'}", "--beam=1",
+               "--max_new_tokens=4")
     shutil.move(tmp_path / "away", data)
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     run([f"--data_dir={data}", f"--out_dir={out2}", *TEXT_TINY, f"--init_from={out / 'ckpt.pt'}"])
@@ -1400,9 +1388,8 @@ def test_sample_gives_a_whisper_features_model_the_whisper_features_of_an_audio_
     salmonn_checkpoint(out, synth_dir, speech_features="whisper", speech_n_mels=80,
                        speech_frame_rate=100.0)
     sf.write(tmp_path / "tone.wav", [0.3 * math.sin(i / 9) for i in range(12000)], 24000)
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
-                    f"--audio={tmp_path / 'tone.wav'}", "--beam=1", "--max_new_tokens=2"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={out}", f"--audio={tmp_path / 'tone.wav'}", "--beam=1",
+               "--max_new_tokens=2")
     assert p.returncode == 0 and "input: " in p.stdout, p.stderr[-2000:]
     # the answer (greedy: deterministic) is the model's to the file's Whisper features, computed
     # here from the 24 kHz file (features made as if at another rate give another answer)
@@ -1434,9 +1421,8 @@ def test_sample_reads_the_split_asked_and_makes_an_out_folder_named_with_a_separ
     with open(os.path.join(synth_dir, "train_clips.jsonl")) as f:
         clip = [json.loads(line) for line in f if line.strip()][1]
     folder = tmp_path / "answers"
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}", "--split=train",
-                    "--clip=1", "--beam=1", "--max_new_tokens=2", f"--out={folder}{os.sep}"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={out}", "--split=train", "--clip=1", "--beam=1", "--max_new_tokens=2",
+               f"--out={folder}{os.sep}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"input: train clip 1 ({clip['id']}, {clip['kind']}," in p.stdout, p.stdout
     assert "prompt: Describe the audio in one sentence. (the model's default" in p.stdout, p.stdout
@@ -1610,18 +1596,15 @@ def test_sample_reads_the_data_dir_given_and_writes_into_out_dir_by_default(full
     ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
     ck["config"]["data_dir"] = str(tmp_path / "gone")
     torch.save(ck, run_dir / "ckpt.pt")
-    p = run_script([sys.executable, "sample.py", f"--out_dir={run_dir}",
-                    f"--data_dir={synth_dir}", "--clip=1", "--max_new_tokens=2"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={run_dir}", f"--data_dir={synth_dir}", "--clip=1", "--max_new_tokens=2")
     assert p.returncode == 0, p.stderr[-2000:]
     assert f", data {synth_dir}\n" in p.stdout, p.stdout
     assert f"wrote {run_dir / 'sample.wav'}" in p.stdout, p.stdout
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "sample.png", "sample.wav"]
     assert sf.read(run_dir / "sample.wav")[0].size > 2 * 320
     # --ckpt names the checkpoint instead of --out_dir (a run's folder given there: its ckpt.pt)
-    p = run_script([sys.executable, "sample.py", f"--ckpt={run_dir}", f"--data_dir={synth_dir}",
-                    "--clip=1", "--max_new_tokens=2", f"--out={tmp_path / 'y.wav'}"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--ckpt={run_dir}", f"--data_dir={synth_dir}", "--clip=1", "--max_new_tokens=2",
+               f"--out={tmp_path / 'y.wav'}")
     assert p.returncode == 0 and f"from {run_dir / 'ckpt.pt'} (iter 8)" in p.stdout, \
         p.stdout + p.stderr[-2000:]
     assert (tmp_path / "y.wav").exists()
@@ -1668,8 +1651,7 @@ def test_sample_takes_an_audio_file_over_the_codec_limit_for_a_text_model(synth_
     salmonn_checkpoint(out, synth_dir, llm_block_size=512)
     sf.write(tmp_path / "long.wav", 0.1 * np.sin(np.arange((MAX_CLIP_SECONDS + 1) * 8000) / 7.0)
              .astype(np.float32), 8000)
-    p = run_script([sys.executable, "sample.py", f"--out_dir={out}",
-                    f"--audio={tmp_path / 'long.wav'}", "--beam=1", "--max_new_tokens=2"],
-                   cwd=ROOT, env=ENV, timeout=300)
+    p = sample(f"--out_dir={out}", f"--audio={tmp_path / 'long.wav'}", "--beam=1",
+               "--max_new_tokens=2")
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"input: {tmp_path / 'long.wav'}, {MAX_CLIP_SECONDS + 1:.2f} s" in p.stdout, p.stdout
