@@ -1,5 +1,6 @@
 """The README's and docs' relative links lead somewhere: every linked file exists, and every #anchor
 is a heading of the page it names, as GitHub makes anchors from headings."""
+import functools
 import os
 import re
 
@@ -12,11 +13,14 @@ def anchor(heading):
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.cache
 def anchors(path):
     """The anchors of a markdown file's headings (not of # lines inside code blocks); a repeated
     heading's anchor gets -1, -2, ... as on GitHub."""
     seen, out, in_code = {}, set(), False
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
         if line.startswith("```"):
             in_code = not in_code
         m = None if in_code else re.match(r"#+\s+(.*)", line)
@@ -34,7 +38,9 @@ def broken_links(root):
         os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
     bad = []
     for page in pages:
-        for target in LINK.findall(open(page).read()):
+        with open(page) as f:
+            targets = LINK.findall(f.read())
+        for target in targets:
             if re.match(r"[a-z]+:", target):  # https:, mailto:
                 continue
             path, _, name = target.partition("#")
