@@ -467,7 +467,6 @@ def test_prepare_killed_in_each_phase_then_rerun_writes_the_same_bytes(tmp_path)
 def test_settings_that_are_no_literal_and_devices_this_machine_lacks(monkeypatch, capsys):
     """A --key=value that Python cannot evaluate as a literal ({[1]: 2} raises TypeError) is read as
     text and then named; a GPU index past the machine's count is named before any work."""
-    sys.path.insert(0, ROOT)
     import configurator
     import train
     assert configurator.literal("{[1]: 2}") == "{[1]: 2}"
@@ -487,7 +486,6 @@ def test_auto_dtype_is_float16_on_a_gpu_that_only_emulates_bfloat16(monkeypatch)
     creates bfloat16 tensors, so torch.cuda.is_bf16_supported() says yes (emulation); that answer
     gave it slow bf16 matmuls and no GradScaler. The GPU is faked: no CUDA needed."""
     import types
-    sys.path.insert(0, ROOT)
     import configurator
     capability = [(7, 5)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -1735,22 +1735,27 @@ def test_tagging_metrics_by_hand(monkeypatch):
     assert got["tag_map"] == pytest.approx(np.mean(ap))
     assert got["tag_cls_acc"] == pytest.approx(1 / 3) and got["n_clips"] == 4
 
-def test_copy_probe_scores_copying(synth_dir):
-    """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span
-    (a stand-in whose generate reads the prompt's token ids back from their embeddings and returns
-    the span)."""
+def copy_probe_model(synth_dir):
+    """A tiny stage-"llm" SALMONN, its tokenizer, and span(x): the token ids of the span that the
+    copy probe's prompt x (its embeddings) asks to repeat, read back from the embeddings."""
     tok = tokenizer.load_tokenizer(synth_dir, "corpus")
     torch.manual_seed(0)
     m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96))
-    assert salmonn.copy_probe(m, tok, n=10) == 0.0
     pre = len(salmonn.encode_text(tok, salmonn.PROMPT_PREFIX))
     suffix = salmonn.PROMPT_SUFFIX.format(instruction=salmonn.COPY_INSTRUCTIONS["repeat"][0])
     post = len(salmonn.encode_text(tok, suffix))
 
-    def copying_generate(x, max_new_tokens, eot, beam):
+    def span(x):
         ids = torch.cdist(x[0], m.llm.wte.weight).argmin(-1).tolist()
         return ids[pre:len(ids) - post]
-    m.generate = copying_generate
+    return m, tok, span
+
+def test_copy_probe_scores_copying(synth_dir):
+    """The probe that stage 1 runs on its LLM: 0 for a random LLM, 1 for one that repeats the span
+    (a stand-in whose generate returns the span)."""
+    m, tok, span = copy_probe_model(synth_dir)
+    assert salmonn.copy_probe(m, tok, n=10) == 0.0
+    m.generate = lambda x, max_new_tokens, eot, beam: span(x)
     assert salmonn.copy_probe(m, tok, n=10) == 1.0
     words = salmonn.vocab_words(tok)
     assert len(words) > 100 and all(len(tok.encode(" " + w)) == 1 for w in words[:50])
@@ -2655,19 +2660,13 @@ def test_each_stage_trains_on_its_papers_tasks():
 def test_copy_probe_refuses_extra_words_and_runs_in_eval_mode(synth_dir):
     """copy_probe counts an exact copy of the span only (a span and one word more is no copy), and
     runs the LLM in eval mode, putting the model back in train mode after."""
-    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
-    torch.manual_seed(0)
-    m = SALMONN(tiny_config(stage="llm", vocab_size=tok.n_vocab, llm_block_size=96))
-    pre = len(salmonn.encode_text(tok, salmonn.PROMPT_PREFIX))
-    suffix = salmonn.PROMPT_SUFFIX.format(instruction=salmonn.COPY_INSTRUCTIONS["repeat"][0])
-    post = len(salmonn.encode_text(tok, suffix))
+    m, tok, span = copy_probe_model(synth_dir)
     modes = []
 
-    def copies(extra):  # a stand-in generate: the prompt's span (read back from its embeddings)
+    def copies(extra):  # a stand-in generate: the prompt's span, then extra
         def generate(x, max_new_tokens, eot, beam):
             modes.append(m.training)
-            ids = torch.cdist(x[0], m.llm.wte.weight).argmin(-1).tolist()
-            return ids[pre:len(ids) - post] + extra
+            return span(x) + extra
         return generate
     m.train()
     m.generate = copies([])
