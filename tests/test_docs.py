@@ -1,6 +1,8 @@
 """The README's and docs' relative links lead somewhere: every linked file exists, and every #anchor
-is a heading of the page it names, as GitHub makes anchors from headings."""
+is a heading of the page it names, as GitHub makes anchors from headings. Every name that
+docs/code_map.md gives is in the code."""
 import functools
+import importlib
 import os
 import re
 
@@ -65,3 +67,45 @@ def test_a_broken_link_or_anchor_is_caught(tmp_path):
         "[bad](docs/b.md) [bad](docs/a.md#not-a-heading) [web](https://example.com/x.md#y)\n")
     assert broken_links(str(tmp_path)) == ["README.md: docs/a.md#runs-2", "README.md: docs/b.md",
                                            "README.md: docs/a.md#not-a-heading"]
+
+
+def missing_names(root):
+    """'module.name' for each name in the 'where' column of root's docs/code_map.md that its module
+    lacks. In a cell, each ';'-separated part may open with a `file.py`, the module of the plain
+    names after it; a name whose first dotted part is a .py file of root names its own module."""
+    with open(os.path.join(root, "docs", "code_map.md")) as f:
+        cells = [line.split("|")[2] for line in f if line.startswith("| ") and "`" in line]
+    missing = []
+    for cell in cells:
+        for part in cell.split(";"):
+            module = None
+            for name in re.findall(r"`([^`]+)`", part):
+                if name.endswith(".py"):
+                    module = name[:-3]
+                    continue
+                head, _, rest = name.partition(".")
+                qualified = rest and os.path.exists(os.path.join(root, head + ".py"))
+                owner, attrs = (head, rest) if qualified else (module, name)
+                obj = importlib.import_module(owner) if owner else None
+                for attr in attrs.split("."):
+                    obj = getattr(obj, attr, None)
+                if obj is None:
+                    missing.append(f"{owner}.{attrs}" if owner else f"{name} (no module named)")
+    return missing
+
+
+def test_every_name_of_the_code_map_is_in_the_code():
+    assert missing_names(ROOT) == []
+
+
+def test_a_name_missing_from_the_code_is_caught(tmp_path, monkeypatch):
+    """The check itself: a missing function, a missing attribute of a class, and a name with no
+    module."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "code_map_example.py").write_text("def f():\n    pass\nclass C:\n    x = 1\n")
+    (tmp_path / "docs" / "code_map.md").write_text(
+        "| idea | where |\n|---|---|\n"
+        "| a | `code_map_example.py`: `f`, `C.x`, `g`; `code_map_example.C.y`; `f` |\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert missing_names(str(tmp_path)) == ["code_map_example.g", "code_map_example.C.y",
+                                            "f (no module named)"]
