@@ -957,7 +957,8 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Prepare aligned EnCodec codes + log-mel + text for "
-                                "the audio LLMs.", formatter_class=HelpWithDefaults)
+                                "the audio LLMs.", formatter_class=HelpWithDefaults,
+                                allow_abbrev=False)  # --clip=20 is a mistake, not --clips=20
     p.add_argument("--dataset", default="synth", choices=["synth", "librispeech", "folder"],
                    help="synth: the built-in corpus; librispeech: FLAC + .trans.txt; folder: any "
                         "audio (+ manifest)")

@@ -610,7 +610,8 @@ def sample(model, tok, audio, prompt, tools, **opts):
     in eval mode (the model's mode is restored after). Options (SAMPLE_OPTS):
     - temperature: 0 = greedy; top_k: 0 = off; seed: -1 = torch's current RNG (sample.py seeds
       torch with its own --seed; whisper_gpt_table.py sets this one);
-    - prompt_frames: the last frames of the clip used as the prompt; 0 = as many as fit the context;
+    - prompt_frames: the last frames of the clip used as the prompt; 0 = as many as fit the context
+      (a longer prompt is kept whole in the output, but only its last block_size frames are seen);
     - cuda_graph: generate's one-token steps replayed from a CUDA graph on a GPU.
     Only codebook 0 is generated. Returns {"codes": the continuation (T_new, 1), "prompt_codes":
     the prompt's (T0, 1)}, to be decoded with the first quantizer alone (EnCodec at 0.75 kbps; the
