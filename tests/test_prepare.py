@@ -1759,6 +1759,15 @@ def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     assert str(e.value).startswith(f"error: {arg}: must be")
     assert not (tmp_path / "out").exists()
 
+def test_an_abbreviated_option_is_refused_not_taken_for_the_longer_one(tmp_path, capsys):
+    # argparse's default would read --clip=20 as --clips=20 and --offline_c as --offline_codec
+    for arg in ("--clip=20", "--offline_c"):
+        with pytest.raises(SystemExit):
+            P.main(["--quiet", f"--out_dir={tmp_path / 'out'}", arg])
+        assert f"unrecognized arguments: {arg}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert P.get_args(["--clips=20"]).clips == 20
+
 def test_the_work_directory_is_named_by_what_the_encodings_depend_on():
     """Pass 1's chunks are kept across settings that change only what comes after them (and the
     finished data's hash still tells those settings apart)."""
