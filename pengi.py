@@ -1300,8 +1300,11 @@ def eval_tasks(data, tasks_opt):
     scored = ("caption", "qa", "class") + MUSIC_KEYS
     bad = [t for t in wanted if t not in scored]
     if bad:
+        hint = {"metadata": "metadata is trained but not scored",
+                "music": "music is scored as instrument, pitch and chord"}
+        why = "; ".join(hint[t] for t in bad if t in hint)
         raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from "
-                         f"{', '.join(scored)}")
+                         f"{', '.join(scored)}" + (f" ({why})" if why else ""))
     missing = [t for t in wanted if t not in known]
     if missing:
         raise ValueError(f"pengi.evaluate: task(s) {missing} are not among this model's tasks "
@@ -1496,6 +1499,11 @@ def sample(model, tok, audio, prompt, tools, **opts):
         if o[key] < 1:
             raise ValueError(f"pengi.sample: {key}={o[key]}: must be at least 1")
     cfg, dev = model.config, _device(model)
+    # a prompt not trained on (any question is QA's) gets answers of the trained tasks, or none
+    if prompt and prompt not in PROMPTS.values() and not prompt.startswith(QA_PROMPT):
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        print(f"pengi.sample: {shown!r} is not one of the trained prompts (pengi.PROMPTS, or "
+              f"{QA_PROMPT!r} + a question): the answer may be off")
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
     # sample.py printed the whole input's length: say how much of it the model hears
@@ -1518,8 +1526,10 @@ def sample(model, tok, audio, prompt, tools, **opts):
     if o["candidates"]:
         # each label once, in the order given
         cands = list(dict.fromkeys(c.strip() for c in str(o["candidates"]).split("|") if c.strip()))
-        if not cands:
-            raise ValueError("pengi.sample: candidates names no label (give 'a|b|c')")
+        if len(cands) < 2:
+            raise ValueError(f"pengi.sample: candidates={o['candidates']!r} names "
+                             f"{len(cands) or 'no'} label{'s' if not cands else ''}; ranking "
+                             f"needs two or more, separated by '|' (give 'a|b|c')")
         lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]
         order = lp.argsort(descending=True).tolist()
         out["ranked"] = [(cands[j], round(lp[j].item(), 3)) for j in order]

@@ -163,6 +163,8 @@ if __name__ == "__main__":
     if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")
+    if prompt and not prompt.strip():  # would be read as a prompt of spaces, not the default
+        fail(f"--prompt={prompt!r}: blank; leave it out for the model's default instruction")
     device = configurator.resolve_device("sample.py", device)
     device_type = device.split(":")[0]
     dtype = configurator.resolve_dtype("sample.py", dtype, device)

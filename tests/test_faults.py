@@ -263,6 +263,8 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
              "a folder; name the file"),
             ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=hello"],
              "takes no text prompt"),
+            ([sys.executable, "sample.py", f"--out_dir={good}", "--prompt=  "],
+             "--prompt='  ': blank; leave it out for the model's default instruction"),
             ([sys.executable, "sample.py", f"--out_dir={good}", f"--data_dir={cut_codec}",
               "--max_new_tokens=2"], f"{cut_codec / codec_file}: cannot be read, it is truncated"),
             ([sys.executable, "sample.py", f"--out_dir={good}",

@@ -493,6 +493,11 @@ def test_sample_decodes_generate_with_its_options(capsys):
     assert pengi.sample(m, tok, {"mel": longer}, None, None, beam=3, max_new_tokens=4) == got
     assert (f"hears the first {m.config.max_frames} of the input's {len(longer)} frames"
             in capsys.readouterr().out)
+    # a prompt not trained on is noted; a trained one, a question and the default are not
+    for prompt, noted in (("describe it", True), (pengi.PROMPTS["class"], False),
+                          (pengi.QA_PROMPT + "is it loud?", False), (None, False)):
+        pengi.sample(m, tok, {"mel": mel[0]}, prompt, None, beam=1, max_new_tokens=2)
+        assert ("not one of the trained prompts" in capsys.readouterr().out) == noted, prompt
 
 
 @torch.no_grad()
@@ -1122,8 +1127,11 @@ def test_evaluate_scores_every_task_of_the_default_mix_but_metadata():
     assert pengi.eval_tasks({"tasks": list(pengi.TASKS)}, "") == [
         "caption", "class", "qa", "instrument", "pitch", "chord"]
     assert pengi.eval_tasks({"tasks": ["metadata", "class"]}, "") == ["class"]
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['metadata'\]"):
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['metadata'\].*\(metadata is trained "
+                                         r"but not scored\)"):
         pengi.eval_tasks({"tasks": list(pengi.TASKS)}, "metadata")
+    with pytest.raises(ValueError, match="music is scored as instrument, pitch and chord"):
+        pengi.eval_tasks({"tasks": list(pengi.TASKS)}, "music")
     data = tiny_label_data()
     data["tasks"] = list(pengi.TASKS)
     m, opts = tiny_model(), dict(beam=1, max_new_tokens=2, prior_clips=2, probe=False)
@@ -1642,8 +1650,11 @@ def test_learns_close_ended_task(synth_dir, tmp_path):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, temprature=0.5)
     with pytest.raises(ValueError, match="more than the text tower read in training"):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, "question: " + "why " * 100, None)
-    with pytest.raises(ValueError, match="candidates names no label"):
+    with pytest.raises(ValueError, match="candidates='\\|' names no labels"):
         pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, candidates="|")
+    # commas do not separate labels: one label is nothing to rank
+    with pytest.raises(ValueError, match="names 1 label; ranking needs two or more, separated by"):
+        pengi.sample(m, tok, {"mel": torch.zeros(10, 64)}, None, None, candidates="siren,bell")
     with pytest.raises(ValueError, match="unknown task"):
         pengi.evaluate(m, data, tok, "val", tasks="class,emotion")
     with pytest.raises(ValueError, match=r"task\(s\) \['pitch'\] are not among this model's "
