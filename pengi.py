@@ -1499,11 +1499,6 @@ def sample(model, tok, audio, prompt, tools, **opts):
         if o[key] < 1:
             raise ValueError(f"pengi.sample: {key}={o[key]}: must be at least 1")
     cfg, dev = model.config, _device(model)
-    # a prompt not trained on (any question is QA's) gets answers of the trained tasks, or none
-    if prompt and prompt not in PROMPTS.values() and not prompt.startswith(QA_PROMPT):
-        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
-        print(f"pengi.sample: {shown!r} is not one of the trained prompts (pengi.PROMPTS, or "
-              f"{QA_PROMPT!r} + a question): the answer may be off")
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
     # sample.py printed the whole input's length: say how much of it the model hears
@@ -1518,6 +1513,12 @@ def sample(model, tok, audio, prompt, tools, **opts):
         raise ValueError(f"pengi.sample: the prompt has {len(p)} tokens, more than the text "
                          f"tower read in training (max_prompt_tokens={cfg.max_prompt_tokens}, "
                          f"where training cut its prompts)")
+    # a prompt not trained on (any question is QA's) gets answers of the trained tasks, or none
+    # (after the checks: a prompt refused gets its reason alone)
+    if prompt and prompt not in PROMPTS.values() and not prompt.startswith(QA_PROMPT):
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        print(f"pengi.sample: {shown!r} is not one of the trained prompts (pengi.PROMPTS, or "
+              f"{QA_PROMPT!r} + a question): the answer may be off")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
     ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]),
                          max_new_tokens=int(o["max_new_tokens"]),

@@ -2024,13 +2024,6 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
     if stage in ENCODER_STAGES:
         return encoder_stage_answer(model, tok, feats, prompt)
     instruction = prompt if prompt else INSTRUCTIONS["captioning"][0]
-    # an instruction not trained on (a question is QA's) is answered less reliably: said
-    if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")
-            and not any(prompt in v for v in INSTRUCTIONS.values())):
-        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
-        print(f"salmonn.sample: {shown!r} is not one of the trained instructions (e.g. "
-              f"{INSTRUCTIONS['transcription'][0]!r}, {INSTRUCTIONS['captioning'][0]!r}; all in "
-              f"salmonn.INSTRUCTIONS, docs/salmonn.md): the answer may be off")
     if stage == "llm":  # text only: continue the prompt template
         ids = encode_text(tok, f"{PROMPT_PREFIX}{PROMPT_SUFFIX.format(instruction=instruction)}")
         x, mask = model.llm.wte(torch.tensor([ids], device=device)), None
@@ -2041,6 +2034,14 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
     check_answer_room(model, x, mask, int(o["max_new_tokens"]))  # not even a short answer fits?
+    # an instruction not trained on (a question is QA's) is answered less reliably: said
+    # (after the checks: a prompt refused gets its reason alone)
+    if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")
+            and not any(prompt in v for v in INSTRUCTIONS.values())):
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        print(f"salmonn.sample: {shown!r} is not one of the trained instructions (e.g. "
+              f"{INSTRUCTIONS['transcription'][0]!r}, {INSTRUCTIONS['captioning'][0]!r}; all in "
+              f"salmonn.INSTRUCTIONS, docs/salmonn.md): the answer may be off")
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))

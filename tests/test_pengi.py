@@ -498,6 +498,10 @@ def test_sample_decodes_generate_with_its_options(capsys):
                           (pengi.QA_PROMPT + "is it loud?", False), (None, False)):
         pengi.sample(m, tok, {"mel": mel[0]}, prompt, None, beam=1, max_new_tokens=2)
         assert ("not one of the trained prompts" in capsys.readouterr().out) == noted, prompt
+    # one too long for the text tower is refused with its reason alone, not noted first
+    with pytest.raises(ValueError, match="more than the text tower read in training"):
+        pengi.sample(m, tok, {"mel": mel[0]}, "describe " * 100, None, beam=1)
+    assert "not one of the trained" not in capsys.readouterr().out
 
 
 @torch.no_grad()

@@ -1029,6 +1029,10 @@ def test_sample_says_when_an_instruction_was_not_trained(capsys):
         salmonn.sample(m, tok, audio, "Describe it. " * 9, None, beam=1, max_new_tokens=2)
     out = capsys.readouterr().out
     assert f"{('Describe it. ' * 9)[:77] + '...'!r} is not one of the trained" in out, out
+    # one too long for the context is refused with its reason alone, not noted first
+    with torch.no_grad(), pytest.raises(ValueError, match="give a shorter prompt"):
+        salmonn.sample(m, tok, audio, "Describe it. " * 60, None, beam=1, max_new_tokens=2)
+    assert "not one of the trained" not in capsys.readouterr().out
 
 @pytest.mark.parametrize("temperature,top_k", [(0.5, 0), (2.0, 0), (0.5, 7), (2.0, 7)])
 def test_sampling_draws_from_softmax_of_logits_over_temperature(multinomial_draws, temperature,
