@@ -1528,9 +1528,9 @@ def sample(model, tok, audio, prompt, tools, **opts):
         # each label once, in the order given
         cands = list(dict.fromkeys(c.strip() for c in str(o["candidates"]).split("|") if c.strip()))
         if len(cands) < 2:
-            raise ValueError(f"pengi.sample: candidates={o['candidates']!r} names "
-                             f"{len(cands) or 'no'} label{'s' if not cands else ''}; ranking "
-                             f"needs two or more, separated by '|' (give 'a|b|c')")
+            named = f"{len(cands)} label" if cands else "no labels"
+            raise ValueError(f"pengi.sample: candidates={o['candidates']!r} names {named}; "
+                             f"ranking needs two or more, separated by '|' (give 'a|b|c')")
         lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]
         order = lp.argsort(descending=True).tolist()
         out["ranked"] = [(cands[j], round(lp[j].item(), 3)) for j in order]
