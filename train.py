@@ -146,6 +146,23 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
                          f"{ck['model_name']}.py's Config lacks: {', '.join(unknown)}")
     return ck
 
+def check_finite(ck, path):
+    """A ValueError naming the first tensor of the weights or optimizer state that holds a NaN or
+    inf: damage inside the file that torch.load cannot see (its tensors carry no checksum)."""
+    def tensors(tree, name):
+        if torch.is_tensor(tree):
+            yield name, tree
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from tensors(v, f"{name}.{k}")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                yield from tensors(v, f"{name}.{i}")
+    for name, t in tensors({"model": ck["model"], "optimizer": ck.get("optimizer", {})}, "ckpt"):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path}: {name[5:]} holds NaN or inf values: the file is damaged "
+                             f"(or was saved from a run that diverged)")
+
 def writer_hint(ckpt_path):
     """A hint naming the config files whose out_dir holds ckpt_path (", e.g. python train.py
     config/X.py"), or ""."""
@@ -196,6 +213,9 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
         prev = load_checkpoint(ckpt_path, "cpu", mmap=True)  # its settings only
     except ValueError as e:
         fail(f"{e} (out_dir={out_dir}; --overwrite=True trains anew there)")
+    if prev["model_name"] != S["model"]:  # not a settings change: another model altogether
+        fail(f"out_dir={out_dir} holds a {prev['model_name']} run, not {S['model']}: choose "
+             f"another out_dir, or --overwrite=True trains anew there")
     changed = changed_settings(S, prev["config"])
     # the weights a run started from are part of what it trained ("resume" says nothing)
     started = prev["config"].get("init_from", "scratch")
@@ -214,7 +234,15 @@ def check_rerun(S, out_dir, init_from, max_iters, master):
                   f"(--overwrite=True trains anew)")
         sys.exit(0)
     if master:
-        print(f"{ckpt_path}: the same run stopped at iter {prev['iter_num']}: resuming it")
+        print(f"{ckpt_path}: the same run {resume_point(prev)}; resuming it")
+
+def resume_point(ck):
+    """Where a run resumes: the iteration it stopped at or, for a run that saved only its best
+    weights, the iteration of those (the iterations after it are trained again)."""
+    if ck["config"].get("always_save_checkpoint", True):
+        return f"stopped at iter {ck['iter_num']}"
+    return (f"saved only its best weights (always_save_checkpoint=False), of iter "
+            f"{ck['iter_num']}: the iterations after it are trained again")
 
 def check_arrays(data_dir):
     """Check data_dir's prepared files before the model file reads them: its errors would not name
@@ -432,6 +460,8 @@ if __name__ == "__main__":
     if not eval_only:  # checked now, not at the first save after minutes of training
         configurator.check_folder("train.py", f"out_dir={out_dir!r}", out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.isdir(ckpt_path):
+        fail(f"{ckpt_path}: a folder, where train.py keeps its checkpoint file; move it away")
     iter_num = None  # set once the weights are loaded
 
     old_removed = False  # overwrite=True: whether the old run's checkpoint is gone yet
@@ -470,17 +500,25 @@ if __name__ == "__main__":
     checkpoint = init = None
     if eval_only and init_from == "scratch" and os.path.exists(ckpt_path):
         init_from = "resume"  # evaluate the run there, not fresh weights
-    if init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path):
+    if eval_only and init_from == "scratch":  # fresh weights' losses would pass for a result
+        fail(f"eval_only: {ckpt_path} not found, nothing to evaluate (init_from=<a ckpt.pt> "
+             f"evaluates another run's weights)")
+    rerun = init_from != "resume" and not overwrite and not eval_only and os.path.exists(ckpt_path)
+    if rerun:
         check_rerun(S, out_dir, init_from, max_iters, master)  # returns only to resume the run
         init_from = "resume"
     if init_from == "resume":
         try:
             checkpoint = load_checkpoint(ckpt_path, device)
+            check_finite(checkpoint, ckpt_path)
         except ValueError as e:
-            fail(f"resuming: {e}")  # e names the file
+            fail(("evaluating" if eval_only else "resuming") + f": {e}")  # e names the file
         if checkpoint["model_name"] != model:
             fail(f"resuming from {ckpt_path}: it holds a {checkpoint['model_name']} model, not "
                  f"{model}")
+        if master and not rerun and not eval_only and not checkpoint["config"].get(
+                "always_save_checkpoint", True):  # (a re-run said it in check_rerun)
+            print(f"{ckpt_path}: the run {resume_point(checkpoint)}")
         config = M.Config(**checkpoint["model_args"])  # the architecture is the checkpoint's
         # the weights the run started from stay part of what it is (a later start is compared)
         S["init_from"] = checkpoint["config"].get("init_from", "scratch")
@@ -526,6 +564,7 @@ if __name__ == "__main__":
                      f"{writer_hint(init_from)})")
             try:
                 init = load_checkpoint(init_from, device)
+                check_finite(init, init_from)
             except ValueError as e:
                 fail(f"init_from: {e}")
             if init["model_name"] != model:
@@ -691,6 +730,8 @@ if __name__ == "__main__":
                         r = json.loads(line)
                     except ValueError:  # a line cut by a crash
                         continue
+                    if not isinstance(r, dict) or not isinstance(r.get("iter"), int):
+                        continue  # not a record of train.py's (an edit by hand)
                     if r["iter"] < iter_num or (r["iter"] == iter_num
                                                 and not ("val_loss" in r and eval_again)):
                         kept.append(r)
@@ -726,6 +767,21 @@ if __name__ == "__main__":
         s = int(s)
         return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
+    def stop_non_finite(what):
+        """A NaN or inf loss: stop before anything is saved over the last good checkpoint."""
+        global train_model
+        if master:
+            kept = (f"{ckpt_path}, the last save, is kept" if os.path.exists(ckpt_path)
+                    else "no checkpoint written")
+            hint = ("" if eval_only else " Try a lower learning_rate, grad_clip, or "
+                    "dtype=float32/bfloat16.")
+            print(f"train.py: {what}: stopping ({kept}).{hint}", file=sys.stderr)
+        if ddp:  # every process stops here (teardown as at the end)
+            del train_model
+            gc.collect()
+            destroy_process_group()
+        sys.exit(1)
+
     # -----------------------------------------------------------------------------
     # training loop
     start_iter, t_start = iter_num, time.time()
@@ -733,6 +789,7 @@ if __name__ == "__main__":
     # first eval saves them (else a run that never beats them would end without a checkpoint)
     save_start = init_from not in ("scratch", "resume") and not always_save_checkpoint
     t_log, tokens_log, iters_log = time.time(), 0, 0
+    diverged = False  # a NaN or inf evaluation loss (the master's)
 
     while True:
         lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -743,6 +800,7 @@ if __name__ == "__main__":
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
+            diverged = not all(map(math.isfinite, losses.values()))  # nothing saved then
             if not eval_only:  # the log holds the run's own records
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             # the best so far, among weights that may be saved (not a scratch run's untrained
@@ -752,9 +810,15 @@ if __name__ == "__main__":
             if may_save or init_from == "resume":
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-            if may_save and (improved or always_save_checkpoint) and not eval_only:
+            if may_save and (improved or always_save_checkpoint) and not eval_only and not diverged:
                 save_checkpoint()
             t_log += time.time() - t_eval  # the speed on the next log line is training's alone
+        if ddp and (eval_due(iter_num) or eval_only):  # the master's verdict, to every process
+            verdict = torch.tensor(float(diverged), device=device)
+            all_reduce(verdict, op=ReduceOp.SUM)
+            diverged = verdict.item() > 0
+        if diverged:
+            stop_non_finite(f"the evaluation's loss is not finite at iter {iter_num}")
         if eval_only or iter_num >= max_iters:
             break
 
@@ -787,15 +851,7 @@ if __name__ == "__main__":
             loss_sum /= ddp_world_size
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
-            if master:
-                print(f"train.py: loss is {lossf} at iter {iter_num}: stopping (no checkpoint "
-                      f"written). Try a lower learning_rate, grad_clip, or dtype=float32/bfloat16.",
-                      file=sys.stderr)
-            if ddp:  # every process saw the same reduced loss: all stop here (teardown as below)
-                del train_model
-                gc.collect()
-                destroy_process_group()
-            sys.exit(1)
+            stop_non_finite(f"loss is {lossf} at iter {iter_num}")
         iter_num += 1
         iters_log += 1
         if master and (iter_num % log_interval == 0 or iter_num == max_iters):

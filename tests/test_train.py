@@ -485,7 +485,11 @@ def test_best_only_checkpoint_run_is_finished_and_log_restarts(synth_dir, tmp_pa
     assert open(os.path.join(out, "log.jsonl")).read() == before
     # extended to 12 without a better val loss (the lr is 0 after 4): the checkpoint notes the
     # settings it ended with, so that command, with or without init_from=resume, is finished
-    run(cmd + ["--init_from=resume", "--max_iters=12"])
+    p = run(cmd + ["--init_from=resume", "--max_iters=12"])
+    # (it says that it goes on from the best weights, not from where it ended)
+    assert (f"{os.path.join(out, 'ckpt.pt')}: the run saved only its best weights "
+            f"(always_save_checkpoint=False), of iter 4: the iterations after it are trained "
+            f"again" in p.stdout), p.stdout
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 4 and ck["end_iter"] == 12 and ck["config"]["max_iters"] == 12
     for extra in ([], ["--init_from=resume"]):
@@ -775,7 +779,7 @@ def test_init_from_checkpoint_and_nan_stop(full_run, synth_dir, tmp_path):
 def test_an_infinite_loss_stops_training_too(synth_dir, tmp_path):
     """An infinite loss (not NaN) stops training as NaN does: a model whose logits are +-3e38 for
     every input (ln_f made constant, lm_head's first column the logits) gives each target but token
-    0 an infinite loss at the first step, which stops the run there, with nothing saved."""
+    0 an infinite loss, which stops the run at its first evaluation (iter 0), with nothing saved."""
     import torch
     base = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--bias=True",
             "--eval_interval=1000"]
@@ -793,9 +797,91 @@ def test_an_infinite_loss_stops_training_too(synth_dir, tmp_path):
     torch.save(ck, tmp_path / "inf.pt")
     p = run(base + [f"--out_dir={tmp_path / 'b'}", "--max_iters=4",
                     f"--init_from={tmp_path / 'inf.pt'}"], check=False)
-    assert p.returncode == 1 and "train.py: loss is inf at iter 0: stopping" in p.stderr, \
-        p.stderr[-2000:]
+    assert p.returncode == 1 and "val loss inf" in p.stdout, p.stdout
+    assert ("train.py: the evaluation's loss is not finite at iter 0: stopping (no checkpoint "
+            "written)" in p.stderr), p.stderr[-2000:]
     assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+def test_a_non_finite_evaluation_keeps_the_last_checkpoint(synth_dir, tmp_path):
+    """A NaN val loss (here a damaged val_mel.bin: training reads the train split alone) stops the
+    run before the save that would replace the last good checkpoint with what gave it; eval_only
+    on it says so too, without the training hints."""
+    import torch
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in os.listdir(synth_dir):  # the corpus, its val mel a copy of its own
+        if name != "val_mel.bin":
+            os.symlink(os.path.join(synth_dir, name), data / name)
+    mel = np.fromfile(os.path.join(synth_dir, "val_mel.bin"), dtype=np.float16)
+    mel.tofile(data / "val_mel.bin")
+    out = tmp_path / "run"
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={data}", f"--out_dir={out}", *TINY]
+    run(cmd + ["--max_iters=4"])
+    saved = (out / "ckpt.pt").read_bytes()
+    np.full_like(mel, np.nan).tofile(data / "val_mel.bin")
+    p = run(cmd + ["--max_iters=8", "--init_from=resume"], check=False)
+    assert p.returncode == 1 and "val loss nan" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert (f"train.py: the evaluation's loss is not finite at iter 4: stopping ({out / 'ckpt.pt'}"
+            f", the last save, is kept). Try a lower learning_rate" in p.stderr), p.stderr[-2000:]
+    assert (out / "ckpt.pt").read_bytes() == saved
+    p = run(cmd + ["--eval_only=True"], check=False)
+    assert p.returncode == 1 and "is kept).\n" in p.stderr and "Try" not in p.stderr, p.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
+
+def test_a_damaged_tensor_in_a_checkpoint_is_named(full_run, synth_dir, tmp_path):
+    """Bytes damaged inside a saved tensor pass torch.load (its tensors carry no checksum); a NaN
+    among them, in the weights or the optimizer's state, stops a resume or an init_from with one
+    line naming the tensor, instead of training (and saving) from it."""
+    import torch
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    ck["optimizer"]["state"][0]["exp_avg_sq"].view(-1)[3] = float("nan")
+    out = tmp_path / "a"
+    out.mkdir()
+    torch.save(ck, out / "ckpt.pt")
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--max_iters=12"]
+    p = run(cmd + [f"--out_dir={out}", "--init_from=resume"], check=False)
+    assert p.returncode == 2 and (f"resuming: {out / 'ckpt.pt'}: optimizer.state.0.exp_avg_sq "
+                                  f"holds NaN or inf values: the file is damaged" in p.stderr), \
+        p.stderr[-2000:]
+    ck = torch.load(os.path.join(full_run, "ckpt.pt"), weights_only=True)
+    ck["model"]["lm_head.weight"][5, 5] = float("inf")
+    torch.save(ck, tmp_path / "inf.pt")
+    p = run(cmd + [f"--out_dir={tmp_path / 'b'}", f"--init_from={tmp_path / 'inf.pt'}"],
+            check=False)
+    assert p.returncode == 2 and "model.lm_head.weight holds NaN or inf" in p.stderr, p.stderr
+    assert not (tmp_path / "b").exists()
+
+def test_out_dirs_a_run_cannot_use_are_refused_in_one_line(synth_dir, tmp_path):
+    """A folder named ckpt.pt where the checkpoint goes (even with overwrite=True, which would
+    remove it), another model's run in out_dir (named as such, not as a list of settings), and
+    eval_only with no checkpoint to evaluate (fresh weights' losses would pass for a result)."""
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", *TINY, "--max_iters=2"]
+    (tmp_path / "d" / "ckpt.pt").mkdir(parents=True)
+    for extra in ([], ["--overwrite=True"]):
+        p = run(cmd + [f"--out_dir={tmp_path / 'd'}"] + extra, check=False)
+        assert p.returncode == 2 and (f"{tmp_path / 'd' / 'ckpt.pt'}: a folder, where train.py "
+                                      f"keeps its checkpoint file" in p.stderr), p.stderr
+        assert "Traceback" not in p.stderr
+    salmonn_checkpoint(str(tmp_path / "s"), synth_dir)
+    p = run(cmd + [f"--out_dir={tmp_path / 's'}"], check=False)
+    assert p.returncode == 2 and "holds a salmonn run, not whisper_gpt" in p.stderr, p.stderr
+    p = run(cmd + [f"--out_dir={tmp_path / 'typo'}", "--eval_only=True"], check=False)
+    assert p.returncode == 2 and (f"eval_only: {tmp_path / 'typo' / 'ckpt.pt'} not found, "
+                                  f"nothing to evaluate" in p.stderr), p.stderr
+    assert not (tmp_path / "typo").exists()
+
+def test_a_log_line_that_is_not_train_pys_is_dropped_on_resume(synth_dir, tmp_path):
+    """A resumed run keeps its log's records before the checkpoint; a line written there by hand
+    (JSON, but no record of train.py's) is dropped, not a KeyError."""
+    out = tmp_path / "run"
+    cmd = ["config/whisper_gpt_quick.py", f"--data_dir={synth_dir}", f"--out_dir={out}", *TINY]
+    run(cmd + ["--max_iters=4"])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"note": "lr looked high"}\n[1, 2]\n{"iter": "four"}\n')
+    run(cmd + ["--max_iters=8", "--init_from=resume"])
+    recs = log_records(str(out))
+    assert [r["iter"] for r in recs if "loss" in r] == list(range(1, 9))
+    assert all(isinstance(r, dict) and isinstance(r["iter"], int) for r in recs)
 
 def test_a_resumed_run_keeps_its_start(full_run, synth_dir, tmp_path):
     """A run resumed with init_from=resume still records where it started, so a later command
