@@ -56,7 +56,8 @@ MEL_CENTER = HOP // 2
 # past where its block ends (HOP)
 MEL_LOOKAHEAD = MEL_CENTER + N_FFT // 2 - HOP
 LOG_FLOOR = 1e-8        # -80 dB
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf",
+              ".w64"}
 # the longest clip read to be encoded: the codec encodes a clip whole, ~16 MB of memory a second
 MAX_CLIP_SECONDS = 120
 MIN_SAMPLE_RATE = 4000  # below it a header's rate is a mistake, not audio

@@ -31,11 +31,13 @@ import os
 import re
 import sys
 import csv
+import io
 import json
 import time
 import shutil
 import hashlib
 import itertools
+import unicodedata
 import argparse
 from pathlib import Path
 from collections import Counter
@@ -112,30 +114,47 @@ FILE_FIELDS = ("file", "path", "audio", "file_name", "filename")
 TEXT_FIELDS = ("caption", "transcript", "label", "description")
 KNOWN_FIELDS = FILE_FIELDS + TEXT_FIELDS + ("question", "answer", "qa")
 
+def manifest_text(path):
+    """A manifest's text, which must be UTF-8 (a spreadsheet's "CSV UTF-8" starts with a byte-order
+    mark, dropped): another encoding's letters would become other text, or miss their files."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        sys.exit(f"error: {path}: not UTF-8 (line {line}); save it as UTF-8 (a spreadsheet's "
+                 f"\"CSV UTF-8\")")
+
+def same_name(path):
+    """A path in one Unicode form (NFC): a name written decomposed (as macOS writes file names)
+    and its composed spelling are one file name to a reader, not to the file system."""
+    return Path(unicodedata.normalize("NFC", str(path)))
+
 def read_manifest(src, report):
     """manifest.jsonl or manifest.csv rows -> {the file's resolved path: row dict}. Rows for the
     same file are merged; "name" keeps the path as written."""
     rows = []
     mj, mc = Path(src) / "manifest.jsonl", Path(src) / "manifest.csv"
     if mj.exists():
-        for ln, line in enumerate(mj.read_text(encoding="utf-8-sig",
-                                               errors="replace").splitlines(), 1):
+        for ln, line in enumerate(manifest_text(mj).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((f"{mj.name}:{ln}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     report(f"{mj}:{ln}", f"bad JSON line ({e.msg})")
     elif mc.exists():
-        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
-        with open(mc, newline="", encoding="utf-8-sig", errors="replace") as f:
-            # strict: an unclosed quote is an error, not the rows after it silently lost
-            reader, read = csv.DictReader(f, strict=True), 1
-            try:
-                for row in reader:
-                    read = reader.line_num
-                    rows.append((f"{mc.name}:{read}", row))
-            except csv.Error as e:
-                sys.exit(f"error: {mc}: not CSV after line {read} ({e}); check its quotes")
+        # strict: an unclosed quote is an error, not the rows after it silently lost
+        reader, read = csv.DictReader(io.StringIO(manifest_text(mc), newline=""), strict=True), 1
+        try:
+            for row in reader:
+                read = reader.line_num
+                rows.append((f"{mc.name}:{read}", row))
+        except csv.Error as e:
+            sys.exit(f"error: {mc}: not CSV after line {read} ({e}); check its quotes")
+        header = reader.fieldnames or []
+        if not set(header) & set(FILE_FIELDS):  # every row would lose its file: not a manifest
+            sys.exit(f"error: {mc}: its first line {','.join(header)!r} names no file column "
+                     f"({', '.join(FILE_FIELDS)}); a manifest.csv is comma-separated, under a "
+                     f"header line")
     else:
         return None
     out, ignored = {}, set()
@@ -143,29 +162,35 @@ def read_manifest(src, report):
         if not isinstance(row, dict):
             report(f"{src}/{where}", "manifest row is not an object ({\"file\": ..., ...})")
             continue
+        if None in row:  # csv's key for the fields past the header's: the columns have shifted
+            report(f"{src}/{where}", f"manifest row has {len(row) - 1 + len(row[None])} fields, "
+                                     f"its header {len(row) - 1}: quote a field that holds a "
+                                     f"comma")
+            continue
         name = next((row[k] for k in FILE_FIELDS if row.get(k)), None)
         if not isinstance(name, str) or not name:
             report(f"{src}/{where}", "manifest row has no 'file' field (a path, as text)")
             continue
         # keyed by the file itself: "./a.wav", "sub/../a.wav" and an absolute path name one file
-        r = out.setdefault((Path(src) / name).resolve(), {"qa": [], "name": name})
-        for key in TEXT_FIELDS:
-            if row.get(key) and not r.get(key):
-                r[key] = str(row[key]).strip()
+        r = out.setdefault(same_name((Path(src) / name).resolve()), {"qa": [], "name": name})
+        text = {k: str(v).strip() for k, v in row.items() if v is not None and k != "qa"}
+        for key in TEXT_FIELDS:  # a field of spaces is no text
+            if text.get(key) and not r.get(key):
+                r[key] = text[key]
         # Clotho's captions CSV: caption_1 ... caption_5 (the first one kept, as for repeated rows)
         numbered = sorted((k for k in row
                            if isinstance(k, str) and re.fullmatch(r"caption_\d+", k)),
                           key=lambda k: int(k.split("_")[1]))
         for k in numbered:
-            if row.get(k) and not r.get("caption"):
-                r["caption"] = str(row[k]).strip()
+            if text.get(k) and not r.get("caption"):
+                r["caption"] = text[k]
         unknown = {k for k in row if isinstance(k, str)} - set(KNOWN_FIELDS) - set(numbered)
         if unknown - ignored:
             ignored |= unknown
             print(f"note: {src}/{where}: column(s) {', '.join(sorted(map(repr, unknown)))} not "
                   f"read (known: {', '.join(KNOWN_FIELDS)})")
-        if row.get("question") and row.get("answer"):
-            r["qa"].append({"q": str(row["question"]).strip(), "a": str(row["answer"]).strip()})
+        if text.get("question") and text.get("answer"):
+            r["qa"].append({"q": text["question"], "a": text["answer"]})
         qa = row.get("qa") or []
         if not isinstance(qa, list):
             report(f"{src}/{where}", "'qa' is not a list of question-answer objects "
@@ -173,8 +198,11 @@ def read_manifest(src, report):
                    kept=True)
             qa = []
         for q in qa:
-            if isinstance(q, dict) and q.get("q") and q.get("a"):
-                r["qa"].append({"q": str(q["q"]), "a": str(q["a"])})
+            if not isinstance(q, dict):
+                continue
+            pair = {k: str(q.get(k) or "").strip() for k in ("q", "a")}
+            if pair["q"] and pair["a"]:
+                r["qa"].append(pair)
     return out
 
 def folder_items(src, report):
@@ -182,10 +210,11 @@ def folder_items(src, report):
     manifest = read_manifest(src, report)
     items = []
     files = sorted(f for f in src.rglob("*") if f.is_file())
-    listed = {f.resolve() for f in files}
+    listed = {same_name(f.resolve()) for f in files}
     for f, r in (manifest or {}).items():
-        if not f.is_file():
-            report(str(src / r["name"]), "named in the manifest but the file is missing")
+        if f not in listed and not f.is_file():
+            hint = " (write its path with /)" if "\\" in r["name"] else ""
+            report(str(src / r["name"]), f"named in the manifest but the file is missing{hint}")
         elif f not in listed:
             report(str(f), "named in the manifest but outside --src (only the files under it "
                            "are read)")
@@ -193,10 +222,12 @@ def folder_items(src, report):
         rel = f.relative_to(src).as_posix()
         if f.name in ("manifest.csv", "manifest.jsonl") and f.parent == src:
             continue
+        if any(part.startswith(".") for part in f.relative_to(src).parts):
+            continue  # hidden: .DS_Store, macOS's ._ copies beside each file, a .git folder
         if f.suffix.lower() not in AUDIO_EXTS:
             report(str(f), f"not an audio file (extension '{f.suffix or 'none'}')")
             continue
-        r = (manifest or {}).get(f.resolve(), {"qa": []})
+        r = (manifest or {}).get(same_name(f.resolve()), {"qa": []})
         label = r.get("label") or (f.parent.name if f.parent != src else "sound")
         qa = list(r.get("qa", []))
         if r.get("label"):
@@ -300,9 +331,13 @@ def check_args(args):
                  f"256 bytes, then its merges)")
     if args.src and not Path(args.src).is_dir():
         sys.exit(f"error: --src={args.src}: not a directory")
-    if args.kinds and not synth:
-        sys.exit(f"error: --kinds is for --dataset=synth (the built-in corpus), not "
-                 f"{args.dataset}")
+    defaults = vars(get_args([]))
+    built_in_only = [f"--{k}" for k in ("kinds", "clips", "max_seconds", "seed", "no_speech")
+                     if getattr(args, k) != defaults[k]]
+    if built_in_only and not synth:  # they would change nothing here, yet block a plain re-run
+        sys.exit(f"error: {', '.join(built_in_only)} "
+                 f"{'is' if len(built_in_only) == 1 else 'are'} for --dataset=synth (the built-in "
+                 f"corpus), not {args.dataset}")
     if args.kinds and (unknown := set(args.kinds) - {k for k, _, _ in KIND_MIX}):
         what = ("an empty name" if unknown == {""} else
                 f"unknown kind(s) {', '.join(repr(k) for k in sorted(unknown))}")
@@ -397,6 +432,8 @@ NOT_HASHED = ("force", "quiet", "strict", "codebook0_mel")
 def hash_args(args):
     """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
     key_args = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
+    if args.src:  # "src/" and "./src" name the folder "src" does
+        key_args["src"] = os.path.normpath(args.src)
     # left out when off, so data prepared before these options existed keeps its hash
     if not args.whisper_mel:
         del key_args["whisper_mel"]

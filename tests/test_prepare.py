@@ -371,6 +371,21 @@ def test_synth_kinds_keep_only_those_kinds_and_bad_kinds_are_named(tmp_path):
     with pytest.raises(SystemExit, match="--kinds is for --dataset=synth"):
         P.check_args(P.get_args(["--kinds=morse", "--dataset=folder", f"--src={tmp_path}",
                                  f"--out_dir={tmp_path / 'y'}"]))
+    # so are the corpus's size, clip length, seed and speech: they would change nothing in a
+    # folder's data, yet a plain re-run would be refused as one of other arguments
+    with pytest.raises(SystemExit, match=r"error: --clips, --max_seconds, --seed, --no_speech are "
+                                         r"for --dataset=synth \(the built-in corpus\), not "
+                                         r"librispeech"):
+        P.check_args(P.get_args(["--dataset=librispeech", f"--src={tmp_path}", "--clips=10",
+                                 "--max_seconds=5", "--seed=3", "--no_speech",
+                                 f"--out_dir={tmp_path / 'y'}"]))
+    P.check_args(P.get_args(["--dataset=folder", f"--src={tmp_path}", "--clips=2000",
+                             f"--out_dir={tmp_path / 'y'}"]))  # spelled as its default: no change
+    # --src spelled with a trailing slash or ./ is the same folder to a re-run
+    folder = [P.hash_args(P.get_args(["--dataset=folder", f"--src={src}"]))
+              for src in ("mine", "mine/", "./mine", "mine//")]
+    assert len(set(folder)) == 1 and folder[0] != P.hash_args(P.get_args(["--dataset=folder",
+                                                                          "--src=yours"]))
     # a corpus of other kinds is another corpus; the order they are named in does not matter
     assert P.hash_args(P.get_args(["--clips=10"])) != \
         P.hash_args(P.get_args(["--clips=10", "--kinds=morse"]))
@@ -1220,6 +1235,82 @@ def test_a_manifest_csv_with_an_unclosed_quote_is_named_not_read_wrongly(tmp_pat
         P.read_manifest(tmp_path, lambda *a: None)
 
 
+def test_a_manifest_csv_row_with_an_unquoted_comma_is_reported_not_shifted(tmp_path):
+    """An unquoted comma in a caption gave the row one field more than its header: the caption was
+    cut there, its tail became the label (and the answer to "what sound is this?"), silently. The
+    row is reported and skipped; the rows around it are read."""
+    (tmp_path / "manifest.csv").write_text("file,caption,label\n"
+                                           "a.wav,a dog barks, then a car passes,dog\n"
+                                           "b.wav,\"rain, then thunder\",rain\n")
+    problems = []
+    rows = P.read_manifest(tmp_path, lambda where, why, kept=False: problems.append((where, why)))
+    assert problems == [(f"{tmp_path}/manifest.csv:2", "manifest row has 4 fields, its header 3: "
+                                                       "quote a field that holds a comma")]
+    assert [(r["name"], r["caption"], r["label"]) for r in rows.values()] == [
+        ("b.wav", "rain, then thunder", "rain")]
+
+
+def test_a_manifest_that_is_not_utf8_or_has_no_file_column_stops_in_one_line(tmp_path):
+    """A Latin-1 manifest (a spreadsheet's plain "CSV") was read with replacement characters: its
+    captions wrong and its accented file names missing, silently. A header without a file column
+    (a semicolon-separated sheet, a file without a header line) named no file in any row. Either
+    stops the run with one line, as an unclosed quote does: every row's text would be wrong."""
+    (tmp_path / "manifest.csv").write_bytes("file,caption\nb.wav,rain\ncafé.wav,naïve tone\n"
+                                            .encode("latin-1"))
+    with pytest.raises(SystemExit, match=re.escape(f"error: {tmp_path / 'manifest.csv'}: not UTF-8 "
+                                                   f"(line 3); save it as UTF-8")):
+        P.read_manifest(tmp_path, lambda *a, **k: None)
+    (tmp_path / "manifest.csv").write_text("file;caption\na.wav;a dog\n")
+    with pytest.raises(SystemExit, match="its first line 'file;caption' names no file column"):
+        P.read_manifest(tmp_path, lambda *a, **k: None)
+    (tmp_path / "manifest.jsonl").write_bytes(b'{"file": "a.wav", "caption": "\xe9t\xe9"}\n')
+    with pytest.raises(SystemExit, match="manifest.jsonl: not UTF-8 \\(line 1\\)"):
+        P.read_manifest(tmp_path, lambda *a, **k: None)
+    # UTF-8 with a spreadsheet's byte-order mark reads as it is
+    (tmp_path / "manifest.jsonl").unlink()
+    (tmp_path / "manifest.csv").write_bytes("file,caption\ncafé.wav,naïve tone\n"
+                                            .encode("utf-8-sig"))
+    rows = P.read_manifest(tmp_path, lambda *a, **k: pytest.fail(f"reported {a}"))
+    assert [r["caption"] for r in rows.values()] == ["naïve tone"]
+
+
+def test_a_manifest_name_in_another_unicode_form_finds_its_file(tmp_path):
+    """"é" composed (NFC, as typed) and decomposed (NFD, as macOS writes file names) are one name
+    to a reader, two to the file system: the manifest's row reaches its file either way. A Windows
+    path that names no file is told to use /."""
+    nfc, nfd = "caf\u00e9.wav", "cafe\u0301.wav"
+    for disk, manifest in ((nfd, nfc), (nfc, nfd)):
+        src = tmp_path / f"{len(disk)}"
+        (src / "sub").mkdir(parents=True)
+        sf.write(src / disk, sine(440, 0.1), SR)
+        sf.write(src / "sub" / "a.wav", sine(440, 0.1), SR)
+        (src / "manifest.jsonl").write_text(
+            json.dumps({"file": manifest, "caption": "a tone"}) + "\n"
+            + json.dumps({"file": "sub\\a.wav", "caption": "another"}) + "\n")
+        problems = []
+        items = P.folder_items(src, lambda where, why, kept=False: problems.append((where, why)))
+        assert {it["id"]: it["caption"] for it in items} == {disk: "a tone", "sub/a.wav": None}
+        assert problems == [(f"{src}/sub\\a.wav", "named in the manifest but the file is missing "
+                                                   "(write its path with /)")], problems
+
+
+def test_hidden_files_are_left_out_and_fields_of_spaces_are_no_text(tmp_path):
+    """macOS leaves .DS_Store and a ._ copy beside each file it touched, git a .git folder: none
+    is an input (each was reported as a bad one, the ._ copies as corrupt audio). A manifest field
+    of spaces gave an empty caption, and a question of spaces a question-answer pair."""
+    (tmp_path / ".git").mkdir()
+    for name in ("a.wav", "._a.wav", ".git/b.wav"):
+        sf.write(tmp_path / name, sine(440, 0.1), SR)
+    (tmp_path / ".DS_Store").write_bytes(b"\0Bud1")
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"file": "a.wav", "caption": "   ", "question": " ", "answer": "yes",
+                    "qa": [{"q": "loud? ", "a": " no"}, {"q": "  ", "a": "x"}]}) + "\n"
+        + json.dumps({"file": "a.wav", "caption": " a tone "}) + "\n")
+    items = P.folder_items(tmp_path, lambda *a, **k: pytest.fail(f"reported {a}"))
+    assert [(it["id"], it["caption"], it["qa"]) for it in items] == [
+        ("a.wav", "a tone", [{"q": "loud?", "a": "no"}])]
+
+
 def test_a_clotho_style_manifest_gives_its_first_caption_and_unread_columns_are_named(tmp_path,
                                                                                       capsys):
     """Clotho's captions CSV (file_name, caption_1..caption_5): the first caption is the clip's.
@@ -1380,7 +1471,7 @@ def test_folder_dataset_reports_each_bad_input_and_keeps_the_good(tmp_path, caps
     for spoilt in ("{", "[]"):
         (out / "meta.json").write_text(spoilt)
         with pytest.raises(SystemExit) as e:
-            P.main(args + ["--clips=3"])
+            P.main(args + ["--vocab_size=300"])
         assert "cannot be read as prepare.py's JSON" in str(e.value) and "--force" in str(e.value)
         assert (out / "meta.json").read_text() == spoilt
     P.main(args + ["--force"])
