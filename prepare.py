@@ -173,7 +173,9 @@ def read_manifest(src, report):
             continue
         # keyed by the file itself: "./a.wav", "sub/../a.wav" and an absolute path name one file
         r = out.setdefault(same_name((Path(src) / name).resolve()), {"qa": [], "name": name})
-        text = {k: str(v).strip() for k, v in row.items() if v is not None and k != "qa"}
+        # a list (AudioSet's labels of one clip) reads as "a, b", not as Python's "['a', 'b']"
+        text = {k: (", ".join(map(str, v)) if isinstance(v, list) else str(v)).strip()
+                for k, v in row.items() if v is not None and k != "qa"}
         for key in TEXT_FIELDS:  # a field of spaces is no text
             if text.get(key) and not r.get(key):
                 r[key] = text[key]

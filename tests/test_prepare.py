@@ -1297,7 +1297,8 @@ def test_a_manifest_name_in_another_unicode_form_finds_its_file(tmp_path):
 def test_hidden_files_are_left_out_and_fields_of_spaces_are_no_text(tmp_path):
     """macOS leaves .DS_Store and a ._ copy beside each file it touched, git a .git folder: none
     is an input (each was reported as a bad one, the ._ copies as corrupt audio). A manifest field
-    of spaces gave an empty caption, and a question of spaces a question-answer pair."""
+    of spaces gave an empty caption, and a question of spaces a question-answer pair; a list of
+    labels read as Python's "['beep', 'tone']"."""
     (tmp_path / ".git").mkdir()
     for name in ("a.wav", "._a.wav", ".git/b.wav"):
         sf.write(tmp_path / name, sine(440, 0.1), SR)
@@ -1305,10 +1306,11 @@ def test_hidden_files_are_left_out_and_fields_of_spaces_are_no_text(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(
         json.dumps({"file": "a.wav", "caption": "   ", "question": " ", "answer": "yes",
                     "qa": [{"q": "loud? ", "a": " no"}, {"q": "  ", "a": "x"}]}) + "\n"
-        + json.dumps({"file": "a.wav", "caption": " a tone "}) + "\n")
+        + json.dumps({"file": "a.wav", "caption": " a tone ", "label": ["beep", "tone"]}) + "\n")
     items = P.folder_items(tmp_path, lambda *a, **k: pytest.fail(f"reported {a}"))
     assert [(it["id"], it["caption"], it["qa"]) for it in items] == [
-        ("a.wav", "a tone", [{"q": "loud?", "a": "no"}])]
+        ("a.wav", "a tone", [{"q": "loud?", "a": "no"}, {"q": "what sound is this?",
+                                                          "a": "beep, tone"}])]
 
 
 def test_a_clotho_style_manifest_gives_its_first_caption_and_unread_columns_are_named(tmp_path,
