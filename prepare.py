@@ -81,13 +81,27 @@ class InputProblems:
         tqdm.write(f"skipping {what}: {problem}")
 
 def librispeech_items(src, report):
-    items, seen = [], set()
+    items, seen, ids = [], set(), set()
     for trans in sorted(Path(src).rglob("*.trans.txt")):
-        for line in trans.read_text(errors="replace").splitlines():
+        try:  # utf-8-sig: an editor's byte-order mark is not part of the first clip's ID
+            lines = trans.read_bytes().decode("utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = ("not UTF-8" if isinstance(e, UnicodeDecodeError) else
+                   f"unreadable ({e.strerror or type(e).__name__})")
+            report(str(trans), f"{why}: a transcript file, its clips skipped")
+            chapter = trans.name[:-len(".trans.txt")]
+            seen.update(f.resolve() for f in trans.parent.glob(f"{chapter}-*"))  # said: once
+            continue
+        for line in lines:
             if not line.strip():
                 continue
-            uid, _, text = line.strip().partition(" ")
+            uid, text = (line.split(None, 1) + [""])[:2]  # the ID, then a space or a tab
             audio = trans.parent / f"{uid}.flac"
+            if uid in ids:
+                report(str(audio), f"listed again in a transcript ({trans.name}); the first line "
+                                   f"is kept", kept=True)
+                continue
+            ids.add(uid)
             seen.add(audio.resolve())
             if not audio.exists():
                 report(str(audio), f"missing file, listed in a transcript ({trans.name})")
@@ -96,7 +110,7 @@ def librispeech_items(src, report):
                 report(str(audio), "missing transcript (empty line)")
                 continue
             spk, chap = (uid.split("-") + ["", ""])[:2]
-            t = text.strip().lower()
+            t = " ".join(text.split()).lower()
             items.append(dict(path=str(audio), id=uid, source=f"librispeech:{uid}", kind="speech",
                               transcript=t,
                               caption=None, description=None,
@@ -1120,12 +1134,15 @@ def main(argv=None):
         if not infos:
             sys.exit(f"error: no usable clips (skipped {sum(input_problems.counts.values())} "
                      f"inputs); nothing written")
-    except BaseException:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left behind
+    except BaseException as e:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left
         # nothing to resume from: the arguments' hash and the copy of --codec_from's codec alone
-        if {p.name for p in work.iterdir()} <= {"args_hash", "codec_from.pt"}:
+        nothing_kept = {p.name for p in work.iterdir()} <= {"args_hash", "codec_from.pt"}
+        if nothing_kept:
             for p in work.iterdir():
                 p.unlink()
         remove_empty([work, *made])
+        if nothing_kept and isinstance(e, KeyboardInterrupt):  # interrupted_message would say
+            sys.exit("\ninterrupted before the first chunk of clips was encoded: nothing is kept")
         raise
     stage = Staging(out)                              # from here on every output is staged
     allemb = torch.from_numpy(np.concatenate(embs)).float()

@@ -318,28 +318,39 @@ PREPARE = ["--clips=16", "--max_seconds=1.0", "--offline", "--codec_steps=4", "-
            "--quiet"]
 
 def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
-    """Ctrl-C (SIGINT) while prepare.py encodes: one line saying the encoded clips are kept and how
-    to resume, not a traceback."""
-    out = tmp_path / "data"
-    cmd = [sys.executable, "prepare.py", "--clips=120", "--max_seconds=1.0", "--offline",
-           "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2", f"--out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=sigint_as_usual)
-    seen, t0 = b"", time.time()
-    while b"encode:" not in seen and time.time() - t0 < 300:
-        chunk = proc.stderr.read1(4096)
-        if not chunk:
-            break
-        seen += chunk
-    assert proc.poll() is None, seen.decode(errors="replace")  # still encoding
-    proc.send_signal(signal.SIGINT)
-    err = (seen + proc.communicate(timeout=120)[1]).decode(errors="replace")
-    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
-    assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the same "
-                                 "command again to resume (other arguments start anew)"), err[-500:]
-    assert not (out / "meta.json").exists()
-    # after --force, the same command would start anew: the line says to leave it out
+    """Ctrl-C (SIGINT) while prepare.py encodes: one line, not a traceback. Before the first chunk
+    of clips (prepare.CHUNK) is saved it says nothing is kept (and leaves no folder: it said the
+    clips were kept); once one is, that they are and how to resume."""
     import prepare
+    out = tmp_path / "data"
+    cmd = [sys.executable, "prepare.py", f"--clips={prepare.CHUNK + 40}", "--max_seconds=1.0",
+           "--offline", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2",
+           f"--out_dir={out}"]
+    for saved in (False, True):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, preexec_fn=sigint_as_usual)
+        seen, t0 = b"", time.time()
+        while time.time() - t0 < 300:
+            if b"encode:" in seen and (not saved or list(out.glob(".work-*/chunk00000.npz"))):
+                break
+            chunk = proc.stderr.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.poll() is None, seen.decode(errors="replace")  # still encoding
+        proc.send_signal(signal.SIGINT)
+        err = (seen + proc.communicate(timeout=120)[1]).decode(errors="replace")
+        assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+        if saved:
+            assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the "
+                                         "same command again to resume (other arguments start "
+                                         "anew)"), err[-500:]
+            assert not (out / "meta.json").exists()
+        else:
+            assert err.rstrip().endswith("interrupted before the first chunk of clips was "
+                                         "encoded: nothing is kept"), err[-500:]
+            assert not out.exists()
+    # after --force, the same command would start anew: the line says to leave it out
     assert prepare.interrupted_message(cmd[2:] + ["--force"]).endswith(
         "run the same command without --force again to resume (other arguments start anew)")
     assert "without" not in prepare.interrupted_message(cmd[2:])

@@ -1657,6 +1657,36 @@ def test_librispeech_files_with_a_transcript_line_are_not_reported(tmp_path):
         ("19-198-0002.flac", "missing transcript (no line in any .trans.txt)"),
         ("19-198-0007.flac", "missing file, listed in a transcript (19-198.trans.txt)")]
 
+def test_librispeech_transcripts_as_editors_and_broken_downloads_leave_them(tmp_path):
+    """A byte-order mark before the first ID (it became part of the ID: the clip was reported
+    twice and lost), a tab after an ID (read as part of it), runs of spaces, an ID listed twice (two
+    clips of one id), a transcript file that is not UTF-8 (read with replacement characters) and
+    one that cannot be read (a traceback): each clip read right, or one line."""
+    d, e = tmp_path / "19" / "198", tmp_path / "20" / "300"
+    d.mkdir(parents=True)
+    e.mkdir(parents=True)
+    for k in range(4):
+        sf.write(d / f"19-198-000{k}.flac", sine(300, 0.1, sr=16000), 16000)
+    for k in range(2):
+        sf.write(e / f"20-300-000{k}.flac", sine(300, 0.1, sr=16000), 16000)
+    (d / "19-198.trans.txt").write_bytes("19-198-0000 HELLO\r\n19-198-0001\tGOOD   BYE \r\n"
+                                         "19-198-0002 CAFÉ AU LAIT\r\n19-198-0001 AGAIN\r\n"
+                                         "19-198-0003 LAST\r\n".encode("utf-8-sig"))
+    (e / "20-300.trans.txt").write_bytes("20-300-0000 CAFÉ\n20-300-0001 X\n".encode("latin-1"))
+    (tmp_path / "21-400.trans.txt").symlink_to(tmp_path / "nowhere")  # a link to nothing
+    problems = []
+    items = P.librispeech_items(tmp_path, lambda what, why, kept=False: problems.append(
+        (Path(what).name, why, kept)))
+    assert [(it["id"], it["transcript"]) for it in items] == [
+        ("19-198-0000", "hello"), ("19-198-0001", "good bye"), ("19-198-0002", "café au lait"),
+        ("19-198-0003", "last")]
+    assert problems == [
+        ("19-198-0001.flac", "listed again in a transcript (19-198.trans.txt); the first line is "
+                             "kept", True),
+        ("20-300.trans.txt", "not UTF-8: a transcript file, its clips skipped", False),
+        ("21-400.trans.txt", "unreadable (No such file or directory): a transcript file, its clips "
+                             "skipped", False)], problems
+
 def test_interrupted_run_resumes_from_saved_chunks(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
