@@ -171,7 +171,9 @@ def load_audio(path, max_seconds=MAX_CLIP_SECONDS):
         raise BadAudio(path, f"not an audio rate: a sample rate of {file_sr} Hz (at least "
                              f"{MIN_SAMPLE_RATE} Hz)")
     if max_seconds is not None and len(data) > max_seconds * file_sr:
-        raise BadAudio(path, f"too long to encode: {len(data) / file_sr:.0f} s, over the "
+        seconds = len(data) / file_sr  # (120.01 s is not "120 s, over the 120 s")
+        seconds = f"{seconds:.0f}" if seconds >= max_seconds + 1 else f"{seconds:.2f}"
+        raise BadAudio(path, f"too long to encode: {seconds} s, over the "
                              f"{max_seconds} s a clip may last (the codec encodes a clip whole): "
                              f"split it")
     wav = data.mean(axis=1)

@@ -26,8 +26,8 @@ import torch
 
 import configurator
 import tokenizer as tokenizers
-from audio import (MAX_CLIP_SECONDS, SAMPLE_RATE, BadAudio, StreamingDecoder, codec_id, decode,
-                   features, load_audio, load_codec, log_mel, plot_mels, whisper_log_mel)
+from audio import (FRAME_RATE, MAX_CLIP_SECONDS, SAMPLE_RATE, BadAudio, StreamingDecoder, codec_id,
+                   decode, features, load_audio, load_codec, log_mel, plot_mels, whisper_log_mel)
 from train import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
@@ -205,6 +205,11 @@ if __name__ == "__main__":
     # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
     # models read the mel only
     codes_model = hasattr(config, "codec_id")
+    new_tokens = opts.get("max_new_tokens", M.SAMPLE_OPTS.get("max_new_tokens", 0))
+    if codes_model and new_tokens > MAX_CLIP_SECONDS * FRAME_RATE:  # refused now, not at the end
+        fail(f"--max_new_tokens={new_tokens}: {new_tokens / FRAME_RATE:.0f} s of audio, over the "
+             f"{MAX_CLIP_SECONDS} s sample.py decodes and writes at once "
+             f"({MAX_CLIP_SECONDS * FRAME_RATE} tokens at {FRAME_RATE} a second)")
     # where the result goes (audio: a .wav, a folder gets sample.wav; text: printed, and with --out
     # a .txt, a folder gets sample.txt); checked before the input is read and sampled
     out_path = out or os.path.join(out_dir, "sample.wav")
@@ -223,6 +228,9 @@ if __name__ == "__main__":
              f"folder")
     # the input is never overwritten: the result's file, nor (audio) its picture next to it
     written = [out_path] + ([os.path.splitext(out_path)[0] + ".png"] if codes_model else [])
+    for w in written[1:]:  # (a folder as out_path itself was given its sample.wav above)
+        if os.path.isdir(w):
+            fail(f"--out={out or out_path}: its picture {w} is a folder; name another file")
     if audio and os.path.isfile(audio) and any(os.path.exists(w) and os.path.samefile(w, audio)
                                                for w in written):
         fail(f"--out={out or out_path}: would write over the input --audio={audio}; name another "

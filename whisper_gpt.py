@@ -493,8 +493,8 @@ def load_data(data_dir, config, tok=None):
         if not unusable and len(codes) < config.block_size + 1:
             unusable = (f"whisper_gpt: {data_dir} split {split}"
                         f"{' kinds ' + config.kinds if kinds else ''} has {len(codes)} frames, "
-                        f"fewer than block_size + 1 = {config.block_size + 1}: lower block_size or "
-                        f"prepare more data")
+                        f"fewer than block_size + 1 = {config.block_size + 1} (the model's "
+                        f"context): prepare more data, or train with a lower block_size")
         data[split] = {"codes": codes, "mel": mel, "unusable": unusable}
     return data
 

@@ -259,6 +259,11 @@ def test_load_audio_takes_one_frame_and_stereo_and_refuses_what_is_no_clip(tmp_p
     with pytest.raises(A.BadAudio, match=f"too long to encode: {A.MAX_CLIP_SECONDS + 1} s, over "
                                          f"the {A.MAX_CLIP_SECONDS} s a clip may last"):
         A.load_audio(tmp_path / "long.wav")
+    # just over: its length to the hundredth ("120 s, over the 120 s" read as a mistake)
+    sf.write(tmp_path / "over.wav", np.full(A.MAX_CLIP_SECONDS * 4000 + 40, 0.1, np.float32), 4000,
+             subtype="FLOAT")
+    with pytest.raises(A.BadAudio, match=f"too long to encode: {A.MAX_CLIP_SECONDS}.01 s, over "):
+        A.load_audio(tmp_path / "over.wav")
     # audio that is not encoded (prepare.py --no_codes, a text model's --audio) has no limit
     assert len(A.load_audio(tmp_path / "long.wav", None)) == (A.MAX_CLIP_SECONDS + 1) * SR
     # the bounds themselves are in: a clip of exactly MAX_CLIP_SECONDS, a rate of 4 kHz (the

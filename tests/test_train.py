@@ -1069,6 +1069,20 @@ def test_sample_seed_clip_and_audio_limits(full_run, synth_dir, tmp_path):
                    f"--out={tmp_path / 'o.wav'}")
         assert p.returncode == 2 and said in p.stderr, (args, p.stderr[-1500:])
         assert not (tmp_path / "o.wav").exists()
+    # refused before sampling, not after: a continuation longer than sample.py decodes at once
+    # (it would fail at the end, hours later), and an --out whose picture's name is a folder (the
+    # wav was written, then the picture failed, leaving a part)
+    (tmp_path / "o.png").mkdir()
+    too_long = MAX_CLIP_SECONDS * 75 + 1
+    for args, said in (([f"--max_new_tokens={too_long}"],
+                        f"--max_new_tokens={too_long}: {MAX_CLIP_SECONDS} s of audio, over the "
+                        f"{MAX_CLIP_SECONDS} s sample.py decodes and writes at once"),
+                       (["--max_new_tokens=1"], f"its picture {tmp_path / 'o.png'} is a folder")):
+        p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--clip=1", *args,
+                   f"--out={tmp_path / 'o.wav'}")
+        assert p.returncode == 2 and said in p.stderr, (args, p.stderr[-1500:])
+        assert "generated" not in p.stdout and not (tmp_path / "o.wav").exists()
+        assert not list(tmp_path.glob("*tmp*")) and not list((tmp_path / "o.png").iterdir())
 
 # -----------------------------------------------------------------------------
 # text models: the checkpoint keeps its tokenizer
