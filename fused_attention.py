@@ -17,8 +17,9 @@ A query that sees no key at all returns zeros and passes zero gradient.
 
 Two implementations of the same function:
 - "triton": our FlashAttention-2 style kernels (forward, flash-decoding, two backwards) for CUDA
-  tensors in fp16/bf16, head dim 16, 32, 64 or 128. Under Triton's interpreter (TRITON_INTERPRET=1
-  set before this module is imported) they also run on CPU tensors: how the tests check them.
+  tensors in fp16/bf16, head dim 16, 32, 64 or 128; first derivatives only. Under Triton's
+  interpreter (TRITON_INTERPRET=1 set before this module is imported) they also run on CPU tensors
+  in fp16/fp32 (it computes bf16 wrongly): how the tests check them.
 - "torch": PyTorch's scaled_dot_product_attention with the equivalent boolean mask; any device,
   dtype and head dim.
 Which one runs: the `backend` keyword, else the module setting BACKEND, read from the environment
@@ -39,6 +40,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -744,6 +746,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: an error, not zeros
     def backward(ctx, do):
         q, k, v, o, lse, k_lens, q_lens = ctx.saved_tensors
         dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, k_lens, ctx.sm_scale,
@@ -763,6 +766,10 @@ def attention_triton(q, k, v, causal, k_lens, sm_scale, q_lens):
     if q.dtype not in dtypes:
         raise ValueError(f"fused_attention: the triton kernel takes {dtypes} here, got {q.dtype} "
                          f"(use backend='torch' / FUSED_ATTENTION=torch for other dtypes)")
+    if INTERPRETED and q.dtype == torch.bfloat16:  # its results would be wrong by orders of size
+        raise ValueError(f"fused_attention: Triton's interpreter (triton {triton.__version__}) "
+                         f"computes bf16 tl.dot wrongly; under TRITON_INTERPRET=1 give the kernels "
+                         f"float16 or float32 (bf16 runs on a GPU)")
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"fused_attention: the triton kernel needs CUDA tensors (got {q.device}); "
                          f"to run it on the CPU set TRITON_INTERPRET=1 before fused_attention is "
@@ -796,7 +803,7 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
     if not isinstance(causal, bool):  # "no" or None would pass as True or False
         raise ValueError(f"fused_attention.attention: causal must be True or False, got "
                          f"{causal!r}")
-    backend = backend or BACKEND
+    backend = BACKEND if backend is None else backend
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "
                          f"or torch, got {backend!r}")
@@ -808,12 +815,14 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
     sm_scale = float(sm_scale)
     if not math.isfinite(sm_scale):
         raise ValueError(f"fused_attention.attention: sm_scale must be finite, got {sm_scale}")
-    if sm_scale <= 0:
-        # The kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
-        # causal SDPA gives NaN for one that is not. So: the same scores with a positive scale.
-        # A negative one negates q; a zero one makes q exact zeros joined to the graph, as below.
-        q, sm_scale = (-q, -sm_scale) if sm_scale < 0 else (
-            torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0.0), 1.0)
+    # The kernels take the row max on raw scores, which needs a positive scale, and PyTorch's
+    # causal SDPA gives NaN for one that is not. So: the same scores with a positive scale.
+    # A negative one negates q; a zero one (or one that float32 rounds to zero, which met a masked
+    # score's -inf as 0 * inf = NaN) makes q exact zeros joined to the graph, as below.
+    if sm_scale < 0:
+        q, sm_scale = -q, -sm_scale
+    if sm_scale * LOG2E < torch.finfo(torch.float32).tiny:
+        q, sm_scale = torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0.0), 1.0
     if q.numel() == 0 or k.shape[2] == 0:
         # nothing to attend to (or nobody asking): zeros that stay zero whatever q holds (q * 0
         # would turn an inf into NaN), joined to the graph so that q, k and v get (zero) gradients

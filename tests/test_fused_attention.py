@@ -493,7 +493,30 @@ def test_triton_interpreter_strided_output_grad_and_narrow_length_dtypes():
         "lens = torch.tensor([200], dtype=torch.uint8)\n"
         "a = fa.attention(q, kv, kv, k_lens=lens, backend='triton')\n"
         "b = fa.attention(q, kv, kv, k_lens=lens.long(), backend='torch')\n"
-        "assert float((a - b).abs().max()) < 1e-5\n")
+        "assert float((a - b).abs().max()) < 1e-5\n"
+        # bf16, which the interpreter computes wrongly (by ~1e8 here), is refused, not returned
+        "q = torch.randn(1, 1, 32, 16)\n"
+        "try:\n"
+        "    fa.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), backend='triton')\n"
+        "    raise AssertionError('bf16 ran under the interpreter')\n"
+        "except ValueError as e:\n"
+        "    assert 'computes bf16 tl.dot wrongly' in str(e), e\n"
+        # a scale float32 rounds to 0 gave NaN (0 * a masked -inf): it is the scale 0's uniform
+        # average over the keys each query sees
+        "q, k, v = (torch.randn(1, 1, 20, 16, generator=g) for _ in range(3))\n"
+        "for scale in (1e-46, 0.0):\n"
+        "    out = fa.attention(q, k, v, causal=True, sm_scale=scale, backend='triton')\n"
+        "    mean = v.cumsum(2) / torch.arange(1, 21).view(1, 1, 20, 1)\n"
+        "    assert float((out - mean).abs().max()) < 1e-5, scale\n"
+        # a gradient of the gradient was silently zero: now an error
+        "q.requires_grad_()\n"
+        "gq, = torch.autograd.grad(fa.attention(q, k, v, backend='triton').square().sum(), q,\n"
+        "                          create_graph=True)\n"
+        "try:\n"
+        "    gq.square().sum().backward()\n"
+        "    raise AssertionError('a second derivative passed')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'once_differentiable' in str(e), e\n")
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
