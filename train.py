@@ -600,11 +600,23 @@ if __name__ == "__main__":
         if learned and learned != getattr(config, "codec_id", learned):
             fail(f"init_from={init_from}: its weights learned the codes of {learned}; {data_dir}'s "
                  f"are codes of {config.codec_id} (prepare the data with --codec_from=<its data>)")
+        # the settings of the checkpoint's model that this one has otherwise (its own stage's
+        # fields aside): a size is a shape error below; a head count loads without one, into
+        # another attention layout, so it is refused here
+        differ = sorted(k for k, v in init["model_args"].items()
+                        if hasattr(config, k) and getattr(config, k) != v)
+        def said(keys):
+            return ", ".join(f"{k}={init['model_args'][k]!r} there, {getattr(config, k)!r} here"
+                             for k in keys[:6])
+        heads = [k for k in differ if k == "n_head" or k.endswith("_n_head")]
+        if heads:
+            fail(f"init_from={init_from}: another split of heads ({said(heads)}) would read its "
+                 f"weights in another layout; give the checkpoint's")
         try:
             missing, unexpected = raw_model.load_state_dict(init["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape
-            fail(f"init_from={init_from}: its weights do not fit this model: "
-                 f"{' '.join(str(e).split())[:240]}")
+            fail(f"init_from={init_from}: its weights do not fit this model (settings that differ: "
+                 f"{said(differ)}): {' '.join(str(e).split())[:240]}")
         if unexpected:
             # another stage's checkpoint (SALMONN, Pengi): its parts come through *_init settings
             stage, ours = init["model_args"].get("stage"), getattr(config, "stage", None)

@@ -256,7 +256,12 @@ def test_bad_checkpoints_and_bad_audio_get_one_clear_line(synth_dir, tmp_path):
             ([sys.executable, "sample.py", f"--out_dir={good}", "--temprature=0.5"],
              "--temprature (did you mean --temperature?)"),
             (train(new, synth_dir, "--n_embd=64", f"--init_from={good / 'ckpt.pt'}"),
-             f"init_from={good / 'ckpt.pt'}: its weights do not fit this model"),
+             f"init_from={good / 'ckpt.pt'}: its weights do not fit this model (settings that "
+             f"differ: n_embd=32 there, 64 here)"),
+            # another head count fits every tensor, so it loaded, silently into another layout
+            (train(new, synth_dir, "--n_head=4", f"--init_from={good / 'ckpt.pt'}"),
+             f"init_from={good / 'ckpt.pt'}: another split of heads (n_head=2 there, 4 here) "
+             f"would read its weights in another layout"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path / 'none' / 'x.json'}"],
              "its folder does not exist"),
             ([sys.executable, "eval.py", str(good), f"--json={tmp_path}"],
