@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -1162,6 +1163,13 @@ def init_pretrained(model, tok=None):
     the three fields are cleared: the model now holds the weights, so a checkpoint's config names
     no file for load_data to read again (train.py's saved settings keep the paths)."""
     config = model.config
+    if config.stage == "pretrain":  # stage 1 (the later stages start from its checkpoint)
+        empty = [f for f in ("whisper_init", "beats_init", "llm_init") if not getattr(config, f)]
+        if empty:
+            warnings.warn(f"salmonn: {', '.join(empty)} empty, so stage 1 trains on random "
+                          f"frozen parts and teaches little; train the stand-ins "
+                          f"(config/salmonn_whisper.py, salmonn_beats.py, salmonn_llm.py) or give "
+                          f"real weights")
     for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
                               ("beats_init", "beats", load_beats_state)):
         path = getattr(config, field)

@@ -24,6 +24,9 @@ import salmonn
 import tokenizer
 from salmonn import SALMONN, SALMONNConfig, n_audio_tokens
 
+# most tests build stage 1 from random parts on purpose (test_stage1_without_parts_warns checks it)
+pytestmark = pytest.mark.filterwarnings("ignore:salmonn. .*empty, so stage 1")
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def tiny_config(**kw):
@@ -2881,3 +2884,16 @@ def test_average_precision_ranks_tied_scores_in_clip_order():
     want = np.mean([sum(labels[j] for j in range(60) if rank(j) <= rank(i)) / rank(i)
                     for i in pos])
     assert salmonn.average_precision(scores, labels) == pytest.approx(want)
+
+
+def test_stage1_without_parts_warns():
+    """Stage 1 whose encoders or LLM are not given trains on random frozen parts (as Pengi warns
+    of its LM); a later stage, whose parts come from stage 1's checkpoint (init_from), does not
+    warn."""
+    import warnings
+    with pytest.warns(UserWarning, match=r"salmonn: whisper_init, beats_init, llm_init empty, so "
+                                         r"stage 1 trains on random frozen parts"):
+        salmonn.init_pretrained(SALMONN(tiny_config(stage="pretrain")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        salmonn.init_pretrained(SALMONN(tiny_config(stage="instruct")))
