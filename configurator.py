@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from contextlib import contextmanager
 
 TYPES = (int, float, bool, str)
@@ -38,15 +39,21 @@ def defaults(namespace):
 
 def read_config_file(path):
     """{key: value} of the plain-typed assignments in a config file."""
+    if os.path.isdir(path):
+        raise SettingsError(f"config file {path}: a folder; name a config file in it")
     if not os.path.isfile(path):
         raise SettingsError(f"config file {path} not found")
     ns = {}
     try:
         # one namespace, as a module has: a comprehension or lambda sees the settings above it
         with open(path) as f:
-            exec(f.read(), ns)
-    except Exception as e:
-        raise SettingsError(f"config file {path} does not run: {type(e).__name__}: {e}")
+            exec(compile(f.read(), path, "exec"), ns)  # (errors name the file and its line)
+    except (Exception, SystemExit) as e:  # sys.exit() in it would end the script without a word
+        # the line of the file that raised (a SyntaxError names its own)
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if f.filename == path), None)
+        at = f" (line {line})" if line and not isinstance(e, SyntaxError) else ""
+        raise SettingsError(f"config file {path} does not run: {type(e).__name__}: {e}{at}")
     out = {}
     for key, value in ns.items():
         if key.startswith("_") or type(value).__name__ == "module":

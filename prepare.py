@@ -335,7 +335,7 @@ def check_args(args):
         sys.exit(f"error: --val_percent={args.val_percent:g}: must be a multiple of 0.1 (a clip's "
                  f"split is drawn per mille)")
     for k, least in (("codec_steps", 0), ("codec_tune_steps", 0), ("codec_clips", 1),
-                     ("kmeans_frames", 1), ("kmeans_iters", 1)):
+                     ("kmeans_frames", 1), ("kmeans_iters", 1), ("codec_report", 0)):
         if getattr(args, k) < least:
             sys.exit(f"error: --{k}={getattr(args, k)}: must be at least {least}")
     if not 0 < args.batch_seconds < math.inf:
@@ -1137,12 +1137,15 @@ def main(argv=None):
     except BaseException as e:  # no usable clip, a --strict stop, Ctrl-C: no empty folder left
         # nothing to resume from: the arguments' hash and the copy of --codec_from's codec alone
         nothing_kept = {p.name for p in work.iterdir()} <= {"args_hash", "codec_from.pt"}
+        no_chunk = not any(work.glob("chunk*[0-9].npz"))
         if nothing_kept:
             for p in work.iterdir():
                 p.unlink()
         remove_empty([work, *made])
-        if nothing_kept and isinstance(e, KeyboardInterrupt):  # interrupted_message would say
-            sys.exit("\ninterrupted before the first chunk of clips was encoded: nothing is kept")
+        if no_chunk and isinstance(e, KeyboardInterrupt):  # interrupted_message would say "clips"
+            sys.exit("\ninterrupted before the first chunk of clips was encoded: nothing is kept"
+                     if nothing_kept else "\ninterrupted while training the offline codec: its "
+                     "steps so far are kept; run the same command again to resume")
         raise
     stage = Staging(out)                              # from here on every output is staged
     allemb = torch.from_numpy(np.concatenate(embs)).float()

@@ -331,7 +331,8 @@ def load_settings(argv):
     for key, value, raw, source in entries:
         if key == "model":
             name, where = (raw if raw is not None else value), source
-    if not isinstance(name, str) or not os.path.isfile(os.path.join(HERE, f"{name}.py")):
+    if (not isinstance(name, str) or not name.isidentifier()  # a path is no model name
+            or not os.path.isfile(os.path.join(HERE, f"{name}.py"))):
         fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or "
              f"pengi")
     module = importlib.import_module(name)
@@ -409,6 +410,8 @@ if __name__ == "__main__":
     if S["decay_lr"] and 0 < S["lr_decay_iters"] < S["warmup_iters"]:
         fail(f"lr_decay_iters={S['lr_decay_iters']}: below warmup_iters={S['warmup_iters']}; the "
              f"cosine decay starts after the warmup (0 decays until max_iters)")
+    if S["backend"] not in ("auto", "nccl", "gloo"):
+        fail(f"backend={S['backend']!r}: the DDP backend is auto, nccl (CUDA) or gloo")
     if not 0 <= S["seed"] < 2 ** 63:  # numpy's and torch's generators take these
         fail(f"seed={S['seed']}: must be at least 0 and below 2**63")
     if S["overwrite"] and S["init_from"] == "resume":
@@ -431,6 +434,8 @@ if __name__ == "__main__":
                                        init_process_group)
         if backend == "auto":
             backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl" and not device.startswith("cuda"):
+            fail(f"backend=nccl joins CUDA processes; on device={device} use gloo (or auto)")
         init_process_group(backend=backend)
         ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         ddp_world_size = int(os.environ["WORLD_SIZE"])

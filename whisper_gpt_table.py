@@ -530,6 +530,9 @@ if __name__ == "__main__":
         fail(said.getvalue().strip().removeprefix("train.py: ") + " (the settings not this "
              "script's go to train.py, for every run)")
     sys.stderr.write(said.getvalue())
+    for s in run_settings.values():  # train.py checks these as it starts: here, before any run
+        device = configurator.resolve_device("whisper_gpt_table.py", s["device"])
+        configurator.resolve_dtype("whisper_gpt_table.py", s["dtype"], device)
     best_only = [m for m, s in run_settings.items() if not s["always_save_checkpoint"]]
     if best_only:  # set on the command line, or in a model's config file
         fail(f"always_save_checkpoint=False (for {', '.join(best_only)}): the table is of each "

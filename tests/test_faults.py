@@ -331,11 +331,16 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
     cmd = [sys.executable, "prepare.py", f"--clips={prepare.CHUNK + 40}", "--max_seconds=1.0",
            "--offline", "--codec_report=0", "--kmeans_frames=2048", "--kmeans_iters=2",
            f"--out_dir={out}"]
-    for saved in (False, True):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=sigint_as_usual)
+    # (while the offline codec trains, before any clip is encoded, its saved steps are what is kept)
+    codec_cmd = cmd + ["--codec_steps=100000", "--codec_clips=4"]
+    for saved in (False, True, "codec"):
+        proc = subprocess.Popen(codec_cmd if saved == "codec" else cmd, cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=sigint_as_usual)
         seen, t0 = b"", time.time()
         while time.time() - t0 < 300:
+            if saved == "codec" and list(out.glob(".work-*/codec_train.pt")):
+                break
             if b"encode:" in seen and (not saved or list(out.glob(".work-*/chunk00000.npz"))):
                 break
             chunk = proc.stderr.read1(4096)
@@ -346,7 +351,11 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
         proc.send_signal(signal.SIGINT)
         err = (seen + proc.communicate(timeout=120)[1]).decode(errors="replace")
         assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
-        if saved:
+        if saved == "codec":
+            assert err.rstrip().endswith("interrupted while training the offline codec: its steps "
+                                         "so far are kept; run the same command again to resume"), \
+                err[-500:]
+        elif saved:
             assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the "
                                          "same command again to resume (other arguments start "
                                          "anew)"), err[-500:]

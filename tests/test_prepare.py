@@ -1876,7 +1876,7 @@ def test_codec_trains_and_tunes_on_train_clips_only(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arg", ["--clips=0", "--max_seconds=0.5", "--val_percent=250",
                                  "--kmeans_frames=0", "--kmeans_iters=0", "--codec_steps=-3",
-                                 "--codec_tune_steps=-1", "--codec_clips=0",
+                                 "--codec_tune_steps=-1", "--codec_clips=0", "--codec_report=-1",
                                  "--batch_seconds=0", "--batch_seconds=inf", "--seed=-1",
                                  "--max_seconds=inf",
                                  # the split is drawn per mille: 0.05 would give 0.1

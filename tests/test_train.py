@@ -305,6 +305,34 @@ def test_config_file_runs_in_one_namespace_like_a_module(tmp_path):
                    "_per_head = lambda d: d // n_layer\nn_head = _per_head(n_embd) // 32\n")
     assert K.read_config_file(str(cfg)) == {"n_layer": 3, "n_embd": 96, "n_head": 1}
 
+def test_config_files_and_settings_that_stopped_without_a_word_or_with_a_traceback(tmp_path,
+                                                                                   capsys):
+    """A config file that calls sys.exit() ended train.py with nothing trained and nothing said; a
+    folder given as one was "not found"; a syntax error named "<string>"; a path as the model
+    (--model=config/whisper_gpt_quick) was a ModuleNotFoundError traceback; an unknown DDP backend
+    passed until torchrun's own traceback."""
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "bad.py").write_text("n_layer = 2\nn_head = (\n")
+    (tmp_path / "raises.py").write_text("n_layer = 2\nn_head = n_layer // 0\n")
+    for argv, said in (([str(tmp_path / "exits.py")], f"config file {tmp_path / 'exits.py'} does "
+                                                       f"not run: SystemExit: 0"),
+                       ([str(tmp_path)], f"config file {tmp_path}: a folder"),
+                       ([str(tmp_path / "bad.py")], "SyntaxError: '(' was never closed (bad.py, "
+                                                    "line 2)"),
+                       ([str(tmp_path / "raises.py")], "ZeroDivisionError: integer division or "
+                                                       "modulo by zero (line 2)"),
+                       (["--model=config/whisper_gpt_quick"],
+                        "model = 'config/whisper_gpt_quick' (--model=config/whisper_gpt_quick): "
+                        "no such model file"),
+                       (["--backend=foo"], None)):
+        if said is None:  # checked with the other numbers, once the settings are read
+            p = run(["config/whisper_gpt_quick.py", "--backend=foo", "--max_iters=1"], check=False)
+            assert p.returncode == 2 and ("backend='foo': the DDP backend is auto, nccl (CUDA) or "
+                                          "gloo" in p.stderr), p.stderr[-2000:]
+            continue
+        err = settings_error(capsys, argv)
+        assert said in err and "Traceback" not in err, (argv, err)
+
 def test_bool_is_no_number_a_bare_flag_is_true_and_an_empty_value_is_text():
     """A setting's type is its default's exactly: True or False is not an int nor a float (bool is
     a subclass of int, so isinstance would take --n_layer=True as 1); a bare --flag is True for a

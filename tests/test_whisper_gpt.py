@@ -1418,6 +1418,14 @@ def test_table_script_refuses_a_model_it_has_no_name_for(tmp_path):
                      timeout=300)
     assert res.returncode == 2 and "--models: no model 'xl'" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+    # a device or dtype train.py would refuse in every run (where runs had finished, the table was
+    # written saying "device cuda" of runs made on the CPU)
+    for arg, said in (("--device=cuda:7", "device='cuda:7': this machine has"),
+                      ("--dtype=bf16", "dtype='bf16': expected auto, float32")):
+        res = run_script([sys.executable, os.path.join(ROOT, "whisper_gpt_table.py"), "--models=s",
+                          arg, f"--out_root={tmp_path / 'runs'}"], cwd=ROOT, timeout=300)
+        assert res.returncode == 2 and said in res.stderr, res.stderr[-2000:]
+        assert not (tmp_path / "runs").exists()
 
 def test_table_script_checks_where_it_writes_before_any_work(tmp_path):
     """--out and --out_root are checked before the sweep, which they would fail after: --out a
