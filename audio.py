@@ -172,8 +172,8 @@ def load_audio(path, max_seconds=MAX_CLIP_SECONDS):
                              f"{MIN_SAMPLE_RATE} Hz)")
     if max_seconds is not None and len(data) > max_seconds * file_sr:
         seconds = len(data) / file_sr  # (120.01 s is not "120 s, over the 120 s")
-        seconds = f"{seconds:.0f}" if seconds >= max_seconds + 1 else f"{seconds:.2f}"
-        raise BadAudio(path, f"too long to encode: {seconds} s, over the "
+        shown = f"{seconds:.0f}" if seconds >= max_seconds + 1 else f"{seconds:.3f}".rstrip("0")
+        raise BadAudio(path, f"too long to encode: {shown} s, over the "
                              f"{max_seconds} s a clip may last (the codec encodes a clip whole): "
                              f"split it")
     wav = data.mean(axis=1)

@@ -164,8 +164,8 @@ def read_manifest(src, report):
                 rows.append((f"{mc.name}:{read}", row))
         except csv.Error as e:
             sys.exit(f"error: {mc}: not CSV after line {read} ({e}); check its quotes")
-        header = reader.fieldnames or []
-        if not set(header) & set(FILE_FIELDS):  # every row would lose its file: not a manifest
+        header = reader.fieldnames or []  # (an empty file: no rows)
+        if header and not set(header) & set(FILE_FIELDS):  # every row would lose its file
             sys.exit(f"error: {mc}: its first line {','.join(header)!r} names no file column "
                      f"({', '.join(FILE_FIELDS)}); a manifest.csv is comma-separated, under a "
                      f"header line")
@@ -176,10 +176,11 @@ def read_manifest(src, report):
         if not isinstance(row, dict):
             report(f"{src}/{where}", "manifest row is not an object ({\"file\": ..., ...})")
             continue
-        if None in row:  # csv's key for the fields past the header's: the columns have shifted
-            report(f"{src}/{where}", f"manifest row has {len(row) - 1 + len(row[None])} fields, "
-                                     f"its header {len(row) - 1}: quote a field that holds a "
-                                     f"comma")
+        # csv's key for the fields past the header's: text there means the columns have shifted
+        # (empty ones are a trailing comma)
+        if any(v.strip() for v in row.pop(None, [])):
+            report(f"{src}/{where}", f"manifest row has more fields than its header "
+                                     f"({len(row)}): quote a field that holds a comma")
             continue
         name = next((row[k] for k in FILE_FIELDS if row.get(k)), None)
         if not isinstance(name, str) or not name:
@@ -239,7 +240,11 @@ def folder_items(src, report):
         if f.name in ("manifest.csv", "manifest.jsonl") and f.parent == src:
             continue
         if any(part.startswith(".") for part in f.relative_to(src).parts):
-            continue  # hidden: .DS_Store, macOS's ._ copies beside each file, a .git folder
+            # hidden: .DS_Store, macOS's ._ copies beside each file, a .git folder
+            if same_name(f.resolve()) in (manifest or {}):
+                report(str(f), "hidden (a name starting with .), not read, though the manifest "
+                               "names it")
+            continue
         if f.suffix.lower() not in AUDIO_EXTS:
             report(str(f), f"not an audio file (extension '{f.suffix or 'none'}')")
             continue
@@ -445,10 +450,11 @@ def drop_speech_if_unavailable(args):
 PLACE_ARGS = ("name", "out_dir")
 NOT_HASHED = ("force", "quiet", "strict", "codebook0_mel")
 
-def hash_args(args):
-    """The hash of the arguments that shape the output: a re-run with the same ones skips work."""
+def hash_args(args, src_as_given=False):
+    """The hash of the arguments that shape the output: a re-run with the same ones skips work.
+    src_as_given: the hash of data prepared before --src was normalised."""
     key_args = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
-    if args.src:  # "src/" and "./src" name the folder "src" does
+    if args.src and not src_as_given:  # "src/" and "./src" name the folder "src" does
         key_args["src"] = os.path.normpath(args.src)
     # left out when off, so data prepared before these options existed keeps its hash
     if not args.whisper_mel:
@@ -511,6 +517,8 @@ def already_prepared(out, args, args_hash):
         sys.exit(f"error: {meta_path} cannot be read as prepare.py's JSON, so the arguments of the "
                  f"data in {out} are unknown; rebuilding could replace the data, and the codec, "
                  f"that runs trained on it read: --force rebuilds it there")
+    if meta.get("args_hash") in (args_hash, hash_args(args, src_as_given=True)):
+        args_hash = meta["args_hash"]  # (the same data; an older spelling of --src)
     if meta.get("args_hash") != args_hash and not prepared_elsewhere(meta, args):
         if any(w.read_text() == args_hash for w in out.glob(".work-*/args_hash")):
             # a rebuild with exactly these arguments was started (--force) and stopped: resume it
@@ -1143,9 +1151,10 @@ def main(argv=None):
                 p.unlink()
         remove_empty([work, *made])
         if no_chunk and isinstance(e, KeyboardInterrupt):  # interrupted_message would say "clips"
-            sys.exit("\ninterrupted before the first chunk of clips was encoded: nothing is kept"
-                     if nothing_kept else "\ninterrupted while training the offline codec: its "
-                     "steps so far are kept; run the same command again to resume")
+            again = "the same command" + (" without --force" if args.force else "")
+            sys.exit("\ninterrupted before the first chunk of clips was encoded: " +
+                     ("nothing is kept" if nothing_kept else f"the offline codec's training "
+                      f"steps are kept; run {again} again to resume"))
         raise
     stage = Staging(out)                              # from here on every output is staged
     allemb = torch.from_numpy(np.concatenate(embs)).float()

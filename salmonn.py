@@ -1167,7 +1167,8 @@ def init_pretrained(model, tok=None):
         empty = [f for f in ("whisper_init", "beats_init", "llm_init") if not getattr(config, f)]
         if empty:
             warnings.warn(f"salmonn: {', '.join(empty)} empty, so stage 1 trains on random "
-                          f"frozen parts and teaches little; train the stand-ins "
+                          f"frozen parts (unless init_from holds them) and teaches little; train "
+                          f"the stand-ins "
                           f"(config/salmonn_whisper.py, salmonn_beats.py, salmonn_llm.py) or give "
                           f"real weights")
     for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),

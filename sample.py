@@ -207,9 +207,10 @@ if __name__ == "__main__":
     codes_model = hasattr(config, "codec_id")
     new_tokens = opts.get("max_new_tokens", M.SAMPLE_OPTS.get("max_new_tokens", 0))
     if codes_model and new_tokens > MAX_CLIP_SECONDS * FRAME_RATE:  # refused now, not at the end
-        fail(f"--max_new_tokens={new_tokens}: {new_tokens / FRAME_RATE:.0f} s of audio, over the "
-             f"{MAX_CLIP_SECONDS} s sample.py decodes and writes at once "
-             f"({MAX_CLIP_SECONDS * FRAME_RATE} tokens at {FRAME_RATE} a second)")
+        fail(f"--max_new_tokens={new_tokens}: {new_tokens / FRAME_RATE:.2f} s of audio, over the "
+             f"{MAX_CLIP_SECONDS} s a continuation may last ({MAX_CLIP_SECONDS * FRAME_RATE} "
+             f"tokens at {FRAME_RATE} a second; sample.py decodes it whole, as the codec encodes "
+             f"a clip: audio.MAX_CLIP_SECONDS)")
     # where the result goes (audio: a .wav, a folder gets sample.wav; text: printed, and with --out
     # a .txt, a folder gets sample.txt); checked before the input is read and sampled
     out_path = out or os.path.join(out_dir, "sample.wav")

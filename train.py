@@ -410,8 +410,10 @@ if __name__ == "__main__":
     if S["decay_lr"] and 0 < S["lr_decay_iters"] < S["warmup_iters"]:
         fail(f"lr_decay_iters={S['lr_decay_iters']}: below warmup_iters={S['warmup_iters']}; the "
              f"cosine decay starts after the warmup (0 decays until max_iters)")
-    if S["backend"] not in ("auto", "nccl", "gloo"):
-        fail(f"backend={S['backend']!r}: the DDP backend is auto, nccl (CUDA) or gloo")
+    backends = ["auto"] + [b for b in torch.distributed.Backend.backend_list if b != "undefined"]
+    if S["backend"] not in backends:
+        fail(f"backend={S['backend']!r}: the DDP backend is one of {', '.join(backends)} (auto: "
+             f"nccl on CUDA, gloo on a CPU)")
     if not 0 <= S["seed"] < 2 ** 63:  # numpy's and torch's generators take these
         fail(f"seed={S['seed']}: must be at least 0 and below 2**63")
     if S["overwrite"] and S["init_from"] == "resume":
@@ -605,15 +607,16 @@ if __name__ == "__main__":
         if learned and learned != getattr(config, "codec_id", learned):
             fail(f"init_from={init_from}: its weights learned the codes of {learned}; {data_dir}'s "
                  f"are codes of {config.codec_id} (prepare the data with --codec_from=<its data>)")
-        # the settings of the checkpoint's model that this one has otherwise (its own stage's
-        # fields aside): a size is a shape error below; a head count loads without one, into
-        # another attention layout, so it is refused here
-        differ = sorted(k for k, v in init["model_args"].items()
-                        if hasattr(config, k) and getattr(config, k) != v)
+        # the settings of the checkpoint's model that this one has otherwise, the sizes (ints)
+        # first: a size is a shape error below; a head count (n_head, *_n_head, pengi's
+        # enc_heads) loads without one, into another attention layout, so it is refused here
+        differ = sorted((k for k, v in init["model_args"].items()
+                         if hasattr(config, k) and getattr(config, k) != v),
+                        key=lambda k: (not isinstance(getattr(config, k), int), k))
         def said(keys):
             return ", ".join(f"{k}={init['model_args'][k]!r} there, {getattr(config, k)!r} here"
                              for k in keys[:6])
-        heads = [k for k in differ if k == "n_head" or k.endswith("_n_head")]
+        heads = [k for k in differ if "head" in k]
         if heads:
             fail(f"init_from={init_from}: another split of heads ({said(heads)}) would read its "
                  f"weights in another layout; give the checkpoint's")

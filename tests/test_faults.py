@@ -352,9 +352,9 @@ def test_prepare_stopped_by_ctrl_c_says_how_to_resume_in_one_line(tmp_path):
         err = (seen + proc.communicate(timeout=120)[1]).decode(errors="replace")
         assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
         if saved == "codec":
-            assert err.rstrip().endswith("interrupted while training the offline codec: its steps "
-                                         "so far are kept; run the same command again to resume"), \
-                err[-500:]
+            assert err.rstrip().endswith("interrupted before the first chunk of clips was encoded: "
+                                         "the offline codec's training steps are kept; run the "
+                                         "same command again to resume"), err[-500:]
         elif saved:
             assert err.rstrip().endswith("interrupted: the clips encoded so far are kept; run the "
                                          "same command again to resume (other arguments start "

@@ -391,6 +391,18 @@ def test_synth_kinds_keep_only_those_kinds_and_bad_kinds_are_named(tmp_path):
               for src in ("mine", "mine/", "./mine", "mine//")]
     assert len(set(folder)) == 1 and folder[0] != P.hash_args(P.get_args(["--dataset=folder",
                                                                           "--src=yours"]))
+    # data prepared before that, as "mine/", is still the same data to that command
+    out = tmp_path / "prepared"
+    out.mkdir()
+    args = P.get_args(["--dataset=folder", "--src=mine/", f"--out_dir={out}"])
+    old_hash = P.hash_args(args, src_as_given=True)
+    assert old_hash != P.hash_args(args)
+    (out / "meta.json").write_text(json.dumps({"args_hash": old_hash, "args": vars(args),
+                                               "codec": None, "tokenizer": {}}))
+    for split in ("train", "val"):
+        for part in ("mel.bin", "clips.jsonl"):
+            (out / f"{split}_{part}").write_text("")
+    assert P.already_prepared(out, args, P.hash_args(args))
     # a corpus of other kinds is another corpus; the order they are named in does not matter
     assert P.hash_args(P.get_args(["--clips=10"])) != \
         P.hash_args(P.get_args(["--clips=10", "--kinds=morse"]))
@@ -1246,13 +1258,18 @@ def test_a_manifest_csv_row_with_an_unquoted_comma_is_reported_not_shifted(tmp_p
     row is reported and skipped; the rows around it are read."""
     (tmp_path / "manifest.csv").write_text("file,caption,label\n"
                                            "a.wav,a dog barks, then a car passes,dog\n"
-                                           "b.wav,\"rain, then thunder\",rain\n")
+                                           "b.wav,\"rain, then thunder\",rain\n"
+                                           "c.wav,a bell,bell,,\n")  # a trailing comma or two
     problems = []
     rows = P.read_manifest(tmp_path, lambda where, why, kept=False: problems.append((where, why)))
-    assert problems == [(f"{tmp_path}/manifest.csv:2", "manifest row has 4 fields, its header 3: "
-                                                       "quote a field that holds a comma")]
+    assert problems == [(f"{tmp_path}/manifest.csv:2", "manifest row has more fields than its "
+                                                       "header (3): quote a field that holds a "
+                                                       "comma")]
     assert [(r["name"], r["caption"], r["label"]) for r in rows.values()] == [
-        ("b.wav", "rain, then thunder", "rain")]
+        ("b.wav", "rain, then thunder", "rain"), ("c.wav", "a bell", "bell")]
+    # an empty manifest.csv names no file: no rows, as before (its header is not checked)
+    (tmp_path / "manifest.csv").write_text("")
+    assert P.read_manifest(tmp_path, lambda *a, **k: pytest.fail(f"reported {a}")) == {}
 
 
 def test_a_manifest_that_is_not_utf8_or_has_no_file_column_stops_in_one_line(tmp_path):
@@ -1316,6 +1333,13 @@ def test_hidden_files_are_left_out_and_fields_of_spaces_are_no_text(tmp_path):
     assert [(it["id"], it["caption"], it["qa"]) for it in items] == [
         ("a.wav", "a tone", [{"q": "loud?", "a": "no"}, {"q": "what sound is this?",
                                                           "a": "beep, tone"}])]
+    # a hidden file the manifest names is said to be left out, not dropped without a word
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write(json.dumps({"file": ".git/b.wav", "caption": "x"}) + "\n")
+    problems = []
+    P.folder_items(tmp_path, lambda where, why, kept=False: problems.append((where, why)))
+    assert problems == [(str(tmp_path / ".git" / "b.wav"), "hidden (a name starting with .), not "
+                                                          "read, though the manifest names it")]
 
 
 def test_a_clotho_style_manifest_gives_its_first_caption_and_unread_columns_are_named(tmp_path,

@@ -327,8 +327,8 @@ def test_config_files_and_settings_that_stopped_without_a_word_or_with_a_traceba
                        (["--backend=foo"], None)):
         if said is None:  # checked with the other numbers, once the settings are read
             p = run(["config/whisper_gpt_quick.py", "--backend=foo", "--max_iters=1"], check=False)
-            assert p.returncode == 2 and ("backend='foo': the DDP backend is auto, nccl (CUDA) or "
-                                          "gloo" in p.stderr), p.stderr[-2000:]
+            assert p.returncode == 2 and ("backend='foo': the DDP backend is one of auto, "
+                                          in p.stderr and "gloo" in p.stderr), p.stderr[-2000:]
             continue
         err = settings_error(capsys, argv)
         assert said in err and "Traceback" not in err, (argv, err)
@@ -1103,8 +1103,8 @@ def test_sample_seed_clip_and_audio_limits(full_run, synth_dir, tmp_path):
     (tmp_path / "o.png").mkdir()
     too_long = MAX_CLIP_SECONDS * 75 + 1
     for args, said in (([f"--max_new_tokens={too_long}"],
-                        f"--max_new_tokens={too_long}: {MAX_CLIP_SECONDS} s of audio, over the "
-                        f"{MAX_CLIP_SECONDS} s sample.py decodes and writes at once"),
+                        f"--max_new_tokens={too_long}: {MAX_CLIP_SECONDS}.01 s of audio, over "
+                        f"the {MAX_CLIP_SECONDS} s a continuation may last"),
                        (["--max_new_tokens=1"], f"its picture {tmp_path / 'o.png'} is a folder")):
         p = sample(f"--out_dir={full_run}", f"--data_dir={synth_dir}", "--clip=1", *args,
                    f"--out={tmp_path / 'o.wav'}")
