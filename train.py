@@ -410,7 +410,8 @@ if __name__ == "__main__":
     if S["decay_lr"] and 0 < S["lr_decay_iters"] < S["warmup_iters"]:
         fail(f"lr_decay_iters={S['lr_decay_iters']}: below warmup_iters={S['warmup_iters']}; the "
              f"cosine decay starts after the warmup (0 decays until max_iters)")
-    backends = ["auto"] + [b for b in torch.distributed.Backend.backend_list if b != "undefined"]
+    known = getattr(getattr(torch.distributed, "Backend", None), "backend_list", ["nccl", "gloo"])
+    backends = ["auto"] + [b for b in known if b != "undefined"]  # (a torch built without them)
     if S["backend"] not in backends:
         fail(f"backend={S['backend']!r}: the DDP backend is one of {', '.join(backends)} (auto: "
              f"nccl on CUDA, gloo on a CPU)")
