@@ -239,16 +239,17 @@ def folder_items(src, report):
         rel = f.relative_to(src).as_posix()
         if f.name in ("manifest.csv", "manifest.jsonl") and f.parent == src:
             continue
+        key = same_name(f.resolve())  # the file as the manifest's rows are keyed
         if any(part.startswith(".") for part in f.relative_to(src).parts):
             # hidden: .DS_Store, macOS's ._ copies beside each file, a .git folder
-            if same_name(f.resolve()) in (manifest or {}):
+            if key in (manifest or {}):
                 report(str(f), "hidden (a name starting with .), not read, though the manifest "
                                "names it")
             continue
         if f.suffix.lower() not in AUDIO_EXTS:
             report(str(f), f"not an audio file (extension '{f.suffix or 'none'}')")
             continue
-        r = (manifest or {}).get(same_name(f.resolve()), {"qa": []})
+        r = (manifest or {}).get(key, {"qa": []})
         label = r.get("label") or (f.parent.name if f.parent != src else "sound")
         qa = list(r.get("qa", []))
         if r.get("label"):
@@ -1151,10 +1152,9 @@ def main(argv=None):
                 p.unlink()
         remove_empty([work, *made])
         if no_chunk and isinstance(e, KeyboardInterrupt):  # interrupted_message would say "clips"
-            again = "the same command" + (" without --force" if args.force else "")
             sys.exit("\ninterrupted before the first chunk of clips was encoded: " +
                      ("nothing is kept" if nothing_kept else f"the offline codec's training "
-                      f"steps are kept; run {again} again to resume"))
+                      f"steps are kept; run {resume_command(args.force)} again to resume"))
         raise
     stage = Staging(out)                              # from here on every output is staged
     allemb = torch.from_numpy(np.concatenate(embs)).float()
@@ -1175,12 +1175,15 @@ def main(argv=None):
     print_summary(out, splits, codes, input_problems.counts, audio_seconds, resumed_seconds, wall)
     return out
 
+def resume_command(force):
+    """The command that resumes a stopped run: not with --force, which starts anew."""
+    return "the same command" + (" without --force" if force else "")
+
 def interrupted_message(argv):
-    """What Ctrl-C says: the encoded chunks under .work-* are kept (see main's except), and how to
-    resume them (not with --force, which starts anew)."""
-    again = "the same command" + (" without --force" if get_args(argv).force else "")
-    return (f"\ninterrupted: the clips encoded so far are kept; run {again} again to resume "
-            f"(other arguments start anew)")
+    """What Ctrl-C says once clips are encoded: the chunks under .work-* are kept (see main's
+    except), and how to resume them."""
+    return (f"\ninterrupted: the clips encoded so far are kept; run "
+            f"{resume_command(get_args(argv).force)} again to resume (other arguments start anew)")
 
 if __name__ == "__main__":
     try:

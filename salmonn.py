@@ -1168,9 +1168,8 @@ def init_pretrained(model, tok=None):
         if empty:
             warnings.warn(f"salmonn: {', '.join(empty)} empty, so stage 1 trains on random "
                           f"frozen parts (unless init_from holds them) and teaches little; train "
-                          f"the stand-ins "
-                          f"(config/salmonn_whisper.py, salmonn_beats.py, salmonn_llm.py) or give "
-                          f"real weights")
+                          f"the stand-ins (config/salmonn_whisper.py, salmonn_beats.py, "
+                          f"salmonn_llm.py) or give real weights")
     for field, part, load in (("whisper_init", "speech", load_whisper_encoder_state),
                               ("beats_init", "beats", load_beats_state)):
         path = getattr(config, field)

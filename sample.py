@@ -205,7 +205,7 @@ if __name__ == "__main__":
     # a model of codes records their codec (whisper_gpt): it reads and writes codes; the text
     # models read the mel only
     codes_model = hasattr(config, "codec_id")
-    new_tokens = opts.get("max_new_tokens", M.SAMPLE_OPTS.get("max_new_tokens", 0))
+    new_tokens = {**M.SAMPLE_OPTS, **opts}.get("max_new_tokens", 0)  # text tokens for the others
     if codes_model and new_tokens > MAX_CLIP_SECONDS * FRAME_RATE:  # refused now, not at the end
         fail(f"--max_new_tokens={new_tokens}: {new_tokens / FRAME_RATE:.2f} s of audio, over the "
              f"{MAX_CLIP_SECONDS} s a continuation may last ({MAX_CLIP_SECONDS * FRAME_RATE} "

@@ -158,10 +158,11 @@ def check_finite(ck, path):
         elif isinstance(tree, (list, tuple)):
             for i, v in enumerate(tree):
                 yield from tensors(v, f"{name}.{i}")
-    for name, t in tensors({"model": ck["model"], "optimizer": ck.get("optimizer", {})}, "ckpt"):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{path}: {name[5:]} holds NaN or inf values: the file is damaged "
-                             f"(or was saved from a run that diverged)")
+    for part in ("model", "optimizer"):
+        for name, t in tensors(ck.get(part, {}), part):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{path}: {name} holds NaN or inf values: the file is damaged "
+                                 f"(or was saved from a run that diverged)")
 
 def writer_hint(ckpt_path):
     """A hint naming the config files whose out_dir holds ckpt_path (", e.g. python train.py
