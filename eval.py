@@ -223,7 +223,8 @@ def main(argv):
         folder = os.path.dirname(os.path.abspath(json))
         if not os.path.isdir(folder):
             fail(f"--json={json}: its folder does not exist")
-        if os.path.isdir(json):
+        # a trailing / names a folder too, existing or not (it would fail only after the work)
+        if os.path.isdir(json) or json.endswith(os.sep):
             fail(f"--json={json}: a folder; name the file to write")
         if not os.access(folder, os.W_OK):
             fail(f"--json={json}: its folder is not writable")

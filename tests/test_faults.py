@@ -446,6 +446,21 @@ def test_eval_keeps_the_rows_of_the_runs_done_when_a_later_one_stops(synth_dir, 
     assert len(rows) == 2 and rows[1].startswith("| good |"), p.stdout  # header, the run
     assert "Traceback" not in p.stderr
 
+def test_eval_refuses_a_json_path_ending_in_a_slash_before_evaluating(synth_dir, tmp_path):
+    """--json=new_folder/ (or a file's name with a trailing /) names no file to write: refused
+    before any evaluation, as an existing folder is, not after the evaluations."""
+    good = tmp_path / "good"
+    p = run_script(train(good, synth_dir, "--max_iters=2"), cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "r.json").write_text("[]")
+    for path in (f"{tmp_path / 'new'}{os.sep}", f"{tmp_path / 'r.json'}{os.sep}"):
+        p = run_script([sys.executable, "eval.py", str(good), f"--json={path}"], cwd=ROOT,
+                       env=ENV, timeout=300)
+        assert (p.returncode == 2 and f"--json={path}: a folder; name the file to write"
+                in p.stderr and "Traceback" not in p.stderr), p.stderr[-2000:]
+        assert "| run |" not in p.stdout, p.stdout  # refused before the evaluation
+    assert not (tmp_path / "new").exists() and (tmp_path / "r.json").read_text() == "[]"
+
 def killed_at(cmd, marker, timeout=300):
     """Runs cmd until its output (stdout and stderr, progress bars included) shows marker, then
     kills it with SIGKILL. Returns whether the kill landed (False: it finished first) and the output
