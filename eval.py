@@ -241,7 +241,8 @@ def main(argv):
             print(f"[{i + 1}/{len(paths)}] {path}{left}", file=sys.stderr)
         try:
             rows.append(evaluate_checkpoint(path, opts))
-        except SystemExit:  # this run stopped (its message is out): the runs done are not lost
+        # this run stopped (its message is out), or Ctrl-C: the runs done are not lost
+        except (SystemExit, KeyboardInterrupt):
             if rows:
                 print_table(rows, with_mean=False)
                 print(f"eval.py: the table above holds the {len(rows)} run(s) evaluated before "

@@ -1045,6 +1045,34 @@ def test_eval_row_names_the_data_it_evaluated_on(synth_dir, tmp_path, monkeypatc
     row = E.evaluate_checkpoint(str(ckpt), {})
     assert row["data"] == synth_dir and row["kinds"] == "speech" and row["iters"] == 7
 
+def test_eval_ctrl_c_in_a_later_run_keeps_the_rows_of_the_runs_done(synth_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Ctrl-C while the second of two runs is evaluated: the first run's row is printed (as when a
+    later run stops on an error), then the interruption goes on to eval.py's one line; --json is
+    not written."""
+    import eval as E
+    cfg = W.Config(block_size=16, n_layer=1, n_head=2, n_embd=32, use_mel=False)
+    W.load_data(synth_dir, cfg, None)
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name / "ckpt.pt"))
+        save_checkpoint(paths[-1], W.Model(cfg), synth_dir)
+    evaluate_checkpoint = E.evaluate_checkpoint
+
+    def ctrl_c_in_b(path, opts):
+        if path == paths[1]:
+            raise KeyboardInterrupt
+        return evaluate_checkpoint(path, opts)
+    monkeypatch.setattr(E, "evaluate_checkpoint", ctrl_c_in_b)
+    js = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        E.main([*paths, "--device=cpu", "--max_windows=2", f"--json={js}"])
+    out, err = capsys.readouterr()
+    assert [line.split(" | ")[0] for line in out.splitlines()[2:]] == ["| a"], out
+    assert f"the 1 run(s) evaluated before {paths[1]} stopped (no mean, no --json)" in err, err
+    assert not js.exists()
+
 def test_eval_kinds_is_refused_for_a_model_without_clip_kinds(tmp_path, monkeypatch, capsys):
     """--kinds names Whisper-GPT's clip subsets: for a model file without them (SALMONN) it is
     refused before any evaluation, naming the checkpoint, rather than ignored."""
