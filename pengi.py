@@ -1264,6 +1264,16 @@ def majority_acc(data, split, key, max_clips):
         return 0.0
     return sum(a == usual for a in labels) / len(labels)
 
+def probe_key_list(data, split, keys):
+    """The label keys of the comma list keys, each one a label key of the clips or "qa"."""
+    keys = [k.strip() for k in str(keys).split(",") if k.strip()]
+    known = {k for d in (data["train"], data[split]) for c in d["clips"] for k in c["labels"]}
+    unknown = [k for k in keys if k != "qa" and k not in known]
+    if unknown:  # a typo would otherwise just leave its column out
+        raise ValueError(f"pengi.evaluate: probe_keys: no clip has the label key(s) {unknown}; "
+                         f"the clips' keys: {', '.join(sorted(known))}, or qa")
+    return keys
+
 def probe_metrics(model, data, split, keys, max_clips):
     """The linear probe's accuracy for each label key in the comma list keys, e.g.
     "class,gender,count". "class" gives probe_acc (the paper's study). Another key gives
@@ -1271,13 +1281,7 @@ def probe_metrics(model, data, split, keys, max_clips):
     split's most common label. "qa" gives probe_acc_qa and probe_majority_qa, per question
     (qa_probe)."""
     metrics = {}
-    keys = [k.strip() for k in str(keys).split(",") if k.strip()]
-    known = {k for d in (data["train"], data[split]) for c in d["clips"] for k in c["labels"]}
-    unknown = [k for k in keys if k != "qa" and k not in known]
-    if unknown:  # a typo would otherwise just leave its column out
-        raise ValueError(f"pengi.evaluate: probe_keys: no clip has the label key(s) {unknown}; "
-                         f"the clips' keys: {', '.join(sorted(known))}, or qa")
-    for key in keys:
+    for key in probe_key_list(data, split, keys):
         if key == "qa":  # the answers per question (qa_probe)
             got = qa_probe(model, data, split, max_clips)
             if got is not None:
@@ -1468,6 +1472,8 @@ def _evaluate(model, data, tok, split, o):
                length_penalty=float(o["length_penalty"]))
     d = data[split]
     wanted = eval_tasks(data, o["tasks"])
+    if o["probe"]:  # a typo in probe_keys refused now, not after all the answers are generated
+        probe_key_list(data, split, o["probe_keys"])
     metrics = text_metrics(model, data, tok, d, wanted, max_clips, bs, gen)
     for key in [k for k in wanted if k not in ("caption", "qa")]:
         metrics.update(label_metrics(model, data, tok, d, key, max_clips, bs, gen, prior_clips))

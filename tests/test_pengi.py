@@ -1148,6 +1148,28 @@ def test_evaluate_scores_every_task_of_the_default_mix_but_metadata():
         pengi.evaluate(m, data, WordIds(), "val", max_clips=-1, **opts)
 
 
+@torch.no_grad()
+def test_evaluate_refuses_a_probe_key_typo_before_generating(monkeypatch):
+    """probe_keys naming a label key no clip has is refused before any answer is generated (it
+    was refused after the whole evaluation, at the probe that comes last); with probe=False it is
+    not read."""
+    m, data, tok = tiny_model(), tiny_label_data(), WordIds()
+    data["tasks"] = ["class"]
+    generated = []
+    answers = pengi.generate_answers
+
+    def spy(*a, **kw):
+        generated.append(1)
+        return answers(*a, **kw)
+    monkeypatch.setattr(pengi, "generate_answers", spy)
+    opts = dict(max_clips=2, beam=1, max_new_tokens=2, prior_clips=2)
+    with pytest.raises(ValueError, match=r"probe_keys: no clip has the label key\(s\) \['clas'\]"):
+        pengi.evaluate(m, data, tok, "val", probe_keys="clas", **opts)
+    assert not generated
+    assert "class_acc_gen" in pengi.evaluate(m, data, tok, "val", probe_keys="clas",
+                                             probe=False, **opts)
+
+
 def test_text_metrics_score_the_first_max_clips_examples(monkeypatch):
     """caption_bleu4 and qa_acc are scored on the first max_clips captions and the first max_clips
     questions of the split, in the split's order (clip 1 has no caption)."""
