@@ -6,7 +6,8 @@ Compare trained checkpoints on the paper-style metrics of their model files, in 
 
 Arguments: checkpoint files, or out_dirs that hold a ckpt.pt. eval.py's own settings are below.
 Every other --key=value goes to the model file's evaluate() (e.g. --batch_size=32), typed by its
-default in EVAL_OPTS. Every run is checked for its options before any is evaluated.
+default in EVAL_OPTS. Every run is checked for its options (names, types, ranges: the model file's
+eval_options) before any data loads.
 The metrics are whatever evaluate() returns. For Whisper-GPT: next coarse-token NLL (nats/token),
 accuracy and perplexity.
 """
@@ -53,6 +54,11 @@ def checkpoint_paths(args):
         fail("give one or more checkpoints (ckpt.pt files or out_dirs)")
     return paths
 
+def evaluate_error(path, M, e):
+    """The line for a ValueError of M.evaluate: the model files' messages mostly name themselves."""
+    msg = str(e)
+    return f"{path}: " + (msg if msg.startswith(M.__name__) else f"{M.__name__}.evaluate: {msg}")
+
 def check_runs(paths, opts):
     """Before any work, check that every checkpoint loads and takes the evaluate() options and
     --kinds given. With --mean, check that all are of one model and stage and differ only in the
@@ -65,10 +71,15 @@ def check_runs(paths, opts):
             fail(e)
         M = importlib.import_module(ck["model_name"])
         try:
-            configurator.model_options(opts, M.EVAL_OPTS, "eval.py", f"{M.__name__}.evaluate",
-                                       script_settings=configurator.defaults(globals()))
+            typed = configurator.model_options(opts, M.EVAL_OPTS, "eval.py",
+                                               f"{M.__name__}.evaluate",
+                                               script_settings=configurator.defaults(globals()))
         except ValueError as e:
             fail(f"{path}: {e}")
+        try:  # out of range (--beam=0): refused now, not after the data loads
+            M.eval_options(typed)
+        except ValueError as e:
+            fail(evaluate_error(path, M, e))
         if kinds and "kinds" not in ck["model_args"]:
             fail(f"--kinds={kinds}: {path} is a {ck['model_name']} model, which has no "
                  f"clip-kind subsets")
@@ -128,10 +139,8 @@ def evaluate_checkpoint(path, opts):
     try:  # (evaluate() itself runs without gradients)
         metrics = M.evaluate(model, data, tok, split,
                              **configurator.option_values(opts, M.EVAL_OPTS))
-    except ValueError as e:  # an option of evaluate() out of range
-        msg = str(e)  # the model files' messages mostly name themselves
-        fail(f"{path}: " + (msg if msg.startswith(M.__name__) else
-                            f"{M.__name__}.evaluate: {msg}"))
+    except ValueError as e:  # an option of evaluate() that the data refuses
+        fail(evaluate_error(path, M, e))
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     row = {"run": name, "model": ck["model_name"],
            "params": sum(p.numel() for p in model.parameters()), "iters": ck["iter_num"],

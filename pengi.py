@@ -1300,7 +1300,16 @@ def probe_metrics(model, data, split, keys, max_clips):
 def eval_tasks(data, tasks_opt):
     """The tasks to score: those of the comma list tasks_opt ("" = all) the data was loaded with."""
     known = [t for t in mix_tasks(data["tasks"]) if t != "metadata"]  # metadata is not scored
-    wanted = [t.strip() for t in str(tasks_opt).split(",") if t.strip()] or known
+    wanted = task_names(tasks_opt) or known
+    missing = [t for t in wanted if t not in known]
+    if missing:
+        raise ValueError(f"pengi.evaluate: task(s) {missing} are not among this model's tasks "
+                         f"({', '.join(known)}); its config's tasks set what the data offers")
+    return wanted
+
+def task_names(tasks_opt):
+    """The tasks of the comma list tasks_opt, each one that is scored ([] for "")."""
+    wanted = [t.strip() for t in str(tasks_opt).split(",") if t.strip()]
     scored = ("caption", "qa", "class") + MUSIC_KEYS
     bad = [t for t in wanted if t not in scored]
     if bad:
@@ -1309,10 +1318,6 @@ def eval_tasks(data, tasks_opt):
         why = "; ".join(hint[t] for t in bad if t in hint)
         raise ValueError(f"pengi.evaluate: unknown task(s) {bad}; choose from "
                          f"{', '.join(scored)}" + (f" ({why})" if why else ""))
-    missing = [t for t in wanted if t not in known]
-    if missing:
-        raise ValueError(f"pengi.evaluate: task(s) {missing} are not among this model's tasks "
-                         f"({', '.join(known)}); its config's tasks set what the data offers")
     return wanted
 
 def eval_batches(model, data, tok, d, examples, bs):
@@ -1450,6 +1455,13 @@ def evaluate(model, data, tok, split="val", **opts):
     opts: max_clips, beam (1 = greedy), max_new_tokens, length_penalty, batch_size, probe,
     probe_keys, probe_clips, prior_clips, tasks (a comma list among caption, qa, class, instrument,
     pitch, chord; "" = all of the data's)."""
+    o = eval_options(opts)
+    return in_eval_mode(model, _evaluate, model, data, tok, split, o)
+
+def eval_options(opts):
+    """evaluate()'s options over their defaults, each checked as far as it can be without the data
+    (the task names; a task the model lacks is for eval_tasks): eval.py checks them before any data
+    loads."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"pengi.evaluate: unknown option(s) {sorted(unknown)}; known: "
@@ -1459,7 +1471,8 @@ def evaluate(model, data, tok, split="val", **opts):
                        ("probe_clips", 2), ("prior_clips", 1)):  # a probe fits on 2 clips or more
         if o[key] < least:
             raise ValueError(f"pengi.evaluate: {key}={o[key]}: must be at least {least}")
-    return in_eval_mode(model, _evaluate, model, data, tok, split, o)
+    task_names(o["tasks"])
+    return o
 
 def _evaluate(model, data, tok, split, o):
     if model.config.stage == "clap":  # the encoders alone: the representation study

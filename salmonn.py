@@ -2274,6 +2274,12 @@ def evaluate(model, data, tok, split="val", **opts):
     the reading probe (the split's questions about its transcripts).
     Stage "whisper": WER per kind from the decoder and from CTC.
     Stage "beats": tagging mAP and class accuracy."""
+    o = eval_options(opts)
+    return in_eval_mode(model, _evaluate, model, data, tok, split, o)
+
+def eval_options(opts):
+    """evaluate()'s options over their defaults, each checked: eval.py checks them too, before any
+    data loads."""
     unknown = sorted(set(opts) - set(EVAL_OPTS))
     if unknown:
         raise ValueError(f"salmonn evaluate: unknown options {unknown}; known: {sorted(EVAL_OPTS)}")
@@ -2284,7 +2290,7 @@ def evaluate(model, data, tok, split="val", **opts):
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
     check_decoding(o)
     check_lora_scale("salmonn evaluate", o["lora_scale"])
-    return in_eval_mode(model, _evaluate, model, data, tok, split, o)
+    return o
 
 def _evaluate(model, data, tok, split, o):
     S, stage = data.splits[split], model.config.stage

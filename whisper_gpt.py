@@ -544,6 +544,12 @@ def evaluate(model, data, tok=None, split="val", **opts):
     each window (the last (n - 1) % block_size frames are left out). In eval mode (the model's mode
     is restored after).
     Options (EVAL_OPTS): batch_size, max_windows (> 0: only the first max_windows windows)."""
+    o = eval_options(opts)
+    return in_eval_mode(model, _evaluate, model, data, split, o["batch_size"], o["max_windows"])
+
+def eval_options(opts):
+    """evaluate()'s options over their defaults, each checked: eval.py checks them too, before any
+    data loads."""
     unknown = set(opts) - set(EVAL_OPTS)
     if unknown:
         raise ValueError(f"whisper_gpt.evaluate: unknown option(s) {sorted(unknown)}; known: "
@@ -555,7 +561,7 @@ def evaluate(model, data, tok=None, split="val", **opts):
     if max_windows < 0:
         raise ValueError(f"whisper_gpt.evaluate: max_windows={max_windows}: must be at least 0 "
                          f"(0 = all)")
-    return in_eval_mode(model, _evaluate, model, data, split, batch_size, max_windows)
+    return o
 
 def _evaluate(model, data, split, batch_size, max_windows):
     device = next(model.parameters()).device

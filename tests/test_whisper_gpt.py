@@ -1087,6 +1087,31 @@ def test_eval_kinds_is_refused_for_a_model_without_clip_kinds(tmp_path, monkeypa
     assert (f"--kinds=music: {path} is a salmonn model, which has no clip-kind subsets"
             in capsys.readouterr().err)
 
+def test_eval_refuses_an_option_out_of_range_before_any_data_loads(tmp_path, monkeypatch,
+                                                                      capsys):
+    """An evaluate() option out of range (or a Pengi task that does not exist) stops eval.py in its
+    check of the runs, before any data loads, with the line evaluate() itself gives: it was
+    refused only once the run's data had loaded and its model was built."""
+    import eval as E
+    monkeypatch.setattr(E, "kinds", "")
+    monkeypatch.setattr(E, "mean", False)
+    for model, opts, said in (
+            ("whisper_gpt", {"batch_size": "0"}, "whisper_gpt.evaluate: batch_size=0: must be at "
+                                                 "least 1"),
+            ("pengi", {"beam": "0"}, "pengi.evaluate: beam=0: must be at least 1"),
+            ("pengi", {"tasks": "caption,foo"}, "pengi.evaluate: unknown task(s) ['foo']"),
+            ("salmonn", {"temperature": "0.5"}, "salmonn.evaluate: temperature=0.5 samples, "
+                                                "which needs beam=1 (beam=4 given)")):
+        path = tmp_path / model / "ckpt.pt"
+        path.parent.mkdir(exist_ok=True)
+        torch.save({"model": {}, "model_name": model, "model_args": {}, "iter_num": 0,
+                    "config": {"data_dir": str(tmp_path / "no_data")}}, path)
+        with pytest.raises(SystemExit):
+            E.check_runs([str(path)], opts)
+        assert f"eval.py: {path}: {said}" in capsys.readouterr().err, (model, opts)
+    # in range: the check passes
+    E.check_runs([str(path)], {"temperature": "0.5", "beam": "1"})
+
 def test_eval_json_replaces_only_an_empty_file_or_its_own_results(tmp_path):
     """--json may write over an empty file or eval.py's own results, nothing else."""
     import eval as E
