@@ -69,11 +69,17 @@ TMA = _env_flag("FUSED_ATTENTION_TMA")
 # -----------------------------------------------------------------------------
 # checks shared by both paths
 
+def _not_tensor(x):
+    """How a message names a non-tensor: its type (a numpy array's dtype and shape would read as
+    the tensor asked for)."""
+    return f"{type(x).__name__} (not a torch tensor)"
+
 def _check(q, k, v, k_lens, q_lens):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = t.shape if isinstance(t, torch.Tensor) else _not_tensor(t)
             raise ValueError(f"fused_attention.attention: {name} must be a 4-d tensor (B, H, T, "
-                             f"D), got {getattr(t, 'shape', type(t))}")
+                             f"D), got {got}")
     B, H, Tq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"fused_attention.attention: k and v must have the same shape, got "
@@ -100,11 +106,12 @@ def _check(q, k, v, k_lens, q_lens):
             raise ValueError(f"fused_attention.attention: {name} holds {what} counts per batch "
                              f"element (integers), got a boolean tensor; for a mask (B, {T}) pass "
                              f"mask.sum(-1) if its valid {what}s come first")
-        if not isinstance(lens, torch.Tensor) or lens.shape != (B,) \
-                or lens.is_floating_point() or lens.is_complex():
+        if not isinstance(lens, torch.Tensor):
             raise ValueError(f"fused_attention.attention: {name} must be an integer tensor of "
-                             f"shape ({B},), got {getattr(lens, 'dtype', type(lens))} "
-                             f"{tuple(getattr(lens, 'shape', ()))}")
+                             f"shape ({B},), got {_not_tensor(lens)}")
+        if lens.shape != (B,) or lens.is_floating_point() or lens.is_complex():
+            raise ValueError(f"fused_attention.attention: {name} must be an integer tensor of "
+                             f"shape ({B},), got {lens.dtype} {tuple(lens.shape)}")
 
 # -----------------------------------------------------------------------------
 # the PyTorch path
