@@ -363,8 +363,12 @@ def main():
         if args.quick:
             args.seqlens, args.dims = [1024, 4096], [64]
         args.dims = args.dims or [64, 128]
-        # the header states B*T and H*D: each row must run exactly those
-        if args.width < 1 or any(args.width % D for D in args.dims):
+        # the header states B*T and H*D: each row must run exactly those (0 or a negative count
+        # is a multiple of everything, and a row would run B = 1 under it)
+        for name in ("tokens", "width"):
+            if getattr(args, name) < 1:
+                fail(f"--{name}={getattr(args, name)}: must be at least 1")
+        if any(args.width % D for D in args.dims):
             fail(f"--width={args.width}: H*D must be a multiple of each head dim "
                  f"({', '.join(map(str, args.dims))})")
         if any(args.tokens % T for T in args.seqlens):

@@ -1607,6 +1607,17 @@ def test_bench_scripts_check_their_arguments_before_any_work(tmp_path):
         assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr[-2000:])
     assert os.listdir(tmp_path) == ["notes.md"] and notes.read_text() == "# my notes\n"
 
+def test_bench_attention_refuses_a_token_count_below_1():
+    """--tokens=0 or a negative count is a multiple of every T, so it passed the check; on a GPU
+    each row then ran one sequence under a header that said B*T = 0 (or -16384)."""
+    cases = ((["--tokens=0"], "bench_attention.py: --tokens=0: must be at least 1"),
+             (["--quick", "--tokens=-16384"],
+              "bench_attention.py: --tokens=-16384: must be at least 1"))
+    runs = run_scripts([[sys.executable, "bench_attention.py", *args] for args, _ in cases],
+                       cwd=ROOT, timeout=300)
+    for (args, said), run in zip(cases, runs):
+        assert run.returncode == 2 and run.stderr.strip() == said, (args, run.stderr[-2000:])
+
 @pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
