@@ -332,12 +332,13 @@ def main():
     parser.add_argument("--width", type=int, default=2048, help="H*D per row (default %(default)s)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="default %(default)s")
-    parser.add_argument("--autotune", type=int, default=1,
+    # 0 or 1 only: 2 (or -1) would pass as on, and a header that says "on" would hide the typo
+    parser.add_argument("--autotune", type=int, default=1, choices=(0, 1),
                         help="1: let Triton's autotuner pick tiles; 0: fixed tiles (default "
                              "%(default)s)")
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4096 and D = 64 only")
     parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
-    parser.add_argument("--q_lens", type=int, default=1,
+    parser.add_argument("--q_lens", type=int, default=1, choices=(0, 1),
                         help="mixed rows: 1: ours skips the padding queries (q_lens); 0: k_lens "
                              "only (default %(default)s)")
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")

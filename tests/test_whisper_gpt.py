@@ -1618,6 +1618,16 @@ def test_bench_attention_refuses_a_token_count_below_1():
     for (args, said), run in zip(cases, runs):
         assert run.returncode == 2 and run.stderr.strip() == said, (args, run.stderr[-2000:])
 
+def test_bench_attention_switches_take_0_or_1():
+    """--autotune and --q_lens are 0 or 1: --autotune=2 ran as on (the header said so), and was
+    refused only by the missing GPU here."""
+    cases = ((["--autotune=2"], "argument --autotune: invalid choice: 2 (choose from 0, 1)"),
+             (["--q_lens=-1"], "argument --q_lens: invalid choice: -1 (choose from 0, 1)"))
+    runs = run_scripts([[sys.executable, "bench_attention.py", *args] for args, _ in cases],
+                       cwd=ROOT, timeout=300)
+    for (args, said), run in zip(cases, runs):
+        assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-2000:])
+
 @pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
