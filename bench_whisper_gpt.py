@@ -93,6 +93,22 @@ def check_data_dir():
     except (ValueError, OSError, KeyError) as e:
         fail(f"--data_dir={data_dir}: {e}")
 
+def conditions():
+    """The line that says what the figures were measured under, as the project asks of a benchmark:
+    the device by name ("device cpu" alone named no machine), the versions, and the load: the
+    1-minute load average before the benchmark starts, i.e. what else was running."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = "unknown CPU"
+        if os.path.exists("/proc/cpuinfo"):  # Linux; platform.processor() is often empty there
+            name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                         if line.startswith("model name")), name)
+    load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "load unknown"
+    return (f"Python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"device {device} ({name}), {torch.get_num_threads()} threads, {os.cpu_count()} "
+            f"cores, {load} at the start")
+
 def sync():
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
@@ -296,8 +312,7 @@ if __name__ == "__main__":
         configurator.check_out_file("bench_whisper_gpt.py", out, TITLE)
     if part in ("all", "generate"):
         check_data_dir()
-    lines = [TITLE, "", f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} "
-             f"threads, {os.cpu_count()} cores", ""]
+    lines = [TITLE, "", conditions(), ""]
     if part in ("all", "train"):
         lines += train_table() + [""]
     if part in ("all", "generate"):

@@ -1756,6 +1756,20 @@ def test_bench_training_figures_from_a_known_clock(monkeypatch):
         assert 0.9 * hwm <= r["peak_mb"], (r["peak_mb"], hwm)
         assert r["peak_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
 
+def test_bench_whisper_gpt_names_the_device_versions_and_load(monkeypatch):
+    """The header of bench_whisper_gpt.py's figures names the CPU (it said "device cpu"), the
+    versions, and the load average before the run (the figures swing with what else runs)."""
+    import bench_whisper_gpt as B
+    monkeypatch.setattr(B, "device", "cpu")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    line = B.conditions()
+    assert f"Python {sys.version.split()[0]}, torch {torch.__version__}" in line, line
+    assert "load average 1.50 at the start" in line, line
+    if os.path.exists("/proc/cpuinfo"):
+        model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                      if l.startswith("model name")), "unknown CPU")
+        assert f"device cpu ({model})" in line, line
+
 def bench_generation_on_a_fake_clock(monkeypatch, synth_dir, took, repeats, mel_seconds):
     """bench_whisper_gpt.generate_table's lines, its generation replaced by stand-ins that take
     took[(model, way)]'s seconds per call, in order, on a fake clock, mel_seconds of each hybrid
