@@ -265,7 +265,8 @@ def generate_table():
             rows.append(f"| {label} | {way} | {new_tokens / dt:.1f} | {dt:.2f} | {spread} | "
                         f"{mel_share} |")
             print(rows[-1], flush=True)
-    lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.0f} s of audio after a 1 s "
+    # 3 significant digits: 10 s for 750 tokens, and not "0 s" for a short run's 10
+    lines = [f"Generation ({new_tokens} new tokens = {new_tokens / 75:.3g} s of audio after a 1 s "
              f"prompt, block_size {model_config('s').block_size}, top-k {TOP_K}; the median of "
              f"{repeats} timed runs each)", "",
              "| model | how | tokens/s | seconds | min-max | of which the per-step mel |",

@@ -1818,6 +1818,8 @@ def test_bench_generation_table_from_a_known_clock(synth_dir, monkeypatch):
                     "| Hybrid | KV cache | 2.5 | 4.00 | 3.00-5.00 | 0.5 s (12%) |",
                     "| Hybrid | recompute | 0.1 | 80.00 | 60.00-100.00 | 0.5 s (1%) |",
                     "| Hybrid | KV cache, dense codec | 1.4 | 7.00 | 6.00-10.00 | 0.5 s (7%) |"]
+    # 10 tokens at 75 frames/s: not "0 s of audio"
+    assert lines[0].startswith("Generation (10 new tokens = 0.133 s of audio after a 1 s prompt")
     assert "- GPT-S: KV cache at 15.0x recomputation's speed (goal >= 10x)" in lines
     assert "- Hybrid: KV cache at 20.0x recomputation's speed (goal >= 10x)" in lines
     assert ("- hybrid / token-only decode time, KV cache, per-step mel included: 2.00x (goal <= "
