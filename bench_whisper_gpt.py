@@ -64,7 +64,9 @@ def model_config(name):
     """The Config of config/whisper_gpt_{name}.py (its model fields; the rest are train.py's)."""
     import whisper_gpt as W
     values = {}
-    path = f"config/whisper_gpt_{name}.py"
+    # beside this file, not in the current folder: the script may be run from anywhere
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
+                        f"whisper_gpt_{name}.py")
     exec(open(path).read(), {}, values)
     fields = W.Config.__dataclass_fields__
     return W.Config(**{k: v for k, v in values.items() if k in fields})

@@ -1770,6 +1770,14 @@ def test_bench_whisper_gpt_names_the_device_versions_and_load(monkeypatch):
                       if l.startswith("model name")), "unknown CPU")
         assert f"device cpu ({model})" in line, line
 
+def test_bench_whisper_gpt_reads_its_configs_from_any_folder(tmp_path, monkeypatch):
+    """bench_whisper_gpt.py run from another folder (python /path/to/bench_whisper_gpt.py
+    --part=train) read config/whisper_gpt_s.py relative to that folder: a FileNotFoundError
+    traceback."""
+    import bench_whisper_gpt as B
+    monkeypatch.chdir(tmp_path)
+    assert B.model_config("s").block_size == 256
+
 def bench_generation_on_a_fake_clock(monkeypatch, synth_dir, took, repeats, mel_seconds):
     """bench_whisper_gpt.generate_table's lines, its generation replaced by stand-ins that take
     took[(model, way)]'s seconds per call, in order, on a fake clock, mel_seconds of each hybrid
