@@ -39,6 +39,7 @@ wgmma).
 import argparse
 import functools
 import math
+import os
 import re
 import subprocess
 import sys
@@ -274,7 +275,10 @@ def benchmark(args):
     dtype = getattr(torch, args.dtype)
     rng = torch.Generator().manual_seed(args.seed)
     gpu = torch.cuda.get_device_name()
-    header = (f"GPU: {gpu}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
+    # the load before the run: what else was running (the host's 1-minute load average)
+    load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "load unknown"
+    header = (f"GPU: {gpu}, Python {sys.version.split()[0]}, torch {torch.__version__}, triton "
+              f"{triton.__version__}, {load} at the start, {args.dtype}, "
               f"B*T = {args.tokens}, H*D = {args.width}, autotune "
               f"{'on' if args.autotune else 'off (fixed tiles)'}, mixed rows with "
               f"{'k_lens and q_lens' if args.q_lens else 'k_lens only'}")

@@ -1628,6 +1628,26 @@ def test_bench_attention_switches_take_0_or_1():
     for (args, said), run in zip(cases, runs):
         assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-2000:])
 
+def test_bench_attention_header_names_versions_and_load(monkeypatch):
+    """bench_attention.py's header (a GPU faked, its rows stand-ins) gives the GPU, the Python,
+    torch and triton versions and the load average before the run, as the project asks of a
+    benchmark (the load was missing)."""
+    import argparse
+    import bench_attention
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.25, 0.5, 1.0))
+    figures = {(n, b): 1.0 for n in ("ours", "flash", "masked", "atomic", "split")
+               for b in (False, True)}
+    monkeypatch.setattr(bench_attention, "bench_row",
+                        lambda args, D, T, *rest: dict(figures, B=1, err=0.0))
+    args = argparse.Namespace(autotune=0, dtype="bfloat16", seed=0, tokens=1024, width=64,
+                              q_lens=1, dims=[64], seqlens=[1024])
+    header = bench_attention.benchmark(args)[0]
+    assert header.startswith(f"GPU: Fake GPU, Python {sys.version.split()[0]}, torch "
+                             f"{torch.__version__}, triton "), header
+    assert "load average 0.25 at the start" in header, header
+
 @pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
