@@ -41,6 +41,7 @@ import functools
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -395,4 +396,8 @@ def main():
         configurator.write_report("bench_attention.py", args.out, [TITLE, ""] + lines)
 
 if __name__ == "__main__":
+    # Ctrl-C: one line, not a traceback (--out is written at the end; finished builds stay in
+    # Triton's cache)
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(
+        "\nbench_attention.py: interrupted; nothing was written"))
     main()

@@ -659,3 +659,14 @@ def test_table_and_bench_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_pat
     # stopped after its first row, in recomputation (~10x slower)
     last = interrupted(bench, b"| GPT-S | KV cache", settle=1.0)
     assert last == "bench_whisper_gpt.py: interrupted; nothing was written", last
+
+def test_bench_attention_stopped_by_ctrl_c_says_so_in_one_line(tmp_path):
+    """bench_attention.py --ptxas (minutes, on a CPU) stopped by Ctrl-C: one line, no traceback
+    (it printed Triton's compiler stack), and no --out file."""
+    out = tmp_path / "builds.md"
+    # an empty Triton cache: the builds take seconds each, so the run is still at work
+    cmd = ["env", f"TRITON_CACHE_DIR={tmp_path / 'cache'}", sys.executable, "bench_attention.py",
+           "--ptxas", "--tiles=default", "--dims=16", f"--out={out}"]
+    last = interrupted(cmd, b"| fwd | 16 |", settle=0.5)
+    assert last == "bench_attention.py: interrupted; nothing was written", last
+    assert not out.exists()
