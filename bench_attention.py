@@ -353,7 +353,10 @@ def main():
                         help="--ptxas: every TILES entry or the defaults (default %(default)s)")
     args = parser.parse_args()
     # before any build or timing: a bad one would stop the run with a traceback
-    from fused_attention import HEAD_DIMS
+    try:
+        from fused_attention import HEAD_DIMS  # reads the FUSED_ATTENTION* variables
+    except ValueError as e:  # one of them mistyped
+        fail(str(e))
     for name in ("seqlens", "dims"):
         text = getattr(args, name)
         try:

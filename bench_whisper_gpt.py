@@ -304,6 +304,10 @@ if __name__ == "__main__":
     for key in ("iters", "batch_size", "new_tokens", "repeats"):
         if globals()[key] < 1:
             fail(f"--{key}={globals()[key]}: must be at least 1")
+    try:  # the models' attention reads the FUSED_ATTENTION* variables as it is imported
+        import fused_attention  # noqa: F401
+    except ValueError as e:  # one of them mistyped: one line now, not a traceback later
+        fail(str(e))
     if child:
         if child not in dict(MODELS):
             fail(f"--child={child}: expected one of {', '.join(dict(MODELS))} (an internal "

@@ -44,7 +44,15 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+def _check_backend(value):
+    if value not in ("auto", "triton", "torch"):
+        raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "
+                         f"or torch, got {value!r}")
+
+# checked here too, so that a typo in the environment stops a script at once, not at the first
+# attention call after its data has loaded
 BACKEND = os.environ.get("FUSED_ATTENTION", "auto")
+_check_backend(BACKEND)
 
 def _check_bwd(value):
     if value not in ("auto", "atomic", "split"):
@@ -811,9 +819,7 @@ def attention(q, k, v, *, causal=False, k_lens=None, sm_scale=None, backend=None
         raise ValueError(f"fused_attention.attention: causal must be True or False, got "
                          f"{causal!r}")
     backend = BACKEND if backend is None else backend
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "
-                         f"or torch, got {backend!r}")
+    _check_backend(backend)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):

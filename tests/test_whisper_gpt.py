@@ -1648,6 +1648,26 @@ def test_bench_attention_header_names_versions_and_load(monkeypatch):
                              f"{torch.__version__}, triton "), header
     assert "load average 0.25 at the start" in header, header
 
+def test_bench_scripts_name_a_bad_fused_attention_setting_in_one_line():
+    """A mistyped FUSED_ATTENTION* variable (docs/fused_attention.md) stops either bench script
+    with the setting's own message in one line, before any work: it was a traceback, and
+    FUSED_ATTENTION itself was read only at the first attention call (in bench_whisper_gpt.py's
+    training part, a child's traceback under 'training benchmark of GPT-S failed')."""
+    cases = (({"FUSED_ATTENTION_TMA": "true"}, ["bench_attention.py", "--ptxas", "--dims=16"],
+              "bench_attention.py: fused_attention: FUSED_ATTENTION_TMA must be 0 or 1, got 'true'"),
+             ({"FUSED_ATTENTION": "Torch"}, ["bench_whisper_gpt.py", "--part=train", "--iters=1",
+                                             "--batch_size=1"],
+              "bench_whisper_gpt.py: fused_attention: backend (or env FUSED_ATTENTION) must be "
+              "auto, triton or torch, got 'Torch'"),
+             ({"FUSED_ATTENTION_BWD": "atomics"}, ["bench_whisper_gpt.py", "--part=generate"],
+              "bench_whisper_gpt.py: fused_attention: FUSED_ATTENTION_BWD must be auto, atomic or "
+              "split, got 'atomics'"))
+    for env, args, said in cases:
+        run = run_script([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env),
+                         timeout=300)
+        assert run.returncode == 2 and said in run.stderr, (env, run.stderr[-2000:])
+        assert len(run.stderr.strip().splitlines()) == 1, (env, run.stderr[-2000:])
+
 @pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
