@@ -354,9 +354,12 @@ def main():
     args = parser.parse_args()
     # before any build or timing: a bad one would stop the run with a traceback
     try:
-        from fused_attention import HEAD_DIMS  # reads the FUSED_ATTENTION* variables
+        from fused_attention import HEAD_DIMS, INTERPRETED  # reads the FUSED_ATTENTION* variables
     except ValueError as e:  # one of them mistyped
         fail(str(e))
+    if INTERPRETED:  # left set from running the kernels on a CPU: no compiler, no GPU kernels
+        fail("TRITON_INTERPRET=1 is set: the kernels would be Triton's interpreter's, which "
+             "builds and times nothing of the GPU's; unset it")
     for name in ("seqlens", "dims"):
         text = getattr(args, name)
         try:

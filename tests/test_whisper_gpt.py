@@ -1668,6 +1668,19 @@ def test_bench_scripts_name_a_bad_fused_attention_setting_in_one_line():
         assert run.returncode == 2 and said in run.stderr, (env, run.stderr[-2000:])
         assert len(run.stderr.strip().splitlines()) == 1, (env, run.stderr[-2000:])
 
+def test_bench_attention_under_the_interpreter_says_so_in_one_line():
+    """TRITON_INTERPRET=1 (how the tests run the kernels on a CPU, docs/fused_attention.md) left
+    set: --ptxas stopped with an AttributeError traceback from Triton; the GPU benchmark would
+    time the interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for args in (["--ptxas", "--tiles=default", "--dims=16"], ["--quick"]):
+        run = run_script([sys.executable, "bench_attention.py", *args], cwd=ROOT, env=env,
+                         timeout=300)
+        assert run.returncode == 2 and run.stderr.strip() == (
+            "bench_attention.py: TRITON_INTERPRET=1 is set: the kernels would be Triton's "
+            "interpreter's, which builds and times nothing of the GPU's; unset it"), \
+            (args, run.stderr[-2000:])
+
 @pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
     """prepare.codebook0_mels stores, aligned with the codes, the log-mel of each clip's codebook 0
