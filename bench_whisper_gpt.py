@@ -94,6 +94,11 @@ def check_data_dir():
                 fail(f"--data_dir={data_dir}: {clips} has no clip to prompt with")
     except (ValueError, OSError, KeyError) as e:
         fail(f"--data_dir={data_dir}: {e}")
+    # the prompt clip itself (its line, mel and codes), read here rather than after the training
+    # part; sample.py's readers, their one-line failures under this script's name
+    import sample as S
+    S.fail = fail
+    S.read_clip(data_dir, "val", 0)
 
 def conditions():
     """The line that says what the figures were measured under, as the project asks of a benchmark:

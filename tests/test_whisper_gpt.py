@@ -1654,7 +1654,8 @@ def test_bench_scripts_name_a_bad_fused_attention_setting_in_one_line():
     FUSED_ATTENTION itself was read only at the first attention call (in bench_whisper_gpt.py's
     training part, a child's traceback under 'training benchmark of GPT-S failed')."""
     cases = (({"FUSED_ATTENTION_TMA": "true"}, ["bench_attention.py", "--ptxas", "--dims=16"],
-              "bench_attention.py: fused_attention: FUSED_ATTENTION_TMA must be 0 or 1, got 'true'"),
+              "bench_attention.py: fused_attention: FUSED_ATTENTION_TMA must be 0 or 1, got "
+              "'true'"),
              ({"FUSED_ATTENTION": "Torch"}, ["bench_whisper_gpt.py", "--part=train", "--iters=1",
                                              "--batch_size=1"],
               "bench_whisper_gpt.py: fused_attention: backend (or env FUSED_ATTENTION) must be "
@@ -1680,6 +1681,23 @@ def test_bench_attention_under_the_interpreter_says_so_in_one_line():
             "bench_attention.py: TRITON_INTERPRET=1 is set: the kernels would be Triton's "
             "interpreter's, which builds and times nothing of the GPU's; unset it"), \
             (args, run.stderr[-2000:])
+
+def test_bench_whisper_gpt_reads_its_prompt_clip_before_the_training_part(synth_dir, tmp_path):
+    """A val_clips.jsonl that is not JSON (or a clip whose rows are missing) stops
+    bench_whisper_gpt.py before its training part, in one line under its own name: the prompt
+    clip was read only by the generation part, after minutes of training, under sample.py's
+    name."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in os.listdir(synth_dir):
+        if name != "val_clips.jsonl":
+            os.symlink(os.path.join(synth_dir, name), data / name)
+    (data / "val_clips.jsonl").write_text("{cut short\n")
+    run = run_script([sys.executable, "bench_whisper_gpt.py", "--iters=1", "--batch_size=1",
+                      f"--data_dir={data}"], cwd=ROOT, timeout=600)
+    assert run.returncode == 2 and run.stderr.startswith(
+        f"bench_whisper_gpt.py: {data / 'val_clips.jsonl'}: line 1 is not JSON"), run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) == 1 and "GPT-S" not in run.stdout, run.stdout
 
 @pytest.mark.usefixtures("synth_c0")
 def test_codebook0_mels_are_the_mel_of_codebook_0_decoded_alone(synth_dir):
