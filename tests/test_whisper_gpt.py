@@ -1684,9 +1684,8 @@ def test_bench_attention_under_the_interpreter_says_so_in_one_line():
 
 def test_bench_whisper_gpt_reads_its_prompt_clip_before_the_training_part(synth_dir, tmp_path):
     """A val_clips.jsonl that is not JSON (or a clip whose rows are missing) stops
-    bench_whisper_gpt.py before its training part, in one line under its own name: the prompt
-    clip was read only by the generation part, after minutes of training, under sample.py's
-    name."""
+    bench_whisper_gpt.py before its training part, in one line naming the file: the prompt clip
+    was read only by the generation part, after minutes of training."""
     data = tmp_path / "data"
     data.mkdir()
     for name in os.listdir(synth_dir):
@@ -1696,7 +1695,7 @@ def test_bench_whisper_gpt_reads_its_prompt_clip_before_the_training_part(synth_
     run = run_script([sys.executable, "bench_whisper_gpt.py", "--iters=1", "--batch_size=1",
                       f"--data_dir={data}"], cwd=ROOT, timeout=600)
     assert run.returncode == 2 and run.stderr.startswith(
-        f"bench_whisper_gpt.py: {data / 'val_clips.jsonl'}: line 1 is not JSON"), run.stderr[-2000:]
+        f"sample.py: {data / 'val_clips.jsonl'}: line 1 is not JSON"), run.stderr[-2000:]
     assert len(run.stderr.strip().splitlines()) == 1 and "GPT-S" not in run.stdout, run.stdout
 
 @pytest.mark.usefixtures("synth_c0")
