@@ -165,6 +165,8 @@ if __name__ == "__main__":
              f"both")
     if prompt and not prompt.strip():  # would be read as a prompt of spaces, not the default
         fail(f"--prompt={prompt!r}: blank; leave it out for the model's default instruction")
+    if not -2**63 <= seed < 2**64:  # torch.manual_seed's range (else its "Overflow" traceback)
+        fail(f"--seed={seed}: out of the range a torch generator takes (-2**63 to 2**64 - 1)")
     device = configurator.resolve_device("sample.py", device)
     device_type = device.split(":")[0]
     dtype = configurator.resolve_dtype("sample.py", dtype, device)

@@ -1923,3 +1923,46 @@ def test_qa_probe_reads_the_first_max_clips_clips_of_each_split():
             "val": qa_split(["yes"] * 2 + ["no"] * 4),
             "max_frames": 4, "pad": "repeat"}
     assert pengi.qa_probe(MeanEmbedding(), data, "val", max_clips=4) == (0.5, 0.5)
+
+
+def tiny_run(tmp_path):
+    """A run folder with a tiny Pengi checkpoint as train.py writes it, its tokenizer (a byte-level
+    corpus BPE) recorded in it, and a 1 s tone: sample.py --audio runs on it without any data."""
+    import soundfile
+    tok = tokenizer.make_encoding("corpus", {bytes([i]): i for i in range(256)})
+    cfg = tiny_config(n_mels=64, vocab_size=257, eot_token=256, llm_block_size=64)
+    torch.manual_seed(0)
+    m = pengi.Pengi(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": m.state_dict(), "model_name": "pengi", "model_args": asdict(cfg),
+                "iter_num": 0, "config": {"data_dir": str(tmp_path / "no_data")},
+                "tokenizer": tokenizer.tokenizer_record(tok)}, run / "ckpt.pt")
+    t = np.arange(24000) / 24000
+    soundfile.write(tmp_path / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+                    24000)
+    return run, tmp_path / "tone.wav"
+
+
+def sample_py(*args):
+    import os
+    import sys
+    from script_runner import run_script
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return run_script([sys.executable, "sample.py", *map(str, args)], cwd=root,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_sample_py_refuses_a_seed_torch_cannot_take(tmp_path):
+    """A --seed beyond torch.manual_seed's 64 bits is one line naming it (was a traceback: "Overflow
+    when unpacking long long"); the ends of the range run."""
+    run, wav = tiny_run(tmp_path)
+    p = sample_py(f"--out_dir={run}", f"--audio={wav}", "--beam=1", "--max_new_tokens=2",
+                  f"--seed={10 ** 23}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip() == (f"sample.py: --seed={10 ** 23}: out of the range a torch "
+                                f"generator takes (-2**63 to 2**64 - 1)")
+    for seed in (-2 ** 63, 2 ** 64 - 1):
+        p = sample_py(f"--out_dir={run}", f"--audio={wav}", "--beam=1", "--max_new_tokens=2",
+                      f"--seed={seed}")
+        assert p.returncode == 0, p.stderr
