@@ -261,6 +261,13 @@ if __name__ == "__main__":
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"tokenizer: {e}")
     del checkpoint
+    # the tokenizer's own marks (<|endoftext|>) are not text: tiktoken's refusal of them is five
+    # lines that name neither the setting nor what to do
+    for key, text in (("prompt", prompt), ("candidates", opts.get("candidates"))):
+        marks = [m for m in (tok.special_tokens_set if tok else ()) if m in str(text or "")]
+        if marks:
+            fail(f"--{key}={text!r}: holds {', '.join(marks)}, the tokenizer's end-of-text mark, "
+                 f"which no text may hold: leave it out")
     tools = Tools(data_dir)
     if audio:
         if os.path.isdir(audio):

@@ -1966,3 +1966,16 @@ def test_sample_py_refuses_a_seed_torch_cannot_take(tmp_path):
         p = sample_py(f"--out_dir={run}", f"--audio={wav}", "--beam=1", "--max_new_tokens=2",
                       f"--seed={seed}")
         assert p.returncode == 0, p.stderr
+
+
+def test_sample_py_names_an_end_of_text_mark_in_the_prompt_or_candidates(tmp_path):
+    """<|endoftext|> in --prompt or --candidates is one line naming the setting, before the input is
+    read (was tiktoken's five-line refusal, after it, naming neither)."""
+    run, wav = tiny_run(tmp_path)
+    for arg in ("--prompt=what is it?<|endoftext|>", "--candidates=dog|<|endoftext|>cat"):
+        p = sample_py(f"--out_dir={run}", f"--audio={wav}", "--beam=1", "--max_new_tokens=2", arg)
+        key, value = arg[2:].split("=", 1)
+        assert p.returncode == 2 and p.stderr.strip() == (
+            f"sample.py: --{key}={value!r}: holds <|endoftext|>, the tokenizer's end-of-text mark, "
+            f"which no text may hold: leave it out"), p.stderr
+        assert "input:" not in p.stdout
