@@ -1517,6 +1517,13 @@ def sample(model, tok, audio, prompt, tools, **opts):
     for key in ("beam", "max_new_tokens"):
         if o[key] < 1:
             raise ValueError(f"pengi.sample: {key}={o[key]}: must be at least 1")
+    # each label once, in the order given; checked (with their lengths, by rank_candidates) before
+    # the answer is generated, not after
+    cands = list(dict.fromkeys(c.strip() for c in str(o["candidates"]).split("|") if c.strip()))
+    if o["candidates"] and len(cands) < 2:
+        named = f"{len(cands)} label" if cands else "no labels"
+        raise ValueError(f"pengi.sample: candidates={o['candidates']!r} names {named}; "
+                         f"ranking needs two or more, separated by '|' (give 'a|b|c')")
     cfg, dev = model.config, _device(model)
     prompt = prompt or PROMPTS["caption"]
     mel = torch.as_tensor(audio["mel"], dtype=torch.float32).cpu().numpy()
@@ -1539,18 +1546,13 @@ def sample(model, tok, audio, prompt, tools, **opts):
         print(f"pengi.sample: {shown!r} is not one of the trained prompts (pengi.PROMPTS, or "
               f"{QA_PROMPT!r} + a question): the answer may be off")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
+    if cands:  # ranked first: a candidate too long for the LM's block is refused before generating
+        lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]
     ids = model.generate(mel, prompt_t, lens, beam=int(o["beam"]),
                          max_new_tokens=int(o["max_new_tokens"]),
                          length_penalty=float(o["length_penalty"]))[0]
     out = {"text": tok.decode(ids).strip(), "prompt": prompt}
-    if o["candidates"]:
-        # each label once, in the order given
-        cands = list(dict.fromkeys(c.strip() for c in str(o["candidates"]).split("|") if c.strip()))
-        if len(cands) < 2:
-            named = f"{len(cands)} label" if cands else "no labels"
-            raise ValueError(f"pengi.sample: candidates={o['candidates']!r} names {named}; "
-                             f"ranking needs two or more, separated by '|' (give 'a|b|c')")
-        lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]
+    if cands:
         order = lp.argsort(descending=True).tolist()
         out["ranked"] = [(cands[j], round(lp[j].item(), 3)) for j in order]
         out["text"] += ("\nranked by log p(label | audio, prompt): "

@@ -1979,3 +1979,24 @@ def test_sample_py_names_an_end_of_text_mark_in_the_prompt_or_candidates(tmp_pat
             f"sample.py: --{key}={value!r}: holds <|endoftext|>, the tokenizer's end-of-text mark, "
             f"which no text may hold: leave it out"), p.stderr
         assert "input:" not in p.stdout
+
+
+def test_sample_checks_the_candidates_before_generating(monkeypatch):
+    """candidates naming fewer than two labels, or one longer than the LM's block has room for, are
+    refused before the answer is generated (it was generated, then thrown away); good ones are
+    ranked as before."""
+    m, tok = tiny_model(2), WordIds()
+    mel = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    want = pengi.sample(m, tok, {"mel": mel}, None, None, beam=2, max_new_tokens=3,
+                        candidates="dog|cat bark|dog")
+    assert [c for c, _ in want["ranked"]] in (["dog", "cat bark"], ["cat bark", "dog"])
+    generated = []
+    generate = m.generate
+    monkeypatch.setattr(m, "generate", lambda *a, **k: generated.append(1) or generate(*a, **k))
+    for bad, said in (("dog", "names 1 label"), ("dog||", "names 1 label"),
+                      ("dog|" + "cat " * 100, "a candidate of 100 tokens")):
+        with pytest.raises(ValueError, match=said):
+            pengi.sample(m, tok, {"mel": mel}, None, None, beam=2, candidates=bad)
+        assert not generated, bad
+    assert pengi.sample(m, tok, {"mel": mel}, None, None, beam=2, max_new_tokens=3,
+                        candidates="dog|cat bark|dog") == want
