@@ -1980,6 +1980,16 @@ def check_lora_scale(where, scale):
                          f"is the LLM without LoRA; the paper lowers 4 to 2 to bring back the "
                          f"abilities task over-fitting hides)")
 
+def say_audio_cut(model, audio):
+    """sample.py printed the whole input's length: say when the model hears only its start (the
+    speech encoder reads max_audio_frames' duration; stage "beats" tags the whole clip), as
+    pengi.sample does."""
+    c = model.config
+    if c.stage not in ("llm", "beats") and n_speech_frames(audio, c) > max_speech_frames(c):
+        print(f"salmonn.sample: the model hears the first {c.max_audio_frames / c.frame_rate:.2f} s "
+              f"of the input's {n_speech_frames(audio, c) / c.speech_frame_rate:.2f} s "
+              f"(max_audio_frames={c.max_audio_frames})")
+
 def encoder_stage_answer(model, tok, feats, prompt):
     """What the encoders' stand-ins were trained to output: stage "whisper" its text decoder's and
     CTC head's transcripts, stage "beats" the 5 most likely tags."""
@@ -1988,6 +1998,7 @@ def encoder_stage_answer(model, tok, feats, prompt):
         raise ValueError(f"salmonn sample: a stage-{stage!r} checkpoint takes no prompt (it "
                          f"{'transcribes' if stage == 'whisper' else 'tags'} the audio)")
     if stage == "whisper":
+        say_audio_cut(model, feats)
         dec, ctc = whisper_transcribe(model, tok, [feats])
         return {"text": f"{dec[0]}\n(CTC head: {ctc[0]})"}
     probs = torch.sigmoid(clip_tag_logits(model, [feats["mel"]], model.config.n_mels)[0])
@@ -2042,6 +2053,7 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
         x = model.embed(torch.tensor([ids], device=device),
                         audio_mask=torch.tensor([mask], device=device), **batch)
     check_answer_room(model, x, mask, int(o["max_new_tokens"]))  # not even a short answer fits?
+    say_audio_cut(model, audio)  # (after the checks: a clip refused gets its reason alone)
     # an instruction not trained on (a question is QA's) is answered less reliably: said
     # (after the checks: a prompt refused gets its reason alone)
     if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")

@@ -2897,3 +2897,24 @@ def test_stage1_without_parts_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         salmonn.init_pretrained(SALMONN(tiny_config(stage="instruct")))
+
+def test_sample_says_when_it_hears_only_the_start_of_a_long_clip(capsys):
+    """A clip past max_audio_frames is cut by the speech encoder: sample says so (it transcribed or
+    answered the first seconds silently, while sample.py printed the whole length); stage "beats",
+    which tags the whole clip, and a clip that fits say nothing."""
+    tok = ByteTokenizerEot60()
+    torch.manual_seed(0)
+    mel = torch.randn(60, 64)
+    for stage, kw in (("whisper", dict(whisper_dec_n_layer=1, whisper_text_ctx=4)),
+                      ("instruct", dict(vocab_size=257, llm_block_size=128))):
+        t = ByteTokenizer() if stage == "instruct" else tok
+        m = SALMONN(tiny_config(stage=stage, max_audio_frames=40, **kw)).eval()
+        cut = salmonn.sample(m, t, {"mel": mel}, None, None, beam=1, max_new_tokens=2)
+        assert (f"salmonn.sample: the model hears the first {40 / 75:.2f} s of the input's "
+                f"{60 / 75:.2f} s (max_audio_frames=40)" in capsys.readouterr().out), stage
+        # what it heard: the first 40 frames
+        assert salmonn.sample(m, t, {"mel": mel[:40]}, None, None, beam=1, max_new_tokens=2) == cut
+        assert "hears the first" not in capsys.readouterr().out
+    m = SALMONN(tiny_config(stage="beats", max_audio_frames=40, tags="a|b|c")).eval()
+    salmonn.sample(m, tok, {"mel": mel}, None, None)
+    assert "hears the first" not in capsys.readouterr().out
