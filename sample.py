@@ -163,6 +163,10 @@ if __name__ == "__main__":
     if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")
+    if audio and os.path.isdir(audio):  # before the checkpoint is loaded (seconds for a large one)
+        fail(f"--audio={audio}: a folder, not an audio file")
+    if audio and not os.path.isfile(audio):
+        fail(f"--audio={audio}: file not found")
     if prompt and not prompt.strip():  # would be read as a prompt of spaces, not the default
         fail(f"--prompt={prompt!r}: blank; leave it out for the model's default instruction")
     if not -2**63 <= seed < 2**64:  # torch.manual_seed's range (else its "Overflow" traceback)
@@ -270,10 +274,6 @@ if __name__ == "__main__":
                  f"which no text may hold: leave it out")
     tools = Tools(data_dir)
     if audio:
-        if os.path.isdir(audio):
-            fail(f"--audio={audio}: a folder, not an audio file")
-        if not os.path.isfile(audio):
-            fail(f"--audio={audio}: file not found")
         try:
             # a limit only where the clip is encoded (a model of codes)
             wav = load_audio(audio, MAX_CLIP_SECONDS if meta.get("codec") and codes_model else None)

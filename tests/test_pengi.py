@@ -2000,3 +2000,14 @@ def test_sample_checks_the_candidates_before_generating(monkeypatch):
         assert not generated, bad
     assert pengi.sample(m, tok, {"mel": mel}, None, None, beam=2, max_new_tokens=3,
                         candidates="dog|cat bark|dog") == want
+
+
+def test_sample_py_checks_the_audio_file_before_loading_the_model(tmp_path):
+    """A missing --audio, or a folder, stops sample.py before the checkpoint is loaded (it was
+    loaded, and the model built, first: seconds for a large one)."""
+    run, wav = tiny_run(tmp_path)
+    for audio, said in ((tmp_path / "none.wav", "file not found"),
+                        (tmp_path, "a folder, not an audio file")):
+        p = sample_py(f"--out_dir={run}", f"--audio={audio}")
+        assert p.returncode == 2 and p.stderr.strip() == f"sample.py: --audio={audio}: {said}"
+        assert p.stdout == "", p.stdout  # no "pengi: ... parameters", no "pengi from ..."
