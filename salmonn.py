@@ -1949,11 +1949,17 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
       max_new_tokens (200), seed
       lora_scale      the paper lowers it from 4.0 to 2.0 to bring back emergent abilities
     The encoders' stages answer without the LLM: "whisper" with its text decoder's (greedy) and
-    CTC head's transcripts, "beats" with the 5 most likely tags. Runs in eval mode without
-    gradients, then restores the model's mode."""
+    CTC head's transcripts, "beats" with the 5 most likely tags; they take no prompt and none of
+    the options above. Runs in eval mode without gradients, then restores the model's mode."""
     unknown = sorted(set(opts) - set(SAMPLE_OPTS))
     if unknown:
         raise ValueError(f"salmonn sample: unknown options {unknown}; known: {sorted(SAMPLE_OPTS)}")
+    given = sorted(k for k, v in opts.items() if v is not None)
+    stage = model.config.stage
+    if stage in ENCODER_STAGES and given:  # they would be ignored, as a prompt would (refused too)
+        does = "transcribes the audio greedily" if stage == "whisper" else "tags the audio"
+        raise ValueError(f"salmonn sample: a stage-{stage!r} checkpoint takes no decoding options "
+                         f"({', '.join(given)} given; it {does})")
     o = {**SAMPLE_OPTS, **{k: v for k, v in opts.items() if v is not None}}
     beam, temperature = int(o["beam"]), float(o["temperature"])
     for key, least in (("beam", 1), ("temperature", 0), ("top_k", 0), ("max_new_tokens", 1)):

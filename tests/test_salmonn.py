@@ -2905,16 +2905,34 @@ def test_sample_says_when_it_hears_only_the_start_of_a_long_clip(capsys):
     tok = ByteTokenizerEot60()
     torch.manual_seed(0)
     mel = torch.randn(60, 64)
-    for stage, kw in (("whisper", dict(whisper_dec_n_layer=1, whisper_text_ctx=4)),
-                      ("instruct", dict(vocab_size=257, llm_block_size=128))):
+    for stage, kw, opts in (("whisper", dict(whisper_dec_n_layer=1, whisper_text_ctx=4), {}),
+                            ("instruct", dict(vocab_size=257, llm_block_size=128),
+                             dict(beam=1, max_new_tokens=2))):
         t = ByteTokenizer() if stage == "instruct" else tok
         m = SALMONN(tiny_config(stage=stage, max_audio_frames=40, **kw)).eval()
-        cut = salmonn.sample(m, t, {"mel": mel}, None, None, beam=1, max_new_tokens=2)
+        cut = salmonn.sample(m, t, {"mel": mel}, None, None, **opts)
         assert (f"salmonn.sample: the model hears the first {40 / 75:.2f} s of the input's "
                 f"{60 / 75:.2f} s (max_audio_frames=40)" in capsys.readouterr().out), stage
         # what it heard: the first 40 frames
-        assert salmonn.sample(m, t, {"mel": mel[:40]}, None, None, beam=1, max_new_tokens=2) == cut
+        assert salmonn.sample(m, t, {"mel": mel[:40]}, None, None, **opts) == cut
         assert "hears the first" not in capsys.readouterr().out
     m = SALMONN(tiny_config(stage="beats", max_audio_frames=40, tags="a|b|c")).eval()
     salmonn.sample(m, tok, {"mel": mel}, None, None)
     assert "hears the first" not in capsys.readouterr().out
+
+def test_encoder_stages_refuse_decoding_options():
+    """Stages "whisper" and "beats" answer without the LLM: a decoding option given (temperature,
+    beam, max_new_tokens, lora_scale...) is refused naming it, as a prompt is (it was ignored, the
+    answer greedy whatever was asked); none given, they answer."""
+    torch.manual_seed(0)
+    mel = torch.randn(30, 64)
+    for stage, kw, does in (("whisper", dict(whisper_dec_n_layer=1, whisper_text_ctx=4),
+                             "transcribes the audio greedily"),
+                            ("beats", dict(tags="a|b|c"), "tags the audio")):
+        m = SALMONN(tiny_config(stage=stage, **kw)).eval()
+        for opts in (dict(temperature=5.0, beam=1), dict(max_new_tokens=1), dict(lora_scale=0.0)):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"salmonn sample: a stage-{stage!r} checkpoint takes no decoding options "
+                    f"({', '.join(sorted(opts))} given; it {does})")):
+                salmonn.sample(m, ByteTokenizerEot60(), {"mel": mel}, None, None, **opts)
+        assert salmonn.sample(m, ByteTokenizerEot60(), {"mel": mel}, None, None)["text"]
