@@ -1961,6 +1961,9 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
         raise ValueError(f"salmonn sample: a stage-{stage!r} checkpoint takes no decoding options "
                          f"({', '.join(given)} given; it {does})")
     o = {**SAMPLE_OPTS, **{k: v for k, v in opts.items() if v is not None}}
+    if stage == "llm" and o["lora_scale"] is not None:  # it would be ignored
+        raise ValueError(f"salmonn sample: lora_scale={o['lora_scale']}: a stage-'llm' checkpoint "
+                         f"has no LoRA (the LLM alone, trained whole)")
     beam, temperature = int(o["beam"]), float(o["temperature"])
     for key, least in (("beam", 1), ("temperature", 0), ("top_k", 0), ("max_new_tokens", 1)):
         if o[key] < least:

@@ -2936,3 +2936,15 @@ def test_encoder_stages_refuse_decoding_options():
                     f"({', '.join(sorted(opts))} given; it {does})")):
                 salmonn.sample(m, ByteTokenizerEot60(), {"mel": mel}, None, None, **opts)
         assert salmonn.sample(m, ByteTokenizerEot60(), {"mel": mel}, None, None)["text"]
+
+def test_llm_stage_refuses_a_lora_scale():
+    """Stage "llm" has no LoRA (lora_rank 0 there): lora_scale is refused naming why (it was
+    ignored, the answer the same at any scale)."""
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config(stage="llm", vocab_size=257, llm_block_size=128)).eval()
+    with pytest.raises(ValueError, match=re.escape("salmonn sample: lora_scale=0.0: a stage-'llm' "
+                                                   "checkpoint has no LoRA")):
+        salmonn.sample(m, ByteTokenizer(), {"mel": torch.randn(30, 64)}, None, None, beam=1,
+                       max_new_tokens=2, lora_scale=0.0)
+    assert salmonn.sample(m, ByteTokenizer(), {"mel": torch.randn(30, 64)}, None, None, beam=1,
+                          max_new_tokens=2)["prompt"]
