@@ -163,6 +163,9 @@ if __name__ == "__main__":
     if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")
+    if audio and any(a.startswith("--split=") for a in sys.argv[1:]):  # it picks a clip: unused
+        fail(f"--split={split} and --audio={audio}: --split picks a clip of the data (with "
+             f"--clip), which --audio replaces; give one or the other")
     if audio and os.path.isdir(audio):  # before the checkpoint is loaded (seconds for a large one)
         fail(f"--audio={audio}: a folder, not an audio file")
     if audio and not os.path.isfile(audio):

@@ -2011,3 +2011,13 @@ def test_sample_py_checks_the_audio_file_before_loading_the_model(tmp_path):
         p = sample_py(f"--out_dir={run}", f"--audio={audio}")
         assert p.returncode == 2 and p.stderr.strip() == f"sample.py: --audio={audio}: {said}"
         assert p.stdout == "", p.stdout  # no "pengi: ... parameters", no "pengi from ..."
+
+
+def test_sample_py_refuses_split_with_audio(tmp_path):
+    """--split with --audio is refused as --clip with --audio is (it was ignored: the file was
+    sampled, whatever split was asked)."""
+    run, wav = tiny_run(tmp_path)
+    p = sample_py(f"--out_dir={run}", f"--audio={wav}", "--split=train")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"sample.py: --split=train and --audio={wav}: --split picks a clip of the data (with "
+        f"--clip), which --audio replaces; give one or the other"), p.stderr
