@@ -21,6 +21,14 @@ import sys
 import time
 from contextlib import nullcontext
 
+def interrupted(signum, frame):
+    sys.exit("\nsample.py: interrupted; nothing written")
+
+# Ctrl-C: a line, not a traceback (the result is written whole at the end, or not at all); set
+# before the imports below, a second or more of them (torch's)
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
+
 import numpy as np
 import torch
 
@@ -157,9 +165,6 @@ if __name__ == "__main__":
     # raw_opts: the model's sample() options, typed and checked once its file is known
     S, raw_opts, _ = configurator.parse("sample.py", sys.argv[1:], globals(), pass_unknown=True)
     globals().update(S)
-    # Ctrl-C: a line, not a traceback (the result is written whole at the end, or not at all)
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("\nsample.py: interrupted; "
-                                                                "nothing written"))
     if audio and any(a.startswith("--clip=") for a in sys.argv[1:]):
         fail(f"--clip={clip} and --audio={audio}: the input is a clip of the data or a file, not "
              f"both")

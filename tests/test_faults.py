@@ -387,6 +387,13 @@ def interrupted(cmd, marker, settle=0.0):
     assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
     return out.rstrip().splitlines()[-1]
 
+def test_sample_stopped_by_ctrl_c_while_torch_imports_says_so_in_one_line(tmp_path):
+    """Ctrl-C in sample.py's first second or two, while torch imports (after numpy: -X importtime
+    says when numpy is done): its one line, not a KeyboardInterrupt's traceback."""
+    last = interrupted([sys.executable, "-X", "importtime", "sample.py",
+                        f"--out_dir={tmp_path}"], b"| numpy\n")
+    assert last.endswith("sample.py: interrupted; nothing written"), last
+
 def test_train_sample_and_eval_stopped_by_ctrl_c_say_so_in_one_line(synth_dir, tmp_path):
     """Ctrl-C (SIGINT) in train.py's loop: a line naming the iteration and the checkpoint kept,
     which loads (before the loop, while the data loads: a line saying so); in sample.py's
