@@ -1298,6 +1298,15 @@ def stage_tasks(config):
         return tasks
     return STAGE_TASKS.get(config.stage, ())
 
+def trained_tasks(config):
+    """The tasks a checkpoint of stages 1-3 learned: its stage's mix (weights of 0 left out) and
+    those of the stages before it, each of which starts from the one before (config/salmonn_stage*.py
+    init_from; their default mixes assumed)."""
+    earlier = AUDIO_STAGES[:AUDIO_STAGES.index(config.stage)]
+    weights = parse_task_weights(config.task_weights, stage_tasks(config))
+    return ({t for s in earlier for t in STAGE_TASKS[s]}
+            | {t for t in stage_tasks(config) if weights.get(t, 1.0) > 0})
+
 # Copied from pengi.parse_task_weights
 def parse_task_weights(spec, tasks):
     """ "qa=3" -> {"qa": 3.0}, checked against tasks (the names of the tasks in the mix); a task
@@ -2065,12 +2074,18 @@ def _sample(model, tok, audio, prompt, o, beam, temperature):
     say_audio_cut(model, audio)  # (after the checks: a clip refused gets its reason alone)
     # an instruction not trained on (a question is QA's) is answered less reliably: said
     # (after the checks: a prompt refused gets its reason alone)
-    if (prompt and stage != "llm" and not prompt.rstrip().endswith("?")
-            and not any(prompt in v for v in INSTRUCTIONS.values())):
-        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    task = next((t for t, v in INSTRUCTIONS.items() if prompt in v), None)
+    task = task or ("qa" if prompt and prompt.rstrip().endswith("?") else None)
+    shown = prompt if not prompt or len(prompt) <= 80 else prompt[:77] + "..."
+    if prompt and stage != "llm" and task is None:
         print(f"salmonn.sample: {shown!r} is not one of the trained instructions (e.g. "
               f"{INSTRUCTIONS['transcription'][0]!r}, {INSTRUCTIONS['captioning'][0]!r}; all in "
               f"salmonn.INSTRUCTIONS, docs/salmonn.md): the answer may be off")
+    elif prompt and stage in AUDIO_STAGES and task not in trained_tasks(model.config):
+        # e.g. a question to stage 1, which learned transcription and captioning alone
+        learned = ", ".join(sorted(trained_tasks(model.config)))
+        print(f"salmonn.sample: {shown!r} asks for the {task!r} task, which a stage-{stage!r} "
+              f"checkpoint was not trained on (its tasks: {learned}): the answer may be off")
     generator = None
     if o["seed"] is not None:
         generator = torch.Generator(device=device).manual_seed(int(o["seed"]))

@@ -2948,3 +2948,30 @@ def test_llm_stage_refuses_a_lora_scale():
                        max_new_tokens=2, lora_scale=0.0)
     assert salmonn.sample(m, ByteTokenizer(), {"mel": torch.randn(30, 64)}, None, None, beam=1,
                           max_new_tokens=2)["prompt"]
+
+def test_sample_says_when_a_stage_was_not_trained_on_the_task_asked(capsys):
+    """A trained instruction (or a question) of a task the checkpoint's stage never learned gets a
+    note naming the task and the stage's tasks (a question to stage 1 was answered without one);
+    stage 2 learned stage 1's tasks and its own, stage 3 all; a weight of 0 drops a task."""
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    audio = {"mel": torch.randn(50, 64)}
+    stage1, stage2 = "captioning, transcription", "captioning, classification, music, qa, speaker, "
+    for stage, weights, prompt, task, learned in (
+            ("pretrain", "", "Who is speaking?", "speaker", stage1),
+            ("pretrain", "", "what colour is mentioned?", "qa", stage1),
+            ("pretrain", "", "Transcribe the audio.", None, None),
+            ("instruct", "", "Tell me a story about this audio.", "story", stage2 + "transcription"),
+            ("instruct", "", "Who is speaking?", None, None),
+            ("instruct", "speaker=0", "Who is speaking?", "speaker",
+             stage2.replace("speaker, ", "") + "transcription"),
+            ("activation", "", "what colour is mentioned?", None, None)):
+        m = SALMONN(tiny_config(stage=stage, task_weights=weights, vocab_size=257,
+                                llm_block_size=128)).eval()
+        salmonn.sample(m, tok, audio, prompt, None, beam=1, max_new_tokens=2)
+        out = capsys.readouterr().out
+        assert "not one of the trained instructions" not in out
+        said = (f"salmonn.sample: {prompt!r} asks for the {task!r} task, which a "
+                f"stage-{stage!r} checkpoint was not trained on (its tasks: {learned}): the answer "
+                f"may be off")
+        assert (said in out) == (task is not None), (stage, weights, prompt, out)
