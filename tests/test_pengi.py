@@ -2021,3 +2021,25 @@ def test_sample_py_refuses_split_with_audio(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == (
         f"sample.py: --split=train and --audio={wav}: --split picks a clip of the data (with "
         f"--clip), which --audio replaces; give one or the other"), p.stderr
+
+
+def test_sample_says_when_the_mix_left_out_the_task_asked(capsys):
+    """A trained prompt (or a question, or the default caption prompt) of a task the checkpoint's
+    mix left out (tasks, or a weight of 0) gets a note naming the task and the mix (it was answered
+    with no word); one of a task in the mix gets none."""
+    mel = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    for tasks, weights, prompt, task, learned in (
+            ("caption,class", "", pengi.QA_PROMPT + "is it loud?", "qa", "caption, class"),
+            ("caption,class", "", pengi.PROMPTS["pitch"], "pitch", "caption, class"),
+            ("class,music", "", None, "caption", "class, instrument, pitch, chord"),
+            ("class,music", "pitch=0", pengi.PROMPTS["pitch"], "pitch", "class, instrument, chord"),
+            ("class,music", "", pengi.PROMPTS["pitch"], None, None),
+            ("caption,class", "", pengi.PROMPTS["class"], None, None)):
+        m = tiny_model(2, tasks=tasks, task_weights=weights)
+        pengi.sample(m, WordIds(), {"mel": mel}, prompt, None, beam=1, max_new_tokens=2)
+        out = capsys.readouterr().out
+        said = (f"pengi.sample: {prompt or pengi.PROMPTS['caption']!r} asks for the {task!r} "
+                f"task, which this checkpoint was not trained on (its tasks: {learned}): the "
+                f"answer may be off")
+        assert (said in out) == (task is not None), (tasks, weights, prompt, out)
+        assert "not one of the trained prompts" not in out
