@@ -1982,7 +1982,8 @@ def sample(model, tok, audio, prompt, tools=None, **opts):
     return in_eval_mode(model, _sample, model, tok, audio, prompt, o, beam, temperature)
 
 def check_decoding(o):
-    """Sampling (temperature, top_k) needs beam=1: beam search would ignore them."""
+    """Sampling (temperature, top_k) needs beam=1: beam search would ignore them; top_k needs a
+    temperature above 0: greedy decoding would ignore it."""
     beam = int(o["beam"])
     if float(o["temperature"]) > 0 and beam > 1:
         raise ValueError(f"temperature={o['temperature']} samples, which needs beam=1 (beam={beam} "
@@ -1990,6 +1991,9 @@ def check_decoding(o):
     if o["top_k"] > 0 and beam > 1:
         raise ValueError(f"top_k={o['top_k']} limits sampling, which needs beam=1 (beam={beam} "
                          f"given)")
+    if o["top_k"] > 0 and float(o["temperature"]) == 0:  # greedy decoding would ignore it
+        raise ValueError(f"top_k={o['top_k']} limits sampling, which needs a temperature above 0 "
+                         f"(temperature=0 decodes greedily)")
 
 def check_lora_scale(where, scale):
     """The LoRA scale an answer is decoded with: None (the model's), or a finite number >= 0."""

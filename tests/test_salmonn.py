@@ -2975,3 +2975,17 @@ def test_sample_says_when_a_stage_was_not_trained_on_the_task_asked(capsys):
                 f"stage-{stage!r} checkpoint was not trained on (its tasks: {learned}): the answer "
                 f"may be off")
         assert (said in out) == (task is not None), (stage, weights, prompt, out)
+
+def test_top_k_without_a_temperature_refused():
+    """top_k with temperature 0 (the default) decodes greedily, top_k unused: refused, naming why
+    (sample.py --beam=1 --top_k=50 gave the greedy answer at every seed); with a temperature it
+    samples."""
+    torch.manual_seed(0)
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
+    audio = {"mel": torch.randn(50, 64)}
+    with pytest.raises(ValueError, match=re.escape("top_k=5 limits sampling, which needs a "
+                                                   "temperature above 0 (temperature=0 decodes "
+                                                   "greedily)")):
+        salmonn.sample(m, ByteTokenizer(), audio, None, None, beam=1, top_k=5, max_new_tokens=2)
+    salmonn.sample(m, ByteTokenizer(), audio, None, None, beam=1, top_k=5, temperature=1.0,
+                   max_new_tokens=2)
