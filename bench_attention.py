@@ -326,7 +326,8 @@ def benchmark(args):
 def main():
     # --help: the whole docstring (columns, goals, --ptxas), laid out as written
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --seq=512 is a typo, not --seqlens
     parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384",
                         help="comma-separated T values (default %(default)s)")
     parser.add_argument("--dims", default=None,

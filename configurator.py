@@ -213,6 +213,15 @@ def fail(script, error):
     print(f"{script}: {error}", file=sys.stderr)
     sys.exit(2)
 
+def import_model(script, name):
+    """The model file `name`, imported. Importing it imports fused_attention, which checks its
+    FUSED_ATTENTION* variables (docs/fused_attention.md): a mistyped one stops the script in one
+    line, not a traceback."""
+    try:
+        return importlib.import_module(name)
+    except ValueError as e:
+        fail(script, e)
+
 def parse(script, argv, namespace, pass_unknown=False, positional=False):
     """The whole job for a script without config files: defaults from namespace, overridden by argv.
     Returns (settings, unknown {key: raw}, positional args); a bad argument ends the script with the

@@ -69,7 +69,7 @@ def check_runs(paths, opts):
             ck = load_checkpoint(path, mmap=True)  # its settings: the weights are read later
         except ValueError as e:
             fail(e)
-        M = importlib.import_module(ck["model_name"])
+        M = configurator.import_model("eval.py", ck["model_name"])
         try:
             typed = configurator.model_options(opts, M.EVAL_OPTS, "eval.py",
                                                f"{M.__name__}.evaluate",

@@ -13,7 +13,6 @@ as a .png beside it; a result {"text": ...} is printed (and written to a .txt --
 an --out folder).
 """
 
-import importlib
 import json
 import os
 import signal
@@ -202,7 +201,7 @@ if __name__ == "__main__":
         checkpoint = load_checkpoint(ckpt_path)
     except ValueError as e:
         fail(e)
-    M = importlib.import_module(checkpoint["model_name"])
+    M = configurator.import_model("sample.py", checkpoint["model_name"])
     config = M.Config(**checkpoint["model_args"])
     model = M.Model(config)
     try:  # weights of another shape than its own model_args say: a one-line failure

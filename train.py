@@ -336,7 +336,7 @@ def load_settings(argv):
             or not os.path.isfile(os.path.join(HERE, f"{name}.py"))):
         fail(f"model = {name!r} ({where}): no such model file; expected whisper_gpt, salmonn or "
              f"pengi")
-    module = importlib.import_module(name)
+    module = configurator.import_model("train.py", name)
     lacking = [n for n in ("Config", "Model", "load_data", "get_batch") if not hasattr(module, n)]
     if lacking:
         fail(f"model = {name!r} ({where}): {name}.py is not a model file (it has no "

@@ -677,3 +677,19 @@ def test_bench_attention_stopped_by_ctrl_c_says_so_in_one_line(tmp_path):
     last = interrupted(cmd, b"| fwd | 16 |", settle=0.5)
     assert last == "bench_attention.py: interrupted; nothing was written", last
     assert not out.exists()
+
+def test_a_mistyped_fused_attention_variable_stops_each_script_in_one_line(synth_dir, tmp_path):
+    """fused_attention checks its FUSED_ATTENTION* variables as it is imported, with the model file:
+    train.py, sample.py and eval.py each stop in one line naming the variable (it was a traceback
+    for train.py and sample.py)."""
+    out = tmp_path / "run"
+    assert run_script(train(out, synth_dir, "--max_iters=1"), cwd=ROOT, env=ENV,
+                      timeout=300).returncode == 0
+    env = {**ENV, "FUSED_ATTENTION_BWD": "atomics"}
+    cmds = [train(tmp_path / "run2", synth_dir),
+            [sys.executable, "sample.py", f"--out_dir={out}", f"--out={tmp_path / 's.wav'}"],
+            [sys.executable, "eval.py", str(out)]]
+    for cmd, p in zip(cmds, run_scripts(cmds, cwd=ROOT, env=env, timeout=300)):
+        said = (f"{os.path.basename(cmd[1])}: fused_attention: FUSED_ATTENTION_BWD must be auto, "
+                f"atomic or split, got 'atomics' (fused_attention.BWD)")
+        assert p.returncode == 2 and p.stderr.strip() == said, (cmd[1], p.stderr[-2000:])
