@@ -2187,7 +2187,7 @@ def test_scripts_refuse_bad_counts_and_lists_before_any_work(tmp_path):
              (["bench_whisper_gpt.py", "--part=nope", nowhere],
               "bench_whisper_gpt.py: --part=nope: expected all, train or generate"),
              (["bench_attention.py", "--width=0"],
-              "bench_attention.py: --width=0: H*D must be a multiple of each head dim"))
+              "bench_attention.py: --width=0: must be at least 1"))
     runs = run_scripts([[sys.executable, *args] for args, _ in cases], cwd=ROOT, timeout=300)
     for (args, said), run in zip(cases, runs):
         assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-2000:])
