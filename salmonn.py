@@ -2330,6 +2330,9 @@ def eval_options(opts):
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
     check_decoding(o)
     check_lora_scale("salmonn evaluate", o["lora_scale"])
+    # its default None lets any number through eval.py's typing: 1.5 would be seeded as 1
+    if o["seed"] is not None and o["seed"] != int(o["seed"]):
+        raise ValueError(f"salmonn evaluate: seed={o['seed']}: must be a whole number")
     return o
 
 def _evaluate(model, data, tok, split, o):

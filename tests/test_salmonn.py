@@ -989,6 +989,9 @@ def test_options_below_their_least_refused_by_sample_and_evaluate():
     for key, value in (("temperature", 0.7), ("top_k", 5)):
         with pytest.raises(ValueError, match=f"{key}={value} .*which needs beam=1 \\(beam=4"):
             salmonn.evaluate(m, None, tok, "val", **{key: value})
+    # a seed that is not whole (its default None lets eval.py pass any number): it was cut to 1
+    with pytest.raises(ValueError, match="salmonn evaluate: seed=1.5: must be a whole number"):
+        salmonn.evaluate(m, None, tok, "val", seed=1.5, beam=1, temperature=0.7)
 
 def test_sample_refusing_a_long_clip_says_how_long_a_clip_fits():
     """The longest clip the refusal names fits with the same prompt; one window of frames more
