@@ -374,6 +374,10 @@ def main():
              f"{', '.join(map(str, HEAD_DIMS))} only")
     if not args.ptxas:
         if args.quick:
+            given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(("--seqlens", "--dims"))]
+            if given:  # --quick sets both: the ones given would be dropped without a word
+                fail(f"--quick runs T = 1024, 4096 and D = 64; leave out {' and '.join(given)}, "
+                     f"or --quick")
             args.seqlens, args.dims = [1024, 4096], [64]
         args.dims = args.dims or [64, 128]
         # the header states B*T and H*D: each row must run exactly those (0 or a negative count

@@ -1620,11 +1620,15 @@ def test_bench_attention_refuses_a_token_count_below_1():
 
 def test_bench_attention_switches_take_0_or_1():
     """--autotune and --q_lens are 0 or 1: --autotune=2 ran as on (the header said so), and was
-    refused only by the missing GPU here; no option is taken by an abbreviation."""
+    refused only by the missing GPU here; no option is taken by an abbreviation, and --quick
+    takes no list of its own."""
     cases = ((["--autotune=2"], "argument --autotune: invalid choice: 2 (choose from 0, 1)"),
              (["--q_lens=-1"], "argument --q_lens: invalid choice: -1 (choose from 0, 1)"),
              # an abbreviation is refused as prepare.py refuses one (it was taken as --seqlens)
-             (["--seq=512"], "unrecognized arguments: --seq=512"))
+             (["--seq=512"], "unrecognized arguments: --seq=512"),
+             # --quick sets both lists: a list given beside it was dropped without a word
+             (["--quick", "--dims=128"], "bench_attention.py: --quick runs T = 1024, 4096 and "
+                                         "D = 64; leave out --dims, or --quick"))
     runs = run_scripts([[sys.executable, "bench_attention.py", *args] for args, _ in cases],
                        cwd=ROOT, timeout=300)
     for (args, said), run in zip(cases, runs):
