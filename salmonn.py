@@ -2330,8 +2330,9 @@ def eval_options(opts):
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
     check_decoding(o)
     check_lora_scale("salmonn evaluate", o["lora_scale"])
-    # its default None lets any number through eval.py's typing: 1.5 would be seeded as 1
-    if o["seed"] is not None and o["seed"] != int(o["seed"]):
+    # its default None lets any number through eval.py's typing: 1.5 would be seeded as 1 (and
+    # int() of 1e999, inf, fails with a traceback)
+    if o["seed"] is not None and not float(o["seed"]).is_integer():
         raise ValueError(f"salmonn evaluate: seed={o['seed']}: must be a whole number")
     return o
 

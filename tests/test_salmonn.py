@@ -993,6 +993,15 @@ def test_options_below_their_least_refused_by_sample_and_evaluate():
     with pytest.raises(ValueError, match="salmonn evaluate: seed=1.5: must be a whole number"):
         salmonn.evaluate(m, None, tok, "val", seed=1.5, beam=1, temperature=0.7)
 
+def test_evaluate_refuses_an_infinite_seed_in_one_line():
+    """eval.py --seed=1e999 types as inf (a None default takes any number): refused as not whole,
+    not an OverflowError traceback from int(inf) in the check itself."""
+    m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
+    for seed in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"salmonn evaluate: seed={seed}: must be a whole "
+                                             f"number"):
+            salmonn.eval_options({"seed": seed, "beam": 1, "temperature": 0.7})
+
 def test_sample_refusing_a_long_clip_says_how_long_a_clip_fits():
     """The longest clip the refusal names fits with the same prompt; one window of frames more
     does not."""
