@@ -129,7 +129,7 @@ def print_help(train_argv=None):
         print(f"\nThe model file's options, as --key=value ({opts_name}, with the defaults):")
         own = defaults(vars(main))  # the script's own settings (its --seed) are not passed on
         for model in ("whisper_gpt", "salmonn", "pengi"):
-            opts = getattr(importlib.import_module(model), opts_name)
+            opts = getattr(import_model(name, model), opts_name)
             print(f"  {model}: " + ", ".join(f"{k}={v!r}" if v is not None else f"{k} (unset)"
                                              for k, v in opts.items() if k not in own))
     if train_argv is not None:
@@ -145,7 +145,7 @@ def print_help(train_argv=None):
         module = None
         if re.fullmatch(r"\w+", str(model)) and os.path.isfile(
                 os.path.join(os.path.dirname(path), f"{model}.py")):
-            module = importlib.import_module(model)
+            module = import_model(name, model)
         if getattr(module, "Config", None) is None:
             print(f"\n(model {model!r}: not one of the model files whisper_gpt, salmonn, pengi)")
         else:

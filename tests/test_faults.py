@@ -693,3 +693,16 @@ def test_a_mistyped_fused_attention_variable_stops_each_script_in_one_line(synth
         said = (f"{os.path.basename(cmd[1])}: fused_attention: FUSED_ATTENTION_BWD must be auto, "
                 f"atomic or split, got 'atomics' (fused_attention.BWD)")
         assert p.returncode == 2 and p.stderr.strip() == said, (cmd[1], p.stderr[-2000:])
+
+def test_help_under_a_mistyped_fused_attention_variable_is_one_line_not_a_traceback():
+    """--help imports the model files to list their options (train.py: the model's Config), and
+    fused_attention now checks FUSED_ATTENTION as it is imported: the help's settings are printed,
+    then one line naming the variable (it was a traceback; before the import-time check,
+    FUSED_ATTENTION=Torch printed the whole help)."""
+    env = {**ENV, "FUSED_ATTENTION": "Torch"}
+    cmds = [[sys.executable, script, "--help"] for script in ("sample.py", "eval.py", "train.py")]
+    for cmd, p in zip(cmds, run_scripts(cmds, cwd=ROOT, env=env, timeout=300)):
+        said = (f"{cmd[1]}: fused_attention: backend (or env FUSED_ATTENTION) must be auto, triton "
+                f"or torch, got 'Torch'")
+        assert "Traceback" not in p.stderr and p.stderr.strip() == said, (cmd[1], p.stderr[-2000:])
+        assert "Settings, as --key=value" in p.stdout, (cmd[1], p.stdout[-2000:])
