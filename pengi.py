@@ -1541,19 +1541,20 @@ def sample(model, tok, audio, prompt, tools, **opts):
                          f"where training cut its prompts)")
     # a prompt not trained on (any question is QA's) gets answers of the trained tasks, or none
     # (after the checks: a prompt refused gets its reason alone)
+    shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
     if prompt and prompt not in PROMPTS.values() and not prompt.startswith(QA_PROMPT):
-        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
         print(f"pengi.sample: {shown!r} is not one of the trained prompts (pengi.PROMPTS, or "
               f"{QA_PROMPT!r} + a question): the answer may be off")
-    # one of a task the checkpoint's mix left out (config tasks, or a weight of 0): said too
+    # a task the checkpoint's last training mix left out (config tasks, or a weight of 0): said
+    # too (a run started from another checkpoint may have learned it there)
     mix = mix_tasks([t.strip() for t in cfg.tasks.split(",")])
     weights = parse_task_weights(cfg.task_weights, mix)
     learned = [t for t in mix if weights.get(t, 1.0) > 0]
     task = "qa" if prompt.startswith(QA_PROMPT) else next(
         (t for t, v in PROMPTS.items() if v == prompt), None)
     if task and task not in learned:
-        print(f"pengi.sample: {prompt[:80]!r} asks for the {task!r} task, which this checkpoint "
-              f"was not trained on (its tasks: {', '.join(learned)}): the answer may be off")
+        print(f"pengi.sample: {shown!r} asks for the {task!r} task, which this checkpoint's last "
+              f"training mix left out (its tasks: {', '.join(learned)}): the answer may be off")
     prompt_t, lens = torch.tensor([p], device=dev), torch.tensor([len(p)], device=dev)
     if cands:  # ranked first: a candidate too long for the LM's block is refused before generating
         lp = model.rank_candidates(mel, prompt_t, lens, [answer_ids(tok, c) for c in cands])[0]

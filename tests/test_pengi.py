@@ -2039,7 +2039,7 @@ def test_sample_says_when_the_mix_left_out_the_task_asked(capsys):
         pengi.sample(m, WordIds(), {"mel": mel}, prompt, None, beam=1, max_new_tokens=2)
         out = capsys.readouterr().out
         said = (f"pengi.sample: {prompt or pengi.PROMPTS['caption']!r} asks for the {task!r} "
-                f"task, which this checkpoint was not trained on (its tasks: {learned}): the "
-                f"answer may be off")
+                f"task, which this checkpoint's last training mix left out (its tasks: "
+                f"{learned}): the answer may be off")
         assert (said in out) == (task is not None), (tasks, weights, prompt, out)
         assert "not one of the trained prompts" not in out
