@@ -2330,10 +2330,12 @@ def eval_options(opts):
             raise ValueError(f"salmonn evaluate: {key}={o[key]}: must be at least {least}")
     check_decoding(o)
     check_lora_scale("salmonn evaluate", o["lora_scale"])
-    # its default None lets any number through eval.py's typing: 1.5 would be seeded as 1 (and
-    # int() of 1e999, inf, fails with a traceback)
-    if o["seed"] is not None and not float(o["seed"]).is_integer():
-        raise ValueError(f"salmonn evaluate: seed={o['seed']}: must be a whole number")
+    # its default None lets any number through eval.py's typing: 1.5 would be seeded as 1, and
+    # int() of 1e999 (inf) or a seed past torch's range fails with a traceback
+    if o["seed"] is not None and not (float(o["seed"]).is_integer()
+                                      and -2**63 <= int(o["seed"]) < 2**64):
+        raise ValueError(f"salmonn evaluate: seed={o['seed']}: must be a whole number from -2**63 "
+                         f"to 2**64 - 1 (a torch generator's seed)")
     return o
 
 def _evaluate(model, data, tok, split, o):

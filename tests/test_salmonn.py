@@ -990,16 +990,17 @@ def test_options_below_their_least_refused_by_sample_and_evaluate():
         with pytest.raises(ValueError, match=f"{key}={value} .*which needs beam=1 \\(beam=4"):
             salmonn.evaluate(m, None, tok, "val", **{key: value})
     # a seed that is not whole (its default None lets eval.py pass any number): it was cut to 1
-    with pytest.raises(ValueError, match="salmonn evaluate: seed=1.5: must be a whole number"):
+    with pytest.raises(ValueError, match="salmonn evaluate: seed=1.5: must be a whole number from"):
         salmonn.evaluate(m, None, tok, "val", seed=1.5, beam=1, temperature=0.7)
 
-def test_evaluate_refuses_an_infinite_seed_in_one_line():
+def test_evaluate_refuses_an_infinite_or_out_of_range_seed_in_one_line():
     """eval.py --seed=1e999 types as inf (a None default takes any number): refused as not whole,
-    not an OverflowError traceback from int(inf) in the check itself."""
+    not an OverflowError traceback from int(inf) in the check itself; so is a seed past a torch
+    generator's range (its traceback came after the data had loaded)."""
     m = SALMONN(tiny_config(vocab_size=257, llm_block_size=128)).eval()
-    for seed in (float("inf"), float("-inf"), float("nan")):
+    for seed in (float("inf"), float("-inf"), float("nan"), 2**64, -2**63 - 1):
         with pytest.raises(ValueError, match=f"salmonn evaluate: seed={seed}: must be a whole "
-                                             f"number"):
+                                             f"number from"):
             salmonn.eval_options({"seed": seed, "beam": 1, "temperature": 0.7})
 
 def test_sample_refusing_a_long_clip_says_how_long_a_clip_fits():
