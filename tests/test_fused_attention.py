@@ -423,6 +423,18 @@ def test_complex_lengths_are_rejected():
                 fused_attention.attention(q, q, q, backend=backend,
                                           **{name: torch.tensor([3 + 0j, 5 + 0j])})
 
+def test_non_tensor_inputs_are_named_by_their_type():
+    """A numpy array (or a list) in place of a tensor: the message names its type, not a shape
+    that reads as the one asked for ("must be a 4-d tensor ..., got (2, 2, 5, 16)")."""
+    q = torch.randn(2, 2, 5, 16)
+    with pytest.raises(ValueError, match=r"q must be a 4-d tensor .*got ndarray \(not a torch "
+                                         r"tensor\)"):
+        fused_attention.attention(q.numpy(), q, q)
+    for lens, kind in ((torch.tensor([3, 4]).numpy(), "ndarray"), ([3, 4], "list")):
+        with pytest.raises(ValueError, match=rf"k_lens must be an integer tensor of shape \(2,\), "
+                                             rf"got {kind} \(not a torch tensor\)"):
+            fused_attention.attention(q, q, q, k_lens=lens)
+
 def test_mismatched_inputs_are_rejected_not_broadcast():
     q = torch.randn(2, 2, 5, 16)
     kv = torch.randn(2, 2, 7, 16)
@@ -722,15 +734,3 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
         for causal in (True, False):
             results[f"nan-keys-{key}-{causal}"] = nan_in_padding_keys("triton", causal)
     print(json.dumps(results))
-
-def test_non_tensor_inputs_are_named_by_their_type():
-    """A numpy array (or a list) in place of a tensor: the message names its type, not a shape
-    that reads as the one asked for ("must be a 4-d tensor ..., got (2, 2, 5, 16)")."""
-    q = torch.randn(2, 2, 5, 16)
-    with pytest.raises(ValueError, match=r"q must be a 4-d tensor .*got ndarray \(not a torch "
-                                         r"tensor\)"):
-        fused_attention.attention(q.numpy(), q, q)
-    for lens, kind in ((torch.tensor([3, 4]).numpy(), "ndarray"), ([3, 4], "list")):
-        with pytest.raises(ValueError, match=rf"k_lens must be an integer tensor of shape \(2,\), "
-                                             rf"got {kind} \(not a torch tensor\)"):
-            fused_attention.attention(q, q, q, k_lens=lens)
