@@ -332,9 +332,10 @@ def check_args(args):
                      f"dataset's name)")
     if synth and args.clips < 1:
         sys.exit(f"error: --clips={args.clips}: must be at least 1")
-    if synth and not 1 <= args.max_seconds < math.inf:
-        sys.exit(f"error: --max_seconds={args.max_seconds:g}: must be finite and at least 1 (the "
-                 f"corpus's shortest sounds last a second)")
+    # at most what a real file may last: a clip is made, and encoded, whole (1e9 ran out of memory)
+    if synth and not 1 <= args.max_seconds <= MAX_CLIP_SECONDS:
+        sys.exit(f"error: --max_seconds={args.max_seconds:g}: must be 1 to {MAX_CLIP_SECONDS} (the "
+                 f"corpus's shortest sounds last a second; a clip is made and encoded whole)")
     if not 0 <= args.val_percent <= 100:
         sys.exit(f"error: --val_percent={args.val_percent:g}: must be 0 to 100")
     if abs(args.val_percent * 10 - round(args.val_percent * 10)) > 1e-6:  # is_val's resolution

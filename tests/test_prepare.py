@@ -1911,6 +1911,14 @@ def test_numbers_out_of_range_are_named_before_any_work(tmp_path, arg):
     assert str(e.value).startswith(f"error: {arg}: must be")
     assert not (tmp_path / "out").exists()
 
+@pytest.mark.parametrize("arg,shown", [("--max_seconds=121", "121"),
+                                       ("--max_seconds=1e9", "1e\\+09")])
+def test_a_max_seconds_longer_than_a_clip_may_last_is_refused(arg, shown):
+    # a clip is made and encoded whole: 1e9 ended in a traceback for 22 TiB, 121 s encodes ~2 GB
+    with pytest.raises(SystemExit, match=f"error: --max_seconds={shown}: must be 1 to "
+                                         f"{A.MAX_CLIP_SECONDS}"):
+        P.check_args(P.get_args([arg]))
+
 def test_an_abbreviated_option_is_refused_not_taken_for_the_longer_one(tmp_path, capsys):
     # argparse's default would read --clip=20 as --clips=20 and --offline_c as --offline_codec
     for arg in ("--clip=20", "--offline_c"):
