@@ -368,6 +368,9 @@ def check_args(args):
                  f"{', '.join(k for k, _, _ in KIND_MIX)}")
     if args.no_speech and args.kinds == ["speech"]:
         sys.exit("error: --no_speech with --kinds=speech leaves no kind to make")
+    if args.no_speech and args.kinds and "speech" in args.kinds:  # not one silently dropped
+        sys.exit(f"error: --no_speech with --kinds={','.join(args.kinds)}: speech is one of the "
+                 f"kinds asked for; leave it out of --kinds, or drop --no_speech")
     if args.no_codes:
         codec_args = [f"--{k}" for k in ("offline_codec", "codec_dir", "codec_from",
                                           "codec_steps", "codec_tune_steps", "codebook0_mel")

@@ -2061,6 +2061,9 @@ def test_no_speech_with_only_speech_is_one_line_before_any_work(tmp_path, capsys
     with pytest.raises(SystemExit, match="--no_speech with --kinds=speech"):
         P.main(["--no_speech", "--kinds=speech", f"--out_dir={tmp_path / 'a'}"] + FAST)
     assert not (tmp_path / "a").exists()
+    # with other kinds too: speech was left out without a word, the corpus all music
+    with pytest.raises(SystemExit, match="--no_speech with --kinds=music,speech: speech is one of"):
+        P.check_args(P.get_args(["--no_speech", "--kinds=speech,music"]))
     monkeypatch.setattr(P, "speech_problem", lambda: "libespeak-ng.so: cannot be loaded")
     with pytest.raises(SystemExit, match="--kinds=speech.*libespeak-ng.so: cannot be loaded"):
         P.main(["--kinds=speech", f"--out_dir={tmp_path / 'b'}"] + FAST)
