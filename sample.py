@@ -134,6 +134,9 @@ def read_clip(data_dir, split, index):
                 clips.append(json.loads(line))
             except ValueError as e:
                 fail(f"{path}: line {i} is not JSON ({e}): cut short or edited; prepare.py again")
+    if not clips:  # (the range below would read "0..-1")
+        fail(f"--split={split}: {path} has no clips (prepare.py --val_percent=0, or a corpus "
+             f"of one clip, leaves val empty); try the other --split")
     if not 0 <= index < len(clips):
         fail(f"--clip={index}: {path} has clips 0..{len(clips) - 1}")
     info = clips[index]

@@ -1378,6 +1378,18 @@ def test_read_clip_is_the_clips_frames_and_refuses_a_clip_past_the_end(synth_dir
         assert e.value.code == 2
         assert f"--clip={bad}: " in capsys.readouterr().err
 
+def test_read_clip_of_an_empty_split_says_it_has_no_clips(tmp_path, capsys):
+    """A split prepared empty (--val_percent=0, one clip): one line saying so and what to try,
+    not "has clips 0..-1"."""
+    import sample as S
+    (tmp_path / "meta.json").write_text(json.dumps({"sample_rate": 24000, "frame_rate": 75,
+                                                    "n_q": 8, "n_mels": 64}))
+    (tmp_path / "val_clips.jsonl").write_text("")
+    with pytest.raises(SystemExit):
+        S.read_clip(str(tmp_path), "val", 0)
+    err = capsys.readouterr().err
+    assert "--split=val: " in err and "has no clips" in err and "0..-1" not in err, err
+
 def test_read_clip_names_a_missing_or_cut_array(synth_dir, tmp_path, capsys):
     """A prepared array that is missing, cut short of the clip's rows or cut mid-row is a one-line
     failure naming the file (numpy's errors, or a clip of 0 frames handed on, before)."""
