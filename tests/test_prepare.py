@@ -2661,6 +2661,23 @@ def test_a_finished_run_missing_one_of_its_files_is_rebuilt(tmp_path, capsys):
     assert (out / "train_mel.bin").read_bytes() == mel
 
 
+def test_a_finished_run_with_a_file_cut_short_is_rebuilt(tmp_path, capsys):
+    """A mel (or codes) file shorter than its split's frames: train.py refuses it with "prepare.py
+    again", and the same command then rebuilds it (it said "already prepared")."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k, hz in enumerate((300, 500)):
+        sf.write(src / f"t{k}.wav", sine(hz, 0.2), SR)
+    args = ["--dataset=folder", f"--src={src}", f"--out_dir={out}", "--no_codes", "--quiet"]
+    P.main(args)
+    mel = (out / "train_mel.bin").read_bytes()
+    (out / "train_mel.bin").write_bytes(mel[:1000])
+    capsys.readouterr()
+    P.main(args)
+    assert "has train_mel.bin cut short: rebuilding" in capsys.readouterr().out
+    assert (out / "train_mel.bin").read_bytes() == mel
+
+
 def test_only_the_manifest_at_the_top_of_src_is_read_as_one(tmp_path):
     """manifest.csv / manifest.jsonl are the folder's manifest at --src's top only; a file of that
     name in a subfolder is another input, reported as not audio, not silently passed over."""
