@@ -535,7 +535,8 @@ def already_prepared(out, args, args_hash):
                  f"that runs trained on it read: --force rebuilds it there, or name another output "
                  f"with --name or --out_dir")
     missing = [f for f in output_files(meta) if not (out / f).is_file()]
-    # a codes or mel file cut short: train.py refuses it with "prepare.py again", so that rebuilds
+    # a codes or mel file of another size than its frames (cut short, say): train.py refuses it
+    # with "prepare.py again", so that rebuilds
     rows = {f"{split}_{part}": n["frames"] * meta[width] * 2  # uint16 codes, float16 mel
             for split, n in (meta.get("splits") or {}).items()
             for part, width in (("codes.bin", "n_q"), ("mel.bin", "n_mels"))}
@@ -543,7 +544,7 @@ def already_prepared(out, args, args_hash):
            and (out / f).stat().st_size != rows[f]]
     if missing or cut:
         lost = ([f"lacks {', '.join(missing)}"] if missing else []) + \
-               ([f"has {', '.join(cut)} cut short"] if cut else [])
+               ([f"has {', '.join(cut)} of another size than its frames"] if cut else [])
         print(f"{out} was prepared with these arguments but {' and '.join(lost)}: rebuilding")
         return False
     print(f"{out} is already prepared with these arguments (use --force to rebuild)")
