@@ -1066,11 +1066,19 @@ def load_data(data_dir, config, tok):
         if not clips:
             raise ValueError(f"{data_dir}/{split}_clips.jsonl holds no clips")
         by_task = {}  # task -> [(clip index, prompt ids, answer ids)]
+        cut = Counter()  # texts longer than their budget: the model learns them cut (and eot there)
         for i, clip in enumerate(clips):
             for task, prompt, answer in clip_tasks(clip, tasks):
-                example = (i, prompt_ids(tok, prompt)[:config.max_prompt_tokens],
-                           answer_ids(tok, answer)[:config.max_answer_tokens])
+                p, a = prompt_ids(tok, prompt), answer_ids(tok, answer)
+                cut["answer"] += len(a) > config.max_answer_tokens
+                cut["prompt"] += len(p) > config.max_prompt_tokens
+                example = (i, p[:config.max_prompt_tokens], a[:config.max_answer_tokens])
                 by_task.setdefault(task, []).append(example)
+        for what, n in sorted(cut.items()):
+            if n:
+                print(f"note: {data_dir} {split}: {n} {what}(s) longer than max_{what}_tokens="
+                      f"{getattr(config, f'max_{what}_tokens')} are cut to it (the model learns "
+                      f"them cut)")
         if not by_task:
             raise ValueError(f"{data_dir}: the {split} split's clips offer none of the tasks "
                              f"{config.tasks!r}")

@@ -2043,3 +2043,17 @@ def test_sample_says_when_the_mix_left_out_the_task_asked(capsys):
                 f"{learned}): the answer may be off")
         assert (said in out) == (task is not None), (tasks, weights, prompt, out)
         assert "not one of the trained prompts" not in out
+
+
+def test_cut_answers_are_noted(synth_dir, capsys):
+    """A caption or answer longer than max_answer_tokens (a user's long captions) is trained cut,
+    with eot after the cut: load_data says how many, rather than cutting them without a word."""
+    tok = tokenizer.load_tokenizer(synth_dir, "corpus")
+    fit = dict(max_frames=64, prefix_len=8, llm_block_size=48)
+    pengi.load_data(synth_dir, pengi.PengiConfig(max_answer_tokens=2, **fit), tok)
+    out = capsys.readouterr().out
+    assert "answer(s) longer than max_answer_tokens=2 are cut to it" in out
+    assert f"{synth_dir} train: " in out
+    pengi.load_data(synth_dir, pengi.PengiConfig(max_frames=64, prefix_len=8, llm_block_size=256,
+                                                 max_answer_tokens=200), tok)
+    assert "longer than" not in capsys.readouterr().out
