@@ -208,6 +208,10 @@ def read_manifest(src, report):
                   f"read (known: {', '.join(KNOWN_FIELDS)})")
         if text.get("question") and text.get("answer"):
             r["qa"].append({"q": text["question"], "a": text["answer"]})
+        elif text.get("question") or text.get("answer"):  # half a pair is no QA example: said
+            has, lacks = ("a question", "answer") if text.get("question") else ("an answer", "question")
+            report(f"{src}/{where}", f"manifest row has {has} but no {lacks}; the pair is "
+                                     f"ignored", kept=True)
         qa = row.get("qa") or []
         if not isinstance(qa, list):
             report(f"{src}/{where}", "'qa' is not a list of question-answer objects "
@@ -215,11 +219,13 @@ def read_manifest(src, report):
                    kept=True)
             qa = []
         for q in qa:
-            if not isinstance(q, dict):
-                continue
-            pair = {k: str(q.get(k) or "").strip() for k in ("q", "a")}
-            if pair["q"] and pair["a"]:
+            pair = {k: str(q.get(k) or "").strip() for k in ("q", "a")} if isinstance(q, dict) \
+                else {}
+            if pair.get("q") and pair.get("a"):
                 r["qa"].append(pair)
+            else:  # said, as a lone question/answer field is: the pair would vanish unseen
+                report(f"{src}/{where}", f"a 'qa' entry {json.dumps(q, ensure_ascii=False)[:60]} "
+                                         f"lacks a \"q\" or an \"a\"; it is ignored", kept=True)
     return out
 
 def folder_items(src, report):

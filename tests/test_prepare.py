@@ -2757,3 +2757,31 @@ def test_tiktoken_cache_dir_follows_tiktokens_own_precedence(monkeypatch):
     assert T.tiktoken_cache_dir() == "/tik"
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     assert T.tiktoken_cache_dir() == ""
+
+
+def test_half_a_question_answer_pair_is_reported_not_dropped_silently(tmp_path):
+    """A manifest row with a question but an empty answer (or the reverse), or a jsonl 'qa' entry
+    without its "a", was dropped without a word: the user's QA examples vanished. Each is a
+    warning naming the row; the file and its other text are kept."""
+    (tmp_path / "manifest.csv").write_text("file,question,answer\n"
+                                           "a.wav,what is it?,a dog\n"
+                                           "b.wav,what is it?,\n"
+                                           "c.wav,,  a cat \n")
+    problems = []
+    rows = P.read_manifest(tmp_path, lambda where, why, kept=False: problems.append((where, why,
+                                                                                     kept)))
+    assert [r["qa"] for r in rows.values()] == [[{"q": "what is it?", "a": "a dog"}], [], []]
+    assert problems == [
+        (f"{tmp_path}/manifest.csv:3", "manifest row has a question but no answer; the pair is "
+                                       "ignored", True),
+        (f"{tmp_path}/manifest.csv:4", "manifest row has an answer but no question; the pair is "
+                                       "ignored", True)]
+    (tmp_path / "manifest.jsonl").write_text(
+        '{"file": "a.wav", "qa": [{"q": "what?", "a": "x"}, {"q": "why?"}, "loose"]}\n')
+    problems = []
+    rows = P.read_manifest(tmp_path, lambda where, why, kept=False: problems.append((where, why,
+                                                                                     kept)))
+    assert [r["qa"] for r in rows.values()] == [[{"q": "what?", "a": "x"}]]
+    assert [(where.rsplit(":", 1)[1], why.split(" lacks")[0], kept)
+            for where, why, kept in problems] == [
+        ("1", "a 'qa' entry {\"q\": \"why?\"}", True), ("1", "a 'qa' entry \"loose\"", True)]
