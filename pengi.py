@@ -1087,6 +1087,14 @@ def load_data(data_dir, config, tok):
             print(f"pengi: {data_dir} train examples: "
                   + ", ".join(f"{t} {len(by_task[t])}" for t in sorted(by_task))
                   + (f"; none for {', '.join(none)}" if none else ""))
+            # a folder without labels gives every clip the class "sound" (one label, the same):
+            # such a task teaches a constant answer, whatever the audio
+            for t in sorted(by_task):
+                answers = {tuple(a) for _, _, a in by_task[t]}
+                if len(by_task[t]) > 1 and len(answers) == 1:
+                    print(f"note: {data_dir} train: every {t} example has the same answer "
+                          f"{tok.decode(list(answers.pop())).strip()!r}: the task teaches it "
+                          f"whatever the audio")
         # task_p follows the tasks' sorted order, as get_batch's pick does
         data[split] = {"mel": mel, "clips": clips, "by_task": by_task,
                        "task_p": task_probabilities(sorted(by_task), weights, split)}

@@ -2057,3 +2057,24 @@ def test_cut_answers_are_noted(synth_dir, capsys):
     pengi.load_data(synth_dir, pengi.PengiConfig(max_frames=64, prefix_len=8, llm_block_size=256,
                                                  max_answer_tokens=200), tok)
     assert "longer than" not in capsys.readouterr().out
+
+
+def test_a_task_with_one_answer_for_every_clip_is_noted(synth_dir, tmp_path, capsys):
+    """A folder without labels gives every clip the class "sound" (with one label, every clip that
+    label): the class task then teaches a constant, whatever the audio, and the run said only
+    "class 26". load_data names the task and its one answer; tasks of varied answers stay quiet."""
+    import shutil
+    d = tmp_path / "d"
+    shutil.copytree(synth_dir, d)
+    clips = [json.loads(line) for line in open(d / "train_clips.jsonl")]
+    for c in clips:
+        c["labels"]["class"] = "sound"
+    (d / "train_clips.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+    tok = tokenizer.load_tokenizer(str(d), "corpus")
+    cfg = dict(max_frames=64, prefix_len=8, llm_block_size=256, max_answer_tokens=200)
+    pengi.load_data(str(d), pengi.PengiConfig(tasks="caption,class", **cfg), tok)
+    out = capsys.readouterr().out
+    assert f"note: {d} train: every class example has the same answer 'sound'" in out
+    assert "every caption example" not in out
+    pengi.load_data(synth_dir, pengi.PengiConfig(tasks="caption,class", **cfg), tok)
+    assert "the same answer" not in capsys.readouterr().out
