@@ -1521,6 +1521,14 @@ class SALMONNData:
             self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
         if config.asr_data_dir:
             self.add_clips_of(config.asr_data_dir, config.asr_tasks)
+        if config.stage == "whisper":  # whisper_batch cuts longer transcripts, eot after the cut
+            n = config.whisper_text_ctx - 1
+            for split, S in self.splits.items():
+                cut = sum(len(encode_text(tok, " " + a)) > n
+                          for _, _, a in S["entries"]["transcription"])
+                if cut:
+                    print(f"note: {split}: {cut} transcript(s) longer than whisper_text_ctx - 1 = "
+                          f"{n} tokens are cut to it (the decoder learns them cut)")
         if config.stage == "whisper" and config.ctc_units == "phonemes":
             self.add_phonemes()
         if config.stage == "beats":

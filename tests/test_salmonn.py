@@ -3002,3 +3002,16 @@ def test_top_k_without_a_temperature_refused():
         salmonn.sample(m, ByteTokenizer(), audio, None, None, beam=1, top_k=5, max_new_tokens=2)
     salmonn.sample(m, ByteTokenizer(), audio, None, None, beam=1, top_k=5, temperature=1.0,
                    max_new_tokens=2)
+
+
+def test_whisper_stage_notes_transcripts_longer_than_its_text_context(tmp_path, capsys):
+    """A folder's long transcripts were cut to whisper_text_ctx - 1 tokens with eot after the cut
+    (the decoder learns to stop mid-sentence) without a word: load_data counts them per split."""
+    write_tiny_data(tmp_path, CLIPS)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="whisper", whisper_text_ctx=4),
+                      ByteTokenizer())  # " s o s": 6 bytes, over 3
+    out = capsys.readouterr().out
+    assert "transcript(s) longer than whisper_text_ctx - 1 = 3 tokens are cut to it" in out
+    salmonn.load_data(str(tmp_path), tiny_config(stage="whisper", whisper_text_ctx=64),
+                      ByteTokenizer())
+    assert "longer than" not in capsys.readouterr().out
