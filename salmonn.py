@@ -1521,6 +1521,13 @@ class SALMONNData:
             self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
         if config.asr_data_dir:
             self.add_clips_of(config.asr_data_dir, config.asr_tasks)
+        # a folder without labels gives every clip the class "sound" (one label, the same): such a
+        # task teaches a constant answer, whatever the audio
+        for t in self.tasks:
+            answers = {a for _, _, a in self.splits["train"]["entries"][t]}
+            if len(self.splits["train"]["entries"][t]) > 1 and len(answers) == 1:
+                print(f"note: {data_dir} train: every {t} example has the same answer "
+                      f"{answers.pop()!r}: the task teaches it whatever the audio")
         if config.stage == "whisper":  # whisper_batch cuts longer transcripts, eot after the cut
             n = config.whisper_text_ctx - 1
             for split, S in self.splits.items():

@@ -3015,3 +3015,18 @@ def test_whisper_stage_notes_transcripts_longer_than_its_text_context(tmp_path, 
     salmonn.load_data(str(tmp_path), tiny_config(stage="whisper", whisper_text_ctx=64),
                       ByteTokenizer())
     assert "longer than" not in capsys.readouterr().out
+
+
+def test_a_task_with_one_answer_for_every_clip_is_noted(tmp_path, capsys):
+    """A folder without labels gives every clip the class "sound": stage 2 trained and scored
+    classification on that constant without a word. load_data names the task and its answer."""
+    same = [{**c, "labels": {"class": "sound"}} for c in CLIPS]
+    write_tiny_data(tmp_path, same)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct"), ByteTokenizer())
+    out = capsys.readouterr().out
+    assert (f"note: {tmp_path} train: every classification example has the same answer 'sound'"
+            in out)
+    assert "captioning example" not in out  # two captions, two answers
+    write_tiny_data(tmp_path, CLIPS)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct"), ByteTokenizer())
+    assert "the same answer" not in capsys.readouterr().out
