@@ -3030,3 +3030,19 @@ def test_a_task_with_one_answer_for_every_clip_is_noted(tmp_path, capsys):
     write_tiny_data(tmp_path, CLIPS)
     salmonn.load_data(str(tmp_path), tiny_config(stage="instruct"), ByteTokenizer())
     assert "the same answer" not in capsys.readouterr().out
+
+
+def test_answers_longer_than_the_block_are_noted(tmp_path, capsys):
+    """A folder's caption longer than llm_block_size less the prompt was cut in every example
+    (task_example cuts at the block) without a word: load_data counts them per split."""
+    long = [{**CLIPS[0], "caption": "a dog barks " * 20}, CLIPS[1]]
+    write_tiny_data(tmp_path, long)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128),
+                      ByteTokenizer())
+    out = capsys.readouterr().out
+    assert "note: train: 1 answer(s) longer than llm_block_size=128 less the prompt" in out
+    assert "note: val: 1 answer(s)" in out
+    write_tiny_data(tmp_path, CLIPS)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128),
+                      ByteTokenizer())
+    assert "longer than" not in capsys.readouterr().out
