@@ -1558,6 +1558,14 @@ class SALMONNData:
                 raise ValueError(f"{data_dir}: no labels with {MIN_TAG_CLIPS}+ train clips to tag "
                                  f"({TAG_KEYS})")
             self.tag_index = {t: i for i, t in enumerate(config.tags.split("|"))}
+            # a folder without labels tags every clip "class=sound": a tag on every clip is a
+            # constant target, whatever the audio
+            train = self.splits["train"]["clips"]
+            every = [t for t in self.tag_index if len(train) > 1
+                     and all(t in clip_tags(c) for c in train)]
+            if every:
+                print(f"note: {data_dir} train: every clip has the tag(s) {', '.join(every)}: "
+                      f"the tagger learns them whatever the audio")
         if config.stage == "llm":
             corpus_words = sorted({w for c in self.splits["train"]["clips"]
                                    for w in text_words(c.get("transcript") or "")})

@@ -3046,3 +3046,18 @@ def test_answers_longer_than_the_block_are_noted(tmp_path, capsys):
     salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128),
                       ByteTokenizer())
     assert "longer than" not in capsys.readouterr().out
+
+
+def test_beats_stage_notes_a_tag_every_clip_has(tmp_path, capsys):
+    """A folder without labels tags every clip "class=sound": the beats stage trained that one
+    always-on tag without a word. load_data names it; tags that vary stay quiet."""
+    same = [{**c, "labels": {"class": "sound"}} for c in CLIPS]
+    write_tiny_data(tmp_path, same)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="beats", tags="class=sound"),
+                      ByteTokenizer())
+    assert (f"note: {tmp_path} train: every clip has the tag(s) class=sound"
+            in capsys.readouterr().out)
+    write_tiny_data(tmp_path, CLIPS)
+    salmonn.load_data(str(tmp_path), tiny_config(stage="beats", tags="class=morse code|class=piano"),
+                      ByteTokenizer())
+    assert "every clip has" not in capsys.readouterr().out
