@@ -1528,6 +1528,29 @@ class SALMONNData:
             # less the prompt without audio or instruction is cut whatever its clip (unseen ends)
             room = config.llm_block_size + 1 - len(build_prompt(tok, "", 0)[0])
             for split, S in self.splits.items():
+                # a clip whose audio tokens and instruction fill the block stopped the run with a
+                # traceback at whichever step drew it: named here, before the model is built
+                post, worst = {}, None
+                for t in self.tasks:
+                    for ci, instruction, _ in S["entries"][t]:
+                        clip = S["clips"][ci]
+                        frames = clip["wframes"] if config.speech_features == "whisper" else \
+                            min(clip["frames"], config.max_audio_frames)
+                        for ins in [instruction] if instruction is not None else INSTRUCTIONS[t]:
+                            if ins not in post:
+                                post[ins] = len(build_prompt(tok, ins, 0)[0])
+                            n = post[ins] + n_audio_tokens(frames, config)
+                            if worst is None or n > worst[0]:
+                                worst = (n, clip, ins)
+                if worst and worst[0] >= config.llm_block_size + 1:
+                    n, clip, ins = worst
+                    raise ValueError(f"{split} clip {clip['id']} "
+                                     f"({clip['frames'] / config.frame_rate:.1f} s) "
+                                     f"with the instruction {ins!r} makes a prompt of {n} "
+                                     f"positions, which leaves no room for an answer in "
+                                     f"llm_block_size={config.llm_block_size}: lower "
+                                     f"max_audio_frames (now {config.max_audio_frames}) or raise "
+                                     f"the block size")
                 cut = sum(len(encode_text(tok, " " + a)) + 1 > room
                           for t in self.tasks for _, _, a in S["entries"][t])
                 if cut:

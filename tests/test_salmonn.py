@@ -614,8 +614,11 @@ def test_asr_data_dir_adds_transcribed_train_clips(tmp_path, capsys):
              {"id": "z", "frames": 17, "kind": "morse", "transcript": "ab", "caption": "dits.",
               "labels": {"class": "morse code"}, "qa": []}]
     write_tiny_data(tmp_path / "extra", extra, seed=1)
-    plain = salmonn.load_data(str(tmp_path / "main"), tiny_config(stage="instruct"), tok)
-    extra_cfg = lambda: tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra"))
+    # a block that holds each clip's longest prompt (load_data checks it)
+    plain = salmonn.load_data(str(tmp_path / "main"),
+                              tiny_config(stage="instruct", llm_block_size=128), tok)
+    extra_cfg = lambda: tiny_config(stage="instruct", asr_data_dir=str(tmp_path / "extra"),
+                                    llm_block_size=128)
     capsys.readouterr()
     data = salmonn.load_data(str(tmp_path / "main"), extra_cfg(), tok)
     # said, since the run's first line names only the main corpus
@@ -645,7 +648,7 @@ def test_asr_data_dir_adds_transcribed_train_clips(tmp_path, capsys):
     extra[1]["qa"] = [{"q": "which instrument?", "a": "a flute"}]
     write_tiny_data(tmp_path / "extra_qa", extra, seed=1)
     qa_cfg = lambda stage, tasks: tiny_config(stage=stage, asr_data_dir=str(tmp_path / "extra_qa"),
-                                              asr_tasks=tasks)
+                                              asr_tasks=tasks, llm_block_size=128)
     both = salmonn.load_data(str(tmp_path / "main"), qa_cfg("instruct", "transcription,qa"), tok)
     B = both.splits["train"]
     assert [a for _, _, a in B["entries"]["transcription"]] == \
@@ -2409,10 +2412,10 @@ def test_prompt_and_answer_cut_to_the_llms_context(tmp_path):
             assert [t for t in row if t != -1] == answer[:extra + 1]
         torch.manual_seed(0)  # the LLM takes a row of all its block_size positions
         assert torch.isfinite(SALMONN(cfg)(**batch)[1])
-    data = salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", tasks="qa",
-                                                        llm_block_size=L - 1), tok)
-    with pytest.raises(ValueError, match="leaves no room for an answer"):
-        salmonn.get_batch(data, "train", 2, np.random.default_rng(0))
+    # refused when the data is loaded, naming the clip (it was at the first batch that drew it)
+    with pytest.raises(ValueError, match="train clip a .* leaves no room for an answer"):
+        salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", tasks="qa",
+                                                     llm_block_size=L - 1), tok)
 
 def test_whisper_batches_cut_transcripts_to_the_decoders_context(tmp_path):
     """Stage "whisper": a transcript is cut to whisper_text_ctx - 1 tokens, so that with the start
@@ -3022,13 +3025,15 @@ def test_a_task_with_one_answer_for_every_clip_is_noted(tmp_path, capsys):
     classification on that constant without a word. load_data names the task and its answer."""
     same = [{**c, "labels": {"class": "sound"}} for c in CLIPS]
     write_tiny_data(tmp_path, same)
-    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct"), ByteTokenizer())
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128),
+                      ByteTokenizer())
     out = capsys.readouterr().out
     assert (f"note: {tmp_path} train: every classification example has the same answer 'sound'"
             in out)
     assert "captioning example" not in out  # two captions, two answers
     write_tiny_data(tmp_path, CLIPS)
-    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct"), ByteTokenizer())
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128),
+                      ByteTokenizer())
     assert "the same answer" not in capsys.readouterr().out
 
 
@@ -3061,3 +3066,18 @@ def test_beats_stage_notes_a_tag_every_clip_has(tmp_path, capsys):
     salmonn.load_data(str(tmp_path), tiny_config(stage="beats", tags="class=morse code|class=piano"),
                       ByteTokenizer())
     assert "every clip has" not in capsys.readouterr().out
+
+
+def test_a_clip_too_long_for_the_block_is_named_before_training(tmp_path):
+    """A folder's 28 s clip made a prompt (audio tokens + instruction) that filled llm_block_size:
+    the run stopped with a traceback at whichever step first drew it, naming no clip. load_data
+    names the clip, its duration and the instruction; the clips that fit load."""
+    write_tiny_data(tmp_path, CLIPS + [{**CLIPS[1], "id": "long", "frames": 400}])
+    with pytest.raises(ValueError, match=r"train clip long \(5.3 s\) with the instruction '.+' "
+                                         r"makes a prompt of \d+ positions, which leaves no room "
+                                         r"for an answer in llm_block_size=128: lower "
+                                         r"max_audio_frames \(now 2250\)"):
+        salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128),
+                          ByteTokenizer())
+    salmonn.load_data(str(tmp_path), tiny_config(stage="instruct", llm_block_size=128,
+                                                 max_audio_frames=60), ByteTokenizer())
