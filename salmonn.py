@@ -1521,8 +1521,6 @@ class SALMONNData:
             self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
         if config.asr_data_dir:
             self.add_clips_of(config.asr_data_dir, config.asr_tasks)
-        # a folder without labels gives every clip the class "sound" (one label, the same): such a
-        # task teaches a constant answer, whatever the audio
         if config.stage in ("pretrain", "instruct", "activation"):
             # task_example cuts prompt + answer at llm_block_size: an answer longer than the block
             # less the prompt without audio or instruction is cut whatever its clip (unseen ends)
@@ -1557,6 +1555,8 @@ class SALMONNData:
                     print(f"note: {split}: {cut} answer(s) longer than llm_block_size="
                           f"{config.llm_block_size} less the prompt ({room - 1} tokens) are cut "
                           f"(the model learns them cut)")
+        # a folder without labels gives every clip the class "sound" (one label, the same): such a
+        # task teaches a constant answer, whatever the audio
         for t in self.tasks:
             answers = {a for _, _, a in self.splits["train"]["entries"][t]}
             if len(self.splits["train"]["entries"][t]) > 1 and len(answers) == 1:
