@@ -1329,16 +1329,21 @@ def test_hidden_files_are_left_out_and_fields_of_spaces_are_no_text(tmp_path):
         json.dumps({"file": "a.wav", "caption": "   ", "question": " ", "answer": "yes",
                     "qa": [{"q": "loud? ", "a": " no"}, {"q": "  ", "a": "x"}]}) + "\n"
         + json.dumps({"file": "a.wav", "caption": " a tone ", "label": ["beep", "tone"]}) + "\n")
-    items = P.folder_items(tmp_path, lambda *a, **k: pytest.fail(f"reported {a}"))
+    reported = []
+    items = P.folder_items(tmp_path, lambda where, why, kept=False: reported.append((why, kept)))
     assert [(it["id"], it["caption"], it["qa"]) for it in items] == [
         ("a.wav", "a tone", [{"q": "loud?", "a": "no"}, {"q": "what sound is this?",
                                                           "a": "beep, tone"}])]
+    # the answers whose question is spaces: half a pair each, said and left out (the clip kept)
+    assert reported == [("manifest row has an answer but no question; the pair is ignored", True),
+                        ("a 'qa' entry {\"q\": \"  \", \"a\": \"x\"} lacks a \"q\" or an \"a\"; it "
+                         "is ignored", True)]
     # a hidden file the manifest names is said to be left out, not dropped without a word
     with open(tmp_path / "manifest.jsonl", "a") as f:
         f.write(json.dumps({"file": ".git/b.wav", "caption": "x"}) + "\n")
-    problems = []
+    problems = []  # (after the two half pairs said above)
     P.folder_items(tmp_path, lambda where, why, kept=False: problems.append((where, why)))
-    assert problems == [(str(tmp_path / ".git" / "b.wav"), "hidden (a name starting with .), not "
+    assert problems[2:] == [(str(tmp_path / ".git" / "b.wav"), "hidden (a name starting with .), not "
                                                           "read, though the manifest names it")]
 
 
