@@ -209,7 +209,8 @@ def read_manifest(src, report):
         if text.get("question") and text.get("answer"):
             r["qa"].append({"q": text["question"], "a": text["answer"]})
         elif text.get("question") or text.get("answer"):  # half a pair is no QA example: said
-            has, lacks = ("a question", "answer") if text.get("question") else ("an answer", "question")
+            has, lacks = (("a question", "answer") if text.get("question")
+                          else ("an answer", "question"))
             report(f"{src}/{where}", f"manifest row has {has} but no {lacks}; the pair is "
                                      f"ignored", kept=True)
         qa = row.get("qa") or []

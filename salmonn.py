@@ -1300,8 +1300,8 @@ def stage_tasks(config):
 
 def trained_tasks(config):
     """The tasks a checkpoint of stages 1-3 learned: its stage's mix (weights of 0 left out) and
-    those of the stages before it, each of which starts from the one before (config/salmonn_stage*.py
-    init_from; their default mixes assumed)."""
+    those of the stages before it, each of which starts from the one before (the init_from of
+    config/salmonn_stage*.py; their default mixes assumed)."""
     earlier = AUDIO_STAGES[:AUDIO_STAGES.index(config.stage)]
     weights = parse_task_weights(config.task_weights, stage_tasks(config))
     return ({t for s in earlier for t in STAGE_TASKS[s]}
@@ -2065,9 +2065,10 @@ def say_audio_cut(model, audio):
     pengi.sample does."""
     c = model.config
     if c.stage not in ("llm", "beats") and n_speech_frames(audio, c) > max_speech_frames(c):
-        print(f"salmonn.sample: the model hears the first {c.max_audio_frames / c.frame_rate:.2f} s "
-              f"of the input's {n_speech_frames(audio, c) / c.speech_frame_rate:.2f} s "
-              f"(max_audio_frames={c.max_audio_frames})")
+        heard = c.max_audio_frames / c.frame_rate
+        given = n_speech_frames(audio, c) / c.speech_frame_rate
+        print(f"salmonn.sample: the model hears the first {heard:.2f} s of the input's {given:.2f} "
+              f"s (max_audio_frames={c.max_audio_frames})")
 
 def encoder_stage_answer(model, tok, feats, prompt):
     """What the encoders' stand-ins were trained to output: stage "whisper" its text decoder's and

@@ -1343,8 +1343,8 @@ def test_hidden_files_are_left_out_and_fields_of_spaces_are_no_text(tmp_path):
         f.write(json.dumps({"file": ".git/b.wav", "caption": "x"}) + "\n")
     problems = []  # (after the two half pairs said above)
     P.folder_items(tmp_path, lambda where, why, kept=False: problems.append((where, why)))
-    assert problems[2:] == [(str(tmp_path / ".git" / "b.wav"), "hidden (a name starting with .), not "
-                                                          "read, though the manifest names it")]
+    assert problems[2:] == [(str(tmp_path / ".git" / "b.wav"), "hidden (a name starting with .), "
+                             "not read, though the manifest names it")]
 
 
 def test_a_clotho_style_manifest_gives_its_first_caption_and_unread_columns_are_named(tmp_path,
@@ -2679,7 +2679,8 @@ def test_a_finished_run_with_a_file_cut_short_is_rebuilt(tmp_path, capsys):
     (out / "train_mel.bin").write_bytes(mel[:1000])
     capsys.readouterr()
     P.main(args)
-    assert "has train_mel.bin of another size than its frames: rebuilding" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "has train_mel.bin of another size than its frames: rebuilding" in said
     assert (out / "train_mel.bin").read_bytes() == mel
 
 

@@ -2977,7 +2977,8 @@ def test_sample_says_when_a_stage_was_not_trained_on_the_task_asked(capsys):
             ("pretrain", "", "Who is speaking?", "speaker", stage1),
             ("pretrain", "", "what colour is mentioned?", "qa", stage1),
             ("pretrain", "", "Transcribe the audio.", None, None),
-            ("instruct", "", "Tell me a story about this audio.", "story", stage2 + "transcription"),
+            ("instruct", "", "Tell me a story about this audio.", "story",
+             stage2 + "transcription"),
             ("instruct", "", "Who is speaking?", None, None),
             ("instruct", "speaker=0", "Who is speaking?", "speaker",
              stage2.replace("speaker, ", "") + "transcription"),
@@ -3063,7 +3064,8 @@ def test_beats_stage_notes_a_tag_every_clip_has(tmp_path, capsys):
     assert (f"note: {tmp_path} train: every clip has the tag(s) class=sound"
             in capsys.readouterr().out)
     write_tiny_data(tmp_path, CLIPS)
-    salmonn.load_data(str(tmp_path), tiny_config(stage="beats", tags="class=morse code|class=piano"),
+    salmonn.load_data(str(tmp_path),
+                      tiny_config(stage="beats", tags="class=morse code|class=piano"),
                       ByteTokenizer())
     assert "every clip has" not in capsys.readouterr().out
 
