@@ -4,17 +4,22 @@ BLEU-4, linear probe, and a CPU-sized model that learns a close-ended task of th
 import itertools
 import json
 import math
+import os
+import shutil
+import sys
 import types
 from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from torch.nn import functional as F
 
 import pengi
 import tokenizer
+from script_runner import run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore:pengi. llm_init is empty")
 
@@ -1928,7 +1933,6 @@ def test_qa_probe_reads_the_first_max_clips_clips_of_each_split():
 def tiny_run(tmp_path):
     """A run folder with a tiny Pengi checkpoint as train.py writes it, its tokenizer (a byte-level
     corpus BPE) recorded in it, and a 1 s tone: sample.py --audio runs on it without any data."""
-    import soundfile
     tok = tokenizer.make_encoding("corpus", {bytes([i]): i for i in range(256)})
     cfg = tiny_config(n_mels=64, vocab_size=257, eot_token=256, llm_block_size=64)
     torch.manual_seed(0)
@@ -1945,9 +1949,6 @@ def tiny_run(tmp_path):
 
 
 def sample_py(*args):
-    import os
-    import sys
-    from script_runner import run_script
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return run_script([sys.executable, "sample.py", *map(str, args)], cwd=root,
                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
@@ -2063,7 +2064,6 @@ def test_a_task_with_one_answer_for_every_clip_is_noted(synth_dir, tmp_path, cap
     """A folder without labels gives every clip the class "sound" (with one label, every clip that
     label): the class task then teaches a constant, whatever the audio, and the run said only
     "class 26". load_data names the task and its one answer; tasks of varied answers stay quiet."""
-    import shutil
     d = tmp_path / "d"
     shutil.copytree(synth_dir, d)
     clips = [json.loads(line) for line in open(d / "train_clips.jsonl")]
