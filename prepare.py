@@ -544,15 +544,18 @@ def already_prepared(out, args, args_hash):
     missing = [f for f in output_files(meta) if not (out / f).is_file()]
     # a codes or mel file of another size than its frames (cut short, say): train.py refuses it
     # with "prepare.py again", so that rebuilds
-    rows = {f"{split}_{part}": n["frames"] * meta[width] * 2  # uint16 codes, float16 mel
-            for split, n in (meta.get("splits") or {}).items()
-            for part, width in (("codes.bin", "n_q"), ("mel.bin", "n_mels"))}
-    cut = [f for f in output_files(meta) if f not in missing and f in rows
-           and (out / f).stat().st_size != rows[f]]
-    if missing or cut:
-        lost = ([f"lacks {', '.join(missing)}"] if missing else []) + \
-               ([f"has {', '.join(cut)} of another size than its frames"] if cut else [])
-        print(f"{out} was prepared with these arguments but {' and '.join(lost)}: rebuilding")
+    sizes = {f"{split}_{part}": n["frames"] * meta[width] * 2  # uint16 codes, float16 mel
+             for split, n in (meta.get("splits") or {}).items()
+             for part, width in (("codes.bin", "n_q"), ("mel.bin", "n_mels"))}
+    cut = [f for f in output_files(meta) if f not in missing and f in sizes
+           and (out / f).stat().st_size != sizes[f]]
+    wrong = []
+    if missing:
+        wrong.append(f"lacks {', '.join(missing)}")
+    if cut:
+        wrong.append(f"has {', '.join(cut)} of another size than its frames")
+    if wrong:
+        print(f"{out} was prepared with these arguments but {' and '.join(wrong)}: rebuilding")
         return False
     print(f"{out} is already prepared with these arguments (use --force to rebuild)")
     for work in out.glob(".work-*"):  # a finished run's work, left by a kill just after its data

@@ -1521,40 +1521,10 @@ class SALMONNData:
             self.splits[split] = dict(clips=clips, arrays=[(mel, wmel)], entries=entries)
         if config.asr_data_dir:
             self.add_clips_of(config.asr_data_dir, config.asr_tasks)
+        self.prompt_cache = {}
         if config.stage in ("pretrain", "instruct", "activation"):
-            # task_example cuts prompt + answer at llm_block_size: an answer longer than the block
-            # less the prompt without audio or instruction is cut whatever its clip (unseen ends)
-            room = config.llm_block_size + 1 - len(build_prompt(tok, "", 0)[0])
-            for split, S in self.splits.items():
-                # a clip whose audio tokens and instruction fill the block stopped the run with a
-                # traceback at whichever step drew it: named here, before the model is built
-                post, worst = {}, None
-                for t in self.tasks:
-                    for ci, instruction, _ in S["entries"][t]:
-                        clip = S["clips"][ci]
-                        frames = clip["wframes"] if config.speech_features == "whisper" else \
-                            min(clip["frames"], config.max_audio_frames)
-                        for ins in [instruction] if instruction is not None else INSTRUCTIONS[t]:
-                            if ins not in post:
-                                post[ins] = len(build_prompt(tok, ins, 0)[0])
-                            n = post[ins] + n_audio_tokens(frames, config)
-                            if worst is None or n > worst[0]:
-                                worst = (n, clip, ins)
-                if worst and worst[0] >= config.llm_block_size + 1:
-                    n, clip, ins = worst
-                    raise ValueError(f"{split} clip {clip['id']} "
-                                     f"({clip['frames'] / config.frame_rate:.1f} s) "
-                                     f"with the instruction {ins!r} makes a prompt of {n} "
-                                     f"positions, which leaves no room for an answer in "
-                                     f"llm_block_size={config.llm_block_size}: lower "
-                                     f"max_audio_frames (now {config.max_audio_frames}) or raise "
-                                     f"the block size")
-                cut = sum(len(encode_text(tok, " " + a)) + 1 > room
-                          for t in self.tasks for _, _, a in S["entries"][t])
-                if cut:
-                    print(f"note: {split}: {cut} answer(s) longer than llm_block_size="
-                          f"{config.llm_block_size} less the prompt ({room - 1} tokens) are cut "
-                          f"(the model learns them cut)")
+            for split in self.splits:
+                self.check_room(split)
         # a folder without labels gives every clip the class "sound" (one label, the same): such a
         # task teaches a constant answer, whatever the audio
         for t in self.tasks:
@@ -1597,7 +1567,38 @@ class SALMONNData:
                 self.splits[split]["stream"] = self.text_stream(self.splits[split]["clips"], split)
                 # each split's own transcripts (questions about train ones flatter a val loss)
                 self.splits[split]["reading"] = reading_questions(self.splits[split]["clips"])
-        self.prompt_cache = {}
+
+    def check_room(self, split):
+        """Stages 1-3: a clip whose audio tokens and an instruction fill llm_block_size is refused,
+        named (it stopped the run with a traceback at whichever step drew it), and the answers
+        task_example cuts whatever their clip (longer than the block less the prompt without audio
+        or instruction) are counted in a note."""
+        config, S = self.config, self.splits[split]
+        worst = None  # (prompt positions, clip, instruction)
+        for t in self.tasks:
+            for ci, instruction, _ in S["entries"][t]:
+                clip = S["clips"][ci]
+                # the frames task_example's audio has (clip_mel crops the mel)
+                frames = clip["wframes"] if config.speech_features == "whisper" else \
+                    min(clip["frames"], config.max_audio_frames)
+                for ins in [instruction] if instruction is not None else INSTRUCTIONS[t]:
+                    n = len(self.prompt(ins, 0)[0]) + n_audio_tokens(frames, config)
+                    if worst is None or n > worst[0]:
+                        worst = (n, clip, ins)
+        if worst and worst[0] >= config.llm_block_size + 1:
+            n, clip, ins = worst
+            raise ValueError(f"{split} clip {clip['id']} ({clip['frames'] / config.frame_rate:.1f} "
+                             f"s) with the instruction {ins!r} makes a prompt of {n} positions, "
+                             f"which leaves no room for an answer in llm_block_size="
+                             f"{config.llm_block_size}: lower max_audio_frames (now "
+                             f"{config.max_audio_frames}) or raise the block size")
+        room = config.llm_block_size + 1 - len(self.prompt("", 0)[0])
+        cut = sum(len(encode_text(self.tok, " " + a)) + 1 > room
+                  for t in self.tasks for _, _, a in S["entries"][t])
+        if cut:
+            print(f"note: {split}: {cut} answer(s) longer than llm_block_size="
+                  f"{config.llm_block_size} less the prompt ({room - 1} tokens) are cut (the model "
+                  f"learns them cut)")
 
     def add_clips_of(self, data_dir, asr_tasks):
         """asr_data_dir: the train clips of another prepared corpus (same features) join the train
